@@ -1,0 +1,143 @@
+"""Run configuration: YAML validated into typed objects.
+
+Unknown keys are errors, and every error names the key and what was expected, e.g.
+``configs/x.yaml: strategy.min_clients: Input should be a valid integer (got 'two')``.
+The defaults are the embedded default run (digits, 10 IID clients, FedAvg, 20 rounds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from brokerfl.topology import check_name
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits", "mnist5k"] = "digits"
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller is more skewed")
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class ModelConfig(_Section):
+    hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=0)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(h < 1 for h in value):
+            raise ValueError("hidden sizes must be positive")
+        return value
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx; 0 turns it off")
+    max_batches: int | None = Field(None, ge=1, description="stop local training after this many batches")
+
+
+class StrategyConfig(_Section):
+    name: str = Field("fedavg", description="a built-in name or 'module:Class'")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of live clients sampled per round")
+    clients_per_round: int | None = Field(None, ge=1, description="sample this many instead of a fraction")
+    min_clients: int = Field(1, ge=1, description="fewest updates a round may close with")
+    round_deadline_s: float = Field(120.0, gt=0)
+    on_too_few: Literal["retry", "stop"] = "retry"
+    max_retries: int = Field(3, ge=0)
+    join_timeout_s: float = Field(60.0, gt=0, description="how long to wait for every client to join")
+    options: dict[str, Any] = Field(default_factory=dict, description="strategy-specific settings")
+
+
+class RunConfig(_Section):
+    run: str = "default"
+    seed: int = 0
+    rounds: int = Field(20, ge=1)
+    clients: int = Field(10, ge=1, description="federation size = number of data partitions")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    server_handlers: str = Field("handlers.server", description="module with the server's table and make_state")
+    client_handlers: str = Field("handlers.client", description="module with the client's table and make_state")
+    extra_handlers: list[str] = Field(default_factory=list, description="modules imported to register more handlers")
+    journal: bool = True
+
+    @field_validator("run")
+    @classmethod
+    def _run_name(cls, value: str) -> str:
+        return check_name("run name", value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.strategy.min_clients > self.clients:
+            raise ValueError(f"strategy.min_clients ({self.strategy.min_clients}) exceeds clients ({self.clients})")
+        if self.strategy.clients_per_round is not None and self.strategy.clients_per_round > self.clients:
+            raise ValueError(f"strategy.clients_per_round ({self.strategy.clients_per_round}) exceeds clients ({self.clients})")
+        return self
+
+    def client_ids(self) -> list[str]:
+        return [str(i) for i in range(self.clients)]
+
+
+def parse_config(data: Any, source: str = "<config>", overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Validate a mapping (e.g. parsed YAML), after applying dotted-key overrides."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"])
+    if not where:  # a check across keys names them itself
+        return error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}{shown}"
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config (None: the embedded default run)."""
+    if path is None:
+        return parse_config({}, "<default>", overrides)
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path), overrides)

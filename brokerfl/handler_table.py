@@ -1,0 +1,139 @@
+"""Handler tables: message type -> the function that decides what happens next.
+
+A handler is ``handler(message, ctx) -> messages to send`` (an iterable of
+:class:`Outbound`, or None). It does no I/O of its own: the worker publishes what it
+returns, with confirms, and only then acks the message it handled. Adding a message type
+is adding one handler::
+
+    server = HandlerTable("server")
+
+    @server.on(ParameterUpdate)
+    def fold_update(update, ctx): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from brokerfl.message import Message
+from brokerfl.topology import CLIENTS, SERVER, client_dest
+
+Handler = Callable[[Any, "Context"], "Iterable[Outbound] | None"]
+
+
+class Rejected(ValueError):
+    """Raised by a handler to dead-letter its message with this reason (an expected
+    refusal, logged without a traceback; any other exception is logged with one)."""
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """A message and who receives it: ``server``, ``clients`` or ``client.<id>``."""
+
+    dest: str
+    message: Message
+
+
+def to_server(message: Message) -> Outbound:
+    return Outbound(SERVER, message)
+
+
+def to_clients(message: Message) -> Outbound:
+    return Outbound(CLIENTS, message)
+
+
+def to_client(client_id: str, message: Message) -> Outbound:
+    return Outbound(client_dest(client_id), message)
+
+
+@dataclass(kw_only=True)
+class Started(Message):
+    """Dispatched once, locally, when a worker starts (never sent over a transport)."""
+
+    redelivered_backlog: int = 0
+
+
+@dataclass
+class Timer:
+    key: str
+    due: float  # time.monotonic() seconds
+    message: Message
+
+
+@dataclass
+class Context:
+    """What a handler may know and ask for besides its message.
+
+    ``state`` is the role's own object (strategy, model store, data, ...). The requests
+    (hold, commit, stop, timers) are carried out by the worker after the handler returns.
+    """
+
+    role: str
+    run: str
+    state: Any
+    log: Any
+    redelivered: bool = False
+    holding: bool = False
+    committing: bool = False
+    stopping: bool = False
+    timers_set: list[Timer] = field(default_factory=list)
+    timers_cancelled: list[str] = field(default_factory=list)
+    clock: Callable[[], float] = field(default=None)  # type: ignore[assignment]
+
+    def hold(self) -> None:
+        """Keep this message unacked until a later handler calls :meth:`commit` (e.g. an
+        update stays unacked until the model version it went into is stored)."""
+        self.holding = True
+
+    def commit(self) -> None:
+        """Ack every held message, once this handler's outgoing messages are confirmed."""
+        self.committing = True
+
+    def stop(self) -> None:
+        """Stop the worker after this message."""
+        self.stopping = True
+
+    def set_timer(self, key: str, delay_s: float, message: Message) -> None:
+        """Dispatch ``message`` to this worker's own table after ``delay_s`` (replacing any
+        timer of the same key). Timers are local: a restarted process sets them again."""
+        self.timers_set.append(Timer(key, self.clock() + delay_s, message))
+
+    def cancel_timer(self, key: str) -> None:
+        self.timers_cancelled.append(key)
+
+
+class HandlerTable:
+    """Message type name -> handler, for one role."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self._handlers: dict[str, Handler] = {}
+
+    def on(self, *message_types: type[Message]) -> Callable[[Handler], Handler]:
+        """Decorator: register the function as the handler of these message types."""
+
+        def register(handler: Handler) -> Handler:
+            for message_type in message_types:
+                self.register(message_type, handler)
+            return handler
+
+        return register
+
+    def register(self, message_type: type[Message], handler: Handler) -> None:
+        if not (isinstance(message_type, type) and issubclass(message_type, Message)):
+            raise TypeError(f"{message_type!r} is not a Message type")
+        self._handlers[message_type.TYPE] = handler
+
+    def handler_for(self, type_name: str) -> Handler | None:
+        return self._handlers.get(type_name)
+
+    def types(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def copy(self, role: str | None = None) -> HandlerTable:
+        """A new table with the same handlers, to extend without touching this one."""
+        table = HandlerTable(role or self.role)
+        table._handlers = dict(self._handlers)
+        return table

@@ -1,0 +1,273 @@
+"""Typed messages, their registry, and how they turn into (envelope, body) and back.
+
+A message type is a dataclass that subclasses :class:`Message`; subclassing registers it
+under a snake_case type name (``ParameterUpdate`` -> ``parameter_update``), which is also
+the last part of its routing key. The envelope (id, sender, run, round, model version,
+timestamp, schema version) travels in the transport's properties and headers; the payload
+fields travel in the msgpack body (see :mod:`brokerfl.codec`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+import types
+import typing
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+try:
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None  # type: ignore[assignment]
+
+from brokerfl.codec import DEFAULT_LIMITS, DecodeError, Limits, decode, encode
+
+SCHEMA_VERSION = 1
+
+Tensors = dict[str, np.ndarray]
+"""A model's parameters, or its gradients, by name."""
+
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+ENVELOPE_FIELDS = ("message_id", "sender", "run", "round", "model_version", "timestamp", "schema_version")
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What a transport carries beside the body; maps onto AMQP properties and headers."""
+
+    type: str
+    message_id: str
+    sender: str
+    timestamp: float
+    headers: dict[str, Any] = field(default_factory=dict)  # run, round, model_version, schema_version, ...
+
+
+@dataclass(kw_only=True)
+class Message:
+    """Base of every message type; its fields are the envelope."""
+
+    TYPE: ClassVar[str] = ""
+
+    message_id: str = field(default_factory=new_message_id)
+    sender: str = ""
+    run: str = ""
+    round: int = 0
+    model_version: int = 0
+    timestamp: float = field(default_factory=time.time)
+    schema_version: int = SCHEMA_VERSION
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("TYPE") or re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+        if name in MESSAGE_TYPES and MESSAGE_TYPES[name].__qualname__ != cls.__qualname__:
+            raise TypeError(f"message type {name!r} is already registered by {MESSAGE_TYPES[name].__qualname__}")
+        cls.TYPE = name
+        MESSAGE_TYPES[name] = cls
+
+    def reply(self, cls: type[M], **fields: Any) -> M:
+        """A new message of type ``cls`` in the same run, round and model version."""
+        fields.setdefault("run", self.run)
+        fields.setdefault("round", self.round)
+        fields.setdefault("model_version", self.model_version)
+        return cls(**fields)
+
+
+M = typing.TypeVar("M", bound=Message)
+
+
+# ---------------------------------------------------------------- the built-in types
+
+
+@dataclass(kw_only=True)
+class Join(Message):
+    """A client announces itself and how much data it holds."""
+
+    client_id: str
+    num_samples: int = 0
+
+
+@dataclass(kw_only=True)
+class Leave(Message):
+    """A client says it is going away on purpose."""
+
+    client_id: str
+    reason: str = ""
+
+
+@dataclass(kw_only=True)
+class Heartbeat(Message):
+    client_id: str
+
+
+@dataclass(kw_only=True)
+class TrainTask(Message):
+    """Train on global model ``model_version`` (envelope) and answer with a ParameterUpdate.
+
+    Broadcast once to every client; ``participants`` says who is sampled this round, so the
+    model's bytes cross the broker once, not once per client.
+    """
+
+    parameters: Tensors
+    participants: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class ParameterUpdate(Message):
+    """A client's parameters after local training on ``model_version`` (envelope)."""
+
+    client_id: str
+    task_id: str
+    parameters: Tensors
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class Gradients(Message):
+    """Gradients for the receiver to apply (e.g. a server-computed correction)."""
+
+    gradients: Tensors
+    learning_rate: float = 0.0
+    num_samples: int = 0
+
+
+@dataclass(kw_only=True)
+class EvaluateTask(Message):
+    parameters: Tensors
+    participants: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class EvaluateResult(Message):
+    client_id: str
+    task_id: str
+    loss: float
+    accuracy: float
+    num_samples: int
+
+
+@dataclass(kw_only=True)
+class Exit(Message):
+    """The run is over: receivers stop."""
+
+    reason: str = ""
+
+
+# ---------------------------------------------------------------- wire form
+
+
+def to_wire(message: Message, limits: Limits = DEFAULT_LIMITS) -> tuple[Envelope, bytes]:
+    """Split a message into its envelope and its msgpack body."""
+    payload = {f.name: getattr(message, f.name) for f in dataclasses.fields(message) if f.name not in ENVELOPE_FIELDS}
+    envelope = Envelope(
+        type=message.TYPE,
+        message_id=message.message_id,
+        sender=message.sender,
+        timestamp=message.timestamp,
+        headers={
+            "run": message.run,
+            "round": message.round,
+            "model_version": message.model_version,
+            "schema_version": message.schema_version,
+        },
+    )
+    return envelope, encode(payload, limits)
+
+
+def from_wire(envelope: Envelope, body: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Rebuild a message; any problem (unknown type, wrong fields or field types) is a DecodeError."""
+    cls = MESSAGE_TYPES.get(envelope.type)
+    if cls is None:
+        raise DecodeError(f"unknown message type {envelope.type!r}")
+    headers = envelope.headers or {}
+    schema = headers.get("schema_version", SCHEMA_VERSION)
+    if schema != SCHEMA_VERSION:
+        raise DecodeError(f"schema version {schema!r} is not supported (this build speaks {SCHEMA_VERSION})")
+    payload = decode(body, limits)
+    hints = _payload_hints(cls)
+    unknown = sorted(set(payload) - set(hints))
+    if unknown:
+        raise DecodeError(f"{envelope.type}: unknown field(s) {unknown}")
+    values: dict[str, Any] = {}
+    for name, (hint, required) in hints.items():
+        if name not in payload:
+            if required:
+                raise DecodeError(f"{envelope.type}: missing field {name!r}")
+            continue
+        values[name] = _check(payload[name], hint, f"{envelope.type}.{name}")
+    envelope_values = {
+        "message_id": _check(envelope.message_id, str, "message_id"),
+        "sender": _check(envelope.sender or "", str, "sender"),
+        "timestamp": _check(envelope.timestamp, float, "timestamp"),
+        "run": _check(headers.get("run", ""), str, "run"),
+        "round": _check(headers.get("round", 0), int, "round"),
+        "model_version": _check(headers.get("model_version", 0), int, "model_version"),
+    }
+    return cls(**envelope_values, **values)
+
+
+def _payload_hints(cls: type[Message]) -> dict[str, tuple[Any, bool]]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in ENVELOPE_FIELDS:
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        out[f.name] = (hints[f.name], required)
+    return out
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    """Check a decoded value against a field's type hint; returns it (ints widen to float)."""
+    origin = typing.get_origin(hint)
+    if hint is Any or hint is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check(value, option, where)
+            except DecodeError:
+                pass
+        raise DecodeError(f"{where}: {type(value).__name__} is not {hint}")
+    if hint is type(None):
+        if value is None:
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is np.ndarray:
+        if isinstance(value, np.ndarray):
+            return value
+        if _is_torch_tensor(value):  # a sender may put torch tensors on the wire; handlers see numpy
+            return value.numpy() if value.dtype != torch.bfloat16 else value.float().numpy()
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(hint) or (Any,)
+            return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            key, item = typing.get_args(hint) or (Any, Any)
+            return {_check(k, key, where): _check(v, item, f"{where}[{k!r}]") for k, v in value.items()}
+    elif isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+    else:  # pragma: no cover - a hint this checker does not know: accept, the handler validates
+        return value
+    raise DecodeError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")

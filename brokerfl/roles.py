@@ -1,0 +1,58 @@
+"""Build a server or client worker from a config: a handler table plus its state.
+
+A handler set is a module with ``table`` (a :class:`HandlerTable`) and ``make_state``.
+The config names them (``server_handlers``, ``client_handlers``), and ``extra_handlers``
+lists modules imported first so that they can register more handlers on those tables.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from brokerfl.config import ConfigError, RunConfig
+from brokerfl.metrics import MetricsLog
+from brokerfl.store import ModelStore
+from brokerfl.topology import RunTopology
+from brokerfl.transport import Transport
+from brokerfl.worker import Worker
+
+
+def handler_set(config: RunConfig, key: str) -> ModuleType:
+    for extra in config.extra_handlers:
+        _import(extra, "extra_handlers")
+    module = _import(getattr(config, key), key)
+    for attribute in ("table", "make_state"):
+        if not hasattr(module, attribute):
+            raise ConfigError(f"{key}: module {module.__name__!r} has no {attribute!r}")
+    return module
+
+
+def _import(name: str, key: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ConfigError(f"{key}: cannot import {name!r}: {exc}") from None
+
+
+def topology_for(config: RunConfig, *, journal: bool | None = None) -> RunTopology:
+    return RunTopology(config.run, journal=config.journal if journal is None else journal)
+
+
+def server_worker(transport: Transport, config: RunConfig, store: ModelStore, metrics: MetricsLog, *, journal: bool | None = None) -> Worker:
+    topology = topology_for(config, journal=journal)
+    topology.declare(transport)
+    module = handler_set(config, "server_handlers")
+    state = module.make_state(config, store, metrics)
+    # every update of a round stays unacked until its model version is stored
+    prefetch = max(2 * config.clients, 16)
+    return Worker(transport, topology, topology.server_queue, module.table, state, name="server", prefetch=prefetch)
+
+
+def client_worker(transport: Transport, config: RunConfig, client_id: str, *, journal: bool | None = None) -> Worker:
+    topology = topology_for(config, journal=journal)
+    topology.declare(transport)
+    queue = topology.declare_client(transport, client_id)
+    module = handler_set(config, "client_handlers")
+    state = module.make_state(config, client_id)
+    return Worker(transport, topology, queue, module.table, state, name=f"client.{client_id}", prefetch=1)

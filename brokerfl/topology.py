@@ -1,0 +1,96 @@
+"""Names and declarations of one run's exchange and queues (DESIGN.md section 2).
+
+| name                           | kind           | takes                                    |
+|--------------------------------|----------------|------------------------------------------|
+| exchange ``brokerfl.<run>``    | topic          | every message of the run                 |
+| ``brokerfl.<run>.server``      | quorum         | ``server.#``                             |
+| ``brokerfl.<run>.client.<id>`` | classic        | ``client.<id>.#`` and ``clients.#``      |
+| ``brokerfl.<run>.dead``        | classic        | dead letters, reason in a header         |
+| ``brokerfl.<run>.journal``     | stream         | ``#``: a copy of every message           |
+
+Routing keys are ``<receiver>.<message type>``: ``server.parameter_update``,
+``client.7.train_task``, ``clients.exit``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from brokerfl.transport import Transport
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+SERVER = "server"
+CLIENTS = "clients"
+
+
+def check_name(kind: str, value: str) -> str:
+    """Run names and client ids become words of routing keys: no dots, no wildcards."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(f"{kind} {value!r} must be 1-64 characters of letters, digits, '_' or '-'")
+    return value
+
+
+def client_dest(client_id: str) -> str:
+    return f"client.{check_name('client id', client_id)}"
+
+
+def routing_key(dest: str, message_type: str) -> str:
+    return f"{dest}.{message_type}"
+
+
+@dataclass(frozen=True)
+class RunTopology:
+    run: str
+    journal: bool = True
+    journal_max_bytes: int | None = 1024**3
+    journal_max_age: str | None = None
+
+    def __post_init__(self) -> None:
+        check_name("run name", self.run)
+
+    @property
+    def exchange(self) -> str:
+        return f"brokerfl.{self.run}"
+
+    @property
+    def server_queue(self) -> str:
+        return f"brokerfl.{self.run}.server"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"brokerfl.{self.run}.dead"
+
+    @property
+    def journal_stream(self) -> str:
+        return f"brokerfl.{self.run}.journal"
+
+    def client_queue(self, client_id: str) -> str:
+        return f"brokerfl.{self.run}.client.{check_name('client id', client_id)}"
+
+    def declare(self, transport: Transport) -> None:
+        """The run's exchange, dead-letter queue, server queue and journal (idempotent)."""
+        transport.declare_exchange(self.exchange)
+        transport.declare_queue(self.dead_queue)
+        transport.declare_queue(self.server_queue, kind="quorum", dead_letter_queue=self.dead_queue)
+        transport.bind(self.server_queue, self.exchange, f"{SERVER}.#")
+        if self.journal:
+            transport.declare_queue(self.journal_stream, kind="stream", max_length_bytes=self.journal_max_bytes, max_age=self.journal_max_age)
+            transport.bind(self.journal_stream, self.exchange, "#")
+
+    def declare_client(self, transport: Transport, client_id: str) -> str:
+        """A client's durable queue, bound to its own and the broadcast keys; returns its name."""
+        queue = self.client_queue(client_id)
+        transport.declare_queue(queue, dead_letter_queue=self.dead_queue)
+        transport.bind(queue, self.exchange, f"{client_dest(client_id)}.#")
+        transport.bind(queue, self.exchange, f"{CLIENTS}.#")
+        return queue
+
+    def delete(self, transport: Transport, client_ids: list[str] = ()) -> None:
+        """Remove everything of the run (tests, and ``brokerfl`` operators cleaning up)."""
+        for client_id in client_ids:
+            transport.delete_queue(self.client_queue(client_id))
+        for queue in (self.server_queue, self.dead_queue, self.journal_stream):
+            transport.delete_queue(queue)
+        transport.delete_exchange(self.exchange)

@@ -1,0 +1,380 @@
+"""The in-process transport: a broker in memory with AMQP's semantics.
+
+This is what ``brokerfl simulate`` runs on, so it is a product, not a mock: topic routing
+with ``*`` and ``#``, FIFO per queue, prefetch, manual acks, nack with requeue, rejection
+to a dead-letter queue, redelivery (flagged) of what a departed consumer left unacked, and
+append-only streams read from an offset. One :class:`LocalBroker` is shared by any number
+of :class:`LocalTransport` connections, from one thread or several.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from brokerfl.message import Envelope
+from brokerfl.transport import (
+    Delivery,
+    OnDelivery,
+    QueueInfo,
+    QueueKind,
+    StreamOffset,
+    Transport,
+    TransportError,
+    UnroutableError,
+)
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching: words split on '.', ``*`` is one word, ``#`` zero or more."""
+    return _match(pattern.split("."), routing_key.split("."))
+
+
+def _match(pattern: list[str], words: list[str]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_match(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    return (head == "*" or head == words[0]) and _match(rest, words[1:])
+
+
+@dataclass
+class _Message:
+    exchange: str
+    routing_key: str
+    envelope: Envelope
+    body: bytes
+    redelivered: bool = False
+
+
+@dataclass
+class _Consumer:
+    tag: str
+    queue: str
+    connection: LocalTransport
+    on_delivery: OnDelivery
+    prefetch: int
+    unacked: int = 0
+    stream_position: int = 0  # streams only: the next offset to deliver
+
+
+@dataclass
+class _Queue:
+    name: str
+    kind: QueueKind
+    dead_letter_queue: str | None
+    max_length_bytes: int | None
+    ready: deque[_Message] = field(default_factory=deque)
+    log: list[_Message] = field(default_factory=list)  # streams: append-only
+    log_start: int = 0  # streams: offset of log[0], after retention dropped older entries
+    unacked: dict[int, tuple[_Message, _Consumer]] = field(default_factory=dict)
+    consumers: list[_Consumer] = field(default_factory=list)
+    next_consumer: int = 0
+
+    def stream_bytes(self) -> int:
+        return sum(len(m.body) for m in self.log)
+
+
+class LocalBroker:
+    """Exchanges, queues and bindings in memory; thread-safe."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.exchanges: dict[str, list[tuple[str, str]]] = {"": []}  # name -> [(pattern, queue)]
+        self.queues: dict[str, _Queue] = {}
+        self._tags = itertools.count(1)
+
+    def next_tag(self) -> int:
+        return next(self._tags)
+
+    def route(self, exchange: str, routing_key: str) -> list[_Queue]:
+        if exchange == "":
+            queue = self.queues.get(routing_key)
+            return [queue] if queue else []
+        if exchange not in self.exchanges:
+            raise TransportError(f"no exchange {exchange!r}")
+        names = {q for pattern, q in self.exchanges[exchange] if topic_matches(pattern, routing_key)}
+        return [self.queues[n] for n in sorted(names) if n in self.queues]
+
+    def enqueue(self, queue: _Queue, message: _Message) -> None:
+        if queue.kind == "stream":
+            queue.log.append(message)
+            if queue.max_length_bytes is not None:
+                while len(queue.log) > 1 and queue.stream_bytes() > queue.max_length_bytes:
+                    queue.log.pop(0)
+                    queue.log_start += 1
+        else:
+            queue.ready.append(message)
+
+    def dispatch(self) -> None:
+        """Hand ready messages to consumers with room under their prefetch, round robin."""
+        for queue in self.queues.values():
+            if queue.kind == "stream":
+                for consumer in queue.consumers:
+                    consumer.stream_position = max(consumer.stream_position, queue.log_start)
+                    while consumer.stream_position < queue.log_start + len(queue.log) and _has_room(consumer):
+                        message = queue.log[consumer.stream_position - queue.log_start]
+                        consumer.stream_position += 1
+                        self._hand_over(queue, consumer, message)
+                continue
+            while queue.ready and queue.consumers:
+                consumer = self._pick(queue)
+                if consumer is None:
+                    break
+                self._hand_over(queue, consumer, queue.ready.popleft())
+
+    def _pick(self, queue: _Queue) -> _Consumer | None:
+        n = len(queue.consumers)
+        for i in range(n):
+            consumer = queue.consumers[(queue.next_consumer + i) % n]
+            if _has_room(consumer):
+                queue.next_consumer = (queue.next_consumer + i + 1) % n
+                return consumer
+        return None
+
+    def _hand_over(self, queue: _Queue, consumer: _Consumer, message: _Message) -> None:
+        tag = self.next_tag()
+        queue.unacked[tag] = (message, consumer)
+        consumer.unacked += 1
+        consumer.connection._inbox.append(
+            Delivery(
+                queue=queue.name,
+                exchange=message.exchange,
+                routing_key=message.routing_key,
+                envelope=message.envelope,
+                body=message.body,
+                redelivered=message.redelivered,
+                tag=tag,
+                consumer_tag=consumer.tag,
+            )
+        )
+
+    def settle(self, delivery: Delivery) -> _Message:
+        queue = self.queues.get(delivery.queue)
+        entry = queue.unacked.pop(delivery.tag, None) if queue else None
+        if entry is None:
+            raise TransportError(f"unknown delivery tag {delivery.tag} on queue {delivery.queue!r} (already settled?)")
+        message, consumer = entry
+        consumer.unacked -= 1
+        return message
+
+    def requeue(self, queue: _Queue, messages: list[_Message]) -> None:
+        """Put messages back at the head of the queue in their original order."""
+        if queue.kind == "stream":
+            return  # a stream keeps everything; nothing to put back
+        for message in reversed(messages):
+            queue.ready.appendleft(replace(message, redelivered=True))
+
+
+def _has_room(consumer: _Consumer) -> bool:
+    return consumer.prefetch == 0 or consumer.unacked < consumer.prefetch
+
+
+class LocalTransport(Transport):
+    """One connection to a :class:`LocalBroker`."""
+
+    def __init__(self, broker: LocalBroker | None = None) -> None:
+        super().__init__()
+        self.broker = broker or LocalBroker()
+        self._inbox: deque[Delivery] = deque()
+        self._consumers: dict[str, _Consumer] = {}
+        self._get_tags: dict[str, set[int]] = {}  # basic.get deliveries not yet settled, by queue
+        self._closed = False
+
+    # ------------------------------------------------------------ topology
+
+    def declare_exchange(self, name: str) -> None:
+        with self.broker.lock:
+            self.broker.exchanges.setdefault(name, [])
+
+    def _declare_queue(self, name, *, kind, dead_letter_queue, max_length_bytes, max_age) -> None:
+        with self.broker.lock:
+            existing = self.broker.queues.get(name)
+            if existing is not None:
+                if existing.kind != kind:  # RabbitMQ refuses a redeclare with other arguments
+                    raise TransportError(f"queue {name!r} exists as a {existing.kind} queue, not {kind}")
+                return
+            self.broker.queues[name] = _Queue(name, kind, dead_letter_queue, max_length_bytes)
+
+    def bind(self, queue: str, exchange: str, pattern: str) -> None:
+        with self.broker.lock:
+            if exchange not in self.broker.exchanges:
+                raise TransportError(f"no exchange {exchange!r}")
+            if queue not in self.broker.queues:
+                raise TransportError(f"no queue {queue!r}")
+            if (pattern, queue) not in self.broker.exchanges[exchange]:
+                self.broker.exchanges[exchange].append((pattern, queue))
+
+    def delete_queue(self, name: str) -> None:
+        with self.broker.lock:
+            self.broker.queues.pop(name, None)
+            for bindings in self.broker.exchanges.values():
+                bindings[:] = [(p, q) for p, q in bindings if q != name]
+
+    def delete_exchange(self, name: str) -> None:
+        with self.broker.lock:
+            if name:
+                self.broker.exchanges.pop(name, None)
+
+    def queue_info(self, name: str) -> QueueInfo:
+        with self.broker.lock:
+            queue = self._queue(name)
+            ready = len(queue.log) if queue.kind == "stream" else len(queue.ready)
+            return QueueInfo(name, queue.kind, ready, len(queue.consumers), len(queue.unacked))
+
+    def _queue(self, name: str) -> _Queue:
+        queue = self.broker.queues.get(name)
+        if queue is None:
+            raise TransportError(f"no queue {name!r}")
+        return queue
+
+    # ------------------------------------------------------------ messages
+
+    def publish(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes) -> None:
+        self._check_open()
+        if not isinstance(body, bytes):  # the AMQP transport (pika) takes only bytes; keep that rule here
+            raise TypeError(f"body must be bytes, got {type(body).__name__}")
+        with self.broker.changed:
+            queues = self.broker.route(exchange, routing_key)
+            if not queues:
+                raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}")
+            for queue in queues:
+                self.broker.enqueue(queue, _Message(exchange, routing_key, envelope, body))
+            self.broker.changed.notify_all()
+
+    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None) -> str:
+        self._check_open()
+        with self.broker.changed:
+            q = self._queue(queue)
+            tag = f"local-{self.broker.next_tag()}"
+            consumer = _Consumer(tag, queue, self, on_delivery, prefetch)
+            if q.kind == "stream":
+                consumer.stream_position = _stream_start(q, "next" if offset is None else offset)
+            elif offset is not None:
+                raise TransportError(f"queue {queue!r} is not a stream; offset does not apply")
+            q.consumers.append(consumer)
+            self._consumers[tag] = consumer
+            self.broker.changed.notify_all()
+            return tag
+
+    def cancel(self, consumer_tag: str) -> None:
+        with self.broker.changed:
+            consumer = self._consumers.pop(consumer_tag, None)
+            if consumer is None:
+                return
+            queue = self.broker.queues.get(consumer.queue)
+            if queue is None:
+                return
+            queue.consumers.remove(consumer)
+            # Deliveries still in the inbox were never seen by the application: they and
+            # the seen-but-unacked ones all go back, in queue order (tags grow with time).
+            self._inbox = deque(d for d in self._inbox if d.consumer_tag != consumer_tag)
+            mine = sorted(t for t, (_, c) in queue.unacked.items() if c is consumer)
+            messages = [queue.unacked.pop(t)[0] for t in mine]
+            self.broker.requeue(queue, messages)
+            self.broker.changed.notify_all()
+
+    def get(self, queue: str) -> Delivery | None:
+        self._check_open()
+        with self.broker.lock:
+            q = self._queue(queue)
+            if q.kind == "stream":
+                raise TransportError(f"queue {queue!r} is a stream; consume it from an offset")
+            if not q.ready:
+                return None
+            message = q.ready.popleft()
+            tag = self.broker.next_tag()
+            # a basic.get delivery belongs to no consumer; a throwaway one keeps the books
+            owner = _Consumer(f"get-{tag}", queue, self, lambda d: None, 0)
+            q.unacked[tag] = (message, owner)
+            owner.unacked += 1
+            self._get_tags.setdefault(queue, set()).add(tag)
+            return Delivery(queue, message.exchange, message.routing_key, message.envelope, message.body, message.redelivered, tag)
+
+    def ack(self, delivery: Delivery) -> None:
+        with self.broker.changed:
+            self._settle(delivery)
+            self.broker.changed.notify_all()
+
+    def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        with self.broker.changed:
+            message = self._settle(delivery)
+            queue = self.broker.queues[delivery.queue]
+            if requeue:
+                self.broker.requeue(queue, [message])
+            elif queue.dead_letter_queue and queue.dead_letter_queue in self.broker.queues:
+                headers = {**message.envelope.headers, "x-first-death-reason": "rejected", "x-first-death-queue": queue.name}
+                self.broker.enqueue(self.broker.queues[queue.dead_letter_queue], replace(message, envelope=replace(message.envelope, headers=headers)))
+            self.broker.changed.notify_all()
+
+    def _settle(self, delivery: Delivery) -> _Message:
+        message = self.broker.settle(delivery)
+        self._get_tags.get(delivery.queue, set()).discard(delivery.tag)
+        return message
+
+    def poll(self, timeout: float = 0.0) -> int:
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        with self.broker.changed:
+            while True:
+                self.broker.dispatch()
+                if self._inbox:
+                    batch = list(self._inbox)
+                    self._inbox.clear()
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return 0
+                self.broker.changed.wait(remaining)
+        ran = 0
+        # Callbacks run outside the lock: they publish, ack and may block.
+        for i, delivery in enumerate(batch):
+            consumer = self._consumers.get(delivery.consumer_tag)
+            if consumer is None or self._closed:  # cancelled meanwhile: it was requeued then
+                continue
+            try:
+                consumer.on_delivery(delivery)
+            except BaseException:
+                self._inbox.extendleft(reversed(batch[i + 1 :]))  # not lost: still ours, unacked
+                raise
+            ran += 1
+        return ran
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for tag in list(self._consumers):
+            self.cancel(tag)
+        with self.broker.changed:
+            for queue_name, tags in self._get_tags.items():
+                queue = self.broker.queues.get(queue_name)
+                if queue is None:
+                    continue
+                messages = [queue.unacked.pop(t)[0] for t in sorted(tags) if t in queue.unacked]
+                self.broker.requeue(queue, messages)
+            self.broker.changed.notify_all()
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError("connection is closed")
+
+
+def _stream_start(queue: _Queue, offset: StreamOffset) -> int:
+    end = queue.log_start + len(queue.log)
+    if offset == "first":
+        return queue.log_start
+    if offset == "last":
+        return max(queue.log_start, end - 1)
+    if offset == "next":
+        return end
+    if isinstance(offset, int) and not isinstance(offset, bool) and offset >= 0:
+        return offset
+    raise TransportError(f"bad stream offset {offset!r}")

@@ -1,0 +1,184 @@
+"""A worker: one consumer that feeds a queue's messages through a handler table.
+
+The worker does all the I/O so handlers need none: decode, dispatch, publish what the
+handler returned (confirmed), then ack. A message is acked only after everything it caused
+is durable; a handler can also hold its message until a later commit. A message that
+cannot be decoded, has no handler, or whose handler raises is dead-lettered with the
+reason, and the worker goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+
+from brokerfl.codec import DEFAULT_LIMITS, DecodeError, EncodeError, Limits
+from brokerfl.handler_table import Context, HandlerTable, Outbound, Rejected, Started, Timer
+from brokerfl.message import Message, from_wire, to_wire
+from brokerfl.topology import RunTopology, routing_key
+from brokerfl.transport import Delivery, Transport
+
+
+class Worker:
+    def __init__(
+        self,
+        transport: Transport,
+        topology: RunTopology,
+        queue: str,
+        table: HandlerTable,
+        state: Any,
+        *,
+        name: str,
+        prefetch: int = 0,
+        limits: Limits = DEFAULT_LIMITS,
+        log: Any = None,
+        clock=time.monotonic,
+    ) -> None:
+        self.transport = transport
+        self.topology = topology
+        self.queue = queue
+        self.table = table
+        self.state = state
+        self.name = name
+        self.prefetch = prefetch
+        self.limits = limits
+        self.clock = clock
+        self.log = log or structlog.get_logger("brokerfl").bind(run=topology.run, role=name)
+        self.held: list[Delivery] = []
+        self.timers: dict[str, Timer] = {}
+        self.stopped = False
+        self.handled = 0
+        self.dead_lettered = 0
+        self._consumer_tag: str | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start consuming, after dispatching :class:`Started` to the table (if handled)."""
+        self.dispatch_local(Started(run=self.topology.run, sender=self.name))
+        if not self.stopped:
+            self._consumer_tag = self.transport.consume(self.queue, self._on_delivery, prefetch=self.prefetch)
+
+    def step(self, timeout: float = 0.0) -> int:
+        """Handle what arrives within ``timeout`` (shortened to the next timer), then fire
+        due timers; returns how many messages and timers were handled."""
+        if self.stopped:
+            return 0
+        due = self.next_timer_in()
+        if due is not None:
+            timeout = min(timeout, max(due, 0.0))
+        handled = self.transport.poll(timeout) if self._consumer_tag else 0
+        return handled + self.fire_due_timers()
+
+    def run(self, *, poll_s: float = 0.5) -> None:
+        while not self.stopped:
+            self.step(poll_s)
+
+    def stop(self) -> None:
+        """Stop consuming; held messages stay unacked and go back to the queue."""
+        self.stopped = True
+        if self._consumer_tag is not None:
+            self.transport.cancel(self._consumer_tag)
+            self._consumer_tag = None
+        self.held.clear()
+
+    # ------------------------------------------------------------ timers
+
+    def next_timer_in(self) -> float | None:
+        if not self.timers:
+            return None
+        return min(t.due for t in self.timers.values()) - self.clock()
+
+    def fire_due_timers(self) -> int:
+        fired = 0
+        now = self.clock()
+        for key, timer in sorted(self.timers.items(), key=lambda kv: kv[1].due):
+            if self.stopped:
+                break
+            if timer.due <= now and self.timers.get(key) is timer:
+                del self.timers[key]
+                self.dispatch_local(timer.message)
+                fired += 1
+        return fired
+
+    # ------------------------------------------------------------ dispatch
+
+    def dispatch_local(self, message: Message) -> None:
+        """Run a handler for a message that did not come through the transport."""
+        if self.table.handler_for(message.TYPE) is not None:
+            self._handle(message, None)
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        log = self.log.bind(message_id=delivery.envelope.message_id, type=delivery.envelope.type)
+        try:
+            message = from_wire(delivery.envelope, delivery.body, self.limits)
+        except DecodeError as exc:
+            self._dead_letter(delivery, f"undecodable {delivery.envelope.type!r} message: {exc}", log)
+            return
+        if self.table.handler_for(message.TYPE) is None:
+            self._dead_letter(delivery, f"no handler for message type {message.TYPE!r} in the {self.table.role} table", log)
+            return
+        self._handle(message, delivery)
+
+    def _handle(self, message: Message, delivery: Delivery | None) -> None:
+        handler = self.table.handler_for(message.TYPE)
+        log = self.log.bind(message_id=message.message_id, type=message.TYPE, round=message.round)
+        ctx = Context(
+            role=self.name,
+            run=self.topology.run,
+            state=self.state,
+            log=log,
+            redelivered=bool(delivery and delivery.redelivered),
+            clock=self.clock,
+        )
+        try:
+            outbound = list(handler(message, ctx) or ())
+            self.publish(outbound)
+        except Exception as exc:
+            name = getattr(handler, "__qualname__", repr(handler))
+            if isinstance(exc, Rejected):
+                reason = f"rejected by {name}: {exc}"
+            else:
+                log.exception("handler failed", handler=name)
+                reason = f"handler {name} raised {type(exc).__name__}: {exc}"
+            if delivery is not None:
+                self._dead_letter(delivery, reason, log)
+            return
+        self.handled += 1
+        for key in ctx.timers_cancelled:
+            self.timers.pop(key, None)
+        for timer in ctx.timers_set:
+            self.timers[timer.key] = timer
+        if delivery is not None:
+            if ctx.holding:
+                self.held.append(delivery)
+            else:
+                self.transport.ack(delivery)
+        if ctx.committing:
+            for held in self.held:
+                self.transport.ack(held)
+            self.held.clear()
+        if ctx.stopping:
+            self.stop()
+
+    def publish(self, outbound: Iterable[Outbound]) -> None:
+        """Publish messages (each confirmed before the next), stamped with this sender and run."""
+        for item in outbound:
+            message = item.message
+            if not message.sender:
+                message.sender = self.name
+            if not message.run:
+                message.run = self.topology.run
+            try:
+                envelope, body = to_wire(message, self.limits)
+            except EncodeError as exc:
+                raise EncodeError(f"cannot send {message.TYPE} to {item.dest}: {exc}") from None
+            self.transport.publish(self.topology.exchange, routing_key(item.dest, message.TYPE), envelope, body)
+
+    def _dead_letter(self, delivery: Delivery, reason: str, log: Any) -> None:
+        log.warning("dead-lettered", reason=reason)
+        self.dead_lettered += 1
+        self.transport.dead_letter(delivery, reason)

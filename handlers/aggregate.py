@@ -1,0 +1,71 @@
+"""The arithmetic of aggregation, as plain functions that are easy to test alone.
+
+Updates are folded into a float64 running sum as they arrive, so the server holds
+O(model) memory however many clients answer, and float64 keeps the result independent of
+arrival order to far below float32 precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from brokerfl.handler_table import Rejected
+
+Tensors = Mapping[str, np.ndarray]
+
+
+class BadUpdate(Rejected):
+    """An update that must not be folded (wrong names, shapes, dtypes, non-finite values)."""
+
+
+@dataclass
+class RunningSum:
+    sums: dict[str, np.ndarray]
+    total_weight: float = 0.0
+    count: int = 0
+    _scratch: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+
+def new_running_sum(like: Tensors) -> RunningSum:
+    return RunningSum({name: np.zeros(array.shape, np.float64) for name, array in like.items()})
+
+
+def check_update(parameters: Tensors, reference: Tensors) -> None:
+    """Raise :class:`BadUpdate` saying what is wrong unless ``parameters`` matches
+    ``reference`` name for name, shape for shape, and holds only finite numbers."""
+    missing = sorted(set(reference) - set(parameters))
+    extra = sorted(set(parameters) - set(reference))
+    if missing or extra:
+        raise BadUpdate(f"parameter names differ from the global model: missing {missing}, unexpected {extra}")
+    for name, ref in reference.items():
+        value = parameters[name]
+        if value.shape != ref.shape:
+            raise BadUpdate(f"{name}: shape {value.shape}, the global model has {ref.shape}")
+        if not np.issubdtype(value.dtype, np.floating) and value.dtype != ref.dtype:
+            raise BadUpdate(f"{name}: dtype {value.dtype}, the global model has {ref.dtype}")
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise BadUpdate(f"{name}: holds NaN or infinite values")
+
+
+def fold_update(acc: RunningSum, parameters: Tensors, weight: float) -> None:
+    """acc += weight * parameters, in float64, without a float64 copy of the update per call."""
+    if not weight > 0:
+        raise BadUpdate(f"update weight must be positive, got {weight}")
+    for name, total in acc.sums.items():
+        scratch = acc._scratch.get(name)
+        if scratch is None:
+            scratch = acc._scratch[name] = np.empty_like(total)
+        np.multiply(parameters[name], weight, out=scratch, dtype=np.float64, casting="unsafe")
+        total += scratch
+    acc.total_weight += weight
+    acc.count += 1
+
+
+def weighted_average(acc: RunningSum, like: Tensors) -> dict[str, np.ndarray]:
+    """The folded average, in the dtypes of ``like`` (the global model)."""
+    if acc.count == 0:
+        raise ValueError("no update was folded")
+    return {name: (acc.sums[name] / acc.total_weight).astype(like[name].dtype) for name in acc.sums}

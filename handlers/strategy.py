@@ -1,0 +1,67 @@
+"""What a strategy is, and how a config names one.
+
+A strategy turns the updates of a round into the next global model. The server's handler
+set (``handlers/server.py``) does the messaging; a strategy does only the arithmetic, so a
+new one is a small class: ``sample``, ``start_round``, ``fold``, ``finish_round``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from handlers.aggregate import Tensors
+
+BUILT_IN = {
+    "fedavg": "handlers.fedavg:FedAvg",
+}
+
+
+class Strategy:
+    name = "strategy"
+
+    def __init__(self, *, fraction: float = 1.0, clients_per_round: int | None = None, **options: Any) -> None:
+        if options:
+            raise ValueError(f"strategy {self.name!r} has no option(s) {sorted(options)}")
+        self.fraction = fraction
+        self.clients_per_round = clients_per_round
+
+    def sample(self, round_: int, available: Sequence[str], rng: np.random.Generator) -> list[str]:
+        """Who trains this round: ``clients_per_round`` of them, else ``fraction`` (at least one)."""
+        available = sorted(available)
+        if not available:
+            return []
+        want = self.clients_per_round or max(1, round(self.fraction * len(available)))
+        want = min(want, len(available))
+        if want == len(available):
+            return available
+        return sorted(rng.choice(available, size=want, replace=False).tolist())
+
+    def start_round(self, global_parameters: Tensors) -> None:
+        raise NotImplementedError
+
+    def fold(self, parameters: Tensors, num_samples: int) -> None:
+        """Fold one checked update (it matches the global model's names and shapes)."""
+        raise NotImplementedError
+
+    def folded(self) -> int:
+        raise NotImplementedError
+
+    def finish_round(self, global_parameters: Tensors) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+def load_strategy(name: str, **settings: Any) -> Strategy:
+    """A built-in name (``fedavg``) or ``module:Class``."""
+    target = BUILT_IN.get(name, name)
+    if ":" not in target:
+        raise ValueError(f"unknown strategy {name!r}: use one of {sorted(BUILT_IN)} or 'module:Class'")
+    module_name, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load strategy {name!r}: {exc}") from None
+    return cls(**settings)

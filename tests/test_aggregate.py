@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from handlers.aggregate import BadUpdate, check_update, fold_update, new_running_sum, weighted_average
+from handlers.fedavg import FedAvg
+
+
+def test_fedavg_matches_hand_computation():
+    global_model = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
+    updates = [
+        ({"w": np.array([[1, 2], [3, 4]], np.float32), "b": np.array([1, 1, 1], np.float32)}, 10),
+        ({"w": np.array([[5, 6], [7, 8]], np.float32), "b": np.array([0, 2, 4], np.float32)}, 30),
+    ]
+    strategy = FedAvg()
+    strategy.start_round(global_model)
+    for params, n in updates:
+        strategy.fold(params, n)
+    result = strategy.finish_round(global_model)
+    # (10 * a + 30 * b) / 40, by hand
+    assert np.array_equal(result["w"], np.array([[4, 5], [6, 7]], np.float32))
+    assert np.array_equal(result["b"], np.array([0.25, 1.75, 3.25], np.float32))
+    assert result["w"].dtype == np.float32
+    assert strategy.folded() == 2
+
+
+def test_fold_is_in_float64_and_order_independent_in_float32():
+    rng = np.random.default_rng(0)
+    like = {"w": np.zeros(1000, np.float32)}
+    updates = [({"w": rng.normal(size=1000).astype(np.float32)}, float(rng.integers(1, 100))) for _ in range(20)]
+    results = []
+    for order in (updates, updates[::-1], updates[5:] + updates[:5]):
+        acc = new_running_sum(like)
+        for params, weight in order:
+            fold_update(acc, params, weight)
+        results.append(weighted_average(acc, like)["w"])
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+    assert acc.sums["w"].dtype == np.float64
+
+
+def test_weighted_average_needs_an_update():
+    with pytest.raises(ValueError, match="no update"):
+        weighted_average(new_running_sum({"w": np.zeros(1)}), {"w": np.zeros(1)})
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"w": np.zeros((2, 3), np.float32)}, "shape"),
+        ({"w": np.zeros((2, 2), np.float32), "extra": np.zeros(1)}, "unexpected"),
+        ({}, "missing"),
+        ({"w": np.array([[0, np.nan], [0, 0]], np.float32)}, "NaN"),
+        ({"w": np.array([[0, np.inf], [0, 0]], np.float32)}, "NaN or infinite"),
+    ],
+)
+def test_check_update_rejects_bad_updates(params, message):
+    with pytest.raises(BadUpdate, match=message):
+        check_update(params, {"w": np.zeros((2, 2), np.float32)})
+
+
+def test_fold_rejects_non_positive_weight():
+    acc = new_running_sum({"w": np.zeros(1)})
+    with pytest.raises(BadUpdate):
+        fold_update(acc, {"w": np.ones(1)}, 0)
+
+
+def test_sampling_by_fraction_and_count_is_deterministic():
+    clients = [str(i) for i in range(10)]
+    by_fraction = FedAvg(fraction=0.3)
+    picked = by_fraction.sample(1, clients, np.random.default_rng(1))
+    assert len(picked) == 3 and set(picked) <= set(clients)
+    assert picked == by_fraction.sample(1, clients, np.random.default_rng(1))
+    assert len(FedAvg(clients_per_round=4).sample(1, clients, np.random.default_rng(1))) == 4
+    assert FedAvg().sample(1, clients, np.random.default_rng(1)) == sorted(clients)
+    assert FedAvg(fraction=0.01).sample(1, clients, np.random.default_rng(1)) != []
