@@ -1,7 +1,7 @@
 """brokerfl: federated learning whose processes talk only through a message broker."""
 
 from brokerfl.codec import DecodeError, EncodeError, Limits
-from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_client, to_clients, to_server
+from brokerfl.handler_table import Context, HandlerTable, Outbound, Rejected, Started, to_client, to_clients, to_server
 from brokerfl.message import (
     Envelope,
     EvaluateResult,
@@ -18,6 +18,6 @@ from brokerfl.message import (
 
 __all__ = [
     "Context", "DecodeError", "EncodeError", "Envelope", "EvaluateResult", "EvaluateTask", "Exit", "Gradients",
-    "HandlerTable", "Heartbeat", "Join", "Leave", "Limits", "Message", "Outbound", "ParameterUpdate", "Started",
+    "HandlerTable", "Heartbeat", "Join", "Leave", "Limits", "Message", "Outbound", "ParameterUpdate", "Rejected", "Started",
     "TrainTask", "to_client", "to_clients", "to_server",
 ]

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from brokerfl.config import ConfigError, RunConfig, load_config
 from brokerfl.log import configure_logging
+from brokerfl.metrics import read_metrics
+from brokerfl.topology import check_name
+from brokerfl.transport import TransportError
+
+
+def _env(name: str) -> str | None:
+    """Every option can also come from BROKERFL_<NAME> (containers are configured so)."""
+    return os.environ.get(f"BROKERFL_{name}") or None
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML run config (default: the embedded default run: digits, 10 IID clients, FedAvg)")
-    parser.add_argument("--clients", type=int, help="federation size = number of data partitions")
-    parser.add_argument("--rounds", type=int, help="number of rounds")
-    parser.add_argument("--seed", type=int, help="seed for data split, sampling, initialisation and training")
-    parser.add_argument("--run", help="run name (the broker namespace)")
+    parser.add_argument("config", nargs="?", default=_env("CONFIG"), help="YAML run config (default: $BROKERFL_CONFIG, else the embedded default run: digits, 10 IID clients, FedAvg)")
+    parser.add_argument("--clients", type=int, default=_env("CLIENTS"), help="federation size = number of data partitions")
+    parser.add_argument("--rounds", type=int, default=_env("ROUNDS"), help="number of rounds")
+    parser.add_argument("--seed", type=int, default=_env("SEED"), help="seed for data split, sampling, initialisation and training")
+    parser.add_argument("--run", default=_env("RUN"), help="run name (the broker namespace)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
-    overrides: dict[str, Any] = {"clients": args.clients, "rounds": args.rounds, "seed": args.seed, "run": getattr(args, "run", None)}
+    # argparse applies `type` to string defaults too, so env values arrive as ints here
+    overrides: dict[str, Any] = {"clients": args.clients, "rounds": args.rounds, "seed": args.seed, "run": args.run}
     return load_config(args.config, overrides)
 
 
@@ -53,6 +63,92 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _broker_url(args: argparse.Namespace) -> str:
+    url = args.broker or _env("AMQP_URL")
+    if not url:
+        raise SystemExit("brokerfl: no broker: pass --broker URL or set BROKERFL_AMQP_URL")
+    return url
+
+
+def _connect(args: argparse.Namespace):
+    from brokerfl.transports.amqp import AmqpTransport
+
+    return AmqpTransport(_broker_url(args))
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from brokerfl.metrics import MetricsLog, plot_curve
+    from brokerfl.roles import server_worker
+    from brokerfl.store import DirectoryModelStore
+
+    config = _load(args)
+    out = Path(args.out or _env("OUT") or f"runs/{config.run}")
+    store = DirectoryModelStore(out / "models")
+    if not store.versions():  # a fresh run: no stale lines from an earlier one
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    metrics = MetricsLog(out / "metrics.jsonl")
+    with _connect(args) as transport:
+        worker = server_worker(transport, config, store, metrics)
+        worker.start()
+        worker.run()
+    state = worker.state
+    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    if records:
+        plot_curve(records, out / "curve.png", title=f"{config.run}: {config.strategy.name}, {config.clients} clients")
+    if state.failure:
+        print(f"brokerfl server: {state.failure}", file=sys.stderr)
+        return 1
+    print(f"{config.run}: done at model version {state.model.version}; wrote {out / 'metrics.jsonl'} and {out / 'curve.png'}")
+    return 0
+
+
+def parse_client_ids(text: str) -> list[str]:
+    """``3``, ``0-9`` or ``0-3,7,9``."""
+    ids: list[str] = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if dash and low.isdigit() and high.isdigit():
+            if int(high) < int(low):
+                raise argparse.ArgumentTypeError(f"empty client id range {part!r}")
+            ids.extend(str(i) for i in range(int(low), int(high) + 1))
+        else:
+            ids.append(check_name("client id", part.strip()))
+    return ids
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    with _connect(args):
+        pass
+    print(f"broker at {_mask(_broker_url(args))} answers")
+    return 0
+
+
+def _mask(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@", 1)
+    return url
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    if not args.client_id:
+        raise SystemExit("brokerfl client: pass --client-id (an id, a range such as 0-9) or set BROKERFL_CLIENT_ID")
+    from brokerfl.roles import client_worker
+    from brokerfl.worker import run_workers
+
+    config = _load(args)
+    _set_torch_threads()
+    with _connect(args) as transport:
+        # one connection, one consumer per logical client
+        workers = [client_worker(transport, config, client_id) for client_id in args.client_id]
+        for worker in workers:
+            worker.start()
+        run_workers(transport, workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brokerfl", description="Federated learning over a message broker.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", help="directory for metrics.jsonl and curve.png (default: runs/<run>)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.set_defaults(func=cmd_simulate)
+
+    server = commands.add_parser("server", help="run the server of a federation over RabbitMQ")
+    _config_arguments(server)
+    server.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    server.add_argument("--out", help="directory for metrics.jsonl, curve.png and stored model versions (default: runs/<run>)")
+    server.set_defaults(func=cmd_server)
+
+    client = commands.add_parser("client", help="run one or many logical clients over RabbitMQ")
+    _config_arguments(client)
+    client.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    client.add_argument("--client-id", default=_env("CLIENT_ID"), type=parse_client_ids, help="an id, a range such as 0-9, or a list such as 0-3,7 (default: $BROKERFL_CLIENT_ID)")
+    client.set_defaults(func=cmd_client)
+
+    ping = commands.add_parser("ping", help="check that the broker answers (container health checks)")
+    ping.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    ping.set_defaults(func=cmd_ping)
     return parser
 
 
@@ -73,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"brokerfl: config error: {exc}", file=sys.stderr)
+        return 2
+    except TransportError as exc:
+        print(f"brokerfl {args.command}: {exc}", file=sys.stderr)
+        return 3
+    except ValueError as exc:  # e.g. a bad client id
+        print(f"brokerfl {args.command}: {exc}", file=sys.stderr)
         return 2
 
 

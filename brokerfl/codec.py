@@ -89,10 +89,13 @@ def _as_array(value: Any) -> tuple[str, str, np.ndarray]:
     kind = "numpy"
     if torch is not None and isinstance(value, torch.Tensor):
         kind = "torch"
-        value = value.detach().cpu().contiguous()
-        if value.dtype == torch.bfloat16:
-            return kind, "bfloat16", value.view(torch.int16).numpy()
-        value = value.numpy()
+        try:  # conj/neg views, sparse, nested and meta tensors make torch raise RuntimeError & co.
+            value = value.detach().cpu().resolve_conj().resolve_neg().contiguous()
+            if value.dtype == torch.bfloat16:
+                return kind, "bfloat16", value.view(torch.int16).numpy()
+            value = value.numpy()
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            raise EncodeError(f"cannot encode torch tensor of dtype {value.dtype}, layout {value.layout}: {exc}") from None
     name = value.dtype.name
     if name not in NUMPY_DTYPES:
         raise EncodeError(f"dtype {value.dtype} is not supported on the wire (allowed: {sorted(WIRE_DTYPES)})")
@@ -108,6 +111,7 @@ def encode(payload: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> bytes:
     """
     if not isinstance(payload, dict):
         raise EncodeError(f"payload must be a dict, got {type(payload).__name__}")
+    _check_encodable(payload, limits)
     arrays: list[tuple[int, np.ndarray]] = []
     data_len = 0
 
@@ -133,6 +137,8 @@ def encode(payload: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> bytes:
         raise
     except (TypeError, ValueError, OverflowError) as exc:  # e.g. an int beyond 64 bits, a non-str key
         raise EncodeError(f"cannot encode payload: {exc}") from None
+    if len(header) > limits.max_header_bytes:
+        raise EncodeError(f"header is {len(header)} bytes, the limit is {limits.max_header_bytes}")
     # Offsets count from the first 64-byte-aligned position after the bin marker, so the
     # header does not depend on its own length.
     data_start = 5 + len(header) + 5
@@ -152,6 +158,27 @@ def encode(payload: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> bytes:
 
 _U32 = b"\xce"
 _BIN32 = b"\xc6"
+
+
+def _check_encodable(payload: dict[str, Any], limits: Limits) -> None:
+    """Hold a sender to the decoder's limits: depth (counted as :func:`_check_depth` does),
+    container lengths, and map keys (str or bytes, as ``strict_map_key`` demands)."""
+    stack: list[tuple[Any, int]] = [(payload, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limits.max_depth:
+            raise EncodeError(f"payload nests deeper than {limits.max_depth} levels")
+        if isinstance(item, dict):
+            if len(item) > limits.max_container_len:
+                raise EncodeError(f"a map holds {len(item)} items, the limit is {limits.max_container_len}")
+            for key, v in item.items():
+                if not isinstance(key, (str, bytes)):
+                    raise EncodeError(f"map key {key!r} is a {type(key).__name__}, keys must be str")
+                stack.append((v, depth + 1))
+        elif isinstance(item, (list, tuple)):
+            if len(item) > limits.max_container_len:
+                raise EncodeError(f"a list holds {len(item)} items, the limit is {limits.max_container_len}")
+            stack.extend((v, depth + 1) for v in item)
 
 
 # ---------------------------------------------------------------- decoding
@@ -208,7 +235,10 @@ def decode(body: bytes, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
         return payload
     base = data_start + (-data_start) % ALIGN
     views = {id(p): _view(body, p, base, data_start + data_len) for p in found}
-    return _substitute(payload, views)
+    try:
+        return _substitute(payload, views)
+    except RecursionError:  # only reachable with a max_depth above Python's recursion limit
+        raise DecodeError("payload nests too deeply to rebuild") from None
 
 
 def _read_bin_header(body: bytes, at: int) -> tuple[int, int]:
@@ -237,6 +267,8 @@ def _parse_spec(data: bytes, limits: Limits) -> _Placeholder:
         raise DecodeError(f"tensor shape {shape!r} must hold non-negative integers")
     if not (type(offset) is int and type(nbytes) is int and offset >= 0 and nbytes >= 0):
         raise DecodeError("tensor offset and size must be non-negative integers")
+    if offset % ALIGN:
+        raise DecodeError(f"tensor offset {offset} is not a multiple of {ALIGN}")
     itemsize = 2 if dtype == "bfloat16" else NUMPY_DTYPES[dtype].itemsize
     count = 1
     for s in shape:
@@ -251,19 +283,22 @@ def _view(body: bytes, p: _Placeholder, base: int, end: int) -> Any:
         raise DecodeError(f"tensor at offset {p.offset} of {p.nbytes} bytes overruns the tensor section")
     np_dtype = NUMPY_DTYPES["int16" if p.dtype == "bfloat16" else p.dtype]
     count = p.nbytes // np_dtype.itemsize
-    array = np.frombuffer(body, dtype=np_dtype, count=count, offset=base + p.offset).reshape(p.shape)
-    if p.kind == "numpy":
-        return array
-    if torch is None:  # pragma: no cover
-        return array
-    # torch warns on read-only buffers; we keep the zero-copy view and document that it is
-    # read-only, exactly like the numpy case.
-    import warnings
+    try:  # an empty tensor may declare other dimensions too big for numpy or torch
+        array = np.frombuffer(body, dtype=np_dtype, count=count, offset=base + p.offset).reshape(p.shape)
+        if p.kind == "numpy":
+            return array
+        if torch is None:  # pragma: no cover
+            return array
+        # torch warns on read-only buffers; we keep the zero-copy view and document that it is
+        # read-only, exactly like the numpy case.
+        import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(array)
-    return tensor.view(torch.bfloat16) if p.dtype == "bfloat16" else tensor
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
+        return tensor.view(torch.bfloat16) if p.dtype == "bfloat16" else tensor
+    except (ValueError, RuntimeError, OverflowError) as exc:
+        raise DecodeError(f"tensor of shape {list(p.shape)} and dtype {p.dtype}: {exc}") from None
 
 
 def _substitute(value: Any, views: dict[int, Any]) -> Any:
@@ -282,6 +317,8 @@ def _check_depth(value: Any, limit: int) -> None:
         item, depth = stack.pop()
         if depth > limit:
             raise DecodeError(f"payload nests deeper than {limit} levels")
+        if isinstance(item, msgpack.Timestamp):  # msgpack decodes ext -1 itself, past ext_hook
+            raise DecodeError("msgpack timestamps are not allowed in a payload")
         if isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):

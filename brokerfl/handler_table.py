@@ -78,8 +78,7 @@ class Context:
     holding: bool = False
     committing: bool = False
     stopping: bool = False
-    timers_set: list[Timer] = field(default_factory=list)
-    timers_cancelled: list[str] = field(default_factory=list)
+    timer_requests: list[Timer | str] = field(default_factory=list)  # in order: a Timer sets, a key cancels
     clock: Callable[[], float] = field(default=None)  # type: ignore[assignment]
 
     def hold(self) -> None:
@@ -98,10 +97,10 @@ class Context:
     def set_timer(self, key: str, delay_s: float, message: Message) -> None:
         """Dispatch ``message`` to this worker's own table after ``delay_s`` (replacing any
         timer of the same key). Timers are local: a restarted process sets them again."""
-        self.timers_set.append(Timer(key, self.clock() + delay_s, message))
+        self.timer_requests.append(Timer(key, self.clock() + delay_s, message))
 
     def cancel_timer(self, key: str) -> None:
-        self.timers_cancelled.append(key)
+        self.timer_requests.append(key)
 
 
 class HandlerTable:

@@ -68,8 +68,10 @@ class Message:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         name = cls.__dict__.get("TYPE") or re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
-        if name in MESSAGE_TYPES and MESSAGE_TYPES[name].__qualname__ != cls.__qualname__:
-            raise TypeError(f"message type {name!r} is already registered by {MESSAGE_TYPES[name].__qualname__}")
+        # the same module and qualname is the same class defined again (a module reload)
+        old = MESSAGE_TYPES.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(f"message type {name!r} is already registered by {old.__module__}.{old.__qualname__}")
         cls.TYPE = name
         MESSAGE_TYPES[name] = cls
 
@@ -191,7 +193,7 @@ def from_wire(envelope: Envelope, body: bytes, limits: Limits = DEFAULT_LIMITS) 
         raise DecodeError(f"unknown message type {envelope.type!r}")
     headers = envelope.headers or {}
     schema = headers.get("schema_version", SCHEMA_VERSION)
-    if schema != SCHEMA_VERSION:
+    if type(schema) is not int or schema != SCHEMA_VERSION:  # True and 1.0 equal 1, but are not versions
         raise DecodeError(f"schema version {schema!r} is not supported (this build speaks {SCHEMA_VERSION})")
     payload = decode(body, limits)
     hints = _payload_hints(cls)

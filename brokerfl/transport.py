@@ -134,13 +134,16 @@ class Transport(abc.ABC):
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         """Give a message back (``requeue``) or reject it to its queue's dead-letter queue."""
 
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Move a message to its queue's dead-letter queue with ``reason``, then ack it.
+    def dead_letter(self, delivery: Delivery, reason: str, *, target: str | None = None) -> None:
+        """Move a message to ``target`` (default: the dead-letter queue its queue was
+        declared with on this connection) with ``reason``, then ack it.
 
         The copy is confirmed before the ack, so a crash in between leaves the message in
         both places, never in neither.
         """
-        target = self._dead_letter_targets.get(delivery.queue)
+        if target is not None:
+            self._dead_letter_targets.setdefault(delivery.queue, target)
+        target = target or self._dead_letter_targets.get(delivery.queue)
         if target is None:
             raise TransportError(f"queue {delivery.queue!r} has no dead-letter queue; cannot dead-letter: {reason}")
         headers = {

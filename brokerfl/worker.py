@@ -18,6 +18,7 @@ import structlog
 from brokerfl.codec import DEFAULT_LIMITS, DecodeError, EncodeError, Limits
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Rejected, Started, Timer
 from brokerfl.message import Message, from_wire, to_wire
+from brokerfl.timing import timings
 from brokerfl.topology import RunTopology, routing_key
 from brokerfl.transport import Delivery, Transport
 
@@ -114,7 +115,8 @@ class Worker:
     def _on_delivery(self, delivery: Delivery) -> None:
         log = self.log.bind(message_id=delivery.envelope.message_id, type=delivery.envelope.type)
         try:
-            message = from_wire(delivery.envelope, delivery.body, self.limits)
+            with timings.phase("decode"):
+                message = from_wire(delivery.envelope, delivery.body, self.limits)
         except DecodeError as exc:
             self._dead_letter(delivery, f"undecodable {delivery.envelope.type!r} message: {exc}", log)
             return
@@ -135,7 +137,8 @@ class Worker:
             clock=self.clock,
         )
         try:
-            outbound = list(handler(message, ctx) or ())
+            with timings.phase(f"handle.{message.TYPE}"):
+                outbound = list(handler(message, ctx) or ())
             self.publish(outbound)
         except Exception as exc:
             name = getattr(handler, "__qualname__", repr(handler))
@@ -148,18 +151,21 @@ class Worker:
                 self._dead_letter(delivery, reason, log)
             return
         self.handled += 1
-        for key in ctx.timers_cancelled:
-            self.timers.pop(key, None)
-        for timer in ctx.timers_set:
-            self.timers[timer.key] = timer
+        for request in ctx.timer_requests:
+            if isinstance(request, Timer):
+                self.timers[request.key] = request
+            else:
+                self.timers.pop(request, None)
         if delivery is not None:
             if ctx.holding:
                 self.held.append(delivery)
             else:
-                self.transport.ack(delivery)
+                with timings.phase("ack"):
+                    self.transport.ack(delivery)
         if ctx.committing:
-            for held in self.held:
-                self.transport.ack(held)
+            with timings.phase("ack"):
+                for held in self.held:
+                    self.transport.ack(held)
             self.held.clear()
         if ctx.stopping:
             self.stop()
@@ -173,12 +179,24 @@ class Worker:
             if not message.run:
                 message.run = self.topology.run
             try:
-                envelope, body = to_wire(message, self.limits)
+                with timings.phase("encode"):
+                    envelope, body = to_wire(message, self.limits)
             except EncodeError as exc:
                 raise EncodeError(f"cannot send {message.TYPE} to {item.dest}: {exc}") from None
-            self.transport.publish(self.topology.exchange, routing_key(item.dest, message.TYPE), envelope, body)
+            with timings.phase("publish"):
+                self.transport.publish(self.topology.exchange, routing_key(item.dest, message.TYPE), envelope, body)
 
     def _dead_letter(self, delivery: Delivery, reason: str, log: Any) -> None:
         log.warning("dead-lettered", reason=reason)
         self.dead_lettered += 1
-        self.transport.dead_letter(delivery, reason)
+        self.transport.dead_letter(delivery, reason, target=self.topology.dead_queue)
+
+
+def run_workers(transport: Transport, workers: list[Worker], *, poll_s: float = 0.5) -> None:
+    """Run several workers that share one connection until every one has stopped."""
+    while not all(w.stopped for w in workers):
+        timers = [t for w in workers if not w.stopped and (t := w.next_timer_in()) is not None]
+        transport.poll(max(0.0, min([poll_s, *timers])))
+        for worker in workers:
+            if not worker.stopped:
+                worker.fire_due_timers()

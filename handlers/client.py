@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ class ClientState:
     y: np.ndarray
     num_classes: int
     answered: set[str] = field(default_factory=set)  # task ids this process already answered
+    last_global: dict[str, np.ndarray] | None = None  # the newest global model trained on
     exit_reason: str | None = None
 
 
@@ -60,6 +62,7 @@ def train(task: TrainTask, ctx: Context):
         ctx.log.info("task already answered; skipped", task=task.message_id)
         return None
     settings = TrainConfig.model_validate(task.config) if task.config else state.config.train
+    started = time.perf_counter()
     parameters, metrics = train_local(
         task.parameters,
         state.x,
@@ -76,13 +79,14 @@ def train(task: TrainTask, ctx: Context):
         seed=training_seed(state.config.seed, state.client_id, task.round),
     )
     state.answered.add(task.message_id)
+    state.last_global = task.parameters
     update = task.reply(
         ParameterUpdate,
         client_id=state.client_id,
         task_id=task.message_id,
         parameters=parameters,
         num_samples=int(metrics["num_samples"]),
-        metrics={"train_loss": float(metrics["loss"])},
+        metrics={"train_loss": float(metrics["loss"]), "train_s": time.perf_counter() - started},
     )
     return [to_server(update)]
 

@@ -20,6 +20,7 @@ from brokerfl.handler_table import Context, HandlerTable, Started, to_clients
 from brokerfl.message import Exit, Heartbeat, Join, Leave, Message, ParameterUpdate, TrainTask
 from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore, ModelVersion
+from brokerfl.timing import timings
 from handlers.aggregate import BadUpdate, check_update
 from handlers.datasets import load_dataset
 from handlers.strategy import Strategy, load_strategy
@@ -60,6 +61,8 @@ class ServerState:
     participants: list[str] = field(default_factory=list)
     folded_ids: list[str] = field(default_factory=list)
     answered: set[str] = field(default_factory=set)
+    client_seconds: list[float] = field(default_factory=list)  # training time each folded update reported
+    timings_at_start: dict[str, float] = field(default_factory=dict)
     retries: int = 0
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (update id, reason)
     done: bool = False
@@ -155,8 +158,9 @@ def start_round(ctx: Context, *, retry: bool = False):
     rng = np.random.default_rng([config.seed, state.round, state.retries])
     state.participants = state.strategy.sample(state.round, list(state.clients), rng)
     state.strategy.start_round(state.model.parameters)
-    state.folded_ids, state.answered = [], set()
+    state.folded_ids, state.answered, state.client_seconds = [], set(), []
     state.round_open, state.round_started = True, time.monotonic()
+    state.timings_at_start = timings.snapshot()
     ctx.set_timer("round", config.strategy.round_deadline_s, RoundDeadline(round=state.round))
     ctx.log.debug("round started", round=state.round, model_version=state.model.version, participants=len(state.participants))
     task = TrainTask(
@@ -184,7 +188,9 @@ def fold_update(update: ParameterUpdate, ctx: Context):
             raise BadUpdate(f"num_samples must be positive, got {update.num_samples}")
     except BadUpdate as exc:
         raise BadUpdate(f"update from client {update.client_id}: {exc}") from None  # dead-lettered with this reason
-    state.strategy.fold(update.parameters, update.num_samples)
+    with timings.phase("fold"):
+        state.strategy.fold(update.parameters, update.num_samples)
+    state.client_seconds.append(update.metrics.get("train_s", 0.0))
     state.folded_ids.append(update.message_id)
     state.answered.add(update.client_id)
     ctx.hold()
@@ -233,11 +239,14 @@ def close_round(ctx: Context):
     """Store the new model version, then ack the round's updates; then the next round."""
     state: ServerState = ctx.state
     parent = state.model
-    parameters = state.strategy.finish_round(parent.parameters)
+    with timings.phase("fold"):
+        parameters = state.strategy.finish_round(parent.parameters)
     model = ModelVersion(parent.version + 1, state.round, parent.version, state.strategy.name, list(state.folded_ids), parameters, created=time.time())
-    scores = state.evaluate(parameters)
+    with timings.phase("evaluate"):
+        scores = state.evaluate(parameters)
     model.metrics = {"accuracy": scores["accuracy"], "loss": scores["loss"]}
-    state.store.put(model)
+    with timings.phase("store"):
+        state.store.put(model)
     state.model = model
     state.round_open = False
     ctx.cancel_timer("round")
@@ -250,6 +259,9 @@ def close_round(ctx: Context):
         "num_updates": len(model.update_ids),
         "duration_s": round(time.monotonic() - state.round_started, 4),
         "sha256": model.sha256,
+        # where the round's time went, in the server process; clients' training time beside it
+        "server_s": {k: v for k, v in timings.since(state.timings_at_start).items() if v > 0 and not k.startswith("handle.")},
+        "client_train_s": round(float(np.mean(state.client_seconds)), 4) if state.client_seconds else 0.0,
     }
     state.metrics.append(record)
     for callback in state.on_round:

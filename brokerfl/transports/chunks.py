@@ -1,0 +1,252 @@
+"""Large bodies as several AMQP messages, and putting them back together.
+
+RabbitMQ refuses a message larger than its ``max_message_size`` (16 MiB on 4.x, 128 MiB on
+3.x) by closing the channel, and big frames cost the broker memory, so the AMQP transport
+publishes a body larger than its ``chunk_size`` as ``count`` messages with the same
+routing key and envelope, each carrying:
+
+- ``x-brokerfl-chunk``: ``"index/count"`` (a string, not an array: RabbitMQ 3.x streams
+  drop array and table headers);
+- ``x-brokerfl-chunk-of``: the logical message's id (the key reassembly groups by);
+- ``x-brokerfl-length``: the length of the whole body;
+- ``x-brokerfl-sha256``: the hex SHA-256 of the whole body, on the last chunk only (so the
+  publisher hashes as it sends, in one pass).
+
+This module is broker-agnostic: the transport hands each chunk to an :class:`Assembler`
+together with an opaque ``handle`` (its way to ack the chunk later) and gets back what to
+do. Chunks of different messages may interleave (several publishers to one queue), so
+partial messages are kept by message id. Duplicated chunks (a publisher that retried
+after a lost connection resends what the broker may already have) are kept aside and
+settled together with their message, never delivered twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+CHUNK_HEADER = "x-brokerfl-chunk"
+CHUNK_OF_HEADER = "x-brokerfl-chunk-of"
+LENGTH_HEADER = "x-brokerfl-length"
+SHA256_HEADER = "x-brokerfl-sha256"
+HEADERS = frozenset({CHUNK_HEADER, CHUNK_OF_HEADER, LENGTH_HEADER, SHA256_HEADER})
+
+
+def split(body: bytes, chunk_size: int, message_id: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """Yield ``(part, headers)`` for each chunk of ``body`` (bytes, as pika wants)."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    count = max(1, -(-len(body) // chunk_size))
+    digest = hashlib.sha256()
+    view = memoryview(body)
+    for index in range(count):
+        piece = view[index * chunk_size : (index + 1) * chunk_size]
+        digest.update(piece)
+        headers: dict[str, Any] = {CHUNK_HEADER: f"{index}/{count}", CHUNK_OF_HEADER: message_id, LENGTH_HEADER: len(body)}
+        if index == count - 1:
+            headers[SHA256_HEADER] = digest.hexdigest()
+        yield bytes(piece), headers
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    message_id: str
+    index: int
+    count: int
+    length: int
+    sha256: str | None
+
+
+class BadChunk(ValueError):
+    """Chunk headers that do not make sense."""
+
+
+def parse(headers: dict[str, Any]) -> ChunkInfo | None:
+    """The chunk headers of a message, or None if it is a whole message."""
+    if CHUNK_HEADER not in headers and CHUNK_OF_HEADER not in headers:
+        return None
+    position = headers.get(CHUNK_HEADER)
+    message_id = headers.get(CHUNK_OF_HEADER)
+    length = headers.get(LENGTH_HEADER)
+    sha = headers.get(SHA256_HEADER)
+    if isinstance(position, (str, bytes)):  # "index/count"
+        try:
+            position = [int(v) for v in (position.decode() if isinstance(position, bytes) else position).split("/")]
+        except ValueError:
+            raise BadChunk(f"bad {CHUNK_HEADER} header {position!r}") from None
+    if not (isinstance(position, list) and len(position) == 2 and all(isinstance(v, int) for v in position)):
+        raise BadChunk(f"bad {CHUNK_HEADER} header {position!r}")
+    index, count = position
+    if not 0 <= index < count:
+        raise BadChunk(f"chunk index {index} out of range for {count} chunks")
+    if not isinstance(message_id, str) or not message_id:
+        raise BadChunk(f"bad {CHUNK_OF_HEADER} header {message_id!r}")
+    if not isinstance(length, int) or length < 0:
+        raise BadChunk(f"bad {LENGTH_HEADER} header {length!r}")
+    if sha is not None and not isinstance(sha, str):
+        raise BadChunk(f"bad {SHA256_HEADER} header {sha!r}")
+    return ChunkInfo(message_id, index, count, length, sha)
+
+
+@dataclass
+class _Piece:
+    info: ChunkInfo
+    body: bytes
+    handle: Any
+
+
+@dataclass
+class Partial:
+    """Chunks of one message received so far."""
+
+    message_id: str
+    count: int
+    pieces: dict[int, _Piece] = field(default_factory=dict)
+    extras: list[_Piece] = field(default_factory=list)  # duplicate copies (a publisher's retry)
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+
+    @property
+    def handles(self) -> list[Any]:
+        return [p.handle for p in self.ordered()]
+
+    def ordered(self) -> list[_Piece]:
+        return [self.pieces[i] for i in sorted(self.pieces)] + self.extras
+
+
+# What Assembler.add returns ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Held:
+    """Kept until the rest arrives."""
+
+
+@dataclass(frozen=True)
+class Complete:
+    message_id: str
+    body: bytes
+    handles: list[Any]  # every chunk's handle, in index order, then duplicates
+
+
+@dataclass(frozen=True)
+class Corrupt:
+    message_id: str
+    handles: list[Any]
+    bodies: list[bytes]  # parallel to handles (for dead-lettering copies)
+    reason: str
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A duplicate chunk of a message already handed out but not yet settled: settle it
+    together with that message."""
+
+    message_id: str
+    handle: Any
+
+
+@dataclass(frozen=True)
+class Stale:
+    """A duplicate chunk of a message already acked: ack it and drop it."""
+
+    message_id: str
+    handle: Any
+
+
+Outcome = Held | Complete | Corrupt | Extra | Stale
+
+
+class Assembler:
+    """Reassembles chunked messages for one consumer (or one queue's ``get``)."""
+
+    def __init__(self, remember: int = 10_000, clock=time.monotonic) -> None:
+        self.partials: dict[str, Partial] = {}
+        self.in_hand: set[str] = set()  # completed, handed out, not yet settled
+        self._done: OrderedDict[str, None] = OrderedDict()  # recently acked ids (bounded)
+        self._remember = remember
+        self._clock = clock
+
+    def knows(self, message_id: str) -> bool:
+        return message_id in self.partials or message_id in self.in_hand or message_id in self._done
+
+    def add(self, info: ChunkInfo, body: bytes, handle: Any) -> Outcome:
+        mid = info.message_id
+        if mid in self.in_hand:
+            return Extra(mid, handle)
+        if mid in self._done:
+            return Stale(mid, handle)
+        now = self._clock()
+        partial = self.partials.get(mid)
+        if partial is None:
+            partial = self.partials[mid] = Partial(mid, info.count, first_seen=now)
+        partial.last_seen = now
+        if info.index in partial.pieces:
+            partial.extras.append(_Piece(info, body, handle))  # a publisher's retry: same bytes again
+            return Held()
+        partial.pieces[info.index] = _Piece(info, body, handle)
+        if info.count != partial.count:
+            return self._corrupt(partial, f"chunk {info.index} says {info.count} chunks, an earlier one said {partial.count}")
+        if len(partial.pieces) < partial.count:
+            return Held()
+        return self._finish(partial)
+
+    def _finish(self, partial: Partial) -> Outcome:
+        pieces = [partial.pieces[i] for i in range(partial.count)]
+        length = pieces[0].info.length
+        if any(p.info.length != length for p in pieces):
+            return self._corrupt(partial, "chunks disagree on the message length")
+        if sum(len(p.body) for p in pieces) != length:
+            return self._corrupt(partial, f"chunks hold {sum(len(p.body) for p in pieces)} bytes, the message has {length}")
+        expected = pieces[-1].info.sha256
+        if expected is None:
+            return self._corrupt(partial, f"last chunk carries no {SHA256_HEADER}")
+        digest = hashlib.sha256()
+        for p in pieces:
+            digest.update(p.body)
+        if digest.hexdigest() != expected:
+            return self._corrupt(partial, f"sha256 mismatch: got {digest.hexdigest()}, expected {expected}")
+        del self.partials[partial.message_id]
+        self.in_hand.add(partial.message_id)
+        body = b"".join(p.body for p in pieces)  # the one copy
+        handles = partial.handles
+        partial.pieces.clear()  # drop the chunks' bodies now, not when the caller lets go
+        partial.extras.clear()
+        return Complete(partial.message_id, body, handles)
+
+    def _corrupt(self, partial: Partial, reason: str) -> Corrupt:
+        del self.partials[partial.message_id]
+        ordered = partial.ordered()
+        return Corrupt(partial.message_id, [p.handle for p in ordered], [p.body for p in ordered], f"chunked message {partial.message_id}: {reason}")
+
+    def settled(self, message_id: str, *, requeued: bool) -> None:
+        """The consumer settled a completed message: acked or rejected ones are done (later
+        copies of their chunks are :class:`Stale`), requeued ones will come back."""
+        self.in_hand.discard(message_id)
+        if requeued:
+            return
+        self._done[message_id] = None
+        self._done.move_to_end(message_id)
+        while len(self._done) > self._remember:
+            self._done.popitem(last=False)
+
+    def expire(self, older_than: float) -> list[Partial]:
+        """Remove and return the partial messages that received nothing since ``older_than``
+        (by this assembler's clock): the rest went elsewhere or was never published."""
+        gone = [p for p in self.partials.values() if p.last_seen < older_than]
+        for p in gone:
+            del self.partials[p.message_id]
+        return gone
+
+    def release(self) -> list[Partial]:
+        """Remove and return every partial message (to hand their chunks back)."""
+        gone = list(self.partials.values())
+        self.partials.clear()
+        return gone
+
+    def oldest(self) -> float | None:
+        return min((p.first_seen for p in self.partials.values()), default=None)

@@ -1,0 +1,177 @@
+"""Shared fixtures: a RabbitMQ to test against, transports of both kinds, run names.
+
+The broker is ``BROKERFL_AMQP_URL`` if set, else a testcontainers RabbitMQ where Docker
+works, else the tests that need it are skipped (failed with ``BROKERFL_REQUIRE_BROKER=1``).
+Tests that use a broker carry the ``broker`` marker: ``pytest -m broker`` / ``-m "not broker"``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from brokerfl.topology import RunTopology
+from brokerfl.transport import Transport
+from brokerfl.transports.local import LocalBroker, LocalTransport
+
+RABBITMQ_IMAGE = os.environ.get("BROKERFL_RABBITMQ_IMAGE", "rabbitmq:4")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "broker: needs a RabbitMQ broker (BROKERFL_AMQP_URL or Docker)")
+
+
+class _Broker:
+    def __init__(self, url: str, container: Any = None) -> None:
+        self.url = url
+        self.container = container
+
+    def rabbitmqctl(self, *args: str) -> None:
+        """Run rabbitmqctl against this broker (in its container, or locally)."""
+        if self.container is not None:
+            code, output = self.container.exec(["rabbitmqctl", *args])
+            if code != 0:
+                raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {output!r}")
+            return
+        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+    def can_restart(self) -> str | None:
+        """None if tests may restart this broker, else why not."""
+        if self.container is not None:
+            return None
+        if shutil.which("rabbitmqctl") is None:
+            return "rabbitmqctl is not installed"
+        if urlsplit(self.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+            return f"the broker at {urlsplit(self.url).hostname} is not local"
+        return None
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[_Broker]:
+    url = os.environ.get("BROKERFL_AMQP_URL")
+    if url:
+        yield _Broker(url)
+        return
+    try:
+        with warnings.catch_warnings():  # testcontainers' own deprecations
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                from testcontainers.community.rabbitmq import RabbitMqContainer
+            except ImportError:
+                from testcontainers.rabbitmq import RabbitMqContainer
+        container = RabbitMqContainer(RABBITMQ_IMAGE)
+        container.start()
+    except Exception as exc:  # no Docker, no image, no testcontainers
+        reason = f"no RabbitMQ: set BROKERFL_AMQP_URL, or make Docker available for testcontainers ({type(exc).__name__}: {str(exc)[:200]})"
+        if os.environ.get("BROKERFL_REQUIRE_BROKER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    params = container.get_connection_params()
+    try:
+        yield _Broker(f"amqp://{container.username}:{container.password}@{params.host}:{params.port}/", container)
+    finally:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
+def amqp_url(broker: _Broker) -> str:
+    return broker.url
+
+
+class TransportFactory:
+    """Makes connections of one kind; ``factory(chunk_size=...)`` passes AMQP options (the
+    local transport has no options and ignores them)."""
+
+    def __init__(self, kind: str, url: str | None = None) -> None:
+        self.kind = kind
+        self.url = url
+        self.local_broker = LocalBroker()
+        self.made: list[Transport] = []
+
+    def __call__(self, **amqp_options: Any) -> Transport:
+        if self.kind == "local":
+            transport: Transport = LocalTransport(self.local_broker)
+        else:
+            from brokerfl.transports.amqp import AmqpTransport
+
+            transport = AmqpTransport(self.url, **amqp_options)
+        self.made.append(transport)
+        return transport
+
+    def close_all(self) -> None:
+        queues: set[str] = set()
+        exchanges: set[str] = set()
+        for transport in self.made:
+            if hasattr(transport, "declared"):
+                q, x = transport.declared()
+                queues.update(q)
+                exchanges.update(x)
+            transport.close()
+        if self.kind == "amqp" and (queues or exchanges):
+            # leave nothing behind on the broker
+            from brokerfl.transports.amqp import AmqpTransport
+
+            with AmqpTransport(self.url) as cleaner:
+                for name in sorted(queues):
+                    cleaner.delete_queue(name)
+                for name in sorted(exchanges):
+                    cleaner.delete_exchange(name)
+
+
+@pytest.fixture(params=["local", pytest.param("amqp", marks=pytest.mark.broker)])
+def transport_factory(request: pytest.FixtureRequest) -> Iterator[TransportFactory]:
+    url = request.getfixturevalue("amqp_url") if request.param == "amqp" else None
+    factory = TransportFactory(request.param, url)
+    yield factory
+    factory.close_all()
+
+
+@pytest.fixture
+def amqp_factory(amqp_url: str) -> Iterator[TransportFactory]:
+    """AMQP connections only (for AMQP-specific tests); what they declare is deleted."""
+    factory = TransportFactory("amqp", amqp_url)
+    yield factory
+    factory.close_all()
+
+
+@pytest.fixture
+def run_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh run name; its RunTopology is deleted afterwards (on the broker, if the test
+    uses one)."""
+    # Resolve the broker now, so this fixture is torn down before the transports are.
+    url = None
+    if "transport_factory" in request.fixturenames:
+        factory = request.getfixturevalue("transport_factory")
+        url = factory.url if factory.kind == "amqp" else None
+    elif "amqp_url" in request.fixturenames:
+        url = request.getfixturevalue("amqp_url")
+    name = "t" + uuid.uuid4().hex[:10]
+    yield name
+    if url is not None:
+        from brokerfl.transports.amqp import AmqpTransport
+
+        with AmqpTransport(url) as cleaner:
+            RunTopology(name).delete(cleaner)
+
+
+@pytest.fixture
+def restart_broker(broker: _Broker) -> Callable[[], None]:
+    """``restart_broker()`` stops and starts the RabbitMQ application (connections drop,
+    durable queues and persistent messages stay)."""
+    why_not = broker.can_restart()
+    if why_not:
+        pytest.skip(f"cannot restart the broker: {why_not}")
+
+    def restart() -> None:
+        broker.rabbitmqctl("stop_app")
+        broker.rabbitmqctl("start_app")
+
+    return restart

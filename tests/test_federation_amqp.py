@@ -1,0 +1,118 @@
+"""A federation of separate processes over the real RabbitMQ: one server, several client
+processes, trained on digits, matching `brokerfl simulate` on the same config and seed;
+and docker/compose.yaml's services run as local processes with their own environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from brokerfl.config import load_config
+from brokerfl.metrics import read_metrics
+from brokerfl.simulate import simulate
+from brokerfl.topology import RunTopology
+
+pytestmark = pytest.mark.broker
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def brokerfl(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "brokerfl.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 180) -> list[str]:
+    """Wait for every process (bounded), killing the rest on a timeout; returns outputs."""
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            outputs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return outputs
+
+
+@pytest.fixture
+def cleanup(amqp_url):
+    runs: list[tuple[str, list[str]]] = []
+    yield runs.append
+    from brokerfl.transports.amqp import AmqpTransport
+
+    with AmqpTransport(amqp_url) as admin:
+        for run, client_ids in runs:
+            RunTopology(run).delete(admin, client_ids)
+
+
+def test_server_and_client_processes_train_like_simulate(amqp_url, run_name, tmp_path, cleanup):
+    clients, rounds = 4, 5
+    cleanup((run_name, [str(i) for i in range(clients)]))
+    common = ["configs/digits_fedavg.yaml", "--broker", amqp_url, "--run", run_name, "--clients", str(clients), "--rounds", str(rounds), "--log-level", "warning"]
+    server = brokerfl("server", *common, "--out", str(tmp_path))
+    # two processes: one hosts client 0, the other the logical clients 1-3
+    client_procs = [brokerfl("client", *common, "--client-id", "0"), brokerfl("client", *common, "--client-id", "1-3")]
+    outputs = finish([server, *client_procs])
+    assert [p.returncode for p in (server, *client_procs)] == [0, 0, 0], outputs
+
+    over_amqp = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in over_amqp] == list(range(1, rounds + 1))
+    assert all(r["num_updates"] == clients for r in over_amqp)
+    assert (tmp_path / "curve.png").exists()
+
+    torch.set_num_threads(1)  # as the client processes do
+    local = simulate(load_config("configs/digits_fedavg.yaml", {"run": run_name, "clients": clients, "rounds": rounds})).records
+    # float64 folding makes the model independent of arrival order: same bits
+    assert [r["accuracy"] for r in over_amqp] == [r["accuracy"] for r in local]
+    assert [r["sha256"] for r in over_amqp] == [r["sha256"] for r in local]
+
+
+def test_compose_services_run_as_local_processes(amqp_url, run_name, tmp_path, cleanup):
+    """No container engine here: run each service's command with its environment."""
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert "rabbitmq" in services and "healthcheck" in services["rabbitmq"]
+    assert "management" in services["rabbitmq"]["image"]
+    workers = {name: spec for name, spec in services.items() if name != "rabbitmq"}
+    assert "server" in workers and sum(name.startswith("client") for name in workers) >= 2
+
+    procs = []
+    client_ids = []
+    for name, spec in sorted(workers.items()):
+        env = dict(spec["environment"])
+        assert env["BROKERFL_AMQP_URL"].startswith("amqp://")
+        env.update(BROKERFL_AMQP_URL=amqp_url, BROKERFL_RUN=run_name, BROKERFL_ROUNDS="3")
+        if name == "server":
+            env["BROKERFL_OUT"] = str(tmp_path)
+        else:
+            client_ids.append(env["BROKERFL_CLIENT_ID"])
+        assert spec["command"][0] == "brokerfl"
+        procs.append(brokerfl(*spec["command"][1:], "--log-level", "warning", env=env))
+    cleanup((run_name, client_ids))
+    outputs = finish(procs)
+    assert [p.returncode for p in procs] == [0] * len(procs), outputs
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert records[-1]["accuracy"] > 0.8
+
+
+def test_unreachable_broker_is_one_clear_error():
+    proc = brokerfl("server", "--broker", "amqp://guest:secret@127.0.0.1:1/", "--run", "nowhere")
+    (out,) = finish([proc], timeout=60)
+    assert proc.returncode != 0
+    assert "127.0.0.1:1" in out and "secret" not in out
+    assert "Traceback" not in out
