@@ -173,7 +173,7 @@ def _check_encodable(payload: dict[str, Any], limits: Limits) -> None:
                 raise EncodeError(f"a map holds {len(item)} items, the limit is {limits.max_container_len}")
             for key, v in item.items():
                 if not isinstance(key, (str, bytes)):
-                    raise EncodeError(f"map key {key!r} is a {type(key).__name__}, keys must be str")
+                    raise EncodeError(f"map key {key!r} is a {type(key).__name__}, keys must be str (or bytes)")
                 stack.append((v, depth + 1))
         elif isinstance(item, (list, tuple)):
             if len(item) > limits.max_container_len:

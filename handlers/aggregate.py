@@ -29,7 +29,14 @@ class RunningSum:
     _scratch: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
 
-def new_running_sum(like: Tensors) -> RunningSum:
+def new_running_sum(like: Tensors, reuse: RunningSum | None = None) -> RunningSum:
+    """A zeroed running sum shaped like ``like``; ``reuse`` an old one's memory when it fits
+    (zeroing warm memory is much cheaper than faulting in fresh pages every round)."""
+    if reuse is not None and reuse.sums.keys() == like.keys() and all(reuse.sums[k].shape == like[k].shape for k in like):
+        for total in reuse.sums.values():
+            total.fill(0.0)
+        reuse.total_weight, reuse.count = 0.0, 0
+        return reuse
     return RunningSum({name: np.zeros(array.shape, np.float64) for name, array in like.items()})
 
 
@@ -51,14 +58,19 @@ def check_update(parameters: Tensors, reference: Tensors) -> None:
 
 
 def fold_update(acc: RunningSum, parameters: Tensors, weight: float) -> None:
-    """acc += weight * parameters, in float64, without a float64 copy of the update per call."""
+    """acc += weight * parameters, in float64.
+
+    Through a scratch buffer reused across updates: a cast copy then two in-place ops is
+    ~4x faster than a ufunc casting on the fly, and reused memory costs no page faults.
+    """
     if not weight > 0:
         raise BadUpdate(f"update weight must be positive, got {weight}")
     for name, total in acc.sums.items():
         scratch = acc._scratch.get(name)
         if scratch is None:
             scratch = acc._scratch[name] = np.empty_like(total)
-        np.multiply(parameters[name], weight, out=scratch, dtype=np.float64, casting="unsafe")
+        np.copyto(scratch, parameters[name], casting="unsafe")
+        scratch *= weight
         total += scratch
     acc.total_weight += weight
     acc.count += 1
@@ -68,4 +80,5 @@ def weighted_average(acc: RunningSum, like: Tensors) -> dict[str, np.ndarray]:
     """The folded average, in the dtypes of ``like`` (the global model)."""
     if acc.count == 0:
         raise ValueError("no update was folded")
-    return {name: (acc.sums[name] / acc.total_weight).astype(like[name].dtype) for name in acc.sums}
+    # divide straight into the output dtype: no float64 temporary
+    return {name: np.divide(acc.sums[name], acc.total_weight, out=np.empty(like[name].shape, like[name].dtype), casting="unsafe") for name in acc.sums}

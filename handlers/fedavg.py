@@ -14,7 +14,7 @@ class FedAvg(Strategy):
     _sum: RunningSum | None = None
 
     def start_round(self, global_parameters: Tensors) -> None:
-        self._sum = new_running_sum(global_parameters)
+        self._sum = new_running_sum(global_parameters, reuse=self._sum)
 
     def fold(self, parameters: Tensors, num_samples: int) -> None:
         fold_update(self._sum, parameters, float(num_samples))

@@ -65,6 +65,7 @@ class ServerState:
     timings_at_start: dict[str, float] = field(default_factory=dict)
     retries: int = 0
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (update id, reason)
+    recent_update_ids: list[set[str]] = field(default_factory=list)  # of the last few stored versions
     done: bool = False
     failure: str | None = None
 
@@ -100,6 +101,8 @@ def resume_or_initialise(message: Started, ctx: Context):
         state.model = ModelVersion(0, 0, None, state.strategy.name, [], parameters, created=time.time())
         state.store.put(state.model)
     state.round = state.model.round
+    # so that updates redelivered after a restart are recognised as already folded
+    state.recent_update_ids = [set(state.store.get(v).update_ids) for v in state.store.versions()[-5:]]
     ctx.log.info("server ready", model_version=state.model.version, round=state.round, waiting_for=state.config.clients)
     if state.round >= state.config.rounds:
         return finish_run(ctx, "all rounds were already done")
@@ -176,6 +179,11 @@ def start_round(ctx: Context, *, retry: bool = False):
 @table.on(ParameterUpdate)
 def fold_update(update: ParameterUpdate, ctx: Context):
     state: ServerState = ctx.state
+    if state.round_open and update.message_id in state.folded_ids:
+        # A redelivered copy (the connection was lost after the fold): it replaces the
+        # delivery that died with the old connection and is acked with the round's commit.
+        ctx.hold()
+        return None
     reason = _why_not_fold(update, state)
     if reason is not None:
         # acked and dropped: the reason is recorded so every update stays accounted for
@@ -201,8 +209,8 @@ def fold_update(update: ParameterUpdate, ctx: Context):
 
 
 def _why_not_fold(update: ParameterUpdate, state: ServerState) -> str | None:
-    if update.message_id in state.folded_ids:
-        return "duplicate: already folded into this round"
+    if any(update.message_id in ids for ids in state.recent_update_ids):
+        return "duplicate: already folded into a stored model version"
     if not state.round_open or update.round != state.round:
         return f"late: trained for round {update.round}, the server is at round {state.round}" + ("" if state.round_open else " (closed)")
     if update.model_version != state.model.version:
@@ -248,6 +256,7 @@ def close_round(ctx: Context):
     with timings.phase("store"):
         state.store.put(model)
     state.model = model
+    state.recent_update_ids = [*state.recent_update_ids[-4:], set(model.update_ids)]
     state.round_open = False
     ctx.cancel_timer("round")
     ctx.commit()

@@ -72,3 +72,12 @@ def test_sampling_by_fraction_and_count_is_deterministic():
     assert len(FedAvg(clients_per_round=4).sample(1, clients, np.random.default_rng(1))) == 4
     assert FedAvg().sample(1, clients, np.random.default_rng(1)) == sorted(clients)
     assert FedAvg(fraction=0.01).sample(1, clients, np.random.default_rng(1)) != []
+
+
+def test_a_reused_running_sum_starts_from_zero():
+    like = {"w": np.zeros(3, np.float32)}
+    acc = new_running_sum(like)
+    fold_update(acc, {"w": np.ones(3, np.float32)}, 2.0)
+    again = new_running_sum(like, reuse=acc)
+    assert again is acc and again.count == 0 and again.total_weight == 0 and not again.sums["w"].any()
+    assert new_running_sum({"w": np.zeros(4, np.float32)}, reuse=acc) is not acc  # shapes differ

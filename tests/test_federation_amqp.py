@@ -5,6 +5,7 @@ and docker/compose.yaml's services run as local processes with their own environ
 from __future__ import annotations
 
 import os
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,90 @@ def test_unreachable_broker_is_one_clear_error():
     assert proc.returncode != 0
     assert "127.0.0.1:1" in out and "secret" not in out
     assert "Traceback" not in out
+
+
+def wait_until(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)  # polling the broker's counters under a deadline
+
+
+def test_a_client_killed_before_its_ack_gets_its_task_again(amqp_url, run_name, cleanup):
+    """kill -9 while training: the task was never acked, so the broker redelivers it to
+    the restarted client, which answers it exactly once."""
+    from brokerfl.config import load_config
+    from brokerfl.message import TrainTask, from_wire, to_wire
+    from brokerfl.transports.amqp import AmqpTransport
+    from handlers.datasets import load_dataset
+    from handlers.trainer import init_parameters
+
+    cleanup((run_name, ["0"]))
+    config = load_config("configs/digits_fedavg.yaml", {"run": run_name, "clients": 4})
+    topology = RunTopology(run_name)
+    args = ["configs/digits_fedavg.yaml", "--broker", amqp_url, "--run", run_name, "--clients", "4", "--client-id", "0", "--log-level", "warning"]
+    with AmqpTransport(amqp_url) as admin:
+        topology.declare(admin)
+        first = brokerfl("client", *args)
+        join = wait_until(lambda: admin.get(topology.server_queue), 60, "the client's Join")
+        assert join.envelope.type == "join"
+        admin.ack(join)
+        data = load_dataset("digits")
+        params = init_parameters(data.num_features, config.model.hidden, data.num_classes, seed=0)
+        slow = config.train.model_copy(update={"epochs": 150}).model_dump()  # long enough to be killed in
+        task = TrainTask(run=run_name, round=1, parameters=params, participants=["0"], config=slow)
+        envelope, body = to_wire(task)
+        admin.publish(topology.exchange, "clients.train_task", envelope, body)
+        client_queue = topology.client_queue("0")
+        wait_until(lambda: admin.queue_info(client_queue).messages_ready == 0, 30, "the task to be delivered")
+        first.kill()  # kill -9, mid-training
+        first.communicate()
+        wait_until(lambda: admin.queue_info(client_queue).messages_ready == 1, 30, "the task to be back in the queue")
+        assert admin.get(topology.server_queue) is None  # no update was sent
+
+        second = brokerfl("client", *args)
+        try:
+            update = wait_until(lambda: _next_update(admin, topology), 120, "the update")
+            assert update.task_id == task.message_id and update.client_id == "0"
+            assert admin.queue_info(client_queue).messages_ready == 0
+        finally:
+            second.kill()
+            second.communicate()
+        assert admin.get(topology.server_queue) is None  # answered once
+
+
+def _next_update(admin, topology):
+    from brokerfl.message import from_wire
+
+    delivery = admin.get(topology.server_queue)
+    if delivery is None:
+        return None
+    admin.ack(delivery)
+    if delivery.envelope.type != "parameter_update":
+        return None  # the restarted client's Join
+    return from_wire(delivery.envelope, delivery.body)
+
+
+def test_a_run_survives_a_broker_restart(amqp_url, run_name, tmp_path, cleanup, restart_broker):
+    """rabbitmqctl stop_app / start_app mid-run: every process reconnects, the run
+    completes, and every round folded every client's update exactly once."""
+    clients, rounds = 3, 8
+    cleanup((run_name, [str(i) for i in range(clients)]))
+    common = ["configs/digits_fedavg.yaml", "--broker", amqp_url, "--run", run_name, "--clients", str(clients), "--rounds", str(rounds), "--log-level", "warning"]
+    server = brokerfl("server", *common, "--out", str(tmp_path))
+    client_procs = [brokerfl("client", *common, "--client-id", f"0-{clients - 1}")]
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        wait_until(lambda: metrics.exists() and len(read_metrics(metrics)) >= 2, 120, "round 2")
+        restart_broker()
+    finally:
+        outputs = finish([server, *client_procs])
+    assert [p.returncode for p in (server, *client_procs)] == [0, 0], outputs
+    records = read_metrics(metrics)
+    assert [r["round"] for r in records] == list(range(1, rounds + 1))
+    assert all(r["num_updates"] == clients for r in records)
+    assert records[-1]["accuracy"] > 0.85
