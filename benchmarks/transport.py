@@ -23,8 +23,10 @@ times (after one untimed warm-up round each):
   manual ack per AMQP message, bodies kept until the round ends. No reassembly, no hash, no
   decode. Timed from the first publish to the last ack.
 - ``raw+stream``: the same with a stream bound to ``#`` (the yardstick for the journal).
+- ``raw-512k``: ``raw`` with the socket read size brokerfl sets on its own connections
+  (pika reads 4 KiB at a time by default): brokerfl's overhead with that tuning taken out.
 
-Publishing finishes before consuming starts (one process, one thread, blocking pika), for
+The order of the paths rotates from round to round. Publishing finishes before consuming starts (one process, one thread, blocking pika), for
 both. Every queue and exchange is uniquely named and deleted at the end, also on error.
 """
 
@@ -50,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from brokerfl.message import ParameterUpdate, from_wire, to_wire  # noqa: E402
 from brokerfl.topology import RunTopology, routing_key  # noqa: E402
-from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
+from brokerfl.transports import chunks  # noqa: E402
+from brokerfl.transports.amqp import AmqpTransport, _tune_reads  # noqa: E402
 
 CHUNK = 16 * 1024**2
 PREFETCH = 16
@@ -69,12 +72,44 @@ def make_updates(params: int, clients: int, run: str) -> list[ParameterUpdate]:
     return updates
 
 
+_PHASES: dict[str, float] = defaultdict(float)  # filled by the wrappers below
+
+
+def _instrument() -> None:
+    """Time brokerfl's chunk work from outside: ``split`` (the copy of each chunk, and waiting
+    for the body's hash) and ``Assembler._finish`` (waiting for the hash, then the join)."""
+    split, finish = chunks.split, chunks.Assembler._finish
+
+    def timed_split(*args, **kwargs):
+        parts = split(*args, **kwargs)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(parts)
+            except StopIteration:
+                return
+            finally:
+                _PHASES["split"] += time.perf_counter() - start
+            yield item
+
+    def timed_finish(self, partial):
+        start = time.perf_counter()
+        try:
+            return finish(self, partial)
+        finally:
+            _PHASES["reassemble"] += time.perf_counter() - start
+
+    chunks.split = timed_split
+    chunks.Assembler._finish = timed_finish
+
+
 class Brokerfl:
     def __init__(self, url: str, params: int, clients: int, journal: bool) -> None:
         self.name = "brokerfl+journal" if journal else "brokerfl"
         self.topology = RunTopology(f"bench-transport-{uuid.uuid4().hex[:10]}", journal=journal)
         self.updates = make_updates(params, clients, self.topology.run)
         self.key = routing_key("server", ParameterUpdate.TYPE)
+        self.url = url
         self.client = AmqpTransport(url)
         self.server = AmqpTransport(url)
         self.topology.declare(self.server)
@@ -82,7 +117,8 @@ class Brokerfl:
 
     def round(self) -> dict[str, float]:
         phases: dict[str, float] = defaultdict(float)
-        got: list[ParameterUpdate] = []
+        _PHASES.clear()
+        got: dict[str, ParameterUpdate] = {}  # by id: a reconnect redelivers (at-least-once)
         t0 = time.perf_counter()
         for u in self.updates:
             a = time.perf_counter()
@@ -101,31 +137,31 @@ class Brokerfl:
             self.server.ack(delivery)
             phases["decode"] += b - a
             phases["ack"] += time.perf_counter() - b
-            got.append(message)
+            got[message.message_id] = message
 
         tag = self.server.consume(self.topology.server_queue, on_delivery, prefetch=PREFETCH)
         while len(got) < len(self.updates):
             self.server.poll(1.0)
         t2 = time.perf_counter()
         self.server.cancel(tag)
-        assert sorted(m.message_id for m in got) == sorted(u.message_id for u in self.updates)
-        first = next(m for m in got if m.client_id == "0").parameters["layer0.weight"]
+        assert set(got) == {u.message_id for u in self.updates}
+        first = got[self.updates[0].message_id].parameters["layer0.weight"]
         assert np.array_equal(first[:1000], self.updates[0].parameters["layer0.weight"][:1000])
         phases["consume"] = (t2 - t1) - phases["decode"] - phases["ack"]
+        phases.update({"publish.split": _PHASES["split"], "consume.reassemble": _PHASES["reassemble"]})
         phases["total"] = t2 - t0
         return dict(phases)
 
     def close(self) -> None:
-        try:
-            self.topology.delete(self.server)
-        finally:
-            self.client.close()
-            self.server.close()
+        self.client.close()
+        self.server.close()
+        with AmqpTransport(self.url, max_reconnect_s=10) as admin:
+            self.topology.delete(admin)
 
 
 class Raw:
-    def __init__(self, url: str, bodies: list[bytes], stream: bool) -> None:
-        self.name = "raw+stream" if stream else "raw"
+    def __init__(self, url: str, bodies: list[bytes], stream: bool, tuned: bool = False) -> None:
+        self.name = ("raw+stream" if stream else "raw") + ("-512k" if tuned else "")
         self.bodies = bodies
         self.nbytes = sum(len(b) for b in bodies)
         tag = uuid.uuid4().hex[:10]
@@ -135,6 +171,9 @@ class Raw:
         self.url = url
         self.pub_conn = pika.BlockingConnection(pika.URLParameters(url))
         self.con_conn = pika.BlockingConnection(pika.URLParameters(url))
+        if tuned:
+            _tune_reads(self.pub_conn)
+            _tune_reads(self.con_conn)
         self.pub = self.pub_conn.channel()
         self.pub.confirm_delivery()
         admin = self.con_conn.channel()
@@ -175,17 +214,18 @@ class Raw:
         return {"publish": t1 - t0, "consume": t2 - t1, "total": t2 - t0}
 
     def close(self) -> None:
-        try:
-            with pika.BlockingConnection(pika.URLParameters(self.url)) as conn:
-                ch = conn.channel()
-                for q in (self.queue, self.stream):
-                    if q:
-                        ch.queue_delete(q)
-                ch.exchange_delete(self.exchange)
-        finally:
-            for c in (self.pub_conn, self.con_conn):
-                if c.is_open:
+        for c in (self.pub_conn, self.con_conn):
+            if c.is_open:
+                try:
                     c.close()
+                except Exception:
+                    pass
+        with pika.BlockingConnection(pika.URLParameters(self.url)) as conn:
+            ch = conn.channel()
+            for q in (self.queue, self.stream):
+                if q:
+                    ch.queue_delete(q)
+            ch.exchange_delete(self.exchange)
 
 
 def main() -> None:
@@ -200,6 +240,7 @@ def main() -> None:
     args = parser.parse_args()
 
     sizes = args.sizes or [args.params]
+    _instrument()
     rows = []
     for params in sizes:
         paths: list = []
@@ -207,6 +248,7 @@ def main() -> None:
             paths.append(Brokerfl(args.url, params, args.clients, journal=False))
             bodies = [to_wire(u)[1] for u in paths[0].updates]
             paths.append(Raw(args.url, bodies, stream=False))
+            paths.append(Raw(args.url, bodies, stream=False, tuned=True))
             if not args.no_journal:
                 paths.append(Brokerfl(args.url, params, args.clients, journal=True))
                 paths.append(Raw(args.url, bodies, stream=True))
@@ -215,7 +257,7 @@ def main() -> None:
             profiler = cProfile.Profile() if args.profile else None
             repeat = max(args.repeat, min(30, args.repeat * 10**6 // params))  # small rounds are noisy: more of them
             for rep in range(repeat + 1):  # the first round is a warm-up
-                for path in paths:
+                for path in paths[rep % len(paths) :] + paths[: rep % len(paths)]:  # rotate: no path always follows the same one
                     gc.collect()
                     prof = profiler if (profiler and rep and path.name.startswith("brokerfl")) else None
                     if prof:
@@ -238,20 +280,27 @@ def main() -> None:
                 print(f"\ncProfile of the brokerfl rounds ({params:,} params), by own time:\n" + "\n".join(out.getvalue().splitlines()[4:]))
         finally:
             for path in paths:
-                try:
-                    path.close()
-                except Exception as exc:  # keep cleaning up the others
-                    print(f"cleanup of {path.name} failed: {exc}", file=sys.stderr)
+                for attempt in range(5):  # the broker may be dropping connections (other tests)
+                    try:
+                        path.close()
+                        break
+                    except Exception as exc:  # keep cleaning up the others
+                        print(f"cleanup of {path.name} failed ({exc}); {'retrying' if attempt < 4 else 'giving up'}", file=sys.stderr)
+                        time.sleep(2)
 
-    print(f"\n{args.clients} updates per round, median (best) of {args.repeat} rounds (30 below 1M params) after a warm-up; MB = 10^6 bytes")
-    print(f"{'params':>11} {'path':17s} {'MB':>8} {'s':>7} {'(best)':>7} {'MB/s':>7} {'vs raw':>7}  where the time goes (median s)")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"\n{args.clients} updates per round, median (best) of {args.repeat} rounds (30 below 1M params) after a warm-up; MB = 10^6 bytes; load average now {load}")
+    print(f"{'params':>11} {'path':17s} {'MB':>7} {'s':>6} {'(best)':>6} {'MB/s':>5} {'vs raw':>6} {'-enc':>5} {'vs512k':>6}  where the time goes (median s)")
     by = {(p, n): (nb, med, best, ph) for p, n, nb, med, best, ph in rows}
     for params, name, nbytes, median, best, phases in rows:
         raw = by.get((params, "raw+stream" if name.endswith("journal") else "raw"))
-        ratio = f"{raw[1] / median:7.2f}" if raw and name.startswith("brokerfl") else ""
+        tuned = by.get((params, "raw-512k")) if name == "brokerfl" else None
+        ratio = f"{raw[1] / median:6.2f} {raw[1] / (median - phases['encode']):5.2f}" if raw and name.startswith("brokerfl") else " " * 12
+        ratio += f" {tuned[1] / median:6.2f}" if tuned else " " * 7
         where = "  ".join(f"{k} {v:.3f}" for k, v in phases.items())
-        print(f"{params:>11,} {name:17s} {nbytes / 1e6:8.1f} {median:7.3f} {best:7.3f} {nbytes / 1e6 / median:7.0f} {ratio:>7}  {where}")
-    print(f"'vs raw' = brokerfl MB/s / raw MB/s (brokerfl+journal against raw+stream); goal >= {GOAL}")
+        print(f"{params:>11,} {name:17s} {nbytes / 1e6:7.1f} {median:6.3f} {best:6.3f} {nbytes / 1e6 / median:5.0f} {ratio}  {where}")
+    print(f"vs raw = brokerfl MB/s / raw MB/s (brokerfl+journal against raw+stream), goal >= {GOAL}; -enc: the same without")
+    print("brokerfl's encode (raw sends pre-encoded bytes); vs512k: against raw pika with brokerfl's 512 KiB socket reads")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,11 @@ class StrategyConfig(_Section):
     options: dict[str, Any] = Field(default_factory=dict, description="strategy-specific settings")
 
 
+class LivenessConfig(_Section):
+    heartbeat_s: float = Field(2.0, gt=0, description="how often clients send a Heartbeat")
+    timeout_s: float = Field(10.0, gt=0, description="a client silent this long is not sampled")
+
+
 class RunConfig(_Section):
     run: str = "default"
     seed: int = 0
@@ -73,6 +78,7 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    liveness: LivenessConfig = Field(default_factory=LivenessConfig)
     server_handlers: str = Field("handlers.server", description="module with the server's table and make_state")
     client_handlers: str = Field("handlers.client", description="module with the client's table and make_state")
     extra_handlers: list[str] = Field(default_factory=list, description="modules imported to register more handlers")

@@ -107,7 +107,11 @@ class Leave(Message):
 
 @dataclass(kw_only=True)
 class Heartbeat(Message):
+    """A client is alive. It carries what Join does, so a restarted server relearns its
+    federation from heartbeats alone."""
+
     client_id: str
+    num_samples: int = 0
 
 
 @dataclass(kw_only=True)
@@ -121,6 +125,7 @@ class TrainTask(Message):
     parameters: Tensors
     participants: list[str]
     config: dict[str, Any] = field(default_factory=dict)
+    deadline: float = 0.0  # unix time after which an answer is too late (0: none); clients skip expired tasks
 
 
 @dataclass(kw_only=True)
@@ -156,6 +161,16 @@ class EvaluateResult(Message):
     loss: float
     accuracy: float
     num_samples: int
+
+
+@dataclass(kw_only=True)
+class UpdateDropped(Message):
+    """The server's durable record that an update was acked without being folded, and why
+    (late, stale, duplicate, ...). Published before the ack; the journal keeps it."""
+
+    update_id: str
+    client_id: str
+    reason: str
 
 
 @dataclass(kw_only=True)

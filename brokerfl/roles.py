@@ -40,7 +40,9 @@ def topology_for(config: RunConfig, *, journal: bool | None = None) -> RunTopolo
 
 
 def server_worker(transport: Transport, config: RunConfig, store: ModelStore, metrics: MetricsLog, *, journal: bool | None = None) -> Worker:
-    topology = topology_for(config, journal=journal)
+    if journal is not None:  # handlers read config.journal (e.g. whether drop records have a taker)
+        config = config.model_copy(update={"journal": journal})
+    topology = topology_for(config)
     topology.declare(transport)
     module = handler_set(config, "server_handlers")
     state = module.make_state(config, store, metrics)

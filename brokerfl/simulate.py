@@ -46,6 +46,9 @@ def simulate(
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     broker = broker or LocalBroker()
+    # Clients in this process are alive by construction; liveness by heartbeat timing would
+    # only make sampling depend on how fast this machine trains (and so not reproducible).
+    config = config.model_copy(update={"liveness": config.liveness.model_copy(update={"timeout_s": float("inf")})})
     metrics = MetricsLog(out / "metrics.jsonl" if out else None)
     # The journal keeps every message in memory here; simulation leaves it off.
     server = server_worker(LocalTransport(broker), config, store or MemoryModelStore(), metrics, journal=False)
@@ -78,10 +81,10 @@ def _run(server, clients) -> None:
             progressed += client.step(0.0)
         if progressed:
             continue
-        wait = server.next_timer_in()
-        if wait is None:
+        if server.next_timer_in() is None:
             raise SimulationError("the federation stalled: no message is in flight and the server waits for none")
-        server.step(max(wait, 0.0))  # sleeps until the server's next timer (deadlines)
+        wait = min(t for w in [server, *clients] if (t := w.next_timer_in()) is not None)
+        server.step(max(wait, 0.0))  # sleeps until the next timer (deadlines, heartbeats)
     # Clients stop on the server's Exit; deliver it.
     for client in clients:
         deadline = time.monotonic() + 10.0

@@ -5,11 +5,12 @@
 | exchange ``brokerfl.<run>``    | topic          | every message of the run                 |
 | ``brokerfl.<run>.server``      | quorum         | ``server.#``                             |
 | ``brokerfl.<run>.client.<id>`` | classic        | ``client.<id>.#`` and ``clients.#``      |
-| ``brokerfl.<run>.dead``        | classic        | dead letters, reason in a header         |
+| ``brokerfl.<run>.dead``        | classic        | ``dead.#``: dead letters, reason in a header |
 | ``brokerfl.<run>.journal``     | stream         | ``#``: a copy of every message           |
 
 Routing keys are ``<receiver>.<message type>``: ``server.parameter_update``,
-``client.7.train_task``, ``clients.exit``.
+``client.7.train_task``, ``clients.exit``; ``dead.<type>`` for dead letters and
+``audit.<type>`` for records only the journal takes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 SERVER = "server"
 CLIENTS = "clients"
+DEAD = "dead"  # dead letters go through the exchange (so the journal records them, reason and all)
+AUDIT = "audit"  # records for the journal only, e.g. which updates were dropped and why
 
 
 def check_name(kind: str, value: str) -> str:
@@ -73,6 +76,7 @@ class RunTopology:
         """The run's exchange, dead-letter queue, server queue and journal (idempotent)."""
         transport.declare_exchange(self.exchange)
         transport.declare_queue(self.dead_queue)
+        transport.bind(self.dead_queue, self.exchange, f"{DEAD}.#")
         transport.declare_queue(self.server_queue, kind="quorum", dead_letter_queue=self.dead_queue)
         transport.bind(self.server_queue, self.exchange, f"{SERVER}.#")
         if self.journal:

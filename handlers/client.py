@@ -10,7 +10,7 @@ import numpy as np
 
 from brokerfl.config import RunConfig, TrainConfig
 from brokerfl.handler_table import Context, HandlerTable, Started, to_server
-from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Join, ParameterUpdate, TrainTask
+from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Heartbeat, Join, Message, ParameterUpdate, TrainTask
 from handlers.datasets import load_dataset, partition
 from handlers.trainer import evaluate, train_local
 
@@ -25,6 +25,7 @@ class ClientState:
     y: np.ndarray
     num_classes: int
     answered: set[str] = field(default_factory=set)  # task ids this process already answered
+    newest_version: int = -1  # the newest model version a task has shown this process
     last_global: dict[str, np.ndarray] | None = None  # the newest global model trained on
     exit_reason: str | None = None
 
@@ -47,19 +48,42 @@ def training_seed(seed: int, client_id: str, round_: int) -> int:
     return int(np.random.SeedSequence([seed, zlib.crc32(client_id.encode()), round_]).generate_state(1)[0])
 
 
+@dataclass(kw_only=True)
+class HeartbeatDue(Message):
+    """Local timer message: time to tell the server this client is alive."""
+
+
 @table.on(Started)
 def join(message: Started, ctx: Context):
     state: ClientState = ctx.state
+    ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
     return [to_server(Join(client_id=state.client_id, num_samples=len(state.y)))]
+
+
+@table.on(HeartbeatDue)
+def beat(message: HeartbeatDue, ctx: Context):
+    state: ClientState = ctx.state
+    ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
+    return [to_server(Heartbeat(client_id=state.client_id, num_samples=len(state.y)))]
 
 
 @table.on(TrainTask)
 def train(task: TrainTask, ctx: Context):
     state: ClientState = ctx.state
+    superseded = task.model_version < state.newest_version
+    state.newest_version = max(state.newest_version, task.model_version)
     if state.client_id not in task.participants:
         return None
+    # Tasks wait in the durable queue while a client is away; on its return, answering old
+    # ones would only make updates the server drops.
     if task.message_id in state.answered:
         ctx.log.info("task already answered; skipped", task=task.message_id)
+        return None
+    if superseded:
+        ctx.log.info("task for a superseded model version; skipped", task=task.message_id, model_version=task.model_version, newest=state.newest_version)
+        return None
+    if task.deadline and time.time() > task.deadline:
+        ctx.log.info("task past its deadline; skipped", task=task.message_id, round=task.round, late_s=round(time.time() - task.deadline, 1))
         return None
     settings = TrainConfig.model_validate(task.config) if task.config else state.config.train
     started = time.perf_counter()

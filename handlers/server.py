@@ -1,32 +1,43 @@
-"""The server's handler set for synchronous rounds (FedAvg and friends).
+"""The server's handler set: lifecycle and liveness, and synchronous rounds (FedAvg).
 
-A round: sample live clients, broadcast one TrainTask, fold each ParameterUpdate into the
-strategy's running sum as it arrives (held unacked), and close the round when every sampled
-client answered or the round deadline passed with at least ``min_clients`` answers. Closing
-stores the new model version first and only then acks the round's updates, so a crash
-anywhere before that replays the round from the broker.
+Lifecycle: resume from the newest stored model version (or store version 0), learn the
+federation from Joins and Heartbeats (a restarted server relearns it from heartbeats
+alone), and begin once every expected client is live, or at the join deadline with at
+least ``min_clients``. ``state.begin`` is what beginning means: synchronous rounds here,
+per-client tasks in ``handlers/async_server.py``, which reuses everything else.
+
+A synchronous round: sample live clients, broadcast one TrainTask, fold each
+ParameterUpdate into the strategy's running sum as it arrives (held unacked), and close
+when every sampled client answered, or at the round deadline with at least
+``min_clients`` answers. Closing stores the new model version before it acks the round's
+updates, so a crash anywhere before that replays the round from the broker. An update
+that is not folded is acked only after its UpdateDropped record is published.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from brokerfl.config import RunConfig
-from brokerfl.handler_table import Context, HandlerTable, Started, to_clients
-from brokerfl.message import Exit, Heartbeat, Join, Leave, Message, ParameterUpdate, TrainTask
+from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
+from brokerfl.message import Exit, Heartbeat, Join, Leave, Message, ParameterUpdate, TrainTask, UpdateDropped
 from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore, ModelVersion
 from brokerfl.timing import timings
+from brokerfl.topology import AUDIT
 from handlers.aggregate import BadUpdate, check_update
 from handlers.datasets import load_dataset
 from handlers.strategy import Strategy, load_strategy
 from handlers.trainer import evaluate, init_parameters
 
 table = HandlerTable("server")
+
+DRAIN_S = 1.0  # after the last version, how long updates still in flight are recorded as dropped
 
 
 @dataclass(kw_only=True)
@@ -39,10 +50,15 @@ class JoinDeadline(Message):
     """Local timer message: stop waiting for every client to join."""
 
 
+@dataclass(kw_only=True)
+class DrainDone(Message):
+    """Local timer message: the run is over and in-flight updates have been recorded."""
+
+
 @dataclass
 class ClientRecord:
     num_samples: int
-    last_seen: float
+    last_seen: float  # time.monotonic()
 
 
 @dataclass
@@ -50,11 +66,20 @@ class ServerState:
     config: RunConfig
     strategy: Strategy
     store: ModelStore
-    evaluate: Any  # (parameters) -> {"loss", "accuracy"}
+    evaluate: Callable[[Any], dict[str, float]]
     metrics: MetricsLog
-    on_round: list[Any] = field(default_factory=list)  # callbacks(record), e.g. a progress bar
+    num_features: int = 0
+    num_classes: int = 0
+    begin: Callable[[Context], list[Outbound] | None] = None  # type: ignore[assignment]
+    on_round: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)  # e.g. a progress bar
     clients: dict[str, ClientRecord] = field(default_factory=dict)
     model: ModelVersion | None = None
+    begun: bool = False
+    done: bool = False
+    failure: str | None = None
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (update id, reason)
+    recent_update_ids: list[set[str]] = field(default_factory=list)  # of the last few stored versions
+    # synchronous rounds
     round: int = 0
     round_open: bool = False
     round_started: float = 0.0
@@ -64,10 +89,6 @@ class ServerState:
     client_seconds: list[float] = field(default_factory=list)  # training time each folded update reported
     timings_at_start: dict[str, float] = field(default_factory=dict)
     retries: int = 0
-    dropped: list[tuple[str, str]] = field(default_factory=list)  # (update id, reason)
-    recent_update_ids: list[set[str]] = field(default_factory=list)  # of the last few stored versions
-    done: bool = False
-    failure: str | None = None
 
 
 def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> ServerState:
@@ -82,12 +103,10 @@ def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> Ser
     def evaluate_on_test(parameters):
         return evaluate(parameters, data.x_test, data.y_test, hidden=config.model.hidden, num_classes=data.num_classes)
 
-    state = ServerState(config, strategy, store, evaluate_on_test, metrics)
-    state.num_features, state.num_classes = data.num_features, data.num_classes  # type: ignore[attr-defined]
-    return state
+    return ServerState(config, strategy, store, evaluate_on_test, metrics, data.num_features, data.num_classes, begin=start_round)
 
 
-# ---------------------------------------------------------------- lifecycle
+# ---------------------------------------------------------------- lifecycle and liveness
 
 
 @table.on(Started)
@@ -110,37 +129,39 @@ def resume_or_initialise(message: Started, ctx: Context):
     return None
 
 
+def see_client(state: ServerState, client_id: str, num_samples: int) -> bool:
+    """Record that a client is alive; True the first time it is seen."""
+    new = client_id not in state.clients
+    state.clients[client_id] = ClientRecord(num_samples, time.monotonic())
+    return new
+
+
+def live_clients(state: ServerState) -> list[str]:
+    horizon = time.monotonic() - state.config.liveness.timeout_s
+    return sorted(cid for cid, record in state.clients.items() if record.last_seen >= horizon)
+
+
+def maybe_begin(ctx: Context):
+    state: ServerState = ctx.state
+    if state.begun or state.done or len(live_clients(state)) < state.config.clients:
+        return None
+    ctx.cancel_timer("join")
+    state.begun = True
+    return state.begin(ctx)
+
+
 @table.on(Join)
 def register_client(message: Join, ctx: Context):
-    state: ServerState = ctx.state
-    first_time = message.client_id not in state.clients
-    state.clients[message.client_id] = ClientRecord(message.num_samples, time.time())
-    if first_time:
-        ctx.log.debug("client joined", client=message.client_id, clients=len(state.clients))
-    if not state.round_open and not state.done and len(state.clients) >= state.config.clients:
-        ctx.cancel_timer("join")
-        return start_round(ctx)
-    return None
-
-
-@table.on(JoinDeadline)
-def start_without_everyone(message: JoinDeadline, ctx: Context):
-    state: ServerState = ctx.state
-    if state.round_open or state.done:
-        return None
-    if len(state.clients) >= state.config.strategy.min_clients:
-        ctx.log.warning("starting without every client", joined=len(state.clients), expected=state.config.clients)
-        return start_round(ctx)
-    ctx.log.warning("no round can start: too few clients joined", joined=len(state.clients), needed=state.config.strategy.min_clients)
-    ctx.set_timer("join", state.config.strategy.join_timeout_s, JoinDeadline())
-    return None
+    if see_client(ctx.state, message.client_id, message.num_samples):
+        ctx.log.debug("client joined", client=message.client_id, clients=len(ctx.state.clients))
+    return maybe_begin(ctx)
 
 
 @table.on(Heartbeat)
 def mark_alive(message: Heartbeat, ctx: Context):
-    record = ctx.state.clients.get(message.client_id)
-    if record is not None:
-        record.last_seen = time.time()
+    if see_client(ctx.state, message.client_id, message.num_samples):
+        ctx.log.info("client seen by heartbeat", client=message.client_id)
+    return maybe_begin(ctx)
 
 
 @table.on(Leave)
@@ -149,7 +170,96 @@ def forget_client(message: Leave, ctx: Context):
     ctx.log.info("client left", client=message.client_id, reason=message.reason)
 
 
-# ---------------------------------------------------------------- rounds
+@table.on(JoinDeadline)
+def start_without_everyone(message: JoinDeadline, ctx: Context):
+    state: ServerState = ctx.state
+    if state.begun or state.done:
+        return None
+    live = live_clients(state)
+    if len(live) >= state.config.strategy.min_clients:
+        ctx.log.warning("beginning without every client", live=len(live), expected=state.config.clients)
+        state.begun = True
+        return state.begin(ctx)
+    ctx.log.warning(
+        "no live clients: waiting" if not live else "too few live clients to begin: waiting",
+        live=len(live),
+        needed=state.config.strategy.min_clients,
+    )
+    ctx.set_timer("join", state.config.strategy.join_timeout_s, JoinDeadline())
+    return None
+
+
+# ---------------------------------------------------------------- shared by every server handler set
+
+
+def drop(ctx: Context, update: ParameterUpdate, reason: str) -> list[Outbound]:
+    """Ack an update without folding it: its record goes out (confirmed) before the ack."""
+    state: ServerState = ctx.state
+    state.dropped.append((update.message_id, reason))
+    ctx.log.info("update dropped", client=update.client_id, update=update.message_id, reason=reason)
+    if not state.config.journal:
+        return []  # nothing would keep the record
+    record = UpdateDropped(update_id=update.message_id, client_id=update.client_id, reason=reason, round=update.round, model_version=update.model_version)
+    return [Outbound(AUDIT, record)]
+
+
+def already_folded(state: ServerState, update_id: str) -> bool:
+    return any(update_id in ids for ids in state.recent_update_ids)
+
+
+def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: list[str], *, round_: int, started: float, client_seconds: list[float]) -> ModelVersion:
+    """Evaluate and store a new global model version, then ack the updates it holds (commit)
+    and write its metrics line."""
+    state: ServerState = ctx.state
+    parent = state.model
+    model = ModelVersion(parent.version + 1, round_, parent.version, state.strategy.name, list(update_ids), parameters, created=time.time())
+    with timings.phase("evaluate"):
+        scores = state.evaluate(parameters)
+    model.metrics = {"accuracy": scores["accuracy"], "loss": scores["loss"]}
+    with timings.phase("store"):
+        state.store.put(model)
+    state.model = model
+    state.recent_update_ids = [*state.recent_update_ids[-4:], set(model.update_ids)]
+    ctx.commit()
+    record = {
+        "round": round_,
+        "model_version": model.version,
+        "accuracy": scores["accuracy"],
+        "loss": scores["loss"],
+        "num_updates": len(model.update_ids),
+        "duration_s": round(time.monotonic() - started, 4),
+        "sha256": model.sha256,
+        # where the time went, in the server process; clients' training time beside it
+        "server_s": {k: v for k, v in timings.since(state.timings_at_start).items() if v > 0 and not k.startswith("handle.")},
+        "client_train_s": round(float(np.mean(client_seconds)), 4) if client_seconds else 0.0,
+    }
+    state.timings_at_start = timings.snapshot()
+    state.metrics.append(record)
+    for callback in state.on_round:
+        callback(record)
+    ctx.log.info("model version stored", round=round_, model_version=model.version, accuracy=round(scores["accuracy"], 4), loss=round(scores["loss"], 4), updates=len(model.update_ids))
+    return model
+
+
+def finish_run(ctx: Context, reason: str, *, failed: bool = False) -> list[Outbound]:
+    """Tell the clients to exit; record updates still arriving as dropped for a moment, then stop."""
+    state: ServerState = ctx.state
+    state.done = True
+    state.round_open = False
+    state.failure = reason if failed else None
+    ctx.cancel_timer("join")
+    ctx.cancel_timer("round")
+    (ctx.log.error if failed else ctx.log.info)("run finished", reason=reason)
+    ctx.set_timer("drain", DRAIN_S, DrainDone())
+    return [to_clients(Exit(reason=reason, round=state.round, model_version=state.model.version))]
+
+
+@table.on(DrainDone)
+def stop_after_drain(message: DrainDone, ctx: Context):
+    ctx.stop()
+
+
+# ---------------------------------------------------------------- synchronous rounds
 
 
 def start_round(ctx: Context, *, retry: bool = False):
@@ -159,12 +269,14 @@ def start_round(ctx: Context, *, retry: bool = False):
         state.round += 1
         state.retries = 0
     rng = np.random.default_rng([config.seed, state.round, state.retries])
-    state.participants = state.strategy.sample(state.round, list(state.clients), rng)
+    state.participants = state.strategy.sample(state.round, live_clients(state), rng)
     state.strategy.start_round(state.model.parameters)
     state.folded_ids, state.answered, state.client_seconds = [], set(), []
     state.round_open, state.round_started = True, time.monotonic()
-    state.timings_at_start = timings.snapshot()
     ctx.set_timer("round", config.strategy.round_deadline_s, RoundDeadline(round=state.round))
+    if not state.participants:
+        ctx.log.warning("no live clients to sample: the round waits for its deadline", round=state.round)
+        return None
     ctx.log.debug("round started", round=state.round, model_version=state.model.version, participants=len(state.participants))
     task = TrainTask(
         round=state.round,
@@ -172,6 +284,7 @@ def start_round(ctx: Context, *, retry: bool = False):
         parameters=state.model.parameters,
         participants=state.participants,
         config=config.train.model_dump(),
+        deadline=time.time() + config.strategy.round_deadline_s,
     )
     return [to_clients(task)]
 
@@ -186,10 +299,7 @@ def fold_update(update: ParameterUpdate, ctx: Context):
         return None
     reason = _why_not_fold(update, state)
     if reason is not None:
-        # acked and dropped: the reason is recorded so every update stays accounted for
-        state.dropped.append((update.message_id, reason))
-        ctx.log.info("update dropped", client=update.client_id, reason=reason)
-        return None
+        return drop(ctx, update, reason)
     try:
         check_update(update.parameters, state.model.parameters)
         if update.num_samples < 1:
@@ -209,8 +319,10 @@ def fold_update(update: ParameterUpdate, ctx: Context):
 
 
 def _why_not_fold(update: ParameterUpdate, state: ServerState) -> str | None:
-    if any(update.message_id in ids for ids in state.recent_update_ids):
+    if already_folded(state, update.message_id):
         return "duplicate: already folded into a stored model version"
+    if state.done:
+        return "late: the run is finished"
     if not state.round_open or update.round != state.round:
         return f"late: trained for round {update.round}, the server is at round {state.round}" + ("" if state.round_open else " (closed)")
     if update.model_version != state.model.version:
@@ -232,61 +344,29 @@ def round_deadline(message: RoundDeadline, ctx: Context):
     if folded >= state.config.strategy.min_clients:
         ctx.log.warning("round deadline: closing without every answer", folded=folded, missing=missing)
         return close_round(ctx)
-    ctx.log.warning("round deadline: too few answers", folded=folded, needed=state.config.strategy.min_clients, missing=missing)
+    ctx.log.warning("round deadline: too few answers", folded=folded, needed=state.config.strategy.min_clients, missing=missing, live=len(live_clients(state)))
+    # The folded updates are dropped: their records go out before the commit acks them.
+    records: list[Outbound] = []
     for update_id in state.folded_ids:
         state.dropped.append((update_id, f"round {state.round} had too few answers and was abandoned"))
-    ctx.commit()  # those updates are recorded as dropped; nothing will be built from them
+        if state.config.journal:
+            records.append(Outbound(AUDIT, UpdateDropped(update_id=update_id, client_id="", reason=state.dropped[-1][1], round=state.round, model_version=state.model.version)))
+    ctx.commit()
     state.round_open = False
     if state.config.strategy.on_too_few == "retry" and state.retries < state.config.strategy.max_retries:
         state.retries += 1
-        return start_round(ctx, retry=True)
-    return finish_run(ctx, f"round {state.round} got {folded} of the {state.config.strategy.min_clients} updates it needs", failed=True)
+        return records + (start_round(ctx, retry=True) or [])
+    return records + finish_run(ctx, f"round {state.round} got {folded} of the {state.config.strategy.min_clients} updates it needs", failed=True)
 
 
 def close_round(ctx: Context):
     """Store the new model version, then ack the round's updates; then the next round."""
     state: ServerState = ctx.state
-    parent = state.model
     with timings.phase("fold"):
-        parameters = state.strategy.finish_round(parent.parameters)
-    model = ModelVersion(parent.version + 1, state.round, parent.version, state.strategy.name, list(state.folded_ids), parameters, created=time.time())
-    with timings.phase("evaluate"):
-        scores = state.evaluate(parameters)
-    model.metrics = {"accuracy": scores["accuracy"], "loss": scores["loss"]}
-    with timings.phase("store"):
-        state.store.put(model)
-    state.model = model
-    state.recent_update_ids = [*state.recent_update_ids[-4:], set(model.update_ids)]
+        parameters = state.strategy.finish_round(state.model.parameters)
+    store_version(ctx, parameters, state.folded_ids, round_=state.round, started=state.round_started, client_seconds=state.client_seconds)
     state.round_open = False
     ctx.cancel_timer("round")
-    ctx.commit()
-    record = {
-        "round": state.round,
-        "model_version": model.version,
-        "accuracy": scores["accuracy"],
-        "loss": scores["loss"],
-        "num_updates": len(model.update_ids),
-        "duration_s": round(time.monotonic() - state.round_started, 4),
-        "sha256": model.sha256,
-        # where the round's time went, in the server process; clients' training time beside it
-        "server_s": {k: v for k, v in timings.since(state.timings_at_start).items() if v > 0 and not k.startswith("handle.")},
-        "client_train_s": round(float(np.mean(state.client_seconds)), 4) if state.client_seconds else 0.0,
-    }
-    state.metrics.append(record)
-    for callback in state.on_round:
-        callback(record)
-    ctx.log.info("round closed", round=state.round, model_version=model.version, accuracy=round(scores["accuracy"], 4), loss=round(scores["loss"], 4), updates=len(model.update_ids))
     if state.round >= state.config.rounds:
         return finish_run(ctx, f"{state.config.rounds} rounds done")
     return start_round(ctx)
-
-
-def finish_run(ctx: Context, reason: str, *, failed: bool = False):
-    state: ServerState = ctx.state
-    state.done = True
-    state.failure = reason if failed else None
-    ctx.cancel_timer("join")
-    ctx.cancel_timer("round")
-    (ctx.log.error if failed else ctx.log.info)("run finished", reason=reason)
-    ctx.stop()
-    return [to_clients(Exit(reason=reason, round=state.round, model_version=state.model.version))]

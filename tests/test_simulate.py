@@ -70,14 +70,14 @@ def test_a_poisoned_update_is_dead_lettered_and_the_round_goes_on(monkeypatch):
 def test_too_few_answers_stops_with_a_clear_message(monkeypatch):
     import handlers.client as client_handlers
 
-    monkeypatch.setattr(client_handlers, "train", lambda task, ctx: None)  # clients that never answer
-    client_handlers.table.register(client_handlers.TrainTask, lambda task, ctx: None)
+    original = client_handlers.table.handler_for("train_task")
+    client_handlers.table.register(client_handlers.TrainTask, lambda task, ctx: None)  # clients that never answer
     try:
         config = load_config(None, {"rounds": 2, "clients": 2, "strategy.round_deadline_s": 0.2, "strategy.on_too_few": "stop"})
         with pytest.raises(SimulationError, match="needs"):
             simulate(config)
     finally:
-        client_handlers.table.register(client_handlers.TrainTask, client_handlers.train)
+        client_handlers.table.register(client_handlers.TrainTask, original)
 
 
 def test_console_script_reports_config_errors_by_key(tmp_path):

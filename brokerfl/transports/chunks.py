@@ -18,14 +18,22 @@ do. Chunks of different messages may interleave (several publishers to one queue
 partial messages are kept by message id. Duplicated chunks (a publisher that retried
 after a lost connection resends what the broker may already have) are kept aside and
 settled together with their message, never delivered twice.
+
+Hashing costs about as much client CPU as the broker's own work on a large body, so it runs
+on a helper thread (hashlib releases the GIL) while the transport waits on the broker: the
+publisher hashes the whole body while the first chunks go out, the receiver hashes each
+chunk while the next ones arrive.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +42,24 @@ CHUNK_OF_HEADER = "x-brokerfl-chunk-of"
 LENGTH_HEADER = "x-brokerfl-length"
 SHA256_HEADER = "x-brokerfl-sha256"
 HEADERS = frozenset({CHUNK_HEADER, CHUNK_OF_HEADER, LENGTH_HEADER, SHA256_HEADER})
+BACKGROUND_MIN = 1024**2  # smaller pieces are hashed inline: a hand-off costs more than it saves
+
+_helper: tuple[int, ThreadPoolExecutor] | None = None
+_helper_lock = threading.Lock()
+
+
+def _background() -> ThreadPoolExecutor:
+    """The process's one hashing thread. One worker: tasks run in submission order, so the
+    last task submitted for a digest finishing means all of its updates are done."""
+    global _helper
+    with _helper_lock:
+        if _helper is None or _helper[0] != os.getpid():  # a forked child has no threads
+            _helper = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="brokerfl-hash"))
+        return _helper[1]
+
+
+def _sha256_hex(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def split(body: bytes, chunk_size: int, message_id: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
@@ -41,14 +67,14 @@ def split(body: bytes, chunk_size: int, message_id: str) -> Iterator[tuple[bytes
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     count = max(1, -(-len(body) // chunk_size))
-    digest = hashlib.sha256()
     view = memoryview(body)
+    # The hash goes on the last chunk only: compute it while the others are published.
+    digest: Future[str] | None = _background().submit(_sha256_hex, view) if count > 1 and len(body) >= BACKGROUND_MIN else None
     for index in range(count):
         piece = view[index * chunk_size : (index + 1) * chunk_size]
-        digest.update(piece)
         headers: dict[str, Any] = {CHUNK_HEADER: f"{index}/{count}", CHUNK_OF_HEADER: message_id, LENGTH_HEADER: len(body)}
         if index == count - 1:
-            headers[SHA256_HEADER] = digest.hexdigest()
+            headers[SHA256_HEADER] = digest.result() if digest is not None else _sha256_hex(view)
         yield bytes(piece), headers
 
 
@@ -109,6 +135,9 @@ class Partial:
     extras: list[_Piece] = field(default_factory=list)  # duplicate copies (a publisher's retry)
     first_seen: float = 0.0
     last_seen: float = 0.0
+    digest: Any = field(default_factory=hashlib.sha256)  # of pieces[0 .. hashed-1]
+    hashed: int = 0
+    pending: Future[None] | None = None  # the last background update of digest
 
     @property
     def handles(self) -> list[Any]:
@@ -191,9 +220,21 @@ class Assembler:
         partial.pieces[info.index] = _Piece(info, body, handle)
         if info.count != partial.count:
             return self._corrupt(partial, f"chunk {info.index} says {info.count} chunks, an earlier one said {partial.count}")
+        self._hash(partial)
         if len(partial.pieces) < partial.count:
             return Held()
         return self._finish(partial)
+
+    @staticmethod
+    def _hash(partial: Partial) -> None:
+        """Feed the digest the chunks that now follow on from those already hashed."""
+        while partial.hashed in partial.pieces:
+            body = partial.pieces[partial.hashed].body
+            if len(body) < BACKGROUND_MIN and partial.pending is None:
+                partial.digest.update(body)
+            else:  # in order after the updates already submitted
+                partial.pending = _background().submit(partial.digest.update, body)
+            partial.hashed += 1
 
     def _finish(self, partial: Partial) -> Outcome:
         pieces = [partial.pieces[i] for i in range(partial.count)]
@@ -205,14 +246,14 @@ class Assembler:
         expected = pieces[-1].info.sha256
         if expected is None:
             return self._corrupt(partial, f"last chunk carries no {SHA256_HEADER}")
-        digest = hashlib.sha256()
-        for p in pieces:
-            digest.update(p.body)
-        if digest.hexdigest() != expected:
-            return self._corrupt(partial, f"sha256 mismatch: got {digest.hexdigest()}, expected {expected}")
+        body = b"".join(p.body for p in pieces)  # the one copy, while the last chunks are hashed
+        if partial.pending is not None:
+            partial.pending.result()
+        got = partial.digest.hexdigest()
+        if got != expected:
+            return self._corrupt(partial, f"sha256 mismatch: got {got}, expected {expected}")
         del self.partials[partial.message_id]
         self.in_hand.add(partial.message_id)
-        body = b"".join(p.body for p in pieces)  # the one copy
         handles = partial.handles
         partial.pieces.clear()  # drop the chunks' bodies now, not when the caller lets go
         partial.extras.clear()
