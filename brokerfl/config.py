@@ -79,10 +79,11 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     liveness: LivenessConfig = Field(default_factory=LivenessConfig)
-    server_handlers: str = Field("handlers.server", description="module with the server's table and make_state")
+    server_handlers: str | None = Field(None, description="module with the server's table and make_state (default: the strategy's)")
     client_handlers: str = Field("handlers.client", description="module with the client's table and make_state")
     extra_handlers: list[str] = Field(default_factory=list, description="modules imported to register more handlers")
     journal: bool = True
+    client_slowdown: dict[str, float] = Field(default_factory=dict, description="client id -> factor: that client takes this many times longer to train (benchmarks of stragglers)")
 
     @field_validator("run")
     @classmethod

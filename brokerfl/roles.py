@@ -21,7 +21,15 @@ from brokerfl.worker import Worker
 def handler_set(config: RunConfig, key: str) -> ModuleType:
     for extra in config.extra_handlers:
         _import(extra, "extra_handlers")
-    module = _import(getattr(config, key), key)
+    name = getattr(config, key)
+    if name is None:  # the strategy says which server handler set runs it (sync rounds or async)
+        from handlers.strategy import strategy_class
+
+        try:
+            name = strategy_class(config.strategy.name).server_handlers
+        except ValueError as exc:
+            raise ConfigError(f"strategy.name: {exc}") from None
+    module = _import(name, key)
     for attribute in ("table", "make_state"):
         if not hasattr(module, attribute):
             raise ConfigError(f"{key}: module {module.__name__!r} has no {attribute!r}")

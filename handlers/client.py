@@ -102,6 +102,9 @@ def train(task: TrainTask, ctx: Context):
         max_batches=settings.max_batches,
         seed=training_seed(state.config.seed, state.client_id, task.round),
     )
+    slowdown = state.config.client_slowdown.get(state.client_id, 1.0)
+    if slowdown > 1.0:  # a straggler, for benchmarks: as if its hardware were this much slower
+        time.sleep((slowdown - 1.0) * (time.perf_counter() - started))
     state.answered.add(task.message_id)
     state.last_global = task.parameters
     update = task.reply(

@@ -22,6 +22,7 @@ BUILT_IN = {
 
 class Strategy:
     name = "strategy"
+    server_handlers = "handlers.server"  # synchronous rounds; asynchronous strategies name theirs
 
     def __init__(self, *, fraction: float = 1.0, clients_per_round: int | None = None, **options: Any) -> None:
         if options:
@@ -54,7 +55,7 @@ class Strategy:
         raise NotImplementedError
 
 
-def load_strategy(name: str, **settings: Any) -> Strategy:
+def strategy_class(name: str) -> type[Strategy]:
     """A built-in name (``fedavg``) or ``module:Class``."""
     target = BUILT_IN.get(name, name)
     if ":" not in target:
@@ -64,4 +65,13 @@ def load_strategy(name: str, **settings: Any) -> Strategy:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot load strategy {name!r}: {exc}") from None
-    return cls(**settings)
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise ValueError(f"{target} is not a Strategy")
+    return cls
+
+
+def load_strategy(name: str, **settings: Any) -> Strategy:
+    try:
+        return strategy_class(name)(**settings)
+    except TypeError as exc:  # e.g. an option the strategy does not take
+        raise ValueError(f"strategy {name!r}: {exc}") from None
