@@ -149,6 +149,21 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_accounting(args: argparse.Namespace) -> int:
+    from brokerfl.accounting import account_run
+    from brokerfl.roles import topology_for
+    from brokerfl.store import DirectoryModelStore
+
+    config = _load(args)
+    out = Path(args.out or _env("OUT") or f"runs/{config.run}")
+    if not (out / "models").is_dir():
+        raise SystemExit(f"brokerfl accounting: no stored model versions in {out / 'models'} (pass the server's --out)")
+    with _connect(args) as transport:
+        report = account_run(transport, topology_for(config), DirectoryModelStore(out / "models"))
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brokerfl", description="Federated learning over a message broker.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
     client.add_argument("--client-id", default=_env("CLIENT_ID"), type=parse_client_ids, help="an id, a range such as 0-9, or a list such as 0-3,7 (default: $BROKERFL_CLIENT_ID)")
     client.set_defaults(func=cmd_client)
+
+    accounting = commands.add_parser("accounting", help="prove every update is in exactly one model version or dropped with a reason")
+    _config_arguments(accounting)
+    accounting.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    accounting.add_argument("--out", help="the server's output directory (default: runs/<run>)")
+    accounting.set_defaults(func=cmd_accounting)
 
     ping = commands.add_parser("ping", help="check that the broker answers (container health checks)")
     ping.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")

@@ -32,6 +32,15 @@ class MetricsLog:
                 os.fsync(f.fileno())
 
 
+def last_model_version(path: str | os.PathLike) -> int:
+    """The model version of the last line of a metrics file (-1: none)."""
+    path = Path(path)
+    if not path.exists():
+        return -1
+    records = read_metrics(path)
+    return records[-1]["model_version"] if records else -1
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     with Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]

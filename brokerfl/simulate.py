@@ -30,6 +30,8 @@ class SimulationResult:
     server_state: Any
     duration_s: float
     out_dir: Path | None
+    broker: LocalBroker | None = None
+    store: ModelStore | None = None
 
 
 def simulate(
@@ -39,7 +41,10 @@ def simulate(
     store: ModelStore | None = None,
     progress: bool = False,
     broker: LocalBroker | None = None,
+    journal: bool = False,
 ) -> SimulationResult:
+    """Run ``config`` to the end. ``journal`` keeps the run's journal stream in ``broker``
+    (in memory: every message of the run) for accounting and replay."""
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -50,9 +55,9 @@ def simulate(
     # only make sampling depend on how fast this machine trains (and so not reproducible).
     config = config.model_copy(update={"liveness": config.liveness.model_copy(update={"timeout_s": float("inf")})})
     metrics = MetricsLog(out / "metrics.jsonl" if out else None)
-    # The journal keeps every message in memory here; simulation leaves it off.
-    server = server_worker(LocalTransport(broker), config, store or MemoryModelStore(), metrics, journal=False)
-    clients = [client_worker(LocalTransport(broker), config, cid, journal=False) for cid in config.client_ids()]
+    store = store or MemoryModelStore()
+    server = server_worker(LocalTransport(broker), config, store, metrics, journal=journal)
+    clients = [client_worker(LocalTransport(broker), config, cid, journal=journal) for cid in config.client_ids()]
     bar = _ProgressBar(config.rounds) if progress else None
     if bar:
         server.state.on_round.append(bar.update)
@@ -71,7 +76,7 @@ def simulate(
         raise SimulationError(state.failure)
     if out is not None and metrics.records:
         plot_curve(metrics.records, out / "curve.png", title=f"{config.run}: {config.strategy.name}, {config.clients} clients")
-    return SimulationResult(metrics.records, state, time.perf_counter() - started, out)
+    return SimulationResult(metrics.records, state, time.perf_counter() - started, out, broker, store)
 
 
 def _run(server, clients) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,8 @@ class ModelVersion:
             self.sha256 = parameters_hash(self.parameters)
 
     def metadata(self) -> dict[str, Any]:
-        meta = asdict(self)
-        del meta["parameters"]
-        return meta
+        # not dataclasses.asdict: it would deep-copy the parameters only to drop them
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "parameters"}
 
 
 class ModelStore(abc.ABC):
@@ -68,6 +68,10 @@ class ModelStore(abc.ABC):
     def latest(self) -> ModelVersion | None:
         versions = self.versions()
         return self.get(versions[-1]) if versions else None
+
+    def metadata(self, version: int) -> dict[str, Any]:
+        """A version's metadata (no parameters): cheap where the store can do it."""
+        return self.get(version).metadata()
 
 
 class MemoryModelStore(ModelStore):
@@ -109,11 +113,17 @@ class DirectoryModelStore(ModelStore):
         target = self._file(model.version)
         if target.exists():
             raise ValueError(f"model version {model.version} is already stored in {self.path}")
-        body = encode({"meta": model.metadata(), "parameters": model.parameters})
+        meta = model.metadata()
+        # the model file is the version; the JSON beside it only saves readers of metadata
+        # from loading parameters, and is rebuilt from the model file if missing
+        self._write_atomically(target, encode({"meta": meta, "parameters": model.parameters}))
+        self._write_atomically(target.with_suffix(".json"), json.dumps(meta).encode())
+
+    def _write_atomically(self, target: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(body)
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, target)
@@ -125,6 +135,12 @@ class DirectoryModelStore(ModelStore):
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def metadata(self, version: int) -> dict[str, Any]:
+        sidecar = self._file(version).with_suffix(".json")
+        if sidecar.exists():
+            return json.loads(sidecar.read_text())
+        return self.get(version).metadata()
 
     def get(self, version: int) -> ModelVersion:
         target = self._file(version)

@@ -82,3 +82,75 @@ def weighted_average(acc: RunningSum, like: Tensors) -> dict[str, np.ndarray]:
         raise ValueError("no update was folded")
     # divide straight into the output dtype: no float64 temporary
     return {name: np.divide(acc.sums[name], acc.total_weight, out=np.empty(like[name].shape, like[name].dtype), casting="unsafe") for name in acc.sums}
+
+
+# ---------------------------------------------------------------- asynchronous aggregation
+
+STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
+
+
+def staleness_weight(staleness: int, function: str = "polynomial", *, a: float = 0.5, b: float = 4.0) -> float:
+    """s(t - tau) of FedAsync (Xie et al. 2019, "Asynchronous Federated Optimization", sec. 5.2),
+    for ``staleness`` = t - tau, the versions that passed since the client's model:
+
+    - ``constant``: 1
+    - ``polynomial``: (1 + staleness) ** -a
+    - ``hinge``: 1 if staleness <= b, else 1 / (a * (staleness - b) + 1)
+    """
+    if staleness < 0:
+        raise ValueError(f"staleness must be >= 0, got {staleness}")
+    if function == "constant":
+        return 1.0
+    if function == "polynomial":
+        return float((1.0 + staleness) ** -a)
+    if function == "hinge":
+        return 1.0 if staleness <= b else 1.0 / (a * (staleness - b) + 1.0)
+    raise ValueError(f"unknown staleness function {function!r}: use one of {list(STALENESS_FUNCTIONS)}")
+
+
+def mix(global_parameters: Tensors, client_parameters: Tensors, alpha: float) -> dict[str, np.ndarray]:
+    """FedAsync's update: (1 - alpha) * w + alpha * w_client, computed in float64 and returned
+    in the global model's dtypes."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"mixing weight must be in [0, 1], got {alpha}")
+    out = {}
+    for name, w in global_parameters.items():
+        mixed = np.asarray(w, np.float64) * (1.0 - alpha)
+        mixed += alpha * np.asarray(client_parameters[name], np.float64)
+        out[name] = mixed.astype(w.dtype, copy=False)
+    return out
+
+
+def fold_delta(acc: RunningSum, parameters: Tensors, base: Tensors, weight: float) -> None:
+    """acc += weight * (parameters - base), in float64 (FedBuff: a client's delta from the
+    model version it trained on, weighted by its staleness)."""
+    if not weight > 0:
+        raise BadUpdate(f"update weight must be positive, got {weight}")
+    for name, total in acc.sums.items():
+        scratch = acc._scratch.get(name)
+        if scratch is None:
+            scratch = acc._scratch[name] = np.empty_like(total)
+        np.copyto(scratch, parameters[name], casting="unsafe")
+        np.subtract(scratch, base[name], out=scratch)
+        scratch *= weight
+        total += scratch
+    acc.total_weight += weight
+    acc.count += 1
+
+
+def apply_mean_delta(acc: RunningSum, global_parameters: Tensors, server_lr: float) -> dict[str, np.ndarray]:
+    """FedBuff's server step (Nguyen et al. 2022, "Federated Learning with Buffered
+    Asynchronous Aggregation", Algorithm 1): w + server_lr * (sum of the K weighted deltas) / K.
+
+    The divisor is the number of updates, not the sum of their weights, as in the paper: so
+    a buffer of stale updates moves the model less than a buffer of fresh ones.
+    """
+    if acc.count == 0:
+        raise ValueError("no update was folded")
+    scale = server_lr / acc.count
+    out = {}
+    for name, w in global_parameters.items():
+        stepped = acc.sums[name] * scale
+        stepped += w
+        out[name] = stepped.astype(w.dtype, copy=False)
+    return out

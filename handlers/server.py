@@ -26,7 +26,7 @@ import numpy as np
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
 from brokerfl.message import Exit, Heartbeat, Join, Leave, Message, ParameterUpdate, TrainTask, UpdateDropped
-from brokerfl.metrics import MetricsLog
+from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion
 from brokerfl.timing import timings
 from brokerfl.topology import AUDIT
@@ -120,6 +120,7 @@ def resume_or_initialise(message: Started, ctx: Context):
         state.model = ModelVersion(0, 0, None, state.strategy.name, [], parameters, created=time.time())
         state.store.put(state.model)
     state.round = state.model.round
+    _backfill_metrics(state)
     # so that updates redelivered after a restart are recognised as already folded
     state.recent_update_ids = [set(state.store.get(v).update_ids) for v in state.store.versions()[-5:]]
     ctx.log.info("server ready", model_version=state.model.version, round=state.round, waiting_for=state.config.clients)
@@ -127,6 +128,22 @@ def resume_or_initialise(message: Started, ctx: Context):
         return finish_run(ctx, "all rounds were already done")
     ctx.set_timer("join", state.config.strategy.join_timeout_s, JoinDeadline())
     return None
+
+
+def _backfill_metrics(state: ServerState) -> None:
+    """A server killed between storing a version and writing its metrics line left a gap:
+    fill it from the stored versions' metadata (the round's duration is not known)."""
+    if state.metrics.path is None:
+        return
+    written = last_model_version(state.metrics.path)
+    for version in state.store.versions():
+        if version > written and version > 0:
+            meta = state.store.metadata(version)
+            state.metrics.append({
+                "round": meta["round"], "model_version": version, "accuracy": meta["metrics"].get("accuracy"),
+                "loss": meta["metrics"].get("loss"), "num_updates": len(meta["update_ids"]), "duration_s": None,
+                "sha256": meta["sha256"], "restored": True,
+            })
 
 
 def see_client(state: ServerState, client_id: str, num_samples: int) -> bool:

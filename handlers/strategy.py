@@ -16,7 +16,7 @@ import numpy as np
 from handlers.aggregate import Tensors
 
 BUILT_IN = {
-    "fedavg": "handlers.fedavg:FedAvg",
+    "fedavg": "handlers.fedavg:FedAvg", "fedasync": "handlers.fedasync:FedAsync", "fedbuff": "handlers.fedbuff:FedBuff",
 }
 
 

@@ -1,0 +1,99 @@
+"""Accounting: proof that every update is in exactly one model version, or was dropped
+with a recorded reason.
+
+Inputs are what the run left behind: the journal (every ParameterUpdate sent, every
+UpdateDropped record, every dead letter with its reason) and the stored model versions
+(each lists the updates folded into it). Tests and users run the same check
+(``brokerfl accounting``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from brokerfl.message import ParameterUpdate, UpdateDropped, from_wire
+from brokerfl.transport import REASON_HEADER, Delivery
+
+
+@dataclass
+class Accounting:
+    sent: dict[str, str] = field(default_factory=dict)  # update id -> client (sender)
+    folded_into: defaultdict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    dropped: defaultdict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    dead: defaultdict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    versions: int = 0
+
+    @property
+    def counted_twice(self) -> dict[str, list[int]]:
+        return {uid: vs for uid, vs in self.folded_into.items() if len(vs) > 1}
+
+    @property
+    def unaccounted(self) -> list[str]:
+        return sorted(uid for uid in self.sent if uid not in self.folded_into and uid not in self.dropped and uid not in self.dead)
+
+    @property
+    def unknown_folded(self) -> list[str]:
+        """Ids in model versions that no journaled update carries (a journal cut by retention)."""
+        return sorted(uid for uid in self.folded_into if uid not in self.sent)
+
+    @property
+    def ok(self) -> bool:
+        return not self.counted_twice and not self.unaccounted and not self.unknown_folded
+
+    def summary(self) -> str:
+        folded_once = sum(1 for uid in self.sent if len(self.folded_into.get(uid, ())) == 1)
+        only_dropped = sum(1 for uid in self.sent if uid not in self.folded_into and uid in self.dropped)
+        only_dead = sum(1 for uid in self.sent if uid not in self.folded_into and uid not in self.dropped and uid in self.dead)
+        lines = [
+            f"updates sent: {len(self.sent)} over {self.versions} model versions",
+            f"  folded into exactly one version: {folded_once}",
+            f"  dropped with a recorded reason: {only_dropped}",
+            f"  dead-lettered with a reason: {only_dead}",
+            f"  counted twice: {len(self.counted_twice)}",
+            f"  unaccounted for: {len(self.unaccounted)}",
+        ]
+        if self.unknown_folded:
+            lines.append(f"  folded but not in the journal: {len(self.unknown_folded)}")
+        reasons: defaultdict[str, int] = defaultdict(int)
+        for uid, why in self.dropped.items():
+            if uid not in self.folded_into:
+                reasons[why[0].split(":")[0]] += 1
+        for reason, count in sorted(reasons.items()):
+            lines.append(f"    dropped as {reason}: {count}")
+        for uid in self.unaccounted[:10]:
+            lines.append(f"  UNACCOUNTED {uid} from client {self.sent[uid]}")
+        for uid, versions in list(self.counted_twice.items())[:10]:
+            lines.append(f"  COUNTED TWICE {uid} in versions {versions}")
+        lines.append("OK: every update is accounted for exactly once" if self.ok else "FAILED")
+        return "\n".join(lines)
+
+
+def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) -> Accounting:
+    """Check a journal (in order) against stored model versions' metadata."""
+    result = Accounting()
+    for delivery in journal:
+        kind, key = delivery.envelope.type, delivery.routing_key
+        if key.startswith("dead."):
+            if kind == ParameterUpdate.TYPE:
+                result.dead[delivery.envelope.message_id].append(str(delivery.envelope.headers.get(REASON_HEADER, "")))
+        elif kind == ParameterUpdate.TYPE:
+            result.sent.setdefault(delivery.envelope.message_id, delivery.envelope.sender)
+        elif kind == UpdateDropped.TYPE:
+            record = from_wire(delivery.envelope, delivery.body)
+            result.dropped[record.update_id].append(record.reason)
+    for meta in versions:
+        result.versions += 1
+        for uid in meta["update_ids"]:
+            result.folded_into[uid].append(meta["version"])
+    return result
+
+
+def account_run(transport: Any, topology: Any, store: Any) -> Accounting:
+    """Read a run's journal over ``transport`` and check it against ``store``'s versions."""
+    from brokerfl.journal import read_journal
+
+    versions = (store.metadata(v) for v in store.versions())
+    return account(read_journal(transport, topology), versions)

@@ -1,0 +1,125 @@
+"""FedAsync (Xie et al. 2019, "Asynchronous Federated Optimization"), and what every
+asynchronous strategy is.
+
+An asynchronous strategy runs on ``handlers.async_server``: every client always has a task
+on the newest model, and each update is folded when it arrives. The strategy says how an
+update with a given staleness (model versions since the one it trained on) is folded, and
+when the folded updates make a new model version. FedAsync makes one per update:
+
+    w <- (1 - alpha_s) * w + alpha_s * w_client,   alpha_s = alpha * s(staleness)
+
+with s one of the staleness functions of the paper (``handlers.aggregate.staleness_weight``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from handlers.aggregate import STALENESS_FUNCTIONS, Tensors, mix, staleness_weight
+from handlers.strategy import Strategy
+
+
+class AsyncStrategy(Strategy):
+    """Base of the asynchronous strategies. Options: ``staleness`` (``constant``,
+    ``polynomial`` or ``hinge``) with its parameters ``a`` and ``b``, and ``max_staleness``:
+    an update that many versions old or older is dropped with its reason.
+
+    ``fraction`` and ``clients_per_round`` are accepted (they are common strategy settings)
+    but unused: every live client always has a task.
+    """
+
+    server_handlers = "handlers.async_server"
+    needs_base = False  # whether fold_async needs the parameters the client trained on
+
+    def __init__(
+        self,
+        *,
+        fraction: float = 1.0,
+        clients_per_round: int | None = None,
+        staleness: str = "polynomial",
+        a: float = 0.5,
+        b: float = 4.0,
+        max_staleness: int = 10,
+        **options: Any,
+    ) -> None:
+        super().__init__(fraction=fraction, clients_per_round=clients_per_round, **options)
+        if staleness not in STALENESS_FUNCTIONS:
+            raise ValueError(f"strategy {self.name!r}: staleness must be one of {list(STALENESS_FUNCTIONS)}, got {staleness!r}")
+        if not (isinstance(a, (int, float)) and a >= 0):
+            raise ValueError(f"strategy {self.name!r}: a must be a number >= 0, got {a!r}")
+        if not (isinstance(b, (int, float)) and b >= 0):
+            raise ValueError(f"strategy {self.name!r}: b must be a number >= 0, got {b!r}")
+        if not (isinstance(max_staleness, int) and not isinstance(max_staleness, bool) and max_staleness >= 0):
+            raise ValueError(f"strategy {self.name!r}: max_staleness must be an integer >= 0, got {max_staleness!r}")
+        self.staleness = staleness
+        self.a = float(a)
+        self.b = float(b)
+        self.max_staleness = max_staleness
+
+    def weight(self, staleness: int) -> float:
+        return staleness_weight(staleness, self.staleness, a=self.a, b=self.b)
+
+    # what handlers.async_server calls
+
+    def start_version(self, global_parameters: Tensors) -> None:
+        """Begin collecting the updates of the next model version."""
+        raise NotImplementedError
+
+    def fold_async(self, parameters: Tensors, *, global_parameters: Tensors, base_parameters: Tensors | None, staleness: int) -> float:
+        """Fold one checked update; returns the weight it got."""
+        raise NotImplementedError
+
+    def folded(self) -> int:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """Whether the folded updates make a new model version now."""
+        raise NotImplementedError
+
+    def finish_version(self, global_parameters: Tensors) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    # the synchronous interface does not apply
+
+    def start_round(self, global_parameters: Tensors) -> None:
+        raise NotImplementedError(f"strategy {self.name!r} is asynchronous: run it with server_handlers: handlers.async_server")
+
+    fold = finish_round = start_round  # type: ignore[assignment]
+
+
+class FedAsync(AsyncStrategy):
+    """Options: ``alpha`` (mixing weight, default 0.6), and the staleness options of
+    :class:`AsyncStrategy`. Each update is a new model version."""
+
+    name = "fedasync"
+
+    def __init__(self, *, alpha: float = 0.6, **settings: Any) -> None:
+        super().__init__(**settings)
+        if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
+            raise ValueError(f"strategy 'fedasync': alpha must be in (0, 1], got {alpha!r}")
+        self.alpha = float(alpha)
+        self._next: dict[str, np.ndarray] | None = None
+
+    def start_version(self, global_parameters: Tensors) -> None:
+        self._next = None
+
+    def fold_async(self, parameters: Tensors, *, global_parameters: Tensors, base_parameters: Tensors | None, staleness: int) -> float:
+        if self._next is not None:
+            raise RuntimeError("FedAsync folds one update per model version")
+        alpha_s = self.alpha * self.weight(staleness)
+        self._next = mix(global_parameters, parameters, alpha_s)
+        return alpha_s
+
+    def folded(self) -> int:
+        return 0 if self._next is None else 1
+
+    def ready(self) -> bool:
+        return self._next is not None
+
+    def finish_version(self, global_parameters: Tensors) -> dict[str, np.ndarray]:
+        if self._next is None:
+            raise ValueError("no update was folded")
+        parameters, self._next = self._next, None
+        return parameters

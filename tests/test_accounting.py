@@ -1,0 +1,53 @@
+"""The accounting check, on a simulated run with its journal, and on doctored inputs."""
+
+from __future__ import annotations
+
+import time
+
+from brokerfl.accounting import account, account_run
+from brokerfl.config import load_config
+from brokerfl.message import Envelope, ParameterUpdate, UpdateDropped, to_wire
+from brokerfl.roles import topology_for
+from brokerfl.simulate import simulate
+from brokerfl.transport import REASON_HEADER, Delivery
+from brokerfl.transports.local import LocalTransport
+
+
+def test_a_clean_simulated_run_accounts_for_every_update():
+    config = load_config(None, {"rounds": 3, "clients": 4})
+    result = simulate(config, journal=True)
+    report = account_run(LocalTransport(result.broker), topology_for(config), result.store)
+    assert report.ok, report.summary()
+    assert len(report.sent) == 12 and report.versions == 4  # version 0 holds no update
+    assert "OK" in report.summary()
+
+
+def _journaled(message, key):
+    envelope, body = to_wire(message)
+    return Delivery("journal", "x", key, envelope, body, False, 0)
+
+
+def _update(uid):
+    return ParameterUpdate(message_id=uid, sender="client.0", client_id="0", task_id="t", parameters={}, num_samples=1)
+
+
+def test_counted_twice_unaccounted_and_dropped_are_told_apart():
+    journal = [
+        _journaled(_update("a"), "server.parameter_update"),
+        _journaled(_update("b"), "server.parameter_update"),
+        _journaled(_update("c"), "server.parameter_update"),
+        _journaled(_update("d"), "server.parameter_update"),
+        _journaled(_update("e"), "server.parameter_update"),
+        _journaled(UpdateDropped(update_id="c", client_id="0", reason="late: round 3 closed"), "audit.update_dropped"),
+    ]
+    envelope, body = to_wire(_update("d"))
+    dead = Envelope(envelope.type, envelope.message_id, envelope.sender, time.time(), {**envelope.headers, REASON_HEADER: "NaN"})
+    journal.append(Delivery("journal", "x", "dead.parameter_update", dead, body, False, 0))
+    versions = [{"version": 1, "update_ids": ["a", "b"]}, {"version": 2, "update_ids": ["b"]}]
+    report = account(journal, versions)
+    assert not report.ok
+    assert report.counted_twice == {"b": [1, 2]}
+    assert report.unaccounted == ["e"]
+    assert report.dropped["c"] == ["late: round 3 closed"] and report.dead["d"] == ["NaN"]
+    text = report.summary()
+    assert "COUNTED TWICE b" in text and "UNACCOUNTED e" in text and "FAILED" in text

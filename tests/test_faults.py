@@ -1,0 +1,180 @@
+"""Fault tests on the real broker: kill -9 of clients and of the server, and broker
+restarts, during real runs of separate processes. Each checks that the run completes, the
+accounting (every update in exactly one model version, or dropped with a recorded
+reason), and the final accuracy."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from brokerfl.accounting import account_run
+from brokerfl.config import load_config
+from brokerfl.metrics import read_metrics
+from brokerfl.roles import topology_for
+from brokerfl.simulate import simulate
+from brokerfl.store import DirectoryModelStore
+
+pytestmark = pytest.mark.broker
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/digits_fedavg.yaml"
+
+
+class Federation:
+    """A server process and one process per client, each of which can be killed (-9) and
+    started again."""
+
+    def __init__(self, url: str, run: str, out: Path, *, clients: int, rounds: int) -> None:
+        self.url, self.run, self.out = url, run, out
+        self.clients, self.rounds = clients, rounds
+        self.args = [CONFIG, "--broker", url, "--run", run, "--clients", str(clients), "--rounds", str(rounds), "--log-level", "warning"]
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.server: subprocess.Popen | None = None
+        self.client_procs: dict[str, subprocess.Popen] = {}
+        self.starts = 0
+
+    def _spawn(self, *args: str) -> subprocess.Popen:
+        self.starts += 1
+        log = open(self.logs / f"{self.starts:03d}-{args[0]}.log", "w")  # noqa: SIM115 - closed with the process
+        return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def start_server(self) -> None:
+        self.server = self._spawn("server", *self.args, "--out", str(self.out))
+
+    def start_client(self, client_id: str) -> None:
+        self.client_procs[client_id] = self._spawn("client", *self.args, "--client-id", client_id)
+
+    def start(self) -> None:
+        self.start_server()
+        for i in range(self.clients):
+            self.start_client(str(i))
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def versions_done(self) -> int:
+        path = self.out / "metrics.jsonl"
+        return len(read_metrics(path)) if path.exists() else 0
+
+    def wait_for_versions(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.versions_done() < n:
+            if self.server.poll() is not None and self.server.returncode != 0:
+                raise AssertionError(f"server exited with {self.server.returncode}: {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {self.versions_done()} of {n} versions after {timeout} s: {self.log_tail()}")
+            time.sleep(0.1)  # polling a file the server appends to, under a deadline
+
+    def finish(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        for proc in [self.server, *self.client_procs.values()]:
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        stuck = [p for p in [self.server, *self.client_procs.values()] if p.poll() is None]
+        for proc in stuck:
+            proc.kill()
+            proc.wait()
+        assert not stuck, f"{len(stuck)} processes did not exit: {self.log_tail()}"
+        assert self.server.returncode == 0, self.log_tail()
+        assert all(p.returncode == 0 for p in self.client_procs.values()), self.log_tail()
+
+    def log_tail(self) -> str:
+        tails = []
+        for path in sorted(self.logs.glob("*.log"))[-4:]:
+            tails.append(f"--- {path.name}\n" + "\n".join(path.read_text().splitlines()[-15:]))
+        return "\n".join(tails)
+
+    def accounting(self):
+        from brokerfl.transports.amqp import AmqpTransport
+
+        config = load_config(CONFIG, {"run": self.run, "clients": self.clients})
+        with AmqpTransport(self.url) as transport:
+            return account_run(transport, topology_for(config), DirectoryModelStore(self.out / "models"))
+
+    def cleanup(self) -> None:
+        from brokerfl.transports.amqp import AmqpTransport
+
+        for proc in [self.server, *self.client_procs.values()]:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        with AmqpTransport(self.url) as admin:
+            topology_for(load_config(CONFIG, {"run": self.run})).delete(admin, [str(i) for i in range(self.clients)])
+
+
+@pytest.fixture
+def federation(amqp_url, run_name, tmp_path):
+    made: list[Federation] = []
+
+    def make(**kw) -> Federation:
+        made.append(Federation(amqp_url, run_name, tmp_path, **kw))
+        return made[-1]
+
+    yield make
+    for fed in made:
+        fed.cleanup()
+
+
+def fault_free_accuracy(run: str, clients: int, rounds: int) -> float:
+    torch.set_num_threads(1)  # as the client processes do
+    return simulate(load_config(CONFIG, {"run": run, "clients": clients, "rounds": rounds})).records[-1]["accuracy"]
+
+
+def check(fed: Federation, *, expect_accuracy: float) -> None:
+    report = fed.accounting()
+    print(report.summary())
+    assert report.ok, report.summary()
+    records = read_metrics(fed.out / "metrics.jsonl")
+    assert [r["model_version"] for r in records] == list(range(1, fed.rounds + 1))
+    assert abs(records[-1]["accuracy"] - expect_accuracy) <= 0.02, (records[-1]["accuracy"], expect_accuracy)
+
+
+def test_kill_9_of_a_random_client_in_every_round(federation, run_name):
+    fed = federation(clients=8, rounds=20)
+    rng = random.Random(7)
+    fed.start()
+    for version in range(1, fed.rounds):
+        fed.wait_for_versions(version, timeout=120)
+        victim = str(rng.randrange(fed.clients))
+        fed.kill(fed.client_procs[victim])
+        time.sleep(rng.uniform(0.0, 0.3))  # the fault lands at a random point of the round
+        fed.start_client(victim)  # restarted (its start-up takes a couple of seconds more)
+    fed.finish()
+    check(fed, expect_accuracy=fault_free_accuracy(run_name, 8, 20))
+
+
+def test_kill_9_of_the_server_at_three_random_moments(federation, run_name):
+    fed = federation(clients=4, rounds=12)
+    rng = random.Random(11)
+    fed.start()
+    for at_version in sorted(rng.sample(range(1, fed.rounds - 1), 3)):
+        fed.wait_for_versions(at_version, timeout=120)
+        time.sleep(rng.uniform(0.0, 0.4))  # somewhere inside the next round
+        fed.kill(fed.server)
+        time.sleep(1.0)
+        fed.start_server()
+    fed.finish()
+    check(fed, expect_accuracy=fault_free_accuracy(run_name, 4, 12))
+
+
+def test_two_broker_restarts_during_a_run(federation, run_name, restart_broker):
+    fed = federation(clients=4, rounds=12)
+    fed.start()
+    for at_version in (3, 7):
+        fed.wait_for_versions(at_version, timeout=120)
+        restart_broker()
+    fed.finish()
+    check(fed, expect_accuracy=fault_free_accuracy(run_name, 4, 12))
