@@ -1,0 +1,113 @@
+"""Liveness: who is sampled, what a server without clients says, and which queued tasks a
+returning client skips. The server and client workers run on the local transport."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import structlog
+
+from brokerfl.config import load_config
+from brokerfl.handler_table import Context, to_client, to_clients, to_server
+from brokerfl.message import Heartbeat, Join, TrainTask, from_wire
+from brokerfl.metrics import MetricsLog
+from brokerfl.roles import client_worker, server_worker, topology_for
+from brokerfl.store import MemoryModelStore
+from brokerfl.transports.local import LocalBroker, LocalTransport
+from handlers.datasets import load_dataset
+from handlers.server import live_clients, start_round
+from handlers.trainer import init_parameters
+
+
+def step_until(worker, condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        worker.step(0.05)
+
+
+def taken(admin, queue, kind):
+    out = []
+    while (delivery := admin.get(queue)) is not None:
+        admin.ack(delivery)
+        if delivery.envelope.type == kind:
+            out.append(from_wire(delivery.envelope, delivery.body))
+    return out
+
+
+def make_server(**overrides):
+    config = load_config(None, {"clients": 3, "strategy.min_clients": 2, "strategy.join_timeout_s": 0.3, "liveness.timeout_s": 0.5, **overrides})
+    broker = LocalBroker()
+    admin = LocalTransport(broker)
+    topology = topology_for(config, journal=False)
+    topology.declare(admin)
+    client_queues = [topology.declare_client(admin, cid) for cid in config.client_ids()]
+    server = server_worker(LocalTransport(broker), config, MemoryModelStore(), MetricsLog(None), journal=False)
+    return config, admin, topology, client_queues, server
+
+
+def test_only_clients_that_beat_are_sampled():
+    config, admin, topology, client_queues, server = make_server()
+    server.start()
+    server.publish([to_server(Join(client_id="0", num_samples=10)), to_server(Join(client_id="1", num_samples=10)), to_server(Join(client_id="2", num_samples=10))])
+    server.step(0.0)
+    tasks = taken(admin, client_queues[0], "train_task")
+    assert [t.participants for t in tasks] == [["0", "1", "2"]]  # everyone live: begun at once
+
+    # Clients 0 and 1 keep beating, 2 falls silent: after the timeout it is not sampled.
+    state = server.state
+    deadline = time.monotonic() + 0.8
+    while time.monotonic() < deadline:
+        server.publish([to_server(Heartbeat(client_id="0")), to_server(Heartbeat(client_id="1"))])
+        server.step(0.1)
+    assert live_clients(state) == ["0", "1"]
+    # the next round samples from the live ones only
+    context = Context(role=server.name, run=topology.run, state=state, log=server.log, clock=server.clock)
+    (outbound,) = start_round(context)
+    assert outbound.message.participants == ["0", "1"]
+
+
+def test_a_server_without_live_clients_says_so():
+    config, admin, topology, client_queues, server = make_server()
+    with structlog.testing.capture_logs() as logs:
+        server.start()
+        step_until(server, lambda: any(e["event"] == "no live clients: waiting" for e in logs))
+    assert not server.state.begun
+    # one client shows up by heartbeat alone (as after a server restart), then a second:
+    server.publish([to_server(Heartbeat(client_id="0", num_samples=5)), to_server(Heartbeat(client_id="2", num_samples=5))])
+    step_until(server, lambda: server.state.begun)
+    assert taken(admin, client_queues[0], "train_task")[0].participants == ["0", "2"]
+
+
+def test_a_returning_client_skips_superseded_and_expired_tasks():
+    config = load_config(None, {"clients": 2})
+    broker = LocalBroker()
+    admin = LocalTransport(broker)
+    topology = topology_for(config, journal=False)
+    client = client_worker(LocalTransport(broker), config, "0", journal=False)
+    data = load_dataset("digits")
+    params = init_parameters(data.num_features, config.model.hidden, data.num_classes, seed=0)
+    # What waited in the durable queue while the client was away, oldest first:
+    queued = [
+        TrainTask(round=1, model_version=0, parameters=params, participants=["0"], deadline=time.time() - 5),  # expired
+        TrainTask(round=3, model_version=2, parameters=params, participants=["1"]),  # not sampled, but shows v2
+        TrainTask(round=2, model_version=1, parameters=params, participants=["0"]),  # superseded by v2
+        TrainTask(round=3, model_version=2, parameters=params, participants=["0"], deadline=time.time() + 60),
+    ]
+    client.publish([to_clients(t) for t in queued])
+    with structlog.testing.capture_logs() as logs:
+        client.start()
+        while client.step(0.0):
+            pass
+    updates = taken(admin, topology.server_queue, "parameter_update")
+    assert [u.task_id for u in updates] == [queued[3].message_id]
+    events = [e["event"] for e in logs]
+    assert "task past its deadline; skipped" in events
+    assert "task for a superseded model version; skipped" in events
+    # a task it already answered (redelivered) is skipped too
+    client.publish([to_client("0", queued[3])])
+    while client.step(0.0):
+        pass
+    assert taken(admin, topology.server_queue, "parameter_update") == []
+    assert np.isfinite(updates[0].parameters["0.weight"]).all()
