@@ -118,13 +118,17 @@ def main() -> None:
     parser.add_argument("--max-versions", type=int, default=400, help="FedBuff's budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    parser.add_argument("--out", help="keep each run's metrics.jsonl and models here (default: a temporary directory)")
+    parser.add_argument("--only", choices=["fedavg", "fedbuff"], help="run one of the two")
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     args = parser.parse_args()
     print(f"digits, {args.clients} client processes + 1 server, clients {args.slow} {args.factor:g}x slower; target test accuracy {args.target}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for strategy in ("fedavg", "fedbuff"):
-            results.append(result := run_until_target(strategy, args, Path(tmp)))
+        workdir = Path(args.out or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for strategy in [args.only] if args.only else ["fedavg", "fedbuff"]:
+            results.append(result := run_until_target(strategy, args, workdir))
             print(json.dumps(result), flush=True)
     print()
     print(f"| strategy | time to {args.target} (s) | rounds / versions | client updates | accuracy then | final accuracy |")
@@ -135,8 +139,8 @@ def main() -> None:
         at = f"{r['accuracy_at_target']:.4f}" if r["reached"] else "-"
         final = f"{r['final_accuracy']:.4f}" if r["final_accuracy"] is not None else "-"
         print(f"| {name} | {t} | {r['versions']} | {r['updates']} | {at} | {final} (v{r['final_version']}) |")
-    sync, buff = results
-    if sync["reached"] and buff["reached"]:
+    if len(results) == 2 and all(r["reached"] for r in results):
+        sync, buff = results
         print(f"\nFedBuff reached {args.target} in {buff['time_to_target_s'] / sync['time_to_target_s']:.2f}x FedAvg's wall time")
 
 

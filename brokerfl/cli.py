@@ -50,10 +50,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _set_torch_threads()
     out = Path(args.out or f"runs/{config.run}")
     try:
-        result = simulate(config, out, progress=not args.no_progress)
+        result = simulate(config, out, progress=not args.no_progress, journal=bool(args.journal))
     except SimulationError as exc:
         print(f"brokerfl simulate: {exc}", file=sys.stderr)
         return 1
+    if args.journal:
+        from brokerfl.journal import read_journal, write_journal_file
+        from brokerfl.roles import topology_for
+        from brokerfl.transports.local import LocalTransport
+
+        count = write_journal_file(args.journal, config.run, read_journal(LocalTransport(result.broker), topology_for(config)))
+        print(f"wrote the journal ({count} messages) to {args.journal}")
     last = result.records[-1] if result.records else {}
     print(
         f"{config.run}: {len(result.records)} rounds in {result.duration_s:.1f} s; "
@@ -164,6 +171,57 @@ def cmd_accounting(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _journal_source(args: argparse.Namespace, config: RunConfig):
+    """(deliveries, closer): the run's journal from --journal FILE, else from the broker."""
+    from brokerfl.journal import read_journal, read_journal_file
+    from brokerfl.roles import topology_for
+
+    if args.journal:
+        return read_journal_file(args.journal), None
+    transport = _connect(args)
+    return read_journal(transport, topology_for(config.model_copy(update={"journal": True}))), transport
+
+
+def _load_for_journal(args: argparse.Namespace) -> RunConfig:
+    if args.journal and not args.run:
+        from brokerfl.journal import journal_file_run
+
+        args.run = journal_file_run(args.journal) or None
+    return _load(args)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from brokerfl.replay import ReplayError, replay
+
+    config = _load_for_journal(args)
+    deliveries, transport = _journal_source(args, config)
+    try:
+        result = replay(deliveries, config, what_if=args.strategy, from_version=args.from_version, to_version=args.to_version)
+    except ReplayError as exc:
+        print(f"brokerfl replay: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if transport is not None:
+            transport.close()
+    print(result.table(args.strategy))
+    if args.check and not result.ok:
+        first = result.first_diff()
+        print(f"DIFF: first at version {first.version}" + (f" ({first.problem})" if first.problem else ""), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_journal_export(args: argparse.Namespace) -> int:
+    from brokerfl.journal import read_journal, write_journal_file
+    from brokerfl.roles import topology_for
+
+    config = _load(args)
+    with _connect(args) as transport:
+        count = write_journal_file(args.file, config.run, read_journal(transport, topology_for(config.model_copy(update={"journal": True}))))
+    print(f"wrote {count} messages of run {config.run} to {args.file}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brokerfl", description="Federated learning over a message broker.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(sim)
     sim.add_argument("--out", help="directory for metrics.jsonl and curve.png (default: runs/<run>)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sim.add_argument("--journal", help="also write the run's journal to this file (for brokerfl replay --journal)")
     sim.set_defaults(func=cmd_simulate)
 
     server = commands.add_parser("server", help="run the server of a federation over RabbitMQ")
@@ -191,6 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
     accounting.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
     accounting.add_argument("--out", help="the server's output directory (default: runs/<run>)")
     accounting.set_defaults(func=cmd_accounting)
+
+    rep = commands.add_parser("replay", help="recompute a run's model versions from its journal; check hashes; what-ifs")
+    _config_arguments(rep)
+    rep.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    rep.add_argument("--journal", help="a journal file (brokerfl journal export, simulate --journal): no broker needed")
+    rep.add_argument("--check", action="store_true", help="exit non-zero if any recomputed version differs from the stored one")
+    rep.add_argument("--strategy", help="what-if: aggregate the same updates with this strategy (e.g. median) and compare accuracies")
+    rep.add_argument("--from-version", type=int, default=0)
+    rep.add_argument("--to-version", type=int)
+    rep.set_defaults(func=cmd_replay)
+
+    journal = commands.add_parser("journal", help="the run's journal")
+    journal_commands = journal.add_subparsers(dest="journal_command", required=True)
+    export = journal_commands.add_parser("export", help="write the run's journal to a file")
+    _config_arguments(export)
+    export.add_argument("file")
+    export.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    export.set_defaults(func=cmd_journal_export)
 
     ping = commands.add_parser("ping", help="check that the broker answers (container health checks)")
     ping.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")

@@ -79,6 +79,7 @@ class Context:
     committing: bool = False
     stopping: bool = False
     timer_requests: list[Timer | str] = field(default_factory=list)  # in order: a Timer sets, a key cancels
+    also_send: list[Outbound] = field(default_factory=list)
     clock: Callable[[], float] = field(default=None)  # type: ignore[assignment]
 
     def hold(self) -> None:
@@ -89,6 +90,11 @@ class Context:
     def commit(self) -> None:
         """Ack every held message, once this handler's outgoing messages are confirmed."""
         self.committing = True
+
+    def send(self, *outbound: Outbound) -> None:
+        """Publish these too (before the handler's returned messages), for helpers deep in a
+        handler that have something to say; same guarantees as returned messages."""
+        self.also_send.extend(outbound)
 
     def stop(self) -> None:
         """Stop the worker after this message."""

@@ -174,6 +174,21 @@ class UpdateDropped(Message):
 
 
 @dataclass(kw_only=True)
+class ModelVersionStored(Message):
+    """The server's journal record of a stored global model version: what it is made of
+    (updates in fold order) and its hash, so a journal alone can be replayed and checked.
+    Version 0's record carries the initial parameters; the others carry none."""
+
+    version: int
+    parent: int | None = None
+    strategy: str = ""
+    update_ids: list[str] = field(default_factory=list)
+    sha256: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    parameters: Tensors = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
 class Exit(Message):
     """The run is over: receivers stop."""
 

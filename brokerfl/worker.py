@@ -144,7 +144,7 @@ class Worker:
         try:
             with timings.phase(f"handle.{message.TYPE}"):
                 outbound = list(handler(message, ctx) or ())
-            self.publish(outbound)
+            self.publish([*ctx.also_send, *outbound])
         except Exception as exc:
             name = getattr(handler, "__qualname__", repr(handler))
             if isinstance(exc, Rejected):

@@ -25,7 +25,7 @@ import numpy as np
 
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
-from brokerfl.message import Exit, Heartbeat, Join, Leave, Message, ParameterUpdate, TrainTask, UpdateDropped
+from brokerfl.message import Exit, Heartbeat, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
 from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion
 from brokerfl.timing import timings
@@ -119,6 +119,7 @@ def resume_or_initialise(message: Started, ctx: Context):
         parameters = init_parameters(state.num_features, config.model.hidden, state.num_classes, seed=config.seed)
         state.model = ModelVersion(0, 0, None, state.strategy.name, [], parameters, created=time.time())
         state.store.put(state.model)
+        journal_version(ctx, state.model, with_parameters=True)
     state.round = state.model.round
     _backfill_metrics(state)
     # so that updates redelivered after a restart are recognised as already folded
@@ -237,6 +238,7 @@ def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: l
         state.store.put(model)
     state.model = model
     state.recent_update_ids = [*state.recent_update_ids[-4:], set(model.update_ids)]
+    journal_version(ctx, model)
     ctx.commit()
     record = {
         "round": round_,
@@ -256,6 +258,24 @@ def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: l
         callback(record)
     ctx.log.info("model version stored", round=round_, model_version=model.version, accuracy=round(scores["accuracy"], 4), loss=round(scores["loss"], 4), updates=len(model.update_ids))
     return model
+
+
+def journal_version(ctx: Context, model: ModelVersion, *, with_parameters: bool = False) -> None:
+    """Record the version in the journal (what replay and inspect read)."""
+    if not ctx.state.config.journal:
+        return
+    record = ModelVersionStored(
+        round=model.round,
+        model_version=model.version,
+        version=model.version,
+        parent=model.parent,
+        strategy=model.strategy,
+        update_ids=list(model.update_ids),
+        sha256=model.sha256,
+        metrics=dict(model.metrics),
+        parameters=model.parameters if with_parameters else {},
+    )
+    ctx.send(Outbound(AUDIT, record))
 
 
 def finish_run(ctx: Context, reason: str, *, failed: bool = False) -> list[Outbound]:

@@ -8,7 +8,7 @@ new one is a small class: ``sample``, ``start_round``, ``fold``, ``finish_round`
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,9 @@ import numpy as np
 from handlers.aggregate import Tensors
 
 BUILT_IN = {
-    "fedavg": "handlers.fedavg:FedAvg", "fedasync": "handlers.fedasync:FedAsync", "fedbuff": "handlers.fedbuff:FedBuff",
+    "fedavg": "handlers.fedavg:FedAvg",
+    "median": "handlers.robust:Median",
+    "trimmed_mean": "handlers.robust:TrimmedMean", "fedasync": "handlers.fedasync:FedAsync", "fedbuff": "handlers.fedbuff:FedBuff",
 }
 
 
@@ -53,6 +55,15 @@ class Strategy:
 
     def finish_round(self, global_parameters: Tensors) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def replay_version(self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]) -> dict[str, np.ndarray]:
+        """Recompute a stored version from its parent and its updates (ParameterUpdates, in
+        fold order), for ``brokerfl replay``; ``history`` holds recent versions' parameters.
+        Synchronous strategies fold a round; asynchronous ones override this."""
+        self.start_round(parent)
+        for update in updates:
+            self.fold(update.parameters, update.num_samples)
+        return self.finish_round(parent)
 
 
 def strategy_class(name: str) -> type[Strategy]:
