@@ -35,14 +35,32 @@ from brokerfl.topology import RunTopology  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
 
 
+# A client process that warms torch up (its first training step costs ~1 s of one-off set-up,
+# which the slow clients' slowdown would multiply) before it runs `brokerfl client`, as a
+# long-running deployment's clients would be warm: the comparison is of steady training.
+WARM_CLIENT = """
+import sys
+import numpy as np
+import torch
+torch.set_num_threads(1)
+from handlers.trainer import init_parameters, train_local
+hidden = [int(h) for h in sys.argv[1].split(",")]
+x = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+y = np.arange(64) % 10
+train_local(init_parameters(64, hidden, 10, seed=0), x, y, hidden=hidden, num_classes=10, epochs=1, batch_size=16, lr=0.01, seed=0)
+from brokerfl.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def config_for(strategy: str, args: argparse.Namespace, run: str) -> dict:
     common = {
         "run": run,
         "seed": args.seed,
         "clients": args.clients,
         "data": {"dataset": "digits", "partition": "iid"},
-        "model": {"hidden": [128, 64]},
-        "train": {"epochs": 3, "batch_size": 16, "lr": 0.05, "momentum": 0.9},
+        "model": {"hidden": args.hidden},
+        "train": {"epochs": args.epochs, "batch_size": 16, "lr": 0.05, "momentum": 0.9},
         "client_slowdown": {cid: float(args.factor) for cid in args.slow},
         "journal": True,
     }
@@ -62,7 +80,8 @@ def run_until_target(strategy: str, args: argparse.Namespace, workdir: Path) -> 
     common = [str(path), "--log-level", "warning"]
     launched = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(out)], cwd=ROOT, env=env)]
-    procs += [subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", str(i)], cwd=ROOT, env=env) for i in range(args.clients)]
+    hidden = ",".join(map(str, args.hidden))
+    procs += [subprocess.Popen([sys.executable, "-c", WARM_CLIENT, hidden, "client", *common, "--client-id", str(i)], cwd=ROOT, env=env) for i in range(args.clients)]
     records: list[dict] = []
     seen_target_at = None
     try:
@@ -116,6 +135,8 @@ def main() -> None:
     parser.add_argument("--max-staleness", type=int, default=10)
     parser.add_argument("--max-rounds", type=int, default=40, help="FedAvg's budget")
     parser.add_argument("--max-versions", type=int, default=400, help="FedBuff's budget")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 64], help="the MLP's hidden sizes (default: the digits configs')")
+    parser.add_argument("--epochs", type=int, default=3, help="local epochs per task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--out", help="keep each run's metrics.jsonl and models here (default: a temporary directory)")

@@ -104,6 +104,15 @@ class Federation:
         with AmqpTransport(self.url) as transport:
             return account_run(transport, topology_for(config), DirectoryModelStore(self.out / "models"))
 
+    def replay(self):
+        from brokerfl.journal import read_journal
+        from brokerfl.replay import replay
+        from brokerfl.transports.amqp import AmqpTransport
+
+        config = load_config(CONFIG, {"run": self.run, "clients": self.clients})
+        with AmqpTransport(self.url) as transport:
+            return replay(read_journal(transport, topology_for(config)), config)
+
     def cleanup(self) -> None:
         from brokerfl.transports.amqp import AmqpTransport
 
@@ -139,6 +148,10 @@ def check(fed: Federation, *, expect_accuracy: float) -> None:
     assert report.ok, report.summary()
     records = read_metrics(fed.out / "metrics.jsonl")
     assert [r["model_version"] for r in records] == list(range(1, fed.rounds + 1))
+    replayed = fed.replay()  # the journal alone recomputes every stored version, hash for hash
+    print(replayed.table())
+    assert replayed.ok and len(replayed.rows) == fed.rounds + 1
+    assert [row.replayed_hash for row in replayed.rows[1:]] == [r["sha256"] for r in records]
     assert abs(records[-1]["accuracy"] - expect_accuracy) <= 0.02, (records[-1]["accuracy"], expect_accuracy)
 
 
