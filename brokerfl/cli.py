@@ -222,6 +222,40 @@ def cmd_journal_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from brokerfl import inspect
+
+    config = _load_for_journal(args)
+    if args.message or args.update:
+        deliveries, transport = _journal_source(args, config)
+        try:
+            found = inspect.find_message(deliveries, args.update or args.message)
+            if args.npz:
+                names = inspect.dump_npz(found, args.npz)
+                print(f"wrote {len(names)} tensors of {found.envelope.type} {found.envelope.message_id} to {args.npz}")
+            else:
+                print(inspect.describe(found))
+        except KeyError as exc:
+            print(f"brokerfl inspect: {exc.args[0]}", file=sys.stderr)
+            return 1
+        finally:
+            if transport is not None:
+                transport.close()
+        return 0
+    if not args.journal:
+        from brokerfl.roles import topology_for
+
+        with _connect(args) as transport:
+            print(inspect.queue_table(transport, topology_for(config), config.client_ids(), _broker_url(args)))
+    deliveries, transport = _journal_source(args, config)
+    try:
+        print(inspect.journal_report(deliveries))
+    finally:
+        if transport is not None:
+            transport.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brokerfl", description="Federated learning over a message broker.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -268,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("file")
     export.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
     export.set_defaults(func=cmd_journal_export)
+
+    ins = commands.add_parser("inspect", help="a run's queues, dead letters, newest versions; any message decoded")
+    _config_arguments(ins)
+    ins.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    ins.add_argument("--journal", help="inspect a journal file instead of the broker")
+    ins.add_argument("--message", help="show one message of the journal, decoded (tensor names, shapes, dtypes, norms)")
+    ins.add_argument("--update", help="the id of a ParameterUpdate to show or dump")
+    ins.add_argument("--npz", help="with --update: write its tensors to this .npz file")
+    ins.set_defaults(func=cmd_inspect)
 
     ping = commands.add_parser("ping", help="check that the broker answers (container health checks)")
     ping.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")

@@ -44,7 +44,12 @@ def _import(name: str, key: str) -> ModuleType:
 
 
 def topology_for(config: RunConfig, *, journal: bool | None = None) -> RunTopology:
-    return RunTopology(config.run, journal=config.journal if journal is None else journal)
+    return RunTopology(
+        config.run,
+        journal=config.journal if journal is None else journal,
+        journal_max_bytes=config.journal_max_bytes,
+        journal_max_age=config.journal_max_age,
+    )
 
 
 def server_worker(transport: Transport, config: RunConfig, store: ModelStore, metrics: MetricsLog, *, journal: bool | None = None) -> Worker:

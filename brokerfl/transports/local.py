@@ -51,6 +51,7 @@ class _Message:
     envelope: Envelope
     body: bytes
     redelivered: bool = False
+    appended: float = 0.0  # streams: time.monotonic() when appended, for retention by age
 
 
 @dataclass
@@ -70,6 +71,7 @@ class _Queue:
     kind: QueueKind
     dead_letter_queue: str | None
     max_length_bytes: int | None
+    max_age_s: float | None = None
     ready: deque[_Message] = field(default_factory=deque)
     log: list[_Message] = field(default_factory=list)  # streams: append-only
     log_start: int = 0  # streams: offset of log[0], after retention dropped older entries
@@ -105,11 +107,15 @@ class LocalBroker:
 
     def enqueue(self, queue: _Queue, message: _Message) -> None:
         if queue.kind == "stream":
+            message.appended = time.monotonic()
             queue.log.append(message)
-            if queue.max_length_bytes is not None:
-                while len(queue.log) > 1 and queue.stream_bytes() > queue.max_length_bytes:
-                    queue.log.pop(0)
-                    queue.log_start += 1
+            too_old = message.appended - queue.max_age_s if queue.max_age_s is not None else None
+            while len(queue.log) > 1 and (
+                (queue.max_length_bytes is not None and queue.stream_bytes() > queue.max_length_bytes)
+                or (too_old is not None and queue.log[0].appended < too_old)
+            ):
+                queue.log.pop(0)
+                queue.log_start += 1
         else:
             queue.ready.append(message)
 
@@ -201,7 +207,7 @@ class LocalTransport(Transport):
                 if existing.kind != kind:  # RabbitMQ refuses a redeclare with other arguments
                     raise TransportError(f"queue {name!r} exists as a {existing.kind} queue, not {kind}")
                 return
-            self.broker.queues[name] = _Queue(name, kind, dead_letter_queue, max_length_bytes)
+            self.broker.queues[name] = _Queue(name, kind, dead_letter_queue, max_length_bytes, _age_seconds(max_age))
 
     def bind(self, queue: str, exchange: str, pattern: str) -> None:
         with self.broker.lock:
@@ -365,6 +371,19 @@ class LocalTransport(Transport):
     def _check_open(self) -> None:
         if self._closed:
             raise TransportError("connection is closed")
+
+
+_AGE_UNITS = {"Y": 365 * 86400, "M": 30 * 86400, "D": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def _age_seconds(max_age: str | None) -> float | None:
+    """RabbitMQ's x-max-age ("7D", "12h", ...) in seconds."""
+    if max_age is None:
+        return None
+    number, unit = max_age[:-1], max_age[-1:]
+    if not number.isdigit() or unit not in _AGE_UNITS:
+        raise TransportError(f"bad max age {max_age!r}: use a number and one of {''.join(_AGE_UNITS)}, e.g. 7D")
+    return int(number) * _AGE_UNITS[unit]
 
 
 def _stream_start(queue: _Queue, offset: StreamOffset) -> int:

@@ -1,0 +1,130 @@
+"""``brokerfl inspect``: what a run's queues hold, its dead letters and why, its newest
+model versions, and any single message decoded (tensor names, shapes, dtypes, norms).
+
+Everything but the queue counts comes from the journal, so inspecting takes nothing off a
+queue. Unacked counts need RabbitMQ's management API (plain AMQP cannot tell them); where
+it does not answer, they are shown as unknown.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import numpy as np
+
+from brokerfl.codec import DecodeError
+from brokerfl.message import ModelVersionStored, from_wire
+from brokerfl.topology import RunTopology
+from brokerfl.transport import REASON_HEADER, Delivery, Transport, TransportError
+
+
+def management_counts(amqp_url: str, timeout: float = 2.0) -> dict[str, dict[str, int]] | None:
+    """Per-queue ready/unacked/consumers from the management API on the broker's host, or None."""
+    parts = urlsplit(amqp_url)
+    vhost = quote(parts.path[1:] or "/", safe="")
+    request = urllib.request.Request(f"http://{parts.hostname}:15672/api/queues/{vhost}")
+    credentials = f"{parts.username or 'guest'}:{parts.password or 'guest'}".encode()
+    request.add_header("Authorization", "Basic " + base64.b64encode(credentials).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            queues = json.load(response)
+    except (OSError, ValueError):
+        return None
+    return {
+        q["name"]: {"ready": q.get("messages_ready", 0), "unacked": q.get("messages_unacknowledged", 0), "consumers": q.get("consumers", 0)}
+        for q in queues
+    }
+
+
+def queue_table(transport: Transport, topology: RunTopology, client_ids: Iterable[str], amqp_url: str | None = None) -> str:
+    counts = management_counts(amqp_url) if amqp_url else None
+    names = [topology.server_queue, topology.dead_queue, *(topology.client_queue(c) for c in client_ids)]
+    if topology.journal:
+        names.append(topology.journal_stream)
+    lines = [f"{'queue':<48} {'kind':<8} {'ready':>7} {'unacked':>8} {'consumers':>9}"]
+    for name in names:
+        try:
+            info = transport.queue_info(name)
+        except TransportError:
+            lines.append(f"{name:<48} (absent)")
+            continue
+        unacked: Any = info.messages_unacked
+        ready, consumers = info.messages_ready, info.consumers
+        if counts and name in counts:
+            ready, unacked, consumers = counts[name]["ready"], counts[name]["unacked"], counts[name]["consumers"]
+        lines.append(f"{name:<48} {info.kind:<8} {ready:>7} {('?' if unacked is None else unacked):>8} {consumers:>9}")
+    if amqp_url and counts is None:
+        lines.append("(unacked counts need the management plugin: rabbitmq-plugins enable rabbitmq_management)")
+    return "\n".join(lines)
+
+
+def journal_report(deliveries: Iterable[Delivery], newest: int = 5) -> str:
+    dead: list[Delivery] = []
+    versions: list[ModelVersionStored] = []
+    counts: dict[str, int] = {}
+    for d in deliveries:
+        counts[d.envelope.type] = counts.get(d.envelope.type, 0) + 1
+        if d.routing_key.startswith("dead."):
+            dead.append(d)
+        elif d.envelope.type == ModelVersionStored.TYPE:
+            versions.append(from_wire(d.envelope, d.body))
+    lines = ["journal: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))]
+    lines.append(f"dead letters: {len(dead)}")
+    for d in dead[-20:]:
+        headers = {k: v for k, v in d.envelope.headers.items() if k != REASON_HEADER}
+        lines.append(f"  {d.envelope.type} {d.envelope.message_id} from {d.envelope.sender or '?'}: {d.envelope.headers.get(REASON_HEADER, '?')}")
+        lines.append(f"      headers {headers}")
+    lines.append(f"newest model versions (of {len(versions)}):")
+    for v in versions[-newest:]:
+        acc = v.metrics.get("accuracy")
+        lines.append(f"  v{v.version} round {v.round}: {len(v.update_ids)} updates, sha256 {v.sha256[:16]}" + (f", accuracy {acc:.4f}" if acc is not None else ""))
+    return "\n".join(lines)
+
+
+def find_message(deliveries: Iterable[Delivery], message_id: str) -> Delivery:
+    """The journaled message with that id; its dead-letter copy only if that is all there is."""
+    dead_copy = None
+    for d in deliveries:
+        if d.envelope.message_id == message_id:
+            if not d.routing_key.startswith("dead."):
+                return d
+            dead_copy = dead_copy or d
+    if dead_copy is not None:
+        return dead_copy
+    raise KeyError(f"no message {message_id!r} in the journal")
+
+
+def describe(delivery: Delivery) -> str:
+    """Envelope, headers and fields; tensors as name, shape, dtype and L2 norm (no raw bytes)."""
+    e = delivery.envelope
+    lines = [f"{e.type} {e.message_id}", f"  routing key {delivery.routing_key}, sender {e.sender or '?'}, timestamp {e.timestamp:.3f}", f"  headers {e.headers}"]
+    try:
+        message = from_wire(e, delivery.body)
+    except DecodeError as exc:
+        return "\n".join([*lines, f"  body does not decode: {exc}"])
+    for name, value in vars(message).items():
+        if name in ("message_id", "sender", "timestamp", "schema_version"):
+            continue
+        if isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
+            lines.append(f"  {name}: {len(value)} tensors")
+            for key, array in value.items():
+                norm = float(np.linalg.norm(array.astype(np.float64).ravel())) if array.size else 0.0
+                lines.append(f"    {key:<24} {str(array.shape):<16} {array.dtype!s:<8} norm {norm:.6g}")
+        else:
+            lines.append(f"  {name}: {value!r}")
+    return "\n".join(lines)
+
+
+def dump_npz(delivery: Delivery, path: str) -> list[str]:
+    """Write a message's tensors (an update's parameters) to an .npz file; returns their names."""
+    message = from_wire(delivery.envelope, delivery.body)
+    tensors = getattr(message, "parameters", None) or getattr(message, "gradients", None)
+    if not tensors:
+        raise KeyError(f"message {delivery.envelope.message_id} ({delivery.envelope.type}) holds no tensors")
+    np.savez(path, **tensors)
+    return sorted(tensors)
