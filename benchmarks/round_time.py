@@ -37,7 +37,9 @@ def parameter_count(h: int) -> int:
     return 64 * h + h + h * h + h + h * 10 + 10
 
 
-def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: bool, workdir: Path) -> list[dict]:
+def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: bool, workdir: Path, inspect_run=None) -> list[dict]:
+    """Run a federation to the end; ``inspect_run(run, config_path, out_dir)`` is called
+    before the run's queues are deleted."""
     run = f"bench-{size}-{uuid.uuid4().hex[:6]}"
     config = {
         "run": run,
@@ -61,6 +63,8 @@ def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: b
         for proc in procs:
             if proc.wait(timeout=60 + 30 * rounds) != 0:
                 raise SystemExit(f"a process of run {run} exited with {proc.returncode}")
+        if inspect_run is not None:
+            inspect_run(run, path, out)
     finally:
         for proc in procs:
             if proc.poll() is None:

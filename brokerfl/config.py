@@ -83,7 +83,7 @@ class RunConfig(_Section):
     client_handlers: str = Field("handlers.client", description="module with the client's table and make_state")
     extra_handlers: list[str] = Field(default_factory=list, description="modules imported to register more handlers")
     journal: bool = Field(True, description="copy every message to the run's journal stream")
-    journal_max_bytes: int | None = Field(1024**3, ge=1, description="journal retention by size (oldest segments go first)")
+    journal_max_bytes: int | None = Field(4 * 1024**3, ge=1, description="journal retention by size (oldest segments go first)")
     journal_max_age: str | None = Field(None, pattern=r"^[0-9]+[YMDhms]$", description="journal retention by age, e.g. 7D or 12h")
     client_slowdown: dict[str, float] = Field(default_factory=dict, description="client id -> factor: that client takes this many times longer to train (benchmarks of stragglers)")
 

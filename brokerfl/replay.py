@@ -113,6 +113,11 @@ def replay(
             pending.pop(from_wire(delivery.envelope, delivery.body).update_id, None)
         elif kind == ModelVersionStored.TYPE:
             record = from_wire(delivery.envelope, delivery.body)
+            if not history and record.version != 0:
+                raise ReplayError(
+                    f"the journal begins after version 0 (its first version record is v{record.version}): "
+                    "retention removed the start of the run; raise journal_max_bytes / journal_max_age to replay runs this size"
+                )
             if to_version is not None and record.version > to_version:
                 break
             row, model = _replay_version(record, original, pending, history)

@@ -47,7 +47,7 @@ def routing_key(dest: str, message_type: str) -> str:
 class RunTopology:
     run: str
     journal: bool = True
-    journal_max_bytes: int | None = 1024**3
+    journal_max_bytes: int | None = 4 * 1024**3
     journal_max_age: str | None = None
 
     def __post_init__(self) -> None:
