@@ -38,6 +38,7 @@ import gc
 import io
 import os
 import pstats
+import signal
 import statistics
 import sys
 import time
@@ -56,6 +57,7 @@ from brokerfl.transports import chunks  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport, _tune_reads  # noqa: E402
 
 CHUNK = 16 * 1024**2
+ROUND_TIMEOUT = 300.0  # a round's consume that takes longer fails the run (e.g. the broker was reset meanwhile)
 PREFETCH = 16
 GOAL = 0.8
 
@@ -142,6 +144,8 @@ class Brokerfl:
         tag = self.server.consume(self.topology.server_queue, on_delivery, prefetch=PREFETCH)
         while len(got) < len(self.updates):
             self.server.poll(1.0)
+            if time.perf_counter() - t1 > ROUND_TIMEOUT:
+                raise TimeoutError(f"{self.name}: {len(got)} of {len(self.updates)} updates arrived in {ROUND_TIMEOUT:g} s")
         t2 = time.perf_counter()
         self.server.cancel(tag)
         assert set(got) == {u.message_id for u in self.updates}
@@ -208,6 +212,8 @@ class Raw:
         ch.basic_consume(self.queue, on_message)
         while len(received) < self.chunks:
             self.con_conn.process_data_events(time_limit=1.0)
+            if time.perf_counter() - t1 > ROUND_TIMEOUT:
+                raise TimeoutError(f"{self.name}: {len(received)} of {self.chunks} messages arrived in {ROUND_TIMEOUT:g} s")
         t2 = time.perf_counter()
         ch.close()
         assert sum(len(b) for b in received) == self.nbytes
@@ -238,6 +244,7 @@ def main() -> None:
     parser.add_argument("--no-journal", action="store_true", help="skip the journal=True / raw+stream pair")
     parser.add_argument("--profile", action="store_true", help="cProfile the brokerfl rounds and print the top functions")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on kill, too
 
     sizes = args.sizes or [args.params]
     _instrument()
