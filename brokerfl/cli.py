@@ -29,6 +29,10 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def _broker_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+
+
 def _load(args: argparse.Namespace) -> RunConfig:
     # argparse applies `type` to string defaults too, so env values arrive as ints here
     overrides: dict[str, Any] = {"clients": args.clients, "rounds": args.rounds, "seed": args.seed, "run": args.run}
@@ -269,25 +273,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = commands.add_parser("server", help="run the server of a federation over RabbitMQ")
     _config_arguments(server)
-    server.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    _broker_argument(server)
     server.add_argument("--out", help="directory for metrics.jsonl, curve.png and stored model versions (default: runs/<run>)")
     server.set_defaults(func=cmd_server)
 
     client = commands.add_parser("client", help="run one or many logical clients over RabbitMQ")
     _config_arguments(client)
-    client.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    _broker_argument(client)
     client.add_argument("--client-id", default=_env("CLIENT_ID"), type=parse_client_ids, help="an id, a range such as 0-9, or a list such as 0-3,7 (default: $BROKERFL_CLIENT_ID)")
     client.set_defaults(func=cmd_client)
 
     accounting = commands.add_parser("accounting", help="prove every update is in exactly one model version or dropped with a reason")
     _config_arguments(accounting)
-    accounting.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    _broker_argument(accounting)
     accounting.add_argument("--out", help="the server's output directory (default: runs/<run>)")
     accounting.set_defaults(func=cmd_accounting)
 
     rep = commands.add_parser("replay", help="recompute a run's model versions from its journal; check hashes; what-ifs")
     _config_arguments(rep)
-    rep.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    _broker_argument(rep)
     rep.add_argument("--journal", help="a journal file (brokerfl journal export, simulate --journal): no broker needed")
     rep.add_argument("--check", action="store_true", help="exit non-zero if any recomputed version differs from the stored one")
     rep.add_argument("--strategy", help="what-if: aggregate the same updates with this strategy (e.g. median) and compare accuracies")
@@ -300,12 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = journal_commands.add_parser("export", help="write the run's journal to a file")
     _config_arguments(export)
     export.add_argument("file")
-    export.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    _broker_argument(export)
     export.set_defaults(func=cmd_journal_export)
 
     ins = commands.add_parser("inspect", help="a run's queues, dead letters, newest versions; any message decoded")
     _config_arguments(ins)
-    ins.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    _broker_argument(ins)
     ins.add_argument("--journal", help="inspect a journal file instead of the broker")
     ins.add_argument("--message", help="show one message of the journal, decoded (tensor names, shapes, dtypes, norms)")
     ins.add_argument("--update", help="the id of a ParameterUpdate to show or dump")
@@ -313,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=cmd_inspect)
 
     ping = commands.add_parser("ping", help="check that the broker answers (container health checks)")
-    ping.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    _broker_argument(ping)
     ping.set_defaults(func=cmd_ping)
     return parser
 
