@@ -1,18 +1,19 @@
 """Stragglers: synchronous FedAvg against asynchronous FedBuff over RabbitMQ, with real
-processes (one server, one process per client), on the same data and seed, where 2 of the 8
-clients are 5x slower (``client_slowdown``: after training, a slow client sleeps
+processes (one server, one process per client), on the same data, model and seed, where 2 of
+the 8 clients are 5x slower (``client_slowdown``: after training, a slow client sleeps
 (factor - 1) times its training time).
 
     python benchmarks/fedbuff_vs_fedavg.py [--target 0.95] [--clients 8] [--slow 6 7] [--factor 5]
-                                           [--buffer-size 4] [--max-rounds 40] [--max-versions 400]
+                                           [--buffer-size 4] [--hidden 128 64] [--epochs 3]
 
 Each run goes until its test accuracy first reaches ``--target`` (or its budget of rounds /
-versions), then its processes are stopped and its queues deleted. Reported for each: the wall
-time from the beginning of training (the server's first task) to the first model version at
-the target, the sum of the metrics' ``duration_s`` up to it (each FedAvg round's duration is
-from its task to its close; each FedBuff version's from the previous version), the
-rounds/versions and client updates used, and the accuracy of the last stored version.
-The process start-up (imports, joins) is reported apart and is not in the time to target.
+versions is spent), then its processes are stopped and its queues deleted. Reported for
+each: the time to the target, which is the sum of the metrics' ``duration_s`` up to the first
+version at the target, i.e. the wall time from the beginning of training (the server's
+first tasks) to that version (FedAvg's rounds follow each other; each FedBuff version's
+duration runs from the previous one); the rounds / versions and client updates used; the
+accuracy of the last stored version. Process start-up and joining (``startup_s``) are not
+in the time to target; clients warm torch up before they join (see WARM_CLIENT).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -94,6 +96,9 @@ def run_until_target(strategy: str, args: argparse.Namespace, workdir: Path) -> 
             if procs[0].poll() is not None:  # the server ended: budget spent (or it failed)
                 records = read_metrics(metrics) if metrics.exists() else []
                 break
+            ended = [(i, p.returncode) for i, p in enumerate(procs[1:]) if p.poll() is not None]
+            if ended:  # e.g. the broker went away for longer than a client retries
+                raise SystemExit(f"{strategy}: client process(es) exited before the target (client id, exit code): {ended}")
             if time.monotonic() > deadline:
                 raise SystemExit(f"{strategy}: no result within {args.timeout} s")
             time.sleep(0.05)  # polling the metrics file the server appends to
@@ -143,6 +148,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["fedavg", "fedbuff"], help="run one of the two")
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the queues are still deleted
     print(f"digits, {args.clients} client processes + 1 server, clients {args.slow} {args.factor:g}x slower; target test accuracy {args.target}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ with s one of the staleness functions of the paper (``handlers.aggregate.stalene
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,6 +82,20 @@ class AsyncStrategy(Strategy):
     def finish_version(self, global_parameters: Tensors) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def replay_version(self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]) -> dict[str, np.ndarray]:
+        """Recompute a stored version (``brokerfl replay``): its updates were folded, in this
+        order, while the model was its parent, so each one's staleness is the parent's
+        version minus the version it trained on, and its base is that version."""
+        self.start_version(parent)
+        for update in updates:
+            base = None
+            if self.needs_base:
+                base = history.get(update.model_version)
+                if base is None:
+                    raise ValueError(f"replaying version {parent_version + 1} needs model version {update.model_version}, which is no longer kept")
+            self.fold_async(update.parameters, global_parameters=parent, base_parameters=base, staleness=max(parent_version - update.model_version, 0))
+        return self.finish_version(parent)
+
     # the synchronous interface does not apply
 
     def start_round(self, global_parameters: Tensors) -> None:
@@ -117,6 +132,14 @@ class FedAsync(AsyncStrategy):
 
     def ready(self) -> bool:
         return self._next is not None
+
+    def replay_version(self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]) -> dict[str, np.ndarray]:
+        """One update per version in a FedAsync run; as a what-if over a round of several
+        updates, they are mixed in one after another."""
+        model = dict(parent)
+        for update in updates:
+            model = super().replay_version(parent_version, model, [update], history)
+        return model
 
     def finish_version(self, global_parameters: Tensors) -> dict[str, np.ndarray]:
         if self._next is None:

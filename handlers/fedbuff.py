@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from handlers.aggregate import RunningSum, Tensors, apply_mean_delta, fold_delta, new_running_sum
+from handlers.aggregate import RunningSum, Tensors, apply_mean_delta, fold_update, new_running_sum
 from handlers.fedasync import AsyncStrategy
 
 
@@ -45,7 +45,7 @@ class FedBuff(AsyncStrategy):
         if base_parameters is None:
             raise ValueError("FedBuff needs the parameters of the model version the client trained on")
         weight = self.weight(staleness)
-        fold_delta(self._sum, parameters, base_parameters, weight)
+        fold_update(self._sum, parameters, weight, base=base_parameters)
         return weight
 
     def folded(self) -> int:

@@ -18,7 +18,9 @@ from handlers.aggregate import Tensors
 BUILT_IN = {
     "fedavg": "handlers.fedavg:FedAvg",
     "median": "handlers.robust:Median",
-    "trimmed_mean": "handlers.robust:TrimmedMean", "fedasync": "handlers.fedasync:FedAsync", "fedbuff": "handlers.fedbuff:FedBuff",
+    "trimmed_mean": "handlers.robust:TrimmedMean",
+    "fedasync": "handlers.fedasync:FedAsync",
+    "fedbuff": "handlers.fedbuff:FedBuff",
 }
 
 

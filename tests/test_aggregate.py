@@ -81,3 +81,23 @@ def test_a_reused_running_sum_starts_from_zero():
     again = new_running_sum(like, reuse=acc)
     assert again is acc and again.count == 0 and again.total_weight == 0 and not again.sums["w"].any()
     assert new_running_sum({"w": np.zeros(4, np.float32)}, reuse=acc) is not acc  # shapes differ
+
+
+def test_median_and_trimmed_mean_resist_one_outlier():
+    from handlers.robust import Median, TrimmedMean
+
+    like = {"w": np.zeros(3, np.float32)}
+    updates = [{"w": np.array([1, 2, 3], np.float32)}, {"w": np.array([2, 3, 4], np.float32)}, {"w": np.array([3, 4, 5], np.float32)}, {"w": np.array([1000, -1000, 1000], np.float32)}]
+    median = Median()
+    median.start_round(like)
+    for update in updates:
+        median.fold(update, 1)
+    assert np.array_equal(median.finish_round(like)["w"], np.array([2.5, 2.5, 4.5], np.float32))
+    trimmed = TrimmedMean(beta=0.25)
+    trimmed.start_round(like)
+    for update in updates:
+        trimmed.fold(update, 1)
+    # per coordinate the largest and smallest value go: (2+3)/2, (2+3)/2, (4+5)/2
+    assert np.array_equal(trimmed.finish_round(like)["w"], np.array([2.5, 2.5, 4.5], np.float32))
+    with pytest.raises(ValueError):
+        TrimmedMean(beta=0.5)
