@@ -52,6 +52,8 @@ def to_client(client_id: str, message: Message) -> Outbound:
 class Started(Message):
     """Dispatched once, locally, when a worker starts (never sent over a transport)."""
 
+    LOCAL = True
+
     redelivered_backlog: int = 0
 
 
@@ -102,7 +104,8 @@ class Context:
 
     def set_timer(self, key: str, delay_s: float, message: Message) -> None:
         """Dispatch ``message`` to this worker's own table after ``delay_s`` (replacing any
-        timer of the same key). Timers are local: a restarted process sets them again."""
+        timer of the same key). Timers are local: a restarted process sets them again. Their
+        message types should say ``LOCAL = True``, so that none can arrive from outside."""
         self.timer_requests.append(Timer(key, self.clock() + delay_s, message))
 
     def cancel_timer(self, key: str) -> None:

@@ -56,6 +56,7 @@ class Message:
     """Base of every message type; its fields are the envelope."""
 
     TYPE: ClassVar[str] = ""
+    LOCAL: ClassVar[bool] = False  # a worker's own event (start, timers): refused from a transport
 
     message_id: str = field(default_factory=new_message_id)
     sender: str = ""

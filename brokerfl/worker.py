@@ -125,6 +125,9 @@ class Worker:
         except DecodeError as exc:
             self._dead_letter(delivery, f"undecodable {delivery.envelope.type!r} message: {exc}", log)
             return
+        if message.LOCAL:  # e.g. a forged round deadline or start: only this process makes those
+            self._dead_letter(delivery, f"message type {message.TYPE!r} is local to a worker and cannot come over the transport", log)
+            return
         if self.table.handler_for(message.TYPE) is None:
             self._dead_letter(delivery, f"no handler for message type {message.TYPE!r} in the {self.table.role} table", log)
             return

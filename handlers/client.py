@@ -52,6 +52,8 @@ def training_seed(seed: int, client_id: str, round_: int) -> int:
 class HeartbeatDue(Message):
     """Local timer message: time to tell the server this client is alive."""
 
+    LOCAL = True
+
 
 @table.on(Started)
 def join(message: Started, ctx: Context):

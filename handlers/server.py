@@ -44,15 +44,21 @@ DRAIN_S = 1.0  # after the last version, how long updates still in flight are re
 class RoundDeadline(Message):
     """Local timer message: round ``round`` is due to close."""
 
+    LOCAL = True
+
 
 @dataclass(kw_only=True)
 class JoinDeadline(Message):
     """Local timer message: stop waiting for every client to join."""
 
+    LOCAL = True
+
 
 @dataclass(kw_only=True)
 class DrainDone(Message):
     """Local timer message: the run is over and in-flight updates have been recorded."""
+
+    LOCAL = True
 
 
 @dataclass

@@ -175,3 +175,13 @@ def restart_broker(broker: _Broker) -> Callable[[], None]:
         broker.rabbitmqctl("start_app")
 
     return restart
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """Tests that run the CLI configure logging (level filters included); put structlog
+    back so that tests capturing logs do not depend on the order they run in."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()

@@ -187,3 +187,22 @@ def test_started_and_timers_run_locally(transport_factory, topology):
     worker = make_worker(transport_factory(), topo, table)
     wait_for(lambda: worker.stopped, worker.step)
     assert events == ["started", 1, 2, 3]
+
+
+def test_a_forged_local_message_is_dead_lettered(transport_factory, topology):
+    """Starts and timer messages are a worker's own: one arriving over the transport could
+    restart a server's state or close a round early, so it is refused."""
+    topo, admin = topology
+    table = HandlerTable("server")
+    started = []
+
+    @table.on(Started)
+    def on_start(message, ctx):
+        started.append(message.message_id)
+
+    worker = make_worker(transport_factory(), topo, table)
+    publish(admin, topo, Started())
+    wait_for(lambda: worker.dead_lettered == 1, worker.step)
+    assert len(started) == 1  # only the worker's own start
+    (dead,) = drain(admin, topo.dead_queue, expect=1)
+    assert "local to a worker" in dead.envelope.headers[REASON_HEADER]
