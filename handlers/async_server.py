@@ -175,6 +175,7 @@ def base_parameters(state: AsyncServerState, version: int) -> Tensors | None:
 def fold_async_update(update: ParameterUpdate, ctx: Context):
     state: AsyncServerState = ctx.state
     strategy: AsyncStrategy = state.strategy
+    server.refresh_client(state, update.client_id)
     if update.message_id in state.buffer_ids:
         # A redelivered copy of a folded update (the connection was lost after the fold):
         # it replaces the lost delivery and is acked when its model version is stored.

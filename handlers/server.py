@@ -160,6 +160,14 @@ def see_client(state: ServerState, client_id: str, num_samples: int) -> bool:
     return new
 
 
+def refresh_client(state: ServerState, client_id: str) -> None:
+    """An update is a sign of life too (a client sends no heartbeats while it trains); it
+    refreshes a known client, but makes no unknown id a member of the federation."""
+    record = state.clients.get(client_id)
+    if record is not None:
+        record.last_seen = time.monotonic()
+
+
 def live_clients(state: ServerState) -> list[str]:
     horizon = time.monotonic() - state.config.liveness.timeout_s
     return sorted(cid for cid, record in state.clients.items() if record.last_seen >= horizon)
@@ -335,6 +343,7 @@ def start_round(ctx: Context, *, retry: bool = False):
 @table.on(ParameterUpdate)
 def fold_update(update: ParameterUpdate, ctx: Context):
     state: ServerState = ctx.state
+    refresh_client(state, update.client_id)
     if state.round_open and update.message_id in state.folded_ids:
         # A redelivered copy (the connection was lost after the fold): it replaces the
         # delivery that died with the old connection and is acked with the round's commit.
