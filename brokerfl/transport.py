@@ -134,25 +134,26 @@ class Transport(abc.ABC):
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         """Give a message back (``requeue``) or reject it to its queue's dead-letter queue."""
 
-    def dead_letter(self, delivery: Delivery, reason: str, *, target: str | None = None) -> None:
-        """Move a message to ``target`` (default: the dead-letter queue its queue was
-        declared with on this connection) with ``reason``, then ack it.
+    def dead_letter(self, delivery: Delivery, reason: str, *, exchange: str = "", routing_key: str | None = None) -> None:
+        """Publish a copy of a message with ``reason`` in its headers, then ack it. The copy
+        goes to ``exchange``/``routing_key`` if given (brokerfl's workers route dead letters
+        through the run's exchange, so the journal keeps them too), else to the dead-letter
+        queue its queue was declared with on this connection.
 
         The copy is confirmed before the ack, so a crash in between leaves the message in
         both places, never in neither.
         """
-        if target is not None:
-            self._dead_letter_targets.setdefault(delivery.queue, target)
-        target = target or self._dead_letter_targets.get(delivery.queue)
-        if target is None:
-            raise TransportError(f"queue {delivery.queue!r} has no dead-letter queue; cannot dead-letter: {reason}")
+        if routing_key is None:
+            exchange, routing_key = "", self._dead_letter_targets.get(delivery.queue)
+            if routing_key is None:
+                raise TransportError(f"queue {delivery.queue!r} has no dead-letter queue; cannot dead-letter: {reason}")
         headers = {
             **delivery.envelope.headers,
             REASON_HEADER: reason[:4000],
             ORIGIN_QUEUE_HEADER: delivery.queue,
             ORIGIN_KEY_HEADER: delivery.routing_key,
         }
-        self.publish("", target, replace(delivery.envelope, headers=headers), delivery.body)
+        self.publish(exchange, routing_key, replace(delivery.envelope, headers=headers), delivery.body)
         self.ack(delivery)
 
     @abc.abstractmethod

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -22,7 +21,7 @@ from brokerfl.handler_table import Context, HandlerTable, Outbound, Rejected, St
 from brokerfl.message import Message, from_wire, to_wire
 from brokerfl.timing import timings
 from brokerfl.topology import DEAD, RunTopology, routing_key
-from brokerfl.transport import ORIGIN_KEY_HEADER, ORIGIN_QUEUE_HEADER, REASON_HEADER, Delivery, Transport
+from brokerfl.transport import Delivery, Transport
 
 
 _TYPE_WORD = re.compile(r"^[A-Za-z0-9_]{1,64}$")  # what may stand in a routing key
@@ -195,20 +194,11 @@ class Worker:
                 self.transport.publish(self.topology.exchange, routing_key(item.dest, message.TYPE), envelope, body)
 
     def _dead_letter(self, delivery: Delivery, reason: str, log: Any) -> None:
-        """Publish a copy with the reason through the run's exchange (the dead queue and
-        the journal take it), confirmed, then ack the original."""
+        """Through the run's exchange: the dead queue and the journal both take the copy."""
         log.warning("dead-lettered", reason=reason)
         self.dead_lettered += 1
-        headers = {
-            **delivery.envelope.headers,
-            REASON_HEADER: reason[:4000],
-            ORIGIN_QUEUE_HEADER: delivery.queue,
-            ORIGIN_KEY_HEADER: delivery.routing_key,
-        }
         type_word = delivery.envelope.type if _TYPE_WORD.match(delivery.envelope.type or "") else "invalid"
-        key = routing_key(DEAD, type_word)
-        self.transport.publish(self.topology.exchange, key, replace(delivery.envelope, headers=headers), delivery.body)
-        self.transport.ack(delivery)
+        self.transport.dead_letter(delivery, reason, exchange=self.topology.exchange, routing_key=routing_key(DEAD, type_word))
 
 
 def run_workers(transport: Transport, workers: list[Worker], *, poll_s: float = 0.5) -> None:
