@@ -61,6 +61,10 @@ def plot_curve(records: list[dict[str, Any]], png: str | os.PathLike, title: str
     loss_ax.plot(rounds, [r["loss"] for r in records], marker="o", markersize=3, color="tab:red")
     loss_ax.set(xlabel="round", ylabel="test loss", title="loss")
     loss_ax.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (acc_ax, loss_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
