@@ -13,7 +13,7 @@ version at the target, i.e. the wall time from the beginning of training (the se
 first tasks) to that version (FedAvg's rounds follow each other; each FedBuff version's
 duration runs from the previous one); the rounds / versions and client updates used; the
 accuracy of the last stored version. Process start-up and joining (``startup_s``) are not
-in the time to target; clients warm torch up before they join (see WARM_CLIENT).
+in the time to target; clients warm torch up at start-up (handlers.client does), before they join.
 """
 
 from __future__ import annotations
@@ -35,24 +35,6 @@ sys.path.insert(0, str(ROOT))
 from brokerfl.metrics import read_metrics  # noqa: E402
 from brokerfl.topology import RunTopology  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
-
-
-# A client process that warms torch up (its first training step costs ~1 s of one-off set-up,
-# which the slow clients' slowdown would multiply) before it runs `brokerfl client`, as a
-# long-running deployment's clients would be warm: the comparison is of steady training.
-WARM_CLIENT = """
-import sys
-import numpy as np
-import torch
-torch.set_num_threads(1)
-from handlers.trainer import init_parameters, train_local
-hidden = [int(h) for h in sys.argv[1].split(",")]
-x = np.random.default_rng(0).random((64, 64), dtype=np.float32)
-y = np.arange(64) % 10
-train_local(init_parameters(64, hidden, 10, seed=0), x, y, hidden=hidden, num_classes=10, epochs=1, batch_size=16, lr=0.01, seed=0)
-from brokerfl.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
 
 
 def config_for(strategy: str, args: argparse.Namespace, run: str) -> dict:
@@ -82,8 +64,7 @@ def run_until_target(strategy: str, args: argparse.Namespace, workdir: Path) -> 
     common = [str(path), "--log-level", "warning"]
     launched = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(out)], cwd=ROOT, env=env)]
-    hidden = ",".join(map(str, args.hidden))
-    procs += [subprocess.Popen([sys.executable, "-c", WARM_CLIENT, hidden, "client", *common, "--client-id", str(i)], cwd=ROOT, env=env) for i in range(args.clients)]
+    procs += [subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", str(i)], cwd=ROOT, env=env) for i in range(args.clients)]
     records: list[dict] = []
     seen_target_at = None
     try:

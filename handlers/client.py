@@ -12,7 +12,7 @@ from brokerfl.config import RunConfig, TrainConfig
 from brokerfl.handler_table import Context, HandlerTable, Started, to_server
 from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Heartbeat, Join, Message, ParameterUpdate, TrainTask
 from handlers.datasets import load_dataset, partition
-from handlers.trainer import evaluate, train_local
+from handlers.trainer import evaluate, init_parameters, train_local
 
 table = HandlerTable("client")
 
@@ -36,7 +36,16 @@ def make_state(config: RunConfig, client_id: str) -> ClientState:
     parts = partition(data.y_train, config.clients, config.data.partition, alpha=config.data.alpha, seed=config.seed)
     index = _partition_index(client_id, config.clients)
     rows = parts[index]
-    return ClientState(client_id, config, data.x_train[rows], data.y_train[rows], data.num_classes)
+    state = ClientState(client_id, config, data.x_train[rows], data.y_train[rows], data.num_classes)
+    _warm_up(state)
+    return state
+
+
+def _warm_up(state: ClientState) -> None:
+    """One throwaway step at start-up: torch's first call costs ~1 s, which would otherwise
+    land in the first task (and be multiplied by a client_slowdown)."""
+    parameters = init_parameters(state.x.shape[1], state.config.model.hidden, state.num_classes, seed=0)
+    train_local(parameters, state.x[:2], state.y[:2], hidden=state.config.model.hidden, num_classes=state.num_classes, epochs=1, batch_size=2, lr=0.0, max_batches=1)
 
 
 def _partition_index(client_id: str, clients: int) -> int:
