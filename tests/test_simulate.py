@@ -56,7 +56,7 @@ def test_a_poisoned_update_is_dead_lettered_and_the_round_goes_on(monkeypatch):
 
     def train_badly(parameters, x, y, **kw):
         params, metrics = real_train(parameters, x, y, **kw)
-        if kw["seed"] in poisoned_seeds:  # client 1's training runs
+        if kw.get("seed") in poisoned_seeds:  # client 1's training runs (not the start-up warm-up)
             params = {k: np.full_like(v, np.nan) for k, v in params.items()}
         return params, metrics
 
