@@ -226,13 +226,17 @@ def start_without_everyone(message: JoinDeadline, ctx: Context):
 
 def drop(ctx: Context, update: ParameterUpdate, reason: str) -> list[Outbound]:
     """Ack an update without folding it: its record goes out (confirmed) before the ack."""
+    return record_drop(ctx, update.message_id, update.client_id, reason, round_=update.round, model_version=update.model_version)
+
+
+def record_drop(ctx: Context, update_id: str, client_id: str, reason: str, *, round_: int, model_version: int) -> list[Outbound]:
+    """The UpdateDropped record of an update acked without being in a model version."""
     state: ServerState = ctx.state
-    state.dropped.append((update.message_id, reason))
-    ctx.log.info("update dropped", client=update.client_id, update=update.message_id, reason=reason)
+    state.dropped.append((update_id, reason))
+    ctx.log.info("update dropped", client=client_id, update=update_id, reason=reason)
     if not state.config.journal:
         return []  # nothing would keep the record
-    record = UpdateDropped(update_id=update.message_id, client_id=update.client_id, reason=reason, round=update.round, model_version=update.model_version)
-    return [Outbound(AUDIT, record)]
+    return [Outbound(AUDIT, UpdateDropped(update_id=update_id, client_id=client_id, reason=reason, round=round_, model_version=model_version))]
 
 
 def already_folded(state: ServerState, update_id: str) -> bool:
@@ -398,11 +402,8 @@ def round_deadline(message: RoundDeadline, ctx: Context):
         return close_round(ctx)
     ctx.log.warning("round deadline: too few answers", folded=folded, needed=state.config.strategy.min_clients, missing=missing, live=len(live_clients(state)))
     # The folded updates are dropped: their records go out before the commit acks them.
-    records: list[Outbound] = []
-    for update_id in state.folded_ids:
-        state.dropped.append((update_id, f"round {state.round} had too few answers and was abandoned"))
-        if state.config.journal:
-            records.append(Outbound(AUDIT, UpdateDropped(update_id=update_id, client_id="", reason=state.dropped[-1][1], round=state.round, model_version=state.model.version)))
+    reason = f"round {state.round} had too few answers and was abandoned"
+    records = [out for uid in state.folded_ids for out in record_drop(ctx, uid, "", reason, round_=state.round, model_version=state.model.version)]
     ctx.commit()
     state.round_open = False
     if state.config.strategy.on_too_few == "retry" and state.retries < state.config.strategy.max_retries:

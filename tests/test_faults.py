@@ -5,7 +5,6 @@ reason), and the final accuracy."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess

@@ -134,7 +134,7 @@ def test_a_client_killed_before_its_ack_gets_its_task_again(amqp_url, run_name, 
     """kill -9 while training: the task was never acked, so the broker redelivers it to
     the restarted client, which answers it exactly once."""
     from brokerfl.config import load_config
-    from brokerfl.message import TrainTask, from_wire, to_wire
+    from brokerfl.message import TrainTask, to_wire
     from brokerfl.transports.amqp import AmqpTransport
     from handlers.datasets import load_dataset
     from handlers.trainer import init_parameters
