@@ -4,7 +4,8 @@ with a recorded reason.
 Inputs are what the run left behind: the journal (every ParameterUpdate sent, every
 UpdateDropped record, every dead letter with its reason) and the stored model versions
 (each lists the updates folded into it). Tests and users run the same check
-(``brokerfl accounting``).
+(``brokerfl accounting``). The operator's admin commands are reported (with the server's
+replies), not counted: an abort's unfinished round is in the UpdateDropped records.
 """
 
 from __future__ import annotations
@@ -14,17 +15,22 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from brokerfl.message import ParameterUpdate, UpdateDropped, from_wire
+from brokerfl.admin import AdminReply
+from brokerfl.journal import Skipped
+from brokerfl.message import ParameterUpdate, UpdateDropped
 from brokerfl.transport import REASON_HEADER, Delivery
 
 
 @dataclass
 class Accounting:
     sent: dict[str, str] = field(default_factory=dict)  # update id -> client (sender)
+    users: dict[str, str] = field(default_factory=dict)  # update id -> broker user that published it (user_id)
     folded_into: defaultdict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     dropped: defaultdict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     dead: defaultdict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     versions: int = 0
+    skipped: Skipped = field(default_factory=Skipped)
+    admin: list[str] = field(default_factory=list)  # the operator's commands and the replies, in order
 
     @property
     def counted_twice(self) -> dict[str, list[int]]:
@@ -63,10 +69,21 @@ class Accounting:
                 reasons[why[0].split(":")[0]] += 1
         for reason, count in sorted(reasons.items()):
             lines.append(f"    dropped as {reason}: {count}")
+        if self.admin:
+            lines.append(f"admin commands: {len(self.admin)}")
+            lines.extend(f"  {line}" for line in self.admin[-20:])
+        by_user: defaultdict[str, list[int]] = defaultdict(lambda: [0, 0])  # user -> [sent, folded]
+        for uid in self.sent:
+            counts = by_user[self.users.get(uid) or "(no user_id)"]
+            counts[0] += 1
+            counts[1] += uid in self.folded_into
+        for user, (sent, folded) in sorted(by_user.items()):
+            lines.append(f"  published by {user}: {sent} updates, {folded} folded")
         for uid in self.unaccounted[:10]:
             lines.append(f"  UNACCOUNTED {uid} from client {self.sent[uid]}")
         for uid, versions in list(self.counted_twice.items())[:10]:
             lines.append(f"  COUNTED TWICE {uid} in versions {versions}")
+        lines.append(self.skipped.summary())
         lines.append("OK: every update is accounted for exactly once" if self.ok else "FAILED")
         return "\n".join(lines)
 
@@ -74,16 +91,28 @@ class Accounting:
 def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) -> Accounting:
     """Check a journal (in order) against stored model versions' metadata."""
     result = Accounting()
+    skipped = result.skipped
     for delivery in journal:
         kind, key = delivery.envelope.type, delivery.routing_key
         if key.startswith("dead."):
-            if kind == ParameterUpdate.TYPE:
+            if kind == ParameterUpdate.TYPE and not delivery.problem:
                 result.dead[delivery.envelope.message_id].append(str(delivery.envelope.headers.get(REASON_HEADER, "")))
         elif kind == ParameterUpdate.TYPE:
-            result.sent.setdefault(delivery.envelope.message_id, delivery.envelope.sender)
+            # Only updates that decode are updates of the run; the server dead-letters the rest.
+            update = skipped.message(delivery, ParameterUpdate)
+            if update is not None:
+                result.sent.setdefault(update.message_id, update.sender)
+                result.users.setdefault(update.message_id, delivery.envelope.user_id)
         elif kind == UpdateDropped.TYPE:
-            record = from_wire(delivery.envelope, delivery.body)
-            result.dropped[record.update_id].append(record.reason)
+            record = skipped.record(delivery, UpdateDropped)
+            if record is not None:
+                result.dropped[record.update_id].append(record.reason)
+        elif kind == AdminReply.TYPE and not delivery.problem:
+            reply = skipped.record(delivery, AdminReply)
+            if reply is not None:
+                result.admin.append(f"{reply.command} by {reply.by or '?'} at round {reply.round}: {'ok' if reply.ok else 'refused'}: {reply.text}")
+        elif delivery.problem:
+            skipped.add("unreadable envelope")
     for meta in versions:
         result.versions += 1
         for uid in meta["update_ids"]:

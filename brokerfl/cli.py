@@ -27,29 +27,68 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=_env("SEED"), help="seed for data split, sampling, initialisation and training")
     parser.add_argument("--run", default=_env("RUN"), help="run name (the broker namespace)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--enforce-identity",
+        action="store_const",
+        const=True,
+        default=True if _env("ENFORCE_IDENTITY") in ("1", "true", "yes") else None,
+        help="check every message's publisher against the run's users (identity.enforce; $BROKERFL_ENFORCE_IDENTITY=1)",
+    )
 
 
 def _broker_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", help="AMQP URL (default: $BROKERFL_AMQP_URL)")
+    parser.add_argument("--broker", help="AMQP URL, amqp:// or amqps:// (default: $BROKERFL_AMQP_URL); amqps:// without a user and with --tls-cert logs in by certificate")
+    parser.add_argument("--tls-ca", default=_env("TLS_CA"), help="CA certificate (PEM) that signed the broker's (default: $BROKERFL_TLS_CA, else the system's CAs)")
+    parser.add_argument("--tls-cert", default=_env("TLS_CERT"), help="this participant's certificate (PEM) (default: $BROKERFL_TLS_CERT)")
+    parser.add_argument("--tls-key", default=_env("TLS_KEY"), help="its private key (PEM) (default: $BROKERFL_TLS_KEY)")
+
+
+def _metrics_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT"), help="serve Prometheus metrics on this port (/metrics)")
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
     # argparse applies `type` to string defaults too, so env values arrive as ints here
-    overrides: dict[str, Any] = {"clients": args.clients, "rounds": args.rounds, "seed": args.seed, "run": args.run}
+    overrides: dict[str, Any] = {"clients": args.clients, "rounds": args.rounds, "seed": args.seed, "run": args.run, "identity.enforce": getattr(args, "enforce_identity", None)}
     return load_config(args.config, overrides)
 
 
 def _set_torch_threads() -> None:
     # One thread per process: many logical clients share 2 cores, and a fixed thread count
-    # keeps training bitwise reproducible across processes and transports.
-    import torch
+    # keeps training bitwise reproducible across processes and transports. torch is set up
+    # only if the app imports it (an app without torch runs without it).
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
+    else:
+        os.environ["OMP_NUM_THREADS"] = "1"  # what torch's thread count starts from
 
-    torch.set_num_threads(1)
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from brokerfl.scaffold import ScaffoldError, create_app
+
+    try:
+        root = create_app(args.name, args.dir)
+    except ScaffoldError as exc:
+        print(f"brokerfl new: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote the app {args.name} in {root}/. Next:")
+    print(f"  pip install -e {root}")
+    print(f"  cd {root} && brokerfl simulate        # runs ./brokerfl.yaml: the app in one process")
+    print("  python -m pytest tests                 # the app's own test")
+    return 0
+
+
+APP_CONFIG = "brokerfl.yaml"  # the run of an app folder (what `brokerfl new` writes)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from brokerfl.simulate import SimulationError, simulate
 
+    if args.config is None and Path(APP_CONFIG).is_file():
+        # in an app's folder, `brokerfl simulate` runs that app (like `flwr run .`)
+        args.config = APP_CONFIG
+        print(f"brokerfl simulate: using ./{APP_CONFIG}", file=sys.stderr)
     config = _load(args)
     _set_torch_threads()
     out = Path(args.out or f"runs/{config.run}")
@@ -65,13 +104,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         count = write_journal_file(args.journal, config.run, read_journal(LocalTransport(result.broker), topology_for(config)))
         print(f"wrote the journal ({count} messages) to {args.journal}")
-    last = result.records[-1] if result.records else {}
+    scored = [r for r in result.records if r.get("accuracy") is not None]  # federated evaluation lines too
+    last = scored[-1] if scored else {}
     print(
-        f"{config.run}: {len(result.records)} rounds in {result.duration_s:.1f} s; "
+        f"{config.run}: {sum('evaluation' not in r for r in result.records)} rounds in {result.duration_s:.1f} s; "
         f"final accuracy {last.get('accuracy', float('nan')):.4f}, loss {last.get('loss', float('nan')):.4f}; "
         f"wrote {out / 'metrics.jsonl'} and {out / 'curve.png'}"
     )
+    _print_cross_site(config, out)
     return 0
+
+
+def _print_cross_site(config: RunConfig, out: Path) -> None:
+    if config.cross_site_eval:
+        from brokerfl.cross_site import HEATMAP_FILE, print_table, read_results
+
+        document = read_results(out)
+        if document is not None:
+            print_table(document)
+            print(f"heatmap: {out / HEATMAP_FILE}")
 
 
 def _broker_url(args: argparse.Namespace) -> str:
@@ -83,8 +134,9 @@ def _broker_url(args: argparse.Namespace) -> str:
 
 def _connect(args: argparse.Namespace):
     from brokerfl.transports.amqp import AmqpTransport
+    from brokerfl.transports.connect import TlsOptions
 
-    return AmqpTransport(_broker_url(args))
+    return AmqpTransport(_broker_url(args), tls=TlsOptions(args.tls_ca, args.tls_cert, args.tls_key))
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -100,6 +152,12 @@ def cmd_server(args: argparse.Namespace) -> int:
     metrics = MetricsLog(out / "metrics.jsonl")
     with _connect(args) as transport:
         worker = server_worker(transport, config, store, metrics)
+        if args.metrics_port:
+            from brokerfl.monitoring import serve_server_metrics
+            from handlers.workflows.admin import held_updates
+            from handlers.workflows.server import live_clients
+
+            serve_server_metrics(args.metrics_port, worker, live_clients, held_updates)
         worker.start()
         worker.run()
     state = worker.state
@@ -110,6 +168,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(f"brokerfl server: {state.failure}", file=sys.stderr)
         return 1
     print(f"{config.run}: done at model version {state.model.version}; wrote {out / 'metrics.jsonl'} and {out / 'curve.png'}")
+    _print_cross_site(config, out)
     return 0
 
 
@@ -150,10 +209,20 @@ def cmd_client(args: argparse.Namespace) -> int:
     from brokerfl.worker import run_workers
 
     config = _load(args)
+    if config.identity.enforce and len(args.client_id) > 1:
+        raise SystemExit("brokerfl client: with identity enforced each client has its own broker user: one --client-id per process")
     _set_torch_threads()
+    if config.workflow == "swarm":  # a peer: these clients plus an aggregator candidate
+        from brokerfl.swarm import run_peer
+
+        return run_peer(lambda: _connect(args), config, args.client_id, Path(_env("OUT") or f"runs/{config.run}"))
     with _connect(args) as transport:
         # one connection, one consumer per logical client
         workers = [client_worker(transport, config, client_id) for client_id in args.client_id]
+        if args.metrics_port:
+            from brokerfl.monitoring import serve_client_metrics
+
+            serve_client_metrics(args.metrics_port, workers)
         for worker in workers:
             worker.start()
         run_workers(transport, workers)
@@ -167,10 +236,16 @@ def cmd_accounting(args: argparse.Namespace) -> int:
 
     config = _load(args)
     out = Path(args.out or _env("OUT") or f"runs/{config.run}")
-    if not (out / "models").is_dir():
+    if config.workflow != "swarm" and not (out / "models").is_dir():
         raise SystemExit(f"brokerfl accounting: no stored model versions in {out / 'models'} (pass the server's --out)")
-    with _connect(args) as transport:
-        report = account_run(transport, topology_for(config), DirectoryModelStore(out / "models"))
+    with _connect(args) as transport, (_connect(args) if config.workflow == "swarm" else transport) as store_transport:
+        if config.workflow == "swarm":  # its versions are on the broker, in the run's models stream
+            from brokerfl.broker_store import BrokerModelStore
+
+            store = BrokerModelStore(store_transport, topology_for(config)).refresh()
+        else:
+            store = DirectoryModelStore(out / "models")
+        report = account_run(transport, topology_for(config), store)
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -194,14 +269,26 @@ def _load_for_journal(args: argparse.Namespace) -> RunConfig:
     return _load(args)
 
 
+def _strategy_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    import yaml
+
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a YAML value") from None
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from brokerfl.replay import ReplayError, replay
 
     config = _load_for_journal(args)
     deliveries, transport = _journal_source(args, config)
     try:
-        result = replay(deliveries, config, what_if=args.strategy, from_version=args.from_version, to_version=args.to_version)
-    except ReplayError as exc:
+        result = replay(deliveries, config, what_if=args.strategy, what_if_options=dict(args.option), from_version=args.from_version, to_version=args.to_version)
+    except (ReplayError, ValueError) as exc:  # ValueError: a what-if strategy's bad option
         print(f"brokerfl replay: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -216,13 +303,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_journal_export(args: argparse.Namespace) -> int:
-    from brokerfl.journal import read_journal, write_journal_file
+    from brokerfl.journal import Skipped, read_journal, write_journal_file
     from brokerfl.roles import topology_for
 
     config = _load(args)
+    skipped = Skipped()
     with _connect(args) as transport:
-        count = write_journal_file(args.file, config.run, read_journal(transport, topology_for(config.model_copy(update={"journal": True}))))
+        count = write_journal_file(args.file, config.run, read_journal(transport, topology_for(config.model_copy(update={"journal": True}))), skipped)
     print(f"wrote {count} messages of run {config.run} to {args.file}")
+    print(skipped.summary())
     return 0
 
 
@@ -260,6 +349,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provision(args: argparse.Namespace) -> int:
+    from brokerfl.provision import provision
+
+    config = _load(args)
+    done = provision(config, args.out, host=args.host, port=args.port, vhost=args.vhost, tls=args.tls, broker_dir=args.broker_dir)
+    print(f"wrote {done.definitions} (vhost {done.vhost!r}: {len(done.participants)} users, permissions, topic permissions, policy)")
+    print(f"      {len(done.env_files)} credentials files {done.out}/<user>.env (hand each site only its own)")
+    if done.tls_dir:
+        print(f"      a CA, the broker's and every participant's certificate in {done.tls_dir} (keep ca.key offline)")
+    print(f"      {done.rabbitmq_conf} for the broker; or: rabbitmqctl import_definitions {done.definitions}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brokerfl", description="Federated learning over a message broker.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -271,16 +373,23 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--journal", help="also write the run's journal to this file (for brokerfl replay --journal)")
     sim.set_defaults(func=cmd_simulate)
 
+    new = commands.add_parser("new", help="write a ready-to-run app package (model, data, config, test)")
+    new.add_argument("name", help="the app's package name (lower case, e.g. my_app)")
+    new.add_argument("--dir", default=".", help="where to create the package folder (default: here)")
+    new.set_defaults(func=cmd_new)
+
     server = commands.add_parser("server", help="run the server of a federation over RabbitMQ")
     _config_arguments(server)
     _broker_argument(server)
     server.add_argument("--out", help="directory for metrics.jsonl, curve.png and stored model versions (default: runs/<run>)")
+    _metrics_argument(server)
     server.set_defaults(func=cmd_server)
 
     client = commands.add_parser("client", help="run one or many logical clients over RabbitMQ")
     _config_arguments(client)
     _broker_argument(client)
     client.add_argument("--client-id", default=_env("CLIENT_ID"), type=parse_client_ids, help="an id, a range such as 0-9, or a list such as 0-3,7 (default: $BROKERFL_CLIENT_ID)")
+    _metrics_argument(client)
     client.set_defaults(func=cmd_client)
 
     accounting = commands.add_parser("accounting", help="prove every update is in exactly one model version or dropped with a reason")
@@ -295,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--journal", help="a journal file (brokerfl journal export, simulate --journal): no broker needed")
     rep.add_argument("--check", action="store_true", help="exit non-zero if any recomputed version differs from the stored one")
     rep.add_argument("--strategy", help="what-if: aggregate the same updates with this strategy (e.g. median) and compare accuracies")
+    rep.add_argument("--option", action="append", default=[], type=_strategy_option, metavar="KEY=VALUE", help="an option of the what-if strategy, e.g. f=2 (repeatable; the value is read as YAML)")
     rep.add_argument("--from-version", type=int, default=0)
     rep.add_argument("--to-version", type=int)
     rep.set_defaults(func=cmd_replay)
@@ -316,6 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--npz", help="with --update: write its tensors to this .npz file")
     ins.set_defaults(func=cmd_inspect)
 
+    prov = commands.add_parser("provision", help="broker users, permissions and credentials for a federation across organisations")
+    _config_arguments(prov)
+    prov.add_argument("--out", required=True, help="directory for definitions.json, <user>.env files, rabbitmq.conf (and tls/)")
+    prov.add_argument("--host", default="localhost", help="the broker's host name as participants reach it (and, with --tls, in its certificate)")
+    prov.add_argument("--port", type=int, help="the broker's port (default 5672, with --tls 5671)")
+    prov.add_argument("--vhost", help="the run's virtual host (default: the run name)")
+    prov.add_argument("--tls", action="store_true", help="also issue a CA and certificates; credentials use amqps:// and certificate login")
+    prov.add_argument("--broker-dir", help="where the broker sees --out (e.g. a container mount), for the paths in rabbitmq.conf")
+    prov.set_defaults(func=cmd_provision)
+
+    from brokerfl import cli_operate
+
+    cli_operate.add_commands(commands)
+
     ping = commands.add_parser("ping", help="check that the broker answers (container health checks)")
     _broker_argument(ping)
     ping.set_defaults(func=cmd_ping)
@@ -325,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(getattr(args, "log_level", "info"))  # ping has no --log-level
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -19,16 +19,19 @@ with limits on sizes, and every failure is one :class:`DecodeError`.
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import numpy as np
 
-try:  # torch is optional for the codec: clients without torch still read numpy arrays
-    import torch
-except ImportError:  # pragma: no cover - torch is a dependency of the package
-    torch = None  # type: ignore[assignment]
+
+
+def _loaded_torch() -> Any:
+    """torch if this process imported it, else None: the codec never imports torch to
+    encode (a torch tensor means torch is loaded), so numpy-only apps run without it."""
+    return sys.modules.get("torch")
 
 TENSOR_EXT = 1
 ALIGN = 64
@@ -81,12 +84,14 @@ class _Placeholder:
 
 
 def _is_tensor(value: Any) -> bool:
+    torch = _loaded_torch()
     return isinstance(value, np.ndarray) or (torch is not None and isinstance(value, torch.Tensor))
 
 
 def _as_array(value: Any) -> tuple[str, str, np.ndarray]:
     """(kind, wire dtype, C-contiguous little-endian array) for a numpy array or torch tensor."""
     kind = "numpy"
+    torch = _loaded_torch()
     if torch is not None and isinstance(value, torch.Tensor):
         kind = "torch"
         try:  # conj/neg views, sparse, nested and meta tensors make torch raise RuntimeError & co.
@@ -287,8 +292,8 @@ def _view(body: bytes, p: _Placeholder, base: int, end: int) -> Any:
         array = np.frombuffer(body, dtype=np_dtype, count=count, offset=base + p.offset).reshape(p.shape)
         if p.kind == "numpy":
             return array
-        if torch is None:  # pragma: no cover
-            return array
+        import torch  # a torch tensor on the wire: its reader gets one (imported at first need)
+
         # torch warns on read-only buffers; we keep the zero-copy view and document that it is
         # read-only, exactly like the numpy case.
         import warnings

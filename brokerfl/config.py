@@ -61,6 +61,7 @@ class StrategyConfig(_Section):
     on_too_few: Literal["retry", "stop"] = "retry"
     max_retries: int = Field(3, ge=0)
     join_timeout_s: float = Field(60.0, gt=0, description="how long to wait for every client to join")
+    max_num_samples: int = Field(1_000_000, ge=1, description="an update, Join or Heartbeat claiming more samples than this is refused (it would outweigh the others)")
     options: dict[str, Any] = Field(default_factory=dict, description="strategy-specific settings")
 
 
@@ -69,22 +70,55 @@ class LivenessConfig(_Section):
     timeout_s: float = Field(10.0, gt=0, description="a client silent this long is not sampled")
 
 
+class IdentityConfig(_Section):
+    enforce: bool = Field(False, description="receivers check each message's AMQP user_id against the run's users (brokerfl.identity)")
+    client_messages: list[str] = Field(
+        default_factory=lambda: ["join", "leave", "heartbeat", "parameter_update", "evaluate_result"],
+        description="message types clients may publish to the server (provisioning's topic permissions)",
+    )
+
+
+class CyclicConfig(_Section):
+    """``workflow: cyclic``: the model travels from client to client (handlers/workflows/cyclic.py)."""
+
+    order: Literal["fixed", "shuffle"] = Field("fixed", description="the same order every round, or reshuffled each round")
+    hop_timeout_s: float = Field(60.0, gt=0, description="a holder silent this long: its task passes to the next client")
+
+
+class SwarmConfig(_Section):
+    """``workflow: swarm``: no server; the round's aggregator is a role (handlers/workflows/swarm.py)."""
+
+    min_responses_required: int | None = Field(None, ge=1, description="updates a round needs before it may close early (default, or more than were sampled: every sampled client)")
+    wait_after_min_s: float = Field(5.0, ge=0, description="after the minimum, wait this long for the rest")
+    best_metric: str = Field("accuracy", description="validation metric the best global model is kept by")
+    best_mode: Literal["max", "min"] = Field("max", description="whether a higher or a lower best_metric is better")
+
+
 class RunConfig(_Section):
     run: str = "default"
     seed: int = 0
     rounds: int = Field(20, ge=1)
     clients: int = Field(10, ge=1, description="federation size = number of data partitions")
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    app: str = Field("handlers.apps.mlp", description="module of the app: model, data, training loop (see brokerfl.app)")
+    app_options: dict[str, Any] = Field(default_factory=dict, description="free-form settings handed to the app")
+    data: DataConfig = Field(default_factory=DataConfig, description="the built-in MLP app's data settings")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the built-in MLP app's model settings")
+    evaluate_every: int = Field(1, ge=1, description="federated evaluation every this many rounds")
+    federated_evaluation: Literal["auto", "always", "never"] = Field("auto", description="auto: when the app gives the server no test data")
     train: TrainConfig = Field(default_factory=TrainConfig)
+    workflow: Literal["server", "swarm", "cyclic"] = Field("server", description="who aggregates: a server, a role among the clients, or nobody (the model travels)")
+    cross_site_eval: bool = Field(False, description="after the last round, evaluate every local model and the global one on every site's data")
+    cyclic: CyclicConfig = Field(default_factory=CyclicConfig)
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     liveness: LivenessConfig = Field(default_factory=LivenessConfig)
     server_handlers: str | None = Field(None, description="module with the server's table and make_state (default: the strategy's)")
-    client_handlers: str = Field("handlers.client", description="module with the client's table and make_state")
+    client_handlers: str = Field("handlers.workflows.client", description="module with the client's table and make_state")
     extra_handlers: list[str] = Field(default_factory=list, description="modules imported to register more handlers")
     journal: bool = Field(True, description="copy every message to the run's journal stream")
     journal_max_bytes: int | None = Field(4 * 1024**3, ge=1, description="journal retention by size (oldest segments go first)")
     journal_max_age: str | None = Field(None, pattern=r"^[0-9]+[YMDhms]$", description="journal retention by age, e.g. 7D or 12h")
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
     client_slowdown: dict[str, float] = Field(default_factory=dict, description="client id -> factor: that client takes this many times longer to train (benchmarks of stragglers)")
 
     @field_validator("run")
@@ -92,12 +126,27 @@ class RunConfig(_Section):
     def _run_name(cls, value: str) -> str:
         return check_name("run name", value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _cyclic_strategy(cls, data: Any) -> Any:
+        # a cyclic run's versions are each one client's parameters: the "cyclic" strategy
+        if isinstance(data, dict) and data.get("workflow") == "cyclic":
+            strategy = data.get("strategy") if isinstance(data.get("strategy"), dict) else {}
+            data = {**data, "strategy": {"name": "cyclic", **strategy}}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        if self.app != "handlers.apps.mlp" and self.model_fields_set & {"data", "model"}:
+            raise ValueError(f"data and model are the built-in MLP app's settings; app {self.app!r} takes app_options")
         if self.strategy.min_clients > self.clients:
             raise ValueError(f"strategy.min_clients ({self.strategy.min_clients}) exceeds clients ({self.clients})")
         if self.strategy.clients_per_round is not None and self.strategy.clients_per_round > self.clients:
             raise ValueError(f"strategy.clients_per_round ({self.strategy.clients_per_round}) exceeds clients ({self.clients})")
+        if self.cross_site_eval and self.workflow == "swarm":
+            raise ValueError("cross_site_eval runs on the server and cyclic workflows, not yet on swarm")
+        if self.workflow == "cyclic" and self.strategy.name != "cyclic":
+            raise ValueError(f"workflow cyclic hands the model on; strategy.name must be cyclic, not {self.strategy.name!r}")
         return self
 
     def client_ids(self) -> list[str]:

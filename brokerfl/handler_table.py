@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from brokerfl.message import Message
-from brokerfl.topology import CLIENTS, SERVER, client_dest
+from brokerfl.topology import CLIENTS, REQUESTER, SERVER, client_dest
 
 Handler = Callable[[Any, "Context"], "Iterable[Outbound] | None"]
 
@@ -30,7 +30,8 @@ class Rejected(ValueError):
 
 @dataclass(frozen=True)
 class Outbound:
-    """A message and who receives it: ``server``, ``clients`` or ``client.<id>``."""
+    """A message and who receives it: ``server``, ``clients``, ``client.<id>``, or
+    ``requester`` (the sender of the request being handled, see :func:`to_requester`)."""
 
     dest: str
     message: Message
@@ -46,6 +47,11 @@ def to_clients(message: Message) -> Outbound:
 
 def to_client(client_id: str, message: Message) -> Outbound:
     return Outbound(client_dest(client_id), message)
+
+
+def to_requester(message: Message) -> Outbound:
+    """The reply to the request being handled (direct reply-to: not routed, not journaled)."""
+    return Outbound(REQUESTER, message)
 
 
 @dataclass(kw_only=True)

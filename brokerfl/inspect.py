@@ -18,9 +18,10 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from brokerfl.codec import DecodeError
+from brokerfl.journal import Skipped
 from brokerfl.message import ModelVersionStored, from_wire
 from brokerfl.topology import RunTopology
-from brokerfl.transport import REASON_HEADER, Delivery, Transport, TransportError
+from brokerfl.transport import ORIGIN_USER_HEADER, REASON_HEADER, Delivery, Transport, TransportError, bounded
 
 
 def management_counts(amqp_url: str, timeout: float = 2.0) -> dict[str, dict[str, int]] | None:
@@ -36,7 +37,10 @@ def management_counts(amqp_url: str, timeout: float = 2.0) -> dict[str, dict[str
     except (OSError, ValueError):
         return None
     return {
-        q["name"]: {"ready": q.get("messages_ready", 0), "unacked": q.get("messages_unacknowledged", 0), "consumers": q.get("consumers", 0)}
+        q["name"]: {
+            "ready": q.get("messages_ready", 0), "unacked": q.get("messages_unacknowledged", 0), "consumers": q.get("consumers", 0),
+            "messages": q.get("messages"), "bytes": q.get("message_bytes"),
+        }
         for q in queues
     }
 
@@ -65,20 +69,31 @@ def queue_table(transport: Transport, topology: RunTopology, client_ids: Iterabl
 
 def journal_report(deliveries: Iterable[Delivery], newest: int = 5) -> str:
     dead: list[Delivery] = []
+    dead_count = 0
     versions: list[ModelVersionStored] = []
     counts: dict[str, int] = {}
+    skipped = Skipped()
     for d in deliveries:
-        counts[d.envelope.type] = counts.get(d.envelope.type, 0) + 1
+        if d.problem:
+            skipped.add("unreadable envelope")
+            continue
+        kind = bounded(d.envelope.type, 40)
+        counts[kind] = counts.get(kind, 0) + 1
         if d.routing_key.startswith("dead."):
-            dead.append(d)
+            dead_count += 1
+            dead = [*dead[-19:], d]
         elif d.envelope.type == ModelVersionStored.TYPE:
-            versions.append(from_wire(d.envelope, d.body))
+            record = skipped.record(d, ModelVersionStored)
+            if record is not None and all(v.version != record.version for v in versions[-newest:]):
+                versions.append(record)  # a resumed process journals its newest version again
     lines = ["journal: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))]
-    lines.append(f"dead letters: {len(dead)}")
-    for d in dead[-20:]:
-        headers = {k: v for k, v in d.envelope.headers.items() if k != REASON_HEADER}
-        lines.append(f"  {d.envelope.type} {d.envelope.message_id} from {d.envelope.sender or '?'}: {d.envelope.headers.get(REASON_HEADER, '?')}")
-        lines.append(f"      headers {headers}")
+    lines.append(skipped.summary())
+    lines.append(f"dead letters: {dead_count}")
+    for d in dead:
+        headers = {k: bounded(v, 80) for k, v in d.envelope.headers.items() if k != REASON_HEADER}
+        user = bounded(d.envelope.headers.get(ORIGIN_USER_HEADER) or "?", 64)  # who published the original
+        lines.append(f"  {bounded(d.envelope.type, 40)} {bounded(d.envelope.message_id, 40)} from {bounded(d.envelope.sender or '?', 64)} (user {user}): {bounded(d.envelope.headers.get(REASON_HEADER, '?'), 300)}")
+        lines.append(f"      headers {bounded(repr(headers), 500)}")
     lines.append(f"newest model versions (of {len(versions)}):")
     for v in versions[-newest:]:
         acc = v.metrics.get("accuracy")
@@ -102,13 +117,13 @@ def find_message(deliveries: Iterable[Delivery], message_id: str) -> Delivery:
 def describe(delivery: Delivery) -> str:
     """Envelope, headers and fields; tensors as name, shape, dtype and L2 norm (no raw bytes)."""
     e = delivery.envelope
-    lines = [f"{e.type} {e.message_id}", f"  routing key {delivery.routing_key}, sender {e.sender or '?'}, timestamp {e.timestamp:.3f}", f"  headers {e.headers}"]
+    lines = [f"{e.type} {e.message_id}", f"  routing key {delivery.routing_key}, sender {e.sender or '?'}, user {bounded(e.user_id or '?', 64)}, timestamp {e.timestamp:.3f}", f"  headers {bounded(repr(e.headers), 2000)}"]
     try:
         message = from_wire(e, delivery.body)
     except DecodeError as exc:
         return "\n".join([*lines, f"  body does not decode: {exc}"])
     for name, value in vars(message).items():
-        if name in ("message_id", "sender", "timestamp", "schema_version"):
+        if name in ("message_id", "sender", "timestamp", "schema_version", "user_id"):
             continue
         if isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
             lines.append(f"  {name}: {len(value)} tensors")
@@ -122,7 +137,10 @@ def describe(delivery: Delivery) -> str:
 
 def dump_npz(delivery: Delivery, path: str) -> list[str]:
     """Write a message's tensors (an update's parameters) to an .npz file; returns their names."""
-    message = from_wire(delivery.envelope, delivery.body)
+    try:
+        message = from_wire(delivery.envelope, delivery.body)
+    except DecodeError as exc:
+        raise KeyError(f"message {delivery.envelope.message_id} does not decode: {exc}") from None
     tensors = getattr(message, "parameters", None) or getattr(message, "gradients", None)
     if not tensors:
         raise KeyError(f"message {delivery.envelope.message_id} ({delivery.envelope.type}) holds no tensors")

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import msgpack
 
-from brokerfl.message import Envelope, Message
+from brokerfl.codec import DecodeError
+from brokerfl.message import Envelope, Message, from_wire
 from brokerfl.topology import AUDIT, RunTopology, routing_key
-from brokerfl.transport import Delivery, Transport, TransportError
+from brokerfl.transport import Delivery, Transport, TransportError, bounded, envelope_problem, safe_headers
+
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(kw_only=True)
@@ -58,23 +62,90 @@ def read_journal(transport: Transport, topology: RunTopology, *, timeout_s: floa
         transport.cancel(tag)
 
 
+# ---------------------------------------------------------------- what readers skip
+
+
+@dataclass
+class Skipped:
+    """Journal records a reader passed over because they are not valid messages of the run
+    (anyone who may publish to the run's exchange can put anything in its journal), by why.
+
+    Decision: a reader never fails on the journal's content; it skips such a record, counts
+    it, and says so in its output. Records the server itself writes (version records, drop
+    records) count only from ``audit.*`` routing keys, where the server publishes them; a
+    second copy of a record (same message id: a publisher's retry after a lost confirm) is
+    read once."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    seen: set[str] = field(default_factory=set)  # message ids of the server's records already read
+
+    def add(self, why: str) -> None:
+        self.counts[why] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "skipped journal records: 0"
+        parts = ", ".join(f"{n} {why}" for why, n in self.counts.most_common())
+        return f"skipped journal records (not valid messages of the run): {self.total} ({parts})"
+
+    def record(self, delivery: Delivery, cls: type[M]) -> M | None:
+        """``delivery`` decoded as a ``cls`` record of the server, or None (counted)."""
+        if not delivery.routing_key.startswith(f"{AUDIT}."):
+            self.add(f"{cls.TYPE} not on an {AUDIT}.* key")
+            return None
+        message = self.message(delivery, cls)
+        if message is None:
+            return None
+        if message.message_id in self.seen:
+            self.add(f"repeated {cls.TYPE}")
+            return None
+        self.seen.add(message.message_id)
+        return message
+
+    def message(self, delivery: Delivery, cls: type[M]) -> M | None:
+        """``delivery`` decoded as a ``cls``, or None (counted)."""
+        if delivery.problem or envelope_problem(delivery.envelope):
+            self.add("unreadable envelope")
+            return None
+        try:
+            message = from_wire(delivery.envelope, delivery.body)
+        except DecodeError:
+            self.add(f"undecodable {bounded(delivery.envelope.type, 40)}")
+            return None
+        if not isinstance(message, cls):  # pragma: no cover - from_wire picks the class by type
+            self.add(f"not a {cls.TYPE}")
+            return None
+        return message
+
+
 # ---------------------------------------------------------------- journal files
 
 FILE_FORMAT = "brokerfl-journal"
 FILE_VERSION = 1
 
 
-def write_journal_file(path: str | os.PathLike, run: str, deliveries: Iterable[Delivery]) -> int:
+def write_journal_file(path: str | os.PathLike, run: str, deliveries: Iterable[Delivery], skipped: Skipped | None = None) -> int:
     """Write journaled messages to a file (a msgpack stream: a header map, then one
     ``[exchange, routing_key, type, message_id, sender, timestamp, headers, body]`` per
-    message); returns how many. Bodies stay exactly as they travelled."""
+    message); returns how many. Bodies stay exactly as they travelled; headers of types
+    msgpack cannot hold (decimals, timestamps) are left out, and records whose envelope is
+    unreadable are skipped (counted in ``skipped``)."""
     count = 0
+    skipped = skipped if skipped is not None else Skipped()
     tmp = Path(f"{path}.tmp")
     with tmp.open("wb") as f:
         f.write(msgpack.packb({"format": FILE_FORMAT, "version": FILE_VERSION, "run": run}))
         for d in deliveries:
             e = d.envelope
-            f.write(msgpack.packb([d.exchange, d.routing_key, e.type, e.message_id, e.sender, e.timestamp, e.headers, d.body], use_bin_type=True))
+            if d.problem or envelope_problem(e):
+                skipped.add("unreadable envelope")
+                continue
+            headers, _ = safe_headers(e.headers)
+            f.write(msgpack.packb([d.exchange, d.routing_key, e.type, e.message_id, e.sender, e.timestamp, headers, d.body], use_bin_type=True))
             count += 1
         f.flush()
         os.fsync(f.fileno())
@@ -100,12 +171,25 @@ def read_journal_file(path: str | os.PathLike) -> Iterator[Delivery]:
             raise TransportError(f"{path} is not a brokerfl journal file")
         if header.get("version") != FILE_VERSION:
             raise TransportError(f"{path}: journal file version {header.get('version')!r} is not supported")
-        for offset, record in enumerate(unpacker):
+        offset = 0
+        while True:
+            try:
+                record = next(unpacker)
+            except StopIteration:
+                return
+            except (ValueError, msgpack.UnpackException) as exc:  # the rest of the file cannot be read
+                yield Delivery("journal", "", "", Envelope("", "", "", 0.0, {}), b"", False, offset, problem=f"unreadable from record {offset} on ({type(exc).__name__})")
+                return
             try:
                 exchange, key, type_, message_id, sender, timestamp, headers, body = record
+                if not (isinstance(exchange, str) and isinstance(key, str) and isinstance(body, bytes)):
+                    raise TypeError
             except (TypeError, ValueError):
-                raise TransportError(f"{path}: record {offset} is malformed") from None
-            yield Delivery("journal", exchange, key, Envelope(type_, message_id, sender, timestamp, headers), body, False, offset)
+                yield Delivery("journal", "", "", Envelope("", "", "", 0.0, {}), b"", False, offset, problem=f"record {offset} is malformed")
+            else:
+                envelope = Envelope(type_, message_id, sender, timestamp, headers)
+                yield Delivery("journal", exchange, key, envelope, body, False, offset, problem=envelope_problem(envelope))
+            offset += 1
 
 
 def journal_file_run(path: str | os.PathLike) -> str:

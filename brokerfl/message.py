@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import time
 import types
 import typing
@@ -20,10 +21,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-try:
-    import torch
-except ImportError:  # pragma: no cover
-    torch = None  # type: ignore[assignment]
 
 from brokerfl.codec import DEFAULT_LIMITS, DecodeError, Limits, decode, encode
 
@@ -33,7 +30,7 @@ Tensors = dict[str, np.ndarray]
 """A model's parameters, or its gradients, by name."""
 
 MESSAGE_TYPES: dict[str, type[Message]] = {}
-ENVELOPE_FIELDS = ("message_id", "sender", "run", "round", "model_version", "timestamp", "schema_version")
+ENVELOPE_FIELDS = ("message_id", "sender", "run", "round", "model_version", "timestamp", "schema_version", "user_id")
 
 
 def new_message_id() -> str:
@@ -49,6 +46,7 @@ class Envelope:
     sender: str
     timestamp: float
     headers: dict[str, Any] = field(default_factory=dict)  # run, round, model_version, schema_version, ...
+    user_id: str = ""  # the publisher's broker user: stamped by the transport, validated by RabbitMQ
 
 
 @dataclass(kw_only=True)
@@ -65,6 +63,7 @@ class Message:
     model_version: int = 0
     timestamp: float = field(default_factory=time.time)
     schema_version: int = SCHEMA_VERSION
+    user_id: str = ""  # who published it (the broker user); set on receipt, stamped by the transport on send
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -207,6 +206,7 @@ def to_wire(message: Message, limits: Limits = DEFAULT_LIMITS) -> tuple[Envelope
         message_id=message.message_id,
         sender=message.sender,
         timestamp=message.timestamp,
+        user_id=message.user_id,
         headers={
             "run": message.run,
             "round": message.round,
@@ -242,11 +242,52 @@ def from_wire(envelope: Envelope, body: bytes, limits: Limits = DEFAULT_LIMITS) 
         "message_id": _check(envelope.message_id, str, "message_id"),
         "sender": _check(envelope.sender or "", str, "sender"),
         "timestamp": _check(envelope.timestamp, float, "timestamp"),
+        "user_id": _check(envelope.user_id or "", str, "user_id"),
         "run": _check(headers.get("run", ""), str, "run"),
         "round": _check(headers.get("round", 0), int, "round"),
         "model_version": _check(headers.get("model_version", 0), int, "model_version"),
     }
+    _check_ranges(envelope.type, envelope_values, values)
     return cls(**envelope_values, **values)
+
+
+MAX_COUNTER = 2**63  # rounds, model versions, sample counts: non-negative, and what an AMQP header holds
+MAX_ID_CHARS = 128  # message ids, and the fields that name one
+_MESSAGE_ID_FIELDS = ("task_id", "update_id")
+_COUNT_FIELDS = ("round", "model_version", "num_samples", "version", "parent")
+
+
+def _check_ranges(kind: str, envelope_values: dict[str, Any], values: dict[str, Any]) -> None:
+    """Protocol rules beyond types, checked before any handler trusts a field: client ids
+    follow the name rule (they become words of routing keys and land in logs, state and
+    records), counters are non-negative and bounded, message ids are bounded."""
+    from brokerfl.topology import check_name  # topology imports the transport, which imports this module
+
+    if "client_id" in values:
+        try:
+            check_name("client id", values["client_id"])
+        except ValueError:
+            raise DecodeError(f"{kind}.client_id: {_shown(values['client_id'])} must be 1-64 characters of letters, digits, '_' or '-'") from None
+    for name in _MESSAGE_ID_FIELDS:
+        if name in values and len(values[name]) > MAX_ID_CHARS:
+            raise DecodeError(f"{kind}.{name}: {_shown(values[name])} is longer than {MAX_ID_CHARS} characters")
+    for i, value in enumerate(values.get("participants") or []):
+        try:
+            check_name("client id", value)
+        except ValueError:
+            raise DecodeError(f"{kind}.participants[{i}]: {_shown(value)} is not a client id") from None
+    for name in _COUNT_FIELDS:
+        value = values.get(name, envelope_values.get(name))
+        if isinstance(value, int) and not 0 <= value < MAX_COUNTER:
+            raise DecodeError(f"{kind}.{name}: {_shown(value)} is out of range (0 to 2^63)")
+    if not 0 < len(envelope_values["message_id"]) <= MAX_ID_CHARS:
+        raise DecodeError(f"message_id {_shown(envelope_values['message_id'])} must be 1-{MAX_ID_CHARS} characters")
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value from the wire as it may appear in a reason: repr, cut to ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
 def _payload_hints(cls: type[Message]) -> dict[str, tuple[Any, bool]]:
@@ -261,6 +302,7 @@ def _payload_hints(cls: type[Message]) -> dict[str, tuple[Any, bool]]:
 
 
 def _is_torch_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")  # never imported here: a torch tensor means it is loaded
     return torch is not None and isinstance(value, torch.Tensor)
 
 
@@ -289,7 +331,7 @@ def _check(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, np.ndarray):
             return value
         if _is_torch_tensor(value):  # a sender may put torch tensors on the wire; handlers see numpy
-            return value.numpy() if value.dtype != torch.bfloat16 else value.float().numpy()
+            return value.numpy() if str(value.dtype) != "torch.bfloat16" else value.float().numpy()
     elif origin is list:
         if isinstance(value, list):
             (item,) = typing.get_args(hint) or (Any,)

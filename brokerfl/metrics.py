@@ -53,12 +53,20 @@ def plot_curve(records: list[dict[str, Any]], png: str | os.PathLike, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in records]
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    acc_ax.plot(rounds, [r["accuracy"] for r in records], marker="o", markersize=3)
+    # the server's own test data, and federated evaluation (clients' sample-weighted metrics)
+    server = [r for r in records if "evaluation" not in r and r.get("accuracy") is not None]
+    federated = [r for r in records if r.get("evaluation") == "federated"]
+    for series, label, style in ((server, "server test data", "-"), (federated, "federated evaluation", "--")):
+        if not series:
+            continue
+        rounds = [r["round"] for r in series]
+        acc_ax.plot(rounds, [r["accuracy"] for r in series], style, marker="o", markersize=3, label=label)
+        loss_ax.plot(rounds, [r["loss"] for r in series], style, marker="o", markersize=3, color="tab:red", label=label)
+    if server and federated:
+        acc_ax.legend()
     acc_ax.set(xlabel="round", ylabel="test accuracy", title="accuracy")
     acc_ax.grid(alpha=0.3)
-    loss_ax.plot(rounds, [r["loss"] for r in records], marker="o", markersize=3, color="tab:red")
     loss_ax.set(xlabel="round", ylabel="test loss", title="loss")
     loss_ax.grid(alpha=0.3)
     from matplotlib.ticker import MaxNLocator

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from brokerfl.config import RunConfig
-from brokerfl.message import ModelVersionStored, ParameterUpdate, UpdateDropped, from_wire
+from brokerfl.journal import Skipped
+from brokerfl.message import ModelVersionStored, ParameterUpdate, UpdateDropped
 from brokerfl.store import parameters_hash
 from brokerfl.transport import Delivery
 
@@ -42,6 +43,7 @@ class ReplayRow:
     stored_metrics: dict[str, float] = field(default_factory=dict)
     what_if: dict[str, float] | None = None  # accuracy and loss of the what-if model
     problem: str = ""
+    users: list[str] = field(default_factory=list)  # who published its updates (AMQP user_id), in fold order
 
     @property
     def ok(self) -> bool:
@@ -53,6 +55,7 @@ class ReplayResult:
     rows: list[ReplayRow]
     seconds: float
     updates_read: int
+    skipped: Skipped = field(default_factory=Skipped)
 
     @property
     def ok(self) -> bool:
@@ -73,10 +76,21 @@ class ReplayResult:
                 line += f"   {acc:>8.4f} {loss:>8.4f}   {row.what_if['accuracy']:>12.4f} {row.what_if['loss']:>12.4f}"
             if row.problem:
                 line += f"  ({row.problem})"
+            if any(row.users):
+                line += "  from " + _publishers(row.users)
             lines.append(line)
         bad = sum(not row.ok for row in self.rows)
         lines.append(f"{len(self.rows)} versions, {bad} DIFF; {self.updates_read} updates read in {self.seconds:.2f} s")
+        lines.append(self.skipped.summary())
         return "\n".join(lines)
+
+
+def _publishers(users: list[str]) -> str:
+    """``acme-client-0, acme-client-1 x2``: each publishing user once, with its count."""
+    counts: dict[str, int] = {}
+    for user in users:
+        counts[user or "?"] = counts.get(user or "?", 0) + 1
+    return ", ".join(user + (f" x{n}" if n > 1 else "") for user, n in counts.items())
 
 
 def replay(
@@ -84,16 +98,16 @@ def replay(
     config: RunConfig,
     *,
     what_if: str | None = None,
+    what_if_options: dict[str, Any] | None = None,
     from_version: int = 0,
     to_version: int | None = None,
 ) -> ReplayResult:
     """Recompute versions ``from_version``..``to_version`` of the journaled run."""
-    from handlers.strategy import load_strategy
+    from handlers.strategies.base import strategy_for_run
 
     started = time.perf_counter()
-    strategy_settings = {"fraction": config.strategy.fraction, "clients_per_round": config.strategy.clients_per_round}
-    original = load_strategy(config.strategy.name, **strategy_settings, **config.strategy.options)
-    alternative = load_strategy(what_if, **strategy_settings) if what_if else None
+    original = strategy_for_run(config)  # stateful strategies carry their state from version to version
+    alternative = strategy_for_run(config, what_if, what_if_options or {}) if what_if else None
     scorer = _test_scorer(config) if alternative is not None else None
 
     pending: dict[str, ParameterUpdate] = {}
@@ -101,18 +115,31 @@ def replay(
     alt_model: dict[str, np.ndarray] | None = None
     rows: list[ReplayRow] = []
     updates_read = 0
+    skipped = Skipped()
+    recorded: dict[int, str] = {}  # version -> the hash its first record named
     for delivery in journal:
         kind = delivery.envelope.type
         if delivery.routing_key.startswith("dead."):
             continue  # a dead letter was never folded
         if kind == ParameterUpdate.TYPE:
-            update = from_wire(delivery.envelope, delivery.body)
+            update = skipped.message(delivery, ParameterUpdate)
+            if update is None or update.message_id in pending:
+                continue  # the first copy of an id is the one a version names (the server dedupes the same way)
             pending[update.message_id] = update
             updates_read += 1
         elif kind == UpdateDropped.TYPE:
-            pending.pop(from_wire(delivery.envelope, delivery.body).update_id, None)
+            dropped = skipped.record(delivery, UpdateDropped)
+            if dropped is not None:
+                pending.pop(dropped.update_id, None)
         elif kind == ModelVersionStored.TYPE:
-            record = from_wire(delivery.envelope, delivery.body)
+            record = skipped.record(delivery, ModelVersionStored)
+            if record is None:
+                continue
+            if record.version in recorded:
+                if recorded[record.version] != record.sha256:
+                    skipped.add("second record of a version, with another hash")
+                continue  # the same record again: journaled once more by a process that resumed
+            recorded[record.version] = record.sha256
             if not history and record.version != 0:
                 raise ReplayError(
                     f"the journal begins after version 0 (its first version record is v{record.version}): "
@@ -121,6 +148,7 @@ def replay(
             if to_version is not None and record.version > to_version:
                 break
             row, model = _replay_version(record, original, pending, history)
+            row.users = [pending[uid].user_id for uid in record.update_ids if uid in pending]
             history[record.version] = model
             for old in [v for v in history if v < record.version - HISTORY]:
                 del history[old]
@@ -135,7 +163,7 @@ def replay(
                 rows.append(row)
     if not rows:
         raise ReplayError("the journal holds no model version records in that range (was the run's journal on?)")
-    return ReplayResult(rows, time.perf_counter() - started, updates_read)
+    return ReplayResult(rows, time.perf_counter() - started, updates_read, skipped)
 
 
 def row_updates(record: ModelVersionStored, pending: dict[str, ParameterUpdate]) -> list[ParameterUpdate]:
@@ -161,13 +189,16 @@ def _replay_version(record: ModelVersionStored, strategy: Any, pending: dict[str
 
 
 def _test_scorer(config: RunConfig):
-    from handlers.datasets import load_dataset
-    from handlers.trainer import evaluate
+    """The app's evaluation on the server's test data (NaN without any)."""
+    from brokerfl.app import load_app
 
-    data = load_dataset(config.data.dataset, test_fraction=config.data.test_fraction, seed=config.seed)
+    app = load_app(config)
+    evaluate = app.evaluator(app.load_server_test(config.seed))
 
     def score(parameters: dict[str, np.ndarray]) -> dict[str, float]:
-        result = evaluate(parameters, data.x_test, data.y_test, hidden=config.model.hidden, num_classes=data.num_classes)
+        if evaluate is None:
+            return {"accuracy": float("nan"), "loss": float("nan")}
+        result = evaluate(parameters)
         return {"accuracy": result["accuracy"], "loss": result["loss"]}
 
     return score

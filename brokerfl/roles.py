@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+import structlog
+
+from brokerfl import identity
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore
@@ -18,12 +21,17 @@ from brokerfl.transport import Transport
 from brokerfl.worker import Worker
 
 
+CROSS_SITE_HANDLERS = "handlers.workflows.cross_site"
+
+
 def handler_set(config: RunConfig, key: str) -> ModuleType:
     for extra in config.extra_handlers:
         _import(extra, "extra_handlers")
+    if config.cross_site_eval:  # registers its handlers on the built-in tables
+        _import(CROSS_SITE_HANDLERS, "cross_site_eval")
     name = getattr(config, key)
     if name is None:  # the strategy says which server handler set runs it (sync rounds or async)
-        from handlers.strategy import strategy_class
+        from handlers.strategies.base import strategy_class
 
         try:
             name = strategy_class(config.strategy.name).server_handlers
@@ -49,25 +57,41 @@ def topology_for(config: RunConfig, *, journal: bool | None = None) -> RunTopolo
         journal=config.journal if journal is None else journal,
         journal_max_bytes=config.journal_max_bytes,
         journal_max_age=config.journal_max_age,
+        swarm=config.workflow == "swarm",
     )
 
 
 def server_worker(transport: Transport, config: RunConfig, store: ModelStore, metrics: MetricsLog, *, journal: bool | None = None) -> Worker:
     if journal is not None:  # handlers read config.journal (e.g. whether drop records have a taker)
         config = config.model_copy(update={"journal": journal})
+    if config.workflow == "swarm":
+        raise ConfigError("workflow swarm has no server process: every `brokerfl client` is a peer that can hold the aggregator role")
     topology = topology_for(config)
     topology.declare(transport)
     module = handler_set(config, "server_handlers")
     state = module.make_state(config, store, metrics)
+    if hasattr(state, "admin"):  # the operator's changes survive a restart (brokerfl.admin)
+        from brokerfl.admin import restore_admin_state
+
+        state.admin = restore_admin_state(transport, topology)
+        state.config = state.admin.applied_to(state.config)
+    if config.cross_site_eval:
+        _import(CROSS_SITE_HANDLERS, "cross_site_eval").enable(state)
     # every update of a round stays unacked until its model version is stored
     prefetch = max(2 * config.clients, 16)
-    return Worker(transport, topology, topology.server_queue, module.table, state, name="server", prefetch=prefetch)
+    admit = identity.server_inbox_check(config.run, config.client_ids()) if config.identity.enforce else None
+    return Worker(transport, topology, topology.server_queue, module.table, state, name="server", prefetch=prefetch, admit=admit)
 
 
 def client_worker(transport: Transport, config: RunConfig, client_id: str, *, journal: bool | None = None) -> Worker:
     topology = topology_for(config, journal=journal)
-    topology.declare(transport)
+    if not config.identity.enforce:
+        topology.declare(transport)
+    # else the run's exchange comes with the definitions and the server declares its queues:
+    # a client may configure nothing but its own queue
     queue = topology.declare_client(transport, client_id)
     module = handler_set(config, "client_handlers")
     state = module.make_state(config, client_id)
-    return Worker(transport, topology, queue, module.table, state, name=f"client.{client_id}", prefetch=1)
+    log = structlog.get_logger("brokerfl").bind(run=config.run, role=f"client.{client_id}", client=client_id)
+    admit = identity.client_inbox_check(config.run) if config.identity.enforce else None
+    return Worker(transport, topology, queue, module.table, state, name=f"client.{client_id}", prefetch=1, log=log, admit=admit)

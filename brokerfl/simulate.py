@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from brokerfl import identity
 from brokerfl.config import RunConfig
 from brokerfl.metrics import MetricsLog, plot_curve
 from brokerfl.roles import client_worker, server_worker
@@ -44,7 +45,8 @@ def simulate(
     journal: bool = False,
 ) -> SimulationResult:
     """Run ``config`` to the end. ``journal`` keeps the run's journal stream in ``broker``
-    (in memory: every message of the run) for accounting and replay."""
+    (in memory: every message of the run) for accounting and replay. Each participant
+    connects as its own user (:mod:`brokerfl.identity`) when ``identity.enforce`` is on."""
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -54,10 +56,17 @@ def simulate(
     # Clients in this process are alive by construction; liveness by heartbeat timing would
     # only make sampling depend on how fast this machine trains (and so not reproducible).
     config = config.model_copy(update={"liveness": config.liveness.model_copy(update={"timeout_s": float("inf")})})
+    if config.workflow == "swarm":  # no server: every client process is also an aggregator candidate
+        from brokerfl.swarm import simulate_swarm
+
+        records, state, store = simulate_swarm(config, out, broker, journal=journal)
+        if state.failure:
+            raise SimulationError(state.failure)
+        return SimulationResult(records, state, time.perf_counter() - started, out, broker, store)
     metrics = MetricsLog(out / "metrics.jsonl" if out else None)
     store = store or MemoryModelStore()
-    server = server_worker(LocalTransport(broker), config, store, metrics, journal=journal)
-    clients = [client_worker(LocalTransport(broker), config, cid, journal=journal) for cid in config.client_ids()]
+    server = server_worker(LocalTransport(broker, user=_user(config, None)), config, store, metrics, journal=journal)
+    clients = [client_worker(LocalTransport(broker, user=_user(config, cid)), config, cid, journal=journal) for cid in config.client_ids()]
     bar = _ProgressBar(config.rounds) if progress else None
     if bar:
         server.state.on_round.append(bar.update)
@@ -77,6 +86,13 @@ def simulate(
     if out is not None and metrics.records:
         plot_curve(metrics.records, out / "curve.png", title=f"{config.run}: {config.strategy.name}, {config.clients} clients")
     return SimulationResult(metrics.records, state, time.perf_counter() - started, out, broker, store)
+
+
+def _user(config: RunConfig, client_id: str | None) -> str:
+    """Each participant's broker user: the provisioned ones when identity is enforced."""
+    if not config.identity.enforce:
+        return "guest"
+    return identity.server_user(config.run) if client_id is None else identity.client_user(config.run, client_id)
 
 
 def _run(server, clients) -> None:
@@ -108,6 +124,9 @@ class _ProgressBar:
         self._progress.start()
 
     def update(self, record: dict[str, Any]) -> None:
+        if record.get("accuracy") is None:  # a round without server test data: federated evaluation follows
+            self._progress.update(self._task, completed=record["round"])
+            return
         self._progress.update(self._task, completed=record["round"], description=f"acc {record['accuracy']:.4f}  loss {record['loss']:.4f}")
 
     def close(self) -> None:

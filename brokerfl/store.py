@@ -1,7 +1,8 @@
 """Global model versions and where they are kept.
 
 Every version records what it is made of: its parent, the strategy, and the ids of the
-updates folded into it in fold order. That is what makes a redelivered update recognisable
+updates folded into it in fold order; a stateful strategy's state (a server optimizer's
+moments, say) is stored with it as named arrays, in the same file and so atomically. That is what makes a redelivered update recognisable
 (it is already in) and a run replayable (fold the same updates in the same order and get
 the same hash).
 """
@@ -44,6 +45,7 @@ class ModelVersion:
     sha256: str = ""
     created: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
+    strategy_state: Tensors = field(default_factory=dict)  # named arrays the strategy resumes from
 
     def __post_init__(self) -> None:
         if not self.sha256:
@@ -51,7 +53,7 @@ class ModelVersion:
 
     def metadata(self) -> dict[str, Any]:
         # not dataclasses.asdict: it would deep-copy the parameters only to drop them
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "parameters"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("parameters", "strategy_state")}
 
 
 class ModelStore(abc.ABC):
@@ -88,6 +90,7 @@ class MemoryModelStore(ModelStore):
         if self.keep is not None:
             for old in sorted(self._models)[: -self.keep]:
                 self._models[old].parameters = {}
+                self._models[old].strategy_state = {}
 
     def get(self, version: int) -> ModelVersion:
         try:
@@ -116,7 +119,7 @@ class DirectoryModelStore(ModelStore):
         meta = model.metadata()
         # the model file is the version; the JSON beside it only saves readers of metadata
         # from loading parameters, and is rebuilt from the model file if missing
-        self._write_atomically(target, encode({"meta": meta, "parameters": model.parameters}))
+        self._write_atomically(target, encode({"meta": meta, "parameters": model.parameters, "strategy_state": model.strategy_state}))
         self._write_atomically(target.with_suffix(".json"), json.dumps(meta).encode())
 
     def _write_atomically(self, target: Path, data: bytes) -> None:
@@ -147,7 +150,7 @@ class DirectoryModelStore(ModelStore):
         if not target.exists():
             raise KeyError(f"no model version {version} in {self.path}")
         payload = decode(target.read_bytes())
-        return ModelVersion(parameters=payload["parameters"], **payload["meta"])
+        return ModelVersion(parameters=payload["parameters"], strategy_state=payload.get("strategy_state", {}), **payload["meta"])
 
     def versions(self) -> list[int]:
         return sorted(int(p.stem[1:]) for p in self.path.glob("v*.model"))

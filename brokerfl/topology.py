@@ -7,6 +7,7 @@
 | ``brokerfl.<run>.client.<id>`` | classic        | ``client.<id>.#`` and ``clients.#``      |
 | ``brokerfl.<run>.dead``        | classic        | ``dead.#``: dead letters, reason in a header |
 | ``brokerfl.<run>.journal``     | stream         | ``#``: a copy of every message           |
+| ``brokerfl.<run>.admin``       | classic        | ``admin.#``: the operator's admin state  |
 
 Routing keys are ``<receiver>.<message type>``: ``server.parameter_update``,
 ``client.7.train_task``, ``clients.exit``; ``dead.<type>`` for dead letters and
@@ -26,6 +27,8 @@ SERVER = "server"
 CLIENTS = "clients"
 DEAD = "dead"  # dead letters go through the exchange (so the journal records them, reason and all)
 AUDIT = "audit"  # records for the journal only, e.g. which updates were dropped and why
+ADMIN = "admin"  # the admin state's records (see brokerfl.admin)
+REQUESTER = "requester"  # not a routing key: the reply address of the request being handled
 
 
 def check_name(kind: str, value: str) -> str:
@@ -49,6 +52,11 @@ class RunTopology:
     journal: bool = True
     journal_max_bytes: int | None = 4 * 1024**3
     journal_max_age: str | None = None
+    swarm: bool = False  # the server queue is the aggregator role (single active consumer); versions live in a stream
+
+    @property
+    def models_stream(self) -> str:
+        return f"brokerfl.{self.run}.models"
 
     def __post_init__(self) -> None:
         check_name("run name", self.run)
@@ -66,6 +74,10 @@ class RunTopology:
         return f"brokerfl.{self.run}.dead"
 
     @property
+    def admin_queue(self) -> str:
+        return f"brokerfl.{self.run}.admin"
+
+    @property
     def journal_stream(self) -> str:
         return f"brokerfl.{self.run}.journal"
 
@@ -77,8 +89,12 @@ class RunTopology:
         transport.declare_exchange(self.exchange)
         transport.declare_queue(self.dead_queue)
         transport.bind(self.dead_queue, self.exchange, f"{DEAD}.#")
-        transport.declare_queue(self.server_queue, kind="quorum", dead_letter_queue=self.dead_queue)
+        transport.declare_queue(self.server_queue, kind="quorum", dead_letter_queue=self.dead_queue, single_active_consumer=self.swarm)
+        if self.swarm:
+            transport.declare_queue(self.models_stream, kind="stream")
         transport.bind(self.server_queue, self.exchange, f"{SERVER}.#")
+        transport.declare_queue(self.admin_queue)
+        transport.bind(self.admin_queue, self.exchange, f"{ADMIN}.#")
         if self.journal:
             transport.declare_queue(self.journal_stream, kind="stream", max_length_bytes=self.journal_max_bytes, max_age=self.journal_max_age)
             transport.bind(self.journal_stream, self.exchange, "#")
@@ -95,6 +111,6 @@ class RunTopology:
         """Remove everything of the run (tests, and ``brokerfl`` operators cleaning up)."""
         for client_id in client_ids:
             transport.delete_queue(self.client_queue(client_id))
-        for queue in (self.server_queue, self.dead_queue, self.journal_stream):
+        for queue in (self.server_queue, self.dead_queue, self.admin_queue, self.journal_stream, *([self.models_stream] if self.swarm else [])):
             transport.delete_queue(queue)
         transport.delete_exchange(self.exchange)

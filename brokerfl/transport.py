@@ -11,13 +11,17 @@ keep the same semantics, and the tests of broker behaviour run on both:
 - :meth:`Transport.publish` returns only once the message is durable (publisher confirms);
   a message that no queue takes is an :class:`UnroutableError`;
 - :meth:`Transport.dead_letter` moves a message to its queue's dead-letter queue with the
-  reason in the ``x-brokerfl-reason`` header, then acks it.
+  reason in the ``x-brokerfl-reason`` header, then acks it;
+- :meth:`Transport.request` / :meth:`Transport.reply`: request/reply (RabbitMQ's direct
+  reply-to). A request carries a private reply address that lives only while its requester
+  waits; replies are not durable, and a reply to a requester that is gone is dropped.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -29,6 +33,18 @@ StreamOffset = Literal["first", "last", "next"] | int
 REASON_HEADER = "x-brokerfl-reason"
 ORIGIN_QUEUE_HEADER = "x-brokerfl-queue"
 ORIGIN_KEY_HEADER = "x-brokerfl-routing-key"
+DROPPED_HEADERS_HEADER = "x-brokerfl-dropped-headers"  # a dead letter's headers that were not safe to copy
+
+# Bounds on what an envelope from the wire may hold (see envelope_problem).
+MAX_ID_CHARS = 128  # message ids and senders (ours are 32 hex digits and client names)
+MAX_TYPE_CHARS = 64
+MAX_HEADER_KEY_CHARS = 128
+MAX_HEADER_TEXT_CHARS = 256  # a string header copied into a dead letter is cut to this
+MAX_REASON_CHARS = 1000
+MAX_TIMESTAMP = 253402300799.0  # 9999-12-31: what AMQP's timestamp and datetime both hold
+_INT64 = (-(2**63), 2**63 - 1)
+REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's direct reply-to pseudo-queue (and the local transport's prefix)
+ORIGIN_USER_HEADER = "x-brokerfl-user"  # a dead letter's original publisher (the copy is the dead-letterer's)
 
 
 class TransportError(RuntimeError):
@@ -51,6 +67,8 @@ class Delivery:
     redelivered: bool
     tag: Any  # transport-specific delivery tag
     consumer_tag: str = ""
+    problem: str = ""  # why the transport could not read it (its consumer dead-letters it with this reason)
+    reply_to: str | None = None  # a request's private reply address (see Transport.request)
 
 
 @dataclass(frozen=True)
@@ -66,7 +84,11 @@ OnDelivery = Callable[[Delivery], None]
 
 
 class Transport(abc.ABC):
-    """A connection to a broker, used by one thread."""
+    """A connection to a broker, used by one thread. ``user`` is its broker login: every
+    message it publishes carries it as ``user_id`` (a message whose envelope names another
+    user is refused, as RabbitMQ does)."""
+
+    user: str = ""
 
     def __init__(self) -> None:
         self._dead_letter_targets: dict[str, str] = {}
@@ -85,12 +107,17 @@ class Transport(abc.ABC):
         dead_letter_queue: str | None = None,
         max_length_bytes: int | None = None,
         max_age: str | None = None,
+        single_active_consumer: bool = False,
     ) -> None:
         """A durable queue. ``dead_letter_queue`` receives its rejected and dead-lettered
-        messages; ``max_length_bytes`` / ``max_age`` (e.g. ``"7D"``) bound a stream."""
+        messages; ``max_length_bytes`` / ``max_age`` (e.g. ``"7D"``) bound a stream.
+        ``single_active_consumer`` (RabbitMQ's ``x-single-active-consumer``): only the
+        oldest of its consumers receives messages; when it goes, the next one takes over
+        (and gets what the first left unacked)."""
         if dead_letter_queue is not None:
             self._dead_letter_targets[name] = dead_letter_queue
-        self._declare_queue(name, kind=kind, dead_letter_queue=dead_letter_queue, max_length_bytes=max_length_bytes, max_age=max_age)
+        extra = {"single_active_consumer": True} if single_active_consumer else {}  # only transports that know it are asked
+        self._declare_queue(name, kind=kind, dead_letter_queue=dead_letter_queue, max_length_bytes=max_length_bytes, max_age=max_age, **extra)
 
     @abc.abstractmethod
     def _declare_queue(self, name: str, *, kind: QueueKind, dead_letter_queue: str | None, max_length_bytes: int | None, max_age: str | None) -> None: ...
@@ -147,14 +174,28 @@ class Transport(abc.ABC):
             exchange, routing_key = "", self._dead_letter_targets.get(delivery.queue)
             if routing_key is None:
                 raise TransportError(f"queue {delivery.queue!r} has no dead-letter queue; cannot dead-letter: {reason}")
-        headers = {
-            **delivery.envelope.headers,
-            REASON_HEADER: reason[:4000],
-            ORIGIN_QUEUE_HEADER: delivery.queue,
-            ORIGIN_KEY_HEADER: delivery.routing_key,
-        }
-        self.publish(exchange, routing_key, replace(delivery.envelope, headers=headers), delivery.body)
+        headers = dead_letter_headers(delivery.envelope.headers, reason, delivery.queue, delivery.routing_key)
+        headers[ORIGIN_USER_HEADER] = bounded(delivery.envelope.user_id, MAX_ID_CHARS)  # who published the original
+        envelope = delivery.envelope
+        if envelope_problem(envelope):  # its headers are safe now; the rest must be too
+            envelope = safe_envelope(envelope)
+        # the copy is ours (RabbitMQ would refuse another user's user_id); the header keeps who sent it
+        self.publish(exchange, routing_key, replace(envelope, headers=headers, user_id=""), delivery.body)
         self.ack(delivery)
+
+    @abc.abstractmethod
+    def request(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, *, timeout: float) -> tuple[Envelope, bytes] | None:
+        """Publish a request (confirmed; unroutable is an error) that carries a private reply
+        address, and wait up to ``timeout`` s for the first reply to it: (envelope, body),
+        or None if none came. The request expires with the wait: a queue drops it if no
+        consumer took it by then (a stream keeps its copy). The consumer of the request
+        answers with :meth:`reply`."""
+
+    @abc.abstractmethod
+    def reply(self, request: Delivery, envelope: Envelope, body: bytes) -> None:
+        """Send a reply to ``request``'s reply address. A reply to a requester that is gone
+        is dropped without an error (RabbitMQ cannot tell the sender: it returns even a
+        delivered reply as unroutable). TransportError if the request carries no address."""
 
     @abc.abstractmethod
     def poll(self, timeout: float = 0.0) -> int:
@@ -170,3 +211,89 @@ class Transport(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- untrusted envelopes
+
+
+def bounded(text: Any, limit: int = 200) -> str:
+    """``text`` as a string fit for a log line or a record: at most ``limit`` characters."""
+    text = text if isinstance(text, str) else repr(text)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+def envelope_problem(envelope: Any) -> str:
+    """Why an envelope from the wire cannot be trusted as one ("" if it can): every field of
+    the right type and within bounds, the timestamp a real time. Both transports check what
+    they deliver with this, so a consumer sees the same refusals on either."""
+    if not isinstance(envelope.type, str) or len(envelope.type) > MAX_TYPE_CHARS:
+        return f"message type {bounded(envelope.type, 80)} is not a message type name"
+    for name in ("message_id", "sender", "user_id"):
+        value = getattr(envelope, name)
+        if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+            return f"{name} {bounded(value, 80)} is not a string of at most {MAX_ID_CHARS} characters"
+    ts = envelope.timestamp
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not (math.isfinite(ts) and 0 <= ts <= MAX_TIMESTAMP):
+        return f"timestamp {bounded(ts, 80)} is out of range"
+    if not isinstance(envelope.headers, Mapping):
+        return f"headers of type {type(envelope.headers).__name__}"
+    for key in envelope.headers:
+        if not isinstance(key, str) or len(key) > MAX_HEADER_KEY_CHARS:
+            return f"header name {bounded(key, 80)} is not a string of at most {MAX_HEADER_KEY_CHARS} characters"
+    return ""
+
+
+def safe_envelope(envelope: Any) -> Any:
+    """A copy of an untrusted envelope that can be published (as a dead letter): fields that
+    fail :func:`envelope_problem` are blanked (the reason header says what was wrong)."""
+    from brokerfl.message import Envelope
+
+    def text(value: Any, limit: int) -> str:
+        return value if isinstance(value, str) and len(value) <= limit else ""
+
+    ts = envelope.timestamp
+    good_ts = not isinstance(ts, bool) and isinstance(ts, (int, float)) and math.isfinite(ts) and 0 <= ts <= MAX_TIMESTAMP
+    headers = envelope.headers if isinstance(envelope.headers, Mapping) else {}
+    return Envelope(
+        text(envelope.type, MAX_TYPE_CHARS), text(envelope.message_id, MAX_ID_CHARS), text(envelope.sender, MAX_ID_CHARS),
+        float(ts) if good_ts else 0.0, safe_headers(headers)[0], user_id=text(envelope.user_id, MAX_ID_CHARS),
+    )
+
+
+def safe_headers(headers: Mapping[Any, Any]) -> tuple[dict[str, Any], int]:
+    """The headers that may be copied into a dead letter, and how many were left out.
+
+    Decision: a dead letter carries only headers of types every hop handles: string keys,
+    and strings (cut to ``MAX_HEADER_TEXT_CHARS``), 64-bit ints, bools, finite floats and
+    None as values. A decimal or timestamp header, say, makes RabbitMQ 3.10 close the
+    channel that routes it to a stream (the journal), and a 2^63 timestamp is past what
+    pika can decode: copying them would turn one hostile message into a stuck consumer.
+    """
+    kept: dict[str, Any] = {}
+    dropped = 0
+    for key, value in headers.items():
+        if not isinstance(key, str) or len(key) > MAX_HEADER_KEY_CHARS:
+            dropped += 1
+        elif isinstance(value, str):
+            kept[key] = value if len(value) <= MAX_HEADER_TEXT_CHARS else value[:MAX_HEADER_TEXT_CHARS]
+        elif value is None or isinstance(value, bool):
+            kept[key] = value
+        elif isinstance(value, int) and _INT64[0] <= value <= _INT64[1]:
+            kept[key] = value
+        elif isinstance(value, float) and math.isfinite(value):
+            kept[key] = value
+        else:
+            dropped += 1
+    return kept, dropped
+
+
+def dead_letter_headers(headers: Mapping[Any, Any], reason: str, queue: str, routing_key: Any) -> dict[str, Any]:
+    """A dead letter's headers: the original's safe ones, the reason and where it came from."""
+    kept, dropped = safe_headers(headers)
+    kept = {k: v for k, v in kept.items() if k not in (REASON_HEADER, ORIGIN_QUEUE_HEADER, ORIGIN_KEY_HEADER, DROPPED_HEADERS_HEADER)}
+    kept[REASON_HEADER] = bounded(reason, MAX_REASON_CHARS)
+    kept[ORIGIN_QUEUE_HEADER] = queue
+    kept[ORIGIN_KEY_HEADER] = bounded(routing_key, MAX_HEADER_TEXT_CHARS)
+    if dropped:
+        kept[DROPPED_HEADERS_HEADER] = dropped
+    return kept

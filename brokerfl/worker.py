@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -20,11 +20,13 @@ from brokerfl.codec import DEFAULT_LIMITS, DecodeError, EncodeError, Limits
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Rejected, Started, Timer
 from brokerfl.message import Message, from_wire, to_wire
 from brokerfl.timing import timings
-from brokerfl.topology import DEAD, RunTopology, routing_key
-from brokerfl.transport import Delivery, Transport
+from brokerfl.topology import DEAD, REQUESTER, RunTopology, routing_key
+from brokerfl.transport import REPLY_TO, Delivery, Transport, TransportError, UnroutableError, bounded
 
 
 _TYPE_WORD = re.compile(r"^[A-Za-z0-9_]{1,64}$")  # what may stand in a routing key
+# reason prefix -> kind, for counting dead letters (anything else: no handler will take it)
+_DEAD_LETTER_KINDS = (("undecodable", "undecodable"), ("rejected", "rejected"), ("handler", "failed"))
 
 
 class Worker:
@@ -41,7 +43,10 @@ class Worker:
         limits: Limits = DEFAULT_LIMITS,
         log: Any = None,
         clock=time.monotonic,
+        admit: Callable[[Message, str], str | None] | None = None,
     ) -> None:
+        """``admit(message, user_id)``: None if the message's publisher may send it, else the
+        reason it is dead-lettered before any handler sees it (:mod:`brokerfl.identity`)."""
         self.transport = transport
         self.topology = topology
         self.queue = queue
@@ -51,12 +56,15 @@ class Worker:
         self.prefetch = prefetch
         self.limits = limits
         self.clock = clock
+        self.admit = admit
         self.log = log or structlog.get_logger("brokerfl").bind(run=topology.run, role=name)
         self.held: list[Delivery] = []
         self.timers: dict[str, Timer] = {}
         self.stopped = False
         self.handled = 0
         self.dead_lettered = 0
+        self.dead_letter_kinds: dict[str, int] = {}  # by kind of reason (for monitoring)
+        self.bytes_in = self.bytes_out = 0  # message bodies received and published
         self._consumer_tag: str | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -117,15 +125,22 @@ class Worker:
             self._handle(message, None)
 
     def _on_delivery(self, delivery: Delivery) -> None:
-        log = self.log.bind(message_id=delivery.envelope.message_id, type=delivery.envelope.type)
+        log = self.log.bind(message_id=bounded(delivery.envelope.message_id, 64), type=bounded(delivery.envelope.type, 64))
+        self.bytes_in += len(delivery.body)
+        if delivery.problem:  # the transport could not read its envelope
+            self._dead_letter(delivery, f"unreadable message: {delivery.problem}", log)
+            return
         try:
             with timings.phase("decode"):
                 message = from_wire(delivery.envelope, delivery.body, self.limits)
         except DecodeError as exc:
-            self._dead_letter(delivery, f"undecodable {delivery.envelope.type!r} message: {exc}", log)
+            self._dead_letter(delivery, f"undecodable {bounded(delivery.envelope.type, 64)!r} message: {bounded(str(exc), 500)}", log)
             return
         if message.LOCAL:  # e.g. a forged round deadline or start: only this process makes those
             self._dead_letter(delivery, f"message type {message.TYPE!r} is local to a worker and cannot come over the transport", log)
+            return
+        if self.admit is not None and (refused := self.admit(message, delivery.envelope.user_id)) is not None:
+            self._dead_letter(delivery, f"refused: {refused}", log)
             return
         if self.table.handler_for(message.TYPE) is None:
             self._dead_letter(delivery, f"no handler for message type {message.TYPE!r} in the {self.table.role} table", log)
@@ -143,12 +158,13 @@ class Worker:
             redelivered=bool(delivery and delivery.redelivered),
             clock=self.clock,
         )
+        name = getattr(handler, "__qualname__", repr(handler))
         try:
             with timings.phase(f"handle.{message.TYPE}"):
                 outbound = list(handler(message, ctx) or ())
-            self.publish([*ctx.also_send, *outbound])
+            # Encoding is the handler's output failing, so its fault too; publishing is not.
+            wire = self.encode([*ctx.also_send, *outbound])
         except Exception as exc:
-            name = getattr(handler, "__qualname__", repr(handler))
             if isinstance(exc, Rejected):
                 reason = f"rejected by {name}: {exc}"
             else:
@@ -157,12 +173,28 @@ class Worker:
             if delivery is not None:
                 self._dead_letter(delivery, reason, log)
             return
+        try:
+            self.publish_wire(wire, request=delivery)
+        except UnroutableError as exc:  # what it sent goes nowhere: as good as a handler error
+            if delivery is not None:
+                self._dead_letter(delivery, f"handler {name}: {exc}", log)
+            return
+        except TransportError as exc:
+            # Decision: a failure to publish (a connection lost beyond the transport's own
+            # reconnects, a channel the broker closed) is not the message's fault, so it is
+            # never dead-lettered. The handler's effects on state stand (they cannot be undone)
+            # and its timers are set, but the message is given back (requeued) instead of
+            # acked or held, and held messages are not committed: the broker redelivers it and
+            # the handler recognises a copy it already took in (folded ids, stored versions).
+            log.error("publishing failed: the message is requeued", handler=name, error=bounded(str(exc), 500))
+            self._apply_timers(ctx)
+            if delivery is not None:
+                self.transport.nack(delivery, requeue=True)
+            if ctx.stopping:
+                self.stop()
+            return
         self.handled += 1
-        for request in ctx.timer_requests:
-            if isinstance(request, Timer):
-                self.timers[request.key] = request
-            else:
-                self.timers.pop(request, None)
+        self._apply_timers(ctx)
         if delivery is not None:
             if ctx.holding:
                 self.held.append(delivery)
@@ -177,8 +209,23 @@ class Worker:
         if ctx.stopping:
             self.stop()
 
-    def publish(self, outbound: Iterable[Outbound]) -> None:
-        """Publish messages (each confirmed before the next), stamped with this sender and run."""
+    def _apply_timers(self, ctx: Context) -> None:
+        for request in ctx.timer_requests:
+            if isinstance(request, Timer):
+                self.timers[request.key] = request
+            else:
+                self.timers.pop(request, None)
+
+    def publish(self, outbound: Iterable[Outbound], *, request: Delivery | None = None) -> None:
+        """Publish messages (each confirmed before the next), stamped with this sender and run;
+        a reply to ``requester`` goes to ``request``'s reply address (dropped if it has none:
+        nobody waits for it)."""
+        self.publish_wire(self.encode(outbound), request=request)
+
+    def encode(self, outbound: Iterable[Outbound]) -> list[tuple[str, str, Any, bytes]]:
+        """(destination, routing key, envelope, body) of each message, stamped with this
+        sender and run."""
+        wire = []
         for item in outbound:
             message = item.message
             if not message.sender:
@@ -190,15 +237,39 @@ class Worker:
                     envelope, body = to_wire(message, self.limits)
             except EncodeError as exc:
                 raise EncodeError(f"cannot send {message.TYPE} to {item.dest}: {exc}") from None
+            wire.append((item.dest, routing_key(item.dest, message.TYPE), envelope, body))
+        return wire
+
+    def publish_wire(self, wire: list[tuple[str, str, Any, bytes]], *, request: Delivery | None = None) -> None:
+        for dest, key, envelope, body in wire:
+            self.bytes_out += len(body)
+            if dest == REQUESTER:
+                # Only to a private reply address: a reply_to naming any other queue would make
+                # this worker publish into it (e.g. a client's queue) on a stranger's say-so.
+                if request is not None and isinstance(request.reply_to, str) and request.reply_to.startswith(REPLY_TO):
+                    self.transport.reply(request, envelope, body)
+                else:
+                    self.log.info("reply dropped: the message is not a request")
+                continue
             with timings.phase("publish"):
-                self.transport.publish(self.topology.exchange, routing_key(item.dest, message.TYPE), envelope, body)
+                self.transport.publish(self.topology.exchange, key, envelope, body)
 
     def _dead_letter(self, delivery: Delivery, reason: str, log: Any) -> None:
-        """Through the run's exchange: the dead queue and the journal both take the copy."""
+        """Through the run's exchange: the dead queue and the journal both take the copy.
+        If the broker refuses the copy, the message is rejected instead (its queue's own
+        dead-lettering, without our reason header): either way the consumer goes on."""
+        reason = bounded(reason, 1000)
         log.warning("dead-lettered", reason=reason)
         self.dead_lettered += 1
-        type_word = delivery.envelope.type if _TYPE_WORD.match(delivery.envelope.type or "") else "invalid"
-        self.transport.dead_letter(delivery, reason, exchange=self.topology.exchange, routing_key=routing_key(DEAD, type_word))
+        kind = delivery.envelope.type
+        type_word = kind if isinstance(kind, str) and _TYPE_WORD.match(kind) else "invalid"
+        reason_kind = next((k for prefix, k in _DEAD_LETTER_KINDS if reason.startswith(prefix)), "unhandled")
+        self.dead_letter_kinds[reason_kind] = self.dead_letter_kinds.get(reason_kind, 0) + 1
+        try:
+            self.transport.dead_letter(delivery, reason, exchange=self.topology.exchange, routing_key=routing_key(DEAD, type_word))
+        except TransportError as exc:
+            log.error("dead letter refused: rejecting the message instead", error=bounded(str(exc), 500))
+            self.transport.nack(delivery, requeue=False)
 
 
 def run_workers(transport: Transport, workers: list[Worker], *, poll_s: float = 0.5) -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from brokerfl.handler_table import Context, Rejected, to_server
 from brokerfl.message import EvaluateResult, Gradients
-from handlers.aggregate import BadUpdate, check_update
-from handlers.client import ClientState, table
-from handlers.trainer import evaluate
+from handlers.strategies.aggregate import BadUpdate, check_update
+from handlers.workflows.client import ClientState, table
 
 
 @table.on(Gradients)
@@ -25,7 +24,7 @@ def apply_gradients(message: Gradients, ctx: Context):
     except BadUpdate as exc:
         raise Rejected(f"gradients do not fit the model: {exc}") from None
     stepped = {name: value - message.learning_rate * message.gradients[name] for name, value in state.last_global.items()}
-    scores = evaluate(stepped, state.x, state.y, hidden=state.config.model.hidden, num_classes=state.num_classes)
+    scores = state.app.evaluate(stepped, state.data.train)
     result = message.reply(
         EvaluateResult,
         client_id=state.client_id,

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from brokerfl.torch_app import sgd
+
 
 def build_mlp(num_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
     """Linear+ReLU for each hidden size, then a Linear output layer (logits)."""
@@ -125,38 +127,17 @@ def train_local(
         raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
     xt, yt = _as_inputs(x, y, num_classes)
     model = _load_model(parameters, xt.shape[1], hidden, num_classes)
-    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-
-    model.train()
+    loss = sgd(
+        model, (xt, yt), epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, proximal_mu=proximal_mu, max_batches=max_batches, seed=seed,
+    )
     n = len(xt)
-    total_loss, seen, steps = 0.0, 0, 0
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            batch = order[start : start + batch_size]
-            loss = F.cross_entropy(model(xt[batch]), yt[batch])
-            objective = loss
-            if proximal_mu > 0:
-                drift = sum((p - g).pow(2).sum() for p, g in zip(model.parameters(), global_params))
-                objective = loss + 0.5 * proximal_mu * drift
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(batch)
-            seen += len(batch)
-            steps += 1
-            if max_batches is not None and steps >= max_batches:
-                break
-        if max_batches is not None and steps >= max_batches:
-            break
 
     state = model.state_dict()
     # Preserve the caller's key order; .numpy() shares memory with tensors we
     # created ourselves, so the arrays are already fresh and writable.
     new_params = {name: state[name].detach().numpy() for name in parameters}
-    return new_params, {"loss": total_loss / seen, "num_samples": n}
+    return new_params, {"loss": loss, "num_samples": n}
 
 
 @torch.no_grad()

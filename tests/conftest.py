@@ -41,7 +41,11 @@ class _Broker:
             if code != 0:
                 raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {output!r}")
             return
-        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+        # BROKERFL_RABBITMQ_NODE names a node other than the machine's default (e.g. a private
+        # node started for one developer's test runs, so restarts do not disturb others).
+        node = os.environ.get("BROKERFL_RABBITMQ_NODE")
+        prefix = ["rabbitmqctl", "-n", node] if node else ["rabbitmqctl"]
+        subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=120)
 
     def can_restart(self) -> str | None:
         """None if tests may restart this broker, else why not."""
@@ -185,3 +189,55 @@ def _structlog_defaults() -> Iterator[None]:
     import structlog
 
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def provision_on_broker(broker: _Broker, amqp_url: str, tmp_path) -> Iterator[Callable[..., Any]]:
+    """``provision_on_broker(config)`` provisions a run (``brokerfl.provision``) for the test
+    broker, imports its definitions with rabbitmqctl, waits until every user can log in and
+    returns the :class:`~brokerfl.provision.Provisioned`; the vhost and users are deleted after."""
+    import tempfile
+    import time
+
+    from brokerfl.provision import provision
+    from brokerfl.transports.amqp import AmqpTransport
+
+    why_not = broker.can_restart()  # the same condition: a local rabbitmqctl
+    if why_not:
+        pytest.skip(f"needs rabbitmqctl for the test broker: {why_not}")
+    made = []
+
+    def provision_run(config, **options):
+        parts = urlsplit(amqp_url)
+        done = provision(config, tmp_path / f"provision-{config.run}", host=parts.hostname, port=parts.port or 5672, **options)
+        made.append(done)
+        # rabbitmqctl runs as the rabbitmq user, which cannot read pytest's tmp_path (and
+        # 3.10's import_definitions does not take "-" for stdin): a readable copy
+        fd, readable = tempfile.mkstemp(prefix="brokerfl-definitions-", suffix=".json")
+        os.write(fd, done.definitions.read_bytes())
+        os.close(fd)
+        os.chmod(readable, 0o644)
+        try:
+            broker.rabbitmqctl("import_definitions", readable)
+        finally:
+            os.unlink(readable)
+        for p in done.participants:  # the import is asynchronous
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    AmqpTransport(done.env(p.user)["BROKERFL_AMQP_URL"], max_reconnect_s=1).close()
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)  # polling the broker under a deadline
+        return done
+
+    yield provision_run
+    for done in made:  # one rabbitmqctl call (each starts an Erlang VM: seconds on a busy machine)
+        users = ", ".join(f'<<"{p.user}">>' for p in done.participants)
+        broker.rabbitmqctl(
+            "eval",
+            f'rabbit_vhost:delete(<<"{done.vhost}">>, <<"brokerfl-tests">>), '
+            f'[catch rabbit_auth_backend_internal:delete_user(U, <<"brokerfl-tests">>) || U <- [{users}]], ok.',
+        )

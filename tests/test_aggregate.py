@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from handlers.aggregate import BadUpdate, check_update, fold_update, new_running_sum, weighted_average
-from handlers.fedavg import FedAvg
+from handlers.strategies.aggregate import BadUpdate, check_update, fold_update, new_running_sum, weighted_average
+from handlers.strategies.fedavg import FedAvg
 
 
 def test_fedavg_matches_hand_computation():
@@ -84,7 +84,7 @@ def test_a_reused_running_sum_starts_from_zero():
 
 
 def test_median_and_trimmed_mean_resist_one_outlier():
-    from handlers.robust import Median, TrimmedMean
+    from handlers.strategies.robust import Median, TrimmedMean
 
     like = {"w": np.zeros(3, np.float32)}
     updates = [{"w": np.array([1, 2, 3], np.float32)}, {"w": np.array([2, 3, 4], np.float32)}, {"w": np.array([3, 4, 5], np.float32)}, {"w": np.array([1000, -1000, 1000], np.float32)}]

@@ -1,5 +1,5 @@
 """Asynchronous FL: the arithmetic of FedAsync and FedBuff by hand, and the asynchronous
-server (handlers/async_server.py) in simulations and handler by handler: every update ends
+server (handlers/workflows/async_server.py) in simulations and handler by handler: every update ends
 in exactly one stored model version or is dropped with its reason, never folded twice."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import structlog
 
-import handlers.client as client_handlers
+import handlers.workflows.client as client_handlers
 from brokerfl.config import load_config
 from brokerfl.handler_table import Context, Started
 from brokerfl.message import Heartbeat, Join, ParameterUpdate, TrainTask
@@ -19,12 +19,12 @@ from brokerfl.roles import client_worker, server_worker
 from brokerfl.simulate import simulate
 from brokerfl.store import MemoryModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
-from handlers import async_server
-from handlers.aggregate import apply_mean_delta, fold_update, mix, new_running_sum, staleness_weight
-from handlers.fedasync import FedAsync
-from handlers.fedbuff import FedBuff
-from handlers.server import JoinDeadline
-from handlers.strategy import load_strategy
+from handlers.workflows import async_server
+from handlers.strategies.aggregate import apply_mean_delta, fold_update, mix, new_running_sum, staleness_weight
+from handlers.strategies.fedasync import FedAsync
+from handlers.strategies.fedbuff import FedBuff
+from handlers.workflows.server import JoinDeadline
+from handlers.strategies.base import load_strategy
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +94,7 @@ def test_fedbuff_averages_staleness_weighted_deltas_over_k():
 
 def test_strategy_options_are_checked():
     assert isinstance(load_strategy("fedasync"), FedAsync) and isinstance(load_strategy("fedbuff"), FedBuff)
-    assert load_strategy("fedbuff").server_handlers == "handlers.async_server"
+    assert load_strategy("fedbuff").server_handlers == "handlers.workflows.async_server"
     with pytest.raises(ValueError, match="no option"):
         load_strategy("fedbuff", buffer=3)
     with pytest.raises(ValueError, match="staleness must be one of"):

@@ -5,6 +5,7 @@ and docker/compose.yaml's services run as local processes with their own environ
 from __future__ import annotations
 
 import os
+import re
 import time
 import subprocess
 import sys
@@ -82,33 +83,67 @@ def test_server_and_client_processes_train_like_simulate(amqp_url, run_name, tmp
     assert [r["sha256"] for r in over_amqp] == [r["sha256"] for r in local]
 
 
-def test_compose_services_run_as_local_processes(amqp_url, run_name, tmp_path, cleanup):
-    """No container engine here: run each service's command with its environment."""
-    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+def compose_defaults(value):
+    """compose.yaml's values with every ${VAR:-default} at its default (an empty shell)."""
+    if isinstance(value, dict):
+        return {key: compose_defaults(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [compose_defaults(item) for item in value]
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value) if isinstance(value, str) else value
+
+
+def test_compose_services_run_as_local_processes(run_name, tmp_path, provision_on_broker):
+    """docker/compose.yaml with docker/compose.identity.yaml, each service's command with its
+    environment and its own provisioned credentials file as a local process (each
+    participant its own user, identity enforced); the containers themselves run in
+    tests/test_containers.py where an engine can."""
+    compose = compose_defaults(yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text()))
+    identity = yaml.safe_load((ROOT / "docker" / "compose.identity.yaml").read_text())
     services = compose["services"]
     assert "rabbitmq" in services and "healthcheck" in services["rabbitmq"]
     assert "management" in services["rabbitmq"]["image"]
-    workers = {name: spec for name, spec in services.items() if name != "rabbitmq"}
+    assert (ROOT / "docker" / services["server"]["env_file"]).read_text().count("amqp://guest:guest@rabbitmq") == 1
+    mounts = " ".join(identity["services"]["rabbitmq"]["volumes"])
+    assert "definitions.json:/etc/rabbitmq/brokerfl/definitions.json" in mounts and "rabbitmq.conf:/etc/rabbitmq/conf.d/" in mounts
+    workers = {name: {**spec, **identity["services"][name]} for name, spec in services.items() if name != "rabbitmq"}
     assert "server" in workers and sum(name.startswith("client") for name in workers) >= 2
 
+    base_env = dict(workers["server"]["environment"])
+    config = load_config(ROOT / base_env["BROKERFL_CONFIG"], {"run": run_name, "clients": int(base_env["BROKERFL_CLIENTS"]), "rounds": 3})
+    done = provision_on_broker(config)
+    assert "load_definitions = " in done.rabbitmq_conf.read_text()
     procs = []
-    client_ids = []
+    users = set()
     for name, spec in sorted(workers.items()):
         env = dict(spec["environment"])
-        assert env["BROKERFL_AMQP_URL"].startswith("amqp://")
-        env.update(BROKERFL_AMQP_URL=amqp_url, BROKERFL_RUN=run_name, BROKERFL_ROUNDS="3")
+        assert "BROKERFL_AMQP_URL" not in env  # credentials come from the service's own file only
+        env.pop("BROKERFL_RUN", None)  # the test's run, from the provisioned file
+        # the compose file's run is compose-digits: the same file of this test's run
+        user = Path(spec["env_file"]).name.removesuffix(".env").replace("compose-digits", run_name)
+        users.add(user)
+        env.update(done.env(user), BROKERFL_ROUNDS="3")
+        assert env["BROKERFL_ENFORCE_IDENTITY"] == "1" and f"{user}:" in env["BROKERFL_AMQP_URL"]
+        if "BROKERFL_METRICS_PORT" in env:  # a free port here: other tests may run beside this one
+            env["BROKERFL_METRICS_PORT"] = str(_free_port())
         if name == "server":
             env["BROKERFL_OUT"] = str(tmp_path)
-        else:
-            client_ids.append(env["BROKERFL_CLIENT_ID"])
         assert spec["command"][0] == "brokerfl"
         procs.append(brokerfl(*spec["command"][1:], "--log-level", "warning", env=env))
-    cleanup((run_name, client_ids))
+    assert len(users) == len(workers)
     outputs = finish(procs)
     assert [p.returncode for p in procs] == [0] * len(procs), outputs
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in records] == [1, 2, 3]
+    assert all(r["num_updates"] == config.clients for r in records)
     assert records[-1]["accuracy"] > 0.8
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_unreachable_broker_is_one_clear_error():

@@ -38,12 +38,14 @@ def test_clients_answer_gradients_with_an_evaluation():
         pass
     types = []
     while (delivery := admin.get(topology.server_queue)) is not None:
-        types.append(delivery.envelope.type)
+        if delivery.envelope.type != "heartbeat":  # on a loaded machine its timer may fire meanwhile
+            types.append(delivery.envelope.type)
         if delivery.envelope.type == "evaluate_result":
             result = from_wire(delivery.envelope, delivery.body)
             assert isinstance(result, EvaluateResult) and 0 <= result.accuracy <= 1 and result.client_id == "0"
         admin.ack(delivery)
-    assert types == ["parameter_update", "evaluate_result"]
+    # heartbeats go out on their own clock (a slow machine may take a beat between steps)
+    assert [t for t in types if t != "heartbeat"] == ["parameter_update", "evaluate_result"]
     reasons = []
     while (dead := admin.get(topology.dead_queue)) is not None:
         reasons.append(dead.envelope.headers[REASON_HEADER])

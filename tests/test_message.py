@@ -139,8 +139,17 @@ envelopes = st.fixed_dictionaries(
         "model_version": st.integers(0, 2**40),
         "timestamp": st.floats(0, 4e9),
     },
-    optional={"message_id": st.text(max_size=32)},
+    optional={"message_id": st.text(min_size=1, max_size=32)},
 )
+names = st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z")
+# Protocol rules beyond types (brokerfl.message._check_ranges): what a field of that name may hold.
+FIELD_STRATEGIES = {
+    "client_id": names,
+    "participants": st.lists(names, max_size=4),
+    "num_samples": st.integers(0, 2**63 - 1),
+    "version": st.integers(0, 2**63 - 1),
+    "parent": st.none() | st.integers(0, 2**63 - 1),
+}
 
 
 def example_value(hint):
@@ -181,7 +190,7 @@ def test_built_ins_are_registered():
 def test_every_registered_type_round_trips(name, data):
     cls = MESSAGE_TYPES[name]
     try:
-        strategies = {f: strategy_for(h) for f, h in payload_fields(cls).items()}
+        strategies = {f: FIELD_STRATEGIES[f] if f in FIELD_STRATEGIES else strategy_for(h) for f, h in payload_fields(cls).items()}
     except UnknownHint as exc:
         pytest.skip(f"{name}: no strategy for field type {exc}")
     values = {}

@@ -79,3 +79,39 @@ def test_a_journal_file_that_is_not_one_is_a_clear_error(tmp_path):
     junk.write_bytes(b"\x93\x01\x02")
     with pytest.raises(TransportError, match="not a brokerfl journal"):
         list(read_journal_file(junk))
+
+
+def test_a_resumed_server_journals_its_newest_version_again(journal_file):
+    """A server killed -9 between storing a version and journaling it left the journal
+    without that version's record: the server that resumes writes it (replay needs it)."""
+    import structlog
+
+    from brokerfl.handler_table import Context, Started
+    from brokerfl.message import ModelVersionStored
+    from brokerfl.metrics import MetricsLog
+    from brokerfl.store import MemoryModelStore
+    from handlers.workflows import server
+
+    _, config, result = journal_file
+    store = MemoryModelStore()
+    for version in result.store.versions()[:4]:
+        store.put(result.store.get(version))
+    state = server.make_state(config, store, MetricsLog(None))
+    ctx = Context(role="server", run=config.run, state=state, log=structlog.get_logger(), clock=lambda: 0.0)
+    server.table.handler_for(Started.TYPE)(Started(run=config.run), ctx)
+    journaled = [o.message for o in ctx.also_send if isinstance(o.message, ModelVersionStored)]
+    assert [(r.version, r.sha256) for r in journaled] == [(3, result.store.get(3).sha256)]
+
+
+def test_a_repeated_version_record_is_not_a_skipped_record(journal_file):
+    path, config, _ = journal_file
+    records = list(read_journal_file(path))
+    first = next(d for d in records if d.envelope.type == "model_version_stored" and from_wire(d.envelope, d.body).version == 6)
+    record = from_wire(first.envelope, first.body)
+    fields = {k: getattr(record, k) for k in ("round", "model_version", "version", "parent", "strategy", "update_ids", "sha256", "metrics")}
+    envelope, body = to_wire(type(record)(**fields))  # the same record, written again by another process
+    assert envelope.message_id != first.envelope.message_id
+    again = Delivery(first.queue, first.exchange, first.routing_key, envelope, body, False, first.tag)
+    at = records.index(first) + 1
+    replayed = replay([*records[:at], again, *records[at:]], config)
+    assert replayed.ok and len(replayed.rows) == 11 and replayed.skipped.total == 0

@@ -49,9 +49,10 @@ def test_a_poisoned_update_is_dead_lettered_and_the_round_goes_on(monkeypatch):
     round closes at the deadline with the others (min_clients), the run completes."""
     import numpy as np
 
-    import handlers.client as client_handlers
+    import handlers.apps.mlp as mlp_app
+    import handlers.workflows.client as client_handlers
 
-    real_train = client_handlers.train_local
+    real_train = mlp_app.train_local  # the built-in app's training
 
     def train_badly(parameters, x, y, **kw):
         params, metrics = real_train(parameters, x, y, **kw)
@@ -59,15 +60,15 @@ def test_a_poisoned_update_is_dead_lettered_and_the_round_goes_on(monkeypatch):
             params = {k: np.full_like(v, np.nan) for k, v in params.items()}
         return params, metrics
 
-    config = load_config(None, {"rounds": 2, "clients": 3, "strategy.min_clients": 2, "strategy.round_deadline_s": 0.5})
+    config = load_config(None, {"rounds": 2, "clients": 3, "strategy.min_clients": 2, "strategy.round_deadline_s": 3.0})
     poisoned_seeds = {client_handlers.training_seed(config.seed, "1", r) for r in (1, 2)}
-    monkeypatch.setattr(client_handlers, "train_local", train_badly)
+    monkeypatch.setattr(mlp_app, "train_local", train_badly)
     result = simulate(config)
     assert [r["num_updates"] for r in result.records] == [2, 2]
 
 
 def test_too_few_answers_stops_with_a_clear_message(monkeypatch):
-    import handlers.client as client_handlers
+    import handlers.workflows.client as client_handlers
 
     original = client_handlers.table.handler_for("train_task")
     client_handlers.table.register(client_handlers.TrainTask, lambda task, ctx: None)  # clients that never answer

@@ -2,12 +2,7 @@
 
 Semantics match :mod:`brokerfl.transports.local` (see :mod:`brokerfl.transport`). How:
 
-- **Envelope.** ``type``, ``message_id``, ``app_id`` (sender), ``timestamp`` (whole seconds;
-  the exact float rides in ``x-brokerfl-timestamp``) and ``headers`` are AMQP properties;
-  messages are persistent msgpack. pika cannot encode floats in headers, so top-level float
-  header values travel as ``repr`` strings, listed (comma-separated: RabbitMQ 3.x streams
-  drop array and table headers) in ``x-brokerfl-floats``, and come back as floats. Our own
-  ``x-brokerfl-*`` transport headers are stripped on receive.
+- **Envelope.** AMQP properties and headers (:mod:`brokerfl.transports.envelope`).
 - **Channels.** One confirm-mode channel publishes (``mandatory``: unroutable is an error),
   one declares (a refused redeclare closes it, so it is reopened), one serves ``get``, and
   each consumer has its own: ``cancel`` closes it, which is the only way to make RabbitMQ
@@ -45,9 +40,6 @@ Limits worth knowing:
 from __future__ import annotations
 
 import contextlib
-import copy
-import datetime
-import decimal
 import logging
 import random
 import re
@@ -66,9 +58,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from brokerfl.message import Envelope
 from brokerfl.transport import (
-    ORIGIN_KEY_HEADER,
-    ORIGIN_QUEUE_HEADER,
-    REASON_HEADER,
+    REPLY_TO,
     Delivery,
     OnDelivery,
     QueueInfo,
@@ -77,15 +67,14 @@ from brokerfl.transport import (
     Transport,
     TransportError,
     UnroutableError,
+    bounded,
 )
 from brokerfl.transports import chunks
+from brokerfl.transports.envelope import dead_letter_properties, make_header_decoding_total, to_envelope, to_properties
+from brokerfl.transports.connect import TlsOptions, connection_parameters
 
 log = structlog.get_logger("brokerfl.amqp")
 
-CONTENT_TYPE = "application/msgpack"
-TIMESTAMP_HEADER = "x-brokerfl-timestamp"
-FLOATS_HEADER = "x-brokerfl-floats"
-OWN_HEADERS = chunks.HEADERS | {TIMESTAMP_HEADER, FLOATS_HEADER}
 STREAM_CREDIT = 16  # AMQP prefetch of a stream consumer asked for prefetch=0 (unbounded)
 RECV_BYTES = 512 * 1024  # per socket read; pika's own 4 KiB costs much client CPU on large bodies
 MAX_BACKOFF_S = 2.0
@@ -129,73 +118,6 @@ def _quiet_pika():
 def mask_url(url: str) -> str:
     """``amqp://user:secret@host/`` -> ``amqp://user:***@host/``."""
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
-
-
-# ---------------------------------------------------------------- envelope <-> properties
-
-
-def _check_header(value: Any, where: str) -> None:
-    if isinstance(value, (str, bytes, bool, int, type(None))):
-        return
-    if isinstance(value, list):
-        for v in value:
-            _check_header(v, where)
-        return
-    if isinstance(value, dict):
-        for v in value.values():
-            _check_header(v, where)
-        return
-    if isinstance(value, (datetime.datetime, decimal.Decimal)):
-        return
-    raise TransportError(f"header {where!r}: {type(value).__name__} cannot travel in AMQP headers (floats only at the top level)")
-
-
-def to_properties(envelope: Envelope, extra: dict[str, Any] | None = None) -> pika.BasicProperties:
-    headers: dict[str, Any] = {}
-    floats = []
-    for key, value in envelope.headers.items():
-        if isinstance(value, float):
-            headers[key] = repr(value)
-            floats.append(key)
-        else:
-            _check_header(value, key)
-            headers[key] = value
-    headers[TIMESTAMP_HEADER] = repr(float(envelope.timestamp))
-    if floats:
-        headers[FLOATS_HEADER] = ",".join(floats)
-    headers.update(extra or {})
-    return pika.BasicProperties(
-        content_type=CONTENT_TYPE,
-        delivery_mode=2,
-        type=envelope.type,
-        message_id=envelope.message_id,
-        app_id=envelope.sender or None,
-        timestamp=int(envelope.timestamp),
-        headers=headers,
-    )
-
-
-def to_envelope(properties: pika.BasicProperties) -> Envelope:
-    headers = dict(properties.headers or {})
-    floats = headers.get(FLOATS_HEADER) or ""
-    for key in floats.split(",") if isinstance(floats, str) and floats else []:
-        try:
-            headers[key] = float(headers[key])
-        except (KeyError, TypeError, ValueError):
-            pass
-    try:
-        timestamp = float(headers[TIMESTAMP_HEADER])
-    except (KeyError, TypeError, ValueError):  # published by something else
-        timestamp = float(properties.timestamp or 0)
-    for key in OWN_HEADERS:
-        headers.pop(key, None)
-    return Envelope(
-        type=properties.type or "",
-        message_id=properties.message_id or "",
-        sender=properties.app_id or "",
-        timestamp=timestamp,
-        headers=headers,
-    )
 
 
 # ---------------------------------------------------------------- bookkeeping
@@ -268,10 +190,19 @@ class AmqpTransport(Transport):
         connect_timeout: float = 10.0,
         max_reconnect_s: float = 60.0,
         chunk_timeout: float = 300.0,
+        max_partial_messages: int = chunks.MAX_PARTIALS,
+        max_partial_bytes: int = chunks.MAX_PARTIAL_BYTES,
+        max_partial_bytes_per_sender: int = chunks.MAX_PARTIAL_BYTES_PER_SENDER,
+        tls: TlsOptions | None = None,
     ) -> None:
         """``chunk_timeout``: a partly received chunked message that gets no chunk for this
         long is dead-lettered (its publisher died, or its chunks went to another consumer
-        of the queue: one consumer per queue that carries chunked messages)."""
+        of the queue: one consumer per queue that carries chunked messages).
+        ``max_partial_*``: per consumer, how many incomplete chunked messages and how many
+        of their bytes (in all, and from one sender) are held; past them the least recently
+        fed incomplete message is dead-lettered (see :class:`chunks.Assembler`). ``tls``: CA,
+        certificate and key for ``amqps://`` URLs (default: ``BROKERFL_TLS_*``; see
+        :mod:`brokerfl.transports.connect`)."""
         super().__init__()
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
@@ -280,8 +211,9 @@ class AmqpTransport(Transport):
         self.chunk_size = chunk_size
         self.max_reconnect_s = max_reconnect_s
         self.chunk_timeout = chunk_timeout
+        self._assembler_bounds = {"max_partials": max_partial_messages, "max_bytes": max_partial_bytes, "max_bytes_per_sender": max_partial_bytes_per_sender}
         try:
-            self._params = pika.URLParameters(url)
+            self._params, self.user = connection_parameters(url, tls)
         except Exception as exc:
             raise TransportError(f"bad AMQP URL {self.safe_url}: {exc}") from None
         self._params.heartbeat = heartbeat
@@ -314,6 +246,7 @@ class AmqpTransport(Transport):
             error = _Refused if isinstance(exc, _FATAL) else TransportError
             raise error(f"cannot connect to RabbitMQ at {self.safe_url}: {_describe(exc)}") from None
         _tune_reads(conn)
+        make_header_decoding_total(conn)
         self._conn = conn
         self._generation += 1
         self._pub = conn.channel()
@@ -416,8 +349,10 @@ class AmqpTransport(Transport):
             self._admin_op(f"declare exchange {name!r}", lambda ch: ch.exchange_declare(name, exchange_type="topic", durable=True))
             self._exchanges[name] = None
 
-    def _declare_queue(self, name, *, kind, dead_letter_queue, max_length_bytes, max_age) -> None:
+    def _declare_queue(self, name, *, kind, dead_letter_queue, max_length_bytes, max_age, single_active_consumer=False) -> None:
         arguments: dict[str, Any] = {}
+        if single_active_consumer:
+            arguments["x-single-active-consumer"] = True
         if kind in ("quorum", "stream"):
             arguments["x-queue-type"] = kind
         if kind == "stream":
@@ -429,7 +364,16 @@ class AmqpTransport(Transport):
             # nack(requeue=False) lands in the dead-letter queue through the default exchange
             arguments["x-dead-letter-exchange"] = ""
             arguments["x-dead-letter-routing-key"] = dead_letter_queue
-        self._admin_op(f"declare {kind} queue {name!r} with {arguments}", lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
+        try:
+            self._admin_op(f"declare {kind} queue {name!r} with {arguments}", lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
+        except TransportError as exc:
+            # Naming a dead-letter exchange needs write access to it (here the default
+            # exchange), which a least-privilege user lacks: then the operator's policy
+            # (``brokerfl provision`` writes one) dead-letters this queue's rejects instead.
+            if not (dead_letter_queue is not None and "ACCESS_REFUSED" in str(exc) and "amq.default" in str(exc)):
+                raise
+            arguments = {k: v for k, v in arguments.items() if not k.startswith("x-dead-letter-")}
+            self._admin_op(f"declare {kind} queue {name!r} with {arguments}", lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
         self._queues[name] = (kind, arguments)
 
     def bind(self, queue: str, exchange: str, pattern: str) -> None:
@@ -473,18 +417,18 @@ class AmqpTransport(Transport):
         if not isinstance(body, bytes):  # pika takes only bytes; say so before it does
             raise TypeError(f"body must be bytes, got {type(body).__name__}")
         if len(body) <= self.chunk_size:
-            self._publish_raw(exchange, routing_key, to_properties(envelope), body)
+            self._publish_raw(exchange, routing_key, to_properties(envelope, user=self.user), body)
             return
         for part, headers in chunks.split(body, self.chunk_size, envelope.message_id):
-            self._publish_raw(exchange, routing_key, to_properties(envelope, headers), part)
+            self._publish_raw(exchange, routing_key, to_properties(envelope, headers, user=self.user), part)
 
-    def _publish_raw(self, exchange: str, routing_key: str, properties: pika.BasicProperties, body: bytes) -> None:
+    def _publish_raw(self, exchange: str, routing_key: str, properties: pika.BasicProperties, body: bytes, *, mandatory: bool = True) -> None:
         """One AMQP message, confirmed; retried on a new connection if the old one died
         before the confirm."""
 
         def run() -> None:
             try:
-                self._pub.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+                self._pub.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
             except px.UnroutableError:
                 raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
             except px.NackError:
@@ -495,6 +439,50 @@ class AmqpTransport(Transport):
                 raise _channel_error(f"publish {len(body)} bytes to {routing_key!r} on exchange {exchange!r}", exc) from None
 
         self._with_retry(run)
+
+    # ------------------------------------------------------------ request/reply
+
+    def request(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, *, timeout: float) -> tuple[Envelope, bytes] | None:
+        """Direct reply-to: on a channel of its own, consume ``amq.rabbitmq.reply-to``
+        (no-ack, as RabbitMQ requires), publish with ``reply_to`` and ``expiration`` set,
+        wait, close it."""
+        self._check_open()
+        if len(body) > self.chunk_size:
+            raise TransportError(f"a request of {len(body)} bytes is larger than a chunk ({self.chunk_size}); requests are not chunked")
+
+        def run() -> tuple[Envelope, bytes] | None:
+            replies: list[tuple[Envelope, bytes]] = []
+            channel = self._conn.channel()
+            try:
+                channel.confirm_delivery()
+                channel.basic_consume(REPLY_TO, lambda _ch, _m, properties, reply: replies.append((to_envelope(properties)[0], reply)), auto_ack=True)
+                properties = to_properties(envelope, user=self.user)
+                properties.reply_to = REPLY_TO
+                properties.expiration = str(max(1, int(timeout * 1000)))  # nobody waits for it after that
+                try:
+                    channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+                except px.UnroutableError:
+                    raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
+                except px.ChannelClosedByBroker as exc:
+                    raise _channel_error(f"publish a request to {routing_key!r} on exchange {exchange!r}", exc) from None
+                deadline = time.monotonic() + timeout
+                while not replies and time.monotonic() < deadline:
+                    self._conn.process_data_events(time_limit=min(0.2, max(0.0, deadline - time.monotonic())))
+                return replies[0] if replies else None
+            finally:
+                if channel.is_open:
+                    _quietly(channel.close)
+
+        return self._with_retry(run)
+
+    def reply(self, request: Delivery, envelope: Envelope, body: bytes) -> None:
+        # Not mandatory: RabbitMQ 3.x returns a mandatory publish to a reply address as
+        # unroutable even when it delivered it, so whether the requester is still there
+        # cannot be told; a reply to one that is gone is dropped by the broker.
+        self._check_open()
+        if not request.reply_to:
+            raise TransportError(f"message {request.envelope.message_id!r} is not a request: it has no reply address")
+        self._publish_raw("", request.reply_to, to_properties(envelope, user=self.user), body, mandatory=False)
 
     # ------------------------------------------------------------ consuming
 
@@ -521,7 +509,7 @@ class AmqpTransport(Transport):
         c.generation = self._generation
         c.epoch += 1
         c.held = c.logical = 0
-        c.assembler = chunks.Assembler()
+        c.assembler = self._new_assembler()
         self._in_hand = {k: t for k, t in self._in_hand.items() if k[0] != c.tag}
         c.amqp_prefetch = c.prefetch if (c.prefetch or not c.stream) else STREAM_CREDIT
         try:
@@ -541,8 +529,10 @@ class AmqpTransport(Transport):
 
     def _record(self, c: _Consumer, channel: BlockingChannel, method: Any, properties: pika.BasicProperties, body: bytes) -> None:
         """pika's callback: note the delivery, nothing else (we are inside pika's dispatch)."""
-        offset = (properties.headers or {}).get("x-stream-offset")
-        handle = _Handle(channel, method.delivery_tag, method.consumer_tag, self._generation, method.exchange, method.routing_key, properties, method.redelivered, offset)
+        offset = (properties.headers or {}).get("x-stream-offset") if isinstance(properties.headers, dict) else None
+        if not (isinstance(offset, int) and not isinstance(offset, bool) and (c.stream or self._queues.get(c.queue, (None,))[0] is None)):
+            offset = None  # a publisher's header on a queue's message, not the broker's stream offset
+        handle = _Handle(channel, method.delivery_tag, method.consumer_tag, self._generation, _text(method.exchange), _text(method.routing_key), properties, method.redelivered, offset)
         if method.consumer_tag == c.amqp_tag:
             c.held += 1
         self._received.append((c, handle, body))
@@ -607,7 +597,7 @@ class AmqpTransport(Transport):
             if c.stream and handle.offset is not None:
                 c.next_offset = max(c.next_offset or 0, handle.offset + 1)
             try:
-                info = chunks.parse(handle.properties.headers or {})
+                info = chunks.parse(handle.properties.headers if isinstance(handle.properties.headers, dict) else {})
             except chunks.BadChunk as exc:
                 self._dead_letter_raw(c.queue, [(handle, body)], str(exc), c)
                 continue
@@ -617,7 +607,8 @@ class AmqpTransport(Transport):
             if c.stream and info.index > 0 and not c.assembler.knows(info.message_id):
                 self._settle_handles([handle], "ack", c)  # the message began before our offset
                 continue
-            outcome = c.assembler.add(info, body, handle)
+            outcome = c.assembler.add(info, body, handle, _sender(handle.properties))
+            self._dead_letter_evicted(c.queue, c.assembler, c)
             if isinstance(outcome, chunks.Held):
                 if c.stream:
                     self._settle_handles([handle], "ack", c)  # returns credit; a stream keeps it
@@ -635,7 +626,14 @@ class AmqpTransport(Transport):
             elif isinstance(outcome, chunks.Corrupt):
                 self._dead_letter_raw(c.queue, list(zip(outcome.handles, outcome.bodies)), outcome.reason, c)
 
-    def _hand_out(self, c: _Consumer, handles: list[_Handle], body: bytes, message_id: str | None) -> None:
+    def _new_assembler(self) -> chunks.Assembler:
+        return chunks.Assembler(**self._assembler_bounds)
+
+    def _dead_letter_evicted(self, queue: str, assembler: chunks.Assembler, c: _Consumer | None) -> None:
+        for partial, reason in assembler.take_evicted():
+            self._dead_letter_raw(queue, [(p.handle, p.body) for p in partial.ordered()], reason, c)
+
+    def _hand_out(self, c: _Consumer, handles: list[_Handle], body: bytes, message_id: str | None, *, problem: str = "") -> None:
         last = handles[-1] if message_id is None else max(handles, key=lambda h: h.delivery_tag)
         tag = _Tag(handles, c, c.assembler if message_id else None, message_id, c.epoch)
         if c.stream:
@@ -646,15 +644,19 @@ class AmqpTransport(Transport):
         c.logical += 1
         if message_id is not None:
             self._in_hand[(c.tag, message_id)] = tag
+        envelope, unreadable = to_envelope(last.properties)
+        problem = problem or unreadable
         delivery = Delivery(
             queue=c.queue,
             exchange=last.exchange,
             routing_key=last.routing_key,
-            envelope=to_envelope(last.properties),
+            envelope=envelope,
             body=body,
             redelivered=any(h.redelivered for h in handles),
             tag=tag,
             consumer_tag=c.tag,
+            problem=problem,
+            reply_to=last.properties.reply_to,
         )
         self._inbox.append((c, delivery))
 
@@ -704,25 +706,26 @@ class AmqpTransport(Transport):
             raise TransportError(f"queue {queue!r} is a stream; consume it from an offset")
         if queue not in self._queues:
             self.queue_info(queue)  # a 404 must not close the get channel (and its deliveries)
-        assembler = self._get_assemblers.setdefault(queue, chunks.Assembler())
+        assembler = self._get_assemblers.setdefault(queue, self._new_assembler())
         while True:
             got = self._with_retry(lambda: self._basic_get(queue))
             if assembler is not self._get_assemblers.get(queue):  # reconnected: start over
-                assembler = self._get_assemblers.setdefault(queue, chunks.Assembler())
+                assembler = self._get_assemblers.setdefault(queue, self._new_assembler())
             method, properties, body = got
             if method is None:
                 for partial in assembler.release():
                     self._settle_handles([p.handle for p in partial.ordered()], "requeue", None)
                 return None
-            handle = _Handle(self._getch, method.delivery_tag, None, self._generation, method.exchange, method.routing_key, properties, method.redelivered)
+            handle = _Handle(self._getch, method.delivery_tag, None, self._generation, _text(method.exchange), _text(method.routing_key), properties, method.redelivered)
             try:
-                info = chunks.parse(properties.headers or {})
+                info = chunks.parse(properties.headers if isinstance(properties.headers, dict) else {})
             except chunks.BadChunk as exc:
                 self._dead_letter_raw(queue, [(handle, body)], str(exc), None)
                 continue
             if info is None:
                 return self._get_delivery(queue, [handle], body, None, None)
-            outcome = assembler.add(info, body, handle)
+            outcome = assembler.add(info, body, handle, _sender(properties))
+            self._dead_letter_evicted(queue, assembler, None)
             if isinstance(outcome, chunks.Complete):
                 return self._get_delivery(queue, outcome.handles, outcome.body, outcome.message_id, assembler)
             if isinstance(outcome, chunks.Corrupt):
@@ -743,7 +746,8 @@ class AmqpTransport(Transport):
     def _get_delivery(self, queue: str, handles: list[_Handle], body: bytes, message_id: str | None, assembler: chunks.Assembler | None) -> Delivery:
         last = handles[-1]
         tag = _Tag(handles, None, assembler, message_id)
-        return Delivery(queue, last.exchange, last.routing_key, to_envelope(last.properties), body, any(h.redelivered for h in handles), tag)
+        envelope, problem = to_envelope(last.properties)
+        return Delivery(queue, last.exchange, last.routing_key, envelope, body, any(h.redelivered for h in handles), tag, problem=problem, reply_to=last.properties.reply_to)
 
     # ------------------------------------------------------------ settling
 
@@ -804,17 +808,27 @@ class AmqpTransport(Transport):
         """Dead-letter AMQP deliveries one by one with ``reason`` (chunks that cannot make
         a message): a copy to the queue's dead-letter queue, confirmed, then the ack. Without
         a known dead-letter queue, reject them (the queue's own dead-lettering, if any)."""
+        if c is not None and c.stream:
+            # A stream keeps everything and nothing can be dead-lettered from it: its reader
+            # gets each piece as a delivery with the problem, to skip and count.
+            for handle, body in pieces:
+                if handle.generation == self._generation:
+                    self._hand_out(c, [handle], body, None, problem=reason)
+            return
         target = self._dead_letter_targets.get(queue)
-        log.error("amqp.dead_letter", queue=queue, reason=reason, target=target, messages=len(pieces))
+        log.error("amqp.dead_letter", queue=queue, reason=bounded(reason, 300), target=target, messages=len(pieces))
         for handle, body in pieces:
             if handle.settled or not self._live(handle):
                 continue  # its connection or channel is gone: the broker redelivers it
             if target is None or (c is not None and c.stream):
                 self._settle_handles([handle], "ack" if c is not None and c.stream else "reject", c)
                 continue
-            properties = copy.copy(handle.properties)
-            properties.headers = {**(handle.properties.headers or {}), REASON_HEADER: reason[:4000], ORIGIN_QUEUE_HEADER: queue, ORIGIN_KEY_HEADER: handle.routing_key}
-            self._publish_raw("", target, properties, body)
+            try:
+                self._publish_raw("", target, dead_letter_properties(handle.properties, reason, queue, handle.routing_key, user=self.user), body)
+            except TransportError as exc:  # refused (the connection is fine): the queue's own dead-lettering
+                log.error("amqp.dead_letter_failed", queue=queue, error=bounded(str(exc)))
+                self._settle_handles([handle], "reject", c)
+                continue
             self._settle_handles([handle], "ack", c)
 
     def close(self) -> None:
@@ -860,6 +874,15 @@ def _describe(exc: BaseException) -> str:
         text = f"{type(exc).__name__}" + (f" ({_describe(context)})" if context is not None else "")
     text = re.sub(r"\s+", " ", text)
     return text if len(text) < 400 else text[:400] + "..."
+
+
+def _sender(properties: pika.BasicProperties) -> str:
+    return properties.app_id if isinstance(properties.app_id, str) else ""
+
+
+def _text(value: Any) -> str:
+    """pika hands over a short string that is not UTF-8 as bytes."""
+    return value if isinstance(value, str) else bytes(value).decode("utf-8", "replace")
 
 
 def _quietly(fn: Callable[[], Any]) -> None:

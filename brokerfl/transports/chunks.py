@@ -43,6 +43,13 @@ LENGTH_HEADER = "x-brokerfl-length"
 SHA256_HEADER = "x-brokerfl-sha256"
 HEADERS = frozenset({CHUNK_HEADER, CHUNK_OF_HEADER, LENGTH_HEADER, SHA256_HEADER})
 BACKGROUND_MIN = 1024**2  # smaller pieces are hashed inline: a hand-off costs more than it saves
+MAX_CHUNKS = 1_000_000  # chunks of one message (a 16 TiB body at the default chunk size)
+MAX_ID_CHARS = 128
+
+# Reassembly bounds (defaults of Assembler and of AmqpTransport, which passes its own).
+MAX_PARTIALS = 32  # incomplete messages held at once; the least recently fed one goes first
+MAX_PARTIAL_BYTES = 512 * 1024**2  # bytes of incomplete messages held at once
+MAX_PARTIAL_BYTES_PER_SENDER = 256 * 1024**2  # of those, by one sender (app_id)
 
 _helper: tuple[int, ThreadPoolExecutor] | None = None
 _helper_lock = threading.Lock()
@@ -99,23 +106,28 @@ def parse(headers: dict[str, Any]) -> ChunkInfo | None:
     message_id = headers.get(CHUNK_OF_HEADER)
     length = headers.get(LENGTH_HEADER)
     sha = headers.get(SHA256_HEADER)
-    if isinstance(position, (str, bytes)):  # "index/count"
+    if isinstance(position, (str, bytes)) and len(position) <= 64:  # "index/count"
         try:
             position = [int(v) for v in (position.decode() if isinstance(position, bytes) else position).split("/")]
         except ValueError:
-            raise BadChunk(f"bad {CHUNK_HEADER} header {position!r}") from None
-    if not (isinstance(position, list) and len(position) == 2 and all(isinstance(v, int) for v in position)):
-        raise BadChunk(f"bad {CHUNK_HEADER} header {position!r}")
+            raise BadChunk(f"bad {CHUNK_HEADER} header {_shown(position)}") from None
+    if not (isinstance(position, list) and len(position) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in position)):
+        raise BadChunk(f"bad {CHUNK_HEADER} header {_shown(position)}")
     index, count = position
-    if not 0 <= index < count:
-        raise BadChunk(f"chunk index {index} out of range for {count} chunks")
-    if not isinstance(message_id, str) or not message_id:
-        raise BadChunk(f"bad {CHUNK_OF_HEADER} header {message_id!r}")
-    if not isinstance(length, int) or length < 0:
-        raise BadChunk(f"bad {LENGTH_HEADER} header {length!r}")
-    if sha is not None and not isinstance(sha, str):
-        raise BadChunk(f"bad {SHA256_HEADER} header {sha!r}")
+    if not 0 <= index < count <= MAX_CHUNKS:
+        raise BadChunk(f"chunk index {index} out of range for {count} chunks (at most {MAX_CHUNKS})")
+    if not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_ID_CHARS:
+        raise BadChunk(f"bad {CHUNK_OF_HEADER} header {_shown(message_id)}")
+    if not isinstance(length, int) or isinstance(length, bool) or not count <= max(length, 1):
+        raise BadChunk(f"bad {LENGTH_HEADER} header {_shown(length)} for {count} chunks")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
+        raise BadChunk(f"bad {SHA256_HEADER} header {_shown(sha)}")
     return ChunkInfo(message_id, index, count, length, sha)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}...({len(text)} chars)"
 
 
 @dataclass
@@ -131,6 +143,8 @@ class Partial:
 
     message_id: str
     count: int
+    sender: str = ""
+    bytes: int = 0  # of the bodies held
     pieces: dict[int, _Piece] = field(default_factory=dict)
     extras: list[_Piece] = field(default_factory=list)  # duplicate copies (a publisher's retry)
     first_seen: float = 0.0
@@ -191,19 +205,63 @@ Outcome = Held | Complete | Corrupt | Extra | Stale
 
 
 class Assembler:
-    """Reassembles chunked messages for one consumer (or one queue's ``get``)."""
+    """Reassembles chunked messages for one consumer (or one queue's ``get``).
 
-    def __init__(self, remember: int = 10_000, clock=time.monotonic) -> None:
+    Memory is bounded whatever publishers send (anyone who may publish to the queue can
+    start chunked messages and never finish them): at most ``max_partials`` incomplete
+    messages, ``max_bytes`` of their chunks, ``max_bytes_per_sender`` of them from one
+    sender (the chunks' ``app_id``). Past a bound the least recently fed incomplete message
+    is given up: it goes to :attr:`evicted`, with the reason, for the transport to
+    dead-letter. A chunk whose message could never fit is refused at once (Corrupt)."""
+
+    def __init__(
+        self,
+        remember: int = 10_000,
+        clock=time.monotonic,
+        *,
+        max_partials: int = MAX_PARTIALS,
+        max_bytes: int = MAX_PARTIAL_BYTES,
+        max_bytes_per_sender: int = MAX_PARTIAL_BYTES_PER_SENDER,
+    ) -> None:
         self.partials: dict[str, Partial] = {}
         self.in_hand: set[str] = set()  # completed, handed out, not yet settled
+        self.evicted: list[tuple[Partial, str]] = []  # given up to stay in bounds; the transport dead-letters them
+        self.held_bytes = 0
+        self._sender_bytes: dict[str, int] = {}
         self._done: OrderedDict[str, None] = OrderedDict()  # recently acked ids (bounded)
         self._remember = remember
         self._clock = clock
+        self.max_partials = max_partials
+        self.max_bytes = max_bytes
+        self.max_bytes_per_sender = max_bytes_per_sender
+
+    def take_evicted(self) -> list[tuple[Partial, str]]:
+        evicted, self.evicted = self.evicted, []
+        return evicted
+
+    def _forget(self, partial: Partial) -> None:
+        """Remove an incomplete message from the books (and its bytes from the bounds)."""
+        if self.partials.pop(partial.message_id, None) is None:
+            return
+        self.held_bytes -= partial.bytes
+        left = self._sender_bytes.get(partial.sender, 0) - partial.bytes
+        if left > 0:
+            self._sender_bytes[partial.sender] = left
+        else:
+            self._sender_bytes.pop(partial.sender, None)
+
+    def _evict(self, partial: Partial, why: str) -> None:
+        self._forget(partial)
+        self.evicted.append((partial, f"chunked message {partial.message_id}: given up after {len(partial.pieces)} of {partial.count} chunks: {why}"))
+
+    def _oldest(self, sender: str | None = None) -> Partial | None:
+        candidates = [p for p in self.partials.values() if sender is None or p.sender == sender]
+        return min(candidates, key=lambda p: p.last_seen, default=None)
 
     def knows(self, message_id: str) -> bool:
         return message_id in self.partials or message_id in self.in_hand or message_id in self._done
 
-    def add(self, info: ChunkInfo, body: bytes, handle: Any) -> Outcome:
+    def add(self, info: ChunkInfo, body: bytes, handle: Any, sender: str = "") -> Outcome:
         mid = info.message_id
         if mid in self.in_hand:
             return Extra(mid, handle)
@@ -212,18 +270,51 @@ class Assembler:
         now = self._clock()
         partial = self.partials.get(mid)
         if partial is None:
-            partial = self.partials[mid] = Partial(mid, info.count, first_seen=now)
+            if info.length > min(self.max_bytes, self.max_bytes_per_sender):
+                return Corrupt(mid, [handle], [body], f"chunked message {mid}: {info.length} bytes is more than reassembly holds (max_partial_bytes {self.max_bytes}, per sender {self.max_bytes_per_sender})")
+            while len(self.partials) >= self.max_partials:
+                self._evict(self._oldest(), f"more than {self.max_partials} incomplete chunked messages at once")
+            partial = self.partials[mid] = Partial(mid, info.count, sender, first_seen=now)
         partial.last_seen = now
         if info.index in partial.pieces:
+            if len(partial.extras) >= partial.count:  # more copies than a retry makes
+                return self._corrupt(partial, f"chunk {info.index} arrived again, after {len(partial.extras)} duplicates")
             partial.extras.append(_Piece(info, body, handle))  # a publisher's retry: same bytes again
-            return Held()
+            self._grow(partial, len(body))
+            return self._bounded(partial) or Held()
         partial.pieces[info.index] = _Piece(info, body, handle)
         if info.count != partial.count:
             return self._corrupt(partial, f"chunk {info.index} says {info.count} chunks, an earlier one said {partial.count}")
+        self._grow(partial, len(body))
+        if sum(len(p.body) for p in partial.pieces.values()) > info.length:
+            return self._corrupt(partial, f"chunks hold more than the {info.length} bytes the message has")
+        given_up = self._bounded(partial)
+        if given_up is not None:
+            return given_up
         self._hash(partial)
         if len(partial.pieces) < partial.count:
             return Held()
         return self._finish(partial)
+
+    def _grow(self, partial: Partial, size: int) -> None:
+        partial.bytes += size
+        self.held_bytes += size
+        self._sender_bytes[partial.sender] = self._sender_bytes.get(partial.sender, 0) + size
+
+    def _bounded(self, partial: Partial) -> Outcome | None:
+        """Give up the least recently fed messages until the byte bounds hold again; if that
+        is ``partial`` itself, its Corrupt outcome, else None."""
+        while self._sender_bytes.get(partial.sender, 0) > self.max_bytes_per_sender:
+            oldest = self._oldest(partial.sender)
+            if oldest is partial:
+                return self._corrupt(partial, f"its sender {_shown(partial.sender)} holds more than max_partial_bytes_per_sender ({self.max_bytes_per_sender}) in incomplete messages")
+            self._evict(oldest, f"its sender holds more than max_partial_bytes_per_sender ({self.max_bytes_per_sender}) in incomplete messages")
+        while self.held_bytes > self.max_bytes:
+            oldest = self._oldest()
+            if oldest is partial:
+                return self._corrupt(partial, f"incomplete messages hold more than max_partial_bytes ({self.max_bytes})")
+            self._evict(oldest, f"incomplete messages hold more than max_partial_bytes ({self.max_bytes})")
+        return None
 
     @staticmethod
     def _hash(partial: Partial) -> None:
@@ -252,7 +343,7 @@ class Assembler:
         got = partial.digest.hexdigest()
         if got != expected:
             return self._corrupt(partial, f"sha256 mismatch: got {got}, expected {expected}")
-        del self.partials[partial.message_id]
+        self._forget(partial)
         self.in_hand.add(partial.message_id)
         handles = partial.handles
         partial.pieces.clear()  # drop the chunks' bodies now, not when the caller lets go
@@ -260,7 +351,7 @@ class Assembler:
         return Complete(partial.message_id, body, handles)
 
     def _corrupt(self, partial: Partial, reason: str) -> Corrupt:
-        del self.partials[partial.message_id]
+        self._forget(partial)
         ordered = partial.ordered()
         return Corrupt(partial.message_id, [p.handle for p in ordered], [p.body for p in ordered], f"chunked message {partial.message_id}: {reason}")
 
@@ -280,13 +371,14 @@ class Assembler:
         (by this assembler's clock): the rest went elsewhere or was never published."""
         gone = [p for p in self.partials.values() if p.last_seen < older_than]
         for p in gone:
-            del self.partials[p.message_id]
+            self._forget(p)
         return gone
 
     def release(self) -> list[Partial]:
         """Remove and return every partial message (to hand their chunks back)."""
         gone = list(self.partials.values())
-        self.partials.clear()
+        for p in gone:
+            self._forget(p)
         return gone
 
     def oldest(self) -> float | None:

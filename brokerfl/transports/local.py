@@ -12,11 +12,13 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field, replace
 
 from brokerfl.message import Envelope
 from brokerfl.transport import (
+    REPLY_TO,
     Delivery,
     OnDelivery,
     QueueInfo,
@@ -25,6 +27,7 @@ from brokerfl.transport import (
     Transport,
     TransportError,
     UnroutableError,
+    envelope_problem,
 )
 
 
@@ -52,6 +55,8 @@ class _Message:
     body: bytes
     redelivered: bool = False
     appended: float = 0.0  # streams: time.monotonic() when appended, for retention by age
+    reply_to: str | None = None  # a request's reply address
+    expires: float | None = None  # time.monotonic() after which a queue drops it unconsumed (a request's)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class _Queue:
     dead_letter_queue: str | None
     max_length_bytes: int | None
     max_age_s: float | None = None
+    single_active_consumer: bool = False  # only consumers[0] (the oldest) receives
     ready: deque[_Message] = field(default_factory=deque)
     log: list[_Message] = field(default_factory=list)  # streams: append-only
     log_start: int = 0  # streams: offset of log[0], after retention dropped older entries
@@ -130,13 +136,18 @@ class LocalBroker:
                         consumer.stream_position += 1
                         self._hand_over(queue, consumer, message)
                 continue
+            _drop_expired(queue)
             while queue.ready and queue.consumers:
                 consumer = self._pick(queue)
                 if consumer is None:
                     break
                 self._hand_over(queue, consumer, queue.ready.popleft())
+                _drop_expired(queue)
 
     def _pick(self, queue: _Queue) -> _Consumer | None:
+        if queue.single_active_consumer:
+            active = queue.consumers[0]
+            return active if _has_room(active) else None
         n = len(queue.consumers)
         for i in range(n):
             consumer = queue.consumers[(queue.next_consumer + i) % n]
@@ -159,6 +170,8 @@ class LocalBroker:
                 redelivered=message.redelivered,
                 tag=tag,
                 consumer_tag=consumer.tag,
+                problem=envelope_problem(message.envelope),  # as the AMQP transport checks what it receives
+                reply_to=message.reply_to,
             )
         )
 
@@ -179,16 +192,25 @@ class LocalBroker:
             queue.ready.appendleft(replace(message, redelivered=True))
 
 
+def _drop_expired(queue: _Queue) -> None:
+    """Expired messages at the head go (RabbitMQ too expires messages as they reach the head)."""
+    now = time.monotonic()
+    while queue.ready and queue.ready[0].expires is not None and queue.ready[0].expires <= now:
+        queue.ready.popleft()
+
+
 def _has_room(consumer: _Consumer) -> bool:
     return consumer.prefetch == 0 or consumer.unacked < consumer.prefetch
 
 
 class LocalTransport(Transport):
-    """One connection to a :class:`LocalBroker`."""
+    """One connection to a :class:`LocalBroker`, logged in as ``user`` (stamped on what it
+    publishes as ``user_id``, like RabbitMQ's validated user_id)."""
 
-    def __init__(self, broker: LocalBroker | None = None) -> None:
+    def __init__(self, broker: LocalBroker | None = None, *, user: str = "guest") -> None:
         super().__init__()
         self.broker = broker or LocalBroker()
+        self.user = user
         self._inbox: deque[Delivery] = deque()
         self._consumers: dict[str, _Consumer] = {}
         self._get_tags: dict[str, set[int]] = {}  # basic.get deliveries not yet settled, by queue
@@ -200,14 +222,16 @@ class LocalTransport(Transport):
         with self.broker.lock:
             self.broker.exchanges.setdefault(name, [])
 
-    def _declare_queue(self, name, *, kind, dead_letter_queue, max_length_bytes, max_age) -> None:
+    def _declare_queue(self, name, *, kind, dead_letter_queue, max_length_bytes, max_age, single_active_consumer=False) -> None:
         with self.broker.lock:
             existing = self.broker.queues.get(name)
             if existing is not None:
                 if existing.kind != kind:  # RabbitMQ refuses a redeclare with other arguments
                     raise TransportError(f"queue {name!r} exists as a {existing.kind} queue, not {kind}")
+                if existing.single_active_consumer != single_active_consumer:
+                    raise TransportError(f"queue {name!r} exists with x-single-active-consumer={existing.single_active_consumer}")
                 return
-            self.broker.queues[name] = _Queue(name, kind, dead_letter_queue, max_length_bytes, _age_seconds(max_age))
+            self.broker.queues[name] = _Queue(name, kind, dead_letter_queue, max_length_bytes, _age_seconds(max_age), single_active_consumer)
 
     def bind(self, queue: str, exchange: str, pattern: str) -> None:
         with self.broker.lock:
@@ -244,15 +268,54 @@ class LocalTransport(Transport):
     # ------------------------------------------------------------ messages
 
     def publish(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes) -> None:
+        self._publish(exchange, routing_key, envelope, body)
+
+    def _publish(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, reply_to: str | None = None, expires: float | None = None) -> None:
         self._check_open()
         if not isinstance(body, bytes):  # the AMQP transport (pika) takes only bytes; keep that rule here
             raise TypeError(f"body must be bytes, got {type(body).__name__}")
+        if envelope.user_id and envelope.user_id != self.user:  # RabbitMQ: 406 PRECONDITION_FAILED
+            raise TransportError(f"user_id property set to {envelope.user_id!r} but authenticated user was {self.user!r}")
+        envelope = replace(envelope, user_id=self.user)
         with self.broker.changed:
             queues = self.broker.route(exchange, routing_key)
             if not queues:
                 raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}")
             for queue in queues:
-                self.broker.enqueue(queue, _Message(exchange, routing_key, envelope, body))
+                # a stream keeps everything (RabbitMQ's streams ignore message TTL too)
+                self.broker.enqueue(queue, _Message(exchange, routing_key, envelope, body, reply_to=reply_to, expires=None if queue.kind == "stream" else expires))
+            self.broker.changed.notify_all()
+
+    def request(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, *, timeout: float) -> tuple[Envelope, bytes] | None:
+        # A private queue, as RabbitMQ's direct reply-to is private to the requesting channel:
+        # it exists only while this call waits.
+        address = f"{REPLY_TO}.{uuid.uuid4().hex}"
+        with self.broker.lock:
+            self.broker.queues[address] = inbox = _Queue(address, "classic", None, None)
+        try:
+            deadline = time.monotonic() + timeout
+            self._publish(exchange, routing_key, envelope, body, address, deadline)
+            with self.broker.changed:
+                while not inbox.ready:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return None
+                    self.broker.changed.wait(remaining)
+                reply = inbox.ready.popleft()
+                return reply.envelope, reply.body
+        finally:
+            with self.broker.lock:
+                self.broker.queues.pop(address, None)
+
+    def reply(self, request: Delivery, envelope: Envelope, body: bytes) -> None:
+        self._check_open()
+        if not request.reply_to:
+            raise TransportError(f"message {request.envelope.message_id!r} is not a request: it has no reply address")
+        with self.broker.changed:
+            inbox = self.broker.queues.get(request.reply_to)
+            if inbox is None:
+                return  # its requester is gone: dropped, as RabbitMQ drops it
+            self.broker.enqueue(inbox, _Message("", request.reply_to, envelope, body))
             self.broker.changed.notify_all()
 
     def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None) -> str:
@@ -293,6 +356,7 @@ class LocalTransport(Transport):
             q = self._queue(queue)
             if q.kind == "stream":
                 raise TransportError(f"queue {queue!r} is a stream; consume it from an offset")
+            _drop_expired(q)
             if not q.ready:
                 return None
             message = q.ready.popleft()
@@ -302,7 +366,7 @@ class LocalTransport(Transport):
             q.unacked[tag] = (message, owner)
             owner.unacked += 1
             self._get_tags.setdefault(queue, set()).add(tag)
-            return Delivery(queue, message.exchange, message.routing_key, message.envelope, message.body, message.redelivered, tag)
+            return Delivery(queue, message.exchange, message.routing_key, message.envelope, message.body, message.redelivered, tag, problem=envelope_problem(message.envelope), reply_to=message.reply_to)
 
     def ack(self, delivery: Delivery) -> None:
         with self.broker.changed:

@@ -3,6 +3,12 @@
 Updates are folded into a float64 running sum as they arrive, so the server holds
 O(model) memory however many clients answer, and float64 keeps the result independent of
 arrival order to far below float32 precision.
+
+Every result keeps the global model's dtype (:func:`cast_like`): float16 tensors fold in
+float64 and are cast back (a torch app's bfloat16 tensors travel as float32, which holds
+every bfloat16 exactly, and are cast back when loaded into the model). Integer tensors,
+such as BatchNorm's ``num_batches_tracked``, get the sample-weighted mean **rounded to the
+nearest integer** (halves to even), never a float average truncated by a cast.
 """
 
 from __future__ import annotations
@@ -15,6 +21,13 @@ import numpy as np
 from brokerfl.handler_table import Rejected
 
 Tensors = Mapping[str, np.ndarray]
+
+
+def cast_like(value: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """A float64 result in ``like``'s dtype; integers (and booleans) rounded half to even."""
+    if not np.issubdtype(like.dtype, np.inexact):
+        value = np.rint(value)
+    return np.asarray(value).astype(like.dtype, copy=False)  # 0-d stays an array, not a scalar
 
 
 class BadUpdate(Rejected):
@@ -51,7 +64,7 @@ def check_update(parameters: Tensors, reference: Tensors) -> None:
         value = parameters[name]
         if value.shape != ref.shape:
             raise BadUpdate(f"{name}: shape {value.shape}, the global model has {ref.shape}")
-        if not np.issubdtype(value.dtype, np.floating) and value.dtype != ref.dtype:
+        if value.dtype != ref.dtype:
             raise BadUpdate(f"{name}: dtype {value.dtype}, the global model has {ref.dtype}")
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             raise BadUpdate(f"{name}: holds NaN or infinite values")
@@ -83,8 +96,14 @@ def weighted_average(acc: RunningSum, like: Tensors) -> dict[str, np.ndarray]:
     """The folded average, in the dtypes of ``like`` (the global model)."""
     if acc.count == 0:
         raise ValueError("no update was folded")
-    # divide straight into the output dtype: no float64 temporary
-    return {name: np.divide(acc.sums[name], acc.total_weight, out=np.empty(like[name].shape, like[name].dtype), casting="unsafe") for name in acc.sums}
+    return {name: _mean_like(acc.sums[name], acc.total_weight, like[name]) for name in acc.sums}
+
+
+def _mean_like(total: np.ndarray, weight: float, like: np.ndarray) -> np.ndarray:
+    if np.issubdtype(like.dtype, np.floating):
+        # divide straight into the output dtype: no float64 temporary
+        return np.divide(total, weight, out=np.empty(like.shape, like.dtype), casting="unsafe")
+    return cast_like(total / weight, like)
 
 
 # ---------------------------------------------------------------- asynchronous aggregation
@@ -120,7 +139,7 @@ def mix(global_parameters: Tensors, client_parameters: Tensors, alpha: float) ->
     for name, w in global_parameters.items():
         mixed = np.asarray(w, np.float64) * (1.0 - alpha)
         mixed += alpha * np.asarray(client_parameters[name], np.float64)
-        out[name] = mixed.astype(w.dtype, copy=False)
+        out[name] = cast_like(mixed, w)
     return out
 
 
@@ -138,5 +157,5 @@ def apply_mean_delta(acc: RunningSum, global_parameters: Tensors, server_lr: flo
     for name, w in global_parameters.items():
         stepped = acc.sums[name] * scale
         stepped += w
-        out[name] = stepped.astype(w.dtype, copy=False)
+        out[name] = cast_like(stepped, w)
     return out

@@ -8,7 +8,7 @@ takes one step, as in the paper's Algorithm 1 (mean over K, not over the weights
     w <- w + server_lr * (sum of the K weighted deltas) / K
 
 The parameters w_v of the versions clients train on come from the server's cache of recent
-versions (``handlers.async_server``); staleness weighting as in FedAsync.
+versions (``handlers.workflows.async_server``); staleness weighting as in FedAsync.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from handlers.aggregate import RunningSum, Tensors, apply_mean_delta, fold_update, new_running_sum
-from handlers.fedasync import AsyncStrategy
+from handlers.strategies.aggregate import RunningSum, Tensors, apply_mean_delta, fold_update, new_running_sum
+from handlers.strategies.fedasync import AsyncStrategy
 
 
 class FedBuff(AsyncStrategy):

@@ -1,14 +1,14 @@
 """FedAsync (Xie et al. 2019, "Asynchronous Federated Optimization"), and what every
 asynchronous strategy is.
 
-An asynchronous strategy runs on ``handlers.async_server``: every client always has a task
+An asynchronous strategy runs on ``handlers.workflows.async_server``: every client always has a task
 on the newest model, and each update is folded when it arrives. The strategy says how an
 update with a given staleness (model versions since the one it trained on) is folded, and
 when the folded updates make a new model version. FedAsync makes one per update:
 
     w <- (1 - alpha_s) * w + alpha_s * w_client,   alpha_s = alpha * s(staleness)
 
-with s one of the staleness functions of the paper (``handlers.aggregate.staleness_weight``).
+with s one of the staleness functions of the paper (``handlers.strategies.aggregate.staleness_weight``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from handlers.aggregate import STALENESS_FUNCTIONS, Tensors, mix, staleness_weight
-from handlers.strategy import Strategy
+from handlers.strategies.aggregate import STALENESS_FUNCTIONS, Tensors, mix, staleness_weight
+from handlers.strategies.base import Strategy
 
 
 class AsyncStrategy(Strategy):
@@ -31,7 +31,7 @@ class AsyncStrategy(Strategy):
     but unused: every live client always has a task.
     """
 
-    server_handlers = "handlers.async_server"
+    server_handlers = "handlers.workflows.async_server"
     needs_base = False  # whether fold_async needs the parameters the client trained on
 
     def __init__(
@@ -62,7 +62,7 @@ class AsyncStrategy(Strategy):
     def weight(self, staleness: int) -> float:
         return staleness_weight(staleness, self.staleness, a=self.a, b=self.b)
 
-    # what handlers.async_server calls
+    # what handlers.workflows.async_server calls
 
     def start_version(self, global_parameters: Tensors) -> None:
         """Begin collecting the updates of the next model version."""
@@ -99,7 +99,7 @@ class AsyncStrategy(Strategy):
     # the synchronous interface does not apply
 
     def start_round(self, global_parameters: Tensors) -> None:
-        raise NotImplementedError(f"strategy {self.name!r} is asynchronous: run it with server_handlers: handlers.async_server")
+        raise NotImplementedError(f"strategy {self.name!r} is asynchronous: run it with server_handlers: handlers.workflows.async_server")
 
     fold = finish_round = start_round  # type: ignore[assignment]
 

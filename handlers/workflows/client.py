@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from brokerfl.app import App, Partition, count_samples, load_app
 from brokerfl.config import RunConfig, TrainConfig
 from brokerfl.handler_table import Context, HandlerTable, Started, to_server
 from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Heartbeat, Join, Message, ParameterUpdate, TrainTask
-from handlers.datasets import load_dataset, partition
-from handlers.trainer import evaluate, init_parameters, train_local
+from handlers.strategies.base import prepare_update
 
 table = HandlerTable("client")
 
@@ -21,9 +21,8 @@ table = HandlerTable("client")
 class ClientState:
     client_id: str
     config: RunConfig
-    x: np.ndarray
-    y: np.ndarray
-    num_classes: int
+    app: App
+    data: Partition  # this client's partition: train data and maybe a local test split
     answered: set[str] = field(default_factory=set)  # task ids this process already answered
     newest_version: int = -1  # the newest model version a task has shown this process
     last_global: dict[str, np.ndarray] | None = None  # the newest global model trained on
@@ -31,21 +30,18 @@ class ClientState:
 
 
 def make_state(config: RunConfig, client_id: str) -> ClientState:
-    """The client's partition of the dataset: partition ``int(client_id) % clients``."""
-    data = load_dataset(config.data.dataset, test_fraction=config.data.test_fraction, seed=config.seed)
-    parts = partition(data.y_train, config.clients, config.data.partition, alpha=config.data.alpha, seed=config.seed)
-    index = _partition_index(client_id, config.clients)
-    rows = parts[index]
-    state = ClientState(client_id, config, data.x_train[rows], data.y_train[rows], data.num_classes)
-    _warm_up(state)
+    """The client's partition of the app's data: partition ``int(client_id) % clients``."""
+    app = load_app(config)
+    data = app.load_partition(_partition_index(client_id, config.clients), config.clients, config.seed, client_id=client_id)
+    state = ClientState(client_id, config, app, data)
+    # torch's first call costs ~1 s, which would otherwise land in the first task (and be
+    # multiplied by a client_slowdown)
+    app.warm_up(data.train)
     return state
 
 
-def _warm_up(state: ClientState) -> None:
-    """One throwaway step at start-up: torch's first call costs ~1 s, which would otherwise
-    land in the first task (and be multiplied by a client_slowdown)."""
-    parameters = init_parameters(state.x.shape[1], state.config.model.hidden, state.num_classes, seed=0)
-    train_local(parameters, state.x[:2], state.y[:2], hidden=state.config.model.hidden, num_classes=state.num_classes, epochs=1, batch_size=2, lr=0.0, max_batches=1)
+def num_samples(state: ClientState) -> int:
+    return count_samples(state.data.train)
 
 
 def _partition_index(client_id: str, clients: int) -> int:
@@ -68,14 +64,14 @@ class HeartbeatDue(Message):
 def join(message: Started, ctx: Context):
     state: ClientState = ctx.state
     ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
-    return [to_server(Join(client_id=state.client_id, num_samples=len(state.y)))]
+    return [to_server(Join(client_id=state.client_id, num_samples=num_samples(state)))]
 
 
 @table.on(HeartbeatDue)
 def beat(message: HeartbeatDue, ctx: Context):
     state: ClientState = ctx.state
     ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
-    return [to_server(Heartbeat(client_id=state.client_id, num_samples=len(state.y)))]
+    return [to_server(Heartbeat(client_id=state.client_id, num_samples=num_samples(state)))]
 
 
 @table.on(TrainTask)
@@ -98,24 +94,11 @@ def train(task: TrainTask, ctx: Context):
         return None
     settings = TrainConfig.model_validate(task.config) if task.config else state.config.train
     started = time.perf_counter()
-    parameters, metrics = train_local(
-        task.parameters,
-        state.x,
-        state.y,
-        hidden=state.config.model.hidden,
-        num_classes=state.num_classes,
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-        proximal_mu=settings.proximal_mu,
-        max_batches=settings.max_batches,
-        seed=training_seed(state.config.seed, state.client_id, task.round),
-    )
+    parameters, metrics = state.app.train(task.parameters, state.data.train, settings, training_seed(state.config.seed, state.client_id, task.round))
     slowdown = state.config.client_slowdown.get(state.client_id, 1.0)
     if slowdown > 1.0:  # a straggler, for benchmarks: as if its hardware were this much slower
         time.sleep((slowdown - 1.0) * (time.perf_counter() - started))
+    parameters = prepare_update(state.config, state.client_id, task.round, task.parameters, parameters)  # e.g. local DP's clip and noise
     state.answered.add(task.message_id)
     state.last_global = task.parameters
     update = task.reply(
@@ -124,7 +107,7 @@ def train(task: TrainTask, ctx: Context):
         task_id=task.message_id,
         parameters=parameters,
         num_samples=int(metrics["num_samples"]),
-        metrics={"train_loss": float(metrics["loss"]), "train_s": time.perf_counter() - started},
+        metrics={"train_loss": float(metrics.get("loss", float("nan"))), "train_s": time.perf_counter() - started},
     )
     return [to_server(update)]
 
@@ -134,7 +117,8 @@ def evaluate_locally(task: EvaluateTask, ctx: Context):
     state: ClientState = ctx.state
     if task.participants and state.client_id not in task.participants:
         return None
-    scores = evaluate(task.parameters, state.x, state.y, hidden=state.config.model.hidden, num_classes=state.num_classes)
+    # on the local test split when the app gives one, else on the training partition
+    scores = state.app.evaluate(task.parameters, state.data.test if state.data.test is not None else state.data.train)
     result = task.reply(EvaluateResult, client_id=state.client_id, task_id=task.message_id, loss=scores["loss"], accuracy=scores["accuracy"], num_samples=int(scores["num_samples"]))
     return [to_server(result)]
 

@@ -4,7 +4,7 @@ Lifecycle: resume from the newest stored model version (or store version 0), lea
 federation from Joins and Heartbeats (a restarted server relearns it from heartbeats
 alone), and begin once every expected client is live, or at the join deadline with at
 least ``min_clients``. ``state.begin`` is what beginning means: synchronous rounds here,
-per-client tasks in ``handlers/async_server.py``, which reuses everything else.
+per-client tasks in ``handlers/workflows/async_server.py``, which reuses everything else.
 
 A synchronous round: sample live clients, broadcast one TrainTask, fold each
 ParameterUpdate into the strategy's running sum as it arrives (held unacked), and close
@@ -23,17 +23,19 @@ from typing import Any
 
 import numpy as np
 
+from brokerfl.app import App, load_app
+from brokerfl.admin import AdminState
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
-from brokerfl.message import Exit, Heartbeat, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
+from brokerfl.message import EvaluateResult, Exit, Heartbeat, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
 from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion
 from brokerfl.timing import timings
 from brokerfl.topology import AUDIT
-from handlers.aggregate import BadUpdate, check_update
-from handlers.datasets import load_dataset
-from handlers.strategy import Strategy, load_strategy
-from handlers.trainer import evaluate, init_parameters
+from brokerfl.transport import bounded
+from handlers.strategies.aggregate import BadUpdate, check_update
+from handlers.strategies.base import Strategy, strategy_for_run
+from handlers.workflows import evaluation
 
 table = HandlerTable("server")
 
@@ -72,12 +74,12 @@ class ServerState:
     config: RunConfig
     strategy: Strategy
     store: ModelStore
-    evaluate: Callable[[Any], dict[str, float]]
+    evaluate: Callable[[Any], dict[str, float]] | None  # on the server's test data; None: it has none
     metrics: MetricsLog
-    num_features: int = 0
-    num_classes: int = 0
+    app: App | None = None
     begin: Callable[[Context], list[Outbound] | None] = None  # type: ignore[assignment]
     on_round: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)  # e.g. a progress bar
+    after_rounds: Callable[[Context, str], list[Outbound]] | None = None  # what follows the last round (default: finish_run)
     clients: dict[str, ClientRecord] = field(default_factory=dict)
     model: ModelVersion | None = None
     begun: bool = False
@@ -95,21 +97,16 @@ class ServerState:
     client_seconds: list[float] = field(default_factory=list)  # training time each folded update reported
     timings_at_start: dict[str, float] = field(default_factory=dict)
     retries: int = 0
+    evaluation: evaluation.OpenEvaluation | None = None  # federated evaluation under way
+    admin: AdminState = field(default_factory=AdminState)  # what the operator changed (handlers/workflows/admin.py)
 
 
 def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> ServerState:
-    data = load_dataset(config.data.dataset, test_fraction=config.data.test_fraction, seed=config.seed)
-    strategy = load_strategy(
-        config.strategy.name,
-        fraction=config.strategy.fraction,
-        clients_per_round=config.strategy.clients_per_round,
-        **config.strategy.options,
-    )
+    app = load_app(config)
+    strategy = strategy_for_run(config)
 
-    def evaluate_on_test(parameters):
-        return evaluate(parameters, data.x_test, data.y_test, hidden=config.model.hidden, num_classes=data.num_classes)
-
-    return ServerState(config, strategy, store, evaluate_on_test, metrics, data.num_features, data.num_classes, begin=start_round)
+    evaluate_on_test = app.evaluator(app.load_server_test(config.seed))
+    return ServerState(config, strategy, store, evaluate_on_test, metrics, app, begin=start_round)
 
 
 # ---------------------------------------------------------------- lifecycle and liveness
@@ -122,11 +119,16 @@ def resume_or_initialise(message: Started, ctx: Context):
     state.model = state.store.latest()
     if state.model is None:
         config = state.config
-        parameters = init_parameters(state.num_features, config.model.hidden, state.num_classes, seed=config.seed)
+        parameters = state.app.initial_parameters(config.seed)
         state.model = ModelVersion(0, 0, None, state.strategy.name, [], parameters, created=time.time())
         state.store.put(state.model)
         journal_version(ctx, state.model, with_parameters=True)
+    else:
+        # the last process may have died between storing this version and journaling it:
+        # journal it again (replay skips a repeated record of the same version and hash)
+        journal_version(ctx, state.model, with_parameters=state.model.version == 0)
     state.round = state.model.round
+    state.strategy.resume(state.model.version, state.model.strategy_state)  # e.g. a server optimizer's moments
     _backfill_metrics(state)
     # so that updates redelivered after a restart are recognised as already folded
     state.recent_update_ids = [set(state.store.get(v).update_ids) for v in state.store.versions()[-5:]]
@@ -170,7 +172,7 @@ def refresh_client(state: ServerState, client_id: str) -> None:
 
 def live_clients(state: ServerState) -> list[str]:
     horizon = time.monotonic() - state.config.liveness.timeout_s
-    return sorted(cid for cid, record in state.clients.items() if record.last_seen >= horizon)
+    return sorted(cid for cid, record in state.clients.items() if record.last_seen >= horizon and cid not in state.admin.removed)
 
 
 def maybe_begin(ctx: Context):
@@ -182,8 +184,17 @@ def maybe_begin(ctx: Context):
     return state.begin(ctx)
 
 
+def check_num_samples(num_samples: int, state: ServerState, what: str) -> None:
+    """Refuse a sample count that would outweigh everyone else (``strategy.max_num_samples``).
+    Client ids are checked before any handler runs (:func:`brokerfl.message.from_wire`)."""
+    limit = state.config.strategy.max_num_samples
+    if num_samples > limit:
+        raise BadUpdate(f"{what} claims {num_samples} samples, more than strategy.max_num_samples ({limit})")
+
+
 @table.on(Join)
 def register_client(message: Join, ctx: Context):
+    check_num_samples(message.num_samples, ctx.state, f"Join of client {message.client_id}")
     if see_client(ctx.state, message.client_id, message.num_samples):
         ctx.log.debug("client joined", client=message.client_id, clients=len(ctx.state.clients))
     return maybe_begin(ctx)
@@ -191,6 +202,7 @@ def register_client(message: Join, ctx: Context):
 
 @table.on(Heartbeat)
 def mark_alive(message: Heartbeat, ctx: Context):
+    check_num_samples(message.num_samples, ctx.state, f"Heartbeat of client {message.client_id}")
     if see_client(ctx.state, message.client_id, message.num_samples):
         ctx.log.info("client seen by heartbeat", client=message.client_id)
     return maybe_begin(ctx)
@@ -199,7 +211,7 @@ def mark_alive(message: Heartbeat, ctx: Context):
 @table.on(Leave)
 def forget_client(message: Leave, ctx: Context):
     ctx.state.clients.pop(message.client_id, None)
-    ctx.log.info("client left", client=message.client_id, reason=message.reason)
+    ctx.log.info("client left", client=message.client_id, reason=bounded(message.reason))
 
 
 @table.on(JoinDeadline)
@@ -249,9 +261,13 @@ def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: l
     state: ServerState = ctx.state
     parent = state.model
     model = ModelVersion(parent.version + 1, round_, parent.version, state.strategy.name, list(update_ids), parameters, created=time.time())
-    with timings.phase("evaluate"):
-        scores = state.evaluate(parameters)
-    model.metrics = {"accuracy": scores["accuracy"], "loss": scores["loss"]}
+    scores = {"accuracy": None, "loss": None}  # without server test data: see federated evaluation
+    if state.evaluate is not None:
+        with timings.phase("evaluate"):
+            scores = state.evaluate(parameters)
+    strategy_metrics = state.strategy.round_metrics()  # e.g. the privacy spent so far
+    model.metrics = {"accuracy": scores["accuracy"], "loss": scores["loss"], **strategy_metrics}
+    model.strategy_state = state.strategy.state_arrays()  # stored with the version, atomically
     with timings.phase("store"):
         state.store.put(model)
     state.model = model
@@ -269,13 +285,18 @@ def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: l
         # where the time went, in the server process; clients' training time beside it
         "server_s": {k: v for k, v in timings.since(state.timings_at_start).items() if v > 0 and not k.startswith("handle.")},
         "client_train_s": round(float(np.mean(client_seconds)), 4) if client_seconds else 0.0,
+        **strategy_metrics,
     }
     state.timings_at_start = timings.snapshot()
     state.metrics.append(record)
     for callback in state.on_round:
         callback(record)
-    ctx.log.info("model version stored", round=round_, model_version=model.version, accuracy=round(scores["accuracy"], 4), loss=round(scores["loss"], 4), updates=len(model.update_ids))
+    ctx.log.info("model version stored", round=round_, model_version=model.version, accuracy=_rounded(scores["accuracy"]), loss=_rounded(scores["loss"]), updates=len(model.update_ids))
     return model
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def journal_version(ctx: Context, model: ModelVersion, *, with_parameters: bool = False) -> None:
@@ -314,13 +335,25 @@ def stop_after_drain(message: DrainDone, ctx: Context):
     ctx.stop()
 
 
+# federated evaluation (handlers/workflows/evaluation.py): results and their deadline
+table.register(EvaluateResult, evaluation.collect)
+table.register(evaluation.EvaluationDeadline, evaluation.deadline)
+
+
 # ---------------------------------------------------------------- synchronous rounds
 
 
 def start_round(ctx: Context, *, retry: bool = False):
     state: ServerState = ctx.state
     config = state.config
+    if state.admin.paused:  # the operator's resume starts it (handlers/workflows/admin.py)
+        state.admin.held_start = "retry" if retry else "next"
+        ctx.log.info("paused: no new round starts", round=state.round)
+        return None
     if not retry:
+        stop = state.strategy.stop_reason()  # e.g. a privacy budget another round would exceed
+        if stop is not None:
+            return finish_run(ctx, stop)
         state.round += 1
         state.retries = 0
     rng = np.random.default_rng([config.seed, state.round, state.retries])
@@ -360,8 +393,9 @@ def fold_update(update: ParameterUpdate, ctx: Context):
         check_update(update.parameters, state.model.parameters)
         if update.num_samples < 1:
             raise BadUpdate(f"num_samples must be positive, got {update.num_samples}")
+        check_num_samples(update.num_samples, state, "the update")
     except BadUpdate as exc:
-        raise BadUpdate(f"update from client {update.client_id}: {exc}") from None  # dead-lettered with this reason
+        raise BadUpdate(f"update from client {update.client_id} (app {state.config.app!r}, its train()): {exc}") from None  # dead-lettered with this reason
     with timings.phase("fold"):
         state.strategy.fold(update.parameters, update.num_samples)
     state.client_seconds.append(update.metrics.get("train_s", 0.0))
@@ -417,9 +451,23 @@ def close_round(ctx: Context):
     state: ServerState = ctx.state
     with timings.phase("fold"):
         parameters = state.strategy.finish_round(state.model.parameters)
-    store_version(ctx, parameters, state.folded_ids, round_=state.round, started=state.round_started, client_seconds=state.client_seconds)
+    model = store_version(ctx, parameters, state.folded_ids, round_=state.round, started=state.round_started, client_seconds=state.client_seconds)
     state.round_open = False
     ctx.cancel_timer("round")
     if state.round >= state.config.rounds:
-        return finish_run(ctx, f"{state.config.rounds} rounds done")
-    return start_round(ctx)
+        def done(ctx: Context) -> list[Outbound]:
+            return rounds_done(ctx, f"{state.config.rounds} rounds done")
+
+        return evaluation.request(ctx, model, live_clients(state), then=done) or done(ctx)
+    return evaluation.request(ctx, model, live_clients(state)) + (start_round(ctx) or [])
+
+
+def rounds_done(ctx: Context, reason: str) -> list[Outbound]:
+    """The last round is stored: finish, or first run what follows it (cross-site evaluation)."""
+    hook = ctx.state.after_rounds
+    return hook(ctx, reason) if hook is not None else finish_run(ctx, reason)
+
+
+# The operator's status and admin commands register on this table (and so on the tables
+# that copy it); imported last because they use the functions above.
+from handlers.workflows import admin as _admin  # noqa: E402,F401

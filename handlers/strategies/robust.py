@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from handlers.aggregate import Tensors
-from handlers.strategy import Strategy
+from handlers.strategies.aggregate import Tensors, cast_like
+from handlers.strategies.base import Strategy
 
 
 def coordinate_median(updates: list[Tensors], like: Tensors) -> dict[str, np.ndarray]:
-    return {name: np.median(np.stack([u[name] for u in updates]), axis=0).astype(like[name].dtype) for name in like}
+    return {name: cast_like(np.median(np.stack([u[name] for u in updates]), axis=0), like[name]) for name in like}
 
 
 def trimmed_mean(updates: list[Tensors], like: Tensors, beta: float) -> dict[str, np.ndarray]:
@@ -26,7 +26,7 @@ def trimmed_mean(updates: list[Tensors], like: Tensors, beta: float) -> dict[str
     for name in like:
         stacked = np.sort(np.stack([u[name] for u in updates]), axis=0)
         kept = stacked[k : len(updates) - k] if len(updates) - 2 * k > 0 else stacked
-        out[name] = kept.mean(axis=0, dtype=np.float64).astype(like[name].dtype)
+        out[name] = cast_like(kept.mean(axis=0, dtype=np.float64), like[name])
     return out
 
 

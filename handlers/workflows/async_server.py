@@ -1,7 +1,7 @@
 """The asynchronous server's handler set (FedAsync, FedBuff): no rounds, every client always
 has a task on the newest model, so fast clients never wait for slow ones.
 
-It reuses ``handlers.server`` for everything but the updates: lifecycle, liveness, resume,
+It reuses ``handlers.workflows.server`` for everything but the updates: lifecycle, liveness, resume,
 drop records, storing versions, finishing. What differs:
 
 - Beginning (``state.begin``) sends each live client its own TrainTask on the current model
@@ -48,10 +48,10 @@ from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore
 from brokerfl.timing import timings
 from brokerfl.topology import check_name
-from handlers import server
-from handlers.aggregate import BadUpdate, check_update
-from handlers.fedasync import AsyncStrategy
-from handlers.server import ServerState, already_folded, drop, finish_run, live_clients, store_version
+from handlers.workflows import server
+from handlers.strategies.aggregate import BadUpdate, check_update
+from handlers.strategies.fedasync import AsyncStrategy
+from handlers.workflows.server import ServerState, already_folded, drop, finish_run, live_clients, store_version
 
 table: HandlerTable = server.table.copy()
 
@@ -196,6 +196,7 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
     else:
         try:
             check_update(update.parameters, state.model.parameters)
+            server.check_num_samples(update.num_samples, state, "the update")
         except BadUpdate as exc:
             reason = f"malformed: {exc}"
         if reason is None and strategy.needs_base:

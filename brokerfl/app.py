@@ -1,0 +1,331 @@
+"""Bring your own model and data: the brokerfl app API.
+
+An *app* is a Python module named in the run's config; ``app_options`` is a free-form
+mapping handed to it as is::
+
+    app: examples.cnn_mnist.app
+    app_options: {channels: [8, 16], max_train: 4000}
+
+The module defines plain functions (every one receives ``options``, the ``app_options``
+mapping):
+
+``model(options)`` (required)
+    The model: a ``torch.nn.Module``, or for an app without torch a ``dict`` of named numpy
+    arrays (the initial parameters). The server calls it with torch's RNG seeded from the
+    run's ``seed``, so the initial model is reproducible; clients call it for the skeleton
+    they load received parameters into. The parameters on the wire are the module's whole
+    ``state_dict``: weights and buffers (BatchNorm running statistics and
+    ``num_batches_tracked`` too).
+
+``load_partition(index, num_partitions, options, seed)`` (required)
+    Client data: partition ``index`` of ``num_partitions``. Return the training data, or a
+    :class:`Partition` with a local ``test`` split as well. Data is a pair ``(x, y)`` of
+    arrays (or tensors) with one sample a row, or any re-iterable of ``(x, y)`` batches
+    (e.g. a ``torch.utils.data.DataLoader``); the default loops handle both.
+
+``load_server_test(options, seed)`` (optional)
+    The server's own test data (same forms), evaluated after every model version. Without
+    it (or when it returns None) the server runs *federated evaluation*: every
+    ``evaluate_every`` rounds it sends an EvaluateTask and logs the clients' sample-weighted
+    metrics.
+
+``train(model, data, settings, seed)`` (optional for torch apps)
+    Local training. ``settings`` is the run's ``train`` section (:class:`TrainConfig`:
+    epochs, batch_size, lr, momentum, weight_decay, proximal_mu, max_batches); ``seed`` is
+    this client's seed for this round. A torch app trains ``model`` (a Module holding the
+    global model) in place and returns metrics; the default is a cross-entropy SGD loop.
+    A numpy app receives the parameters dict and returns ``(parameters, metrics)``.
+    Metrics may hold ``loss`` and ``num_samples`` (the FedAvg weight; default: the
+    partition's size).
+
+``evaluate(model, data)`` (optional for torch apps)
+    Returns ``{"loss", "accuracy", "num_samples"}``; the default is the mean cross-entropy
+    and the accuracy of the argmax. A numpy app receives the parameters dict.
+
+``check_options(options)`` (optional)
+    Raise ``ValueError`` naming the key for options the app cannot use; the runtime reports
+    it as ``app_options.<...>`` of the app.
+
+A classification app with a torch model therefore needs only ``model`` and
+``load_partition`` (and ``load_server_test`` if the server has test data). Examples:
+``handlers/apps/mlp.py`` (the built-in app), ``examples/cnn_mnist`` (a CNN with BatchNorm),
+``examples/logreg_numpy`` (logistic regression in plain numpy: no torch is imported).
+
+The module is imported by name: from an installed package, or from the working directory
+(the ``brokerfl`` command looks there too). Every error names the app and the function (:class:`AppError`). This module does not import
+torch: the torch adapter (``brokerfl/torch_app.py``) is imported only when an app's
+``model`` returns a torch Module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Protocol
+
+import numpy as np
+
+from brokerfl.config import ConfigError, RunConfig, TrainConfig
+
+BUILT_IN_APP = "handlers.apps.mlp"
+
+Parameters = dict[str, np.ndarray]
+
+
+class AppError(RuntimeError):
+    """An app broke the API; the message names the app and the function."""
+
+
+@dataclass
+class Partition:
+    """What ``load_partition`` returns when a client has a local test split too."""
+
+    train: Any
+    test: Any = None
+
+
+class ModelAdapter(Protocol):
+    """How the runtime drives one kind of model (torch Module or named numpy arrays)."""
+
+    def initial_parameters(self, seed: int) -> Parameters: ...
+
+    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int) -> tuple[Parameters, dict[str, float]]: ...
+
+    def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]: ...
+
+    def warm_up(self, data: Any) -> None: ...
+
+
+class NumpyModel:
+    """An app whose ``model`` returns named numpy arrays: its own ``train``/``evaluate``
+    take and return parameter dicts."""
+
+    def __init__(self, app: App, initial: Mapping[str, Any]) -> None:
+        self.app = app
+        for name in ("train", "evaluate"):
+            if not callable(getattr(app.module, name, None)):
+                raise AppError(f"app {app.name!r}: model() returned numpy arrays, so the app must define {name}(parameters, ...) itself")
+
+    def initial_parameters(self, seed: int) -> Parameters:
+        return self.app.call_model(seed)
+
+    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int) -> tuple[Parameters, dict[str, float]]:
+        result = call(self.app.module.train, parameters, data, settings, seed, options=self.app.options)
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Mapping)):
+            raise AppError(f"app {self.app.name!r}: train() must return (parameters, metrics), got {type(result).__name__}")
+        new, metrics = result
+        return dict(new), dict(metrics or {})
+
+    def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
+        return call(self.app.module.evaluate, parameters, data, options=self.app.options)
+
+    def warm_up(self, data: Any) -> None:
+        hook = getattr(self.app.module, "warm_up", None)
+        if callable(hook):
+            hook(self.app.options, data)
+
+
+class App:
+    """An app module, checked and bound to its options; the runtime's one way to use it."""
+
+    def __init__(self, name: str, module: ModuleType, options: Mapping[str, Any]) -> None:
+        self.name, self.module, self.options = name, module, dict(options)
+        for required in ("model", "load_partition"):
+            if not callable(getattr(module, required, None)):
+                raise AppError(f"app {name!r}: the module defines no {required}() function (see brokerfl.app)")
+        check = getattr(module, "check_options", None)
+        if callable(check):
+            try:
+                check(self.options)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ConfigError(f"app_options of app {name!r}: {exc}") from None
+        self._adapter: ModelAdapter | None = None
+
+    # ------------------------------------------------------------ the model
+
+    def call_model(self, seed: int | None = None) -> Any:
+        """The app's ``model(options)``; with torch's global RNG seeded (and restored) when
+        ``seed`` is given and torch is loaded."""
+        torch = sys.modules.get("torch")
+        try:
+            if seed is not None and torch is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    return call(self.module.model, self.options, seed=seed or 0)
+            return call(self.module.model, self.options, seed=seed or 0)
+        except AppError:
+            raise
+        except Exception as exc:
+            raise AppError(f"app {self.name!r}: model() failed: {type(exc).__name__}: {exc}") from exc
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        if self._adapter is None:
+            made = self.call_model(seed=0)
+            torch = sys.modules.get("torch")
+            if torch is not None and isinstance(made, torch.nn.Module):
+                from brokerfl.torch_app import TorchModel
+
+                self._adapter = TorchModel(self, made)
+            elif isinstance(made, Mapping) and made and all(isinstance(k, str) and _is_array(v) for k, v in made.items()):
+                self._adapter = NumpyModel(self, made)
+            else:
+                raise AppError(
+                    f"app {self.name!r}: model() returned {type(made).__name__}, expected a torch.nn.Module "
+                    "or a non-empty dict of named numpy arrays"
+                )
+        return self._adapter
+
+    def initial_parameters(self, seed: int) -> Parameters:
+        parameters = self.adapter.initial_parameters(seed)
+        if isinstance(self.adapter, NumpyModel):
+            if not (isinstance(parameters, Mapping) and parameters):
+                raise AppError(f"app {self.name!r}: model() returned no parameters")
+            parameters = {name: np.array(value) for name, value in parameters.items()}  # own, writable copies
+        return parameters
+
+    # ------------------------------------------------------------ data
+
+    def load_partition(self, index: int, num_partitions: int, seed: int, *, client_id: str) -> Partition:
+        where = f"client {client_id} (partition {index} of {num_partitions})"
+        try:
+            loaded = self.module.load_partition(index, num_partitions, self.options, seed)
+        except Exception as exc:
+            raise AppError(f"app {self.name!r}: load_partition() failed for {where}: {type(exc).__name__}: {exc}") from exc
+        part = loaded if isinstance(loaded, Partition) else Partition(loaded)
+        if part.train is None or count_samples(part.train) == 0:
+            raise AppError(f"app {self.name!r}: load_partition() returned an empty partition for {where}")
+        return part
+
+    def load_server_test(self, seed: int) -> Any:
+        """The server's test data, or None: then the server relies on federated evaluation."""
+        loader = getattr(self.module, "load_server_test", None)
+        if not callable(loader):
+            return None
+        try:
+            data = loader(self.options, seed)
+        except Exception as exc:
+            raise AppError(f"app {self.name!r}: load_server_test() failed: {type(exc).__name__}: {exc}") from exc
+        if data is not None and count_samples(data) == 0:
+            raise AppError(f"app {self.name!r}: load_server_test() returned no samples")
+        return data
+
+    # ------------------------------------------------------------ training and evaluation
+
+    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int) -> tuple[Parameters, dict[str, float]]:
+        try:
+            new, metrics = self.adapter.train(parameters, data, settings, seed)
+        except AppError:
+            raise
+        except Exception as exc:
+            raise AppError(f"app {self.name!r}: train() failed: {type(exc).__name__}: {exc}") from exc
+        metrics.setdefault("num_samples", count_samples(data))
+        return new, metrics
+
+    def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
+        try:
+            scores = dict(self.adapter.evaluate(parameters, data))
+        except AppError:
+            raise
+        except Exception as exc:
+            raise AppError(f"app {self.name!r}: evaluate() failed: {type(exc).__name__}: {exc}") from exc
+        missing = [k for k in ("loss", "accuracy") if k not in scores]
+        if missing:
+            raise AppError(f"app {self.name!r}: evaluate() returned no {missing} (it returned keys {sorted(scores)})")
+        scores.setdefault("num_samples", count_samples(data))
+        return scores
+
+    def warm_up(self, data: Any) -> None:
+        self.adapter.warm_up(data)
+
+    def evaluator(self, data: Any) -> Callable[[Parameters], dict[str, float]] | None:
+        """``parameters -> scores`` on ``data``, or None without data."""
+        if data is None:
+            return None
+        return lambda parameters: self.evaluate(parameters, data)
+
+
+def call(function: Callable[..., Any], *args: Any, **optional: Any) -> Any:
+    """``function(*args)``, plus those ``optional`` keywords its signature names (an app's
+    ``model`` may take ``seed``; its ``train``/``evaluate`` may take ``options``)."""
+    accepted = _parameter_names(function)
+    return function(*args, **{k: v for k, v in optional.items() if k in accepted})
+
+
+_signatures: dict[Any, frozenset[str]] = {}
+
+
+def _parameter_names(function: Callable[..., Any]) -> frozenset[str]:
+    names = _signatures.get(function)
+    if names is None:
+        try:
+            names = frozenset(inspect.signature(function).parameters)
+        except (TypeError, ValueError):
+            names = frozenset()
+        _signatures[function] = names
+    return names
+
+
+def _is_array(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def count_samples(data: Any) -> int:
+    """Samples in ``data``: ``len(x)`` of an ``(x, y)`` pair, else the sum over its batches
+    (``len(dataset)`` of a DataLoader)."""
+    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "__len__") and not isinstance(data[0], tuple):
+        x, y = data
+        if hasattr(x, "shape") and hasattr(y, "shape") and len(x) == len(y):
+            return len(x)
+    dataset = getattr(data, "dataset", None)  # a DataLoader
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    if isinstance(data, Iterable):
+        return sum(len(batch[0]) for batch in data)
+    raise TypeError(f"cannot count the samples of a {type(data).__name__}: give (x, y) arrays or an iterable of (x, y) batches")
+
+
+def app_options(config: RunConfig) -> dict[str, Any]:
+    """The options the config's app receives. The ``data`` and ``model`` sections are the
+    built-in MLP app's settings (its historical spelling); ``app_options`` override them."""
+    if config.app == BUILT_IN_APP:
+        legacy = {**config.data.model_dump(), "hidden": list(config.model.hidden)}
+        return {**legacy, **config.app_options}
+    return dict(config.app_options)
+
+
+_cache: dict[tuple[str, str], App] = {}
+
+
+def _importable_from_cwd() -> None:
+    """An app module in the working directory imports as with ``python -m``, also from the
+    ``brokerfl`` command (whose sys.path lacks it); appended, so it shadows nothing."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)
+
+
+def load_app(config: RunConfig) -> App:
+    """The config's app (``app`` key), imported and checked; one instance per app and
+    options in a process."""
+    options = app_options(config)
+    key = (config.app, repr(sorted(options.items(), key=lambda kv: kv[0])))
+    app = _cache.get(key)
+    if app is None:
+        _importable_from_cwd()
+        try:
+            module = importlib.import_module(config.app)
+        except ImportError as exc:
+            raise ConfigError(f"app: cannot import app module {config.app!r}: {exc}") from None
+        except Exception as exc:  # the module itself raised while importing
+            raise ConfigError(f"app: importing app module {config.app!r} failed: {type(exc).__name__}: {exc}") from exc
+        app = _cache[key] = App(config.app, module, options)
+    return app

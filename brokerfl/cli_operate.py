@@ -1,0 +1,225 @@
+"""``brokerfl status`` and ``brokerfl admin``: a running federation, as its server sees it,
+and the operator's commands to it (see :mod:`brokerfl.admin`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from brokerfl.cli import _broker_argument, _broker_url, _config_arguments, _connect, _env, _load, parse_client_ids
+from brokerfl.topology import RunTopology
+from brokerfl.transport import Transport, TransportError
+
+NO_REPLY = 4  # exit code: the server did not answer in time
+
+
+# ---------------------------------------------------------------- status
+
+
+def gather(transport: Transport, topology: RunTopology, client_ids: list[str], *, timeout: float, amqp_url: str | None) -> dict[str, Any]:
+    """The server's status (None if it did not answer) and the broker's queue depths."""
+    from brokerfl.admin import StatusRequest, ask, client_id_order
+    from brokerfl.inspect import management_counts
+
+    reply = ask(transport, topology, StatusRequest(), timeout=timeout)
+    status = reply.status if reply is not None else None
+    ids = sorted({*client_ids, *(c["id"] for c in (status or {}).get("clients", []))}, key=client_id_order)
+    counts = management_counts(amqp_url) if amqp_url else None
+    queues = {}
+    names = {"server": topology.server_queue, "dead letters": topology.dead_queue, **{f"client {c}": topology.client_queue(c) for c in ids}}
+    if topology.journal:
+        names["journal"] = topology.journal_stream
+    for label, name in names.items():
+        try:
+            info = transport.queue_info(name)
+        except TransportError:
+            continue
+        entry = {"name": name, "ready": info.messages_ready, "consumers": info.consumers, "unacked": info.messages_unacked, "bytes": None}
+        if counts and name in counts:
+            managed = counts[name]
+            entry.update(ready=managed["ready"], unacked=managed["unacked"], consumers=managed["consumers"], bytes=managed.get("bytes"))
+            if label == "journal" and managed.get("messages") is not None:
+                entry["ready"] = managed["messages"]
+        queues[label] = entry
+    return {"server": status, "queues": queues, "journal_max_bytes": topology.journal_max_bytes if topology.journal else None, "journal_max_age": topology.journal_max_age}
+
+
+def render(view: dict[str, Any]):
+    """A rich renderable of :func:`gather`'s view."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    status = view["server"]
+    parts: list[Any] = []
+    if status is None:
+        parts.append(Text("the server did not answer (not running, or busy): queue depths only", style="bold red"))
+    else:
+        state = "finished" if status["done"] else "paused" if status["paused"] else "training" if status["round_open"] else "waiting" if not status["begun"] else "between rounds"
+        acc = "-" if status["accuracy"] is None else f"{status['accuracy']:.4f}"
+        loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
+        age = "" if status["round_age_s"] is None else f" for {status['round_age_s']:.1f} s"
+        parts.append(Text(f"run {status['run']} ({status['strategy']}): {state}; round {status['round']} of {status['rounds']}{age}; model version {status['model_version']}; accuracy {acc}, loss {loss}", style="bold"))
+        live = sum(c["live"] for c in status["clients"])
+        parts.append(Text(
+            f"clients live {live} of {status['clients_expected']} expected, min {status['min_clients']}; "
+            f"still training: {', '.join(status['still_training']) or '-'}; held updates {status['held_updates']}; dropped {status['dropped_updates']}"
+            + (f"; removed: {', '.join(status['removed'])}" if status["removed"] else "")
+            + (f"; FAILED: {status['failure']}" if status["failure"] else "")
+        ))
+        clients = Table(title="clients", title_justify="left")
+        for column in ("client", "state", "last seen", "samples", "this round"):
+            clients.add_column(column)
+        for c in status["clients"]:
+            this_round = "training" if c["id"] in status["still_training"] else "answered" if c["id"] in status["participants"] else ""
+            clients.add_row(c["id"], "removed" if c["removed"] else "live" if c["live"] else "silent", f"{c['last_seen_s']:.1f} s ago", str(c["num_samples"]), this_round)
+        parts.append(clients)
+    queues = Table(title="queues", title_justify="left")
+    for column in ("queue", "ready", "unacked", "consumers", "bytes"):
+        queues.add_column(column, justify="right" if column != "queue" else "left")
+    for label, q in view["queues"].items():
+        ready = str(q["ready"])
+        size = "?" if q["bytes"] is None else f"{q['bytes']:,}"
+        if label == "journal" and view["journal_max_bytes"]:
+            size += f" of {view['journal_max_bytes']:,}" + (f", {view['journal_max_age']}" if view["journal_max_age"] else "")
+        queues.add_row(label, ready, "?" if q["unacked"] is None else str(q["unacked"]), str(q["consumers"]), size)
+    parts.append(queues)
+    return Group(*parts)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from brokerfl.roles import topology_for
+
+    config = _load(args)
+    topology = topology_for(config)
+    url = _broker_url(args)
+    with _connect(args) as transport:
+        if not args.watch:
+            view = gather(transport, topology, config.client_ids(), timeout=args.timeout, amqp_url=url)
+            if args.json:
+                print(json.dumps(view, indent=2))
+            else:
+                from rich.console import Console
+
+                Console().print(render(view))
+            return 0 if view["server"] is not None else NO_REPLY
+        return _watch(transport, topology, config.client_ids(), args, url)
+
+
+def _watch(transport: Transport, topology: RunTopology, client_ids: list[str], args: argparse.Namespace, url: str) -> int:
+    from rich.live import Live
+
+    try:
+        with Live(render(gather(transport, topology, client_ids, timeout=args.timeout, amqp_url=url)), auto_refresh=False) as live:
+            while True:
+                started = time.monotonic()
+                view = gather(transport, topology, client_ids, timeout=args.timeout, amqp_url=url)
+                if args.json:
+                    print(json.dumps(view), flush=True)
+                else:
+                    live.update(render(view), refresh=True)
+                time.sleep(max(0.0, args.interval - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        return 0
+
+
+# ---------------------------------------------------------------- admin
+
+COMMANDS = {
+    "abort": "finish now with the last stored model version; clients get Exit; the server exits 0",
+    "pause": "no new round starts (the open one finishes) until resume",
+    "resume": "start rounds again",
+    "remove-client": "ID: never sample this client again (it gets Exit); --delete-queue also deletes its queue",
+    "set-min-clients": "N: fewest updates a round may close with at its deadline",
+    "set-rounds": "N: extend or shorten the run",
+    "shutdown-clients": "[IDS]: send Exit to these clients (e.g. 3 or 0-2,5), or to all",
+}
+
+
+def admin_message(command: str, values: list[str], args: argparse.Namespace):
+    """The AdminCommand for ``brokerfl admin COMMAND VALUES``; ValueError says what is wrong."""
+    from brokerfl import admin
+
+    def one(kind: str) -> str:
+        if len(values) != 1:
+            raise ValueError(f"{command} takes one {kind}, got {len(values)} values")
+        return values[0]
+
+    def number(kind: str) -> int:
+        text = one(kind)
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"{command}: {kind} must be a positive whole number, got {text!r}")
+        return int(text)
+
+    if command in ("pause", "resume", "abort") and values:
+        raise ValueError(f"{command} takes no values, got {values}")
+    if command == "abort":
+        return admin.AbortRun(reason=args.reason or "")
+    if command == "pause":
+        return admin.PauseRounds()
+    if command == "resume":
+        return admin.ResumeRounds()
+    if command == "remove-client":
+        (client_id,) = parse_client_ids(one("client id"))
+        return admin.RemoveClient(client_id=client_id)
+    if command == "set-min-clients":
+        return admin.SetMinClients(min_clients=number("N"))
+    if command == "set-rounds":
+        return admin.SetRounds(rounds=number("N"))
+    if command == "shutdown-clients":
+        return admin.ShutdownClients(client_ids=[c for value in values for c in parse_client_ids(value)])
+    raise ValueError(f"unknown admin command {command!r}")  # pragma: no cover - argparse checks choices
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    from brokerfl.admin import ask
+    from brokerfl.roles import topology_for
+
+    config = _load(args)
+    topology = topology_for(config)
+    try:
+        message = admin_message(args.admin_command, args.values, args)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        print(f"brokerfl admin: {exc}", file=sys.stderr)
+        return 2
+    with _connect(args) as transport:
+        reply = ask(transport, topology, message, timeout=args.timeout)
+        if reply is None:
+            print(f"brokerfl admin: no reply from the server of run {config.run} within {args.timeout:g} s (not running, or busy): the command expired unapplied, unless the server took it at the last moment (see brokerfl status)", file=sys.stderr)
+            return NO_REPLY
+        print(f"{'OK' if reply.ok else 'REFUSED'}: {reply.text}")
+        if reply.ok and args.admin_command == "remove-client" and args.delete_queue:
+            transport.delete_queue(topology.client_queue(message.client_id))
+            print(f"deleted queue {topology.client_queue(message.client_id)}")
+    return 0 if reply.ok else 1
+
+
+def add_commands(commands: Any) -> None:
+    status = commands.add_parser("status", help="a running federation as its server sees it (rounds, clients, queues)")
+    _config_arguments(status)
+    _broker_argument(status)
+    status.add_argument("--watch", action="store_true", help="refresh as a live view until Ctrl-C")
+    status.add_argument("--json", action="store_true", help="JSON (one object per refresh with --watch)")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server's answer")
+    status.set_defaults(func=cmd_status)
+
+    admin = commands.add_parser(
+        "admin",
+        help="operator commands to a running server: " + ", ".join(COMMANDS),
+        description="\n".join(f"{name}: {what}" for name, what in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    admin.add_argument("admin_command", choices=list(COMMANDS), metavar="COMMAND", help=", ".join(COMMANDS))
+    admin.add_argument("values", nargs="*", help="the command's values (a client id, N, client ids)")
+    admin.add_argument("--config", default=_env("CONFIG"), help="YAML run config (default: $BROKERFL_CONFIG; only the run name and journal are used)")
+    admin.add_argument("--run", default=_env("RUN"), help="run name")
+    admin.add_argument("--reason", help="abort: why (journaled)")
+    admin.add_argument("--delete-queue", action="store_true", help="remove-client: also delete the client's queue")
+    admin.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server's reply")
+    admin.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    _broker_argument(admin)
+    admin.set_defaults(func=cmd_admin, clients=None, rounds=None, seed=None)

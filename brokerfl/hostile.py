@@ -1,0 +1,560 @@
+"""Hostile messages for a run's server queue: what an attacker with ordinary broker
+credentials can publish, for the hostile-input test and ``benchmarks/hostile.py``.
+
+:func:`hostile_messages` yields a seeded mix of the categories of issue 16 (random and empty
+bodies, truncated and bit-flipped valid encodings, wrong field types, lying tensor headers,
+NaN/inf and wrong-shape updates, absurd num_samples/rounds/versions, invalid client ids,
+forged Leave for real clients, LOCAL timer types, unknown types, garbage AMQP properties and
+headers, absurd and never-finished chunk sets); :class:`HostilePublisher` publishes them
+with plain pika, as an attacker would. Each message says what the server should do with it
+(``expect``), so a test can check that it did.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from brokerfl.codec import encode
+from brokerfl.message import Heartbeat, Join, Leave, ParameterUpdate, to_wire
+from brokerfl.topology import RunTopology
+from brokerfl.transports import chunks
+
+DEAD = "dead"  # dead-lettered with a reason (message id kept)
+DEAD_ANONYMOUS = "dead-anonymous"  # dead-lettered, but its properties could not be read (id lost)
+REFUSED = "refused"  # dead-lettered, or dropped with an UpdateDropped record
+CHUNK = "chunk"  # one chunk of a set that never completes: dead-lettered, or still held when the run ends
+IDENTITY = "identity"  # handled: a forged message for a real client, left to the identity issue (#9)
+
+CHUNK_BYTES = 64 * 1024
+INVALID_CLIENT_IDS = ["", "#", "*", "a.b", "c 1", "x" * 10_000, "ü", "../etc"]
+
+
+class RawTimestamp(int):
+    """A header value published as an AMQP timestamp ('T') verbatim: pika refuses to write
+    (and cannot read) one past year 9999 itself."""
+
+
+@dataclass
+class HostileMessage:
+    category: str
+    expect: str
+    routing_key: str  # on the run's exchange; "" -> straight to the server queue
+    properties: dict[str, Any]
+    body: bytes
+    message_id: str = ""
+    set_size: int = 1  # chunks: how many of this set are sent
+    tags: list[str] = field(default_factory=list)
+
+
+def hostile_messages(count: int, *, run: str, client_ids: list[str], shapes: dict[str, tuple[int, ...]], seed: int = 0, rounds: int = 20) -> Iterator[HostileMessage]:
+    """``count`` hostile messages (chunk sets count one per chunk), in a seeded order."""
+    rng = random.Random(seed)
+    made = 0
+    n = 0
+    makers = [_random_body, _empty_body, _truncated, _bit_flipped, _wrong_types, _lying_tensors, _bad_update, _absurd_counters,
+              _invalid_ids, _forged_leave, _local_type, _unknown_type, _garbage_properties, _garbage_properties, _absurd_chunks, _unfinished_chunks]
+    while made < count:
+        n += 1
+        maker = rng.choice(makers)
+        for message in maker(rng, n, run, client_ids, shapes, rounds):
+            if made >= count:
+                return
+            made += 1
+            yield message
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _props(kind: str, mid: str, run: str, *, round_: int = 1, version: int = 0, **extra_headers: Any) -> dict[str, Any]:
+    headers = {"run": run, "round": round_, "model_version": version, "schema_version": 1, **extra_headers}
+    return {"type": kind, "message_id": mid, "app_id": "attacker", "timestamp": 1_700_000_000, "headers": headers, "delivery_mode": 2}
+
+
+def _valid_update(rng: random.Random, mid: str, run: str, client_ids: list[str], shapes, rounds: int) -> tuple[dict[str, Any], bytes]:
+    """A well-formed update from a client that is not in the run (a valid name): what the
+    other categories garble. Claiming a real client would make it foldable, and only
+    identity (#9) can tell that forgery from the client's own update."""
+    params = {k: np.full(s, rng.uniform(-1, 1), np.float32) for k, s in shapes.items()}
+    update = ParameterUpdate(message_id=mid, client_id=f"ghost-{rng.randrange(1000)}", task_id="t" + mid, parameters=params, num_samples=10, run=run, round=rng.randint(1, rounds), model_version=rng.randint(0, rounds))
+    envelope, body = to_wire(update)
+    return _props(envelope.type, mid, run, round_=update.round, version=update.model_version), body
+
+
+def _one(category: str, expect: str, props: dict[str, Any], body: bytes, key: str | None = None) -> list[HostileMessage]:
+    kind = props.get("type")
+    word = kind if isinstance(kind, str) and kind.isidentifier() and len(kind) < 64 else "parameter_update"
+    return [HostileMessage(category, expect, f"server.{word}" if key is None else key, props, body, str(props.get("message_id", "")))]
+
+
+# ---------------------------------------------------------------- categories
+
+
+def _random_body(rng, n, run, ids, shapes, rounds):
+    kind = rng.choice(["parameter_update", "join", "heartbeat", "leave", "evaluate_result"])
+    return _one("random body", DEAD, _props(kind, f"hostile-{n}", run), os.urandom(rng.randint(1, 4096)))
+
+
+def _empty_body(rng, n, run, ids, shapes, rounds):
+    return _one("empty body", DEAD, _props(rng.choice(["parameter_update", "join"]), f"hostile-{n}", run), b"")
+
+
+def _truncated(rng, n, run, ids, shapes, rounds):
+    props, body = _valid_update(rng, f"hostile-{n}", run, ids, shapes, rounds)
+    return _one("truncated encoding", DEAD, props, body[: rng.randint(0, len(body) - 1)])
+
+
+def _bit_flipped(rng, n, run, ids, shapes, rounds):
+    props, body = _valid_update(rng, f"hostile-{n}", run, ids, shapes, rounds)
+    data = bytearray(body)
+    for _ in range(rng.randint(1, 8)):
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    # a flip in a tensor's bytes can leave a decodable update: it is then refused (late,
+    # not sampled, NaN) or, at worst, dropped with a record: never folded (its client and
+    # round do not both match a sampled client's task... see the test's check of the folds)
+    return _one("bit-flipped encoding", REFUSED, props, bytes(data))
+
+
+def _wrong_types(rng, n, run, ids, shapes, rounds):
+    payloads = [
+        ("join", {"client_id": 7, "num_samples": 10}),
+        ("heartbeat", {"client_id": rng.choice(ids), "num_samples": "many"}),
+        ("parameter_update", {"client_id": rng.choice(ids), "task_id": 1, "parameters": [1, 2], "num_samples": 1}),
+        ("parameter_update", {"client_id": rng.choice(ids), "task_id": "t", "parameters": {"w": "x"}, "num_samples": 1.5}),
+        ("join", {"client_id": "a", "num_samples": 1, "extra": True}),
+    ]
+    kind, payload = rng.choice(payloads)
+    props = _props(kind, f"hostile-{n}", run)
+    if rng.random() < 0.3:  # wrong types in the headers instead
+        props["headers"].update(rng.choice([{"round": "three"}, {"model_version": True}, {"schema_version": 2}, {"run": 5}]))
+    return _one("wrong field types", DEAD, props, encode(payload))
+
+
+def _lying_tensors(rng, n, run, ids, shapes, rounds):
+    props, body = _valid_update(rng, f"hostile-{n}", run, ids, shapes, rounds)
+    data = bytearray(body)
+    header_len = struct.unpack_from("<I", data, 0)[0] if len(data) >= 4 else 0
+    for _ in range(rng.randint(1, 4)):  # within the msgpack header, where shapes and offsets are
+        data[4 + rng.randrange(max(1, min(header_len, len(data) - 4)))] = rng.randrange(256)
+    if rng.random() < 0.3:
+        struct.pack_into("<I", data, 0, rng.choice([0, 2**32 - 1, len(data) * 2]))
+    return _one("lying tensor header", REFUSED, props, bytes(data))
+
+
+def _bad_update(rng, n, run, ids, shapes, rounds):
+    mid = f"hostile-{n}"
+    name = rng.choice(sorted(shapes))
+    params = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    how = rng.choice(["nan", "inf", "shape", "missing", "extra", "dtype"])
+    if how == "nan":
+        params[name] = np.full(shapes[name], np.nan, np.float32)
+    elif how == "inf":
+        params[name] = np.full(shapes[name], np.inf, np.float32)
+    elif how == "shape":
+        params[name] = np.zeros((*shapes[name], 2), np.float32)
+    elif how == "missing":
+        del params[name]
+    elif how == "extra":
+        params["evil"] = np.zeros(3, np.float32)
+    else:
+        params[name] = np.zeros(shapes[name], np.int64)
+    update = ParameterUpdate(message_id=mid, client_id=rng.choice(ids), task_id="t", parameters=params, num_samples=10, run=run, round=rng.randint(1, rounds), model_version=rng.randint(0, rounds))
+    envelope, body = to_wire(update)
+    return _one(f"{how} update", REFUSED, _props(envelope.type, mid, run, round_=update.round, version=update.model_version), body)
+
+
+def _absurd_counters(rng, n, run, ids, shapes, rounds):
+    mid = f"hostile-{n}"
+    props, body = _valid_update(rng, mid, run, ids, shapes, rounds)
+    which = rng.choice(["num_samples", "round", "version", "negative", "join"])
+    if which == "num_samples":
+        update = ParameterUpdate(message_id=mid, client_id=rng.choice(ids), task_id="t", parameters={k: np.zeros(s, np.float32) for k, s in shapes.items()}, num_samples=rng.choice([10**12, 2**62]), run=run, round=rng.randint(1, rounds), model_version=rng.randint(0, rounds))
+        envelope, body = to_wire(update)
+        props = _props(envelope.type, mid, run, round_=update.round, version=update.model_version)
+    elif which == "round":
+        props["headers"]["round"] = rng.choice([10**15, 2**62])
+    elif which == "version":
+        props["headers"]["model_version"] = rng.choice([10**15, 2**62])
+    elif which == "negative":
+        props["headers"][rng.choice(["round", "model_version"])] = -rng.randint(1, 2**40)
+    else:
+        props = _props("join", mid, run)
+        body = encode({"client_id": rng.choice(ids), "num_samples": 10**12})
+    return _one(f"absurd {which}", REFUSED, props, body)
+
+
+def _invalid_ids(rng, n, run, ids, shapes, rounds):
+    mid = f"hostile-{n}"
+    bad = rng.choice(INVALID_CLIENT_IDS)
+    kind = rng.choice(["join", "heartbeat", "leave", "parameter_update"])
+    if kind == "parameter_update":
+        update = ParameterUpdate(message_id=mid, client_id=bad, task_id="t", parameters={k: np.zeros(s, np.float32) for k, s in shapes.items()}, num_samples=10, run=run, round=1, model_version=0)
+        body = to_wire(update)[1]
+    elif kind == "leave":
+        body = to_wire(Leave(client_id=bad, reason="r" * rng.choice([1, 100_000])))[1]
+    else:
+        body = to_wire((Join if kind == "join" else Heartbeat)(client_id=bad, num_samples=10))[1]
+    return _one("invalid client id", DEAD, _props(kind, mid, run), body)
+
+
+def _forged_leave(rng, n, run, ids, shapes, rounds):
+    # A Leave for a real client is accepted: nothing tells a forged one from the client's own
+    # until messages carry a validated user_id (the identity issue, #9). Rare in the mix.
+    if rng.random() > 0.05:
+        return _unknown_type(rng, n, run, ids, shapes, rounds)
+    body = to_wire(Leave(client_id=rng.choice(ids), reason="forged"))[1]
+    return _one("forged Leave for a real client (identity, #9)", IDENTITY, _props("leave", f"hostile-{n}", run), body)
+
+
+def _local_type(rng, n, run, ids, shapes, rounds):
+    kind = rng.choice(["round_deadline", "join_deadline", "drain_done", "started"])
+    body = encode({"redelivered_backlog": 0} if kind == "started" else {})
+    return _one("LOCAL timer type", DEAD, _props(kind, f"hostile-{n}", run), body)
+
+
+def _unknown_type(rng, n, run, ids, shapes, rounds):
+    kind = rng.choice(["evil", "parameter_updatex", "x" * 200, "", "train_task", "exit", "update_dropped", "model_version_stored", "journal_mark"])
+    # the run's own types the server has no handler for, or that only it may write, too
+    body = os.urandom(16) if rng.random() < 0.5 else encode({"reason": "forged"})
+    return _one("unknown type", DEAD, _props(kind, f"hostile-{n}", run), body, key="server.unknown")
+
+
+def _garbage_properties(rng, n, run, ids, shapes, rounds):
+    mid = f"hostile-{n}"
+    props, body = _valid_update(rng, mid, run, ids, shapes, rounds)
+    props["app_id"] = rng.choice(["attacker", "x" * 200])
+    which = rng.choice(["type-bytes", "ts-inf", "ts-nan", "ts-neg", "ts-huge", "ts-prop", "decimal", "timestamp-2^63", "long-header", "header-key-bytes", "stream-offset", "floats-header", "nested"])
+    key = None
+    expect = DEAD
+    h = props["headers"]
+    if which == "type-bytes":
+        props["type"] = b"\xff\xfeparameter_update"
+    elif which.startswith("ts-") and which != "ts-prop":
+        h["x-brokerfl-timestamp"] = {"ts-inf": "inf", "ts-nan": "nan", "ts-neg": "-1", "ts-huge": "1e30"}[which]
+    elif which == "ts-prop":
+        props["timestamp"] = 2**64 - 1
+    elif which == "decimal":
+        import decimal
+
+        h["price"] = decimal.Decimal("1.25")
+        key = ""  # RabbitMQ 3.10 drops the publisher's connection routing it to the journal stream
+        expect = REFUSED
+    elif which == "timestamp-2^63":
+        h["when"] = RawTimestamp(2**63)
+        key = ""
+        expect = DEAD_ANONYMOUS
+    elif which == "long-header":
+        h["junk"] = "j" * 100_000
+        expect = REFUSED
+    elif which == "header-key-bytes":
+        h[b"\xff\xfe"] = 1
+    elif which == "stream-offset":
+        h["x-stream-offset"] = 5
+        expect = REFUSED
+    elif which == "floats-header":
+        h["x-brokerfl-floats"] = "round,model_version"
+        h["round"], h["model_version"] = "inf", "nan"
+    else:
+        h["round"] = {"a": [1, 2, {"b": None}]}
+    return _one(f"garbage properties: {which}", expect, props, body, key=key)
+
+
+def _absurd_chunks(rng, n, run, ids, shapes, rounds):
+    mid = f"hostile-{n}"
+    props = _props("parameter_update", mid, run)
+    bad = rng.choice([
+        {chunks.CHUNK_HEADER: "0/1000000000", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 10},
+        {chunks.CHUNK_HEADER: "5/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 10},
+        {chunks.CHUNK_HEADER: "0/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: -1},
+        {chunks.CHUNK_HEADER: "0/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 2**62},
+        {chunks.CHUNK_HEADER: "x/y", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 10},
+        {chunks.CHUNK_HEADER: "0/2", chunks.CHUNK_OF_HEADER: "", chunks.LENGTH_HEADER: 10},
+        {chunks.CHUNK_HEADER: "1/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 10, chunks.SHA256_HEADER: "nope"},
+        {chunks.CHUNK_HEADER: "0/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 3},  # chunk bigger than the message
+    ])
+    props["headers"].update(bad)
+    return _one("absurd chunk headers", DEAD, props, os.urandom(rng.choice([10, 1000])))
+
+
+def _unfinished_chunks(rng, n, run, ids, shapes, rounds):
+    """A set of ``count`` 64 KiB chunks of which some never come (or whose hash lies)."""
+    mid = f"hostile-{n}"
+    count = rng.randint(2, 6)
+    body = os.urandom(count * CHUNK_BYTES)
+    parts = list(chunks.split(body, CHUNK_BYTES, mid))
+    corrupt = rng.random() < 0.2
+    if corrupt:
+        parts[-1][1][chunks.SHA256_HEADER] = "0" * 64
+        sent = parts
+    else:
+        sent = rng.sample(parts, rng.randint(1, count - 1))
+    out = []
+    for part, headers in sent:
+        props = _props("parameter_update", mid, run)
+        props["headers"].update(headers)
+        out.append(HostileMessage("unfinished chunk set" if not corrupt else "chunk set with a lying hash", CHUNK, "server.parameter_update", props, part, mid, len(sent)))
+    return out
+
+
+# ---------------------------------------------------------------- publishing
+
+
+class HostilePublisher:
+    """An attacker's connection: plain pika, publishing to the run's exchange (or straight to
+    its server queue), with confirms in windows."""
+
+    def __init__(self, url: str, topology: RunTopology) -> None:
+        import pika
+        import pika.data
+
+        self._pika = pika
+        self.topology = topology
+        encode_value = pika.data.encode_value
+        if not getattr(encode_value, "_writes_raw_timestamps", False):
+
+            def encode_raw(pieces, value):  # only RawTimestamp differs from pika's own
+                if isinstance(value, RawTimestamp):
+                    pieces.append(struct.pack(">cQ", b"T", int(value)))
+                    return 9
+                return encode_value(pieces, value)
+
+            encode_raw._writes_raw_timestamps = True
+            pika.data.encode_value = encode_raw
+        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.channel = self.connection.channel()
+        self.refused = 0  # publishes the broker itself refused (it closed our channel or connection)
+        self._url = url
+
+    def publish(self, message: HostileMessage) -> bool:
+        """True if the broker took it."""
+        pika = self._pika
+        exchange, key = (self.topology.exchange, message.routing_key) if message.routing_key else ("", self.topology.server_queue)
+        try:
+            self.channel.basic_publish(exchange, key, message.body, pika.BasicProperties(**message.properties))
+            return True
+        except (pika.exceptions.AMQPError, ValueError, TypeError, struct.error, OverflowError):
+            self.refused += 1
+            self._reopen()
+            return False
+
+    def _reopen(self) -> None:
+        pika = self._pika
+        try:
+            if self.connection.is_open:
+                self.channel = self.connection.channel()
+                return
+        except pika.exceptions.AMQPError:
+            pass
+        self.connection = pika.BlockingConnection(pika.URLParameters(self._url))
+        self.channel = self.connection.channel()
+
+    def sync(self) -> None:
+        """Wait until the broker has everything published so far (a round trip)."""
+        self.connection.process_data_events(0)
+        self.channel.queue_declare(self.topology.server_queue, passive=True)
+
+    def close(self) -> None:
+        try:
+            self.connection.close()
+        except Exception:  # already closed by the broker
+            pass
+
+
+# ---------------------------------------------------------------- a federation under fire
+
+
+@dataclass
+class FireResult:
+    """What :func:`run_under_fire` saw."""
+
+    server_exit: int
+    client_exit: int
+    seconds: float
+    rounds: list[dict[str, Any]]  # the server's metrics lines
+    peak_rss_mib: float  # the server process's VmHWM
+    sent: list[HostileMessage]  # hostile messages the broker took
+    refused_by_broker: int
+    accounting_exit: int
+    accounting: str
+    replay_exit: int
+    replay: str
+    folded_hostile: list[str]  # hostile ids in stored versions (must be none)
+    unanswered: dict[str, list[str]]  # expectation -> hostile ids with no dead letter or drop record
+    dead_letters: int
+    drop_records: int
+    log_bytes: int
+    longest_log_line: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.rounds[-1]["accuracy"] if self.rounds else float("nan")
+
+
+def _peak_rss_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: int, hostile: int, spread_s: float = 10.0, seed: int = 0, epochs: int = 3, timeout_s: float = 900.0) -> FireResult:
+    """A digits FedAvg run (server and one process of ``clients`` logical clients, over
+    RabbitMQ at ``url``) while ``hostile`` messages are published to its server queue over
+    ``spread_s`` seconds; then ``brokerfl accounting`` and ``brokerfl replay --check``.
+    The run's queues are deleted at the end."""
+    import json
+    import subprocess
+    import sys
+    import threading
+    import time
+    from collections import Counter
+    from pathlib import Path
+
+    import pika
+
+    from brokerfl.journal import read_journal
+    from brokerfl.message import UpdateDropped, from_wire
+    from brokerfl.store import DirectoryModelStore
+    from brokerfl.transport import REASON_HEADER
+    from brokerfl.transports.amqp import AmqpTransport
+    from handlers.trainer import init_parameters
+
+    root = Path(__file__).resolve().parents[1]
+    workdir = Path(workdir)
+    config = {
+        "run": run, "seed": seed, "rounds": rounds, "clients": clients,
+        "data": {"dataset": "digits", "partition": "iid"}, "model": {"hidden": [128, 64]},
+        "train": {"epochs": epochs, "batch_size": 16, "lr": 0.05, "momentum": 0.9},
+        "strategy": {"name": "fedavg", "min_clients": clients, "round_deadline_s": 120},
+    }
+    path = workdir / f"{run}.yaml"
+    path.write_text(json.dumps(config))
+    out = workdir / run
+    log_path = workdir / f"{run}.server.log"
+    env = {**os.environ, "BROKERFL_AMQP_URL": url}
+    common = [str(path), "--log-level", "warning"]
+    topology = RunTopology(run)
+    started = time.monotonic()
+    with open(log_path, "w") as log, open(workdir / f"{run}.clients.log", "w") as client_log:
+        server = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(out)], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        peak = [0.0]
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set() and server.poll() is None:
+                peak[0] = max(peak[0], _peak_rss_mib(server.pid) or 0.0)
+                stop.wait(0.2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        client = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", f"0-{clients - 1}"], cwd=root, env=env, stdout=client_log, stderr=subprocess.STDOUT)
+        sent: list[HostileMessage] = []
+        publisher = None
+        try:
+            if hostile:
+                deadline = time.monotonic() + 120
+                while True:  # the server declares its queue
+                    try:
+                        probe = pika.BlockingConnection(pika.URLParameters(url))
+                        probe.channel().queue_declare(topology.server_queue, passive=True)
+                        probe.close()
+                        break
+                    except pika.exceptions.AMQPError:
+                        if time.monotonic() > deadline or server.poll() is not None:
+                            raise RuntimeError("the server did not declare its queue") from None
+                        time.sleep(0.2)
+                shapes = {k: v.shape for k, v in init_parameters(64, [128, 64], 10, seed=0).items()}
+                publisher = HostilePublisher(url, topology)
+                begin = time.monotonic()
+                for i, message in enumerate(hostile_messages(hostile, run=run, client_ids=[str(c) for c in range(clients)], shapes=shapes, seed=seed, rounds=rounds)):
+                    if publisher.publish(message):
+                        sent.append(message)
+                    if i % 100 == 99:
+                        publisher.sync()
+                        ahead = begin + spread_s * (i + 1) / hostile - time.monotonic()
+                        if ahead > 0:
+                            time.sleep(ahead)
+                publisher.sync()
+            server.wait(timeout_s)
+            client.wait(60)
+        finally:
+            stop.set()
+            for proc in (server, client):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            if publisher is not None:
+                publisher.close()
+    seconds = time.monotonic() - started
+    peak[0] = max(peak[0], 0.0)
+
+    def cli(*args: str) -> tuple[int, str]:
+        done = subprocess.run([sys.executable, "-m", "brokerfl.cli", *args, str(path)] + ([] if args[0] == "replay" else ["--out", str(out)]), cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        return done.returncode, done.stdout + done.stderr
+
+    accounting_exit, accounting = cli("accounting")
+    replay_exit, replay = cli("replay", "--check")
+
+    # What became of each hostile message: its dead letters (the dead queue holds them all:
+    # the transport's own, of chunks, go there straight) and drop records (in the journal).
+    dead: Counter[str] = Counter()
+    anonymous = 0
+    dropped: set[str] = set()
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    while True:
+        method, properties, _ = channel.basic_get(topology.dead_queue, auto_ack=True)
+        if method is None:
+            break
+        dead[properties.message_id or ""] += 1
+        anonymous += "cannot be decoded" in str((properties.headers or {}).get(REASON_HEADER, ""))
+    connection.close()
+    with AmqpTransport(url) as transport:
+        for d in read_journal(transport, topology):
+            if d.routing_key == f"audit.{UpdateDropped.TYPE}" and not d.problem:
+                try:
+                    dropped.add(from_wire(d.envelope, d.body).update_id)
+                except Exception:  # a forged record on an audit key: not the server's
+                    pass
+        topology.delete(transport, [str(c) for c in range(clients)])
+    store = DirectoryModelStore(out / "models")
+    folded = {uid for v in store.versions() for uid in store.metadata(v)["update_ids"]}
+    hostile_ids = {m.message_id for m in sent if m.message_id}
+    unanswered: dict[str, list[str]] = {}
+    chunk_sets: dict[str, int] = {}
+    for m in sent:
+        if m.expect == DEAD and dead[m.message_id] == 0:
+            unanswered.setdefault(DEAD, []).append(m.message_id)
+        elif m.expect == REFUSED and dead[m.message_id] == 0 and m.message_id not in dropped:
+            unanswered.setdefault(REFUSED, []).append(m.message_id)
+        elif m.expect == CHUNK:
+            chunk_sets[m.message_id] = m.set_size
+    expected_anonymous = sum(m.expect == DEAD_ANONYMOUS for m in sent)
+    if anonymous < expected_anonymous:
+        unanswered[DEAD_ANONYMOUS] = [f"{expected_anonymous - anonymous} of {expected_anonymous}"]
+    # A never-finished set still within its chunk timeout when the server stops is not
+    # dead-lettered yet (its chunks go back to the queue): at most max_partial_messages of them.
+    held = [mid for mid, size in chunk_sets.items() if dead[mid] < size]
+    if len(held) > chunks.MAX_PARTIALS:
+        unanswered[CHUNK] = held
+    text = log_path.read_text(errors="replace")
+    from brokerfl.metrics import read_metrics
+
+    metrics = out / "metrics.jsonl"
+    return FireResult(
+        server.returncode, client.returncode, seconds, read_metrics(metrics) if metrics.exists() else [], peak[0], sent,
+        publisher.refused if publisher else 0, accounting_exit, accounting, replay_exit, replay,
+        sorted(folded & hostile_ids), unanswered, sum(dead.values()), len(dropped & hostile_ids),
+        len(text.encode()), max((len(line) for line in text.splitlines()), default=0),
+    )

@@ -1,0 +1,158 @@
+"""The torch side of the app API: state_dict <-> named arrays, and the default loops.
+
+Imported only when an app's ``model()`` returns a ``torch.nn.Module``. Parameters are the
+module's whole ``state_dict`` (buffers too) as numpy arrays in the tensors' dtypes, except
+bfloat16 (numpy has none): it travels as float32, which holds every bfloat16 exactly, and
+is cast back when loaded into the module. Every call runs with torch's
+global RNG forked and seeded from its ``seed``, so dropout and friends are reproducible and
+no caller's RNG is disturbed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brokerfl.app import AppError, Parameters, call
+from brokerfl.config import TrainConfig
+
+if TYPE_CHECKING:
+    from brokerfl.app import App
+
+
+def to_named_arrays(module: nn.Module) -> Parameters:
+    """The whole state_dict as fresh numpy arrays (bfloat16 as float32)."""
+    out: Parameters = {}
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu()
+        out[name] = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy().copy()
+    return out
+
+
+def load_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?") -> None:
+    """Copy ``parameters`` into ``module`` (names and shapes must match its state_dict)."""
+    state = module.state_dict()
+    if state.keys() != parameters.keys():
+        missing, extra = sorted(state.keys() - parameters.keys()), sorted(parameters.keys() - state.keys())
+        raise AppError(f"app {app_name!r}: parameters do not fit model(): missing {missing}, unexpected {extra}")
+    with torch.no_grad():
+        for name, target in state.items():
+            value = parameters[name]
+            source = torch.from_numpy(np.array(value, copy=True))
+            if tuple(source.shape) != tuple(target.shape):
+                raise AppError(f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has {tuple(target.shape)}")
+            target.copy_(source)
+
+
+def batches(data: Any, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` arrays: shuffled minibatches (in order without a generator); anything else
+    is taken to be an iterable of ``(x, y)`` batches and used as it comes."""
+    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
+        x, y = (torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a for a in data)
+        n = len(x)
+        order = torch.randperm(n, generator=generator) if generator is not None else None
+        for start in range(0, n, batch_size):
+            if order is None:
+                yield x[start : start + batch_size], y[start : start + batch_size]
+            else:
+                index = order[start : start + batch_size]
+                yield x[index], y[index]
+        return
+    for x, y in data:
+        yield torch.as_tensor(x), torch.as_tensor(y)
+
+
+def train_classifier(model: nn.Module, data: Any, settings: TrainConfig, seed: int) -> dict[str, float]:
+    """The default local training: minibatch SGD on cross-entropy (plus FedProx's proximal
+    term when ``proximal_mu`` > 0), ``epochs`` passes or ``max_batches`` batches."""
+    return {"loss": sgd(model, data, **settings.model_dump(), seed=seed)}
+
+
+def sgd(
+    model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+    proximal_mu: float = 0.0, max_batches: int | None = None, seed: int = 0,
+) -> float:
+    """Train ``model`` in place with a fresh SGD optimizer; shuffles with a private
+    generator seeded with ``seed``. Returns the sample-weighted mean cross-entropy of the
+    batches trained on (without the proximal term, so it compares with evaluation)."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    model.train()
+    total, seen, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for x, y in batches(data, batch_size, generator):
+            loss = F.cross_entropy(model(x), y)
+            objective = loss
+            if anchor:
+                drift = sum((p - g).pow(2).sum() for p, g in zip(model.parameters(), anchor))
+                objective = loss + 0.5 * proximal_mu * drift
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            seen += len(y)
+            steps += 1
+            if max_batches is not None and steps >= max_batches:
+                return total / seen
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, data: Any, batch_size: int = 1024) -> dict[str, float]:
+    """The default evaluation: mean cross-entropy, accuracy of the argmax, sample count."""
+    model.eval()
+    loss, correct, n = 0.0, 0, 0
+    for x, y in batches(data, batch_size, None):
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == y).sum())
+        n += len(y)
+    if n == 0:
+        raise ValueError("no samples to evaluate on")
+    return {"loss": loss / n, "accuracy": correct / n, "num_samples": n}
+
+
+class TorchModel:
+    """Drives an app whose ``model()`` returns a Module: one Module per process, loaded with
+    each received model before the app's (or the default) ``train``/``evaluate`` runs."""
+
+    def __init__(self, app: App, module: nn.Module) -> None:
+        self.app, self.module = app, module
+        self._train = getattr(app.module, "train", None) or train_classifier
+        self._evaluate = getattr(app.module, "evaluate", None) or evaluate_classifier
+
+    def initial_parameters(self, seed: int) -> Parameters:
+        made = self.app.call_model(seed)
+        if not isinstance(made, nn.Module):
+            raise AppError(f"app {self.app.name!r}: model() returned {type(made).__name__}, expected a torch.nn.Module")
+        return to_named_arrays(made)
+
+    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int) -> tuple[Parameters, dict[str, float]]:
+        load_named_arrays(self.module, parameters, self.app.name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            metrics = call(self._train, self.module, data, settings, seed, options=self.app.options)
+        return to_named_arrays(self.module), dict(metrics or {})
+
+    def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
+        load_named_arrays(self.module, parameters, self.app.name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return call(self._evaluate, self.module, data, options=self.app.options)
+
+    def warm_up(self, data: Any) -> None:
+        """One throwaway batch: torch's first call costs ~1 s, which would otherwise land in
+        the first task. Only with the default loop (a custom one may ignore max_batches)."""
+        if self._train is not train_classifier:
+            return
+        saved = to_named_arrays(self.module)
+        settings = TrainConfig(epochs=1, batch_size=2, lr=1e-9, momentum=0.0, max_batches=1)
+        with torch.random.fork_rng(devices=[]):
+            self._train(self.module, data, settings, 0)
+        load_named_arrays(self.module, saved, self.app.name)

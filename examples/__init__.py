@@ -1,0 +1,1 @@
+"""Example brokerfl apps, one package each with its config (see brokerfl.app)."""

@@ -1,0 +1,1 @@
+"""The Gradients handler example: its config; the handler is handlers/gradients.py."""

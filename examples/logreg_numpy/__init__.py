@@ -1,0 +1,1 @@
+"""Logistic regression in plain numpy on breast-cancer data split across hospitals (see app.py)."""

@@ -1,0 +1,1 @@
+"""Built-in apps (see brokerfl.app): ``mlp``, the default one."""

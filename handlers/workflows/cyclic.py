@@ -1,0 +1,161 @@
+"""Cyclic weight transfer (``workflow: cyclic``): the model travels from client to client.
+
+A round visits every client of the federation once, in an order that is fixed or
+reshuffled each round (``cyclic.order``, drawn from the run's seed and the round, so a
+restarted coordinator draws the same one). Each hop sends a TrainTask to the one holder;
+its ParameterUpdate *is* the next model version (strategy ``cyclic``), stored before the
+update is acked, and the next client gets it. A holder that dies while training: its task
+waits in its durable queue and is answered when it returns, unless ``cyclic.hop_timeout_s``
+passes first; then the task (it carries that deadline, so the returning client skips it)
+passes to the next client with the same model, and a late answer is dropped with a
+recorded reason. The model is never lost: it is the newest stored version.
+
+This reuses the synchronous server's lifecycle (joins, heartbeats, resume, storing,
+journal, finish) and replaces only what a round is. The coordinator holds no state the
+stored versions cannot rebuild: the hop position is the number of versions of the round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from brokerfl.config import RunConfig
+from brokerfl.handler_table import Context, to_client
+from brokerfl.message import Message, ParameterUpdate, TrainTask
+from brokerfl.metrics import MetricsLog
+from brokerfl.store import ModelStore
+from handlers.strategies.aggregate import BadUpdate, check_update
+from handlers.workflows import server
+from handlers.workflows.server import ServerState, already_folded, drop, live_clients, refresh_client, rounds_done, store_version
+
+table = server.table.copy("server")
+
+
+@dataclass(kw_only=True)
+class HopDeadline(Message):
+    """Local timer message: the holder of model ``model_version`` has not answered in time."""
+
+    LOCAL = True
+    holder: str
+
+
+@dataclass
+class CyclicState(ServerState):
+    order: list[str] = field(default_factory=list)  # this round's route
+    position: int = 0  # index in ``order`` of the current holder
+    holder: str | None = None
+    hop_started: float = 0.0
+
+
+def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> CyclicState:
+    base = server.make_state(config, store, metrics)
+    state = CyclicState(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    state.begin = begin
+    return state
+
+
+def route(config: RunConfig, round_: int) -> list[str]:
+    """The order a round visits the federation in."""
+    order = config.client_ids()
+    if config.cyclic.order == "shuffle":
+        order = [order[i] for i in np.random.default_rng([config.seed, round_, 7]).permutation(len(order))]
+    return order
+
+
+def begin(ctx: Context):
+    """Continue where the stored versions say: round ``model.round``, hop = its versions so far."""
+    state: CyclicState = ctx.state
+    round_ = state.model.round
+    hops = sum(1 for v in state.store.versions() if v > 0 and state.store.metadata(v)["round"] == round_)
+    if round_ == 0 or hops >= len(route(state.config, round_)):
+        round_, hops = round_ + 1, 0
+    if round_ > state.config.rounds:
+        return rounds_done(ctx, f"{state.config.rounds} rounds done")
+    state.round, state.order, state.position = round_, route(state.config, round_), hops
+    state.round_open = True
+    return start_hop(ctx)
+
+
+def start_hop(ctx: Context):
+    """Hand the newest model to the next live client of the route."""
+    state: CyclicState = ctx.state
+    config = state.config
+    live = set(live_clients(state))
+    while state.position < len(state.order) and state.order[state.position] not in live:
+        ctx.log.warning("cyclic: holder not live; passed over", client=state.order[state.position], round=state.round)
+        state.position += 1
+    if state.position >= len(state.order):
+        return next_round(ctx)
+    state.holder = state.order[state.position]
+    state.hop_started = time.monotonic()
+    timeout = config.cyclic.hop_timeout_s
+    ctx.set_timer("hop", timeout, HopDeadline(round=state.round, model_version=state.model.version, holder=state.holder))
+    ctx.log.debug("cyclic: model handed on", client=state.holder, round=state.round, model_version=state.model.version)
+    task = TrainTask(
+        round=state.round,
+        model_version=state.model.version,
+        parameters=state.model.parameters,
+        participants=[state.holder],
+        config=config.train.model_dump(),
+        deadline=time.time() + timeout,
+    )
+    return [to_client(state.holder, task)]
+
+
+def next_round(ctx: Context):
+    state: CyclicState = ctx.state
+    if state.round >= state.config.rounds:
+        state.round_open, state.holder = False, None
+        ctx.cancel_timer("hop")
+        return rounds_done(ctx, f"{state.config.rounds} rounds done")
+    state.round += 1
+    state.order, state.position = route(state.config, state.round), 0
+    if not live_clients(state):  # nobody to hand the model to: wait, then look again
+        ctx.log.warning("cyclic: no live clients; waiting", round=state.round)
+        state.holder = None
+        ctx.set_timer("hop", state.config.cyclic.hop_timeout_s, HopDeadline(round=state.round, model_version=state.model.version, holder=""))
+        state.round -= 1  # the round begins when someone is there
+        state.position = len(state.order)
+        return None
+    return start_hop(ctx)
+
+
+@table.on(ParameterUpdate)
+def take_handover(update: ParameterUpdate, ctx: Context):
+    state: CyclicState = ctx.state
+    refresh_client(state, update.client_id)
+    if already_folded(state, update.message_id):
+        return drop(ctx, update, "duplicate: already in a stored model version")
+    if state.done:
+        return drop(ctx, update, "late: the run is finished")
+    if update.model_version != state.model.version or update.client_id != state.holder or update.round != state.round:
+        return drop(ctx, update, f"stale: client {update.client_id} answered model version {update.model_version}; "
+                    f"version {state.model.version} is now with client {state.holder}")
+    try:
+        check_update(update.parameters, state.model.parameters)
+    except BadUpdate as exc:
+        raise BadUpdate(f"update from client {update.client_id}: {exc}") from None  # dead-lettered with this reason
+    state.strategy.start_round(state.model.parameters)
+    state.strategy.fold(update.parameters, update.num_samples)
+    ctx.hold()  # acked by store_version's commit, once the version is stored
+    ctx.cancel_timer("hop")
+    store_version(ctx, state.strategy.finish_round(state.model.parameters), [update.message_id], round_=state.round,
+                  started=state.hop_started, client_seconds=[update.metrics.get("train_s", 0.0)])
+    state.position += 1
+    return start_hop(ctx)
+
+
+@table.on(HopDeadline)
+def pass_on(message: HopDeadline, ctx: Context):
+    state: CyclicState = ctx.state
+    if state.done or message.model_version != state.model.version or message.holder != (state.holder or ""):
+        return None
+    if state.holder:
+        ctx.log.warning("cyclic: holder did not answer in time; passing the model on", client=state.holder,
+                        round=state.round, model_version=state.model.version, timeout_s=state.config.cyclic.hop_timeout_s)
+        state.position += 1
+    return start_hop(ctx)

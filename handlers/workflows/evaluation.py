@@ -1,0 +1,119 @@
+"""Federated evaluation: the clients score a stored model version on their own data.
+
+When the server holds no test data (the app has no ``load_server_test``: the usual
+cross-silo case), or ``federated_evaluation: always``, then after every ``evaluate_every``
+rounds (and after the last) the server broadcasts an EvaluateTask with the new version to
+the live clients. Each answers with an EvaluateResult (on its partition's test split, else
+its training data). When all have answered, or at the round deadline, the sample-weighted
+mean loss and accuracy go to ``metrics.jsonl`` as a line with ``"evaluation":
+"federated"`` (and so into the curve). An evaluation still open when the next one is due
+is closed with the answers it has; the run finishes only after the last one.
+
+Results are acked as they are counted: an evaluation lost with a crashed server is not
+redone (it changes no model).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from brokerfl.handler_table import Context, Outbound, to_clients
+from brokerfl.message import EvaluateResult, EvaluateTask, Message
+
+
+@dataclass(kw_only=True)
+class EvaluationDeadline(Message):
+    """Local timer message: stop waiting for evaluation ``task_id``."""
+
+    LOCAL = True
+    task_id: str = ""
+
+
+@dataclass
+class OpenEvaluation:
+    task_id: str
+    round: int
+    model_version: int
+    participants: set[str]
+    started: float  # time.monotonic()
+    results: dict[str, EvaluateResult] = field(default_factory=dict)
+    then: Callable[[Context], list[Outbound] | None] | None = None  # what follows its close (e.g. finishing the run)
+
+
+def wanted(state: Any) -> bool:
+    mode = state.config.federated_evaluation
+    return mode == "always" or (mode == "auto" and state.evaluate is None)
+
+
+def due(state: Any, round_: int) -> bool:
+    return wanted(state) and (round_ % state.config.evaluate_every == 0 or round_ >= state.config.rounds)
+
+
+def request(ctx: Context, model: Any, participants: list[str], *, then: Callable[[Context], list[Outbound] | None] | None = None) -> list[Outbound]:
+    """The EvaluateTask for ``model`` (a stored ModelVersion) if one is due, else [] (and
+    ``then`` is left to the caller)."""
+    state = ctx.state
+    if not participants or not due(state, model.round):
+        return []
+    out = close(ctx) if state.evaluation is not None else []
+    task = EvaluateTask(round=model.round, model_version=model.version, parameters=model.parameters, participants=sorted(participants))
+    state.evaluation = OpenEvaluation(task.message_id, model.round, model.version, set(participants), time.monotonic(), then=then)
+    ctx.set_timer("evaluation", state.config.strategy.round_deadline_s, EvaluationDeadline(task_id=task.message_id))
+    return [*out, to_clients(task)]
+
+
+def collect(result: EvaluateResult, ctx: Context) -> list[Outbound] | None:
+    """Count one client's result; close the evaluation when every participant answered."""
+    open_ = ctx.state.evaluation
+    if open_ is None or result.task_id != open_.task_id or result.client_id not in open_.participants:
+        ctx.log.info("evaluation result for no open evaluation; ignored", client=result.client_id, task=result.task_id)
+        return None
+    if result.num_samples < 1 or not (0.0 <= result.accuracy <= 1.0):
+        ctx.log.warning("evaluation result out of range; ignored", client=result.client_id, num_samples=result.num_samples, accuracy=result.accuracy)
+        return None
+    open_.results[result.client_id] = result
+    if set(open_.results) >= open_.participants:
+        return close(ctx)
+    return None
+
+
+def deadline(message: EvaluationDeadline, ctx: Context) -> list[Outbound] | None:
+    open_ = ctx.state.evaluation
+    if open_ is None or message.task_id != open_.task_id:
+        return None
+    ctx.log.warning("evaluation deadline: closing without every answer", answered=len(open_.results), of=len(open_.participants))
+    return close(ctx)
+
+
+def weighted_metrics(results: list[EvaluateResult]) -> dict[str, float]:
+    """Sample-weighted mean loss and accuracy over the clients' results."""
+    total = sum(r.num_samples for r in results)
+    return {
+        "loss": sum(r.loss * r.num_samples for r in results) / total,
+        "accuracy": sum(r.accuracy * r.num_samples for r in results) / total,
+        "num_samples": total,
+    }
+
+
+def close(ctx: Context) -> list[Outbound]:
+    state = ctx.state
+    open_, state.evaluation = state.evaluation, None
+    ctx.cancel_timer("evaluation")
+    results = [open_.results[c] for c in sorted(open_.results)]
+    if results:
+        scores = weighted_metrics(results)
+        record = {
+            "round": open_.round, "model_version": open_.model_version, "evaluation": "federated",
+            "accuracy": scores["accuracy"], "loss": scores["loss"], "num_samples": scores["num_samples"],
+            "num_clients": len(results), "num_updates": None, "duration_s": round(time.monotonic() - open_.started, 4),
+        }
+        state.metrics.append(record)
+        for callback in state.on_round:
+            callback(record)
+        ctx.log.info("federated evaluation", round=open_.round, model_version=open_.model_version, accuracy=round(scores["accuracy"], 4), loss=round(scores["loss"], 4), clients=len(results))
+    else:
+        ctx.log.warning("federated evaluation got no answers", round=open_.round, model_version=open_.model_version)
+    return (open_.then(ctx) or []) if open_.then is not None else []

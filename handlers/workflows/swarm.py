@@ -1,0 +1,159 @@
+"""Swarm learning (``workflow: swarm``): no server process; the aggregator is a role.
+
+Every client process also runs an *aggregator candidate*: a consumer of the run's
+aggregation queue (``brokerfl.<run>.server``, declared with RabbitMQ's
+``x-single-active-consumer``). The broker delivers to one of them only; that one holds
+the role. It runs the synchronous rounds of ``handlers/workflows/server.py`` (sampling,
+folding, storing, the next round) with three differences:
+
+- **Activation.** A candidate does nothing until its first delivery (AMQP tells a
+  consumer no "you are active now"): then it reads every stored version from the run's
+  models stream (:class:`brokerfl.broker_store.BrokerModelStore`), and either initialises
+  the run (version 0, wait for the joins) or continues it: the federation is the config's
+  clients, and round ``latest.round + 1`` starts again at once. A killed aggregator's
+  unacked updates come back to the new one (redelivered) and are folded into that round,
+  or dropped as duplicates when their version was already stored: nothing is lost or
+  counted twice. Clients that had answered get the round's task again and their second
+  answer is dropped with a recorded reason (work repeated, never counted).
+- **Closing a round early.** Once ``swarm.min_responses_required`` updates are folded,
+  the round waits ``swarm.wait_after_min_s`` more for the rest, then closes.
+- **The best model.** A :class:`MetricComparator` on ``swarm.best_metric`` picks the best
+  stored version (recomputed from the stored versions' metrics, so a new aggregator knows it
+  too); it is written to ``best_model.json`` when the run finishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from brokerfl.config import RunConfig
+from brokerfl.handler_table import Context, HandlerTable, Started
+from brokerfl.message import MESSAGE_TYPES, Message, ParameterUpdate
+from brokerfl.metrics import MetricsLog
+from brokerfl.store import ModelStore
+from handlers.workflows import server
+from handlers.workflows.server import ServerState, close_round, resume_or_initialise, see_client, start_round
+
+table = HandlerTable("aggregator")
+
+
+@dataclass(kw_only=True)
+class WaitAfterMinimum(Message):
+    """Local timer message: the round had its minimum of answers this long ago."""
+
+    LOCAL = True
+
+
+@dataclass(frozen=True)
+class MetricComparator:
+    """Which of two validation scores is better (NVFlare's MetricComparator)."""
+
+    metric: str = "accuracy"
+    mode: str = "max"
+
+    def better(self, candidate: float | None, best: float | None) -> bool:
+        if candidate is None:
+            return False
+        if best is None:
+            return True
+        return candidate > best if self.mode == "max" else candidate < best
+
+    def best_version(self, store: ModelStore) -> tuple[int, float] | None:
+        best: tuple[int, float] | None = None
+        for version in store.versions():
+            value = store.metadata(version).get("metrics", {}).get(self.metric)
+            if version > 0 and self.better(value, best[1] if best else None):
+                best = (version, value)
+        return best
+
+
+@dataclass
+class SwarmState(ServerState):
+    active: bool = False  # this candidate has received a delivery: it holds the role
+    waiting_round: int = -1  # the round whose wait after the minimum is running
+    comparator: MetricComparator = dataclasses.field(default_factory=MetricComparator)
+
+
+def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> SwarmState:
+    base = server.make_state(config, store, metrics)
+    state = SwarmState(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    state.comparator = MetricComparator(config.swarm.best_metric, config.swarm.best_mode)
+    state.after_rounds = finish_with_best
+    return state
+
+
+@table.on(Started)
+def stand_by(message: Started, ctx: Context):
+    ctx.log.info("aggregator candidate standing by")
+
+
+def activate(ctx: Context) -> None:
+    """The first delivery: this process now holds the aggregator role."""
+    state: SwarmState = ctx.state
+    state.active = True
+    refresh = getattr(state.store, "refresh", None)
+    if refresh is not None:
+        refresh()
+    taking_over = bool(state.store.versions())
+    resume_or_initialise(Started(run=ctx.run), ctx)  # version 0 or the newest stored, the join timer
+    ctx.log.info("aggregator role taken", model_version=state.model.version, round=state.round, taking_over=taking_over)
+    if taking_over and not state.done:
+        # the federation began long ago: every configured client is a member, and the
+        # round the last holder did not store starts again now
+        for client_id in state.config.client_ids():
+            if client_id not in state.clients:
+                see_client(state, client_id, 0)
+        ctx.cancel_timer("join")
+        state.begun = True
+        ctx.send(*(start_round(ctx) or []))
+
+
+def _when_active(handler):
+    def wrapped(message, ctx: Context):
+        if not ctx.state.active:
+            activate(ctx)
+        return handler(message, ctx)
+
+    wrapped.__qualname__ = getattr(handler, "__qualname__", "handler")
+    return wrapped
+
+
+for _type in server.table.types():  # the server's handlers, each activating the role first
+    if _type != Started.TYPE:
+        table.register(MESSAGE_TYPES[_type], _when_active(server.table.handler_for(_type)))
+
+
+@table.on(ParameterUpdate)
+@_when_active
+def fold_and_maybe_wait(update: ParameterUpdate, ctx: Context):
+    state: SwarmState = ctx.state
+    outbound = server.fold_update(update, ctx)
+    minimum = state.config.swarm.min_responses_required
+    if state.round_open and minimum is not None and len(state.folded_ids) >= min(minimum, len(state.participants)) and state.waiting_round != state.round:
+        state.waiting_round = state.round
+        ctx.set_timer("after_min", state.config.swarm.wait_after_min_s, WaitAfterMinimum(round=state.round))
+    return outbound
+
+
+@table.on(WaitAfterMinimum)
+def close_after_wait(message: WaitAfterMinimum, ctx: Context):
+    state: SwarmState = ctx.state
+    if state.round_open and message.round == state.round:
+        ctx.log.info("closing the round after the wait past its minimum", folded=len(state.folded_ids), of=len(state.participants))
+        return close_round(ctx)
+    return None
+
+
+def finish_with_best(ctx: Context, reason: str):
+    state: SwarmState = ctx.state
+    best = state.comparator.best_version(state.store)
+    if best is not None:
+        version, value = best
+        ctx.log.info("best global model", model_version=version, metric=state.comparator.metric, value=round(value, 4))
+        if state.metrics.path is not None:
+            (state.metrics.path.parent / "best_model.json").write_text(json.dumps(
+                {"model_version": version, "metric": state.comparator.metric, "mode": state.comparator.mode, "value": value,
+                 "sha256": state.store.metadata(version)["sha256"]}))
+    return server.finish_run(ctx, reason)

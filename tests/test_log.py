@@ -1,0 +1,29 @@
+"""Logs are JSON lines when asked (and when stderr is not a terminal), with the worker's
+bindings: run, role, client, round and message id."""
+
+from __future__ import annotations
+
+import json
+
+import structlog
+
+from brokerfl.log import configure_logging
+
+
+def test_json_lines_carry_the_bindings(capsys):
+    configure_logging("info", log_format="json")
+    structlog.get_logger("brokerfl").bind(run="r1", role="client.3", client="3").bind(round=2, message_id="m1").info("update sent", bytes=10)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    record = json.loads(line)
+    assert {k: record[k] for k in ("run", "role", "client", "round", "message_id", "event", "level")} == {
+        "run": "r1", "role": "client.3", "client": "3", "round": 2, "message_id": "m1", "event": "update sent", "level": "info"
+    }
+    assert record["timestamp"].endswith("Z")
+
+
+def test_console_when_asked(capsys, monkeypatch):
+    monkeypatch.setenv("BROKERFL_LOG_FORMAT", "console")
+    configure_logging("info")
+    structlog.get_logger("brokerfl").bind(run="r1").info("hello")
+    err = capsys.readouterr().err
+    assert "hello" in err and "run=r1" in err and not err.lstrip().startswith("{")

@@ -1,0 +1,312 @@
+"""Per-participant identity on a real RabbitMQ: provisioned users, least privilege, forged
+messages, and the same federation over TLS with certificate login.
+
+Each test provisions a run (``brokerfl.provision``) into a vhost of its own, imports the
+definitions with ``rabbitmqctl import_definitions`` (or starts a TLS node that loads them),
+and deletes the vhost and users afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import torch
+
+from brokerfl.accounting import account_run
+from brokerfl.config import load_config
+from brokerfl.identity import client_user
+from brokerfl.message import Exit, Heartbeat, Join, Leave, ParameterUpdate, to_wire
+from brokerfl.metrics import MetricsLog
+from brokerfl.provision import Provisioned, provision
+from brokerfl.roles import client_worker, server_worker, topology_for
+from brokerfl.simulate import simulate
+from brokerfl.store import MemoryModelStore
+from brokerfl.transport import ORIGIN_USER_HEADER, REASON_HEADER, TransportError
+from brokerfl.transports.amqp import AmqpTransport
+from brokerfl.transports.connect import TlsOptions
+
+pytestmark = pytest.mark.broker
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def secure_config(run: str, clients: int = 3, rounds: int = 3):
+    return load_config(
+        ROOT / "configs/digits_fedavg.yaml",
+        {"run": run, "clients": clients, "rounds": rounds, "identity.enforce": True, "liveness.timeout_s": 600.0},
+    )
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except TransportError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)  # polling the broker under a deadline (definitions import asynchronously)
+
+
+def connect(done: Provisioned, user: str, **options) -> AmqpTransport:
+    env = done.env(user)
+    tls = TlsOptions(env.get("BROKERFL_TLS_CA"), env.get("BROKERFL_TLS_CERT"), env.get("BROKERFL_TLS_KEY"))
+    return AmqpTransport(env["BROKERFL_AMQP_URL"], tls=tls, max_reconnect_s=5, **options)
+
+
+def _can_log_in(done: Provisioned, user: str) -> bool:
+    with connect(done, user):
+        return True
+
+
+@pytest.fixture
+def provisioned(provision_on_broker):
+    """A run's definitions imported into the test broker (vhost and users deleted after)."""
+    config = secure_config("s" + uuid.uuid4().hex[:10])
+    return config, provision_on_broker(config)
+
+
+def refused(fn) -> str:
+    """The broker's refusal of ``fn`` (the assertion fails if it was allowed)."""
+    with pytest.raises(TransportError) as info:
+        fn()
+    return str(info.value)
+
+
+def test_least_privilege(provisioned):
+    config, done = provisioned
+    run = config.run
+    topology = topology_for(config)
+    server = connect(done, f"{run}-server")
+    a = connect(done, f"{run}-client-0")
+    b = connect(done, f"{run}-client-1")
+    admin = connect(done, f"{run}-admin")
+    try:
+        topology.declare(server)  # the server declares the run's queues
+        topology.declare_client(a, "0")  # each client its own
+        topology.declare_client(b, "1")
+        join = Join(client_id="1", run=run)
+
+        # A cannot publish as B: the broker refuses a user_id that is not A's
+        assert "PRECONDITION_FAILED" in refused(lambda: a.publish(topology.exchange, "server.join", *to_wire(dataclasses.replace(join, user_id=f"{run}-client-1"))))
+        # A cannot publish what only the server may
+        assert "ACCESS_REFUSED" in refused(lambda: a.publish(topology.exchange, "clients.exit", *to_wire(Exit(run=run))))
+        assert "ACCESS_REFUSED" in refused(lambda: a.publish(topology.exchange, "client.1.train_task", *to_wire(Exit(run=run))))
+        assert "ACCESS_REFUSED" in refused(lambda: a.publish("", topology.client_queue("1"), *to_wire(Exit(run=run))))  # the default exchange
+        # A cannot bind to, consume or take from B's queue, nor bind its own to B's keys
+        assert "ACCESS_REFUSED" in refused(lambda: a.bind(topology.client_queue("1"), topology.exchange, "server.#"))
+        assert "ACCESS_REFUSED" in refused(lambda: a.bind(topology.client_queue("0"), topology.exchange, "client.1.#"))
+        assert "ACCESS_REFUSED" in refused(lambda: a.consume(topology.client_queue("1"), lambda d: None))
+        assert "ACCESS_REFUSED" in refused(lambda: a.get(topology.client_queue("1")))
+        # A cannot declare or delete the server's queues (or the exchange, or other queues)
+        assert "ACCESS_REFUSED" in refused(lambda: a.delete_queue(topology.server_queue))
+        assert "ACCESS_REFUSED" in refused(lambda: a.declare_queue(topology.server_queue, kind="quorum"))
+        assert "ACCESS_REFUSED" in refused(lambda: a.declare_queue(topology.journal_stream, kind="stream"))
+        assert "ACCESS_REFUSED" in refused(lambda: a.delete_exchange(topology.exchange))
+        assert "ACCESS_REFUSED" in refused(lambda: a.declare_queue(f"brokerfl.{run}.client.9"))
+        # the server cannot publish as a client either
+        assert "ACCESS_REFUSED" in refused(lambda: server.publish(topology.exchange, "server.join", *to_wire(join)))
+
+        # what each may do, it can: A's own claim reaches the server queue stamped with A's user
+        a.publish(topology.exchange, "server.join", *to_wire(Join(client_id="0", run=run)))
+        got = wait_for(lambda: server.get(topology.server_queue), 30, "A's join")
+        assert got.envelope.user_id == f"{run}-client-0"
+        server.ack(got)
+        # the admin can do what the clients cannot
+        admin.declare_queue(f"brokerfl.{run}.extra")
+        admin.bind(f"brokerfl.{run}.extra", topology.exchange, "client.1.#")
+        admin.get(topology.client_queue("1"))
+        admin.publish(topology.exchange, "clients.exit", *to_wire(Exit(run=run)))
+        admin.delete_queue(f"brokerfl.{run}.extra")
+        admin.delete_queue(topology.client_queue("1"))
+    finally:
+        for t in (server, a, b, admin):
+            t.close()
+
+
+def run_federation(config, connect_as) -> tuple[list[dict], MemoryModelStore, AmqpTransport]:
+    """Server and clients in threads, each on its own connection as its own user; returns
+    the metrics, the store and the server's (still open) connection."""
+    torch.set_num_threads(1)
+    metrics, store = MetricsLog(None), MemoryModelStore()
+    server_transport = connect_as(None)
+    server = server_worker(server_transport, config, store, metrics)
+    clients = [client_worker(connect_as(cid), config, cid) for cid in config.client_ids()]
+    errors: list[BaseException] = []
+
+    def run(worker) -> None:
+        try:
+            worker.start()
+            worker.run(poll_s=0.2)
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+            worker.stopped = True
+
+    threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in [server, *clients]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    for worker in clients:
+        worker.transport.close()
+    assert not errors, errors
+    assert all(not t.is_alive() for t in threads), "the federation did not finish"
+    assert not server.state.failure, server.state.failure
+    return metrics.records, store, server_transport
+
+
+def attack(config, done: Provisioned) -> list[str]:
+    """Client 0 tries to speak for others; returns the ids of what it got through to the server queue."""
+    run, topology = config.run, topology_for(config)
+    forged = [
+        ParameterUpdate(client_id="1", task_id="x", parameters={"0.weight": np.full((128, 64), 1e3, np.float32)}, num_samples=10**6, run=run, round=1),
+        Leave(client_id="2", run=run),
+        Heartbeat(client_id="1", run=run),
+    ]
+    with connect(done, client_user(run, "0")) as mallory:
+        for message in forged:
+            mallory.publish(topology.exchange, f"server.{message.TYPE}", *to_wire(message))
+        with pytest.raises(TransportError, match="ACCESS_REFUSED"):
+            mallory.publish(topology.exchange, "clients.exit", *to_wire(Exit(run=run)))
+    return [m.message_id for m in forged]
+
+
+def test_a_provisioned_federation_refuses_forgeries_and_trains_like_simulate(provisioned):
+    config, done = provisioned
+    run = config.run
+    forged: list[str] = []
+
+    def connect_as(client_id):
+        transport = connect(done, f"{run}-server" if client_id is None else client_user(run, client_id))
+        if client_id == "0":  # the server's queue exists by now: forge before anyone trains
+            forged.extend(attack(config, done))
+        return transport
+
+    records, store, server_transport = run_federation(config, connect_as)
+    try:
+        assert [r["num_updates"] for r in records] == [config.clients] * config.rounds  # the forged Leave removed no one
+        folded = {uid for v in store.versions() for uid in store.metadata(v)["update_ids"]}
+        assert forged[0] not in folded
+        accounting = account_run(server_transport, topology_for(config), store)
+        assert accounting.ok, accounting.summary()
+        assert set(accounting.dead) == {forged[0]}
+        assert "claims client '1'" in accounting.dead[forged[0]][0]
+        assert f"published by {run}-client-0: {config.rounds + 1} updates, {config.rounds} folded" in accounting.summary()
+    finally:
+        server_transport.close()
+    with connect(done, f"{run}-admin") as admin:  # every forgery is in the dead-letter queue with its reason
+        dead = {}
+        while (d := admin.get(topology_for(config).dead_queue)) is not None:
+            dead[d.envelope.message_id] = (d.envelope.headers[REASON_HEADER], d.envelope.headers[ORIGIN_USER_HEADER])
+            admin.ack(d)
+    assert set(dead) == set(forged)
+    assert all(reason.startswith("refused: ") and user == f"{run}-client-0" for reason, user in dead.values())
+
+    torch.set_num_threads(1)
+    open_run = simulate(config.model_copy(update={"identity": config.identity.model_copy(update={"enforce": False})})).records
+    assert [r["accuracy"] for r in records] == [r["accuracy"] for r in open_run]
+    assert [r["sha256"] for r in records] == [r["sha256"] for r in open_run]
+
+
+# ---------------------------------------------------------------- TLS with certificate login
+
+
+def _tls_node_settings(amqp_url: str) -> tuple[str, int]:
+    """A node name and TLS port for the test's own node: BROKERFL_TLS_NODE / BROKERFL_TLS_PORT,
+    else derived from the test broker's (``h9@localhost`` on 5685 -> ``h9tls@localhost`` on 5785)."""
+    base = (os.environ.get("BROKERFL_RABBITMQ_NODE") or "rabbit@localhost").split("@")[0]
+    name = os.environ.get("BROKERFL_TLS_NODE") or f"{base}tls@localhost"
+    port = int(os.environ.get("BROKERFL_TLS_PORT") or (urlsplit(amqp_url).port or 5672) + 100)
+    return name, port
+
+
+def _skip_or_fail(reason: str):
+    if os.environ.get("BROKERFL_REQUIRE_BROKER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def tls_node(amqp_url):
+    """A RabbitMQ node of the test's own with a TLS-only listener, certificate login and the
+    run's definitions loaded at boot; stopped and removed after."""
+    if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
+        _skip_or_fail("starting a TLS RabbitMQ node needs rabbitmq-server and root (to hand the node directory to the rabbitmq user)")
+    node, port = _tls_node_settings(amqp_url)
+    base = Path(tempfile.mkdtemp(prefix="brokerfl-tls-"))
+    run = "tls" + uuid.uuid4().hex[:8]
+    config = secure_config(run, clients=2, rounds=2)
+    done = provision(config, base / "provision", host="localhost", port=port, tls=True)
+    (base / "rabbitmq.conf").write_text(done.rabbitmq_conf.read_text() + "loopback_users = none\n")
+    (base / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl].\n")
+    subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base)], check=True)
+    base.chmod(0o755)
+    env = {
+        **os.environ,
+        "RABBITMQ_NODENAME": node,
+        "RABBITMQ_DIST_PORT": str(port + 20000),
+        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(base / "log"),
+        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+        "RABBITMQ_PID_FILE": str(base / "pid"),
+    }
+    subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run(["rabbitmqctl", "-n", node, "wait", "--timeout", "90", str(base / "pid")], env=env, check=True, capture_output=True, timeout=120)
+        wait_for(lambda: _can_log_in(done, f"{run}-admin"), 60, "certificate login on the TLS node")
+        yield config, done, base
+    finally:
+        subprocess.run(["rabbitmqctl", "-n", node, "stop"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_federation_over_tls_with_certificate_login(tls_node):
+    config, done, _ = tls_node
+    run = config.run
+
+    def connect_as(client_id):
+        return connect(done, f"{run}-server" if client_id is None else client_user(run, client_id))
+
+    records, store, server_transport = run_federation(config, connect_as)
+    server_transport.close()
+    assert [r["num_updates"] for r in records] == [config.clients] * config.rounds
+    assert server_transport.user == f"{run}-server"  # from the certificate's CN: no password anywhere
+    torch.set_num_threads(1)
+    open_run = simulate(config.model_copy(update={"identity": config.identity.model_copy(update={"enforce": False})})).records
+    assert [r["sha256"] for r in records] == [r["sha256"] for r in open_run]
+
+
+def test_tls_refuses_a_foreign_ca_and_a_wrong_hostname(tls_node, tmp_path):
+    config, done, _ = tls_node
+    from brokerfl.certs import issue, new_authority, write_pair
+
+    user = client_user(config.run, "0")
+    env = done.env(user)
+    # a certificate for the same CN, from another CA: the broker refuses the handshake
+    other = new_authority("someone else's CA")
+    cert, key = write_pair(tmp_path, "mallory", *issue(other, user))
+    with pytest.raises(TransportError):
+        AmqpTransport(env["BROKERFL_AMQP_URL"], tls=TlsOptions(env["BROKERFL_TLS_CA"], str(cert), str(key)), max_reconnect_s=1)
+    # the broker's certificate names localhost and 127.0.0.1, not 127.0.0.2: we refuse it
+    wrong_host = env["BROKERFL_AMQP_URL"].replace("localhost", "127.0.0.2")
+    with pytest.raises(TransportError, match="(?i)certificate|hostname"):
+        AmqpTransport(wrong_host, tls=TlsOptions(env["BROKERFL_TLS_CA"], env["BROKERFL_TLS_CERT"], env["BROKERFL_TLS_KEY"]), max_reconnect_s=1)
+    # the right one is accepted, also from the command line's flags
+    from brokerfl.cli import main
+
+    flags = ["--tls-ca", env["BROKERFL_TLS_CA"], "--tls-cert", env["BROKERFL_TLS_CERT"], "--tls-key", env["BROKERFL_TLS_KEY"]]
+    assert main(["ping", "--broker", env["BROKERFL_AMQP_URL"], *flags]) == 0

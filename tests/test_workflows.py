@@ -1,0 +1,341 @@
+"""Workflows beyond client-server: cyclic weight transfer and cross-site evaluation, in
+simulate (local transport) and as separate processes over RabbitMQ with the same config."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+
+from brokerfl.accounting import account, account_run
+from brokerfl.config import load_config
+from brokerfl.cross_site import build_matrix
+from brokerfl.journal import read_journal
+from brokerfl.metrics import MetricsLog, read_metrics
+from brokerfl.replay import replay
+from brokerfl.roles import client_worker, server_worker, topology_for
+from brokerfl.simulate import simulate
+from brokerfl.store import MemoryModelStore
+from brokerfl.transports.local import LocalBroker, LocalTransport
+from brokerfl.worker import Worker
+
+from test_federation_amqp import brokerfl, cleanup, finish, wait_until  # noqa: F401  (cleanup is a fixture)
+
+SMALL = {"rounds": 2, "clients": 3, "train.epochs": 1}
+
+
+def _journal_checks(broker: LocalBroker, config, store) -> None:
+    journal = list(read_journal(LocalTransport(broker), topology_for(config)))
+    report = account(journal, (store.metadata(v) for v in store.versions()))
+    assert report.ok, report.summary()
+    replayed = replay(journal, config)
+    assert replayed.ok, replayed.table()
+    return report
+
+
+def test_cyclic_hands_the_model_from_client_to_client(tmp_path):
+    config = load_config("configs/digits_cyclic.yaml", {**SMALL, "cyclic.order": "fixed"})
+    result = simulate(config, tmp_path, journal=True)
+    records = result.records
+    # one version per hop: every client once per round, each made of exactly one update
+    assert [r["model_version"] for r in records] == list(range(1, 7))
+    assert [r["round"] for r in records] == [1, 1, 1, 2, 2, 2]
+    assert all(r["num_updates"] == 1 for r in records)
+    holders = [result.store.metadata(v)["update_ids"][0] for v in result.store.versions()[1:]]
+    assert len(set(holders)) == 6
+    report = _journal_checks(result.broker, config, result.store)
+    assert len(report.sent) == 6 and not report.dropped
+    assert records[-1]["accuracy"] > 0.8
+
+
+def test_cyclic_shuffle_draws_a_new_order_each_round():
+    from handlers.workflows.cyclic import route
+
+    config = load_config("configs/digits_cyclic.yaml", {"clients": 8, "cyclic.order": "shuffle"})
+    orders = [route(config, r) for r in (1, 2, 3)]
+    assert all(sorted(o) == config.client_ids() for o in orders)
+    assert len({tuple(o) for o in orders}) == 3
+    assert route(config, 2) == orders[1]  # a restarted coordinator draws the same one
+
+
+def test_a_hung_holder_is_passed_over_after_the_hop_timeout():
+    """Client 1 takes its task and never answers (held unacked): after hop_timeout_s the
+    model goes on to client 2; nothing is lost and the run completes."""
+    from brokerfl.message import TrainTask
+    from handlers.workflows import client
+
+    config = load_config("configs/digits_cyclic.yaml", {**SMALL, "cyclic.order": "fixed", "cyclic.hop_timeout_s": 0.5, "run": "cyclic-hang"})
+    config = config.model_copy(update={"liveness": config.liveness.model_copy(update={"timeout_s": math.inf})})
+    broker, store = LocalBroker(), MemoryModelStore()
+    server = server_worker(LocalTransport(broker), config, store, MetricsLog(None), journal=True)
+    clients = [client_worker(LocalTransport(broker), config, cid, journal=True) for cid in ("0", "2")]
+    hung_table = client.table.copy()
+    hung_table.register(TrainTask, lambda task, ctx: ctx.hold())  # holds the model, never answers
+    topology = topology_for(config)
+    hung_transport = LocalTransport(broker)
+    hung = Worker(hung_transport, topology, topology.declare_client(hung_transport, "1"), hung_table, client.make_state(config, "1"), name="client.1", prefetch=1)
+    workers = [server, *clients, hung]
+    for worker in workers[1:]:
+        worker.start()
+    server.start()
+    deadline = time.monotonic() + 60
+    while not server.stopped and time.monotonic() < deadline:
+        if not sum(w.step(0.0) for w in workers):
+            server.step(0.05)  # waits for the hop timer
+    assert server.stopped, "the cyclic run did not finish"
+    holders = [store.metadata(v)["round"] for v in store.versions()[1:]]
+    assert holders == [1, 1, 2, 2]  # client 1 passed over in both rounds
+    assert broker.queues[topology.client_queue("1")].unacked  # its task is still its own, never lost
+    hung_transport.close()
+    _journal_checks(broker, config, store)
+
+
+def test_cross_site_matrix_in_simulate(tmp_path):
+    config = load_config("configs/digits_cross_site.yaml", {**SMALL, "run": "xs-small"})
+    result = simulate(config, tmp_path, journal=True)
+    document = json.loads((tmp_path / "cross_site.json").read_text())
+    assert (tmp_path / "cross_site.png").stat().st_size > 0
+    assert document["models"] == ["global", "site-0", "site-1", "site-2"]
+    assert document["sites"] == ["site-0", "site-1", "site-2"]
+    matrix = document["matrix"]["accuracy"]
+    assert len(matrix) == 4 and all(len(row) == 3 and all(0.0 <= v <= 1.0 for v in row) for row in matrix)
+    # the global row is the final global model, evaluated on each site's data
+    assert [row["model"] for row in document["summary"]] == ["site-0", "site-1", "site-2"]
+    assert len(result.records) == 2
+    _journal_checks(result.broker, config, result.store)  # the extra messages are not updates
+
+
+def test_cross_site_summary_compares_off_site_with_the_global_model():
+    results = {
+        "site-0": {"global": {"accuracy": 0.9}, "site-0": {"accuracy": 1.0}, "site-1": {"accuracy": 0.5}},
+        "site-1": {"global": {"accuracy": 0.8}, "site-0": {"accuracy": 0.4}, "site-1": {"accuracy": 0.95}},
+    }
+    document = build_matrix(results)
+    assert document["matrix"]["accuracy"] == [[0.9, 0.8], [1.0, 0.4], [0.5, 0.95]]
+    assert document["summary"] == [
+        {"model": "site-0", "own_site": 1.0, "off_site_mean": 0.4, "global_off_site_mean": 0.8},
+        {"model": "site-1", "own_site": 0.95, "off_site_mean": 0.5, "global_off_site_mean": 0.9},
+    ]
+
+
+@pytest.mark.broker
+def test_cyclic_with_cross_site_over_rabbitmq_survives_a_killed_holder(amqp_url, run_name, tmp_path, cleanup):  # noqa: F811
+    """Separate processes, the same config as simulate. Client 1 is kill -9'd while it
+    holds the model and started again: its task is redelivered, the run completes with
+    every hop, accounting and replay pass, and the cross-site matrix is written."""
+    clients, rounds = 3, 2
+    cleanup((run_name, [str(i) for i in range(clients)]))
+    common = ["configs/digits_cyclic.yaml", "--broker", amqp_url, "--run", run_name, "--clients", str(clients), "--rounds", str(rounds), "--log-level", "warning"]
+    config_path = tmp_path / "cyclic.yaml"
+    import yaml
+
+    data = yaml.safe_load(open("configs/digits_cyclic.yaml"))
+    data.update(cross_site_eval=True, cyclic={"order": "fixed", "hop_timeout_s": 60}, client_slowdown={"1": 30.0})
+    config_path.write_text(yaml.safe_dump(data))
+    common[0] = str(config_path)
+    out = tmp_path / "out"
+    server = brokerfl("server", *common, "--out", str(out))
+    procs = {cid: brokerfl("client", *common, "--client-id", cid) for cid in ("0", "1", "2")}
+    try:
+        # client 0 hands on to client 1 (fixed order), which trains 30x slower: kill it then
+        wait_until(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) >= 1, 120, "client 0's hop")
+        time.sleep(0.5)  # client 1 is now holding the model (its training takes seconds)
+        procs["1"].kill()
+        procs["1"].communicate()
+        procs["1"] = brokerfl("client", *common, "--client-id", "1")
+        outputs = finish([server, *procs.values()], timeout=240)
+    finally:
+        finish(list(procs.values()), timeout=1)
+    assert server.returncode == 0, outputs[0]
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["model_version"] for r in records] == list(range(1, clients * rounds + 1))
+    config = load_config(config_path, {"run": run_name, "clients": clients, "rounds": rounds})
+    from brokerfl.store import DirectoryModelStore
+    from brokerfl.transports.amqp import AmqpTransport
+
+    with AmqpTransport(amqp_url) as transport:
+        report = account_run(transport, topology_for(config), DirectoryModelStore(out / "models"))
+        assert report.ok, report.summary()
+        replayed = replay(read_journal(transport, topology_for(config)), config)
+        assert replayed.ok, replayed.table()
+    document = json.loads((out / "cross_site.json").read_text())
+    assert document["sites"] == ["site-0", "site-1", "site-2"] and len(document["models"]) == 4
+    assert "cross-site evaluation" in outputs[0]  # the server prints the table
+
+
+# ---------------------------------------------------------------- swarm
+
+
+def _swarm_peers(config, broker):
+    from brokerfl.swarm import aggregator_worker
+
+    peers = []
+    for cid in config.client_ids():
+        peers.append((client_worker(LocalTransport(broker), config, cid, journal=True),
+                      aggregator_worker(LocalTransport(broker), LocalTransport(broker), config, MetricsLog(None), name=f"aggregator.{cid}", journal=True)))
+    return peers
+
+
+def _run_swarm(peers, until, deadline_s=120.0):
+    from brokerfl.swarm import peer_done
+
+    deadline = time.monotonic() + deadline_s
+    while not until() and time.monotonic() < deadline:
+        live = [w for pair in peers for w in pair if not w.stopped]
+        if not sum(w.step(0.0) for w in live):
+            timers = [t for w in live if (t := w.next_timer_in()) is not None]
+            time.sleep(min([0.05, *[max(t, 0) for t in timers]]))
+        for client, aggregator in peers:
+            peer_done([client], aggregator)
+    assert until(), "the swarm did not get there in time"
+
+
+def test_swarm_aggregator_killed_mid_round_another_peer_takes_the_role():
+    """Three peers. The peer holding the aggregator role dies (connections closed, its
+    held updates go back to the queue) in round 2: the next candidate takes the role from
+    the versions on the broker, the round completes from the redelivered updates, and
+    the run ends with every update in exactly one version or dropped with a reason."""
+    from brokerfl.broker_store import BrokerModelStore
+
+    from brokerfl.message import ParameterUpdate
+
+    config = load_config("configs/digits_swarm.yaml", {**SMALL, "rounds": 3, "run": "swarm-kill", "train.max_batches": 10, "swarm.min_responses_required": 2, "swarm.wait_after_min_s": 0.5})
+    config = config.model_copy(update={"liveness": config.liveness.model_copy(update={"timeout_s": math.inf})})
+    broker = LocalBroker()
+    peers = _swarm_peers(config, broker)
+    for worker in [w for pair in peers for w in pair]:
+        worker.start()
+    first = peers[0][1]
+    _run_swarm(peers, lambda: first.state.active and first.state.round == 2)
+    # from now on it takes updates (unacked) and dies before storing the round
+    first.table = first.table.copy()
+    first.table.register(ParameterUpdate, lambda update, ctx: ctx.hold())
+    _run_swarm(peers, lambda: len(first.held) >= 2)
+    assert [a.state.active for _, a in peers] == [True, False, False]
+    for worker in peers[0]:  # the aggregating process dies: both its connections go
+        worker.stopped = True
+        worker.transport.close()
+    rest = peers[1:]
+    _run_swarm(rest, lambda: all(c.stopped and a.stopped for c, a in rest))
+    assert peers[1][1].state.active  # the next candidate took the role
+    topology = topology_for(config)
+    store = BrokerModelStore(LocalTransport(broker), topology).refresh()
+    assert store.versions() == [0, 1, 2, 3]
+    assert [store.metadata(v)["round"] for v in (1, 2, 3)] == [1, 2, 3]
+    _journal_checks(broker, config, store)
+    best = peers[1][1].state.comparator.best_version(store)
+    assert best is not None and best[1] == max(store.metadata(v)["metrics"]["accuracy"] for v in (1, 2, 3))
+
+
+def test_swarm_in_simulate_keeps_the_best_model(tmp_path):
+    config = load_config("configs/digits_swarm.yaml", {**SMALL, "run": "swarm-sim"})
+    result = simulate(config, tmp_path, journal=True)
+    assert [r["round"] for r in result.records] == [1, 2]
+    assert all(r["num_updates"] == 3 for r in result.records)
+    best = json.loads((tmp_path / "best_model.json").read_text())
+    assert best["metric"] == "accuracy" and best["value"] == max(r["accuracy"] for r in result.records)
+    _journal_checks(result.broker, config, result.store)
+
+
+def test_single_active_consumer_hands_over_on_the_local_transport():
+    """Only the oldest consumer receives; when it goes, its unacked messages and the rest
+    go to the next one (RabbitMQ's x-single-active-consumer)."""
+    from brokerfl.message import Heartbeat, to_wire
+
+    broker = LocalBroker()
+    first, second, publisher = LocalTransport(broker), LocalTransport(broker), LocalTransport(broker)
+    publisher.declare_queue("q", single_active_consumer=True)
+    got = {"first": [], "second": []}
+    first.consume("q", got["first"].append)
+    second.consume("q", got["second"].append)
+    for i in range(3):
+        publisher.publish("", "q", *to_wire(Heartbeat(client_id=str(i))))
+    first.poll(0.0)
+    second.poll(0.0)
+    assert len(got["first"]) == 3 and got["second"] == []
+    first.ack(got["first"][0])
+    first.close()  # two unacked: redelivered to the second
+    second.poll(0.0)
+    assert [d.redelivered for d in got["second"]] == [True, True]
+    with pytest.raises(Exception, match="single-active"):
+        publisher.declare_queue("q")
+
+
+@pytest.mark.broker
+@pytest.mark.xfail(reason="known gap: an update a restarted peer sends for an old task after the last aggregator "
+                   "candidate stopped stays in the aggregation queue, unrecorded, so accounting calls it unaccounted", strict=False)
+def test_swarm_peers_over_rabbitmq_survive_a_killed_aggregator(amqp_url, run_name, tmp_path, request):
+    """Three peer processes, no server. The process holding the aggregator role is
+    kill -9'd mid-round: another takes the role from the versions on the broker, the run
+    completes, and accounting and replay pass."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from brokerfl.broker_store import BrokerModelStore
+    from brokerfl.topology import RunTopology
+    from brokerfl.transports.amqp import AmqpTransport
+    from test_federation_amqp import ROOT
+
+    def delete_run() -> None:  # whatever the test's outcome (it is an expected failure today)
+        with AmqpTransport(amqp_url) as admin:
+            RunTopology(run_name, swarm=True).delete(admin, ["0", "1", "2"])
+
+    request.addfinalizer(delete_run)
+    data = yaml.safe_load(open(ROOT / "configs" / "digits_swarm.yaml"))
+    data.update(run=run_name, clients=3, rounds=3, client_slowdown={"0": 5.0, "1": 5.0, "2": 5.0})
+    data["swarm"].update(min_responses_required=2, wait_after_min_s=1)
+    config_path = tmp_path / "swarm.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+
+    def peer(cid: str, generation: int):
+        log = tmp_path / f"peer-{cid}.{generation}.log"
+        proc = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", str(config_path), "--broker", amqp_url, "--client-id", cid],
+                                cwd=ROOT, env={**os.environ, "BROKERFL_OUT": str(out)}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        return proc, log
+
+    peers = {cid: peer(cid, 0) for cid in ("0", "1", "2")}
+    try:
+        wait_until(lambda: (out / "metrics.jsonl").exists() and read_metrics(out / "metrics.jsonl"), 240, "round 1")
+        (victim,) = [cid for cid, (proc, log) in peers.items() if "aggregator role taken" in log.read_text()]
+        time.sleep(0.5)  # round 2: the clients are training (5x slowed)
+        peers[victim][0].kill()
+        peers[victim][0].wait()
+        peers[victim] = peer(victim, 1)
+        for proc, _ in peers.values():
+            proc.wait(timeout=300)
+    finally:
+        for proc, _ in peers.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    logs = {f.name: f.read_text() for f in tmp_path.glob("peer-*.log")}
+    assert [p.returncode for p, _ in peers.values()] == [0, 0, 0], logs
+    takers = [name for name, text in logs.items() if "aggregator role taken" in text and "taking_over=True" in text]
+    assert takers, logs  # another peer took the role over
+    config = load_config(config_path)
+    topology = topology_for(config)
+    with AmqpTransport(amqp_url) as transport, AmqpTransport(amqp_url) as store_transport:
+        store = BrokerModelStore(store_transport, topology).refresh()
+        assert store.versions() == [0, 1, 2, 3]
+        report = account_run(transport, topology, store)
+        assert report.ok, report.summary()
+        replayed = replay(read_journal(transport, topology), config)
+        assert replayed.ok, replayed.table()
+
+
+def test_workflow_config_errors_name_the_key():
+    from brokerfl.config import ConfigError
+
+    assert load_config("configs/digits_cyclic.yaml").strategy.name == "cyclic"  # implied by the workflow
+    with pytest.raises(ConfigError, match="strategy.name must be cyclic"):
+        load_config("configs/digits_cyclic.yaml", {"strategy.name": "fedavg"})
+    with pytest.raises(ConfigError, match="cross_site_eval"):
+        load_config("configs/digits_swarm.yaml", {"cross_site_eval": True})
+    with pytest.raises(ConfigError, match="workflow"):
+        load_config(None, {"workflow": "ring"})
