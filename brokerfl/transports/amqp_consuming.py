@@ -1,0 +1,372 @@
+"""The AMQP transport's consuming side: consumers, reassembly of chunked messages, and
+hand-out of whole messages as :class:`Delivery` objects; ``get`` without a consumer.
+
+:class:`ConsumingMixin` is one part of :class:`brokerfl.transports.amqp.AmqpTransport`.
+pika's callbacks only record what arrived (:meth:`ConsumingMixin._record`); :meth:`poll`
+turns that into deliveries (reassembling chunks) and runs user callbacks outside pika's
+dispatch, so they may publish, ack, cancel or consume freely. Prefetch counts *logical*
+messages: see :meth:`ConsumingMixin._maybe_resubscribe` and the docstring of
+:mod:`brokerfl.transports.amqp`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions as px
+import structlog
+from pika.adapters.blocking_connection import BlockingChannel
+
+from brokerfl.transport import Delivery, OnDelivery, StreamOffset, TransportError
+from brokerfl.transports import chunks
+from brokerfl.transports.amqp_connection import _LOST, _channel_error, _quietly, _recovering
+from brokerfl.transports.envelope import to_envelope
+
+log = structlog.get_logger("brokerfl.amqp")
+
+STREAM_CREDIT = 16  # AMQP prefetch of a stream consumer asked for prefetch=0 (unbounded)
+
+
+# ---------------------------------------------------------------- bookkeeping
+
+
+@dataclass(eq=False)
+class _Handle:
+    """One AMQP delivery as this connection holds it."""
+
+    channel: BlockingChannel
+    delivery_tag: int
+    amqp_tag: str | None  # the broker-side consumer it came to (None: basic.get)
+    generation: int  # which connection: deliveries do not survive a reconnect
+    exchange: str
+    routing_key: str
+    properties: pika.BasicProperties
+    redelivered: bool
+    offset: int | None = None  # streams
+    settled: bool = False
+
+
+@dataclass(eq=False)
+class _Consumer:
+    tag: str  # what the user holds; stable across re-subscribes and reconnects
+    queue: str
+    on_delivery: OnDelivery
+    prefetch: int  # in logical messages; 0: unbounded
+    offset: StreamOffset | None
+    stream: bool
+    channel: BlockingChannel | None = None
+    generation: int = 0
+    amqp_tag: str | None = None
+    amqp_prefetch: int = 0
+    held: int = 0  # unsettled deliveries of the current broker-side consumer
+    logical: int = 0  # whole messages handed out and not yet settled
+    next_offset: int | None = None  # streams: where to resume after a reconnect
+    assembler: chunks.Assembler = field(default_factory=chunks.Assembler)
+    epoch: int = 0  # bumped at each (re)subscription on a new channel
+    cancelled: bool = False
+    cancelled_by_broker: bool = False
+
+
+@dataclass(eq=False)
+class _Tag:
+    """``Delivery.tag``: the AMQP deliveries that make up one logical message."""
+
+    handles: list[_Handle]
+    consumer: _Consumer | None  # None: from get()
+    assembler: chunks.Assembler | None  # set for chunked messages
+    message_id: str | None = None
+    epoch: int = 0  # the consumer's epoch at hand-out
+    settled: bool = False
+
+    def __repr__(self) -> str:
+        return f"<amqp delivery {[h.delivery_tag for h in self.handles][:4]}{'...' if len(self.handles) > 4 else ''}>"
+
+
+class ConsumingMixin:
+    """Consumers, reassembly and hand-out; ``get``."""
+
+    chunk_timeout: float
+    _assembler_bounds: dict[str, int]
+    _consumers: dict[str, _Consumer]
+    _received: deque[tuple[_Consumer, _Handle, bytes]]
+    _inbox: deque[tuple[_Consumer, Delivery]]
+    _get_assemblers: dict[str, chunks.Assembler]
+    _in_hand: dict[tuple[str, str], _Tag]
+    _generation: int
+
+    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None) -> str:
+        self._check_open()
+        kind = self._queues.get(queue, (None, {}))[0]
+        if offset is not None and kind not in (None, "stream"):
+            raise TransportError(f"queue {queue!r} is not a stream; offset does not apply")
+        stream = kind == "stream" or offset is not None
+        consumer = _Consumer(f"amqp-{uuid.uuid4().hex[:12]}", queue, on_delivery, max(0, prefetch), offset, stream)
+        self._with_retry(lambda: self._start_consumer(consumer))
+        self._consumers[consumer.tag] = consumer
+        return consumer.tag
+
+    def _start_consumer(self, c: _Consumer) -> None:
+        """(Re)subscribe ``c`` on a channel of its own."""
+        if c.stream and c.next_offset is not None:
+            # resume after what was seen, or at the start of a message still being assembled
+            starts = [p.handle.offset for part in c.assembler.partials.values() for p in part.ordered() if p.handle.offset is not None]
+            c.offset = min([c.next_offset, *starts])
+        if c.channel is not None and c.channel.is_open:
+            _quietly(c.channel.close)
+        c.channel = self._conn.channel()
+        c.generation = self._generation
+        c.epoch += 1
+        c.held = c.logical = 0
+        c.assembler = self._new_assembler()
+        self._in_hand = {k: t for k, t in self._in_hand.items() if k[0] != c.tag}
+        c.amqp_prefetch = c.prefetch if (c.prefetch or not c.stream) else STREAM_CREDIT
+        try:
+            self._subscribe(c)
+        except px.ChannelClosedByBroker as exc:
+            if not c.stream and "stream" in exc.reply_text.lower():  # a stream not declared here
+                c.stream = True
+                return self._start_consumer(c)
+            raise _channel_error(f"consume from {c.queue!r}", exc) from None
+        c.channel.add_on_cancel_callback(lambda _frame, c=c: setattr(c, "cancelled_by_broker", True))
+
+    def _subscribe(self, c: _Consumer) -> None:
+        c.channel.basic_qos(prefetch_count=c.amqp_prefetch)
+        arguments = {"x-stream-offset": c.offset} if c.stream and c.offset is not None else None
+        c.amqp_tag = c.channel.basic_consume(c.queue, lambda ch, method, props, body, c=c: self._record(c, ch, method, props, body), arguments=arguments)
+        c.held = 0
+
+    def _record(self, c: _Consumer, channel: BlockingChannel, method: Any, properties: pika.BasicProperties, body: bytes) -> None:
+        """pika's callback: note the delivery, nothing else (we are inside pika's dispatch)."""
+        offset = (properties.headers or {}).get("x-stream-offset") if isinstance(properties.headers, dict) else None
+        if not (isinstance(offset, int) and not isinstance(offset, bool) and (c.stream or self._queues.get(c.queue, (None,))[0] is None)):
+            offset = None  # a publisher's header on a queue's message, not the broker's stream offset
+        handle = _Handle(channel, method.delivery_tag, method.consumer_tag, self._generation, _text(method.exchange), _text(method.routing_key), properties, method.redelivered, offset)
+        if method.consumer_tag == c.amqp_tag:
+            c.held += 1
+        self._received.append((c, handle, body))
+
+    def cancel(self, consumer_tag: str) -> None:
+        c = self._consumers.get(consumer_tag)
+        if c is None:
+            return
+        self._forget_consumer(c)
+        # Closing the channel is what makes RabbitMQ requeue its unacked deliveries.
+        if c.channel is not None and c.channel.is_open and self._conn is not None and self._conn.is_open:
+            try:
+                c.channel.close()
+            except _LOST as exc:  # the broker requeues everything of a dead connection anyway
+                self._reconnect(exc)
+
+    def _forget_consumer(self, c: _Consumer) -> None:
+        c.cancelled = True
+        self._consumers.pop(c.tag, None)
+        self._inbox = deque(e for e in self._inbox if e[0] is not c)
+        self._in_hand = {k: t for k, t in self._in_hand.items() if k[0] != c.tag}
+
+    def poll(self, timeout: float = 0.0) -> int:
+        self._check_open()
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            self._pump(max(0.0, deadline - time.monotonic()))
+            if self._inbox or time.monotonic() >= deadline:
+                break
+        batch = list(self._inbox)
+        self._inbox.clear()
+        ran = 0
+        for i, (consumer, delivery) in enumerate(batch):
+            if consumer.cancelled or (not consumer.stream and delivery.tag.epoch != consumer.epoch):
+                continue  # cancelled, or its channel was lost meanwhile: the broker has it back
+            try:
+                consumer.on_delivery(delivery)
+            except BaseException:
+                self._inbox.extendleft(reversed(batch[i + 1 :]))  # not lost: still ours, unacked
+                raise
+            ran += 1
+        return ran
+
+    def _pump(self, time_limit: float) -> None:
+        """Let pika read and dispatch for up to ``time_limit`` s, then turn what arrived into
+        deliveries."""
+
+        def run() -> None:
+            self._conn.process_data_events(time_limit=time_limit)
+            self._assemble()
+            self._housekeeping()
+
+        self._with_retry(run)
+
+    def _assemble(self) -> None:
+        while self._received:
+            c, handle, body = self._received.popleft()
+            if c.cancelled or handle.generation != self._generation or handle.channel is not c.channel:
+                continue  # its channel is gone and the broker took it back
+            if handle.offset is not None and not c.stream:
+                c.stream = True  # a stream declared elsewhere, consumed without an offset
+            if c.stream and handle.offset is not None:
+                c.next_offset = max(c.next_offset or 0, handle.offset + 1)
+            try:
+                info = chunks.parse(handle.properties.headers if isinstance(handle.properties.headers, dict) else {})
+            except chunks.BadChunk as exc:
+                self._dead_letter_raw(c.queue, [(handle, body)], str(exc), c)
+                continue
+            if info is None:
+                self._hand_out(c, [handle], body, None)
+                continue
+            if c.stream and info.index > 0 and not c.assembler.knows(info.message_id):
+                self._settle_handles([handle], "ack", c)  # the message began before our offset
+                continue
+            outcome = c.assembler.add(info, body, handle, _sender(handle.properties))
+            self._dead_letter_evicted(c.queue, c.assembler, c)
+            if isinstance(outcome, chunks.Held):
+                if c.stream:
+                    self._settle_handles([handle], "ack", c)  # returns credit; a stream keeps it
+            elif isinstance(outcome, chunks.Complete):
+                self._hand_out(c, outcome.handles, outcome.body, outcome.message_id)
+            elif isinstance(outcome, chunks.Extra):  # a publisher's retry, message not yet settled
+                tag = self._in_hand.get((c.tag, outcome.message_id))
+                if tag is None or tag.settled or c.stream:
+                    self._settle_handles([handle], "ack", c)
+                else:
+                    tag.handles.append(handle)  # settled together with its message
+            elif isinstance(outcome, chunks.Stale):
+                log.info("amqp.duplicate_chunk_dropped", queue=c.queue, message_id=outcome.message_id)
+                self._settle_handles([handle], "ack", c)
+            elif isinstance(outcome, chunks.Corrupt):
+                self._dead_letter_raw(c.queue, list(zip(outcome.handles, outcome.bodies)), outcome.reason, c)
+
+    def _new_assembler(self) -> chunks.Assembler:
+        return chunks.Assembler(**self._assembler_bounds)
+
+    def _dead_letter_evicted(self, queue: str, assembler: chunks.Assembler, c: _Consumer | None) -> None:
+        for partial, reason in assembler.take_evicted():
+            self._dead_letter_raw(queue, [(p.handle, p.body) for p in partial.ordered()], reason, c)
+
+    def _hand_out(self, c: _Consumer, handles: list[_Handle], body: bytes, message_id: str | None, *, problem: str = "") -> None:
+        last = handles[-1] if message_id is None else max(handles, key=lambda h: h.delivery_tag)
+        tag = _Tag(handles, c, c.assembler if message_id else None, message_id, c.epoch)
+        if c.stream:
+            # A stream's ack only returns credit: keep one delivery per whole message (so
+            # prefetch counts whole messages) and return the rest now.
+            early = [h for h in handles if h is not last] if c.prefetch else list(handles)
+            self._settle_handles(early, "ack", c)
+        c.logical += 1
+        if message_id is not None:
+            self._in_hand[(c.tag, message_id)] = tag
+        envelope, unreadable = to_envelope(last.properties)
+        problem = problem or unreadable
+        delivery = Delivery(
+            queue=c.queue,
+            exchange=last.exchange,
+            routing_key=last.routing_key,
+            envelope=envelope,
+            body=body,
+            redelivered=any(h.redelivered for h in handles),
+            tag=tag,
+            consumer_tag=c.tag,
+            problem=problem,
+            reply_to=last.properties.reply_to,
+        )
+        self._inbox.append((c, delivery))
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for c in list(self._consumers.values()):
+            if c.cancelled_by_broker:  # its queue was deleted
+                log.warning("amqp.consumer_cancelled_by_broker", queue=c.queue)
+                self._forget_consumer(c)
+                continue
+            if c.channel is None or not c.channel.is_open:  # e.g. consumer_timeout closed it
+                log.warning("amqp.consumer_channel_closed", queue=c.queue)
+                try:
+                    self._start_consumer(c)
+                except TransportError as exc:
+                    log.error("amqp.reconsume_failed", queue=c.queue, error=str(exc))
+                    if not _recovering(str(exc)):  # else: try again at the next poll
+                        self._forget_consumer(c)
+                continue
+            if c.assembler.partials and self.chunk_timeout > 0:
+                for partial in c.assembler.expire(now - self.chunk_timeout):
+                    reason = f"chunked message {partial.message_id}: only {len(partial.pieces)} of {partial.count} chunks arrived within {self.chunk_timeout:g} s"
+                    self._dead_letter_raw(c.queue, [(p.handle, p.body) for p in partial.ordered()], reason, c)
+            self._maybe_resubscribe(c)
+
+    def _maybe_resubscribe(self, c: _Consumer | None) -> None:
+        """Give a queue consumer room again when chunks, not whole messages, used up its
+        AMQP prefetch (see the module docstring)."""
+        if c is None or c.cancelled or c.stream or c.prefetch == 0 or c.generation != self._generation:
+            return
+        if c.held < c.amqp_prefetch or c.logical >= c.prefetch:
+            return
+        # The broker stopped sending (held == its prefetch), so nothing is in flight: the
+        # old consumer's deliveries stay on the channel, ours to settle.
+        c.channel.basic_cancel(c.amqp_tag)
+        c.amqp_prefetch = c.prefetch - c.logical
+        self._subscribe(c)
+
+    # ------------------------------------------------------------ get
+
+    def get(self, queue: str) -> Delivery | None:
+        """Take one message without a consumer. A chunked message is reassembled by taking
+        further messages; chunks of other messages taken meanwhile are kept for the next
+        ``get`` (and given back when a ``get`` finds nothing, or at close)."""
+        self._check_open()
+        if self._queues.get(queue, ("classic",))[0] == "stream":
+            raise TransportError(f"queue {queue!r} is a stream; consume it from an offset")
+        if queue not in self._queues:
+            self.queue_info(queue)  # a 404 must not close the get channel (and its deliveries)
+        assembler = self._get_assemblers.setdefault(queue, self._new_assembler())
+        while True:
+            got = self._with_retry(lambda: self._basic_get(queue))
+            if assembler is not self._get_assemblers.get(queue):  # reconnected: start over
+                assembler = self._get_assemblers.setdefault(queue, self._new_assembler())
+            method, properties, body = got
+            if method is None:
+                for partial in assembler.release():
+                    self._settle_handles([p.handle for p in partial.ordered()], "requeue", None)
+                return None
+            handle = _Handle(self._getch, method.delivery_tag, None, self._generation, _text(method.exchange), _text(method.routing_key), properties, method.redelivered)
+            try:
+                info = chunks.parse(properties.headers if isinstance(properties.headers, dict) else {})
+            except chunks.BadChunk as exc:
+                self._dead_letter_raw(queue, [(handle, body)], str(exc), None)
+                continue
+            if info is None:
+                return self._get_delivery(queue, [handle], body, None, None)
+            outcome = assembler.add(info, body, handle, _sender(properties))
+            self._dead_letter_evicted(queue, assembler, None)
+            if isinstance(outcome, chunks.Complete):
+                return self._get_delivery(queue, outcome.handles, outcome.body, outcome.message_id, assembler)
+            if isinstance(outcome, chunks.Corrupt):
+                self._dead_letter_raw(queue, list(zip(outcome.handles, outcome.bodies)), outcome.reason, None)
+            elif isinstance(outcome, (chunks.Stale, chunks.Extra)):
+                # Extra: a copy of a message handed out by an earlier get; drop the copy
+                self._settle_handles([handle], "ack", None)
+
+    def _basic_get(self, queue: str) -> tuple[Any, Any, Any]:
+        if self._getch is None or not self._getch.is_open:
+            self._getch = self._conn.channel()
+        try:
+            return self._getch.basic_get(queue, auto_ack=False)
+        except px.ChannelClosedByBroker as exc:  # e.g. the queue was deleted by someone else
+            self._getch = None
+            raise _channel_error(f"get from {queue!r}", exc) from None
+
+    def _get_delivery(self, queue: str, handles: list[_Handle], body: bytes, message_id: str | None, assembler: chunks.Assembler | None) -> Delivery:
+        last = handles[-1]
+        tag = _Tag(handles, None, assembler, message_id)
+        envelope, problem = to_envelope(last.properties)
+        return Delivery(queue, last.exchange, last.routing_key, envelope, body, any(h.redelivered for h in handles), tag, problem=problem, reply_to=last.properties.reply_to)
+
+
+def _sender(properties: pika.BasicProperties) -> str:
+    return properties.app_id if isinstance(properties.app_id, str) else ""
+
+
+def _text(value: Any) -> str:
+    """pika hands over a short string that is not UTF-8 as bytes."""
+    return value if isinstance(value, str) else bytes(value).decode("utf-8", "replace")
