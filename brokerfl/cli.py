@@ -10,6 +10,7 @@ from typing import Any
 
 from brokerfl.config import ConfigError, RunConfig, load_config
 from brokerfl.log import configure_logging
+from brokerfl.memory import tune_allocator
 from brokerfl.metrics import read_metrics
 from brokerfl.topology import check_name
 from brokerfl.transport import TransportError
@@ -447,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # before any large buffer: bodies reuse freed pages instead of faulting (brokerfl.memory)
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(getattr(args, "log_level", "info"))  # ping has no --log-level
