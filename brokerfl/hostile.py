@@ -291,7 +291,7 @@ def _unfinished_chunks(rng, n, run, ids, shapes, rounds):
     parts = list(chunks.split(body, CHUNK_BYTES, mid))
     corrupt = rng.random() < 0.2
     if corrupt:
-        parts[-1][1][chunks.SHA256_HEADER] = "0" * 64
+        parts[-1][1][chunks.XXH3_HEADER] = "0" * 32
         sent = parts
     else:
         sent = rng.sample(parts, rng.randint(1, count - 1))

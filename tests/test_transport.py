@@ -413,7 +413,7 @@ def test_interleaved_and_corrupt_chunks(amqp_factory, amqp_url, run_name):
     dead_letters = read_raw(amqp_url, dead, 3, poll=t)
     assert len(dead_letters) == 3
     # each says which chunk it was, in one string (not chunk headers: nothing reassembles a dead letter)
-    assert all("sha256 mismatch" in h[REASON_HEADER] and h[DEAD_CHUNK_HEADER].endswith(f" of {ebad.message_id}") and chunks.CHUNK_OF_HEADER not in h for h in dead_letters)
+    assert all("checksum mismatch" in h[REASON_HEADER] and h[DEAD_CHUNK_HEADER].endswith(f" of {ebad.message_id}") and chunks.CHUNK_OF_HEADER not in h for h in dead_letters)
     settle_quietly(t, 0.2)
     assert len(got) == 2
 
@@ -547,3 +547,25 @@ def test_survives_a_broker_restart(amqp_factory, amqp_url, run_name, restart_bro
     settle_quietly(consumer, 0.3)
     consumer.close()
     assert producer.queue_info(queue).messages_ready == 0  # all acked after the restart
+
+
+def test_assembler_checks_xxh3_and_the_older_sha256_checksum():
+    """Chunks carry an XXH3-128 checksum; bodies chunked by older versions (a journal keeps
+    them) carry SHA-256 and are still checked. A body that does not match is Corrupt."""
+    import dataclasses
+    import hashlib
+
+    from brokerfl.transports import chunks
+
+    body = os.urandom(10 * KiB)
+    infos = [chunks.parse(headers) for _, headers in chunks.split(body, 4 * KiB, "m")]
+    assert infos[-1].xxh3 is not None and infos[-1].sha256 is None
+    older = infos[:-1] + [dataclasses.replace(infos[-1], xxh3=None, sha256=hashlib.sha256(body).hexdigest())]
+    parts = [body[i : i + 4 * KiB] for i in range(0, len(body), 4 * KiB)]
+    for case in (infos, older):
+        a = chunks.Assembler()
+        outcomes = [a.add(info, part, handle=i) for i, (info, part) in enumerate(zip(case, parts))]
+        assert isinstance(outcomes[-1], chunks.Complete) and outcomes[-1].body == body
+        a = chunks.Assembler()
+        outcomes = [a.add(info, b"X" + part[1:] if i == 1 else part, handle=i) for i, (info, part) in enumerate(zip(case, parts))]
+        assert isinstance(outcomes[-1], chunks.Corrupt) and "checksum mismatch" in outcomes[-1].reason
