@@ -256,6 +256,7 @@ def main() -> None:
     sizes = args.sizes or [args.params]
     _instrument()
     rows = []
+    totals: dict[tuple[int, str], list[float]] = {}
     for params in sizes:
         paths: list = []
         try:
@@ -288,6 +289,7 @@ def main() -> None:
                 best = min(r["total"] for r in runs)
                 phases = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "total"}
                 rows.append((params, path.name, path.nbytes, median, best, phases))
+                totals[(params, path.name)] = [r["total"] for r in runs]
             if profiler:
                 out = io.StringIO()
                 pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
@@ -305,17 +307,23 @@ def main() -> None:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"\n{args.clients} updates per round, median (best) of {args.repeat} rounds (30 below 1M params) after a warm-up; MB = 10^6 bytes; "
           f"malloc {'tuned' if tuned else 'glibc defaults'}; load average now {load}")
-    print(f"{'params':>11} {'path':17s} {'MB':>7} {'s':>6} {'(best)':>6} {'MB/s':>5} {'vs raw':>6} {'-enc':>5} {'vs 4k':>6}  where the time goes (median s)")
+    print(f"{'params':>11} {'path':17s} {'MB':>7} {'s':>6} {'(best)':>6} {'MB/s':>5} {'vs raw':>6} {'paired':>6} {'-enc':>5} {'vs 4k':>6}  where the time goes (median s)")
     by = {(p, n): (nb, med, best, ph) for p, n, nb, med, best, ph in rows}
     for params, name, nbytes, median, best, phases in rows:
-        raw = by.get((params, "raw+stream" if name.endswith("journal") else "raw"))
+        baseline = "raw+stream" if name.endswith("journal") else "raw"
+        raw = by.get((params, baseline))
         weak = by.get((params, "raw-4k")) if name == "brokerfl" else None
-        ratio = f"{raw[1] / median:6.2f} {raw[1] / (median - phases['encode']):5.2f}" if raw and name.startswith("brokerfl") else " " * 12
+        ratio = " " * 19
+        if raw and name.startswith("brokerfl"):
+            # each brokerfl round against the baseline's round of the same repetition (they ran
+            # seconds apart): less at the mercy of load that drifts over the run
+            paired = statistics.median(b / a for a, b in zip(totals[(params, name)], totals[(params, baseline)]))
+            ratio = f"{raw[1] / median:6.2f} {paired:6.2f} {raw[1] / (median - phases['encode']):5.2f}"
         ratio += f" {weak[1] / median:6.2f}" if weak else " " * 7
         where = "  ".join(f"{k} {v:.3f}" for k, v in phases.items())
         print(f"{params:>11,} {name:17s} {nbytes / 1e6:7.1f} {median:6.3f} {best:6.3f} {nbytes / 1e6 / median:5.0f} {ratio}  {where}")
-    print(f"vs raw = brokerfl MB/s / raw pika MB/s with the same socket reads (512 KiB) and durability (brokerfl+journal against")
-    print(f"raw+stream), goal >= {GOAL}; -enc: the same without brokerfl's encode (raw sends pre-encoded bytes); vs 4k: against raw")
+    print("vs raw = brokerfl MB/s / raw pika MB/s with the same socket reads (512 KiB) and durability (brokerfl+journal against")
+    print(f"raw+stream), goal >= {GOAL}; paired: median over repetitions of the same ratio, round by round; -enc: the same without brokerfl's encode (raw sends pre-encoded bytes); vs 4k: against raw")
     print("pika with its default 4 KiB socket reads")
 
 

@@ -12,6 +12,15 @@ when every sampled client answered, or at the round deadline with at least
 ``min_clients`` answers. Closing stores the new model version before it acks the round's
 updates, so a crash anywhere before that replays the round from the broker. An update
 that is not folded is acked only after its UpdateDropped record is published.
+
+Evaluation is off the critical path: the next round's TrainTask goes out with the commit,
+and the server scores the version it just stored (on its test data) afterwards, while the
+clients train (:class:`ScoreStored`, a timer due at once). Only then are the version's
+journal record and metrics line written, with its accuracy and loss. Versions are scored
+in order: storing the next one (or finishing the run) first scores any still waiting. A
+crash before the score loses the score only (the resumed server journals the version again,
+without it). The stored version's own metadata holds accuracy and loss only with
+``scores_in_store`` (the swarm sets it: its peers pick the best model from stored versions).
 """
 
 from __future__ import annotations
@@ -57,6 +66,23 @@ class JoinDeadline(Message):
 
 
 @dataclass(kw_only=True)
+class ScoreStored(Message):
+    """Local timer message: evaluate the stored versions that wait for their score."""
+
+    LOCAL = True
+
+
+@dataclass
+class Unscored:
+    """A stored version whose evaluation, journal record and metrics line are still to come."""
+
+    model: ModelVersion
+    parameters: dict[str, np.ndarray]  # its own reference: a store may drop an old version's
+    record: dict[str, Any]  # its metrics line, accuracy and loss to fill in
+    scores: dict[str, float] | None = None  # already evaluated (``scores_in_store``)
+
+
+@dataclass(kw_only=True)
 class DrainDone(Message):
     """Local timer message: the run is over and in-flight updates have been recorded."""
 
@@ -98,6 +124,8 @@ class ServerState:
     timings_at_start: dict[str, float] = field(default_factory=dict)
     retries: int = 0
     evaluation: evaluation.OpenEvaluation | None = None  # federated evaluation under way
+    unscored: list[Unscored] = field(default_factory=list)  # stored versions not yet evaluated (oldest first)
+    scores_in_store: bool = False  # evaluate before storing, so the stored version holds its scores (swarm picks its best model from them)
     admin: AdminState = field(default_factory=AdminState)  # what the operator changed (handlers/workflows/admin.py)
 
 
@@ -256,29 +284,30 @@ def already_folded(state: ServerState, update_id: str) -> bool:
 
 
 def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: list[str], *, round_: int, started: float, client_seconds: list[float]) -> ModelVersion:
-    """Evaluate and store a new global model version, then ack the updates it holds (commit)
-    and write its metrics line."""
+    """Store a new global model version, then ack the updates it holds (commit). Its
+    evaluation, journal record and metrics line follow once the messages this handler
+    returns (the next round's task) are out: see :func:`score_stored`."""
     state: ServerState = ctx.state
+    score_stored(ctx)  # an earlier version still waiting is scored (and recorded) first
     parent = state.model
     model = ModelVersion(parent.version + 1, round_, parent.version, state.strategy.name, list(update_ids), parameters, created=time.time())
-    scores = {"accuracy": None, "loss": None}  # without server test data: see federated evaluation
-    if state.evaluate is not None:
+    strategy_metrics = state.strategy.round_metrics()  # e.g. the privacy spent so far
+    scores = None
+    if state.scores_in_store and state.evaluate is not None:  # on the critical path, by request
         with timings.phase("evaluate"):
             scores = state.evaluate(parameters)
-    strategy_metrics = state.strategy.round_metrics()  # e.g. the privacy spent so far
-    model.metrics = {"accuracy": scores["accuracy"], "loss": scores["loss"], **strategy_metrics}
+    model.metrics = {"accuracy": None, "loss": None, **(scores or {}), **strategy_metrics}  # else scores follow (score_stored)
     model.strategy_state = state.strategy.state_arrays()  # stored with the version, atomically
     with timings.phase("store"):
         state.store.put(model)
     state.model = model
     state.recent_update_ids = [*state.recent_update_ids[-4:], set(model.update_ids)]
-    journal_version(ctx, model)
     ctx.commit()
     record = {
         "round": round_,
         "model_version": model.version,
-        "accuracy": scores["accuracy"],
-        "loss": scores["loss"],
+        "accuracy": None,  # without server test data: see federated evaluation
+        "loss": None,
         "num_updates": len(model.update_ids),
         "duration_s": round(time.monotonic() - started, 4),
         "sha256": model.sha256,
@@ -288,11 +317,41 @@ def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: l
         **strategy_metrics,
     }
     state.timings_at_start = timings.snapshot()
-    state.metrics.append(record)
-    for callback in state.on_round:
-        callback(record)
-    ctx.log.info("model version stored", round=round_, model_version=model.version, accuracy=_rounded(scores["accuracy"]), loss=_rounded(scores["loss"]), updates=len(model.update_ids))
+    state.unscored.append(Unscored(model, parameters, record, scores))
+    if state.evaluate is None or scores is not None:
+        score_stored(ctx)  # nothing to evaluate: record it now
+    else:
+        ctx.set_timer("score", 0.0, ScoreStored())
     return model
+
+
+@table.on(ScoreStored)
+def score_when_due(message: ScoreStored, ctx: Context) -> None:
+    """The ``score`` timer, due at once: it fires after the handler that stored the version
+    returned, so after the next round's task is published."""
+    score_stored(ctx)
+
+
+def score_stored(ctx: Context) -> None:
+    """Evaluate the stored versions waiting for it (oldest first) on the server's test data,
+    then journal each one's record and write its metrics line."""
+    state: ServerState = ctx.state
+    while state.unscored:
+        waiting = state.unscored.pop(0)
+        model, record = waiting.model, waiting.record
+        scores = waiting.scores
+        if scores is None and state.evaluate is not None:
+            with timings.phase("evaluate"):
+                scores = state.evaluate(waiting.parameters)
+        if scores is not None:
+            model.metrics.update(accuracy=scores["accuracy"], loss=scores["loss"])
+            record.update(accuracy=scores["accuracy"], loss=scores["loss"])
+        journal_version(ctx, model)
+        state.metrics.append(record)
+        for callback in state.on_round:
+            callback(record)
+        ctx.log.info("model version stored", round=model.round, model_version=model.version, accuracy=_rounded(record["accuracy"]), loss=_rounded(record["loss"]), updates=len(model.update_ids))
+    ctx.cancel_timer("score")
 
 
 def _rounded(value: float | None) -> float | None:
@@ -320,6 +379,7 @@ def journal_version(ctx: Context, model: ModelVersion, *, with_parameters: bool 
 def finish_run(ctx: Context, reason: str, *, failed: bool = False) -> list[Outbound]:
     """Tell the clients to exit; record updates still arriving as dropped for a moment, then stop."""
     state: ServerState = ctx.state
+    score_stored(ctx)  # the last version's score is part of the run
     state.done = True
     state.round_open = False
     state.failure = reason if failed else None

@@ -80,6 +80,7 @@ def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> Swa
     base = server.make_state(config, store, metrics)
     state = SwarmState(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
     state.comparator = MetricComparator(config.swarm.best_metric, config.swarm.best_mode)
+    state.scores_in_store = True  # best_version reads the scores from the stored versions
     state.after_rounds = finish_with_best
     return state
 
