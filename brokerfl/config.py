@@ -94,6 +94,14 @@ class SwarmConfig(_Section):
     best_mode: Literal["max", "min"] = Field("max", description="whether a higher or a lower best_metric is better")
 
 
+class CompressionConfig(_Section):
+    """How clients compress their updates (brokerfl.compression); the server undoes it."""
+
+    method: Literal["none", "float16", "bfloat16", "qsgd8", "topk"] = Field("none", description="none, a cast of the delta (float16, bfloat16), 8-bit stochastic quantization (qsgd8) or top-k sparsification (topk)")
+    fraction: float = Field(0.01, gt=0, le=1, description="topk: the fraction of each tensor's entries sent")
+    error_feedback: bool = Field(True, description="carry what compression dropped into the client's next update")
+
+
 class RunConfig(_Section):
     run: str = "default"
     seed: int = 0
@@ -120,6 +128,7 @@ class RunConfig(_Section):
     journal_max_age: str | None = Field(None, pattern=r"^[0-9]+[YMDhms]$", description="journal retention by age, e.g. 7D or 12h")
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
     client_slowdown: dict[str, float] = Field(default_factory=dict, description="client id -> factor: that client takes this many times longer to train (benchmarks of stragglers)")
+    compression: CompressionConfig = Field(default_factory=CompressionConfig, description="compressed updates, opt-in (synchronous server workflow)")
 
     @field_validator("run")
     @classmethod
@@ -147,6 +156,8 @@ class RunConfig(_Section):
             raise ValueError("cross_site_eval runs on the server and cyclic workflows, not yet on swarm")
         if self.workflow == "cyclic" and self.strategy.name != "cyclic":
             raise ValueError(f"workflow cyclic hands the model on; strategy.name must be cyclic, not {self.strategy.name!r}")
+        if self.compression.method != "none" and (self.workflow != "server" or self.strategy.name in ("fedasync", "fedbuff")):
+            raise ValueError(f"compression works with the synchronous server workflow, not with workflow {self.workflow!r} and strategy {self.strategy.name!r}")
         return self
 
     def client_ids(self) -> list[str]:

@@ -137,6 +137,7 @@ class ParameterUpdate(Message):
     parameters: Tensors
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    compression: str = ""  # "": whole parameters; else a brokerfl.compression method, against model_version
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,7 @@ previous model), and both models are evaluated on the run's test split.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -147,13 +148,13 @@ def replay(
                 )
             if to_version is not None and record.version > to_version:
                 break
-            row, model = _replay_version(record, original, pending, history)
+            row, model = _replay_version(record, original, pending, history, config)
             row.users = [pending[uid].user_id for uid in record.update_ids if uid in pending]
             history[record.version] = model
             for old in [v for v in history if v < record.version - HISTORY]:
                 del history[old]
             if alternative is not None and record.version > 0 and not row.problem:
-                alt_model = alternative.replay_version(record.version - 1, alt_model, row_updates(record, pending), history)
+                alt_model = alternative.replay_version(record.version - 1, alt_model, row_updates(record, pending, history, config), history)
                 row.what_if = scorer(alt_model)
             elif record.version == 0:
                 alt_model = model  # the what-if chain starts from the same initial model
@@ -166,11 +167,26 @@ def replay(
     return ReplayResult(rows, time.perf_counter() - started, updates_read, skipped)
 
 
-def row_updates(record: ModelVersionStored, pending: dict[str, ParameterUpdate]) -> list[ParameterUpdate]:
-    return [pending[uid] for uid in record.update_ids]
+def row_updates(record: ModelVersionStored, pending: dict[str, ParameterUpdate], history: dict[int, Any] | None = None, config: RunConfig | None = None) -> list[ParameterUpdate]:
+    """The updates a version holds, as the server folded them: a compressed one decompressed
+    against the version it was trained on (the server's own function, so bit for bit)."""
+    updates = [pending[uid] for uid in record.update_ids]
+    if not any(u.compression for u in updates):
+        return updates
+    from handlers.workflows.server import decompressed
+
+    out = []
+    for update in updates:
+        if update.compression:
+            base = (history or {}).get(update.model_version)
+            if base is None:
+                raise ReplayError(f"update {update.message_id} is compressed against version {update.model_version}, which was not replayed")
+            update = dataclasses.replace(update, parameters=decompressed(update, base, config), compression="")
+        out.append(update)
+    return out
 
 
-def _replay_version(record: ModelVersionStored, strategy: Any, pending: dict[str, ParameterUpdate], history: dict[int, Any]):
+def _replay_version(record: ModelVersionStored, strategy: Any, pending: dict[str, ParameterUpdate], history: dict[int, Any], config: RunConfig | None = None):
     row = ReplayRow(record.version, record.round, len(record.update_ids), record.sha256, "", dict(record.metrics))
     if record.version == 0:
         model = dict(record.parameters)
@@ -183,7 +199,7 @@ def _replay_version(record: ModelVersionStored, strategy: Any, pending: dict[str
     if parent is None or missing:
         row.problem = f"version {record.version - 1} not replayed" if parent is None else f"{len(missing)} update(s) not in the journal, e.g. {missing[0]}"
         return row, parent if parent is not None else {}
-    model = strategy.replay_version(record.version - 1, parent, row_updates(record, pending), history)
+    model = strategy.replay_version(record.version - 1, parent, row_updates(record, pending, history, config), history)
     row.replayed_hash = parameters_hash(model)
     return row, model
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from brokerfl.app import App, Partition, count_samples, load_app
+from brokerfl.compression import compress
 from brokerfl.config import RunConfig, TrainConfig
 from brokerfl.handler_table import Context, HandlerTable, Started, to_server
 from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Heartbeat, Join, Message, ParameterUpdate, TrainTask
@@ -26,6 +27,7 @@ class ClientState:
     answered: set[str] = field(default_factory=set)  # task ids this process already answered
     newest_version: int = -1  # the newest model version a task has shown this process
     last_global: dict[str, np.ndarray] | None = None  # the newest global model trained on
+    residual: dict[str, np.ndarray] = field(default_factory=dict)  # what compression dropped so far (error feedback)
     exit_reason: str | None = None
 
 
@@ -99,6 +101,11 @@ def train(task: TrainTask, ctx: Context):
     if slowdown > 1.0:  # a straggler, for benchmarks: as if its hardware were this much slower
         time.sleep((slowdown - 1.0) * (time.perf_counter() - started))
     parameters = prepare_update(state.config, state.client_id, task.round, task.parameters, parameters)  # e.g. local DP's clip and noise
+    method = state.config.compression.method
+    if method != "none":  # the delta against the task's model, compressed (brokerfl.compression)
+        parameters, residual = compress(parameters, task.parameters, method, residual=state.residual, fraction=state.config.compression.fraction,
+                                        rng=np.random.default_rng([state.config.seed, zlib.crc32(state.client_id.encode()), task.round, 1]))
+        state.residual = residual if state.config.compression.error_feedback else {}
     state.answered.add(task.message_id)
     state.last_global = task.parameters
     update = task.reply(
@@ -108,6 +115,7 @@ def train(task: TrainTask, ctx: Context):
         parameters=parameters,
         num_samples=int(metrics["num_samples"]),
         metrics={"train_loss": float(metrics.get("loss", float("nan"))), "train_s": time.perf_counter() - started},
+        compression="" if method == "none" else method,
     )
     return [to_server(update)]
 

@@ -42,6 +42,7 @@ from brokerfl.store import ModelStore, ModelVersion
 from brokerfl.timing import timings
 from brokerfl.topology import AUDIT
 from brokerfl.transport import bounded
+from brokerfl.compression import CompressionError, decompress
 from handlers.strategies.aggregate import BadUpdate, check_update
 from handlers.strategies.base import Strategy, strategy_for_run
 from handlers.workflows import evaluation
@@ -450,6 +451,8 @@ def fold_update(update: ParameterUpdate, ctx: Context):
     if reason is not None:
         return drop(ctx, update, reason)
     try:
+        if update.compression:  # trained on state.model (else it was dropped as stale above)
+            update.parameters = decompressed(update, state.model.parameters, state.config)
         check_update(update.parameters, state.model.parameters)
         if update.num_samples < 1:
             raise BadUpdate(f"num_samples must be positive, got {update.num_samples}")
@@ -466,6 +469,17 @@ def fold_update(update: ParameterUpdate, ctx: Context):
     if state.answered >= set(state.participants):
         return close_round(ctx)
     return None
+
+
+def decompressed(update: ParameterUpdate, model: dict[str, np.ndarray], config: RunConfig) -> dict[str, np.ndarray]:
+    """A compressed update's parameters (brokerfl.compression), against the model it was
+    trained on; replay calls this too, so it folds exactly what the server folded."""
+    if update.compression != config.compression.method:
+        raise BadUpdate(f"update compressed with {update.compression!r}, the run uses {config.compression.method!r}")
+    try:
+        return decompress(update.parameters, model, update.compression, max_fraction=config.compression.fraction)
+    except CompressionError as exc:
+        raise BadUpdate(f"compressed update: {exc}") from None
 
 
 def _why_not_fold(update: ParameterUpdate, state: ServerState) -> str | None:

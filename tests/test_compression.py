@@ -1,0 +1,115 @@
+"""Compressed updates (brokerfl.compression): the arithmetic, hostile input, and runs whose
+replay folds exactly what the server folded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from brokerfl.compression import (
+    INDEX,
+    SCALE,
+    CompressionError,
+    compress,
+    decompress,
+    dequantize8,
+    from_bfloat16_bits,
+    quantize8,
+    to_bfloat16_bits,
+)
+from brokerfl.config import ConfigError, load_config
+from brokerfl.journal import read_journal
+from brokerfl.replay import replay
+from brokerfl.roles import topology_for
+from brokerfl.simulate import simulate
+from brokerfl.transports.local import LocalTransport
+
+
+def _model(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.standard_normal((30, 20), dtype=np.float32), "b": rng.standard_normal(20, dtype=np.float32), "steps": np.array(7, np.int64)}
+
+
+def test_bfloat16_rounds_to_nearest():
+    values = np.array([1.0, 1.00390625, 1.01171875, -3.5e-3, 0.0], np.float32)
+    back = from_bfloat16_bits(to_bfloat16_bits(values))
+    assert back.dtype == np.float32 and np.all(np.abs(back - values) <= np.abs(values) * 2**-8)
+    assert back[0] == 1.0 and back[1] == 1.0  # a tie rounds to even
+
+
+def test_qsgd8_is_unbiased_and_bounded():
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal(1000).astype(np.float32)
+    decoded = np.mean([dequantize8(*quantize8(values, rng)) for _ in range(400)], axis=0)
+    scale = np.abs(values).max()
+    assert np.max(np.abs(decoded - values)) < 0.02 * scale  # the mean of many draws converges on the value
+    levels, s = quantize8(values, rng)
+    assert levels.dtype == np.int8 and levels.min() >= -127 and s == scale
+
+
+@pytest.mark.parametrize("method", ["float16", "bfloat16", "qsgd8", "topk"])
+def test_roundtrip_and_error_feedback(method):
+    base, trained = _model(0), _model(1)
+    trained["steps"] = np.array(8, np.int64)
+    wire, residual = compress(trained, base, method, fraction=0.1, rng=np.random.default_rng(0))
+    got = decompress(wire, base, method, max_fraction=0.1)
+    assert set(got) == set(base) and got["steps"] == 8 and all(got[k].dtype == base[k].dtype for k in base)
+    # what was sent plus what was kept back is the whole delta, exactly
+    for name in ("w", "b"):
+        np.testing.assert_allclose(got[name] - base[name] + residual[name], trained[name] - base[name], rtol=0, atol=1e-5)
+    tolerance = {"float16": 4e-3, "bfloat16": 4e-2, "qsgd8": 0.2, "topk": 10.0}[method]  # of deltas ~N(0, 2)
+    assert np.max(np.abs(got["w"] - trained["w"])) < tolerance
+    # error feedback: the same delta again, plus the residual, is sent next round
+    again, residual2 = compress(trained, base, method, residual=residual, fraction=0.1, rng=np.random.default_rng(1))
+    sent_twice = decompress(again, base, method, max_fraction=0.1)["w"] - base["w"] + got["w"] - base["w"]
+    np.testing.assert_allclose(sent_twice + residual2["w"], 2 * (trained["w"] - base["w"]), rtol=0, atol=1e-4)
+
+
+def test_compressed_sizes():
+    base, trained = _model(0), _model(1)
+    whole = sum(a.nbytes for a in trained.values())
+    size = {m: sum(a.nbytes for a in compress(trained, base, m, fraction=0.01)[0].values()) for m in ("bfloat16", "qsgd8", "topk")}
+    assert size["bfloat16"] < 0.55 * whole and size["qsgd8"] < 0.3 * whole and size["topk"] < 0.1 * whole
+
+
+def _wire(method):
+    base = _model(0)
+    return compress(_model(1), base, method, fraction=0.1, rng=np.random.default_rng(0))[0], base
+
+
+@pytest.mark.parametrize(
+    "method, tamper, match",
+    [
+        ("bfloat16", lambda w: w.update(w=w["w"][:10]), "expected uint16"),
+        ("float16", lambda w: w.update(w=w["w"].astype(np.float32)), "expected float16"),
+        ("float16", lambda w: w.pop("b"), "missing"),
+        ("float16", lambda w: w.update(extra=np.zeros(3, np.float16)), "unknown tensors"),
+        ("qsgd8", lambda w: w.update({"w" + SCALE: np.float32(np.nan)}), "scale"),
+        ("qsgd8", lambda w: w.update({"w" + SCALE: np.zeros(2, np.float32)}), "scale"),
+        ("qsgd8", lambda w: w.update(w=np.full((30, 20), -128, np.int8)), "levels"),
+        ("topk", lambda w: w.update({"w" + INDEX: w["w" + INDEX] + 10_000}), "indices"),
+        ("topk", lambda w: w.update({"w" + INDEX: np.zeros_like(w["w" + INDEX])}), "indices"),
+        ("topk", lambda w: w.update(w=np.zeros(600, np.float32), **{"w" + INDEX: np.arange(600, dtype=np.int64)}), "k=600 is out of range"),
+        ("topk", lambda w: w.update(w=np.full_like(w["w"], np.nan)), "NaN"),
+        ("topk", lambda w: w.update(steps=np.array(7, np.int32)), "sent whole"),
+    ],
+)
+def test_bad_compressed_input_is_a_clear_error(method, tamper, match):
+    wire, base = _wire(method)
+    tamper(wire)
+    with pytest.raises(CompressionError, match=match):
+        decompress(wire, base, method, max_fraction=0.1)
+
+
+def test_compression_is_refused_where_it_is_not_supported():
+    with pytest.raises(ConfigError, match="synchronous server workflow"):
+        load_config(None, {"compression.method": "qsgd8", "strategy.name": "fedbuff"})
+
+
+@pytest.mark.parametrize("method", ["bfloat16", "qsgd8", "topk"])
+def test_a_compressed_run_replays_hash_for_hash(method):
+    config = load_config(None, {"rounds": 3, "clients": 3, "train.max_batches": 4, "compression.method": method, "compression.fraction": 0.05})
+    result = simulate(config, journal=True)
+    assert [r["num_updates"] for r in result.records] == [3, 3, 3]
+    replayed = replay(read_journal(LocalTransport(result.broker), topology_for(config)), config)
+    assert replayed.ok and len(replayed.rows) == 4, replayed.table()
