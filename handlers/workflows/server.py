@@ -14,9 +14,10 @@ updates, so a crash anywhere before that replays the round from the broker. An u
 that is not folded is acked only after its UpdateDropped record is published.
 
 Evaluation is off the critical path: the next round's TrainTask goes out with the commit,
-and the server scores the version it just stored (on its test data) afterwards, while the
-clients train (:class:`ScoreStored`, a timer due at once). Only then are the version's
-journal record and metrics line written, with its accuracy and loss. Versions are scored
+and the server scores the version it just stored (on its test data) afterwards, on a
+thread aside while the clients train and their updates come in (:class:`ScoreStored`, a
+timer due at once). Only then are the version's journal record and metrics line written,
+with its accuracy and loss. Versions are scored
 in order: storing the next one (or finishing the run) first scores any still waiting. A
 crash before the score loses the score only (the resumed server journals the version again,
 without it). The stored version's own metadata holds accuracy and loss only with
@@ -25,8 +26,10 @@ without it). The stored version's own metadata holds accuracy and loss only with
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +84,7 @@ class Unscored:
     parameters: dict[str, np.ndarray]  # its own reference: a store may drop an old version's
     record: dict[str, Any]  # its metrics line, accuracy and loss to fill in
     scores: dict[str, float] | None = None  # already evaluated (``scores_in_store``)
+    running: Future[tuple[dict[str, float], float]] | None = None  # its evaluation, on the scoring thread
 
 
 @dataclass(kw_only=True)
@@ -326,24 +330,43 @@ def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: l
     return model
 
 
+SCORE_POLL_S = 0.02  # how often the server looks whether an evaluation running aside has finished
+
+
 @table.on(ScoreStored)
 def score_when_due(message: ScoreStored, ctx: Context) -> None:
     """The ``score`` timer, due at once: it fires after the handler that stored the version
-    returned, so after the next round's task is published."""
-    score_stored(ctx)
+    returned, so after the next round's task is published. It starts the evaluation on a
+    thread of its own (torch and numpy release the GIL), so the server goes on receiving
+    and folding updates meanwhile, and looks again every ``SCORE_POLL_S`` until it is done."""
+    state: ServerState = ctx.state
+    for waiting in state.unscored:
+        if waiting.scores is None and waiting.running is None and state.evaluate is not None:
+            waiting.running = _scoring_thread().submit(_timed, state.evaluate, waiting.parameters)
+    score_stored(ctx, wait=False)
+    if state.unscored:
+        ctx.set_timer("score", SCORE_POLL_S, ScoreStored())
 
 
-def score_stored(ctx: Context) -> None:
-    """Evaluate the stored versions waiting for it (oldest first) on the server's test data,
-    then journal each one's record and write its metrics line."""
+def score_stored(ctx: Context, *, wait: bool = True) -> None:
+    """Record the stored versions waiting for their score (oldest first): evaluate each on
+    the server's test data (or take the evaluation running aside: wait for it, or with
+    ``wait=False`` stop at the first one still running), then journal its record and write
+    its metrics line."""
     state: ServerState = ctx.state
     while state.unscored:
-        waiting = state.unscored.pop(0)
-        model, record = waiting.model, waiting.record
+        waiting = state.unscored[0]
         scores = waiting.scores
-        if scores is None and state.evaluate is not None:
+        if scores is None and waiting.running is not None:
+            if not (wait or waiting.running.done()):
+                return
+            scores, seconds = waiting.running.result()
+            timings.seconds["evaluate"] += seconds
+        elif scores is None and state.evaluate is not None:
             with timings.phase("evaluate"):
                 scores = state.evaluate(waiting.parameters)
+        state.unscored.pop(0)
+        model, record = waiting.model, waiting.record
         if scores is not None:
             model.metrics.update(accuracy=scores["accuracy"], loss=scores["loss"])
             record.update(accuracy=scores["accuracy"], loss=scores["loss"])
@@ -353,6 +376,23 @@ def score_stored(ctx: Context) -> None:
             callback(record)
         ctx.log.info("model version stored", round=model.round, model_version=model.version, accuracy=_rounded(record["accuracy"]), loss=_rounded(record["loss"]), updates=len(model.update_ids))
     ctx.cancel_timer("score")
+
+
+def _timed(evaluate: Callable[[Any], dict[str, float]], parameters: dict[str, np.ndarray]) -> tuple[dict[str, float], float]:
+    start = time.perf_counter()
+    scores = evaluate(parameters)
+    return scores, time.perf_counter() - start  # added to timings on the server's own thread
+
+
+_scorer: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _scoring_thread() -> ThreadPoolExecutor:
+    """The process's one evaluation thread (made again in a forked child, which has none)."""
+    global _scorer
+    if _scorer is None or _scorer[0] != os.getpid():
+        _scorer = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="brokerfl-evaluate"))
+    return _scorer[1]
 
 
 def _rounded(value: float | None) -> float | None:
