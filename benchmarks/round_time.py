@@ -37,9 +37,9 @@ def parameter_count(h: int) -> int:
     return 64 * h + h + h * h + h + h * 10 + 10
 
 
-def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: bool, workdir: Path, inspect_run=None) -> list[dict]:
+def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: bool, workdir: Path, inspect_run=None, extra: dict | None = None) -> list[dict]:
     """Run a federation to the end; ``inspect_run(run, config_path, out_dir)`` is called
-    before the run's queues are deleted."""
+    before the run's queues are deleted; ``extra``: more config keys (e.g. compression)."""
     run = f"bench-{size}-{uuid.uuid4().hex[:6]}"
     config = {
         "run": run,
@@ -51,6 +51,7 @@ def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: b
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.01, "momentum": 0.0, "max_batches": 1},
         "strategy": {"name": "fedavg", "min_clients": clients, "round_deadline_s": 300},
         "journal": journal,
+        **(extra or {}),
     }
     path = workdir / f"{run}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
