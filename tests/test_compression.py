@@ -3,6 +3,8 @@ replay folds exactly what the server folded."""
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -113,3 +115,26 @@ def test_a_compressed_run_replays_hash_for_hash(method):
     assert [r["num_updates"] for r in result.records] == [3, 3, 3]
     replayed = replay(read_journal(LocalTransport(result.broker), topology_for(config)), config)
     assert replayed.ok and len(replayed.rows) == 4, replayed.table()
+
+
+def test_a_bad_compressed_update_is_dead_lettered_and_the_round_goes_on(monkeypatch):
+    """Client 1 sends top-k indices out of range: its update is dead-lettered with the
+    reason (nothing folded from it, nothing lost), the rounds close with the others."""
+    import handlers.workflows.client as client_handlers
+
+    real = client_handlers.compress
+
+    def compress_badly(parameters, base, method, **kw):
+        wire, residual = real(parameters, base, method, **kw)
+        if kw["rng"].bit_generator.seed_seq.entropy[1] == zlib.crc32(b"1"):  # client 1
+            wire = {k: (v + 10**9 if k.endswith(INDEX) else v) for k, v in wire.items()}
+        return wire, residual
+
+    monkeypatch.setattr(client_handlers, "compress", compress_badly)
+    config = load_config(None, {"rounds": 2, "clients": 3, "train.max_batches": 2, "strategy.min_clients": 2, "strategy.round_deadline_s": 3.0,
+                                "compression.method": "topk", "compression.fraction": 0.05})
+    result = simulate(config, journal=True)
+    assert [r["num_updates"] for r in result.records] == [2, 2]
+    dead = [d for d in read_journal(LocalTransport(result.broker), topology_for(config)) if d.routing_key.startswith("dead.")]
+    assert len(dead) == 2 and all("compressed update" in d.envelope.headers.get("x-brokerfl-reason", "") and "indices" in d.envelope.headers["x-brokerfl-reason"] for d in dead)
+    assert replay(read_journal(LocalTransport(result.broker), topology_for(config)), config).ok
