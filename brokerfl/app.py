@@ -63,6 +63,7 @@ import importlib
 import inspect
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -219,7 +220,8 @@ class App:
 
     def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int) -> tuple[Parameters, dict[str, float]]:
         try:
-            new, metrics = self.adapter.train(parameters, data, settings, seed)
+            with APP_CALLS:
+                new, metrics = self.adapter.train(parameters, data, settings, seed)
         except AppError:
             raise
         except Exception as exc:
@@ -229,7 +231,8 @@ class App:
 
     def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
         try:
-            scores = dict(self.adapter.evaluate(parameters, data))
+            with APP_CALLS:
+                scores = dict(self.adapter.evaluate(parameters, data))
         except AppError:
             raise
         except Exception as exc:
@@ -241,13 +244,21 @@ class App:
         return scores
 
     def warm_up(self, data: Any) -> None:
-        self.adapter.warm_up(data)
+        with APP_CALLS:
+            self.adapter.warm_up(data)
 
     def evaluator(self, data: Any) -> Callable[[Parameters], dict[str, float]] | None:
         """``parameters -> scores`` on ``data``, or None without data."""
         if data is None:
             return None
         return lambda parameters: self.evaluate(parameters, data)
+
+
+# One app call at a time per process: the server evaluates on a thread aside
+# (handlers/workflows/server.py), and an app's code need not be thread-safe (an adapter may
+# keep one torch module per process, loaded in place): in `simulate` the clients' training
+# shares the process with that thread.
+APP_CALLS = threading.RLock()
 
 
 def call(function: Callable[..., Any], *args: Any, **optional: Any) -> Any:
