@@ -215,7 +215,10 @@ def cmd_client(args: argparse.Namespace) -> int:
     if config.workflow == "swarm":  # a peer: these clients plus an aggregator candidate
         from brokerfl.swarm import run_peer
 
-        return run_peer(lambda: _connect(args), config, args.client_id, Path(_env("OUT") or f"runs/{config.run}"))
+        out = Path(_env("OUT") or f"runs/{config.run}")
+        code = run_peer(lambda: _connect(args), config, args.client_id, out)
+        _print_cross_site(config, out)  # written by the peer that held the role at the end
+        return code
     with _connect(args) as transport:
         # one connection, one consumer per logical client
         workers = [client_worker(transport, config, client_id) for client_id in args.client_id]

@@ -143,8 +143,6 @@ class RunConfig(_Section):
             raise ValueError(f"strategy.min_clients ({self.strategy.min_clients}) exceeds clients ({self.clients})")
         if self.strategy.clients_per_round is not None and self.strategy.clients_per_round > self.clients:
             raise ValueError(f"strategy.clients_per_round ({self.strategy.clients_per_round}) exceeds clients ({self.clients})")
-        if self.cross_site_eval and self.workflow == "swarm":
-            raise ValueError("cross_site_eval runs on the server and cyclic workflows, not yet on swarm")
         if self.workflow == "cyclic" and self.strategy.name != "cyclic":
             raise ValueError(f"workflow cyclic hands the model on; strategy.name must be cyclic, not {self.strategy.name!r}")
         return self
