@@ -24,6 +24,8 @@ Semantics match :mod:`brokerfl.transports.local` (see :mod:`brokerfl.transport`)
   first unconfirmed chunk: at-least-once, consumers dedupe by message id). Deliveries of
   the lost connection are dropped from the inbox and cannot be settled any more; the broker
   redelivers them, so settling one logs a warning instead of failing.
+- **Cluster.** ``url`` may name several nodes of a RabbitMQ cluster (a list, or commas):
+  pika tries them in order, and a reconnect tries the node it lost last.
 
 Limits worth knowing:
 
@@ -71,7 +73,7 @@ from brokerfl.transport import (
 )
 from brokerfl.transports import chunks
 from brokerfl.transports.envelope import dead_letter_properties, make_header_decoding_total, to_envelope, to_properties
-from brokerfl.transports.connect import TlsOptions, connection_parameters
+from brokerfl.transports.connect import TlsOptions, cluster_parameters
 
 log = structlog.get_logger("brokerfl.amqp")
 
@@ -183,7 +185,7 @@ class AmqpTransport(Transport):
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         *,
         chunk_size: int = 16 * 1024**2,
         heartbeat: int = 30,
@@ -206,21 +208,24 @@ class AmqpTransport(Transport):
         super().__init__()
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
-        self.url = url
-        self.safe_url = mask_url(url)
+        # ``url``: one node, or a cluster's nodes (a list, or commas): see transports/connect.py
+        self.url = url if isinstance(url, str) else ",".join(url)
+        self.safe_url = mask_url(self.url)
         self.chunk_size = chunk_size
         self.max_reconnect_s = max_reconnect_s
         self.chunk_timeout = chunk_timeout
         self._assembler_bounds = {"max_partials": max_partial_messages, "max_bytes": max_partial_bytes, "max_bytes_per_sender": max_partial_bytes_per_sender}
         try:
-            self._params, self.user = connection_parameters(url, tls)
+            self._nodes, self.user = cluster_parameters(url, tls)
         except Exception as exc:
             raise TransportError(f"bad AMQP URL {self.safe_url}: {exc}") from None
-        self._params.heartbeat = heartbeat
-        self._params.socket_timeout = connect_timeout
-        self._params.stack_timeout = connect_timeout
-        self._params.connection_attempts = 1
-        self._params.client_properties = {"connection_name": "brokerfl"}
+        for params in self._nodes:
+            params.heartbeat = heartbeat
+            params.socket_timeout = connect_timeout
+            params.stack_timeout = connect_timeout
+            params.connection_attempts = 1
+            params.client_properties = {"connection_name": "brokerfl"}
+        self._node: pika.URLParameters | None = None  # the node of the current connection
         # What to redeclare after a reconnect (dicts as ordered sets).
         self._exchanges: dict[str, None] = {}
         self._queues: dict[str, tuple[QueueKind, dict[str, Any]]] = {}
@@ -239,12 +244,15 @@ class AmqpTransport(Transport):
     # ------------------------------------------------------------ connection
 
     def _connect(self) -> None:
+        # a cluster's nodes in order, the one just lost last: failing over tries the others first
+        nodes = [p for p in self._nodes if p is not self._node] + [p for p in self._nodes if p is self._node]
         try:
             with _quiet_pika():
-                conn = pika.BlockingConnection(self._params)
+                conn = pika.BlockingConnection(nodes if len(nodes) > 1 else nodes[0])
         except (px.AMQPError, OSError) as exc:
             error = _Refused if isinstance(exc, _FATAL) else TransportError
             raise error(f"cannot connect to RabbitMQ at {self.safe_url}: {_describe(exc)}") from None
+        self._node = next((p for p in nodes if (p.host, p.port) == (conn._impl.params.host, conn._impl.params.port)), None)
         _tune_reads(conn)
         make_header_decoding_total(conn)
         self._conn = conn
@@ -265,7 +273,7 @@ class AmqpTransport(Transport):
             try:
                 self._connect()
                 self._restore()
-                log.info("amqp.reconnected", url=self.safe_url, consumers=len(self._consumers))
+                log.info("amqp.reconnected", url=self.safe_url, node=f"{self._node.host}:{self._node.port}" if self._node else None, consumers=len(self._consumers))
                 return
             except (TransportError, px.ChannelWrongStateError, *_LOST) as exc:
                 self._drop_connection()
