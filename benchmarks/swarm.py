@@ -48,6 +48,8 @@ def over_rabbitmq(url: str, out: Path, kill_rounds: list[int]) -> None:
     from brokerfl.transports.amqp import AmqpTransport
 
     topology = topology_for(load_config(CONFIG, {"run": run}))
+    while not metrics(out):  # the run's exchange and journal exist once a version is stored
+        time.sleep(0.2)
     with AmqpTransport(url) as watcher:
         for generation, round_ in enumerate(kill_rounds, start=1):
             while (held := held_update(watcher, topology, round_)) is None:
