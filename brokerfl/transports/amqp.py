@@ -89,6 +89,10 @@ _FATAL = (px.ProbableAuthenticationError, px.ProbableAccessDeniedError, px.Authe
 T = TypeVar("T")
 
 
+class _Nacked(TransportError):
+    """The broker nacked a publish (retried for a while before it becomes a TransportError)."""
+
+
 class _Refused(TransportError):
     """The broker refused our login or vhost: retrying will not help."""
 
@@ -440,13 +444,25 @@ class AmqpTransport(Transport):
             except px.UnroutableError:
                 raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
             except px.NackError:
-                raise TransportError(f"the broker refused (nacked) a message to {routing_key!r} on exchange {exchange!r}") from None
+                raise _Nacked(f"the broker refused (nacked) a message to {routing_key!r} on exchange {exchange!r}") from None
             except px.ChannelClosedByBroker as exc:  # 404 no exchange, 406 message too large, ...
                 self._pub = self._conn.channel()
                 self._pub.confirm_delivery()
                 raise _channel_error(f"publish {len(body)} bytes to {routing_key!r} on exchange {exchange!r}", exc) from None
 
-        self._with_retry(run)
+        # A nack is the broker saying "not now": e.g. a quorum queue or stream electing a new
+        # leader after a cluster node died. Publish again with backoff (at-least-once:
+        # consumers dedupe by message id), up to max_reconnect_s.
+        deadline, delay = time.monotonic() + self.max_reconnect_s, 0.1
+        while True:
+            try:
+                return self._with_retry(run)
+            except _Nacked as exc:
+                if time.monotonic() + delay > deadline:
+                    raise TransportError(f"{exc} for {self.max_reconnect_s:g} s") from None
+                log.info("amqp.publish_nacked", routing_key=routing_key, retry_in=round(delay, 2))
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
 
     # ------------------------------------------------------------ request/reply
 
