@@ -3,10 +3,11 @@ then over RabbitMQ again with the aggregating process killed -9 in 3 different r
 
     python benchmarks/swarm.py [--broker URL] [--kill-rounds 5 10 15]
 
-The aggregating peer is found from the peers' logs ("aggregator role taken": the newest
-such line of a live process holds the role). It is killed mid-round (shortly after the
-previous round's version is stored, while the clients train) and started again at once.
-Prints final accuracies, the best model kept, accounting and replay results.
+The aggregating peer is killed mid-round: when the run's journal shows an update of a round
+(at least the kill round) that is neither stored nor dropped while the aggregation queue has
+nothing ready, the aggregator holds it unacked; the holder is the sender of the newest
+stored version. It is kill -9'd then and started again at once. Prints final accuracies,
+the best model kept, accounting and replay results.
 """
 
 from __future__ import annotations
@@ -42,16 +43,23 @@ def over_rabbitmq(url: str, out: Path, kill_rounds: list[int]) -> None:
     clients = 6
     started = time.perf_counter()
     peers = {str(i): start_peer(run, url, str(i), out, 0) for i in range(clients)}
-    for generation, round_ in enumerate(kill_rounds, start=1):
-        while len(metrics(out)) < round_ - 1:
-            time.sleep(0.1)
-        time.sleep(0.5)  # round `round_` is under way: its clients are training
-        holders = [cid for cid, (proc, log) in peers.items() if proc.poll() is None and "aggregator role taken" in log.read_text()]
-        victim = _newest_holder(peers, holders)
-        peers[victim][0].kill()
-        peers[victim][0].wait()
-        print(f"round {round_}: killed peer {victim} (kill -9), the aggregator; {len(metrics(out))} versions stored; starting it again")
-        peers[victim] = start_peer(run, url, victim, out, generation)
+    from brokerfl.config import load_config
+    from brokerfl.roles import topology_for
+    from brokerfl.transports.amqp import AmqpTransport
+
+    topology = topology_for(load_config(CONFIG, {"run": run}))
+    while not metrics(out):  # the run's exchange and journal exist once a version is stored
+        time.sleep(0.2)
+    with AmqpTransport(url) as watcher:
+        for generation, round_ in enumerate(kill_rounds, start=1):
+            while (held := held_update(watcher, topology, round_)) is None:
+                time.sleep(0.2)  # polling the journal and the queue's depth
+            held_round, victim = held
+            peers[victim][0].kill()
+            peers[victim][0].wait()
+            print(f"round {held_round}: killed peer {victim} (kill -9), the aggregator, holding an update of that round; "
+                  f"{len(metrics(out))} versions stored; starting it again")
+            peers[victim] = start_peer(run, url, victim, out, generation)
     for proc, _ in peers.values():
         proc.wait(timeout=1800)
     records = metrics(out)
@@ -68,13 +76,28 @@ def over_rabbitmq(url: str, out: Path, kill_rounds: list[int]) -> None:
         RunTopology(run, swarm=True).delete(admin, [str(i) for i in range(clients)])
 
 
-def _newest_holder(peers, holders: list[str]) -> str:
-    """Of several logs that took the role, the one that took it last (by its log's time stamp)."""
-    def last_taken(cid: str) -> str:
-        lines = [line for line in peers[cid][1].read_text().splitlines() if "aggregator role taken" in line]
-        return lines[-1][:8]  # HH:MM:SS
+def held_update(transport, topology, min_round: int) -> tuple[int, str] | None:
+    """(round, holder's client id) if the aggregating peer holds an update of an unstored
+    round >= ``min_round`` (see the module docstring), else None."""
+    from brokerfl.journal import read_journal
+    from brokerfl.message import ModelVersionStored, ParameterUpdate, UpdateDropped, from_wire
 
-    return max(holders, key=last_taken)
+    updates, stored, dropped, holder = {}, set(), set(), None
+    for delivery in read_journal(transport, topology):
+        if delivery.envelope.type not in (ParameterUpdate.TYPE, ModelVersionStored.TYPE, UpdateDropped.TYPE):
+            continue
+        message = from_wire(delivery.envelope, delivery.body)
+        if isinstance(message, ParameterUpdate):
+            updates[message.message_id] = message.round
+        elif isinstance(message, ModelVersionStored):
+            stored.add(message.round)
+            holder = message.sender
+        else:
+            dropped.add(message.update_id)
+    held = [r for uid, r in updates.items() if uid not in dropped and r not in stored and r >= min_round]
+    if not held or holder is None or transport.queue_info(topology.server_queue).messages_ready:
+        return None
+    return held[0], holder.removeprefix("aggregator.")
 
 
 def main() -> int:

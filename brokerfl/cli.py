@@ -35,10 +35,18 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
         default=True if _env("ENFORCE_IDENTITY") in ("1", "true", "yes") else None,
         help="check every message's publisher against the run's users (identity.enforce; $BROKERFL_ENFORCE_IDENTITY=1)",
     )
+    parser.add_argument(
+        "--replicated-queues",
+        action="store_const",
+        const=True,
+        default=True if _env("REPLICATED_QUEUES") in ("1", "true", "yes") else None,
+        help="every queue of the run a quorum queue, replicated on a RabbitMQ cluster (replicated_queues; $BROKERFL_REPLICATED_QUEUES=1)",
+    )
 
 
 def _broker_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", help="AMQP URL, amqp:// or amqps:// (default: $BROKERFL_AMQP_URL); amqps:// without a user and with --tls-cert logs in by certificate")
+    parser.add_argument("--broker", help="AMQP URL, amqp:// or amqps:// (default: $BROKERFL_AMQP_URL); amqps:// without a user and with --tls-cert logs in by certificate; "
+                        "the nodes of a RabbitMQ cluster as comma-separated URLs (tried in order, failed over on connection loss)")
     parser.add_argument("--tls-ca", default=_env("TLS_CA"), help="CA certificate (PEM) that signed the broker's (default: $BROKERFL_TLS_CA, else the system's CAs)")
     parser.add_argument("--tls-cert", default=_env("TLS_CERT"), help="this participant's certificate (PEM) (default: $BROKERFL_TLS_CERT)")
     parser.add_argument("--tls-key", default=_env("TLS_KEY"), help="its private key (PEM) (default: $BROKERFL_TLS_KEY)")
@@ -50,7 +58,8 @@ def _metrics_argument(parser: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace) -> RunConfig:
     # argparse applies `type` to string defaults too, so env values arrive as ints here
-    overrides: dict[str, Any] = {"clients": args.clients, "rounds": args.rounds, "seed": args.seed, "run": args.run, "identity.enforce": getattr(args, "enforce_identity", None)}
+    overrides: dict[str, Any] = {"clients": args.clients, "rounds": args.rounds, "seed": args.seed, "run": args.run, "identity.enforce": getattr(args, "enforce_identity", None),
+                                 "replicated_queues": getattr(args, "replicated_queues", None)}
     return load_config(args.config, overrides)
 
 
@@ -199,12 +208,9 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
 
 def _mask(url: str) -> str:
-    from urllib.parse import urlsplit
+    from brokerfl.transports.amqp import mask_url
 
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
+    return mask_url(url)  # every node's URL of a comma-separated list too
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -220,7 +226,10 @@ def cmd_client(args: argparse.Namespace) -> int:
     if config.workflow == "swarm":  # a peer: these clients plus an aggregator candidate
         from brokerfl.swarm import run_peer
 
-        return run_peer(lambda: _connect(args), config, args.client_id, Path(_env("OUT") or f"runs/{config.run}"))
+        out = Path(_env("OUT") or f"runs/{config.run}")
+        code = run_peer(lambda: _connect(args), config, args.client_id, out)
+        _print_cross_site(config, out)  # written by the peer that held the role at the end
+        return code
     with _connect(args) as transport:
         # one connection, one consumer per logical client
         workers = [client_worker(transport, config, client_id) for client_id in args.client_id]

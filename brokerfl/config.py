@@ -123,6 +123,7 @@ class RunConfig(_Section):
     server_handlers: str | None = Field(None, description="module with the server's table and make_state (default: the strategy's)")
     client_handlers: str = Field("handlers.workflows.client", description="module with the client's table and make_state")
     extra_handlers: list[str] = Field(default_factory=list, description="modules imported to register more handlers")
+    replicated_queues: bool = Field(False, description="every queue of the run a quorum queue (replicated on a RabbitMQ cluster), not only the server's")
     journal: bool = Field(True, description="copy every message to the run's journal stream")
     journal_max_bytes: int | None = Field(4 * 1024**3, ge=1, description="journal retention by size (oldest segments go first)")
     journal_max_age: str | None = Field(None, pattern=r"^[0-9]+[YMDhms]$", description="journal retention by age, e.g. 7D or 12h")
@@ -152,8 +153,6 @@ class RunConfig(_Section):
             raise ValueError(f"strategy.min_clients ({self.strategy.min_clients}) exceeds clients ({self.clients})")
         if self.strategy.clients_per_round is not None and self.strategy.clients_per_round > self.clients:
             raise ValueError(f"strategy.clients_per_round ({self.strategy.clients_per_round}) exceeds clients ({self.clients})")
-        if self.cross_site_eval and self.workflow == "swarm":
-            raise ValueError("cross_site_eval runs on the server and cyclic workflows, not yet on swarm")
         if self.workflow == "cyclic" and self.strategy.name != "cyclic":
             raise ValueError(f"workflow cyclic hands the model on; strategy.name must be cyclic, not {self.strategy.name!r}")
         if self.compression.method != "none" and (self.workflow != "server" or self.strategy.name in ("fedasync", "fedbuff")):

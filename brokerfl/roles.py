@@ -58,6 +58,7 @@ def topology_for(config: RunConfig, *, journal: bool | None = None) -> RunTopolo
         journal_max_bytes=config.journal_max_bytes,
         journal_max_age=config.journal_max_age,
         swarm=config.workflow == "swarm",
+        replicated=config.replicated_queues,
     )
 
 

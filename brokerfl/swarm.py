@@ -6,6 +6,18 @@ aggregation queue (single active consumer) running ``handlers/workflows/swarm.py
 peer runs until its clients have been told to exit and, if it held the role, until its
 aggregator has finished. ``brokerfl client`` runs a peer when the config says swarm;
 ``brokerfl simulate`` runs every peer in one process.
+
+Leaving: the last one out records the leftovers. An update can reach the aggregation queue
+after the aggregator that finished the run has drained and stopped (a restarted peer
+answers a task from before the run ended). Nobody would ever take it, and accounting would
+call it lost. So a peer whose clients have exited stops its candidate (its unacked
+deliveries go back to the queue) and then asks the broker whether anyone still consumes
+the queue. If someone does, that one leaves later and asks the same question; the last to
+leave sees no consumer. If it sees messages left, it consumes again: as the only consumer
+it is the active one, takes the role, finds the run finished (the stored versions say so)
+and records every leftover update as dropped ("late: the run is finished") during its
+drain; then it asks again. Two peers leaving at the same moment may both sweep: harmless,
+the queue hands each message to one of them.
 """
 
 from __future__ import annotations
@@ -18,11 +30,16 @@ from typing import Callable
 from brokerfl.broker_store import BrokerModelStore
 from brokerfl.config import RunConfig
 from brokerfl.metrics import MetricsLog, plot_curve
-from brokerfl.roles import client_worker, topology_for
+from brokerfl.roles import CROSS_SITE_HANDLERS, client_worker, topology_for
 from brokerfl.transport import Transport
 from brokerfl.worker import Worker
 
 SWARM_HANDLERS = "handlers.workflows.swarm"
+
+# An empty, unconsumed aggregation queue is looked at twice this far apart before a peer
+# leaves: deliveries a closed channel gave back may reach a quorum queue's count a moment
+# after the close returned.
+SETTLE_S = 0.5
 
 
 def aggregator_worker(transport: Transport, store_transport: Transport, config: RunConfig, metrics: MetricsLog, *, name: str, journal: bool | None = None) -> Worker:
@@ -30,18 +47,79 @@ def aggregator_worker(transport: Transport, store_transport: Transport, config: 
         config = config.model_copy(update={"journal": journal})
     topology = topology_for(config)
     topology.declare(transport)
+    if config.cross_site_eval:  # its handlers register on the swarm table (and the client's)
+        importlib.import_module(CROSS_SITE_HANDLERS)
     module = importlib.import_module(SWARM_HANDLERS)
     state = module.make_state(config, BrokerModelStore(store_transport, topology), metrics)
     return Worker(transport, topology, topology.server_queue, module.table, state, name=name, prefetch=max(2 * config.clients, 16))
 
 
-def peer_done(clients: list[Worker], aggregator: Worker) -> bool:
-    """Clients have exited; a candidate that never held the role has nothing to finish."""
-    if not all(c.stopped for c in clients):
-        return False
-    if not aggregator.state.active and not aggregator.stopped:
-        aggregator.stop()
-    return aggregator.stopped
+class Peer:
+    """One peer's client workers and aggregator candidate, and its way out (see the module
+    docstring). ``new_candidate()`` builds a fresh (unstarted) aggregator candidate;
+    ``transport`` asks the broker about the aggregation queue. Call :meth:`tick` after
+    every poll; the peer is finished when :attr:`done`."""
+
+    def __init__(self, clients: list[Worker], new_candidate: Callable[[], Worker], transport: Transport, *, clock=time.monotonic) -> None:
+        self.clients, self.new_candidate, self.transport, self.clock = clients, new_candidate, transport, clock
+        self.candidate = new_candidate()
+        self.holders: list[Worker] = []  # candidates of this peer that took the role
+        self.retired: list[Worker] = []  # candidates replaced by a sweep's new one
+        self.sweeps = 0  # times this peer came back for leftovers
+        self.done = False
+        self._phase = "running"  # running, leaving (asking the broker), sweeping
+        self._empty_since: float | None = None
+        self._sweep_started = 0.0
+
+    @property
+    def workers(self) -> list[Worker]:
+        return [*self.clients, self.candidate]
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def tick(self) -> None:
+        if self.done:
+            return
+        candidate = self.candidate
+        if candidate.state.active and candidate not in self.holders:
+            self.holders.append(candidate)
+        if self._phase in ("running", "sweeping"):
+            if not all(c.stopped for c in self.clients):
+                return
+            if candidate.state.active and not candidate.stopped:
+                return  # it runs the run, or drains after it: it stops itself
+            if not candidate.stopped:
+                if self._phase == "sweeping" and self.clock() - self._sweep_started < SETTLE_S:
+                    return  # give the leftovers time to arrive
+                candidate.stop()  # what it was handed and did not handle goes back
+            self._phase, self._empty_since = "leaving", None
+        info = self.transport.queue_info(candidate.queue)
+        if info.consumers > 0:
+            self.done = True  # someone else is still there; it will ask the same when it leaves
+        elif info.messages_ready > 0:
+            self.sweeps += 1
+            self._phase, self._sweep_started = "sweeping", self.clock()
+            self.retired.append(candidate)
+            self.candidate = self.new_candidate()
+            self.candidate.start()
+        elif self._empty_since is None:
+            self._empty_since = self.clock()
+        elif self.clock() - self._empty_since >= SETTLE_S:
+            self.done = True
+
+    def next_check_in(self) -> float | None:
+        """When :meth:`tick` next has something to look at while no message arrives."""
+        if self.done or self._phase == "running":
+            return None
+        if self._phase == "sweeping":
+            return max(0.0, self._sweep_started + SETTLE_S - self.clock())
+        return 0.0 if self._empty_since is None else max(0.0, self._empty_since + SETTLE_S - self.clock())
+
+    @property
+    def failure(self) -> str | None:
+        return next((h.state.failure for h in self.holders if h.state.failure), None)
 
 
 def run_peer(connect: Callable[[], Transport], config: RunConfig, client_ids: list[str], out: Path, *, poll_s: float = 0.5) -> int:
@@ -51,53 +129,75 @@ def run_peer(connect: Callable[[], Transport], config: RunConfig, client_ids: li
     metrics = MetricsLog(out / "metrics.jsonl")
     with connect() as transport, connect() as store_transport:
         clients = [client_worker(transport, config, cid) for cid in client_ids]
-        aggregator = aggregator_worker(transport, store_transport, config, metrics, name=f"aggregator.{'+'.join(client_ids)}")
-        workers = [*clients, aggregator]
-        for worker in workers:
-            worker.start()
-        while not peer_done(clients, aggregator):
-            timers = [t for w in workers if not w.stopped and (t := w.next_timer_in()) is not None]
-            transport.poll(max(0.0, min([poll_s, *timers])))
-            for worker in workers:
+        name = f"aggregator.{'+'.join(client_ids)}"
+        peer = Peer(clients, lambda: aggregator_worker(transport, store_transport, config, metrics, name=name), transport)
+        peer.start()
+        while not peer.done:
+            live = [w for w in peer.workers if not w.stopped]
+            waits = [t for w in live if (t := w.next_timer_in()) is not None]
+            if (check := peer.next_check_in()) is not None:
+                waits.append(check)
+            transport.poll(max(0.0, min([poll_s, *waits])))
+            for worker in peer.workers:
                 if not worker.stopped:
                     worker.fire_due_timers()
-    state = aggregator.state
-    if state.active and metrics.path and metrics.path.exists():
+            peer.tick()
+    if peer.holders and metrics.path and metrics.path.exists():
         from brokerfl.metrics import read_metrics
 
         plot_curve(read_metrics(metrics.path), out / "curve.png", title=f"{config.run}: swarm, {config.clients} clients")
-    return 1 if state.active and state.failure else 0
+    return 1 if peer.failure else 0
 
 
 def simulate_swarm(config: RunConfig, out: Path | None, broker, *, journal: bool, progress_bar=None):
     """Every peer (one client each) in this process on ``broker``; returns (records, the
     state of the last aggregator that held the role, its store)."""
-    from brokerfl.transports.local import LocalTransport
-
     metrics = MetricsLog(out / "metrics.jsonl" if out else None)
-    peers = []
-    for cid in config.client_ids():
-        client = client_worker(LocalTransport(broker), config, cid, journal=journal)
-        aggregator = aggregator_worker(LocalTransport(broker), LocalTransport(broker), config, metrics, name=f"aggregator.{cid}", journal=journal)
-        if progress_bar:
-            aggregator.state.on_round.append(progress_bar.update)
-        peers.append(([client], aggregator))
-    workers = [w for clients, aggregator in peers for w in (*clients, aggregator)]
-    for worker in workers:
-        worker.start()
+    peers = [simulated_peer(config, broker, cid, metrics, journal=journal, progress_bar=progress_bar) for cid in config.client_ids()]
+    for peer in peers:
+        peer.start()
     try:
-        while not all(peer_done(clients, aggregator) for clients, aggregator in peers):
-            if sum(w.step(0.0) for w in workers):
-                continue
-            timers = [t for w in workers if not w.stopped and (t := w.next_timer_in()) is not None]
-            if not timers:
-                raise RuntimeError("the swarm stalled: no message is in flight and no one waits for one")
-            time.sleep(max(0.0, min(timers)))
+        run_peers(peers)
     finally:
-        for worker in workers:
-            worker.transport.close()
-    holders = [aggregator for _, aggregator in peers if aggregator.state.active]
+        for peer in peers:
+            for worker in [*peer.workers, *peer.retired, peer.transport]:
+                (worker.transport if isinstance(worker, Worker) else worker).close()
+    holders = [h for peer in peers for h in peer.holders]
     last = max(holders, key=lambda a: a.state.model.version if a.state.model else -1)
     if out is not None and metrics.records:
         plot_curve(metrics.records, out / "curve.png", title=f"{config.run}: swarm, {config.clients} clients")
     return metrics.records, last.state, last.state.store
+
+
+def simulated_peer(config: RunConfig, broker, client_id: str, metrics: MetricsLog, *, journal: bool, progress_bar=None) -> Peer:
+    """A peer with one client on the in-process ``broker`` (each worker on its own transport)."""
+    from brokerfl.transports.local import LocalTransport
+
+    def new_candidate() -> Worker:
+        aggregator = aggregator_worker(LocalTransport(broker), LocalTransport(broker), config, metrics, name=f"aggregator.{client_id}", journal=journal)
+        if progress_bar:
+            aggregator.state.on_round.append(progress_bar.update)
+        return aggregator
+
+    return Peer([client_worker(LocalTransport(broker), config, client_id, journal=journal)], new_candidate, LocalTransport(broker))
+
+
+def run_peers(peers: list[Peer], *, until: Callable[[], bool] | None = None, deadline_s: float | None = None) -> None:
+    """Step in-process peers until every one is done (or ``until()``, or the deadline)."""
+    finished = until if until is not None else (lambda: all(p.done for p in peers))
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
+    while not finished():
+        if deadline is not None and time.monotonic() > deadline:
+            return
+        handled = sum(w.step(0.0) for p in peers if not p.done for w in p.workers if not w.stopped)
+        for peer in peers:
+            peer.tick()
+        if handled:
+            continue
+        waits = [t for p in peers if not p.done for w in p.workers if not w.stopped and (t := w.next_timer_in()) is not None]
+        waits += [t for p in peers if (t := p.next_check_in()) is not None]
+        if not waits:
+            if all(p.done for p in peers):
+                return
+            raise RuntimeError("the swarm stalled: no message is in flight and no one waits for one")
+        time.sleep(max(0.0, min(waits)))

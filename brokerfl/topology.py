@@ -9,6 +9,10 @@
 | ``brokerfl.<run>.journal``     | stream         | ``#``: a copy of every message           |
 | ``brokerfl.<run>.admin``       | classic        | ``admin.#``: the operator's admin state  |
 
+With ``replicated`` (config ``replicated_queues: true``, for a RabbitMQ cluster) every queue
+is a quorum queue: a classic queue lives on one node, and a client whose queue's node dies
+would have no queue until that node returns. Streams replicate anyway.
+
 Routing keys are ``<receiver>.<message type>``: ``server.parameter_update``,
 ``client.7.train_task``, ``clients.exit``; ``dead.<type>`` for dead letters and
 ``audit.<type>`` for records only the journal takes.
@@ -53,6 +57,12 @@ class RunTopology:
     journal_max_bytes: int | None = 4 * 1024**3
     journal_max_age: str | None = None
     swarm: bool = False  # the server queue is the aggregator role (single active consumer); versions live in a stream
+    replicated: bool = False  # every queue quorum (replicated on a cluster), not only the server's
+
+    @property
+    def queue_kind(self) -> str:
+        """The kind of the run's queues other than the server queue and the streams."""
+        return "quorum" if self.replicated else "classic"
 
     @property
     def models_stream(self) -> str:
@@ -87,13 +97,13 @@ class RunTopology:
     def declare(self, transport: Transport) -> None:
         """The run's exchange, dead-letter queue, server queue and journal (idempotent)."""
         transport.declare_exchange(self.exchange)
-        transport.declare_queue(self.dead_queue)
+        transport.declare_queue(self.dead_queue, kind=self.queue_kind)
         transport.bind(self.dead_queue, self.exchange, f"{DEAD}.#")
         transport.declare_queue(self.server_queue, kind="quorum", dead_letter_queue=self.dead_queue, single_active_consumer=self.swarm)
         if self.swarm:
             transport.declare_queue(self.models_stream, kind="stream")
         transport.bind(self.server_queue, self.exchange, f"{SERVER}.#")
-        transport.declare_queue(self.admin_queue)
+        transport.declare_queue(self.admin_queue, kind=self.queue_kind)
         transport.bind(self.admin_queue, self.exchange, f"{ADMIN}.#")
         if self.journal:
             transport.declare_queue(self.journal_stream, kind="stream", max_length_bytes=self.journal_max_bytes, max_age=self.journal_max_age)
@@ -102,7 +112,7 @@ class RunTopology:
     def declare_client(self, transport: Transport, client_id: str) -> str:
         """A client's durable queue, bound to its own and the broadcast keys; returns its name."""
         queue = self.client_queue(client_id)
-        transport.declare_queue(queue, dead_letter_queue=self.dead_queue)
+        transport.declare_queue(queue, kind=self.queue_kind, dead_letter_queue=self.dead_queue)
         transport.bind(queue, self.exchange, f"{client_dest(client_id)}.#")
         transport.bind(queue, self.exchange, f"{CLIENTS}.#")
         return queue

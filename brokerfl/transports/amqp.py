@@ -29,6 +29,8 @@ is assembled from parts, one concept each: :mod:`~brokerfl.transports.amqp_conne
   first unconfirmed chunk: at-least-once, consumers dedupe by message id). Deliveries of
   the lost connection are dropped from the inbox and cannot be settled any more; the broker
   redelivers them, so settling one logs a warning instead of failing.
+- **Cluster.** ``url`` may name several nodes of a RabbitMQ cluster (a list, or commas):
+  pika tries them in order, and a reconnect tries the node it lost last.
 
 Limits worth knowing:
 
@@ -55,10 +57,10 @@ import structlog
 from brokerfl.message import Envelope
 from brokerfl.transport import REPLY_TO, Delivery, QueueInfo, QueueKind, Transport, TransportError, UnroutableError
 from brokerfl.transports import chunks
-from brokerfl.transports.amqp_connection import RECV_BYTES, ConnectionMixin, _channel_error, _quietly, _tune_reads, mask_url
+from brokerfl.transports.amqp_connection import MAX_BACKOFF_S, RECV_BYTES, ConnectionMixin, _channel_error, _quietly, _tune_reads, mask_url
 from brokerfl.transports.amqp_consuming import STREAM_CREDIT, ConsumingMixin, _Consumer, _Handle, _Tag
 from brokerfl.transports.amqp_settling import SettlingMixin
-from brokerfl.transports.connect import TlsOptions, connection_parameters
+from brokerfl.transports.connect import TlsOptions, cluster_parameters
 from brokerfl.transports.envelope import to_envelope, to_properties
 
 log = structlog.get_logger("brokerfl.amqp")
@@ -67,12 +69,16 @@ log = structlog.get_logger("brokerfl.amqp")
 __all__ = ["AmqpTransport", "RECV_BYTES", "STREAM_CREDIT", "mask_url", "_tune_reads"]
 
 
+class _Nacked(TransportError):
+    """The broker nacked a publish (retried for a while before it becomes a TransportError)."""
+
+
 class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
     """A connection to RabbitMQ; used by one thread."""
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         *,
         chunk_size: int = 16 * 1024**2,
         heartbeat: int = 30,
@@ -95,21 +101,24 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         super().__init__()
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
-        self.url = url
-        self.safe_url = mask_url(url)
+        # ``url``: one node, or a cluster's nodes (a list, or commas): see transports/connect.py
+        self.url = url if isinstance(url, str) else ",".join(url)
+        self.safe_url = mask_url(self.url)
         self.chunk_size = chunk_size
         self.max_reconnect_s = max_reconnect_s
         self.chunk_timeout = chunk_timeout
         self._assembler_bounds = {"max_partials": max_partial_messages, "max_bytes": max_partial_bytes, "max_bytes_per_sender": max_partial_bytes_per_sender}
         try:
-            self._params, self.user = connection_parameters(url, tls)
+            self._nodes, self.user = cluster_parameters(url, tls)
         except Exception as exc:
             raise TransportError(f"bad AMQP URL {self.safe_url}: {exc}") from None
-        self._params.heartbeat = heartbeat
-        self._params.socket_timeout = connect_timeout
-        self._params.stack_timeout = connect_timeout
-        self._params.connection_attempts = 1
-        self._params.client_properties = {"connection_name": "brokerfl"}
+        for params in self._nodes:
+            params.heartbeat = heartbeat
+            params.socket_timeout = connect_timeout
+            params.stack_timeout = connect_timeout
+            params.connection_attempts = 1
+            params.client_properties = {"connection_name": "brokerfl"}
+        self._node: pika.URLParameters | None = None  # the node of the current connection
         # What to redeclare after a reconnect (dicts as ordered sets).
         self._exchanges: dict[str, None] = {}
         self._queues: dict[str, tuple[QueueKind, dict[str, Any]]] = {}
@@ -215,13 +224,25 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
             except px.UnroutableError:
                 raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
             except px.NackError:
-                raise TransportError(f"the broker refused (nacked) a message to {routing_key!r} on exchange {exchange!r}") from None
+                raise _Nacked(f"the broker refused (nacked) a message to {routing_key!r} on exchange {exchange!r}") from None
             except px.ChannelClosedByBroker as exc:  # 404 no exchange, 406 message too large, ...
                 self._pub = self._conn.channel()
                 self._pub.confirm_delivery()
                 raise _channel_error(f"publish {len(body)} bytes to {routing_key!r} on exchange {exchange!r}", exc) from None
 
-        self._with_retry(run)
+        # A nack is the broker saying "not now": e.g. a quorum queue or stream electing a new
+        # leader after a cluster node died. Publish again with backoff (at-least-once:
+        # consumers dedupe by message id), up to max_reconnect_s.
+        deadline, delay = time.monotonic() + self.max_reconnect_s, 0.1
+        while True:
+            try:
+                return self._with_retry(run)
+            except _Nacked as exc:
+                if time.monotonic() + delay > deadline:
+                    raise TransportError(f"{exc} for {self.max_reconnect_s:g} s") from None
+                log.info("amqp.publish_nacked", routing_key=routing_key, retry_in=round(delay, 2))
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
 
     # ------------------------------------------------------------ request/reply
 

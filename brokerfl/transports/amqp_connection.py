@@ -83,7 +83,8 @@ class ConnectionMixin:
     url: str
     safe_url: str
     max_reconnect_s: float
-    _params: pika.ConnectionParameters
+    _nodes: list[pika.URLParameters]  # one, or a cluster's nodes
+    _node: pika.URLParameters | None
     _closed: bool
     _conn: pika.BlockingConnection | None
     _generation: int
@@ -93,12 +94,15 @@ class ConnectionMixin:
     _consumers: dict[str, _Consumer]
 
     def _connect(self) -> None:
+        # a cluster's nodes in order, the one just lost last: failing over tries the others first
+        nodes = [p for p in self._nodes if p is not self._node] + [p for p in self._nodes if p is self._node]
         try:
             with _quiet_pika():
-                conn = pika.BlockingConnection(self._params)
+                conn = pika.BlockingConnection(nodes if len(nodes) > 1 else nodes[0])
         except (px.AMQPError, OSError) as exc:
             error = _Refused if isinstance(exc, _FATAL) else TransportError
             raise error(f"cannot connect to RabbitMQ at {self.safe_url}: {_describe(exc)}") from None
+        self._node = next((p for p in nodes if (p.host, p.port) == (conn._impl.params.host, conn._impl.params.port)), None)
         _tune_reads(conn)
         make_header_decoding_total(conn)
         self._conn = conn
@@ -119,7 +123,7 @@ class ConnectionMixin:
             try:
                 self._connect()
                 self._restore()
-                log.info("amqp.reconnected", url=self.safe_url, consumers=len(self._consumers))
+                log.info("amqp.reconnected", url=self.safe_url, node=f"{self._node.host}:{self._node.port}" if self._node else None, consumers=len(self._consumers))
                 return
             except (TransportError, px.ChannelWrongStateError, *_LOST) as exc:
                 self._drop_connection()

@@ -9,12 +9,19 @@
 
 TLS files come from :class:`TlsOptions` (CLI flags ``--tls-ca/--tls-cert/--tls-key``) or the
 ``BROKERFL_TLS_CA``, ``BROKERFL_TLS_CERT`` and ``BROKERFL_TLS_KEY`` variables.
+
+A RabbitMQ cluster is several URLs, one per node (a list, or one string with commas:
+``--broker amqp://u:p@node1:5672/,amqp://u:p@node2:5672/``; a comma in a password is
+written ``%2C``). A connection tries them in order; a lost one reconnects to the others
+first (:class:`brokerfl.transports.amqp.AmqpTransport`). Every URL must log in as the same
+user: a process has one identity.
 """
 
 from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -65,3 +72,21 @@ def connection_parameters(url: str, tls: TlsOptions | None = None) -> tuple[pika
         params.credentials = ExternalCredentials()
         return params, certificate_user(tls.cert)
     return params, unquote(parts.username or params.credentials.username)
+
+
+def broker_urls(urls: str | Sequence[str]) -> list[str]:
+    """The node URLs of one broker: a URL, a comma-separated string of them, or a sequence."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    found = [url.strip() for item in items for url in str(item).split(",") if url.strip()]
+    if not found:
+        raise ValueError("no broker URL given")
+    return found
+
+
+def cluster_parameters(urls: str | Sequence[str], tls: TlsOptions | None = None) -> tuple[list[pika.URLParameters], str]:
+    """pika's parameters for every node URL (in order) and the one user they log in as."""
+    pairs = [connection_parameters(url, tls) for url in broker_urls(urls)]
+    users = sorted({user for _, user in pairs})
+    if len(users) > 1:
+        raise ValueError(f"the broker URLs log in as different users ({', '.join(users)}): a process has one identity")
+    return [params for params, _ in pairs], users[0]

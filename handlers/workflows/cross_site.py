@@ -11,7 +11,8 @@ a stalled run):
    evaluates them all on its data (the app's local test split, else its training
    partition) and answers ``CrossSiteEvalResult``.
 
-The coordinator (the server of ``workflow: server`` or ``cyclic``) then writes
+The coordinator (the server of ``workflow: server`` or ``cyclic``, the aggregator role's
+holder of ``swarm``) then writes
 ``cross_site.json`` and ``cross_site.png`` beside its metrics and finishes the run. The
 handlers are registered on the built-in tables when this module is imported (``roles``
 does so when the config asks for cross-site evaluation); the messages are new types, so
@@ -26,10 +27,10 @@ from typing import Any
 from brokerfl.cross_site import build_matrix, write_results
 from brokerfl.handler_table import Context, Outbound, to_clients, to_server
 from brokerfl.message import Message, ParameterUpdate, Tensors, TrainTask
-from handlers.workflows import client, cyclic, server
+from handlers.workflows import client, cyclic, server, swarm
 from handlers.workflows.server import ServerState, finish_run, live_clients
 
-COORDINATOR_TABLES = (server.table, cyclic.table)
+COORDINATOR_TABLES = (server.table, cyclic.table, swarm.table)
 
 
 @dataclass(kw_only=True)

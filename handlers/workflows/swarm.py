@@ -19,7 +19,10 @@ folding, storing, the next round) with three differences:
   the round waits ``swarm.wait_after_min_s`` more for the rest, then closes.
 - **The best model.** A :class:`MetricComparator` on ``swarm.best_metric`` picks the best
   stored version (recomputed from the stored versions' metrics, so a new aggregator knows it
-  too); it is written to ``best_model.json`` when the run finishes.
+  too); it is written to ``best_model.json`` when the rounds are done.
+- **Cross-site evaluation** (``cross_site_eval: true``): after the last round the role's
+  holder runs ``handlers/workflows/cross_site.py``'s two exchanges, as a server would, and
+  writes the matrix beside its metrics; the run then finishes.
 """
 
 from __future__ import annotations
@@ -157,4 +160,8 @@ def finish_with_best(ctx: Context, reason: str):
             (state.metrics.path.parent / "best_model.json").write_text(json.dumps(
                 {"model_version": version, "metric": state.comparator.metric, "mode": state.comparator.mode, "value": value,
                  "sha256": state.store.metadata(version)["sha256"]}))
+    if state.config.cross_site_eval:  # imported only when asked: it registers handlers on the built-in tables
+        from handlers.workflows import cross_site
+
+        return cross_site.start(ctx, reason)
     return server.finish_run(ctx, reason)

@@ -1,0 +1,27 @@
+"""Hostile input for a run's server queue (issue 16), in three modules:
+
+- :mod:`brokerfl.hostile.messages`: the seeded mix of hostile messages, each with what the
+  server should do with it;
+- :mod:`brokerfl.hostile.publisher`: an attacker's plain-pika connection that publishes them;
+- :mod:`brokerfl.hostile.fire`: a federation run under fire, and what became of each message.
+"""
+
+from brokerfl.hostile.fire import FireResult, run_under_fire
+from brokerfl.hostile.messages import (
+    CHUNK,
+    CHUNK_BYTES,
+    DEAD,
+    DEAD_ANONYMOUS,
+    IDENTITY,
+    INVALID_CLIENT_IDS,
+    REFUSED,
+    HostileMessage,
+    RawTimestamp,
+    hostile_messages,
+)
+from brokerfl.hostile.publisher import HostilePublisher
+
+__all__ = [
+    "CHUNK", "CHUNK_BYTES", "DEAD", "DEAD_ANONYMOUS", "IDENTITY", "INVALID_CLIENT_IDS", "REFUSED",
+    "FireResult", "HostileMessage", "HostilePublisher", "RawTimestamp", "hostile_messages", "run_under_fire",
+]

@@ -1,0 +1,191 @@
+"""A RabbitMQ cluster of three nodes on this machine (started by the fixture): the run's
+queues are quorum queues replicated on every node, the processes take the three nodes'
+URLs, and kill -9 of the node that leads the server queue mid-run costs nothing.
+
+Node names and ports: ``BROKERFL_CLUSTER_NODE`` (a base name; nodes ``<base>c1..c3``) and
+``BROKERFL_CLUSTER_PORT`` (the first node's AMQP port; the others follow), else derived
+from the test broker's (``h13@localhost`` on 5687 -> ``h13c1..3@localhost`` on 5887-5889).
+Each node's Erlang distribution port is its AMQP port + 20000. Needs ``rabbitmq-server``
+and root (to hand the node directories to the rabbitmq user); about a minute and a half on
+a quiet 2-core machine (starting and joining the nodes is a third of it), over four minutes
+at load 22.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from brokerfl.accounting import account_run
+from brokerfl.config import load_config
+from brokerfl.journal import read_journal
+from brokerfl.metrics import read_metrics
+from brokerfl.replay import replay
+from brokerfl.roles import topology_for
+from brokerfl.store import DirectoryModelStore
+
+from test_federation_amqp import brokerfl, finish, wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.cluster]
+
+
+def _cluster_settings(amqp_url: str) -> list[tuple[str, int]]:
+    base = os.environ.get("BROKERFL_CLUSTER_NODE") or (os.environ.get("BROKERFL_RABBITMQ_NODE") or "rabbit@localhost").split("@")[0]
+    first = int(os.environ.get("BROKERFL_CLUSTER_PORT") or (urlsplit(amqp_url).port or 5672) + 200)
+    return [(f"{base}c{i}@localhost", first + i - 1) for i in (1, 2, 3)]
+
+
+def _ctl(node: str, *args: str, timeout: float = 120) -> str:
+    done = subprocess.run(["rabbitmqctl", "-n", node, *args], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl -n {node} {' '.join(args)}: {done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def _node_env(node: str, port: int, base: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "RABBITMQ_NODENAME": node,
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(port + 20000),
+        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(base / "log"),
+        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+        "RABBITMQ_PID_FILE": str(base / "pid"),
+    }
+
+
+def _os_pid(node: str) -> int:
+    return int(_ctl(node, "eval", "os:getpid().").strip().strip('"'))
+
+
+@pytest.fixture(scope="module")
+def cluster(amqp_url):
+    """Three nodes joined into one cluster; every node stopped and its directory removed
+    afterwards, whatever happened."""
+    if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
+        reason = "a RabbitMQ cluster on this machine needs rabbitmq-server and root (to hand the node directories to the rabbitmq user)"
+        if os.environ.get("BROKERFL_REQUIRE_BROKER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    nodes = _cluster_settings(amqp_url)
+    root = Path(tempfile.mkdtemp(prefix="brokerfl-cluster-"))
+    started: list[tuple[str, Path]] = []
+    try:
+        for node, port in nodes:
+            base = root / node.split("@")[0]
+            base.mkdir()
+            (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n")
+            (base / "enabled_plugins").write_text("[].\n")
+            subprocess.run(["rabbitmq-server", "-detached"], env=_node_env(node, port, base), check=True, capture_output=True, timeout=60)
+            started.append((node, base))
+        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(root)], check=False)
+        root.chmod(0o755)
+        for node, base in started:
+            _ctl(node, "wait", "--timeout", "120", str(base / "pid"), timeout=150)
+        first = nodes[0][0]
+        for node, _ in nodes[1:]:
+            _ctl(node, "stop_app")
+            _ctl(node, "join_cluster", first)
+            _ctl(node, "start_app")
+        running = json.loads(_ctl(first, "cluster_status", "--formatter", "json"))["running_nodes"]
+        assert sorted(running) == sorted(n for n, _ in nodes), running
+        yield [(node, f"amqp://guest:guest@127.0.0.1:{port}/") for node, port in nodes]
+    finally:
+        for node, base in started:
+            try:
+                pid = _os_pid(node)
+                _ctl(node, "stop", timeout=60)
+            except Exception:  # noqa: BLE001 - killed by the test, or never came up: kill what is left
+                pid = None
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        _kill_leftover_beams(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _kill_leftover_beams(root: Path) -> None:
+    """A node whose rabbitmqctl stop failed: its beam runs with our directory in its arguments."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(root).encode() in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+
+def _queues(node: str, run: str) -> dict[str, dict]:
+    rows = json.loads(_ctl(node, "list_queues", "name", "type", "leader", "members", "--formatter", "json"))
+    return {row["name"]: row for row in rows if run in row["name"]}
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "known bug, 2 of 6 runs hung at load 15-22 (4 passed at load 3-14): after failing over, one process logged "
+    "'publishing failed: the message is requeued' and then waited forever (once the server, once the client process, "
+    "whose three consumer channels each held 1 unacked delivery its workers never saw: rabbitmqctl list_channels "
+    "consumer_count 1, messages_unacknowledged 1, prefetch 1). Suspect: AmqpTransport's reconnect/restore bookkeeping "
+    "when a publish fails after a failover (brokerfl/transports/amqp.py)"))
+def test_killing_the_node_that_leads_the_server_queue_costs_nothing(cluster, run_name, tmp_path):
+    """A FedAvg run over a 3-node cluster, every process given the three URLs. The run's
+    queues are quorum queues (the journal a stream) with a member on every node; when round
+    1 is stored, the node leading the server queue is kill -9'd. Every process fails over to
+    another node, the run completes, and accounting and replay pass."""
+    import yaml
+
+    (names, urls) = zip(*cluster)
+    clients, rounds = 3, 5
+    config_path = tmp_path / "slow.yaml"  # clients train 3x slower: rounds of seconds, so the kill lands mid-run
+    data = yaml.safe_load(open("configs/digits_fedavg.yaml"))
+    data["client_slowdown"] = {str(i): 3.0 for i in range(clients)}
+    # a round whose task could not be sent while the cluster failed over is retried at its
+    # deadline (strategy.on_too_few: retry): a short one keeps that within the test's time
+    data["strategy"]["round_deadline_s"] = 30
+    config_path.write_text(yaml.safe_dump(data))
+    common = [str(config_path), "--broker", ",".join(urls), "--replicated-queues", "--run", run_name, "--clients", str(clients), "--rounds", str(rounds), "--log-level", "warning"]
+    server = brokerfl("server", *common, "--out", str(tmp_path))
+    client_procs = [brokerfl("client", *common, "--client-id", f"0-{clients - 1}")]
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        def all_declared():  # server, dead, admin, a queue per client, and the journal
+            found = _queues(names[1], run_name)
+            return found if len(found) == 4 + clients else None
+
+        queues = wait_until(all_declared, 180, "the run's queues")
+        assert {q["type"] for q in queues.values()} == {"quorum", "stream"}, queues
+        assert all(sorted(q["members"]) == sorted(names) for q in queues.values()), queues
+        leader = queues[f"brokerfl.{run_name}.server"]["leader"]
+        leader_pid = _os_pid(leader)
+        wait_until(lambda: metrics.exists() and len(read_metrics(metrics)) >= 1, 180, "round 1")
+        os.kill(leader_pid, signal.SIGKILL)
+        stored_before_kill = len(read_metrics(metrics))
+        survivor = next(n for n in names if n != leader)
+        wait_until(lambda: _queues(survivor, run_name)[f"brokerfl.{run_name}.server"]["leader"] not in ("", leader), 60, "a new leader")
+    finally:
+        outputs = finish([server, *client_procs], timeout=240)
+    assert [p.returncode for p in (server, *client_procs)] == [0, 0], outputs
+    assert stored_before_kill < rounds  # the node died mid-run
+    assert all("amqp.connection_lost" in out for out in outputs), outputs  # every process failed over
+    assert [r["round"] for r in read_metrics(metrics)] == list(range(1, rounds + 1))
+    assert all(r["num_updates"] == clients for r in read_metrics(metrics))
+    config = load_config(config_path, {"run": run_name, "clients": clients, "rounds": rounds, "replicated_queues": True})
+    from brokerfl.transports.amqp import AmqpTransport
+
+    with AmqpTransport([u for n, u in cluster if n != leader]) as transport:
+        report = account_run(transport, topology_for(config), DirectoryModelStore(tmp_path / "models"))
+        assert report.ok, report.summary()
+        replayed = replay(read_journal(transport, topology_for(config)), config)
+        assert replayed.ok, replayed.table()
