@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -197,7 +198,9 @@ class Worker:
         self._apply_timers(ctx)
         if delivery is not None:
             if ctx.holding:
-                self.held.append(delivery)
+                # Only what acks it: the body (and the arrays decoded over it) would
+                # otherwise stay alive until the commit, one whole update per held message.
+                self.held.append(replace(delivery, body=b""))
             else:
                 with timings.phase("ack"):
                     self.transport.ack(delivery)
