@@ -27,7 +27,7 @@ from brokerfl.app import App, load_app
 from brokerfl.admin import AdminState
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
-from brokerfl.message import EvaluateResult, Exit, Heartbeat, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
+from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
 from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion
 from brokerfl.timing import timings
@@ -205,6 +205,17 @@ def mark_alive(message: Heartbeat, ctx: Context):
     check_num_samples(message.num_samples, ctx.state, f"Heartbeat of client {message.client_id}")
     if see_client(ctx.state, message.client_id, message.num_samples):
         ctx.log.info("client seen by heartbeat", client=message.client_id)
+    return maybe_begin(ctx)
+
+
+@table.on(Heartbeats)
+def mark_many_alive(message: Heartbeats, ctx: Context):
+    """One process's logical clients, in one message (each as a Heartbeat of its own)."""
+    for client_id, count in message.clients.items():
+        check_num_samples(count, ctx.state, f"Heartbeats entry of client {client_id}")
+    for client_id, count in message.clients.items():
+        if see_client(ctx.state, client_id, count):
+            ctx.log.info("client seen by heartbeat", client=client_id)
     return maybe_begin(ctx)
 
 
