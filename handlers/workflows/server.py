@@ -27,6 +27,7 @@ from brokerfl.app import App, load_app
 from brokerfl.admin import AdminState
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
+from brokerfl.journal import retention_warning
 from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
 from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion
@@ -127,6 +128,7 @@ def resume_or_initialise(message: Started, ctx: Context):
         # the last process may have died between storing this version and journaling it:
         # journal it again (replay skips a repeated record of the same version and hash)
         journal_version(ctx, state.model, with_parameters=state.model.version == 0)
+    _warn_if_retention_cuts(ctx)
     state.round = state.model.round
     state.strategy.resume(state.model.version, state.model.strategy_state)  # e.g. a server optimizer's moments
     _backfill_metrics(state)
@@ -137,6 +139,18 @@ def resume_or_initialise(message: Started, ctx: Context):
         return finish_run(ctx, "all rounds were already done")
     ctx.set_timer("join", state.config.strategy.join_timeout_s, JoinDeadline())
     return None
+
+
+def _warn_if_retention_cuts(ctx: Context) -> None:
+    config: RunConfig = ctx.state.config
+    if not config.journal:
+        return
+    strategy = config.strategy
+    participants = min(config.clients, strategy.clients_per_round or max(1, round(strategy.fraction * config.clients)))
+    model_bytes = sum(np.asarray(a).nbytes for a in ctx.state.model.parameters.values())
+    warning = retention_warning(model_bytes, rounds=config.rounds, participants=participants, max_bytes=config.journal_max_bytes)
+    if warning is not None:
+        ctx.log.warning(f"journal retention: {warning}")
 
 
 def _backfill_metrics(state: ServerState) -> None:
