@@ -114,6 +114,13 @@ def encode(payload: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> bytes:
     Values may be None, bool, int, float, str, bytes, lists, tuples, str-keyed dicts, numpy
     arrays and torch tensors. The tensor data is copied once, into the returned bytes.
     """
+    return b"".join(encode_parts(payload, limits))
+
+
+def encode_parts(payload: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> list[Any]:
+    """:func:`encode`'s body as the buffers that make it up, in order, without joining them
+    (the tensors' own memory, not copies): a writer to a file needs no second copy of a
+    model. The buffers are valid while the payload's arrays are."""
     if not isinstance(payload, dict):
         raise EncodeError(f"payload must be a dict, got {type(payload).__name__}")
     _check_encodable(payload, limits)
@@ -155,10 +162,10 @@ def encode(payload: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> bytes:
             parts.append(bytes(offset - position))
         parts.append(array.reshape(-1).view(np.uint8))
         position = offset + array.nbytes
-    body = b"".join(parts)
-    if len(body) > limits.max_body_bytes:
-        raise EncodeError(f"body is {len(body)} bytes, the limit is {limits.max_body_bytes}")
-    return body
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    if size > limits.max_body_bytes:
+        raise EncodeError(f"body is {size} bytes, the limit is {limits.max_body_bytes}")
+    return parts
 
 
 _U32 = b"\xce"
