@@ -107,6 +107,34 @@ def _wait4(pid: int, timeout: float):
         time.sleep(0.2)
 
 
+def plot_logs(logs: list[Path], png: Path, model_mib: float) -> None:
+    """Server peak RSS against N of each output (its label from its lines), one line each."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for log in logs:
+        text = log.read_text()
+        label = (re.search(r"^\[(.+?)\]", text, re.M) or [None, log.stem])[1]
+        base = float(re.search(r"baseline \(server without a model.*?peak RSS (\d+) MiB", text).group(1))
+        points = [(int(n), float(mib)) for n, mib in re.findall(r"N=\s*(\d+): server peak RSS (\d+) MiB", text)]
+        line, = ax.plot(*zip(*points), "o-", label=f"{label}: server peak RSS")
+        ax.axhline(base, color=line.get_color(), linestyle=":", linewidth=1, label=f"{label}: baseline (no model)")
+        ax.axhline(base + 5 * model_mib, color="red", linestyle="--", linewidth=1, label="baseline + 5x model (goal)" if log is logs[-1] else None)
+    ax.set_xlabel("logical clients N (in 4 client processes)")
+    ax.set_ylabel("MiB")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Server peak RSS, FedAvg, 10M parameters ({model_mib:.0f} MiB), journal on", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    print(f"plot: {png}")
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -120,8 +148,12 @@ def main() -> None:
     parser.add_argument("--png", type=Path, help="plot server peak RSS against N to this file")
     parser.add_argument("--label", default="", help="a name for this code in the output (e.g. before, after)")
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    parser.add_argument("--plot-logs", type=Path, nargs="+", help="plot earlier outputs of this script (e.g. before and after) to --png, and run nothing")
     args = parser.parse_args()
     model_mib = parameter_count(HIDDEN_10M) * 4 / 1024**2
+    if args.plot_logs:
+        plot_logs(args.plot_logs, args.png or Path("server_memory.png"), model_mib)
+        return
     label = f"[{args.label}] " if args.label else ""
     print(f"{label}code: {args.root}; load before: {uptime()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
