@@ -313,13 +313,23 @@ def _view(body: bytes, p: _Placeholder, base: int, end: int) -> Any:
         raise DecodeError(f"tensor of shape {list(p.shape)} and dtype {p.dtype}: {exc}") from None
 
 
+# Types of a decoded value that hold nothing further (the walks below skip lists of them).
+_LEAVES = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def _only_leaves(items: list[Any]) -> bool:
+    """Does a list hold leaves only? In C (map, set): a broadcast task's list of N
+    participants is decoded by each of N clients, so a Python step per element costs N^2."""
+    return set(map(type, items)) <= _LEAVES
+
+
 def _substitute(value: Any, views: dict[int, Any]) -> Any:
     if isinstance(value, _Placeholder):
         return views[id(value)]
     if isinstance(value, dict):
         return {k: _substitute(v, views) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, views) for v in value]
+        return value if _only_leaves(value) else [_substitute(v, views) for v in value]
     return value
 
 
@@ -333,5 +343,5 @@ def _check_depth(value: Any, limit: int) -> None:
             raise DecodeError("msgpack timestamps are not allowed in a payload")
         if isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
+        elif isinstance(item, list) and not (depth < limit and _only_leaves(item)):  # leaves one level down are within the limit
             stack.extend((v, depth + 1) for v in item)

@@ -322,7 +322,19 @@ def _shown(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
+_HINTS: dict[type, dict[str, tuple[Any, bool]]] = {}
+
+
 def _payload_hints(cls: type[Message]) -> dict[str, tuple[Any, bool]]:
+    """Each payload field's type hint and whether it is required (computed once per class:
+    get_type_hints evaluates the annotations' strings every time)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = _compute_payload_hints(cls)
+    return hints
+
+
+def _compute_payload_hints(cls: type[Message]) -> dict[str, tuple[Any, bool]]:
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
@@ -367,7 +379,7 @@ def _check(value: Any, hint: Any, where: str) -> Any:
     elif origin is list:
         if isinstance(value, list):
             (item,) = typing.get_args(hint) or (Any,)
-            if item is str and all(type(v) is str for v in value):  # e.g. participants: no call per element
+            if item is str and set(map(type, value)) <= {str}:  # e.g. participants: in C, no call per element
                 return value
             return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     elif origin is dict:
