@@ -114,6 +114,13 @@ def encode(payload: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> bytes:
     Values may be None, bool, int, float, str, bytes, lists, tuples, str-keyed dicts, numpy
     arrays and torch tensors. The tensor data is copied once, into the returned bytes.
     """
+    return b"".join(encode_parts(payload, limits))
+
+
+def encode_parts(payload: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> list[Any]:
+    """:func:`encode`'s body as the buffers that make it up, in order, without joining them
+    (the tensors' own memory, not copies): a writer to a file needs no second copy of a
+    model. The buffers are valid while the payload's arrays are."""
     if not isinstance(payload, dict):
         raise EncodeError(f"payload must be a dict, got {type(payload).__name__}")
     _check_encodable(payload, limits)
@@ -155,10 +162,10 @@ def encode(payload: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> bytes:
             parts.append(bytes(offset - position))
         parts.append(array.reshape(-1).view(np.uint8))
         position = offset + array.nbytes
-    body = b"".join(parts)
-    if len(body) > limits.max_body_bytes:
-        raise EncodeError(f"body is {len(body)} bytes, the limit is {limits.max_body_bytes}")
-    return body
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    if size > limits.max_body_bytes:
+        raise EncodeError(f"body is {size} bytes, the limit is {limits.max_body_bytes}")
+    return parts
 
 
 _U32 = b"\xce"
@@ -306,13 +313,23 @@ def _view(body: bytes, p: _Placeholder, base: int, end: int) -> Any:
         raise DecodeError(f"tensor of shape {list(p.shape)} and dtype {p.dtype}: {exc}") from None
 
 
+# Types of a decoded value that hold nothing further (the walks below skip lists of them).
+_LEAVES = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+def _only_leaves(items: list[Any]) -> bool:
+    """Does a list hold leaves only? In C (map, set): a broadcast task's list of N
+    participants is decoded by each of N clients, so a Python step per element costs N^2."""
+    return set(map(type, items)) <= _LEAVES
+
+
 def _substitute(value: Any, views: dict[int, Any]) -> Any:
     if isinstance(value, _Placeholder):
         return views[id(value)]
     if isinstance(value, dict):
         return {k: _substitute(v, views) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, views) for v in value]
+        return value if _only_leaves(value) else [_substitute(v, views) for v in value]
     return value
 
 
@@ -326,5 +343,5 @@ def _check_depth(value: Any, limit: int) -> None:
             raise DecodeError("msgpack timestamps are not allowed in a payload")
         if isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
+        elif isinstance(item, list) and not (depth < limit and _only_leaves(item)):  # leaves one level down are within the limit
             stack.extend((v, depth + 1) for v in item)

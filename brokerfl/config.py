@@ -29,6 +29,11 @@ class DataConfig(_Section):
     partition: Literal["iid", "dirichlet"] = "iid"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller is more skewed")
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    share_samples: bool = Field(
+        False,
+        description="more clients than training samples: the samples are dealt to as many partitions as there are "
+        "samples, and client i trains on partition i mod that number (clients share samples; else it is an error)",
+    )
 
 
 class ModelConfig(_Section):

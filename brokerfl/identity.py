@@ -62,6 +62,9 @@ def server_inbox_check(run: str, client_ids: Iterable[str]) -> SenderCheck:
         claimed = getattr(message, "client_id", None)
         if claimed is not None and claimed != who:
             return f"{message.TYPE} claims client {claimed!r} but was published by {user!r} (client {who!r})"
+        for other in getattr(message, "clients", None) or ():  # Heartbeats: a user speaks for its own client only
+            if other != who:
+                return f"{message.TYPE} claims client {other!r} but was published by {user!r} (client {who!r})"
         return None
 
     return check

@@ -31,6 +31,28 @@ class JournalMark(Message):
     """Published by a journal reader so it knows where its read ends."""
 
 
+def expected_journal_bytes(model_bytes: int, *, rounds: int, participants: int) -> int:
+    """What a synchronous run journals, roughly: each round's broadcast TrainTask and its
+    ``participants`` updates (a model each), plus version 0's record. Joins, heartbeats
+    (one small message per client process and beat) and records are small beside a model
+    and not counted."""
+    return model_bytes * ((participants + 1) * rounds + 1)
+
+
+def retention_warning(model_bytes: int, *, rounds: int, participants: int, max_bytes: int | None) -> str | None:
+    """Why the journal's retention will cut this run's start (None if it will not):
+    replay and accounting then cannot see its first versions."""
+    expected = expected_journal_bytes(model_bytes, rounds=rounds, participants=participants)
+    if max_bytes is None or expected <= max_bytes:
+        return None
+    return (
+        f"the journal will hold about {expected / 1024**3:.2f} GiB ({model_bytes / 1024**2:.1f} MiB model x "
+        f"({participants} updates + 1 task) x {rounds} rounds), more than journal_max_bytes "
+        f"({max_bytes / 1024**3:.2f} GiB): retention will cut the run's start, and replay and accounting "
+        "will not cover it; raise journal_max_bytes to keep the whole run"
+    )
+
+
 def read_journal(transport: Transport, topology: RunTopology, *, timeout_s: float = 120.0, prefetch: int = 64) -> Iterator[Delivery]:
     """Yield the run's journaled messages in journal order, up to the moment of the call."""
     if not topology.journal:

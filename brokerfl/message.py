@@ -115,6 +115,15 @@ class Heartbeat(Message):
 
 
 @dataclass(kw_only=True)
+class Heartbeats(Message):
+    """The logical clients of one process are alive: one message per process and beat
+    instead of one per client (client id -> its sample count, as each Heartbeat carries).
+    A process hosting 1,000 clients sends 1 message per beat, not 1,000."""
+
+    clients: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
 class TrainTask(Message):
     """Train on global model ``model_version`` (envelope) and answer with a ParameterUpdate.
 
@@ -272,11 +281,20 @@ def _check_ranges(kind: str, envelope_values: dict[str, Any], values: dict[str, 
     for name in _MESSAGE_ID_FIELDS:
         if name in values and len(values[name]) > MAX_ID_CHARS:
             raise DecodeError(f"{kind}.{name}: {_shown(values[name])} is longer than {MAX_ID_CHARS} characters")
-    for i, value in enumerate(values.get("participants") or []):
+    for client_id, count in (values.get("clients") or {}).items():  # Heartbeats
         try:
-            check_name("client id", value)
+            check_name("client id", client_id)
         except ValueError:
-            raise DecodeError(f"{kind}.participants[{i}]: {_shown(value)} is not a client id") from None
+            raise DecodeError(f"{kind}.clients: {_shown(client_id)} is not a client id") from None
+        if not 0 <= count < MAX_COUNTER:
+            raise DecodeError(f"{kind}.clients[{_shown(client_id)}]: {_shown(count)} samples is out of range (0 to 2^63)")
+    participants = values.get("participants") or []
+    if not _all_client_ids(participants):  # the slow way only to say which one is wrong
+        for i, value in enumerate(participants):
+            try:
+                check_name("client id", value)
+            except ValueError:
+                raise DecodeError(f"{kind}.participants[{i}]: {_shown(value)} is not a client id") from None
     for name in _COUNT_FIELDS:
         value = values.get(name, envelope_values.get(name))
         if isinstance(value, int) and not 0 <= value < MAX_COUNTER:
@@ -285,13 +303,39 @@ def _check_ranges(kind: str, envelope_values: dict[str, Any], values: dict[str, 
         raise DecodeError(f"message_id {_shown(envelope_values['message_id'])} must be 1-{MAX_ID_CHARS} characters")
 
 
+_CLIENT_IDS = re.compile(r"[A-Za-z0-9_-]{1,64}(?:,[A-Za-z0-9_-]{1,64})*")
+
+
+def _all_client_ids(values: list[str]) -> bool:
+    """Every value a client id (topology.check_name's rule), in one regex over the joined
+    list: a broadcast task names every participant and every client decodes it, so a
+    per-element check costs N^2 per round over N clients. The separator count rules out
+    an element that itself holds the separator."""
+    if not values:
+        return True
+    joined = ",".join(values)
+    return joined.count(",") == len(values) - 1 and _CLIENT_IDS.fullmatch(joined) is not None
+
+
 def _shown(value: Any, limit: int = 80) -> str:
     """A value from the wire as it may appear in a reason: repr, cut to ``limit``."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
+_HINTS: dict[type, dict[str, tuple[Any, bool]]] = {}
+
+
 def _payload_hints(cls: type[Message]) -> dict[str, tuple[Any, bool]]:
+    """Each payload field's type hint and whether it is required (computed once per class:
+    get_type_hints evaluates the annotations' strings every time)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = _compute_payload_hints(cls)
+    return hints
+
+
+def _compute_payload_hints(cls: type[Message]) -> dict[str, tuple[Any, bool]]:
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
@@ -336,6 +380,8 @@ def _check(value: Any, hint: Any, where: str) -> Any:
     elif origin is list:
         if isinstance(value, list):
             (item,) = typing.get_args(hint) or (Any,)
+            if item is str and set(map(type, value)) <= {str}:  # e.g. participants: in C, no call per element
+                return value
             return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     elif origin is dict:
         if isinstance(value, dict):

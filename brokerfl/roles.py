@@ -8,6 +8,7 @@ lists modules imported first so that they can register more handlers on those ta
 from __future__ import annotations
 
 import importlib
+import math
 from types import ModuleType
 
 import structlog
@@ -96,3 +97,18 @@ def client_worker(transport: Transport, config: RunConfig, client_id: str, *, jo
     log = structlog.get_logger("brokerfl").bind(run=config.run, role=f"client.{client_id}", client=client_id)
     admit = identity.client_inbox_check(config.run) if config.identity.enforce else None
     return Worker(transport, topology, queue, module.table, state, name=f"client.{client_id}", prefetch=1, log=log, admit=admit)
+
+
+def client_process_worker(transport: Transport, config: RunConfig, clients: list[Worker]) -> Worker | None:
+    """The worker that sends one Heartbeats message for all the logical clients of this
+    process, if their handler set has one (``process_table``, ``make_process_state``) and
+    it is needed: several clients, liveness on (a finite ``liveness.timeout_s``), and no
+    identity enforcement (there each client is its own broker user and process). Else
+    None: each client sends its own Heartbeat."""
+    module = handler_set(config, "client_handlers")
+    if len(clients) < 2 or config.identity.enforce or not math.isfinite(config.liveness.timeout_s):
+        return None
+    if not (hasattr(module, "process_table") and hasattr(module, "make_process_state")):
+        return None
+    state = module.make_process_state(config, [w.state for w in clients])
+    return Worker(transport, topology_for(config), None, module.process_table, state, name=clients[0].name.rsplit(".", 1)[0] + "-process")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from brokerfl.codec import decode, encode
+from brokerfl.codec import decode, encode_parts
 from brokerfl.message import Tensors
 
 
@@ -119,14 +119,16 @@ class DirectoryModelStore(ModelStore):
         meta = model.metadata()
         # the model file is the version; the JSON beside it only saves readers of metadata
         # from loading parameters, and is rebuilt from the model file if missing
-        self._write_atomically(target, encode({"meta": meta, "parameters": model.parameters, "strategy_state": model.strategy_state}))
-        self._write_atomically(target.with_suffix(".json"), json.dumps(meta).encode())
+        # written buffer by buffer: no body-sized copy of the model (server memory)
+        self._write_atomically(target, encode_parts({"meta": meta, "parameters": model.parameters, "strategy_state": model.strategy_state}))
+        self._write_atomically(target.with_suffix(".json"), [json.dumps(meta).encode()])
 
-    def _write_atomically(self, target: Path, data: bytes) -> None:
+    def _write_atomically(self, target: Path, parts: list[Any]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                for part in parts:
+                    f.write(part)
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, target)

@@ -10,6 +10,7 @@ no caller's RNG is disturbed.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -34,12 +35,27 @@ def to_named_arrays(module: nn.Module) -> Parameters:
     return out
 
 
-def load_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?") -> None:
-    """Copy ``parameters`` into ``module`` (names and shapes must match its state_dict)."""
-    state = module.state_dict()
+def _check_names(state: Mapping[str, Any], parameters: Mapping[str, Any], app_name: str) -> None:
     if state.keys() != parameters.keys():
         missing, extra = sorted(state.keys() - parameters.keys()), sorted(parameters.keys() - state.keys())
         raise AppError(f"app {app_name!r}: parameters do not fit model(): missing {missing}, unexpected {extra}")
+
+
+def load_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?", *, fresh: bool = False) -> None:
+    """Copy ``parameters`` into ``module`` (names and shapes must match its state_dict).
+    ``fresh``: into new tensors, not the module's current ones (which may be borrowed
+    arrays, see :func:`borrow_named_arrays`, that must not be written)."""
+    state = module.state_dict()
+    _check_names(state, parameters, app_name)
+    if fresh:
+        copies = {}
+        for name, target in state.items():
+            source = torch.from_numpy(np.array(parameters[name], copy=True))
+            if tuple(source.shape) != tuple(target.shape):
+                raise AppError(f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has {tuple(target.shape)}")
+            copies[name] = source.to(target.dtype)
+        module.load_state_dict(copies, assign=True)
+        return
     with torch.no_grad():
         for name, target in state.items():
             value = parameters[name]
@@ -47,6 +63,37 @@ def load_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name
             if tuple(source.shape) != tuple(target.shape):
                 raise AppError(f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has {tuple(target.shape)}")
             target.copy_(source)
+
+
+def borrow_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?") -> None:
+    """Make ``module``'s parameters (weights, not buffers) views of ``parameters``' arrays,
+    without a copy: for evaluation only. A server evaluating each new global model then
+    holds no second copy of it (and no copy is made per evaluation): the module shares the
+    global model's memory. Buffers (e.g. BatchNorm's running statistics, which a module in
+    train mode updates) are copied. The borrowed arrays must not be written: whoever next
+    loads parameters for training passes ``fresh=True`` to :func:`load_named_arrays`."""
+    state = module.state_dict()
+    _check_names(state, parameters, app_name)
+    weights = {name for name, _ in module.named_parameters()}
+    assigned = {}
+    for name, target in state.items():
+        value = np.asarray(parameters[name])
+        if tuple(value.shape) != tuple(target.shape):
+            raise AppError(f"app {app_name!r}: parameter {name} has shape {tuple(value.shape)}, model() has {tuple(target.shape)}")
+        if name in weights and _torch_dtype(value.dtype) == target.dtype and value.flags.c_contiguous:
+            with warnings.catch_warnings():  # a decoded array is read-only: nothing here writes it
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                assigned[name] = torch.from_numpy(value)
+        else:
+            assigned[name] = torch.from_numpy(np.array(value, copy=True)).to(target.dtype)
+    module.load_state_dict(assigned, assign=True)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype | None:
+    try:
+        return torch.from_numpy(np.empty(0, dtype)).dtype
+    except TypeError:
+        return None
 
 
 def batches(data: Any, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -124,6 +171,7 @@ class TorchModel:
 
     def __init__(self, app: App, module: nn.Module) -> None:
         self.app, self.module = app, module
+        self._borrowed = False  # the module's weights are views of an evaluated model's arrays
         self._train = getattr(app.module, "train", None) or train_classifier
         self._evaluate = getattr(app.module, "evaluate", None) or evaluate_classifier
 
@@ -134,14 +182,17 @@ class TorchModel:
         return to_named_arrays(made)
 
     def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int) -> tuple[Parameters, dict[str, float]]:
-        load_named_arrays(self.module, parameters, self.app.name)
+        load_named_arrays(self.module, parameters, self.app.name, fresh=self._borrowed)
+        self._borrowed = False
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             metrics = call(self._train, self.module, data, settings, seed, options=self.app.options)
         return to_named_arrays(self.module), dict(metrics or {})
 
     def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
-        load_named_arrays(self.module, parameters, self.app.name)
+        # in place: evaluation only reads the weights (see borrow_named_arrays)
+        borrow_named_arrays(self.module, parameters, self.app.name)
+        self._borrowed = True
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return call(self._evaluate, self.module, data, options=self.app.options)
@@ -152,6 +203,9 @@ class TorchModel:
         if self._train is not train_classifier:
             return
         saved = to_named_arrays(self.module)
+        if self._borrowed:  # training writes the weights: into the module's own memory
+            load_named_arrays(self.module, saved, self.app.name, fresh=True)
+            self._borrowed = False
         settings = TrainConfig(epochs=1, batch_size=2, lr=1e-9, momentum=0.0, max_batches=1)
         with torch.random.fork_rng(devices=[]):
             self._train(self.module, data, settings, 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import replace
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,7 +35,7 @@ class Worker:
         self,
         transport: Transport,
         topology: RunTopology,
-        queue: str,
+        queue: str | None,
         table: HandlerTable,
         state: Any,
         *,
@@ -72,7 +73,7 @@ class Worker:
     def start(self) -> None:
         """Start consuming, after dispatching :class:`Started` to the table (if handled)."""
         self.dispatch_local(Started(run=self.topology.run, sender=self.name))
-        if not self.stopped:
+        if not self.stopped and self.queue is not None:  # None: a worker of timers only (e.g. a process's heartbeat)
             self._consumer_tag = self.transport.consume(self.queue, self._on_delivery, prefetch=self.prefetch)
 
     def step(self, timeout: float = 0.0) -> int:
@@ -197,7 +198,9 @@ class Worker:
         self._apply_timers(ctx)
         if delivery is not None:
             if ctx.holding:
-                self.held.append(delivery)
+                # Only what acks it: the body (and the arrays decoded over it) would
+                # otherwise stay alive until the commit, one whole update per held message.
+                self.held.append(replace(delivery, body=b""))
             else:
                 with timings.phase("ack"):
                     self.transport.ack(delivery)
@@ -272,11 +275,14 @@ class Worker:
             self.transport.nack(delivery, requeue=False)
 
 
-def run_workers(transport: Transport, workers: list[Worker], *, poll_s: float = 0.5) -> None:
-    """Run several workers that share one connection until every one has stopped."""
+def run_workers(transport: Transport, workers: list[Worker], *, poll_s: float = 0.5, background: list[Worker] = ()) -> None:
+    """Run several workers that share one connection until every one has stopped;
+    ``background`` workers (e.g. the process's heartbeat) run alongside but do not keep
+    the loop going."""
     while not all(w.stopped for w in workers):
-        timers = [t for w in workers if not w.stopped and (t := w.next_timer_in()) is not None]
+        running = [w for w in [*workers, *background] if not w.stopped]
+        timers = [t for w in running if (t := w.next_timer_in()) is not None]
         transport.poll(max(0.0, min([poll_s, *timers])))
-        for worker in workers:
+        for worker in running:
             if not worker.stopped:
                 worker.fire_due_timers()

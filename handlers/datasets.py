@@ -166,3 +166,18 @@ def partition(
     if scheme == "dirichlet":
         return dirichlet_partition(labels, num_clients, alpha, seed)
     raise ValueError(f"unknown partition scheme {scheme!r}; valid schemes: iid, dirichlet")
+
+
+@functools.lru_cache(maxsize=16)
+def cached_partition(
+    name: str, test_fraction: float, seed: int, num_clients: int, scheme: str, alpha: float
+) -> tuple[np.ndarray, ...]:
+    """:func:`partition` of a :func:`load_dataset` training set, computed once per process
+    and arguments: a process hosting N logical clients (or a simulation of N) would
+    otherwise compute the whole N-way split N times. The index arrays are read-only
+    (they are shared)."""
+    dataset = load_dataset(name, test_fraction=test_fraction, seed=seed)
+    parts = partition(dataset.y_train, num_clients, scheme, alpha=alpha, seed=seed)
+    for part in parts:
+        part.flags.writeable = False
+    return tuple(parts)

@@ -10,6 +10,7 @@ results are bitwise reproducible for the same inputs and seed.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -61,9 +62,11 @@ def init_parameters(
 
 
 def _load_model(
-    parameters: Mapping[str, np.ndarray], num_features: int, hidden: Sequence[int], num_classes: int
+    parameters: Mapping[str, np.ndarray], num_features: int, hidden: Sequence[int], num_classes: int, *, copy: bool = True
 ) -> nn.Sequential:
-    """Build the MLP and fill it with copies of `parameters`, validating keys and shapes."""
+    """Build the MLP and fill it with copies of `parameters`, validating keys and shapes.
+    ``copy=False`` (evaluation, which only reads the weights): float32 arrays are used in
+    place, so evaluating a model costs no second copy of it."""
     model = _skeleton(num_features, hidden, num_classes)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     got = {name: tuple(np.shape(arr)) for name, arr in parameters.items()}
@@ -76,8 +79,13 @@ def _load_model(
             f"num_classes={num_classes}): missing={missing}, unexpected={unexpected}, "
             f"shape mismatches (got, expected)={wrong}"
         )
-    # torch.tensor always copies, so read-only inputs are fine and never aliased.
-    tensors = {name: torch.tensor(parameters[name], dtype=torch.float32) for name in expected}
+    if copy:
+        # torch.tensor always copies, so read-only inputs are fine and never aliased.
+        tensors = {name: torch.tensor(parameters[name], dtype=torch.float32) for name in expected}
+    else:
+        with warnings.catch_warnings():  # decoded arrays are read-only; nothing here writes them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensors = {name: torch.from_numpy(np.ascontiguousarray(parameters[name], dtype=np.float32)) for name in expected}
     model.load_state_dict(tensors, strict=True, assign=True)
     return model
 
@@ -154,7 +162,7 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     xt, yt = _as_inputs(x, y, num_classes)
-    model = _load_model(parameters, xt.shape[1], hidden, num_classes)
+    model = _load_model(parameters, xt.shape[1], hidden, num_classes, copy=False)
     model.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(xt), batch_size):

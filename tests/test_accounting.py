@@ -14,10 +14,14 @@ from brokerfl.transports.local import LocalTransport
 
 
 def test_a_clean_simulated_run_accounts_for_every_update():
+    import structlog
+
     config = load_config(None, {"rounds": 3, "clients": 4})
-    result = simulate(config, journal=True)
+    with structlog.testing.capture_logs() as logs:
+        result = simulate(config, journal=True)
+    assert not any(e["event"].startswith("journal retention") for e in logs)  # it fits: no warning
     report = account_run(LocalTransport(result.broker), topology_for(config), result.store)
-    assert report.ok, report.summary()
+    assert report.ok and report.cut_at is None, report.summary()
     assert len(report.sent) == 12 and report.versions == 4  # version 0 holds no update
     assert "OK" in report.summary()
 
@@ -51,3 +55,19 @@ def test_counted_twice_unaccounted_and_dropped_are_told_apart():
     assert report.dropped["c"] == ["late: round 3 closed"] and report.dead["d"] == ["NaN"]
     text = report.summary()
     assert "COUNTED TWICE b" in text and "UNACCOUNTED e" in text and "FAILED" in text
+
+
+def test_a_journal_cut_by_retention_is_named_not_listed_as_missing_updates():
+    """A run bigger than journal_max_bytes: the server warns at start, and accounting says
+    where retention cut the journal instead of listing updates as missing."""
+    import structlog
+
+    config = load_config(None, {"rounds": 3, "clients": 4, "journal_max_bytes": 400_000})  # a model is ~69 kB; the run ~1.1 MB
+    with structlog.testing.capture_logs() as logs:
+        result = simulate(config, journal=True)
+    assert any(e["event"].startswith("journal retention: the journal will hold about") and e["log_level"] == "warning" for e in logs)
+    report = account_run(LocalTransport(result.broker), topology_for(config), result.store)
+    summary = report.summary()
+    assert report.cut_at is not None and report.cut_at > 0, summary
+    assert f"the journal's start was cut by retention at version {report.cut_at}" in summary
+    assert "folded but not in the journal" not in summary and report.ok and "PARTIAL" in summary

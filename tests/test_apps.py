@@ -245,3 +245,28 @@ def test_cnn_app_over_rabbitmq_matches_simulate_replays_and_accounts(amqp_url, r
     finally:
         with AmqpTransport(amqp_url) as admin:
             RunTopology(run_name).delete(admin, ["0", "1"])
+
+
+def test_evaluation_reads_the_model_in_place_and_training_never_writes_into_it(monkeypatch):
+    """The server evaluates in place (the weights are the evaluated arrays: no copy), for
+    the built-in MLP and for a torch app; a later train leaves those arrays untouched."""
+    import torch
+
+    torch_app = fake_app(monkeypatch, "fake_torch_app", model=lambda options: torch.nn.Sequential(torch.nn.Linear(64, 10)),
+                         load_partition=lambda index, num_partitions, options, seed: (np.zeros((4, 64), np.float32), np.zeros(4, np.int64)))
+    for config in ({"model": {"hidden": [8]}}, {"app": torch_app}):
+        app = load_app(parse_config(config))
+        test_data = load_app(parse_config({})).load_server_test(0)
+        evaluated = {k: np.frombuffer(v.tobytes(), v.dtype).reshape(v.shape) for k, v in app.initial_parameters(0).items()}  # read-only, as decoded
+        before = {k: v.copy() for k, v in evaluated.items()}
+        pointers = []
+        original = torch.nn.Linear.forward
+        monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: (pointers.append(self.weight.data_ptr()), original(self, x))[1])
+        scores = app.evaluate(evaluated, test_data)
+        monkeypatch.setattr(torch.nn.Linear, "forward", original)
+        weights = {v.ctypes.data for k, v in evaluated.items() if k.endswith("weight")}
+        assert pointers and set(pointers) <= weights, config  # evaluated in place, not copied
+        new, _ = app.train(evaluated, test_data, parse_config({}).train, seed=0)
+        assert all(np.array_equal(evaluated[k], before[k]) for k in evaluated), config  # training wrote elsewhere
+        assert any(not np.array_equal(new[k], before[k]) for k in new), config
+        assert app.evaluate(evaluated, test_data) == scores, config  # the same arrays evaluate the same again

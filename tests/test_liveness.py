@@ -111,3 +111,53 @@ def test_a_returning_client_skips_superseded_and_expired_tasks():
         pass
     assert taken(admin, topology.server_queue, "parameter_update") == []
     assert np.isfinite(updates[0].parameters["0.weight"]).all()
+
+
+def test_a_process_beats_once_for_all_its_clients_and_not_at_all_without_liveness():
+    from brokerfl.message import Heartbeats
+    from brokerfl.roles import client_process_worker
+
+    config = load_config(None, {"clients": 3, "liveness.heartbeat_s": 0.05, "liveness.timeout_s": 0.5})
+    broker = LocalBroker()
+    admin = LocalTransport(broker)
+    topology = topology_for(config, journal=False)
+    topology.declare(admin)
+    transport = LocalTransport(broker)
+    clients = [client_worker(transport, config, cid, journal=False) for cid in config.client_ids()]
+    beat = client_process_worker(transport, config, clients)
+    for worker in [*clients, beat]:
+        worker.start()
+    assert all(c.next_timer_in() is None for c in clients)  # no client beats alone
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:
+        time.sleep(max(0.0, beat.next_timer_in()))
+        beat.fire_due_timers()
+    sent = []
+    while (delivery := admin.get(topology.server_queue)) is not None:
+        admin.ack(delivery)
+        sent.append(from_wire(delivery.envelope, delivery.body))
+    kinds = [m.TYPE for m in sent]
+    assert kinds.count("join") == 3 and "heartbeat" not in kinds and kinds.count("heartbeats") >= 3
+    assert all(m.clients == {cid: c.state.data.train[1].size for cid, c in zip("012", clients)} for m in sent if isinstance(m, Heartbeats))
+
+    # the server takes the federation from one Heartbeats message (as after a restart)
+    _, _, _, client_queues, server = make_server()
+    server.start()
+    server.publish([to_server(next(m for m in sent if isinstance(m, Heartbeats)))])
+    step_until(server, lambda: server.state.begun)
+    assert sorted(server.state.clients) == ["0", "1", "2"]
+
+    # a client that exited is left out; when none is left the beat stops
+    for c in clients:
+        c.state.exit_reason = "exit"
+    time.sleep(max(0.0, beat.next_timer_in()))
+    beat.fire_due_timers()
+    assert beat.stopped
+
+    # liveness off (simulate): no heartbeats at all
+    off = load_config(None, {"clients": 3, "liveness.timeout_s": float("inf")})
+    quiet = [client_worker(transport, off, cid, journal=False) for cid in ("5", "6")]
+    assert client_process_worker(transport, off, quiet) is None
+    for worker in quiet:
+        worker.start()
+    assert all(w.next_timer_in() is None for w in quiet)

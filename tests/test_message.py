@@ -146,6 +146,7 @@ names = st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z")
 FIELD_STRATEGIES = {
     "client_id": names,
     "participants": st.lists(names, max_size=4),
+    "clients": st.dictionaries(names, st.integers(0, 2**63 - 1), max_size=4),  # Heartbeats
     "num_samples": st.integers(0, 2**63 - 1),
     "version": st.integers(0, 2**63 - 1),
     "parent": st.none() | st.integers(0, 2**63 - 1),
@@ -477,3 +478,29 @@ def test_envelope_fields_are_the_message_base_fields():
     assert message_module.SCHEMA_VERSION == SCHEMA_VERSION
     message = Join(client_id="c")
     assert len(message.message_id) == 32 and math.isfinite(message.timestamp) and message.schema_version == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        ({"participants": ["a", "b,c"]}, r"participants\[1\]: 'b,c' is not a client id"),  # a separator inside one id
+        ({"participants": ["a", ""]}, r"participants\[1\]: '' is not a client id"),
+        ({"participants": ["a", "x" * 65]}, r"participants\[1\]: 'x+' is not a client id"),
+        ({"participants": ["a", 7]}, r"participants\[1\]: expected str, got int"),
+    ],
+)
+def test_participants_are_checked_in_one_pass_and_the_bad_one_is_named(payload, error):
+    envelope = envelope_for(TrainTask)
+    body = encode({"parameters": {}, **payload})
+    with pytest.raises(DecodeError, match=error):
+        from_wire(envelope, body)
+
+
+def test_heartbeats_name_clients_by_the_client_id_rule():
+    from brokerfl.message import Heartbeats
+
+    message = Heartbeats(clients={"0": 10, "site-b": 3})
+    assert from_wire(*to_wire(message)).clients == {"0": 10, "site-b": 3}
+    for bad, error in (({"a.b": 1}, r"clients: 'a.b' is not a client id"), ({"a": -1}, r"clients\['a'\]: -1 samples is out of range")):
+        with pytest.raises(DecodeError, match=error):
+            from_wire(envelope_for(Heartbeats), encode({"clients": bad}))

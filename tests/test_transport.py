@@ -62,7 +62,10 @@ def test_topic_routing(transport_factory, run_name):
     t = transport_factory()
     exchange = f"brokerfl.{run_name}"
     t.declare_exchange(exchange)
-    patterns = {"server": "server.#", "client7": "client.7.#", "star": "client.*.task", "bare": "client.*", "all": "#"}
+    patterns = {
+        "server": "server.#", "client7": "client.7.#", "star": "client.*.task", "bare": "client.*", "all": "#",
+        "exact": "client.8.task", "mid": "client.#.extra", "tail": "#.task",
+    }
     queues = {}
     for name, pattern in patterns.items():
         queues[name] = f"{exchange}.{name}"
@@ -71,10 +74,12 @@ def test_topic_routing(transport_factory, run_name):
     expected = {
         "server.update": {"server", "all"},
         "server": {"server", "all"},  # '#' matches zero words
-        "client.7.task": {"client7", "star", "all"},
-        "client.7.task.extra": {"client7", "all"},  # '*' is exactly one word
-        "client.8.task": {"star", "all"},
+        "client.7.task": {"client7", "star", "all", "tail"},
+        "client.7.task.extra": {"client7", "all", "mid"},  # '*' is exactly one word
+        "client.8.task": {"star", "all", "exact", "tail"},
         "client.8": {"bare", "all"},
+        "client.extra": {"bare", "all", "mid"},  # '#' inside a pattern matches zero words too
+        "task": {"all", "tail"},
         "clients.exit": {"all"},
     }
     for key in expected:
@@ -85,6 +90,10 @@ def test_topic_routing(transport_factory, run_name):
             bodies.add(d.body.decode())
             t.ack(d)
         assert bodies == {k for k, names in expected.items() if name in names}, name
+    for name in ("all", "bare", "mid"):  # their bindings go with them
+        t.delete_queue(queues.pop(name))
+    with pytest.raises(UnroutableError):
+        t.publish(exchange, "client.extra", envelope(), b"")
 
 
 def test_fifo_per_queue_and_envelope_roundtrip(transport_factory, run_name):

@@ -47,6 +47,48 @@ def _match(pattern: list[str], words: list[str]) -> bool:
     return (head == "*" or head == words[0]) and _match(rest, words[1:])
 
 
+class _Bindings:
+    """One topic exchange's bindings, indexed so that routing a key costs O(its words), not
+    O(bindings): exact patterns by the pattern, ``prefix.#`` patterns by their prefix, and
+    only the rare other wildcard patterns (``*``, ``#`` inside) matched one by one."""
+
+    def __init__(self) -> None:
+        self.all: dict[tuple[str, str], None] = {}  # (pattern, queue), in binding order
+        self._exact: dict[str, set[str]] = {}
+        self._prefix: dict[tuple[str, ...], set[str]] = {}  # "a.b.#" -> ("a", "b"); "#" -> ()
+        self._other: dict[tuple[str, str], None] = {}
+
+    def add(self, pattern: str, queue: str) -> None:
+        if (pattern, queue) in self.all:
+            return
+        self.all[(pattern, queue)] = None
+        words = pattern.split(".")
+        if "*" not in words and "#" not in words:
+            self._exact.setdefault(pattern, set()).add(queue)
+        elif words[-1] == "#" and "*" not in words and "#" not in words[:-1]:
+            self._prefix.setdefault(tuple(words[:-1]), set()).add(queue)
+        else:
+            self._other[(pattern, queue)] = None
+
+    def remove_queue(self, queue: str) -> None:
+        for pattern, q in [b for b in self.all if b[1] == queue]:
+            del self.all[(pattern, q)]
+            self._other.pop((pattern, q), None)
+            for index, key in ((self._exact, pattern), (self._prefix, tuple(pattern.split(".")[:-1]))):
+                if key in index:
+                    index[key].discard(q)
+                    if not index[key]:
+                        del index[key]
+
+    def match(self, routing_key: str) -> set[str]:
+        words = routing_key.split(".")
+        names = set(self._exact.get(routing_key, ()))
+        for i in range(len(words) + 1):  # "a.#" takes "a" too: # is zero or more words
+            names.update(self._prefix.get(tuple(words[:i]), ()))
+        names.update(q for pattern, q in self._other if topic_matches(pattern, routing_key))
+        return names
+
+
 @dataclass
 class _Message:
     exchange: str
@@ -81,12 +123,13 @@ class _Queue:
     ready: deque[_Message] = field(default_factory=deque)
     log: list[_Message] = field(default_factory=list)  # streams: append-only
     log_start: int = 0  # streams: offset of log[0], after retention dropped older entries
+    log_bytes: int = 0  # streams: bytes of the bodies in log
     unacked: dict[int, tuple[_Message, _Consumer]] = field(default_factory=dict)
     consumers: list[_Consumer] = field(default_factory=list)
     next_consumer: int = 0
 
     def stream_bytes(self) -> int:
-        return sum(len(m.body) for m in self.log)
+        return self.log_bytes
 
 
 class LocalBroker:
@@ -95,8 +138,10 @@ class LocalBroker:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
-        self.exchanges: dict[str, list[tuple[str, str]]] = {"": []}  # name -> [(pattern, queue)]
+        self.exchanges: dict[str, _Bindings] = {"": _Bindings()}
         self.queues: dict[str, _Queue] = {}
+        # queues that may have something to hand out (dispatch looks at these, not at all)
+        self.pending: dict[str, None] = {}
         self._tags = itertools.count(1)
 
     def next_tag(self) -> int:
@@ -108,41 +153,60 @@ class LocalBroker:
             return [queue] if queue else []
         if exchange not in self.exchanges:
             raise TransportError(f"no exchange {exchange!r}")
-        names = {q for pattern, q in self.exchanges[exchange] if topic_matches(pattern, routing_key)}
+        names = self.exchanges[exchange].match(routing_key)
         return [self.queues[n] for n in sorted(names) if n in self.queues]
 
     def enqueue(self, queue: _Queue, message: _Message) -> None:
         if queue.kind == "stream":
             message.appended = time.monotonic()
             queue.log.append(message)
+            queue.log_bytes += len(message.body)
             too_old = message.appended - queue.max_age_s if queue.max_age_s is not None else None
-            while len(queue.log) > 1 and (
-                (queue.max_length_bytes is not None and queue.stream_bytes() > queue.max_length_bytes)
-                or (too_old is not None and queue.log[0].appended < too_old)
+            cut = 0
+            while len(queue.log) - cut > 1 and (
+                (queue.max_length_bytes is not None and queue.log_bytes > queue.max_length_bytes)
+                or (too_old is not None and queue.log[cut].appended < too_old)
             ):
-                queue.log.pop(0)
-                queue.log_start += 1
+                queue.log_bytes -= len(queue.log[cut].body)
+                cut += 1
+            if cut:
+                del queue.log[:cut]
+                queue.log_start += cut
         else:
             queue.ready.append(message)
+        self.pending[queue.name] = None
 
     def dispatch(self) -> None:
-        """Hand ready messages to consumers with room under their prefetch, round robin."""
-        for queue in self.queues.values():
-            if queue.kind == "stream":
-                for consumer in queue.consumers:
-                    consumer.stream_position = max(consumer.stream_position, queue.log_start)
-                    while consumer.stream_position < queue.log_start + len(queue.log) and _has_room(consumer):
-                        message = queue.log[consumer.stream_position - queue.log_start]
-                        consumer.stream_position += 1
-                        self._hand_over(queue, consumer, message)
-                continue
+        """Hand ready messages to consumers with room under their prefetch, round robin.
+
+        Only queues marked pending are looked at: a message arrived, a consumer came or got
+        room (a settle), or messages were requeued. A queue whose consumers have no room
+        leaves the set until one settles, so with N client queues a poll costs O(queues
+        that changed), not O(N)."""
+        for name in list(self.pending):
+            queue = self.queues.get(name)
+            if queue is None or not self._dispatch_queue(queue):
+                self.pending.pop(name, None)
+
+    def _dispatch_queue(self, queue: _Queue) -> bool:
+        """Hand out what can be handed out; True if the queue must be looked at again at
+        the next dispatch even if nothing changes (a request at its head expires)."""
+        if queue.kind == "stream":
+            for consumer in queue.consumers:
+                consumer.stream_position = max(consumer.stream_position, queue.log_start)
+                while consumer.stream_position < queue.log_start + len(queue.log) and _has_room(consumer):
+                    message = queue.log[consumer.stream_position - queue.log_start]
+                    consumer.stream_position += 1
+                    self._hand_over(queue, consumer, message)
+            return False
+        _drop_expired(queue)
+        while queue.ready and queue.consumers:
+            consumer = self._pick(queue)
+            if consumer is None:
+                break
+            self._hand_over(queue, consumer, queue.ready.popleft())
             _drop_expired(queue)
-            while queue.ready and queue.consumers:
-                consumer = self._pick(queue)
-                if consumer is None:
-                    break
-                self._hand_over(queue, consumer, queue.ready.popleft())
-                _drop_expired(queue)
+        return bool(queue.ready) and queue.ready[0].expires is not None
 
     def _pick(self, queue: _Queue) -> _Consumer | None:
         if queue.single_active_consumer:
@@ -182,6 +246,7 @@ class LocalBroker:
             raise TransportError(f"unknown delivery tag {delivery.tag} on queue {delivery.queue!r} (already settled?)")
         message, consumer = entry
         consumer.unacked -= 1
+        self.pending[queue.name] = None  # its consumer has room again
         return message
 
     def requeue(self, queue: _Queue, messages: list[_Message]) -> None:
@@ -190,6 +255,7 @@ class LocalBroker:
             return  # a stream keeps everything; nothing to put back
         for message in reversed(messages):
             queue.ready.appendleft(replace(message, redelivered=True))
+        self.pending[queue.name] = None
 
 
 def _drop_expired(queue: _Queue) -> None:
@@ -220,7 +286,7 @@ class LocalTransport(Transport):
 
     def declare_exchange(self, name: str) -> None:
         with self.broker.lock:
-            self.broker.exchanges.setdefault(name, [])
+            self.broker.exchanges.setdefault(name, _Bindings())
 
     def _declare_queue(self, name, *, kind, dead_letter_queue, max_length_bytes, max_age, single_active_consumer=False) -> None:
         with self.broker.lock:
@@ -239,14 +305,14 @@ class LocalTransport(Transport):
                 raise TransportError(f"no exchange {exchange!r}")
             if queue not in self.broker.queues:
                 raise TransportError(f"no queue {queue!r}")
-            if (pattern, queue) not in self.broker.exchanges[exchange]:
-                self.broker.exchanges[exchange].append((pattern, queue))
+            self.broker.exchanges[exchange].add(pattern, queue)
 
     def delete_queue(self, name: str) -> None:
         with self.broker.lock:
             self.broker.queues.pop(name, None)
+            self.broker.pending.pop(name, None)
             for bindings in self.broker.exchanges.values():
-                bindings[:] = [(p, q) for p, q in bindings if q != name]
+                bindings.remove_queue(name)
 
     def delete_exchange(self, name: str) -> None:
         with self.broker.lock:
@@ -330,6 +396,7 @@ class LocalTransport(Transport):
                 raise TransportError(f"queue {queue!r} is not a stream; offset does not apply")
             q.consumers.append(consumer)
             self._consumers[tag] = consumer
+            self.broker.pending[queue] = None
             self.broker.changed.notify_all()
             return tag
 

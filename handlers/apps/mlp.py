@@ -15,7 +15,7 @@ import numpy as np
 
 from brokerfl.app import Partition
 from brokerfl.config import DataConfig, ModelConfig, TrainConfig
-from handlers.datasets import load_dataset, partition
+from handlers.datasets import cached_partition, load_dataset
 from handlers.trainer import evaluate as evaluate_mlp
 from handlers.trainer import init_parameters, train_local
 
@@ -51,7 +51,10 @@ def model(options: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
 def load_partition(index: int, num_partitions: int, options: dict[str, Any], seed: int) -> Partition:
     data, _ = _settings(options)
     dataset = _dataset(options, seed)
-    parts = partition(dataset.y_train, num_partitions, data.partition, alpha=data.alpha, seed=seed)
+    if data.share_samples and num_partitions > len(dataset.y_train):  # clients share samples
+        num_partitions = len(dataset.y_train)
+        index %= num_partitions
+    parts = cached_partition(dataset.name, data.test_fraction, seed, num_partitions, data.partition, data.alpha)
     rows = parts[index]
     return Partition((dataset.x_train[rows], dataset.y_train[rows]))
 
@@ -82,5 +85,12 @@ def evaluate(parameters: dict[str, np.ndarray], data, options: dict[str, Any]) -
 def warm_up(options: dict[str, Any], data) -> None:
     """One throwaway step at start-up: torch's first call costs ~1 s, which would otherwise
     land in the first task (and be multiplied by a client_slowdown)."""
+    key = (_settings(options)[0].dataset, tuple(_settings(options)[1].hidden))
+    if key in _warmed:  # once per process: the cost is torch's, not the client's
+        return
     x, y = data
     train_local(model(options), x[:2], y[:2], **_arch(options), epochs=1, batch_size=2, lr=0.0, max_batches=1)
+    _warmed.add(key)
+
+
+_warmed: set[tuple[str, tuple[int, ...]]] = set()

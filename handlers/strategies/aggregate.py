@@ -34,12 +34,15 @@ class BadUpdate(Rejected):
     """An update that must not be folded (wrong names, shapes, dtypes, non-finite values)."""
 
 
+SCRATCH_ELEMENTS = 1 << 17  # float64 scratch of a fold: 1 MiB, however large the model
+
+
 @dataclass
 class RunningSum:
     sums: dict[str, np.ndarray]
     total_weight: float = 0.0
     count: int = 0
-    _scratch: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _scratch: np.ndarray = field(default_factory=lambda: np.empty(SCRATCH_ELEMENTS, np.float64), repr=False)
 
 
 def new_running_sum(like: Tensors, reuse: RunningSum | None = None) -> RunningSum:
@@ -74,20 +77,25 @@ def fold_update(acc: RunningSum, parameters: Tensors, weight: float, base: Tenso
     """acc += weight * parameters, in float64; with ``base``, acc += weight * (parameters -
     base) (FedBuff: a client's delta from the model version it trained on).
 
-    Through a scratch buffer reused across updates: a cast copy then in-place ops is ~4x
-    faster than a ufunc casting on the fly, and reused memory costs no page faults.
+    Block by block through one small float64 scratch buffer reused across tensors and
+    updates: a cast copy then in-place ops is ~4x faster than a ufunc casting on the fly,
+    and a fixed-size block keeps the fold's temporary memory at 1 MiB instead of a second
+    float64 model (the result is the same, element for element).
     """
     if not weight > 0:
         raise BadUpdate(f"update weight must be positive, got {weight}")
     for name, total in acc.sums.items():
-        scratch = acc._scratch.get(name)
-        if scratch is None:
-            scratch = acc._scratch[name] = np.empty_like(total)
-        np.copyto(scratch, parameters[name], casting="unsafe")
-        if base is not None:
-            np.subtract(scratch, base[name], out=scratch)
-        scratch *= weight
-        total += scratch
+        flat_total = total.reshape(-1)  # the sums are contiguous: a view
+        flat_value = np.ravel(parameters[name])  # a view of a decoded (contiguous) array
+        flat_base = None if base is None else np.ravel(base[name])
+        for start in range(0, flat_total.size, SCRATCH_ELEMENTS):
+            stop = min(start + SCRATCH_ELEMENTS, flat_total.size)
+            scratch = acc._scratch[: stop - start]
+            np.copyto(scratch, flat_value[start:stop], casting="unsafe")
+            if flat_base is not None:
+                np.subtract(scratch, flat_base[start:stop], out=scratch)
+            scratch *= weight
+            flat_total[start:stop] += scratch
     acc.total_weight += weight
     acc.count += 1
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_client
-from brokerfl.message import Heartbeat, Join, Leave, ParameterUpdate, Tensors, TrainTask
+from brokerfl.message import Heartbeat, Heartbeats, Join, Leave, ParameterUpdate, Tensors, TrainTask
 from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore
 from brokerfl.timing import timings
@@ -149,6 +149,14 @@ def register_client(message: Join, ctx: Context):
 def mark_alive(message: Heartbeat, ctx: Context):
     out = list(server.mark_alive(message, ctx) or [])
     return out + _task_if_new(ctx, message.client_id)
+
+
+@table.on(Heartbeats)
+def mark_many_alive(message: Heartbeats, ctx: Context):
+    out = list(server.mark_many_alive(message, ctx) or [])
+    for client_id in message.clients:
+        out += _task_if_new(ctx, client_id)
+    return out
 
 
 @table.on(Leave)

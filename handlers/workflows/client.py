@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from brokerfl.app import App, Partition, count_samples, load_app
 from brokerfl.compression import compress
 from brokerfl.config import RunConfig, TrainConfig
 from brokerfl.handler_table import Context, HandlerTable, Started, to_server
-from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Heartbeat, Join, Message, ParameterUpdate, TrainTask
+from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Heartbeat, Heartbeats, Join, Message, ParameterUpdate, TrainTask
 from handlers.strategies.base import prepare_update
 
 table = HandlerTable("client")
@@ -29,6 +30,7 @@ class ClientState:
     last_global: dict[str, np.ndarray] | None = None  # the newest global model trained on
     residual: dict[str, np.ndarray] = field(default_factory=dict)  # what compression dropped so far (error feedback)
     exit_reason: str | None = None
+    beats_alone: bool = True  # False: its process sends one Heartbeats for all its clients (process_table)
 
 
 def make_state(config: RunConfig, client_id: str) -> ClientState:
@@ -62,10 +64,17 @@ class HeartbeatDue(Message):
     LOCAL = True
 
 
+def liveness_on(config: RunConfig) -> bool:
+    """Does the server judge liveness by heartbeats? (``simulate`` turns it off: an infinite
+    timeout, under which heartbeats would be messages nobody needs.)"""
+    return math.isfinite(config.liveness.timeout_s)
+
+
 @table.on(Started)
 def join(message: Started, ctx: Context):
     state: ClientState = ctx.state
-    ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
+    if state.beats_alone and liveness_on(state.config):
+        ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
     return [to_server(Join(client_id=state.client_id, num_samples=num_samples(state)))]
 
 
@@ -135,3 +144,39 @@ def evaluate_locally(task: EvaluateTask, ctx: Context):
 def leave(message: Exit, ctx: Context):
     ctx.state.exit_reason = message.reason or "exit"
     ctx.stop()
+
+
+# ---------------------------------------------------------------- one heartbeat per process
+
+process_table = HandlerTable("client-process")
+
+
+@dataclass
+class ProcessState:
+    """The logical clients of one process, for their shared heartbeat."""
+
+    config: RunConfig
+    clients: list[ClientState]
+
+
+def make_process_state(config: RunConfig, clients: list[ClientState]) -> ProcessState:
+    for client in clients:
+        client.beats_alone = False
+    return ProcessState(config, clients)
+
+
+@process_table.on(Started)
+def start_beating(message: Started, ctx: Context):
+    ctx.set_timer("heartbeat", ctx.state.config.liveness.heartbeat_s, HeartbeatDue())
+
+
+@process_table.on(HeartbeatDue)
+def beat_for_all(message: HeartbeatDue, ctx: Context):
+    """One Heartbeats for every client of this process still running (stop when none is)."""
+    state: ProcessState = ctx.state
+    alive = {c.client_id: num_samples(c) for c in state.clients if c.exit_reason is None}
+    if not alive:
+        ctx.stop()
+        return None
+    ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
+    return [to_server(Heartbeats(clients=alive))]

@@ -39,7 +39,8 @@ from brokerfl.app import App, load_app
 from brokerfl.admin import AdminState
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
-from brokerfl.message import EvaluateResult, Exit, Heartbeat, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
+from brokerfl.journal import retention_warning
+from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
 from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion
 from brokerfl.timing import timings
@@ -160,6 +161,7 @@ def resume_or_initialise(message: Started, ctx: Context):
         # the last process may have died between storing this version and journaling it:
         # journal it again (replay skips a repeated record of the same version and hash)
         journal_version(ctx, state.model, with_parameters=state.model.version == 0)
+    _warn_if_retention_cuts(ctx)
     state.round = state.model.round
     state.strategy.resume(state.model.version, state.model.strategy_state)  # e.g. a server optimizer's moments
     _backfill_metrics(state)
@@ -170,6 +172,18 @@ def resume_or_initialise(message: Started, ctx: Context):
         return finish_run(ctx, "all rounds were already done")
     ctx.set_timer("join", state.config.strategy.join_timeout_s, JoinDeadline())
     return None
+
+
+def _warn_if_retention_cuts(ctx: Context) -> None:
+    config: RunConfig = ctx.state.config
+    if not config.journal:
+        return
+    strategy = config.strategy
+    participants = min(config.clients, strategy.clients_per_round or max(1, round(strategy.fraction * config.clients)))
+    model_bytes = sum(np.asarray(a).nbytes for a in ctx.state.model.parameters.values())
+    warning = retention_warning(model_bytes, rounds=config.rounds, participants=participants, max_bytes=config.journal_max_bytes)
+    if warning is not None:
+        ctx.log.warning(f"journal retention: {warning}")
 
 
 def _backfill_metrics(state: ServerState) -> None:
@@ -238,6 +252,17 @@ def mark_alive(message: Heartbeat, ctx: Context):
     check_num_samples(message.num_samples, ctx.state, f"Heartbeat of client {message.client_id}")
     if see_client(ctx.state, message.client_id, message.num_samples):
         ctx.log.info("client seen by heartbeat", client=message.client_id)
+    return maybe_begin(ctx)
+
+
+@table.on(Heartbeats)
+def mark_many_alive(message: Heartbeats, ctx: Context):
+    """One process's logical clients, in one message (each as a Heartbeat of its own)."""
+    for client_id, count in message.clients.items():
+        check_num_samples(count, ctx.state, f"Heartbeats entry of client {client_id}")
+    for client_id, count in message.clients.items():
+        if see_client(ctx.state, client_id, count):
+            ctx.log.info("client seen by heartbeat", client=client_id)
     return maybe_begin(ctx)
 
 
