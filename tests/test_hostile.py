@@ -194,7 +194,9 @@ def test_a_run_under_fire_completes_folds_nothing_hostile_and_stays_auditable(am
     result = run_under_fire(amqp_url, tmp_path, run="fire" + uuid.uuid4().hex[:8], rounds=2, clients=4, hostile=1000, spread_s=6, epochs=1)
     assert (result.server_exit, result.client_exit) == (0, 0)
     # a forged Leave just before a round starts leaves its client out of that round (#9)
-    assert [r["round"] for r in result.rounds] == [1, 2] and all(r["num_updates"] >= 3 for r in result.rounds)
+    # at least 2 rounds: the run ends at the round under way once the fire is over
+    assert [r["round"] for r in result.rounds] == list(range(1, len(result.rounds) + 1)) and len(result.rounds) >= 2
+    assert all(r["num_updates"] >= 3 for r in result.rounds)
     assert result.accuracy >= 0.6  # 2 seeded rounds of 1 epoch reach 0.725 (a forged Leave can cost a round a client)
     assert len(result.sent) == 1000 - result.refused_by_broker and result.refused_by_broker < 10
     assert result.folded_hostile == []

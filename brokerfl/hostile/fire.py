@@ -52,11 +52,35 @@ def _peak_rss_mib(pid: int) -> float | None:
     return None
 
 
+UNTIL_TOLD = 10_000  # rounds of a run under fire until set-rounds ends it
+
+
+def _end_after(url: str, topology: RunTopology, rounds: int, server: Any) -> None:
+    """Set the run's rounds (it ends at ``rounds``, or at the round under way if later)."""
+    import time
+
+    from brokerfl.admin import SetRounds, ask
+    from brokerfl.transports.amqp import AmqpTransport
+
+    deadline = time.monotonic() + 120
+    with AmqpTransport(url) as transport:
+        while server.poll() is None and time.monotonic() < deadline:
+            reply = ask(transport, topology, SetRounds(rounds=rounds), timeout=10)
+            if reply is not None:
+                return
+    raise RuntimeError("the server did not answer set-rounds")
+
+
 def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: int, hostile: int, spread_s: float = 10.0, seed: int = 0, epochs: int = 3, timeout_s: float = 900.0) -> FireResult:
     """A digits FedAvg run (server and one process of ``clients`` logical clients, over
     RabbitMQ at ``url``) while ``hostile`` messages are published to its server queue over
     ``spread_s`` seconds; then ``brokerfl accounting`` and ``brokerfl replay --check``.
-    The run's queues are deleted at the end."""
+    The run's queues are deleted at the end.
+
+    Under fire the run trains at least ``rounds`` rounds and ends only once every hostile
+    message is in its server queue (an admin ``set-rounds`` sent after the last one, which
+    the server reads after them): a run that ended mid-fire would leave the rest unread,
+    and whether it does would depend on the machine's speed."""
     import json
     import subprocess
     import sys
@@ -77,7 +101,7 @@ def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: in
     root = Path(__file__).resolve().parents[2]  # the repository (brokerfl/hostile/fire.py)
     workdir = Path(workdir)
     config = {
-        "run": run, "seed": seed, "rounds": rounds, "clients": clients,
+        "run": run, "seed": seed, "rounds": rounds if not hostile else UNTIL_TOLD, "clients": clients,
         "data": {"dataset": "digits", "partition": "iid"}, "model": {"hidden": [128, 64]},
         "train": {"epochs": epochs, "batch_size": 16, "lr": 0.05, "momentum": 0.9},
         "strategy": {"name": "fedavg", "min_clients": clients, "round_deadline_s": 120},
@@ -130,6 +154,7 @@ def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: in
                         if ahead > 0:
                             time.sleep(ahead)
                 publisher.sync()
+                _end_after(url, topology, rounds, server)
             server.wait(timeout_s)
             client.wait(60)
         finally:
