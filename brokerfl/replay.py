@@ -118,6 +118,42 @@ def replay(
     updates_read = 0
     skipped = Skipped()
     recorded: dict[int, str] = {}  # version -> the hash its first record named
+    # A version record can reach the journal before the journal's copy of an update it
+    # names: a client's publish goes to the server's queue and the journal stream, and the
+    # server may fold it and record the version before the stream has appended the copy
+    # (seen after a broker restart). Such a record waits for its updates, and records are
+    # replayed in version order (the server journals a version's record after it sent the
+    # next round's task); at the end of the journal whatever still waits is replayed as it
+    # is (a missing update or version is a DIFF).
+    waiting: list[ModelVersionStored] = []  # by version
+    past_range = False
+
+    def replay_record(record: ModelVersionStored) -> None:
+        nonlocal alt_model
+        if not history and record.version != 0:
+            raise ReplayError(
+                f"the journal begins after version 0 (its first version record is v{record.version}): "
+                "retention removed the start of the run; raise journal_max_bytes / journal_max_age to replay runs this size"
+            )
+        row, model = _replay_version(record, original, pending, history, config)
+        row.users = [pending[uid].user_id for uid in record.update_ids if uid in pending]
+        history[record.version] = model
+        for old in [v for v in history if v < record.version - HISTORY]:
+            del history[old]
+        if alternative is not None and record.version > 0 and not row.problem:
+            alt_model = alternative.replay_version(record.version - 1, alt_model, row_updates(record, pending, history, config), history)
+            row.what_if = scorer(alt_model)
+        elif record.version == 0:
+            alt_model = model  # the what-if chain starts from the same initial model
+        for uid in record.update_ids:
+            pending.pop(uid, None)
+        if record.version >= from_version:
+            rows.append(row)
+
+    def replay_ready(*, all_of_them: bool = False) -> None:
+        while waiting and (all_of_them or (_next_in_order(waiting[0], history) and all(uid in pending for uid in waiting[0].update_ids))):
+            replay_record(waiting.pop(0))
+
     for delivery in journal:
         kind = delivery.envelope.type
         if delivery.routing_key.startswith("dead."):
@@ -132,7 +168,7 @@ def replay(
             dropped = skipped.record(delivery, UpdateDropped)
             if dropped is not None:
                 pending.pop(dropped.update_id, None)
-        elif kind == ModelVersionStored.TYPE:
+        elif kind == ModelVersionStored.TYPE and not past_range:
             record = skipped.record(delivery, ModelVersionStored)
             if record is None:
                 continue
@@ -141,30 +177,23 @@ def replay(
                     skipped.add("second record of a version, with another hash")
                 continue  # the same record again: journaled once more by a process that resumed
             recorded[record.version] = record.sha256
-            if not history and record.version != 0:
-                raise ReplayError(
-                    f"the journal begins after version 0 (its first version record is v{record.version}): "
-                    "retention removed the start of the run; raise journal_max_bytes / journal_max_age to replay runs this size"
-                )
             if to_version is not None and record.version > to_version:
-                break
-            row, model = _replay_version(record, original, pending, history, config)
-            row.users = [pending[uid].user_id for uid in record.update_ids if uid in pending]
-            history[record.version] = model
-            for old in [v for v in history if v < record.version - HISTORY]:
-                del history[old]
-            if alternative is not None and record.version > 0 and not row.problem:
-                alt_model = alternative.replay_version(record.version - 1, alt_model, row_updates(record, pending, history, config), history)
-                row.what_if = scorer(alt_model)
-            elif record.version == 0:
-                alt_model = model  # the what-if chain starts from the same initial model
-            for uid in record.update_ids:
-                pending.pop(uid, None)
-            if record.version >= from_version:
-                rows.append(row)
+                past_range = True
+            else:
+                waiting.append(record)
+                waiting.sort(key=lambda r: r.version)
+        replay_ready()
+        if past_range and not waiting:
+            break
+    replay_ready(all_of_them=True)
     if not rows:
         raise ReplayError("the journal holds no model version records in that range (was the run's journal on?)")
     return ReplayResult(rows, time.perf_counter() - started, updates_read, skipped)
+
+
+def _next_in_order(record: ModelVersionStored, history: dict[int, Any]) -> bool:
+    """Whether ``record`` is the version after the last one replayed (version 0 first)."""
+    return record.version == (max(history) + 1 if history else 0)
 
 
 def row_updates(record: ModelVersionStored, pending: dict[str, ParameterUpdate], history: dict[int, Any] | None = None, config: RunConfig | None = None) -> list[ParameterUpdate]:

@@ -436,7 +436,7 @@ def journal_version(ctx: Context, model: ModelVersion, *, with_parameters: bool 
         strategy=model.strategy,
         update_ids=list(model.update_ids),
         sha256=model.sha256,
-        metrics=dict(model.metrics),
+        metrics={k: v for k, v in model.metrics.items() if v is not None},  # a version killed before its score has none
         parameters=model.parameters if with_parameters else {},
     )
     ctx.send(Outbound(AUDIT, record))
