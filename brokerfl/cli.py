@@ -140,17 +140,20 @@ def _connect(args: argparse.Namespace):
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    from brokerfl.broker_store import BrokerModelStore
     from brokerfl.metrics import MetricsLog, plot_curve
-    from brokerfl.roles import server_worker
+    from brokerfl.roles import server_worker, topology_for
     from brokerfl.store import DirectoryModelStore
 
     config = _load(args)
     out = Path(args.out or _env("OUT") or f"runs/{config.run}")
-    store = DirectoryModelStore(out / "models")
-    if not store.versions():  # a fresh run: no stale lines from an earlier one
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = MetricsLog(out / "metrics.jsonl")
-    with _connect(args) as transport:
+    # The versions live on the broker (the run's models stream), so a server on a fresh
+    # host with an empty --out resumes the run; DIR/models is an export of them.
+    with _connect(args) as transport, _connect(args) as store_transport:
+        store = BrokerModelStore(store_transport, topology_for(config), export=DirectoryModelStore(out / "models")).refresh()
+        if not store.versions():  # a fresh run: no stale lines from an earlier one
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        metrics = MetricsLog(out / "metrics.jsonl")
         worker = server_worker(transport, config, store, metrics)
         if args.metrics_port:
             from brokerfl.monitoring import serve_server_metrics
@@ -205,7 +208,8 @@ def _mask(url: str) -> str:
 def cmd_client(args: argparse.Namespace) -> int:
     if not args.client_id:
         raise SystemExit("brokerfl client: pass --client-id (an id, a range such as 0-9) or set BROKERFL_CLIENT_ID")
-    from brokerfl.roles import client_worker
+    from brokerfl.model_refs import ModelCache
+    from brokerfl.roles import client_worker, topology_for
     from brokerfl.worker import run_workers
 
     config = _load(args)
@@ -216,9 +220,11 @@ def cmd_client(args: argparse.Namespace) -> int:
         from brokerfl.swarm import run_peer
 
         return run_peer(lambda: _connect(args), config, args.client_id, Path(_env("OUT") or f"runs/{config.run}"))
-    with _connect(args) as transport:
-        # one connection, one consumer per logical client
-        workers = [client_worker(transport, config, client_id) for client_id in args.client_id]
+    with _connect(args) as transport, _connect(args) as models_transport:
+        # one connection, one consumer per logical client; a second one fetches the models
+        # tasks name by reference, once per process for all its logical clients
+        models = ModelCache(models_transport, topology_for(config))
+        workers = [client_worker(transport, config, client_id, models=models) for client_id in args.client_id]
         if args.metrics_port:
             from brokerfl.monitoring import serve_client_metrics
 
@@ -235,16 +241,16 @@ def cmd_accounting(args: argparse.Namespace) -> int:
     from brokerfl.store import DirectoryModelStore
 
     config = _load(args)
-    out = Path(args.out or _env("OUT") or f"runs/{config.run}")
-    if config.workflow != "swarm" and not (out / "models").is_dir():
-        raise SystemExit(f"brokerfl accounting: no stored model versions in {out / 'models'} (pass the server's --out)")
-    with _connect(args) as transport, (_connect(args) if config.workflow == "swarm" else transport) as store_transport:
-        if config.workflow == "swarm":  # its versions are on the broker, in the run's models stream
+    out = Path(args.out or _env("OUT")) if (args.out or _env("OUT")) else None
+    with _connect(args) as transport, _connect(args) as store_transport:
+        if out is not None:  # the versions as a server exported them
+            if not (out / "models").is_dir():
+                raise SystemExit(f"brokerfl accounting: no stored model versions in {out / 'models'}")
+            store = DirectoryModelStore(out / "models")
+        else:  # the versions on the broker, in the run's models stream
             from brokerfl.broker_store import BrokerModelStore
 
-            store = BrokerModelStore(store_transport, topology_for(config)).refresh()
-        else:
-            store = DirectoryModelStore(out / "models")
+            store = BrokerModelStore(store_transport, topology_for(config), keep=1).refresh()
         report = account_run(transport, topology_for(config), store)
     print(report.summary())
     return 0 if report.ok else 1
@@ -395,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     accounting = commands.add_parser("accounting", help="prove every update is in exactly one model version or dropped with a reason")
     _config_arguments(accounting)
     _broker_argument(accounting)
-    accounting.add_argument("--out", help="the server's output directory (default: runs/<run>)")
+    accounting.add_argument("--out", help="read the model versions a server exported to this directory (default: from the run's models stream on the broker)")
     accounting.set_defaults(func=cmd_accounting)
 
     rep = commands.add_parser("replay", help="recompute a run's model versions from its journal; check hashes; what-ifs")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from brokerfl.broker_store import BrokerModelStore
+from brokerfl.model_refs import ModelCache
 from brokerfl.config import RunConfig
 from brokerfl.metrics import MetricsLog, plot_curve
 from brokerfl.roles import client_worker, topology_for
@@ -50,7 +51,8 @@ def run_peer(connect: Callable[[], Transport], config: RunConfig, client_ids: li
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl")
     with connect() as transport, connect() as store_transport:
-        clients = [client_worker(transport, config, cid) for cid in client_ids]
+        models = ModelCache(store_transport, topology_for(config))  # one copy of each version for all these clients
+        clients = [client_worker(transport, config, cid, models=models) for cid in client_ids]
         aggregator = aggregator_worker(transport, store_transport, config, metrics, name=f"aggregator.{'+'.join(client_ids)}")
         workers = [*clients, aggregator]
         for worker in workers:

@@ -8,6 +8,7 @@
 | ``brokerfl.<run>.dead``        | classic        | ``dead.#``: dead letters, reason in a header |
 | ``brokerfl.<run>.journal``     | stream         | ``#``: a copy of every message           |
 | ``brokerfl.<run>.admin``       | classic        | ``admin.#``: the operator's admin state  |
+| ``brokerfl.<run>.models``      | stream         | nothing routed: every stored model version (``brokerfl.broker_store``) |
 
 Routing keys are ``<receiver>.<message type>``: ``server.parameter_update``,
 ``client.7.train_task``, ``clients.exit``; ``dead.<type>`` for dead letters and
@@ -52,7 +53,7 @@ class RunTopology:
     journal: bool = True
     journal_max_bytes: int | None = 4 * 1024**3
     journal_max_age: str | None = None
-    swarm: bool = False  # the server queue is the aggregator role (single active consumer); versions live in a stream
+    swarm: bool = False  # the server queue is the aggregator role (single active consumer)
 
     @property
     def models_stream(self) -> str:
@@ -90,8 +91,7 @@ class RunTopology:
         transport.declare_queue(self.dead_queue)
         transport.bind(self.dead_queue, self.exchange, f"{DEAD}.#")
         transport.declare_queue(self.server_queue, kind="quorum", dead_letter_queue=self.dead_queue, single_active_consumer=self.swarm)
-        if self.swarm:
-            transport.declare_queue(self.models_stream, kind="stream")
+        transport.declare_queue(self.models_stream, kind="stream")  # every stored model version (brokerfl.broker_store)
         transport.bind(self.server_queue, self.exchange, f"{SERVER}.#")
         transport.declare_queue(self.admin_queue)
         transport.bind(self.admin_queue, self.exchange, f"{ADMIN}.#")
@@ -111,6 +111,6 @@ class RunTopology:
         """Remove everything of the run (tests, and ``brokerfl`` operators cleaning up)."""
         for client_id in client_ids:
             transport.delete_queue(self.client_queue(client_id))
-        for queue in (self.server_queue, self.dead_queue, self.admin_queue, self.journal_stream, *([self.models_stream] if self.swarm else [])):
+        for queue in (self.server_queue, self.dead_queue, self.admin_queue, self.journal_stream, self.models_stream):
             transport.delete_queue(queue)
         transport.delete_exchange(self.exchange)

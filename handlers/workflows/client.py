@@ -25,7 +25,6 @@ class ClientState:
     data: Partition  # this client's partition: train data and maybe a local test split
     answered: set[str] = field(default_factory=set)  # task ids this process already answered
     newest_version: int = -1  # the newest model version a task has shown this process
-    last_global: dict[str, np.ndarray] | None = None  # the newest global model trained on
     exit_reason: str | None = None
 
 
@@ -100,7 +99,6 @@ def train(task: TrainTask, ctx: Context):
         time.sleep((slowdown - 1.0) * (time.perf_counter() - started))
     parameters = prepare_update(state.config, state.client_id, task.round, task.parameters, parameters)  # e.g. local DP's clip and noise
     state.answered.add(task.message_id)
-    state.last_global = task.parameters
     update = task.reply(
         ParameterUpdate,
         client_id=state.client_id,

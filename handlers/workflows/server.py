@@ -27,6 +27,7 @@ from brokerfl.app import App, load_app
 from brokerfl.admin import AdminState
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
+from brokerfl.model_refs import task_model_fields
 from brokerfl.message import EvaluateResult, Exit, Heartbeat, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
 from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion
@@ -131,7 +132,7 @@ def resume_or_initialise(message: Started, ctx: Context):
     state.strategy.resume(state.model.version, state.model.strategy_state)  # e.g. a server optimizer's moments
     _backfill_metrics(state)
     # so that updates redelivered after a restart are recognised as already folded
-    state.recent_update_ids = [set(state.store.get(v).update_ids) for v in state.store.versions()[-5:]]
+    state.recent_update_ids = [set(state.store.metadata(v)["update_ids"]) for v in state.store.versions()[-5:]]
     ctx.log.info("server ready", model_version=state.model.version, round=state.round, waiting_for=state.config.clients)
     if state.round >= state.config.rounds:
         return finish_run(ctx, "all rounds were already done")
@@ -369,7 +370,7 @@ def start_round(ctx: Context, *, retry: bool = False):
     task = TrainTask(
         round=state.round,
         model_version=state.model.version,
-        parameters=state.model.parameters,
+        **task_model_fields(state.config, state.store, state.model),
         participants=state.participants,
         config=config.train.model_dump(),
         deadline=time.time() + config.strategy.round_deadline_s,

@@ -1,0 +1,107 @@
+"""Peak RSS of one client process hosting many logical clients, over RabbitMQ.
+
+    python benchmarks/client_memory.py [--logical 16] [--size 10M] [--rounds 3]
+
+Runs a server and ONE `brokerfl client` process hosting ``--logical`` logical clients
+(FedAvg, every client sampled every round, journal on), and samples the client process's
+RSS (VmRSS, and VmHWM, the kernel's peak) until it exits. The same run with a tiny model
+(hidden [16, 16]) is the baseline: the difference is what the model costs the process,
+quoted as a multiple of the model's size (float32 parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from brokerfl.topology import RunTopology  # noqa: E402
+from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
+
+HIDDEN = {"tiny": 16, "100k": 282, "1M": 960, "10M": 3130}
+
+
+def parameter_count(h: int) -> int:
+    return 64 * h + h + h * h + h + h * 10 + 10
+
+
+def _status_kib(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def run(size: str, *, logical: int, rounds: int, url: str, workdir: Path) -> dict[str, float]:
+    """Peak RSS (MiB) of the client process hosting ``logical`` clients."""
+    run_name = f"cmem-{size}-{uuid.uuid4().hex[:6]}"
+    config = {
+        "run": run_name, "seed": 0, "rounds": rounds, "clients": logical,
+        "data": {"dataset": "digits", "partition": "iid"},
+        "model": {"hidden": [HIDDEN[size]] * 2},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 0.01, "momentum": 0.0, "max_batches": 1},
+        "strategy": {"name": "fedavg", "min_clients": logical, "round_deadline_s": 600},
+        "journal": True,
+    }
+    path = workdir / f"{run_name}.yaml"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "BROKERFL_AMQP_URL": url}
+    common = [str(path), "--log-level", "warning"]
+    server = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(workdir / run_name)], cwd=ROOT, env=env)
+    client = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", f"0-{logical - 1}"], cwd=ROOT, env=env)
+    peak_rss = peak_hwm = 0
+    try:
+        deadline = time.monotonic() + 120 + 120 * rounds
+        while client.poll() is None:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"run {run_name} did not finish in time")
+            status = _status_kib(client.pid)
+            peak_rss = max(peak_rss, status.get("VmRSS", 0))
+            peak_hwm = max(peak_hwm, status.get("VmHWM", 0))
+            time.sleep(0.05)  # sampling a process's memory, not synchronising
+        if client.returncode != 0 or server.wait(timeout=120) != 0:
+            raise SystemExit(f"run {run_name}: client exited {client.returncode}, server {server.returncode}")
+    finally:
+        for proc in (server, client):
+            if proc.poll() is None:
+                proc.kill()
+        with AmqpTransport(url) as admin:
+            RunTopology(run_name).delete(admin, [str(i) for i in range(logical)])
+    return {"peak_rss_mib": peak_rss / 1024, "peak_hwm_mib": peak_hwm / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--logical", type=int, nargs="+", default=[16])
+    parser.add_argument("--size", default="10M", choices=sorted(HIDDEN))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    args = parser.parse_args()
+    model_mib = parameter_count(HIDDEN[args.size]) * 4 / 2**20
+    print(f"load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for logical in args.logical:
+            base = run("tiny", logical=logical, rounds=args.rounds, url=args.broker, workdir=Path(tmp))
+            big = run(args.size, logical=logical, rounds=args.rounds, url=args.broker, workdir=Path(tmp))
+            above = big["peak_hwm_mib"] - base["peak_hwm_mib"]
+            print(f"{logical:>4} logical clients in one process, {args.rounds} rounds: peak RSS {big['peak_hwm_mib']:.0f} MiB with the {args.size} model "
+                  f"({model_mib:.1f} MiB), {base['peak_hwm_mib']:.0f} MiB with a tiny model: {above:.0f} MiB above = {above / model_mib:.2f}x the model")
+    print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
