@@ -10,6 +10,7 @@ no caller's RNG is disturbed.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +43,15 @@ def load_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name
         raise AppError(f"app {app_name!r}: parameters do not fit model(): missing {missing}, unexpected {extra}")
     with torch.no_grad():
         for name, target in state.items():
-            value = parameters[name]
-            source = torch.from_numpy(np.array(value, copy=True))
+            value = np.asarray(parameters[name])
+            # no copy of a read-only array (a model shared by a process's logical clients,
+            # decoded over the received body): copy_ below only reads it
+            if not value.flags.writeable:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "non-writable": torch only reads it here
+                    source = torch.from_numpy(value)
+            else:
+                source = torch.from_numpy(value)
             if tuple(source.shape) != tuple(target.shape):
                 raise AppError(f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has {tuple(target.shape)}")
             target.copy_(source)
@@ -138,6 +146,8 @@ class TorchModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             metrics = call(self._train, self.module, data, settings, seed, options=self.app.options)
+        for parameter in self.module.parameters():  # the last step's gradients: a model's worth of memory
+            parameter.grad = None
         return to_named_arrays(self.module), dict(metrics or {})
 
     def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
