@@ -223,6 +223,12 @@ def cmd_client(args: argparse.Namespace) -> int:
     with _connect(args) as transport, _connect(args) as models_transport:
         # one connection, one consumer per logical client; a second one fetches the models
         # tasks name by reference, once per process for all its logical clients
+        capacity = transport.consumer_capacity()  # one channel per logical client's consumer
+        if len(args.client_id) > capacity:
+            raise SystemExit(
+                f"brokerfl client: {len(args.client_id)} logical clients need one channel each, and the broker allows {capacity} consumers "
+                f"on one connection (channel_max {transport.channel_limit()}): run them in {-(-len(args.client_id) // capacity)} or more processes"
+            )
         models = ModelCache(models_transport, topology_for(config))
         workers = [client_worker(transport, config, client_id, models=models) for client_id in args.client_id]
         if args.metrics_port:
