@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    parser.add_argument("--model-transfer", default="auto", choices=["auto", "reference", "inline"])
     parser.add_argument("--node", default=os.environ.get("BROKERFL_RABBITMQ_NODE", "rabbit@localhost"))
     args = parser.parse_args()
     first, last = 2, args.rounds - 1  # versions between which bytes are counted (start-up and finish left out)
@@ -74,7 +75,8 @@ def main() -> None:
 
         run_federation.__globals__["subprocess"].Popen = popen_watching
         try:
-            run_federation(args.size, rounds=args.rounds, clients=args.clients, url=args.broker, journal=True, workdir=workdir)
+            run_federation(args.size, rounds=args.rounds, clients=args.clients, url=args.broker, journal=True, workdir=workdir,
+                           **({"model_transfer": args.model_transfer} if args.model_transfer != "auto" else {}))
         finally:
             run_federation.__globals__["subprocess"].Popen = original
             done.set()
@@ -86,7 +88,7 @@ def main() -> None:
     sent = sum(b[c][1] - a[c][1] for c in common)
     rounds = last - first
     model_mb = parameter_count(HIDDEN[args.size]) * 4 / 1e6
-    print(f"{args.size} ({model_mb:.1f} MB float32), {args.clients} client processes, journal on: per round the broker received "
+    print(f"{args.size} ({model_mb:.1f} MB float32), {args.clients} client processes, journal on, model_transfer {args.model_transfer}: per round the broker received "
           f"{recv / rounds / 1e6:.1f} MB and sent {sent / rounds / 1e6:.1f} MB ({(recv + sent) / rounds / 1e6 / model_mb:.2f} models), "
           f"over versions {first}..{last} on {len(common)} connections")
     print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
