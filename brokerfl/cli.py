@@ -132,11 +132,14 @@ def _broker_url(args: argparse.Namespace) -> str:
     return url
 
 
-def _connect(args: argparse.Namespace):
+def _connect(args: argparse.Namespace, *, side: bool = False):
+    """``side``: a connection used now and then between long idle spells (the models
+    stream's): without heartbeats, which only a connection that is polled sends, so the
+    broker does not close it while idle (a dead one is reopened on its next use)."""
     from brokerfl.transports.amqp import AmqpTransport
     from brokerfl.transports.connect import TlsOptions
 
-    return AmqpTransport(_broker_url(args), tls=TlsOptions(args.tls_ca, args.tls_cert, args.tls_key))
+    return AmqpTransport(_broker_url(args), tls=TlsOptions(args.tls_ca, args.tls_cert, args.tls_key), **({"heartbeat": 0} if side else {}))
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -149,7 +152,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     out = Path(args.out or _env("OUT") or f"runs/{config.run}")
     # The versions live on the broker (the run's models stream), so a server on a fresh
     # host with an empty --out resumes the run; DIR/models is an export of them.
-    with _connect(args) as transport, _connect(args) as store_transport:
+    with _connect(args) as transport, _connect(args, side=True) as store_transport:
         store = BrokerModelStore(store_transport, topology_for(config), export=DirectoryModelStore(out / "models")).refresh()
         if not store.versions():  # a fresh run: no stale lines from an earlier one
             (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -220,7 +223,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         from brokerfl.swarm import run_peer
 
         return run_peer(lambda: _connect(args), config, args.client_id, Path(_env("OUT") or f"runs/{config.run}"))
-    with _connect(args) as transport, _connect(args) as models_transport:
+    with _connect(args) as transport, _connect(args, side=True) as models_transport:
         # one connection, one consumer per logical client; a second one fetches the models
         # tasks name by reference, once per process for all its logical clients
         capacity = transport.consumer_capacity()  # one channel per logical client's consumer
