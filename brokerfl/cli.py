@@ -153,7 +153,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     # The versions live on the broker (the run's models stream), so a server on a fresh
     # host with an empty --out resumes the run; DIR/models is an export of them.
     with _connect(args) as transport, _connect(args, side=True) as store_transport:
-        store = BrokerModelStore(store_transport, topology_for(config), export=DirectoryModelStore(out / "models")).refresh()
+        # keep=1: the newest version's parameters are the model the server holds anyway
+        store = BrokerModelStore(store_transport, topology_for(config), keep=1, export=DirectoryModelStore(out / "models")).refresh()
         if not store.versions():  # a fresh run: no stale lines from an earlier one
             (out / "metrics.jsonl").unlink(missing_ok=True)
         metrics = MetricsLog(out / "metrics.jsonl")
