@@ -6,7 +6,10 @@ Runs a server and ONE `brokerfl client` process hosting ``--logical`` logical cl
 (FedAvg, every client sampled every round, journal on), and samples the client process's
 RSS (VmRSS, and VmHWM, the kernel's peak) until it exits. The same run with a tiny model
 (hidden [16, 16]) is the baseline: the difference is what the model costs the process,
-quoted as a multiple of the model's size (float32 parameters).
+quoted as a multiple of the model's size (float32 parameters). With ``--node`` (or
+``$BROKERFL_RABBITMQ_NODE``) it also samples the bytes the broker sends and receives on
+every connection (``rabbitmqctl list_connections``, about once a second): per round, over
+the whole run (start-up included; a connection's last second before it closes is missed).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -46,7 +50,18 @@ def _status_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def run(size: str, *, logical: int, rounds: int, url: str, workdir: Path) -> dict[str, float]:
+def connection_bytes(node: str) -> dict[str, int]:
+    """Bytes received + sent by the broker, per connection name."""
+    out = subprocess.run(["rabbitmqctl", "-n", node, "-q", "list_connections", "name", "recv_oct", "send_oct"], capture_output=True, text=True).stdout
+    result = {}
+    for line in out.splitlines():
+        parts = line.rsplit("\t", 2)
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            result[parts[0]] = int(parts[1]) + int(parts[2])
+    return result
+
+
+def run(size: str, *, logical: int, rounds: int, url: str, workdir: Path, node: str | None = None) -> dict[str, float]:
     """Peak RSS (MiB) of the client process hosting ``logical`` clients."""
     run_name = f"cmem-{size}-{uuid.uuid4().hex[:6]}"
     config = {
@@ -64,6 +79,17 @@ def run(size: str, *, logical: int, rounds: int, url: str, workdir: Path) -> dic
     server = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(workdir / run_name)], cwd=ROOT, env=env)
     client = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", f"0-{logical - 1}"], cwd=ROOT, env=env)
     peak_rss = peak_hwm = 0
+    seen: dict[str, int] = {}
+    stop = threading.Event()
+
+    def sample_bytes() -> None:
+        while node and not stop.is_set():
+            for name, count in connection_bytes(node).items():
+                seen[name] = max(seen.get(name, 0), count)
+            stop.wait(0.5)
+
+    sampler = threading.Thread(target=sample_bytes, daemon=True)
+    sampler.start()
     try:
         deadline = time.monotonic() + 120 + 120 * rounds
         while client.poll() is None:
@@ -76,12 +102,13 @@ def run(size: str, *, logical: int, rounds: int, url: str, workdir: Path) -> dic
         if client.returncode != 0 or server.wait(timeout=120) != 0:
             raise SystemExit(f"run {run_name}: client exited {client.returncode}, server {server.returncode}")
     finally:
+        stop.set()
         for proc in (server, client):
             if proc.poll() is None:
                 proc.kill()
         with AmqpTransport(url) as admin:
             RunTopology(run_name).delete(admin, [str(i) for i in range(logical)])
-    return {"peak_rss_mib": peak_rss / 1024, "peak_hwm_mib": peak_hwm / 1024}
+    return {"peak_rss_mib": peak_rss / 1024, "peak_hwm_mib": peak_hwm / 1024, "broker_mb_per_round": sum(seen.values()) / rounds / 1e6}
 
 
 def main() -> None:
@@ -89,6 +116,7 @@ def main() -> None:
     parser.add_argument("--logical", type=int, nargs="+", default=[16])
     parser.add_argument("--size", default="10M", choices=sorted(HIDDEN))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--node", default=os.environ.get("BROKERFL_RABBITMQ_NODE"), help="rabbitmqctl node, to count the broker's bytes")
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     args = parser.parse_args()
     model_mib = parameter_count(HIDDEN[args.size]) * 4 / 2**20
@@ -96,10 +124,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for logical in args.logical:
             base = run("tiny", logical=logical, rounds=args.rounds, url=args.broker, workdir=Path(tmp))
-            big = run(args.size, logical=logical, rounds=args.rounds, url=args.broker, workdir=Path(tmp))
+            big = run(args.size, logical=logical, rounds=args.rounds, url=args.broker, workdir=Path(tmp), node=args.node)
             above = big["peak_hwm_mib"] - base["peak_hwm_mib"]
             print(f"{logical:>4} logical clients in one process, {args.rounds} rounds: peak RSS {big['peak_hwm_mib']:.0f} MiB with the {args.size} model "
-                  f"({model_mib:.1f} MiB), {base['peak_hwm_mib']:.0f} MiB with a tiny model: {above:.0f} MiB above = {above / model_mib:.2f}x the model")
+                  f"({model_mib:.1f} MiB), {base['peak_hwm_mib']:.0f} MiB with a tiny model: {above:.0f} MiB above = {above / model_mib:.2f}x the model"
+                  + (f"; the broker carried {big['broker_mb_per_round']:.0f} MB per round (in + out, start-up included)" if args.node else ""))
     print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 
 

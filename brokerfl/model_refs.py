@@ -69,6 +69,8 @@ class ModelCache:
         return parameters
 
     def _fetch(self, version: int, offset: int) -> tuple[str, Tensors]:
+        while len(self._versions) >= self.keep:  # room first: never the old and the new version at once
+            self._versions.popitem(last=False)
         delivery = read_version(self.transport, self.topology.models_stream, version, offset, timeout_s=self.timeout_s, what="fetching a task's model")
         try:
             payload = decode(delivery.body)
@@ -80,9 +82,7 @@ class ModelCache:
         held = (parameters_hash(parameters), parameters)
         self.fetches += 1
         self.bytes_fetched += len(delivery.body)
-        self._versions[version] = held
-        while len(self._versions) > self.keep:  # a superseded version is not trained on again
-            self._versions.popitem(last=False)
+        self._versions[version] = held  # the oldest went above: a superseded version is not trained on again
         return held
 
     def stats(self) -> dict[str, Any]:

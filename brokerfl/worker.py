@@ -180,6 +180,8 @@ class Worker:
                 outbound = list(handler(message, ctx) or ())
             # Encoding is the handler's output failing, so its fault too; publishing is not.
             wire = self.encode([*ctx.also_send, *outbound])
+            outbound = None  # their bytes are in `wire`: drop the messages (an update's arrays are a model's worth)
+            ctx.also_send.clear()
         except Exception as exc:
             if isinstance(exc, Rejected):
                 reason = f"rejected by {name}: {exc}"
