@@ -35,6 +35,23 @@ def to_named_arrays(module: nn.Module) -> Parameters:
     return out
 
 
+def hand_over_named_arrays(module: nn.Module) -> Parameters:
+    """The whole state_dict as numpy arrays that take the module's storage with them (no
+    copy): the module gets new storage, untouched (so not resident) until the next load
+    writes it. A trained model's arrays then cost no second model's worth of memory."""
+    out: Parameters = {}
+    state = module.state_dict()
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        out[name] = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.cpu().numpy()
+    if any(t.device.type != "cpu" for t in state.values()):
+        return {name: np.array(a, copy=True) for name, a in out.items()}  # not the module's memory: copies
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = torch.empty_like(tensor.data)
+    return out
+
+
 def load_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?") -> None:
     """Copy ``parameters`` into ``module`` (names and shapes must match its state_dict)."""
     state = module.state_dict()
@@ -148,7 +165,7 @@ class TorchModel:
             metrics = call(self._train, self.module, data, settings, seed, options=self.app.options)
         for parameter in self.module.parameters():  # the last step's gradients: a model's worth of memory
             parameter.grad = None
-        return to_named_arrays(self.module), dict(metrics or {})
+        return hand_over_named_arrays(self.module), dict(metrics or {})
 
     def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
         load_named_arrays(self.module, parameters, self.app.name)
