@@ -8,8 +8,9 @@ RSS (VmRSS, and VmHWM, the kernel's peak) until it exits. The same run with a ti
 (hidden [16, 16]) is the baseline: the difference is what the model costs the process,
 quoted as a multiple of the model's size (float32 parameters). With ``--node`` (or
 ``$BROKERFL_RABBITMQ_NODE``) it also samples the bytes the broker sends and receives on
-every connection (``rabbitmqctl list_connections``, about once a second): per round, over
-the whole run (start-up included; a connection's last second before it closes is missed).
+every connection (``rabbitmqctl list_connections``, sampled in a loop): per round, over the
+whole run, start-up included. A lower bound only: what a connection carried after its last
+sample before it closed is missed (under load, a whole round's worth).
 """
 
 from __future__ import annotations
