@@ -25,6 +25,9 @@ class ClientState:
     data: Partition  # this client's partition: train data and maybe a local test split
     answered: set[str] = field(default_factory=set)  # task ids this process already answered
     newest_version: int = -1  # the newest model version a task has shown this process
+    # the newest global model trained on (read by handlers/gradients.py, the README's example);
+    # by reference it is the process's one shared read-only copy, not a copy of this client's
+    last_global: dict[str, np.ndarray] | None = None
     exit_reason: str | None = None
 
 
@@ -99,6 +102,7 @@ def train(task: TrainTask, ctx: Context):
         time.sleep((slowdown - 1.0) * (time.perf_counter() - started))
     parameters = prepare_update(state.config, state.client_id, task.round, task.parameters, parameters)  # e.g. local DP's clip and noise
     state.answered.add(task.message_id)
+    state.last_global = task.parameters
     update = task.reply(
         ParameterUpdate,
         client_id=state.client_id,
