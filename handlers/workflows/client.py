@@ -11,7 +11,7 @@ import numpy as np
 from brokerfl.app import App, Partition, count_samples, load_app
 from brokerfl.config import RunConfig, TrainConfig
 from brokerfl.handler_table import Context, HandlerTable, Started, to_server
-from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Heartbeat, Join, Message, ParameterUpdate, TrainTask
+from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Gradients, Heartbeat, Join, Message, ParameterUpdate, TrainTask
 from handlers.strategies.base import prepare_update
 
 table = HandlerTable("client")
@@ -25,8 +25,8 @@ class ClientState:
     data: Partition  # this client's partition: train data and maybe a local test split
     answered: set[str] = field(default_factory=set)  # task ids this process already answered
     newest_version: int = -1  # the newest model version a task has shown this process
-    # the newest global model trained on (read by handlers/gradients.py, the README's example);
-    # by reference it is the process's one shared read-only copy, not a copy of this client's
+    # the newest global model trained on, kept only where a handler reads it (Gradients, the
+    # README's example): else it would hold a superseded version alive per logical client
     last_global: dict[str, np.ndarray] | None = None
     exit_reason: str | None = None
 
@@ -102,7 +102,8 @@ def train(task: TrainTask, ctx: Context):
         time.sleep((slowdown - 1.0) * (time.perf_counter() - started))
     parameters = prepare_update(state.config, state.client_id, task.round, task.parameters, parameters)  # e.g. local DP's clip and noise
     state.answered.add(task.message_id)
-    state.last_global = task.parameters
+    if table.handler_for(Gradients.TYPE) is not None:
+        state.last_global = task.parameters
     update = task.reply(
         ParameterUpdate,
         client_id=state.client_id,
