@@ -21,6 +21,7 @@ receives a copy of every version stored or read here, for people and tools that 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict, deque
 from typing import Any
@@ -80,6 +81,7 @@ class BrokerModelStore(ModelStore):
         self._meta: dict[int, dict[str, Any]] = {}
         self._floor: dict[int, int | str] = {}  # version -> an offset at or before its message
         self._cache: OrderedDict[int, ModelVersion] = OrderedDict()  # the newest `keep` versions, with parameters
+        self._exporting: threading.Thread | None = None
         transport.declare_queue(topology.models_stream, kind="stream")
 
     @property
@@ -94,8 +96,23 @@ class BrokerModelStore(ModelStore):
         envelope = Envelope(VERSION_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run, "model_version": model.version})
         self.transport.publish("", self.stream, envelope, body)  # returns once confirmed
         self._remember(model, floor)
-        if self.export is not None and model.version not in self.export.versions():
+        if self.export is not None:
+            # The version is durable on the broker now; its export is a copy, written off the
+            # round's critical path (a file write and fsync of the whole model). One at a time;
+            # a kill mid-write leaves no file (atomic rename) and the next refresh exports it.
+            self.wait_for_export()
+            self._exporting = threading.Thread(target=self._export, args=(model,), name=f"export-v{model.version}")
+            self._exporting.start()
+
+    def _export(self, model: ModelVersion) -> None:
+        if model.version not in self.export.versions():
             self.export.put(model)
+
+    def wait_for_export(self) -> None:
+        """Return once the last version's export is written."""
+        if self._exporting is not None:
+            self._exporting.join()
+            self._exporting = None
 
     def reference(self, version: int) -> tuple[str, int, str]:
         """Where a client fetches ``version``: (stream, offset at or before it, sha256)."""

@@ -167,6 +167,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             serve_server_metrics(args.metrics_port, worker, live_clients, held_updates)
         worker.start()
         worker.run()
+        store.wait_for_export()
     state = worker.state
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     if records:
