@@ -37,7 +37,7 @@ def parameter_count(h: int) -> int:
     return 64 * h + h + h * h + h + h * 10 + 10
 
 
-def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: bool, workdir: Path, inspect_run=None, extra: dict | None = None) -> list[dict]:
+def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: bool, workdir: Path, inspect_run=None, extra: dict | None = None, model_transfer: str = "auto") -> list[dict]:
     """Run a federation to the end; ``inspect_run(run, config_path, out_dir)`` is called
     before the run's queues are deleted; ``extra``: more config keys (e.g. compression)."""
     run = f"bench-{size}-{uuid.uuid4().hex[:6]}"
@@ -51,6 +51,7 @@ def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: b
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.01, "momentum": 0.0, "max_batches": 1},
         "strategy": {"name": "fedavg", "min_clients": clients, "round_deadline_s": 300},
         "journal": journal,
+        "model_transfer": model_transfer,
         **(extra or {}),
     }
     path = workdir / f"{run}.yaml"
@@ -97,17 +98,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--no-journal", action="store_true")
+    parser.add_argument("--model-transfer", default="auto", choices=["auto", "reference", "inline"], help="how tasks carry the model (config model_transfer)")
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     args = parser.parse_args()
     goals = {"100k": 0.5, "10M": 2.5}
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             started = time.perf_counter()
-            records = run_federation(size, rounds=args.rounds, clients=args.clients, url=args.broker, journal=not args.no_journal, workdir=Path(tmp))
+            records = run_federation(size, rounds=args.rounds, clients=args.clients, url=args.broker, journal=not args.no_journal, workdir=Path(tmp), model_transfer=args.model_transfer)
             result = summarise(size, records)
             goal = goals.get(size)
             verdict = "" if goal is None else f"  (goal <= {goal} s: {'met' if result['median_round_s'] <= goal else 'NOT met'})"
-            print(f"{size:>5} ({result['parameters']:,} parameters), {args.clients} client processes, journal {'off' if args.no_journal else 'on'}: "
+            print(f"{size:>5} ({result['parameters']:,} parameters), {args.clients} client processes, journal {'off' if args.no_journal else 'on'}, model_transfer {args.model_transfer}: "
                   f"median {result['median_round_s']:.3f} s per round over {result['rounds'] - 1} rounds{verdict}; whole run {time.perf_counter() - started:.1f} s")
             print(f"       server phases per round (median s): {result['server_phases_s']}")
             print(f"       client training per round (median s): {result['client_train_s']}")

@@ -1,19 +1,30 @@
 """Model versions kept on the broker: a run's models stream (``brokerfl.<run>.models``).
 
-For workflows where no process owns a disk the next one could read (swarm: whoever holds
-the aggregator role next may run on another host), a version is durable once the broker
-has confirmed it into the stream. :meth:`BrokerModelStore.refresh` reads the stream from
-the first offset to a mark it publishes itself (a stream has no end a reader is told
-about), so a process taking the aggregator role over sees every version stored before.
+Every run has one. A version is durable once the broker has confirmed it into the stream,
+so a server on a fresh host with an empty directory resumes from the broker alone
+(:meth:`BrokerModelStore.refresh` reads the stream from the first offset to a mark it
+publishes itself: a stream has no end a reader is told about). Swarm peers taking the
+aggregator role over read it the same way.
 
-The store keeps every version it has read in memory (parameters too): fine for the models
-swarm runs train here; a large model would keep metadata only and re-read on ``get``.
+It is also where clients fetch the model they train (the claim check): a TrainTask
+carries the version, its hash and an offset of the stream at or before the version's
+message (:meth:`BrokerModelStore.reference`); :class:`brokerfl.model_refs.ModelCache`
+reads it from there. The offset is learnt with a small mark published right before the
+version: its offset + 1 is at or before the version, and nothing but marks and other
+versions lies between.
+
+The store keeps every version's metadata, but the parameters of the newest ``keep``
+versions only (a 10M model is 38 MiB a version); ``get`` of an older one re-reads it from
+the stream. ``export`` (e.g. a :class:`brokerfl.store.DirectoryModelStore` on ``DIR/models``)
+receives a copy of every version stored or read here, for people and tools that want files.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from typing import Any
 
 from brokerfl.codec import decode, encode
 from brokerfl.message import Envelope, new_message_id
@@ -23,39 +34,150 @@ from brokerfl.transport import Delivery, Transport, TransportError
 
 VERSION_TYPE = "stored_model_version"
 MARK_TYPE = "models_mark"
+OFFSET_HEADER = "x-stream-offset"  # RabbitMQ's (and the local transport's) offset of a stream delivery
+
+
+def stream_offset(delivery: Delivery) -> int | None:
+    offset = (delivery.envelope.headers or {}).get(OFFSET_HEADER)
+    return offset if isinstance(offset, int) and not isinstance(offset, bool) and offset >= 0 else None
+
+
+def version_of(delivery: Delivery) -> int | None:
+    """The model version a models-stream message holds (None for marks and strangers)."""
+    if delivery.envelope.type != VERSION_TYPE:
+        return None
+    version = (delivery.envelope.headers or {}).get("model_version")
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def read_version(transport: Transport, stream: str, version: int, start: int | str, *, timeout_s: float, what: str) -> Delivery:
+    """The delivery of ``version`` from ``stream``, reading from offset ``start`` on
+    (acked; the consumer is cancelled). TransportError if it is not there within the time."""
+    pending: deque[Delivery] = deque()
+    tag = transport.consume(stream, pending.append, prefetch=2, offset=start)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if not pending:
+                if time.monotonic() > deadline:
+                    raise TransportError(f"{what}: model version {version} not found in {stream} from offset {start} within {timeout_s:.0f} s")
+                transport.poll(0.1)
+                continue
+            delivery = pending.popleft()
+            transport.ack(delivery)
+            if version_of(delivery) == version:
+                return delivery
+    finally:
+        transport.cancel(tag)
 
 
 class BrokerModelStore(ModelStore):
-    """Versions in the run's models stream, over a connection of its own."""
+    """Versions in the run's models stream, over a connection of its own (reading the
+    stream polls that connection, which must not run another consumer's handlers)."""
 
-    def __init__(self, transport: Transport, topology: RunTopology, *, timeout_s: float = 120.0) -> None:
+    def __init__(self, transport: Transport, topology: RunTopology, *, keep: int = 2, export: ModelStore | None = None, timeout_s: float = 120.0) -> None:
         self.transport, self.topology, self.timeout_s = transport, topology, timeout_s
-        self._models: dict[int, ModelVersion] = {}
+        self.keep, self.export = max(1, keep), export
+        self._meta: dict[int, dict[str, Any]] = {}
+        self._floor: dict[int, int | str] = {}  # version -> an offset at or before its message
+        self._cache: OrderedDict[int, ModelVersion] = OrderedDict()  # the newest `keep` versions, with parameters
+        self._exporting: threading.Thread | None = None
+        transport.declare_queue(topology.models_stream, kind="stream")
+
+    @property
+    def stream(self) -> str:
+        return self.topology.models_stream
 
     def put(self, model: ModelVersion) -> None:
-        if model.version in self._models:
+        if model.version in self._meta:
             raise ValueError(f"model version {model.version} is already stored")
-        body = encode({"meta": model.metadata(), "parameters": model.parameters})
+        floor = self._tail()
+        body = encode({"meta": model.metadata(), "parameters": model.parameters, "strategy_state": model.strategy_state})
         envelope = Envelope(VERSION_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run, "model_version": model.version})
-        self.transport.publish("", self.topology.models_stream, envelope, body)  # returns once confirmed
-        self._models[model.version] = model
+        self.transport.publish("", self.stream, envelope, body)  # returns once confirmed
+        self._remember(model, floor)
+        if self.export is not None:
+            # The version is durable on the broker now; its export is a copy, written off the
+            # round's critical path (a file write and fsync of the whole model). One at a time;
+            # a kill mid-write leaves no file (atomic rename) and the next refresh exports it.
+            self.wait_for_export()
+            self._exporting = threading.Thread(target=self._export, args=(model,), name=f"export-v{model.version}")
+            self._exporting.start()
+
+    def _export(self, model: ModelVersion) -> None:
+        if model.version not in self.export.versions():
+            self.export.put(model)
+
+    def wait_for_export(self) -> None:
+        """Return once the last version's export is written."""
+        if self._exporting is not None:
+            self._exporting.join()
+            self._exporting = None
+
+    def reference(self, version: int) -> tuple[str, int, str]:
+        """Where a client fetches ``version``: (stream, offset at or before it, sha256)."""
+        floor = self._floor.get(version)
+        return self.stream, floor if isinstance(floor, int) else 0, self._meta[version]["sha256"]
 
     def get(self, version: int) -> ModelVersion:
+        cached = self._cache.get(version)
+        if cached is not None:
+            return cached
+        if version not in self._meta:
+            raise KeyError(f"no model version {version} in {self.stream}")
+        delivery = read_version(self.transport, self.stream, version, self._floor.get(version, "first"), timeout_s=self.timeout_s, what="re-reading a stored version")
+        model = _model_from(decode(delivery.body))
+        self._remember(model, self._floor.get(version, "first"), newest=False)
+        return model
+
+    def metadata(self, version: int) -> dict[str, Any]:
         try:
-            return self._models[version]
+            return dict(self._meta[version])
         except KeyError:
-            raise KeyError(f"no model version {version} in {self.topology.models_stream}") from None
+            raise KeyError(f"no model version {version} in {self.stream}") from None
 
     def versions(self) -> list[int]:
-        return sorted(self._models)
+        return sorted(self._meta)
+
+    def _remember(self, model: ModelVersion, floor: int | str, *, newest: bool = True) -> None:
+        self._meta[model.version] = model.metadata()
+        self._floor[model.version] = floor
+        self._cache[model.version] = model
+        self._cache.move_to_end(model.version)
+        while len(self._cache) > self.keep:  # the oldest versions' parameters go; their metadata stays
+            self._cache.popitem(last=False)
+
+    def _tail(self) -> int | str:
+        """An offset at or before the next message of the stream: a mark's offset + 1."""
+        mark = Envelope(MARK_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run})
+        pending: deque[Delivery] = deque()
+        tag = self.transport.consume(self.stream, pending.append, prefetch=1, offset="next")
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            self.transport.publish("", self.stream, mark, b"")
+            while True:
+                while pending:
+                    delivery = pending.popleft()
+                    self.transport.ack(delivery)
+                    if delivery.envelope.message_id == mark.message_id:
+                        offset = stream_offset(delivery)
+                        return offset + 1 if offset is not None else "first"
+                if time.monotonic() > deadline:
+                    raise TransportError(f"the models stream of run {self.topology.run!r} did not return its mark within {self.timeout_s:.0f} s")
+                self.transport.poll(0.1)
+        finally:
+            self.transport.cancel(tag)
 
     def refresh(self) -> BrokerModelStore:
-        """Read every version the stream holds now (those another process stored too)."""
+        """Read every version the stream holds now (those another process stored too):
+        metadata of all, parameters of the newest ``keep``; each copied to ``export``."""
         mark = Envelope(MARK_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run})
-        self.transport.publish("", self.topology.models_stream, mark, b"")
+        self.transport.publish("", self.stream, mark, b"")
         pending: deque[Delivery] = deque()
-        tag = self.transport.consume(self.topology.models_stream, pending.append, prefetch=64, offset="first")
+        tag = self.transport.consume(self.stream, pending.append, prefetch=2, offset="first")
         deadline = time.monotonic() + self.timeout_s
+        exported = set(self.export.versions()) if self.export is not None else set()
+        previous: int | str = "first"  # the offset after the previous message: at or before this one
         try:
             while True:
                 if not pending:
@@ -67,10 +189,20 @@ class BrokerModelStore(ModelStore):
                 self.transport.ack(delivery)
                 if delivery.envelope.message_id == mark.message_id:
                     return self
-                if delivery.envelope.type == VERSION_TYPE:
-                    payload = decode(delivery.body)
-                    meta = payload["meta"]
-                    if meta["version"] not in self._models:
-                        self._models[meta["version"]] = ModelVersion(parameters=payload["parameters"], **meta)
+                version = version_of(delivery)
+                floor = previous
+                offset = stream_offset(delivery)
+                if offset is not None:
+                    previous = offset + 1
+                if version is None or version in self._meta:
+                    continue
+                model = _model_from(decode(delivery.body))
+                self._remember(model, floor)
+                if self.export is not None and model.version not in exported:
+                    self.export.put(model)
         finally:
             self.transport.cancel(tag)
+
+
+def _model_from(payload: dict[str, Any]) -> ModelVersion:
+    return ModelVersion(parameters=payload["parameters"], strategy_state=payload.get("strategy_state", {}), **payload["meta"])

@@ -142,16 +142,20 @@ def _broker_url(args: argparse.Namespace) -> str:
     return url
 
 
-def _connect(args: argparse.Namespace):
+def _connect(args: argparse.Namespace, *, side: bool = False):
+    """``side``: a connection used now and then between long idle spells (the models
+    stream's): without heartbeats, which only a connection that is polled sends, so the
+    broker does not close it while idle (a dead one is reopened on its next use)."""
     from brokerfl.transports.amqp import AmqpTransport
     from brokerfl.transports.connect import TlsOptions
 
-    return AmqpTransport(_broker_url(args), tls=TlsOptions(args.tls_ca, args.tls_cert, args.tls_key))
+    return AmqpTransport(_broker_url(args), tls=TlsOptions(args.tls_ca, args.tls_cert, args.tls_key), **({"heartbeat": 0} if side else {}))
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    from brokerfl.broker_store import BrokerModelStore
     from brokerfl.metrics import MetricsLog, plot_curve
-    from brokerfl.roles import server_worker
+    from brokerfl.roles import server_worker, topology_for
     from brokerfl.store import DirectoryModelStore
 
     config = _load(args)
@@ -160,11 +164,14 @@ def cmd_server(args: argparse.Namespace) -> int:
     # second thread waiting to be scheduled (brokerfl README, "Evaluation off the critical path").
     _set_torch_threads()
     out = Path(args.out or _env("OUT") or f"runs/{config.run}")
-    store = DirectoryModelStore(out / "models")
-    if not store.versions():  # a fresh run: no stale lines from an earlier one
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = MetricsLog(out / "metrics.jsonl")
-    with _connect(args) as transport:
+    # The versions live on the broker (the run's models stream), so a server on a fresh
+    # host with an empty --out resumes the run; DIR/models is an export of them.
+    with _connect(args) as transport, _connect(args, side=True) as store_transport:
+        # keep=1: the newest version's parameters are the model the server holds anyway
+        store = BrokerModelStore(store_transport, topology_for(config), keep=1, export=DirectoryModelStore(out / "models")).refresh()
+        if not store.versions():  # a fresh run: no stale lines from an earlier one
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        metrics = MetricsLog(out / "metrics.jsonl")
         worker = server_worker(transport, config, store, metrics)
         if args.metrics_port:
             from brokerfl.monitoring import serve_server_metrics
@@ -174,6 +181,7 @@ def cmd_server(args: argparse.Namespace) -> int:
             serve_server_metrics(args.metrics_port, worker, live_clients, held_updates)
         worker.start()
         worker.run()
+        store.wait_for_export()
     state = worker.state
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     if records:
@@ -216,7 +224,8 @@ def _mask(url: str) -> str:
 def cmd_client(args: argparse.Namespace) -> int:
     if not args.client_id:
         raise SystemExit("brokerfl client: pass --client-id (an id, a range such as 0-9) or set BROKERFL_CLIENT_ID")
-    from brokerfl.roles import client_process_worker, client_worker
+    from brokerfl.model_refs import ModelCache
+    from brokerfl.roles import client_process_worker, client_worker, topology_for
     from brokerfl.worker import run_workers
 
     config = _load(args)
@@ -230,9 +239,17 @@ def cmd_client(args: argparse.Namespace) -> int:
         code = run_peer(lambda: _connect(args), config, args.client_id, out)
         _print_cross_site(config, out)  # written by the peer that held the role at the end
         return code
-    with _connect(args) as transport:
-        # one connection, one consumer per logical client
-        workers = [client_worker(transport, config, client_id) for client_id in args.client_id]
+    with _connect(args) as transport, _connect(args, side=True) as models_transport:
+        # one connection, one consumer per logical client; a second one fetches the models
+        # tasks name by reference, once per process for all its logical clients
+        capacity = transport.consumer_capacity()  # one channel per logical client's consumer
+        if len(args.client_id) > capacity:
+            raise SystemExit(
+                f"brokerfl client: {len(args.client_id)} logical clients need one channel each, and the broker allows {capacity} consumers "
+                f"on one connection (channel_max {transport.channel_limit()}): run them in {-(-len(args.client_id) // capacity)} or more processes"
+            )
+        models = ModelCache(models_transport, topology_for(config))
+        workers = [client_worker(transport, config, client_id, models=models) for client_id in args.client_id]
         beat = client_process_worker(transport, config, workers)  # one heartbeat for all of them
         if args.metrics_port:
             from brokerfl.monitoring import serve_client_metrics
@@ -252,16 +269,16 @@ def cmd_accounting(args: argparse.Namespace) -> int:
     from brokerfl.store import DirectoryModelStore
 
     config = _load(args)
-    out = Path(args.out or _env("OUT") or f"runs/{config.run}")
-    if config.workflow != "swarm" and not (out / "models").is_dir():
-        raise SystemExit(f"brokerfl accounting: no stored model versions in {out / 'models'} (pass the server's --out)")
-    with _connect(args) as transport, (_connect(args) if config.workflow == "swarm" else transport) as store_transport:
-        if config.workflow == "swarm":  # its versions are on the broker, in the run's models stream
+    out = Path(args.out or _env("OUT")) if (args.out or _env("OUT")) else None
+    with _connect(args) as transport, _connect(args) as store_transport:
+        if out is not None:  # the versions as a server exported them
+            if not (out / "models").is_dir():
+                raise SystemExit(f"brokerfl accounting: no stored model versions in {out / 'models'}")
+            store = DirectoryModelStore(out / "models")
+        else:  # the versions on the broker, in the run's models stream
             from brokerfl.broker_store import BrokerModelStore
 
-            store = BrokerModelStore(store_transport, topology_for(config)).refresh()
-        else:
-            store = DirectoryModelStore(out / "models")
+            store = BrokerModelStore(store_transport, topology_for(config), keep=1).refresh()
         report = account_run(transport, topology_for(config), store)
     print(report.summary())
     return 0 if report.ok and report.cut_at is None else 1  # a cut journal proves only part of the run
@@ -412,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     accounting = commands.add_parser("accounting", help="prove every update is in exactly one model version or dropped with a reason")
     _config_arguments(accounting)
     _broker_argument(accounting)
-    accounting.add_argument("--out", help="the server's output directory (default: runs/<run>)")
+    accounting.add_argument("--out", help="read the model versions a server exported to this directory (default: from the run's models stream on the broker)")
     accounting.set_defaults(func=cmd_accounting)
 
     rep = commands.add_parser("replay", help="recompute a run's model versions from its journal; check hashes; what-ifs")

@@ -129,6 +129,11 @@ class RunConfig(_Section):
     client_handlers: str = Field("handlers.workflows.client", description="module with the client's table and make_state")
     extra_handlers: list[str] = Field(default_factory=list, description="modules imported to register more handlers")
     replicated_queues: bool = Field(False, description="every queue of the run a quorum queue (replicated on a RabbitMQ cluster), not only the server's")
+    model_transfer: Literal["auto", "reference", "inline"] = Field(
+        "auto",
+        description="how tasks carry the global model: by reference to the run's models stream (fetched once per client process), "
+        "inline in every task, or auto: by reference from 1 MiB of parameters (brokerfl.model_refs)",
+    )
     journal: bool = Field(True, description="copy every message to the run's journal stream")
     journal_max_bytes: int | None = Field(4 * 1024**3, ge=1, description="journal retention by size (oldest segments go first)")
     journal_max_age: str | None = Field(None, pattern=r"^[0-9]+[YMDhms]$", description="journal retention by age, e.g. 7D or 12h")

@@ -127,14 +127,20 @@ class Heartbeats(Message):
 class TrainTask(Message):
     """Train on global model ``model_version`` (envelope) and answer with a ParameterUpdate.
 
-    Broadcast once to every client; ``participants`` says who is sampled this round, so the
-    model's bytes cross the broker once, not once per client.
+    Broadcast once to every client; ``participants`` says who is sampled this round. The
+    model travels inline (``parameters``) or by reference (claim check): ``model_stream``
+    names the run's models stream, ``model_offset`` an offset at or before the version's
+    message and ``model_sha256`` its hash; a client process fetches each version once and
+    checks the hash (:mod:`brokerfl.model_refs`) before any handler sees the task.
     """
 
-    parameters: Tensors
     participants: list[str]
+    parameters: Tensors = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     deadline: float = 0.0  # unix time after which an answer is too late (0: none); clients skip expired tasks
+    model_stream: str = ""  # by reference: where version ``model_version`` is ("" : inline)
+    model_offset: int = 0
+    model_sha256: str = ""
 
 
 @dataclass(kw_only=True)
@@ -160,8 +166,13 @@ class Gradients(Message):
 
 @dataclass(kw_only=True)
 class EvaluateTask(Message):
-    parameters: Tensors
+    """Evaluate global model ``model_version``: inline or by reference, as a TrainTask."""
+
+    parameters: Tensors = field(default_factory=dict)
     participants: list[str] = field(default_factory=list)
+    model_stream: str = ""
+    model_offset: int = 0
+    model_sha256: str = ""
 
 
 @dataclass(kw_only=True)
@@ -264,7 +275,7 @@ def from_wire(envelope: Envelope, body: bytes, limits: Limits = DEFAULT_LIMITS) 
 MAX_COUNTER = 2**63  # rounds, model versions, sample counts: non-negative, and what an AMQP header holds
 MAX_ID_CHARS = 128  # message ids, and the fields that name one
 _MESSAGE_ID_FIELDS = ("task_id", "update_id")
-_COUNT_FIELDS = ("round", "model_version", "num_samples", "version", "parent")
+_COUNT_FIELDS = ("round", "model_version", "num_samples", "version", "parent", "model_offset")
 
 
 def _check_ranges(kind: str, envelope_values: dict[str, Any], values: dict[str, Any]) -> None:

@@ -84,16 +84,17 @@ def definitions(config: RunConfig, people: list[Participant], *, vhost: str) -> 
             permissions.append({"user": p.user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"})
             continue  # no topic permissions: every routing key
         if p.role == "server":
-            own = _any_of(x, topo.server_queue, topo.dead_queue, topo.admin_queue, topo.journal_stream)
+            own = _any_of(x, topo.server_queue, topo.dead_queue, topo.admin_queue, topo.journal_stream, topo.models_stream)
             # amq.default: the server answers status requests and admin commands on the
             # requester's direct reply-to address, which RabbitMQ routes through the default
             # exchange (the server already sends every client its tasks)
-            write = _any_of(x, topo.server_queue, topo.dead_queue, topo.admin_queue, topo.journal_stream, "amq.default")
+            write = _any_of(x, topo.server_queue, topo.dead_queue, topo.admin_queue, topo.journal_stream, topo.models_stream, "amq.default")
             permissions.append({"user": p.user, "vhost": vhost, "configure": own, "write": write, "read": own})
             topics.append({"user": p.user, "vhost": vhost, "exchange": x, "write": rf"^({CLIENTS}|client|{DEAD}|{AUDIT}|{ADMIN})\..+$", "read": _any_of(f"{SERVER}.#", f"{DEAD}.#", f"{ADMIN}.#", "#")})
         else:
             queue = topo.client_queue(p.client_id)
-            permissions.append({"user": p.user, "vhost": vhost, "configure": _any_of(queue), "write": _any_of(x, queue), "read": _any_of(x, queue)})
+            # the models stream: clients fetch the versions their tasks name (brokerfl.model_refs)
+            permissions.append({"user": p.user, "vhost": vhost, "configure": _any_of(queue), "write": _any_of(x, queue), "read": _any_of(x, queue, topo.models_stream)})
             sends = "|".join(re.escape(t) for t in client_types)
             topics.append({"user": p.user, "vhost": vhost, "exchange": x, "write": rf"^({SERVER}\.({sends})|{DEAD}\.[A-Za-z0-9_]+)$", "read": _any_of(f"client.{p.client_id}.#", f"{CLIENTS}.#")})
     return {

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from types import ModuleType
 
 import structlog
 
 from brokerfl import identity
 from brokerfl.config import ConfigError, RunConfig
+from brokerfl.message import Message
 from brokerfl.metrics import MetricsLog
+from brokerfl.model_refs import ModelCache, by_reference
 from brokerfl.store import ModelStore
 from brokerfl.topology import RunTopology
-from brokerfl.transport import Transport
+from brokerfl.transport import Transport, TransportError
 from brokerfl.worker import Worker
 
 
@@ -85,7 +88,9 @@ def server_worker(transport: Transport, config: RunConfig, store: ModelStore, me
     return Worker(transport, topology, topology.server_queue, module.table, state, name="server", prefetch=prefetch, admit=admit)
 
 
-def client_worker(transport: Transport, config: RunConfig, client_id: str, *, journal: bool | None = None) -> Worker:
+def client_worker(transport: Transport, config: RunConfig, client_id: str, *, journal: bool | None = None, models: ModelCache | None = None) -> Worker:
+    """``models``: the process's cache of versions fetched by reference, shared by all its
+    logical clients (without one, a task that carries its model by reference is requeued)."""
     topology = topology_for(config, journal=journal)
     if not config.identity.enforce:
         topology.declare(transport)
@@ -96,7 +101,27 @@ def client_worker(transport: Transport, config: RunConfig, client_id: str, *, jo
     state = module.make_state(config, client_id)
     log = structlog.get_logger("brokerfl").bind(run=config.run, role=f"client.{client_id}", client=client_id)
     admit = identity.client_inbox_check(config.run) if config.identity.enforce else None
-    return Worker(transport, topology, queue, module.table, state, name=f"client.{client_id}", prefetch=1, log=log, admit=admit)
+    if models is None and hasattr(transport, "broker"):  # in-process: a connection of its own is free
+        from brokerfl.transports.local import LocalTransport
+
+        models = ModelCache(LocalTransport(transport.broker, user=transport.user), topology)
+    return Worker(transport, topology, queue, module.table, state, name=f"client.{client_id}", prefetch=1, log=log, admit=admit, resolve=_model_resolver(models, client_id))
+
+
+def _model_resolver(models: ModelCache | None, client_id: str) -> Callable[[Message], None]:
+    """Fetch a task's model only for a client that will use it (sampled, or everyone's)."""
+
+    def resolve(message: Message) -> None:
+        if not by_reference(message):
+            return
+        participants = getattr(message, "participants", None)
+        if participants and client_id not in participants:
+            return
+        if models is None:
+            raise TransportError(f"{message.TYPE} carries its model by reference and this client has no connection to fetch it")
+        models.resolve(message)
+
+    return resolve
 
 
 def client_process_worker(transport: Transport, config: RunConfig, clients: list[Worker]) -> Worker | None:

@@ -16,8 +16,10 @@ from typing import Any
 from brokerfl import identity
 from brokerfl.config import RunConfig
 from brokerfl.metrics import MetricsLog, plot_curve
-from brokerfl.roles import client_worker, server_worker
-from brokerfl.store import MemoryModelStore, ModelStore
+from brokerfl.broker_store import BrokerModelStore
+from brokerfl.model_refs import ModelCache
+from brokerfl.roles import client_worker, server_worker, topology_for
+from brokerfl.store import ModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
 
 
@@ -64,9 +66,11 @@ def simulate(
             raise SimulationError(state.failure)
         return SimulationResult(records, state, time.perf_counter() - started, out, broker, store)
     metrics = MetricsLog(out / "metrics.jsonl" if out else None)
-    store = store or MemoryModelStore()
+    # versions live in the run's models stream, as over RabbitMQ: tasks may name them by reference
+    store = store or BrokerModelStore(LocalTransport(broker, user=_user(config, None)), topology_for(config, journal=journal))
     server = server_worker(LocalTransport(broker, user=_user(config, None)), config, store, metrics, journal=journal)
-    clients = [client_worker(LocalTransport(broker, user=_user(config, cid)), config, cid, journal=journal) for cid in config.client_ids()]
+    models = ModelCache(LocalTransport(broker), topology_for(config, journal=journal))  # one copy of each version for every client
+    clients = [client_worker(LocalTransport(broker, user=_user(config, cid)), config, cid, journal=journal, models=models) for cid in config.client_ids()]
     bar = _ProgressBar(config.rounds) if progress else None
     if bar:
         server.state.on_round.append(bar.update)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from brokerfl.broker_store import BrokerModelStore
+from brokerfl.model_refs import ModelCache
 from brokerfl.config import RunConfig
 from brokerfl.metrics import MetricsLog, plot_curve
 from brokerfl.roles import CROSS_SITE_HANDLERS, client_worker, topology_for
@@ -128,7 +129,8 @@ def run_peer(connect: Callable[[], Transport], config: RunConfig, client_ids: li
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl")
     with connect() as transport, connect() as store_transport:
-        clients = [client_worker(transport, config, cid) for cid in client_ids]
+        models = ModelCache(store_transport, topology_for(config))  # one copy of each version for all these clients
+        clients = [client_worker(transport, config, cid, models=models) for cid in client_ids]
         name = f"aggregator.{'+'.join(client_ids)}"
         peer = Peer(clients, lambda: aggregator_worker(transport, store_transport, config, metrics, name=name), transport)
         peer.start()

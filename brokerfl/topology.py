@@ -8,6 +8,7 @@
 | ``brokerfl.<run>.dead``        | classic        | ``dead.#``: dead letters, reason in a header |
 | ``brokerfl.<run>.journal``     | stream         | ``#``: a copy of every message           |
 | ``brokerfl.<run>.admin``       | classic        | ``admin.#``: the operator's admin state  |
+| ``brokerfl.<run>.models``      | stream         | nothing routed: every stored model version (``brokerfl.broker_store``) |
 
 With ``replicated`` (config ``replicated_queues: true``, for a RabbitMQ cluster) every queue
 is a quorum queue: a classic queue lives on one node, and a client whose queue's node dies
@@ -100,8 +101,7 @@ class RunTopology:
         transport.declare_queue(self.dead_queue, kind=self.queue_kind)
         transport.bind(self.dead_queue, self.exchange, f"{DEAD}.#")
         transport.declare_queue(self.server_queue, kind="quorum", dead_letter_queue=self.dead_queue, single_active_consumer=self.swarm)
-        if self.swarm:
-            transport.declare_queue(self.models_stream, kind="stream")
+        transport.declare_queue(self.models_stream, kind="stream")  # every stored model version (brokerfl.broker_store)
         transport.bind(self.server_queue, self.exchange, f"{SERVER}.#")
         transport.declare_queue(self.admin_queue, kind=self.queue_kind)
         transport.bind(self.admin_queue, self.exchange, f"{ADMIN}.#")
@@ -121,6 +121,6 @@ class RunTopology:
         """Remove everything of the run (tests, and ``brokerfl`` operators cleaning up)."""
         for client_id in client_ids:
             transport.delete_queue(self.client_queue(client_id))
-        for queue in (self.server_queue, self.dead_queue, self.admin_queue, self.journal_stream, *([self.models_stream] if self.swarm else [])):
+        for queue in (self.server_queue, self.dead_queue, self.admin_queue, self.journal_stream, self.models_stream):
             transport.delete_queue(queue)
         transport.delete_exchange(self.exchange)

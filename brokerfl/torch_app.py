@@ -35,6 +35,23 @@ def to_named_arrays(module: nn.Module) -> Parameters:
     return out
 
 
+def hand_over_named_arrays(module: nn.Module) -> Parameters:
+    """The whole state_dict as numpy arrays that take the module's storage with them (no
+    copy): the module gets new storage, untouched (so not resident) until the next load
+    writes it. A trained model's arrays then cost no second model's worth of memory."""
+    out: Parameters = {}
+    state = module.state_dict()
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        out[name] = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.cpu().numpy()
+    if any(t.device.type != "cpu" for t in state.values()):
+        return {name: np.array(a, copy=True) for name, a in out.items()}  # not the module's memory: copies
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = torch.empty_like(tensor.data)
+    return out
+
+
 def _check_names(state: Mapping[str, Any], parameters: Mapping[str, Any], app_name: str) -> None:
     if state.keys() != parameters.keys():
         missing, extra = sorted(state.keys() - parameters.keys()), sorted(parameters.keys() - state.keys())
@@ -58,8 +75,15 @@ def load_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name
         return
     with torch.no_grad():
         for name, target in state.items():
-            value = parameters[name]
-            source = torch.from_numpy(np.array(value, copy=True))
+            value = np.asarray(parameters[name])
+            # no copy of a read-only array (a model shared by a process's logical clients,
+            # decoded over the received body): copy_ below only reads it
+            if not value.flags.writeable:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "non-writable": torch only reads it here
+                    source = torch.from_numpy(value)
+            else:
+                source = torch.from_numpy(value)
             if tuple(source.shape) != tuple(target.shape):
                 raise AppError(f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has {tuple(target.shape)}")
             target.copy_(source)
@@ -187,7 +211,9 @@ class TorchModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             metrics = call(self._train, self.module, data, settings, seed, options=self.app.options)
-        return to_named_arrays(self.module), dict(metrics or {})
+        for parameter in self.module.parameters():  # the last step's gradients: a model's worth of memory
+            parameter.grad = None
+        return hand_over_named_arrays(self.module), dict(metrics or {})
 
     def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
         # in place: evaluation only reads the weights (see borrow_named_arrays)

@@ -45,9 +45,13 @@ class Worker:
         log: Any = None,
         clock=time.monotonic,
         admit: Callable[[Message, str], str | None] | None = None,
+        resolve: Callable[[Message], None] | None = None,
     ) -> None:
         """``admit(message, user_id)``: None if the message's publisher may send it, else the
-        reason it is dead-lettered before any handler sees it (:mod:`brokerfl.identity`)."""
+        reason it is dead-lettered before any handler sees it (:mod:`brokerfl.identity`).
+        ``resolve(message)`` completes an admitted message before its handler runs (a task's
+        model fetched by reference, :mod:`brokerfl.model_refs`): a ValueError dead-letters
+        the message with its reason, a TransportError gives it back to its queue."""
         self.transport = transport
         self.topology = topology
         self.queue = queue
@@ -58,6 +62,7 @@ class Worker:
         self.limits = limits
         self.clock = clock
         self.admit = admit
+        self.resolve = resolve
         self.log = log or structlog.get_logger("brokerfl").bind(run=topology.run, role=name)
         self.held: list[Delivery] = []
         self.timers: dict[str, Timer] = {}
@@ -146,6 +151,17 @@ class Worker:
         if self.table.handler_for(message.TYPE) is None:
             self._dead_letter(delivery, f"no handler for message type {message.TYPE!r} in the {self.table.role} table", log)
             return
+        if self.resolve is not None:
+            try:
+                with timings.phase("resolve"):
+                    self.resolve(message)
+            except TransportError as exc:  # the broker's fault, not the message's: it comes back
+                log.error("completing the message failed: it is requeued", error=bounded(str(exc), 500))
+                self.transport.nack(delivery, requeue=True)
+                return
+            except ValueError as exc:
+                self._dead_letter(delivery, f"rejected {bounded(delivery.envelope.type, 64)!r} message: {bounded(str(exc), 500)}", log)
+                return
         self._handle(message, delivery)
 
     def _handle(self, message: Message, delivery: Delivery | None) -> None:
@@ -165,6 +181,8 @@ class Worker:
                 outbound = list(handler(message, ctx) or ())
             # Encoding is the handler's output failing, so its fault too; publishing is not.
             wire = self.encode([*ctx.also_send, *outbound])
+            outbound = None  # their bytes are in `wire`: drop the messages (an update's arrays are a model's worth)
+            ctx.also_send.clear()
         except Exception as exc:
             if isinstance(exc, Rejected):
                 reason = f"rejected by {name}: {exc}"

@@ -194,3 +194,32 @@ def test_two_broker_restarts_during_a_run(federation, run_name, restart_broker):
         restart_broker()
     fed.finish()
     check(fed, expect_accuracy=fault_free_accuracy(run_name, 4, 12))
+
+
+def test_a_server_on_a_fresh_host_resumes_from_the_broker(federation, run_name, tmp_path, amqp_url):
+    """kill -9 of the server mid-run, and a new one started with a NEW empty output
+    directory (a rescheduled container): the model versions and their metadata are on the
+    broker (the run's models stream), so it resumes the run; tasks carry the model by
+    reference, so clients fetch it from there too."""
+    from brokerfl.broker_store import BrokerModelStore
+    from brokerfl.transports.amqp import AmqpTransport
+
+    by_reference = tmp_path / "by_reference.yaml"
+    by_reference.write_text((ROOT / CONFIG).read_text() + "model_transfer: reference\n")
+    fed = federation(clients=4, rounds=8, config=str(by_reference))
+    fed.start()
+    fed.wait_for_versions(3, timeout=120)
+    time.sleep(random.Random(5).uniform(0.0, 0.3))  # somewhere inside the next round
+    fed.kill(fed.server)
+    old_out, fed.out = fed.out, tmp_path / "fresh-host"
+    assert not fed.out.exists()
+    fed.start_server()
+    fed.finish()
+    assert fed.out != old_out and (fed.out / "models").is_dir()  # the export, rebuilt from the broker
+    config = load_config(CONFIG, {"run": run_name, "clients": 4})
+    with AmqpTransport(amqp_url) as transport, AmqpTransport(amqp_url) as store_transport:
+        store = BrokerModelStore(store_transport, topology_for(config)).refresh()
+        assert store.versions() == list(range(9))
+        report = account_run(transport, topology_for(config), store)
+    assert report.ok, report.summary()
+    check(fed, expect_accuracy=fault_free_accuracy(run_name, 4, 8))

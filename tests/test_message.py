@@ -150,6 +150,7 @@ FIELD_STRATEGIES = {
     "num_samples": st.integers(0, 2**63 - 1),
     "version": st.integers(0, 2**63 - 1),
     "parent": st.none() | st.integers(0, 2**63 - 1),
+    "model_offset": st.integers(0, 2**63 - 1),
 }
 
 

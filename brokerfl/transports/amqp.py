@@ -57,7 +57,7 @@ import structlog
 from brokerfl.message import Envelope
 from brokerfl.transport import REPLY_TO, Delivery, QueueInfo, QueueKind, Transport, TransportError, UnroutableError
 from brokerfl.transports import chunks
-from brokerfl.transports.amqp_connection import MAX_BACKOFF_S, RECV_BYTES, ConnectionMixin, _channel_error, _quietly, _tune_reads, mask_url
+from brokerfl.transports.amqp_connection import MAX_BACKOFF_S, RECV_BYTES, ChannelLimitError, ConnectionMixin, _channel_error, _quietly, _tune_reads, mask_url
 from brokerfl.transports.amqp_consuming import STREAM_CREDIT, ConsumingMixin, _Consumer, _Handle, _Tag
 from brokerfl.transports.amqp_settling import SettlingMixin
 from brokerfl.transports.connect import TlsOptions, cluster_parameters
@@ -66,7 +66,7 @@ from brokerfl.transports.envelope import to_envelope, to_properties
 log = structlog.get_logger("brokerfl.amqp")
 
 # Re-exported: benchmarks and tools import these from here.
-__all__ = ["AmqpTransport", "RECV_BYTES", "STREAM_CREDIT", "mask_url", "_tune_reads"]
+__all__ = ["AmqpTransport", "ChannelLimitError", "RECV_BYTES", "STREAM_CREDIT", "mask_url", "_tune_reads"]
 
 
 class _Nacked(TransportError):

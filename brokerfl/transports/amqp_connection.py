@@ -44,6 +44,13 @@ _FATAL = (px.ProbableAuthenticationError, px.ProbableAccessDeniedError, px.Authe
 T = TypeVar("T")
 
 
+RESERVED_CHANNELS = 4  # publish, admin, get, a request's: what consume() may not take
+
+
+class ChannelLimitError(TransportError):
+    """The connection has no free channel (the broker's channel_max): not a lost connection."""
+
+
 class _Refused(TransportError):
     """The broker refused our login or vhost: retrying will not help."""
 
@@ -182,9 +189,24 @@ class ConnectionMixin:
                 if self._conn is not None and self._conn.is_open:
                     raise TransportError(f"channel closed: {exc}") from None
                 self._reconnect(exc)
+            except px.NoFreeChannels:  # a subclass of AMQPConnectionError, but the connection is fine
+                raise ChannelLimitError(self._channel_limit_text()) from None
             except _LOST as exc:
                 self._reconnect(exc)
         raise TransportError(f"the connection to {self.safe_url} keeps failing")
+
+    def channel_limit(self) -> int:
+        """Channels the broker allows on this connection (channel_max, as negotiated)."""
+        return int(self._conn._impl.params.channel_max or pika.channel.MAX_CHANNELS) if self._conn is not None else pika.channel.MAX_CHANNELS
+
+    def _channel_limit_text(self) -> str:
+        return (f"no free channel on the connection to {self.safe_url}: the broker allows {self.channel_limit()} (channel_max) "
+                f"and each consumer takes one; at most {self.consumer_capacity()} consumers (logical clients) fit on one connection")
+
+    def consumer_capacity(self) -> int:
+        """How many consumers (one channel each) fit beside this transport's own channels
+        (publish, admin, get, a request's)."""
+        return max(0, self.channel_limit() - RESERVED_CHANNELS)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -24,7 +24,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from brokerfl.transport import Delivery, OnDelivery, StreamOffset, TransportError
 from brokerfl.transports import chunks
-from brokerfl.transports.amqp_connection import _LOST, _channel_error, _quietly, _recovering
+from brokerfl.transports.amqp_connection import _LOST, ChannelLimitError, _channel_error, _quietly, _recovering
 from brokerfl.transports.envelope import to_envelope
 
 log = structlog.get_logger("brokerfl.amqp")
@@ -105,6 +105,8 @@ class ConsumingMixin:
         if offset is not None and kind not in (None, "stream"):
             raise TransportError(f"queue {queue!r} is not a stream; offset does not apply")
         stream = kind == "stream" or offset is not None
+        if len(self._consumers) >= self.consumer_capacity():  # refused before any channel runs out
+            raise ChannelLimitError(self._channel_limit_text())
         consumer = _Consumer(f"amqp-{uuid.uuid4().hex[:12]}", queue, on_delivery, max(0, prefetch), offset, stream)
         self._with_retry(lambda: self._start_consumer(consumer))
         self._consumers[consumer.tag] = consumer

@@ -196,6 +196,9 @@ class LocalBroker:
                 consumer.stream_position = max(consumer.stream_position, queue.log_start)
                 while consumer.stream_position < queue.log_start + len(queue.log) and _has_room(consumer):
                     message = queue.log[consumer.stream_position - queue.log_start]
+                    # as RabbitMQ does, a stream delivery says its offset in a header
+                    if isinstance(message.envelope.headers, dict):
+                        message = replace(message, envelope=replace(message.envelope, headers={**message.envelope.headers, "x-stream-offset": consumer.stream_position}))
                     consumer.stream_position += 1
                     self._hand_over(queue, consumer, message)
             return False

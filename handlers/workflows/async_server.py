@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_client
 from brokerfl.message import Heartbeat, Heartbeats, Join, Leave, ParameterUpdate, Tensors, TrainTask
+from brokerfl.model_refs import task_model_fields
 from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore
 from brokerfl.timing import timings
@@ -90,10 +91,11 @@ def resume(message: Started, ctx: Context):
     strategy: AsyncStrategy = state.strategy
     state.round_started = time.monotonic()
     for version in state.store.versions()[-(strategy.max_staleness + 2) :]:
-        model = state.store.get(version)
-        state.stored_ids.update(model.update_ids)
-        if strategy.needs_base and model.parameters:
-            state.cache[version] = model.parameters
+        state.stored_ids.update(state.store.metadata(version)["update_ids"])  # metadata: no parameters re-read
+        if strategy.needs_base:
+            model = state.store.get(version)
+            if model.parameters:
+                state.cache[version] = model.parameters
     strategy.start_version(state.model.parameters)
     return out
 
@@ -123,7 +125,7 @@ def next_task(ctx: Context, client_id: str) -> list[Outbound]:
     task = TrainTask(
         round=version,
         model_version=version,
-        parameters=state.model.parameters,
+        **task_model_fields(state.config, state.store, state.model),
         participants=[client_id],
         config=state.config.train.model_dump(),
         deadline=0.0,

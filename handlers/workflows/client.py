@@ -13,7 +13,7 @@ from brokerfl.app import App, Partition, count_samples, load_app
 from brokerfl.compression import compress
 from brokerfl.config import RunConfig, TrainConfig
 from brokerfl.handler_table import Context, HandlerTable, Started, to_server
-from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Heartbeat, Heartbeats, Join, Message, ParameterUpdate, TrainTask
+from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Gradients, Heartbeat, Heartbeats, Join, Message, ParameterUpdate, TrainTask
 from handlers.strategies.base import prepare_update
 
 table = HandlerTable("client")
@@ -27,7 +27,9 @@ class ClientState:
     data: Partition  # this client's partition: train data and maybe a local test split
     answered: set[str] = field(default_factory=set)  # task ids this process already answered
     newest_version: int = -1  # the newest model version a task has shown this process
-    last_global: dict[str, np.ndarray] | None = None  # the newest global model trained on
+    # the newest global model trained on, kept only where a handler reads it (Gradients, the
+    # README's example): else it would hold a superseded version alive per logical client
+    last_global: dict[str, np.ndarray] | None = None
     residual: dict[str, np.ndarray] = field(default_factory=dict)  # what compression dropped so far (error feedback)
     exit_reason: str | None = None
     beats_alone: bool = True  # False: its process sends one Heartbeats for all its clients (process_table)
@@ -116,7 +118,8 @@ def train(task: TrainTask, ctx: Context):
                                         rng=np.random.default_rng([state.config.seed, zlib.crc32(state.client_id.encode()), task.round, 1]))
         state.residual = residual if state.config.compression.error_feedback else {}
     state.answered.add(task.message_id)
-    state.last_global = task.parameters
+    if table.handler_for(Gradients.TYPE) is not None:
+        state.last_global = task.parameters
     update = task.reply(
         ParameterUpdate,
         client_id=state.client_id,

@@ -25,6 +25,7 @@ import numpy as np
 
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, to_client
+from brokerfl.model_refs import task_model_fields
 from brokerfl.message import Message, ParameterUpdate, TrainTask
 from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore
@@ -98,7 +99,7 @@ def start_hop(ctx: Context):
     task = TrainTask(
         round=state.round,
         model_version=state.model.version,
-        parameters=state.model.parameters,
+        **task_model_fields(state.config, state.store, state.model),
         participants=[state.holder],
         config=config.train.model_dump(),
         deadline=time.time() + timeout,

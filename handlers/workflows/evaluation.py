@@ -22,6 +22,7 @@ from typing import Any
 
 from brokerfl.handler_table import Context, Outbound, to_clients
 from brokerfl.message import EvaluateResult, EvaluateTask, Message
+from brokerfl.model_refs import task_model_fields
 
 
 @dataclass(kw_only=True)
@@ -59,7 +60,7 @@ def request(ctx: Context, model: Any, participants: list[str], *, then: Callable
     if not participants or not due(state, model.round):
         return []
     out = close(ctx) if state.evaluation is not None else []
-    task = EvaluateTask(round=model.round, model_version=model.version, parameters=model.parameters, participants=sorted(participants))
+    task = EvaluateTask(round=model.round, model_version=model.version, participants=sorted(participants), **task_model_fields(state.config, state.store, model))
     state.evaluation = OpenEvaluation(task.message_id, model.round, model.version, set(participants), time.monotonic(), then=then)
     ctx.set_timer("evaluation", state.config.strategy.round_deadline_s, EvaluationDeadline(task_id=task.message_id))
     return [*out, to_clients(task)]

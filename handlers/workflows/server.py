@@ -41,6 +41,7 @@ from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
 from brokerfl.journal import retention_warning
 from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
+from brokerfl.model_refs import task_model_fields
 from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion
 from brokerfl.timing import timings
@@ -166,7 +167,7 @@ def resume_or_initialise(message: Started, ctx: Context):
     state.strategy.resume(state.model.version, state.model.strategy_state)  # e.g. a server optimizer's moments
     _backfill_metrics(state)
     # so that updates redelivered after a restart are recognised as already folded
-    state.recent_update_ids = [set(state.store.get(v).update_ids) for v in state.store.versions()[-5:]]
+    state.recent_update_ids = [set(state.store.metadata(v)["update_ids"]) for v in state.store.versions()[-5:]]
     ctx.log.info("server ready", model_version=state.model.version, round=state.round, waiting_for=state.config.clients)
     if state.round >= state.config.rounds:
         return finish_run(ctx, "all rounds were already done")
@@ -495,7 +496,7 @@ def start_round(ctx: Context, *, retry: bool = False):
     task = TrainTask(
         round=state.round,
         model_version=state.model.version,
-        parameters=state.model.parameters,
+        **task_model_fields(state.config, state.store, state.model),
         participants=state.participants,
         config=config.train.model_dump(),
         deadline=time.time() + config.strategy.round_deadline_s,

@@ -1,0 +1,122 @@
+"""Models sent once (claim check): tasks name a version of the run's models stream, a client
+process fetches it once for all its logical clients and checks its hash; replay and
+accounting work from what is stored. On the local transport (the AMQP path is exercised by
+tests/test_faults.py's fresh-host resume)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from brokerfl.accounting import account_run
+from brokerfl.broker_store import BrokerModelStore
+from brokerfl.config import parse_config
+from brokerfl.handler_table import Outbound
+from brokerfl.journal import read_journal
+from brokerfl.message import ModelVersionStored, TrainTask, from_wire
+from brokerfl.model_refs import ModelCache
+from brokerfl.replay import replay
+from brokerfl.roles import client_worker, topology_for
+from brokerfl.simulate import simulate
+from brokerfl.store import ModelVersion
+from brokerfl.topology import CLIENTS
+from brokerfl.transport import REASON_HEADER
+from brokerfl.transports.local import LocalBroker, LocalTransport
+from brokerfl.worker import Worker
+
+
+def _config(transfer: str, **extra):
+    return parse_config({
+        "run": "refs", "rounds": 3, "clients": 4, "seed": 3, "model_transfer": transfer,
+        "train": {"epochs": 1, "max_batches": 2}, "strategy": {"name": "fedavg", "min_clients": 4}, **extra,
+    })
+
+
+def test_by_reference_gives_the_same_versions_and_replays():
+    inline = simulate(_config("inline"))
+    broker = LocalBroker()
+    by_ref = simulate(_config("reference"), broker=broker, journal=True)
+    assert [r["sha256"] for r in by_ref.records] == [r["sha256"] for r in inline.records]
+
+    journal = list(read_journal(LocalTransport(broker), topology_for(_config("reference"))))
+    tasks = [from_wire(d.envelope, d.body) for d in journal if d.envelope.type == TrainTask.TYPE]
+    assert len(tasks) == 3
+    for task in tasks:  # no tensors in the tasks: a version, its hash and where it is
+        assert task.parameters == {} and task.model_stream == "brokerfl.refs.models" and len(task.model_sha256) == 64
+    stored = {d.envelope.headers["model_version"]: from_wire(d.envelope, d.body) for d in journal if d.envelope.type == ModelVersionStored.TYPE}
+    assert {v: t.model_sha256 for v, t in ((t.model_version, t) for t in tasks)} == {v: stored[v].sha256 for v in (0, 1, 2)}
+
+    result = replay(journal, _config("reference"))
+    assert result.ok and [row.version for row in result.rows] == [0, 1, 2, 3]
+    report = account_run(LocalTransport(broker), topology_for(_config("reference")), by_ref.store)
+    assert report.ok and len(report.sent) == 12
+
+
+def test_a_process_fetches_each_version_once_for_all_its_clients():
+    config = _config("reference")
+    broker = LocalBroker()
+    topology = topology_for(config)
+    topology.declare(LocalTransport(broker))
+    store = BrokerModelStore(LocalTransport(broker), topology)
+    parameters = {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    store.put(ModelVersion(0, 0, None, "fedavg", [], parameters))
+    models = ModelCache(LocalTransport(broker), topology)
+    seen = []
+    workers = [client_worker(LocalTransport(broker), config, cid, models=models) for cid in config.client_ids()]
+    recording = workers[0].table.copy()  # what each handler is given, instead of training
+    recording.register(TrainTask, lambda task, ctx: seen.append(task.parameters) or [])
+    for worker in workers:
+        worker.table = recording
+        worker.start()
+    stream, offset, sha256 = store.reference(0)
+    task = TrainTask(run=config.run, round=1, model_version=0, participants=config.client_ids(), model_stream=stream, model_offset=offset, model_sha256=sha256)
+    Worker(LocalTransport(broker), topology, topology.server_queue, recording, None, name="server").publish([Outbound(CLIENTS, task)])
+    for _ in range(20):
+        for worker in workers:
+            worker.step(0.01)
+        if len(seen) == 4:
+            break
+    assert len(seen) == 4 and models.fetches == 1
+    first = seen[0]["w"]
+    assert all(s["w"] is first for s in seen)  # one decoded copy, shared
+    assert not first.flags.writeable
+    np.testing.assert_array_equal(first, parameters["w"])
+
+
+@pytest.mark.parametrize("what", ["hash", "stream"])
+def test_a_wrong_reference_is_dead_lettered_with_its_reason(what):
+    config = _config("reference", clients=1, strategy={"name": "fedavg", "min_clients": 1})
+    broker = LocalBroker()
+    topology = topology_for(config)
+    topology.declare(LocalTransport(broker))
+    store = BrokerModelStore(LocalTransport(broker), topology)
+    store.put(ModelVersion(0, 0, None, "fedavg", [], {"w": np.ones(3, dtype=np.float32)}))
+    worker = client_worker(LocalTransport(broker), config, "0")
+    worker.start()
+    stream, offset, sha256 = store.reference(0)
+    task = TrainTask(run=config.run, round=1, model_version=0, participants=["0"], model_offset=offset,
+                     model_stream=stream if what == "hash" else "brokerfl.other.models", model_sha256="0" * 64 if what == "hash" else sha256)
+    Worker(LocalTransport(broker), topology, topology.server_queue, worker.table, None, name="server").publish([Outbound(CLIENTS, task)])
+    for _ in range(20):
+        worker.step(0.01)
+        if worker.dead_lettered:
+            break
+    dead = LocalTransport(broker).get(topology.dead_queue)
+    assert dead is not None and dead.envelope.message_id == task.message_id  # nothing lost: the task is kept, with why
+    reason = dead.envelope.headers[REASON_HEADER]
+    assert ("has hash" in reason and "the task says" in reason) if what == "hash" else "not this run's models stream" in reason
+    assert worker.handled == 1  # only Started: no handler saw the task
+
+
+def test_the_store_keeps_metadata_of_every_version_and_parameters_of_the_newest():
+    broker = LocalBroker()
+    topology = topology_for(_config("reference"))
+    topology.declare(LocalTransport(broker))
+    store = BrokerModelStore(LocalTransport(broker), topology, keep=2)
+    for v in range(5):
+        store.put(ModelVersion(v, v, v - 1 if v else None, "fedavg", [f"u{v}"], {"w": np.full(4, v, dtype=np.float32)}))
+    assert len(store._cache) == 2 and store.versions() == [0, 1, 2, 3, 4]
+    assert store.get(1).parameters["w"][0] == 1  # re-read from the stream
+    fresh = BrokerModelStore(LocalTransport(broker), topology).refresh()  # a server on a fresh host
+    assert fresh.versions() == [0, 1, 2, 3, 4] and fresh.metadata(3)["update_ids"] == ["u3"]
+    assert fresh.latest().parameters["w"][0] == 4 and fresh.get(0).parameters["w"][0] == 0
