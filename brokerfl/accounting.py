@@ -53,6 +53,13 @@ class Accounting:
         """Ids in model versions that no journaled update carries. Versions up to a retention
         cut (:attr:`cut_at`) are not checked: their updates went with the journal's start."""
         cut = self.cut_at if self.cut_at is not None else -1
+        if self.cut_at is not None:
+            # The cut can also take part of the next version's updates: a version's record is
+            # journaled after the next round's task went out (evaluation off the critical
+            # path), so updates of a later version can precede it. The journal's start is
+            # where its oldest kept update is; only versions past that one must be whole.
+            kept = [min(versions) for uid, versions in self.folded_into.items() if uid in self.sent]
+            cut = max(cut, min(kept, default=cut))
         return sorted(uid for uid, versions in self.folded_into.items() if uid not in self.sent and max(versions) > cut)
 
     @property

@@ -66,3 +66,31 @@ def test_no_server_means_no_reply_and_the_command_expires():
 def test_admin_cli_values_are_checked(command, values, error):
     with pytest.raises(ValueError, match=error):
         admin_message(command, values, type("Args", (), {"reason": None})())
+
+
+def test_an_abort_mid_round_records_each_folded_update_with_its_client():
+    """The folded updates of a round an abort ends are dropped on record: each record names
+    the update's client (a record with no client would be undecodable, so unreadable to
+    accounting and replay)."""
+    import structlog
+
+    from brokerfl.admin import AbortRun
+    from brokerfl.handler_table import Context, Started
+    from brokerfl.message import UpdateDropped
+    from brokerfl.metrics import MetricsLog
+    from brokerfl.store import MemoryModelStore
+    from handlers.workflows import server
+
+    config = load_config(None, {"run": "abort-mid-round", "clients": 2})
+    state = server.make_state(config, MemoryModelStore(), MetricsLog(None))
+
+    def call(message):
+        ctx = Context(role="server", run=config.run, state=state, log=structlog.get_logger(), clock=lambda: 0.0)
+        return [*ctx.also_send, *(server.table.handler_for(message.TYPE)(message, ctx) or [])]
+
+    call(Started(run=config.run))
+    state.round, state.round_open = 1, True
+    state.folded_ids, state.folded_from = ["u-1", "u-2"], {"u-1": "0", "u-2": "1"}
+    out = call(AbortRun(sender="admin:test"))
+    drops = [from_wire(*to_wire(o.message)) for o in out if isinstance(o.message, UpdateDropped)]
+    assert [(d.update_id, d.client_id) for d in drops] == [("u-1", "0"), ("u-2", "1")]

@@ -148,7 +148,7 @@ def abort_run(command: AbortRun, ctx: Context):
     why = f"aborted by {command.sender or 'an operator'}" + (f": {command.reason}" if command.reason else "")
     out: list[Outbound] = []
     if state.round_open and state.folded_ids:  # folded, in no stored version: dropped, on record
-        out += [o for uid in state.folded_ids for o in record_drop(ctx, uid, "", f"{why} (round {state.round} not finished)", round_=state.round, model_version=state.model.version)]
+        out += [o for uid in state.folded_ids for o in record_drop(ctx, uid, state.folded_from.get(uid, "unknown"), f"{why} (round {state.round} not finished)", round_=state.round, model_version=state.model.version)]
         ctx.commit()
     state.admin.rounds = last  # a server started again finishes at once
     out += finish_run(ctx, why)
