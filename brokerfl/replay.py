@@ -127,6 +127,12 @@ def replay(
     # is (a missing update or version is a DIFF).
     waiting: list[ModelVersionStored] = []  # by version
     past_range = False
+    # A drop record names the update it dropped; for a duplicate of an update already folded
+    # (a copy redelivered after a reconnect) it can precede the record of the version that
+    # holds the first copy. Dropped updates are set aside (the newest few) instead of
+    # forgotten, and a version record takes back the ones it names.
+    set_aside: dict[str, ParameterUpdate] = {}
+    set_aside_max = 16
 
     def replay_record(record: ModelVersionStored) -> None:
         nonlocal alt_model
@@ -166,8 +172,10 @@ def replay(
             updates_read += 1
         elif kind == UpdateDropped.TYPE:
             dropped = skipped.record(delivery, UpdateDropped)
-            if dropped is not None:
-                pending.pop(dropped.update_id, None)
+            if dropped is not None and dropped.update_id in pending and not any(dropped.update_id in r.update_ids for r in waiting):
+                set_aside[dropped.update_id] = pending.pop(dropped.update_id)
+                while len(set_aside) > set_aside_max:
+                    del set_aside[next(iter(set_aside))]
         elif kind == ModelVersionStored.TYPE and not past_range:
             record = skipped.record(delivery, ModelVersionStored)
             if record is None:
@@ -180,6 +188,10 @@ def replay(
             if to_version is not None and record.version > to_version:
                 past_range = True
             else:
+                for uid in record.update_ids:
+                    if uid in set_aside and uid not in pending:
+                        pending[uid] = set_aside.pop(uid)
+                set_aside_max = max(set_aside_max, 2 * len(record.update_ids))
                 waiting.append(record)
                 waiting.sort(key=lambda r: r.version)
         replay_ready()

@@ -131,3 +131,20 @@ def test_a_version_record_ahead_of_its_updates_waits_for_them(journal_file):
     reordered.insert(first_update, record_4)
     replayed = replay(reordered, config)
     assert replayed.ok and [row.version for row in replayed.rows] == list(range(0, 11)), replayed.table()
+
+
+def test_a_duplicate_dropped_before_its_version_is_recorded_is_not_lost(journal_file):
+    """A redelivered copy of an update folded into version 4, dropped as a duplicate after
+    the version was stored but before its record reached the journal (the record follows
+    the next round's task): replay still finds the first copy."""
+    from brokerfl.message import UpdateDropped
+
+    path, config, _ = journal_file
+    records = list(read_journal_file(path))
+    record_4 = next(d for d in records if d.envelope.type == "model_version_stored" and from_wire(d.envelope, d.body).version == 4)
+    folded = from_wire(record_4.envelope, record_4.body).update_ids[0]
+    envelope, body = to_wire(UpdateDropped(update_id=folded, client_id="0", reason="duplicate: already folded into a stored model version", round=4, model_version=3))
+    drop = Delivery(record_4.queue, record_4.exchange, record_4.routing_key, envelope, body, False, record_4.tag)
+    at = records.index(record_4)
+    replayed = replay([*records[:at], drop, *records[at:]], config)
+    assert replayed.ok and len(replayed.rows) == 11, replayed.table()
