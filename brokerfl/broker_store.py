@@ -26,14 +26,19 @@ import time
 from collections import OrderedDict, deque
 from typing import Any
 
+import structlog
+
 from brokerfl.codec import decode, encode
 from brokerfl.message import Envelope, new_message_id
 from brokerfl.store import ModelStore, ModelVersion
 from brokerfl.topology import RunTopology
 from brokerfl.transport import Delivery, Transport, TransportError
 
+log = structlog.get_logger("brokerfl.model_store")
+
 VERSION_TYPE = "stored_model_version"
 MARK_TYPE = "models_mark"
+EXPORTS_QUEUED = 1  # versions waiting for their export beside the one being written
 OFFSET_HEADER = "x-stream-offset"  # RabbitMQ's (and the local transport's) offset of a stream delivery
 
 
@@ -81,38 +86,75 @@ class BrokerModelStore(ModelStore):
         self._meta: dict[int, dict[str, Any]] = {}
         self._floor: dict[int, int | str] = {}  # version -> an offset at or before its message
         self._cache: OrderedDict[int, ModelVersion] = OrderedDict()  # the newest `keep` versions, with parameters
-        self._exporting: threading.Thread | None = None
+        # exports waiting or being written, oldest first, and the one thread writing them
+        self._exports: deque[ModelVersion] = deque()
+        self._export_lock = threading.Condition()
+        self._exporter: threading.Thread | None = None
+        self._prepared: int | str | None = None  # the next version's floor, learnt ahead (prepare)
         transport.declare_queue(topology.models_stream, kind="stream")
 
     @property
     def stream(self) -> str:
         return self.topology.models_stream
 
+    def prepare(self) -> None:
+        """Learn the next version's floor now (the mark's round trip to the broker), so that
+        :meth:`put` need not: a caller with other work to do meanwhile (hashing the version
+        on a thread) takes the round trip off its critical path. Valid until the next put:
+        only marks and versions are written to the stream, so an offset taken now is at or
+        before the next version's message."""
+        if self._prepared is None:
+            self._prepared = self._tail()
+
     def put(self, model: ModelVersion) -> None:
         if model.version in self._meta:
             raise ValueError(f"model version {model.version} is already stored")
-        floor = self._tail()
+        floor, self._prepared = (self._prepared if self._prepared is not None else self._tail()), None
         body = encode({"meta": model.metadata(), "parameters": model.parameters, "strategy_state": model.strategy_state})
         envelope = Envelope(VERSION_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run, "model_version": model.version})
         self.transport.publish("", self.stream, envelope, body)  # returns once confirmed
+        del body
         self._remember(model, floor)
         if self.export is not None:
             # The version is durable on the broker now; its export is a copy, written off the
-            # round's critical path (a file write and fsync of the whole model). One at a time;
-            # a kill mid-write leaves no file (atomic rename) and the next refresh exports it.
-            self.wait_for_export()
-            self._exporting = threading.Thread(target=self._export, args=(model,), name=f"export-v{model.version}")
-            self._exporting.start()
+            # round's critical path (a file write and fsync of the whole model) by one thread,
+            # in order. A kill mid-write leaves no file (atomic rename) and the next refresh
+            # exports it. At most EXPORTS_QUEUED wait (each holds its model): a put waits for
+            # room only when the disk falls that far behind, not for the previous fsync.
+            self._queue_export(model)
 
-    def _export(self, model: ModelVersion) -> None:
-        if model.version not in self.export.versions():
-            self.export.put(model)
+    def _queue_export(self, model: ModelVersion) -> None:
+        with self._export_lock:
+            while len(self._exports) > EXPORTS_QUEUED:
+                self._export_lock.wait()
+            self._exports.append(model)
+            if self._exporter is None:
+                self._exporter = threading.Thread(target=self._export_all, name="brokerfl-export")
+                self._exporter.start()
+            self._export_lock.notify_all()
+
+    def _export_all(self) -> None:
+        while True:
+            with self._export_lock:
+                if not self._exports:
+                    self._exporter = None
+                    self._export_lock.notify_all()
+                    return
+                model = self._exports[0]  # stays queued until written: wait_for_export sees it
+            try:
+                if model.version not in self.export.versions():
+                    self.export.put(model)
+            except Exception as exc:  # a copy: the version is safe in the stream; a refresh exports it again
+                log.error("model_store.export_failed", model_version=model.version, error=str(exc)[:300])
+            with self._export_lock:
+                self._exports.popleft()
+                self._export_lock.notify_all()
 
     def wait_for_export(self) -> None:
-        """Return once the last version's export is written."""
-        if self._exporting is not None:
-            self._exporting.join()
-            self._exporting = None
+        """Return once every version stored so far is exported."""
+        with self._export_lock:
+            while self._exports or self._exporter is not None:
+                self._export_lock.wait()
 
     def reference(self, version: int) -> tuple[str, int, str]:
         """Where a client fetches ``version``: (stream, offset at or before it, sha256)."""
@@ -171,6 +213,8 @@ class BrokerModelStore(ModelStore):
     def refresh(self) -> BrokerModelStore:
         """Read every version the stream holds now (those another process stored too):
         metadata of all, parameters of the newest ``keep``; each copied to ``export``."""
+        self.wait_for_export()  # one writer of export files at a time
+        self._prepared = None  # re-learnt after what this reads
         mark = Envelope(MARK_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run})
         self.transport.publish("", self.stream, mark, b"")
         pending: deque[Delivery] = deque()

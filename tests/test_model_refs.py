@@ -5,6 +5,8 @@ tests/test_faults.py's fresh-host resume)."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -13,12 +15,12 @@ from brokerfl.broker_store import BrokerModelStore
 from brokerfl.config import parse_config
 from brokerfl.handler_table import Outbound
 from brokerfl.journal import read_journal
-from brokerfl.message import ModelVersionStored, TrainTask, from_wire
+from brokerfl.message import Envelope, ModelVersionStored, TrainTask, from_wire
 from brokerfl.model_refs import ModelCache
 from brokerfl.replay import replay
 from brokerfl.roles import client_worker, topology_for
 from brokerfl.simulate import simulate
-from brokerfl.store import ModelVersion
+from brokerfl.store import MemoryModelStore, ModelVersion
 from brokerfl.topology import CLIENTS
 from brokerfl.transport import REASON_HEADER
 from brokerfl.transports.local import LocalBroker, LocalTransport
@@ -120,3 +122,55 @@ def test_the_store_keeps_metadata_of_every_version_and_parameters_of_the_newest(
     fresh = BrokerModelStore(LocalTransport(broker), topology).refresh()  # a server on a fresh host
     assert fresh.versions() == [0, 1, 2, 3, 4] and fresh.metadata(3)["update_ids"] == ["u3"]
     assert fresh.latest().parameters["w"][0] == 4 and fresh.get(0).parameters["w"][0] == 0
+
+
+class _SlowExport(MemoryModelStore):
+    """An export whose writes block until released (a disk that lags), recording their order."""
+
+    def __init__(self, fail: set[int] = frozenset()) -> None:
+        super().__init__(keep=None)
+        self.release, self.written, self.fail = threading.Event(), [], fail
+
+    def put(self, model: ModelVersion) -> None:
+        assert self.release.wait(30)
+        if model.version in self.fail:
+            raise OSError("disk full")
+        super().put(model)
+        self.written.append(model.version)
+
+
+def test_a_put_does_not_wait_for_the_previous_export_and_exports_stay_in_order():
+    broker = LocalBroker()
+    topology = topology_for(_config("reference"))
+    topology.declare(LocalTransport(broker))
+    export = _SlowExport(fail={1})
+    store = BrokerModelStore(LocalTransport(broker), topology, export=export)
+    # the first is being written (blocked), the second waits: neither put waits for a write
+    puts = threading.Thread(target=lambda: [store.put(ModelVersion(v, v, v - 1 if v else None, "fedavg", [], {"w": np.full(4, v, dtype=np.float32)})) for v in range(2)])
+    puts.start()
+    puts.join(10)
+    assert not puts.is_alive() and export.written == [] and store.versions() == [0, 1]
+    waiter = threading.Thread(target=lambda: store.put(ModelVersion(2, 2, 1, "fedavg", [], {"w": np.full(4, 2, dtype=np.float32)})))
+    waiter.start()  # a third would hold a third model: it waits for room
+    waiter.join(0.2)
+    assert waiter.is_alive()
+    export.release.set()
+    waiter.join(30)
+    store.wait_for_export()
+    assert export.written == [0, 2]  # in order; version 1's failed export did not stop the next
+    assert store.versions() == [0, 1, 2]
+
+
+def test_a_floor_learnt_ahead_still_finds_the_version():
+    broker = LocalBroker()
+    topology = topology_for(_config("reference"))
+    topology.declare(LocalTransport(broker))
+    store = BrokerModelStore(LocalTransport(broker), topology)
+    store.put(ModelVersion(0, 0, None, "fedavg", [], {"w": np.zeros(4, dtype=np.float32)}))
+    store.prepare()  # learnt before version 1 exists, with another writer's message in between
+    LocalTransport(broker).publish("", topology.models_stream, Envelope("models_mark", "someone-else", "other", 0.0, {}), b"")
+    store.put(ModelVersion(1, 1, 0, "fedavg", [], {"w": np.ones(4, dtype=np.float32)}))
+    stream, offset, sha256 = store.reference(1)
+    cache = ModelCache(LocalTransport(broker), topology)
+    assert cache.parameters(stream, 1, offset, sha256)["w"][0] == 1
+    assert store.reference(0)[1] < offset

@@ -43,7 +43,7 @@ from brokerfl.journal import retention_warning
 from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
 from brokerfl.model_refs import task_model_fields
 from brokerfl.metrics import MetricsLog, last_model_version
-from brokerfl.store import ModelStore, ModelVersion
+from brokerfl.store import ModelStore, ModelVersion, parameters_hash
 from brokerfl.timing import timings
 from brokerfl.topology import AUDIT
 from brokerfl.transport import bounded
@@ -322,7 +322,7 @@ def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: l
     state: ServerState = ctx.state
     score_stored(ctx)  # an earlier version still waiting is scored (and recorded) first
     parent = state.model
-    model = ModelVersion(parent.version + 1, round_, parent.version, state.strategy.name, list(update_ids), parameters, created=time.time())
+    model = ModelVersion(parent.version + 1, round_, parent.version, state.strategy.name, list(update_ids), parameters, sha256=_hash_beside_prepare(state.store, parameters), created=time.time())
     strategy_metrics = state.strategy.round_metrics()  # e.g. the privacy spent so far
     scores = None
     if state.scores_in_store and state.evaluate is not None:  # on the critical path, by request
@@ -355,6 +355,32 @@ def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: l
     else:
         ctx.set_timer("score", 0.0, ScoreStored())
     return model
+
+
+def _hash_beside_prepare(store: ModelStore, parameters: dict[str, np.ndarray]) -> str:
+    """The new version's sha256, computed on a thread (hashlib releases the GIL) while this
+    one does the store's round trip to the broker that needs no hash (``prepare``: the
+    models stream's mark), instead of one after the other on the round's critical path."""
+    prepare = getattr(store, "prepare", None)
+    if prepare is None:
+        return parameters_hash(parameters)
+    hashing = _hashing_thread().submit(parameters_hash, parameters)
+    try:
+        prepare()
+    finally:
+        sha256 = hashing.result()
+    return sha256
+
+
+_hasher: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _hashing_thread() -> ThreadPoolExecutor:
+    """The process's one hashing thread (made again in a forked child, which has none)."""
+    global _hasher
+    if _hasher is None or _hasher[0] != os.getpid():
+        _hasher = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="brokerfl-hash"))
+    return _hasher[1]
 
 
 SCORE_POLL_S = 0.02  # how often the server looks whether an evaluation running aside has finished
