@@ -24,7 +24,8 @@ times (after one untimed warm-up round each):
   refuses messages over 128 MiB); then basic_consume with prefetch 16 and a manual ack per
   AMQP message, bodies kept until the round ends. No reassembly, no hash, no decode. Timed
   from the first publish to the last ack. This is the like-for-like baseline (``vs raw``).
-- ``raw+stream``: the same with a stream bound to ``#`` (the baseline for the journal).
+- ``raw+stream``: the same with a stream bound to ``#`` with the journal's retention (the
+  baseline for the journal).
 - ``raw-4k``: ``raw`` with pika's default 4 KiB socket reads (the weaker baseline, printed
   for reference as ``vs 4k``).
 
@@ -190,7 +191,9 @@ class Raw:
         admin.queue_declare(self.queue, durable=True, arguments={"x-queue-type": "quorum"})
         admin.queue_bind(self.queue, self.exchange, "server.#")
         if self.stream:
-            admin.queue_declare(self.stream, durable=True, arguments={"x-queue-type": "stream", "x-max-length-bytes": 1024**3})
+            # the journal's own retention (RunTopology.journal_max_bytes): a smaller one makes the
+            # broker truncate this stream during the run, work brokerfl's journal is spared
+            admin.queue_declare(self.stream, durable=True, arguments={"x-queue-type": "stream", "x-max-length-bytes": RunTopology("x").journal_max_bytes})
             admin.queue_bind(self.stream, self.exchange, "#")
         admin.close()
         self.chunks = sum(-(-len(b) // CHUNK) for b in bodies)
