@@ -101,3 +101,16 @@ def test_median_and_trimmed_mean_resist_one_outlier():
     assert np.array_equal(trimmed.finish_round(like)["w"], np.array([2.5, 2.5, 4.5], np.float32))
     with pytest.raises(ValueError):
         TrimmedMean(beta=0.5)
+
+
+def test_a_reused_running_sum_is_zeroed_at_its_first_use_not_at_round_start():
+    like = {"w": np.ones(3, np.float32)}
+    acc = new_running_sum(like)
+    fold_update(acc, {"w": np.full(3, 2.0, np.float32)}, 1.0)
+    memory = acc._sums["w"]
+    again = new_running_sum(like, reuse=acc)
+    assert again is acc and again.count == 0 and again.total_weight == 0.0
+    assert memory[0] == 2.0  # not yet zeroed: the round's task goes out first
+    fold_update(again, {"w": np.full(3, 5.0, np.float32)}, 1.0)
+    assert again.sums["w"] is memory and list(memory) == [5.0, 5.0, 5.0]
+    assert list(new_running_sum(like, reuse=again).sums["w"]) == [0.0, 0.0, 0.0]  # any access zeroes first
