@@ -11,6 +11,7 @@ import pytest
 from brokerfl.compression import (
     INDEX,
     SCALE,
+    WHOLE,
     CompressionError,
     compress,
     decompress,
@@ -93,7 +94,12 @@ def _wire(method):
         ("topk", lambda w: w.update({"w" + INDEX: np.zeros_like(w["w" + INDEX])}), "indices"),
         ("topk", lambda w: w.update(w=np.zeros(600, np.float32), **{"w" + INDEX: np.arange(600, dtype=np.int64)}), "k=600 is out of range"),
         ("topk", lambda w: w.update(w=np.full_like(w["w"], np.nan)), "NaN"),
-        ("topk", lambda w: w.update(steps=np.array(7, np.int32)), "sent whole"),
+        ("topk", lambda w: w.update({"steps" + WHOLE: np.array(7, np.int32)}), "sent whole"),
+        ("topk", lambda w: w.update(steps=w.pop("steps" + WHOLE)), "must be sent whole"),
+        ("topk", lambda w: w.update(steps=np.array(7, np.int64)), "unknown tensors"),
+        ("qsgd8", lambda w: w.update({"w" + WHOLE: np.zeros((30, 20), np.float64)}), "sent whole"),
+        ("qsgd8", lambda w: w.update({"w" + WHOLE: np.full((30, 20), np.inf, np.float32)}), "NaN or infinity"),
+        ("topk", lambda w: w.update({"b" + WHOLE: np.zeros(20, np.float32)}), "unknown tensors"),
     ],
 )
 def test_bad_compressed_input_is_a_clear_error(method, tamper, match):
