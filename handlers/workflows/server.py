@@ -15,10 +15,9 @@ that is not folded is acked only after its UpdateDropped record is published.
 
 Evaluation is off the critical path: the next round's TrainTask goes out with the commit,
 and the server scores the version it just stored (on its test data) afterwards, on a
-thread aside while the clients train and their updates come in (:class:`ScoreStored`, a
-timer due at once). Only then are the version's journal record and metrics line written,
-with its accuracy and loss. Versions are scored
-in order: storing the next one (or finishing the run) first scores any still waiting. A
+thread aside while the clients train and their updates come in
+(``handlers/workflows/scoring.py``). Only then are the version's journal record and
+metrics line written, with its accuracy and loss. Versions are scored in order: storing the next one (or finishing the run) first scores any still waiting. A
 crash before the score loses the score only (the resumed server journals the version again,
 without it). The stored version's own metadata holds accuracy and loss only with
 ``scores_in_store`` (the swarm sets it: its peers pick the best model from stored versions).
@@ -26,10 +25,8 @@ without it). The stored version's own metadata holds accuracy and loss only with
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +37,7 @@ from brokerfl.admin import AdminState
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
 from brokerfl.journal import retention_warning
-from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
+from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, TrainTask, UpdateDropped
 from brokerfl.model_refs import task_model_fields
 from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion
@@ -51,6 +48,7 @@ from brokerfl.compression import CompressionError, decompress
 from handlers.strategies.aggregate import BadUpdate, check_update
 from handlers.strategies.base import Strategy, strategy_for_run
 from handlers.workflows import evaluation
+from handlers.workflows.scoring import ScoreStored, Unscored, journal_version, score_stored, score_when_due
 
 table = HandlerTable("server")
 
@@ -69,24 +67,6 @@ class JoinDeadline(Message):
     """Local timer message: stop waiting for every client to join."""
 
     LOCAL = True
-
-
-@dataclass(kw_only=True)
-class ScoreStored(Message):
-    """Local timer message: evaluate the stored versions that wait for their score."""
-
-    LOCAL = True
-
-
-@dataclass
-class Unscored:
-    """A stored version whose evaluation, journal record and metrics line are still to come."""
-
-    model: ModelVersion
-    parameters: dict[str, np.ndarray]  # its own reference: a store may drop an old version's
-    record: dict[str, Any]  # its metrics line, accuracy and loss to fill in
-    scores: dict[str, float] | None = None  # already evaluated (``scores_in_store``)
-    running: Future[tuple[dict[str, float], float]] | None = None  # its evaluation, on the scoring thread
 
 
 @dataclass(kw_only=True)
@@ -357,93 +337,6 @@ def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: l
     return model
 
 
-SCORE_POLL_S = 0.02  # how often the server looks whether an evaluation running aside has finished
-
-
-@table.on(ScoreStored)
-def score_when_due(message: ScoreStored, ctx: Context) -> None:
-    """The ``score`` timer, due at once: it fires after the handler that stored the version
-    returned, so after the next round's task is published. It starts the evaluation on a
-    thread of its own (torch and numpy release the GIL), so the server goes on receiving
-    and folding updates meanwhile, and looks again every ``SCORE_POLL_S`` until it is done."""
-    state: ServerState = ctx.state
-    for waiting in state.unscored:
-        if waiting.scores is None and waiting.running is None and state.evaluate is not None:
-            waiting.running = _scoring_thread().submit(_timed, state.evaluate, waiting.parameters)
-    score_stored(ctx, wait=False)
-    if state.unscored:
-        ctx.set_timer("score", SCORE_POLL_S, ScoreStored())
-
-
-def score_stored(ctx: Context, *, wait: bool = True) -> None:
-    """Record the stored versions waiting for their score (oldest first): evaluate each on
-    the server's test data (or take the evaluation running aside: wait for it, or with
-    ``wait=False`` stop at the first one still running), then journal its record and write
-    its metrics line."""
-    state: ServerState = ctx.state
-    while state.unscored:
-        waiting = state.unscored[0]
-        scores = waiting.scores
-        if scores is None and waiting.running is not None:
-            if not (wait or waiting.running.done()):
-                return
-            scores, seconds = waiting.running.result()
-            timings.seconds["evaluate"] += seconds
-        elif scores is None and state.evaluate is not None:
-            with timings.phase("evaluate"):
-                scores = state.evaluate(waiting.parameters)
-        state.unscored.pop(0)
-        model, record = waiting.model, waiting.record
-        if scores is not None:
-            model.metrics.update(accuracy=scores["accuracy"], loss=scores["loss"])
-            record.update(accuracy=scores["accuracy"], loss=scores["loss"])
-        journal_version(ctx, model)
-        state.metrics.append(record)
-        for callback in state.on_round:
-            callback(record)
-        ctx.log.info("model version stored", round=model.round, model_version=model.version, accuracy=_rounded(record["accuracy"]), loss=_rounded(record["loss"]), updates=len(model.update_ids))
-    ctx.cancel_timer("score")
-
-
-def _timed(evaluate: Callable[[Any], dict[str, float]], parameters: dict[str, np.ndarray]) -> tuple[dict[str, float], float]:
-    start = time.perf_counter()
-    scores = evaluate(parameters)
-    return scores, time.perf_counter() - start  # added to timings on the server's own thread
-
-
-_scorer: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _scoring_thread() -> ThreadPoolExecutor:
-    """The process's one evaluation thread (made again in a forked child, which has none)."""
-    global _scorer
-    if _scorer is None or _scorer[0] != os.getpid():
-        _scorer = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="brokerfl-evaluate"))
-    return _scorer[1]
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
-
-
-def journal_version(ctx: Context, model: ModelVersion, *, with_parameters: bool = False) -> None:
-    """Record the version in the journal (what replay and inspect read)."""
-    if not ctx.state.config.journal:
-        return
-    record = ModelVersionStored(
-        round=model.round,
-        model_version=model.version,
-        version=model.version,
-        parent=model.parent,
-        strategy=model.strategy,
-        update_ids=list(model.update_ids),
-        sha256=model.sha256,
-        metrics={k: v for k, v in model.metrics.items() if v is not None},  # a version killed before its score has none
-        parameters=model.parameters if with_parameters else {},
-    )
-    ctx.send(Outbound(AUDIT, record))
-
-
 def finish_run(ctx: Context, reason: str, *, failed: bool = False) -> list[Outbound]:
     """Tell the clients to exit; record updates still arriving as dropped for a moment, then stop."""
     state: ServerState = ctx.state
@@ -462,6 +355,9 @@ def finish_run(ctx: Context, reason: str, *, failed: bool = False) -> list[Outbo
 def stop_after_drain(message: DrainDone, ctx: Context):
     ctx.stop()
 
+
+# scoring a stored version aside (handlers/workflows/scoring.py)
+table.register(ScoreStored, score_when_due)
 
 # federated evaluation (handlers/workflows/evaluation.py): results and their deadline
 table.register(EvaluateResult, evaluation.collect)
