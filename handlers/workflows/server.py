@@ -105,8 +105,7 @@ class ServerState:
     round_open: bool = False
     round_started: float = 0.0
     participants: list[str] = field(default_factory=list)
-    folded_ids: list[str] = field(default_factory=list)
-    folded_from: dict[str, str] = field(default_factory=dict)  # folded update id -> its client (for drop records)
+    folded: dict[str, str] = field(default_factory=dict)  # this round's folded update ids, in folding order -> their clients (for drop records)
     answered: set[str] = field(default_factory=set)
     client_seconds: list[float] = field(default_factory=list)  # training time each folded update reported
     timings_at_start: dict[str, float] = field(default_factory=dict)
@@ -383,7 +382,7 @@ def start_round(ctx: Context, *, retry: bool = False):
     rng = np.random.default_rng([config.seed, state.round, state.retries])
     state.participants = state.strategy.sample(state.round, live_clients(state), rng)
     state.strategy.start_round(state.model.parameters)
-    state.folded_ids, state.folded_from, state.answered, state.client_seconds = [], {}, set(), []
+    state.folded, state.answered, state.client_seconds = {}, set(), []
     state.round_open, state.round_started = True, time.monotonic()
     ctx.set_timer("round", config.strategy.round_deadline_s, RoundDeadline(round=state.round))
     if not state.participants:
@@ -405,7 +404,7 @@ def start_round(ctx: Context, *, retry: bool = False):
 def fold_update(update: ParameterUpdate, ctx: Context):
     state: ServerState = ctx.state
     refresh_client(state, update.client_id)
-    if state.round_open and update.message_id in state.folded_ids:
+    if state.round_open and update.message_id in state.folded:
         # A redelivered copy (the connection was lost after the fold): it replaces the
         # delivery that died with the old connection and is acked with the round's commit.
         ctx.hold()
@@ -425,11 +424,10 @@ def fold_update(update: ParameterUpdate, ctx: Context):
     with timings.phase("fold"):
         state.strategy.fold(update.parameters, update.num_samples)
     state.client_seconds.append(update.metrics.get("train_s", 0.0))
-    state.folded_ids.append(update.message_id)
-    state.folded_from[update.message_id] = update.client_id
+    state.folded[update.message_id] = update.client_id
     state.answered.add(update.client_id)
     ctx.hold()
-    ctx.log.debug("update folded", client=update.client_id, folded=len(state.folded_ids), of=len(state.participants))
+    ctx.log.debug("update folded", client=update.client_id, folded=len(state.folded), of=len(state.participants))
     if state.answered >= set(state.participants):
         return close_round(ctx)
     return None
@@ -475,7 +473,7 @@ def round_deadline(message: RoundDeadline, ctx: Context):
     ctx.log.warning("round deadline: too few answers", folded=folded, needed=state.config.strategy.min_clients, missing=missing, live=len(live_clients(state)))
     # The folded updates are dropped: their records go out before the commit acks them.
     reason = f"round {state.round} had too few answers and was abandoned"
-    records = [out for uid in state.folded_ids for out in record_drop(ctx, uid, state.folded_from.get(uid, "unknown"), reason, round_=state.round, model_version=state.model.version)]
+    records = [out for uid, client in state.folded.items() for out in record_drop(ctx, uid, client, reason, round_=state.round, model_version=state.model.version)]
     ctx.commit()
     state.round_open = False
     if state.config.strategy.on_too_few == "retry" and state.retries < state.config.strategy.max_retries:
@@ -489,7 +487,7 @@ def close_round(ctx: Context):
     state: ServerState = ctx.state
     with timings.phase("fold"):
         parameters = state.strategy.finish_round(state.model.parameters)
-    model = store_version(ctx, parameters, state.folded_ids, round_=state.round, started=state.round_started, client_seconds=state.client_seconds)
+    model = store_version(ctx, parameters, list(state.folded), round_=state.round, started=state.round_started, client_seconds=state.client_seconds)
     state.round_open = False
     ctx.cancel_timer("round")
     if state.round >= state.config.rounds:
