@@ -25,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workflows import ROOT, check_run, metrics, run_simulate  # noqa: E402
 
+from brokerfl.swarm_probe import held_update  # noqa: E402
+
 CONFIG = ROOT / "configs" / "digits_swarm.yaml"
 
 
@@ -54,7 +56,7 @@ def over_rabbitmq(url: str, out: Path, kill_rounds: list[int]) -> None:
         for generation, round_ in enumerate(kill_rounds, start=1):
             while (held := held_update(watcher, topology, round_)) is None:
                 time.sleep(0.2)  # polling the journal and the queue's depth
-            held_round, victim = held
+            held_round, victim = held.round, held.peer
             peers[victim][0].kill()
             peers[victim][0].wait()
             print(f"round {held_round}: killed peer {victim} (kill -9), the aggregator, holding an update of that round; "
@@ -74,30 +76,6 @@ def over_rabbitmq(url: str, out: Path, kill_rounds: list[int]) -> None:
 
     with AmqpTransport(url) as admin:
         RunTopology(run, swarm=True).delete(admin, [str(i) for i in range(clients)])
-
-
-def held_update(transport, topology, min_round: int) -> tuple[int, str] | None:
-    """(round, holder's client id) if the aggregating peer holds an update of an unstored
-    round >= ``min_round`` (see the module docstring), else None."""
-    from brokerfl.journal import read_journal
-    from brokerfl.message import ModelVersionStored, ParameterUpdate, UpdateDropped, from_wire
-
-    updates, stored, dropped, holder = {}, set(), set(), None
-    for delivery in read_journal(transport, topology):
-        if delivery.envelope.type not in (ParameterUpdate.TYPE, ModelVersionStored.TYPE, UpdateDropped.TYPE):
-            continue
-        message = from_wire(delivery.envelope, delivery.body)
-        if isinstance(message, ParameterUpdate):
-            updates[message.message_id] = message.round
-        elif isinstance(message, ModelVersionStored):
-            stored.add(message.round)
-            holder = message.sender
-        else:
-            dropped.add(message.update_id)
-    held = [r for uid, r in updates.items() if uid not in dropped and r not in stored and r >= min_round]
-    if not held or holder is None or transport.queue_info(topology.server_queue).messages_ready:
-        return None
-    return held[0], holder.removeprefix("aggregator.")
 
 
 def main() -> int:

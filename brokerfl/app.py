@@ -101,6 +101,8 @@ class ModelAdapter(Protocol):
 
     def warm_up(self, data: Any) -> None: ...
 
+    def trainable(self) -> frozenset[str] | None: ...
+
 
 class NumpyModel:
     """An app whose ``model`` returns named numpy arrays: its own ``train``/``evaluate``
@@ -124,6 +126,9 @@ class NumpyModel:
 
     def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
         return call(self.app.module.evaluate, parameters, data, options=self.app.options)
+
+    def trainable(self) -> frozenset[str] | None:
+        return None  # named arrays: no buffers, every floating array is a weight
 
     def warm_up(self, data: Any) -> None:
         hook = getattr(self.app.module, "warm_up", None)
@@ -242,6 +247,11 @@ class App:
             raise AppError(f"app {self.name!r}: evaluate() returned no {missing} (it returned keys {sorted(scores)})")
         scores.setdefault("num_samples", count_samples(data))
         return scores
+
+    def trainable(self) -> frozenset[str] | None:
+        """The names of the model's trained weights (a torch model's buffers are not among
+        them), or None: every floating tensor is one."""
+        return self.adapter.trainable()
 
     def warm_up(self, data: Any) -> None:
         with APP_CALLS:

@@ -19,18 +19,26 @@ Methods (``method``):
 The lossy ones (``qsgd8``, ``topk``; also the casts) keep **error feedback** on the client:
 what compression dropped this round (delta + carried error - what was sent) is added to
 the next round's delta, so nothing is lost for good (Seide et al. 2014, Stich et al. 2018).
-Non-floating tensors (e.g. a BatchNorm's step counter) travel whole.
+
+Only what that arithmetic suits is compressed: floating **trainable** weights of at least
+``min_size`` entries. Everything else travels **whole**, exactly, in the model's dtype:
+integers (a BatchNorm's ``num_batches_tracked``), buffers (BatchNorm's running mean and
+variance: a statistic, not a step; a sparse delta of one plus error feedback re-adds the
+unsent ``statistic - base`` every round, overshoots, and leaves variances negative: the
+CNN app collapsed to chance, issue 11) and small tensors (biases: whole they cost next to
+nothing, and top-k of a handful of entries sends one).
 
 On the wire a compressed tensor ``name`` is ``name`` plus, for some methods, ``name#scale``
-or ``name#index``. Every check that a hostile or broken client could fail is here, with
-a clear :class:`CompressionError` (the server dead-letters such an update): unknown or
-missing names, wrong shapes or dtypes, indices out of range or repeated, k out of range,
-non-finite scales or values, levels outside [-127, 127].
+or ``name#index``; a tensor sent whole is ``name#whole`` alone, so the server decompresses
+without knowing the client's choice. Every check that a hostile or broken client could fail
+is here, with a clear :class:`CompressionError` (the server dead-letters such an update):
+unknown or missing names, wrong shapes or dtypes, indices out of range or repeated, k out
+of range, non-finite scales or values, levels outside [-127, 127].
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 
@@ -38,6 +46,7 @@ METHODS = ("none", "float16", "bfloat16", "qsgd8", "topk")
 LEVELS = 127  # qsgd8: int8 levels each side of zero
 SCALE = "#scale"
 INDEX = "#index"
+WHOLE = "#whole"
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -100,6 +109,16 @@ def scatter(index: np.ndarray, values: np.ndarray, shape: tuple[int, ...]) -> np
 # ---------------------------------------------------------------- whole updates
 
 
+def compressible(base: Tensors, trainable: Collection[str] | None = None, min_size: int = 0) -> set[str]:
+    """The tensors of ``base`` that are compressed: floating, trainable (every name when
+    ``trainable`` is None: a model of plain arrays has no buffers), ``min_size`` entries or
+    more. The rest travel whole."""
+    return {
+        name for name, value in base.items()
+        if _floating(np.asarray(value)) and (trainable is None or name in trainable) and np.size(value) >= min_size
+    }
+
+
 def compress(
     parameters: Tensors,
     base: Tensors,
@@ -108,10 +127,14 @@ def compress(
     residual: dict[str, np.ndarray] | None = None,
     fraction: float = 0.01,
     rng: np.random.Generator | None = None,
+    trainable: Collection[str] | None = None,
+    min_size: int = 0,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(what to send, the new residual) for trained ``parameters`` against the task's model
     ``base``. ``residual``: what earlier compressions dropped (error feedback), added to
-    this delta; pass the returned one next round."""
+    this delta; pass the returned one next round (it names only compressed tensors).
+    ``trainable``, ``min_size``: which tensors are compressed (:func:`compressible`); the
+    others are sent whole. ``fraction`` (topk) is per tensor, at least one entry."""
     if method not in METHODS or method == "none":
         raise ValueError(f"unknown compression method {method!r} (one of {METHODS[1:]})")
     if set(parameters) != set(base):
@@ -120,10 +143,11 @@ def compress(
     residual = residual or {}
     wire: dict[str, np.ndarray] = {}
     carried: dict[str, np.ndarray] = {}
+    lossy = compressible(base, trainable, min_size)
     for name in sorted(parameters):
         value, reference = np.asarray(parameters[name]), np.asarray(base[name])
-        if not (_floating(value) and _floating(reference)):
-            wire[name] = value  # whole: a counter, an index
+        if name not in lossy or not _floating(value):
+            wire[name + WHOLE] = value.astype(reference.dtype, copy=False)  # exactly what was trained
             continue
         delta = value.astype(np.float32) - reference.astype(np.float32)
         previous = residual.get(name)
@@ -156,16 +180,22 @@ def decompress(wire: Tensors, base: Tensors, method: str, *, max_fraction: float
     out: dict[str, np.ndarray] = {}
     for name in sorted(base):
         reference = np.asarray(base[name])
+        if name + WHOLE in wire:
+            expected.add(name + WHOLE)
+            value = np.asarray(wire[name + WHOLE])
+            if value.shape != reference.shape or value.dtype != reference.dtype:
+                raise CompressionError(f"tensor {name!r}: {value.dtype}{list(value.shape)} sent whole, the model has {reference.dtype}{list(reference.shape)}")
+            if _floating(value) and not np.all(np.isfinite(value)):
+                raise CompressionError(f"tensor {name!r}: sent whole with NaN or infinity")
+            out[name] = value
+            continue
+        if not _floating(reference):
+            raise CompressionError(f"tensor {name!r}: {reference.dtype} tensors must be sent whole (as {name + WHOLE!r})")
         expected.add(name)
         value = wire.get(name)
         if value is None:
             raise CompressionError(f"tensor {name!r} is missing")
         value = np.asarray(value)
-        if not _floating(reference):
-            if value.shape != reference.shape or value.dtype != reference.dtype:
-                raise CompressionError(f"tensor {name!r}: {value.dtype}{list(value.shape)} sent whole, the model has {reference.dtype}{list(reference.shape)}")
-            out[name] = value
-            continue
         if method == "float16":
             delta = _dense(name, value, reference, np.float16).astype(np.float32)
         elif method == "bfloat16":

@@ -104,6 +104,7 @@ class CompressionConfig(_Section):
 
     method: Literal["none", "float16", "bfloat16", "qsgd8", "topk"] = Field("none", description="none, a cast of the delta (float16, bfloat16), 8-bit stochastic quantization (qsgd8) or top-k sparsification (topk)")
     fraction: float = Field(0.01, gt=0, le=1, description="topk: the fraction of each tensor's entries sent")
+    min_size: int = Field(1024, ge=0, description="tensors with fewer entries (biases, small layers) travel whole, as do buffers and integers")
     error_feedback: bool = Field(True, description="carry what compression dropped into the client's next update")
 
 

@@ -223,6 +223,10 @@ class TorchModel:
             torch.manual_seed(0)
             return call(self._evaluate, self.module, data, options=self.app.options)
 
+    def trainable(self) -> frozenset[str]:
+        """The state_dict names of the weights (not buffers such as BatchNorm's statistics)."""
+        return frozenset(name for name, _ in self.module.named_parameters())
+
     def warm_up(self, data: Any) -> None:
         """One throwaway batch: torch's first call costs ~1 s, which would otherwise land in
         the first task. Only with the default loop (a custom one may ignore max_batches)."""

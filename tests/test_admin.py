@@ -90,7 +90,7 @@ def test_an_abort_mid_round_records_each_folded_update_with_its_client():
 
     call(Started(run=config.run))
     state.round, state.round_open = 1, True
-    state.folded_ids, state.folded_from = ["u-1", "u-2"], {"u-1": "0", "u-2": "1"}
+    state.folded = {"u-1": "0", "u-2": "1"}
     out = call(AbortRun(sender="admin:test"))
     drops = [from_wire(*to_wire(o.message)) for o in out if isinstance(o.message, UpdateDropped)]
     assert [(d.update_id, d.client_id) for d in drops] == [("u-1", "0"), ("u-2", "1")]

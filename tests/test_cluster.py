@@ -33,6 +33,7 @@ from brokerfl.replay import replay
 from brokerfl.roles import topology_for
 from brokerfl.store import DirectoryModelStore
 
+from rabbit_nodes import node_env as _node_env
 from test_federation_amqp import brokerfl, finish, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.cluster]
@@ -49,20 +50,6 @@ def _ctl(node: str, *args: str, timeout: float = 120) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"rabbitmqctl -n {node} {' '.join(args)}: {done.stdout}{done.stderr}")
     return done.stdout
-
-
-def _node_env(node: str, port: int, base: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "RABBITMQ_NODENAME": node,
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_DIST_PORT": str(port + 20000),
-        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(base / "log"),
-        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-        "RABBITMQ_PID_FILE": str(base / "pid"),
-    }
 
 
 def _os_pid(node: str) -> int:

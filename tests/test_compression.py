@@ -11,6 +11,7 @@ import pytest
 from brokerfl.compression import (
     INDEX,
     SCALE,
+    WHOLE,
     CompressionError,
     compress,
     decompress,
@@ -93,7 +94,12 @@ def _wire(method):
         ("topk", lambda w: w.update({"w" + INDEX: np.zeros_like(w["w" + INDEX])}), "indices"),
         ("topk", lambda w: w.update(w=np.zeros(600, np.float32), **{"w" + INDEX: np.arange(600, dtype=np.int64)}), "k=600 is out of range"),
         ("topk", lambda w: w.update(w=np.full_like(w["w"], np.nan)), "NaN"),
-        ("topk", lambda w: w.update(steps=np.array(7, np.int32)), "sent whole"),
+        ("topk", lambda w: w.update({"steps" + WHOLE: np.array(7, np.int32)}), "sent whole"),
+        ("topk", lambda w: w.update(steps=w.pop("steps" + WHOLE)), "must be sent whole"),
+        ("topk", lambda w: w.update(steps=np.array(7, np.int64)), "unknown tensors"),
+        ("qsgd8", lambda w: w.update({"w" + WHOLE: np.zeros((30, 20), np.float64)}), "sent whole"),
+        ("qsgd8", lambda w: w.update({"w" + WHOLE: np.full((30, 20), np.inf, np.float32)}), "NaN or infinity"),
+        ("topk", lambda w: w.update({"b" + WHOLE: np.zeros(20, np.float32)}), "unknown tensors"),
     ],
 )
 def test_bad_compressed_input_is_a_clear_error(method, tamper, match):
@@ -138,3 +144,72 @@ def test_a_bad_compressed_update_is_dead_lettered_and_the_round_goes_on(monkeypa
     dead = [d for d in read_journal(LocalTransport(result.broker), topology_for(config)) if d.routing_key.startswith("dead.")]
     assert len(dead) == 2 and all("compressed update" in d.envelope.headers.get("x-brokerfl-reason", "") and "indices" in d.envelope.headers["x-brokerfl-reason"] for d in dead)
     assert replay(read_journal(LocalTransport(result.broker), topology_for(config)), config).ok
+
+
+def _batchnorm_model() -> tuple[dict[str, np.ndarray], frozenset[str]]:
+    import torch
+    from torch import nn
+
+    from brokerfl.torch_app import to_named_arrays
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32))
+    return to_named_arrays(module), frozenset(name for name, _ in module.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["bfloat16", "qsgd8", "topk"])
+def test_buffers_integers_and_small_tensors_travel_whole(method):
+    """Only floating trainable weights of min_size entries or more are compressed; BatchNorm's
+    running statistics, its integer step counter and the small weights arrive exactly."""
+    base, trainable = _batchnorm_model()
+    assert "1.running_var" not in trainable and "1.num_batches_tracked" not in trainable
+    rng = np.random.default_rng(3)
+    trained = {k: (v + rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v + 5) for k, v in base.items()}
+    trained["1.running_var"] = np.full(32, 0.01, np.float32)  # a statistic far below the model's 1.0
+    residual: dict[str, np.ndarray] = {}
+    for round_ in range(5):  # error feedback must not drift what travels whole
+        wire, residual = compress(trained, base, method, residual=residual, fraction=0.01, rng=np.random.default_rng(round_),
+                                  trainable=trainable, min_size=1024)
+        assert set(residual) == {"0.weight"}  # 64 x 32 = 2048 entries: the only compressed tensor
+        whole = {k[: -len(WHOLE)] for k in wire if k.endswith(WHOLE)}
+        assert whole == set(base) - {"0.weight"}
+        got = decompress(wire, base, method, max_fraction=0.01)
+        for name in whole:
+            assert got[name].dtype == base[name].dtype and np.array_equal(got[name], trained[name]), name
+        assert got["1.num_batches_tracked"].dtype == np.int64 and got["1.running_var"].min() > 0
+
+
+def test_the_residual_carries_over_only_to_a_newer_model():
+    from types import SimpleNamespace
+
+    from handlers.workflows.client import _compressed
+
+    base, trainable = _batchnorm_model()
+    trained = {k: (v + np.float32(0.5) if v.dtype.kind == "f" else v) for k, v in base.items()}
+    config = load_config(None, {"compression.method": "topk", "compression.fraction": 0.01})
+    state = SimpleNamespace(config=config, client_id="0", residual={}, residual_version=-1, app=SimpleNamespace(trainable=lambda: trainable))
+
+    def send(version: int) -> dict[str, np.ndarray]:
+        task = SimpleNamespace(model_version=version, round=version + 1, parameters=base)
+        return decompress(_compressed(state, task, trained), base, "topk", max_fraction=0.01)
+
+    first = send(0)
+    assert state.residual_version == 0 and np.abs(state.residual["0.weight"]).sum() > 0
+    carried = send(1)  # newer: this delta plus what round one held back, so larger entries go
+    assert np.abs(carried["0.weight"] - base["0.weight"]).max() > np.abs(first["0.weight"] - base["0.weight"]).max()
+    again = send(1)  # the same version again (a round sent twice): afresh, as the first time
+    np.testing.assert_array_equal(again["0.weight"], first["0.weight"])
+
+
+def test_a_batchnorm_cnn_under_topk_stays_finite_and_replays():
+    """The CNN app (BatchNorm) under top-k 1%: variances stay positive, the model finite,
+    accuracy above chance, and replay folds exactly what the server folded."""
+    config = load_config("examples/cnn_mnist/config.yaml", {"rounds": 3, "clients": 3, "strategy.min_clients": 3, "train.max_batches": 20,
+                                                            "compression.method": "topk", "compression.fraction": 0.01})
+    result = simulate(config, journal=True)
+    model = result.server_state.model.parameters
+    assert all(np.all(np.isfinite(v)) for v in model.values() if v.dtype.kind == "f")
+    assert all(model[k].min() > 0 for k in model if k.endswith("running_var"))
+    assert result.records[-1]["accuracy"] > 0.3, result.records
+    replayed = replay(read_journal(LocalTransport(result.broker), topology_for(config)), config)
+    assert replayed.ok and len(replayed.rows) == 4, replayed.table()

@@ -36,6 +36,8 @@ from brokerfl.transport import ORIGIN_USER_HEADER, REASON_HEADER, TransportError
 from brokerfl.transports.amqp import AmqpTransport
 from brokerfl.transports.connect import TlsOptions
 
+from rabbit_nodes import node_env
+
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,16 +256,7 @@ def tls_node(amqp_url):
     (base / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl].\n")
     subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base)], check=True)
     base.chmod(0o755)
-    env = {
-        **os.environ,
-        "RABBITMQ_NODENAME": node,
-        "RABBITMQ_DIST_PORT": str(port + 20000),
-        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(base / "log"),
-        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-        "RABBITMQ_PID_FILE": str(base / "pid"),
-    }
+    env = node_env(node, port, base, tcp_listener=False)  # TLS only: the listener is in rabbitmq.conf
     subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True, capture_output=True, timeout=60)
     try:
         subprocess.run(["rabbitmqctl", "-n", node, "wait", "--timeout", "90", str(base / "pid")], env=env, check=True, capture_output=True, timeout=120)

@@ -303,33 +303,6 @@ def test_single_active_consumer_hands_over_on_the_local_transport():
         publisher.declare_queue("q")
 
 
-def _held_update(transport, topology):
-    """An update of a round not yet stored that the aggregating process holds unacked, as
-    (update id, round, the holder's name), else None. The journal shows every update sent,
-    every version stored (by whom) and every drop; an update of an unstored round that was
-    not dropped, while the aggregation queue has nothing ready, has been delivered and is
-    held until its round is stored."""
-    from brokerfl.message import ModelVersionStored, ParameterUpdate, UpdateDropped, from_wire
-
-    updates, stored, dropped, holder = {}, set(), set(), None
-    for delivery in read_journal(transport, topology):
-        kind = delivery.envelope.type
-        if kind not in (ParameterUpdate.TYPE, ModelVersionStored.TYPE, UpdateDropped.TYPE):
-            continue
-        message = from_wire(delivery.envelope, delivery.body)
-        if isinstance(message, ParameterUpdate):
-            updates[message.message_id] = message.round
-        elif isinstance(message, ModelVersionStored):
-            stored.add(message.round)
-            holder = message.sender
-        else:
-            dropped.add(message.update_id)
-    held = [(uid, r) for uid, r in updates.items() if uid not in dropped and r not in stored and r >= 2]
-    if not held or holder is None or transport.queue_info(topology.server_queue).messages_ready:
-        return None
-    return (*held[0], holder)
-
-
 @pytest.mark.broker
 def test_swarm_peers_over_rabbitmq_survive_a_killed_aggregator(amqp_url, run_name, tmp_path, request):
     """Three peer processes, no server. The process holding the aggregator role is
@@ -343,6 +316,7 @@ def test_swarm_peers_over_rabbitmq_survive_a_killed_aggregator(amqp_url, run_nam
     import yaml
 
     from brokerfl.broker_store import BrokerModelStore
+    from brokerfl.swarm_probe import held_update
     from brokerfl.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
     from test_federation_amqp import ROOT
@@ -372,8 +346,8 @@ def test_swarm_peers_over_rabbitmq_survive_a_killed_aggregator(amqp_url, run_nam
     try:
         with AmqpTransport(amqp_url) as watcher:
             wait_until(lambda: (out / "metrics.jsonl").exists(), 240, "round 1")
-            held_id, held_round, holder = wait_until(lambda: _held_update(watcher, topology), 240, "the aggregator holding an update of an unstored round")
-        victim = holder.removeprefix("aggregator.")
+            held = wait_until(lambda: held_update(watcher, topology), 240, "the aggregator holding an update of an unstored round")
+        held_id, held_round, victim = held.update_id, held.round, held.peer
         peers[victim][0].kill()
         peers[victim][0].wait()
         peers[victim] = peer(victim, 1)

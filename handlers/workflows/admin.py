@@ -98,7 +98,7 @@ def held_updates(state: ServerState) -> int:
     buffer = getattr(state, "buffer_ids", None)  # the asynchronous server's
     if buffer is not None:
         return len(buffer)
-    return len(state.folded_ids) if state.round_open else 0  # a closed round's are acked
+    return len(state.folded) if state.round_open else 0  # a closed round's are acked
 
 
 # ---------------------------------------------------------------- admin commands
@@ -147,8 +147,8 @@ def abort_run(command: AbortRun, ctx: Context):
     last = state.model.round if state.model else 0
     why = f"aborted by {command.sender or 'an operator'}" + (f": {command.reason}" if command.reason else "")
     out: list[Outbound] = []
-    if state.round_open and state.folded_ids:  # folded, in no stored version: dropped, on record
-        out += [o for uid in state.folded_ids for o in record_drop(ctx, uid, state.folded_from.get(uid, "unknown"), f"{why} (round {state.round} not finished)", round_=state.round, model_version=state.model.version)]
+    if state.round_open and state.folded:  # folded, in no stored version: dropped, on record
+        out += [o for uid, client in state.folded.items() for o in record_drop(ctx, uid, client, f"{why} (round {state.round} not finished)", round_=state.round, model_version=state.model.version)]
         ctx.commit()
     state.admin.rounds = last  # a server started again finishes at once
     out += finish_run(ctx, why)

@@ -31,6 +31,7 @@ class ClientState:
     # README's example): else it would hold a superseded version alive per logical client
     last_global: dict[str, np.ndarray] | None = None
     residual: dict[str, np.ndarray] = field(default_factory=dict)  # what compression dropped so far (error feedback)
+    residual_version: int = -1  # the model version the residual was last made against
     exit_reason: str | None = None
     beats_alone: bool = True  # False: its process sends one Heartbeats for all its clients (process_table)
 
@@ -113,10 +114,8 @@ def train(task: TrainTask, ctx: Context):
         time.sleep((slowdown - 1.0) * (time.perf_counter() - started))
     parameters = prepare_update(state.config, state.client_id, task.round, task.parameters, parameters)  # e.g. local DP's clip and noise
     method = state.config.compression.method
-    if method != "none":  # the delta against the task's model, compressed (brokerfl.compression)
-        parameters, residual = compress(parameters, task.parameters, method, residual=state.residual, fraction=state.config.compression.fraction,
-                                        rng=np.random.default_rng([state.config.seed, zlib.crc32(state.client_id.encode()), task.round, 1]))
-        state.residual = residual if state.config.compression.error_feedback else {}
+    if method != "none":
+        parameters = _compressed(state, task, parameters)
     state.answered.add(task.message_id)
     if table.handler_for(Gradients.TYPE) is not None:
         state.last_global = task.parameters
@@ -130,6 +129,21 @@ def train(task: TrainTask, ctx: Context):
         compression="" if method == "none" else method,
     )
     return [to_server(update)]
+
+
+def _compressed(state: ClientState, task: TrainTask, parameters: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The delta against the task's model, compressed (brokerfl.compression), with error
+    feedback. The residual carries over only to a newer model: a task for the version it was
+    made against, or an older one (a round sent again, a server restarted from its store),
+    starts afresh rather than add what may already have been folded."""
+    settings = state.config.compression
+    residual = state.residual if task.model_version > state.residual_version else {}
+    wire, residual = compress(parameters, task.parameters, settings.method, residual=residual, fraction=settings.fraction,
+                              trainable=state.app.trainable(), min_size=settings.min_size,
+                              rng=np.random.default_rng([state.config.seed, zlib.crc32(state.client_id.encode()), task.round, 1]))
+    state.residual = residual if settings.error_feedback else {}
+    state.residual_version = task.model_version
+    return wire
 
 
 @table.on(EvaluateTask)

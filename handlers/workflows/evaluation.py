@@ -23,6 +23,7 @@ from typing import Any
 from brokerfl.handler_table import Context, Outbound, to_clients
 from brokerfl.message import EvaluateResult, EvaluateTask, Message
 from brokerfl.model_refs import task_model_fields
+from handlers.workflows.scoring import score_stored
 
 
 @dataclass(kw_only=True)
@@ -105,8 +106,6 @@ def close(ctx: Context) -> list[Outbound]:
     ctx.cancel_timer("evaluation")
     results = [open_.results[c] for c in sorted(open_.results)]
     if getattr(state, "unscored", None):  # the version's own metrics line (server test data) comes first
-        from handlers.workflows.server import score_stored  # a lazy import: server.py imports this module
-
         score_stored(ctx)
     if results:
         scores = weighted_metrics(results)

@@ -15,10 +15,9 @@ that is not folded is acked only after its UpdateDropped record is published.
 
 Evaluation is off the critical path: the next round's TrainTask goes out with the commit,
 and the server scores the version it just stored (on its test data) afterwards, on a
-thread aside while the clients train and their updates come in (:class:`ScoreStored`, a
-timer due at once). Only then are the version's journal record and metrics line written,
-with its accuracy and loss. Versions are scored
-in order: storing the next one (or finishing the run) first scores any still waiting. A
+thread aside while the clients train and their updates come in
+(``handlers/workflows/scoring.py``). Only then are the version's journal record and
+metrics line written, with its accuracy and loss. Versions are scored in order: storing the next one (or finishing the run) first scores any still waiting. A
 crash before the score loses the score only (the resumed server journals the version again,
 without it). The stored version's own metadata holds accuracy and loss only with
 ``scores_in_store`` (the swarm sets it: its peers pick the best model from stored versions).
@@ -26,10 +25,8 @@ without it). The stored version's own metadata holds accuracy and loss only with
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,10 +37,11 @@ from brokerfl.admin import AdminState
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
 from brokerfl.journal import retention_warning
-from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ModelVersionStored, ParameterUpdate, TrainTask, UpdateDropped
+from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, TrainTask, UpdateDropped
 from brokerfl.model_refs import task_model_fields
 from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion, parameters_hash
+from brokerfl.threads import process_thread
 from brokerfl.timing import timings
 from brokerfl.topology import AUDIT
 from brokerfl.transport import bounded
@@ -51,6 +49,7 @@ from brokerfl.compression import CompressionError, decompress
 from handlers.strategies.aggregate import BadUpdate, check_update
 from handlers.strategies.base import Strategy, strategy_for_run
 from handlers.workflows import evaluation
+from handlers.workflows.scoring import ScoreStored, Unscored, journal_version, score_stored, score_when_due
 
 table = HandlerTable("server")
 
@@ -69,24 +68,6 @@ class JoinDeadline(Message):
     """Local timer message: stop waiting for every client to join."""
 
     LOCAL = True
-
-
-@dataclass(kw_only=True)
-class ScoreStored(Message):
-    """Local timer message: evaluate the stored versions that wait for their score."""
-
-    LOCAL = True
-
-
-@dataclass
-class Unscored:
-    """A stored version whose evaluation, journal record and metrics line are still to come."""
-
-    model: ModelVersion
-    parameters: dict[str, np.ndarray]  # its own reference: a store may drop an old version's
-    record: dict[str, Any]  # its metrics line, accuracy and loss to fill in
-    scores: dict[str, float] | None = None  # already evaluated (``scores_in_store``)
-    running: Future[tuple[dict[str, float], float]] | None = None  # its evaluation, on the scoring thread
 
 
 @dataclass(kw_only=True)
@@ -125,8 +106,7 @@ class ServerState:
     round_open: bool = False
     round_started: float = 0.0
     participants: list[str] = field(default_factory=list)
-    folded_ids: list[str] = field(default_factory=list)
-    folded_from: dict[str, str] = field(default_factory=dict)  # folded update id -> its client (for drop records)
+    folded: dict[str, str] = field(default_factory=dict)  # this round's folded update ids, in folding order -> their clients (for drop records)
     answered: set[str] = field(default_factory=set)
     client_seconds: list[float] = field(default_factory=list)  # training time each folded update reported
     timings_at_start: dict[str, float] = field(default_factory=dict)
@@ -364,110 +344,12 @@ def _hash_beside_prepare(store: ModelStore, parameters: dict[str, np.ndarray]) -
     prepare = getattr(store, "prepare", None)
     if prepare is None:
         return parameters_hash(parameters)
-    hashing = _hashing_thread().submit(parameters_hash, parameters)
+    hashing = process_thread("hash").submit(parameters_hash, parameters)
     try:
         prepare()
     finally:
         sha256 = hashing.result()
     return sha256
-
-
-_hasher: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _hashing_thread() -> ThreadPoolExecutor:
-    """The process's one hashing thread (made again in a forked child, which has none)."""
-    global _hasher
-    if _hasher is None or _hasher[0] != os.getpid():
-        _hasher = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="brokerfl-hash"))
-    return _hasher[1]
-
-
-SCORE_POLL_S = 0.02  # how often the server looks whether an evaluation running aside has finished
-
-
-@table.on(ScoreStored)
-def score_when_due(message: ScoreStored, ctx: Context) -> None:
-    """The ``score`` timer, due at once: it fires after the handler that stored the version
-    returned, so after the next round's task is published. It starts the evaluation on a
-    thread of its own (torch and numpy release the GIL), so the server goes on receiving
-    and folding updates meanwhile, and looks again every ``SCORE_POLL_S`` until it is done."""
-    state: ServerState = ctx.state
-    for waiting in state.unscored:
-        if waiting.scores is None and waiting.running is None and state.evaluate is not None:
-            waiting.running = _scoring_thread().submit(_timed, state.evaluate, waiting.parameters)
-    score_stored(ctx, wait=False)
-    if state.unscored:
-        ctx.set_timer("score", SCORE_POLL_S, ScoreStored())
-
-
-def score_stored(ctx: Context, *, wait: bool = True) -> None:
-    """Record the stored versions waiting for their score (oldest first): evaluate each on
-    the server's test data (or take the evaluation running aside: wait for it, or with
-    ``wait=False`` stop at the first one still running), then journal its record and write
-    its metrics line."""
-    state: ServerState = ctx.state
-    while state.unscored:
-        waiting = state.unscored[0]
-        scores = waiting.scores
-        if scores is None and waiting.running is not None:
-            if not (wait or waiting.running.done()):
-                return
-            scores, seconds = waiting.running.result()
-            timings.seconds["evaluate"] += seconds
-        elif scores is None and state.evaluate is not None:
-            with timings.phase("evaluate"):
-                scores = state.evaluate(waiting.parameters)
-        state.unscored.pop(0)
-        model, record = waiting.model, waiting.record
-        if scores is not None:
-            model.metrics.update(accuracy=scores["accuracy"], loss=scores["loss"])
-            record.update(accuracy=scores["accuracy"], loss=scores["loss"])
-        journal_version(ctx, model)
-        state.metrics.append(record)
-        for callback in state.on_round:
-            callback(record)
-        ctx.log.info("model version stored", round=model.round, model_version=model.version, accuracy=_rounded(record["accuracy"]), loss=_rounded(record["loss"]), updates=len(model.update_ids))
-    ctx.cancel_timer("score")
-
-
-def _timed(evaluate: Callable[[Any], dict[str, float]], parameters: dict[str, np.ndarray]) -> tuple[dict[str, float], float]:
-    start = time.perf_counter()
-    scores = evaluate(parameters)
-    return scores, time.perf_counter() - start  # added to timings on the server's own thread
-
-
-_scorer: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _scoring_thread() -> ThreadPoolExecutor:
-    """The process's one evaluation thread (made again in a forked child, which has none)."""
-    global _scorer
-    if _scorer is None or _scorer[0] != os.getpid():
-        _scorer = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="brokerfl-evaluate"))
-    return _scorer[1]
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
-
-
-def journal_version(ctx: Context, model: ModelVersion, *, with_parameters: bool = False) -> None:
-    """Record the version in the journal (what replay and inspect read)."""
-    if not ctx.state.config.journal:
-        return
-    record = ModelVersionStored(
-        round=model.round,
-        model_version=model.version,
-        version=model.version,
-        parent=model.parent,
-        strategy=model.strategy,
-        update_ids=list(model.update_ids),
-        sha256=model.sha256,
-        metrics={k: v for k, v in model.metrics.items() if v is not None},  # a version killed before its score has none
-        parameters=model.parameters if with_parameters else {},
-    )
-    ctx.send(Outbound(AUDIT, record))
 
 
 def finish_run(ctx: Context, reason: str, *, failed: bool = False) -> list[Outbound]:
@@ -488,6 +370,9 @@ def finish_run(ctx: Context, reason: str, *, failed: bool = False) -> list[Outbo
 def stop_after_drain(message: DrainDone, ctx: Context):
     ctx.stop()
 
+
+# scoring a stored version aside (handlers/workflows/scoring.py)
+table.register(ScoreStored, score_when_due)
 
 # federated evaluation (handlers/workflows/evaluation.py): results and their deadline
 table.register(EvaluateResult, evaluation.collect)
@@ -513,7 +398,7 @@ def start_round(ctx: Context, *, retry: bool = False):
     rng = np.random.default_rng([config.seed, state.round, state.retries])
     state.participants = state.strategy.sample(state.round, live_clients(state), rng)
     state.strategy.start_round(state.model.parameters)
-    state.folded_ids, state.folded_from, state.answered, state.client_seconds = [], {}, set(), []
+    state.folded, state.answered, state.client_seconds = {}, set(), []
     state.round_open, state.round_started = True, time.monotonic()
     ctx.set_timer("round", config.strategy.round_deadline_s, RoundDeadline(round=state.round))
     if not state.participants:
@@ -535,7 +420,7 @@ def start_round(ctx: Context, *, retry: bool = False):
 def fold_update(update: ParameterUpdate, ctx: Context):
     state: ServerState = ctx.state
     refresh_client(state, update.client_id)
-    if state.round_open and update.message_id in state.folded_ids:
+    if state.round_open and update.message_id in state.folded:
         # A redelivered copy (the connection was lost after the fold): it replaces the
         # delivery that died with the old connection and is acked with the round's commit.
         ctx.hold()
@@ -555,11 +440,10 @@ def fold_update(update: ParameterUpdate, ctx: Context):
     with timings.phase("fold"):
         state.strategy.fold(update.parameters, update.num_samples)
     state.client_seconds.append(update.metrics.get("train_s", 0.0))
-    state.folded_ids.append(update.message_id)
-    state.folded_from[update.message_id] = update.client_id
+    state.folded[update.message_id] = update.client_id
     state.answered.add(update.client_id)
     ctx.hold()
-    ctx.log.debug("update folded", client=update.client_id, folded=len(state.folded_ids), of=len(state.participants))
+    ctx.log.debug("update folded", client=update.client_id, folded=len(state.folded), of=len(state.participants))
     if state.answered >= set(state.participants):
         return close_round(ctx)
     return None
@@ -605,7 +489,7 @@ def round_deadline(message: RoundDeadline, ctx: Context):
     ctx.log.warning("round deadline: too few answers", folded=folded, needed=state.config.strategy.min_clients, missing=missing, live=len(live_clients(state)))
     # The folded updates are dropped: their records go out before the commit acks them.
     reason = f"round {state.round} had too few answers and was abandoned"
-    records = [out for uid in state.folded_ids for out in record_drop(ctx, uid, state.folded_from.get(uid, "unknown"), reason, round_=state.round, model_version=state.model.version)]
+    records = [out for uid, client in state.folded.items() for out in record_drop(ctx, uid, client, reason, round_=state.round, model_version=state.model.version)]
     ctx.commit()
     state.round_open = False
     if state.config.strategy.on_too_few == "retry" and state.retries < state.config.strategy.max_retries:
@@ -619,7 +503,7 @@ def close_round(ctx: Context):
     state: ServerState = ctx.state
     with timings.phase("fold"):
         parameters = state.strategy.finish_round(state.model.parameters)
-    model = store_version(ctx, parameters, state.folded_ids, round_=state.round, started=state.round_started, client_seconds=state.client_seconds)
+    model = store_version(ctx, parameters, list(state.folded), round_=state.round, started=state.round_started, client_seconds=state.client_seconds)
     state.round_open = False
     ctx.cancel_timer("round")
     if state.round >= state.config.rounds:

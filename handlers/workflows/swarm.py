@@ -135,7 +135,7 @@ def fold_and_maybe_wait(update: ParameterUpdate, ctx: Context):
     state: SwarmState = ctx.state
     outbound = server.fold_update(update, ctx)
     minimum = state.config.swarm.min_responses_required
-    if state.round_open and minimum is not None and len(state.folded_ids) >= min(minimum, len(state.participants)) and state.waiting_round != state.round:
+    if state.round_open and minimum is not None and len(state.folded) >= min(minimum, len(state.participants)) and state.waiting_round != state.round:
         state.waiting_round = state.round
         ctx.set_timer("after_min", state.config.swarm.wait_after_min_s, WaitAfterMinimum(round=state.round))
     return outbound
@@ -145,7 +145,7 @@ def fold_and_maybe_wait(update: ParameterUpdate, ctx: Context):
 def close_after_wait(message: WaitAfterMinimum, ctx: Context):
     state: SwarmState = ctx.state
     if state.round_open and message.round == state.round:
-        ctx.log.info("closing the round after the wait past its minimum", folded=len(state.folded_ids), of=len(state.participants))
+        ctx.log.info("closing the round after the wait past its minimum", folded=len(state.folded), of=len(state.participants))
         return close_round(ctx)
     return None
 
