@@ -268,7 +268,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
                 properties.reply_to = REPLY_TO
                 properties.expiration = str(max(1, int(timeout * 1000)))  # nobody waits for it after that
                 try:
-                    channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+                    self._bounded(self.confirm_timeout, f"confirm of a request to {routing_key!r}", lambda: channel.basic_publish(exchange, routing_key, body, properties, mandatory=True))
                 except px.UnroutableError:
                     raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
                 except px.ChannelClosedByBroker as exc:

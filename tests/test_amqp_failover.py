@@ -135,3 +135,63 @@ def test_a_publish_whose_confirm_never_comes_is_published_again_on_a_new_connect
             take(got.pop(0))
     assert admin.queue_info(queue).messages_ready == 0
     assert copies[second.message_id] in (1, 2)
+
+
+def test_deliveries_in_hand_when_the_broker_closes_the_connection_are_processed(amqp_factory, broker, run_name):
+    """Three consumers on one connection, as in a client process (prefetch 1); each handler
+    publishes its answer (confirmed) and acks; one of them holds its deliveries and acks them
+    two at a time (as the server holds updates until a commit; prefetch 2). The broker closes every connection
+    twice mid-run. Every message is answered, whatever was in hand or in flight came back,
+    and once the consumers are closed nothing is left unacked."""
+    why_not = broker.can_restart()  # the same condition: a local rabbitmqctl
+    if why_not:
+        pytest.skip(f"needs rabbitmqctl for the test broker: {why_not}")
+    admin = amqp_factory()
+    worker = amqp_factory(max_reconnect_s=60)
+    queues = [f"brokerfl.{run_name}.in{i}" for i in range(3)]
+    answers = f"brokerfl.{run_name}.answers"
+    for q in [*queues, answers]:
+        admin.declare_queue(q, kind="quorum")
+    sent = {q: [] for q in queues}
+    for i in range(8):
+        for q in queues:
+            env = envelope(i)
+            admin.publish("", q, env, b"task")
+            sent[q].append(env.message_id)
+    answered: Counter[str] = Counter()
+    held: list[Delivery] = []
+
+    def handler(hold: bool):
+        def on_delivery(d: Delivery) -> None:
+            worker.publish("", answers, envelope(0, answers=d.envelope.message_id), b"answer")
+            answered[d.envelope.message_id] += 1
+            if hold:
+                held.append(d)
+                if len(held) >= 2:  # a "commit"
+                    for h in held:
+                        worker.ack(h)
+                    held.clear()
+            else:
+                worker.ack(d)
+
+        return on_delivery
+
+    for i, q in enumerate(queues):
+        worker.consume(q, handler(hold=i == 0), prefetch=2 if i == 0 else 1)  # room for what it holds
+    everything = {m for ids in sent.values() for m in ids}
+    for closes in (1, 2):
+        deadline = time.monotonic() + 60
+        while len(answered) < 6 * closes and time.monotonic() < deadline:
+            worker.poll(0.05)
+        assert len(answered) >= 6 * closes, answered
+        broker.rabbitmqctl("close_all_connections", "test: the broker closes every connection")
+    deadline = time.monotonic() + 90
+    while set(answered) != everything and time.monotonic() < deadline:
+        worker.poll(0.05)
+    assert set(answered) == everything, len(everything - set(answered))
+    assert all(n <= 3 for n in answered.values()), answered  # a copy per connection at most
+    for h in held:
+        worker.ack(h)
+    worker.close()  # what is still unacked goes back to its queue
+    assert [admin.queue_info(q).messages_ready for q in queues] == [0, 0, 0]
+    assert admin.queue_info(answers).messages_ready >= len(everything)
