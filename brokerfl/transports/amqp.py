@@ -26,7 +26,8 @@ is assembled from parts, one concept each: :mod:`~brokerfl.transports.amqp_conne
 - **Reconnect.** A lost connection is noticed by whatever call hits it; that call reconnects
   with exponential backoff (up to ``max_reconnect_s``), redeclares everything declared on
   this transport, re-creates the consumers, and carries on (a publish is retried from the
-  first unconfirmed chunk: at-least-once, consumers dedupe by message id). Deliveries of
+  first unconfirmed chunk: at-least-once, consumers dedupe by message id; so is a publish
+  whose confirm does not come within ``confirm_timeout``, on a new connection). Deliveries of
   the lost connection are dropped from the inbox and cannot be settled any more; the broker
   redelivers them, so settling one logs a warning instead of failing.
 - **Cluster.** ``url`` may name several nodes of a RabbitMQ cluster (a list, or commas):
@@ -93,7 +94,8 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
     ) -> None:
         """``confirm_timeout``: a publish whose confirm does not come within this long is
         published again on a new connection (the old one is aborted; see
-        :meth:`ConnectionMixin._bounded`). ``chunk_timeout``: a partly received chunked message that gets no chunk for this
+        :meth:`ConnectionMixin._bounded`; a connection blocked by a resource alarm waits on).
+        ``chunk_timeout``: a partly received chunked message that gets no chunk for this
         long is dead-lettered (its publisher died, or its chunks went to another consumer
         of the queue: one consumer per queue that carries chunked messages).
         ``max_partial_*``: per consumer, how many incomplete chunked messages and how many
