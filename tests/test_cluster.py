@@ -6,9 +6,8 @@ Node names and ports: ``BROKERFL_CLUSTER_NODE`` (a base name; nodes ``<base>c1..
 ``BROKERFL_CLUSTER_PORT`` (the first node's AMQP port; the others follow), else derived
 from the test broker's (``h13@localhost`` on 5687 -> ``h13c1..3@localhost`` on 5887-5889).
 Each node's Erlang distribution port is its AMQP port + 20000. Needs ``rabbitmq-server``
-and root (to hand the node directories to the rabbitmq user); about a minute and a half on
-a quiet 2-core machine (starting and joining the nodes is a third of it), over four minutes
-at load 22.
+and root (to hand the node directories to the rabbitmq user); 70-200 s at load 10-22 on
+2 shared cores (starting and joining the nodes is about a third of it).
 """
 
 from __future__ import annotations
