@@ -26,7 +26,8 @@ is assembled from parts, one concept each: :mod:`~brokerfl.transports.amqp_conne
 - **Reconnect.** A lost connection is noticed by whatever call hits it; that call reconnects
   with exponential backoff (up to ``max_reconnect_s``), redeclares everything declared on
   this transport, re-creates the consumers, and carries on (a publish is retried from the
-  first unconfirmed chunk: at-least-once, consumers dedupe by message id). Deliveries of
+  first unconfirmed chunk: at-least-once, consumers dedupe by message id; so is a publish
+  whose confirm does not come within ``confirm_timeout``, on a new connection). Deliveries of
   the lost connection are dropped from the inbox and cannot be settled any more; the broker
   redelivers them, so settling one logs a warning instead of failing.
 - **Cluster.** ``url`` may name several nodes of a RabbitMQ cluster (a list, or commas):
@@ -84,13 +85,17 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         heartbeat: int = 30,
         connect_timeout: float = 10.0,
         max_reconnect_s: float = 60.0,
+        confirm_timeout: float = 30.0,
         chunk_timeout: float = 300.0,
         max_partial_messages: int = chunks.MAX_PARTIALS,
         max_partial_bytes: int = chunks.MAX_PARTIAL_BYTES,
         max_partial_bytes_per_sender: int = chunks.MAX_PARTIAL_BYTES_PER_SENDER,
         tls: TlsOptions | None = None,
     ) -> None:
-        """``chunk_timeout``: a partly received chunked message that gets no chunk for this
+        """``confirm_timeout``: a publish whose confirm does not come within this long is
+        published again on a new connection (the old one is aborted; see
+        :meth:`ConnectionMixin._bounded`; a connection blocked by a resource alarm waits on).
+        ``chunk_timeout``: a partly received chunked message that gets no chunk for this
         long is dead-lettered (its publisher died, or its chunks went to another consumer
         of the queue: one consumer per queue that carries chunked messages).
         ``max_partial_*``: per consumer, how many incomplete chunked messages and how many
@@ -106,6 +111,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         self.safe_url = mask_url(self.url)
         self.chunk_size = chunk_size
         self.max_reconnect_s = max_reconnect_s
+        self.confirm_timeout = confirm_timeout
         self.chunk_timeout = chunk_timeout
         self._assembler_bounds = {"max_partials": max_partial_messages, "max_bytes": max_partial_bytes, "max_bytes_per_sender": max_partial_bytes_per_sender}
         try:
@@ -220,7 +226,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
 
         def run() -> None:
             try:
-                self._pub.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
+                self._bounded(self.confirm_timeout, f"confirm of a publish to {routing_key!r}", lambda: self._pub.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory))
             except px.UnroutableError:
                 raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
             except px.NackError:
@@ -264,7 +270,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
                 properties.reply_to = REPLY_TO
                 properties.expiration = str(max(1, int(timeout * 1000)))  # nobody waits for it after that
                 try:
-                    channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+                    self._bounded(self.confirm_timeout, f"confirm of a request to {routing_key!r}", lambda: channel.basic_publish(exchange, routing_key, body, properties, mandatory=True))
                 except px.UnroutableError:
                     raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
                 except px.ChannelClosedByBroker as exc:

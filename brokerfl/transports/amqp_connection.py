@@ -55,6 +55,11 @@ class _Refused(TransportError):
     """The broker refused our login or vhost: retrying will not help."""
 
 
+class _Unanswered(px.AMQPConnectionError):
+    """The broker did not answer a blocking call (e.g. a publisher confirm) in time; the
+    connection was aborted, so the call is retried on a new one like after a lost connection."""
+
+
 class _QuietConnect(logging.Filter):
     """pika logs every failed connection attempt at ERROR, with a traceback; while we
     connect (and report failure ourselves, in one line) those records are dropped."""
@@ -95,6 +100,7 @@ class ConnectionMixin:
     _closed: bool
     _conn: pika.BlockingConnection | None
     _generation: int
+    _blocked: bool
     _exchanges: dict[str, None]
     _queues: dict[str, tuple[str, dict[str, Any]]]
     _bindings: dict[tuple[str, str, str], None]
@@ -112,6 +118,10 @@ class ConnectionMixin:
         self._node = next((p for p in nodes if (p.host, p.port) == (conn._impl.params.host, conn._impl.params.port)), None)
         _tune_reads(conn)
         make_header_decoding_total(conn)
+        # connection.blocked (a resource alarm), seen inside pika's waits (see _bounded)
+        self._blocked = False
+        conn._impl.add_on_connection_blocked_callback(lambda *_: setattr(self, "_blocked", True))
+        conn._impl.add_on_connection_unblocked_callback(lambda *_: setattr(self, "_blocked", False))
         self._conn = conn
         self._generation += 1
         self._pub = conn.channel()
@@ -140,6 +150,33 @@ class ConnectionMixin:
                 log.info("amqp.reconnect_failed", error=_describe(exc), retry_in=round(delay, 2))
                 time.sleep(min(remaining, delay * random.uniform(0.8, 1.2)))  # jitter: many clients reconnect at once
                 delay = min(delay * 2, MAX_BACKOFF_S)
+
+    def _bounded(self, seconds: float, what: str, op: Callable[[], T]) -> T:
+        """Run ``op``, a pika call that blocks until the broker answers; if no answer comes
+        within ``seconds``, abort the connection and raise :class:`_Unanswered` (a lost
+        connection to :meth:`_with_retry`, which reconnects and runs the call again).
+
+        pika waits for an answer without a limit, and its heartbeats keep a connection alive
+        whose broker side stopped answering one channel: e.g. a publisher confirm that a
+        quorum queue losing its leader never sends. The whole process would wait forever,
+        with deliveries of its other consumers unread on the socket."""
+        conn = self._conn
+        impl = conn._impl
+        timer = None
+
+        def expire() -> None:  # runs inside pika's I/O loop, in the blocking call's wait
+            nonlocal timer
+            if self._blocked:  # a resource alarm holds publishers back: an answer of sorts, wait on
+                timer = impl._adapter_call_later(seconds, expire)
+                return
+            _abort(conn)
+            raise _Unanswered(f"{what}: no answer from the broker within {seconds:g} s")
+
+        timer = impl._adapter_call_later(seconds, expire)
+        try:
+            return op()
+        finally:
+            _quietly(lambda: impl._adapter_remove_timeout(timer))
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -232,6 +269,14 @@ def _tune_reads(conn: pika.BlockingConnection) -> None:
     if isinstance(getattr(transport, "_MAX_RECV_BYTES", None), int) and isinstance(getattr(transport, "_MAX_CONSUME_BYTES", None), int):
         transport._MAX_RECV_BYTES = RECV_BYTES
         transport._MAX_CONSUME_BYTES = max(transport._MAX_CONSUME_BYTES, 4 * RECV_BYTES)
+
+
+def _abort(conn: pika.BlockingConnection) -> None:
+    """Close the socket without the AMQP close handshake (which a broker that stopped
+    answering would not complete either); pika reports the connection lost on its next call."""
+    transport = getattr(getattr(conn, "_impl", None), "_transport", None)
+    if transport is not None:
+        _quietly(transport.abort)
 
 
 def _channel_error(what: str, exc: px.ChannelClosedByBroker) -> TransportError:

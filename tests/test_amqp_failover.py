@@ -1,0 +1,197 @@
+"""AMQP only: a broker that stops answering one connection (as a RabbitMQ channel did whose
+quorum queue lost its leader: the publisher confirm never came, and pika waits for it
+without a limit while heartbeats keep the connection alive). A TCP proxy between the
+transport and the broker freezes the broker's side of the connections open at the time.
+The local transport has no connection that could stop answering.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import Counter
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from brokerfl.transport import Delivery
+from brokerfl.transports.amqp import AmqpTransport
+
+from test_transport import envelope
+
+pytestmark = pytest.mark.broker
+
+
+class FreezingProxy:
+    """Forwards TCP to the broker; :meth:`freeze` stops passing the broker's bytes to the
+    connections open now (they stay open: nothing tells the client), new ones work."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.frozen: set[int] = set()
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            broker = socket.create_connection(self.target)
+            self.pairs.append((client, broker))
+            index = len(self.pairs) - 1
+            threading.Thread(target=self._pump, args=(client, broker, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(broker, client, index), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, index: int | None) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                while index in self.frozen and not self.closed:
+                    time.sleep(0.05)  # a test proxy's idle wait, not synchronisation
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def freeze(self) -> None:
+        self.frozen.update(range(len(self.pairs)))
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        for pair in self.pairs:
+            for s in pair:
+                s.close()
+
+
+@pytest.fixture
+def proxied_url(amqp_url):
+    parts = urlsplit(amqp_url)
+    proxy = FreezingProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    netloc = parts.netloc.rsplit("@", 1)
+    yield proxy, urlunsplit(parts._replace(netloc=(netloc[0] + "@" if len(netloc) > 1 else "") + f"127.0.0.1:{proxy.port}"))
+    proxy.close()
+
+
+def test_a_publish_whose_confirm_never_comes_is_published_again_on_a_new_connection(amqp_factory, proxied_url, run_name):
+    """A consumer holds a delivery and the process publishes; the broker's side of the
+    connection goes silent. The publish returns (on a new connection) within about
+    ``confirm_timeout``, instead of waiting forever; the held delivery comes back (its
+    connection was aborted) and nothing is lost."""
+    proxy, url = proxied_url
+    admin = amqp_factory()
+    queue = f"brokerfl.{run_name}.unanswered"
+    admin.declare_queue(queue, kind="quorum")
+    transport = AmqpTransport(url, confirm_timeout=1.0, max_reconnect_s=30)
+    amqp_factory.made.append(transport)  # closed with the others
+    got: list[Delivery] = []
+    transport.consume(queue, got.append, prefetch=1)
+    first = envelope(1)
+    admin.publish("", queue, first, b"held")
+    deadline = time.monotonic() + 15
+    while not got and time.monotonic() < deadline:
+        transport.poll(0.05)
+    assert [d.envelope.message_id for d in got] == [first.message_id]
+
+    proxy.freeze()
+    second = envelope(2)
+    started = time.monotonic()
+    transport.publish("", queue, second, b"published while frozen")
+    took = time.monotonic() - started
+    assert took < 15, took  # about confirm_timeout plus a reconnect; before: forever
+
+    transport.ack(got[0])  # of the aborted connection: dropped (logged), the broker redelivers it
+    copies: Counter[str] = Counter()
+
+    def take(d: Delivery) -> None:
+        copies[d.envelope.message_id] += 1
+        transport.ack(d)
+
+    got.clear()
+    deadline = time.monotonic() + 30
+    while set(copies) != {first.message_id, second.message_id} and time.monotonic() < deadline:
+        transport.poll(0.05)
+        while got:
+            take(got.pop(0))
+    assert set(copies) == {first.message_id, second.message_id}, copies
+    assert copies[first.message_id] == 1  # redelivered once, after its connection was aborted
+    # the frozen connection's copy of the publish may have reached the queue too: at-least-once
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and admin.queue_info(queue).messages_ready:
+        transport.poll(0.05)
+        while got:
+            take(got.pop(0))
+    assert admin.queue_info(queue).messages_ready == 0
+    assert copies[second.message_id] in (1, 2)
+
+
+def test_deliveries_in_hand_when_the_broker_closes_the_connection_are_processed(amqp_factory, broker, run_name):
+    """Three consumers on one connection, as in a client process (prefetch 1); each handler
+    publishes its answer (confirmed) and acks; one of them holds its deliveries and acks them
+    two at a time (as the server holds updates until a commit; prefetch 2). The broker closes every connection
+    twice mid-run. Every message is answered, whatever was in hand or in flight came back,
+    and once the consumers are closed nothing is left unacked."""
+    why_not = broker.can_restart()  # the same condition: a local rabbitmqctl
+    if why_not:
+        pytest.skip(f"needs rabbitmqctl for the test broker: {why_not}")
+    admin = amqp_factory()
+    worker = amqp_factory(max_reconnect_s=60)
+    queues = [f"brokerfl.{run_name}.in{i}" for i in range(3)]
+    answers = f"brokerfl.{run_name}.answers"
+    for q in [*queues, answers]:
+        admin.declare_queue(q, kind="quorum")
+    sent = {q: [] for q in queues}
+    for i in range(8):
+        for q in queues:
+            env = envelope(i)
+            admin.publish("", q, env, b"task")
+            sent[q].append(env.message_id)
+    answered: Counter[str] = Counter()
+    held: list[Delivery] = []
+
+    def handler(hold: bool):
+        def on_delivery(d: Delivery) -> None:
+            worker.publish("", answers, envelope(0, answers=d.envelope.message_id), b"answer")
+            answered[d.envelope.message_id] += 1
+            if hold:
+                held.append(d)
+                if len(held) >= 2:  # a "commit"
+                    for h in held:
+                        worker.ack(h)
+                    held.clear()
+            else:
+                worker.ack(d)
+
+        return on_delivery
+
+    for i, q in enumerate(queues):
+        worker.consume(q, handler(hold=i == 0), prefetch=2 if i == 0 else 1)  # room for what it holds
+    everything = {m for ids in sent.values() for m in ids}
+    for closes in (1, 2):
+        deadline = time.monotonic() + 60
+        while len(answered) < 6 * closes and time.monotonic() < deadline:
+            worker.poll(0.05)
+        assert len(answered) >= 6 * closes, answered
+        broker.rabbitmqctl("close_all_connections", "test: the broker closes every connection")
+    deadline = time.monotonic() + 90
+    while set(answered) != everything and time.monotonic() < deadline:
+        worker.poll(0.05)
+    assert set(answered) == everything, len(everything - set(answered))
+    assert all(n <= 3 for n in answered.values()), answered  # a copy per connection at most
+    for h in held:
+        worker.ack(h)
+    worker.close()  # what is still unacked goes back to its queue
+    assert [admin.queue_info(q).messages_ready for q in queues] == [0, 0, 0]
+    assert admin.queue_info(answers).messages_ready >= len(everything)
