@@ -89,6 +89,7 @@ class Context:
     timer_requests: list[Timer | str] = field(default_factory=list)  # in order: a Timer sets, a key cancels
     also_send: list[Outbound] = field(default_factory=list)
     clock: Callable[[], float] = field(default=None)  # type: ignore[assignment]
+    when_sent: list[Callable[[], None]] = field(default_factory=list)
 
     def hold(self) -> None:
         """Keep this message unacked until a later handler calls :meth:`commit` (e.g. an
@@ -103,6 +104,13 @@ class Context:
         """Publish these too (before the handler's returned messages), for helpers deep in a
         handler that have something to say; same guarantees as returned messages."""
         self.also_send.extend(outbound)
+
+    def once_sent(self, effect: Callable[[], None]) -> None:
+        """Apply ``effect`` (a change to state) only once this handler's messages are
+        published and confirmed. If publishing fails, the message is requeued and handled
+        again, so state that says "done" (e.g. a task answered) must not run ahead of what
+        was actually sent."""
+        self.when_sent.append(effect)
 
     def stop(self) -> None:
         """Stop the worker after this message."""

@@ -213,6 +213,8 @@ class Worker:
                 self.stop()
             return
         self.handled += 1
+        for effect in ctx.when_sent:
+            effect()
         self._apply_timers(ctx)
         if delivery is not None:
             if ctx.holding:

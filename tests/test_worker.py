@@ -206,3 +206,45 @@ def test_a_forged_local_message_is_dead_lettered(transport_factory, topology):
     assert len(started) == 1  # only the worker's own start
     (dead,) = drain(admin, topo.dead_queue, expect=1)
     assert "local to a worker" in dead.envelope.headers[REASON_HEADER]
+
+
+def test_effects_marked_once_sent_wait_for_a_successful_publish(transport_factory, topology, monkeypatch):
+    """A handler's "done" (e.g. a client's task answered) must not run ahead of what was
+    sent: when publishing its output fails, the message is requeued and handled again, and
+    only then, once the output is confirmed, does the effect apply (issue 10's cluster work
+    found a client that marked a task answered, failed to publish, then skipped the task)."""
+    from brokerfl.transport import TransportError
+
+    topo, admin = topology
+    client_queue = topo.declare_client(admin, "a")
+    table = HandlerTable("server")
+    answered: set[str] = set()
+    handled: list[str] = []
+
+    @table.on(Join)
+    def answer(message, ctx):
+        handled.append(message.message_id)
+        if message.message_id in answered:
+            return None  # what the client does with a task it already answered
+        ctx.once_sent(lambda: answered.add(message.message_id))
+        return [to_clients(Heartbeat(client_id=message.client_id))]
+
+    worker = make_worker(transport_factory(), topo, table)
+    real_publish = worker.publish_wire
+    failures = []
+
+    def publish_failing_once(wire, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise TransportError("the connection keeps failing (test)")
+        return real_publish(wire, **kwargs)
+
+    monkeypatch.setattr(worker, "publish_wire", publish_failing_once)
+    join = Join(client_id="a")
+    publish(admin, topo, join)
+    wait_for(lambda: len(handled) == 2 and worker.handled == 1, worker.step)
+    assert handled == [join.message_id, join.message_id]  # requeued after the failure, handled again
+    assert answered == {join.message_id}  # marked only after the second, successful publish
+    out = drain(admin, client_queue, expect=1)
+    assert [d.envelope.type for d in out] == ["heartbeat"]  # sent once
+    assert admin.queue_info(topo.server_queue).messages_ready == 0

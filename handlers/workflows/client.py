@@ -116,7 +116,9 @@ def train(task: TrainTask, ctx: Context):
     method = state.config.compression.method
     if method != "none":
         parameters = _compressed(state, task, parameters)
-    state.answered.add(task.message_id)
+    # Answered once the update is confirmed: if publishing it fails, the task is requeued
+    # and must be trained again, not skipped as answered.
+    ctx.once_sent(lambda: state.answered.add(task.message_id))
     if table.handler_for(Gradients.TYPE) is not None:
         state.last_global = task.parameters
     update = task.reply(
