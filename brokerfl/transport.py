@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -297,3 +298,18 @@ def dead_letter_headers(headers: Mapping[Any, Any], reason: str, queue: str, rou
     if dropped:
         kept[DROPPED_HEADERS_HEADER] = dropped
     return kept
+
+
+def hand_out(batch: Sequence[Any], inbox: deque[Any], deliver: Callable[[Any], bool]) -> int:
+    """Run ``deliver`` on each entry of a batch taken from a transport's inbox (it returns
+    whether it handed the entry to a consumer); the number handed. If a consumer's callback
+    raises, the entries not reached go back to the front of the inbox: still ours, unacked,
+    not lost. Both transports' ``poll`` end here."""
+    ran = 0
+    for i, entry in enumerate(batch):
+        try:
+            ran += bool(deliver(entry))
+        except BaseException:
+            inbox.extendleft(reversed(batch[i + 1 :]))
+            raise
+    return ran

@@ -22,7 +22,7 @@ import pika.exceptions as px
 import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 
-from brokerfl.transport import Delivery, OnDelivery, StreamOffset, TransportError
+from brokerfl.transport import Delivery, OnDelivery, StreamOffset, TransportError, hand_out
 from brokerfl.transports import chunks
 from brokerfl.transports.amqp_connection import _LOST, ChannelLimitError, _channel_error, _quietly, _recovering
 from brokerfl.transports.envelope import to_envelope
@@ -179,17 +179,15 @@ class ConsumingMixin:
                 break
         batch = list(self._inbox)
         self._inbox.clear()
-        ran = 0
-        for i, (consumer, delivery) in enumerate(batch):
+
+        def deliver(entry: tuple[_Consumer, Delivery]) -> bool:
+            consumer, delivery = entry
             if consumer.cancelled or (not consumer.stream and delivery.tag.epoch != consumer.epoch):
-                continue  # cancelled, or its channel was lost meanwhile: the broker has it back
-            try:
-                consumer.on_delivery(delivery)
-            except BaseException:
-                self._inbox.extendleft(reversed(batch[i + 1 :]))  # not lost: still ours, unacked
-                raise
-            ran += 1
-        return ran
+                return False  # cancelled, or its channel was lost meanwhile: the broker has it back
+            consumer.on_delivery(delivery)
+            return True
+
+        return hand_out(batch, self._inbox, deliver)
 
     def _pump(self, time_limit: float) -> None:
         """Let pika read and dispatch for up to ``time_limit`` s, then turn what arrived into

@@ -28,6 +28,7 @@ from brokerfl.transport import (
     TransportError,
     UnroutableError,
     envelope_problem,
+    hand_out,
 )
 
 
@@ -473,19 +474,16 @@ class LocalTransport(Transport):
                 if remaining <= 0:
                     return 0
                 self.broker.changed.wait(remaining)
-        ran = 0
+
         # Callbacks run outside the lock: they publish, ack and may block.
-        for i, delivery in enumerate(batch):
+        def deliver(delivery: Delivery) -> bool:
             consumer = self._consumers.get(delivery.consumer_tag)
             if consumer is None or self._closed:  # cancelled meanwhile: it was requeued then
-                continue
-            try:
-                consumer.on_delivery(delivery)
-            except BaseException:
-                self._inbox.extendleft(reversed(batch[i + 1 :]))  # not lost: still ours, unacked
-                raise
-            ran += 1
-        return ran
+                return False
+            consumer.on_delivery(delivery)
+            return True
+
+        return hand_out(batch, self._inbox, deliver)
 
     def close(self) -> None:
         if self._closed:
