@@ -21,6 +21,11 @@ def _env(name: str) -> str | None:
     return os.environ.get(f"BROKERFL_{name}") or None
 
 
+def _env_flag(name: str) -> bool | None:
+    """A flag's default from BROKERFL_<NAME>: True for 1/true/yes, else None (the config decides)."""
+    return True if (_env(name) or "").strip().lower() in ("1", "true", "yes") else None
+
+
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", default=_env("CONFIG"), help="YAML run config (default: $BROKERFL_CONFIG, else the embedded default run: digits, 10 IID clients, FedAvg)")
     parser.add_argument("--clients", type=int, default=_env("CLIENTS"), help="federation size = number of data partitions")
@@ -32,14 +37,14 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
         "--enforce-identity",
         action="store_const",
         const=True,
-        default=True if _env("ENFORCE_IDENTITY") in ("1", "true", "yes") else None,
+        default=_env_flag("ENFORCE_IDENTITY"),
         help="check every message's publisher against the run's users (identity.enforce; $BROKERFL_ENFORCE_IDENTITY=1)",
     )
     parser.add_argument(
         "--replicated-queues",
         action="store_const",
         const=True,
-        default=True if _env("REPLICATED_QUEUES") in ("1", "true", "yes") else None,
+        default=_env_flag("REPLICATED_QUEUES"),
         help="every queue of the run a quorum queue, replicated on a RabbitMQ cluster (replicated_queues; $BROKERFL_REPLICATED_QUEUES=1)",
     )
 

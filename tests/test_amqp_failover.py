@@ -195,3 +195,51 @@ def test_deliveries_in_hand_when_the_broker_closes_the_connection_are_processed(
     worker.close()  # what is still unacked goes back to its queue
     assert [admin.queue_info(q).messages_ready for q in queues] == [0, 0, 0]
     assert admin.queue_info(answers).messages_ready >= len(everything)
+
+
+def test_a_nacked_publish_is_published_again_on_a_new_channel(amqp_factory, amqp_url, run_name):
+    """A full queue that rejects publishes (``x-overflow: reject-publish``) makes the broker
+    nack. The transport publishes again with backoff, each time on a new channel (RabbitMQ
+    3.10 kept nacking a channel whose first publish to a quorum queue came while its leader
+    was being re-elected: see tests/test_cluster.py), and the publish returns once there is
+    room, with the message in the queue exactly once."""
+    import pika
+
+    queue = f"brokerfl.{run_name}.full"
+    raw = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        ch = raw.channel()
+        ch.queue_declare(queue, durable=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+        transport = amqp_factory()
+        transport.publish("", queue, envelope(1), b"fills the queue")
+        first_channel = transport._pub
+        published = threading.Event()
+        failure: list[BaseException] = []
+
+        def publish() -> None:
+            try:
+                transport.publish("", queue, envelope(2), b"nacked until there is room")
+                published.set()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                failure.append(exc)
+
+        thread = threading.Thread(target=publish)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while transport._pub is first_channel and time.monotonic() < deadline and not failure:
+            time.sleep(0.01)  # polling the transport's state with a deadline
+        assert transport._pub is not first_channel, "the nacked publish stayed on its channel"
+        assert not first_channel.is_open
+        assert not published.is_set()
+        method, _, body = ch.basic_get(queue, auto_ack=True)  # room for one
+        assert body == b"fills the queue"
+        thread.join(timeout=30)
+        assert not thread.is_alive() and not failure, failure
+        assert published.is_set()
+        method, _, body = ch.basic_get(queue, auto_ack=True)
+        assert body == b"nacked until there is room"
+        assert ch.basic_get(queue, auto_ack=True)[0] is None  # exactly once
+    finally:
+        if raw.is_open:
+            raw.channel().queue_delete(queue)
+            raw.close()

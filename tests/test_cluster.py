@@ -145,12 +145,6 @@ def _queues(node: str, run: str) -> dict[str, dict]:
     return {row["name"]: row for row in rows if run in row["name"]}
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known flake: passed 7 runs in a row (load 10-22) and in two full suites, but in one CI run (load 1-3) the "
-    "surviving nodes nacked every publish to the run's exchange for over 60 s after the kill (the client's update "
-    "and its heartbeats: 'the broker refused (nacked) a message ... for 60 s'), so round 2 got no updates and the "
-    "server ended the run. Which destination kept nacking (the server's quorum queue, or the journal or models "
-    "stream re-electing its leader) is not yet known"))
 def test_killing_the_node_that_leads_the_server_queue_costs_nothing(cluster, run_name, tmp_path):
     """A FedAvg run over a 3-node cluster, every process given the three URLs. The run's
     queues are quorum queues (the journal and models streams) with a member on every node;

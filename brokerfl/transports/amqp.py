@@ -230,10 +230,16 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
             except px.UnroutableError:
                 raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
             except px.NackError:
+                # Publish again on a new channel. RabbitMQ 3.10 keeps a channel's view of a
+                # quorum queue's leader: a channel that first published to the queue while
+                # its leader was being re-elected (right after a cluster node died) had
+                # every later publish nacked for minutes, while a new channel's were
+                # confirmed at once (seen in tests/test_cluster.py, and with raw pika against a
+                # 3-node cluster: a channel opened on a survivor right after the kill).
+                self._renew_publish_channel()
                 raise _Nacked(f"the broker refused (nacked) a message to {routing_key!r} on exchange {exchange!r}") from None
             except px.ChannelClosedByBroker as exc:  # 404 no exchange, 406 message too large, ...
-                self._pub = self._conn.channel()
-                self._pub.confirm_delivery()
+                self._renew_publish_channel()
                 raise _channel_error(f"publish {len(body)} bytes to {routing_key!r} on exchange {exchange!r}", exc) from None
 
         # A nack is the broker saying "not now": e.g. a quorum queue or stream electing a new
@@ -249,6 +255,14 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
                 log.info("amqp.publish_nacked", routing_key=routing_key, retry_in=round(delay, 2))
                 time.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
+
+    def _renew_publish_channel(self) -> None:
+        """Replace the publishing channel (closed by the broker, or one whose publishes it
+        nacks) with a new one in confirm mode."""
+        if self._pub.is_open:
+            _quietly(self._pub.close)
+        self._pub = self._conn.channel()
+        self._pub.confirm_delivery()
 
     # ------------------------------------------------------------ request/reply
 
