@@ -32,7 +32,8 @@ from brokerfl.codec import decode, encode
 from brokerfl.message import Envelope, new_message_id
 from brokerfl.store import ModelStore, ModelVersion
 from brokerfl.topology import RunTopology
-from brokerfl.transport import Delivery, Transport, TransportError
+from brokerfl.stream_reader import StreamReader
+from brokerfl.transport import Delivery, Transport
 
 log = structlog.get_logger("brokerfl.model_store")
 
@@ -57,23 +58,12 @@ def version_of(delivery: Delivery) -> int | None:
 
 def read_version(transport: Transport, stream: str, version: int, start: int | str, *, timeout_s: float, what: str) -> Delivery:
     """The delivery of ``version`` from ``stream``, reading from offset ``start`` on
-    (acked; the consumer is cancelled). TransportError if it is not there within the time."""
-    pending: deque[Delivery] = deque()
-    tag = transport.consume(stream, pending.append, prefetch=2, offset=start)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            if not pending:
-                if time.monotonic() > deadline:
-                    raise TransportError(f"{what}: model version {version} not found in {stream} from offset {start} within {timeout_s:.0f} s")
-                transport.poll(0.1)
-                continue
-            delivery = pending.popleft()
-            transport.ack(delivery)
+    (acked; the consumer is cancelled). TransportError after ``timeout_s`` without a message."""
+    with StreamReader(transport, stream, offset=start, silence_s=timeout_s, what=lambda silence: f"{what}: model version {version} not found in {stream} from offset {start} ({silence:.0f} s without a message)") as reader:
+        for delivery in reader:
             if version_of(delivery) == version:
                 return delivery
-    finally:
-        transport.cancel(tag)
+    raise AssertionError("a StreamReader ends only by raising")  # pragma: no cover
 
 
 class BrokerModelStore(ModelStore):
@@ -192,23 +182,13 @@ class BrokerModelStore(ModelStore):
     def _tail(self) -> int | str:
         """An offset at or before the next message of the stream: a mark's offset + 1."""
         mark = Envelope(MARK_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run})
-        pending: deque[Delivery] = deque()
-        tag = self.transport.consume(self.stream, pending.append, prefetch=1, offset="next")
-        deadline = time.monotonic() + self.timeout_s
-        try:
+        with StreamReader(self.transport, self.stream, offset="next", prefetch=1, silence_s=self.timeout_s, what=lambda silence: f"the models stream of run {self.topology.run!r} did not return its mark within {silence:.0f} s") as reader:
             self.transport.publish("", self.stream, mark, b"")
-            while True:
-                while pending:
-                    delivery = pending.popleft()
-                    self.transport.ack(delivery)
-                    if delivery.envelope.message_id == mark.message_id:
-                        offset = stream_offset(delivery)
-                        return offset + 1 if offset is not None else "first"
-                if time.monotonic() > deadline:
-                    raise TransportError(f"the models stream of run {self.topology.run!r} did not return its mark within {self.timeout_s:.0f} s")
-                self.transport.poll(0.1)
-        finally:
-            self.transport.cancel(tag)
+            for delivery in reader:
+                if delivery.envelope.message_id == mark.message_id:
+                    offset = stream_offset(delivery)
+                    return offset + 1 if offset is not None else "first"
+        raise AssertionError("a StreamReader ends only by raising")  # pragma: no cover
 
     def refresh(self) -> BrokerModelStore:
         """Read every version the stream holds now (those another process stored too):
@@ -217,20 +197,10 @@ class BrokerModelStore(ModelStore):
         self._prepared = None  # re-learnt after what this reads
         mark = Envelope(MARK_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run})
         self.transport.publish("", self.stream, mark, b"")
-        pending: deque[Delivery] = deque()
-        tag = self.transport.consume(self.stream, pending.append, prefetch=2, offset="first")
-        deadline = time.monotonic() + self.timeout_s
         exported = set(self.export.versions()) if self.export is not None else set()
         previous: int | str = "first"  # the offset after the previous message: at or before this one
-        try:
-            while True:
-                if not pending:
-                    if time.monotonic() > deadline:
-                        raise TransportError(f"the models stream of run {self.topology.run!r} did not reach its end mark within {self.timeout_s:.0f} s")
-                    self.transport.poll(0.1)
-                    continue
-                delivery = pending.popleft()
-                self.transport.ack(delivery)
+        with StreamReader(self.transport, self.stream, offset="first", silence_s=self.timeout_s, what=lambda silence: f"the models stream of run {self.topology.run!r} did not reach its end mark ({silence:.0f} s without a message)") as reader:
+            for delivery in reader:
                 if delivery.envelope.message_id == mark.message_id:
                     return self
                 version = version_of(delivery)
@@ -244,8 +214,7 @@ class BrokerModelStore(ModelStore):
                 self._remember(model, floor)
                 if self.export is not None and model.version not in exported:
                     self.export.put(model)
-        finally:
-            self.transport.cancel(tag)
+        raise AssertionError("a StreamReader ends only by raising")  # pragma: no cover
 
 
 def _model_from(payload: dict[str, Any]) -> ModelVersion:

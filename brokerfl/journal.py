@@ -9,8 +9,7 @@ it meets that mark: everything journaled before the read began, and nothing afte
 from __future__ import annotations
 
 import os
-import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import msgpack
 from brokerfl.codec import DecodeError
 from brokerfl.message import Envelope, Message, from_wire
 from brokerfl.topology import AUDIT, RunTopology, routing_key
+from brokerfl.stream_reader import StreamReader
 from brokerfl.transport import Delivery, Transport, TransportError, bounded, envelope_problem, safe_headers
 
 M = TypeVar("M", bound=Message)
@@ -62,26 +62,13 @@ def read_journal(transport: Transport, topology: RunTopology, *, timeout_s: floa
     mark = JournalMark(run=topology.run, sender="journal-reader")
     envelope, body = to_wire(mark)
     transport.publish(topology.exchange, routing_key(AUDIT, JournalMark.TYPE), envelope, body)
-    pending: deque[Delivery] = deque()
-    tag = transport.consume(topology.journal_stream, pending.append, prefetch=prefetch, offset="first")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            if not pending:
-                if time.monotonic() > deadline:
-                    raise TransportError(f"the journal of run {topology.run!r} did not reach its end mark within {timeout_s:.0f} s")
-                transport.poll(0.2)
-                continue
-            delivery = pending.popleft()
-            transport.ack(delivery)
+    with StreamReader(transport, topology.journal_stream, offset="first", prefetch=prefetch, silence_s=timeout_s, poll_s=0.2, what=lambda silence: f"the journal of run {topology.run!r} did not reach its end mark ({silence:.0f} s without a message)") as reader:
+        for delivery in reader:
             if delivery.envelope.message_id == mark.message_id:
                 return
             if delivery.envelope.type == JournalMark.TYPE:
                 continue  # another reader's mark
-            deadline = time.monotonic() + timeout_s  # progress: the deadline is for silence
             yield delivery
-    finally:
-        transport.cancel(tag)
 
 
 # ---------------------------------------------------------------- what readers skip
