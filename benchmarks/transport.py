@@ -9,7 +9,8 @@ times (after one untimed warm-up round each):
 
 - ``brokerfl``: :class:`AmqpTransport` + ``RunTopology(run, journal=False)``. One transport
   publishes the N updates to ``server.parameter_update`` the way a client worker does
-  (``to_wire`` + ``transport.publish``, confirmed, chunked above 16 MiB); then a second
+  (``to_wire_parts`` + ``transport.publish``, confirmed, chunked above 16 MiB: each chunk is
+  copied once straight from the encoded body's buffers, the tensors); then a second
   transport consumes them from the (quorum) server queue with prefetch 16 as the server does,
   ``from_wire`` (zero-copy) and acks each. Timed from the first ``to_wire`` to the last ack.
 - ``brokerfl+journal``: the same with ``journal=True`` (a stream bound to ``#`` also takes
@@ -31,6 +32,8 @@ times (after one untimed warm-up round each):
 
 The process tunes malloc as brokerfl's CLI does (:func:`brokerfl.memory.tune_allocator`), for
 every path alike; ``--default-malloc`` keeps glibc's defaults.
+Each path's rounds also report ``cpu``: this process's CPU seconds (publisher and consumer,
+not the broker's), which the load of other processes sways far less than seconds do.
 The order of the paths rotates from round to round. Publishing finishes before consuming starts (one process, one thread, blocking pika), for
 both. Every queue and exchange is uniquely named and deleted at the end, also on error.
 """
@@ -57,7 +60,8 @@ import pika
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from brokerfl.memory import tune_allocator  # noqa: E402
-from brokerfl.message import ParameterUpdate, from_wire, to_wire  # noqa: E402
+from brokerfl.message import ParameterUpdate, from_wire, to_wire, to_wire_parts  # noqa: E402
+from brokerfl.transport import body_size  # noqa: E402
 from brokerfl.topology import RunTopology, routing_key  # noqa: E402
 from brokerfl.transports import chunks  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport, _tune_reads  # noqa: E402
@@ -121,7 +125,7 @@ class Brokerfl:
         self.client = AmqpTransport(url)
         self.server = AmqpTransport(url)
         self.topology.declare(self.server)
-        self.nbytes = sum(len(to_wire(u)[1]) for u in self.updates)
+        self.nbytes = sum(body_size(to_wire_parts(u)[1]) for u in self.updates)
 
     def round(self) -> dict[str, float]:
         phases: dict[str, float] = defaultdict(float)
@@ -130,7 +134,7 @@ class Brokerfl:
         t0 = time.perf_counter()
         for u in self.updates:
             a = time.perf_counter()
-            envelope, body = to_wire(u)
+            envelope, body = to_wire_parts(u)
             b = time.perf_counter()
             self.client.publish(self.topology.exchange, self.key, envelope, body)
             phases["encode"] += b - a
@@ -280,7 +284,9 @@ def main() -> None:
                     prof = profiler if (profiler and rep and path.name.startswith("brokerfl")) else None
                     if prof:
                         prof.enable()
+                    cpu = time.process_time()
                     r = path.round()
+                    r["cpu"] = time.process_time() - cpu  # this process's CPU (both connections): less at the mercy of load than seconds
                     if prof:
                         prof.disable()
                     if rep:
@@ -327,7 +333,7 @@ def main() -> None:
         print(f"{params:>11,} {name:17s} {nbytes / 1e6:7.1f} {median:6.3f} {best:6.3f} {nbytes / 1e6 / median:5.0f} {ratio}  {where}")
     print("vs raw = brokerfl MB/s / raw pika MB/s with the same socket reads (512 KiB) and durability (brokerfl+journal against")
     print(f"raw+stream), goal >= {GOAL}; paired: median over repetitions of the same ratio, round by round; -enc: the same without brokerfl's encode (raw sends pre-encoded bytes); vs 4k: against raw")
-    print("pika with its default 4 KiB socket reads")
+    print("pika with its default 4 KiB socket reads; cpu: this process's CPU seconds per round (publisher and consumer; the broker's not included)")
 
 
 if __name__ == "__main__":

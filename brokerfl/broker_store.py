@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from brokerfl.codec import decode, encode
+from brokerfl.codec import decode, encode_parts
 from brokerfl.message import Envelope, new_message_id
 from brokerfl.store import ModelStore, ModelVersion
 from brokerfl.topology import RunTopology
@@ -100,7 +100,8 @@ class BrokerModelStore(ModelStore):
         if model.version in self._meta:
             raise ValueError(f"model version {model.version} is already stored")
         floor, self._prepared = (self._prepared if self._prepared is not None else self._tail()), None
-        body = encode({"meta": model.metadata(), "parameters": model.parameters, "strategy_state": model.strategy_state})
+        # the body as its buffers: the transport copies them once, straight into its chunks
+        body = encode_parts({"meta": model.metadata(), "parameters": model.parameters, "strategy_state": model.strategy_state})
         envelope = Envelope(VERSION_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run, "model_version": model.version})
         self.transport.publish("", self.stream, envelope, body)  # returns once confirmed
         del body

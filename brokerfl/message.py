@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 
-from brokerfl.codec import DEFAULT_LIMITS, DecodeError, Limits, decode, encode
+from brokerfl.codec import DEFAULT_LIMITS, DecodeError, Limits, decode, encode_parts
 
 SCHEMA_VERSION = 1
 
@@ -221,6 +221,14 @@ class Exit(Message):
 
 def to_wire(message: Message, limits: Limits = DEFAULT_LIMITS) -> tuple[Envelope, bytes]:
     """Split a message into its envelope and its msgpack body."""
+    envelope, parts = to_wire_parts(message, limits)
+    return envelope, b"".join(parts)
+
+
+def to_wire_parts(message: Message, limits: Limits = DEFAULT_LIMITS) -> tuple[Envelope, list[Any]]:
+    """:func:`to_wire` with the body as the buffers that make it up, not joined
+    (:func:`brokerfl.codec.encode_parts`: the arrays' own memory, valid while they are):
+    a transport copies a large body once, straight into its chunks."""
     payload = {f.name: getattr(message, f.name) for f in dataclasses.fields(message) if f.name not in ENVELOPE_FIELDS}
     envelope = Envelope(
         type=message.TYPE,
@@ -235,7 +243,7 @@ def to_wire(message: Message, limits: Limits = DEFAULT_LIMITS) -> tuple[Envelope
             "schema_version": message.schema_version,
         },
     )
-    return envelope, encode(payload, limits)
+    return envelope, encode_parts(payload, limits)
 
 
 def from_wire(envelope: Envelope, body: bytes, limits: Limits = DEFAULT_LIMITS) -> Message:

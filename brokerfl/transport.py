@@ -9,7 +9,10 @@ keep the same semantics, and the tests of broker behaviour run on both:
 - FIFO per queue; manual acks; ``nack(requeue=True)`` puts a message back, flagged
   redelivered; unacked messages of a consumer that goes away are redelivered, flagged;
 - :meth:`Transport.publish` returns only once the message is durable (publisher confirms);
-  a message that no queue takes is an :class:`UnroutableError`;
+  a message that no queue takes is an :class:`UnroutableError`. Its body is ``bytes``, or
+  the buffers that make it up, in order (a :data:`Body`, e.g.
+  :func:`brokerfl.codec.encode_parts`): the AMQP transport then copies them once, straight
+  into the chunks it sends, instead of joining them first and copying each chunk again;
 - :meth:`Transport.dead_letter` moves a message to its queue's dead-letter queue with the
   reason in the ``x-brokerfl-reason`` header, then acks it;
 - :meth:`Transport.request` / :meth:`Transport.reply`: request/reply (RabbitMQ's direct
@@ -27,6 +30,29 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from brokerfl.message import Envelope
+
+Body = bytes | list[Any]
+"""A body to publish: bytes, or a list of the buffers that make it up, in order (bytes and
+1-d uint8 arrays, as :func:`brokerfl.codec.encode_parts` returns them; valid while the
+payload's arrays are). A list is joined only where bytes are needed."""
+
+
+def body_size(body: Body) -> int:
+    """Bytes in a body (bytes, or a list of buffers)."""
+    if isinstance(body, bytes):
+        return len(body)
+    if not isinstance(body, list):
+        raise TypeError(f"body must be bytes or a list of buffers, got {type(body).__name__}")
+    return sum(memoryview(part).nbytes for part in body)
+
+
+def joined(body: Body) -> bytes:
+    """A body as one bytes object (a list of buffers costs one copy)."""
+    if isinstance(body, bytes):
+        return body
+    if not isinstance(body, list):
+        raise TypeError(f"body must be bytes or a list of buffers, got {type(body).__name__}")
+    return b"".join(body)
 
 QueueKind = Literal["classic", "quorum", "stream"]
 StreamOffset = Literal["first", "last", "next"] | int
@@ -139,8 +165,9 @@ class Transport(abc.ABC):
     # ------------------------------------------------------------ messages
 
     @abc.abstractmethod
-    def publish(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes) -> None:
-        """Publish a persistent message; returns once the broker has confirmed it."""
+    def publish(self, exchange: str, routing_key: str, envelope: Envelope, body: Body) -> None:
+        """Publish a persistent message; returns once the broker has confirmed it. ``body``:
+        bytes, or a list of the buffers that make it up (see :data:`Body`)."""
 
     @abc.abstractmethod
     def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None) -> str:

@@ -19,10 +19,10 @@ import structlog
 
 from brokerfl.codec import DEFAULT_LIMITS, DecodeError, EncodeError, Limits
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Rejected, Started, Timer
-from brokerfl.message import Message, from_wire, to_wire
+from brokerfl.message import Message, from_wire, to_wire_parts
 from brokerfl.timing import timings
 from brokerfl.topology import DEAD, REQUESTER, RunTopology, routing_key
-from brokerfl.transport import REPLY_TO, Delivery, Transport, TransportError, UnroutableError, bounded
+from brokerfl.transport import REPLY_TO, Body, Delivery, Transport, TransportError, UnroutableError, body_size, bounded, joined
 
 
 _TYPE_WORD = re.compile(r"^[A-Za-z0-9_]{1,64}$")  # what may stand in a routing key
@@ -181,7 +181,7 @@ class Worker:
                 outbound = list(handler(message, ctx) or ())
             # Encoding is the handler's output failing, so its fault too; publishing is not.
             wire = self.encode([*ctx.also_send, *outbound])
-            outbound = None  # their bytes are in `wire`: drop the messages (an update's arrays are a model's worth)
+            outbound = None  # `wire` holds what is sent (the bodies' buffers): drop the rest of the messages
             ctx.also_send.clear()
         except Exception as exc:
             if isinstance(exc, Rejected):
@@ -245,9 +245,11 @@ class Worker:
         nobody waits for it)."""
         self.publish_wire(self.encode(outbound), request=request)
 
-    def encode(self, outbound: Iterable[Outbound]) -> list[tuple[str, str, Any, bytes]]:
+    def encode(self, outbound: Iterable[Outbound]) -> list[tuple[str, str, Any, Body]]:
         """(destination, routing key, envelope, body) of each message, stamped with this
-        sender and run."""
+        sender and run. Every message is encoded (and checked) before any is published; a
+        body is the buffers that make it up, joined only by the transport that needs it
+        (the AMQP one copies a large body once, straight into its chunks)."""
         wire = []
         for item in outbound:
             message = item.message
@@ -257,20 +259,20 @@ class Worker:
                 message.run = self.topology.run
             try:
                 with timings.phase("encode"):
-                    envelope, body = to_wire(message, self.limits)
+                    envelope, body = to_wire_parts(message, self.limits)
             except EncodeError as exc:
                 raise EncodeError(f"cannot send {message.TYPE} to {item.dest}: {exc}") from None
             wire.append((item.dest, routing_key(item.dest, message.TYPE), envelope, body))
         return wire
 
-    def publish_wire(self, wire: list[tuple[str, str, Any, bytes]], *, request: Delivery | None = None) -> None:
+    def publish_wire(self, wire: list[tuple[str, str, Any, Body]], *, request: Delivery | None = None) -> None:
         for dest, key, envelope, body in wire:
-            self.bytes_out += len(body)
+            self.bytes_out += body_size(body)
             if dest == REQUESTER:
                 # Only to a private reply address: a reply_to naming any other queue would make
                 # this worker publish into it (e.g. a client's queue) on a stranger's say-so.
                 if request is not None and isinstance(request.reply_to, str) and request.reply_to.startswith(REPLY_TO):
-                    self.transport.reply(request, envelope, body)
+                    self.transport.reply(request, envelope, joined(body))
                 else:
                     self.log.info("reply dropped: the message is not a request")
                 continue

@@ -13,11 +13,15 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 
+import numpy as np
 import pytest
+import xxhash
 
+from brokerfl.codec import decode, encode_parts
 from brokerfl.message import Envelope
 from brokerfl.topology import RunTopology
-from brokerfl.transport import REASON_HEADER, Delivery, Transport, TransportError, UnroutableError
+from brokerfl.transport import REASON_HEADER, Delivery, Transport, TransportError, UnroutableError, body_size
+from brokerfl.transports import chunks
 
 KiB, MiB = 1024, 1024**2
 SMALL_CHUNKS = {"chunk_size": 64 * KiB}  # AMQP option; the local transport ignores it
@@ -268,6 +272,44 @@ def test_chunked_body_is_one_delivery_settled_whole(transport_factory, run_name)
     assert {d.body for d in got[1:]} == {body, b"small"}
     consumer.cancel(tag)  # would requeue any chunk left unacked
     assert producer.queue_info(queue).messages_ready == 0
+
+
+def test_a_body_given_as_its_buffers_arrives_as_the_joined_bytes(transport_factory, run_name):
+    # what a worker publishes: the encoded body's buffers (the tensors' own memory), which the
+    # AMQP transport copies once, straight into its chunks
+    producer, consumer = transport_factory(**SMALL_CHUNKS), transport_factory()
+    queue = queue_names(run_name, "server")[0]
+    producer.declare_queue(queue, kind="quorum")
+    rng = np.random.default_rng(1)
+    weights = rng.standard_normal(400_000).astype(np.float32)
+    big = encode_parts({"w": weights, "b": rng.integers(0, 9, 1001), "note": "x"})
+    small = encode_parts({"w": np.arange(10, dtype=np.float32)})
+    assert body_size(big) > 64 * KiB > body_size(small)  # chunked, and not
+    producer.publish("", queue, envelope(1), big)
+    producer.publish("", queue, envelope(2), small)
+    got, tag = collect(consumer, queue, prefetch=2)
+    wait_for(consumer, lambda: len(got) == 2)
+    assert [d.body for d in got] == [b"".join(big), b"".join(small)] and all(isinstance(d.body, bytes) for d in got)
+    assert np.array_equal(decode(got[0].body)["w"], weights)
+    for d in got:
+        consumer.ack(d)
+    consumer.cancel(tag)
+    with pytest.raises(TypeError):
+        producer.publish("", queue, envelope(3), memoryview(b"x"))
+
+
+def test_split_of_a_body_s_buffers_is_the_split_of_its_bytes():
+    rng = np.random.default_rng(2)
+    for n in (0, 1, 1000, 50_000):
+        parts = encode_parts({"a": rng.standard_normal(n).astype(np.float32), "b": rng.integers(0, 9, n // 3), "s": "x"})
+        body = b"".join(parts)
+        for chunk_size in (1, 7, 64, 4096, 10**6):
+            if len(body) // chunk_size > 20_000:
+                continue
+            from_parts, from_bytes = list(chunks.split(parts, chunk_size, "m")), list(chunks.split(body, chunk_size, "m"))
+            assert from_parts == from_bytes  # the same bytes and headers, checksum included
+            assert all(type(part) is bytes for part, _ in from_parts)
+            assert from_parts[-1][1][chunks.XXH3_HEADER] == xxhash.xxh3_128_hexdigest(body)
 
 
 def test_chunked_messages_from_two_publishers_interleave(transport_factory, run_name):

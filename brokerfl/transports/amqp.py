@@ -56,7 +56,7 @@ import pika.exceptions as px
 import structlog
 
 from brokerfl.message import Envelope
-from brokerfl.transport import REPLY_TO, Delivery, QueueInfo, QueueKind, Transport, TransportError, UnroutableError
+from brokerfl.transport import REPLY_TO, Body, Delivery, QueueInfo, QueueKind, Transport, TransportError, UnroutableError, body_size, joined
 from brokerfl.transports import chunks
 from brokerfl.transports.amqp_connection import MAX_BACKOFF_S, RECV_BYTES, ChannelLimitError, ConnectionMixin, _channel_error, _quietly, _tune_reads, mask_url
 from brokerfl.transports.amqp_consuming import STREAM_CREDIT, ConsumingMixin, _Consumer, _Handle, _Tag
@@ -210,12 +210,13 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
 
     # ------------------------------------------------------------ publishing
 
-    def publish(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes) -> None:
+    def publish(self, exchange: str, routing_key: str, envelope: Envelope, body: Body) -> None:
+        """``body``: bytes, or the buffers that make it up (a large one is then copied once,
+        chunk by chunk, straight from them: see :func:`chunks.split`)."""
         self._check_open()
-        if not isinstance(body, bytes):  # pika takes only bytes; say so before it does
-            raise TypeError(f"body must be bytes, got {type(body).__name__}")
-        if len(body) <= self.chunk_size:
-            self._publish_raw(exchange, routing_key, to_properties(envelope, user=self.user), body)
+        size = body_size(body)  # a TypeError for anything else: pika takes only bytes; say so before it does
+        if size <= self.chunk_size:
+            self._publish_raw(exchange, routing_key, to_properties(envelope, user=self.user), joined(body))
             return
         for part, headers in chunks.split(body, self.chunk_size, envelope.message_id):
             self._publish_raw(exchange, routing_key, to_properties(envelope, headers, user=self.user), part)

@@ -54,18 +54,37 @@ MAX_PARTIALS = 32  # incomplete messages held at once; the least recently fed on
 MAX_PARTIAL_BYTES = 512 * 1024**2  # bytes of incomplete messages held at once
 MAX_PARTIAL_BYTES_PER_SENDER = 256 * 1024**2  # of those, by one sender (app_id)
 
-def split(body: bytes, chunk_size: int, message_id: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
-    """Yield ``(part, headers)`` for each chunk of ``body`` (bytes, as pika wants)."""
+def split(body: bytes | list[Any], chunk_size: int, message_id: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """Yield ``(part, headers)`` for each chunk of ``body`` (bytes, as pika wants).
+
+    ``body``: bytes, or a list of the buffers that make it up, in order
+    (:func:`brokerfl.codec.encode_parts`): each chunk is then copied straight from them (one
+    copy of the body in all, not a join and then a copy of each chunk). The checksum is
+    computed chunk by chunk as they are made (the same digest as over the whole body)."""
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
-    count = max(1, -(-len(body) // chunk_size))
-    view = memoryview(body)
+    views = [memoryview(body)] if isinstance(body, bytes) else [memoryview(p).cast("B") for p in body]
+    pieces = [v for v in views if v.nbytes]
+    length = sum(v.nbytes for v in pieces)
+    count = max(1, -(-length // chunk_size))
+    checksum = xxhash.xxh3_128()
+    at, offset = 0, 0  # where the next chunk starts: pieces[at][offset:]
     for index in range(count):
-        piece = view[index * chunk_size : (index + 1) * chunk_size]
-        headers: dict[str, Any] = {CHUNK_HEADER: f"{index}/{count}", CHUNK_OF_HEADER: message_id, LENGTH_HEADER: len(body)}
+        want = min(chunk_size, length - index * chunk_size)
+        taken: list[memoryview] = []
+        while want > 0:
+            piece = pieces[at][offset : offset + want]
+            taken.append(piece)
+            want -= piece.nbytes
+            offset += piece.nbytes
+            if offset == pieces[at].nbytes:
+                at, offset = at + 1, 0
+        part = bytes(taken[0]) if len(taken) == 1 else b"".join(taken)  # b"" for an empty body
+        checksum.update(part)
+        headers: dict[str, Any] = {CHUNK_HEADER: f"{index}/{count}", CHUNK_OF_HEADER: message_id, LENGTH_HEADER: length}
         if index == count - 1:
-            headers[XXH3_HEADER] = xxhash.xxh3_128_hexdigest(view)
-        yield bytes(piece), headers
+            headers[XXH3_HEADER] = checksum.hexdigest()
+        yield part, headers
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from brokerfl.message import Envelope
 from brokerfl.transport import (
     REPLY_TO,
+    Body,
     Delivery,
     OnDelivery,
     QueueInfo,
@@ -29,6 +30,7 @@ from brokerfl.transport import (
     UnroutableError,
     envelope_problem,
     hand_out,
+    joined,
 )
 
 
@@ -337,8 +339,8 @@ class LocalTransport(Transport):
 
     # ------------------------------------------------------------ messages
 
-    def publish(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes) -> None:
-        self._publish(exchange, routing_key, envelope, body)
+    def publish(self, exchange: str, routing_key: str, envelope: Envelope, body: Body) -> None:
+        self._publish(exchange, routing_key, envelope, body if isinstance(body, bytes) else joined(body))
 
     def _publish(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, reply_to: str | None = None, expires: float | None = None) -> None:
         self._check_open()
