@@ -146,11 +146,20 @@ def train_classifier(model: nn.Module, data: Any, settings: TrainConfig, seed: i
 
 def sgd(
     model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-    proximal_mu: float = 0.0, max_batches: int | None = None, seed: int = 0,
+    proximal_mu: float = 0.0, max_batches: int | None = None, seed: int = 0, borrowed: bool = False,
 ) -> float:
     """Train ``model`` in place with a fresh SGD optimizer; shuffles with a private
     generator seeded with ``seed``. Returns the sample-weighted mean cross-entropy of the
-    batches trained on (without the proximal term, so it compares with evaluation)."""
+    batches trained on (without the proximal term, so it compares with evaluation).
+
+    ``borrowed``: the model's weights are views of arrays that must not be written (a
+    model shared by a process's logical clients) and the step is plain SGD (no momentum,
+    weight decay or proximal term): the first step writes each weight's new value into
+    its gradient's memory, which the weight then keeps. So no copy of the model is made
+    before training, and the first step's gradients are the only model-sized buffer next
+    to the shared one. Bitwise the optimizer's own step (``p + (-lr) * grad``)."""
+    if borrowed and (momentum or weight_decay or proximal_mu):
+        raise ValueError("a borrowed model is trained with plain SGD only (no momentum, weight_decay or proximal_mu)")
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
@@ -165,13 +174,32 @@ def sgd(
                 objective = loss + 0.5 * proximal_mu * drift
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
-            optimizer.step()
+            if borrowed:
+                _step_into_gradients(model, lr)
+                borrowed = False
+            else:
+                optimizer.step()
             total += loss.item() * len(y)
             seen += len(y)
             steps += 1
             if max_batches is not None and steps >= max_batches:
                 return total / seen
     return total / max(seen, 1)
+
+
+@torch.no_grad()
+def _step_into_gradients(model: nn.Module, lr: float) -> None:
+    """SGD's step for weights that must not be written: ``p + (-lr) * grad`` (the very
+    kernel of ``p.add_(grad, alpha=-lr)``) into the gradient's memory, which becomes the
+    weight's. A weight without a gradient gets a copy of its own (later steps write it)."""
+    for parameter in model.parameters():
+        grad = parameter.grad
+        if grad is None:
+            parameter.data = parameter.data.clone()
+            continue
+        parameter.grad = None
+        torch.add(parameter, grad, alpha=-lr, out=grad)
+        parameter.data = grad
 
 
 @torch.no_grad()

@@ -65,8 +65,9 @@ def _load_model(
     parameters: Mapping[str, np.ndarray], num_features: int, hidden: Sequence[int], num_classes: int, *, copy: bool = True
 ) -> nn.Sequential:
     """Build the MLP and fill it with copies of `parameters`, validating keys and shapes.
-    ``copy=False`` (evaluation, which only reads the weights): float32 arrays are used in
-    place, so evaluating a model costs no second copy of it."""
+    ``copy=False``: float32 arrays are used in place, so evaluating a model costs no second
+    copy of it; only for what never writes the weights (evaluation, or plain SGD, whose
+    first step writes elsewhere: torch_app.sgd's ``borrowed``)."""
     model = _skeleton(num_features, hidden, num_classes)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     got = {name: tuple(np.shape(arr)) for name, arr in parameters.items()}
@@ -134,10 +135,15 @@ def train_local(
     if proximal_mu < 0:
         raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
     xt, yt = _as_inputs(x, y, num_classes)
-    model = _load_model(parameters, xt.shape[1], hidden, num_classes)
+    # Plain SGD needs no copy of the model to start from: the first step writes the new
+    # weights into the gradients' memory (torch_app.sgd's `borrowed`). A process hosting
+    # many logical clients then holds the shared model and one step's gradients, not a
+    # copy of the model as well, while the first batch trains.
+    plain = momentum == 0 and weight_decay == 0 and proximal_mu == 0
+    model = _load_model(parameters, xt.shape[1], hidden, num_classes, copy=not plain)
     loss = sgd(
         model, (xt, yt), epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, proximal_mu=proximal_mu, max_batches=max_batches, seed=seed,
+        weight_decay=weight_decay, proximal_mu=proximal_mu, max_batches=max_batches, seed=seed, borrowed=plain,
     )
     n = len(xt)
 

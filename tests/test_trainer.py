@@ -183,3 +183,26 @@ def test_train_local_rejects_wrong_architecture_and_inputs(digits, params) -> No
         train_local(params, x, y[:5], epochs=1, batch_size=4, lr=0.1, **ARCH)
     with pytest.raises(ValueError, match="max_batches"):
         train_local(params, x, y, epochs=1, batch_size=4, lr=0.1, max_batches=0, **ARCH)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_plain_sgd_on_the_shared_model_is_bitwise_the_optimizers_step(digits, params, steps) -> None:
+    """Plain SGD trains without copying the model first (the first step writes into the
+    gradients' memory, torch_app.sgd's `borrowed`): bitwise what SGD on a copy gives, and
+    the read-only inputs are neither written nor returned."""
+    from brokerfl.torch_app import sgd
+    from handlers.trainer import _load_model
+
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    shared = read_only(params)
+    before = digest(shared)
+    got, _ = train_local(shared, x, y, epochs=2, batch_size=16, lr=0.05, max_batches=steps, seed=4, **ARCH)
+    model = _load_model(params, 64, HIDDEN, 10)  # a copy, stepped by torch.optim.SGD itself
+    sgd(model, (torch.tensor(x, dtype=torch.float32), torch.tensor(y)), epochs=2, batch_size=16, lr=0.05, max_batches=steps, seed=4)
+    expected = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    assert digest(got) == digest(expected)
+    assert digest(shared) == before
+    for name, array in got.items():
+        assert array.flags.writeable and not np.shares_memory(array, params[name])
+    with pytest.raises(ValueError, match="plain SGD"):
+        sgd(model, (torch.tensor(x, dtype=torch.float32), torch.tensor(y)), epochs=1, batch_size=16, lr=0.05, momentum=0.9, borrowed=True)
