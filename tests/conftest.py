@@ -7,6 +7,7 @@ Tests that use a broker carry the ``broker`` marker: ``pytest -m broker`` / ``-m
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -34,6 +35,12 @@ class _Broker:
         self.url = url
         self.container = container
 
+    def _ctl_prefix(self) -> list[str]:
+        # BROKERFL_RABBITMQ_NODE names a node other than the machine's default (e.g. a private
+        # node started for one developer's test runs, so restarts do not disturb others).
+        node = os.environ.get("BROKERFL_RABBITMQ_NODE")
+        return ["rabbitmqctl", "-n", node] if node else ["rabbitmqctl"]
+
     def rabbitmqctl(self, *args: str) -> None:
         """Run rabbitmqctl against this broker (in its container, or locally)."""
         if self.container is not None:
@@ -41,11 +48,22 @@ class _Broker:
             if code != 0:
                 raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {output!r}")
             return
-        # BROKERFL_RABBITMQ_NODE names a node other than the machine's default (e.g. a private
-        # node started for one developer's test runs, so restarts do not disturb others).
-        node = os.environ.get("BROKERFL_RABBITMQ_NODE")
-        prefix = ["rabbitmqctl", "-n", node] if node else ["rabbitmqctl"]
-        subprocess.run([*prefix, *args], check=True, capture_output=True, timeout=120)
+        subprocess.run([*self._ctl_prefix(), *args], check=True, capture_output=True, timeout=120)
+
+    def _node_listens_on_url_port(self) -> str | None:
+        """None if the node rabbitmqctl talks to serves AMQP on the URL's port, else why not:
+        a test that restarts "the broker" must not restart another one (the machine's
+        default node while BROKERFL_AMQP_URL names a private node on another port)."""
+        port = urlsplit(self.url).port or 5672
+        done = subprocess.run([*self._ctl_prefix(), "status", "--formatter", "json"], capture_output=True, text=True, timeout=120)
+        try:
+            listeners = json.loads(done.stdout)["listeners"]
+        except (ValueError, KeyError, TypeError):
+            return f"{' '.join(self._ctl_prefix())} status did not answer ({done.stderr.strip()[:200]})"
+        ports = sorted({int(item["port"]) for item in listeners if item.get("protocol") in ("amqp", "amqp/ssl")})
+        if port not in ports:
+            return f"the node {' '.join(self._ctl_prefix()[1:]) or '(default)'} serves AMQP on {ports}, not on the URL's port {port}: set BROKERFL_RABBITMQ_NODE"
+        return None
 
     def can_restart(self) -> str | None:
         """None if tests may restart this broker, else why not."""
@@ -55,7 +73,7 @@ class _Broker:
             return "rabbitmqctl is not installed"
         if urlsplit(self.url).hostname not in ("127.0.0.1", "localhost", "::1"):
             return f"the broker at {urlsplit(self.url).hostname} is not local"
-        return None
+        return self._node_listens_on_url_port()
 
 
 @pytest.fixture(scope="session")
