@@ -438,13 +438,15 @@ def test_redeclare_with_other_arguments_is_a_clear_error(amqp_factory, amqp_url,
 
 
 @pytest.mark.broker
-def test_interleaved_and_corrupt_chunks(amqp_factory, amqp_url, run_name):
+@pytest.mark.parametrize("spill_min_bytes", [None, 0], ids=["in-ram", "spilled"])
+def test_interleaved_and_corrupt_chunks(amqp_factory, amqp_url, run_name, spill_min_bytes):
     """Chunks of two messages interleaved chunk by chunk in one queue are reassembled by
-    message id; a message whose checksum fails is dead-lettered, every chunk, with the reason."""
+    message id; a message whose checksum fails is dead-lettered, every chunk, with the reason
+    and its bytes as received (whether reassembly held them in RAM or in a file)."""
     from brokerfl.transports import chunks
     from brokerfl.transports.envelope import DEAD_CHUNK_HEADER
 
-    t = amqp_factory()
+    t = amqp_factory(spill_min_bytes=spill_min_bytes)
     queue, dead = queue_names(run_name, "server", "dead")
     t.declare_queue(dead)
     t.declare_queue(queue, dead_letter_queue=dead)
@@ -461,8 +463,9 @@ def test_interleaved_and_corrupt_chunks(amqp_factory, amqp_url, run_name):
     t.ack(got[1])
     assert {d.envelope.message_id: d.body for d in got} == {ea.message_id: a, eb.message_id: b}
     # the dead-letter queue holds the corrupt message's chunks, each with the reason
-    dead_letters = read_raw(amqp_url, dead, 3, poll=t)
-    assert len(dead_letters) == 3
+    dead_letters = read_raw(amqp_url, dead, 3, poll=t, bodies=True)
+    assert sorted(body for _, body in dead_letters) == sorted(part for _, part in lists[2])
+    dead_letters = [headers for headers, _ in dead_letters]
     # each says which chunk it was, in one string (not chunk headers: nothing reassembles a dead letter)
     assert all("checksum mismatch" in h[REASON_HEADER] and h[DEAD_CHUNK_HEADER].endswith(f" of {ebad.message_id}") and chunks.CHUNK_OF_HEADER not in h for h in dead_letters)
     settle_quietly(t, 0.2)
@@ -528,9 +531,9 @@ def test_incomplete_chunked_message_is_dead_lettered_after_chunk_timeout(amqp_fa
     assert all("only 2 of 3 chunks" in h[REASON_HEADER] and h[DEAD_CHUNK_HEADER].endswith(f" of {orphan.message_id}") for h in dead_letters)
 
 
-def read_raw(url: str, queue: str, n: int, poll: Transport, timeout: float = 10.0) -> list[dict]:
-    """The headers of the next ``n`` messages of ``queue``, taken with plain pika (acked),
-    polling ``poll`` meanwhile."""
+def read_raw(url: str, queue: str, n: int, poll: Transport, timeout: float = 10.0, bodies: bool = False) -> list:
+    """The headers (with ``bodies``: ``(headers, body)``) of the next ``n`` messages of
+    ``queue``, taken with plain pika (acked), polling ``poll`` meanwhile."""
     import pika
 
     connection = pika.BlockingConnection(pika.URLParameters(url))
@@ -539,9 +542,9 @@ def read_raw(url: str, queue: str, n: int, poll: Transport, timeout: float = 10.
     deadline = time.monotonic() + timeout
     while len(found) < n and time.monotonic() < deadline:
         poll.poll(0.02)
-        method, properties, _ = channel.basic_get(queue, auto_ack=True)
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
         if method is not None:
-            found.append(properties.headers)
+            found.append((properties.headers, body) if bodies else properties.headers)
     connection.close()
     return found
 

@@ -90,6 +90,8 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         max_partial_messages: int = chunks.MAX_PARTIALS,
         max_partial_bytes: int = chunks.MAX_PARTIAL_BYTES,
         max_partial_bytes_per_sender: int = chunks.MAX_PARTIAL_BYTES_PER_SENDER,
+        spill_min_bytes: int | None = chunks.SPILL_MIN_BYTES,
+        spill_dir: str | None = None,
         tls: TlsOptions | None = None,
     ) -> None:
         """``confirm_timeout``: a publish whose confirm does not come within this long is
@@ -100,7 +102,12 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         of the queue: one consumer per queue that carries chunked messages).
         ``max_partial_*``: per consumer, how many incomplete chunked messages and how many
         of their bytes (in all, and from one sender) are held; past them the least recently
-        fed incomplete message is dead-lettered (see :class:`chunks.Assembler`). ``tls``: CA,
+        fed incomplete message is dead-lettered (see :class:`chunks.Assembler`).
+        ``spill_min_bytes``: chunked messages at least this long that arrive interleaved
+        with one already being reassembled are reassembled in an anonymous temporary file in
+        ``spill_dir`` (default: the system's temporary directory), not in RAM, so a consumer
+        receiving several large bodies at once holds one of them in RAM, not all (see
+        :mod:`brokerfl.transports.chunks`); None: all in RAM. ``tls``: CA,
         certificate and key for ``amqps://`` URLs (default: ``BROKERFL_TLS_*``; see
         :mod:`brokerfl.transports.connect`)."""
         super().__init__()
@@ -113,7 +120,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         self.max_reconnect_s = max_reconnect_s
         self.confirm_timeout = confirm_timeout
         self.chunk_timeout = chunk_timeout
-        self._assembler_bounds = {"max_partials": max_partial_messages, "max_bytes": max_partial_bytes, "max_bytes_per_sender": max_partial_bytes_per_sender}
+        self._assembler_bounds = {"max_partials": max_partial_messages, "max_bytes": max_partial_bytes, "max_bytes_per_sender": max_partial_bytes_per_sender, "spill_min_bytes": spill_min_bytes, "spill_dir": spill_dir}
         try:
             self._nodes, self.user = cluster_parameters(url, tls)
         except Exception as exc:
@@ -183,7 +190,9 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
             self.cancel(consumer.tag)
         self._admin_op(f"delete queue {name!r}", lambda ch: ch.queue_delete(name))
         self._queues.pop(name, None)
-        self._get_assemblers.pop(name, None)
+        dropped = self._get_assemblers.pop(name, None)
+        if dropped is not None:
+            dropped.close()
         self._bindings = {b: None for b in self._bindings if b[0] != name}
 
     def delete_exchange(self, name: str) -> None:
@@ -315,7 +324,9 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         self._closed = True
         for c in list(self._consumers.values()):
             c.cancelled = True
+            c.assembler.close()
         self._consumers.clear()
+        self._drop_assemblers()
         self._inbox.clear()
         self._drop_connection()
 

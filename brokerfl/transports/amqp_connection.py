@@ -203,7 +203,7 @@ class ConnectionMixin:
                 if _recovering(exc.reply_text):  # a restarted broker still loading its queues
                     raise TransportError(f"redeclare {what}: {exc.reply_text}") from None
                 log.error("amqp.redeclare_failed", what=what, error=exc.reply_text)  # redeclared otherwise meanwhile
-        self._get_assemblers.clear()
+        self._drop_assemblers()
         self._received.clear()
         # Unrun deliveries of queues come back from the broker; a stream's do not, keep them.
         self._inbox = deque(e for e in self._inbox if e[0].stream)

@@ -124,6 +124,7 @@ class ConsumingMixin:
         c.generation = self._generation
         c.epoch += 1
         c.held = c.logical = 0
+        c.assembler.close()  # its partial messages come again from the broker
         c.assembler = self._new_assembler()
         self._in_hand = {k: t for k, t in self._in_hand.items() if k[0] != c.tag}
         c.amqp_prefetch = c.prefetch if (c.prefetch or not c.stream) else STREAM_CREDIT
@@ -166,6 +167,7 @@ class ConsumingMixin:
 
     def _forget_consumer(self, c: _Consumer) -> None:
         c.cancelled = True
+        c.assembler.close()
         self._consumers.pop(c.tag, None)
         self._inbox = deque(e for e in self._inbox if e[0] is not c)
         self._in_hand = {k: t for k, t in self._in_hand.items() if k[0] != c.tag}
@@ -242,9 +244,15 @@ class ConsumingMixin:
     def _new_assembler(self) -> chunks.Assembler:
         return chunks.Assembler(**self._assembler_bounds)
 
+    def _drop_assemblers(self) -> None:
+        """Close the spill files of ``get``'s assemblers and forget them."""
+        for assembler in self._get_assemblers.values():
+            assembler.close()
+        self._get_assemblers.clear()
+
     def _dead_letter_evicted(self, queue: str, assembler: chunks.Assembler, c: _Consumer | None) -> None:
         for partial, reason in assembler.take_evicted():
-            self._dead_letter_raw(queue, [(p.handle, p.body) for p in partial.ordered()], reason, c)
+            self._dead_letter_raw(queue, partial.take(), reason, c)
 
     def _hand_out(self, c: _Consumer, handles: list[_Handle], body: bytes, message_id: str | None, *, problem: str = "") -> None:
         last = handles[-1] if message_id is None else max(handles, key=lambda h: h.delivery_tag)
@@ -292,7 +300,7 @@ class ConsumingMixin:
             if c.assembler.partials and self.chunk_timeout > 0:
                 for partial in c.assembler.expire(now - self.chunk_timeout):
                     reason = f"chunked message {partial.message_id}: only {len(partial.pieces)} of {partial.count} chunks arrived within {self.chunk_timeout:g} s"
-                    self._dead_letter_raw(c.queue, [(p.handle, p.body) for p in partial.ordered()], reason, c)
+                    self._dead_letter_raw(c.queue, partial.take(), reason, c)
             self._maybe_resubscribe(c)
 
     def _maybe_resubscribe(self, c: _Consumer | None) -> None:
