@@ -64,6 +64,16 @@ class RoundDeadline(Message):
 
 
 @dataclass(kw_only=True)
+class RoundComplete(Message):
+    """Local timer message: every participant of round ``round`` answered; close it now.
+    The round is closed from here rather than from the handler of its last update: the
+    worker keeps that update's body (a model's worth) until its handler returns, and
+    computing, encoding and storing the new version is the server's peak of memory."""
+
+    LOCAL = True
+
+
+@dataclass(kw_only=True)
 class JoinDeadline(Message):
     """Local timer message: stop waiting for every client to join."""
 
@@ -445,8 +455,16 @@ def fold_update(update: ParameterUpdate, ctx: Context):
     ctx.hold()
     ctx.log.debug("update folded", client=update.client_id, folded=len(state.folded), of=len(state.participants))
     if state.answered >= set(state.participants):
-        return close_round(ctx)
+        ctx.set_timer("round", 0.0, RoundComplete(round=state.round))  # replaces the round's deadline
     return None
+
+
+@table.on(RoundComplete)
+def round_complete(message: RoundComplete, ctx: Context):
+    state: ServerState = ctx.state
+    if not state.round_open or message.round != state.round:
+        return None
+    return close_round(ctx)
 
 
 def decompressed(update: ParameterUpdate, model: dict[str, np.ndarray], config: RunConfig) -> dict[str, np.ndarray]:
