@@ -60,10 +60,7 @@ def read_version(transport: Transport, stream: str, version: int, start: int | s
     """The delivery of ``version`` from ``stream``, reading from offset ``start`` on
     (acked; the consumer is cancelled). TransportError after ``timeout_s`` without a message."""
     with StreamReader(transport, stream, offset=start, silence_s=timeout_s, what=lambda silence: f"{what}: model version {version} not found in {stream} from offset {start} ({silence:.0f} s without a message)") as reader:
-        for delivery in reader:
-            if version_of(delivery) == version:
-                return delivery
-    raise AssertionError("a StreamReader ends only by raising")  # pragma: no cover
+        return next(delivery for delivery in reader if version_of(delivery) == version)
 
 
 class BrokerModelStore(ModelStore):
@@ -185,11 +182,9 @@ class BrokerModelStore(ModelStore):
         mark = Envelope(MARK_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run})
         with StreamReader(self.transport, self.stream, offset="next", prefetch=1, silence_s=self.timeout_s, what=lambda silence: f"the models stream of run {self.topology.run!r} did not return its mark within {silence:.0f} s") as reader:
             self.transport.publish("", self.stream, mark, b"")
-            for delivery in reader:
-                if delivery.envelope.message_id == mark.message_id:
-                    offset = stream_offset(delivery)
-                    return offset + 1 if offset is not None else "first"
-        raise AssertionError("a StreamReader ends only by raising")  # pragma: no cover
+            returned = next(delivery for delivery in reader if delivery.envelope.message_id == mark.message_id)
+        offset = stream_offset(returned)
+        return offset + 1 if offset is not None else "first"
 
     def refresh(self) -> BrokerModelStore:
         """Read every version the stream holds now (those another process stored too):
@@ -203,7 +198,7 @@ class BrokerModelStore(ModelStore):
         with StreamReader(self.transport, self.stream, offset="first", silence_s=self.timeout_s, what=lambda silence: f"the models stream of run {self.topology.run!r} did not reach its end mark ({silence:.0f} s without a message)") as reader:
             for delivery in reader:
                 if delivery.envelope.message_id == mark.message_id:
-                    return self
+                    break
                 version = version_of(delivery)
                 floor = previous
                 offset = stream_offset(delivery)
@@ -215,7 +210,7 @@ class BrokerModelStore(ModelStore):
                 self._remember(model, floor)
                 if self.export is not None and model.version not in exported:
                     self.export.put(model)
-        raise AssertionError("a StreamReader ends only by raising")  # pragma: no cover
+        return self
 
 
 def _model_from(payload: dict[str, Any]) -> ModelVersion:

@@ -37,22 +37,23 @@ Body = bytes | list[Any]
 payload's arrays are). A list is joined only where bytes are needed."""
 
 
-def body_size(body: Body) -> int:
-    """Bytes in a body (bytes, or a list of buffers)."""
+def _parts(body: Body) -> list[Any]:
+    """The buffers of a body; a TypeError for anything but bytes or a list of buffers."""
     if isinstance(body, bytes):
-        return len(body)
+        return [body]
     if not isinstance(body, list):
         raise TypeError(f"body must be bytes or a list of buffers, got {type(body).__name__}")
-    return sum(memoryview(part).nbytes for part in body)
+    return body
+
+
+def body_size(body: Body) -> int:
+    """Bytes in a body (bytes, or a list of buffers)."""
+    return sum(memoryview(part).nbytes for part in _parts(body))
 
 
 def joined(body: Body) -> bytes:
     """A body as one bytes object (a list of buffers costs one copy)."""
-    if isinstance(body, bytes):
-        return body
-    if not isinstance(body, list):
-        raise TypeError(f"body must be bytes or a list of buffers, got {type(body).__name__}")
-    return b"".join(body)
+    return body if isinstance(body, bytes) else b"".join(_parts(body))
 
 QueueKind = Literal["classic", "quorum", "stream"]
 StreamOffset = Literal["first", "last", "next"] | int

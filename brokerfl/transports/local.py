@@ -340,7 +340,7 @@ class LocalTransport(Transport):
     # ------------------------------------------------------------ messages
 
     def publish(self, exchange: str, routing_key: str, envelope: Envelope, body: Body) -> None:
-        self._publish(exchange, routing_key, envelope, body if isinstance(body, bytes) else joined(body))
+        self._publish(exchange, routing_key, envelope, joined(body))
 
     def _publish(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, reply_to: str | None = None, expires: float | None = None) -> None:
         self._check_open()
