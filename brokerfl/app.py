@@ -11,7 +11,8 @@ mapping):
 
 ``model(options)`` (required)
     The model: a ``torch.nn.Module``, or for an app without torch a ``dict`` of named numpy
-    arrays (the initial parameters). The server calls it with torch's RNG seeded from the
+    arrays (the initial parameters: fresh arrays each call, which the runtime takes over
+    without copying them, except read-only ones). The server calls it with torch's RNG seeded from the
     run's ``seed``, so the initial model is reproducible; clients call it for the skeleton
     they load received parameters into. The parameters on the wire are the module's whole
     ``state_dict``: weights and buffers (BatchNorm running statistics and
@@ -192,7 +193,7 @@ class App:
         if isinstance(self.adapter, NumpyModel):
             if not (isinstance(parameters, Mapping) and parameters):
                 raise AppError(f"app {self.name!r}: model() returned no parameters")
-            parameters = {name: np.array(value) for name, value in parameters.items()}  # own, writable copies
+            parameters = {name: _taken_over(value) for name, value in parameters.items()}
         return parameters
 
     # ------------------------------------------------------------ data
@@ -290,6 +291,15 @@ def _parameter_names(function: Callable[..., Any]) -> frozenset[str]:
             names = frozenset()
         _signatures[function] = names
     return names
+
+
+def _taken_over(value: Any) -> np.ndarray:
+    """A writable array of ``value``: a writable ndarray as it is (model() made it for this
+    call: copying it would hold the initial model twice at the server's start-up, one more
+    model of peak memory), anything else copied."""
+    if isinstance(value, np.ndarray) and value.flags.writeable:
+        return value
+    return np.array(value)
 
 
 def _is_array(value: Any) -> bool:

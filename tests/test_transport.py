@@ -512,6 +512,31 @@ def test_duplicate_chunks_of_a_publisher_retry_are_settled_with_their_message(am
 
 
 @pytest.mark.broker
+def test_held_chunked_messages_are_handed_out_one_per_poll(amqp_factory, run_name):
+    """Chunked messages that complete together (their last chunks arrived in one read) are
+    handed out one per poll, so each can be handled (and its body freed) before the next
+    is reassembled; none is lost, and the consumer may hold them all (logical prefetch)."""
+    producer, consumer = amqp_factory(**SMALL_CHUNKS), amqp_factory()
+    (queue,) = queue_names(run_name, "q")
+    producer.declare_queue(queue, kind="quorum")
+    bodies = [os.urandom(3 * 64 * KiB - 100 - i) for i in range(6)]  # 3 chunks each
+    for i, body in enumerate(bodies):
+        producer.publish("", queue, envelope(i), body)
+    got: list[Delivery] = []
+    tag = consumer.consume(queue, got.append, prefetch=16)
+    handed = []
+    deadline = time.monotonic() + 15
+    while len(got) < len(bodies) and time.monotonic() < deadline:
+        handed.append(consumer.poll(0.05))
+    assert [d.body for d in got] == bodies  # none acked: all six held at once
+    assert max(handed) == 1
+    for d in got:
+        consumer.ack(d)
+    consumer.cancel(tag)
+    assert producer.queue_info(queue).messages_ready == 0
+
+
+@pytest.mark.broker
 def test_incomplete_chunked_message_is_dead_lettered_after_chunk_timeout(amqp_factory, amqp_url, run_name):
     from brokerfl.transports.envelope import DEAD_CHUNK_HEADER, to_properties
 

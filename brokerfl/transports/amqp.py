@@ -21,8 +21,10 @@ is assembled from parts, one concept each: :mod:`~brokerfl.transports.amqp_conne
   when a queue consumer's AMQP prefetch is used up by chunks while it holds fewer than
   ``prefetch`` whole messages, it re-subscribes (cancel, qos, consume on the same channel;
   its unacked deliveries stay valid) with room for exactly the logical messages it may still
-  take. A stream consumer instead acks chunks as they arrive (an ack only returns credit on
-  a stream) and holds only a message's last chunk until the message is settled.
+  take. Reassembly hands out one completed message per poll, so several completing at once
+  are not all in memory before the consumer has handled the first. A stream consumer instead acks chunks as they arrive
+  (an ack only returns credit on a stream) and holds only a message's last chunk until the
+  message is settled.
 - **Reconnect.** A lost connection is noticed by whatever call hits it; that call reconnects
   with exponential backoff (up to ``max_reconnect_s``), redeclares everything declared on
   this transport, re-creates the consumers, and carries on (a publish is retried from the

@@ -196,7 +196,8 @@ class ConsumingMixin:
         deliveries."""
 
         def run() -> None:
-            self._conn.process_data_events(time_limit=time_limit)
+            # chunks left waiting by the last _assemble: see to them without waiting for more
+            self._conn.process_data_events(time_limit=0 if self._received else time_limit)
             self._assemble()
             self._housekeeping()
 
@@ -229,6 +230,10 @@ class ConsumingMixin:
                     self._settle_handles([handle], "ack", c)  # returns credit; a stream keeps it
             elif isinstance(outcome, chunks.Complete):
                 self._hand_out(c, outcome.handles, outcome.body, outcome.message_id)
+                # One reassembled message per poll: the chunks still waiting may complete
+                # others (the last chunks of several spilled updates, each read back whole),
+                # which would then all be in memory before the consumer had handled one.
+                break
             elif isinstance(outcome, chunks.Extra):  # a publisher's retry, message not yet settled
                 tag = self._in_hand.get((c.tag, outcome.message_id))
                 if tag is None or tag.settled or c.stream:

@@ -28,35 +28,22 @@ here, on both the publisher and the consumer, on 2 shared cores); XXH3-128 runs 
 so it is computed inline: the publisher once over the whole body, the receiver chunk by
 chunk as they arrive in order.
 
-Spilling. Several publishers sending large bodies at once (every client's update to the
-server) interleave their chunks in the queue, so reassembly holds several incomplete
-messages at a time: with 4 clients, ~3.3x a 38 MiB model in the server's RAM on top of the
-model and the fold, and the chunks of a completed message plus their joined copy (2x) at
-once. An :class:`Assembler` given ``spill_min_bytes`` therefore keeps only one chunked
-message at least that long in RAM at a time (``ram_partials``): the chunks of any other one
-begun meanwhile go to an anonymous temporary file (one per incomplete message, in
-``spill_dir``) as they arrive, and on completion the whole body is read back with one read
-into a fresh ``bytes`` of exactly its length (which replaces the in-memory join: a spilled
-message costs one more kernel copy, the write; ~30 ms for 40 MB here). RAM then holds one
-message's chunks plus one chunk, whatever the interleaving; the page cache holds the rest
-(it is not the process's memory, and the kernel writes it out or drops it under
-pressure). Messages that do not overlap are never spilled. The bounds still count
-spilled bytes, so a hostile publisher cannot fill the disk either. A chunk that cannot be
-written (disk full) stays in RAM instead.
+Where the chunks of an incomplete message wait (placed in its body as they come, or spilled
+to a temporary file when several large messages interleave): :mod:`brokerfl.transports.partial`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import xxhash
+
+from brokerfl.transports.partial import Partial, Piece
 
 CHUNK_HEADER = "x-brokerfl-chunk"
 CHUNK_OF_HEADER = "x-brokerfl-chunk-of"
@@ -71,8 +58,8 @@ MAX_ID_CHARS = 128
 MAX_PARTIALS = 32  # incomplete messages held at once; the least recently fed one goes first
 MAX_PARTIAL_BYTES = 512 * 1024**2  # bytes of incomplete messages held at once
 MAX_PARTIAL_BYTES_PER_SENDER = 256 * 1024**2  # of those, by one sender (app_id)
-# Chunked messages at least this long are reassembled in a temporary file (see above);
-# below it a file costs more than the RAM it saves.
+# Chunked messages at least this long may be reassembled in a temporary file (see
+# brokerfl.transports.partial); below it a file costs more than the RAM it saves.
 SPILL_MIN_BYTES = 1024**2
 
 def split(body: bytes | list[Any], chunk_size: int, message_id: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
@@ -157,98 +144,6 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else f"{text[:80]}...({len(text)} chars)"
 
 
-@dataclass
-class _Piece:
-    info: ChunkInfo
-    body: bytes | None  # None: spilled, at ``offset`` in its partial's file
-    handle: Any
-    size: int = 0
-    offset: int = -1
-
-
-@dataclass
-class Partial:
-    """Chunks of one message received so far."""
-
-    message_id: str
-    count: int
-    sender: str = ""
-    bytes: int = 0  # of the bodies held (in RAM or spilled)
-    pieces: dict[int, _Piece] = field(default_factory=dict)
-    extras: list[_Piece] = field(default_factory=list)  # duplicate copies (a publisher's retry)
-    first_seen: float = 0.0
-    last_seen: float = 0.0
-    digest: Any = field(default_factory=xxhash.xxh3_128)  # XXH3-128 of pieces[0 .. hashed-1]
-    hashed: int = 0
-    spill: Any = None  # the temporary file its chunks are written to (None: all in RAM)
-    spilled: int = 0  # bytes written to it (where the next chunk goes)
-    large: bool = False  # at least the assembler's spill_min_bytes
-    spilling: bool = False  # its chunks go to the file (decided when its first chunk came)
-
-    @property
-    def handles(self) -> list[Any]:
-        return [p.handle for p in self.ordered()]
-
-    def ordered(self) -> list[_Piece]:
-        return [self.pieces[i] for i in sorted(self.pieces)] + self.extras
-
-    def body_of(self, piece: _Piece) -> bytes:
-        """A chunk's bytes, read back from the file if it was spilled."""
-        return piece.body if piece.body is not None else _read(self.spill.fileno(), piece.size, piece.offset)
-
-    def take(self) -> list[tuple[Any, bytes]]:
-        """``(handle, body)`` of every chunk, in order (for dead-lettering); closes the file."""
-        try:
-            return [(p.handle, self.body_of(p)) for p in self.ordered()]
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.spill is not None:
-            self.spill.close()
-            self.spill = None
-
-    def _store(self, piece: _Piece, spill_dir: str | None) -> None:
-        """Write the chunk to the file (created at the first one) and drop it from RAM;
-        if that fails (disk full), keep it in RAM."""
-        try:
-            if self.spill is None:
-                self.spill = tempfile.TemporaryFile(dir=spill_dir, buffering=0)
-            _write(self.spill.fileno(), piece.body, self.spilled)
-        except OSError:
-            return
-        piece.offset, self.spilled, piece.body = self.spilled, self.spilled + piece.size, None
-
-    def _joined(self, pieces: list[_Piece], length: int) -> bytes:
-        """The whole body: one read when the chunks lie in order in the file (the usual
-        case), else a join."""
-        if all(p.body is None for p in pieces) and all(a.offset + a.size == b.offset for a, b in zip(pieces, pieces[1:])):
-            return _read(self.spill.fileno(), length, pieces[0].offset)
-        return b"".join(self.body_of(p) for p in pieces)
-
-
-def _write(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        done = os.pwrite(fd, view, offset)
-        view, offset = view[done:], offset + done
-
-
-def _read(fd: int, size: int, offset: int) -> bytes:
-    data = os.pread(fd, size, offset)  # one read into a fresh bytes of ``size``
-    if len(data) < size:  # a short read (bodies over ~2 GiB): the rest, joined
-        parts = [data]
-        got = len(data)
-        while got < size:
-            more = os.pread(fd, size - got, offset + got)
-            if not more:
-                raise OSError(f"spill file ended {size - got} bytes early")
-            parts.append(more)
-            got += len(more)
-        data = b"".join(parts)
-    return data
-
-
 # What Assembler.add returns ------------------------------------------------------------
 
 
@@ -304,8 +199,8 @@ class Assembler:
 
     ``spill_min_bytes``: of the chunked messages at least this long, those begun while
     ``ram_partials`` of them are already being reassembled in RAM are reassembled in a
-    temporary file in ``spill_dir`` (default: the system's) instead (see the module
-    docstring); None: never. Partials handed out (:attr:`evicted`, :meth:`expire`) hold
+    temporary file in ``spill_dir`` (default: the system's) instead (see
+    :mod:`brokerfl.transports.partial`); None: never. Partials handed out (:attr:`evicted`, :meth:`expire`) hold
     their file until :meth:`Partial.take`; :meth:`release` and :meth:`close` close them."""
 
     def __init__(
@@ -381,14 +276,14 @@ class Assembler:
         if info.index in partial.pieces:
             if len(partial.extras) >= partial.count:  # more copies than a retry makes
                 return self._corrupt(partial, f"chunk {info.index} arrived again, after {len(partial.extras)} duplicates")
-            extra = _Piece(info, body, handle, len(body))  # a publisher's retry: same bytes again
+            extra = Piece(info, body, handle, len(body))  # a publisher's retry: same bytes again
             partial.extras.append(extra)
             self._grow(partial, len(body))
             given_up = self._bounded(partial)
             if given_up is None:
-                self._maybe_spill(partial, extra)
+                self._park(partial, extra, place=False)
             return given_up or Held()
-        piece = partial.pieces[info.index] = _Piece(info, body, handle, len(body))
+        piece = partial.pieces[info.index] = Piece(info, body, handle, len(body))
         if info.count != partial.count:
             return self._corrupt(partial, f"chunk {info.index} says {info.count} chunks, an earlier one said {partial.count}")
         self._grow(partial, len(body))
@@ -398,14 +293,18 @@ class Assembler:
         if given_up is not None:
             return given_up
         self._hash(partial)  # before spilling: the chunk in hand is hashed without a read back
-        self._maybe_spill(partial, piece)
+        self._park(partial, piece)
         if len(partial.pieces) < partial.count:
             return Held()
         return self._finish(partial)
 
-    def _maybe_spill(self, partial: Partial, piece: _Piece) -> None:
+    def _park(self, partial: Partial, piece: Piece, *, place: bool = True) -> None:
+        """Where the chunk waits: spilled to the file, or copied into its place in the body
+        (a duplicate copy is not placed: the body has the original)."""
         if partial.spilling:
-            partial._store(piece, self.spill_dir)
+            partial.store(piece, self.spill_dir)
+        elif place:
+            partial.place(piece)
 
     def _grow(self, partial: Partial, size: int) -> None:
         partial.bytes += size
@@ -445,7 +344,7 @@ class Assembler:
         if last.xxh3 is None and last.sha256 is None:
             return self._corrupt(partial, f"last chunk carries no {XXH3_HEADER}")
         try:
-            body = partial._joined(pieces, length)  # the one copy
+            body = partial.joined(pieces, length)  # the one copy
         except OSError as exc:
             return self._corrupt(partial, f"its spill file could not be read: {exc}")
         if last.xxh3 is not None:

@@ -86,8 +86,15 @@ def check_update(parameters: Tensors, reference: Tensors) -> None:
             raise BadUpdate(f"{name}: shape {value.shape}, the global model has {ref.shape}")
         if value.dtype != ref.dtype:
             raise BadUpdate(f"{name}: dtype {value.dtype}, the global model has {ref.dtype}")
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+        if np.issubdtype(value.dtype, np.floating) and not all_finite(value):
             raise BadUpdate(f"{name}: holds NaN or infinite values")
+
+
+def all_finite(value: np.ndarray) -> bool:
+    """No NaN or infinity in ``value``, checked block by block: ``np.isfinite(value)`` of a
+    whole tensor would be a temporary of one byte per element (10 MB for a 10M tensor)."""
+    flat = np.ravel(value)  # a view of a decoded (contiguous) array
+    return all(np.isfinite(flat[start : start + SCRATCH_ELEMENTS]).all() for start in range(0, flat.size, SCRATCH_ELEMENTS))
 
 
 def fold_update(acc: RunningSum, parameters: Tensors, weight: float, base: Tensors | None = None) -> None:
