@@ -12,8 +12,9 @@ mapping):
 ``model(options)`` (required)
     The model: a ``torch.nn.Module``, or for an app without torch a ``dict`` of named numpy
     arrays (the initial parameters: fresh arrays each call, which the runtime takes over
-    without copying them, except read-only ones). The server calls it with torch's RNG seeded from the
-    run's ``seed``, so the initial model is reproducible; clients call it for the skeleton
+    without copying them, except read-only ones). The server calls it with torch's RNG
+    seeded from the run's ``seed``, so the initial model is reproducible; clients call it
+    for the skeleton
     they load received parameters into. The parameters on the wire are the module's whole
     ``state_dict``: weights and buffers (BatchNorm running statistics and
     ``num_batches_tracked`` too).

@@ -72,6 +72,18 @@ def test_an_evicted_message_gives_back_its_placed_chunks():
     assert evicted.message_id == "first" and evicted.take() == [("f0", first[0][1])]
 
 
+def test_a_last_chunk_claiming_a_longer_body_is_not_placed_and_the_message_is_corrupt():
+    body = os.urandom(40 * KiB)
+    parts = parts_of(body, 16 * KiB, "m")
+    a = chunks.Assembler()
+    assert isinstance(a.add(*parts[0], handle=0), chunks.Held)
+    assert isinstance(a.add(*parts[1], handle=1), chunks.Held)
+    longer = os.urandom(8 * KiB + 1000)  # its place, after the two 16 KiB chunks, would end past the body
+    outcome = a.add(chunks.ChunkInfo("m", 2, 3, 32 * KiB + len(longer), None, "0" * 32), longer, handle=2)
+    assert isinstance(outcome, chunks.Corrupt) and "length" in outcome.reason  # not an exception
+    assert outcome.bodies == [parts[0][1], parts[1][1], longer]
+
+
 def test_copy_into_refuses_what_does_not_fit():
     target = _uninitialised_bytes(8)
     _copy_into(target, 4, b"abcd")

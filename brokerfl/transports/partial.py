@@ -106,6 +106,8 @@ class Partial:
         size = _chunk_size(info, piece.size)
         if size is None or (self.chunk_size and size != self.chunk_size):
             return
+        if self.buffer is not None and len(self.buffer) != info.length:
+            return  # it disagrees with the first chunk on the length: Corrupt when complete
         self.chunk_size = size
         if self.buffer is None:
             self.buffer = _uninitialised_bytes(info.length)
