@@ -14,9 +14,8 @@ mapping):
     arrays (the initial parameters: fresh arrays each call, which the runtime takes over
     without copying them, except read-only ones). The server calls it with torch's RNG
     seeded from the run's ``seed``, so the initial model is reproducible; clients call it
-    for the skeleton
-    they load received parameters into. The parameters on the wire are the module's whole
-    ``state_dict``: weights and buffers (BatchNorm running statistics and
+    for the skeleton they load received parameters into. The parameters on the wire are the
+    module's whole ``state_dict``: weights and buffers (BatchNorm running statistics and
     ``num_batches_tracked`` too).
 
 ``load_partition(index, num_partitions, options, seed)`` (required)

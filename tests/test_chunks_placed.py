@@ -47,12 +47,18 @@ def test_a_publisher_with_uneven_chunks_is_joined_as_before():
     assert outcomes[-1].body == body
 
 
-def test_a_corrupt_message_gives_back_its_placed_chunks_as_received():
-    body = os.urandom(40 * KiB)
-    parts = parts_of(body, 16 * KiB, "m")
+def all_but_the_last_chunk() -> tuple[chunks.Assembler, list[tuple[chunks.ChunkInfo, bytes]]]:
+    """An assembler holding (placed) the first two of a 40 KiB message's three chunks."""
+    parts = parts_of(os.urandom(40 * KiB), 16 * KiB, "m")
     a = chunks.Assembler()
     assert isinstance(a.add(*parts[0], handle=0), chunks.Held)
     assert isinstance(a.add(*parts[1], handle=1), chunks.Held)
+    assert all(p.placed for p in a.partials["m"].pieces.values())
+    return a, parts
+
+
+def test_a_corrupt_message_gives_back_its_placed_chunks_as_received():
+    a, parts = all_but_the_last_chunk()
     last_info, last = parts[2]
     wrong = chunks.ChunkInfo("m", 2, 3, last_info.length, None, "0" * 32)
     outcome = a.add(wrong, last, handle=2)
@@ -73,11 +79,7 @@ def test_an_evicted_message_gives_back_its_placed_chunks():
 
 
 def test_a_last_chunk_claiming_a_longer_body_is_not_placed_and_the_message_is_corrupt():
-    body = os.urandom(40 * KiB)
-    parts = parts_of(body, 16 * KiB, "m")
-    a = chunks.Assembler()
-    assert isinstance(a.add(*parts[0], handle=0), chunks.Held)
-    assert isinstance(a.add(*parts[1], handle=1), chunks.Held)
+    a, parts = all_but_the_last_chunk()
     longer = os.urandom(8 * KiB + 1000)  # its place, after the two 16 KiB chunks, would end past the body
     outcome = a.add(chunks.ChunkInfo("m", 2, 3, 32 * KiB + len(longer), None, "0" * 32), longer, handle=2)
     assert isinstance(outcome, chunks.Corrupt) and "length" in outcome.reason  # not an exception

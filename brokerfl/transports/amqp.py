@@ -22,9 +22,9 @@ is assembled from parts, one concept each: :mod:`~brokerfl.transports.amqp_conne
   ``prefetch`` whole messages, it re-subscribes (cancel, qos, consume on the same channel;
   its unacked deliveries stay valid) with room for exactly the logical messages it may still
   take. Reassembly hands out one completed message per poll, so several completing at once
-  are not all in memory before the consumer has handled the first. A stream consumer instead acks chunks as they arrive
-  (an ack only returns credit on a stream) and holds only a message's last chunk until the
-  message is settled.
+  are not all in memory before the consumer has handled the first. A stream consumer
+  instead acks chunks as they arrive (an ack only returns credit on a stream) and holds
+  only a message's last chunk until the message is settled.
 - **Reconnect.** A lost connection is noticed by whatever call hits it; that call reconnects
   with exponential backoff (up to ``max_reconnect_s``), redeclares everything declared on
   this transport, re-creates the consumers, and carries on (a publish is retried from the

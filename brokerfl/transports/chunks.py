@@ -200,8 +200,9 @@ class Assembler:
     ``spill_min_bytes``: of the chunked messages at least this long, those begun while
     ``ram_partials`` of them are already being reassembled in RAM are reassembled in a
     temporary file in ``spill_dir`` (default: the system's) instead (see
-    :mod:`brokerfl.transports.partial`); None: never. Partials handed out (:attr:`evicted`, :meth:`expire`) hold
-    their file until :meth:`Partial.take`; :meth:`release` and :meth:`close` close them."""
+    :mod:`brokerfl.transports.partial`); None: never. Partials handed out (:attr:`evicted`,
+    :meth:`expire`) hold their file until :meth:`Partial.take`; :meth:`release` and
+    :meth:`close` close them."""
 
     def __init__(
         self,
