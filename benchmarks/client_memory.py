@@ -121,7 +121,8 @@ def main() -> None:
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     args = parser.parse_args()
     model_mib = parameter_count(HIDDEN[args.size]) * 4 / 2**20
-    print(f"load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    allocator = os.environ.get("BROKERFL_MALLOC") or "the CLI's choice (client tuned)"
+    print(f"allocator: {allocator}; load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         for logical in args.logical:
             base = run("tiny", logical=logical, rounds=args.rounds, url=args.broker, workdir=Path(tmp))

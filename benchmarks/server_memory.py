@@ -155,7 +155,8 @@ def main() -> None:
         plot_logs(args.plot_logs, args.png or Path("server_memory.png"), model_mib)
         return
     label = f"[{args.label}] " if args.label else ""
-    print(f"{label}code: {args.root}; load before: {uptime()}", flush=True)
+    allocator = os.environ.get("BROKERFL_MALLOC") or "the CLI's choice (server lean, clients tuned)"
+    print(f"{label}code: {args.root}; allocator: {allocator}; load before: {uptime()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         base = run(args.root, args.broker, HIDDEN_NONE, 4, args.processes, args.rounds, Path(tmp))
         print(f"{label}baseline (server without a model, {parameter_count(HIDDEN_NONE):,} parameters, N=4): peak RSS {base['server_mib']:.0f} MiB", flush=True)

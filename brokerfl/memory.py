@@ -1,16 +1,28 @@
-"""Allocator settings that keep large bodies from page-faulting every round.
+"""Allocator settings: large bodies that do not page-fault every round, or a peak RSS that
+is what the process holds.
 
 glibc's malloc serves a request above ``M_MMAP_THRESHOLD`` (128 KiB, growing up to 32 MiB
 as big blocks are freed) with a fresh ``mmap`` and gives it back with ``munmap`` when freed.
 A federation allocates the same large buffers every round (an encoded body, a reassembled
 message, a fold): each one then costs a page fault per 4 KiB page, and copying into fresh
 memory runs at a quarter of the speed of copying into memory already mapped (see
-``benchmarks/codec.py``). :func:`tune_allocator` tells malloc to serve large blocks from
-its heap and to keep freed memory mapped, so a round reuses the pages of the round before.
+``benchmarks/codec.py``). Three settings (``BROKERFL_MALLOC``):
 
-The cost: the process keeps its peak heap mapped (it does not hand freed memory back to
-the system). For a worker that allocates the same sizes every round that is the point; set
-``BROKERFL_MALLOC=default`` to keep glibc's defaults. Not glibc (musl, macOS): nothing to do.
+- ``tuned``: large blocks come from the heap and freed memory stays mapped, so a round
+  reuses the pages of the round before. The process keeps its peak heap, and freed blocks
+  of mixed sizes leave holes, so its peak RSS is the heap's high-water mark rather than
+  what is live. The CLI's choice for clients (and ``simulate``), which train on the
+  critical path of every round: without it a 10M round is ~15% slower.
+- ``lean``: every block of 1 MiB or more is mmap'd and unmapped when freed (a fixed
+  threshold: glibc's sliding one keeps blocks up to 32 MiB, and 64 MiB of free heap top,
+  mapped after a large free). Peak RSS is what is live; each large buffer faults. The CLI's
+  choice for the ``server``, whose memory is what grows with a federation: 4.2-4.5x the
+  model above baseline at 4 to 48 clients where ``tuned`` held 5.5-6.4x, for ~10% of a
+  10M round (README, "Scale").
+- ``default``: glibc's own settings.
+
+``BROKERFL_MALLOC`` overrides the CLI's choice for every command. Not glibc (musl, macOS):
+nothing to do.
 """
 
 from __future__ import annotations
@@ -27,19 +39,25 @@ M_MMAP_MAX = -4
 
 TRIM_THRESHOLD = 2**31 - 1  # never give the top of the heap back (mallopt takes an int)
 TOP_PAD = 64 * 1024**2  # grow the heap 64 MiB at a time: fewer brk calls for large bodies
+LEAN_MMAP_THRESHOLD = 1024**2  # lean: a block of 1 MiB or more is its own mapping
 
-_applied: bool | None = None
+SETTINGS = ("tuned", "lean", "default")
+
+_mode: str | None = None  # the setting in force once chosen: one of SETTINGS
 
 
-def tune_allocator() -> bool:
-    """Serve large blocks from the heap and keep freed memory mapped. Call it once, early
-    (the CLI does); later calls return the first call's answer. True when the settings
-    were applied; False on a libc without ``mallopt``, or with ``BROKERFL_MALLOC=default``."""
-    global _applied
-    if _applied is not None:
-        return _applied
-    _applied = False
-    if os.environ.get("BROKERFL_MALLOC", "").strip().lower() == "default":
+def tune_allocator(default: str = "tuned") -> bool:
+    """Apply ``BROKERFL_MALLOC`` or, where it is unset, ``default`` (one of
+    :data:`SETTINGS`). Call it once, early, before any large buffer (the CLI does); later
+    calls change nothing and return the first call's answer. True when brokerfl's settings
+    (``tuned`` or ``lean``) were applied; False for ``default``, or on a libc without
+    ``mallopt``. A bad value raises ValueError."""
+    global _mode
+    if _mode is not None:
+        return _mode != "default"
+    setting = allocator_setting(default)  # a bad value raises before anything is decided
+    _mode = "default"
+    if setting == "default":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -48,10 +66,32 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    # M_MMAP_MAX 0: no block is ever mmap'd, so none is munmap'd when freed. Setting any of
-    # these also turns off glibc's sliding mmap threshold.
-    ok = mallopt(M_MMAP_MAX, 0) == 1
-    ok &= mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    ok &= mallopt(M_TOP_PAD, TOP_PAD) == 1
-    _applied = bool(ok)
-    return _applied
+    if setting == "tuned":
+        # M_MMAP_MAX 0: no block is ever mmap'd, so none is munmap'd when freed. Setting any
+        # of these also turns off glibc's sliding mmap threshold.
+        ok = mallopt(M_MMAP_MAX, 0) == 1
+        ok &= mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        ok &= mallopt(M_TOP_PAD, TOP_PAD) == 1
+    else:  # lean: a fixed threshold (setting it turns the sliding one off)
+        ok = mallopt(M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD) == 1
+    if ok:
+        _mode = setting
+    return bool(ok)
+
+
+def allocator_mode() -> str | None:
+    """The setting in force (one of :data:`SETTINGS`), None before :func:`tune_allocator`."""
+    return _mode
+
+
+def allocator_setting(default: str = "tuned") -> str:
+    """``BROKERFL_MALLOC`` if set, else ``default``; a value not in :data:`SETTINGS` is an
+    error, not a silent guess."""
+    if default not in SETTINGS:
+        raise ValueError(f"allocator setting {default!r}: expected one of {', '.join(SETTINGS)}")
+    value = os.environ.get("BROKERFL_MALLOC", "").strip().lower()
+    if not value:
+        return default
+    if value not in SETTINGS:
+        raise ValueError(f"BROKERFL_MALLOC={value!r}: expected one of {', '.join(SETTINGS)} (or unset)")
+    return value

@@ -159,3 +159,25 @@ def test_by_default_one_message_at_a_time_stays_in_ram_and_the_overlapping_ones_
             assert a.partials["c"].spill is None
     done["c"] = outcome.body
     assert done == bodies
+
+
+def test_a_message_begun_while_a_spilled_one_is_still_coming_spills_too(fds):
+    """The RAM slot frees only when nothing large is incomplete: otherwise the body placed
+    in RAM would be held while the spilled one is read back whole (2 bodies at once)."""
+    bodies = {mid: os.urandom(40 * KiB) for mid in ("a", "b", "c")}
+    parts = {mid: parts_of(body, 16 * KiB, mid) for mid, body in bodies.items()}
+    a = chunks.Assembler(spill_min_bytes=0)
+    a.add(*parts["a"][0], handle="a")  # in RAM
+    a.add(*parts["b"][0], handle="b")  # overlaps a: spilled
+    done = {}
+    for info, part in parts["a"][1:]:
+        outcome = a.add(info, part, handle="a")
+    done["a"] = outcome.body
+    a.add(*parts["c"][0], handle="c")  # a is done, but b is still coming
+    assert a.partials["c"].spill is not None and a.partials["c"].pieces[0].body is None
+    for mid in ("b", "c"):
+        for info, part in parts[mid][1:]:
+            outcome = a.add(info, part, handle=mid)
+        done[mid] = outcome.body
+    assert done == bodies
+    assert not a.partials

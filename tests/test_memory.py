@@ -9,11 +9,18 @@ import sys
 
 import pytest
 
-PROBE = "from brokerfl.memory import tune_allocator as t; print(t(), t())"
+PROBE = "from brokerfl.memory import tune_allocator as t; print(t({default}), t())"
+CLI_PROBE = """
+import sys, brokerfl.cli as c, brokerfl.memory as m
+setattr(c, "cmd_" + sys.argv[1], lambda args: 0)
+assert c.main(sys.argv[1:]) == 0
+print(m.allocator_mode())
+"""
 
 
-def _probe(**env: str) -> str:
-    result = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True, text=True, timeout=60, check=True)
+def _probe(default: str = "", **env: str) -> str:
+    code = PROBE.format(default=repr(default) if default else "")
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "BROKERFL_MALLOC": "", **env}, capture_output=True, text=True, timeout=60, check=True)
     return result.stdout.strip()
 
 
@@ -24,3 +31,28 @@ def test_tune_allocator_applies_once_on_glibc():
 
 def test_tune_allocator_can_be_turned_off():
     assert _probe(BROKERFL_MALLOC="default") == "False False"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_the_caller_chooses_unless_brokerfl_malloc_says():
+    assert _probe("default") == "False False"
+    assert _probe("default", BROKERFL_MALLOC="tuned") == "True True"
+    assert _probe("tuned", BROKERFL_MALLOC="default") == "False False"
+    assert _probe("tuned", BROKERFL_MALLOC="lean") == "True True"
+
+
+def test_a_bad_brokerfl_malloc_is_an_error_not_a_guess():
+    result = subprocess.run([sys.executable, "-m", "brokerfl.cli", "ping", "--broker", "amqp://127.0.0.1:1/"], check=False, env={**os.environ, "BROKERFL_MALLOC": "fast"}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "BROKERFL_MALLOC='fast': expected one of tuned, lean, default" in result.stderr
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+@pytest.mark.parametrize(
+    ("argv", "mode"),
+    [(["server", "--broker", "amqp://127.0.0.1:1/"], "lean"), (["client", "--broker", "amqp://127.0.0.1:1/", "--client-id", "0"], "tuned"), (["simulate"], "tuned")],
+)
+def test_the_server_runs_lean_and_the_other_commands_tuned(argv, mode):
+    """Decided from the command line before the command runs (here a stand-in that returns)."""
+    result = subprocess.run([sys.executable, "-c", CLI_PROBE, *argv], env={**os.environ, "BROKERFL_MALLOC": ""}, capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == mode

@@ -198,7 +198,7 @@ class Assembler:
     dead-letter. A chunk whose message could never fit is refused at once (Corrupt).
 
     ``spill_min_bytes``: of the chunked messages at least this long, those begun while
-    ``ram_partials`` of them are already being reassembled in RAM are reassembled in a
+    ``ram_partials`` of them are already incomplete (in RAM or spilled) are reassembled in a
     temporary file in ``spill_dir`` (default: the system's) instead (see
     :mod:`brokerfl.transports.partial`); None: never. Partials handed out (:attr:`evicted`,
     :meth:`expire`) hold their file until :meth:`Partial.take`; :meth:`release` and
@@ -271,8 +271,10 @@ class Assembler:
             while len(self.partials) >= self.max_partials:
                 self._evict(self._oldest(), f"more than {self.max_partials} incomplete chunked messages at once")
             large = self.spill_min_bytes is not None and info.length >= self.spill_min_bytes and info.count > 1
-            in_ram = sum(p.large and not p.spilling for p in self.partials.values())
-            partial = self.partials[mid] = Partial(mid, info.count, sender, first_seen=now, large=large, spilling=large and in_ram >= self.ram_partials)
+            # Spilled ones count too: a message placed in RAM while a spilled one is still
+            # coming would be held (up to 1x) while that one is read back whole (1x).
+            in_progress = sum(p.large for p in self.partials.values())
+            partial = self.partials[mid] = Partial(mid, info.count, sender, first_seen=now, large=large, spilling=large and in_progress >= self.ram_partials)
         partial.last_seen = now
         if info.index in partial.pieces:
             if len(partial.extras) >= partial.count:  # more copies than a retry makes
