@@ -487,8 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The allocator each command runs with (brokerfl.memory; BROKERFL_MALLOC overrides it): the
 # server's memory is what grows with a federation, so its peak RSS should be what it holds
-# (lean: 4.2-4.5x the model above baseline at 4-48 clients, tuned 5.5-6.4x, for ~10% of a
-# 10M round); clients train on every round's critical path (tuned: ~15% faster rounds).
+# (lean: 4.0-4.4x the model above baseline at 4-96 clients, tuned 5.5-6.9x, for ~8% of a
+# 10M round); clients train on every round's critical path (lean clients: ~9% slower rounds).
 ALLOCATOR = {"server": "lean"}
 
 

@@ -12,13 +12,14 @@ memory runs at a quarter of the speed of copying into memory already mapped (see
   reuses the pages of the round before. The process keeps its peak heap, and freed blocks
   of mixed sizes leave holes, so its peak RSS is the heap's high-water mark rather than
   what is live. The CLI's choice for clients (and ``simulate``), which train on the
-  critical path of every round: without it a 10M round is ~15% slower.
+  critical path of every round: a 10M round with lean clients is ~9% slower, with glibc's
+  defaults ~15%.
 - ``lean``: every block of 1 MiB or more is mmap'd and unmapped when freed (a fixed
   threshold: glibc's sliding one keeps blocks up to 32 MiB, and 64 MiB of free heap top,
   mapped after a large free). Peak RSS is what is live; each large buffer faults. The CLI's
-  choice for the ``server``, whose memory is what grows with a federation: 4.2-4.5x the
-  model above baseline at 4 to 48 clients where ``tuned`` held 5.5-6.4x, for ~10% of a
-  10M round (README, "Scale").
+  choice for the ``server``, whose memory is what grows with a federation: 4.0-4.4x the
+  model above its baseline at 4 to 96 clients where ``tuned`` held 5.5-6.9x, for ~8% of a
+  10M round (README, "Strategies", memory).
 - ``default``: glibc's own settings.
 
 ``BROKERFL_MALLOC`` overrides the CLI's choice for every command. Not glibc (musl, macOS):
@@ -46,8 +47,8 @@ SETTINGS = ("tuned", "lean", "default")
 _mode: str | None = None  # the setting in force once chosen: one of SETTINGS
 
 
-def tune_allocator(default: str = "tuned") -> bool:
-    """Apply ``BROKERFL_MALLOC`` or, where it is unset, ``default`` (one of
+def tune_allocator(choice: str = "tuned") -> bool:
+    """Apply ``BROKERFL_MALLOC`` or, where it is unset, ``choice`` (one of
     :data:`SETTINGS`). Call it once, early, before any large buffer (the CLI does); later
     calls change nothing and return the first call's answer. True when brokerfl's settings
     (``tuned`` or ``lean``) were applied; False for ``default``, or on a libc without
@@ -55,7 +56,7 @@ def tune_allocator(default: str = "tuned") -> bool:
     global _mode
     if _mode is not None:
         return _mode != "default"
-    setting = allocator_setting(default)  # a bad value raises before anything is decided
+    setting = allocator_setting(choice)  # a bad value raises before anything is decided
     _mode = "default"
     if setting == "default":
         return False
@@ -84,14 +85,14 @@ def allocator_mode() -> str | None:
     return _mode
 
 
-def allocator_setting(default: str = "tuned") -> str:
-    """``BROKERFL_MALLOC`` if set, else ``default``; a value not in :data:`SETTINGS` is an
+def allocator_setting(choice: str = "tuned") -> str:
+    """``BROKERFL_MALLOC`` if set, else ``choice``; a value not in :data:`SETTINGS` is an
     error, not a silent guess."""
-    if default not in SETTINGS:
-        raise ValueError(f"allocator setting {default!r}: expected one of {', '.join(SETTINGS)}")
+    if choice not in SETTINGS:
+        raise ValueError(f"allocator setting {choice!r}: expected one of {', '.join(SETTINGS)}")
     value = os.environ.get("BROKERFL_MALLOC", "").strip().lower()
     if not value:
-        return default
+        return choice
     if value not in SETTINGS:
         raise ValueError(f"BROKERFL_MALLOC={value!r}: expected one of {', '.join(SETTINGS)} (or unset)")
     return value

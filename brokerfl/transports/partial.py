@@ -15,15 +15,15 @@ model and the fold. An :class:`~brokerfl.transports.chunks.Assembler` given
 ``spill_min_bytes`` therefore reassembles a chunked message at least that long in RAM only
 when no other one is incomplete (``ram_partials``): the chunks of any one begun while
 another is still coming, in RAM or spilled, go to an anonymous temporary file (one per
-incomplete message, in ``spill_dir``) as they arrive, and on
-completion the whole body is read back with one read into a fresh ``bytes`` of exactly its
-length (a spilled message costs one more kernel copy, the write; ~30 ms for 40 MB here).
+incomplete message, in ``spill_dir``) as they arrive, and on completion the whole body is
+read back with one read into a fresh ``bytes`` of exactly its length (a spilled message
+costs one more kernel copy, the write; ~30 ms for 40 MB here).
 RAM then holds one message's body plus one chunk, whatever the interleaving: counting the
 spilled ones keeps a body being placed in RAM from overlapping one being read back. The
 page cache holds the rest (it is not the process's memory, and the kernel writes it out or
-drops it under pressure). Messages that do not overlap are never spilled. The bounds still count
-spilled bytes, so a hostile publisher cannot fill the disk either. A chunk that cannot be
-written (disk full) stays in RAM instead.
+drops it under pressure). Messages that do not overlap are never spilled. The bounds still
+count spilled bytes, so a hostile publisher cannot fill the disk either. A chunk that
+cannot be written (disk full) stays in RAM instead.
 """
 
 from __future__ import annotations
