@@ -155,7 +155,7 @@ def main() -> None:
         plot_logs(args.plot_logs, args.png or Path("server_memory.png"), model_mib)
         return
     label = f"[{args.label}] " if args.label else ""
-    allocator = os.environ.get("BROKERFL_MALLOC") or "the CLI's choice (server lean, clients tuned)"
+    allocator = os.environ.get("BROKERFL_MALLOC") or "BROKERFL_MALLOC unset (the code's CLI chooses; this code's: server lean, clients tuned)"
     print(f"{label}code: {args.root}; allocator: {allocator}; load before: {uptime()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         base = run(args.root, args.broker, HIDDEN_NONE, 4, args.processes, args.rounds, Path(tmp))
@@ -187,7 +187,7 @@ def main() -> None:
         ax.set_xlabel("logical clients N")
         ax.set_ylabel("MiB")
         ax.set_ylim(bottom=0)
-        ax.set_title(f"Server peak RSS, FedAvg, 10M-parameter model ({model_mib:.0f} MiB), journal on")
+        ax.set_title(f"Server peak RSS, FedAvg, 10M-parameter model ({model_mib:.0f} MiB), journal on", fontsize=10)
         ax.legend()
         fig.tight_layout()
         fig.savefig(args.png, dpi=100)
