@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from brokerfl.codec import decode, encode  # noqa: E402
-from brokerfl.memory import tune_allocator  # noqa: E402
+from brokerfl.memory import allocator_mode, tune_allocator  # noqa: E402
 
 GOAL = 0.7
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     tuned = False if args.default_malloc else tune_allocator()
 
     sizes = [(f"{args.mb:g} MB state", int(args.mb * 1e6 / 4)), ("10M-param state", 10_000_000), ("100k-param state", 100_000)]
-    print(f"brokerfl.codec benchmark: {'torch' if args.torch else 'numpy'} float32, best of {args.repeat}, malloc {'tuned' if tuned else 'glibc defaults'}, goal ratio (vs preallocated copy) >= {GOAL}")
+    print(f"brokerfl.codec benchmark: {'torch' if args.torch else 'numpy'} float32, best of {args.repeat}, malloc {allocator_mode() if tuned else 'glibc defaults'}, goal ratio (vs preallocated copy) >= {GOAL}")
     ok = True
     for label, parameters in sizes:
         state = make_state(parameters, args.tensors, as_torch=args.torch)

@@ -59,7 +59,7 @@ import pika
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from brokerfl.memory import tune_allocator  # noqa: E402
+from brokerfl.memory import allocator_mode, tune_allocator  # noqa: E402
 from brokerfl.message import ParameterUpdate, from_wire, to_wire, to_wire_parts  # noqa: E402
 from brokerfl.transport import body_size  # noqa: E402
 from brokerfl.topology import RunTopology, routing_key  # noqa: E402
@@ -315,7 +315,7 @@ def main() -> None:
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"\n{args.clients} updates per round, median (best) of {args.repeat} rounds (30 below 1M params) after a warm-up; MB = 10^6 bytes; "
-          f"malloc {'tuned' if tuned else 'glibc defaults'}; load average now {load}")
+          f"malloc {allocator_mode() if tuned else 'glibc defaults'}; load average now {load}")
     print(f"{'params':>11} {'path':17s} {'MB':>7} {'s':>6} {'(best)':>6} {'MB/s':>5} {'vs raw':>6} {'paired':>6} {'-enc':>5} {'vs 4k':>6}  where the time goes (median s)")
     by = {(p, n): (nb, med, best, ph) for p, n, nb, med, best, ph in rows}
     for params, name, nbytes, median, best, phases in rows:
