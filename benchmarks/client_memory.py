@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     args = parser.parse_args()
     model_mib = parameter_count(HIDDEN[args.size]) * 4 / 2**20
-    allocator = os.environ.get("BROKERFL_MALLOC") or "BROKERFL_MALLOC unset (the CLI chooses: clients tuned)"
+    allocator = os.environ.get("BROKERFL_MALLOC") or "BROKERFL_MALLOC unset (the CLI chooses: tuned for one logical client, lean for several)"
     print(f"allocator: {allocator}; load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         for logical in args.logical:

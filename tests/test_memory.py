@@ -50,9 +50,15 @@ def test_a_bad_brokerfl_malloc_is_an_error_not_a_guess():
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 @pytest.mark.parametrize(
     ("argv", "mode"),
-    [(["server", "--broker", "amqp://127.0.0.1:1/"], "lean"), (["client", "--broker", "amqp://127.0.0.1:1/", "--client-id", "0"], "tuned"), (["simulate"], "tuned")],
+    [
+        (["server", "--broker", "amqp://127.0.0.1:1/"], "lean"),
+        (["client", "--broker", "amqp://127.0.0.1:1/", "--client-id", "0"], "tuned"),
+        (["client", "--broker", "amqp://127.0.0.1:1/", "--client-id", "0-1"], "lean"),
+        (["client", "--broker", "amqp://127.0.0.1:1/", "--client-id", "3,7"], "lean"),
+        (["simulate"], "tuned"),
+    ],
 )
-def test_the_server_runs_lean_and_the_other_commands_tuned(argv, mode):
+def test_the_server_and_many_client_processes_run_lean_the_rest_tuned(argv, mode):
     """Decided from the command line before the command runs (here a stand-in that returns)."""
     result = subprocess.run([sys.executable, "-c", CLI_PROBE, *argv], env={**os.environ, "BROKERFL_MALLOC": ""}, capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == mode

@@ -276,7 +276,7 @@ def test_chunked_body_is_one_delivery_settled_whole(transport_factory, run_name)
 
 def test_a_body_given_as_its_buffers_arrives_as_the_joined_bytes(transport_factory, run_name):
     # what a worker publishes: the encoded body's buffers (the tensors' own memory), which the
-    # AMQP transport copies once, straight into its chunks
+    # AMQP transport hands pika as they are (GatheredBody): pika's frames are the only copy
     producer, consumer = transport_factory(**SMALL_CHUNKS), transport_factory()
     queue = queue_names(run_name, "server")[0]
     producer.declare_queue(queue, kind="quorum")

@@ -58,13 +58,14 @@ import pika.exceptions as px
 import structlog
 
 from brokerfl.message import Envelope
-from brokerfl.transport import REPLY_TO, Body, Delivery, QueueInfo, QueueKind, Transport, TransportError, UnroutableError, body_size, joined
+from brokerfl.transport import REPLY_TO, Body, Delivery, QueueInfo, QueueKind, Transport, TransportError, UnroutableError, body_size
 from brokerfl.transports import chunks
 from brokerfl.transports.amqp_connection import MAX_BACKOFF_S, RECV_BYTES, ChannelLimitError, ConnectionMixin, _channel_error, _quietly, _tune_reads, mask_url
 from brokerfl.transports.amqp_consuming import STREAM_CREDIT, ConsumingMixin, _Consumer, _Handle, _Tag
 from brokerfl.transports.amqp_settling import SettlingMixin
 from brokerfl.transports.connect import TlsOptions, cluster_parameters
 from brokerfl.transports.envelope import to_envelope, to_properties
+from brokerfl.transports.pika_body import GatheredBody
 
 log = structlog.get_logger("brokerfl.amqp")
 
@@ -222,15 +223,18 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
     # ------------------------------------------------------------ publishing
 
     def publish(self, exchange: str, routing_key: str, envelope: Envelope, body: Body) -> None:
-        """``body``: bytes, or the buffers that make it up (a large one is then copied once,
-        chunk by chunk, straight from them: see :func:`chunks.split`)."""
+        """``body``: bytes, or the buffers that make it up: pika then frames it straight from
+        them, chunk by chunk for a large one (:func:`chunks.split_views`,
+        :class:`~brokerfl.transports.pika_body.GatheredBody`), with no joined copy first."""
         self._check_open()
         size = body_size(body)  # a TypeError for anything else: pika takes only bytes; say so before it does
         if size <= self.chunk_size:
-            self._publish_raw(exchange, routing_key, to_properties(envelope, user=self.user), joined(body))
+            whole = body if isinstance(body, bytes) else GatheredBody([memoryview(part).cast("B") for part in body])
+            self._publish_raw(exchange, routing_key, to_properties(envelope, user=self.user), whole)
             return
-        for part, headers in chunks.split(body, self.chunk_size, envelope.message_id):
-            self._publish_raw(exchange, routing_key, to_properties(envelope, headers, user=self.user), part)
+        for views, headers in chunks.split_views(body, self.chunk_size, envelope.message_id):
+            # pika frames the chunk straight from the views (no chunk-sized copy first)
+            self._publish_raw(exchange, routing_key, to_properties(envelope, headers, user=self.user), GatheredBody(views))
 
     def _publish_raw(self, exchange: str, routing_key: str, properties: pika.BasicProperties, body: bytes, *, mandatory: bool = True) -> None:
         """One AMQP message, confirmed; retried on a new connection if the old one died

@@ -26,6 +26,7 @@ from brokerfl.transport import Delivery, OnDelivery, StreamOffset, TransportErro
 from brokerfl.transports import chunks
 from brokerfl.transports.amqp_connection import _LOST, ChannelLimitError, _channel_error, _quietly, _recovering
 from brokerfl.transports.envelope import to_envelope
+from brokerfl.transports.pika_body import Fragments, keep_fragments
 
 log = structlog.get_logger("brokerfl.amqp")
 
@@ -121,6 +122,7 @@ class ConsumingMixin:
         if c.channel is not None and c.channel.is_open:
             _quietly(c.channel.close)
         c.channel = self._conn.channel()
+        keep_fragments(c.channel, chunks.CHUNK_HEADER)  # a large chunk's frames are placed, not joined first
         c.generation = self._generation
         c.epoch += 1
         c.held = c.logical = 0
@@ -143,7 +145,7 @@ class ConsumingMixin:
         c.amqp_tag = c.channel.basic_consume(c.queue, lambda ch, method, props, body, c=c: self._record(c, ch, method, props, body), arguments=arguments)
         c.held = 0
 
-    def _record(self, c: _Consumer, channel: BlockingChannel, method: Any, properties: pika.BasicProperties, body: bytes) -> None:
+    def _record(self, c: _Consumer, channel: BlockingChannel, method: Any, properties: pika.BasicProperties, body: bytes | Fragments) -> None:
         """pika's callback: note the delivery, nothing else (we are inside pika's dispatch)."""
         offset = (properties.headers or {}).get("x-stream-offset") if isinstance(properties.headers, dict) else None
         if not (isinstance(offset, int) and not isinstance(offset, bool) and (c.stream or self._queues.get(c.queue, (None,))[0] is None)):

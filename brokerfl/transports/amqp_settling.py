@@ -85,6 +85,7 @@ class SettlingMixin:
         """Dead-letter AMQP deliveries one by one with ``reason`` (chunks that cannot make
         a message): a copy to the queue's dead-letter queue, confirmed, then the ack. Without
         a known dead-letter queue, reject them (the queue's own dead-lettering, if any)."""
+        pieces = [(handle, bytes(body)) for handle, body in pieces]  # a chunk received as Fragments, joined
         if c is not None and c.stream:
             # A stream keeps everything and nothing can be dead-lettered from it: its reader
             # gets each piece as a delivery with the problem, to skip and count.

@@ -43,7 +43,8 @@ from typing import Any
 
 import xxhash
 
-from brokerfl.transports.partial import Partial, Piece
+from brokerfl.transports.partial import Partial, Piece, buffers
+from brokerfl.transports.pika_body import Fragments
 
 CHUNK_HEADER = "x-brokerfl-chunk"
 CHUNK_OF_HEADER = "x-brokerfl-chunk-of"
@@ -63,12 +64,20 @@ MAX_PARTIAL_BYTES_PER_SENDER = 256 * 1024**2  # of those, by one sender (app_id)
 SPILL_MIN_BYTES = 1024**2
 
 def split(body: bytes | list[Any], chunk_size: int, message_id: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
-    """Yield ``(part, headers)`` for each chunk of ``body`` (bytes, as pika wants).
+    """Yield ``(part, headers)`` for each chunk of ``body``, each part as one bytes object:
+    :func:`split_views` with each chunk's views joined."""
+    for views, headers in split_views(body, chunk_size, message_id):
+        yield (bytes(views[0]) if len(views) == 1 else b"".join(views)), headers  # b"" for an empty body
+
+
+def split_views(body: bytes | list[Any], chunk_size: int, message_id: str) -> Iterator[tuple[list[memoryview], dict[str, Any]]]:
+    """Yield ``(views, headers)`` for each chunk of ``body``: the chunk as views of the
+    caller's buffers (no copy), in order, and its headers.
 
     ``body``: bytes, or a list of the buffers that make it up, in order
-    (:func:`brokerfl.codec.encode_parts`): each chunk is then copied straight from them (one
-    copy of the body in all, not a join and then a copy of each chunk). The checksum is
-    computed chunk by chunk as they are made (the same digest as over the whole body)."""
+    (:func:`brokerfl.codec.encode_parts`). The checksum is computed over each chunk's views
+    as they are yielded (the same digest as over the whole body). The buffers must not
+    change until the last chunk is published."""
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     views = [memoryview(body)] if isinstance(body, bytes) else [memoryview(p).cast("B") for p in body]
@@ -83,16 +92,15 @@ def split(body: bytes | list[Any], chunk_size: int, message_id: str) -> Iterator
         while want > 0:
             piece = pieces[at][offset : offset + want]
             taken.append(piece)
+            checksum.update(piece)
             want -= piece.nbytes
             offset += piece.nbytes
             if offset == pieces[at].nbytes:
                 at, offset = at + 1, 0
-        part = bytes(taken[0]) if len(taken) == 1 else b"".join(taken)  # b"" for an empty body
-        checksum.update(part)
         headers: dict[str, Any] = {CHUNK_HEADER: f"{index}/{count}", CHUNK_OF_HEADER: message_id, LENGTH_HEADER: length}
         if index == count - 1:
             headers[XXH3_HEADER] = checksum.hexdigest()
-        yield part, headers
+        yield taken or [memoryview(b"")], headers
 
 
 @dataclass(frozen=True)
@@ -257,7 +265,7 @@ class Assembler:
     def knows(self, message_id: str) -> bool:
         return message_id in self.partials or message_id in self.in_hand or message_id in self._done
 
-    def add(self, info: ChunkInfo, body: bytes, handle: Any, sender: str = "") -> Outcome:
+    def add(self, info: ChunkInfo, body: bytes | Fragments, handle: Any, sender: str = "") -> Outcome:
         mid = info.message_id
         if mid in self.in_hand:
             return Extra(mid, handle)
@@ -267,7 +275,7 @@ class Assembler:
         partial = self.partials.get(mid)
         if partial is None:
             if info.length > min(self.max_bytes, self.max_bytes_per_sender):
-                return Corrupt(mid, [handle], [body], f"chunked message {mid}: {info.length} bytes is more than reassembly holds (max_partial_bytes {self.max_bytes}, per sender {self.max_bytes_per_sender})")
+                return Corrupt(mid, [handle], [bytes(body)], f"chunked message {mid}: {info.length} bytes is more than reassembly holds (max_partial_bytes {self.max_bytes}, per sender {self.max_bytes_per_sender})")
             while len(self.partials) >= self.max_partials:
                 self._evict(self._oldest(), f"more than {self.max_partials} incomplete chunked messages at once")
             large = self.spill_min_bytes is not None and info.length >= self.spill_min_bytes and info.count > 1
@@ -333,7 +341,8 @@ class Assembler:
     def _hash(partial: Partial) -> None:
         """Feed the digest the chunks that now follow on from those already hashed."""
         while partial.hashed in partial.pieces:
-            partial.digest.update(partial.body_of(partial.pieces[partial.hashed]))
+            for part in buffers(partial.body_of(partial.pieces[partial.hashed])):
+                partial.digest.update(part)
             partial.hashed += 1
 
     def _finish(self, partial: Partial) -> Outcome:
@@ -369,7 +378,7 @@ class Assembler:
         try:
             taken = partial.take()
         except OSError as exc:  # the spill file cannot be read back: dead-letter what is in RAM
-            taken = [(p.handle, p.body if p.body is not None else b"") for p in partial.ordered()]
+            taken = [(p.handle, bytes(p.body) if p.body is not None else b"") for p in partial.ordered()]
             reason = f"{reason} (and its spill file could not be read: {exc})"
             partial.close()
         return Corrupt(partial.message_id, [h for h, _ in taken], [b for _, b in taken], f"chunked message {partial.message_id}: {reason}")

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from brokerfl.transports.pika_body import Fragments
+
 if TYPE_CHECKING:
     from brokerfl.transports.chunks import ChunkInfo
 
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 @dataclass
 class Piece:
     info: ChunkInfo
-    body: bytes | None  # None: placed in its partial's body, or spilled to its file, at ``offset``
+    body: bytes | Fragments | None  # None: placed in its partial's body, or spilled to its file, at ``offset``
     handle: Any
     size: int = 0
     offset: int = -1
@@ -79,9 +81,9 @@ class Partial:
     def ordered(self) -> list[Piece]:
         return [self.pieces[i] for i in sorted(self.pieces)] + self.extras
 
-    def body_of(self, piece: Piece) -> bytes | memoryview:
-        """A chunk's bytes: as received, a view of its place in the body, or read back from
-        the file if it was spilled."""
+    def body_of(self, piece: Piece) -> bytes | memoryview | Fragments:
+        """A chunk's bytes: as received (pika's fragments of it, possibly), a view of its
+        place in the body, or read back from the file if it was spilled."""
         if piece.body is not None:
             return piece.body
         if piece.placed:
@@ -135,7 +137,7 @@ class Partial:
             return self.buffer  # still the partial's until it is closed (a checksum mismatch takes the chunks back from it)
         if all(p.body is None and not p.placed for p in pieces) and all(a.offset + a.size == b.offset for a, b in pairwise(pieces)):
             return _read(self.spill.fileno(), length, pieces[0].offset)
-        return b"".join(self.body_of(p) for p in pieces)
+        return b"".join(part for p in pieces for part in buffers(self.body_of(p)))
 
 
 def _chunk_size(info: ChunkInfo, size: int) -> int | None:
@@ -167,17 +169,26 @@ def _uninitialised_bytes(size: int) -> bytes:
     return _new_bytes(None, size)
 
 
-def _copy_into(target: bytes, offset: int, data: bytes) -> None:
+def buffers(data: bytes | memoryview | Fragments) -> list[bytes | memoryview]:
+    """The buffers a chunk's bytes are in, in order."""
+    return data.parts if isinstance(data, Fragments) else [data]
+
+
+def _copy_into(target: bytes, offset: int, data: bytes | Fragments) -> None:
     if offset < 0 or offset + len(data) > len(target):
         raise ValueError(f"{len(data)} bytes at {offset} do not fit in {len(target)}")
-    ctypes.memmove(id(target) + _BYTES_DATA + offset, data, len(data))
+    address = id(target) + _BYTES_DATA + offset
+    for part in buffers(data):
+        ctypes.memmove(address, part, len(part))
+        address += len(part)
 
 
-def _write(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        done = os.pwrite(fd, view, offset)
-        view, offset = view[done:], offset + done
+def _write(fd: int, data: bytes | Fragments, offset: int) -> None:
+    for part in buffers(data):
+        view = memoryview(part)
+        while view:
+            done = os.pwrite(fd, view, offset)
+            view, offset = view[done:], offset + done
 
 
 def _read(fd: int, size: int, offset: int) -> bytes:
