@@ -3,6 +3,8 @@
 A chunk of a message reassembled in RAM is copied straight to its place in the body as it
 arrives (:meth:`Partial.place`), and pika's copy of it is dropped: the completed body is
 that buffer, so the chunks and their joined copy (2x the message) are never alive at once.
+A large chunk comes as pika's frames (:class:`~brokerfl.transports.pika_body.Fragments`),
+copied part by part: pika never joins it into a chunk-sized ``bytes`` first.
 Chunks are placed by index: every chunk but the last has the same size (what
 :func:`brokerfl.transports.chunks.split` makes), learnt from whichever chunk comes first. A
 chunk that does not fit that pattern (another publisher's chunking) is kept as it came and
