@@ -1,25 +1,22 @@
 """Chunks between pika and brokerfl without a chunk-sized copy either way.
 
-Publishing: :class:`GatheredBody`. Receiving: :class:`Fragments`, made by
-:class:`FragmentKeepingAssembler` (see there).
-
-A chunk is handed to pika straight from the arrays it is made of, without first copying it
-into one ``bytes`` object.
-
-pika's ``basic_publish`` takes ``bytes`` and does three things with a body: asks its
-length (for the content header), tests it for emptiness, and slices it into frames of at
-most ``frame_max`` bytes, each of which it copies again into the frame it writes
-(``pika.connection.Connection._send_message``). :class:`GatheredBody` is a ``bytes`` (so
-pika takes it as it is) that answers those three from a list of views: each slice is
-gathered from the views when pika asks for it. A 16 MiB chunk then costs pika's frames of
-it and no 16 MiB copy made before them (a page-faulting allocation with a lean allocator,
-and a copy of every published body).
+Out: :class:`GatheredBody`. pika's ``basic_publish`` takes ``bytes`` and does three things
+with a body: asks its length (for the content header), tests it for emptiness, and slices
+it into frames of at most ``frame_max`` bytes, each of which it copies again into the frame
+it writes (``pika.connection.Connection._send_message``). A :class:`GatheredBody` is a
+``bytes`` (so pika takes it as it is) that answers those three from a list of views of the
+encoded body's own buffers: each slice is gathered when pika asks for it. A 16 MiB chunk
+then costs pika's frames of it and no 16 MiB copy made before them (a copy of every
+published body, and a page-faulting allocation with a lean allocator).
 
 The ``bytes`` underneath is empty: anything that reads it through the buffer protocol
-(``memoryview``, ``b"".join``) sees no bytes. pika 1.3 does not; if a later pika did, the
-receiver's checksum of the whole body (:mod:`brokerfl.transports.chunks`) would refuse the
-message rather than take it wrong (``tests/test_pika_body.py`` publishes through pika to
-RabbitMQ and compares).
+(``memoryview``, ``b"".join``) sees no bytes. pika 1.3 does not (``tests/test_pika_body.py``
+runs pika's own framing code on a GatheredBody and on the joined bytes and compares the
+frames). If a later pika did, a chunked message would fail its checksum and a whole one
+would fail to decode: refused and dead-lettered, not taken wrong.
+
+In: :class:`Fragments`, made by :class:`FragmentKeepingAssembler` (see there): a large
+received chunk as pika's frames, which reassembly copies part by part to its place.
 """
 
 from __future__ import annotations
