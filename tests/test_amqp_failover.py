@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from brokerfl.transport import Delivery
+from brokerfl.transport import Delivery, TransportError
 from brokerfl.transports.amqp import AmqpTransport
 
 from test_transport import envelope
@@ -25,7 +25,10 @@ pytestmark = pytest.mark.broker
 
 class FreezingProxy:
     """Forwards TCP to the broker; :meth:`freeze` stops passing the broker's bytes to the
-    connections open now (they stay open: nothing tells the client), new ones work."""
+    connections open now (they stay open: nothing tells the client), new ones work.
+    :meth:`sever` closes the connections open now; ``handshake_cuts`` = n closes each of
+    the next n new connections in the middle of its AMQP handshake (as a broker going down
+    again while clients reconnect does)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
@@ -33,6 +36,8 @@ class FreezingProxy:
         self.port = self.listener.getsockname()[1]
         self.frozen: set[int] = set()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.handshake_cuts = 0
+        self.cut = 0  # connections cut in their handshake so far
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -45,14 +50,21 @@ class FreezingProxy:
             broker = socket.create_connection(self.target)
             self.pairs.append((client, broker))
             index = len(self.pairs) - 1
-            threading.Thread(target=self._pump, args=(client, broker, None), daemon=True).start()
+            cut = self.handshake_cuts > 0
+            self.handshake_cuts -= cut
+            threading.Thread(target=self._pump, args=(client, broker, None, cut), daemon=True).start()
             threading.Thread(target=self._pump, args=(broker, client, index), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, index: int | None) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, index: int | None, cut: bool = False) -> None:
+        sent = 0
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
+                    break
+                sent += 1
+                if cut and sent == 2:  # the client's answer to connection.start (its login)
+                    self.cut += 1
                     break
                 while index in self.frozen and not self.closed:
                     time.sleep(0.05)  # a test proxy's idle wait, not synchronisation
@@ -67,6 +79,14 @@ class FreezingProxy:
 
     def freeze(self) -> None:
         self.frozen.update(range(len(self.pairs)))
+
+    def sever(self) -> None:
+        for pair in self.pairs:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         self.closed = True
@@ -135,6 +155,32 @@ def test_a_publish_whose_confirm_never_comes_is_published_again_on_a_new_connect
             take(got.pop(0))
     assert admin.queue_info(queue).messages_ready == 0
     assert copies[second.message_id] in (1, 2)
+
+
+def test_a_connection_cut_in_its_handshake_while_reconnecting_is_retried(amqp_factory, proxied_url, run_name):
+    """Two broker restarts close together: the second one cuts the new connection in its
+    handshake, which pika reports as a "probable authentication error". That is retried
+    (it was taken for bad credentials: a server gave up at once, "could not reconnect
+    within 60 s", 1.5 s after the first loss), while a real refusal still fails at once."""
+    proxy, url = proxied_url
+    admin = amqp_factory()
+    queue = f"brokerfl.{run_name}.q"
+    admin.declare_queue(queue)
+    transport = AmqpTransport(url, max_reconnect_s=30)
+    amqp_factory.made.append(transport)
+    transport.publish("", queue, envelope(1), b"before")
+    proxy.handshake_cuts = 2
+    proxy.sever()
+    transport.publish("", queue, envelope(2), b"after")  # reconnects through two cut handshakes
+    assert proxy.cut == 2
+    assert admin.queue_info(queue).messages_ready == 2
+
+    parts = urlsplit(url)
+    wrong = urlunsplit(parts._replace(netloc=f"guest:wrong@127.0.0.1:{proxy.port}"))
+    started = time.monotonic()
+    with pytest.raises(TransportError, match="ACCESS_REFUSED"):
+        AmqpTransport(wrong, max_reconnect_s=30)
+    assert time.monotonic() - started < 10  # not retried for max_reconnect_s
 
 
 def test_deliveries_in_hand_when_the_broker_closes_the_connection_are_processed(amqp_factory, broker, run_name):

@@ -38,8 +38,18 @@ MAX_BACKOFF_S = 2.0
 
 # What a lost connection looks like, depending on where pika notices it.
 _LOST = (px.AMQPConnectionError, px.ConnectionWrongStateError, px.StreamLostError, ConnectionError)
-# Reconnecting does not help with these.
+# Reconnecting does not help with these, when the broker said so (see _refused).
 _FATAL = (px.ProbableAuthenticationError, px.ProbableAccessDeniedError, px.AuthenticationError)
+
+
+def _refused(exc: BaseException) -> bool:
+    """The broker refused the login or the vhost. pika reports any connection closed during
+    the handshake as a "probable" refusal, a socket reset included: a broker restarting
+    again while we reconnect (two restarts close together) is not bad credentials. Only a
+    close from the broker itself (403 ACCESS_REFUSED, 530 NOT_ALLOWED) is."""
+    if isinstance(exc, (px.ProbableAuthenticationError, px.ProbableAccessDeniedError)):
+        return "ConnectionClosedByBroker" in str(exc)  # pika keeps only the cause's repr
+    return isinstance(exc, _FATAL)
 
 T = TypeVar("T")
 
@@ -113,7 +123,7 @@ class ConnectionMixin:
             with _quiet_pika():
                 conn = pika.BlockingConnection(nodes if len(nodes) > 1 else nodes[0])
         except (px.AMQPError, OSError) as exc:
-            error = _Refused if isinstance(exc, _FATAL) else TransportError
+            error = _Refused if _refused(exc) else TransportError
             raise error(f"cannot connect to RabbitMQ at {self.safe_url}: {_describe(exc)}") from None
         self._node = next((p for p in nodes if (p.host, p.port) == (conn._impl.params.host, conn._impl.params.port)), None)
         _tune_reads(conn)
@@ -145,7 +155,9 @@ class ConnectionMixin:
             except (TransportError, px.ChannelWrongStateError, *_LOST) as exc:
                 self._drop_connection()
                 remaining = deadline - time.monotonic()
-                if isinstance(exc, _Refused) or remaining <= 0:
+                if isinstance(exc, _Refused):
+                    raise TransportError(f"lost the connection to RabbitMQ at {self.safe_url}, and the broker refused the new one: {_describe(exc)}") from None
+                if remaining <= 0:
                     raise TransportError(f"lost the connection to RabbitMQ at {self.safe_url} and could not reconnect within {self.max_reconnect_s:g} s: {_describe(exc)}") from None
                 log.info("amqp.reconnect_failed", error=_describe(exc), retry_in=round(delay, 2))
                 time.sleep(min(remaining, delay * random.uniform(0.8, 1.2)))  # jitter: many clients reconnect at once
