@@ -496,8 +496,8 @@ def allocator_for(args: argparse.Namespace) -> str:
     """The allocator setting a command line asks for (before BROKERFL_MALLOC). A client
     process hosting several logical clients runs lean: it is there to pack clients into a
     machine's memory, and with tuned its heap fragments as each logical client's gradients
-    and update are freed (16 logical clients of a 10M model: 4.0-5.3x the model above
-    baseline tuned, under 3x lean). One logical client per process stays tuned (speed)."""
+    and update are freed (16 logical clients of a 10M model: 4.3-5.3x the model above
+    baseline tuned, 2.5x lean). One logical client per process stays tuned (speed)."""
     if args.command == "client" and len(getattr(args, "client_id", None) or ()) > 1:
         return "lean"
     return ALLOCATOR.get(args.command, "tuned")
