@@ -21,18 +21,29 @@ For each size, alternating (floor, federation, floor):
 It prints both, their ratio (goal: the 10M round <= 1.3x its floor), and the server's
 phases, where ``evaluate`` should no longer show up in the 100k round time (it runs after the
 next task is out: see ``handlers/workflows/server.py``).
+
+And the CPU each spends per round, steady state (from /proc, Linux): the benchmark's
+processes (the floor's pika server and clients; brokerfl's server and clients) and the
+broker's (its OS process, found with ``rabbitmqctl -n NODE status``: ``--node`` must be the
+node behind ``--broker``), and how many of the machine's cores that keeps busy. Where the
+floor already keeps most cores busy, whatever brokerfl computes on top (training,
+evaluation, fold, hashes) lengthens the round by about its CPU over the cores left.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pika
@@ -49,6 +60,87 @@ from brokerfl.transports.amqp import _tune_reads  # noqa: E402
 CHUNK = 16 * 1024**2
 GOAL = 1.3
 OVERHEAD = 4096  # msgpack header and alignment of a TrainTask / ParameterUpdate body, about
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU a live process has used so far (Linux /proc); 0 for none or gone."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def broker_pid(node: str) -> int | None:
+    """The OS process of RabbitMQ node ``node`` on this machine (None: no rabbitmqctl, or
+    the node does not answer)."""
+    try:
+        out = subprocess.run(["rabbitmqctl", "-n", node, "status", "--formatter", "json"], check=False, capture_output=True, text=True, timeout=60)
+        pid = int(json.loads(out.stdout)["pid"])
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+@dataclass
+class CpuPerRound:
+    per_process: list[float]  # the server's, then each client's: s of CPU per round
+    broker: float | None  # the broker's, s of CPU per round (None: its process was not found)
+    wall: float  # s per round over the same span
+
+    def __str__(self) -> str:
+        processes = sum(self.per_process)
+        broker = "n/a (see --node)" if self.broker is None else f"{self.broker:.3f}"
+        total = processes + (self.broker or 0.0)
+        server, *clients = self.per_process
+        return (
+            f"processes {processes:.3f} (server {server:.3f}, clients {' '.join(f'{c:.3f}' for c in clients)}) + broker {broker} "
+            f"= {total:.3f} s over {self.wall:.3f} s ({total / self.wall:.2f} cores busy)"
+        )
+
+
+class CpuMeter:
+    """CPU of the server and client processes, and of the broker, between two snapshots."""
+
+    def __init__(self, pids: list[int], broker: int | None) -> None:
+        self.pids, self.broker = pids, broker  # the server's pid first
+
+    def snapshot(self) -> tuple[list[float], float, float]:
+        return [cpu_seconds(pid) for pid in self.pids], cpu_seconds(self.broker), time.perf_counter()
+
+    def per_round(self, start: tuple[list[float], float, float], end: tuple[list[float], float, float], rounds: int) -> CpuPerRound:
+        return CpuPerRound(
+            [(b - a) / rounds for a, b in zip(start[0], end[0], strict=True)],
+            None if self.broker is None else (end[1] - start[1]) / rounds,
+            (end[2] - start[2]) / rounds,
+        )
+
+
+def meter_federation(broker: int | None, rounds: int, result: list[CpuPerRound]):
+    """A ``watch`` for ``run_federation``: meters the CPU between the server's first metrics
+    line (round 1, start-up included, is left out as in the round times) and its last."""
+
+    def watch(pids: list[int], out: Path) -> None:
+        def follow() -> None:
+            meter, start, metrics = CpuMeter(pids, broker), None, out / "metrics.jsonl"
+            deadline = time.monotonic() + 60 + 30 * rounds
+            while time.monotonic() < deadline:
+                try:
+                    lines = metrics.read_bytes().count(b"\n")
+                except OSError:
+                    lines = 0
+                if start is None and lines >= 1:
+                    start = meter.snapshot()
+                if start is not None and lines >= rounds:
+                    result.append(meter.per_round(start, meter.snapshot(), rounds - 1))
+                    return
+                time.sleep(0.01)  # a poll of the metrics file: the rounds take 0.03-2 s
+
+        threading.Thread(target=follow, daemon=True, name="cpu-meter").start()
+
+    return watch
 
 
 def _connect(url: str) -> pika.BlockingConnection:
@@ -96,8 +188,8 @@ def _client(url: str, exchange: str, queue: str, rounds: int, task_bytes: int, u
     conn.close()
 
 
-def measure_floor(url: str, params: int, clients: int, journal: bool, repeat: int) -> list[float]:
-    """Seconds per raw-pika round (warm-up round dropped)."""
+def measure_floor(url: str, params: int, clients: int, journal: bool, repeat: int, broker: int | None = None) -> tuple[list[float], CpuPerRound]:
+    """Seconds per raw-pika round (warm-up round dropped), and the CPU per timed round."""
     run = f"bench-floor-{uuid.uuid4().hex[:8]}"
     exchange, server_queue, stream = run, f"{run}.server", f"{run}.journal"
     client_queues = [f"{run}.client.{i}" for i in range(clients)]
@@ -127,14 +219,18 @@ def measure_floor(url: str, params: int, clients: int, journal: bool, repeat: in
         chunks_per_round = clients * max(1, -(-update_bytes // CHUNK))
         ready.set()
         times = []
+        meter = CpuMeter([os.getpid(), *(p.pid for p in procs)], broker)
         for _ in range(repeat + 1):
             start = time.perf_counter()
             _publish(pub, exchange, "clients.train_task", task)
             _consume(conn, con, server_queue, chunks_per_round)
             times.append(time.perf_counter() - start)
+            if len(times) == 1:
+                after_warm_up = meter.snapshot()
+        cpu = meter.per_round(after_warm_up, meter.snapshot(), repeat)
         for p in procs:
             p.join(timeout=60)
-        return times[1:]
+        return times[1:], cpu
     finally:
         for p in procs:
             if p.is_alive():
@@ -153,16 +249,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="timed raw rounds per floor measurement")
     parser.add_argument("--no-journal", action="store_true")
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    parser.add_argument("--node", default=os.environ.get("BROKERFL_RABBITMQ_NODE", "rabbit@localhost"), help="the RabbitMQ node behind --broker, for its CPU")
     args = parser.parse_args()
     tune_allocator()
     journal = not args.no_journal
+    broker = broker_pid(args.node)
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             params = parameter_count(HIDDEN[size])
-            floor = measure_floor(args.broker, params, args.clients, journal, args.repeat)
-            records = run_federation(size, rounds=args.rounds, clients=args.clients, url=args.broker, journal=journal, workdir=Path(tmp))
-            floor += measure_floor(args.broker, params, args.clients, journal, args.repeat)
+            floor, floor_cpu = measure_floor(args.broker, params, args.clients, journal, args.repeat, broker)
+            federation_cpu: list[CpuPerRound] = []
+            records = run_federation(size, rounds=args.rounds, clients=args.clients, url=args.broker, journal=journal, workdir=Path(tmp), watch=meter_federation(broker, args.rounds, federation_cpu))
+            more, more_cpu = measure_floor(args.broker, params, args.clients, journal, args.repeat, broker)
+            floor += more
             result = summarise(size, records)
             floor_median, floor_best = statistics.median(floor), min(floor)
             ratio = result["median_round_s"] / floor_median
@@ -173,7 +273,9 @@ def main() -> None:
                 f"over {result['rounds'] - 1} rounds; raw-pika floor median {floor_median:.3f} s (best {floor_best:.3f}) over {len(floor)} rounds; "
                 f"round / floor {ratio:.2f}x{verdict}; load {load}\n"
                 f"       server phases per round (median s): {result['server_phases_s']}\n"
-                f"       client training per round (median s): {result['client_train_s']}"
+                f"       client training per round (median s): {result['client_train_s']}\n"
+                f"       CPU per round, floor: {floor_cpu}; {more_cpu}\n"
+                f"       CPU per round, brokerfl: {federation_cpu[0] if federation_cpu else 'not metered (no metrics line seen)'}"
             )
             print(lines[-1], flush=True)
 

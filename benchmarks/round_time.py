@@ -37,9 +37,10 @@ def parameter_count(h: int) -> int:
     return 64 * h + h + h * h + h + h * 10 + 10
 
 
-def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: bool, workdir: Path, inspect_run=None, extra: dict | None = None, model_transfer: str = "auto") -> list[dict]:
+def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: bool, workdir: Path, inspect_run=None, extra: dict | None = None, model_transfer: str = "auto", watch=None) -> list[dict]:
     """Run a federation to the end; ``inspect_run(run, config_path, out_dir)`` is called
-    before the run's queues are deleted; ``extra``: more config keys (e.g. compression)."""
+    before the run's queues are deleted; ``extra``: more config keys (e.g. compression);
+    ``watch(pids, out_dir)`` once every process is started (round_floor.py meters their CPU)."""
     run = f"bench-{size}-{uuid.uuid4().hex[:6]}"
     config = {
         "run": run,
@@ -62,6 +63,8 @@ def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: b
     procs = [subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(out)], cwd=ROOT, env=env)]
     procs += [subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", str(i)], cwd=ROOT, env=env) for i in range(clients)]
     try:
+        if watch is not None:
+            watch([proc.pid for proc in procs], out)
         for proc in procs:
             if proc.wait(timeout=60 + 30 * rounds) != 0:
                 raise SystemExit(f"a process of run {run} exited with {proc.returncode}")
