@@ -13,8 +13,8 @@ The ``bytes`` underneath is empty: anything that reads it through the buffer pro
 (``memoryview``, ``b"".join``) sees no bytes. pika 1.3 and 1.4 do not
 (``tests/test_pika_body.py`` runs pika's own framing code on a GatheredBody and on the
 joined bytes and compares the frames; ``pyproject.toml`` keeps pika below 1.5). If a later
-pika did, a chunked message would fail its checksum and a whole one
-would fail to decode: refused and dead-lettered, not taken wrong.
+pika did, a chunked message would fail its checksum and a whole one would fail to decode:
+refused and dead-lettered, not taken wrong.
 
 In: :class:`Fragments`, made by :class:`FragmentKeepingAssembler` (see there): a large
 received chunk as pika's frames, which reassembly copies part by part to its place.
