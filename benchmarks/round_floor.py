@@ -62,8 +62,9 @@ GOAL = 1.3
 OVERHEAD = 4096  # msgpack header and alignment of a TrainTask / ParameterUpdate body, about
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU a live process has used so far (Linux /proc); 0 for none or gone."""
+def cpu_seconds(pid: int | str | None) -> float:
+    """User + system CPU a live process (or ``PID/task/TID``: thread) has used so far
+    (Linux /proc); 0 for none or gone."""
     if pid is None:
         return 0.0
     try:
@@ -71,6 +72,18 @@ def cpu_seconds(pid: int | None) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU of each live thread of a process so far, by thread id."""
+    threads = {}
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return threads
+    for tid in tids:
+        threads[tid] = cpu_seconds(f"{pid}/task/{tid}")
+    return threads
 
 
 def broker_pid(node: str) -> int | None:
@@ -89,14 +102,16 @@ class CpuPerRound:
     per_process: list[float]  # the server's, then each client's: s of CPU per round
     broker: float | None  # the broker's, s of CPU per round (None: its process was not found)
     wall: float  # s per round over the same span
+    server_threads: list[float]  # the server's threads, busiest first: s of CPU per round
 
     def __str__(self) -> str:
         processes = sum(self.per_process)
         broker = "n/a (see --node)" if self.broker is None else f"{self.broker:.3f}"
         total = processes + (self.broker or 0.0)
         server, *clients = self.per_process
+        threads = " ".join(f"{t:.3f}" for t in self.server_threads if t >= 0.001)
         return (
-            f"processes {processes:.3f} (server {server:.3f}, clients {' '.join(f'{c:.3f}' for c in clients)}) + broker {broker} "
+            f"processes {processes:.3f} (server {server:.3f} [threads {threads}], clients {' '.join(f'{c:.3f}' for c in clients)}) + broker {broker} "
             f"= {total:.3f} s over {self.wall:.3f} s ({total / self.wall:.2f} cores busy)"
         )
 
@@ -107,14 +122,16 @@ class CpuMeter:
     def __init__(self, pids: list[int], broker: int | None) -> None:
         self.pids, self.broker = pids, broker  # the server's pid first
 
-    def snapshot(self) -> tuple[list[float], float, float]:
-        return [cpu_seconds(pid) for pid in self.pids], cpu_seconds(self.broker), time.perf_counter()
+    def snapshot(self) -> tuple[list[float], float, float, dict[int, float]]:
+        return [cpu_seconds(pid) for pid in self.pids], cpu_seconds(self.broker), time.perf_counter(), thread_cpu_seconds(self.pids[0])
 
-    def per_round(self, start: tuple[list[float], float, float], end: tuple[list[float], float, float], rounds: int) -> CpuPerRound:
+    def per_round(self, start: tuple, end: tuple, rounds: int) -> CpuPerRound:
+        threads = sorted(((cpu - start[3].get(tid, 0.0)) / rounds for tid, cpu in end[3].items()), reverse=True)
         return CpuPerRound(
             [(b - a) / rounds for a, b in zip(start[0], end[0], strict=True)],
             None if self.broker is None else (end[1] - start[1]) / rounds,
             (end[2] - start[2]) / rounds,
+            threads,
         )
 
 
