@@ -16,7 +16,8 @@ memory runs at a quarter of the speed of copying into memory already mapped (see
   defaults ~15%.
 - ``lean``: every block of 1 MiB or more is mmap'd and unmapped when freed (a fixed
   threshold: glibc's sliding one keeps blocks up to 32 MiB, and 64 MiB of free heap top,
-  mapped after a large free). Peak RSS is what is live; each large buffer faults. The CLI's
+  mapped after a large free). Peak RSS is what is live; each large buffer faults (a body
+  read back from a spill file asks for huge pages: :func:`advise_huge_pages`). The CLI's
   choice for the ``server``, whose memory is what grows with a federation: 4.0-4.4x the
   model above its baseline at 4 to 96 clients where ``tuned`` held 5.5-6.9x, for ~8% of a
   10M round (README, "Strategies", memory).
@@ -43,6 +44,10 @@ TOP_PAD = 64 * 1024**2  # grow the heap 64 MiB at a time: fewer brk calls for la
 LEAN_MMAP_THRESHOLD = 1024**2  # lean: a block of 1 MiB or more is its own mapping
 
 SETTINGS = ("tuned", "lean", "default")
+
+MADV_HUGEPAGE = 14  # madvise(2) advice number (Linux)
+HUGE_PAGE = 2 * 1024**2  # a transparent huge page on x86-64 and most arm64 kernels
+HUGE_PAGES_MIN_BYTES = 4 * 1024**2  # below this a buffer holds at most one aligned huge page
 
 _mode: str | None = None  # the setting in force once chosen: one of SETTINGS
 
@@ -78,6 +83,33 @@ def tune_allocator(choice: str = "tuned") -> bool:
     if ok:
         _mode = setting
     return bool(ok)
+
+
+_madvise = None  # libc's madvise once looked up; False where there is none
+
+
+def advise_huge_pages(address: int, size: int) -> bool:
+    """Ask the kernel to back the 2 MiB-aligned part of a fresh, not yet written buffer
+    with transparent huge pages (``madvise(MADV_HUGEPAGE)``; honoured where THP is in
+    ``madvise`` or ``always`` mode, as on most distributions). A reassembled body is such a
+    buffer, and under ``lean`` it is a fresh mapping every time: writing a 40 MB body into
+    it then takes ~20 faults instead of ~10,000 (12.5 ms -> 3.6 ms here), and RSS is the
+    same (every page of it is written anyway). Best effort: False where it is not
+    supported, and nothing changes."""
+    global _madvise
+    if _madvise is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _madvise = libc.madvise
+            _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _madvise.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise or size < HUGE_PAGES_MIN_BYTES:
+        return False
+    start = (address + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+    end = (address + size) & ~(HUGE_PAGE - 1)
+    return end > start and _madvise(start, end - start, MADV_HUGEPAGE) == 0
 
 
 def allocator_mode() -> str | None:

@@ -72,7 +72,7 @@ def test_chunks_out_of_order_and_duplicates(fds):
 def test_a_corrupt_spilled_message_gives_back_every_chunk_as_received(fds):
     body = os.urandom(40 * KiB)
     parts = parts_of(body, 16 * KiB, "m")
-    sent = [part if i != 1 else b"X" + part[1:] for i, (_, part) in enumerate(parts)]
+    sent = [part if i != 1 else bytes([part[0] ^ 0xFF]) + part[1:] for i, (_, part) in enumerate(parts)]
     a = chunks.Assembler(spill_min_bytes=0, ram_partials=0)
     assert isinstance(a.add(parts[0][0], sent[0], handle=0), chunks.Held)
     assert isinstance(a.add(parts[1][0], sent[1], handle=1), chunks.Held)
@@ -181,3 +181,15 @@ def test_a_message_begun_while_a_spilled_one_is_still_coming_spills_too(fds):
         done[mid] = outcome.body
     assert done == bodies
     assert not a.partials
+
+
+def test_a_spilled_body_is_read_back_whole_from_its_offset_and_a_short_file_is_an_error(tmp_path):
+    from brokerfl.transports.partial import _read
+
+    data = os.urandom(5 * 1024**2 + 3)  # large enough for huge pages, not a multiple of a page
+    path = tmp_path / "spill"
+    path.write_bytes(b"head" + data)
+    with open(path, "rb") as f:
+        assert _read(f.fileno(), len(data), 4) == data
+        with pytest.raises(OSError, match="ended 1 bytes early"):
+            _read(f.fileno(), len(data) + 1, 4)

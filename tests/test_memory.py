@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,33 @@ def test_the_server_and_many_client_processes_run_lean_the_rest_tuned(argv, mode
     """Decided from the command line before the command runs (here a stand-in that returns)."""
     result = subprocess.run([sys.executable, "-c", CLI_PROBE, *argv], env={**os.environ, "BROKERFL_MALLOC": ""}, capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == mode
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping holding ``address`` (/proc/self/smaps)."""
+    flags, inside = None, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "VmFlags:":
+            flags = line.split()[1:]
+    assert flags is not None, "no mapping holds the address"
+    return flags
+
+
+THP = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+@pytest.mark.skipif(not os.path.exists(THP) or "[never]" in Path(THP).read_text(), reason="no transparent huge pages here")
+def test_a_body_read_back_from_the_spill_file_is_backed_by_huge_pages_and_a_small_one_is_not_asked():
+    from brokerfl.memory import HUGE_PAGES_MIN_BYTES, advise_huge_pages
+    from brokerfl.transports.partial import _BYTES_DATA, _uninitialised_bytes
+
+    body = _uninitialised_bytes(3 * HUGE_PAGES_MIN_BYTES, huge_pages=True)  # as _read makes it: a fresh mapping
+    assert "hg" in _vm_flags(id(body) + _BYTES_DATA + len(body) // 2)  # madvise(MADV_HUGEPAGE) took
+    placed = _uninitialised_bytes(3 * HUGE_PAGES_MIN_BYTES)  # a body filled chunk by chunk: not asked
+    assert "hg" not in _vm_flags(id(placed) + _BYTES_DATA + len(placed) // 2)
+    small = bytes(64)
+    assert advise_huge_pages(id(small) + _BYTES_DATA, len(small)) is False  # not even one aligned huge page

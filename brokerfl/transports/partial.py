@@ -18,7 +18,8 @@ model and the fold. An :class:`~brokerfl.transports.chunks.Assembler` given
 when no other one is incomplete (``ram_partials``): the chunks of any one begun while
 another is still coming, in RAM or spilled, go to an anonymous temporary file (one per
 incomplete message, in ``spill_dir``) as they arrive, and on completion the whole body is
-read back with one read into a fresh ``bytes`` of exactly its length (a spilled message
+read back with one read into a fresh ``bytes`` of exactly its length, backed by huge pages
+where the kernel allows (a fresh mapping faults page by page otherwise; a spilled message
 costs one more kernel copy, the write; ~30 ms for 40 MB here).
 RAM then holds one message's body plus one chunk, whatever the interleaving: counting the
 spilled ones keeps a body being placed in RAM from overlapping one being read back. The
@@ -31,6 +32,8 @@ cannot be written (disk full) stays in RAM instead.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import errno
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from brokerfl.memory import advise_huge_pages
 from brokerfl.transports.pika_body import Fragments
 
 if TYPE_CHECKING:
@@ -167,8 +171,14 @@ _new_bytes.argtypes = [ctypes.c_char_p, ctypes.c_ssize_t]
 _BYTES_DATA = bytes.__basicsize__ - 1  # where a bytes object's data starts (ob_sval), from its address
 
 
-def _uninitialised_bytes(size: int) -> bytes:
-    return _new_bytes(None, size)
+def _uninitialised_bytes(size: int, *, huge_pages: bool = False) -> bytes:
+    """A fresh ``bytes`` of ``size``, its content not yet written; with ``huge_pages``, a
+    large one is backed by huge pages where the kernel allows
+    (:func:`brokerfl.memory.advise_huge_pages`)."""
+    data = _new_bytes(None, size)
+    if huge_pages:
+        advise_huge_pages(id(data) + _BYTES_DATA, size)
+    return data
 
 
 def buffers(data: bytes | memoryview | Fragments) -> list[bytes | memoryview]:
@@ -193,16 +203,26 @@ def _write(fd: int, data: bytes | Fragments, offset: int) -> None:
             view, offset = view[done:], offset + done
 
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_pread = _libc.pread
+_pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
+_pread.restype = ctypes.c_ssize_t
+
+
 def _read(fd: int, size: int, offset: int) -> bytes:
-    data = os.pread(fd, size, offset)  # one read into a fresh bytes of ``size``
-    if len(data) < size:  # a short read (bodies over ~2 GiB): the rest, joined
-        parts = [data]
-        got = len(data)
-        while got < size:
-            more = os.pread(fd, size - got, offset + got)
-            if not more:
-                raise OSError(f"spill file ended {size - got} bytes early")
-            parts.append(more)
-            got += len(more)
-        data = b"".join(parts)
+    """``size`` bytes of the spill file from ``offset``, read straight into a fresh
+    ``bytes`` (:func:`_uninitialised_bytes`: huge pages for a large one; ``os.pread``
+    would fault a fresh buffer page by page)."""
+    data = _uninitialised_bytes(size, huge_pages=True)
+    address, got = id(data) + _BYTES_DATA, 0
+    while got < size:  # several reads: bodies over ~2 GiB, or a signal
+        done = _pread(fd, address + got, size - got, offset + got)
+        if done < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            raise OSError(err, f"reading the spill file: {os.strerror(err)}")
+        if done == 0:
+            raise OSError(f"spill file ended {size - got} bytes early")
+        got += done
     return data
