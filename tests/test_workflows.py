@@ -161,7 +161,7 @@ def test_cyclic_with_cross_site_over_rabbitmq_survives_a_killed_holder(amqp_url,
         replayed = replay(read_journal(transport, topology_for(config)), config)
         assert replayed.ok, replayed.table()
     document = json.loads((out / "cross_site.json").read_text())
-    assert document["sites"] == ["site-0", "site-1", "site-2"] and len(document["models"]) == 4
+    assert document["sites"] == ["site-0", "site-1", "site-2"] and len(document["models"]) == 4, (document["models"], outputs)
     assert "cross-site evaluation" in outputs[0]  # the server prints the table
 
 
