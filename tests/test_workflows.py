@@ -132,7 +132,11 @@ def test_cyclic_with_cross_site_over_rabbitmq_survives_a_killed_holder(amqp_url,
     import yaml
 
     data = yaml.safe_load(open("configs/digits_cyclic.yaml"))
-    data.update(cross_site_eval=True, cyclic={"order": "fixed", "hop_timeout_s": 60}, client_slowdown={"1": 30.0})
+    # Client 1's hops take seconds (300x its ~10 ms of training), so the kill below lands in
+    # its first one. At 30x its hops were ~0.3 s, and with the metrics line written after the
+    # evaluation beside the round, the kill sometimes came after its last hop: the restarted
+    # process then had no local model for the cross-site matrix.
+    data.update(cross_site_eval=True, cyclic={"order": "fixed", "hop_timeout_s": 60}, client_slowdown={"1": 300.0})
     config_path.write_text(yaml.safe_dump(data))
     common[0] = str(config_path)
     out = tmp_path / "out"
