@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 
 # mallopt(3) parameter numbers (glibc malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -99,6 +100,9 @@ def advise_huge_pages(address: int, size: int) -> bool:
     supported, and nothing changes."""
     global _madvise
     if _madvise is None:
+        if not sys.platform.startswith("linux"):  # MADV_HUGEPAGE's number is Linux's
+            _madvise = False
+            return False
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             _madvise = libc.madvise
