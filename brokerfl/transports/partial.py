@@ -32,7 +32,6 @@ cannot be written (disk full) stays in RAM instead.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import tempfile
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from brokerfl.memory import advise_huge_pages
+from brokerfl.memory import advise_huge_pages, libc
 from brokerfl.transports.pika_body import Fragments
 
 if TYPE_CHECKING:
@@ -203,8 +202,7 @@ def _write(fd: int, data: bytes | Fragments, offset: int) -> None:
             view, offset = view[done:], offset + done
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_pread = _libc.pread
+_pread = libc().pread  # brokerfl.memory's libc: errno kept
 _pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
 _pread.restype = ctypes.c_ssize_t
 
