@@ -205,7 +205,10 @@ def test_a_server_on_a_fresh_host_resumes_from_the_broker(federation, run_name, 
     from brokerfl.transports.amqp import AmqpTransport
 
     by_reference = tmp_path / "by_reference.yaml"
-    by_reference.write_text((ROOT / CONFIG).read_text() + "model_transfer: reference\n")
+    # client 0 sleeps 10x its training each round (timing only: the same bits), so the kill
+    # below lands inside the run: at ~0.05 s a round, the 5 rounds after version 3 could all
+    # be done before it, and the new server then only restored a finished run
+    by_reference.write_text((ROOT / CONFIG).read_text() + "model_transfer: reference\nclient_slowdown: {'0': 10.0}\n")
     fed = federation(clients=4, rounds=8, config=str(by_reference))
     fed.start()
     fed.wait_for_versions(3, timeout=120)
