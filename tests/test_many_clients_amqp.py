@@ -27,9 +27,9 @@ def test_running_out_of_channels_is_a_clear_error_not_a_lost_connection(amqp_url
         transport.declare_queue(queue)
         for _ in range(transport.consumer_capacity()):
             transport.consume(queue, lambda d: None, prefetch=1)
-        with pytest.raises(ChannelLimitError, match=r"channel_max\) and each consumer takes one; at most 8 consumers"):
+        with pytest.raises(ChannelLimitError, match=r"channel_max\) and each consumer takes one; at most 9 consumers"):
             transport.consume(queue, lambda d: None, prefetch=1)
-        assert transport.queue_info(queue).consumers == 8  # the connection is fine and keeps its consumers
+        assert transport.queue_info(queue).consumers == 9  # the connection is fine and keeps its consumers
         transport.delete_queue(queue)
 
 
@@ -39,4 +39,4 @@ def test_a_client_process_refuses_more_logical_clients_than_fit(amqp_url, run_na
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode != 0
-    assert "20 logical clients need one channel each, and the broker allows 8 consumers on one connection (channel_max 12): run them in 3 or more processes" in proc.stderr
+    assert "20 logical clients need one channel each, and the broker allows 9 consumers on one connection (channel_max 12): run them in 3 or more processes" in proc.stderr

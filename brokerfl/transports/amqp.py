@@ -9,6 +9,7 @@ is assembled from parts, one concept each: :mod:`~brokerfl.transports.amqp_conne
 
 - **Envelope.** AMQP properties and headers (:mod:`brokerfl.transports.envelope`).
 - **Channels.** One confirm-mode channel publishes (``mandatory``: unroutable is an error),
+  on a connection of its own (so waiting for a confirm reads no deliveries); on the other,
   one declares (a refused redeclare closes it, so it is reopened), one serves ``get``, and
   each consumer has its own: ``cancel`` closes it, which is the only way to make RabbitMQ
   give back a consumer's unacked deliveries (``basic.cancel`` leaves them unacked).
@@ -148,6 +149,8 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         self._generation = 0
         self._closed = False
         self._conn: pika.BlockingConnection | None = None
+        self._publisher: pika.BlockingConnection | None = None
+        self._blocked: set[Any] = set()
         self._connect()
 
     # ------------------------------------------------------------ topology
@@ -242,7 +245,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
 
         def run() -> None:
             try:
-                self._bounded(self.confirm_timeout, f"confirm of a publish to {routing_key!r}", lambda: self._pub.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory))
+                self._bounded(self._publisher, self.confirm_timeout, f"confirm of a publish to {routing_key!r}", lambda: self._pub.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory))
             except px.UnroutableError:
                 raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
             except px.NackError:
@@ -277,7 +280,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         nacks) with a new one in confirm mode."""
         if self._pub.is_open:
             _quietly(self._pub.close)
-        self._pub = self._conn.channel()
+        self._pub = self._publisher.channel()
         self._pub.confirm_delivery()
 
     # ------------------------------------------------------------ request/reply
@@ -300,7 +303,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
                 properties.reply_to = REPLY_TO
                 properties.expiration = str(max(1, int(timeout * 1000)))  # nobody waits for it after that
                 try:
-                    self._bounded(self.confirm_timeout, f"confirm of a request to {routing_key!r}", lambda: channel.basic_publish(exchange, routing_key, body, properties, mandatory=True))
+                    self._bounded(self._conn, self.confirm_timeout, f"confirm of a request to {routing_key!r}", lambda: channel.basic_publish(exchange, routing_key, body, properties, mandatory=True))
                 except px.UnroutableError:
                     raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
                 except px.ChannelClosedByBroker as exc:
@@ -334,5 +337,5 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         self._consumers.clear()
         self._drop_assemblers()
         self._inbox.clear()
-        self._drop_connection()
+        self._drop_connection(graceful=True)
 

@@ -54,7 +54,7 @@ def _refused(exc: BaseException) -> bool:
 T = TypeVar("T")
 
 
-RESERVED_CHANNELS = 4  # publish, admin, get, a request's: what consume() may not take
+RESERVED_CHANNELS = 3  # admin, get, a request's: what consume() may not take (publishing has its own connection)
 
 
 class ChannelLimitError(TransportError):
@@ -108,9 +108,11 @@ class ConnectionMixin:
     _nodes: list[pika.URLParameters]  # one, or a cluster's nodes
     _node: pika.URLParameters | None
     _closed: bool
-    _conn: pika.BlockingConnection | None
+    _conn: pika.BlockingConnection | None  # consumers, declarations, get, requests
+    _publisher: pika.BlockingConnection | None  # the publishing channel only
+    _publisher_serviced: float
     _generation: int
-    _blocked: bool
+    _blocked: set[Any]  # connections (pika's impl) a resource alarm holds back
     _exchanges: dict[str, None]
     _queues: dict[str, tuple[str, dict[str, Any]]]
     _bindings: dict[tuple[str, str, str], None]
@@ -119,25 +121,55 @@ class ConnectionMixin:
     def _connect(self) -> None:
         # a cluster's nodes in order, the one just lost last: failing over tries the others first
         nodes = [p for p in self._nodes if p is not self._node] + [p for p in self._nodes if p is self._node]
+        conn = self._open(nodes)
+        self._node = next((p for p in nodes if (p.host, p.port) == (conn._impl.params.host, conn._impl.params.port)), None)
+        try:
+            # Publishing has a connection of its own: while pika waits for a publish's
+            # confirm it reads whatever arrives on its connection, and on a shared one that
+            # was deliveries, up to the consumers' prefetch (chunks of 16 MiB), taken into
+            # memory before anything could spill them. On its own connection, deliveries
+            # wait in the socket and the broker until the next poll.
+            publisher = self._open(([self._node] if self._node else []) + [p for p in nodes if p is not self._node])
+        except TransportError:
+            _quietly(conn.close)
+            raise
+        self._conn, self._publisher = conn, publisher
+        self._publisher_serviced = time.monotonic()
+        self._generation += 1
+        self._pub = publisher.channel()
+        self._pub.confirm_delivery()
+        self._admin = conn.channel()
+        self._getch: BlockingChannel | None = None
+
+    def _open(self, nodes: list[pika.URLParameters]) -> pika.BlockingConnection:
         try:
             with _quiet_pika():
                 conn = pika.BlockingConnection(nodes if len(nodes) > 1 else nodes[0])
         except (px.AMQPError, OSError) as exc:
             error = _Refused if _refused(exc) else TransportError
             raise error(f"cannot connect to RabbitMQ at {self.safe_url}: {_describe(exc)}") from None
-        self._node = next((p for p in nodes if (p.host, p.port) == (conn._impl.params.host, conn._impl.params.port)), None)
         _tune_reads(conn)
         make_header_decoding_total(conn)
         # connection.blocked (a resource alarm), seen inside pika's waits (see _bounded)
-        self._blocked = False
-        conn._impl.add_on_connection_blocked_callback(lambda *_: setattr(self, "_blocked", True))
-        conn._impl.add_on_connection_unblocked_callback(lambda *_: setattr(self, "_blocked", False))
-        self._conn = conn
-        self._generation += 1
-        self._pub = conn.channel()
-        self._pub.confirm_delivery()
-        self._admin = conn.channel()
-        self._getch: BlockingChannel | None = None
+        conn._impl.add_on_connection_blocked_callback(lambda impl, _frame: self._blocked.add(impl))
+        conn._impl.add_on_connection_unblocked_callback(lambda impl, _frame: self._blocked.discard(impl))
+        return conn
+
+    def _connections(self) -> list[pika.BlockingConnection]:
+        return [c for c in (self._conn, self._publisher) if c is not None]
+
+    def _connected(self) -> bool:
+        return self._conn is not None and self._conn.is_open and self._publisher is not None and self._publisher.is_open
+
+    def _service_publisher(self) -> None:
+        """Let the publishing connection send and answer heartbeats: pika does that only
+        inside its calls, and a process that polls for a while without publishing would
+        otherwise have that connection closed by the broker."""
+        now = time.monotonic()
+        heartbeat = self._publisher._impl.params.heartbeat or 0  # as negotiated; 0: none
+        if heartbeat and now - self._publisher_serviced >= heartbeat / 4:
+            self._publisher_serviced = now
+            self._publisher.process_data_events(time_limit=0)
 
     def _reconnect(self, cause: BaseException) -> None:
         if self._closed:
@@ -163,8 +195,8 @@ class ConnectionMixin:
                 time.sleep(min(remaining, delay * random.uniform(0.8, 1.2)))  # jitter: many clients reconnect at once
                 delay = min(delay * 2, MAX_BACKOFF_S)
 
-    def _bounded(self, seconds: float, what: str, op: Callable[[], T]) -> T:
-        """Run ``op``, a pika call that blocks until the broker answers; if no answer comes
+    def _bounded(self, conn: pika.BlockingConnection, seconds: float, what: str, op: Callable[[], T]) -> T:
+        """Run ``op``, a pika call on ``conn`` that blocks until the broker answers; if no answer comes
         within ``seconds``, abort the connection and raise :class:`_Unanswered` (a lost
         connection to :meth:`_with_retry`, which reconnects and runs the call again).
 
@@ -172,13 +204,12 @@ class ConnectionMixin:
         whose broker side stopped answering one channel: e.g. a publisher confirm that a
         quorum queue losing its leader never sends. The whole process would wait forever,
         with deliveries of its other consumers unread on the socket."""
-        conn = self._conn
         impl = conn._impl
         timer = None
 
         def expire() -> None:  # runs inside pika's I/O loop, in the blocking call's wait
             nonlocal timer
-            if self._blocked:  # a resource alarm holds publishers back: an answer of sorts, wait on
+            if impl in self._blocked:  # a resource alarm holds publishers back: an answer of sorts, wait on
                 timer = impl._adapter_call_later(seconds, expire)
                 return
             _abort(conn)
@@ -190,9 +221,19 @@ class ConnectionMixin:
         finally:
             _quietly(lambda: impl._adapter_remove_timeout(timer))
 
-    def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and conn.is_open:
+    def _drop_connection(self, *, graceful: bool = False) -> None:
+        """Forget both connections. Not ``graceful`` (after a loss): abort them, for the
+        AMQP close of the one still open would wait on a broker that may have stopped
+        answering it too; the broker requeues their unacked deliveries either way."""
+        dropped = self._connections()
+        self._conn = self._publisher = None
+        self._blocked.clear()
+        for conn in dropped:
+            if not conn.is_open:
+                continue
+            if not graceful:
+                _abort(conn)
+                continue
             try:
                 conn.close()
             except Exception:  # already half dead: nothing to save
@@ -234,8 +275,8 @@ class ConnectionMixin:
             self._check_open()
             try:
                 return op()
-            except px.ChannelWrongStateError as exc:  # a closed channel: is the connection gone?
-                if self._conn is not None and self._conn.is_open:
+            except px.ChannelWrongStateError as exc:  # a closed channel: is a connection gone?
+                if self._connected():
                     raise TransportError(f"channel closed: {exc}") from None
                 self._reconnect(exc)
             except px.NoFreeChannels:  # a subclass of AMQPConnectionError, but the connection is fine
@@ -254,7 +295,7 @@ class ConnectionMixin:
 
     def consumer_capacity(self) -> int:
         """How many consumers (one channel each) fit beside this transport's own channels
-        (publish, admin, get, a request's)."""
+        (admin, get, a request's)."""
         return max(0, self.channel_limit() - RESERVED_CHANNELS)
 
     def _check_open(self) -> None:

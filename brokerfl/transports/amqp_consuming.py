@@ -200,6 +200,7 @@ class ConsumingMixin:
         def run() -> None:
             # chunks left waiting by the last _assemble: see to them without waiting for more
             self._conn.process_data_events(time_limit=0 if self._received else time_limit)
+            self._service_publisher()
             self._assemble()
             self._housekeeping()
 
