@@ -2,6 +2,7 @@
 needs to move the same round's bytes with the same durability, measured in the same run.
 
     python benchmarks/round_floor.py [--sizes 100k 10M] [--rounds 8] [--clients 4] [--no-journal] [--repeat 5]
+        [--model-transfer auto|reference|inline]
 
 For each size, alternating (floor, federation, floor):
 
@@ -265,6 +266,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=5, help="timed raw rounds per floor measurement")
     parser.add_argument("--no-journal", action="store_true")
+    parser.add_argument("--model-transfer", default="auto", choices=["auto", "reference", "inline"],
+                        help="how brokerfl's tasks carry the model (config model_transfer); the floor sends it inline, to each client's queue")
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     parser.add_argument("--node", default=os.environ.get("BROKERFL_RABBITMQ_NODE", "rabbit@localhost"), help="the RabbitMQ node behind --broker, for its CPU")
     args = parser.parse_args()
@@ -277,7 +280,7 @@ def main() -> None:
             params = parameter_count(HIDDEN[size])
             floor, floor_cpu = measure_floor(args.broker, params, args.clients, journal, args.repeat, broker)
             federation_cpu: list[CpuPerRound] = []
-            records = run_federation(size, rounds=args.rounds, clients=args.clients, url=args.broker, journal=journal, workdir=Path(tmp), watch=meter_federation(broker, args.rounds, federation_cpu))
+            records = run_federation(size, rounds=args.rounds, clients=args.clients, url=args.broker, journal=journal, workdir=Path(tmp), model_transfer=args.model_transfer, watch=meter_federation(broker, args.rounds, federation_cpu))
             more, more_cpu = measure_floor(args.broker, params, args.clients, journal, args.repeat, broker)
             floor += more
             result = summarise(size, records)
@@ -286,7 +289,7 @@ def main() -> None:
             verdict = f"  (goal <= {GOAL}x: {'met' if ratio <= GOAL else 'NOT met'})" if size == "10M" else ""
             load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
             lines.append(
-                f"{size:>5} ({params:,} parameters), {args.clients} clients, journal {'on' if journal else 'off'}: brokerfl median {result['median_round_s']:.3f} s per round "
+                f"{size:>5} ({params:,} parameters), {args.clients} clients, journal {'on' if journal else 'off'}, model_transfer {args.model_transfer}: brokerfl median {result['median_round_s']:.3f} s per round "
                 f"over {result['rounds'] - 1} rounds; raw-pika floor median {floor_median:.3f} s (best {floor_best:.3f}) over {len(floor)} rounds; "
                 f"round / floor {ratio:.2f}x{verdict}; load {load}\n"
                 f"       server phases per round (median s): {result['server_phases_s']}\n"
