@@ -10,8 +10,12 @@ It is also where clients fetch the model they train (the claim check): a TrainTa
 carries the version, its hash and an offset of the stream at or before the version's
 message (:meth:`BrokerModelStore.reference`); :class:`brokerfl.model_refs.ModelCache`
 reads it from there. The offset is learnt with a small mark published right before the
-version: its offset + 1 is at or before the version, and nothing but marks and other
-versions lies between.
+version: its offset + 1 is at or before the version, and nothing but marks, other versions
+and versions' scores lies between.
+
+A version's scores (its evaluation on the server's test data runs off the round's critical
+path, after the version is stored) follow it into the stream as a small message of their
+own (:meth:`BrokerModelStore.put_scores`), so a server resumed elsewhere knows them too.
 
 The store keeps every version's metadata, but the parameters of the newest ``keep``
 versions only (a 10M model is 38 MiB a version); ``get`` of an older one re-reads it from
@@ -38,6 +42,7 @@ from brokerfl.transport import Delivery, Transport
 log = structlog.get_logger("brokerfl.model_store")
 
 VERSION_TYPE = "stored_model_version"
+SCORES_TYPE = "model_version_scores"  # a version's evaluation, which comes after the version
 MARK_TYPE = "models_mark"
 EXPORTS_QUEUED = 1  # versions waiting for their export beside the one being written
 OFFSET_HEADER = "x-stream-offset"  # RabbitMQ's (and the local transport's) offset of a stream delivery
@@ -110,6 +115,22 @@ class BrokerModelStore(ModelStore):
             # exports it. At most EXPORTS_QUEUED wait (each holds its model): a put waits for
             # room only when the disk falls that far behind, not for the previous fsync.
             self._queue_export(model)
+
+    def put_scores(self, version: int, metrics: dict[str, Any]) -> None:
+        """Add ``metrics`` (e.g. accuracy and loss) to a stored version's metadata, in the
+        stream too (confirmed), so that :meth:`refresh` elsewhere restores them."""
+        if version not in self._meta:
+            raise KeyError(f"no model version {version} in {self.stream}")
+        metrics = {name: None if value is None else float(value) for name, value in metrics.items()}  # numpy scalars too
+        envelope = Envelope(SCORES_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run, "model_version": version})
+        self.transport.publish("", self.stream, envelope, encode_parts({"model_version": version, "metrics": metrics}))
+        self._merge_scores(version, metrics)
+
+    def _merge_scores(self, version: int, metrics: dict[str, Any]) -> None:
+        self._meta[version]["metrics"] = {**self._meta[version]["metrics"], **metrics}
+        cached = self._cache.get(version)
+        if cached is not None:
+            cached.metrics.update(metrics)
 
     def _queue_export(self, model: ModelVersion) -> None:
         with self._export_lock:
@@ -199,6 +220,9 @@ class BrokerModelStore(ModelStore):
             for delivery in reader:
                 if delivery.envelope.message_id == mark.message_id:
                     break
+                if delivery.envelope.type == SCORES_TYPE:
+                    self._restore_scores(delivery)
+                    continue
                 version = version_of(delivery)
                 floor = previous
                 offset = stream_offset(delivery)
@@ -211,6 +235,19 @@ class BrokerModelStore(ModelStore):
                 if self.export is not None and model.version not in exported:
                     self.export.put(model)
         return self
+
+
+    def _restore_scores(self, delivery: Delivery) -> None:
+        try:
+            payload = decode(delivery.body)
+            version, metrics = payload["model_version"], payload["metrics"]
+            if not (isinstance(version, int) and isinstance(metrics, dict)):
+                raise TypeError("model_version must be an int and metrics a map")
+        except (ValueError, KeyError, TypeError) as exc:  # the server's own stream; a bad record costs a score, not the run
+            log.error("model_store.bad_scores", message_id=delivery.envelope.message_id, error=str(exc)[:300])
+            return
+        if version in self._meta:  # a version's scores come after it; else not this stream's
+            self._merge_scores(version, metrics)
 
 
 def _model_from(payload: dict[str, Any]) -> ModelVersion:

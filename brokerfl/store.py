@@ -75,6 +75,12 @@ class ModelStore(abc.ABC):
         """A version's metadata (no parameters): cheap where the store can do it."""
         return self.get(version).metadata()
 
+    def put_scores(self, version: int, metrics: dict[str, Any]) -> None:
+        """Scores that come after a stored version (its evaluation runs off the round's
+        critical path). Stores that restore versions elsewhere keep them (the models
+        stream); the others do not need to: their versions are the server's own objects,
+        or files whose metrics are those known when they were written."""
+
 
 class MemoryModelStore(ModelStore):
     """For simulation: metadata of every version, parameters of the newest ``keep`` only."""

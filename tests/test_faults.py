@@ -219,6 +219,10 @@ def test_a_server_on_a_fresh_host_resumes_from_the_broker(federation, run_name, 
     fed.start_server()
     fed.finish()
     assert fed.out != old_out and (fed.out / "models").is_dir()  # the export, rebuilt from the broker
+    # the versions before the move, with their scores from the models stream (only the newest
+    # may have none: the kill can land between storing it and evaluating it)
+    restored = [r for r in read_metrics(fed.out / "metrics.jsonl") if r.get("restored")]
+    assert restored and all(r["accuracy"] is not None for r in restored[:-1]), restored
     config = load_config(CONFIG, {"run": run_name, "clients": 4})
     with AmqpTransport(amqp_url) as transport, AmqpTransport(amqp_url) as store_transport:
         store = BrokerModelStore(store_transport, topology_for(config)).refresh()

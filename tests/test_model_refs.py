@@ -124,6 +124,27 @@ def test_the_store_keeps_metadata_of_every_version_and_parameters_of_the_newest(
     assert fresh.latest().parameters["w"][0] == 4 and fresh.get(0).parameters["w"][0] == 0
 
 
+def test_scores_that_come_after_a_version_are_restored_with_it():
+    """The server evaluates a version after storing it (off the round's critical path); a
+    server resumed on a fresh host must know the score too (its metrics lines, its curve)."""
+    broker = LocalBroker()
+    topology = topology_for(_config("reference"))
+    topology.declare(LocalTransport(broker))
+    store = BrokerModelStore(LocalTransport(broker), topology)
+    for v in range(3):
+        store.put(ModelVersion(v, v, v - 1 if v else None, "fedavg", [], {"w": np.full(4, v, dtype=np.float32)}, metrics={"accuracy": None, "loss": None}))
+    store.put_scores(1, {"accuracy": np.float64(0.75), "loss": 0.5})
+    assert store.metadata(1)["metrics"] == {"accuracy": 0.75, "loss": 0.5}
+    # a malformed scores record (the stream is the server's own, but bytes are bytes) costs only itself
+    LocalTransport(broker).publish("", topology.models_stream, Envelope("model_version_scores", "bad", "model-store", 0.0, {}), b"\xc1not msgpack")
+    store.put_scores(2, {"accuracy": 0.8, "loss": 0.4})
+    fresh = BrokerModelStore(LocalTransport(broker), topology).refresh()
+    assert [fresh.metadata(v)["metrics"]["accuracy"] for v in range(3)] == [None, 0.75, 0.8]
+    assert fresh.latest().metrics["accuracy"] == 0.8  # the parameters kept, with their score
+    with pytest.raises(KeyError):
+        store.put_scores(7, {"accuracy": 1.0})
+
+
 class _SlowExport(MemoryModelStore):
     """An export whose writes block until released (a disk that lags), recording their order."""
 

@@ -84,6 +84,8 @@ def score_stored(ctx: Context, *, wait: bool = True) -> None:
         if scores is not None:
             model.metrics.update(accuracy=scores["accuracy"], loss=scores["loss"])
             record.update(accuracy=scores["accuracy"], loss=scores["loss"])
+            if waiting.scores is None:  # evaluated after the version was stored: the store learns them now
+                state.store.put_scores(model.version, {"accuracy": scores["accuracy"], "loss": scores["loss"]})
         journal_version(ctx, model)
         state.metrics.append(record)
         for callback in state.on_round:
