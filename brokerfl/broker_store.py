@@ -236,7 +236,6 @@ class BrokerModelStore(ModelStore):
                     self.export.put(model)
         return self
 
-
     def _restore_scores(self, delivery: Delivery) -> None:
         try:
             payload = decode(delivery.body)
