@@ -20,7 +20,8 @@ memory runs at a quarter of the speed of copying into memory already mapped (see
   read back from a spill file asks for huge pages: :func:`advise_huge_pages`). The CLI's
   choice for the ``server``, whose memory is what grows with a federation: 4.0-4.4x the
   model above its baseline at 4 to 96 clients where ``tuned`` held 5.5-6.9x in one sitting
-  (later ones saw runs over 5x at 4 clients), for ~8% of a 10M round (README,
+  (later ones saw runs over 5x at 4 clients, until publishing got a connection of its
+  own: at most 4.7x in 29 runs), for ~8% of a 10M round (README,
   "Strategies", memory).
 - ``default``: glibc's own settings.
 

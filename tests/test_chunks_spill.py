@@ -22,6 +22,12 @@ def parts_of(body: bytes, chunk_size: int, mid: str) -> list[tuple[chunks.ChunkI
     return [(chunks.parse(headers), part) for part, headers in chunks.split(body, chunk_size, mid)]
 
 
+def corrupted(part: bytes) -> bytes:
+    """``part`` with its first byte flipped: always a change (writing a fixed byte over it
+    is none when the byte was already that one, 1 time in 256)."""
+    return bytes([part[0] ^ 0xFF]) + part[1:]
+
+
 @pytest.fixture
 def fds():
     """Fails the test if it leaves a file descriptor open."""
@@ -72,7 +78,7 @@ def test_chunks_out_of_order_and_duplicates(fds):
 def test_a_corrupt_spilled_message_gives_back_every_chunk_as_received(fds):
     body = os.urandom(40 * KiB)
     parts = parts_of(body, 16 * KiB, "m")
-    sent = [part if i != 1 else bytes([part[0] ^ 0xFF]) + part[1:] for i, (_, part) in enumerate(parts)]
+    sent = [part if i != 1 else corrupted(part) for i, (_, part) in enumerate(parts)]
     a = chunks.Assembler(spill_min_bytes=0, ram_partials=0)
     assert isinstance(a.add(parts[0][0], sent[0], handle=0), chunks.Held)
     assert isinstance(a.add(parts[1][0], sent[1], handle=1), chunks.Held)

@@ -15,6 +15,7 @@ import numpy as np
 import pika.connection
 import pytest
 from pika import spec
+from test_chunks_spill import corrupted
 
 from brokerfl.transports import chunks
 from brokerfl.transports.pika_body import (
@@ -119,7 +120,7 @@ def test_uneven_chunks_received_as_fragments_are_joined_as_they_came():
 def test_a_corrupt_message_received_as_fragments_gives_back_bytes_as_received():
     rng = np.random.default_rng(9)
     parts = parts_of(rng.bytes(40 * KiB), 16 * KiB, "m")
-    sent = [part if i != 1 else bytes([part[0] ^ 0xFF]) + part[1:] for i, (_, part) in enumerate(parts)]
+    sent = [part if i != 1 else corrupted(part) for i, (_, part) in enumerate(parts)]
     for spill in (None, 0):
         a = chunks.Assembler(spill_min_bytes=spill, ram_partials=0)
         outcomes = [a.add(info, fragmented(s, rng), handle=i) for i, ((info, _), s) in enumerate(zip(parts, sent))]

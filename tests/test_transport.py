@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import xxhash
+from test_chunks_spill import corrupted
 
 from brokerfl.codec import decode, encode_parts
 from brokerfl.message import Envelope
@@ -454,7 +455,7 @@ def test_interleaved_and_corrupt_chunks(amqp_factory, amqp_url, run_name, spill_
     ea, eb, ebad = envelope(1), envelope(2), envelope(3)
     lists = [chunked(ea, a, 2 * KiB), chunked(eb, b, 2 * KiB), chunked(ebad, bad, 2 * KiB)]
     props, part = lists[2][1]
-    lists[2][1] = (props, bytes([part[0] ^ 0xFF]) + part[1:])  # corrupted in transit
+    lists[2][1] = (props, corrupted(part))  # in transit
     publish_raw(amqp_url, queue, [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)])
     got, _ = collect(t, queue, prefetch=1)
     wait_for(t, lambda: len(got) == 1)
@@ -646,5 +647,5 @@ def test_assembler_checks_xxh3_and_the_older_sha256_checksum():
         outcomes = [a.add(info, part, handle=i) for i, (info, part) in enumerate(zip(case, parts))]
         assert isinstance(outcomes[-1], chunks.Complete) and outcomes[-1].body == body
         a = chunks.Assembler()
-        outcomes = [a.add(info, bytes([part[0] ^ 0xFF]) + part[1:] if i == 1 else part, handle=i) for i, (info, part) in enumerate(zip(case, parts))]
+        outcomes = [a.add(info, corrupted(part) if i == 1 else part, handle=i) for i, (info, part) in enumerate(zip(case, parts))]
         assert isinstance(outcomes[-1], chunks.Corrupt) and "checksum mismatch" in outcomes[-1].reason
