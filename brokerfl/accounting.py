@@ -2,8 +2,11 @@
 with a recorded reason.
 
 Inputs are what the run left behind: the journal (every ParameterUpdate sent, every
-UpdateDropped record, every dead letter with its reason) and the stored model versions
-(each lists the updates folded into it). Tests and users run the same check
+UpdateDropped record, every dead letter with its reason, the RunFinished record of where
+the run ended) and the stored model versions (each lists the updates folded into it). An
+update published after the run ended (a client still training when an operator aborted,
+a late or forged one) has no server to take it: it counts in a category of its own, with
+its sender, instead of as lost. Tests and users run the same check
 (``brokerfl accounting``). The operator's admin commands are reported (with the server's
 replies), not counted: an abort's unfinished round is in the UpdateDropped records.
 """
@@ -17,8 +20,8 @@ from typing import Any
 
 from brokerfl.admin import AdminReply
 from brokerfl.journal import Skipped
-from brokerfl.message import ModelVersionStored, ParameterUpdate, UpdateDropped
-from brokerfl.transport import REASON_HEADER, Delivery
+from brokerfl.message import ModelVersionStored, ParameterUpdate, RunFinished, UpdateDropped
+from brokerfl.transport import REASON_HEADER, Delivery, bounded
 
 
 @dataclass
@@ -32,6 +35,8 @@ class Accounting:
     skipped: Skipped = field(default_factory=Skipped)
     admin: list[str] = field(default_factory=list)  # the operator's commands and the replies, in order
     first_version_record: int | None = None  # the first ModelVersionStored in the journal (0 unless retention cut it)
+    ended: str | None = None  # the reason of the run's first RunFinished record, once the journal has one
+    after_end: dict[str, str] = field(default_factory=dict)  # update id -> client, of updates journaled after it
 
     @property
     def cut_at(self) -> int | None:
@@ -46,7 +51,12 @@ class Accounting:
 
     @property
     def unaccounted(self) -> list[str]:
-        return sorted(uid for uid in self.sent if uid not in self.folded_into and uid not in self.dropped and uid not in self.dead)
+        return sorted(uid for uid in self.sent if uid not in self.folded_into and uid not in self.dropped and uid not in self.dead and uid not in self.after_end)
+
+    @property
+    def only_after_end(self) -> list[str]:
+        """Updates published after the run ended that no server recorded otherwise."""
+        return [uid for uid in self.after_end if uid not in self.folded_into and uid not in self.dropped and uid not in self.dead]
 
     @property
     def unknown_folded(self) -> list[str]:
@@ -76,6 +86,7 @@ class Accounting:
             f"  folded into exactly one version: {folded_once}",
             f"  dropped with a recorded reason: {only_dropped}",
             f"  dead-lettered with a reason: {only_dead}",
+            f"  published after the run ended: {len(self.only_after_end)}" + _from_clients(self.after_end[u] for u in self.only_after_end),
             f"  counted twice: {len(self.counted_twice)}",
             f"  unaccounted for: {len(self.unaccounted)}",
         ]
@@ -113,6 +124,16 @@ class Accounting:
         return "\n".join(lines)
 
 
+def _from_clients(senders: Iterable[str]) -> str:
+    counts: defaultdict[str, int] = defaultdict(int)
+    for sender in senders:
+        counts[bounded(sender, 80)] += 1
+    if not counts:
+        return ""
+    shown = sorted(counts.items(), key=lambda kv: -kv[1])[:5]
+    return ", from " + ", ".join(f"{who} ({n})" for who, n in shown) + (f" and {len(counts) - 5} more" if len(counts) > 5 else "")
+
+
 def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) -> Accounting:
     """Check a journal (in order) against stored model versions' metadata."""
     result = Accounting()
@@ -128,6 +149,12 @@ def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) 
             if update is not None:
                 result.sent.setdefault(update.message_id, update.sender)
                 result.users.setdefault(update.message_id, delivery.envelope.user_id)
+                if result.ended is not None:
+                    result.after_end.setdefault(update.message_id, update.sender)
+        elif kind == RunFinished.TYPE and result.ended is None and not delivery.problem:
+            record = skipped.record(delivery, RunFinished)
+            if record is not None:
+                result.ended = record.reason or "finished"
         elif kind == UpdateDropped.TYPE:
             record = skipped.record(delivery, UpdateDropped)
             if record is not None:

@@ -158,10 +158,12 @@ def _connect(args: argparse.Namespace, *, side: bool = False):
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    from brokerfl.app import load_app
     from brokerfl.broker_store import BrokerModelStore
     from brokerfl.metrics import MetricsLog, plot_curve
-    from brokerfl.roles import server_worker, topology_for
+    from brokerfl.roles import server_instance, server_worker, take_server_role, topology_for
     from brokerfl.store import DirectoryModelStore
+    from brokerfl.transport import LeaseLost
 
     config = _load(args)
     # The server's evaluation too: with torch's default of one thread per core, a 100k
@@ -172,20 +174,31 @@ def cmd_server(args: argparse.Namespace) -> int:
     # The versions live on the broker (the run's models stream), so a server on a fresh
     # host with an empty --out resumes the run; DIR/models is an export of them.
     with _connect(args) as transport, _connect(args, side=True) as store_transport:
+        topology_for(config).declare(transport)
+        load_app(config)  # a hot standby: the app's code (and torch, if it uses it) loaded before it waits
+        take_server_role(transport, config)  # a standby until no other server holds the role
         # keep=1: the newest version's parameters are the model the server holds anyway
         store = BrokerModelStore(store_transport, topology_for(config), keep=1, export=DirectoryModelStore(out / "models")).refresh()
         if not store.versions():  # a fresh run: no stale lines from an earlier one
             (out / "metrics.jsonl").unlink(missing_ok=True)
         metrics = MetricsLog(out / "metrics.jsonl")
         worker = server_worker(transport, config, store, metrics)
+        worker.state.instance = server_instance()
         if args.metrics_port:
             from brokerfl.monitoring import serve_server_metrics
             from handlers.workflows.admin import held_updates
             from handlers.workflows.server import live_clients
 
             serve_server_metrics(args.metrics_port, worker, live_clients, held_updates)
-        worker.start()
-        worker.run()
+        try:
+            worker.start()
+            worker.run()
+        except LeaseLost:
+            # Its connection was lost and another server holds the role now: this one's
+            # rounds, timers and held updates are that one's to redo. Started again, it waits
+            # as a standby.
+            print("brokerfl server: lost the server role to another server (this one's connection was lost meanwhile); stopping", file=sys.stderr)
+            return 4
         store.wait_for_export()
     state = worker.state
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []

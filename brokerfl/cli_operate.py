@@ -63,6 +63,8 @@ def render(view: dict[str, Any]):
         loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
         age = "" if status["round_age_s"] is None else f" for {status['round_age_s']:.1f} s"
         parts.append(Text(f"run {status['run']} ({status['strategy']}): {state}; round {status['round']} of {status['rounds']}{age}; model version {status['model_version']}; accuracy {acc}, loss {loss}", style="bold"))
+        standbys = status.get("standbys") or []
+        parts.append(Text(f"active server {status.get('server') or '?'}; standby servers: {', '.join(standbys) if standbys else 'none'}"))
         live = sum(c["live"] for c in status["clients"])
         parts.append(Text(
             f"clients live {live} of {status['clients_expected']} expected, min {status['min_clients']}; "

@@ -46,16 +46,21 @@ def client_user(run: str, client_id: str) -> str:
 
 
 def server_inbox_check(run: str, client_ids: Iterable[str]) -> SenderCheck:
-    """What the server accepts: messages of the run's clients, each about itself only, and
-    the operator's status requests and admin commands from the admin user only."""
+    """What the server accepts: messages of the run's clients, each about itself only, the
+    operator's status requests and admin commands from the admin user only, and standby
+    announcements from the server user only."""
     from brokerfl.admin import AdminCommand, StatusRequest
+    from brokerfl.message import ServerStandby
 
     clients = {client_user(run, cid): cid for cid in client_ids}
     admin = admin_user(run)
+    server = server_user(run)
 
     def check(message: Message, user: str) -> str | None:
         if isinstance(message, (AdminCommand, StatusRequest)):
             return None if user == admin else f"{message.TYPE} may come from the admin user {admin!r} only, not {user or '(no user_id)'!r}"
+        if isinstance(message, ServerStandby):  # another server process of the run, waiting for the role
+            return None if user == server else f"{message.TYPE} may come from the server user {server!r} only, not {user or '(no user_id)'!r}"
         who = clients.get(user)
         if who is None:
             return f"publisher {user or '(no user_id)'!r} is not a client of run {run!r}"

@@ -216,6 +216,25 @@ class Exit(Message):
     reason: str = ""
 
 
+@dataclass(kw_only=True)
+class RunFinished(Message):
+    """The server's journal record that the run ended (its rounds done, failed, or aborted)
+    at ``model_version``. No server takes an update published after it; accounting counts
+    such updates in a category of their own instead of calling them lost."""
+
+    reason: str = ""
+    failed: bool = False
+
+
+@dataclass(kw_only=True)
+class ServerStandby(Message):
+    """A server process waiting for the run's server role, which another one holds: sent
+    to the server queue every ``liveness.heartbeat_s`` so that the active server's status
+    lists its standbys. ``sender`` names the process (host:pid)."""
+
+    waiting_since: float = 0.0  # unix time
+
+
 # ---------------------------------------------------------------- wire form
 
 

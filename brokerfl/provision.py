@@ -13,7 +13,7 @@ broker's ``load_definitions`` setting), not code of ours that grants rights:
 | user   | configure                          | write / read                                   | publishes (topic write)                         | binds (topic read)      |
 |--------|------------------------------------|------------------------------------------------|-------------------------------------------------|-------------------------|
 | client | its own queue                      | the exchange, its own queue                    | ``server.<client message types>``, ``dead.*``   | ``client.<id>.#``, ``clients.#`` |
-| server | exchange, server/dead/admin/journal queues | the same, and ``amq.default`` (direct replies) | ``client.*``, ``clients.*``, ``dead.*``, ``audit.*``, ``admin.*`` | ``server.#``, ``dead.#``, ``admin.#``, ``#`` |
+| server | exchange, server/dead/admin/journal queues, the server lease | the same, and ``amq.default`` (direct replies) | ``client.*``, ``clients.*``, ``dead.*``, ``audit.*``, ``admin.*``, ``server.server_standby`` | ``server.#``, ``dead.#``, ``admin.#``, ``#`` |
 | admin  | everything (tag ``administrator``) | everything                                     | everything                                      | everything              |
 
 The server declares the run's queues (server, dead letters, journal); each client declares
@@ -40,6 +40,7 @@ from typing import Any
 
 from brokerfl.config import RunConfig
 from brokerfl.identity import admin_user, client_user, server_user
+from brokerfl.message import ServerStandby
 from brokerfl.topology import ADMIN, AUDIT, CLIENTS, DEAD, SERVER, RunTopology
 
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
@@ -84,13 +85,14 @@ def definitions(config: RunConfig, people: list[Participant], *, vhost: str) -> 
             permissions.append({"user": p.user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"})
             continue  # no topic permissions: every routing key
         if p.role == "server":
-            own = _any_of(x, topo.server_queue, topo.dead_queue, topo.admin_queue, topo.journal_stream, topo.models_stream)
+            own = _any_of(x, topo.server_queue, topo.dead_queue, topo.admin_queue, topo.journal_stream, topo.models_stream, topo.server_lease)
             # amq.default: the server answers status requests and admin commands on the
             # requester's direct reply-to address, which RabbitMQ routes through the default
             # exchange (the server already sends every client its tasks)
             write = _any_of(x, topo.server_queue, topo.dead_queue, topo.admin_queue, topo.journal_stream, topo.models_stream, "amq.default")
             permissions.append({"user": p.user, "vhost": vhost, "configure": own, "write": write, "read": own})
-            topics.append({"user": p.user, "vhost": vhost, "exchange": x, "write": rf"^({CLIENTS}|client|{DEAD}|{AUDIT}|{ADMIN})\..+$", "read": _any_of(f"{SERVER}.#", f"{DEAD}.#", f"{ADMIN}.#", "#")})
+            # server.server_standby: a standby server announces itself to the active one
+            topics.append({"user": p.user, "vhost": vhost, "exchange": x, "write": rf"^(({CLIENTS}|client|{DEAD}|{AUDIT}|{ADMIN})\..+|{SERVER}\.{ServerStandby.TYPE})$", "read": _any_of(f"{SERVER}.#", f"{DEAD}.#", f"{ADMIN}.#", "#")})
         else:
             queue = topo.client_queue(p.client_id)
             # the models stream: clients fetch the versions their tasks name (brokerfl.model_refs)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import socket
+import time
 from collections.abc import Callable
 from types import ModuleType
 
@@ -16,16 +19,17 @@ import structlog
 
 from brokerfl import identity
 from brokerfl.config import ConfigError, RunConfig
-from brokerfl.message import Message
+from brokerfl.message import Message, ServerStandby, to_wire
 from brokerfl.metrics import MetricsLog
 from brokerfl.model_refs import ModelCache, by_reference
 from brokerfl.store import ModelStore
-from brokerfl.topology import RunTopology
+from brokerfl.topology import SERVER, RunTopology, routing_key
 from brokerfl.transport import Transport, TransportError
 from brokerfl.worker import Worker
 
 
 CROSS_SITE_HANDLERS = "handlers.workflows.cross_site"
+LEASE_POLL_S = 0.5  # how often a standby server asks for the role (one queue.declare each)
 
 
 def handler_set(config: RunConfig, key: str) -> ModuleType:
@@ -86,6 +90,44 @@ def server_worker(transport: Transport, config: RunConfig, store: ModelStore, me
     prefetch = max(2 * config.clients, 16)
     admit = identity.server_inbox_check(config.run, config.client_ids()) if config.identity.enforce else None
     return Worker(transport, topology, topology.server_queue, module.table, state, name="server", prefetch=prefetch, admit=admit)
+
+
+def server_instance() -> str:
+    """This server process, as its status and its standby announcements name it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def take_server_role(transport: Transport, config: RunConfig, *, log=None, clock: Callable[[], float] = time.monotonic) -> float:
+    """Wait, as a hot standby, until this process holds the run's server role; the seconds
+    it waited.
+
+    Decision: the broker decides who the server is. The role is a lease
+    (:meth:`~brokerfl.transport.Transport.hold_lease`) that one connection holds at a time
+    and that the broker releases the moment that connection dies. A second server started
+    for a running run (a rolling update, a restarted container whose old one still runs)
+    waits here, announcing itself to the active server's status, and takes over within a
+    poll of the active one's death, resuming from the broker like any restarted server.
+    Two servers never act at once: the one that loses its connection and finds the lease
+    taken on reconnecting gets :class:`~brokerfl.transport.LeaseLost` and stops."""
+    log = log or structlog.get_logger("brokerfl").bind(run=config.run, role="server")
+    topology = topology_for(config)
+    lease = topology.server_lease
+    started, since = clock(), time.time()
+    waiting = False
+    announced = -math.inf
+    while not transport.hold_lease(lease):
+        if not waiting:
+            log.warning("standby: another server holds this run's server role; this one takes over when it goes", instance=server_instance())
+            waiting = True
+        if clock() - announced >= config.liveness.heartbeat_s:
+            announced = clock()
+            envelope, body = to_wire(ServerStandby(sender=f"server@{server_instance()}", run=config.run, waiting_since=since))
+            transport.publish(topology.exchange, routing_key(SERVER, ServerStandby.TYPE), envelope, body)
+        transport.poll(LEASE_POLL_S)  # keeps the connection's heartbeats going
+    waited = clock() - started
+    if waiting:
+        log.warning("server role taken: this server is now the active one", waited_s=round(waited, 2), instance=server_instance())
+    return waited
 
 
 def client_worker(transport: Transport, config: RunConfig, client_id: str, *, journal: bool | None = None, models: ModelCache | None = None) -> Worker:

@@ -9,6 +9,7 @@
 | ``brokerfl.<run>.journal``     | stream         | ``#``: a copy of every message           |
 | ``brokerfl.<run>.admin``       | classic        | ``admin.#``: the operator's admin state  |
 | ``brokerfl.<run>.models``      | stream         | nothing routed: every stored model version (``brokerfl.broker_store``) |
+| ``brokerfl.<run>.server.lease``| exclusive      | nothing: held by the active server's connection (one server acts at a time) |
 
 With ``replicated`` (config ``replicated_queues: true``, for a RabbitMQ cluster) every queue
 is a quorum queue: a classic queue lives on one node, and a client whose queue's node dies
@@ -79,6 +80,12 @@ class RunTopology:
     @property
     def server_queue(self) -> str:
         return f"brokerfl.{self.run}.server"
+
+    @property
+    def server_lease(self) -> str:
+        """The server role's lease (:meth:`brokerfl.transport.Transport.hold_lease`): the
+        server process that holds it consumes the server queue; any other waits."""
+        return f"brokerfl.{self.run}.server.lease"
 
     @property
     def dead_queue(self) -> str:

@@ -17,7 +17,10 @@ keep the same semantics, and the tests of broker behaviour run on both:
   reason in the ``x-brokerfl-reason`` header, then acks it;
 - :meth:`Transport.request` / :meth:`Transport.reply`: request/reply (RabbitMQ's direct
   reply-to). A request carries a private reply address that lives only while its requester
-  waits; replies are not durable, and a reply to a requester that is gone is dropped.
+  waits; replies are not durable, and a reply to a requester that is gone is dropped;
+- :meth:`Transport.hold_lease`: a named lease that one connection holds at a time (an
+  exclusive queue), released when that connection goes. A role that must have one actor
+  (the run's server) is held by whoever holds its lease.
 """
 
 from __future__ import annotations
@@ -77,6 +80,12 @@ ORIGIN_USER_HEADER = "x-brokerfl-user"  # a dead letter's original publisher (th
 
 class TransportError(RuntimeError):
     """The transport could not do what was asked (connection lost, unknown queue, ...)."""
+
+
+class LeaseLost(TransportError):
+    """A lease this transport held was taken by another connection while this one was
+    lost: the role it stood for is someone else's now. Raised by the operation that
+    reconnected; no consumer of this transport was started again."""
 
 
 class UnroutableError(TransportError):
@@ -226,6 +235,15 @@ class Transport(abc.ABC):
         is dropped without an error (RabbitMQ cannot tell the sender: it returns even a
         delivered reply as unroutable). TransportError if the request carries no address."""
 
+    def hold_lease(self, name: str) -> bool:
+        """Take the lease ``name`` if no other connection holds it: True if this one holds
+        it now (or did already), False if another does. A lease is held until this
+        connection closes or is lost (the broker then releases it at once, or when it
+        misses the connection's heartbeats). After a reconnect the transport takes its
+        leases again before it restarts any consumer; if another connection holds one by
+        then, that operation raises :class:`LeaseLost` and no consumer is restarted."""
+        raise TransportError(f"{type(self).__name__} has no leases")
+
     @abc.abstractmethod
     def poll(self, timeout: float = 0.0) -> int:
         """Run consumer callbacks for deliveries that arrive within ``timeout`` seconds;
@@ -246,9 +264,13 @@ class Transport(abc.ABC):
 
 
 def bounded(text: Any, limit: int = 200) -> str:
-    """``text`` as a string fit for a log line or a record: at most ``limit`` characters."""
+    """``text`` as a string fit for a log line, a terminal or a record: at most ``limit``
+    characters, with control characters (a terminal's escape sequences, line breaks that
+    would forge log lines) written as escapes."""
     text = text if isinstance(text, str) else repr(text)
-    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+    if len(text) > limit:
+        text = f"{text[:limit]}...({len(text)} chars)"
+    return text if text.isprintable() else "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def envelope_problem(envelope: Any) -> str:

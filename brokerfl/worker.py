@@ -22,7 +22,7 @@ from brokerfl.handler_table import Context, HandlerTable, Outbound, Rejected, St
 from brokerfl.message import Message, from_wire, to_wire_parts
 from brokerfl.timing import timings
 from brokerfl.topology import DEAD, REQUESTER, RunTopology, routing_key
-from brokerfl.transport import REPLY_TO, Body, Delivery, Transport, TransportError, UnroutableError, body_size, bounded, joined
+from brokerfl.transport import REPLY_TO, Body, Delivery, LeaseLost, Transport, TransportError, UnroutableError, body_size, bounded, joined
 
 
 _TYPE_WORD = re.compile(r"^[A-Za-z0-9_]{1,64}$")  # what may stand in a routing key
@@ -194,6 +194,8 @@ class Worker:
             return
         try:
             self.publish_wire(wire, request=delivery)
+        except LeaseLost:
+            raise  # the role this worker acted in is another process's now: stop acting
         except UnroutableError as exc:  # what it sent goes nowhere: as good as a handler error
             if delivery is not None:
                 self._dead_letter(delivery, f"handler {name}: {exc}", log)

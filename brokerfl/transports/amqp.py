@@ -33,6 +33,9 @@ is assembled from parts, one concept each: :mod:`~brokerfl.transports.amqp_conne
   whose confirm does not come within ``confirm_timeout``, on a new connection). Deliveries of
   the lost connection are dropped from the inbox and cannot be settled any more; the broker
   redelivers them, so settling one logs a warning instead of failing.
+- **Leases** (:meth:`hold_lease`) are exclusive queues, taken again first after a
+  reconnect: a lease another connection took meanwhile raises :class:`LeaseLost` and no
+  consumer is re-created (the role it stood for is someone else's).
 - **Cluster.** ``url`` may name several nodes of a RabbitMQ cluster (a list, or commas):
   pika tries them in order, and a reconnect tries the node it lost last.
 
@@ -140,6 +143,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         self._exchanges: dict[str, None] = {}
         self._queues: dict[str, tuple[QueueKind, dict[str, Any]]] = {}
         self._bindings: dict[tuple[str, str, str], None] = {}
+        self._leases: dict[str, None] = {}  # exclusive queues this connection holds (hold_lease)
         self._consumers: dict[str, _Consumer] = {}
         self._received: deque[tuple[_Consumer, _Handle, bytes]] = deque()  # recorded by pika's callbacks
         self._inbox: deque[tuple[_Consumer, Delivery]] = deque()
@@ -206,6 +210,22 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
             self._admin_op(f"delete exchange {name!r}", lambda ch: ch.exchange_delete(name))
             self._exchanges.pop(name, None)
             self._bindings = {b: None for b in self._bindings if b[1] != name}
+
+    def hold_lease(self, name: str) -> bool:
+        """The lease is an exclusive queue: RabbitMQ lets one connection declare it and
+        refuses every other (``405 RESOURCE_LOCKED``) until that connection goes, when it
+        deletes the queue. (An exclusive *consumer* would fence the queue itself, but
+        RabbitMQ 3.10 ignores ``exclusive`` on a quorum queue's consumers.)"""
+        if name in self._leases:
+            return True
+        try:
+            self._admin_op(f"take the lease {name!r}", lambda ch: ch.queue_declare(name, exclusive=True, auto_delete=True))
+        except TransportError as exc:
+            if "RESOURCE_LOCKED" in str(exc):
+                return False
+            raise
+        self._leases[name] = None
+        return True
 
     def queue_info(self, name: str) -> QueueInfo:
         """Ready messages and consumers (a stream reports 0 ready: AMQP cannot count it);

@@ -25,7 +25,7 @@ import pika.exceptions as px
 import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 
-from brokerfl.transport import TransportError
+from brokerfl.transport import LeaseLost, TransportError
 from brokerfl.transports.envelope import make_header_decoding_total
 
 if TYPE_CHECKING:
@@ -117,6 +117,7 @@ class ConnectionMixin:
     _queues: dict[str, tuple[str, dict[str, Any]]]
     _bindings: dict[tuple[str, str, str], None]
     _consumers: dict[str, _Consumer]
+    _leases: dict[str, None]
 
     def _connect(self) -> None:
         # a cluster's nodes in order, the one just lost last: failing over tries the others first
@@ -184,6 +185,8 @@ class ConnectionMixin:
                 self._restore()
                 log.info("amqp.reconnected", url=self.safe_url, node=f"{self._node.host}:{self._node.port}" if self._node else None, consumers=len(self._consumers))
                 return
+            except LeaseLost:
+                raise  # the connection is fine; the role is gone
             except (TransportError, px.ChannelWrongStateError, *_LOST) as exc:
                 self._drop_connection()
                 remaining = deadline - time.monotonic()
@@ -240,7 +243,8 @@ class ConnectionMixin:
                 pass
 
     def _restore(self) -> None:
-        """After a reconnect: declarations, then consumers."""
+        """After a reconnect: leases, declarations, then consumers."""
+        self._retake_leases()
         steps: list[tuple[str, Callable[[BlockingChannel], Any]]] = []
         for name in self._exchanges:
             steps.append((f"exchange {name}", lambda ch, n=name: ch.exchange_declare(n, exchange_type="topic", durable=True)))
@@ -268,6 +272,24 @@ class ConnectionMixin:
                     raise
                 log.error("amqp.reconsume_failed", queue=consumer.queue, error=str(exc))
                 self._forget_consumer(consumer)
+
+    def _retake_leases(self) -> None:
+        """Take this connection's leases again, before anything else is restored: one that
+        another connection took while this one was lost ends this transport's consumers
+        (the role's messages are that one's now) and raises :class:`LeaseLost`."""
+        for name in list(self._leases):
+            try:
+                self._admin.queue_declare(name, exclusive=True, auto_delete=True)
+            except px.ChannelClosedByBroker as exc:
+                self._admin = self._conn.channel()
+                if "RESOURCE_LOCKED" not in exc.reply_text:
+                    raise TransportError(f"take the lease {name!r} again: {exc.reply_text}") from None
+                self._leases.clear()
+                self._received.clear()
+                for consumer in list(self._consumers.values()):
+                    self._forget_consumer(consumer)
+                log.warning("amqp.lease_lost", lease=name)
+                raise LeaseLost(f"another connection holds the lease {name!r} now") from None
 
     def _with_retry(self, op: Callable[[], T]) -> T:
         """Run ``op``; if the connection is lost, reconnect and run it again."""

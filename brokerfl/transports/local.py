@@ -145,6 +145,7 @@ class LocalBroker:
         self.queues: dict[str, _Queue] = {}
         # queues that may have something to hand out (dispatch looks at these, not at all)
         self.pending: dict[str, None] = {}
+        self.leases: dict[str, LocalTransport] = {}  # lease name -> the connection that holds it
         self._tags = itertools.count(1)
 
     def next_tag(self) -> int:
@@ -487,12 +488,20 @@ class LocalTransport(Transport):
 
         return hand_out(batch, self._inbox, deliver)
 
+    def hold_lease(self, name: str) -> bool:
+        self._check_open()
+        with self.broker.lock:
+            holder = self.broker.leases.setdefault(name, self)
+            return holder is self
+
     def close(self) -> None:
         if self._closed:
             return
         for tag in list(self._consumers):
             self.cancel(tag)
         with self.broker.changed:
+            for name in [n for n, holder in self.broker.leases.items() if holder is self]:
+                del self.broker.leases[name]  # as RabbitMQ deletes a closed connection's exclusive queues
             for queue_name, tags in self._get_tags.items():
                 queue = self.broker.queues.get(queue_name)
                 if queue is None:

@@ -65,8 +65,11 @@ def status_of(state: ServerState) -> dict:
     now = time.monotonic()
     live = set(live_clients(state))
     model = state.model
+    recent = 3 * state.config.liveness.heartbeat_s  # a standby announces itself every heartbeat_s
     return {
         "run": state.config.run,
+        "server": state.instance or None,  # the active server process (host:pid)
+        "standbys": sorted(name for name, seen in list(state.standbys.items()) if now - seen <= recent),
         "strategy": state.strategy.name,
         "round": state.round,
         "round_open": state.round_open,

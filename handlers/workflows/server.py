@@ -37,7 +37,7 @@ from brokerfl.admin import AdminState
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
 from brokerfl.journal import retention_warning
-from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, TrainTask, UpdateDropped
+from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, RunFinished, ServerStandby, TrainTask, UpdateDropped
 from brokerfl.model_refs import task_model_fields
 from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion, parameters_hash
@@ -53,7 +53,11 @@ from handlers.workflows.scoring import ScoreStored, Unscored, journal_version, s
 
 table = HandlerTable("server")
 
-DRAIN_S = 1.0  # after the last version, how long updates still in flight are recorded as dropped
+# After the run ends the server stays DRAIN_S past the last update it records as dropped
+# (so a backlog is emptied, not cut at a fixed time), but no longer than MAX_DRAIN_S in all.
+DRAIN_S = 1.0
+MAX_DRAIN_S = 30.0
+MAX_STANDBYS = 16  # standby servers a status lists (announcements are not authenticated without identity)
 
 
 @dataclass(kw_only=True)
@@ -125,6 +129,9 @@ class ServerState:
     unscored: list[Unscored] = field(default_factory=list)  # stored versions not yet evaluated (oldest first)
     scores_in_store: bool = False  # evaluate before storing, so the stored version holds its scores (swarm picks its best model from them)
     admin: AdminState = field(default_factory=AdminState)  # what the operator changed (handlers/workflows/admin.py)
+    instance: str = ""  # this server process (host:pid), for status
+    standbys: dict[str, float] = field(default_factory=dict)  # standby servers' names -> when last announced (time.monotonic())
+    drain_ends_by: float = 0.0  # time.monotonic() past which the drain after the run stops
 
 
 def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> ServerState:
@@ -264,6 +271,20 @@ def forget_client(message: Leave, ctx: Context):
     ctx.log.info("client left", client=message.client_id, reason=bounded(message.reason))
 
 
+@table.on(ServerStandby)
+def note_standby(message: ServerStandby, ctx: Context):
+    """A server waiting for this one's role (:func:`brokerfl.roles.take_server_role`)."""
+    standbys = ctx.state.standbys
+    name = bounded(message.sender, 80)
+    if name == f"server@{ctx.state.instance}":
+        return  # its own, from while it waited
+    if name not in standbys:
+        if len(standbys) >= MAX_STANDBYS:
+            standbys.pop(min(standbys, key=standbys.get))  # the longest silent one
+        ctx.log.warning("a standby server waits for this one's role", standby=name)
+    standbys[name] = time.monotonic()
+
+
 @table.on(JoinDeadline)
 def start_without_everyone(message: JoinDeadline, ctx: Context):
     state: ServerState = ctx.state
@@ -288,6 +309,8 @@ def start_without_everyone(message: JoinDeadline, ctx: Context):
 
 def drop(ctx: Context, update: ParameterUpdate, reason: str) -> list[Outbound]:
     """Ack an update without folding it: its record goes out (confirmed) before the ack."""
+    if ctx.state.done:
+        extend_drain(ctx)
     return record_drop(ctx, update.message_id, update.client_id, reason, round_=update.round, model_version=update.model_version)
 
 
@@ -372,8 +395,19 @@ def finish_run(ctx: Context, reason: str, *, failed: bool = False) -> list[Outbo
     ctx.cancel_timer("join")
     ctx.cancel_timer("round")
     (ctx.log.error if failed else ctx.log.info)("run finished", reason=reason)
+    state.drain_ends_by = time.monotonic() + MAX_DRAIN_S
     ctx.set_timer("drain", DRAIN_S, DrainDone())
-    return [to_clients(Exit(reason=reason, round=state.round, model_version=state.model.version))]
+    out = [to_clients(Exit(reason=reason, round=state.round, model_version=state.model.version))]
+    if state.config.journal:  # where the run ended, for accounting (an update after it has no taker)
+        out.append(Outbound(AUDIT, RunFinished(reason=reason, failed=failed, round=state.round, model_version=state.model.version)))
+    return out
+
+
+def extend_drain(ctx: Context) -> None:
+    """Something still arrives after the run ended: stay DRAIN_S more (within MAX_DRAIN_S)."""
+    remaining = ctx.state.drain_ends_by - time.monotonic()
+    if remaining > 0:
+        ctx.set_timer("drain", min(DRAIN_S, remaining), DrainDone())
 
 
 @table.on(DrainDone)
