@@ -51,6 +51,7 @@ def _accounting(fed, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.broker
+@pytest.mark.slow
 def test_accounting_passes_right_after_an_abort_with_clients_still_training(federation, tmp_path):  # noqa: F811
     slow = tmp_path / "slow.yaml"
     # every client sleeps 30x its training after it, before its update goes out: the abort

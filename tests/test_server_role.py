@@ -96,6 +96,7 @@ class StatusWatcher:
 
 
 @pytest.mark.broker
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_second_server_stands_by_and_takes_over_when_the_active_one_is_killed(federation, run_name, tmp_path, amqp_url):  # noqa: F811
     slow = tmp_path / "slow.yaml"
