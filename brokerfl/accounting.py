@@ -15,10 +15,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from brokerfl.admin import AdminReply
+from brokerfl.admin import AdminCommand, AdminReply
 from brokerfl.journal import Skipped
 from brokerfl.message import ModelVersionStored, ParameterUpdate, UpdateDropped
-from brokerfl.transport import REASON_HEADER, Delivery
+from brokerfl.message import MESSAGE_TYPES
+from brokerfl.transport import REASON_HEADER, Delivery, bounded
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Accounting:
     versions: int = 0
     skipped: Skipped = field(default_factory=Skipped)
     admin: list[str] = field(default_factory=list)  # the operator's commands and the replies, in order
+    admin_users: dict[str, str] = field(default_factory=dict)  # admin command id -> broker user that published it
     first_version_record: int | None = None  # the first ModelVersionStored in the journal (0 unless retention cut it)
 
     @property
@@ -98,7 +100,7 @@ class Accounting:
         for user, (sent, folded) in sorted(by_user.items()):
             lines.append(f"  published by {user}: {sent} updates, {folded} folded")
         for uid in self.unaccounted[:10]:
-            lines.append(f"  UNACCOUNTED {uid} from client {self.sent[uid]}")
+            lines.append(f"  UNACCOUNTED {uid} from {who(self.users.get(uid, ''), self.sent[uid])}")
         for uid, versions in list(self.counted_twice.items())[:10]:
             lines.append(f"  COUNTED TWICE {uid} in versions {versions}")
         lines.append(self.skipped.summary())
@@ -135,7 +137,10 @@ def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) 
         elif kind == AdminReply.TYPE and not delivery.problem:
             reply = skipped.record(delivery, AdminReply)
             if reply is not None:
-                result.admin.append(f"{reply.command} by {reply.by or '?'} at round {reply.round}: {'ok' if reply.ok else 'refused'}: {reply.text}")
+                user = reply.user or result.admin_users.get(reply.command_id, "")
+                result.admin.append(f"{reply.command} by {who(user, reply.by)} at round {reply.round}: {'ok' if reply.ok else 'refused'}: {reply.text}")
+        elif _is_admin_command(kind) and not delivery.problem:  # who published it, as the broker validated it
+            result.admin_users[delivery.envelope.message_id] = delivery.envelope.user_id
         elif kind == ModelVersionStored.TYPE and result.first_version_record is None and not delivery.problem:
             record = skipped.record(delivery, ModelVersionStored)
             if record is not None:
@@ -147,6 +152,20 @@ def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) 
         for uid in meta["update_ids"]:
             result.folded_into[uid].append(meta["version"])
     return result
+
+
+def who(user: str, claim: str) -> str:
+    """A publisher as RabbitMQ validated it (``user_id``), and what it claims (``sender``)
+    beside it only where the two differ: the claim is anyone's to write."""
+    user, claim = bounded(user or "", 64), bounded(claim or "", 120)
+    if not user:
+        return f"user ? (claims {claim})" if claim else "user ?"
+    return f"user {user}" + (f" (claims {claim})" if claim and claim != user else "")
+
+
+def _is_admin_command(kind: str) -> bool:
+    cls = MESSAGE_TYPES.get(kind)
+    return cls is not None and issubclass(cls, AdminCommand)
 
 
 def account_run(transport: Any, topology: Any, store: Any) -> Accounting:
