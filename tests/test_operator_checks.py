@@ -18,7 +18,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from brokerfl.accounting import account
-from brokerfl.admin import AdminReply, AdminState, RemoveClient, SetMinClients, SetRounds, ShutdownClients, StatusRequest
+from brokerfl.admin import AdminReply, AdminState, RemoveClient, SetMinClients, SetRounds, ShutdownClients
 from brokerfl.cli import main
 from brokerfl.config import load_config
 from brokerfl.handler_table import Context, Rejected, Started
