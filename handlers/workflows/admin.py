@@ -249,8 +249,8 @@ def set_rounds(command: SetRounds, ctx: Context):
     old = state.config.rounds
     floor = state.round if state.round_open else (state.model.round if state.model else 0)
     if command.rounds < floor:
-        under_way = "under way" if state.round_open else "done"
-        return answer(ctx, command, False, f"rounds {command.rounds} is below round {floor}, already {under_way}: the least is {floor} (the run ends after it; `admin abort` ends it now)")
+        then = "under way: the least is {0} (the run ends after this round; `admin abort` ends it now)" if state.round_open else "done: the least is {0} (it ends the run now)"
+        return answer(ctx, command, False, f"rounds {command.rounds} is below round {floor}, already " + then.format(floor))
     rounds = command.rounds
     state.admin.rounds = rounds
     state.config = state.admin.applied_to(state.config)
