@@ -18,9 +18,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from brokerfl.admin import AdminReply
+from brokerfl.admin import AdminCommand, AdminReply
 from brokerfl.journal import Skipped
-from brokerfl.message import ModelVersionStored, ParameterUpdate, RunFinished, UpdateDropped
+from brokerfl.message import MESSAGE_TYPES, ModelVersionStored, ParameterUpdate, RunFinished, UpdateDropped
 from brokerfl.transport import REASON_HEADER, Delivery, bounded
 
 
@@ -34,9 +34,10 @@ class Accounting:
     versions: int = 0
     skipped: Skipped = field(default_factory=Skipped)
     admin: list[str] = field(default_factory=list)  # the operator's commands and the replies, in order
+    admin_users: dict[str, str] = field(default_factory=dict)  # admin command id -> broker user that published it
     first_version_record: int | None = None  # the first ModelVersionStored in the journal (0 unless retention cut it)
     ended: str | None = None  # the reason of the run's first RunFinished record, once the journal has one
-    after_end: dict[str, str] = field(default_factory=dict)  # update id -> client, of updates journaled after it
+    after_end: dict[str, str] = field(default_factory=dict)  # update id -> who published it (:func:`who`), of updates journaled after it
 
     @property
     def cut_at(self) -> int | None:
@@ -86,7 +87,7 @@ class Accounting:
             f"  folded into exactly one version: {folded_once}",
             f"  dropped with a recorded reason: {only_dropped}",
             f"  dead-lettered with a reason: {only_dead}",
-            f"  published after the run ended: {len(self.only_after_end)}" + _from_clients(self.after_end[u] for u in self.only_after_end),
+            f"  published after the run ended: {len(self.only_after_end)}" + _from_publishers(self.after_end[u] for u in self.only_after_end),
             f"  counted twice: {len(self.counted_twice)}",
             f"  unaccounted for: {len(self.unaccounted)}",
         ]
@@ -109,7 +110,7 @@ class Accounting:
         for user, (sent, folded) in sorted(by_user.items()):
             lines.append(f"  published by {user}: {sent} updates, {folded} folded")
         for uid in self.unaccounted[:10]:
-            lines.append(f"  UNACCOUNTED {uid} from client {self.sent[uid]}")
+            lines.append(f"  UNACCOUNTED {uid} from {who(self.users.get(uid, ''), self.sent[uid])}")
         for uid, versions in list(self.counted_twice.items())[:10]:
             lines.append(f"  COUNTED TWICE {uid} in versions {versions}")
         lines.append(self.skipped.summary())
@@ -124,10 +125,10 @@ class Accounting:
         return "\n".join(lines)
 
 
-def _from_clients(senders: Iterable[str]) -> str:
+def _from_publishers(publishers: Iterable[str]) -> str:
     counts: defaultdict[str, int] = defaultdict(int)
-    for sender in senders:
-        counts[bounded(sender, 80)] += 1
+    for publisher in publishers:
+        counts[publisher] += 1
     if not counts:
         return ""
     shown = sorted(counts.items(), key=lambda kv: -kv[1])[:5]
@@ -150,7 +151,7 @@ def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) 
                 result.sent.setdefault(update.message_id, update.sender)
                 result.users.setdefault(update.message_id, delivery.envelope.user_id)
                 if result.ended is not None:
-                    result.after_end.setdefault(update.message_id, update.sender)
+                    result.after_end.setdefault(update.message_id, who(delivery.envelope.user_id, update.sender))
         elif kind == RunFinished.TYPE and result.ended is None and not delivery.problem:
             record = skipped.record(delivery, RunFinished)
             if record is not None:
@@ -162,7 +163,10 @@ def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) 
         elif kind == AdminReply.TYPE and not delivery.problem:
             reply = skipped.record(delivery, AdminReply)
             if reply is not None:
-                result.admin.append(f"{reply.command} by {reply.by or '?'} at round {reply.round}: {'ok' if reply.ok else 'refused'}: {reply.text}")
+                user = reply.user or result.admin_users.get(reply.command_id, "")
+                result.admin.append(f"{reply.command} by {who(user, reply.by)} at round {reply.round}: {'ok' if reply.ok else 'refused'}: {reply.text}")
+        elif _is_admin_command(kind) and not delivery.problem:  # who published it, as the broker validated it
+            result.admin_users[delivery.envelope.message_id] = delivery.envelope.user_id
         elif kind == ModelVersionStored.TYPE and result.first_version_record is None and not delivery.problem:
             record = skipped.record(delivery, ModelVersionStored)
             if record is not None:
@@ -174,6 +178,20 @@ def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) 
         for uid in meta["update_ids"]:
             result.folded_into[uid].append(meta["version"])
     return result
+
+
+def who(user: str, claim: str) -> str:
+    """A publisher as RabbitMQ validated it (``user_id``), and what it claims (``sender``)
+    beside it only where the two differ: the claim is anyone's to write."""
+    user, claim = bounded(user or "", 64), bounded(claim or "", 120)
+    if not user:
+        return f"user ? (claims {claim})" if claim else "user ?"
+    return f"user {user}" + (f" (claims {claim})" if claim and claim != user else "")
+
+
+def _is_admin_command(kind: str) -> bool:
+    cls = MESSAGE_TYPES.get(kind)
+    return cls is not None and issubclass(cls, AdminCommand)
 
 
 def account_run(transport: Any, topology: Any, store: Any) -> Accounting:

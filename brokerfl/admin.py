@@ -98,9 +98,10 @@ class AdminReply(Message):
 
     command: str
     command_id: str
-    by: str
+    by: str  # the sender the command claims (e.g. admin:root@host:PID)
     ok: bool
     text: str
+    user: str = ""  # the broker user that published the command, as RabbitMQ validated it
 
 
 @dataclass(kw_only=True)

@@ -55,6 +55,8 @@ def _broker_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", default=_env("TLS_CA"), help="CA certificate (PEM) that signed the broker's (default: $BROKERFL_TLS_CA, else the system's CAs)")
     parser.add_argument("--tls-cert", default=_env("TLS_CERT"), help="this participant's certificate (PEM) (default: $BROKERFL_TLS_CERT)")
     parser.add_argument("--tls-key", default=_env("TLS_KEY"), help="its private key (PEM) (default: $BROKERFL_TLS_KEY)")
+    parser.add_argument("--max-reconnect-s", type=float, default=_env("MAX_RECONNECT_S") or 60.0,
+                        help="how long to keep trying to reach the broker, after a lost connection and (server, client) at start (default 60; $BROKERFL_MAX_RECONNECT_S)")
 
 
 def _metrics_argument(parser: argparse.ArgumentParser) -> None:
@@ -147,14 +149,18 @@ def _broker_url(args: argparse.Namespace) -> str:
     return url
 
 
-def _connect(args: argparse.Namespace, *, side: bool = False):
+def _connect(args: argparse.Namespace, *, side: bool = False, retry_start: bool = False):
     """``side``: a connection used now and then between long idle spells (the models
     stream's): without heartbeats, which only a connection that is polled sends, so the
-    broker does not close it while idle (a dead one is reopened on its next use)."""
+    broker does not close it while idle (a dead one is reopened on its next use).
+    ``retry_start``: a long-running process (server, client) keeps trying to reach a broker
+    that is not up yet, as after a lost connection (``--max-reconnect-s``); the one-shot
+    commands fail at once."""
     from brokerfl.transports.amqp import AmqpTransport
     from brokerfl.transports.connect import TlsOptions
 
-    return AmqpTransport(_broker_url(args), tls=TlsOptions(args.tls_ca, args.tls_cert, args.tls_key), **({"heartbeat": 0} if side else {}))
+    return AmqpTransport(_broker_url(args), tls=TlsOptions(args.tls_ca, args.tls_cert, args.tls_key), max_reconnect_s=float(getattr(args, "max_reconnect_s", 60.0)),
+                         retry_start=retry_start, **({"heartbeat": 0} if side else {}))
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -173,7 +179,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     out = Path(args.out or _env("OUT") or f"runs/{config.run}")
     # The versions live on the broker (the run's models stream), so a server on a fresh
     # host with an empty --out resumes the run; DIR/models is an export of them.
-    with _connect(args) as transport, _connect(args, side=True) as store_transport:
+    with _connect(args, retry_start=True) as transport, _connect(args, side=True, retry_start=True) as store_transport:
         topology_for(config).declare(transport)
         load_app(config)  # a hot standby: the app's code (and torch, if it uses it) loaded before it waits
         take_server_role(transport, config)  # a standby until no other server holds the role
@@ -247,6 +253,11 @@ def cmd_client(args: argparse.Namespace) -> int:
     from brokerfl.worker import run_workers
 
     config = _load(args)
+    outside = [cid for cid in args.client_id if not config.has_client(cid)]
+    if outside:
+        shown = ", ".join(outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
+        raise SystemExit(f"brokerfl client: client id{'s' if len(outside) > 1 else ''} {shown} not in the federation of run {config.run} "
+                         f"(its {config.clients} clients are {config.client_ids_text()}; see --clients)")
     if config.identity.enforce and len(args.client_id) > 1:
         raise SystemExit("brokerfl client: with identity enforced each client has its own broker user: one --client-id per process")
     _set_torch_threads()
@@ -254,10 +265,10 @@ def cmd_client(args: argparse.Namespace) -> int:
         from brokerfl.swarm import run_peer
 
         out = Path(_env("OUT") or f"runs/{config.run}")
-        code = run_peer(lambda: _connect(args), config, args.client_id, out)
+        code = run_peer(lambda: _connect(args, retry_start=True), config, args.client_id, out)
         _print_cross_site(config, out)  # written by the peer that held the role at the end
         return code
-    with _connect(args) as transport, _connect(args, side=True) as models_transport:
+    with _connect(args, retry_start=True) as transport, _connect(args, side=True, retry_start=True) as models_transport:
         # one connection, one consumer per logical client; a second one fetches the models
         # tasks name by reference, once per process for all its logical clients
         capacity = transport.consumer_capacity()  # one channel per logical client's consumer
@@ -410,7 +421,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
     print(f"      {len(done.env_files)} credentials files {done.out}/<user>.env (hand each site only its own)")
     if done.tls_dir:
         print(f"      a CA, the broker's and every participant's certificate in {done.tls_dir} (keep ca.key offline)")
-    print(f"      {done.rabbitmq_conf} for the broker; or: rabbitmqctl import_definitions {done.definitions}")
+    # an absolute path: rabbitmqctl (Debian's wrapper) runs from another directory
+    print(f"      {done.rabbitmq_conf} for the broker; or, as a broker administrator: rabbitmqctl import_definitions {done.definitions.resolve()}")
     return 0
 
 

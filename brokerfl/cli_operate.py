@@ -72,12 +72,16 @@ def render(view: dict[str, Any]):
             + (f"; removed: {', '.join(status['removed'])}" if status["removed"] else "")
             + (f"; FAILED: {status['failure']}" if status["failure"] else "")
         ))
+        for c in status["clients"]:
+            if c.get("duplicate"):
+                parts.append(Text(f"DUPLICATE: client {c['id']} is claimed by two processes: {' and '.join(c['duplicate'])}", style="bold red"))
         clients = Table(title="clients", title_justify="left")
         for column in ("client", "state", "last seen", "samples", "this round"):
             clients.add_column(column)
         for c in status["clients"]:
             this_round = "training" if c["id"] in status["still_training"] else "answered" if c["id"] in status["participants"] else ""
-            clients.add_row(c["id"], "removed" if c["removed"] else "live" if c["live"] else "silent", f"{c['last_seen_s']:.1f} s ago", str(c["num_samples"]), this_round)
+            state_text = "removed" if c["removed"] else "live" if c["live"] else "silent"
+            clients.add_row(c["id"], state_text + (", duplicate" if c.get("duplicate") else ""), f"{c['last_seen_s']:.1f} s ago", str(c["num_samples"]), this_round)
         parts.append(clients)
     queues = Table(title="queues", title_justify="left")
     for column in ("queue", "ready", "unacked", "consumers", "bytes"):
@@ -176,6 +180,21 @@ def admin_message(command: str, values: list[str], args: argparse.Namespace):
     raise ValueError(f"unknown admin command {command!r}")  # pragma: no cover - argparse checks choices
 
 
+def refused_by_config(message: Any, config: Any) -> str | None:
+    """What the run's config alone shows wrong with an admin command (client ids outside the
+    federation, more min clients than clients), or None; the server checks it all again
+    against what it knows (removed clients, the round under way)."""
+    from brokerfl import admin
+
+    ids = [message.client_id] if isinstance(message, admin.RemoveClient) else list(message.client_ids) if isinstance(message, admin.ShutdownClients) else []
+    outside = [cid for cid in ids if not config.has_client(cid)]
+    if outside:
+        return f"client{'s' if len(outside) > 1 else ''} {', '.join(outside[:10])} not in the federation of run {config.run} (client ids {config.client_ids_text()})"
+    if isinstance(message, admin.SetMinClients) and message.min_clients > config.clients:
+        return f"min clients {message.min_clients} is more than the {config.clients} clients of run {config.run}"
+    return None
+
+
 def cmd_admin(args: argparse.Namespace) -> int:
     from brokerfl.admin import ask
     from brokerfl.roles import topology_for
@@ -187,6 +206,10 @@ def cmd_admin(args: argparse.Namespace) -> int:
     except (ValueError, argparse.ArgumentTypeError) as exc:
         print(f"brokerfl admin: {exc}", file=sys.stderr)
         return 2
+    refusal = refused_by_config(message, config) if args.config else None  # without one, the default run's size says nothing
+    if refusal is not None:
+        print(f"REFUSED (not sent): {refusal}")
+        return 1
     with _connect(args) as transport:
         reply = ask(transport, topology, message, timeout=args.timeout)
         if reply is None:

@@ -173,6 +173,14 @@ class RunConfig(_Section):
     def client_ids(self) -> list[str]:
         return [str(i) for i in range(self.clients)]
 
+    def has_client(self, client_id: str) -> bool:
+        """Is ``client_id`` one of :meth:`client_ids` (without building the list)?"""
+        return client_id.isascii() and client_id.isdigit() and str(int(client_id)) == client_id and int(client_id) < self.clients
+
+    def client_ids_text(self) -> str:
+        """The federation's client ids, for a message: ``0-3``, or ``0`` for one client."""
+        return "0" if self.clients == 1 else f"0-{self.clients - 1}"
+
 
 def parse_config(data: Any, source: str = "<config>", overrides: dict[str, Any] | None = None) -> RunConfig:
     """Validate a mapping (e.g. parsed YAML), after applying dotted-key overrides."""

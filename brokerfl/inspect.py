@@ -17,6 +17,8 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 
+from brokerfl import admin as _admin  # noqa: F401 - registers the operator's message types, so they decode
+from brokerfl.accounting import who
 from brokerfl.codec import DecodeError
 from brokerfl.journal import Skipped
 from brokerfl.message import ModelVersionStored, from_wire
@@ -91,8 +93,8 @@ def journal_report(deliveries: Iterable[Delivery], newest: int = 5) -> str:
     lines.append(f"dead letters: {dead_count}")
     for d in dead:
         headers = {k: bounded(v, 80) for k, v in d.envelope.headers.items() if k != REASON_HEADER}
-        user = bounded(d.envelope.headers.get(ORIGIN_USER_HEADER) or "?", 64)  # who published the original
-        lines.append(f"  {bounded(d.envelope.type, 40)} {bounded(d.envelope.message_id, 40)} from {bounded(d.envelope.sender or '?', 64)} (user {user}): {bounded(d.envelope.headers.get(REASON_HEADER, '?'), 300)}")
+        user = str(d.envelope.headers.get(ORIGIN_USER_HEADER) or "")  # who published the original
+        lines.append(f"  {bounded(d.envelope.type, 40)} {bounded(d.envelope.message_id, 40)} from {who(user, d.envelope.sender)}: {bounded(d.envelope.headers.get(REASON_HEADER, '?'), 300)}")
         lines.append(f"      headers {bounded(repr(headers), 500)}")
     lines.append(f"newest model versions (of {len(versions)}):")
     for v in versions[-newest:]:
@@ -117,7 +119,7 @@ def find_message(deliveries: Iterable[Delivery], message_id: str) -> Delivery:
 def describe(delivery: Delivery) -> str:
     """Envelope, headers and fields; tensors as name, shape, dtype and L2 norm (no raw bytes)."""
     e = delivery.envelope
-    lines = [f"{e.type} {e.message_id}", f"  routing key {delivery.routing_key}, sender {e.sender or '?'}, user {bounded(e.user_id or '?', 64)}, timestamp {e.timestamp:.3f}", f"  headers {bounded(repr(e.headers), 2000)}"]
+    lines = [f"{bounded(e.type, 40)} {bounded(e.message_id, 40)}", f"  routing key {bounded(delivery.routing_key, 200)}, from {who(e.user_id, e.sender)}, timestamp {e.timestamp:.3f}", f"  headers {bounded(repr(e.headers), 2000)}"]
     try:
         message = from_wire(e, delivery.body)
     except DecodeError as exc:

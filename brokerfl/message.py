@@ -10,7 +10,10 @@ fields travel in the msgpack body (see :mod:`brokerfl.codec`).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import secrets
+import socket
 import sys
 import time
 import types
@@ -35,6 +38,20 @@ ENVELOPE_FIELDS = ("message_id", "sender", "run", "round", "model_version", "tim
 
 def new_message_id() -> str:
     return uuid.uuid4().hex
+
+
+_INSTANCE: tuple[int, str] = (0, "")
+
+
+def process_instance() -> str:
+    """This process, as its clients' Join and Heartbeat(s) name it: ``host:pid:random``,
+    made once per process (a forked child makes its own). Two processes claiming one
+    client id are told apart by it (the server warns)."""
+    global _INSTANCE
+    pid = os.getpid()
+    if _INSTANCE[0] != pid:
+        _INSTANCE = (pid, f"{socket.gethostname()[:64]}:{pid}:{secrets.token_hex(4)}")
+    return _INSTANCE[1]
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,7 @@ class Join(Message):
 
     client_id: str
     num_samples: int = 0
+    instance: str = ""  # the sending process (process_instance); "" from a sender that does not say
 
 
 @dataclass(kw_only=True)
@@ -112,6 +130,7 @@ class Heartbeat(Message):
 
     client_id: str
     num_samples: int = 0
+    instance: str = ""  # as Join's
 
 
 @dataclass(kw_only=True)
@@ -121,6 +140,7 @@ class Heartbeats(Message):
     A process hosting 1,000 clients sends 1 message per beat, not 1,000."""
 
     clients: dict[str, int] = field(default_factory=dict)
+    instance: str = ""  # as Join's: the one process hosting these clients
 
 
 @dataclass(kw_only=True)
@@ -302,6 +322,7 @@ def from_wire(envelope: Envelope, body: bytes, limits: Limits = DEFAULT_LIMITS) 
 MAX_COUNTER = 2**63  # rounds, model versions, sample counts: non-negative, and what an AMQP header holds
 MAX_ID_CHARS = 128  # message ids, and the fields that name one
 _MESSAGE_ID_FIELDS = ("task_id", "update_id")
+MAX_INSTANCE_CHARS = 200  # Join/Heartbeat(s).instance: host:pid:random
 _COUNT_FIELDS = ("round", "model_version", "num_samples", "version", "parent", "model_offset")
 
 
@@ -319,6 +340,8 @@ def _check_ranges(kind: str, envelope_values: dict[str, Any], values: dict[str, 
     for name in _MESSAGE_ID_FIELDS:
         if name in values and len(values[name]) > MAX_ID_CHARS:
             raise DecodeError(f"{kind}.{name}: {_shown(values[name])} is longer than {MAX_ID_CHARS} characters")
+    if len(values.get("instance") or "") > MAX_INSTANCE_CHARS:
+        raise DecodeError(f"{kind}.instance: {_shown(values['instance'])} is longer than {MAX_INSTANCE_CHARS} characters")
     for client_id, count in (values.get("clients") or {}).items():  # Heartbeats
         try:
             check_name("client id", client_id)

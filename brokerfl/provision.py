@@ -1,7 +1,10 @@
 """``brokerfl provision``: what an operator needs to run one federation across organisations.
 
-It writes RabbitMQ *definitions* (applied with ``rabbitmqctl import_definitions FILE`` or the
-broker's ``load_definitions`` setting), not code of ours that grants rights:
+It writes RabbitMQ *definitions* (applied with ``rabbitmqctl import_definitions /absolute/FILE``
+or the broker's ``load_definitions`` setting), not code of ours that grants rights. Applying
+them is the broker administrator's job, a role apart from the run's: ``rabbitmqctl`` on the
+broker's host, or a user tagged ``administrator`` (creating vhosts and users is broker-wide).
+The users written here have no tag and rights in the run's vhost only:
 
 - the run's vhost and its topic exchange ``brokerfl.<run>`` (so it exists before anyone
   connects, and clients need no right to declare it);
@@ -14,7 +17,7 @@ broker's ``load_definitions`` setting), not code of ours that grants rights:
 |--------|------------------------------------|------------------------------------------------|-------------------------------------------------|-------------------------|
 | client | its own queue                      | the exchange, its own queue                    | ``server.<client message types>``, ``dead.*``   | ``client.<id>.#``, ``clients.#`` |
 | server | exchange, server/dead/admin/journal queues, the server lease | the same, and ``amq.default`` (direct replies) | ``client.*``, ``clients.*``, ``dead.*``, ``audit.*``, ``admin.*``, ``server.server_standby`` | ``server.#``, ``dead.#``, ``admin.#``, ``#`` |
-| admin  | everything (tag ``administrator``) | everything                                     | everything                                      | everything              |
+| admin  | everything in the run's vhost (no tag) | everything in the run's vhost              | everything                                      | everything              |
 
 The server declares the run's queues (server, dead letters, journal); each client declares
 and binds only its own queue. ``dead.*`` is what a receiver's worker publishes when it
@@ -80,7 +83,7 @@ def definitions(config: RunConfig, people: list[Participant], *, vhost: str) -> 
     client_types = config.identity.client_messages
     users, permissions, topics = [], [], []
     for p in people:
-        users.append({"name": p.user, "password_hash": hash_password(p.password), "hashing_algorithm": HASHING_ALGORITHM, "tags": ["administrator"] if p.role == "admin" else []})
+        users.append({"name": p.user, "password_hash": hash_password(p.password), "hashing_algorithm": HASHING_ALGORITHM, "tags": []})
         if p.role == "admin":
             permissions.append({"user": p.user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"})
             continue  # no topic permissions: every routing key

@@ -30,9 +30,9 @@ class FreezingProxy:
     the next n new connections in the middle of its AMQP handshake (as a broker going down
     again while clients reconnect does)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, listen_port: int = 0) -> None:
         self.target = (host, port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server(("127.0.0.1", listen_port))
         self.port = self.listener.getsockname()[1]
         self.frozen: set[int] = set()
         self.pairs: list[tuple[socket.socket, socket.socket]] = []

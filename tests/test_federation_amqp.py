@@ -147,10 +147,11 @@ def _free_port() -> int:
 
 
 def test_unreachable_broker_is_one_clear_error():
-    proc = brokerfl("server", "--broker", "amqp://guest:secret@127.0.0.1:1/", "--run", "nowhere")
+    # a server retries its first connection (--max-reconnect-s; tests/test_start_retry.py), then gives up
+    proc = brokerfl("server", "--broker", "amqp://guest:secret@127.0.0.1:1/", "--run", "nowhere", "--max-reconnect-s", "1")
     (out,) = finish([proc], timeout=60)
-    assert proc.returncode != 0
-    assert "127.0.0.1:1" in out and "secret" not in out
+    assert proc.returncode == 3
+    assert "127.0.0.1:1" in out and "secret" not in out and "gave up after" in out
     assert "Traceback" not in out
 
 

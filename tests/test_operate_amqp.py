@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -125,6 +126,9 @@ def test_status_admin_commands_and_metrics_on_a_running_federation(amqp_url, run
 
         removed = run.ask(RemoveClient(client_id="3"))
         assert removed.ok
+        # an id outside the federation: without --config the CLI cannot tell, the server refuses it
+        cli = subprocess.run([sys.executable, "-m", "brokerfl.cli", "admin", "remove-client", "99", "--run", run.run, "--broker", amqp_url], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 1 and cli.stdout.startswith(f"REFUSED: client 99 is not in the federation of run {run.run} (client ids 0-3)"), cli.stdout + cli.stderr
 
         # pause: the open round finishes, then none starts within 3 round-times
         assert run.ask(PauseRounds()).ok
@@ -170,8 +174,9 @@ def test_status_admin_commands_and_metrics_on_a_running_federation(amqp_url, run
         assert report.ok, report.summary()
         journal = [d for d in read_journal(run.transport, run.topology)]
         replies = [from_wire(d.envelope, d.body) for d in journal if d.envelope.type == AdminReply.TYPE]
-        assert [r.command for r in replies] == ["set_rounds", "set_min_clients", "remove_client", "pause_rounds", "resume_rounds", "abort_run"]
+        assert [(r.command, r.ok) for r in replies] == [("set_rounds", True), ("set_min_clients", True), ("remove_client", True), ("remove_client", False), ("pause_rounds", True), ("resume_rounds", True), ("abort_run", True)]
         assert all(r.by.startswith("admin:") for r in replies)
+        assert {r.user for r in replies} == {urlsplit(amqp_url).username or "guest"}  # the broker-validated publisher
         after_removal = [from_wire(d.envelope, d.body) for d in journal if d.envelope.type == TrainTask.TYPE and d.envelope.timestamp > removed.timestamp]
         assert after_removal and all("3" not in task.participants for task in after_removal)
     finally:

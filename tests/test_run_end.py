@@ -42,7 +42,7 @@ def test_an_update_published_after_the_run_ended_has_a_category_of_its_own_in_si
     report = account(read_journal(transport, topology), (store.metadata(v) for v in store.versions()))
     assert report.ok, report.summary()
     assert report.only_after_end == [envelope.message_id]
-    assert "published after the run ended: 1, from client.1 (1)" in report.summary()
+    assert "published after the run ended: 1, from user guest (claims client.1) (1)" in report.summary()
 
 
 def _accounting(fed, *args: str) -> subprocess.CompletedProcess:
@@ -92,4 +92,4 @@ def test_accounting_passes_after_a_finish_with_an_update_published_late(federati
             break
         time.sleep(0.5)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "published after the run ended: 1, from client.2 (1)" in done.stdout, done.stdout
+    assert "published after the run ended: 1, from user guest (claims client.2) (1)" in done.stdout, done.stdout

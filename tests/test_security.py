@@ -12,6 +12,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -221,6 +222,39 @@ def test_a_provisioned_federation_refuses_forgeries_and_trains_like_simulate(pro
     open_run = simulate(config.model_copy(update={"identity": config.identity.model_copy(update={"enforce": False})})).records
     assert [r["accuracy"] for r in records] == [r["accuracy"] for r in open_run]
     assert [r["sha256"] for r in records] == [r["sha256"] for r in open_run]
+
+
+@pytest.mark.timeout(300)
+def test_the_run_admin_has_no_tag_and_still_operates_the_run(provisioned):
+    """``<run>-admin`` has rights in the run's vhost only (no broker-wide tag), which is all
+    that ``brokerfl status`` and ``brokerfl admin`` need."""
+    import json
+
+    config, done = provisioned
+    run = config.run
+    definitions = json.loads(done.definitions.read_text())
+    assert {u["name"]: u["tags"] for u in definitions["users"]}[f"{run}-admin"] == []
+    server = server_worker(connect(done, f"{run}-server"), config, MemoryModelStore(), MetricsLog(None))  # waits for its clients
+    thread = threading.Thread(target=lambda: (server.start(), server.run(poll_s=0.2)), daemon=True)
+    thread.start()
+    env = {**os.environ, **done.env(f"{run}-admin")}  # the admin's URL, run and identity settings
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "brokerfl.cli", *args, "--run", run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    try:
+        status = cli("status", "--json", "--timeout", "30")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert json.loads(status.stdout)["server"]["run"] == run
+        changed = cli("admin", "set-rounds", "5", "--timeout", "30")
+        assert changed.returncode == 0 and changed.stdout.startswith("OK: rounds 3 -> 5"), changed.stdout + changed.stderr
+        refused = cli("admin", "remove-client", "99", "--timeout", "30")
+        assert refused.returncode == 1 and "REFUSED: client 99 is not in the federation" in refused.stdout, refused.stdout + refused.stderr
+    finally:
+        server.stopped = True
+        thread.join(60)
+        server.transport.close()
+    assert not thread.is_alive() and server.state.config.rounds == 5
 
 
 # ---------------------------------------------------------------- TLS with certificate login

@@ -100,6 +100,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         spill_min_bytes: int | None = chunks.SPILL_MIN_BYTES,
         spill_dir: str | None = None,
         tls: TlsOptions | None = None,
+        retry_start: bool = False,
     ) -> None:
         """``confirm_timeout``: a publish whose confirm does not come within this long is
         published again on a new connection (the old one is aborted; see
@@ -116,7 +117,8 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         receiving several large bodies at once holds one of them in RAM, not all (see
         :mod:`brokerfl.transports.chunks`); None: all in RAM. ``tls``: CA,
         certificate and key for ``amqps://`` URLs (default: ``BROKERFL_TLS_*``; see
-        :mod:`brokerfl.transports.connect`)."""
+        :mod:`brokerfl.transports.connect`). ``retry_start``: the first connection is retried
+        like a reconnect (up to ``max_reconnect_s``) instead of failing at once."""
         super().__init__()
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
@@ -155,7 +157,10 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         self._conn: pika.BlockingConnection | None = None
         self._publisher: pika.BlockingConnection | None = None
         self._blocked: set[Any] = set()
-        self._connect()
+        if retry_start:
+            self._connect_first()
+        else:
+            self._connect()
 
     # ------------------------------------------------------------ topology
 

@@ -5,7 +5,9 @@ operation on a new connection, and telling a lost connection from a refused oper
 (the attributes it uses are set by that class's ``__init__``). A lost connection is noticed
 by whatever call hits it; :meth:`ConnectionMixin._with_retry` reconnects with exponential
 backoff (up to ``max_reconnect_s``), redeclares everything declared on the transport,
-re-creates the consumers, and runs the call again.
+re-creates the consumers, and runs the call again. With ``retry_start`` the first connection
+is tried the same way (:meth:`ConnectionMixin._connect_first`): a server or client started
+before its broker is up waits for it; a refused login is final at once either way.
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ log = structlog.get_logger("brokerfl.amqp")
 
 RECV_BYTES = 512 * 1024  # per socket read; pika's own 4 KiB costs much client CPU on large bodies
 MAX_BACKOFF_S = 2.0
+FIRST_BACKOFF_S = 0.1
+
+
+def _next_backoff(delay: float) -> float:
+    """The wait after the one of ``delay`` (reconnects and a first connection alike)."""
+    return min(delay * 2, MAX_BACKOFF_S)
+
+
+def _jittered(delay: float) -> float:
+    return delay * random.uniform(0.8, 1.2)  # many clients (re)connect at once
 
 # What a lost connection looks like, depending on where pika notices it.
 _LOST = (px.AMQPConnectionError, px.ConnectionWrongStateError, px.StreamLostError, ConnectionError)
@@ -142,6 +154,32 @@ class ConnectionMixin:
         self._admin = conn.channel()
         self._getch: BlockingChannel | None = None
 
+    def _connect_first(self) -> None:
+        """The first connection, retried like a reconnect (same backoff, up to
+        ``max_reconnect_s``), each failed attempt logged with the next retry's delay; a
+        refused login or vhost is final at once. TransportError when it gives up."""
+        deadline = time.monotonic() + self.max_reconnect_s
+        delay, attempt = FIRST_BACKOFF_S, 0
+        while True:
+            attempt += 1
+            try:
+                self._connect()
+                if attempt > 1:
+                    log.info("amqp.connected", url=self.safe_url, attempts=attempt)
+                return
+            except (TransportError, *_LOST) as exc:
+                self._drop_connection()
+                if isinstance(exc, _Refused):
+                    raise
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TransportError(f"cannot connect to RabbitMQ at {self.safe_url}: gave up after {attempt} attempts in {self.max_reconnect_s:g} s "
+                                         f"(--max-reconnect-s): {_describe(exc)}") from None
+                wait = min(remaining, _jittered(delay))
+                log.warning("amqp.connect_failed", url=self.safe_url, attempt=attempt, error=_describe(exc), retry_in_s=round(wait, 2), gives_up_in_s=round(remaining, 1))
+                time.sleep(wait)
+                delay = _next_backoff(delay)
+
     def _open(self, nodes: list[pika.URLParameters]) -> pika.BlockingConnection:
         try:
             with _quiet_pika():
@@ -178,7 +216,7 @@ class ConnectionMixin:
         log.warning("amqp.connection_lost", url=self.safe_url, cause=_describe(cause))
         self._drop_connection()
         deadline = time.monotonic() + self.max_reconnect_s
-        delay = 0.1
+        delay = FIRST_BACKOFF_S
         while True:
             try:
                 self._connect()
@@ -195,8 +233,8 @@ class ConnectionMixin:
                 if remaining <= 0:
                     raise TransportError(f"lost the connection to RabbitMQ at {self.safe_url} and could not reconnect within {self.max_reconnect_s:g} s: {_describe(exc)}") from None
                 log.info("amqp.reconnect_failed", error=_describe(exc), retry_in=round(delay, 2))
-                time.sleep(min(remaining, delay * random.uniform(0.8, 1.2)))  # jitter: many clients reconnect at once
-                delay = min(delay * 2, MAX_BACKOFF_S)
+                time.sleep(min(remaining, _jittered(delay)))
+                delay = _next_backoff(delay)
 
     def _bounded(self, conn: pika.BlockingConnection, seconds: float, what: str, op: Callable[[], T]) -> T:
         """Run ``op``, a pika call on ``conn`` that blocks until the broker answers; if no answer comes

@@ -15,12 +15,17 @@ What each command does:
   stored round, so a server started again finishes at once instead of training on.
 - ``pause``: the open round finishes; no new round starts (nor a retry) until ``resume``.
   Synchronous rounds only: the asynchronous server refuses it.
+Every command is checked against the federation first: client ids must be the run's
+(``config.client_ids()``), min clients at most the clients not removed, rounds at least
+the round under way (or done); a command that fails is refused (``ok=False``, nothing
+changes) with the reason, and ``brokerfl admin`` exits 1.
+
 - ``remove-client ID``: never sampled again; it leaves the open round's participants
   (its update, if it comes, is dropped as "not sampled"; the round closes if everyone
   else has answered) and gets Exit.
 - ``set-min-clients N``, ``set-rounds N``: override the config. Rounds cannot go below the
-  round in progress (it finishes, then the run ends); below the last stored round, the run
-  ends now.
+  round in progress or the last stored round; set to that round, the run ends after it
+  (or now, between rounds).
 - ``shutdown-clients [IDs]``: Exit to those clients (or all). They stay members until
   their liveness times out; ``remove-client`` is what keeps one from being sampled.
 """
@@ -44,10 +49,12 @@ from brokerfl.admin import (
     client_id_order,
 )
 from brokerfl.handler_table import Context, Outbound, to_client, to_clients, to_requester
+from brokerfl.identity import admin_user
 from brokerfl.message import Exit
 from brokerfl.topology import ADMIN, AUDIT
+from brokerfl.transport import bounded
 from handlers.workflows import server
-from handlers.workflows.server import ServerState, close_round, finish_run, live_clients, record_drop, start_round
+from handlers.workflows.server import ServerState, close_round, duplicate_instances, finish_run, live_clients, outside_federation, record_drop, start_round
 
 table = server.table
 
@@ -85,7 +92,8 @@ def status_of(state: ServerState) -> dict:
         "min_clients": state.config.strategy.min_clients,
         "clients_expected": state.config.clients,
         "clients": [
-            {"id": cid, "last_seen_s": round(now - record.last_seen, 1), "live": cid in live, "removed": cid in state.admin.removed, "num_samples": record.num_samples}
+            {"id": cid, "last_seen_s": round(now - record.last_seen, 1), "live": cid in live, "removed": cid in state.admin.removed, "num_samples": record.num_samples,
+             "duplicate": duplicate_instances(state, cid)}  # two processes claim this id: their instances
             for cid, record in sorted(state.clients.items(), key=lambda kv: client_id_order(kv[0]))
         ],
         "removed": sorted(state.admin.removed, key=client_id_order),
@@ -107,18 +115,33 @@ def held_updates(state: ServerState) -> int:
 # ---------------------------------------------------------------- admin commands
 
 
-def check_admin(command: AdminCommand, ctx: Context) -> None:
-    """Who may send admin commands: with ``identity.enforce`` the worker's inbox check
-    (:func:`brokerfl.identity.server_inbox_check`) has already refused any that the admin
-    user did not publish (RabbitMQ-validated user_id); without it, any process that may
-    publish to the run's exchange is accepted and ``command.sender`` is only what it claims."""
+def check_admin(command: AdminCommand, ctx: Context) -> str | None:
+    """Why ``command`` may not be applied by its publisher, or None. With ``identity.enforce``
+    only the run's admin user may (RabbitMQ-validated ``user_id``): the worker's inbox check
+    (:func:`brokerfl.identity.server_inbox_check`) refuses the others before any handler
+    runs, and this refuses them again for a table run behind no such check. Without it,
+    any process that may publish to the run's exchange is accepted: there is no identity
+    to check, and ``command.sender`` is only what it claims."""
+    config = ctx.state.config
+    if config.identity.enforce and command.user_id != admin_user(config.run):
+        return f"admin commands may come from the admin user {admin_user(config.run)!r} only, not {bounded(command.user_id or '(no user_id)', 64)!r}"
+    return None
+
+
+def not_members(state: ServerState, client_ids: list[str]) -> str | None:
+    """Why some of ``client_ids`` are not the run's clients, or None."""
+    outside = [cid for cid in client_ids if outside_federation(state, cid) is not None]
+    if not outside:
+        return None
+    shown = ", ".join(bounded(cid, 64) for cid in outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
+    return f"client{'s' if len(outside) > 1 else ''} {shown} {'are' if len(outside) > 1 else 'is'} not in the federation of run {state.config.run} (client ids {state.config.client_ids_text()})"
 
 
 def answer(ctx: Context, command: AdminCommand, ok: bool, text: str, *, changed: bool = False) -> list[Outbound]:
     """The reply to the requester and to the journal; the new admin state if ``changed``."""
     state: ServerState = ctx.state
-    (ctx.log.info if ok else ctx.log.warning)("admin command", command=command.TYPE, by=command.sender, ok=ok, reply=text)
-    reply = command.reply(AdminReply, command=command.TYPE, command_id=command.message_id, by=command.sender, ok=ok, text=text, round=state.round, model_version=state.model.version if state.model else 0)
+    (ctx.log.info if ok else ctx.log.warning)("admin command", command=command.TYPE, user=command.user_id, by=bounded(command.sender, 200), ok=ok, reply=text)
+    reply = command.reply(AdminReply, command=command.TYPE, command_id=command.message_id, by=command.sender, user=command.user_id, ok=ok, text=text, round=state.round, model_version=state.model.version if state.model else 0)
     out = [to_requester(reply)]
     if state.config.journal:
         out.append(Outbound(AUDIT, reply))
@@ -132,7 +155,9 @@ def admin_command(command_type: type[AdminCommand]):
 
     def register(handler):
         def checked(command: AdminCommand, ctx: Context):
-            check_admin(command, ctx)
+            refusal = check_admin(command, ctx)
+            if refusal is not None:
+                return answer(ctx, command, False, refusal)
             return handler(command, ctx)
 
         checked.__qualname__ = handler.__qualname__
@@ -187,6 +212,8 @@ def resume_rounds(command: ResumeRounds, ctx: Context):
 def remove_client(command: RemoveClient, ctx: Context):
     state: ServerState = ctx.state
     cid = command.client_id
+    if (outsider := not_members(state, [cid])) is not None:
+        return answer(ctx, command, False, outsider)
     if cid in state.admin.removed:
         return answer(ctx, command, False, f"client {cid} was already removed")
     state.admin.removed.add(cid)
@@ -205,6 +232,10 @@ def set_min_clients(command: SetMinClients, ctx: Context):
     state: ServerState = ctx.state
     if command.min_clients < 1:
         return answer(ctx, command, False, f"min clients must be at least 1, got {command.min_clients}")
+    members = sum(1 for cid in state.config.client_ids() if cid not in state.admin.removed)
+    if command.min_clients > members:
+        removed = f" ({len(state.admin.removed)} removed)" if state.admin.removed else ""
+        return answer(ctx, command, False, f"min clients {command.min_clients} is more than the {members} clients of the federation{removed}: no round could ever close")
     old = state.config.strategy.min_clients
     state.admin.min_clients = command.min_clients
     state.config = state.admin.applied_to(state.config)
@@ -220,11 +251,13 @@ def set_rounds(command: SetRounds, ctx: Context):
         return answer(ctx, command, False, "the run is already finished")
     old = state.config.rounds
     floor = state.round if state.round_open else (state.model.round if state.model else 0)
-    rounds = max(command.rounds, floor)
+    if command.rounds < floor:
+        then = "under way: the least is {0} (the run ends after this round; `admin abort` ends it now)" if state.round_open else "done: the least is {0} (it ends the run now)"
+        return answer(ctx, command, False, f"rounds {command.rounds} is below round {floor}, already " + then.format(floor))
+    rounds = command.rounds
     state.admin.rounds = rounds
     state.config = state.admin.applied_to(state.config)
-    text = f"rounds {old} -> {rounds}" + (f" (round {floor} is already under way or done)" if rounds != command.rounds else "")
-    out = answer(ctx, command, True, text, changed=True)
+    out = answer(ctx, command, True, f"rounds {old} -> {rounds}", changed=True)
     if state.begun and not state.round_open and state.round >= rounds:
         out += finish_run(ctx, f"{rounds} rounds done (set by {command.sender or 'an operator'})")
     return out
@@ -236,5 +269,7 @@ def shutdown_clients(command: ShutdownClients, ctx: Context):
     exit_message = Exit(reason=f"shut down by {command.sender or 'an operator'}", round=state.round)
     if not command.client_ids:
         return answer(ctx, command, True, "sent Exit to every client") + [to_clients(exit_message)]
+    if (outsiders := not_members(state, command.client_ids)) is not None:
+        return answer(ctx, command, False, outsiders)
     out = answer(ctx, command, True, f"sent Exit to clients {', '.join(command.client_ids)}")
     return out + [to_client(cid, exit_message) for cid in command.client_ids]

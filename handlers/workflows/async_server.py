@@ -186,6 +186,8 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
     state: AsyncServerState = ctx.state
     strategy: AsyncStrategy = state.strategy
     server.refresh_client(state, update.client_id)
+    if (outsider := server.outside_federation(state, update.client_id)) is not None:
+        return drop(ctx, update, outsider)  # and no task: it is not ours to train
     if update.message_id in state.buffer_ids:
         # A redelivered copy of a folded update (the connection was lost after the fold):
         # it replaces the lost delivery and is acked when its model version is stored.

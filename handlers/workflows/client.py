@@ -14,6 +14,7 @@ from brokerfl.compression import compress
 from brokerfl.config import RunConfig, TrainConfig
 from brokerfl.handler_table import Context, HandlerTable, Started, to_server
 from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Gradients, Heartbeat, Heartbeats, Join, Message, ParameterUpdate, TrainTask
+from brokerfl.message import process_instance  # names this process in Join and Heartbeat(s)
 from handlers.strategies.base import prepare_update
 
 table = HandlerTable("client")
@@ -78,14 +79,14 @@ def join(message: Started, ctx: Context):
     state: ClientState = ctx.state
     if state.beats_alone and liveness_on(state.config):
         ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
-    return [to_server(Join(client_id=state.client_id, num_samples=num_samples(state)))]
+    return [to_server(Join(client_id=state.client_id, num_samples=num_samples(state), instance=process_instance()))]
 
 
 @table.on(HeartbeatDue)
 def beat(message: HeartbeatDue, ctx: Context):
     state: ClientState = ctx.state
     ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
-    return [to_server(Heartbeat(client_id=state.client_id, num_samples=num_samples(state)))]
+    return [to_server(Heartbeat(client_id=state.client_id, num_samples=num_samples(state), instance=process_instance()))]
 
 
 @table.on(TrainTask)
@@ -198,4 +199,4 @@ def beat_for_all(message: HeartbeatDue, ctx: Context):
         ctx.stop()
         return None
     ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
-    return [to_server(Heartbeats(clients=alive))]
+    return [to_server(Heartbeats(clients=alive, instance=process_instance()))]

@@ -35,7 +35,7 @@ import numpy as np
 from brokerfl.app import App, load_app
 from brokerfl.admin import AdminState
 from brokerfl.config import RunConfig
-from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_clients
+from brokerfl.handler_table import Context, HandlerTable, Outbound, Rejected, Started, to_clients
 from brokerfl.journal import retention_warning
 from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, RunFinished, ServerStandby, TrainTask, UpdateDropped
 from brokerfl.model_refs import task_model_fields
@@ -95,6 +95,10 @@ class DrainDone(Message):
 class ClientRecord:
     num_samples: int
     last_seen: float  # time.monotonic()
+    instance: str = ""  # the process that claimed it last (Join/Heartbeat(s).instance; "": not said)
+    previous: str = ""  # the process that claimed it before that one
+    duplicate: tuple[str, str] | None = None  # two live processes claiming this id (first seen, second)
+    duplicate_seen: float = 0.0  # when the two last took turns
 
 
 @dataclass
@@ -166,9 +170,13 @@ def resume_or_initialise(message: Started, ctx: Context):
     _backfill_metrics(state)
     # so that updates redelivered after a restart are recognised as already folded
     state.recent_update_ids = [set(state.store.metadata(v)["update_ids"]) for v in state.store.versions()[-5:]]
-    ctx.log.info("server ready", model_version=state.model.version, round=state.round, waiting_for=state.config.clients)
+    awaited = awaited_clients(state)
+    ctx.log.info("server ready", model_version=state.model.version, round=state.round, waiting_for=shown_ids(awaited) or "-",
+                 **({"removed": shown_ids(sorted(state.admin.removed))} if state.admin.removed else {}))
     if state.round >= state.config.rounds:
         return finish_run(ctx, "all rounds were already done")
+    if state.admin.paused:  # restored from the admin queue (brokerfl.admin)
+        ctx.log.warning("paused: no round starts until an operator resumes the run: waiting for `admin resume`", round=state.round)
     ctx.set_timer("join", state.config.strategy.join_timeout_s, JoinDeadline())
     return None
 
@@ -201,11 +209,54 @@ def _backfill_metrics(state: ServerState) -> None:
             })
 
 
-def see_client(state: ServerState, client_id: str, num_samples: int) -> bool:
-    """Record that a client is alive; True the first time it is seen."""
-    new = client_id not in state.clients
-    state.clients[client_id] = ClientRecord(num_samples, time.monotonic())
-    return new
+def see_client(state: ServerState, client_id: str, num_samples: int, instance: str = "", log: Any = None) -> bool:
+    """Record that a client is alive; True the first time it is seen. ``instance``: the
+    process that says so. A client process restarted gets a new instance and keeps it; two
+    processes running with the same id take turns, and that is flagged (warned on ``log``
+    once per pair, and shown by ``brokerfl status`` while it goes on)."""
+    now = time.monotonic()
+    record = state.clients.get(client_id)
+    if record is None:
+        state.clients[client_id] = ClientRecord(num_samples, now, instance)
+        return True
+    if instance and instance != record.instance:
+        if instance == record.previous and now - record.last_seen <= state.config.liveness.timeout_s:
+            pair = (instance, record.instance)
+            if record.duplicate is None or set(record.duplicate) != set(pair):
+                record.duplicate = pair
+                if log is not None:
+                    log.warning("two processes claim one client id", client=client_id, instances=[bounded(i, 200) for i in pair])
+            record.duplicate_seen = now
+        if record.instance:
+            record.previous = record.instance
+        record.instance = instance
+    record.num_samples, record.last_seen = num_samples, now
+    return False
+
+
+def duplicate_instances(state: ServerState, client_id: str) -> list[str] | None:
+    """The two processes claiming ``client_id`` if they still take turns (within the
+    liveness timeout), else None."""
+    record = state.clients.get(client_id)
+    if record is None or record.duplicate is None or time.monotonic() - record.duplicate_seen > state.config.liveness.timeout_s:
+        return None
+    return list(record.duplicate)
+
+
+def outside_federation(state: ServerState, client_id: str) -> str | None:
+    """Why ``client_id`` is no member of this run's federation (its ids are the config's
+    ``client_ids()``), or None if it is one."""
+    config = state.config
+    if config.has_client(client_id):
+        return None
+    return f"client {client_id} is not in the federation of run {config.run} (client ids {config.client_ids_text()})"
+
+
+def refuse_outsider(state: ServerState, client_id: str, what: str) -> None:
+    """Rejected (dead-lettered with the reason) if ``client_id`` is not in the federation."""
+    why = outside_federation(state, client_id)
+    if why is not None:
+        raise Rejected(f"{what}: {why}")
 
 
 def refresh_client(state: ServerState, client_id: str) -> None:
@@ -221,9 +272,20 @@ def live_clients(state: ServerState) -> list[str]:
     return sorted(cid for cid, record in state.clients.items() if record.last_seen >= horizon and cid not in state.admin.removed)
 
 
+def awaited_clients(state: ServerState) -> list[str]:
+    """The federation's clients not live yet (the operator's removed ones are not awaited)."""
+    live = set(live_clients(state))
+    return [cid for cid in state.config.client_ids() if cid not in live and cid not in state.admin.removed]
+
+
+def shown_ids(ids: list[str], limit: int = 20) -> str:
+    """Client ids for a log line: the first ``limit`` and how many more."""
+    return ",".join(ids[:limit]) + (f",... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
 def maybe_begin(ctx: Context):
     state: ServerState = ctx.state
-    if state.begun or state.done or len(live_clients(state)) < state.config.clients:
+    if state.begun or state.done or len(live_clients(state)) < state.config.clients - len(state.admin.removed) or awaited_clients(state):
         return None
     ctx.cancel_timer("join")
     state.begun = True
@@ -240,16 +302,18 @@ def check_num_samples(num_samples: int, state: ServerState, what: str) -> None:
 
 @table.on(Join)
 def register_client(message: Join, ctx: Context):
+    refuse_outsider(ctx.state, message.client_id, "Join")
     check_num_samples(message.num_samples, ctx.state, f"Join of client {message.client_id}")
-    if see_client(ctx.state, message.client_id, message.num_samples):
+    if see_client(ctx.state, message.client_id, message.num_samples, message.instance, ctx.log):
         ctx.log.debug("client joined", client=message.client_id, clients=len(ctx.state.clients))
     return maybe_begin(ctx)
 
 
 @table.on(Heartbeat)
 def mark_alive(message: Heartbeat, ctx: Context):
+    refuse_outsider(ctx.state, message.client_id, "Heartbeat")
     check_num_samples(message.num_samples, ctx.state, f"Heartbeat of client {message.client_id}")
-    if see_client(ctx.state, message.client_id, message.num_samples):
+    if see_client(ctx.state, message.client_id, message.num_samples, message.instance, ctx.log):
         ctx.log.info("client seen by heartbeat", client=message.client_id)
     return maybe_begin(ctx)
 
@@ -258,9 +322,10 @@ def mark_alive(message: Heartbeat, ctx: Context):
 def mark_many_alive(message: Heartbeats, ctx: Context):
     """One process's logical clients, in one message (each as a Heartbeat of its own)."""
     for client_id, count in message.clients.items():
+        refuse_outsider(ctx.state, client_id, "Heartbeats")
         check_num_samples(count, ctx.state, f"Heartbeats entry of client {client_id}")
     for client_id, count in message.clients.items():
-        if see_client(ctx.state, client_id, count):
+        if see_client(ctx.state, client_id, count, message.instance, ctx.log):
             ctx.log.info("client seen by heartbeat", client=client_id)
     return maybe_begin(ctx)
 
@@ -291,14 +356,16 @@ def start_without_everyone(message: JoinDeadline, ctx: Context):
     if state.begun or state.done:
         return None
     live = live_clients(state)
+    missing = shown_ids(awaited_clients(state))
     if len(live) >= state.config.strategy.min_clients:
-        ctx.log.warning("beginning without every client", live=len(live), expected=state.config.clients)
+        ctx.log.warning("beginning without every client", live=len(live), expected=state.config.clients - len(state.admin.removed), missing=missing)
         state.begun = True
         return state.begin(ctx)
     ctx.log.warning(
         "no live clients: waiting" if not live else "too few live clients to begin: waiting",
         live=len(live),
         needed=state.config.strategy.min_clients,
+        waiting_for=missing,
     )
     ctx.set_timer("join", state.config.strategy.join_timeout_s, JoinDeadline())
     return None
@@ -513,6 +580,8 @@ def decompressed(update: ParameterUpdate, model: dict[str, np.ndarray], config: 
 
 
 def _why_not_fold(update: ParameterUpdate, state: ServerState) -> str | None:
+    if (outsider := outside_federation(state, update.client_id)) is not None:
+        return outsider
     if already_folded(state, update.message_id):
         return "duplicate: already folded into a stored model version"
     if state.done:
