@@ -65,7 +65,8 @@ import inspect
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
@@ -81,6 +82,35 @@ Parameters = dict[str, np.ndarray]
 
 class AppError(RuntimeError):
     """An app broke the API; the message names the app and the function."""
+
+
+class TrainingCancelled(Exception):
+    """Raised by a training loop that saw :func:`cancellation_requested` (the default torch
+    loop checks between batches): its result would be thrown away anyway."""
+
+
+_training = threading.local()
+
+
+def cancellation_requested() -> bool:
+    """Is the training running on this thread no longer wanted (its task's deadline passed,
+    the client is exiting, a newer task arrived)? A long custom ``train`` may poll this
+    between steps and raise :class:`TrainingCancelled`; one that never does simply runs to
+    the end, and its result is discarded. Python cannot stop a thread: cancelling is
+    cooperative."""
+    event = getattr(_training, "cancelled", None)
+    return event is not None and event.is_set()
+
+
+@contextmanager
+def cancellable(event: threading.Event) -> Iterator[None]:
+    """App calls on this thread inside the block see ``event`` as their cancellation."""
+    outer = getattr(_training, "cancelled", None)
+    _training.cancelled = event
+    try:
+        yield
+    finally:
+        _training.cancelled = outer
 
 
 @dataclass
@@ -228,7 +258,7 @@ class App:
         try:
             with APP_CALLS:
                 new, metrics = self.adapter.train(parameters, data, settings, seed)
-        except AppError:
+        except (AppError, TrainingCancelled):
             raise
         except Exception as exc:
             raise AppError(f"app {self.name!r}: train() failed: {type(exc).__name__}: {exc}") from exc

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import math
+import re
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -117,6 +118,9 @@ class Transport(abc.ABC):
     user is refused, as RabbitMQ does)."""
 
     user: str = ""
+    # Whether a worker on this transport runs work aside (Context.run_aside) inline: the
+    # in-process transport does (deterministic; simulate runs every role on one thread).
+    work_inline: bool = False
 
     def __init__(self) -> None:
         self._dead_letter_targets: dict[str, str] = {}
@@ -235,6 +239,10 @@ class Transport(abc.ABC):
     def close(self) -> None:
         """Close the connection; unacked deliveries are redelivered to other consumers."""
 
+    def wake(self) -> None:
+        """Make a :meth:`poll` under way return soon (or the next one, if none is): the one
+        method another thread may call (work aside is done: its outcome waits)."""
+
     def __enter__(self) -> Transport:
         return self
 
@@ -249,6 +257,16 @@ def bounded(text: Any, limit: int = 200) -> str:
     """``text`` as a string fit for a log line or a record: at most ``limit`` characters."""
     text = text if isinstance(text, str) else repr(text)
     return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e\xa0-\U0010ffff]|[\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+
+
+def printable(text: Any, limit: int = 200) -> str:
+    """:func:`bounded`, with control characters (newlines, terminal escapes, bidi
+    overrides) each shown as ``?``: for text from the wire that a terminal or a log line
+    shows as it is (an error a client reports)."""
+    return _UNPRINTABLE.sub("?", bounded(text, limit))
 
 
 def envelope_problem(envelope: Any) -> str:
