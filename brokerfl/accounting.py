@@ -17,8 +17,8 @@ from typing import Any
 
 from brokerfl.admin import AdminReply
 from brokerfl.journal import Skipped
-from brokerfl.message import ModelVersionStored, ParameterUpdate, UpdateDropped
-from brokerfl.transport import REASON_HEADER, Delivery
+from brokerfl.message import ModelVersionStored, ParameterUpdate, TrainFailed, UpdateDropped
+from brokerfl.transport import REASON_HEADER, Delivery, printable
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Accounting:
     skipped: Skipped = field(default_factory=Skipped)
     admin: list[str] = field(default_factory=list)  # the operator's commands and the replies, in order
     first_version_record: int | None = None  # the first ModelVersionStored in the journal (0 unless retention cut it)
+    train_failures: dict[str, TrainFailed] = field(default_factory=dict)  # clients' TrainFailed reports, by message id (a retried publish once)
 
     @property
     def cut_at(self) -> int | None:
@@ -87,6 +88,7 @@ class Accounting:
                 reasons[why[0].split(":")[0]] += 1
         for reason, count in sorted(reasons.items()):
             lines.append(f"    dropped as {reason}: {count}")
+        lines.extend(self._failure_lines())
         if self.admin:
             lines.append(f"admin commands: {len(self.admin)}")
             lines.extend(f"  {line}" for line in self.admin[-20:])
@@ -113,6 +115,18 @@ class Accounting:
         return "\n".join(lines)
 
 
+    def _failure_lines(self) -> list[str]:
+        """Trainings the clients reported failed: no update came of them (not counted above)."""
+        by_client: defaultdict[str, list[TrainFailed]] = defaultdict(list)
+        for failure in self.train_failures.values():
+            by_client[failure.client_id].append(failure)
+        lines = [f"training failures: {len(self.train_failures)}" + (f" (clients {', '.join(sorted(by_client))})" if by_client else "")]
+        for client, failures in sorted(by_client.items()):
+            last = failures[-1]
+            lines.append(f"  client {client}: {len(failures)}, last in round {last.round}: {printable(last.error, 120)}")
+        return lines
+
+
 def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) -> Accounting:
     """Check a journal (in order) against stored model versions' metadata."""
     result = Accounting()
@@ -132,6 +146,10 @@ def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) 
             record = skipped.record(delivery, UpdateDropped)
             if record is not None:
                 result.dropped[record.update_id].append(record.reason)
+        elif kind == TrainFailed.TYPE and key.startswith("server."):  # as clients send it
+            failure = skipped.message(delivery, TrainFailed)
+            if failure is not None:
+                result.train_failures.setdefault(failure.message_id, failure)
         elif kind == AdminReply.TYPE and not delivery.problem:
             reply = skipped.record(delivery, AdminReply)
             if reply is not None:
