@@ -40,12 +40,25 @@ SYMPTOMS = ("amqp.connection_lost", "amqp.reconnected", "settle_dropped", "task 
 
 
 def status_of(url: str, topology) -> dict | None:
-    with AmqpTransport(url) as transport:
-        try:
+    """The server's status, or None (not started yet, or the broker did not answer: on a
+    loaded machine a connection attempt can time out; the next sample tries again)."""
+    try:
+        with AmqpTransport(url) as transport:
             reply = ask(transport, topology, StatusRequest(), timeout=10)
-        except TransportError:  # the server has not declared its queue yet
-            return None
+    except TransportError:
+        return None
     return None if reply is None else reply.status
+
+
+def delete_run(url: str, topology, clients: int) -> None:
+    for attempt in range(5):
+        try:
+            with AmqpTransport(url) as admin:
+                topology.delete(admin, [str(i) for i in range(clients)])
+            return
+        except TransportError as exc:
+            print(f"deleting the run's queues failed ({exc}); again", file=sys.stderr)
+            time.sleep(2.0 * (attempt + 1))
 
 
 def training_view(status: dict) -> str:
@@ -112,8 +125,7 @@ def main() -> None:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-            with AmqpTransport(args.broker) as admin:
-                topology.delete(admin, [str(i) for i in range(args.clients)])
+            delete_run(args.broker, topology, args.clients)
         total = time.monotonic() - started
 
         print(f"\n{args.clients} clients, {args.rounds} rounds, training {args.train_s:g} s, AMQP heartbeat 30 s (default), liveness timeout 10 s; {total:.0f} s in all")
