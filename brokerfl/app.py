@@ -38,6 +38,12 @@ mapping):
     A numpy app receives the parameters dict and returns ``(parameters, metrics)``.
     Metrics may hold ``loss`` and ``num_samples`` (the FedAvg weight; default: the
     partition's size).
+    A client runs it beside its I/O loop (a thread), so it may take minutes; when its result
+    is no longer wanted (the task's deadline passed, the client exits, a newer task came)
+    :func:`cancellation_requested` turns True: a long loop may check it and raise
+    :class:`TrainingCancelled` (the default torch loop does, between batches). A ``train``
+    that raises anything else is reported to the server (TrainFailed), which stops waiting
+    for this client's update.
 
 ``evaluate(model, data)`` (optional for torch apps)
     Returns ``{"loss", "accuracy", "num_samples"}``; the default is the mean cross-entropy
