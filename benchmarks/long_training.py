@@ -61,6 +61,20 @@ def delete_run(url: str, topology, clients: int) -> None:
             time.sleep(2.0 * (attempt + 1))
 
 
+def losses(log: str) -> list[dict]:
+    """The ``amqp.connection_lost`` entries of a process's log (JSON lines)."""
+    found = []
+    for line in log.splitlines():
+        if "amqp.connection_lost" not in line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = {"cause": line[:200]}
+        found.append(entry)
+    return found
+
+
 def training_view(status: dict) -> str:
     clients = {c["id"]: c for c in status["clients"]}
     parts = []
@@ -129,11 +143,15 @@ def main() -> None:
         total = time.monotonic() - started
 
         print(f"\n{args.clients} clients, {args.rounds} rounds, training {args.train_s:g} s, AMQP heartbeat 30 s (default), liveness timeout 10 s; {total:.0f} s in all")
-        print("\nper process: " + ", ".join(SYMPTOMS) + "; exit code")
+        print("\nper process: " + ", ".join(SYMPTOMS) + "; exit code; when each connection was lost (UTC), and why")
         for name, log in logs.items():
             text = log.read_text()
             counts = ", ".join(str(text.count(s)) for s in SYMPTOMS)
             print(f"  {name:10s} {counts}; exit {procs[name].returncode}")
+            # a loss at the same moment in every process (the server too, which does not
+            # train) is the broker's doing, e.g. `rabbitmqctl close_all_connections`
+            for entry in losses(text):
+                print(f"    lost at {entry.get('timestamp', '?')[11:19]}: {entry.get('cause', '?')}")
         records = [r for r in read_metrics(work / "out" / "metrics.jsonl") if "evaluation" not in r] if (work / "out" / "metrics.jsonl").exists() else []
         print("\nround times (s): " + ", ".join(f"round {r['round']}: {r['duration_s']:.1f} (clients trained {r['client_train_s']:.1f})" for r in records))
         print("\nstatus during training (one sample per round):")

@@ -9,11 +9,11 @@ reason, and the worker goes on.
 
 from __future__ import annotations
 
-from queue import Empty, SimpleQueue
 import re
 import threading
 import time
 from dataclasses import replace
+from queue import Empty, SimpleQueue
 from collections.abc import Callable, Iterable
 from typing import Any
 
