@@ -331,6 +331,8 @@ class Worker:
         except Exception:
             self.log.exception("the outcome of work aside could not be made", key=job.key)
             return
+        finally:
+            job.result = job.error = None  # e.g. a trained model: the message has it now, and only until handled
         self.dispatch_local(message)
 
     def _apply_timers(self, ctx: Context) -> None:

@@ -309,3 +309,25 @@ def test_the_amqp_heartbeat_comes_from_the_url_unless_given(amqp_url):
     for url, options, expected in ((short, {}, 2), (amqp_url, {}, DEFAULT_HEARTBEAT_S), (short, {"heartbeat": 0}, 0)):
         with AmqpTransport(url, **options) as transport:
             assert transport._conn._impl.params.heartbeat == expected, (url, options)
+
+
+@pytest.mark.timeout(60)
+def test_the_default_torch_loop_stops_between_batches_when_cancelled():
+    import threading
+
+    import torch
+
+    from brokerfl.app import TrainingCancelled, cancellable
+    from brokerfl.torch_app import sgd
+
+    model = torch.nn.Linear(4, 2)
+    data = (torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    before = [p.detach().clone() for p in model.parameters()]
+    cancelled = threading.Event()
+    cancelled.set()
+    with cancellable(cancelled), pytest.raises(TrainingCancelled, match="after 0 batches"):
+        sgd(model, data, epochs=1, batch_size=8, lr=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # not one step taken
+    with cancellable(threading.Event()):  # not cancelled: trains as ever
+        sgd(model, data, epochs=1, batch_size=8, lr=0.1)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
