@@ -249,7 +249,8 @@ def answer_task(message: Trained, ctx: Context):
                      stopped_early=isinstance(message.error, (TrainingCancelled, Cancelled)))
     elif message.error is not None:
         error = failure_text(message.error)
-        ctx.log.error("training failed: reporting it to the server", task=task.message_id, round=task.round, error=error)
+        # with its traceback: this log is the app developer's (the server gets the one line)
+        ctx.log.error("training failed: reporting it to the server", task=task.message_id, round=task.round, error=error, exc_info=message.error)
         ctx.once_sent(lambda: state.answered.add(task.message_id))
         out = [to_server(task.reply(TrainFailed, client_id=state.client_id, task_id=task.message_id, error=error))]
     else:
