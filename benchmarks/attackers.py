@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from brokerfl.message import ParameterUpdate, TrainTask
+from brokerfl.message import ParameterUpdate
 from handlers.workflows import client
 from handlers.workflows.client import make_state  # noqa: F401 - a handler set has table and make_state
 
@@ -27,12 +27,14 @@ def sign_flipped(parameters: dict[str, np.ndarray], global_parameters: dict[str,
     return {name: (g - scale * (np.asarray(parameters[name], np.float64) - g)).astype(g.dtype) for name, g in global_parameters.items()}
 
 
-@table.on(TrainTask)
-def train_then_poison(task: TrainTask, ctx):
-    sent = client.train(task, ctx)
+@table.on(client.Trained)
+def answer_poisoned(message: client.Trained, ctx):
+    training = ctx.state.training
+    global_parameters = training.task.parameters if training is not None else {}
+    sent = client.answer_task(message, ctx)
     if not sent or ctx.state.client_id not in ATTACKERS:
         return sent
     for outbound in sent:
         if isinstance(outbound.message, ParameterUpdate):
-            outbound.message.parameters = sign_flipped(outbound.message.parameters, task.parameters, SCALE)
+            outbound.message.parameters = sign_flipped(outbound.message.parameters, global_parameters, SCALE)
     return sent

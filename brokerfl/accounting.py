@@ -20,7 +20,7 @@ from typing import Any
 
 from brokerfl.admin import AdminCommand, AdminReply
 from brokerfl.journal import Skipped
-from brokerfl.message import MESSAGE_TYPES, ModelVersionStored, ParameterUpdate, RunFinished, UpdateDropped
+from brokerfl.message import MESSAGE_TYPES, ModelVersionStored, ParameterUpdate, RunFinished, TrainFailed, UpdateDropped
 from brokerfl.transport import REASON_HEADER, Delivery, bounded
 
 
@@ -38,6 +38,7 @@ class Accounting:
     first_version_record: int | None = None  # the first ModelVersionStored in the journal (0 unless retention cut it)
     ended: str | None = None  # the reason of the run's first RunFinished record, once the journal has one
     after_end: dict[str, str] = field(default_factory=dict)  # update id -> who published it (:func:`who`), of updates journaled after it
+    train_failures: dict[str, TrainFailed] = field(default_factory=dict)  # clients' TrainFailed reports, by message id (a retried publish once)
 
     @property
     def cut_at(self) -> int | None:
@@ -99,6 +100,7 @@ class Accounting:
                 reasons[why[0].split(":")[0]] += 1
         for reason, count in sorted(reasons.items()):
             lines.append(f"    dropped as {reason}: {count}")
+        lines.extend(self._failure_lines())
         if self.admin:
             lines.append(f"admin commands: {len(self.admin)}")
             lines.extend(f"  {line}" for line in self.admin[-20:])
@@ -124,6 +126,17 @@ class Accounting:
             lines.append("OK: every update is accounted for exactly once" if self.ok else "FAILED")
         return "\n".join(lines)
 
+    def _failure_lines(self) -> list[str]:
+        """Trainings the clients reported failed: no update came of them (not counted above)."""
+        by_client: defaultdict[str, list[TrainFailed]] = defaultdict(list)
+        for failure in self.train_failures.values():
+            by_client[failure.client_id].append(failure)
+        lines = [f"training failures: {len(self.train_failures)}" + (f" (clients {', '.join(sorted(by_client))})" if by_client else "")]
+        for client, failures in sorted(by_client.items()):
+            last = failures[-1]
+            lines.append(f"  client {client}: {len(failures)}, last in round {last.round}: {bounded(last.error, 120)}")
+        return lines
+
 
 def _from_publishers(publishers: Iterable[str]) -> str:
     counts: defaultdict[str, int] = defaultdict(int)
@@ -132,7 +145,7 @@ def _from_publishers(publishers: Iterable[str]) -> str:
     if not counts:
         return ""
     shown = sorted(counts.items(), key=lambda kv: -kv[1])[:5]
-    return ", from " + ", ".join(f"{who} ({n})" for who, n in shown) + (f" and {len(counts) - 5} more" if len(counts) > 5 else "")
+    return ", from " + ", ".join(f"{publisher} ({n})" for publisher, n in shown) + (f" and {len(counts) - 5} more" if len(counts) > 5 else "")
 
 
 def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) -> Accounting:
@@ -160,6 +173,10 @@ def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) 
             record = skipped.record(delivery, UpdateDropped)
             if record is not None:
                 result.dropped[record.update_id].append(record.reason)
+        elif kind == TrainFailed.TYPE and key.startswith("server."):  # as clients send it
+            failure = skipped.message(delivery, TrainFailed)
+            if failure is not None:
+                result.train_failures.setdefault(failure.message_id, failure)
         elif kind == AdminReply.TYPE and not delivery.problem:
             reply = skipped.record(delivery, AdminReply)
             if reply is not None:

@@ -38,6 +38,12 @@ mapping):
     A numpy app receives the parameters dict and returns ``(parameters, metrics)``.
     Metrics may hold ``loss`` and ``num_samples`` (the FedAvg weight; default: the
     partition's size).
+    A client runs it beside its I/O loop (a thread), so it may take minutes; when its result
+    is no longer wanted (the task's deadline passed, the client exits, a newer task came)
+    :func:`cancellation_requested` turns True: a long loop may check it and raise
+    :class:`TrainingCancelled` (the default torch loop does, between batches). A ``train``
+    that raises anything else is reported to the server (TrainFailed), which stops waiting
+    for this client's update.
 
 ``evaluate(model, data)`` (optional for torch apps)
     Returns ``{"loss", "accuracy", "num_samples"}``; the default is the mean cross-entropy
@@ -65,7 +71,8 @@ import inspect
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
@@ -81,6 +88,35 @@ Parameters = dict[str, np.ndarray]
 
 class AppError(RuntimeError):
     """An app broke the API; the message names the app and the function."""
+
+
+class TrainingCancelled(Exception):
+    """Raised by a training loop that saw :func:`cancellation_requested` (the default torch
+    loop checks between batches): its result would be thrown away anyway."""
+
+
+_training = threading.local()
+
+
+def cancellation_requested() -> bool:
+    """Is the training running on this thread no longer wanted (its task's deadline passed,
+    the client is exiting, a newer task arrived)? A long custom ``train`` may poll this
+    between steps and raise :class:`TrainingCancelled`; one that never does simply runs to
+    the end, and its result is discarded. Python cannot stop a thread: cancelling is
+    cooperative."""
+    event = getattr(_training, "cancelled", None)
+    return event is not None and event.is_set()
+
+
+@contextmanager
+def cancellable(event: threading.Event) -> Iterator[None]:
+    """App calls on this thread inside the block see ``event`` as their cancellation."""
+    outer = getattr(_training, "cancelled", None)
+    _training.cancelled = event
+    try:
+        yield
+    finally:
+        _training.cancelled = outer
 
 
 @dataclass
@@ -228,7 +264,7 @@ class App:
         try:
             with APP_CALLS:
                 new, metrics = self.adapter.train(parameters, data, settings, seed)
-        except AppError:
+        except (AppError, TrainingCancelled):
             raise
         except Exception as exc:
             raise AppError(f"app {self.name!r}: train() failed: {type(exc).__name__}: {exc}") from exc

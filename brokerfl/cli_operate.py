@@ -70,6 +70,7 @@ def render(view: dict[str, Any]):
             f"clients live {live} of {status['clients_expected']} expected, min {status['min_clients']}; "
             f"still training: {', '.join(status['still_training']) or '-'}; held updates {status['held_updates']}; dropped {status['dropped_updates']}"
             + (f"; removed: {', '.join(status['removed'])}" if status["removed"] else "")
+            + (f"; training failed: {', '.join(status['failed'])}" if status.get("failed") else "")
             + (f"; FAILED: {status['failure']}" if status["failure"] else "")
         ))
         for c in status["clients"]:
@@ -79,10 +80,17 @@ def render(view: dict[str, Any]):
         for column in ("client", "state", "last seen", "samples", "this round"):
             clients.add_column(column)
         for c in status["clients"]:
-            this_round = "training" if c["id"] in status["still_training"] else "answered" if c["id"] in status["participants"] else ""
             state_text = "removed" if c["removed"] else "live" if c["live"] else "silent"
-            clients.add_row(c["id"], state_text + (", duplicate" if c.get("duplicate") else ""), f"{c['last_seen_s']:.1f} s ago", str(c["num_samples"]), this_round)
+            clients.add_row(c["id"], state_text + (", duplicate" if c.get("duplicate") else ""), f"{c['last_seen_s']:.1f} s ago", str(c["num_samples"]), _this_round(c, status))
         parts.append(clients)
+        failures = status.get("train_failures") or []
+        if failures:
+            failed = Table(title="training failures (newest last)", title_justify="left")
+            for column in ("client", "round", "error"):
+                failed.add_column(column)
+            for f in failures:
+                failed.add_row(Text(str(f["client_id"])), str(f["round"]), Text(str(f["error"])))  # Text: no markup from the wire
+            parts.append(failed)
     queues = Table(title="queues", title_justify="left")
     for column in ("queue", "ready", "unacked", "consumers", "bytes"):
         queues.add_column(column, justify="right" if column != "queue" else "left")
@@ -94,6 +102,20 @@ def render(view: dict[str, Any]):
         queues.add_row(label, ready, "?" if q["unacked"] is None else str(q["unacked"]), str(q["consumers"]), size)
     parts.append(queues)
     return Group(*parts)
+
+
+def _this_round(client: dict[str, Any], status: dict[str, Any]) -> str:
+    """A client's part in the open round: training (for how long, as its heartbeats say),
+    failed, answered; or training on a task of its own (the asynchronous server's)."""
+    seconds = client.get("training_s")
+    training = "training" + ("" if seconds is None else f" {seconds:.1f} s")
+    if client["id"] in status.get("failed", []):
+        return "failed"
+    if client["id"] in status["still_training"]:
+        return training
+    if client["id"] in status["participants"]:
+        return "answered"
+    return training if seconds is not None else ""
 
 
 def cmd_status(args: argparse.Namespace) -> int:

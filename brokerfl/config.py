@@ -78,7 +78,7 @@ class LivenessConfig(_Section):
 class IdentityConfig(_Section):
     enforce: bool = Field(False, description="receivers check each message's AMQP user_id against the run's users (brokerfl.identity)")
     client_messages: list[str] = Field(
-        default_factory=lambda: ["join", "leave", "heartbeat", "parameter_update", "evaluate_result"],
+        default_factory=lambda: ["join", "leave", "heartbeat", "parameter_update", "evaluate_result", "train_failed"],
         description="message types clients may publish to the server (provisioning's topic permissions)",
     )
 

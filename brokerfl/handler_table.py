@@ -13,6 +13,7 @@ is adding one handler::
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,26 @@ class Timer:
     message: Message
 
 
+class Cancelled(Exception):
+    """The outcome of work aside that was cancelled before it started (it never ran)."""
+
+
+Work = Callable[[threading.Event], Any]
+"""Work run aside (:meth:`Context.run_aside`): given the event that says it is no longer
+wanted (cooperative: set by :meth:`Context.cancel_aside`), returns its result."""
+
+Outcome = Callable[[Any, "BaseException | None"], Message]
+"""Turns work's result (or the exception it raised) into the LOCAL message dispatched to
+the table once it is done."""
+
+
+@dataclass
+class Aside:
+    key: str
+    work: Work
+    outcome: Outcome
+
+
 @dataclass
 class Context:
     """What a handler may know and ask for besides its message.
@@ -84,21 +105,28 @@ class Context:
     log: Any
     redelivered: bool = False
     holding: bool = False
+    hold_key: str = ""
     committing: bool = False
+    commit_keys: list[str | None] = field(default_factory=list)  # None: every held message
     stopping: bool = False
     timer_requests: list[Timer | str] = field(default_factory=list)  # in order: a Timer sets, a key cancels
+    aside_requests: list[Aside | str] = field(default_factory=list)  # in order: an Aside starts, a key cancels
     also_send: list[Outbound] = field(default_factory=list)
     clock: Callable[[], float] = field(default=None)  # type: ignore[assignment]
     when_sent: list[Callable[[], None]] = field(default_factory=list)
 
-    def hold(self) -> None:
+    def hold(self, key: str = "") -> None:
         """Keep this message unacked until a later handler calls :meth:`commit` (e.g. an
-        update stays unacked until the model version it went into is stored)."""
+        update stays unacked until the model version it went into is stored). ``key``
+        names it for a commit of only some held messages."""
         self.holding = True
+        self.hold_key = key
 
-    def commit(self) -> None:
-        """Ack every held message, once this handler's outgoing messages are confirmed."""
+    def commit(self, key: str | None = None) -> None:
+        """Ack every held message (or only those held under ``key``), once this handler's
+        outgoing messages are confirmed."""
         self.committing = True
+        self.commit_keys.append(key)
 
     def send(self, *outbound: Outbound) -> None:
         """Publish these too (before the handler's returned messages), for helpers deep in a
@@ -124,6 +152,21 @@ class Context:
 
     def cancel_timer(self, key: str) -> None:
         self.timer_requests.append(key)
+
+    def run_aside(self, key: str, work: Work, outcome: Outcome) -> None:
+        """Run ``work`` beside the worker's I/O loop (e.g. an app's local training, minutes
+        long: the loop goes on sending heartbeats, taking messages and acking), then
+        dispatch ``outcome(result, error)``, a LOCAL message, to this table on the worker's
+        thread. Started once this handler's messages are confirmed. Work of one process
+        runs one piece at a time, in order (an app's code need not be thread-safe); a
+        worker on the in-process transport runs it at once, inline (deterministic)."""
+        self.aside_requests.append(Aside(key, work, outcome))
+
+    def cancel_aside(self, key: str) -> None:
+        """Say that the work under ``key`` is no longer wanted: its event is set (work that
+        has not started does not run: its outcome is a :class:`Cancelled`). Its outcome
+        is still dispatched: the handler decides what a cancelled result is worth."""
+        self.aside_requests.append(key)
 
 
 class HandlerTable:

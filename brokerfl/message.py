@@ -131,6 +131,7 @@ class Heartbeat(Message):
     client_id: str
     num_samples: int = 0
     instance: str = ""  # as Join's
+    training_s: float | None = None  # seconds since it took the task it is training on; None: not training
 
 
 @dataclass(kw_only=True)
@@ -141,6 +142,7 @@ class Heartbeats(Message):
 
     clients: dict[str, int] = field(default_factory=dict)
     instance: str = ""  # as Join's: the one process hosting these clients
+    training: dict[str, float] = field(default_factory=dict)  # those training: seconds since each took its task
 
 
 @dataclass(kw_only=True)
@@ -173,6 +175,17 @@ class ParameterUpdate(Message):
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
     compression: str = ""  # "": whole parameters; else a brokerfl.compression method, against model_version
+
+
+@dataclass(kw_only=True)
+class TrainFailed(Message):
+    """The answer to a TrainTask whose training raised (the app's ``train``): the client
+    is alive, its app is not; the server stops waiting for it (envelope: the task's round
+    and model version). ``error``: the exception's type and message, bounded and printable."""
+
+    client_id: str
+    task_id: str
+    error: str
 
 
 @dataclass(kw_only=True)
@@ -321,6 +334,8 @@ def from_wire(envelope: Envelope, body: bytes, limits: Limits = DEFAULT_LIMITS) 
 
 MAX_COUNTER = 2**63  # rounds, model versions, sample counts: non-negative, and what an AMQP header holds
 MAX_ID_CHARS = 128  # message ids, and the fields that name one
+MAX_ERROR_CHARS = 1000  # an error a client reports (it sends at most ERROR_CHARS, see handlers/workflows/client.py)
+MAX_SECONDS = 1e9  # a duration a message reports (about 30 years)
 _MESSAGE_ID_FIELDS = ("task_id", "update_id")
 MAX_INSTANCE_CHARS = 200  # Join/Heartbeat(s).instance: host:pid:random
 _COUNT_FIELDS = ("round", "model_version", "num_samples", "version", "parent", "model_offset")
@@ -342,6 +357,18 @@ def _check_ranges(kind: str, envelope_values: dict[str, Any], values: dict[str, 
             raise DecodeError(f"{kind}.{name}: {_shown(values[name])} is longer than {MAX_ID_CHARS} characters")
     if len(values.get("instance") or "") > MAX_INSTANCE_CHARS:
         raise DecodeError(f"{kind}.instance: {_shown(values['instance'])} is longer than {MAX_INSTANCE_CHARS} characters")
+    if len(values.get("error") or "") > MAX_ERROR_CHARS:  # TrainFailed
+        raise DecodeError(f"{kind}.error: {len(values['error'])} characters, more than {MAX_ERROR_CHARS}")
+    for client_id, seconds in (values.get("training") or {}).items():  # Heartbeats
+        try:
+            check_name("client id", client_id)
+        except ValueError:
+            raise DecodeError(f"{kind}.training: {_shown(client_id)} is not a client id") from None
+        if not 0 <= seconds < MAX_SECONDS:  # NaN fails too
+            raise DecodeError(f"{kind}.training[{_shown(client_id)}]: {_shown(seconds)} seconds is out of range")
+    seconds = values.get("training_s")  # Heartbeat
+    if seconds is not None and not 0 <= seconds < MAX_SECONDS:
+        raise DecodeError(f"{kind}.training_s: {_shown(seconds)} seconds is out of range")
     for client_id, count in (values.get("clients") or {}).items():  # Heartbeats
         try:
             check_name("client id", client_id)

@@ -91,7 +91,10 @@ class ServerCollector:
         version.add_metric([], state.model.version if state.model else 0)
         paused = GaugeMetricFamily(f"{PREFIX}_paused", "1 while an operator has paused the rounds")
         paused.add_metric([], 1 if state.admin.paused else 0)
-        yield from (live, held, dropped, version, paused)
+        # clients train aside, beating meanwhile: their heartbeats say so
+        training = GaugeMetricFamily(f"{PREFIX}_training_clients", "Clients whose last heartbeat says they are training")
+        training.add_metric([], sum(1 for record in list(state.clients.values()) if getattr(record, "training_s", None) is not None))
+        yield from (live, held, dropped, version, paused, training)
 
 
 class RoundMetrics:

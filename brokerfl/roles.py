@@ -30,6 +30,10 @@ from brokerfl.worker import Worker
 
 CROSS_SITE_HANDLERS = "handlers.workflows.cross_site"
 LEASE_POLL_S = 0.5  # how often a standby server asks for the role (one queue.declare each)
+# A client holds the task it trains on (aside) unacked, and more messages must still reach
+# it meanwhile: Exit, a newer task (it waits, held too), an evaluation. A bound all the same:
+# each message delivered and not yet handled may hold a whole model.
+CLIENT_PREFETCH = 4
 
 
 def handler_set(config: RunConfig, key: str) -> ModuleType:
@@ -147,7 +151,7 @@ def client_worker(transport: Transport, config: RunConfig, client_id: str, *, jo
         from brokerfl.transports.local import LocalTransport
 
         models = ModelCache(LocalTransport(transport.broker, user=transport.user), topology)
-    return Worker(transport, topology, queue, module.table, state, name=f"client.{client_id}", prefetch=1, log=log, admit=admit, resolve=_model_resolver(models, client_id))
+    return Worker(transport, topology, queue, module.table, state, name=f"client.{client_id}", prefetch=CLIENT_PREFETCH, log=log, admit=admit, resolve=_model_resolver(models, client_id))
 
 
 def _model_resolver(models: ModelCache | None, client_id: str) -> Callable[[Message], None]:

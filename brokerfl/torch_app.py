@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brokerfl.app import AppError, Parameters, call
+from brokerfl.app import AppError, Parameters, TrainingCancelled, call, cancellation_requested
 from brokerfl.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -167,6 +167,8 @@ def sgd(
     total, seen, steps = 0.0, 0, 0
     for _ in range(epochs):
         for x, y in batches(data, batch_size, generator):
+            if cancellation_requested():  # between batches: no longer wanted (brokerfl.app)
+                raise TrainingCancelled(f"cancelled after {steps} batches")
             loss = F.cross_entropy(model(x), y)
             objective = loss
             if anchor:

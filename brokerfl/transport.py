@@ -126,6 +126,9 @@ class Transport(abc.ABC):
     user is refused, as RabbitMQ does)."""
 
     user: str = ""
+    # Whether a worker on this transport runs work aside (Context.run_aside) inline: the
+    # in-process transport does (deterministic; simulate runs every role on one thread).
+    work_inline: bool = False
 
     def __init__(self) -> None:
         self._dead_letter_targets: dict[str, str] = {}
@@ -252,6 +255,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Close the connection; unacked deliveries are redelivered to other consumers."""
+
+    def wake(self) -> None:
+        """Make a :meth:`poll` under way return soon (or the next one, if none is): the one
+        method another thread may call (work aside is done: its outcome waits)."""
 
     def __enter__(self) -> Transport:
         return self

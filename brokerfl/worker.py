@@ -10,16 +10,19 @@ reason, and the worker goes on.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from dataclasses import replace
+from queue import Empty, SimpleQueue
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
 
 from brokerfl.codec import DEFAULT_LIMITS, DecodeError, EncodeError, Limits
-from brokerfl.handler_table import Context, HandlerTable, Outbound, Rejected, Started, Timer
+from brokerfl.handler_table import Aside, Cancelled, Context, HandlerTable, Outbound, Rejected, Started, Timer
 from brokerfl.message import Message, from_wire, to_wire_parts
+from brokerfl.threads import process_lane
 from brokerfl.timing import timings
 from brokerfl.topology import DEAD, REQUESTER, RunTopology, routing_key
 from brokerfl.transport import REPLY_TO, Body, Delivery, LeaseLost, Transport, TransportError, UnroutableError, body_size, bounded, joined
@@ -28,6 +31,29 @@ from brokerfl.transport import REPLY_TO, Body, Delivery, LeaseLost, Transport, T
 _TYPE_WORD = re.compile(r"^[A-Za-z0-9_]{1,64}$")  # what may stand in a routing key
 # reason prefix -> kind, for counting dead letters (anything else: no handler will take it)
 _DEAD_LETTER_KINDS = (("undecodable", "undecodable"), ("rejected", "rejected"), ("handler", "failed"))
+# While work runs aside, the longest a poll waits: the transport's wake() normally ends the
+# wait when the work is done; this bounds it if that wake was lost (a connection replaced).
+ASIDE_POLL_S = 0.5
+APP_LANE = "app"  # the process's lane for work aside: app calls, one at a time
+
+
+class _AsideJob:
+    """Work of :meth:`Context.run_aside` on its way through the process's lane."""
+
+    def __init__(self, aside: Aside) -> None:
+        self.key, self.work, self.outcome = aside.key, aside.work, aside.outcome
+        self.cancelled = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        if self.cancelled.is_set():
+            self.error = Cancelled(f"{self.key}: cancelled before it started")
+            return
+        try:
+            self.result = self.work(self.cancelled)
+        except Exception as exc:  # the handler of its outcome says what it means
+            self.error = exc
 
 
 class Worker:
@@ -65,6 +91,12 @@ class Worker:
         self.resolve = resolve
         self.log = log or structlog.get_logger("brokerfl").bind(run=topology.run, role=name)
         self.held: list[Delivery] = []
+        self.held_keys: list[str] = []  # beside ``held``: the key each was held under
+        # Work aside (Context.run_aside): inline, at once, on the in-process transport
+        # (deterministic, and simulate's speed); else on the process's lane.
+        self.work_inline: bool = bool(getattr(transport, "work_inline", False))
+        self._aside: list[_AsideJob] = []  # on the lane, outcome not dispatched yet
+        self._aside_done: SimpleQueue[_AsideJob] = SimpleQueue()  # put by the lane's thread
         self.timers: dict[str, Timer] = {}
         self.stopped = False
         self.handled = 0
@@ -103,16 +135,28 @@ class Worker:
             self.transport.cancel(self._consumer_tag)
             self._consumer_tag = None
         self.held.clear()
+        self.held_keys.clear()
+        for job in self._aside:  # nobody takes their outcomes now; work not started never runs
+            job.cancelled.set()
+        self._aside.clear()
 
     # ------------------------------------------------------------ timers
 
     def next_timer_in(self) -> float | None:
+        """Seconds to the next timer (None: none), 0 when work aside is done and its outcome
+        waits, at most :data:`ASIDE_POLL_S` while work runs aside."""
+        if self._aside:
+            if not self._aside_done.empty():
+                return 0.0
+            due = min([t.due for t in self.timers.values()], default=self.clock() + ASIDE_POLL_S) - self.clock()
+            return min(due, ASIDE_POLL_S)
         if not self.timers:
             return None
         return min(t.due for t in self.timers.values()) - self.clock()
 
     def fire_due_timers(self) -> int:
-        fired = 0
+        """Dispatch the outcomes of work aside that is done, then the timers that are due."""
+        fired = self._dispatch_aside_outcomes()
         now = self.clock()
         for key, timer in sorted(self.timers.items(), key=lambda kv: kv[1].due):
             if self.stopped:
@@ -223,16 +267,75 @@ class Worker:
                 # Only what acks it: the body (and the arrays decoded over it) would
                 # otherwise stay alive until the commit, one whole update per held message.
                 self.held.append(replace(delivery, body=b""))
+                self.held_keys.append(ctx.hold_key)
             else:
                 with timings.phase("ack"):
                     self.transport.ack(delivery)
         if ctx.committing:
-            with timings.phase("ack"):
-                for held in self.held:
-                    self.transport.ack(held)
-            self.held.clear()
+            self._commit(ctx.commit_keys)
         if ctx.stopping:
             self.stop()
+        elif ctx.aside_requests:
+            self._apply_aside(ctx.aside_requests)
+
+    def _commit(self, keys: list[str | None]) -> None:
+        """Ack the held messages (those held under ``keys``, or all if one is None)."""
+        every = None in keys
+        kept: list[tuple[Delivery, str]] = []
+        with timings.phase("ack"):
+            for held, key in zip(self.held, self.held_keys):
+                if every or key in keys:
+                    self.transport.ack(held)
+                else:
+                    kept.append((held, key))
+        self.held = [held for held, _ in kept]
+        self.held_keys = [key for _, key in kept]
+
+    # ------------------------------------------------------------ work aside
+
+    def _apply_aside(self, requests: list[Aside | str]) -> None:
+        for request in requests:
+            if isinstance(request, str):
+                for job in self._aside:
+                    if job.key == request:
+                        job.cancelled.set()
+                continue
+            job = _AsideJob(request)
+            if self.work_inline:
+                job.run()
+                self._dispatch_outcome(job)
+            else:
+                self._aside.append(job)
+                process_lane(APP_LANE).submit(lambda job=job: self._run_aside(job))
+
+    def _run_aside(self, job: _AsideJob) -> None:
+        """On the lane's thread: the work, then wake the I/O loop to dispatch its outcome."""
+        job.run()
+        self._aside_done.put(job)
+        self.transport.wake()
+
+    def _dispatch_aside_outcomes(self) -> int:
+        dispatched = 0
+        while not self.stopped:
+            try:
+                job = self._aside_done.get_nowait()
+            except Empty:
+                break
+            if job in self._aside:  # else the worker stopped meanwhile
+                self._aside.remove(job)
+                self._dispatch_outcome(job)
+                dispatched += 1
+        return dispatched
+
+    def _dispatch_outcome(self, job: _AsideJob) -> None:
+        try:
+            message = job.outcome(job.result, job.error)
+        except Exception:
+            self.log.exception("the outcome of work aside could not be made", key=job.key)
+            return
+        finally:
+            job.result = job.error = None  # e.g. a trained model: the message has it now, and only until handled
+        self.dispatch_local(message)
 
     def _apply_timers(self, ctx: Context) -> None:
         for request in ctx.timer_requests:

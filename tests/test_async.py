@@ -112,14 +112,14 @@ def test_strategy_options_are_checked():
 def produced(monkeypatch):
     """The ids of every update the clients send."""
     ids: list[str] = []
-    original = client_handlers.table.handler_for("train_task")
+    original = client_handlers.table.handler_for("trained")  # a training's outcome: the update
 
-    def train_and_record(task, ctx):
-        out = list(original(task, ctx) or [])
+    def train_and_record(trained, ctx):
+        out = list(original(trained, ctx) or [])
         ids.extend(o.message.message_id for o in out if isinstance(o.message, ParameterUpdate))
         return out
 
-    monkeypatch.setattr(client_handlers.table, "_handlers", {**client_handlers.table._handlers, "train_task": train_and_record})
+    monkeypatch.setattr(client_handlers.table, "_handlers", {**client_handlers.table._handlers, "trained": train_and_record})
     return ids
 
 
@@ -167,17 +167,17 @@ def test_a_duplicated_update_is_folded_once(monkeypatch, name):
     """Client 0 sends its first update twice (same message id): FedAsync has stored it by
     then, so the copy is dropped as a duplicate; FedBuff still holds it in its buffer, so
     the copy is held again (acked with its version) and not folded again."""
-    original = client_handlers.table.handler_for("train_task")
+    original = client_handlers.table.handler_for("trained")  # a training's outcome: the update
     sent: list[str] = []
 
-    def train_and_duplicate(task, ctx):
-        out = list(original(task, ctx) or [])
+    def train_and_duplicate(trained, ctx):
+        out = list(original(trained, ctx) or [])
         if out and ctx.state.client_id == "0" and not sent:
             sent.append(out[0].message.message_id)
             out = out + out
         return out
 
-    monkeypatch.setattr(client_handlers.table, "_handlers", {**client_handlers.table._handlers, "train_task": train_and_duplicate})
+    monkeypatch.setattr(client_handlers.table, "_handlers", {**client_handlers.table._handlers, "trained": train_and_duplicate})
     config = load_config(f"configs/digits_{name}.yaml", {"rounds": 4, "clients": 4})
     result = simulate(config)
     store = result.server_state.store

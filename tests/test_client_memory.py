@@ -55,7 +55,7 @@ def test_a_client_keeps_nothing_of_a_task_after_publishing_its_update(monkeypatc
         worker.step(0.01)
         if worker.handled > joined:
             break
-    assert worker.handled == joined + 1 and len(trained) == len(initial)
+    assert worker.handled == joined + 2 and len(trained) == len(initial)  # the task, then its training's outcome (Trained)
     assert "list" in RecordingTransport.given  # the update went out as its buffers, unjoined
     assert all(ref() is None for ref in trained), "the trained arrays outlived the published update"
     (update,) = [from_wire(m.envelope, m.body) for m in broker.queues[topology.server_queue].ready if m.envelope.type == ParameterUpdate.TYPE]

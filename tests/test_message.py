@@ -151,6 +151,9 @@ FIELD_STRATEGIES = {
     "version": st.integers(0, 2**63 - 1),
     "parent": st.none() | st.integers(0, 2**63 - 1),
     "model_offset": st.integers(0, 2**63 - 1),
+    "training": st.dictionaries(names, st.floats(0, 1e8), max_size=4),  # Heartbeats: seconds training
+    "training_s": st.none() | st.floats(0, 1e8),  # Heartbeat
+    "error": st.text(max_size=300),  # TrainFailed
 }
 
 
@@ -505,3 +508,25 @@ def test_heartbeats_name_clients_by_the_client_id_rule():
     for bad, error in (({"a.b": 1}, r"clients: 'a.b' is not a client id"), ({"a": -1}, r"clients\['a'\]: -1 samples is out of range")):
         with pytest.raises(DecodeError, match=error):
             from_wire(envelope_for(Heartbeats), encode({"clients": bad}))
+
+
+def test_what_clients_say_of_their_training_is_checked():
+    """Heartbeats' training seconds, Heartbeat's training_s and TrainFailed's error: client
+    ids by the rule, durations finite and non-negative (NaN too), errors bounded."""
+    from brokerfl.message import MAX_ERROR_CHARS, Heartbeat, Heartbeats, TrainFailed
+
+    message = Heartbeats(clients={"0": 10, "1": 4}, training={"1": 12.5})
+    assert from_wire(*to_wire(message)).training == {"1": 12.5}
+    assert from_wire(*to_wire(Heartbeat(client_id="0", training_s=3.0))).training_s == 3.0
+    assert from_wire(*to_wire(Heartbeat(client_id="0"))).training_s is None
+    bad_heartbeats = (({"a.b": 1.0}, r"training: 'a.b' is not a client id"), ({"a": -1.0}, r"training\['a'\]: -1.0 seconds"), ({"a": float("nan")}, r"training\['a'\]: nan seconds"))
+    for bad, error in bad_heartbeats:
+        with pytest.raises(DecodeError, match=error):
+            from_wire(envelope_for(Heartbeats), encode({"clients": {}, "training": bad}))
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(DecodeError, match="training_s"):
+            from_wire(envelope_for(Heartbeat), encode({"client_id": "0", "training_s": bad}))
+    failed = TrainFailed(client_id="2", task_id="t", error="ValueError: boom")
+    assert from_wire(*to_wire(failed)).error == "ValueError: boom"
+    with pytest.raises(DecodeError, match="error"):
+        from_wire(envelope_for(TrainFailed), encode({"client_id": "2", "task_id": "t", "error": "x" * (MAX_ERROR_CHARS + 1)}))

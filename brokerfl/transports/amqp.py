@@ -43,7 +43,9 @@ Limits worth knowing:
 
 - pika's BlockingConnection sends heartbeats only inside pika calls: a callback that runs
   longer than about two ``heartbeat`` intervals loses the connection (its message is then
-  redelivered). Keep long work out of callbacks, or pass ``heartbeat=0``.
+  redelivered). Keep long work out of callbacks (a worker runs it aside:
+  ``Context.run_aside``; :meth:`AmqpTransport.wake` ends the poll when it is done), or
+  pass ``heartbeat=0``.
 - Chunks of one message must reach one consumer: give a queue that carries chunked
   messages one consumer at a time (or ``x-single-active-consumer``). Chunks split between
   consumers are dead-lettered after ``chunk_timeout``.
@@ -56,6 +58,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pika
 import pika.exceptions as px
@@ -67,7 +70,7 @@ from brokerfl.transports import chunks
 from brokerfl.transports.amqp_connection import MAX_BACKOFF_S, RECV_BYTES, ChannelLimitError, ConnectionMixin, _channel_error, _quietly, _tune_reads, mask_url
 from brokerfl.transports.amqp_consuming import STREAM_CREDIT, ConsumingMixin, _Consumer, _Handle, _Tag
 from brokerfl.transports.amqp_settling import SettlingMixin
-from brokerfl.transports.connect import TlsOptions, cluster_parameters
+from brokerfl.transports.connect import TlsOptions, broker_urls, cluster_parameters
 from brokerfl.transports.envelope import to_envelope, to_properties
 from brokerfl.transports.pika_body import GatheredBody
 
@@ -75,6 +78,9 @@ log = structlog.get_logger("brokerfl.amqp")
 
 # Re-exported: benchmarks and tools import these from here.
 __all__ = ["AmqpTransport", "ChannelLimitError", "RECV_BYTES", "STREAM_CREDIT", "mask_url", "_tune_reads"]
+
+
+DEFAULT_HEARTBEAT_S = 30
 
 
 class _Nacked(TransportError):
@@ -89,7 +95,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         url: str | list[str],
         *,
         chunk_size: int = 16 * 1024**2,
-        heartbeat: int = 30,
+        heartbeat: int | None = None,
         connect_timeout: float = 10.0,
         max_reconnect_s: float = 60.0,
         confirm_timeout: float = 30.0,
@@ -118,7 +124,9 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         :mod:`brokerfl.transports.chunks`); None: all in RAM. ``tls``: CA,
         certificate and key for ``amqps://`` URLs (default: ``BROKERFL_TLS_*``; see
         :mod:`brokerfl.transports.connect`). ``retry_start``: the first connection is retried
-        like a reconnect (up to ``max_reconnect_s``) instead of failing at once."""
+        like a reconnect (up to ``max_reconnect_s``) instead of failing at once. ``heartbeat``:
+        the AMQP heartbeat in seconds (0: none); None: the URL's ``?heartbeat=`` if it names
+        one, else :data:`DEFAULT_HEARTBEAT_S`."""
         super().__init__()
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
@@ -134,8 +142,9 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
             self._nodes, self.user = cluster_parameters(url, tls)
         except Exception as exc:
             raise TransportError(f"bad AMQP URL {self.safe_url}: {exc}") from None
-        for params in self._nodes:
-            params.heartbeat = heartbeat
+        for node_url, params in zip(broker_urls(url), self._nodes):
+            if heartbeat is not None or "heartbeat" not in parse_qs(urlsplit(node_url).query):
+                params.heartbeat = DEFAULT_HEARTBEAT_S if heartbeat is None else heartbeat
             params.socket_timeout = connect_timeout
             params.stack_timeout = connect_timeout
             params.connection_attempts = 1
@@ -157,6 +166,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         self._conn: pika.BlockingConnection | None = None
         self._publisher: pika.BlockingConnection | None = None
         self._blocked: set[Any] = set()
+        self._woken = False  # set on the I/O thread by the callback wake() asks for
         if retry_start:
             self._connect_first()
         else:
@@ -351,6 +361,21 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         if not request.reply_to:
             raise TransportError(f"message {request.envelope.message_id!r} is not a request: it has no reply address")
         self._publish_raw("", request.reply_to, to_properties(envelope, user=self.user), body, mandatory=False)
+    def wake(self) -> None:
+        """pika's one thread-safe call: the callback runs in the I/O loop, inside the poll's
+        wait (which it ends). A connection closed or being replaced takes no callback:
+        then the caller's poll bound ends the wait."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            conn.add_callback_threadsafe(self._on_wake)
+        except Exception:
+            pass
+
+    def _on_wake(self) -> None:
+        self._woken = True
+
     def close(self) -> None:
         """Close the connection; the broker requeues whatever it left unacked."""
         if self._closed:

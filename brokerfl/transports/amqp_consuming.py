@@ -177,9 +177,10 @@ class ConsumingMixin:
     def poll(self, timeout: float = 0.0) -> int:
         self._check_open()
         deadline = time.monotonic() + max(0.0, timeout)
+        self._woken = False  # a wake asked for before this poll ends it (its callback runs in the pump)
         while True:
             self._pump(max(0.0, deadline - time.monotonic()))
-            if self._inbox or time.monotonic() >= deadline:
+            if self._inbox or self._woken or time.monotonic() >= deadline:
                 break
         batch = list(self._inbox)
         self._inbox.clear()

@@ -278,7 +278,10 @@ def _has_room(consumer: _Consumer) -> bool:
 
 class LocalTransport(Transport):
     """One connection to a :class:`LocalBroker`, logged in as ``user`` (stamped on what it
-    publishes as ``user_id``, like RabbitMQ's validated user_id)."""
+    publishes as ``user_id``, like RabbitMQ's validated user_id). Its workers run work
+    aside inline (:attr:`Transport.work_inline`)."""
+
+    work_inline = True
 
     def __init__(self, broker: LocalBroker | None = None, *, user: str = "guest") -> None:
         super().__init__()
@@ -288,6 +291,7 @@ class LocalTransport(Transport):
         self._consumers: dict[str, _Consumer] = {}
         self._get_tags: dict[str, set[int]] = {}  # basic.get deliveries not yet settled, by queue
         self._closed = False
+        self._woken = False  # set by wake() (another thread), under the broker's lock
 
     # ------------------------------------------------------------ topology
 
@@ -474,7 +478,8 @@ class LocalTransport(Transport):
                     self._inbox.clear()
                     break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self._woken:
+                    self._woken = False
                     return 0
                 self.broker.changed.wait(remaining)
 
@@ -493,6 +498,11 @@ class LocalTransport(Transport):
         with self.broker.lock:
             holder = self.broker.leases.setdefault(name, self)
             return holder is self
+
+    def wake(self) -> None:
+        with self.broker.changed:
+            self._woken = True
+            self.broker.changed.notify_all()
 
     def close(self) -> None:
         if self._closed:

@@ -93,15 +93,25 @@ def status_of(state: ServerState) -> dict:
         "clients_expected": state.config.clients,
         "clients": [
             {"id": cid, "last_seen_s": round(now - record.last_seen, 1), "live": cid in live, "removed": cid in state.admin.removed, "num_samples": record.num_samples,
-             "duplicate": duplicate_instances(state, cid)}  # two processes claim this id: their instances
+             "duplicate": duplicate_instances(state, cid),  # two processes claim this id: their instances
+             "training_s": _rounded(record.training_for(now))}
             for cid, record in sorted(state.clients.items(), key=lambda kv: client_id_order(kv[0]))
         ],
         "removed": sorted(state.admin.removed, key=client_id_order),
         "participants": list(state.participants) if state.round_open else [],
-        "still_training": sorted(set(state.participants) - state.answered, key=client_id_order) if state.round_open else [],
+        "still_training": sorted(set(state.participants) - state.answered - state.failed, key=client_id_order) if state.round_open else [],
+        "failed": sorted(state.failed, key=client_id_order) if state.round_open else [],  # this round's
+        "train_failures": [vars(f) for f in state.train_failures[-STATUS_FAILURES:]],
         "held_updates": held_updates(state),
         "dropped_updates": len(state.dropped),
     }
+
+
+STATUS_FAILURES = 10  # the newest training failures a status shows
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 1)
 
 
 def held_updates(state: ServerState) -> int:

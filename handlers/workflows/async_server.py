@@ -17,6 +17,7 @@ drop records, storing versions, finishing. What differs:
   here a dead-lettered update would leave its client without a task for the rest of the run).
   Dropped without a new task (the original already caused one): a copy of an update that is
   already in a stored version, and anything after the run finished.
+- A client whose training failed (TrainFailed) gets no new task from this process.
 - A redelivered copy of an update still in the buffer (FedBuff; folded, not yet stored) is
   held again without being folded again: it replaces a delivery lost with an old connection.
 - A client first seen after the beginning (Join or Heartbeat), or back after a Leave, gets
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_client
-from brokerfl.message import Heartbeat, Heartbeats, Join, Leave, ParameterUpdate, Tensors, TrainTask
+from brokerfl.message import Heartbeat, Heartbeats, Join, Leave, ParameterUpdate, Tensors, TrainFailed, TrainTask
 from brokerfl.model_refs import task_model_fields
 from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore
@@ -165,6 +166,14 @@ def mark_many_alive(message: Heartbeats, ctx: Context):
 def forget_client(message: Leave, ctx: Context):
     server.forget_client(message, ctx)
     ctx.state.tasked.pop(message.client_id, None)  # if it comes back, it gets a task
+
+
+@table.on(TrainFailed)
+def take_failure(message: TrainFailed, ctx: Context):
+    """Logged and kept; no new task: its app would most likely fail again, at once, and
+    round after round. It stays tasked (a heartbeat brings it none); a Leave and a return
+    (a restarted client) does."""
+    server.note_failure(message, ctx)
 
 
 # ---------------------------------------------------------------- updates

@@ -1,23 +1,56 @@
-"""The client's handler set: join, train when sampled, evaluate, stop on Exit."""
+"""The client's handler set: join, train when sampled, evaluate, stop on Exit.
+
+The app's calls (``train``, ``evaluate``) run aside (:meth:`Context.run_aside`: on the
+process's lane over RabbitMQ, inline in-process), so the I/O loop goes on meanwhile: AMQP
+and liveness heartbeats (which say what the client is training, and for how long), acks,
+Exit. A task is held unacked while it trains, and acked once its answer is confirmed: the
+ParameterUpdate, or a TrainFailed when the app's ``train`` raised (the server then stops
+waiting for this client), or nothing when the training is no longer wanted (its deadline
+passed, Exit came, or a newer task: the newer one waits for the lane) and its result is
+discarded. Cancelling is cooperative (:func:`brokerfl.app.cancellation_requested`).
+"""
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from brokerfl.app import App, Partition, count_samples, load_app
+from brokerfl.app import App, AppError, Partition, TrainingCancelled, cancellable, count_samples, load_app
 from brokerfl.compression import compress
 from brokerfl.config import RunConfig, TrainConfig
-from brokerfl.handler_table import Context, HandlerTable, Started, to_server
-from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Gradients, Heartbeat, Heartbeats, Join, Message, ParameterUpdate, TrainTask
+from brokerfl.handler_table import Cancelled, Context, HandlerTable, Started, to_server
+from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Gradients, Heartbeat, Heartbeats, Join, Message, ParameterUpdate, TrainFailed, TrainTask
 from brokerfl.message import process_instance  # names this process in Join and Heartbeat(s)
+from brokerfl.transport import bounded
 from handlers.strategies.base import prepare_update
 
 table = HandlerTable("client")
+
+ERROR_CHARS = 300  # of a failed training's error, as TrainFailed reports it
+TRAIN = "train"  # the key of the training aside (and of its deadline's timer)
+
+
+@dataclass
+class Training:
+    """The task this client is training on (aside)."""
+
+    task: TrainTask
+    accepted: float  # time.monotonic() when this client took it
+    cancelled: str | None = None  # why it is no longer wanted (its result is discarded)
+
+    @property
+    def key(self) -> str:  # its held delivery's
+        return task_key(self.task)
+
+
+def task_key(task: Message) -> str:
+    return f"task:{task.message_id}"
 
 
 @dataclass
@@ -35,6 +68,12 @@ class ClientState:
     residual_version: int = -1  # the model version the residual was last made against
     exit_reason: str | None = None
     beats_alone: bool = True  # False: its process sends one Heartbeats for all its clients (process_table)
+    training: Training | None = None  # the task training aside
+    waiting: TrainTask | None = None  # a newer task, for when that training is over
+
+    def training_s(self) -> float | None:
+        """Seconds since this client took the task it trains on; None: not training."""
+        return None if self.training is None else round(time.monotonic() - self.training.accepted, 3)
 
 
 def make_state(config: RunConfig, client_id: str) -> ClientState:
@@ -68,6 +107,34 @@ class HeartbeatDue(Message):
     LOCAL = True
 
 
+@dataclass(kw_only=True)
+class Trained(Message):
+    """Local: the training aside is over (``error``: what it raised instead)."""
+
+    LOCAL = True
+    task_id: str
+    result: Any = None  # (parameters, metrics, seconds)
+    error: BaseException | None = None
+
+
+@dataclass(kw_only=True)
+class TrainingOverdue(Message):
+    """Local timer message: the deadline of the task in training passed."""
+
+    LOCAL = True
+    task_id: str
+
+
+@dataclass(kw_only=True)
+class Evaluated(Message):
+    """Local: an evaluation aside is over."""
+
+    LOCAL = True
+    task: EvaluateTask
+    scores: dict[str, float] | None = None
+    error: BaseException | None = None
+
+
 def liveness_on(config: RunConfig) -> bool:
     """Does the server judge liveness by heartbeats? (``simulate`` turns it off: an infinite
     timeout, under which heartbeats would be messages nobody needs.)"""
@@ -86,7 +153,7 @@ def join(message: Started, ctx: Context):
 def beat(message: HeartbeatDue, ctx: Context):
     state: ClientState = ctx.state
     ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
-    return [to_server(Heartbeat(client_id=state.client_id, num_samples=num_samples(state), instance=process_instance()))]
+    return [to_server(Heartbeat(client_id=state.client_id, num_samples=num_samples(state), instance=process_instance(), training_s=state.training_s()))]
 
 
 @table.on(TrainTask)
@@ -104,34 +171,128 @@ def train(task: TrainTask, ctx: Context):
     if superseded:
         ctx.log.info("task for a superseded model version; skipped", task=task.message_id, model_version=task.model_version, newest=state.newest_version)
         return None
+    busy = state.training
+    if busy is not None and busy.task.message_id == task.message_id:
+        # a copy the broker redelivered (the connection was lost): held with the one in
+        # training, and acked with it (the lost connection's delivery cannot be any more)
+        ctx.hold(busy.key)
+        return None
     if task.deadline and time.time() > task.deadline:
         ctx.log.info("task past its deadline; skipped", task=task.message_id, round=task.round, late_s=round(time.time() - task.deadline, 1))
         return None
+    if busy is not None:  # the newer task waits for the lane; the training is not wanted any more
+        cancel_training(ctx, state, f"a newer task came (round {task.round}, model version {task.model_version})")
+        if state.waiting is not None:
+            ctx.log.info("waiting task superseded by a newer one; skipped", task=state.waiting.message_id)
+            ctx.commit(task_key(state.waiting))
+        state.waiting = task
+        ctx.hold(task_key(task))
+        return None
+    return start_training(ctx, task)
+
+
+def start_training(ctx: Context, task: TrainTask) -> None:
+    """Hold the task and train on it aside; :func:`answer_task` takes the outcome."""
+    state: ClientState = ctx.state
     settings = TrainConfig.model_validate(task.config) if task.config else state.config.train
-    started = time.perf_counter()
-    parameters, metrics = state.app.train(task.parameters, state.data.train, settings, training_seed(state.config.seed, state.client_id, task.round))
+    seed = training_seed(state.config.seed, state.client_id, task.round)
     slowdown = state.config.client_slowdown.get(state.client_id, 1.0)
-    if slowdown > 1.0:  # a straggler, for benchmarks: as if its hardware were this much slower
-        time.sleep((slowdown - 1.0) * (time.perf_counter() - started))
+    app, data = state.app, state.data.train
+
+    def work(cancelled: threading.Event) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
+        started = time.perf_counter()
+        with cancellable(cancelled):
+            parameters, metrics = app.train(task.parameters, data, settings, seed)
+        if slowdown > 1.0:  # a straggler, for benchmarks: as if its hardware were this much slower
+            cancelled.wait((slowdown - 1.0) * (time.perf_counter() - started))
+        return parameters, metrics, time.perf_counter() - started
+
+    ctx.hold(task_key(task))
+    state.training = Training(task, time.monotonic())
+    if task.deadline:
+        ctx.set_timer(TRAIN, max(0.0, task.deadline - time.time()), TrainingOverdue(task_id=task.message_id, round=task.round))
+    ctx.run_aside(TRAIN, work, lambda result, error: Trained(task_id=task.message_id, round=task.round, result=result, error=error))
+    return None
+
+
+def cancel_training(ctx: Context, state: ClientState, why: str) -> None:
+    training = state.training
+    if training is None or training.cancelled is not None:
+        return
+    training.cancelled = why
+    ctx.cancel_aside(TRAIN)
+    ctx.log.info("training no longer wanted: cancelling it", task=training.task.message_id, round=training.task.round, reason=why)
+
+
+@table.on(TrainingOverdue)
+def give_up_overdue(message: TrainingOverdue, ctx: Context):
+    state: ClientState = ctx.state
+    if state.training is not None and state.training.task.message_id == message.task_id:
+        cancel_training(ctx, state, "its deadline passed")
+
+
+@table.on(Trained)
+def answer_task(message: Trained, ctx: Context):
+    """The training is over: answer its task (an update, or the failure), or discard the
+    result of a training no longer wanted; ack the task once that is confirmed; then the
+    task waiting, if one is."""
+    state: ClientState = ctx.state
+    training = state.training
+    if training is None or training.task.message_id != message.task_id:  # pragma: no cover - one training at a time
+        return None
+    state.training = None
+    task = training.task
+    ctx.cancel_timer(TRAIN)
+    ctx.commit(training.key)
+    out = []
+    if training.cancelled is not None:
+        ctx.log.info("training result discarded", task=task.message_id, round=task.round, reason=training.cancelled,
+                     stopped_early=isinstance(message.error, (TrainingCancelled, Cancelled)))
+    elif message.error is not None:
+        error = failure_text(message.error)
+        # with its traceback: this log is the app developer's (the server gets the one line)
+        ctx.log.error("training failed: reporting it to the server", task=task.message_id, round=task.round, error=error, exc_info=message.error)
+        ctx.once_sent(lambda: state.answered.add(task.message_id))
+        out = [to_server(task.reply(TrainFailed, client_id=state.client_id, task_id=task.message_id, error=error))]
+    else:
+        out = [to_server(_update(state, task, *message.result))]
+        # Answered once the update is confirmed: if publishing it fails, the task is requeued
+        # and must be trained again, not skipped as answered.
+        ctx.once_sent(lambda: state.answered.add(task.message_id))
+    waiting, state.waiting = state.waiting, None
+    if waiting is not None:
+        if waiting.deadline and time.time() > waiting.deadline:
+            ctx.log.info("task past its deadline; skipped", task=waiting.message_id, round=waiting.round, late_s=round(time.time() - waiting.deadline, 1))
+            ctx.commit(task_key(waiting))
+        else:
+            start_training(ctx, waiting)
+    return out
+
+
+def failure_text(error: BaseException) -> str:
+    """What TrainFailed says of an exception: its type and message, bounded and printable
+    (the server shows it in its log and in ``brokerfl status``)."""
+    if isinstance(error, AppError) and error.__cause__ is not None:  # the app's own exception, not the wrapper's
+        error = error.__cause__
+    return bounded(f"{type(error).__name__}: {error}", ERROR_CHARS)
+
+
+def _update(state: ClientState, task: TrainTask, parameters: dict[str, np.ndarray], metrics: dict[str, float], seconds: float) -> ParameterUpdate:
     parameters = prepare_update(state.config, state.client_id, task.round, task.parameters, parameters)  # e.g. local DP's clip and noise
     method = state.config.compression.method
     if method != "none":
         parameters = _compressed(state, task, parameters)
-    # Answered once the update is confirmed: if publishing it fails, the task is requeued
-    # and must be trained again, not skipped as answered.
-    ctx.once_sent(lambda: state.answered.add(task.message_id))
     if table.handler_for(Gradients.TYPE) is not None:
         state.last_global = task.parameters
-    update = task.reply(
+    return task.reply(
         ParameterUpdate,
         client_id=state.client_id,
         task_id=task.message_id,
         parameters=parameters,
         num_samples=int(metrics["num_samples"]),
-        metrics={"train_loss": float(metrics.get("loss", float("nan"))), "train_s": time.perf_counter() - started},
+        metrics={"train_loss": float(metrics.get("loss", float("nan"))), "train_s": seconds},
         compression="" if method == "none" else method,
     )
-    return [to_server(update)]
 
 
 def _compressed(state: ClientState, task: TrainTask, parameters: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -155,14 +316,31 @@ def evaluate_locally(task: EvaluateTask, ctx: Context):
     if task.participants and state.client_id not in task.participants:
         return None
     # on the local test split when the app gives one, else on the training partition
-    scores = state.app.evaluate(task.parameters, state.data.test if state.data.test is not None else state.data.train)
+    app, data = state.app, state.data.test if state.data.test is not None else state.data.train
+    key = f"evaluate:{task.message_id}"
+    ctx.hold(key)
+    ctx.run_aside(key, lambda cancelled: app.evaluate(task.parameters, data), lambda scores, error: Evaluated(task=task, scores=scores, error=error))
+
+
+@table.on(Evaluated)
+def answer_evaluation(message: Evaluated, ctx: Context):
+    state: ClientState = ctx.state
+    task = message.task
+    ctx.commit(f"evaluate:{task.message_id}")
+    if message.error is not None:
+        ctx.log.error("evaluation failed", task=task.message_id, error=bounded(str(message.error), 500))
+        return None
+    scores = message.scores
     result = task.reply(EvaluateResult, client_id=state.client_id, task_id=task.message_id, loss=scores["loss"], accuracy=scores["accuracy"], num_samples=int(scores["num_samples"]))
     return [to_server(result)]
 
 
 @table.on(Exit)
 def leave(message: Exit, ctx: Context):
-    ctx.state.exit_reason = message.reason or "exit"
+    state: ClientState = ctx.state
+    state.exit_reason = message.reason or "exit"
+    cancel_training(ctx, state, "the client exits")  # its thread is a daemon: the process does not wait for it
+    ctx.commit()  # tasks held (in training, waiting): their answers are not wanted any more
     ctx.stop()
 
 
@@ -194,9 +372,10 @@ def start_beating(message: Started, ctx: Context):
 def beat_for_all(message: HeartbeatDue, ctx: Context):
     """One Heartbeats for every client of this process still running (stop when none is)."""
     state: ProcessState = ctx.state
-    alive = {c.client_id: num_samples(c) for c in state.clients if c.exit_reason is None}
-    if not alive:
+    running = [c for c in state.clients if c.exit_reason is None]
+    if not running:
         ctx.stop()
         return None
     ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
-    return [to_server(Heartbeats(clients=alive, instance=process_instance()))]
+    training = {c.client_id: seconds for c in running if (seconds := c.training_s()) is not None}
+    return [to_server(Heartbeats(clients={c.client_id: num_samples(c) for c in running}, training=training, instance=process_instance()))]

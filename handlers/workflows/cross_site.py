@@ -26,7 +26,7 @@ from typing import Any
 
 from brokerfl.cross_site import build_matrix, write_results
 from brokerfl.handler_table import Context, Outbound, to_clients, to_server
-from brokerfl.message import Message, ParameterUpdate, Tensors, TrainTask
+from brokerfl.message import Message, ParameterUpdate, Tensors
 from handlers.workflows import client, cyclic, server, swarm
 from handlers.workflows.server import ServerState, finish_run, live_clients
 
@@ -174,13 +174,13 @@ def _write_and_finish(ctx: Context) -> list[Outbound]:
 
 # ---------------------------------------------------------------- the client's side
 
-_train = client.table.handler_for(TrainTask.TYPE)
+_answer_task = client.table.handler_for(client.Trained.TYPE)
 
 
-@client.table.on(TrainTask)
-def train_and_keep(task: TrainTask, ctx: Context):
-    """Train as the client always does, and keep the result: the final local model."""
-    outbound = list(_train(task, ctx) or ())
+@client.table.on(client.Trained)
+def answer_and_keep(message: client.Trained, ctx: Context):
+    """Answer a task as the client always does, and keep the result: the final local model."""
+    outbound = list(_answer_task(message, ctx) or ())
     for item in outbound:
         if isinstance(item.message, ParameterUpdate):
             ctx.state.local_model = item.message.parameters  # read by send_local_model

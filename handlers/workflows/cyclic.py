@@ -8,7 +8,7 @@ update is acked, and the next client gets it. A holder that dies while training:
 waits in its durable queue and is answered when it returns, unless ``cyclic.hop_timeout_s``
 passes first; then the task (it carries that deadline, so the returning client skips it)
 passes to the next client with the same model, and a late answer is dropped with a
-recorded reason. The model is never lost: it is the newest stored version.
+recorded reason. A holder whose training fails (TrainFailed) passes it on at once. The model is never lost: it is the newest stored version.
 
 This reuses the synchronous server's lifecycle (joins, heartbeats, resume, storing,
 journal, finish) and replaces only what a round is. The coordinator holds no state the
@@ -26,7 +26,7 @@ import numpy as np
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, to_client
 from brokerfl.model_refs import task_model_fields
-from brokerfl.message import Message, ParameterUpdate, TrainTask
+from brokerfl.message import Message, ParameterUpdate, TrainFailed, TrainTask
 from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore
 from handlers.strategies.aggregate import BadUpdate, check_update
@@ -159,4 +159,17 @@ def pass_on(message: HopDeadline, ctx: Context):
         ctx.log.warning("cyclic: holder did not answer in time; passing the model on", client=state.holder,
                         round=state.round, model_version=state.model.version, timeout_s=state.config.cyclic.hop_timeout_s)
         state.position += 1
+    return start_hop(ctx)
+
+
+@table.on(TrainFailed)
+def pass_on_failure(message: TrainFailed, ctx: Context):
+    """The holder's training failed: the model goes on to the next client now, as at the
+    hop's deadline (the failure is logged and kept)."""
+    state: CyclicState = ctx.state
+    server.note_failure(message, ctx)
+    if state.done or message.client_id != state.holder or message.model_version != state.model.version or message.round != state.round:
+        return None
+    ctx.cancel_timer("hop")
+    state.position += 1
     return start_hop(ctx)

@@ -37,7 +37,7 @@ from brokerfl.admin import AdminState
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerTable, Outbound, Rejected, Started, to_clients
 from brokerfl.journal import retention_warning
-from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, RunFinished, ServerStandby, TrainTask, UpdateDropped
+from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, RunFinished, ServerStandby, TrainFailed, TrainTask, UpdateDropped
 from brokerfl.model_refs import task_model_fields
 from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion, parameters_hash
@@ -99,6 +99,22 @@ class ClientRecord:
     previous: str = ""  # the process that claimed it before that one
     duplicate: tuple[str, str] | None = None  # two live processes claiming this id (first seen, second)
     duplicate_seen: float = 0.0  # when the two last took turns
+    training_s: float | None = None  # as its last heartbeat said: seconds training on a task (None: not training)
+
+    def training_for(self, now: float) -> float | None:
+        """Seconds it has been training on its task by now (None: not training, as far as known)."""
+        return None if self.training_s is None else self.training_s + (now - self.last_seen)
+
+
+@dataclass
+class TrainFailure:
+    """A client's report that its app's ``train`` raised (TrainFailed)."""
+
+    client_id: str
+    round: int
+    model_version: int
+    task_id: str
+    error: str  # bounded and printable
 
 
 @dataclass
@@ -136,6 +152,8 @@ class ServerState:
     instance: str = ""  # this server process (host:pid), for status
     standbys: dict[str, float] = field(default_factory=dict)  # standby servers' names -> when last announced (time.monotonic())
     drain_ends_by: float = 0.0  # time.monotonic() past which the drain after the run stops
+    failed: set[str] = field(default_factory=set)  # clients whose training failed this round (answered, with no update)
+    train_failures: list[TrainFailure] = field(default_factory=list)  # the run's, newest last (the last MAX_FAILURES_KEPT)
 
 
 def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> ServerState:
@@ -209,15 +227,16 @@ def _backfill_metrics(state: ServerState) -> None:
             })
 
 
-def see_client(state: ServerState, client_id: str, num_samples: int, instance: str = "", log: Any = None) -> bool:
-    """Record that a client is alive; True the first time it is seen. ``instance``: the
+def see_client(state: ServerState, client_id: str, num_samples: int, instance: str = "", log: Any = None, training_s: float | None = None) -> bool:
+    """Record that a client is alive (and whether it is training: ``training_s``, as its
+    heartbeat says); True the first time it is seen. ``instance``: the
     process that says so. A client process restarted gets a new instance and keeps it; two
     processes running with the same id take turns, and that is flagged (warned on ``log``
     once per pair, and shown by ``brokerfl status`` while it goes on)."""
     now = time.monotonic()
     record = state.clients.get(client_id)
     if record is None:
-        state.clients[client_id] = ClientRecord(num_samples, now, instance)
+        state.clients[client_id] = ClientRecord(num_samples, now, instance, training_s=training_s)
         return True
     if instance and instance != record.instance:
         if instance == record.previous and now - record.last_seen <= state.config.liveness.timeout_s:
@@ -230,7 +249,7 @@ def see_client(state: ServerState, client_id: str, num_samples: int, instance: s
         if record.instance:
             record.previous = record.instance
         record.instance = instance
-    record.num_samples, record.last_seen = num_samples, now
+    record.num_samples, record.last_seen, record.training_s = num_samples, now, training_s
     return False
 
 
@@ -260,11 +279,12 @@ def refuse_outsider(state: ServerState, client_id: str, what: str) -> None:
 
 
 def refresh_client(state: ServerState, client_id: str) -> None:
-    """An update is a sign of life too (a client sends no heartbeats while it trains); it
-    refreshes a known client, but makes no unknown id a member of the federation."""
+    """An answer (an update, a failure) is a sign of life too, and the end of its training;
+    it refreshes a known client, but makes no unknown id a member of the federation."""
     record = state.clients.get(client_id)
     if record is not None:
         record.last_seen = time.monotonic()
+        record.training_s = None
 
 
 def live_clients(state: ServerState) -> list[str]:
@@ -313,7 +333,7 @@ def register_client(message: Join, ctx: Context):
 def mark_alive(message: Heartbeat, ctx: Context):
     refuse_outsider(ctx.state, message.client_id, "Heartbeat")
     check_num_samples(message.num_samples, ctx.state, f"Heartbeat of client {message.client_id}")
-    if see_client(ctx.state, message.client_id, message.num_samples, message.instance, ctx.log):
+    if see_client(ctx.state, message.client_id, message.num_samples, message.instance, ctx.log, message.training_s):
         ctx.log.info("client seen by heartbeat", client=message.client_id)
     return maybe_begin(ctx)
 
@@ -325,7 +345,7 @@ def mark_many_alive(message: Heartbeats, ctx: Context):
         refuse_outsider(ctx.state, client_id, "Heartbeats")
         check_num_samples(count, ctx.state, f"Heartbeats entry of client {client_id}")
     for client_id, count in message.clients.items():
-        if see_client(ctx.state, client_id, count, message.instance, ctx.log):
+        if see_client(ctx.state, client_id, count, message.instance, ctx.log, message.training.get(client_id)):
             ctx.log.info("client seen by heartbeat", client=client_id)
     return maybe_begin(ctx)
 
@@ -510,6 +530,7 @@ def start_round(ctx: Context, *, retry: bool = False):
     state.participants = state.strategy.sample(state.round, live_clients(state), rng)
     state.strategy.start_round(state.model.parameters)
     state.folded, state.answered, state.client_seconds = {}, set(), []
+    state.failed = set()
     state.round_open, state.round_started = True, time.monotonic()
     ctx.set_timer("round", config.strategy.round_deadline_s, RoundDeadline(round=state.round))
     if not state.participants:
@@ -555,7 +576,7 @@ def fold_update(update: ParameterUpdate, ctx: Context):
     state.answered.add(update.client_id)
     ctx.hold()
     ctx.log.debug("update folded", client=update.client_id, folded=len(state.folded), of=len(state.participants))
-    if state.answered >= set(state.participants):
+    if state.answered | state.failed >= set(state.participants):
         ctx.set_timer("round", 0.0, RoundComplete(round=state.round))  # replaces the round's deadline
     return None
 
@@ -565,7 +586,40 @@ def round_complete(message: RoundComplete, ctx: Context):
     state: ServerState = ctx.state
     if not state.round_open or message.round != state.round:
         return None
+    if state.failed and state.strategy.folded() < state.config.strategy.min_clients:
+        # every participant answered, too many with a failure: no use waiting for the deadline
+        return too_few_answers(ctx, f"round {state.round}: every participant answered, {len(state.failed)} with a failed training")
     return close_round(ctx)
+
+
+MAX_FAILURES_KEPT = 100  # in the server's state (status shows them); the journal keeps every one
+
+
+def note_failure(message: TrainFailed, ctx: Context) -> TrainFailure:
+    """Log and keep a client's report that its training failed (every server handler set)."""
+    state: ServerState = ctx.state
+    refresh_client(state, message.client_id)
+    failure = TrainFailure(message.client_id, message.round, message.model_version, bounded(message.task_id, 64), bounded(message.error, 300))
+    state.train_failures = [*state.train_failures[-(MAX_FAILURES_KEPT - 1) :], failure]
+    ctx.log.error("client training failed", client=failure.client_id, round=failure.round, model_version=failure.model_version, error=failure.error)
+    return failure
+
+
+@table.on(TrainFailed)
+def take_failure(message: TrainFailed, ctx: Context):
+    """A participant whose training failed has answered, without an update: the round
+    closes once every participant has answered (or at its deadline, as ever)."""
+    state: ServerState = ctx.state
+    note_failure(message, ctx)
+    cid = message.client_id
+    if not (state.round_open and message.round == state.round and message.model_version == state.model.version):
+        return None  # a round already closed (or another's): on record, nothing to wait for
+    if cid not in state.participants or cid in state.answered or cid in state.failed:
+        return None
+    state.failed.add(cid)
+    if state.answered | state.failed >= set(state.participants):
+        ctx.set_timer("round", 0.0, RoundComplete(round=state.round))  # replaces the round's deadline
+    return None
 
 
 def decompressed(update: ParameterUpdate, model: dict[str, np.ndarray], config: RunConfig) -> dict[str, np.ndarray]:
@@ -594,6 +648,8 @@ def _why_not_fold(update: ParameterUpdate, state: ServerState) -> str | None:
         return f"client {update.client_id} was not sampled for round {state.round}"
     if update.client_id in state.answered:
         return f"client {update.client_id} already answered round {state.round}"
+    if update.client_id in state.failed:
+        return f"client {update.client_id} reported its training for round {state.round} failed"
     return None
 
 
@@ -603,11 +659,19 @@ def round_deadline(message: RoundDeadline, ctx: Context):
     if not state.round_open or message.round != state.round:
         return None
     folded = state.strategy.folded()
-    missing = sorted(set(state.participants) - state.answered)
+    missing = sorted(set(state.participants) - state.answered - state.failed)
     if folded >= state.config.strategy.min_clients:
-        ctx.log.warning("round deadline: closing without every answer", folded=folded, missing=missing)
+        ctx.log.warning("round deadline: closing without every answer", folded=folded, missing=missing, failed=sorted(state.failed))
         return close_round(ctx)
-    ctx.log.warning("round deadline: too few answers", folded=folded, needed=state.config.strategy.min_clients, missing=missing, live=len(live_clients(state)))
+    return too_few_answers(ctx, "round deadline", missing=missing)
+
+
+def too_few_answers(ctx: Context, why: str, *, missing: list[str] = ()):
+    """The round cannot close (fewer than ``min_clients`` updates folded): retry it, or
+    finish the run as failed."""
+    state: ServerState = ctx.state
+    folded = state.strategy.folded()
+    ctx.log.warning(f"{why}: too few answers", folded=folded, needed=state.config.strategy.min_clients, missing=list(missing), failed=sorted(state.failed), live=len(live_clients(state)))
     # The folded updates are dropped: their records go out before the commit acks them.
     reason = f"round {state.round} had too few answers and was abandoned"
     records = [out for uid, client in state.folded.items() for out in record_drop(ctx, uid, client, reason, round_=state.round, model_version=state.model.version)]
