@@ -38,6 +38,7 @@ class FreezingProxy:
         self.pairs: list[tuple[socket.socket, socket.socket]] = []
         self.handshake_cuts = 0
         self.cut = 0  # connections cut in their handshake so far
+        self.closed_by_client: set[int] = set()  # connections (their index) the client closed
         self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -52,15 +53,17 @@ class FreezingProxy:
             index = len(self.pairs) - 1
             cut = self.handshake_cuts > 0
             self.handshake_cuts -= cut
-            threading.Thread(target=self._pump, args=(client, broker, None, cut), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, broker, None, cut, index), daemon=True).start()
             threading.Thread(target=self._pump, args=(broker, client, index), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, index: int | None, cut: bool = False) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, index: int | None, cut: bool = False, client_of: int | None = None) -> None:
         sent = 0
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
+                    if client_of is not None:
+                        self.closed_by_client.add(client_of)
                     break
                 sent += 1
                 if cut and sent == 2:  # the client's answer to connection.start (its login)
@@ -181,6 +184,82 @@ def test_a_connection_cut_in_its_handshake_while_reconnecting_is_retried(amqp_fa
     with pytest.raises(TransportError, match="ACCESS_REFUSED"):
         AmqpTransport(wrong, max_reconnect_s=30)
     assert time.monotonic() - started < 10  # not retried for max_reconnect_s
+
+
+def _poll_until(transport: AmqpTransport, condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        transport.poll(0.05)
+
+
+@pytest.mark.timeout(120)
+def test_connections_given_up_on_are_closed_at_once(amqp_factory, proxied_url, run_name):
+    """The broker's side of the connections goes silent; the publish whose confirm never
+    comes gives them up and goes on on new ones. Both old connections are closed by the
+    client at once, the publishing one too (pika's abort only stops using a socket and leaves
+    it open until its I/O loop runs again, which it never does on a dropped connection: the
+    broker kept it, and whatever its channels held, until heartbeats timed it out, and for
+    ever without heartbeats, as here)."""
+    proxy, url = proxied_url
+    admin = amqp_factory()
+    queue = f"brokerfl.{run_name}.given-up"
+    admin.declare_queue(queue, kind="quorum")
+    transport = AmqpTransport(url, confirm_timeout=1.0, max_reconnect_s=30, heartbeat=0)
+    amqp_factory.made.append(transport)
+    got: list[Delivery] = []
+    transport.consume(queue, got.append, prefetch=1)
+    admin.publish("", queue, envelope(1), b"held")
+    _poll_until(transport, lambda: got, 15)
+    assert len(got) == 1
+    old = [transport._conn, transport._publisher]  # kept alive here: no garbage collection closes them
+    assert len(proxy.pairs) == 2
+
+    proxy.freeze()
+    transport.publish("", queue, envelope(2), b"published while frozen")
+    deadline = time.monotonic() + 10
+    while proxy.closed_by_client != {0, 1} and time.monotonic() < deadline:
+        time.sleep(0.05)  # the proxy's threads see the close; polled with a deadline
+    assert proxy.closed_by_client >= {0, 1}, (proxy.closed_by_client, [c.is_open for c in old])
+
+
+@pytest.mark.timeout(120)
+def test_a_transport_whose_reconnect_failed_connects_again_on_its_next_call(amqp_factory, proxied_url, run_name):
+    """The broker is away for longer than ``max_reconnect_s`` (a cluster slow to fail
+    over): the publish that noticed fails with a TransportError, and the worker gives its
+    delivery back (a nack). The transport's next calls connect again and carry on: the
+    delivery comes back, a publish goes through. Before, the failed reconnect left it
+    without a connection and every later call raised AttributeError ('NoneType' object has
+    no attribute 'process_data_events'): the process died once the broker was back."""
+    proxy, url = proxied_url
+    admin = amqp_factory()
+    queue = f"brokerfl.{run_name}.slow-failover"
+    admin.declare_queue(queue, kind="quorum")
+    transport = AmqpTransport(url, max_reconnect_s=1.0)
+    amqp_factory.made.append(transport)
+    got: list[Delivery] = []
+    transport.consume(queue, got.append, prefetch=1)
+    first = envelope(1)
+    admin.publish("", queue, first, b"in hand")
+    _poll_until(transport, lambda: got, 15)
+    assert [d.envelope.message_id for d in got] == [first.message_id]
+
+    proxy.handshake_cuts = 10**6  # every new connection is cut in its handshake: the broker is away
+    proxy.sever()
+    with pytest.raises(TransportError, match="could not reconnect"):
+        transport.publish("", queue, envelope(2), b"while the broker is away")
+    transport.nack(got.pop())  # as the worker does: its connection is gone, the broker has it back
+    proxy.handshake_cuts = 0  # the broker is back
+
+    _poll_until(transport, lambda: got, 30)
+    assert [d.envelope.message_id for d in got] == [first.message_id]
+    assert got[0].redelivered
+    transport.ack(got[0])
+    second = envelope(3)
+    transport.publish("", queue, second, b"after")
+    _poll_until(transport, lambda: len(got) > 1, 15)
+    assert [d.envelope.message_id for d in got[1:]] == [second.message_id]
+    transport.ack(got[1])
+    assert admin.queue_info(queue).messages_ready == 0
 
 
 def test_deliveries_in_hand_when_the_broker_closes_the_connection_are_processed(amqp_factory, broker, run_name):

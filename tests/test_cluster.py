@@ -116,14 +116,17 @@ def _kill_leftover_beams(root: Path) -> None:
 
 
 def _spawn(log: Path, *args: str) -> subprocess.Popen:
-    """A brokerfl process whose output goes to ``log`` (kept when the process hangs)."""
+    """A brokerfl process whose output goes to ``log`` (kept when the process hangs). With
+    faulthandler on, SIGABRT makes it write every thread's stack there before it dies."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
-def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> list[str]:
-    """Wait for every process until one deadline, kill what is left; the outputs (a
-    process still running at the deadline fails the test, with its output)."""
+def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float, brokers_view=lambda: "") -> list[str]:
+    """Wait for every process until one deadline, then end what is left with SIGABRT (its
+    stacks go to its log) and SIGKILL; the outputs. A process still running at the deadline
+    fails the test, with its output, its stacks and ``brokers_view()`` (the channels as the
+    broker sees them, taken while the hung process still holds them)."""
     deadline = time.monotonic() + timeout
     for proc in procs:
         try:
@@ -131,13 +134,35 @@ def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> 
         except subprocess.TimeoutExpired:
             pass
     hung = [proc.args[3] for proc in procs if proc.poll() is None]
+    view = ""
+    if hung:
+        try:
+            view = brokers_view()
+        except Exception as exc:  # noqa: BLE001 - a diagnostic; the failure below is what counts
+            view = f"(no broker view: {exc})"
     for proc in procs:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGABRT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     outputs = [log.read_text(errors="replace") for log in logs]
-    assert not hung, f"{hung} still running after {timeout:g} s:\n" + "\n".join(f"--- {log.name}\n{out[-20000:]}" for log, out in zip(logs, outputs))
+    assert not hung, f"{hung} still running after {timeout:g} s:\n" + "\n".join(f"--- {log.name}\n{out[-20000:]}" for log, out in zip(logs, outputs)) + f"\n--- channels\n{view}"
     return outputs
+
+
+def _channels(nodes: list[str]) -> str:
+    """What the reachable nodes say about their channels and consumers."""
+    out = []
+    for node in nodes:
+        try:
+            out.append(f"{node}:\n" + _ctl(node, "list_channels", "pid", "connection", "number", "consumer_count", "messages_unacknowledged", "prefetch_count", timeout=30)
+                       + _ctl(node, "list_consumers", "queue_name", "channel_pid", "consumer_tag", "prefetch_count", "active", timeout=30))
+        except Exception as exc:  # noqa: BLE001 - the killed node, or one too slow to answer
+            out.append(f"{node}: {exc}")
+    return "\n".join(out)
 
 
 def _queues(node: str, run: str) -> dict[str, dict]:
@@ -145,12 +170,15 @@ def _queues(node: str, run: str) -> dict[str, dict]:
     return {row["name"]: row for row in rows if run in row["name"]}
 
 
+@pytest.mark.timeout(1200)  # the nodes' start and stop included; the run itself is bounded below
 def test_killing_the_node_that_leads_the_server_queue_costs_nothing(cluster, run_name, tmp_path):
     """A FedAvg run over a 3-node cluster, every process given the three URLs. The run's
     queues are quorum queues (the journal and models streams) with a member on every node;
     when round 1 is stored, the node leading the server queue is kill -9'd. Every process
     fails over to another node, the run completes, and accounting and replay pass. Bounded:
-    a process still running 240 s after the kill fails the test, with its output."""
+    a process still running 240 s after the kill fails the test, with its output, its
+    stacks and the channels the surviving nodes list. ``BROKERFL_CLUSTER_LOG_LEVEL=info``
+    logs each reconnect too."""
     import yaml
 
     (names, urls) = zip(*cluster)
@@ -167,7 +195,7 @@ def test_killing_the_node_that_leads_the_server_queue_costs_nothing(cluster, run
     # sampled for the next round (rounds of 2 updates). Liveness is not what this tests.
     data["liveness"] = {"timeout_s": 300}
     config_path.write_text(yaml.safe_dump(data))
-    common = [str(config_path), "--broker", ",".join(urls), "--replicated-queues", "--run", run_name, "--clients", str(clients), "--rounds", str(rounds), "--log-level", "warning"]
+    common = [str(config_path), "--broker", ",".join(urls), "--replicated-queues", "--run", run_name, "--clients", str(clients), "--rounds", str(rounds), "--log-level", os.environ.get("BROKERFL_CLUSTER_LOG_LEVEL", "warning")]
     logs = {"server": tmp_path / "server.log", "client": tmp_path / "client.log"}
     server = _spawn(logs["server"], "server", *common, "--out", str(tmp_path))
     procs = [server]
@@ -188,7 +216,7 @@ def test_killing_the_node_that_leads_the_server_queue_costs_nothing(cluster, run
         # right after the kill a survivor may list the queue without it, or without a leader
         wait_until(lambda: _queues(survivor, run_name).get(server_queue, {}).get("leader", "") not in ("", leader), 60, "a new leader")
     finally:
-        outputs = _finish(procs, list(logs.values())[: len(procs)], timeout=240)
+        outputs = _finish(procs, list(logs.values())[: len(procs)], timeout=240, brokers_view=lambda: _channels(list(names)))
     assert [p.returncode for p in procs] == [0, 0], outputs
     queues = _queues(survivor, run_name)  # quorum: server, dead, admin, a queue per client; streams: journal, models
     expected = {f"brokerfl.{run_name}.{q}" for q in ("server", "dead", "admin", "journal", *(f"client.{i}" for i in range(clients)))}

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import random
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -330,10 +331,14 @@ class ConnectionMixin:
                 raise LeaseLost(f"another connection holds the lease {name!r} now") from None
 
     def _with_retry(self, op: Callable[[], T]) -> T:
-        """Run ``op``; if the connection is lost, reconnect and run it again."""
+        """Run ``op``; if the connection is lost, reconnect and run it again. A transport
+        whose last reconnect failed (the broker or cluster was away longer than
+        ``max_reconnect_s``) has no connection: it tries again now, as after a loss."""
         for _ in range(10):
             self._check_open()
             try:
+                if self._conn is None or self._publisher is None:
+                    self._reconnect(TransportError("no connection: the last reconnect failed"))
                 return op()
             except px.ChannelWrongStateError as exc:  # a closed channel: is a connection gone?
                 if self._connected():
@@ -386,10 +391,18 @@ def _tune_reads(conn: pika.BlockingConnection) -> None:
 
 def _abort(conn: pika.BlockingConnection) -> None:
     """Close the socket without the AMQP close handshake (which a broker that stopped
-    answering would not complete either); pika reports the connection lost on its next call."""
+    answering would not complete either); pika reports the connection lost on its next call.
+
+    pika's abort only stops reading and writing: it leaves closing the socket to its I/O
+    loop, which nothing runs again on a connection we drop. The broker would keep such a
+    connection, with its consumers and the deliveries they hold, until heartbeats time it
+    out (never, on a connection without heartbeats). So the socket is shut down here."""
     transport = getattr(getattr(conn, "_impl", None), "_transport", None)
     if transport is not None:
+        sock = getattr(transport, "_sock", None)
         _quietly(transport.abort)
+        if isinstance(sock, socket.socket):
+            _quietly(lambda: sock.shutdown(socket.SHUT_RDWR))
 
 
 def _channel_error(what: str, exc: px.ChannelClosedByBroker) -> TransportError:

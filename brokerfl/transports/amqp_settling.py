@@ -52,7 +52,8 @@ class SettlingMixin:
         if c is not None and c.stream:
             how = "ack"  # a stream keeps everything: ack or nack, it only returns credit
         self._settle_handles(tag.handles, how, c)
-        self._with_retry(lambda: self._maybe_resubscribe(c))
+        if self._conn is not None:  # else the last reconnect failed: the next one restarts the consumer
+            self._with_retry(lambda: self._maybe_resubscribe(c))
 
     def _live(self, h: _Handle) -> bool:
         return h.generation == self._generation and h.channel.is_open
