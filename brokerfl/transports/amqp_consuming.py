@@ -69,6 +69,7 @@ class _Consumer:
     next_offset: int | None = None  # streams: where to resume after a reconnect
     assembler: chunks.Assembler = field(default_factory=chunks.Assembler)
     epoch: int = 0  # bumped at each (re)subscription on a new channel
+    subscriptions: int = 0  # basic.consume calls: on a new channel or the same one (resubscribe)
     cancelled: bool = False
     cancelled_by_broker: bool = False
 
@@ -143,6 +144,7 @@ class ConsumingMixin:
         c.channel.basic_qos(prefetch_count=c.amqp_prefetch)
         arguments = {"x-stream-offset": c.offset} if c.stream and c.offset is not None else None
         c.amqp_tag = c.channel.basic_consume(c.queue, lambda ch, method, props, body, c=c: self._record(c, ch, method, props, body), arguments=arguments)
+        c.subscriptions += 1
         c.held = 0
         if c.stream:
             _never_reject(c.channel, c.amqp_tag)
@@ -156,6 +158,10 @@ class ConsumingMixin:
         if method.consumer_tag == c.amqp_tag:
             c.held += 1
         self._received.append((c, handle, body))
+
+    def resubscriptions(self, consumer_tag: str) -> int:
+        c = self._consumers.get(consumer_tag)
+        return 0 if c is None else max(0, c.subscriptions - 1)
 
     def cancel(self, consumer_tag: str) -> None:
         c = self._consumers.get(consumer_tag)
