@@ -63,6 +63,7 @@ SWARM_HANDLERS = "handlers.workflows.swarm"
 # QUIET_LOOKS answers in a row found nothing waiting while its candidate consumed.
 SETTLE_S = 0.5
 QUIET_LOOKS = 3
+UNANSWERED_LOOKS = 20  # answers in a row without our own consumer before it subscribes again
 
 
 def aggregator_worker(transport: Transport, store_transport: Transport, config: RunConfig, metrics: MetricsLog, *, name: str, journal: bool | None = None) -> Worker:
@@ -93,6 +94,7 @@ class Peer:
         self.done = False
         self._next_look: float | None = None  # leaving: when to ask the broker next
         self._quiet = 0  # leaving: answers in a row that found nothing waiting
+        self._unanswered = 0  # leaving: answers in a row that counted no consumer
 
     @property
     def workers(self) -> list[Worker]:
@@ -144,7 +146,15 @@ class Peer:
         self._next_look = now + SETTLE_S
         info = self.transport.queue_info(candidate.queue)
         if info.consumers == 0:
-            return  # not an answer: our candidate consumes (RabbitMQ says 0 and 0 when the queue is slow to reply)
+            # not an answer: our candidate consumes (RabbitMQ says 0 and 0 when the queue
+            # is slow to reply); if it keeps saying so, our candidate's consumer may be gone
+            # (its transport gave it up): a fresh candidate subscribes again
+            self._unanswered += 1
+            if self._unanswered >= UNANSWERED_LOOKS:
+                self._unanswered = self._quiet = 0
+                self._replace_candidate()
+            return
+        self._unanswered = 0
         if info.messages_ready > 0:
             self._quiet = 0  # the active consumer takes them: ours (it then holds the role) or another peer's
             return
