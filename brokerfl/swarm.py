@@ -26,7 +26,8 @@ queue; a consumer that stopped while deliveries were on their way to it still co
 does not reply within 250 ms (a loaded broker) the answer is 0 messages and 0 consumers.
 Asked while our own candidate consumes, a valid answer counts at least one consumer, so
 an answer of 0 consumers is no answer and is asked again; and a candidate stops only after
-looks that found nothing waiting, so it holds nothing it was not given to handle.
+looks that found nothing waiting. A message that reaches the queue after those looks
+comes from a client still running, whose peer is still there to take it.
 
 Fencing: the role belongs to the queue's active consumer. A holder whose consumer is
 subscribed anew (its connection or channel was lost, or it re-subscribed for prefetch)
