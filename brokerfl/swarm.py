@@ -7,17 +7,36 @@ peer runs until its clients have been told to exit and, if it held the role, unt
 aggregator has finished. ``brokerfl client`` runs a peer when the config says swarm;
 ``brokerfl simulate`` runs every peer in one process.
 
-Leaving: the last one out records the leftovers. An update can reach the aggregation queue
-after the aggregator that finished the run has drained and stopped (a restarted peer
-answers a task from before the run ended). Nobody would ever take it, and accounting would
-call it lost. So a peer whose clients have exited stops its candidate (its unacked
-deliveries go back to the queue) and then asks the broker whether anyone still consumes
-the queue. If someone does, that one leaves later and asks the same question; the last to
-leave sees no consumer. If it sees messages left, it consumes again: as the only consumer
-it is the active one, takes the role, finds the run finished (the stored versions say so)
-and records every leftover update as dropped ("late: the run is finished") during its
-drain; then it asks again. Two peers leaving at the same moment may both sweep: harmless,
-the queue hands each message to one of them.
+Leaving: nobody leaves an update behind. An update can reach the aggregation queue after
+the aggregator that finished the run has drained and stopped (a restarted peer answers a
+task from before the run ended). Nobody would ever take it, and accounting would call it
+lost. So a peer whose clients have exited keeps a candidate consuming (a fresh one if its
+own held the role and stopped after its drain) and asks the broker about the queue every
+``SETTLE_S``; it stops the candidate and leaves after ``QUIET_LOOKS`` answers in a row
+found no message waiting. A waiting message is taken by the active consumer: this peer's
+candidate (it takes the role, finds the run finished in the stored versions and records
+every leftover update as dropped, "late: the run is finished", during its drain; then a
+fresh candidate looks again) or another peer's, which is still there and leaves the same
+way later. The last to leave is the only consumer, so nothing that waits can miss it.
+
+Why not "stop, then ask whether anyone still consumes": RabbitMQ's answer about a quorum
+queue cannot carry that. It counts only the active consumer of a single-active-consumer
+queue; a consumer that stopped while deliveries were on their way to it still counts
+(and holds them) until the broker has processed its channel's end; and when the queue
+does not reply within 250 ms (a loaded broker) the answer is 0 messages and 0 consumers.
+Asked while our own candidate consumes, a valid answer counts at least one consumer, so
+an answer of 0 consumers is no answer and is asked again; and a candidate stops only after
+looks that found nothing waiting. A message that reaches the queue after those looks
+comes from a client still running, whose peer is still there to take it.
+
+Fencing: the role belongs to the queue's active consumer. A holder whose consumer is
+subscribed anew (its connection or channel was lost, or it re-subscribed for prefetch)
+lines up behind the other candidates, one of which the broker made active and gave the
+updates the holder had not acked. Its state still says it holds the role and its timers
+would close a round and store a version the new holder stores too. So a peer checks
+after every poll, before its timers fire (:meth:`Peer.fence`): such a holder stops (what
+it holds goes back) and a fresh candidate takes its place, which takes the role again,
+from the stored versions, if no one else holds it.
 """
 
 from __future__ import annotations
@@ -27,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import structlog
+
 from brokerfl.broker_store import BrokerModelStore
 from brokerfl.model_refs import ModelCache
 from brokerfl.config import RunConfig
@@ -35,12 +56,15 @@ from brokerfl.roles import CROSS_SITE_HANDLERS, client_worker, topology_for
 from brokerfl.transport import Transport
 from brokerfl.worker import Worker
 
+log = structlog.get_logger("brokerfl.swarm")
+
 SWARM_HANDLERS = "handlers.workflows.swarm"
 
-# An empty, unconsumed aggregation queue is looked at twice this far apart before a peer
-# leaves: deliveries a closed channel gave back may reach a quorum queue's count a moment
-# after the close returned.
+# A leaving peer asks the broker about the aggregation queue this often, and leaves after
+# QUIET_LOOKS answers in a row found nothing waiting while its candidate consumed.
 SETTLE_S = 0.5
+QUIET_LOOKS = 3
+UNANSWERED_LOOKS = 20  # answers in a row without our own consumer before it subscribes again
 
 
 def aggregator_worker(transport: Transport, store_transport: Transport, config: RunConfig, metrics: MetricsLog, *, name: str, journal: bool | None = None) -> Worker:
@@ -58,19 +82,20 @@ def aggregator_worker(transport: Transport, store_transport: Transport, config: 
 class Peer:
     """One peer's client workers and aggregator candidate, and its way out (see the module
     docstring). ``new_candidate()`` builds a fresh (unstarted) aggregator candidate;
-    ``transport`` asks the broker about the aggregation queue. Call :meth:`tick` after
-    every poll; the peer is finished when :attr:`done`."""
+    ``transport`` asks the broker about the aggregation queue. Call :meth:`fence` after
+    every poll, before the workers' timers fire, and :meth:`tick` after them; the peer is
+    finished when :attr:`done`."""
 
     def __init__(self, clients: list[Worker], new_candidate: Callable[[], Worker], transport: Transport, *, clock=time.monotonic) -> None:
         self.clients, self.new_candidate, self.transport, self.clock = clients, new_candidate, transport, clock
         self.candidate = new_candidate()
         self.holders: list[Worker] = []  # candidates of this peer that took the role
-        self.retired: list[Worker] = []  # candidates replaced by a sweep's new one
-        self.sweeps = 0  # times this peer came back for leftovers
+        self.retired: list[Worker] = []  # candidates replaced by a new one (after a drain, or fenced)
+        self.sweeps = 0  # fresh candidates started to look for leftovers after the clients exited
         self.done = False
-        self._phase = "running"  # running, leaving (asking the broker), sweeping
-        self._empty_since: float | None = None
-        self._sweep_started = 0.0
+        self._next_look: float | None = None  # leaving: when to ask the broker next
+        self._quiet = 0  # leaving: answers in a row that found nothing waiting
+        self._unanswered = 0  # leaving: answers in a row that counted no consumer
 
     @property
     def workers(self) -> list[Worker]:
@@ -80,43 +105,70 @@ class Peer:
         for worker in self.workers:
             worker.start()
 
-    def tick(self) -> None:
-        if self.done:
-            return
+    def fence(self) -> None:
+        """Give the role up if the holder's consumer was subscribed anew (see the module
+        docstring); call it after every poll, before the workers' timers fire."""
         candidate = self.candidate
         if candidate.state.active and candidate not in self.holders:
             self.holders.append(candidate)
-        if self._phase in ("running", "sweeping"):
-            if not all(c.stopped for c in self.clients):
-                return
-            if candidate.state.active and not candidate.stopped:
-                return  # it runs the run, or drains after it: it stops itself
-            if not candidate.stopped:
-                if self._phase == "sweeping" and self.clock() - self._sweep_started < SETTLE_S:
-                    return  # give the leftovers time to arrive
-                candidate.stop()  # what it was handed and did not handle goes back
-            self._phase, self._empty_since = "leaving", None
-        info = self.transport.queue_info(candidate.queue)
-        if info.consumers > 0:
-            self.done = True  # someone else is still there; it will ask the same when it leaves
-        elif info.messages_ready > 0:
+        if self.done or candidate.stopped or not candidate.state.active or not candidate.resubscribed:
+            return
+        log.warning("aggregator role given up: its consumer was subscribed anew", role=candidate.name, round=candidate.state.round)
+        self._replace_candidate()
+
+    def _replace_candidate(self) -> None:
+        candidate = self.candidate
+        if not candidate.stopped:
+            candidate.stop()  # what it held unacked goes back to the queue
+        self.retired.append(candidate)
+        self.candidate = self.new_candidate()
+        self.candidate.start()
+
+    def tick(self) -> None:
+        if self.done:
+            return
+        self.fence()
+        if not all(c.stopped for c in self.clients):
+            return
+        candidate = self.candidate
+        if candidate.state.active and not candidate.stopped:
+            self._next_look, self._quiet = None, 0
+            return  # it runs the run, or drains after it: it stops itself
+        if candidate.stopped:  # a holder that finished: a fresh candidate looks for leftovers
             self.sweeps += 1
-            self._phase, self._sweep_started = "sweeping", self.clock()
-            self.retired.append(candidate)
-            self.candidate = self.new_candidate()
-            self.candidate.start()
-        elif self._empty_since is None:
-            self._empty_since = self.clock()
-        elif self.clock() - self._empty_since >= SETTLE_S:
+            self._replace_candidate()
+            self._next_look, self._quiet = None, 0
+        now = self.clock()
+        if self._next_look is None:
+            self._next_look = now + SETTLE_S  # deliveries on their way to the candidate arrive meanwhile
+            return
+        if now < self._next_look:
+            return
+        self._next_look = now + SETTLE_S
+        info = self.transport.queue_info(candidate.queue)
+        if info.consumers == 0:
+            # not an answer: our candidate consumes (RabbitMQ says 0 and 0 when the queue
+            # is slow to reply); if it keeps saying so, our candidate's consumer may be gone
+            # (its transport gave it up): a fresh candidate subscribes again
+            self._unanswered += 1
+            if self._unanswered >= UNANSWERED_LOOKS:
+                self._unanswered = self._quiet = 0
+                self._replace_candidate()
+            return
+        self._unanswered = 0
+        if info.messages_ready > 0:
+            self._quiet = 0  # the active consumer takes them: ours (it then holds the role) or another peer's
+            return
+        self._quiet += 1
+        if self._quiet >= QUIET_LOOKS:
+            candidate.stop()
             self.done = True
 
     def next_check_in(self) -> float | None:
         """When :meth:`tick` next has something to look at while no message arrives."""
-        if self.done or self._phase == "running":
+        if self.done or self._next_look is None:
             return None
-        if self._phase == "sweeping":
-            return max(0.0, self._sweep_started + SETTLE_S - self.clock())
-        return 0.0 if self._empty_since is None else max(0.0, self._empty_since + SETTLE_S - self.clock())
+        return max(0.0, self._next_look - self.clock())
 
     @property
     def failure(self) -> str | None:
@@ -140,6 +192,7 @@ def run_peer(connect: Callable[[], Transport], config: RunConfig, client_ids: li
             if (check := peer.next_check_in()) is not None:
                 waits.append(check)
             transport.poll(max(0.0, min([poll_s, *waits])))
+            peer.fence()  # before a timer of a holder that lost the role acts on it
             for worker in peer.workers:
                 if not worker.stopped:
                     worker.fire_due_timers()

@@ -191,6 +191,15 @@ class Transport(abc.ABC):
     def cancel(self, consumer_tag: str) -> None:
         """Stop a consumer; its unacked deliveries go back to the queue, flagged redelivered."""
 
+    def resubscriptions(self, consumer_tag: str) -> int:
+        """How many times the broker-side consumer behind ``consumer_tag`` was subscribed
+        anew since :meth:`consume` (after a lost connection or channel, or to change its
+        prefetch). Each time, the broker took back what the old one held unacked, and on a
+        single-active-consumer queue the new one lines up behind the others: a consumer
+        that was the active one may not be any more. The local transport never loses a
+        subscription (0)."""
+        return 0
+
     @abc.abstractmethod
     def get(self, queue: str) -> Delivery | None:
         """Take one message without a consumer (it must then be acked or nacked)."""

@@ -128,6 +128,13 @@ class Worker:
         while not self.stopped:
             self.step(poll_s)
 
+    @property
+    def resubscribed(self) -> bool:
+        """Its consumer was subscribed anew since :meth:`start` (see
+        :meth:`brokerfl.transport.Transport.resubscriptions`): what it held unacked went
+        back to the queue."""
+        return self._consumer_tag is not None and self.transport.resubscriptions(self._consumer_tag) > 0
+
     def stop(self) -> None:
         """Stop consuming; held messages stay unacked and go back to the queue."""
         self.stopped = True

@@ -12,7 +12,10 @@ is assembled from parts, one concept each: :mod:`~brokerfl.transports.amqp_conne
   on a connection of its own (so waiting for a confirm reads no deliveries); on the other,
   one declares (a refused redeclare closes it, so it is reopened), one serves ``get``, and
   each consumer has its own: ``cancel`` closes it, which is the only way to make RabbitMQ
-  give back a consumer's unacked deliveries (``basic.cancel`` leaves them unacked).
+  give back a consumer's unacked deliveries (``basic.cancel`` leaves them unacked). A
+  stream takes acks only (a nack or reject closes the connection): a nack of a stream
+  delivery is sent as an ack, and on a stream consumer's way out pika drops what it holds
+  instead of rejecting it (``amqp_consuming._never_reject``).
 - **Callbacks** run in :meth:`poll`, outside pika's dispatch: pika's callbacks only record
   what arrived, so user callbacks may publish, ack, cancel or consume freely.
 - **Large bodies** are chunked (:mod:`brokerfl.transports.chunks`) and handed to the

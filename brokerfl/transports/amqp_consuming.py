@@ -69,6 +69,7 @@ class _Consumer:
     next_offset: int | None = None  # streams: where to resume after a reconnect
     assembler: chunks.Assembler = field(default_factory=chunks.Assembler)
     epoch: int = 0  # bumped at each (re)subscription on a new channel
+    subscriptions: int = 0  # basic.consume calls: on a new channel or the same one (resubscribe)
     cancelled: bool = False
     cancelled_by_broker: bool = False
 
@@ -143,7 +144,10 @@ class ConsumingMixin:
         c.channel.basic_qos(prefetch_count=c.amqp_prefetch)
         arguments = {"x-stream-offset": c.offset} if c.stream and c.offset is not None else None
         c.amqp_tag = c.channel.basic_consume(c.queue, lambda ch, method, props, body, c=c: self._record(c, ch, method, props, body), arguments=arguments)
+        c.subscriptions += 1
         c.held = 0
+        if c.stream:
+            _never_reject(c.channel, c.amqp_tag)
 
     def _record(self, c: _Consumer, channel: BlockingChannel, method: Any, properties: pika.BasicProperties, body: bytes | Fragments) -> None:
         """pika's callback: note the delivery, nothing else (we are inside pika's dispatch)."""
@@ -154,6 +158,10 @@ class ConsumingMixin:
         if method.consumer_tag == c.amqp_tag:
             c.held += 1
         self._received.append((c, handle, body))
+
+    def resubscriptions(self, consumer_tag: str) -> int:
+        c = self._consumers.get(consumer_tag)
+        return 0 if c is None else max(0, c.subscriptions - 1)
 
     def cancel(self, consumer_tag: str) -> None:
         c = self._consumers.get(consumer_tag)
@@ -214,6 +222,7 @@ class ConsumingMixin:
                 continue  # its channel is gone and the broker took it back
             if handle.offset is not None and not c.stream:
                 c.stream = True  # a stream declared elsewhere, consumed without an offset
+                _never_reject(c.channel, c.amqp_tag)
             if c.stream and handle.offset is not None:
                 c.next_offset = max(c.next_offset or 0, handle.offset + 1)
             try:
@@ -378,6 +387,27 @@ class ConsumingMixin:
         tag = _Tag(handles, None, assembler, message_id)
         envelope, problem = to_envelope(last.properties)
         return Delivery(queue, last.exchange, last.routing_key, envelope, body, any(h.redelivered for h in handles), tag, problem=problem, reply_to=last.properties.reply_to)
+
+
+def _never_reject(channel: BlockingChannel, amqp_tag: str) -> None:
+    """Make pika drop, never reject, the deliveries of stream consumer ``amqp_tag`` that
+    it holds when the consumer is cancelled.
+
+    pika cancels a channel's consumers whenever the channel or its connection closes (our
+    ``cancel``, a reconnect, ``close``), and for a consumer with manual acks it rejects
+    (requeue) each delivery it received and had not dispatched yet, and each one arriving
+    before cancel-ok. A stream takes acks only: RabbitMQ answers such a reject by closing
+    the whole connection (540 NOT_IMPLEMENTED), with every other consumer on it and their
+    unacked deliveries. A stream needs nothing back (it keeps every message; the credit of
+    an undispatched delivery goes with its channel), so pika is told to treat this
+    consumer as it treats an auto-ack one on the way out: deliveries are dropped. Acks
+    are still ours to send (pika does not look at these flags when acking). Two pika
+    internals, present in 1.3 and 1.4 (renamed ones fail the consume loudly;
+    ``tests/test_stream_reader.py`` checks the connection survives on RabbitMQ)."""
+    channel._impl._consumers_with_noack.add(amqp_tag)  # type: ignore[attr-defined]
+    info = channel._consumer_infos.get(amqp_tag)  # type: ignore[attr-defined]
+    if info is not None:
+        info.auto_ack = True
 
 
 def _sender(properties: pika.BasicProperties) -> str:
