@@ -343,3 +343,16 @@ def test_the_readme_imports_definitions_by_an_absolute_path():
     for line in lines:
         path = line.split("import_definitions", 1)[1].strip().strip("`").split()[0]
         assert path.startswith(('"$PWD/', "$PWD/", "$(realpath", "/")), line
+
+
+@pytest.mark.timeout(240)
+def test_removing_the_last_participant_still_training_closes_the_round_when_the_others_answered_or_failed():
+    run = Server(clients=3)
+    run(Started(run="ops"))
+    state = run.state
+    state.begun, state.round, state.round_open = True, 1, True
+    state.participants, state.answered, state.failed = ["0", "1", "2"], {"0"}, {"1"}  # 1's training failed
+    ctx = Context(role="server", run="ops", state=state, log=structlog.get_logger(), clock=lambda: 0.0)
+    server.table.handler_for(RemoveClient.TYPE)(RemoveClient(client_id="2", run="ops"), ctx)
+    closing = [t for t in ctx.timer_requests if not isinstance(t, str) and isinstance(t.message, server.RoundComplete)]
+    assert closing and closing[0].due == 0.0 and state.participants == ["0", "1"]

@@ -54,7 +54,7 @@ from brokerfl.message import Exit
 from brokerfl.topology import ADMIN, AUDIT
 from brokerfl.transport import bounded
 from handlers.workflows import server
-from handlers.workflows.server import ServerState, close_round, duplicate_instances, finish_run, live_clients, outside_federation, record_drop, start_round
+from handlers.workflows.server import ServerState, close_when_every_participant_answered, duplicate_instances, finish_run, live_clients, outside_federation, record_drop, start_round
 
 table = server.table
 
@@ -232,8 +232,7 @@ def remove_client(command: RemoveClient, ctx: Context):
     out.append(to_client(cid, Exit(reason=f"removed by {command.sender or 'an operator'}", round=state.round)))
     if state.round_open and cid in state.participants:
         state.participants = [p for p in state.participants if p != cid]
-        if state.participants and state.answered >= set(state.participants):
-            out += close_round(ctx) or []
+        close_when_every_participant_answered(ctx)  # those left may all have answered
     return out
 
 

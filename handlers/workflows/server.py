@@ -576,9 +576,16 @@ def fold_update(update: ParameterUpdate, ctx: Context):
     state.answered.add(update.client_id)
     ctx.hold()
     ctx.log.debug("update folded", client=update.client_id, folded=len(state.folded), of=len(state.participants))
-    if state.answered | state.failed >= set(state.participants):
-        ctx.set_timer("round", 0.0, RoundComplete(round=state.round))  # replaces the round's deadline
+    close_when_every_participant_answered(ctx)
     return None
+
+
+def close_when_every_participant_answered(ctx: Context) -> None:
+    """Close the open round at once (replacing its deadline) if every participant has
+    answered, with an update or a failed training."""
+    state: ServerState = ctx.state
+    if state.participants and state.answered | state.failed >= set(state.participants):
+        ctx.set_timer("round", 0.0, RoundComplete(round=state.round))
 
 
 @table.on(RoundComplete)
@@ -617,8 +624,7 @@ def take_failure(message: TrainFailed, ctx: Context):
     if cid not in state.participants or cid in state.answered or cid in state.failed:
         return None
     state.failed.add(cid)
-    if state.answered | state.failed >= set(state.participants):
-        ctx.set_timer("round", 0.0, RoundComplete(round=state.round))  # replaces the round's deadline
+    close_when_every_participant_answered(ctx)
     return None
 
 
