@@ -59,16 +59,20 @@ def _end_after(url: str, topology: RunTopology, rounds: int, server: Any) -> Non
     """Set the run's rounds (it ends at ``rounds``, or at the round under way if later)."""
     import time
 
-    from brokerfl.admin import SetRounds, ask
+    from brokerfl.admin import SetRounds, StatusRequest, ask
     from brokerfl.transports.amqp import AmqpTransport
 
     deadline = time.monotonic() + 120
     with AmqpTransport(url) as transport:
         while server.poll() is None and time.monotonic() < deadline:
-            reply = ask(transport, topology, SetRounds(rounds=rounds), timeout=10)
-            if reply is not None:
+            # rounds below the round under way are refused: ask which that is (it may move on
+            # before the command arrives, and then the command is refused and sent again)
+            status = ask(transport, topology, StatusRequest(), timeout=10)
+            under_way = status.status.get("round", 0) if status is not None else 0
+            reply = ask(transport, topology, SetRounds(rounds=max(rounds, under_way)), timeout=10)
+            if reply is not None and reply.ok:
                 return
-    raise RuntimeError("the server did not answer set-rounds")
+    raise RuntimeError("the server did not take set-rounds")
 
 
 def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: int, hostile: int, spread_s: float = 10.0, seed: int = 0, epochs: int = 3, timeout_s: float = 900.0) -> FireResult:
