@@ -5,7 +5,6 @@ forwarder to the test broker opened on the port the processes were given."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,10 @@ from brokerfl.store import DirectoryModelStore
 from brokerfl.transports.amqp import AmqpTransport
 
 from test_amqp_failover import FreezingProxy
+from test_operate_amqp import free_port
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen:
