@@ -36,7 +36,7 @@ from brokerfl.store import DirectoryModelStore
 from rabbit_nodes import node_env as _node_env
 from test_federation_amqp import ROOT, wait_until
 
-pytestmark = [pytest.mark.broker, pytest.mark.cluster]
+pytestmark = [pytest.mark.broker, pytest.mark.cluster, pytest.mark.slow]
 
 
 def _cluster_settings(amqp_url: str) -> list[tuple[str, int]]:

@@ -29,7 +29,7 @@ from brokerfl.metrics import read_metrics
 from brokerfl.simulate import simulate
 from container_engine import DockerEngine, EngineUnavailable, run
 
-pytestmark = pytest.mark.container
+pytestmark = [pytest.mark.container, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
 CONFIG = "configs/digits_fedavg.yaml"

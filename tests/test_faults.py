@@ -22,7 +22,7 @@ from brokerfl.roles import topology_for
 from brokerfl.simulate import simulate
 from brokerfl.store import DirectoryModelStore
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/digits_fedavg.yaml"
 

@@ -182,6 +182,7 @@ def test_absurd_chunk_headers_are_refused_with_bounded_reasons(headers):
 SERVER_RSS_BOUND_MIB = 520  # the server of this run peaks at ~390 MiB without hostile input (benchmarks/hostile.py)
 
 
+@pytest.mark.slow
 @pytest.mark.broker
 def test_a_run_under_fire_completes_folds_nothing_hostile_and_stays_auditable(amqp_url, tmp_path):
     """1,000 hostile messages of every category while a 2-round digits run trains (server and

@@ -96,6 +96,7 @@ def live(status: dict) -> list[str]:
     return [c["id"] for c in status["clients"] if c["live"]]
 
 
+@pytest.mark.slow
 def test_status_admin_commands_and_metrics_on_a_running_federation(amqp_url, run_name, tmp_path):
     run = Run(amqp_url, run_name, tmp_path)
     metrics_port = free_port()

@@ -14,6 +14,7 @@ from brokerfl.scaffold import ScaffoldError, check_app_name, create_app
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_new_app_runs_its_own_test_and_simulate(tmp_path: Path) -> None:
     made = subprocess.run([sys.executable, "-m", "brokerfl.cli", "new", "demo_app", "--dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -121,6 +121,7 @@ def test_cross_site_summary_compares_off_site_with_the_global_model():
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.broker
 def test_cyclic_with_cross_site_over_rabbitmq_survives_a_killed_holder(amqp_url, run_name, tmp_path, cleanup):  # noqa: F811
     """Separate processes, the same config as simulate. Client 1 is kill -9'd while it
