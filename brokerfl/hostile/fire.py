@@ -136,16 +136,19 @@ def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: in
         try:
             if hostile:
                 deadline = time.monotonic() + 120
-                while True:  # the server declares its queue
+                while True:  # the server declares its queue, then (holding the role) consumes it
+                    consuming = False
                     try:
                         probe = pika.BlockingConnection(pika.URLParameters(url))
-                        probe.channel().queue_declare(topology.server_queue, passive=True)
+                        consuming = probe.channel().queue_declare(topology.server_queue, passive=True).method.consumer_count > 0
                         probe.close()
-                        break
                     except pika.exceptions.AMQPError:
-                        if time.monotonic() > deadline or server.poll() is not None:
-                            raise RuntimeError("the server did not declare its queue") from None
-                        time.sleep(0.2)
+                        pass
+                    if consuming:
+                        break
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise RuntimeError("the server did not consume its queue") from None
+                    time.sleep(0.2)
                 shapes = {k: v.shape for k, v in init_parameters(64, [128, 64], 10, seed=0).items()}
                 publisher = HostilePublisher(url, topology)
                 begin = time.monotonic()
