@@ -360,20 +360,14 @@ def _check_ranges(kind: str, envelope_values: dict[str, Any], values: dict[str, 
     if len(values.get("error") or "") > MAX_ERROR_CHARS:  # TrainFailed
         raise DecodeError(f"{kind}.error: {len(values['error'])} characters, more than {MAX_ERROR_CHARS}")
     for client_id, seconds in (values.get("training") or {}).items():  # Heartbeats
-        try:
-            check_name("client id", client_id)
-        except ValueError:
-            raise DecodeError(f"{kind}.training: {_shown(client_id)} is not a client id") from None
+        _check_client_key(client_id, f"{kind}.training")
         if not 0 <= seconds < MAX_SECONDS:  # NaN fails too
             raise DecodeError(f"{kind}.training[{_shown(client_id)}]: {_shown(seconds)} seconds is out of range")
     seconds = values.get("training_s")  # Heartbeat
     if seconds is not None and not 0 <= seconds < MAX_SECONDS:
         raise DecodeError(f"{kind}.training_s: {_shown(seconds)} seconds is out of range")
     for client_id, count in (values.get("clients") or {}).items():  # Heartbeats
-        try:
-            check_name("client id", client_id)
-        except ValueError:
-            raise DecodeError(f"{kind}.clients: {_shown(client_id)} is not a client id") from None
+        _check_client_key(client_id, f"{kind}.clients")
         if not 0 <= count < MAX_COUNTER:
             raise DecodeError(f"{kind}.clients[{_shown(client_id)}]: {_shown(count)} samples is out of range (0 to 2^63)")
     participants = values.get("participants") or []
@@ -403,6 +397,16 @@ def _all_client_ids(values: list[str]) -> bool:
         return True
     joined = ",".join(values)
     return joined.count(",") == len(values) - 1 and _CLIENT_IDS.fullmatch(joined) is not None
+
+
+def _check_client_key(client_id: Any, where: str) -> None:
+    """A map keyed by client ids (Heartbeats' ``clients`` and ``training``): each key one."""
+    from brokerfl.topology import check_name  # lazily, as above: topology imports the transport, which imports this module
+
+    try:
+        check_name("client id", client_id)
+    except ValueError:
+        raise DecodeError(f"{where}: {_shown(client_id)} is not a client id") from None
 
 
 def _shown(value: Any, limit: int = 80) -> str:
