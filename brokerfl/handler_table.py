@@ -64,6 +64,20 @@ class Started(Message):
     redelivered_backlog: int = 0
 
 
+@dataclass(kw_only=True)
+class HandlerFailed(Message):
+    """Dispatched locally when the handler of a worker's own message (a timer, work aside's
+    outcome, :class:`Started`) raised. A delivered message that fails is dead-lettered with
+    the reason; a local one has nowhere to go, and a timer whose handler fails would leave
+    whatever it was due to do (close a round, end the drain) undone for good, so a table
+    that cannot go on without it handles this (the server finishes the run as failed)."""
+
+    LOCAL = True
+
+    failed_type: str
+    error: str
+
+
 @dataclass
 class Timer:
     key: str

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from brokerfl.codec import DEFAULT_LIMITS, DecodeError, EncodeError, Limits
-from brokerfl.handler_table import Aside, Cancelled, Context, HandlerTable, Outbound, Rejected, Started, Timer
+from brokerfl.handler_table import Aside, Cancelled, Context, HandlerFailed, HandlerTable, Outbound, Rejected, Started, Timer
 from brokerfl.message import Message, from_wire, to_wire_parts
 from brokerfl.threads import process_lane
 from brokerfl.timing import timings
@@ -242,6 +242,8 @@ class Worker:
                 reason = f"handler {name} raised {type(exc).__name__}: {exc}"
             if delivery is not None:
                 self._dead_letter(delivery, reason, log)
+            elif not isinstance(message, HandlerFailed):  # not once more for its own failure
+                self.dispatch_local(HandlerFailed(failed_type=message.TYPE, error=bounded(reason, 1000), round=message.round, model_version=message.model_version))
             return
         try:
             self.publish_wire(wire, request=delivery)

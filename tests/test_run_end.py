@@ -93,3 +93,25 @@ def test_accounting_passes_after_a_finish_with_an_update_published_late(federati
         time.sleep(0.5)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "published after the run ended: 1, from user guest (claims client.2) (1)" in done.stdout, done.stdout
+
+
+def test_a_server_step_that_raises_finishes_the_run_as_failed_instead_of_waiting_for_ever(monkeypatch):
+    """Closing a round is the handler of a local timer: nothing can dead-letter it, so its
+    failure ends the run with the reason (before, the round stayed open for good)."""
+    from brokerfl.simulate import SimulationError
+    from handlers.strategies.fedavg import FedAvg
+
+    finish_round = FedAvg.finish_round
+    closed = []
+
+    def failing_second_close(self, global_parameters):
+        closed.append(1)
+        if len(closed) == 2:
+            raise ArithmeticError("the aggregate went wrong")
+        return finish_round(self, global_parameters)
+
+    monkeypatch.setattr(FedAvg, "finish_round", failing_second_close)
+    config = load_config(CONFIG, {"run": "server-step-raises", "clients": 3, "rounds": 4})
+    with pytest.raises(SimulationError, match=r"could not go on: handler .*round_complete raised ArithmeticError: the aggregate went wrong"):
+        simulate(config, None, progress=False)
+    assert len(closed) == 2  # no round after the failing one

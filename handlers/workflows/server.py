@@ -35,7 +35,7 @@ import numpy as np
 from brokerfl.app import App, load_app
 from brokerfl.admin import AdminState
 from brokerfl.config import RunConfig
-from brokerfl.handler_table import Context, HandlerTable, Outbound, Rejected, Started, to_clients
+from brokerfl.handler_table import Context, HandlerFailed, HandlerTable, Outbound, Rejected, Started, to_clients
 from brokerfl.journal import retention_warning
 from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, RunFinished, ServerStandby, TrainFailed, TrainTask, UpdateDropped
 from brokerfl.model_refs import task_model_fields
@@ -500,6 +500,17 @@ def extend_drain(ctx: Context) -> None:
 @table.on(DrainDone)
 def stop_after_drain(message: DrainDone, ctx: Context):
     ctx.stop()
+
+
+@table.on(HandlerFailed)
+def fail_run_on_own_failure(message: HandlerFailed, ctx: Context):
+    """One of the server's own steps (closing a round, a deadline, the start) raised: what it
+    was due to do will never happen, so the run finishes as failed, saying why, instead of
+    waiting for ever. After the end, the drain is cut short."""
+    if ctx.state.done:
+        ctx.stop()
+        return None
+    return finish_run(ctx, f"the server could not go on: {message.error}", failed=True)
 
 
 # scoring a stored version aside (handlers/workflows/scoring.py)
