@@ -395,12 +395,15 @@ def _parameter_names(function: Callable[..., Any]) -> frozenset[str]:
     return names
 
 
+FINITE_CHECK_ELEMENTS = 1 << 20  # checked a block at a time: no model-sized temporary
+
+
 def non_finite(parameters: Mapping[str, Any]) -> list[str]:
     """The names of floating arrays holding a NaN or an infinity (the first few)."""
     bad = []
     for name, value in parameters.items():
-        array = np.asarray(value)
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        flat = np.asarray(value).reshape(-1)
+        if flat.dtype.kind in "fc" and not all(np.isfinite(flat[i : i + FINITE_CHECK_ELEMENTS]).all() for i in range(0, flat.size, FINITE_CHECK_ELEMENTS)):
             bad.append(name)
             if len(bad) >= 5:
                 break
