@@ -342,7 +342,7 @@ class App:
         if not isinstance(options, _ReadTracked) or options.reported:
             return
         options.reported = True
-        unread = sorted(set(options) - options.read)
+        unread = sorted(set(dict.keys(options)) - options.read)  # dict.keys: not a read of them all
         if unread:
             _warn_unknown_options(self.name, unread, "the app never read them")
 

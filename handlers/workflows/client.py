@@ -34,6 +34,7 @@ from handlers.strategies.base import prepare_update
 table = HandlerTable("client")
 
 ERROR_CHARS = 300  # of a failed training's error, as TrainFailed reports it
+UNABLE_ERROR_CHARS = 800  # of the error of an app that failed at a client's start (its Leave): the AppError names the app, function and client first
 TRAIN = "train"  # the key of the training aside (and of its deadline's timer)
 
 
@@ -164,7 +165,7 @@ def report_unable(ctx: Context) -> list[Outbound]:
     """The app cannot run for this client: say so to the server (a Leave with the error:
     it stops waiting for this client and names it) and stop this client only."""
     state: ClientState = ctx.state
-    error = bounded(str(state.unable), ERROR_CHARS)  # the AppError's own text: it names the app, the function and the client
+    error = bounded(str(state.unable), UNABLE_ERROR_CHARS)  # the AppError's own text: it names the app, the function and the client
     # with its traceback: this log is the app developer's (the server gets the one line)
     ctx.log.error("the app failed at this client's start: reporting it to the server and leaving", error=bounded(str(state.unable), 500), exc_info=state.unable)
     ctx.stop()

@@ -375,7 +375,7 @@ def take_unable(message: Leave, ctx: Context):
     than ``min_clients`` can still take part, finishes as failed saying who and why."""
     state: ServerState = ctx.state
     refuse_outsider(state, message.client_id, "Leave")
-    cid, error = message.client_id, bounded(message.error, 300)
+    cid, error = message.client_id, bounded(message.error, 800)  # the client's UNABLE_ERROR_CHARS
     state.unable[cid] = error
     ctx.log.error(f"client {cid} cannot run app {state.config.app!r}: the run goes on without it", client=cid, error=error)
     if state.done:
