@@ -34,10 +34,13 @@ mapping):
     Local training. ``settings`` is the run's ``train`` section (:class:`TrainConfig`:
     epochs, batch_size, lr, momentum, weight_decay, proximal_mu, max_batches); ``seed`` is
     this client's seed for this round. A torch app trains ``model`` (a Module holding the
-    global model) in place and returns metrics; the default is a cross-entropy SGD loop.
-    A numpy app receives the parameters dict and returns ``(parameters, metrics)``.
-    Metrics may hold ``loss`` and ``num_samples`` (the FedAvg weight; default: the
-    partition's size).
+    global model) in place and returns metrics; the default is a cross-entropy SGD loop,
+    for classification only (it refuses float targets or outputs not shaped (batch,
+    classes), saying so). A numpy app receives the parameters dict and returns
+    ``(parameters, metrics)``. Metrics are numbers (:mod:`brokerfl.app_metrics`); each is
+    kept (``train_<name>`` in ``metrics.jsonl``); ``num_samples`` is the FedAvg weight
+    (default: the partition's size). Parameters with a NaN or an infinity are refused by
+    the client, which reports the failure.
     A client runs it beside its I/O loop (a thread), so it may take minutes; when its result
     is no longer wanted (the task's deadline passed, the client exits, a newer task came)
     :func:`cancellation_requested` turns True: a long loop may check it and raise
@@ -46,17 +49,43 @@ mapping):
     for this client's update.
 
 ``evaluate(model, data)`` (optional for torch apps)
-    Returns ``{"loss", "accuracy", "num_samples"}``; the default is the mean cross-entropy
-    and the accuracy of the argmax. A numpy app receives the parameters dict.
+    Returns metrics (numbers: a one-element tensor is taken as its value), holding the
+    app's target metric (``accuracy`` unless ``TARGET_METRIC`` says otherwise) and any
+    others (``loss``, ``f1_macro``, ``r2``, ...): every one reaches ``metrics.jsonl``, the
+    curve and ``brokerfl status``. The default (classification) is the mean cross-entropy
+    and the accuracy of the argmax. A numpy app receives the parameters dict. On the
+    server, an ``evaluate`` that raises is logged and recorded (the metrics line's
+    ``evaluation_error``); training goes on.
 
 ``check_options(options)`` (optional)
     Raise ``ValueError`` naming the key for options the app cannot use; the runtime reports
     it as ``app_options.<...>`` of the app.
 
+Module-level settings (all optional):
+
+``OPTIONS = {"hidden": 32, ...}``
+    Every option and its default (or a set of the names): the defaults are filled in, and
+    a key not in it is warned of at start (unless ``check_options`` judges). An app with neither gets a
+    warning, after its first training, for keys it never read.
+``TARGET_METRIC = ("r2", "max")``
+    The metric the run is judged by and whether higher (``"max"``) or lower (``"min"``)
+    is better: the first curve panel, the simulate summary, replay's what-if. Default
+    ``("accuracy", "max")``.
+``METRIC_REDUCERS = {"max_grad": "max"}``
+    How a metric combines across clients: ``mean`` (sample-weighted, the default),
+    ``max``, ``min``, ``sum``, ``median``, or a function ``(values, weights) -> float``.
+
+A client whose app fails at its start (``load_partition``, ``model()``, the warm-up)
+reports it to the server and stops; the process's other clients and the run go on without
+it (or the run stops, naming it, when fewer than ``min_clients`` remain). A ``model()``
+with no parameters stops the server and ``simulate`` at start (exit 2).
+
 A classification app with a torch model therefore needs only ``model`` and
 ``load_partition`` (and ``load_server_test`` if the server has test data). Examples:
 ``handlers/apps/mlp.py`` (the built-in app), ``examples/cnn_mnist`` (a CNN with BatchNorm),
-``examples/logreg_numpy`` (logistic regression in plain numpy: no torch is imported).
+``examples/logreg_numpy`` (logistic regression in plain numpy: no torch is imported),
+``examples/regression`` (MSE and R^2: its own loops, ``TARGET_METRIC``) and ``examples/wine``
+(metrics beyond accuracy, ``METRIC_REDUCERS``). Metrics in depth: ``docs/app-metrics.md``.
 
 The module is imported by name: from an installed package, or from the working directory
 (the ``brokerfl`` command looks there too). Every error names the app and the function (:class:`AppError`). This module does not import
@@ -458,21 +487,31 @@ class _ReadTracked(dict):
 
 
 def _bound_options(name: str, module: ModuleType, given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The options the app receives and the keys it does not know. With ``OPTIONS`` (a
-    mapping of every key to its default) the defaults are filled in and other keys warned
-    of at once; with ``check_options`` the app judges; with neither, keys the app never
-    reads are warned of after its first training (:class:`_ReadTracked`)."""
+    """The options the app receives and the keys it does not know. ``OPTIONS`` names every
+    key the app takes: a mapping of each to its default (filled in), or a set of names.
+    Without ``check_options`` (which judges for itself) other keys are warned of at once;
+    with neither, keys the app never reads are warned of after its first training
+    (:class:`_ReadTracked`)."""
     declared = getattr(module, "OPTIONS", None)
-    if declared is not None:
-        if not isinstance(declared, Mapping):
-            raise ConfigError(f"app {name!r}: OPTIONS must be a dict of option names to defaults, got {type(declared).__name__}")
-        unknown = sorted(set(given) - set(declared))
-        if unknown and not callable(getattr(module, "check_options", None)):
-            _warn_unknown_options(name, unknown, f"the app's OPTIONS are {sorted(declared)}")
-        return {**declared, **given}, unknown
-    if callable(getattr(module, "check_options", None)):
-        return dict(given), []
-    return _ReadTracked(given), []
+    judged = callable(getattr(module, "check_options", None))
+    defaults = dict(declared) if isinstance(declared, Mapping) else {}
+    if isinstance(declared, (set, frozenset, list, tuple)) and all(isinstance(k, str) for k in declared):
+        known = set(declared)
+    elif isinstance(declared, Mapping):
+        known = set(declared)
+    elif declared is None or judged:
+        known = None
+    else:
+        raise ConfigError(f"app {name!r}: OPTIONS must name the options the app takes: a dict of them to their defaults, or a set of names; got {type(declared).__name__}")
+    options = {**defaults, **given}
+    if judged:
+        return options, []
+    if known is not None:
+        unknown = sorted(set(given) - known)
+        if unknown:
+            _warn_unknown_options(name, unknown, f"the app's OPTIONS are {sorted(known)}")
+        return options, unknown
+    return _ReadTracked(options), []
 
 
 def _warn_unknown_options(name: str, keys: list[str], why: str) -> None:

@@ -419,10 +419,11 @@ def start_without_everyone(message: JoinDeadline, ctx: Context):
     needed = state.config.strategy.min_clients
     awaited = awaited_clients(state)
     ctx.log.warning(
-        ("no live clients: waiting" if not live else f"too few live clients to begin: waiting for {needed - len(live)} (of {needed})")
-        + (f": client{'s' if len(awaited) > 1 else ''} {', '.join(awaited[:20])}{' ...' if len(awaited) > 20 else ''} "
-           f"{'have' if len(awaited) > 1 else 'has'} not joined" if awaited else "")
-        + (f"; the app failed at the start of client(s) {shown_ids(sorted(state.unable))}" if state.unable else ""),
+        "no live clients: waiting" if not live else (  # waiting_for names them
+            f"too few live clients to begin: waiting for {needed - len(live)} (of {needed})"
+            + (f": client{'s' if len(awaited) > 1 else ''} {', '.join(awaited[:20])}{' ...' if len(awaited) > 20 else ''} "
+               f"{'have' if len(awaited) > 1 else 'has'} not joined" if awaited else "")
+            + (f"; the app failed at the start of client(s) {shown_ids(sorted(state.unable))}" if state.unable else "")),
         live=len(live),
         needed=needed,
         waiting_for=missing,
