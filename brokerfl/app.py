@@ -495,9 +495,7 @@ def _bound_options(name: str, module: ModuleType, given: Mapping[str, Any]) -> t
     declared = getattr(module, "OPTIONS", None)
     judged = callable(getattr(module, "check_options", None))
     defaults = dict(declared) if isinstance(declared, Mapping) else {}
-    if isinstance(declared, (set, frozenset, list, tuple)) and all(isinstance(k, str) for k in declared):
-        known = set(declared)
-    elif isinstance(declared, Mapping):
+    if isinstance(declared, Mapping) or (isinstance(declared, (set, frozenset, list, tuple)) and all(isinstance(k, str) for k in declared)):
         known = set(declared)
     elif declared is None or judged:
         known = None
