@@ -94,7 +94,10 @@ def test_the_target_metric_is_the_apps_or_accuracy():
 
 
 def test_the_wine_apps_metrics_reach_metrics_jsonl_the_curve_and_status(tmp_path):
-    from brokerfl.cli_operate import metrics_lines
+    from rich.console import Console
+
+    from brokerfl.admin import StatusReply
+    from brokerfl.cli_operate import metrics_lines, render
     from handlers.workflows.admin import status_of
 
     config = load_config("examples/wine/config.yaml", {"rounds": 3})
@@ -118,10 +121,14 @@ def test_the_wine_apps_metrics_reach_metrics_jsonl_the_curve_and_status(tmp_path
     status = status_of(result.server_state)
     assert status["metrics_version"] == 3 and status["metrics"] == lines[-1]["metrics"]
     assert status["target"] == {"name": "accuracy", "higher_is_better": True}
-    json.dumps(status)  # it travels in a StatusReply
-    (line,) = metrics_lines(status)
+    json.dumps(status)  # --json prints it
+    received = from_wire(*to_wire(StatusReply(status=status))).status  # as `brokerfl status` receives it
+    (line,) = metrics_lines(received)
     assert line.startswith("metrics of model version 3: accuracy ") and "(target)" in line
     assert all(f"{name} " in line for name in WINE_EVALUATE + WINE_TRAIN)
+    console = Console(record=True, width=400)
+    console.print(render({"server": received, "queues": {}, "journal_max_bytes": None, "journal_max_age": None}))
+    assert line in console.export_text()
 
 
 def test_federated_evaluation_keeps_every_metric_and_the_config_picks_the_curves_panels(tmp_path):
