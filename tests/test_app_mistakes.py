@@ -21,7 +21,7 @@ from torch import nn
 from brokerfl.app import AppError, load_app
 from brokerfl.config import parse_config
 from brokerfl.metrics import MetricsLog, read_metrics
-from brokerfl.roles import client_worker, server_worker
+from brokerfl.roles import client_worker, server_worker, topology_for
 from brokerfl.simulate import SimulationError, simulate
 from brokerfl.store import MemoryModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
@@ -336,3 +336,32 @@ def test_an_app_option_never_read_is_warned_of_after_the_first_training(monkeypa
         simulate(parse_config({"app": name, "clients": 2, "rounds": 2, "app_options": {"scale": 1.0, "sacle": 2.0}}))
     warned = [e["event"] for e in logs if e["log_level"] == "warning" and "app_options" in e["event"]]
     assert warned == [f"app_options of app '{name}': unknown key(s) ['sacle'] (the app never read them): misspelt?"]  # once per process
+
+
+def test_a_forged_start_failure_of_a_live_client_is_refuted_by_its_heartbeat():
+    """Without identity a Leave with an error may be forged: the server gives a live client
+    two heartbeats' time to show it is alive before giving up a run it would leave short."""
+    from brokerfl.handler_table import to_server
+    from brokerfl.message import Heartbeat, Leave
+
+    config = parse_config({"clients": 2, "rounds": 1, "strategy": {"min_clients": 2, "join_timeout_s": 60.0}, "liveness": {"heartbeat_s": 0.5, "timeout_s": 5.0}})
+    broker = LocalBroker()
+    topology = topology_for(config, journal=False)
+    admin = LocalTransport(broker)
+    topology.declare(admin)
+    for cid in ("0", "1"):
+        topology.declare_client(admin, cid)
+    server = server_worker(LocalTransport(broker), config, MemoryModelStore(), MetricsLog(None), journal=False)
+    server.start()
+    server.publish([to_server(Heartbeat(client_id="0", num_samples=5)), to_server(Leave(client_id="1", error="forged: the app failed"))])
+    deadline = time.monotonic() + 10
+    while "1" not in server.state.unable and time.monotonic() < deadline:
+        server.step(0.05)
+    assert server.state.unable == {"1": "forged: the app failed"} and not server.state.done
+    server.publish([to_server(Heartbeat(client_id="1", num_samples=5))])  # client 1 is alive after all
+    until = time.monotonic() + 2 * config.liveness.heartbeat_s + 0.5  # past the grace
+    while time.monotonic() < until:
+        server.step(0.05)
+    assert server.state.unable == {} and server.state.begun and not server.state.done
+    server.transport.close()
+    admin.close()

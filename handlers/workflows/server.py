@@ -25,6 +25,7 @@ without it). The stored version's own metadata holds accuracy and loss only with
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -383,12 +384,32 @@ def take_unable(message: Leave, ctx: Context):
     if state.round_open and cid in state.participants and cid not in state.answered:
         state.failed.add(cid)
         close_when_every_participant_answered(ctx)
-    able, needed = able_clients(state), state.config.strategy.min_clients
-    if able < needed:
-        failed = "; ".join(f"client {c}: {e}" for c, e in sorted(state.unable.items())[:5])
-        return finish_run(ctx, f"too few clients can run app {state.config.app!r}: {able} of {state.config.clients} (min_clients {needed}); "
-                               f"the app failed at the start of {shown_ids(sorted(state.unable))} ({failed})", failed=True)
+    if able_clients(state) < state.config.strategy.min_clients:
+        # Without identity a Leave may be forged: a client that is in fact alive refutes it
+        # with its next heartbeat (see_client) before the run is given up.
+        grace = 2 * state.config.liveness.heartbeat_s if math.isfinite(state.config.liveness.timeout_s) else 0.0
+        ctx.set_timer("unable", grace, TooFewAble())
+        return None
     return maybe_begin(ctx)
+
+
+@dataclass(kw_only=True)
+class TooFewAble(Message):
+    """Local timer message: fewer than ``min_clients`` clients can run the app, as the
+    Leaves of clients whose app failed at their start say: finish, unless that changed."""
+
+    LOCAL = True
+
+
+@table.on(TooFewAble)
+def give_up_without_able_clients(message: TooFewAble, ctx: Context):
+    state: ServerState = ctx.state
+    able, needed = able_clients(state), state.config.strategy.min_clients
+    if state.done or able >= needed:
+        return None
+    failed = "; ".join(f"client {c}: {e}" for c, e in sorted(state.unable.items())[:5])
+    return finish_run(ctx, f"too few clients can run app {state.config.app!r}: {able} of {state.config.clients} (min_clients {needed}); "
+                           f"the app failed at the start of {shown_ids(sorted(state.unable))} ({failed})", failed=True)
 
 
 @table.on(ServerStandby)
