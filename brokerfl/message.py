@@ -215,7 +215,8 @@ class EvaluateTask(Message):
 class EvaluateResult(Message):
     """A client's scores of an EvaluateTask's model: ``metrics`` holds every metric its
     app's ``evaluate`` returned (brokerfl.app_metrics); ``loss`` and ``accuracy`` repeat
-    two of them for older servers (NaN: the app returned none)."""
+    two of them for older servers (NaN: the app returned none). ``error``: the app's
+    evaluation failed (bounded and printable; no scores, ``num_samples`` 0)."""
 
     client_id: str
     task_id: str
@@ -223,6 +224,7 @@ class EvaluateResult(Message):
     accuracy: float
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
 
 
 @dataclass(kw_only=True)

@@ -186,6 +186,28 @@ def test_evaluate_returning_a_string_or_a_tensor_names_evaluate_and_the_key(monk
     assert load_app(config_of(zero_d)).evaluate({"w": np.zeros(2, np.float32)}, data(0))["accuracy"] == 0.75
 
 
+def test_a_clients_evaluate_returning_a_string_is_named_on_the_server_which_does_not_wait(monkeypatch):
+    """Federated evaluation (no server test data): client 2's evaluate() returns a string;
+    it reports the failure, the server names it and closes each evaluation with the others."""
+
+    def evaluate(parameters, data):
+        return {"loss": 1.0, "accuracy": "0.9" if data[0][0, 0] == 2.0 else 0.5}  # client 2's data
+
+    def load_partition(index, num_partitions, options, seed):
+        return np.full((4, 2), float(index), np.float32), np.zeros(4, np.int64)
+
+    name = fake_app(monkeypatch, "mistake_client_evaluate", **numpy_app(evaluate=evaluate, load_partition=load_partition))
+    started = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        result = simulate(config_of(name, strategy={"round_deadline_s": 120.0}))
+    assert time.monotonic() - started < 60  # no evaluation waited for its deadline
+    federated = [r for r in result.records if r.get("evaluation") == "federated"]
+    assert [(r["round"], r["num_clients"], r["accuracy"]) for r in federated] == [(1, 2, 0.5), (2, 2, 0.5)]
+    failed = [e for e in logs if e["event"] == "client evaluation failed"]
+    assert [e["client"] for e in failed] == ["2", "2"]
+    assert all(e["function"] == "evaluate()" and f"app '{name}': evaluate() returned '0.9' (str) for 'accuracy'" in e["error"] for e in failed)
+
+
 def test_evaluate_raising_on_the_server_is_recorded_and_training_goes_on(monkeypatch, tmp_path):
     calls = []
 

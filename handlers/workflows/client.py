@@ -360,8 +360,11 @@ def answer_evaluation(message: Evaluated, ctx: Context):
     task = message.task
     ctx.commit(f"evaluate:{task.message_id}")
     if message.error is not None:
-        ctx.log.error("evaluation failed", task=task.message_id, error=bounded(str(message.error), 500), exc_info=message.error)
-        return None
+        ctx.log.error("evaluation failed: reporting it to the server", task=task.message_id, error=bounded(str(message.error), 500), exc_info=message.error)
+        # the server stops waiting for this client's scores, and names it
+        failed = task.reply(EvaluateResult, client_id=state.client_id, task_id=task.message_id, loss=float("nan"), accuracy=float("nan"), num_samples=0,
+                            error=bounded(str(message.error), ERROR_CHARS))
+        return [to_server(failed)]
     scores = message.scores
     metrics = {name: float(value) for name, value in scores.items() if name != "num_samples"}
     result = task.reply(EvaluateResult, client_id=state.client_id, task_id=task.message_id, loss=metrics.get("loss", float("nan")),

@@ -25,6 +25,7 @@ from brokerfl.app_metrics import Reducer, combine
 from brokerfl.handler_table import Context, Outbound, to_clients
 from brokerfl.message import EvaluateResult, EvaluateTask, Message
 from brokerfl.model_refs import task_model_fields
+from brokerfl.transport import bounded
 from handlers.workflows.scoring import score_stored
 
 
@@ -75,6 +76,11 @@ def collect(result: EvaluateResult, ctx: Context) -> list[Outbound] | None:
     if open_ is None or result.task_id != open_.task_id or result.client_id not in open_.participants:
         ctx.log.info("evaluation result for no open evaluation; ignored", client=result.client_id, task=result.task_id)
         return None
+    if result.error:  # the client's app could not evaluate: no scores to wait for
+        ctx.log.error("client evaluation failed", client=result.client_id, app=ctx.state.config.app, function="evaluate()", error=bounded(result.error, 300),
+                      model_version=open_.model_version)
+        open_.participants.discard(result.client_id)
+        return close(ctx) if set(open_.results) >= open_.participants else None
     if result.num_samples < 1 or not (0.0 <= result.accuracy <= 1.0 or math.isnan(result.accuracy)):  # NaN: the app returns no accuracy
         ctx.log.warning("evaluation result out of range; ignored", client=result.client_id, num_samples=result.num_samples, accuracy=result.accuracy)
         return None
