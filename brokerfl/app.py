@@ -65,8 +65,8 @@ Module-level settings (all optional):
 
 ``OPTIONS = {"hidden": 32, ...}``
     Every option and its default (or a set of the names): the defaults are filled in, and
-    a key not in it is warned of at start (unless ``check_options`` judges). An app with neither gets a
-    warning, after its first training, for keys it never read.
+    a key not in it is warned of at start (unless ``check_options`` judges). An app with
+    neither gets a warning, after its first training, for keys it never read.
 ``TARGET_METRIC = ("r2", "max")``
     The metric the run is judged by and whether higher (``"max"``) or lower (``"min"``)
     is better: the first curve panel, the simulate summary, replay's what-if. Default
