@@ -34,10 +34,13 @@ mapping):
     Local training. ``settings`` is the run's ``train`` section (:class:`TrainConfig`:
     epochs, batch_size, lr, momentum, weight_decay, proximal_mu, max_batches); ``seed`` is
     this client's seed for this round. A torch app trains ``model`` (a Module holding the
-    global model) in place and returns metrics; the default is a cross-entropy SGD loop.
-    A numpy app receives the parameters dict and returns ``(parameters, metrics)``.
-    Metrics may hold ``loss`` and ``num_samples`` (the FedAvg weight; default: the
-    partition's size).
+    global model) in place and returns metrics; the default is a cross-entropy SGD loop,
+    for classification only (it refuses float targets or outputs not shaped (batch,
+    classes), saying so). A numpy app receives the parameters dict and returns
+    ``(parameters, metrics)``. Metrics are numbers (:mod:`brokerfl.app_metrics`); each is
+    kept (``train_<name>`` in ``metrics.jsonl``); ``num_samples`` is the FedAvg weight
+    (default: the partition's size). Parameters with a NaN or an infinity are refused by
+    the client, which reports the failure.
     A client runs it beside its I/O loop (a thread), so it may take minutes; when its result
     is no longer wanted (the task's deadline passed, the client exits, a newer task came)
     :func:`cancellation_requested` turns True: a long loop may check it and raise
@@ -46,17 +49,43 @@ mapping):
     for this client's update.
 
 ``evaluate(model, data)`` (optional for torch apps)
-    Returns ``{"loss", "accuracy", "num_samples"}``; the default is the mean cross-entropy
-    and the accuracy of the argmax. A numpy app receives the parameters dict.
+    Returns metrics (numbers: a one-element tensor is taken as its value), holding the
+    app's target metric (``accuracy`` unless ``TARGET_METRIC`` says otherwise) and any
+    others (``loss``, ``f1_macro``, ``r2``, ...): every one reaches ``metrics.jsonl``, the
+    curve and ``brokerfl status``. The default (classification) is the mean cross-entropy
+    and the accuracy of the argmax. A numpy app receives the parameters dict. On the
+    server, an ``evaluate`` that raises is logged and recorded (the metrics line's
+    ``evaluation_error``); training goes on.
 
 ``check_options(options)`` (optional)
     Raise ``ValueError`` naming the key for options the app cannot use; the runtime reports
     it as ``app_options.<...>`` of the app.
 
+Module-level settings (all optional):
+
+``OPTIONS = {"hidden": 32, ...}``
+    Every option and its default (or a set of the names): the defaults are filled in, and
+    a key not in it is warned of at start (unless ``check_options`` judges). An app with
+    neither gets a warning, after its first training, for keys it never read.
+``TARGET_METRIC = ("r2", "max")``
+    The metric the run is judged by and whether higher (``"max"``) or lower (``"min"``)
+    is better: the first curve panel, the simulate summary, replay's what-if. Default
+    ``("accuracy", "max")``.
+``METRIC_REDUCERS = {"max_grad": "max"}``
+    How a metric combines across clients: ``mean`` (sample-weighted, the default),
+    ``max``, ``min``, ``sum``, ``median``, or a function ``(values, weights) -> float``.
+
+A client whose app fails at its start (``load_partition``, ``model()``, the warm-up)
+reports it to the server and stops; the process's other clients and the run go on without
+it (or the run stops, naming it, when fewer than ``min_clients`` remain). A ``model()``
+with no parameters stops the server and ``simulate`` at start (exit 2).
+
 A classification app with a torch model therefore needs only ``model`` and
 ``load_partition`` (and ``load_server_test`` if the server has test data). Examples:
 ``handlers/apps/mlp.py`` (the built-in app), ``examples/cnn_mnist`` (a CNN with BatchNorm),
-``examples/logreg_numpy`` (logistic regression in plain numpy: no torch is imported).
+``examples/logreg_numpy`` (logistic regression in plain numpy: no torch is imported),
+``examples/regression`` (MSE and R^2: its own loops, ``TARGET_METRIC``) and ``examples/wine``
+(metrics beyond accuracy, ``METRIC_REDUCERS``). Metrics in depth: ``docs/app-metrics.md``.
 
 The module is imported by name: from an installed package, or from the working directory
 (the ``brokerfl`` command looks there too). Every error names the app and the function (:class:`AppError`). This module does not import
@@ -79,7 +108,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from brokerfl.app_metrics import (
+    RESERVED_TRAIN,
+    MetricError,
+    Reducer,
+    Target,
+    numbers,
+    reducers_of,
+    target_of,
+)
 from brokerfl.config import ConfigError, RunConfig, TrainConfig
+from brokerfl.transport import bounded
 
 BUILT_IN_APP = "handlers.apps.mlp"
 
@@ -177,16 +216,22 @@ class App:
     """An app module, checked and bound to its options; the runtime's one way to use it."""
 
     def __init__(self, name: str, module: ModuleType, options: Mapping[str, Any]) -> None:
-        self.name, self.module, self.options = name, module, dict(options)
+        self.name, self.module = name, module
         for required in ("model", "load_partition"):
             if not callable(getattr(module, required, None)):
                 raise AppError(f"app {name!r}: the module defines no {required}() function (see brokerfl.app)")
+        self.options, self.unknown_options = _bound_options(name, module, options)
         check = getattr(module, "check_options", None)
         if callable(check):
             try:
                 check(self.options)
             except (ValueError, TypeError, KeyError) as exc:
                 raise ConfigError(f"app_options of app {name!r}: {exc}") from None
+        try:
+            self.target: Target = target_of(module, name)
+            self.reducers: dict[str, Reducer] = reducers_of(module, name)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc)) from None
         self._adapter: ModelAdapter | None = None
 
     # ------------------------------------------------------------ the model
@@ -222,7 +267,15 @@ class App:
                     f"app {self.name!r}: model() returned {type(made).__name__}, expected a torch.nn.Module "
                     "or a non-empty dict of named numpy arrays"
                 )
+            if torch is not None and isinstance(made, torch.nn.Module) and not made.state_dict():
+                self._adapter = None
+                raise AppError(f"app {self.name!r}: model() returned a {type(made).__name__} with no parameters or buffers: there is nothing to train or send")
         return self._adapter
+
+    def check_model(self) -> None:
+        """Build the model once (an :class:`AppError` for one the runtime cannot use, e.g.
+        one with no parameters), so a mistake in ``model()`` stops a process at its start."""
+        self.adapter  # noqa: B018 - built for its checks
 
     def initial_parameters(self, seed: int) -> Parameters:
         parameters = self.adapter.initial_parameters(seed)
@@ -241,7 +294,11 @@ class App:
         except Exception as exc:
             raise AppError(f"app {self.name!r}: load_partition() failed for {where}: {type(exc).__name__}: {exc}") from exc
         part = loaded if isinstance(loaded, Partition) else Partition(loaded)
-        if part.train is None or count_samples(part.train) == 0:
+        try:
+            empty = part.train is None or count_samples(part.train) == 0
+        except TypeError as exc:
+            raise AppError(f"app {self.name!r}: load_partition() for {where}: {exc}") from None
+        if empty:
             raise AppError(f"app {self.name!r}: load_partition() returned an empty partition for {where}")
         return part
 
@@ -261,6 +318,9 @@ class App:
     # ------------------------------------------------------------ training and evaluation
 
     def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int) -> tuple[Parameters, dict[str, float]]:
+        """The app's training: new parameters (every value finite) and its metrics (numbers,
+        see :mod:`brokerfl.app_metrics`; ``num_samples`` filled in); an :class:`AppError`
+        naming the app and ``train()`` for anything else."""
         try:
             with APP_CALLS:
                 new, metrics = self.adapter.train(parameters, data, settings, seed)
@@ -268,22 +328,52 @@ class App:
             raise
         except Exception as exc:
             raise AppError(f"app {self.name!r}: train() failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            metrics = numbers(metrics, "train()")
+        except MetricError as exc:
+            raise AppError(f"app {self.name!r}: {exc}") from None
+        if RESERVED_TRAIN & metrics.keys():
+            raise AppError(f"app {self.name!r}: train() returned {sorted(RESERVED_TRAIN & metrics.keys())}: reserved (train_s is the runtime's measure of the training)")
+        not_finite = non_finite(new)
+        if not_finite:
+            raise AppError(f"app {self.name!r}: train() returned parameters with NaN or infinite values in {not_finite}: such an update is never folded")
         metrics.setdefault("num_samples", count_samples(data))
+        self._warn_unread_options()
         return new, metrics
 
     def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
+        """The app's evaluation: numbers (see :mod:`brokerfl.app_metrics`) holding the
+        app's target metric, ``num_samples`` filled in; an :class:`AppError` naming the app
+        and ``evaluate()`` for anything else."""
         try:
             with APP_CALLS:
-                scores = dict(self.adapter.evaluate(parameters, data))
+                returned = self.adapter.evaluate(parameters, data)
         except AppError:
             raise
         except Exception as exc:
             raise AppError(f"app {self.name!r}: evaluate() failed: {type(exc).__name__}: {exc}") from exc
-        missing = [k for k in ("loss", "accuracy") if k not in scores]
-        if missing:
-            raise AppError(f"app {self.name!r}: evaluate() returned no {missing} (it returned keys {sorted(scores)})")
+        try:
+            scores = numbers(returned, "evaluate()")
+        except MetricError as exc:
+            raise AppError(f"app {self.name!r}: {exc}") from None
+        if self.target.name not in scores:
+            raise AppError(
+                f"app {self.name!r}: evaluate() returned no {self.target.name!r}, the app's target metric (it returned {sorted(scores)}); "
+                "an app whose task has another one names it: TARGET_METRIC = (name, 'max' or 'min')"
+            )
         scores.setdefault("num_samples", count_samples(data))
         return scores
+
+    def _warn_unread_options(self) -> None:
+        """Once, after the first training: app_options keys the app never read (an app that
+        declares neither ``OPTIONS`` nor ``check_options``), likely misspelt."""
+        options = self.options
+        if not isinstance(options, _ReadTracked) or options.reported:
+            return
+        options.reported = True
+        unread = sorted(set(dict.keys(options)) - options.read)  # dict.keys: not a read of them all
+        if unread:
+            _warn_unknown_options(self.name, unread, "the app never read them")
 
     def trainable(self) -> frozenset[str] | None:
         """The names of the model's trained weights (a torch model's buffers are not among
@@ -291,8 +381,13 @@ class App:
         return self.adapter.trainable()
 
     def warm_up(self, data: Any) -> None:
-        with APP_CALLS:
-            self.adapter.warm_up(data)
+        try:
+            with APP_CALLS:
+                self.adapter.warm_up(data)
+        except AppError:
+            raise
+        except Exception as exc:
+            raise AppError(f"app {self.name!r}: train() failed on its warm-up batch: {type(exc).__name__}: {exc}") from exc
 
     def evaluator(self, data: Any) -> Callable[[Parameters], dict[str, float]] | None:
         """``parameters -> scores`` on ``data``, or None without data."""
@@ -327,6 +422,101 @@ def _parameter_names(function: Callable[..., Any]) -> frozenset[str]:
             names = frozenset()
         _signatures[function] = names
     return names
+
+
+FINITE_CHECK_ELEMENTS = 1 << 20  # checked a block at a time: no model-sized temporary
+
+
+def non_finite(parameters: Mapping[str, Any]) -> list[str]:
+    """The names of floating arrays holding a NaN or an infinity (the first few)."""
+    bad = []
+    for name, value in parameters.items():
+        flat = np.asarray(value).reshape(-1)
+        if flat.dtype.kind in "fc" and not all(np.isfinite(flat[i : i + FINITE_CHECK_ELEMENTS]).all() for i in range(0, flat.size, FINITE_CHECK_ELEMENTS)):
+            bad.append(name)
+            if len(bad) >= 5:
+                break
+    return bad
+
+
+class _ReadTracked(dict):
+    """app_options of an app that declares neither ``OPTIONS`` nor ``check_options``: which
+    keys it reads. Reading them all at once (iterating, ``dict(options)``, ``**options``)
+    counts as reading every one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+        self.reported = False
+
+    def __getitem__(self, key: Any) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: Any) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().setdefault(key, default)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self.read.add(key)
+        return super().pop(key, *default)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.read.update(self.keys())
+        return super().__iter__()
+
+    def items(self):  # type: ignore[override]
+        self.read.update(self.keys())
+        return super().items()
+
+    def values(self):  # type: ignore[override]
+        self.read.update(self.keys())
+        return super().values()
+
+    def copy(self) -> dict[str, Any]:
+        self.read.update(self.keys())
+        return dict(super().items())
+
+
+def _bound_options(name: str, module: ModuleType, given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The options the app receives and the keys it does not know. ``OPTIONS`` names every
+    key the app takes: a mapping of each to its default (filled in), or a set of names.
+    Without ``check_options`` (which judges for itself) other keys are warned of at once;
+    with neither, keys the app never reads are warned of after its first training
+    (:class:`_ReadTracked`)."""
+    declared = getattr(module, "OPTIONS", None)
+    judged = callable(getattr(module, "check_options", None))
+    defaults = dict(declared) if isinstance(declared, Mapping) else {}
+    if isinstance(declared, Mapping) or (isinstance(declared, (set, frozenset, list, tuple)) and all(isinstance(k, str) for k in declared)):
+        known = set(declared)
+    elif declared is None or judged:
+        known = None
+    else:
+        raise ConfigError(f"app {name!r}: OPTIONS must name the options the app takes: a dict of them to their defaults, or a set of names; got {type(declared).__name__}")
+    options = {**defaults, **given}
+    if judged:
+        return options, []
+    if known is not None:
+        unknown = sorted(set(given) - known)
+        if unknown:
+            _warn_unknown_options(name, unknown, f"the app's OPTIONS are {sorted(known)}")
+        return options, unknown
+    return _ReadTracked(options), []
+
+
+def _warn_unknown_options(name: str, keys: list[str], why: str) -> None:
+    import structlog
+
+    shown = [bounded(k, 64) for k in keys[:20]]
+    structlog.get_logger("brokerfl").warning(f"app_options of app {name!r}: unknown key(s) {shown} ({why}): misspelt?", app=name, keys=shown)
 
 
 def _taken_over(value: Any) -> np.ndarray:
@@ -396,3 +586,10 @@ def load_app(config: RunConfig) -> App:
             raise ConfigError(f"app: importing app module {config.app!r} failed: {type(exc).__name__}: {exc}") from exc
         app = _cache[key] = App(config.app, module, options)
     return app
+
+
+def curve_settings(config: RunConfig) -> dict[str, Any]:
+    """:func:`brokerfl.metrics.plot_curve`'s keywords for a run: the config's ``metrics``
+    and the app's target metric."""
+    target = load_app(config).target
+    return {"metrics": list(config.metrics) or None, "target": target.name, "higher_is_better": target.higher_is_better}

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from brokerfl.app import AppError
 from brokerfl.config import ConfigError, RunConfig, load_config
 from brokerfl.log import configure_logging
 from brokerfl.memory import tune_allocator
@@ -121,11 +122,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         count = write_journal_file(args.journal, config.run, read_journal(LocalTransport(result.broker), topology_for(config)))
         print(f"wrote the journal ({count} messages) to {args.journal}")
-    scored = [r for r in result.records if r.get("accuracy") is not None]  # federated evaluation lines too
+    from brokerfl.app import load_app
+    from brokerfl.metrics import record_metrics
+
+    target = load_app(config).target.name
+    scored = [m for r in result.records if (m := record_metrics(r)).get(target) is not None]  # federated evaluation lines too
     last = scored[-1] if scored else {}
+    loss = last.get("loss")
     print(
         f"{config.run}: {sum('evaluation' not in r for r in result.records)} rounds in {result.duration_s:.1f} s; "
-        f"final accuracy {last.get('accuracy', float('nan')):.4f}, loss {last.get('loss', float('nan')):.4f}; "
+        f"final {target} {last.get(target, float('nan')):.4f}, loss {float('nan') if loss is None else loss:.4f}; "
         f"wrote {out / 'metrics.jsonl'} and {out / 'curve.png'}"
     )
     _print_cross_site(config, out)
@@ -164,7 +170,7 @@ def _connect(args: argparse.Namespace, *, side: bool = False, retry_start: bool 
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from brokerfl.app import load_app
+    from brokerfl.app import curve_settings, load_app
     from brokerfl.broker_store import BrokerModelStore
     from brokerfl.metrics import MetricsLog, plot_curve
     from brokerfl.roles import server_instance, server_worker, take_server_role, topology_for
@@ -181,7 +187,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     # host with an empty --out resumes the run; DIR/models is an export of them.
     with _connect(args, retry_start=True) as transport, _connect(args, side=True, retry_start=True) as store_transport:
         topology_for(config).declare(transport)
-        load_app(config)  # a hot standby: the app's code (and torch, if it uses it) loaded before it waits
+        load_app(config).check_model()  # a hot standby: the app's code (and torch, if it uses it) loaded before it waits
         take_server_role(transport, config)  # a standby until no other server holds the role
         # keep=1: the newest version's parameters are the model the server holds anyway
         store = BrokerModelStore(store_transport, topology_for(config), keep=1, export=DirectoryModelStore(out / "models")).refresh()
@@ -209,7 +215,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     state = worker.state
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     if records:
-        plot_curve(records, out / "curve.png", title=f"{config.run}: {config.strategy.name}, {config.clients} clients")
+        plot_curve(records, out / "curve.png", title=f"{config.run}: {config.strategy.name}, {config.clients} clients", **curve_settings(config))
     if state.failure:
         print(f"brokerfl server: {state.failure}", file=sys.stderr)
         return 1
@@ -541,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"brokerfl: config error: {exc}", file=sys.stderr)
+        return 2
+    except AppError as exc:  # a mistake in the app found at start (e.g. a model() with no parameters)
+        print(f"brokerfl {args.command}: {exc}", file=sys.stderr)
         return 2
     except TransportError as exc:
         print(f"brokerfl {args.command}: {exc}", file=sys.stderr)

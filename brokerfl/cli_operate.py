@@ -47,6 +47,21 @@ def gather(transport: Transport, topology: RunTopology, client_ids: list[str], *
     return {"server": status, "queues": queues, "journal_max_bytes": topology.journal_max_bytes if topology.journal else None, "journal_max_age": topology.journal_max_age}
 
 
+def metrics_lines(status: dict[str, Any]) -> list[str]:
+    """The app's metrics a status holds, one line per kind (the newest version's, the
+    newest federated evaluation's), the target metric first."""
+    target = (status.get("target") or {}).get("name")
+    lines = []
+    for key, label in (("metrics", f"metrics of model version {status.get('metrics_version')}"), ("federated_metrics", "federated evaluation")):
+        metrics = status.get(key) or {}
+        if not metrics:
+            continue
+        names = sorted(metrics, key=lambda name: (name != target, name.startswith("train_"), name))
+        shown = ", ".join(f"{name} {'-' if metrics[name] is None else format(metrics[name], '.4g')}" + (" (target)" if name == target else "") for name in names)
+        lines.append(f"{label}: {shown}")
+    return lines
+
+
 def render(view: dict[str, Any]):
     """A rich renderable of :func:`gather`'s view."""
     from rich.console import Group
@@ -63,6 +78,8 @@ def render(view: dict[str, Any]):
         loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
         age = "" if status["round_age_s"] is None else f" for {status['round_age_s']:.1f} s"
         parts.append(Text(f"run {status['run']} ({status['strategy']}): {state}; round {status['round']} of {status['rounds']}{age}; model version {status['model_version']}; accuracy {acc}, loss {loss}", style="bold"))
+        for line in metrics_lines(status):
+            parts.append(Text(line))  # Text: no markup from the wire (metric names are the app's)
         standbys = status.get("standbys") or []
         parts.append(Text(f"active server {status.get('server') or '?'}; standby servers: {', '.join(standbys) if standbys else 'none'}"))
         live = sum(c["live"] for c in status["clients"])
@@ -71,6 +88,7 @@ def render(view: dict[str, Any]):
             f"still training: {', '.join(status['still_training']) or '-'}; held updates {status['held_updates']}; dropped {status['dropped_updates']}"
             + (f"; removed: {', '.join(status['removed'])}" if status["removed"] else "")
             + (f"; training failed: {', '.join(status['failed'])}" if status.get("failed") else "")
+            + (f"; app failed at start: {', '.join(status['unable'])}" if status.get("unable") else "")
             + (f"; FAILED: {status['failure']}" if status["failure"] else "")
         ))
         for c in status["clients"]:

@@ -119,6 +119,7 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="the built-in MLP app's model settings")
     evaluate_every: int = Field(1, ge=1, description="federated evaluation every this many rounds")
     federated_evaluation: Literal["auto", "always", "never"] = Field("auto", description="auto: when the app gives the server no test data")
+    metrics: list[str] = Field(default_factory=list, max_length=32, description="the metrics the curve plots, one panel each (default: every metric of the run)")
     train: TrainConfig = Field(default_factory=TrainConfig)
     workflow: Literal["server", "swarm", "cyclic"] = Field("server", description="who aggregates: a server, a role among the clients, or nobody (the model travels)")
     cross_site_eval: bool = Field(False, description="after the last round, evaluate every local model and the global one on every site's data")

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 
+from brokerfl.app_metrics import wire_metrics_problem
 from brokerfl.codec import DEFAULT_LIMITS, DecodeError, Limits, decode, encode_parts
 
 SCHEMA_VERSION = 1
@@ -117,10 +118,12 @@ class Join(Message):
 
 @dataclass(kw_only=True)
 class Leave(Message):
-    """A client says it is going away on purpose."""
+    """A client says it is going away on purpose, or (``error``) because its app cannot run
+    at all (e.g. its ``load_partition`` raised): the server then stops waiting for it."""
 
     client_id: str
     reason: str = ""
+    error: str = ""  # bounded and printable, as TrainFailed's
 
 
 @dataclass(kw_only=True)
@@ -210,11 +213,18 @@ class EvaluateTask(Message):
 
 @dataclass(kw_only=True)
 class EvaluateResult(Message):
+    """A client's scores of an EvaluateTask's model: ``metrics`` holds every metric its
+    app's ``evaluate`` returned (brokerfl.app_metrics); ``loss`` and ``accuracy`` repeat
+    two of them for older servers (NaN: the app returned none). ``error``: the app's
+    evaluation failed (bounded and printable; no scores, ``num_samples`` 0)."""
+
     client_id: str
     task_id: str
     loss: float
     accuracy: float
     num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
 
 
 @dataclass(kw_only=True)
@@ -359,6 +369,9 @@ def _check_ranges(kind: str, envelope_values: dict[str, Any], values: dict[str, 
         raise DecodeError(f"{kind}.instance: {_shown(values['instance'])} is longer than {MAX_INSTANCE_CHARS} characters")
     if len(values.get("error") or "") > MAX_ERROR_CHARS:  # TrainFailed
         raise DecodeError(f"{kind}.error: {len(values['error'])} characters, more than {MAX_ERROR_CHARS}")
+    metrics = values.get("metrics")  # ParameterUpdate, EvaluateResult, ModelVersionStored: names from an app
+    if metrics and (problem := wire_metrics_problem(metrics)) is not None:
+        raise DecodeError(f"{kind}.metrics: {problem}")
     for client_id, seconds in (values.get("training") or {}).items():  # Heartbeats
         _check_client_key(client_id, f"{kind}.training")
         if not 0 <= seconds < MAX_SECONDS:  # NaN fails too

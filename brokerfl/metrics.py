@@ -46,38 +46,76 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curve(records: list[dict[str, Any]], png: str | os.PathLike, title: str = "") -> Path:
-    """Accuracy and loss per round, one panel each."""
+def record_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics line's app metrics (its ``metrics`` object; a line written before there
+    was one: its accuracy and loss)."""
+    metrics = record.get("metrics")
+    if isinstance(metrics, dict):
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) or v is None}
+    return {k: record[k] for k in ("accuracy", "loss") if record.get(k) is not None}
+
+
+def curve_panels(records: list[dict[str, Any]], wanted: list[str] | None = None, target: str = "accuracy") -> list[str]:
+    """The curve's panels, one per metric: ``wanted`` (those present, in its order), or
+    every metric of the run: the target first, then loss, the evaluation's others, and the
+    clients' training metrics (``train_*``) last."""
+    seen: list[str] = []
+    for record in records:
+        seen.extend(name for name, value in record_metrics(record).items() if value is not None and name not in seen)
+    if wanted:
+        return [name for name in wanted if name in seen]
+    def order(name: str) -> tuple[int, int]:
+        rank = 0 if name == target else 1 if name == "loss" else 3 if name.startswith("train_") else 2
+        return rank, seen.index(name)
+    return sorted(seen, key=order)
+
+
+def plot_curve(records: list[dict[str, Any]], png: str | os.PathLike, title: str = "", *, metrics: list[str] | None = None,
+               target: str = "accuracy", higher_is_better: bool = True) -> Path:
+    """One panel per metric (:func:`curve_panels`) against the round: the server's own test
+    data (solid) and federated evaluation (dashed). The PNG's ``Description`` names the
+    panels, for tools and tests that read it back."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    # the server's own test data, and federated evaluation (clients' sample-weighted metrics)
-    server = [r for r in records if "evaluation" not in r and r.get("accuracy") is not None]
-    federated = [r for r in records if r.get("evaluation") == "federated"]
-    for series, label, style in ((server, "server test data", "-"), (federated, "federated evaluation", "--")):
-        if not series:
-            continue
-        rounds = [r["round"] for r in series]
-        acc_ax.plot(rounds, [r["accuracy"] for r in series], style, marker="o", markersize=3, label=label)
-        loss_ax.plot(rounds, [r["loss"] for r in series], style, marker="o", markersize=3, color="tab:red", label=label)
-    if server and federated:
-        acc_ax.legend()
-    acc_ax.set(xlabel="round", ylabel="test accuracy", title="accuracy")
-    acc_ax.grid(alpha=0.3)
-    loss_ax.set(xlabel="round", ylabel="test loss", title="loss")
-    loss_ax.grid(alpha=0.3)
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (acc_ax, loss_ax):
+    panels = curve_panels(records, metrics, target) or ["accuracy", "loss"]
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), squeeze=False)
+    # the server's own test data (and the clients' training), and federated evaluation
+    server = [r for r in records if "evaluation" not in r]
+    federated = [r for r in records if r.get("evaluation") == "federated"]
+    for ax, name in zip(axes.flat, panels):
+        plotted = 0
+        for series, label, style in ((server, "server", "-"), (federated, "federated evaluation", "--")):
+            points = [(r["round"], value) for r in series if (value := record_metrics(r).get(name)) is not None]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3, label=label)
+                plotted += 1
+        better = (" (higher is better)" if higher_is_better else " (lower is better)") if name == target else ""
+        ax.set(xlabel="round", ylabel=name, title=name + better)
+        ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if plotted > 1:
+            ax.legend()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=100, metadata={"Description": "panels: " + ", ".join(panels)})
     plt.close(fig)
     return png
+
+
+def curve_description(png: str | os.PathLike) -> str:
+    """The ``Description`` a curve PNG was written with ("panels: ...")."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        return image.text.get("Description", "")

@@ -42,7 +42,7 @@ class ReplayRow:
     stored_hash: str
     replayed_hash: str
     stored_metrics: dict[str, float] = field(default_factory=dict)
-    what_if: dict[str, float] | None = None  # accuracy and loss of the what-if model
+    what_if: dict[str, float] | None = None  # the target metric (brokerfl.app_metrics) and loss of the what-if model
     problem: str = ""
     users: list[str] = field(default_factory=list)  # who published its updates (AMQP user_id), in fold order
 
@@ -57,6 +57,7 @@ class ReplayResult:
     seconds: float
     updates_read: int
     skipped: Skipped = field(default_factory=Skipped)
+    target: str = "accuracy"  # the app's target metric, the what-if's first column
 
     @property
     def ok(self) -> bool:
@@ -67,14 +68,16 @@ class ReplayResult:
 
     def table(self, what_if: str | None = None) -> str:
         head = f"{'version':>7} {'updates':>7}  {'stored hash':<16} {'replayed hash':<16} result"
+        target = self.target
+        short = "acc" if target == "accuracy" else target[:12]
         if what_if:
-            head += f"   {'accuracy':>8} {'loss':>8}   {what_if + ' acc':>12} {what_if + ' loss':>12}"
+            head += f"   {target[:12]:>8} {'loss':>8}   {what_if + ' ' + short:>12} {what_if + ' loss':>12}"
         lines = [head]
         for row in self.rows:
             line = f"{row.version:>7} {row.num_updates:>7}  {row.stored_hash[:16]:<16} {row.replayed_hash[:16]:<16} {'OK' if row.ok else 'DIFF'}"
             if what_if and row.what_if is not None:
-                acc, loss = row.stored_metrics.get("accuracy", float("nan")), row.stored_metrics.get("loss", float("nan"))
-                line += f"   {acc:>8.4f} {loss:>8.4f}   {row.what_if['accuracy']:>12.4f} {row.what_if['loss']:>12.4f}"
+                score, loss = row.stored_metrics.get(target, float("nan")), row.stored_metrics.get("loss", float("nan"))
+                line += f"   {score:>8.4f} {loss:>8.4f}   {row.what_if[target]:>12.4f} {row.what_if['loss']:>12.4f}"
             if row.problem:
                 line += f"  ({row.problem})"
             if any(row.users):
@@ -200,7 +203,7 @@ def replay(
     replay_ready(all_of_them=True)
     if not rows:
         raise ReplayError("the journal holds no model version records in that range (was the run's journal on?)")
-    return ReplayResult(rows, time.perf_counter() - started, updates_read, skipped)
+    return ReplayResult(rows, time.perf_counter() - started, updates_read, skipped, target=_target_name(config) if alternative is not None else "accuracy")
 
 
 def _next_in_order(record: ModelVersionStored, history: dict[int, Any]) -> bool:
@@ -245,17 +248,25 @@ def _replay_version(record: ModelVersionStored, strategy: Any, pending: dict[str
     return row, model
 
 
+def _target_name(config: RunConfig) -> str:
+    from brokerfl.app import load_app
+
+    return load_app(config).target.name
+
+
 def _test_scorer(config: RunConfig):
-    """The app's evaluation on the server's test data (NaN without any)."""
+    """The app's evaluation on the server's test data: its target metric and loss (NaN
+    without test data, or for a metric the app does not return)."""
     from brokerfl.app import load_app
 
     app = load_app(config)
     evaluate = app.evaluator(app.load_server_test(config.seed))
+    target = app.target.name
 
     def score(parameters: dict[str, np.ndarray]) -> dict[str, float]:
         if evaluate is None:
-            return {"accuracy": float("nan"), "loss": float("nan")}
+            return {target: float("nan"), "loss": float("nan")}
         result = evaluate(parameters)
-        return {"accuracy": result["accuracy"], "loss": result["loss"]}
+        return {target: result[target], "loss": result.get("loss", float("nan"))}
 
     return score

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from brokerfl import identity
+from brokerfl.app import curve_settings
 from brokerfl.config import RunConfig
 from brokerfl.metrics import MetricsLog, plot_curve
 from brokerfl.broker_store import BrokerModelStore
@@ -71,7 +72,7 @@ def simulate(
     server = server_worker(LocalTransport(broker, user=_user(config, None)), config, store, metrics, journal=journal)
     models = ModelCache(LocalTransport(broker), topology_for(config, journal=journal))  # one copy of each version for every client
     clients = [client_worker(LocalTransport(broker, user=_user(config, cid)), config, cid, journal=journal, models=models) for cid in config.client_ids()]
-    bar = _ProgressBar(config.rounds) if progress else None
+    bar = _ProgressBar(config.rounds, curve_settings(config)["target"]) if progress else None
     if bar:
         server.state.on_round.append(bar.update)
     try:
@@ -88,7 +89,7 @@ def simulate(
     if state.failure:
         raise SimulationError(state.failure)
     if out is not None and metrics.records:
-        plot_curve(metrics.records, out / "curve.png", title=f"{config.run}: {config.strategy.name}, {config.clients} clients")
+        plot_curve(metrics.records, out / "curve.png", title=f"{config.run}: {config.strategy.name}, {config.clients} clients", **curve_settings(config))
     return SimulationResult(metrics.records, state, time.perf_counter() - started, out, broker, store)
 
 
@@ -118,7 +119,8 @@ def _run(server, clients) -> None:
 
 
 class _ProgressBar:
-    def __init__(self, rounds: int) -> None:
+    def __init__(self, rounds: int, target: str = "accuracy") -> None:
+        self.target = target
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
@@ -128,10 +130,14 @@ class _ProgressBar:
         self._progress.start()
 
     def update(self, record: dict[str, Any]) -> None:
-        if record.get("accuracy") is None:  # a round without server test data: federated evaluation follows
+        metrics = record.get("metrics") or {}
+        value = metrics.get(self.target, record.get(self.target))
+        if value is None:  # a round without server test data: federated evaluation follows
             self._progress.update(self._task, completed=record["round"])
             return
-        self._progress.update(self._task, completed=record["round"], description=f"acc {record['accuracy']:.4f}  loss {record['loss']:.4f}")
+        loss = metrics.get("loss", record.get("loss"))
+        shown = f"{'acc' if self.target == 'accuracy' else self.target} {value:.4f}" + ("" if loss is None or self.target == "loss" else f"  loss {loss:.4f}")
+        self._progress.update(self._task, completed=record["round"], description=shown)
 
     def close(self) -> None:
         self._progress.stop()

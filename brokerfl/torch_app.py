@@ -138,9 +138,35 @@ def batches(data: Any, batch_size: int, generator: torch.Generator | None) -> It
         yield torch.as_tensor(x), torch.as_tensor(y)
 
 
+class NotClassification(ValueError):
+    """The default loops met a model or data they cannot handle: they are for
+    classification only."""
+
+
+def check_classification(outputs: torch.Tensor, y: torch.Tensor, function: str) -> None:
+    """The default loops' assumptions, said plainly when they do not hold: outputs of shape
+    (batch, classes) and integer class labels of shape (batch,)."""
+    problem = None
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        problem = f"the targets are {str(y.dtype).removeprefix('torch.')}, not integer class labels"
+    elif outputs.ndim != 2:
+        problem = f"model() outputs have shape {tuple(outputs.shape)}, not (batch, classes)"
+    elif y.ndim != 1 or len(y) != len(outputs):
+        problem = f"the targets have shape {tuple(y.shape)} for outputs of shape {tuple(outputs.shape)}, not (batch,)"
+    elif len(y) and (int(y.min()) < 0 or int(y.max()) >= outputs.shape[1]):
+        problem = f"a class label is outside 0..{outputs.shape[1] - 1} (the model has {outputs.shape[1]} outputs)"
+    if problem is not None:
+        raise NotClassification(
+            f"the default {function} is for classification (cross-entropy of outputs of shape (batch, classes) against integer "
+            f"class labels) and {problem}: for another task define train() and evaluate() in the app (see brokerfl.app)"
+        )
+
+
 def train_classifier(model: nn.Module, data: Any, settings: TrainConfig, seed: int) -> dict[str, float]:
-    """The default local training: minibatch SGD on cross-entropy (plus FedProx's proximal
-    term when ``proximal_mu`` > 0), ``epochs`` passes or ``max_batches`` batches."""
+    """The default local training, for classification: minibatch SGD on cross-entropy (plus
+    FedProx's proximal term when ``proximal_mu`` > 0), ``epochs`` passes or ``max_batches``
+    batches. A model or data it cannot handle (float targets, outputs not (batch, classes))
+    is a :class:`NotClassification` saying so."""
     return {"loss": sgd(model, data, **settings.model_dump(), seed=seed)}
 
 
@@ -169,7 +195,10 @@ def sgd(
         for x, y in batches(data, batch_size, generator):
             if cancellation_requested():  # between batches: no longer wanted (brokerfl.app)
                 raise TrainingCancelled(f"cancelled after {steps} batches")
-            loss = F.cross_entropy(model(x), y)
+            outputs = model(x)
+            if steps == 0:
+                check_classification(outputs, y, "train()")
+            loss = F.cross_entropy(outputs, y)
             objective = loss
             if anchor:
                 drift = sum((p - g).pow(2).sum() for p, g in zip(model.parameters(), anchor))
@@ -206,11 +235,14 @@ def _step_into_gradients(model: nn.Module, lr: float) -> None:
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, data: Any, batch_size: int = 1024) -> dict[str, float]:
-    """The default evaluation: mean cross-entropy, accuracy of the argmax, sample count."""
+    """The default evaluation, for classification: mean cross-entropy, accuracy of the
+    argmax, sample count (a :class:`NotClassification` for a model or data it cannot handle)."""
     model.eval()
     loss, correct, n = 0.0, 0, 0
     for x, y in batches(data, batch_size, None):
         logits = model(x)
+        if n == 0:
+            check_classification(logits, y, "evaluate()")
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += int((logits.argmax(dim=1) == y).sum())
         n += len(y)

@@ -161,9 +161,11 @@ def test_an_empty_partition_for_client_7(monkeypatch):
         return Partition(train=(np.zeros((0, 2)), np.zeros(0))) if index == 7 else (np.ones((3, 2)), np.ones(3))
 
     name = fake_app(monkeypatch, "fake_app_empty", **numpy_app(load_partition=load_partition))
-    config = parse_config({"app": name, "clients": 8})
-    with pytest.raises(AppError, match=r"app 'fake_app_empty': load_partition\(\) returned an empty partition for client 7 \(partition 7 of 8\)"):
-        simulate(config)
+    config = parse_config({"app": name, "clients": 8, "rounds": 2})
+    result = simulate(config)  # the run goes on without client 7, which says why
+    assert list(result.server_state.unable) == ["7"]
+    assert "app 'fake_app_empty': load_partition() returned an empty partition for client 7 (partition 7 of 8)" in result.server_state.unable["7"]
+    assert [r["num_updates"] for r in result.records if "evaluation" not in r] == [7, 7]
 
 
 def test_bad_app_options_name_the_app_and_key():

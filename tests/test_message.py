@@ -153,7 +153,9 @@ FIELD_STRATEGIES = {
     "model_offset": st.integers(0, 2**63 - 1),
     "training": st.dictionaries(names, st.floats(0, 1e8), max_size=4),  # Heartbeats: seconds training
     "training_s": st.none() | st.floats(0, 1e8),  # Heartbeat
-    "error": st.text(max_size=300),  # TrainFailed
+    "error": st.text(max_size=300),  # TrainFailed, Leave
+    # ParameterUpdate, EvaluateResult, ModelVersionStored: names an app chose (brokerfl.app_metrics)
+    "metrics": st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}", fullmatch=True), st.floats(allow_nan=False), max_size=8),
 }
 
 

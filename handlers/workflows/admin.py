@@ -51,6 +51,7 @@ from brokerfl.admin import (
 from brokerfl.handler_table import Context, Outbound, to_client, to_clients, to_requester
 from brokerfl.identity import admin_user
 from brokerfl.message import Exit
+from brokerfl.metrics import record_metrics
 from brokerfl.topology import ADMIN, AUDIT
 from brokerfl.transport import bounded
 from handlers.workflows import server
@@ -84,6 +85,7 @@ def status_of(state: ServerState) -> dict:
         "model_version": model.version if model else None,
         "accuracy": model.metrics.get("accuracy") if model else None,
         "loss": model.metrics.get("loss") if model else None,
+        **latest_metrics(state),
         "begun": state.begun,
         "done": state.done,
         "failure": state.failure,
@@ -102,12 +104,32 @@ def status_of(state: ServerState) -> dict:
         "still_training": sorted(set(state.participants) - state.answered - state.failed, key=client_id_order) if state.round_open else [],
         "failed": sorted(state.failed, key=client_id_order) if state.round_open else [],  # this round's
         "train_failures": [vars(f) for f in state.train_failures[-STATUS_FAILURES:]],
+        "unable": dict(sorted(getattr(state, "unable", {}).items())[:STATUS_FAILURES]),  # clients whose app failed at their start
         "held_updates": held_updates(state),
         "dropped_updates": len(state.dropped),
     }
 
 
 STATUS_FAILURES = 10  # the newest training failures a status shows
+
+
+def latest_metrics(state: ServerState) -> dict:
+    """The app's metrics of the newest metrics lines (brokerfl.app_metrics): ``metrics``
+    of the newest model version (its clients' training, its server evaluation),
+    ``federated_metrics`` of the newest federated evaluation, and the ``target`` metric."""
+    out: dict = {"metrics": None, "metrics_version": None, "federated_metrics": None, "target": None}
+    app = getattr(state, "app", None)
+    if app is not None:
+        out["target"] = {"name": app.target.name, "higher_is_better": app.target.higher_is_better}
+    for record in reversed(getattr(state.metrics, "records", [])[-64:]):
+        key = "federated_metrics" if record.get("evaluation") == "federated" else "metrics"
+        if out[key] is None and record.get("evaluation") in (None, "federated"):
+            out[key] = record_metrics(record)
+            if key == "metrics":
+                out["metrics_version"] = record.get("model_version")
+        if out["metrics"] is not None and out["federated_metrics"] is not None:
+            break
+    return out
 
 
 def _rounded(seconds: float | None) -> float | None:

@@ -164,8 +164,9 @@ def mark_many_alive(message: Heartbeats, ctx: Context):
 
 @table.on(Leave)
 def forget_client(message: Leave, ctx: Context):
-    server.forget_client(message, ctx)
+    out = server.forget_client(message, ctx)  # a client whose app failed at start: maybe the run's end, or its beginning
     ctx.state.tasked.pop(message.client_id, None)  # if it comes back, it gets a task
+    return out
 
 
 @table.on(TrainFailed)

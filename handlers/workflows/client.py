@@ -24,8 +24,9 @@ import numpy as np
 from brokerfl.app import App, AppError, Partition, TrainingCancelled, cancellable, count_samples, load_app
 from brokerfl.compression import compress
 from brokerfl.config import RunConfig, TrainConfig
-from brokerfl.handler_table import Cancelled, Context, HandlerTable, Started, to_server
-from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Gradients, Heartbeat, Heartbeats, Join, Message, ParameterUpdate, TrainFailed, TrainTask
+from brokerfl.app_metrics import TRAIN_PREFIX
+from brokerfl.handler_table import Cancelled, Context, HandlerTable, Outbound, Started, to_server
+from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Gradients, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, TrainFailed, TrainTask
 from brokerfl.message import process_instance  # names this process in Join and Heartbeat(s)
 from brokerfl.transport import bounded
 from handlers.strategies.base import prepare_update
@@ -33,6 +34,7 @@ from handlers.strategies.base import prepare_update
 table = HandlerTable("client")
 
 ERROR_CHARS = 300  # of a failed training's error, as TrainFailed reports it
+UNABLE_ERROR_CHARS = 800  # of the error of an app that failed at a client's start (its Leave): the AppError names the app, function and client first
 TRAIN = "train"  # the key of the training aside (and of its deadline's timer)
 
 
@@ -70,6 +72,7 @@ class ClientState:
     beats_alone: bool = True  # False: its process sends one Heartbeats for all its clients (process_table)
     training: Training | None = None  # the task training aside
     waiting: TrainTask | None = None  # a newer task, for when that training is over
+    unable: AppError | None = None  # the app failed at this client's start (load_partition, model): it reports and leaves
 
     def training_s(self) -> float | None:
         """Seconds since this client took the task it trains on; None: not training."""
@@ -77,13 +80,20 @@ class ClientState:
 
 
 def make_state(config: RunConfig, client_id: str) -> ClientState:
-    """The client's partition of the app's data: partition ``int(client_id) % clients``."""
+    """The client's partition of the app's data: partition ``int(client_id) % clients``.
+    An app that fails here (its ``load_partition``, ``model``, the warm-up's training)
+    makes a client that only reports it (:func:`report_unable`), so a process's other
+    logical clients (and a simulation) go on without it."""
     app = load_app(config)
-    data = app.load_partition(_partition_index(client_id, config.clients), config.clients, config.seed, client_id=client_id)
-    state = ClientState(client_id, config, app, data)
-    # torch's first call costs ~1 s, which would otherwise land in the first task (and be
-    # multiplied by a client_slowdown)
-    app.warm_up(data.train)
+    try:
+        data = app.load_partition(_partition_index(client_id, config.clients), config.clients, config.seed, client_id=client_id)
+        app.check_model()
+        state = ClientState(client_id, config, app, data)
+        # torch's first call costs ~1 s, which would otherwise land in the first task (and be
+        # multiplied by a client_slowdown)
+        app.warm_up(data.train)
+    except AppError as exc:
+        state = ClientState(client_id, config, app, Partition(None), exit_reason="its app failed at start", unable=exc)
     return state
 
 
@@ -144,9 +154,22 @@ def liveness_on(config: RunConfig) -> bool:
 @table.on(Started)
 def join(message: Started, ctx: Context):
     state: ClientState = ctx.state
+    if state.unable is not None:
+        return report_unable(ctx)
     if state.beats_alone and liveness_on(state.config):
         ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
     return [to_server(Join(client_id=state.client_id, num_samples=num_samples(state), instance=process_instance()))]
+
+
+def report_unable(ctx: Context) -> list[Outbound]:
+    """The app cannot run for this client: say so to the server (a Leave with the error:
+    it stops waiting for this client and names it) and stop this client only."""
+    state: ClientState = ctx.state
+    error = bounded(str(state.unable), UNABLE_ERROR_CHARS)  # the AppError's own text: it names the app, the function and the client
+    # with its traceback: this log is the app developer's (the server gets the one line)
+    ctx.log.error("the app failed at this client's start: reporting it to the server and leaving", error=bounded(str(state.unable), 500), exc_info=state.unable)
+    ctx.stop()
+    return [to_server(Leave(client_id=state.client_id, reason="its app failed at start", error=error))]
 
 
 @table.on(HeartbeatDue)
@@ -290,9 +313,18 @@ def _update(state: ClientState, task: TrainTask, parameters: dict[str, np.ndarra
         task_id=task.message_id,
         parameters=parameters,
         num_samples=int(metrics["num_samples"]),
-        metrics={"train_loss": float(metrics.get("loss", float("nan"))), "train_s": seconds},
+        metrics=update_metrics(metrics, seconds),
         compression="" if method == "none" else method,
     )
+
+
+def update_metrics(metrics: dict[str, float], seconds: float) -> dict[str, float]:
+    """An update's metrics: every one ``train`` returned (numbers, checked by the app layer)
+    with the ``train_`` prefix, and ``train_s``, the training's seconds."""
+    out = {f"{TRAIN_PREFIX}{name}": float(value) for name, value in metrics.items() if name != "num_samples" and name != "s"}
+    out.setdefault("train_loss", float("nan"))
+    out["train_s"] = seconds
+    return out
 
 
 def _compressed(state: ClientState, task: TrainTask, parameters: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -328,10 +360,15 @@ def answer_evaluation(message: Evaluated, ctx: Context):
     task = message.task
     ctx.commit(f"evaluate:{task.message_id}")
     if message.error is not None:
-        ctx.log.error("evaluation failed", task=task.message_id, error=bounded(str(message.error), 500))
-        return None
+        ctx.log.error("evaluation failed: reporting it to the server", task=task.message_id, error=bounded(str(message.error), 500), exc_info=message.error)
+        # the server stops waiting for this client's scores, and names it
+        failed = task.reply(EvaluateResult, client_id=state.client_id, task_id=task.message_id, loss=float("nan"), accuracy=float("nan"), num_samples=0,
+                            error=bounded(str(message.error), ERROR_CHARS))
+        return [to_server(failed)]
     scores = message.scores
-    result = task.reply(EvaluateResult, client_id=state.client_id, task_id=task.message_id, loss=scores["loss"], accuracy=scores["accuracy"], num_samples=int(scores["num_samples"]))
+    metrics = {name: float(value) for name, value in scores.items() if name != "num_samples"}
+    result = task.reply(EvaluateResult, client_id=state.client_id, task_id=task.message_id, loss=metrics.get("loss", float("nan")),
+                        accuracy=metrics.get("accuracy", float("nan")), num_samples=int(scores["num_samples"]), metrics=metrics)
     return [to_server(result)]
 
 

@@ -15,14 +15,17 @@ redone (it changes no model).
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from brokerfl.app_metrics import Reducer, combine
 from brokerfl.handler_table import Context, Outbound, to_clients
 from brokerfl.message import EvaluateResult, EvaluateTask, Message
 from brokerfl.model_refs import task_model_fields
+from brokerfl.transport import bounded
 from handlers.workflows.scoring import score_stored
 
 
@@ -73,7 +76,12 @@ def collect(result: EvaluateResult, ctx: Context) -> list[Outbound] | None:
     if open_ is None or result.task_id != open_.task_id or result.client_id not in open_.participants:
         ctx.log.info("evaluation result for no open evaluation; ignored", client=result.client_id, task=result.task_id)
         return None
-    if result.num_samples < 1 or not (0.0 <= result.accuracy <= 1.0):
+    if result.error:  # the client's app could not evaluate: no scores to wait for
+        ctx.log.error("client evaluation failed", client=result.client_id, app=ctx.state.config.app, function="evaluate()", error=bounded(result.error, 300),
+                      model_version=open_.model_version)
+        open_.participants.discard(result.client_id)
+        return close(ctx) if set(open_.results) >= open_.participants else None
+    if result.num_samples < 1 or not (0.0 <= result.accuracy <= 1.0 or math.isnan(result.accuracy)):  # NaN: the app returns no accuracy
         ctx.log.warning("evaluation result out of range; ignored", client=result.client_id, num_samples=result.num_samples, accuracy=result.accuracy)
         return None
     open_.results[result.client_id] = result
@@ -90,14 +98,17 @@ def deadline(message: EvaluationDeadline, ctx: Context) -> list[Outbound] | None
     return close(ctx)
 
 
-def weighted_metrics(results: list[EvaluateResult]) -> dict[str, float]:
-    """Sample-weighted mean loss and accuracy over the clients' results."""
-    total = sum(r.num_samples for r in results)
-    return {
-        "loss": sum(r.loss * r.num_samples for r in results) / total,
-        "accuracy": sum(r.accuracy * r.num_samples for r in results) / total,
-        "num_samples": total,
-    }
+def weighted_metrics(results: list[EvaluateResult], reducers: Mapping[str, Reducer] | None = None) -> dict[str, float]:
+    """Every metric of the clients' results combined (brokerfl.app_metrics: the
+    sample-weighted mean unless the app names a reducer), and the total sample count. A
+    result from a client that sends no ``metrics`` counts with its loss and accuracy."""
+    entries = [(r.metrics or {"loss": r.loss, "accuracy": r.accuracy}, r.num_samples) for r in results]
+    return {**combine(entries, reducers), "num_samples": sum(r.num_samples for r in results)}
+
+
+def _number(value: float | None) -> float | None:
+    """A metric for the line's top-level accuracy/loss: None when the app has none."""
+    return None if value is None or math.isnan(value) else value
 
 
 def close(ctx: Context) -> list[Outbound]:
@@ -108,16 +119,19 @@ def close(ctx: Context) -> list[Outbound]:
     if getattr(state, "unscored", None):  # the version's own metrics line (server test data) comes first
         score_stored(ctx)
     if results:
-        scores = weighted_metrics(results)
+        scores = weighted_metrics(results, getattr(getattr(state, "app", None), "reducers", None))
+        metrics = {name: value for name, value in scores.items() if name != "num_samples"}
         record = {
             "round": open_.round, "model_version": open_.model_version, "evaluation": "federated",
-            "accuracy": scores["accuracy"], "loss": scores["loss"], "num_samples": scores["num_samples"],
+            "accuracy": _number(metrics.get("accuracy")), "loss": _number(metrics.get("loss")), "num_samples": scores["num_samples"],
             "num_clients": len(results), "num_updates": None, "duration_s": round(time.monotonic() - open_.started, 4),
+            "metrics": metrics,
         }
         state.metrics.append(record)
         for callback in state.on_round:
             callback(record)
-        ctx.log.info("federated evaluation", round=open_.round, model_version=open_.model_version, accuracy=round(scores["accuracy"], 4), loss=round(scores["loss"], 4), clients=len(results))
+        ctx.log.info("federated evaluation", round=open_.round, model_version=open_.model_version, clients=len(results),
+                     metrics={name: round(value, 4) for name, value in list(metrics.items())[:8]})
     else:
         ctx.log.warning("federated evaluation got no answers", round=open_.round, model_version=open_.model_version)
     return (open_.then(ctx) or []) if open_.then is not None else []

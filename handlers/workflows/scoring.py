@@ -25,6 +25,7 @@ from brokerfl.store import ModelVersion
 from brokerfl.threads import process_thread
 from brokerfl.timing import timings
 from brokerfl.topology import AUDIT
+from brokerfl.transport import bounded
 
 
 @dataclass(kw_only=True)
@@ -71,27 +72,55 @@ def score_stored(ctx: Context, *, wait: bool = True) -> None:
     while state.unscored:
         waiting = state.unscored[0]
         scores = waiting.scores
+        model, record = waiting.model, waiting.record
         if scores is None and waiting.running is not None:
             if not (wait or waiting.running.done()):
                 return
-            scores, seconds = waiting.running.result()
-            timings.seconds["evaluate"] += seconds
+            try:
+                scores, seconds = waiting.running.result()
+                timings.seconds["evaluate"] += seconds
+            except Exception as exc:  # noqa: BLE001 - a scoring failure is recorded, not fatal
+                record["evaluation_error"] = _evaluation_failed(ctx, exc, model.version)
         elif scores is None and state.evaluate is not None:
             with timings.phase("evaluate"):
-                scores = state.evaluate(waiting.parameters)
+                scores, error = evaluate_safely(ctx, state.evaluate, waiting.parameters, version=model.version)
+            if error is not None:
+                record["evaluation_error"] = error
         state.unscored.pop(0)
-        model, record = waiting.model, waiting.record
         if scores is not None:
-            model.metrics.update(accuracy=scores["accuracy"], loss=scores["loss"])
-            record.update(accuracy=scores["accuracy"], loss=scores["loss"])
+            kept = {name: value for name, value in scores.items() if name != "num_samples"}
+            model.metrics.update(kept)
+            record.update(accuracy=kept.get("accuracy"), loss=kept.get("loss"))
+            record.setdefault("metrics", {}).update(kept)
             if waiting.scores is None:  # evaluated after the version was stored: the store learns them now
-                state.store.put_scores(model.version, {"accuracy": scores["accuracy"], "loss": scores["loss"]})
+                state.store.put_scores(model.version, kept)
         journal_version(ctx, model)
         state.metrics.append(record)
         for callback in state.on_round:
             callback(record)
-        ctx.log.info("model version stored", round=model.round, model_version=model.version, accuracy=_rounded(record["accuracy"]), loss=_rounded(record["loss"]), updates=len(model.update_ids))
+        target = getattr(state.app, "target", None)
+        shown = {} if target is None or target.name in ("accuracy", "loss") else {"target": f"{target.name} {_rounded(record.get('metrics', {}).get(target.name))}"}
+        ctx.log.info("model version stored", round=model.round, model_version=model.version, accuracy=_rounded(record["accuracy"]), loss=_rounded(record["loss"]),
+                     **shown, updates=len(model.update_ids))
     ctx.cancel_timer("score")
+
+
+EVALUATION_ERROR_CHARS = 500  # of a failed server evaluation's error, in its metrics line
+
+
+def evaluate_safely(ctx: Context, evaluate: Callable[[Any], dict[str, float]], parameters: dict[str, np.ndarray], *, version: int) -> tuple[dict[str, float] | None, str | None]:
+    """``(scores, None)``, or ``(None, error)`` when the app's evaluation raised: a scoring
+    failure is logged and recorded (the metrics line's ``evaluation_error``), not fatal."""
+    try:
+        return evaluate(parameters), None
+    except Exception as exc:  # noqa: BLE001 - a scoring failure is recorded, not fatal
+        return None, _evaluation_failed(ctx, exc, version)
+
+
+def _evaluation_failed(ctx: Context, error: BaseException, version: int) -> str:
+    text = bounded(f"{type(error).__name__}: {error}", EVALUATION_ERROR_CHARS)
+    ctx.log.error("server evaluation failed: the version is recorded without its scores, training goes on", model_version=version, error=text, exc_info=error)
+    return text
 
 
 def _timed(evaluate: Callable[[Any], dict[str, float]], parameters: dict[str, np.ndarray]) -> tuple[dict[str, float], float]:

@@ -25,6 +25,7 @@ without it). The stored version's own metadata holds accuracy and loss only with
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from brokerfl.app import App, load_app
+from brokerfl.app_metrics import combine
 from brokerfl.admin import AdminState
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerFailed, HandlerTable, Outbound, Rejected, Started, to_clients
@@ -49,7 +51,7 @@ from brokerfl.compression import CompressionError, decompress
 from handlers.strategies.aggregate import BadUpdate, check_update
 from handlers.strategies.base import Strategy, strategy_for_run
 from handlers.workflows import evaluation
-from handlers.workflows.scoring import ScoreStored, Unscored, journal_version, score_stored, score_when_due
+from handlers.workflows.scoring import ScoreStored, Unscored, evaluate_safely, journal_version, score_stored, score_when_due
 
 table = HandlerTable("server")
 
@@ -153,11 +155,14 @@ class ServerState:
     standbys: dict[str, float] = field(default_factory=dict)  # standby servers' names -> when last announced (time.monotonic())
     drain_ends_by: float = 0.0  # time.monotonic() past which the drain after the run stops
     failed: set[str] = field(default_factory=set)  # clients whose training failed this round (answered, with no update)
+    update_metrics: list[tuple[dict[str, float], int]] = field(default_factory=list)  # this round's folded updates' metrics and weights
+    unable: dict[str, str] = field(default_factory=dict)  # clients whose app failed at their start (a Leave with an error) -> the error
     train_failures: list[TrainFailure] = field(default_factory=list)  # the run's, newest last (the last MAX_FAILURES_KEPT)
 
 
 def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> ServerState:
     app = load_app(config)
+    app.check_model()  # a model() the runtime cannot use stops the server at its start
     strategy = strategy_for_run(config)
 
     evaluate_on_test = app.evaluator(app.load_server_test(config.seed))
@@ -237,6 +242,7 @@ def see_client(state: ServerState, client_id: str, num_samples: int, instance: s
     record = state.clients.get(client_id)
     if record is None:
         state.clients[client_id] = ClientRecord(num_samples, now, instance, training_s=training_s)
+        state.unable.pop(client_id, None)  # back, restarted: its app runs now
         return True
     if instance and instance != record.instance:
         if instance == record.previous and now - record.last_seen <= state.config.liveness.timeout_s:
@@ -295,7 +301,13 @@ def live_clients(state: ServerState) -> list[str]:
 def awaited_clients(state: ServerState) -> list[str]:
     """The federation's clients not live yet (the operator's removed ones are not awaited)."""
     live = set(live_clients(state))
-    return [cid for cid in state.config.client_ids() if cid not in live and cid not in state.admin.removed]
+    return [cid for cid in state.config.client_ids() if cid not in live and cid not in state.admin.removed and cid not in state.unable]
+
+
+def able_clients(state: ServerState) -> int:
+    """The federation's clients that may still take part: not removed by the operator, and
+    not out because their app failed at their start."""
+    return state.config.clients - len(state.admin.removed | set(state.unable))
 
 
 def shown_ids(ids: list[str], limit: int = 20) -> str:
@@ -305,7 +317,7 @@ def shown_ids(ids: list[str], limit: int = 20) -> str:
 
 def maybe_begin(ctx: Context):
     state: ServerState = ctx.state
-    if state.begun or state.done or len(live_clients(state)) < state.config.clients - len(state.admin.removed) or awaited_clients(state):
+    if state.begun or state.done or len(live_clients(state)) < able_clients(state) or awaited_clients(state):
         return None
     ctx.cancel_timer("join")
     state.begun = True
@@ -353,7 +365,51 @@ def mark_many_alive(message: Heartbeats, ctx: Context):
 @table.on(Leave)
 def forget_client(message: Leave, ctx: Context):
     ctx.state.clients.pop(message.client_id, None)
+    if message.error:
+        return take_unable(message, ctx)
     ctx.log.info("client left", client=message.client_id, reason=bounded(message.reason))
+
+
+def take_unable(message: Leave, ctx: Context):
+    """A client whose app failed at its start (its ``load_partition``, its ``model()``): the
+    run goes on without it (a round it was sampled for counts it as failed), or, if fewer
+    than ``min_clients`` can still take part, finishes as failed saying who and why."""
+    state: ServerState = ctx.state
+    refuse_outsider(state, message.client_id, "Leave")
+    cid, error = message.client_id, bounded(message.error, 800)  # the client's UNABLE_ERROR_CHARS
+    state.unable[cid] = error
+    ctx.log.error(f"client {cid} cannot run app {state.config.app!r}: the run goes on without it", client=cid, error=error)
+    if state.done:
+        return None
+    if state.round_open and cid in state.participants and cid not in state.answered:
+        state.failed.add(cid)
+        close_when_every_participant_answered(ctx)
+    if able_clients(state) < state.config.strategy.min_clients:
+        # Without identity a Leave may be forged: a client that is in fact alive refutes it
+        # with its next heartbeat (see_client) before the run is given up.
+        grace = 2 * state.config.liveness.heartbeat_s if math.isfinite(state.config.liveness.timeout_s) else 0.0
+        ctx.set_timer("unable", grace, TooFewAble())
+        return None
+    return maybe_begin(ctx)
+
+
+@dataclass(kw_only=True)
+class TooFewAble(Message):
+    """Local timer message: fewer than ``min_clients`` clients can run the app, as the
+    Leaves of clients whose app failed at their start say: finish, unless that changed."""
+
+    LOCAL = True
+
+
+@table.on(TooFewAble)
+def give_up_without_able_clients(message: TooFewAble, ctx: Context):
+    state: ServerState = ctx.state
+    able, needed = able_clients(state), state.config.strategy.min_clients
+    if state.done or able >= needed:
+        return None
+    failed = "; ".join(f"client {c}: {e}" for c, e in sorted(state.unable.items())[:5])
+    return finish_run(ctx, f"too few clients can run app {state.config.app!r}: {able} of {state.config.clients} (min_clients {needed}); "
+                           f"the app failed at the start of {shown_ids(sorted(state.unable))} ({failed})", failed=True)
 
 
 @table.on(ServerStandby)
@@ -381,10 +437,16 @@ def start_without_everyone(message: JoinDeadline, ctx: Context):
         ctx.log.warning("beginning without every client", live=len(live), expected=state.config.clients - len(state.admin.removed), missing=missing)
         state.begun = True
         return state.begin(ctx)
+    needed = state.config.strategy.min_clients
+    awaited = awaited_clients(state)
     ctx.log.warning(
-        "no live clients: waiting" if not live else "too few live clients to begin: waiting",
+        "no live clients: waiting" if not live else (  # waiting_for names them
+            f"too few live clients to begin: waiting for {needed - len(live)} (of {needed})"
+            + (f": client{'s' if len(awaited) > 1 else ''} {', '.join(awaited[:20])}{' ...' if len(awaited) > 20 else ''} "
+               f"{'have' if len(awaited) > 1 else 'has'} not joined" if awaited else "")
+            + (f"; the app failed at the start of client(s) {shown_ids(sorted(state.unable))}" if state.unable else "")),
         live=len(live),
-        needed=state.config.strategy.min_clients,
+        needed=needed,
         waiting_for=missing,
     )
     ctx.set_timer("join", state.config.strategy.join_timeout_s, JoinDeadline())
@@ -415,19 +477,23 @@ def already_folded(state: ServerState, update_id: str) -> bool:
     return any(update_id in ids for ids in state.recent_update_ids)
 
 
-def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: list[str], *, round_: int, started: float, client_seconds: list[float]) -> ModelVersion:
+def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: list[str], *, round_: int, started: float, client_seconds: list[float],
+                  client_metrics: list[tuple[dict[str, float], int]] = ()) -> ModelVersion:
     """Store a new global model version, then ack the updates it holds (commit). Its
     evaluation, journal record and metrics line follow once the messages this handler
-    returns (the next round's task) are out: see :func:`score_stored`."""
+    returns (the next round's task) are out: see :func:`score_stored`. ``client_metrics``:
+    the folded updates' ``train_`` metrics and sample counts, combined into the line's
+    ``metrics`` (brokerfl.app_metrics)."""
     state: ServerState = ctx.state
     score_stored(ctx)  # an earlier version still waiting is scored (and recorded) first
     parent = state.model
     model = ModelVersion(parent.version + 1, round_, parent.version, state.strategy.name, list(update_ids), parameters, sha256=_hash_beside_prepare(state.store, parameters), created=time.time())
     strategy_metrics = state.strategy.round_metrics()  # e.g. the privacy spent so far
     scores = None
+    evaluation_error = None
     if state.scores_in_store and state.evaluate is not None:  # on the critical path, by request
         with timings.phase("evaluate"):
-            scores = state.evaluate(parameters)
+            scores, evaluation_error = evaluate_safely(ctx, state.evaluate, parameters, version=parent.version + 1)
     model.metrics = {"accuracy": None, "loss": None, **(scores or {}), **strategy_metrics}  # else scores follow (score_stored)
     model.strategy_state = state.strategy.state_arrays()  # stored with the version, atomically
     with timings.phase("store"):
@@ -447,7 +513,10 @@ def store_version(ctx: Context, parameters: dict[str, np.ndarray], update_ids: l
         "server_s": {k: v for k, v in timings.since(state.timings_at_start).items() if v > 0 and not k.startswith("handle.")},
         "client_train_s": round(float(np.mean(client_seconds)), 4) if client_seconds else 0.0,
         **strategy_metrics,
+        "metrics": combine(list(client_metrics), getattr(state.app, "reducers", None)),  # the app's: train_*, then its evaluation's
     }
+    if evaluation_error is not None:
+        record["evaluation_error"] = evaluation_error
     state.timings_at_start = timings.snapshot()
     state.unscored.append(Unscored(model, parameters, record, scores))
     if state.evaluate is None or scores is not None:
@@ -541,7 +610,7 @@ def start_round(ctx: Context, *, retry: bool = False):
     state.participants = state.strategy.sample(state.round, live_clients(state), rng)
     state.strategy.start_round(state.model.parameters)
     state.folded, state.answered, state.client_seconds = {}, set(), []
-    state.failed = set()
+    state.failed, state.update_metrics = set(), []
     state.round_open, state.round_started = True, time.monotonic()
     ctx.set_timer("round", config.strategy.round_deadline_s, RoundDeadline(round=state.round))
     if not state.participants:
@@ -583,6 +652,7 @@ def fold_update(update: ParameterUpdate, ctx: Context):
     with timings.phase("fold"):
         state.strategy.fold(update.parameters, update.num_samples)
     state.client_seconds.append(update.metrics.get("train_s", 0.0))
+    state.update_metrics.append(({k: v for k, v in update.metrics.items() if k != "train_s"}, update.num_samples))
     state.folded[update.message_id] = update.client_id
     state.answered.add(update.client_id)
     ctx.hold()
@@ -606,7 +676,10 @@ def round_complete(message: RoundComplete, ctx: Context):
         return None
     if state.failed and state.strategy.folded() < state.config.strategy.min_clients:
         # every participant answered, too many with a failure: no use waiting for the deadline
-        return too_few_answers(ctx, f"round {state.round}: every participant answered, {len(state.failed)} with a failed training")
+        why = [f"client {f.client_id}: {f.error}" for f in state.train_failures if f.round == state.round and f.client_id in state.failed][-3:]
+        why += [f"client {c}: {state.unable[c]}" for c in sorted(state.failed & set(state.unable))][: 3 - len(why)]
+        return too_few_answers(ctx, f"round {state.round}: every participant answered, {len(state.failed)} with a failed training"
+                                    + (f" ({'; '.join(why)})" if why else ""))
     return close_round(ctx)
 
 
@@ -619,7 +692,7 @@ def note_failure(message: TrainFailed, ctx: Context) -> TrainFailure:
     refresh_client(state, message.client_id)
     failure = TrainFailure(message.client_id, message.round, message.model_version, bounded(message.task_id, 64), bounded(message.error, 300))
     state.train_failures = [*state.train_failures[-(MAX_FAILURES_KEPT - 1) :], failure]
-    ctx.log.error("client training failed", client=failure.client_id, round=failure.round, model_version=failure.model_version, error=failure.error)
+    ctx.log.error("client training failed", app=state.config.app, function="train()", client=failure.client_id, round=failure.round, model_version=failure.model_version, error=failure.error)
     return failure
 
 
@@ -697,7 +770,7 @@ def too_few_answers(ctx: Context, why: str, *, missing: list[str] = ()):
     if state.config.strategy.on_too_few == "retry" and state.retries < state.config.strategy.max_retries:
         state.retries += 1
         return records + (start_round(ctx, retry=True) or [])
-    return records + finish_run(ctx, f"round {state.round} got {folded} of the {state.config.strategy.min_clients} updates it needs", failed=True)
+    return records + finish_run(ctx, f"round {state.round} got {folded} of the {state.config.strategy.min_clients} updates it needs ({why})", failed=True)
 
 
 def close_round(ctx: Context):
@@ -705,7 +778,8 @@ def close_round(ctx: Context):
     state: ServerState = ctx.state
     with timings.phase("fold"):
         parameters = state.strategy.finish_round(state.model.parameters)
-    model = store_version(ctx, parameters, list(state.folded), round_=state.round, started=state.round_started, client_seconds=state.client_seconds)
+    model = store_version(ctx, parameters, list(state.folded), round_=state.round, started=state.round_started, client_seconds=state.client_seconds,
+                          client_metrics=state.update_metrics)
     state.round_open = False
     ctx.cancel_timer("round")
     if state.round >= state.config.rounds:
