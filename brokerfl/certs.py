@@ -131,11 +131,14 @@ def signing_request(user: str, key: ec.EllipticCurvePrivateKey) -> x509.Certific
     return x509.CertificateSigningRequestBuilder().subject_name(_name(user)).sign(key, hashes.SHA256())
 
 
-def write_signing_request(directory: str | Path, user: str) -> tuple[Path, Path]:
+def write_signing_request(directory: str | Path, user: str, *, replace: bool = False) -> tuple[Path, Path]:
     """The participant's side (``brokerfl keygen``): a new private key ``<user>.key`` (0600,
-    ``directory`` 0700) and the request ``<user>.csr`` to send to the operator."""
+    ``directory`` 0700) and the request ``<user>.csr`` to send to the operator. An existing
+    key is kept unless ``replace``: a certificate signed for it would stop matching."""
     if not USER_NAME.fullmatch(user):
         raise ValueError(f"{bounded(user, 80)} is not a broker user name (letters, digits, '.', '_', '-')")
+    if not replace and (Path(directory) / f"{user}.key").exists():
+        raise ValueError(f"{Path(directory) / f'{user}.key'} exists (a certificate may be signed for it): remove it or pass --replace to make a new key")
     directory = private_directory(directory)
     key = new_key()
     key_path = write_private(directory / f"{user}.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))

@@ -440,7 +440,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_keygen(args: argparse.Namespace) -> int:
     from brokerfl.certs import write_signing_request
 
-    key, request = write_signing_request(args.out, args.user)
+    key, request = write_signing_request(args.out, args.user, replace=args.replace)
     print(f"wrote {key} (your private key: it stays here) and {request}")
     print(f"      send {request.name} to the operator (brokerfl provision ... --tls --sign {request.name});"
           f" you get back {args.user}.pem, ca.pem and {args.user}.env: set BROKERFL_TLS_KEY={key.resolve()} in it")
@@ -528,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser("keygen", help="a participant's own private key and certificate signing request (for provision --tls --sign)")
     keygen.add_argument("--user", required=True, help="your broker user, as the operator named it (e.g. RUN-client-3): the request's CN")
     keygen.add_argument("--out", required=True, help="directory for USER.key (0600, stays here) and USER.csr (send it to the operator)")
+    keygen.add_argument("--replace", action="store_true", help="make a new key even if USER.key exists (its certificate then stops working)")
     keygen.set_defaults(func=cmd_keygen)
 
     from brokerfl import cli_operate

@@ -3,8 +3,11 @@
 It writes RabbitMQ *definitions* (applied with ``rabbitmqctl import_definitions /absolute/FILE``
 or the broker's ``load_definitions`` setting), not code of ours that grants rights. Applying
 them is the broker administrator's job, a role apart from the run's: ``rabbitmqctl`` on the
-broker's host, or a user tagged ``administrator`` (creating vhosts and users is broker-wide).
-The users written here have no tag and rights in the run's vhost only:
+broker's host, or a user tagged ``administrator`` (creating vhosts and users is broker-wide;
+docs/provisioning.md says who holds it). The users written here have rights in the run's
+vhost only, and no tag but the run admin's ``management`` (its vhost's queues in the
+management API, for ``brokerfl status``; it cannot list users, set permissions or policies,
+or see other vhosts there):
 
 - the run's vhost and its topic exchange ``brokerfl.<run>`` (so it exists before anyone
   connects, and clients need no right to declare it);
@@ -17,7 +20,7 @@ The users written here have no tag and rights in the run's vhost only:
 |--------|------------------------------------|------------------------------------------------|-------------------------------------------------|-------------------------|
 | client | its own queue                      | the exchange, its own queue                    | ``server.<client message types>``, ``dead.*``   | ``client.<id>.#``, ``clients.#`` |
 | server | exchange, server/dead/admin/journal queues, the server lease | the same, and ``amq.default`` (direct replies) | ``client.*``, ``clients.*``, ``dead.*``, ``audit.*``, ``admin.*``, ``server.server_standby`` | ``server.#``, ``dead.#``, ``admin.#``, ``#`` |
-| admin  | everything in the run's vhost (no tag) | everything in the run's vhost              | everything                                      | everything              |
+| admin  | everything in the run's vhost (tag ``management``) | everything in the run's vhost | everything                           | everything              |
 
 The server declares the run's queues (server, dead letters, journal); each client declares
 and binds only its own queue. ``dead.*`` is what a receiver's worker publishes when it
@@ -25,8 +28,12 @@ dead-letters a message (through the run's exchange, so the journal keeps it).
 
 Beside the definitions: one env file per participant (``<user>.env``: ``BROKERFL_AMQP_URL``
 with its password, ``BROKERFL_RUN``, ``BROKERFL_CLIENT_ID``, TLS paths), and with ``tls``
-a CA, the broker's certificate and one client certificate per participant (CN = user) for
-certificate login (:mod:`brokerfl.certs`), plus a ``rabbitmq.conf`` fragment for the broker.
+the CA's certificate, the broker's certificate and one client certificate per participant
+(CN = user) for certificate login (:mod:`brokerfl.certs`): signed from the participant's own
+request (``brokerfl keygen``; its key never leaves its site) or with a key made here; the
+CA's key in ``ca_dir``, apart. Plus a ``rabbitmq.conf`` fragment for the broker (with TLS:
+TLS 1.2/1.3 only, password login off unless asked for). ``out`` is 0700 and every secret in
+it (env files, keys) is written 0600 each time (:mod:`brokerfl.private_files`).
 """
 
 from __future__ import annotations
@@ -179,8 +186,8 @@ def provision(
     requests = list(requests)
     if not tls and not password_login:
         raise ValueError("without TLS a password is the only way to log in: password login cannot be turned off")
-    if not tls and requests:
-        raise ValueError("certificate signing requests need TLS (--tls)")
+    if not tls and (requests or ca_dir is not None):
+        raise ValueError("certificate signing requests and a CA directory need TLS (--tls)")
     if tls and ca_dir is not None and _is_within(Path(ca_dir), out):
         raise ValueError(f"the CA directory {ca_dir} is inside {out}, which is handed to the broker: keep it apart")
     vhost = vhost or config.run

@@ -72,6 +72,8 @@ def test_a_participant_made_key_is_signed_and_never_reaches_the_operator(tmp_pat
     assert main(["keygen", "--user", user, "--out", str(site)]) == 0
     key_path, request = site / f"{user}.key", site / f"{user}.csr"
     assert mode(key_path) == 0o600 and mode(site) == 0o700
+    assert main(["keygen", "--user", user, "--out", str(site)]) == 2  # the key is kept: a certificate may be signed for it
+    assert "exists" in capsys.readouterr().err
     args = ["provision", "--run", RUN, "--clients", "2", "--tls", "--out", str(out), "--ca-dir", str(ca_dir)]
     assert main([*args, "--sign", str(request)]) == 0
     assert f"signed from their own requests: {user}" in capsys.readouterr().out
@@ -138,6 +140,8 @@ def test_a_refused_request_changes_nothing(tmp_path, capsys):
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before  # passwords and certificates unchanged
     with pytest.raises(ValueError, match="handed to the broker"):
         provision(config(), out, tls=True, ca_dir=out / "ca")
+    with pytest.raises(ValueError, match="need TLS"):
+        provision(config(), out, ca_dir=tmp_path / "ca")
     with pytest.raises(ValueError, match="need TLS"):
         provision(config(), out, requests=[stranger])
     with pytest.raises(ValueError, match="password is the only way"):
