@@ -437,6 +437,14 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _signing_request(text: str) -> str | tuple[str, str]:
+    """``--sign``: ``USER=FILE`` (the user the request must be for), or a file ``USER.csr``."""
+    user, eq, path = text.partition("=")
+    if eq and user and not Path(text).exists():
+        return user, path
+    return text
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from brokerfl.certs import write_signing_request
 
@@ -520,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--tls", action="store_true", help="also issue a CA and certificates; credentials use amqps:// and certificate login")
     prov.add_argument("--broker-dir", help="where the broker sees --out (e.g. a container mount), for the paths in rabbitmq.conf")
     prov.add_argument("--ca-dir", help="with --tls: keep the CA here (made once, reused after; not under --out). Without it the CA's key is kept nowhere")
-    prov.add_argument("--sign", action="append", default=[], metavar="CSR", help="with --tls: a participant's certificate signing request (brokerfl keygen) to sign; its CN must be a user of the run (repeatable)")
+    prov.add_argument("--sign", action="append", default=[], type=_signing_request, metavar="[USER=]CSR",
+                      help="with --tls: a participant's certificate signing request (brokerfl keygen) to sign; its CN must be USER (default: the file's name, USER.csr), a user of the run (repeatable)")
     prov.add_argument("--password-login", action=argparse.BooleanOptionalAction, default=None,
                       help="with --tls: allow password (PLAIN) login beside certificate login on the TLS listener (default: off with --tls)")
     prov.set_defaults(func=cmd_provision)

@@ -53,8 +53,10 @@ from brokerfl.identity import admin_user, client_user, server_user
 from brokerfl.message import ServerStandby
 from brokerfl.private_files import private_directory, write_private, write_public
 from brokerfl.topology import ADMIN, AUDIT, CLIENTS, DEAD, SERVER, RunTopology
+from brokerfl.transport import bounded
 
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
+SigningRequest = str | Path | tuple[str, str | Path]  # a <user>.csr file, or (user, its request file)
 ADMIN_TAG = "management"  # the run admin's only tag (docs/provisioning.md: why not another)
 
 
@@ -166,7 +168,7 @@ def provision(
     tls: bool = False,
     broker_dir: str | None = None,
     ca_dir: str | Path | None = None,
-    requests: Iterable[str | Path] = (),
+    requests: Iterable[SigningRequest] = (),
     password_login: bool | None = None,
 ) -> Provisioned:
     """Write ``definitions.json``, ``<user>.env`` per participant and (``tls``) certificates
@@ -176,8 +178,8 @@ def provision(
 
     With ``tls``: ``ca_dir`` keeps the CA (made there once, reused after; never under
     ``out``); without it the CA's key is used for this provisioning and kept nowhere.
-    ``requests``: participants' certificate signing requests (``brokerfl keygen``), signed
-    if their CN is a user of this run; those participants get a certificate and no key from
+    ``requests``: participants' certificate signing requests (``brokerfl keygen``): paths
+    named ``<user>.csr``, or (user, path); signed if their CN is that user, of this run; those participants get a certificate and no key from
     us. Requests signed before are kept in ``ca_dir/requests`` and signed again on
     re-provisioning. ``password_login`` (default: off with TLS): PLAIN beside certificate
     login on the TLS listener."""
@@ -228,9 +230,12 @@ def _is_within(path: Path, directory: Path) -> bool:
     return path.resolve() == directory.resolve() or directory.resolve() in path.resolve().parents
 
 
-def _signing_requests(ca_dir: str | Path | None, requests: list[str | Path], users: list[str]) -> dict[str, tuple[bytes, Any]]:
+def _signing_requests(ca_dir: str | Path | None, requests: list[SigningRequest], users: list[str]) -> dict[str, tuple[bytes, Any]]:
     """Every request to sign, checked (before anything is written): user -> (its PEM, the
-    request). The given ones, and those signed at an earlier provisioning (``ca_dir/requests``)."""
+    request). The given ones, and those signed at an earlier provisioning (``ca_dir/requests``).
+    A request must be for the user the operator expects: the one named with it
+    (``(user, path)``), else the one its file is named after (``brokerfl keygen`` writes
+    ``<user>.csr``), so a site cannot slip in a request for the server's or another site's user."""
     from brokerfl.certs import check_request
 
     found: dict[str, tuple[bytes, Any]] = {}
@@ -242,11 +247,14 @@ def _signing_requests(ca_dir: str | Path | None, requests: list[str | Path], use
                 found[f.stem] = (data, check_request(data, [f.stem], source=str(f))[1])
     given: dict[str, str | Path] = {}
     for request in requests:
-        data = Path(request).read_bytes()
-        user, csr = check_request(data, users, source=str(request))
+        expected, path = request if isinstance(request, tuple) else (Path(request).stem, request)
+        data = Path(path).read_bytes()
+        user, csr = check_request(data, users, source=str(path))
+        if user != expected:
+            raise ValueError(f"{path} is a request for {user}, not for {bounded(expected, 80)}: sign it as {user}={path} only if it came from {user}'s site")
         if user in given:
-            raise ValueError(f"two certificate signing requests for {user}: {given[user]} and {request}")
-        given[user] = request
+            raise ValueError(f"two certificate signing requests for {user}: {given[user]} and {path}")
+        given[user] = path
         found[user] = (data, csr)
     return found
 

@@ -138,6 +138,15 @@ def test_a_refused_request_changes_nothing(tmp_path, capsys):
     assert main(["provision", "--run", RUN, "--clients", "2", "--tls", "--out", str(out), "--ca-dir", str(ca_dir), "--sign", str(stranger)]) == 2
     assert "is for other-client-0, not a participant of this run" in capsys.readouterr().err
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before  # passwords and certificates unchanged
+    # a site's request for another user (here the server's), sent under its own name: refused,
+    # unless the operator says whose it is
+    _, slipped = write_signing_request(tmp_path / "site-0", f"{RUN}-server")
+    misnamed = slipped.rename(slipped.with_name(f"{RUN}-client-0.csr"))
+    assert main(["provision", "--run", RUN, "--clients", "2", "--tls", "--out", str(out), "--ca-dir", str(ca_dir), "--sign", str(misnamed)]) == 2
+    assert f"is a request for {RUN}-server, not for {RUN}-client-0" in capsys.readouterr().err
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    done = provision(config(), tmp_path / "named", tls=True, requests=[(f"{RUN}-server", misnamed)])
+    assert done.self_keyed == [f"{RUN}-server"]
     with pytest.raises(ValueError, match="handed to the broker"):
         provision(config(), out, tls=True, ca_dir=out / "ca")
     with pytest.raises(ValueError, match="need TLS"):
