@@ -179,8 +179,8 @@ def provision(
     With ``tls``: ``ca_dir`` keeps the CA (made there once, reused after; never under
     ``out``); without it the CA's key is used for this provisioning and kept nowhere.
     ``requests``: participants' certificate signing requests (``brokerfl keygen``): paths
-    named ``<user>.csr``, or (user, path); signed if their CN is that user, of this run; those participants get a certificate and no key from
-    us. Requests signed before are kept in ``ca_dir/requests`` and signed again on
+    named ``<user>.csr``, or (user, path); each is signed if its CN is that user, a user of
+    this run, and that participant gets a certificate and no key from us. Requests signed before are kept in ``ca_dir/requests`` and signed again on
     re-provisioning. ``password_login`` (default: off with TLS): PLAIN beside certificate
     login on the TLS listener."""
     out = Path(out)
