@@ -422,13 +422,42 @@ def cmd_provision(args: argparse.Namespace) -> int:
     from brokerfl.provision import provision
 
     config = _load(args)
-    done = provision(config, args.out, host=args.host, port=args.port, vhost=args.vhost, tls=args.tls, broker_dir=args.broker_dir)
+    done = provision(
+        config, args.out, host=args.host, port=args.port, vhost=args.vhost, tls=args.tls, broker_dir=args.broker_dir,
+        ca_dir=args.ca_dir, requests=args.sign, password_login=args.password_login,
+    )
     print(f"wrote {done.definitions} (vhost {done.vhost!r}: {len(done.participants)} users, permissions, topic permissions, policy)")
     print(f"      {len(done.env_files)} credentials files {done.out}/<user>.env (hand each site only its own)")
     if done.tls_dir:
-        print(f"      a CA, the broker's and every participant's certificate in {done.tls_dir} (keep ca.key offline)")
+        made_here = len(done.participants) - len(done.self_keyed)
+        print(f"      in {done.tls_dir}: ca.pem, the broker's certificate and key, a certificate per participant"
+              f" ({made_here} with a key made here; signed from their own requests: {', '.join(done.self_keyed) or 'none'})")
+        if done.ca_dir:
+            print(f"      the CA's key is in {done.ca_dir} (keep it there, away from the broker's files)")
+        else:
+            print("      the CA's key was not kept: provision again with --ca-dir DIR to sign requests later")
+        login = "password login beside certificate login" if done.password_login else "certificate login only (no password login)"
+        print(f"      the broker's TLS listener: TLS 1.2 and 1.3, {login}")
     # an absolute path: rabbitmqctl (Debian's wrapper) runs from another directory
     print(f"      {done.rabbitmq_conf} for the broker; or, as a broker administrator: rabbitmqctl import_definitions {done.definitions.resolve()}")
+    return 0
+
+
+def _signing_request(text: str) -> str | tuple[str, str]:
+    """``--sign``: ``USER=FILE`` (the user the request must be for), or a file ``USER.csr``."""
+    user, eq, path = text.partition("=")
+    if eq and user and not Path(text).exists():
+        return user, path
+    return text
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from brokerfl.certs import write_signing_request
+
+    key, request = write_signing_request(args.out, args.user, replace=args.replace)
+    print(f"wrote {key} (your private key: it stays here) and {request}")
+    print(f"      send {request.name} to the operator (brokerfl provision ... --tls --sign {request.name});"
+          f" you get back {args.user}.pem, ca.pem and {args.user}.env: set BROKERFL_TLS_KEY={key.resolve()} in it")
     return 0
 
 
@@ -504,7 +533,18 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--vhost", help="the run's virtual host (default: the run name)")
     prov.add_argument("--tls", action="store_true", help="also issue a CA and certificates; credentials use amqps:// and certificate login")
     prov.add_argument("--broker-dir", help="where the broker sees --out (e.g. a container mount), for the paths in rabbitmq.conf")
+    prov.add_argument("--ca-dir", help="with --tls: keep the CA here (made once, reused after; not under --out). Without it the CA's key is kept nowhere")
+    prov.add_argument("--sign", action="append", default=[], type=_signing_request, metavar="[USER=]CSR",
+                      help="with --tls: a participant's certificate signing request (brokerfl keygen) to sign; its CN must be USER (default: the file's name, USER.csr), a user of the run (repeatable)")
+    prov.add_argument("--password-login", action=argparse.BooleanOptionalAction, default=None,
+                      help="with --tls: allow password (PLAIN) login beside certificate login on the TLS listener (default: off with --tls)")
     prov.set_defaults(func=cmd_provision)
+
+    keygen = commands.add_parser("keygen", help="a participant's own private key and certificate signing request (for provision --tls --sign)")
+    keygen.add_argument("--user", required=True, help="your broker user, as the operator named it (e.g. RUN-client-3): the request's CN")
+    keygen.add_argument("--out", required=True, help="directory for USER.key (0600, stays here) and USER.csr (send it to the operator)")
+    keygen.add_argument("--replace", action="store_true", help="make a new key even if USER.key exists (its certificate then stops working)")
+    keygen.set_defaults(func=cmd_keygen)
 
     from brokerfl import cli_operate
 

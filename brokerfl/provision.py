@@ -3,8 +3,11 @@
 It writes RabbitMQ *definitions* (applied with ``rabbitmqctl import_definitions /absolute/FILE``
 or the broker's ``load_definitions`` setting), not code of ours that grants rights. Applying
 them is the broker administrator's job, a role apart from the run's: ``rabbitmqctl`` on the
-broker's host, or a user tagged ``administrator`` (creating vhosts and users is broker-wide).
-The users written here have no tag and rights in the run's vhost only:
+broker's host, or a user tagged ``administrator`` (creating vhosts and users is broker-wide;
+docs/provisioning.md says who holds it). The users written here have rights in the run's
+vhost only, and no tag but the run admin's ``management`` (its vhost's queues in the
+management API, for ``brokerfl status``; it cannot list users, set permissions or policies,
+or see other vhosts there):
 
 - the run's vhost and its topic exchange ``brokerfl.<run>`` (so it exists before anyone
   connects, and clients need no right to declare it);
@@ -17,7 +20,7 @@ The users written here have no tag and rights in the run's vhost only:
 |--------|------------------------------------|------------------------------------------------|-------------------------------------------------|-------------------------|
 | client | its own queue                      | the exchange, its own queue                    | ``server.<client message types>``, ``dead.*``   | ``client.<id>.#``, ``clients.#`` |
 | server | exchange, server/dead/admin/journal queues, the server lease | the same, and ``amq.default`` (direct replies) | ``client.*``, ``clients.*``, ``dead.*``, ``audit.*``, ``admin.*``, ``server.server_standby`` | ``server.#``, ``dead.#``, ``admin.#``, ``#`` |
-| admin  | everything in the run's vhost (no tag) | everything in the run's vhost              | everything                                      | everything              |
+| admin  | everything in the run's vhost (tag ``management``) | everything in the run's vhost | everything                           | everything              |
 
 The server declares the run's queues (server, dead letters, journal); each client declares
 and binds only its own queue. ``dead.*`` is what a receiver's worker publishes when it
@@ -25,8 +28,12 @@ dead-letters a message (through the run's exchange, so the journal keeps it).
 
 Beside the definitions: one env file per participant (``<user>.env``: ``BROKERFL_AMQP_URL``
 with its password, ``BROKERFL_RUN``, ``BROKERFL_CLIENT_ID``, TLS paths), and with ``tls``
-a CA, the broker's certificate and one client certificate per participant (CN = user) for
-certificate login (:mod:`brokerfl.certs`), plus a ``rabbitmq.conf`` fragment for the broker.
+the CA's certificate, the broker's certificate and one client certificate per participant
+(CN = user) for certificate login (:mod:`brokerfl.certs`): signed from the participant's own
+request (``brokerfl keygen``; its key never leaves its site) or with a key made here; the
+CA's key in ``ca_dir``, apart. Plus a ``rabbitmq.conf`` fragment for the broker (with TLS:
+TLS 1.2/1.3 only, password login off unless asked for). ``out`` is 0700 and every secret in
+it (env files, keys) is written 0600 each time (:mod:`brokerfl.private_files`).
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,9 +51,13 @@ from typing import Any
 from brokerfl.config import RunConfig
 from brokerfl.identity import admin_user, client_user, server_user
 from brokerfl.message import ServerStandby
+from brokerfl.private_files import private_directory, write_private, write_public
 from brokerfl.topology import ADMIN, AUDIT, CLIENTS, DEAD, SERVER, RunTopology
+from brokerfl.transport import bounded
 
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
+SigningRequest = str | Path | tuple[str, str | Path]  # a <user>.csr file, or (user, its request file)
+ADMIN_TAG = "management"  # the run admin's only tag (docs/provisioning.md: why not another)
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
@@ -83,7 +94,10 @@ def definitions(config: RunConfig, people: list[Participant], *, vhost: str) -> 
     client_types = config.identity.client_messages
     users, permissions, topics = [], [], []
     for p in people:
-        users.append({"name": p.user, "password_hash": hash_password(p.password), "hashing_algorithm": HASHING_ALGORITHM, "tags": []})
+        # management: the run admin sees its vhost's queue counts in the management API
+        # (brokerfl status); users, permissions, policies and other vhosts stay out of reach
+        tags = [ADMIN_TAG] if p.role == "admin" else []
+        users.append({"name": p.user, "password_hash": hash_password(p.password), "hashing_algorithm": HASHING_ALGORITHM, "tags": tags})
         if p.role == "admin":
             permissions.append({"user": p.user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"})
             continue  # no topic permissions: every routing key
@@ -136,6 +150,9 @@ class Provisioned:
     env_files: dict[str, Path]  # user -> its env file
     tls_dir: Path | None = None
     rabbitmq_conf: Path | None = None
+    ca_dir: Path | None = None  # where the CA's key is kept (None: it was not kept)
+    self_keyed: list[str] = field(default_factory=list)  # users whose certificate was signed from their own request
+    password_login: bool = True
 
     def env(self, user: str) -> dict[str, str]:
         return read_env_file(self.env_files[user])
@@ -150,23 +167,42 @@ def provision(
     vhost: str | None = None,
     tls: bool = False,
     broker_dir: str | None = None,
+    ca_dir: str | Path | None = None,
+    requests: Iterable[SigningRequest] = (),
+    password_login: bool | None = None,
 ) -> Provisioned:
     """Write ``definitions.json``, ``<user>.env`` per participant and (``tls``) certificates
-    under ``out``. ``broker_dir``: where the broker will see ``out`` (e.g. a container mount)
-    for the paths in ``rabbitmq.conf``; ``host``/``port``: how participants reach the broker."""
+    under ``out`` (made 0700; every secret in it 0600, rewritten so each time).
+    ``broker_dir``: where the broker will see ``out`` (e.g. a container mount) for the paths
+    in ``rabbitmq.conf``; ``host``/``port``: how participants reach the broker.
+
+    With ``tls``: ``ca_dir`` keeps the CA (made there once, reused after; never under
+    ``out``); without it the CA's key is used for this provisioning and kept nowhere.
+    ``requests``: participants' certificate signing requests (``brokerfl keygen``): paths
+    named ``<user>.csr``, or (user, path); each is signed if its CN is that user, a user of
+    this run, and that participant gets a certificate and no key from us. Requests signed before are kept in ``ca_dir/requests`` and signed again on
+    re-provisioning. ``password_login`` (default: off with TLS): PLAIN beside certificate
+    login on the TLS listener."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    password_login = (not tls) if password_login is None else password_login
+    requests = list(requests)
+    if not tls and not password_login:
+        raise ValueError("without TLS a password is the only way to log in: password login cannot be turned off")
+    if not tls and (requests or ca_dir is not None):
+        raise ValueError("certificate signing requests and a CA directory need TLS (--tls)")
+    if tls and ca_dir is not None and _is_within(Path(ca_dir), out):
+        raise ValueError(f"the CA directory {ca_dir} is inside {out}, which is handed to the broker: keep it apart")
     vhost = vhost or config.run
     people = participants(config)
-    path = out / "definitions.json"
-    path.write_text(json.dumps(definitions(config, people, vhost=vhost), indent=2))  # hashes only: the broker reads it
+    to_sign = _signing_requests(ca_dir, requests, [p.user for p in people]) if tls else {}
+    self_keyed = sorted(to_sign)
+    private_directory(out)
+    path = write_public(out / "definitions.json", json.dumps(definitions(config, people, vhost=vhost), indent=2))  # hashes only: the broker reads it
     port = port or (5671 if tls else 5672)
     tls_dir = None
     if tls:
-        from brokerfl.certs import issue_federation
-
         tls_dir = out / "tls"
-        issue_federation(tls_dir, broker_names=[host, "localhost", "127.0.0.1"], users=[p.user for p in people])
+        _issue_certificates(tls_dir, ca_dir, to_sign, host=host, users=[p.user for p in people])
     env_files = {}
     quoted_vhost = vhost.replace("/", "%2F")
     for p in people:
@@ -178,20 +214,75 @@ def provision(
             env["BROKERFL_AMQP_URL"] = f"amqps://{host}:{port}/{quoted_vhost}"
             env["BROKERFL_TLS_CA"] = str((tls_dir / "ca.pem").resolve())
             env["BROKERFL_TLS_CERT"] = str((tls_dir / f"{p.user}.pem").resolve())
-            env["BROKERFL_TLS_KEY"] = str((tls_dir / f"{p.user}.key").resolve())
+            if p.user not in self_keyed:
+                env["BROKERFL_TLS_KEY"] = str((tls_dir / f"{p.user}.key").resolve())
         else:
             env["BROKERFL_AMQP_URL"] = f"amqp://{p.user}:{p.password}@{host}:{port}/{quoted_vhost}"
-        env_files[p.user] = out / f"{p.user}.env"
-        _write_private(env_files[p.user], "".join(f"{k}={v}\n" for k, v in env.items()))
-    conf = out / "rabbitmq.conf"
-    conf.write_text(rabbitmq_conf(broker_dir or str(out.resolve()), tls=tls, port=port))
-    return Provisioned(out, vhost, path, people, env_files, tls_dir, conf)
+        text = "".join(f"{k}={v}\n" for k, v in env.items())
+        if p.user in self_keyed:
+            text += "# BROKERFL_TLS_KEY=<the key that brokerfl keygen made at your site; it never left it>\n"
+        env_files[p.user] = write_private(out / f"{p.user}.env", text)
+    conf = write_public(out / "rabbitmq.conf", rabbitmq_conf(broker_dir or str(out.resolve()), tls=tls, port=port, password_login=password_login))
+    return Provisioned(out, vhost, path, people, env_files, tls_dir, conf, Path(ca_dir) if tls and ca_dir is not None else None, self_keyed, password_login)
 
 
-def rabbitmq_conf(broker_dir: str, *, tls: bool, port: int) -> str:
+def _is_within(path: Path, directory: Path) -> bool:
+    return path.resolve() == directory.resolve() or directory.resolve() in path.resolve().parents
+
+
+def _signing_requests(ca_dir: str | Path | None, requests: list[SigningRequest], users: list[str]) -> dict[str, tuple[bytes, Any]]:
+    """Every request to sign, checked (before anything is written): user -> (its PEM, the
+    request). The given ones, and those signed at an earlier provisioning (``ca_dir/requests``).
+    A request must be for the user the operator expects: the one named with it
+    (``(user, path)``), else the one its file is named after (``brokerfl keygen`` writes
+    ``<user>.csr``), so a site cannot slip in a request for the server's or another site's user."""
+    from brokerfl.certs import check_request
+
+    found: dict[str, tuple[bytes, Any]] = {}
+    stored = Path(ca_dir) / "requests" if ca_dir is not None else None
+    if stored is not None and stored.is_dir():
+        for f in sorted(stored.glob("*.csr")):
+            if f.stem in users:
+                data = f.read_bytes()
+                found[f.stem] = (data, check_request(data, [f.stem], source=str(f))[1])
+    given: dict[str, str | Path] = {}
+    for request in requests:
+        expected, path = request if isinstance(request, tuple) else (Path(request).stem, request)
+        data = Path(path).read_bytes()
+        user, csr = check_request(data, users, source=str(path))
+        if user != expected:
+            raise ValueError(f"{path} is a request for {user}, not for {bounded(expected, 80)}: sign it as {user}={path} only if it came from {user}'s site")
+        if user in given:
+            raise ValueError(f"two certificate signing requests for {user}: {given[user]} and {path}")
+        given[user] = path
+        found[user] = (data, csr)
+    return found
+
+
+def _issue_certificates(tls_dir: Path, ca_dir: str | Path | None, requests: dict[str, tuple[bytes, Any]], *, host: str, users: list[str]) -> None:
+    """The CA's certificate, the broker's pair and every user's certificate in ``tls_dir``;
+    ``requests`` (from :func:`_signing_requests`) are signed and kept in ``ca_dir/requests``."""
+    from brokerfl.certs import (
+        authority_in,
+        issue_federation,
+        new_authority,
+        sign_request,
+    )
+
+    ca = authority_in(ca_dir) if ca_dir is not None else new_authority()
+    signed = {user: sign_request(ca, csr) for user, (_, csr) in requests.items()}
+    if ca_dir is not None and requests:
+        stored = private_directory(Path(ca_dir) / "requests")
+        for user, (data, _) in requests.items():
+            write_public(stored / f"{user}.csr", data)
+    issue_federation(tls_dir, broker_names=[host, "localhost", "127.0.0.1"], users=users, ca=ca, signed=signed)
+
+
+def rabbitmq_conf(broker_dir: str, *, tls: bool, port: int, password_login: bool = True) -> str:
     """A ``rabbitmq.conf`` fragment: load the definitions at start; with TLS, a TLS-only
-    listener that wants client certificates from this CA, and certificate login (enable
-    the ``rabbitmq_auth_mechanism_ssl`` plugin too)."""
+    listener (TLS 1.3 and 1.2, nothing older) that wants client certificates from this CA,
+    and certificate login (enable the ``rabbitmq_auth_mechanism_ssl`` plugin too), with
+    password login beside it only if ``password_login``."""
     lines = [f"load_definitions = {broker_dir}/definitions.json"]
     if tls:
         lines += [
@@ -202,8 +293,11 @@ def rabbitmq_conf(broker_dir: str, *, tls: bool, port: int) -> str:
             f"ssl_options.keyfile = {broker_dir}/tls/broker.key",
             "ssl_options.verify = verify_peer",
             "ssl_options.fail_if_no_peer_cert = true",
+            # TLS 1.0 and 1.1 are deprecated (RFC 8996): a client that offers only them is refused
+            "ssl_options.versions.1 = tlsv1.3",
+            "ssl_options.versions.2 = tlsv1.2",
             "auth_mechanisms.1 = EXTERNAL",
-            "auth_mechanisms.2 = PLAIN",
+            *(["auth_mechanisms.2 = PLAIN"] if password_login else []),
             "ssl_cert_login_from = common_name",
         ]
     return "\n".join(lines) + "\n"
@@ -216,10 +310,3 @@ def read_env_file(path: str | Path) -> dict[str, str]:
         if eq and not key.startswith("#"):
             env[key.strip()] = value.strip()
     return env
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Secrets: readable by their owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)

@@ -332,7 +332,7 @@ def test_the_provisioned_admin_has_no_broker_wide_tag_and_the_import_path_is_abs
     out = capsys.readouterr().out
     definitions = json.loads((tmp_path / "fed" / "definitions.json").read_text())
     tags = {u["name"]: u["tags"] for u in definitions["users"]}
-    assert tags == {"ops-server": [], "ops-client-0": [], "ops-client-1": [], "ops-admin": []}
+    assert tags == {"ops-server": [], "ops-client-0": [], "ops-client-1": [], "ops-admin": ["management"]}  # management: its vhost in the HTTP API, nothing broker-wide
     assert {(p["user"], p["vhost"]) for p in definitions["permissions"]} >= {("ops-admin", "ops")}  # rights on its vhost only
     assert f"rabbitmqctl import_definitions {tmp_path / 'fed' / 'definitions.json'}" in out
 

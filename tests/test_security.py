@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ import pytest
 import torch
 
 from brokerfl.accounting import account_run
+from brokerfl.certs import write_signing_request
 from brokerfl.config import load_config
 from brokerfl.identity import client_user
 from brokerfl.message import Exit, Heartbeat, Join, Leave, ParameterUpdate, to_wire
@@ -225,15 +228,17 @@ def test_a_provisioned_federation_refuses_forgeries_and_trains_like_simulate(pro
 
 
 @pytest.mark.timeout(300)
-def test_the_run_admin_has_no_tag_and_still_operates_the_run(provisioned):
-    """``<run>-admin`` has rights in the run's vhost only (no broker-wide tag), which is all
-    that ``brokerfl status`` and ``brokerfl admin`` need."""
+def test_the_run_admin_has_only_the_management_tag_and_still_operates_the_run(provisioned):
+    """``<run>-admin`` has rights in the run's vhost only (its one tag, ``management``, opens
+    that vhost in the management API and nothing broker-wide: see
+    test_the_run_admin_cannot_reach_users_or_other_vhosts_through_the_management_api), which is
+    all that ``brokerfl status`` and ``brokerfl admin`` need."""
     import json
 
     config, done = provisioned
     run = config.run
     definitions = json.loads(done.definitions.read_text())
-    assert {u["name"]: u["tags"] for u in definitions["users"]}[f"{run}-admin"] == []
+    assert {u["name"]: u["tags"] for u in definitions["users"]}[f"{run}-admin"] == ["management"]
     server = server_worker(connect(done, f"{run}-server"), config, MemoryModelStore(), MetricsLog(None))  # waits for its clients
     thread = threading.Thread(target=lambda: (server.start(), server.run(poll_s=0.2)), daemon=True)
     thread.start()
@@ -285,7 +290,14 @@ def tls_node(amqp_url):
     base = Path(tempfile.mkdtemp(prefix="brokerfl-tls-"))
     run = "tls" + uuid.uuid4().hex[:8]
     config = secure_config(run, clients=2, rounds=2)
-    done = provision(config, base / "provision", host="localhost", port=port, tls=True)
+    # client 1 makes its own key and request at its site (brokerfl keygen); the operator signs
+    # the request with a CA kept apart from the broker's files, and hands back the rest
+    site, self_keyed = base / "site-1", client_user(run, "1")
+    own_key, request = write_signing_request(site, self_keyed)
+    done = provision(config, base / "provision", host="localhost", port=port, tls=True, ca_dir=base / "ca", requests=[request])
+    site_env = site / f"{self_keyed}.env"  # the site completes its file with its key's path
+    site_env.write_text(done.env_files[self_keyed].read_text() + f"BROKERFL_TLS_KEY={own_key}\n")
+    done.env_files[self_keyed] = site_env
     (base / "rabbitmq.conf").write_text(done.rabbitmq_conf.read_text() + "loopback_users = none\n")
     (base / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl].\n")
     subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base)], check=True)
@@ -302,8 +314,15 @@ def tls_node(amqp_url):
 
 
 def test_a_federation_over_tls_with_certificate_login(tls_node):
-    config, done, _ = tls_node
+    """Client 1's key was made at its site: the operator only signed its request."""
+    config, done, base = tls_node
     run = config.run
+    self_keyed = client_user(run, "1")
+    assert done.self_keyed == [self_keyed] and not (done.tls_dir / f"{self_keyed}.key").exists()
+    own_key = Path(done.env(self_keyed)["BROKERFL_TLS_KEY"])
+    assert own_key.parent == base / "site-1"
+    assert not any(own_key.read_bytes() in f.read_bytes() for d in (done.out, base / "ca") for f in d.rglob("*") if f.is_file())
+    assert not list(done.out.rglob("ca.key")) and (base / "ca" / "ca.key").exists()
 
     def connect_as(client_id):
         return connect(done, f"{run}-server" if client_id is None else client_user(run, client_id))
@@ -337,3 +356,156 @@ def test_tls_refuses_a_foreign_ca_and_a_wrong_hostname(tls_node, tmp_path):
 
     flags = ["--tls-ca", env["BROKERFL_TLS_CA"], "--tls-cert", env["BROKERFL_TLS_CERT"], "--tls-key", env["BROKERFL_TLS_KEY"]]
     assert main(["ping", "--broker", env["BROKERFL_AMQP_URL"], *flags]) == 0
+
+
+def _handshake(port: int, context: ssl.SSLContext) -> str:
+    """The TLS version the node agrees to with ``context`` (raises ssl.SSLError if none)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, context.wrap_socket(raw, server_hostname="localhost") as tls:
+        return tls.version()
+
+
+def _client_context(env: dict[str, str], *, newest: ssl.TLSVersion, oldest: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version, context.maximum_version = oldest, newest
+    if oldest < ssl.TLSVersion.TLSv1_2:
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let this client offer the old versions at all
+    context.load_verify_locations(env["BROKERFL_TLS_CA"])
+    context.load_cert_chain(env["BROKERFL_TLS_CERT"], env["BROKERFL_TLS_KEY"])
+    return context
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")  # offering the old versions is the point
+def test_the_tls_listener_speaks_tls_1_2_and_1_3_only(tls_node):
+    config, done, _ = tls_node
+    env = done.env(client_user(config.run, "1"))  # the participant-made key
+    port = urlsplit(env["BROKERFL_AMQP_URL"]).port
+    assert _handshake(port, _client_context(env, newest=ssl.TLSVersion.TLSv1_3)) == "TLSv1.3"
+    assert _handshake(port, _client_context(env, newest=ssl.TLSVersion.TLSv1_2)) == "TLSv1.2"
+    for newest in (ssl.TLSVersion.TLSv1_1, ssl.TLSVersion.TLSv1):
+        with pytest.raises(ssl.SSLError, match="(?i)protocol.version"):  # the node's alert: no version in common
+            _handshake(port, _client_context(env, newest=newest, oldest=ssl.TLSVersion.TLSv1))
+
+
+def test_password_login_is_refused_on_the_tls_listener(tls_node):
+    """Provisioned with TLS (password login off by default): a participant's valid password,
+    over a valid TLS connection with its certificate, does not log in; its certificate does."""
+    config, done, _ = tls_node
+    user = client_user(config.run, "0")
+    assert not done.password_login and "PLAIN" not in done.rabbitmq_conf.read_text()
+    env = done.env(user)
+    password = next(p.password for p in done.participants if p.user == user)
+    parts = urlsplit(env["BROKERFL_AMQP_URL"])
+    with_password = f"amqps://{user}:{password}@{parts.hostname}:{parts.port}{parts.path}"
+    tls = TlsOptions(env["BROKERFL_TLS_CA"], env["BROKERFL_TLS_CERT"], env["BROKERFL_TLS_KEY"])
+    with pytest.raises(TransportError, match="(?i)PLAIN|auth"):
+        AmqpTransport(with_password, tls=tls, max_reconnect_s=1)
+    with AmqpTransport(env["BROKERFL_AMQP_URL"], tls=tls, max_reconnect_s=1) as transport:  # the certificate
+        assert transport.user == user
+
+
+# ---------------------------------------------------------------- the management API
+
+
+def _management_node_settings(amqp_url: str) -> tuple[str, int, int]:
+    """Node name, AMQP port and HTTP port for the management test's own node:
+    BROKERFL_MANAGEMENT_NODE / _PORT / _HTTP_PORT, else derived from the test broker's
+    (``h9@localhost`` on 5685 -> ``h9mgmt@localhost`` on 5885, HTTP on 15885)."""
+    base = (os.environ.get("BROKERFL_RABBITMQ_NODE") or "rabbit@localhost").split("@")[0]
+    name = os.environ.get("BROKERFL_MANAGEMENT_NODE") or f"{base}mgmt@localhost"
+    port = int(os.environ.get("BROKERFL_MANAGEMENT_PORT") or (urlsplit(amqp_url).port or 5672) + 200)
+    http = int(os.environ.get("BROKERFL_MANAGEMENT_HTTP_PORT") or port + 10000)
+    return name, port, http
+
+
+def _api(http_port: int, user: str, password: str, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+    """One management API call: (HTTP status, decoded JSON body or None)."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/api{path}", method=method, data=None if body is None else json.dumps(body).encode())
+    request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, text = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read()
+    return status, json.loads(text) if text else None
+
+
+@pytest.mark.timeout(240)
+def test_the_run_admin_cannot_reach_users_or_other_vhosts_through_the_management_api(amqp_url):
+    """Two runs provisioned on a node with the management plugin: run A's admin (tag
+    ``management``) sees and manages its own vhost's queues there, and is refused listing
+    users, creating one, granting itself rights on run B's vhost, touching B's queues or
+    exchange, changing its own run's policies, or reading the definitions. The broker
+    administrator (docs/provisioning.md), a user apart, can do all of that."""
+    if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
+        _skip_or_fail("starting a RabbitMQ node needs rabbitmq-server and root (to hand the node directory to the rabbitmq user)")
+    node, port, http = _management_node_settings(amqp_url)
+    base = Path(tempfile.mkdtemp(prefix="brokerfl-mgmt-"))
+    (base / "rabbitmq.conf").write_text(f"management.tcp.port = {http}\nloopback_users = none\n")
+    (base / "enabled_plugins").write_text("[rabbitmq_management].\n")
+    runs = {name: provision(secure_config(name, clients=2), base / name, port=port) for name in ("m" + uuid.uuid4().hex[:8], "m" + uuid.uuid4().hex[:8])}
+    a, b = list(runs)
+    password = {p.user: p.password for done in runs.values() for p in done.participants}
+    subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base)], check=True)
+    base.chmod(0o755)
+    env = node_env(node, port, base)
+    subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True, capture_output=True, timeout=60)
+    try:
+        ctl = ["rabbitmqctl", "-n", node]
+        subprocess.run([*ctl, "wait", "--timeout", "90", str(base / "pid")], env=env, check=True, capture_output=True, timeout=120)
+        for done in runs.values():  # as the broker administrator on the node's host
+            subprocess.run([*ctl, "import_definitions", str(done.definitions.resolve())], env=env, check=True, capture_output=True, timeout=60)
+        root, root_password = "broker-admin", uuid.uuid4().hex
+        subprocess.run([*ctl, "add_user", root, root_password], env=env, check=True, capture_output=True, timeout=60)
+        subprocess.run([*ctl, "set_user_tags", root, "administrator"], env=env, check=True, capture_output=True, timeout=60)
+        admin = f"{a}-admin"
+
+        def as_admin(method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+            return _api(http, admin, password[admin], method, path, body)
+
+        def logged_in() -> object:
+            status, body = as_admin("GET", "/whoami")
+            return body if status == 200 else None
+
+        whoami = wait_for(logged_in, 90, "the run admin's login to the management API (the import is asynchronous)")
+        assert whoami["tags"] == ["management"]
+        # its own vhost: queue counts (brokerfl status) and what its vhost rights allow
+        extra = f"brokerfl.{a}.extra"
+        assert as_admin("PUT", f"/queues/{a}/{extra}", {"durable": False})[0] in (201, 204)
+        status, queues = as_admin("GET", f"/queues/{a}")
+        assert status == 200 and extra in {q["name"] for q in queues}
+        assert {v["name"] for v in as_admin("GET", "/vhosts")[1]} == {a}
+        # nothing broker-wide, nothing of run B's
+        refusals = {
+            "list users (and their hashes)": ("GET", "/users", None),
+            "read another user": ("GET", f"/users/{b}-admin", None),
+            "create an administrator": ("PUT", "/users/intruder", {"password": "x", "tags": "administrator"}),
+            "tag itself administrator": ("PUT", f"/users/{admin}", {"password": "x", "tags": "administrator"}),
+            "grant itself rights on B's vhost": ("PUT", f"/permissions/{b}/{admin}", {"configure": ".*", "write": ".*", "read": ".*"}),
+            "list permissions": ("GET", "/permissions", None),
+            "read B's queues": ("GET", f"/queues/{b}", None),
+            "declare a queue in B's vhost": ("PUT", f"/queues/{b}/stolen", {"durable": False}),
+            "delete B's exchange": ("DELETE", f"/exchanges/{b}/brokerfl.{b}", None),
+            "delete B's vhost": ("DELETE", f"/vhosts/{b}", None),
+            "create a vhost": ("PUT", "/vhosts/intruder", {}),
+            "change its run's policies": ("PUT", f"/policies/{a}/lifted", {"pattern": ".*", "definition": {"max-length": 1}}),
+            "lift its own limits": ("PUT", f"/user-limits/{admin}/max-connections", {"value": 10000}),
+            "read the definitions": ("GET", "/definitions", None),
+        }
+        for what, (method, path, body) in refusals.items():
+            assert as_admin(method, path, body)[0] in (401, 403), f"the run admin could {what}"
+        # the broker administrator can do what the run admin could not, and nothing it tried happened
+        status, users = _api(http, root, root_password, "GET", "/users")
+        assert status == 200 and {u["name"] for u in users} >= {admin, f"{b}-admin"}
+        assert "intruder" not in {u["name"] for u in users}
+        assert {u["name"]: u["tags"] for u in users}[admin] == ["management"]
+        assert {p["vhost"] for p in _api(http, root, root_password, "GET", f"/users/{admin}/permissions")[1]} == {a}
+        assert {e["name"] for e in _api(http, root, root_password, "GET", f"/exchanges/{b}")[1]} >= {f"brokerfl.{b}"}
+    finally:
+        subprocess.run(["rabbitmqctl", "-n", node, "stop"], check=False, env=env, capture_output=True, timeout=120)
+        shutil.rmtree(base, ignore_errors=True)
