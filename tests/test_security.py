@@ -409,10 +409,10 @@ def test_password_login_is_refused_on_the_tls_listener(tls_node):
 def _management_node_settings(amqp_url: str) -> tuple[str, int, int]:
     """Node name, AMQP port and HTTP port for the management test's own node:
     BROKERFL_MANAGEMENT_NODE / _PORT / _HTTP_PORT, else derived from the test broker's
-    (``h9@localhost`` on 5685 -> ``h9mgmt@localhost`` on 5885, HTTP on 15885)."""
+    (``h9@localhost`` on 5685 -> ``h9mgmt@localhost`` on 5985, HTTP on 15985)."""
     base = (os.environ.get("BROKERFL_RABBITMQ_NODE") or "rabbit@localhost").split("@")[0]
     name = os.environ.get("BROKERFL_MANAGEMENT_NODE") or f"{base}mgmt@localhost"
-    port = int(os.environ.get("BROKERFL_MANAGEMENT_PORT") or (urlsplit(amqp_url).port or 5672) + 200)
+    port = int(os.environ.get("BROKERFL_MANAGEMENT_PORT") or (urlsplit(amqp_url).port or 5672) + 300)
     http = int(os.environ.get("BROKERFL_MANAGEMENT_HTTP_PORT") or port + 10000)
     return name, port, http
 
