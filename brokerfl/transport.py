@@ -76,6 +76,12 @@ MAX_TIMESTAMP = 253402300799.0  # 9999-12-31: what AMQP's timestamp and datetime
 _INT64 = (-(2**63), 2**63 - 1)
 REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's direct reply-to pseudo-queue (and the local transport's prefix)
 ORIGIN_USER_HEADER = "x-brokerfl-user"  # a dead letter's original publisher (the copy is the dead-letterer's)
+# A dead letter keeps the first DEAD_LETTER_EXCERPT_BYTES of the original's body, and its
+# length in this header: the reason and a look at the start are what a reader of dead letters
+# needs, and a whole 100 MiB body copied into the dead-letter queue and the journal is what a
+# hostile publisher would send to fill the broker's memory.
+DEAD_LETTER_EXCERPT_BYTES = 4096
+ORIGINAL_LENGTH_HEADER = "x-brokerfl-original-length"
 
 
 class TransportError(RuntimeError):
@@ -224,13 +230,13 @@ class Transport(abc.ABC):
             exchange, routing_key = "", self._dead_letter_targets.get(delivery.queue)
             if routing_key is None:
                 raise TransportError(f"queue {delivery.queue!r} has no dead-letter queue; cannot dead-letter: {reason}")
-        headers = dead_letter_headers(delivery.envelope.headers, reason, delivery.queue, delivery.routing_key)
+        headers = dead_letter_headers(delivery.envelope.headers, reason, delivery.queue, delivery.routing_key, len(delivery.body))
         headers[ORIGIN_USER_HEADER] = bounded(delivery.envelope.user_id, MAX_ID_CHARS)  # who published the original
         envelope = delivery.envelope
         if envelope_problem(envelope):  # its headers are safe now; the rest must be too
             envelope = safe_envelope(envelope)
         # the copy is ours (RabbitMQ would refuse another user's user_id); the header keeps who sent it
-        self.publish(exchange, routing_key, replace(envelope, headers=headers, user_id=""), delivery.body)
+        self.publish(exchange, routing_key, replace(envelope, headers=headers, user_id=""), dead_letter_excerpt(delivery.body))
         self.ack(delivery)
 
     @abc.abstractmethod
@@ -354,16 +360,25 @@ def safe_headers(headers: Mapping[Any, Any]) -> tuple[dict[str, Any], int]:
     return kept, dropped
 
 
-def dead_letter_headers(headers: Mapping[Any, Any], reason: str, queue: str, routing_key: Any) -> dict[str, Any]:
-    """A dead letter's headers: the original's safe ones, the reason and where it came from."""
+def dead_letter_headers(headers: Mapping[Any, Any], reason: str, queue: str, routing_key: Any, length: int) -> dict[str, Any]:
+    """A dead letter's headers: the original's safe ones, the reason, where it came from and
+    the length of its body (of which the dead letter keeps an excerpt)."""
     kept, dropped = safe_headers(headers)
-    kept = {k: v for k, v in kept.items() if k not in (REASON_HEADER, ORIGIN_QUEUE_HEADER, ORIGIN_KEY_HEADER, DROPPED_HEADERS_HEADER)}
+    ours = (REASON_HEADER, ORIGIN_QUEUE_HEADER, ORIGIN_KEY_HEADER, DROPPED_HEADERS_HEADER, ORIGINAL_LENGTH_HEADER, ORIGIN_USER_HEADER)
+    kept = {k: v for k, v in kept.items() if k not in ours}
     kept[REASON_HEADER] = bounded(reason, MAX_REASON_CHARS)
     kept[ORIGIN_QUEUE_HEADER] = queue
     kept[ORIGIN_KEY_HEADER] = bounded(routing_key, MAX_HEADER_TEXT_CHARS)
+    kept[ORIGINAL_LENGTH_HEADER] = length
     if dropped:
         kept[DROPPED_HEADERS_HEADER] = dropped
     return kept
+
+
+def dead_letter_excerpt(body: bytes) -> bytes:
+    """What a dead letter keeps of its original's body: the first
+    :data:`DEAD_LETTER_EXCERPT_BYTES` (all of a small one, which then still decodes)."""
+    return bytes(body[:DEAD_LETTER_EXCERPT_BYTES])
 
 
 def hand_out(batch: Sequence[Any], inbox: deque[Any], deliver: Callable[[Any], bool]) -> int:

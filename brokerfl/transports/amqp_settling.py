@@ -13,7 +13,7 @@ from __future__ import annotations
 import pika.exceptions as px
 import structlog
 
-from brokerfl.transport import Delivery, TransportError, bounded
+from brokerfl.transport import Delivery, TransportError, bounded, dead_letter_excerpt
 from brokerfl.transports.amqp_connection import _LOST, _describe
 from brokerfl.transports.amqp_consuming import _Consumer, _Handle, _Tag
 from brokerfl.transports.envelope import dead_letter_properties
@@ -84,8 +84,9 @@ class SettlingMixin:
 
     def _dead_letter_raw(self, queue: str, pieces: list[tuple[_Handle, bytes]], reason: str, c: _Consumer | None) -> None:
         """Dead-letter AMQP deliveries one by one with ``reason`` (chunks that cannot make
-        a message): a copy to the queue's dead-letter queue, confirmed, then the ack. Without
-        a known dead-letter queue, reject them (the queue's own dead-lettering, if any)."""
+        a message): a copy (with an excerpt of the body) to the queue's dead-letter queue,
+        confirmed, then the ack. Without a known dead-letter queue, reject them (the queue's
+        own dead-lettering, if any: a client queue has none, and the journal keeps a copy)."""
         pieces = [(handle, bytes(body)) for handle, body in pieces]  # a chunk received as Fragments, joined
         if c is not None and c.stream:
             # A stream keeps everything and nothing can be dead-lettered from it: its reader
@@ -103,7 +104,8 @@ class SettlingMixin:
                 self._settle_handles([handle], "ack" if c is not None and c.stream else "reject", c)
                 continue
             try:
-                self._publish_raw("", target, dead_letter_properties(handle.properties, reason, queue, handle.routing_key, user=self.user), body)
+                properties = dead_letter_properties(handle.properties, reason, queue, handle.routing_key, len(body), user=self.user)
+                self._publish_raw("", target, properties, dead_letter_excerpt(body))
             except TransportError as exc:  # refused (the connection is fine): the queue's own dead-lettering
                 log.error("amqp.dead_letter_failed", queue=queue, error=bounded(str(exc)))
                 self._settle_handles([handle], "reject", c)

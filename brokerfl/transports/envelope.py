@@ -132,13 +132,14 @@ def to_envelope(properties: pika.BasicProperties) -> tuple[Envelope, str]:
     return safe_envelope(raw), problem
 
 
-def dead_letter_properties(properties: pika.BasicProperties, reason: str, queue: str, routing_key: Any, *, user: str | None = None) -> pika.BasicProperties:
+def dead_letter_properties(properties: pika.BasicProperties, reason: str, queue: str, routing_key: Any, length: int, *, user: str | None = None) -> pika.BasicProperties:
     """Fresh properties for a raw delivery's dead-letter copy (chunks that make no message):
     the original's id, type and sender only if they are sane, safe headers only (see
-    :func:`brokerfl.transport.safe_headers`), the reason. A chunk's own headers are left
-    out: a dead-lettered chunk is one message, not part of a set for a reader to assemble."""
+    :func:`brokerfl.transport.safe_headers`), the reason and the body's ``length`` (the copy
+    keeps an excerpt). A chunk's own headers are left out: a dead-lettered chunk is one
+    message, not part of a set for a reader to assemble."""
     envelope, _ = to_envelope(properties)
-    headers = dead_letter_headers(envelope.headers, reason, queue, routing_key)
+    headers = dead_letter_headers(envelope.headers, reason, queue, routing_key, length)
     original = properties.headers if isinstance(properties.headers, dict) else {}
     position, of = original.get(chunks.CHUNK_HEADER), original.get(chunks.CHUNK_OF_HEADER)
     if isinstance(position, str) and isinstance(of, str):  # which chunk it was, as one plain string
