@@ -16,15 +16,27 @@ or see other vhosts there):
 - permissions (configure / write / read regexes over exchange and queue names) and topic
   permissions (regexes over routing keys on the run's exchange) for least privilege:
 
-| user   | configure                          | write / read                                   | publishes (topic write)                         | binds (topic read)      |
-|--------|------------------------------------|------------------------------------------------|-------------------------------------------------|-------------------------|
-| client | its own queue                      | the exchange, its own queue                    | ``server.<client message types>``, ``dead.*``   | ``client.<id>.#``, ``clients.#`` |
-| server | exchange, server/dead/admin/journal queues, the server lease | the same, and ``amq.default`` (direct replies) | ``client.*``, ``clients.*``, ``dead.*``, ``audit.*``, ``admin.*``, ``server.server_standby`` | ``server.#``, ``dead.#``, ``admin.#``, ``#`` |
-| admin  | everything in the run's vhost (tag ``management``) | everything in the run's vhost | everything                           | everything              |
+| user   | configure                          | write                                          | read                          | publishes (topic write)                         | binds (topic read)      |
+|--------|------------------------------------|------------------------------------------------|-------------------------------|-------------------------------------------------|-------------------------|
+| client | nothing                            | the exchange                                   | its own queue, the models stream | ``server.<client message types>``, ``dead.*`` | nothing                 |
+| server | exchange, server/dead/admin/journal queues, the server lease | the same, and ``amq.default`` (direct replies) | the same as configure | ``client.*``, ``clients.*``, ``dead.*``, ``audit.*``, ``admin.*``, ``server.server_standby`` | ``server.#``, ``dead.#``, ``admin.#``, ``#`` |
+| admin  | everything in the run's vhost (tag ``management``) | everything in the run's vhost | everything              | everything                                      | everything              |
 
-The server declares the run's queues (server, dead letters, journal); each client declares
-and binds only its own queue. ``dead.*`` is what a receiver's worker publishes when it
-dead-letters a message (through the run's exchange, so the journal keeps it).
+The definitions declare every queue of the run and its bindings, with the arguments
+:class:`brokerfl.topology.RunTopology` gives them (the server may declare its own again:
+the same arguments, so the broker takes it as a no-op). A client configures nothing: it
+only checks that its queue is there, so no client chooses its queue's arguments (length 0
+with ``reject-publish``, a dead-letter exchange that republishes the server's messages
+under the server's name) nor deletes it. ``dead.*`` is what a receiver's worker publishes
+when it dead-letters a message (through the run's exchange, so the journal keeps it).
+
+Limits (:class:`BrokerLimits`): per user, connections and channels (a client that opens
+hundreds is refused past its limit, and the others go on); per client queue, a length and
+a size with ``overflow: drop-head``, so a queue nobody consumes loses its oldest messages
+instead of making the server's publishes nack (``reject-publish`` would stall every round);
+the dead-letter queue capped the same way; and in the ``rabbitmq.conf`` fragment a maximum
+message size of one chunk (:mod:`brokerfl.transports.chunks`; a node-wide setting). The
+choices and what remains open are in ``docs/broker-rights.md``.
 
 Beside the definitions: one env file per participant (``<user>.env``: ``BROKERFL_AMQP_URL``
 with its password, ``BROKERFL_RUN``, ``BROKERFL_CLIENT_ID``, TLS paths), and with ``tls``
@@ -70,6 +82,48 @@ def _any_of(*names: str) -> str:
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
 
 
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    """What the broker refuses a run's participants beyond what their rights allow.
+
+    Connections and channels per user: a process opens two connections per transport (one
+    to consume, one to publish) and about five channels each; a client process has two
+    transports (its queue, the models it fetches), a server two. The limits leave room for
+    the connections of a process that reconnects before the broker has noticed its old
+    ones gone (heartbeats), and for an operator's few concurrent commands.
+
+    A client queue holds what the server sent a client that has not taken it yet: a task
+    (the whole model, unless tasks name it by reference), evaluations, Exit. Over its caps
+    the broker drops its oldest messages: a client away that long starts again from the
+    newest task and Exit, and the journal keeps a copy of everything dropped. The byte cap
+    must exceed the run's largest task (all its chunks), or a task's first chunks are
+    dropped as its last arrive and that client never gets a whole one."""
+
+    client_connections: int = 12
+    client_channels: int = 64
+    server_connections: int = 32
+    server_channels: int = 256
+    admin_connections: int = 16
+    admin_channels: int = 128
+    client_queue_messages: int = 10_000
+    client_queue_bytes: int = 1024 * MiB
+    dead_queue_messages: int = 10_000
+    dead_queue_bytes: int = 128 * MiB
+    max_message_bytes: int = 16 * MiB  # the AMQP transport's default chunk size: one chunk fits
+
+    def for_role(self, role: str) -> dict[str, int]:
+        """A user's limits, as RabbitMQ's definitions carry them."""
+        connections, channels = {
+            "client": (self.client_connections, self.client_channels),
+            "server": (self.server_connections, self.server_channels),
+            "admin": (self.admin_connections, self.admin_channels),
+        }[role]
+        return {"max-connections": connections, "max-channels": channels}
+
+
 @dataclass
 class Participant:
     user: str
@@ -87,9 +141,12 @@ def participants(config: RunConfig) -> list[Participant]:
     ]
 
 
-def definitions(config: RunConfig, people: list[Participant], *, vhost: str) -> dict[str, Any]:
+def definitions(config: RunConfig, people: list[Participant], *, vhost: str, limits: BrokerLimits = BrokerLimits()) -> dict[str, Any]:
     """RabbitMQ definitions for one run in ``vhost`` (see the module docstring's table)."""
-    topo = RunTopology(config.run)
+    from brokerfl.roles import topology_for
+    from brokerfl.transports.amqp import queue_arguments
+
+    topo = topology_for(config)
     x = topo.exchange
     client_types = config.identity.client_messages
     users, permissions, topics = [], [], []
@@ -97,7 +154,7 @@ def definitions(config: RunConfig, people: list[Participant], *, vhost: str) -> 
         # management: the run admin sees its vhost's queue counts in the management API
         # (brokerfl status); users, permissions, policies and other vhosts stay out of reach
         tags = [ADMIN_TAG] if p.role == "admin" else []
-        users.append({"name": p.user, "password_hash": hash_password(p.password), "hashing_algorithm": HASHING_ALGORITHM, "tags": tags})
+        users.append({"name": p.user, "password_hash": hash_password(p.password), "hashing_algorithm": HASHING_ALGORITHM, "tags": tags, "limits": limits.for_role(p.role)})
         if p.role == "admin":
             permissions.append({"user": p.user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"})
             continue  # no topic permissions: every routing key
@@ -112,10 +169,34 @@ def definitions(config: RunConfig, people: list[Participant], *, vhost: str) -> 
             topics.append({"user": p.user, "vhost": vhost, "exchange": x, "write": rf"^(({CLIENTS}|client|{DEAD}|{AUDIT}|{ADMIN})\..+|{SERVER}\.{ServerStandby.TYPE})$", "read": _any_of(f"{SERVER}.#", f"{DEAD}.#", f"{ADMIN}.#", "#")})
         else:
             queue = topo.client_queue(p.client_id)
-            # the models stream: clients fetch the versions their tasks name (brokerfl.model_refs)
-            permissions.append({"user": p.user, "vhost": vhost, "configure": _any_of(queue), "write": _any_of(x, queue), "read": _any_of(x, queue, topo.models_stream)})
+            # configure nothing: the definitions declare and bind its queue. Write: publish to
+            # the exchange only (binding would need write on the queue). Read: consume its
+            # queue and the models stream (clients fetch the versions their tasks name,
+            # brokerfl.model_refs), nothing else (binding would need read on the exchange).
+            permissions.append({"user": p.user, "vhost": vhost, "configure": "^$", "write": _any_of(x), "read": _any_of(queue, topo.models_stream)})
             sends = "|".join(re.escape(t) for t in client_types)
-            topics.append({"user": p.user, "vhost": vhost, "exchange": x, "write": rf"^({SERVER}\.({sends})|{DEAD}\.[A-Za-z0-9_]+)$", "read": _any_of(f"client.{p.client_id}.#", f"{CLIENTS}.#")})
+            topics.append({"user": p.user, "vhost": vhost, "exchange": x, "write": rf"^({SERVER}\.({sends})|{DEAD}\.[A-Za-z0-9_]+)$", "read": "^$"})
+    specs = [*topo.queues(), *(topo.client_queue_spec(cid) for cid in config.client_ids())]
+    queues = [
+        {
+            "name": spec.name, "vhost": vhost, "durable": True, "auto_delete": False,
+            "arguments": queue_arguments(spec.kind, dead_letter_queue=spec.dead_letter_queue, max_length_bytes=spec.max_length_bytes, max_age=spec.max_age, single_active_consumer=spec.single_active_consumer),
+        }
+        for spec in specs
+    ]
+    bindings = [
+        {"source": x, "vhost": vhost, "destination": spec.name, "destination_type": "queue", "routing_key": pattern, "arguments": {}}
+        for spec in specs
+        for pattern in spec.bindings
+    ]
+
+    def capped(name: str, pattern: str, messages: int, size: int) -> dict[str, Any]:
+        # drop-head, never reject-publish: a full queue must not nack its publisher's messages
+        # (the server's broadcasts reach every client queue), and no dead-letter exchange: what
+        # drop-head drops would be republished whole
+        definition = {"max-length": messages, "max-length-bytes": size, "overflow": "drop-head"}
+        return {"vhost": vhost, "name": name, "pattern": pattern, "apply-to": "queues", "priority": 0, "definition": definition}
+
     return {
         "rabbit_version": "3.10.8",
         "users": users,
@@ -123,21 +204,12 @@ def definitions(config: RunConfig, people: list[Participant], *, vhost: str) -> 
         "permissions": permissions,
         "topic_permissions": topics,
         "exchanges": [{"name": x, "vhost": vhost, "type": "topic", "durable": True, "auto_delete": False, "internal": False, "arguments": {}}],
-        # Rejected messages of the run's queues go to its dead-letter queue. A policy, because
-        # naming a dead-letter exchange in a queue's arguments needs write access to it (the
-        # default exchange, which would let a user publish straight into any queue).
         "policies": [
-            {
-                "vhost": vhost,
-                "name": f"brokerfl-{config.run}-dead-letters",
-                "pattern": "^" + re.escape(f"brokerfl.{config.run}.") + r"(server|client\..+)$",
-                "apply-to": "queues",
-                "priority": 0,
-                "definition": {"dead-letter-exchange": "", "dead-letter-routing-key": topo.dead_queue},
-            }
+            capped(f"brokerfl-{config.run}-clients", "^" + re.escape(f"brokerfl.{config.run}.client."), limits.client_queue_messages, limits.client_queue_bytes),
+            capped(f"brokerfl-{config.run}-dead-letters", _any_of(topo.dead_queue), limits.dead_queue_messages, limits.dead_queue_bytes),
         ],
-        "queues": [],
-        "bindings": [],
+        "queues": queues,
+        "bindings": bindings,
     }
 
 
@@ -284,6 +356,8 @@ def rabbitmq_conf(broker_dir: str, *, tls: bool, port: int, password_login: bool
     and certificate login (enable the ``rabbitmq_auth_mechanism_ssl`` plugin too), with
     password login beside it only if ``password_login``."""
     lines = [f"load_definitions = {broker_dir}/definitions.json"]
+    # node-wide: the largest message any publisher may send, one chunk of our transport's
+    lines.append(f"max_message_size = {BrokerLimits().max_message_bytes}")
     if tls:
         lines += [
             "listeners.tcp = none",

@@ -138,11 +138,13 @@ def client_worker(transport: Transport, config: RunConfig, client_id: str, *, jo
     """``models``: the process's cache of versions fetched by reference, shared by all its
     logical clients (without one, a task that carries its model by reference is requeued)."""
     topology = topology_for(config, journal=journal)
-    if not config.identity.enforce:
+    if config.identity.enforce:
+        # provisioned: the definitions declared the run's exchange and every queue; a client
+        # may configure nothing (not even its own queue's arguments), so it checks
+        queue = topology.check_client(transport, client_id)
+    else:
         topology.declare(transport)
-    # else the run's exchange comes with the definitions and the server declares its queues:
-    # a client may configure nothing but its own queue
-    queue = topology.declare_client(transport, client_id)
+        queue = topology.declare_client(transport, client_id)
     module = handler_set(config, "client_handlers")
     state = module.make_state(config, client_id)
     log = structlog.get_logger("brokerfl").bind(run=config.run, role=f"client.{client_id}", client=client_id)

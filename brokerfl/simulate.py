@@ -67,6 +67,8 @@ def simulate(
             raise SimulationError(state.failure)
         return SimulationResult(records, state, time.perf_counter() - started, out, broker, store)
     metrics = MetricsLog(out / "metrics.jsonl" if out else None)
+    if config.identity.enforce:  # as the operator's definitions would: clients may declare nothing
+        topology_for(config, journal=journal).declare_provisioned(LocalTransport(broker), config.client_ids())
     # versions live in the run's models stream, as over RabbitMQ: tasks may name them by reference
     store = store or BrokerModelStore(LocalTransport(broker, user=_user(config, None)), topology_for(config, journal=journal))
     server = server_worker(LocalTransport(broker, user=_user(config, None)), config, store, metrics, journal=journal)

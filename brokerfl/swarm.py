@@ -71,7 +71,10 @@ def aggregator_worker(transport: Transport, store_transport: Transport, config: 
     if journal is not None:
         config = config.model_copy(update={"journal": journal})
     topology = topology_for(config)
-    topology.declare(transport)
+    if config.identity.enforce:  # a peer is a client user: provisioning declared the queues
+        topology.check(transport)
+    else:
+        topology.declare(transport)
     if config.cross_site_eval:  # its handlers register on the swarm table (and the client's)
         importlib.import_module(CROSS_SITE_HANDLERS)
     module = importlib.import_module(SWARM_HANDLERS)
@@ -208,6 +211,10 @@ def simulate_swarm(config: RunConfig, out: Path | None, broker, *, journal: bool
     """Every peer (one client each) in this process on ``broker``; returns (records, the
     state of the last aggregator that held the role, its store)."""
     metrics = MetricsLog(out / "metrics.jsonl" if out else None)
+    if config.identity.enforce:  # as the operator's definitions would: peers may declare nothing
+        from brokerfl.transports.local import LocalTransport
+
+        topology_for(config, journal=journal).declare_provisioned(LocalTransport(broker), config.client_ids())
     peers = [simulated_peer(config, broker, cid, metrics, journal=journal, progress_bar=progress_bar) for cid in config.client_ids()]
     for peer in peers:
         peer.start()

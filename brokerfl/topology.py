@@ -18,6 +18,21 @@ would have no queue until that node returns. Streams replicate anyway.
 Routing keys are ``<receiver>.<message type>``: ``server.parameter_update``,
 ``client.7.train_task``, ``clients.exit``; ``dead.<type>`` for dead letters and
 ``audit.<type>`` for records only the journal takes.
+
+Who declares: :meth:`RunTopology.queues` and :meth:`RunTopology.client_queue_spec` are the
+one description of every queue, its arguments and its bindings. Unprovisioned runs (one
+``guest``, no identity) declare them from it (the server :meth:`~RunTopology.declare`, each
+client :meth:`~RunTopology.declare_client`); provisioned runs get them from the definitions
+``brokerfl provision`` writes from the same description, and a client only checks that its
+queue is there (:meth:`~RunTopology.check_client`): its user may configure nothing, so no
+client chooses its queue's arguments (a ``x-max-length: 0`` with ``reject-publish`` would
+nack every broadcast; a dead-letter exchange of its choosing would republish the server's
+messages under the server's name).
+
+A client queue has no dead-letter queue: the client's worker dead-letters with its own
+bounded copy (:meth:`brokerfl.transport.Transport.dead_letter`), everything routed to it
+is in the journal anyway, and the broker's own dead-lettering would republish whole bodies
+(e.g. of what its length cap drops).
 """
 
 from __future__ import annotations
@@ -25,7 +40,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from brokerfl.transport import Transport
+from brokerfl.transport import QueueKind, Transport, TransportError
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -35,6 +50,32 @@ DEAD = "dead"  # dead letters go through the exchange (so the journal records th
 AUDIT = "audit"  # records for the journal only, e.g. which updates were dropped and why
 ADMIN = "admin"  # the admin state's records (see brokerfl.admin)
 REQUESTER = "requester"  # not a routing key: the reply address of the request being handled
+
+
+class QueueMissing(TransportError):
+    """A queue that provisioning should have declared is not on the broker."""
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """One queue of a run as it is declared: its kind, arguments and the routing-key
+    patterns that bind it to the run's exchange."""
+
+    name: str
+    kind: QueueKind
+    bindings: tuple[str, ...] = ()
+    dead_letter_queue: str | None = None
+    max_length_bytes: int | None = None  # streams: retention by size
+    max_age: str | None = None  # streams: retention by age
+    single_active_consumer: bool = False
+
+    def declare(self, transport: Transport, exchange: str) -> None:
+        transport.declare_queue(
+            self.name, kind=self.kind, dead_letter_queue=self.dead_letter_queue, max_length_bytes=self.max_length_bytes,
+            max_age=self.max_age, single_active_consumer=self.single_active_consumer,
+        )
+        for pattern in self.bindings:
+            transport.bind(self.name, exchange, pattern)
 
 
 def check_name(kind: str, value: str) -> str:
@@ -102,27 +143,70 @@ class RunTopology:
     def client_queue(self, client_id: str) -> str:
         return f"brokerfl.{self.run}.client.{check_name('client id', client_id)}"
 
+    def queues(self) -> list[QueueSpec]:
+        """The run's queues other than the clients' and the server's lease, in the order
+        they are declared (a queue's dead-letter queue before it)."""
+        specs = [
+            QueueSpec(self.dead_queue, self.queue_kind, (f"{DEAD}.#",)),
+            QueueSpec(self.server_queue, "quorum", (f"{SERVER}.#",), dead_letter_queue=self.dead_queue, single_active_consumer=self.swarm),
+            QueueSpec(self.models_stream, "stream"),  # every stored model version (brokerfl.broker_store)
+            QueueSpec(self.admin_queue, self.queue_kind, (f"{ADMIN}.#",)),
+        ]
+        if self.journal:
+            specs.append(QueueSpec(self.journal_stream, "stream", ("#",), max_length_bytes=self.journal_max_bytes, max_age=self.journal_max_age))
+        return specs
+
+    def client_queue_spec(self, client_id: str) -> QueueSpec:
+        """A client's durable queue, bound to its own and the broadcast keys (no dead-letter
+        queue: see the module docstring)."""
+        return QueueSpec(self.client_queue(client_id), self.queue_kind, (f"{client_dest(client_id)}.#", f"{CLIENTS}.#"))
+
     def declare(self, transport: Transport) -> None:
         """The run's exchange, dead-letter queue, server queue and journal (idempotent)."""
         transport.declare_exchange(self.exchange)
-        transport.declare_queue(self.dead_queue, kind=self.queue_kind)
-        transport.bind(self.dead_queue, self.exchange, f"{DEAD}.#")
-        transport.declare_queue(self.server_queue, kind="quorum", dead_letter_queue=self.dead_queue, single_active_consumer=self.swarm)
-        transport.declare_queue(self.models_stream, kind="stream")  # every stored model version (brokerfl.broker_store)
-        transport.bind(self.server_queue, self.exchange, f"{SERVER}.#")
-        transport.declare_queue(self.admin_queue, kind=self.queue_kind)
-        transport.bind(self.admin_queue, self.exchange, f"{ADMIN}.#")
-        if self.journal:
-            transport.declare_queue(self.journal_stream, kind="stream", max_length_bytes=self.journal_max_bytes, max_age=self.journal_max_age)
-            transport.bind(self.journal_stream, self.exchange, "#")
+        for spec in self.queues():
+            spec.declare(transport, self.exchange)
 
     def declare_client(self, transport: Transport, client_id: str) -> str:
-        """A client's durable queue, bound to its own and the broadcast keys; returns its name."""
+        """Declare a client's queue and its bindings (unprovisioned runs); returns its name."""
+        spec = self.client_queue_spec(client_id)
+        spec.declare(transport, self.exchange)
+        return spec.name
+
+    def declare_provisioned(self, transport: Transport, client_ids: list[str]) -> None:
+        """What a provisioned run's definitions declare: everything of :meth:`declare` and
+        every client's queue (for an in-process run with identity, where nobody imports
+        definitions)."""
+        self.declare(transport)
+        for client_id in client_ids:
+            self.declare_client(transport, client_id)
+
+    def check_client(self, transport: Transport, client_id: str) -> str:
+        """A provisioned client's queue, which it may not declare: its name if it is on the
+        broker, else :class:`QueueMissing` saying so (other errors pass through)."""
         queue = self.client_queue(client_id)
-        transport.declare_queue(queue, kind=self.queue_kind, dead_letter_queue=self.dead_queue)
-        transport.bind(queue, self.exchange, f"{client_dest(client_id)}.#")
-        transport.bind(queue, self.exchange, f"{CLIENTS}.#")
+        self._check(transport, queue)
         return queue
+
+    def check(self, transport: Transport) -> None:
+        """The run's queues are on the broker (:class:`QueueMissing` if one is not): what a
+        participant that may not declare them checks before it uses them."""
+        for spec in self.queues():
+            self._check(transport, spec.name)
+
+    @staticmethod
+    def _check(transport: Transport, queue: str) -> None:
+        try:
+            transport.queue_info(queue)
+        except QueueMissing:
+            raise
+        except TransportError as exc:
+            if "no queue" not in str(exc):
+                raise
+            raise QueueMissing(
+                f"your queue {queue!r} is missing: has the operator imported the definitions "
+                "(brokerfl provision writes them; rabbitmqctl import_definitions /absolute/path/definitions.json)?"
+            ) from None
 
     def delete(self, transport: Transport, client_ids: list[str] = ()) -> None:
         """Remove everything of the run (tests, and ``brokerfl`` operators cleaning up)."""

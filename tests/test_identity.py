@@ -78,9 +78,14 @@ def test_definitions_give_least_privilege(tmp_path):
     assert may(topics[c0]["write"], "server.parameter_update") and may(topics[c0]["write"], "dead.train_task")
     for key in ("clients.exit", "client.1.train_task", "server.train_task", "audit.update_dropped"):
         assert not may(topics[c0]["write"], key), key
-    assert may(topics[c0]["read"], "client.0.#") and may(topics[c0]["read"], "clients.#") and not may(topics[c0]["read"], "client.1.#")
+    # a client binds nothing (its queue's bindings come with the definitions) and configures nothing
+    assert not any(may(topics[c0]["read"], key) for key in ("client.0.#", "clients.#", "client.1.#"))
     assert may(perms[c0]["read"], f"brokerfl.{RUN}.client.0") and not may(perms[c0]["read"], f"brokerfl.{RUN}.client.1")
-    assert not may(perms[c0]["configure"], f"brokerfl.{RUN}.server") and not may(perms[c0]["configure"], f"brokerfl.{RUN}")
+    assert perms[c0]["configure"] == "^$" and not may(perms[c0]["write"], f"brokerfl.{RUN}.client.0")
+    queues = {q["name"]: q["arguments"] for q in defs["queues"]}
+    assert {f"brokerfl.{RUN}.client.{i}" for i in range(3)} <= set(queues) and queues[f"brokerfl.{RUN}.server"]["x-queue-type"] == "quorum"
+    bound = {(b["destination"], b["routing_key"]) for b in defs["bindings"]}
+    assert {(f"brokerfl.{RUN}.client.1", "client.1.#"), (f"brokerfl.{RUN}.client.1", "clients.#"), (f"brokerfl.{RUN}.server", "server.#")} <= bound
     assert not may(perms[server_user(RUN)]["configure"], f"brokerfl.{RUN}.client.0")
     assert may(topics[server_user(RUN)]["write"], "clients.exit") and not may(topics[server_user(RUN)]["write"], "server.join")
 
@@ -105,6 +110,7 @@ def test_forged_messages_are_dead_lettered_not_folded():
     unaffected (client 2 still answers every round)."""
     config = secure_config(clients=3, rounds=2, liveness={"timeout_s": 1e9})
     broker = LocalBroker()
+    topology_for(config, journal=True).declare_provisioned(LocalTransport(broker), config.client_ids())  # the definitions' part
     metrics, store = MetricsLog(None), MemoryModelStore()
     server = server_worker(LocalTransport(broker, user=server_user(RUN)), config, store, metrics, journal=True)
     clients = [client_worker(LocalTransport(broker, user=client_user(RUN, c)), config, c, journal=True) for c in config.client_ids()]

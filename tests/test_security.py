@@ -101,9 +101,9 @@ def test_least_privilege(provisioned):
     b = connect(done, f"{run}-client-1")
     admin = connect(done, f"{run}-admin")
     try:
-        topology.declare(server)  # the server declares the run's queues
-        topology.declare_client(a, "0")  # each client its own
-        topology.declare_client(b, "1")
+        topology.declare(server)  # the server may declare its queues again (the same arguments)
+        topology.check_client(a, "0")  # the definitions declared each client's queue
+        topology.check_client(b, "1")
         join = Join(client_id="1", run=run)
 
         # A cannot publish as B: the broker refuses a user_id that is not A's

@@ -90,6 +90,29 @@ class _Nacked(TransportError):
     """The broker nacked a publish (retried for a while before it becomes a TransportError)."""
 
 
+
+def queue_arguments(
+    kind: QueueKind, *, dead_letter_queue: str | None = None, max_length_bytes: int | None = None, max_age: str | None = None, single_active_consumer: bool = False
+) -> dict[str, Any]:
+    """A queue's AMQP arguments, as this transport declares it and as ``brokerfl provision``
+    writes it into the definitions (RabbitMQ refuses a redeclare whose arguments differ)."""
+    arguments: dict[str, Any] = {}
+    if single_active_consumer:
+        arguments["x-single-active-consumer"] = True
+    if kind in ("quorum", "stream"):
+        arguments["x-queue-type"] = kind
+    if kind == "stream":
+        if max_length_bytes is not None:
+            arguments["x-max-length-bytes"] = max_length_bytes
+        if max_age is not None:
+            arguments["x-max-age"] = max_age
+    elif dead_letter_queue is not None:
+        # nack(requeue=False) lands in the dead-letter queue through the default exchange
+        arguments["x-dead-letter-exchange"] = ""
+        arguments["x-dead-letter-routing-key"] = dead_letter_queue
+    return arguments
+
+
 class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
     """A connection to RabbitMQ; used by one thread."""
 
@@ -183,20 +206,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
             self._exchanges[name] = None
 
     def _declare_queue(self, name, *, kind, dead_letter_queue, max_length_bytes, max_age, single_active_consumer=False) -> None:
-        arguments: dict[str, Any] = {}
-        if single_active_consumer:
-            arguments["x-single-active-consumer"] = True
-        if kind in ("quorum", "stream"):
-            arguments["x-queue-type"] = kind
-        if kind == "stream":
-            if max_length_bytes is not None:
-                arguments["x-max-length-bytes"] = max_length_bytes
-            if max_age is not None:
-                arguments["x-max-age"] = max_age
-        elif dead_letter_queue is not None:
-            # nack(requeue=False) lands in the dead-letter queue through the default exchange
-            arguments["x-dead-letter-exchange"] = ""
-            arguments["x-dead-letter-routing-key"] = dead_letter_queue
+        arguments = queue_arguments(kind, dead_letter_queue=dead_letter_queue, max_length_bytes=max_length_bytes, max_age=max_age, single_active_consumer=single_active_consumer)
         try:
             self._admin_op(f"declare {kind} queue {name!r} with {arguments}", lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
         except TransportError as exc:
