@@ -148,14 +148,20 @@ def _from_publishers(publishers: Iterable[str]) -> str:
     return ", from " + ", ".join(f"{publisher} ({n})" for publisher, n in shown) + (f" and {len(counts) - 5} more" if len(counts) > 5 else "")
 
 
-def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]]) -> Accounting:
-    """Check a journal (in order) against stored model versions' metadata."""
+def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]], *, run: str | None = None) -> Accounting:
+    """Check a journal (in order) against stored model versions' metadata. With ``run``,
+    a dead letter of an update counts only if a client of the run did not publish it: only
+    the server consumes updates, so a client's ``dead.parameter_update`` is a forgery (one
+    that would pass another client's lost update off as dead-lettered with a reason)."""
     result = Accounting()
     skipped = result.skipped
+    clients = f"{run}-client-" if run is not None else None  # brokerfl.identity.client_user's names
     for delivery in journal:
         kind, key = delivery.envelope.type, delivery.routing_key
         if key.startswith("dead."):
-            if kind == ParameterUpdate.TYPE and not delivery.problem:
+            if kind == ParameterUpdate.TYPE and clients is not None and delivery.envelope.user_id.startswith(clients):
+                skipped.add("dead letter of an update published by a client (only the server dead-letters updates)")
+            elif kind == ParameterUpdate.TYPE and not delivery.problem:
                 result.dead[delivery.envelope.message_id].append(str(delivery.envelope.headers.get(REASON_HEADER, "")))
         elif kind == ParameterUpdate.TYPE:
             # Only updates that decode are updates of the run; the server dead-letters the rest.
@@ -216,4 +222,5 @@ def account_run(transport: Any, topology: Any, store: Any) -> Accounting:
     from brokerfl.journal import read_journal
 
     versions = (store.metadata(v) for v in store.versions())
-    return account(read_journal(transport, topology), versions)
+    # swarm: the aggregator is a peer, whose user is a client's
+    return account(read_journal(transport, topology), versions, run=None if topology.swarm else topology.run)

@@ -411,7 +411,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(inspect.queue_table(transport, topology_for(config), config.client_ids(), _broker_url(args)))
     deliveries, transport = _journal_source(args, config)
     try:
-        print(inspect.journal_report(deliveries))
+        print(inspect.journal_report(deliveries, run=config.run))
     finally:
         if transport is not None:
             transport.close()

@@ -20,10 +20,11 @@ import numpy as np
 from brokerfl import admin as _admin  # noqa: F401 - registers the operator's message types, so they decode
 from brokerfl.accounting import who
 from brokerfl.codec import DecodeError
+from brokerfl.identity import server_user
 from brokerfl.journal import Skipped
 from brokerfl.message import ModelVersionStored, from_wire
 from brokerfl.topology import RunTopology
-from brokerfl.transport import ORIGIN_USER_HEADER, REASON_HEADER, Delivery, Transport, TransportError, bounded
+from brokerfl.transport import ORIGIN_USER_HEADER, ORIGINAL_LENGTH_HEADER, REASON_HEADER, Delivery, Transport, TransportError, bounded
 
 
 def management_counts(amqp_url: str, timeout: float = 2.0) -> dict[str, dict[str, int]] | None:
@@ -69,7 +70,24 @@ def queue_table(transport: Transport, topology: RunTopology, client_ids: Iterabl
     return "\n".join(lines)
 
 
-def journal_report(deliveries: Iterable[Delivery], newest: int = 5) -> str:
+def dead_letter_origin(delivery: Delivery, run: str | None) -> str:
+    """Who published a dead letter's original, as far as the broker vouches for it.
+
+    A dead letter is published by whoever dead-lettered the original (RabbitMQ validates
+    that ``user_id``); the original's publisher rides in the ``x-brokerfl-user`` header,
+    which that publisher wrote. It is shown only when the run's server dead-lettered it (it
+    copied RabbitMQ's validated ``user_id`` of what it consumed); anyone else may publish a
+    ``dead.*`` message with any header (a client framing another), so then only the
+    claim and who dead-lettered it are shown."""
+    e = delivery.envelope
+    if run is not None and e.user_id and e.user_id == server_user(run):
+        return who(str(e.headers.get(ORIGIN_USER_HEADER) or ""), e.sender)
+    return f"{who('', e.sender)}, dead-lettered by {who(e.user_id, '')} (the original's publisher is not verified)"
+
+
+def journal_report(deliveries: Iterable[Delivery], newest: int = 5, *, run: str | None = None) -> str:
+    """``run``: whose server's dead letters name the original's publisher (see
+    :func:`dead_letter_origin`)."""
     dead: list[Delivery] = []
     dead_count = 0
     versions: list[ModelVersionStored] = []
@@ -92,9 +110,8 @@ def journal_report(deliveries: Iterable[Delivery], newest: int = 5) -> str:
     lines.append(skipped.summary())
     lines.append(f"dead letters: {dead_count}")
     for d in dead:
-        headers = {k: bounded(v, 80) for k, v in d.envelope.headers.items() if k != REASON_HEADER}
-        user = str(d.envelope.headers.get(ORIGIN_USER_HEADER) or "")  # who published the original
-        lines.append(f"  {bounded(d.envelope.type, 40)} {bounded(d.envelope.message_id, 40)} from {who(user, d.envelope.sender)}: {bounded(d.envelope.headers.get(REASON_HEADER, '?'), 300)}")
+        headers = {k: bounded(v, 80) for k, v in d.envelope.headers.items() if k not in (REASON_HEADER, ORIGIN_USER_HEADER)}
+        lines.append(f"  {bounded(d.envelope.type, 40)} {bounded(d.envelope.message_id, 40)} from {dead_letter_origin(d, run)}: {bounded(d.envelope.headers.get(REASON_HEADER, '?'), 300)}")
         lines.append(f"      headers {bounded(repr(headers), 500)}")
     lines.append(f"newest model versions (of {len(versions)}):")
     for v in versions[-newest:]:
@@ -120,6 +137,9 @@ def describe(delivery: Delivery) -> str:
     """Envelope, headers and fields; tensors as name, shape, dtype and L2 norm (no raw bytes)."""
     e = delivery.envelope
     lines = [f"{bounded(e.type, 40)} {bounded(e.message_id, 40)}", f"  routing key {bounded(delivery.routing_key, 200)}, from {who(e.user_id, e.sender)}, timestamp {e.timestamp:.3f}", f"  headers {bounded(repr(e.headers), 2000)}"]
+    length = e.headers.get(ORIGINAL_LENGTH_HEADER)
+    if isinstance(length, int) and length > len(delivery.body):  # a dead letter keeps an excerpt
+        return "\n".join([*lines, f"  body: the first {len(delivery.body)} of its {length} bytes (a dead letter keeps an excerpt)"])
     try:
         message = from_wire(e, delivery.body)
     except DecodeError as exc:

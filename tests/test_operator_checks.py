@@ -293,8 +293,15 @@ def test_accounting_and_inspect_show_the_validated_user_and_the_claim_beside_it(
     assert "from user ops-admin (claims admin:root@vm:42)" in described and "rounds: 3" in described
     assert "from user ops-client-0," in inspect.describe(journal[2])  # no claim shown where they agree
     dead = _delivery(lost, "ops-server", "dead.parameter_update", {REASON_HEADER: "NaN", ORIGIN_USER_HEADER: "ops-client-1"})
-    report = inspect.journal_report([dead])
+    report = inspect.journal_report([dead], run="ops")
     assert f"{lost.message_id} from user ops-client-1 (claims client.1): NaN" in report
+    # a client's own dead.* message names whoever it likes in the header: not shown as a publisher
+    framed = _delivery(lost, "ops-client-0", "dead.parameter_update", {REASON_HEADER: "NaN", ORIGIN_USER_HEADER: "ops-client-1"})
+    report = inspect.journal_report([framed], run="ops")
+    assert "user ops-client-1" not in report
+    assert f"{lost.message_id} from user ? (claims client.1), dead-lettered by user ops-client-0 (the original's publisher is not verified): NaN" in report
+    # nor does accounting take it as the update's dead letter
+    assert account([framed], [], run="ops").dead == {} and account([dead], [], run="ops").dead == {lost.message_id: ["NaN"]}
 
 
 @pytest.mark.timeout(240)
