@@ -64,7 +64,7 @@ from brokerfl.config import RunConfig
 from brokerfl.identity import admin_user, client_user, server_user
 from brokerfl.message import ServerStandby
 from brokerfl.private_files import private_directory, write_private, write_public
-from brokerfl.topology import ADMIN, AUDIT, CLIENTS, DEAD, SERVER, RunTopology
+from brokerfl.topology import ADMIN, AUDIT, CLIENTS, DEAD, SERVER
 from brokerfl.transport import bounded
 
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
@@ -242,6 +242,7 @@ def provision(
     ca_dir: str | Path | None = None,
     requests: Iterable[SigningRequest] = (),
     password_login: bool | None = None,
+    limits: BrokerLimits = BrokerLimits(),
 ) -> Provisioned:
     """Write ``definitions.json``, ``<user>.env`` per participant and (``tls``) certificates
     under ``out`` (made 0700; every secret in it 0600, rewritten so each time).
@@ -269,7 +270,7 @@ def provision(
     to_sign = _signing_requests(ca_dir, requests, [p.user for p in people]) if tls else {}
     self_keyed = sorted(to_sign)
     private_directory(out)
-    path = write_public(out / "definitions.json", json.dumps(definitions(config, people, vhost=vhost), indent=2))  # hashes only: the broker reads it
+    path = write_public(out / "definitions.json", json.dumps(definitions(config, people, vhost=vhost, limits=limits), indent=2))  # hashes only: the broker reads it
     port = port or (5671 if tls else 5672)
     tls_dir = None
     if tls:
