@@ -426,7 +426,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         config, args.out, host=args.host, port=args.port, vhost=args.vhost, tls=args.tls, broker_dir=args.broker_dir,
         ca_dir=args.ca_dir, requests=args.sign, password_login=args.password_login,
     )
-    print(f"wrote {done.definitions} (vhost {done.vhost!r}: {len(done.participants)} users, permissions, topic permissions, policy)")
+    print(f"wrote {done.definitions} (vhost {done.vhost!r}: {len(done.participants)} users with limits, permissions, topic permissions, queues, bindings, policies)")
     print(f"      {len(done.env_files)} credentials files {done.out}/<user>.env (hand each site only its own)")
     if done.tls_dir:
         made_here = len(done.participants) - len(done.self_keyed)
