@@ -185,26 +185,24 @@ class RunTopology:
         """A provisioned client's queue, which it may not declare: its name if it is on the
         broker, else :class:`QueueMissing` saying so (other errors pass through)."""
         queue = self.client_queue(client_id)
-        self._check(transport, queue)
+        self._check(transport, queue, "your queue")
         return queue
 
     def check(self, transport: Transport) -> None:
         """The run's queues are on the broker (:class:`QueueMissing` if one is not): what a
         participant that may not declare them checks before it uses them."""
         for spec in self.queues():
-            self._check(transport, spec.name)
+            self._check(transport, spec.name, "the run's queue")
 
     @staticmethod
-    def _check(transport: Transport, queue: str) -> None:
+    def _check(transport: Transport, queue: str, whose: str) -> None:
         try:
             transport.queue_info(queue)
-        except QueueMissing:
-            raise
         except TransportError as exc:
             if "no queue" not in str(exc):
                 raise
             raise QueueMissing(
-                f"your queue {queue!r} is missing: has the operator imported the definitions "
+                f"{whose} {queue!r} is missing: has the operator imported the definitions "
                 "(brokerfl provision writes them; rabbitmqctl import_definitions /absolute/path/definitions.json)?"
             ) from None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,7 +28,7 @@ import pika
 import pika.exceptions as px
 import pytest
 from rabbit_nodes import node_env
-from test_security import connect, run_federation, secure_config, wait_for
+from test_security import ROOT, connect, run_federation, secure_config, wait_for
 
 from brokerfl.handler_table import HandlerTable
 from brokerfl.identity import client_user, server_user
@@ -120,6 +121,14 @@ def test_a_provisioned_client_checks_its_queue_and_says_so_when_it_is_missing(pr
         admin.delete_queue(RunTopology(run).client_queue("0"))  # as if the definitions had not been imported
         with pytest.raises(QueueMissing, match=r"your queue 'brokerfl\..*\.client\.0' is missing: has the operator imported the definitions"):
             client_worker(client, config, "0")
+    # the command, with the client's credentials file as its environment
+    env = {**os.environ, **done.env(client_user(run, "0"))}
+    cli = subprocess.run(
+        [sys.executable, "-m", "brokerfl.cli", "client", "configs/digits_fedavg.yaml", "--clients", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, check=False,
+    )
+    assert cli.returncode == 3, cli.stdout + cli.stderr
+    assert f"brokerfl client: your queue 'brokerfl.{run}.client.0' is missing: has the operator imported the definitions" in cli.stderr
 
 
 def test_a_full_client_queue_drops_its_oldest_and_never_nacks_the_server(provision_on_broker):
