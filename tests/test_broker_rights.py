@@ -210,10 +210,11 @@ def test_a_dead_letter_of_a_huge_message_keeps_its_reason_and_an_excerpt(transpo
 
 def _limits_node_settings(amqp_url: str) -> tuple[str, int]:
     """BROKERFL_LIMITS_NODE / BROKERFL_LIMITS_PORT, else derived from the test broker's
-    (``h9@localhost`` on 5685 -> ``h9lim@localhost`` on 5885)."""
+    (``h9@localhost`` on 5685 -> ``h9lim@localhost`` on 6085: +100 is the TLS node's, +200 the
+    cluster's, +300 the management test's)."""
     base = (os.environ.get("BROKERFL_RABBITMQ_NODE") or "rabbit@localhost").split("@")[0]
     name = os.environ.get("BROKERFL_LIMITS_NODE") or f"{base}lim@localhost"
-    port = int(os.environ.get("BROKERFL_LIMITS_PORT") or (urlsplit(amqp_url).port or 5672) + 200)
+    port = int(os.environ.get("BROKERFL_LIMITS_PORT") or (urlsplit(amqp_url).port or 5672) + 400)
     return name, port
 
 
