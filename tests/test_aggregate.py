@@ -114,3 +114,54 @@ def test_a_reused_running_sum_is_zeroed_at_its_first_use_not_at_round_start():
     fold_update(again, {"w": np.full(3, 5.0, np.float32)}, 1.0)
     assert again.sums["w"] is memory and list(memory) == [5.0, 5.0, 5.0]
     assert list(new_running_sum(like, reuse=again).sums["w"]) == [0.0, 0.0, 0.0]  # any access zeroes first
+
+
+def _exact_sum(terms):
+    from fractions import Fraction
+
+    return sum(Fraction(w) * (Fraction(float(x)) - Fraction(float(b))) for w, x, b in terms)
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["update", "delta"])
+def test_a_float64_fold_is_order_independent_and_rounds_the_exact_sum(with_base):
+    """Float64 tensors fold in double-double: every order gives the same bits, and the sum
+    is the float64 nearest to the exact one (checked with fractions); a plain float64 sum
+    of the same terms depends on the order."""
+    rng = np.random.default_rng(1)
+    size, n = 2000, 12
+    like = {"w": np.zeros(size, np.float64), "f": np.zeros(4, np.float32)}
+    updates = [{"w": rng.standard_normal(size) * 10.0 ** rng.integers(-4, 4), "f": rng.standard_normal(4).astype(np.float32)} for _ in range(n)]
+    weights = [float(rng.integers(1, 1000)) for _ in range(n - 1)] + [0.3711]  # one weight not an integer
+    base = {"w": rng.standard_normal(size), "f": np.zeros(4, np.float32)} if with_base else None
+    orders = [list(range(n)), list(range(n))[::-1]] + [list(rng.permutation(n)) for _ in range(10)]
+    averages, plain = [], []
+    for order in orders:
+        acc = new_running_sum(like)
+        for i in order:
+            fold_update(acc, updates[i], weights[i], base=base)
+        averages.append(weighted_average(acc, like))
+        plain.append(sum(weights[i] * (updates[i]["w"] - (base["w"] if base else 0.0)) for i in order))
+    assert all(np.array_equal(averages[0]["w"], a["w"]) and np.array_equal(averages[0]["f"], a["f"]) for a in averages[1:])
+    assert averages[0]["w"].dtype == np.float64
+    assert any(not np.array_equal(plain[0], p) for p in plain[1:])  # what the double-double is for
+    acc = new_running_sum(like)
+    for i in orders[-1]:
+        fold_update(acc, updates[i], weights[i], base=base)
+    for j in range(0, size, 97):
+        exact = _exact_sum([(weights[i], updates[i]["w"][j], base["w"][j] if base else 0.0) for i in range(n)])
+        assert acc.sums["w"][j] == float(exact)
+
+
+def test_reading_a_float64_sum_keeps_folding_exactly():
+    """``sums`` (read by FedOpt, DP's noise, clipping) rounds the double-double to its float64;
+    folds go on from there, and a reused sum zeroes its low words too."""
+    like = {"w": np.zeros(1, np.float64)}
+    acc = new_running_sum(like)
+    fold_update(acc, {"w": np.array([1.0])}, 1.0)
+    fold_update(acc, {"w": np.array([2.0**-60])}, 1.0)
+    assert acc._lows["w"][0] == 2.0**-60 and acc.sums["w"][0] == 1.0 and acc._lows["w"][0] == 0.0
+    fold_update(acc, {"w": np.array([2.0**-60])}, 1.0)
+    again = new_running_sum(like, reuse=acc)
+    assert again is acc
+    fold_update(again, {"w": np.array([3.0])}, 1.0)
+    assert again.sums["w"][0] == 3.0 and again._lows["w"][0] == 0.0

@@ -4,6 +4,36 @@ Updates are folded into a float64 running sum as they arrive, so the server hold
 O(model) memory however many clients answer, and float64 keeps the result independent of
 arrival order to far below float32 precision.
 
+**Reproducible whatever the arrival order.** The RabbitMQ server folds updates in arrival
+order, ``simulate`` in client order, ``replay`` in the recorded order; the model version's
+sha256 should not depend on which. For float32 (and float16) tensors a float64 sum is
+enough: its rounding errors (about 2^-53 relative) are some 2^29 times below what the
+final cast to float32 keeps. For **float64** tensors it is not: a float64 sum's last bit
+depends on the order of its terms. Their sums are kept in *double-double* (a float64 ``hi``
+and a float64 ``lo`` per element, about 106 bits), each update added exactly:
+
+    p + e = w * x            exactly (Dekker's TwoProduct: w and x split in 26-bit halves)
+    s + t = hi + p           exactly (Knuth's TwoSum)
+    hi, lo = s, t + (lo + e) renormalised (FastTwoSum: |lo| <= ulp(hi) / 2)
+
+so the sum differs between orders only by about n * 2^-106 of its magnitude, and ``hi``
+(the float64 nearest to it) is the same for every order unless the exact sum lies within
+that of a float64 rounding boundary: some 2^-45 per element and round in practice, never
+seen. The mean is then ``hi / W`` as for the other dtypes. The cost: two float64 arrays per
+float64 tensor instead of one, and a fold about 6 times a plain float64 sum's time (see
+``benchmarks/fold_double_double.py``); float32 models fold as before, hash for hash.
+
+What is and is not order-independent: FedAvg, FedProx, the server optimisers (FedAvgM,
+FedAdagrad, FedAdam, FedYogi: their pseudo-gradient is the mean above, then the same
+arithmetic whatever the order), clipping and DP-FedAvg (the noise comes from a seeded RNG)
+fold through :class:`RunningSum`: order-independent for every dtype as above. The median and
+trimmed mean (``robust.py``) sort each coordinate's values first: order-independent. Krum and
+multi-Krum (``krum.py``) break ties between equal scores by arrival, and multi-Krum averages
+the chosen updates in arrival order: for a float64 model their last bit may follow the
+order. The asynchronous strategies (FedAsync, FedBuff) depend on arrival order by design:
+which updates a version mixes is decided by when they came; ``replay`` reproduces them from
+the recorded order.
+
 Every result keeps the global model's dtype (:func:`cast_like`): float16 tensors fold in
 float64 and are cast back (a torch app's bfloat16 tensors travel as float32, which holds
 every bfloat16 exactly, and are cast back when loaded into the model). Integer tensors,
@@ -43,17 +73,29 @@ class RunningSum:
     access of ``sums``: a round starts (and its task goes out) without waiting for it, and it
     happens when the first update is folded, while the server waits for the others anyway."""
 
-    def __init__(self, sums: dict[str, np.ndarray], total_weight: float = 0.0, count: int = 0) -> None:
+    def __init__(self, sums: dict[str, np.ndarray], total_weight: float = 0.0, count: int = 0,
+                 lows: dict[str, np.ndarray] | None = None) -> None:
         self._sums = sums
+        # the low words of the double-double sums of float64 tensors (see the module's docstring)
+        self._lows = lows or {}
         self.total_weight = total_weight
         self.count = count
         self._zero_pending = False
         self._scratch = np.empty(SCRATCH_ELEMENTS, np.float64)
+        self._dd_scratch = np.empty((6, SCRATCH_ELEMENTS), np.float64) if self._lows else None
 
     @property
     def sums(self) -> dict[str, np.ndarray]:
+        """The float64 sums; a double-double one rounded to its float64 (its ``hi``), from
+        which further folds go on exactly."""
+        sums = self._zeroed()
+        for low in self._lows.values():
+            low.fill(0.0)  # ``hi`` already is the sum rounded to float64: ``lo`` is what it dropped
+        return sums
+
+    def _zeroed(self) -> dict[str, np.ndarray]:
         if self._zero_pending:
-            for total in self._sums.values():
+            for total in [*self._sums.values(), *self._lows.values()]:
                 total.fill(0.0)
             self._zero_pending = False
         return self._sums
@@ -66,11 +108,14 @@ def new_running_sum(like: Tensors, reuse: RunningSum | None = None) -> RunningSu
     """A zeroed running sum shaped like ``like``; ``reuse`` an old one's memory when it fits
     (zeroing warm memory is much cheaper than faulting in fresh pages every round; it is
     done at the first use of the sums, see :class:`RunningSum`)."""
-    if reuse is not None and reuse._sums.keys() == like.keys() and all(reuse._sums[k].shape == like[k].shape for k in like):
+    doubled = sorted(name for name, array in like.items() if array.dtype == np.float64)
+    if (reuse is not None and reuse._sums.keys() == like.keys() and all(reuse._sums[k].shape == like[k].shape for k in like)
+            and sorted(reuse._lows) == doubled):
         reuse._zero_pending = True
         reuse.total_weight, reuse.count = 0.0, 0
         return reuse
-    return RunningSum({name: np.zeros(array.shape, np.float64) for name, array in like.items()})
+    return RunningSum({name: np.zeros(array.shape, np.float64) for name, array in like.items()},
+                      lows={name: np.zeros(like[name].shape, np.float64) for name in doubled})
 
 
 def check_update(parameters: Tensors, reference: Tensors) -> None:
@@ -108,10 +153,14 @@ def fold_update(acc: RunningSum, parameters: Tensors, weight: float, base: Tenso
     """
     if not weight > 0:
         raise BadUpdate(f"update weight must be positive, got {weight}")
-    for name, total in acc.sums.items():
+    for name, total in acc._zeroed().items():
         flat_total = total.reshape(-1)  # the sums are contiguous: a view
         flat_value = np.ravel(parameters[name])  # a view of a decoded (contiguous) array
         flat_base = None if base is None else np.ravel(base[name])
+        low = acc._lows.get(name)
+        if low is not None:
+            _fold_double_double(flat_total, low.reshape(-1), flat_value, weight, flat_base, acc._dd_scratch)
+            continue
         for start in range(0, flat_total.size, SCRATCH_ELEMENTS):
             stop = min(start + SCRATCH_ELEMENTS, flat_total.size)
             scratch = acc._scratch[: stop - start]
@@ -122,6 +171,65 @@ def fold_update(acc: RunningSum, parameters: Tensors, weight: float, base: Tenso
             flat_total[start:stop] += scratch
     acc.total_weight += weight
     acc.count += 1
+
+
+_SPLITTER = 134217729.0  # 2**27 + 1: Dekker's split of a float64 into two 26-bit halves
+
+
+def _fold_double_double(hi: np.ndarray, lo: np.ndarray, value: np.ndarray, weight: float, base: np.ndarray | None,
+                        scratch: np.ndarray) -> None:
+    """(hi, lo) += weight * (value - base) in double-double, block by block through six
+    rows of float64 scratch (see the module's docstring): the product and the sum exact,
+    then one renormalisation per element. ``value - base`` is exact too (TwoSum); its
+    error times ``weight`` joins the low word."""
+    c = _SPLITTER * weight
+    w_high = c - (c - weight)
+    w_low = weight - w_high
+    for start in range(0, hi.size, SCRATCH_ELEMENTS):
+        stop = min(start + SCRATCH_ELEMENTS, hi.size)
+        x, p, x_high, x_low, e, s = (row[: stop - start] for row in scratch)
+        h, lw = hi[start:stop], lo[start:stop]
+        np.copyto(x, value[start:stop], casting="unsafe")
+        if base is not None:
+            b = base[start:stop]
+            np.subtract(x, b, out=s)  # d = x - b
+            np.subtract(s, x, out=x_high)  # bb = d - x
+            np.subtract(s, x_high, out=x_low)
+            np.subtract(x, x_low, out=x_low)  # x - (d - bb)
+            np.add(b, x_high, out=x_high)  # b + bb
+            np.subtract(x_low, x_high, out=x_low)  # the error of d
+            x_low *= weight
+            lw += x_low
+            np.copyto(x, s)
+        # p + e = weight * x exactly (TwoProduct)
+        np.multiply(x, weight, out=p)
+        np.multiply(x, _SPLITTER, out=x_high)
+        np.subtract(x_high, x, out=x_low)
+        np.subtract(x_high, x_low, out=x_high)
+        np.subtract(x, x_high, out=x_low)
+        np.multiply(x_high, w_high, out=e)
+        e -= p
+        if w_low:
+            np.multiply(x_high, w_low, out=s)
+            e += s
+        np.multiply(x_low, w_high, out=s)
+        e += s
+        if w_low:
+            np.multiply(x_low, w_low, out=s)
+            e += s
+        # s + t = h + p exactly (TwoSum; t in x_low)
+        np.add(h, p, out=s)
+        np.subtract(s, h, out=x_high)  # bb
+        np.subtract(s, x_high, out=x_low)
+        np.subtract(h, x_low, out=x_low)  # h - (s - bb)
+        np.subtract(p, x_high, out=x_high)  # p - bb
+        x_low += x_high
+        x_low += lw
+        x_low += e
+        # hi, lo = FastTwoSum(s, t)
+        np.add(s, x_low, out=h)
+        np.subtract(h, s, out=lw)
+        np.subtract(x_low, lw, out=lw)
 
 
 def weighted_average(acc: RunningSum, like: Tensors) -> dict[str, np.ndarray]:
