@@ -14,6 +14,7 @@ is adding one handler::
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,8 @@ class Context:
     aside_requests: list[Aside | str] = field(default_factory=list)  # in order: an Aside starts, a key cancels
     also_send: list[Outbound] = field(default_factory=list)
     clock: Callable[[], float] = field(default=None)  # type: ignore[assignment]
+    # time.time() as the worker's transport keeps it: what a message's deadline is compared with
+    wall: Callable[[], float] = time.time
     when_sent: list[Callable[[], None]] = field(default_factory=list)
 
     def hold(self, key: str = "") -> None:

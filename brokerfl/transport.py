@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -135,6 +136,11 @@ class Transport(abc.ABC):
     # Whether a worker on this transport runs work aside (Context.run_aside) inline: the
     # in-process transport does (deterministic; simulate runs every role on one thread).
     work_inline: bool = False
+
+    def clocks(self) -> tuple[Callable[[], float], Callable[[], float]]:
+        """``(monotonic, wall)``: the clocks its workers' timers and deadlines run on (a
+        :class:`~brokerfl.handler_table.Context`'s ``clock`` and ``wall``)."""
+        return time.monotonic, time.time
 
     def __init__(self) -> None:
         self._dead_letter_targets: dict[str, str] = {}

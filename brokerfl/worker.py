@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from dataclasses import replace
 from queue import Empty, SimpleQueue
 from collections.abc import Callable, Iterable
@@ -69,7 +68,7 @@ class Worker:
         prefetch: int = 0,
         limits: Limits = DEFAULT_LIMITS,
         log: Any = None,
-        clock=time.monotonic,
+        clock: Callable[[], float] | None = None,
         admit: Callable[[Message, str], str | None] | None = None,
         resolve: Callable[[Message], None] | None = None,
     ) -> None:
@@ -86,7 +85,8 @@ class Worker:
         self.name = name
         self.prefetch = prefetch
         self.limits = limits
-        self.clock = clock
+        monotonic, self.wall = transport.clocks()  # the in-process transport's leave out work run inline
+        self.clock = clock or monotonic
         self.admit = admit
         self.resolve = resolve
         self.log = log or structlog.get_logger("brokerfl").bind(run=topology.run, role=name)
@@ -225,6 +225,7 @@ class Worker:
             log=log,
             redelivered=bool(delivery and delivery.redelivered),
             clock=self.clock,
+            wall=self.wall,
         )
         name = getattr(handler, "__qualname__", repr(handler))
         try:
@@ -311,7 +312,8 @@ class Worker:
                 continue
             job = _AsideJob(request)
             if self.work_inline:
-                job.run()
+                with self.transport.inline_work():
+                    job.run()
                 self._dispatch_outcome(job)
             else:
                 self._aside.append(job)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from brokerfl.cli import main
-from brokerfl.config import load_config
+from brokerfl.config import load_config, parse_config
 from brokerfl.metrics import REQUIRED, read_metrics
 from brokerfl.simulate import SimulationError, simulate
 
@@ -87,3 +87,26 @@ def test_console_script_reports_config_errors_by_key(tmp_path):
     assert proc.returncode == 2
     assert "rounds" in proc.stderr and "strategy.nmae: unknown key" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_client_slower_than_the_deadline_is_the_one_dropped():
+    """Clients of `simulate` train one after another, but as if at once: the slow client 2's
+    training outlives the round's deadline and is discarded as late; client 3, whose turn
+    comes after it, still trains in time and is folded."""
+    from structlog.testing import capture_logs
+
+    from tests import slow_apps
+
+    config = parse_config({"app": "tests.slow_apps", "app_options": {"train_s": 0.1}, "clients": 4, "rounds": 2,
+                           "client_slowdown": {"2": 12.0}, "strategy": {"min_clients": 2, "round_deadline_s": 0.8}})
+    slow_apps.CALLS.clear()
+    with capture_logs() as logs:
+        result = simulate(config)
+    assert [r["num_updates"] for r in result.records if r.get("num_updates") is not None] == [3, 3]
+    folded = [e["client"] for e in logs if e["event"] == "update folded"]
+    assert sorted(folded) == ["0", "0", "1", "1", "3", "3"]
+    late = [e for e in logs if e["event"] == "training result discarded"]
+    assert [e["reason"].startswith("its deadline passed") for e in late] == [True, True]
+    assert not [e for e in logs if e["event"] == "task past its deadline; skipped"]
+    closed = [e for e in logs if e["event"] == "round deadline: closing without every answer"]
+    assert [e["missing"] for e in closed] == [["2"], ["2"]]

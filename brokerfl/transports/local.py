@@ -14,6 +14,8 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 
 from brokerfl.message import Envelope
@@ -135,10 +137,46 @@ class _Queue:
         return self.log_bytes
 
 
+class InlineWorkClock:
+    """The federation's time on one :class:`LocalBroker`: real time less the time spent in
+    work aside run inline (an app's training or evaluation).
+
+    On RabbitMQ each client trains in its own process, all at once; ``simulate`` runs them
+    one after another on one thread. Were those trainings to take the federation's time,
+    a round's deadline would pass while the clients before the last one train, and the
+    last would find its task already overdue. So the timers and deadlines of the workers
+    on this broker do not see inline work: a client judges its own training against the
+    task's deadline by the training's own duration (handlers/workflows/client.py), as if
+    it had started when the task went out, as it would have in parallel."""
+
+    def __init__(self) -> None:
+        self.excluded_s = 0.0
+        self._depth = 0
+
+    def monotonic(self) -> float:
+        return time.monotonic() - self.excluded_s
+
+    def time(self) -> float:
+        return time.time() - self.excluded_s
+
+    @contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Time spent in the block is not the federation's (work run inline)."""
+        self._depth += 1
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:  # nested blocks: counted once, by the outermost
+                self.excluded_s += time.monotonic() - started
+
+
 class LocalBroker:
     """Exchanges, queues and bindings in memory; thread-safe."""
 
     def __init__(self) -> None:
+        self.clock = InlineWorkClock()
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.exchanges: dict[str, _Bindings] = {"": _Bindings()}
@@ -282,6 +320,13 @@ class LocalTransport(Transport):
     aside inline (:attr:`Transport.work_inline`)."""
 
     work_inline = True
+
+    def clocks(self) -> tuple[Callable[[], float], Callable[[], float]]:
+        return self.broker.clock.monotonic, self.broker.clock.time
+
+    def inline_work(self) -> AbstractContextManager[None]:
+        """Around work aside run inline: its time is not the federation's (:class:`InlineWorkClock`)."""
+        return self.broker.clock.excluded()
 
     def __init__(self, broker: LocalBroker | None = None, *, user: str = "guest") -> None:
         super().__init__()

@@ -44,6 +44,7 @@ class Training:
 
     task: TrainTask
     accepted: float  # time.monotonic() when this client took it
+    accepted_wall: float = 0.0  # and the Context's wall time then (a task's deadline is in that time)
     cancelled: str | None = None  # why it is no longer wanted (its result is discarded)
 
     @property
@@ -200,8 +201,8 @@ def train(task: TrainTask, ctx: Context):
         # training, and acked with it (the lost connection's delivery cannot be any more)
         ctx.hold(busy.key)
         return None
-    if task.deadline and time.time() > task.deadline:
-        ctx.log.info("task past its deadline; skipped", task=task.message_id, round=task.round, late_s=round(time.time() - task.deadline, 1))
+    if task.deadline and ctx.wall() > task.deadline:
+        ctx.log.info("task past its deadline; skipped", task=task.message_id, round=task.round, late_s=round(ctx.wall() - task.deadline, 1))
         return None
     if busy is not None:  # the newer task waits for the lane; the training is not wanted any more
         cancel_training(ctx, state, f"a newer task came (round {task.round}, model version {task.model_version})")
@@ -231,9 +232,9 @@ def start_training(ctx: Context, task: TrainTask) -> None:
         return parameters, metrics, time.perf_counter() - started
 
     ctx.hold(task_key(task))
-    state.training = Training(task, time.monotonic())
+    state.training = Training(task, time.monotonic(), ctx.wall())
     if task.deadline:
-        ctx.set_timer(TRAIN, max(0.0, task.deadline - time.time()), TrainingOverdue(task_id=task.message_id, round=task.round))
+        ctx.set_timer(TRAIN, max(0.0, task.deadline - ctx.wall()), TrainingOverdue(task_id=task.message_id, round=task.round))
     ctx.run_aside(TRAIN, work, lambda result, error: Trained(task_id=task.message_id, round=task.round, result=result, error=error))
     return None
 
@@ -268,6 +269,11 @@ def answer_task(message: Trained, ctx: Context):
     ctx.cancel_timer(TRAIN)
     ctx.commit(training.key)
     out = []
+    if training.cancelled is None and message.error is None and (late_s := _late_by(training, message.result[2])) > 0:
+        # A training that outlived its task's deadline, whose timer could not fire first:
+        # in `simulate`, training runs inline and its time is not the federation's
+        # (brokerfl.transports.local.InlineWorkClock), so it is judged by its own duration.
+        training.cancelled = f"its deadline passed (late by {late_s:.1f} s)"
     if training.cancelled is not None:
         ctx.log.info("training result discarded", task=task.message_id, round=task.round, reason=training.cancelled,
                      stopped_early=isinstance(message.error, (TrainingCancelled, Cancelled)))
@@ -284,12 +290,19 @@ def answer_task(message: Trained, ctx: Context):
         ctx.once_sent(lambda: state.answered.add(task.message_id))
     waiting, state.waiting = state.waiting, None
     if waiting is not None:
-        if waiting.deadline and time.time() > waiting.deadline:
-            ctx.log.info("task past its deadline; skipped", task=waiting.message_id, round=waiting.round, late_s=round(time.time() - waiting.deadline, 1))
+        if waiting.deadline and ctx.wall() > waiting.deadline:
+            ctx.log.info("task past its deadline; skipped", task=waiting.message_id, round=waiting.round, late_s=round(ctx.wall() - waiting.deadline, 1))
             ctx.commit(task_key(waiting))
         else:
             start_training(ctx, waiting)
     return out
+
+
+def _late_by(training: Training, seconds: float) -> float:
+    """Seconds by which a training of ``seconds`` finished past its task's deadline (<= 0:
+    in time), counted from when this client took the task."""
+    deadline = training.task.deadline
+    return training.accepted_wall + seconds - deadline if deadline else 0.0
 
 
 def failure_text(error: BaseException) -> str:

@@ -102,7 +102,7 @@ def start_hop(ctx: Context):
         **task_model_fields(state.config, state.store, state.model),
         participants=[state.holder],
         config=config.train.model_dump(),
-        deadline=time.time() + timeout,
+        deadline=ctx.wall() + timeout,
     )
     return [to_client(state.holder, task)]
 

@@ -623,7 +623,7 @@ def start_round(ctx: Context, *, retry: bool = False):
         **task_model_fields(state.config, state.store, state.model),
         participants=state.participants,
         config=config.train.model_dump(),
-        deadline=time.time() + config.strategy.round_deadline_s,
+        deadline=ctx.wall() + config.strategy.round_deadline_s,
     )
     return [to_clients(task)]
 
