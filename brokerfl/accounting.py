@@ -14,7 +14,7 @@ replies), not counted: an abort's unfinished round is in the UpdateDropped recor
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,3 +224,27 @@ def account_run(transport: Any, topology: Any, store: Any) -> Accounting:
     versions = (store.metadata(v) for v in store.versions())
     # swarm: the aggregator is a peer, whose user is a client's
     return account(read_journal(transport, topology), versions, run=None if topology.swarm else topology.run)
+
+
+def account_journal(journal: Iterable[Delivery], *, run: str | None = None) -> Accounting:
+    """Check a journal alone (a file from ``simulate --journal`` or ``brokerfl journal
+    export``): the versions are its ModelVersionStored records, as ``replay`` reads them.
+    ``run``: as for :func:`account` (None: a swarm's, or a file whose run is not known)."""
+    versions: dict[int, dict[str, Any]] = {}
+    skipped = Skipped()
+
+    def noting_versions() -> Iterator[Delivery]:
+        for delivery in journal:
+            if delivery.envelope.type == ModelVersionStored.TYPE and not delivery.problem and not delivery.routing_key.startswith("dead."):
+                record = skipped.record(delivery, ModelVersionStored)
+                if record is not None:
+                    versions.setdefault(record.version, {"version": record.version, "update_ids": list(record.update_ids)})
+            yield delivery
+
+    def noted_versions() -> Iterator[dict[str, Any]]:  # read by account() after the whole journal
+        for version in sorted(versions):
+            yield versions[version]
+
+    result = account(noting_versions(), noted_versions(), run=run)
+    result.skipped.counts.update(skipped.counts)  # version records that are not the server's
+    return result

@@ -303,6 +303,21 @@ def cmd_accounting(args: argparse.Namespace) -> int:
     from brokerfl.roles import topology_for
     from brokerfl.store import DirectoryModelStore
 
+    if args.journal:  # a journal file (simulate --journal, journal export): no broker needed
+        from brokerfl.accounting import account_journal
+        from brokerfl.journal import read_journal_file
+        from brokerfl.transport import TransportError
+
+        if not Path(args.journal).is_file():
+            print(f"brokerfl accounting: no journal file {args.journal}", file=sys.stderr)
+            return 2
+        try:
+            report = account_journal(read_journal_file(args.journal))
+        except TransportError as exc:
+            print(f"brokerfl accounting: {exc}", file=sys.stderr)
+            return 2
+        print(report.summary())
+        return 0 if report.ok and report.cut_at is None else 1
     config = _load(args)
     out = Path(args.out or _env("OUT")) if (args.out or _env("OUT")) else None
     with _connect(args) as transport, _connect(args) as store_transport:
@@ -495,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(accounting)
     _broker_argument(accounting)
     accounting.add_argument("--out", help="read the model versions a server exported to this directory (default: from the run's models stream on the broker)")
+    accounting.add_argument("--journal", help="a journal file (brokerfl journal export, simulate --journal): the versions from its records, no broker needed")
     accounting.set_defaults(func=cmd_accounting)
 
     rep = commands.add_parser("replay", help="recompute a run's model versions from its journal; check hashes; what-ifs")

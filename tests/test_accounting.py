@@ -71,3 +71,18 @@ def test_a_journal_cut_by_retention_is_named_not_listed_as_missing_updates():
     assert report.cut_at is not None and report.cut_at > 0, summary
     assert f"the journal's start was cut by retention at version {report.cut_at}" in summary
     assert "folded but not in the journal" not in summary and report.ok and "PARTIAL" in summary
+
+
+def test_accounting_reads_a_journal_file_written_by_simulate(tmp_path, capsys):
+    """``accounting --journal FILE`` needs no broker: the versions come from the file's
+    version records, as ``replay`` reads them."""
+    from brokerfl.cli import main
+
+    journal = tmp_path / "journal.bin"
+    assert main(["simulate", "--rounds", "2", "--clients", "3", "--out", str(tmp_path), "--journal", str(journal), "--no-progress", "--log-level", "warning"]) == 0
+    capsys.readouterr()
+    assert main(["accounting", "--journal", str(journal)]) == 0
+    out = capsys.readouterr().out
+    assert "updates sent: 6 over 3 model versions" in out and "folded into exactly one version: 6" in out
+    assert main(["accounting", "--journal", str(tmp_path / "metrics.jsonl")]) == 2  # not a journal: one clear line
+    assert "is not a brokerfl journal file" in capsys.readouterr().err
