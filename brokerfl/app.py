@@ -102,7 +102,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -159,6 +159,18 @@ def cancellable(event: threading.Event) -> Iterator[None]:
 
 
 @dataclass
+class AppContext:
+    """What an app's ``train``/``evaluate`` knows besides model and data, when it declares
+    a ``context`` parameter (see the module's docstring)."""
+
+    round: int = 0
+    client_id: str = ""  # "" on the server (its own test data)
+    model_version: int = 0
+    config: dict[str, Any] = field(default_factory=dict)  # this round's config from the server (brokerfl.round_config)
+    state: dict[str, Any] = field(default_factory=dict)  # this client's, kept across rounds (client_state_dir: across restarts)
+
+
+@dataclass
 class Partition:
     """What ``load_partition`` returns when a client has a local test split too."""
 
@@ -171,9 +183,9 @@ class ModelAdapter(Protocol):
 
     def initial_parameters(self, seed: int) -> Parameters: ...
 
-    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int) -> tuple[Parameters, dict[str, float]]: ...
+    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext) -> tuple[Parameters, dict[str, float]]: ...
 
-    def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]: ...
+    def evaluate(self, parameters: Parameters, data: Any, context: AppContext) -> dict[str, float]: ...
 
     def warm_up(self, data: Any) -> None: ...
 
@@ -193,15 +205,16 @@ class NumpyModel:
     def initial_parameters(self, seed: int) -> Parameters:
         return self.app.call_model(seed)
 
-    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int) -> tuple[Parameters, dict[str, float]]:
-        result = call(self.app.module.train, parameters, data, settings, seed, options=self.app.options)
+    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext) -> tuple[Parameters, dict[str, float]]:
+        # a dict of its own: the received one is shared by the process's logical clients
+        result = call(self.app.module.train, dict(parameters), data, settings, seed, options=self.app.options, context=context)
         if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Mapping)):
             raise AppError(f"app {self.app.name!r}: train() must return (parameters, metrics), got {type(result).__name__}")
         new, metrics = result
         return dict(new), dict(metrics or {})
 
-    def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
-        return call(self.app.module.evaluate, parameters, data, options=self.app.options)
+    def evaluate(self, parameters: Parameters, data: Any, context: AppContext) -> dict[str, float]:
+        return call(self.app.module.evaluate, dict(parameters), data, options=self.app.options, context=context)
 
     def trainable(self) -> frozenset[str] | None:
         return None  # named arrays: no buffers, every floating array is a weight
@@ -317,13 +330,13 @@ class App:
 
     # ------------------------------------------------------------ training and evaluation
 
-    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int) -> tuple[Parameters, dict[str, float]]:
+    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext | None = None) -> tuple[Parameters, dict[str, float]]:
         """The app's training: new parameters (every value finite) and its metrics (numbers,
         see :mod:`brokerfl.app_metrics`; ``num_samples`` filled in); an :class:`AppError`
         naming the app and ``train()`` for anything else."""
         try:
             with APP_CALLS:
-                new, metrics = self.adapter.train(parameters, data, settings, seed)
+                new, metrics = self.adapter.train(parameters, data, settings, seed, context or AppContext())
         except (AppError, TrainingCancelled):
             raise
         except Exception as exc:
@@ -341,13 +354,13 @@ class App:
         self._warn_unread_options()
         return new, metrics
 
-    def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
+    def evaluate(self, parameters: Parameters, data: Any, context: AppContext | None = None) -> dict[str, float]:
         """The app's evaluation: numbers (see :mod:`brokerfl.app_metrics`) holding the
         app's target metric, ``num_samples`` filled in; an :class:`AppError` naming the app
         and ``evaluate()`` for anything else."""
         try:
             with APP_CALLS:
-                returned = self.adapter.evaluate(parameters, data)
+                returned = self.adapter.evaluate(parameters, data, context or AppContext())
         except AppError:
             raise
         except Exception as exc:

@@ -140,6 +140,8 @@ class RunConfig(_Section):
     journal_max_bytes: int | None = Field(4 * 1024**3, ge=1, description="journal retention by size (oldest segments go first)")
     journal_max_age: str | None = Field(None, pattern=r"^[0-9]+[YMDhms]$", description="journal retention by age, e.g. 7D or 12h")
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    train_schedule: dict[str, dict[int, Any]] = Field(default_factory=dict, description="a train setting -> {round: value}: from that round on the clients train with that value (e.g. lr: {1: 0.1, 10: 0.01})")
+    client_state_dir: str | None = Field(None, description="where each client keeps its app's context.state between processes (JSON, one file per client); none: in memory only")
     client_slowdown: dict[str, float] = Field(default_factory=dict, description="client id -> factor: that client takes this many times longer to train (benchmarks of stragglers)")
     compression: CompressionConfig = Field(default_factory=CompressionConfig, description="compressed updates, opt-in (synchronous server workflow)")
 
@@ -167,6 +169,16 @@ class RunConfig(_Section):
             raise ValueError(f"strategy.clients_per_round ({self.strategy.clients_per_round}) exceeds clients ({self.clients})")
         if self.workflow == "cyclic" and self.strategy.name != "cyclic":
             raise ValueError(f"workflow cyclic hands the model on; strategy.name must be cyclic, not {self.strategy.name!r}")
+        for key, by_round in self.train_schedule.items():
+            if key not in TrainConfig.model_fields:
+                raise ValueError(f"train_schedule.{key}: not a train setting (one of {sorted(TrainConfig.model_fields)})")
+            if not by_round or min(by_round) < 1:
+                raise ValueError(f"train_schedule.{key}: give {{round: value}} with rounds from 1")
+            for round_, value in by_round.items():
+                try:
+                    TrainConfig.model_validate({**self.train.model_dump(), key: value})
+                except ValidationError as exc:
+                    raise ValueError(f"train_schedule.{key}.{round_}: {exc.errors()[0]['msg']}") from None
         if self.compression.method != "none" and (self.workflow != "server" or self.strategy.name in ("fedasync", "fedbuff")):
             raise ValueError(f"compression works with the synchronous server workflow, not with workflow {self.workflow!r} and strategy {self.strategy.name!r}")
         return self

@@ -161,7 +161,8 @@ class TrainTask(Message):
 
     participants: list[str]
     parameters: Tensors = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the round's train settings
+    round_config: dict[str, Any] = field(default_factory=dict)  # per-round config for the app: context.config (brokerfl.round_config)
     deadline: float = 0.0  # unix time after which an answer is too late (0: none); clients skip expired tasks
     model_stream: str = ""  # by reference: where version ``model_version`` is ("" : inline)
     model_offset: int = 0

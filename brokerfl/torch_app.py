@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brokerfl.app import AppError, Parameters, TrainingCancelled, call, cancellation_requested
+from brokerfl.app import AppContext, AppError, Parameters, TrainingCancelled, call, cancellation_requested
+from brokerfl.transport import bounded
 from brokerfl.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -251,12 +252,41 @@ def evaluate_classifier(model: nn.Module, data: Any, batch_size: int = 1024) -> 
     return {"loss": loss / n, "accuracy": correct / n, "num_samples": n}
 
 
+_MODULE_MACHINERY = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"})
+
+
+def structure(module: nn.Module) -> list[tuple]:
+    """What a task must find as ``model()`` made it, one tuple per item, in a fixed order:
+    every tensor's name, dtype, device, shape and ``requires_grad``, every submodule's
+    name and type, and every other attribute of theirs (plain values as they are, hooks
+    by count, objects by identity). Not the tensors' values (each task loads its own) nor
+    the train/eval mode (the loops set it)."""
+    out: list[tuple] = []
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        out.append((name, str(tensor.dtype), str(tensor.device), tuple(tensor.shape), tensor.requires_grad))
+    for name, sub in module.named_modules():
+        out.append((name or "<model>", type(sub).__qualname__))
+        for key, value in sorted(vars(sub).items()):
+            if key in _MODULE_MACHINERY:
+                continue
+            if value is None or isinstance(value, (bool, int, float, str)):
+                out.append((f"{name}.{key}", value))
+            elif isinstance(value, dict) and key.endswith("hooks"):
+                out.append((f"{name}.{key}", len(value)))
+            elif isinstance(value, torch.Tensor):
+                out.append((f"{name}.{key}", str(value.dtype), str(value.device), tuple(value.shape)))
+            else:
+                out.append((f"{name}.{key}", type(value).__qualname__, id(value)))
+    return out
+
+
 class TorchModel:
     """Drives an app whose ``model()`` returns a Module: one Module per process, loaded with
     each received model before the app's (or the default) ``train``/``evaluate`` runs."""
 
     def __init__(self, app: App, module: nn.Module) -> None:
         self.app, self.module = app, module
+        self._structure = structure(module)  # what _restore compares with
         self._borrowed = False  # the module's weights are views of an evaluated model's arrays
         self._train = getattr(app.module, "train", None) or train_classifier
         self._evaluate = getattr(app.module, "evaluate", None) or evaluate_classifier
@@ -267,23 +297,40 @@ class TorchModel:
             raise AppError(f"app {self.app.name!r}: model() returned {type(made).__name__}, expected a torch.nn.Module")
         return to_named_arrays(made)
 
-    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int) -> tuple[Parameters, dict[str, float]]:
+    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext | None = None) -> tuple[Parameters, dict[str, float]]:
+        self._restore()
         load_named_arrays(self.module, parameters, self.app.name, fresh=self._borrowed)
         self._borrowed = False
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            metrics = call(self._train, self.module, data, settings, seed, options=self.app.options)
+            metrics = call(self._train, self.module, data, settings, seed, options=self.app.options, context=context or AppContext())
         for parameter in self.module.parameters():  # the last step's gradients: a model's worth of memory
             parameter.grad = None
         return hand_over_named_arrays(self.module), dict(metrics or {})
 
-    def evaluate(self, parameters: Parameters, data: Any) -> dict[str, float]:
+    def evaluate(self, parameters: Parameters, data: Any, context: AppContext | None = None) -> dict[str, float]:
+        self._restore()
         # in place: evaluation only reads the weights (see borrow_named_arrays)
         borrow_named_arrays(self.module, parameters, self.app.name)
         self._borrowed = True
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return call(self._evaluate, self.module, data, options=self.app.options)
+            return call(self._evaluate, self.module, data, options=self.app.options, context=context or AppContext())
+
+    def _restore(self) -> None:
+        """The module as ``model()`` made it, before each task: the logical clients of a
+        process (and, in ``simulate``, the server) share it, so one whose ``train`` changed
+        it (``model.double()``, a frozen layer, a replaced submodule, a new attribute) must
+        not hand that change on. Checked by :func:`structure` (cheap: no tensor data is
+        read); a changed module is made anew by ``model()``, loaded by the task."""
+        now = structure(self.module)
+        if now != self._structure:
+            changed = next((f"{a[0]}: {a[1:]} -> {b[1:]}" for a, b in zip(self._structure, now) if a != b), "its layout")
+            warnings.warn(f"app {self.app.name!r}: train() or evaluate() changed the model ({bounded(changed, 200)}); "
+                          "the next task gets a fresh model()", stacklevel=2)
+            self.module = self.app.call_model(seed=0)
+            self._borrowed = False
+            self._structure = structure(self.module)
 
     def trainable(self) -> frozenset[str]:
         """The state_dict names of the weights (not buffers such as BatchNorm's statistics)."""

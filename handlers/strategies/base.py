@@ -74,6 +74,13 @@ class Strategy:
             return available
         return sorted(rng.choice(available, size=want, replace=False).tolist())
 
+    def configure_train(self, round_: int) -> dict[str, Any]:
+        """Per-round settings this strategy sends with round ``round_``'s TrainTask: train
+        settings (``lr``, ``epochs``, ...) override the run's ``train`` section for that
+        round, and the whole dict reaches an app's ``train`` as ``context.config``
+        (:mod:`brokerfl.app`). None by default."""
+        return {}
+
     def start_round(self, global_parameters: Tensors) -> None:
         raise NotImplementedError
 

@@ -128,7 +128,7 @@ def next_task(ctx: Context, client_id: str) -> list[Outbound]:
         model_version=version,
         **task_model_fields(state.config, state.store, state.model),
         participants=[client_id],
-        config=state.config.train.model_dump(),
+        **server.round_fields(state, version + 1),  # the schedule's round: the version this task makes
         deadline=0.0,
     )
     return [to_client(client_id, task)]

@@ -12,16 +12,19 @@ discarded. Cancelling is cooperative (:func:`brokerfl.app.cancellation_requested
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import threading
 import time
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from brokerfl.app import App, AppError, Partition, TrainingCancelled, cancellable, count_samples, load_app
+from brokerfl.app import App, AppContext, AppError, Partition, TrainingCancelled, cancellable, count_samples, load_app
 from brokerfl.compression import compress
 from brokerfl.config import RunConfig, TrainConfig
 from brokerfl.app_metrics import TRAIN_PREFIX
@@ -74,6 +77,7 @@ class ClientState:
     training: Training | None = None  # the task training aside
     waiting: TrainTask | None = None  # a newer task, for when that training is over
     unable: AppError | None = None  # the app failed at this client's start (load_partition, model): it reports and leaves
+    app_state: dict[str, Any] = field(default_factory=dict)  # the app's context.state: kept across rounds
 
     def training_s(self) -> float | None:
         """Seconds since this client took the task it trains on; None: not training."""
@@ -89,13 +93,51 @@ def make_state(config: RunConfig, client_id: str) -> ClientState:
     try:
         data = app.load_partition(_partition_index(client_id, config.clients), config.clients, config.seed, client_id=client_id)
         app.check_model()
-        state = ClientState(client_id, config, app, data)
+        state = ClientState(client_id, config, app, data, app_state=load_app_state(config, client_id))
         # torch's first call costs ~1 s, which would otherwise land in the first task (and be
         # multiplied by a client_slowdown)
         app.warm_up(data.train)
     except AppError as exc:
         state = ClientState(client_id, config, app, Partition(None), exit_reason="its app failed at start", unable=exc)
     return state
+
+
+def app_state_file(config: RunConfig, client_id: str) -> Path | None:
+    """Where ``client_state_dir`` keeps this client's ``context.state`` (None: not kept)."""
+    if config.client_state_dir is None:
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in client_id)  # ids are checked; still a file name
+    return Path(config.client_state_dir) / config.run / f"client-{safe}-{zlib.crc32(client_id.encode()):08x}.json"
+
+
+def load_app_state(config: RunConfig, client_id: str) -> dict[str, Any]:
+    """The client's ``context.state`` as its last training left it (``client_state_dir``),
+    or empty."""
+    path = app_state_file(config, client_id)
+    if path is None or not path.exists():
+        return {}
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AppError(f"app {config.app!r}: client {client_id}'s saved context.state in {path} cannot be read: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise AppError(f"app {config.app!r}: client {client_id}'s saved context.state in {path} is not a JSON object")
+    return loaded
+
+
+def save_app_state(config: RunConfig, client_id: str, app_state: dict[str, Any]) -> None:
+    """Write ``context.state`` (JSON) atomically beside the others, if ``client_state_dir`` is set."""
+    path = app_state_file(config, client_id)
+    if path is None:
+        return
+    try:
+        text = json.dumps(app_state, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise AppError(f"app {config.app!r}: context.state must hold JSON values to be kept in client_state_dir: {exc}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def num_samples(state: ClientState) -> int:
@@ -222,11 +264,14 @@ def start_training(ctx: Context, task: TrainTask) -> None:
     seed = training_seed(state.config.seed, state.client_id, task.round)
     slowdown = state.config.client_slowdown.get(state.client_id, 1.0)
     app, data = state.app, state.data.train
+    context = AppContext(round=task.round, client_id=state.client_id, model_version=task.model_version,
+                         config=dict(task.round_config), state=state.app_state)
 
     def work(cancelled: threading.Event) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
         started = time.perf_counter()
         with cancellable(cancelled):
-            parameters, metrics = app.train(task.parameters, data, settings, seed)
+            parameters, metrics = app.train(task.parameters, data, settings, seed, context)
+        save_app_state(state.config, state.client_id, state.app_state)  # aside: a file write
         if slowdown > 1.0:  # a straggler, for benchmarks: as if its hardware were this much slower
             cancelled.wait((slowdown - 1.0) * (time.perf_counter() - started))
         return parameters, metrics, time.perf_counter() - started
@@ -364,7 +409,8 @@ def evaluate_locally(task: EvaluateTask, ctx: Context):
     app, data = state.app, state.data.test if state.data.test is not None else state.data.train
     key = f"evaluate:{task.message_id}"
     ctx.hold(key)
-    ctx.run_aside(key, lambda cancelled: app.evaluate(task.parameters, data), lambda scores, error: Evaluated(task=task, scores=scores, error=error))
+    context = AppContext(round=task.round, client_id=state.client_id, model_version=task.model_version, state=state.app_state)
+    ctx.run_aside(key, lambda cancelled: app.evaluate(task.parameters, data, context), lambda scores, error: Evaluated(task=task, scores=scores, error=error))
 
 
 @table.on(Evaluated)

@@ -101,7 +101,7 @@ def start_hop(ctx: Context):
         model_version=state.model.version,
         **task_model_fields(state.config, state.store, state.model),
         participants=[state.holder],
-        config=config.train.model_dump(),
+        **server.round_fields(state, state.round),
         deadline=ctx.wall() + timeout,
     )
     return [to_client(state.holder, task)]

@@ -41,6 +41,7 @@ from brokerfl.handler_table import Context, HandlerFailed, HandlerTable, Outboun
 from brokerfl.journal import retention_warning
 from brokerfl.message import EvaluateResult, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, RunFinished, ServerStandby, TrainFailed, TrainTask, UpdateDropped
 from brokerfl.model_refs import task_model_fields
+from brokerfl.round_config import round_settings
 from brokerfl.metrics import MetricsLog, last_model_version
 from brokerfl.store import ModelStore, ModelVersion, parameters_hash
 from brokerfl.threads import process_thread
@@ -622,10 +623,16 @@ def start_round(ctx: Context, *, retry: bool = False):
         model_version=state.model.version,
         **task_model_fields(state.config, state.store, state.model),
         participants=state.participants,
-        config=config.train.model_dump(),
+        **round_fields(state, state.round),
         deadline=ctx.wall() + config.strategy.round_deadline_s,
     )
     return [to_clients(task)]
+
+
+def round_fields(state: ServerState, round_: int) -> dict[str, Any]:
+    """A TrainTask's ``config`` and ``round_config`` for ``round_`` (brokerfl.round_config)."""
+    settings, round_config = round_settings(state.config, round_, strategy=state.strategy, app=state.app)
+    return {"config": settings, "round_config": round_config}
 
 
 @table.on(ParameterUpdate)

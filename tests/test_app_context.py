@@ -1,0 +1,92 @@
+"""The app's side of a run: logical clients isolated from each other's side effects on the
+model, the context ``train`` gets (round, client id, per-round config, state), and the
+trained model as a product (export and load back)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from structlog.testing import capture_logs
+
+from brokerfl.config import parse_config
+from brokerfl.simulate import simulate
+from tests import model_apps
+
+
+def _config(**overrides):
+    data = {"app": "tests.model_apps", "app_options": {"dtype": "float32"}, "clients": 3, "rounds": 2,
+            "strategy": {"min_clients": 2, "round_deadline_s": 4.0}, "train": {"epochs": 1, "batch_size": 16, "momentum": 0.0}}
+    data.update(overrides)
+    return parse_config(data)
+
+
+def test_a_client_that_changes_the_model_does_not_change_its_neighbours():
+    """Client 1's train calls model.double() on the module every logical client of the
+    process shares: its own update is refused (float64 for a float32 model), the others
+    get the module as model() made it and are folded, round after round."""
+    model_apps.CALLS.clear()
+    config = _config(app_options={"dtype": "float32", "double_partitions": [1]})
+    with capture_logs() as logs, pytest.warns(UserWarning, match="changed the model .*float32.*float64.*fresh model"):
+        result = simulate(config)
+    assert [r["num_updates"] for r in result.records if r.get("num_updates") is not None] == [2, 2]
+    assert sorted(e["client"] for e in logs if e["event"] == "update folded") == ["0", "0", "2", "2"]
+    refused = [e["reason"] for e in logs if e["event"] == "dead-lettered"]
+    assert len(refused) == 2 and all("client 1" in r and "float64" in r for r in refused)
+
+
+def test_the_isolation_check_reads_no_tensor_data():
+    """What the runtime compares before each task: layout, dtypes, attributes; not values."""
+    import torch
+
+    from brokerfl.torch_app import structure
+
+    net = model_apps.model({"dtype": "float32"})
+    before = structure(net)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net.eval()
+    assert structure(net) == before  # new values and the mode: each task sets its own
+    net[0].weight.requires_grad_(False)
+    assert structure(net) != before
+    other = model_apps.model({"dtype": "float32"})
+    other.extra = 3
+    assert structure(other) != before
+
+
+def test_a_learning_rate_schedule_by_round_changes_the_run_from_its_round():
+    """train_schedule lr {1: 0.1, 3: 0.001}: rounds 1-2 train as without it (same hashes),
+    round 3 with lr 0.001 (different hash); train() sees the lr in settings and in
+    context.config, with its round and client id."""
+    model_apps.CALLS.clear()
+    base = _config(rounds=3, train={"epochs": 1, "lr": 0.1, "momentum": 0.0})
+    plain = simulate(base).records
+    model_apps.CALLS.clear()
+    scheduled = simulate(_config(rounds=3, train={"epochs": 1, "lr": 0.1, "momentum": 0.0}, train_schedule={"lr": {1: 0.1, 3: 0.001}})).records
+    hashes = lambda records: [r["sha256"] for r in records if r.get("sha256")]  # noqa: E731
+    assert hashes(plain)[:2] == hashes(scheduled)[:2] and hashes(plain)[2] != hashes(scheduled)[2]
+    seen = sorted((c["round"], c["client_id"], c["lr"], c["config"].get("lr")) for c in model_apps.CALLS)
+    assert seen == [(r, cid, lr, lr) for r, lr in ((1, 0.1), (2, 0.1), (3, 0.001)) for cid in ("0", "1", "2")]
+
+
+def test_the_app_configures_each_round_and_bad_schedules_are_named():
+    model_apps.CALLS.clear()
+    simulate(_config(rounds=3, app_options={"dtype": "float32", "phases": ["warm", "main"]}))
+    assert sorted({(c["round"], c["config"]["phase"]) for c in model_apps.CALLS}) == [(1, "warm"), (2, "main"), (3, "main")]
+    from brokerfl.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="train_schedule.lrr: not a train setting"):
+        _config(train_schedule={"lrr": {1: 0.1}})
+    with pytest.raises((ConfigError, ValueError), match=r"train_schedule.lr.2"):
+        _config(train_schedule={"lr": {1: 0.1, 2: -1.0}})
+
+
+def test_context_state_survives_rounds_and_a_restart_with_a_client_state_dir(tmp_path):
+    config = _config(client_state_dir=str(tmp_path / "state"))
+    simulate(config)
+    files = sorted((tmp_path / "state" / config.run).glob("client-*.json"))
+    assert len(files) == 3 and all(json.loads(f.read_text()) == {"rounds": 2} for f in files)
+    simulate(config)  # new client states, as a restarted process: loaded from the files
+    assert all(json.loads(f.read_text()) == {"rounds": 4} for f in files)
+    simulate(_config())  # without the directory: in memory only, from nothing
+    assert all(json.loads(f.read_text()) == {"rounds": 4} for f in files)
