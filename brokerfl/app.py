@@ -606,3 +606,33 @@ def curve_settings(config: RunConfig) -> dict[str, Any]:
     and the app's target metric."""
     target = load_app(config).target
     return {"metrics": list(config.metrics) or None, "target": target.name, "higher_is_better": target.higher_is_better}
+
+
+def load_model(app_or_config: App | RunConfig | str | os.PathLike, path: str | os.PathLike) -> Any:
+    """A trained model, loaded from a model file (``final_model.npz``, ``brokerfl export``;
+    format in :mod:`brokerfl.model_file`) into the app's own model: a fresh ``model()``
+    Module with the file's state_dict (in eval mode), or for a numpy app the dict of named
+    arrays. ``app_or_config``: an :class:`App`, a run config, or a config file's path. The
+    file is never unpickled; names and shapes must match ``model()``."""
+    from brokerfl.model_file import read_model_file
+
+    if isinstance(app_or_config, App):
+        app = app_or_config
+    else:
+        from brokerfl.config import load_config
+
+        config = app_or_config if isinstance(app_or_config, RunConfig) else load_config(str(app_or_config))
+        app = load_app(config)
+    parameters, _ = read_model_file(path)
+    made = app.call_model(seed=0)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(made, torch.nn.Module):
+        from brokerfl.torch_app import load_named_arrays
+
+        load_named_arrays(made, parameters, app.name)
+        return made.eval()
+    expected = {name: np.shape(value) for name, value in dict(made).items()}
+    got = {name: value.shape for name, value in parameters.items()}
+    if expected != got:
+        raise AppError(f"app {app.name!r}: {path} does not fit model(): it has {sorted(got.items())}, model() has {sorted(expected.items())}")
+    return parameters

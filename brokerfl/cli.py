@@ -101,6 +101,7 @@ APP_CONFIG = "brokerfl.yaml"  # the run of an app folder (what `brokerfl new` wr
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from brokerfl.model_file import FINAL_MODEL
     from brokerfl.simulate import SimulationError, simulate
 
     if args.config is None and Path(APP_CONFIG).is_file():
@@ -111,7 +112,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _set_torch_threads()
     out = Path(args.out or f"runs/{config.run}")
     try:
-        result = simulate(config, out, progress=not args.no_progress, journal=bool(args.journal))
+        result = simulate(config, out, progress=not args.no_progress, journal=bool(args.journal), keep_versions=args.keep_versions)
     except SimulationError as exc:
         print(f"brokerfl simulate: {exc}", file=sys.stderr)
         return 1
@@ -132,9 +133,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(
         f"{config.run}: {sum('evaluation' not in r for r in result.records)} rounds in {result.duration_s:.1f} s; "
         f"final {target} {last.get(target, float('nan')):.4f}, loss {float('nan') if loss is None else loss:.4f}; "
-        f"wrote {out / 'metrics.jsonl'} and {out / 'curve.png'}"
+        f"wrote {out / 'metrics.jsonl'}, {out / 'curve.png'}" + (f" and {out / FINAL_MODEL}" if (out / FINAL_MODEL).exists() else "")
     )
     _print_cross_site(config, out)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from brokerfl.model_file import ModelFileError, export_version
+
+    try:
+        meta = export_version(args.source, args.out, version=args.version)
+    except ModelFileError as exc:
+        print(f"brokerfl export: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote model version {meta['version']} (round {meta['round']}, sha256 {meta['sha256'][:12]}) of run {meta['run'] or '?'} to {args.out}")
     return 0
 
 
@@ -213,13 +226,17 @@ def cmd_server(args: argparse.Namespace) -> int:
             return 4
         store.wait_for_export()
     state = worker.state
+    if state.model is not None and state.model.parameters:  # the model the run ended with
+        from brokerfl.model_file import FINAL_MODEL, write_model_file
+
+        write_model_file(out / FINAL_MODEL, state.model, run=config.run, app=config.app)
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     if records:
         plot_curve(records, out / "curve.png", title=f"{config.run}: {config.strategy.name}, {config.clients} clients", **curve_settings(config))
     if state.failure:
         print(f"brokerfl server: {state.failure}", file=sys.stderr)
         return 1
-    print(f"{config.run}: done at model version {state.model.version}; wrote {out / 'metrics.jsonl'} and {out / 'curve.png'}")
+    print(f"{config.run}: done at model version {state.model.version}; wrote {out / 'metrics.jsonl'}, {out / 'curve.png'} and {out / FINAL_MODEL}")
     _print_cross_site(config, out)
     return 0
 
@@ -482,9 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = commands.add_parser("simulate", help="run a whole federation in this process (local transport, no broker)")
     _config_arguments(sim)
-    sim.add_argument("--out", help="directory for metrics.jsonl and curve.png (default: runs/<run>)")
+    sim.add_argument("--out", help="directory for metrics.jsonl, curve.png and final_model.npz (default: runs/<run>)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.add_argument("--journal", help="also write the run's journal to this file (for brokerfl replay --journal)")
+    sim.add_argument("--keep-versions", action="store_true", help="write every model version to OUT/models (for brokerfl export --version); the final one goes to OUT/final_model.npz anyway")
     sim.set_defaults(func=cmd_simulate)
 
     new = commands.add_parser("new", help="write a ready-to-run app package (model, data, config, test)")
@@ -505,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--client-id", default=_env("CLIENT_ID"), type=parse_client_ids, help="an id, a range such as 0-9, or a list such as 0-3,7 (default: $BROKERFL_CLIENT_ID)")
     _metrics_argument(client)
     client.set_defaults(func=cmd_client)
+
+    export = commands.add_parser("export", help="write a stored model version to a model file an app loads back (brokerfl.app.load_model)")
+    export.add_argument("source", help="a run's output directory (its models/: a server's, or simulate --keep-versions's; else its final_model.npz), or a models/ directory")
+    export.add_argument("--version", type=int, help="the model version (default: the newest)")
+    export.add_argument("--out", required=True, help="the model file to write (.npz: numpy arrays and JSON metadata, no pickle)")
+    export.set_defaults(func=cmd_export)
 
     accounting = commands.add_parser("accounting", help="prove every update is in exactly one model version or dropped with a reason")
     _config_arguments(accounting)

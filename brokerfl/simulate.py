@@ -20,7 +20,8 @@ from brokerfl.metrics import MetricsLog, plot_curve
 from brokerfl.broker_store import BrokerModelStore
 from brokerfl.model_refs import ModelCache
 from brokerfl.roles import client_worker, server_worker, topology_for
-from brokerfl.store import ModelStore
+from brokerfl.model_file import FINAL_MODEL, write_model_file
+from brokerfl.store import DirectoryModelStore, ModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
 
 
@@ -46,10 +47,13 @@ def simulate(
     progress: bool = False,
     broker: LocalBroker | None = None,
     journal: bool = False,
+    keep_versions: bool = False,
 ) -> SimulationResult:
     """Run ``config`` to the end. ``journal`` keeps the run's journal stream in ``broker``
     (in memory: every message of the run) for accounting and replay. Each participant
-    connects as its own user (:mod:`brokerfl.identity`) when ``identity.enforce`` is on."""
+    connects as its own user (:mod:`brokerfl.identity`) when ``identity.enforce`` is on.
+    With ``out_dir``, the final model goes to ``OUT/final_model.npz`` (:mod:`brokerfl.model_file`)
+    and, with ``keep_versions``, every version to ``OUT/models`` as a server exports them."""
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -70,7 +74,8 @@ def simulate(
     if config.identity.enforce:  # as the operator's definitions would: clients may declare nothing
         topology_for(config, journal=journal).declare_provisioned(LocalTransport(broker), config.client_ids())
     # versions live in the run's models stream, as over RabbitMQ: tasks may name them by reference
-    store = store or BrokerModelStore(LocalTransport(broker, user=_user(config, None)), topology_for(config, journal=journal))
+    export = DirectoryModelStore(out / "models") if keep_versions and out is not None else None
+    store = store or BrokerModelStore(LocalTransport(broker, user=_user(config, None)), topology_for(config, journal=journal), export=export)
     server = server_worker(LocalTransport(broker, user=_user(config, None)), config, store, metrics, journal=journal)
     models = ModelCache(LocalTransport(broker), topology_for(config, journal=journal))  # one copy of each version for every client
     clients = [client_worker(LocalTransport(broker, user=_user(config, cid)), config, cid, journal=journal, models=models) for cid in config.client_ids()]
@@ -88,8 +93,12 @@ def simulate(
         for worker in [server, *clients]:
             worker.transport.close()
     state = server.state
+    if export is not None:
+        store.wait_for_export()
     if state.failure:
         raise SimulationError(state.failure)
+    if out is not None and state.model is not None:
+        write_model_file(out / FINAL_MODEL, state.model, run=config.run, app=config.app)
     if out is not None and metrics.records:
         plot_curve(metrics.records, out / "curve.png", title=f"{config.run}: {config.strategy.name}, {config.clients} clients", **curve_settings(config))
     return SimulationResult(metrics.records, state, time.perf_counter() - started, out, broker, store)

@@ -63,7 +63,6 @@ def test_a_learning_rate_schedule_by_round_changes_the_run_from_its_round():
     plain = simulate(base).records
     model_apps.CALLS.clear()
     scheduled = simulate(_config(rounds=3, train={"epochs": 1, "lr": 0.1, "momentum": 0.0}, train_schedule={"lr": {1: 0.1, 3: 0.001}})).records
-    hashes = lambda records: [r["sha256"] for r in records if r.get("sha256")]  # noqa: E731
     assert hashes(plain)[:2] == hashes(scheduled)[:2] and hashes(plain)[2] != hashes(scheduled)[2]
     seen = sorted((c["round"], c["client_id"], c["lr"], c["config"].get("lr")) for c in model_apps.CALLS)
     assert seen == [(r, cid, lr, lr) for r, lr in ((1, 0.1), (2, 0.1), (3, 0.001)) for cid in ("0", "1", "2")]
@@ -90,3 +89,103 @@ def test_context_state_survives_rounds_and_a_restart_with_a_client_state_dir(tmp
     assert all(json.loads(f.read_text()) == {"rounds": 4} for f in files)
     simulate(_config())  # without the directory: in memory only, from nothing
     assert all(json.loads(f.read_text()) == {"rounds": 4} for f in files)
+
+
+def hashes(records):
+    return [r["sha256"] for r in records if r.get("sha256")]
+
+
+def _accuracy_of(model_file, config):
+    from brokerfl.app import load_app, load_model
+    from brokerfl.torch_app import evaluate_classifier
+
+    app = load_app(config)
+    model = load_model(config, model_file)
+    assert model.training is False and next(model.parameters()).dtype == next(model_apps.model(config.app_options).parameters()).dtype
+    return evaluate_classifier(model, app.load_server_test(config.seed))["accuracy"]
+
+
+def test_simulate_writes_its_final_model_and_any_version_on_request(tmp_path, capsys):
+    """``final_model.npz`` loads back into the app's model and scores the last metrics
+    line's accuracy; ``brokerfl export --version`` writes any kept version, with the hash
+    the metrics show for it; the file needs no pickle and is checked against its hash."""
+    import numpy as np
+
+    from brokerfl.cli import main
+    from brokerfl.metrics import read_metrics
+    from brokerfl.model_file import ModelFileError, read_model_file
+
+    config = _config(app_options={"dtype": "float64"}, rounds=3)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(config.model_dump(mode="json", exclude_unset=True)))
+    out = tmp_path / "out"
+    assert main(["simulate", str(config_file), "--out", str(out), "--keep-versions", "--no-progress", "--log-level", "warning"]) == 0
+    records = [r for r in read_metrics(out / "metrics.jsonl") if r.get("accuracy") is not None]
+    assert _accuracy_of(out / "final_model.npz", config) == records[-1]["accuracy"]
+    assert main(["export", str(out), "--version", "2", "--out", str(tmp_path / "v2.npz")]) == 0
+    parameters, meta = read_model_file(tmp_path / "v2.npz")
+    assert meta["version"] == 2 and meta["sha256"] == records[1]["sha256"] and meta["run"] == config.run
+    with np.load(tmp_path / "v2.npz", allow_pickle=False) as plain:  # any numpy reads it
+        assert sorted(set(plain.files) - {"__brokerfl__"}) == sorted(parameters)
+    capsys.readouterr()
+    assert main(["export", str(out), "--version", "9", "--out", str(tmp_path / "v9.npz")]) == 2
+    assert "no model version 9" in capsys.readouterr().err
+    damaged = tmp_path / "damaged.npz"
+    parameters["0.bias"] = parameters["0.bias"] + 1.0
+    from brokerfl.model_file import write_model_file
+    from brokerfl.store import ModelVersion
+
+    write_model_file(damaged, ModelVersion(2, 2, 1, "fedavg", [], parameters, sha256=meta["sha256"]))
+    with pytest.raises(ModelFileError, match="do not match its sha256"):
+        read_model_file(damaged)
+
+
+@pytest.mark.broker
+def test_a_float64_model_is_the_same_over_rabbitmq_as_in_simulate(amqp_url, run_name, tmp_path):
+    """Ten rounds of a float64 model, a server and two client processes over RabbitMQ
+    (updates folded in arrival order) against simulate (in client order): every version's
+    sha256 is the same, and both final models load back into the app's model with the
+    accuracy of the last metrics line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from brokerfl.metrics import read_metrics
+    from brokerfl.topology import RunTopology
+    from brokerfl.transports.amqp import AmqpTransport
+
+    root = Path(__file__).resolve().parents[1]
+    clients, rounds = 4, 10
+    config = _config(run=run_name, clients=clients, rounds=rounds, app_options={"dtype": "float64"},
+                     strategy={"min_clients": clients, "round_deadline_s": 120.0, "join_timeout_s": 120.0})
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(config.model_dump(mode="json", exclude_unset=True)))
+    common = [str(config_file), "--broker", amqp_url, "--log-level", "warning"]
+    out = tmp_path / "amqp"
+
+    def brokerfl(*args):
+        return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=root, env=os.environ.copy(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    procs = [brokerfl("server", *common, "--out", str(out)), brokerfl("client", *common, "--client-id", "0-1"), brokerfl("client", *common, "--client-id", "2-3")]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+        with AmqpTransport(amqp_url) as admin:
+            RunTopology(run_name).delete(admin, config.client_ids())
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    over_amqp = read_metrics(out / "metrics.jsonl")
+
+    torch.set_num_threads(1)  # as the client processes do
+    local = simulate(config, tmp_path / "simulate").records
+    assert len(hashes(local)) == rounds and hashes(over_amqp) == hashes(local)
+    for where, records in ((out, over_amqp), (tmp_path / "simulate", local)):
+        scored = [r for r in records if r.get("accuracy") is not None]
+        assert _accuracy_of(where / "final_model.npz", config) == scored[-1]["accuracy"]
