@@ -30,7 +30,7 @@ mapping):
     ``evaluate_every`` rounds it sends an EvaluateTask and logs the clients' sample-weighted
     metrics.
 
-``train(model, data, settings, seed)`` (optional for torch apps)
+``train(model, data, settings, seed[, context])`` (optional for torch apps)
     Local training. ``settings`` is the run's ``train`` section (:class:`TrainConfig`:
     epochs, batch_size, lr, momentum, weight_decay, proximal_mu, max_batches); ``seed`` is
     this client's seed for this round. A torch app trains ``model`` (a Module holding the
@@ -48,7 +48,7 @@ mapping):
     that raises anything else is reported to the server (TrainFailed), which stops waiting
     for this client's update.
 
-``evaluate(model, data)`` (optional for torch apps)
+``evaluate(model, data[, context])`` (optional for torch apps)
     Returns metrics (numbers: a one-element tensor is taken as its value), holding the
     app's target metric (``accuracy`` unless ``TARGET_METRIC`` says otherwise) and any
     others (``loss``, ``f1_macro``, ``r2``, ...): every one reaches ``metrics.jsonl``, the
@@ -60,6 +60,15 @@ mapping):
 ``check_options(options)`` (optional)
     Raise ``ValueError`` naming the key for options the app cannot use; the runtime reports
     it as ``app_options.<...>`` of the app.
+
+``configure_train(round, options)`` (optional, called on the server)
+    A dict for round ``round``'s task: keys naming a train setting (``lr``, ``epochs``, ...)
+    override the run's ``train`` section for that round; the whole dict reaches ``train``
+    as ``context.config``. Numbers, strings, lists and dicts only (it travels in the
+    TrainTask). The config's ``train_schedule`` does the common case without code:
+    ``train_schedule: {lr: {1: 0.1, 10: 0.01}}`` trains rounds 1-9 with lr 0.1, then 0.01
+    (a value holds from its round on); a strategy's ``configure_train(round)`` is merged
+    between the two (:mod:`brokerfl.round_config`).
 
 Module-level settings (all optional):
 
@@ -74,6 +83,40 @@ Module-level settings (all optional):
 ``METRIC_REDUCERS = {"max_grad": "max"}``
     How a metric combines across clients: ``mean`` (sample-weighted, the default),
     ``max``, ``min``, ``sum``, ``median``, or a function ``(values, weights) -> float``.
+
+**The context.** A ``train`` or ``evaluate`` that declares a ``context`` parameter gets an
+:class:`AppContext`: ``round``, ``client_id``, ``model_version``, ``config`` (the round's
+config above; empty for evaluation) and ``state``, a dict of this client's own that the
+next round's ``train``/``evaluate`` sees again (a learning-rate scheduler's position, a
+control variate, counters). With ``client_state_dir: DIR`` in the config, ``state`` is
+also written (JSON, after each training) to ``DIR/<run>/client-<id>-....json`` and read
+back when the client starts, so it survives a restart of the process; it must then hold
+JSON values only. On the server (its own test data), ``client_id`` is "" and ``state``
+is empty. Example, a per-client step decay that survives restarts::
+
+    def train(model, data, settings, seed, context):
+        lr = context.config.get("lr", settings.lr) * 0.9 ** context.state.get("trained", 0)
+        ...
+        context.state["trained"] = context.state.get("trained", 0) + 1
+
+**Isolation.** The logical clients of one process share one model object (and in
+``simulate`` share it with the server's evaluation); each task finds it as ``model()``
+made it: a ``train`` that changes the module (``model.double()``, frozen layers, a
+replaced submodule, new attributes or hooks) gets a warning, and the next task a fresh
+``model()``. A numpy app's ``train`` receives a dict of its own (the arrays in it are the
+shared received ones, read-only: return new arrays). Its own update is that client's
+business: one in float64 for a float32 model is refused by the server.
+
+**The trained model.** ``brokerfl simulate`` and ``brokerfl server`` write the final
+model to ``OUT/final_model.npz``; ``brokerfl export RUN_DIR [--version V] --out FILE``
+writes any kept version (the server keeps them all in ``OUT/models``; ``simulate
+--keep-versions`` does too). :func:`load_model` loads such a file into the app's model::
+
+    from brokerfl.app import load_model
+    model = load_model("configs/my_run.yaml", "runs/my-run/final_model.npz")  # a Module in eval mode
+
+The file is numpy's ``.npz`` with JSON metadata, read without pickle (format in
+:mod:`brokerfl.model_file`).
 
 A client whose app fails at its start (``load_partition``, ``model()``, the warm-up)
 reports it to the server and stops; the process's other clients and the run go on without

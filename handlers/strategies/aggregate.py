@@ -27,10 +27,10 @@ What is and is not order-independent: FedAvg, FedProx, the server optimisers (Fe
 FedAdagrad, FedAdam, FedYogi: their pseudo-gradient is the mean above, then the same
 arithmetic whatever the order), clipping and DP-FedAvg (the noise comes from a seeded RNG)
 fold through :class:`RunningSum`: order-independent for every dtype as above. The median and
-trimmed mean (``robust.py``) sort each coordinate's values first: order-independent. Krum and
-multi-Krum (``krum.py``) break ties between equal scores by arrival, and multi-Krum averages
-the chosen updates in arrival order: for a float64 model their last bit may follow the
-order. The asynchronous strategies (FedAsync, FedBuff) depend on arrival order by design:
+trimmed mean (``robust.py``) sort each coordinate's values first: order-independent. Krum,
+multi-Krum and Bulyan (``krum.py``) break ties (equal scores or distances) by arrival and
+average the chosen values in arrival order: for a float64 model their last bit may follow
+the order. The asynchronous strategies (FedAsync, FedBuff) depend on arrival order by design:
 which updates a version mixes is decided by when they came; ``replay`` reproduces them from
 the recorded order.
 
