@@ -165,7 +165,7 @@ def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> Ser
     app = load_app(config)
     app.check_model()  # a model() the runtime cannot use stops the server at its start
     strategy = strategy_for_run(config)
-
+    round_settings(config, 1, strategy=strategy, app=app)  # a broken configure_train is named before the run starts
     evaluate_on_test = app.evaluator(app.load_server_test(config.seed))
     return ServerState(config, strategy, store, evaluate_on_test, metrics, app, begin=start_round)
 
