@@ -40,8 +40,8 @@ def test_a_client_keeps_nothing_of_a_task_after_publishing_its_update(monkeypatc
     trained: list[weakref.ref] = []
     original = App.train
 
-    def train(self, parameters, data, settings, seed):
-        new, metrics = original(self, parameters, data, settings, seed)
+    def train(self, parameters, data, settings, seed, context=None):
+        new, metrics = original(self, parameters, data, settings, seed, context)
         trained.extend(weakref.ref(a) for a in new.values())
         return new, metrics
 
