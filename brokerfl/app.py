@@ -39,8 +39,10 @@ mapping):
     classes), saying so). A numpy app receives the parameters dict and returns
     ``(parameters, metrics)``. Metrics are numbers (:mod:`brokerfl.app_metrics`); each is
     kept (``train_<name>`` in ``metrics.jsonl``); ``num_samples`` is the FedAvg weight
-    (default: the partition's size). Parameters with a NaN or an infinity are refused by
-    the client, which reports the failure.
+    (default: the partition's size, which the client declares when it joins; the server
+    refuses an update claiming more, so a larger count fails the training here, with the
+    reason). Parameters with a NaN or an infinity are refused by the client, which
+    reports the failure.
     A client runs it beside its I/O loop (a thread), so it may take minutes; when its result
     is no longer wanted (the task's deadline passed, the client exits, a newer task came)
     :func:`cancellation_requested` turns True: a long loop may check it and raise
@@ -393,7 +395,11 @@ class App:
         not_finite = non_finite(new)
         if not_finite:
             raise AppError(f"app {self.name!r}: train() returned parameters with NaN or infinite values in {not_finite}: such an update is never folded")
-        metrics.setdefault("num_samples", count_samples(data))
+        declared = count_samples(data)  # what the client's Join and Heartbeats declare
+        metrics.setdefault("num_samples", declared)
+        if metrics["num_samples"] > declared:
+            raise AppError(f"app {self.name!r}: train() reported num_samples {metrics['num_samples']}, more than the {declared} samples of its partition "
+                           "(the client declared those when it joined; the server refuses an update claiming more)")
         self._warn_unread_options()
         return new, metrics
 

@@ -66,7 +66,13 @@ class StrategyConfig(_Section):
     on_too_few: Literal["retry", "stop"] = "retry"
     max_retries: int = Field(3, ge=0)
     join_timeout_s: float = Field(60.0, gt=0, description="how long to wait for every client to join")
-    max_num_samples: int = Field(1_000_000, ge=1, description="an update, Join or Heartbeat claiming more samples than this is refused (it would outweigh the others)")
+    max_num_samples: int = Field(1_000_000, ge=1, description="a Join or Heartbeat declaring more samples than this is refused (it would outweigh the others); an update may claim at most what its client declared")
+    max_update_ratio: float | None = Field(
+        10.0,
+        gt=0,
+        description="an update farther than this times (the global model's L2 norm + sqrt of its number of floating values) "
+        "from the model it was trained on is refused (a finite 1e30 would poison the model); null turns the check off",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="strategy-specific settings")
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from handlers.strategies.aggregate import BadUpdate, check_update, fold_update, new_running_sum, weighted_average
+from handlers.strategies.aggregate import BadUpdate, check_update, fold_update, magnitude_limit, new_running_sum, weighted_average
 from handlers.strategies.fedavg import FedAvg
 
 
@@ -83,6 +83,63 @@ def test_a_reused_running_sum_starts_from_zero():
     assert new_running_sum({"w": np.zeros(4, np.float32)}, reuse=acc) is not acc  # shapes differ
 
 
+GLOBAL = {"w": np.full((100, 10), 0.1, np.float32), "b": np.zeros(10, np.float32), "steps": np.array(7, np.int64)}
+
+
+def near(scale: float, **replace) -> dict:
+    rng = np.random.default_rng(0)
+    update = {"w": (GLOBAL["w"] + scale * rng.normal(size=(100, 10))).astype(np.float32), "b": np.zeros(10, np.float32), "steps": np.array(8, np.int64)}
+    return {**update, **replace}
+
+
+def test_an_honest_step_passes_the_distance_check():
+    # a step of RMS 0.5 per value: far more than local SGD moves the repository's models in a round
+    check_update(near(0.5), GLOBAL, max_distance_ratio=10.0)
+
+
+@pytest.mark.parametrize(("update", "message"), [
+    (near(0.0, w=np.full((100, 10), 1e30, np.float32)), "strategy.max_update_ratio"),  # finite, but ~1e28 times the bound
+    (near(0.0, b=np.full(10, -1e37, np.float32)), "beyond the .* a fold of float32 takes"),
+    (near(0.0, w=np.full((100, 10), np.nan, np.float32)), "NaN"),
+    (near(0.0, steps=np.array(2**60, np.int64)), "beyond 2\\*\\*53"),
+])
+def test_an_update_that_would_poison_or_overflow_the_fold_is_refused(update, message):
+    with pytest.raises(BadUpdate, match=message):
+        check_update(update, GLOBAL, max_distance_ratio=10.0)
+
+
+def test_the_distance_check_turned_off_still_refuses_what_would_overflow():
+    check_update(near(0.0, w=np.full((100, 10), 1e30, np.float32)), GLOBAL, max_distance_ratio=None)
+    with pytest.raises(BadUpdate, match="beyond"):
+        check_update(near(0.0, w=np.full((100, 10), 3e38, np.float32)), GLOBAL, max_distance_ratio=None)
+
+
+def test_the_distance_bound_scales_with_the_model_and_has_a_floor_for_a_zero_model():
+    zero = {"w": np.zeros(10_000, np.float32)}
+    check_update({"w": np.full(10_000, 5.0, np.float32)}, zero, max_distance_ratio=10.0)  # RMS 5 < 10 x 1
+    with pytest.raises(BadUpdate, match="max_update_ratio"):
+        check_update({"w": np.full(10_000, 11.0, np.float32)}, zero, max_distance_ratio=10.0)
+    big = {"w": np.full(10_000, 100.0, np.float32)}  # norm 1e4: 10 x (1e4 + 100) allows a move of 101,000
+    check_update({"w": np.full(10_000, 1100.0, np.float32)}, big, max_distance_ratio=10.0)
+
+
+def test_the_check_reads_a_large_model_block_by_block():
+    # more values than one scratch block: every block is measured (the bad value is in the last)
+    like = {"w": np.zeros(300_000, np.float32)}
+    update = np.zeros(300_000, np.float32)
+    update[-1] = 1e30
+    with pytest.raises(BadUpdate, match="max_update_ratio"):
+        check_update({"w": update}, like, max_distance_ratio=10.0)
+
+
+def test_magnitude_limit_leaves_room_for_the_fold_and_a_server_step():
+    assert magnitude_limit(np.dtype(np.float16)) == pytest.approx(65504 / 256)
+    assert magnitude_limit(np.dtype(np.float32), 1e6) == pytest.approx(float(np.finfo(np.float32).max) / 256)
+    # float64: the sum of 2**20 updates of weight 1e6 stays finite, with room for a server step
+    limit = magnitude_limit(np.dtype(np.float64), 1e6)
+    assert np.isfinite(np.float64(limit) * 1e6 * 2**20 * 255)
+
+
 def test_median_and_trimmed_mean_resist_one_outlier():
     from handlers.strategies.robust import Median, TrimmedMean
 
@@ -101,6 +158,42 @@ def test_median_and_trimmed_mean_resist_one_outlier():
     assert np.array_equal(trimmed.finish_round(like)["w"], np.array([2.5, 2.5, 4.5], np.float32))
     with pytest.raises(ValueError):
         TrimmedMean(beta=0.5)
+
+
+@pytest.mark.parametrize(("n", "beta", "min_trim", "k"), [
+    (6, 0.1, 1, 1),  # beta x n < 1: min_trim trims one from each end
+    (6, 0.1, 0, 0),  # Flower's and scipy's floor(beta x n)
+    (10, 0.2, 1, 2),
+    (3, 0.1, 1, 1),  # the median
+    (2, 0.1, 1, 0),  # nothing to trim while keeping a value: the mean of the two
+    (5, 0.45, 3, 2),  # at most (n - 1) // 2
+])
+def test_trimmed_count(n, beta, min_trim, k):
+    from handlers.strategies.robust import trimmed_count
+
+    assert trimmed_count(n, beta, min_trim) == k
+
+
+def test_trimmed_mean_at_its_defaults_trims_an_outlier_among_six():
+    from handlers.strategies.robust import TrimmedMean
+
+    like = {"w": np.zeros(2, np.float32)}
+    trimmed = TrimmedMean()  # beta 0.1: floor(0.6) = 0, min_trim 1
+    trimmed.start_round(like)
+    for value in [1.0, 2.0, 3.0, 4.0, 5.0]:
+        trimmed.fold({"w": np.full(2, value, np.float32)}, 1)
+    trimmed.fold({"w": np.full(2, 1e6, np.float32)}, 1_000_000)  # its claim counts for nothing
+    assert trimmed.finish_round(like)["w"].tolist() == [3.5, 3.5]  # mean of 2, 3, 4, 5
+
+
+def test_trimmed_mean_that_cannot_trim_its_rounds_is_refused_when_the_run_starts():
+    from handlers.strategies.robust import TrimmedMean
+
+    strategy = TrimmedMean(beta=0.1, min_trim=0)
+    with pytest.raises(ValueError, match="trims nothing from rounds of 6 updates"):
+        strategy.bind_run(seed=0, clients=6)
+    TrimmedMean(beta=0.1, min_trim=0).bind_run(seed=0, clients=10)  # floor(0.1 x 10) = 1
+    TrimmedMean(beta=0.1, min_trim=0, clients_per_round=2).bind_run(seed=0, clients=6)  # 2 per round: nothing could be trimmed anyway
 
 
 def test_a_reused_running_sum_is_zeroed_at_its_first_use_not_at_round_start():

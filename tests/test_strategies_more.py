@@ -154,11 +154,28 @@ def test_mean_closest_to_median_by_hand():
 
 def test_norm_bounding_by_hand():
     strategy = load_strategy("norm_bounding", max_norm=5.0)
-    # [3, 4] has norm 5 (kept), [30, 40] norm 50 (scaled to [3, 4]), [0, -1] with 2 samples
+    # [3, 4] has norm 5 (kept), [30, 40] norm 50 (scaled to [3, 4]), [0, -1]: each counts once
+    x1 = run_round(strategy, w(0.0, 0.0), [(w(3.0, 4.0), 1), (w(30.0, 40.0), 1), (w(0.0, -1.0), 2)])
+    assert x1["w"].tolist() == pytest.approx([2.0, 7.0 / 3.0])  # (3 + 3 + 0) / 3, (4 + 4 - 1) / 3
+    x2 = run_round(strategy, x1, [(w(2.0 + 60.0, 7.0 / 3.0 + 80.0), 1)])  # delta norm 100 -> [3, 4]
+    assert x2["w"].tolist() == pytest.approx([5.0, 19.0 / 3.0])
+
+
+def test_weighted_norm_bounding_weights_by_sample_count():
+    strategy = load_strategy("norm_bounding", max_norm=5.0, weighted=True)
     x1 = run_round(strategy, w(0.0, 0.0), [(w(3.0, 4.0), 1), (w(30.0, 40.0), 1), (w(0.0, -1.0), 2)])
     assert x1["w"].tolist() == pytest.approx([1.5, 1.5])  # (3 + 3 + 0) / 4, (4 + 4 - 2) / 4
-    x2 = run_round(strategy, x1, [(w(1.5 + 60.0, 1.5 + 80.0), 1)])  # delta norm 100 -> [3, 4]
-    assert x2["w"].tolist() == pytest.approx([4.5, 5.5])
+    with pytest.raises(ValueError, match="weighted must be true or false"):
+        load_strategy("norm_bounding", weighted="yes")
+
+
+def test_unweighted_norm_bounding_moves_the_model_at_most_max_norm_over_n_for_one_liar():
+    """One client claiming a million samples cannot pull the clipped mean its way: it moves
+    the model by max_norm / n at most, whatever it claims."""
+    strategy = load_strategy("norm_bounding", max_norm=1.0)
+    honest = [(w(0.0, 0.0), 100)] * 5
+    x1 = run_round(strategy, w(0.0, 0.0), honest + [(w(1e6, 0.0), 1_000_000)])
+    assert x1["w"].tolist() == pytest.approx([1.0 / 6.0, 0.0])
 
 
 # ---------------------------------------------------------------- DP-FedAvg

@@ -43,6 +43,7 @@ nearest integer** (halves to even), never a float average truncated by a cast.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -118,21 +119,96 @@ def new_running_sum(like: Tensors, reuse: RunningSum | None = None) -> RunningSu
                       lows={name: np.zeros(like[name].shape, np.float64) for name in doubled})
 
 
-def check_update(parameters: Tensors, reference: Tensors) -> None:
+def check_update(parameters: Tensors, reference: Tensors, *, max_distance_ratio: float | None = None, max_weight: float = 1.0) -> None:
     """Raise :class:`BadUpdate` saying what is wrong unless ``parameters`` matches
-    ``reference`` name for name, shape for shape, and holds only finite numbers."""
+    ``reference`` (the global model it was trained on) name for name, shape for shape and
+    dtype for dtype, and its numbers are ones a fold can take:
+
+    - **finite**: no NaN or infinity;
+    - **within the fold's range** (always checked): no floating value beyond
+      :func:`magnitude_limit` of its dtype (for ``max_weight``, the largest weight an update
+      may get: ``strategy.max_num_samples``), no integer beyond 2**53 (the float64 fold holds
+      every integer up to there exactly);
+    - **near the model it was trained on** (with ``max_distance_ratio`` r, the run's
+      ``strategy.max_update_ratio``)::
+
+          ||w_client - w||_2  <=  r * (||w||_2 + sqrt(N))
+
+      over the N values of the floating tensors, in float64. The bound scales with the
+      model's own norm (a step of local SGD moves a model by a fraction of its size), and
+      ``sqrt(N)``, the norm of a model with every value 1, keeps it from collapsing for a
+      model near zero (a zero-initialised model's first updates). An honest update stays far
+      below it: the digits and MNIST apps' clients, at the configs' learning rates and 10x
+      them, move by less than 0.5 of it in any round, the first included
+      (``docs/robustness.md``). A finite update of 1e30 is ~1e27 of it.
+
+    One pass, block by block through float64 scratch (``SCRATCH_ELEMENTS``): memory O(1)
+    beyond the update, whatever the model's size."""
     missing = sorted(set(reference) - set(parameters))
     extra = sorted(set(parameters) - set(reference))
     if missing or extra:
         raise BadUpdate(f"parameter names differ from the global model: missing {missing}, unexpected {extra}")
+    distance2 = norm2 = 0.0
+    elements = 0
+    scratch = np.empty(SCRATCH_ELEMENTS, np.float64)
     for name, ref in reference.items():
         value = parameters[name]
         if value.shape != ref.shape:
             raise BadUpdate(f"{name}: shape {value.shape}, the global model has {ref.shape}")
         if value.dtype != ref.dtype:
             raise BadUpdate(f"{name}: dtype {value.dtype}, the global model has {ref.dtype}")
-        if np.issubdtype(value.dtype, np.floating) and not all_finite(value):
-            raise BadUpdate(f"{name}: holds NaN or infinite values")
+        if np.issubdtype(value.dtype, np.floating):
+            if not all_finite(value):
+                raise BadUpdate(f"{name}: holds NaN or infinite values")
+            largest, d2, r2 = _magnitude_and_distance(value, ref, scratch)
+            limit = magnitude_limit(value.dtype, max_weight)
+            if largest > limit:
+                raise BadUpdate(f"{name}: a value of magnitude {largest:.3g}, beyond the {limit:.3g} a fold of {value.dtype} takes (it could overflow the model)")
+            distance2, norm2, elements = distance2 + d2, norm2 + r2, elements + value.size
+        elif np.issubdtype(value.dtype, np.integer) and value.size and max(abs(int(value.max())), abs(int(value.min()))) > INTEGER_LIMIT:
+            raise BadUpdate(f"{name}: an integer beyond 2**53, which a float64 fold cannot hold exactly")
+    if max_distance_ratio is not None and elements:
+        distance, norm = math.sqrt(distance2), math.sqrt(norm2)
+        bound = max_distance_ratio * (norm + math.sqrt(elements))
+        if not distance <= bound:  # an overflowed distance (inf) is refused too
+            raise BadUpdate(
+                f"it is {distance:.3g} (L2) from the global model it was trained on, more than strategy.max_update_ratio "
+                f"({max_distance_ratio:g}) x (the model's norm {norm:.3g} + sqrt of its {elements} floating values) = {bound:.3g}"
+            )
+
+
+INTEGER_LIMIT = 2**53
+FOLDS_PER_ROUND = 2**20  # updates one round may fold, for the range a fold must keep clear of overflow
+SERVER_STEP_HEADROOM = 2**8  # a server step (learning rates, momentum, FedBuff's deltas) may scale a value this much
+
+
+def magnitude_limit(dtype: np.dtype, max_weight: float = 1.0) -> float:
+    """The largest magnitude an update's value of ``dtype`` may have: the fold computes
+    ``weight * value`` in float64 for up to FOLDS_PER_ROUND updates of weight up to
+    ``max_weight``, and casts the result back to ``dtype`` after a server step that may
+    scale it SERVER_STEP_HEADROOM times; neither may overflow::
+
+        min(finfo(dtype).max, finfo(float64).max / (max_weight * FOLDS_PER_ROUND)) / SERVER_STEP_HEADROOM
+
+    float32: 1.3e36 (any max_weight under 1e200); float16: 256."""
+    fold = float(np.finfo(np.float64).max) / (max(float(max_weight), 1.0) * FOLDS_PER_ROUND)
+    return min(float(np.finfo(dtype).max), fold) / SERVER_STEP_HEADROOM
+
+
+def _magnitude_and_distance(value: np.ndarray, reference: np.ndarray, scratch: np.ndarray) -> tuple[float, float, float]:
+    """(max |value|, ||value - reference||^2, ||reference||^2), in float64, block by block."""
+    flat_value, flat_ref = np.ravel(value), np.ravel(reference)
+    largest = distance2 = norm2 = 0.0
+    for start in range(0, flat_value.size, SCRATCH_ELEMENTS):
+        stop = min(start + SCRATCH_ELEMENTS, flat_value.size)
+        block = scratch[: stop - start]
+        np.copyto(block, flat_ref[start:stop], casting="unsafe")
+        norm2 += float(np.dot(block, block))
+        np.subtract(flat_value[start:stop], block, out=block)  # value - reference, in float64
+        distance2 += float(np.dot(block, block))
+        np.copyto(block, flat_value[start:stop], casting="unsafe")
+        largest = max(largest, float(block.max()), -float(block.min()))
+    return largest, distance2, norm2
 
 
 def all_finite(value: np.ndarray) -> bool:

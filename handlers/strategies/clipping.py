@@ -2,10 +2,20 @@
 
 Norm bounding (Sun et al. 2019, "Can You Really Backdoor Federated Learning?"): each
 client's delta from the global model is scaled down to at most ``max_norm`` (L2 over every
-floating tensor together), then the clipped updates are averaged as in FedAvg. A poisoned
-update can then move the model no further than an honest one. Each clipped delta is folded
-into a float64 running sum as it arrives, so unlike Krum and Bulyan the server memory stays
-O(model). DP-FedAvg (``handlers.strategies.dp``) clips the same way.
+floating tensor together), then the clipped deltas are averaged:
+
+    w <- w + sum_i a_i clip(w_i - w, max_norm) / sum_i a_i
+
+with a_i = 1 by default, so that a poisoned update moves the model no further than an
+honest one: at most max_norm / n per round, n the round's updates. With ``weighted: true``
+a_i is the client's sample count, as in FedAvg; a client's count is bounded by what it
+declared at its Join (``handlers/workflows/server.py``), but the declaration is its own
+word, so one declaring a large partition would scale its clipped delta up to max_norm
+itself: weight only clients you trust about their data. Flower's DP wrappers with fixed
+clipping likewise clip each update and leave the weighting to the strategy they wrap.
+Each clipped delta is folded into a float64 running sum as it arrives, so unlike Krum and
+Bulyan the server memory stays O(model). DP-FedAvg (``handlers.strategies.dp``) clips the
+same way, unweighted.
 """
 
 from __future__ import annotations
@@ -44,16 +54,20 @@ def apply_mean_clipped(acc: RunningSum, global_parameters: Tensors, denominator:
 
 
 class NormBounding(Strategy):
-    """Norm-bounded FedAvg. Option: ``max_norm`` (default 1.0), the largest L2 distance an
-    update may keep from the global model. Sample-weighted like FedAvg; memory O(model)."""
+    """Norm-bounded FedAvg. Options: ``max_norm`` (default 1.0), the largest L2 distance an
+    update may keep from the global model, and ``weighted`` (default false: every clipped
+    update counts once; true: weighted by its sample count). Memory O(model)."""
 
     name = "norm_bounding"
 
-    def __init__(self, *, max_norm: float = 1.0, **settings: Any) -> None:
+    def __init__(self, *, max_norm: float = 1.0, weighted: bool = False, **settings: Any) -> None:
         super().__init__(**settings)
         if not (isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool) and max_norm > 0):
             raise ValueError(f"strategy 'norm_bounding': max_norm must be > 0, got {max_norm!r}")
+        if not isinstance(weighted, bool):
+            raise ValueError(f"strategy 'norm_bounding': weighted must be true or false, got {weighted!r}")
         self.max_norm = float(max_norm)
+        self.weighted = weighted
         self._sum: RunningSum | None = None
         self._global: Tensors = {}
         self._weight = 0.0
@@ -64,9 +78,10 @@ class NormBounding(Strategy):
         self._weight = 0.0
 
     def fold(self, parameters: Tensors, num_samples: int) -> None:
+        weight = float(num_samples) if self.weighted else 1.0
         scale = clip_factor(delta_norm(parameters, self._global), self.max_norm)
-        fold_update(self._sum, parameters, float(num_samples) * scale, base=self._global)
-        self._weight += float(num_samples)
+        fold_update(self._sum, parameters, weight * scale, base=self._global)
+        self._weight += weight
 
     def folded(self) -> int:
         return self._sum.count if self._sum else 0

@@ -51,7 +51,7 @@ from brokerfl.store import ModelStore
 from brokerfl.timing import timings
 from brokerfl.topology import check_name
 from handlers.workflows import server
-from handlers.strategies.aggregate import BadUpdate, check_update
+from handlers.strategies.aggregate import BadUpdate
 from handlers.strategies.fedasync import AsyncStrategy
 from handlers.workflows.server import ServerState, already_folded, drop, finish_run, live_clients, store_version
 
@@ -217,8 +217,8 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
         reason = f"stale: trained on model version {update.model_version}, current is {current} (staleness {staleness} > max_staleness {strategy.max_staleness})"
     else:
         try:
-            check_update(update.parameters, state.model.parameters)
-            server.check_num_samples(update.num_samples, state, "the update")
+            server.check_parameters(update.parameters, state)  # against the current model, which the update is mixed into
+            server.check_claimed_samples(update, state)
         except BadUpdate as exc:
             reason = f"malformed: {exc}"
         if reason is None and strategy.needs_base:

@@ -29,7 +29,7 @@ from brokerfl.model_refs import task_model_fields
 from brokerfl.message import Message, ParameterUpdate, TrainFailed, TrainTask
 from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore
-from handlers.strategies.aggregate import BadUpdate, check_update
+from handlers.strategies.aggregate import BadUpdate
 from handlers.workflows import server
 from handlers.workflows.server import ServerState, already_folded, drop, live_clients, refresh_client, rounds_done, store_version
 
@@ -137,7 +137,8 @@ def take_handover(update: ParameterUpdate, ctx: Context):
         return drop(ctx, update, f"stale: client {update.client_id} answered model version {update.model_version}; "
                     f"version {state.model.version} is now with client {state.holder}")
     try:
-        check_update(update.parameters, state.model.parameters)
+        server.check_parameters(update.parameters, state)
+        server.check_claimed_samples(update, state)
     except BadUpdate as exc:
         raise BadUpdate(f"update from client {update.client_id}: {exc}") from None  # dead-lettered with this reason
     state.strategy.start_round(state.model.parameters)

@@ -49,7 +49,7 @@ from brokerfl.timing import timings
 from brokerfl.topology import AUDIT
 from brokerfl.transport import bounded
 from brokerfl.compression import CompressionError, decompress
-from handlers.strategies.aggregate import BadUpdate, check_update
+from handlers.strategies.aggregate import BadUpdate, Tensors, check_update
 from handlers.strategies.base import Strategy, strategy_for_run
 from handlers.workflows import evaluation
 from handlers.workflows.scoring import ScoreStored, Unscored, evaluate_safely, journal_version, score_stored, score_when_due
@@ -96,7 +96,10 @@ class DrainDone(Message):
 
 @dataclass
 class ClientRecord:
-    num_samples: int
+    # The partition size the client declared (its latest Join or Heartbeat saying one):
+    # what its updates may claim at most (check_claimed_samples). 0: it declared none
+    # (its messages said 0); None: not known to this process yet (an aggregator taking over).
+    num_samples: int | None
     last_seen: float  # time.monotonic()
     instance: str = ""  # the process that claimed it last (Join/Heartbeat(s).instance; "": not said)
     previous: str = ""  # the process that claimed it before that one
@@ -158,6 +161,7 @@ class ServerState:
     failed: set[str] = field(default_factory=set)  # clients whose training failed this round (answered, with no update)
     update_metrics: list[tuple[dict[str, float], int]] = field(default_factory=list)  # this round's folded updates' metrics and weights
     unable: dict[str, str] = field(default_factory=dict)  # clients whose app failed at their start (a Leave with an error) -> the error
+    refused: set[str] = field(default_factory=set)  # participants whose update this round was refused (dead-lettered): answered, with nothing to fold
     train_failures: list[TrainFailure] = field(default_factory=list)  # the run's, newest last (the last MAX_FAILURES_KEPT)
 
 
@@ -233,9 +237,10 @@ def _backfill_metrics(state: ServerState) -> None:
             })
 
 
-def see_client(state: ServerState, client_id: str, num_samples: int, instance: str = "", log: Any = None, training_s: float | None = None) -> bool:
+def see_client(state: ServerState, client_id: str, num_samples: int | None, instance: str = "", log: Any = None, training_s: float | None = None) -> bool:
     """Record that a client is alive (and whether it is training: ``training_s``, as its
-    heartbeat says); True the first time it is seen. ``instance``: the
+    heartbeat says); True the first time it is seen. ``num_samples``: the partition size
+    it declares (0 or None says nothing: a known declaration stays). ``instance``: the
     process that says so. A client process restarted gets a new instance and keeps it; two
     processes running with the same id take turns, and that is flagged (warned on ``log``
     once per pair, and shown by ``brokerfl status`` while it goes on)."""
@@ -245,6 +250,15 @@ def see_client(state: ServerState, client_id: str, num_samples: int, instance: s
         state.clients[client_id] = ClientRecord(num_samples, now, instance, training_s=training_s)
         state.unable.pop(client_id, None)  # back, restarted: its app runs now
         return True
+    if num_samples:
+        # The latest declaration is the bound, a rise included: it is the client's own word
+        # either way (refusing a rise would stop only a client whose data grew across a
+        # restart; a client that means to lie can declare a large partition at its first Join).
+        # A rise is logged, and `status` shows each client's declaration, so a client that
+        # inflates its weight is seen; strategies that must not trust the count ignore it.
+        if record.num_samples and num_samples > record.num_samples and log is not None:
+            log.warning("a client declares more samples than before", client=client_id, before=record.num_samples, now=num_samples)
+        record.num_samples = num_samples
     if instance and instance != record.instance:
         if instance == record.previous and now - record.last_seen <= state.config.liveness.timeout_s:
             pair = (instance, record.instance)
@@ -256,7 +270,7 @@ def see_client(state: ServerState, client_id: str, num_samples: int, instance: s
         if record.instance:
             record.previous = record.instance
         record.instance = instance
-    record.num_samples, record.last_seen, record.training_s = num_samples, now, training_s
+    record.last_seen, record.training_s = now, training_s
     return False
 
 
@@ -326,11 +340,43 @@ def maybe_begin(ctx: Context):
 
 
 def check_num_samples(num_samples: int, state: ServerState, what: str) -> None:
-    """Refuse a sample count that would outweigh everyone else (``strategy.max_num_samples``).
+    """Refuse a declared sample count that is negative or would outweigh everyone else
+    (``strategy.max_num_samples``, the outer cap on what a Join or Heartbeat may declare).
     Client ids are checked before any handler runs (:func:`brokerfl.message.from_wire`)."""
     limit = state.config.strategy.max_num_samples
+    if num_samples < 0:
+        raise BadUpdate(f"{what} claims {num_samples} samples")
     if num_samples > limit:
         raise BadUpdate(f"{what} claims {num_samples} samples, more than strategy.max_num_samples ({limit})")
+
+
+def check_claimed_samples(update: ParameterUpdate, state: ServerState) -> None:
+    """Refuse an update claiming more samples (its weight in FedAvg) than its client
+    declared for its partition (Join, Heartbeat: ``ClientRecord.num_samples``).
+
+    A process that has no declaration of the client yet (a restarted asynchronous server
+    folding its predecessor's updates before the client's next heartbeat, a swarm
+    aggregator taking over) bounds the claim by ``strategy.max_num_samples`` alone until
+    the client's next Heartbeat (every ``liveness.heartbeat_s``) or Join: refusing it would
+    throw away work the previous process asked for. The synchronous server samples only
+    live clients, which it has heard from: it always has their declaration."""
+    claimed = update.num_samples
+    if claimed < 1:
+        raise BadUpdate(f"num_samples must be positive, got {claimed}")
+    check_num_samples(claimed, state, "the update")
+    record = state.clients.get(update.client_id)
+    declared = None if record is None else record.num_samples
+    if declared is not None and claimed > declared:
+        said = f"the {declared} it declared for its partition (Join/Heartbeat)" if declared else "the 0 it declared (its Join and Heartbeats gave no partition size)"
+        raise BadUpdate(f"the update claims {claimed} samples, more than {said}")
+
+
+def check_parameters(parameters: Tensors, state: ServerState) -> None:
+    """:func:`check_update` against the current global model with the run's bounds
+    (``strategy.max_update_ratio``, ``strategy.max_num_samples``): every path that folds an
+    update (synchronous, asynchronous, cyclic, swarm) checks it with this."""
+    strategy = state.config.strategy
+    check_update(parameters, state.model.parameters, max_distance_ratio=strategy.max_update_ratio, max_weight=strategy.max_num_samples)
 
 
 @table.on(Join)
@@ -611,7 +657,7 @@ def start_round(ctx: Context, *, retry: bool = False):
     state.participants = state.strategy.sample(state.round, live_clients(state), rng)
     state.strategy.start_round(state.model.parameters)
     state.folded, state.answered, state.client_seconds = {}, set(), []
-    state.failed, state.update_metrics = set(), []
+    state.failed, state.refused, state.update_metrics = set(), set(), []
     state.round_open, state.round_started = True, time.monotonic()
     ctx.set_timer("round", config.strategy.round_deadline_s, RoundDeadline(round=state.round))
     if not state.participants:
@@ -650,11 +696,13 @@ def fold_update(update: ParameterUpdate, ctx: Context):
     try:
         if update.compression:  # trained on state.model (else it was dropped as stale above)
             update.parameters = decompressed(update, state.model.parameters, state.config)
-        check_update(update.parameters, state.model.parameters)
-        if update.num_samples < 1:
-            raise BadUpdate(f"num_samples must be positive, got {update.num_samples}")
-        check_num_samples(update.num_samples, state, "the update")
+        check_parameters(update.parameters, state)
+        check_claimed_samples(update, state)
     except BadUpdate as exc:
+        # It answered (a participant's one update for the open round): a later answer may
+        # close the round without waiting for its deadline. (A refusal sets no timer: the
+        # worker dead-letters the message and drops what the handler asked for.)
+        state.refused.add(update.client_id)
         raise BadUpdate(f"update from client {update.client_id} (app {state.config.app!r}, its train()): {exc}") from None  # dead-lettered with this reason
     with timings.phase("fold"):
         state.strategy.fold(update.parameters, update.num_samples)
@@ -672,7 +720,7 @@ def close_when_every_participant_answered(ctx: Context) -> None:
     """Close the open round at once (replacing its deadline) if every participant has
     answered, with an update or a failed training."""
     state: ServerState = ctx.state
-    if state.participants and state.answered | state.failed >= set(state.participants):
+    if state.participants and state.answered | state.failed | state.refused >= set(state.participants):
         ctx.set_timer("round", 0.0, RoundComplete(round=state.round))
 
 
@@ -681,11 +729,12 @@ def round_complete(message: RoundComplete, ctx: Context):
     state: ServerState = ctx.state
     if not state.round_open or message.round != state.round:
         return None
-    if state.failed and state.strategy.folded() < state.config.strategy.min_clients:
-        # every participant answered, too many with a failure: no use waiting for the deadline
+    if (state.failed or state.refused) and state.strategy.folded() < state.config.strategy.min_clients:
+        # every participant answered, too many without an update: no use waiting for the deadline
         why = [f"client {f.client_id}: {f.error}" for f in state.train_failures if f.round == state.round and f.client_id in state.failed][-3:]
         why += [f"client {c}: {state.unable[c]}" for c in sorted(state.failed & set(state.unable))][: 3 - len(why)]
         return too_few_answers(ctx, f"round {state.round}: every participant answered, {len(state.failed)} with a failed training"
+                                    + (f", {len(state.refused)} with a refused update" if state.refused else "")
                                     + (f" ({'; '.join(why)})" if why else ""))
     return close_round(ctx)
 
@@ -712,7 +761,7 @@ def take_failure(message: TrainFailed, ctx: Context):
     cid = message.client_id
     if not (state.round_open and message.round == state.round and message.model_version == state.model.version):
         return None  # a round already closed (or another's): on record, nothing to wait for
-    if cid not in state.participants or cid in state.answered or cid in state.failed:
+    if cid not in state.participants or cid in state.answered or cid in state.failed or cid in state.refused:
         return None
     state.failed.add(cid)
     close_when_every_participant_answered(ctx)
@@ -745,6 +794,8 @@ def _why_not_fold(update: ParameterUpdate, state: ServerState) -> str | None:
         return f"client {update.client_id} was not sampled for round {state.round}"
     if update.client_id in state.answered:
         return f"client {update.client_id} already answered round {state.round}"
+    if update.client_id in state.refused:
+        return f"client {update.client_id}'s update for round {state.round} was refused"
     if update.client_id in state.failed:
         return f"client {update.client_id} reported its training for round {state.round} failed"
     return None
@@ -756,9 +807,9 @@ def round_deadline(message: RoundDeadline, ctx: Context):
     if not state.round_open or message.round != state.round:
         return None
     folded = state.strategy.folded()
-    missing = sorted(set(state.participants) - state.answered - state.failed)
+    missing = sorted(set(state.participants) - state.answered - state.failed - state.refused)
     if folded >= state.config.strategy.min_clients:
-        ctx.log.warning("round deadline: closing without every answer", folded=folded, missing=missing, failed=sorted(state.failed))
+        ctx.log.warning("round deadline: closing without every answer", folded=folded, missing=missing, failed=sorted(state.failed), refused=sorted(state.refused))
         return close_round(ctx)
     return too_few_answers(ctx, "round deadline", missing=missing)
 

@@ -108,7 +108,7 @@ def activate(ctx: Context) -> None:
         # round the last holder did not store starts again now
         for client_id in state.config.client_ids():
             if client_id not in state.clients:
-                see_client(state, client_id, 0)
+                see_client(state, client_id, None)  # its partition size not known until its next heartbeat
         ctx.cancel_timer("join")
         state.begun = True
         ctx.send(*(start_round(ctx) or []))
