@@ -78,6 +78,7 @@ class PoisonedRun:
     dead: dict[str, list[str]]  # update id -> the reasons it was dead-lettered with (from the journal)
     dropped: dict[str, list[str]]  # update id -> the reasons of its UpdateDropped records
     attackers_updates: list[str]  # ids of the updates the attackers sent
+    folded: set[str]  # ids of the updates in stored model versions
 
     @property
     def accuracy(self) -> float:
@@ -114,7 +115,7 @@ def simulated_run(config: dict, attack: str | None, out: Path, *, attackers: str
     metrics = out / "metrics.jsonl"
     records = read_metrics(metrics) if metrics.exists() else []
     if store is None:
-        return PoisonedRun(records, stopped, {}, {}, [])
+        return PoisonedRun(records, stopped, {}, {}, [], set())
     report = account_run(LocalTransport(broker), topology_for(run_config), store)
     ids = set(attackers.split(","))
-    return PoisonedRun(records, stopped, dict(report.dead), dict(report.dropped), [uid for uid, client in report.sent.items() if client.removeprefix("client.") in ids])
+    return PoisonedRun(records, stopped, dict(report.dead), dict(report.dropped), [uid for uid, client in report.sent.items() if client.removeprefix("client.") in ids], set(report.folded_into))
