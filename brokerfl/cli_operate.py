@@ -99,7 +99,7 @@ def render(view: dict[str, Any]):
             clients.add_column(column)
         for c in status["clients"]:
             state_text = "removed" if c["removed"] else "live" if c["live"] else "silent"
-            clients.add_row(c["id"], state_text + (", duplicate" if c.get("duplicate") else ""), f"{c['last_seen_s']:.1f} s ago", str(c["num_samples"]), _this_round(c, status))
+            clients.add_row(c["id"], state_text + (", duplicate" if c.get("duplicate") else ""), f"{c['last_seen_s']:.1f} s ago", "?" if c["num_samples"] is None else str(c["num_samples"]), _this_round(c, status))
         parts.append(clients)
         failures = status.get("train_failures") or []
         if failures:
@@ -124,11 +124,13 @@ def render(view: dict[str, Any]):
 
 def _this_round(client: dict[str, Any], status: dict[str, Any]) -> str:
     """A client's part in the open round: training (for how long, as its heartbeats say),
-    failed, answered; or training on a task of its own (the asynchronous server's)."""
+    failed, its update refused, answered; or training on a task of its own (the asynchronous server's)."""
     seconds = client.get("training_s")
     training = "training" + ("" if seconds is None else f" {seconds:.1f} s")
     if client["id"] in status.get("failed", []):
         return "failed"
+    if client["id"] in status.get("refused", []):
+        return "update refused"
     if client["id"] in status["still_training"]:
         return training
     if client["id"] in status["participants"]:

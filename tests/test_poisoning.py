@@ -19,6 +19,8 @@ import structlog
 import yaml
 from structlog.testing import capture_logs
 
+from brokerfl.admin import StatusReply, StatusRequest
+from brokerfl.cli_operate import _this_round
 from brokerfl.config import load_config
 from brokerfl.handler_table import Context, Started
 from brokerfl.hostile.poisoning import simulated_run
@@ -72,6 +74,9 @@ def test_an_update_claiming_more_than_its_client_declared_is_refused_and_the_rou
     with pytest.raises(BadUpdate, match="claims 101 samples, more than the 100 it declared for its partition"):
         run(run.update("0", 101))
     assert run.state.refused == {"0"} and run.state.strategy.folded() == 0
+    status = next(o.message for o in run(StatusRequest()) if isinstance(o.message, StatusReply)).status
+    assert status["refused"] == ["0"] and status["still_training"] == ["1"]
+    assert _this_round({"id": "0"}, status) == "update refused"  # as `brokerfl status` shows it
     again = run(run.update("0", 100))  # no second try in the round: dropped with the reason
     assert [o.message.reason for o in again] == ["client 0's update for round 1 was refused"]
     run(run.update("1", 100))  # the last answer: the round may close now, without its deadline

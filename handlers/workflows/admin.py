@@ -103,6 +103,7 @@ def status_of(state: ServerState) -> dict:
         "participants": list(state.participants) if state.round_open else [],
         "still_training": sorted(set(state.participants) - state.answered - state.failed - state.refused, key=client_id_order) if state.round_open else [],
         "failed": sorted(state.failed, key=client_id_order) if state.round_open else [],  # this round's
+        "refused": sorted(state.refused, key=client_id_order) if state.round_open else [],  # this round's: their update was refused
         "train_failures": [vars(f) for f in state.train_failures[-STATUS_FAILURES:]],
         "unable": dict(sorted(getattr(state, "unable", {}).items())[:STATUS_FAILURES]),  # clients whose app failed at their start
         "held_updates": held_updates(state),
