@@ -132,6 +132,18 @@ def test_the_check_reads_a_large_model_block_by_block():
         check_update({"w": update}, like, max_distance_ratio=10.0)
 
 
+def test_the_check_needs_no_memory_in_proportion_to_the_model():
+    import tracemalloc
+
+    like = {"w": np.zeros(2_000_000, np.float32)}
+    update = {"w": np.full(2_000_000, 0.5, np.float32)}
+    tracemalloc.start()
+    check_update(update, like, max_distance_ratio=10.0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 * 2**20, peak  # its 1 MiB scratch, not a copy of the 8 MB update
+
+
 def test_magnitude_limit_leaves_room_for_the_fold_and_a_server_step():
     assert magnitude_limit(np.dtype(np.float16)) == pytest.approx(65504 / 256)
     assert magnitude_limit(np.dtype(np.float32), 1e6) == pytest.approx(float(np.finfo(np.float32).max) / 256)

@@ -138,9 +138,9 @@ def check_update(parameters: Tensors, reference: Tensors, *, max_distance_ratio:
       model's own norm (a step of local SGD moves a model by a fraction of its size), and
       ``sqrt(N)``, the norm of a model with every value 1, keeps it from collapsing for a
       model near zero (a zero-initialised model's first updates). An honest update stays far
-      below it: the digits and MNIST apps' clients, at the configs' learning rates and 10x
-      them, move by less than 0.5 of it in any round, the first included
-      (``docs/robustness.md``). A finite update of 1e30 is ~1e27 of it.
+      below it: the repository's apps at their configs' settings move by at most 0.3 of
+      ``||w|| + sqrt(N)`` in a round, the first included, and the digits MLP at 10 times its
+      learning rate by 0.34 (``docs/robustness.md``); a finite update of 1e30 by ~1e29.
 
     One pass, block by block through float64 scratch (``SCRATCH_ELEMENTS``): memory O(1)
     beyond the update, whatever the model's size."""
