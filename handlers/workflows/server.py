@@ -701,7 +701,9 @@ def fold_update(update: ParameterUpdate, ctx: Context):
     except BadUpdate as exc:
         # It answered (a participant's one update for the open round): a later answer may
         # close the round without waiting for its deadline. (A refusal sets no timer: the
-        # worker dead-letters the message and drops what the handler asked for.)
+        # worker dead-letters the message and drops what the handler asked for.) A later
+        # update of its own is still folded while the round is open: without identity
+        # enforcement the refused one may have been another's, sent in its name.
         state.refused.add(update.client_id)
         raise BadUpdate(f"update from client {update.client_id} (app {state.config.app!r}, its train()): {exc}") from None  # dead-lettered with this reason
     with timings.phase("fold"):
@@ -794,8 +796,6 @@ def _why_not_fold(update: ParameterUpdate, state: ServerState) -> str | None:
         return f"client {update.client_id} was not sampled for round {state.round}"
     if update.client_id in state.answered:
         return f"client {update.client_id} already answered round {state.round}"
-    if update.client_id in state.refused:
-        return f"client {update.client_id}'s update for round {state.round} was refused"
     if update.client_id in state.failed:
         return f"client {update.client_id} reported its training for round {state.round} failed"
     return None
