@@ -4,6 +4,9 @@
   server should do with it;
 - :mod:`brokerfl.hostile.publisher`: an attacker's plain-pika connection that publishes them;
 - :mod:`brokerfl.hostile.fire`: a federation run under fire, and what became of each message.
+
+Beside them, :mod:`brokerfl.hostile.poisoning`: a client that poisons its own updates
+(imported by name, as a client handler set, not from here).
 """
 
 from brokerfl.hostile.fire import FireResult, run_under_fire
