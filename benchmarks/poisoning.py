@@ -59,6 +59,8 @@ HONEST = [  # (config, overrides): the repository's apps at their configs' setti
     ("configs/mnist5k_fedavg.yaml", {}),
     ("examples/logreg_numpy/config.yaml", {}),
     ("examples/cnn_mnist/config.yaml", {}),
+    ("examples/regression/config.yaml", {}),
+    ("examples/wine/config.yaml", {}),
 ]
 
 
@@ -90,14 +92,16 @@ def honest_distances(rounds: int) -> None:
 
     server.check_update = observed
     print(f"\nhonest updates: ||w_client - w|| / (||w|| + sqrt(N)), {rounds} rounds each (the default bound is 10)\n")
-    print("| config | overrides | largest, first round | largest, all rounds | final accuracy |")
+    print("| config | overrides | largest, first round | largest, all rounds | final accuracy (loss without one) |")
     print("|---|---|---|---|---|")
     for path, overrides in HONEST:
         config = load_config(ROOT / path, {"rounds": rounds, **overrides})
         ratios.clear()
         result = simulate(config)
         first = ratios[: config.clients]
-        print(f"| {path} | {overrides or '-'} | {max(first):.3f} | {max(ratios):.3f} | {result.records[-1]['accuracy']:.3f} |", flush=True)
+        final = result.records[-1]
+        score = final.get("accuracy") if final.get("accuracy") is not None else final.get("loss")
+        print(f"| {path} | {overrides or '-'} | {max(first):.3f} | {max(ratios):.3f} | {score:.3f} |", flush=True)
     server.check_update = check
 
 
