@@ -27,7 +27,8 @@ Handler = Callable[[Any, "Context"], "Iterable[Outbound] | None"]
 
 class Rejected(ValueError):
     """Raised by a handler to dead-letter its message with this reason (an expected
-    refusal, logged without a traceback; any other exception is logged with one)."""
+    refusal, logged without a traceback; any other exception is logged with one). The
+    timers it set before raising are kept."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ class Context:
 
     ``state`` is the role's own object (strategy, model store, data, ...). The requests
     (hold, commit, stop, timers) are carried out by the worker after the handler returns.
+    A handler that raises :class:`Rejected` still gets its timers (a refusal is a decision);
+    one that raises anything else gets none of its requests.
     """
 
     role: str

@@ -238,6 +238,10 @@ class Worker:
         except Exception as exc:
             if isinstance(exc, Rejected):
                 reason = f"rejected by {name}: {exc}"
+                # A refusal is the handler's own verdict, not a crash: what it decided before
+                # raising stands, timers included (e.g. the round closes now that the refused
+                # update's sender counts as having answered).
+                self._apply_timers(ctx)
             else:
                 log.exception("handler failed", handler=name)
                 reason = f"handler {name} raised {type(exc).__name__}: {exc}"

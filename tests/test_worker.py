@@ -248,3 +248,39 @@ def test_effects_marked_once_sent_wait_for_a_successful_publish(transport_factor
     out = drain(admin, client_queue, expect=1)
     assert [d.envelope.type for d in out] == ["heartbeat"]  # sent once
     assert admin.queue_info(topo.server_queue).messages_ready == 0
+
+
+def test_a_refusing_handler_keeps_its_timers_a_crashing_one_does_not(transport_factory, topology):
+    """A Rejected message is the handler's verdict: what it decided before refusing stands,
+    timers included (the server closes a round whose last answer was a refused update).
+    Any other exception drops them. A local message whose handler fails becomes a
+    HandlerFailed for the table."""
+    from brokerfl.handler_table import HandlerFailed, Rejected
+
+    topo, admin = topology
+    table = HandlerTable("server")
+    events = []
+
+    @table.on(Ping)
+    def on_ping(message, ctx):
+        events.append(message.n)
+        if message.n == 1:
+            ctx.set_timer("after-refusal", 0.0, Ping(n=10))
+            raise Rejected("refused, but decided")
+        if message.n == 2:
+            ctx.set_timer("after-crash", 0.0, Ping(n=20))
+            raise RuntimeError("crashed")
+        if message.n == 10:
+            raise RuntimeError("a local message's handler failed")
+
+    @table.on(HandlerFailed)
+    def on_failed(message, ctx):
+        events.append(message.failed_type)
+        ctx.stop()
+
+    worker = make_worker(transport_factory(), topo, table)
+    publish(admin, topo, Ping(n=2))
+    publish(admin, topo, Ping(n=1))
+    wait_for(lambda: worker.stopped, worker.step)
+    assert events == [2, 1, 10, "ping"]
+    assert len(drain(admin, topo.dead_queue, expect=2)) == 2

@@ -699,12 +699,12 @@ def fold_update(update: ParameterUpdate, ctx: Context):
         check_parameters(update.parameters, state)
         check_claimed_samples(update, state)
     except BadUpdate as exc:
-        # It answered (a participant's one update for the open round): a later answer may
-        # close the round without waiting for its deadline. (A refusal sets no timer: the
-        # worker dead-letters the message and drops what the handler asked for.) A later
-        # update of its own is still folded while the round is open: without identity
-        # enforcement the refused one may have been another's, sent in its name.
+        # It answered (a participant's one update for the open round), so the round may
+        # close now (the worker keeps a refusing handler's timers). A later update of its
+        # own is still folded while the round is open: without identity enforcement the
+        # refused one may have been another's, sent in its name.
         state.refused.add(update.client_id)
+        close_when_every_participant_answered(ctx)
         raise BadUpdate(f"update from client {update.client_id} (app {state.config.app!r}, its train()): {exc}") from None  # dead-lettered with this reason
     with timings.phase("fold"):
         state.strategy.fold(update.parameters, update.num_samples)
