@@ -155,8 +155,9 @@ def test_pika_hands_on_a_large_chunk_as_its_fragments_and_anything_else_joined()
 
 
 @pytest.mark.broker
-def test_large_chunks_over_rabbitmq_arrive_whole_and_a_malformed_one_is_dead_lettered_intact(amqp_factory, amqp_url, run_name):
+def test_large_chunks_over_rabbitmq_arrive_whole_and_a_malformed_one_is_dead_lettered_with_its_length_and_an_excerpt(amqp_factory, amqp_url, run_name):
     from brokerfl.message import Envelope
+    from brokerfl.transport import DEAD_LETTER_EXCERPT_BYTES, ORIGINAL_LENGTH_HEADER
     from brokerfl.transports.envelope import to_properties
 
     producer, consumer = amqp_factory(chunk_size=MiB + 3), amqp_factory()
@@ -181,6 +182,8 @@ def test_large_chunks_over_rabbitmq_arrive_whole_and_a_malformed_one_is_dead_let
     dead_letter = None
     while dead_letter is None and time.monotonic() < deadline:
         consumer.poll(0.05)
-        _, _, dead_letter = channel.basic_get(dead, auto_ack=True)
+        _, dead_properties, dead_letter = channel.basic_get(dead, auto_ack=True)
     connection.close()
-    assert dead_letter == malformed  # the whole chunk, joined from its fragments
+    # the chunk's first bytes, joined from its fragments, and its length: never the whole body
+    assert dead_letter == malformed[:DEAD_LETTER_EXCERPT_BYTES]
+    assert dead_properties.headers[ORIGINAL_LENGTH_HEADER] == len(malformed)
