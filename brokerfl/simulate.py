@@ -69,6 +69,8 @@ def simulate(
         records, state, store = simulate_swarm(config, out, broker, journal=journal)
         if state.failure:
             raise SimulationError(state.failure)
+        if out is not None and state.model is not None:  # the last aggregator's last version
+            write_model_file(out / FINAL_MODEL, state.model, run=config.run, app=config.app)
         return SimulationResult(records, state, time.perf_counter() - started, out, broker, store)
     metrics = MetricsLog(out / "metrics.jsonl" if out else None)
     if config.identity.enforce:  # as the operator's definitions would: clients may declare nothing

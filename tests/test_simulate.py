@@ -110,3 +110,15 @@ def test_a_client_slower_than_the_deadline_is_the_one_dropped():
     assert not [e for e in logs if e["event"] == "task past its deadline; skipped"]
     closed = [e for e in logs if e["event"] == "round deadline: closing without every answer"]
     assert [e["missing"] for e in closed] == [["2"], ["2"]]
+
+
+def test_a_swarm_simulation_writes_its_final_model_too(tmp_path):
+    """No server, the same product: the last aggregator's last version is
+    ``final_model.npz``, with the hash its metrics line shows."""
+    from brokerfl.model_file import read_model_file
+
+    config = load_config("configs/digits_swarm.yaml", {"run": "swarm-final-model", "rounds": 2, "clients": 3, "train": {"epochs": 1}, "swarm": {"min_responses_required": 3}})
+    simulate(config, tmp_path, progress=False)
+    _, meta = read_model_file(tmp_path / "final_model.npz")
+    last = list(read_metrics(tmp_path / "metrics.jsonl"))[-1]
+    assert meta["version"] == 2 and meta["sha256"] == last["sha256"]
