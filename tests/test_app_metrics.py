@@ -207,3 +207,17 @@ def test_regression_over_rabbitmq_matches_simulate_replays_and_accounts(amqp_url
     finally:
         with AmqpTransport(amqp_url) as admin:
             RunTopology(run_name).delete(admin, ["0", "1", "2"])
+
+
+@pytest.mark.parametrize("config_file", ["configs/digits_fedbuff.yaml", "configs/digits_cyclic.yaml"])
+def test_asynchronous_and_cyclic_runs_keep_the_training_metrics_too(config_file, tmp_path):
+    """Every workflow that stores versions keeps what train() returned, not only the
+    synchronous server."""
+    from brokerfl.config import load_config
+    from brokerfl.metrics import read_metrics
+    from brokerfl.simulate import simulate
+
+    config = load_config(config_file, {"run": "train-metrics-" + Path(config_file).stem.replace("_", "-"), "rounds": 3, "clients": 3, "train": {"epochs": 1}})
+    simulate(config, tmp_path, progress=False)
+    lines = [line for line in read_metrics(tmp_path / "metrics.jsonl") if line.get("model_version", 0) >= 1]
+    assert lines and all("train_loss" in line["metrics"] and line["metrics"]["train_loss"] > 0 for line in lines)

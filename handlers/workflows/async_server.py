@@ -233,6 +233,7 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
     ctx.hold()
     state.buffer_ids.append(update.message_id)
     state.client_seconds.append(update.metrics.get("train_s", 0.0))
+    state.update_metrics.append((server.app_train_metrics(update), update.num_samples))
     state.staleness.append(staleness)
     ctx.log.debug("update folded", client=update.client_id, staleness=staleness, weight=round(weight, 4), folded=strategy.folded())
     if not strategy.ready():
@@ -242,12 +243,13 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
         parameters = strategy.finish_version(state.model.parameters)
     version = current + 1
     ctx.log.debug("new model version", model_version=version, staleness=state.staleness)
-    store_version(ctx, parameters, state.buffer_ids, round_=version, started=state.round_started, client_seconds=state.client_seconds)
+    store_version(ctx, parameters, state.buffer_ids, round_=version, started=state.round_started, client_seconds=state.client_seconds,
+                  client_metrics=state.update_metrics)
     state.round = version
     state.stored_here += 1
     state.round_started = time.monotonic()
     state.stored_ids.update(state.buffer_ids)
-    state.buffer_ids, state.client_seconds, state.staleness = [], [], []
+    state.buffer_ids, state.client_seconds, state.staleness, state.update_metrics = [], [], [], []
     if strategy.needs_base:
         state.cache[version] = state.model.parameters
         while state.cache and next(iter(state.cache)) < version - strategy.max_staleness:

@@ -146,7 +146,8 @@ def take_handover(update: ParameterUpdate, ctx: Context):
     ctx.hold()  # acked by store_version's commit, once the version is stored
     ctx.cancel_timer("hop")
     store_version(ctx, state.strategy.finish_round(state.model.parameters), [update.message_id], round_=state.round,
-                  started=state.hop_started, client_seconds=[update.metrics.get("train_s", 0.0)])
+                  started=state.hop_started, client_seconds=[update.metrics.get("train_s", 0.0)],
+                  client_metrics=[(server.app_train_metrics(update), update.num_samples)])
     state.position += 1
     return start_hop(ctx)
 

@@ -709,13 +709,19 @@ def fold_update(update: ParameterUpdate, ctx: Context):
     with timings.phase("fold"):
         state.strategy.fold(update.parameters, update.num_samples)
     state.client_seconds.append(update.metrics.get("train_s", 0.0))
-    state.update_metrics.append(({k: v for k, v in update.metrics.items() if k != "train_s"}, update.num_samples))
+    state.update_metrics.append((app_train_metrics(update), update.num_samples))
     state.folded[update.message_id] = update.client_id
     state.answered.add(update.client_id)
     ctx.hold()
     ctx.log.debug("update folded", client=update.client_id, folded=len(state.folded), of=len(state.participants))
     close_when_every_participant_answered(ctx)
     return None
+
+
+def app_train_metrics(update: ParameterUpdate) -> dict[str, float]:
+    """The app's training metrics an update carries (``train_*``), without the runtime's
+    own measure of the training's seconds."""
+    return {k: v for k, v in update.metrics.items() if k != "train_s"}
 
 
 def close_when_every_participant_answered(ctx: Context) -> None:
