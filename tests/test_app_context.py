@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from brokerfl.config import parse_config
 from brokerfl.simulate import simulate
+from cli_processes import outputs_at_the_end, start_brokerfl
 from tests import model_apps
 
 
@@ -146,18 +147,12 @@ def test_a_float64_model_is_the_same_over_rabbitmq_as_in_simulate(amqp_url, run_
     (updates folded in arrival order) against simulate (in client order): every version's
     sha256 is the same, and both final models load back into the app's model with the
     accuracy of the last metrics line."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import torch
 
     from brokerfl.metrics import read_metrics
     from brokerfl.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
 
-    root = Path(__file__).resolve().parents[1]
     clients, rounds = 4, 10
     config = _config(run=run_name, clients=clients, rounds=rounds, app_options={"dtype": "float64"},
                      strategy={"min_clients": clients, "round_deadline_s": 120.0, "join_timeout_s": 120.0})
@@ -166,18 +161,10 @@ def test_a_float64_model_is_the_same_over_rabbitmq_as_in_simulate(amqp_url, run_
     common = [str(config_file), "--broker", amqp_url, "--log-level", "warning"]
     out = tmp_path / "amqp"
 
-    def brokerfl(*args):
-        return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=root, env=os.environ.copy(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    procs = [brokerfl("server", *common, "--out", str(out)), brokerfl("client", *common, "--client-id", "0-1"), brokerfl("client", *common, "--client-id", "2-3")]
+    procs = [start_brokerfl("server", *common, "--out", str(out)), start_brokerfl("client", *common, "--client-id", "0-1"), start_brokerfl("client", *common, "--client-id", "2-3")]
     try:
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
+        outputs = outputs_at_the_end(procs, timeout=240)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
         with AmqpTransport(amqp_url) as admin:
             RunTopology(run_name).delete(admin, config.client_ids())
     assert [p.returncode for p in procs] == [0, 0, 0], outputs

@@ -37,6 +37,7 @@ from brokerfl.metrics import curve_description, curve_panels, read_metrics
 from brokerfl.roles import topology_for
 from brokerfl.simulate import simulate
 from brokerfl.transports.local import LocalTransport
+from cli_processes import outputs_at_the_end, start_brokerfl
 
 ROOT = Path(__file__).resolve().parents[1]
 WINE_EVALUATE = ["loss", "accuracy", "f1_macro", "roc_auc", "brier"]
@@ -169,9 +170,6 @@ def test_regression_over_rabbitmq_matches_simulate_replays_and_accounts(amqp_url
     from brokerfl.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
 
-    def brokerfl(*args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
     config = yaml.safe_load((ROOT / "examples" / "regression" / "config.yaml").read_text())
     config.update(run=run_name, clients=3, rounds=4, strategy={"name": "fedavg", "min_clients": 3})
     path = tmp_path / "regression.yaml"
@@ -179,14 +177,8 @@ def test_regression_over_rabbitmq_matches_simulate_replays_and_accounts(amqp_url
     out = tmp_path / "out"
     common = [str(path), "--broker", amqp_url, "--log-level", "warning"]
     try:
-        procs = [brokerfl("server", *common, "--out", str(out)), brokerfl("client", *common, "--client-id", "0"), brokerfl("client", *common, "--client-id", "1-2")]
-        try:
-            outputs = [p.communicate(timeout=300)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.communicate()
+        procs = [start_brokerfl("server", *common, "--out", str(out)), start_brokerfl("client", *common, "--client-id", "0"), start_brokerfl("client", *common, "--client-id", "1-2")]
+        outputs = outputs_at_the_end(procs, timeout=300)
         assert [p.returncode for p in procs] == [0, 0, 0], outputs
         over_amqp = read_metrics(out / "metrics.jsonl")
         assert [r["num_updates"] for r in over_amqp] == [3, 3, 3, 3]

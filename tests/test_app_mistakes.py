@@ -25,6 +25,7 @@ from brokerfl.roles import client_worker, server_worker, topology_for
 from brokerfl.simulate import SimulationError, simulate
 from brokerfl.store import MemoryModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
+from cli_processes import outputs_at_the_end, start_brokerfl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,19 +148,12 @@ def test_one_failing_partition_in_a_process_hosting_two_clients_leaves_the_other
     common = [str(tmp_path / "run.yaml"), "--broker", amqp_url, "--log-level", "info"]
 
     def brokerfl(*args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, env={**env, "BROKERFL_LOG_FORMAT": "console"},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return start_brokerfl(*args, env={**env, "BROKERFL_LOG_FORMAT": "console"})
 
     try:
         procs = [brokerfl("server", *common, "--out", str(tmp_path / "out")), brokerfl("client", *common, "--client-id", "0"),
                  brokerfl("client", *common, "--client-id", "1-2")]
-        try:
-            outputs = [p.communicate(timeout=240)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.communicate()
+        outputs = outputs_at_the_end(procs, timeout=240)
         assert [p.returncode for p in procs] == [0, 0, 0], outputs
         server_out, _, pair_out = outputs
         assert "client 2 cannot run app 'partition_fails_for_2': the run goes on without it" in server_out

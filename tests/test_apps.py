@@ -20,6 +20,7 @@ from brokerfl.roles import topology_for
 from brokerfl.simulate import simulate
 from brokerfl.transport import REASON_HEADER
 from brokerfl.transports.local import LocalTransport
+from cli_processes import outputs_at_the_end, start_brokerfl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,9 +217,6 @@ def test_cnn_app_over_rabbitmq_matches_simulate_replays_and_accounts(amqp_url, r
     from brokerfl.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
 
-    def brokerfl(*args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
     config = yaml.safe_load((ROOT / "examples" / "cnn_mnist" / "config.yaml").read_text())
     config.update(run=run_name, clients=2, rounds=2, train={**config["train"], "max_batches": 2, "batch_size": 16}, strategy={"name": "fedavg", "min_clients": 2})
     path = tmp_path / "cnn.yaml"
@@ -226,14 +224,8 @@ def test_cnn_app_over_rabbitmq_matches_simulate_replays_and_accounts(amqp_url, r
     out = tmp_path / "out"
     common = [str(path), "--broker", amqp_url, "--log-level", "warning"]
     try:
-        procs = [brokerfl("server", *common, "--out", str(out)), brokerfl("client", *common, "--client-id", "0-1")]
-        try:
-            outputs = [p.communicate(timeout=300)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.communicate()
+        procs = [start_brokerfl("server", *common, "--out", str(out)), start_brokerfl("client", *common, "--client-id", "0-1")]
+        outputs = outputs_at_the_end(procs, timeout=300)
         assert [p.returncode for p in procs] == [0, 0], outputs
         over_amqp = read_metrics(out / "metrics.jsonl")
         assert [r["num_updates"] for r in over_amqp] == [2, 2]

@@ -29,6 +29,7 @@ from brokerfl.metrics import MetricsLog, read_metrics
 from brokerfl.store import MemoryModelStore
 from handlers.strategies.aggregate import BadUpdate
 from handlers.workflows import async_server, server
+from cli_processes import kill_the_rest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,9 +223,6 @@ def test_a_huge_update_over_rabbitmq_is_dead_lettered_with_its_reason_and_the_ru
         assert len(reasons) == SIX["rounds"], reasons
         assert all("update from client 0" in why and "strategy.max_update_ratio (10)" in why for why in reasons), reasons
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        kill_the_rest(procs)
         with AmqpTransport(amqp_url) as transport:
             topology.delete(transport, [str(i) for i in range(SIX["clients"])])
