@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from brokerfl.private_files import replaced_atomically
 from brokerfl.store import DirectoryModelStore, ModelVersion, parameters_hash
 
 FORMAT = "brokerfl-model"
@@ -51,12 +52,10 @@ def write_model_file(path: str | os.PathLike, model: ModelVersion, *, run: str =
             "round": model.round, "strategy": model.strategy, "sha256": model.sha256 or parameters_hash(model.parameters),
             "created": model.created}
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with replaced_atomically(path, 0o644) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, array in [(METADATA, np.frombuffer(json.dumps(meta).encode(), np.uint8)), *sorted(model.parameters.items())]:
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
-    os.replace(temporary, path)
     return path
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
@@ -24,22 +27,30 @@ def private_directory(path: str | Path) -> Path:
     return path
 
 
-def write_private(path: str | Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` with mode 0600, replacing any earlier file (see the module docstring)."""
+@contextmanager
+def replaced_atomically(path: str | Path, mode: int = FILE_MODE) -> Iterator[BinaryIO]:
+    """A binary file to write ``path``'s new content to: a temporary file (``mode``) in the
+    same directory, synced and renamed over ``path`` when the block ends, removed if it
+    raises. Readers see the old file or the whole new one, never half of it."""
     path = Path(path)
-    payload = data.encode() if isinstance(data, str) else data
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
     try:
-        os.fchmod(fd, FILE_MODE)  # mkstemp's mode, said where it matters
+        os.fchmod(fd, mode)  # mkstemp's mode, said where it matters
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_private(path: str | Path, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` with mode 0600, replacing any earlier file (see the module docstring)."""
+    with replaced_atomically(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def write_public(path: str | Path, data: bytes | str) -> Path:
