@@ -21,7 +21,8 @@ from typing import Any
 from brokerfl.admin import AdminCommand, AdminReply
 from brokerfl.journal import Skipped
 from brokerfl.message import MESSAGE_TYPES, ModelVersionStored, ParameterUpdate, RunFinished, TrainFailed, UpdateDropped
-from brokerfl.transport import REASON_HEADER, Delivery, bounded
+from brokerfl.names import bounded
+from brokerfl.transport import REASON_HEADER, Delivery
 
 
 @dataclass

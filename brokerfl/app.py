@@ -163,7 +163,7 @@ from brokerfl.app_metrics import (
     target_of,
 )
 from brokerfl.config import ConfigError, RunConfig, TrainConfig
-from brokerfl.transport import bounded
+from brokerfl.names import bounded
 
 BUILT_IN_APP = "handlers.apps.mlp"
 

@@ -13,7 +13,7 @@ from brokerfl.config import ConfigError, RunConfig, load_config
 from brokerfl.log import configure_logging
 from brokerfl.memory import tune_allocator
 from brokerfl.metrics import read_metrics
-from brokerfl.topology import check_name
+from brokerfl.names import check_name
 from brokerfl.transport import TransportError
 
 

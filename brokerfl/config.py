@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from brokerfl.topology import check_name
+from brokerfl.names import check_name
 
 
 class ConfigError(ValueError):

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from brokerfl.topology import check_name
+from brokerfl.names import check_name
 
 if TYPE_CHECKING:
     from brokerfl.message import Message

@@ -24,7 +24,8 @@ from brokerfl.identity import server_user
 from brokerfl.journal import Skipped
 from brokerfl.message import ModelVersionStored, from_wire
 from brokerfl.topology import RunTopology
-from brokerfl.transport import ORIGIN_USER_HEADER, ORIGINAL_LENGTH_HEADER, REASON_HEADER, Delivery, Transport, TransportError, bounded
+from brokerfl.names import bounded
+from brokerfl.transport import ORIGIN_USER_HEADER, ORIGINAL_LENGTH_HEADER, REASON_HEADER, Delivery, Transport, TransportError
 
 
 def management_counts(amqp_url: str, timeout: float = 2.0) -> dict[str, dict[str, int]] | None:

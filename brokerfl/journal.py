@@ -21,7 +21,8 @@ from brokerfl.codec import DecodeError
 from brokerfl.message import Envelope, Message, from_wire
 from brokerfl.topology import AUDIT, RunTopology, routing_key
 from brokerfl.stream_reader import StreamReader
-from brokerfl.transport import Delivery, Transport, TransportError, bounded, envelope_problem, safe_headers
+from brokerfl.names import bounded
+from brokerfl.transport import Delivery, Transport, TransportError, envelope_problem, safe_headers
 
 M = TypeVar("M", bound=Message)
 

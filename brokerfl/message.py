@@ -27,6 +27,7 @@ import numpy as np
 
 from brokerfl.app_metrics import wire_metrics_problem
 from brokerfl.codec import DEFAULT_LIMITS, DecodeError, Limits, decode, encode_parts
+from brokerfl.names import MAX_ID_CHARS, bounded, check_name
 
 SCHEMA_VERSION = 1
 
@@ -344,7 +345,6 @@ def from_wire(envelope: Envelope, body: bytes, limits: Limits = DEFAULT_LIMITS) 
 
 
 MAX_COUNTER = 2**63  # rounds, model versions, sample counts: non-negative, and what an AMQP header holds
-MAX_ID_CHARS = 128  # message ids, and the fields that name one
 MAX_ERROR_CHARS = 1000  # an error a client reports (it sends at most ERROR_CHARS, see handlers/workflows/client.py)
 MAX_SECONDS = 1e9  # a duration a message reports (about 30 years)
 _MESSAGE_ID_FIELDS = ("task_id", "update_id")
@@ -356,8 +356,6 @@ def _check_ranges(kind: str, envelope_values: dict[str, Any], values: dict[str, 
     """Protocol rules beyond types, checked before any handler trusts a field: client ids
     follow the name rule (they become words of routing keys and land in logs, state and
     records), counters are non-negative and bounded, message ids are bounded."""
-    from brokerfl.topology import check_name  # topology imports the transport, which imports this module
-
     if "client_id" in values:
         try:
             check_name("client id", values["client_id"])
@@ -403,7 +401,7 @@ _CLIENT_IDS = re.compile(r"[A-Za-z0-9_-]{1,64}(?:,[A-Za-z0-9_-]{1,64})*")
 
 
 def _all_client_ids(values: list[str]) -> bool:
-    """Every value a client id (topology.check_name's rule), in one regex over the joined
+    """Every value a client id (brokerfl.names.check_name's rule), in one regex over the joined
     list: a broadcast task names every participant and every client decodes it, so a
     per-element check costs N^2 per round over N clients. The separator count rules out
     an element that itself holds the separator."""
@@ -415,18 +413,15 @@ def _all_client_ids(values: list[str]) -> bool:
 
 def _check_client_key(client_id: Any, where: str) -> None:
     """A map keyed by client ids (Heartbeats' ``clients`` and ``training``): each key one."""
-    from brokerfl.topology import check_name  # lazily, as above: topology imports the transport, which imports this module
-
     try:
         check_name("client id", client_id)
     except ValueError:
         raise DecodeError(f"{where}: {_shown(client_id)} is not a client id") from None
 
 
-def _shown(value: Any, limit: int = 80) -> str:
-    """A value from the wire as it may appear in a reason: repr, cut to ``limit``."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+def _shown(value: Any) -> str:
+    """A value from the wire as it may appear in a reason: its repr, bounded."""
+    return bounded(repr(value), 80)
 
 
 _HINTS: dict[type, dict[str, tuple[Any, bool]]] = {}

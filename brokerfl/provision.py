@@ -65,7 +65,7 @@ from brokerfl.identity import admin_user, client_user, server_user
 from brokerfl.message import ServerStandby
 from brokerfl.private_files import private_directory, write_private, write_public
 from brokerfl.topology import ADMIN, AUDIT, CLIENTS, DEAD, SERVER
-from brokerfl.transport import bounded
+from brokerfl.names import bounded
 
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 SigningRequest = str | Path | tuple[str, str | Path]  # a <user>.csr file, or (user, its request file)

@@ -37,12 +37,10 @@ is in the journal anyway, and the broker's own dead-lettering would republish wh
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from brokerfl.names import check_name
 from brokerfl.transport import QueueKind, Transport, TransportError
-
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 SERVER = "server"
 CLIENTS = "clients"
@@ -76,13 +74,6 @@ class QueueSpec:
         )
         for pattern in self.bindings:
             transport.bind(self.name, exchange, pattern)
-
-
-def check_name(kind: str, value: str) -> str:
-    """Run names and client ids become words of routing keys: no dots, no wildcards."""
-    if not isinstance(value, str) or not _NAME.match(value):
-        raise ValueError(f"{kind} {value!r} must be 1-64 characters of letters, digits, '_' or '-'")
-    return value
 
 
 def client_dest(client_id: str) -> str:

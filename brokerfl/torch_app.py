@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brokerfl.app import AppContext, AppError, Parameters, TrainingCancelled, call, cancellation_requested
-from brokerfl.transport import bounded
+from brokerfl.names import bounded
 from brokerfl.config import TrainConfig
 
 if TYPE_CHECKING:

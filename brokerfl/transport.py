@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from brokerfl.message import Envelope
+from brokerfl.names import MAX_ID_CHARS, bounded
 
 Body = bytes | list[Any]
 """A body to publish: bytes, or a list of the buffers that make it up, in order (bytes and
@@ -68,7 +69,6 @@ ORIGIN_KEY_HEADER = "x-brokerfl-routing-key"
 DROPPED_HEADERS_HEADER = "x-brokerfl-dropped-headers"  # a dead letter's headers that were not safe to copy
 
 # Bounds on what an envelope from the wire may hold (see envelope_problem).
-MAX_ID_CHARS = 128  # message ids and senders (ours are 32 hex digits and client names)
 MAX_TYPE_CHARS = 64
 MAX_HEADER_KEY_CHARS = 128
 MAX_HEADER_TEXT_CHARS = 256  # a string header copied into a dead letter is cut to this
@@ -291,16 +291,6 @@ class Transport(abc.ABC):
 # ---------------------------------------------------------------- untrusted envelopes
 
 
-def bounded(text: Any, limit: int = 200) -> str:
-    """``text`` as a string fit for a log line, a terminal or a record: at most ``limit``
-    characters, with control characters (a terminal's escape sequences, line breaks that
-    would forge log lines) written as escapes."""
-    text = text if isinstance(text, str) else repr(text)
-    if len(text) > limit:
-        text = f"{text[:limit]}...({len(text)} chars)"
-    return text if text.isprintable() else "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
-
-
 def envelope_problem(envelope: Any) -> str:
     """Why an envelope from the wire cannot be trusted as one ("" if it can): every field of
     the right type and within bounds, the timestamp a real time. Both transports check what
@@ -325,8 +315,6 @@ def envelope_problem(envelope: Any) -> str:
 def safe_envelope(envelope: Any) -> Any:
     """A copy of an untrusted envelope that can be published (as a dead letter): fields that
     fail :func:`envelope_problem` are blanked (the reason header says what was wrong)."""
-    from brokerfl.message import Envelope
-
     def text(value: Any, limit: int) -> str:
         return value if isinstance(value, str) and len(value) <= limit else ""
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import pika.exceptions as px
 import structlog
 
-from brokerfl.transport import Delivery, TransportError, bounded, dead_letter_excerpt
+from brokerfl.names import bounded
+from brokerfl.transport import Delivery, TransportError, dead_letter_excerpt
 from brokerfl.transports.amqp_connection import _LOST, _describe
 from brokerfl.transports.amqp_consuming import _Consumer, _Handle, _Tag
 from brokerfl.transports.envelope import dead_letter_properties

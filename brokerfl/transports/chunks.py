@@ -43,7 +43,8 @@ from typing import Any
 
 import xxhash
 
-from brokerfl.transports.partial import Partial, Piece, buffers
+from brokerfl.names import MAX_ID_CHARS, bounded
+from brokerfl.transports.partial import ChunkInfo, Partial, Piece, buffers
 from brokerfl.transports.pika_body import Fragments
 
 CHUNK_HEADER = "x-brokerfl-chunk"
@@ -53,7 +54,6 @@ XXH3_HEADER = "x-brokerfl-xxh3-128"
 SHA256_HEADER = "x-brokerfl-sha256"  # what older versions sent; still checked
 HEADERS = frozenset({CHUNK_HEADER, CHUNK_OF_HEADER, LENGTH_HEADER, XXH3_HEADER, SHA256_HEADER})
 MAX_CHUNKS = 1_000_000  # chunks of one message (a 16 TiB body at the default chunk size)
-MAX_ID_CHARS = 128
 
 # Reassembly bounds (defaults of Assembler and of AmqpTransport, which passes its own).
 MAX_PARTIALS = 32  # incomplete messages held at once; the least recently fed one goes first
@@ -103,16 +103,6 @@ def split_views(body: bytes | list[Any], chunk_size: int, message_id: str) -> It
         yield taken or [memoryview(b"")], headers
 
 
-@dataclass(frozen=True)
-class ChunkInfo:
-    message_id: str
-    index: int
-    count: int
-    length: int
-    sha256: str | None  # hex SHA-256 of the whole body (older publishers), on the last chunk
-    xxh3: str | None = None  # hex XXH3-128 of the whole body, on the last chunk
-
-
 class BadChunk(ValueError):
     """Chunk headers that do not make sense."""
 
@@ -148,8 +138,7 @@ def parse(headers: dict[str, Any]) -> ChunkInfo | None:
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:80]}...({len(text)} chars)"
+    return bounded(repr(value), 80)
 
 
 # What Assembler.add returns ------------------------------------------------------------

@@ -21,7 +21,8 @@ import pika.frame
 import pika.spec
 
 from brokerfl.message import Envelope
-from brokerfl.transport import MAX_TIMESTAMP, ORIGIN_USER_HEADER, TransportError, bounded, dead_letter_headers, envelope_problem
+from brokerfl.names import bounded
+from brokerfl.transport import MAX_TIMESTAMP, ORIGIN_USER_HEADER, TransportError, dead_letter_headers, envelope_problem, safe_envelope
 from brokerfl.transports import chunks
 
 CONTENT_TYPE = "application/msgpack"
@@ -127,8 +128,6 @@ def to_envelope(properties: pika.BasicProperties) -> tuple[Envelope, str]:
     problem = problem or envelope_problem(raw)
     if not problem:
         return Envelope(raw.type, raw.message_id, raw.sender, float(timestamp), headers, user_id=raw.user_id), ""
-    from brokerfl.transport import safe_envelope
-
     return safe_envelope(raw), problem
 
 

@@ -37,15 +37,24 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import xxhash
 
 from brokerfl.memory import advise_huge_pages, libc
 from brokerfl.transports.pika_body import Fragments
 
-if TYPE_CHECKING:
-    from brokerfl.transports.chunks import ChunkInfo
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """What one chunk's headers say (:func:`brokerfl.transports.chunks.parse`)."""
+
+    message_id: str
+    index: int
+    count: int
+    length: int
+    sha256: str | None  # hex SHA-256 of the whole body (older publishers), on the last chunk
+    xxh3: str | None = None  # hex XXH3-128 of the whole body, on the last chunk
 
 
 @dataclass
