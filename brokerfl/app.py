@@ -134,8 +134,8 @@ A classification app with a torch model therefore needs only ``model`` and
 
 The module is imported by name: from an installed package, or from the working directory
 (the ``brokerfl`` command looks there too). Every error names the app and the function (:class:`AppError`). This module does not import
-torch: the torch adapter (``brokerfl/torch_app.py``) is imported only when an app's
-``model`` returns a torch Module.
+torch: the torch adapter (``brokerfl/torch_app.py``, a :class:`ModelKind` it registers) is
+imported only when an app's ``model`` returns a torch Module.
 """
 
 from __future__ import annotations
@@ -270,6 +270,33 @@ class NumpyModel:
             hook(self.app.options, data)
 
 
+@dataclass(frozen=True)
+class ModelKind:
+    """How the runtime drives a kind of model other than named numpy arrays. The module that
+    implements a kind registers it (:func:`register_model_kind`; torch's is
+    :mod:`brokerfl.torch_app`), so this module imports neither that module nor its framework."""
+
+    name: str
+    adapter: Callable[[App, Any], ModelAdapter]  # for an app whose model() returned one
+    loaded: Callable[[Any, Parameters, str], Any]  # load_model: a fresh model() with a file's parameters (the app's name for errors)
+
+
+_MODEL_KINDS: dict[str, ModelKind] = {}
+# The module that registers each kind, imported by name when a model() first returns one.
+MODEL_KIND_MODULES = {"torch": "brokerfl.torch_app"}
+
+
+def register_model_kind(kind: ModelKind) -> None:
+    _MODEL_KINDS[kind.name] = kind
+
+
+def model_kind(name: str) -> ModelKind:
+    """The registered kind ``name``, its module imported first if it has not registered yet."""
+    if name not in _MODEL_KINDS:
+        importlib.import_module(MODEL_KIND_MODULES[name])
+    return _MODEL_KINDS[name]
+
+
 class App:
     """An app module, checked and bound to its options; the runtime's one way to use it."""
 
@@ -315,9 +342,7 @@ class App:
             made = self.call_model(seed=0)
             torch = sys.modules.get("torch")
             if torch is not None and isinstance(made, torch.nn.Module):
-                from brokerfl.torch_app import TorchModel
-
-                self._adapter = TorchModel(self, made)
+                self._adapter = model_kind("torch").adapter(self, made)
             elif isinstance(made, Mapping) and made and all(isinstance(k, str) and _is_array(v) for k, v in made.items()):
                 self._adapter = NumpyModel(self, made)
             else:
@@ -676,10 +701,7 @@ def load_model(app_or_config: App | RunConfig | str | os.PathLike, path: str | o
     made = app.call_model(seed=0)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(made, torch.nn.Module):
-        from brokerfl.torch_app import load_named_arrays
-
-        load_named_arrays(made, parameters, app.name)
-        return made.eval()
+        return model_kind("torch").loaded(made, parameters, app.name)
     expected = {name: np.shape(value) for name, value in dict(made).items()}
     got = {name: value.shape for name, value in parameters.items()}
     if expected != got:

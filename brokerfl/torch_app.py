@@ -1,6 +1,7 @@
 """The torch side of the app API: state_dict <-> named arrays, and the default loops.
 
-Imported only when an app's ``model()`` returns a ``torch.nn.Module``. Parameters are the
+Imported only when an app's ``model()`` returns a ``torch.nn.Module``: it registers the torch
+:class:`~brokerfl.app.ModelKind` (brokerfl.app never imports it). Parameters are the
 module's whole ``state_dict`` (buffers too) as numpy arrays in the tensors' dtypes, except
 bfloat16 (numpy has none): it travels as float32, which holds every bfloat16 exactly, and
 is cast back when loaded into the module. Every call runs with torch's
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brokerfl.app import AppContext, AppError, Parameters, TrainingCancelled, call, cancellation_requested
+from brokerfl.app import AppContext, AppError, ModelKind, Parameters, TrainingCancelled, call, cancellation_requested, register_model_kind
 from brokerfl.names import bounded
 from brokerfl.config import TrainConfig
 
@@ -349,3 +350,12 @@ class TorchModel:
         with torch.random.fork_rng(devices=[]):
             self._train(self.module, data, settings, 0)
         load_named_arrays(self.module, saved, self.app.name)
+
+
+def _loaded(made: nn.Module, parameters: Parameters, app_name: str) -> nn.Module:
+    """:func:`brokerfl.app.load_model` of a torch app: ``made`` holding ``parameters``, in eval mode."""
+    load_named_arrays(made, parameters, app_name)
+    return made.eval()
+
+
+register_model_kind(ModelKind("torch", TorchModel, _loaded))
