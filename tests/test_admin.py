@@ -8,7 +8,7 @@ import pytest
 
 from brokerfl.accounting import account
 from brokerfl.admin import AdminReply, AdminState, RemoveClient, SetRounds, ask, restore_admin_state
-from brokerfl.cli_operate import admin_message
+from brokerfl.cli.operate import admin_message
 from brokerfl.config import load_config
 from brokerfl.journal import read_journal
 from brokerfl.replay import replay

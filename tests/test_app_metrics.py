@@ -98,7 +98,7 @@ def test_the_wine_apps_metrics_reach_metrics_jsonl_the_curve_and_status(tmp_path
     from rich.console import Console
 
     from brokerfl.admin import StatusReply
-    from brokerfl.cli_operate import metrics_lines, render
+    from brokerfl.cli.operate import metrics_lines, render
     from handlers.workflows.admin import status_of
 
     config = load_config("examples/wine/config.yaml", {"rounds": 3})

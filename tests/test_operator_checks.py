@@ -188,7 +188,7 @@ def test_process_instance_is_host_pid_random_and_made_once():
 def test_two_processes_with_one_client_id_are_flagged_once_and_shown_in_status():
     from rich.console import Console
 
-    from brokerfl.cli_operate import render
+    from brokerfl.cli.operate import render
 
     run = Server(clients=2, **{"strategy.min_clients": 2})
     run(Started(run="ops"))

@@ -20,7 +20,7 @@ import yaml
 from structlog.testing import capture_logs
 
 from brokerfl.admin import StatusReply, StatusRequest
-from brokerfl.cli_operate import _this_round
+from brokerfl.cli.operate import _this_round
 from brokerfl.config import load_config
 from brokerfl.handler_table import Context, Started
 from brokerfl.hostile.poisoning import simulated_run

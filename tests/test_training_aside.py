@@ -224,7 +224,7 @@ def _json_lines(text: str) -> list[dict]:
 def _rendered(status: dict) -> str:
     from rich.console import Console
 
-    from brokerfl.cli_operate import render
+    from brokerfl.cli.operate import render
 
     console = Console(file=io.StringIO(), width=200)
     console.print(render({"server": status, "queues": {}, "journal_max_bytes": None, "journal_max_age": None}))

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from brokerfl.cli import _broker_argument, _broker_url, _config_arguments, _connect, _env, _load, parse_client_ids
+from brokerfl.cli.common import add_broker_arguments, add_config_arguments, broker_url, connect, env, load_run_config, parse_client_ids
 from brokerfl.topology import RunTopology
 from brokerfl.transport import Transport, TransportError
 
@@ -141,10 +141,10 @@ def _this_round(client: dict[str, Any], status: dict[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from brokerfl.roles import topology_for
 
-    config = _load(args)
+    config = load_run_config(args)
     topology = topology_for(config)
-    url = _broker_url(args)
-    with _connect(args) as transport:
+    url = broker_url(args)
+    with connect(args) as transport:
         if not args.watch:
             view = gather(transport, topology, config.client_ids(), timeout=args.timeout, amqp_url=url)
             if args.json:
@@ -241,7 +241,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     from brokerfl.admin import ask
     from brokerfl.roles import topology_for
 
-    config = _load(args)
+    config = load_run_config(args)
     topology = topology_for(config)
     try:
         message = admin_message(args.admin_command, args.values, args)
@@ -252,7 +252,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"REFUSED (not sent): {refusal}")
         return 1
-    with _connect(args) as transport:
+    with connect(args) as transport:
         reply = ask(transport, topology, message, timeout=args.timeout)
         if reply is None:
             print(f"brokerfl admin: no reply from the server of run {config.run} within {args.timeout:g} s (not running, or busy): the command expired unapplied, unless the server took it at the last moment (see brokerfl status)", file=sys.stderr)
@@ -266,8 +266,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 def add_commands(commands: Any) -> None:
     status = commands.add_parser("status", help="a running federation as its server sees it (rounds, clients, queues)")
-    _config_arguments(status)
-    _broker_argument(status)
+    add_config_arguments(status)
+    add_broker_arguments(status)
     status.add_argument("--watch", action="store_true", help="refresh as a live view until Ctrl-C")
     status.add_argument("--json", action="store_true", help="JSON (one object per refresh with --watch)")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
@@ -282,11 +282,11 @@ def add_commands(commands: Any) -> None:
     )
     admin.add_argument("admin_command", choices=list(COMMANDS), metavar="COMMAND", help=", ".join(COMMANDS))
     admin.add_argument("values", nargs="*", help="the command's values (a client id, N, client ids)")
-    admin.add_argument("--config", default=_env("CONFIG"), help="YAML run config (default: $BROKERFL_CONFIG; only the run name and journal are used)")
-    admin.add_argument("--run", default=_env("RUN"), help="run name")
+    admin.add_argument("--config", default=env("CONFIG"), help="YAML run config (default: $BROKERFL_CONFIG; only the run name and journal are used)")
+    admin.add_argument("--run", default=env("RUN"), help="run name")
     admin.add_argument("--reason", help="abort: why (journaled)")
     admin.add_argument("--delete-queue", action="store_true", help="remove-client: also delete the client's queue")
     admin.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server's reply")
     admin.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    _broker_argument(admin)
+    add_broker_arguments(admin)
     admin.set_defaults(func=cmd_admin, clients=None, rounds=None, seed=None)

@@ -1,4 +1,5 @@
-"""The ``brokerfl`` command."""
+"""The ``brokerfl`` command: its parser and the commands that run a federation (status and
+admin: :mod:`brokerfl.cli.operate`)."""
 
 from __future__ import annotations
 
@@ -6,69 +7,19 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from brokerfl.app import AppError
-from brokerfl.config import ConfigError, RunConfig, load_config
+from brokerfl.cli.operate import add_commands as add_operate_commands
+from brokerfl.cli.common import add_broker_arguments, add_config_arguments, broker_url, connect, env, load_run_config, parse_client_ids
+from brokerfl.config import ConfigError, RunConfig
 from brokerfl.log import configure_logging
 from brokerfl.memory import tune_allocator
 from brokerfl.metrics import read_metrics
-from brokerfl.names import check_name
 from brokerfl.transport import TransportError
 
 
-def _env(name: str) -> str | None:
-    """Every option can also come from BROKERFL_<NAME> (containers are configured so)."""
-    return os.environ.get(f"BROKERFL_{name}") or None
-
-
-def _env_flag(name: str) -> bool | None:
-    """A flag's default from BROKERFL_<NAME>: True for 1/true/yes, else None (the config decides)."""
-    return True if (_env(name) or "").strip().lower() in ("1", "true", "yes") else None
-
-
-def _config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", default=_env("CONFIG"), help="YAML run config (default: $BROKERFL_CONFIG, else the embedded default run: digits, 10 IID clients, FedAvg)")
-    parser.add_argument("--clients", type=int, default=_env("CLIENTS"), help="federation size = number of data partitions")
-    parser.add_argument("--rounds", type=int, default=_env("ROUNDS"), help="number of rounds")
-    parser.add_argument("--seed", type=int, default=_env("SEED"), help="seed for data split, sampling, initialisation and training")
-    parser.add_argument("--run", default=_env("RUN"), help="run name (the broker namespace)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument(
-        "--enforce-identity",
-        action="store_const",
-        const=True,
-        default=_env_flag("ENFORCE_IDENTITY"),
-        help="check every message's publisher against the run's users (identity.enforce; $BROKERFL_ENFORCE_IDENTITY=1)",
-    )
-    parser.add_argument(
-        "--replicated-queues",
-        action="store_const",
-        const=True,
-        default=_env_flag("REPLICATED_QUEUES"),
-        help="every queue of the run a quorum queue, replicated on a RabbitMQ cluster (replicated_queues; $BROKERFL_REPLICATED_QUEUES=1)",
-    )
-
-
-def _broker_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", help="AMQP URL, amqp:// or amqps:// (default: $BROKERFL_AMQP_URL); amqps:// without a user and with --tls-cert logs in by certificate; "
-                        "the nodes of a RabbitMQ cluster as comma-separated URLs (tried in order, failed over on connection loss)")
-    parser.add_argument("--tls-ca", default=_env("TLS_CA"), help="CA certificate (PEM) that signed the broker's (default: $BROKERFL_TLS_CA, else the system's CAs)")
-    parser.add_argument("--tls-cert", default=_env("TLS_CERT"), help="this participant's certificate (PEM) (default: $BROKERFL_TLS_CERT)")
-    parser.add_argument("--tls-key", default=_env("TLS_KEY"), help="its private key (PEM) (default: $BROKERFL_TLS_KEY)")
-    parser.add_argument("--max-reconnect-s", type=float, default=_env("MAX_RECONNECT_S") or 60.0,
-                        help="how long to keep trying to reach the broker, after a lost connection and (server, client) at start (default 60; $BROKERFL_MAX_RECONNECT_S)")
-
-
 def _metrics_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT"), help="serve Prometheus metrics on this port (/metrics)")
-
-
-def _load(args: argparse.Namespace) -> RunConfig:
-    # argparse applies `type` to string defaults too, so env values arrive as ints here
-    overrides: dict[str, Any] = {"clients": args.clients, "rounds": args.rounds, "seed": args.seed, "run": args.run, "identity.enforce": getattr(args, "enforce_identity", None),
-                                 "replicated_queues": getattr(args, "replicated_queues", None)}
-    return load_config(args.config, overrides)
+    parser.add_argument("--metrics-port", type=int, default=env("METRICS_PORT"), help="serve Prometheus metrics on this port (/metrics)")
 
 
 def _set_torch_threads() -> None:
@@ -108,7 +59,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         # in an app's folder, `brokerfl simulate` runs that app (like `flwr run .`)
         args.config = APP_CONFIG
         print(f"brokerfl simulate: using ./{APP_CONFIG}", file=sys.stderr)
-    config = _load(args)
+    config = load_run_config(args)
     _set_torch_threads()
     out = Path(args.out or f"runs/{config.run}")
     try:
@@ -161,27 +112,6 @@ def _print_cross_site(config: RunConfig, out: Path) -> None:
             print(f"heatmap: {out / HEATMAP_FILE}")
 
 
-def _broker_url(args: argparse.Namespace) -> str:
-    url = args.broker or _env("AMQP_URL")
-    if not url:
-        raise SystemExit("brokerfl: no broker: pass --broker URL or set BROKERFL_AMQP_URL")
-    return url
-
-
-def _connect(args: argparse.Namespace, *, side: bool = False, retry_start: bool = False):
-    """``side``: a connection used now and then between long idle spells (the models
-    stream's): without heartbeats, which only a connection that is polled sends, so the
-    broker does not close it while idle (a dead one is reopened on its next use).
-    ``retry_start``: a long-running process (server, client) keeps trying to reach a broker
-    that is not up yet, as after a lost connection (``--max-reconnect-s``); the one-shot
-    commands fail at once."""
-    from brokerfl.transports.amqp import AmqpTransport
-    from brokerfl.transports.connect import TlsOptions
-
-    return AmqpTransport(_broker_url(args), tls=TlsOptions(args.tls_ca, args.tls_cert, args.tls_key), max_reconnect_s=float(getattr(args, "max_reconnect_s", 60.0)),
-                         retry_start=retry_start, **({"heartbeat": 0} if side else {}))
-
-
 def cmd_server(args: argparse.Namespace) -> int:
     from brokerfl.app import curve_settings, load_app
     from brokerfl.broker_store import BrokerModelStore
@@ -190,15 +120,15 @@ def cmd_server(args: argparse.Namespace) -> int:
     from brokerfl.store import DirectoryModelStore
     from brokerfl.transport import LeaseLost
 
-    config = _load(args)
+    config = load_run_config(args)
     # The server's evaluation too: with torch's default of one thread per core, a 100k
     # model's evaluation took 3 ms on idle cores and 60-80 ms (up to 1 s) under load, its
     # second thread waiting to be scheduled (brokerfl README, "Evaluation off the critical path").
     _set_torch_threads()
-    out = Path(args.out or _env("OUT") or f"runs/{config.run}")
+    out = Path(args.out or env("OUT") or f"runs/{config.run}")
     # The versions live on the broker (the run's models stream), so a server on a fresh
     # host with an empty --out resumes the run; DIR/models is an export of them.
-    with _connect(args, retry_start=True) as transport, _connect(args, side=True, retry_start=True) as store_transport:
+    with connect(args, retry_start=True) as transport, connect(args, side=True, retry_start=True) as store_transport:
         topology_for(config).declare(transport)
         load_app(config).check_model()  # a hot standby: the app's code (and torch, if it uses it) loaded before it waits
         take_server_role(transport, config)  # a standby until no other server holds the role
@@ -241,24 +171,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_client_ids(text: str) -> list[str]:
-    """``3``, ``0-9`` or ``0-3,7,9``."""
-    ids: list[str] = []
-    for part in text.split(","):
-        low, dash, high = part.strip().partition("-")
-        if dash and low.isdigit() and high.isdigit():
-            if int(high) < int(low):
-                raise argparse.ArgumentTypeError(f"empty client id range {part!r}")
-            ids.extend(str(i) for i in range(int(low), int(high) + 1))
-        else:
-            ids.append(check_name("client id", part.strip()))
-    return ids
-
-
 def cmd_ping(args: argparse.Namespace) -> int:
-    with _connect(args):
+    with connect(args):
         pass
-    print(f"broker at {_mask(_broker_url(args))} answers")
+    print(f"broker at {_mask(broker_url(args))} answers")
     return 0
 
 
@@ -275,7 +191,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     from brokerfl.roles import client_process_worker, client_worker, topology_for
     from brokerfl.worker import run_workers
 
-    config = _load(args)
+    config = load_run_config(args)
     outside = [cid for cid in args.client_id if not config.has_client(cid)]
     if outside:
         shown = ", ".join(outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
@@ -287,11 +203,11 @@ def cmd_client(args: argparse.Namespace) -> int:
     if config.workflow == "swarm":  # a peer: these clients plus an aggregator candidate
         from brokerfl.swarm import run_peer
 
-        out = Path(_env("OUT") or f"runs/{config.run}")
-        code = run_peer(lambda: _connect(args, retry_start=True), config, args.client_id, out)
+        out = Path(env("OUT") or f"runs/{config.run}")
+        code = run_peer(lambda: connect(args, retry_start=True), config, args.client_id, out)
         _print_cross_site(config, out)  # written by the peer that held the role at the end
         return code
-    with _connect(args, retry_start=True) as transport, _connect(args, side=True, retry_start=True) as models_transport:
+    with connect(args, retry_start=True) as transport, connect(args, side=True, retry_start=True) as models_transport:
         # one connection, one consumer per logical client; a second one fetches the models
         # tasks name by reference, once per process for all its logical clients
         capacity = transport.consumer_capacity()  # one channel per logical client's consumer
@@ -335,9 +251,9 @@ def cmd_accounting(args: argparse.Namespace) -> int:
             return 2
         print(report.summary())
         return 0 if report.ok and report.cut_at is None else 1
-    config = _load(args)
-    out = Path(args.out or _env("OUT")) if (args.out or _env("OUT")) else None
-    with _connect(args) as transport, _connect(args) as store_transport:
+    config = load_run_config(args)
+    out = Path(args.out or env("OUT")) if (args.out or env("OUT")) else None
+    with connect(args) as transport, connect(args) as store_transport:
         if out is not None:  # the versions as a server exported them
             if not (out / "models").is_dir():
                 raise SystemExit(f"brokerfl accounting: no stored model versions in {out / 'models'}")
@@ -358,7 +274,7 @@ def _journal_source(args: argparse.Namespace, config: RunConfig):
 
     if args.journal:
         return read_journal_file(args.journal), None
-    transport = _connect(args)
+    transport = connect(args)
     return read_journal(transport, topology_for(config.model_copy(update={"journal": True}))), transport
 
 
@@ -367,7 +283,7 @@ def _load_for_journal(args: argparse.Namespace) -> RunConfig:
         from brokerfl.journal import journal_file_run
 
         args.run = journal_file_run(args.journal) or None
-    return _load(args)
+    return load_run_config(args)
 
 
 def _strategy_option(text: str) -> tuple[str, object]:
@@ -407,9 +323,9 @@ def cmd_journal_export(args: argparse.Namespace) -> int:
     from brokerfl.journal import Skipped, read_journal, write_journal_file
     from brokerfl.roles import topology_for
 
-    config = _load(args)
+    config = load_run_config(args)
     skipped = Skipped()
-    with _connect(args) as transport:
+    with connect(args) as transport:
         count = write_journal_file(args.file, config.run, read_journal(transport, topology_for(config.model_copy(update={"journal": True}))), skipped)
     print(f"wrote {count} messages of run {config.run} to {args.file}")
     print(skipped.summary())
@@ -439,8 +355,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if not args.journal:
         from brokerfl.roles import topology_for
 
-        with _connect(args) as transport:
-            print(inspect.queue_table(transport, topology_for(config), config.client_ids(), _broker_url(args)))
+        with connect(args) as transport:
+            print(inspect.queue_table(transport, topology_for(config), config.client_ids(), broker_url(args)))
     deliveries, transport = _journal_source(args, config)
     try:
         print(inspect.journal_report(deliveries, run=config.run))
@@ -453,7 +369,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     from brokerfl.provision import provision
 
-    config = _load(args)
+    config = load_run_config(args)
     done = provision(
         config, args.out, host=args.host, port=args.port, vhost=args.vhost, tls=args.tls, broker_dir=args.broker_dir,
         ca_dir=args.ca_dir, requests=args.sign, password_login=args.password_login,
@@ -498,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     sim = commands.add_parser("simulate", help="run a whole federation in this process (local transport, no broker)")
-    _config_arguments(sim)
+    add_config_arguments(sim)
     sim.add_argument("--out", help="directory for metrics.jsonl, curve.png and final_model.npz (default: runs/<run>)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.add_argument("--journal", help="also write the run's journal to this file (for brokerfl replay --journal)")
@@ -511,16 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
     new.set_defaults(func=cmd_new)
 
     server = commands.add_parser("server", help="run the server of a federation over RabbitMQ")
-    _config_arguments(server)
-    _broker_argument(server)
+    add_config_arguments(server)
+    add_broker_arguments(server)
     server.add_argument("--out", help="directory for metrics.jsonl, curve.png and stored model versions (default: runs/<run>)")
     _metrics_argument(server)
     server.set_defaults(func=cmd_server)
 
     client = commands.add_parser("client", help="run one or many logical clients over RabbitMQ")
-    _config_arguments(client)
-    _broker_argument(client)
-    client.add_argument("--client-id", default=_env("CLIENT_ID"), type=parse_client_ids, help="an id, a range such as 0-9, or a list such as 0-3,7 (default: $BROKERFL_CLIENT_ID)")
+    add_config_arguments(client)
+    add_broker_arguments(client)
+    client.add_argument("--client-id", default=env("CLIENT_ID"), type=parse_client_ids, help="an id, a range such as 0-9, or a list such as 0-3,7 (default: $BROKERFL_CLIENT_ID)")
     _metrics_argument(client)
     client.set_defaults(func=cmd_client)
 
@@ -531,15 +447,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     accounting = commands.add_parser("accounting", help="prove every update is in exactly one model version or dropped with a reason")
-    _config_arguments(accounting)
-    _broker_argument(accounting)
+    add_config_arguments(accounting)
+    add_broker_arguments(accounting)
     accounting.add_argument("--out", help="read the model versions a server exported to this directory (default: from the run's models stream on the broker)")
     accounting.add_argument("--journal", help="a journal file (brokerfl journal export, simulate --journal): the versions from its records, no broker needed")
     accounting.set_defaults(func=cmd_accounting)
 
     rep = commands.add_parser("replay", help="recompute a run's model versions from its journal; check hashes; what-ifs")
-    _config_arguments(rep)
-    _broker_argument(rep)
+    add_config_arguments(rep)
+    add_broker_arguments(rep)
     rep.add_argument("--journal", help="a journal file (brokerfl journal export, simulate --journal): no broker needed")
     rep.add_argument("--check", action="store_true", help="exit non-zero if any recomputed version differs from the stored one")
     rep.add_argument("--strategy", help="what-if: aggregate the same updates with this strategy (e.g. median) and compare accuracies")
@@ -551,14 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
     journal = commands.add_parser("journal", help="the run's journal")
     journal_commands = journal.add_subparsers(dest="journal_command", required=True)
     export = journal_commands.add_parser("export", help="write the run's journal to a file")
-    _config_arguments(export)
+    add_config_arguments(export)
     export.add_argument("file")
-    _broker_argument(export)
+    add_broker_arguments(export)
     export.set_defaults(func=cmd_journal_export)
 
     ins = commands.add_parser("inspect", help="a run's queues, dead letters, newest versions; any message decoded")
-    _config_arguments(ins)
-    _broker_argument(ins)
+    add_config_arguments(ins)
+    add_broker_arguments(ins)
     ins.add_argument("--journal", help="inspect a journal file instead of the broker")
     ins.add_argument("--message", help="show one message of the journal, decoded (tensor names, shapes, dtypes, norms)")
     ins.add_argument("--update", help="the id of a ParameterUpdate to show or dump")
@@ -566,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=cmd_inspect)
 
     prov = commands.add_parser("provision", help="broker users, permissions and credentials for a federation across organisations")
-    _config_arguments(prov)
+    add_config_arguments(prov)
     prov.add_argument("--out", required=True, help="directory for definitions.json, <user>.env files, rabbitmq.conf (and tls/)")
     prov.add_argument("--host", default="localhost", help="the broker's host name as participants reach it (and, with --tls, in its certificate)")
     prov.add_argument("--port", type=int, help="the broker's port (default 5672, with --tls 5671)")
@@ -586,12 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--replace", action="store_true", help="make a new key even if USER.key exists (its certificate then stops working)")
     keygen.set_defaults(func=cmd_keygen)
 
-    from brokerfl import cli_operate
-
-    cli_operate.add_commands(commands)
+    add_operate_commands(commands)
 
     ping = commands.add_parser("ping", help="check that the broker answers (container health checks)")
-    _broker_argument(ping)
+    add_broker_arguments(ping)
     ping.set_defaults(func=cmd_ping)
     return parser
 

@@ -1,0 +1,5 @@
+import sys
+
+from brokerfl.cli.main import main
+
+sys.exit(main())
