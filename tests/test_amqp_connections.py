@@ -34,10 +34,10 @@ def test_waiting_for_a_confirm_reads_no_deliveries(amqp_factory, run_name):
     assert sender.queue_info(inbound).messages_ready == 0
 
     transport.publish("", outbound, envelope(99), b"y" * 100_000)
-    consumer = next(iter(transport._consumers.values()))
+    consumer = next(iter(transport._consumers.consumers.values()))
     # pika's per-channel queue of deliveries read off the socket and not yet dispatched
     assert not consumer.channel._pending_events, "the publish read deliveries while it waited for its confirm"
-    assert not transport._received
+    assert not transport._consumers.received
 
     deadline = time.monotonic() + 15
     while len(got) < len(sent) and time.monotonic() < deadline:
@@ -54,10 +54,10 @@ def test_an_idle_publishing_connection_is_kept_alive_by_polling(amqp_factory, ru
     queue = f"brokerfl.{run_name}.idle"
     transport.declare_queue(queue)
     transport.consume(queue, lambda d: None, prefetch=1)
-    generation = transport._generation
+    generation = transport._connection.generation
     deadline = time.monotonic() + 5  # the broker closes a connection silent for 2 heartbeats
     while time.monotonic() < deadline:
         transport.poll(0.2)
-    assert transport._publisher.is_open
+    assert transport._connection.publisher.is_open
     transport.publish("", queue, envelope(1), b"after an idle spell")
-    assert transport._generation == generation, "the publishing connection was lost while idle and reopened"
+    assert transport._connection.generation == generation, "the publishing connection was lost while idle and reopened"

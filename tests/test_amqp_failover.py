@@ -211,7 +211,7 @@ def test_connections_given_up_on_are_closed_at_once(amqp_factory, proxied_url, r
     admin.publish("", queue, envelope(1), b"held")
     _poll_until(transport, lambda: got, 15)
     assert len(got) == 1
-    old = [transport._conn, transport._publisher]  # kept alive here: no garbage collection closes them
+    old = [transport._connection.conn, transport._connection.publisher]  # kept alive here: no garbage collection closes them
     assert len(proxy.pairs) == 2
 
     proxy.freeze()
@@ -337,7 +337,7 @@ def test_a_nacked_publish_is_published_again_on_a_new_channel(amqp_factory, amqp
         ch.queue_declare(queue, durable=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
         transport = amqp_factory()
         transport.publish("", queue, envelope(1), b"fills the queue")
-        first_channel = transport._pub
+        first_channel = transport._connection.pub
         published = threading.Event()
         failure: list[BaseException] = []
 
@@ -351,9 +351,9 @@ def test_a_nacked_publish_is_published_again_on_a_new_channel(amqp_factory, amqp
         thread = threading.Thread(target=publish)
         thread.start()
         deadline = time.monotonic() + 20
-        while transport._pub is first_channel and time.monotonic() < deadline and not failure:
+        while transport._connection.pub is first_channel and time.monotonic() < deadline and not failure:
             time.sleep(0.01)  # polling the transport's state with a deadline
-        assert transport._pub is not first_channel, "the nacked publish stayed on its channel"
+        assert transport._connection.pub is not first_channel, "the nacked publish stayed on its channel"
         assert not first_channel.is_open
         assert not published.is_set()
         method, _, body = ch.basic_get(queue, auto_ack=True)  # room for one

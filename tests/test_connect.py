@@ -41,7 +41,7 @@ def test_a_dead_node_in_the_list_is_passed_over(amqp_url):
     parts = urlsplit(amqp_url)
     dead = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.port}", f":{_closed_port()}")))
     with AmqpTransport([dead, amqp_url]) as transport:
-        assert transport._node is not None and transport._node.port == parts.port
+        assert transport._connection.node is not None and transport._connection.node.port == parts.port
         assert "***" in transport.safe_url or not parts.password
     with pytest.raises(TransportError, match="cannot connect"):
         AmqpTransport(dead, connect_timeout=2)

@@ -109,7 +109,7 @@ def test_a_single_hostile_message_is_dead_lettered_and_the_worker_goes_on(case, 
         worker.step(0.1)
     assert worker.dead_lettered == 1
     if transport_factory.kind == "amqp":
-        assert transport._generation == 1, "the hostile message cost a reconnect"
+        assert transport._connection.generation == 1, "the hostile message cost a reconnect"
     dead = transport.get(topology.dead_queue)
     assert dead is not None and dead.body == GARBAGE
     assert reason_text in dead.envelope.headers[REASON_HEADER]

@@ -45,7 +45,7 @@ def test_a_connection_that_finds_its_lease_taken_after_a_reconnect_stops_consumi
     got: list[str] = []
     old.consume(queue, lambda d: got.append(d.envelope.message_id))
     assert old.hold_lease(lease)
-    old._conn._impl._transport._sock.shutdown(socket.SHUT_RDWR)  # the connection is cut under it
+    old._connection.conn._impl._transport._sock.shutdown(socket.SHUT_RDWR)  # the connection is cut under it
     deadline = time.monotonic() + 30
     while not new.hold_lease(lease):
         assert time.monotonic() < deadline, "the cut connection's lease was not released"

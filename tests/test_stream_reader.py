@@ -65,7 +65,7 @@ def test_leaving_a_stream_with_deliveries_in_flight_keeps_the_connection(amqp_fa
     topology.declare(writer)
     for i in range(300):
         writer.publish(topology.exchange, f"server.m{i}", envelope(i), b"x" * 64)
-    generation = reader._generation
+    generation = reader._connection.generation
     for attempt in range(10):
         with StreamReader(reader, topology.journal_stream, offset="first", prefetch=64, silence_s=30, what=lambda s: f"silent {s}") as stream:
             # a round trip on the same connection: meanwhile pika queues the stream's
@@ -74,7 +74,7 @@ def test_leaving_a_stream_with_deliveries_in_flight_keeps_the_connection(amqp_fa
             assert next(iter(stream)).envelope.headers["i"] == 0
         reader.queue_info(topology.journal_stream)  # the broker's close, if any, is read here
     reader.poll(0.2)
-    assert reader._generation == generation, "the broker closed the reader's connection (a stream delivery was rejected)"
+    assert reader._connection.generation == generation, "the broker closed the reader's connection (a stream delivery was rejected)"
 
 
 @pytest.mark.timeout(60)

@@ -308,7 +308,7 @@ def test_the_amqp_heartbeat_comes_from_the_url_unless_given(amqp_url):
     short = amqp_url + ("&" if "?" in amqp_url else "?") + "heartbeat=2"
     for url, options, expected in ((short, {}, 2), (amqp_url, {}, DEFAULT_HEARTBEAT_S), (short, {"heartbeat": 0}, 0)):
         with AmqpTransport(url, **options) as transport:
-            assert transport._conn._impl.params.heartbeat == expected, (url, options)
+            assert transport._connection.conn._impl.params.heartbeat == expected, (url, options)
 
 
 @pytest.mark.timeout(60)

@@ -510,10 +510,10 @@ def test_swarm_peers_over_rabbitmq_survive_a_killed_aggregator(amqp_url, run_nam
     with AmqpTransport(amqp_url) as transport, AmqpTransport(amqp_url) as store_transport:
         store = BrokerModelStore(store_transport, topology).refresh()
         assert store.versions() == list(range(rounds + 1))
-        generation = transport._generation
+        generation = transport._connection.generation
         journal = list(read_journal(transport, topology))
         transport.queue_info(topology.server_queue)  # a broker's close of the reader's connection shows here
-        assert transport._generation == generation, "the journal reader's connection was lost (e.g. a stream delivery rejected)"
+        assert transport._connection.generation == generation, "the journal reader's connection was lost (e.g. a stream delivery rejected)"
         # the round the killed process held was stored by the peer that took over, and the
         # update it held (redelivered) is in it
         assert store.metadata(held_round)["round"] == held_round

@@ -2,10 +2,13 @@
 
 Semantics match :mod:`brokerfl.transports.local` (see :mod:`brokerfl.transport`).
 :class:`AmqpTransport` (this module: construction, topology, publishing, request/reply)
-is assembled from parts, one concept each: :mod:`~brokerfl.transports.amqp_connection`
-(connect, reconnect, retry, error classification), :mod:`~brokerfl.transports.amqp_consuming`
-(consumers, reassembly, hand-out, ``get``) and :mod:`~brokerfl.transports.amqp_settling`
-(ack, nack, dead-lettering). How it works:
+is composed of parts, one concept each, each given what it needs when it is made:
+:class:`~brokerfl.transports.amqp_connection.AmqpConnection` (connect, reconnect, retry,
+publish with confirms, error classification), :class:`~brokerfl.transports.amqp_consuming.Consumers`
+(consumers, reassembly, hand-out, ``get``, settling what it handed out) and
+:class:`~brokerfl.transports.amqp_settling.Settler` (ack, nack and dead-lettering of AMQP
+deliveries); :mod:`~brokerfl.transports.amqp_deliveries` has the records they share. How
+it works:
 
 - **Envelope.** AMQP properties and headers (:mod:`brokerfl.transports.envelope`).
 - **Channels.** One confirm-mode channel publishes (``mandatory``: unroutable is an error),
@@ -59,20 +62,20 @@ Limits worth knowing:
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import pika
 import pika.exceptions as px
 import structlog
+from pika.adapters.blocking_connection import BlockingChannel
 
 from brokerfl.message import Envelope
-from brokerfl.transport import REPLY_TO, Body, Delivery, QueueInfo, QueueKind, Transport, TransportError, UnroutableError, body_size
+from brokerfl.transport import REPLY_TO, Body, Delivery, LeaseLost, OnDelivery, QueueInfo, QueueKind, StreamOffset, Transport, TransportError, UnroutableError, body_size
 from brokerfl.transports import chunks
-from brokerfl.transports.amqp_connection import MAX_BACKOFF_S, RECV_BYTES, ChannelLimitError, ConnectionMixin, _channel_error, _quietly, _tune_reads, mask_url
-from brokerfl.transports.amqp_consuming import STREAM_CREDIT, ConsumingMixin, _Consumer, _Handle, _Tag
-from brokerfl.transports.amqp_settling import SettlingMixin
+from brokerfl.transports.amqp_connection import RECV_BYTES, AmqpConnection, ChannelLimitError, _channel_error, _quietly, _recovering, _tune_reads, mask_url
+from brokerfl.transports.amqp_consuming import STREAM_CREDIT, Consumers
+from brokerfl.transports.amqp_settling import Settler
 from brokerfl.transports.connect import TlsOptions, broker_urls, cluster_parameters
 from brokerfl.transports.envelope import to_envelope, to_properties
 from brokerfl.transports.pika_body import GatheredBody
@@ -84,11 +87,6 @@ __all__ = ["AmqpTransport", "ChannelLimitError", "RECV_BYTES", "STREAM_CREDIT", 
 
 
 DEFAULT_HEARTBEAT_S = 30
-
-
-class _Nacked(TransportError):
-    """The broker nacked a publish (retried for a while before it becomes a TransportError)."""
-
 
 
 def queue_arguments(
@@ -113,7 +111,8 @@ def queue_arguments(
     return arguments
 
 
-class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
+
+class AmqpTransport(Transport):
     """A connection to RabbitMQ; used by one thread."""
 
     def __init__(
@@ -136,7 +135,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
     ) -> None:
         """``confirm_timeout``: a publish whose confirm does not come within this long is
         published again on a new connection (the old one is aborted; see
-        :meth:`ConnectionMixin._bounded`; a connection blocked by a resource alarm waits on).
+        :meth:`AmqpConnection.bounded`; a connection blocked by a resource alarm waits on).
         ``chunk_timeout``: a partly received chunked message that gets no chunk for this
         long is dead-lettered (its publisher died, or its chunks went to another consumer
         of the queue: one consumer per queue that carries chunked messages).
@@ -163,52 +162,94 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         self.max_reconnect_s = max_reconnect_s
         self.confirm_timeout = confirm_timeout
         self.chunk_timeout = chunk_timeout
-        self._assembler_bounds = {"max_partials": max_partial_messages, "max_bytes": max_partial_bytes, "max_bytes_per_sender": max_partial_bytes_per_sender, "spill_min_bytes": spill_min_bytes, "spill_dir": spill_dir}
         try:
-            self._nodes, self.user = cluster_parameters(url, tls)
+            nodes, self.user = cluster_parameters(url, tls)
         except Exception as exc:
             raise TransportError(f"bad AMQP URL {self.safe_url}: {exc}") from None
-        for node_url, params in zip(broker_urls(url), self._nodes):
+        for node_url, params in zip(broker_urls(url), nodes):
             if heartbeat is not None or "heartbeat" not in parse_qs(urlsplit(node_url).query):
                 params.heartbeat = DEFAULT_HEARTBEAT_S if heartbeat is None else heartbeat
             params.socket_timeout = connect_timeout
             params.stack_timeout = connect_timeout
             params.connection_attempts = 1
             params.client_properties = {"connection_name": "brokerfl"}
-        self._node: pika.URLParameters | None = None  # the node of the current connection
         # What to redeclare after a reconnect (dicts as ordered sets).
         self._exchanges: dict[str, None] = {}
         self._queues: dict[str, tuple[QueueKind, dict[str, Any]]] = {}
         self._bindings: dict[tuple[str, str, str], None] = {}
         self._leases: dict[str, None] = {}  # exclusive queues this connection holds (hold_lease)
-        self._consumers: dict[str, _Consumer] = {}
-        self._received: deque[tuple[_Consumer, _Handle, bytes]] = deque()  # recorded by pika's callbacks
-        self._inbox: deque[tuple[_Consumer, Delivery]] = deque()
-        self._get_assemblers: dict[str, chunks.Assembler] = {}
-        # complete chunked messages handed to consumers, not yet settled: (consumer, id) -> tag
-        self._in_hand: dict[tuple[str, str], _Tag] = {}
-        self._generation = 0
-        self._closed = False
-        self._conn: pika.BlockingConnection | None = None
-        self._publisher: pika.BlockingConnection | None = None
-        self._blocked: set[Any] = set()
-        self._woken = False  # set on the I/O thread by the callback wake() asks for
+        self._connection = AmqpConnection(nodes, self.safe_url, max_reconnect_s=max_reconnect_s, confirm_timeout=confirm_timeout, restore=self._restore)
+        self._settler = Settler(self._connection, user=self.user, dead_letter_targets=self._dead_letter_targets)
+        bounds = {"max_partials": max_partial_messages, "max_bytes": max_partial_bytes, "max_bytes_per_sender": max_partial_bytes_per_sender, "spill_min_bytes": spill_min_bytes, "spill_dir": spill_dir}
+        self._consumers = Consumers(self._connection, self._settler, declared_kind=self._declared_kind, queue_info=self.queue_info, chunk_timeout=chunk_timeout, assembler_bounds=bounds)
         if retry_start:
-            self._connect_first()
+            self._connection.connect_first()
         else:
-            self._connect()
+            self._connection.connect()
+
+    def _declared_kind(self, queue: str) -> QueueKind | None:
+        """The kind of a queue declared on this transport; None if it was not."""
+        declared = self._queues.get(queue)
+        return None if declared is None else declared[0]
+
+    # ------------------------------------------------------------ the connection's
+
+    def channel_limit(self) -> int:
+        """Channels the broker allows on this connection (channel_max, as negotiated)."""
+        return self._connection.channel_limit()
+
+    def consumer_capacity(self) -> int:
+        """How many consumers (one channel each) fit beside this transport's own channels
+        (admin, get, a request's)."""
+        return self._connection.consumer_capacity()
+
+    def _restore(self) -> int:
+        """After a reconnect: leases, declarations, then consumers (how many there are)."""
+        self._retake_leases()
+        steps: list[tuple[str, Callable[[BlockingChannel], Any]]] = []
+        for name in self._exchanges:
+            steps.append((f"exchange {name}", lambda ch, n=name: ch.exchange_declare(n, exchange_type="topic", durable=True)))
+        for name, (_, arguments) in self._queues.items():
+            steps.append((f"queue {name}", lambda ch, n=name, a=arguments: ch.queue_declare(n, durable=True, arguments=a)))
+        for queue, exchange, pattern in self._bindings:
+            steps.append((f"binding {queue} {exchange} {pattern}", lambda ch, b=(queue, exchange, pattern): ch.queue_bind(*b)))
+        for what, step in steps:
+            try:
+                step(self._connection.admin)
+            except px.ChannelClosedByBroker as exc:
+                self._connection.admin = self._connection.channel()
+                if _recovering(exc.reply_text):  # a restarted broker still loading its queues
+                    raise TransportError(f"redeclare {what}: {exc.reply_text}") from None
+                log.error("amqp.redeclare_failed", what=what, error=exc.reply_text)  # redeclared otherwise meanwhile
+        return self._consumers.restore()
+
+    def _retake_leases(self) -> None:
+        """Take this connection's leases again, before anything else is restored: one that
+        another connection took while this one was lost ends this transport's consumers
+        (the role's messages are that one's now) and raises :class:`LeaseLost`."""
+        for name in list(self._leases):
+            try:
+                self._connection.admin.queue_declare(name, exclusive=True, auto_delete=True)
+            except px.ChannelClosedByBroker as exc:
+                self._connection.admin = self._connection.channel()
+                if "RESOURCE_LOCKED" not in exc.reply_text:
+                    raise TransportError(f"take the lease {name!r} again: {exc.reply_text}") from None
+                self._leases.clear()
+                self._consumers.forget_all()
+                log.warning("amqp.lease_lost", lease=name)
+                raise LeaseLost(f"another connection holds the lease {name!r} now") from None
 
     # ------------------------------------------------------------ topology
 
     def declare_exchange(self, name: str) -> None:
         if name:
-            self._admin_op(f"declare exchange {name!r}", lambda ch: ch.exchange_declare(name, exchange_type="topic", durable=True))
+            self._connection.admin_op(f"declare exchange {name!r}", lambda ch: ch.exchange_declare(name, exchange_type="topic", durable=True))
             self._exchanges[name] = None
 
-    def _declare_queue(self, name, *, kind, dead_letter_queue, max_length_bytes, max_age, single_active_consumer=False) -> None:
+    def _declare_queue(self, name: str, *, kind: QueueKind, dead_letter_queue: str | None, max_length_bytes: int | None, max_age: str | None, single_active_consumer: bool = False) -> None:
         arguments = queue_arguments(kind, dead_letter_queue=dead_letter_queue, max_length_bytes=max_length_bytes, max_age=max_age, single_active_consumer=single_active_consumer)
         try:
-            self._admin_op(f"declare {kind} queue {name!r} with {arguments}", lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
+            self._connection.admin_op(f"declare {kind} queue {name!r} with {arguments}", lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
         except TransportError as exc:
             # Naming a dead-letter exchange needs write access to it (here the default
             # exchange), which a least-privilege user lacks: then the operator's policy
@@ -216,26 +257,23 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
             if not (dead_letter_queue is not None and "ACCESS_REFUSED" in str(exc) and "amq.default" in str(exc)):
                 raise
             arguments = {k: v for k, v in arguments.items() if not k.startswith("x-dead-letter-")}
-            self._admin_op(f"declare {kind} queue {name!r} with {arguments}", lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
+            self._connection.admin_op(f"declare {kind} queue {name!r} with {arguments}", lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
         self._queues[name] = (kind, arguments)
 
     def bind(self, queue: str, exchange: str, pattern: str) -> None:
-        self._admin_op(f"bind {queue!r} to {exchange!r} with {pattern!r}", lambda ch: ch.queue_bind(queue, exchange, pattern))
+        self._connection.admin_op(f"bind {queue!r} to {exchange!r} with {pattern!r}", lambda ch: ch.queue_bind(queue, exchange, pattern))
         self._bindings[(queue, exchange, pattern)] = None
 
     def delete_queue(self, name: str) -> None:
-        for consumer in [c for c in self._consumers.values() if c.queue == name]:
-            self.cancel(consumer.tag)
-        self._admin_op(f"delete queue {name!r}", lambda ch: ch.queue_delete(name))
+        self._consumers.cancel_queue(name)
+        self._connection.admin_op(f"delete queue {name!r}", lambda ch: ch.queue_delete(name))
         self._queues.pop(name, None)
-        dropped = self._get_assemblers.pop(name, None)
-        if dropped is not None:
-            dropped.close()
+        self._consumers.drop_get_assembler(name)
         self._bindings = {b: None for b in self._bindings if b[0] != name}
 
     def delete_exchange(self, name: str) -> None:
         if name:
-            self._admin_op(f"delete exchange {name!r}", lambda ch: ch.exchange_delete(name))
+            self._connection.admin_op(f"delete exchange {name!r}", lambda ch: ch.exchange_delete(name))
             self._exchanges.pop(name, None)
             self._bindings = {b: None for b in self._bindings if b[1] != name}
 
@@ -247,7 +285,7 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         if name in self._leases:
             return True
         try:
-            self._admin_op(f"take the lease {name!r}", lambda ch: ch.queue_declare(name, exclusive=True, auto_delete=True))
+            self._connection.admin_op(f"take the lease {name!r}", lambda ch: ch.queue_declare(name, exclusive=True, auto_delete=True))
         except TransportError as exc:
             if "RESOURCE_LOCKED" in str(exc):
                 return False
@@ -259,12 +297,12 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         """Ready messages and consumers (a stream reports 0 ready: AMQP cannot count it);
         the kind is known only for queues declared on this transport (else "classic")."""
         try:
-            ok = self._admin_op(f"inspect queue {name!r}", lambda ch: ch.queue_declare(name, passive=True))
+            ok = self._connection.admin_op(f"inspect queue {name!r}", lambda ch: ch.queue_declare(name, passive=True))
         except TransportError as exc:
             if "NOT_FOUND" in str(exc):
                 raise TransportError(f"no queue {name!r}") from None
             raise
-        kind = self._queues.get(name, ("classic", {}))[0]
+        kind = self._declared_kind(name) or "classic"
         return QueueInfo(name, kind, ok.method.message_count, ok.method.consumer_count, None)
 
     def declared(self) -> tuple[list[str], list[str]]:
@@ -277,59 +315,38 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         """``body``: bytes, or the buffers that make it up: pika then frames it straight from
         them, chunk by chunk for a large one (:func:`chunks.split_views`,
         :class:`~brokerfl.transports.pika_body.GatheredBody`), with no joined copy first."""
-        self._check_open()
+        self._connection.check_open()
         size = body_size(body)  # a TypeError for anything else: pika takes only bytes; say so before it does
         if size <= self.chunk_size:
             whole = body if isinstance(body, bytes) else GatheredBody([memoryview(part).cast("B") for part in body])
-            self._publish_raw(exchange, routing_key, to_properties(envelope, user=self.user), whole)
+            self._connection.publish(exchange, routing_key, to_properties(envelope, user=self.user), whole)
             return
         for views, headers in chunks.split_views(body, self.chunk_size, envelope.message_id):
             # pika frames the chunk straight from the views (no chunk-sized copy first)
-            self._publish_raw(exchange, routing_key, to_properties(envelope, headers, user=self.user), GatheredBody(views))
+            self._connection.publish(exchange, routing_key, to_properties(envelope, headers, user=self.user), GatheredBody(views))
 
-    def _publish_raw(self, exchange: str, routing_key: str, properties: pika.BasicProperties, body: bytes, *, mandatory: bool = True) -> None:
-        """One AMQP message, confirmed; retried on a new connection if the old one died
-        before the confirm."""
+    # ------------------------------------------------------------ consuming and settling
 
-        def run() -> None:
-            try:
-                self._bounded(self._publisher, self.confirm_timeout, f"confirm of a publish to {routing_key!r}", lambda: self._pub.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory))
-            except px.UnroutableError:
-                raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
-            except px.NackError:
-                # Publish again on a new channel. RabbitMQ 3.10 keeps a channel's view of a
-                # quorum queue's leader: a channel that first published to the queue while
-                # its leader was being re-elected (right after a cluster node died) had
-                # every later publish nacked for minutes, while a new channel's were
-                # confirmed at once (seen in tests/test_cluster.py, and with raw pika against a
-                # 3-node cluster: a channel opened on a survivor right after the kill).
-                self._renew_publish_channel()
-                raise _Nacked(f"the broker refused (nacked) a message to {routing_key!r} on exchange {exchange!r}") from None
-            except px.ChannelClosedByBroker as exc:  # 404 no exchange, 406 message too large, ...
-                self._renew_publish_channel()
-                raise _channel_error(f"publish {len(body)} bytes to {routing_key!r} on exchange {exchange!r}", exc) from None
+    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None) -> str:
+        return self._consumers.consume(queue, on_delivery, prefetch=prefetch, offset=offset)
 
-        # A nack is the broker saying "not now": e.g. a quorum queue or stream electing a new
-        # leader after a cluster node died. Publish again with backoff (at-least-once:
-        # consumers dedupe by message id), up to max_reconnect_s.
-        deadline, delay = time.monotonic() + self.max_reconnect_s, 0.1
-        while True:
-            try:
-                return self._with_retry(run)
-            except _Nacked as exc:
-                if time.monotonic() + delay > deadline:
-                    raise TransportError(f"{exc} for {self.max_reconnect_s:g} s") from None
-                log.info("amqp.publish_nacked", routing_key=routing_key, retry_in=round(delay, 2))
-                time.sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF_S)
+    def cancel(self, consumer_tag: str) -> None:
+        self._consumers.cancel(consumer_tag)
 
-    def _renew_publish_channel(self) -> None:
-        """Replace the publishing channel (closed by the broker, or one whose publishes it
-        nacks) with a new one in confirm mode."""
-        if self._pub.is_open:
-            _quietly(self._pub.close)
-        self._pub = self._publisher.channel()
-        self._pub.confirm_delivery()
+    def resubscriptions(self, consumer_tag: str) -> int:
+        return self._consumers.resubscriptions(consumer_tag)
+
+    def get(self, queue: str) -> Delivery | None:
+        return self._consumers.get(queue)
+
+    def poll(self, timeout: float = 0.0) -> int:
+        return self._consumers.poll(timeout)
+
+    def ack(self, delivery: Delivery) -> None:
+        self._consumers.settle(delivery, "ack")
+
+    def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        self._consumers.settle(delivery, "requeue" if requeue else "reject")
 
     # ------------------------------------------------------------ request/reply
 
@@ -337,13 +354,15 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
         """Direct reply-to: on a channel of its own, consume ``amq.rabbitmq.reply-to``
         (no-ack, as RabbitMQ requires), publish with ``reply_to`` and ``expiration`` set,
         wait, close it."""
-        self._check_open()
+        self._connection.check_open()
         if len(body) > self.chunk_size:
             raise TransportError(f"a request of {len(body)} bytes is larger than a chunk ({self.chunk_size}); requests are not chunked")
 
         def run() -> tuple[Envelope, bytes] | None:
+            conn = self._connection.conn
+            assert conn is not None  # with_retry connected
             replies: list[tuple[Envelope, bytes]] = []
-            channel = self._conn.channel()
+            channel = conn.channel()
             try:
                 channel.confirm_delivery()
                 channel.basic_consume(REPLY_TO, lambda _ch, _m, properties, reply: replies.append((to_envelope(properties)[0], reply)), auto_ack=True)
@@ -351,54 +370,37 @@ class AmqpTransport(ConnectionMixin, ConsumingMixin, SettlingMixin, Transport):
                 properties.reply_to = REPLY_TO
                 properties.expiration = str(max(1, int(timeout * 1000)))  # nobody waits for it after that
                 try:
-                    self._bounded(self._conn, self.confirm_timeout, f"confirm of a request to {routing_key!r}", lambda: channel.basic_publish(exchange, routing_key, body, properties, mandatory=True))
+                    self._connection.bounded(conn, self.confirm_timeout, f"confirm of a request to {routing_key!r}", lambda: channel.basic_publish(exchange, routing_key, body, properties, mandatory=True))
                 except px.UnroutableError:
                     raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
                 except px.ChannelClosedByBroker as exc:
                     raise _channel_error(f"publish a request to {routing_key!r} on exchange {exchange!r}", exc) from None
                 deadline = time.monotonic() + timeout
                 while not replies and time.monotonic() < deadline:
-                    self._conn.process_data_events(time_limit=min(0.2, max(0.0, deadline - time.monotonic())))
+                    conn.process_data_events(time_limit=min(0.2, max(0.0, deadline - time.monotonic())))
                 return replies[0] if replies else None
             finally:
                 if channel.is_open:
                     _quietly(channel.close)
 
-        return self._with_retry(run)
+        return self._connection.with_retry(run)
 
     def reply(self, request: Delivery, envelope: Envelope, body: bytes) -> None:
         # Not mandatory: RabbitMQ 3.x returns a mandatory publish to a reply address as
         # unroutable even when it delivered it, so whether the requester is still there
         # cannot be told; a reply to one that is gone is dropped by the broker.
-        self._check_open()
+        self._connection.check_open()
         if not request.reply_to:
             raise TransportError(f"message {request.envelope.message_id!r} is not a request: it has no reply address")
-        self._publish_raw("", request.reply_to, to_properties(envelope, user=self.user), body, mandatory=False)
-    def wake(self) -> None:
-        """pika's one thread-safe call: the callback runs in the I/O loop, inside the poll's
-        wait (which it ends). A connection closed or being replaced takes no callback:
-        then the caller's poll bound ends the wait."""
-        conn = self._conn
-        if conn is None:
-            return
-        try:
-            conn.add_callback_threadsafe(self._on_wake)
-        except Exception:
-            pass
+        self._connection.publish("", request.reply_to, to_properties(envelope, user=self.user), body, mandatory=False)
 
-    def _on_wake(self) -> None:
-        self._woken = True
+    def wake(self) -> None:
+        """pika's one thread-safe call (see :meth:`Consumers.wake`)."""
+        self._consumers.wake()
 
     def close(self) -> None:
         """Close the connection; the broker requeues whatever it left unacked."""
-        if self._closed:
+        if self._connection.closed:
             return
-        self._closed = True
-        for c in list(self._consumers.values()):
-            c.cancelled = True
-            c.assembler.close()
-        self._consumers.clear()
-        self._drop_assemblers()
-        self._inbox.clear()
-        self._drop_connection(graceful=True)
-
+        self._consumers.close()
+        self._connection.close()
