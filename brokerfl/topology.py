@@ -37,6 +37,7 @@ is in the journal anyway, and the broker's own dead-lettering would republish wh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from brokerfl.names import check_name
@@ -94,7 +95,7 @@ class RunTopology:
     replicated: bool = False  # every queue quorum (replicated on a cluster), not only the server's
 
     @property
-    def queue_kind(self) -> str:
+    def queue_kind(self) -> QueueKind:
         """The kind of the run's queues other than the server queue and the streams."""
         return "quorum" if self.replicated else "classic"
 
@@ -197,7 +198,7 @@ class RunTopology:
                 "(brokerfl provision writes them; rabbitmqctl import_definitions /absolute/path/definitions.json)?"
             ) from None
 
-    def delete(self, transport: Transport, client_ids: list[str] = ()) -> None:
+    def delete(self, transport: Transport, client_ids: Sequence[str] = ()) -> None:
         """Remove everything of the run (tests, and ``brokerfl`` operators cleaning up)."""
         for client_id in client_ids:
             transport.delete_queue(self.client_queue(client_id))

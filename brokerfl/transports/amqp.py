@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from operator import methodcaller
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -206,16 +207,16 @@ class AmqpTransport(Transport):
     def _restore(self) -> int:
         """After a reconnect: leases, declarations, then consumers (how many there are)."""
         self._retake_leases()
-        steps: list[tuple[str, Callable[[BlockingChannel], Any]]] = []
+        steps: list[tuple[str, Callable[[BlockingChannel], Any]]] = []  # each called with the admin channel
         for name in self._exchanges:
-            steps.append((f"exchange {name}", lambda ch, n=name: ch.exchange_declare(n, exchange_type="topic", durable=True)))
+            steps.append((f"exchange {name}", methodcaller("exchange_declare", name, exchange_type="topic", durable=True)))
         for name, (_, arguments) in self._queues.items():
-            steps.append((f"queue {name}", lambda ch, n=name, a=arguments: ch.queue_declare(n, durable=True, arguments=a)))
+            steps.append((f"queue {name}", methodcaller("queue_declare", name, durable=True, arguments=arguments)))
         for queue, exchange, pattern in self._bindings:
-            steps.append((f"binding {queue} {exchange} {pattern}", lambda ch, b=(queue, exchange, pattern): ch.queue_bind(*b)))
+            steps.append((f"binding {queue} {exchange} {pattern}", methodcaller("queue_bind", queue, exchange, pattern)))
         for what, step in steps:
             try:
-                step(self._connection.admin)
+                step(self._connection.admin_channel())
             except px.ChannelClosedByBroker as exc:
                 self._connection.admin = self._connection.channel()
                 if _recovering(exc.reply_text):  # a restarted broker still loading its queues
@@ -229,7 +230,7 @@ class AmqpTransport(Transport):
         (the role's messages are that one's now) and raises :class:`LeaseLost`."""
         for name in list(self._leases):
             try:
-                self._connection.admin.queue_declare(name, exclusive=True, auto_delete=True)
+                self._connection.admin_channel().queue_declare(name, exclusive=True, auto_delete=True)
             except px.ChannelClosedByBroker as exc:
                 self._connection.admin = self._connection.channel()
                 if "RESOURCE_LOCKED" not in exc.reply_text:

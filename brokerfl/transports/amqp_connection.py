@@ -208,6 +208,13 @@ class AmqpConnection:
             raise px.ConnectionWrongStateError("no connection")
         return self.conn.channel()
 
+    def admin_channel(self) -> BlockingChannel:
+        """The admin channel (a lost connection, if there is none: :meth:`with_retry`
+        reconnects)."""
+        if self.admin is None:
+            raise px.ConnectionWrongStateError("no connection")
+        return self.admin
+
     def connected(self) -> bool:
         return self.conn is not None and self.conn.is_open and self.publisher is not None and self.publisher.is_open
 
@@ -341,7 +348,7 @@ class AmqpConnection:
 
         def run() -> T:
             try:
-                return op(self.admin)
+                return op(self.admin_channel())
             except px.ChannelClosedByBroker as exc:
                 self.admin = self.channel()  # the broker closed it; the next call needs one
                 raise _channel_error(what, exc) from None
@@ -405,7 +412,7 @@ def _tune_reads(conn: pika.BlockingConnection) -> None:
     so 4 KiB reads of 128 KiB frames cost ~40% of consuming throughput. These are pika
     internals (1.4): if they are not there, leave pika's defaults."""
     transport = getattr(getattr(conn, "_impl", None), "_transport", None)
-    if isinstance(getattr(transport, "_MAX_RECV_BYTES", None), int) and isinstance(getattr(transport, "_MAX_CONSUME_BYTES", None), int):
+    if transport is not None and isinstance(getattr(transport, "_MAX_RECV_BYTES", None), int) and isinstance(getattr(transport, "_MAX_CONSUME_BYTES", None), int):
         transport._MAX_RECV_BYTES = RECV_BYTES
         transport._MAX_CONSUME_BYTES = max(transport._MAX_CONSUME_BYTES, 4 * RECV_BYTES)
 

@@ -251,7 +251,8 @@ class Consumers:
                 continue  # its channel is gone and the broker took it back
             if handle.offset is not None and not c.stream:
                 c.stream = True  # a stream declared elsewhere, consumed without an offset
-                _never_reject(handle.channel, c.amqp_tag)
+                if c.amqp_tag is not None:
+                    _never_reject(handle.channel, c.amqp_tag)
             if c.stream and handle.offset is not None:
                 c.next_offset = max(c.next_offset or 0, handle.offset + 1)
             try:
@@ -474,8 +475,8 @@ def _never_reject(channel: BlockingChannel, amqp_tag: str) -> None:
     are still ours to send (pika does not look at these flags when acking). Two pika
     internals, present in 1.3 and 1.4 (renamed ones fail the consume loudly;
     ``tests/test_stream_reader.py`` checks the connection survives on RabbitMQ)."""
-    channel._impl._consumers_with_noack.add(amqp_tag)  # type: ignore[attr-defined]
-    info = channel._consumer_infos.get(amqp_tag)  # type: ignore[attr-defined]
+    channel._impl._consumers_with_noack.add(amqp_tag)
+    info = channel._consumer_infos.get(amqp_tag)
     if info is not None:
         info.auto_ack = True
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,7 +204,7 @@ class Assembler:
     def __init__(
         self,
         remember: int = 10_000,
-        clock=time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
         *,
         max_partials: int = MAX_PARTIALS,
         max_bytes: int = MAX_PARTIAL_BYTES,
@@ -247,9 +247,11 @@ class Assembler:
         self._forget(partial)
         self.evicted.append((partial, f"chunked message {partial.message_id}: given up after {len(partial.pieces)} of {partial.count} chunks: {why}"))
 
-    def _oldest(self, sender: str | None = None) -> Partial | None:
+    def _oldest(self, sender: str | None = None) -> Partial:
+        """The least recently fed incomplete message (of ``sender``): there is one, for
+        what is held (by ``sender``) is over a bound."""
         candidates = [p for p in self.partials.values() if sender is None or p.sender == sender]
-        return min(candidates, key=lambda p: p.last_seen, default=None)
+        return min(candidates, key=lambda p: p.last_seen)
 
     def knows(self, message_id: str) -> bool:
         return message_id in self.partials or message_id in self.in_hand or message_id in self._done
@@ -348,6 +350,7 @@ class Assembler:
             body = partial.joined(pieces, length)  # the one copy
         except OSError as exc:
             return self._corrupt(partial, f"its spill file could not be read: {exc}")
+        expected: str | None
         if last.xxh3 is not None:
             algorithm, expected, got = "xxh3-128", last.xxh3, partial.digest.hexdigest()
         else:  # from an older publisher

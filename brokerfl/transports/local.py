@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from brokerfl.message import Envelope
 from brokerfl.transport import (
@@ -52,6 +53,9 @@ def _match(pattern: list[str], words: list[str]) -> bool:
     return (head == "*" or head == words[0]) and _match(rest, words[1:])
 
 
+K = TypeVar("K")
+
+
 class _Bindings:
     """One topic exchange's bindings, indexed so that routing a key costs O(its words), not
     O(bindings): exact patterns by the pattern, ``prefix.#`` patterns by their prefix, and
@@ -79,11 +83,8 @@ class _Bindings:
         for pattern, q in [b for b in self.all if b[1] == queue]:
             del self.all[(pattern, q)]
             self._other.pop((pattern, q), None)
-            for index, key in ((self._exact, pattern), (self._prefix, tuple(pattern.split(".")[:-1]))):
-                if key in index:
-                    index[key].discard(q)
-                    if not index[key]:
-                        del index[key]
+            _discard(self._exact, pattern, q)
+            _discard(self._prefix, tuple(pattern.split(".")[:-1]), q)
 
     def match(self, routing_key: str) -> set[str]:
         words = routing_key.split(".")
@@ -246,10 +247,10 @@ class LocalBroker:
             return False
         _drop_expired(queue)
         while queue.ready and queue.consumers:
-            consumer = self._pick(queue)
-            if consumer is None:
+            picked = self._pick(queue)
+            if picked is None:
                 break
-            self._hand_over(queue, consumer, queue.ready.popleft())
+            self._hand_over(queue, picked, queue.ready.popleft())
             _drop_expired(queue)
         return bool(queue.ready) and queue.ready[0].expires is not None
 
@@ -287,7 +288,7 @@ class LocalBroker:
     def settle(self, delivery: Delivery) -> _Message:
         queue = self.queues.get(delivery.queue)
         entry = queue.unacked.pop(delivery.tag, None) if queue else None
-        if entry is None:
+        if queue is None or entry is None:
             raise TransportError(f"unknown delivery tag {delivery.tag} on queue {delivery.queue!r} (already settled?)")
         message, consumer = entry
         consumer.unacked -= 1
@@ -308,6 +309,14 @@ def _drop_expired(queue: _Queue) -> None:
     now = time.monotonic()
     while queue.ready and queue.ready[0].expires is not None and queue.ready[0].expires <= now:
         queue.ready.popleft()
+
+
+def _discard(index: dict[K, set[str]], key: K, queue: str) -> None:
+    """Take ``queue`` out of a bindings index's entry ``key`` (and the entry, once empty)."""
+    if key in index:
+        index[key].discard(queue)
+        if not index[key]:
+            del index[key]
 
 
 def _has_room(consumer: _Consumer) -> bool:
@@ -344,7 +353,7 @@ class LocalTransport(Transport):
         with self.broker.lock:
             self.broker.exchanges.setdefault(name, _Bindings())
 
-    def _declare_queue(self, name, *, kind, dead_letter_queue, max_length_bytes, max_age, single_active_consumer=False) -> None:
+    def _declare_queue(self, name: str, *, kind: QueueKind, dead_letter_queue: str | None, max_length_bytes: int | None, max_age: str | None, single_active_consumer: bool = False) -> None:
         with self.broker.lock:
             existing = self.broker.queues.get(name)
             if existing is not None:

@@ -31,13 +31,14 @@ cannot be written (disk full) stays in RAM instead.
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import errno
 import os
 import tempfile
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any
+from typing import Any, cast
 
 import xxhash
 
@@ -85,7 +86,7 @@ class Partial:
     spilled: int = 0  # bytes written to it (where the next chunk goes)
     large: bool = False  # at least the assembler's spill_min_bytes
     spilling: bool = False  # its chunks go to the file (decided when its first chunk came)
-    buffer: bytes | None = None  # the body being filled in by place() (allocated at the first placed chunk)
+    buffer: builtins.bytes | None = None  # the body being filled in by place() (allocated at the first placed chunk)
     chunk_size: int = 0  # of every chunk but the last, once known
 
     @property
@@ -95,16 +96,18 @@ class Partial:
     def ordered(self) -> list[Piece]:
         return [self.pieces[i] for i in sorted(self.pieces)] + self.extras
 
-    def body_of(self, piece: Piece) -> bytes | memoryview | Fragments:
+    # ``builtins.bytes`` in the annotations below: the field ``bytes`` shadows the type here
+    def body_of(self, piece: Piece) -> builtins.bytes | memoryview | Fragments:
         """A chunk's bytes: as received (pika's fragments of it, possibly), a view of its
         place in the body, or read back from the file if it was spilled."""
         if piece.body is not None:
             return piece.body
         if piece.placed:
+            assert self.buffer is not None  # placed in it
             return memoryview(self.buffer)[piece.offset : piece.offset + piece.size]
         return _read(self.spill.fileno(), piece.size, piece.offset)
 
-    def take(self) -> list[tuple[Any, bytes]]:
+    def take(self) -> list[tuple[Any, builtins.bytes]]:
         """``(handle, body)`` of every chunk, in order (for dead-lettering); closes the file."""
         try:
             return [(p.handle, bytes(self.body_of(p))) for p in self.ordered()]
@@ -130,6 +133,7 @@ class Partial:
         if self.buffer is None:
             self.buffer = _uninitialised_bytes(info.length)
         offset = info.index * size
+        assert piece.body is not None  # placed or spilled once only
         _copy_into(self.buffer, offset, piece.body)
         piece.offset, piece.placed, piece.body = offset, True, None
 
@@ -139,12 +143,13 @@ class Partial:
         try:
             if self.spill is None:
                 self.spill = tempfile.TemporaryFile(dir=spill_dir, buffering=0)
+            assert piece.body is not None  # placed or spilled once only
             _write(self.spill.fileno(), piece.body, self.spilled)
         except OSError:
             return
         piece.offset, self.spilled, piece.body = self.spilled, self.spilled + piece.size, None
 
-    def joined(self, pieces: list[Piece], length: int) -> bytes:
+    def joined(self, pieces: list[Piece], length: int) -> builtins.bytes:
         """The whole body: the placed buffer when every chunk is in it; one read when the
         chunks lie in order in the file (the usual case for a spilled message); else a join."""
         if self.buffer is not None and all(p.placed for p in pieces):
@@ -191,14 +196,14 @@ def _uninitialised_bytes(size: int, *, huge_pages: bool = False) -> bytes:
 
 def buffers(data: bytes | memoryview | Fragments) -> list[bytes | memoryview]:
     """The buffers a chunk's bytes are in, in order."""
-    return data.parts if isinstance(data, Fragments) else [data]
+    return cast("list[bytes | memoryview]", data.parts) if isinstance(data, Fragments) else [data]
 
 
 def _copy_into(target: bytes, offset: int, data: bytes | Fragments) -> None:
     if offset < 0 or offset + len(data) > len(target):
         raise ValueError(f"{len(data)} bytes at {offset} do not fit in {len(target)}")
     address = id(target) + _BYTES_DATA + offset
-    for part in buffers(data):
+    for part in data.parts if isinstance(data, Fragments) else [data]:
         ctypes.memmove(address, part, len(part))
         address += len(part)
 
@@ -211,7 +216,10 @@ def _write(fd: int, data: bytes | Fragments, offset: int) -> None:
             view, offset = view[done:], offset + done
 
 
-_pread = libc().pread  # brokerfl.memory's libc: errno kept
+_libc = libc()
+if _libc is None:  # pragma: no cover - every Linux has one
+    raise ImportError("brokerfl.transports.partial needs the C library (pread)")
+_pread = _libc.pread  # brokerfl.memory's libc: errno kept
 _pread.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
 _pread.restype = ctypes.c_ssize_t
 

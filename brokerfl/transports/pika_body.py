@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from typing import Self
+from typing import Any, Self
 
 import pika.channel
 
@@ -123,7 +123,7 @@ class FragmentKeepingAssembler(pika.channel.ContentFrameAssembler):
         super().__init__()
         self.chunk_header = chunk_header
 
-    def _finish(self):  # pika's own signature
+    def _finish(self) -> Any:  # pika's own signature
         header = self._header_frame
         headers = getattr(header.properties, "headers", None) if header is not None else None
         if len(self._body_fragments) > 1 and header.body_size >= FRAGMENTS_MIN_BYTES and isinstance(headers, dict) and self.chunk_header in headers:
