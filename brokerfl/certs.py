@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from brokerfl.private_files import private_directory, write_private, write_public
 from brokerfl.names import bounded
+from brokerfl.private_files import private_directory, write_private, write_public
 
 VALID_DAYS = 365
 MAX_REQUEST_BYTES = 64 * 1024  # a P-256 request is under 1 KiB, an RSA-4096 one under 4 KiB

@@ -63,9 +63,9 @@ from typing import Any
 from brokerfl.config import RunConfig
 from brokerfl.identity import admin_user, client_user, server_user
 from brokerfl.message import ServerStandby
+from brokerfl.names import bounded
 from brokerfl.private_files import private_directory, write_private, write_public
 from brokerfl.topology import ADMIN, AUDIT, CLIENTS, DEAD, SERVER
-from brokerfl.names import bounded
 
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 SigningRequest = str | Path | tuple[str, str | Path]  # a <user>.csr file, or (user, its request file)

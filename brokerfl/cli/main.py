@@ -9,8 +9,16 @@ import sys
 from pathlib import Path
 
 from brokerfl.app import AppError
+from brokerfl.cli.common import (
+    add_broker_arguments,
+    add_config_arguments,
+    broker_url,
+    connect,
+    env,
+    load_run_config,
+    parse_client_ids,
+)
 from brokerfl.cli.operate import add_commands as add_operate_commands
-from brokerfl.cli.common import add_broker_arguments, add_config_arguments, broker_url, connect, env, load_run_config, parse_client_ids
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.log import configure_logging
 from brokerfl.memory import tune_allocator
@@ -116,7 +124,12 @@ def cmd_server(args: argparse.Namespace) -> int:
     from brokerfl.app import curve_settings, load_app
     from brokerfl.broker_store import BrokerModelStore
     from brokerfl.metrics import MetricsLog, plot_curve
-    from brokerfl.roles import server_instance, server_worker, take_server_role, topology_for
+    from brokerfl.roles import (
+        server_instance,
+        server_worker,
+        take_server_role,
+        topology_for,
+    )
     from brokerfl.store import DirectoryModelStore
     from brokerfl.transport import LeaseLost
 

@@ -9,7 +9,15 @@ import sys
 import time
 from typing import Any
 
-from brokerfl.cli.common import add_broker_arguments, add_config_arguments, broker_url, connect, env, load_run_config, parse_client_ids
+from brokerfl.cli.common import (
+    add_broker_arguments,
+    add_config_arguments,
+    broker_url,
+    connect,
+    env,
+    load_run_config,
+    parse_client_ids,
+)
 from brokerfl.topology import RunTopology
 from brokerfl.transport import Transport, TransportError
 

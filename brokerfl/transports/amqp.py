@@ -72,9 +72,31 @@ import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 
 from brokerfl.message import Envelope
-from brokerfl.transport import REPLY_TO, Body, Delivery, LeaseLost, OnDelivery, QueueInfo, QueueKind, StreamOffset, Transport, TransportError, UnroutableError, body_size
+from brokerfl.transport import (
+    REPLY_TO,
+    Body,
+    Delivery,
+    LeaseLost,
+    OnDelivery,
+    QueueInfo,
+    QueueKind,
+    StreamOffset,
+    Transport,
+    TransportError,
+    UnroutableError,
+    body_size,
+)
 from brokerfl.transports import chunks
-from brokerfl.transports.amqp_connection import RECV_BYTES, AmqpConnection, ChannelLimitError, _channel_error, _quietly, _recovering, _tune_reads, mask_url
+from brokerfl.transports.amqp_connection import (
+    RECV_BYTES,
+    AmqpConnection,
+    ChannelLimitError,
+    _channel_error,
+    _quietly,
+    _recovering,
+    _tune_reads,
+    mask_url,
+)
 from brokerfl.transports.amqp_consuming import STREAM_CREDIT, Consumers
 from brokerfl.transports.amqp_settling import Settler
 from brokerfl.transports.connect import TlsOptions, broker_urls, cluster_parameters

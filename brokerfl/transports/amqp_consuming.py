@@ -23,9 +23,23 @@ import pika.exceptions as px
 import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 
-from brokerfl.transport import Delivery, OnDelivery, QueueInfo, StreamOffset, TransportError, hand_out
+from brokerfl.transport import (
+    Delivery,
+    OnDelivery,
+    QueueInfo,
+    StreamOffset,
+    TransportError,
+    hand_out,
+)
 from brokerfl.transports import chunks
-from brokerfl.transports.amqp_connection import _LOST, AmqpConnection, ChannelLimitError, _channel_error, _quietly, _recovering
+from brokerfl.transports.amqp_connection import (
+    _LOST,
+    AmqpConnection,
+    ChannelLimitError,
+    _channel_error,
+    _quietly,
+    _recovering,
+)
 from brokerfl.transports.amqp_deliveries import Consumer, Handle, Tag
 from brokerfl.transports.amqp_settling import How, Settler
 from brokerfl.transports.envelope import to_envelope
