@@ -28,7 +28,7 @@ DIGITS_TRAIN = 1437
 
 SCRIPT = """
 import json, statistics, sys, time
-from brokerfl.cli.main import _set_torch_threads
+from brokerfl.cli.commands import _set_torch_threads
 from brokerfl.config import load_config
 from brokerfl.simulate import simulate
 _set_torch_threads()  # as `brokerfl simulate` does: one thread

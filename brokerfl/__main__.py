@@ -1,5 +1,5 @@
 import sys
 
-from brokerfl.cli.main import main
+from brokerfl.cli.commands import main
 
 sys.exit(main())
