@@ -182,9 +182,6 @@ class AmqpTransport(Transport):
         self.url = url if isinstance(url, str) else ",".join(url)
         self.safe_url = mask_url(self.url)
         self.chunk_size = chunk_size
-        self.max_reconnect_s = max_reconnect_s
-        self.confirm_timeout = confirm_timeout
-        self.chunk_timeout = chunk_timeout
         try:
             nodes, self.user = cluster_parameters(url, tls)
         except Exception as exc:
@@ -209,6 +206,18 @@ class AmqpTransport(Transport):
             self._connection.connect_first()
         else:
             self._connection.connect()
+
+    @property
+    def max_reconnect_s(self) -> float:
+        return self._connection.max_reconnect_s
+
+    @property
+    def confirm_timeout(self) -> float:
+        return self._connection.confirm_timeout
+
+    @property
+    def chunk_timeout(self) -> float:
+        return self._consumers.chunk_timeout
 
     def _declared_kind(self, queue: str) -> QueueKind | None:
         """The kind of a queue declared on this transport; None if it was not."""
