@@ -7,8 +7,23 @@ import numpy as np
 import pytest
 
 from brokerfl.config import ConfigError, load_config
-from brokerfl.handler_table import Context, DuplicateHandler, HandlerSet, Started, compose, to_clients
-from brokerfl.message import EvaluateResult, Exit, Gradients, Heartbeat, Join, TrainTask, from_wire
+from brokerfl.handler_table import (
+    Context,
+    DuplicateHandler,
+    HandlerSet,
+    Started,
+    compose,
+    to_clients,
+)
+from brokerfl.message import (
+    EvaluateResult,
+    Exit,
+    Gradients,
+    Heartbeat,
+    Join,
+    TrainTask,
+    from_wire,
+)
 from brokerfl.roles import client_table, client_worker, coordinator_table, topology_for
 from brokerfl.simulate import simulate
 from brokerfl.transport import REASON_HEADER
@@ -172,6 +187,22 @@ def test_an_old_style_extra_module_still_works_with_a_deprecation_warning():
     assert client_table(load_config(None, {"clients": 2})).handler_for("gradients") is None  # imported, yet in no other run
     with pytest.warns(DeprecationWarning):
         assert _answers_gradients(old) == ["join", "parameter_update", "evaluate_result"]
+
+
+def test_a_workflow_module_with_a_table_instead_of_handlers_still_works_with_a_deprecation_warning(monkeypatch):
+    import sys
+    import types
+
+    from brokerfl.handler_table import HandlerTable
+
+    module = types.ModuleType("old_style_client")
+    module.table = HandlerTable("client")
+    module.table.register(Join, joined)
+    module.make_state = client.make_state
+    monkeypatch.setitem(sys.modules, "old_style_client", module)
+    with pytest.warns(DeprecationWarning, match="has a 'table' and no 'HANDLERS'"):
+        table = client_table(load_config(None, {"clients": 2, "client_handlers": "old_style_client"}))
+    assert table.types() == ["join"] and table.handler_for("join") is joined
 
 
 def test_context_is_typed_by_its_state():

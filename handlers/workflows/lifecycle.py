@@ -14,7 +14,14 @@ import numpy as np
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, HandlerFailed, HandlerSet, Started
 from brokerfl.journal import retention_warning
-from brokerfl.message import EvaluateResult, Heartbeat, Heartbeats, Join, Leave, ServerStandby
+from brokerfl.message import (
+    EvaluateResult,
+    Heartbeat,
+    Heartbeats,
+    Join,
+    Leave,
+    ServerStandby,
+)
 from brokerfl.metrics import last_model_version
 from brokerfl.store import ModelVersion
 from brokerfl.transport import bounded

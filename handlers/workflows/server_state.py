@@ -17,31 +17,42 @@ from typing import Any
 
 import numpy as np
 
+from brokerfl.admin import AdminState
 from brokerfl.app import App, load_app
 from brokerfl.app_metrics import combine
-from brokerfl.admin import AdminState
+from brokerfl.compression import CompressionError, decompress
 from brokerfl.config import RunConfig
 from brokerfl.handler_table import Context, Outbound, Rejected, to_clients
-from brokerfl.message import Exit, Message, ParameterUpdate, RunFinished, TrainFailed, TrainTask, UpdateDropped
+from brokerfl.message import (
+    Exit,
+    Message,
+    ParameterUpdate,
+    RunFinished,
+    TrainFailed,
+    TrainTask,
+    UpdateDropped,
+)
+from brokerfl.metrics import MetricsLog
 from brokerfl.model_refs import task_model_fields
 from brokerfl.round_config import round_settings
-from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore, ModelVersion, parameters_hash
 from brokerfl.threads import process_thread
 from brokerfl.timing import timings
 from brokerfl.topology import AUDIT
 from brokerfl.transport import bounded
-from brokerfl.compression import CompressionError, decompress
 from handlers.strategies.aggregate import BadUpdate, Tensors, check_update
 from handlers.strategies.base import Strategy, strategy_for_run
 from handlers.workflows import evaluation
-from handlers.workflows.scoring import ScoreStored, Unscored, evaluate_safely, score_stored
+from handlers.workflows.scoring import (
+    ScoreStored,
+    Unscored,
+    evaluate_safely,
+    score_stored,
+)
 
 # After the run ends the server stays DRAIN_S past the last update it records as dropped
 # (so a backlog is emptied, not cut at a fixed time), but no longer than MAX_DRAIN_S in all.
 DRAIN_S = 1.0
-
-
 MAX_DRAIN_S = 30.0
 
 
