@@ -109,7 +109,7 @@ def status_of(state: ServerState) -> dict:
         "failed": sorted(state.failed, key=client_id_order) if state.round_open else [],  # this round's
         "refused": sorted(state.refused, key=client_id_order) if state.round_open else [],  # this round's: their update was refused
         "train_failures": [vars(f) for f in state.train_failures[-STATUS_FAILURES:]],
-        "unable": dict(sorted(getattr(state, "unable", {}).items())[:STATUS_FAILURES]),  # clients whose app failed at their start
+        "unable": dict(sorted(state.unable.items())[:STATUS_FAILURES]),  # clients whose app failed at their start
         "held_updates": held_updates(state),
         "dropped_updates": len(state.dropped),
     }
@@ -123,10 +123,10 @@ def latest_metrics(state: ServerState) -> dict:
     of the newest model version (its clients' training, its server evaluation),
     ``federated_metrics`` of the newest federated evaluation, and the ``target`` metric."""
     out: dict = {"metrics": None, "metrics_version": None, "federated_metrics": None, "target": None}
-    app = getattr(state, "app", None)
+    app = state.app
     if app is not None:
         out["target"] = {"name": app.target.name, "higher_is_better": app.target.higher_is_better}
-    for record in reversed(getattr(state.metrics, "records", [])[-64:]):
+    for record in reversed(state.metrics.records[-64:]):
         key = "federated_metrics" if record.get("evaluation") == "federated" else "metrics"
         if out[key] is None and record.get("evaluation") in (None, "federated"):
             out[key] = record_metrics(record)
@@ -143,10 +143,7 @@ def _rounded(seconds: float | None) -> float | None:
 
 def held_updates(state: ServerState) -> int:
     """Updates folded and held unacked, in no stored version yet."""
-    buffer = getattr(state, "buffer_ids", None)  # the asynchronous server's
-    if buffer is not None:
-        return len(buffer)
-    return len(state.folded) if state.round_open else 0  # a closed round's are acked
+    return state.held_updates()
 
 
 # ---------------------------------------------------------------- admin commands

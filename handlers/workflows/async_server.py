@@ -66,6 +66,9 @@ class AsyncServerState(ServerState):
     stored_here: int = 0  # versions this process stored
     staleness: list[int] = field(default_factory=list)  # of the updates in the buffer (for the log)
 
+    def held_updates(self) -> int:
+        return len(self.buffer_ids)
+
 
 def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> AsyncServerState:
     base = server_state.make_state(config, store, metrics)

@@ -167,6 +167,10 @@ class ServerState:
     train_failures: list[TrainFailure] = field(default_factory=list)  # the run's, newest last (the last MAX_FAILURES_KEPT)
     cross_site: Any = None  # the cross-site evaluation under way (handlers/workflows/cross_site.py's CrossSitePhase), if the run has one
 
+    def held_updates(self) -> int:
+        """Updates folded and held unacked, in no stored version yet."""
+        return len(self.folded) if self.round_open else 0  # a closed round's are acked
+
 
 def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> ServerState:
     app = load_app(config)
