@@ -66,14 +66,14 @@ HONEST = [  # (config, overrides): the repository's apps at their configs' setti
 
 def honest_distances(rounds: int) -> None:
     """Each honest update's distance from its model over the bound's scale, as the server
-    checks it (``handlers.workflows.server.check_update`` observed, not replaced)."""
+    checks it (``handlers.workflows.server_state.check_update`` observed, not replaced)."""
     import math
 
     import numpy as np
 
     from brokerfl.config import load_config
     from brokerfl.simulate import simulate
-    from handlers.workflows import server
+    from handlers.workflows import server_state as server
 
     check = server.check_update
     ratios: list[float] = []

@@ -3,12 +3,19 @@
 A handler is ``handler(message, ctx) -> messages to send`` (an iterable of
 :class:`Outbound`, or None). It does no I/O of its own: the worker publishes what it
 returns, with confirms, and only then acks the message it handled. Adding a message type
-is adding one handler::
+is adding one handler to a handler set::
 
-    server = HandlerTable("server")
+    handlers = HandlerSet("server rounds", needs=(ServerState,))
 
-    @server.on(ParameterUpdate)
-    def fold_update(update, ctx): ...
+    @handlers.on(ParameterUpdate)
+    def fold_update(update, ctx: Context[ServerState]): ...
+
+A handler set is a value its module exports; nothing registers on another module's set.
+A run's table is composed from the sets its config names (:func:`compose`, called by
+:mod:`brokerfl.roles`): one message type handled by two sets is an error
+(:class:`DuplicateHandler`) unless the later set says it ``overrides`` it, and a set whose
+every handler should run behind the same step is made with :meth:`HandlerSet.wrapped`.
+So what a run handles depends on its config alone, never on what was imported before.
 """
 
 from __future__ import annotations
@@ -17,12 +24,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from brokerfl.message import Message
 from brokerfl.topology import CLIENTS, REQUESTER, SERVER, client_dest
 
-Handler = Callable[[Any, "Context"], "Iterable[Outbound] | None"]
+Handler = Callable[[Any, "Context[Any]"], "Iterable[Outbound] | None"]
+StateT = TypeVar("StateT")
 
 
 class Rejected(ValueError):
@@ -108,7 +116,7 @@ class Aside:
 
 
 @dataclass
-class Context:
+class Context(Generic[StateT]):
     """What a handler may know and ask for besides its message.
 
     ``state`` is the role's own object (strategy, model store, data, ...). The requests
@@ -119,7 +127,7 @@ class Context:
 
     role: str
     run: str
-    state: Any
+    state: StateT
     log: Any
     redelivered: bool = False
     holding: bool = False
@@ -190,11 +198,12 @@ class Context:
 
 
 class HandlerTable:
-    """Message type name -> handler, for one role."""
+    """Message type name -> handler, for one role of one run (:func:`compose` builds it)."""
 
     def __init__(self, role: str) -> None:
         self.role = role
         self._handlers: dict[str, Handler] = {}
+        self.sets: tuple[HandlerSet, ...] = ()  # what it was composed of
 
     def on(self, *message_types: type[Message]) -> Callable[[Handler], Handler]:
         """Decorator: register the function as the handler of these message types."""
@@ -222,3 +231,160 @@ class HandlerTable:
         table = HandlerTable(role or self.role)
         table._handlers = dict(self._handlers)
         return table
+
+
+class DuplicateHandler(ValueError):
+    """Two handler sets of one table handle the same message type, and the later one does
+    not say that it overrides the earlier one."""
+
+
+class HandlerSet:
+    """Handlers that belong together (a workflow, the operator's commands, an example), as
+    a value: its module builds it and exports it, and :func:`compose` puts it in the
+    tables of the runs whose config names it.
+
+    ``handlers``: message type -> handler, types no earlier set of the table handles.
+    ``overrides``: message type -> handler that replaces an earlier set's (an error if no
+    earlier set handles the type: an override states what it replaces). ``needs``: the
+    state types its handlers are written for (checked by :meth:`check_state` when a run is
+    built). ``prepare(state)``: what including the set changes on the run's state (e.g. a
+    hook run after the last round), called once by :func:`brokerfl.roles` per run.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        handlers: dict[type[Message], Handler] | None = None,
+        *,
+        overrides: dict[type[Message], Handler] | None = None,
+        needs: tuple[type, ...] = (),
+        prepare: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.handlers: dict[type[Message], Handler] = {}
+        self.overrides: dict[type[Message], Handler] = {}
+        self.needs = needs
+        self.prepare = prepare
+        for message_type, handler in (handlers or {}).items():
+            self._add(self.handlers, message_type, handler)
+        for message_type, handler in (overrides or {}).items():
+            self._add(self.overrides, message_type, handler)
+
+    def __repr__(self) -> str:
+        return f"HandlerSet({self.name!r})"
+
+    def on(self, *message_types: type[Message]) -> Callable[[Handler], Handler]:
+        """Decorator, while the module builds its set: the function handles these types."""
+
+        def add(handler: Handler) -> Handler:
+            for message_type in message_types:
+                self._add(self.handlers, message_type, handler)
+            return handler
+
+        return add
+
+    def overriding(self, *message_types: type[Message]) -> Callable[[Handler], Handler]:
+        """Decorator: the function replaces an earlier set's handler of these types."""
+
+        def add(handler: Handler) -> Handler:
+            for message_type in message_types:
+                self._add(self.overrides, message_type, handler)
+            return handler
+
+        return add
+
+    def _add(self, into: dict[type[Message], Handler], message_type: type[Message], handler: Handler) -> None:
+        if not (isinstance(message_type, type) and issubclass(message_type, Message)):
+            raise TypeError(f"{message_type!r} is not a Message type")
+        if message_type in self.handlers or message_type in self.overrides:
+            raise DuplicateHandler(f"handler set {self.name!r} handles {message_type.TYPE!r} twice")
+        into[message_type] = handler
+
+    def types(self) -> list[str]:
+        return sorted(t.TYPE for t in [*self.handlers, *self.overrides])
+
+    def wrapped(self, wrapper: Callable[[Handler], Handler], *, name: str | None = None) -> HandlerSet:
+        """A new set with every handler of this one behind ``wrapper`` (e.g. the swarm's
+        "take the aggregator role first"); this set is unchanged."""
+        return HandlerSet(
+            name or f"{self.name} ({getattr(wrapper, '__name__', 'wrapped')})",
+            {t: _wrap(wrapper, h) for t, h in self.handlers.items()},
+            overrides={t: _wrap(wrapper, h) for t, h in self.overrides.items()},
+            needs=self.needs,
+            prepare=self.prepare,
+        )
+
+    def check_state(self, state: Any) -> None:
+        """TypeError unless ``state`` is every type this set needs."""
+        for need in self.needs:
+            if not isinstance(state, need):
+                raise TypeError(f"handler set {self.name!r} needs a state of type {need.__name__}, this run's is {type(state).__name__}")
+
+
+def _wrap(wrapper: Callable[[Handler], Handler], handler: Handler) -> Handler:
+    wrapped = wrapper(handler)
+    if hasattr(handler, "__qualname__"):
+        try:
+            wrapped.__qualname__ = handler.__qualname__  # what the worker's logs name
+        except (AttributeError, TypeError):
+            pass
+    return wrapped
+
+
+def compose(role: str, *sets: HandlerSet) -> HandlerTable:
+    """The table of one run's role from these sets, in order (see :class:`HandlerSet` for
+    the rules: a type handled twice is a :class:`DuplicateHandler` unless overridden)."""
+    table = HandlerTable(role)
+    owner: dict[str, str] = {}  # message type name -> the set whose handler the table holds
+    for handler_set in sets:
+        for message_type, handler in handler_set.handlers.items():
+            if message_type.TYPE in owner:
+                raise DuplicateHandler(
+                    f"message type {message_type.TYPE!r} is handled by handler set {owner[message_type.TYPE]!r} and by {handler_set.name!r}: "
+                    f"list it under {handler_set.name!r}'s overrides if it is meant to replace the other"
+                )
+            table.register(message_type, handler)
+            owner[message_type.TYPE] = handler_set.name
+        for message_type, handler in handler_set.overrides.items():
+            if message_type.TYPE not in owner:
+                raise DuplicateHandler(f"handler set {handler_set.name!r} overrides {message_type.TYPE!r}, which no set before it in the {role} table handles")
+            table.register(message_type, handler)
+            owner[message_type.TYPE] = handler_set.name
+    table.sets = tuple(sets)
+    return table
+
+
+class LegacyTable:
+    """Deprecated: the module-level ``table`` that handler modules used to register on at
+    import (``@client.table.on(Gradients)``). Registering here changes no run: it records
+    which module registered what, and :mod:`brokerfl.roles` makes a handler set of a
+    module's registrations for the runs whose ``extra_handlers`` name that module (with a
+    DeprecationWarning). A module should export a :class:`HandlerSet` instead."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.registered: list[tuple[type[Message], Handler]] = []
+
+    def on(self, *message_types: type[Message]) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            for message_type in message_types:
+                self.register(message_type, handler)
+            return handler
+
+        return register
+
+    def register(self, message_type: type[Message], handler: Handler) -> None:
+        if not (isinstance(message_type, type) and issubclass(message_type, Message)):
+            raise TypeError(f"{message_type!r} is not a Message type")
+        self.registered.append((message_type, handler))
+
+    def set_of(self, module: str, handled: Iterable[str]) -> HandlerSet | None:
+        """The handlers ``module`` registered here, as a set (None: it registered none).
+        One it registered for a type already ``handled`` (by the run's other sets) replaces
+        theirs, as a registration on the old process-wide table did."""
+        mine = {t: h for t, h in self.registered if getattr(h, "__module__", None) == module}
+        if not mine:
+            return None
+        handled = set(handled)
+        return HandlerSet(f"{module} (old style, {self.role})", {t: h for t, h in mine.items() if t.TYPE not in handled},
+                          overrides={t: h for t, h in mine.items() if t.TYPE in handled})

@@ -17,6 +17,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from brokerfl.worker import DEAD_LETTER_KINDS
+
 PREFIX = "brokerfl"
 ROUND_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 PHASE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -56,7 +58,7 @@ class WorkerCollector:
         kinds: Counter[str] = Counter()
         for worker in self.workers:
             kinds.update(dict(worker.dead_letter_kinds))
-        for kind in ("undecodable", "unhandled", "rejected", "failed"):
+        for kind in DEAD_LETTER_KINDS:
             dead.add_metric([self.role, kind], kinds.get(kind, 0))
         yield from (handled, bytes_in, bytes_out, dead)
 

@@ -217,7 +217,7 @@ def row_updates(record: ModelVersionStored, pending: dict[str, ParameterUpdate],
     updates = [pending[uid] for uid in record.update_ids]
     if not any(u.compression for u in updates):
         return updates
-    from handlers.workflows.server import decompressed
+    from handlers.workflows.server_state import decompressed
 
     out = []
     for update in updates:

@@ -41,7 +41,6 @@ from the stored versions, if no one else holds it.
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 from typing import Callable
@@ -52,13 +51,11 @@ from brokerfl.broker_store import BrokerModelStore
 from brokerfl.model_refs import ModelCache
 from brokerfl.config import RunConfig
 from brokerfl.metrics import MetricsLog, plot_curve
-from brokerfl.roles import CROSS_SITE_HANDLERS, client_worker, topology_for
+from brokerfl.roles import client_worker, coordinator_table, prepared, topology_for, workflow_module
 from brokerfl.transport import Transport
 from brokerfl.worker import Worker
 
 log = structlog.get_logger("brokerfl.swarm")
-
-SWARM_HANDLERS = "handlers.workflows.swarm"
 
 # A leaving peer asks the broker about the aggregation queue this often, and leaves after
 # QUIET_LOOKS answers in a row found nothing waiting while its candidate consumed.
@@ -75,11 +72,10 @@ def aggregator_worker(transport: Transport, store_transport: Transport, config: 
         topology.check(transport)
     else:
         topology.declare(transport)
-    if config.cross_site_eval:  # its handlers register on the swarm table (and the client's)
-        importlib.import_module(CROSS_SITE_HANDLERS)
-    module = importlib.import_module(SWARM_HANDLERS)
-    state = module.make_state(config, BrokerModelStore(store_transport, topology), metrics)
-    return Worker(transport, topology, topology.server_queue, module.table, state, name=name, prefetch=max(2 * config.clients, 16))
+    module = workflow_module(config, "server_handlers")  # handlers.workflows.swarm
+    table = coordinator_table(config, module)
+    state = prepared(table, module.make_state(config, BrokerModelStore(store_transport, topology), metrics))
+    return Worker(transport, topology, topology.server_queue, table, state, name=name, prefetch=max(2 * config.clients, 16))
 
 
 class Peer:

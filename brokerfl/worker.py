@@ -28,8 +28,13 @@ from brokerfl.transport import REPLY_TO, Body, Delivery, LeaseLost, Transport, T
 
 
 _TYPE_WORD = re.compile(r"^[A-Za-z0-9_]{1,64}$")  # what may stand in a routing key
-# reason prefix -> kind, for counting dead letters (anything else: no handler will take it)
-_DEAD_LETTER_KINDS = (("undecodable", "undecodable"), ("rejected", "rejected"), ("handler", "failed"))
+# Kinds of dead letters, counted by the worker (brokerfl.monitoring exports the counts):
+UNDECODABLE = "undecodable"  # an envelope or body that cannot be read
+REFUSED = "refused"  # its publisher may not send it (identity), or it is a local type sent from outside
+UNHANDLED = "unhandled"  # no handler for its type in this worker's table
+REJECTED = "rejected"  # refused on its merits (a handler's Rejected, a reference that cannot resolve)
+FAILED = "failed"  # its handler raised, or what it sent went nowhere
+DEAD_LETTER_KINDS = (UNDECODABLE, REFUSED, UNHANDLED, REJECTED, FAILED)
 # While work runs aside, the longest a poll waits: the transport's wake() normally ends the
 # wait when the work is done; this bounds it if that wake was lost (a connection replaced).
 ASIDE_POLL_S = 0.5
@@ -185,22 +190,22 @@ class Worker:
         log = self.log.bind(message_id=bounded(delivery.envelope.message_id, 64), type=bounded(delivery.envelope.type, 64))
         self.bytes_in += len(delivery.body)
         if delivery.problem:  # the transport could not read its envelope
-            self._dead_letter(delivery, f"unreadable message: {delivery.problem}", log)
+            self._dead_letter(delivery, f"unreadable message: {delivery.problem}", log, kind=UNDECODABLE)
             return
         try:
             with timings.phase("decode"):
                 message = from_wire(delivery.envelope, delivery.body, self.limits)
         except DecodeError as exc:
-            self._dead_letter(delivery, f"undecodable {bounded(delivery.envelope.type, 64)!r} message: {bounded(str(exc), 500)}", log)
+            self._dead_letter(delivery, f"undecodable {bounded(delivery.envelope.type, 64)!r} message: {bounded(str(exc), 500)}", log, kind=UNDECODABLE)
             return
         if message.LOCAL:  # e.g. a forged round deadline or start: only this process makes those
-            self._dead_letter(delivery, f"message type {message.TYPE!r} is local to a worker and cannot come over the transport", log)
+            self._dead_letter(delivery, f"message type {message.TYPE!r} is local to a worker and cannot come over the transport", log, kind=REFUSED)
             return
         if self.admit is not None and (refused := self.admit(message, delivery.envelope.user_id)) is not None:
-            self._dead_letter(delivery, f"refused: {refused}", log)
+            self._dead_letter(delivery, f"refused: {refused}", log, kind=REFUSED)
             return
         if self.table.handler_for(message.TYPE) is None:
-            self._dead_letter(delivery, f"no handler for message type {message.TYPE!r} in the {self.table.role} table", log)
+            self._dead_letter(delivery, f"no handler for message type {message.TYPE!r} in the {self.table.role} table", log, kind=UNHANDLED)
             return
         if self.resolve is not None:
             try:
@@ -211,7 +216,7 @@ class Worker:
                 self.transport.nack(delivery, requeue=True)
                 return
             except ValueError as exc:
-                self._dead_letter(delivery, f"rejected {bounded(delivery.envelope.type, 64)!r} message: {bounded(str(exc), 500)}", log)
+                self._dead_letter(delivery, f"rejected {bounded(delivery.envelope.type, 64)!r} message: {bounded(str(exc), 500)}", log, kind=REJECTED)
                 return
         self._handle(message, delivery)
 
@@ -237,16 +242,16 @@ class Worker:
             ctx.also_send.clear()
         except Exception as exc:
             if isinstance(exc, Rejected):
-                reason = f"rejected by {name}: {exc}"
+                reason, kind = f"rejected by {name}: {exc}", REJECTED
                 # A refusal is the handler's own verdict, not a crash: what it decided before
                 # raising stands, timers included (e.g. the round closes now that the refused
                 # update's sender counts as having answered).
                 self._apply_timers(ctx)
             else:
                 log.exception("handler failed", handler=name)
-                reason = f"handler {name} raised {type(exc).__name__}: {exc}"
+                reason, kind = f"handler {name} raised {type(exc).__name__}: {exc}", FAILED
             if delivery is not None:
-                self._dead_letter(delivery, reason, log)
+                self._dead_letter(delivery, reason, log, kind=kind)
             elif not isinstance(message, HandlerFailed):  # not once more for its own failure
                 self.dispatch_local(HandlerFailed(failed_type=message.TYPE, error=bounded(reason, 1000), round=message.round, model_version=message.model_version))
             return
@@ -256,7 +261,7 @@ class Worker:
             raise  # the role this worker acted in is another process's now: stop acting
         except UnroutableError as exc:  # what it sent goes nowhere: as good as a handler error
             if delivery is not None:
-                self._dead_letter(delivery, f"handler {name}: {exc}", log)
+                self._dead_letter(delivery, f"handler {name}: {exc}", log, kind=FAILED)
             return
         except TransportError as exc:
             # Decision: a failure to publish (a connection lost beyond the transport's own
@@ -399,17 +404,17 @@ class Worker:
             with timings.phase("publish"):
                 self.transport.publish(self.topology.exchange, key, envelope, body)
 
-    def _dead_letter(self, delivery: Delivery, reason: str, log: Any) -> None:
-        """Through the run's exchange: the dead queue and the journal both take the copy.
+    def _dead_letter(self, delivery: Delivery, reason: str, log: Any, *, kind: str) -> None:
+        """Through the run's exchange: the dead queue and the journal both take the copy;
+        ``kind`` (one of :data:`DEAD_LETTER_KINDS`) is counted in ``dead_letter_kinds``.
         If the broker refuses the copy, the message is rejected instead (its queue's own
         dead-lettering, without our reason header): either way the consumer goes on."""
         reason = bounded(reason, 1000)
-        log.warning("dead-lettered", reason=reason)
+        log.warning("dead-lettered", reason=reason, kind=kind)
         self.dead_lettered += 1
-        kind = delivery.envelope.type
-        type_word = kind if isinstance(kind, str) and _TYPE_WORD.match(kind) else "invalid"
-        reason_kind = next((k for prefix, k in _DEAD_LETTER_KINDS if reason.startswith(prefix)), "unhandled")
-        self.dead_letter_kinds[reason_kind] = self.dead_letter_kinds.get(reason_kind, 0) + 1
+        message_type = delivery.envelope.type
+        type_word = message_type if isinstance(message_type, str) and _TYPE_WORD.match(message_type) else "invalid"
+        self.dead_letter_kinds[kind] = self.dead_letter_kinds.get(kind, 0) + 1
         try:
             self.transport.dead_letter(delivery, reason, exchange=self.topology.exchange, routing_key=routing_key(DEAD, type_word))
         except TransportError as exc:

@@ -3,20 +3,26 @@
 The server (or an operator's script) sends ``Gradients`` to clients; each client applies
 them to the global model it last trained on (one SGD step, ``w - learning_rate * g``),
 evaluates the result on its own data and answers with an ``EvaluateResult``. Listing this
-module in a config's ``extra_handlers`` is all it takes to switch it on.
+module in a config's ``extra_handlers`` is all it takes to switch it on: the module exports
+its handler set as ``CLIENT_HANDLERS``, and :mod:`brokerfl.roles` adds it to the clients' table
+of that run only.
 """
 
 from __future__ import annotations
 
-from brokerfl.handler_table import Context, Rejected, to_server
+from brokerfl.handler_table import Context, HandlerSet, Rejected, to_server
 from brokerfl.message import EvaluateResult, Gradients
 from handlers.strategies.aggregate import BadUpdate, check_update
-from handlers.workflows.client import ClientState, table
+from handlers.workflows.client import ClientState
 
 
-@table.on(Gradients)
-def apply_gradients(message: Gradients, ctx: Context):
-    state: ClientState = ctx.state
+def keep_last_global(state: ClientState) -> None:
+    """The client keeps the global model it last trained on, which Gradients apply to."""
+    state.keep_last_global = True
+
+
+def apply_gradients(message: Gradients, ctx: Context[ClientState]):
+    state = ctx.state
     if state.last_global is None:
         raise Rejected("no global model received yet to apply gradients to")
     try:
@@ -34,3 +40,6 @@ def apply_gradients(message: Gradients, ctx: Context):
         num_samples=int(scores["num_samples"]),
     )
     return [to_server(result)]
+
+
+CLIENT_HANDLERS = HandlerSet("gradients", {Gradients: apply_gradients}, needs=(ClientState,), prepare=keep_last_global)

@@ -13,7 +13,7 @@ from brokerfl.config import load_config
 from brokerfl.journal import read_journal
 from brokerfl.replay import replay
 from brokerfl.message import TrainTask, from_wire, to_wire
-from brokerfl.roles import topology_for
+from brokerfl.roles import coordinator_table, topology_for
 from brokerfl.simulate import simulate
 from brokerfl.topology import routing_key
 from brokerfl.transports.local import LocalBroker, LocalTransport
@@ -83,10 +83,11 @@ def test_an_abort_mid_round_records_each_folded_update_with_its_client():
 
     config = load_config(None, {"run": "abort-mid-round", "clients": 2})
     state = server.make_state(config, MemoryModelStore(), MetricsLog(None))
+    table = coordinator_table(config, server)
 
     def call(message):
         ctx = Context(role="server", run=config.run, state=state, log=structlog.get_logger(), clock=lambda: 0.0)
-        return [*ctx.also_send, *(server.table.handler_for(message.TYPE)(message, ctx) or [])]
+        return [*ctx.also_send, *(table.handler_for(message.TYPE)(message, ctx) or [])]
 
     call(Started(run=config.run))
     state.round, state.round_open = 1, True

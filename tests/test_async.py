@@ -12,10 +12,10 @@ import structlog
 
 import handlers.workflows.client as client_handlers
 from brokerfl.config import load_config
-from brokerfl.handler_table import Context, Started
+from brokerfl.handler_table import Context, HandlerSet, Started
 from brokerfl.message import Heartbeat, Join, ParameterUpdate, TrainTask
 from brokerfl.metrics import MetricsLog
-from brokerfl.roles import client_worker, server_worker
+from brokerfl.roles import client_worker, coordinator_table, server_worker
 from brokerfl.simulate import simulate
 from brokerfl.store import MemoryModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
@@ -23,7 +23,8 @@ from handlers.workflows import async_server
 from handlers.strategies.aggregate import apply_mean_delta, fold_update, mix, new_running_sum, staleness_weight
 from handlers.strategies.fedasync import FedAsync
 from handlers.strategies.fedbuff import FedBuff
-from handlers.workflows.server import JoinDeadline
+from handlers.workflows.server_state import JoinDeadline
+from tests.handler_modules import extra_handlers
 from handlers.strategies.base import load_strategy
 
 
@@ -108,18 +109,23 @@ def test_strategy_options_are_checked():
 # ---------------------------------------------------------------- simulations
 
 
+class Produced(list):
+    """The ids of every update the clients send, recorded by the ``extra_handlers`` module
+    ``module`` (a run whose config names it)."""
+
+    module: str
+
+
 @pytest.fixture
 def produced(monkeypatch):
-    """The ids of every update the clients send."""
-    ids: list[str] = []
-    original = client_handlers.table.handler_for("trained")  # a training's outcome: the update
+    ids = Produced()
 
-    def train_and_record(trained, ctx):
-        out = list(original(trained, ctx) or [])
+    def train_and_record(trained, ctx):  # a training's outcome: the update
+        out = list(client_handlers.answer_task(trained, ctx) or [])
         ids.extend(o.message.message_id for o in out if isinstance(o.message, ParameterUpdate))
         return out
 
-    monkeypatch.setattr(client_handlers.table, "_handlers", {**client_handlers.table._handlers, "trained": train_and_record})
+    ids.module = extra_handlers(monkeypatch, client=HandlerSet("recording", overrides={client_handlers.Trained: train_and_record}))
     return ids
 
 
@@ -138,7 +144,7 @@ def check_every_update_accounted_for(store, dropped, produced_ids):
     [("fedasync", 40, {"alpha": 0.6}, 1, 0.85), ("fedbuff", 20, {"buffer_size": 4}, 4, 0.85)],
 )
 def test_simulated_async_run_learns_and_accounts_for_every_update(produced, name, rounds, options, updates_per_version, goal):
-    config = load_config(f"configs/digits_{name}.yaml", {"rounds": rounds, "strategy.options": options})
+    config = load_config(f"configs/digits_{name}.yaml", {"rounds": rounds, "strategy.options": options, "extra_handlers": [produced.module]})
     store = MemoryModelStore()  # keeps only the newest two versions' parameters: FedBuff must use its cache
     result = simulate(config, store=store)
     assert [r["model_version"] for r in result.records] == list(range(1, rounds + 1))
@@ -154,7 +160,7 @@ def test_simulated_async_run_learns_and_accounts_for_every_update(produced, name
 
 
 def test_updates_beyond_max_staleness_are_dropped_with_the_reason(produced):
-    config = load_config("configs/digits_fedasync.yaml", {"rounds": 20, "strategy.options": {"max_staleness": 3}})
+    config = load_config("configs/digits_fedasync.yaml", {"rounds": 20, "strategy.options": {"max_staleness": 3}, "extra_handlers": [produced.module]})
     result = simulate(config)
     stale = [reason for _, reason in result.server_state.dropped if reason.startswith("stale")]
     assert stale and all("max_staleness 3" in reason for reason in stale)
@@ -167,18 +173,17 @@ def test_a_duplicated_update_is_folded_once(monkeypatch, name):
     """Client 0 sends its first update twice (same message id): FedAsync has stored it by
     then, so the copy is dropped as a duplicate; FedBuff still holds it in its buffer, so
     the copy is held again (acked with its version) and not folded again."""
-    original = client_handlers.table.handler_for("trained")  # a training's outcome: the update
     sent: list[str] = []
 
-    def train_and_duplicate(trained, ctx):
-        out = list(original(trained, ctx) or [])
+    def train_and_duplicate(trained, ctx):  # a training's outcome: the update
+        out = list(client_handlers.answer_task(trained, ctx) or [])
         if out and ctx.state.client_id == "0" and not sent:
             sent.append(out[0].message.message_id)
             out = out + out
         return out
 
-    monkeypatch.setattr(client_handlers.table, "_handlers", {**client_handlers.table._handlers, "trained": train_and_duplicate})
-    config = load_config(f"configs/digits_{name}.yaml", {"rounds": 4, "clients": 4})
+    duplicating = extra_handlers(monkeypatch, client=HandlerSet("duplicating", overrides={client_handlers.Trained: train_and_duplicate}))
+    config = load_config(f"configs/digits_{name}.yaml", {"rounds": 4, "clients": 4, "extra_handlers": [duplicating]})
     result = simulate(config)
     store = result.server_state.store
     versions_with_it = [v for v in store.versions() if sent[0] in store.get(v).update_ids]
@@ -209,7 +214,7 @@ def test_replay_recomputes_every_async_version_hash_for_hash(name, rounds):
 def _server(name: str, **overrides):
     config = load_config(f"configs/digits_{name}.yaml", {"clients": 3, **overrides})
     state = async_server.make_state(config, MemoryModelStore(), MetricsLog(None))
-    table = async_server.table
+    table = coordinator_table(config)
 
     def call(message, redelivered=False):
         ctx = Context(role="server", run=config.run, state=state, log=structlog.get_logger(), redelivered=redelivered, clock=time.monotonic)
@@ -281,7 +286,7 @@ def test_a_restarted_server_goes_on_from_the_stored_versions(produced):
     """Kill the server while FedBuff holds updates in its buffer; a new server on the same
     store and broker resumes from the newest version, refolds the redelivered held updates,
     re-tasks the clients, and every update still ends in exactly one version or dropped."""
-    config = load_config("configs/digits_fedbuff.yaml", {"rounds": 8, "clients": 5, "liveness.heartbeat_s": 0.1, "liveness.timeout_s": 60.0})
+    config = load_config("configs/digits_fedbuff.yaml", {"rounds": 8, "clients": 5, "liveness.heartbeat_s": 0.1, "liveness.timeout_s": 60.0, "extra_handlers": [produced.module]})
     store = MemoryModelStore(keep=None)
     broker = LocalBroker()
     clients = [client_worker(LocalTransport(broker), config, cid, journal=False) for cid in config.client_ids()]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-import handlers.gradients  # noqa: F401  (registers the handler, as extra_handlers would)
 from brokerfl.config import load_config
 from brokerfl.handler_table import to_clients
 from brokerfl.message import EvaluateResult, Gradients, TrainTask, from_wire

@@ -139,6 +139,7 @@ def test_forged_messages_are_dead_lettered_not_folded():
         dead.append((d.envelope.type, d.envelope.headers[REASON_HEADER], d.envelope.headers[ORIGIN_USER_HEADER]))
     assert sorted(t for t, _, _ in dead) == ["exit", "heartbeat", "join", "leave", "parameter_update"]
     assert all(reason.startswith("refused: ") and user == client_user(RUN, "0") for _, reason, user in dead)
+    assert server.dead_letter_kinds == {"refused": 4} and clients[1].dead_letter_kinds == {"refused": 1}  # counted as refusals, not "unhandled"
     forged_id = forged[0][1].message_id
     assert all(forged_id not in store.metadata(v)["update_ids"] for v in store.versions())
     # replay says who sent what

@@ -16,7 +16,7 @@ from brokerfl.roles import client_worker, server_worker, topology_for
 from brokerfl.store import MemoryModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
 from handlers.datasets import load_dataset
-from handlers.workflows.server import live_clients, start_round
+from handlers.workflows.server_state import live_clients, start_round
 from handlers.trainer import init_parameters
 
 

@@ -25,7 +25,7 @@ from brokerfl.handler_table import Context, Rejected, Started
 from brokerfl.journal import read_journal
 from brokerfl.message import Envelope, Heartbeat, Heartbeats, Join, ParameterUpdate, UpdateDropped, from_wire, process_instance, to_wire
 from brokerfl.metrics import MetricsLog
-from brokerfl.roles import topology_for
+from brokerfl.roles import coordinator_table, topology_for
 from brokerfl.simulate import simulate
 from brokerfl.store import MemoryModelStore
 from brokerfl.topology import ADMIN, routing_key
@@ -33,6 +33,7 @@ from brokerfl.transport import ORIGIN_USER_HEADER, REASON_HEADER, Delivery
 from brokerfl.transports.local import LocalBroker, LocalTransport
 from handlers.workflows import admin as admin_handlers
 from handlers.workflows import async_server, server
+from handlers.workflows.server_state import JoinDeadline, RoundComplete
 
 ROOT = Path(__file__).resolve().parents[1]
 NOWHERE = "amqp://guest:guest@127.0.0.1:1/"  # nothing listens: a command that connected would fail
@@ -44,12 +45,13 @@ class Server:
     def __init__(self, clients: int = 4, module=server, **overrides) -> None:
         self.config = load_config(None, {"run": "ops", "clients": clients, "rounds": 5, "strategy.min_clients": 1, **overrides})
         self.module = module
+        self.table = coordinator_table(self.config, module)
         self.state = module.make_state(self.config, MemoryModelStore(), MetricsLog(None))
 
     def __call__(self, message):
         ctx = Context(role="server", run=self.config.run, state=self.state, log=structlog.get_logger(), clock=lambda: 0.0)
         message.run = message.run or self.config.run
-        return [*ctx.also_send, *(self.module.table.handler_for(message.TYPE)(message, ctx) or [])]
+        return [*ctx.also_send, *(self.table.handler_for(message.TYPE)(message, ctx) or [])]
 
     def reply(self, command) -> tuple[AdminReply, list]:
         out = self(command)
@@ -96,12 +98,26 @@ def test_rounds_below_the_round_under_way_are_refused():
 
 @pytest.mark.timeout(240)
 def test_with_identity_enforced_only_the_admin_user_may_command():
-    run = Server(clients=2, **{"identity.enforce": True})
-    run(Started(run="ops"))
-    reply, _ = run.reply(SetRounds(rounds=9, user_id="ops-client-0", sender="admin:root@vm:1"))
-    assert not reply.ok and "from the admin user 'ops-admin' only, not 'ops-client-0'" in reply.text and run.state.config.rounds == 5
-    reply, _ = run.reply(SetRounds(rounds=9, user_id="ops-admin"))
-    assert reply.ok and reply.user == "ops-admin" and run.state.config.rounds == 9
+    """The check is the server worker's inbox check (brokerfl.identity.server_inbox_check):
+    a command from another user is dead-lettered, as refused, before any handler runs."""
+    from brokerfl.identity import admin_user, client_user, server_user
+    from brokerfl.roles import server_worker
+
+    config = load_config(None, {"run": "ops", "clients": 2, "rounds": 5, "strategy.min_clients": 1, "identity.enforce": True})
+    broker = LocalBroker()
+    topology = topology_for(config, journal=False)
+    topology.declare_provisioned(LocalTransport(broker), config.client_ids())
+    worker = server_worker(LocalTransport(broker, user=server_user("ops")), config, MemoryModelStore(), MetricsLog(None), journal=False)
+    worker.start()
+    for user in (client_user("ops", "0"), admin_user("ops")):
+        LocalTransport(broker, user=user).publish(topology.exchange, routing_key("server", SetRounds.TYPE), *to_wire(SetRounds(rounds=9, run="ops", sender="admin:root@vm:1")))
+        while worker.step(0.0):
+            pass
+        assert worker.state.config.rounds == (5 if user != admin_user("ops") else 9)
+    dead = LocalTransport(broker).get(topology.dead_queue)
+    assert dead is not None and "may come from the admin user 'ops-admin' only, not 'ops-client-0'" in dead.envelope.headers[REASON_HEADER]
+    assert worker.dead_letter_kinds == {"refused": 1}
+    worker.transport.close()
 
 
 @pytest.mark.timeout(240)
@@ -256,7 +272,7 @@ def test_a_server_started_paused_says_what_it_waits_for():
     with capture_logs() as logs:  # had it not begun: the join deadline names who is missing
         run.state.begun = False
         run.state.clients.pop("1")
-        run(server.JoinDeadline(run="ops"))
+        run(JoinDeadline(run="ops"))
     waiting = next(e for e in logs if "waiting" in e["event"] or "without every client" in e["event"])
     assert waiting.get("missing", waiting.get("waiting_for")) == "1"
 
@@ -360,6 +376,6 @@ def test_removing_the_last_participant_still_training_closes_the_round_when_the_
     state.begun, state.round, state.round_open = True, 1, True
     state.participants, state.answered, state.failed = ["0", "1", "2"], {"0"}, {"1"}  # 1's training failed
     ctx = Context(role="server", run="ops", state=state, log=structlog.get_logger(), clock=lambda: 0.0)
-    server.table.handler_for(RemoveClient.TYPE)(RemoveClient(client_id="2", run="ops"), ctx)
-    closing = [t for t in ctx.timer_requests if not isinstance(t, str) and isinstance(t.message, server.RoundComplete)]
+    run.table.handler_for(RemoveClient.TYPE)(RemoveClient(client_id="2", run="ops"), ctx)
+    closing = [t for t in ctx.timer_requests if not isinstance(t, str) and isinstance(t.message, RoundComplete)]
     assert closing and closing[0].due == 0.0 and state.participants == ["0", "1"]

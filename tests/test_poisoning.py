@@ -26,9 +26,10 @@ from brokerfl.handler_table import Context, Started
 from brokerfl.hostile.poisoning import simulated_run
 from brokerfl.message import Heartbeat, Heartbeats, Join, ParameterUpdate, UpdateDropped
 from brokerfl.metrics import MetricsLog, read_metrics
+from brokerfl.roles import coordinator_table
 from brokerfl.store import MemoryModelStore
 from handlers.strategies.aggregate import BadUpdate
-from handlers.workflows import async_server, server
+from handlers.workflows import async_server, server, server_state
 from cli_processes import kill_the_rest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +51,14 @@ class Server:
     def __init__(self, module=server, **overrides) -> None:
         self.config = load_config(None, {"run": "poison", "clients": 2, "rounds": 3, "strategy.min_clients": 1, "journal": True, **overrides})
         self.module = module
+        self.table = coordinator_table(self.config, module)
         self.state = module.make_state(self.config, MemoryModelStore(), MetricsLog(None))
         self(Started(run="poison"))
 
     def __call__(self, message):
         ctx = Context(role="server", run=self.config.run, state=self.state, log=structlog.get_logger(), clock=lambda: 0.0)
         message.run = message.run or self.config.run
-        return [*ctx.also_send, *(self.module.table.handler_for(message.TYPE)(message, ctx) or [])]
+        return [*ctx.also_send, *(self.table.handler_for(message.TYPE)(message, ctx) or [])]
 
     def update(self, client_id: str, num_samples: int, **tensors) -> ParameterUpdate:
         parameters = {name: value.copy() for name, value in self.state.model.parameters.items()}
@@ -110,10 +112,10 @@ def test_a_client_that_declared_nothing_may_claim_nothing_and_one_not_yet_known_
     with pytest.raises(BadUpdate, match="more than the 0 it declared"):
         run(run.update("0", 1))
     # an aggregator that takes over knows no declaration until the next heartbeat
-    server.see_client(run.state, "2", None)
-    server.check_claimed_samples(ParameterUpdate(client_id="2", task_id="t", parameters={}, num_samples=1_000_000), run.state)
+    server_state.see_client(run.state, "2", None)
+    server_state.check_claimed_samples(ParameterUpdate(client_id="2", task_id="t", parameters={}, num_samples=1_000_000), run.state)
     with pytest.raises(BadUpdate, match="more than strategy.max_num_samples"):
-        server.check_claimed_samples(ParameterUpdate(client_id="2", task_id="t", parameters={}, num_samples=1_000_001), run.state)
+        server_state.check_claimed_samples(ParameterUpdate(client_id="2", task_id="t", parameters={}, num_samples=1_000_001), run.state)
 
 
 def test_the_asynchronous_server_drops_an_overclaiming_or_huge_update_with_its_reason_and_tasks_the_client_again():

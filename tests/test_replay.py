@@ -89,6 +89,7 @@ def test_a_resumed_server_journals_its_newest_version_again(journal_file):
     from brokerfl.handler_table import Context, Started
     from brokerfl.message import ModelVersionStored
     from brokerfl.metrics import MetricsLog
+    from brokerfl.roles import coordinator_table
     from brokerfl.store import MemoryModelStore
     from handlers.workflows import server
 
@@ -100,7 +101,7 @@ def test_a_resumed_server_journals_its_newest_version_again(journal_file):
     newest.metrics = {**newest.metrics, "accuracy": None, "loss": None}  # killed before its score (evaluation runs after the store)
     state = server.make_state(config, store, MetricsLog(None))
     ctx = Context(role="server", run=config.run, state=state, log=structlog.get_logger(), clock=lambda: 0.0)
-    server.table.handler_for(Started.TYPE)(Started(run=config.run), ctx)
+    coordinator_table(config, server).handler_for(Started.TYPE)(Started(run=config.run), ctx)
     journaled = [o.message for o in ctx.also_send if isinstance(o.message, ModelVersionStored)]
     assert [(r.version, r.sha256) for r in journaled] == [(3, result.store.get(3).sha256)]
     assert from_wire(*to_wire(journaled[0])).version == 3  # a record every journal reader can decode

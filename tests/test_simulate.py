@@ -68,16 +68,14 @@ def test_a_poisoned_update_is_dead_lettered_and_the_round_goes_on(monkeypatch):
 
 
 def test_too_few_answers_stops_with_a_clear_message(monkeypatch):
-    import handlers.workflows.client as client_handlers
+    from brokerfl.handler_table import HandlerSet
+    from brokerfl.message import TrainTask
+    from tests.handler_modules import extra_handlers
 
-    original = client_handlers.table.handler_for("train_task")
-    client_handlers.table.register(client_handlers.TrainTask, lambda task, ctx: None)  # clients that never answer
-    try:
-        config = load_config(None, {"rounds": 2, "clients": 2, "strategy.round_deadline_s": 0.2, "strategy.on_too_few": "stop"})
-        with pytest.raises(SimulationError, match="needs"):
-            simulate(config)
-    finally:
-        client_handlers.table.register(client_handlers.TrainTask, original)
+    silent = extra_handlers(monkeypatch, client=HandlerSet("silent", overrides={TrainTask: lambda task, ctx: None}))  # clients that never answer
+    config = load_config(None, {"rounds": 2, "clients": 2, "strategy.round_deadline_s": 0.2, "strategy.on_too_few": "stop", "extra_handlers": [silent]})
+    with pytest.raises(SimulationError, match="needs"):
+        simulate(config)
 
 
 def test_console_script_reports_config_errors_by_key(tmp_path):

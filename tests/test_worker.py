@@ -98,6 +98,7 @@ def test_unknown_type_bad_body_missing_handler_and_raising_handler_are_dead_lett
     assert any("raised ValueError: unlucky number" in r for r in reasons.values())
     assert any("undecodable" in r for r in reasons.values())
     assert worker.dead_lettered == 4 and worker.handled == 2
+    assert worker.dead_letter_kinds == {"undecodable": 2, "unhandled": 1, "failed": 1}  # as decided, not read back from the reasons
     # the poison messages left the server queue: nothing waits there any more
     assert admin.queue_info(topo.server_queue).messages_ready == 0
 
@@ -206,6 +207,7 @@ def test_a_forged_local_message_is_dead_lettered(transport_factory, topology):
     assert len(started) == 1  # only the worker's own start
     (dead,) = drain(admin, topo.dead_queue, expect=1)
     assert "local to a worker" in dead.envelope.headers[REASON_HEADER]
+    assert worker.dead_letter_kinds == {"refused": 1}
 
 
 def test_effects_marked_once_sent_wait_for_a_successful_publish(transport_factory, topology, monkeypatch):

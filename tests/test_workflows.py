@@ -64,6 +64,7 @@ def test_cyclic_shuffle_draws_a_new_order_each_round():
 def test_a_hung_holder_is_passed_over_after_the_hop_timeout():
     """Client 1 takes its task and never answers (held unacked): after hop_timeout_s the
     model goes on to client 2; nothing is lost and the run completes."""
+    from brokerfl.handler_table import HandlerSet, compose
     from brokerfl.message import TrainTask
     from handlers.workflows import client
 
@@ -72,8 +73,7 @@ def test_a_hung_holder_is_passed_over_after_the_hop_timeout():
     broker, store = LocalBroker(), MemoryModelStore()
     server = server_worker(LocalTransport(broker), config, store, MetricsLog(None), journal=True)
     clients = [client_worker(LocalTransport(broker), config, cid, journal=True) for cid in ("0", "2")]
-    hung_table = client.table.copy()
-    hung_table.register(TrainTask, lambda task, ctx: ctx.hold())  # holds the model, never answers
+    hung_table = compose("client", *client.HANDLERS, HandlerSet("hung", overrides={TrainTask: lambda task, ctx: ctx.hold()}))  # holds the model, never answers
     topology = topology_for(config)
     hung_transport = LocalTransport(broker)
     hung = Worker(hung_transport, topology, topology.declare_client(hung_transport, "1"), hung_table, client.make_state(config, "1"), name="client.1", prefetch=1)

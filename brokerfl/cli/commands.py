@@ -155,7 +155,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         if args.metrics_port:
             from brokerfl.monitoring import serve_server_metrics
             from handlers.workflows.admin import held_updates
-            from handlers.workflows.server import live_clients
+            from handlers.workflows.server_state import live_clients
 
             serve_server_metrics(args.metrics_port, worker, live_clients, held_updates)
         try:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from brokerfl.handler_table import HandlerSet
 from brokerfl.message import ParameterUpdate
 from handlers.workflows import client
-from handlers.workflows.client import make_state  # noqa: F401 - a handler set has table and make_state
+from handlers.workflows.client import make_state  # noqa: F401 - a client_handlers module has HANDLERS and make_state
 
 Tensors = dict[str, np.ndarray]
 CLAIM = 1_000_000  # the sample count the claiming attacks report: the default strategy.max_num_samples
@@ -46,10 +47,10 @@ ATTACKS: dict[str, Callable[[Tensors, Tensors, float, np.random.Generator], tupl
     "claim": lambda p, g, scale, rng: (p, CLAIM),  # the honest update, claiming a million samples
 }
 
-table = client.table.copy()
+POISONING = HandlerSet("poisoning")
 
 
-@table.on(client.Trained)
+@POISONING.overriding(client.Trained)
 def answer_poisoned(message: client.Trained, ctx):
     training = ctx.state.training
     global_parameters = training.task.parameters if training is not None else {}
@@ -67,6 +68,9 @@ def answer_poisoned(message: client.Trained, ctx):
             if claimed is not None:
                 update.num_samples = claimed
     return sent
+
+
+HANDLERS = (*client.HANDLERS, POISONING)
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""The operator's handlers on the server's table: status, and the admin commands.
+"""The operator's handler set: status, and the admin commands.
 
-Registered on ``handlers.workflows.server.table`` (so the asynchronous server, which copies
-that table, has them too). Each admin command is answered with an AdminReply to its
+:mod:`brokerfl.roles` adds it to every coordinator's table (server, asynchronous, cyclic,
+the swarm's aggregator). Each admin command is answered with an AdminReply to its
 requester and to the journal; a change of admin state also publishes the new
 AdminStateRecord to the run's admin queue (see :mod:`brokerfl.admin`), confirmed before
 the command is acked, so a restarted server picks it up.
@@ -15,6 +15,12 @@ What each command does:
   stored round, so a server started again finishes at once instead of training on.
 - ``pause``: the open round finishes; no new round starts (nor a retry) until ``resume``.
   Synchronous rounds only: the asynchronous server refuses it.
+Who may send them: with ``identity.enforce``, the run's admin user only (RabbitMQ-validated
+``user_id``), checked by the worker's inbox check (:func:`brokerfl.identity.server_inbox_check`)
+before any handler runs, like every other message's sender. Without it there is no identity
+to check: any process that may publish to the run's exchange is accepted, and
+``command.sender`` is only what it claims.
+
 Every command is checked against the federation first: client ids must be the run's
 (``config.client_ids()``), min clients at most the clients not removed, rounds at least
 the round under way (or done); a command that fails is refused (``ok=False``, nothing
@@ -48,23 +54,21 @@ from brokerfl.admin import (
     StatusRequest,
     client_id_order,
 )
-from brokerfl.handler_table import Context, Outbound, to_client, to_clients, to_requester
-from brokerfl.identity import admin_user
+from brokerfl.handler_table import Context, HandlerSet, Outbound, to_client, to_clients, to_requester
 from brokerfl.message import Exit
 from brokerfl.metrics import record_metrics
 from brokerfl.topology import ADMIN, AUDIT
 from brokerfl.transport import bounded
-from handlers.workflows import server
-from handlers.workflows.server import ServerState, close_when_every_participant_answered, duplicate_instances, finish_run, live_clients, outside_federation, record_drop, start_round
+from handlers.workflows.server_state import ServerState, close_when_every_participant_answered, duplicate_instances, finish_run, live_clients, outside_federation, record_drop, start_round
 
-table = server.table
+OPERATOR = HandlerSet("operator", needs=(ServerState,))
 
 
 # ---------------------------------------------------------------- status
 
 
-@table.on(StatusRequest)
-def answer_status(message: StatusRequest, ctx: Context):
+@OPERATOR.on(StatusRequest)
+def answer_status(message: StatusRequest, ctx: Context[ServerState]):
     return [to_requester(message.reply(StatusReply, status=status_of(ctx.state)))]
 
 
@@ -105,7 +109,7 @@ def status_of(state: ServerState) -> dict:
         "failed": sorted(state.failed, key=client_id_order) if state.round_open else [],  # this round's
         "refused": sorted(state.refused, key=client_id_order) if state.round_open else [],  # this round's: their update was refused
         "train_failures": [vars(f) for f in state.train_failures[-STATUS_FAILURES:]],
-        "unable": dict(sorted(getattr(state, "unable", {}).items())[:STATUS_FAILURES]),  # clients whose app failed at their start
+        "unable": dict(sorted(state.unable.items())[:STATUS_FAILURES]),  # clients whose app failed at their start
         "held_updates": held_updates(state),
         "dropped_updates": len(state.dropped),
     }
@@ -119,10 +123,10 @@ def latest_metrics(state: ServerState) -> dict:
     of the newest model version (its clients' training, its server evaluation),
     ``federated_metrics`` of the newest federated evaluation, and the ``target`` metric."""
     out: dict = {"metrics": None, "metrics_version": None, "federated_metrics": None, "target": None}
-    app = getattr(state, "app", None)
+    app = state.app
     if app is not None:
         out["target"] = {"name": app.target.name, "higher_is_better": app.target.higher_is_better}
-    for record in reversed(getattr(state.metrics, "records", [])[-64:]):
+    for record in reversed(state.metrics.records[-64:]):
         key = "federated_metrics" if record.get("evaluation") == "federated" else "metrics"
         if out[key] is None and record.get("evaluation") in (None, "federated"):
             out[key] = record_metrics(record)
@@ -139,26 +143,10 @@ def _rounded(seconds: float | None) -> float | None:
 
 def held_updates(state: ServerState) -> int:
     """Updates folded and held unacked, in no stored version yet."""
-    buffer = getattr(state, "buffer_ids", None)  # the asynchronous server's
-    if buffer is not None:
-        return len(buffer)
-    return len(state.folded) if state.round_open else 0  # a closed round's are acked
+    return state.held_updates()
 
 
 # ---------------------------------------------------------------- admin commands
-
-
-def check_admin(command: AdminCommand, ctx: Context) -> str | None:
-    """Why ``command`` may not be applied by its publisher, or None. With ``identity.enforce``
-    only the run's admin user may (RabbitMQ-validated ``user_id``): the worker's inbox check
-    (:func:`brokerfl.identity.server_inbox_check`) refuses the others before any handler
-    runs, and this refuses them again for a table run behind no such check. Without it,
-    any process that may publish to the run's exchange is accepted: there is no identity
-    to check, and ``command.sender`` is only what it claims."""
-    config = ctx.state.config
-    if config.identity.enforce and command.user_id != admin_user(config.run):
-        return f"admin commands may come from the admin user {admin_user(config.run)!r} only, not {bounded(command.user_id or '(no user_id)', 64)!r}"
-    return None
 
 
 def not_members(state: ServerState, client_ids: list[str]) -> str | None:
@@ -170,7 +158,7 @@ def not_members(state: ServerState, client_ids: list[str]) -> str | None:
     return f"client{'s' if len(outside) > 1 else ''} {shown} {'are' if len(outside) > 1 else 'is'} not in the federation of run {state.config.run} (client ids {state.config.client_ids_text()})"
 
 
-def answer(ctx: Context, command: AdminCommand, ok: bool, text: str, *, changed: bool = False) -> list[Outbound]:
+def answer(ctx: Context[ServerState], command: AdminCommand, ok: bool, text: str, *, changed: bool = False) -> list[Outbound]:
     """The reply to the requester and to the journal; the new admin state if ``changed``."""
     state: ServerState = ctx.state
     (ctx.log.info if ok else ctx.log.warning)("admin command", command=command.TYPE, user=command.user_id, by=bounded(command.sender, 200), ok=ok, reply=text)
@@ -183,25 +171,8 @@ def answer(ctx: Context, command: AdminCommand, ok: bool, text: str, *, changed:
     return out
 
 
-def admin_command(command_type: type[AdminCommand]):
-    """Register the decorated function for ``command_type``, behind the permission check."""
-
-    def register(handler):
-        def checked(command: AdminCommand, ctx: Context):
-            refusal = check_admin(command, ctx)
-            if refusal is not None:
-                return answer(ctx, command, False, refusal)
-            return handler(command, ctx)
-
-        checked.__qualname__ = handler.__qualname__
-        table.register(command_type, checked)
-        return handler
-
-    return register
-
-
-@admin_command(AbortRun)
-def abort_run(command: AbortRun, ctx: Context):
+@OPERATOR.on(AbortRun)
+def abort_run(command: AbortRun, ctx: Context[ServerState]):
     state: ServerState = ctx.state
     if state.done:
         return answer(ctx, command, False, "the run is already finished")
@@ -216,8 +187,8 @@ def abort_run(command: AbortRun, ctx: Context):
     return answer(ctx, command, True, f"run finished at model version {state.model.version} (round {last}); clients sent Exit", changed=True) + out
 
 
-@admin_command(PauseRounds)
-def pause_rounds(command: PauseRounds, ctx: Context):
+@OPERATOR.on(PauseRounds)
+def pause_rounds(command: PauseRounds, ctx: Context[ServerState]):
     state: ServerState = ctx.state
     if state.begin is not start_round:
         return answer(ctx, command, False, "pause is for synchronous rounds; this server's strategy is asynchronous")
@@ -228,8 +199,8 @@ def pause_rounds(command: PauseRounds, ctx: Context):
     return answer(ctx, command, True, f"paused: {now} until resume", changed=True)
 
 
-@admin_command(ResumeRounds)
-def resume_rounds(command: ResumeRounds, ctx: Context):
+@OPERATOR.on(ResumeRounds)
+def resume_rounds(command: ResumeRounds, ctx: Context[ServerState]):
     state: ServerState = ctx.state
     if not state.admin.paused:
         return answer(ctx, command, False, "not paused")
@@ -241,8 +212,8 @@ def resume_rounds(command: ResumeRounds, ctx: Context):
     return out
 
 
-@admin_command(RemoveClient)
-def remove_client(command: RemoveClient, ctx: Context):
+@OPERATOR.on(RemoveClient)
+def remove_client(command: RemoveClient, ctx: Context[ServerState]):
     state: ServerState = ctx.state
     cid = command.client_id
     if (outsider := not_members(state, [cid])) is not None:
@@ -259,8 +230,8 @@ def remove_client(command: RemoveClient, ctx: Context):
     return out
 
 
-@admin_command(SetMinClients)
-def set_min_clients(command: SetMinClients, ctx: Context):
+@OPERATOR.on(SetMinClients)
+def set_min_clients(command: SetMinClients, ctx: Context[ServerState]):
     state: ServerState = ctx.state
     if command.min_clients < 1:
         return answer(ctx, command, False, f"min clients must be at least 1, got {command.min_clients}")
@@ -274,8 +245,8 @@ def set_min_clients(command: SetMinClients, ctx: Context):
     return answer(ctx, command, True, f"min clients {old} -> {command.min_clients}", changed=True)
 
 
-@admin_command(SetRounds)
-def set_rounds(command: SetRounds, ctx: Context):
+@OPERATOR.on(SetRounds)
+def set_rounds(command: SetRounds, ctx: Context[ServerState]):
     state: ServerState = ctx.state
     if command.rounds < 1:
         return answer(ctx, command, False, f"rounds must be at least 1, got {command.rounds}")
@@ -295,8 +266,8 @@ def set_rounds(command: SetRounds, ctx: Context):
     return out
 
 
-@admin_command(ShutdownClients)
-def shutdown_clients(command: ShutdownClients, ctx: Context):
+@OPERATOR.on(ShutdownClients)
+def shutdown_clients(command: ShutdownClients, ctx: Context[ServerState]):
     state: ServerState = ctx.state
     exit_message = Exit(reason=f"shut down by {command.sender or 'an operator'}", round=state.round)
     if not command.client_ids:

@@ -1,8 +1,9 @@
 """The asynchronous server's handler set (FedAsync, FedBuff): no rounds, every client always
 has a task on the newest model, so fast clients never wait for slow ones.
 
-It reuses ``handlers.workflows.server`` for everything but the updates: lifecycle, liveness, resume,
-drop records, storing versions, finishing. What differs:
+It reuses the server's lifecycle (``handlers/workflows/lifecycle.py``: liveness, resume) and
+its operations (``handlers/workflows/server_state.py``: drop records, storing versions,
+finishing), and replaces the synchronous rounds. What differs:
 
 - Beginning (``state.begin``) sends each live client its own TrainTask on the current model
   (``participants=[client_id]``, ``round`` = ``model_version`` = current version, no deadline).
@@ -43,19 +44,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from brokerfl.config import ConfigError, RunConfig
-from brokerfl.handler_table import Context, HandlerTable, Outbound, Started, to_client
+from brokerfl.handler_table import Context, HandlerSet, Outbound, Started, to_client
 from brokerfl.message import Heartbeat, Heartbeats, Join, Leave, ParameterUpdate, Tensors, TrainFailed, TrainTask
 from brokerfl.model_refs import task_model_fields
 from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore
 from brokerfl.timing import timings
 from brokerfl.topology import check_name
-from handlers.workflows import server
 from handlers.strategies.aggregate import BadUpdate
 from handlers.strategies.fedasync import AsyncStrategy
-from handlers.workflows.server import ServerState, already_folded, drop, finish_run, live_clients, store_version
-
-table: HandlerTable = server.table.copy()
+from handlers.workflows import lifecycle, server_state
+from handlers.workflows.server_state import ServerState, already_folded, drop, finish_run, live_clients, store_version
 
 
 @dataclass
@@ -67,9 +66,12 @@ class AsyncServerState(ServerState):
     stored_here: int = 0  # versions this process stored
     staleness: list[int] = field(default_factory=list)  # of the updates in the buffer (for the log)
 
+    def held_updates(self) -> int:
+        return len(self.buffer_ids)
+
 
 def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> AsyncServerState:
-    base = server.make_state(config, store, metrics)
+    base = server_state.make_state(config, store, metrics)
     if not isinstance(base.strategy, AsyncStrategy):
         raise ConfigError(f"strategy.name: {config.strategy.name!r} is not an asynchronous strategy; it runs on {base.strategy.server_handlers}")
     buffer_size = getattr(base.strategy, "buffer_size", 1)
@@ -81,13 +83,17 @@ def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> Asy
     return state
 
 
+# the lifecycle's handlers these replace, each calling the lifecycle's first
+ASYNC_UPDATES = HandlerSet("asynchronous updates", needs=(AsyncServerState,))
+
+
 # ---------------------------------------------------------------- lifecycle
 
 
-@table.on(Started)
+@ASYNC_UPDATES.overriding(Started)
 def resume(message: Started, ctx: Context):
     """The synchronous server's resume, then this handler set's memory of recent versions."""
-    out = server.resume_or_initialise(message, ctx)
+    out = lifecycle.resume_or_initialise(message, ctx)
     state: AsyncServerState = ctx.state
     strategy: AsyncStrategy = state.strategy
     state.round_started = time.monotonic()
@@ -128,7 +134,7 @@ def next_task(ctx: Context, client_id: str) -> list[Outbound]:
         model_version=version,
         **task_model_fields(state.config, state.store, state.model),
         participants=[client_id],
-        **server.round_fields(state, version + 1),  # the schedule's round: the version this task makes
+        **server_state.round_fields(state, version + 1),  # the schedule's round: the version this task makes
         deadline=0.0,
     )
     return [to_client(client_id, task)]
@@ -142,39 +148,39 @@ def _task_if_new(ctx: Context, client_id: str) -> list[Outbound]:
     return next_task(ctx, client_id)
 
 
-@table.on(Join)
+@ASYNC_UPDATES.overriding(Join)
 def register_client(message: Join, ctx: Context):
-    out = list(server.register_client(message, ctx) or [])
+    out = list(lifecycle.register_client(message, ctx) or [])
     return out + _task_if_new(ctx, message.client_id)
 
 
-@table.on(Heartbeat)
+@ASYNC_UPDATES.overriding(Heartbeat)
 def mark_alive(message: Heartbeat, ctx: Context):
-    out = list(server.mark_alive(message, ctx) or [])
+    out = list(lifecycle.mark_alive(message, ctx) or [])
     return out + _task_if_new(ctx, message.client_id)
 
 
-@table.on(Heartbeats)
+@ASYNC_UPDATES.overriding(Heartbeats)
 def mark_many_alive(message: Heartbeats, ctx: Context):
-    out = list(server.mark_many_alive(message, ctx) or [])
+    out = list(lifecycle.mark_many_alive(message, ctx) or [])
     for client_id in message.clients:
         out += _task_if_new(ctx, client_id)
     return out
 
 
-@table.on(Leave)
+@ASYNC_UPDATES.overriding(Leave)
 def forget_client(message: Leave, ctx: Context):
-    out = server.forget_client(message, ctx)  # a client whose app failed at start: maybe the run's end, or its beginning
+    out = lifecycle.forget_client(message, ctx)  # a client whose app failed at start: maybe the run's end, or its beginning
     ctx.state.tasked.pop(message.client_id, None)  # if it comes back, it gets a task
     return out
 
 
-@table.on(TrainFailed)
+@ASYNC_UPDATES.on(TrainFailed)
 def take_failure(message: TrainFailed, ctx: Context):
     """Logged and kept; no new task: its app would most likely fail again, at once, and
     round after round. It stays tasked (a heartbeat brings it none); a Leave and a return
     (a restarted client) does."""
-    server.note_failure(message, ctx)
+    server_state.note_failure(message, ctx)
 
 
 # ---------------------------------------------------------------- updates
@@ -191,12 +197,12 @@ def base_parameters(state: AsyncServerState, version: int) -> Tensors | None:
     return parameters or None
 
 
-@table.on(ParameterUpdate)
+@ASYNC_UPDATES.on(ParameterUpdate)
 def fold_async_update(update: ParameterUpdate, ctx: Context):
     state: AsyncServerState = ctx.state
     strategy: AsyncStrategy = state.strategy
-    server.refresh_client(state, update.client_id)
-    if (outsider := server.outside_federation(state, update.client_id)) is not None:
+    server_state.refresh_client(state, update.client_id)
+    if (outsider := server_state.outside_federation(state, update.client_id)) is not None:
         return drop(ctx, update, outsider)  # and no task: it is not ours to train
     if update.message_id in state.buffer_ids:
         # A redelivered copy of a folded update (the connection was lost after the fold):
@@ -217,8 +223,8 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
         reason = f"stale: trained on model version {update.model_version}, current is {current} (staleness {staleness} > max_staleness {strategy.max_staleness})"
     else:
         try:
-            server.check_parameters(update.parameters, state)  # against the current model, which the update is mixed into
-            server.check_claimed_samples(update, state)
+            server_state.check_parameters(update.parameters, state)  # against the current model, which the update is mixed into
+            server_state.check_claimed_samples(update, state)
         except BadUpdate as exc:
             reason = f"malformed: {exc}"
         if reason is None and strategy.needs_base:
@@ -233,7 +239,7 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
     ctx.hold()
     state.buffer_ids.append(update.message_id)
     state.client_seconds.append(update.metrics.get("train_s", 0.0))
-    state.update_metrics.append((server.app_train_metrics(update), update.num_samples))
+    state.update_metrics.append((server_state.app_train_metrics(update), update.num_samples))
     state.staleness.append(staleness)
     ctx.log.debug("update folded", client=update.client_id, staleness=staleness, weight=round(weight, 4), folded=strategy.folded())
     if not strategy.ready():
@@ -258,3 +264,7 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
     if version >= state.config.rounds:
         return finish_run(ctx, f"{state.config.rounds} model versions done")
     return next_task(ctx, update.client_id)
+
+
+# what a run of this workflow composes (brokerfl.roles adds the operator's set and the rest)
+HANDLERS = (lifecycle.LIFECYCLE, ASYNC_UPDATES)

@@ -28,13 +28,13 @@ from brokerfl.app import App, AppContext, AppError, Partition, TrainingCancelled
 from brokerfl.compression import compress
 from brokerfl.config import RunConfig, TrainConfig
 from brokerfl.app_metrics import TRAIN_PREFIX
-from brokerfl.handler_table import Cancelled, Context, HandlerTable, Outbound, Started, to_server
-from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Gradients, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, TrainFailed, TrainTask
+from brokerfl.handler_table import Cancelled, Context, HandlerSet, LegacyTable, Outbound, Started, to_server
+from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, TrainFailed, TrainTask
 from brokerfl.message import process_instance  # names this process in Join and Heartbeat(s)
 from brokerfl.transport import bounded
 from handlers.strategies.base import prepare_update
 
-table = HandlerTable("client")
+table = LegacyTable("client")  # deprecated: what old-style extra_handlers modules register on (brokerfl.roles)
 
 ERROR_CHARS = 300  # of a failed training's error, as TrainFailed reports it
 UNABLE_ERROR_CHARS = 800  # of the error of an app that failed at a client's start (its Leave): the AppError names the app, function and client first
@@ -68,12 +68,15 @@ class ClientState:
     answered: set[str] = field(default_factory=set)  # task ids this process already answered
     newest_version: int = -1  # the newest model version a task has shown this process
     # the newest global model trained on, kept only where a handler reads it (Gradients, the
-    # README's example): else it would hold a superseded version alive per logical client
+    # README's example, whose set's prepare sets keep_last_global): else it would hold a
+    # superseded version alive per logical client
     last_global: dict[str, np.ndarray] | None = None
+    keep_last_global: bool = False
+    local_model: dict[str, np.ndarray] | None = None  # the last training's result, kept by cross-site evaluation's set
     residual: dict[str, np.ndarray] = field(default_factory=dict)  # what compression dropped so far (error feedback)
     residual_version: int = -1  # the model version the residual was last made against
     exit_reason: str | None = None
-    beats_alone: bool = True  # False: its process sends one Heartbeats for all its clients (process_table)
+    beats_alone: bool = True  # False: its process sends one Heartbeats for all its clients (PROCESS_HANDLERS)
     training: Training | None = None  # the task training aside
     waiting: TrainTask | None = None  # a newer task, for when that training is over
     unable: AppError | None = None  # the app failed at this client's start (load_partition, model): it reports and leaves
@@ -82,6 +85,9 @@ class ClientState:
     def training_s(self) -> float | None:
         """Seconds since this client took the task it trains on; None: not training."""
         return None if self.training is None else round(time.monotonic() - self.training.accepted, 3)
+
+
+CLIENT = HandlerSet("client", needs=(ClientState,))
 
 
 def make_state(config: RunConfig, client_id: str) -> ClientState:
@@ -194,7 +200,7 @@ def liveness_on(config: RunConfig) -> bool:
     return math.isfinite(config.liveness.timeout_s)
 
 
-@table.on(Started)
+@CLIENT.on(Started)
 def join(message: Started, ctx: Context):
     state: ClientState = ctx.state
     if state.unable is not None:
@@ -215,14 +221,14 @@ def report_unable(ctx: Context) -> list[Outbound]:
     return [to_server(Leave(client_id=state.client_id, reason="its app failed at start", error=error))]
 
 
-@table.on(HeartbeatDue)
+@CLIENT.on(HeartbeatDue)
 def beat(message: HeartbeatDue, ctx: Context):
     state: ClientState = ctx.state
     ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
     return [to_server(Heartbeat(client_id=state.client_id, num_samples=num_samples(state), instance=process_instance(), training_s=state.training_s()))]
 
 
-@table.on(TrainTask)
+@CLIENT.on(TrainTask)
 def train(task: TrainTask, ctx: Context):
     state: ClientState = ctx.state
     superseded = task.model_version < state.newest_version
@@ -293,14 +299,14 @@ def cancel_training(ctx: Context, state: ClientState, why: str) -> None:
     ctx.log.info("training no longer wanted: cancelling it", task=training.task.message_id, round=training.task.round, reason=why)
 
 
-@table.on(TrainingOverdue)
+@CLIENT.on(TrainingOverdue)
 def give_up_overdue(message: TrainingOverdue, ctx: Context):
     state: ClientState = ctx.state
     if state.training is not None and state.training.task.message_id == message.task_id:
         cancel_training(ctx, state, "its deadline passed")
 
 
-@table.on(Trained)
+@CLIENT.on(Trained)
 def answer_task(message: Trained, ctx: Context):
     """The training is over: answer its task (an update, or the failure), or discard the
     result of a training no longer wanted; ack the task once that is confirmed; then the
@@ -363,7 +369,7 @@ def _update(state: ClientState, task: TrainTask, parameters: dict[str, np.ndarra
     method = state.config.compression.method
     if method != "none":
         parameters = _compressed(state, task, parameters)
-    if table.handler_for(Gradients.TYPE) is not None:
+    if state.keep_last_global:
         state.last_global = task.parameters
     return task.reply(
         ParameterUpdate,
@@ -400,7 +406,7 @@ def _compressed(state: ClientState, task: TrainTask, parameters: dict[str, np.nd
     return wire
 
 
-@table.on(EvaluateTask)
+@CLIENT.on(EvaluateTask)
 def evaluate_locally(task: EvaluateTask, ctx: Context):
     state: ClientState = ctx.state
     if task.participants and state.client_id not in task.participants:
@@ -413,7 +419,7 @@ def evaluate_locally(task: EvaluateTask, ctx: Context):
     ctx.run_aside(key, lambda cancelled: app.evaluate(task.parameters, data, context), lambda scores, error: Evaluated(task=task, scores=scores, error=error))
 
 
-@table.on(Evaluated)
+@CLIENT.on(Evaluated)
 def answer_evaluation(message: Evaluated, ctx: Context):
     state: ClientState = ctx.state
     task = message.task
@@ -431,7 +437,7 @@ def answer_evaluation(message: Evaluated, ctx: Context):
     return [to_server(result)]
 
 
-@table.on(Exit)
+@CLIENT.on(Exit)
 def leave(message: Exit, ctx: Context):
     state: ClientState = ctx.state
     state.exit_reason = message.reason or "exit"
@@ -442,7 +448,7 @@ def leave(message: Exit, ctx: Context):
 
 # ---------------------------------------------------------------- one heartbeat per process
 
-process_table = HandlerTable("client-process")
+PROCESS_HANDLERS = HandlerSet("client process")
 
 
 @dataclass
@@ -459,12 +465,12 @@ def make_process_state(config: RunConfig, clients: list[ClientState]) -> Process
     return ProcessState(config, clients)
 
 
-@process_table.on(Started)
+@PROCESS_HANDLERS.on(Started)
 def start_beating(message: Started, ctx: Context):
     ctx.set_timer("heartbeat", ctx.state.config.liveness.heartbeat_s, HeartbeatDue())
 
 
-@process_table.on(HeartbeatDue)
+@PROCESS_HANDLERS.on(HeartbeatDue)
 def beat_for_all(message: HeartbeatDue, ctx: Context):
     """One Heartbeats for every client of this process still running (stop when none is)."""
     state: ProcessState = ctx.state
@@ -475,3 +481,8 @@ def beat_for_all(message: HeartbeatDue, ctx: Context):
     ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
     training = {c.client_id: seconds for c in running if (seconds := c.training_s()) is not None}
     return [to_server(Heartbeats(clients={c.client_id: num_samples(c) for c in running}, training=training, instance=process_instance()))]
+
+
+# what a run's clients compose (brokerfl.roles adds cross-site evaluation's set and the
+# extra_handlers' sets); PROCESS_HANDLERS is the table of a process's shared heartbeat
+HANDLERS = (CLIENT,)

@@ -13,10 +13,11 @@ a stalled run):
 
 The coordinator (the server of ``workflow: server`` or ``cyclic``, the aggregator role's
 holder of ``swarm``) then writes
-``cross_site.json`` and ``cross_site.png`` beside its metrics and finishes the run. The
-handlers are registered on the built-in tables when this module is imported (``roles``
-does so when the config asks for cross-site evaluation); the messages are new types, so
-nothing else changes.
+``cross_site.json`` and ``cross_site.png`` beside its metrics and finishes the run. Two
+handler sets: :data:`COORDINATOR` (its ``prepare`` makes the evaluation follow the last
+round) and :data:`CLIENT` (its answer to a finished training also keeps the local model: an
+override of the client's ``Trained`` handler); :mod:`brokerfl.roles` adds them to a run's
+tables when its config says ``cross_site_eval``.
 """
 
 from __future__ import annotations
@@ -25,12 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from brokerfl.cross_site import build_matrix, write_results
-from brokerfl.handler_table import Context, Outbound, to_clients, to_server
+from brokerfl.handler_table import Context, HandlerSet, Outbound, to_clients, to_server
 from brokerfl.message import Message, ParameterUpdate, Tensors
-from handlers.workflows import client, cyclic, server, swarm
-from handlers.workflows.server import ServerState, finish_run, live_clients
-
-COORDINATOR_TABLES = (server.table, cyclic.table, swarm.table)
+from handlers.workflows import client
+from handlers.workflows.client import ClientState
+from handlers.workflows.server_state import ServerState, finish_run, live_clients
 
 
 @dataclass(kw_only=True)
@@ -88,13 +88,16 @@ def enable(state: ServerState) -> None:
 
 
 def phase_of(state: ServerState) -> CrossSitePhase | None:
-    return getattr(state, "cross_site", None)
+    return state.cross_site
+
+
+COORDINATOR = HandlerSet("cross-site evaluation", needs=(ServerState,), prepare=enable)
 
 
 def start(ctx: Context, reason: str) -> list[Outbound]:
     state: ServerState = ctx.state
     phase = CrossSitePhase(reason, sites=live_clients(state))
-    state.cross_site = phase  # type: ignore[attr-defined]  # read by phase_of (simulate's result, tests)
+    state.cross_site = phase  # read by phase_of (simulate's result, tests)
     if not phase.sites:
         ctx.log.warning("cross-site evaluation: no live clients; skipped")
         return finish_run(ctx, reason)
@@ -104,16 +107,7 @@ def start(ctx: Context, reason: str) -> list[Outbound]:
     return [to_clients(request)]
 
 
-def _on(*types: type[Message]):
-    def register(handler):
-        for table in COORDINATOR_TABLES:
-            table.on(*types)(handler)
-        return handler
-
-    return register
-
-
-@_on(LocalModel)
+@COORDINATOR.on(LocalModel)
 def collect_local_model(message: LocalModel, ctx: Context):
     phase = phase_of(ctx.state)
     if phase is None or phase.phase != "collect" or message.client_id not in phase.sites:
@@ -138,7 +132,7 @@ def _evaluate_everywhere(ctx: Context) -> list[Outbound]:
     return [to_clients(task)]
 
 
-@_on(CrossSiteEvalResult)
+@COORDINATOR.on(CrossSiteEvalResult)
 def collect_scores(message: CrossSiteEvalResult, ctx: Context):
     phase = phase_of(ctx.state)
     if phase is None or phase.phase != "evaluate" or message.client_id not in phase.sites:
@@ -150,7 +144,7 @@ def collect_scores(message: CrossSiteEvalResult, ctx: Context):
     return None
 
 
-@_on(CrossSiteDeadline)
+@COORDINATOR.on(CrossSiteDeadline)
 def stop_waiting(message: CrossSiteDeadline, ctx: Context):
     phase = phase_of(ctx.state)
     if phase is None or phase.phase != message.phase:
@@ -174,30 +168,30 @@ def _write_and_finish(ctx: Context) -> list[Outbound]:
 
 # ---------------------------------------------------------------- the client's side
 
-_answer_task = client.table.handler_for(client.Trained.TYPE)
+CLIENT = HandlerSet("cross-site evaluation (client)", needs=(ClientState,))
 
 
-@client.table.on(client.Trained)
-def answer_and_keep(message: client.Trained, ctx: Context):
+@CLIENT.overriding(client.Trained)
+def answer_and_keep(message: client.Trained, ctx: Context[ClientState]):
     """Answer a task as the client always does, and keep the result: the final local model."""
-    outbound = list(_answer_task(message, ctx) or ())
+    outbound = list(client.answer_task(message, ctx) or ())
     for item in outbound:
         if isinstance(item.message, ParameterUpdate):
             ctx.state.local_model = item.message.parameters  # read by send_local_model
     return outbound
 
 
-@client.table.on(LocalModelRequest)
-def send_local_model(request: LocalModelRequest, ctx: Context):
+@CLIENT.on(LocalModelRequest)
+def send_local_model(request: LocalModelRequest, ctx: Context[ClientState]):
     state = ctx.state
     if request.participants and state.client_id not in request.participants:
         return None
-    parameters = getattr(state, "local_model", None) or {}
+    parameters = state.local_model or {}
     return [to_server(request.reply(LocalModel, client_id=state.client_id, task_id=request.message_id, parameters=parameters))]
 
 
-@client.table.on(CrossSiteEvalTask)
-def evaluate_every_model(task: CrossSiteEvalTask, ctx: Context):
+@CLIENT.on(CrossSiteEvalTask)
+def evaluate_every_model(task: CrossSiteEvalTask, ctx: Context[ClientState]):
     state = ctx.state
     if task.participants and state.client_id not in task.participants:
         return None

@@ -10,8 +10,9 @@ passes first; then the task (it carries that deadline, so the returning client s
 passes to the next client with the same model, and a late answer is dropped with a
 recorded reason. A holder whose training fails (TrainFailed) passes it on at once. The model is never lost: it is the newest stored version.
 
-This reuses the synchronous server's lifecycle (joins, heartbeats, resume, storing,
-journal, finish) and replaces only what a round is. The coordinator holds no state the
+This reuses the server's lifecycle (``handlers/workflows/lifecycle.py``: joins, heartbeats,
+resume) and its operations (``handlers/workflows/server_state.py``: storing, journal,
+finish) and replaces only what a round is. The coordinator holds no state the
 stored versions cannot rebuild: the hop position is the number of versions of the round.
 """
 
@@ -24,16 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from brokerfl.config import RunConfig
-from brokerfl.handler_table import Context, to_client
+from brokerfl.handler_table import Context, HandlerSet, to_client
 from brokerfl.model_refs import task_model_fields
 from brokerfl.message import Message, ParameterUpdate, TrainFailed, TrainTask
 from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore
 from handlers.strategies.aggregate import BadUpdate
-from handlers.workflows import server
-from handlers.workflows.server import ServerState, already_folded, drop, live_clients, refresh_client, rounds_done, store_version
-
-table = server.table.copy("server")
+from handlers.workflows import lifecycle, server_state
+from handlers.workflows.server_state import ServerState, already_folded, drop, live_clients, refresh_client, rounds_done, store_version
 
 
 @dataclass(kw_only=True)
@@ -53,10 +52,13 @@ class CyclicState(ServerState):
 
 
 def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> CyclicState:
-    base = server.make_state(config, store, metrics)
+    base = server_state.make_state(config, store, metrics)
     state = CyclicState(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
     state.begin = begin
     return state
+
+
+CYCLIC = HandlerSet("cyclic hops", needs=(CyclicState,))
 
 
 def route(config: RunConfig, round_: int) -> list[str]:
@@ -101,7 +103,7 @@ def start_hop(ctx: Context):
         model_version=state.model.version,
         **task_model_fields(state.config, state.store, state.model),
         participants=[state.holder],
-        **server.round_fields(state, state.round),
+        **server_state.round_fields(state, state.round),
         deadline=ctx.wall() + timeout,
     )
     return [to_client(state.holder, task)]
@@ -125,7 +127,7 @@ def next_round(ctx: Context):
     return start_hop(ctx)
 
 
-@table.on(ParameterUpdate)
+@CYCLIC.on(ParameterUpdate)
 def take_handover(update: ParameterUpdate, ctx: Context):
     state: CyclicState = ctx.state
     refresh_client(state, update.client_id)
@@ -137,8 +139,8 @@ def take_handover(update: ParameterUpdate, ctx: Context):
         return drop(ctx, update, f"stale: client {update.client_id} answered model version {update.model_version}; "
                     f"version {state.model.version} is now with client {state.holder}")
     try:
-        server.check_parameters(update.parameters, state)
-        server.check_claimed_samples(update, state)
+        server_state.check_parameters(update.parameters, state)
+        server_state.check_claimed_samples(update, state)
     except BadUpdate as exc:
         raise BadUpdate(f"update from client {update.client_id}: {exc}") from None  # dead-lettered with this reason
     state.strategy.start_round(state.model.parameters)
@@ -147,12 +149,12 @@ def take_handover(update: ParameterUpdate, ctx: Context):
     ctx.cancel_timer("hop")
     store_version(ctx, state.strategy.finish_round(state.model.parameters), [update.message_id], round_=state.round,
                   started=state.hop_started, client_seconds=[update.metrics.get("train_s", 0.0)],
-                  client_metrics=[(server.app_train_metrics(update), update.num_samples)])
+                  client_metrics=[(server_state.app_train_metrics(update), update.num_samples)])
     state.position += 1
     return start_hop(ctx)
 
 
-@table.on(HopDeadline)
+@CYCLIC.on(HopDeadline)
 def pass_on(message: HopDeadline, ctx: Context):
     state: CyclicState = ctx.state
     if state.done or message.model_version != state.model.version or message.holder != (state.holder or ""):
@@ -164,14 +166,18 @@ def pass_on(message: HopDeadline, ctx: Context):
     return start_hop(ctx)
 
 
-@table.on(TrainFailed)
+@CYCLIC.on(TrainFailed)
 def pass_on_failure(message: TrainFailed, ctx: Context):
     """The holder's training failed: the model goes on to the next client now, as at the
     hop's deadline (the failure is logged and kept)."""
     state: CyclicState = ctx.state
-    server.note_failure(message, ctx)
+    server_state.note_failure(message, ctx)
     if state.done or message.client_id != state.holder or message.model_version != state.model.version or message.round != state.round:
         return None
     ctx.cancel_timer("hop")
     state.position += 1
     return start_hop(ctx)
+
+
+# what a run of this workflow composes (brokerfl.roles adds the operator's set and the rest)
+HANDLERS = (lifecycle.LIFECYCLE, CYCLIC)

@@ -5,8 +5,8 @@ version on its test data on a thread aside (the :class:`ScoreStored` timer, due 
 polled every ``SCORE_POLL_S``) while the clients train and their updates come in. Only when
 the score is in are the version's journal record and metrics line written. Versions are
 scored in order: storing the next one, or finishing the run, first scores any still waiting
-(:func:`score_stored`). Used by ``handlers/workflows/server.py`` (which registers the timer's
-handler) and the workflows built on it.
+(:func:`score_stored`). Used by ``handlers/workflows/server_state.py`` (storing a version)
+and ``handlers/workflows/lifecycle.py`` (whose set handles the timer).
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 Every client process also runs an *aggregator candidate*: a consumer of the run's
 aggregation queue (``brokerfl.<run>.server``, declared with RabbitMQ's
 ``x-single-active-consumer``). The broker delivers to one of them only; that one holds
-the role. It runs the synchronous rounds of ``handlers/workflows/server.py`` (sampling,
-folding, storing, the next round) with three differences:
+the role. It runs the server's lifecycle and synchronous rounds
+(``handlers/workflows/lifecycle.py``, ``handlers/workflows/server.py``: sampling, folding,
+storing, the next round), each handler behind :func:`take_role_first`, with three
+differences:
 
 - **Activation.** A candidate does nothing until its first delivery (AMQP tells a
   consumer no "you are active now"): then it reads every stored version from the run's
@@ -22,7 +24,8 @@ folding, storing, the next round) with three differences:
   too); it is written to ``best_model.json`` when the rounds are done.
 - **Cross-site evaluation** (``cross_site_eval: true``): after the last round the role's
   holder runs ``handlers/workflows/cross_site.py``'s two exchanges, as a server would, and
-  writes the matrix beside its metrics; the run then finishes.
+  writes the matrix beside its metrics; the run then finishes (:mod:`brokerfl.roles` adds
+  that set, and its ``after_rounds`` follows this module's ``on_rounds_done``).
 """
 
 from __future__ import annotations
@@ -32,14 +35,12 @@ import json
 from dataclasses import dataclass
 
 from brokerfl.config import RunConfig
-from brokerfl.handler_table import Context, HandlerTable, Started
-from brokerfl.message import MESSAGE_TYPES, Message, ParameterUpdate
+from brokerfl.handler_table import Context, Handler, HandlerSet, Started
+from brokerfl.message import Message, ParameterUpdate
 from brokerfl.metrics import MetricsLog
 from brokerfl.store import ModelStore
-from handlers.workflows import server
-from handlers.workflows.server import ServerState, close_round, resume_or_initialise, see_client, start_round
-
-table = HandlerTable("aggregator")
+from handlers.workflows import lifecycle, server, server_state
+from handlers.workflows.server_state import ServerState, close_round, see_client, start_round
 
 
 @dataclass(kw_only=True)
@@ -80,15 +81,18 @@ class SwarmState(ServerState):
 
 
 def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> SwarmState:
-    base = server.make_state(config, store, metrics)
+    base = server_state.make_state(config, store, metrics)
     state = SwarmState(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
     state.comparator = MetricComparator(config.swarm.best_metric, config.swarm.best_mode)
     state.scores_in_store = True  # best_version reads the scores from the stored versions
-    state.after_rounds = finish_with_best
+    state.on_rounds_done.append(note_best)
     return state
 
 
-@table.on(Started)
+SWARM = HandlerSet("swarm aggregator", needs=(SwarmState,))
+
+
+@SWARM.overriding(Started)
 def stand_by(message: Started, ctx: Context):
     ctx.log.info("aggregator candidate standing by")
 
@@ -101,7 +105,7 @@ def activate(ctx: Context) -> None:
     if refresh is not None:
         refresh()
     taking_over = bool(state.store.versions())
-    resume_or_initialise(Started(run=ctx.run), ctx)  # version 0 or the newest stored, the join timer
+    lifecycle.resume_or_initialise(Started(run=ctx.run), ctx)  # version 0 or the newest stored, the join timer
     ctx.log.info("aggregator role taken", model_version=state.model.version, round=state.round, taking_over=taking_over)
     if taking_over and not state.done:
         # the federation began long ago: every configured client is a member, and the
@@ -114,8 +118,11 @@ def activate(ctx: Context) -> None:
         ctx.send(*(start_round(ctx) or []))
 
 
-def _when_active(handler):
-    def wrapped(message, ctx: Context):
+def take_role_first(handler: Handler) -> Handler:
+    """The wrapper of every server handler an aggregator candidate runs: its first delivery
+    makes it the role's holder (:func:`activate`) before the handler runs."""
+
+    def wrapped(message, ctx: Context[SwarmState]):
         if not ctx.state.active:
             activate(ctx)
         return handler(message, ctx)
@@ -124,13 +131,8 @@ def _when_active(handler):
     return wrapped
 
 
-for _type in server.table.types():  # the server's handlers, each activating the role first
-    if _type != Started.TYPE:
-        table.register(MESSAGE_TYPES[_type], _when_active(server.table.handler_for(_type)))
-
-
-@table.on(ParameterUpdate)
-@_when_active
+@SWARM.overriding(ParameterUpdate)
+@take_role_first
 def fold_and_maybe_wait(update: ParameterUpdate, ctx: Context):
     state: SwarmState = ctx.state
     outbound = server.fold_update(update, ctx)
@@ -141,7 +143,7 @@ def fold_and_maybe_wait(update: ParameterUpdate, ctx: Context):
     return outbound
 
 
-@table.on(WaitAfterMinimum)
+@SWARM.on(WaitAfterMinimum)
 def close_after_wait(message: WaitAfterMinimum, ctx: Context):
     state: SwarmState = ctx.state
     if state.round_open and message.round == state.round:
@@ -150,7 +152,8 @@ def close_after_wait(message: WaitAfterMinimum, ctx: Context):
     return None
 
 
-def finish_with_best(ctx: Context, reason: str):
+def note_best(ctx: Context[SwarmState]) -> None:
+    """Log the best stored version and write it to ``best_model.json``."""
     state: SwarmState = ctx.state
     best = state.comparator.best_version(state.store)
     if best is not None:
@@ -160,8 +163,9 @@ def finish_with_best(ctx: Context, reason: str):
             (state.metrics.path.parent / "best_model.json").write_text(json.dumps(
                 {"model_version": version, "metric": state.comparator.metric, "mode": state.comparator.mode, "value": value,
                  "sha256": state.store.metadata(version)["sha256"]}))
-    if state.config.cross_site_eval:  # imported only when asked: it registers handlers on the built-in tables
-        from handlers.workflows import cross_site
 
-        return cross_site.start(ctx, reason)
-    return server.finish_run(ctx, reason)
+
+# what the aggregator's run composes: the server's lifecycle and rounds, each taking the
+# role first, and this set (which replaces their Started and ParameterUpdate handlers);
+# brokerfl.roles adds the operator's set, also behind take_role_first
+HANDLERS = (lifecycle.LIFECYCLE.wrapped(take_role_first), server.ROUNDS.wrapped(take_role_first), SWARM)
