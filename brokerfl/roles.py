@@ -17,7 +17,7 @@ from types import ModuleType
 
 import structlog
 
-from brokerfl import identity
+from brokerfl import builtins, identity
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.message import Message, ServerStandby, to_wire
 from brokerfl.metrics import MetricsLog
@@ -38,7 +38,7 @@ CLIENT_PREFETCH = 4
 
 def handler_set(config: RunConfig, key: str) -> ModuleType:
     for extra in config.extra_handlers:
-        _import(extra, "extra_handlers")
+        _import(builtins.resolve("extra_handlers", extra), "extra_handlers")
     if config.cross_site_eval:  # registers its handlers on the built-in tables
         _import(CROSS_SITE_HANDLERS, "cross_site_eval")
     name = getattr(config, key)
@@ -49,7 +49,7 @@ def handler_set(config: RunConfig, key: str) -> ModuleType:
             name = strategy_class(config.strategy.name).server_handlers
         except ValueError as exc:
             raise ConfigError(f"strategy.name: {exc}") from None
-    module = _import(name, key)
+    module = _import(builtins.resolve(key, name), key)
     for attribute in ("table", "make_state"):
         if not hasattr(module, attribute):
             raise ConfigError(f"{key}: module {module.__name__!r} has no {attribute!r}")
