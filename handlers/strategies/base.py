@@ -174,16 +174,24 @@ def check_strategy(name: str, options: Mapping[str, Any]) -> type[Strategy]:
         missing = ", ".join(sorted(cls.__abstractmethods__))
         raise ValueError(f"strategy {name!r}: class {cls.__qualname__} does not implement {missing} (every strategy must; see handlers.strategies.base.Strategy)")
     for module in cls.requires:
-        if importlib.util.find_spec(module) is None:
+        if not _installed(module):
             raise ValueError(f"strategy {name!r} needs {module}, which is not installed: {TORCH_EXTRA}")
     cls.parse_options(options)
     return cls
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (it may be heavy)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
 def _describe_option(cls: type[Strategy], error: Any) -> str:
     where = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
-        return f"has no option {where!r} (its options: {', '.join(cls.Options.model_fields) or 'none'})"
+        return f"no option {where!r} (its options: {', '.join(cls.Options.model_fields) or 'none'})"
     message = error["msg"].removeprefix("Value error, ")
     if not where:  # a check across options names them itself
         return message
