@@ -4,7 +4,6 @@ when its config is loaded: complete (no abstract method left) and given options 
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
