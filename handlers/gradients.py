@@ -3,7 +3,7 @@
 The server (or an operator's script) sends ``Gradients`` to clients; each client applies
 them to the global model it last trained on (one SGD step, ``w - learning_rate * g``),
 evaluates the result on its own data and answers with an ``EvaluateResult``. Listing this
-module in a config's ``extra_handlers`` is all it takes to switch it on.
+built-in in a config's ``extra_handlers`` (``extra_handlers: [gradients]``) is all it takes to switch it on.
 """
 
 from __future__ import annotations
