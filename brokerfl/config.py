@@ -211,7 +211,7 @@ class RunConfig(_Section):
     def _check_strategy(self) -> None:
         """The strategy loads, is complete (no abstract method left) and takes its options:
         a mistake stops the run when its config is read, not at the first deadline."""
-        from handlers.strategies.base import check_strategy  # imports the strategy's module
+        from handlers.strategies.base import check_strategy
 
         check_strategy(self.strategy.name, self.strategy.options)
 

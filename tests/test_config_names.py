@@ -128,7 +128,7 @@ def test_a_strategy_missing_an_abstract_method_is_refused_when_the_config_is_loa
 
 
 def test_an_unknown_option_is_refused_naming_the_strategy_and_the_option():
-    with pytest.raises(ConfigError, match=r"strategy 'fedadam': no option 'etaa' \(its options: eta, beta_1, beta_2, tau, initial_v, bias_correction\)"):
+    with pytest.raises(ConfigError, match=r"strategy 'fedadam': no option 'etaa' \(its options: eta, beta_1, beta_2, tau, initial_v, bias_correction; a strategy declares its options in its Options class\)"):
         parse_config({"strategy": {"name": "fedadam", "options": {"etaa": 0.1}}})
 
 

@@ -16,7 +16,7 @@ when the config naming it is loaded, not at its first deadline. Its options are 
 pydantic model, ``Options`` (name, type, default and a one-line description per field):
 the config's ``strategy.options`` are validated against it when the config is loaded (an
 unknown or mistyped option is an error naming the strategy and the option), and each
-option is then an attribute of the strategy (``self.eta``).
+option is then read as an attribute of the strategy (``self.eta``).
 """
 
 from __future__ import annotations
@@ -61,8 +61,6 @@ class Strategy(ABC):
 
     def __init__(self, *, fraction: float = 1.0, clients_per_round: int | None = None, **options: Any) -> None:
         self.options = self.parse_options(options)
-        for key, value in self.options:
-            setattr(self, key, value)
         self.fraction = fraction
         self.clients_per_round = clients_per_round
         self.run_seed = 0
@@ -76,6 +74,13 @@ class Strategy(ABC):
             return cls.Options.model_validate(dict(options))
         except ValidationError as exc:
             raise OptionError(f"strategy {cls.name!r}: " + "; ".join(_describe_option(cls, e) for e in exc.errors())) from None
+
+    def __getattr__(self, name: str) -> Any:
+        """An option, read as an attribute (``self.eta``); called only for names the
+        strategy itself does not have."""
+        if name != "options" and name in type(self).Options.model_fields and "options" in self.__dict__:
+            return getattr(self.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def bind_run(self, *, seed: int, clients: int) -> None:
         """What a strategy may know of its run: the seed (noise that replay must reproduce is
@@ -165,14 +170,20 @@ def strategy_class(name: str) -> type[Strategy]:
     return cls
 
 
-def check_strategy(name: str, options: Mapping[str, Any]) -> type[Strategy]:
-    """What a config's loading checks of its strategy: it loads, implements every abstract
-    method, has what it requires installed, and takes ``options``. A ValueError saying
-    what is wrong."""
+def complete_strategy_class(name: str) -> type[Strategy]:
+    """:func:`strategy_class`, refused if it leaves an abstract method unimplemented."""
     cls = strategy_class(name)
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(cls.__abstractmethods__))
         raise ValueError(f"strategy {name!r}: class {cls.__qualname__} does not implement {missing} (every strategy must; see handlers.strategies.base.Strategy)")
+    return cls
+
+
+def check_strategy(name: str, options: Mapping[str, Any]) -> type[Strategy]:
+    """What a config's loading checks of its strategy: it loads, implements every abstract
+    method, has what it requires installed, and takes ``options``. A ValueError saying
+    what is wrong."""
+    cls = complete_strategy_class(name)
     for module in cls.requires:
         if not _installed(module):
             raise ValueError(f"strategy {name!r} needs {module}, which is not installed: {TORCH_EXTRA}")
@@ -191,7 +202,7 @@ def _installed(module: str) -> bool:
 def _describe_option(cls: type[Strategy], error: Any) -> str:
     where = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
-        return f"no option {where!r} (its options: {', '.join(cls.Options.model_fields) or 'none'})"
+        return f"no option {where!r} (its options: {', '.join(cls.Options.model_fields) or 'none'}; a strategy declares its options in its Options class)"
     message = error["msg"].removeprefix("Value error, ")
     if not where:  # a check across options names them itself
         return message
@@ -199,10 +210,7 @@ def _describe_option(cls: type[Strategy], error: Any) -> str:
 
 
 def load_strategy(name: str, **settings: Any) -> Strategy:
-    cls = strategy_class(name)
-    if inspect.isabstract(cls):
-        check_strategy(name, {})  # the error naming what is missing
-    return cls(**settings)
+    return complete_strategy_class(name)(**settings)
 
 
 def strategy_for_run(config: RunConfig, name: str | None = None, options: Mapping[str, Any] | None = None) -> Strategy:

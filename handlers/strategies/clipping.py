@@ -20,6 +20,8 @@ same way, unweighted.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from pydantic import Field
 
@@ -65,9 +67,12 @@ class NormBounding(Strategy):
     name = "norm_bounding"
 
     Options = NormBoundingOptions
-    _sum: RunningSum | None = None
-    _global: Tensors = {}
-    _weight = 0.0
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        self._sum: RunningSum | None = None
+        self._global: Tensors = {}
+        self._weight = 0.0
 
     def start_round(self, global_parameters: Tensors) -> None:
         self._sum = new_running_sum(global_parameters, reuse=self._sum)

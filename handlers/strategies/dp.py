@@ -129,10 +129,12 @@ class DPFedAvg(Strategy):
 
     name = "dp_fedavg"
     Options = DPOptions
+    options: DPOptions
     requires = ("opacus",)
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
+        self.clip_norm: float = self.options.clip_norm  # adaptive clipping moves it
         self.initial_clip_norm = self.clip_norm
         self.steps = 0
         self.version = 0  # the model version the state belongs to; noise for the next is seeded by version + 1

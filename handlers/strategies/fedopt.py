@@ -142,11 +142,11 @@ class _Adaptive(_ServerOptimizer):
     kind = ""
     state_names = ("m", "v")
     Options = AdaptiveOptions
+    options: AdaptiveOptions
 
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
-        if self.initial_v is None:
-            self.initial_v = self.tau**2
+        self.initial_v: float = self.tau**2 if self.options.initial_v is None else self.options.initial_v
         if self.bias_correction and self.kind == "adagrad":
             raise ValueError(f"strategy {self.name!r}: bias_correction applies to fedadam and fedyogi (Adagrad has no beta_2 decay to correct)")
 
