@@ -52,6 +52,12 @@ BUILTINS: dict[str, dict[str, str]] = {
 }
 
 
+OLD_SPELLING = "is the old spelling of the built-in"
+# shown to whoever runs a config with an old spelling, not only to developers (Python hides
+# DeprecationWarnings raised outside __main__ by default)
+warnings.filterwarnings("default", message=f".* {OLD_SPELLING} ", category=DeprecationWarning)
+
+
 class UnknownBuiltin(ValueError):
     """A name that is neither a built-in's short name nor an import path."""
 
@@ -66,7 +72,7 @@ def short_name(kind: str, name: str) -> str:
         return name
     for short, target in known.items():
         if name == target:
-            warnings.warn(f"{kind}: {name!r} is the old spelling of the built-in {short!r}; write {kind}: {short}", DeprecationWarning, stacklevel=3)
+            warnings.warn(f"{kind}: {name!r} {OLD_SPELLING} {short!r}; write {kind}: {short}", DeprecationWarning, stacklevel=3)
             return short
     if not _is_import_path(kind, name):
         example = "'module:Class'" if kind == "strategy" else "'package.module'"

@@ -13,8 +13,8 @@ with s one of the staleness functions of the paper (``handlers.strategies.aggreg
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from abc import abstractmethod
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
