@@ -71,7 +71,7 @@ def short_name(kind: str, name: str) -> str:
     if name in known:
         return name
     for short, target in known.items():
-        if name == target:
+        if name in (target, target.removeprefix("brokerfl.")):  # handlers.* from before it was brokerfl.handlers.*
             warnings.warn(f"{kind}: {name!r} {OLD_SPELLING} {short!r}; write {kind}: {short}", DeprecationWarning, stacklevel=3)
             return short
     if not _is_import_path(kind, name):

@@ -154,3 +154,10 @@ def test_options_are_attributes_with_their_defaults():
     strategy = strategy_class("fedadam")()
     assert (strategy.eta, strategy.beta_1, strategy.beta_2, strategy.tau, strategy.initial_v, strategy.bias_correction) == (0.01, 0.9, 0.99, 1e-3, 1e-6, False)
     assert strategy.options.initial_v is None  # tau^2 is the strategy's reading of "none"
+
+
+def test_a_built_in_moved_under_brokerfl_keeps_its_old_spelling(monkeypatch):
+    monkeypatch.setitem(builtins.BUILTINS["app"], "mlp", "brokerfl.handlers.apps.mlp")
+    with pytest.warns(DeprecationWarning, match="write app: mlp"):
+        assert builtins.short_name("app", "handlers.apps.mlp") == "mlp"
+    assert builtins.resolve("app", "mlp") == "brokerfl.handlers.apps.mlp"
