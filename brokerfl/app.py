@@ -153,7 +153,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from brokerfl import builtins
+import brokerfl.builtins as builtins
 from brokerfl.app_metrics import (
     RESERVED_TRAIN,
     MetricError,

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from brokerfl import builtins
+import brokerfl.builtins as builtins
 from brokerfl.topology import check_name
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from brokerfl import builtins
+import brokerfl.builtins as builtins
 from handlers.strategies.aggregate import Tensors
 
 if TYPE_CHECKING:
