@@ -153,6 +153,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+import brokerfl.builtins as builtins
 from brokerfl.app_metrics import (
     RESERVED_TRAIN,
     MetricError,
@@ -165,7 +166,9 @@ from brokerfl.app_metrics import (
 from brokerfl.config import ConfigError, RunConfig, TrainConfig
 from brokerfl.names import bounded
 
-BUILT_IN_APP = "handlers.apps.mlp"
+BUILT_IN_APP = "mlp"  # the config's short name (brokerfl.builtins) of handlers/apps/mlp.py
+TORCH_EXTRA = "pip install 'brokerfl[torch]'"
+TORCH_MODULES = frozenset({"torch", "torchvision", "opacus"})  # what the torch extra installs
 
 Parameters = dict[str, np.ndarray]
 
@@ -666,9 +669,12 @@ def load_app(config: RunConfig) -> App:
     if app is None:
         _importable_from_cwd()
         try:
-            module = importlib.import_module(config.app)
+            module = importlib.import_module(builtins.resolve("app", config.app))
         except ImportError as exc:
-            raise ConfigError(f"app: cannot import app module {config.app!r}: {exc}") from None
+            missing = (exc.name or "").partition(".")[0]
+            if missing in TORCH_MODULES and missing != config.app.partition(".")[0]:
+                raise ConfigError(f"app: app {config.app!r} needs {missing}, which is not installed: {TORCH_EXTRA}") from None
+            raise ConfigError(f"app: cannot import app module {config.app!r}: {exc}{builtins.unknown_hint('app', config.app)}") from None
         except Exception as exc:  # the module itself raised while importing
             raise ConfigError(f"app: importing app module {config.app!r} failed: {type(exc).__name__}: {exc}") from exc
         app = _cache[key] = App(config.app, module, options)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import brokerfl.builtins as builtins
 from brokerfl.names import check_name
 
 
@@ -58,7 +59,7 @@ class TrainConfig(_Section):
 
 
 class StrategyConfig(_Section):
-    name: str = Field("fedavg", description="a built-in name or 'module:Class'")
+    name: str = Field("fedavg", description="a built-in strategy (fedavg, fedadam, ... see brokerfl.builtins) or 'module:Class'")
     fraction: float = Field(1.0, gt=0, le=1, description="share of live clients sampled per round")
     clients_per_round: int | None = Field(None, ge=1, description="sample this many instead of a fraction")
     min_clients: int = Field(1, ge=1, description="fewest updates a round may close with")
@@ -73,7 +74,12 @@ class StrategyConfig(_Section):
         description="an update farther than this times (the global model's L2 norm + sqrt of its number of floating values) "
         "from the model it was trained on is refused (a finite 1e30 would poison the model); null turns the check off",
     )
-    options: dict[str, Any] = Field(default_factory=dict, description="strategy-specific settings")
+    options: dict[str, Any] = Field(default_factory=dict, description="strategy-specific settings (the strategy's Options)")
+
+    @field_validator("name")
+    @classmethod
+    def _short_name(cls, value: str) -> str:
+        return builtins.short_name("strategy", value)
 
 
 class LivenessConfig(_Section):
@@ -119,7 +125,7 @@ class RunConfig(_Section):
     seed: int = 0
     rounds: int = Field(20, ge=1)
     clients: int = Field(10, ge=1, description="federation size = number of data partitions")
-    app: str = Field("handlers.apps.mlp", description="module of the app: model, data, training loop (see brokerfl.app)")
+    app: str = Field("mlp", description="the app: model, data, training loop (see brokerfl.app): mlp (built in) or your module's import path")
     app_options: dict[str, Any] = Field(default_factory=dict, description="free-form settings handed to the app")
     data: DataConfig = Field(default_factory=DataConfig, description="the built-in MLP app's data settings")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the built-in MLP app's model settings")
@@ -133,9 +139,9 @@ class RunConfig(_Section):
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     liveness: LivenessConfig = Field(default_factory=LivenessConfig)
-    server_handlers: str | None = Field(None, description="module with the server's table and make_state (default: the strategy's)")
-    client_handlers: str = Field("handlers.workflows.client", description="module with the client's table and make_state")
-    extra_handlers: list[str] = Field(default_factory=list, description="modules imported to register more handlers")
+    server_handlers: str | None = Field(None, description="the server's handler set: server, async_server, cyclic or a module with table and make_state (default: the strategy's)")
+    client_handlers: str = Field("client", description="the client's handler set: client or a module with table and make_state")
+    extra_handlers: list[str] = Field(default_factory=list, description="handlers registered on those tables: gradients or modules that register them when imported")
     replicated_queues: bool = Field(False, description="every queue of the run a quorum queue (replicated on a RabbitMQ cluster), not only the server's")
     model_transfer: Literal["auto", "reference", "inline"] = Field(
         "auto",
@@ -156,9 +162,21 @@ class RunConfig(_Section):
     def _run_name(cls, value: str) -> str:
         return check_name("run name", value)
 
+    @field_validator("app", "server_handlers", "client_handlers")
+    @classmethod
+    def _short_name(cls, value: str | None, info: Any) -> str | None:
+        return None if value is None else builtins.short_name(info.field_name, value)
+
+    @field_validator("extra_handlers")
+    @classmethod
+    def _short_names(cls, value: list[str]) -> list[str]:
+        return [builtins.short_name("extra_handlers", name) for name in value]
+
     @model_validator(mode="before")
     @classmethod
     def _cyclic_strategy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("strategy"), str):  # strategy: fedadam, all settings default
+            data = {**data, "strategy": {"name": data["strategy"]}}
         # a cyclic run's versions are each one client's parameters: the "cyclic" strategy
         if isinstance(data, dict) and data.get("workflow") == "cyclic":
             strategy = data.get("strategy") if isinstance(data.get("strategy"), dict) else {}
@@ -167,7 +185,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.app != "handlers.apps.mlp" and self.model_fields_set & {"data", "model"}:
+        if self.app != "mlp" and self.model_fields_set & {"data", "model"}:
             raise ValueError(f"data and model are the built-in MLP app's settings; app {self.app!r} takes app_options")
         if self.strategy.min_clients > self.clients:
             raise ValueError(f"strategy.min_clients ({self.strategy.min_clients}) exceeds clients ({self.clients})")
@@ -185,9 +203,17 @@ class RunConfig(_Section):
                     TrainConfig.model_validate({**self.train.model_dump(), key: value})
                 except ValidationError as exc:
                     raise ValueError(f"train_schedule.{key}.{round_}: {exc.errors()[0]['msg']}") from None
+        self._check_strategy()
         if self.compression.method != "none" and (self.workflow != "server" or self.strategy.name in ("fedasync", "fedbuff")):
             raise ValueError(f"compression works with the synchronous server workflow, not with workflow {self.workflow!r} and strategy {self.strategy.name!r}")
         return self
+
+    def _check_strategy(self) -> None:
+        """The strategy loads, is complete (no abstract method left) and takes its options:
+        a mistake stops the run when its config is read, not at the first deadline."""
+        from handlers.strategies.base import check_strategy
+
+        check_strategy(self.strategy.name, self.strategy.options)
 
     def client_ids(self) -> list[str]:
         return [str(i) for i in range(self.clients)]

@@ -41,7 +41,7 @@ from typing import Any
 
 import structlog
 
-from brokerfl import identity
+from brokerfl import builtins, identity
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.handler_table import HandlerSet, HandlerTable, LegacyTable, compose
 from brokerfl.message import MESSAGE_TYPES, Message, ServerStandby, to_wire
@@ -72,7 +72,7 @@ def workflow_module(config: RunConfig, key: str) -> ModuleType:
             name = strategy_class(config.strategy.name).server_handlers
         except ValueError as exc:
             raise ConfigError(f"strategy.name: {exc}") from None
-    module = _import(name, key)
+    module = _import(builtins.resolve(key, name), key)
     if not hasattr(module, "make_state"):
         raise ConfigError(f"{key}: module {module.__name__!r} has no 'make_state'")
     if not hasattr(module, "HANDLERS") and not isinstance(getattr(module, "table", None), HandlerTable):
@@ -110,7 +110,7 @@ def extra_sets(config: RunConfig, role: str, before: list[HandlerSet]) -> list[H
     attribute = f"{role.upper()}_HANDLERS"
     sets: list[HandlerSet] = []
     for name in config.extra_handlers:
-        module = _import(name, "extra_handlers")
+        module = _import(builtins.resolve("extra_handlers", name), "extra_handlers")
         if hasattr(module, "CLIENT_HANDLERS") or hasattr(module, "SERVER_HANDLERS"):
             sets += _sets(getattr(module, attribute, ()), f"extra_handlers: {name}.{attribute}")
             continue

@@ -3,9 +3,9 @@
 The server (or an operator's script) sends ``Gradients`` to clients; each client applies
 them to the global model it last trained on (one SGD step, ``w - learning_rate * g``),
 evaluates the result on its own data and answers with an ``EvaluateResult``. Listing this
-module in a config's ``extra_handlers`` is all it takes to switch it on: the module exports
-its handler set as ``CLIENT_HANDLERS``, and :mod:`brokerfl.roles` adds it to the clients' table
-of that run only.
+built-in in a config's ``extra_handlers`` (``extra_handlers: [gradients]``) is all it takes to switch
+it on: the module exports its handler set as ``CLIENT_HANDLERS``, and :mod:`brokerfl.roles` adds it
+to the clients' table of that run only.
 """
 
 from __future__ import annotations

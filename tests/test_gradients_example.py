@@ -15,7 +15,7 @@ from handlers.trainer import init_parameters
 
 
 def test_clients_answer_gradients_with_an_evaluation():
-    config = load_config(None, {"clients": 2, "extra_handlers": ["handlers.gradients"]})
+    config = load_config(None, {"clients": 2, "extra_handlers": ["gradients"]})
     broker = LocalBroker()
     admin = LocalTransport(broker)
     worker = client_worker(LocalTransport(broker), config, "0", journal=False)

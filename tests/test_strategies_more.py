@@ -165,7 +165,7 @@ def test_weighted_norm_bounding_weights_by_sample_count():
     strategy = load_strategy("norm_bounding", max_norm=5.0, weighted=True)
     x1 = run_round(strategy, w(0.0, 0.0), [(w(3.0, 4.0), 1), (w(30.0, 40.0), 1), (w(0.0, -1.0), 2)])
     assert x1["w"].tolist() == pytest.approx([1.5, 1.5])  # (3 + 3 + 0) / 4, (4 + 4 - 2) / 4
-    with pytest.raises(ValueError, match="weighted must be true or false"):
+    with pytest.raises(ValueError, match="strategy 'norm_bounding': option 'weighted': Input should be a valid boolean"):
         load_strategy("norm_bounding", weighted="yes")
 
 

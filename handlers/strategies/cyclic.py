@@ -14,7 +14,7 @@ from handlers.strategies.base import Strategy
 
 class Handover(Strategy):
     name = "cyclic"
-    server_handlers = "handlers.workflows.cyclic"
+    server_handlers = "cyclic"
 
     def start_round(self, global_parameters: Tensors) -> None:
         self._held: Tensors | None = None

@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from handlers.strategies.aggregate import RunningSum, Tensors, fold_update, new_running_sum
-from handlers.strategies.base import Strategy
+from handlers.strategies.base import TORCH_EXTRA, Strategy, StrategyOptions
 from handlers.strategies.clipping import apply_mean_clipped, clip_factor, delta_norm
 
 MODES = ("central", "local")
@@ -61,7 +62,10 @@ def epsilon_spent(sample_rate: float, noise_multiplier: float, steps: int, delta
         return 0.0
     if noise_multiplier == 0:
         return float("inf")  # no noise: no privacy (written as Infinity in metrics.jsonl)
-    from opacus.accountants import RDPAccountant  # heavy import (torch and more): only for DP runs
+    try:
+        from opacus.accountants import RDPAccountant  # heavy import (torch and more): only for DP runs
+    except ImportError as exc:
+        raise ImportError(f"dp_fedavg's privacy accounting needs opacus ({exc}): {TORCH_EXTRA}") from exc
 
     accountant = RDPAccountant()
     accountant.history = [(noise_multiplier, sample_rate, steps)]
@@ -100,60 +104,38 @@ def next_clip_norm(clip_norm: float, unclipped_share: float, target_quantile: fl
     return float(clip_norm * np.exp(-learning_rate * (unclipped_share - target_quantile)))
 
 
-def _positive(name: str, value: Any, *, zero: bool = False) -> float:
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if zero else value > 0)):
-        raise ValueError(f"strategy 'dp_fedavg': {name} must be a number {'>=' if zero else '>'} 0, got {value!r}")
-    return float(value)
+class DPOptions(StrategyOptions):
+    mode: Literal["central", "local"] = Field("central", description="who clips and noises: the server (central) or each client (local)")
+    noise_multiplier: float = Field(1.0, ge=0, description="z: the noise's standard deviation in units of the clipping norm")
+    clip_norm: float = Field(1.0, gt=0, description="C: the fixed clipping norm, or the first one when adaptive")
+    adaptive_clipping: bool = Field(False, description="move C towards target_quantile of the update norms (central only)")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive clipping: the share of updates C should leave unclipped")
+    clip_learning_rate: float = Field(0.2, gt=0, description="adaptive clipping: eta_C, the geometric step of C")
+    clipped_count_stddev: float | None = Field(None, gt=0, description="adaptive clipping: sigma_b, the noise on the unclipped count (default m / 20)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta of the (epsilon, delta) reported")
+    epsilon_budget: float | None = Field(None, gt=0, description="the epsilon the run may spend (none: no budget)")
+    on_budget: Literal["stop", "warn"] = Field("stop", description="at the budget: stop before a round that would exceed it, or warn once exceeded")
+
+    @model_validator(mode="after")
+    def _adaptive_is_central(self) -> DPOptions:
+        if self.adaptive_clipping and self.mode == "local":
+            raise ValueError("adaptive_clipping needs mode central (local clients clip with a fixed norm)")
+        return self
 
 
 class DPFedAvg(Strategy):
-    """DP-FedAvg. Options: ``mode`` (``central`` or ``local``), ``noise_multiplier`` (z,
-    default 1.0), ``clip_norm`` (C, default 1.0: the fixed norm, or the first one when
-    adaptive), ``adaptive_clipping`` (false), ``target_quantile`` (0.5),
-    ``clip_learning_rate`` (0.2), ``clipped_count_stddev`` (default m / 20), ``delta``
-    (1e-5), ``epsilon_budget`` (none) and ``on_budget`` (``stop`` or ``warn``).
-    Memory O(model): clipped deltas are folded as they arrive."""
+    """DP-FedAvg: options in :class:`DPOptions`. Memory O(model): clipped deltas are folded
+    as they arrive. Its privacy accountant is opacus's (the torch extra)."""
 
     name = "dp_fedavg"
+    Options = DPOptions
+    options: DPOptions
+    requires = ("opacus",)
 
-    def __init__(
-        self,
-        *,
-        mode: str = "central",
-        noise_multiplier: float = 1.0,
-        clip_norm: float = 1.0,
-        adaptive_clipping: bool = False,
-        target_quantile: float = 0.5,
-        clip_learning_rate: float = 0.2,
-        clipped_count_stddev: float | None = None,
-        delta: float = 1e-5,
-        epsilon_budget: float | None = None,
-        on_budget: str = "stop",
-        **settings: Any,
-    ) -> None:
+    def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
-        if mode not in MODES:
-            raise ValueError(f"strategy 'dp_fedavg': mode must be one of {list(MODES)}, got {mode!r}")
-        if on_budget not in ("stop", "warn"):
-            raise ValueError(f"strategy 'dp_fedavg': on_budget must be 'stop' or 'warn', got {on_budget!r}")
-        if not isinstance(adaptive_clipping, bool):
-            raise ValueError(f"strategy 'dp_fedavg': adaptive_clipping must be true or false, got {adaptive_clipping!r}")
-        if adaptive_clipping and mode == "local":
-            raise ValueError("strategy 'dp_fedavg': adaptive_clipping needs mode central (local clients clip with a fixed norm)")
-        self.mode = mode
-        self.noise_multiplier = _positive("noise_multiplier", noise_multiplier, zero=True)
-        self.clip_norm = self.initial_clip_norm = _positive("clip_norm", clip_norm)
-        self.adaptive_clipping = adaptive_clipping
-        if not 0 < target_quantile < 1:
-            raise ValueError(f"strategy 'dp_fedavg': target_quantile must be in (0, 1), got {target_quantile!r}")
-        self.target_quantile = float(target_quantile)
-        self.clip_learning_rate = _positive("clip_learning_rate", clip_learning_rate)
-        self._count_stddev = None if clipped_count_stddev is None else _positive("clipped_count_stddev", clipped_count_stddev)
-        self.delta = _positive("delta", delta)
-        if not self.delta < 1:
-            raise ValueError(f"strategy 'dp_fedavg': delta must be < 1, got {delta!r}")
-        self.epsilon_budget = None if epsilon_budget is None else _positive("epsilon_budget", epsilon_budget)
-        self.on_budget = on_budget
+        self.clip_norm: float = self.options.clip_norm  # adaptive clipping moves it
+        self.initial_clip_norm = self.clip_norm
         self.steps = 0
         self.version = 0  # the model version the state belongs to; noise for the next is seeded by version + 1
         self._sum: RunningSum | None = None
@@ -177,7 +159,7 @@ class DPFedAvg(Strategy):
         return min(1.0, self.expected_clients() / self.federation_size) if self.federation_size else 1.0
 
     def count_stddev(self) -> float:
-        return self._count_stddev if self._count_stddev is not None else self.expected_clients() / 20.0
+        return self.clipped_count_stddev if self.clipped_count_stddev is not None else self.expected_clients() / 20.0
 
     def epsilon(self, steps: int | None = None) -> float:
         return epsilon_spent(self.sample_rate(), self.noise_multiplier, self.steps if steps is None else steps, self.delta)

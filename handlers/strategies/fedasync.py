@@ -13,13 +13,26 @@ with s one of the staleness functions of the paper (``handlers.strategies.aggreg
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 
-from handlers.strategies.aggregate import STALENESS_FUNCTIONS, Tensors, mix, staleness_weight
-from handlers.strategies.base import Strategy
+from handlers.strategies.aggregate import Tensors, mix, staleness_weight
+from handlers.strategies.base import Strategy, StrategyOptions
+
+
+class AsyncOptions(StrategyOptions):
+    staleness: Literal["constant", "polynomial", "hinge"] = Field("polynomial", description="how an update's weight falls with its staleness s (handlers.strategies.aggregate.staleness_weight)")
+    a: float = Field(0.5, ge=0, description="polynomial: (1 + s)^-a; hinge: 1 / (a (s - b) + 1) beyond b")
+    b: float = Field(4.0, ge=0, description="hinge: the staleness up to which updates keep weight 1")
+    max_staleness: int = Field(10, ge=0, description="an update this many versions old or older is dropped with its reason")
+
+
+class FedAsyncOptions(AsyncOptions):
+    alpha: float = Field(0.6, gt=0, le=1, description="mixing weight of an update of staleness 0")
 
 
 class AsyncStrategy(Strategy):
@@ -31,56 +44,30 @@ class AsyncStrategy(Strategy):
     but unused: every live client always has a task.
     """
 
-    server_handlers = "handlers.workflows.async_server"
+    server_handlers = "async_server"
     needs_base = False  # whether fold_async needs the parameters the client trained on
-
-    def __init__(
-        self,
-        *,
-        fraction: float = 1.0,
-        clients_per_round: int | None = None,
-        staleness: str = "polynomial",
-        a: float = 0.5,
-        b: float = 4.0,
-        max_staleness: int = 10,
-        **options: Any,
-    ) -> None:
-        super().__init__(fraction=fraction, clients_per_round=clients_per_round, **options)
-        if staleness not in STALENESS_FUNCTIONS:
-            raise ValueError(f"strategy {self.name!r}: staleness must be one of {list(STALENESS_FUNCTIONS)}, got {staleness!r}")
-        if not (isinstance(a, (int, float)) and a >= 0):
-            raise ValueError(f"strategy {self.name!r}: a must be a number >= 0, got {a!r}")
-        if not (isinstance(b, (int, float)) and b >= 0):
-            raise ValueError(f"strategy {self.name!r}: b must be a number >= 0, got {b!r}")
-        if not (isinstance(max_staleness, int) and not isinstance(max_staleness, bool) and max_staleness >= 0):
-            raise ValueError(f"strategy {self.name!r}: max_staleness must be an integer >= 0, got {max_staleness!r}")
-        self.staleness = staleness
-        self.a = float(a)
-        self.b = float(b)
-        self.max_staleness = max_staleness
+    Options = AsyncOptions
 
     def weight(self, staleness: int) -> float:
         return staleness_weight(staleness, self.staleness, a=self.a, b=self.b)
 
     # what handlers.workflows.async_server calls
 
+    @abstractmethod
     def start_version(self, global_parameters: Tensors) -> None:
         """Begin collecting the updates of the next model version."""
-        raise NotImplementedError
 
+    @abstractmethod
     def fold_async(self, parameters: Tensors, *, global_parameters: Tensors, base_parameters: Tensors | None, staleness: int) -> float:
         """Fold one checked update; returns the weight it got."""
-        raise NotImplementedError
 
-    def folded(self) -> int:
-        raise NotImplementedError
-
+    @abstractmethod
     def ready(self) -> bool:
         """Whether the folded updates make a new model version now."""
-        raise NotImplementedError
 
+    @abstractmethod
     def finish_version(self, global_parameters: Tensors) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """The next model version from the folded updates."""
 
     def replay_version(self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]) -> dict[str, np.ndarray]:
         """Recompute a stored version (``brokerfl replay``): its updates were folded, in this
@@ -99,7 +86,7 @@ class AsyncStrategy(Strategy):
     # the synchronous interface does not apply
 
     def start_round(self, global_parameters: Tensors) -> None:
-        raise NotImplementedError(f"strategy {self.name!r} is asynchronous: run it with server_handlers: handlers.workflows.async_server")
+        raise NotImplementedError(f"strategy {self.name!r} is asynchronous: run it with server_handlers: async_server")
 
     fold = finish_round = start_round  # type: ignore[assignment]
 
@@ -109,13 +96,8 @@ class FedAsync(AsyncStrategy):
     :class:`AsyncStrategy`. Each update is a new model version."""
 
     name = "fedasync"
-
-    def __init__(self, *, alpha: float = 0.6, **settings: Any) -> None:
-        super().__init__(**settings)
-        if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
-            raise ValueError(f"strategy 'fedasync': alpha must be in (0, 1], got {alpha!r}")
-        self.alpha = float(alpha)
-        self._next: dict[str, np.ndarray] | None = None
+    Options = FedAsyncOptions
+    _next: dict[str, np.ndarray] | None = None
 
     def start_version(self, global_parameters: Tensors) -> None:
         self._next = None

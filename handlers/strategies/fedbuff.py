@@ -13,12 +13,16 @@ versions (``handlers.workflows.async_server``); staleness weighting as in FedAsy
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+from pydantic import Field
 
 from handlers.strategies.aggregate import RunningSum, Tensors, apply_mean_delta, fold_update, new_running_sum
-from handlers.strategies.fedasync import AsyncStrategy
+from handlers.strategies.fedasync import AsyncOptions, AsyncStrategy
+
+
+class FedBuffOptions(AsyncOptions):
+    buffer_size: int = Field(4, ge=1, description="K: updates folded into each new model version")
+    server_lr: float = Field(1.0, gt=0, description="the server's step on the mean of the K weighted deltas")
 
 
 class FedBuff(AsyncStrategy):
@@ -28,15 +32,8 @@ class FedBuff(AsyncStrategy):
     name = "fedbuff"
     needs_base = True
 
-    def __init__(self, *, buffer_size: int = 4, server_lr: float = 1.0, **settings: Any) -> None:
-        super().__init__(**settings)
-        if not (isinstance(buffer_size, int) and not isinstance(buffer_size, bool) and buffer_size >= 1):
-            raise ValueError(f"strategy 'fedbuff': buffer_size must be an integer >= 1, got {buffer_size!r}")
-        if not (isinstance(server_lr, (int, float)) and server_lr > 0):
-            raise ValueError(f"strategy 'fedbuff': server_lr must be > 0, got {server_lr!r}")
-        self.buffer_size = buffer_size
-        self.server_lr = float(server_lr)
-        self._sum: RunningSum | None = None
+    Options = FedBuffOptions
+    _sum: RunningSum | None = None
 
     def start_version(self, global_parameters: Tensors) -> None:
         self._sum = new_running_sum(global_parameters, reuse=self._sum)

@@ -11,11 +11,12 @@ the pseudo-gradient is delta = (sample-weighted mean of the clients' parameters)
     x <- x + eta_t m / (sqrt(v) + tau)
 
 The step size: by default the paper's plain step, eta_t = eta, with v starting at tau^2
-(the paper's v_{-1} >= tau^2; ``initial_v`` sets it). ``bias_correction: true`` (FedAdam,
-FedYogi) takes the step of Flower's FedAdam instead,
+(the paper's v_{-1} >= tau^2; ``initial_v`` sets it). This plain step is also what Flower's
+FedYogi and FedAdagrad take. ``bias_correction: true`` takes the bias-corrected step of
+Flower's FedAdam instead (accepted by FedYogi too, where Flower has no counterpart),
 eta_t = eta sqrt(1 - beta_2^(t+1)) / (1 - beta_1^(t+1)) with t = 1, 2, ... the server step
 (Flower's exponent is its 1-based round + 1, one more than Kingma & Ba's t); to match
-Flower's numbers exactly set ``initial_v: 0`` too, as Flower starts v at zero.
+Flower's FedAdam exactly set ``initial_v: 0`` too, as Flower starts v at zero.
 
 FedAvgM: v <- momentum v + delta, x <- x + eta v (Flower's FedAvgM with its pseudo-gradient
 -delta). m, v and the step count are state stored with every model version (float64), so a
@@ -24,12 +25,15 @@ restarted server resumes them and ``brokerfl replay`` recomputes them.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from handlers.strategies.aggregate import Tensors, weighted_average
+from handlers.strategies.base import StrategyOptions
 from handlers.strategies.fedavg import FedAvg
 
 # ---------------------------------------------------------------- the arithmetic
@@ -70,14 +74,21 @@ def mean_update(strategy: FedAvg, global_parameters: Tensors) -> tuple[dict[str,
     return averaged, deltas
 
 
-def _number(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False, high_open: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > low if low_open else value >= low)
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number in {bounds}, got {value!r}")
-    return float(value)
+# ---------------------------------------------------------------- the options
+
+
+class AdaptiveOptions(StrategyOptions):
+    eta: float = Field(0.01, gt=0, description="server step size")
+    beta_1: float = Field(0.9, ge=0, lt=1, description="decay of the first moment m")
+    beta_2: float = Field(0.99, ge=0, lt=1, description="decay of the second moment v (FedAdam, FedYogi)")
+    tau: float = Field(1e-3, gt=0, description="adaptivity: the floor under sqrt(v)")
+    initial_v: float | None = Field(None, ge=0, description="v before the first step (default tau^2; Flower's 0)")
+    bias_correction: bool = Field(False, description="false: the paper's plain step; true: Flower's FedAdam's bias-corrected step")
+
+
+class FedAvgMOptions(StrategyOptions):
+    eta: float = Field(1.0, gt=0, description="server learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="server momentum; 0 with eta 1 is FedAvg")
 
 
 # ---------------------------------------------------------------- the strategies
@@ -120,31 +131,24 @@ class _ServerOptimizer(FedAvg):
             out[name] = self.step(name, np.asarray(x, np.float64), delta).astype(x.dtype, copy=False)
         return out
 
+    @abstractmethod
     def step(self, name: str, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The server step of one floating tensor ``x`` with pseudo-gradient ``delta``."""
 
 
 class _Adaptive(_ServerOptimizer):
-    """Options: ``eta`` (server step size, default 0.01), ``beta_1`` (0.9), ``beta_2`` (0.99),
-    ``tau`` (adaptivity, 1e-3), ``initial_v`` (tau^2), ``bias_correction`` (false: the
-    paper's plain step; true: Flower's bias-corrected step)."""
+    """FedAdagrad, FedAdam, FedYogi: options in :class:`AdaptiveOptions`."""
 
     kind = ""
     state_names = ("m", "v")
+    Options = AdaptiveOptions
+    options: AdaptiveOptions
 
-    def __init__(self, *, eta: float = 0.01, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3, initial_v: float | None = None, bias_correction: bool = False, **settings: Any) -> None:
+    def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
-        where = f"strategy {self.name!r}"
-        self.eta = _number(f"{where}: eta", eta, low=0, low_open=True, high=None)
-        self.beta_1 = _number(f"{where}: beta_1", beta_1, low=0, high=1)
-        self.beta_2 = _number(f"{where}: beta_2", beta_2, low=0, high=1)
-        self.tau = _number(f"{where}: tau", tau, low=0, low_open=True, high=None)
-        self.initial_v = self.tau**2 if initial_v is None else _number(f"{where}: initial_v", initial_v, low=0, high=None)
-        if not isinstance(bias_correction, bool):
-            raise ValueError(f"{where}: bias_correction must be true or false, got {bias_correction!r}")
-        if bias_correction and self.kind == "adagrad":
-            raise ValueError(f"{where}: bias_correction applies to fedadam and fedyogi (Adagrad has no beta_2 decay to correct)")
-        self.bias_correction = bias_correction
+        self.initial_v: float = self.tau**2 if self.options.initial_v is None else self.options.initial_v
+        if self.bias_correction and self.kind == "adagrad":
+            raise ValueError(f"strategy {self.name!r}: bias_correction applies to fedadam and fedyogi (Adagrad has no beta_2 decay to correct)")
 
     def step(self, name: str, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
         m = self._state["m"][name] = first_moment(self._moment("m", name, delta), delta, self.beta_1)
@@ -169,16 +173,11 @@ class FedAdagrad(_Adaptive):
 
 
 class FedAvgM(_ServerOptimizer):
-    """Server momentum (Hsu et al. 2019). Options: ``eta`` (server learning rate, default
-    1.0) and ``momentum`` (default 0.9); momentum 0 with eta 1 is FedAvg."""
+    """Server momentum (Hsu et al. 2019): options in :class:`FedAvgMOptions`."""
 
     name = "fedavgm"
     state_names = ("momentum",)
-
-    def __init__(self, *, eta: float = 1.0, momentum: float = 0.9, **settings: Any) -> None:
-        super().__init__(**settings)
-        self.eta = _number("strategy 'fedavgm': eta", eta, low=0, low_open=True, high=None)
-        self.momentum = _number("strategy 'fedavgm': momentum", momentum, low=0, high=1)
+    Options = FedAvgMOptions
 
     def step(self, name: str, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
         velocity = self._state["momentum"][name] = self.momentum * self._moment("momentum", name, delta) + delta

@@ -23,11 +23,11 @@ beta = max(1, theta - 2f).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+from pydantic import Field
 
 from handlers.strategies.aggregate import Tensors
+from handlers.strategies.base import StrategyOptions
 from handlers.strategies.robust import _KeepsUpdates
 
 
@@ -89,10 +89,12 @@ def mean_closest_to_median(stacked: np.ndarray, beta: int) -> np.ndarray:
     return np.take_along_axis(stacked, order, axis=0).mean(axis=0)
 
 
-def _count(name: str, value: Any, low: int) -> int:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+class KrumOptions(StrategyOptions):
+    f: int = Field(1, ge=0, description="Byzantine updates tolerated")
+
+
+class MultiKrumOptions(KrumOptions):
+    m: int | None = Field(None, ge=1, description="updates averaged (default n - f)")
 
 
 class MultiKrum(_KeepsUpdates):
@@ -101,10 +103,7 @@ class MultiKrum(_KeepsUpdates):
 
     name = "multi_krum"
 
-    def __init__(self, *, f: int = 1, m: int | None = None, **settings: Any) -> None:
-        super().__init__(**settings)
-        self.f = _count(f"strategy {self.name!r}: f", f, 0)
-        self.m = None if m is None else _count(f"strategy {self.name!r}: m", m, 1)
+    Options = MultiKrumOptions
 
     def selected(self, global_parameters: Tensors) -> list[int]:
         distances = pairwise_squared_distances(np.stack([flatten(u, global_parameters) for u in self._updates]))
@@ -123,9 +122,8 @@ class Krum(MultiKrum):
     O(clients x model)."""
 
     name = "krum"
-
-    def __init__(self, *, f: int = 1, **settings: Any) -> None:
-        super().__init__(f=f, m=1, **settings)
+    Options = KrumOptions
+    m = 1
 
 
 class Bulyan(_KeepsUpdates):
@@ -133,10 +131,7 @@ class Bulyan(_KeepsUpdates):
     Memory O(clients x model)."""
 
     name = "bulyan"
-
-    def __init__(self, *, f: int = 1, **settings: Any) -> None:
-        super().__init__(**settings)
-        self.f = _count("strategy 'bulyan': f", f, 0)
+    Options = KrumOptions
 
     def finish_round(self, global_parameters: Tensors) -> dict[str, np.ndarray]:
         if not self._updates:

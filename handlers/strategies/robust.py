@@ -20,12 +20,11 @@ upper clamp keeps at least one value (n = 2: their mean, as the median would).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
+from pydantic import Field
 
 from handlers.strategies.aggregate import Tensors, cast_like
-from handlers.strategies.base import Strategy
+from handlers.strategies.base import Strategy, StrategyOptions
 
 
 def coordinate_median(updates: list[Tensors], like: Tensors) -> dict[str, np.ndarray]:
@@ -67,6 +66,11 @@ class Median(_KeepsUpdates):
         return coordinate_median(self._updates, global_parameters)
 
 
+class TrimmedMeanOptions(StrategyOptions):
+    beta: float = Field(0.1, ge=0, lt=0.5, description="the share of values trimmed from each end")
+    min_trim: int = Field(1, ge=0, description="the fewest values trimmed from each end (0: by beta alone)")
+
+
 class TrimmedMean(_KeepsUpdates):
     """Options: ``beta`` (the share trimmed from each end, default 0.1) and ``min_trim``
     (the fewest values trimmed from each end, default 1; 0 trims by beta alone, and a
@@ -74,14 +78,7 @@ class TrimmedMean(_KeepsUpdates):
 
     name = "trimmed_mean"
 
-    def __init__(self, *, beta: float = 0.1, min_trim: int = 1, **settings: Any) -> None:
-        super().__init__(**settings)
-        if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 <= beta < 0.5):
-            raise ValueError(f"strategy 'trimmed_mean': beta must be in [0, 0.5), got {beta!r}")
-        if not (isinstance(min_trim, int) and not isinstance(min_trim, bool) and min_trim >= 0):
-            raise ValueError(f"strategy 'trimmed_mean': min_trim must be an integer >= 0, got {min_trim!r}")
-        self.beta = float(beta)
-        self.min_trim = min_trim
+    Options = TrimmedMeanOptions
 
     def bind_run(self, *, seed: int, clients: int) -> None:
         super().bind_run(seed=seed, clients=clients)
