@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from round_time import HIDDEN, parameter_count, run_federation  # noqa: E402
 
-from brokerfl.metrics import read_metrics  # noqa: E402
+from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
 
 
 def connection_bytes(node: str) -> dict[str, tuple[int, int]]:

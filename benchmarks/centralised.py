@@ -1,6 +1,6 @@
 """Centralised (non-federated) reference: train the runtime's MLP on the full training set.
 
-Uses the same handlers.trainer code path the federated clients use, one
+Uses the same brokerfl.handlers.trainer code path the federated clients use, one
 train_local call per epoch, so the figure is directly comparable with
 federated runs. Note that each call starts a fresh SGD optimizer, so the
 momentum buffer resets at epoch boundaries (negligible at these sizes).
@@ -27,8 +27,8 @@ import numpy as np
 # Allow running as a plain script from anywhere, not only as `python -m`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from handlers.datasets import DATASETS, load_dataset  # noqa: E402
-from handlers.trainer import evaluate, init_parameters, train_local  # noqa: E402
+from brokerfl.handlers.datasets import DATASETS, load_dataset  # noqa: E402
+from brokerfl.handlers.trainer import evaluate, init_parameters, train_local  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> float:

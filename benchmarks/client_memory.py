@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from brokerfl.topology import RunTopology  # noqa: E402
+from brokerfl.transports.topology import RunTopology  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
 
 HIDDEN = {"tiny": 16, "100k": 282, "1M": 960, "10M": 3130}

@@ -1,4 +1,4 @@
-"""Encode and decode a model-sized state with brokerfl.codec, against one plain copy of its bytes.
+"""Encode and decode a model-sized state with brokerfl.wire.codec, against one plain copy of its bytes.
 
     python benchmarks/codec.py [--mb 100] [--repeat 5] [--tensors 20] [--torch] [--default-malloc]
 
@@ -12,7 +12,7 @@ encode, decode and encode+decode (best of ``--repeat``), the ratio preallocated-
 (encode + decode) time (the goal is >= 0.7), and whether the decoded tensors are zero-copy
 views of the body.
 
-The process tunes malloc as brokerfl's CLI does (:func:`brokerfl.memory.tune_allocator`);
+The process tunes malloc as brokerfl's CLI does (:func:`brokerfl.transports.memory.tune_allocator`);
 ``--default-malloc`` keeps glibc's defaults, to see what the tuning is worth.
 """
 
@@ -31,8 +31,8 @@ import numpy as np
 # Allow running as a plain script from anywhere, not only as `python -m`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from brokerfl.codec import decode, encode  # noqa: E402
-from brokerfl.memory import allocator_mode, tune_allocator  # noqa: E402
+from brokerfl.wire.codec import decode, encode  # noqa: E402
+from brokerfl.transports.memory import allocator_mode, tune_allocator  # noqa: E402
 
 GOAL = 0.7
 
@@ -120,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="best of this many timings")
     parser.add_argument("--tensors", type=int, default=20, help="tensors per state")
     parser.add_argument("--torch", action="store_true", help="torch tensors instead of numpy arrays")
-    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults (no brokerfl.memory tuning)")
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults (no brokerfl.transports.memory tuning)")
     args = parser.parse_args(argv)
     tuned = False if args.default_malloc else tune_allocator()
 
     sizes = [(f"{args.mb:g} MB state", int(args.mb * 1e6 / 4)), ("10M-param state", 10_000_000), ("100k-param state", 100_000)]
-    print(f"brokerfl.codec benchmark: {'torch' if args.torch else 'numpy'} float32, best of {args.repeat}, malloc {allocator_mode() if tuned else 'glibc defaults'}, goal ratio (vs preallocated copy) >= {GOAL}")
+    print(f"brokerfl.wire.codec benchmark: {'torch' if args.torch else 'numpy'} float32, best of {args.repeat}, malloc {allocator_mode() if tuned else 'glibc defaults'}, goal ratio (vs preallocated copy) >= {GOAL}")
     ok = True
     for label, parameters in sizes:
         state = make_state(parameters, args.tensors, as_torch=args.torch)

@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from brokerfl.compression import compress  # noqa: E402
+from brokerfl.wire.compression import compress  # noqa: E402
 from brokerfl.config import load_config  # noqa: E402
-from brokerfl.memory import tune_allocator  # noqa: E402
-from brokerfl.message import ParameterUpdate, TrainTask, to_wire  # noqa: E402
+from brokerfl.transports.memory import tune_allocator  # noqa: E402
+from brokerfl.wire.message import ParameterUpdate, TrainTask, to_wire  # noqa: E402
 
 METHODS = ["none", "bfloat16", "qsgd8", "topk"]
 FRACTION = 0.01
@@ -71,10 +71,10 @@ def speed(method: str, rounds: int, url: str, workdir: Path) -> float:
 
 def accuracy(config_path: str, method: str, rounds: int) -> tuple[float, bool, float]:
     """(final accuracy, replay all OK, seconds) of a simulated run."""
-    from brokerfl.journal import read_journal
-    from brokerfl.replay import replay
-    from brokerfl.roles import topology_for
-    from brokerfl.simulate import simulate
+    from brokerfl.storage.journal import read_journal
+    from brokerfl.ops.replay import replay
+    from brokerfl.assembly.roles import topology_for
+    from brokerfl.assembly.simulate import simulate
     from brokerfl.transports.local import LocalTransport
 
     import torch

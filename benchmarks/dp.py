@@ -1,6 +1,6 @@
 """Central DP-FedAvg on digits: 100 clients, 10 sampled per round, 50 rounds, at several
 noise multipliers (clip norm C fixed); final test accuracy and the epsilon spent at delta
-1e-5 (Opacus's RDP accountant, sampling rate 0.1), in-process (``brokerfl.simulate``).
+1e-5 (Opacus's RDP accountant, sampling rate 0.1), in-process (``brokerfl.assembly.simulate``).
 
     python benchmarks/dp.py [--noise 0.5 1.0 2.0] [--clip 1.0] [--rounds 50] [--hidden 32]
 """
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from brokerfl.config import parse_config  # noqa: E402
-from brokerfl.log import configure_logging  # noqa: E402
-from brokerfl.simulate import simulate  # noqa: E402
+from brokerfl.runtime.log import configure_logging  # noqa: E402
+from brokerfl.assembly.simulate import simulate  # noqa: E402
 
 
 def main() -> None:

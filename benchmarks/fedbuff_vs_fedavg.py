@@ -13,7 +13,7 @@ version at the target, i.e. the wall time from the beginning of training (the se
 first tasks) to that version (FedAvg's rounds follow each other; each FedBuff version's
 duration runs from the previous one); the rounds / versions and client updates used; the
 accuracy of the last stored version. Process start-up and joining (``startup_s``) are not
-in the time to target; clients warm torch up at start-up (handlers.workflows.client does), before they join.
+in the time to target; clients warm torch up at start-up (brokerfl.handlers.workflows.client does), before they join.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from brokerfl.metrics import read_metrics  # noqa: E402
-from brokerfl.topology import RunTopology  # noqa: E402
+from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
+from brokerfl.transports.topology import RunTopology  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
 
 

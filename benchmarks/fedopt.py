@@ -1,5 +1,5 @@
 """Adaptive server optimizers against FedAvg on a label-skewed split: digits, 10 clients,
-Dirichlet alpha 0.3, in-process (``brokerfl.simulate``, same seed, data and client
+Dirichlet alpha 0.3, in-process (``brokerfl.assembly.simulate``, same seed, data and client
 training for all). Reports the first round at which each reaches the target accuracy
 and writes the curves to a PNG.
 
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from brokerfl.config import parse_config  # noqa: E402
-from brokerfl.log import configure_logging  # noqa: E402
-from brokerfl.simulate import simulate  # noqa: E402
+from brokerfl.runtime.log import configure_logging  # noqa: E402
+from brokerfl.assembly.simulate import simulate  # noqa: E402
 
 DEFAULT_RUNS = ["fedavg", "fedadam:eta=0.01", "fedyogi:eta=0.01", "fedadam:eta=0.03", "fedyogi:eta=0.03"]
 

@@ -18,7 +18,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from handlers.strategies.aggregate import RunningSum, fold_update, new_running_sum, weighted_average  # noqa: E402
+from brokerfl.handlers.strategies.aggregate import RunningSum, fold_update, new_running_sum, weighted_average  # noqa: E402
 
 
 def seconds_per_update(dtype: type, size: int, updates: int, repeat: int, base: bool, plain: bool = False) -> tuple[float, float]:

@@ -8,7 +8,7 @@ it), then the run under fire, and prints for each: server exit, accuracy, server
 (VmHWM), what ``brokerfl accounting`` and ``brokerfl replay --check`` said (exit and the
 skipped journal records they report), and for the attack what became of the hostile
 messages (dead letters, drop records, folded: must be 0, unanswered: must be none).
-The message generator is :mod:`brokerfl.hostile`.
+The message generator is :mod:`tests.tools.hostile`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from brokerfl.hostile import run_under_fire  # noqa: E402
+from tests.tools.hostile import run_under_fire  # noqa: E402
 
 
 def skipped_line(report: str) -> str:

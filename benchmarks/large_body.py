@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 
-from brokerfl.message import Envelope
+from brokerfl.wire.message import Envelope
 from brokerfl.transports.amqp import AmqpTransport
 
 

@@ -29,11 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from brokerfl.admin import StatusRequest, ask  # noqa: E402
+from brokerfl.runtime.operator_commands import StatusRequest, ask  # noqa: E402
 from brokerfl.config import load_config  # noqa: E402
-from brokerfl.metrics import read_metrics  # noqa: E402
-from brokerfl.roles import topology_for  # noqa: E402
-from brokerfl.transport import TransportError  # noqa: E402
+from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
+from brokerfl.assembly.roles import topology_for  # noqa: E402
+from brokerfl.transports.base import TransportError  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
 
 SYMPTOMS = ("amqp.connection_lost", "amqp.reconnected", "settle_dropped", "task already answered")

@@ -30,7 +30,7 @@ SCRIPT = """
 import json, statistics, sys, time
 from brokerfl.cli.commands import _set_torch_threads
 from brokerfl.config import load_config
-from brokerfl.simulate import simulate
+from brokerfl.assembly.simulate import simulate
 _set_torch_threads()  # as `brokerfl simulate` does: one thread
 started = time.perf_counter()
 result = simulate(load_config(sys.argv[1]))

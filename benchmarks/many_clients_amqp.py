@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from brokerfl.metrics import read_metrics  # noqa: E402
-from brokerfl.topology import RunTopology  # noqa: E402
+from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
+from brokerfl.transports.topology import RunTopology  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
 
 

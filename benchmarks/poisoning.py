@@ -1,7 +1,7 @@
 """Poisoning: a federation of 6 clients on digits (IID) of which one (client 0) joins with
-its real partition and then poisons every update it sends (``brokerfl.hostile.poisoning``);
+its real partition and then poisons every update it sends (``tests.tools.hostile.poisoning``);
 the final test accuracy of each aggregation strategy at its defaults against each attack,
-beside the clean run (every client honest), in-process (``brokerfl.simulate``, same seed
+beside the clean run (every client honest), in-process (``brokerfl.assembly.simulate``, same seed
 and data for all). Attacks:
 
 - ``sign_flip``: the honest step reversed and scaled by 10;
@@ -38,8 +38,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from brokerfl.hostile.poisoning import ATTACKS, simulated_run  # noqa: E402
-from brokerfl.log import configure_logging  # noqa: E402
+from tests.tools.hostile.poisoning import ATTACKS, simulated_run  # noqa: E402
+from brokerfl.runtime.log import configure_logging  # noqa: E402
 
 STRATEGIES = {  # label -> (strategy, options): every one at its defaults
     "fedavg": ("fedavg", {}),
@@ -66,14 +66,14 @@ HONEST = [  # (config, overrides): the repository's apps at their configs' setti
 
 def honest_distances(rounds: int) -> None:
     """Each honest update's distance from its model over the bound's scale, as the server
-    checks it (``handlers.workflows.server_state.check_update`` observed, not replaced)."""
+    checks it (``brokerfl.handlers.workflows.server_state.check_update`` observed, not replaced)."""
     import math
 
     import numpy as np
 
     from brokerfl.config import load_config
-    from brokerfl.simulate import simulate
-    from handlers.workflows import server_state as server
+    from brokerfl.assembly.simulate import simulate
+    from brokerfl.handlers.workflows import server_state as server
 
     check = server.check_update
     ratios: list[float] = []

@@ -9,7 +9,7 @@ time, the others spilled to a temporary file and read back whole). Prints, per r
 messages, the wall and CPU milliseconds and the process's minor page faults, under the
 allocator setting given (``lean``: the server's; each body is then a fresh mapping). A
 fault per 4 KiB page of a 40 MB body is ~9,800 faults; a body backed by huge pages
-(``brokerfl.memory.advise_huge_pages``) takes a few dozen.
+(``brokerfl.transports.memory.advise_huge_pages``) takes a few dozen.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from brokerfl.memory import allocator_mode, tune_allocator  # noqa: E402
-from brokerfl.transports import chunks  # noqa: E402
+from brokerfl.transports.memory import allocator_mode, tune_allocator  # noqa: E402
+from brokerfl.transports.amqp import chunks  # noqa: E402
 
 CHUNK = 16 * 1024**2  # AmqpTransport's chunk_size
 

@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from round_time import HIDDEN, parameter_count, run_federation, summarise  # noqa: E402
 
-from brokerfl.memory import tune_allocator  # noqa: E402
+from brokerfl.transports.memory import tune_allocator  # noqa: E402
 from brokerfl.transports.amqp import _tune_reads  # noqa: E402
 
 CHUNK = 16 * 1024**2

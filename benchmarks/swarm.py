@@ -23,9 +23,10 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.tools
 from workflows import ROOT, check_run, metrics, run_simulate  # noqa: E402
 
-from brokerfl.swarm_probe import held_update  # noqa: E402
+from tests.tools.swarm_probe import held_update  # noqa: E402
 
 CONFIG = ROOT / "configs" / "digits_swarm.yaml"
 
@@ -46,7 +47,7 @@ def over_rabbitmq(url: str, out: Path, kill_rounds: list[int]) -> None:
     started = time.perf_counter()
     peers = {str(i): start_peer(run, url, str(i), out, 0) for i in range(clients)}
     from brokerfl.config import load_config
-    from brokerfl.roles import topology_for
+    from brokerfl.assembly.roles import topology_for
     from brokerfl.transports.amqp import AmqpTransport
 
     topology = topology_for(load_config(CONFIG, {"run": run}))
@@ -71,7 +72,7 @@ def over_rabbitmq(url: str, out: Path, kill_rounds: list[int]) -> None:
     best = out / "best_model.json"
     print(f"best model kept: {best.read_text() if best.exists() else 'none'}")
     check_run(CONFIG, run, out, url)
-    from brokerfl.topology import RunTopology
+    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
 
     with AmqpTransport(url) as admin:

@@ -30,7 +30,7 @@ times (after one untimed warm-up round each):
 - ``raw-4k``: ``raw`` with pika's default 4 KiB socket reads (the weaker baseline, printed
   for reference as ``vs 4k``).
 
-The process tunes malloc as brokerfl's CLI does (:func:`brokerfl.memory.tune_allocator`), for
+The process tunes malloc as brokerfl's CLI does (:func:`brokerfl.transports.memory.tune_allocator`), for
 every path alike; ``--default-malloc`` keeps glibc's defaults.
 Each path's rounds also report ``cpu``: this process's CPU seconds (publisher and consumer,
 not the broker's), which the load of other processes sways far less than seconds do.
@@ -59,11 +59,11 @@ import pika
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from brokerfl.memory import allocator_mode, tune_allocator  # noqa: E402
-from brokerfl.message import ParameterUpdate, from_wire, to_wire, to_wire_parts  # noqa: E402
-from brokerfl.transport import body_size  # noqa: E402
-from brokerfl.topology import RunTopology, routing_key  # noqa: E402
-from brokerfl.transports import chunks  # noqa: E402
+from brokerfl.transports.memory import allocator_mode, tune_allocator  # noqa: E402
+from brokerfl.wire.message import ParameterUpdate, from_wire, to_wire, to_wire_parts  # noqa: E402
+from brokerfl.transports.base import body_size  # noqa: E402
+from brokerfl.transports.topology import RunTopology, routing_key  # noqa: E402
+from brokerfl.transports.amqp import chunks  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport, _tune_reads  # noqa: E402
 
 CHUNK = 16 * 1024**2
@@ -255,7 +255,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds per path (more for small sizes: up to 30)")
     parser.add_argument("--no-journal", action="store_true", help="skip the journal=True / raw+stream pair")
     parser.add_argument("--profile", action="store_true", help="cProfile the brokerfl rounds and print the top functions")
-    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults (no brokerfl.memory tuning)")
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults (no brokerfl.transports.memory tuning)")
     args = parser.parse_args()
     tuned = False if args.default_malloc else tune_allocator()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on kill, too

@@ -39,7 +39,7 @@ def run_simulate(config: Path, out: Path) -> None:
 
 
 def metrics(out: Path) -> list[dict]:
-    from brokerfl.metrics import read_metrics
+    from brokerfl.storage.metrics_log import read_metrics
 
     return read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
 
@@ -54,7 +54,7 @@ def check_run(config_path: Path, run: str, out: Path, url: str) -> None:
 
 
 def cleanup(url: str, run: str, clients: int) -> None:
-    from brokerfl.topology import RunTopology
+    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
 
     with AmqpTransport(url) as admin:

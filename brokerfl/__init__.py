@@ -1,8 +1,17 @@
-"""brokerfl: federated learning whose processes talk only through a message broker."""
+"""brokerfl: federated learning whose processes talk only through a message broker.
 
-from brokerfl.codec import DecodeError, EncodeError, Limits
-from brokerfl.handler_table import Context, DuplicateHandler, HandlerSet, HandlerTable, Outbound, Rejected, Started, compose, to_client, to_clients, to_server
-from brokerfl.message import (
+The package's folders are its layers, bottom to top: ``wire`` (what travels), ``transports``
+(the broker), ``config`` (the run's config), ``runtime`` (one process), ``storage`` (models and
+audit), ``app`` (the app API), ``handlers`` (workflows and strategies), ``assembly`` (a process
+built from a config), ``ops`` (operator tools), ``cli`` (the command). docs/architecture.md
+has the map; the import contract in pyproject.toml enforces it.
+"""
+
+from brokerfl import _moved
+
+from brokerfl.wire.codec import DecodeError, EncodeError, Limits
+from brokerfl.runtime.handler_table import Context, DuplicateHandler, HandlerSet, HandlerTable, Outbound, Rejected, Started, compose, to_client, to_clients, to_server
+from brokerfl.wire.message import (
     Envelope,
     EvaluateResult,
     EvaluateTask,
@@ -15,6 +24,8 @@ from brokerfl.message import (
     ParameterUpdate,
     TrainTask,
 )
+
+_moved.install()  # old module paths (brokerfl.message, ...) keep working, with a DeprecationWarning
 
 __all__ = [
     "Context", "DecodeError", "DuplicateHandler", "EncodeError", "Envelope", "EvaluateResult", "EvaluateTask", "Exit", "Gradients",

@@ -4,16 +4,16 @@ The server (or an operator's script) sends ``Gradients`` to clients; each client
 them to the global model it last trained on (one SGD step, ``w - learning_rate * g``),
 evaluates the result on its own data and answers with an ``EvaluateResult``. Listing this
 built-in in a config's ``extra_handlers`` (``extra_handlers: [gradients]``) is all it takes to switch
-it on: the module exports its handler set as ``CLIENT_HANDLERS``, and :mod:`brokerfl.roles` adds it
+it on: the module exports its handler set as ``CLIENT_HANDLERS``, and :mod:`brokerfl.assembly.roles` adds it
 to the clients' table of that run only.
 """
 
 from __future__ import annotations
 
-from brokerfl.handler_table import Context, HandlerSet, Rejected, to_server
-from brokerfl.message import EvaluateResult, Gradients
-from handlers.strategies.aggregate import BadUpdate, check_update
-from handlers.workflows.client import ClientState
+from brokerfl.runtime.handler_table import Context, HandlerSet, Rejected, to_server
+from brokerfl.wire.message import EvaluateResult, Gradients
+from brokerfl.handlers.strategies.aggregate import BadUpdate, check_update
+from brokerfl.handlers.workflows.client import ClientState
 
 
 def keep_last_global(state: ClientState) -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brokerfl.torch_app import sgd
+from brokerfl.app.torch_adapter import sgd
 
 
 def build_mlp(num_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:

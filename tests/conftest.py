@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from brokerfl.topology import RunTopology
-from brokerfl.transport import Transport
+from brokerfl.transports.topology import RunTopology
+from brokerfl.transports.base import Transport
 from brokerfl.transports.local import LocalBroker, LocalTransport
 
 RABBITMQ_IMAGE = os.environ.get("BROKERFL_RABBITMQ_IMAGE", "rabbitmq:4")
@@ -211,13 +211,13 @@ def _structlog_defaults() -> Iterator[None]:
 
 @pytest.fixture
 def provision_on_broker(broker: _Broker, amqp_url: str, tmp_path) -> Iterator[Callable[..., Any]]:
-    """``provision_on_broker(config)`` provisions a run (``brokerfl.provision``) for the test
+    """``provision_on_broker(config)`` provisions a run (``brokerfl.ops.provision``) for the test
     broker, imports its definitions with rabbitmqctl, waits until every user can log in and
-    returns the :class:`~brokerfl.provision.Provisioned`; the vhost and users are deleted after."""
+    returns the :class:`~brokerfl.ops.provision.Provisioned`; the vhost and users are deleted after."""
     import tempfile
     import time
 
-    from brokerfl.provision import provision
+    from brokerfl.ops.provision import provision
     from brokerfl.transports.amqp import AmqpTransport
 
     why_not = broker.can_restart()  # the same condition: a local rabbitmqctl

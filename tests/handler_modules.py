@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from brokerfl.handler_table import HandlerSet
+from brokerfl.runtime.handler_table import HandlerSet
 
 
 def extra_handlers(monkeypatch: pytest.MonkeyPatch, *, client: HandlerSet | None = None, server: HandlerSet | None = None) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from brokerfl.torch_app import sgd
+from brokerfl.app.torch_adapter import sgd
 
 CALLS: list[dict] = []
 FEATURES, CLASSES = 8, 4

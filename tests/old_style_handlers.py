@@ -4,9 +4,9 @@ DeprecationWarning, and only for the runs that name it)."""
 
 from __future__ import annotations
 
-from brokerfl.handler_table import Context, to_server
-from brokerfl.message import EvaluateResult, Gradients
-from handlers.workflows.client import table
+from brokerfl.runtime.handler_table import Context, to_server
+from brokerfl.wire.message import EvaluateResult, Gradients
+from brokerfl.handlers.workflows.client import table
 
 
 @table.on(Gradients)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from brokerfl.accounting import account, account_run
+from brokerfl.storage.accounting import account, account_run
 from brokerfl.config import load_config
-from brokerfl.message import Envelope, ParameterUpdate, UpdateDropped, to_wire
-from brokerfl.roles import topology_for
-from brokerfl.simulate import simulate
-from brokerfl.transport import REASON_HEADER, Delivery
+from brokerfl.wire.message import Envelope, ParameterUpdate, UpdateDropped, to_wire
+from brokerfl.assembly.roles import topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.transports.base import REASON_HEADER, Delivery
 from brokerfl.transports.local import LocalTransport
 
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from brokerfl.accounting import account
-from brokerfl.admin import AdminReply, AdminState, RemoveClient, SetRounds, ask, restore_admin_state
+from brokerfl.storage.accounting import account
+from brokerfl.runtime.operator_commands import AdminReply, AdminState, RemoveClient, SetRounds, ask, restore_admin_state
 from brokerfl.cli.operate import admin_message
 from brokerfl.config import load_config
-from brokerfl.journal import read_journal
-from brokerfl.replay import replay
-from brokerfl.message import TrainTask, from_wire, to_wire
-from brokerfl.roles import coordinator_table, topology_for
-from brokerfl.simulate import simulate
-from brokerfl.topology import routing_key
+from brokerfl.storage.journal import read_journal
+from brokerfl.ops.replay import replay
+from brokerfl.wire.message import TrainTask, from_wire, to_wire
+from brokerfl.assembly.roles import coordinator_table, topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.transports.topology import routing_key
 from brokerfl.transports.local import LocalBroker, LocalTransport
 
 
@@ -74,12 +74,12 @@ def test_an_abort_mid_round_records_each_folded_update_with_its_client():
     accounting and replay)."""
     import structlog
 
-    from brokerfl.admin import AbortRun
-    from brokerfl.handler_table import Context, Started
-    from brokerfl.message import UpdateDropped
-    from brokerfl.metrics import MetricsLog
-    from brokerfl.store import MemoryModelStore
-    from handlers.workflows import server
+    from brokerfl.runtime.operator_commands import AbortRun
+    from brokerfl.runtime.handler_table import Context, Started
+    from brokerfl.wire.message import UpdateDropped
+    from brokerfl.storage.metrics_log import MetricsLog
+    from brokerfl.storage.store import MemoryModelStore
+    from brokerfl.handlers.workflows import server
 
     config = load_config(None, {"run": "abort-mid-round", "clients": 2})
     state = server.make_state(config, MemoryModelStore(), MetricsLog(None))

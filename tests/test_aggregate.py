@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from handlers.strategies.aggregate import BadUpdate, check_update, fold_update, magnitude_limit, new_running_sum, weighted_average
-from handlers.strategies.fedavg import FedAvg
+from brokerfl.handlers.strategies.aggregate import BadUpdate, check_update, fold_update, magnitude_limit, new_running_sum, weighted_average
+from brokerfl.handlers.strategies.fedavg import FedAvg
 
 
 def test_fedavg_matches_hand_computation():
@@ -153,7 +153,7 @@ def test_magnitude_limit_leaves_room_for_the_fold_and_a_server_step():
 
 
 def test_median_and_trimmed_mean_resist_one_outlier():
-    from handlers.strategies.robust import Median, TrimmedMean
+    from brokerfl.handlers.strategies.robust import Median, TrimmedMean
 
     like = {"w": np.zeros(3, np.float32)}
     updates = [{"w": np.array([1, 2, 3], np.float32)}, {"w": np.array([2, 3, 4], np.float32)}, {"w": np.array([3, 4, 5], np.float32)}, {"w": np.array([1000, -1000, 1000], np.float32)}]
@@ -181,13 +181,13 @@ def test_median_and_trimmed_mean_resist_one_outlier():
     (5, 0.45, 3, 2),  # at most (n - 1) // 2
 ])
 def test_trimmed_count(n, beta, min_trim, k):
-    from handlers.strategies.robust import trimmed_count
+    from brokerfl.handlers.strategies.robust import trimmed_count
 
     assert trimmed_count(n, beta, min_trim) == k
 
 
 def test_trimmed_mean_at_its_defaults_trims_an_outlier_among_six():
-    from handlers.strategies.robust import TrimmedMean
+    from brokerfl.handlers.strategies.robust import TrimmedMean
 
     like = {"w": np.zeros(2, np.float32)}
     trimmed = TrimmedMean()  # beta 0.1: floor(0.6) = 0, min_trim 1
@@ -199,7 +199,7 @@ def test_trimmed_mean_at_its_defaults_trims_an_outlier_among_six():
 
 
 def test_trimmed_mean_that_cannot_trim_its_rounds_is_refused_when_the_run_starts():
-    from handlers.strategies.robust import TrimmedMean
+    from brokerfl.handlers.strategies.robust import TrimmedMean
 
     strategy = TrimmedMean(beta=0.1, min_trim=0)
     with pytest.raises(ValueError, match="trims nothing from rounds of 6 updates"):

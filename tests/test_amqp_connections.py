@@ -13,7 +13,7 @@ import time
 import pytest
 from test_transport import envelope
 
-from brokerfl.transport import Delivery
+from brokerfl.transports.base import Delivery
 
 pytestmark = pytest.mark.broker
 

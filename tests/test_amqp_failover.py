@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from brokerfl.transport import Delivery, TransportError
+from brokerfl.transports.base import Delivery, TransportError
 from brokerfl.transports.amqp import AmqpTransport
 
 from test_transport import envelope

@@ -10,7 +10,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from brokerfl.config import parse_config
-from brokerfl.simulate import simulate
+from brokerfl.assembly.simulate import simulate
 from cli_processes import outputs_at_the_end, start_brokerfl
 from tests import model_apps
 
@@ -40,7 +40,7 @@ def test_the_isolation_check_reads_no_tensor_data():
     """What the runtime compares before each task: layout, dtypes, attributes; not values."""
     import torch
 
-    from brokerfl.torch_app import structure
+    from brokerfl.app.torch_adapter import structure
 
     net = model_apps.model({"dtype": "float32"})
     before = structure(net)
@@ -98,7 +98,7 @@ def hashes(records):
 
 def _accuracy_of(model_file, config):
     from brokerfl.app import load_app, load_model
-    from brokerfl.torch_app import evaluate_classifier
+    from brokerfl.app.torch_adapter import evaluate_classifier
 
     app = load_app(config)
     model = load_model(config, model_file)
@@ -113,8 +113,8 @@ def test_simulate_writes_its_final_model_and_any_version_on_request(tmp_path, ca
     import numpy as np
 
     from brokerfl.cli import main
-    from brokerfl.metrics import read_metrics
-    from brokerfl.model_file import ModelFileError, read_model_file
+    from brokerfl.storage.metrics_log import read_metrics
+    from brokerfl.storage.model_file import ModelFileError, read_model_file
 
     config = _config(app_options={"dtype": "float64"}, rounds=3)
     config_file = tmp_path / "run.yaml"
@@ -133,8 +133,8 @@ def test_simulate_writes_its_final_model_and_any_version_on_request(tmp_path, ca
     assert "no model version 9" in capsys.readouterr().err
     damaged = tmp_path / "damaged.npz"
     parameters["0.bias"] = parameters["0.bias"] + 1.0
-    from brokerfl.model_file import write_model_file
-    from brokerfl.store import ModelVersion
+    from brokerfl.storage.model_file import write_model_file
+    from brokerfl.storage.store import ModelVersion
 
     write_model_file(damaged, ModelVersion(2, 2, 1, "fedavg", [], parameters, sha256=meta["sha256"]))
     with pytest.raises(ModelFileError, match="do not match its sha256"):
@@ -149,8 +149,8 @@ def test_a_float64_model_is_the_same_over_rabbitmq_as_in_simulate(amqp_url, run_
     accuracy of the last metrics line."""
     import torch
 
-    from brokerfl.metrics import read_metrics
-    from brokerfl.topology import RunTopology
+    from brokerfl.storage.metrics_log import read_metrics
+    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
 
     clients, rounds = 4, 10

@@ -1,4 +1,4 @@
-"""Every metric an app returns is kept (brokerfl.app_metrics): in metrics.jsonl, the curve
+"""Every metric an app returns is kept (brokerfl.wire.app_metrics): in metrics.jsonl, the curve
 and status, combined across clients as documented; a task other than classification
 (examples/regression: MSE and R^2, no accuracy) runs in simulate and over RabbitMQ."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from brokerfl.app_metrics import (
+from brokerfl.wire.app_metrics import (
     MAX_METRICS,
     MetricError,
     Target,
@@ -25,17 +25,17 @@ from brokerfl.app_metrics import (
     wire_metrics_problem,
 )
 from brokerfl.config import load_config
-from brokerfl.journal import read_journal
-from brokerfl.message import (
+from brokerfl.storage.journal import read_journal
+from brokerfl.wire.message import (
     DecodeError,
     EvaluateResult,
     ParameterUpdate,
     from_wire,
     to_wire,
 )
-from brokerfl.metrics import curve_description, curve_panels, read_metrics
-from brokerfl.roles import topology_for
-from brokerfl.simulate import simulate
+from brokerfl.storage.metrics_log import curve_description, curve_panels, read_metrics
+from brokerfl.assembly.roles import topology_for
+from brokerfl.assembly.simulate import simulate
 from brokerfl.transports.local import LocalTransport
 from cli_processes import outputs_at_the_end, start_brokerfl
 
@@ -97,9 +97,9 @@ def test_the_target_metric_is_the_apps_or_accuracy():
 def test_the_wine_apps_metrics_reach_metrics_jsonl_the_curve_and_status(tmp_path):
     from rich.console import Console
 
-    from brokerfl.admin import StatusReply
+    from brokerfl.runtime.operator_commands import StatusReply
     from brokerfl.cli.operate import metrics_lines, render
-    from handlers.workflows.admin import status_of
+    from brokerfl.handlers.workflows.admin import status_of
 
     config = load_config("examples/wine/config.yaml", {"rounds": 3})
     result = simulate(config, tmp_path, journal=True)
@@ -167,7 +167,7 @@ def test_regression_over_rabbitmq_matches_simulate_replays_and_accounts(amqp_url
     import yaml
 
     from brokerfl.cli import main
-    from brokerfl.topology import RunTopology
+    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
 
     config = yaml.safe_load((ROOT / "examples" / "regression" / "config.yaml").read_text())
@@ -206,8 +206,8 @@ def test_asynchronous_and_cyclic_runs_keep_the_training_metrics_too(config_file,
     """Every workflow that stores versions keeps what train() returned, not only the
     synchronous server."""
     from brokerfl.config import load_config
-    from brokerfl.metrics import read_metrics
-    from brokerfl.simulate import simulate
+    from brokerfl.storage.metrics_log import read_metrics
+    from brokerfl.assembly.simulate import simulate
 
     config = load_config(config_file, {"run": "train-metrics-" + Path(config_file).stem.replace("_", "-"), "rounds": 3, "clients": 3, "train": {"epochs": 1}})
     simulate(config, tmp_path, progress=False)

@@ -20,10 +20,10 @@ from torch import nn
 
 from brokerfl.app import AppError, load_app
 from brokerfl.config import parse_config
-from brokerfl.metrics import MetricsLog, read_metrics
-from brokerfl.roles import client_worker, server_worker, topology_for
-from brokerfl.simulate import SimulationError, simulate
-from brokerfl.store import MemoryModelStore
+from brokerfl.storage.metrics_log import MetricsLog, read_metrics
+from brokerfl.assembly.roles import client_worker, server_worker, topology_for
+from brokerfl.assembly.simulate import SimulationError, simulate
+from brokerfl.storage.store import MemoryModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
 from cli_processes import outputs_at_the_end, start_brokerfl
 
@@ -122,7 +122,7 @@ def test_the_server_names_the_clients_it_waits_for():
 def test_one_failing_partition_in_a_process_hosting_two_clients_leaves_the_other_running(amqp_url, run_name, tmp_path):
     """`brokerfl client --client-id 1-2` whose load_partition raises for client 2: client 1
     trains on, the server names client 2 and finishes the run with clients 0 and 1."""
-    from brokerfl.topology import RunTopology
+    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
 
     (tmp_path / "partition_fails_for_2.py").write_text(textwrap.dedent("""
@@ -252,7 +252,7 @@ def test_non_finite_weights_are_refused_by_the_client_and_the_round_does_not_wai
 
 
 def test_the_server_still_refuses_non_finite_updates():
-    from handlers.strategies.aggregate import BadUpdate, check_update
+    from brokerfl.handlers.strategies.aggregate import BadUpdate, check_update
 
     with pytest.raises(BadUpdate, match="w: holds NaN or infinite values"):
         check_update({"w": np.array([1.0, np.inf], np.float32)}, {"w": np.zeros(2, np.float32)})
@@ -357,8 +357,8 @@ def test_an_app_option_never_read_is_warned_of_after_the_first_training(monkeypa
 def test_a_forged_start_failure_of_a_live_client_is_refuted_by_its_heartbeat():
     """Without identity a Leave with an error may be forged: the server gives a live client
     two heartbeats' time to show it is alive before giving up a run it would leave short."""
-    from brokerfl.handler_table import to_server
-    from brokerfl.message import Heartbeat, Leave
+    from brokerfl.runtime.handler_table import to_server
+    from brokerfl.wire.message import Heartbeat, Leave
 
     config = parse_config({"clients": 2, "rounds": 1, "strategy": {"min_clients": 2, "join_timeout_s": 60.0}, "liveness": {"heartbeat_s": 0.5, "timeout_s": 5.0}})
     broker = LocalBroker()

@@ -14,11 +14,11 @@ import pytest
 
 from brokerfl.app import AppError, Partition, load_app
 from brokerfl.config import ConfigError, load_config, parse_config
-from brokerfl.journal import read_journal
-from brokerfl.message import ParameterUpdate, from_wire
-from brokerfl.roles import topology_for
-from brokerfl.simulate import simulate
-from brokerfl.transport import REASON_HEADER
+from brokerfl.storage.journal import read_journal
+from brokerfl.wire.message import ParameterUpdate, from_wire
+from brokerfl.assembly.roles import topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.transports.base import REASON_HEADER
 from brokerfl.transports.local import LocalTransport
 from cli_processes import outputs_at_the_end, start_brokerfl
 
@@ -31,7 +31,7 @@ def test_numpy_logistic_regression_on_five_hospitals_imports_no_torch(tmp_path):
     script = (
         "import json, sys\n"
         "from brokerfl.config import load_config\n"
-        "from brokerfl.simulate import simulate\n"
+        "from brokerfl.assembly.simulate import simulate\n"
         f"r = simulate(load_config('examples/logreg_numpy/config.yaml'), {str(tmp_path)!r})\n"
         "print(json.dumps({'torch': sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')),"
         " 'records': r.records}))\n"
@@ -52,8 +52,8 @@ def test_numpy_logistic_regression_on_five_hospitals_imports_no_torch(tmp_path):
 
 
 def test_federated_evaluation_is_sample_weighted():
-    from brokerfl.message import EvaluateResult
-    from handlers.workflows.evaluation import weighted_metrics
+    from brokerfl.wire.message import EvaluateResult
+    from brokerfl.handlers.workflows.evaluation import weighted_metrics
 
     results = [
         EvaluateResult(client_id="a", task_id="t", loss=1.0, accuracy=0.5, num_samples=10),
@@ -97,7 +97,7 @@ def test_batchnorm_buffers_travel_and_aggregate_by_hand():
 def test_integer_buffers_take_the_rounded_weighted_mean(a, b, expected):
     """Weights 1 and 3: 5.25 -> 5; 6.75 -> 7 (a cast would truncate to 6); 7.0 -> 7;
     2.5 -> 2 (halves to even)."""
-    from handlers.strategies.aggregate import fold_update, new_running_sum, weighted_average
+    from brokerfl.handlers.strategies.aggregate import fold_update, new_running_sum, weighted_average
 
     like = {"n": np.array(0, np.int64)}
     acc = new_running_sum(like)
@@ -108,7 +108,7 @@ def test_integer_buffers_take_the_rounded_weighted_mean(a, b, expected):
 
 
 def test_float16_folds_in_float64_and_keeps_its_dtype():
-    from handlers.strategies.aggregate import fold_update, new_running_sum, weighted_average
+    from brokerfl.handlers.strategies.aggregate import fold_update, new_running_sum, weighted_average
 
     like = {"h": np.zeros(3, np.float16)}
     acc = new_running_sum(like)
@@ -213,8 +213,8 @@ def test_cnn_app_over_rabbitmq_matches_simulate_replays_and_accounts(amqp_url, r
     import yaml
 
     from brokerfl.cli import main
-    from brokerfl.metrics import read_metrics
-    from brokerfl.topology import RunTopology
+    from brokerfl.storage.metrics_log import read_metrics
+    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
 
     config = yaml.safe_load((ROOT / "examples" / "cnn_mnist" / "config.yaml").read_text())

@@ -10,22 +10,22 @@ import numpy as np
 import pytest
 import structlog
 
-import handlers.workflows.client as client_handlers
+import brokerfl.handlers.workflows.client as client_handlers
 from brokerfl.config import load_config
-from brokerfl.handler_table import Context, HandlerSet, Started
-from brokerfl.message import Heartbeat, Join, ParameterUpdate, TrainTask
-from brokerfl.metrics import MetricsLog
-from brokerfl.roles import client_worker, coordinator_table, server_worker
-from brokerfl.simulate import simulate
-from brokerfl.store import MemoryModelStore
+from brokerfl.runtime.handler_table import Context, HandlerSet, Started
+from brokerfl.wire.message import Heartbeat, Join, ParameterUpdate, TrainTask
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.assembly.roles import client_worker, coordinator_table, server_worker
+from brokerfl.assembly.simulate import simulate
+from brokerfl.storage.store import MemoryModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
-from handlers.workflows import async_server
-from handlers.strategies.aggregate import apply_mean_delta, fold_update, mix, new_running_sum, staleness_weight
-from handlers.strategies.fedasync import FedAsync
-from handlers.strategies.fedbuff import FedBuff
-from handlers.workflows.server_state import JoinDeadline
+from brokerfl.handlers.workflows import async_server
+from brokerfl.handlers.strategies.aggregate import apply_mean_delta, fold_update, mix, new_running_sum, staleness_weight
+from brokerfl.handlers.strategies.fedasync import FedAsync
+from brokerfl.handlers.strategies.fedbuff import FedBuff
+from brokerfl.handlers.workflows.server_state import JoinDeadline
 from tests.handler_modules import extra_handlers
-from handlers.strategies.base import load_strategy
+from brokerfl.handlers.strategies.base import load_strategy
 
 
 @pytest.fixture(autouse=True)
@@ -197,9 +197,9 @@ def test_a_duplicated_update_is_folded_once(monkeypatch, name):
 
 @pytest.mark.parametrize("name, rounds", [("fedasync", 12), ("fedbuff", 6)])
 def test_replay_recomputes_every_async_version_hash_for_hash(name, rounds):
-    from brokerfl.journal import read_journal
-    from brokerfl.replay import replay
-    from brokerfl.roles import topology_for
+    from brokerfl.storage.journal import read_journal
+    from brokerfl.ops.replay import replay
+    from brokerfl.assembly.roles import topology_for
 
     config = load_config(f"configs/digits_{name}.yaml", {"rounds": rounds, "clients": 5})
     result = simulate(config, journal=True)

@@ -30,18 +30,18 @@ import pytest
 from rabbit_nodes import node_env
 from test_security import ROOT, connect, run_federation, secure_config, wait_for
 
-from brokerfl.handler_table import HandlerTable
-from brokerfl.identity import client_user, server_user
-from brokerfl.message import Envelope, Exit, to_wire
-from brokerfl.provision import BrokerLimits, provision
-from brokerfl.roles import client_worker, topology_for
-from brokerfl.topology import QueueMissing, RunTopology
-from brokerfl.transport import (
+from brokerfl.runtime.handler_table import HandlerTable
+from brokerfl.runtime.identity import client_user, server_user
+from brokerfl.wire.message import Envelope, Exit, to_wire
+from brokerfl.ops.provision import BrokerLimits, provision
+from brokerfl.assembly.roles import client_worker, topology_for
+from brokerfl.transports.topology import QueueMissing, RunTopology
+from brokerfl.transports.base import (
     DEAD_LETTER_EXCERPT_BYTES,
     ORIGINAL_LENGTH_HEADER,
     REASON_HEADER,
 )
-from brokerfl.worker import Worker
+from brokerfl.runtime.worker import Worker
 
 MiB = 1024**2
 

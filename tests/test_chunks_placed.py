@@ -1,4 +1,4 @@
-"""Reassembly in RAM places each chunk in the body as it arrives (brokerfl.transports.partial):
+"""Reassembly in RAM places each chunk in the body as it arrives (brokerfl.transports.amqp.partial):
 the completed body is that buffer, so a message's chunks and their joined copy are never
 alive at once, and the bytes are the same, bit for bit, in any order of arrival."""
 
@@ -10,8 +10,8 @@ import os
 import pytest
 import xxhash
 
-from brokerfl.transports import chunks
-from brokerfl.transports.partial import Partial, _copy_into, _uninitialised_bytes
+from brokerfl.transports.amqp import chunks
+from brokerfl.transports.amqp.partial import Partial, _copy_into, _uninitialised_bytes
 
 KiB = 1024
 

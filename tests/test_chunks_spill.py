@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from brokerfl.transports import chunks
+from brokerfl.transports.amqp import chunks
 
 KiB = 1024
 
@@ -190,7 +190,7 @@ def test_a_message_begun_while_a_spilled_one_is_still_coming_spills_too(fds):
 
 
 def test_a_spilled_body_is_read_back_whole_from_its_offset_and_a_short_file_is_an_error(tmp_path):
-    from brokerfl.transports.partial import _read
+    from brokerfl.transports.amqp.partial import _read
 
     data = os.urandom(5 * 1024**2 + 3)  # large enough for huge pages, not a multiple of a page
     path = tmp_path / "spill"

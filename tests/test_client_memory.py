@@ -10,12 +10,12 @@ import numpy as np
 
 from brokerfl.app import App
 from brokerfl.config import parse_config
-from brokerfl.handler_table import Outbound
-from brokerfl.message import ParameterUpdate, TrainTask, from_wire
-from brokerfl.roles import client_worker, topology_for
-from brokerfl.topology import CLIENTS
+from brokerfl.runtime.handler_table import Outbound
+from brokerfl.wire.message import ParameterUpdate, TrainTask, from_wire
+from brokerfl.assembly.roles import client_worker, topology_for
+from brokerfl.transports.topology import CLIENTS
 from brokerfl.transports.local import LocalBroker, LocalTransport
-from brokerfl.worker import Worker
+from brokerfl.runtime.worker import Worker
 
 
 class RecordingTransport(LocalTransport):

@@ -25,13 +25,13 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from brokerfl.accounting import account_run
+from brokerfl.storage.accounting import account_run
 from brokerfl.config import load_config
-from brokerfl.journal import read_journal
-from brokerfl.metrics import read_metrics
-from brokerfl.replay import replay
-from brokerfl.roles import topology_for
-from brokerfl.store import DirectoryModelStore
+from brokerfl.storage.journal import read_journal
+from brokerfl.storage.metrics_log import read_metrics
+from brokerfl.ops.replay import replay
+from brokerfl.assembly.roles import topology_for
+from brokerfl.storage.store import DirectoryModelStore
 
 from rabbit_nodes import node_env as _node_env
 from test_federation_amqp import ROOT, wait_until

@@ -1,4 +1,4 @@
-"""brokerfl.codec: round trips, zero-copy decoding, malformed bodies, limits, no pickle."""
+"""brokerfl.wire.codec: round trips, zero-copy decoding, malformed bodies, limits, no pickle."""
 
 import math
 import os
@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from brokerfl import codec
-from brokerfl.codec import ALIGN, DEFAULT_LIMITS, NUMPY_DTYPES, WIRE_DTYPES, DecodeError, EncodeError, Limits, decode, encode
+from brokerfl.wire import codec
+from brokerfl.wire.codec import ALIGN, DEFAULT_LIMITS, NUMPY_DTYPES, WIRE_DTYPES, DecodeError, EncodeError, Limits, decode, encode
 
 NUMPY_NAMES = sorted(NUMPY_DTYPES)
 # every wire dtype torch has, by wire name (bfloat16 is torch-only)

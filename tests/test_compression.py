@@ -1,4 +1,4 @@
-"""Compressed updates (brokerfl.compression): the arithmetic, hostile input, and runs whose
+"""Compressed updates (brokerfl.wire.compression): the arithmetic, hostile input, and runs whose
 replay folds exactly what the server folded."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from brokerfl.compression import (
+from brokerfl.wire.compression import (
     INDEX,
     SCALE,
     WHOLE,
@@ -21,10 +21,10 @@ from brokerfl.compression import (
     to_bfloat16_bits,
 )
 from brokerfl.config import ConfigError, load_config
-from brokerfl.journal import read_journal
-from brokerfl.replay import replay
-from brokerfl.roles import topology_for
-from brokerfl.simulate import simulate
+from brokerfl.storage.journal import read_journal
+from brokerfl.ops.replay import replay
+from brokerfl.assembly.roles import topology_for
+from brokerfl.assembly.simulate import simulate
 from brokerfl.transports.local import LocalTransport
 
 
@@ -126,7 +126,7 @@ def test_a_compressed_run_replays_hash_for_hash(method):
 def test_a_bad_compressed_update_is_dead_lettered_and_the_round_goes_on(monkeypatch):
     """Client 1 sends top-k indices out of range: its update is dead-lettered with the
     reason (nothing folded from it, nothing lost), the rounds close with the others."""
-    import handlers.workflows.client as client_handlers
+    import brokerfl.handlers.workflows.client as client_handlers
 
     real = client_handlers.compress
 
@@ -150,7 +150,7 @@ def _batchnorm_model() -> tuple[dict[str, np.ndarray], frozenset[str]]:
     import torch
     from torch import nn
 
-    from brokerfl.torch_app import to_named_arrays
+    from brokerfl.app.torch_adapter import to_named_arrays
 
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32))
@@ -182,7 +182,7 @@ def test_buffers_integers_and_small_tensors_travel_whole(method):
 def test_the_residual_carries_over_only_to_a_newer_model():
     from types import SimpleNamespace
 
-    from handlers.workflows.client import _compressed
+    from brokerfl.handlers.workflows.client import _compressed
 
     base, trainable = _batchnorm_model()
     trained = {k: (v + np.float32(0.5) if v.dtype.kind == "f" else v) for k, v in base.items()}

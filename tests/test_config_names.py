@@ -1,4 +1,4 @@
-"""Configs name built-ins by short names (brokerfl.builtins); user code by import path; a
+"""Configs name built-ins by short names (brokerfl.config.builtins); user code by import path; a
 built-in's old import path still works with a DeprecationWarning. A strategy is checked
 when its config is loaded: complete (no abstract method left) and given options it takes."""
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brokerfl import builtins
+from brokerfl.config import builtins
 from brokerfl.config import ConfigError, load_config, parse_config
-from handlers.strategies.base import BUILT_IN, Strategy, strategy_class, strategy_for_run
-from handlers.strategies.fedavg import FedAvg
+from brokerfl.handlers.strategies.base import BUILT_IN, Strategy, strategy_class, strategy_for_run
+from brokerfl.handlers.strategies.fedavg import FedAvg
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted([*ROOT.glob("configs/*.yaml"), *ROOT.glob("examples/*/config.yaml")])
@@ -39,9 +39,9 @@ def test_the_defaults_are_short_names():
 
 
 @pytest.mark.parametrize(("key", "old", "short"), [
-    ("app", "handlers.apps.mlp", "mlp"),
-    ("client_handlers", "handlers.workflows.client", "client"),
-    ("server_handlers", "handlers.workflows.async_server", "async_server"),
+    ("app", "brokerfl.handlers.apps.mlp", "mlp"),
+    ("client_handlers", "brokerfl.handlers.workflows.client", "client"),
+    ("server_handlers", "brokerfl.handlers.workflows.async_server", "async_server"),
 ])
 def test_an_old_built_in_path_works_with_a_warning_naming_the_short_name(key, old, short):
     with pytest.warns(DeprecationWarning, match=f"{key}: '{old}' is the old spelling of the built-in '{short}'; write {key}: {short}"):
@@ -51,9 +51,9 @@ def test_an_old_built_in_path_works_with_a_warning_naming_the_short_name(key, ol
 
 def test_old_spellings_of_strategies_and_extra_handlers_work_with_a_warning():
     with pytest.warns(DeprecationWarning, match="write strategy: fedadam"):
-        assert parse_config({"strategy": {"name": "handlers.strategies.fedopt:FedAdam"}}).strategy.name == "fedadam"
+        assert parse_config({"strategy": {"name": "brokerfl.handlers.strategies.fedopt:FedAdam"}}).strategy.name == "fedadam"
     with pytest.warns(DeprecationWarning, match="write extra_handlers: gradients"):
-        assert parse_config({"extra_handlers": ["handlers.gradients"]}).extra_handlers == ["gradients"]
+        assert parse_config({"extra_handlers": ["brokerfl.handlers.gradients"]}).extra_handlers == ["gradients"]
 
 
 def test_a_strategy_may_be_named_alone():
@@ -159,7 +159,7 @@ def test_options_are_attributes_with_their_defaults():
 def test_a_built_in_moved_under_brokerfl_keeps_its_old_spelling(monkeypatch):
     monkeypatch.setitem(builtins.BUILTINS["app"], "mlp", "brokerfl.handlers.apps.mlp")
     with pytest.warns(DeprecationWarning, match="write app: mlp"):
-        assert builtins.short_name("app", "handlers.apps.mlp") == "mlp"
+        assert builtins.short_name("app", "brokerfl.handlers.apps.mlp") == "mlp"
     assert builtins.resolve("app", "mlp") == "brokerfl.handlers.apps.mlp"
 
 

@@ -25,8 +25,8 @@ import torch
 import yaml
 
 from brokerfl.config import load_config
-from brokerfl.metrics import read_metrics
-from brokerfl.simulate import simulate
+from brokerfl.storage.metrics_log import read_metrics
+from brokerfl.assembly.simulate import simulate
 from container_engine import DockerEngine, EngineUnavailable, run
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.datasets import (
+from brokerfl.handlers.datasets import (
     DATASETS,
     Dataset,
     dirichlet_partition,

@@ -3,10 +3,10 @@ evaluates the version it just stored, and the scores are those of the stored ver
 
 from __future__ import annotations
 
-import handlers.workflows.server as server_handlers
+import brokerfl.handlers.workflows.server as server_handlers
 from brokerfl.config import load_config
-from brokerfl.simulate import simulate
-from brokerfl.store import MemoryModelStore
+from brokerfl.assembly.simulate import simulate
+from brokerfl.storage.store import MemoryModelStore
 from brokerfl.transports.local import LocalTransport
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from brokerfl.accounting import account_run
+from brokerfl.storage.accounting import account_run
 from brokerfl.config import load_config
-from brokerfl.metrics import read_metrics
-from brokerfl.roles import topology_for
-from brokerfl.simulate import simulate
-from brokerfl.store import DirectoryModelStore
+from brokerfl.storage.metrics_log import read_metrics
+from brokerfl.assembly.roles import topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.storage.store import DirectoryModelStore
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,8 +104,8 @@ class Federation:
             return account_run(transport, topology_for(config), DirectoryModelStore(self.out / "models"))
 
     def replay(self):
-        from brokerfl.journal import read_journal
-        from brokerfl.replay import replay
+        from brokerfl.storage.journal import read_journal
+        from brokerfl.ops.replay import replay
         from brokerfl.transports.amqp import AmqpTransport
 
         config = load_config(CONFIG, {"run": self.run, "clients": self.clients})
@@ -201,7 +201,7 @@ def test_a_server_on_a_fresh_host_resumes_from_the_broker(federation, run_name, 
     directory (a rescheduled container): the model versions and their metadata are on the
     broker (the run's models stream), so it resumes the run; tasks carry the model by
     reference, so clients fetch it from there too."""
-    from brokerfl.broker_store import BrokerModelStore
+    from brokerfl.storage.broker_store import BrokerModelStore
     from brokerfl.transports.amqp import AmqpTransport
 
     by_reference = tmp_path / "by_reference.yaml"

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from brokerfl.config import load_config
-from brokerfl.metrics import read_metrics
-from brokerfl.store import DirectoryModelStore
+from brokerfl.storage.metrics_log import read_metrics
+from brokerfl.storage.store import DirectoryModelStore
 from test_faults import ROOT, Federation
 
 pytestmark = pytest.mark.broker
@@ -21,9 +21,9 @@ class FedAdamFederation(Federation):
         self.config = load_config(config, {"run": run, "clients": self.clients, "rounds": self.rounds})
 
     def replay(self):
-        from brokerfl.journal import read_journal
-        from brokerfl.replay import replay
-        from brokerfl.roles import topology_for
+        from brokerfl.storage.journal import read_journal
+        from brokerfl.ops.replay import replay
+        from brokerfl.assembly.roles import topology_for
         from brokerfl.transports.amqp import AmqpTransport
 
         with AmqpTransport(self.url) as transport:

@@ -16,9 +16,9 @@ import torch
 import yaml
 
 from brokerfl.config import load_config
-from brokerfl.metrics import read_metrics
-from brokerfl.simulate import simulate
-from brokerfl.topology import RunTopology
+from brokerfl.storage.metrics_log import read_metrics
+from brokerfl.assembly.simulate import simulate
+from brokerfl.transports.topology import RunTopology
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,10 +170,10 @@ def test_a_client_killed_before_its_ack_gets_its_task_again(amqp_url, run_name, 
     """kill -9 while training: the task was never acked, so the broker redelivers it to
     the restarted client, which answers it exactly once."""
     from brokerfl.config import load_config
-    from brokerfl.message import TrainTask, to_wire
+    from brokerfl.wire.message import TrainTask, to_wire
     from brokerfl.transports.amqp import AmqpTransport
-    from handlers.datasets import load_dataset
-    from handlers.trainer import init_parameters
+    from brokerfl.handlers.datasets import load_dataset
+    from brokerfl.handlers.trainer import init_parameters
 
     cleanup((run_name, ["0"]))
     config = load_config("configs/digits_fedavg.yaml", {"run": run_name, "clients": 4})
@@ -218,7 +218,7 @@ def _drain_types(admin, queue) -> list[str]:
 
 
 def _next_update(admin, topology):
-    from brokerfl.message import from_wire
+    from brokerfl.wire.message import from_wire
 
     delivery = admin.get(topology.server_queue)
     if delivery is None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from brokerfl.config import ConfigError, load_config
-from brokerfl.handler_table import (
+from brokerfl.runtime.handler_table import (
     Context,
     DuplicateHandler,
     HandlerSet,
@@ -15,7 +15,7 @@ from brokerfl.handler_table import (
     compose,
     to_clients,
 )
-from brokerfl.message import (
+from brokerfl.wire.message import (
     EvaluateResult,
     Exit,
     Gradients,
@@ -24,11 +24,11 @@ from brokerfl.message import (
     TrainTask,
     from_wire,
 )
-from brokerfl.roles import client_table, client_worker, coordinator_table, topology_for
-from brokerfl.simulate import simulate
-from brokerfl.transport import REASON_HEADER
+from brokerfl.assembly.roles import client_table, client_worker, coordinator_table, topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.transports.base import REASON_HEADER
 from brokerfl.transports.local import LocalBroker, LocalTransport
-from handlers.workflows import client
+from brokerfl.handlers.workflows import client
 from tests.handler_modules import extra_handlers
 
 SMALL = {"rounds": 2, "clients": 3, "train.epochs": 1, "train.max_batches": 5}
@@ -91,7 +91,7 @@ def test_a_wrapped_set_runs_each_handler_behind_the_wrapper_and_leaves_the_origi
 
 
 def test_a_set_states_the_state_it_needs():
-    from handlers.workflows.admin import OPERATOR
+    from brokerfl.handlers.workflows.admin import OPERATOR
 
     with pytest.raises(TypeError, match="handler set 'operator' needs a state of type ServerState"):
         OPERATOR.check_state(object())
@@ -102,7 +102,7 @@ def test_two_extra_modules_handling_one_type_are_a_config_error(monkeypatch):
         return None
 
     other = extra_handlers(monkeypatch, client=HandlerSet("other gradients", {Gradients: gradients_too}))
-    config = load_config(None, {"clients": 2, "extra_handlers": ["handlers.gradients", other]})
+    config = load_config(None, {"clients": 2, "extra_handlers": ["brokerfl.handlers.gradients", other]})
     with pytest.raises(ConfigError, match=r"'gradients' is handled by handler set 'gradients' and by 'other gradients'"):
         client_table(config)
 
@@ -119,7 +119,7 @@ def test_each_workflow_composes_its_sets_and_the_operators():
     assert [s.name for s in swarm.sets] == ["server lifecycle (take_role_first)", "synchronous rounds (take_role_first)", "swarm aggregator", "operator (take_role_first)"]
     assert swarm.role == "aggregator" and swarm.handler_for("local_model") is None
     crossing = client_table(load_config("configs/digits_cross_site.yaml", {}))
-    assert crossing.handler_for("trained").__module__ == "handlers.workflows.cross_site"  # its override, stated in its set
+    assert crossing.handler_for("trained").__module__ == "brokerfl.handlers.workflows.cross_site"  # its override, stated in its set
     assert client_table(load_config(None, {})).handler_for("trained") is client.answer_task
 
 
@@ -152,13 +152,13 @@ def _answers_gradients(config) -> list[str]:
 
 @pytest.mark.timeout(600)
 def test_a_second_simulation_does_not_inherit_the_first_ones_extra_handlers():
-    with_gradients = load_config(None, {**SMALL, "run": "sets-first", "extra_handlers": ["handlers.gradients"]})
+    with_gradients = load_config(None, {**SMALL, "run": "sets-first", "extra_handlers": ["brokerfl.handlers.gradients"]})
     first = simulate(with_gradients)
     assert [r["model_version"] for r in first.records] == [1, 2]
     assert client_table(with_gradients).handler_for("gradients") is not None
 
     cyclic = load_config("configs/digits_cyclic.yaml", {**SMALL, "run": "sets-second"})
-    second = simulate(cyclic)  # handlers.gradients is imported by now: nothing of it may be in this run
+    second = simulate(cyclic)  # brokerfl.handlers.gradients is imported by now: nothing of it may be in this run
     assert [r["round"] for r in second.records] == [1, 1, 1, 2, 2, 2]
     table = client_table(cyclic)
     assert table.handler_for("gradients") is None and [s.name for s in table.sets] == ["client"]
@@ -169,7 +169,7 @@ def test_a_second_simulation_does_not_inherit_the_first_ones_extra_handlers():
 
 
 def test_prepare_is_applied_only_to_the_runs_that_name_the_set():
-    with_gradients = load_config(None, {"clients": 2, "extra_handlers": ["handlers.gradients"]})
+    with_gradients = load_config(None, {"clients": 2, "extra_handlers": ["brokerfl.handlers.gradients"]})
     plain = load_config(None, {"clients": 2})
     broker = LocalBroker()
     keeping = client_worker(LocalTransport(broker), with_gradients, "0", journal=False)
@@ -193,7 +193,7 @@ def test_a_workflow_module_with_a_table_instead_of_handlers_still_works_with_a_d
     import sys
     import types
 
-    from brokerfl.handler_table import HandlerTable
+    from brokerfl.runtime.handler_table import HandlerTable
 
     module = types.ModuleType("old_style_client")
     module.table = HandlerTable("client")

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from brokerfl.handler_table import HandlerTable
-from brokerfl.journal import Skipped, read_journal
-from brokerfl.message import Envelope, Message, to_wire
-from brokerfl.topology import RunTopology, routing_key
-from brokerfl.transport import REASON_HEADER
-from brokerfl.worker import Worker
+from brokerfl.runtime.handler_table import HandlerTable
+from brokerfl.storage.journal import Skipped, read_journal
+from brokerfl.wire.message import Envelope, Message, to_wire
+from brokerfl.transports.topology import RunTopology, routing_key
+from brokerfl.transports.base import REASON_HEADER
+from brokerfl.runtime.worker import Worker
 
 
 @dataclass(kw_only=True)
@@ -129,7 +129,7 @@ def test_a_single_hostile_message_is_dead_lettered_and_the_worker_goes_on(case, 
 
 
 def test_reassembly_is_bounded_in_count_and_bytes_and_gives_up_with_reasons():
-    from brokerfl.transports import chunks
+    from brokerfl.transports.amqp import chunks
 
     def chunk(mid, index, count, size=1000, length=None):
         return chunks.ChunkInfo(mid, index, count, length if length is not None else 2400, None), b"x" * size
@@ -170,7 +170,7 @@ def test_reassembly_is_bounded_in_count_and_bytes_and_gives_up_with_reasons():
     ],
 )
 def test_absurd_chunk_headers_are_refused_with_bounded_reasons(headers):
-    from brokerfl.transports import chunks
+    from brokerfl.transports.amqp import chunks
 
     with pytest.raises(chunks.BadChunk) as refused:
         chunks.parse(headers)
@@ -190,7 +190,7 @@ def test_a_run_under_fire_completes_folds_nothing_hostile_and_stays_auditable(am
     telling them from the clients' own needs validated identities (issue #9), not this test."""
     import uuid
 
-    from brokerfl.hostile import run_under_fire
+    from tests.tools.hostile import run_under_fire
 
     result = run_under_fire(amqp_url, tmp_path, run="fire" + uuid.uuid4().hex[:8], rounds=2, clients=4, hostile=1000, spread_s=6, epochs=1)
     assert (result.server_exit, result.client_exit) == (0, 0)
@@ -215,8 +215,8 @@ def test_a_failure_to_publish_requeues_the_message_instead_of_dead_lettering_it(
     """Publishing what a handler returned fails (the broker went away for longer than the
     transport's reconnects, or closed the channel): that is not the message's fault. It is
     given back and handled again, never dead-lettered."""
-    from brokerfl.handler_table import to_clients
-    from brokerfl.transport import TransportError
+    from brokerfl.runtime.handler_table import to_clients
+    from brokerfl.transports.base import TransportError
 
     topology = RunTopology(run_name, journal=False)
     transport = transport_factory()

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from brokerfl.config import parse_config
-from brokerfl.identity import client_inbox_check, client_user, server_inbox_check, server_user
-from brokerfl.message import Exit, Heartbeat, Join, Leave, ParameterUpdate, to_wire
-from brokerfl.provision import definitions, hash_password, participants, provision, read_env_file
-from brokerfl.roles import client_worker, server_worker, topology_for
-from brokerfl.simulate import simulate
-from brokerfl.store import MemoryModelStore
-from brokerfl.metrics import MetricsLog
-from brokerfl.transport import ORIGIN_USER_HEADER, REASON_HEADER, TransportError
+from brokerfl.runtime.identity import client_inbox_check, client_user, server_inbox_check, server_user
+from brokerfl.wire.message import Exit, Heartbeat, Join, Leave, ParameterUpdate, to_wire
+from brokerfl.ops.provision import definitions, hash_password, participants, provision, read_env_file
+from brokerfl.assembly.roles import client_worker, server_worker, topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.storage.store import MemoryModelStore
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.transports.base import ORIGIN_USER_HEADER, REASON_HEADER, TransportError
 from brokerfl.transports.local import LocalBroker, LocalTransport
 
 RUN = "idt"
@@ -126,7 +126,7 @@ def test_forged_messages_are_dead_lettered_not_folded():
     ]
     for key, message in forged:
         attacker.publish(topology.exchange, key, *to_wire(message))
-    from brokerfl.simulate import _run
+    from brokerfl.assembly.simulate import _run
 
     for client in clients:
         client.start()
@@ -143,8 +143,8 @@ def test_forged_messages_are_dead_lettered_not_folded():
     forged_id = forged[0][1].message_id
     assert all(forged_id not in store.metadata(v)["update_ids"] for v in store.versions())
     # replay says who sent what
-    from brokerfl.journal import read_journal
-    from brokerfl.replay import replay
+    from brokerfl.storage.journal import read_journal
+    from brokerfl.ops.replay import replay
 
     result = replay(read_journal(admin, topology), config)
     assert [sorted(row.users) for row in result.rows] == [[], *[[client_user(RUN, c) for c in "012"]] * 2]
@@ -159,7 +159,7 @@ def test_provision_command_writes_definitions_credentials_and_certificates(tmp_p
     env = read_env_file(tmp_path / "acme-client-1.env")
     assert env["BROKERFL_AMQP_URL"] == "amqps://broker.example:5671/acme"  # certificate login: no password
     assert env["BROKERFL_CLIENT_ID"] == "1" and env["BROKERFL_ENFORCE_IDENTITY"] == "1"
-    from brokerfl.transports.connect import certificate_user
+    from brokerfl.transports.amqp.connect import certificate_user
 
     assert certificate_user(env["BROKERFL_TLS_CERT"]) == "acme-client-1"
     conf = (tmp_path / "rabbitmq.conf").read_text()
@@ -169,8 +169,8 @@ def test_provision_command_writes_definitions_credentials_and_certificates(tmp_p
 
 
 def test_only_the_admin_user_may_send_admin_commands_and_status_requests():
-    from brokerfl.admin import AbortRun, StatusRequest
-    from brokerfl.identity import admin_user, client_user, server_inbox_check, server_user
+    from brokerfl.runtime.operator_commands import AbortRun, StatusRequest
+    from brokerfl.runtime.identity import admin_user, client_user, server_inbox_check, server_user
 
     check = server_inbox_check("r1", ["0", "1"])
     for message in (AbortRun(reason="x"), StatusRequest()):

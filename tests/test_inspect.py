@@ -7,14 +7,14 @@ import time
 
 import numpy as np
 
-from brokerfl import inspect
+from brokerfl.ops import inspection as inspect
 from brokerfl.cli import main
 from brokerfl.config import load_config
-from brokerfl.journal import read_journal, write_journal_file
-from brokerfl.message import Envelope, ParameterUpdate, to_wire
-from brokerfl.roles import topology_for
-from brokerfl.simulate import simulate
-from brokerfl.topology import RunTopology
+from brokerfl.storage.journal import read_journal, write_journal_file
+from brokerfl.wire.message import Envelope, ParameterUpdate, to_wire
+from brokerfl.assembly.roles import topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.transports.topology import RunTopology
 from brokerfl.transports.local import LocalBroker, LocalTransport
 
 

@@ -9,15 +9,15 @@ import numpy as np
 import structlog
 
 from brokerfl.config import load_config
-from brokerfl.handler_table import Context, to_client, to_clients, to_server
-from brokerfl.message import Heartbeat, Join, TrainTask, from_wire
-from brokerfl.metrics import MetricsLog
-from brokerfl.roles import client_worker, server_worker, topology_for
-from brokerfl.store import MemoryModelStore
+from brokerfl.runtime.handler_table import Context, to_client, to_clients, to_server
+from brokerfl.wire.message import Heartbeat, Join, TrainTask, from_wire
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.assembly.roles import client_worker, server_worker, topology_for
+from brokerfl.storage.store import MemoryModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
-from handlers.datasets import load_dataset
-from handlers.workflows.server_state import live_clients, start_round
-from handlers.trainer import init_parameters
+from brokerfl.handlers.datasets import load_dataset
+from brokerfl.handlers.workflows.server_state import live_clients, start_round
+from brokerfl.handlers.trainer import init_parameters
 
 
 def step_until(worker, condition, timeout=10.0):
@@ -114,8 +114,8 @@ def test_a_returning_client_skips_superseded_and_expired_tasks():
 
 
 def test_a_process_beats_once_for_all_its_clients_and_not_at_all_without_liveness():
-    from brokerfl.message import Heartbeats
-    from brokerfl.roles import client_process_worker
+    from brokerfl.wire.message import Heartbeats
+    from brokerfl.assembly.roles import client_process_worker
 
     config = load_config(None, {"clients": 3, "liveness.heartbeat_s": 0.05, "liveness.timeout_s": 0.5})
     broker = LocalBroker()

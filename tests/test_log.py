@@ -7,7 +7,7 @@ import json
 
 import structlog
 
-from brokerfl.log import configure_logging
+from brokerfl.runtime.log import configure_logging
 
 
 def test_json_lines_carry_the_bindings(capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from brokerfl.topology import RunTopology
+from brokerfl.transports.topology import RunTopology
 from brokerfl.transports.amqp import AmqpTransport, ChannelLimitError
 
 pytestmark = pytest.mark.broker

@@ -1,4 +1,4 @@
-"""brokerfl.memory: the allocator settings are applied once per process, and can be refused."""
+"""brokerfl.transports.memory: the allocator settings are applied once per process, and can be refused."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-PROBE = "from brokerfl.memory import tune_allocator as t; print(t({default}), t())"
+PROBE = "from brokerfl.transports.memory import tune_allocator as t; print(t({default}), t())"
 CLI_PROBE = """
-import sys, brokerfl.cli as c, brokerfl.memory as m
+import sys, brokerfl.cli as c, brokerfl.transports.memory as m
 setattr(c, "cmd_" + sys.argv[1], lambda args: 0)
 assert c.main(sys.argv[1:]) == 0
 print(m.allocator_mode())
@@ -87,8 +87,8 @@ HUGE_PAGES_PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from test_memory import _vm_flags
-from brokerfl.memory import HUGE_PAGES_MIN_BYTES, advise_huge_pages, tune_allocator
-from brokerfl.transports.partial import _BYTES_DATA, _uninitialised_bytes
+from brokerfl.transports.memory import HUGE_PAGES_MIN_BYTES, advise_huge_pages, tune_allocator
+from brokerfl.transports.amqp.partial import _BYTES_DATA, _uninitialised_bytes
 
 tune_allocator("lean")  # the server's: a block of 1 MiB or more is a mapping of its own
 body = _uninitialised_bytes(3 * HUGE_PAGES_MIN_BYTES, huge_pages=True)  # as _read makes it

@@ -1,4 +1,4 @@
-"""brokerfl.message: every registered type round-trips through to_wire/from_wire; bad
+"""brokerfl.wire.message: every registered type round-trips through to_wire/from_wire; bad
 envelopes and bodies are DecodeErrors; subclasses register themselves."""
 
 import dataclasses
@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from brokerfl import message as message_module
-from brokerfl.codec import DecodeError, encode
-from brokerfl.message import (
+from brokerfl.wire import message as message_module
+from brokerfl.wire.codec import DecodeError, encode
+from brokerfl.wire.message import (
     ENVELOPE_FIELDS,
     MESSAGE_TYPES,
     SCHEMA_VERSION,
@@ -142,7 +142,7 @@ envelopes = st.fixed_dictionaries(
     optional={"message_id": st.text(min_size=1, max_size=32)},
 )
 names = st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z")
-# Protocol rules beyond types (brokerfl.message._check_ranges): what a field of that name may hold.
+# Protocol rules beyond types (brokerfl.wire.message._check_ranges): what a field of that name may hold.
 FIELD_STRATEGIES = {
     "client_id": names,
     "participants": st.lists(names, max_size=4),
@@ -154,7 +154,7 @@ FIELD_STRATEGIES = {
     "training": st.dictionaries(names, st.floats(0, 1e8), max_size=4),  # Heartbeats: seconds training
     "training_s": st.none() | st.floats(0, 1e8),  # Heartbeat
     "error": st.text(max_size=300),  # TrainFailed, Leave
-    # ParameterUpdate, EvaluateResult, ModelVersionStored: names an app chose (brokerfl.app_metrics)
+    # ParameterUpdate, EvaluateResult, ModelVersionStored: names an app chose (brokerfl.wire.app_metrics)
     "metrics": st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}", fullmatch=True), st.floats(allow_nan=False), max_size=8),
 }
 
@@ -465,7 +465,7 @@ def define_in_module(module_name: str, source: str) -> dict:
 
 def test_same_qualname_in_another_module_is_a_type_error(registry):
     """A plugin's own ``class Join(Message)`` must not silently take over the built-in."""
-    source = "from dataclasses import dataclass\nfrom brokerfl.message import Message\n\n@dataclass(kw_only=True)\nclass Join(Message):\n    x: int = 0\n"
+    source = "from dataclasses import dataclass\nfrom brokerfl.wire.message import Message\n\n@dataclass(kw_only=True)\nclass Join(Message):\n    x: int = 0\n"
     with pytest.raises(TypeError, match="'join'"):
         define_in_module("some_plugin.messages", source)
     assert registry["join"] is Join
@@ -473,7 +473,7 @@ def test_same_qualname_in_another_module_is_a_type_error(registry):
 
 def test_redefining_the_same_class_in_the_same_module_is_allowed(registry):
     """What a module reload does: the newer class replaces the older one."""
-    source = "from dataclasses import dataclass\nfrom brokerfl.message import Message\n\n@dataclass(kw_only=True)\nclass CodecProbeReloaded(Message):\n    x: int = 0\n"
+    source = "from dataclasses import dataclass\nfrom brokerfl.wire.message import Message\n\n@dataclass(kw_only=True)\nclass CodecProbeReloaded(Message):\n    x: int = 0\n"
     first = define_in_module("some_plugin.reloaded", source)["CodecProbeReloaded"]
     second = define_in_module("some_plugin.reloaded", source)["CodecProbeReloaded"]
     assert first is not second and registry["codec_probe_reloaded"] is second
@@ -504,7 +504,7 @@ def test_participants_are_checked_in_one_pass_and_the_bad_one_is_named(payload, 
 
 
 def test_heartbeats_name_clients_by_the_client_id_rule():
-    from brokerfl.message import Heartbeats
+    from brokerfl.wire.message import Heartbeats
 
     message = Heartbeats(clients={"0": 10, "site-b": 3})
     assert from_wire(*to_wire(message)).clients == {"0": 10, "site-b": 3}
@@ -516,7 +516,7 @@ def test_heartbeats_name_clients_by_the_client_id_rule():
 def test_what_clients_say_of_their_training_is_checked():
     """Heartbeats' training seconds, Heartbeat's training_s and TrainFailed's error: client
     ids by the rule, durations finite and non-negative (NaN too), errors bounded."""
-    from brokerfl.message import MAX_ERROR_CHARS, Heartbeat, Heartbeats, TrainFailed
+    from brokerfl.wire.message import MAX_ERROR_CHARS, Heartbeat, Heartbeats, TrainFailed
 
     message = Heartbeats(clients={"0": 10, "1": 4}, training={"1": 12.5})
     assert from_wire(*to_wire(message)).training == {"1": 12.5}

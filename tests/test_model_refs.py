@@ -10,21 +10,21 @@ import threading
 import numpy as np
 import pytest
 
-from brokerfl.accounting import account_run
-from brokerfl.broker_store import BrokerModelStore
+from brokerfl.storage.accounting import account_run
+from brokerfl.storage.broker_store import BrokerModelStore
 from brokerfl.config import parse_config
-from brokerfl.handler_table import Outbound
-from brokerfl.journal import read_journal
-from brokerfl.message import Envelope, ModelVersionStored, TrainTask, from_wire
-from brokerfl.model_refs import ModelCache
-from brokerfl.replay import replay
-from brokerfl.roles import client_worker, topology_for
-from brokerfl.simulate import simulate
-from brokerfl.store import MemoryModelStore, ModelVersion
-from brokerfl.topology import CLIENTS
-from brokerfl.transport import REASON_HEADER
+from brokerfl.runtime.handler_table import Outbound
+from brokerfl.storage.journal import read_journal
+from brokerfl.wire.message import Envelope, ModelVersionStored, TrainTask, from_wire
+from brokerfl.storage.model_refs import ModelCache
+from brokerfl.ops.replay import replay
+from brokerfl.assembly.roles import client_worker, topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.storage.store import MemoryModelStore, ModelVersion
+from brokerfl.transports.topology import CLIENTS
+from brokerfl.transports.base import REASON_HEADER
 from brokerfl.transports.local import LocalBroker, LocalTransport
-from brokerfl.worker import Worker
+from brokerfl.runtime.worker import Worker
 
 
 def _config(transfer: str, **extra):

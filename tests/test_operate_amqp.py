@@ -17,15 +17,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from brokerfl.accounting import account_run
-from brokerfl.admin import AdminReply, PauseRounds, RemoveClient, ResumeRounds, SetMinClients, SetRounds, StatusRequest, ask
+from brokerfl.storage.accounting import account_run
+from brokerfl.runtime.operator_commands import AdminReply, PauseRounds, RemoveClient, ResumeRounds, SetMinClients, SetRounds, StatusRequest, ask
 from brokerfl.config import load_config
-from brokerfl.journal import read_journal
-from brokerfl.message import TrainTask, from_wire
-from brokerfl.metrics import read_metrics
-from brokerfl.roles import topology_for
-from brokerfl.store import DirectoryModelStore
-from brokerfl.transport import TransportError
+from brokerfl.storage.journal import read_journal
+from brokerfl.wire.message import TrainTask, from_wire
+from brokerfl.storage.metrics_log import read_metrics
+from brokerfl.assembly.roles import topology_for
+from brokerfl.storage.store import DirectoryModelStore
+from brokerfl.transports.base import TransportError
 from brokerfl.transports.amqp import AmqpTransport
 
 pytestmark = pytest.mark.broker

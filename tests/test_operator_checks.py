@@ -17,23 +17,23 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from brokerfl.accounting import account
-from brokerfl.admin import AdminReply, AdminState, RemoveClient, SetMinClients, SetRounds, ShutdownClients
+from brokerfl.storage.accounting import account
+from brokerfl.runtime.operator_commands import AdminReply, AdminState, RemoveClient, SetMinClients, SetRounds, ShutdownClients
 from brokerfl.cli import main
 from brokerfl.config import load_config
-from brokerfl.handler_table import Context, Rejected, Started
-from brokerfl.journal import read_journal
-from brokerfl.message import Envelope, Heartbeat, Heartbeats, Join, ParameterUpdate, UpdateDropped, from_wire, process_instance, to_wire
-from brokerfl.metrics import MetricsLog
-from brokerfl.roles import coordinator_table, topology_for
-from brokerfl.simulate import simulate
-from brokerfl.store import MemoryModelStore
-from brokerfl.topology import ADMIN, routing_key
-from brokerfl.transport import ORIGIN_USER_HEADER, REASON_HEADER, Delivery
+from brokerfl.runtime.handler_table import Context, Rejected, Started
+from brokerfl.storage.journal import read_journal
+from brokerfl.wire.message import Envelope, Heartbeat, Heartbeats, Join, ParameterUpdate, UpdateDropped, from_wire, process_instance, to_wire
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.assembly.roles import coordinator_table, topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.storage.store import MemoryModelStore
+from brokerfl.transports.topology import ADMIN, routing_key
+from brokerfl.transports.base import ORIGIN_USER_HEADER, REASON_HEADER, Delivery
 from brokerfl.transports.local import LocalBroker, LocalTransport
-from handlers.workflows import admin as admin_handlers
-from handlers.workflows import async_server, server
-from handlers.workflows.server_state import JoinDeadline, RoundComplete
+from brokerfl.handlers.workflows import admin as admin_handlers
+from brokerfl.handlers.workflows import async_server, server
+from brokerfl.handlers.workflows.server_state import JoinDeadline, RoundComplete
 
 ROOT = Path(__file__).resolve().parents[1]
 NOWHERE = "amqp://guest:guest@127.0.0.1:1/"  # nothing listens: a command that connected would fail
@@ -98,10 +98,10 @@ def test_rounds_below_the_round_under_way_are_refused():
 
 @pytest.mark.timeout(240)
 def test_with_identity_enforced_only_the_admin_user_may_command():
-    """The check is the server worker's inbox check (brokerfl.identity.server_inbox_check):
+    """The check is the server worker's inbox check (brokerfl.runtime.identity.server_inbox_check):
     a command from another user is dead-lettered, as refused, before any handler runs."""
-    from brokerfl.identity import admin_user, client_user, server_user
-    from brokerfl.roles import server_worker
+    from brokerfl.runtime.identity import admin_user, client_user, server_user
+    from brokerfl.assembly.roles import server_worker
 
     config = load_config(None, {"run": "ops", "clients": 2, "rounds": 5, "strategy.min_clients": 1, "identity.enforce": True})
     broker = LocalBroker()
@@ -196,7 +196,7 @@ def test_process_instance_is_host_pid_random_and_made_once():
     host, pid, random = instance.rsplit(":", 2)
     assert host and int(pid) > 0 and re.fullmatch(r"[0-9a-f]{8}", random)
     assert process_instance() == instance
-    child = subprocess.run([sys.executable, "-c", "from brokerfl.message import process_instance; print(process_instance())"], capture_output=True, text=True, timeout=150)
+    child = subprocess.run([sys.executable, "-c", "from brokerfl.wire.message import process_instance; print(process_instance())"], capture_output=True, text=True, timeout=150)
     assert child.stdout.strip() not in ("", instance)
 
 
@@ -288,7 +288,7 @@ def _delivery(message, user: str, key: str = "server.x", headers: dict | None = 
 
 @pytest.mark.timeout(240)
 def test_accounting_and_inspect_show_the_validated_user_and_the_claim_beside_it():
-    from brokerfl import inspect
+    from brokerfl.ops import inspection as inspect
 
     command = SetRounds(rounds=3, sender="admin:root@vm:42", run="ops")
     reply = AdminReply(command="set_rounds", command_id=command.message_id, by=command.sender, ok=True, text="rounds 5 -> 3", run="ops")  # no user: an older server's
@@ -322,12 +322,12 @@ def test_accounting_and_inspect_show_the_validated_user_and_the_claim_beside_it(
 
 @pytest.mark.timeout(240)
 def test_inspect_decodes_the_operators_messages_in_a_fresh_process():
-    """brokerfl.inspect alone (as ``brokerfl inspect`` loads it) knows every admin type."""
+    """brokerfl.ops.inspection alone (as ``brokerfl inspect`` loads it) knows every admin type."""
     program = r"""
-import brokerfl.inspect as inspect
-from brokerfl.message import MESSAGE_TYPES
-from brokerfl.transport import Delivery
-from brokerfl.message import to_wire
+import brokerfl.ops.inspection as inspect
+from brokerfl.wire.message import MESSAGE_TYPES
+from brokerfl.transports.base import Delivery
+from brokerfl.wire.message import to_wire
 names = ["abort_run", "pause_rounds", "resume_rounds", "remove_client", "set_min_clients", "set_rounds", "shutdown_clients", "admin_reply", "admin_state_record", "status_request", "status_reply"]
 missing = [n for n in names if n not in MESSAGE_TYPES]
 assert not missing, missing

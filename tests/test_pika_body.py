@@ -17,8 +17,8 @@ import pytest
 from pika import spec
 from test_chunks_spill import corrupted
 
-from brokerfl.transports import chunks
-from brokerfl.transports.pika_body import (
+from brokerfl.transports.amqp import chunks
+from brokerfl.transports.amqp.pika_body import (
     FRAGMENTS_MIN_BYTES,
     FragmentKeepingAssembler,
     Fragments,
@@ -156,9 +156,9 @@ def test_pika_hands_on_a_large_chunk_as_its_fragments_and_anything_else_joined()
 
 @pytest.mark.broker
 def test_large_chunks_over_rabbitmq_arrive_whole_and_a_malformed_one_is_dead_lettered_with_its_length_and_an_excerpt(amqp_factory, amqp_url, run_name):
-    from brokerfl.message import Envelope
-    from brokerfl.transport import DEAD_LETTER_EXCERPT_BYTES, ORIGINAL_LENGTH_HEADER
-    from brokerfl.transports.envelope import to_properties
+    from brokerfl.wire.message import Envelope
+    from brokerfl.transports.base import DEAD_LETTER_EXCERPT_BYTES, ORIGINAL_LENGTH_HEADER
+    from brokerfl.transports.amqp.properties import to_properties
 
     producer, consumer = amqp_factory(chunk_size=MiB + 3), amqp_factory()
     queue, dead = f"brokerfl.{run_name}.q", f"brokerfl.{run_name}.dead"

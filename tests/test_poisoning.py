@@ -3,7 +3,7 @@ real partition and then sends NaN, a finite 1e30, or a million-sample claim is r
 a reason on every path that folds updates, and the run keeps the accuracy of a clean one;
 robust strategies at their defaults hold against a sign-flipping client among six.
 
-The attacker is :mod:`brokerfl.hostile.poisoning` (client 0 unless said otherwise)."""
+The attacker is :mod:`tests.tools.hostile.poisoning` (client 0 unless said otherwise)."""
 
 from __future__ import annotations
 
@@ -19,17 +19,17 @@ import structlog
 import yaml
 from structlog.testing import capture_logs
 
-from brokerfl.admin import StatusReply, StatusRequest
+from brokerfl.runtime.operator_commands import StatusReply, StatusRequest
 from brokerfl.cli.operate import _this_round
 from brokerfl.config import load_config
-from brokerfl.handler_table import Context, Started
-from brokerfl.hostile.poisoning import simulated_run
-from brokerfl.message import Heartbeat, Heartbeats, Join, ParameterUpdate, UpdateDropped
-from brokerfl.metrics import MetricsLog, read_metrics
-from brokerfl.roles import coordinator_table
-from brokerfl.store import MemoryModelStore
-from handlers.strategies.aggregate import BadUpdate
-from handlers.workflows import async_server, server, server_state
+from brokerfl.runtime.handler_table import Context, Started
+from tests.tools.hostile.poisoning import simulated_run
+from brokerfl.wire.message import Heartbeat, Heartbeats, Join, ParameterUpdate, UpdateDropped
+from brokerfl.storage.metrics_log import MetricsLog, read_metrics
+from brokerfl.assembly.roles import coordinator_table
+from brokerfl.storage.store import MemoryModelStore
+from brokerfl.handlers.strategies.aggregate import BadUpdate
+from brokerfl.handlers.workflows import async_server, server, server_state
 from cli_processes import kill_the_rest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,12 +196,12 @@ def test_a_huge_update_is_refused_on_the_other_paths_too(workflow, tmp_path):
 @pytest.mark.broker
 @pytest.mark.timeout(420)
 def test_a_huge_update_over_rabbitmq_is_dead_lettered_with_its_reason_and_the_run_keeps_its_accuracy(amqp_url, run_name, tmp_path, clean):
-    from brokerfl.topology import RunTopology
-    from brokerfl.transport import REASON_HEADER
+    from brokerfl.transports.topology import RunTopology
+    from brokerfl.transports.base import REASON_HEADER
     from brokerfl.transports.amqp import AmqpTransport
 
     path = tmp_path / "poison.yaml"
-    path.write_text(yaml.safe_dump({**SIX, "run": run_name, "client_handlers": "brokerfl.hostile.poisoning"}))
+    path.write_text(yaml.safe_dump({**SIX, "run": run_name, "client_handlers": "tests.tools.hostile.poisoning"}))
     common = [str(path), "--broker", amqp_url, "--log-level", "warning"]
     env = {**os.environ, "BROKERFL_ATTACK": "huge", "BROKERFL_ATTACKERS": "0"}
     topology = RunTopology(run_name)

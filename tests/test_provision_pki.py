@@ -15,10 +15,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from brokerfl.certs import SigningRefused, check_request, write_signing_request
+from brokerfl.ops.certs import SigningRefused, check_request, write_signing_request
 from brokerfl.cli import main
 from brokerfl.config import load_config
-from brokerfl.provision import ADMIN_TAG, provision, read_env_file
+from brokerfl.ops.provision import ADMIN_TAG, provision, read_env_file
 
 RUN = "acme"
 

@@ -8,12 +8,12 @@ import pytest
 
 from brokerfl.cli import main
 from brokerfl.config import load_config
-from brokerfl.journal import read_journal, read_journal_file, write_journal_file
-from brokerfl.message import ParameterUpdate, from_wire, to_wire
-from brokerfl.replay import replay
-from brokerfl.roles import topology_for
-from brokerfl.simulate import simulate
-from brokerfl.transport import Delivery
+from brokerfl.storage.journal import read_journal, read_journal_file, write_journal_file
+from brokerfl.wire.message import ParameterUpdate, from_wire, to_wire
+from brokerfl.ops.replay import replay
+from brokerfl.assembly.roles import topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.transports.base import Delivery
 from brokerfl.transports.local import LocalTransport
 
 
@@ -73,7 +73,7 @@ def test_what_if_median_prints_both_accuracies(journal_file, capsys):
 
 
 def test_a_journal_file_that_is_not_one_is_a_clear_error(tmp_path):
-    from brokerfl.transport import TransportError
+    from brokerfl.transports.base import TransportError
 
     junk = tmp_path / "junk"
     junk.write_bytes(b"\x93\x01\x02")
@@ -86,12 +86,12 @@ def test_a_resumed_server_journals_its_newest_version_again(journal_file):
     without that version's record: the server that resumes writes it (replay needs it)."""
     import structlog
 
-    from brokerfl.handler_table import Context, Started
-    from brokerfl.message import ModelVersionStored
-    from brokerfl.metrics import MetricsLog
-    from brokerfl.roles import coordinator_table
-    from brokerfl.store import MemoryModelStore
-    from handlers.workflows import server
+    from brokerfl.runtime.handler_table import Context, Started
+    from brokerfl.wire.message import ModelVersionStored
+    from brokerfl.storage.metrics_log import MetricsLog
+    from brokerfl.assembly.roles import coordinator_table
+    from brokerfl.storage.store import MemoryModelStore
+    from brokerfl.handlers.workflows import server
 
     _, config, result = journal_file
     store = MemoryModelStore()
@@ -138,7 +138,7 @@ def test_a_duplicate_dropped_before_its_version_is_recorded_is_not_lost(journal_
     """A redelivered copy of an update folded into version 4, dropped as a duplicate after
     the version was stored but before its record reached the journal (the record follows
     the next round's task): replay still finds the first copy."""
-    from brokerfl.message import UpdateDropped
+    from brokerfl.wire.message import UpdateDropped
 
     path, config, _ = journal_file
     records = list(read_journal_file(path))

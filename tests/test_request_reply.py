@@ -10,9 +10,9 @@ import uuid
 
 import pytest
 
-from brokerfl.message import Envelope
-from brokerfl.topology import RunTopology
-from brokerfl.transport import Delivery, TransportError, UnroutableError
+from brokerfl.wire.message import Envelope
+from brokerfl.transports.topology import RunTopology
+from brokerfl.transports.base import Delivery, TransportError, UnroutableError
 
 
 def envelope(kind: str = "ask") -> Envelope:

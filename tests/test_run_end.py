@@ -10,13 +10,13 @@ import time
 
 import pytest
 
-from brokerfl.accounting import account
+from brokerfl.storage.accounting import account
 from brokerfl.config import load_config
-from brokerfl.journal import read_journal
-from brokerfl.message import ParameterUpdate, to_wire
-from brokerfl.roles import topology_for
-from brokerfl.simulate import simulate
-from brokerfl.topology import SERVER, routing_key
+from brokerfl.storage.journal import read_journal
+from brokerfl.wire.message import ParameterUpdate, to_wire
+from brokerfl.assembly.roles import topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.transports.topology import SERVER, routing_key
 from brokerfl.transports.local import LocalTransport
 
 from test_faults import CONFIG, ROOT, federation  # noqa: F401 - a fixture
@@ -98,8 +98,8 @@ def test_accounting_passes_after_a_finish_with_an_update_published_late(federati
 def test_a_server_step_that_raises_finishes_the_run_as_failed_instead_of_waiting_for_ever(monkeypatch):
     """Closing a round is the handler of a local timer: nothing can dead-letter it, so its
     failure ends the run with the reason (before, the round stayed open for good)."""
-    from brokerfl.simulate import SimulationError
-    from handlers.strategies.fedavg import FedAvg
+    from brokerfl.assembly.simulate import SimulationError
+    from brokerfl.handlers.strategies.fedavg import FedAvg
 
     finish_round = FedAvg.finish_round
     closed = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from brokerfl.scaffold import ScaffoldError, check_app_name, create_app
+from brokerfl.ops.scaffold import ScaffoldError, check_app_name, create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ def test_the_app_runs_as_compose_services(amqp_url, run_name, tmp_path: Path) ->
     scaffolded app as the app's Dockerfile sets it up (its package importable, its config)."""
     import yaml
 
-    from brokerfl.topology import RunTopology
+    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
     from test_federation_amqp import brokerfl, compose_defaults, finish
 

@@ -1,7 +1,7 @@
 """Per-participant identity on a real RabbitMQ: provisioned users, least privilege, forged
 messages, and the same federation over TLS with certificate login.
 
-Each test provisions a run (``brokerfl.provision``) into a vhost of its own, imports the
+Each test provisions a run (``brokerfl.ops.provision``) into a vhost of its own, imports the
 definitions with ``rabbitmqctl import_definitions`` (or starts a TLS node that loads them),
 and deletes the vhost and users afterwards.
 """
@@ -26,19 +26,19 @@ import numpy as np
 import pytest
 import torch
 
-from brokerfl.accounting import account_run
-from brokerfl.certs import write_signing_request
+from brokerfl.storage.accounting import account_run
+from brokerfl.ops.certs import write_signing_request
 from brokerfl.config import load_config
-from brokerfl.identity import client_user
-from brokerfl.message import Exit, Heartbeat, Join, Leave, ParameterUpdate, to_wire
-from brokerfl.metrics import MetricsLog
-from brokerfl.provision import Provisioned, provision
-from brokerfl.roles import client_worker, server_worker, topology_for
-from brokerfl.simulate import simulate
-from brokerfl.store import MemoryModelStore
-from brokerfl.transport import ORIGIN_USER_HEADER, REASON_HEADER, TransportError
+from brokerfl.runtime.identity import client_user
+from brokerfl.wire.message import Exit, Heartbeat, Join, Leave, ParameterUpdate, to_wire
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.ops.provision import Provisioned, provision
+from brokerfl.assembly.roles import client_worker, server_worker, topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.storage.store import MemoryModelStore
+from brokerfl.transports.base import ORIGIN_USER_HEADER, REASON_HEADER, TransportError
 from brokerfl.transports.amqp import AmqpTransport
-from brokerfl.transports.connect import TlsOptions
+from brokerfl.transports.amqp.connect import TlsOptions
 
 from rabbit_nodes import node_env
 
@@ -338,7 +338,7 @@ def test_a_federation_over_tls_with_certificate_login(tls_node):
 
 def test_tls_refuses_a_foreign_ca_and_a_wrong_hostname(tls_node, tmp_path):
     config, done, _ = tls_node
-    from brokerfl.certs import issue, new_authority, write_pair
+    from brokerfl.ops.certs import issue, new_authority, write_pair
 
     user = client_user(config.run, "0")
     env = done.env(user)

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from brokerfl.admin import StatusRequest, ask
+from brokerfl.runtime.operator_commands import StatusRequest, ask
 from brokerfl.config import load_config
-from brokerfl.roles import topology_for
-from brokerfl.transport import LeaseLost
+from brokerfl.assembly.roles import topology_for
+from brokerfl.transports.base import LeaseLost
 
 from test_faults import CONFIG, ROOT, check, fault_free_accuracy, federation  # noqa: F401 - a fixture
 

@@ -9,8 +9,8 @@ import pytest
 
 from brokerfl.cli import main
 from brokerfl.config import load_config, parse_config
-from brokerfl.metrics import REQUIRED, read_metrics
-from brokerfl.simulate import SimulationError, simulate
+from brokerfl.storage.metrics_log import REQUIRED, read_metrics
+from brokerfl.assembly.simulate import SimulationError, simulate
 
 
 def test_simulate_three_rounds_writes_metrics_and_curve(tmp_path):
@@ -49,8 +49,8 @@ def test_a_poisoned_update_is_dead_lettered_and_the_round_goes_on(monkeypatch):
     round closes at the deadline with the others (min_clients), the run completes."""
     import numpy as np
 
-    import handlers.apps.mlp as mlp_app
-    import handlers.workflows.client as client_handlers
+    import brokerfl.handlers.apps.mlp as mlp_app
+    import brokerfl.handlers.workflows.client as client_handlers
 
     real_train = mlp_app.train_local  # the built-in app's training
 
@@ -68,8 +68,8 @@ def test_a_poisoned_update_is_dead_lettered_and_the_round_goes_on(monkeypatch):
 
 
 def test_too_few_answers_stops_with_a_clear_message(monkeypatch):
-    from brokerfl.handler_table import HandlerSet
-    from brokerfl.message import TrainTask
+    from brokerfl.runtime.handler_table import HandlerSet
+    from brokerfl.wire.message import TrainTask
     from tests.handler_modules import extra_handlers
 
     silent = extra_handlers(monkeypatch, client=HandlerSet("silent", overrides={TrainTask: lambda task, ctx: None}))  # clients that never answer
@@ -113,7 +113,7 @@ def test_a_client_slower_than_the_deadline_is_the_one_dropped():
 def test_a_swarm_simulation_writes_its_final_model_too(tmp_path):
     """No server, the same product: the last aggregator's last version is
     ``final_model.npz``, with the hash its metrics line shows."""
-    from brokerfl.model_file import read_model_file
+    from brokerfl.storage.model_file import read_model_file
 
     config = load_config("configs/digits_swarm.yaml", {"run": "swarm-final-model", "rounds": 2, "clients": 3, "train": {"epochs": 1}, "swarm": {"min_responses_required": 3}})
     simulate(config, tmp_path, progress=False)

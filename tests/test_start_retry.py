@@ -13,11 +13,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from brokerfl.accounting import account_run
+from brokerfl.storage.accounting import account_run
 from brokerfl.config import load_config
-from brokerfl.metrics import read_metrics
-from brokerfl.roles import topology_for
-from brokerfl.store import DirectoryModelStore
+from brokerfl.storage.metrics_log import read_metrics
+from brokerfl.assembly.roles import topology_for
+from brokerfl.storage.store import DirectoryModelStore
 from brokerfl.transports.amqp import AmqpTransport
 
 from test_amqp_failover import FreezingProxy

@@ -10,8 +10,8 @@ import zlib
 import numpy as np
 import pytest
 
-from handlers.strategies.base import load_strategy
-from handlers.strategies.krum import bulyan_select, mean_closest_to_median, pairwise_squared_distances
+from brokerfl.handlers.strategies.base import load_strategy
+from brokerfl.handlers.strategies.krum import bulyan_select, mean_closest_to_median, pairwise_squared_distances
 
 
 def run_round(strategy, global_parameters, updates):
@@ -262,11 +262,11 @@ def small_runs(tmp_path_factory):
     """Two short simulated runs with their journals: FedAdam, and central DP-FedAvg with an
     epsilon budget that the third round would exceed."""
     from brokerfl.config import parse_config
-    from brokerfl.journal import read_journal
-    from brokerfl.roles import topology_for
-    from brokerfl.simulate import simulate
+    from brokerfl.storage.journal import read_journal
+    from brokerfl.assembly.roles import topology_for
+    from brokerfl.assembly.simulate import simulate
     from brokerfl.transports.local import LocalTransport
-    from handlers.strategies.dp import epsilon_spent
+    from brokerfl.handlers.strategies.dp import epsilon_spent
 
     common = {"clients": 4, "model": {"hidden": [16]}, "train": {"epochs": 1}}
     runs = {}
@@ -283,7 +283,7 @@ def small_runs(tmp_path_factory):
 
 
 def test_dp_run_writes_the_accountants_epsilon_every_round_and_stops_at_its_budget(small_runs):
-    from brokerfl.metrics import read_metrics
+    from brokerfl.storage.metrics_log import read_metrics
     from opacus.accountants import RDPAccountant
 
     config, result, _, out = small_runs["dp_fedavg"]
@@ -298,7 +298,7 @@ def test_dp_run_writes_the_accountants_epsilon_every_round_and_stops_at_its_budg
 
 @pytest.mark.parametrize("name", ["fedadam", "dp_fedavg"])
 def test_replay_check_recomputes_stateful_and_noisy_runs(small_runs, name):
-    from brokerfl.replay import replay
+    from brokerfl.ops.replay import replay
 
     config, result, journal, _ = small_runs[name]
     replayed = replay(journal, config)
@@ -311,7 +311,7 @@ def test_replay_check_recomputes_stateful_and_noisy_runs(small_runs, name):
     ("bulyan", {"f": 0}), ("norm_bounding", {"max_norm": 1.0}), ("dp_fedavg", {"noise_multiplier": 0.5}),
 ])
 def test_every_new_strategy_works_as_a_replay_what_if(small_runs, what_if, options):
-    from brokerfl.replay import replay
+    from brokerfl.ops.replay import replay
 
     config, _, journal, _ = small_runs["fedadam"]
     replayed = replay(journal, config, what_if=what_if, what_if_options=options)

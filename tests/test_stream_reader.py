@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from brokerfl.stream_reader import StreamReader
-from brokerfl.topology import RunTopology
-from brokerfl.transport import TransportError
+from brokerfl.transports.stream_reader import StreamReader
+from brokerfl.transports.topology import RunTopology
+from brokerfl.transports.base import TransportError
 
 from test_transport import envelope, wait_for
 

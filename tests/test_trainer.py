@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.datasets import load_dataset
-from handlers.trainer import build_mlp, evaluate, init_parameters, train_local
+from brokerfl.handlers.datasets import load_dataset
+from brokerfl.handlers.trainer import build_mlp, evaluate, init_parameters, train_local
 
 HIDDEN = (32, 16)
 ARCH = dict(hidden=HIDDEN, num_classes=10)
@@ -86,8 +86,8 @@ def test_train_local_deterministic_read_only_inputs_untouched(digits, params) ->
 def test_train_local_deterministic_across_processes(digits, params) -> None:
     script = (
         "import hashlib, numpy as np\n"
-        "from handlers.datasets import load_dataset\n"
-        "from handlers.trainer import init_parameters, train_local\n"
+        "from brokerfl.handlers.datasets import load_dataset\n"
+        "from brokerfl.handlers.trainer import init_parameters, train_local\n"
         "d = load_dataset('digits')\n"
         "p = init_parameters(d.num_features, (32, 16), 10, seed=0)\n"
         "q, _ = train_local(p, d.x_train[:300], d.y_train[:300], hidden=(32, 16), num_classes=10,\n"
@@ -190,8 +190,8 @@ def test_plain_sgd_on_the_shared_model_is_bitwise_the_optimizers_step(digits, pa
     """Plain SGD trains without copying the model first (the first step writes into the
     gradients' memory, torch_app.sgd's `borrowed`): bitwise what SGD on a copy gives, and
     the read-only inputs are neither written nor returned."""
-    from brokerfl.torch_app import sgd
-    from handlers.trainer import _load_model
+    from brokerfl.app.torch_adapter import sgd
+    from brokerfl.handlers.trainer import _load_model
 
     x, y = digits.x_train[:64], digits.y_train[:64]
     shared = read_only(params)

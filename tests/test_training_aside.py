@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
-from brokerfl.accounting import account_run
+from brokerfl.storage.accounting import account_run
 from brokerfl.config import load_config
-from brokerfl.message import Exit, ParameterUpdate, TrainTask, from_wire, to_wire
-from brokerfl.metrics import read_metrics
-from brokerfl.roles import client_worker, topology_for
-from brokerfl.simulate import SimulationError, simulate
+from brokerfl.wire.message import Exit, ParameterUpdate, TrainTask, from_wire, to_wire
+from brokerfl.storage.metrics_log import read_metrics
+from brokerfl.assembly.roles import client_worker, topology_for
+from brokerfl.assembly.simulate import SimulationError, simulate
 from brokerfl.transports.local import LocalTransport
 from tests import slow_apps
 
@@ -184,10 +184,10 @@ def _federation(amqp_url: str, run: str, tmp_path: Path, *, clients: int, rounds
 
 
 def _status(amqp_url: str, config) -> dict | None:
-    from brokerfl.admin import StatusRequest, ask
+    from brokerfl.runtime.operator_commands import StatusRequest, ask
     from brokerfl.transports.amqp import AmqpTransport
 
-    from brokerfl.transport import TransportError
+    from brokerfl.transports.base import TransportError
 
     with AmqpTransport(amqp_url) as transport:
         try:
@@ -318,7 +318,7 @@ def test_the_default_torch_loop_stops_between_batches_when_cancelled():
     import torch
 
     from brokerfl.app import TrainingCancelled, cancellable
-    from brokerfl.torch_app import sgd
+    from brokerfl.app.torch_adapter import sgd
 
     model = torch.nn.Linear(4, 2)
     data = (torch.randn(64, 4), torch.randint(0, 2, (64,)))

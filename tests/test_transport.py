@@ -18,11 +18,11 @@ import pytest
 import xxhash
 from test_chunks_spill import corrupted
 
-from brokerfl.codec import decode, encode_parts
-from brokerfl.message import Envelope
-from brokerfl.topology import RunTopology
-from brokerfl.transport import REASON_HEADER, Delivery, Transport, TransportError, UnroutableError, body_size
-from brokerfl.transports import chunks
+from brokerfl.wire.codec import decode, encode_parts
+from brokerfl.wire.message import Envelope
+from brokerfl.transports.topology import RunTopology
+from brokerfl.transports.base import REASON_HEADER, Delivery, Transport, TransportError, UnroutableError, body_size
+from brokerfl.transports.amqp import chunks
 
 KiB, MiB = 1024, 1024**2
 SMALL_CHUNKS = {"chunk_size": 64 * KiB}  # AMQP option; the local transport ignores it
@@ -444,8 +444,8 @@ def test_interleaved_and_corrupt_chunks(amqp_factory, amqp_url, run_name, spill_
     """Chunks of two messages interleaved chunk by chunk in one queue are reassembled by
     message id; a message whose checksum fails is dead-lettered, every chunk, with the reason
     and its bytes as received (whether reassembly held them in RAM or in a file)."""
-    from brokerfl.transports import chunks
-    from brokerfl.transports.envelope import DEAD_CHUNK_HEADER
+    from brokerfl.transports.amqp import chunks
+    from brokerfl.transports.amqp.properties import DEAD_CHUNK_HEADER
 
     t = amqp_factory(spill_min_bytes=spill_min_bytes)
     queue, dead = queue_names(run_name, "server", "dead")
@@ -486,8 +486,8 @@ def publish_raw(url: str, queue: str, messages: list) -> None:
 
 
 def chunked(env: Envelope, body: bytes, chunk_size: int) -> list:
-    from brokerfl.transports import chunks
-    from brokerfl.transports.envelope import to_properties
+    from brokerfl.transports.amqp import chunks
+    from brokerfl.transports.amqp.properties import to_properties
 
     return [(to_properties(env, headers), part) for part, headers in chunks.split(body, chunk_size, env.message_id)]
 
@@ -539,7 +539,7 @@ def test_held_chunked_messages_are_handed_out_one_per_poll(amqp_factory, run_nam
 
 @pytest.mark.broker
 def test_incomplete_chunked_message_is_dead_lettered_after_chunk_timeout(amqp_factory, amqp_url, run_name):
-    from brokerfl.transports.envelope import DEAD_CHUNK_HEADER, to_properties
+    from brokerfl.transports.amqp.properties import DEAD_CHUNK_HEADER, to_properties
 
     t = amqp_factory(chunk_timeout=0.3)
     queue, dead = queue_names(run_name, "q", "dead")
@@ -635,7 +635,7 @@ def test_assembler_checks_xxh3_and_the_older_sha256_checksum():
     import dataclasses
     import hashlib
 
-    from brokerfl.transports import chunks
+    from brokerfl.transports.amqp import chunks
 
     body = os.urandom(10 * KiB)
     infos = [chunks.parse(headers) for _, headers in chunks.split(body, 4 * KiB, "m")]

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from brokerfl.handler_table import HandlerTable, Started, to_clients
-from brokerfl.message import Envelope, Heartbeat, Join, Message, ParameterUpdate, to_wire
-from brokerfl.topology import RunTopology, routing_key
-from brokerfl.transport import REASON_HEADER
-from brokerfl.worker import Worker
+from brokerfl.runtime.handler_table import HandlerTable, Started, to_clients
+from brokerfl.wire.message import Envelope, Heartbeat, Join, Message, ParameterUpdate, to_wire
+from brokerfl.transports.topology import RunTopology, routing_key
+from brokerfl.transports.base import REASON_HEADER
+from brokerfl.runtime.worker import Worker
 
 
 @dataclass(kw_only=True)
@@ -215,7 +215,7 @@ def test_effects_marked_once_sent_wait_for_a_successful_publish(transport_factor
     sent: when publishing its output fails, the message is requeued and handled again, and
     only then, once the output is confirmed, does the effect apply (issue 10's cluster work
     found a client that marked a task answered, failed to publish, then skipped the task)."""
-    from brokerfl.transport import TransportError
+    from brokerfl.transports.base import TransportError
 
     topo, admin = topology
     client_queue = topo.declare_client(admin, "a")
@@ -257,7 +257,7 @@ def test_a_refusing_handler_keeps_its_timers_a_crashing_one_does_not(transport_f
     timers included (the server closes a round whose last answer was a refused update).
     Any other exception drops them. A local message whose handler fails becomes a
     HandlerFailed for the table."""
-    from brokerfl.handler_table import HandlerFailed, Rejected
+    from brokerfl.runtime.handler_table import HandlerFailed, Rejected
 
     topo, admin = topology
     table = HandlerTable("server")

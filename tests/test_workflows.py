@@ -10,17 +10,17 @@ import time
 
 import pytest
 
-from brokerfl.accounting import account, account_run
+from brokerfl.storage.accounting import account, account_run
 from brokerfl.config import load_config
-from brokerfl.cross_site import build_matrix
-from brokerfl.journal import read_journal
-from brokerfl.metrics import MetricsLog, read_metrics
-from brokerfl.replay import replay
-from brokerfl.roles import client_worker, server_worker, topology_for
-from brokerfl.simulate import simulate
-from brokerfl.store import MemoryModelStore
+from brokerfl.storage.cross_site_results import build_matrix
+from brokerfl.storage.journal import read_journal
+from brokerfl.storage.metrics_log import MetricsLog, read_metrics
+from brokerfl.ops.replay import replay
+from brokerfl.assembly.roles import client_worker, server_worker, topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.storage.store import MemoryModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
-from brokerfl.worker import Worker
+from brokerfl.runtime.worker import Worker
 
 from test_federation_amqp import brokerfl, cleanup, finish, wait_until  # noqa: F401  (cleanup is a fixture)
 
@@ -52,7 +52,7 @@ def test_cyclic_hands_the_model_from_client_to_client(tmp_path):
 
 
 def test_cyclic_shuffle_draws_a_new_order_each_round():
-    from handlers.workflows.cyclic import route
+    from brokerfl.handlers.workflows.cyclic import route
 
     config = load_config("configs/digits_cyclic.yaml", {"clients": 8, "cyclic.order": "shuffle"})
     orders = [route(config, r) for r in (1, 2, 3)]
@@ -64,9 +64,9 @@ def test_cyclic_shuffle_draws_a_new_order_each_round():
 def test_a_hung_holder_is_passed_over_after_the_hop_timeout():
     """Client 1 takes its task and never answers (held unacked): after hop_timeout_s the
     model goes on to client 2; nothing is lost and the run completes."""
-    from brokerfl.handler_table import HandlerSet, compose
-    from brokerfl.message import TrainTask
-    from handlers.workflows import client
+    from brokerfl.runtime.handler_table import HandlerSet, compose
+    from brokerfl.wire.message import TrainTask
+    from brokerfl.handlers.workflows import client
 
     config = load_config("configs/digits_cyclic.yaml", {**SMALL, "cyclic.order": "fixed", "cyclic.hop_timeout_s": 0.5, "run": "cyclic-hang"})
     config = config.model_copy(update={"liveness": config.liveness.model_copy(update={"timeout_s": math.inf})})
@@ -160,7 +160,7 @@ def test_cyclic_with_cross_site_over_rabbitmq_survives_a_killed_holder(amqp_url,
     records = read_metrics(out / "metrics.jsonl")
     assert [r["model_version"] for r in records] == list(range(1, clients * rounds + 1))
     config = load_config(config_path, {"run": run_name, "clients": clients, "rounds": rounds})
-    from brokerfl.store import DirectoryModelStore
+    from brokerfl.storage.store import DirectoryModelStore
     from brokerfl.transports.amqp import AmqpTransport
 
     with AmqpTransport(amqp_url) as transport:
@@ -177,20 +177,20 @@ def test_cyclic_with_cross_site_over_rabbitmq_survives_a_killed_holder(amqp_url,
 
 
 def _swarm_peers(config, broker):
-    from brokerfl.swarm import simulated_peer
+    from brokerfl.assembly.swarm_peers import simulated_peer
 
     return [simulated_peer(config, broker, cid, MetricsLog(None), journal=True) for cid in config.client_ids()]
 
 
 def _run_swarm(peers, until, deadline_s=120.0):
-    from brokerfl.swarm import run_peers
+    from brokerfl.assembly.swarm_peers import run_peers
 
     run_peers(peers, until=until, deadline_s=deadline_s)
     assert until(), "the swarm did not get there in time"
 
 
 def _swarm_store(broker, config):
-    from brokerfl.broker_store import BrokerModelStore
+    from brokerfl.storage.broker_store import BrokerModelStore
 
     return BrokerModelStore(LocalTransport(broker), topology_for(config)).refresh()
 
@@ -200,7 +200,7 @@ def test_swarm_aggregator_killed_mid_round_another_peer_takes_the_role():
     held updates go back to the queue) in round 2: the next candidate takes the role from
     the versions on the broker, the round completes from the redelivered updates, and
     the run ends with every update in exactly one version or dropped with a reason."""
-    from brokerfl.message import ParameterUpdate
+    from brokerfl.wire.message import ParameterUpdate
 
     config = load_config("configs/digits_swarm.yaml", {**SMALL, "rounds": 3, "run": "swarm-kill", "train.max_batches": 10, "swarm.min_responses_required": 2, "swarm.wait_after_min_s": 0.5})
     config = config.model_copy(update={"liveness": config.liveness.model_copy(update={"timeout_s": math.inf})})
@@ -263,7 +263,7 @@ def test_swarm_update_sent_after_every_candidate_left_is_recorded_by_the_last_on
     """The late client's peer, leaving, keeps its candidate consuming until the broker finds
     nothing waiting: the candidate takes the role back and records the late updates as
     dropped, and a fresh one finds the queue empty: accounting finds nothing lost."""
-    from brokerfl.swarm import Peer, aggregator_worker
+    from brokerfl.assembly.swarm_peers import Peer, aggregator_worker
 
     broker, config, away = _swarm_with_a_late_client("swarm-late")
     late = Peer([away], lambda: aggregator_worker(LocalTransport(broker), LocalTransport(broker), config, MetricsLog(None), name="aggregator.2", journal=True), LocalTransport(broker))
@@ -310,7 +310,7 @@ def test_swarm_last_one_out_leaves_nothing_behind_whatever_the_broker_answers(an
     and the broker's first answers about the queue wrong in the two ways RabbitMQ's can be
     for a quorum queue. A peer that stopped its candidate and then trusted the answers
     would leave the updates to nobody (accounting: unaccounted for)."""
-    from brokerfl.swarm import QUIET_LOOKS, Peer, aggregator_worker
+    from brokerfl.assembly.swarm_peers import QUIET_LOOKS, Peer, aggregator_worker
 
     broker, config, away = _swarm_with_a_late_client(f"swarm-late-{answer}")
     late = Peer([away], lambda: aggregator_worker(_OnTheirWay(broker, after=2), LocalTransport(broker), config, MetricsLog(None), name="aggregator.2", journal=True),
@@ -334,13 +334,13 @@ def test_swarm_holder_whose_consumer_is_subscribed_anew_gives_the_role_up(amqp_f
 
     from test_amqp_failover import FreezingProxy
 
-    from brokerfl.handler_table import HandlerTable
-    from brokerfl.message import Heartbeat, to_wire
-    from brokerfl.swarm import Peer
-    from brokerfl.topology import RunTopology
+    from brokerfl.runtime.handler_table import HandlerTable
+    from brokerfl.wire.message import Heartbeat, to_wire
+    from brokerfl.assembly.swarm_peers import Peer
+    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
-    from brokerfl.worker import Worker
-    from handlers.workflows.swarm import WaitAfterMinimum
+    from brokerfl.runtime.worker import Worker
+    from brokerfl.handlers.workflows.swarm import WaitAfterMinimum
 
     table = HandlerTable("holder")
 
@@ -428,7 +428,7 @@ def test_swarm_with_cross_site_evaluation_in_simulate(tmp_path):
 def test_single_active_consumer_hands_over_on_the_local_transport():
     """Only the oldest consumer receives; when it goes, its unacked messages and the rest
     go to the next one (RabbitMQ's x-single-active-consumer)."""
-    from brokerfl.message import Heartbeat, to_wire
+    from brokerfl.wire.message import Heartbeat, to_wire
 
     broker = LocalBroker()
     first, second, publisher = LocalTransport(broker), LocalTransport(broker), LocalTransport(broker)
@@ -462,9 +462,9 @@ def test_swarm_peers_over_rabbitmq_survive_a_killed_aggregator(amqp_url, run_nam
 
     import yaml
 
-    from brokerfl.broker_store import BrokerModelStore
-    from brokerfl.swarm_probe import held_update
-    from brokerfl.topology import RunTopology
+    from brokerfl.storage.broker_store import BrokerModelStore
+    from tests.tools.swarm_probe import held_update
+    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
     from test_federation_amqp import ROOT
 

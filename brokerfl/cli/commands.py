@@ -20,10 +20,10 @@ from brokerfl.cli.common import (
 )
 from brokerfl.cli.operate import add_commands as add_operate_commands
 from brokerfl.config import ConfigError, RunConfig
-from brokerfl.log import configure_logging
-from brokerfl.memory import tune_allocator
-from brokerfl.metrics import read_metrics
-from brokerfl.transport import TransportError
+from brokerfl.runtime.log import configure_logging
+from brokerfl.transports.memory import tune_allocator
+from brokerfl.storage.metrics_log import read_metrics
+from brokerfl.transports.base import TransportError
 
 
 def _metrics_argument(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def _set_torch_threads() -> None:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from brokerfl.scaffold import ScaffoldError, create_app
+    from brokerfl.ops.scaffold import ScaffoldError, create_app
 
     try:
         root = create_app(args.name, args.dir)
@@ -60,8 +60,8 @@ APP_CONFIG = "brokerfl.yaml"  # the run of an app folder (what `brokerfl new` wr
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from brokerfl.model_file import FINAL_MODEL
-    from brokerfl.simulate import SimulationError, simulate
+    from brokerfl.storage.model_file import FINAL_MODEL
+    from brokerfl.assembly.simulate import SimulationError, simulate
 
     if args.config is None and Path(APP_CONFIG).is_file():
         # in an app's folder, `brokerfl simulate` runs that app (like `flwr run .`)
@@ -76,14 +76,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"brokerfl simulate: {exc}", file=sys.stderr)
         return 1
     if args.journal:
-        from brokerfl.journal import read_journal, write_journal_file
-        from brokerfl.roles import topology_for
+        from brokerfl.storage.journal import read_journal, write_journal_file
+        from brokerfl.assembly.roles import topology_for
         from brokerfl.transports.local import LocalTransport
 
         count = write_journal_file(args.journal, config.run, read_journal(LocalTransport(result.broker), topology_for(config)))
         print(f"wrote the journal ({count} messages) to {args.journal}")
     from brokerfl.app import load_app
-    from brokerfl.metrics import record_metrics
+    from brokerfl.storage.metrics_log import record_metrics
 
     target = load_app(config).target.name
     scored = [m for r in result.records if (m := record_metrics(r)).get(target) is not None]  # federated evaluation lines too
@@ -99,7 +99,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from brokerfl.model_file import ModelFileError, export_version
+    from brokerfl.storage.model_file import ModelFileError, export_version
 
     try:
         meta = export_version(args.source, args.out, version=args.version)
@@ -112,7 +112,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _print_cross_site(config: RunConfig, out: Path) -> None:
     if config.cross_site_eval:
-        from brokerfl.cross_site import HEATMAP_FILE, print_table, read_results
+        from brokerfl.storage.cross_site_results import HEATMAP_FILE, print_table, read_results
 
         document = read_results(out)
         if document is not None:
@@ -122,16 +122,16 @@ def _print_cross_site(config: RunConfig, out: Path) -> None:
 
 def cmd_server(args: argparse.Namespace) -> int:
     from brokerfl.app import curve_settings, load_app
-    from brokerfl.broker_store import BrokerModelStore
-    from brokerfl.metrics import MetricsLog, plot_curve
-    from brokerfl.roles import (
+    from brokerfl.storage.broker_store import BrokerModelStore
+    from brokerfl.storage.metrics_log import MetricsLog, plot_curve
+    from brokerfl.assembly.roles import (
         server_instance,
         server_worker,
         take_server_role,
         topology_for,
     )
-    from brokerfl.store import DirectoryModelStore
-    from brokerfl.transport import LeaseLost
+    from brokerfl.storage.store import DirectoryModelStore
+    from brokerfl.transports.base import LeaseLost
 
     config = load_run_config(args)
     # The server's evaluation too: with torch's default of one thread per core, a 100k
@@ -153,9 +153,9 @@ def cmd_server(args: argparse.Namespace) -> int:
         worker = server_worker(transport, config, store, metrics)
         worker.state.instance = server_instance()
         if args.metrics_port:
-            from brokerfl.monitoring import serve_server_metrics
-            from handlers.workflows.admin import held_updates
-            from handlers.workflows.server_state import live_clients
+            from brokerfl.ops.monitoring import serve_server_metrics
+            from brokerfl.handlers.workflows.admin import held_updates
+            from brokerfl.handlers.workflows.server_state import live_clients
 
             serve_server_metrics(args.metrics_port, worker, live_clients, held_updates)
         try:
@@ -170,7 +170,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         store.wait_for_export()
     state = worker.state
     if state.model is not None and state.model.parameters:  # the model the run ended with
-        from brokerfl.model_file import FINAL_MODEL, write_model_file
+        from brokerfl.storage.model_file import FINAL_MODEL, write_model_file
 
         write_model_file(out / FINAL_MODEL, state.model, run=config.run, app=config.app)
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
@@ -200,9 +200,9 @@ def _mask(url: str) -> str:
 def cmd_client(args: argparse.Namespace) -> int:
     if not args.client_id:
         raise SystemExit("brokerfl client: pass --client-id (an id, a range such as 0-9) or set BROKERFL_CLIENT_ID")
-    from brokerfl.model_refs import ModelCache
-    from brokerfl.roles import client_process_worker, client_worker, topology_for
-    from brokerfl.worker import run_workers
+    from brokerfl.storage.model_refs import ModelCache
+    from brokerfl.assembly.roles import client_process_worker, client_worker, topology_for
+    from brokerfl.runtime.worker import run_workers
 
     config = load_run_config(args)
     outside = [cid for cid in args.client_id if not config.has_client(cid)]
@@ -214,7 +214,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         raise SystemExit("brokerfl client: with identity enforced each client has its own broker user: one --client-id per process")
     _set_torch_threads()
     if config.workflow == "swarm":  # a peer: these clients plus an aggregator candidate
-        from brokerfl.swarm import run_peer
+        from brokerfl.assembly.swarm_peers import run_peer
 
         out = Path(env("OUT") or f"runs/{config.run}")
         code = run_peer(lambda: connect(args, retry_start=True), config, args.client_id, out)
@@ -233,7 +233,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         workers = [client_worker(transport, config, client_id, models=models) for client_id in args.client_id]
         beat = client_process_worker(transport, config, workers)  # one heartbeat for all of them
         if args.metrics_port:
-            from brokerfl.monitoring import serve_client_metrics
+            from brokerfl.ops.monitoring import serve_client_metrics
 
             serve_client_metrics(args.metrics_port, workers)
         for worker in workers:
@@ -245,14 +245,14 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_accounting(args: argparse.Namespace) -> int:
-    from brokerfl.accounting import account_run
-    from brokerfl.roles import topology_for
-    from brokerfl.store import DirectoryModelStore
+    from brokerfl.storage.accounting import account_run
+    from brokerfl.assembly.roles import topology_for
+    from brokerfl.storage.store import DirectoryModelStore
 
     if args.journal:  # a journal file (simulate --journal, journal export): no broker needed
-        from brokerfl.accounting import account_journal
-        from brokerfl.journal import read_journal_file
-        from brokerfl.transport import TransportError
+        from brokerfl.storage.accounting import account_journal
+        from brokerfl.storage.journal import read_journal_file
+        from brokerfl.transports.base import TransportError
 
         if not Path(args.journal).is_file():
             print(f"brokerfl accounting: no journal file {args.journal}", file=sys.stderr)
@@ -272,7 +272,7 @@ def cmd_accounting(args: argparse.Namespace) -> int:
                 raise SystemExit(f"brokerfl accounting: no stored model versions in {out / 'models'}")
             store = DirectoryModelStore(out / "models")
         else:  # the versions on the broker, in the run's models stream
-            from brokerfl.broker_store import BrokerModelStore
+            from brokerfl.storage.broker_store import BrokerModelStore
 
             store = BrokerModelStore(store_transport, topology_for(config), keep=1).refresh()
         report = account_run(transport, topology_for(config), store)
@@ -282,8 +282,8 @@ def cmd_accounting(args: argparse.Namespace) -> int:
 
 def _journal_source(args: argparse.Namespace, config: RunConfig):
     """(deliveries, closer): the run's journal from --journal FILE, else from the broker."""
-    from brokerfl.journal import read_journal, read_journal_file
-    from brokerfl.roles import topology_for
+    from brokerfl.storage.journal import read_journal, read_journal_file
+    from brokerfl.assembly.roles import topology_for
 
     if args.journal:
         return read_journal_file(args.journal), None
@@ -293,7 +293,7 @@ def _journal_source(args: argparse.Namespace, config: RunConfig):
 
 def _load_for_journal(args: argparse.Namespace) -> RunConfig:
     if args.journal and not args.run:
-        from brokerfl.journal import journal_file_run
+        from brokerfl.storage.journal import journal_file_run
 
         args.run = journal_file_run(args.journal) or None
     return load_run_config(args)
@@ -312,7 +312,7 @@ def _strategy_option(text: str) -> tuple[str, object]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from brokerfl.replay import ReplayError, replay
+    from brokerfl.ops.replay import ReplayError, replay
 
     config = _load_for_journal(args)
     deliveries, transport = _journal_source(args, config)
@@ -333,8 +333,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_journal_export(args: argparse.Namespace) -> int:
-    from brokerfl.journal import Skipped, read_journal, write_journal_file
-    from brokerfl.roles import topology_for
+    from brokerfl.storage.journal import Skipped, read_journal, write_journal_file
+    from brokerfl.assembly.roles import topology_for
 
     config = load_run_config(args)
     skipped = Skipped()
@@ -346,7 +346,7 @@ def cmd_journal_export(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from brokerfl import inspect
+    from brokerfl.ops import inspection as inspect
 
     config = _load_for_journal(args)
     if args.message or args.update:
@@ -366,7 +366,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 transport.close()
         return 0
     if not args.journal:
-        from brokerfl.roles import topology_for
+        from brokerfl.assembly.roles import topology_for
 
         with connect(args) as transport:
             print(inspect.queue_table(transport, topology_for(config), config.client_ids(), broker_url(args)))
@@ -380,7 +380,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from brokerfl.provision import provision
+    from brokerfl.ops.provision import provision
 
     config = load_run_config(args)
     done = provision(
@@ -413,7 +413,7 @@ def _signing_request(text: str) -> str | tuple[str, str]:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from brokerfl.certs import write_signing_request
+    from brokerfl.ops.certs import write_signing_request
 
     key, request = write_signing_request(args.out, args.user, replace=args.replace)
     print(f"wrote {key} (your private key: it stays here) and {request}")
@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The allocator each command runs with (brokerfl.memory; BROKERFL_MALLOC overrides it): the
+# The allocator each command runs with (brokerfl.transports.memory; BROKERFL_MALLOC overrides it): the
 # server's memory is what grows with a federation, so its peak RSS should be what it holds
 # (lean: 4.0-4.4x the model above baseline at 4-96 clients, tuned 5.5-6.9x, for ~8% of a
 # 10M round); clients train on every round's critical path (lean clients: ~9% slower rounds).
@@ -544,7 +544,7 @@ def allocator_for(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:  # before any large buffer: bodies reuse freed pages instead of faulting (brokerfl.memory)
+    try:  # before any large buffer: bodies reuse freed pages instead of faulting (brokerfl.transports.memory)
         tune_allocator(allocator_for(args))
     except ValueError as exc:
         print(f"brokerfl: {exc}", file=sys.stderr)

@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from brokerfl.config import RunConfig, load_config
-from brokerfl.names import check_name
+from brokerfl.wire.names import check_name
 
 
 def env(name: str) -> str | None:
@@ -76,7 +76,7 @@ def connect(args: argparse.Namespace, *, side: bool = False, retry_start: bool =
     that is not up yet, as after a lost connection (``--max-reconnect-s``); the one-shot
     commands fail at once."""
     from brokerfl.transports.amqp import AmqpTransport
-    from brokerfl.transports.connect import TlsOptions
+    from brokerfl.transports.amqp.connect import TlsOptions
 
     return AmqpTransport(broker_url(args), tls=TlsOptions(args.tls_ca, args.tls_cert, args.tls_key), max_reconnect_s=float(getattr(args, "max_reconnect_s", 60.0)),
                          retry_start=retry_start, **({"heartbeat": 0} if side else {}))

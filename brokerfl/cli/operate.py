@@ -1,5 +1,5 @@
 """``brokerfl status`` and ``brokerfl admin``: a running federation, as its server sees it,
-and the operator's commands to it (see :mod:`brokerfl.admin`)."""
+and the operator's commands to it (see :mod:`brokerfl.runtime.operator_commands`)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from brokerfl.cli.common import (
     load_run_config,
     parse_client_ids,
 )
-from brokerfl.topology import RunTopology
-from brokerfl.transport import Transport, TransportError
+from brokerfl.transports.topology import RunTopology
+from brokerfl.transports.base import Transport, TransportError
 
 NO_REPLY = 4  # exit code: the server did not answer in time
 
@@ -29,8 +29,8 @@ NO_REPLY = 4  # exit code: the server did not answer in time
 
 def gather(transport: Transport, topology: RunTopology, client_ids: list[str], *, timeout: float, amqp_url: str | None) -> dict[str, Any]:
     """The server's status (None if it did not answer) and the broker's queue depths."""
-    from brokerfl.admin import StatusRequest, ask, client_id_order
-    from brokerfl.inspect import management_counts
+    from brokerfl.runtime.operator_commands import StatusRequest, ask, client_id_order
+    from brokerfl.ops.inspection import management_counts
 
     reply = ask(transport, topology, StatusRequest(), timeout=timeout)
     status = reply.status if reply is not None else None
@@ -147,7 +147,7 @@ def _this_round(client: dict[str, Any], status: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from brokerfl.roles import topology_for
+    from brokerfl.assembly.roles import topology_for
 
     config = load_run_config(args)
     topology = topology_for(config)
@@ -197,7 +197,7 @@ COMMANDS = {
 
 def admin_message(command: str, values: list[str], args: argparse.Namespace):
     """The AdminCommand for ``brokerfl admin COMMAND VALUES``; ValueError says what is wrong."""
-    from brokerfl import admin
+    from brokerfl.runtime import operator_commands as admin
 
     def one(kind: str) -> str:
         if len(values) != 1:
@@ -234,7 +234,7 @@ def refused_by_config(message: Any, config: Any) -> str | None:
     """What the run's config alone shows wrong with an admin command (client ids outside the
     federation, more min clients than clients), or None; the server checks it all again
     against what it knows (removed clients, the round under way)."""
-    from brokerfl import admin
+    from brokerfl.runtime import operator_commands as admin
 
     ids = [message.client_id] if isinstance(message, admin.RemoveClient) else list(message.client_ids) if isinstance(message, admin.ShutdownClients) else []
     outside = [cid for cid in ids if not config.has_client(cid)]
@@ -246,8 +246,8 @@ def refused_by_config(message: Any, config: Any) -> str | None:
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
-    from brokerfl.admin import ask
-    from brokerfl.roles import topology_for
+    from brokerfl.runtime.operator_commands import ask
+    from brokerfl.assembly.roles import topology_for
 
     config = load_run_config(args)
     topology = topology_for(config)

@@ -19,8 +19,8 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from brokerfl.message import Envelope
-from brokerfl.transport import (
+from brokerfl.wire.message import Envelope
+from brokerfl.transports.base import (
     REPLY_TO,
     Body,
     Delivery,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from brokerfl.app import Partition
-from handlers.datasets import load_dataset, partition
+from brokerfl.handlers.datasets import load_dataset, partition
 
 DEFAULTS = {"channels": [8, 16], "partition": "iid", "alpha": 0.5, "test_fraction": 0.2, "server_test": True}
 

@@ -3,7 +3,7 @@
 The run's default (``app: mlp``). Its options are the config's ``data`` and
 ``model`` sections (``dataset``, ``partition``, ``alpha``, ``test_fraction``, ``hidden``),
 which ``app_options`` may override. It is a numpy-style app (``model`` returns named
-arrays; ``train``/``evaluate`` take them) over ``handlers.trainer``, whose initialisation
+arrays; ``train``/``evaluate`` take them) over ``brokerfl.handlers.trainer``, whose initialisation
 and loops do not touch torch's global RNG, so runs are bitwise what they were before apps.
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 
 from brokerfl.app import Partition
 from brokerfl.config import DataConfig, ModelConfig, TrainConfig
-from handlers.datasets import cached_partition, load_dataset
-from handlers.trainer import evaluate as evaluate_mlp
-from handlers.trainer import init_parameters, train_local
+from brokerfl.handlers.datasets import cached_partition, load_dataset
+from brokerfl.handlers.trainer import evaluate as evaluate_mlp
+from brokerfl.handlers.trainer import init_parameters, train_local
 
 KEYS = set(DataConfig.model_fields) | set(ModelConfig.model_fields)
 

@@ -48,7 +48,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from brokerfl.handler_table import Rejected
+from brokerfl.runtime.handler_table import Rejected
 
 Tensors = Mapping[str, np.ndarray]
 

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-import brokerfl.builtins as builtins
-from handlers.strategies.aggregate import Tensors
+import brokerfl.config.builtins as builtins
+from brokerfl.handlers.strategies.aggregate import Tensors
 
 if TYPE_CHECKING:
     from brokerfl.config import RunConfig
@@ -175,7 +175,7 @@ def complete_strategy_class(name: str) -> type[Strategy]:
     cls = strategy_class(name)
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(cls.__abstractmethods__))
-        raise ValueError(f"strategy {name!r}: class {cls.__qualname__} does not implement {missing} (every strategy must; see handlers.strategies.base.Strategy)")
+        raise ValueError(f"strategy {name!r}: class {cls.__qualname__} does not implement {missing} (every strategy must; see brokerfl.handlers.strategies.base.Strategy)")
     return cls
 
 

@@ -14,7 +14,7 @@ word, so one declaring a large partition would scale its clipped delta up to max
 itself: weight only clients you trust about their data. Flower's DP wrappers with fixed
 clipping likewise clip each update and leave the weighting to the strategy they wrap.
 Each clipped delta is folded into a float64 running sum as it arrives, so unlike Krum and
-Bulyan the server memory stays O(model). DP-FedAvg (``handlers.strategies.dp``) clips the
+Bulyan the server memory stays O(model). DP-FedAvg (``brokerfl.handlers.strategies.dp``) clips the
 same way, unweighted.
 """
 
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from handlers.strategies.aggregate import RunningSum, Tensors, fold_update, new_running_sum
-from handlers.strategies.base import Strategy, StrategyOptions
+from brokerfl.handlers.strategies.aggregate import RunningSum, Tensors, fold_update, new_running_sum
+from brokerfl.handlers.strategies.base import Strategy, StrategyOptions
 
 
 def delta_norm(parameters: Tensors, base: Tensors) -> float:

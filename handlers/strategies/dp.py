@@ -48,9 +48,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from handlers.strategies.aggregate import RunningSum, Tensors, fold_update, new_running_sum
-from handlers.strategies.base import TORCH_EXTRA, Strategy, StrategyOptions
-from handlers.strategies.clipping import apply_mean_clipped, clip_factor, delta_norm
+from brokerfl.handlers.strategies.aggregate import RunningSum, Tensors, fold_update, new_running_sum
+from brokerfl.handlers.strategies.base import TORCH_EXTRA, Strategy, StrategyOptions
+from brokerfl.handlers.strategies.clipping import apply_mean_clipped, clip_factor, delta_norm
 
 MODES = ("central", "local")
 SERVER_NOISE, CLIENT_NOISE = 0, 1  # the last seed word: server and client noise never share a stream
@@ -220,7 +220,7 @@ class DPFedAvg(Strategy):
         if self.epsilon_budget is not None and epsilon > self.epsilon_budget:
             record["epsilon_budget_exceeded"] = True
             if self.on_budget == "warn" and not self._warned:
-                from brokerfl.log import get_logger
+                from brokerfl.runtime.log import get_logger
 
                 get_logger().warning("privacy budget exceeded: the run goes on (on_budget: warn)", epsilon=round(epsilon, 4), budget=self.epsilon_budget, delta=self.delta)
                 self._warned = True

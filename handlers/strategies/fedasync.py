@@ -1,14 +1,14 @@
 """FedAsync (Xie et al. 2019, "Asynchronous Federated Optimization"), and what every
 asynchronous strategy is.
 
-An asynchronous strategy runs on ``handlers.workflows.async_server``: every client always has a task
+An asynchronous strategy runs on ``brokerfl.handlers.workflows.async_server``: every client always has a task
 on the newest model, and each update is folded when it arrives. The strategy says how an
 update with a given staleness (model versions since the one it trained on) is folded, and
 when the folded updates make a new model version. FedAsync makes one per update:
 
     w <- (1 - alpha_s) * w + alpha_s * w_client,   alpha_s = alpha * s(staleness)
 
-with s one of the staleness functions of the paper (``handlers.strategies.aggregate.staleness_weight``).
+with s one of the staleness functions of the paper (``brokerfl.handlers.strategies.aggregate.staleness_weight``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from handlers.strategies.aggregate import Tensors, mix, staleness_weight
-from handlers.strategies.base import Strategy, StrategyOptions
+from brokerfl.handlers.strategies.aggregate import Tensors, mix, staleness_weight
+from brokerfl.handlers.strategies.base import Strategy, StrategyOptions
 
 
 class AsyncOptions(StrategyOptions):
-    staleness: Literal["constant", "polynomial", "hinge"] = Field("polynomial", description="how an update's weight falls with its staleness s (handlers.strategies.aggregate.staleness_weight)")
+    staleness: Literal["constant", "polynomial", "hinge"] = Field("polynomial", description="how an update's weight falls with its staleness s (brokerfl.handlers.strategies.aggregate.staleness_weight)")
     a: float = Field(0.5, ge=0, description="polynomial: (1 + s)^-a; hinge: 1 / (a (s - b) + 1) beyond b")
     b: float = Field(4.0, ge=0, description="hinge: the staleness up to which updates keep weight 1")
     max_staleness: int = Field(10, ge=0, description="an update this many versions old or older is dropped with its reason")
@@ -51,7 +51,7 @@ class AsyncStrategy(Strategy):
     def weight(self, staleness: int) -> float:
         return staleness_weight(staleness, self.staleness, a=self.a, b=self.b)
 
-    # what handlers.workflows.async_server calls
+    # what brokerfl.handlers.workflows.async_server calls
 
     @abstractmethod
     def start_version(self, global_parameters: Tensors) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from handlers.strategies.aggregate import RunningSum, Tensors, fold_update, new_running_sum, weighted_average
-from handlers.strategies.base import Strategy
+from brokerfl.handlers.strategies.aggregate import RunningSum, Tensors, fold_update, new_running_sum, weighted_average
+from brokerfl.handlers.strategies.base import Strategy
 
 
 class FedAvg(Strategy):

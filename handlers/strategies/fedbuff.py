@@ -8,7 +8,7 @@ takes one step, as in the paper's Algorithm 1 (mean over K, not over the weights
     w <- w + server_lr * (sum of the K weighted deltas) / K
 
 The parameters w_v of the versions clients train on come from the server's cache of recent
-versions (``handlers.workflows.async_server``); staleness weighting as in FedAsync.
+versions (``brokerfl.handlers.workflows.async_server``); staleness weighting as in FedAsync.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from handlers.strategies.aggregate import RunningSum, Tensors, apply_mean_delta, fold_update, new_running_sum
-from handlers.strategies.fedasync import AsyncOptions, AsyncStrategy
+from brokerfl.handlers.strategies.aggregate import RunningSum, Tensors, apply_mean_delta, fold_update, new_running_sum
+from brokerfl.handlers.strategies.fedasync import AsyncOptions, AsyncStrategy
 
 
 class FedBuffOptions(AsyncOptions):

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from handlers.strategies.aggregate import Tensors, weighted_average
-from handlers.strategies.base import StrategyOptions
-from handlers.strategies.fedavg import FedAvg
+from brokerfl.handlers.strategies.aggregate import Tensors, weighted_average
+from brokerfl.handlers.strategies.base import StrategyOptions
+from brokerfl.handlers.strategies.fedavg import FedAvg
 
 # ---------------------------------------------------------------- the arithmetic
 

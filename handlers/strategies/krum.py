@@ -26,9 +26,9 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from handlers.strategies.aggregate import Tensors
-from handlers.strategies.base import StrategyOptions
-from handlers.strategies.robust import _KeepsUpdates
+from brokerfl.handlers.strategies.aggregate import Tensors
+from brokerfl.handlers.strategies.base import StrategyOptions
+from brokerfl.handlers.strategies.robust import _KeepsUpdates
 
 
 def flatten(parameters: Tensors, like: Tensors) -> np.ndarray:

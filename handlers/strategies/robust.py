@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from handlers.strategies.aggregate import Tensors, cast_like
-from handlers.strategies.base import Strategy, StrategyOptions
+from brokerfl.handlers.strategies.aggregate import Tensors, cast_like
+from brokerfl.handlers.strategies.base import Strategy, StrategyOptions
 
 
 def coordinate_median(updates: list[Tensors], like: Tensors) -> dict[str, np.ndarray]:

@@ -1,9 +1,9 @@
 """The operator's handler set: status, and the admin commands.
 
-:mod:`brokerfl.roles` adds it to every coordinator's table (server, asynchronous, cyclic,
+:mod:`brokerfl.assembly.roles` adds it to every coordinator's table (server, asynchronous, cyclic,
 the swarm's aggregator). Each admin command is answered with an AdminReply to its
 requester and to the journal; a change of admin state also publishes the new
-AdminStateRecord to the run's admin queue (see :mod:`brokerfl.admin`), confirmed before
+AdminStateRecord to the run's admin queue (see :mod:`brokerfl.runtime.operator_commands`), confirmed before
 the command is acked, so a restarted server picks it up.
 
 What each command does:
@@ -16,7 +16,7 @@ What each command does:
 - ``pause``: the open round finishes; no new round starts (nor a retry) until ``resume``.
   Synchronous rounds only: the asynchronous server refuses it.
 Who may send them: with ``identity.enforce``, the run's admin user only (RabbitMQ-validated
-``user_id``), checked by the worker's inbox check (:func:`brokerfl.identity.server_inbox_check`)
+``user_id``), checked by the worker's inbox check (:func:`brokerfl.runtime.identity.server_inbox_check`)
 before any handler runs, like every other message's sender. Without it there is no identity
 to check: any process that may publish to the run's exchange is accepted, and
 ``command.sender`` is only what it claims.
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 
-from brokerfl.admin import (
+from brokerfl.runtime.operator_commands import (
     AbortRun,
     AdminCommand,
     AdminReply,
@@ -54,12 +54,12 @@ from brokerfl.admin import (
     StatusRequest,
     client_id_order,
 )
-from brokerfl.handler_table import Context, HandlerSet, Outbound, to_client, to_clients, to_requester
-from brokerfl.message import Exit
-from brokerfl.metrics import record_metrics
-from brokerfl.topology import ADMIN, AUDIT
-from brokerfl.transport import bounded
-from handlers.workflows.server_state import ServerState, close_when_every_participant_answered, duplicate_instances, finish_run, live_clients, outside_federation, record_drop, start_round
+from brokerfl.runtime.handler_table import Context, HandlerSet, Outbound, to_client, to_clients, to_requester
+from brokerfl.wire.message import Exit
+from brokerfl.storage.metrics_log import record_metrics
+from brokerfl.transports.topology import ADMIN, AUDIT
+from brokerfl.transports.base import bounded
+from brokerfl.handlers.workflows.server_state import ServerState, close_when_every_participant_answered, duplicate_instances, finish_run, live_clients, outside_federation, record_drop, start_round
 
 OPERATOR = HandlerSet("operator", needs=(ServerState,))
 
@@ -119,7 +119,7 @@ STATUS_FAILURES = 10  # the newest training failures a status shows
 
 
 def latest_metrics(state: ServerState) -> dict:
-    """The app's metrics of the newest metrics lines (brokerfl.app_metrics): ``metrics``
+    """The app's metrics of the newest metrics lines (brokerfl.wire.app_metrics): ``metrics``
     of the newest model version (its clients' training, its server evaluation),
     ``federated_metrics`` of the newest federated evaluation, and the ``target`` metric."""
     out: dict = {"metrics": None, "metrics_version": None, "federated_metrics": None, "target": None}

@@ -44,17 +44,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from brokerfl.config import ConfigError, RunConfig
-from brokerfl.handler_table import Context, HandlerSet, Outbound, Started, to_client
-from brokerfl.message import Heartbeat, Heartbeats, Join, Leave, ParameterUpdate, Tensors, TrainFailed, TrainTask
-from brokerfl.model_refs import task_model_fields
-from brokerfl.metrics import MetricsLog
-from brokerfl.store import ModelStore
-from brokerfl.timing import timings
-from brokerfl.topology import check_name
-from handlers.strategies.aggregate import BadUpdate
-from handlers.strategies.fedasync import AsyncStrategy
-from handlers.workflows import lifecycle, server_state
-from handlers.workflows.server_state import ServerState, already_folded, drop, finish_run, live_clients, store_version
+from brokerfl.runtime.handler_table import Context, HandlerSet, Outbound, Started, to_client
+from brokerfl.wire.message import Heartbeat, Heartbeats, Join, Leave, ParameterUpdate, Tensors, TrainFailed, TrainTask
+from brokerfl.storage.model_refs import task_model_fields
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.storage.store import ModelStore
+from brokerfl.runtime.timing import timings
+from brokerfl.transports.topology import check_name
+from brokerfl.handlers.strategies.aggregate import BadUpdate
+from brokerfl.handlers.strategies.fedasync import AsyncStrategy
+from brokerfl.handlers.workflows import lifecycle, server_state
+from brokerfl.handlers.workflows.server_state import ServerState, already_folded, drop, finish_run, live_clients, store_version
 
 
 @dataclass
@@ -75,7 +75,7 @@ def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> Asy
     if not isinstance(base.strategy, AsyncStrategy):
         raise ConfigError(f"strategy.name: {config.strategy.name!r} is not an asynchronous strategy; it runs on {base.strategy.server_handlers}")
     buffer_size = getattr(base.strategy, "buffer_size", 1)
-    prefetch = max(2 * config.clients, 16)  # brokerfl.roles.server_worker's: the held buffer must fit under it
+    prefetch = max(2 * config.clients, 16)  # brokerfl.assembly.roles.server_worker's: the held buffer must fit under it
     if buffer_size > prefetch:
         raise ConfigError(f"strategy.options.buffer_size: {buffer_size} updates held unacked exceed the server's prefetch ({prefetch} for {config.clients} clients)")
     state = AsyncServerState(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ServerState)})
@@ -266,5 +266,5 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
     return next_task(ctx, update.client_id)
 
 
-# what a run of this workflow composes (brokerfl.roles adds the operator's set and the rest)
+# what a run of this workflow composes (brokerfl.assembly.roles adds the operator's set and the rest)
 HANDLERS = (lifecycle.LIFECYCLE, ASYNC_UPDATES)

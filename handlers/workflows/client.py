@@ -25,16 +25,16 @@ from typing import Any
 import numpy as np
 
 from brokerfl.app import App, AppContext, AppError, Partition, TrainingCancelled, cancellable, count_samples, load_app
-from brokerfl.compression import compress
+from brokerfl.wire.compression import compress
 from brokerfl.config import RunConfig, TrainConfig
-from brokerfl.app_metrics import TRAIN_PREFIX
-from brokerfl.handler_table import Cancelled, Context, HandlerSet, LegacyTable, Outbound, Started, to_server
-from brokerfl.message import EvaluateResult, EvaluateTask, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, TrainFailed, TrainTask
-from brokerfl.message import process_instance  # names this process in Join and Heartbeat(s)
-from brokerfl.transport import bounded
-from handlers.strategies.base import prepare_update
+from brokerfl.wire.app_metrics import TRAIN_PREFIX
+from brokerfl.runtime.handler_table import Cancelled, Context, HandlerSet, LegacyTable, Outbound, Started, to_server
+from brokerfl.wire.message import EvaluateResult, EvaluateTask, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, TrainFailed, TrainTask
+from brokerfl.wire.message import process_instance  # names this process in Join and Heartbeat(s)
+from brokerfl.transports.base import bounded
+from brokerfl.handlers.strategies.base import prepare_update
 
-table = LegacyTable("client")  # deprecated: what old-style extra_handlers modules register on (brokerfl.roles)
+table = LegacyTable("client")  # deprecated: what old-style extra_handlers modules register on (brokerfl.assembly.roles)
 
 ERROR_CHARS = 300  # of a failed training's error, as TrainFailed reports it
 UNABLE_ERROR_CHARS = 800  # of the error of an app that failed at a client's start (its Leave): the AppError names the app, function and client first
@@ -392,7 +392,7 @@ def update_metrics(metrics: dict[str, float], seconds: float) -> dict[str, float
 
 
 def _compressed(state: ClientState, task: TrainTask, parameters: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The delta against the task's model, compressed (brokerfl.compression), with error
+    """The delta against the task's model, compressed (brokerfl.wire.compression), with error
     feedback. The residual carries over only to a newer model: a task for the version it was
     made against, or an older one (a round sent again, a server restarted from its store),
     starts afresh rather than add what may already have been folded."""
@@ -483,6 +483,6 @@ def beat_for_all(message: HeartbeatDue, ctx: Context):
     return [to_server(Heartbeats(clients={c.client_id: num_samples(c) for c in running}, training=training, instance=process_instance()))]
 
 
-# what a run's clients compose (brokerfl.roles adds cross-site evaluation's set and the
+# what a run's clients compose (brokerfl.assembly.roles adds cross-site evaluation's set and the
 # extra_handlers' sets); PROCESS_HANDLERS is the table of a process's shared heartbeat
 HANDLERS = (CLIENT,)

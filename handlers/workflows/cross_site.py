@@ -16,7 +16,7 @@ holder of ``swarm``) then writes
 ``cross_site.json`` and ``cross_site.png`` beside its metrics and finishes the run. Two
 handler sets: :data:`COORDINATOR` (its ``prepare`` makes the evaluation follow the last
 round) and :data:`CLIENT` (its answer to a finished training also keeps the local model: an
-override of the client's ``Trained`` handler); :mod:`brokerfl.roles` adds them to a run's
+override of the client's ``Trained`` handler); :mod:`brokerfl.assembly.roles` adds them to a run's
 tables when its config says ``cross_site_eval``.
 """
 
@@ -25,12 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from brokerfl.cross_site import build_matrix, write_results
-from brokerfl.handler_table import Context, HandlerSet, Outbound, to_clients, to_server
-from brokerfl.message import Message, ParameterUpdate, Tensors
-from handlers.workflows import client
-from handlers.workflows.client import ClientState
-from handlers.workflows.server_state import ServerState, finish_run, live_clients
+from brokerfl.storage.cross_site_results import build_matrix, write_results
+from brokerfl.runtime.handler_table import Context, HandlerSet, Outbound, to_clients, to_server
+from brokerfl.wire.message import Message, ParameterUpdate, Tensors
+from brokerfl.handlers.workflows import client
+from brokerfl.handlers.workflows.client import ClientState
+from brokerfl.handlers.workflows.server_state import ServerState, finish_run, live_clients
 
 
 @dataclass(kw_only=True)

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from brokerfl.config import RunConfig
-from brokerfl.handler_table import Context, HandlerSet, to_client
-from brokerfl.model_refs import task_model_fields
-from brokerfl.message import Message, ParameterUpdate, TrainFailed, TrainTask
-from brokerfl.metrics import MetricsLog
-from brokerfl.store import ModelStore
-from handlers.strategies.aggregate import BadUpdate
-from handlers.workflows import lifecycle, server_state
-from handlers.workflows.server_state import ServerState, already_folded, drop, live_clients, refresh_client, rounds_done, store_version
+from brokerfl.runtime.handler_table import Context, HandlerSet, to_client
+from brokerfl.storage.model_refs import task_model_fields
+from brokerfl.wire.message import Message, ParameterUpdate, TrainFailed, TrainTask
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.storage.store import ModelStore
+from brokerfl.handlers.strategies.aggregate import BadUpdate
+from brokerfl.handlers.workflows import lifecycle, server_state
+from brokerfl.handlers.workflows.server_state import ServerState, already_folded, drop, live_clients, refresh_client, rounds_done, store_version
 
 
 @dataclass(kw_only=True)
@@ -179,5 +179,5 @@ def pass_on_failure(message: TrainFailed, ctx: Context):
     return start_hop(ctx)
 
 
-# what a run of this workflow composes (brokerfl.roles adds the operator's set and the rest)
+# what a run of this workflow composes (brokerfl.assembly.roles adds the operator's set and the rest)
 HANDLERS = (lifecycle.LIFECYCLE, CYCLIC)

@@ -21,12 +21,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from brokerfl.app_metrics import Reducer, combine
-from brokerfl.handler_table import Context, Outbound, to_clients
-from brokerfl.message import EvaluateResult, EvaluateTask, Message
-from brokerfl.model_refs import task_model_fields
-from brokerfl.transport import bounded
-from handlers.workflows.scoring import score_stored
+from brokerfl.wire.app_metrics import Reducer, combine
+from brokerfl.runtime.handler_table import Context, Outbound, to_clients
+from brokerfl.wire.message import EvaluateResult, EvaluateTask, Message
+from brokerfl.storage.model_refs import task_model_fields
+from brokerfl.transports.base import bounded
+from brokerfl.handlers.workflows.scoring import score_stored
 
 
 @dataclass(kw_only=True)
@@ -99,7 +99,7 @@ def deadline(message: EvaluationDeadline, ctx: Context) -> list[Outbound] | None
 
 
 def weighted_metrics(results: list[EvaluateResult], reducers: Mapping[str, Reducer] | None = None) -> dict[str, float]:
-    """Every metric of the clients' results combined (brokerfl.app_metrics: the
+    """Every metric of the clients' results combined (brokerfl.wire.app_metrics: the
     sample-weighted mean unless the app names a reducer), and the total sample count. A
     result from a client that sends no ``metrics`` counts with its loss and accuracy."""
     entries = [(r.metrics or {"loss": r.loss, "accuracy": r.accuracy}, r.num_samples) for r in results]

@@ -12,9 +12,9 @@ import time
 import numpy as np
 
 from brokerfl.config import RunConfig
-from brokerfl.handler_table import Context, HandlerFailed, HandlerSet, Started
-from brokerfl.journal import retention_warning
-from brokerfl.message import (
+from brokerfl.runtime.handler_table import Context, HandlerFailed, HandlerSet, Started
+from brokerfl.storage.journal import retention_warning
+from brokerfl.wire.message import (
     EvaluateResult,
     Heartbeat,
     Heartbeats,
@@ -22,12 +22,12 @@ from brokerfl.message import (
     Leave,
     ServerStandby,
 )
-from brokerfl.metrics import last_model_version
-from brokerfl.store import ModelVersion
-from brokerfl.transport import bounded
-from handlers.workflows import evaluation
-from handlers.workflows.scoring import ScoreStored, journal_version, score_when_due
-from handlers.workflows.server_state import (
+from brokerfl.storage.metrics_log import last_model_version
+from brokerfl.storage.store import ModelVersion
+from brokerfl.transports.base import bounded
+from brokerfl.handlers.workflows import evaluation
+from brokerfl.handlers.workflows.scoring import ScoreStored, journal_version, score_when_due
+from brokerfl.handlers.workflows.server_state import (
     DrainDone,
     JoinDeadline,
     ServerState,
@@ -72,7 +72,7 @@ def resume_or_initialise(message: Started, ctx: Context[ServerState]):
                  **({"removed": shown_ids(sorted(state.admin.removed))} if state.admin.removed else {}))
     if state.round >= state.config.rounds:
         return finish_run(ctx, "all rounds were already done")
-    if state.admin.paused:  # restored from the admin queue (brokerfl.admin)
+    if state.admin.paused:  # restored from the admin queue (brokerfl.runtime.operator_commands)
         ctx.log.warning("paused: no round starts until an operator resumes the run: waiting for `admin resume`", round=state.round)
     ctx.set_timer("join", state.config.strategy.join_timeout_s, JoinDeadline())
     return None
@@ -174,7 +174,7 @@ def give_up_without_able_clients(message: TooFewAble, ctx: Context[ServerState])
 
 
 def note_standby(message: ServerStandby, ctx: Context[ServerState]):
-    """A server waiting for this one's role (:func:`brokerfl.roles.take_server_role`)."""
+    """A server waiting for this one's role (:func:`brokerfl.assembly.roles.take_server_role`)."""
     standbys = ctx.state.standbys
     name = bounded(message.sender, 80)
     if name == f"server@{ctx.state.instance}":

@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from brokerfl.handler_table import Context, Outbound
-from brokerfl.message import Message, ModelVersionStored
-from brokerfl.store import ModelVersion
-from brokerfl.threads import process_thread
-from brokerfl.timing import timings
-from brokerfl.topology import AUDIT
-from brokerfl.transport import bounded
+from brokerfl.runtime.handler_table import Context, Outbound
+from brokerfl.wire.message import Message, ModelVersionStored
+from brokerfl.storage.store import ModelVersion
+from brokerfl.runtime.threads import process_thread
+from brokerfl.runtime.timing import timings
+from brokerfl.transports.topology import AUDIT
+from brokerfl.transports.base import bounded
 
 
 @dataclass(kw_only=True)

@@ -27,12 +27,12 @@ without it). The stored version's own metadata holds accuracy and loss only with
 
 from __future__ import annotations
 
-from brokerfl.handler_table import Context, HandlerSet, LegacyTable
-from brokerfl.message import ParameterUpdate, TrainFailed
-from brokerfl.timing import timings
-from handlers.strategies.aggregate import BadUpdate
-from handlers.workflows import lifecycle
-from handlers.workflows.server_state import (
+from brokerfl.runtime.handler_table import Context, HandlerSet, LegacyTable
+from brokerfl.wire.message import ParameterUpdate, TrainFailed
+from brokerfl.runtime.timing import timings
+from brokerfl.handlers.strategies.aggregate import BadUpdate
+from brokerfl.handlers.workflows import lifecycle
+from brokerfl.handlers.workflows.server_state import (
     RoundComplete,
     RoundDeadline,
     ServerState,
@@ -53,7 +53,7 @@ from handlers.workflows.server_state import (
 
 __all__ = ["HANDLERS", "ROUNDS", "make_state", "table"]
 
-table = LegacyTable("server")  # deprecated: what old-style extra_handlers modules register on (brokerfl.roles)
+table = LegacyTable("server")  # deprecated: what old-style extra_handlers modules register on (brokerfl.assembly.roles)
 
 
 def fold_update(update: ParameterUpdate, ctx: Context[ServerState]):
@@ -159,5 +159,5 @@ ROUNDS = HandlerSet(
     needs=(ServerState,),
 )
 
-# what a run of this workflow composes (brokerfl.roles adds the operator's set and the rest)
+# what a run of this workflow composes (brokerfl.assembly.roles adds the operator's set and the rest)
 HANDLERS = (lifecycle.LIFECYCLE, ROUNDS)

@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from brokerfl.admin import AdminState
+from brokerfl.runtime.operator_commands import AdminState
 from brokerfl.app import App, load_app
-from brokerfl.app_metrics import combine
-from brokerfl.compression import CompressionError, decompress
+from brokerfl.wire.app_metrics import combine
+from brokerfl.wire.compression import CompressionError, decompress
 from brokerfl.config import RunConfig
-from brokerfl.handler_table import Context, Outbound, Rejected, to_clients
-from brokerfl.message import (
+from brokerfl.runtime.handler_table import Context, Outbound, Rejected, to_clients
+from brokerfl.wire.message import (
     Exit,
     Message,
     ParameterUpdate,
@@ -32,18 +32,18 @@ from brokerfl.message import (
     TrainTask,
     UpdateDropped,
 )
-from brokerfl.metrics import MetricsLog
-from brokerfl.model_refs import task_model_fields
-from brokerfl.round_config import round_settings
-from brokerfl.store import ModelStore, ModelVersion, parameters_hash
-from brokerfl.threads import process_thread
-from brokerfl.timing import timings
-from brokerfl.topology import AUDIT
-from brokerfl.transport import bounded
-from handlers.strategies.aggregate import BadUpdate, Tensors, check_update
-from handlers.strategies.base import Strategy, strategy_for_run
-from handlers.workflows import evaluation
-from handlers.workflows.scoring import (
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.storage.model_refs import task_model_fields
+from brokerfl.app.round_config import round_settings
+from brokerfl.storage.store import ModelStore, ModelVersion, parameters_hash
+from brokerfl.runtime.threads import process_thread
+from brokerfl.runtime.timing import timings
+from brokerfl.transports.topology import AUDIT
+from brokerfl.transports.base import bounded
+from brokerfl.handlers.strategies.aggregate import BadUpdate, Tensors, check_update
+from brokerfl.handlers.strategies.base import Strategy, strategy_for_run
+from brokerfl.handlers.workflows import evaluation
+from brokerfl.handlers.workflows.scoring import (
     ScoreStored,
     Unscored,
     evaluate_safely,
@@ -286,7 +286,7 @@ def maybe_begin(ctx: Context[ServerState]):
 def check_num_samples(num_samples: int, state: ServerState, what: str) -> None:
     """Refuse a declared sample count that is negative or would outweigh everyone else
     (``strategy.max_num_samples``, the outer cap on what a Join or Heartbeat may declare).
-    Client ids are checked before any handler runs (:func:`brokerfl.message.from_wire`)."""
+    Client ids are checked before any handler runs (:func:`brokerfl.wire.message.from_wire`)."""
     limit = state.config.strategy.max_num_samples
     if num_samples < 0:
         raise BadUpdate(f"{what} claims {num_samples} samples")
@@ -350,7 +350,7 @@ def store_version(ctx: Context[ServerState], parameters: dict[str, np.ndarray], 
     evaluation, journal record and metrics line follow once the messages this handler
     returns (the next round's task) are out: see :func:`score_stored`. ``client_metrics``:
     the folded updates' ``train_`` metrics and sample counts, combined into the line's
-    ``metrics`` (brokerfl.app_metrics)."""
+    ``metrics`` (brokerfl.wire.app_metrics)."""
     state: ServerState = ctx.state
     score_stored(ctx)  # an earlier version still waiting is scored (and recorded) first
     parent = state.model
@@ -469,7 +469,7 @@ def start_round(ctx: Context[ServerState], *, retry: bool = False):
 
 
 def round_fields(state: ServerState, round_: int) -> dict[str, Any]:
-    """A TrainTask's ``config`` and ``round_config`` for ``round_`` (brokerfl.round_config)."""
+    """A TrainTask's ``config`` and ``round_config`` for ``round_`` (brokerfl.app.round_config)."""
     settings, round_config = round_settings(state.config, round_, strategy=state.strategy, app=state.app)
     return {"config": settings, "round_config": round_config}
 
@@ -502,7 +502,7 @@ def note_failure(message: TrainFailed, ctx: Context[ServerState]) -> TrainFailur
 
 
 def decompressed(update: ParameterUpdate, model: dict[str, np.ndarray], config: RunConfig) -> dict[str, np.ndarray]:
-    """A compressed update's parameters (brokerfl.compression), against the model it was
+    """A compressed update's parameters (brokerfl.wire.compression), against the model it was
     trained on; replay calls this too, so it folds exactly what the server folded."""
     if update.compression != config.compression.method:
         raise BadUpdate(f"update compressed with {update.compression!r}, the run uses {config.compression.method!r}")

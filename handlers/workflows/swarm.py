@@ -10,7 +10,7 @@ differences:
 
 - **Activation.** A candidate does nothing until its first delivery (AMQP tells a
   consumer no "you are active now"): then it reads every stored version from the run's
-  models stream (:class:`brokerfl.broker_store.BrokerModelStore`), and either initialises
+  models stream (:class:`brokerfl.storage.broker_store.BrokerModelStore`), and either initialises
   the run (version 0, wait for the joins) or continues it: the federation is the config's
   clients, and round ``latest.round + 1`` starts again at once. A killed aggregator's
   unacked updates come back to the new one (redelivered) and are folded into that round,
@@ -24,7 +24,7 @@ differences:
   too); it is written to ``best_model.json`` when the rounds are done.
 - **Cross-site evaluation** (``cross_site_eval: true``): after the last round the role's
   holder runs ``handlers/workflows/cross_site.py``'s two exchanges, as a server would, and
-  writes the matrix beside its metrics; the run then finishes (:mod:`brokerfl.roles` adds
+  writes the matrix beside its metrics; the run then finishes (:mod:`brokerfl.assembly.roles` adds
   that set, and its ``after_rounds`` follows this module's ``on_rounds_done``).
 """
 
@@ -35,12 +35,12 @@ import json
 from dataclasses import dataclass
 
 from brokerfl.config import RunConfig
-from brokerfl.handler_table import Context, Handler, HandlerSet, Started
-from brokerfl.message import Message, ParameterUpdate
-from brokerfl.metrics import MetricsLog
-from brokerfl.store import ModelStore
-from handlers.workflows import lifecycle, server, server_state
-from handlers.workflows.server_state import ServerState, close_round, see_client, start_round
+from brokerfl.runtime.handler_table import Context, Handler, HandlerSet, Started
+from brokerfl.wire.message import Message, ParameterUpdate
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.storage.store import ModelStore
+from brokerfl.handlers.workflows import lifecycle, server, server_state
+from brokerfl.handlers.workflows.server_state import ServerState, close_round, see_client, start_round
 
 
 @dataclass(kw_only=True)
@@ -167,5 +167,5 @@ def note_best(ctx: Context[SwarmState]) -> None:
 
 # what the aggregator's run composes: the server's lifecycle and rounds, each taking the
 # role first, and this set (which replaces their Started and ParameterUpdate handlers);
-# brokerfl.roles adds the operator's set, also behind take_role_first
+# brokerfl.assembly.roles adds the operator's set, also behind take_role_first
 HANDLERS = (lifecycle.LIFECYCLE.wrapped(take_role_first), server.ROUNDS.wrapped(take_role_first), SWARM)

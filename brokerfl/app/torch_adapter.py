@@ -1,0 +1,361 @@
+"""The torch side of the app API: state_dict <-> named arrays, and the default loops.
+
+Imported only when an app's ``model()`` returns a ``torch.nn.Module``: it registers the torch
+:class:`~brokerfl.app.ModelKind` (brokerfl.app never imports it). Parameters are the
+module's whole ``state_dict`` (buffers too) as numpy arrays in the tensors' dtypes, except
+bfloat16 (numpy has none): it travels as float32, which holds every bfloat16 exactly, and
+is cast back when loaded into the module. Every call runs with torch's
+global RNG forked and seeded from its ``seed``, so dropout and friends are reproducible and
+no caller's RNG is disturbed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brokerfl.app import AppContext, AppError, ModelKind, Parameters, TrainingCancelled, call, cancellation_requested, register_model_kind
+from brokerfl.wire.names import bounded
+from brokerfl.config import TrainConfig
+
+if TYPE_CHECKING:
+    from brokerfl.app import App
+
+
+def to_named_arrays(module: nn.Module) -> Parameters:
+    """The whole state_dict as fresh numpy arrays (bfloat16 as float32)."""
+    out: Parameters = {}
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu()
+        out[name] = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy().copy()
+    return out
+
+
+def hand_over_named_arrays(module: nn.Module) -> Parameters:
+    """The whole state_dict as numpy arrays that take the module's storage with them (no
+    copy): the module gets new storage, untouched (so not resident) until the next load
+    writes it. A trained model's arrays then cost no second model's worth of memory."""
+    out: Parameters = {}
+    state = module.state_dict()
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        out[name] = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.cpu().numpy()
+    if any(t.device.type != "cpu" for t in state.values()):
+        return {name: np.array(a, copy=True) for name, a in out.items()}  # not the module's memory: copies
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = torch.empty_like(tensor.data)
+    return out
+
+
+def _check_names(state: Mapping[str, Any], parameters: Mapping[str, Any], app_name: str) -> None:
+    if state.keys() != parameters.keys():
+        missing, extra = sorted(state.keys() - parameters.keys()), sorted(parameters.keys() - state.keys())
+        raise AppError(f"app {app_name!r}: parameters do not fit model(): missing {missing}, unexpected {extra}")
+
+
+def load_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?", *, fresh: bool = False) -> None:
+    """Copy ``parameters`` into ``module`` (names and shapes must match its state_dict).
+    ``fresh``: into new tensors, not the module's current ones (which may be borrowed
+    arrays, see :func:`borrow_named_arrays`, that must not be written)."""
+    state = module.state_dict()
+    _check_names(state, parameters, app_name)
+    if fresh:
+        copies = {}
+        for name, target in state.items():
+            source = torch.from_numpy(np.array(parameters[name], copy=True))
+            if tuple(source.shape) != tuple(target.shape):
+                raise AppError(f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has {tuple(target.shape)}")
+            copies[name] = source.to(target.dtype)
+        module.load_state_dict(copies, assign=True)
+        return
+    with torch.no_grad():
+        for name, target in state.items():
+            value = np.asarray(parameters[name])
+            # no copy of a read-only array (a model shared by a process's logical clients,
+            # decoded over the received body): copy_ below only reads it
+            if not value.flags.writeable:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "non-writable": torch only reads it here
+                    source = torch.from_numpy(value)
+            else:
+                source = torch.from_numpy(value)
+            if tuple(source.shape) != tuple(target.shape):
+                raise AppError(f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has {tuple(target.shape)}")
+            target.copy_(source)
+
+
+def borrow_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?") -> None:
+    """Make ``module``'s parameters (weights, not buffers) views of ``parameters``' arrays,
+    without a copy: for evaluation only. A server evaluating each new global model then
+    holds no second copy of it (and no copy is made per evaluation): the module shares the
+    global model's memory. Buffers (e.g. BatchNorm's running statistics, which a module in
+    train mode updates) are copied. The borrowed arrays must not be written: whoever next
+    loads parameters for training passes ``fresh=True`` to :func:`load_named_arrays`."""
+    state = module.state_dict()
+    _check_names(state, parameters, app_name)
+    weights = {name for name, _ in module.named_parameters()}
+    assigned = {}
+    for name, target in state.items():
+        value = np.asarray(parameters[name])
+        if tuple(value.shape) != tuple(target.shape):
+            raise AppError(f"app {app_name!r}: parameter {name} has shape {tuple(value.shape)}, model() has {tuple(target.shape)}")
+        if name in weights and _torch_dtype(value.dtype) == target.dtype and value.flags.c_contiguous:
+            with warnings.catch_warnings():  # a decoded array is read-only: nothing here writes it
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                assigned[name] = torch.from_numpy(value)
+        else:
+            assigned[name] = torch.from_numpy(np.array(value, copy=True)).to(target.dtype)
+    module.load_state_dict(assigned, assign=True)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype | None:
+    try:
+        return torch.from_numpy(np.empty(0, dtype)).dtype
+    except TypeError:
+        return None
+
+
+def batches(data: Any, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` arrays: shuffled minibatches (in order without a generator); anything else
+    is taken to be an iterable of ``(x, y)`` batches and used as it comes."""
+    if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
+        x, y = (torch.as_tensor(np.asarray(a)) if not isinstance(a, torch.Tensor) else a for a in data)
+        n = len(x)
+        order = torch.randperm(n, generator=generator) if generator is not None else None
+        for start in range(0, n, batch_size):
+            if order is None:
+                yield x[start : start + batch_size], y[start : start + batch_size]
+            else:
+                index = order[start : start + batch_size]
+                yield x[index], y[index]
+        return
+    for x, y in data:
+        yield torch.as_tensor(x), torch.as_tensor(y)
+
+
+class NotClassification(ValueError):
+    """The default loops met a model or data they cannot handle: they are for
+    classification only."""
+
+
+def check_classification(outputs: torch.Tensor, y: torch.Tensor, function: str) -> None:
+    """The default loops' assumptions, said plainly when they do not hold: outputs of shape
+    (batch, classes) and integer class labels of shape (batch,)."""
+    problem = None
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        problem = f"the targets are {str(y.dtype).removeprefix('torch.')}, not integer class labels"
+    elif outputs.ndim != 2:
+        problem = f"model() outputs have shape {tuple(outputs.shape)}, not (batch, classes)"
+    elif y.ndim != 1 or len(y) != len(outputs):
+        problem = f"the targets have shape {tuple(y.shape)} for outputs of shape {tuple(outputs.shape)}, not (batch,)"
+    elif len(y) and (int(y.min()) < 0 or int(y.max()) >= outputs.shape[1]):
+        problem = f"a class label is outside 0..{outputs.shape[1] - 1} (the model has {outputs.shape[1]} outputs)"
+    if problem is not None:
+        raise NotClassification(
+            f"the default {function} is for classification (cross-entropy of outputs of shape (batch, classes) against integer "
+            f"class labels) and {problem}: for another task define train() and evaluate() in the app (see brokerfl.app)"
+        )
+
+
+def train_classifier(model: nn.Module, data: Any, settings: TrainConfig, seed: int) -> dict[str, float]:
+    """The default local training, for classification: minibatch SGD on cross-entropy (plus
+    FedProx's proximal term when ``proximal_mu`` > 0), ``epochs`` passes or ``max_batches``
+    batches. A model or data it cannot handle (float targets, outputs not (batch, classes))
+    is a :class:`NotClassification` saying so."""
+    return {"loss": sgd(model, data, **settings.model_dump(), seed=seed)}
+
+
+def sgd(
+    model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+    proximal_mu: float = 0.0, max_batches: int | None = None, seed: int = 0, borrowed: bool = False,
+) -> float:
+    """Train ``model`` in place with a fresh SGD optimizer; shuffles with a private
+    generator seeded with ``seed``. Returns the sample-weighted mean cross-entropy of the
+    batches trained on (without the proximal term, so it compares with evaluation).
+
+    ``borrowed``: the model's weights are views of arrays that must not be written (a
+    model shared by a process's logical clients) and the step is plain SGD (no momentum,
+    weight decay or proximal term): the first step writes each weight's new value into
+    its gradient's memory, which the weight then keeps. So no copy of the model is made
+    before training, and the first step's gradients are the only model-sized buffer next
+    to the shared one. Bitwise the optimizer's own step (``p + (-lr) * grad``)."""
+    if borrowed and (momentum or weight_decay or proximal_mu):
+        raise ValueError("a borrowed model is trained with plain SGD only (no momentum, weight_decay or proximal_mu)")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    model.train()
+    total, seen, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for x, y in batches(data, batch_size, generator):
+            if cancellation_requested():  # between batches: no longer wanted (brokerfl.app)
+                raise TrainingCancelled(f"cancelled after {steps} batches")
+            outputs = model(x)
+            if steps == 0:
+                check_classification(outputs, y, "train()")
+            loss = F.cross_entropy(outputs, y)
+            objective = loss
+            if anchor:
+                drift = sum((p - g).pow(2).sum() for p, g in zip(model.parameters(), anchor))
+                objective = loss + 0.5 * proximal_mu * drift
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            if borrowed:
+                _step_into_gradients(model, lr)
+                borrowed = False
+            else:
+                optimizer.step()
+            total += loss.item() * len(y)
+            seen += len(y)
+            steps += 1
+            if max_batches is not None and steps >= max_batches:
+                return total / seen
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def _step_into_gradients(model: nn.Module, lr: float) -> None:
+    """SGD's step for weights that must not be written: ``p + (-lr) * grad`` (the very
+    kernel of ``p.add_(grad, alpha=-lr)``) into the gradient's memory, which becomes the
+    weight's. A weight without a gradient gets a copy of its own (later steps write it)."""
+    for parameter in model.parameters():
+        grad = parameter.grad
+        if grad is None:
+            parameter.data = parameter.data.clone()
+            continue
+        parameter.grad = None
+        torch.add(parameter, grad, alpha=-lr, out=grad)
+        parameter.data = grad
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, data: Any, batch_size: int = 1024) -> dict[str, float]:
+    """The default evaluation, for classification: mean cross-entropy, accuracy of the
+    argmax, sample count (a :class:`NotClassification` for a model or data it cannot handle)."""
+    model.eval()
+    loss, correct, n = 0.0, 0, 0
+    for x, y in batches(data, batch_size, None):
+        logits = model(x)
+        if n == 0:
+            check_classification(logits, y, "evaluate()")
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == y).sum())
+        n += len(y)
+    if n == 0:
+        raise ValueError("no samples to evaluate on")
+    return {"loss": loss / n, "accuracy": correct / n, "num_samples": n}
+
+
+_MODULE_MACHINERY = frozenset({"_parameters", "_buffers", "_modules", "training", "_non_persistent_buffers_set"})
+
+
+def structure(module: nn.Module) -> list[tuple]:
+    """What a task must find as ``model()`` made it, one tuple per item, in a fixed order:
+    every tensor's name, dtype, device, shape and ``requires_grad``, every submodule's
+    name and type, and every other attribute of theirs (plain values as they are, hooks
+    by count, objects by identity). Not the tensors' values (each task loads its own) nor
+    the train/eval mode (the loops set it)."""
+    out: list[tuple] = []
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        out.append((name, str(tensor.dtype), str(tensor.device), tuple(tensor.shape), tensor.requires_grad))
+    for name, sub in module.named_modules():
+        out.append((name or "<model>", type(sub).__qualname__))
+        for key, value in sorted(vars(sub).items()):
+            if key in _MODULE_MACHINERY:
+                continue
+            if value is None or isinstance(value, (bool, int, float, str)):
+                out.append((f"{name}.{key}", value))
+            elif isinstance(value, dict) and key.endswith("hooks"):
+                out.append((f"{name}.{key}", len(value)))
+            elif isinstance(value, torch.Tensor):
+                out.append((f"{name}.{key}", str(value.dtype), str(value.device), tuple(value.shape)))
+            else:
+                out.append((f"{name}.{key}", type(value).__qualname__, id(value)))
+    return out
+
+
+class TorchModel:
+    """Drives an app whose ``model()`` returns a Module: one Module per process, loaded with
+    each received model before the app's (or the default) ``train``/``evaluate`` runs."""
+
+    def __init__(self, app: App, module: nn.Module) -> None:
+        self.app, self.module = app, module
+        self._structure = structure(module)  # what _restore compares with
+        self._borrowed = False  # the module's weights are views of an evaluated model's arrays
+        self._train = getattr(app.module, "train", None) or train_classifier
+        self._evaluate = getattr(app.module, "evaluate", None) or evaluate_classifier
+
+    def initial_parameters(self, seed: int) -> Parameters:
+        made = self.app.call_model(seed)
+        if not isinstance(made, nn.Module):
+            raise AppError(f"app {self.app.name!r}: model() returned {type(made).__name__}, expected a torch.nn.Module")
+        return to_named_arrays(made)
+
+    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext | None = None) -> tuple[Parameters, dict[str, float]]:
+        self._restore()
+        load_named_arrays(self.module, parameters, self.app.name, fresh=self._borrowed)
+        self._borrowed = False
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            metrics = call(self._train, self.module, data, settings, seed, options=self.app.options, context=context or AppContext())
+        for parameter in self.module.parameters():  # the last step's gradients: a model's worth of memory
+            parameter.grad = None
+        return hand_over_named_arrays(self.module), dict(metrics or {})
+
+    def evaluate(self, parameters: Parameters, data: Any, context: AppContext | None = None) -> dict[str, float]:
+        self._restore()
+        # in place: evaluation only reads the weights (see borrow_named_arrays)
+        borrow_named_arrays(self.module, parameters, self.app.name)
+        self._borrowed = True
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return call(self._evaluate, self.module, data, options=self.app.options, context=context or AppContext())
+
+    def _restore(self) -> None:
+        """The module as ``model()`` made it, before each task: the logical clients of a
+        process (and, in ``simulate``, the server) share it, so one whose ``train`` changed
+        it (``model.double()``, a frozen layer, a replaced submodule, a new attribute) must
+        not hand that change on. Checked by :func:`structure` (cheap: no tensor data is
+        read); a changed module is made anew by ``model()``, loaded by the task."""
+        now = structure(self.module)
+        if now != self._structure:
+            changed = next((f"{a[0]}: {a[1:]} -> {b[1:]}" for a, b in zip(self._structure, now) if a != b), "its layout")
+            warnings.warn(f"app {self.app.name!r}: train() or evaluate() changed the model ({bounded(changed, 200)}); "
+                          "the next task gets a fresh model()", stacklevel=2)
+            self.module = self.app.call_model(seed=0)
+            self._borrowed = False
+            self._structure = structure(self.module)
+
+    def trainable(self) -> frozenset[str]:
+        """The state_dict names of the weights (not buffers such as BatchNorm's statistics)."""
+        return frozenset(name for name, _ in self.module.named_parameters())
+
+    def warm_up(self, data: Any) -> None:
+        """One throwaway batch: torch's first call costs ~1 s, which would otherwise land in
+        the first task. Only with the default loop (a custom one may ignore max_batches)."""
+        if self._train is not train_classifier:
+            return
+        saved = to_named_arrays(self.module)
+        if self._borrowed:  # training writes the weights: into the module's own memory
+            load_named_arrays(self.module, saved, self.app.name, fresh=True)
+            self._borrowed = False
+        settings = TrainConfig(epochs=1, batch_size=2, lr=1e-9, momentum=0.0, max_batches=1)
+        with torch.random.fork_rng(devices=[]):
+            self._train(self.module, data, settings, 0)
+        load_named_arrays(self.module, saved, self.app.name)
+
+
+def _loaded(made: nn.Module, parameters: Parameters, app_name: str) -> nn.Module:
+    """:func:`brokerfl.app.load_model` of a torch app: ``made`` holding ``parameters``, in eval mode."""
+    load_named_arrays(made, parameters, app_name)
+    return made.eval()
+
+
+register_model_kind(ModelKind("torch", TorchModel, _loaded))

@@ -1,0 +1,275 @@
+"""Run configuration: YAML validated into typed objects.
+
+Unknown keys are errors, and every error names the key and what was expected, e.g.
+``configs/x.yaml: strategy.min_clients: Input should be a valid integer (got 'two')``.
+The defaults are the embedded default run (digits, 10 IID clients, FedAvg, 20 rounds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+import brokerfl.config.builtins as builtins
+from brokerfl.wire.names import check_name
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits", "mnist5k"] = "digits"
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller is more skewed")
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    share_samples: bool = Field(
+        False,
+        description="more clients than training samples: the samples are dealt to as many partitions as there are "
+        "samples, and client i trains on partition i mod that number (clients share samples; else it is an error)",
+    )
+
+
+class ModelConfig(_Section):
+    hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=0)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(h < 1 for h in value):
+            raise ValueError("hidden sizes must be positive")
+        return value
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx; 0 turns it off")
+    max_batches: int | None = Field(None, ge=1, description="stop local training after this many batches")
+
+
+class StrategyConfig(_Section):
+    name: str = Field("fedavg", description="a built-in strategy (fedavg, fedadam, ... see brokerfl.config.builtins) or 'module:Class'")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of live clients sampled per round")
+    clients_per_round: int | None = Field(None, ge=1, description="sample this many instead of a fraction")
+    min_clients: int = Field(1, ge=1, description="fewest updates a round may close with")
+    round_deadline_s: float = Field(120.0, gt=0)
+    on_too_few: Literal["retry", "stop"] = "retry"
+    max_retries: int = Field(3, ge=0)
+    join_timeout_s: float = Field(60.0, gt=0, description="how long to wait for every client to join")
+    max_num_samples: int = Field(1_000_000, ge=1, description="a Join or Heartbeat declaring more samples than this is refused (it would outweigh the others); an update may claim at most what its client declared")
+    max_update_ratio: float | None = Field(
+        10.0,
+        gt=0,
+        description="an update farther than this times (the global model's L2 norm + sqrt of its number of floating values) "
+        "from the model it was trained on is refused (a finite 1e30 would poison the model); null turns the check off",
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="strategy-specific settings (the strategy's Options)")
+
+    @field_validator("name")
+    @classmethod
+    def _short_name(cls, value: str) -> str:
+        return builtins.short_name("strategy", value)
+
+
+class LivenessConfig(_Section):
+    heartbeat_s: float = Field(2.0, gt=0, description="how often clients send a Heartbeat")
+    timeout_s: float = Field(10.0, gt=0, description="a client silent this long is not sampled")
+
+
+class IdentityConfig(_Section):
+    enforce: bool = Field(False, description="receivers check each message's AMQP user_id against the run's users (brokerfl.runtime.identity)")
+    client_messages: list[str] = Field(
+        default_factory=lambda: ["join", "leave", "heartbeat", "parameter_update", "evaluate_result", "train_failed"],
+        description="message types clients may publish to the server (provisioning's topic permissions)",
+    )
+
+
+class CyclicConfig(_Section):
+    """``workflow: cyclic``: the model travels from client to client (handlers/workflows/cyclic.py)."""
+
+    order: Literal["fixed", "shuffle"] = Field("fixed", description="the same order every round, or reshuffled each round")
+    hop_timeout_s: float = Field(60.0, gt=0, description="a holder silent this long: its task passes to the next client")
+
+
+class SwarmConfig(_Section):
+    """``workflow: swarm``: no server; the round's aggregator is a role (handlers/workflows/swarm.py)."""
+
+    min_responses_required: int | None = Field(None, ge=1, description="updates a round needs before it may close early (default, or more than were sampled: every sampled client)")
+    wait_after_min_s: float = Field(5.0, ge=0, description="after the minimum, wait this long for the rest")
+    best_metric: str = Field("accuracy", description="validation metric the best global model is kept by")
+    best_mode: Literal["max", "min"] = Field("max", description="whether a higher or a lower best_metric is better")
+
+
+class CompressionConfig(_Section):
+    """How clients compress their updates (brokerfl.wire.compression); the server undoes it."""
+
+    method: Literal["none", "float16", "bfloat16", "qsgd8", "topk"] = Field("none", description="none, a cast of the delta (float16, bfloat16), 8-bit stochastic quantization (qsgd8) or top-k sparsification (topk)")
+    fraction: float = Field(0.01, gt=0, le=1, description="topk: the fraction of each tensor's entries sent")
+    min_size: int = Field(1024, ge=0, description="tensors with fewer entries (biases, small layers) travel whole, as do buffers and integers")
+    error_feedback: bool = Field(True, description="carry what compression dropped into the client's next update")
+
+
+class RunConfig(_Section):
+    run: str = "default"
+    seed: int = 0
+    rounds: int = Field(20, ge=1)
+    clients: int = Field(10, ge=1, description="federation size = number of data partitions")
+    app: str = Field("mlp", description="the app: model, data, training loop (see brokerfl.app): mlp (built in) or your module's import path")
+    app_options: dict[str, Any] = Field(default_factory=dict, description="free-form settings handed to the app")
+    data: DataConfig = Field(default_factory=DataConfig, description="the built-in MLP app's data settings")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the built-in MLP app's model settings")
+    evaluate_every: int = Field(1, ge=1, description="federated evaluation every this many rounds")
+    federated_evaluation: Literal["auto", "always", "never"] = Field("auto", description="auto: when the app gives the server no test data")
+    metrics: list[str] = Field(default_factory=list, max_length=32, description="the metrics the curve plots, one panel each (default: every metric of the run)")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    workflow: Literal["server", "swarm", "cyclic"] = Field("server", description="who aggregates: a server, a role among the clients, or nobody (the model travels)")
+    cross_site_eval: bool = Field(False, description="after the last round, evaluate every local model and the global one on every site's data")
+    cyclic: CyclicConfig = Field(default_factory=CyclicConfig)
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    liveness: LivenessConfig = Field(default_factory=LivenessConfig)
+    server_handlers: str | None = Field(None, description="the server's handler set: server, async_server, cyclic or a module with table and make_state (default: the strategy's)")
+    client_handlers: str = Field("client", description="the client's handler set: client or a module with table and make_state")
+    extra_handlers: list[str] = Field(default_factory=list, description="handlers registered on those tables: gradients or modules that register them when imported")
+    replicated_queues: bool = Field(False, description="every queue of the run a quorum queue (replicated on a RabbitMQ cluster), not only the server's")
+    model_transfer: Literal["auto", "reference", "inline"] = Field(
+        "auto",
+        description="how tasks carry the global model: by reference to the run's models stream (fetched once per client process), "
+        "inline in every task, or auto: by reference from 1 MiB of parameters (brokerfl.storage.model_refs)",
+    )
+    journal: bool = Field(True, description="copy every message to the run's journal stream")
+    journal_max_bytes: int | None = Field(4 * 1024**3, ge=1, description="journal retention by size (oldest segments go first)")
+    journal_max_age: str | None = Field(None, pattern=r"^[0-9]+[YMDhms]$", description="journal retention by age, e.g. 7D or 12h")
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    train_schedule: dict[str, dict[int, Any]] = Field(default_factory=dict, description="a train setting -> {round: value}: from that round on the clients train with that value (e.g. lr: {1: 0.1, 10: 0.01})")
+    client_state_dir: str | None = Field(None, description="where each client keeps its app's context.state between processes (JSON, one file per client); none: in memory only")
+    client_slowdown: dict[str, float] = Field(default_factory=dict, description="client id -> factor: that client takes this many times longer to train (benchmarks of stragglers)")
+    compression: CompressionConfig = Field(default_factory=CompressionConfig, description="compressed updates, opt-in (synchronous server workflow)")
+
+    @field_validator("run")
+    @classmethod
+    def _run_name(cls, value: str) -> str:
+        return check_name("run name", value)
+
+    @field_validator("app", "server_handlers", "client_handlers")
+    @classmethod
+    def _short_name(cls, value: str | None, info: Any) -> str | None:
+        return None if value is None else builtins.short_name(info.field_name, value)
+
+    @field_validator("extra_handlers")
+    @classmethod
+    def _short_names(cls, value: list[str]) -> list[str]:
+        return [builtins.short_name("extra_handlers", name) for name in value]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cyclic_strategy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("strategy"), str):  # strategy: fedadam, all settings default
+            data = {**data, "strategy": {"name": data["strategy"]}}
+        # a cyclic run's versions are each one client's parameters: the "cyclic" strategy
+        if isinstance(data, dict) and data.get("workflow") == "cyclic":
+            strategy = data.get("strategy") if isinstance(data.get("strategy"), dict) else {}
+            data = {**data, "strategy": {"name": "cyclic", **strategy}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.app != "mlp" and self.model_fields_set & {"data", "model"}:
+            raise ValueError(f"data and model are the built-in MLP app's settings; app {self.app!r} takes app_options")
+        if self.strategy.min_clients > self.clients:
+            raise ValueError(f"strategy.min_clients ({self.strategy.min_clients}) exceeds clients ({self.clients})")
+        if self.strategy.clients_per_round is not None and self.strategy.clients_per_round > self.clients:
+            raise ValueError(f"strategy.clients_per_round ({self.strategy.clients_per_round}) exceeds clients ({self.clients})")
+        if self.workflow == "cyclic" and self.strategy.name != "cyclic":
+            raise ValueError(f"workflow cyclic hands the model on; strategy.name must be cyclic, not {self.strategy.name!r}")
+        for key, by_round in self.train_schedule.items():
+            if key not in TrainConfig.model_fields:
+                raise ValueError(f"train_schedule.{key}: not a train setting (one of {sorted(TrainConfig.model_fields)})")
+            if not by_round or min(by_round) < 1:
+                raise ValueError(f"train_schedule.{key}: give {{round: value}} with rounds from 1")
+            for round_, value in by_round.items():
+                try:
+                    TrainConfig.model_validate({**self.train.model_dump(), key: value})
+                except ValidationError as exc:
+                    raise ValueError(f"train_schedule.{key}.{round_}: {exc.errors()[0]['msg']}") from None
+        self._check_strategy()
+        if self.compression.method != "none" and (self.workflow != "server" or self.strategy.name in ("fedasync", "fedbuff")):
+            raise ValueError(f"compression works with the synchronous server workflow, not with workflow {self.workflow!r} and strategy {self.strategy.name!r}")
+        return self
+
+    def _check_strategy(self) -> None:
+        """The strategy loads, is complete (no abstract method left) and takes its options:
+        a mistake stops the run when its config is read, not at the first deadline."""
+        from brokerfl.handlers.strategies.base import check_strategy
+
+        check_strategy(self.strategy.name, self.strategy.options)
+
+    def client_ids(self) -> list[str]:
+        return [str(i) for i in range(self.clients)]
+
+    def has_client(self, client_id: str) -> bool:
+        """Is ``client_id`` one of :meth:`client_ids` (without building the list)?"""
+        return client_id.isascii() and client_id.isdigit() and str(int(client_id)) == client_id and int(client_id) < self.clients
+
+    def client_ids_text(self) -> str:
+        """The federation's client ids, for a message: ``0-3``, or ``0`` for one client."""
+        return "0" if self.clients == 1 else f"0-{self.clients - 1}"
+
+
+def parse_config(data: Any, source: str = "<config>", overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Validate a mapping (e.g. parsed YAML), after applying dotted-key overrides."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"])
+    if not where:  # a check across keys names them itself
+        return error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}{shown}"
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config (None: the embedded default run)."""
+    if path is None:
+        return parse_config({}, "<default>", overrides)
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path), overrides)
