@@ -29,7 +29,12 @@ from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
 
 def connection_bytes(node: str) -> dict[str, tuple[int, int]]:
     """(bytes received, bytes sent) by the broker, per connection name."""
-    out = subprocess.run(["rabbitmqctl", "-n", node, "-q", "list_connections", "name", "recv_oct", "send_oct"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["rabbitmqctl", "-n", node, "-q", "list_connections", "name", "recv_oct", "send_oct"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     result = {}
     for line in out.splitlines():
         parts = line.rsplit("\t", 2)
@@ -75,8 +80,15 @@ def main() -> None:
 
         run_federation.__globals__["subprocess"].Popen = popen_watching
         try:
-            run_federation(args.size, rounds=args.rounds, clients=args.clients, url=args.broker, journal=True, workdir=workdir,
-                           **({"model_transfer": args.model_transfer} if args.model_transfer != "auto" else {}))
+            run_federation(
+                args.size,
+                rounds=args.rounds,
+                clients=args.clients,
+                url=args.broker,
+                journal=True,
+                workdir=workdir,
+                **({"model_transfer": args.model_transfer} if args.model_transfer != "auto" else {}),
+            )
         finally:
             run_federation.__globals__["subprocess"].Popen = original
             done.set()
@@ -88,9 +100,13 @@ def main() -> None:
     sent = sum(b[c][1] - a[c][1] for c in common)
     rounds = last - first
     model_mb = parameter_count(HIDDEN[args.size]) * 4 / 1e6
-    print(f"{args.size} ({model_mb:.1f} MB float32), {args.clients} client processes, journal on, model_transfer {args.model_transfer}: per round the broker received "
-          f"{recv / rounds / 1e6:.1f} MB and sent {sent / rounds / 1e6:.1f} MB ({(recv + sent) / rounds / 1e6 / model_mb:.2f} models), "
-          f"over versions {first}..{last} on {len(common)} connections")
+    print(
+        f"{args.size} ({model_mb:.1f} MB float32), {args.clients} client processes, journal on, model_transfer "
+        f"{args.model_transfer}: per round the broker received "
+        f"{recv / rounds / 1e6:.1f} MB and sent {sent / rounds / 1e6:.1f} MB "
+        f"({(recv + sent) / rounds / 1e6 / model_mb:.2f} models), "
+        f"over versions {first}..{last} on {len(common)} connections"
+    )
     print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 
 

@@ -101,16 +101,25 @@ def centralise_app(config_path: str) -> float:
     start = time.perf_counter()
     config = load_config(config_path)
     app = load_app(config)
-    data = pool([app.load_partition(i, config.clients, config.seed, client_id=str(i)).train for i in range(config.clients)])
+    data = pool(
+        [app.load_partition(i, config.clients, config.seed, client_id=str(i)).train for i in range(config.clients)]
+    )
     test = app.load_server_test(config.seed)
     epochs = config.rounds * config.train.epochs
     settings = config.train.model_copy(update={"epochs": 1, "max_batches": None})
-    print(f"app={config.app} pooled train={len(data[1])} test={len(test[1])} epochs={epochs} train={settings.model_dump()}")
+    print(
+        f"app={config.app} pooled train={len(data[1])} test={len(test[1])} epochs={epochs} "
+        f"train={settings.model_dump()}"
+    )
     params = app.initial_parameters(config.seed)
     for epoch in range(1, epochs + 1):
         params, stats = app.train(params, data, settings, config.seed * 100_003 + epoch)
         result = app.evaluate(params, test)
-        print(f"epoch {epoch:3d}  train_loss {stats['loss']:.4f}  test_loss {result['loss']:.4f}  test_acc {result['accuracy']:.4f}", flush=True)
+        print(
+            f"epoch {epoch:3d}  train_loss {stats['loss']:.4f}  test_loss {result['loss']:.4f}  test_acc "
+            f"{result['accuracy']:.4f}",
+            flush=True,
+        )
     print(f"final test accuracy: {result['accuracy']:.4f}")
     print(f"wall time: {time.perf_counter() - start:.2f} s")
     return result["accuracy"]

@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from brokerfl.transports.topology import RunTopology  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
+from brokerfl.transports.topology import RunTopology  # noqa: E402
 
 HIDDEN = {"tiny": 16, "100k": 282, "1M": 960, "10M": 3130}
 
@@ -53,7 +53,11 @@ def _status_kib(pid: int) -> dict[str, int]:
 
 def connection_bytes(node: str) -> dict[str, int]:
     """Bytes received + sent by the broker, per connection name."""
-    out = subprocess.run(["rabbitmqctl", "-n", node, "-q", "list_connections", "name", "recv_oct", "send_oct"], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["rabbitmqctl", "-n", node, "-q", "list_connections", "name", "recv_oct", "send_oct"],
+        capture_output=True,
+        text=True,
+    ).stdout
     result = {}
     for line in out.splitlines():
         parts = line.rsplit("\t", 2)
@@ -66,7 +70,10 @@ def run(size: str, *, logical: int, rounds: int, url: str, workdir: Path, node: 
     """Peak RSS (MiB) of the client process hosting ``logical`` clients."""
     run_name = f"cmem-{size}-{uuid.uuid4().hex[:6]}"
     config = {
-        "run": run_name, "seed": 0, "rounds": rounds, "clients": logical,
+        "run": run_name,
+        "seed": 0,
+        "rounds": rounds,
+        "clients": logical,
         "data": {"dataset": "digits", "partition": "iid"},
         "model": {"hidden": [HIDDEN[size]] * 2},
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.01, "momentum": 0.0, "max_batches": 1},
@@ -77,8 +84,12 @@ def run(size: str, *, logical: int, rounds: int, url: str, workdir: Path, node: 
     path.write_text(json.dumps(config))
     env = {**os.environ, "BROKERFL_AMQP_URL": url}
     common = [str(path), "--log-level", "warning"]
-    server = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(workdir / run_name)], cwd=ROOT, env=env)
-    client = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", f"0-{logical - 1}"], cwd=ROOT, env=env)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(workdir / run_name)], cwd=ROOT, env=env
+    )
+    client = subprocess.Popen(
+        [sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", f"0-{logical - 1}"], cwd=ROOT, env=env
+    )
     peak_rss = peak_hwm = 0
     seen: dict[str, int] = {}
     stop = threading.Event()
@@ -109,7 +120,11 @@ def run(size: str, *, logical: int, rounds: int, url: str, workdir: Path, node: 
                 proc.kill()
         with AmqpTransport(url) as admin:
             RunTopology(run_name).delete(admin, [str(i) for i in range(logical)])
-    return {"peak_rss_mib": peak_rss / 1024, "peak_hwm_mib": peak_hwm / 1024, "broker_mb_per_round": sum(seen.values()) / rounds / 1e6}
+    return {
+        "peak_rss_mib": peak_rss / 1024,
+        "peak_hwm_mib": peak_hwm / 1024,
+        "broker_mb_per_round": sum(seen.values()) / rounds / 1e6,
+    }
 
 
 def main() -> None:
@@ -117,20 +132,38 @@ def main() -> None:
     parser.add_argument("--logical", type=int, nargs="+", default=[16])
     parser.add_argument("--size", default="10M", choices=sorted(HIDDEN))
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--node", default=os.environ.get("BROKERFL_RABBITMQ_NODE"), help="rabbitmqctl node, to count the broker's bytes")
+    parser.add_argument(
+        "--node", default=os.environ.get("BROKERFL_RABBITMQ_NODE"), help="rabbitmqctl node, to count the broker's bytes"
+    )
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     args = parser.parse_args()
     model_mib = parameter_count(HIDDEN[args.size]) * 4 / 2**20
-    allocator = os.environ.get("BROKERFL_MALLOC") or "BROKERFL_MALLOC unset (the CLI chooses: tuned for one logical client, lean for several)"
-    print(f"allocator: {allocator}; load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    allocator = (
+        os.environ.get("BROKERFL_MALLOC")
+        or "BROKERFL_MALLOC unset (the CLI chooses: tuned for one logical client, lean for several)"
+    )
+    print(
+        f"allocator: {allocator}; load before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
+        f"{os.getloadavg()[2]:.2f}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for logical in args.logical:
             base = run("tiny", logical=logical, rounds=args.rounds, url=args.broker, workdir=Path(tmp))
-            big = run(args.size, logical=logical, rounds=args.rounds, url=args.broker, workdir=Path(tmp), node=args.node)
+            big = run(
+                args.size, logical=logical, rounds=args.rounds, url=args.broker, workdir=Path(tmp), node=args.node
+            )
             above = big["peak_hwm_mib"] - base["peak_hwm_mib"]
-            print(f"{logical:>4} logical clients in one process, {args.rounds} rounds: peak RSS {big['peak_hwm_mib']:.0f} MiB with the {args.size} model "
-                  f"({model_mib:.1f} MiB), {base['peak_hwm_mib']:.0f} MiB with a tiny model: {above:.0f} MiB above = {above / model_mib:.2f}x the model"
-                  + (f"; the broker carried {big['broker_mb_per_round']:.0f} MB per round (in + out, start-up included)" if args.node else ""))
+            print(
+                f"{logical:>4} logical clients in one process, {args.rounds} rounds: peak RSS "
+                f"{big['peak_hwm_mib']:.0f} MiB with the {args.size} model "
+                f"({model_mib:.1f} MiB), {base['peak_hwm_mib']:.0f} MiB with a tiny model: {above:.0f} MiB above = "
+                f"{above / model_mib:.2f}x the model"
+                + (
+                    f"; the broker carried {big['broker_mb_per_round']:.0f} MB per round (in + out, start-up included)"
+                    if args.node
+                    else ""
+                )
+            )
     print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
 
 

@@ -23,16 +23,17 @@ import gc
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 # Allow running as a plain script from anywhere, not only as `python -m`.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from brokerfl.wire.codec import decode, encode  # noqa: E402
 from brokerfl.transports.memory import allocator_mode, tune_allocator  # noqa: E402
+from brokerfl.wire.codec import decode, encode  # noqa: E402
 
 GOAL = 0.7
 
@@ -105,27 +106,52 @@ def measure(label: str, state: dict[str, Any], repeat: int) -> dict[str, float]:
 
     mb = nbytes / 1e6
     print(
-        f"{label:<22} {mb:9.1f} MB  {len(state):3d} tensors | MB/s: copy preallocated {mb / copy:7.0f}  copy fresh {mb / fresh:7.0f}  encode {mb / enc:8.0f}  "
+        f"{label:<22} {mb:9.1f} MB  {len(state):3d} tensors | MB/s: copy preallocated {mb / copy:7.0f}  copy fresh "
+        f"{mb / fresh:7.0f}  encode {mb / enc:8.0f}  "
         f"decode {mb / dec:10.0f}  enc+dec {mb / both:8.0f} | ratio {copy / both:5.2f} "
         f"({'ok' if copy / both >= GOAL else 'BELOW GOAL'})  zero-copy {'yes' if zero_copy else 'NO'}"
         f"  overhead {len(body) - nbytes} B{'' if exact else '  MISMATCH'}"
     )
-    print(f"{'':<22} times: copy preallocated {copy * 1e3:.3f} ms  copy fresh {fresh * 1e3:.3f} ms (ratio vs fresh {fresh / both:.2f})  encode {enc * 1e3:.3f} ms  decode {dec * 1e6:.1f} us  enc+dec {both * 1e3:.3f} ms")
-    return {"copy": copy, "copy_fresh": fresh, "encode": enc, "decode": dec, "both": both, "ratio": copy / both, "zero_copy": zero_copy}
+    print(
+        f"{'':<22} times: copy preallocated {copy * 1e3:.3f} ms  copy fresh {fresh * 1e3:.3f} ms (ratio vs fresh "
+        f"{fresh / both:.2f})  encode {enc * 1e3:.3f} ms  decode {dec * 1e6:.1f} us  enc+dec {both * 1e3:.3f} ms"
+    )
+    return {
+        "copy": copy,
+        "copy_fresh": fresh,
+        "encode": enc,
+        "decode": dec,
+        "both": both,
+        "ratio": copy / both,
+        "zero_copy": zero_copy,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mb", type=float, default=100, help="size of the main state in MB (10^6 bytes) of float32")
     parser.add_argument("--repeat", type=int, default=5, help="best of this many timings")
     parser.add_argument("--tensors", type=int, default=20, help="tensors per state")
     parser.add_argument("--torch", action="store_true", help="torch tensors instead of numpy arrays")
-    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults (no brokerfl.transports.memory tuning)")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's malloc defaults (no brokerfl.transports.memory tuning)",
+    )
     args = parser.parse_args(argv)
     tuned = False if args.default_malloc else tune_allocator()
 
-    sizes = [(f"{args.mb:g} MB state", int(args.mb * 1e6 / 4)), ("10M-param state", 10_000_000), ("100k-param state", 100_000)]
-    print(f"brokerfl.wire.codec benchmark: {'torch' if args.torch else 'numpy'} float32, best of {args.repeat}, malloc {allocator_mode() if tuned else 'glibc defaults'}, goal ratio (vs preallocated copy) >= {GOAL}")
+    sizes = [
+        (f"{args.mb:g} MB state", int(args.mb * 1e6 / 4)),
+        ("10M-param state", 10_000_000),
+        ("100k-param state", 100_000),
+    ]
+    print(
+        f"brokerfl.wire.codec benchmark: {'torch' if args.torch else 'numpy'} float32, best of {args.repeat}, malloc "
+        f"{allocator_mode() if tuned else 'glibc defaults'}, goal ratio (vs preallocated copy) >= {GOAL}"
+    )
     ok = True
     for label, parameters in sizes:
         state = make_state(parameters, args.tensors, as_torch=args.torch)

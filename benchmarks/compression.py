@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from brokerfl.wire.compression import compress  # noqa: E402
 from brokerfl.config import load_config  # noqa: E402
 from brokerfl.transports.memory import tune_allocator  # noqa: E402
+from brokerfl.wire.compression import compress  # noqa: E402
 from brokerfl.wire.message import ParameterUpdate, TrainTask, to_wire  # noqa: E402
 
 METHODS = ["none", "bfloat16", "qsgd8", "topk"]
@@ -55,7 +55,9 @@ def round_bytes(method: str, params: int = 10_034_790, clients: int = 4) -> int:
     if method != "none":
         parameters, _ = compress(trained, model, method, fraction=FRACTION, rng=rng)
         compression = method
-    update = ParameterUpdate(client_id="0", task_id="t", parameters=parameters, num_samples=100, compression=compression)
+    update = ParameterUpdate(
+        client_id="0", task_id="t", parameters=parameters, num_samples=100, compression=compression
+    )
     return len(to_wire(task)[1]) + clients * len(to_wire(update)[1])
 
 
@@ -64,23 +66,32 @@ def speed(method: str, rounds: int, url: str, workdir: Path) -> float:
 
     from round_time import run_federation
 
-    records = run_federation("10M", rounds=rounds, clients=4, url=url, journal=True, workdir=workdir,
-                             extra={"compression": {"method": method, "fraction": FRACTION}})
+    records = run_federation(
+        "10M",
+        rounds=rounds,
+        clients=4,
+        url=url,
+        journal=True,
+        workdir=workdir,
+        extra={"compression": {"method": method, "fraction": FRACTION}},
+    )
     return statistics.median(r["duration_s"] for r in records[1:])
 
 
 def accuracy(config_path: str, method: str, rounds: int) -> tuple[float, bool, float]:
     """(final accuracy, replay all OK, seconds) of a simulated run."""
-    from brokerfl.storage.journal import read_journal
-    from brokerfl.ops.replay import replay
-    from brokerfl.assembly.roles import topology_for
-    from brokerfl.assembly.simulate import simulate
-    from brokerfl.transports.local import LocalTransport
-
     import torch
 
+    from brokerfl.assembly.roles import topology_for
+    from brokerfl.assembly.simulate import simulate
+    from brokerfl.ops.replay import replay
+    from brokerfl.storage.journal import read_journal
+    from brokerfl.transports.local import LocalTransport
+
     torch.set_num_threads(1)  # as the CLI does: bitwise reproducible
-    config = load_config(config_path, {"rounds": rounds, "compression.method": method, "compression.fraction": FRACTION})
+    config = load_config(
+        config_path, {"rounds": rounds, "compression.method": method, "compression.fraction": FRACTION}
+    )
     started = time.perf_counter()
     result = simulate(config, journal=True)
     seconds = time.perf_counter() - started
@@ -91,7 +102,9 @@ def accuracy(config_path: str, method: str, rounds: int) -> tuple[float, bool, f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--rounds", type=int, default=6, help="rounds of each 10M federation over RabbitMQ")
     parser.add_argument("--accuracy-rounds", type=int, default=20)
@@ -108,7 +121,8 @@ def main() -> None:
             size = round_bytes(method)
             line = f"{method:>9}: {size / 1e6:8.1f} MB per round at 10M, 4 clients ({size / whole:.2f}x of none)"
             if not args.skip_speed:
-                line += f"; {speed(method, args.rounds, args.broker, Path(tmp)):.3f} s per round (median of {args.rounds - 1}, RabbitMQ, journal on)"
+                seconds = speed(method, args.rounds, args.broker, Path(tmp))
+                line += f"; {seconds:.3f} s per round (median of {args.rounds - 1}, RabbitMQ, journal on)"
             print(line + f"; load {load()}", flush=True)
     if args.skip_accuracy:
         return
@@ -117,8 +131,21 @@ def main() -> None:
         for method in args.methods:
             acc, ok, seconds = accuracy(app, method, args.accuracy_rounds)
             base = acc if method == "none" else base
-            diff = "" if base is None or method == "none" else f" ({100 * (acc - base):+.2f} points vs none{'' if method == 'topk' else (', within goal' if abs(100 * (acc - base)) <= GOAL_POINTS else ', NOT within goal')})"
-            print(f"{app}: {method:>9} final accuracy {acc:.4f} after {args.accuracy_rounds} rounds{diff}; replay {'all OK' if ok else 'DIFF'}; {seconds:.0f} s; load {load()}", flush=True)
+            diff = ""
+            if base is not None and method != "none":
+                goal = (
+                    ""
+                    if method == "topk"
+                    else ", within goal"
+                    if abs(100 * (acc - base)) <= GOAL_POINTS
+                    else ", NOT within goal"
+                )
+                diff = f" ({100 * (acc - base):+.2f} points vs none{goal})"
+            print(
+                f"{app}: {method:>9} final accuracy {acc:.4f} after {args.accuracy_rounds} rounds{diff}; replay "
+                f"{'all OK' if ok else 'DIFF'}; {seconds:.0f} s; load {load()}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from brokerfl.assembly.simulate import simulate  # noqa: E402
 from brokerfl.config import parse_config  # noqa: E402
 from brokerfl.runtime.log import configure_logging  # noqa: E402
-from brokerfl.assembly.simulate import simulate  # noqa: E402
 
 
 def main() -> None:
@@ -34,16 +34,36 @@ def main() -> None:
     torch.set_num_threads(1)  # as the client processes do; many threads on a shared machine only contend
     rows = []
     for z in args.noise:
-        config = parse_config({
-            "run": "dp", "seed": args.seed, "rounds": args.rounds, "clients": 100,
-            "model": {"hidden": args.hidden},
-            "strategy": {"name": "dp_fedavg", "clients_per_round": 10, "options": {"noise_multiplier": z, "clip_norm": args.clip, "delta": 1e-5}},
-        })
+        config = parse_config(
+            {
+                "run": "dp",
+                "seed": args.seed,
+                "rounds": args.rounds,
+                "clients": 100,
+                "model": {"hidden": args.hidden},
+                "strategy": {
+                    "name": "dp_fedavg",
+                    "clients_per_round": 10,
+                    "options": {"noise_multiplier": z, "clip_norm": args.clip, "delta": 1e-5},
+                },
+            }
+        )
         started = time.perf_counter()
         records = simulate(config).records
-        rows.append((z, records[-1]["accuracy"], max(r["accuracy"] for r in records), records[-1]["epsilon"], time.perf_counter() - started))
+        rows.append(
+            (
+                z,
+                records[-1]["accuracy"],
+                max(r["accuracy"] for r in records),
+                records[-1]["epsilon"],
+                time.perf_counter() - started,
+            )
+        )
         print(f"  z={z}: final {rows[-1][1]:.4f}, epsilon {rows[-1][3]:.3g}", file=sys.stderr, flush=True)
-    print(f"\ncentral DP-FedAvg, digits, 100 clients, 10 per round, {args.rounds} rounds, clip {args.clip}, MLP hidden {args.hidden}, delta 1e-5\n")
+    print(
+        f"\ncentral DP-FedAvg, digits, 100 clients, 10 per round, {args.rounds} rounds, clip {args.clip}, MLP hidden "
+        f"{args.hidden}, delta 1e-5\n"
+    )
     print("| noise multiplier | final accuracy | best accuracy | epsilon | seconds |")
     print("|------------------|----------------|---------------|---------|---------|")
     for z, final, best, eps, seconds in rows:

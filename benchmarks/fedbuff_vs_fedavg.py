@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
-from brokerfl.transports.topology import RunTopology  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
+from brokerfl.transports.topology import RunTopology  # noqa: E402
 
 
 def config_for(strategy: str, args: argparse.Namespace, run: str) -> dict:
@@ -49,9 +49,23 @@ def config_for(strategy: str, args: argparse.Namespace, run: str) -> dict:
         "journal": True,
     }
     if strategy == "fedavg":  # synchronous: every round waits for all clients, stragglers included
-        return {**common, "rounds": args.max_rounds, "strategy": {"name": "fedavg", "min_clients": args.clients, "round_deadline_s": 300}}
-    options = {"buffer_size": args.buffer_size, "server_lr": 1.0, "staleness": "polynomial", "a": 0.5, "max_staleness": args.max_staleness}
-    return {**common, "rounds": args.max_versions, "strategy": {"name": "fedbuff", "min_clients": args.clients, "options": options}}
+        return {
+            **common,
+            "rounds": args.max_rounds,
+            "strategy": {"name": "fedavg", "min_clients": args.clients, "round_deadline_s": 300},
+        }
+    options = {
+        "buffer_size": args.buffer_size,
+        "server_lr": 1.0,
+        "staleness": "polynomial",
+        "a": 0.5,
+        "max_staleness": args.max_staleness,
+    }
+    return {
+        **common,
+        "rounds": args.max_versions,
+        "strategy": {"name": "fedbuff", "min_clients": args.clients, "options": options},
+    }
 
 
 def run_until_target(strategy: str, args: argparse.Namespace, workdir: Path) -> dict:
@@ -63,8 +77,17 @@ def run_until_target(strategy: str, args: argparse.Namespace, workdir: Path) -> 
     env = {**os.environ, "BROKERFL_AMQP_URL": args.broker}
     common = [str(path), "--log-level", "warning"]
     launched = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(out)], cwd=ROOT, env=env)]
-    procs += [subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", str(i)], cwd=ROOT, env=env) for i in range(args.clients)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(out)], cwd=ROOT, env=env
+        )
+    ]
+    procs += [
+        subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", str(i)], cwd=ROOT, env=env
+        )
+        for i in range(args.clients)
+    ]
     records: list[dict] = []
     seen_target_at = None
     try:
@@ -79,7 +102,9 @@ def run_until_target(strategy: str, args: argparse.Namespace, workdir: Path) -> 
                 break
             ended = [(i, p.returncode) for i, p in enumerate(procs[1:]) if p.poll() is not None]
             if ended:  # e.g. the broker went away for longer than a client retries
-                raise SystemExit(f"{strategy}: client process(es) exited before the target (client id, exit code): {ended}")
+                raise SystemExit(
+                    f"{strategy}: client process(es) exited before the target (client id, exit code): {ended}"
+                )
             if time.monotonic() > deadline:
                 raise SystemExit(f"{strategy}: no result within {args.timeout} s")
             time.sleep(0.05)  # polling the metrics file the server appends to
@@ -121,7 +146,9 @@ def main() -> None:
     parser.add_argument("--max-staleness", type=int, default=10)
     parser.add_argument("--max-rounds", type=int, default=40, help="FedAvg's budget")
     parser.add_argument("--max-versions", type=int, default=400, help="FedBuff's budget")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 64], help="the MLP's hidden sizes (default: the digits configs')")
+    parser.add_argument(
+        "--hidden", type=int, nargs="+", default=[128, 64], help="the MLP's hidden sizes (default: the digits configs')"
+    )
     parser.add_argument("--epochs", type=int, default=3, help="local epochs per task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
@@ -130,7 +157,10 @@ def main() -> None:
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the queues are still deleted
-    print(f"digits, {args.clients} client processes + 1 server, clients {args.slow} {args.factor:g}x slower; target test accuracy {args.target}")
+    print(
+        f"digits, {args.clients} client processes + 1 server, clients {args.slow} {args.factor:g}x slower; target test "
+        f"accuracy {args.target}"
+    )
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.out or tmp)
@@ -139,7 +169,10 @@ def main() -> None:
             results.append(result := run_until_target(strategy, args, workdir))
             print(json.dumps(result), flush=True)
     print()
-    print(f"| strategy | time to {args.target} (s) | rounds / versions | client updates | accuracy then | final accuracy |")
+    print(
+        f"| strategy | time to {args.target} (s) | rounds / versions | client updates | accuracy then | final accuracy "
+        "|"
+    )
     print("|---|---|---|---|---|---|")
     for r in results:
         name = "FedAvg (sync)" if r["strategy"] == "fedavg" else f"FedBuff (K={args.buffer_size})"
@@ -149,7 +182,10 @@ def main() -> None:
         print(f"| {name} | {t} | {r['versions']} | {r['updates']} | {at} | {final} (v{r['final_version']}) |")
     if len(results) == 2 and all(r["reached"] for r in results):
         sync, buff = results
-        print(f"\nFedBuff reached {args.target} in {buff['time_to_target_s'] / sync['time_to_target_s']:.2f}x FedAvg's wall time")
+        print(
+            f"\nFedBuff reached {args.target} in {buff['time_to_target_s'] / sync['time_to_target_s']:.2f}x FedAvg's "
+            "wall time"
+        )
 
 
 if __name__ == "__main__":

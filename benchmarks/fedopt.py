@@ -15,15 +15,14 @@ import time
 from pathlib import Path
 
 import torch
-
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from brokerfl.assembly.simulate import simulate  # noqa: E402
 from brokerfl.config import parse_config  # noqa: E402
 from brokerfl.runtime.log import configure_logging  # noqa: E402
-from brokerfl.assembly.simulate import simulate  # noqa: E402
 
 DEFAULT_RUNS = ["fedavg", "fedadam:eta=0.01", "fedyogi:eta=0.01", "fedadam:eta=0.03", "fedyogi:eta=0.03"]
 
@@ -51,22 +50,32 @@ def main() -> None:
     results = []
     for text in args.runs:
         name, options = parse_run(text)
-        config = parse_config({
-            "run": "fedopt", "seed": args.seed, "rounds": args.rounds, "clients": 10,
-            "data": {"partition": "dirichlet", "alpha": args.alpha},
-            "strategy": {"name": name, "options": options},
-        })
+        config = parse_config(
+            {
+                "run": "fedopt",
+                "seed": args.seed,
+                "rounds": args.rounds,
+                "clients": 10,
+                "data": {"partition": "dirichlet", "alpha": args.alpha},
+                "strategy": {"name": name, "options": options},
+            }
+        )
         started = time.perf_counter()
         records = simulate(config).records
         accuracies = [r["accuracy"] for r in records]
         first = next((r["round"] for r in records if r["accuracy"] >= args.target), None)
         results.append((text, first, accuracies, time.perf_counter() - started))
-        print(f"  {text}: first round >= {args.target}: {first}, final {accuracies[-1]:.4f}", file=sys.stderr, flush=True)
+        print(
+            f"  {text}: first round >= {args.target}: {first}, final {accuracies[-1]:.4f}", file=sys.stderr, flush=True
+        )
     print(f"\ndigits, 10 clients, Dirichlet alpha {args.alpha}, seed {args.seed}, {args.rounds} rounds\n")
     print(f"| {'run':<28} | first round >= {args.target:.2f} | final accuracy | best accuracy |")
     print(f"|{'-' * 30}|---------------------|----------------|---------------|")
     for text, first, accuracies, _ in results:
-        print(f"| {text:<28} | {str(first if first is not None else 'not reached'):>19} | {accuracies[-1]:>14.4f} | {max(accuracies):>13.4f} |")
+        print(
+            f"| {text:<28} | {str(first if first is not None else 'not reached'):>19} | {accuracies[-1]:>14.4f} | "
+            f"{max(accuracies):>13.4f} |"
+        )
     import matplotlib
 
     matplotlib.use("Agg")

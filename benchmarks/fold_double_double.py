@@ -21,7 +21,9 @@ sys.path.insert(0, str(ROOT))
 from brokerfl.handlers.strategies.aggregate import RunningSum, fold_update, new_running_sum, weighted_average  # noqa: E402
 
 
-def seconds_per_update(dtype: type, size: int, updates: int, repeat: int, base: bool, plain: bool = False) -> tuple[float, float]:
+def seconds_per_update(
+    dtype: type, size: int, updates: int, repeat: int, base: bool, plain: bool = False
+) -> tuple[float, float]:
     """(fold seconds per update, weighted_average seconds), best of ``repeat``; ``plain``: a
     float64 sum without its low word, as float64 models were folded before."""
     rng = np.random.default_rng(0)
@@ -53,8 +55,11 @@ def main() -> None:
         plain, _ = seconds_per_update(np.float64, args.parameters, args.updates, args.repeat, base, plain=True)
         f64, average = seconds_per_update(np.float64, args.parameters, args.updates, args.repeat, base)
         kind = "update - base (FedBuff, DP)" if base else "update (FedAvg, FedOpt)"
-        print(f"{kind:28s} float32 {f32 * 1e3:6.1f}  float64 plain {plain * 1e3:6.1f}  float64 double-double {f64 * 1e3:6.1f} ms/update"
-              f"  (x{f64 / plain:.1f} plain; weighted_average {average * 1e3:.0f} ms)")
+        print(
+            f"{kind:28s} float32 {f32 * 1e3:6.1f}  float64 plain {plain * 1e3:6.1f}  float64 double-double "
+            f"{f64 * 1e3:6.1f} ms/update"
+            f"  (x{f64 / plain:.1f} plain; weighted_average {average * 1e3:.0f} ms)"
+        )
 
 
 if __name__ == "__main__":

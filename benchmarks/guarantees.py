@@ -27,10 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from brokerfl.runtime.operator_commands import StatusRequest, ask  # noqa: E402
-from brokerfl.config import load_config  # noqa: E402
-from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
 from brokerfl.assembly.roles import topology_for  # noqa: E402
+from brokerfl.config import load_config  # noqa: E402
+from brokerfl.runtime.operator_commands import StatusRequest, ask  # noqa: E402
+from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
 
 CONFIG = ROOT / "configs" / "digits_fedavg.yaml"
@@ -41,14 +41,30 @@ class Run:
         self.url, self.out, self.clients = url, out, clients
         self.run = f"bench-guarantees-{uuid.uuid4().hex[:6]}"
         config = out / "config.yaml"
-        config.write_text(CONFIG.read_text() + "client_slowdown: {" + ", ".join(f'"{k}": {v}' for k, v in slowdown.items()) + "}\n")
-        self.args = [str(config), "--broker", url, "--run", self.run, "--clients", str(clients), "--rounds", str(rounds), "--log-level", "warning"]
+        config.write_text(
+            CONFIG.read_text() + "client_slowdown: {" + ", ".join(f'"{k}": {v}' for k, v in slowdown.items()) + "}\n"
+        )
+        self.args = [
+            str(config),
+            "--broker",
+            url,
+            "--run",
+            self.run,
+            "--clients",
+            str(clients),
+            "--rounds",
+            str(rounds),
+            "--log-level",
+            "warning",
+        ]
         self.topology = topology_for(load_config(CONFIG, {"run": self.run}))
         self.procs: list[subprocess.Popen] = []
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.out / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
         self.procs.append(proc)
         return proc
 
@@ -70,7 +86,9 @@ class Run:
             time.sleep(0.1)
 
     def cli(self, *args: str) -> int:
-        return subprocess.run([sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=600).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+        ).returncode
 
     def accounting(self) -> int:
         return self.cli("accounting", str(CONFIG), "--broker", self.url, "--run", self.run)
@@ -97,6 +115,7 @@ def two_servers(url: str, out: Path) -> dict:
         standby = run.server("standby")
         answers: list[str | None] = []
         with AmqpTransport(url) as transport:
+
             def status() -> dict:
                 reply = ask(transport, run.topology, StatusRequest(), timeout=1.0)
                 answers.append(reply.status.get("server") if reply else None)
@@ -113,8 +132,14 @@ def two_servers(url: str, out: Path) -> dict:
                 time.sleep(0.2)
         servers = [a for a in answers if a]
         changes = sum(1 for i in range(1, len(servers)) if servers[i] != servers[i - 1])
-        return {"takeover_s": round(takeover, 2), "status_answers": len(servers), "server_changes": changes,
-                "standby_exit": standby.returncode, "accounting_exit": run.accounting(), "replay_check_exit": run.replay_check()}
+        return {
+            "takeover_s": round(takeover, 2),
+            "status_answers": len(servers),
+            "server_changes": changes,
+            "standby_exit": standby.returncode,
+            "accounting_exit": run.accounting(),
+            "replay_check_exit": run.replay_check(),
+        }
     finally:
         run.cleanup()
 
@@ -130,10 +155,27 @@ def abort_mid_round(url: str, out: Path) -> dict:
         right_after = run.accounting()
         for proc in clients:
             proc.wait(timeout=300)
-        done = subprocess.run([sys.executable, "-m", "brokerfl.cli", "accounting", str(CONFIG), "--broker", url, "--run", run.run],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)
-        after_end = next((line.split(":")[1].split(",")[0].strip() for line in done.stdout.splitlines() if "published after the run ended" in line), "?")
-        return {"abort_exit": aborted, "accounting_exit_right_after": right_after, "accounting_exit_after_clients": done.returncode, "published_after_end": after_end}
+        done = subprocess.run(
+            [sys.executable, "-m", "brokerfl.cli", "accounting", str(CONFIG), "--broker", url, "--run", run.run],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        after_end = next(
+            (
+                line.split(":")[1].split(",")[0].strip()
+                for line in done.stdout.splitlines()
+                if "published after the run ended" in line
+            ),
+            "?",
+        )
+        return {
+            "abort_exit": aborted,
+            "accounting_exit_right_after": right_after,
+            "accounting_exit_after_clients": done.returncode,
+            "published_after_end": after_end,
+        }
     finally:
         run.cleanup()
 

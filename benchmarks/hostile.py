@@ -27,7 +27,9 @@ from tests.tools.hostile import run_under_fire  # noqa: E402
 
 
 def skipped_line(report: str) -> str:
-    return next((line for line in report.splitlines() if line.startswith("skipped journal records")), "(no skipped line)")
+    return next(
+        (line for line in report.splitlines() if line.startswith("skipped journal records")), "(no skipped line)"
+    )
 
 
 def main() -> int:
@@ -42,23 +44,51 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as workdir:
         for label, hostile in (("clean", 0), ("under fire", args.hostile)):
             spread = 0.7 * results["clean"].seconds if results else 0
-            r = run_under_fire(args.broker, workdir, run=f"hostile-bench-{uuid.uuid4().hex[:6]}", rounds=args.rounds, clients=args.clients, hostile=hostile, spread_s=spread)
+            r = run_under_fire(
+                args.broker,
+                workdir,
+                run=f"hostile-bench-{uuid.uuid4().hex[:6]}",
+                rounds=args.rounds,
+                clients=args.clients,
+                hostile=hostile,
+                spread_s=spread,
+            )
             results[label] = r
             print(f"\n== {label}: {hostile} hostile messages over {spread:.0f} s")
-            print(f"server exit {r.server_exit}, clients exit {r.client_exit}, {len(r.rounds)} rounds in {r.seconds:.0f} s, accuracy {r.accuracy:.4f}")
-            print(f"server peak RSS {r.peak_rss_mib:.1f} MiB; server log {r.log_bytes / 1024:.0f} KiB, longest line {r.longest_log_line} chars")
+            print(
+                f"server exit {r.server_exit}, clients exit {r.client_exit}, {len(r.rounds)} rounds in {r.seconds:.0f} "
+                f"s, accuracy {r.accuracy:.4f}"
+            )
+            print(
+                f"server peak RSS {r.peak_rss_mib:.1f} MiB; server log {r.log_bytes / 1024:.0f} KiB, longest line "
+                f"{r.longest_log_line} chars"
+            )
             print(f"accounting exit {r.accounting_exit}: {skipped_line(r.accounting)}")
             print(f"replay --check exit {r.replay_exit}: {skipped_line(r.replay)}")
             if hostile:
                 from collections import Counter
 
                 kinds = Counter(m.category.split(":")[0] for m in r.sent)
-                print(f"sent {len(r.sent)} (the broker itself refused {r.refused_by_broker}): " + ", ".join(f"{n} {k}" for k, n in kinds.most_common()))
-                print(f"dead letters {r.dead_letters}, hostile updates dropped with a record {r.drop_records}, hostile updates folded {len(r.folded_hostile)}, unanswered {sum(map(len, r.unanswered.values()))}")
+                print(
+                    f"sent {len(r.sent)} (the broker itself refused {r.refused_by_broker}): "
+                    + ", ".join(f"{n} {k}" for k, n in kinds.most_common())
+                )
+                print(
+                    f"dead letters {r.dead_letters}, hostile updates dropped with a record {r.drop_records}, hostile "
+                    f"updates folded {len(r.folded_hostile)}, unanswered {sum(map(len, r.unanswered.values()))}"
+                )
     clean, fire = results["clean"], results["under fire"]
     ratio = fire.peak_rss_mib / clean.peak_rss_mib
     print(f"\nserver peak RSS under fire / clean: {ratio:.3f} (must be <= 1.2)")
-    ok = fire.server_exit == 0 and fire.accuracy >= 0.93 and ratio <= 1.2 and fire.accounting_exit == 0 and fire.replay_exit == 0 and not fire.folded_hostile and not fire.unanswered
+    ok = (
+        fire.server_exit == 0
+        and fire.accuracy >= 0.93
+        and ratio <= 1.2
+        and fire.accounting_exit == 0
+        and fire.replay_exit == 0
+        and not fire.folded_hostile
+        and not fire.unanswered
+    )
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -13,8 +13,8 @@ import os
 import time
 import uuid
 
-from brokerfl.wire.message import Envelope
 from brokerfl.transports.amqp import AmqpTransport
+from brokerfl.wire.message import Envelope
 
 
 def main() -> None:
@@ -28,7 +28,10 @@ def main() -> None:
     body = os.urandom(args.mb * 10**6)
     queue = f"brokerfl.bench-{uuid.uuid4().hex[:8]}.server"
     chunk_size = args.chunk_mib * 1024**2
-    with AmqpTransport(args.url, chunk_size=chunk_size) as producer, AmqpTransport(args.url, chunk_size=chunk_size) as consumer:
+    with (
+        AmqpTransport(args.url, chunk_size=chunk_size) as producer,
+        AmqpTransport(args.url, chunk_size=chunk_size) as consumer,
+    ):
         producer.declare_queue(queue, kind=args.queue_kind)
         try:
             envelope = Envelope("bench", uuid.uuid4().hex, "bench", time.time(), {})

@@ -29,12 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from brokerfl.runtime.operator_commands import StatusRequest, ask  # noqa: E402
-from brokerfl.config import load_config  # noqa: E402
-from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
 from brokerfl.assembly.roles import topology_for  # noqa: E402
-from brokerfl.transports.base import TransportError  # noqa: E402
+from brokerfl.config import load_config  # noqa: E402
+from brokerfl.runtime.operator_commands import StatusRequest, ask  # noqa: E402
+from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
+from brokerfl.transports.base import TransportError  # noqa: E402
 
 SYMPTOMS = ("amqp.connection_lost", "amqp.reconnected", "settle_dropped", "task already answered")
 
@@ -84,9 +84,14 @@ def training_view(status: dict) -> str:
             parts.append(f"{cid}: unknown")
             continue
         training = "-" if c["training_s"] is None else f"{c['training_s']:.1f} s"
-        parts.append(f"{cid}: {'live' if c['live'] else 'SILENT'}, training {training}, seen {c['last_seen_s']:.1f} s ago")
+        parts.append(
+            f"{cid}: {'live' if c['live'] else 'SILENT'}, training {training}, seen {c['last_seen_s']:.1f} s ago"
+        )
     live = sum(c["live"] for c in status["clients"])
-    return f"round {status['round']} open {status['round_age_s']} s; live {live} of {status['clients_expected']}; " + "; ".join(parts)
+    return (
+        f"round {status['round']} open {status['round_age_s']} s; live {live} of {status['clients_expected']}; "
+        + "; ".join(parts)
+    )
 
 
 def main() -> None:
@@ -99,9 +104,18 @@ def main() -> None:
 
     run = f"bench-long-{uuid.uuid4().hex[:6]}"
     config = {
-        "run": run, "seed": 0, "rounds": args.rounds, "clients": args.clients,
-        "app": "tests.slow_apps", "app_options": {"train_s": args.train_s},
-        "strategy": {"name": "fedavg", "fraction": 1.0, "min_clients": args.clients, "round_deadline_s": args.train_s * 3 + 60},
+        "run": run,
+        "seed": 0,
+        "rounds": args.rounds,
+        "clients": args.clients,
+        "app": "tests.slow_apps",
+        "app_options": {"train_s": args.train_s},
+        "strategy": {
+            "name": "fedavg",
+            "fraction": 1.0,
+            "min_clients": args.clients,
+            "round_deadline_s": args.train_s * 3 + 60,
+        },
     }
     topology = topology_for(load_config(None, {"run": run, "clients": args.clients}))
     with tempfile.TemporaryDirectory(prefix="brokerfl-long-") as tmp:
@@ -115,7 +129,12 @@ def main() -> None:
         def spawn(name: str, *extra: str) -> None:
             logs[name] = work / f"{name}.log"
             with open(logs[name], "w") as log:
-                procs[name] = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *extra[:1], *common, *extra[1:]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "brokerfl.cli", *extra[:1], *common, *extra[1:]],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
 
         started = time.monotonic()
         spawn("server", "server", "--out", str(work / "out"))
@@ -127,7 +146,12 @@ def main() -> None:
             while procs["server"].poll() is None:
                 status = status_of(args.broker, topology)
                 # one sample per round, once its training has gone on a while (past the liveness timeout)
-                if status and status["round_open"] and status["round"] not in sampled_rounds and (status["round_age_s"] or 0) > min(30.0, args.train_s / 2):
+                if (
+                    status
+                    and status["round_open"]
+                    and status["round"] not in sampled_rounds
+                    and (status["round_age_s"] or 0) > min(30.0, args.train_s / 2)
+                ):
                     sampled_rounds.add(status["round"])
                     samples.append(training_view(status))
                     print(f"[{time.monotonic() - started:6.1f} s] {samples[-1]}", flush=True)
@@ -142,7 +166,10 @@ def main() -> None:
             delete_run(args.broker, topology, args.clients)
         total = time.monotonic() - started
 
-        print(f"\n{args.clients} clients, {args.rounds} rounds, training {args.train_s:g} s, AMQP heartbeat 30 s (default), liveness timeout 10 s; {total:.0f} s in all")
+        print(
+            f"\n{args.clients} clients, {args.rounds} rounds, training {args.train_s:g} s, AMQP heartbeat 30 s "
+            f"(default), liveness timeout 10 s; {total:.0f} s in all"
+        )
         print("\nper process: " + ", ".join(SYMPTOMS) + "; exit code; when each connection was lost (UTC), and why")
         for name, log in logs.items():
             text = log.read_text()
@@ -152,8 +179,18 @@ def main() -> None:
             # train) is the broker's doing, e.g. `rabbitmqctl close_all_connections`
             for entry in losses(text):
                 print(f"    lost at {entry.get('timestamp', '?')[11:19]}: {entry.get('cause', '?')}")
-        records = [r for r in read_metrics(work / "out" / "metrics.jsonl") if "evaluation" not in r] if (work / "out" / "metrics.jsonl").exists() else []
-        print("\nround times (s): " + ", ".join(f"round {r['round']}: {r['duration_s']:.1f} (clients trained {r['client_train_s']:.1f})" for r in records))
+        records = (
+            [r for r in read_metrics(work / "out" / "metrics.jsonl") if "evaluation" not in r]
+            if (work / "out" / "metrics.jsonl").exists()
+            else []
+        )
+        print(
+            "\nround times (s): "
+            + ", ".join(
+                f"round {r['round']}: {r['duration_s']:.1f} (clients trained {r['client_train_s']:.1f})"
+                for r in records
+            )
+        )
         print("\nstatus during training (one sample per round):")
         for sample in samples:
             print(f"  {sample}")

@@ -48,10 +48,21 @@ def config_for(clients: int, rounds: int) -> dict:
         "seed": 0,
         "rounds": rounds,
         "clients": clients,
-        "data": {"dataset": "mnist5k" if big else "digits", "partition": "iid", "test_fraction": 0.2, **({"share_samples": True} if big else {})},
+        "data": {
+            "dataset": "mnist5k" if big else "digits",
+            "partition": "iid",
+            "test_fraction": 0.2,
+            **({"share_samples": True} if big else {}),
+        },
         "model": {"hidden": [128, 64]},
         "train": {"epochs": 3, "batch_size": 16, "lr": 0.05, "momentum": 0.9},
-        "strategy": {"name": "fedavg", "fraction": 1.0, "min_clients": 2, "round_deadline_s": 3600, "join_timeout_s": 3600},
+        "strategy": {
+            "name": "fedavg",
+            "fraction": 1.0,
+            "min_clients": 2,
+            "round_deadline_s": 3600,
+            "join_timeout_s": 3600,
+        },
     }
 
 
@@ -76,21 +87,39 @@ def main() -> None:
             path.write_text(json.dumps(config_for(n, args.rounds)))
             env = {**os.environ, "PYTHONPATH": str(args.root)}
             try:
-                out = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], cwd=args.root, env=env, capture_output=True, text=True, timeout=args.timeout)
+                out = subprocess.run(
+                    [sys.executable, "-c", SCRIPT, str(path)],
+                    cwd=args.root,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=args.timeout,
+                )
             except subprocess.TimeoutExpired:
                 print(f"{label}N={n:>6}: did not finish within {args.timeout:.0f} s", flush=True)
                 continue
             if out.returncode != 0:
-                print(f"{label}N={n:>6}: failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}", flush=True)
+                print(
+                    f"{label}N={n:>6}: failed: "
+                    f"{out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}",
+                    flush=True,
+                )
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[n] = r
             dataset = config_for(n, args.rounds)["data"]["dataset"]
-            print(f"{label}N={n:>6} ({dataset}): median {r['round_s']:.2f} s per round; whole run {r['wall_s']:.1f} s for {r['rounds']} rounds "
-                  f"(accuracy {r['accuracy']:.3f}); load {uptime().split('load average:')[-1].strip()}", flush=True)
+            print(
+                f"{label}N={n:>6} ({dataset}): median {r['round_s']:.2f} s per round; whole run {r['wall_s']:.1f} s "
+                f"for {r['rounds']} rounds "
+                f"(accuracy {r['accuracy']:.3f}); load {uptime().split('load average:')[-1].strip()}",
+                flush=True,
+            )
     if 100 in results and 1000 in results:
         ratio = results[1000]["round_s"] / results[100]["round_s"]
-        print(f"{label}1,000-client round / 100-client round: {ratio:.1f}x (goal <= 10x: {'met' if ratio <= 10 else 'NOT met'})")
+        print(
+            f"{label}1,000-client round / 100-client round: {ratio:.1f}x (goal <= 10x: "
+            f"{'met' if ratio <= 10 else 'NOT met'})"
+        )
 
 
 if __name__ == "__main__":

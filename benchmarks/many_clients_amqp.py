@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
-from brokerfl.transports.topology import RunTopology  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
+from brokerfl.transports.topology import RunTopology  # noqa: E402
 
 
 def broker_memory_mib(node: str) -> float | None:
@@ -62,13 +62,19 @@ def main() -> None:
     args = parser.parse_args()
     run = f"many-{args.clients}-{uuid.uuid4().hex[:6]}"
     config = {
-        "run": run, "seed": 0, "rounds": args.rounds, "clients": args.clients,
+        "run": run,
+        "seed": 0,
+        "rounds": args.rounds,
+        "clients": args.clients,
         "data": {"dataset": args.dataset, "partition": "iid"},
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "max_batches": 1},
         "strategy": {"name": "fedavg", "min_clients": args.clients, "round_deadline_s": 1800, "join_timeout_s": 1800},
         "liveness": {"heartbeat_s": 10.0, "timeout_s": 300.0},
     }
-    print(f"load before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; broker memory {broker_memory_mib(args.node):.0f} MiB")
+    print(
+        f"load before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; broker memory "
+        f"{broker_memory_mib(args.node):.0f} MiB"
+    )
     memory: list[float] = []
     done = threading.Event()
 
@@ -90,8 +96,15 @@ def main() -> None:
         ranges = [f"{lo}-{min(lo + per, args.clients) - 1}" for lo in range(0, args.clients, per)]
         started = time.perf_counter()
         sampler.start()
-        server = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(out)], cwd=ROOT, env=env)
-        clients = [subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", r], cwd=ROOT, env=env) for r in ranges]
+        server = subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(out)], cwd=ROOT, env=env
+        )
+        clients = [
+            subprocess.Popen(
+                [sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", r], cwd=ROOT, env=env
+            )
+            for r in ranges
+        ]
         peak_rss = {c.pid: 0.0 for c in clients}
         try:
             deadline = time.monotonic() + 600 + 600 * args.rounds
@@ -102,7 +115,9 @@ def main() -> None:
                     peak_rss[c.pid] = max(peak_rss[c.pid], _hwm_mib(c.pid))
                 time.sleep(0.5)  # sampling memory, not synchronising
             if server.returncode != 0 or any(c.returncode != 0 for c in clients):
-                raise SystemExit(f"run {run}: server exited {server.returncode}, clients {[c.returncode for c in clients]}")
+                raise SystemExit(
+                    f"run {run}: server exited {server.returncode}, clients {[c.returncode for c in clients]}"
+                )
             whole = time.perf_counter() - started
             records = [r for r in read_metrics(out / "metrics.jsonl") if "evaluation" not in r]
         finally:
@@ -113,10 +128,17 @@ def main() -> None:
             with AmqpTransport(args.broker) as admin:
                 RunTopology(run).delete(admin, [str(i) for i in range(args.clients)])
     durations = [r["duration_s"] for r in records]
-    print(f"{args.clients} logical clients in {args.processes} processes ({', '.join(ranges)}), {args.dataset}: {len(records)} rounds, "
-          f"seconds per round {[round(d, 2) for d in durations]} (median {statistics.median(durations):.2f} s); whole run {whole:.0f} s with start-up")
-    print(f"broker memory (erlang total): peak {max(memory):.0f} MiB, first sample {memory[0]:.0f} MiB, last {memory[-1]:.0f} MiB; "
-          f"client process peak RSS {', '.join(f'{v:.0f}' for v in peak_rss.values())} MiB")
+    print(
+        f"{args.clients} logical clients in {args.processes} processes ({', '.join(ranges)}), {args.dataset}: "
+        f"{len(records)} rounds, "
+        f"seconds per round {[round(d, 2) for d in durations]} (median {statistics.median(durations):.2f} s); whole "
+        f"run {whole:.0f} s with start-up"
+    )
+    print(
+        f"broker memory (erlang total): peak {max(memory):.0f} MiB, first sample {memory[0]:.0f} MiB, last "
+        f"{memory[-1]:.0f} MiB; "
+        f"client process peak RSS {', '.join(f'{v:.0f}' for v in peak_rss.values())} MiB"
+    )
     print(f"load after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

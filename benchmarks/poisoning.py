@@ -14,7 +14,8 @@ Each cell also says how many of the attacker's updates the server refused (dead-
 with a reason). Every round waits for all 6 answers (a refused update is an answer), so
 the rounds do not depend on this machine's speed.
 
-    python benchmarks/poisoning.py [--rounds 20] [--clients 6] [--attackers 0] [--strategies fedavg median ...] [--attacks sign_flip nan ...]
+    python benchmarks/poisoning.py [--rounds 20] [--clients 6] [--attackers 0] [--strategies fedavg median ...]
+    [--attacks sign_flip nan ...]
 
 With ``--honest``, no attack: how far honest updates move from the model they were trained
 on, against the bound of ``strategy.max_update_ratio`` (||w_client - w|| / (||w|| + sqrt(N)),
@@ -38,8 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.tools.hostile.poisoning import ATTACKS, simulated_run  # noqa: E402
 from brokerfl.runtime.log import configure_logging  # noqa: E402
+from tests.tools.hostile.poisoning import ATTACKS, simulated_run  # noqa: E402
 
 STRATEGIES = {  # label -> (strategy, options): every one at its defaults
     "fedavg": ("fedavg", {}),
@@ -71,8 +72,8 @@ def honest_distances(rounds: int) -> None:
 
     import numpy as np
 
-    from brokerfl.config import load_config
     from brokerfl.assembly.simulate import simulate
+    from brokerfl.config import load_config
     from brokerfl.handlers.workflows import server_state as server
 
     check = server.check_update
@@ -108,16 +109,28 @@ def honest_distances(rounds: int) -> None:
 def run(strategy: str, attack: str, args: argparse.Namespace, out: Path) -> dict:
     name, options = STRATEGIES[strategy]
     config = {
-        "run": "poisoning", "seed": args.seed, "rounds": args.rounds, "clients": args.clients,
-        "strategy": {"name": name, "options": options, "min_clients": args.clients - len(args.attackers.split(",")),
-                     "round_deadline_s": args.deadline, "on_too_few": "stop"},
+        "run": "poisoning",
+        "seed": args.seed,
+        "rounds": args.rounds,
+        "clients": args.clients,
+        "strategy": {
+            "name": name,
+            "options": options,
+            "min_clients": args.clients - len(args.attackers.split(",")),
+            "round_deadline_s": args.deadline,
+            "on_too_few": "stop",
+        },
     }
     started = time.perf_counter()
     result = simulated_run(config, None if attack == CLEAN else attack, out, attackers=args.attackers)
     refused = sum(1 for uid in result.attackers_updates if uid in result.dead or uid in result.dropped)
     return {
-        "accuracy": result.accuracy, "versions": len(result.records), "refused": refused, "sent": len(result.attackers_updates),
-        "stopped": result.stopped, "seconds": time.perf_counter() - started,
+        "accuracy": result.accuracy,
+        "versions": len(result.records),
+        "refused": refused,
+        "sent": len(result.attackers_updates),
+        "stopped": result.stopped,
+        "seconds": time.perf_counter() - started,
     }
 
 
@@ -143,11 +156,17 @@ def main() -> None:
     for strategy in args.strategies:
         for attack in args.attacks:
             cell = cells[strategy, attack] = run(strategy, attack, args, workdir / f"{strategy}-{attack}")
-            print(f"  {strategy} / {attack}: {cell['accuracy']:.4f}, {cell['refused']}/{cell['sent']} refused ({cell['seconds']:.0f} s)"
-                  + (f" stopped: {cell['stopped']}" if cell["stopped"] else ""), file=sys.stderr, flush=True)
+            print(
+                f"  {strategy} / {attack}: {cell['accuracy']:.4f}, {cell['refused']}/{cell['sent']} refused "
+                f"({cell['seconds']:.0f} s)" + (f" stopped: {cell['stopped']}" if cell["stopped"] else ""),
+                file=sys.stderr,
+                flush=True,
+            )
     attackers = len(args.attackers.split(","))
-    print(f"\n{attackers} of {args.clients} clients poison every update; final test accuracy after {args.rounds} rounds "
-          f"(digits IID, seed {args.seed}); (r/s): the attacker's updates refused / sent\n")
+    print(
+        f"\n{attackers} of {args.clients} clients poison every update; final test accuracy after {args.rounds} rounds "
+        f"(digits IID, seed {args.seed}); (r/s): the attacker's updates refused / sent\n"
+    )
     print("| strategy | " + " | ".join(args.attacks) + " |")
     print("|---|" + "---|" * len(args.attacks))
     for strategy in args.strategies:

@@ -24,14 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from brokerfl.transports.memory import allocator_mode, tune_allocator  # noqa: E402
 from brokerfl.transports.amqp import chunks  # noqa: E402
+from brokerfl.transports.memory import allocator_mode, tune_allocator  # noqa: E402
 
 CHUNK = 16 * 1024**2  # AmqpTransport's chunk_size
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=4)
     parser.add_argument("--mb", type=float, default=40.0)
     parser.add_argument("--allocator", default="lean", choices=["lean", "tuned", "default"])
@@ -54,12 +56,20 @@ def main() -> None:
                     if isinstance(outcome, chunks.Complete):
                         assert len(outcome.body) == size
                         del outcome  # folded and dropped, as the server does
-        rows.append((time.perf_counter() - wall, time.process_time() - cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+        rows.append(
+            (
+                time.perf_counter() - wall,
+                time.process_time() - cpu,
+                resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults,
+            )
+        )
     rows = rows[1:]
     print(
         f"{args.messages} interleaved messages of {args.mb:g} MB, allocator {allocator_mode()}: "
-        f"wall {statistics.median(r[0] for r in rows) * 1000:.0f} ms, CPU {statistics.median(r[1] for r in rows) * 1000:.0f} ms, "
-        f"minor faults {statistics.median(r[2] for r in rows):,.0f} per round (medians of {args.repeat}); load {', '.join(f'{v:.1f}' for v in os.getloadavg())}"
+        f"wall {statistics.median(r[0] for r in rows) * 1000:.0f} ms, CPU "
+        f"{statistics.median(r[1] for r in rows) * 1000:.0f} ms, "
+        f"minor faults {statistics.median(r[2] for r in rows):,.0f} per round (medians of {args.repeat}); load "
+        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}"
     )
 
 

@@ -49,16 +49,29 @@ def main() -> None:
         print(table.strip().splitlines()[-1])
         journal = out / "run.journal"
         results["journal export"], _ = timed([*cli, "journal", "export", str(config), str(journal)], env)
-        results["replay from the file"], table = timed([*cli, "replay", str(config), "--journal", str(journal), "--check"], env)
+        results["replay from the file"], table = timed(
+            [*cli, "replay", str(config), "--journal", str(journal), "--check"], env
+        )
         print(table.strip().splitlines()[-1])
         results["journal file MB"] = journal.stat().st_size / 1e6
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        records = run_federation(args.size, rounds=args.rounds, clients=args.clients, url=args.broker, journal=True, workdir=Path(tmp), inspect_run=replay_it)
+        records = run_federation(
+            args.size,
+            rounds=args.rounds,
+            clients=args.clients,
+            url=args.broker,
+            journal=True,
+            workdir=Path(tmp),
+            inspect_run=replay_it,
+        )
         wall = time.perf_counter() - started - sum(v for k, v in results.items() if not k.endswith("MB"))
     rounds_s = sum(r["duration_s"] for r in records)
-    print(f"original run: {len(records)} rounds of a {args.size} model, {args.clients} client processes: rounds {rounds_s:.2f} s, whole run {wall:.1f} s (with process start-up)")
+    print(
+        f"original run: {len(records)} rounds of a {args.size} model, {args.clients} client processes: rounds "
+        f"{rounds_s:.2f} s, whole run {wall:.1f} s (with process start-up)"
+    )
     for name, value in results.items():
         print(f"{name}: {value:.2f}" + ("" if name.endswith("MB") else " s (whole command, with start-up)"))
     faster = results["replay from the file"] < rounds_s and results["replay from the broker"] < rounds_s

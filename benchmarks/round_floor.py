@@ -55,8 +55,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from round_time import HIDDEN, parameter_count, run_federation, summarise  # noqa: E402
 
-from brokerfl.transports.memory import tune_allocator  # noqa: E402
 from brokerfl.transports.amqp import _tune_reads  # noqa: E402
+from brokerfl.transports.memory import tune_allocator  # noqa: E402
 
 CHUNK = 16 * 1024**2
 GOAL = 1.3
@@ -91,7 +91,13 @@ def broker_pid(node: str) -> int | None:
     """The OS process of RabbitMQ node ``node`` on this machine (None: no rabbitmqctl, or
     the node does not answer)."""
     try:
-        out = subprocess.run(["rabbitmqctl", "-n", node, "status", "--formatter", "json"], check=False, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            ["rabbitmqctl", "-n", node, "status", "--formatter", "json"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         pid = int(json.loads(out.stdout)["pid"])
     except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError):
         return None
@@ -112,7 +118,8 @@ class CpuPerRound:
         server, *clients = self.per_process
         threads = " ".join(f"{t:.3f}" for t in self.server_threads if t >= 0.001)
         return (
-            f"processes {processes:.3f} (server {server:.3f} [threads {threads}], clients {' '.join(f'{c:.3f}' for c in clients)}) + broker {broker} "
+            f"processes {processes:.3f} (server {server:.3f} [threads {threads}], clients "
+            f"{' '.join(f'{c:.3f}' for c in clients)}) + broker {broker} "
             f"= {total:.3f} s over {self.wall:.3f} s ({total / self.wall:.2f} cores busy)"
         )
 
@@ -124,7 +131,12 @@ class CpuMeter:
         self.pids, self.broker = pids, broker  # the server's pid first
 
     def snapshot(self) -> tuple[list[float], float, float, dict[int, float]]:
-        return [cpu_seconds(pid) for pid in self.pids], cpu_seconds(self.broker), time.perf_counter(), thread_cpu_seconds(self.pids[0])
+        return (
+            [cpu_seconds(pid) for pid in self.pids],
+            cpu_seconds(self.broker),
+            time.perf_counter(),
+            thread_cpu_seconds(self.pids[0]),
+        )
 
     def per_round(self, start: tuple, end: tuple, rounds: int) -> CpuPerRound:
         threads = sorted(((cpu - start[3].get(tid, 0.0)) / rounds for tid, cpu in end[3].items()), reverse=True)
@@ -173,7 +185,13 @@ def _publish(channel, exchange: str, key: str, body: bytes) -> None:
     count = max(1, -(-len(body) // CHUNK))
     for index in range(count):
         part = body if count == 1 else bytes(view[index * CHUNK : (index + 1) * CHUNK])
-        channel.basic_publish(exchange, key, part, pika.BasicProperties(delivery_mode=2, headers={"chunk": f"{index}/{count}"}), mandatory=True)
+        channel.basic_publish(
+            exchange,
+            key,
+            part,
+            pika.BasicProperties(delivery_mode=2, headers={"chunk": f"{index}/{count}"}),
+            mandatory=True,
+        )
 
 
 def _consume(conn, channel, queue: str, messages: int, on_all=None) -> None:
@@ -206,7 +224,9 @@ def _client(url: str, exchange: str, queue: str, rounds: int, task_bytes: int, u
     conn.close()
 
 
-def measure_floor(url: str, params: int, clients: int, journal: bool, repeat: int, broker: int | None = None) -> tuple[list[float], CpuPerRound]:
+def measure_floor(
+    url: str, params: int, clients: int, journal: bool, repeat: int, broker: int | None = None
+) -> tuple[list[float], CpuPerRound]:
     """Seconds per raw-pika round (warm-up round dropped), and the CPU per timed round."""
     run = f"bench-floor-{uuid.uuid4().hex[:8]}"
     exchange, server_queue, stream = run, f"{run}.server", f"{run}.journal"
@@ -214,7 +234,12 @@ def measure_floor(url: str, params: int, clients: int, journal: bool, repeat: in
     task_bytes = update_bytes = params * 4 + OVERHEAD
     # the clients fork before this process opens its connection (a forked socket is shared)
     ready = mp.get_context("fork").Event()
-    procs = [mp.get_context("fork").Process(target=_client, args=(url, exchange, q, repeat + 1, task_bytes, update_bytes, ready)) for q in client_queues]
+    procs = [
+        mp.get_context("fork").Process(
+            target=_client, args=(url, exchange, q, repeat + 1, task_bytes, update_bytes, ready)
+        )
+        for q in client_queues
+    ]
     for p in procs:
         p.start()
     conn = _connect(url)
@@ -227,7 +252,9 @@ def measure_floor(url: str, params: int, clients: int, journal: bool, repeat: in
         admin.queue_bind(q, exchange, f"client.{i}.#")
         admin.queue_bind(q, exchange, "clients.#")
     if journal:
-        admin.queue_declare(stream, durable=True, arguments={"x-queue-type": "stream", "x-max-length-bytes": 2 * 1024**3})
+        admin.queue_declare(
+            stream, durable=True, arguments={"x-queue-type": "stream", "x-max-length-bytes": 2 * 1024**3}
+        )
         admin.queue_bind(stream, exchange, "#")
     try:
         pub = conn.channel()
@@ -260,16 +287,29 @@ def measure_floor(url: str, params: int, clients: int, journal: bool, repeat: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", nargs="+", default=["100k", "10M"], choices=sorted(HIDDEN))
     parser.add_argument("--rounds", type=int, default=8, help="rounds of each brokerfl federation")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=5, help="timed raw rounds per floor measurement")
     parser.add_argument("--no-journal", action="store_true")
-    parser.add_argument("--model-transfer", default="auto", choices=["auto", "reference", "inline"],
-                        help="how brokerfl's tasks carry the model (config model_transfer); the floor sends it inline, to each client's queue")
+    parser.add_argument(
+        "--model-transfer",
+        default="auto",
+        choices=["auto", "reference", "inline"],
+        help=(
+            "how brokerfl's tasks carry the model (config model_transfer); the floor sends it inline, to each client's "
+            "queue"
+        ),
+    )
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
-    parser.add_argument("--node", default=os.environ.get("BROKERFL_RABBITMQ_NODE", "rabbit@localhost"), help="the RabbitMQ node behind --broker, for its CPU")
+    parser.add_argument(
+        "--node",
+        default=os.environ.get("BROKERFL_RABBITMQ_NODE", "rabbit@localhost"),
+        help="the RabbitMQ node behind --broker, for its CPU",
+    )
     args = parser.parse_args()
     tune_allocator()
     journal = not args.no_journal
@@ -280,7 +320,16 @@ def main() -> None:
             params = parameter_count(HIDDEN[size])
             floor, floor_cpu = measure_floor(args.broker, params, args.clients, journal, args.repeat, broker)
             federation_cpu: list[CpuPerRound] = []
-            records = run_federation(size, rounds=args.rounds, clients=args.clients, url=args.broker, journal=journal, workdir=Path(tmp), model_transfer=args.model_transfer, watch=meter_federation(broker, args.rounds, federation_cpu))
+            records = run_federation(
+                size,
+                rounds=args.rounds,
+                clients=args.clients,
+                url=args.broker,
+                journal=journal,
+                workdir=Path(tmp),
+                model_transfer=args.model_transfer,
+                watch=meter_federation(broker, args.rounds, federation_cpu),
+            )
             more, more_cpu = measure_floor(args.broker, params, args.clients, journal, args.repeat, broker)
             floor += more
             result = summarise(size, records)
@@ -289,13 +338,16 @@ def main() -> None:
             verdict = f"  (goal <= {GOAL}x: {'met' if ratio <= GOAL else 'NOT met'})" if size == "10M" else ""
             load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
             lines.append(
-                f"{size:>5} ({params:,} parameters), {args.clients} clients, journal {'on' if journal else 'off'}, model_transfer {args.model_transfer}: brokerfl median {result['median_round_s']:.3f} s per round "
-                f"over {result['rounds'] - 1} rounds; raw-pika floor median {floor_median:.3f} s (best {floor_best:.3f}) over {len(floor)} rounds; "
+                f"{size:>5} ({params:,} parameters), {args.clients} clients, journal {'on' if journal else 'off'}, "
+                f"model_transfer {args.model_transfer}: brokerfl median {result['median_round_s']:.3f} s per round "
+                f"over {result['rounds'] - 1} rounds; raw-pika floor median {floor_median:.3f} s (best "
+                f"{floor_best:.3f}) over {len(floor)} rounds; "
                 f"round / floor {ratio:.2f}x{verdict}; load {load}\n"
                 f"       server phases per round (median s): {result['server_phases_s']}\n"
                 f"       client training per round (median s): {result['client_train_s']}\n"
                 f"       CPU per round, floor: {floor_cpu}; {more_cpu}\n"
-                f"       CPU per round, brokerfl: {federation_cpu[0] if federation_cpu else 'not metered (no metrics line seen)'}"
+                "       CPU per round, brokerfl: "
+                f"{federation_cpu[0] if federation_cpu else 'not metered (no metrics line seen)'}"
             )
             print(lines[-1], flush=True)
 

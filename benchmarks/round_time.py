@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
-from brokerfl.transports.topology import RunTopology  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
+from brokerfl.transports.topology import RunTopology  # noqa: E402
 
 # hidden sizes [h, h] on digits (64 features, 10 classes): h*h + 74h + 2h + 10 parameters
 HIDDEN = {"100k": 282, "1M": 960, "10M": 3130}
@@ -37,7 +37,19 @@ def parameter_count(h: int) -> int:
     return 64 * h + h + h * h + h + h * 10 + 10
 
 
-def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: bool, workdir: Path, inspect_run=None, extra: dict | None = None, model_transfer: str = "auto", watch=None) -> list[dict]:
+def run_federation(
+    size: str,
+    *,
+    rounds: int,
+    clients: int,
+    url: str,
+    journal: bool,
+    workdir: Path,
+    inspect_run=None,
+    extra: dict | None = None,
+    model_transfer: str = "auto",
+    watch=None,
+) -> list[dict]:
     """Run a federation to the end; ``inspect_run(run, config_path, out_dir)`` is called
     before the run's queues are deleted; ``extra``: more config keys (e.g. compression);
     ``watch(pids, out_dir)`` once every process is started (round_floor.py meters their CPU)."""
@@ -60,8 +72,17 @@ def run_federation(size: str, *, rounds: int, clients: int, url: str, journal: b
     out = workdir / run
     env = {**os.environ, "BROKERFL_AMQP_URL": url}
     common = [str(path), "--log-level", "warning"]
-    procs = [subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(out)], cwd=ROOT, env=env)]
-    procs += [subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", str(i)], cwd=ROOT, env=env) for i in range(clients)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(out)], cwd=ROOT, env=env
+        )
+    ]
+    procs += [
+        subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", str(i)], cwd=ROOT, env=env
+        )
+        for i in range(clients)
+    ]
     try:
         if watch is not None:
             watch([proc.pid for proc in procs], out)
@@ -101,19 +122,40 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--no-journal", action="store_true")
-    parser.add_argument("--model-transfer", default="auto", choices=["auto", "reference", "inline"], help="how tasks carry the model (config model_transfer)")
+    parser.add_argument(
+        "--model-transfer",
+        default="auto",
+        choices=["auto", "reference", "inline"],
+        help="how tasks carry the model (config model_transfer)",
+    )
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     args = parser.parse_args()
     goals = {"100k": 0.5, "10M": 2.5}
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             started = time.perf_counter()
-            records = run_federation(size, rounds=args.rounds, clients=args.clients, url=args.broker, journal=not args.no_journal, workdir=Path(tmp), model_transfer=args.model_transfer)
+            records = run_federation(
+                size,
+                rounds=args.rounds,
+                clients=args.clients,
+                url=args.broker,
+                journal=not args.no_journal,
+                workdir=Path(tmp),
+                model_transfer=args.model_transfer,
+            )
             result = summarise(size, records)
             goal = goals.get(size)
-            verdict = "" if goal is None else f"  (goal <= {goal} s: {'met' if result['median_round_s'] <= goal else 'NOT met'})"
-            print(f"{size:>5} ({result['parameters']:,} parameters), {args.clients} client processes, journal {'off' if args.no_journal else 'on'}, model_transfer {args.model_transfer}: "
-                  f"median {result['median_round_s']:.3f} s per round over {result['rounds'] - 1} rounds{verdict}; whole run {time.perf_counter() - started:.1f} s")
+            verdict = (
+                ""
+                if goal is None
+                else f"  (goal <= {goal} s: {'met' if result['median_round_s'] <= goal else 'NOT met'})"
+            )
+            print(
+                f"{size:>5} ({result['parameters']:,} parameters), {args.clients} client processes, journal "
+                f"{'off' if args.no_journal else 'on'}, model_transfer {args.model_transfer}: "
+                f"median {result['median_round_s']:.3f} s per round over {result['rounds'] - 1} rounds{verdict}; whole "
+                f"run {time.perf_counter() - started:.1f} s"
+            )
             print(f"       server phases per round (median s): {result['server_phases_s']}")
             print(f"       client training per round (median s): {result['client_train_s']}")
 

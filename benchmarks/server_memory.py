@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from brokerfl.transports.topology import RunTopology  # noqa: E402
 from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
+from brokerfl.transports.topology import RunTopology  # noqa: E402
 
 HIDDEN_10M = 3130  # as benchmarks/round_time.py: [h, h] on digits
 HIDDEN_NONE = 16
@@ -67,9 +67,13 @@ def run(root: Path, url: str, hidden: int, clients: int, processes: int, rounds:
     env = {**os.environ, "BROKERFL_AMQP_URL": url, "PYTHONPATH": str(root)}
     common = [str(path), "--log-level", "warning"]
     started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(workdir / name)], cwd=root, env=env)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(workdir / name)], cwd=root, env=env
+    )
     client_procs = [
-        subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", ids], cwd=root, env=env)
+        subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", ids], cwd=root, env=env
+        )
         for ids in id_ranges(clients, processes)
     ]
     try:
@@ -92,7 +96,12 @@ def run(root: Path, url: str, hidden: int, clients: int, processes: int, rounds:
                 pass
         with AmqpTransport(url) as admin:
             RunTopology(name, journal=True).delete(admin, [str(i) for i in range(clients)])
-    return {"clients": clients, "server_mib": server_rss, "client_mib_max": max(client_rss), "seconds": time.perf_counter() - started}
+    return {
+        "clients": clients,
+        "server_mib": server_rss,
+        "client_mib_max": max(client_rss),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def _wait4(pid: int, timeout: float):
@@ -122,9 +131,15 @@ def plot_logs(logs: list[Path], png: Path, model_mib: float) -> None:
         label = (re.search(r"^\[(.+?)\]", text, re.M) or [None, log.stem])[1]
         base = float(re.search(r"baseline \(server without a model.*?peak RSS (\d+) MiB", text).group(1))
         points = [(int(n), float(mib)) for n, mib in re.findall(r"N=\s*(\d+): server peak RSS (\d+) MiB", text)]
-        line, = ax.plot(*zip(*points), "o-", label=f"{label}: server peak RSS")
+        (line,) = ax.plot(*zip(*points), "o-", label=f"{label}: server peak RSS")
         ax.axhline(base, color=line.get_color(), linestyle=":", linewidth=1, label=f"{label}: baseline (no model)")
-        ax.axhline(base + 5 * model_mib, color="red", linestyle="--", linewidth=1, label="baseline + 5x model (goal)" if log is logs[-1] else None)
+        ax.axhline(
+            base + 5 * model_mib,
+            color="red",
+            linestyle="--",
+            linewidth=1,
+            label="baseline + 5x model (goal)" if log is logs[-1] else None,
+        )
     ax.set_xlabel("logical clients N (in 4 client processes)")
     ax.set_ylabel("MiB")
     ax.set_ylim(bottom=0)
@@ -148,31 +163,50 @@ def main() -> None:
     parser.add_argument("--png", type=Path, help="plot server peak RSS against N to this file")
     parser.add_argument("--label", default="", help="a name for this code in the output (e.g. before, after)")
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
-    parser.add_argument("--plot-logs", type=Path, nargs="+", help="plot earlier outputs of this script (e.g. before and after) to --png, and run nothing")
+    parser.add_argument(
+        "--plot-logs",
+        type=Path,
+        nargs="+",
+        help="plot earlier outputs of this script (e.g. before and after) to --png, and run nothing",
+    )
     args = parser.parse_args()
     model_mib = parameter_count(HIDDEN_10M) * 4 / 1024**2
     if args.plot_logs:
         plot_logs(args.plot_logs, args.png or Path("server_memory.png"), model_mib)
         return
     label = f"[{args.label}] " if args.label else ""
-    allocator = os.environ.get("BROKERFL_MALLOC") or "BROKERFL_MALLOC unset (the code's CLI chooses; this code's: server lean, clients tuned)"
+    allocator = (
+        os.environ.get("BROKERFL_MALLOC")
+        or "BROKERFL_MALLOC unset (the code's CLI chooses; this code's: server lean, clients tuned)"
+    )
     print(f"{label}code: {args.root}; allocator: {allocator}; load before: {uptime()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         base = run(args.root, args.broker, HIDDEN_NONE, 4, args.processes, args.rounds, Path(tmp))
-        print(f"{label}baseline (server without a model, {parameter_count(HIDDEN_NONE):,} parameters, N=4): peak RSS {base['server_mib']:.0f} MiB", flush=True)
+        print(
+            f"{label}baseline (server without a model, {parameter_count(HIDDEN_NONE):,} parameters, N=4): peak RSS "
+            f"{base['server_mib']:.0f} MiB",
+            flush=True,
+        )
         results = []
         for n in args.clients:
             r = run(args.root, args.broker, HIDDEN_10M, n, args.processes, args.rounds, Path(tmp))
             above = r["server_mib"] - base["server_mib"]
             r["above_model_x"] = above / model_mib
             results.append(r)
-            print(f"{label}N={n:>3}: server peak RSS {r['server_mib']:.0f} MiB = baseline + {above:.0f} MiB = baseline + {r['above_model_x']:.1f}x model "
-                  f"({model_mib:.1f} MiB); largest client process {r['client_mib_max']:.0f} MiB; run {r['seconds']:.0f} s; load {uptime().split('load average:')[-1].strip()}", flush=True)
+            print(
+                f"{label}N={n:>3}: server peak RSS {r['server_mib']:.0f} MiB = baseline + {above:.0f} MiB = baseline + "
+                f"{r['above_model_x']:.1f}x model "
+                f"({model_mib:.1f} MiB); largest client process {r['client_mib_max']:.0f} MiB; run {r['seconds']:.0f} "
+                f"s; load {uptime().split('load average:')[-1].strip()}",
+                flush=True,
+            )
     peaks = [r["server_mib"] for r in results]
     spread = max(peaks) / min(peaks) - 1
     worst = max(r["above_model_x"] for r in results)
-    print(f"{label}spread across N: {spread * 100:.1f}% (goal <= 10%: {'met' if spread <= 0.10 else 'NOT met'}); "
-          f"worst above baseline: {worst:.1f}x model (goal <= 5x: {'met' if worst <= 5 else 'NOT met'})")
+    print(
+        f"{label}spread across N: {spread * 100:.1f}% (goal <= 10%: {'met' if spread <= 0.10 else 'NOT met'}); "
+        f"worst above baseline: {worst:.1f}x model (goal <= 5x: {'met' if worst <= 5 else 'NOT met'})"
+    )
     print(f"{label}load after: {uptime()}")
     if args.png:
         import matplotlib
@@ -181,7 +215,12 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["clients"] for r in results], peaks, "o-", label=f"server peak RSS{' (' + args.label + ')' if args.label else ''}")
+        ax.plot(
+            [r["clients"] for r in results],
+            peaks,
+            "o-",
+            label=f"server peak RSS{' (' + args.label + ')' if args.label else ''}",
+        )
         ax.axhline(base["server_mib"], color="grey", linestyle=":", label="baseline (no model)")
         ax.axhline(base["server_mib"] + 5 * model_mib, color="red", linestyle="--", label="baseline + 5x model (goal)")
         ax.set_xlabel("logical clients N")

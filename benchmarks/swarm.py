@@ -34,8 +34,25 @@ CONFIG = ROOT / "configs" / "digits_swarm.yaml"
 def start_peer(run: str, url: str, cid: str, out: Path, generation: int) -> tuple[subprocess.Popen, Path]:
     log = out / f"peer-{cid}.{generation}.log"
     env = {**os.environ, "BROKERFL_OUT": str(out)}
-    proc = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", str(CONFIG), "--broker", url, "--run", run, "--client-id", cid],
-                            cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "brokerfl.cli",
+            "client",
+            str(CONFIG),
+            "--broker",
+            url,
+            "--run",
+            run,
+            "--client-id",
+            cid,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     return proc, log
 
 
@@ -46,8 +63,8 @@ def over_rabbitmq(url: str, out: Path, kill_rounds: list[int]) -> None:
     clients = 6
     started = time.perf_counter()
     peers = {str(i): start_peer(run, url, str(i), out, 0) for i in range(clients)}
-    from brokerfl.config import load_config
     from brokerfl.assembly.roles import topology_for
+    from brokerfl.config import load_config
     from brokerfl.transports.amqp import AmqpTransport
 
     topology = topology_for(load_config(CONFIG, {"run": run}))
@@ -60,20 +77,26 @@ def over_rabbitmq(url: str, out: Path, kill_rounds: list[int]) -> None:
             held_round, victim = held.round, held.peer
             peers[victim][0].kill()
             peers[victim][0].wait()
-            print(f"round {held_round}: killed peer {victim} (kill -9), the aggregator, holding an update of that round; "
-                  f"{len(metrics(out))} versions stored; starting it again")
+            print(
+                f"round {held_round}: killed peer {victim} (kill -9), the aggregator, holding an update of that round; "
+                f"{len(metrics(out))} versions stored; starting it again"
+            )
             peers[victim] = start_peer(run, url, victim, out, generation)
     for proc, _ in peers.values():
         proc.wait(timeout=1800)
     records = metrics(out)
     takers = [f.name for f in sorted(out.glob("peer-*.log")) if "aggregator role taken" in f.read_text()]
-    print(f"--- over RabbitMQ ({time.perf_counter() - started:.0f} s), run {run}: exit codes {[p.returncode for p, _ in peers.values()]}, "
-          f"{len(records)} versions (rounds {[r['round'] for r in records]}), final accuracy {records[-1]['accuracy']:.4f}; role held by {takers}")
+    print(
+        f"--- over RabbitMQ ({time.perf_counter() - started:.0f} s), run {run}: exit codes "
+        f"{[p.returncode for p, _ in peers.values()]}, "
+        f"{len(records)} versions (rounds {[r['round'] for r in records]}), final accuracy "
+        f"{records[-1]['accuracy']:.4f}; role held by {takers}"
+    )
     best = out / "best_model.json"
     print(f"best model kept: {best.read_text() if best.exists() else 'none'}")
     check_run(CONFIG, run, out, url)
-    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
+    from brokerfl.transports.topology import RunTopology
 
     with AmqpTransport(url) as admin:
         RunTopology(run, swarm=True).delete(admin, [str(i) for i in range(clients)])

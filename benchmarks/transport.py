@@ -34,7 +34,8 @@ The process tunes malloc as brokerfl's CLI does (:func:`brokerfl.transports.memo
 every path alike; ``--default-malloc`` keeps glibc's defaults.
 Each path's rounds also report ``cpu``: this process's CPU seconds (publisher and consumer,
 not the broker's), which the load of other processes sways far less than seconds do.
-The order of the paths rotates from round to round. Publishing finishes before consuming starts (one process, one thread, blocking pika), for
+The order of the paths rotates from round to round. Publishing finishes before consuming starts (one process, one
+thread, blocking pika), for
 both. Every queue and exchange is uniquely named and deleted at the end, also on error.
 """
 
@@ -59,12 +60,15 @@ import pika
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from brokerfl.transports.memory import allocator_mode, tune_allocator  # noqa: E402
-from brokerfl.wire.message import ParameterUpdate, from_wire, to_wire, to_wire_parts  # noqa: E402
+from brokerfl.transports.amqp import (  # noqa: E402
+    AmqpTransport,
+    _tune_reads,
+    chunks,  # noqa: E402
+)
 from brokerfl.transports.base import body_size  # noqa: E402
+from brokerfl.transports.memory import allocator_mode, tune_allocator  # noqa: E402
 from brokerfl.transports.topology import RunTopology, routing_key  # noqa: E402
-from brokerfl.transports.amqp import chunks  # noqa: E402
-from brokerfl.transports.amqp import AmqpTransport, _tune_reads  # noqa: E402
+from brokerfl.wire.message import ParameterUpdate, from_wire, to_wire, to_wire_parts  # noqa: E402
 
 CHUNK = 16 * 1024**2
 ROUND_TIMEOUT = 300.0  # a round's consume that takes longer fails the run (e.g. the broker was reset meanwhile)
@@ -80,7 +84,11 @@ def make_updates(params: int, clients: int, run: str) -> list[ParameterUpdate]:
     updates = []
     for i in range(clients):
         state = {f"layer{k}.weight": rng.standard_normal(n, dtype=np.float32) for k, n in enumerate(sizes)}
-        updates.append(ParameterUpdate(client_id=str(i), task_id="t", parameters=state, num_samples=100, sender=f"client.{i}", run=run))
+        updates.append(
+            ParameterUpdate(
+                client_id=str(i), task_id="t", parameters=state, num_samples=100, sender=f"client.{i}", run=run
+            )
+        )
     return updates
 
 
@@ -155,7 +163,9 @@ class Brokerfl:
         while len(got) < len(self.updates):
             self.server.poll(1.0)
             if time.perf_counter() - t1 > ROUND_TIMEOUT:
-                raise TimeoutError(f"{self.name}: {len(got)} of {len(self.updates)} updates arrived in {ROUND_TIMEOUT:g} s")
+                raise TimeoutError(
+                    f"{self.name}: {len(got)} of {len(self.updates)} updates arrived in {ROUND_TIMEOUT:g} s"
+                )
         t2 = time.perf_counter()
         self.server.cancel(tag)
         assert set(got) == {u.message_id for u in self.updates}
@@ -197,7 +207,11 @@ class Raw:
         if self.stream:
             # the journal's own retention (RunTopology.journal_max_bytes): a smaller one makes the
             # broker truncate this stream during the run, work brokerfl's journal is spared
-            admin.queue_declare(self.stream, durable=True, arguments={"x-queue-type": "stream", "x-max-length-bytes": RunTopology("x").journal_max_bytes})
+            admin.queue_declare(
+                self.stream,
+                durable=True,
+                arguments={"x-queue-type": "stream", "x-max-length-bytes": RunTopology("x").journal_max_bytes},
+            )
             admin.queue_bind(self.stream, self.exchange, "#")
         admin.close()
         self.chunks = sum(-(-len(b) // CHUNK) for b in bodies)
@@ -210,7 +224,12 @@ class Raw:
             count = -(-len(body) // CHUNK)
             for index in range(count):
                 part = body if count == 1 else bytes(view[index * CHUNK : (index + 1) * CHUNK])
-                props = pika.BasicProperties(delivery_mode=2, content_type="application/msgpack", message_id=f"{i}-{index}", headers={"chunk": f"{index}/{count}"})
+                props = pika.BasicProperties(
+                    delivery_mode=2,
+                    content_type="application/msgpack",
+                    message_id=f"{i}-{index}",
+                    headers={"chunk": f"{index}/{count}"},
+                )
                 self.pub.basic_publish(self.exchange, key, part, props, mandatory=True)
         t1 = time.perf_counter()
         received: list[bytes] = []
@@ -225,7 +244,9 @@ class Raw:
         while len(received) < self.chunks:
             self.con_conn.process_data_events(time_limit=1.0)
             if time.perf_counter() - t1 > ROUND_TIMEOUT:
-                raise TimeoutError(f"{self.name}: {len(received)} of {self.chunks} messages arrived in {ROUND_TIMEOUT:g} s")
+                raise TimeoutError(
+                    f"{self.name}: {len(received)} of {self.chunks} messages arrived in {ROUND_TIMEOUT:g} s"
+                )
         t2 = time.perf_counter()
         ch.close()
         assert sum(len(b) for b in received) == self.nbytes
@@ -254,8 +275,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="updates per round")
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds per path (more for small sizes: up to 30)")
     parser.add_argument("--no-journal", action="store_true", help="skip the journal=True / raw+stream pair")
-    parser.add_argument("--profile", action="store_true", help="cProfile the brokerfl rounds and print the top functions")
-    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc defaults (no brokerfl.transports.memory tuning)")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile the brokerfl rounds and print the top functions"
+    )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's malloc defaults (no brokerfl.transports.memory tuning)",
+    )
     args = parser.parse_args()
     tuned = False if args.default_malloc else tune_allocator()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on kill, too
@@ -279,19 +306,28 @@ def main() -> None:
             profiler = cProfile.Profile() if args.profile else None
             repeat = max(args.repeat, min(30, args.repeat * 10**6 // params))  # small rounds are noisy: more of them
             for rep in range(repeat + 1):  # the first round is a warm-up
-                for path in paths[rep % len(paths) :] + paths[: rep % len(paths)]:  # rotate: no path always follows the same one
+                for path in (
+                    paths[rep % len(paths) :] + paths[: rep % len(paths)]
+                ):  # rotate: no path always follows the same one
                     gc.collect()
                     prof = profiler if (profiler and rep and path.name.startswith("brokerfl")) else None
                     if prof:
                         prof.enable()
                     cpu = time.process_time()
                     r = path.round()
-                    r["cpu"] = time.process_time() - cpu  # this process's CPU (both connections): less at the mercy of load than seconds
+                    r["cpu"] = (
+                        time.process_time() - cpu
+                    )  # this process's CPU (both connections): less at the mercy of load than seconds
                     if prof:
                         prof.disable()
                     if rep:
                         results[path.name].append(r)
-                    print(f"  {params:>11,} params  {path.name:17s} {'warm-up' if not rep else f'run {rep}':8s} {r['total']:7.3f} s", file=sys.stderr, flush=True)
+                    print(
+                        f"  {params:>11,} params  {path.name:17s} {'warm-up' if not rep else f'run {rep}':8s} "
+                        f"{r['total']:7.3f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             for path in paths:
                 runs = results[path.name]
                 median = statistics.median(r["total"] for r in runs)
@@ -302,7 +338,10 @@ def main() -> None:
             if profiler:
                 out = io.StringIO()
                 pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(15)
-                print(f"\ncProfile of the brokerfl rounds ({params:,} params), by own time:\n" + "\n".join(out.getvalue().splitlines()[4:]))
+                print(
+                    f"\ncProfile of the brokerfl rounds ({params:,} params), by own time:\n"
+                    + "\n".join(out.getvalue().splitlines()[4:])
+                )
         finally:
             for path in paths:
                 for attempt in range(5):  # the broker may be dropping connections (other tests)
@@ -310,13 +349,22 @@ def main() -> None:
                         path.close()
                         break
                     except Exception as exc:  # keep cleaning up the others
-                        print(f"cleanup of {path.name} failed ({exc}); {'retrying' if attempt < 4 else 'giving up'}", file=sys.stderr)
+                        print(
+                            f"cleanup of {path.name} failed ({exc}); {'retrying' if attempt < 4 else 'giving up'}",
+                            file=sys.stderr,
+                        )
                         time.sleep(2)
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    print(f"\n{args.clients} updates per round, median (best) of {args.repeat} rounds (30 below 1M params) after a warm-up; MB = 10^6 bytes; "
-          f"malloc {allocator_mode() if tuned else 'glibc defaults'}; load average now {load}")
-    print(f"{'params':>11} {'path':17s} {'MB':>7} {'s':>6} {'(best)':>6} {'MB/s':>5} {'vs raw':>6} {'paired':>6} {'-enc':>5} {'vs 4k':>6}  where the time goes (median s)")
+    print(
+        f"\n{args.clients} updates per round, median (best) of {args.repeat} rounds (30 below 1M params) after a "
+        "warm-up; MB = 10^6 bytes; "
+        f"malloc {allocator_mode() if tuned else 'glibc defaults'}; load average now {load}"
+    )
+    print(
+        f"{'params':>11} {'path':17s} {'MB':>7} {'s':>6} {'(best)':>6} {'MB/s':>5} {'vs raw':>6} {'paired':>6} "
+        f"{'-enc':>5} {'vs 4k':>6}  where the time goes (median s)"
+    )
     by = {(p, n): (nb, med, best, ph) for p, n, nb, med, best, ph in rows}
     for params, name, nbytes, median, best, phases in rows:
         baseline = "raw+stream" if name.endswith("journal") else "raw"
@@ -330,10 +378,22 @@ def main() -> None:
             ratio = f"{raw[1] / median:6.2f} {paired:6.2f} {raw[1] / (median - phases['encode']):5.2f}"
         ratio += f" {weak[1] / median:6.2f}" if weak else " " * 7
         where = "  ".join(f"{k} {v:.3f}" for k, v in phases.items())
-        print(f"{params:>11,} {name:17s} {nbytes / 1e6:7.1f} {median:6.3f} {best:6.3f} {nbytes / 1e6 / median:5.0f} {ratio}  {where}")
-    print("vs raw = brokerfl MB/s / raw pika MB/s with the same socket reads (512 KiB) and durability (brokerfl+journal against")
-    print(f"raw+stream), goal >= {GOAL}; paired: median over repetitions of the same ratio, round by round; -enc: the same without brokerfl's encode (raw sends pre-encoded bytes); vs 4k: against raw")
-    print("pika with its default 4 KiB socket reads; cpu: this process's CPU seconds per round (publisher and consumer; the broker's not included)")
+        print(
+            f"{params:>11,} {name:17s} {nbytes / 1e6:7.1f} {median:6.3f} {best:6.3f} {nbytes / 1e6 / median:5.0f} "
+            f"{ratio}  {where}"
+        )
+    print(
+        "vs raw = brokerfl MB/s / raw pika MB/s with the same socket reads (512 KiB) and durability (brokerfl+journal "
+        "against"
+    )
+    print(
+        f"raw+stream), goal >= {GOAL}; paired: median over repetitions of the same ratio, round by round; -enc: the "
+        "same without brokerfl's encode (raw sends pre-encoded bytes); vs 4k: against raw"
+    )
+    print(
+        "pika with its default 4 KiB socket reads; cpu: this process's CPU seconds per round (publisher and consumer; "
+        "the broker's not included)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,14 +27,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def brokerfl(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "brokerfl.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def run_simulate(config: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "brokerfl.cli", "simulate", str(config), "--out", str(out), "--no-progress", "--log-level", "warning"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "brokerfl.cli",
+            "simulate",
+            str(config),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     print(f"--- simulate ({time.perf_counter() - started:.0f} s)\n{proc.stdout}{proc.stderr[-2000:]}")
 
 
@@ -47,21 +68,40 @@ def metrics(out: Path) -> list[dict]:
 def check_run(config_path: Path, run: str, out: Path, url: str) -> None:
     for command in ("accounting", "replay"):
         extra = ["--out", str(out)] if command == "accounting" else ["--check"]
-        proc = subprocess.run([sys.executable, "-m", "brokerfl.cli", command, str(config_path), "--broker", url, "--run", run, *extra, "--log-level", "warning"],
-                              cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "brokerfl.cli",
+                command,
+                str(config_path),
+                "--broker",
+                url,
+                "--run",
+                run,
+                *extra,
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr
         print(f"{command}: exit {proc.returncode}: {tail}")
 
 
 def cleanup(url: str, run: str, clients: int) -> None:
-    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
+    from brokerfl.transports.topology import RunTopology
 
     with AmqpTransport(url) as admin:
         RunTopology(run).delete(admin, [str(i) for i in range(clients)])
 
 
-def over_rabbitmq(config_path: Path, url: str, out: Path, *, kill: str | None = None, return_after_s: float = 0.0) -> None:
+def over_rabbitmq(
+    config_path: Path, url: str, out: Path, *, kill: str | None = None, return_after_s: float = 0.0
+) -> None:
     config = yaml.safe_load(config_path.read_text())
     run = f"bench-{config['run']}-{uuid.uuid4().hex[:6]}"
     clients = config["clients"]
@@ -78,7 +118,10 @@ def over_rabbitmq(config_path: Path, url: str, out: Path, *, kill: str | None = 
             time.sleep(1.0)
             procs[kill].kill()
             procs[kill].communicate()
-            print(f"killed client {kill} (kill -9) while it held model version {len(metrics(out))}; restarting it in {return_after_s:.0f} s")
+            print(
+                f"killed client {kill} (kill -9) while it held model version {len(metrics(out))}; restarting it in "
+                f"{return_after_s:.0f} s"
+            )
             time.sleep(return_after_s)
             procs[kill] = brokerfl("client", *common, "--client-id", kill)
         out_text, _ = server.communicate(timeout=1800)
@@ -89,8 +132,11 @@ def over_rabbitmq(config_path: Path, url: str, out: Path, *, kill: str | None = 
             except subprocess.TimeoutExpired:
                 proc.kill()
     records = metrics(out)
-    print(f"--- over RabbitMQ ({time.perf_counter() - started:.0f} s), run {run}: exit {server.returncode}, {len(records)} versions, "
-          f"final accuracy {records[-1]['accuracy']:.4f}\n{out_text[-3000:]}")
+    print(
+        f"--- over RabbitMQ ({time.perf_counter() - started:.0f} s), run {run}: exit {server.returncode}, "
+        f"{len(records)} versions, "
+        f"final accuracy {records[-1]['accuracy']:.4f}\n{out_text[-3000:]}"
+    )
     check_run(config_path, run, out, url)
     cleanup(url, run, clients)
 

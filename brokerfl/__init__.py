@@ -8,9 +8,20 @@ has the map; the import contract in pyproject.toml enforces it.
 """
 
 from brokerfl import _moved
-
+from brokerfl.runtime.handler_table import (
+    Context,
+    DuplicateHandler,
+    HandlerSet,
+    HandlerTable,
+    Outbound,
+    Rejected,
+    Started,
+    compose,
+    to_client,
+    to_clients,
+    to_server,
+)
 from brokerfl.wire.codec import DecodeError, EncodeError, Limits
-from brokerfl.runtime.handler_table import Context, DuplicateHandler, HandlerSet, HandlerTable, Outbound, Rejected, Started, compose, to_client, to_clients, to_server
 from brokerfl.wire.message import (
     Envelope,
     EvaluateResult,
@@ -28,7 +39,29 @@ from brokerfl.wire.message import (
 _moved.install()  # old module paths (brokerfl.message, ...) keep working, with a DeprecationWarning
 
 __all__ = [
-    "Context", "DecodeError", "DuplicateHandler", "EncodeError", "Envelope", "EvaluateResult", "EvaluateTask", "Exit", "Gradients",
-    "HandlerSet", "HandlerTable", "Heartbeat", "Join", "Leave", "Limits", "Message", "Outbound", "ParameterUpdate", "Rejected", "Started",
-    "TrainTask", "compose", "to_client", "to_clients", "to_server",
+    "Context",
+    "DecodeError",
+    "DuplicateHandler",
+    "EncodeError",
+    "Envelope",
+    "EvaluateResult",
+    "EvaluateTask",
+    "Exit",
+    "Gradients",
+    "HandlerSet",
+    "HandlerTable",
+    "Heartbeat",
+    "Join",
+    "Leave",
+    "Limits",
+    "Message",
+    "Outbound",
+    "ParameterUpdate",
+    "Rejected",
+    "Started",
+    "TrainTask",
+    "compose",
+    "to_client",
+    "to_clients",
+    "to_server",
 ]

@@ -86,11 +86,17 @@ class _MovedModuleLoader(importlib.abc.Loader):
 class MovedModuleFinder(importlib.abc.MetaPathFinder):
     """Resolves an old module path to its new module (see :data:`MOVED`)."""
 
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
         new_name = MOVED.get(fullname)
         if new_name is None:
             return None
-        warnings.warn(f"{fullname} moved to {new_name}; import it from there (the old path goes in a later release)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{fullname} moved to {new_name}; import it from there (the old path goes in a later release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return importlib.machinery.ModuleSpec(fullname, _MovedModuleLoader(new_name))
 
 

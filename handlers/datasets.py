@@ -43,7 +43,7 @@ def load_dataset(name: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dat
     return _load_dataset_cached(name, float(test_fraction), int(seed))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_dataset_cached(name: str, test_fraction: float, seed: int) -> Dataset:
     from sklearn.model_selection import train_test_split
 
@@ -60,9 +60,7 @@ def _load_dataset_cached(name: str, test_fraction: float, seed: int) -> Dataset:
 
     x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, stratify=y, random_state=seed
-    )
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
     arrays = [np.ascontiguousarray(a) for a in (x_train, y_train, x_test, y_test)]
     for a in arrays:
         a.flags.writeable = False
@@ -82,9 +80,7 @@ def _check_num_clients(num_samples: int, num_clients: int) -> None:
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if num_clients > num_samples:
-        raise ValueError(
-            f"num_clients ({num_clients}) exceeds the number of samples ({num_samples})"
-        )
+        raise ValueError(f"num_clients ({num_clients}) exceeds the number of samples ({num_samples})")
 
 
 def iid_partition(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:
@@ -117,8 +113,7 @@ def dirichlet_partition(
         raise ValueError(f"min_size must be >= 0, got {min_size}")
     if num_clients * min_size > n:
         raise ValueError(
-            f"cannot give each of {num_clients} clients at least {min_size} samples: "
-            f"only {n} samples available"
+            f"cannot give each of {num_clients} clients at least {min_size} samples: only {n} samples available"
         )
 
     rng = np.random.default_rng(seed)
@@ -140,9 +135,7 @@ def dirichlet_partition(
                 shards[client].append(part)
                 sizes[client] += len(part)
         if sizes.min() >= min_size:
-            return [
-                rng.permutation(np.concatenate(parts)).astype(np.int64) for parts in shards
-            ]
+            return [rng.permutation(np.concatenate(parts)).astype(np.int64) for parts in shards]
     raise ValueError(
         f"could not draw a Dirichlet(alpha={alpha}) partition giving each of {num_clients} "
         f"clients >= {min_size} samples in {_MAX_DIRICHLET_ATTEMPTS} attempts; "

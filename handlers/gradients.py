@@ -10,10 +10,10 @@ to the clients' table of that run only.
 
 from __future__ import annotations
 
-from brokerfl.runtime.handler_table import Context, HandlerSet, Rejected, to_server
-from brokerfl.wire.message import EvaluateResult, Gradients
 from brokerfl.handlers.strategies.aggregate import BadUpdate, check_update
 from brokerfl.handlers.workflows.client import ClientState
+from brokerfl.runtime.handler_table import Context, HandlerSet, Rejected, to_server
+from brokerfl.wire.message import EvaluateResult, Gradients
 
 
 def keep_last_global(state: ClientState) -> None:
@@ -29,7 +29,9 @@ def apply_gradients(message: Gradients, ctx: Context[ClientState]):
         check_update(message.gradients, state.last_global)
     except BadUpdate as exc:
         raise Rejected(f"gradients do not fit the model: {exc}") from None
-    stepped = {name: value - message.learning_rate * message.gradients[name] for name, value in state.last_global.items()}
+    stepped = {
+        name: value - message.learning_rate * message.gradients[name] for name, value in state.last_global.items()
+    }
     scores = state.app.evaluate(stepped, state.data.train)
     result = message.reply(
         EvaluateResult,

@@ -40,9 +40,7 @@ def _skeleton(num_features: int, hidden: Sequence[int], num_classes: int) -> nn.
         return build_mlp(num_features, hidden, num_classes)
 
 
-def init_parameters(
-    num_features: int, hidden: Sequence[int], num_classes: int, seed: int
-) -> dict[str, np.ndarray]:
+def init_parameters(num_features: int, hidden: Sequence[int], num_classes: int, seed: int) -> dict[str, np.ndarray]:
     """Fresh float32 parameters, deterministic in `seed`.
 
     Same distribution as torch's default nn.Linear init (U(-1/sqrt(fan_in),
@@ -62,7 +60,12 @@ def init_parameters(
 
 
 def _load_model(
-    parameters: Mapping[str, np.ndarray], num_features: int, hidden: Sequence[int], num_classes: int, *, copy: bool = True
+    parameters: Mapping[str, np.ndarray],
+    num_features: int,
+    hidden: Sequence[int],
+    num_classes: int,
+    *,
+    copy: bool = True,
 ) -> nn.Sequential:
     """Build the MLP and fill it with copies of `parameters`, validating keys and shapes.
     ``copy=False``: float32 arrays are used in place, so evaluating a model costs no second
@@ -86,7 +89,9 @@ def _load_model(
     else:
         with warnings.catch_warnings():  # decoded arrays are read-only; nothing here writes them
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            tensors = {name: torch.from_numpy(np.ascontiguousarray(parameters[name], dtype=np.float32)) for name in expected}
+            tensors = {
+                name: torch.from_numpy(np.ascontiguousarray(parameters[name], dtype=np.float32)) for name in expected
+            }
     model.load_state_dict(tensors, strict=True, assign=True)
     return model
 
@@ -142,8 +147,17 @@ def train_local(
     plain = momentum == 0 and weight_decay == 0 and proximal_mu == 0
     model = _load_model(parameters, xt.shape[1], hidden, num_classes, copy=not plain)
     loss = sgd(
-        model, (xt, yt), epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, proximal_mu=proximal_mu, max_batches=max_batches, seed=seed, borrowed=plain,
+        model,
+        (xt, yt),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        proximal_mu=proximal_mu,
+        max_batches=max_batches,
+        seed=seed,
+        borrowed=plain,
     )
     n = len(xt)
 

@@ -13,8 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_brokerfl(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
     """``python -m brokerfl.cli ARGS`` in the repository, stdout and stderr as one text."""
-    return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, env=None if env is None else dict(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "brokerfl.cli", *args],
+        cwd=ROOT,
+        env=None if env is None else dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def outputs_at_the_end(procs: Sequence[subprocess.Popen], timeout: float) -> list[str]:

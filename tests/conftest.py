@@ -19,15 +19,27 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from brokerfl.transports.topology import RunTopology
 from brokerfl.transports.base import Transport
 from brokerfl.transports.local import LocalBroker, LocalTransport
+from brokerfl.transports.topology import RunTopology
 
 RABBITMQ_IMAGE = os.environ.get("BROKERFL_RABBITMQ_IMAGE", "rabbitmq:4")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "broker: needs a RabbitMQ broker (BROKERFL_AMQP_URL or Docker)")
+
+
+SYSTEM_MARKERS = ("broker", "slow", "cluster", "container")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Three groups: ``unit`` (no broker, seconds: the fast loop, ``pytest -m unit``),
+    ``broker`` (talks to RabbitMQ), and ``slow`` (federations of processes, fault scenarios,
+    clusters, containers). ``unit`` is what carries none of the others."""
+    for item in items:
+        if not any(item.get_closest_marker(name) for name in SYSTEM_MARKERS):
+            item.add_marker(pytest.mark.unit)
 
 
 class _Broker:
@@ -55,14 +67,19 @@ class _Broker:
         a test that restarts "the broker" must not restart another one (the machine's
         default node while BROKERFL_AMQP_URL names a private node on another port)."""
         port = urlsplit(self.url).port or 5672
-        done = subprocess.run([*self._ctl_prefix(), "status", "--formatter", "json"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [*self._ctl_prefix(), "status", "--formatter", "json"], capture_output=True, text=True, timeout=120
+        )
         try:
             listeners = json.loads(done.stdout)["listeners"]
         except (ValueError, KeyError, TypeError):
             return f"{' '.join(self._ctl_prefix())} status did not answer ({done.stderr.strip()[:200]})"
         ports = sorted({int(item["port"]) for item in listeners if item.get("protocol") in ("amqp", "amqp/ssl")})
         if port not in ports:
-            return f"the node {' '.join(self._ctl_prefix()[1:]) or '(default)'} serves AMQP on {ports}, not on the URL's port {port}: set BROKERFL_RABBITMQ_NODE"
+            return (
+                f"the node {' '.join(self._ctl_prefix()[1:]) or '(default)'} serves AMQP on {ports}, not on the URL's "
+                f"port {port}: set BROKERFL_RABBITMQ_NODE"
+            )
         return None
 
     def can_restart(self) -> str | None:
@@ -92,7 +109,10 @@ def broker() -> Iterator[_Broker]:
         container = RabbitMqContainer(RABBITMQ_IMAGE)
         container.start()
     except Exception as exc:  # no Docker, no image, no testcontainers
-        reason = f"no RabbitMQ: set BROKERFL_AMQP_URL, or make Docker available for testcontainers ({type(exc).__name__}: {str(exc)[:200]})"
+        reason = (
+            f"no RabbitMQ: set BROKERFL_AMQP_URL, or make Docker available for testcontainers ({type(exc).__name__}: "
+            f"{str(exc)[:200]})"
+        )
         if os.environ.get("BROKERFL_REQUIRE_BROKER") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
@@ -227,7 +247,9 @@ def provision_on_broker(broker: _Broker, amqp_url: str, tmp_path) -> Iterator[Ca
 
     def provision_run(config, **options):
         parts = urlsplit(amqp_url)
-        done = provision(config, tmp_path / f"provision-{config.run}", host=parts.hostname, port=parts.port or 5672, **options)
+        done = provision(
+            config, tmp_path / f"provision-{config.run}", host=parts.hostname, port=parts.port or 5672, **options
+        )
         made.append(done)
         # rabbitmqctl runs as the rabbitmq user, which cannot read pytest's tmp_path (and
         # 3.10's import_definitions does not take "-" for stdin): a readable copy

@@ -14,7 +14,9 @@ import pytest
 from brokerfl.runtime.handler_table import HandlerSet
 
 
-def extra_handlers(monkeypatch: pytest.MonkeyPatch, *, client: HandlerSet | None = None, server: HandlerSet | None = None) -> str:
+def extra_handlers(
+    monkeypatch: pytest.MonkeyPatch, *, client: HandlerSet | None = None, server: HandlerSet | None = None
+) -> str:
     """The name of a module (importable for this test only) exporting these sets as
     ``CLIENT_HANDLERS`` and ``SERVER_HANDLERS``: put it in the config's ``extra_handlers``."""
     name = f"test_extra_handlers_{uuid.uuid4().hex[:8]}"

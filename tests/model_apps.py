@@ -51,7 +51,9 @@ def load_server_test(options, seed):
 
 
 def train(model, data, settings, seed, context, options):
-    CALLS.append({"client_id": context.client_id, "round": context.round, "lr": settings.lr, "config": dict(context.config)})
+    CALLS.append(
+        {"client_id": context.client_id, "round": context.round, "lr": settings.lr, "config": dict(context.config)}
+    )
     context.state["rounds"] = context.state.get("rounds", 0) + 1
     loss = sgd(model, data, **settings.model_dump(), seed=seed)
     if int(context.client_id) in options.get("double_partitions", []):

@@ -4,11 +4,22 @@ DeprecationWarning, and only for the runs that name it)."""
 
 from __future__ import annotations
 
+from brokerfl.handlers.workflows.client import table
 from brokerfl.runtime.handler_table import Context, to_server
 from brokerfl.wire.message import EvaluateResult, Gradients
-from brokerfl.handlers.workflows.client import table
 
 
 @table.on(Gradients)
 def answer_gradients_old_style(message: Gradients, ctx: Context):
-    return [to_server(message.reply(EvaluateResult, client_id=ctx.state.client_id, task_id=message.message_id, loss=0.0, accuracy=1.0, num_samples=1))]
+    return [
+        to_server(
+            message.reply(
+                EvaluateResult,
+                client_id=ctx.state.client_id,
+                task_id=message.message_id,
+                loss=0.0,
+                accuracy=1.0,
+                num_samples=1,
+            )
+        )
+    ]

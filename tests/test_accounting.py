@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 
-from brokerfl.storage.accounting import account, account_run
-from brokerfl.config import load_config
-from brokerfl.wire.message import Envelope, ParameterUpdate, UpdateDropped, to_wire
 from brokerfl.assembly.roles import topology_for
 from brokerfl.assembly.simulate import simulate
+from brokerfl.config import load_config
+from brokerfl.storage.accounting import account, account_run
 from brokerfl.transports.base import REASON_HEADER, Delivery
 from brokerfl.transports.local import LocalTransport
+from brokerfl.wire.message import Envelope, ParameterUpdate, UpdateDropped, to_wire
 
 
 def test_a_clean_simulated_run_accounts_for_every_update():
@@ -45,7 +45,9 @@ def test_counted_twice_unaccounted_and_dropped_are_told_apart():
         _journaled(UpdateDropped(update_id="c", client_id="0", reason="late: round 3 closed"), "audit.update_dropped"),
     ]
     envelope, body = to_wire(_update("d"))
-    dead = Envelope(envelope.type, envelope.message_id, envelope.sender, time.time(), {**envelope.headers, REASON_HEADER: "NaN"})
+    dead = Envelope(
+        envelope.type, envelope.message_id, envelope.sender, time.time(), {**envelope.headers, REASON_HEADER: "NaN"}
+    )
     journal.append(Delivery("journal", "x", "dead.parameter_update", dead, body, False, 0))
     versions = [{"version": 1, "update_ids": ["a", "b"]}, {"version": 2, "update_ids": ["b"]}]
     report = account(journal, versions)
@@ -62,10 +64,15 @@ def test_a_journal_cut_by_retention_is_named_not_listed_as_missing_updates():
     where retention cut the journal instead of listing updates as missing."""
     import structlog
 
-    config = load_config(None, {"rounds": 3, "clients": 4, "journal_max_bytes": 400_000})  # a model is ~69 kB; the run ~1.1 MB
+    config = load_config(
+        None, {"rounds": 3, "clients": 4, "journal_max_bytes": 400_000}
+    )  # a model is ~69 kB; the run ~1.1 MB
     with structlog.testing.capture_logs() as logs:
         result = simulate(config, journal=True)
-    assert any(e["event"].startswith("journal retention: the journal will hold about") and e["log_level"] == "warning" for e in logs)
+    assert any(
+        e["event"].startswith("journal retention: the journal will hold about") and e["log_level"] == "warning"
+        for e in logs
+    )
     report = account_run(LocalTransport(result.broker), topology_for(config), result.store)
     summary = report.summary()
     assert report.cut_at is not None and report.cut_at > 0, summary
@@ -79,7 +86,25 @@ def test_accounting_reads_a_journal_file_written_by_simulate(tmp_path, capsys):
     from brokerfl.cli import main
 
     journal = tmp_path / "journal.bin"
-    assert main(["simulate", "--rounds", "2", "--clients", "3", "--out", str(tmp_path), "--journal", str(journal), "--no-progress", "--log-level", "warning"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "--rounds",
+                "2",
+                "--clients",
+                "3",
+                "--out",
+                str(tmp_path),
+                "--journal",
+                str(journal),
+                "--no-progress",
+                "--log-level",
+                "warning",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["accounting", "--journal", str(journal)]) == 0
     out = capsys.readouterr().out

@@ -6,21 +6,31 @@ from __future__ import annotations
 
 import pytest
 
-from brokerfl.storage.accounting import account
-from brokerfl.runtime.operator_commands import AdminReply, AdminState, RemoveClient, SetRounds, ask, restore_admin_state
-from brokerfl.cli.operate import admin_message
-from brokerfl.config import load_config
-from brokerfl.storage.journal import read_journal
-from brokerfl.ops.replay import replay
-from brokerfl.wire.message import TrainTask, from_wire, to_wire
 from brokerfl.assembly.roles import coordinator_table, topology_for
 from brokerfl.assembly.simulate import simulate
-from brokerfl.transports.topology import routing_key
+from brokerfl.cli.operate import admin_message
+from brokerfl.config import load_config
+from brokerfl.ops.replay import replay
+from brokerfl.runtime.operator_commands import AdminReply, AdminState, RemoveClient, SetRounds, ask, restore_admin_state
+from brokerfl.storage.accounting import account
+from brokerfl.storage.journal import read_journal
 from brokerfl.transports.local import LocalBroker, LocalTransport
+from brokerfl.transports.topology import routing_key
+from brokerfl.wire.message import TrainTask, from_wire, to_wire
 
 
 def test_queued_commands_shorten_the_run_and_remove_a_client():
-    config = load_config(None, {"run": "admin-local", "clients": 3, "rounds": 10, "train.epochs": 1, "train.max_batches": 2, "strategy.join_timeout_s": 0.2})
+    config = load_config(
+        None,
+        {
+            "run": "admin-local",
+            "clients": 3,
+            "rounds": 10,
+            "train.epochs": 1,
+            "train.max_batches": 2,
+            "strategy.join_timeout_s": 0.2,
+        },
+    )
     broker = LocalBroker()
     operator = LocalTransport(broker)
     topology = topology_for(config)
@@ -38,7 +48,10 @@ def test_queued_commands_shorten_the_run_and_remove_a_client():
     tasks = [from_wire(d.envelope, d.body) for d in journal if d.envelope.type == TrainTask.TYPE]
     assert tasks and all("2" not in t.participants for t in tasks)
     replies = [from_wire(d.envelope, d.body) for d in journal if d.envelope.type == AdminReply.TYPE]
-    assert [(r.command, r.by, r.ok) for r in replies] == [("remove_client", "admin:test", True), ("set_rounds", "admin:test", True)]
+    assert [(r.command, r.by, r.ok) for r in replies] == [
+        ("remove_client", "admin:test", True),
+        ("set_rounds", "admin:test", True),
+    ]
     report = account(journal, [result.store.metadata(v) for v in result.store.versions()])
     assert report.ok, report.summary()
     assert "admin commands: 2" in report.summary()
@@ -61,7 +74,12 @@ def test_no_server_means_no_reply_and_the_command_expires():
 
 @pytest.mark.parametrize(
     ("command", "values", "error"),
-    [("set-rounds", ["0"], "positive"), ("set-rounds", [], "one N"), ("pause", ["x"], "no values"), ("remove-client", ["a.b"], "client id")],
+    [
+        ("set-rounds", ["0"], "positive"),
+        ("set-rounds", [], "one N"),
+        ("pause", ["x"], "no values"),
+        ("remove-client", ["a.b"], "client id"),
+    ],
 )
 def test_admin_cli_values_are_checked(command, values, error):
     with pytest.raises(ValueError, match=error):
@@ -74,12 +92,12 @@ def test_an_abort_mid_round_records_each_folded_update_with_its_client():
     accounting and replay)."""
     import structlog
 
-    from brokerfl.runtime.operator_commands import AbortRun
+    from brokerfl.handlers.workflows import server
     from brokerfl.runtime.handler_table import Context, Started
-    from brokerfl.wire.message import UpdateDropped
+    from brokerfl.runtime.operator_commands import AbortRun
     from brokerfl.storage.metrics_log import MetricsLog
     from brokerfl.storage.store import MemoryModelStore
-    from brokerfl.handlers.workflows import server
+    from brokerfl.wire.message import UpdateDropped
 
     config = load_config(None, {"run": "abort-mid-round", "clients": 2})
     state = server.make_state(config, MemoryModelStore(), MetricsLog(None))

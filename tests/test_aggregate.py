@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from brokerfl.handlers.strategies.aggregate import BadUpdate, check_update, fold_update, magnitude_limit, new_running_sum, weighted_average
+from brokerfl.handlers.strategies.aggregate import (
+    BadUpdate,
+    check_update,
+    fold_update,
+    magnitude_limit,
+    new_running_sum,
+    weighted_average,
+)
 from brokerfl.handlers.strategies.fedavg import FedAvg
 
 
@@ -88,7 +95,11 @@ GLOBAL = {"w": np.full((100, 10), 0.1, np.float32), "b": np.zeros(10, np.float32
 
 def near(scale: float, **replace) -> dict:
     rng = np.random.default_rng(0)
-    update = {"w": (GLOBAL["w"] + scale * rng.normal(size=(100, 10))).astype(np.float32), "b": np.zeros(10, np.float32), "steps": np.array(8, np.int64)}
+    update = {
+        "w": (GLOBAL["w"] + scale * rng.normal(size=(100, 10))).astype(np.float32),
+        "b": np.zeros(10, np.float32),
+        "steps": np.array(8, np.int64),
+    }
     return {**update, **replace}
 
 
@@ -97,12 +108,18 @@ def test_an_honest_step_passes_the_distance_check():
     check_update(near(0.5), GLOBAL, max_distance_ratio=10.0)
 
 
-@pytest.mark.parametrize(("update", "message"), [
-    (near(0.0, w=np.full((100, 10), 1e30, np.float32)), "strategy.max_update_ratio"),  # finite, but ~1e28 times the bound
-    (near(0.0, b=np.full(10, -1e37, np.float32)), "beyond the .* a fold of float32 takes"),
-    (near(0.0, w=np.full((100, 10), np.nan, np.float32)), "NaN"),
-    (near(0.0, steps=np.array(2**60, np.int64)), "beyond 2\\*\\*53"),
-])
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        (
+            near(0.0, w=np.full((100, 10), 1e30, np.float32)),
+            "strategy.max_update_ratio",
+        ),  # finite, but ~1e28 times the bound
+        (near(0.0, b=np.full(10, -1e37, np.float32)), "beyond the .* a fold of float32 takes"),
+        (near(0.0, w=np.full((100, 10), np.nan, np.float32)), "NaN"),
+        (near(0.0, steps=np.array(2**60, np.int64)), "beyond 2\\*\\*53"),
+    ],
+)
 def test_an_update_that_would_poison_or_overflow_the_fold_is_refused(update, message):
     with pytest.raises(BadUpdate, match=message):
         check_update(update, GLOBAL, max_distance_ratio=10.0)
@@ -156,7 +173,12 @@ def test_median_and_trimmed_mean_resist_one_outlier():
     from brokerfl.handlers.strategies.robust import Median, TrimmedMean
 
     like = {"w": np.zeros(3, np.float32)}
-    updates = [{"w": np.array([1, 2, 3], np.float32)}, {"w": np.array([2, 3, 4], np.float32)}, {"w": np.array([3, 4, 5], np.float32)}, {"w": np.array([1000, -1000, 1000], np.float32)}]
+    updates = [
+        {"w": np.array([1, 2, 3], np.float32)},
+        {"w": np.array([2, 3, 4], np.float32)},
+        {"w": np.array([3, 4, 5], np.float32)},
+        {"w": np.array([1000, -1000, 1000], np.float32)},
+    ]
     median = Median()
     median.start_round(like)
     for update in updates:
@@ -172,14 +194,17 @@ def test_median_and_trimmed_mean_resist_one_outlier():
         TrimmedMean(beta=0.5)
 
 
-@pytest.mark.parametrize(("n", "beta", "min_trim", "k"), [
-    (6, 0.1, 1, 1),  # beta x n < 1: min_trim trims one from each end
-    (6, 0.1, 0, 0),  # Flower's and scipy's floor(beta x n)
-    (10, 0.2, 1, 2),
-    (3, 0.1, 1, 1),  # the median
-    (2, 0.1, 1, 0),  # nothing to trim while keeping a value: the mean of the two
-    (5, 0.45, 3, 2),  # at most (n - 1) // 2
-])
+@pytest.mark.parametrize(
+    ("n", "beta", "min_trim", "k"),
+    [
+        (6, 0.1, 1, 1),  # beta x n < 1: min_trim trims one from each end
+        (6, 0.1, 0, 0),  # Flower's and scipy's floor(beta x n)
+        (10, 0.2, 1, 2),
+        (3, 0.1, 1, 1),  # the median
+        (2, 0.1, 1, 0),  # nothing to trim while keeping a value: the mean of the two
+        (5, 0.45, 3, 2),  # at most (n - 1) // 2
+    ],
+)
 def test_trimmed_count(n, beta, min_trim, k):
     from brokerfl.handlers.strategies.robust import trimmed_count
 
@@ -205,7 +230,9 @@ def test_trimmed_mean_that_cannot_trim_its_rounds_is_refused_when_the_run_starts
     with pytest.raises(ValueError, match="trims nothing from rounds of 6 updates"):
         strategy.bind_run(seed=0, clients=6)
     TrimmedMean(beta=0.1, min_trim=0).bind_run(seed=0, clients=10)  # floor(0.1 x 10) = 1
-    TrimmedMean(beta=0.1, min_trim=0, clients_per_round=2).bind_run(seed=0, clients=6)  # 2 per round: nothing could be trimmed anyway
+    TrimmedMean(beta=0.1, min_trim=0, clients_per_round=2).bind_run(
+        seed=0, clients=6
+    )  # 2 per round: nothing could be trimmed anyway
 
 
 def test_a_reused_running_sum_is_zeroed_at_its_first_use_not_at_round_start():
@@ -235,7 +262,10 @@ def test_a_float64_fold_is_order_independent_and_rounds_the_exact_sum(with_base)
     rng = np.random.default_rng(1)
     size, n = 2000, 12
     like = {"w": np.zeros(size, np.float64), "f": np.zeros(4, np.float32)}
-    updates = [{"w": rng.standard_normal(size) * 10.0 ** rng.integers(-4, 4), "f": rng.standard_normal(4).astype(np.float32)} for _ in range(n)]
+    updates = [
+        {"w": rng.standard_normal(size) * 10.0 ** rng.integers(-4, 4), "f": rng.standard_normal(4).astype(np.float32)}
+        for _ in range(n)
+    ]
     weights = [float(rng.integers(1, 1000)) for _ in range(n - 1)] + [0.3711]  # one weight not an integer
     base = {"w": rng.standard_normal(size), "f": np.zeros(4, np.float32)} if with_base else None
     orders = [list(range(n)), list(range(n))[::-1]] + [list(rng.permutation(n)) for _ in range(10)]
@@ -246,7 +276,9 @@ def test_a_float64_fold_is_order_independent_and_rounds_the_exact_sum(with_base)
             fold_update(acc, updates[i], weights[i], base=base)
         averages.append(weighted_average(acc, like))
         plain.append(sum(weights[i] * (updates[i]["w"] - (base["w"] if base else 0.0)) for i in order))
-    assert all(np.array_equal(averages[0]["w"], a["w"]) and np.array_equal(averages[0]["f"], a["f"]) for a in averages[1:])
+    assert all(
+        np.array_equal(averages[0]["w"], a["w"]) and np.array_equal(averages[0]["f"], a["f"]) for a in averages[1:]
+    )
     assert averages[0]["w"].dtype == np.float64
     assert any(not np.array_equal(plain[0], p) for p in plain[1:])  # what the double-double is for
     acc = new_running_sum(like)

@@ -14,11 +14,10 @@ from collections import Counter
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-
-from brokerfl.transports.base import Delivery, TransportError
-from brokerfl.transports.amqp import AmqpTransport
-
 from test_transport import envelope
+
+from brokerfl.transports.amqp import AmqpTransport
+from brokerfl.transports.base import Delivery, TransportError
 
 pytestmark = pytest.mark.broker
 
@@ -56,7 +55,9 @@ class FreezingProxy:
             threading.Thread(target=self._pump, args=(client, broker, None, cut, index), daemon=True).start()
             threading.Thread(target=self._pump, args=(broker, client, index), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, index: int | None, cut: bool = False, client_of: int | None = None) -> None:
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, index: int | None, cut: bool = False, client_of: int | None = None
+    ) -> None:
         sent = 0
         try:
             while True:
@@ -104,11 +105,16 @@ def proxied_url(amqp_url):
     parts = urlsplit(amqp_url)
     proxy = FreezingProxy(parts.hostname or "127.0.0.1", parts.port or 5672)
     netloc = parts.netloc.rsplit("@", 1)
-    yield proxy, urlunsplit(parts._replace(netloc=(netloc[0] + "@" if len(netloc) > 1 else "") + f"127.0.0.1:{proxy.port}"))
+    yield (
+        proxy,
+        urlunsplit(parts._replace(netloc=(netloc[0] + "@" if len(netloc) > 1 else "") + f"127.0.0.1:{proxy.port}")),
+    )
     proxy.close()
 
 
-def test_a_publish_whose_confirm_never_comes_is_published_again_on_a_new_connection(amqp_factory, proxied_url, run_name):
+def test_a_publish_whose_confirm_never_comes_is_published_again_on_a_new_connection(
+    amqp_factory, proxied_url, run_name
+):
     """A consumer holds a delivery and the process publishes; the broker's side of the
     connection goes silent. The publish returns (on a new connection) within about
     ``confirm_timeout``, instead of waiting forever; the held delivery comes back (its
@@ -211,7 +217,10 @@ def test_connections_given_up_on_are_closed_at_once(amqp_factory, proxied_url, r
     admin.publish("", queue, envelope(1), b"held")
     _poll_until(transport, lambda: got, 15)
     assert len(got) == 1
-    old = [transport._connection.conn, transport._connection.publisher]  # kept alive here: no garbage collection closes them
+    old = [
+        transport._connection.conn,
+        transport._connection.publisher,
+    ]  # kept alive here: no garbage collection closes them
     assert len(proxy.pairs) == 2
 
     proxy.freeze()

@@ -7,17 +7,23 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_processes import outputs_at_the_end, start_brokerfl
 from structlog.testing import capture_logs
 
-from brokerfl.config import parse_config
 from brokerfl.assembly.simulate import simulate
-from cli_processes import outputs_at_the_end, start_brokerfl
+from brokerfl.config import parse_config
 from tests import model_apps
 
 
 def _config(**overrides):
-    data = {"app": "tests.model_apps", "app_options": {"dtype": "float32"}, "clients": 3, "rounds": 2,
-            "strategy": {"min_clients": 2, "round_deadline_s": 4.0}, "train": {"epochs": 1, "batch_size": 16, "momentum": 0.0}}
+    data = {
+        "app": "tests.model_apps",
+        "app_options": {"dtype": "float32"},
+        "clients": 3,
+        "rounds": 2,
+        "strategy": {"min_clients": 2, "round_deadline_s": 4.0},
+        "train": {"epochs": 1, "batch_size": 16, "momentum": 0.0},
+    }
     data.update(overrides)
     return parse_config(data)
 
@@ -63,7 +69,9 @@ def test_a_learning_rate_schedule_by_round_changes_the_run_from_its_round():
     base = _config(rounds=3, train={"epochs": 1, "lr": 0.1, "momentum": 0.0})
     plain = simulate(base).records
     model_apps.CALLS.clear()
-    scheduled = simulate(_config(rounds=3, train={"epochs": 1, "lr": 0.1, "momentum": 0.0}, train_schedule={"lr": {1: 0.1, 3: 0.001}})).records
+    scheduled = simulate(
+        _config(rounds=3, train={"epochs": 1, "lr": 0.1, "momentum": 0.0}, train_schedule={"lr": {1: 0.1, 3: 0.001}})
+    ).records
     assert hashes(plain)[:2] == hashes(scheduled)[:2] and hashes(plain)[2] != hashes(scheduled)[2]
     seen = sorted((c["round"], c["client_id"], c["lr"], c["config"].get("lr")) for c in model_apps.CALLS)
     assert seen == [(r, cid, lr, lr) for r, lr in ((1, 0.1), (2, 0.1), (3, 0.001)) for cid in ("0", "1", "2")]
@@ -72,7 +80,11 @@ def test_a_learning_rate_schedule_by_round_changes_the_run_from_its_round():
 def test_the_app_configures_each_round_and_bad_schedules_are_named():
     model_apps.CALLS.clear()
     simulate(_config(rounds=3, app_options={"dtype": "float32", "phases": ["warm", "main"]}))
-    assert sorted({(c["round"], c["config"]["phase"]) for c in model_apps.CALLS}) == [(1, "warm"), (2, "main"), (3, "main")]
+    assert sorted({(c["round"], c["config"]["phase"]) for c in model_apps.CALLS}) == [
+        (1, "warm"),
+        (2, "main"),
+        (3, "main"),
+    ]
     from brokerfl.config import ConfigError
 
     with pytest.raises((ConfigError, ValueError), match="train_schedule.lrr: not a train setting"):
@@ -102,7 +114,10 @@ def _accuracy_of(model_file, config):
 
     app = load_app(config)
     model = load_model(config, model_file)
-    assert model.training is False and next(model.parameters()).dtype == next(model_apps.model(config.app_options).parameters()).dtype
+    assert (
+        model.training is False
+        and next(model.parameters()).dtype == next(model_apps.model(config.app_options).parameters()).dtype
+    )
     return evaluate_classifier(model, app.load_server_test(config.seed))["accuracy"]
 
 
@@ -120,7 +135,21 @@ def test_simulate_writes_its_final_model_and_any_version_on_request(tmp_path, ca
     config_file = tmp_path / "run.yaml"
     config_file.write_text(json.dumps(config.model_dump(mode="json", exclude_unset=True)))
     out = tmp_path / "out"
-    assert main(["simulate", str(config_file), "--out", str(out), "--keep-versions", "--no-progress", "--log-level", "warning"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                str(config_file),
+                "--out",
+                str(out),
+                "--keep-versions",
+                "--no-progress",
+                "--log-level",
+                "warning",
+            ]
+        )
+        == 0
+    )
     records = [r for r in read_metrics(out / "metrics.jsonl") if r.get("accuracy") is not None]
     assert _accuracy_of(out / "final_model.npz", config) == records[-1]["accuracy"]
     assert main(["export", str(out), "--version", "2", "--out", str(tmp_path / "v2.npz")]) == 0
@@ -150,18 +179,27 @@ def test_a_float64_model_is_the_same_over_rabbitmq_as_in_simulate(amqp_url, run_
     import torch
 
     from brokerfl.storage.metrics_log import read_metrics
-    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
+    from brokerfl.transports.topology import RunTopology
 
     clients, rounds = 4, 10
-    config = _config(run=run_name, clients=clients, rounds=rounds, app_options={"dtype": "float64"},
-                     strategy={"min_clients": clients, "round_deadline_s": 120.0, "join_timeout_s": 120.0})
+    config = _config(
+        run=run_name,
+        clients=clients,
+        rounds=rounds,
+        app_options={"dtype": "float64"},
+        strategy={"min_clients": clients, "round_deadline_s": 120.0, "join_timeout_s": 120.0},
+    )
     config_file = tmp_path / "run.yaml"
     config_file.write_text(json.dumps(config.model_dump(mode="json", exclude_unset=True)))
     common = [str(config_file), "--broker", amqp_url, "--log-level", "warning"]
     out = tmp_path / "amqp"
 
-    procs = [start_brokerfl("server", *common, "--out", str(out)), start_brokerfl("client", *common, "--client-id", "0-1"), start_brokerfl("client", *common, "--client-id", "2-3")]
+    procs = [
+        start_brokerfl("server", *common, "--out", str(out)),
+        start_brokerfl("client", *common, "--client-id", "0-1"),
+        start_brokerfl("client", *common, "--client-id", "2-3"),
+    ]
     try:
         outputs = outputs_at_the_end(procs, timeout=240)
     finally:

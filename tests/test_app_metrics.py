@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_processes import outputs_at_the_end, start_brokerfl
 
+from brokerfl.assembly.roles import topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.config import load_config
+from brokerfl.storage.journal import read_journal
+from brokerfl.storage.metrics_log import curve_description, curve_panels, read_metrics
+from brokerfl.transports.local import LocalTransport
 from brokerfl.wire.app_metrics import (
     MAX_METRICS,
     MetricError,
@@ -24,8 +31,6 @@ from brokerfl.wire.app_metrics import (
     target_of,
     wire_metrics_problem,
 )
-from brokerfl.config import load_config
-from brokerfl.storage.journal import read_journal
 from brokerfl.wire.message import (
     DecodeError,
     EvaluateResult,
@@ -33,11 +38,6 @@ from brokerfl.wire.message import (
     from_wire,
     to_wire,
 )
-from brokerfl.storage.metrics_log import curve_description, curve_panels, read_metrics
-from brokerfl.assembly.roles import topology_for
-from brokerfl.assembly.simulate import simulate
-from brokerfl.transports.local import LocalTransport
-from cli_processes import outputs_at_the_end, start_brokerfl
 
 ROOT = Path(__file__).resolve().parents[1]
 WINE_EVALUATE = ["loss", "accuracy", "f1_macro", "roc_auc", "brier"]
@@ -48,9 +48,12 @@ WINE_TRAIN = ["train_loss", "train_lr_end", "train_max_grad"]
 
 
 def test_numbers_take_numbers_and_name_the_function_and_key_otherwise():
-    assert numbers({"a": 1, "b": True, "c": np.float32(0.5), "d": torch.tensor(0.25), "e": np.array([2.0])}, "evaluate()") == {
-        "a": 1.0, "b": 1.0, "c": 0.5, "d": 0.25, "e": 2.0}
-    with pytest.raises(MetricError, match=r"evaluate\(\) returned 'high' \(str\) for 'accuracy': a metric must be a number"):
+    assert numbers(
+        {"a": 1, "b": True, "c": np.float32(0.5), "d": torch.tensor(0.25), "e": np.array([2.0])}, "evaluate()"
+    ) == {"a": 1.0, "b": 1.0, "c": 0.5, "d": 0.25, "e": 2.0}
+    with pytest.raises(
+        MetricError, match=r"evaluate\(\) returned 'high' \(str\) for 'accuracy': a metric must be a number"
+    ):
         numbers({"loss": 0.1, "accuracy": "high"}, "evaluate()")
     with pytest.raises(MetricError, match=r"train\(\) returned tensor\(\[0\.5000, 0\.2500\]\) \(Tensor\) for 'lr'"):
         numbers({"lr": torch.tensor([0.5, 0.25])}, "train()")
@@ -64,8 +67,11 @@ def test_numbers_take_numbers_and_name_the_function_and_key_otherwise():
 
 def test_a_message_with_metrics_named_by_an_attacker_is_refused_on_decoding():
     assert wire_metrics_problem({"train_loss": 1.0}) is None
-    for metrics, why in (({"\x1b[31mred": 1.0}, "must be 1-64 characters"), ({"x" * 65: 1.0}, "must be 1-64 characters"),
-                         ({f"m{i}": 1.0 for i in range(200)}, "200 metrics")):
+    for metrics, why in (
+        ({"\x1b[31mred": 1.0}, "must be 1-64 characters"),
+        ({"x" * 65: 1.0}, "must be 1-64 characters"),
+        ({f"m{i}": 1.0 for i in range(200)}, "200 metrics"),
+    ):
         update = ParameterUpdate(client_id="0", task_id="t", parameters={}, num_samples=1, metrics=metrics)
         with pytest.raises(DecodeError, match=why):
             from_wire(*to_wire(update))
@@ -97,9 +103,9 @@ def test_the_target_metric_is_the_apps_or_accuracy():
 def test_the_wine_apps_metrics_reach_metrics_jsonl_the_curve_and_status(tmp_path):
     from rich.console import Console
 
-    from brokerfl.runtime.operator_commands import StatusReply
     from brokerfl.cli.operate import metrics_lines, render
     from brokerfl.handlers.workflows.admin import status_of
+    from brokerfl.runtime.operator_commands import StatusReply
 
     config = load_config("examples/wine/config.yaml", {"rounds": 3})
     result = simulate(config, tmp_path, journal=True)
@@ -109,15 +115,24 @@ def test_the_wine_apps_metrics_reach_metrics_jsonl_the_curve_and_status(tmp_path
         assert sorted(line["metrics"]) == sorted(WINE_EVALUATE + WINE_TRAIN)
         assert line["accuracy"] == line["metrics"]["accuracy"] and 0.0 <= line["metrics"]["roc_auc"] <= 1.0
     # train_max_grad takes the clients' largest (METRIC_REDUCERS), train_loss their sample-weighted mean
-    updates = [from_wire(d.envelope, d.body) for d in read_journal(LocalTransport(result.broker), topology_for(config))
-               if d.envelope.type == ParameterUpdate.TYPE and not d.routing_key.startswith("dead.") and d.envelope.headers["round"] == 3]
+    updates = [
+        from_wire(d.envelope, d.body)
+        for d in read_journal(LocalTransport(result.broker), topology_for(config))
+        if d.envelope.type == ParameterUpdate.TYPE
+        and not d.routing_key.startswith("dead.")
+        and d.envelope.headers["round"] == 3
+    ]
     assert len(updates) == 3
     assert lines[-1]["metrics"]["train_max_grad"] == max(u.metrics["train_max_grad"] for u in updates)
     weights = [u.num_samples for u in updates]
-    assert lines[-1]["metrics"]["train_loss"] == pytest.approx(np.average([u.metrics["train_loss"] for u in updates], weights=weights))
+    assert lines[-1]["metrics"]["train_loss"] == pytest.approx(
+        np.average([u.metrics["train_loss"] for u in updates], weights=weights)
+    )
     assert lines[-1]["metrics"]["train_lr_end"] == pytest.approx(config.train.lr / 10)
     # the curve: one panel per metric, the target first
-    assert curve_description(tmp_path / "curve.png") == "panels: " + ", ".join(["accuracy", "loss", "f1_macro", "roc_auc", "brier", *WINE_TRAIN])
+    assert curve_description(tmp_path / "curve.png") == "panels: " + ", ".join(
+        ["accuracy", "loss", "f1_macro", "roc_auc", "brier", *WINE_TRAIN]
+    )
     # status: the newest version's metrics, as the status command prints them
     status = status_of(result.server_state)
     assert status["metrics_version"] == 3 and status["metrics"] == lines[-1]["metrics"]
@@ -133,7 +148,10 @@ def test_the_wine_apps_metrics_reach_metrics_jsonl_the_curve_and_status(tmp_path
 
 
 def test_federated_evaluation_keeps_every_metric_and_the_config_picks_the_curves_panels(tmp_path):
-    config = load_config("examples/wine/config.yaml", {"rounds": 2, "app_options.server_test": False, "metrics": ["f1_macro", "train_lr_end", "absent"]})
+    config = load_config(
+        "examples/wine/config.yaml",
+        {"rounds": 2, "app_options.server_test": False, "metrics": ["f1_macro", "train_lr_end", "absent"]},
+    )
     records = simulate(config, tmp_path).records
     federated = [r for r in records if r.get("evaluation") == "federated"]
     assert [r["round"] for r in federated] == [1, 2]
@@ -148,8 +166,28 @@ def test_federated_evaluation_keeps_every_metric_and_the_config_picks_the_curves
 
 
 def test_regression_runs_in_simulate_judged_by_r2_without_accuracy(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "brokerfl.cli", "simulate", "examples/regression/config.yaml", "--rounds", "8", "--out", str(tmp_path),
-                          "--no-progress", "--log-level", "warning"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ, check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "brokerfl.cli",
+            "simulate",
+            "examples/regression/config.yaml",
+            "--rounds",
+            "8",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = read_metrics(tmp_path / "metrics.jsonl")
     assert len(lines) == 8 and all(line["accuracy"] is None for line in lines)
@@ -167,8 +205,8 @@ def test_regression_over_rabbitmq_matches_simulate_replays_and_accounts(amqp_url
     import yaml
 
     from brokerfl.cli import main
-    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
+    from brokerfl.transports.topology import RunTopology
 
     config = yaml.safe_load((ROOT / "examples" / "regression" / "config.yaml").read_text())
     config.update(run=run_name, clients=3, rounds=4, strategy={"name": "fedavg", "min_clients": 3})
@@ -177,7 +215,11 @@ def test_regression_over_rabbitmq_matches_simulate_replays_and_accounts(amqp_url
     out = tmp_path / "out"
     common = [str(path), "--broker", amqp_url, "--log-level", "warning"]
     try:
-        procs = [start_brokerfl("server", *common, "--out", str(out)), start_brokerfl("client", *common, "--client-id", "0"), start_brokerfl("client", *common, "--client-id", "1-2")]
+        procs = [
+            start_brokerfl("server", *common, "--out", str(out)),
+            start_brokerfl("client", *common, "--client-id", "0"),
+            start_brokerfl("client", *common, "--client-id", "1-2"),
+        ]
         outputs = outputs_at_the_end(procs, timeout=300)
         assert [p.returncode for p in procs] == [0, 0, 0], outputs
         over_amqp = read_metrics(out / "metrics.jsonl")
@@ -205,11 +247,19 @@ def test_regression_over_rabbitmq_matches_simulate_replays_and_accounts(amqp_url
 def test_asynchronous_and_cyclic_runs_keep_the_training_metrics_too(config_file, tmp_path):
     """Every workflow that stores versions keeps what train() returned, not only the
     synchronous server."""
+    from brokerfl.assembly.simulate import simulate
     from brokerfl.config import load_config
     from brokerfl.storage.metrics_log import read_metrics
-    from brokerfl.assembly.simulate import simulate
 
-    config = load_config(config_file, {"run": "train-metrics-" + Path(config_file).stem.replace("_", "-"), "rounds": 3, "clients": 3, "train": {"epochs": 1}})
+    config = load_config(
+        config_file,
+        {
+            "run": "train-metrics-" + Path(config_file).stem.replace("_", "-"),
+            "rounds": 3,
+            "clients": 3,
+            "train": {"epochs": 1},
+        },
+    )
     simulate(config, tmp_path, progress=False)
     lines = [line for line in read_metrics(tmp_path / "metrics.jsonl") if line.get("model_version", 0) >= 1]
     assert lines and all("train_loss" in line["metrics"] and line["metrics"]["train_loss"] > 0 for line in lines)

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_processes import outputs_at_the_end, start_brokerfl
 
 from brokerfl.app import AppError, Partition, load_app
-from brokerfl.config import ConfigError, load_config, parse_config
-from brokerfl.storage.journal import read_journal
-from brokerfl.wire.message import ParameterUpdate, from_wire
 from brokerfl.assembly.roles import topology_for
 from brokerfl.assembly.simulate import simulate
+from brokerfl.config import ConfigError, load_config, parse_config
+from brokerfl.storage.journal import read_journal
 from brokerfl.transports.base import REASON_HEADER
 from brokerfl.transports.local import LocalTransport
-from cli_processes import outputs_at_the_end, start_brokerfl
+from brokerfl.wire.message import ParameterUpdate, from_wire
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +52,8 @@ def test_numpy_logistic_regression_on_five_hospitals_imports_no_torch(tmp_path):
 
 
 def test_federated_evaluation_is_sample_weighted():
-    from brokerfl.wire.message import EvaluateResult
     from brokerfl.handlers.workflows.evaluation import weighted_metrics
+    from brokerfl.wire.message import EvaluateResult
 
     results = [
         EvaluateResult(client_id="a", task_id="t", loss=1.0, accuracy=0.5, num_samples=10),
@@ -76,16 +76,32 @@ def test_batchnorm_buffers_travel_and_aggregate_by_hand():
     """Two clients, one round of the CNN: the new version's BatchNorm running statistics
     are the sample-weighted mean of the clients' (computed here from the journaled
     updates), and num_batches_tracked is that mean rounded (each client ran 3 batches)."""
-    config = load_config("examples/cnn_mnist/config.yaml", {"clients": 2, "rounds": 1, "strategy.min_clients": 2, "train.max_batches": 3, "app_options.partition": "dirichlet", "app_options.alpha": 1.0})
+    config = load_config(
+        "examples/cnn_mnist/config.yaml",
+        {
+            "clients": 2,
+            "rounds": 1,
+            "strategy.min_clients": 2,
+            "train.max_batches": 3,
+            "app_options.partition": "dirichlet",
+            "app_options.alpha": 1.0,
+        },
+    )
     result = simulate(config, journal=True)
-    updates = [from_wire(d.envelope, d.body) for d in read_journal(LocalTransport(result.broker), topology_for(config)) if d.envelope.type == ParameterUpdate.TYPE and not d.routing_key.startswith("dead.")]
+    updates = [
+        from_wire(d.envelope, d.body)
+        for d in read_journal(LocalTransport(result.broker), topology_for(config))
+        if d.envelope.type == ParameterUpdate.TYPE and not d.routing_key.startswith("dead.")
+    ]
     assert len(updates) == 2 and updates[0].num_samples != updates[1].num_samples
     initial, stored = result.store.get(0).parameters, result.store.get(1).parameters
     weights = np.array([u.num_samples for u in updates], np.float64)
     for name in ("1.running_mean", "1.running_var", "5.running_mean", "5.running_var"):
         clients = [u.parameters[name] for u in updates]
         assert not np.array_equal(clients[0], initial[name])  # the buffers moved, and travelled
-        by_hand = (weights[0] * clients[0].astype(np.float64) + weights[1] * clients[1].astype(np.float64)) / weights.sum()
+        by_hand = (
+            weights[0] * clients[0].astype(np.float64) + weights[1] * clients[1].astype(np.float64)
+        ) / weights.sum()
         assert stored[name].dtype == np.float32
         np.testing.assert_array_equal(stored[name], by_hand.astype(np.float32))
     for name in ("1.num_batches_tracked", "5.num_batches_tracked"):
@@ -140,7 +156,12 @@ def numpy_app(**overrides):
     def evaluate(parameters, data):
         return {"loss": 1.0, "accuracy": 0.5}
 
-    functions = dict(model=lambda options: {"w": np.zeros(2, np.float32)}, load_partition=load_partition, train=train, evaluate=evaluate)
+    functions = dict(
+        model=lambda options: {"w": np.zeros(2, np.float32)},
+        load_partition=load_partition,
+        train=train,
+        evaluate=evaluate,
+    )
     functions.update(overrides)
     return functions
 
@@ -165,12 +186,17 @@ def test_an_empty_partition_for_client_7(monkeypatch):
     config = parse_config({"app": name, "clients": 8, "rounds": 2})
     result = simulate(config)  # the run goes on without client 7, which says why
     assert list(result.server_state.unable) == ["7"]
-    assert "app 'fake_app_empty': load_partition() returned an empty partition for client 7 (partition 7 of 8)" in result.server_state.unable["7"]
+    assert (
+        "app 'fake_app_empty': load_partition() returned an empty partition for client 7 (partition 7 of 8)"
+        in result.server_state.unable["7"]
+    )
     assert [r["num_updates"] for r in result.records if "evaluation" not in r] == [7, 7]
 
 
 def test_bad_app_options_name_the_app_and_key():
-    with pytest.raises(ConfigError, match=r"app_options of app 'examples.cnn_mnist.app': unknown key\(s\) \['chanels'\]"):
+    with pytest.raises(
+        ConfigError, match=r"app_options of app 'examples.cnn_mnist.app': unknown key\(s\) \['chanels'\]"
+    ):
         load_app(parse_config({"app": "examples.cnn_mnist.app", "app_options": {"chanels": [4, 8]}}))
     with pytest.raises(ConfigError, match="data and model are the built-in MLP app's settings"):
         parse_config({"app": "examples.cnn_mnist.app", "model": {"hidden": [4]}})
@@ -189,7 +215,9 @@ def test_an_update_unlike_the_global_model_is_dead_lettered_and_the_run_goes_on(
         return np.full((4, 2), float(index)), np.zeros(4)
 
     name = fake_app(monkeypatch, "fake_app_bad_update", **numpy_app(train=train, load_partition=load_partition))
-    config = parse_config({"app": name, "clients": 2, "rounds": 2, "strategy": {"min_clients": 1, "round_deadline_s": 1.0}})
+    config = parse_config(
+        {"app": name, "clients": 2, "rounds": 2, "strategy": {"min_clients": 1, "round_deadline_s": 1.0}}
+    )
     result = simulate(config)
     assert [r["num_updates"] for r in result.records if "evaluation" not in r] == [1, 1]
     np.testing.assert_allclose(result.store.latest().parameters["w"], [0.2, 0.2], rtol=1e-6)
@@ -199,7 +227,10 @@ def test_an_update_unlike_the_global_model_is_dead_lettered_and_the_run_goes_on(
         reasons.append(delivery.envelope.headers[REASON_HEADER])
         dead.ack(delivery)
     assert len(reasons) == 2
-    assert all(f"update from client 1 (app '{name}', its train()): w: dtype float64, the global model has float32" in r for r in reasons)
+    assert all(
+        f"update from client 1 (app '{name}', its train()): w: dtype float64, the global model has float32" in r
+        for r in reasons
+    )
 
 
 # ---------------------------------------------------------------- the CNN over RabbitMQ
@@ -214,17 +245,26 @@ def test_cnn_app_over_rabbitmq_matches_simulate_replays_and_accounts(amqp_url, r
 
     from brokerfl.cli import main
     from brokerfl.storage.metrics_log import read_metrics
-    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
+    from brokerfl.transports.topology import RunTopology
 
     config = yaml.safe_load((ROOT / "examples" / "cnn_mnist" / "config.yaml").read_text())
-    config.update(run=run_name, clients=2, rounds=2, train={**config["train"], "max_batches": 2, "batch_size": 16}, strategy={"name": "fedavg", "min_clients": 2})
+    config.update(
+        run=run_name,
+        clients=2,
+        rounds=2,
+        train={**config["train"], "max_batches": 2, "batch_size": 16},
+        strategy={"name": "fedavg", "min_clients": 2},
+    )
     path = tmp_path / "cnn.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     common = [str(path), "--broker", amqp_url, "--log-level", "warning"]
     try:
-        procs = [start_brokerfl("server", *common, "--out", str(out)), start_brokerfl("client", *common, "--client-id", "0-1")]
+        procs = [
+            start_brokerfl("server", *common, "--out", str(out)),
+            start_brokerfl("client", *common, "--client-id", "0-1"),
+        ]
         outputs = outputs_at_the_end(procs, timeout=300)
         assert [p.returncode for p in procs] == [0, 0], outputs
         over_amqp = read_metrics(out / "metrics.jsonl")
@@ -246,16 +286,32 @@ def test_evaluation_reads_the_model_in_place_and_training_never_writes_into_it(m
     the built-in MLP and for a torch app; a later train leaves those arrays untouched."""
     import torch
 
-    torch_app = fake_app(monkeypatch, "fake_torch_app", model=lambda options: torch.nn.Sequential(torch.nn.Linear(64, 10)),
-                         load_partition=lambda index, num_partitions, options, seed: (np.zeros((4, 64), np.float32), np.zeros(4, np.int64)))
+    torch_app = fake_app(
+        monkeypatch,
+        "fake_torch_app",
+        model=lambda options: torch.nn.Sequential(torch.nn.Linear(64, 10)),
+        load_partition=lambda index, num_partitions, options, seed: (
+            np.zeros((4, 64), np.float32),
+            np.zeros(4, np.int64),
+        ),
+    )
     for config in ({"model": {"hidden": [8]}}, {"app": torch_app}):
         app = load_app(parse_config(config))
         test_data = load_app(parse_config({})).load_server_test(0)
-        evaluated = {k: np.frombuffer(v.tobytes(), v.dtype).reshape(v.shape) for k, v in app.initial_parameters(0).items()}  # read-only, as decoded
+        evaluated = {
+            k: np.frombuffer(v.tobytes(), v.dtype).reshape(v.shape) for k, v in app.initial_parameters(0).items()
+        }  # read-only, as decoded
         before = {k: v.copy() for k, v in evaluated.items()}
         pointers = []
         original = torch.nn.Linear.forward
-        monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: (pointers.append(self.weight.data_ptr()), original(self, x))[1])
+        monkeypatch.setattr(
+            torch.nn.Linear,
+            "forward",
+            lambda self, x, pointers=pointers, original=original: (
+                pointers.append(self.weight.data_ptr()),
+                original(self, x),
+            )[1],
+        )
         scores = app.evaluate(evaluated, test_data)
         monkeypatch.setattr(torch.nn.Linear, "forward", original)
         weights = {v.ctypes.data for k, v in evaluated.items() if k.endswith("weight")}

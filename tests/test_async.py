@@ -11,21 +11,21 @@ import pytest
 import structlog
 
 import brokerfl.handlers.workflows.client as client_handlers
-from brokerfl.config import load_config
-from brokerfl.runtime.handler_table import Context, HandlerSet, Started
-from brokerfl.wire.message import Heartbeat, Join, ParameterUpdate, TrainTask
-from brokerfl.storage.metrics_log import MetricsLog
 from brokerfl.assembly.roles import client_worker, coordinator_table, server_worker
 from brokerfl.assembly.simulate import simulate
-from brokerfl.storage.store import MemoryModelStore
-from brokerfl.transports.local import LocalBroker, LocalTransport
-from brokerfl.handlers.workflows import async_server
+from brokerfl.config import load_config
 from brokerfl.handlers.strategies.aggregate import apply_mean_delta, fold_update, mix, new_running_sum, staleness_weight
+from brokerfl.handlers.strategies.base import load_strategy
 from brokerfl.handlers.strategies.fedasync import FedAsync
 from brokerfl.handlers.strategies.fedbuff import FedBuff
+from brokerfl.handlers.workflows import async_server
 from brokerfl.handlers.workflows.server_state import JoinDeadline
+from brokerfl.runtime.handler_table import Context, HandlerSet, Started
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.storage.store import MemoryModelStore
+from brokerfl.transports.local import LocalBroker, LocalTransport
+from brokerfl.wire.message import Heartbeat, Join, ParameterUpdate, TrainTask
 from tests.handler_modules import extra_handlers
-from brokerfl.handlers.strategies.base import load_strategy
 
 
 @pytest.fixture(autouse=True)
@@ -74,8 +74,12 @@ def test_fedasync_mixing():
 def test_fedbuff_averages_staleness_weighted_deltas_over_k():
     w = {"x": np.array([1.0, 1.0], np.float32)}
     acc = new_running_sum(w)
-    fold_update(acc, {"x": np.array([2.0, 4.0], np.float32)}, 1.0, base={"x": np.array([0.0, 0.0], np.float32)})  # delta (2, 4)
-    fold_update(acc, {"x": np.array([3.0, 1.0], np.float32)}, 0.5, base={"x": np.array([1.0, 1.0], np.float32)})  # 0.5 * (2, 0)
+    fold_update(
+        acc, {"x": np.array([2.0, 4.0], np.float32)}, 1.0, base={"x": np.array([0.0, 0.0], np.float32)}
+    )  # delta (2, 4)
+    fold_update(
+        acc, {"x": np.array([3.0, 1.0], np.float32)}, 0.5, base={"x": np.array([1.0, 1.0], np.float32)}
+    )  # 0.5 * (2, 0)
     assert acc.count == 2 and acc.total_weight == 1.5
     np.testing.assert_allclose(acc.sums["x"], [3.0, 4.0])
     out = apply_mean_delta(acc, w, 0.5)  # w + 0.5 * (3, 4) / 2
@@ -85,9 +89,19 @@ def test_fedbuff_averages_staleness_weighted_deltas_over_k():
     # the strategy: K = 2, polynomial a = 1: staleness 0 -> 1, staleness 1 -> 0.5
     strategy = load_strategy("fedbuff", buffer_size=2, server_lr=0.5, staleness="polynomial", a=1.0)
     strategy.start_version(w)
-    assert strategy.fold_async({"x": np.array([2.0, 4.0])}, global_parameters=w, base_parameters={"x": np.zeros(2)}, staleness=0) == 1.0
+    assert (
+        strategy.fold_async(
+            {"x": np.array([2.0, 4.0])}, global_parameters=w, base_parameters={"x": np.zeros(2)}, staleness=0
+        )
+        == 1.0
+    )
     assert not strategy.ready()
-    assert strategy.fold_async({"x": np.array([3.0, 1.0])}, global_parameters=w, base_parameters={"x": np.ones(2)}, staleness=1) == 0.5
+    assert (
+        strategy.fold_async(
+            {"x": np.array([3.0, 1.0])}, global_parameters=w, base_parameters={"x": np.ones(2)}, staleness=1
+        )
+        == 0.5
+    )
     assert strategy.ready()
     np.testing.assert_allclose(strategy.finish_version(w)["x"], [1.75, 2.0])
     assert strategy.folded() == 0  # ready for the next version
@@ -125,7 +139,9 @@ def produced(monkeypatch):
         ids.extend(o.message.message_id for o in out if isinstance(o.message, ParameterUpdate))
         return out
 
-    ids.module = extra_handlers(monkeypatch, client=HandlerSet("recording", overrides={client_handlers.Trained: train_and_record}))
+    ids.module = extra_handlers(
+        monkeypatch, client=HandlerSet("recording", overrides={client_handlers.Trained: train_and_record})
+    )
     return ids
 
 
@@ -143,8 +159,13 @@ def check_every_update_accounted_for(store, dropped, produced_ids):
     "name, rounds, options, updates_per_version, goal",
     [("fedasync", 40, {"alpha": 0.6}, 1, 0.85), ("fedbuff", 20, {"buffer_size": 4}, 4, 0.85)],
 )
-def test_simulated_async_run_learns_and_accounts_for_every_update(produced, name, rounds, options, updates_per_version, goal):
-    config = load_config(f"configs/digits_{name}.yaml", {"rounds": rounds, "strategy.options": options, "extra_handlers": [produced.module]})
+def test_simulated_async_run_learns_and_accounts_for_every_update(
+    produced, name, rounds, options, updates_per_version, goal
+):
+    config = load_config(
+        f"configs/digits_{name}.yaml",
+        {"rounds": rounds, "strategy.options": options, "extra_handlers": [produced.module]},
+    )
     store = MemoryModelStore()  # keeps only the newest two versions' parameters: FedBuff must use its cache
     result = simulate(config, store=store)
     assert [r["model_version"] for r in result.records] == list(range(1, rounds + 1))
@@ -160,7 +181,10 @@ def test_simulated_async_run_learns_and_accounts_for_every_update(produced, name
 
 
 def test_updates_beyond_max_staleness_are_dropped_with_the_reason(produced):
-    config = load_config("configs/digits_fedasync.yaml", {"rounds": 20, "strategy.options": {"max_staleness": 3}, "extra_handlers": [produced.module]})
+    config = load_config(
+        "configs/digits_fedasync.yaml",
+        {"rounds": 20, "strategy.options": {"max_staleness": 3}, "extra_handlers": [produced.module]},
+    )
     result = simulate(config)
     stale = [reason for _, reason in result.server_state.dropped if reason.startswith("stale")]
     assert stale and all("max_staleness 3" in reason for reason in stale)
@@ -182,7 +206,9 @@ def test_a_duplicated_update_is_folded_once(monkeypatch, name):
             out = out + out
         return out
 
-    duplicating = extra_handlers(monkeypatch, client=HandlerSet("duplicating", overrides={client_handlers.Trained: train_and_duplicate}))
+    duplicating = extra_handlers(
+        monkeypatch, client=HandlerSet("duplicating", overrides={client_handlers.Trained: train_and_duplicate})
+    )
     config = load_config(f"configs/digits_{name}.yaml", {"rounds": 4, "clients": 4, "extra_handlers": [duplicating]})
     result = simulate(config)
     store = result.server_state.store
@@ -197,9 +223,9 @@ def test_a_duplicated_update_is_folded_once(monkeypatch, name):
 
 @pytest.mark.parametrize("name, rounds", [("fedasync", 12), ("fedbuff", 6)])
 def test_replay_recomputes_every_async_version_hash_for_hash(name, rounds):
-    from brokerfl.storage.journal import read_journal
-    from brokerfl.ops.replay import replay
     from brokerfl.assembly.roles import topology_for
+    from brokerfl.ops.replay import replay
+    from brokerfl.storage.journal import read_journal
 
     config = load_config(f"configs/digits_{name}.yaml", {"rounds": rounds, "clients": 5})
     result = simulate(config, journal=True)
@@ -217,7 +243,14 @@ def _server(name: str, **overrides):
     table = coordinator_table(config)
 
     def call(message, redelivered=False):
-        ctx = Context(role="server", run=config.run, state=state, log=structlog.get_logger(), redelivered=redelivered, clock=time.monotonic)
+        ctx = Context(
+            role="server",
+            run=config.run,
+            state=state,
+            log=structlog.get_logger(),
+            redelivered=redelivered,
+            clock=time.monotonic,
+        )
         out = list(table.handler_for(message.TYPE)(message, ctx) or [])
         return out, ctx
 
@@ -227,7 +260,9 @@ def _server(name: str, **overrides):
 
 def _update(state, client_id: str, version: int, shift: float = 0.01) -> ParameterUpdate:
     parameters = {k: v + shift for k, v in state.model.parameters.items()}
-    return ParameterUpdate(client_id=client_id, task_id="t", parameters=parameters, num_samples=10, model_version=version, round=version)
+    return ParameterUpdate(
+        client_id=client_id, task_id="t", parameters=parameters, num_samples=10, model_version=version, round=version
+    )
 
 
 def test_fedbuff_holds_a_redelivered_buffered_update_without_refolding_it():
@@ -263,7 +298,9 @@ def test_fedasync_drops_a_copy_of_a_stored_update_and_stale_or_future_ones():
     call(future)
     reasons = dict(state.dropped)
     assert reasons[update.message_id].startswith("duplicate")
-    assert reasons[stale.message_id] == "stale: trained on model version 0, current is 2 (staleness 2 > max_staleness 1)"
+    assert (
+        reasons[stale.message_id] == "stale: trained on model version 0, current is 2 (staleness 2 > max_staleness 1)"
+    )
     assert "newer than the server's 2" in reasons[future.message_id]
     assert state.model.version == 2
 
@@ -286,7 +323,16 @@ def test_a_restarted_server_goes_on_from_the_stored_versions(produced):
     """Kill the server while FedBuff holds updates in its buffer; a new server on the same
     store and broker resumes from the newest version, refolds the redelivered held updates,
     re-tasks the clients, and every update still ends in exactly one version or dropped."""
-    config = load_config("configs/digits_fedbuff.yaml", {"rounds": 8, "clients": 5, "liveness.heartbeat_s": 0.1, "liveness.timeout_s": 60.0, "extra_handlers": [produced.module]})
+    config = load_config(
+        "configs/digits_fedbuff.yaml",
+        {
+            "rounds": 8,
+            "clients": 5,
+            "liveness.heartbeat_s": 0.1,
+            "liveness.timeout_s": 60.0,
+            "extra_handlers": [produced.module],
+        },
+    )
     store = MemoryModelStore(keep=None)
     broker = LocalBroker()
     clients = [client_worker(LocalTransport(broker), config, cid, journal=False) for cid in config.client_ids()]

@@ -30,18 +30,18 @@ import pytest
 from rabbit_nodes import node_env
 from test_security import ROOT, connect, run_federation, secure_config, wait_for
 
+from brokerfl.assembly.roles import client_worker, topology_for
+from brokerfl.ops.provision import BrokerLimits, provision
 from brokerfl.runtime.handler_table import HandlerTable
 from brokerfl.runtime.identity import client_user, server_user
-from brokerfl.wire.message import Envelope, Exit, to_wire
-from brokerfl.ops.provision import BrokerLimits, provision
-from brokerfl.assembly.roles import client_worker, topology_for
-from brokerfl.transports.topology import QueueMissing, RunTopology
+from brokerfl.runtime.worker import Worker
 from brokerfl.transports.base import (
     DEAD_LETTER_EXCERPT_BYTES,
     ORIGINAL_LENGTH_HEADER,
     REASON_HEADER,
 )
-from brokerfl.runtime.worker import Worker
+from brokerfl.transports.topology import QueueMissing, RunTopology
+from brokerfl.wire.message import Envelope, Exit, to_wire
 
 MiB = 1024**2
 
@@ -65,10 +65,18 @@ def own_queue_attacks(run: str, client_id: str) -> dict[str, Callable[[Any], Any
     queue = topology.client_queue(client_id)
     return {
         # every broadcast nacked: no round makes progress
-        "reject-publish": lambda ch: ch.queue_declare(queue, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}),
+        "reject-publish": lambda ch: ch.queue_declare(
+            queue, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        ),
         # the server's messages republished as clients.exit, under the server's user_id
         "dead-letter rerouting": lambda ch: ch.queue_declare(
-            queue, durable=True, arguments={"x-dead-letter-exchange": topology.exchange, "x-dead-letter-routing-key": "clients.exit", "x-message-ttl": 0}
+            queue,
+            durable=True,
+            arguments={
+                "x-dead-letter-exchange": topology.exchange,
+                "x-dead-letter-routing-key": "clients.exit",
+                "x-message-ttl": 0,
+            },
         ),
         "delete": lambda ch: ch.queue_delete(queue),
         "re-declare": lambda ch: ch.queue_declare(queue, durable=True),
@@ -119,16 +127,27 @@ def test_a_provisioned_client_checks_its_queue_and_says_so_when_it_is_missing(pr
     with connect(done, client_user(run, "0")) as client, connect(done, f"{run}-admin") as admin:
         assert client_worker(client, config, "0").queue == RunTopology(run).client_queue("0")  # no declare needed
         admin.delete_queue(RunTopology(run).client_queue("0"))  # as if the definitions had not been imported
-        with pytest.raises(QueueMissing, match=r"your queue 'brokerfl\..*\.client\.0' is missing: has the operator imported the definitions"):
+        with pytest.raises(
+            QueueMissing,
+            match=r"your queue 'brokerfl\..*\.client\.0' is missing: has the operator imported the definitions",
+        ):
             client_worker(client, config, "0")
     # the command, with the client's credentials file as its environment
     env = {**os.environ, **done.env(client_user(run, "0"))}
     cli = subprocess.run(
         [sys.executable, "-m", "brokerfl.cli", "client", "configs/digits_fedavg.yaml", "--clients", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
     )
     assert cli.returncode == 3, cli.stdout + cli.stderr
-    assert f"brokerfl client: your queue 'brokerfl.{run}.client.0' is missing: has the operator imported the definitions" in cli.stderr
+    assert (
+        f"brokerfl client: your queue 'brokerfl.{run}.client.0' is missing: has the operator imported the definitions"
+        in cli.stderr
+    )
 
 
 def test_a_full_client_queue_drops_its_oldest_and_never_nacks_the_server(provision_on_broker):
@@ -171,6 +190,7 @@ def test_what_a_client_still_sees_of_other_queues(provision_on_broker):
 
     def look(ch):
         seen["ok"] = ch.queue_declare(topology.client_queue("1"), passive=True).method
+
     assert _refusal(url, look) == 0
     assert (seen["ok"].message_count, seen["ok"].consumer_count) == (1, 0)
     assert _refusal(url, lambda ch: ch.basic_get(topology.client_queue("1"))) == 403
@@ -191,7 +211,12 @@ def test_a_dead_letter_of_a_huge_message_keeps_its_reason_and_an_excerpt(transpo
     worker.start()
     huge = os.urandom(20 * MiB)  # past one chunk: the AMQP transport sends it as two messages
     publisher = transport_factory()
-    publisher.publish(topology.exchange, "server.parameter_update", Envelope("parameter_update", "huge-1", "client.0", time.time(), {}), huge)
+    publisher.publish(
+        topology.exchange,
+        "server.parameter_update",
+        Envelope("parameter_update", "huge-1", "client.0", time.time(), {}),
+        huge,
+    )
     deadline = time.monotonic() + 120
     while worker.dead_lettered < 1:
         assert time.monotonic() < deadline, "the huge message was not dead-lettered"
@@ -225,7 +250,9 @@ def limits_node(amqp_url):
     if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
         if os.environ.get("BROKERFL_REQUIRE_BROKER") == "1":
             pytest.fail("starting a RabbitMQ node needs rabbitmq-server and root")
-        pytest.skip("starting a RabbitMQ node needs rabbitmq-server and root (to hand the node directory to the rabbitmq user)")
+        pytest.skip(
+            "starting a RabbitMQ node needs rabbitmq-server and root (to hand the node directory to the rabbitmq user)"
+        )
     node, port = _limits_node_settings(amqp_url)
     base = Path(tempfile.mkdtemp(prefix="brokerfl-limits-"))
     config = secure_config("lim" + uuid.uuid4().hex[:8], clients=2, rounds=3)
@@ -237,7 +264,13 @@ def limits_node(amqp_url):
     env = node_env(node, port, base)
     subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True, capture_output=True, timeout=60)
     try:
-        subprocess.run(["rabbitmqctl", "-n", node, "wait", "--timeout", "90", str(base / "pid")], env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            ["rabbitmqctl", "-n", node, "wait", "--timeout", "90", str(base / "pid")],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         wait_for(lambda: connect(done, f"{config.run}-admin").close() or True, 60, "the definitions loaded")
         yield config, done
     finally:
@@ -291,10 +324,27 @@ def test_connections_channels_and_sizes_past_the_limits_are_refused_while_the_ru
             outcome["connections"] = _connections_until_refused(url, 10 * limits.client_connections)
             outcome["channels"] = _channels_until_refused(url, 10 * limits.client_channels)
             key = "server.parameter_update"
-            outcome["one byte too many"] = _refusal(url, lambda ch: (ch.confirm_delivery(), ch.basic_publish(topology.exchange, key, b"x" * (limits.max_message_bytes + 1))))
-            outcome["at the limit"] = _refusal(url, lambda ch: (ch.confirm_delivery(), ch.basic_publish(
-                topology.exchange, key, b"x" * limits.max_message_bytes, pika.BasicProperties(type="parameter_update", message_id="junk-1", user_id=client_user(run, "0"))
-            )))
+            outcome["one byte too many"] = _refusal(
+                url,
+                lambda ch: (
+                    ch.confirm_delivery(),
+                    ch.basic_publish(topology.exchange, key, b"x" * (limits.max_message_bytes + 1)),
+                ),
+            )
+            outcome["at the limit"] = _refusal(
+                url,
+                lambda ch: (
+                    ch.confirm_delivery(),
+                    ch.basic_publish(
+                        topology.exchange,
+                        key,
+                        b"x" * limits.max_message_bytes,
+                        pika.BasicProperties(
+                            type="parameter_update", message_id="junk-1", user_id=client_user(run, "0")
+                        ),
+                    ),
+                ),
+            )
         except Exception as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
@@ -311,7 +361,9 @@ def test_connections_channels_and_sizes_past_the_limits_are_refused_while_the_ru
         assert not errors, errors
         assert [r["num_updates"] for r in records] == [config.clients] * config.rounds
         opened, why = outcome["connections"]
-        assert opened < limits.client_connections and "connection limit" in why, outcome  # client 0's own two are counted too
+        assert opened < limits.client_connections and "connection limit" in why, (
+            outcome
+        )  # client 0's own two are counted too
         opened, why = outcome["channels"]
         assert opened < limits.client_channels and why.startswith("530") and "channels" in why, outcome
         assert outcome["one byte too many"] == 406 and outcome["at the limit"] == 0, outcome
@@ -321,6 +373,9 @@ def test_connections_channels_and_sizes_past_the_limits_are_refused_while_the_ru
             dead_letters[d.envelope.message_id] = d
             server_transport.ack(d)
         junk = dead_letters["junk-1"]
-        assert len(junk.body) == DEAD_LETTER_EXCERPT_BYTES and junk.envelope.headers[ORIGINAL_LENGTH_HEADER] == limits.max_message_bytes
+        assert (
+            len(junk.body) == DEAD_LETTER_EXCERPT_BYTES
+            and junk.envelope.headers[ORIGINAL_LENGTH_HEADER] == limits.max_message_bytes
+        )
     finally:
         server_transport.close()

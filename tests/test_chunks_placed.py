@@ -38,7 +38,7 @@ def test_chunks_in_any_order_are_placed_and_the_body_is_the_buffer(order):
 
 def test_a_publisher_with_uneven_chunks_is_joined_as_before():
     body = os.urandom(40 * KiB)
-    uneven = [body[:10 * KiB], body[10 * KiB:30 * KiB], body[30 * KiB:]]  # not "all but the last the same size"
+    uneven = [body[: 10 * KiB], body[10 * KiB : 30 * KiB], body[30 * KiB :]]  # not "all but the last the same size"
     info = [chunks.ChunkInfo("m", i, 3, len(body), None, None) for i in range(3)]
     info[2] = chunks.ChunkInfo("m", 2, 3, len(body), None, xxhash.xxh3_128(body).hexdigest())
     a = chunks.Assembler()
@@ -74,7 +74,7 @@ def test_an_evicted_message_gives_back_its_placed_chunks():
     a.add(*first[0], handle="f0")
     clock[0] = 1.0
     a.add(*second[0], handle="s0")
-    (evicted, _why), = a.take_evicted()
+    ((evicted, _why),) = a.take_evicted()
     assert evicted.message_id == "first" and evicted.take() == [("f0", first[0][1])]
 
 

@@ -52,7 +52,9 @@ def test_interleaved_messages_reassemble_bit_exactly_from_their_files(seed, fds)
         else:
             assert isinstance(outcome, chunks.Held)
             partial = a.partials[mid]
-            assert partial.spill is not None and all(p.body is None for p in partial.pieces.values())  # nothing held in RAM
+            assert partial.spill is not None and all(
+                p.body is None for p in partial.pieces.values()
+            )  # nothing held in RAM
     assert {mid: c.body for mid, c in done.items()} == bodies
     assert all(type(c.body) is bytes for c in done.values())
     assert all(c.handles == [(mid, i) for i in range(len(c.handles))] for mid, c in done.items())
@@ -97,7 +99,7 @@ def test_evicted_and_expired_spilled_messages_give_back_their_chunks(fds):
         for info, part in parts[mid][:2]:
             clock[0] += 1
             assert isinstance(a.add(info, part, handle=(mid, info.index), sender=mid), chunks.Held)
-    (evicted, why), = a.take_evicted()
+    ((evicted, why),) = a.take_evicted()
     assert evicted.message_id == "a" and "incomplete chunked messages at once" in why
     assert evicted.take() == [(("a", i), parts["a"][i][1]) for i in range(2)]
     assert evicted.spill is None  # take() closed it
@@ -105,7 +107,11 @@ def test_evicted_and_expired_spilled_messages_give_back_their_chunks(fds):
     assert [p.message_id for p in expired] == ["b"]
     assert expired[0].take() == [(("b", i), parts["b"][i][1]) for i in range(2)]
     released = a.release()  # c: handles only, its file closed
-    assert [p.message_id for p in released] == ["c"] and released[0].spill is None and released[0].handles == [("c", 0), ("c", 1)]
+    assert (
+        [p.message_id for p in released] == ["c"]
+        and released[0].spill is None
+        and released[0].handles == [("c", 0), ("c", 1)]
+    )
     assert a.held_bytes == 0
 
 
@@ -117,7 +123,7 @@ def test_bounds_count_spilled_bytes():
     assert isinstance(a.add(*first[1], handle=1), chunks.Held)
     assert a.partials["first"].spill is not None and a.held_bytes == 16 * KiB
     assert isinstance(a.add(*second[0], handle=2), chunks.Held)  # 24 KiB held: first is given up
-    (evicted, why), = a.take_evicted()
+    ((evicted, why),) = a.take_evicted()
     assert evicted.message_id == "first" and "max_partial_bytes" in why
     evicted.close()
     a.close()
@@ -130,7 +136,9 @@ def test_small_messages_stay_in_ram_and_an_unwritable_spill_dir_falls_back_to_ra
     small = chunks.Assembler(spill_min_bytes=len(body) + 1)
     small.add(*parts[0], handle=0)
     partial = small.partials["m"]
-    assert partial.spill is None and partial.pieces[0].placed and bytes(partial.body_of(partial.pieces[0])) == parts[0][1]
+    assert (
+        partial.spill is None and partial.pieces[0].placed and bytes(partial.body_of(partial.pieces[0])) == parts[0][1]
+    )
     nowhere = chunks.Assembler(spill_min_bytes=0, ram_partials=0, spill_dir=str(tmp_path / "missing"))
     outcomes = [nowhere.add(info, part, handle=i) for i, (info, part) in enumerate(parts)]
     assert isinstance(outcomes[-1], chunks.Complete) and outcomes[-1].body == body

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from cli_processes import ROOT
 
 
@@ -25,7 +24,9 @@ def test_python_dash_m_runs_the_command(module):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("first", ["brokerfl.cli.common", "brokerfl.cli.operate", "brokerfl.cli.commands", "brokerfl.cli"])
+@pytest.mark.parametrize(
+    "first", ["brokerfl.cli.common", "brokerfl.cli.operate", "brokerfl.cli.commands", "brokerfl.cli"]
+)
 def test_the_command_modules_import_in_any_order(first):
     done = run_python("-c", f"import {first}; import brokerfl.cli; print(brokerfl.cli.main.__module__)")
     assert done.returncode == 0, done.stderr

@@ -9,13 +9,13 @@ import weakref
 import numpy as np
 
 from brokerfl.app import App
+from brokerfl.assembly.roles import client_worker, topology_for
 from brokerfl.config import parse_config
 from brokerfl.runtime.handler_table import Outbound
-from brokerfl.wire.message import ParameterUpdate, TrainTask, from_wire
-from brokerfl.assembly.roles import client_worker, topology_for
-from brokerfl.transports.topology import CLIENTS
-from brokerfl.transports.local import LocalBroker, LocalTransport
 from brokerfl.runtime.worker import Worker
+from brokerfl.transports.local import LocalBroker, LocalTransport
+from brokerfl.transports.topology import CLIENTS
+from brokerfl.wire.message import ParameterUpdate, TrainTask, from_wire
 
 
 class RecordingTransport(LocalTransport):
@@ -30,10 +30,17 @@ class RecordingTransport(LocalTransport):
 
 
 def test_a_client_keeps_nothing_of_a_task_after_publishing_its_update(monkeypatch):
-    config = parse_config({
-        "run": "keeps", "clients": 1, "seed": 1, "rounds": 1, "model": {"hidden": [600, 600]},
-        "train": {"epochs": 1, "batch_size": 8, "max_batches": 1, "momentum": 0.0}, "strategy": {"name": "fedavg", "min_clients": 1},
-    })
+    config = parse_config(
+        {
+            "run": "keeps",
+            "clients": 1,
+            "seed": 1,
+            "rounds": 1,
+            "model": {"hidden": [600, 600]},
+            "train": {"epochs": 1, "batch_size": 8, "max_batches": 1, "momentum": 0.0},
+            "strategy": {"name": "fedavg", "min_clients": 1},
+        }
+    )
     broker = LocalBroker()
     topology = topology_for(config)
     worker = client_worker(RecordingTransport(broker), config, "0")
@@ -50,14 +57,22 @@ def test_a_client_keeps_nothing_of_a_task_after_publishing_its_update(monkeypatc
     joined = worker.handled
     initial = worker.state.app.initial_parameters(1)
     task = TrainTask(run=config.run, round=1, model_version=0, participants=["0"], parameters=initial)
-    Worker(LocalTransport(broker), topology, topology.server_queue, worker.table, None, name="server").publish([Outbound(CLIENTS, task)])
+    Worker(LocalTransport(broker), topology, topology.server_queue, worker.table, None, name="server").publish(
+        [Outbound(CLIENTS, task)]
+    )
     for _ in range(100):
         worker.step(0.01)
         if worker.handled > joined:
             break
-    assert worker.handled == joined + 2 and len(trained) == len(initial)  # the task, then its training's outcome (Trained)
+    assert worker.handled == joined + 2 and len(trained) == len(
+        initial
+    )  # the task, then its training's outcome (Trained)
     assert "list" in RecordingTransport.given  # the update went out as its buffers, unjoined
     assert all(ref() is None for ref in trained), "the trained arrays outlived the published update"
-    (update,) = [from_wire(m.envelope, m.body) for m in broker.queues[topology.server_queue].ready if m.envelope.type == ParameterUpdate.TYPE]
+    (update,) = [
+        from_wire(m.envelope, m.body)
+        for m in broker.queues[topology.server_queue].ready
+        if m.envelope.type == ParameterUpdate.TYPE
+    ]
     assert update.parameters.keys() == initial.keys()
     assert not all(np.array_equal(update.parameters[k], initial[k]) for k in initial)  # it did train

@@ -24,23 +24,25 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-
-from brokerfl.storage.accounting import account_run
-from brokerfl.config import load_config
-from brokerfl.storage.journal import read_journal
-from brokerfl.storage.metrics_log import read_metrics
-from brokerfl.ops.replay import replay
-from brokerfl.assembly.roles import topology_for
-from brokerfl.storage.store import DirectoryModelStore
-
 from rabbit_nodes import node_env as _node_env
 from test_federation_amqp import ROOT, wait_until
+
+from brokerfl.assembly.roles import topology_for
+from brokerfl.config import load_config
+from brokerfl.ops.replay import replay
+from brokerfl.storage.accounting import account_run
+from brokerfl.storage.journal import read_journal
+from brokerfl.storage.metrics_log import read_metrics
+from brokerfl.storage.store import DirectoryModelStore
 
 pytestmark = [pytest.mark.broker, pytest.mark.cluster, pytest.mark.slow]
 
 
 def _cluster_settings(amqp_url: str) -> list[tuple[str, int]]:
-    base = os.environ.get("BROKERFL_CLUSTER_NODE") or (os.environ.get("BROKERFL_RABBITMQ_NODE") or "rabbit@localhost").split("@")[0]
+    base = (
+        os.environ.get("BROKERFL_CLUSTER_NODE")
+        or (os.environ.get("BROKERFL_RABBITMQ_NODE") or "rabbit@localhost").split("@")[0]
+    )
     first = int(os.environ.get("BROKERFL_CLUSTER_PORT") or (urlsplit(amqp_url).port or 5672) + 200)
     return [(f"{base}c{i}@localhost", first + i - 1) for i in (1, 2, 3)]
 
@@ -61,7 +63,10 @@ def cluster(amqp_url):
     """Three nodes joined into one cluster; every node stopped and its directory removed
     afterwards, whatever happened."""
     if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
-        reason = "a RabbitMQ cluster on this machine needs rabbitmq-server and root (to hand the node directories to the rabbitmq user)"
+        reason = (
+            "a RabbitMQ cluster on this machine needs rabbitmq-server and root (to hand the node directories to the "
+            "rabbitmq user)"
+        )
         if os.environ.get("BROKERFL_REQUIRE_BROKER") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
@@ -74,11 +79,17 @@ def cluster(amqp_url):
             base.mkdir()
             (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n")
             (base / "enabled_plugins").write_text("[].\n")
-            subprocess.run(["rabbitmq-server", "-detached"], env=_node_env(node, port, base), check=True, capture_output=True, timeout=60)
+            subprocess.run(
+                ["rabbitmq-server", "-detached"],
+                env=_node_env(node, port, base),
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
             started.append((node, base))
         subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(root)], check=False)
         root.chmod(0o755)
-        for node, base in started:
+        for node, _base in started:
             _ctl(node, "wait", "--timeout", "120", str(base / "pid"), timeout=150)
         first = nodes[0][0]
         for node, _ in nodes[1:]:
@@ -89,7 +100,7 @@ def cluster(amqp_url):
         assert sorted(running) == sorted(n for n, _ in nodes), running
         yield [(node, f"amqp://guest:guest@127.0.0.1:{port}/") for node, port in nodes]
     finally:
-        for node, base in started:
+        for node, _base in started:
             try:
                 pid = _os_pid(node)
                 _ctl(node, "stop", timeout=60)
@@ -119,7 +130,14 @@ def _spawn(log: Path, *args: str) -> subprocess.Popen:
     """A brokerfl process whose output goes to ``log`` (kept when the process hangs). With
     faulthandler on, SIGABRT makes it write every thread's stack there before it dies."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+        return subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", *args],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
+        )
 
 
 def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float, brokers_view=lambda: "") -> list[str]:
@@ -149,7 +167,11 @@ def _finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float, bro
                 proc.kill()
                 proc.wait()
     outputs = [log.read_text(errors="replace") for log in logs]
-    assert not hung, f"{hung} still running after {timeout:g} s:\n" + "\n".join(f"--- {log.name}\n{out[-20000:]}" for log, out in zip(logs, outputs)) + f"\n--- channels\n{view}"
+    assert not hung, (
+        f"{hung} still running after {timeout:g} s:\n"
+        + "\n".join(f"--- {log.name}\n{out[-20000:]}" for log, out in zip(logs, outputs))
+        + f"\n--- channels\n{view}"
+    )
     return outputs
 
 
@@ -158,8 +180,30 @@ def _channels(nodes: list[str]) -> str:
     out = []
     for node in nodes:
         try:
-            out.append(f"{node}:\n" + _ctl(node, "list_channels", "pid", "connection", "number", "consumer_count", "messages_unacknowledged", "prefetch_count", timeout=30)
-                       + _ctl(node, "list_consumers", "queue_name", "channel_pid", "consumer_tag", "prefetch_count", "active", timeout=30))
+            out.append(
+                f"{node}:\n"
+                + _ctl(
+                    node,
+                    "list_channels",
+                    "pid",
+                    "connection",
+                    "number",
+                    "consumer_count",
+                    "messages_unacknowledged",
+                    "prefetch_count",
+                    timeout=30,
+                )
+                + _ctl(
+                    node,
+                    "list_consumers",
+                    "queue_name",
+                    "channel_pid",
+                    "consumer_tag",
+                    "prefetch_count",
+                    "active",
+                    timeout=30,
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - the killed node, or one too slow to answer
             out.append(f"{node}: {exc}")
     return "\n".join(out)
@@ -195,7 +239,20 @@ def test_killing_the_node_that_leads_the_server_queue_costs_nothing(cluster, run
     # sampled for the next round (rounds of 2 updates). Liveness is not what this tests.
     data["liveness"] = {"timeout_s": 300}
     config_path.write_text(yaml.safe_dump(data))
-    common = [str(config_path), "--broker", ",".join(urls), "--replicated-queues", "--run", run_name, "--clients", str(clients), "--rounds", str(rounds), "--log-level", os.environ.get("BROKERFL_CLUSTER_LOG_LEVEL", "warning")]
+    common = [
+        str(config_path),
+        "--broker",
+        ",".join(urls),
+        "--replicated-queues",
+        "--run",
+        run_name,
+        "--clients",
+        str(clients),
+        "--rounds",
+        str(rounds),
+        "--log-level",
+        os.environ.get("BROKERFL_CLUSTER_LOG_LEVEL", "warning"),
+    ]
     logs = {"server": tmp_path / "server.log", "client": tmp_path / "client.log"}
     server = _spawn(logs["server"], "server", *common, "--out", str(tmp_path))
     procs = [server]
@@ -206,7 +263,9 @@ def test_killing_the_node_that_leads_the_server_queue_costs_nothing(cluster, run
         # takes seconds on a loaded machine, and a run of five short rounds would be over
         # before a leader looked up after round 1 was killed.
         server_queue = f"brokerfl.{run_name}.server"
-        leader = wait_until(lambda: _queues(names[1], run_name).get(server_queue, {}).get("leader"), 180, "the server's queue")
+        leader = wait_until(
+            lambda: _queues(names[1], run_name).get(server_queue, {}).get("leader"), 180, "the server's queue"
+        )
         leader_pid = _os_pid(leader)
         procs.append(_spawn(logs["client"], "client", *common, "--client-id", f"0-{clients - 1}"))
         wait_until(lambda: metrics.exists() and len(read_metrics(metrics)) >= 1, 180, "round 1")
@@ -214,19 +273,30 @@ def test_killing_the_node_that_leads_the_server_queue_costs_nothing(cluster, run
         stored_before_kill = len(read_metrics(metrics))
         survivor = next(n for n in names if n != leader)
         # right after the kill a survivor may list the queue without it, or without a leader
-        wait_until(lambda: _queues(survivor, run_name).get(server_queue, {}).get("leader", "") not in ("", leader), 60, "a new leader")
+        wait_until(
+            lambda: _queues(survivor, run_name).get(server_queue, {}).get("leader", "") not in ("", leader),
+            60,
+            "a new leader",
+        )
     finally:
-        outputs = _finish(procs, list(logs.values())[: len(procs)], timeout=240, brokers_view=lambda: _channels(list(names)))
+        outputs = _finish(
+            procs, list(logs.values())[: len(procs)], timeout=240, brokers_view=lambda: _channels(list(names))
+        )
     assert [p.returncode for p in procs] == [0, 0], outputs
     queues = _queues(survivor, run_name)  # quorum: server, dead, admin, a queue per client; streams: journal, models
-    expected = {f"brokerfl.{run_name}.{q}" for q in ("server", "dead", "admin", "journal", *(f"client.{i}" for i in range(clients)))}
+    expected = {
+        f"brokerfl.{run_name}.{q}"
+        for q in ("server", "dead", "admin", "journal", *(f"client.{i}" for i in range(clients)))
+    }
     assert expected <= set(queues) and {q["type"] for q in queues.values()} == {"quorum", "stream"}, queues
     assert all(sorted(q["members"]) == sorted(names) for q in queues.values()), queues
     assert stored_before_kill < rounds  # the node died mid-run
     assert all("amqp.connection_lost" in out for out in outputs), outputs  # every process failed over
     assert [r["round"] for r in read_metrics(metrics)] == list(range(1, rounds + 1))
     assert all(r["num_updates"] == clients for r in read_metrics(metrics))
-    config = load_config(config_path, {"run": run_name, "clients": clients, "rounds": rounds, "replicated_queues": True})
+    config = load_config(
+        config_path, {"run": run_name, "clients": clients, "rounds": rounds, "replicated_queues": True}
+    )
     from brokerfl.transports.amqp import AmqpTransport
 
     with AmqpTransport([u for n, u in cluster if n != leader]) as transport:

@@ -17,16 +17,32 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from brokerfl.wire import codec
-from brokerfl.wire.codec import ALIGN, DEFAULT_LIMITS, NUMPY_DTYPES, WIRE_DTYPES, DecodeError, EncodeError, Limits, decode, encode
+from brokerfl.wire.codec import (
+    ALIGN,
+    DEFAULT_LIMITS,
+    NUMPY_DTYPES,
+    WIRE_DTYPES,
+    DecodeError,
+    EncodeError,
+    Limits,
+    decode,
+    encode,
+)
 
 NUMPY_NAMES = sorted(NUMPY_DTYPES)
 # every wire dtype torch has, by wire name (bfloat16 is torch-only)
-TORCH_DTYPES = {name: getattr(torch, name) for name in sorted(WIRE_DTYPES) if isinstance(getattr(torch, name, None), torch.dtype)}
+TORCH_DTYPES = {
+    name: getattr(torch, name) for name in sorted(WIRE_DTYPES) if isinstance(getattr(torch, name, None), torch.dtype)
+}
 FUZZ_SCALE = float(os.environ.get("BROKERFL_FUZZ_SCALE", "1"))  # e.g. 20 for a long fuzzing session
 
 
 def fuzz(max_examples: int) -> settings:
-    return settings(max_examples=max(1, int(max_examples * FUZZ_SCALE)), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=max(1, int(max_examples * FUZZ_SCALE)),
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 # ---------------------------------------------------------------- helpers
@@ -139,8 +155,13 @@ def assemble(header: bytes, data: bytes = b"", *, header_len: int | None = None,
     data_start = 5 + len(header) + 5
     lead = (-data_start) % ALIGN
     return (
-        b"\xce" + struct.pack(">I", len(header) if header_len is None else header_len) + header
-        + b"\xc6" + struct.pack(">I", lead + len(data) if data_len is None else data_len) + bytes(lead) + data
+        b"\xce"
+        + struct.pack(">I", len(header) if header_len is None else header_len)
+        + header
+        + b"\xc6"
+        + struct.pack(">I", lead + len(data) if data_len is None else data_len)
+        + bytes(lead)
+        + data
     )
 
 
@@ -209,7 +230,9 @@ keys = st.text(max_size=10)
 def payloads(leaves):
     values = st.recursive(
         leaves,
-        lambda children: st.lists(children, max_size=4) | st.tuples(children, children) | st.dictionaries(keys, children, max_size=4),
+        lambda children: (
+            st.lists(children, max_size=4) | st.tuples(children, children) | st.dictionaries(keys, children, max_size=4)
+        ),
         max_leaves=12,
     )
     return st.dictionaries(keys, values, max_size=5)
@@ -227,7 +250,11 @@ small_tensors = numpy_arrays(max_dims=3, max_side=3) | torch_tensors(max_dims=3,
 def test_numpy_every_dtype_and_shape(name, order, shape):
     dtype = np.dtype(name).newbyteorder(order)
     size = math.prod(shape)
-    array = (np.arange(size) % 7 - 3).astype(dtype).reshape(shape) if name != "bool" else (np.arange(size) % 2 == 0).reshape(shape)
+    array = (
+        (np.arange(size) % 7 - 3).astype(dtype).reshape(shape)
+        if name != "bool"
+        else (np.arange(size) % 2 == 0).reshape(shape)
+    )
     _, decoded = round_trip({"a": array, "pair": [array, {"again": array}]})
     assert np.array_equal(decoded["a"], array)
 
@@ -296,9 +323,21 @@ def test_encode_does_not_alias_its_input():
 
 def test_nested_scalars():
     payload = {
-        "none": None, "t": True, "f": False, "i": -(2**63), "u": 2**64 - 1, "x": 1.5, "nan": float("nan"),
-        "inf": float("-inf"), "s": "héllo ✓", "b": b"\x00\xff", "empty": {}, "lst": [], "tup": (1, "a", None),
-        "deep": {"a": [{"b": [1, [2, [3]]]}]}, "np": [np.float32(1.5), np.int64(-3), np.bool_(True)],
+        "none": None,
+        "t": True,
+        "f": False,
+        "i": -(2**63),
+        "u": 2**64 - 1,
+        "x": 1.5,
+        "nan": float("nan"),
+        "inf": float("-inf"),
+        "s": "héllo ✓",
+        "b": b"\x00\xff",
+        "empty": {},
+        "lst": [],
+        "tup": (1, "a", None),
+        "deep": {"a": [{"b": [1, [2, [3]]]}]},
+        "np": [np.float32(1.5), np.int64(-3), np.bool_(True)],
         b"bytes-key": 1,
     }
     round_trip(payload)
@@ -358,7 +397,9 @@ def test_mutated_bodies(body, data):
         # aim most mutations at the header, where the structure is
         limit = header_end(body) + 10 if data.draw(st.booleans()) else len(mutated)
         at = data.draw(st.integers(0, max(0, min(limit, len(mutated)) - 1)))
-        how = data.draw(st.sampled_from(["truncate", "flip", "insert", "delete", "overwrite", "header_len", "data_len", "append"]))
+        how = data.draw(
+            st.sampled_from(["truncate", "flip", "insert", "delete", "overwrite", "header_len", "data_len", "append"])
+        )
         if how == "truncate":
             del mutated[at:]
         elif how == "flip" and mutated:
@@ -371,7 +412,9 @@ def test_mutated_bodies(body, data):
             chunk = data.draw(st.binary(min_size=1, max_size=8))
             mutated[at : at + len(chunk)] = chunk
         elif how == "header_len" and len(mutated) >= 5:
-            value = data.draw(st.integers(0, 2**32 - 1) | st.integers(max(0, header_end(body) - 8), header_end(body) + 8))
+            value = data.draw(
+                st.integers(0, 2**32 - 1) | st.integers(max(0, header_end(body) - 8), header_end(body) + 8)
+            )
             mutated[1:5] = struct.pack(">I", value)
         elif how == "data_len" and len(mutated) >= header_end(body) + 5:
             at = header_end(body)
@@ -382,11 +425,35 @@ def test_mutated_bodies(body, data):
 
 
 def int_like():
-    return st.integers(-2, 70) | st.integers(-(2**63), 2**64 - 1) | st.sampled_from([2**31, 2**32, 2**62, 2**63 - 1, 2**63, 2**64 - 1])
+    return (
+        st.integers(-2, 70)
+        | st.integers(-(2**63), 2**64 - 1)
+        | st.sampled_from([2**31, 2**32, 2**62, 2**63 - 1, 2**63, 2**64 - 1])
+    )
 
 
 any_value = st.none() | st.booleans() | st.floats() | st.text(max_size=5) | st.binary(max_size=5) | int_like()
-dtype_names = st.sampled_from(sorted(WIRE_DTYPES) + ["object", "O", "<f4", ">f4", "float128", "longdouble", "str", "U4", "V8", "void", "datetime64", "M8[ns]", "int", "float", "complex256", ""])
+dtype_names = st.sampled_from(
+    sorted(WIRE_DTYPES)
+    + [
+        "object",
+        "O",
+        "<f4",
+        ">f4",
+        "float128",
+        "longdouble",
+        "str",
+        "U4",
+        "V8",
+        "void",
+        "datetime64",
+        "M8[ns]",
+        "int",
+        "float",
+        "complex256",
+        "",
+    ]
+)
 
 
 def sometimes(draw, usual, unusual, tenths: int = 2):
@@ -399,10 +466,19 @@ def specs(draw):
     """[kind, dtype, shape, offset, nbytes], mostly plausible, sometimes not even a list."""
     kind = sometimes(draw, st.sampled_from(["numpy", "torch"]), st.sampled_from(["jax", "", "NUMPY"]) | any_value, 1)
     dtype = sometimes(draw, st.sampled_from(sorted(WIRE_DTYPES)), dtype_names | any_value)
-    shape = sometimes(draw, st.lists(st.integers(0, 5), max_size=10), st.lists(int_like(), max_size=12) | any_value | st.lists(any_value, max_size=3))
+    shape = sometimes(
+        draw,
+        st.lists(st.integers(0, 5), max_size=10),
+        st.lists(int_like(), max_size=12) | any_value | st.lists(any_value, max_size=3),
+    )
     offset = sometimes(draw, st.sampled_from([0, 64, 128, 192, 256, 320]), int_like() | any_value, 3)
     nbytes = draw(int_like() | any_value)
-    if draw(st.integers(0, 9)) < 7 and isinstance(shape, list) and all(type(s) is int for s in shape) and dtype in WIRE_DTYPES:
+    if (
+        draw(st.integers(0, 9)) < 7
+        and isinstance(shape, list)
+        and all(type(s) is int for s in shape)
+        and dtype in WIRE_DTYPES
+    ):
         itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
         nbytes = math.prod(shape) * itemsize  # consistent, so that later checks are reached
         assume(-(2**63) <= nbytes < 2**64)
@@ -454,7 +530,10 @@ def spec_body(kind="numpy", dtype="float32", shape=(4,), offset=0, nbytes=16, da
         pytest.param(spec_body(offset=-(2**63)), id="most-negative-offset"),
         pytest.param(spec_body(offset=64), id="overruns-section"),
         pytest.param(spec_body(offset=4, data=bytes(20)), id="unaligned-offset"),
-        pytest.param(spec_body(kind="torch", dtype="float64", shape=(1,), offset=1, nbytes=8, data=bytes(9)), id="unaligned-torch"),
+        pytest.param(
+            spec_body(kind="torch", dtype="float64", shape=(1,), offset=1, nbytes=8, data=bytes(9)),
+            id="unaligned-torch",
+        ),
         pytest.param(spec_body(nbytes=12), id="nbytes-too-small-for-shape"),
         pytest.param(spec_body(nbytes=20), id="nbytes-too-big-for-shape"),
         pytest.param(spec_body(nbytes=-16), id="negative-nbytes"),
@@ -463,7 +542,9 @@ def spec_body(kind="numpy", dtype="float32", shape=(4,), offset=0, nbytes=16, da
         pytest.param(spec_body(shape=(2**61,), nbytes=2**63), id="huge-declared-size-2"),
         pytest.param(spec_body(shape=(0, 2**64 - 1), nbytes=0), id="empty-with-uint64-dim"),
         pytest.param(spec_body(shape=(0, 2**63 - 1), nbytes=0), id="empty-with-int64-max-dim"),
-        pytest.param(spec_body(kind="torch", shape=(0, 2**62, 4), dtype="float64", nbytes=0), id="empty-overflowing-torch"),
+        pytest.param(
+            spec_body(kind="torch", shape=(0, 2**62, 4), dtype="float64", nbytes=0), id="empty-overflowing-torch"
+        ),
         pytest.param(spec_body(shape=(1,) * 9 + (4,)), id="too-many-dims"),
         pytest.param(spec_body(shape=[True] * 4, nbytes=4), id="bool-dims"),
         pytest.param(spec_body(shape=(4.0,)), id="float-dim"),
@@ -474,7 +555,9 @@ def spec_body(kind="numpy", dtype="float32", shape=(4,), offset=0, nbytes=16, da
         pytest.param(forge(["numpy", ["float32"], [4], 0, 16], bytes(16)), id="dtype-unhashable"),
         pytest.param(forge(b"\xc1", bytes(16)), id="spec-not-msgpack"),
         pytest.param(forge(b"\x95", bytes(16)), id="spec-truncated"),
-        pytest.param(forge(msgpack.packb(["numpy", "float32", [4], 0, 16]) + b"\x00", bytes(16)), id="spec-trailing-byte"),
+        pytest.param(
+            forge(msgpack.packb(["numpy", "float32", [4], 0, 16]) + b"\x00", bytes(16)), id="spec-trailing-byte"
+        ),
         pytest.param(forge(["numpy", "float32", [4], 0, 16], bytes(16), code=2), id="unknown-ext-code"),
         pytest.param(assemble(msgpack.packb({"t": msgpack.Timestamp(1, 0)})), id="msgpack-timestamp"),
         pytest.param(assemble(b"\x81\xa1t\xd4\xff\x00"), id="bad-msgpack-timestamp"),
@@ -504,7 +587,9 @@ GOOD = encode({"a": np.arange(6, dtype=np.float32), "s": "x"})
         pytest.param(GOOD[:1] + struct.pack(">I", header_end(GOOD) - 4) + GOOD[5:], id="header-len-too-long"),
         pytest.param(GOOD[:1] + struct.pack(">I", header_end(GOOD) - 6) + GOOD[5:], id="header-len-too-short"),
         pytest.param(GOOD[:1] + struct.pack(">I", 2**32 - 1) + GOOD[5:], id="header-len-huge"),
-        pytest.param(GOOD[: header_end(GOOD)] + b"\xc6\xff\xff\xff\xff" + GOOD[header_end(GOOD) + 5 :], id="data-len-huge"),
+        pytest.param(
+            GOOD[: header_end(GOOD)] + b"\xc6\xff\xff\xff\xff" + GOOD[header_end(GOOD) + 5 :], id="data-len-huge"
+        ),
         pytest.param(GOOD[: header_end(GOOD)] + b"\xc5" + GOOD[header_end(GOOD) + 1 :], id="bin16-marker"),
         pytest.param(assemble(msgpack.packb([1, 2])), id="payload-a-list"),
         pytest.param(assemble(msgpack.packb(7)), id="payload-an-int"),
@@ -534,7 +619,9 @@ def test_body_must_be_bytes(body):
 
 
 def test_every_truncation_and_single_bit_flip_of_the_header():
-    body = encode({"w": np.ones((2, 3), np.float32), "b": torch.zeros(3, dtype=torch.bfloat16), "meta": {"n": [1, "x", None]}})
+    body = encode(
+        {"w": np.ones((2, 3), np.float32), "b": torch.zeros(3, dtype=torch.bfloat16), "meta": {"n": [1, "x", None]}}
+    )
     for end in range(len(body)):
         with pytest.raises(DecodeError):
             decode(body[:end])
@@ -599,7 +686,10 @@ def test_deep_nesting_with_a_generous_depth_limit():
     deep = {"a": nested(2000)}  # past msgpack's own nesting limits either way
     with pytest.raises(EncodeError):
         encode(deep, limits)
-    body = assemble(b"\x81\xa1a" + b"\x91" * 900 + msgpack.packb(msgpack.ExtType(1, msgpack.packb(["numpy", "uint8", [], 0, 1]))), b"\x07")
+    body = assemble(
+        b"\x81\xa1a" + b"\x91" * 900 + msgpack.packb(msgpack.ExtType(1, msgpack.packb(["numpy", "uint8", [], 0, 1]))),
+        b"\x07",
+    )
     payload = decode_or_error(body, limits)  # a tensor 900 levels down: rebuilt, or refused
     if payload is not None:
         leaf = payload["a"]
@@ -655,7 +745,11 @@ UNSUPPORTED = [
     pytest.param({"a": np.zeros(2, dtype=[("x", "f4"), ("y", "i4")])}, id="structured-array"),
     pytest.param({"a": np.zeros(2, dtype="M8[ns]")}, id="datetime64-array"),
     pytest.param({"a": np.zeros(2, dtype="m8[s]")}, id="timedelta64-array"),
-    pytest.param({"a": np.zeros(2, dtype=np.longdouble)}, id="longdouble-array", marks=pytest.mark.skipif(np.longdouble == np.float64, reason="longdouble is float64 here")),
+    pytest.param(
+        {"a": np.zeros(2, dtype=np.longdouble)},
+        id="longdouble-array",
+        marks=pytest.mark.skipif(np.longdouble == np.float64, reason="longdouble is float64 here"),
+    ),
     pytest.param({"a": torch.zeros(2, dtype=torch.float8_e4m3fn)}, id="torch-float8"),
     pytest.param({"a": quiet(torch.zeros, 2, dtype=torch.complex32)}, id="torch-complex32"),
     pytest.param({"a": torch.zeros(2, 2).to_sparse()}, id="torch-sparse"),
@@ -689,7 +783,10 @@ def test_unsupported_values_are_refused(payload):
 
 def test_pickle_is_never_used(monkeypatch):
     assert "pickle" not in vars(codec)
-    assert not any(isinstance(v, types.ModuleType) and v.__name__ in ("pickle", "_pickle", "cloudpickle", "dill") for v in vars(codec).values())
+    assert not any(
+        isinstance(v, types.ModuleType) and v.__name__ in ("pickle", "_pickle", "cloudpickle", "dill")
+        for v in vars(codec).values()
+    )
 
     def refuse(*args, **kwargs):
         raise AssertionError("pickle was used")

@@ -8,6 +8,12 @@ import zlib
 import numpy as np
 import pytest
 
+from brokerfl.assembly.roles import topology_for
+from brokerfl.assembly.simulate import simulate
+from brokerfl.config import ConfigError, load_config
+from brokerfl.ops.replay import replay
+from brokerfl.storage.journal import read_journal
+from brokerfl.transports.local import LocalTransport
 from brokerfl.wire.compression import (
     INDEX,
     SCALE,
@@ -20,17 +26,15 @@ from brokerfl.wire.compression import (
     quantize8,
     to_bfloat16_bits,
 )
-from brokerfl.config import ConfigError, load_config
-from brokerfl.storage.journal import read_journal
-from brokerfl.ops.replay import replay
-from brokerfl.assembly.roles import topology_for
-from brokerfl.assembly.simulate import simulate
-from brokerfl.transports.local import LocalTransport
 
 
 def _model(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"w": rng.standard_normal((30, 20), dtype=np.float32), "b": rng.standard_normal(20, dtype=np.float32), "steps": np.array(7, np.int64)}
+    return {
+        "w": rng.standard_normal((30, 20), dtype=np.float32),
+        "b": rng.standard_normal(20, dtype=np.float32),
+        "steps": np.array(7, np.int64),
+    }
 
 
 def test_bfloat16_rounds_to_nearest():
@@ -59,7 +63,9 @@ def test_roundtrip_and_error_feedback(method):
     assert set(got) == set(base) and got["steps"] == 8 and all(got[k].dtype == base[k].dtype for k in base)
     # what was sent plus what was kept back is the whole delta, exactly
     for name in ("w", "b"):
-        np.testing.assert_allclose(got[name] - base[name] + residual[name], trained[name] - base[name], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            got[name] - base[name] + residual[name], trained[name] - base[name], rtol=0, atol=1e-5
+        )
     tolerance = {"float16": 4e-3, "bfloat16": 4e-2, "qsgd8": 0.2, "topk": 10.0}[method]  # of deltas ~N(0, 2)
     assert np.max(np.abs(got["w"] - trained["w"])) < tolerance
     # error feedback: the same delta again, plus the residual, is sent next round
@@ -71,7 +77,10 @@ def test_roundtrip_and_error_feedback(method):
 def test_compressed_sizes():
     base, trained = _model(0), _model(1)
     whole = sum(a.nbytes for a in trained.values())
-    size = {m: sum(a.nbytes for a in compress(trained, base, m, fraction=0.01)[0].values()) for m in ("bfloat16", "qsgd8", "topk")}
+    size = {
+        m: sum(a.nbytes for a in compress(trained, base, m, fraction=0.01)[0].values())
+        for m in ("bfloat16", "qsgd8", "topk")
+    }
     assert size["bfloat16"] < 0.55 * whole and size["qsgd8"] < 0.3 * whole and size["topk"] < 0.1 * whole
 
 
@@ -92,7 +101,11 @@ def _wire(method):
         ("qsgd8", lambda w: w.update(w=np.full((30, 20), -128, np.int8)), "levels"),
         ("topk", lambda w: w.update({"w" + INDEX: w["w" + INDEX] + 10_000}), "indices"),
         ("topk", lambda w: w.update({"w" + INDEX: np.zeros_like(w["w" + INDEX])}), "indices"),
-        ("topk", lambda w: w.update(w=np.zeros(600, np.float32), **{"w" + INDEX: np.arange(600, dtype=np.int64)}), "k=600 is out of range"),
+        (
+            "topk",
+            lambda w: w.update(w=np.zeros(600, np.float32), **{"w" + INDEX: np.arange(600, dtype=np.int64)}),
+            "k=600 is out of range",
+        ),
         ("topk", lambda w: w.update(w=np.full_like(w["w"], np.nan)), "NaN"),
         ("topk", lambda w: w.update({"steps" + WHOLE: np.array(7, np.int32)}), "sent whole"),
         ("topk", lambda w: w.update(steps=w.pop("steps" + WHOLE)), "must be sent whole"),
@@ -116,7 +129,10 @@ def test_compression_is_refused_where_it_is_not_supported():
 
 @pytest.mark.parametrize("method", ["bfloat16", "qsgd8", "topk"])
 def test_a_compressed_run_replays_hash_for_hash(method):
-    config = load_config(None, {"rounds": 3, "clients": 3, "train.max_batches": 4, "compression.method": method, "compression.fraction": 0.05})
+    config = load_config(
+        None,
+        {"rounds": 3, "clients": 3, "train.max_batches": 4, "compression.method": method, "compression.fraction": 0.05},
+    )
     result = simulate(config, journal=True)
     assert [r["num_updates"] for r in result.records] == [3, 3, 3]
     replayed = replay(read_journal(LocalTransport(result.broker), topology_for(config)), config)
@@ -137,12 +153,30 @@ def test_a_bad_compressed_update_is_dead_lettered_and_the_round_goes_on(monkeypa
         return wire, residual
 
     monkeypatch.setattr(client_handlers, "compress", compress_badly)
-    config = load_config(None, {"rounds": 2, "clients": 3, "train.max_batches": 2, "strategy.min_clients": 2, "strategy.round_deadline_s": 3.0,
-                                "compression.method": "topk", "compression.fraction": 0.05})
+    config = load_config(
+        None,
+        {
+            "rounds": 2,
+            "clients": 3,
+            "train.max_batches": 2,
+            "strategy.min_clients": 2,
+            "strategy.round_deadline_s": 3.0,
+            "compression.method": "topk",
+            "compression.fraction": 0.05,
+        },
+    )
     result = simulate(config, journal=True)
     assert [r["num_updates"] for r in result.records] == [2, 2]
-    dead = [d for d in read_journal(LocalTransport(result.broker), topology_for(config)) if d.routing_key.startswith("dead.")]
-    assert len(dead) == 2 and all("compressed update" in d.envelope.headers.get("x-brokerfl-reason", "") and "indices" in d.envelope.headers["x-brokerfl-reason"] for d in dead)
+    dead = [
+        d
+        for d in read_journal(LocalTransport(result.broker), topology_for(config))
+        if d.routing_key.startswith("dead.")
+    ]
+    assert len(dead) == 2 and all(
+        "compressed update" in d.envelope.headers.get("x-brokerfl-reason", "")
+        and "indices" in d.envelope.headers["x-brokerfl-reason"]
+        for d in dead
+    )
     assert replay(read_journal(LocalTransport(result.broker), topology_for(config)), config).ok
 
 
@@ -164,12 +198,22 @@ def test_buffers_integers_and_small_tensors_travel_whole(method):
     base, trainable = _batchnorm_model()
     assert "1.running_var" not in trainable and "1.num_batches_tracked" not in trainable
     rng = np.random.default_rng(3)
-    trained = {k: (v + rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v + 5) for k, v in base.items()}
+    trained = {
+        k: (v + rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v + 5) for k, v in base.items()
+    }
     trained["1.running_var"] = np.full(32, 0.01, np.float32)  # a statistic far below the model's 1.0
     residual: dict[str, np.ndarray] = {}
     for round_ in range(5):  # error feedback must not drift what travels whole
-        wire, residual = compress(trained, base, method, residual=residual, fraction=0.01, rng=np.random.default_rng(round_),
-                                  trainable=trainable, min_size=1024)
+        wire, residual = compress(
+            trained,
+            base,
+            method,
+            residual=residual,
+            fraction=0.01,
+            rng=np.random.default_rng(round_),
+            trainable=trainable,
+            min_size=1024,
+        )
         assert set(residual) == {"0.weight"}  # 64 x 32 = 2048 entries: the only compressed tensor
         whole = {k[: -len(WHOLE)] for k in wire if k.endswith(WHOLE)}
         assert whole == set(base) - {"0.weight"}
@@ -187,7 +231,9 @@ def test_the_residual_carries_over_only_to_a_newer_model():
     base, trainable = _batchnorm_model()
     trained = {k: (v + np.float32(0.5) if v.dtype.kind == "f" else v) for k, v in base.items()}
     config = load_config(None, {"compression.method": "topk", "compression.fraction": 0.01})
-    state = SimpleNamespace(config=config, client_id="0", residual={}, residual_version=-1, app=SimpleNamespace(trainable=lambda: trainable))
+    state = SimpleNamespace(
+        config=config, client_id="0", residual={}, residual_version=-1, app=SimpleNamespace(trainable=lambda: trainable)
+    )
 
     def send(version: int) -> dict[str, np.ndarray]:
         task = SimpleNamespace(model_version=version, round=version + 1, parameters=base)
@@ -204,8 +250,17 @@ def test_the_residual_carries_over_only_to_a_newer_model():
 def test_a_batchnorm_cnn_under_topk_stays_finite_and_replays():
     """The CNN app (BatchNorm) under top-k 1%: variances stay positive, the model finite,
     accuracy above chance, and replay folds exactly what the server folded."""
-    config = load_config("examples/cnn_mnist/config.yaml", {"rounds": 3, "clients": 3, "strategy.min_clients": 3, "train.max_batches": 20,
-                                                            "compression.method": "topk", "compression.fraction": 0.01})
+    config = load_config(
+        "examples/cnn_mnist/config.yaml",
+        {
+            "rounds": 3,
+            "clients": 3,
+            "strategy.min_clients": 3,
+            "train.max_batches": 20,
+            "compression.method": "topk",
+            "compression.fraction": 0.01,
+        },
+    )
     result = simulate(config, journal=True)
     model = result.server_state.model.parameters
     assert all(np.all(np.isfinite(v)) for v in model.values() if v.dtype.kind == "f")

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brokerfl.config import builtins
-from brokerfl.config import ConfigError, load_config, parse_config
+from brokerfl.config import ConfigError, builtins, load_config, parse_config
 from brokerfl.handlers.strategies.base import BUILT_IN, Strategy, strategy_class, strategy_for_run
 from brokerfl.handlers.strategies.fedavg import FedAvg
 
@@ -38,20 +37,28 @@ def test_the_defaults_are_short_names():
     assert (config.app, config.client_handlers, config.strategy.name) == ("mlp", "client", "fedavg")
 
 
-@pytest.mark.parametrize(("key", "old", "short"), [
-    ("app", "brokerfl.handlers.apps.mlp", "mlp"),
-    ("client_handlers", "brokerfl.handlers.workflows.client", "client"),
-    ("server_handlers", "brokerfl.handlers.workflows.async_server", "async_server"),
-])
+@pytest.mark.parametrize(
+    ("key", "old", "short"),
+    [
+        ("app", "brokerfl.handlers.apps.mlp", "mlp"),
+        ("client_handlers", "brokerfl.handlers.workflows.client", "client"),
+        ("server_handlers", "brokerfl.handlers.workflows.async_server", "async_server"),
+    ],
+)
 def test_an_old_built_in_path_works_with_a_warning_naming_the_short_name(key, old, short):
-    with pytest.warns(DeprecationWarning, match=f"{key}: '{old}' is the old spelling of the built-in '{short}'; write {key}: {short}"):
+    with pytest.warns(
+        DeprecationWarning, match=f"{key}: '{old}' is the old spelling of the built-in '{short}'; write {key}: {short}"
+    ):
         config = parse_config({key: old})
     assert getattr(config, key) == short
 
 
 def test_old_spellings_of_strategies_and_extra_handlers_work_with_a_warning():
     with pytest.warns(DeprecationWarning, match="write strategy: fedadam"):
-        assert parse_config({"strategy": {"name": "brokerfl.handlers.strategies.fedopt:FedAdam"}}).strategy.name == "fedadam"
+        assert (
+            parse_config({"strategy": {"name": "brokerfl.handlers.strategies.fedopt:FedAdam"}}).strategy.name
+            == "fedadam"
+        )
     with pytest.warns(DeprecationWarning, match="write extra_handlers: gradients"):
         assert parse_config({"extra_handlers": ["brokerfl.handlers.gradients"]}).extra_handlers == ["gradients"]
 
@@ -61,12 +68,24 @@ def test_a_strategy_may_be_named_alone():
 
 
 def test_an_unknown_strategy_lists_the_built_ins():
-    with pytest.raises(ConfigError, match=r"strategy\.name: unknown strategy 'fedavgg': use one of \[.*'fedavg'.*'fedbuff'.*\] or your own 'module:Class'"):
+    with pytest.raises(
+        ConfigError,
+        match=(
+            r"strategy\.name: unknown strategy 'fedavgg': use one of \[.*'fedavg'.*'fedbuff'.*\] or your own "
+            r"'module:Class'"
+        ),
+    ):
         parse_config({"strategy": {"name": "fedavgg"}})
 
 
 def test_an_unknown_short_name_lists_the_built_ins():
-    with pytest.raises(ConfigError, match=r"server_handlers: unknown server_handlers 'async-server': use one of \['async_server', 'cyclic', 'server'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=(
+            r"server_handlers: unknown server_handlers 'async-server': use one of \['async_server', 'cyclic', "
+            r"'server'\]"
+        ),
+    ):
         parse_config({"server_handlers": "async-server"})
 
 
@@ -74,7 +93,9 @@ def test_an_app_that_is_no_module_and_no_built_in_lists_the_built_ins(tmp_path, 
     from brokerfl.app import load_app
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"cannot import app module 'mpl'.*it is not a built-in app either: those are \['mlp'\]"):
+    with pytest.raises(
+        ConfigError, match=r"cannot import app module 'mpl'.*it is not a built-in app either: those are \['mlp'\]"
+    ):
         load_app(parse_config({"app": "mpl"}))
 
 
@@ -123,22 +144,53 @@ class Incomplete(Strategy):
 
 
 def test_a_strategy_missing_an_abstract_method_is_refused_when_the_config_is_loaded():
-    with pytest.raises(ConfigError, match=r"strategy 'test_config_names:Incomplete': class Incomplete does not implement folded \(every strategy must"):
+    with pytest.raises(
+        ConfigError,
+        match=(
+            r"strategy 'test_config_names:Incomplete': class Incomplete does not implement folded \(every strategy "
+            r"must"
+        ),
+    ):
         parse_config({"strategy": {"name": "test_config_names:Incomplete"}})
 
 
 def test_an_unknown_option_is_refused_naming_the_strategy_and_the_option():
-    with pytest.raises(ConfigError, match=r"strategy 'fedadam': no option 'etaa' \(its options: eta, beta_1, beta_2, tau, initial_v, bias_correction; a strategy declares its options in its Options class\)"):
+    with pytest.raises(
+        ConfigError,
+        match=(
+            r"strategy 'fedadam': no option 'etaa' \(its options: eta, beta_1, beta_2, tau, initial_v, "
+            r"bias_correction; a strategy declares its options in its Options class\)"
+        ),
+    ):
         parse_config({"strategy": {"name": "fedadam", "options": {"etaa": 0.1}}})
 
 
-@pytest.mark.parametrize(("name", "options", "message"), [
-    ("fedadam", {"eta": "0.1"}, r"strategy 'fedadam': option 'eta': Input should be a valid number \(got '0.1'\)"),
-    ("fedbuff", {"buffer_size": 2.5}, r"strategy 'fedbuff': option 'buffer_size': Input should be a valid integer \(got 2.5\)"),
-    ("norm_bounding", {"weighted": "yes"}, r"strategy 'norm_bounding': option 'weighted': Input should be a valid boolean \(got 'yes'\)"),
-    ("fedasync", {"alpha": 1.5}, r"strategy 'fedasync': option 'alpha': Input should be less than or equal to 1 \(got 1.5\)"),
-    ("dp_fedavg", {"mode": "both"}, r"strategy 'dp_fedavg': option 'mode': Input should be 'central' or 'local' \(got 'both'\)"),
-])
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("fedadam", {"eta": "0.1"}, r"strategy 'fedadam': option 'eta': Input should be a valid number \(got '0.1'\)"),
+        (
+            "fedbuff",
+            {"buffer_size": 2.5},
+            r"strategy 'fedbuff': option 'buffer_size': Input should be a valid integer \(got 2.5\)",
+        ),
+        (
+            "norm_bounding",
+            {"weighted": "yes"},
+            r"strategy 'norm_bounding': option 'weighted': Input should be a valid boolean \(got 'yes'\)",
+        ),
+        (
+            "fedasync",
+            {"alpha": 1.5},
+            r"strategy 'fedasync': option 'alpha': Input should be less than or equal to 1 \(got 1.5\)",
+        ),
+        (
+            "dp_fedavg",
+            {"mode": "both"},
+            r"strategy 'dp_fedavg': option 'mode': Input should be 'central' or 'local' \(got 'both'\)",
+        ),
+    ],
+)
 def test_a_mistyped_option_is_refused_naming_the_strategy_and_the_option(name, options, message):
     with pytest.raises(ConfigError, match=message):
         parse_config({"strategy": {"name": name, "options": options}})
@@ -152,7 +204,14 @@ def test_every_built_in_option_is_documented():
 
 def test_options_are_attributes_with_their_defaults():
     strategy = strategy_class("fedadam")()
-    assert (strategy.eta, strategy.beta_1, strategy.beta_2, strategy.tau, strategy.initial_v, strategy.bias_correction) == (0.01, 0.9, 0.99, 1e-3, 1e-6, False)
+    assert (
+        strategy.eta,
+        strategy.beta_1,
+        strategy.beta_2,
+        strategy.tau,
+        strategy.initial_v,
+        strategy.bias_correction,
+    ) == (0.01, 0.9, 0.99, 1e-3, 1e-6, False)
     assert strategy.options.initial_v is None  # tau^2 is the strategy's reading of "none"
 
 
@@ -165,11 +224,15 @@ def test_a_built_in_moved_under_brokerfl_keeps_its_old_spelling(monkeypatch):
 
 def test_the_readme_names_every_option_of_every_built_in_strategy():
     readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## Strategies"):]
-    table = table[:table.index("\n\n", table.index("| name | kind |"))]
+    table = readme[readme.index("## Strategies") :]
+    table = table[: table.index("\n\n", table.index("| name | kind |"))]
     for name in BUILT_IN:
         if name == "cyclic":  # chosen by workflow: cyclic, not by name
             continue
         row = next((line for line in table.splitlines() if f"`{name}`" in line), "")
         for option in strategy_class(name).Options.model_fields:
-            assert f"`{option}`" in row or f"`options.{option}`" in row or (option in ("staleness", "a", "b", "max_staleness") and "staleness" in row), f"{name}: {option}"
+            assert (
+                f"`{option}`" in row
+                or f"`options.{option}`" in row
+                or (option in ("staleness", "a", "b", "max_staleness") and "staleness" in row)
+            ), f"{name}: {option}"

@@ -8,8 +8,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from brokerfl.transports.base import TransportError
 from brokerfl.transports.amqp.connect import broker_urls, cluster_parameters
+from brokerfl.transports.base import TransportError
 
 
 def test_broker_urls_take_a_list_or_commas():

@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from container_engine import DockerEngine, EngineUnavailable, run
 
+from brokerfl.assembly.simulate import simulate
 from brokerfl.config import load_config
 from brokerfl.storage.metrics_log import read_metrics
-from brokerfl.assembly.simulate import simulate
-from container_engine import DockerEngine, EngineUnavailable, run
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,12 @@ def engine(tmp_path_factory):
 def _torch_wheels() -> list[str]:
     """The local torch 2.13.0 CPU wheel, from pip's find-links (this machine: /opt/wheels)."""
     found = run("pip", "config", "list", check=False).stdout if shutil.which("pip") else ""
-    dirs = [part.strip("'\"") for line in found.splitlines() if "find-links" in line for part in line.split("=", 1)[1].split()]
+    dirs = [
+        part.strip("'\"")
+        for line in found.splitlines()
+        if "find-links" in line
+        for part in line.split("=", 1)[1].split()
+    ]
     return sorted({w for d in [*dirs, "/opt/wheels"] for w in glob.glob(os.path.join(d, "torch-2.13.0*.whl"))})
 
 
@@ -73,8 +78,22 @@ def image(engine):
     keep = os.environ.get("BROKERFL_KEEP_IMAGE") == "1"
     tag = "brokerfl-test:latest" if keep else f"brokerfl-test:{uuid.uuid4().hex[:8]}"
     try:
-        built = run("docker", "build", "-q", "--build-arg", f"BASE={BASE_IMAGE}", "-f", "docker/Dockerfile", "-t", tag, ".",
-                    cwd=ROOT, timeout=1500, check=False, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+        built = run(
+            "docker",
+            "build",
+            "-q",
+            "--build-arg",
+            f"BASE={BASE_IMAGE}",
+            "-f",
+            "docker/Dockerfile",
+            "-t",
+            tag,
+            ".",
+            cwd=ROOT,
+            timeout=1500,
+            check=False,
+            env={**os.environ, "DOCKER_BUILDKIT": "0"},
+        )
         assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     finally:
         for path in copied:
@@ -196,7 +215,9 @@ def test_a_client_and_the_server_crash_mid_run_and_come_back(compose_run, tmp_pa
     rounds = 8
     # Slow clients (a sleep after training) keep each round open for seconds, so the kills
     # land mid-round; the slowdown changes no number.
-    config = (ROOT / CONFIG).read_text() + "client_slowdown: {" + ", ".join(f'"{i}": 15' for i in range(CLIENTS)) + "}\n"
+    config = (
+        (ROOT / CONFIG).read_text() + "client_slowdown: {" + ", ".join(f'"{i}": 15' for i in range(CLIENTS)) + "}\n"
+    )
     fed = compose_run(BROKERFL_RUN="compose-crash", BROKERFL_ROUNDS=str(rounds), BROKERFL_CONFIG="/runs/crash.yaml")
     (fed.runs / "crash.yaml").write_text(config)
     fed.up()
@@ -214,7 +235,18 @@ def test_a_client_and_the_server_crash_mid_run_and_come_back(compose_run, tmp_pa
     records = fed.metrics()
     assert [r["model_version"] for r in records] == list(range(1, rounds + 1))
 
-    accounting = fed.compose("run", "--rm", "--no-deps", "server", "brokerfl", "accounting", "--log-level", "warning", check=False, timeout=180)
+    accounting = fed.compose(
+        "run",
+        "--rm",
+        "--no-deps",
+        "server",
+        "brokerfl",
+        "accounting",
+        "--log-level",
+        "warning",
+        check=False,
+        timeout=180,
+    )
     print(accounting.stdout)
     assert accounting.returncode == 0, accounting.stdout + accounting.stderr
     expected = local_records("compose-crash", rounds)[-1]["accuracy"]

@@ -157,8 +157,7 @@ def test_dirichlet_partition_rejects_bad_alpha() -> None:
 def test_partition_dispatches() -> None:
     labels = skewed_labels()
     assert all(
-        np.array_equal(x, y)
-        for x, y in zip(partition(labels, 4, "iid", seed=5), iid_partition(len(labels), 4, 5))
+        np.array_equal(x, y) for x, y in zip(partition(labels, 4, "iid", seed=5), iid_partition(len(labels), 4, 5))
     )
     assert all(
         np.array_equal(x, y)

@@ -4,8 +4,8 @@ evaluates the version it just stored, and the scores are those of the stored ver
 from __future__ import annotations
 
 import brokerfl.handlers.workflows.server as server_handlers
-from brokerfl.config import load_config
 from brokerfl.assembly.simulate import simulate
+from brokerfl.config import load_config
 from brokerfl.storage.store import MemoryModelStore
 from brokerfl.transports.local import LocalTransport
 

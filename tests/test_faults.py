@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from brokerfl.storage.accounting import account_run
-from brokerfl.config import load_config
-from brokerfl.storage.metrics_log import read_metrics
 from brokerfl.assembly.roles import topology_for
 from brokerfl.assembly.simulate import simulate
+from brokerfl.config import load_config
+from brokerfl.storage.accounting import account_run
+from brokerfl.storage.metrics_log import read_metrics
 from brokerfl.storage.store import DirectoryModelStore
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -34,7 +34,19 @@ class Federation:
     def __init__(self, url: str, run: str, out: Path, *, clients: int, rounds: int, config: str = CONFIG) -> None:
         self.url, self.run, self.out = url, run, out
         self.clients, self.rounds = clients, rounds
-        self.args = [config, "--broker", url, "--run", run, "--clients", str(clients), "--rounds", str(rounds), "--log-level", "warning"]
+        self.args = [
+            config,
+            "--broker",
+            url,
+            "--run",
+            run,
+            "--clients",
+            str(clients),
+            "--rounds",
+            str(rounds),
+            "--log-level",
+            "warning",
+        ]
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.server: subprocess.Popen | None = None
@@ -44,7 +56,9 @@ class Federation:
     def _spawn(self, *args: str) -> subprocess.Popen:
         self.starts += 1
         log = open(self.logs / f"{self.starts:03d}-{args[0]}.log", "w")  # noqa: SIM115 - closed with the process
-        return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
 
     def start_server(self) -> None:
         self.server = self._spawn("server", *self.args, "--out", str(self.out))
@@ -72,7 +86,9 @@ class Federation:
             if self.server.poll() is not None and self.server.returncode != 0:
                 raise AssertionError(f"server exited with {self.server.returncode}: {self.log_tail()}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"only {self.versions_done()} of {n} versions after {timeout} s: {self.log_tail()}")
+                raise AssertionError(
+                    f"only {self.versions_done()} of {n} versions after {timeout} s: {self.log_tail()}"
+                )
             time.sleep(0.1)  # polling a file the server appends to, under a deadline
 
     def finish(self, timeout: float = 300) -> None:
@@ -104,8 +120,8 @@ class Federation:
             return account_run(transport, topology_for(config), DirectoryModelStore(self.out / "models"))
 
     def replay(self):
-        from brokerfl.storage.journal import read_journal
         from brokerfl.ops.replay import replay
+        from brokerfl.storage.journal import read_journal
         from brokerfl.transports.amqp import AmqpTransport
 
         config = load_config(CONFIG, {"run": self.run, "clients": self.clients})
@@ -158,7 +174,9 @@ def test_kill_9_of_a_random_client_in_every_round(federation, run_name, tmp_path
     # Clients that take ~15x their training time (a sleep after training, before the
     # update goes out) make most kills land mid-task: killed before the update and the ack.
     slow = tmp_path / "slow.yaml"
-    slow.write_text((ROOT / CONFIG).read_text() + "client_slowdown: {" + ", ".join(f'"{i}": 15' for i in range(8)) + "}\n")
+    slow.write_text(
+        (ROOT / CONFIG).read_text() + "client_slowdown: {" + ", ".join(f'"{i}": 15' for i in range(8)) + "}\n"
+    )
     fed = federation(clients=8, rounds=20, config=str(slow))
     rng = random.Random(7)
     fed.start()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 
 import pytest
+from test_faults import ROOT, Federation
 
 from brokerfl.config import load_config
 from brokerfl.storage.metrics_log import read_metrics
 from brokerfl.storage.store import DirectoryModelStore
-from test_faults import ROOT, Federation
 
 pytestmark = pytest.mark.broker
 
@@ -21,9 +21,9 @@ class FedAdamFederation(Federation):
         self.config = load_config(config, {"run": run, "clients": self.clients, "rounds": self.rounds})
 
     def replay(self):
-        from brokerfl.storage.journal import read_journal
-        from brokerfl.ops.replay import replay
         from brokerfl.assembly.roles import topology_for
+        from brokerfl.ops.replay import replay
+        from brokerfl.storage.journal import read_journal
         from brokerfl.transports.amqp import AmqpTransport
 
         with AmqpTransport(self.url) as transport:
@@ -32,7 +32,11 @@ class FedAdamFederation(Federation):
 
 def test_kill_9_of_a_fedadam_server_resumes_its_optimizer_state(amqp_url, run_name, tmp_path):
     config = tmp_path / "fedadam.yaml"
-    config.write_text((ROOT / "configs/digits_fedavg.yaml").read_text().replace("name: fedavg", "name: fedadam\n  options: {eta: 0.01}"))
+    config.write_text(
+        (ROOT / "configs/digits_fedavg.yaml")
+        .read_text()
+        .replace("name: fedavg", "name: fedadam\n  options: {eta: 0.01}")
+    )
     fed = FedAdamFederation(amqp_url, run_name, tmp_path / "out", config=config, clients=3, rounds=6)
     try:
         fed.start()

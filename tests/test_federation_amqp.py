@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import os
 import re
-import time
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from brokerfl.assembly.simulate import simulate
 from brokerfl.config import load_config
 from brokerfl.storage.metrics_log import read_metrics
-from brokerfl.assembly.simulate import simulate
 from brokerfl.transports.topology import RunTopology
 
 pytestmark = pytest.mark.broker
@@ -64,7 +64,19 @@ def cleanup(amqp_url):
 def test_server_and_client_processes_train_like_simulate(amqp_url, run_name, tmp_path, cleanup):
     clients, rounds = 4, 5
     cleanup((run_name, [str(i) for i in range(clients)]))
-    common = ["configs/digits_fedavg.yaml", "--broker", amqp_url, "--run", run_name, "--clients", str(clients), "--rounds", str(rounds), "--log-level", "warning"]
+    common = [
+        "configs/digits_fedavg.yaml",
+        "--broker",
+        amqp_url,
+        "--run",
+        run_name,
+        "--clients",
+        str(clients),
+        "--rounds",
+        str(rounds),
+        "--log-level",
+        "warning",
+    ]
     server = brokerfl("server", *common, "--out", str(tmp_path))
     # two processes: one hosts client 0, the other the logical clients 1-3
     client_procs = [brokerfl("client", *common, "--client-id", "0"), brokerfl("client", *common, "--client-id", "1-3")]
@@ -77,7 +89,9 @@ def test_server_and_client_processes_train_like_simulate(amqp_url, run_name, tmp
     assert (tmp_path / "curve.png").exists()
 
     torch.set_num_threads(1)  # as the client processes do
-    local = simulate(load_config("configs/digits_fedavg.yaml", {"run": run_name, "clients": clients, "rounds": rounds})).records
+    local = simulate(
+        load_config("configs/digits_fedavg.yaml", {"run": run_name, "clients": clients, "rounds": rounds})
+    ).records
     # float64 folding makes the model independent of arrival order: same bits
     assert [r["accuracy"] for r in over_amqp] == [r["accuracy"] for r in local]
     assert [r["sha256"] for r in over_amqp] == [r["sha256"] for r in local]
@@ -104,12 +118,17 @@ def test_compose_services_run_as_local_processes(run_name, tmp_path, provision_o
     assert "management" in services["rabbitmq"]["image"]
     assert (ROOT / "docker" / services["server"]["env_file"]).read_text().count("amqp://guest:guest@rabbitmq") == 1
     mounts = " ".join(identity["services"]["rabbitmq"]["volumes"])
-    assert "definitions.json:/etc/rabbitmq/brokerfl/definitions.json" in mounts and "rabbitmq.conf:/etc/rabbitmq/conf.d/" in mounts
+    assert (
+        "definitions.json:/etc/rabbitmq/brokerfl/definitions.json" in mounts
+        and "rabbitmq.conf:/etc/rabbitmq/conf.d/" in mounts
+    )
     workers = {name: {**spec, **identity["services"][name]} for name, spec in services.items() if name != "rabbitmq"}
     assert "server" in workers and sum(name.startswith("client") for name in workers) >= 2
 
     base_env = dict(workers["server"]["environment"])
-    config = load_config(ROOT / base_env["BROKERFL_CONFIG"], {"run": run_name, "clients": int(base_env["BROKERFL_CLIENTS"]), "rounds": 3})
+    config = load_config(
+        ROOT / base_env["BROKERFL_CONFIG"], {"run": run_name, "clients": int(base_env["BROKERFL_CLIENTS"]), "rounds": 3}
+    )
     done = provision_on_broker(config)
     assert "load_definitions = " in done.rabbitmq_conf.read_text()
     procs = []
@@ -148,7 +167,9 @@ def _free_port() -> int:
 
 def test_unreachable_broker_is_one_clear_error():
     # a server retries its first connection (--max-reconnect-s; tests/test_start_retry.py), then gives up
-    proc = brokerfl("server", "--broker", "amqp://guest:secret@127.0.0.1:1/", "--run", "nowhere", "--max-reconnect-s", "1")
+    proc = brokerfl(
+        "server", "--broker", "amqp://guest:secret@127.0.0.1:1/", "--run", "nowhere", "--max-reconnect-s", "1"
+    )
     (out,) = finish([proc], timeout=60)
     assert proc.returncode == 3
     assert "127.0.0.1:1" in out and "secret" not in out and "gave up after" in out
@@ -170,15 +191,27 @@ def test_a_client_killed_before_its_ack_gets_its_task_again(amqp_url, run_name, 
     """kill -9 while training: the task was never acked, so the broker redelivers it to
     the restarted client, which answers it exactly once."""
     from brokerfl.config import load_config
-    from brokerfl.wire.message import TrainTask, to_wire
-    from brokerfl.transports.amqp import AmqpTransport
     from brokerfl.handlers.datasets import load_dataset
     from brokerfl.handlers.trainer import init_parameters
+    from brokerfl.transports.amqp import AmqpTransport
+    from brokerfl.wire.message import TrainTask, to_wire
 
     cleanup((run_name, ["0"]))
     config = load_config("configs/digits_fedavg.yaml", {"run": run_name, "clients": 4})
     topology = RunTopology(run_name)
-    args = ["configs/digits_fedavg.yaml", "--broker", amqp_url, "--run", run_name, "--clients", "4", "--client-id", "0", "--log-level", "warning"]
+    args = [
+        "configs/digits_fedavg.yaml",
+        "--broker",
+        amqp_url,
+        "--run",
+        run_name,
+        "--clients",
+        "4",
+        "--client-id",
+        "0",
+        "--log-level",
+        "warning",
+    ]
     with AmqpTransport(amqp_url) as admin:
         topology.declare(admin)
         first = brokerfl("client", *args)
@@ -234,7 +267,19 @@ def test_a_run_survives_a_broker_restart(amqp_url, run_name, tmp_path, cleanup, 
     completes, and every round folded every client's update exactly once."""
     clients, rounds = 3, 8
     cleanup((run_name, [str(i) for i in range(clients)]))
-    common = ["configs/digits_fedavg.yaml", "--broker", amqp_url, "--run", run_name, "--clients", str(clients), "--rounds", str(rounds), "--log-level", "warning"]
+    common = [
+        "configs/digits_fedavg.yaml",
+        "--broker",
+        amqp_url,
+        "--run",
+        run_name,
+        "--clients",
+        str(clients),
+        "--rounds",
+        str(rounds),
+        "--log-level",
+        "warning",
+    ]
     server = brokerfl("server", *common, "--out", str(tmp_path))
     client_procs = [brokerfl("client", *common, "--client-id", f"0-{clients - 1}")]
     metrics = tmp_path / "metrics.jsonl"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from brokerfl.config import load_config
-from brokerfl.runtime.handler_table import to_clients
-from brokerfl.wire.message import EvaluateResult, Gradients, TrainTask, from_wire
 from brokerfl.assembly.roles import client_worker, topology_for
-from brokerfl.transports.base import REASON_HEADER
-from brokerfl.transports.local import LocalBroker, LocalTransport
+from brokerfl.config import load_config
 from brokerfl.handlers.datasets import load_dataset
 from brokerfl.handlers.trainer import init_parameters
+from brokerfl.runtime.handler_table import to_clients
+from brokerfl.transports.base import REASON_HEADER
+from brokerfl.transports.local import LocalBroker, LocalTransport
+from brokerfl.wire.message import EvaluateResult, Gradients, TrainTask, from_wire
 
 
 def test_clients_answer_gradients_with_an_evaluation():

@@ -6,7 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from brokerfl.assembly.roles import client_table, client_worker, coordinator_table, topology_for
+from brokerfl.assembly.simulate import simulate
 from brokerfl.config import ConfigError, load_config
+from brokerfl.handlers.workflows import client
 from brokerfl.runtime.handler_table import (
     Context,
     DuplicateHandler,
@@ -15,6 +18,8 @@ from brokerfl.runtime.handler_table import (
     compose,
     to_clients,
 )
+from brokerfl.transports.base import REASON_HEADER
+from brokerfl.transports.local import LocalBroker, LocalTransport
 from brokerfl.wire.message import (
     EvaluateResult,
     Exit,
@@ -24,11 +29,6 @@ from brokerfl.wire.message import (
     TrainTask,
     from_wire,
 )
-from brokerfl.assembly.roles import client_table, client_worker, coordinator_table, topology_for
-from brokerfl.assembly.simulate import simulate
-from brokerfl.transports.base import REASON_HEADER
-from brokerfl.transports.local import LocalBroker, LocalTransport
-from brokerfl.handlers.workflows import client
 from tests.handler_modules import extra_handlers
 
 SMALL = {"rounds": 2, "clients": 3, "train.epochs": 1, "train.max_batches": 5}
@@ -55,7 +55,11 @@ def test_an_explicit_override_replaces_the_earlier_sets_handler():
     first = HandlerSet("first", {Join: joined, Heartbeat: joined})
     second = HandlerSet("second", {Exit: left}, overrides={Join: left})
     table = compose("server", first, second)
-    assert table.handler_for("join") is left and table.handler_for("heartbeat") is joined and table.handler_for("exit") is left
+    assert (
+        table.handler_for("join") is left
+        and table.handler_for("heartbeat") is joined
+        and table.handler_for("exit") is left
+    )
     assert table.sets == (first, second)
     assert first.handlers[Join] is joined  # the sets themselves are unchanged
 
@@ -103,7 +107,9 @@ def test_two_extra_modules_handling_one_type_are_a_config_error(monkeypatch):
 
     other = extra_handlers(monkeypatch, client=HandlerSet("other gradients", {Gradients: gradients_too}))
     config = load_config(None, {"clients": 2, "extra_handlers": ["brokerfl.handlers.gradients", other]})
-    with pytest.raises(ConfigError, match=r"'gradients' is handled by handler set 'gradients' and by 'other gradients'"):
+    with pytest.raises(
+        ConfigError, match=r"'gradients' is handled by handler set 'gradients' and by 'other gradients'"
+    ):
         client_table(config)
 
 
@@ -116,10 +122,17 @@ def test_each_workflow_composes_its_sets_and_the_operators():
     cyclic = coordinator_table(load_config("configs/digits_cyclic.yaml", {"cross_site_eval": True}))
     assert [s.name for s in cyclic.sets] == ["server lifecycle", "cyclic hops", "operator", "cross-site evaluation"]
     swarm = coordinator_table(load_config("configs/digits_swarm.yaml", {}))
-    assert [s.name for s in swarm.sets] == ["server lifecycle (take_role_first)", "synchronous rounds (take_role_first)", "swarm aggregator", "operator (take_role_first)"]
+    assert [s.name for s in swarm.sets] == [
+        "server lifecycle (take_role_first)",
+        "synchronous rounds (take_role_first)",
+        "swarm aggregator",
+        "operator (take_role_first)",
+    ]
     assert swarm.role == "aggregator" and swarm.handler_for("local_model") is None
     crossing = client_table(load_config("configs/digits_cross_site.yaml", {}))
-    assert crossing.handler_for("trained").__module__ == "brokerfl.handlers.workflows.cross_site"  # its override, stated in its set
+    assert (
+        crossing.handler_for("trained").__module__ == "brokerfl.handlers.workflows.cross_site"
+    )  # its override, stated in its set
     assert client_table(load_config(None, {})).handler_for("trained") is client.answer_task
 
 
@@ -136,7 +149,9 @@ def _answers_gradients(config) -> list[str]:
     params = worker.state.app.initial_parameters(0)
     worker.start()
     worker.publish([to_clients(TrainTask(parameters=params, participants=["0"], round=1))])
-    worker.publish([to_clients(Gradients(gradients={k: np.zeros_like(v) for k, v in params.items()}, learning_rate=0.1))])
+    worker.publish(
+        [to_clients(Gradients(gradients={k: np.zeros_like(v) for k, v in params.items()}, learning_rate=0.1))]
+    )
     while worker.step(0.0):
         pass
     sent = []
@@ -152,7 +167,9 @@ def _answers_gradients(config) -> list[str]:
 
 @pytest.mark.timeout(600)
 def test_a_second_simulation_does_not_inherit_the_first_ones_extra_handlers():
-    with_gradients = load_config(None, {**SMALL, "run": "sets-first", "extra_handlers": ["brokerfl.handlers.gradients"]})
+    with_gradients = load_config(
+        None, {**SMALL, "run": "sets-first", "extra_handlers": ["brokerfl.handlers.gradients"]}
+    )
     first = simulate(with_gradients)
     assert [r["model_version"] for r in first.records] == [1, 2]
     assert client_table(with_gradients).handler_for("gradients") is not None
@@ -165,7 +182,10 @@ def test_a_second_simulation_does_not_inherit_the_first_ones_extra_handlers():
 
     assert _answers_gradients(with_gradients) == ["join", "parameter_update", "evaluate_result"]
     answered = _answers_gradients(cyclic)
-    assert answered[:2] == ["join", "parameter_update"] and "no handler for message type 'gradients' in the client table" in answered[2]
+    assert (
+        answered[:2] == ["join", "parameter_update"]
+        and "no handler for message type 'gradients' in the client table" in answered[2]
+    )
 
 
 def test_prepare_is_applied_only_to_the_runs_that_name_the_set():
@@ -179,12 +199,16 @@ def test_prepare_is_applied_only_to_the_runs_that_name_the_set():
 
 def test_an_old_style_extra_module_still_works_with_a_deprecation_warning():
     old = load_config(None, {"clients": 2, "extra_handlers": ["tests.old_style_handlers"]})
-    with pytest.warns(DeprecationWarning, match=r"registers on client table at import: export CLIENT_HANDLERS or SERVER_HANDLERS"):
+    with pytest.warns(
+        DeprecationWarning, match=r"registers on client table at import: export CLIENT_HANDLERS or SERVER_HANDLERS"
+    ):
         table = client_table(old)
     from tests import old_style_handlers
 
     assert table.handler_for("gradients") is old_style_handlers.answer_gradients_old_style
-    assert client_table(load_config(None, {"clients": 2})).handler_for("gradients") is None  # imported, yet in no other run
+    assert (
+        client_table(load_config(None, {"clients": 2})).handler_for("gradients") is None
+    )  # imported, yet in no other run
     with pytest.warns(DeprecationWarning):
         assert _answers_gradients(old) == ["join", "parameter_update", "evaluate_result"]
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import pytest
 
 from brokerfl.runtime.handler_table import HandlerTable
-from brokerfl.storage.journal import Skipped, read_journal
-from brokerfl.wire.message import Envelope, Message, to_wire
-from brokerfl.transports.topology import RunTopology, routing_key
-from brokerfl.transports.base import REASON_HEADER
 from brokerfl.runtime.worker import Worker
+from brokerfl.storage.journal import Skipped, read_journal
+from brokerfl.transports.base import REASON_HEADER
+from brokerfl.transports.topology import RunTopology, routing_key
+from brokerfl.wire.message import Envelope, Message, to_wire
 
 
 @dataclass(kw_only=True)
@@ -63,19 +63,49 @@ GARBAGE = b"\x00\x01 not msgpack"
 # exchange (and its journal) the decimal case would never reach the server; the server's own
 # dead letter through that exchange was what it died of.
 KILLERS = {
-    "type-not-utf8": (dict(type=b"\xff\xfeprobe", message_id="k1"), Envelope(b"\xff\xfeprobe", "k1", "", 1.0, {}), "message type"),
-    "timestamp-header-inf": (dict(type="probe", message_id="k2", headers={"x-brokerfl-timestamp": "inf"}), Envelope("probe", "k2", "", float("inf"), {}), "timestamp"),
-    "timestamp-header-nan": (dict(type="probe", message_id="k3", headers={"x-brokerfl-timestamp": "nan"}), Envelope("probe", "k3", "", float("nan"), {}), "timestamp"),
-    "timestamp-header-negative": (dict(type="probe", message_id="k4", headers={"x-brokerfl-timestamp": "-1"}), Envelope("probe", "k4", "", -1.0, {}), "timestamp"),
-    "timestamp-header-1e30": (dict(type="probe", message_id="k5", headers={"x-brokerfl-timestamp": "1e30"}), Envelope("probe", "k5", "", 1e30, {}), "timestamp"),
+    "type-not-utf8": (
+        dict(type=b"\xff\xfeprobe", message_id="k1"),
+        Envelope(b"\xff\xfeprobe", "k1", "", 1.0, {}),
+        "message type",
+    ),
+    "timestamp-header-inf": (
+        dict(type="probe", message_id="k2", headers={"x-brokerfl-timestamp": "inf"}),
+        Envelope("probe", "k2", "", float("inf"), {}),
+        "timestamp",
+    ),
+    "timestamp-header-nan": (
+        dict(type="probe", message_id="k3", headers={"x-brokerfl-timestamp": "nan"}),
+        Envelope("probe", "k3", "", float("nan"), {}),
+        "timestamp",
+    ),
+    "timestamp-header-negative": (
+        dict(type="probe", message_id="k4", headers={"x-brokerfl-timestamp": "-1"}),
+        Envelope("probe", "k4", "", -1.0, {}),
+        "timestamp",
+    ),
+    "timestamp-header-1e30": (
+        dict(type="probe", message_id="k5", headers={"x-brokerfl-timestamp": "1e30"}),
+        Envelope("probe", "k5", "", 1e30, {}),
+        "timestamp",
+    ),
     "timestamp-property-2^64-1": (dict(type="probe", message_id="k6", timestamp=2**64 - 1), None, "timestamp"),
-    "decimal-header": (dict(type="probe", message_id="k7", headers={"price": decimal.Decimal("1.25")}), Envelope("probe", "k7", "", 1.0, {"price": decimal.Decimal("1.25")}), "undecodable"),
-    "timestamp-typed-header-2^63": (dict(type="probe", message_id="k8", headers={"when": RawTimestamp(2**63)}), None, "cannot be decoded"),
+    "decimal-header": (
+        dict(type="probe", message_id="k7", headers={"price": decimal.Decimal("1.25")}),
+        Envelope("probe", "k7", "", 1.0, {"price": decimal.Decimal("1.25")}),
+        "undecodable",
+    ),
+    "timestamp-typed-header-2^63": (
+        dict(type="probe", message_id="k8", headers={"when": RawTimestamp(2**63)}),
+        None,
+        "cannot be decoded",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(KILLERS))
-def test_a_single_hostile_message_is_dead_lettered_and_the_worker_goes_on(case, transport_factory, run_name, monkeypatch):
+def test_a_single_hostile_message_is_dead_lettered_and_the_worker_goes_on(
+    case, transport_factory, run_name, monkeypatch
+):
     properties, local_envelope, reason_text = KILLERS[case]
     if transport_factory.kind == "local" and local_envelope is None:
         pytest.skip("a property or header type only AMQP has")
@@ -138,7 +168,9 @@ def test_reassembly_is_bounded_in_count_and_bytes_and_gives_up_with_reasons():
     for i in range(5):  # never-finished sets: only the newest three are kept
         assert isinstance(a.add(*chunk(f"m{i}", 0, 4), handle=i, sender=f"s{i}"), chunks.Held)
     evicted = a.take_evicted()
-    assert [p.message_id for p, _ in evicted] == ["m0", "m1"] and all("incomplete chunked messages at once" in why for _, why in evicted)
+    assert [p.message_id for p, _ in evicted] == ["m0", "m1"] and all(
+        "incomplete chunked messages at once" in why for _, why in evicted
+    )
     assert sorted(a.partials) == ["m2", "m3", "m4"] and a.held_bytes == 3000
     # one sender past its bound loses its own least recently fed message, then the one it feeds
     assert isinstance(a.add(*chunk("m3", 1, 4), handle="b", sender="s3"), chunks.Held)
@@ -148,7 +180,11 @@ def test_reassembly_is_bounded_in_count_and_bytes_and_gives_up_with_reasons():
     # a sender's own message pushed past the bound (by duplicate chunks) is given up itself
     assert isinstance(a.add(*chunk("n3", 1, 4), handle="n1", sender="s3"), chunks.Held)
     outcome = a.add(*chunk("n3", 1, 4), handle="n1 again", sender="s3")
-    assert isinstance(outcome, chunks.Corrupt) and "max_partial_bytes_per_sender" in outcome.reason and outcome.handles == ["n0", "n1", "n1 again"]
+    assert (
+        isinstance(outcome, chunks.Corrupt)
+        and "max_partial_bytes_per_sender" in outcome.reason
+        and outcome.handles == ["n0", "n1", "n1 again"]
+    )
     assert sorted(a.partials) == ["m4"] and a.held_bytes == 1000
     # a message that could never fit is refused at its first chunk; so is a chunk bigger than its message
     refused = a.add(*chunk("huge", 0, 2, length=10**9), handle="h", sender="s9")
@@ -192,7 +228,9 @@ def test_a_run_under_fire_completes_folds_nothing_hostile_and_stays_auditable(am
 
     from tests.tools.hostile import run_under_fire
 
-    result = run_under_fire(amqp_url, tmp_path, run="fire" + uuid.uuid4().hex[:8], rounds=2, clients=4, hostile=1000, spread_s=6, epochs=1)
+    result = run_under_fire(
+        amqp_url, tmp_path, run="fire" + uuid.uuid4().hex[:8], rounds=2, clients=4, hostile=1000, spread_s=6, epochs=1
+    )
     assert (result.server_exit, result.client_exit) == (0, 0)
     # a forged Leave just before a round starts leaves its client out of that round (#9)
     # at least 2 rounds: the run ends at the round under way once the fire is over

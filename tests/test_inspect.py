@@ -7,15 +7,15 @@ import time
 
 import numpy as np
 
-from brokerfl.ops import inspection as inspect
-from brokerfl.cli import main
-from brokerfl.config import load_config
-from brokerfl.storage.journal import read_journal, write_journal_file
-from brokerfl.wire.message import Envelope, ParameterUpdate, to_wire
 from brokerfl.assembly.roles import topology_for
 from brokerfl.assembly.simulate import simulate
-from brokerfl.transports.topology import RunTopology
+from brokerfl.cli import main
+from brokerfl.config import load_config
+from brokerfl.ops import inspection as inspect
+from brokerfl.storage.journal import read_journal, write_journal_file
 from brokerfl.transports.local import LocalBroker, LocalTransport
+from brokerfl.transports.topology import RunTopology
+from brokerfl.wire.message import Envelope, ParameterUpdate, to_wire
 
 
 def test_inspect_a_simulated_run_with_a_dead_letter(tmp_path, capsys):
@@ -25,8 +25,16 @@ def test_inspect_a_simulated_run_with_a_dead_letter(tmp_path, capsys):
     topology = topology_for(config)
     # a poison message to the server of the finished run: nobody consumes it now, so put
     # a dead letter into the journal the way a worker does
-    envelope, body = to_wire(ParameterUpdate(client_id="9", task_id="t", parameters={"w": np.ones(2, np.float32)}, num_samples=1))
-    dead = Envelope(envelope.type, envelope.message_id, "client.9", time.time(), {**envelope.headers, "x-brokerfl-reason": "update from client 9: w: holds NaN"})
+    envelope, body = to_wire(
+        ParameterUpdate(client_id="9", task_id="t", parameters={"w": np.ones(2, np.float32)}, num_samples=1)
+    )
+    dead = Envelope(
+        envelope.type,
+        envelope.message_id,
+        "client.9",
+        time.time(),
+        {**envelope.headers, "x-brokerfl-reason": "update from client 9: w: holds NaN"},
+    )
     transport.publish(topology.exchange, "dead.parameter_update", dead, body)
     path = tmp_path / "run.journal"
     write_journal_file(path, config.run, read_journal(transport, topology))
@@ -68,7 +76,15 @@ def test_journal_retention_by_size_keeps_the_newest():
     topology = RunTopology("retention", journal=True, journal_max_bytes=5000)
     topology.declare(transport)
     for i in range(20):
-        envelope, body = to_wire(ParameterUpdate(message_id=f"u{i}", client_id="0", task_id="t", parameters={"w": np.zeros(100, np.float32)}, num_samples=1))
+        envelope, body = to_wire(
+            ParameterUpdate(
+                message_id=f"u{i}",
+                client_id="0",
+                task_id="t",
+                parameters={"w": np.zeros(100, np.float32)},
+                num_samples=1,
+            )
+        )
         transport.publish(topology.exchange, "audit.parameter_update", envelope, body)
     kept = [d.envelope.message_id for d in read_journal(transport, topology) if d.envelope.type == "parameter_update"]
     assert kept and kept[-1] == "u19" and "u0" not in kept

@@ -8,16 +8,16 @@ import time
 import numpy as np
 import structlog
 
-from brokerfl.config import load_config
-from brokerfl.runtime.handler_table import Context, to_client, to_clients, to_server
-from brokerfl.wire.message import Heartbeat, Join, TrainTask, from_wire
-from brokerfl.storage.metrics_log import MetricsLog
 from brokerfl.assembly.roles import client_worker, server_worker, topology_for
+from brokerfl.config import load_config
+from brokerfl.handlers.datasets import load_dataset
+from brokerfl.handlers.trainer import init_parameters
+from brokerfl.handlers.workflows.server_state import live_clients, start_round
+from brokerfl.runtime.handler_table import Context, to_client, to_clients, to_server
+from brokerfl.storage.metrics_log import MetricsLog
 from brokerfl.storage.store import MemoryModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
-from brokerfl.handlers.datasets import load_dataset
-from brokerfl.handlers.workflows.server_state import live_clients, start_round
-from brokerfl.handlers.trainer import init_parameters
+from brokerfl.wire.message import Heartbeat, Join, TrainTask, from_wire
 
 
 def step_until(worker, condition, timeout=10.0):
@@ -37,7 +37,16 @@ def taken(admin, queue, kind):
 
 
 def make_server(**overrides):
-    config = load_config(None, {"clients": 3, "strategy.min_clients": 2, "strategy.join_timeout_s": 0.3, "liveness.timeout_s": 0.5, **overrides})
+    config = load_config(
+        None,
+        {
+            "clients": 3,
+            "strategy.min_clients": 2,
+            "strategy.join_timeout_s": 0.3,
+            "liveness.timeout_s": 0.5,
+            **overrides,
+        },
+    )
     broker = LocalBroker()
     admin = LocalTransport(broker)
     topology = topology_for(config, journal=False)
@@ -50,7 +59,13 @@ def make_server(**overrides):
 def test_only_clients_that_beat_are_sampled():
     config, admin, topology, client_queues, server = make_server()
     server.start()
-    server.publish([to_server(Join(client_id="0", num_samples=10)), to_server(Join(client_id="1", num_samples=10)), to_server(Join(client_id="2", num_samples=10))])
+    server.publish(
+        [
+            to_server(Join(client_id="0", num_samples=10)),
+            to_server(Join(client_id="1", num_samples=10)),
+            to_server(Join(client_id="2", num_samples=10)),
+        ]
+    )
     server.step(0.0)
     tasks = taken(admin, client_queues[0], "train_task")
     assert [t.participants for t in tasks] == [["0", "1", "2"]]  # everyone live: begun at once
@@ -75,7 +90,9 @@ def test_a_server_without_live_clients_says_so():
         step_until(server, lambda: any(e["event"] == "no live clients: waiting" for e in logs))
     assert not server.state.begun
     # one client shows up by heartbeat alone (as after a server restart), then a second:
-    server.publish([to_server(Heartbeat(client_id="0", num_samples=5)), to_server(Heartbeat(client_id="2", num_samples=5))])
+    server.publish(
+        [to_server(Heartbeat(client_id="0", num_samples=5)), to_server(Heartbeat(client_id="2", num_samples=5))]
+    )
     step_until(server, lambda: server.state.begun)
     assert taken(admin, client_queues[0], "train_task")[0].participants == ["0", "2"]
 
@@ -114,8 +131,8 @@ def test_a_returning_client_skips_superseded_and_expired_tasks():
 
 
 def test_a_process_beats_once_for_all_its_clients_and_not_at_all_without_liveness():
-    from brokerfl.wire.message import Heartbeats
     from brokerfl.assembly.roles import client_process_worker
+    from brokerfl.wire.message import Heartbeats
 
     config = load_config(None, {"clients": 3, "liveness.heartbeat_s": 0.05, "liveness.timeout_s": 0.5})
     broker = LocalBroker()
@@ -138,7 +155,11 @@ def test_a_process_beats_once_for_all_its_clients_and_not_at_all_without_livenes
         sent.append(from_wire(delivery.envelope, delivery.body))
     kinds = [m.TYPE for m in sent]
     assert kinds.count("join") == 3 and "heartbeat" not in kinds and kinds.count("heartbeats") >= 3
-    assert all(m.clients == {cid: c.state.data.train[1].size for cid, c in zip("012", clients)} for m in sent if isinstance(m, Heartbeats))
+    assert all(
+        m.clients == {cid: c.state.data.train[1].size for cid, c in zip("012", clients)}
+        for m in sent
+        if isinstance(m, Heartbeats)
+    )
 
     # the server takes the federation from one Heartbeats message (as after a restart)
     _, _, _, client_queues, server = make_server()

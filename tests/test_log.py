@@ -12,11 +12,19 @@ from brokerfl.runtime.log import configure_logging
 
 def test_json_lines_carry_the_bindings(capsys):
     configure_logging("info", log_format="json")
-    structlog.get_logger("brokerfl").bind(run="r1", role="client.3", client="3").bind(round=2, message_id="m1").info("update sent", bytes=10)
+    structlog.get_logger("brokerfl").bind(run="r1", role="client.3", client="3").bind(round=2, message_id="m1").info(
+        "update sent", bytes=10
+    )
     line = capsys.readouterr().err.strip().splitlines()[-1]
     record = json.loads(line)
     assert {k: record[k] for k in ("run", "role", "client", "round", "message_id", "event", "level")} == {
-        "run": "r1", "role": "client.3", "client": "3", "round": 2, "message_id": "m1", "event": "update sent", "level": "info"
+        "run": "r1",
+        "role": "client.3",
+        "client": "3",
+        "round": 2,
+        "message_id": "m1",
+        "event": "update sent",
+        "level": "info",
     }
     assert record["timestamp"].endswith("Z")
 

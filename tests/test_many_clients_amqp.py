@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from brokerfl.transports.topology import RunTopology
 from brokerfl.transports.amqp import AmqpTransport, ChannelLimitError
+from brokerfl.transports.topology import RunTopology
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +35,27 @@ def test_running_out_of_channels_is_a_clear_error_not_a_lost_connection(amqp_url
 
 def test_a_client_process_refuses_more_logical_clients_than_fit(amqp_url, run_name):
     proc = subprocess.run(
-        [sys.executable, "-m", "brokerfl.cli", "client", "--broker", _limited(amqp_url, 12), "--run", run_name, "--clients", "20", "--client-id", "0-19"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "brokerfl.cli",
+            "client",
+            "--broker",
+            _limited(amqp_url, 12),
+            "--run",
+            run_name,
+            "--clients",
+            "20",
+            "--client-id",
+            "0-19",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
-    assert "20 logical clients need one channel each, and the broker allows 9 consumers on one connection (channel_max 12): run them in 3 or more processes" in proc.stderr
+    assert (
+        "20 logical clients need one channel each, and the broker allows 9 consumers on one connection (channel_max "
+        "12): run them in 3 or more processes" in proc.stderr
+    )

@@ -22,7 +22,14 @@ print(m.allocator_mode())
 
 def _probe(default: str = "", **env: str) -> str:
     code = PROBE.format(default=repr(default) if default else "")
-    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "BROKERFL_MALLOC": "", **env}, capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "BROKERFL_MALLOC": "", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return result.stdout.strip()
 
 
@@ -44,7 +51,14 @@ def test_the_caller_chooses_unless_brokerfl_malloc_says():
 
 
 def test_a_bad_brokerfl_malloc_is_an_error_not_a_guess():
-    result = subprocess.run([sys.executable, "-m", "brokerfl.cli", "ping", "--broker", "amqp://127.0.0.1:1/"], check=False, env={**os.environ, "BROKERFL_MALLOC": "fast"}, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "brokerfl.cli", "ping", "--broker", "amqp://127.0.0.1:1/"],
+        check=False,
+        env={**os.environ, "BROKERFL_MALLOC": "fast"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "BROKERFL_MALLOC='fast': expected one of tuned, lean, default" in result.stderr
 
@@ -62,7 +76,14 @@ def test_a_bad_brokerfl_malloc_is_an_error_not_a_guess():
 )
 def test_the_server_and_many_client_processes_run_lean_the_rest_tuned(argv, mode):
     """Decided from the command line before the command runs (here a stand-in that returns)."""
-    result = subprocess.run([sys.executable, "-c", CLI_PROBE, *argv], env={**os.environ, "BROKERFL_MALLOC": ""}, capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CLI_PROBE, *argv],
+        env={**os.environ, "BROKERFL_MALLOC": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert result.stdout.strip() == mode
 
 
@@ -102,11 +123,19 @@ print(json.dumps({
 """
 
 
-@pytest.mark.skipif(not os.path.exists(THP) or "[never]" in Path(THP).read_text(), reason="no transparent huge pages here")
+@pytest.mark.skipif(
+    not os.path.exists(THP) or "[never]" in Path(THP).read_text(), reason="no transparent huge pages here"
+)
 def test_a_body_read_back_from_the_spill_file_is_backed_by_huge_pages_and_a_small_one_is_not_asked():
     # In a fresh process: in this one, earlier tests' allocations (and allocator settings)
     # can put a 12 MiB block in a heap range an earlier advice already flagged.
-    result = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE, str(Path(__file__).parent)], capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", HUGE_PAGES_PROBE, str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     flags = json.loads(result.stdout)
     assert "hg" in flags["read_back"]  # madvise(MADV_HUGEPAGE) took
     assert "hg" not in flags["placed"]

@@ -32,7 +32,17 @@ from brokerfl.wire.message import (
     to_wire,
 )
 
-BUILT_INS = ["join", "leave", "heartbeat", "train_task", "parameter_update", "gradients", "evaluate_task", "evaluate_result", "exit"]
+BUILT_INS = [
+    "join",
+    "leave",
+    "heartbeat",
+    "train_task",
+    "parameter_update",
+    "gradients",
+    "evaluate_task",
+    "evaluate_result",
+    "exit",
+]
 FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -48,7 +58,9 @@ def required(cls) -> set[str]:
     return {
         f.name
         for f in dataclasses.fields(cls)
-        if f.name not in ENVELOPE_FIELDS and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in ENVELOPE_FIELDS
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
     }
 
 
@@ -61,7 +73,12 @@ arrays = hnp.arrays(
     hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4),
 )
 json_like = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=10) | st.binary(max_size=10),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=10)
+    | st.binary(max_size=10),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
     max_leaves=8,
 )
@@ -117,7 +134,11 @@ def assert_round_trip(message: Message) -> Message:
     envelope, body = to_wire(message)
     assert isinstance(body, bytes)
     assert envelope.type == type(message).TYPE
-    assert (envelope.message_id, envelope.sender, envelope.timestamp) == (message.message_id, message.sender, message.timestamp)
+    assert (envelope.message_id, envelope.sender, envelope.timestamp) == (
+        message.message_id,
+        message.sender,
+        message.timestamp,
+    )
     assert envelope.headers == {
         "run": message.run,
         "round": message.round,
@@ -155,7 +176,9 @@ FIELD_STRATEGIES = {
     "training_s": st.none() | st.floats(0, 1e8),  # Heartbeat
     "error": st.text(max_size=300),  # TrainFailed, Leave
     # ParameterUpdate, EvaluateResult, ModelVersionStored: names an app chose (brokerfl.wire.app_metrics)
-    "metrics": st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}", fullmatch=True), st.floats(allow_nan=False), max_size=8),
+    "metrics": st.dictionaries(
+        st.from_regex(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}", fullmatch=True), st.floats(allow_nan=False), max_size=8
+    ),
 }
 
 
@@ -178,7 +201,13 @@ def valid_payload(cls) -> dict[str, Any]:
 
 
 def envelope_for(cls, **headers) -> Envelope:
-    return Envelope(type=cls.TYPE, message_id="m1", sender="s", timestamp=1.0, headers={"run": "r", "round": 1, "model_version": 2, "schema_version": SCHEMA_VERSION, **headers})
+    return Envelope(
+        type=cls.TYPE,
+        message_id="m1",
+        sender="s",
+        timestamp=1.0,
+        headers={"run": "r", "round": 1, "model_version": 2, "schema_version": SCHEMA_VERSION, **headers},
+    )
 
 
 # ---------------------------------------------------------------- round trips
@@ -192,13 +221,18 @@ def test_built_ins_are_registered():
 
 
 # LOCAL types are made and handled in one process (timers, work aside's outcomes): never encoded
-@pytest.mark.parametrize("name", sorted(n for n in set(BUILT_INS) | set(MESSAGE_TYPES) if n not in MESSAGE_TYPES or not MESSAGE_TYPES[n].LOCAL))
+@pytest.mark.parametrize(
+    "name",
+    sorted(n for n in set(BUILT_INS) | set(MESSAGE_TYPES) if n not in MESSAGE_TYPES or not MESSAGE_TYPES[n].LOCAL),
+)
 @settings(max_examples=60, **FUZZ)
 @given(data=st.data())
 def test_every_registered_type_round_trips(name, data):
     cls = MESSAGE_TYPES[name]
     try:
-        strategies = {f: FIELD_STRATEGIES[f] if f in FIELD_STRATEGIES else strategy_for(h) for f, h in payload_fields(cls).items()}
+        strategies = {
+            f: FIELD_STRATEGIES[f] if f in FIELD_STRATEGIES else strategy_for(h) for f, h in payload_fields(cls).items()
+        }
     except UnknownHint as exc:
         pytest.skip(f"{name}: no strategy for field type {exc}")
     values = {}
@@ -210,9 +244,24 @@ def test_every_registered_type_round_trips(name, data):
 
 
 @settings(max_examples=100, **FUZZ)
-@given(st.dictionaries(st.text(min_size=1, max_size=20), hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=4, max_side=6)), max_size=8), st.integers(0, 2**62))
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=20),
+        hnp.arrays(np.float32, hnp.array_shapes(min_dims=0, max_dims=4, max_side=6)),
+        max_size=8,
+    ),
+    st.integers(0, 2**62),
+)
 def test_parameter_update_with_float32_parameters(parameters, num_samples):
-    message = ParameterUpdate(client_id="c1", task_id="t1", parameters=parameters, num_samples=num_samples, metrics={"loss": 0.5, "acc": 1.0}, round=3, model_version=7)
+    message = ParameterUpdate(
+        client_id="c1",
+        task_id="t1",
+        parameters=parameters,
+        num_samples=num_samples,
+        metrics={"loss": 0.5, "acc": 1.0},
+        round=3,
+        model_version=7,
+    )
     assert_round_trip(message)
     envelope, body = to_wire(message)
     flat = np.frombuffer(body, np.uint8)
@@ -236,10 +285,23 @@ def test_ints_widen_to_floats_and_defaults_fill_in():
     assert back.loss == 1.0 and type(back.loss) is float and type(back.accuracy) is float
     back = from_wire(envelope_for(Join), encode({"client_id": "c"}))
     assert back.num_samples == 0
-    assert (back.message_id, back.sender, back.run, back.round, back.model_version, back.timestamp) == ("m1", "s", "r", 1, 2, 1.0)
+    assert (back.message_id, back.sender, back.run, back.round, back.model_version, back.timestamp) == (
+        "m1",
+        "s",
+        "r",
+        1,
+        2,
+        1.0,
+    )
     bare = Envelope(type="join", message_id="m", sender="", timestamp=2, headers={})
     back = from_wire(bare, encode({"client_id": "c"}))
-    assert (back.run, back.round, back.model_version, back.schema_version, back.timestamp) == ("", 0, 0, SCHEMA_VERSION, 2.0)
+    assert (back.run, back.round, back.model_version, back.schema_version, back.timestamp) == (
+        "",
+        0,
+        0,
+        SCHEMA_VERSION,
+        2.0,
+    )
 
 
 def test_reply_keeps_run_round_and_version():
@@ -332,7 +394,9 @@ def test_unknown_type():
             from_wire(envelope, encode({"client_id": "c"}))
 
 
-@pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 0, -1, str(SCHEMA_VERSION), None, True, float(SCHEMA_VERSION), [SCHEMA_VERSION]])
+@pytest.mark.parametrize(
+    "version", [SCHEMA_VERSION + 1, 0, -1, str(SCHEMA_VERSION), None, True, float(SCHEMA_VERSION), [SCHEMA_VERSION]]
+)
 def test_wrong_schema_version(version):
     with pytest.raises(DecodeError, match="schema version"):
         from_wire(envelope_for(Join, schema_version=version), encode({"client_id": "c"}))
@@ -365,14 +429,24 @@ def test_wrong_envelope_types(change):
         from_wire(envelope, encode({"client_id": "c"}))
 
 
-@pytest.mark.parametrize("body", [b"", b"garbage", encode({"client_id": "c"})[:-1], encode({"client_id": "c"}) + b"\x00"])
+@pytest.mark.parametrize(
+    "body", [b"", b"garbage", encode({"client_id": "c"})[:-1], encode({"client_id": "c"}) + b"\x00"]
+)
 def test_bad_bodies(body):
     with pytest.raises(DecodeError):
         from_wire(envelope_for(Join), body)
 
 
 @settings(max_examples=300, **FUZZ)
-@given(st.sampled_from(BUILT_INS), st.dictionaries(st.sampled_from(["client_id", "num_samples", "parameters", "participants", "config", "x"]) | st.text(max_size=5), json_like | arrays, max_size=4))
+@given(
+    st.sampled_from(BUILT_INS),
+    st.dictionaries(
+        st.sampled_from(["client_id", "num_samples", "parameters", "participants", "config", "x"])
+        | st.text(max_size=5),
+        json_like | arrays,
+        max_size=4,
+    ),
+)
 def test_arbitrary_payloads_give_a_message_or_a_decode_error(name, payload):
     cls = MESSAGE_TYPES[name]
     try:
@@ -406,7 +480,14 @@ def test_subclass_registers_under_its_snake_case_name_and_round_trips(registry):
 
     assert CodecProbeResult.TYPE == "codec_probe_result"
     assert registry["codec_probe_result"] is CodecProbeResult
-    message = CodecProbeResult(values={"v": np.arange(5, dtype=np.float32)}, label="x", tags=["a"], extra={"n": [1, None, "s"]}, round=2, sender="c9")
+    message = CodecProbeResult(
+        values={"v": np.arange(5, dtype=np.float32)},
+        label="x",
+        tags=["a"],
+        extra={"n": [1, None, "s"]},
+        round=2,
+        sender="c9",
+    )
     back = assert_round_trip(message)
     assert back.score is None
     message.score = 0.25
@@ -465,7 +546,10 @@ def define_in_module(module_name: str, source: str) -> dict:
 
 def test_same_qualname_in_another_module_is_a_type_error(registry):
     """A plugin's own ``class Join(Message)`` must not silently take over the built-in."""
-    source = "from dataclasses import dataclass\nfrom brokerfl.wire.message import Message\n\n@dataclass(kw_only=True)\nclass Join(Message):\n    x: int = 0\n"
+    source = (
+        "from dataclasses import dataclass\nfrom brokerfl.wire.message import "
+        "Message\n\n@dataclass(kw_only=True)\nclass Join(Message):\n    x: int = 0\n"
+    )
     with pytest.raises(TypeError, match="'join'"):
         define_in_module("some_plugin.messages", source)
     assert registry["join"] is Join
@@ -473,7 +557,10 @@ def test_same_qualname_in_another_module_is_a_type_error(registry):
 
 def test_redefining_the_same_class_in_the_same_module_is_allowed(registry):
     """What a module reload does: the newer class replaces the older one."""
-    source = "from dataclasses import dataclass\nfrom brokerfl.wire.message import Message\n\n@dataclass(kw_only=True)\nclass CodecProbeReloaded(Message):\n    x: int = 0\n"
+    source = (
+        "from dataclasses import dataclass\nfrom brokerfl.wire.message import "
+        "Message\n\n@dataclass(kw_only=True)\nclass CodecProbeReloaded(Message):\n    x: int = 0\n"
+    )
     first = define_in_module("some_plugin.reloaded", source)["CodecProbeReloaded"]
     second = define_in_module("some_plugin.reloaded", source)["CodecProbeReloaded"]
     assert first is not second and registry["codec_probe_reloaded"] is second
@@ -484,7 +571,9 @@ def test_envelope_fields_are_the_message_base_fields():
     assert set(ENVELOPE_FIELDS) == {f.name for f in dataclasses.fields(Message)}
     assert message_module.SCHEMA_VERSION == SCHEMA_VERSION
     message = Join(client_id="c")
-    assert len(message.message_id) == 32 and math.isfinite(message.timestamp) and message.schema_version == SCHEMA_VERSION
+    assert (
+        len(message.message_id) == 32 and math.isfinite(message.timestamp) and message.schema_version == SCHEMA_VERSION
+    )
 
 
 @pytest.mark.parametrize(
@@ -508,7 +597,10 @@ def test_heartbeats_name_clients_by_the_client_id_rule():
 
     message = Heartbeats(clients={"0": 10, "site-b": 3})
     assert from_wire(*to_wire(message)).clients == {"0": 10, "site-b": 3}
-    for bad, error in (({"a.b": 1}, r"clients: 'a.b' is not a client id"), ({"a": -1}, r"clients\['a'\]: -1 samples is out of range")):
+    for bad, error in (
+        ({"a.b": 1}, r"clients: 'a.b' is not a client id"),
+        ({"a": -1}, r"clients\['a'\]: -1 samples is out of range"),
+    ):
         with pytest.raises(DecodeError, match=error):
             from_wire(envelope_for(Heartbeats), encode({"clients": bad}))
 
@@ -522,7 +614,11 @@ def test_what_clients_say_of_their_training_is_checked():
     assert from_wire(*to_wire(message)).training == {"1": 12.5}
     assert from_wire(*to_wire(Heartbeat(client_id="0", training_s=3.0))).training_s == 3.0
     assert from_wire(*to_wire(Heartbeat(client_id="0"))).training_s is None
-    bad_heartbeats = (({"a.b": 1.0}, r"training: 'a.b' is not a client id"), ({"a": -1.0}, r"training\['a'\]: -1.0 seconds"), ({"a": float("nan")}, r"training\['a'\]: nan seconds"))
+    bad_heartbeats = (
+        ({"a.b": 1.0}, r"training: 'a.b' is not a client id"),
+        ({"a": -1.0}, r"training\['a'\]: -1.0 seconds"),
+        ({"a": float("nan")}, r"training\['a'\]: nan seconds"),
+    )
     for bad, error in bad_heartbeats:
         with pytest.raises(DecodeError, match=error):
             from_wire(envelope_for(Heartbeats), encode({"clients": {}, "training": bad}))
@@ -532,4 +628,6 @@ def test_what_clients_say_of_their_training_is_checked():
     failed = TrainFailed(client_id="2", task_id="t", error="ValueError: boom")
     assert from_wire(*to_wire(failed)).error == "ValueError: boom"
     with pytest.raises(DecodeError, match="error"):
-        from_wire(envelope_for(TrainFailed), encode({"client_id": "2", "task_id": "t", "error": "x" * (MAX_ERROR_CHARS + 1)}))
+        from_wire(
+            envelope_for(TrainFailed), encode({"client_id": "2", "task_id": "t", "error": "x" * (MAX_ERROR_CHARS + 1)})
+        )

@@ -10,28 +10,36 @@ import threading
 import numpy as np
 import pytest
 
-from brokerfl.storage.accounting import account_run
-from brokerfl.storage.broker_store import BrokerModelStore
-from brokerfl.config import parse_config
-from brokerfl.runtime.handler_table import Outbound
-from brokerfl.storage.journal import read_journal
-from brokerfl.wire.message import Envelope, ModelVersionStored, TrainTask, from_wire
-from brokerfl.storage.model_refs import ModelCache
-from brokerfl.ops.replay import replay
 from brokerfl.assembly.roles import client_worker, topology_for
 from brokerfl.assembly.simulate import simulate
+from brokerfl.config import parse_config
+from brokerfl.ops.replay import replay
+from brokerfl.runtime.handler_table import Outbound
+from brokerfl.runtime.worker import Worker
+from brokerfl.storage.accounting import account_run
+from brokerfl.storage.broker_store import BrokerModelStore
+from brokerfl.storage.journal import read_journal
+from brokerfl.storage.model_refs import ModelCache
 from brokerfl.storage.store import MemoryModelStore, ModelVersion
-from brokerfl.transports.topology import CLIENTS
 from brokerfl.transports.base import REASON_HEADER
 from brokerfl.transports.local import LocalBroker, LocalTransport
-from brokerfl.runtime.worker import Worker
+from brokerfl.transports.topology import CLIENTS
+from brokerfl.wire.message import Envelope, ModelVersionStored, TrainTask, from_wire
 
 
 def _config(transfer: str, **extra):
-    return parse_config({
-        "run": "refs", "rounds": 3, "clients": 4, "seed": 3, "model_transfer": transfer,
-        "train": {"epochs": 1, "max_batches": 2}, "strategy": {"name": "fedavg", "min_clients": 4}, **extra,
-    })
+    return parse_config(
+        {
+            "run": "refs",
+            "rounds": 3,
+            "clients": 4,
+            "seed": 3,
+            "model_transfer": transfer,
+            "train": {"epochs": 1, "max_batches": 2},
+            "strategy": {"name": "fedavg", "min_clients": 4},
+            **extra,
+        }
+    )
 
 
 def test_by_reference_gives_the_same_versions_and_replays():
@@ -45,8 +53,14 @@ def test_by_reference_gives_the_same_versions_and_replays():
     assert len(tasks) == 3
     for task in tasks:  # no tensors in the tasks: a version, its hash and where it is
         assert task.parameters == {} and task.model_stream == "brokerfl.refs.models" and len(task.model_sha256) == 64
-    stored = {d.envelope.headers["model_version"]: from_wire(d.envelope, d.body) for d in journal if d.envelope.type == ModelVersionStored.TYPE}
-    assert {v: t.model_sha256 for v, t in ((t.model_version, t) for t in tasks)} == {v: stored[v].sha256 for v in (0, 1, 2)}
+    stored = {
+        d.envelope.headers["model_version"]: from_wire(d.envelope, d.body)
+        for d in journal
+        if d.envelope.type == ModelVersionStored.TYPE
+    }
+    assert {v: t.model_sha256 for v, t in ((t.model_version, t) for t in tasks)} == {
+        v: stored[v].sha256 for v in (0, 1, 2)
+    }
 
     result = replay(journal, _config("reference"))
     assert result.ok and [row.version for row in result.rows] == [0, 1, 2, 3]
@@ -71,8 +85,18 @@ def test_a_process_fetches_each_version_once_for_all_its_clients():
         worker.table = recording
         worker.start()
     stream, offset, sha256 = store.reference(0)
-    task = TrainTask(run=config.run, round=1, model_version=0, participants=config.client_ids(), model_stream=stream, model_offset=offset, model_sha256=sha256)
-    Worker(LocalTransport(broker), topology, topology.server_queue, recording, None, name="server").publish([Outbound(CLIENTS, task)])
+    task = TrainTask(
+        run=config.run,
+        round=1,
+        model_version=0,
+        participants=config.client_ids(),
+        model_stream=stream,
+        model_offset=offset,
+        model_sha256=sha256,
+    )
+    Worker(LocalTransport(broker), topology, topology.server_queue, recording, None, name="server").publish(
+        [Outbound(CLIENTS, task)]
+    )
     for _ in range(20):
         for worker in workers:
             worker.step(0.01)
@@ -96,9 +120,18 @@ def test_a_wrong_reference_is_dead_lettered_with_its_reason(what):
     worker = client_worker(LocalTransport(broker), config, "0")
     worker.start()
     stream, offset, sha256 = store.reference(0)
-    task = TrainTask(run=config.run, round=1, model_version=0, participants=["0"], model_offset=offset,
-                     model_stream=stream if what == "hash" else "brokerfl.other.models", model_sha256="0" * 64 if what == "hash" else sha256)
-    Worker(LocalTransport(broker), topology, topology.server_queue, worker.table, None, name="server").publish([Outbound(CLIENTS, task)])
+    task = TrainTask(
+        run=config.run,
+        round=1,
+        model_version=0,
+        participants=["0"],
+        model_offset=offset,
+        model_stream=stream if what == "hash" else "brokerfl.other.models",
+        model_sha256="0" * 64 if what == "hash" else sha256,
+    )
+    Worker(LocalTransport(broker), topology, topology.server_queue, worker.table, None, name="server").publish(
+        [Outbound(CLIENTS, task)]
+    )
     for _ in range(20):
         worker.step(0.01)
         if worker.dead_lettered:
@@ -106,7 +139,11 @@ def test_a_wrong_reference_is_dead_lettered_with_its_reason(what):
     dead = LocalTransport(broker).get(topology.dead_queue)
     assert dead is not None and dead.envelope.message_id == task.message_id  # nothing lost: the task is kept, with why
     reason = dead.envelope.headers[REASON_HEADER]
-    assert ("has hash" in reason and "the task says" in reason) if what == "hash" else "not this run's models stream" in reason
+    assert (
+        ("has hash" in reason and "the task says" in reason)
+        if what == "hash"
+        else "not this run's models stream" in reason
+    )
     assert worker.handled == 1  # only Started: no handler saw the task
 
 
@@ -132,11 +169,23 @@ def test_scores_that_come_after_a_version_are_restored_with_it():
     topology.declare(LocalTransport(broker))
     store = BrokerModelStore(LocalTransport(broker), topology)
     for v in range(3):
-        store.put(ModelVersion(v, v, v - 1 if v else None, "fedavg", [], {"w": np.full(4, v, dtype=np.float32)}, metrics={"accuracy": None, "loss": None}))
+        store.put(
+            ModelVersion(
+                v,
+                v,
+                v - 1 if v else None,
+                "fedavg",
+                [],
+                {"w": np.full(4, v, dtype=np.float32)},
+                metrics={"accuracy": None, "loss": None},
+            )
+        )
     store.put_scores(1, {"accuracy": np.float64(0.75), "loss": 0.5})
     assert store.metadata(1)["metrics"] == {"accuracy": 0.75, "loss": 0.5}
     # a malformed scores record (the stream is the server's own, but bytes are bytes) costs only itself
-    LocalTransport(broker).publish("", topology.models_stream, Envelope("model_version_scores", "bad", "model-store", 0.0, {}), b"\xc1not msgpack")
+    LocalTransport(broker).publish(
+        "", topology.models_stream, Envelope("model_version_scores", "bad", "model-store", 0.0, {}), b"\xc1not msgpack"
+    )
     store.put_scores(2, {"accuracy": 0.8, "loss": 0.4})
     fresh = BrokerModelStore(LocalTransport(broker), topology).refresh()
     assert [fresh.metadata(v)["metrics"]["accuracy"] for v in range(3)] == [None, 0.75, 0.8]
@@ -167,11 +216,18 @@ def test_a_put_does_not_wait_for_the_previous_export_and_exports_stay_in_order()
     export = _SlowExport(fail={1})
     store = BrokerModelStore(LocalTransport(broker), topology, export=export)
     # the first is being written (blocked), the second waits: neither put waits for a write
-    puts = threading.Thread(target=lambda: [store.put(ModelVersion(v, v, v - 1 if v else None, "fedavg", [], {"w": np.full(4, v, dtype=np.float32)})) for v in range(2)])
+    puts = threading.Thread(
+        target=lambda: [
+            store.put(ModelVersion(v, v, v - 1 if v else None, "fedavg", [], {"w": np.full(4, v, dtype=np.float32)}))
+            for v in range(2)
+        ]
+    )
     puts.start()
     puts.join(10)
     assert not puts.is_alive() and export.written == [] and store.versions() == [0, 1]
-    waiter = threading.Thread(target=lambda: store.put(ModelVersion(2, 2, 1, "fedavg", [], {"w": np.full(4, 2, dtype=np.float32)})))
+    waiter = threading.Thread(
+        target=lambda: store.put(ModelVersion(2, 2, 1, "fedavg", [], {"w": np.full(4, 2, dtype=np.float32)}))
+    )
     waiter.start()  # a third would hold a third model: it waits for room
     waiter.join(0.2)
     assert waiter.is_alive()
@@ -189,7 +245,9 @@ def test_a_floor_learnt_ahead_still_finds_the_version():
     store = BrokerModelStore(LocalTransport(broker), topology)
     store.put(ModelVersion(0, 0, None, "fedavg", [], {"w": np.zeros(4, dtype=np.float32)}))
     store.prepare()  # learnt before version 1 exists, with another writer's message in between
-    LocalTransport(broker).publish("", topology.models_stream, Envelope("models_mark", "someone-else", "other", 0.0, {}), b"")
+    LocalTransport(broker).publish(
+        "", topology.models_stream, Envelope("models_mark", "someone-else", "other", 0.0, {}), b""
+    )
     store.put(ModelVersion(1, 1, 0, "fedavg", [], {"w": np.ones(4, dtype=np.float32)}))
     stream, offset, sha256 = store.reference(1)
     cache = ModelCache(LocalTransport(broker), topology)

@@ -17,16 +17,25 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from brokerfl.storage.accounting import account_run
-from brokerfl.runtime.operator_commands import AdminReply, PauseRounds, RemoveClient, ResumeRounds, SetMinClients, SetRounds, StatusRequest, ask
-from brokerfl.config import load_config
-from brokerfl.storage.journal import read_journal
-from brokerfl.wire.message import TrainTask, from_wire
-from brokerfl.storage.metrics_log import read_metrics
 from brokerfl.assembly.roles import topology_for
+from brokerfl.config import load_config
+from brokerfl.runtime.operator_commands import (
+    AdminReply,
+    PauseRounds,
+    RemoveClient,
+    ResumeRounds,
+    SetMinClients,
+    SetRounds,
+    StatusRequest,
+    ask,
+)
+from brokerfl.storage.accounting import account_run
+from brokerfl.storage.journal import read_journal
+from brokerfl.storage.metrics_log import read_metrics
 from brokerfl.storage.store import DirectoryModelStore
-from brokerfl.transports.base import TransportError
 from brokerfl.transports.amqp import AmqpTransport
+from brokerfl.transports.base import TransportError
+from brokerfl.wire.message import TrainTask, from_wire
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +50,10 @@ def free_port() -> int:
 def scrape(port: int) -> dict[str, float]:
     """The endpoint's samples, by name (with labels, if any)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
+    return {
+        name: float(value)
+        for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    }
 
 
 class Run:
@@ -63,7 +75,12 @@ class Run:
         self.spawned += 1
         log = open(self.out / f"{self.spawned:02d}-{args[0]}.log", "w")  # noqa: SIM115 - closed with the process
         common = [str(self.config_path), "--broker", self.url, "--log-level", "warning"]
-        return subprocess.Popen([sys.executable, "-m", "brokerfl.cli", *args[:1], *common, *args[1:]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", *args[:1], *common, *args[1:]],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     def ask(self, message, timeout: float = 20.0):
         reply = ask(self.transport, self.topology, message, timeout=timeout)
@@ -115,11 +132,19 @@ def test_status_admin_commands_and_metrics_on_a_running_federation(amqp_url, run
 
         clients.append(run.spawn("client", "--client-id", "2-3"))
         procs.append(clients[-1])
-        status = run.until("four live clients in a round", lambda s: live(s) == ["0", "1", "2", "3"] and s["round"] >= 4)
+        status = run.until(
+            "four live clients in a round", lambda s: live(s) == ["0", "1", "2", "3"] and s["round"] >= 4
+        )
         assert status["rounds"] == 1000 and status["round"] > 3  # past the configured 3 rounds
         assert status["model_version"] == status["round"] - (1 if status["round_open"] else 0)
         # the CLI says the same
-        cli = subprocess.run([sys.executable, "-m", "brokerfl.cli", "status", str(run.config_path), "--broker", amqp_url, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        cli = subprocess.run(
+            [sys.executable, "-m", "brokerfl.cli", "status", str(run.config_path), "--broker", amqp_url, "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cli.returncode == 0, cli.stderr
         view = json.loads(cli.stdout)
         assert live(view["server"]) == ["0", "1", "2", "3"] and view["server"]["round"] >= status["round"]
@@ -128,8 +153,27 @@ def test_status_admin_commands_and_metrics_on_a_running_federation(amqp_url, run
         removed = run.ask(RemoveClient(client_id="3"))
         assert removed.ok
         # an id outside the federation: without --config the CLI cannot tell, the server refuses it
-        cli = subprocess.run([sys.executable, "-m", "brokerfl.cli", "admin", "remove-client", "99", "--run", run.run, "--broker", amqp_url], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert cli.returncode == 1 and cli.stdout.startswith(f"REFUSED: client 99 is not in the federation of run {run.run} (client ids 0-3)"), cli.stdout + cli.stderr
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "brokerfl.cli",
+                "admin",
+                "remove-client",
+                "99",
+                "--run",
+                run.run,
+                "--broker",
+                amqp_url,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cli.returncode == 1 and cli.stdout.startswith(
+            f"REFUSED: client 99 is not in the federation of run {run.run} (client ids 0-3)"
+        ), cli.stdout + cli.stderr
 
         # pause: the open round finishes, then none starts within 3 round-times
         assert run.ask(PauseRounds()).ok
@@ -139,7 +183,11 @@ def test_status_admin_commands_and_metrics_on_a_running_federation(amqp_url, run
         watch_until = time.monotonic() + 3 * round_time
         while time.monotonic() < watch_until:
             now = run.status()
-            assert (now["model_version"], now["round"], now["round_open"]) == (paused["model_version"], paused["round"], False)
+            assert (now["model_version"], now["round"], now["round_open"]) == (
+                paused["model_version"],
+                paused["round"],
+                False,
+            )
             time.sleep(0.2)
 
         # Prometheus, mid-run (paused, so nothing moves): counters equal metrics.jsonl
@@ -155,7 +203,12 @@ def test_status_admin_commands_and_metrics_on_a_running_federation(amqp_url, run
         server.wait(30)
         procs.append(server := run.spawn("server", "--out", str(tmp_path)))
         restarted = run.until("the restarted server", lambda s: s["begun"])
-        assert (restarted["paused"], restarted["removed"], restarted["rounds"], restarted["min_clients"]) == (True, ["3"], 1000, 2)
+        assert (restarted["paused"], restarted["removed"], restarted["rounds"], restarted["min_clients"]) == (
+            True,
+            ["3"],
+            1000,
+            2,
+        )
         time.sleep(3 * round_time)  # the assertion window: still no new round
         assert run.status()["model_version"] == paused["model_version"]
 
@@ -163,10 +216,32 @@ def test_status_admin_commands_and_metrics_on_a_running_federation(amqp_url, run
         run.until("two more rounds", lambda s: s["model_version"] >= paused["model_version"] + 2, timeout=60)
 
         # abort through the CLI: exit 0 everywhere, the last version stored, accounting holds
-        cli = subprocess.run([sys.executable, "-m", "brokerfl.cli", "admin", "abort", "--config", str(run.config_path), "--broker", amqp_url, "--reason", "test"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert cli.returncode == 0 and cli.stdout.startswith("OK: run finished at model version"), cli.stdout + cli.stderr
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "brokerfl.cli",
+                "admin",
+                "abort",
+                "--config",
+                str(run.config_path),
+                "--broker",
+                amqp_url,
+                "--reason",
+                "test",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cli.returncode == 0 and cli.stdout.startswith("OK: run finished at model version"), (
+            cli.stdout + cli.stderr
+        )
         assert server.wait(60) == 0, run.logs()
-        assert [c.wait(60) for c in clients] == [0, 0], run.logs()  # client 3 on Exit at its removal, the rest on the abort's
+        assert [c.wait(60) for c in clients] == [0, 0], (
+            run.logs()
+        )  # client 3 on Exit at its removal, the rest on the abort's
 
         store = DirectoryModelStore(tmp_path / "models")
         last = int(re.search(r"model version (\d+)", cli.stdout).group(1))
@@ -175,10 +250,22 @@ def test_status_admin_commands_and_metrics_on_a_running_federation(amqp_url, run
         assert report.ok, report.summary()
         journal = [d for d in read_journal(run.transport, run.topology)]
         replies = [from_wire(d.envelope, d.body) for d in journal if d.envelope.type == AdminReply.TYPE]
-        assert [(r.command, r.ok) for r in replies] == [("set_rounds", True), ("set_min_clients", True), ("remove_client", True), ("remove_client", False), ("pause_rounds", True), ("resume_rounds", True), ("abort_run", True)]
+        assert [(r.command, r.ok) for r in replies] == [
+            ("set_rounds", True),
+            ("set_min_clients", True),
+            ("remove_client", True),
+            ("remove_client", False),
+            ("pause_rounds", True),
+            ("resume_rounds", True),
+            ("abort_run", True),
+        ]
         assert all(r.by.startswith("admin:") for r in replies)
         assert {r.user for r in replies} == {urlsplit(amqp_url).username or "guest"}  # the broker-validated publisher
-        after_removal = [from_wire(d.envelope, d.body) for d in journal if d.envelope.type == TrainTask.TYPE and d.envelope.timestamp > removed.timestamp]
+        after_removal = [
+            from_wire(d.envelope, d.body)
+            for d in journal
+            if d.envelope.type == TrainTask.TYPE and d.envelope.timestamp > removed.timestamp
+        ]
         assert after_removal and all("3" not in task.participants for task in after_removal)
     finally:
         for proc in procs:

@@ -111,7 +111,7 @@ def test_uneven_chunks_received_as_fragments_are_joined_as_they_came():
     body = rng.bytes(40 * KiB)
     infos = [chunks.parse(h) for _, h in chunks.split(body, 16 * KiB, "m")]
     sizes = [10 * KiB, 20 * KiB, 10 * KiB]  # another publisher's chunking: not placed
-    pieces = [body[:sizes[0]], body[sizes[0] : sizes[0] + sizes[1]], body[sizes[0] + sizes[1] :]]
+    pieces = [body[: sizes[0]], body[sizes[0] : sizes[0] + sizes[1]], body[sizes[0] + sizes[1] :]]
     a = chunks.Assembler()
     outcomes = [a.add(info, fragmented(piece, rng), handle=i) for i, (info, piece) in enumerate(zip(infos, pieces))]
     assert isinstance(outcomes[-1], chunks.Complete) and outcomes[-1].body == body
@@ -155,10 +155,12 @@ def test_pika_hands_on_a_large_chunk_as_its_fragments_and_anything_else_joined()
 
 
 @pytest.mark.broker
-def test_large_chunks_over_rabbitmq_arrive_whole_and_a_malformed_one_is_dead_lettered_with_its_length_and_an_excerpt(amqp_factory, amqp_url, run_name):
-    from brokerfl.wire.message import Envelope
-    from brokerfl.transports.base import DEAD_LETTER_EXCERPT_BYTES, ORIGINAL_LENGTH_HEADER
+def test_large_chunks_over_rabbitmq_arrive_whole_and_a_malformed_one_is_dead_lettered_with_its_length_and_an_excerpt(
+    amqp_factory, amqp_url, run_name
+):
     from brokerfl.transports.amqp.properties import to_properties
+    from brokerfl.transports.base import DEAD_LETTER_EXCERPT_BYTES, ORIGINAL_LENGTH_HEADER
+    from brokerfl.wire.message import Envelope
 
     producer, consumer = amqp_factory(chunk_size=MiB + 3), amqp_factory()
     queue, dead = f"brokerfl.{run_name}.q", f"brokerfl.{run_name}.dead"
@@ -167,7 +169,10 @@ def test_large_chunks_over_rabbitmq_arrive_whole_and_a_malformed_one_is_dead_let
     body = os.urandom(3 * MiB + 77)  # 3 chunks of >= 1 MiB, and a short one
     producer.publish("", queue, Envelope(type="t", message_id="big", sender="s", timestamp=0.0), body)
     malformed = os.urandom(2 * MiB)
-    properties = to_properties(Envelope(type="t", message_id="bad", sender="s", timestamp=0.0), {chunks.CHUNK_HEADER: "x/y", chunks.CHUNK_OF_HEADER: "bad"})
+    properties = to_properties(
+        Envelope(type="t", message_id="bad", sender="s", timestamp=0.0),
+        {chunks.CHUNK_HEADER: "x/y", chunks.CHUNK_OF_HEADER: "bad"},
+    )
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     channel = connection.channel()
     channel.confirm_delivery()

@@ -15,9 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from brokerfl.ops.certs import SigningRefused, check_request, write_signing_request
 from brokerfl.cli import main
 from brokerfl.config import load_config
+from brokerfl.ops.certs import SigningRefused, check_request, write_signing_request
 from brokerfl.ops.provision import ADMIN_TAG, provision, read_env_file
 
 RUN = "acme"
@@ -72,7 +72,9 @@ def test_a_participant_made_key_is_signed_and_never_reaches_the_operator(tmp_pat
     assert main(["keygen", "--user", user, "--out", str(site)]) == 0
     key_path, request = site / f"{user}.key", site / f"{user}.csr"
     assert mode(key_path) == 0o600 and mode(site) == 0o700
-    assert main(["keygen", "--user", user, "--out", str(site)]) == 2  # the key is kept: a certificate may be signed for it
+    assert (
+        main(["keygen", "--user", user, "--out", str(site)]) == 2
+    )  # the key is kept: a certificate may be signed for it
     assert "exists" in capsys.readouterr().err
     args = ["provision", "--run", RUN, "--clients", "2", "--tls", "--out", str(out), "--ca-dir", str(ca_dir)]
     assert main([*args, "--sign", str(request)]) == 0
@@ -103,7 +105,12 @@ def test_a_participant_made_key_is_signed_and_never_reaches_the_operator(tmp_pat
 def _request(common_names: list[str], key=None) -> bytes:
     key = key or ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn) for cn in common_names])
-    return x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
 
 
 def test_requests_the_operator_refuses(tmp_path):
@@ -117,12 +124,20 @@ def test_requests_the_operator_refuses(tmp_path):
     with pytest.raises(SigningRefused, match="more than a certificate signing request"):
         check_request(b"x" * 100_000, users)
     with pytest.raises(SigningRefused, match="too short"):
-        check_request(_request([f"{RUN}-client-0"], rsa.generate_private_key(public_exponent=65537, key_size=1024)), users)
+        check_request(
+            _request([f"{RUN}-client-0"], rsa.generate_private_key(public_exponent=65537, key_size=1024)), users
+        )
     # a request whose signature does not verify: the public key swapped for another's
     mine, theirs = _request([f"{RUN}-client-0"]), x509.load_pem_x509_csr(_request([f"{RUN}-client-0"]))
     spliced = x509.load_pem_x509_csr(mine).public_bytes(serialization.Encoding.DER)
-    own_spki = x509.load_pem_x509_csr(mine).public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    other_spki = theirs.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    own_spki = (
+        x509.load_pem_x509_csr(mine)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    other_spki = theirs.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     forged = x509.load_der_x509_csr(spliced.replace(own_spki, other_spki)).public_bytes(serialization.Encoding.PEM)
     with pytest.raises(SigningRefused, match="signature does not verify"):
         check_request(forged, users)
@@ -135,14 +150,50 @@ def test_a_refused_request_changes_nothing(tmp_path, capsys):
     provision(config(), out, tls=True, ca_dir=ca_dir)
     before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
     _, stranger = write_signing_request(tmp_path / "stranger", "other-client-0")
-    assert main(["provision", "--run", RUN, "--clients", "2", "--tls", "--out", str(out), "--ca-dir", str(ca_dir), "--sign", str(stranger)]) == 2
+    assert (
+        main(
+            [
+                "provision",
+                "--run",
+                RUN,
+                "--clients",
+                "2",
+                "--tls",
+                "--out",
+                str(out),
+                "--ca-dir",
+                str(ca_dir),
+                "--sign",
+                str(stranger),
+            ]
+        )
+        == 2
+    )
     assert "is for other-client-0, not a participant of this run" in capsys.readouterr().err
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before  # passwords and certificates unchanged
     # a site's request for another user (here the server's), sent under its own name: refused,
     # unless the operator says whose it is
     _, slipped = write_signing_request(tmp_path / "site-0", f"{RUN}-server")
     misnamed = slipped.rename(slipped.with_name(f"{RUN}-client-0.csr"))
-    assert main(["provision", "--run", RUN, "--clients", "2", "--tls", "--out", str(out), "--ca-dir", str(ca_dir), "--sign", str(misnamed)]) == 2
+    assert (
+        main(
+            [
+                "provision",
+                "--run",
+                RUN,
+                "--clients",
+                "2",
+                "--tls",
+                "--out",
+                str(out),
+                "--ca-dir",
+                str(ca_dir),
+                "--sign",
+                str(misnamed),
+            ]
+        )
+        == 2
+    )
     assert f"is a request for {RUN}-server, not for {RUN}-client-0" in capsys.readouterr().err
     assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
     done = provision(config(), tmp_path / "named", tls=True, requests=[(f"{RUN}-server", misnamed)])
@@ -163,7 +214,10 @@ def test_the_tls_listener_pins_tls_1_2_and_turns_password_login_off_by_default(t
     assert not any(line.startswith("ssl_options.versions.3") for line in strict)
     assert [line for line in strict if line.startswith("auth_mechanisms")] == ["auth_mechanisms.1 = EXTERNAL"]
     both = provision(config(), tmp_path / "both", tls=True, password_login=True).rabbitmq_conf.read_text().splitlines()
-    assert [line for line in both if line.startswith("auth_mechanisms")] == ["auth_mechanisms.1 = EXTERNAL", "auth_mechanisms.2 = PLAIN"]
+    assert [line for line in both if line.startswith("auth_mechanisms")] == [
+        "auth_mechanisms.1 = EXTERNAL",
+        "auth_mechanisms.2 = PLAIN",
+    ]
     assert main(["provision", "--run", RUN, "--tls", "--password-login", "--out", str(tmp_path / "cli")]) == 0
     assert "auth_mechanisms.2 = PLAIN" in (tmp_path / "cli" / "rabbitmq.conf").read_text()
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from brokerfl.cli import main
-from brokerfl.config import load_config
-from brokerfl.storage.journal import read_journal, read_journal_file, write_journal_file
-from brokerfl.wire.message import ParameterUpdate, from_wire, to_wire
-from brokerfl.ops.replay import replay
 from brokerfl.assembly.roles import topology_for
 from brokerfl.assembly.simulate import simulate
+from brokerfl.cli import main
+from brokerfl.config import load_config
+from brokerfl.ops.replay import replay
+from brokerfl.storage.journal import read_journal, read_journal_file, write_journal_file
 from brokerfl.transports.base import Delivery
 from brokerfl.transports.local import LocalTransport
+from brokerfl.wire.message import ParameterUpdate, from_wire, to_wire
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,11 @@ def test_a_doctored_update_is_the_first_diff_at_its_version(journal_file, tmp_pa
     path, config, _ = journal_file
     records = list(read_journal_file(path))
     # alter the first update folded into version 4: one weight, a little
-    version_4 = next(from_wire(d.envelope, d.body) for d in records if d.envelope.type == "model_version_stored" and from_wire(d.envelope, d.body).version == 4)
+    version_4 = next(
+        from_wire(d.envelope, d.body)
+        for d in records
+        if d.envelope.type == "model_version_stored" and from_wire(d.envelope, d.body).version == 4
+    )
     target = version_4.update_ids[0]
     doctored = []
     for d in records:
@@ -63,7 +67,23 @@ def test_a_doctored_update_is_the_first_diff_at_its_version(journal_file, tmp_pa
 
 def test_what_if_median_prints_both_accuracies(journal_file, capsys):
     path, config, result = journal_file
-    assert main(["replay", "configs/digits_fedavg.yaml", "--clients", "5", "--journal", str(path), "--strategy", "median", "--from-version", "8"]) == 0
+    assert (
+        main(
+            [
+                "replay",
+                "configs/digits_fedavg.yaml",
+                "--clients",
+                "5",
+                "--journal",
+                str(path),
+                "--strategy",
+                "median",
+                "--from-version",
+                "8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "median acc" in out
     lines = [line for line in out.splitlines() if line.strip().startswith(("8 ", "9 ", "10 "))]
@@ -86,19 +106,23 @@ def test_a_resumed_server_journals_its_newest_version_again(journal_file):
     without that version's record: the server that resumes writes it (replay needs it)."""
     import structlog
 
-    from brokerfl.runtime.handler_table import Context, Started
-    from brokerfl.wire.message import ModelVersionStored
-    from brokerfl.storage.metrics_log import MetricsLog
     from brokerfl.assembly.roles import coordinator_table
-    from brokerfl.storage.store import MemoryModelStore
     from brokerfl.handlers.workflows import server
+    from brokerfl.runtime.handler_table import Context, Started
+    from brokerfl.storage.metrics_log import MetricsLog
+    from brokerfl.storage.store import MemoryModelStore
+    from brokerfl.wire.message import ModelVersionStored
 
     _, config, result = journal_file
     store = MemoryModelStore()
     for version in result.store.versions()[:4]:
         store.put(result.store.get(version))
     newest = store.get(3)
-    newest.metrics = {**newest.metrics, "accuracy": None, "loss": None}  # killed before its score (evaluation runs after the store)
+    newest.metrics = {
+        **newest.metrics,
+        "accuracy": None,
+        "loss": None,
+    }  # killed before its score (evaluation runs after the store)
     state = server.make_state(config, store, MetricsLog(None))
     ctx = Context(role="server", run=config.run, state=state, log=structlog.get_logger(), clock=lambda: 0.0)
     coordinator_table(config, server).handler_for(Started.TYPE)(Started(run=config.run), ctx)
@@ -110,9 +134,14 @@ def test_a_resumed_server_journals_its_newest_version_again(journal_file):
 def test_a_repeated_version_record_is_not_a_skipped_record(journal_file):
     path, config, _ = journal_file
     records = list(read_journal_file(path))
-    first = next(d for d in records if d.envelope.type == "model_version_stored" and from_wire(d.envelope, d.body).version == 6)
+    first = next(
+        d for d in records if d.envelope.type == "model_version_stored" and from_wire(d.envelope, d.body).version == 6
+    )
     record = from_wire(first.envelope, first.body)
-    fields = {k: getattr(record, k) for k in ("round", "model_version", "version", "parent", "strategy", "update_ids", "sha256", "metrics")}
+    fields = {
+        k: getattr(record, k)
+        for k in ("round", "model_version", "version", "parent", "strategy", "update_ids", "sha256", "metrics")
+    }
     envelope, body = to_wire(type(record)(**fields))  # the same record, written again by another process
     assert envelope.message_id != first.envelope.message_id
     again = Delivery(first.queue, first.exchange, first.routing_key, envelope, body, False, first.tag)
@@ -126,8 +155,14 @@ def test_a_version_record_ahead_of_its_updates_waits_for_them(journal_file):
     (the server read it from its queue first): replay waits for it instead of a DIFF."""
     path, config, _ = journal_file
     records = list(read_journal_file(path))
-    record_4 = next(d for d in records if d.envelope.type == "model_version_stored" and from_wire(d.envelope, d.body).version == 4)
-    first_update = min(records.index(d) for d in records if d.envelope.message_id in from_wire(record_4.envelope, record_4.body).update_ids)
+    record_4 = next(
+        d for d in records if d.envelope.type == "model_version_stored" and from_wire(d.envelope, d.body).version == 4
+    )
+    first_update = min(
+        records.index(d)
+        for d in records
+        if d.envelope.message_id in from_wire(record_4.envelope, record_4.body).update_ids
+    )
     reordered = [d for d in records if d is not record_4]
     reordered.insert(first_update, record_4)
     replayed = replay(reordered, config)
@@ -142,9 +177,19 @@ def test_a_duplicate_dropped_before_its_version_is_recorded_is_not_lost(journal_
 
     path, config, _ = journal_file
     records = list(read_journal_file(path))
-    record_4 = next(d for d in records if d.envelope.type == "model_version_stored" and from_wire(d.envelope, d.body).version == 4)
+    record_4 = next(
+        d for d in records if d.envelope.type == "model_version_stored" and from_wire(d.envelope, d.body).version == 4
+    )
     folded = from_wire(record_4.envelope, record_4.body).update_ids[0]
-    envelope, body = to_wire(UpdateDropped(update_id=folded, client_id="0", reason="duplicate: already folded into a stored model version", round=4, model_version=3))
+    envelope, body = to_wire(
+        UpdateDropped(
+            update_id=folded,
+            client_id="0",
+            reason="duplicate: already folded into a stored model version",
+            round=4,
+            model_version=3,
+        )
+    )
     drop = Delivery(record_4.queue, record_4.exchange, record_4.routing_key, envelope, body, False, record_4.tag)
     at = records.index(record_4)
     replayed = replay([*records[:at], drop, *records[at:]], config)

@@ -10,13 +10,15 @@ import uuid
 
 import pytest
 
-from brokerfl.wire.message import Envelope
-from brokerfl.transports.topology import RunTopology
 from brokerfl.transports.base import Delivery, TransportError, UnroutableError
+from brokerfl.transports.topology import RunTopology
+from brokerfl.wire.message import Envelope
 
 
 def envelope(kind: str = "ask") -> Envelope:
-    return Envelope(type=kind, message_id=uuid.uuid4().hex, sender="tester", timestamp=time.time(), headers={"run": "x"})
+    return Envelope(
+        type=kind, message_id=uuid.uuid4().hex, sender="tester", timestamp=time.time(), headers={"run": "x"}
+    )
 
 
 def serve(transport, queue: str, stop: threading.Event, seen: list[Delivery]) -> None:

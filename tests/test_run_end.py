@@ -9,17 +9,16 @@ import sys
 import time
 
 import pytest
+from test_faults import CONFIG, ROOT, federation  # noqa: F401 - a fixture
 
-from brokerfl.storage.accounting import account
-from brokerfl.config import load_config
-from brokerfl.storage.journal import read_journal
-from brokerfl.wire.message import ParameterUpdate, to_wire
 from brokerfl.assembly.roles import topology_for
 from brokerfl.assembly.simulate import simulate
-from brokerfl.transports.topology import SERVER, routing_key
+from brokerfl.config import load_config
+from brokerfl.storage.accounting import account
+from brokerfl.storage.journal import read_journal
 from brokerfl.transports.local import LocalTransport
-
-from test_faults import CONFIG, ROOT, federation  # noqa: F401 - a fixture
+from brokerfl.transports.topology import SERVER, routing_key
+from brokerfl.wire.message import ParameterUpdate, to_wire
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -27,8 +26,16 @@ pytestmark = pytest.mark.timeout(600)
 def _late_update(run: str, client_id: str) -> ParameterUpdate:
     import numpy as np
 
-    return ParameterUpdate(run=run, sender=f"client.{client_id}", client_id=client_id, task_id="t-late", round=99, model_version=98,
-                           parameters={"w": np.zeros(3, np.float32)}, num_samples=10)
+    return ParameterUpdate(
+        run=run,
+        sender=f"client.{client_id}",
+        client_id=client_id,
+        task_id="t-late",
+        round=99,
+        model_version=98,
+        parameters={"w": np.zeros(3, np.float32)},
+        num_samples=10,
+    )
 
 
 def test_an_update_published_after_the_run_ended_has_a_category_of_its_own_in_simulate():
@@ -46,8 +53,26 @@ def test_an_update_published_after_the_run_ended_has_a_category_of_its_own_in_si
 
 
 def _accounting(fed, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "brokerfl.cli", "accounting", CONFIG, "--broker", fed.url, "--run", fed.run, "--clients", str(fed.clients), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "brokerfl.cli",
+            "accounting",
+            CONFIG,
+            "--broker",
+            fed.url,
+            "--run",
+            fed.run,
+            "--clients",
+            str(fed.clients),
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.broker
@@ -56,12 +81,31 @@ def test_accounting_passes_right_after_an_abort_with_clients_still_training(fede
     slow = tmp_path / "slow.yaml"
     # every client sleeps 30x its training after it, before its update goes out: the abort
     # lands while they train, and their updates come after the server has gone
-    slow.write_text((ROOT / CONFIG).read_text() + "client_slowdown: {" + ", ".join(f'"{i}": 30' for i in range(3)) + "}\n")
+    slow.write_text(
+        (ROOT / CONFIG).read_text() + "client_slowdown: {" + ", ".join(f'"{i}": 30' for i in range(3)) + "}\n"
+    )
     fed = federation(clients=3, rounds=20, config=str(slow))
     fed.start()
     fed.wait_for_versions(2, timeout=180)
-    abort = subprocess.run([sys.executable, "-m", "brokerfl.cli", "admin", "abort", "--run", fed.run, "--broker", fed.url, "--reason", "test"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    abort = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "brokerfl.cli",
+            "admin",
+            "abort",
+            "--run",
+            fed.run,
+            "--broker",
+            fed.url,
+            "--reason",
+            "test",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert abort.returncode == 0, abort.stdout + abort.stderr
     fed.server.wait(timeout=120)
     right_after = _accounting(fed)
@@ -112,6 +156,9 @@ def test_a_server_step_that_raises_finishes_the_run_as_failed_instead_of_waiting
 
     monkeypatch.setattr(FedAvg, "finish_round", failing_second_close)
     config = load_config(CONFIG, {"run": "server-step-raises", "clients": 3, "rounds": 4})
-    with pytest.raises(SimulationError, match=r"could not go on: handler .*round_complete raised ArithmeticError: the aggregate went wrong"):
+    with pytest.raises(
+        SimulationError,
+        match=r"could not go on: handler .*round_complete raised ArithmeticError: the aggregate went wrong",
+    ):
         simulate(config, None, progress=False)
     assert len(closed) == 2  # no round after the failing one

@@ -16,19 +16,46 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_new_app_runs_its_own_test_and_simulate(tmp_path: Path) -> None:
-    made = subprocess.run([sys.executable, "-m", "brokerfl.cli", "new", "demo_app", "--dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    made = subprocess.run(
+        [sys.executable, "-m", "brokerfl.cli", "new", "demo_app", "--dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert made.returncode == 0, made.stderr
     app_dir = tmp_path / "demo_app"
     assert {p.name for p in app_dir.iterdir()} >= {"pyproject.toml", "brokerfl.yaml", "demo_app", "tests", "README.md"}
     # the scaffold's own test, with the package importable as pip install -e would make it
     env = {**os.environ, "PYTHONPATH": f"{app_dir}:{ROOT}"}
-    tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
-                            cwd=app_dir, env=env, capture_output=True, text=True, timeout=300)
+    tested = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=app_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert tested.returncode == 0, tested.stdout[-2000:] + tested.stderr[-2000:]
     # and `brokerfl simulate` in the app's folder picks up its brokerfl.yaml
-    ran = subprocess.run([sys.executable, "-m", "brokerfl.cli", "simulate", "--rounds", "2", "--no-progress", "--out", str(tmp_path / "out")],
-                         cwd=app_dir, env=env, capture_output=True, text=True, timeout=300)
+    ran = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "brokerfl.cli",
+            "simulate",
+            "--rounds",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=app_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert "brokerfl.yaml" in ran.stdout + ran.stderr
     assert (tmp_path / "out" / "metrics.jsonl").read_text().count("\n") == 2
@@ -52,10 +79,10 @@ def test_the_app_runs_as_compose_services(amqp_url, run_name, tmp_path: Path) ->
     service of docker/compose.yaml, as a local process with its environment, running a
     scaffolded app as the app's Dockerfile sets it up (its package importable, its config)."""
     import yaml
-
-    from brokerfl.transports.topology import RunTopology
-    from brokerfl.transports.amqp import AmqpTransport
     from test_federation_amqp import brokerfl, compose_defaults, finish
+
+    from brokerfl.transports.amqp import AmqpTransport
+    from brokerfl.transports.topology import RunTopology
 
     app_dir = create_app("compose_app", tmp_path)
     assert "FROM ${BROKERFL_IMAGE}" in (app_dir / "Dockerfile").read_text()
@@ -63,8 +90,14 @@ def test_the_app_runs_as_compose_services(amqp_url, run_name, tmp_path: Path) ->
     workers = {name: spec for name, spec in compose["services"].items() if name != "rabbitmq"}
     procs, client_ids = [], []
     for name, spec in sorted(workers.items()):
-        env = {**spec["environment"], "BROKERFL_AMQP_URL": amqp_url, "BROKERFL_RUN": run_name, "BROKERFL_ROUNDS": "2",
-               "BROKERFL_CONFIG": str(app_dir / "brokerfl.yaml"), "PYTHONPATH": f"{app_dir}:{ROOT}"}
+        env = {
+            **spec["environment"],
+            "BROKERFL_AMQP_URL": amqp_url,
+            "BROKERFL_RUN": run_name,
+            "BROKERFL_ROUNDS": "2",
+            "BROKERFL_CONFIG": str(app_dir / "brokerfl.yaml"),
+            "PYTHONPATH": f"{app_dir}:{ROOT}",
+        }
         env.pop("BROKERFL_METRICS_PORT", None)
         if name == "server":
             env["BROKERFL_OUT"] = str(tmp_path / "out")

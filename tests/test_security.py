@@ -25,22 +25,21 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import torch
+from rabbit_nodes import node_env
 
-from brokerfl.storage.accounting import account_run
-from brokerfl.ops.certs import write_signing_request
-from brokerfl.config import load_config
-from brokerfl.runtime.identity import client_user
-from brokerfl.wire.message import Exit, Heartbeat, Join, Leave, ParameterUpdate, to_wire
-from brokerfl.storage.metrics_log import MetricsLog
-from brokerfl.ops.provision import Provisioned, provision
 from brokerfl.assembly.roles import client_worker, server_worker, topology_for
 from brokerfl.assembly.simulate import simulate
+from brokerfl.config import load_config
+from brokerfl.ops.certs import write_signing_request
+from brokerfl.ops.provision import Provisioned, provision
+from brokerfl.runtime.identity import client_user
+from brokerfl.storage.accounting import account_run
+from brokerfl.storage.metrics_log import MetricsLog
 from brokerfl.storage.store import MemoryModelStore
-from brokerfl.transports.base import ORIGIN_USER_HEADER, REASON_HEADER, TransportError
 from brokerfl.transports.amqp import AmqpTransport
 from brokerfl.transports.amqp.connect import TlsOptions
-
-from rabbit_nodes import node_env
+from brokerfl.transports.base import ORIGIN_USER_HEADER, REASON_HEADER, TransportError
+from brokerfl.wire.message import Exit, Heartbeat, Join, Leave, ParameterUpdate, to_wire
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,11 +106,21 @@ def test_least_privilege(provisioned):
         join = Join(client_id="1", run=run)
 
         # A cannot publish as B: the broker refuses a user_id that is not A's
-        assert "PRECONDITION_FAILED" in refused(lambda: a.publish(topology.exchange, "server.join", *to_wire(dataclasses.replace(join, user_id=f"{run}-client-1"))))
+        assert "PRECONDITION_FAILED" in refused(
+            lambda: a.publish(
+                topology.exchange, "server.join", *to_wire(dataclasses.replace(join, user_id=f"{run}-client-1"))
+            )
+        )
         # A cannot publish what only the server may
-        assert "ACCESS_REFUSED" in refused(lambda: a.publish(topology.exchange, "clients.exit", *to_wire(Exit(run=run))))
-        assert "ACCESS_REFUSED" in refused(lambda: a.publish(topology.exchange, "client.1.train_task", *to_wire(Exit(run=run))))
-        assert "ACCESS_REFUSED" in refused(lambda: a.publish("", topology.client_queue("1"), *to_wire(Exit(run=run))))  # the default exchange
+        assert "ACCESS_REFUSED" in refused(
+            lambda: a.publish(topology.exchange, "clients.exit", *to_wire(Exit(run=run)))
+        )
+        assert "ACCESS_REFUSED" in refused(
+            lambda: a.publish(topology.exchange, "client.1.train_task", *to_wire(Exit(run=run)))
+        )
+        assert "ACCESS_REFUSED" in refused(
+            lambda: a.publish("", topology.client_queue("1"), *to_wire(Exit(run=run)))
+        )  # the default exchange
         # A cannot bind to, consume or take from B's queue, nor bind its own to B's keys
         assert "ACCESS_REFUSED" in refused(lambda: a.bind(topology.client_queue("1"), topology.exchange, "server.#"))
         assert "ACCESS_REFUSED" in refused(lambda: a.bind(topology.client_queue("0"), topology.exchange, "client.1.#"))
@@ -178,7 +187,14 @@ def attack(config, done: Provisioned) -> list[str]:
     """Client 0 tries to speak for others; returns the ids of what it got through to the server queue."""
     run, topology = config.run, topology_for(config)
     forged = [
-        ParameterUpdate(client_id="1", task_id="x", parameters={"0.weight": np.full((128, 64), 1e3, np.float32)}, num_samples=10**6, run=run, round=1),
+        ParameterUpdate(
+            client_id="1",
+            task_id="x",
+            parameters={"0.weight": np.full((128, 64), 1e3, np.float32)},
+            num_samples=10**6,
+            run=run,
+            round=1,
+        ),
         Leave(client_id="2", run=run),
         Heartbeat(client_id="1", run=run),
     ]
@@ -203,14 +219,18 @@ def test_a_provisioned_federation_refuses_forgeries_and_trains_like_simulate(pro
 
     records, store, server_transport = run_federation(config, connect_as)
     try:
-        assert [r["num_updates"] for r in records] == [config.clients] * config.rounds  # the forged Leave removed no one
+        assert [r["num_updates"] for r in records] == [
+            config.clients
+        ] * config.rounds  # the forged Leave removed no one
         folded = {uid for v in store.versions() for uid in store.metadata(v)["update_ids"]}
         assert forged[0] not in folded
         accounting = account_run(server_transport, topology_for(config), store)
         assert accounting.ok, accounting.summary()
         assert set(accounting.dead) == {forged[0]}
         assert "claims client '1'" in accounting.dead[forged[0]][0]
-        assert f"published by {run}-client-0: {config.rounds + 1} updates, {config.rounds} folded" in accounting.summary()
+        assert (
+            f"published by {run}-client-0: {config.rounds + 1} updates, {config.rounds} folded" in accounting.summary()
+        )
     finally:
         server_transport.close()
     with connect(done, f"{run}-admin") as admin:  # every forgery is in the dead-letter queue with its reason
@@ -222,7 +242,9 @@ def test_a_provisioned_federation_refuses_forgeries_and_trains_like_simulate(pro
     assert all(reason.startswith("refused: ") and user == f"{run}-client-0" for reason, user in dead.values())
 
     torch.set_num_threads(1)
-    open_run = simulate(config.model_copy(update={"identity": config.identity.model_copy(update={"enforce": False})})).records
+    open_run = simulate(
+        config.model_copy(update={"identity": config.identity.model_copy(update={"enforce": False})})
+    ).records
     assert [r["accuracy"] for r in records] == [r["accuracy"] for r in open_run]
     assert [r["sha256"] for r in records] == [r["sha256"] for r in open_run]
 
@@ -239,22 +261,35 @@ def test_the_run_admin_has_only_the_management_tag_and_still_operates_the_run(pr
     run = config.run
     definitions = json.loads(done.definitions.read_text())
     assert {u["name"]: u["tags"] for u in definitions["users"]}[f"{run}-admin"] == ["management"]
-    server = server_worker(connect(done, f"{run}-server"), config, MemoryModelStore(), MetricsLog(None))  # waits for its clients
+    server = server_worker(
+        connect(done, f"{run}-server"), config, MemoryModelStore(), MetricsLog(None)
+    )  # waits for its clients
     thread = threading.Thread(target=lambda: (server.start(), server.run(poll_s=0.2)), daemon=True)
     thread.start()
     env = {**os.environ, **done.env(f"{run}-admin")}  # the admin's URL, run and identity settings
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "brokerfl.cli", *args, "--run", run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "brokerfl.cli", *args, "--run", run],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     try:
         status = cli("status", "--json", "--timeout", "30")
         assert status.returncode == 0, status.stdout + status.stderr
         assert json.loads(status.stdout)["server"]["run"] == run
         changed = cli("admin", "set-rounds", "5", "--timeout", "30")
-        assert changed.returncode == 0 and changed.stdout.startswith("OK: rounds 3 -> 5"), changed.stdout + changed.stderr
+        assert changed.returncode == 0 and changed.stdout.startswith("OK: rounds 3 -> 5"), (
+            changed.stdout + changed.stderr
+        )
         refused = cli("admin", "remove-client", "99", "--timeout", "30")
-        assert refused.returncode == 1 and "REFUSED: client 99 is not in the federation" in refused.stdout, refused.stdout + refused.stderr
+        assert refused.returncode == 1 and "REFUSED: client 99 is not in the federation" in refused.stdout, (
+            refused.stdout + refused.stderr
+        )
     finally:
         server.stopped = True
         thread.join(60)
@@ -285,7 +320,10 @@ def tls_node(amqp_url):
     """A RabbitMQ node of the test's own with a TLS-only listener, certificate login and the
     run's definitions loaded at boot; stopped and removed after."""
     if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
-        _skip_or_fail("starting a TLS RabbitMQ node needs rabbitmq-server and root (to hand the node directory to the rabbitmq user)")
+        _skip_or_fail(
+            "starting a TLS RabbitMQ node needs rabbitmq-server and root (to hand the node directory to the rabbitmq "
+            "user)"
+        )
     node, port = _tls_node_settings(amqp_url)
     base = Path(tempfile.mkdtemp(prefix="brokerfl-tls-"))
     run = "tls" + uuid.uuid4().hex[:8]
@@ -294,7 +332,9 @@ def tls_node(amqp_url):
     # the request with a CA kept apart from the broker's files, and hands back the rest
     site, self_keyed = base / "site-1", client_user(run, "1")
     own_key, request = write_signing_request(site, self_keyed)
-    done = provision(config, base / "provision", host="localhost", port=port, tls=True, ca_dir=base / "ca", requests=[request])
+    done = provision(
+        config, base / "provision", host="localhost", port=port, tls=True, ca_dir=base / "ca", requests=[request]
+    )
     site_env = site / f"{self_keyed}.env"  # the site completes its file with its key's path
     site_env.write_text(done.env_files[self_keyed].read_text() + f"BROKERFL_TLS_KEY={own_key}\n")
     done.env_files[self_keyed] = site_env
@@ -305,7 +345,13 @@ def tls_node(amqp_url):
     env = node_env(node, port, base, tcp_listener=False)  # TLS only: the listener is in rabbitmq.conf
     subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True, capture_output=True, timeout=60)
     try:
-        subprocess.run(["rabbitmqctl", "-n", node, "wait", "--timeout", "90", str(base / "pid")], env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            ["rabbitmqctl", "-n", node, "wait", "--timeout", "90", str(base / "pid")],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         wait_for(lambda: _can_log_in(done, f"{run}-admin"), 60, "certificate login on the TLS node")
         yield config, done, base
     finally:
@@ -321,7 +367,9 @@ def test_a_federation_over_tls_with_certificate_login(tls_node):
     assert done.self_keyed == [self_keyed] and not (done.tls_dir / f"{self_keyed}.key").exists()
     own_key = Path(done.env(self_keyed)["BROKERFL_TLS_KEY"])
     assert own_key.parent == base / "site-1"
-    assert not any(own_key.read_bytes() in f.read_bytes() for d in (done.out, base / "ca") for f in d.rglob("*") if f.is_file())
+    assert not any(
+        own_key.read_bytes() in f.read_bytes() for d in (done.out, base / "ca") for f in d.rglob("*") if f.is_file()
+    )
     assert not list(done.out.rglob("ca.key")) and (base / "ca" / "ca.key").exists()
 
     def connect_as(client_id):
@@ -332,7 +380,9 @@ def test_a_federation_over_tls_with_certificate_login(tls_node):
     assert [r["num_updates"] for r in records] == [config.clients] * config.rounds
     assert server_transport.user == f"{run}-server"  # from the certificate's CN: no password anywhere
     torch.set_num_threads(1)
-    open_run = simulate(config.model_copy(update={"identity": config.identity.model_copy(update={"enforce": False})})).records
+    open_run = simulate(
+        config.model_copy(update={"identity": config.identity.model_copy(update={"enforce": False})})
+    ).records
     assert [r["sha256"] for r in records] == [r["sha256"] for r in open_run]
 
 
@@ -346,25 +396,43 @@ def test_tls_refuses_a_foreign_ca_and_a_wrong_hostname(tls_node, tmp_path):
     other = new_authority("someone else's CA")
     cert, key = write_pair(tmp_path, "mallory", *issue(other, user))
     with pytest.raises(TransportError):
-        AmqpTransport(env["BROKERFL_AMQP_URL"], tls=TlsOptions(env["BROKERFL_TLS_CA"], str(cert), str(key)), max_reconnect_s=1)
+        AmqpTransport(
+            env["BROKERFL_AMQP_URL"], tls=TlsOptions(env["BROKERFL_TLS_CA"], str(cert), str(key)), max_reconnect_s=1
+        )
     # the broker's certificate names localhost and 127.0.0.1, not 127.0.0.2: we refuse it
     wrong_host = env["BROKERFL_AMQP_URL"].replace("localhost", "127.0.0.2")
     with pytest.raises(TransportError, match="(?i)certificate|hostname"):
-        AmqpTransport(wrong_host, tls=TlsOptions(env["BROKERFL_TLS_CA"], env["BROKERFL_TLS_CERT"], env["BROKERFL_TLS_KEY"]), max_reconnect_s=1)
+        AmqpTransport(
+            wrong_host,
+            tls=TlsOptions(env["BROKERFL_TLS_CA"], env["BROKERFL_TLS_CERT"], env["BROKERFL_TLS_KEY"]),
+            max_reconnect_s=1,
+        )
     # the right one is accepted, also from the command line's flags
     from brokerfl.cli import main
 
-    flags = ["--tls-ca", env["BROKERFL_TLS_CA"], "--tls-cert", env["BROKERFL_TLS_CERT"], "--tls-key", env["BROKERFL_TLS_KEY"]]
+    flags = [
+        "--tls-ca",
+        env["BROKERFL_TLS_CA"],
+        "--tls-cert",
+        env["BROKERFL_TLS_CERT"],
+        "--tls-key",
+        env["BROKERFL_TLS_KEY"],
+    ]
     assert main(["ping", "--broker", env["BROKERFL_AMQP_URL"], *flags]) == 0
 
 
 def _handshake(port: int, context: ssl.SSLContext) -> str:
     """The TLS version the node agrees to with ``context`` (raises ssl.SSLError if none)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, context.wrap_socket(raw, server_hostname="localhost") as tls:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
         return tls.version()
 
 
-def _client_context(env: dict[str, str], *, newest: ssl.TLSVersion, oldest: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2) -> ssl.SSLContext:
+def _client_context(
+    env: dict[str, str], *, newest: ssl.TLSVersion, oldest: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version, context.maximum_version = oldest, newest
     if oldest < ssl.TLSVersion.TLSv1_2:
@@ -417,14 +485,20 @@ def _management_node_settings(amqp_url: str) -> tuple[str, int, int]:
     return name, port, http
 
 
-def _api(http_port: int, user: str, password: str, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+def _api(
+    http_port: int, user: str, password: str, method: str, path: str, body: dict | None = None
+) -> tuple[int, object]:
     """One management API call: (HTTP status, decoded JSON body or None)."""
     import base64
     import json
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/api{path}", method=method, data=None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/api{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+    )
     request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     request.add_header("Content-Type", "application/json")
     try:
@@ -443,12 +517,17 @@ def test_the_run_admin_cannot_reach_users_or_other_vhosts_through_the_management
     exchange, changing its own run's policies, or reading the definitions. The broker
     administrator (docs/provisioning.md), a user apart, can do all of that."""
     if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
-        _skip_or_fail("starting a RabbitMQ node needs rabbitmq-server and root (to hand the node directory to the rabbitmq user)")
+        _skip_or_fail(
+            "starting a RabbitMQ node needs rabbitmq-server and root (to hand the node directory to the rabbitmq user)"
+        )
     node, port, http = _management_node_settings(amqp_url)
     base = Path(tempfile.mkdtemp(prefix="brokerfl-mgmt-"))
     (base / "rabbitmq.conf").write_text(f"management.tcp.port = {http}\nloopback_users = none\n")
     (base / "enabled_plugins").write_text("[rabbitmq_management].\n")
-    runs = {name: provision(secure_config(name, clients=2), base / name, port=port) for name in ("m" + uuid.uuid4().hex[:8], "m" + uuid.uuid4().hex[:8])}
+    runs = {
+        name: provision(secure_config(name, clients=2), base / name, port=port)
+        for name in ("m" + uuid.uuid4().hex[:8], "m" + uuid.uuid4().hex[:8])
+    }
     a, b = list(runs)
     password = {p.user: p.password for done in runs.values() for p in done.participants}
     subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base)], check=True)
@@ -457,12 +536,22 @@ def test_the_run_admin_cannot_reach_users_or_other_vhosts_through_the_management
     subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True, capture_output=True, timeout=60)
     try:
         ctl = ["rabbitmqctl", "-n", node]
-        subprocess.run([*ctl, "wait", "--timeout", "90", str(base / "pid")], env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [*ctl, "wait", "--timeout", "90", str(base / "pid")], env=env, check=True, capture_output=True, timeout=120
+        )
         for done in runs.values():  # as the broker administrator on the node's host
-            subprocess.run([*ctl, "import_definitions", str(done.definitions.resolve())], env=env, check=True, capture_output=True, timeout=60)
+            subprocess.run(
+                [*ctl, "import_definitions", str(done.definitions.resolve())],
+                env=env,
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
         root, root_password = "broker-admin", uuid.uuid4().hex
         subprocess.run([*ctl, "add_user", root, root_password], env=env, check=True, capture_output=True, timeout=60)
-        subprocess.run([*ctl, "set_user_tags", root, "administrator"], env=env, check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [*ctl, "set_user_tags", root, "administrator"], env=env, check=True, capture_output=True, timeout=60
+        )
         admin = f"{a}-admin"
 
         def as_admin(method: str, path: str, body: dict | None = None) -> tuple[int, object]:
@@ -486,14 +575,22 @@ def test_the_run_admin_cannot_reach_users_or_other_vhosts_through_the_management
             "read another user": ("GET", f"/users/{b}-admin", None),
             "create an administrator": ("PUT", "/users/intruder", {"password": "x", "tags": "administrator"}),
             "tag itself administrator": ("PUT", f"/users/{admin}", {"password": "x", "tags": "administrator"}),
-            "grant itself rights on B's vhost": ("PUT", f"/permissions/{b}/{admin}", {"configure": ".*", "write": ".*", "read": ".*"}),
+            "grant itself rights on B's vhost": (
+                "PUT",
+                f"/permissions/{b}/{admin}",
+                {"configure": ".*", "write": ".*", "read": ".*"},
+            ),
             "list permissions": ("GET", "/permissions", None),
             "read B's queues": ("GET", f"/queues/{b}", None),
             "declare a queue in B's vhost": ("PUT", f"/queues/{b}/stolen", {"durable": False}),
             "delete B's exchange": ("DELETE", f"/exchanges/{b}/brokerfl.{b}", None),
             "delete B's vhost": ("DELETE", f"/vhosts/{b}", None),
             "create a vhost": ("PUT", "/vhosts/intruder", {}),
-            "change its run's policies": ("PUT", f"/policies/{a}/lifted", {"pattern": ".*", "definition": {"max-length": 1}}),
+            "change its run's policies": (
+                "PUT",
+                f"/policies/{a}/lifted",
+                {"pattern": ".*", "definition": {"max-length": 1}},
+            ),
             "lift its own limits": ("PUT", f"/user-limits/{admin}/max-connections", {"value": 10000}),
             "read the definitions": ("GET", "/definitions", None),
         }

@@ -9,13 +9,12 @@ import threading
 import time
 
 import pytest
-
-from brokerfl.runtime.operator_commands import StatusRequest, ask
-from brokerfl.config import load_config
-from brokerfl.assembly.roles import topology_for
-from brokerfl.transports.base import LeaseLost
-
 from test_faults import CONFIG, ROOT, check, fault_free_accuracy, federation  # noqa: F401 - a fixture
+
+from brokerfl.assembly.roles import topology_for
+from brokerfl.config import load_config
+from brokerfl.runtime.operator_commands import StatusRequest, ask
+from brokerfl.transports.base import LeaseLost
 
 
 def test_a_lease_is_held_by_one_connection_at_a_time(transport_factory, run_name):
@@ -98,7 +97,12 @@ class StatusWatcher:
 @pytest.mark.broker
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_second_server_stands_by_and_takes_over_when_the_active_one_is_killed(federation, run_name, tmp_path, amqp_url):  # noqa: F811
+def test_a_second_server_stands_by_and_takes_over_when_the_active_one_is_killed(
+    federation,  # noqa: F811 - the fixture imported above
+    run_name,
+    tmp_path,
+    amqp_url,
+):
     slow = tmp_path / "slow.yaml"
     # client 0 sleeps 10x its training, so the run lasts long enough to watch both servers
     slow.write_text((ROOT / CONFIG).read_text() + "client_slowdown: {'0': 10.0}\n")
@@ -117,14 +121,18 @@ def test_a_second_server_stands_by_and_takes_over_when_the_active_one_is_killed(
         fed.kill(active)
         killed = time.monotonic()
         fed.server, fed.out = standby, tmp_path / "standby-host"
-        took_over = watcher.first(lambda server, standbys: bool(server) and server.endswith(host_of(standby)), timeout=120)
+        took_over = watcher.first(
+            lambda server, standbys: bool(server) and server.endswith(host_of(standby)), timeout=120
+        )
         print(f"takeover: the standby answered status {took_over - killed:.2f} s after the active server was killed")
         fed.finish()
     finally:
         answers = watcher.stop()
     servers = [server for _, server, _ in answers if server]
     changes = [s for i, s in enumerate(servers) if i == 0 or s != servers[i - 1]]
-    assert [c.rsplit(":", 1)[1] for c in changes] == [str(active.pid), str(standby.pid)], changes  # never two, never back
+    assert [c.rsplit(":", 1)[1] for c in changes] == [str(active.pid), str(standby.pid)], (
+        changes
+    )  # never two, never back
     assert "another server holds this run's server role" in standby_log.read_text()
     assert "this server is now the active one" in standby_log.read_text()
     check(fed, expect_accuracy=fault_free_accuracy(run_name, 4, 10))

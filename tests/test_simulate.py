@@ -7,14 +7,31 @@ import sys
 
 import pytest
 
+from brokerfl.assembly.simulate import SimulationError, simulate
 from brokerfl.cli import main
 from brokerfl.config import load_config, parse_config
 from brokerfl.storage.metrics_log import REQUIRED, read_metrics
-from brokerfl.assembly.simulate import SimulationError, simulate
 
 
 def test_simulate_three_rounds_writes_metrics_and_curve(tmp_path):
-    assert main(["simulate", "configs/digits_fedavg.yaml", "--rounds", "3", "--clients", "8", "--out", str(tmp_path), "--no-progress", "--log-level", "warning"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "configs/digits_fedavg.yaml",
+                "--rounds",
+                "3",
+                "--clients",
+                "8",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+                "--log-level",
+                "warning",
+            ]
+        )
+        == 0
+    )
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["round"] for r in records] == [1, 2, 3]
     assert [r["model_version"] for r in records] == [1, 2, 3]
@@ -72,8 +89,19 @@ def test_too_few_answers_stops_with_a_clear_message(monkeypatch):
     from brokerfl.wire.message import TrainTask
     from tests.handler_modules import extra_handlers
 
-    silent = extra_handlers(monkeypatch, client=HandlerSet("silent", overrides={TrainTask: lambda task, ctx: None}))  # clients that never answer
-    config = load_config(None, {"rounds": 2, "clients": 2, "strategy.round_deadline_s": 0.2, "strategy.on_too_few": "stop", "extra_handlers": [silent]})
+    silent = extra_handlers(
+        monkeypatch, client=HandlerSet("silent", overrides={TrainTask: lambda task, ctx: None})
+    )  # clients that never answer
+    config = load_config(
+        None,
+        {
+            "rounds": 2,
+            "clients": 2,
+            "strategy.round_deadline_s": 0.2,
+            "strategy.on_too_few": "stop",
+            "extra_handlers": [silent],
+        },
+    )
     with pytest.raises(SimulationError, match="needs"):
         simulate(config)
 
@@ -95,8 +123,16 @@ def test_a_client_slower_than_the_deadline_is_the_one_dropped():
 
     from tests import slow_apps
 
-    config = parse_config({"app": "tests.slow_apps", "app_options": {"train_s": 0.1}, "clients": 4, "rounds": 2,
-                           "client_slowdown": {"2": 12.0}, "strategy": {"min_clients": 2, "round_deadline_s": 0.8}})
+    config = parse_config(
+        {
+            "app": "tests.slow_apps",
+            "app_options": {"train_s": 0.1},
+            "clients": 4,
+            "rounds": 2,
+            "client_slowdown": {"2": 12.0},
+            "strategy": {"min_clients": 2, "round_deadline_s": 0.8},
+        }
+    )
     slow_apps.CALLS.clear()
     with capture_logs() as logs:
         result = simulate(config)
@@ -115,7 +151,16 @@ def test_a_swarm_simulation_writes_its_final_model_too(tmp_path):
     ``final_model.npz``, with the hash its metrics line shows."""
     from brokerfl.storage.model_file import read_model_file
 
-    config = load_config("configs/digits_swarm.yaml", {"run": "swarm-final-model", "rounds": 2, "clients": 3, "train": {"epochs": 1}, "swarm": {"min_responses_required": 3}})
+    config = load_config(
+        "configs/digits_swarm.yaml",
+        {
+            "run": "swarm-final-model",
+            "rounds": 2,
+            "clients": 3,
+            "train": {"epochs": 1},
+            "swarm": {"min_responses_required": 3},
+        },
+    )
     simulate(config, tmp_path, progress=False)
     _, meta = read_model_file(tmp_path / "final_model.npz")
     last = list(read_metrics(tmp_path / "metrics.jsonl"))[-1]

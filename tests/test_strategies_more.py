@@ -89,7 +89,10 @@ def test_a_resumed_server_optimizer_continues_exactly(name):
     then the third: what a server killed between rounds does."""
     rng = np.random.default_rng(0)
     model = {"a": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
-    rounds = [[({k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in model.items()}, int(n)) for n in (3, 5)] for _ in range(3)]
+    rounds = [
+        [({k: v + rng.normal(size=v.shape).astype(np.float32) for k, v in model.items()}, int(n)) for n in (3, 5)]
+        for _ in range(3)
+    ]
     straight = load_strategy(name)
     x = model
     for updates in rounds:
@@ -98,7 +101,9 @@ def test_a_resumed_server_optimizer_continues_exactly(name):
     y = model
     for updates in rounds[:2]:
         y = run_round(first, y, updates)
-    state = {k: np.frombuffer(v.tobytes(), v.dtype).reshape(v.shape) for k, v in first.state_arrays().items()}  # read-only, as decoded
+    state = {
+        k: np.frombuffer(v.tobytes(), v.dtype).reshape(v.shape) for k, v in first.state_arrays().items()
+    }  # read-only, as decoded
     resumed = load_strategy(name)
     resumed.resume(2, state)
     y = run_round(resumed, y, rounds[2])
@@ -126,7 +131,9 @@ def test_krum_and_multi_krum_by_hand():
     # 1-4 9, 0-4 16, and >= 256 to 20. Scores: 0: 1+9=10, 1: 1+4=5, 3: 1+4=5, 4: 1+9=10, 20: 545.
     updates = scalars(0, 1, 3, 4, 20)
     assert run_round(load_strategy("krum", f=1), GLOBAL, updates)["a"][0] == 1.0  # 1 and 3 tie: the earlier
-    assert run_round(load_strategy("multi_krum", f=1, m=3), GLOBAL, updates)["a"][0] == pytest.approx((1 + 3 + 0) / 3)  # 0 and 4 tie
+    assert run_round(load_strategy("multi_krum", f=1, m=3), GLOBAL, updates)["a"][0] == pytest.approx(
+        (1 + 3 + 0) / 3
+    )  # 0 and 4 tie
     out = run_round(load_strategy("multi_krum", f=1), GLOBAL, updates)  # m = n - f = 4
     assert out["a"][0] == pytest.approx((0 + 1 + 3 + 4) / 4) and out["b"].dtype == np.float32
 
@@ -140,7 +147,9 @@ def test_bulyan_by_hand():
     # 1:14 3:14 4:26 -> 1 (tie, earlier); 5 left, 2: 0:25 3:10 4:17 -> 3; 4 left, 1: 0:16
     # 4:16 -> 0; 3 left, 1: 4:1936 50:2116 -40:1936 -> 4
     assert [values[i] for i in bulyan_select(distances, 1, 5)] == [2, 1, 3, 0, 4]
-    assert run_round(load_strategy("bulyan", f=1), GLOBAL, scalars(*values))["a"][0] == pytest.approx(2.0)  # mean of 2, 1, 3
+    assert run_round(load_strategy("bulyan", f=1), GLOBAL, scalars(*values))["a"][0] == pytest.approx(
+        2.0
+    )  # mean of 2, 1, 3
 
 
 def test_mean_closest_to_median_by_hand():
@@ -165,7 +174,9 @@ def test_weighted_norm_bounding_weights_by_sample_count():
     strategy = load_strategy("norm_bounding", max_norm=5.0, weighted=True)
     x1 = run_round(strategy, w(0.0, 0.0), [(w(3.0, 4.0), 1), (w(30.0, 40.0), 1), (w(0.0, -1.0), 2)])
     assert x1["w"].tolist() == pytest.approx([1.5, 1.5])  # (3 + 3 + 0) / 4, (4 + 4 - 2) / 4
-    with pytest.raises(ValueError, match="strategy 'norm_bounding': option 'weighted': Input should be a valid boolean"):
+    with pytest.raises(
+        ValueError, match="strategy 'norm_bounding': option 'weighted': Input should be a valid boolean"
+    ):
         load_strategy("norm_bounding", weighted="yes")
 
 
@@ -210,7 +221,14 @@ def test_central_dp_noise_is_seeded_by_run_seed_and_version():
 
 
 def test_adaptive_clipping_by_hand_over_two_rounds():
-    strategy = dp(noise_multiplier=0.0, clip_norm=5.0, adaptive_clipping=True, target_quantile=0.25, clip_learning_rate=0.2, clipped_count_stddev=1e-12)
+    strategy = dp(
+        noise_multiplier=0.0,
+        clip_norm=5.0,
+        adaptive_clipping=True,
+        target_quantile=0.25,
+        clip_learning_rate=0.2,
+        clipped_count_stddev=1e-12,
+    )
     # norms 5 (within C) and 50 (clipped): unclipped share 1/2; C <- 5 exp(-0.2 (0.5 - 0.25))
     x1 = run_round(strategy, w(0.0, 0.0), [(w(3.0, 4.0), 1), (w(30.0, 40.0), 1)])
     assert x1["w"].tolist() == pytest.approx([3.0, 4.0])
@@ -218,7 +236,9 @@ def test_adaptive_clipping_by_hand_over_two_rounds():
     assert float(strategy.state_arrays()["clip_norm"]) == pytest.approx(c1, rel=1e-9)
     # round 2: both clipped (norms 50 > c1): share 0; C <- c1 exp(-0.2 (0 - 0.25))
     x2 = run_round(strategy, x1, [(w(*(x1["w"] + [30.0, 40.0])), 1), (w(*(x1["w"] + [0.0, 50.0])), 1)])
-    assert x2["w"].tolist() == pytest.approx((x1["w"] + (np.array([0.6, 0.8]) * c1 + np.array([0.0, 1.0]) * c1) / 2).tolist())
+    assert x2["w"].tolist() == pytest.approx(
+        (x1["w"] + (np.array([0.6, 0.8]) * c1 + np.array([0.0, 1.0]) * c1) / 2).tolist()
+    )
     assert strategy.clip_norm == pytest.approx(c1 * math.exp(0.2 * 0.25), rel=1e-9)
     resumed = dp(noise_multiplier=0.0, clip_norm=5.0, adaptive_clipping=True)
     resumed.resume(2, strategy.state_arrays())
@@ -228,10 +248,14 @@ def test_adaptive_clipping_by_hand_over_two_rounds():
 def test_local_dp_client_clips_and_noises_with_its_own_seed():
     options = {"mode": "local", "noise_multiplier": 0.5, "clip_norm": 5.0}
     cls = type(load_strategy("dp_fedavg", **options))
-    sent = cls.client_update(options, seed=3, client_id="4", round_=2, global_parameters=w(1.0, 1.0), parameters=w(31.0, 41.0))
+    sent = cls.client_update(
+        options, seed=3, client_id="4", round_=2, global_parameters=w(1.0, 1.0), parameters=w(31.0, 41.0)
+    )
     noise = np.random.default_rng([3, zlib.crc32(b"4"), 2, 1]).normal(0.0, 2.5, size=2)
     assert sent["w"] == pytest.approx(np.array([1.0 + 3.0, 1.0 + 4.0]) + noise, rel=1e-12)
-    central = cls.client_update({}, seed=3, client_id="4", round_=2, global_parameters=w(1.0, 1.0), parameters=w(31.0, 41.0))
+    central = cls.client_update(
+        {}, seed=3, client_id="4", round_=2, global_parameters=w(1.0, 1.0), parameters=w(31.0, 41.0)
+    )
     assert central["w"].tolist() == [31.0, 41.0]  # central DP: the client sends its update as is
 
 
@@ -261,12 +285,12 @@ def test_bad_dp_options_are_refused():
 def small_runs(tmp_path_factory):
     """Two short simulated runs with their journals: FedAdam, and central DP-FedAvg with an
     epsilon budget that the third round would exceed."""
-    from brokerfl.config import parse_config
-    from brokerfl.storage.journal import read_journal
     from brokerfl.assembly.roles import topology_for
     from brokerfl.assembly.simulate import simulate
-    from brokerfl.transports.local import LocalTransport
+    from brokerfl.config import parse_config
     from brokerfl.handlers.strategies.dp import epsilon_spent
+    from brokerfl.storage.journal import read_journal
+    from brokerfl.transports.local import LocalTransport
 
     common = {"clients": 4, "model": {"hidden": [16]}, "train": {"epochs": 1}}
     runs = {}
@@ -275,7 +299,14 @@ def small_runs(tmp_path_factory):
         ("fedadam", {"eta": 0.01}, {}),
         ("dp_fedavg", {"noise_multiplier": 1.0, "clip_norm": 2.0, "epsilon_budget": budget}, {"clients_per_round": 2}),
     ]:
-        config = parse_config({**common, "run": f"t-{name.replace('_', '-')}", "rounds": 4, "strategy": {"name": name, "options": options, **extra}})
+        config = parse_config(
+            {
+                **common,
+                "run": f"t-{name.replace('_', '-')}",
+                "rounds": 4,
+                "strategy": {"name": name, "options": options, **extra},
+            }
+        )
         out = tmp_path_factory.mktemp(name)
         result = simulate(config, out, journal=True)
         runs[name] = (config, result, list(read_journal(LocalTransport(result.broker), topology_for(config))), out)
@@ -283,8 +314,9 @@ def small_runs(tmp_path_factory):
 
 
 def test_dp_run_writes_the_accountants_epsilon_every_round_and_stops_at_its_budget(small_runs):
-    from brokerfl.storage.metrics_log import read_metrics
     from opacus.accountants import RDPAccountant
+
+    from brokerfl.storage.metrics_log import read_metrics
 
     config, result, _, out = small_runs["dp_fedavg"]
     records = read_metrics(out / "metrics.jsonl")
@@ -306,10 +338,20 @@ def test_replay_check_recomputes_stateful_and_noisy_runs(small_runs, name):
     assert [row.replayed_hash for row in replayed.rows[1:]] == [r["sha256"] for r in result.records]
 
 
-@pytest.mark.parametrize("what_if, options", [
-    ("fedadam", {}), ("fedyogi", {}), ("fedadagrad", {}), ("fedavgm", {}), ("krum", {"f": 1}), ("multi_krum", {"f": 1, "m": 2}),
-    ("bulyan", {"f": 0}), ("norm_bounding", {"max_norm": 1.0}), ("dp_fedavg", {"noise_multiplier": 0.5}),
-])
+@pytest.mark.parametrize(
+    "what_if, options",
+    [
+        ("fedadam", {}),
+        ("fedyogi", {}),
+        ("fedadagrad", {}),
+        ("fedavgm", {}),
+        ("krum", {"f": 1}),
+        ("multi_krum", {"f": 1, "m": 2}),
+        ("bulyan", {"f": 0}),
+        ("norm_bounding", {"max_norm": 1.0}),
+        ("dp_fedavg", {"noise_multiplier": 0.5}),
+    ],
+)
 def test_every_new_strategy_works_as_a_replay_what_if(small_runs, what_if, options):
     from brokerfl.ops.replay import replay
 

@@ -4,15 +4,16 @@ transports."""
 from __future__ import annotations
 
 import pytest
-
-from brokerfl.transports.stream_reader import StreamReader
-from brokerfl.transports.topology import RunTopology
-from brokerfl.transports.base import TransportError
-
 from test_transport import envelope, wait_for
 
+from brokerfl.transports.base import TransportError
+from brokerfl.transports.stream_reader import StreamReader
+from brokerfl.transports.topology import RunTopology
 
-def test_a_reader_yields_acked_deliveries_from_an_offset_and_stops_at_a_mark_published_inside(transport_factory, run_name):
+
+def test_a_reader_yields_acked_deliveries_from_an_offset_and_stops_at_a_mark_published_inside(
+    transport_factory, run_name
+):
     writer, reader = transport_factory(), transport_factory()
     topology = RunTopology(run_name)
     topology.declare(writer)
@@ -20,7 +21,9 @@ def test_a_reader_yields_acked_deliveries_from_an_offset_and_stops_at_a_mark_pub
         writer.publish(topology.exchange, f"server.m{i}", envelope(i), b"before")
     mark = envelope(99)
     got = []
-    with StreamReader(reader, topology.journal_stream, offset="first", silence_s=30, what=lambda s: f"silent {s}") as stream:
+    with StreamReader(
+        reader, topology.journal_stream, offset="first", silence_s=30, what=lambda s: f"silent {s}"
+    ) as stream:
         writer.publish(topology.exchange, "audit.mark", mark, b"")
         for delivery in stream:
             if delivery.envelope.message_id == mark.message_id:
@@ -38,7 +41,9 @@ def test_a_silent_stream_is_a_transport_error_worded_by_the_caller(transport_fac
     t = transport_factory()
     topology = RunTopology(run_name)
     topology.declare(t)
-    with StreamReader(t, topology.journal_stream, offset="next", silence_s=0.3, what=lambda s: f"nothing for {s:g} s") as stream:
+    with StreamReader(
+        t, topology.journal_stream, offset="next", silence_s=0.3, what=lambda s: f"nothing for {s:g} s"
+    ) as stream:
         with pytest.raises(TransportError, match=r"nothing for 0.3 s"):
             next(iter(stream))
 
@@ -66,15 +71,19 @@ def test_leaving_a_stream_with_deliveries_in_flight_keeps_the_connection(amqp_fa
     for i in range(300):
         writer.publish(topology.exchange, f"server.m{i}", envelope(i), b"x" * 64)
     generation = reader._connection.generation
-    for attempt in range(10):
-        with StreamReader(reader, topology.journal_stream, offset="first", prefetch=64, silence_s=30, what=lambda s: f"silent {s}") as stream:
+    for _attempt in range(10):
+        with StreamReader(
+            reader, topology.journal_stream, offset="first", prefetch=64, silence_s=30, what=lambda s: f"silent {s}"
+        ) as stream:
             # a round trip on the same connection: meanwhile pika queues the stream's
             # deliveries undispatched, and more are on their way when the reader leaves
             reader.queue_info(topology.journal_stream)
             assert next(iter(stream)).envelope.headers["i"] == 0
         reader.queue_info(topology.journal_stream)  # the broker's close, if any, is read here
     reader.poll(0.2)
-    assert reader._connection.generation == generation, "the broker closed the reader's connection (a stream delivery was rejected)"
+    assert reader._connection.generation == generation, (
+        "the broker closed the reader's connection (a stream delivery was rejected)"
+    )
 
 
 @pytest.mark.timeout(60)
@@ -90,7 +99,8 @@ def test_a_nack_of_a_stream_delivery_only_returns_credit(transport_factory, run_
     got = []
     reader.consume(topology.journal_stream, got.append, prefetch=1, offset="first")
     for requeue in (True, False, True, False):
-        wait_for(reader, lambda n=len(got): len(got) > n)
+        seen = len(got)
+        wait_for(reader, lambda seen=seen: len(got) > seen)
         reader.nack(got[-1], requeue=requeue)
     reader.poll(0.3)
     assert [d.envelope.headers["i"] for d in got] == [0, 1, 2, 3]

@@ -96,12 +96,17 @@ def test_train_local_deterministic_across_processes(digits, params) -> None:
         "for k in sorted(q): h.update(k.encode()); h.update(np.ascontiguousarray(q[k]).tobytes())\n"
         "print(h.hexdigest())\n"
     )
-    child = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True
-    )
+    child = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
     here, _ = train_local(
-        params, digits.x_train[:300], digits.y_train[:300],
-        epochs=2, batch_size=16, lr=0.05, momentum=0.9, seed=3, **ARCH,
+        params,
+        digits.x_train[:300],
+        digits.y_train[:300],
+        epochs=2,
+        batch_size=16,
+        lr=0.05,
+        momentum=0.9,
+        seed=3,
+        **ARCH,
     )
     assert child.stdout.strip() == digest(here)
 
@@ -198,11 +203,27 @@ def test_plain_sgd_on_the_shared_model_is_bitwise_the_optimizers_step(digits, pa
     before = digest(shared)
     got, _ = train_local(shared, x, y, epochs=2, batch_size=16, lr=0.05, max_batches=steps, seed=4, **ARCH)
     model = _load_model(params, 64, HIDDEN, 10)  # a copy, stepped by torch.optim.SGD itself
-    sgd(model, (torch.tensor(x, dtype=torch.float32), torch.tensor(y)), epochs=2, batch_size=16, lr=0.05, max_batches=steps, seed=4)
+    sgd(
+        model,
+        (torch.tensor(x, dtype=torch.float32), torch.tensor(y)),
+        epochs=2,
+        batch_size=16,
+        lr=0.05,
+        max_batches=steps,
+        seed=4,
+    )
     expected = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     assert digest(got) == digest(expected)
     assert digest(shared) == before
     for name, array in got.items():
         assert array.flags.writeable and not np.shares_memory(array, params[name])
     with pytest.raises(ValueError, match="plain SGD"):
-        sgd(model, (torch.tensor(x, dtype=torch.float32), torch.tensor(y)), epochs=1, batch_size=16, lr=0.05, momentum=0.9, borrowed=True)
+        sgd(
+            model,
+            (torch.tensor(x, dtype=torch.float32), torch.tensor(y)),
+            epochs=1,
+            batch_size=16,
+            lr=0.05,
+            momentum=0.9,
+            borrowed=True,
+        )

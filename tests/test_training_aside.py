@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import yaml
 
-from brokerfl.storage.accounting import account_run
-from brokerfl.config import load_config
-from brokerfl.wire.message import Exit, ParameterUpdate, TrainTask, from_wire, to_wire
-from brokerfl.storage.metrics_log import read_metrics
 from brokerfl.assembly.roles import client_worker, topology_for
 from brokerfl.assembly.simulate import SimulationError, simulate
+from brokerfl.config import load_config
+from brokerfl.storage.accounting import account_run
+from brokerfl.storage.metrics_log import read_metrics
 from brokerfl.transports.local import LocalTransport
+from brokerfl.wire.message import Exit, ParameterUpdate, TrainTask, from_wire, to_wire
 from tests import slow_apps
 
 APP = "tests.slow_apps"
@@ -52,8 +52,14 @@ def server_messages(transport, topology) -> list:
 
 
 def task(config, version: int, **train) -> TrainTask:
-    return TrainTask(round=version + 1, model_version=version, participants=["0"], parameters={"w": np.zeros(4, np.float32)},
-                     config=config.train.model_copy(update=train).model_dump(), deadline=0.0)
+    return TrainTask(
+        round=version + 1,
+        model_version=version,
+        participants=["0"],
+        parameters={"w": np.zeros(4, np.float32)},
+        config=config.train.model_copy(update=train).model_dump(),
+        deadline=0.0,
+    )
 
 
 # ---------------------------------------------------------------- cancellation (both transports)
@@ -117,7 +123,14 @@ def test_a_training_past_its_deadline_is_cancelled_discarded_and_acked(transport
     assert not worker.stopped  # a cancelled training ends nothing else: the next task trains
     send(admin, topology, "clients.train_task", task(config, 1, max_batches=2))
     answered = []
-    step_until([worker], lambda: answered.extend(m for m in server_messages(admin, topology) if isinstance(m, ParameterUpdate)) or answered, 20, "the next task is answered")
+    step_until(
+        [worker],
+        lambda: (
+            answered.extend(m for m in server_messages(admin, topology) if isinstance(m, ParameterUpdate)) or answered
+        ),
+        20,
+        "the next task is answered",
+    )
     assert [u.model_version for u in answered] == [1]
     worker.stop()
 
@@ -135,7 +148,14 @@ def test_a_newer_task_cancels_the_training_and_trains_next(lone_client):
     newer = task(config, 1, max_batches=2)
     send(admin, topology, "clients.train_task", newer)
     answered = []
-    took = step_until([worker], lambda: answered.extend(m for m in server_messages(admin, topology) if isinstance(m, ParameterUpdate)) or answered, 30, "the newer task is answered")
+    took = step_until(
+        [worker],
+        lambda: (
+            answered.extend(m for m in server_messages(admin, topology) if isinstance(m, ParameterUpdate)) or answered
+        ),
+        30,
+        "the newer task is answered",
+    )
     assert took < 20 and [u.task_id for u in answered] == [newer.message_id]
     assert slow_apps.CALLS[calls]["cancelled"]
     step_until([worker], lambda: worker.state.training is None, 10, "the client is idle")
@@ -147,15 +167,24 @@ def test_a_newer_task_cancels_the_training_and_trains_next(lone_client):
 
 @pytest.mark.timeout(120)
 def test_a_failing_app_is_reported_and_its_round_does_not_wait_for_the_deadline(run_name):
-    config = slow_config(run_name, clients=3, rounds=2, app_options={"fail_partitions": [1]},
-                         **{"strategy.min_clients": 2, "strategy.round_deadline_s": 600.0})
+    config = slow_config(
+        run_name,
+        clients=3,
+        rounds=2,
+        app_options={"fail_partitions": [1]},
+        **{"strategy.min_clients": 2, "strategy.round_deadline_s": 600.0},
+    )
     started = time.monotonic()
     result = simulate(config, journal=True)
     assert time.monotonic() - started < 60
     assert [r["num_updates"] for r in result.records if "evaluation" not in r] == [2, 2]
     failures = result.server_state.train_failures
     assert [(f.client_id, f.round) for f in failures] == [("1", 1), ("1", 2)]
-    assert failures[0].error.startswith("ValueError: boom in partition 1") and "\n" not in failures[0].error and "\x1b" not in failures[0].error
+    assert (
+        failures[0].error.startswith("ValueError: boom in partition 1")
+        and "\n" not in failures[0].error
+        and "\x1b" not in failures[0].error
+    )
     report = account_run(LocalTransport(result.broker), topology_for(config, journal=True), result.store)
     assert report.ok, report.summary()
     assert "training failures: 2 (clients 1)" in report.summary()
@@ -163,8 +192,13 @@ def test_a_failing_app_is_reported_and_its_round_does_not_wait_for_the_deadline(
 
 @pytest.mark.timeout(120)
 def test_when_every_participant_fails_the_too_few_path_is_taken_at_once(run_name):
-    config = slow_config(run_name, clients=2, rounds=2, app_options={"fail_partitions": [0, 1]},
-                         **{"strategy.min_clients": 1, "strategy.round_deadline_s": 600.0, "strategy.on_too_few": "stop"})
+    config = slow_config(
+        run_name,
+        clients=2,
+        rounds=2,
+        app_options={"fail_partitions": [0, 1]},
+        **{"strategy.min_clients": 1, "strategy.round_deadline_s": 600.0, "strategy.on_too_few": "stop"},
+    )
     started = time.monotonic()
     with pytest.raises(SimulationError, match="round 1 got 0 of the 1 updates it needs"):
         simulate(config)
@@ -186,7 +220,6 @@ def _federation(amqp_url: str, run: str, tmp_path: Path, *, clients: int, rounds
 def _status(amqp_url: str, config) -> dict | None:
     from brokerfl.runtime.operator_commands import StatusRequest, ask
     from brokerfl.transports.amqp import AmqpTransport
-
     from brokerfl.transports.base import TransportError
 
     with AmqpTransport(amqp_url) as transport:
@@ -239,8 +272,16 @@ def test_training_longer_than_the_amqp_heartbeat_keeps_every_connection(amqp_url
     no process loses its connection, and during training the server's status shows every
     sampled client live and training."""
     strategy = {"name": "fedavg", "fraction": 1.0, "min_clients": 2, "round_deadline_s": 120.0}
-    fed = _federation(amqp_url, run_name, tmp_path, clients=2, rounds=2, url_query="heartbeat=2",
-                      app_options={"train_s": 12.0}, strategy=strategy)
+    fed = _federation(
+        amqp_url,
+        run_name,
+        tmp_path,
+        clients=2,
+        rounds=2,
+        url_query="heartbeat=2",
+        app_options={"train_s": 12.0},
+        strategy=strategy,
+    )
     config = slow_config(run_name, clients=2)
     try:
         fed.start()
@@ -248,7 +289,9 @@ def test_training_longer_than_the_amqp_heartbeat_keeps_every_connection(amqp_url
         def all_training(status: dict) -> bool:
             clients = {c["id"]: c for c in status["clients"]}
             sampled = status["participants"]
-            return bool(sampled) and all(cid in clients and clients[cid]["live"] and (clients[cid]["training_s"] or 0) > 0 for cid in sampled)
+            return bool(sampled) and all(
+                cid in clients and clients[cid]["live"] and (clients[cid]["training_s"] or 0) > 0 for cid in sampled
+            )
 
         status = _wait_for_status(amqp_url, config, fed, all_training, 120, "every sampled client live and training")
         assert sorted(status["participants"]) == ["0", "1"]
@@ -276,7 +319,15 @@ def test_a_failing_app_over_rabbitmq_is_reported_and_the_round_closes_at_once(am
     the other two's updates long before it; the server's log and status name client 1 and
     its error (printable); accounting lists the failures and passes."""
     strategy = {"name": "fedavg", "fraction": 1.0, "min_clients": 2, "round_deadline_s": 600.0}
-    fed = _federation(amqp_url, run_name, tmp_path, clients=3, rounds=3, app_options={"train_s": 2.0, "fail_partitions": [1]}, strategy=strategy)
+    fed = _federation(
+        amqp_url,
+        run_name,
+        tmp_path,
+        clients=3,
+        rounds=3,
+        app_options={"train_s": 2.0, "fail_partitions": [1]},
+        strategy=strategy,
+    )
     config = slow_config(run_name, clients=3)
     try:
         fed.start()
@@ -297,7 +348,9 @@ def test_a_failing_app_over_rabbitmq_is_reported_and_the_round_closes_at_once(am
     server_log = next(p for p in sorted(fed.logs.glob("*.log")) if "server" in p.name).read_text()
     logged = [line for line in _json_lines(server_log) if line.get("event") == "client training failed"]
     assert [(line["client"], line["round"]) for line in logged] == [("1", 1), ("1", 2), ("1", 3)]
-    assert all(line["error"].startswith("ValueError: boom in partition 1") and "\x1b" not in line["error"] for line in logged)
+    assert all(
+        line["error"].startswith("ValueError: boom in partition 1") and "\x1b" not in line["error"] for line in logged
+    )
 
 
 @pytest.mark.broker

@@ -18,18 +18,24 @@ import pytest
 import xxhash
 from test_chunks_spill import corrupted
 
+from brokerfl.transports.amqp import chunks
+from brokerfl.transports.base import REASON_HEADER, Delivery, Transport, TransportError, UnroutableError, body_size
+from brokerfl.transports.topology import RunTopology
 from brokerfl.wire.codec import decode, encode_parts
 from brokerfl.wire.message import Envelope
-from brokerfl.transports.topology import RunTopology
-from brokerfl.transports.base import REASON_HEADER, Delivery, Transport, TransportError, UnroutableError, body_size
-from brokerfl.transports.amqp import chunks
 
 KiB, MiB = 1024, 1024**2
 SMALL_CHUNKS = {"chunk_size": 64 * KiB}  # AMQP option; the local transport ignores it
 
 
 def envelope(i: int = 0, **headers) -> Envelope:
-    return Envelope(type="test_message", message_id=uuid.uuid4().hex, sender="tester", timestamp=time.time(), headers={"i": i, **headers})
+    return Envelope(
+        type="test_message",
+        message_id=uuid.uuid4().hex,
+        sender="tester",
+        timestamp=time.time(),
+        headers={"i": i, **headers},
+    )
 
 
 def wait_for(transports: Transport | list[Transport], done: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -68,8 +74,14 @@ def test_topic_routing(transport_factory, run_name):
     exchange = f"brokerfl.{run_name}"
     t.declare_exchange(exchange)
     patterns = {
-        "server": "server.#", "client7": "client.7.#", "star": "client.*.task", "bare": "client.*", "all": "#",
-        "exact": "client.8.task", "mid": "client.#.extra", "tail": "#.task",
+        "server": "server.#",
+        "client7": "client.7.#",
+        "star": "client.*.task",
+        "bare": "client.*",
+        "all": "#",
+        "exact": "client.8.task",
+        "mid": "client.#.extra",
+        "tail": "#.task",
     }
     queues = {}
     for name, pattern in patterns.items():
@@ -302,12 +314,17 @@ def test_a_body_given_as_its_buffers_arrives_as_the_joined_bytes(transport_facto
 def test_split_of_a_body_s_buffers_is_the_split_of_its_bytes():
     rng = np.random.default_rng(2)
     for n in (0, 1, 1000, 50_000):
-        parts = encode_parts({"a": rng.standard_normal(n).astype(np.float32), "b": rng.integers(0, 9, n // 3), "s": "x"})
+        parts = encode_parts(
+            {"a": rng.standard_normal(n).astype(np.float32), "b": rng.integers(0, 9, n // 3), "s": "x"}
+        )
         body = b"".join(parts)
         for chunk_size in (1, 7, 64, 4096, 10**6):
             if len(body) // chunk_size > 20_000:
                 continue
-            from_parts, from_bytes = list(chunks.split(parts, chunk_size, "m")), list(chunks.split(body, chunk_size, "m"))
+            from_parts, from_bytes = (
+                list(chunks.split(parts, chunk_size, "m")),
+                list(chunks.split(body, chunk_size, "m")),
+            )
             assert from_parts == from_bytes  # the same bytes and headers, checksum included
             assert all(type(part) is bytes for part, _ in from_parts)
             assert from_parts[-1][1][chunks.XXH3_HEADER] == xxhash.xxh3_128_hexdigest(body)
@@ -409,7 +426,11 @@ def test_unreachable_broker_is_one_clear_error(capfd):
 def test_wrong_password_is_one_clear_error(amqp_url):
     from brokerfl.transports.amqp import AmqpTransport
 
-    bad = amqp_url.replace("://", "://nobody-here:wrong@", 1) if "@" not in amqp_url else "amqp://nobody-here:wrong@" + amqp_url.split("@", 1)[1]
+    bad = (
+        amqp_url.replace("://", "://nobody-here:wrong@", 1)
+        if "@" not in amqp_url
+        else "amqp://nobody-here:wrong@" + amqp_url.split("@", 1)[1]
+    )
     with pytest.raises(TransportError, match="ACCESS_REFUSED|authentication"):
         AmqpTransport(bad)
 
@@ -420,7 +441,9 @@ def test_oversized_message_is_a_clear_error_not_a_hang(amqp_factory, amqp_url, r
     (queue,) = queue_names(run_name, "big")
     t.declare_queue(queue)
     with pytest.raises(TransportError, match="max_message_size"):
-        t.publish("", queue, envelope(), bytes(128 * MiB + 1))  # above the default limit (128 MiB on 3.x, 16 MiB on 4.x)
+        t.publish(
+            "", queue, envelope(), bytes(128 * MiB + 1)
+        )  # above the default limit (128 MiB on 3.x, 16 MiB on 4.x)
     t.publish("", queue, envelope(), b"still works")
     assert t.get(queue).body == b"still works"
 
@@ -468,7 +491,12 @@ def test_interleaved_and_corrupt_chunks(amqp_factory, amqp_url, run_name, spill_
     assert sorted(body for _, body in dead_letters) == sorted(part for _, part in lists[2])
     dead_letters = [headers for headers, _ in dead_letters]
     # each says which chunk it was, in one string (not chunk headers: nothing reassembles a dead letter)
-    assert all("checksum mismatch" in h[REASON_HEADER] and h[DEAD_CHUNK_HEADER].endswith(f" of {ebad.message_id}") and chunks.CHUNK_OF_HEADER not in h for h in dead_letters)
+    assert all(
+        "checksum mismatch" in h[REASON_HEADER]
+        and h[DEAD_CHUNK_HEADER].endswith(f" of {ebad.message_id}")
+        and chunks.CHUNK_OF_HEADER not in h
+        for h in dead_letters
+    )
     settle_quietly(t, 0.2)
     assert len(got) == 2
 
@@ -554,7 +582,10 @@ def test_incomplete_chunked_message_is_dead_lettered_after_chunk_timeout(amqp_fa
     t.ack(got[0])
     dead_letters = read_raw(amqp_url, dead, 2, poll=t)
     assert [h[DEAD_CHUNK_HEADER].split(" ")[0] for h in dead_letters] == ["0/3", "1/3"]
-    assert all("only 2 of 3 chunks" in h[REASON_HEADER] and h[DEAD_CHUNK_HEADER].endswith(f" of {orphan.message_id}") for h in dead_letters)
+    assert all(
+        "only 2 of 3 chunks" in h[REASON_HEADER] and h[DEAD_CHUNK_HEADER].endswith(f" of {orphan.message_id}")
+        for h in dead_letters
+    )
 
 
 def read_raw(url: str, queue: str, n: int, poll: Transport, timeout: float = 10.0, bodies: bool = False) -> list:
@@ -647,5 +678,8 @@ def test_assembler_checks_xxh3_and_the_older_sha256_checksum():
         outcomes = [a.add(info, part, handle=i) for i, (info, part) in enumerate(zip(case, parts))]
         assert isinstance(outcomes[-1], chunks.Complete) and outcomes[-1].body == body
         a = chunks.Assembler()
-        outcomes = [a.add(info, corrupted(part) if i == 1 else part, handle=i) for i, (info, part) in enumerate(zip(case, parts))]
+        outcomes = [
+            a.add(info, corrupted(part) if i == 1 else part, handle=i)
+            for i, (info, part) in enumerate(zip(case, parts))
+        ]
         assert isinstance(outcomes[-1], chunks.Corrupt) and "checksum mismatch" in outcomes[-1].reason

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_processes import ROOT, outputs_at_the_end, start_brokerfl
 
 BLOCKER = '''
@@ -45,7 +44,9 @@ def test_the_blocker_refuses_torch(tmp_path):
     (tmp_path / "blocker").mkdir()
     (tmp_path / "blocker" / "sitecustomize.py").write_text(BLOCKER)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "blocker")}
-    done = subprocess.run([sys.executable, "-c", "import torch"], check=False, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", "import torch"], check=False, env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode != 0 and "No module named 'torch'" in done.stderr
 
 
@@ -57,7 +58,9 @@ def test_help_needs_no_torch(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_the_numpy_example_runs_without_torch(tmp_path):
-    code, output = brokerfl_without_torch(tmp_path, "simulate", "examples/logreg_numpy/config.yaml", "--rounds", "2", "--out", str(tmp_path / "out"))
+    code, output = brokerfl_without_torch(
+        tmp_path, "simulate", "examples/logreg_numpy/config.yaml", "--rounds", "2", "--out", str(tmp_path / "out")
+    )
     assert code == 0, output[-3000:]
     assert "2 rounds in" in output
     assert (tmp_path / "out" / "final_model.npz").is_file()
@@ -73,7 +76,9 @@ def test_dp_fedavg_without_opacus_names_the_extra_when_the_config_is_loaded(tmp_
 
 
 def test_an_app_that_needs_torch_names_the_extra(tmp_path):
-    code, output = brokerfl_without_torch(tmp_path, "simulate", "--rounds", "1", "--clients", "2", "--out", str(tmp_path / "out"))
+    code, output = brokerfl_without_torch(
+        tmp_path, "simulate", "--rounds", "1", "--clients", "2", "--out", str(tmp_path / "out")
+    )
     assert code != 0
     assert f"app 'mlp' needs torch, which is not installed: {EXTRA}" in output
     assert "Traceback" not in output

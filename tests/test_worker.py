@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from brokerfl.runtime.handler_table import HandlerTable, Started, to_clients
-from brokerfl.wire.message import Envelope, Heartbeat, Join, Message, ParameterUpdate, to_wire
-from brokerfl.transports.topology import RunTopology, routing_key
-from brokerfl.transports.base import REASON_HEADER
 from brokerfl.runtime.worker import Worker
+from brokerfl.transports.base import REASON_HEADER
+from brokerfl.transports.topology import RunTopology, routing_key
+from brokerfl.wire.message import Envelope, Heartbeat, Join, Message, ParameterUpdate, to_wire
 
 
 @dataclass(kw_only=True)
@@ -61,7 +61,9 @@ def topology(transport_factory, run_name):
 
 
 def make_worker(transport, topo, table, state=None):
-    worker = Worker(transport, topo, topo.server_queue, table, state if state is not None else {}, name="server", prefetch=10)
+    worker = Worker(
+        transport, topo, topo.server_queue, table, state if state is not None else {}, name="server", prefetch=10
+    )
     worker.start()
     return worker
 
@@ -84,8 +86,15 @@ def test_unknown_type_bad_body_missing_handler_and_raising_handler_are_dead_lett
 
     worker = make_worker(transport_factory(), topo, table)
     publish(admin, topo, Ping(n=1))
-    admin.publish(topo.exchange, "server.mystery", Envelope("mystery", "id-mystery", "test", time.time(), {}), b"\xce\x00\x00\x00\x01\x80\xc6\x00\x00\x00\x00")
-    admin.publish(topo.exchange, "server.ping", Envelope("ping", "id-garbage", "test", time.time(), {}), b"not msgpack at all")
+    admin.publish(
+        topo.exchange,
+        "server.mystery",
+        Envelope("mystery", "id-mystery", "test", time.time(), {}),
+        b"\xce\x00\x00\x00\x01\x80\xc6\x00\x00\x00\x00",
+    )
+    admin.publish(
+        topo.exchange, "server.ping", Envelope("ping", "id-garbage", "test", time.time(), {}), b"not msgpack at all"
+    )
     publish(admin, topo, Unhandled())
     publish(admin, topo, Ping(n=13))
     publish(admin, topo, Ping(n=2))
@@ -98,7 +107,11 @@ def test_unknown_type_bad_body_missing_handler_and_raising_handler_are_dead_lett
     assert any("raised ValueError: unlucky number" in r for r in reasons.values())
     assert any("undecodable" in r for r in reasons.values())
     assert worker.dead_lettered == 4 and worker.handled == 2
-    assert worker.dead_letter_kinds == {"undecodable": 2, "unhandled": 1, "failed": 1}  # as decided, not read back from the reasons
+    assert worker.dead_letter_kinds == {
+        "undecodable": 2,
+        "unhandled": 1,
+        "failed": 1,
+    }  # as decided, not read back from the reasons
     # the poison messages left the server queue: nothing waits there any more
     assert admin.queue_info(topo.server_queue).messages_ready == 0
 

@@ -9,20 +9,19 @@ import math
 import time
 
 import pytest
+from test_federation_amqp import brokerfl, cleanup, finish, wait_until  # noqa: F401  (cleanup is a fixture)
 
-from brokerfl.storage.accounting import account, account_run
+from brokerfl.assembly.roles import client_worker, server_worker, topology_for
+from brokerfl.assembly.simulate import simulate
 from brokerfl.config import load_config
+from brokerfl.ops.replay import replay
+from brokerfl.runtime.worker import Worker
+from brokerfl.storage.accounting import account, account_run
 from brokerfl.storage.cross_site_results import build_matrix
 from brokerfl.storage.journal import read_journal
 from brokerfl.storage.metrics_log import MetricsLog, read_metrics
-from brokerfl.ops.replay import replay
-from brokerfl.assembly.roles import client_worker, server_worker, topology_for
-from brokerfl.assembly.simulate import simulate
 from brokerfl.storage.store import MemoryModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
-from brokerfl.runtime.worker import Worker
-
-from test_federation_amqp import brokerfl, cleanup, finish, wait_until  # noqa: F401  (cleanup is a fixture)
 
 SMALL = {"rounds": 2, "clients": 3, "train.epochs": 1}
 
@@ -64,19 +63,32 @@ def test_cyclic_shuffle_draws_a_new_order_each_round():
 def test_a_hung_holder_is_passed_over_after_the_hop_timeout():
     """Client 1 takes its task and never answers (held unacked): after hop_timeout_s the
     model goes on to client 2; nothing is lost and the run completes."""
+    from brokerfl.handlers.workflows import client
     from brokerfl.runtime.handler_table import HandlerSet, compose
     from brokerfl.wire.message import TrainTask
-    from brokerfl.handlers.workflows import client
 
-    config = load_config("configs/digits_cyclic.yaml", {**SMALL, "cyclic.order": "fixed", "cyclic.hop_timeout_s": 0.5, "run": "cyclic-hang"})
+    config = load_config(
+        "configs/digits_cyclic.yaml",
+        {**SMALL, "cyclic.order": "fixed", "cyclic.hop_timeout_s": 0.5, "run": "cyclic-hang"},
+    )
     config = config.model_copy(update={"liveness": config.liveness.model_copy(update={"timeout_s": math.inf})})
     broker, store = LocalBroker(), MemoryModelStore()
     server = server_worker(LocalTransport(broker), config, store, MetricsLog(None), journal=True)
     clients = [client_worker(LocalTransport(broker), config, cid, journal=True) for cid in ("0", "2")]
-    hung_table = compose("client", *client.HANDLERS, HandlerSet("hung", overrides={TrainTask: lambda task, ctx: ctx.hold()}))  # holds the model, never answers
+    hung_table = compose(
+        "client", *client.HANDLERS, HandlerSet("hung", overrides={TrainTask: lambda task, ctx: ctx.hold()})
+    )  # holds the model, never answers
     topology = topology_for(config)
     hung_transport = LocalTransport(broker)
-    hung = Worker(hung_transport, topology, topology.declare_client(hung_transport, "1"), hung_table, client.make_state(config, "1"), name="client.1", prefetch=1)
+    hung = Worker(
+        hung_transport,
+        topology,
+        topology.declare_client(hung_transport, "1"),
+        hung_table,
+        client.make_state(config, "1"),
+        name="client.1",
+        prefetch=1,
+    )
     workers = [server, *clients, hung]
     for worker in workers[1:]:
         worker.start()
@@ -129,7 +141,19 @@ def test_cyclic_with_cross_site_over_rabbitmq_survives_a_killed_holder(amqp_url,
     every hop, accounting and replay pass, and the cross-site matrix is written."""
     clients, rounds = 3, 2
     cleanup((run_name, [str(i) for i in range(clients)]))
-    common = ["configs/digits_cyclic.yaml", "--broker", amqp_url, "--run", run_name, "--clients", str(clients), "--rounds", str(rounds), "--log-level", "warning"]
+    common = [
+        "configs/digits_cyclic.yaml",
+        "--broker",
+        amqp_url,
+        "--run",
+        run_name,
+        "--clients",
+        str(clients),
+        "--rounds",
+        str(rounds),
+        "--log-level",
+        "warning",
+    ]
     config_path = tmp_path / "cyclic.yaml"
     import yaml
 
@@ -148,7 +172,11 @@ def test_cyclic_with_cross_site_over_rabbitmq_survives_a_killed_holder(amqp_url,
     procs = {cid: brokerfl("client", *common, "--client-id", cid) for cid in ("0", "1", "2")}
     try:
         # client 0 hands on to client 1 (fixed order), which trains 30x slower: kill it then
-        wait_until(lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) >= 1, 120, "client 0's hop")
+        wait_until(
+            lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) >= 1,
+            120,
+            "client 0's hop",
+        )
         time.sleep(0.5)  # client 1 is now holding the model (its training takes seconds)
         procs["1"].kill()
         procs["1"].communicate()
@@ -169,7 +197,10 @@ def test_cyclic_with_cross_site_over_rabbitmq_survives_a_killed_holder(amqp_url,
         replayed = replay(read_journal(transport, topology_for(config)), config)
         assert replayed.ok, replayed.table()
     document = json.loads((out / "cross_site.json").read_text())
-    assert document["sites"] == ["site-0", "site-1", "site-2"] and len(document["models"]) == 4, (document["models"], outputs)
+    assert document["sites"] == ["site-0", "site-1", "site-2"] and len(document["models"]) == 4, (
+        document["models"],
+        outputs,
+    )
     assert "cross-site evaluation" in outputs[0]  # the server prints the table
 
 
@@ -202,7 +233,17 @@ def test_swarm_aggregator_killed_mid_round_another_peer_takes_the_role():
     the run ends with every update in exactly one version or dropped with a reason."""
     from brokerfl.wire.message import ParameterUpdate
 
-    config = load_config("configs/digits_swarm.yaml", {**SMALL, "rounds": 3, "run": "swarm-kill", "train.max_batches": 10, "swarm.min_responses_required": 2, "swarm.wait_after_min_s": 0.5})
+    config = load_config(
+        "configs/digits_swarm.yaml",
+        {
+            **SMALL,
+            "rounds": 3,
+            "run": "swarm-kill",
+            "train.max_batches": 10,
+            "swarm.min_responses_required": 2,
+            "swarm.wait_after_min_s": 0.5,
+        },
+    )
     config = config.model_copy(update={"liveness": config.liveness.model_copy(update={"timeout_s": math.inf})})
     broker = LocalBroker()
     peers = _swarm_peers(config, broker)
@@ -233,7 +274,10 @@ def _swarm_with_a_late_client(run: str):
     """Client 2 is away while peers 0 and 1 run the whole swarm (2 of 3 answers close a
     round) and leave. Then it answers its old tasks: its updates reach an aggregation
     queue nobody consumes. Returns (broker, config, its client, stopped)."""
-    config = load_config("configs/digits_swarm.yaml", {**SMALL, "run": run, "train.max_batches": 5, "swarm.min_responses_required": 2, "swarm.wait_after_min_s": 0.0})
+    config = load_config(
+        "configs/digits_swarm.yaml",
+        {**SMALL, "run": run, "train.max_batches": 5, "swarm.min_responses_required": 2, "swarm.wait_after_min_s": 0.0},
+    )
     config = config.model_copy(update={"liveness": config.liveness.model_copy(update={"timeout_s": math.inf})})
     broker = LocalBroker()
     topology = topology_for(config)
@@ -247,7 +291,9 @@ def _swarm_with_a_late_client(run: str):
     assert LocalTransport(broker).queue_info(topology.server_queue).consumers == 0
     while not away.stopped:  # answers round 1 and 2 (late), then takes the Exit
         away.step(0.0)
-    assert LocalTransport(broker).queue_info(topology.server_queue).messages_ready >= 2  # its two updates (and maybe a heartbeat)
+    assert (
+        LocalTransport(broker).queue_info(topology.server_queue).messages_ready >= 2
+    )  # its two updates (and maybe a heartbeat)
     return broker, config, away
 
 
@@ -266,7 +312,13 @@ def test_swarm_update_sent_after_every_candidate_left_is_recorded_by_the_last_on
     from brokerfl.assembly.swarm_peers import Peer, aggregator_worker
 
     broker, config, away = _swarm_with_a_late_client("swarm-late")
-    late = Peer([away], lambda: aggregator_worker(LocalTransport(broker), LocalTransport(broker), config, MetricsLog(None), name="aggregator.2", journal=True), LocalTransport(broker))
+    late = Peer(
+        [away],
+        lambda: aggregator_worker(
+            LocalTransport(broker), LocalTransport(broker), config, MetricsLog(None), name="aggregator.2", journal=True
+        ),
+        LocalTransport(broker),
+    )
     late.candidate.start()  # its client has exited already
     _run_swarm([late], lambda: late.done)
     assert late.sweeps == 1 and late.holders
@@ -313,8 +365,18 @@ def test_swarm_last_one_out_leaves_nothing_behind_whatever_the_broker_answers(an
     from brokerfl.assembly.swarm_peers import QUIET_LOOKS, Peer, aggregator_worker
 
     broker, config, away = _swarm_with_a_late_client(f"swarm-late-{answer}")
-    late = Peer([away], lambda: aggregator_worker(_OnTheirWay(broker, after=2), LocalTransport(broker), config, MetricsLog(None), name="aggregator.2", journal=True),
-                _RabbitAnswers(broker, answer, times=2 * QUIET_LOOKS))
+    late = Peer(
+        [away],
+        lambda: aggregator_worker(
+            _OnTheirWay(broker, after=2),
+            LocalTransport(broker),
+            config,
+            MetricsLog(None),
+            name="aggregator.2",
+            journal=True,
+        ),
+        _RabbitAnswers(broker, answer, times=2 * QUIET_LOOKS),
+    )
     late.candidate.start()
     _run_swarm([late], lambda: late.done)
     assert late.holders, "nobody took the late updates"
@@ -334,13 +396,13 @@ def test_swarm_holder_whose_consumer_is_subscribed_anew_gives_the_role_up(amqp_f
 
     from test_amqp_failover import FreezingProxy
 
-    from brokerfl.runtime.handler_table import HandlerTable
-    from brokerfl.wire.message import Heartbeat, to_wire
     from brokerfl.assembly.swarm_peers import Peer
-    from brokerfl.transports.topology import RunTopology
-    from brokerfl.transports.amqp import AmqpTransport
-    from brokerfl.runtime.worker import Worker
     from brokerfl.handlers.workflows.swarm import WaitAfterMinimum
+    from brokerfl.runtime.handler_table import HandlerTable
+    from brokerfl.runtime.worker import Worker
+    from brokerfl.transports.amqp import AmqpTransport
+    from brokerfl.transports.topology import RunTopology
+    from brokerfl.wire.message import Heartbeat, to_wire
 
     table = HandlerTable("holder")
 
@@ -355,7 +417,15 @@ def test_swarm_holder_whose_consumer_is_subscribed_anew_gives_the_role_up(amqp_f
         ctx.state.closed += 1
 
     def candidate(transport, name):
-        return Worker(transport, topology, topology.server_queue, table, SimpleNamespace(active=False, round=1, failure=None, closed=0), name=name, prefetch=4)
+        return Worker(
+            transport,
+            topology,
+            topology.server_queue,
+            table,
+            SimpleNamespace(active=False, round=1, failure=None, closed=0),
+            name=name,
+            prefetch=4,
+        )
 
     topology = RunTopology(run_name, swarm=True)
     admin = amqp_factory()
@@ -365,8 +435,13 @@ def test_swarm_holder_whose_consumer_is_subscribed_anew_gives_the_role_up(amqp_f
     a_transport = None
     try:
         login = parts.netloc.rsplit("@", 1)
-        a_transport = AmqpTransport(urlunsplit(parts._replace(netloc=(login[0] + "@" if len(login) > 1 else "") + f"127.0.0.1:{proxy.port}")), max_reconnect_s=60)
-        a_client = Worker(a_transport, topology, None, HandlerTable("idle"), None, name="client.a")  # runs on: A does not leave
+        a_transport = AmqpTransport(
+            urlunsplit(parts._replace(netloc=(login[0] + "@" if len(login) > 1 else "") + f"127.0.0.1:{proxy.port}")),
+            max_reconnect_s=60,
+        )
+        a_client = Worker(
+            a_transport, topology, None, HandlerTable("idle"), None, name="client.a"
+        )  # runs on: A does not leave
         a = Peer([a_client], lambda: candidate(a_transport, "aggregator.a"), a_transport)
         a.start()
         b = candidate(amqp_factory(), "aggregator.b")
@@ -413,7 +488,9 @@ def test_swarm_in_simulate_keeps_the_best_model(tmp_path):
 def test_swarm_with_cross_site_evaluation_in_simulate(tmp_path):
     """The holder of the aggregator role runs cross-site evaluation after the last round,
     then the run finishes: the matrix and the best model are both written."""
-    config = load_config("configs/digits_swarm.yaml", {**SMALL, "run": "swarm-xs", "cross_site_eval": True, "train.max_batches": 5})
+    config = load_config(
+        "configs/digits_swarm.yaml", {**SMALL, "run": "swarm-xs", "cross_site_eval": True, "train.max_batches": 5}
+    )
     result = simulate(config, tmp_path, journal=True)
     document = json.loads((tmp_path / "cross_site.json").read_text())
     assert (tmp_path / "cross_site.png").stat().st_size > 0
@@ -461,12 +538,12 @@ def test_swarm_peers_over_rabbitmq_survive_a_killed_aggregator(amqp_url, run_nam
     import sys
 
     import yaml
+    from test_federation_amqp import ROOT
 
     from brokerfl.storage.broker_store import BrokerModelStore
-    from tests.tools.swarm_probe import held_update
-    from brokerfl.transports.topology import RunTopology
     from brokerfl.transports.amqp import AmqpTransport
-    from test_federation_amqp import ROOT
+    from brokerfl.transports.topology import RunTopology
+    from tests.tools.swarm_probe import held_update
 
     def delete_run() -> None:
         with AmqpTransport(amqp_url) as admin:
@@ -485,15 +562,32 @@ def test_swarm_peers_over_rabbitmq_survive_a_killed_aggregator(amqp_url, run_nam
 
     def peer(cid: str, generation: int):
         log = tmp_path / f"peer-{cid}.{generation}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", str(config_path), "--broker", amqp_url, "--client-id", cid],
-                                cwd=ROOT, env={**os.environ, "BROKERFL_OUT": str(out), "PYTHONUNBUFFERED": "1"}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "brokerfl.cli",
+                "client",
+                str(config_path),
+                "--broker",
+                amqp_url,
+                "--client-id",
+                cid,
+            ],
+            cwd=ROOT,
+            env={**os.environ, "BROKERFL_OUT": str(out), "PYTHONUNBUFFERED": "1"},
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
         return proc, log
 
     peers = {cid: peer(cid, 0) for cid in ("0", "1", "2")}
     try:
         with AmqpTransport(amqp_url) as watcher:
             wait_until(lambda: (out / "metrics.jsonl").exists(), 240, "round 1")
-            held = wait_until(lambda: held_update(watcher, topology), 240, "the aggregator holding an update of an unstored round")
+            held = wait_until(
+                lambda: held_update(watcher, topology), 240, "the aggregator holding an update of an unstored round"
+            )
         held_id, held_round, victim = held.update_id, held.round, held.peer
         peers[victim][0].kill()
         peers[victim][0].wait()
@@ -513,7 +607,9 @@ def test_swarm_peers_over_rabbitmq_survive_a_killed_aggregator(amqp_url, run_nam
         generation = transport._connection.generation
         journal = list(read_journal(transport, topology))
         transport.queue_info(topology.server_queue)  # a broker's close of the reader's connection shows here
-        assert transport._connection.generation == generation, "the journal reader's connection was lost (e.g. a stream delivery rejected)"
+        assert transport._connection.generation == generation, (
+            "the journal reader's connection was lost (e.g. a stream delivery rejected)"
+        )
         # the round the killed process held was stored by the peer that took over, and the
         # update it held (redelivered) is in it
         assert store.metadata(held_round)["round"] == held_round
@@ -526,7 +622,9 @@ def test_swarm_peers_over_rabbitmq_survive_a_killed_aggregator(amqp_url, run_nam
         replayed = replay(iter(journal), config)
         assert replayed.ok, replayed.table()
     # another peer (not the killed one, nor its restarted copy) took the role over
-    takers = [name for name, text in logs.items() if not name.startswith(f"peer-{victim}.") and '"taking_over": true' in text]
+    takers = [
+        name for name, text in logs.items() if not name.startswith(f"peer-{victim}.") and '"taking_over": true' in text
+    ]
     assert takers, logs
 
 

@@ -133,7 +133,8 @@ A classification app with a torch model therefore needs only ``model`` and
 (metrics beyond accuracy, ``METRIC_REDUCERS``). Metrics in depth: ``docs/app-metrics.md``.
 
 The module is imported by name: from an installed package, or from the working directory
-(the ``brokerfl`` command looks there too). Every error names the app and the function (:class:`AppError`). This module does not import
+(the ``brokerfl`` command looks there too). Every error names the app and the function (:class:`AppError`). This module
+does not import
 torch: the torch adapter (``brokerfl/app/torch_adapter.py``, a :class:`ModelKind` it registers) is
 imported only when an app's ``model`` returns a torch Module.
 """
@@ -154,6 +155,7 @@ from typing import Any, Protocol
 import numpy as np
 
 import brokerfl.config.builtins as builtins
+from brokerfl.config import ConfigError, RunConfig, TrainConfig
 from brokerfl.wire.app_metrics import (
     RESERVED_TRAIN,
     MetricError,
@@ -163,7 +165,6 @@ from brokerfl.wire.app_metrics import (
     reducers_of,
     target_of,
 )
-from brokerfl.config import ConfigError, RunConfig, TrainConfig
 from brokerfl.wire.names import bounded
 
 BUILT_IN_APP = "mlp"  # the config's short name (brokerfl.config.builtins) of handlers/apps/mlp.py
@@ -214,8 +215,12 @@ class AppContext:
     round: int = 0
     client_id: str = ""  # "" on the server (its own test data)
     model_version: int = 0
-    config: dict[str, Any] = field(default_factory=dict)  # this round's config from the server (brokerfl.app.round_config)
-    state: dict[str, Any] = field(default_factory=dict)  # this client's, kept across rounds (client_state_dir: across restarts)
+    config: dict[str, Any] = field(
+        default_factory=dict
+    )  # this round's config from the server (brokerfl.app.round_config)
+    state: dict[str, Any] = field(
+        default_factory=dict
+    )  # this client's, kept across rounds (client_state_dir: across restarts)
 
 
 @dataclass
@@ -231,7 +236,9 @@ class ModelAdapter(Protocol):
 
     def initial_parameters(self, seed: int) -> Parameters: ...
 
-    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext) -> tuple[Parameters, dict[str, float]]: ...
+    def train(
+        self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext
+    ) -> tuple[Parameters, dict[str, float]]: ...
 
     def evaluate(self, parameters: Parameters, data: Any, context: AppContext) -> dict[str, float]: ...
 
@@ -248,16 +255,25 @@ class NumpyModel:
         self.app = app
         for name in ("train", "evaluate"):
             if not callable(getattr(app.module, name, None)):
-                raise AppError(f"app {app.name!r}: model() returned numpy arrays, so the app must define {name}(parameters, ...) itself")
+                raise AppError(
+                    f"app {app.name!r}: model() returned numpy arrays, so the app must define {name}(parameters, ...) "
+                    "itself"
+                )
 
     def initial_parameters(self, seed: int) -> Parameters:
         return self.app.call_model(seed)
 
-    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext) -> tuple[Parameters, dict[str, float]]:
+    def train(
+        self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext
+    ) -> tuple[Parameters, dict[str, float]]:
         # a dict of its own: the received one is shared by the process's logical clients
-        result = call(self.app.module.train, dict(parameters), data, settings, seed, options=self.app.options, context=context)
+        result = call(
+            self.app.module.train, dict(parameters), data, settings, seed, options=self.app.options, context=context
+        )
         if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Mapping)):
-            raise AppError(f"app {self.app.name!r}: train() must return (parameters, metrics), got {type(result).__name__}")
+            raise AppError(
+                f"app {self.app.name!r}: train() must return (parameters, metrics), got {type(result).__name__}"
+            )
         new, metrics = result
         return dict(new), dict(metrics or {})
 
@@ -281,7 +297,9 @@ class ModelKind:
 
     name: str
     adapter: Callable[[App, Any], ModelAdapter]  # for an app whose model() returned one
-    loaded: Callable[[Any, Parameters, str], Any]  # load_model: a fresh model() with a file's parameters (the app's name for errors)
+    loaded: Callable[
+        [Any, Parameters, str], Any
+    ]  # load_model: a fresh model() with a file's parameters (the app's name for errors)
 
 
 _MODEL_KINDS: dict[str, ModelKind] = {}
@@ -346,7 +364,9 @@ class App:
             torch = sys.modules.get("torch")
             if torch is not None and isinstance(made, torch.nn.Module):
                 self._adapter = model_kind("torch").adapter(self, made)
-            elif isinstance(made, Mapping) and made and all(isinstance(k, str) and _is_array(v) for k, v in made.items()):
+            elif (
+                isinstance(made, Mapping) and made and all(isinstance(k, str) and _is_array(v) for k, v in made.items())
+            ):
                 self._adapter = NumpyModel(self, made)
             else:
                 raise AppError(
@@ -355,7 +375,10 @@ class App:
                 )
             if torch is not None and isinstance(made, torch.nn.Module) and not made.state_dict():
                 self._adapter = None
-                raise AppError(f"app {self.name!r}: model() returned a {type(made).__name__} with no parameters or buffers: there is nothing to train or send")
+                raise AppError(
+                    f"app {self.name!r}: model() returned a {type(made).__name__} with no parameters or buffers: there "
+                    "is nothing to train or send"
+                )
         return self._adapter
 
     def check_model(self) -> None:
@@ -378,7 +401,9 @@ class App:
         try:
             loaded = self.module.load_partition(index, num_partitions, self.options, seed)
         except Exception as exc:
-            raise AppError(f"app {self.name!r}: load_partition() failed for {where}: {type(exc).__name__}: {exc}") from exc
+            raise AppError(
+                f"app {self.name!r}: load_partition() failed for {where}: {type(exc).__name__}: {exc}"
+            ) from exc
         part = loaded if isinstance(loaded, Partition) else Partition(loaded)
         try:
             empty = part.train is None or count_samples(part.train) == 0
@@ -403,7 +428,9 @@ class App:
 
     # ------------------------------------------------------------ training and evaluation
 
-    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext | None = None) -> tuple[Parameters, dict[str, float]]:
+    def train(
+        self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext | None = None
+    ) -> tuple[Parameters, dict[str, float]]:
         """The app's training: new parameters (every value finite) and its metrics (numbers,
         see :mod:`brokerfl.wire.app_metrics`; ``num_samples`` filled in); an :class:`AppError`
         naming the app and ``train()`` for anything else."""
@@ -419,15 +446,24 @@ class App:
         except MetricError as exc:
             raise AppError(f"app {self.name!r}: {exc}") from None
         if RESERVED_TRAIN & metrics.keys():
-            raise AppError(f"app {self.name!r}: train() returned {sorted(RESERVED_TRAIN & metrics.keys())}: reserved (train_s is the runtime's measure of the training)")
+            raise AppError(
+                f"app {self.name!r}: train() returned {sorted(RESERVED_TRAIN & metrics.keys())}: reserved (train_s is "
+                "the runtime's measure of the training)"
+            )
         not_finite = non_finite(new)
         if not_finite:
-            raise AppError(f"app {self.name!r}: train() returned parameters with NaN or infinite values in {not_finite}: such an update is never folded")
+            raise AppError(
+                f"app {self.name!r}: train() returned parameters with NaN or infinite values in {not_finite}: such an "
+                "update is never folded"
+            )
         declared = count_samples(data)  # what the client's Join and Heartbeats declare
         metrics.setdefault("num_samples", declared)
         if metrics["num_samples"] > declared:
-            raise AppError(f"app {self.name!r}: train() reported num_samples {metrics['num_samples']}, more than the {declared} samples of its partition "
-                           "(the client declared those when it joined; the server refuses an update claiming more)")
+            raise AppError(
+                f"app {self.name!r}: train() reported num_samples {metrics['num_samples']}, more than the {declared} "
+                "samples of its partition "
+                "(the client declared those when it joined; the server refuses an update claiming more)"
+            )
         self._warn_unread_options()
         return new, metrics
 
@@ -448,7 +484,8 @@ class App:
             raise AppError(f"app {self.name!r}: {exc}") from None
         if self.target.name not in scores:
             raise AppError(
-                f"app {self.name!r}: evaluate() returned no {self.target.name!r}, the app's target metric (it returned {sorted(scores)}); "
+                f"app {self.name!r}: evaluate() returned no {self.target.name!r}, the app's target metric (it returned "
+                f"{sorted(scores)}); "
                 "an app whose task has another one names it: TARGET_METRIC = (name, 'max' or 'min')"
             )
         scores.setdefault("num_samples", count_samples(data))
@@ -477,7 +514,9 @@ class App:
         except AppError:
             raise
         except Exception as exc:
-            raise AppError(f"app {self.name!r}: train() failed on its warm-up batch: {type(exc).__name__}: {exc}") from exc
+            raise AppError(
+                f"app {self.name!r}: train() failed on its warm-up batch: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def evaluator(self, data: Any) -> Callable[[Parameters], dict[str, float]] | None:
         """``parameters -> scores`` on ``data``, or None without data."""
@@ -522,7 +561,9 @@ def non_finite(parameters: Mapping[str, Any]) -> list[str]:
     bad = []
     for name, value in parameters.items():
         flat = np.asarray(value).reshape(-1)
-        if flat.dtype.kind in "fc" and not all(np.isfinite(flat[i : i + FINITE_CHECK_ELEMENTS]).all() for i in range(0, flat.size, FINITE_CHECK_ELEMENTS)):
+        if flat.dtype.kind in "fc" and not all(
+            np.isfinite(flat[i : i + FINITE_CHECK_ELEMENTS]).all() for i in range(0, flat.size, FINITE_CHECK_ELEMENTS)
+        ):
             bad.append(name)
             if len(bad) >= 5:
                 break
@@ -585,12 +626,17 @@ def _bound_options(name: str, module: ModuleType, given: Mapping[str, Any]) -> t
     declared = getattr(module, "OPTIONS", None)
     judged = callable(getattr(module, "check_options", None))
     defaults = dict(declared) if isinstance(declared, Mapping) else {}
-    if isinstance(declared, Mapping) or (isinstance(declared, (set, frozenset, list, tuple)) and all(isinstance(k, str) for k in declared)):
+    if isinstance(declared, Mapping) or (
+        isinstance(declared, (set, frozenset, list, tuple)) and all(isinstance(k, str) for k in declared)
+    ):
         known = set(declared)
     elif declared is None or judged:
         known = None
     else:
-        raise ConfigError(f"app {name!r}: OPTIONS must name the options the app takes: a dict of them to their defaults, or a set of names; got {type(declared).__name__}")
+        raise ConfigError(
+            f"app {name!r}: OPTIONS must name the options the app takes: a dict of them to their defaults, or a set of "
+            f"names; got {type(declared).__name__}"
+        )
     options = {**defaults, **given}
     if judged:
         return options, []
@@ -606,7 +652,9 @@ def _warn_unknown_options(name: str, keys: list[str], why: str) -> None:
     import structlog
 
     shown = [bounded(k, 64) for k in keys[:20]]
-    structlog.get_logger("brokerfl").warning(f"app_options of app {name!r}: unknown key(s) {shown} ({why}): misspelt?", app=name, keys=shown)
+    structlog.get_logger("brokerfl").warning(
+        f"app_options of app {name!r}: unknown key(s) {shown} ({why}): misspelt?", app=name, keys=shown
+    )
 
 
 def _taken_over(value: Any) -> np.ndarray:
@@ -637,7 +685,9 @@ def count_samples(data: Any) -> int:
         return len(dataset)
     if isinstance(data, Iterable):
         return sum(len(batch[0]) for batch in data)
-    raise TypeError(f"cannot count the samples of a {type(data).__name__}: give (x, y) arrays or an iterable of (x, y) batches")
+    raise TypeError(
+        f"cannot count the samples of a {type(data).__name__}: give (x, y) arrays or an iterable of (x, y) batches"
+    )
 
 
 def app_options(config: RunConfig) -> dict[str, Any]:
@@ -673,8 +723,12 @@ def load_app(config: RunConfig) -> App:
         except ImportError as exc:
             missing = (exc.name or "").partition(".")[0]
             if missing in TORCH_MODULES and missing != config.app.partition(".")[0]:
-                raise ConfigError(f"app: app {config.app!r} needs {missing}, which is not installed: {TORCH_EXTRA}") from None
-            raise ConfigError(f"app: cannot import app module {config.app!r}: {exc}{builtins.unknown_hint('app', config.app)}") from None
+                raise ConfigError(
+                    f"app: app {config.app!r} needs {missing}, which is not installed: {TORCH_EXTRA}"
+                ) from None
+            raise ConfigError(
+                f"app: cannot import app module {config.app!r}: {exc}{builtins.unknown_hint('app', config.app)}"
+            ) from None
         except Exception as exc:  # the module itself raised while importing
             raise ConfigError(f"app: importing app module {config.app!r} failed: {type(exc).__name__}: {exc}") from exc
         app = _cache[key] = App(config.app, module, options)
@@ -711,5 +765,8 @@ def load_model(app_or_config: App | RunConfig | str | os.PathLike, path: str | o
     expected = {name: np.shape(value) for name, value in dict(made).items()}
     got = {name: value.shape for name, value in parameters.items()}
     if expected != got:
-        raise AppError(f"app {app.name!r}: {path} does not fit model(): it has {sorted(got.items())}, model() has {sorted(expected.items())}")
+        raise AppError(
+            f"app {app.name!r}: {path} does not fit model(): it has {sorted(got.items())}, model() has "
+            f"{sorted(expected.items())}"
+        )
     return parameters

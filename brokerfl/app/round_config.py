@@ -38,7 +38,9 @@ def scheduled(schedule: Mapping[str, Mapping[int, Any]], round_: int) -> dict[st
     return out
 
 
-def round_settings(config: RunConfig, round_: int, *, strategy: Any = None, app: App | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def round_settings(
+    config: RunConfig, round_: int, *, strategy: Any = None, app: App | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(train settings, round config)`` of round ``round_``: the TrainTask's ``config``
     and ``round_config``. An app's hook that fails or returns what cannot travel (or a
     setting out of range) is an :class:`AppError` naming it."""
@@ -86,4 +88,6 @@ def _plain(value: Any, where: str, depth: int) -> None:
         for item in value.values():
             _plain(item, where, depth + 1)
         return
-    raise AppError(f"{where}: {type(value).__name__} cannot travel in a TrainTask (use numbers, strings, lists and dicts)")
+    raise AppError(
+        f"{where}: {type(value).__name__} cannot travel in a TrainTask (use numbers, strings, lists and dicts)"
+    )

@@ -20,9 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brokerfl.app import AppContext, AppError, ModelKind, Parameters, TrainingCancelled, call, cancellation_requested, register_model_kind
-from brokerfl.wire.names import bounded
+from brokerfl.app import (
+    AppContext,
+    AppError,
+    ModelKind,
+    Parameters,
+    TrainingCancelled,
+    call,
+    cancellation_requested,
+    register_model_kind,
+)
 from brokerfl.config import TrainConfig
+from brokerfl.wire.names import bounded
 
 if TYPE_CHECKING:
     from brokerfl.app import App
@@ -60,7 +69,9 @@ def _check_names(state: Mapping[str, Any], parameters: Mapping[str, Any], app_na
         raise AppError(f"app {app_name!r}: parameters do not fit model(): missing {missing}, unexpected {extra}")
 
 
-def load_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?", *, fresh: bool = False) -> None:
+def load_named_arrays(
+    module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?", *, fresh: bool = False
+) -> None:
     """Copy ``parameters`` into ``module`` (names and shapes must match its state_dict).
     ``fresh``: into new tensors, not the module's current ones (which may be borrowed
     arrays, see :func:`borrow_named_arrays`, that must not be written)."""
@@ -71,7 +82,10 @@ def load_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name
         for name, target in state.items():
             source = torch.from_numpy(np.array(parameters[name], copy=True))
             if tuple(source.shape) != tuple(target.shape):
-                raise AppError(f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has {tuple(target.shape)}")
+                raise AppError(
+                    f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has "
+                    f"{tuple(target.shape)}"
+                )
             copies[name] = source.to(target.dtype)
         module.load_state_dict(copies, assign=True)
         return
@@ -87,7 +101,10 @@ def load_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name
             else:
                 source = torch.from_numpy(value)
             if tuple(source.shape) != tuple(target.shape):
-                raise AppError(f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has {tuple(target.shape)}")
+                raise AppError(
+                    f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has "
+                    f"{tuple(target.shape)}"
+                )
             target.copy_(source)
 
 
@@ -105,7 +122,9 @@ def borrow_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_na
     for name, target in state.items():
         value = np.asarray(parameters[name])
         if tuple(value.shape) != tuple(target.shape):
-            raise AppError(f"app {app_name!r}: parameter {name} has shape {tuple(value.shape)}, model() has {tuple(target.shape)}")
+            raise AppError(
+                f"app {app_name!r}: parameter {name} has shape {tuple(value.shape)}, model() has {tuple(target.shape)}"
+            )
         if name in weights and _torch_dtype(value.dtype) == target.dtype and value.flags.c_contiguous:
             with warnings.catch_warnings():  # a decoded array is read-only: nothing here writes it
                 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -122,7 +141,9 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype | None:
         return None
 
 
-def batches(data: Any, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    data: Any, batch_size: int, generator: torch.Generator | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(x, y)`` arrays: shuffled minibatches (in order without a generator); anything else
     is taken to be an iterable of ``(x, y)`` batches and used as it comes."""
     if isinstance(data, tuple) and len(data) == 2 and hasattr(data[0], "shape"):
@@ -159,7 +180,8 @@ def check_classification(outputs: torch.Tensor, y: torch.Tensor, function: str) 
         problem = f"a class label is outside 0..{outputs.shape[1] - 1} (the model has {outputs.shape[1]} outputs)"
     if problem is not None:
         raise NotClassification(
-            f"the default {function} is for classification (cross-entropy of outputs of shape (batch, classes) against integer "
+            f"the default {function} is for classification (cross-entropy of outputs of shape (batch, classes) against "
+            "integer "
             f"class labels) and {problem}: for another task define train() and evaluate() in the app (see brokerfl.app)"
         )
 
@@ -173,8 +195,18 @@ def train_classifier(model: nn.Module, data: Any, settings: TrainConfig, seed: i
 
 
 def sgd(
-    model: nn.Module, data: Any, *, epochs: int, batch_size: int, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-    proximal_mu: float = 0.0, max_batches: int | None = None, seed: int = 0, borrowed: bool = False,
+    model: nn.Module,
+    data: Any,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    proximal_mu: float = 0.0,
+    max_batches: int | None = None,
+    seed: int = 0,
+    borrowed: bool = False,
 ) -> float:
     """Train ``model`` in place with a fresh SGD optimizer; shuffles with a private
     generator seeded with ``seed``. Returns the sample-weighted mean cross-entropy of the
@@ -298,13 +330,23 @@ class TorchModel:
             raise AppError(f"app {self.app.name!r}: model() returned {type(made).__name__}, expected a torch.nn.Module")
         return to_named_arrays(made)
 
-    def train(self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext | None = None) -> tuple[Parameters, dict[str, float]]:
+    def train(
+        self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext | None = None
+    ) -> tuple[Parameters, dict[str, float]]:
         self._restore()
         load_named_arrays(self.module, parameters, self.app.name, fresh=self._borrowed)
         self._borrowed = False
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            metrics = call(self._train, self.module, data, settings, seed, options=self.app.options, context=context or AppContext())
+            metrics = call(
+                self._train,
+                self.module,
+                data,
+                settings,
+                seed,
+                options=self.app.options,
+                context=context or AppContext(),
+            )
         for parameter in self.module.parameters():  # the last step's gradients: a model's worth of memory
             parameter.grad = None
         return hand_over_named_arrays(self.module), dict(metrics or {})
@@ -326,9 +368,14 @@ class TorchModel:
         read); a changed module is made anew by ``model()``, loaded by the task."""
         now = structure(self.module)
         if now != self._structure:
-            changed = next((f"{a[0]}: {a[1:]} -> {b[1:]}" for a, b in zip(self._structure, now) if a != b), "its layout")
-            warnings.warn(f"app {self.app.name!r}: train() or evaluate() changed the model ({bounded(changed, 200)}); "
-                          "the next task gets a fresh model()", stacklevel=2)
+            changed = next(
+                (f"{a[0]}: {a[1:]} -> {b[1:]}" for a, b in zip(self._structure, now) if a != b), "its layout"
+            )
+            warnings.warn(
+                f"app {self.app.name!r}: train() or evaluate() changed the model ({bounded(changed, 200)}); "
+                "the next task gets a fresh model()",
+                stacklevel=2,
+            )
             self.module = self.app.call_model(seed=0)
             self._borrowed = False
             self._structure = structure(self.module)

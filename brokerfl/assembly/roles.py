@@ -41,18 +41,16 @@ from typing import Any
 
 import structlog
 
-from brokerfl.config import builtins
+from brokerfl.config import ConfigError, RunConfig, builtins
 from brokerfl.runtime import identity
-from brokerfl.config import ConfigError, RunConfig
 from brokerfl.runtime.handler_table import HandlerSet, HandlerTable, LegacyTable, compose
-from brokerfl.wire.message import MESSAGE_TYPES, Message, ServerStandby, to_wire
+from brokerfl.runtime.worker import Worker
 from brokerfl.storage.metrics_log import MetricsLog
 from brokerfl.storage.model_refs import ModelCache, by_reference
 from brokerfl.storage.store import ModelStore
-from brokerfl.transports.topology import SERVER, RunTopology, routing_key
 from brokerfl.transports.base import Transport, TransportError
-from brokerfl.runtime.worker import Worker
-
+from brokerfl.transports.topology import SERVER, RunTopology, routing_key
+from brokerfl.wire.message import MESSAGE_TYPES, Message, ServerStandby, to_wire
 
 SWARM_HANDLERS = "brokerfl.handlers.workflows.swarm"
 LEASE_POLL_S = 0.5  # how often a standby server asks for the role (one queue.declare each)
@@ -99,10 +97,20 @@ def _sets(value: Any, where: str) -> list[HandlerSet]:
 def workflow_sets(module: ModuleType, key: str) -> list[HandlerSet]:
     if hasattr(module, "HANDLERS"):
         return _sets(module.HANDLERS, f"{key}: {module.__name__}.HANDLERS")
-    warnings.warn(f"{key}: module {module.__name__!r} has a 'table' and no 'HANDLERS': export its handlers as HANDLERS = HandlerSet(...) "
-                  "(see brokerfl.assembly.roles); a module-level table will stop being read", DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{key}: module {module.__name__!r} has a 'table' and no 'HANDLERS': export its handlers as HANDLERS = "
+        "HandlerSet(...) "
+        "(see brokerfl.assembly.roles); a module-level table will stop being read",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     table: HandlerTable = module.table
-    return [HandlerSet(f"{module.__name__} (old style)", {MESSAGE_TYPES[t]: h for t in table.types() if (h := table.handler_for(t)) is not None})]
+    return [
+        HandlerSet(
+            f"{module.__name__} (old style)",
+            {MESSAGE_TYPES[t]: h for t in table.types() if (h := table.handler_for(t)) is not None},
+        )
+    ]
 
 
 def extra_sets(config: RunConfig, role: str, before: list[HandlerSet]) -> list[HandlerSet]:
@@ -118,9 +126,14 @@ def extra_sets(config: RunConfig, role: str, before: list[HandlerSet]) -> list[H
         legacy = _legacy_tables()[role]
         old = legacy.set_of(module.__name__, [t for s in [*before, *sets] for t in s.types()])
         if old is not None:
-            warnings.warn(f"extra_handlers: module {name!r} registers on {legacy.role} table at import: export CLIENT_HANDLERS or SERVER_HANDLERS = HandlerSet(...) "
-                          "instead (see brokerfl.assembly.roles and handlers/gradients.py); registering on a module-level table will stop working",
-                          DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                f"extra_handlers: module {name!r} registers on {legacy.role} table at import: export CLIENT_HANDLERS "
+                "or SERVER_HANDLERS = HandlerSet(...) "
+                "instead (see brokerfl.assembly.roles and handlers/gradients.py); registering on a module-level table "
+                "will stop working",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             sets.append(old)
     return sets
 
@@ -147,7 +160,9 @@ def coordinator_table(config: RunConfig, module: ModuleType | None = None) -> Ha
         from brokerfl.handlers.workflows import cross_site
 
         sets.append(cross_site.COORDINATOR)
-    return _composed("aggregator" if config.workflow == "swarm" else "server", sets + extra_sets(config, "server", sets))
+    return _composed(
+        "aggregator" if config.workflow == "swarm" else "server", sets + extra_sets(config, "server", sets)
+    )
 
 
 def client_table(config: RunConfig, module: ModuleType | None = None) -> HandlerTable:
@@ -191,11 +206,15 @@ def topology_for(config: RunConfig, *, journal: bool | None = None) -> RunTopolo
     )
 
 
-def server_worker(transport: Transport, config: RunConfig, store: ModelStore, metrics: MetricsLog, *, journal: bool | None = None) -> Worker:
+def server_worker(
+    transport: Transport, config: RunConfig, store: ModelStore, metrics: MetricsLog, *, journal: bool | None = None
+) -> Worker:
     if journal is not None:  # handlers read config.journal (e.g. whether drop records have a taker)
         config = config.model_copy(update={"journal": journal})
     if config.workflow == "swarm":
-        raise ConfigError("workflow swarm has no server process: every `brokerfl client` is a peer that can hold the aggregator role")
+        raise ConfigError(
+            "workflow swarm has no server process: every `brokerfl client` is a peer that can hold the aggregator role"
+        )
     topology = topology_for(config)
     topology.declare(transport)
     module = workflow_module(config, "server_handlers")
@@ -209,7 +228,9 @@ def server_worker(transport: Transport, config: RunConfig, store: ModelStore, me
     # every update of a round stays unacked until its model version is stored
     prefetch = max(2 * config.clients, 16)
     admit = identity.server_inbox_check(config.run, config.client_ids()) if config.identity.enforce else None
-    return Worker(transport, topology, topology.server_queue, table, state, name="server", prefetch=prefetch, admit=admit)
+    return Worker(
+        transport, topology, topology.server_queue, table, state, name="server", prefetch=prefetch, admit=admit
+    )
 
 
 def server_instance() -> str:
@@ -217,7 +238,9 @@ def server_instance() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def take_server_role(transport: Transport, config: RunConfig, *, log=None, clock: Callable[[], float] = time.monotonic) -> float:
+def take_server_role(
+    transport: Transport, config: RunConfig, *, log=None, clock: Callable[[], float] = time.monotonic
+) -> float:
     """Wait, as a hot standby, until this process holds the run's server role; the seconds
     it waited.
 
@@ -237,20 +260,36 @@ def take_server_role(transport: Transport, config: RunConfig, *, log=None, clock
     announced = -math.inf
     while not transport.hold_lease(lease):
         if not waiting:
-            log.warning("standby: another server holds this run's server role; this one takes over when it goes", instance=server_instance())
+            log.warning(
+                "standby: another server holds this run's server role; this one takes over when it goes",
+                instance=server_instance(),
+            )
             waiting = True
         if clock() - announced >= config.liveness.heartbeat_s:
             announced = clock()
-            envelope, body = to_wire(ServerStandby(sender=f"server@{server_instance()}", run=config.run, waiting_since=since))
+            envelope, body = to_wire(
+                ServerStandby(sender=f"server@{server_instance()}", run=config.run, waiting_since=since)
+            )
             transport.publish(topology.exchange, routing_key(SERVER, ServerStandby.TYPE), envelope, body)
         transport.poll(LEASE_POLL_S)  # keeps the connection's heartbeats going
     waited = clock() - started
     if waiting:
-        log.warning("server role taken: this server is now the active one", waited_s=round(waited, 2), instance=server_instance())
+        log.warning(
+            "server role taken: this server is now the active one",
+            waited_s=round(waited, 2),
+            instance=server_instance(),
+        )
     return waited
 
 
-def client_worker(transport: Transport, config: RunConfig, client_id: str, *, journal: bool | None = None, models: ModelCache | None = None) -> Worker:
+def client_worker(
+    transport: Transport,
+    config: RunConfig,
+    client_id: str,
+    *,
+    journal: bool | None = None,
+    models: ModelCache | None = None,
+) -> Worker:
     """``models``: the process's cache of versions fetched by reference, shared by all its
     logical clients (without one, a task that carries its model by reference is requeued)."""
     topology = topology_for(config, journal=journal)
@@ -270,7 +309,18 @@ def client_worker(transport: Transport, config: RunConfig, client_id: str, *, jo
         from brokerfl.transports.local import LocalTransport
 
         models = ModelCache(LocalTransport(transport.broker, user=transport.user), topology)
-    return Worker(transport, topology, queue, table, state, name=f"client.{client_id}", prefetch=CLIENT_PREFETCH, log=log, admit=admit, resolve=_model_resolver(models, client_id))
+    return Worker(
+        transport,
+        topology,
+        queue,
+        table,
+        state,
+        name=f"client.{client_id}",
+        prefetch=CLIENT_PREFETCH,
+        log=log,
+        admit=admit,
+        resolve=_model_resolver(models, client_id),
+    )
 
 
 def _model_resolver(models: ModelCache | None, client_id: str) -> Callable[[Message], None]:
@@ -283,7 +333,9 @@ def _model_resolver(models: ModelCache | None, client_id: str) -> Callable[[Mess
         if participants and client_id not in participants:
             return
         if models is None:
-            raise TransportError(f"{message.TYPE} carries its model by reference and this client has no connection to fetch it")
+            raise TransportError(
+                f"{message.TYPE} carries its model by reference and this client has no connection to fetch it"
+            )
         models.resolve(message)
 
     return resolve
@@ -300,6 +352,10 @@ def client_process_worker(transport: Transport, config: RunConfig, clients: list
         return None
     if not (hasattr(module, "PROCESS_HANDLERS") and hasattr(module, "make_process_state")):
         return None
-    table = _composed("client-process", _sets(module.PROCESS_HANDLERS, f"client_handlers: {module.__name__}.PROCESS_HANDLERS"))
+    table = _composed(
+        "client-process", _sets(module.PROCESS_HANDLERS, f"client_handlers: {module.__name__}.PROCESS_HANDLERS")
+    )
     state = prepared(table, module.make_process_state(config, [w.state for w in clients]))
-    return Worker(transport, topology_for(config), None, table, state, name=clients[0].name.rsplit(".", 1)[0] + "-process")
+    return Worker(
+        transport, topology_for(config), None, table, state, name=clients[0].name.rsplit(".", 1)[0] + "-process"
+    )

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from brokerfl.runtime import identity
 from brokerfl.app import curve_settings
-from brokerfl.config import RunConfig
-from brokerfl.storage.metrics_log import MetricsLog, plot_curve
-from brokerfl.storage.broker_store import BrokerModelStore
-from brokerfl.storage.model_refs import ModelCache
 from brokerfl.assembly.roles import client_worker, server_worker, topology_for
+from brokerfl.config import RunConfig
+from brokerfl.runtime import identity
+from brokerfl.storage.broker_store import BrokerModelStore
+from brokerfl.storage.metrics_log import MetricsLog, plot_curve
 from brokerfl.storage.model_file import FINAL_MODEL, write_model_file
+from brokerfl.storage.model_refs import ModelCache
 from brokerfl.storage.store import DirectoryModelStore, ModelStore
 from brokerfl.transports.local import LocalBroker, LocalTransport
 
@@ -77,10 +77,17 @@ def simulate(
         topology_for(config, journal=journal).declare_provisioned(LocalTransport(broker), config.client_ids())
     # versions live in the run's models stream, as over RabbitMQ: tasks may name them by reference
     export = DirectoryModelStore(out / "models") if keep_versions and out is not None else None
-    store = store or BrokerModelStore(LocalTransport(broker, user=_user(config, None)), topology_for(config, journal=journal), export=export)
+    store = store or BrokerModelStore(
+        LocalTransport(broker, user=_user(config, None)), topology_for(config, journal=journal), export=export
+    )
     server = server_worker(LocalTransport(broker, user=_user(config, None)), config, store, metrics, journal=journal)
-    models = ModelCache(LocalTransport(broker), topology_for(config, journal=journal))  # one copy of each version for every client
-    clients = [client_worker(LocalTransport(broker, user=_user(config, cid)), config, cid, journal=journal, models=models) for cid in config.client_ids()]
+    models = ModelCache(
+        LocalTransport(broker), topology_for(config, journal=journal)
+    )  # one copy of each version for every client
+    clients = [
+        client_worker(LocalTransport(broker, user=_user(config, cid)), config, cid, journal=journal, models=models)
+        for cid in config.client_ids()
+    ]
     bar = _ProgressBar(config.rounds, curve_settings(config)["target"]) if progress else None
     if bar:
         server.state.on_round.append(bar.update)
@@ -102,7 +109,12 @@ def simulate(
     if out is not None and state.model is not None:
         write_model_file(out / FINAL_MODEL, state.model, run=config.run, app=config.app)
     if out is not None and metrics.records:
-        plot_curve(metrics.records, out / "curve.png", title=f"{config.run}: {config.strategy.name}, {config.clients} clients", **curve_settings(config))
+        plot_curve(
+            metrics.records,
+            out / "curve.png",
+            title=f"{config.run}: {config.strategy.name}, {config.clients} clients",
+            **curve_settings(config),
+        )
     return SimulationResult(metrics.records, state, time.perf_counter() - started, out, broker, store)
 
 
@@ -137,7 +149,12 @@ class _ProgressBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False
+            TextColumn("[bold]rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            transient=False,
         )
         self._task = self._progress.add_task("", total=rounds)
         self._progress.start()
@@ -149,7 +166,9 @@ class _ProgressBar:
             self._progress.update(self._task, completed=record["round"])
             return
         loss = metrics.get("loss", record.get("loss"))
-        shown = f"{'acc' if self.target == 'accuracy' else self.target} {value:.4f}" + ("" if loss is None or self.target == "loss" else f"  loss {loss:.4f}")
+        shown = f"{'acc' if self.target == 'accuracy' else self.target} {value:.4f}" + (
+            "" if loss is None or self.target == "loss" else f"  loss {loss:.4f}"
+        )
         self._progress.update(self._task, completed=record["round"], description=shown)
 
     def close(self) -> None:

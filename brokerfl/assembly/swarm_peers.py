@@ -42,18 +42,18 @@ from the stored versions, if no one else holds it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import structlog
 
-from brokerfl.storage.broker_store import BrokerModelStore
-from brokerfl.storage.model_refs import ModelCache
-from brokerfl.config import RunConfig
-from brokerfl.storage.metrics_log import MetricsLog, plot_curve
 from brokerfl.assembly.roles import client_worker, coordinator_table, prepared, topology_for, workflow_module
-from brokerfl.transports.base import Transport
+from brokerfl.config import RunConfig
 from brokerfl.runtime.worker import Worker
+from brokerfl.storage.broker_store import BrokerModelStore
+from brokerfl.storage.metrics_log import MetricsLog, plot_curve
+from brokerfl.storage.model_refs import ModelCache
+from brokerfl.transports.base import Transport
 
 log = structlog.get_logger("brokerfl.assembly.swarm_peers")
 
@@ -64,7 +64,15 @@ QUIET_LOOKS = 3
 UNANSWERED_LOOKS = 20  # answers in a row without our own consumer before it subscribes again
 
 
-def aggregator_worker(transport: Transport, store_transport: Transport, config: RunConfig, metrics: MetricsLog, *, name: str, journal: bool | None = None) -> Worker:
+def aggregator_worker(
+    transport: Transport,
+    store_transport: Transport,
+    config: RunConfig,
+    metrics: MetricsLog,
+    *,
+    name: str,
+    journal: bool | None = None,
+) -> Worker:
     if journal is not None:
         config = config.model_copy(update={"journal": journal})
     topology = topology_for(config)
@@ -75,7 +83,9 @@ def aggregator_worker(transport: Transport, store_transport: Transport, config: 
     module = workflow_module(config, "server_handlers")  # brokerfl.handlers.workflows.swarm
     table = coordinator_table(config, module)
     state = prepared(table, module.make_state(config, BrokerModelStore(store_transport, topology), metrics))
-    return Worker(transport, topology, topology.server_queue, table, state, name=name, prefetch=max(2 * config.clients, 16))
+    return Worker(
+        transport, topology, topology.server_queue, table, state, name=name, prefetch=max(2 * config.clients, 16)
+    )
 
 
 class Peer:
@@ -85,7 +95,9 @@ class Peer:
     every poll, before the workers' timers fire, and :meth:`tick` after them; the peer is
     finished when :attr:`done`."""
 
-    def __init__(self, clients: list[Worker], new_candidate: Callable[[], Worker], transport: Transport, *, clock=time.monotonic) -> None:
+    def __init__(
+        self, clients: list[Worker], new_candidate: Callable[[], Worker], transport: Transport, *, clock=time.monotonic
+    ) -> None:
         self.clients, self.new_candidate, self.transport, self.clock = clients, new_candidate, transport, clock
         self.candidate = new_candidate()
         self.holders: list[Worker] = []  # candidates of this peer that took the role
@@ -112,7 +124,11 @@ class Peer:
             self.holders.append(candidate)
         if self.done or candidate.stopped or not candidate.state.active or not candidate.resubscribed:
             return
-        log.warning("aggregator role given up: its consumer was subscribed anew", role=candidate.name, round=candidate.state.round)
+        log.warning(
+            "aggregator role given up: its consumer was subscribed anew",
+            role=candidate.name,
+            round=candidate.state.round,
+        )
         self._replace_candidate()
 
     def _replace_candidate(self) -> None:
@@ -174,7 +190,9 @@ class Peer:
         return next((h.state.failure for h in self.holders if h.state.failure), None)
 
 
-def run_peer(connect: Callable[[], Transport], config: RunConfig, client_ids: list[str], out: Path, *, poll_s: float = 0.5) -> int:
+def run_peer(
+    connect: Callable[[], Transport], config: RunConfig, client_ids: list[str], out: Path, *, poll_s: float = 0.5
+) -> int:
     """One peer process over RabbitMQ: ``connect()`` opens a connection (two are used: the
     workers', and the model store's, which reads the models stream while a handler runs)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -183,7 +201,9 @@ def run_peer(connect: Callable[[], Transport], config: RunConfig, client_ids: li
         models = ModelCache(store_transport, topology_for(config))  # one copy of each version for all these clients
         clients = [client_worker(transport, config, cid, models=models) for cid in client_ids]
         name = f"aggregator.{'+'.join(client_ids)}"
-        peer = Peer(clients, lambda: aggregator_worker(transport, store_transport, config, metrics, name=name), transport)
+        peer = Peer(
+            clients, lambda: aggregator_worker(transport, store_transport, config, metrics, name=name), transport
+        )
         peer.start()
         while not peer.done:
             live = [w for w in peer.workers if not w.stopped]
@@ -199,7 +219,9 @@ def run_peer(connect: Callable[[], Transport], config: RunConfig, client_ids: li
     if peer.holders and metrics.path and metrics.path.exists():
         from brokerfl.storage.metrics_log import read_metrics
 
-        plot_curve(read_metrics(metrics.path), out / "curve.png", title=f"{config.run}: swarm, {config.clients} clients")
+        plot_curve(
+            read_metrics(metrics.path), out / "curve.png", title=f"{config.run}: swarm, {config.clients} clients"
+        )
     return 1 if peer.failure else 0
 
 
@@ -211,7 +233,10 @@ def simulate_swarm(config: RunConfig, out: Path | None, broker, *, journal: bool
         from brokerfl.transports.local import LocalTransport
 
         topology_for(config, journal=journal).declare_provisioned(LocalTransport(broker), config.client_ids())
-    peers = [simulated_peer(config, broker, cid, metrics, journal=journal, progress_bar=progress_bar) for cid in config.client_ids()]
+    peers = [
+        simulated_peer(config, broker, cid, metrics, journal=journal, progress_bar=progress_bar)
+        for cid in config.client_ids()
+    ]
     for peer in peers:
         peer.start()
     try:
@@ -227,17 +252,30 @@ def simulate_swarm(config: RunConfig, out: Path | None, broker, *, journal: bool
     return metrics.records, last.state, last.state.store
 
 
-def simulated_peer(config: RunConfig, broker, client_id: str, metrics: MetricsLog, *, journal: bool, progress_bar=None) -> Peer:
+def simulated_peer(
+    config: RunConfig, broker, client_id: str, metrics: MetricsLog, *, journal: bool, progress_bar=None
+) -> Peer:
     """A peer with one client on the in-process ``broker`` (each worker on its own transport)."""
     from brokerfl.transports.local import LocalTransport
 
     def new_candidate() -> Worker:
-        aggregator = aggregator_worker(LocalTransport(broker), LocalTransport(broker), config, metrics, name=f"aggregator.{client_id}", journal=journal)
+        aggregator = aggregator_worker(
+            LocalTransport(broker),
+            LocalTransport(broker),
+            config,
+            metrics,
+            name=f"aggregator.{client_id}",
+            journal=journal,
+        )
         if progress_bar:
             aggregator.state.on_round.append(progress_bar.update)
         return aggregator
 
-    return Peer([client_worker(LocalTransport(broker), config, client_id, journal=journal)], new_candidate, LocalTransport(broker))
+    return Peer(
+        [client_worker(LocalTransport(broker), config, client_id, journal=journal)],
+        new_candidate,
+        LocalTransport(broker),
+    )
 
 
 def run_peers(peers: list[Peer], *, until: Callable[[], bool] | None = None, deadline_s: float | None = None) -> None:
@@ -252,7 +290,9 @@ def run_peers(peers: list[Peer], *, until: Callable[[], bool] | None = None, dea
             peer.tick()
         if handled:
             continue
-        waits = [t for p in peers if not p.done for w in p.workers if not w.stopped and (t := w.next_timer_in()) is not None]
+        waits = [
+            t for p in peers if not p.done for w in p.workers if not w.stopped and (t := w.next_timer_in()) is not None
+        ]
         waits += [t for p in peers if (t := p.next_check_in()) is not None]
         if not waits:
             if all(p.done for p in peers):

@@ -21,13 +21,15 @@ from brokerfl.cli.common import (
 from brokerfl.cli.operate import add_commands as add_operate_commands
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.runtime.log import configure_logging
-from brokerfl.transports.memory import tune_allocator
 from brokerfl.storage.metrics_log import read_metrics
 from brokerfl.transports.base import TransportError
+from brokerfl.transports.memory import tune_allocator
 
 
 def _metrics_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics-port", type=int, default=env("METRICS_PORT"), help="serve Prometheus metrics on this port (/metrics)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=env("METRICS_PORT"), help="serve Prometheus metrics on this port (/metrics)"
+    )
 
 
 def _set_torch_threads() -> None:
@@ -60,8 +62,8 @@ APP_CONFIG = "brokerfl.yaml"  # the run of an app folder (what `brokerfl new` wr
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from brokerfl.storage.model_file import FINAL_MODEL
     from brokerfl.assembly.simulate import SimulationError, simulate
+    from brokerfl.storage.model_file import FINAL_MODEL
 
     if args.config is None and Path(APP_CONFIG).is_file():
         # in an app's folder, `brokerfl simulate` runs that app (like `flwr run .`)
@@ -71,28 +73,35 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _set_torch_threads()
     out = Path(args.out or f"runs/{config.run}")
     try:
-        result = simulate(config, out, progress=not args.no_progress, journal=bool(args.journal), keep_versions=args.keep_versions)
+        result = simulate(
+            config, out, progress=not args.no_progress, journal=bool(args.journal), keep_versions=args.keep_versions
+        )
     except SimulationError as exc:
         print(f"brokerfl simulate: {exc}", file=sys.stderr)
         return 1
     if args.journal:
-        from brokerfl.storage.journal import read_journal, write_journal_file
         from brokerfl.assembly.roles import topology_for
+        from brokerfl.storage.journal import read_journal, write_journal_file
         from brokerfl.transports.local import LocalTransport
 
-        count = write_journal_file(args.journal, config.run, read_journal(LocalTransport(result.broker), topology_for(config)))
+        count = write_journal_file(
+            args.journal, config.run, read_journal(LocalTransport(result.broker), topology_for(config))
+        )
         print(f"wrote the journal ({count} messages) to {args.journal}")
     from brokerfl.app import load_app
     from brokerfl.storage.metrics_log import record_metrics
 
     target = load_app(config).target.name
-    scored = [m for r in result.records if (m := record_metrics(r)).get(target) is not None]  # federated evaluation lines too
+    scored = [
+        m for r in result.records if (m := record_metrics(r)).get(target) is not None
+    ]  # federated evaluation lines too
     last = scored[-1] if scored else {}
     loss = last.get("loss")
     print(
         f"{config.run}: {sum('evaluation' not in r for r in result.records)} rounds in {result.duration_s:.1f} s; "
         f"final {target} {last.get(target, float('nan')):.4f}, loss {float('nan') if loss is None else loss:.4f}; "
-        f"wrote {out / 'metrics.jsonl'}, {out / 'curve.png'}" + (f" and {out / FINAL_MODEL}" if (out / FINAL_MODEL).exists() else "")
+        f"wrote {out / 'metrics.jsonl'}, {out / 'curve.png'}"
+        + (f" and {out / FINAL_MODEL}" if (out / FINAL_MODEL).exists() else "")
     )
     _print_cross_site(config, out)
     return 0
@@ -106,7 +115,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ModelFileError as exc:
         print(f"brokerfl export: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote model version {meta['version']} (round {meta['round']}, sha256 {meta['sha256'][:12]}) of run {meta['run'] or '?'} to {args.out}")
+    print(
+        f"wrote model version {meta['version']} (round {meta['round']}, sha256 {meta['sha256'][:12]}) of run "
+        f"{meta['run'] or '?'} to {args.out}"
+    )
     return 0
 
 
@@ -122,14 +134,14 @@ def _print_cross_site(config: RunConfig, out: Path) -> None:
 
 def cmd_server(args: argparse.Namespace) -> int:
     from brokerfl.app import curve_settings, load_app
-    from brokerfl.storage.broker_store import BrokerModelStore
-    from brokerfl.storage.metrics_log import MetricsLog, plot_curve
     from brokerfl.assembly.roles import (
         server_instance,
         server_worker,
         take_server_role,
         topology_for,
     )
+    from brokerfl.storage.broker_store import BrokerModelStore
+    from brokerfl.storage.metrics_log import MetricsLog, plot_curve
     from brokerfl.storage.store import DirectoryModelStore
     from brokerfl.transports.base import LeaseLost
 
@@ -143,19 +155,23 @@ def cmd_server(args: argparse.Namespace) -> int:
     # host with an empty --out resumes the run; DIR/models is an export of them.
     with connect(args, retry_start=True) as transport, connect(args, side=True, retry_start=True) as store_transport:
         topology_for(config).declare(transport)
-        load_app(config).check_model()  # a hot standby: the app's code (and torch, if it uses it) loaded before it waits
+        load_app(
+            config
+        ).check_model()  # a hot standby: the app's code (and torch, if it uses it) loaded before it waits
         take_server_role(transport, config)  # a standby until no other server holds the role
         # keep=1: the newest version's parameters are the model the server holds anyway
-        store = BrokerModelStore(store_transport, topology_for(config), keep=1, export=DirectoryModelStore(out / "models")).refresh()
+        store = BrokerModelStore(
+            store_transport, topology_for(config), keep=1, export=DirectoryModelStore(out / "models")
+        ).refresh()
         if not store.versions():  # a fresh run: no stale lines from an earlier one
             (out / "metrics.jsonl").unlink(missing_ok=True)
         metrics = MetricsLog(out / "metrics.jsonl")
         worker = server_worker(transport, config, store, metrics)
         worker.state.instance = server_instance()
         if args.metrics_port:
-            from brokerfl.ops.monitoring import serve_server_metrics
             from brokerfl.handlers.workflows.admin import held_updates
             from brokerfl.handlers.workflows.server_state import live_clients
+            from brokerfl.ops.monitoring import serve_server_metrics
 
             serve_server_metrics(args.metrics_port, worker, live_clients, held_updates)
         try:
@@ -165,7 +181,11 @@ def cmd_server(args: argparse.Namespace) -> int:
             # Its connection was lost and another server holds the role now: this one's
             # rounds, timers and held updates are that one's to redo. Started again, it waits
             # as a standby.
-            print("brokerfl server: lost the server role to another server (this one's connection was lost meanwhile); stopping", file=sys.stderr)
+            print(
+                "brokerfl server: lost the server role to another server (this one's connection was lost meanwhile); "
+                "stopping",
+                file=sys.stderr,
+            )
             return 4
         store.wait_for_export()
     state = worker.state
@@ -175,11 +195,19 @@ def cmd_server(args: argparse.Namespace) -> int:
         write_model_file(out / FINAL_MODEL, state.model, run=config.run, app=config.app)
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     if records:
-        plot_curve(records, out / "curve.png", title=f"{config.run}: {config.strategy.name}, {config.clients} clients", **curve_settings(config))
+        plot_curve(
+            records,
+            out / "curve.png",
+            title=f"{config.run}: {config.strategy.name}, {config.clients} clients",
+            **curve_settings(config),
+        )
     if state.failure:
         print(f"brokerfl server: {state.failure}", file=sys.stderr)
         return 1
-    print(f"{config.run}: done at model version {state.model.version}; wrote {out / 'metrics.jsonl'}, {out / 'curve.png'} and {out / FINAL_MODEL}")
+    print(
+        f"{config.run}: done at model version {state.model.version}; wrote {out / 'metrics.jsonl'}, "
+        f"{out / 'curve.png'} and {out / FINAL_MODEL}"
+    )
     _print_cross_site(config, out)
     return 0
 
@@ -200,18 +228,23 @@ def _mask(url: str) -> str:
 def cmd_client(args: argparse.Namespace) -> int:
     if not args.client_id:
         raise SystemExit("brokerfl client: pass --client-id (an id, a range such as 0-9) or set BROKERFL_CLIENT_ID")
-    from brokerfl.storage.model_refs import ModelCache
     from brokerfl.assembly.roles import client_process_worker, client_worker, topology_for
     from brokerfl.runtime.worker import run_workers
+    from brokerfl.storage.model_refs import ModelCache
 
     config = load_run_config(args)
     outside = [cid for cid in args.client_id if not config.has_client(cid)]
     if outside:
         shown = ", ".join(outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
-        raise SystemExit(f"brokerfl client: client id{'s' if len(outside) > 1 else ''} {shown} not in the federation of run {config.run} "
-                         f"(its {config.clients} clients are {config.client_ids_text()}; see --clients)")
+        raise SystemExit(
+            f"brokerfl client: client id{'s' if len(outside) > 1 else ''} {shown} not in the federation of run "
+            f"{config.run} "
+            f"(its {config.clients} clients are {config.client_ids_text()}; see --clients)"
+        )
     if config.identity.enforce and len(args.client_id) > 1:
-        raise SystemExit("brokerfl client: with identity enforced each client has its own broker user: one --client-id per process")
+        raise SystemExit(
+            "brokerfl client: with identity enforced each client has its own broker user: one --client-id per process"
+        )
     _set_torch_threads()
     if config.workflow == "swarm":  # a peer: these clients plus an aggregator candidate
         from brokerfl.assembly.swarm_peers import run_peer
@@ -226,8 +259,10 @@ def cmd_client(args: argparse.Namespace) -> int:
         capacity = transport.consumer_capacity()  # one channel per logical client's consumer
         if len(args.client_id) > capacity:
             raise SystemExit(
-                f"brokerfl client: {len(args.client_id)} logical clients need one channel each, and the broker allows {capacity} consumers "
-                f"on one connection (channel_max {transport.channel_limit()}): run them in {-(-len(args.client_id) // capacity)} or more processes"
+                f"brokerfl client: {len(args.client_id)} logical clients need one channel each, and the broker allows "
+                f"{capacity} consumers "
+                f"on one connection (channel_max {transport.channel_limit()}): run them in "
+                f"{-(-len(args.client_id) // capacity)} or more processes"
             )
         models = ModelCache(models_transport, topology_for(config))
         workers = [client_worker(transport, config, client_id, models=models) for client_id in args.client_id]
@@ -245,8 +280,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_accounting(args: argparse.Namespace) -> int:
-    from brokerfl.storage.accounting import account_run
     from brokerfl.assembly.roles import topology_for
+    from brokerfl.storage.accounting import account_run
     from brokerfl.storage.store import DirectoryModelStore
 
     if args.journal:  # a journal file (simulate --journal, journal export): no broker needed
@@ -282,8 +317,8 @@ def cmd_accounting(args: argparse.Namespace) -> int:
 
 def _journal_source(args: argparse.Namespace, config: RunConfig):
     """(deliveries, closer): the run's journal from --journal FILE, else from the broker."""
-    from brokerfl.storage.journal import read_journal, read_journal_file
     from brokerfl.assembly.roles import topology_for
+    from brokerfl.storage.journal import read_journal, read_journal_file
 
     if args.journal:
         return read_journal_file(args.journal), None
@@ -317,7 +352,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     config = _load_for_journal(args)
     deliveries, transport = _journal_source(args, config)
     try:
-        result = replay(deliveries, config, what_if=args.strategy, what_if_options=dict(args.option), from_version=args.from_version, to_version=args.to_version)
+        result = replay(
+            deliveries,
+            config,
+            what_if=args.strategy,
+            what_if_options=dict(args.option),
+            from_version=args.from_version,
+            to_version=args.to_version,
+        )
     except (ReplayError, ValueError) as exc:  # ValueError: a what-if strategy's bad option
         print(f"brokerfl replay: {exc}", file=sys.stderr)
         return 1
@@ -327,19 +369,27 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(result.table(args.strategy))
     if args.check and not result.ok:
         first = result.first_diff()
-        print(f"DIFF: first at version {first.version}" + (f" ({first.problem})" if first.problem else ""), file=sys.stderr)
+        print(
+            f"DIFF: first at version {first.version}" + (f" ({first.problem})" if first.problem else ""),
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
 def cmd_journal_export(args: argparse.Namespace) -> int:
-    from brokerfl.storage.journal import Skipped, read_journal, write_journal_file
     from brokerfl.assembly.roles import topology_for
+    from brokerfl.storage.journal import Skipped, read_journal, write_journal_file
 
     config = load_run_config(args)
     skipped = Skipped()
     with connect(args) as transport:
-        count = write_journal_file(args.file, config.run, read_journal(transport, topology_for(config.model_copy(update={"journal": True}))), skipped)
+        count = write_journal_file(
+            args.file,
+            config.run,
+            read_journal(transport, topology_for(config.model_copy(update={"journal": True}))),
+            skipped,
+        )
     print(f"wrote {count} messages of run {config.run} to {args.file}")
     print(skipped.summary())
     return 0
@@ -384,23 +434,44 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
     config = load_run_config(args)
     done = provision(
-        config, args.out, host=args.host, port=args.port, vhost=args.vhost, tls=args.tls, broker_dir=args.broker_dir,
-        ca_dir=args.ca_dir, requests=args.sign, password_login=args.password_login,
+        config,
+        args.out,
+        host=args.host,
+        port=args.port,
+        vhost=args.vhost,
+        tls=args.tls,
+        broker_dir=args.broker_dir,
+        ca_dir=args.ca_dir,
+        requests=args.sign,
+        password_login=args.password_login,
     )
-    print(f"wrote {done.definitions} (vhost {done.vhost!r}: {len(done.participants)} users with limits, permissions, topic permissions, queues, bindings, policies)")
+    print(
+        f"wrote {done.definitions} (vhost {done.vhost!r}: {len(done.participants)} users with limits, permissions, "
+        "topic permissions, queues, bindings, policies)"
+    )
     print(f"      {len(done.env_files)} credentials files {done.out}/<user>.env (hand each site only its own)")
     if done.tls_dir:
         made_here = len(done.participants) - len(done.self_keyed)
-        print(f"      in {done.tls_dir}: ca.pem, the broker's certificate and key, a certificate per participant"
-              f" ({made_here} with a key made here; signed from their own requests: {', '.join(done.self_keyed) or 'none'})")
+        print(
+            f"      in {done.tls_dir}: ca.pem, the broker's certificate and key, a certificate per participant"
+            f" ({made_here} with a key made here; signed from their own requests: "
+            f"{', '.join(done.self_keyed) or 'none'})"
+        )
         if done.ca_dir:
             print(f"      the CA's key is in {done.ca_dir} (keep it there, away from the broker's files)")
         else:
             print("      the CA's key was not kept: provision again with --ca-dir DIR to sign requests later")
-        login = "password login beside certificate login" if done.password_login else "certificate login only (no password login)"
+        login = (
+            "password login beside certificate login"
+            if done.password_login
+            else "certificate login only (no password login)"
+        )
         print(f"      the broker's TLS listener: TLS 1.2 and 1.3, {login}")
     # an absolute path: rabbitmqctl (Debian's wrapper) runs from another directory
-    print(f"      {done.rabbitmq_conf} for the broker; or, as a broker administrator: rabbitmqctl import_definitions {done.definitions.resolve()}")
+    print(
+        f"      {done.rabbitmq_conf} for the broker; or, as a broker administrator: rabbitmqctl import_definitions "
+        f"{done.definitions.resolve()}"
+    )
     return 0
 
 
@@ -417,8 +488,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
     key, request = write_signing_request(args.out, args.user, replace=args.replace)
     print(f"wrote {key} (your private key: it stays here) and {request}")
-    print(f"      send {request.name} to the operator (brokerfl provision ... --tls --sign {request.name});"
-          f" you get back {args.user}.pem, ca.pem and {args.user}.env: set BROKERFL_TLS_KEY={key.resolve()} in it")
+    print(
+        f"      send {request.name} to the operator (brokerfl provision ... --tls --sign {request.name});"
+        f" you get back {args.user}.pem, ca.pem and {args.user}.env: set BROKERFL_TLS_KEY={key.resolve()} in it"
+    )
     return 0
 
 
@@ -431,7 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", help="directory for metrics.jsonl, curve.png and final_model.npz (default: runs/<run>)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.add_argument("--journal", help="also write the run's journal to this file (for brokerfl replay --journal)")
-    sim.add_argument("--keep-versions", action="store_true", help="write every model version to OUT/models (for brokerfl export --version); the final one goes to OUT/final_model.npz anyway")
+    sim.add_argument(
+        "--keep-versions",
+        action="store_true",
+        help=(
+            "write every model version to OUT/models (for brokerfl export --version); the final one goes to "
+            "OUT/final_model.npz anyway"
+        ),
+    )
     sim.set_defaults(func=cmd_simulate)
 
     new = commands.add_parser("new", help="write a ready-to-run app package (model, data, config, test)")
@@ -442,37 +522,81 @@ def build_parser() -> argparse.ArgumentParser:
     server = commands.add_parser("server", help="run the server of a federation over RabbitMQ")
     add_config_arguments(server)
     add_broker_arguments(server)
-    server.add_argument("--out", help="directory for metrics.jsonl, curve.png and stored model versions (default: runs/<run>)")
+    server.add_argument(
+        "--out", help="directory for metrics.jsonl, curve.png and stored model versions (default: runs/<run>)"
+    )
     _metrics_argument(server)
     server.set_defaults(func=cmd_server)
 
     client = commands.add_parser("client", help="run one or many logical clients over RabbitMQ")
     add_config_arguments(client)
     add_broker_arguments(client)
-    client.add_argument("--client-id", default=env("CLIENT_ID"), type=parse_client_ids, help="an id, a range such as 0-9, or a list such as 0-3,7 (default: $BROKERFL_CLIENT_ID)")
+    client.add_argument(
+        "--client-id",
+        default=env("CLIENT_ID"),
+        type=parse_client_ids,
+        help="an id, a range such as 0-9, or a list such as 0-3,7 (default: $BROKERFL_CLIENT_ID)",
+    )
     _metrics_argument(client)
     client.set_defaults(func=cmd_client)
 
-    export = commands.add_parser("export", help="write a stored model version to a model file an app loads back (brokerfl.app.load_model)")
-    export.add_argument("source", help="a run's output directory (its models/: a server's, or simulate --keep-versions's; else its final_model.npz), or a models/ directory")
+    export = commands.add_parser(
+        "export", help="write a stored model version to a model file an app loads back (brokerfl.app.load_model)"
+    )
+    export.add_argument(
+        "source",
+        help=(
+            "a run's output directory (its models/: a server's, or simulate --keep-versions's; else its "
+            "final_model.npz), or a models/ directory"
+        ),
+    )
     export.add_argument("--version", type=int, help="the model version (default: the newest)")
-    export.add_argument("--out", required=True, help="the model file to write (.npz: numpy arrays and JSON metadata, no pickle)")
+    export.add_argument(
+        "--out", required=True, help="the model file to write (.npz: numpy arrays and JSON metadata, no pickle)"
+    )
     export.set_defaults(func=cmd_export)
 
-    accounting = commands.add_parser("accounting", help="prove every update is in exactly one model version or dropped with a reason")
+    accounting = commands.add_parser(
+        "accounting", help="prove every update is in exactly one model version or dropped with a reason"
+    )
     add_config_arguments(accounting)
     add_broker_arguments(accounting)
-    accounting.add_argument("--out", help="read the model versions a server exported to this directory (default: from the run's models stream on the broker)")
-    accounting.add_argument("--journal", help="a journal file (brokerfl journal export, simulate --journal): the versions from its records, no broker needed")
+    accounting.add_argument(
+        "--out",
+        help=(
+            "read the model versions a server exported to this directory (default: from the run's models stream on the "
+            "broker)"
+        ),
+    )
+    accounting.add_argument(
+        "--journal",
+        help=(
+            "a journal file (brokerfl journal export, simulate --journal): the versions from its records, no broker "
+            "needed"
+        ),
+    )
     accounting.set_defaults(func=cmd_accounting)
 
-    rep = commands.add_parser("replay", help="recompute a run's model versions from its journal; check hashes; what-ifs")
+    rep = commands.add_parser(
+        "replay", help="recompute a run's model versions from its journal; check hashes; what-ifs"
+    )
     add_config_arguments(rep)
     add_broker_arguments(rep)
     rep.add_argument("--journal", help="a journal file (brokerfl journal export, simulate --journal): no broker needed")
-    rep.add_argument("--check", action="store_true", help="exit non-zero if any recomputed version differs from the stored one")
-    rep.add_argument("--strategy", help="what-if: aggregate the same updates with this strategy (e.g. median) and compare accuracies")
-    rep.add_argument("--option", action="append", default=[], type=_strategy_option, metavar="KEY=VALUE", help="an option of the what-if strategy, e.g. f=2 (repeatable; the value is read as YAML)")
+    rep.add_argument(
+        "--check", action="store_true", help="exit non-zero if any recomputed version differs from the stored one"
+    )
+    rep.add_argument(
+        "--strategy", help="what-if: aggregate the same updates with this strategy (e.g. median) and compare accuracies"
+    )
+    rep.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=_strategy_option,
+        metavar="KEY=VALUE",
+        help="an option of the what-if strategy, e.g. f=2 (repeatable; the value is read as YAML)",
+    )
     rep.add_argument("--from-version", type=int, default=0)
     rep.add_argument("--to-version", type=int)
     rep.set_defaults(func=cmd_replay)
@@ -494,25 +618,71 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--npz", help="with --update: write its tensors to this .npz file")
     ins.set_defaults(func=cmd_inspect)
 
-    prov = commands.add_parser("provision", help="broker users, permissions and credentials for a federation across organisations")
+    prov = commands.add_parser(
+        "provision", help="broker users, permissions and credentials for a federation across organisations"
+    )
     add_config_arguments(prov)
-    prov.add_argument("--out", required=True, help="directory for definitions.json, <user>.env files, rabbitmq.conf (and tls/)")
-    prov.add_argument("--host", default="localhost", help="the broker's host name as participants reach it (and, with --tls, in its certificate)")
+    prov.add_argument(
+        "--out", required=True, help="directory for definitions.json, <user>.env files, rabbitmq.conf (and tls/)"
+    )
+    prov.add_argument(
+        "--host",
+        default="localhost",
+        help="the broker's host name as participants reach it (and, with --tls, in its certificate)",
+    )
     prov.add_argument("--port", type=int, help="the broker's port (default 5672, with --tls 5671)")
     prov.add_argument("--vhost", help="the run's virtual host (default: the run name)")
-    prov.add_argument("--tls", action="store_true", help="also issue a CA and certificates; credentials use amqps:// and certificate login")
-    prov.add_argument("--broker-dir", help="where the broker sees --out (e.g. a container mount), for the paths in rabbitmq.conf")
-    prov.add_argument("--ca-dir", help="with --tls: keep the CA here (made once, reused after; not under --out). Without it the CA's key is kept nowhere")
-    prov.add_argument("--sign", action="append", default=[], type=_signing_request, metavar="[USER=]CSR",
-                      help="with --tls: a participant's certificate signing request (brokerfl keygen) to sign; its CN must be USER (default: the file's name, USER.csr), a user of the run (repeatable)")
-    prov.add_argument("--password-login", action=argparse.BooleanOptionalAction, default=None,
-                      help="with --tls: allow password (PLAIN) login beside certificate login on the TLS listener (default: off with --tls)")
+    prov.add_argument(
+        "--tls",
+        action="store_true",
+        help="also issue a CA and certificates; credentials use amqps:// and certificate login",
+    )
+    prov.add_argument(
+        "--broker-dir", help="where the broker sees --out (e.g. a container mount), for the paths in rabbitmq.conf"
+    )
+    prov.add_argument(
+        "--ca-dir",
+        help=(
+            "with --tls: keep the CA here (made once, reused after; not under --out). Without it the CA's key is kept "
+            "nowhere"
+        ),
+    )
+    prov.add_argument(
+        "--sign",
+        action="append",
+        default=[],
+        type=_signing_request,
+        metavar="[USER=]CSR",
+        help=(
+            "with --tls: a participant's certificate signing request (brokerfl keygen) to sign; its CN must be USER "
+            "(default: the file's name, USER.csr), a user of the run (repeatable)"
+        ),
+    )
+    prov.add_argument(
+        "--password-login",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "with --tls: allow password (PLAIN) login beside certificate login on the TLS listener (default: off with "
+            "--tls)"
+        ),
+    )
     prov.set_defaults(func=cmd_provision)
 
-    keygen = commands.add_parser("keygen", help="a participant's own private key and certificate signing request (for provision --tls --sign)")
-    keygen.add_argument("--user", required=True, help="your broker user, as the operator named it (e.g. RUN-client-3): the request's CN")
-    keygen.add_argument("--out", required=True, help="directory for USER.key (0600, stays here) and USER.csr (send it to the operator)")
-    keygen.add_argument("--replace", action="store_true", help="make a new key even if USER.key exists (its certificate then stops working)")
+    keygen = commands.add_parser(
+        "keygen", help="a participant's own private key and certificate signing request (for provision --tls --sign)"
+    )
+    keygen.add_argument(
+        "--user", required=True, help="your broker user, as the operator named it (e.g. RUN-client-3): the request's CN"
+    )
+    keygen.add_argument(
+        "--out", required=True, help="directory for USER.key (0600, stays here) and USER.csr (send it to the operator)"
+    )
+    keygen.add_argument(
+        "--replace",
+        action="store_true",
+        help="make a new key even if USER.key exists (its certificate then stops working)",
+    )
     keygen.set_defaults(func=cmd_keygen)
 
     add_operate_commands(commands)

@@ -22,10 +22,21 @@ def env_flag(name: str) -> bool | None:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", default=env("CONFIG"), help="YAML run config (default: $BROKERFL_CONFIG, else the embedded default run: digits, 10 IID clients, FedAvg)")
-    parser.add_argument("--clients", type=int, default=env("CLIENTS"), help="federation size = number of data partitions")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        default=env("CONFIG"),
+        help=(
+            "YAML run config (default: $BROKERFL_CONFIG, else the embedded default run: digits, 10 IID clients, FedAvg)"
+        ),
+    )
+    parser.add_argument(
+        "--clients", type=int, default=env("CLIENTS"), help="federation size = number of data partitions"
+    )
     parser.add_argument("--rounds", type=int, default=env("ROUNDS"), help="number of rounds")
-    parser.add_argument("--seed", type=int, default=env("SEED"), help="seed for data split, sampling, initialisation and training")
+    parser.add_argument(
+        "--seed", type=int, default=env("SEED"), help="seed for data split, sampling, initialisation and training"
+    )
     parser.add_argument("--run", default=env("RUN"), help="run name (the broker namespace)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
@@ -40,24 +51,52 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_const",
         const=True,
         default=env_flag("REPLICATED_QUEUES"),
-        help="every queue of the run a quorum queue, replicated on a RabbitMQ cluster (replicated_queues; $BROKERFL_REPLICATED_QUEUES=1)",
+        help=(
+            "every queue of the run a quorum queue, replicated on a RabbitMQ cluster (replicated_queues; "
+            "$BROKERFL_REPLICATED_QUEUES=1)"
+        ),
     )
 
 
 def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", help="AMQP URL, amqp:// or amqps:// (default: $BROKERFL_AMQP_URL); amqps:// without a user and with --tls-cert logs in by certificate; "
-                        "the nodes of a RabbitMQ cluster as comma-separated URLs (tried in order, failed over on connection loss)")
-    parser.add_argument("--tls-ca", default=env("TLS_CA"), help="CA certificate (PEM) that signed the broker's (default: $BROKERFL_TLS_CA, else the system's CAs)")
-    parser.add_argument("--tls-cert", default=env("TLS_CERT"), help="this participant's certificate (PEM) (default: $BROKERFL_TLS_CERT)")
+    parser.add_argument(
+        "--broker",
+        help=(
+            "AMQP URL, amqp:// or amqps:// (default: $BROKERFL_AMQP_URL); amqps:// without a user and with --tls-cert "
+            "logs in by certificate; "
+            "the nodes of a RabbitMQ cluster as comma-separated URLs (tried in order, failed over on connection loss)"
+        ),
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default=env("TLS_CA"),
+        help="CA certificate (PEM) that signed the broker's (default: $BROKERFL_TLS_CA, else the system's CAs)",
+    )
+    parser.add_argument(
+        "--tls-cert", default=env("TLS_CERT"), help="this participant's certificate (PEM) (default: $BROKERFL_TLS_CERT)"
+    )
     parser.add_argument("--tls-key", default=env("TLS_KEY"), help="its private key (PEM) (default: $BROKERFL_TLS_KEY)")
-    parser.add_argument("--max-reconnect-s", type=float, default=env("MAX_RECONNECT_S") or 60.0,
-                        help="how long to keep trying to reach the broker, after a lost connection and (server, client) at start (default 60; $BROKERFL_MAX_RECONNECT_S)")
+    parser.add_argument(
+        "--max-reconnect-s",
+        type=float,
+        default=env("MAX_RECONNECT_S") or 60.0,
+        help=(
+            "how long to keep trying to reach the broker, after a lost connection and (server, client) at start "
+            "(default 60; $BROKERFL_MAX_RECONNECT_S)"
+        ),
+    )
 
 
 def load_run_config(args: argparse.Namespace) -> RunConfig:
     # argparse applies `type` to string defaults too, so env values arrive as ints here
-    overrides: dict[str, Any] = {"clients": args.clients, "rounds": args.rounds, "seed": args.seed, "run": args.run, "identity.enforce": getattr(args, "enforce_identity", None),
-                                 "replicated_queues": getattr(args, "replicated_queues", None)}
+    overrides: dict[str, Any] = {
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "seed": args.seed,
+        "run": args.run,
+        "identity.enforce": getattr(args, "enforce_identity", None),
+        "replicated_queues": getattr(args, "replicated_queues", None),
+    }
     return load_config(args.config, overrides)
 
 
@@ -78,8 +117,13 @@ def connect(args: argparse.Namespace, *, side: bool = False, retry_start: bool =
     from brokerfl.transports.amqp import AmqpTransport
     from brokerfl.transports.amqp.connect import TlsOptions
 
-    return AmqpTransport(broker_url(args), tls=TlsOptions(args.tls_ca, args.tls_cert, args.tls_key), max_reconnect_s=float(getattr(args, "max_reconnect_s", 60.0)),
-                         retry_start=retry_start, **({"heartbeat": 0} if side else {}))
+    return AmqpTransport(
+        broker_url(args),
+        tls=TlsOptions(args.tls_ca, args.tls_cert, args.tls_key),
+        max_reconnect_s=float(getattr(args, "max_reconnect_s", 60.0)),
+        retry_start=retry_start,
+        **({"heartbeat": 0} if side else {}),
+    )
 
 
 def parse_client_ids(text: str) -> list[str]:

@@ -18,8 +18,8 @@ from brokerfl.cli.common import (
     load_run_config,
     parse_client_ids,
 )
-from brokerfl.transports.topology import RunTopology
 from brokerfl.transports.base import Transport, TransportError
+from brokerfl.transports.topology import RunTopology
 
 NO_REPLY = 4  # exit code: the server did not answer in time
 
@@ -27,17 +27,23 @@ NO_REPLY = 4  # exit code: the server did not answer in time
 # ---------------------------------------------------------------- status
 
 
-def gather(transport: Transport, topology: RunTopology, client_ids: list[str], *, timeout: float, amqp_url: str | None) -> dict[str, Any]:
+def gather(
+    transport: Transport, topology: RunTopology, client_ids: list[str], *, timeout: float, amqp_url: str | None
+) -> dict[str, Any]:
     """The server's status (None if it did not answer) and the broker's queue depths."""
-    from brokerfl.runtime.operator_commands import StatusRequest, ask, client_id_order
     from brokerfl.ops.inspection import management_counts
+    from brokerfl.runtime.operator_commands import StatusRequest, ask, client_id_order
 
     reply = ask(transport, topology, StatusRequest(), timeout=timeout)
     status = reply.status if reply is not None else None
     ids = sorted({*client_ids, *(c["id"] for c in (status or {}).get("clients", []))}, key=client_id_order)
     counts = management_counts(amqp_url) if amqp_url else None
     queues = {}
-    names = {"server": topology.server_queue, "dead letters": topology.dead_queue, **{f"client {c}": topology.client_queue(c) for c in ids}}
+    names = {
+        "server": topology.server_queue,
+        "dead letters": topology.dead_queue,
+        **{f"client {c}": topology.client_queue(c) for c in ids},
+    }
     if topology.journal:
         names["journal"] = topology.journal_stream
     for label, name in names.items():
@@ -45,14 +51,30 @@ def gather(transport: Transport, topology: RunTopology, client_ids: list[str], *
             info = transport.queue_info(name)
         except TransportError:
             continue
-        entry = {"name": name, "ready": info.messages_ready, "consumers": info.consumers, "unacked": info.messages_unacked, "bytes": None}
+        entry = {
+            "name": name,
+            "ready": info.messages_ready,
+            "consumers": info.consumers,
+            "unacked": info.messages_unacked,
+            "bytes": None,
+        }
         if counts and name in counts:
             managed = counts[name]
-            entry.update(ready=managed["ready"], unacked=managed["unacked"], consumers=managed["consumers"], bytes=managed.get("bytes"))
+            entry.update(
+                ready=managed["ready"],
+                unacked=managed["unacked"],
+                consumers=managed["consumers"],
+                bytes=managed.get("bytes"),
+            )
             if label == "journal" and managed.get("messages") is not None:
                 entry["ready"] = managed["messages"]
         queues[label] = entry
-    return {"server": status, "queues": queues, "journal_max_bytes": topology.journal_max_bytes if topology.journal else None, "journal_max_age": topology.journal_max_age}
+    return {
+        "server": status,
+        "queues": queues,
+        "journal_max_bytes": topology.journal_max_bytes if topology.journal else None,
+        "journal_max_age": topology.journal_max_age,
+    }
 
 
 def metrics_lines(status: dict[str, Any]) -> list[str]:
@@ -60,12 +82,19 @@ def metrics_lines(status: dict[str, Any]) -> list[str]:
     newest federated evaluation's), the target metric first."""
     target = (status.get("target") or {}).get("name")
     lines = []
-    for key, label in (("metrics", f"metrics of model version {status.get('metrics_version')}"), ("federated_metrics", "federated evaluation")):
+    for key, label in (
+        ("metrics", f"metrics of model version {status.get('metrics_version')}"),
+        ("federated_metrics", "federated evaluation"),
+    ):
         metrics = status.get(key) or {}
         if not metrics:
             continue
         names = sorted(metrics, key=lambda name: (name != target, name.startswith("train_"), name))
-        shown = ", ".join(f"{name} {'-' if metrics[name] is None else format(metrics[name], '.4g')}" + (" (target)" if name == target else "") for name in names)
+        shown = ", ".join(
+            f"{name} {'-' if metrics[name] is None else format(metrics[name], '.4g')}"
+            + (" (target)" if name == target else "")
+            for name in names
+        )
         lines.append(f"{label}: {shown}")
     return lines
 
@@ -81,33 +110,68 @@ def render(view: dict[str, Any]):
     if status is None:
         parts.append(Text("the server did not answer (not running, or busy): queue depths only", style="bold red"))
     else:
-        state = "finished" if status["done"] else "paused" if status["paused"] else "training" if status["round_open"] else "waiting" if not status["begun"] else "between rounds"
+        state = (
+            "finished"
+            if status["done"]
+            else "paused"
+            if status["paused"]
+            else "training"
+            if status["round_open"]
+            else "waiting"
+            if not status["begun"]
+            else "between rounds"
+        )
         acc = "-" if status["accuracy"] is None else f"{status['accuracy']:.4f}"
         loss = "-" if status["loss"] is None else f"{status['loss']:.4f}"
         age = "" if status["round_age_s"] is None else f" for {status['round_age_s']:.1f} s"
-        parts.append(Text(f"run {status['run']} ({status['strategy']}): {state}; round {status['round']} of {status['rounds']}{age}; model version {status['model_version']}; accuracy {acc}, loss {loss}", style="bold"))
+        parts.append(
+            Text(
+                f"run {status['run']} ({status['strategy']}): {state}; round {status['round']} of "
+                f"{status['rounds']}{age}; model version {status['model_version']}; accuracy {acc}, loss {loss}",
+                style="bold",
+            )
+        )
         for line in metrics_lines(status):
             parts.append(Text(line))  # Text: no markup from the wire (metric names are the app's)
         standbys = status.get("standbys") or []
-        parts.append(Text(f"active server {status.get('server') or '?'}; standby servers: {', '.join(standbys) if standbys else 'none'}"))
+        parts.append(
+            Text(
+                f"active server {status.get('server') or '?'}; standby servers: "
+                f"{', '.join(standbys) if standbys else 'none'}"
+            )
+        )
         live = sum(c["live"] for c in status["clients"])
-        parts.append(Text(
-            f"clients live {live} of {status['clients_expected']} expected, min {status['min_clients']}; "
-            f"still training: {', '.join(status['still_training']) or '-'}; held updates {status['held_updates']}; dropped {status['dropped_updates']}"
-            + (f"; removed: {', '.join(status['removed'])}" if status["removed"] else "")
-            + (f"; training failed: {', '.join(status['failed'])}" if status.get("failed") else "")
-            + (f"; app failed at start: {', '.join(status['unable'])}" if status.get("unable") else "")
-            + (f"; FAILED: {status['failure']}" if status["failure"] else "")
-        ))
+        parts.append(
+            Text(
+                f"clients live {live} of {status['clients_expected']} expected, min {status['min_clients']}; "
+                f"still training: {', '.join(status['still_training']) or '-'}; held updates {status['held_updates']}; "
+                f"dropped {status['dropped_updates']}"
+                + (f"; removed: {', '.join(status['removed'])}" if status["removed"] else "")
+                + (f"; training failed: {', '.join(status['failed'])}" if status.get("failed") else "")
+                + (f"; app failed at start: {', '.join(status['unable'])}" if status.get("unable") else "")
+                + (f"; FAILED: {status['failure']}" if status["failure"] else "")
+            )
+        )
         for c in status["clients"]:
             if c.get("duplicate"):
-                parts.append(Text(f"DUPLICATE: client {c['id']} is claimed by two processes: {' and '.join(c['duplicate'])}", style="bold red"))
+                parts.append(
+                    Text(
+                        f"DUPLICATE: client {c['id']} is claimed by two processes: {' and '.join(c['duplicate'])}",
+                        style="bold red",
+                    )
+                )
         clients = Table(title="clients", title_justify="left")
         for column in ("client", "state", "last seen", "samples", "this round"):
             clients.add_column(column)
         for c in status["clients"]:
             state_text = "removed" if c["removed"] else "live" if c["live"] else "silent"
-            clients.add_row(c["id"], state_text + (", duplicate" if c.get("duplicate") else ""), f"{c['last_seen_s']:.1f} s ago", "?" if c["num_samples"] is None else str(c["num_samples"]), _this_round(c, status))
+            clients.add_row(
+                c["id"],
+                state_text + (", duplicate" if c.get("duplicate") else ""),
+                f"{c['last_seen_s']:.1f} s ago",
+                "?" if c["num_samples"] is None else str(c["num_samples"]),
+                _this_round(c, status),
+            )
         parts.append(clients)
         failures = status.get("train_failures") or []
         if failures:
@@ -115,7 +179,9 @@ def render(view: dict[str, Any]):
             for column in ("client", "round", "error"):
                 failed.add_column(column)
             for f in failures:
-                failed.add_row(Text(str(f["client_id"])), str(f["round"]), Text(str(f["error"])))  # Text: no markup from the wire
+                failed.add_row(
+                    Text(str(f["client_id"])), str(f["round"]), Text(str(f["error"]))
+                )  # Text: no markup from the wire
             parts.append(failed)
     queues = Table(title="queues", title_justify="left")
     for column in ("queue", "ready", "unacked", "consumers", "bytes"):
@@ -124,7 +190,9 @@ def render(view: dict[str, Any]):
         ready = str(q["ready"])
         size = "?" if q["bytes"] is None else f"{q['bytes']:,}"
         if label == "journal" and view["journal_max_bytes"]:
-            size += f" of {view['journal_max_bytes']:,}" + (f", {view['journal_max_age']}" if view["journal_max_age"] else "")
+            size += f" of {view['journal_max_bytes']:,}" + (
+                f", {view['journal_max_age']}" if view["journal_max_age"] else ""
+            )
         queues.add_row(label, ready, "?" if q["unacked"] is None else str(q["unacked"]), str(q["consumers"]), size)
     parts.append(queues)
     return Group(*parts)
@@ -165,11 +233,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _watch(transport, topology, config.client_ids(), args, url)
 
 
-def _watch(transport: Transport, topology: RunTopology, client_ids: list[str], args: argparse.Namespace, url: str) -> int:
+def _watch(
+    transport: Transport, topology: RunTopology, client_ids: list[str], args: argparse.Namespace, url: str
+) -> int:
     from rich.live import Live
 
     try:
-        with Live(render(gather(transport, topology, client_ids, timeout=args.timeout, amqp_url=url)), auto_refresh=False) as live:
+        with Live(
+            render(gather(transport, topology, client_ids, timeout=args.timeout, amqp_url=url)), auto_refresh=False
+        ) as live:
             while True:
                 started = time.monotonic()
                 view = gather(transport, topology, client_ids, timeout=args.timeout, amqp_url=url)
@@ -236,18 +308,27 @@ def refused_by_config(message: Any, config: Any) -> str | None:
     against what it knows (removed clients, the round under way)."""
     from brokerfl.runtime import operator_commands as admin
 
-    ids = [message.client_id] if isinstance(message, admin.RemoveClient) else list(message.client_ids) if isinstance(message, admin.ShutdownClients) else []
+    ids = (
+        [message.client_id]
+        if isinstance(message, admin.RemoveClient)
+        else list(message.client_ids)
+        if isinstance(message, admin.ShutdownClients)
+        else []
+    )
     outside = [cid for cid in ids if not config.has_client(cid)]
     if outside:
-        return f"client{'s' if len(outside) > 1 else ''} {', '.join(outside[:10])} not in the federation of run {config.run} (client ids {config.client_ids_text()})"
+        return (
+            f"client{'s' if len(outside) > 1 else ''} {', '.join(outside[:10])} not in the federation of run "
+            f"{config.run} (client ids {config.client_ids_text()})"
+        )
     if isinstance(message, admin.SetMinClients) and message.min_clients > config.clients:
         return f"min clients {message.min_clients} is more than the {config.clients} clients of run {config.run}"
     return None
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
-    from brokerfl.runtime.operator_commands import ask
     from brokerfl.assembly.roles import topology_for
+    from brokerfl.runtime.operator_commands import ask
 
     config = load_run_config(args)
     topology = topology_for(config)
@@ -256,14 +337,21 @@ def cmd_admin(args: argparse.Namespace) -> int:
     except (ValueError, argparse.ArgumentTypeError) as exc:
         print(f"brokerfl admin: {exc}", file=sys.stderr)
         return 2
-    refusal = refused_by_config(message, config) if args.config else None  # without one, the default run's size says nothing
+    refusal = (
+        refused_by_config(message, config) if args.config else None
+    )  # without one, the default run's size says nothing
     if refusal is not None:
         print(f"REFUSED (not sent): {refusal}")
         return 1
     with connect(args) as transport:
         reply = ask(transport, topology, message, timeout=args.timeout)
         if reply is None:
-            print(f"brokerfl admin: no reply from the server of run {config.run} within {args.timeout:g} s (not running, or busy): the command expired unapplied, unless the server took it at the last moment (see brokerfl status)", file=sys.stderr)
+            print(
+                f"brokerfl admin: no reply from the server of run {config.run} within {args.timeout:g} s (not running, "
+                "or busy): the command expired unapplied, unless the server took it at the last moment (see brokerfl "
+                "status)",
+                file=sys.stderr,
+            )
             return NO_REPLY
         print(f"{'OK' if reply.ok else 'REFUSED'}: {reply.text}")
         if reply.ok and args.admin_command == "remove-client" and args.delete_queue:
@@ -290,7 +378,11 @@ def add_commands(commands: Any) -> None:
     )
     admin.add_argument("admin_command", choices=list(COMMANDS), metavar="COMMAND", help=", ".join(COMMANDS))
     admin.add_argument("values", nargs="*", help="the command's values (a client id, N, client ids)")
-    admin.add_argument("--config", default=env("CONFIG"), help="YAML run config (default: $BROKERFL_CONFIG; only the run name and journal are used)")
+    admin.add_argument(
+        "--config",
+        default=env("CONFIG"),
+        help="YAML run config (default: $BROKERFL_CONFIG; only the run name and journal are used)",
+    )
     admin.add_argument("--run", default=env("RUN"), help="run name")
     admin.add_argument("--reason", help="abort: why (journaled)")
     admin.add_argument("--delete-queue", action="store_true", help="remove-client: also delete the client's queue")

@@ -59,7 +59,10 @@ class TrainConfig(_Section):
 
 
 class StrategyConfig(_Section):
-    name: str = Field("fedavg", description="a built-in strategy (fedavg, fedadam, ... see brokerfl.config.builtins) or 'module:Class'")
+    name: str = Field(
+        "fedavg",
+        description="a built-in strategy (fedavg, fedadam, ... see brokerfl.config.builtins) or 'module:Class'",
+    )
     fraction: float = Field(1.0, gt=0, le=1, description="share of live clients sampled per round")
     clients_per_round: int | None = Field(None, ge=1, description="sample this many instead of a fraction")
     min_clients: int = Field(1, ge=1, description="fewest updates a round may close with")
@@ -67,14 +70,24 @@ class StrategyConfig(_Section):
     on_too_few: Literal["retry", "stop"] = "retry"
     max_retries: int = Field(3, ge=0)
     join_timeout_s: float = Field(60.0, gt=0, description="how long to wait for every client to join")
-    max_num_samples: int = Field(1_000_000, ge=1, description="a Join or Heartbeat declaring more samples than this is refused (it would outweigh the others); an update may claim at most what its client declared")
+    max_num_samples: int = Field(
+        1_000_000,
+        ge=1,
+        description=(
+            "a Join or Heartbeat declaring more samples than this is refused (it would outweigh the others); an update "
+            "may claim at most what its client declared"
+        ),
+    )
     max_update_ratio: float | None = Field(
         10.0,
         gt=0,
-        description="an update farther than this times (the global model's L2 norm + sqrt of its number of floating values) "
-        "from the model it was trained on is refused (a finite 1e30 would poison the model); null turns the check off",
+        description="an update farther than this times (the global model's L2 norm + sqrt of its number of "
+        "floating values) from the model it was trained on is refused (a finite 1e30 would poison the model); null "
+        "turns the check off",
     )
-    options: dict[str, Any] = Field(default_factory=dict, description="strategy-specific settings (the strategy's Options)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="strategy-specific settings (the strategy's Options)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -88,7 +101,10 @@ class LivenessConfig(_Section):
 
 
 class IdentityConfig(_Section):
-    enforce: bool = Field(False, description="receivers check each message's AMQP user_id against the run's users (brokerfl.runtime.identity)")
+    enforce: bool = Field(
+        False,
+        description="receivers check each message's AMQP user_id against the run's users (brokerfl.runtime.identity)",
+    )
     client_messages: list[str] = Field(
         default_factory=lambda: ["join", "leave", "heartbeat", "parameter_update", "evaluate_result", "train_failed"],
         description="message types clients may publish to the server (provisioning's topic permissions)",
@@ -98,14 +114,24 @@ class IdentityConfig(_Section):
 class CyclicConfig(_Section):
     """``workflow: cyclic``: the model travels from client to client (handlers/workflows/cyclic.py)."""
 
-    order: Literal["fixed", "shuffle"] = Field("fixed", description="the same order every round, or reshuffled each round")
-    hop_timeout_s: float = Field(60.0, gt=0, description="a holder silent this long: its task passes to the next client")
+    order: Literal["fixed", "shuffle"] = Field(
+        "fixed", description="the same order every round, or reshuffled each round"
+    )
+    hop_timeout_s: float = Field(
+        60.0, gt=0, description="a holder silent this long: its task passes to the next client"
+    )
 
 
 class SwarmConfig(_Section):
     """``workflow: swarm``: no server; the round's aggregator is a role (handlers/workflows/swarm.py)."""
 
-    min_responses_required: int | None = Field(None, ge=1, description="updates a round needs before it may close early (default, or more than were sampled: every sampled client)")
+    min_responses_required: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "updates a round needs before it may close early (default, or more than were sampled: every sampled client)"
+        ),
+    )
     wait_after_min_s: float = Field(5.0, ge=0, description="after the minimum, wait this long for the rest")
     best_metric: str = Field("accuracy", description="validation metric the best global model is kept by")
     best_mode: Literal["max", "min"] = Field("max", description="whether a higher or a lower best_metric is better")
@@ -114,9 +140,19 @@ class SwarmConfig(_Section):
 class CompressionConfig(_Section):
     """How clients compress their updates (brokerfl.wire.compression); the server undoes it."""
 
-    method: Literal["none", "float16", "bfloat16", "qsgd8", "topk"] = Field("none", description="none, a cast of the delta (float16, bfloat16), 8-bit stochastic quantization (qsgd8) or top-k sparsification (topk)")
+    method: Literal["none", "float16", "bfloat16", "qsgd8", "topk"] = Field(
+        "none",
+        description=(
+            "none, a cast of the delta (float16, bfloat16), 8-bit stochastic quantization (qsgd8) or top-k "
+            "sparsification (topk)"
+        ),
+    )
     fraction: float = Field(0.01, gt=0, le=1, description="topk: the fraction of each tensor's entries sent")
-    min_size: int = Field(1024, ge=0, description="tensors with fewer entries (biases, small layers) travel whole, as do buffers and integers")
+    min_size: int = Field(
+        1024,
+        ge=0,
+        description="tensors with fewer entries (biases, small layers) travel whole, as do buffers and integers",
+    )
     error_feedback: bool = Field(True, description="carry what compression dropped into the client's next update")
 
 
@@ -125,37 +161,89 @@ class RunConfig(_Section):
     seed: int = 0
     rounds: int = Field(20, ge=1)
     clients: int = Field(10, ge=1, description="federation size = number of data partitions")
-    app: str = Field("mlp", description="the app: model, data, training loop (see brokerfl.app): mlp (built in) or your module's import path")
+    app: str = Field(
+        "mlp",
+        description="the app: model, data, training loop (see brokerfl.app): mlp (built in) or your module's "
+        "import path",
+    )
     app_options: dict[str, Any] = Field(default_factory=dict, description="free-form settings handed to the app")
     data: DataConfig = Field(default_factory=DataConfig, description="the built-in MLP app's data settings")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the built-in MLP app's model settings")
     evaluate_every: int = Field(1, ge=1, description="federated evaluation every this many rounds")
-    federated_evaluation: Literal["auto", "always", "never"] = Field("auto", description="auto: when the app gives the server no test data")
-    metrics: list[str] = Field(default_factory=list, max_length=32, description="the metrics the curve plots, one panel each (default: every metric of the run)")
+    federated_evaluation: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: when the app gives the server no test data"
+    )
+    metrics: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="the metrics the curve plots, one panel each (default: every metric of the run)",
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
-    workflow: Literal["server", "swarm", "cyclic"] = Field("server", description="who aggregates: a server, a role among the clients, or nobody (the model travels)")
-    cross_site_eval: bool = Field(False, description="after the last round, evaluate every local model and the global one on every site's data")
+    workflow: Literal["server", "swarm", "cyclic"] = Field(
+        "server", description="who aggregates: a server, a role among the clients, or nobody (the model travels)"
+    )
+    cross_site_eval: bool = Field(
+        False, description="after the last round, evaluate every local model and the global one on every site's data"
+    )
     cyclic: CyclicConfig = Field(default_factory=CyclicConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     liveness: LivenessConfig = Field(default_factory=LivenessConfig)
-    server_handlers: str | None = Field(None, description="the server's handler set: server, async_server, cyclic or a module with table and make_state (default: the strategy's)")
-    client_handlers: str = Field("client", description="the client's handler set: client or a module with table and make_state")
-    extra_handlers: list[str] = Field(default_factory=list, description="handlers registered on those tables: gradients or modules that register them when imported")
-    replicated_queues: bool = Field(False, description="every queue of the run a quorum queue (replicated on a RabbitMQ cluster), not only the server's")
+    server_handlers: str | None = Field(
+        None,
+        description=(
+            "the server's handler set: server, async_server, cyclic or a module with table and make_state (default: "
+            "the strategy's)"
+        ),
+    )
+    client_handlers: str = Field(
+        "client", description="the client's handler set: client or a module with table and make_state"
+    )
+    extra_handlers: list[str] = Field(
+        default_factory=list,
+        description="handlers registered on those tables: gradients or modules that register them when imported",
+    )
+    replicated_queues: bool = Field(
+        False,
+        description="every queue of the run a quorum queue (replicated on a RabbitMQ cluster), not only the server's",
+    )
     model_transfer: Literal["auto", "reference", "inline"] = Field(
         "auto",
-        description="how tasks carry the global model: by reference to the run's models stream (fetched once per client process), "
-        "inline in every task, or auto: by reference from 1 MiB of parameters (brokerfl.storage.model_refs)",
+        description=(
+            "how tasks carry the global model: by reference to the run's models stream (fetched once per client "
+            "process), "
+            "inline in every task, or auto: by reference from 1 MiB of parameters (brokerfl.storage.model_refs)"
+        ),
     )
     journal: bool = Field(True, description="copy every message to the run's journal stream")
-    journal_max_bytes: int | None = Field(4 * 1024**3, ge=1, description="journal retention by size (oldest segments go first)")
-    journal_max_age: str | None = Field(None, pattern=r"^[0-9]+[YMDhms]$", description="journal retention by age, e.g. 7D or 12h")
+    journal_max_bytes: int | None = Field(
+        4 * 1024**3, ge=1, description="journal retention by size (oldest segments go first)"
+    )
+    journal_max_age: str | None = Field(
+        None, pattern=r"^[0-9]+[YMDhms]$", description="journal retention by age, e.g. 7D or 12h"
+    )
     identity: IdentityConfig = Field(default_factory=IdentityConfig)
-    train_schedule: dict[str, dict[int, Any]] = Field(default_factory=dict, description="a train setting -> {round: value}: from that round on the clients train with that value (e.g. lr: {1: 0.1, 10: 0.01})")
-    client_state_dir: str | None = Field(None, description="where each client keeps its app's context.state between processes (JSON, one file per client); none: in memory only")
-    client_slowdown: dict[str, float] = Field(default_factory=dict, description="client id -> factor: that client takes this many times longer to train (benchmarks of stragglers)")
-    compression: CompressionConfig = Field(default_factory=CompressionConfig, description="compressed updates, opt-in (synchronous server workflow)")
+    train_schedule: dict[str, dict[int, Any]] = Field(
+        default_factory=dict,
+        description=(
+            "a train setting -> {round: value}: from that round on the clients train with that value (e.g. lr: {1: "
+            "0.1, 10: 0.01})"
+        ),
+    )
+    client_state_dir: str | None = Field(
+        None,
+        description=(
+            "where each client keeps its app's context.state between processes (JSON, one file per client); none: in "
+            "memory only"
+        ),
+    )
+    client_slowdown: dict[str, float] = Field(
+        default_factory=dict,
+        description="client id -> factor: that client takes this many times longer to train (benchmarks of stragglers)",
+    )
+    compression: CompressionConfig = Field(
+        default_factory=CompressionConfig, description="compressed updates, opt-in (synchronous server workflow)"
+    )
 
     @field_validator("run")
     @classmethod
@@ -190,12 +278,18 @@ class RunConfig(_Section):
         if self.strategy.min_clients > self.clients:
             raise ValueError(f"strategy.min_clients ({self.strategy.min_clients}) exceeds clients ({self.clients})")
         if self.strategy.clients_per_round is not None and self.strategy.clients_per_round > self.clients:
-            raise ValueError(f"strategy.clients_per_round ({self.strategy.clients_per_round}) exceeds clients ({self.clients})")
+            raise ValueError(
+                f"strategy.clients_per_round ({self.strategy.clients_per_round}) exceeds clients ({self.clients})"
+            )
         if self.workflow == "cyclic" and self.strategy.name != "cyclic":
-            raise ValueError(f"workflow cyclic hands the model on; strategy.name must be cyclic, not {self.strategy.name!r}")
+            raise ValueError(
+                f"workflow cyclic hands the model on; strategy.name must be cyclic, not {self.strategy.name!r}"
+            )
         for key, by_round in self.train_schedule.items():
             if key not in TrainConfig.model_fields:
-                raise ValueError(f"train_schedule.{key}: not a train setting (one of {sorted(TrainConfig.model_fields)})")
+                raise ValueError(
+                    f"train_schedule.{key}: not a train setting (one of {sorted(TrainConfig.model_fields)})"
+                )
             if not by_round or min(by_round) < 1:
                 raise ValueError(f"train_schedule.{key}: give {{round: value}} with rounds from 1")
             for round_, value in by_round.items():
@@ -204,8 +298,13 @@ class RunConfig(_Section):
                 except ValidationError as exc:
                     raise ValueError(f"train_schedule.{key}.{round_}: {exc.errors()[0]['msg']}") from None
         self._check_strategy()
-        if self.compression.method != "none" and (self.workflow != "server" or self.strategy.name in ("fedasync", "fedbuff")):
-            raise ValueError(f"compression works with the synchronous server workflow, not with workflow {self.workflow!r} and strategy {self.strategy.name!r}")
+        if self.compression.method != "none" and (
+            self.workflow != "server" or self.strategy.name in ("fedasync", "fedbuff")
+        ):
+            raise ValueError(
+                f"compression works with the synchronous server workflow, not with workflow {self.workflow!r} and "
+                f"strategy {self.strategy.name!r}"
+            )
         return self
 
     def _check_strategy(self) -> None:
@@ -220,7 +319,12 @@ class RunConfig(_Section):
 
     def has_client(self, client_id: str) -> bool:
         """Is ``client_id`` one of :meth:`client_ids` (without building the list)?"""
-        return client_id.isascii() and client_id.isdigit() and str(int(client_id)) == client_id and int(client_id) < self.clients
+        return (
+            client_id.isascii()
+            and client_id.isdigit()
+            and str(int(client_id)) == client_id
+            and int(client_id) < self.clients
+        )
 
     def client_ids_text(self) -> str:
         """The federation's client ids, for a message: ``0-3``, or ``0`` for one client."""

@@ -72,7 +72,9 @@ def short_name(kind: str, name: str) -> str:
         return name
     for short, target in known.items():
         if name in (target, target.removeprefix("brokerfl.")):  # handlers.* from before it was brokerfl.handlers.*
-            warnings.warn(f"{kind}: {name!r} {OLD_SPELLING} {short!r}; write {kind}: {short}", DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                f"{kind}: {name!r} {OLD_SPELLING} {short!r}; write {kind}: {short}", DeprecationWarning, stacklevel=3
+            )
             return short
     if not _is_import_path(kind, name):
         example = "'module:Class'" if kind == "strategy" else "'package.module'"

@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from brokerfl.wire.names import bounded
 from brokerfl.storage.private_files import private_directory, write_private, write_public
+from brokerfl.wire.names import bounded
 
 VALID_DAYS = 365
 MAX_REQUEST_BYTES = 64 * 1024  # a P-256 request is under 1 KiB, an RSA-4096 one under 4 KiB
@@ -56,7 +56,12 @@ class Authority:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "brokerfl")])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "brokerfl"),
+        ]
+    )
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
@@ -108,7 +113,9 @@ def authority_in(ca_dir: str | Path, common_name: str = "brokerfl CA") -> Author
 
 
 def _leaf(ca: Authority, subject: x509.Name, public_key, server_names: Iterable[str] = ()) -> x509.Certificate:
-    builder = _builder(subject, ca.cert.subject, public_key).add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+    builder = _builder(subject, ca.cert.subject, public_key).add_extension(
+        x509.BasicConstraints(ca=False, path_length=None), critical=True
+    )
     names = list(dict.fromkeys(server_names))
     if names:
         alt = [x509.IPAddress(ipaddress.ip_address(n)) if _is_ip(n) else x509.DNSName(n) for n in names]
@@ -119,7 +126,9 @@ def _leaf(ca: Authority, subject: x509.Name, public_key, server_names: Iterable[
     return builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False).sign(ca.key, hashes.SHA256())
 
 
-def issue(ca: Authority, common_name: str, *, server_names: list[str] = ()) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def issue(
+    ca: Authority, common_name: str, *, server_names: list[str] = ()
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A leaf certificate and its key, both made here: a server's (``server_names`` as DNS/IP
     alternative names) or a client's."""
     key = new_key()
@@ -138,11 +147,19 @@ def write_signing_request(directory: str | Path, user: str, *, replace: bool = F
     if not USER_NAME.fullmatch(user):
         raise ValueError(f"{bounded(user, 80)} is not a broker user name (letters, digits, '.', '_', '-')")
     if not replace and (Path(directory) / f"{user}.key").exists():
-        raise ValueError(f"{Path(directory) / f'{user}.key'} exists (a certificate may be signed for it): remove it or pass --replace to make a new key")
+        raise ValueError(
+            f"{Path(directory) / f'{user}.key'} exists (a certificate may be signed for it): remove it or pass "
+            "--replace to make a new key"
+        )
     directory = private_directory(directory)
     key = new_key()
-    key_path = write_private(directory / f"{user}.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    csr_path = write_public(directory / f"{user}.csr", signing_request(user, key).public_bytes(serialization.Encoding.PEM))
+    key_path = write_private(
+        directory / f"{user}.key",
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+    )
+    csr_path = write_public(
+        directory / f"{user}.csr", signing_request(user, key).public_bytes(serialization.Encoding.PEM)
+    )
     return key_path, csr_path
 
 
@@ -151,7 +168,9 @@ def read_signing_request(data: bytes, source: str = "the request") -> tuple[str,
     made it holds the key), it names exactly one common name, and its key is one we accept.
     Returns (the common name, the request); :class:`SigningRefused` says why not."""
     if len(data) > MAX_REQUEST_BYTES:
-        raise SigningRefused(f"{source} is {len(data)} bytes, more than a certificate signing request ({MAX_REQUEST_BYTES})")
+        raise SigningRefused(
+            f"{source} is {len(data)} bytes, more than a certificate signing request ({MAX_REQUEST_BYTES})"
+        )
     try:
         csr = x509.load_pem_x509_csr(data)
     except ValueError as exc:
@@ -177,13 +196,17 @@ def read_signing_request(data: bytes, source: str = "the request") -> tuple[str,
     return names[0].value, csr
 
 
-def check_request(data: bytes, participants: Iterable[str], source: str = "the request") -> tuple[str, x509.CertificateSigningRequest]:
+def check_request(
+    data: bytes, participants: Iterable[str], source: str = "the request"
+) -> tuple[str, x509.CertificateSigningRequest]:
     """:func:`read_signing_request`, and its CN must be one of ``participants`` (the run's
     broker users)."""
     user, csr = read_signing_request(data, source)
     allowed = set(participants)
     if user not in allowed:
-        raise SigningRefused(f"{source} is for {bounded(user, 80)}, not a participant of this run ({', '.join(sorted(allowed))})")
+        raise SigningRefused(
+            f"{source} is for {bounded(user, 80)}, not a participant of this run ({', '.join(sorted(allowed))})"
+        )
     return user, csr
 
 
@@ -207,7 +230,9 @@ def write_certificate(directory: Path, stem: str, cert: x509.Certificate) -> Pat
     return write_public(directory / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM))
 
 
-def write_pair(directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+def write_pair(
+    directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> tuple[Path, Path]:
     """``<stem>.pem`` and its key ``<stem>.key`` (0600) in ``directory`` (made 0700)."""
     directory = private_directory(directory)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())

@@ -18,14 +18,21 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from brokerfl.runtime import operator_commands as _admin  # noqa: F401 - registers the operator's message types, so they decode
-from brokerfl.storage.accounting import who
-from brokerfl.wire.codec import DecodeError
 from brokerfl.runtime.identity import server_user
+from brokerfl.storage.accounting import who
 from brokerfl.storage.journal import Skipped
-from brokerfl.wire.message import ModelVersionStored, from_wire
+from brokerfl.transports.base import (
+    ORIGIN_USER_HEADER,
+    ORIGINAL_LENGTH_HEADER,
+    REASON_HEADER,
+    Delivery,
+    Transport,
+    TransportError,
+)
 from brokerfl.transports.topology import RunTopology
+from brokerfl.wire.codec import DecodeError
+from brokerfl.wire.message import ModelVersionStored, from_wire
 from brokerfl.wire.names import bounded
-from brokerfl.transports.base import ORIGIN_USER_HEADER, ORIGINAL_LENGTH_HEADER, REASON_HEADER, Delivery, Transport, TransportError
 
 
 def management_counts(amqp_url: str, timeout: float = 2.0) -> dict[str, dict[str, int]] | None:
@@ -42,14 +49,19 @@ def management_counts(amqp_url: str, timeout: float = 2.0) -> dict[str, dict[str
         return None
     return {
         q["name"]: {
-            "ready": q.get("messages_ready", 0), "unacked": q.get("messages_unacknowledged", 0), "consumers": q.get("consumers", 0),
-            "messages": q.get("messages"), "bytes": q.get("message_bytes"),
+            "ready": q.get("messages_ready", 0),
+            "unacked": q.get("messages_unacknowledged", 0),
+            "consumers": q.get("consumers", 0),
+            "messages": q.get("messages"),
+            "bytes": q.get("message_bytes"),
         }
         for q in queues
     }
 
 
-def queue_table(transport: Transport, topology: RunTopology, client_ids: Iterable[str], amqp_url: str | None = None) -> str:
+def queue_table(
+    transport: Transport, topology: RunTopology, client_ids: Iterable[str], amqp_url: str | None = None
+) -> str:
     counts = management_counts(amqp_url) if amqp_url else None
     names = [topology.server_queue, topology.dead_queue, *(topology.client_queue(c) for c in client_ids)]
     if topology.journal:
@@ -111,13 +123,21 @@ def journal_report(deliveries: Iterable[Delivery], newest: int = 5, *, run: str 
     lines.append(skipped.summary())
     lines.append(f"dead letters: {dead_count}")
     for d in dead:
-        headers = {k: bounded(v, 80) for k, v in d.envelope.headers.items() if k not in (REASON_HEADER, ORIGIN_USER_HEADER)}
-        lines.append(f"  {bounded(d.envelope.type, 40)} {bounded(d.envelope.message_id, 40)} from {dead_letter_origin(d, run)}: {bounded(d.envelope.headers.get(REASON_HEADER, '?'), 300)}")
+        headers = {
+            k: bounded(v, 80) for k, v in d.envelope.headers.items() if k not in (REASON_HEADER, ORIGIN_USER_HEADER)
+        }
+        lines.append(
+            f"  {bounded(d.envelope.type, 40)} {bounded(d.envelope.message_id, 40)} from {dead_letter_origin(d, run)}: "
+            f"{bounded(d.envelope.headers.get(REASON_HEADER, '?'), 300)}"
+        )
         lines.append(f"      headers {bounded(repr(headers), 500)}")
     lines.append(f"newest model versions (of {len(versions)}):")
     for v in versions[-newest:]:
         acc = v.metrics.get("accuracy")
-        lines.append(f"  v{v.version} round {v.round}: {len(v.update_ids)} updates, sha256 {v.sha256[:16]}" + (f", accuracy {acc:.4f}" if acc is not None else ""))
+        lines.append(
+            f"  v{v.version} round {v.round}: {len(v.update_ids)} updates, sha256 {v.sha256[:16]}"
+            + (f", accuracy {acc:.4f}" if acc is not None else "")
+        )
     return "\n".join(lines)
 
 
@@ -137,10 +157,17 @@ def find_message(deliveries: Iterable[Delivery], message_id: str) -> Delivery:
 def describe(delivery: Delivery) -> str:
     """Envelope, headers and fields; tensors as name, shape, dtype and L2 norm (no raw bytes)."""
     e = delivery.envelope
-    lines = [f"{bounded(e.type, 40)} {bounded(e.message_id, 40)}", f"  routing key {bounded(delivery.routing_key, 200)}, from {who(e.user_id, e.sender)}, timestamp {e.timestamp:.3f}", f"  headers {bounded(repr(e.headers), 2000)}"]
+    lines = [
+        f"{bounded(e.type, 40)} {bounded(e.message_id, 40)}",
+        f"  routing key {bounded(delivery.routing_key, 200)}, from {who(e.user_id, e.sender)}, timestamp "
+        f"{e.timestamp:.3f}",
+        f"  headers {bounded(repr(e.headers), 2000)}",
+    ]
     length = e.headers.get(ORIGINAL_LENGTH_HEADER)
     if isinstance(length, int) and length > len(delivery.body):  # a dead letter keeps an excerpt
-        return "\n".join([*lines, f"  body: the first {len(delivery.body)} of its {length} bytes (a dead letter keeps an excerpt)"])
+        return "\n".join(
+            [*lines, f"  body: the first {len(delivery.body)} of its {length} bytes (a dead letter keeps an excerpt)"]
+        )
     try:
         message = from_wire(e, delivery.body)
     except DecodeError as exc:

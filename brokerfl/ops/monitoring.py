@@ -54,7 +54,9 @@ class WorkerCollector:
         bytes_in.add_metric([self.role], sum(w.bytes_in for w in self.workers))
         bytes_out = CounterMetricFamily(f"{PREFIX}_bytes_out", "Message body bytes published", labels=["role"])
         bytes_out.add_metric([self.role], sum(w.bytes_out for w in self.workers))
-        dead = CounterMetricFamily(f"{PREFIX}_dead_lettered", "Messages dead-lettered, by kind of reason", labels=["role", "kind"])
+        dead = CounterMetricFamily(
+            f"{PREFIX}_dead_lettered", "Messages dead-lettered, by kind of reason", labels=["role", "kind"]
+        )
         kinds: Counter[str] = Counter()
         for worker in self.workers:
             kinds.update(dict(worker.dead_letter_kinds))
@@ -66,7 +68,9 @@ class WorkerCollector:
 class ServerCollector:
     """What the server's state holds: live clients, held updates, dropped updates by reason."""
 
-    def __init__(self, state: Any, live_clients: Callable[[Any], list[str]], held_updates: Callable[[Any], int]) -> None:
+    def __init__(
+        self, state: Any, live_clients: Callable[[Any], list[str]], held_updates: Callable[[Any], int]
+    ) -> None:
         self.state = state
         self.live_clients = live_clients
         self.held_updates = held_updates
@@ -86,7 +90,9 @@ class ServerCollector:
         live.add_metric([], self._count_live())
         held = GaugeMetricFamily(f"{PREFIX}_held_updates", "Updates folded and held unacked, in no stored version yet")
         held.add_metric([], self.held_updates(state))
-        dropped = CounterMetricFamily(f"{PREFIX}_updates_dropped", "Updates acked without being folded, by reason", labels=["reason"])
+        dropped = CounterMetricFamily(
+            f"{PREFIX}_updates_dropped", "Updates acked without being folded, by reason", labels=["reason"]
+        )
         for kind, count in sorted(Counter(drop_kind(reason) for _, reason in list(state.dropped)).items()):
             dropped.add_metric([kind], count)
         version = GaugeMetricFamily(f"{PREFIX}_model_version", "The newest stored model version")
@@ -94,8 +100,12 @@ class ServerCollector:
         paused = GaugeMetricFamily(f"{PREFIX}_paused", "1 while an operator has paused the rounds")
         paused.add_metric([], 1 if state.admin.paused else 0)
         # clients train aside, beating meanwhile: their heartbeats say so
-        training = GaugeMetricFamily(f"{PREFIX}_training_clients", "Clients whose last heartbeat says they are training")
-        training.add_metric([], sum(1 for record in list(state.clients.values()) if getattr(record, "training_s", None) is not None))
+        training = GaugeMetricFamily(
+            f"{PREFIX}_training_clients", "Clients whose last heartbeat says they are training"
+        )
+        training.add_metric(
+            [], sum(1 for record in list(state.clients.values()) if getattr(record, "training_s", None) is not None)
+        )
         yield from (live, held, dropped, version, paused, training)
 
 
@@ -106,11 +116,33 @@ class RoundMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         from prometheus_client import Counter as PromCounter
 
-        self.rounds = PromCounter(f"{PREFIX}_rounds", "Model versions stored by this process (a round each, for synchronous strategies)", registry=registry)
-        self.folded = PromCounter(f"{PREFIX}_updates_folded", "Updates folded into stored model versions", registry=registry)
-        self.duration = Histogram(f"{PREFIX}_round_duration_seconds", "Wall time of a round (start to stored version)", buckets=ROUND_BUCKETS, registry=registry)
-        self.phases = Histogram(f"{PREFIX}_server_phase_seconds", "Server time per round in each phase (brokerfl.runtime.timing)", ["phase"], buckets=PHASE_BUCKETS, registry=registry)
-        self.client_train = Histogram(f"{PREFIX}_client_train_seconds", "Mean training time the round's clients reported", buckets=PHASE_BUCKETS, registry=registry)
+        self.rounds = PromCounter(
+            f"{PREFIX}_rounds",
+            "Model versions stored by this process (a round each, for synchronous strategies)",
+            registry=registry,
+        )
+        self.folded = PromCounter(
+            f"{PREFIX}_updates_folded", "Updates folded into stored model versions", registry=registry
+        )
+        self.duration = Histogram(
+            f"{PREFIX}_round_duration_seconds",
+            "Wall time of a round (start to stored version)",
+            buckets=ROUND_BUCKETS,
+            registry=registry,
+        )
+        self.phases = Histogram(
+            f"{PREFIX}_server_phase_seconds",
+            "Server time per round in each phase (brokerfl.runtime.timing)",
+            ["phase"],
+            buckets=PHASE_BUCKETS,
+            registry=registry,
+        )
+        self.client_train = Histogram(
+            f"{PREFIX}_client_train_seconds",
+            "Mean training time the round's clients reported",
+            buckets=PHASE_BUCKETS,
+            registry=registry,
+        )
 
     def __call__(self, record: dict[str, Any]) -> None:
         self.rounds.inc()
@@ -123,7 +155,14 @@ class RoundMetrics:
             self.client_train.observe(record["client_train_s"])
 
 
-def serve_server_metrics(port: int, worker: Any, live_clients: Callable[[Any], list[str]], held_updates: Callable[[Any], int], *, addr: str = "0.0.0.0") -> CollectorRegistry:
+def serve_server_metrics(
+    port: int,
+    worker: Any,
+    live_clients: Callable[[Any], list[str]],
+    held_updates: Callable[[Any], int],
+    *,
+    addr: str = "0.0.0.0",
+) -> CollectorRegistry:
     """Expose a server worker's metrics on ``http://addr:port/metrics``; ``live_clients``
     and ``held_updates`` read the server's state (the handler set's own functions)."""
     registry = CollectorRegistry()

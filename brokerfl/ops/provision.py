@@ -46,7 +46,7 @@ request (``brokerfl keygen``; its key never leaves its site) or with a key made 
 CA's key in ``ca_dir``, apart. Plus a ``rabbitmq.conf`` fragment for the broker (with TLS:
 TLS 1.2/1.3 only, password login off unless asked for). ``out`` is 0700 and every secret in
 it (env files, keys) is written 0600 each time (:mod:`brokerfl.storage.private_files`).
-"""
+"""  # noqa: E501 - a table
 
 from __future__ import annotations
 
@@ -62,10 +62,10 @@ from typing import Any
 
 from brokerfl.config import RunConfig
 from brokerfl.runtime.identity import admin_user, client_user, server_user
-from brokerfl.wire.message import ServerStandby
-from brokerfl.wire.names import bounded
 from brokerfl.storage.private_files import private_directory, write_private, write_public
 from brokerfl.transports.topology import ADMIN, AUDIT, CLIENTS, DEAD, SERVER
+from brokerfl.wire.message import ServerStandby
+from brokerfl.wire.names import bounded
 
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 SigningRequest = str | Path | tuple[str, str | Path]  # a <user>.csr file, or (user, its request file)
@@ -141,7 +141,9 @@ def participants(config: RunConfig) -> list[Participant]:
     ]
 
 
-def definitions(config: RunConfig, people: list[Participant], *, vhost: str, limits: BrokerLimits = BrokerLimits()) -> dict[str, Any]:
+def definitions(
+    config: RunConfig, people: list[Participant], *, vhost: str, limits: BrokerLimits = BrokerLimits()
+) -> dict[str, Any]:
     """RabbitMQ definitions for one run in ``vhost`` (see the module docstring's table)."""
     from brokerfl.assembly.roles import topology_for
     from brokerfl.transports.amqp import queue_arguments
@@ -154,38 +156,102 @@ def definitions(config: RunConfig, people: list[Participant], *, vhost: str, lim
         # management: the run admin sees its vhost's queue counts in the management API
         # (brokerfl status); users, permissions, policies and other vhosts stay out of reach
         tags = [ADMIN_TAG] if p.role == "admin" else []
-        users.append({"name": p.user, "password_hash": hash_password(p.password), "hashing_algorithm": HASHING_ALGORITHM, "tags": tags, "limits": limits.for_role(p.role)})
+        users.append(
+            {
+                "name": p.user,
+                "password_hash": hash_password(p.password),
+                "hashing_algorithm": HASHING_ALGORITHM,
+                "tags": tags,
+                "limits": limits.for_role(p.role),
+            }
+        )
         if p.role == "admin":
             permissions.append({"user": p.user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"})
             continue  # no topic permissions: every routing key
         if p.role == "server":
-            own = _any_of(x, topo.server_queue, topo.dead_queue, topo.admin_queue, topo.journal_stream, topo.models_stream, topo.server_lease)
+            own = _any_of(
+                x,
+                topo.server_queue,
+                topo.dead_queue,
+                topo.admin_queue,
+                topo.journal_stream,
+                topo.models_stream,
+                topo.server_lease,
+            )
             # amq.default: the server answers status requests and admin commands on the
             # requester's direct reply-to address, which RabbitMQ routes through the default
             # exchange (the server already sends every client its tasks)
-            write = _any_of(x, topo.server_queue, topo.dead_queue, topo.admin_queue, topo.journal_stream, topo.models_stream, "amq.default")
+            write = _any_of(
+                x,
+                topo.server_queue,
+                topo.dead_queue,
+                topo.admin_queue,
+                topo.journal_stream,
+                topo.models_stream,
+                "amq.default",
+            )
             permissions.append({"user": p.user, "vhost": vhost, "configure": own, "write": write, "read": own})
             # server.server_standby: a standby server announces itself to the active one
-            topics.append({"user": p.user, "vhost": vhost, "exchange": x, "write": rf"^(({CLIENTS}|client|{DEAD}|{AUDIT}|{ADMIN})\..+|{SERVER}\.{ServerStandby.TYPE})$", "read": _any_of(f"{SERVER}.#", f"{DEAD}.#", f"{ADMIN}.#", "#")})
+            topics.append(
+                {
+                    "user": p.user,
+                    "vhost": vhost,
+                    "exchange": x,
+                    "write": rf"^(({CLIENTS}|client|{DEAD}|{AUDIT}|{ADMIN})\..+|{SERVER}\.{ServerStandby.TYPE})$",
+                    "read": _any_of(f"{SERVER}.#", f"{DEAD}.#", f"{ADMIN}.#", "#"),
+                }
+            )
         else:
             queue = topo.client_queue(p.client_id)
             # configure nothing: the definitions declare and bind its queue. Write: publish to
             # the exchange only (binding would need write on the queue). Read: consume its
             # queue and the models stream (clients fetch the versions their tasks name,
             # brokerfl.storage.model_refs), nothing else (binding would need read on the exchange).
-            permissions.append({"user": p.user, "vhost": vhost, "configure": "^$", "write": _any_of(x), "read": _any_of(queue, topo.models_stream)})
+            permissions.append(
+                {
+                    "user": p.user,
+                    "vhost": vhost,
+                    "configure": "^$",
+                    "write": _any_of(x),
+                    "read": _any_of(queue, topo.models_stream),
+                }
+            )
             sends = "|".join(re.escape(t) for t in client_types)
-            topics.append({"user": p.user, "vhost": vhost, "exchange": x, "write": rf"^({SERVER}\.({sends})|{DEAD}\.[A-Za-z0-9_]+)$", "read": "^$"})
+            topics.append(
+                {
+                    "user": p.user,
+                    "vhost": vhost,
+                    "exchange": x,
+                    "write": rf"^({SERVER}\.({sends})|{DEAD}\.[A-Za-z0-9_]+)$",
+                    "read": "^$",
+                }
+            )
     specs = [*topo.queues(), *(topo.client_queue_spec(cid) for cid in config.client_ids())]
     queues = [
         {
-            "name": spec.name, "vhost": vhost, "durable": True, "auto_delete": False,
-            "arguments": queue_arguments(spec.kind, dead_letter_queue=spec.dead_letter_queue, max_length_bytes=spec.max_length_bytes, max_age=spec.max_age, single_active_consumer=spec.single_active_consumer),
+            "name": spec.name,
+            "vhost": vhost,
+            "durable": True,
+            "auto_delete": False,
+            "arguments": queue_arguments(
+                spec.kind,
+                dead_letter_queue=spec.dead_letter_queue,
+                max_length_bytes=spec.max_length_bytes,
+                max_age=spec.max_age,
+                single_active_consumer=spec.single_active_consumer,
+            ),
         }
         for spec in specs
     ]
     bindings = [
-        {"source": x, "vhost": vhost, "destination": spec.name, "destination_type": "queue", "routing_key": pattern, "arguments": {}}
+        {
+            "source": x,
+            "vhost": vhost,
+            "destination": spec.name,
+            "destination_type": "queue",
+            "routing_key": pattern,
+            "arguments": {},
+        }
         for spec in specs
         for pattern in spec.bindings
     ]
@@ -195,7 +261,14 @@ def definitions(config: RunConfig, people: list[Participant], *, vhost: str, lim
         # (the server's broadcasts reach every client queue), and no dead-letter exchange: what
         # drop-head drops would be republished whole
         definition = {"max-length": messages, "max-length-bytes": size, "overflow": "drop-head"}
-        return {"vhost": vhost, "name": name, "pattern": pattern, "apply-to": "queues", "priority": 0, "definition": definition}
+        return {
+            "vhost": vhost,
+            "name": name,
+            "pattern": pattern,
+            "apply-to": "queues",
+            "priority": 0,
+            "definition": definition,
+        }
 
     return {
         "rabbit_version": "3.10.8",
@@ -203,10 +276,30 @@ def definitions(config: RunConfig, people: list[Participant], *, vhost: str, lim
         "vhosts": [{"name": vhost}],
         "permissions": permissions,
         "topic_permissions": topics,
-        "exchanges": [{"name": x, "vhost": vhost, "type": "topic", "durable": True, "auto_delete": False, "internal": False, "arguments": {}}],
+        "exchanges": [
+            {
+                "name": x,
+                "vhost": vhost,
+                "type": "topic",
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
+        ],
         "policies": [
-            capped(f"brokerfl-{config.run}-clients", "^" + re.escape(f"brokerfl.{config.run}.client."), limits.client_queue_messages, limits.client_queue_bytes),
-            capped(f"brokerfl-{config.run}-dead-letters", _any_of(topo.dead_queue), limits.dead_queue_messages, limits.dead_queue_bytes),
+            capped(
+                f"brokerfl-{config.run}-clients",
+                "^" + re.escape(f"brokerfl.{config.run}.client."),
+                limits.client_queue_messages,
+                limits.client_queue_bytes,
+            ),
+            capped(
+                f"brokerfl-{config.run}-dead-letters",
+                _any_of(topo.dead_queue),
+                limits.dead_queue_messages,
+                limits.dead_queue_bytes,
+            ),
         ],
         "queues": queues,
         "bindings": bindings,
@@ -253,7 +346,8 @@ def provision(
     ``out``); without it the CA's key is used for this provisioning and kept nowhere.
     ``requests``: participants' certificate signing requests (``brokerfl keygen``): paths
     named ``<user>.csr``, or (user, path); each is signed if its CN is that user, a user of
-    this run, and that participant gets a certificate and no key from us. Requests signed before are kept in ``ca_dir/requests`` and signed again on
+    this run, and that participant gets a certificate and no key from us. Requests signed before are kept in
+    ``ca_dir/requests`` and signed again on
     re-provisioning. ``password_login`` (default: off with TLS): PLAIN beside certificate
     login on the TLS listener."""
     out = Path(out)
@@ -270,7 +364,9 @@ def provision(
     to_sign = _signing_requests(ca_dir, requests, [p.user for p in people]) if tls else {}
     self_keyed = sorted(to_sign)
     private_directory(out)
-    path = write_public(out / "definitions.json", json.dumps(definitions(config, people, vhost=vhost, limits=limits), indent=2))  # hashes only: the broker reads it
+    path = write_public(
+        out / "definitions.json", json.dumps(definitions(config, people, vhost=vhost, limits=limits), indent=2)
+    )  # hashes only: the broker reads it
     port = port or (5671 if tls else 5672)
     tls_dir = None
     if tls:
@@ -295,15 +391,31 @@ def provision(
         if p.user in self_keyed:
             text += "# BROKERFL_TLS_KEY=<the key that brokerfl keygen made at your site; it never left it>\n"
         env_files[p.user] = write_private(out / f"{p.user}.env", text)
-    conf = write_public(out / "rabbitmq.conf", rabbitmq_conf(broker_dir or str(out.resolve()), tls=tls, port=port, password_login=password_login))
-    return Provisioned(out, vhost, path, people, env_files, tls_dir, conf, Path(ca_dir) if tls and ca_dir is not None else None, self_keyed, password_login)
+    conf = write_public(
+        out / "rabbitmq.conf",
+        rabbitmq_conf(broker_dir or str(out.resolve()), tls=tls, port=port, password_login=password_login),
+    )
+    return Provisioned(
+        out,
+        vhost,
+        path,
+        people,
+        env_files,
+        tls_dir,
+        conf,
+        Path(ca_dir) if tls and ca_dir is not None else None,
+        self_keyed,
+        password_login,
+    )
 
 
 def _is_within(path: Path, directory: Path) -> bool:
     return path.resolve() == directory.resolve() or directory.resolve() in path.resolve().parents
 
 
-def _signing_requests(ca_dir: str | Path | None, requests: list[SigningRequest], users: list[str]) -> dict[str, tuple[bytes, Any]]:
+def _signing_requests(
+    ca_dir: str | Path | None, requests: list[SigningRequest], users: list[str]
+) -> dict[str, tuple[bytes, Any]]:
     """Every request to sign, checked (before anything is written): user -> (its PEM, the
     request). The given ones, and those signed at an earlier provisioning (``ca_dir/requests``).
     A request must be for the user the operator expects: the one named with it
@@ -324,7 +436,10 @@ def _signing_requests(ca_dir: str | Path | None, requests: list[SigningRequest],
         data = Path(path).read_bytes()
         user, csr = check_request(data, users, source=str(path))
         if user != expected:
-            raise ValueError(f"{path} is a request for {user}, not for {bounded(expected, 80)}: sign it as {user}={path} only if it came from {user}'s site")
+            raise ValueError(
+                f"{path} is a request for {user}, not for {bounded(expected, 80)}: sign it as {user}={path} only if it "
+                f"came from {user}'s site"
+            )
         if user in given:
             raise ValueError(f"two certificate signing requests for {user}: {given[user]} and {path}")
         given[user] = path
@@ -332,7 +447,9 @@ def _signing_requests(ca_dir: str | Path | None, requests: list[SigningRequest],
     return found
 
 
-def _issue_certificates(tls_dir: Path, ca_dir: str | Path | None, requests: dict[str, tuple[bytes, Any]], *, host: str, users: list[str]) -> None:
+def _issue_certificates(
+    tls_dir: Path, ca_dir: str | Path | None, requests: dict[str, tuple[bytes, Any]], *, host: str, users: list[str]
+) -> None:
     """The CA's certificate, the broker's pair and every user's certificate in ``tls_dir``;
     ``requests`` (from :func:`_signing_requests`) are signed and kept in ``ca_dir/requests``."""
     from brokerfl.ops.certs import (

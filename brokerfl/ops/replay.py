@@ -23,9 +23,9 @@ import numpy as np
 
 from brokerfl.config import RunConfig
 from brokerfl.storage.journal import Skipped
-from brokerfl.wire.message import ModelVersionStored, ParameterUpdate, UpdateDropped
 from brokerfl.storage.store import parameters_hash
 from brokerfl.transports.base import Delivery
+from brokerfl.wire.message import ModelVersionStored, ParameterUpdate, UpdateDropped
 
 HISTORY = 16  # recent versions' parameters kept for strategies that need a base version
 
@@ -42,7 +42,9 @@ class ReplayRow:
     stored_hash: str
     replayed_hash: str
     stored_metrics: dict[str, float] = field(default_factory=dict)
-    what_if: dict[str, float] | None = None  # the target metric (brokerfl.wire.app_metrics) and loss of the what-if model
+    what_if: dict[str, float] | None = (
+        None  # the target metric (brokerfl.wire.app_metrics) and loss of the what-if model
+    )
     problem: str = ""
     users: list[str] = field(default_factory=list)  # who published its updates (AMQP user_id), in fold order
 
@@ -74,7 +76,10 @@ class ReplayResult:
             head += f"   {target[:12]:>8} {'loss':>8}   {what_if + ' ' + short:>12} {what_if + ' loss':>12}"
         lines = [head]
         for row in self.rows:
-            line = f"{row.version:>7} {row.num_updates:>7}  {row.stored_hash[:16]:<16} {row.replayed_hash[:16]:<16} {'OK' if row.ok else 'DIFF'}"
+            line = (
+                f"{row.version:>7} {row.num_updates:>7}  {row.stored_hash[:16]:<16} {row.replayed_hash[:16]:<16} "
+                f"{'OK' if row.ok else 'DIFF'}"
+            )
             if what_if and row.what_if is not None:
                 score, loss = row.stored_metrics.get(target, float("nan")), row.stored_metrics.get("loss", float("nan"))
                 line += f"   {score:>8.4f} {loss:>8.4f}   {row.what_if[target]:>12.4f} {row.what_if['loss']:>12.4f}"
@@ -142,7 +147,8 @@ def replay(
         if not history and record.version != 0:
             raise ReplayError(
                 f"the journal begins after version 0 (its first version record is v{record.version}): "
-                "retention removed the start of the run; raise journal_max_bytes / journal_max_age to replay runs this size"
+                "retention removed the start of the run; raise journal_max_bytes / journal_max_age to replay runs this "
+                "size"
             )
         row, model = _replay_version(record, original, pending, history, config)
         row.users = [pending[uid].user_id for uid in record.update_ids if uid in pending]
@@ -150,7 +156,9 @@ def replay(
         for old in [v for v in history if v < record.version - HISTORY]:
             del history[old]
         if alternative is not None and record.version > 0 and not row.problem:
-            alt_model = alternative.replay_version(record.version - 1, alt_model, row_updates(record, pending, history, config), history)
+            alt_model = alternative.replay_version(
+                record.version - 1, alt_model, row_updates(record, pending, history, config), history
+            )
             row.what_if = scorer(alt_model)
         elif record.version == 0:
             alt_model = model  # the what-if chain starts from the same initial model
@@ -160,7 +168,10 @@ def replay(
             rows.append(row)
 
     def replay_ready(*, all_of_them: bool = False) -> None:
-        while waiting and (all_of_them or (_next_in_order(waiting[0], history) and all(uid in pending for uid in waiting[0].update_ids))):
+        while waiting and (
+            all_of_them
+            or (_next_in_order(waiting[0], history) and all(uid in pending for uid in waiting[0].update_ids))
+        ):
             replay_record(waiting.pop(0))
 
     for delivery in journal:
@@ -175,7 +186,11 @@ def replay(
             updates_read += 1
         elif kind == UpdateDropped.TYPE:
             dropped = skipped.record(delivery, UpdateDropped)
-            if dropped is not None and dropped.update_id in pending and not any(dropped.update_id in r.update_ids for r in waiting):
+            if (
+                dropped is not None
+                and dropped.update_id in pending
+                and not any(dropped.update_id in r.update_ids for r in waiting)
+            ):
                 set_aside[dropped.update_id] = pending.pop(dropped.update_id)
                 while len(set_aside) > set_aside_max:
                     del set_aside[next(iter(set_aside))]
@@ -203,7 +218,13 @@ def replay(
     replay_ready(all_of_them=True)
     if not rows:
         raise ReplayError("the journal holds no model version records in that range (was the run's journal on?)")
-    return ReplayResult(rows, time.perf_counter() - started, updates_read, skipped, target=_target_name(config) if alternative is not None else "accuracy")
+    return ReplayResult(
+        rows,
+        time.perf_counter() - started,
+        updates_read,
+        skipped,
+        target=_target_name(config) if alternative is not None else "accuracy",
+    )
 
 
 def _next_in_order(record: ModelVersionStored, history: dict[int, Any]) -> bool:
@@ -211,7 +232,12 @@ def _next_in_order(record: ModelVersionStored, history: dict[int, Any]) -> bool:
     return record.version == (max(history) + 1 if history else 0)
 
 
-def row_updates(record: ModelVersionStored, pending: dict[str, ParameterUpdate], history: dict[int, Any] | None = None, config: RunConfig | None = None) -> list[ParameterUpdate]:
+def row_updates(
+    record: ModelVersionStored,
+    pending: dict[str, ParameterUpdate],
+    history: dict[int, Any] | None = None,
+    config: RunConfig | None = None,
+) -> list[ParameterUpdate]:
     """The updates a version holds, as the server folded them: a compressed one decompressed
     against the version it was trained on (the server's own function, so bit for bit)."""
     updates = [pending[uid] for uid in record.update_ids]
@@ -224,13 +250,22 @@ def row_updates(record: ModelVersionStored, pending: dict[str, ParameterUpdate],
         if update.compression:
             base = (history or {}).get(update.model_version)
             if base is None:
-                raise ReplayError(f"update {update.message_id} is compressed against version {update.model_version}, which was not replayed")
+                raise ReplayError(
+                    f"update {update.message_id} is compressed against version {update.model_version}, which was not "
+                    "replayed"
+                )
             update = dataclasses.replace(update, parameters=decompressed(update, base, config), compression="")
         out.append(update)
     return out
 
 
-def _replay_version(record: ModelVersionStored, strategy: Any, pending: dict[str, ParameterUpdate], history: dict[int, Any], config: RunConfig | None = None):
+def _replay_version(
+    record: ModelVersionStored,
+    strategy: Any,
+    pending: dict[str, ParameterUpdate],
+    history: dict[int, Any],
+    config: RunConfig | None = None,
+):
     row = ReplayRow(record.version, record.round, len(record.update_ids), record.sha256, "", dict(record.metrics))
     if record.version == 0:
         model = dict(record.parameters)
@@ -241,7 +276,11 @@ def _replay_version(record: ModelVersionStored, strategy: Any, pending: dict[str
     parent = history.get(record.version - 1)
     missing = [uid for uid in record.update_ids if uid not in pending]
     if parent is None or missing:
-        row.problem = f"version {record.version - 1} not replayed" if parent is None else f"{len(missing)} update(s) not in the journal, e.g. {missing[0]}"
+        row.problem = (
+            f"version {record.version - 1} not replayed"
+            if parent is None
+            else f"{len(missing)} update(s) not in the journal, e.g. {missing[0]}"
+        )
         return row, parent if parent is not None else {}
     model = strategy.replay_version(record.version - 1, parent, row_updates(record, pending, history, config), history)
     row.replayed_hash = parameters_hash(model)

@@ -31,7 +31,11 @@ class ScaffoldError(ValueError):
 
 def check_app_name(name: str) -> str:
     """A package name: lower case letters, digits and underscores, starting with a letter."""
-    if not _NAME.match(name) or keyword.iskeyword(name) or name in {"brokerfl", "handlers", "examples", "tests", "torch", "numpy"}:
+    if (
+        not _NAME.match(name)
+        or keyword.iskeyword(name)
+        or name in {"brokerfl", "handlers", "examples", "tests", "torch", "numpy"}
+    ):
         raise ScaffoldError(
             f"app name {name!r}: use a Python package name (lower case letters, digits and '_', "
             "starting with a letter; not a keyword or an existing package such as brokerfl)"
@@ -61,7 +65,7 @@ def create_app(name: str, parent: str | Path = ".") -> Path:
     return root
 
 
-PYPROJECT = '''\
+PYPROJECT = """\
 [build-system]
 requires = ["setuptools>=68"]
 build-backend = "setuptools.build_meta"
@@ -71,13 +75,13 @@ name = "{name}"
 version = "0.1.0"
 description = "A brokerfl app"
 requires-python = ">=3.11"
-dependencies = ["brokerfl"]   # brings torch, numpy and scikit-learn
+dependencies = ["brokerfl[torch]"]   # brings torch, numpy and scikit-learn
 
 [tool.setuptools.packages.find]
 include = ["{name}*"]
-'''
+"""
 
-CONFIG = '''\
+CONFIG = """\
 # The run: brokerfl simulate brokerfl.yaml (in this folder), or brokerfl server / client.
 run: {name}
 app: {name}.app
@@ -91,7 +95,7 @@ train:
   lr: 0.05
 strategy:
   name: fedavg
-'''
+"""
 
 APP = '''\
 """{name}: the model, the data and (optionally) the training loop of a brokerfl app.
@@ -142,7 +146,9 @@ def _split(seed: int) -> list[np.ndarray]:
     return train_test_split(x, y.astype(np.int64), test_size=0.2, random_state=seed, stratify=y)
 
 
-def load_partition(index: int, num_partitions: int, options: dict[str, Any], seed: int) -> tuple[np.ndarray, np.ndarray]:
+def load_partition(
+    index: int, num_partitions: int, options: dict[str, Any], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     x_train, _, y_train, _ = _split(seed)
     order = np.random.default_rng(seed).permutation(len(y_train))
     rows = np.array_split(order, num_partitions)[index]
@@ -190,7 +196,7 @@ def test_a_short_federation_learns(tmp_path):
     assert result.records[-1]["accuracy"] > 0.8
 '''
 
-DOCKERFILE = '''\
+DOCKERFILE = """\
 # The brokerfl worker image with this app installed: every container of the federation runs
 # it (docker/compose.yaml's server and clients). From this folder:
 #   docker build -t {name} --build-arg BROKERFL_IMAGE=brokerfl:latest .
@@ -204,9 +210,9 @@ COPY . /app
 RUN pip install --no-deps /app
 USER brokerfl
 ENV BROKERFL_CONFIG=/app/brokerfl.yaml
-'''
+"""
 
-README = '''\
+README = """\
 # {name}
 
 A brokerfl app: `{name}/app.py` holds the model and the data, `brokerfl.yaml` the run.
@@ -234,4 +240,4 @@ BROKERFL_IMAGE={name} BROKERFL_CONFIG=/app/brokerfl.yaml docker compose -f <brok
 
 Edit `model()` and `load_partition()` in `{name}/app.py` for your own model and data;
 `app_options` in `brokerfl.yaml` reaches every function as `options`.
-'''
+"""

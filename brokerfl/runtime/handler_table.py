@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from brokerfl.wire.message import Message
 from brokerfl.transports.topology import CLIENTS, REQUESTER, SERVER, client_dest
+from brokerfl.wire.message import Message
 
 Handler = Callable[[Any, "Context[Any]"], "Iterable[Outbound] | None"]
 StateT = TypeVar("StateT")
@@ -318,7 +318,10 @@ class HandlerSet:
         """TypeError unless ``state`` is every type this set needs."""
         for need in self.needs:
             if not isinstance(state, need):
-                raise TypeError(f"handler set {self.name!r} needs a state of type {need.__name__}, this run's is {type(state).__name__}")
+                raise TypeError(
+                    f"handler set {self.name!r} needs a state of type {need.__name__}, this run's is "
+                    f"{type(state).__name__}"
+                )
 
 
 def _wrap(wrapper: Callable[[Handler], Handler], handler: Handler) -> Handler:
@@ -340,14 +343,18 @@ def compose(role: str, *sets: HandlerSet) -> HandlerTable:
         for message_type, handler in handler_set.handlers.items():
             if message_type.TYPE in owner:
                 raise DuplicateHandler(
-                    f"message type {message_type.TYPE!r} is handled by handler set {owner[message_type.TYPE]!r} and by {handler_set.name!r}: "
+                    f"message type {message_type.TYPE!r} is handled by handler set {owner[message_type.TYPE]!r} and by "
+                    f"{handler_set.name!r}: "
                     f"list it under {handler_set.name!r}'s overrides if it is meant to replace the other"
                 )
             table.register(message_type, handler)
             owner[message_type.TYPE] = handler_set.name
         for message_type, handler in handler_set.overrides.items():
             if message_type.TYPE not in owner:
-                raise DuplicateHandler(f"handler set {handler_set.name!r} overrides {message_type.TYPE!r}, which no set before it in the {role} table handles")
+                raise DuplicateHandler(
+                    f"handler set {handler_set.name!r} overrides {message_type.TYPE!r}, which no set before it in the "
+                    f"{role} table handles"
+                )
             table.register(message_type, handler)
             owner[message_type.TYPE] = handler_set.name
     table.sets = tuple(sets)
@@ -386,5 +393,8 @@ class LegacyTable:
         if not mine:
             return None
         handled = set(handled)
-        return HandlerSet(f"{module} (old style, {self.role})", {t: h for t, h in mine.items() if t.TYPE not in handled},
-                          overrides={t: h for t, h in mine.items() if t.TYPE in handled})
+        return HandlerSet(
+            f"{module} (old style, {self.role})",
+            {t: h for t, h in mine.items() if t.TYPE not in handled},
+            overrides={t: h for t, h in mine.items() if t.TYPE in handled},
+        )

@@ -58,9 +58,17 @@ def server_inbox_check(run: str, client_ids: Iterable[str]) -> SenderCheck:
 
     def check(message: Message, user: str) -> str | None:
         if isinstance(message, (AdminCommand, StatusRequest)):
-            return None if user == admin else f"{message.TYPE} may come from the admin user {admin!r} only, not {user or '(no user_id)'!r}"
+            return (
+                None
+                if user == admin
+                else f"{message.TYPE} may come from the admin user {admin!r} only, not {user or '(no user_id)'!r}"
+            )
         if isinstance(message, ServerStandby):  # another server process of the run, waiting for the role
-            return None if user == server else f"{message.TYPE} may come from the server user {server!r} only, not {user or '(no user_id)'!r}"
+            return (
+                None
+                if user == server
+                else f"{message.TYPE} may come from the server user {server!r} only, not {user or '(no user_id)'!r}"
+            )
         who = clients.get(user)
         if who is None:
             return f"publisher {user or '(no user_id)'!r} is not a client of run {run!r}"

@@ -33,7 +33,10 @@ def configure_logging(level: str = "info", log_format: str | None = None) -> Non
     if log_format == "json":
         stamp, render = structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.JSONRenderer()
     else:
-        stamp, render = structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False), structlog.dev.ConsoleRenderer(colors=False)
+        stamp, render = (
+            structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
+            structlog.dev.ConsoleRenderer(colors=False),
+        )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from brokerfl.config import RunConfig
-from brokerfl.wire.message import Message, from_wire, to_wire
-from brokerfl.transports.topology import SERVER, RunTopology, routing_key
 from brokerfl.transports.base import Transport, TransportError, UnroutableError
-
+from brokerfl.transports.topology import SERVER, RunTopology, routing_key
+from brokerfl.wire.message import Message, from_wire, to_wire
 
 # ---------------------------------------------------------------- messages
 
@@ -132,7 +131,13 @@ class AdminState:
 
     def record(self) -> AdminStateRecord:
         self.seq += 1
-        return AdminStateRecord(seq=self.seq, paused=self.paused, removed=sorted(self.removed), min_clients=self.min_clients, rounds=self.rounds)
+        return AdminStateRecord(
+            seq=self.seq,
+            paused=self.paused,
+            removed=sorted(self.removed),
+            min_clients=self.min_clients,
+            rounds=self.rounds,
+        )
 
     @classmethod
     def from_record(cls, record: AdminStateRecord) -> AdminState:
@@ -143,7 +148,9 @@ class AdminState:
         if self.rounds is not None:
             config = config.model_copy(update={"rounds": self.rounds})
         if self.min_clients is not None:
-            config = config.model_copy(update={"strategy": config.strategy.model_copy(update={"min_clients": self.min_clients})})
+            config = config.model_copy(
+                update={"strategy": config.strategy.model_copy(update={"min_clients": self.min_clients})}
+            )
         return config
 
 
@@ -199,7 +206,11 @@ def ask(transport: Transport, topology: RunTopology, message: Message, *, timeou
         if isinstance(message, StatusRequest):
             reply = transport.request("", topology.server_queue, envelope, body, timeout=timeout)
         else:
-            reply = transport.request(topology.exchange, routing_key(SERVER, message.TYPE), envelope, body, timeout=timeout)
+            reply = transport.request(
+                topology.exchange, routing_key(SERVER, message.TYPE), envelope, body, timeout=timeout
+            )
     except UnroutableError:
-        raise TransportError(f"run {topology.run!r} has no server queue on this broker: no server of it has started") from None
+        raise TransportError(
+            f"run {topology.run!r} has no server queue on this broker: no server of it has started"
+        ) from None
     return None if reply is None else from_wire(*reply)

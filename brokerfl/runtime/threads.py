@@ -21,7 +21,10 @@ def process_thread(purpose: str) -> ThreadPoolExecutor:
     """The process's one thread for ``purpose`` (its name says it: ``brokerfl-<purpose>``)."""
     made = _threads.get(purpose)
     if made is None or made[0] != os.getpid():
-        made = _threads[purpose] = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"brokerfl-{purpose}"))
+        made = _threads[purpose] = (
+            os.getpid(),
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"brokerfl-{purpose}"),
+        )
     return made[1]
 
 

@@ -9,23 +9,45 @@ reason, and the worker goes on.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from queue import Empty, SimpleQueue
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
 
-from brokerfl.wire.codec import DEFAULT_LIMITS, DecodeError, EncodeError, Limits
-from brokerfl.runtime.handler_table import Aside, Cancelled, Context, HandlerFailed, HandlerTable, Outbound, Rejected, Started, Timer
-from brokerfl.wire.message import Message, from_wire, to_wire_parts
+from brokerfl.runtime.handler_table import (
+    Aside,
+    Cancelled,
+    Context,
+    Handler,
+    HandlerFailed,
+    HandlerTable,
+    Outbound,
+    Rejected,
+    Started,
+    Timer,
+)
 from brokerfl.runtime.threads import process_lane
 from brokerfl.runtime.timing import timings
+from brokerfl.transports.base import (
+    REPLY_TO,
+    Body,
+    Delivery,
+    LeaseLost,
+    Transport,
+    TransportError,
+    UnroutableError,
+    body_size,
+    bounded,
+    joined,
+)
 from brokerfl.transports.topology import DEAD, REQUESTER, RunTopology, routing_key
-from brokerfl.transports.base import REPLY_TO, Body, Delivery, LeaseLost, Transport, TransportError, UnroutableError, body_size, bounded, joined
-
+from brokerfl.wire.codec import DEFAULT_LIMITS, DecodeError, EncodeError, Limits
+from brokerfl.wire.message import Message, from_wire, to_wire_parts
 
 _TYPE_WORD = re.compile(r"^[A-Za-z0-9_]{1,64}$")  # what may stand in a routing key
 # Kinds of dead letters, counted by the worker (brokerfl.ops.monitoring exports the counts):
@@ -183,11 +205,14 @@ class Worker:
 
     def dispatch_local(self, message: Message) -> None:
         """Run a handler for a message that did not come through the transport."""
-        if self.table.handler_for(message.TYPE) is not None:
-            self._handle(message, None)
+        handler = self.table.handler_for(message.TYPE)
+        if handler is not None:
+            self._handle(handler, message, None)
 
     def _on_delivery(self, delivery: Delivery) -> None:
-        log = self.log.bind(message_id=bounded(delivery.envelope.message_id, 64), type=bounded(delivery.envelope.type, 64))
+        log = self.log.bind(
+            message_id=bounded(delivery.envelope.message_id, 64), type=bounded(delivery.envelope.type, 64)
+        )
         self.bytes_in += len(delivery.body)
         if delivery.problem:  # the transport could not read its envelope
             self._dead_letter(delivery, f"unreadable message: {delivery.problem}", log, kind=UNDECODABLE)
@@ -196,16 +221,32 @@ class Worker:
             with timings.phase("decode"):
                 message = from_wire(delivery.envelope, delivery.body, self.limits)
         except DecodeError as exc:
-            self._dead_letter(delivery, f"undecodable {bounded(delivery.envelope.type, 64)!r} message: {bounded(str(exc), 500)}", log, kind=UNDECODABLE)
+            self._dead_letter(
+                delivery,
+                f"undecodable {bounded(delivery.envelope.type, 64)!r} message: {bounded(str(exc), 500)}",
+                log,
+                kind=UNDECODABLE,
+            )
             return
         if message.LOCAL:  # e.g. a forged round deadline or start: only this process makes those
-            self._dead_letter(delivery, f"message type {message.TYPE!r} is local to a worker and cannot come over the transport", log, kind=REFUSED)
+            self._dead_letter(
+                delivery,
+                f"message type {message.TYPE!r} is local to a worker and cannot come over the transport",
+                log,
+                kind=REFUSED,
+            )
             return
         if self.admit is not None and (refused := self.admit(message, delivery.envelope.user_id)) is not None:
             self._dead_letter(delivery, f"refused: {refused}", log, kind=REFUSED)
             return
-        if self.table.handler_for(message.TYPE) is None:
-            self._dead_letter(delivery, f"no handler for message type {message.TYPE!r} in the {self.table.role} table", log, kind=UNHANDLED)
+        handler = self.table.handler_for(message.TYPE)
+        if handler is None:
+            self._dead_letter(
+                delivery,
+                f"no handler for message type {message.TYPE!r} in the {self.table.role} table",
+                log,
+                kind=UNHANDLED,
+            )
             return
         if self.resolve is not None:
             try:
@@ -216,12 +257,16 @@ class Worker:
                 self.transport.nack(delivery, requeue=True)
                 return
             except ValueError as exc:
-                self._dead_letter(delivery, f"rejected {bounded(delivery.envelope.type, 64)!r} message: {bounded(str(exc), 500)}", log, kind=REJECTED)
+                self._dead_letter(
+                    delivery,
+                    f"rejected {bounded(delivery.envelope.type, 64)!r} message: {bounded(str(exc), 500)}",
+                    log,
+                    kind=REJECTED,
+                )
                 return
-        self._handle(message, delivery)
+        self._handle(handler, message, delivery)
 
-    def _handle(self, message: Message, delivery: Delivery | None) -> None:
-        handler = self.table.handler_for(message.TYPE)
+    def _handle(self, handler: Handler, message: Message, delivery: Delivery | None) -> None:
         log = self.log.bind(message_id=message.message_id, type=message.TYPE, round=message.round)
         ctx = Context(
             role=self.name,
@@ -238,7 +283,7 @@ class Worker:
                 outbound = list(handler(message, ctx) or ())
             # Encoding is the handler's output failing, so its fault too; publishing is not.
             wire = self.encode([*ctx.also_send, *outbound])
-            outbound = None  # `wire` holds what is sent (the bodies' buffers): drop the rest of the messages
+            outbound.clear()  # `wire` holds what is sent (the bodies' buffers): drop the rest of the messages
             ctx.also_send.clear()
         except Exception as exc:
             if isinstance(exc, Rejected):
@@ -253,7 +298,14 @@ class Worker:
             if delivery is not None:
                 self._dead_letter(delivery, reason, log, kind=kind)
             elif not isinstance(message, HandlerFailed):  # not once more for its own failure
-                self.dispatch_local(HandlerFailed(failed_type=message.TYPE, error=bounded(reason, 1000), round=message.round, model_version=message.model_version))
+                self.dispatch_local(
+                    HandlerFailed(
+                        failed_type=message.TYPE,
+                        error=bounded(reason, 1000),
+                        round=message.round,
+                        model_version=message.model_version,
+                    )
+                )
             return
         try:
             self.publish_wire(wire, request=delivery)
@@ -326,7 +378,7 @@ class Worker:
                 self._dispatch_outcome(job)
             else:
                 self._aside.append(job)
-                process_lane(APP_LANE).submit(lambda job=job: self._run_aside(job))
+                process_lane(APP_LANE).submit(functools.partial(self._run_aside, job))
 
     def _run_aside(self, job: _AsideJob) -> None:
         """On the lane's thread: the work, then wake the I/O loop to dispatch its outcome."""
@@ -375,7 +427,7 @@ class Worker:
         sender and run. Every message is encoded (and checked) before any is published; a
         body is the buffers that make it up, joined only by the transport that needs it
         (the AMQP one copies a large body once, straight into its chunks)."""
-        wire = []
+        wire: list[tuple[str, str, Any, Body]] = []
         for item in outbound:
             message = item.message
             if not message.sender:
@@ -416,13 +468,17 @@ class Worker:
         type_word = message_type if isinstance(message_type, str) and _TYPE_WORD.match(message_type) else "invalid"
         self.dead_letter_kinds[kind] = self.dead_letter_kinds.get(kind, 0) + 1
         try:
-            self.transport.dead_letter(delivery, reason, exchange=self.topology.exchange, routing_key=routing_key(DEAD, type_word))
+            self.transport.dead_letter(
+                delivery, reason, exchange=self.topology.exchange, routing_key=routing_key(DEAD, type_word)
+            )
         except TransportError as exc:
             log.error("dead letter refused: rejecting the message instead", error=bounded(str(exc), 500))
             self.transport.nack(delivery, requeue=False)
 
 
-def run_workers(transport: Transport, workers: list[Worker], *, poll_s: float = 0.5, background: list[Worker] = ()) -> None:
+def run_workers(
+    transport: Transport, workers: list[Worker], *, poll_s: float = 0.5, background: Sequence[Worker] = ()
+) -> None:
     """Run several workers that share one connection until every one has stopped;
     ``background`` workers (e.g. the process's heartbeat) run alongside but do not keep
     the loop going."""

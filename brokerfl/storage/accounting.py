@@ -20,9 +20,16 @@ from typing import Any
 
 from brokerfl.runtime.operator_commands import AdminCommand, AdminReply
 from brokerfl.storage.journal import Skipped
-from brokerfl.wire.message import MESSAGE_TYPES, ModelVersionStored, ParameterUpdate, RunFinished, TrainFailed, UpdateDropped
-from brokerfl.wire.names import bounded
 from brokerfl.transports.base import REASON_HEADER, Delivery
+from brokerfl.wire.message import (
+    MESSAGE_TYPES,
+    ModelVersionStored,
+    ParameterUpdate,
+    RunFinished,
+    TrainFailed,
+    UpdateDropped,
+)
+from brokerfl.wire.names import bounded
 
 
 @dataclass
@@ -38,8 +45,12 @@ class Accounting:
     admin_users: dict[str, str] = field(default_factory=dict)  # admin command id -> broker user that published it
     first_version_record: int | None = None  # the first ModelVersionStored in the journal (0 unless retention cut it)
     ended: str | None = None  # the reason of the run's first RunFinished record, once the journal has one
-    after_end: dict[str, str] = field(default_factory=dict)  # update id -> who published it (:func:`who`), of updates journaled after it
-    train_failures: dict[str, TrainFailed] = field(default_factory=dict)  # clients' TrainFailed reports, by message id (a retried publish once)
+    after_end: dict[str, str] = field(
+        default_factory=dict
+    )  # update id -> who published it (:func:`who`), of updates journaled after it
+    train_failures: dict[str, TrainFailed] = field(
+        default_factory=dict
+    )  # clients' TrainFailed reports, by message id (a retried publish once)
 
     @property
     def cut_at(self) -> int | None:
@@ -54,12 +65,23 @@ class Accounting:
 
     @property
     def unaccounted(self) -> list[str]:
-        return sorted(uid for uid in self.sent if uid not in self.folded_into and uid not in self.dropped and uid not in self.dead and uid not in self.after_end)
+        return sorted(
+            uid
+            for uid in self.sent
+            if uid not in self.folded_into
+            and uid not in self.dropped
+            and uid not in self.dead
+            and uid not in self.after_end
+        )
 
     @property
     def only_after_end(self) -> list[str]:
         """Updates published after the run ended that no server recorded otherwise."""
-        return [uid for uid in self.after_end if uid not in self.folded_into and uid not in self.dropped and uid not in self.dead]
+        return [
+            uid
+            for uid in self.after_end
+            if uid not in self.folded_into and uid not in self.dropped and uid not in self.dead
+        ]
 
     @property
     def unknown_folded(self) -> list[str]:
@@ -83,13 +105,16 @@ class Accounting:
     def summary(self) -> str:
         folded_once = sum(1 for uid in self.sent if len(self.folded_into.get(uid, ())) == 1)
         only_dropped = sum(1 for uid in self.sent if uid not in self.folded_into and uid in self.dropped)
-        only_dead = sum(1 for uid in self.sent if uid not in self.folded_into and uid not in self.dropped and uid in self.dead)
+        only_dead = sum(
+            1 for uid in self.sent if uid not in self.folded_into and uid not in self.dropped and uid in self.dead
+        )
         lines = [
             f"updates sent: {len(self.sent)} over {self.versions} model versions",
             f"  folded into exactly one version: {folded_once}",
             f"  dropped with a recorded reason: {only_dropped}",
             f"  dead-lettered with a reason: {only_dead}",
-            f"  published after the run ended: {len(self.only_after_end)}" + _from_publishers(self.after_end[u] for u in self.only_after_end),
+            f"  published after the run ended: {len(self.only_after_end)}"
+            + _from_publishers(self.after_end[u] for u in self.only_after_end),
             f"  counted twice: {len(self.counted_twice)}",
             f"  unaccounted for: {len(self.unaccounted)}",
         ]
@@ -120,9 +145,14 @@ class Accounting:
         if self.cut_at is not None:
             lines.append(
                 f"the journal's start was cut by retention at version {self.cut_at}: the updates of versions up to "
-                f"{self.cut_at} are not in it and cannot be checked (raise journal_max_bytes / journal_max_age to keep whole runs)"
+                f"{self.cut_at} are not in it and cannot be checked (raise journal_max_bytes / journal_max_age to keep "
+                "whole runs)"
             )
-            lines.append(f"PARTIAL: every update after version {self.cut_at} is accounted for exactly once" if self.ok else "FAILED")
+            lines.append(
+                f"PARTIAL: every update after version {self.cut_at} is accounted for exactly once"
+                if self.ok
+                else "FAILED"
+            )
         else:
             lines.append("OK: every update is accounted for exactly once" if self.ok else "FAILED")
         return "\n".join(lines)
@@ -132,7 +162,10 @@ class Accounting:
         by_client: defaultdict[str, list[TrainFailed]] = defaultdict(list)
         for failure in self.train_failures.values():
             by_client[failure.client_id].append(failure)
-        lines = [f"training failures: {len(self.train_failures)}" + (f" (clients {', '.join(sorted(by_client))})" if by_client else "")]
+        lines = [
+            f"training failures: {len(self.train_failures)}"
+            + (f" (clients {', '.join(sorted(by_client))})" if by_client else "")
+        ]
         for client, failures in sorted(by_client.items()):
             last = failures[-1]
             lines.append(f"  client {client}: {len(failures)}, last in round {last.round}: {bounded(last.error, 120)}")
@@ -146,10 +179,16 @@ def _from_publishers(publishers: Iterable[str]) -> str:
     if not counts:
         return ""
     shown = sorted(counts.items(), key=lambda kv: -kv[1])[:5]
-    return ", from " + ", ".join(f"{publisher} ({n})" for publisher, n in shown) + (f" and {len(counts) - 5} more" if len(counts) > 5 else "")
+    return (
+        ", from "
+        + ", ".join(f"{publisher} ({n})" for publisher, n in shown)
+        + (f" and {len(counts) - 5} more" if len(counts) > 5 else "")
+    )
 
 
-def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]], *, run: str | None = None) -> Accounting:
+def account(
+    journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]], *, run: str | None = None
+) -> Accounting:
     """Check a journal (in order) against stored model versions' metadata. With ``run``,
     a dead letter of an update counts only if a client of the run did not publish it: only
     the server consumes updates, so a client's ``dead.parameter_update`` is a forgery (one
@@ -188,7 +227,10 @@ def account(journal: Iterable[Delivery], versions: Iterable[Mapping[str, Any]], 
             reply = skipped.record(delivery, AdminReply)
             if reply is not None:
                 user = reply.user or result.admin_users.get(reply.command_id, "")
-                result.admin.append(f"{reply.command} by {who(user, reply.by)} at round {reply.round}: {'ok' if reply.ok else 'refused'}: {reply.text}")
+                result.admin.append(
+                    f"{reply.command} by {who(user, reply.by)} at round {reply.round}: "
+                    f"{'ok' if reply.ok else 'refused'}: {reply.text}"
+                )
         elif _is_admin_command(kind) and not delivery.problem:  # who published it, as the broker validated it
             result.admin_users[delivery.envelope.message_id] = delivery.envelope.user_id
         elif kind == ModelVersionStored.TYPE and result.first_version_record is None and not delivery.problem:
@@ -236,10 +278,16 @@ def account_journal(journal: Iterable[Delivery], *, run: str | None = None) -> A
 
     def noting_versions() -> Iterator[Delivery]:
         for delivery in journal:
-            if delivery.envelope.type == ModelVersionStored.TYPE and not delivery.problem and not delivery.routing_key.startswith("dead."):
+            if (
+                delivery.envelope.type == ModelVersionStored.TYPE
+                and not delivery.problem
+                and not delivery.routing_key.startswith("dead.")
+            ):
                 record = skipped.record(delivery, ModelVersionStored)
                 if record is not None:
-                    versions.setdefault(record.version, {"version": record.version, "update_ids": list(record.update_ids)})
+                    versions.setdefault(
+                        record.version, {"version": record.version, "update_ids": list(record.update_ids)}
+                    )
             yield delivery
 
     def noted_versions() -> Iterator[dict[str, Any]]:  # read by account() after the whole journal

@@ -32,12 +32,12 @@ from typing import Any
 
 import structlog
 
+from brokerfl.storage.store import ModelStore, ModelVersion
+from brokerfl.transports.base import Delivery, Transport
+from brokerfl.transports.stream_reader import StreamReader
+from brokerfl.transports.topology import RunTopology
 from brokerfl.wire.codec import decode, encode_parts
 from brokerfl.wire.message import Envelope, new_message_id
-from brokerfl.storage.store import ModelStore, ModelVersion
-from brokerfl.transports.topology import RunTopology
-from brokerfl.transports.stream_reader import StreamReader
-from brokerfl.transports.base import Delivery, Transport
 
 log = structlog.get_logger("brokerfl.model_store")
 
@@ -61,10 +61,21 @@ def version_of(delivery: Delivery) -> int | None:
     return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
-def read_version(transport: Transport, stream: str, version: int, start: int | str, *, timeout_s: float, what: str) -> Delivery:
+def read_version(
+    transport: Transport, stream: str, version: int, start: int | str, *, timeout_s: float, what: str
+) -> Delivery:
     """The delivery of ``version`` from ``stream``, reading from offset ``start`` on
     (acked; the consumer is cancelled). TransportError after ``timeout_s`` without a message."""
-    with StreamReader(transport, stream, offset=start, silence_s=timeout_s, what=lambda silence: f"{what}: model version {version} not found in {stream} from offset {start} ({silence:.0f} s without a message)") as reader:
+    with StreamReader(
+        transport,
+        stream,
+        offset=start,
+        silence_s=timeout_s,
+        what=lambda silence: (
+            f"{what}: model version {version} not found in {stream} from offset {start} ({silence:.0f} s without a "
+            "message)"
+        ),
+    ) as reader:
         return next(delivery for delivery in reader if version_of(delivery) == version)
 
 
@@ -72,7 +83,15 @@ class BrokerModelStore(ModelStore):
     """Versions in the run's models stream, over a connection of its own (reading the
     stream polls that connection, which must not run another consumer's handlers)."""
 
-    def __init__(self, transport: Transport, topology: RunTopology, *, keep: int = 2, export: ModelStore | None = None, timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        topology: RunTopology,
+        *,
+        keep: int = 2,
+        export: ModelStore | None = None,
+        timeout_s: float = 120.0,
+    ) -> None:
         self.transport, self.topology, self.timeout_s = transport, topology, timeout_s
         self.keep, self.export = max(1, keep), export
         self._meta: dict[int, dict[str, Any]] = {}
@@ -103,8 +122,16 @@ class BrokerModelStore(ModelStore):
             raise ValueError(f"model version {model.version} is already stored")
         floor, self._prepared = (self._prepared if self._prepared is not None else self._tail()), None
         # the body as its buffers: the transport copies them once, straight into its chunks
-        body = encode_parts({"meta": model.metadata(), "parameters": model.parameters, "strategy_state": model.strategy_state})
-        envelope = Envelope(VERSION_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run, "model_version": model.version})
+        body = encode_parts(
+            {"meta": model.metadata(), "parameters": model.parameters, "strategy_state": model.strategy_state}
+        )
+        envelope = Envelope(
+            VERSION_TYPE,
+            new_message_id(),
+            "model-store",
+            time.time(),
+            {"run": self.topology.run, "model_version": model.version},
+        )
         self.transport.publish("", self.stream, envelope, body)  # returns once confirmed
         del body
         self._remember(model, floor)
@@ -121,8 +148,16 @@ class BrokerModelStore(ModelStore):
         stream too (confirmed), so that :meth:`refresh` elsewhere restores them."""
         if version not in self._meta:
             raise KeyError(f"no model version {version} in {self.stream}")
-        metrics = {name: None if value is None else float(value) for name, value in metrics.items()}  # numpy scalars too
-        envelope = Envelope(SCORES_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run, "model_version": version})
+        metrics = {
+            name: None if value is None else float(value) for name, value in metrics.items()
+        }  # numpy scalars too
+        envelope = Envelope(
+            SCORES_TYPE,
+            new_message_id(),
+            "model-store",
+            time.time(),
+            {"run": self.topology.run, "model_version": version},
+        )
         self.transport.publish("", self.stream, envelope, encode_parts({"model_version": version, "metrics": metrics}))
         self._merge_scores(version, metrics)
 
@@ -176,7 +211,14 @@ class BrokerModelStore(ModelStore):
             return cached
         if version not in self._meta:
             raise KeyError(f"no model version {version} in {self.stream}")
-        delivery = read_version(self.transport, self.stream, version, self._floor.get(version, "first"), timeout_s=self.timeout_s, what="re-reading a stored version")
+        delivery = read_version(
+            self.transport,
+            self.stream,
+            version,
+            self._floor.get(version, "first"),
+            timeout_s=self.timeout_s,
+            what="re-reading a stored version",
+        )
         model = _model_from(decode(delivery.body))
         self._remember(model, self._floor.get(version, "first"), newest=False)
         return model
@@ -201,7 +243,16 @@ class BrokerModelStore(ModelStore):
     def _tail(self) -> int | str:
         """An offset at or before the next message of the stream: a mark's offset + 1."""
         mark = Envelope(MARK_TYPE, new_message_id(), "model-store", time.time(), {"run": self.topology.run})
-        with StreamReader(self.transport, self.stream, offset="next", prefetch=1, silence_s=self.timeout_s, what=lambda silence: f"the models stream of run {self.topology.run!r} did not return its mark within {silence:.0f} s") as reader:
+        with StreamReader(
+            self.transport,
+            self.stream,
+            offset="next",
+            prefetch=1,
+            silence_s=self.timeout_s,
+            what=lambda silence: (
+                f"the models stream of run {self.topology.run!r} did not return its mark within {silence:.0f} s"
+            ),
+        ) as reader:
             self.transport.publish("", self.stream, mark, b"")
             returned = next(delivery for delivery in reader if delivery.envelope.message_id == mark.message_id)
         offset = stream_offset(returned)
@@ -216,7 +267,16 @@ class BrokerModelStore(ModelStore):
         self.transport.publish("", self.stream, mark, b"")
         exported = set(self.export.versions()) if self.export is not None else set()
         previous: int | str = "first"  # the offset after the previous message: at or before this one
-        with StreamReader(self.transport, self.stream, offset="first", silence_s=self.timeout_s, what=lambda silence: f"the models stream of run {self.topology.run!r} did not reach its end mark ({silence:.0f} s without a message)") as reader:
+        with StreamReader(
+            self.transport,
+            self.stream,
+            offset="first",
+            silence_s=self.timeout_s,
+            what=lambda silence: (
+                f"the models stream of run {self.topology.run!r} did not reach its end mark ({silence:.0f} s without a "
+                "message)"
+            ),
+        ) as reader:
             for delivery in reader:
                 if delivery.envelope.message_id == mark.message_id:
                     break
@@ -242,7 +302,11 @@ class BrokerModelStore(ModelStore):
             version, metrics = payload["model_version"], payload["metrics"]
             if not (isinstance(version, int) and isinstance(metrics, dict)):
                 raise TypeError("model_version must be an int and metrics a map")
-        except (ValueError, KeyError, TypeError) as exc:  # the server's own stream; a bad record costs a score, not the run
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as exc:  # the server's own stream; a bad record costs a score, not the run
             log.error("model_store.bad_scores", message_id=delivery.envelope.message_id, error=str(exc)[:300])
             return
         if version in self._meta:  # a version's scores come after it; else not this stream's
@@ -250,4 +314,6 @@ class BrokerModelStore(ModelStore):
 
 
 def _model_from(payload: dict[str, Any]) -> ModelVersion:
-    return ModelVersion(parameters=payload["parameters"], strategy_state=payload.get("strategy_state", {}), **payload["meta"])
+    return ModelVersion(
+        parameters=payload["parameters"], strategy_state=payload.get("strategy_state", {}), **payload["meta"]
+    )

@@ -25,7 +25,14 @@ def build_matrix(results: dict[str, dict[str, dict[str, float]]], metric: str = 
     for name in ("accuracy", "loss"):
         matrices[name] = [[float(results[s].get(m, {}).get(name, math.nan)) for s in sites] for m in models]
     samples = {s: int(next(iter(results[s].values()), {}).get("num_samples", 0)) for s in sites}
-    return {"models": models, "sites": sites, "metric": metric, "matrix": matrices, "num_samples": samples, "summary": summarise(models, sites, matrices["accuracy"])}
+    return {
+        "models": models,
+        "sites": sites,
+        "metric": metric,
+        "matrix": matrices,
+        "num_samples": samples,
+        "summary": summarise(models, sites, matrices["accuracy"]),
+    }
 
 
 def _site_order(name: str) -> tuple[int, str]:
@@ -46,12 +53,14 @@ def summarise(models: list[str], sites: list[str], accuracy: list[list[float]]) 
             continue
         j_own = sites.index(f"site-{own}")
         off = [j for j in range(len(sites)) if j != j_own and not math.isnan(accuracy[i][j])]
-        rows.append({
-            "model": model,
-            "own_site": accuracy[i][j_own],
-            "off_site_mean": _mean([accuracy[i][j] for j in off]),
-            "global_off_site_mean": _mean([global_row[j] for j in off]),
-        })
+        rows.append(
+            {
+                "model": model,
+                "own_site": accuracy[i][j_own],
+                "off_site_mean": _mean([accuracy[i][j] for j in off]),
+                "global_off_site_mean": _mean([global_row[j] for j in off]),
+            }
+        )
     return rows
 
 
@@ -85,7 +94,15 @@ def draw_heatmap(document: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("model")
     for i, row in enumerate(values):
         for j, value in enumerate(row):
-            ax.text(j, i, "-" if math.isnan(value) else f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                "-" if math.isnan(value) else f"{value:.2f}",
+                ha="center",
+                va="center",
+                color="white" if value < 0.6 else "black",
+                fontsize=8,
+            )
     fig.colorbar(image, ax=ax, label=document.get("metric", "accuracy"))
     ax.set_title("cross-site evaluation")
     fig.tight_layout()
@@ -117,5 +134,10 @@ def print_table(document: dict[str, Any], console: Any = None) -> None:
         for column in ("model", "own site", "off-site mean", "global, same sites"):
             summary.add_column(column, justify="right" if column != "model" else "left")
         for row in document["summary"]:
-            summary.add_row(row["model"], f"{row['own_site']:.3f}", f"{row['off_site_mean']:.3f}", f"{row['global_off_site_mean']:.3f}")
+            summary.add_row(
+                row["model"],
+                f"{row['own_site']:.3f}",
+                f"{row['off_site_mean']:.3f}",
+                f"{row['global_off_site_mean']:.3f}",
+            )
         console.print(summary)

@@ -17,12 +17,12 @@ from typing import TypeVar
 
 import msgpack
 
+from brokerfl.transports.base import Delivery, Transport, TransportError, envelope_problem, safe_headers
+from brokerfl.transports.stream_reader import StreamReader
+from brokerfl.transports.topology import AUDIT, RunTopology, routing_key
 from brokerfl.wire.codec import DecodeError
 from brokerfl.wire.message import Envelope, Message, from_wire
-from brokerfl.transports.topology import AUDIT, RunTopology, routing_key
-from brokerfl.transports.stream_reader import StreamReader
 from brokerfl.wire.names import bounded
-from brokerfl.transports.base import Delivery, Transport, TransportError, envelope_problem, safe_headers
 
 M = TypeVar("M", bound=Message)
 
@@ -54,7 +54,9 @@ def retention_warning(model_bytes: int, *, rounds: int, participants: int, max_b
     )
 
 
-def read_journal(transport: Transport, topology: RunTopology, *, timeout_s: float = 120.0, prefetch: int = 64) -> Iterator[Delivery]:
+def read_journal(
+    transport: Transport, topology: RunTopology, *, timeout_s: float = 120.0, prefetch: int = 64
+) -> Iterator[Delivery]:
     """Yield the run's journaled messages in journal order, up to the moment of the call."""
     if not topology.journal:
         raise TransportError(f"run {topology.run!r} has no journal (journal: false)")
@@ -63,7 +65,17 @@ def read_journal(transport: Transport, topology: RunTopology, *, timeout_s: floa
     mark = JournalMark(run=topology.run, sender="journal-reader")
     envelope, body = to_wire(mark)
     transport.publish(topology.exchange, routing_key(AUDIT, JournalMark.TYPE), envelope, body)
-    with StreamReader(transport, topology.journal_stream, offset="first", prefetch=prefetch, silence_s=timeout_s, poll_s=0.2, what=lambda silence: f"the journal of run {topology.run!r} did not reach its end mark ({silence:.0f} s without a message)") as reader:
+    with StreamReader(
+        transport,
+        topology.journal_stream,
+        offset="first",
+        prefetch=prefetch,
+        silence_s=timeout_s,
+        poll_s=0.2,
+        what=lambda silence: (
+            f"the journal of run {topology.run!r} did not reach its end mark ({silence:.0f} s without a message)"
+        ),
+    ) as reader:
         for delivery in reader:
             if delivery.envelope.message_id == mark.message_id:
                 return
@@ -138,7 +150,9 @@ FILE_FORMAT = "brokerfl-journal"
 FILE_VERSION = 1
 
 
-def write_journal_file(path: str | os.PathLike, run: str, deliveries: Iterable[Delivery], skipped: Skipped | None = None) -> int:
+def write_journal_file(
+    path: str | os.PathLike, run: str, deliveries: Iterable[Delivery], skipped: Skipped | None = None
+) -> int:
     """Write journaled messages to a file (a msgpack stream: a header map, then one
     ``[exchange, routing_key, type, message_id, sender, timestamp, headers, body]`` per
     message); returns how many. Bodies stay exactly as they travelled; headers of types
@@ -155,7 +169,12 @@ def write_journal_file(path: str | os.PathLike, run: str, deliveries: Iterable[D
                 skipped.add("unreadable envelope")
                 continue
             headers, _ = safe_headers(e.headers)
-            f.write(msgpack.packb([d.exchange, d.routing_key, e.type, e.message_id, e.sender, e.timestamp, headers, d.body], use_bin_type=True))
+            f.write(
+                msgpack.packb(
+                    [d.exchange, d.routing_key, e.type, e.message_id, e.sender, e.timestamp, headers, d.body],
+                    use_bin_type=True,
+                )
+            )
             count += 1
         f.flush()
         os.fsync(f.fileno())
@@ -188,17 +207,37 @@ def read_journal_file(path: str | os.PathLike) -> Iterator[Delivery]:
             except StopIteration:
                 return
             except (ValueError, msgpack.UnpackException) as exc:  # the rest of the file cannot be read
-                yield Delivery("journal", "", "", Envelope("", "", "", 0.0, {}), b"", False, offset, problem=f"unreadable from record {offset} on ({type(exc).__name__})")
+                yield Delivery(
+                    "journal",
+                    "",
+                    "",
+                    Envelope("", "", "", 0.0, {}),
+                    b"",
+                    False,
+                    offset,
+                    problem=f"unreadable from record {offset} on ({type(exc).__name__})",
+                )
                 return
             try:
                 exchange, key, type_, message_id, sender, timestamp, headers, body = record
                 if not (isinstance(exchange, str) and isinstance(key, str) and isinstance(body, bytes)):
                     raise TypeError
             except (TypeError, ValueError):
-                yield Delivery("journal", "", "", Envelope("", "", "", 0.0, {}), b"", False, offset, problem=f"record {offset} is malformed")
+                yield Delivery(
+                    "journal",
+                    "",
+                    "",
+                    Envelope("", "", "", 0.0, {}),
+                    b"",
+                    False,
+                    offset,
+                    problem=f"record {offset} is malformed",
+                )
             else:
                 envelope = Envelope(type_, message_id, sender, timestamp, headers)
-                yield Delivery("journal", exchange, key, envelope, body, False, offset, problem=envelope_problem(envelope))
+                yield Delivery(
+                    "journal", exchange, key, envelope, body, False, offset, problem=envelope_problem(envelope)
+                )
             offset += 1
 
 

@@ -51,7 +51,9 @@ def record_metrics(record: dict[str, Any]) -> dict[str, float]:
     was one: its accuracy and loss)."""
     metrics = record.get("metrics")
     if isinstance(metrics, dict):
-        return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) or v is None}
+        return {
+            k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) or v is None
+        }
     return {k: record[k] for k in ("accuracy", "loss") if record.get(k) is not None}
 
 
@@ -64,14 +66,23 @@ def curve_panels(records: list[dict[str, Any]], wanted: list[str] | None = None,
         seen.extend(name for name, value in record_metrics(record).items() if value is not None and name not in seen)
     if wanted:
         return [name for name in wanted if name in seen]
+
     def order(name: str) -> tuple[int, int]:
         rank = 0 if name == target else 1 if name == "loss" else 3 if name.startswith("train_") else 2
         return rank, seen.index(name)
+
     return sorted(seen, key=order)
 
 
-def plot_curve(records: list[dict[str, Any]], png: str | os.PathLike, title: str = "", *, metrics: list[str] | None = None,
-               target: str = "accuracy", higher_is_better: bool = True) -> Path:
+def plot_curve(
+    records: list[dict[str, Any]],
+    png: str | os.PathLike,
+    title: str = "",
+    *,
+    metrics: list[str] | None = None,
+    target: str = "accuracy",
+    higher_is_better: bool = True,
+) -> Path:
     """One panel per metric (:func:`curve_panels`) against the round: the server's own test
     data (solid) and federated evaluation (dashed). The PNG's ``Description`` names the
     panels, for tools and tests that read it back."""
@@ -101,7 +112,7 @@ def plot_curve(records: list[dict[str, Any]], png: str | os.PathLike, title: str
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if plotted > 1:
             ax.legend()
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)

@@ -48,12 +48,23 @@ def write_model_file(path: str | os.PathLike, model: ModelVersion, *, run: str =
     path = Path(path)
     if METADATA in model.parameters:
         raise ModelFileError(f"a parameter is named {METADATA!r}, which the file format reserves")
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "run": run, "app": app, "version": model.version,
-            "round": model.round, "strategy": model.strategy, "sha256": model.sha256 or parameters_hash(model.parameters),
-            "created": model.created}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "run": run,
+        "app": app,
+        "version": model.version,
+        "round": model.round,
+        "strategy": model.strategy,
+        "sha256": model.sha256 or parameters_hash(model.parameters),
+        "created": model.created,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(path, 0o644) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, array in [(METADATA, np.frombuffer(json.dumps(meta).encode(), np.uint8)), *sorted(model.parameters.items())]:
+        for name, array in [
+            (METADATA, np.frombuffer(json.dumps(meta).encode(), np.uint8)),
+            *sorted(model.parameters.items()),
+        ]:
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
     return path
@@ -76,7 +87,10 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a brokerfl model file (no {METADATA} metadata)")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path}: model file format version {meta.get('format_version')!r} is not supported (this build reads {FORMAT_VERSION})")
+        raise ModelFileError(
+            f"{path}: model file format version {meta.get('format_version')!r} is not supported (this build reads "
+            f"{FORMAT_VERSION})"
+        )
     if parameters_hash(arrays) != meta.get("sha256"):
         raise ModelFileError(f"{path}: its arrays do not match its sha256 (the file is damaged or was edited)")
     return arrays, meta
@@ -89,10 +103,14 @@ def versions_in(source: str | os.PathLike) -> DirectoryModelStore:
     for candidate in (source / "models", source):
         if candidate.is_dir() and any(candidate.glob("v*.model")):
             return DirectoryModelStore(candidate)
-    raise ModelFileError(f"no stored model versions in {source} or {source / 'models'} (a server's --out, or simulate --keep-versions)")
+    raise ModelFileError(
+        f"no stored model versions in {source} or {source / 'models'} (a server's --out, or simulate --keep-versions)"
+    )
 
 
-def export_version(source: str | os.PathLike, out: str | os.PathLike, *, version: int | None = None, run: str = "", app: str = "") -> dict[str, Any]:
+def export_version(
+    source: str | os.PathLike, out: str | os.PathLike, *, version: int | None = None, run: str = "", app: str = ""
+) -> dict[str, Any]:
     """Write version ``version`` (default: the newest) of ``source`` to the model file
     ``out``; returns its metadata. Without stored versions, ``source``'s final model file
     serves for the newest version."""
@@ -103,8 +121,21 @@ def export_version(source: str | os.PathLike, out: str | os.PathLike, *, version
     except ModelFileError:
         if version is None and final.is_file():
             parameters, meta = read_model_file(final)
-            write_model_file(out, ModelVersion(meta["version"], meta["round"], None, meta["strategy"], [], parameters, meta["sha256"], meta["created"]),
-                             run=meta["run"], app=meta["app"])
+            write_model_file(
+                out,
+                ModelVersion(
+                    meta["version"],
+                    meta["round"],
+                    None,
+                    meta["strategy"],
+                    [],
+                    parameters,
+                    meta["sha256"],
+                    meta["created"],
+                ),
+                run=meta["run"],
+                app=meta["app"],
+            )
             return meta
         raise
     if final.is_file() and not (run and app):  # the run's names, from its final model file

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from brokerfl.storage.broker_store import read_version
+from brokerfl.storage.store import parameters_hash
+from brokerfl.transports.base import Transport
+from brokerfl.transports.topology import RunTopology
 from brokerfl.wire.codec import DecodeError, decode
 from brokerfl.wire.message import Message, Tensors
-from brokerfl.storage.store import parameters_hash
-from brokerfl.transports.topology import RunTopology
-from brokerfl.transports.base import Transport
 
 
 class ModelRefError(ValueError):
@@ -55,29 +55,48 @@ class ModelCache:
         if message.parameters:
             raise ModelRefError(f"{message.TYPE} carries parameters and a model reference: one or the other")
         # a dict of its own (handlers may add or drop names), over the one shared read-only copy
-        message.parameters = dict(self.parameters(message.model_stream, message.model_version, message.model_offset, message.model_sha256))
+        message.parameters = dict(
+            self.parameters(message.model_stream, message.model_version, message.model_offset, message.model_sha256)
+        )
 
     def parameters(self, stream: str, version: int, offset: int, sha256: str) -> Tensors:
         if stream != self.topology.models_stream:
-            raise ModelRefError(f"the model reference names stream {stream[:200]!r}, not this run's models stream {self.topology.models_stream!r}")
+            raise ModelRefError(
+                f"the model reference names stream {stream[:200]!r}, not this run's models stream "
+                f"{self.topology.models_stream!r}"
+            )
         held = self._versions.get(version)
         if held is None:
             held = self._fetch(version, offset)
         actual, parameters = held
         if actual != sha256:
-            raise ModelRefError(f"model version {version} in {stream} has hash {actual[:16]}..., the task says {sha256[:16]}...: the task is not trusted")
+            raise ModelRefError(
+                f"model version {version} in {stream} has hash {actual[:16]}..., the task says {sha256[:16]}...: the "
+                "task is not trusted"
+            )
         return parameters
 
     def _fetch(self, version: int, offset: int) -> tuple[str, Tensors]:
         while len(self._versions) >= self.keep:  # room first: never the old and the new version at once
             self._versions.popitem(last=False)
-        delivery = read_version(self.transport, self.topology.models_stream, version, offset, timeout_s=self.timeout_s, what="fetching a task's model")
+        delivery = read_version(
+            self.transport,
+            self.topology.models_stream,
+            version,
+            offset,
+            timeout_s=self.timeout_s,
+            what="fetching a task's model",
+        )
         try:
             payload = decode(delivery.body)
         except DecodeError as exc:
-            raise ModelRefError(f"model version {version} in {self.topology.models_stream} cannot be decoded: {exc}") from None
+            raise ModelRefError(
+                f"model version {version} in {self.topology.models_stream} cannot be decoded: {exc}"
+            ) from None
         parameters = payload.get("parameters") if isinstance(payload, dict) else None
-        if not isinstance(parameters, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in parameters.items()):
+        if not isinstance(parameters, dict) or not all(
+            isinstance(k, str) and isinstance(v, np.ndarray) for k, v in parameters.items()
+        ):
             raise ModelRefError(f"model version {version} in {self.topology.models_stream} holds no named arrays")
         held = (parameters_hash(parameters), parameters)
         self.fetches += 1
@@ -98,7 +117,10 @@ def task_model_fields(config: Any, store: Any, model: Any) -> dict[str, Any]:
     else the parameters inline."""
     reference = getattr(store, "reference", None)
     mode = config.model_transfer
-    if reference is not None and (mode == "reference" or (mode == "auto" and sum(a.nbytes for a in model.parameters.values()) >= REFERENCE_MIN_BYTES)):
+    if reference is not None and (
+        mode == "reference"
+        or (mode == "auto" and sum(a.nbytes for a in model.parameters.values()) >= REFERENCE_MIN_BYTES)
+    ):
         stream, offset, sha256 = reference(model.version)
         return {"model_stream": stream, "model_offset": offset, "model_sha256": sha256}
     return {"parameters": model.parameters}

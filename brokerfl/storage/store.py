@@ -2,7 +2,8 @@
 
 Every version records what it is made of: its parent, the strategy, and the ids of the
 updates folded into it in fold order; a stateful strategy's state (a server optimizer's
-moments, say) is stored with it as named arrays, in the same file and so atomically. That is what makes a redelivered update recognisable
+moments, say) is stored with it as named arrays, in the same file and so atomically. That is what makes a redelivered
+update recognisable
 (it is already in) and a run replayable (fold the same updates in the same order and get
 the same hash).
 """
@@ -75,7 +76,7 @@ class ModelStore(abc.ABC):
         """A version's metadata (no parameters): cheap where the store can do it."""
         return self.get(version).metadata()
 
-    def put_scores(self, version: int, metrics: dict[str, Any]) -> None:
+    def put_scores(self, version: int, metrics: dict[str, Any]) -> None:  # noqa: B027 - optional: a store may keep no scores
         """Scores that come after a stored version (its evaluation runs off the round's
         critical path). Stores that restore versions elsewhere keep them (the models
         stream); the others do not need to: their versions are the server's own objects,
@@ -126,7 +127,9 @@ class DirectoryModelStore(ModelStore):
         # the model file is the version; the JSON beside it only saves readers of metadata
         # from loading parameters, and is rebuilt from the model file if missing
         # written buffer by buffer: no body-sized copy of the model (server memory)
-        self._write_atomically(target, encode_parts({"meta": meta, "parameters": model.parameters, "strategy_state": model.strategy_state}))
+        self._write_atomically(
+            target, encode_parts({"meta": meta, "parameters": model.parameters, "strategy_state": model.strategy_state})
+        )
         self._write_atomically(target.with_suffix(".json"), [json.dumps(meta).encode()])
 
     def _write_atomically(self, target: Path, parts: list[Any]) -> None:
@@ -158,7 +161,9 @@ class DirectoryModelStore(ModelStore):
         if not target.exists():
             raise KeyError(f"no model version {version} in {self.path}")
         payload = decode(target.read_bytes())
-        return ModelVersion(parameters=payload["parameters"], strategy_state=payload.get("strategy_state", {}), **payload["meta"])
+        return ModelVersion(
+            parameters=payload["parameters"], strategy_state=payload.get("strategy_state", {}), **payload["meta"]
+        )
 
     def versions(self) -> list[int]:
         return sorted(int(p.stem[1:]) for p in self.path.glob("v*.model"))

@@ -30,6 +30,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -59,6 +60,7 @@ def body_size(body: Body) -> int:
 def joined(body: Body) -> bytes:
     """A body as one bytes object (a list of buffers costs one copy)."""
     return body if isinstance(body, bytes) else b"".join(_parts(body))
+
 
 QueueKind = Literal["classic", "quorum", "stream"]
 StreamOffset = Literal["first", "last", "next"] | int
@@ -137,6 +139,11 @@ class Transport(abc.ABC):
     # in-process transport does (deterministic; simulate runs every role on one thread).
     work_inline: bool = False
 
+    def inline_work(self) -> AbstractContextManager[None]:
+        """Around work aside that a worker runs inline (only where :attr:`work_inline`): the
+        in-process transport keeps that time out of the federation's clock."""
+        return nullcontext()
+
     def clocks(self) -> tuple[Callable[[], float], Callable[[], float]]:
         """``(monotonic, wall)``: the clocks its workers' timers and deadlines run on (a
         :class:`~brokerfl.runtime.handler_table.Context`'s ``clock`` and ``wall``)."""
@@ -168,11 +175,28 @@ class Transport(abc.ABC):
         (and gets what the first left unacked)."""
         if dead_letter_queue is not None:
             self._dead_letter_targets[name] = dead_letter_queue
-        extra = {"single_active_consumer": True} if single_active_consumer else {}  # only transports that know it are asked
-        self._declare_queue(name, kind=kind, dead_letter_queue=dead_letter_queue, max_length_bytes=max_length_bytes, max_age=max_age, **extra)
+        extra = (
+            {"single_active_consumer": True} if single_active_consumer else {}
+        )  # only transports that know it are asked
+        self._declare_queue(
+            name,
+            kind=kind,
+            dead_letter_queue=dead_letter_queue,
+            max_length_bytes=max_length_bytes,
+            max_age=max_age,
+            **extra,
+        )
 
     @abc.abstractmethod
-    def _declare_queue(self, name: str, *, kind: QueueKind, dead_letter_queue: str | None, max_length_bytes: int | None, max_age: str | None) -> None: ...
+    def _declare_queue(
+        self,
+        name: str,
+        *,
+        kind: QueueKind,
+        dead_letter_queue: str | None,
+        max_length_bytes: int | None,
+        max_age: str | None,
+    ) -> None: ...
 
     @abc.abstractmethod
     def bind(self, queue: str, exchange: str, pattern: str) -> None: ...
@@ -195,7 +219,9 @@ class Transport(abc.ABC):
         bytes, or a list of the buffers that make it up (see :data:`Body`)."""
 
     @abc.abstractmethod
-    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None) -> str:
+    def consume(
+        self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None
+    ) -> str:
         """Start a consumer; returns its tag. ``prefetch`` bounds unacked deliveries (0: no
         bound); ``offset`` is where a consumer of a stream starts."""
 
@@ -223,7 +249,9 @@ class Transport(abc.ABC):
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         """Give a message back (``requeue``) or reject it to its queue's dead-letter queue."""
 
-    def dead_letter(self, delivery: Delivery, reason: str, *, exchange: str = "", routing_key: str | None = None) -> None:
+    def dead_letter(
+        self, delivery: Delivery, reason: str, *, exchange: str = "", routing_key: str | None = None
+    ) -> None:
         """Publish a copy of a message with ``reason`` in its headers, then ack it. The copy
         goes to ``exchange``/``routing_key`` if given (brokerfl's workers route dead letters
         through the run's exchange, so the journal keeps them too), else to the dead-letter
@@ -236,17 +264,23 @@ class Transport(abc.ABC):
             exchange, routing_key = "", self._dead_letter_targets.get(delivery.queue)
             if routing_key is None:
                 raise TransportError(f"queue {delivery.queue!r} has no dead-letter queue; cannot dead-letter: {reason}")
-        headers = dead_letter_headers(delivery.envelope.headers, reason, delivery.queue, delivery.routing_key, len(delivery.body))
+        headers = dead_letter_headers(
+            delivery.envelope.headers, reason, delivery.queue, delivery.routing_key, len(delivery.body)
+        )
         headers[ORIGIN_USER_HEADER] = bounded(delivery.envelope.user_id, MAX_ID_CHARS)  # who published the original
         envelope = delivery.envelope
         if envelope_problem(envelope):  # its headers are safe now; the rest must be too
             envelope = safe_envelope(envelope)
         # the copy is ours (RabbitMQ would refuse another user's user_id); the header keeps who sent it
-        self.publish(exchange, routing_key, replace(envelope, headers=headers, user_id=""), dead_letter_excerpt(delivery.body))
+        self.publish(
+            exchange, routing_key, replace(envelope, headers=headers, user_id=""), dead_letter_excerpt(delivery.body)
+        )
         self.ack(delivery)
 
     @abc.abstractmethod
-    def request(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, *, timeout: float) -> tuple[Envelope, bytes] | None:
+    def request(
+        self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, *, timeout: float
+    ) -> tuple[Envelope, bytes] | None:
         """Publish a request (confirmed; unroutable is an error) that carries a private reply
         address, and wait up to ``timeout`` s for the first reply to it: (envelope, body),
         or None if none came. The request expires with the wait: a queue drops it if no
@@ -277,7 +311,7 @@ class Transport(abc.ABC):
     def close(self) -> None:
         """Close the connection; unacked deliveries are redelivered to other consumers."""
 
-    def wake(self) -> None:
+    def wake(self) -> None:  # noqa: B027 - optional: a transport that never blocks has nothing to wake
         """Make a :meth:`poll` under way return soon (or the next one, if none is): the one
         method another thread may call (work aside is done: its outcome waits)."""
 
@@ -315,15 +349,22 @@ def envelope_problem(envelope: Any) -> str:
 def safe_envelope(envelope: Any) -> Any:
     """A copy of an untrusted envelope that can be published (as a dead letter): fields that
     fail :func:`envelope_problem` are blanked (the reason header says what was wrong)."""
+
     def text(value: Any, limit: int) -> str:
         return value if isinstance(value, str) and len(value) <= limit else ""
 
     ts = envelope.timestamp
-    good_ts = not isinstance(ts, bool) and isinstance(ts, (int, float)) and math.isfinite(ts) and 0 <= ts <= MAX_TIMESTAMP
+    good_ts = (
+        not isinstance(ts, bool) and isinstance(ts, (int, float)) and math.isfinite(ts) and 0 <= ts <= MAX_TIMESTAMP
+    )
     headers = envelope.headers if isinstance(envelope.headers, Mapping) else {}
     return Envelope(
-        text(envelope.type, MAX_TYPE_CHARS), text(envelope.message_id, MAX_ID_CHARS), text(envelope.sender, MAX_ID_CHARS),
-        float(ts) if good_ts else 0.0, safe_headers(headers)[0], user_id=text(envelope.user_id, MAX_ID_CHARS),
+        text(envelope.type, MAX_TYPE_CHARS),
+        text(envelope.message_id, MAX_ID_CHARS),
+        text(envelope.sender, MAX_ID_CHARS),
+        float(ts) if good_ts else 0.0,
+        safe_headers(headers)[0],
+        user_id=text(envelope.user_id, MAX_ID_CHARS),
     )
 
 
@@ -354,11 +395,20 @@ def safe_headers(headers: Mapping[Any, Any]) -> tuple[dict[str, Any], int]:
     return kept, dropped
 
 
-def dead_letter_headers(headers: Mapping[Any, Any], reason: str, queue: str, routing_key: Any, length: int) -> dict[str, Any]:
+def dead_letter_headers(
+    headers: Mapping[Any, Any], reason: str, queue: str, routing_key: Any, length: int
+) -> dict[str, Any]:
     """A dead letter's headers: the original's safe ones, the reason, where it came from and
     the length of its body (of which the dead letter keeps an excerpt)."""
     kept, dropped = safe_headers(headers)
-    ours = (REASON_HEADER, ORIGIN_QUEUE_HEADER, ORIGIN_KEY_HEADER, DROPPED_HEADERS_HEADER, ORIGINAL_LENGTH_HEADER, ORIGIN_USER_HEADER)
+    ours = (
+        REASON_HEADER,
+        ORIGIN_QUEUE_HEADER,
+        ORIGIN_KEY_HEADER,
+        DROPPED_HEADERS_HEADER,
+        ORIGINAL_LENGTH_HEADER,
+        ORIGIN_USER_HEADER,
+    )
     kept = {k: v for k, v in kept.items() if k not in ours}
     kept[REASON_HEADER] = bounded(reason, MAX_REASON_CHARS)
     kept[ORIGIN_QUEUE_HEADER] = queue

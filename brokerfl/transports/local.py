@@ -19,7 +19,6 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from brokerfl.wire.message import Envelope
 from brokerfl.transports.base import (
     REPLY_TO,
     Body,
@@ -35,6 +34,7 @@ from brokerfl.transports.base import (
     hand_out,
     joined,
 )
+from brokerfl.wire.message import Envelope
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
@@ -241,7 +241,13 @@ class LocalBroker:
                     message = queue.log[consumer.stream_position - queue.log_start]
                     # as RabbitMQ does, a stream delivery says its offset in a header
                     if isinstance(message.envelope.headers, dict):
-                        message = replace(message, envelope=replace(message.envelope, headers={**message.envelope.headers, "x-stream-offset": consumer.stream_position}))
+                        message = replace(
+                            message,
+                            envelope=replace(
+                                message.envelope,
+                                headers={**message.envelope.headers, "x-stream-offset": consumer.stream_position},
+                            ),
+                        )
                     consumer.stream_position += 1
                     self._hand_over(queue, consumer, message)
             return False
@@ -353,16 +359,29 @@ class LocalTransport(Transport):
         with self.broker.lock:
             self.broker.exchanges.setdefault(name, _Bindings())
 
-    def _declare_queue(self, name: str, *, kind: QueueKind, dead_letter_queue: str | None, max_length_bytes: int | None, max_age: str | None, single_active_consumer: bool = False) -> None:
+    def _declare_queue(
+        self,
+        name: str,
+        *,
+        kind: QueueKind,
+        dead_letter_queue: str | None,
+        max_length_bytes: int | None,
+        max_age: str | None,
+        single_active_consumer: bool = False,
+    ) -> None:
         with self.broker.lock:
             existing = self.broker.queues.get(name)
             if existing is not None:
                 if existing.kind != kind:  # RabbitMQ refuses a redeclare with other arguments
                     raise TransportError(f"queue {name!r} exists as a {existing.kind} queue, not {kind}")
                 if existing.single_active_consumer != single_active_consumer:
-                    raise TransportError(f"queue {name!r} exists with x-single-active-consumer={existing.single_active_consumer}")
+                    raise TransportError(
+                        f"queue {name!r} exists with x-single-active-consumer={existing.single_active_consumer}"
+                    )
                 return
-            self.broker.queues[name] = _Queue(name, kind, dead_letter_queue, max_length_bytes, _age_seconds(max_age), single_active_consumer)
+            self.broker.queues[name] = _Queue(
+                name, kind, dead_letter_queue, max_length_bytes, _age_seconds(max_age), single_active_consumer
+            )
 
     def bind(self, queue: str, exchange: str, pattern: str) -> None:
         with self.broker.lock:
@@ -401,12 +420,22 @@ class LocalTransport(Transport):
     def publish(self, exchange: str, routing_key: str, envelope: Envelope, body: Body) -> None:
         self._publish(exchange, routing_key, envelope, joined(body))
 
-    def _publish(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, reply_to: str | None = None, expires: float | None = None) -> None:
+    def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        envelope: Envelope,
+        body: bytes,
+        reply_to: str | None = None,
+        expires: float | None = None,
+    ) -> None:
         self._check_open()
         if not isinstance(body, bytes):  # the AMQP transport (pika) takes only bytes; keep that rule here
             raise TypeError(f"body must be bytes, got {type(body).__name__}")
         if envelope.user_id and envelope.user_id != self.user:  # RabbitMQ: 406 PRECONDITION_FAILED
-            raise TransportError(f"user_id property set to {envelope.user_id!r} but authenticated user was {self.user!r}")
+            raise TransportError(
+                f"user_id property set to {envelope.user_id!r} but authenticated user was {self.user!r}"
+            )
         envelope = replace(envelope, user_id=self.user)
         with self.broker.changed:
             queues = self.broker.route(exchange, routing_key)
@@ -414,10 +443,22 @@ class LocalTransport(Transport):
                 raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}")
             for queue in queues:
                 # a stream keeps everything (RabbitMQ's streams ignore message TTL too)
-                self.broker.enqueue(queue, _Message(exchange, routing_key, envelope, body, reply_to=reply_to, expires=None if queue.kind == "stream" else expires))
+                self.broker.enqueue(
+                    queue,
+                    _Message(
+                        exchange,
+                        routing_key,
+                        envelope,
+                        body,
+                        reply_to=reply_to,
+                        expires=None if queue.kind == "stream" else expires,
+                    ),
+                )
             self.broker.changed.notify_all()
 
-    def request(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, *, timeout: float) -> tuple[Envelope, bytes] | None:
+    def request(
+        self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, *, timeout: float
+    ) -> tuple[Envelope, bytes] | None:
         # A private queue, as RabbitMQ's direct reply-to is private to the requesting channel:
         # it exists only while this call waits.
         address = f"{REPLY_TO}.{uuid.uuid4().hex}"
@@ -449,7 +490,9 @@ class LocalTransport(Transport):
             self.broker.enqueue(inbox, _Message("", request.reply_to, envelope, body))
             self.broker.changed.notify_all()
 
-    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None) -> str:
+    def consume(
+        self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None
+    ) -> str:
         self._check_open()
         with self.broker.changed:
             q = self._queue(queue)
@@ -498,7 +541,17 @@ class LocalTransport(Transport):
             q.unacked[tag] = (message, owner)
             owner.unacked += 1
             self._get_tags.setdefault(queue, set()).add(tag)
-            return Delivery(queue, message.exchange, message.routing_key, message.envelope, message.body, message.redelivered, tag, problem=envelope_problem(message.envelope), reply_to=message.reply_to)
+            return Delivery(
+                queue,
+                message.exchange,
+                message.routing_key,
+                message.envelope,
+                message.body,
+                message.redelivered,
+                tag,
+                problem=envelope_problem(message.envelope),
+                reply_to=message.reply_to,
+            )
 
     def ack(self, delivery: Delivery) -> None:
         with self.broker.changed:
@@ -512,8 +565,15 @@ class LocalTransport(Transport):
             if requeue:
                 self.broker.requeue(queue, [message])
             elif queue.dead_letter_queue and queue.dead_letter_queue in self.broker.queues:
-                headers = {**message.envelope.headers, "x-first-death-reason": "rejected", "x-first-death-queue": queue.name}
-                self.broker.enqueue(self.broker.queues[queue.dead_letter_queue], replace(message, envelope=replace(message.envelope, headers=headers)))
+                headers = {
+                    **message.envelope.headers,
+                    "x-first-death-reason": "rejected",
+                    "x-first-death-queue": queue.name,
+                }
+                self.broker.enqueue(
+                    self.broker.queues[queue.dead_letter_queue],
+                    replace(message, envelope=replace(message.envelope, headers=headers)),
+                )
             self.broker.changed.notify_all()
 
     def _settle(self, delivery: Delivery) -> _Message:

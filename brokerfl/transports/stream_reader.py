@@ -22,14 +22,26 @@ class StreamReader:
     published inside the block is read), and is cancelled at ``__exit__``. ``what(silence_s)``
     words the error when nothing arrives for ``silence_s`` (progress restarts the clock)."""
 
-    def __init__(self, transport: Transport, stream: str, *, offset: StreamOffset, silence_s: float, what: Callable[[float], str], prefetch: int = 2, poll_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        stream: str,
+        *,
+        offset: StreamOffset,
+        silence_s: float,
+        what: Callable[[float], str],
+        prefetch: int = 2,
+        poll_s: float = 0.1,
+    ) -> None:
         self.transport, self.stream, self.offset = transport, stream, offset
         self.silence_s, self.what, self.prefetch, self.poll_s = silence_s, what, prefetch, poll_s
         self._pending: deque[Delivery] = deque()
         self._tag: str | None = None
 
     def __enter__(self) -> StreamReader:
-        self._tag = self.transport.consume(self.stream, self._pending.append, prefetch=self.prefetch, offset=self.offset)
+        self._tag = self.transport.consume(
+            self.stream, self._pending.append, prefetch=self.prefetch, offset=self.offset
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -33,15 +33,15 @@ A client queue has no dead-letter queue: the client's worker dead-letters with i
 bounded copy (:meth:`brokerfl.transports.base.Transport.dead_letter`), everything routed to it
 is in the journal anyway, and the broker's own dead-lettering would republish whole bodies
 (e.g. of what its length cap drops).
-"""
+"""  # noqa: E501 - a table
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from brokerfl.wire.names import check_name
 from brokerfl.transports.base import QueueKind, Transport, TransportError
+from brokerfl.wire.names import check_name
 
 SERVER = "server"
 CLIENTS = "clients"
@@ -70,8 +70,12 @@ class QueueSpec:
 
     def declare(self, transport: Transport, exchange: str) -> None:
         transport.declare_queue(
-            self.name, kind=self.kind, dead_letter_queue=self.dead_letter_queue, max_length_bytes=self.max_length_bytes,
-            max_age=self.max_age, single_active_consumer=self.single_active_consumer,
+            self.name,
+            kind=self.kind,
+            dead_letter_queue=self.dead_letter_queue,
+            max_length_bytes=self.max_length_bytes,
+            max_age=self.max_age,
+            single_active_consumer=self.single_active_consumer,
         )
         for pattern in self.bindings:
             transport.bind(self.name, exchange, pattern)
@@ -140,12 +144,26 @@ class RunTopology:
         they are declared (a queue's dead-letter queue before it)."""
         specs = [
             QueueSpec(self.dead_queue, self.queue_kind, (f"{DEAD}.#",)),
-            QueueSpec(self.server_queue, "quorum", (f"{SERVER}.#",), dead_letter_queue=self.dead_queue, single_active_consumer=self.swarm),
+            QueueSpec(
+                self.server_queue,
+                "quorum",
+                (f"{SERVER}.#",),
+                dead_letter_queue=self.dead_queue,
+                single_active_consumer=self.swarm,
+            ),
             QueueSpec(self.models_stream, "stream"),  # every stored model version (brokerfl.storage.broker_store)
             QueueSpec(self.admin_queue, self.queue_kind, (f"{ADMIN}.#",)),
         ]
         if self.journal:
-            specs.append(QueueSpec(self.journal_stream, "stream", ("#",), max_length_bytes=self.journal_max_bytes, max_age=self.journal_max_age))
+            specs.append(
+                QueueSpec(
+                    self.journal_stream,
+                    "stream",
+                    ("#",),
+                    max_length_bytes=self.journal_max_bytes,
+                    max_age=self.journal_max_age,
+                )
+            )
         return specs
 
     def client_queue_spec(self, client_id: str) -> QueueSpec:

@@ -54,7 +54,10 @@ def metric_name_problem(name: Any) -> str | None:
     if not isinstance(name, str):
         return f"a metric name must be a string, got {type(name).__name__}"
     if NAME.fullmatch(name) is None:
-        return f"metric name {_shown(name)} must be 1-{MAX_NAME_CHARS} characters of letters, digits, '_', '.' or '-', starting with a letter or '_'"
+        return (
+            f"metric name {_shown(name)} must be 1-{MAX_NAME_CHARS} characters of letters, digits, '_', '.' or '-', "
+            "starting with a letter or '_'"
+        )
     return None
 
 
@@ -141,7 +144,10 @@ def reducers_of(module: Any, app_name: str) -> dict[str, Reducer]:
     the app and the metric for a reducer that is neither a known name nor a function)."""
     declared = getattr(module, "METRIC_REDUCERS", None) or {}
     if not isinstance(declared, Mapping):
-        raise TypeError(f"app {app_name!r}: METRIC_REDUCERS must be a dict of metric names to reducers, got {type(declared).__name__}")
+        raise TypeError(
+            f"app {app_name!r}: METRIC_REDUCERS must be a dict of metric names to reducers, got "
+            f"{type(declared).__name__}"
+        )
     out: dict[str, Reducer] = {}
     for name, reducer in declared.items():
         if isinstance(reducer, str) and reducer in REDUCERS:
@@ -149,11 +155,16 @@ def reducers_of(module: Any, app_name: str) -> dict[str, Reducer]:
         elif callable(reducer):
             out[name] = reducer
         else:
-            raise ValueError(f"app {app_name!r}: METRIC_REDUCERS[{name!r}] is {reducer!r}: use one of {sorted(REDUCERS)} or a function (values, weights) -> float")
+            raise ValueError(
+                f"app {app_name!r}: METRIC_REDUCERS[{name!r}] is {reducer!r}: use one of {sorted(REDUCERS)} or a "
+                "function (values, weights) -> float"
+            )
     return out
 
 
-def combine(entries: Sequence[tuple[Mapping[str, float], float]], reducers: Mapping[str, Reducer] | None = None) -> dict[str, float]:
+def combine(
+    entries: Sequence[tuple[Mapping[str, float], float]], reducers: Mapping[str, Reducer] | None = None
+) -> dict[str, float]:
     """One value per metric name from clients' ``(metrics, num_samples)``: each metric over
     the clients that reported it, by its reducer (a ``train_`` metric's is looked up
     without the prefix too), else the sample-weighted mean."""
@@ -164,7 +175,11 @@ def combine(entries: Sequence[tuple[Mapping[str, float], float]], reducers: Mapp
     out: dict[str, float] = {}
     for name in names:
         pairs = [(m[name], w) for m, w in entries if name in m]
-        reducer = reducers.get(name) or (reducers.get(name[len(TRAIN_PREFIX):]) if name.startswith(TRAIN_PREFIX) else None) or _mean
+        reducer = (
+            reducers.get(name)
+            or (reducers.get(name[len(TRAIN_PREFIX) :]) if name.startswith(TRAIN_PREFIX) else None)
+            or _mean
+        )
         try:
             out[name] = float(reducer([v for v, _ in pairs], [w for _, w in pairs]))
         except Exception:  # noqa: BLE001 - an app's reducer that fails loses its metric's value, not the round
@@ -201,7 +216,12 @@ def target_of(module: Any, app_name: str) -> Target:
     declared = getattr(module, "TARGET_METRIC", None)
     if declared is None:
         return DEFAULT_TARGET
-    if not (isinstance(declared, (tuple, list)) and len(declared) == 2 and declared[1] in ("max", "min") and metric_name_problem(declared[0]) is None):
+    if not (
+        isinstance(declared, (tuple, list))
+        and len(declared) == 2
+        and declared[1] in ("max", "min")
+        and metric_name_problem(declared[0]) is None
+    ):
         raise ValueError(f"app {app_name!r}: TARGET_METRIC must be (metric name, 'max' or 'min'), got {declared!r}")
     return Target(declared[0], declared[1] == "max")
 

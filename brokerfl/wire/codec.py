@@ -27,11 +27,11 @@ import msgpack
 import numpy as np
 
 
-
 def _loaded_torch() -> Any:
     """torch if this process imported it, else None: the codec never imports torch to
     encode (a torch tensor means torch is loaded), so numpy-only apps run without it."""
     return sys.modules.get("torch")
+
 
 TENSOR_EXT = 1
 ALIGN = 64
@@ -40,8 +40,20 @@ ALIGN = 64
 NUMPY_DTYPES = {
     name: np.dtype(name).newbyteorder("<")
     for name in (
-        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-        "float16", "float32", "float64", "complex64", "complex128",
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
     )
 }
 WIRE_DTYPES = frozenset(NUMPY_DTYPES) | {"bfloat16"}
@@ -100,7 +112,9 @@ def _as_array(value: Any) -> tuple[str, str, np.ndarray]:
                 return kind, "bfloat16", value.view(torch.int16).numpy()
             value = value.numpy()
         except (RuntimeError, NotImplementedError, TypeError) as exc:
-            raise EncodeError(f"cannot encode torch tensor of dtype {value.dtype}, layout {value.layout}: {exc}") from None
+            raise EncodeError(
+                f"cannot encode torch tensor of dtype {value.dtype}, layout {value.layout}: {exc}"
+            ) from None
     name = value.dtype.name
     if name not in NUMPY_DTYPES:
         raise EncodeError(f"dtype {value.dtype} is not supported on the wire (allowed: {sorted(WIRE_DTYPES)})")
@@ -155,7 +169,12 @@ def encode_parts(payload: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> li
     # header does not depend on its own length.
     data_start = 5 + len(header) + 5
     lead = (-data_start) % ALIGN
-    parts: list[Any] = [_U32 + struct.pack(">I", len(header)), header, _BIN32 + struct.pack(">I", lead + data_len), bytes(lead)]
+    parts: list[Any] = [
+        _U32 + struct.pack(">I", len(header)),
+        header,
+        _BIN32 + struct.pack(">I", lead + data_len),
+        bytes(lead),
+    ]
     position = 0
     for offset, array in arrays:
         if offset > position:
@@ -286,7 +305,9 @@ def _parse_spec(data: bytes, limits: Limits) -> _Placeholder:
     for s in shape:
         count *= s
     if count * itemsize != nbytes:
-        raise DecodeError(f"tensor of shape {shape} and dtype {dtype} needs {count * itemsize} bytes, header says {nbytes}")
+        raise DecodeError(
+            f"tensor of shape {shape} and dtype {dtype} needs {count * itemsize} bytes, header says {nbytes}"
+        )
     return _Placeholder(kind, dtype, tuple(shape), offset, nbytes)
 
 
@@ -299,11 +320,11 @@ def _view(body: bytes, p: _Placeholder, base: int, end: int) -> Any:
         array = np.frombuffer(body, dtype=np_dtype, count=count, offset=base + p.offset).reshape(p.shape)
         if p.kind == "numpy":
             return array
-        import torch  # a torch tensor on the wire: its reader gets one (imported at first need)
-
         # torch warns on read-only buffers; we keep the zero-copy view and document that it is
         # read-only, exactly like the numpy case.
         import warnings
+
+        import torch  # a torch tensor on the wire: its reader gets one (imported at first need)
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -343,5 +364,7 @@ def _check_depth(value: Any, limit: int) -> None:
             raise DecodeError("msgpack timestamps are not allowed in a payload")
         if isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list) and not (depth < limit and _only_leaves(item)):  # leaves one level down are within the limit
+        elif isinstance(item, list) and not (
+            depth < limit and _only_leaves(item)
+        ):  # leaves one level down are within the limit
             stack.extend((v, depth + 1) for v in item)

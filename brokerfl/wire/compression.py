@@ -114,7 +114,8 @@ def compressible(base: Tensors, trainable: Collection[str] | None = None, min_si
     ``trainable`` is None: a model of plain arrays has no buffers), ``min_size`` entries or
     more. The rest travel whole."""
     return {
-        name for name, value in base.items()
+        name
+        for name, value in base.items()
         if _floating(np.asarray(value)) and (trainable is None or name in trainable) and np.size(value) >= min_size
     }
 
@@ -184,18 +185,23 @@ def decompress(wire: Tensors, base: Tensors, method: str, *, max_fraction: float
             expected.add(name + WHOLE)
             value = np.asarray(wire[name + WHOLE])
             if value.shape != reference.shape or value.dtype != reference.dtype:
-                raise CompressionError(f"tensor {name!r}: {value.dtype}{list(value.shape)} sent whole, the model has {reference.dtype}{list(reference.shape)}")
+                raise CompressionError(
+                    f"tensor {name!r}: {value.dtype}{list(value.shape)} sent whole, the model has "
+                    f"{reference.dtype}{list(reference.shape)}"
+                )
             if _floating(value) and not np.all(np.isfinite(value)):
                 raise CompressionError(f"tensor {name!r}: sent whole with NaN or infinity")
             out[name] = value
             continue
         if not _floating(reference):
-            raise CompressionError(f"tensor {name!r}: {reference.dtype} tensors must be sent whole (as {name + WHOLE!r})")
+            raise CompressionError(
+                f"tensor {name!r}: {reference.dtype} tensors must be sent whole (as {name + WHOLE!r})"
+            )
         expected.add(name)
-        value = wire.get(name)
-        if value is None:
+        sent = wire.get(name)
+        if sent is None:
             raise CompressionError(f"tensor {name!r} is missing")
-        value = np.asarray(value)
+        value = np.asarray(sent)
         if method == "float16":
             delta = _dense(name, value, reference, np.float16).astype(np.float32)
         elif method == "bfloat16":
@@ -205,19 +211,28 @@ def decompress(wire: Tensors, base: Tensors, method: str, *, max_fraction: float
             levels = _dense(name, value, reference, np.int8)
             scale = np.asarray(wire.get(name + SCALE, np.float32(np.nan)))
             if scale.shape != () or scale.dtype != np.float32 or not np.isfinite(scale) or scale < 0:
-                raise CompressionError(f"tensor {name!r}: scale must be one finite non-negative float32, got {scale.dtype}{list(scale.shape)} {scale if scale.size == 1 else ''}")
+                raise CompressionError(
+                    f"tensor {name!r}: scale must be one finite non-negative float32, got "
+                    f"{scale.dtype}{list(scale.shape)} {scale if scale.size == 1 else ''}"
+                )
             if levels.size and (levels.min() < -LEVELS):
                 raise CompressionError(f"tensor {name!r}: levels must lie in [-{LEVELS}, {LEVELS}]")
-            delta = dequantize8(levels, scale)
+            delta = dequantize8(levels, np.float32(scale))
         else:  # topk
             expected.add(name + INDEX)
             index = np.asarray(wire.get(name + INDEX, np.zeros(0, np.int64)))
             size = reference.size
             k = value.size
             if value.dtype != np.float32 or value.ndim != 1 or index.dtype != np.int64 or index.shape != value.shape:
-                raise CompressionError(f"tensor {name!r}: top-k needs float32 values and int64 indices of one length, got {value.dtype}{list(value.shape)} and {index.dtype}{list(index.shape)}")
+                raise CompressionError(
+                    f"tensor {name!r}: top-k needs float32 values and int64 indices of one length, got "
+                    f"{value.dtype}{list(value.shape)} and {index.dtype}{list(index.shape)}"
+                )
             if not 1 <= k <= max(1, int(np.ceil(max_fraction * size))):
-                raise CompressionError(f"tensor {name!r}: k={k} is out of range for {size} entries (1..{max(1, int(np.ceil(max_fraction * size)))})")
+                raise CompressionError(
+                    f"tensor {name!r}: k={k} is out of range for {size} entries "
+                    f"(1..{max(1, int(np.ceil(max_fraction * size)))})"
+                )
             if index.min() < 0 or index.max() >= size or np.any(np.diff(index) <= 0):
                 raise CompressionError(f"tensor {name!r}: indices must be increasing and lie in [0, {size})")
             if not np.all(np.isfinite(value)):
@@ -232,5 +247,7 @@ def decompress(wire: Tensors, base: Tensors, method: str, *, max_fraction: float
 
 def _dense(name: str, value: np.ndarray, reference: np.ndarray, dtype: type) -> np.ndarray:
     if value.dtype != np.dtype(dtype) or value.shape != reference.shape:
-        raise CompressionError(f"tensor {name!r}: expected {np.dtype(dtype)}{list(reference.shape)}, got {value.dtype}{list(value.shape)}")
+        raise CompressionError(
+            f"tensor {name!r}: expected {np.dtype(dtype)}{list(reference.shape)}, got {value.dtype}{list(value.shape)}"
+        )
     return value

@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-
 from brokerfl.wire.app_metrics import wire_metrics_problem
 from brokerfl.wire.codec import DEFAULT_LIMITS, DecodeError, Limits, decode, encode_parts
 from brokerfl.wire.names import MAX_ID_CHARS, bounded, check_name
@@ -163,7 +162,9 @@ class TrainTask(Message):
     participants: list[str]
     parameters: Tensors = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # the round's train settings
-    round_config: dict[str, Any] = field(default_factory=dict)  # per-round config for the app: context.config (brokerfl.app.round_config)
+    round_config: dict[str, Any] = field(
+        default_factory=dict
+    )  # per-round config for the app: context.config (brokerfl.app.round_config)
     deadline: float = 0.0  # unix time after which an answer is too late (0: none); clients skip expired tasks
     model_stream: str = ""  # by reference: where version ``model_version`` is ("" : inline)
     model_offset: int = 0
@@ -360,12 +361,17 @@ def _check_ranges(kind: str, envelope_values: dict[str, Any], values: dict[str, 
         try:
             check_name("client id", values["client_id"])
         except ValueError:
-            raise DecodeError(f"{kind}.client_id: {_shown(values['client_id'])} must be 1-64 characters of letters, digits, '_' or '-'") from None
+            raise DecodeError(
+                f"{kind}.client_id: {_shown(values['client_id'])} must be 1-64 characters of letters, digits, '_' or "
+                "'-'"
+            ) from None
     for name in _MESSAGE_ID_FIELDS:
         if name in values and len(values[name]) > MAX_ID_CHARS:
             raise DecodeError(f"{kind}.{name}: {_shown(values[name])} is longer than {MAX_ID_CHARS} characters")
     if len(values.get("instance") or "") > MAX_INSTANCE_CHARS:
-        raise DecodeError(f"{kind}.instance: {_shown(values['instance'])} is longer than {MAX_INSTANCE_CHARS} characters")
+        raise DecodeError(
+            f"{kind}.instance: {_shown(values['instance'])} is longer than {MAX_INSTANCE_CHARS} characters"
+        )
     if len(values.get("error") or "") > MAX_ERROR_CHARS:  # TrainFailed
         raise DecodeError(f"{kind}.error: {len(values['error'])} characters, more than {MAX_ERROR_CHARS}")
     metrics = values.get("metrics")  # ParameterUpdate, EvaluateResult, ModelVersionStored: names from an app
@@ -381,7 +387,9 @@ def _check_ranges(kind: str, envelope_values: dict[str, Any], values: dict[str, 
     for client_id, count in (values.get("clients") or {}).items():  # Heartbeats
         _check_client_key(client_id, f"{kind}.clients")
         if not 0 <= count < MAX_COUNTER:
-            raise DecodeError(f"{kind}.clients[{_shown(client_id)}]: {_shown(count)} samples is out of range (0 to 2^63)")
+            raise DecodeError(
+                f"{kind}.clients[{_shown(client_id)}]: {_shown(count)} samples is out of range (0 to 2^63)"
+            )
     participants = values.get("participants") or []
     if not _all_client_ids(participants):  # the slow way only to say which one is wrong
         for i, value in enumerate(participants):

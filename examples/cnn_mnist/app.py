@@ -39,9 +39,16 @@ def _option(options: dict[str, Any], key: str) -> Any:
 def model(options: dict[str, Any]) -> nn.Module:
     c1, c2 = _option(options, "channels")
     return nn.Sequential(
-        nn.Conv2d(1, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),   # 14x14
-        nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),  # 7x7
-        nn.Flatten(), nn.Linear(c2 * 7 * 7, 10),
+        nn.Conv2d(1, c1, 3, padding=1),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 14x14
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.BatchNorm2d(c2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 7x7
+        nn.Flatten(),
+        nn.Linear(c2 * 7 * 7, 10),
     )
 
 
@@ -55,7 +62,9 @@ def _data(options: dict[str, Any], seed: int):
 
 def load_partition(index: int, num_partitions: int, options: dict[str, Any], seed: int) -> Partition:
     data = _data(options, seed)
-    rows = partition(data.y_train, num_partitions, _option(options, "partition"), alpha=_option(options, "alpha"), seed=seed)[index]
+    rows = partition(
+        data.y_train, num_partitions, _option(options, "partition"), alpha=_option(options, "alpha"), seed=seed
+    )[index]
     return Partition(train=(_images(data.x_train[rows]), torch.from_numpy(data.y_train[rows].copy())))
 
 
@@ -64,4 +73,3 @@ def load_server_test(options: dict[str, Any], seed: int):
         return None
     data = _data(options, seed)
     return _images(data.x_test), torch.from_numpy(data.y_test.copy())
-

@@ -44,9 +44,14 @@ def load_partition(index: int, num_partitions: int, options: dict[str, Any], see
     folds = StratifiedKFold(n_splits=num_partitions, shuffle=True, random_state=seed).split(x, y)
     rows = list(folds)[index][1]
     fraction = options.get("test_fraction", DEFAULTS["test_fraction"])
-    x_train, x_test, y_train, y_test = train_test_split(x[rows], y[rows], test_size=fraction, stratify=y[rows], random_state=seed)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x[rows], y[rows], test_size=fraction, stratify=y[rows], random_state=seed
+    )
     mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-8  # local statistics only
-    return Partition(train=((x_train - mean) / std, y_train.astype(np.float64)), test=((x_test - mean) / std, y_test.astype(np.float64)))
+    return Partition(
+        train=((x_train - mean) / std, y_train.astype(np.float64)),
+        test=((x_test - mean) / std, y_test.astype(np.float64)),
+    )
 
 
 def _probabilities(parameters: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

@@ -59,8 +59,12 @@ def load_partition(index: int, num_partitions: int, options: dict[str, Any], see
     share = len(rows) // num_partitions
     mine = rows[y[rows] == main]
     others = rows[y[rows] != main]
-    picked = np.concatenate([rng.choice(mine, min(len(mine), int(share * options["skew"])), replace=False),
-                             rng.choice(others, share - int(share * options["skew"]), replace=False)])
+    picked = np.concatenate(
+        [
+            rng.choice(mine, min(len(mine), int(share * options["skew"])), replace=False),
+            rng.choice(others, share - int(share * options["skew"]), replace=False),
+        ]
+    )
     rng.shuffle(picked)
     test = max(1, len(picked) // 5)
     return Partition((x[picked[test:]], y[picked[test:]]), (x[picked[:test]], y[picked[:test]]))

@@ -71,9 +71,18 @@ def _arch(options: dict[str, Any]) -> dict[str, Any]:
 def train(parameters: dict[str, np.ndarray], data, settings: TrainConfig, seed: int, options: dict[str, Any]):
     x, y = data
     return train_local(
-        parameters, x, y, **_arch(options),
-        epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, momentum=settings.momentum,
-        weight_decay=settings.weight_decay, proximal_mu=settings.proximal_mu, max_batches=settings.max_batches, seed=seed,
+        parameters,
+        x,
+        y,
+        **_arch(options),
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        proximal_mu=settings.proximal_mu,
+        max_batches=settings.max_batches,
+        seed=seed,
     )
 
 
@@ -98,7 +107,17 @@ def warm_up(options: dict[str, Any], data) -> None:
     arch = _arch(options)
     hidden = [min(width, WARM_UP_WIDTH) for width in arch["hidden"]]
     parameters = init_parameters(x.shape[1], hidden, arch["num_classes"], seed=0)
-    train_local(parameters, x[:2], y[:2], hidden=hidden, num_classes=arch["num_classes"], epochs=1, batch_size=2, lr=0.0, max_batches=1)
+    train_local(
+        parameters,
+        x[:2],
+        y[:2],
+        hidden=hidden,
+        num_classes=arch["num_classes"],
+        epochs=1,
+        batch_size=2,
+        lr=0.0,
+        max_batches=1,
+    )
     _warmed.add(key)
 
 

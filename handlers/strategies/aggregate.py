@@ -74,8 +74,13 @@ class RunningSum:
     access of ``sums``: a round starts (and its task goes out) without waiting for it, and it
     happens when the first update is folded, while the server waits for the others anyway."""
 
-    def __init__(self, sums: dict[str, np.ndarray], total_weight: float = 0.0, count: int = 0,
-                 lows: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        sums: dict[str, np.ndarray],
+        total_weight: float = 0.0,
+        count: int = 0,
+        lows: dict[str, np.ndarray] | None = None,
+    ) -> None:
         self._sums = sums
         # the low words of the double-double sums of float64 tensors (see the module's docstring)
         self._lows = lows or {}
@@ -110,16 +115,24 @@ def new_running_sum(like: Tensors, reuse: RunningSum | None = None) -> RunningSu
     (zeroing warm memory is much cheaper than faulting in fresh pages every round; it is
     done at the first use of the sums, see :class:`RunningSum`)."""
     doubled = sorted(name for name, array in like.items() if array.dtype == np.float64)
-    if (reuse is not None and reuse._sums.keys() == like.keys() and all(reuse._sums[k].shape == like[k].shape for k in like)
-            and sorted(reuse._lows) == doubled):
+    if (
+        reuse is not None
+        and reuse._sums.keys() == like.keys()
+        and all(reuse._sums[k].shape == like[k].shape for k in like)
+        and sorted(reuse._lows) == doubled
+    ):
         reuse._zero_pending = True
         reuse.total_weight, reuse.count = 0.0, 0
         return reuse
-    return RunningSum({name: np.zeros(array.shape, np.float64) for name, array in like.items()},
-                      lows={name: np.zeros(like[name].shape, np.float64) for name in doubled})
+    return RunningSum(
+        {name: np.zeros(array.shape, np.float64) for name, array in like.items()},
+        lows={name: np.zeros(like[name].shape, np.float64) for name in doubled},
+    )
 
 
-def check_update(parameters: Tensors, reference: Tensors, *, max_distance_ratio: float | None = None, max_weight: float = 1.0) -> None:
+def check_update(
+    parameters: Tensors, reference: Tensors, *, max_distance_ratio: float | None = None, max_weight: float = 1.0
+) -> None:
     """Raise :class:`BadUpdate` saying what is wrong unless ``parameters`` matches
     ``reference`` (the global model it was trained on) name for name, shape for shape and
     dtype for dtype, and its numbers are ones a fold can take:
@@ -163,17 +176,26 @@ def check_update(parameters: Tensors, reference: Tensors, *, max_distance_ratio:
             largest, d2, r2 = _magnitude_and_distance(value, ref, scratch)
             limit = magnitude_limit(value.dtype, max_weight)
             if largest > limit:
-                raise BadUpdate(f"{name}: a value of magnitude {largest:.3g}, beyond the {limit:.3g} a fold of {value.dtype} takes (it could overflow the model)")
+                raise BadUpdate(
+                    f"{name}: a value of magnitude {largest:.3g}, beyond the {limit:.3g} a fold of {value.dtype} takes "
+                    "(it could overflow the model)"
+                )
             distance2, norm2, elements = distance2 + d2, norm2 + r2, elements + value.size
-        elif np.issubdtype(value.dtype, np.integer) and value.size and max(abs(int(value.max())), abs(int(value.min()))) > INTEGER_LIMIT:
+        elif (
+            np.issubdtype(value.dtype, np.integer)
+            and value.size
+            and max(abs(int(value.max())), abs(int(value.min()))) > INTEGER_LIMIT
+        ):
             raise BadUpdate(f"{name}: an integer beyond 2**53, which a float64 fold cannot hold exactly")
     if max_distance_ratio is not None and elements:
         distance, norm = math.sqrt(distance2), math.sqrt(norm2)
         bound = max_distance_ratio * (norm + math.sqrt(elements))
         if not distance <= bound:  # an overflowed distance (inf) is refused too
             raise BadUpdate(
-                f"it is {distance:.3g} (L2) from the global model it was trained on, more than strategy.max_update_ratio "
-                f"({max_distance_ratio:g}) x (the model's norm {norm:.3g} + sqrt of its {elements} floating values) = {bound:.3g}"
+                f"it is {distance:.3g} (L2) from the global model it was trained on, more than "
+                "strategy.max_update_ratio "
+                f"({max_distance_ratio:g}) x (the model's norm {norm:.3g} + sqrt of its {elements} floating values) = "
+                f"{bound:.3g}"
             )
 
 
@@ -195,7 +217,9 @@ def magnitude_limit(dtype: np.dtype, max_weight: float = 1.0) -> float:
     return min(float(np.finfo(dtype).max), fold) / SERVER_STEP_HEADROOM
 
 
-def _magnitude_and_distance(value: np.ndarray, reference: np.ndarray, scratch: np.ndarray) -> tuple[float, float, float]:
+def _magnitude_and_distance(
+    value: np.ndarray, reference: np.ndarray, scratch: np.ndarray
+) -> tuple[float, float, float]:
     """(max |value|, ||value - reference||^2, ||reference||^2), in float64, block by block.
     Squares are summed in place, not by ``np.dot``: BLAS's threads, on a server whose cores
     are busy, made a 10M-value pass take a second instead of tens of milliseconds."""
@@ -217,7 +241,9 @@ def all_finite(value: np.ndarray) -> bool:
     """No NaN or infinity in ``value``, checked block by block: ``np.isfinite(value)`` of a
     whole tensor would be a temporary of one byte per element (10 MB for a 10M tensor)."""
     flat = np.ravel(value)  # a view of a decoded (contiguous) array
-    return all(np.isfinite(flat[start : start + SCRATCH_ELEMENTS]).all() for start in range(0, flat.size, SCRATCH_ELEMENTS))
+    return all(
+        np.isfinite(flat[start : start + SCRATCH_ELEMENTS]).all() for start in range(0, flat.size, SCRATCH_ELEMENTS)
+    )
 
 
 def fold_update(acc: RunningSum, parameters: Tensors, weight: float, base: Tensors | None = None) -> None:
@@ -254,8 +280,9 @@ def fold_update(acc: RunningSum, parameters: Tensors, weight: float, base: Tenso
 _SPLITTER = 134217729.0  # 2**27 + 1: Dekker's split of a float64 into two 26-bit halves
 
 
-def _fold_double_double(hi: np.ndarray, lo: np.ndarray, value: np.ndarray, weight: float, base: np.ndarray | None,
-                        scratch: np.ndarray) -> None:
+def _fold_double_double(
+    hi: np.ndarray, lo: np.ndarray, value: np.ndarray, weight: float, base: np.ndarray | None, scratch: np.ndarray
+) -> None:
     """(hi, lo) += weight * (value - base) in double-double, block by block through six
     rows of float64 scratch (see the module's docstring): the product and the sum exact,
     then one renormalisation per element. ``value - base`` is exact too (TwoSum); its

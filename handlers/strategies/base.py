@@ -73,7 +73,9 @@ class Strategy(ABC):
         try:
             return cls.Options.model_validate(dict(options))
         except ValidationError as exc:
-            raise OptionError(f"strategy {cls.name!r}: " + "; ".join(_describe_option(cls, e) for e in exc.errors())) from None
+            raise OptionError(
+                f"strategy {cls.name!r}: " + "; ".join(_describe_option(cls, e) for e in exc.errors())
+            ) from None
 
     def __getattr__(self, name: str) -> Any:
         """An option, read as an attribute (``self.eta``); called only for names the
@@ -128,7 +130,7 @@ class Strategy(ABC):
         """Named arrays stored with the version just finished, atomically with it."""
         return {}
 
-    def resume(self, version: int, state: Mapping[str, np.ndarray]) -> None:
+    def resume(self, version: int, state: Mapping[str, np.ndarray]) -> None:  # noqa: B027 - optional: a strategy with no state of its own resumes as it is
         """Take back the state stored with ``version`` (a restarted server; empty for version 0)."""
 
     def round_metrics(self) -> dict[str, Any]:
@@ -140,11 +142,22 @@ class Strategy(ABC):
         return None
 
     @classmethod
-    def client_update(cls, options: Mapping[str, Any], *, seed: int, client_id: str, round_: int, global_parameters: Tensors, parameters: Tensors) -> Tensors:
+    def client_update(
+        cls,
+        options: Mapping[str, Any],
+        *,
+        seed: int,
+        client_id: str,
+        round_: int,
+        global_parameters: Tensors,
+        parameters: Tensors,
+    ) -> Tensors:
         """Applied by a client to its trained parameters before sending them (local DP)."""
         return parameters
 
-    def replay_version(self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]) -> dict[str, np.ndarray]:
+    def replay_version(
+        self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]
+    ) -> dict[str, np.ndarray]:
         """Recompute a stored version from its parent and its updates (ParameterUpdates, in
         fold order), for ``brokerfl replay``; ``history`` holds recent versions' parameters.
         Synchronous strategies fold a round; asynchronous ones override this."""
@@ -175,7 +188,10 @@ def complete_strategy_class(name: str) -> type[Strategy]:
     cls = strategy_class(name)
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(cls.__abstractmethods__))
-        raise ValueError(f"strategy {name!r}: class {cls.__qualname__} does not implement {missing} (every strategy must; see brokerfl.handlers.strategies.base.Strategy)")
+        raise ValueError(
+            f"strategy {name!r}: class {cls.__qualname__} does not implement {missing} (every strategy must; see "
+            "brokerfl.handlers.strategies.base.Strategy)"
+        )
     return cls
 
 
@@ -202,7 +218,10 @@ def _installed(module: str) -> bool:
 def _describe_option(cls: type[Strategy], error: Any) -> str:
     where = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
-        return f"no option {where!r} (its options: {', '.join(cls.Options.model_fields) or 'none'}; a strategy declares its options in its Options class)"
+        return (
+            f"no option {where!r} (its options: {', '.join(cls.Options.model_fields) or 'none'}; a strategy declares "
+            "its options in its Options class)"
+        )
     message = error["msg"].removeprefix("Value error, ")
     if not where:  # a check across options names them itself
         return message
@@ -230,9 +249,18 @@ def _cached_class(name: str) -> type[Strategy]:
     return strategy_class(name)
 
 
-def prepare_update(config: RunConfig, client_id: str, round_: int, global_parameters: Tensors, parameters: Tensors) -> Tensors:
+def prepare_update(
+    config: RunConfig, client_id: str, round_: int, global_parameters: Tensors, parameters: Tensors
+) -> Tensors:
     """What a client sends: its trained parameters as the run's strategy wants them sent."""
     cls = _cached_class(config.strategy.name)
     if cls.client_update.__func__ is Strategy.client_update.__func__:
         return parameters
-    return cls.client_update(config.strategy.options, seed=config.seed, client_id=client_id, round_=round_, global_parameters=global_parameters, parameters=parameters)
+    return cls.client_update(
+        config.strategy.options,
+        seed=config.seed,
+        client_id=client_id,
+        round_=round_,
+        global_parameters=global_parameters,
+        parameters=parameters,
+    )

@@ -56,7 +56,9 @@ def apply_mean_clipped(acc: RunningSum, global_parameters: Tensors, denominator:
 
 class NormBoundingOptions(StrategyOptions):
     max_norm: float = Field(1.0, gt=0, description="the largest L2 distance an update may keep from the global model")
-    weighted: bool = Field(False, description="false: every clipped update counts once; true: weighted by its sample count")
+    weighted: bool = Field(
+        False, description="false: every clipped update counts once; true: weighted by its sample count"
+    )
 
 
 class NormBounding(Strategy):

@@ -74,10 +74,16 @@ def epsilon_spent(sample_rate: float, noise_multiplier: float, steps: int, delta
 
 def gaussian_noise(like: Tensors, std: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """N(0, std^2) per coordinate of every floating tensor, drawn in name order (float64)."""
-    return {name: rng.normal(0.0, std, size=like[name].shape) for name in sorted(like) if np.issubdtype(like[name].dtype, np.floating)}
+    return {
+        name: rng.normal(0.0, std, size=like[name].shape)
+        for name in sorted(like)
+        if np.issubdtype(like[name].dtype, np.floating)
+    }
 
 
-def clip_and_noise(parameters: Tensors, base: Tensors, clip_norm: float, std: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def clip_and_noise(
+    parameters: Tensors, base: Tensors, clip_norm: float, std: float, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """base + clip(parameters - base, clip_norm) + N(0, std^2): what a local-DP client sends."""
     scale = clip_factor(delta_norm(parameters, base), clip_norm)
     noise = gaussian_noise(base, std, rng)
@@ -95,7 +101,10 @@ def adaptive_noise_multiplier(noise_multiplier: float, count_stddev: float) -> f
     """The deltas' share of the noise when the clipped count takes its own (Andrew et al. 2021)."""
     rest = noise_multiplier**-2 - (2.0 * count_stddev) ** -2
     if rest <= 0:
-        raise ValueError(f"noise_multiplier {noise_multiplier} leaves nothing for the updates next to clipped_count_stddev {count_stddev}: it must be < 2 x clipped_count_stddev")
+        raise ValueError(
+            f"noise_multiplier {noise_multiplier} leaves nothing for the updates next to clipped_count_stddev "
+            f"{count_stddev}: it must be < 2 x clipped_count_stddev"
+        )
     return rest**-0.5
 
 
@@ -105,16 +114,28 @@ def next_clip_norm(clip_norm: float, unclipped_share: float, target_quantile: fl
 
 
 class DPOptions(StrategyOptions):
-    mode: Literal["central", "local"] = Field("central", description="who clips and noises: the server (central) or each client (local)")
-    noise_multiplier: float = Field(1.0, ge=0, description="z: the noise's standard deviation in units of the clipping norm")
+    mode: Literal["central", "local"] = Field(
+        "central", description="who clips and noises: the server (central) or each client (local)"
+    )
+    noise_multiplier: float = Field(
+        1.0, ge=0, description="z: the noise's standard deviation in units of the clipping norm"
+    )
     clip_norm: float = Field(1.0, gt=0, description="C: the fixed clipping norm, or the first one when adaptive")
-    adaptive_clipping: bool = Field(False, description="move C towards target_quantile of the update norms (central only)")
-    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive clipping: the share of updates C should leave unclipped")
+    adaptive_clipping: bool = Field(
+        False, description="move C towards target_quantile of the update norms (central only)"
+    )
+    target_quantile: float = Field(
+        0.5, gt=0, lt=1, description="adaptive clipping: the share of updates C should leave unclipped"
+    )
     clip_learning_rate: float = Field(0.2, gt=0, description="adaptive clipping: eta_C, the geometric step of C")
-    clipped_count_stddev: float | None = Field(None, gt=0, description="adaptive clipping: sigma_b, the noise on the unclipped count (default m / 20)")
+    clipped_count_stddev: float | None = Field(
+        None, gt=0, description="adaptive clipping: sigma_b, the noise on the unclipped count (default m / 20)"
+    )
     delta: float = Field(1e-5, gt=0, lt=1, description="the delta of the (epsilon, delta) reported")
     epsilon_budget: float | None = Field(None, gt=0, description="the epsilon the run may spend (none: no budget)")
-    on_budget: Literal["stop", "warn"] = Field("stop", description="at the budget: stop before a round that would exceed it, or warn once exceeded")
+    on_budget: Literal["stop", "warn"] = Field(
+        "stop", description="at the budget: stop before a round that would exceed it, or warn once exceeded"
+    )
 
     @model_validator(mode="after")
     def _adaptive_is_central(self) -> DPOptions:
@@ -162,7 +183,9 @@ class DPFedAvg(Strategy):
         return self.clipped_count_stddev if self.clipped_count_stddev is not None else self.expected_clients() / 20.0
 
     def epsilon(self, steps: int | None = None) -> float:
-        return epsilon_spent(self.sample_rate(), self.noise_multiplier, self.steps if steps is None else steps, self.delta)
+        return epsilon_spent(
+            self.sample_rate(), self.noise_multiplier, self.steps if steps is None else steps, self.delta
+        )
 
     # a round
 
@@ -190,17 +213,25 @@ class DPFedAvg(Strategy):
         if self.mode == "local":
             return apply_mean_clipped(self._sum, global_parameters, self._sum.count)
         rng = np.random.default_rng([self.run_seed, self.version, SERVER_NOISE])
-        z = adaptive_noise_multiplier(self.noise_multiplier, self.count_stddev()) if self.adaptive_clipping and self.noise_multiplier > 0 else self.noise_multiplier
+        z = (
+            adaptive_noise_multiplier(self.noise_multiplier, self.count_stddev())
+            if self.adaptive_clipping and self.noise_multiplier > 0
+            else self.noise_multiplier
+        )
         for name, noise in gaussian_noise(global_parameters, z * self.clip_norm, rng).items():
             self._sum.sums[name] += noise
         m = self.expected_clients()
         parameters = apply_mean_clipped(self._sum, global_parameters, m)
         if self.adaptive_clipping:
             unclipped_share = (self._unclipped + rng.normal(0.0, self.count_stddev())) / m
-            self.clip_norm = next_clip_norm(self.clip_norm, unclipped_share, self.target_quantile, self.clip_learning_rate)
+            self.clip_norm = next_clip_norm(
+                self.clip_norm, unclipped_share, self.target_quantile, self.clip_learning_rate
+            )
         return parameters
 
-    def replay_version(self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]) -> dict[str, np.ndarray]:
+    def replay_version(
+        self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]
+    ) -> dict[str, np.ndarray]:
         self.version = parent_version
         return super().replay_version(parent_version, parent, updates, history)
 
@@ -216,13 +247,23 @@ class DPFedAvg(Strategy):
 
     def round_metrics(self) -> dict[str, Any]:
         epsilon = self.epsilon()
-        record: dict[str, Any] = {"epsilon": epsilon, "delta": self.delta, "dp_steps": self.steps, "clip_norm": self.clip_norm}
+        record: dict[str, Any] = {
+            "epsilon": epsilon,
+            "delta": self.delta,
+            "dp_steps": self.steps,
+            "clip_norm": self.clip_norm,
+        }
         if self.epsilon_budget is not None and epsilon > self.epsilon_budget:
             record["epsilon_budget_exceeded"] = True
             if self.on_budget == "warn" and not self._warned:
                 from brokerfl.runtime.log import get_logger
 
-                get_logger().warning("privacy budget exceeded: the run goes on (on_budget: warn)", epsilon=round(epsilon, 4), budget=self.epsilon_budget, delta=self.delta)
+                get_logger().warning(
+                    "privacy budget exceeded: the run goes on (on_budget: warn)",
+                    epsilon=round(epsilon, 4),
+                    budget=self.epsilon_budget,
+                    delta=self.delta,
+                )
                 self._warned = True
         return record
 
@@ -231,15 +272,29 @@ class DPFedAvg(Strategy):
             return None
         after_next = self.epsilon(self.steps + 1)
         if after_next > self.epsilon_budget:
-            return f"privacy budget: another round would spend epsilon {after_next:.4g} > epsilon_budget {self.epsilon_budget:g} (delta {self.delta:g}); spent so far {self.epsilon():.4g}"
+            return (
+                f"privacy budget: another round would spend epsilon {after_next:.4g} > epsilon_budget "
+                f"{self.epsilon_budget:g} (delta {self.delta:g}); spent so far {self.epsilon():.4g}"
+            )
         return None
 
     # the client's side of local DP
 
     @classmethod
-    def client_update(cls, options: Mapping[str, Any], *, seed: int, client_id: str, round_: int, global_parameters: Tensors, parameters: Tensors) -> Tensors:
+    def client_update(
+        cls,
+        options: Mapping[str, Any],
+        *,
+        seed: int,
+        client_id: str,
+        round_: int,
+        global_parameters: Tensors,
+        parameters: Tensors,
+    ) -> Tensors:
         settings = cls(**options)
         if settings.mode != "local":
             return parameters
         rng = np.random.default_rng([seed, zlib.crc32(client_id.encode()), round_, CLIENT_NOISE])
-        return clip_and_noise(parameters, global_parameters, settings.clip_norm, settings.noise_multiplier * settings.clip_norm, rng)
+        return clip_and_noise(
+            parameters, global_parameters, settings.clip_norm, settings.noise_multiplier * settings.clip_norm, rng
+        )

@@ -25,10 +25,18 @@ from brokerfl.handlers.strategies.base import Strategy, StrategyOptions
 
 
 class AsyncOptions(StrategyOptions):
-    staleness: Literal["constant", "polynomial", "hinge"] = Field("polynomial", description="how an update's weight falls with its staleness s (brokerfl.handlers.strategies.aggregate.staleness_weight)")
+    staleness: Literal["constant", "polynomial", "hinge"] = Field(
+        "polynomial",
+        description=(
+            "how an update's weight falls with its staleness s "
+            "(brokerfl.handlers.strategies.aggregate.staleness_weight)"
+        ),
+    )
     a: float = Field(0.5, ge=0, description="polynomial: (1 + s)^-a; hinge: 1 / (a (s - b) + 1) beyond b")
     b: float = Field(4.0, ge=0, description="hinge: the staleness up to which updates keep weight 1")
-    max_staleness: int = Field(10, ge=0, description="an update this many versions old or older is dropped with its reason")
+    max_staleness: int = Field(
+        10, ge=0, description="an update this many versions old or older is dropped with its reason"
+    )
 
 
 class FedAsyncOptions(AsyncOptions):
@@ -58,7 +66,9 @@ class AsyncStrategy(Strategy):
         """Begin collecting the updates of the next model version."""
 
     @abstractmethod
-    def fold_async(self, parameters: Tensors, *, global_parameters: Tensors, base_parameters: Tensors | None, staleness: int) -> float:
+    def fold_async(
+        self, parameters: Tensors, *, global_parameters: Tensors, base_parameters: Tensors | None, staleness: int
+    ) -> float:
         """Fold one checked update; returns the weight it got."""
 
     @abstractmethod
@@ -69,7 +79,9 @@ class AsyncStrategy(Strategy):
     def finish_version(self, global_parameters: Tensors) -> dict[str, np.ndarray]:
         """The next model version from the folded updates."""
 
-    def replay_version(self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]) -> dict[str, np.ndarray]:
+    def replay_version(
+        self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]
+    ) -> dict[str, np.ndarray]:
         """Recompute a stored version (``brokerfl replay``): its updates were folded, in this
         order, while the model was its parent, so each one's staleness is the parent's
         version minus the version it trained on, and its base is that version."""
@@ -79,8 +91,16 @@ class AsyncStrategy(Strategy):
             if self.needs_base:
                 base = history.get(update.model_version)
                 if base is None:
-                    raise ValueError(f"replaying version {parent_version + 1} needs model version {update.model_version}, which is no longer kept")
-            self.fold_async(update.parameters, global_parameters=parent, base_parameters=base, staleness=max(parent_version - update.model_version, 0))
+                    raise ValueError(
+                        f"replaying version {parent_version + 1} needs model version {update.model_version}, which is "
+                        "no longer kept"
+                    )
+            self.fold_async(
+                update.parameters,
+                global_parameters=parent,
+                base_parameters=base,
+                staleness=max(parent_version - update.model_version, 0),
+            )
         return self.finish_version(parent)
 
     # the synchronous interface does not apply
@@ -102,7 +122,9 @@ class FedAsync(AsyncStrategy):
     def start_version(self, global_parameters: Tensors) -> None:
         self._next = None
 
-    def fold_async(self, parameters: Tensors, *, global_parameters: Tensors, base_parameters: Tensors | None, staleness: int) -> float:
+    def fold_async(
+        self, parameters: Tensors, *, global_parameters: Tensors, base_parameters: Tensors | None, staleness: int
+    ) -> float:
         if self._next is not None:
             raise RuntimeError("FedAsync folds one update per model version")
         alpha_s = self.alpha * self.weight(staleness)
@@ -115,7 +137,9 @@ class FedAsync(AsyncStrategy):
     def ready(self) -> bool:
         return self._next is not None
 
-    def replay_version(self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]) -> dict[str, np.ndarray]:
+    def replay_version(
+        self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]
+    ) -> dict[str, np.ndarray]:
         """One update per version in a FedAsync run; as a what-if over a round of several
         updates, they are mixed in one after another."""
         model = dict(parent)

@@ -38,7 +38,9 @@ class FedBuff(AsyncStrategy):
     def start_version(self, global_parameters: Tensors) -> None:
         self._sum = new_running_sum(global_parameters, reuse=self._sum)
 
-    def fold_async(self, parameters: Tensors, *, global_parameters: Tensors, base_parameters: Tensors | None, staleness: int) -> float:
+    def fold_async(
+        self, parameters: Tensors, *, global_parameters: Tensors, base_parameters: Tensors | None, staleness: int
+    ) -> float:
         if base_parameters is None:
             raise ValueError("FedBuff needs the parameters of the model version the client trained on")
         weight = self.weight(staleness)

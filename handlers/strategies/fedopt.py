@@ -83,7 +83,9 @@ class AdaptiveOptions(StrategyOptions):
     beta_2: float = Field(0.99, ge=0, lt=1, description="decay of the second moment v (FedAdam, FedYogi)")
     tau: float = Field(1e-3, gt=0, description="adaptivity: the floor under sqrt(v)")
     initial_v: float | None = Field(None, ge=0, description="v before the first step (default tau^2; Flower's 0)")
-    bias_correction: bool = Field(False, description="false: the paper's plain step; true: Flower's FedAdam's bias-corrected step")
+    bias_correction: bool = Field(
+        False, description="false: the paper's plain step; true: Flower's FedAdam's bias-corrected step"
+    )
 
 
 class FedAvgMOptions(StrategyOptions):
@@ -148,11 +150,16 @@ class _Adaptive(_ServerOptimizer):
         super().__init__(**settings)
         self.initial_v: float = self.tau**2 if self.options.initial_v is None else self.options.initial_v
         if self.bias_correction and self.kind == "adagrad":
-            raise ValueError(f"strategy {self.name!r}: bias_correction applies to fedadam and fedyogi (Adagrad has no beta_2 decay to correct)")
+            raise ValueError(
+                f"strategy {self.name!r}: bias_correction applies to fedadam and fedyogi (Adagrad has no beta_2 decay "
+                "to correct)"
+            )
 
     def step(self, name: str, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
         m = self._state["m"][name] = first_moment(self._moment("m", name, delta), delta, self.beta_1)
-        v = self._state["v"][name] = second_moment(self.kind, self._moment("v", name, delta, self.initial_v), delta, self.beta_2)
+        v = self._state["v"][name] = second_moment(
+            self.kind, self._moment("v", name, delta, self.initial_v), delta, self.beta_2
+        )
         eta = bias_corrected_eta(self.eta, self.beta_1, self.beta_2, self.steps) if self.bias_correction else self.eta
         return adaptive_step(x, m, v, eta, self.tau)
 

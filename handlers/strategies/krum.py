@@ -33,7 +33,11 @@ from brokerfl.handlers.strategies.robust import _KeepsUpdates
 
 def flatten(parameters: Tensors, like: Tensors) -> np.ndarray:
     """The floating tensors of ``parameters``, in name order, as one float64 vector."""
-    parts = [np.asarray(parameters[name], np.float64).ravel() for name in sorted(like) if np.issubdtype(like[name].dtype, np.floating)]
+    parts = [
+        np.asarray(parameters[name], np.float64).ravel()
+        for name in sorted(like)
+        if np.issubdtype(like[name].dtype, np.floating)
+    ]
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
@@ -78,7 +82,10 @@ def bulyan_select(distances: np.ndarray, f: int, theta: int) -> list[int]:
 
 
 def mean_of(updates: list[Tensors], like: Tensors) -> dict[str, np.ndarray]:
-    return {name: np.mean(np.stack([np.asarray(u[name], np.float64) for u in updates]), axis=0).astype(like[name].dtype) for name in like}
+    return {
+        name: np.mean(np.stack([np.asarray(u[name], np.float64) for u in updates]), axis=0).astype(like[name].dtype)
+        for name in like
+    }
 
 
 def mean_closest_to_median(stacked: np.ndarray, beta: int) -> np.ndarray:

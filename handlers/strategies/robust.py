@@ -86,7 +86,8 @@ class TrimmedMean(_KeepsUpdates):
         if n >= 3 and trimmed_count(n, self.beta, self.min_trim) == 0:
             raise ValueError(
                 f"strategy 'trimmed_mean': beta {self.beta:g} with min_trim 0 trims nothing from rounds of {n} updates "
-                f"(floor(beta x {n}) = 0), so one poisoned update would pass into the mean: set beta >= {1 / n:.3g} or min_trim >= 1"
+                f"(floor(beta x {n}) = 0), so one poisoned update would pass into the mean: set beta >= {1 / n:.3g} or "
+                "min_trim >= 1"
             )
 
     def finish_round(self, global_parameters: Tensors) -> dict[str, np.ndarray]:

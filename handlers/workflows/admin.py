@@ -40,6 +40,17 @@ from __future__ import annotations
 
 import time
 
+from brokerfl.handlers.workflows.server_state import (
+    ServerState,
+    close_when_every_participant_answered,
+    duplicate_instances,
+    finish_run,
+    live_clients,
+    outside_federation,
+    record_drop,
+    start_round,
+)
+from brokerfl.runtime.handler_table import Context, HandlerSet, Outbound, to_client, to_clients, to_requester
 from brokerfl.runtime.operator_commands import (
     AbortRun,
     AdminCommand,
@@ -54,12 +65,10 @@ from brokerfl.runtime.operator_commands import (
     StatusRequest,
     client_id_order,
 )
-from brokerfl.runtime.handler_table import Context, HandlerSet, Outbound, to_client, to_clients, to_requester
-from brokerfl.wire.message import Exit
 from brokerfl.storage.metrics_log import record_metrics
-from brokerfl.transports.topology import ADMIN, AUDIT
 from brokerfl.transports.base import bounded
-from brokerfl.handlers.workflows.server_state import ServerState, close_when_every_participant_answered, duplicate_instances, finish_run, live_clients, outside_federation, record_drop, start_round
+from brokerfl.transports.topology import ADMIN, AUDIT
+from brokerfl.wire.message import Exit
 
 OPERATOR = HandlerSet("operator", needs=(ServerState,))
 
@@ -98,16 +107,28 @@ def status_of(state: ServerState) -> dict:
         "min_clients": state.config.strategy.min_clients,
         "clients_expected": state.config.clients,
         "clients": [
-            {"id": cid, "last_seen_s": round(now - record.last_seen, 1), "live": cid in live, "removed": cid in state.admin.removed, "num_samples": record.num_samples,
-             "duplicate": duplicate_instances(state, cid),  # two processes claim this id: their instances
-             "training_s": _rounded(record.training_for(now))}
+            {
+                "id": cid,
+                "last_seen_s": round(now - record.last_seen, 1),
+                "live": cid in live,
+                "removed": cid in state.admin.removed,
+                "num_samples": record.num_samples,
+                "duplicate": duplicate_instances(state, cid),  # two processes claim this id: their instances
+                "training_s": _rounded(record.training_for(now)),
+            }
             for cid, record in sorted(state.clients.items(), key=lambda kv: client_id_order(kv[0]))
         ],
         "removed": sorted(state.admin.removed, key=client_id_order),
         "participants": list(state.participants) if state.round_open else [],
-        "still_training": sorted(set(state.participants) - state.answered - state.failed - state.refused, key=client_id_order) if state.round_open else [],
+        "still_training": sorted(
+            set(state.participants) - state.answered - state.failed - state.refused, key=client_id_order
+        )
+        if state.round_open
+        else [],
         "failed": sorted(state.failed, key=client_id_order) if state.round_open else [],  # this round's
-        "refused": sorted(state.refused, key=client_id_order) if state.round_open else [],  # this round's: their update was refused
+        "refused": sorted(state.refused, key=client_id_order)
+        if state.round_open
+        else [],  # this round's: their update was refused
         "train_failures": [vars(f) for f in state.train_failures[-STATUS_FAILURES:]],
         "unable": dict(sorted(state.unable.items())[:STATUS_FAILURES]),  # clients whose app failed at their start
         "held_updates": held_updates(state),
@@ -154,15 +175,34 @@ def not_members(state: ServerState, client_ids: list[str]) -> str | None:
     outside = [cid for cid in client_ids if outside_federation(state, cid) is not None]
     if not outside:
         return None
-    shown = ", ".join(bounded(cid, 64) for cid in outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
-    return f"client{'s' if len(outside) > 1 else ''} {shown} {'are' if len(outside) > 1 else 'is'} not in the federation of run {state.config.run} (client ids {state.config.client_ids_text()})"
+    shown = ", ".join(bounded(cid, 64) for cid in outside[:10]) + (
+        f" and {len(outside) - 10} more" if len(outside) > 10 else ""
+    )
+    return (
+        f"client{'s' if len(outside) > 1 else ''} {shown} {'are' if len(outside) > 1 else 'is'} not in the federation "
+        f"of run {state.config.run} (client ids {state.config.client_ids_text()})"
+    )
 
 
-def answer(ctx: Context[ServerState], command: AdminCommand, ok: bool, text: str, *, changed: bool = False) -> list[Outbound]:
+def answer(
+    ctx: Context[ServerState], command: AdminCommand, ok: bool, text: str, *, changed: bool = False
+) -> list[Outbound]:
     """The reply to the requester and to the journal; the new admin state if ``changed``."""
     state: ServerState = ctx.state
-    (ctx.log.info if ok else ctx.log.warning)("admin command", command=command.TYPE, user=command.user_id, by=bounded(command.sender, 200), ok=ok, reply=text)
-    reply = command.reply(AdminReply, command=command.TYPE, command_id=command.message_id, by=command.sender, user=command.user_id, ok=ok, text=text, round=state.round, model_version=state.model.version if state.model else 0)
+    (ctx.log.info if ok else ctx.log.warning)(
+        "admin command", command=command.TYPE, user=command.user_id, by=bounded(command.sender, 200), ok=ok, reply=text
+    )
+    reply = command.reply(
+        AdminReply,
+        command=command.TYPE,
+        command_id=command.message_id,
+        by=command.sender,
+        user=command.user_id,
+        ok=ok,
+        text=text,
+        round=state.round,
+        model_version=state.model.version if state.model else 0,
+    )
     out = [to_requester(reply)]
     if state.config.journal:
         out.append(Outbound(AUDIT, reply))
@@ -180,11 +220,31 @@ def abort_run(command: AbortRun, ctx: Context[ServerState]):
     why = f"aborted by {command.sender or 'an operator'}" + (f": {command.reason}" if command.reason else "")
     out: list[Outbound] = []
     if state.round_open and state.folded:  # folded, in no stored version: dropped, on record
-        out += [o for uid, client in state.folded.items() for o in record_drop(ctx, uid, client, f"{why} (round {state.round} not finished)", round_=state.round, model_version=state.model.version)]
+        out += [
+            o
+            for uid, client in state.folded.items()
+            for o in record_drop(
+                ctx,
+                uid,
+                client,
+                f"{why} (round {state.round} not finished)",
+                round_=state.round,
+                model_version=state.model.version,
+            )
+        ]
         ctx.commit()
     state.admin.rounds = last  # a server started again finishes at once
     out += finish_run(ctx, why)
-    return answer(ctx, command, True, f"run finished at model version {state.model.version} (round {last}); clients sent Exit", changed=True) + out
+    return (
+        answer(
+            ctx,
+            command,
+            True,
+            f"run finished at model version {state.model.version} (round {last}); clients sent Exit",
+            changed=True,
+        )
+        + out
+    )
 
 
 @OPERATOR.on(PauseRounds)
@@ -206,7 +266,9 @@ def resume_rounds(command: ResumeRounds, ctx: Context[ServerState]):
         return answer(ctx, command, False, "not paused")
     state.admin.paused = False
     held, state.admin.held_start = state.admin.held_start, None
-    out = answer(ctx, command, True, "resumed" + (": starting the next round" if held and not state.done else ""), changed=True)
+    out = answer(
+        ctx, command, True, "resumed" + (": starting the next round" if held and not state.done else ""), changed=True
+    )
     if held and state.begun and not state.done and not state.round_open:
         out += start_round(ctx, retry=held == "retry") or []
     return out
@@ -238,7 +300,13 @@ def set_min_clients(command: SetMinClients, ctx: Context[ServerState]):
     members = sum(1 for cid in state.config.client_ids() if cid not in state.admin.removed)
     if command.min_clients > members:
         removed = f" ({len(state.admin.removed)} removed)" if state.admin.removed else ""
-        return answer(ctx, command, False, f"min clients {command.min_clients} is more than the {members} clients of the federation{removed}: no round could ever close")
+        return answer(
+            ctx,
+            command,
+            False,
+            f"min clients {command.min_clients} is more than the {members} clients of the federation{removed}: no "
+            "round could ever close",
+        )
     old = state.config.strategy.min_clients
     state.admin.min_clients = command.min_clients
     state.config = state.admin.applied_to(state.config)
@@ -255,8 +323,14 @@ def set_rounds(command: SetRounds, ctx: Context[ServerState]):
     old = state.config.rounds
     floor = state.round if state.round_open else (state.model.round if state.model else 0)
     if command.rounds < floor:
-        then = "under way: the least is {0} (the run ends after this round; `admin abort` ends it now)" if state.round_open else "done: the least is {0} (it ends the run now)"
-        return answer(ctx, command, False, f"rounds {command.rounds} is below round {floor}, already " + then.format(floor))
+        then = (
+            "under way: the least is {0} (the run ends after this round; `admin abort` ends it now)"
+            if state.round_open
+            else "done: the least is {0} (it ends the run now)"
+        )
+        return answer(
+            ctx, command, False, f"rounds {command.rounds} is below round {floor}, already " + then.format(floor)
+        )
     rounds = command.rounds
     state.admin.rounds = rounds
     state.config = state.admin.applied_to(state.config)

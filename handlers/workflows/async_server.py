@@ -44,23 +44,34 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from brokerfl.config import ConfigError, RunConfig
-from brokerfl.runtime.handler_table import Context, HandlerSet, Outbound, Started, to_client
-from brokerfl.wire.message import Heartbeat, Heartbeats, Join, Leave, ParameterUpdate, Tensors, TrainFailed, TrainTask
-from brokerfl.storage.model_refs import task_model_fields
-from brokerfl.storage.metrics_log import MetricsLog
-from brokerfl.storage.store import ModelStore
-from brokerfl.runtime.timing import timings
-from brokerfl.transports.topology import check_name
 from brokerfl.handlers.strategies.aggregate import BadUpdate
 from brokerfl.handlers.strategies.fedasync import AsyncStrategy
 from brokerfl.handlers.workflows import lifecycle, server_state
-from brokerfl.handlers.workflows.server_state import ServerState, already_folded, drop, finish_run, live_clients, store_version
+from brokerfl.handlers.workflows.server_state import (
+    ServerState,
+    already_folded,
+    drop,
+    finish_run,
+    live_clients,
+    store_version,
+)
+from brokerfl.runtime.handler_table import Context, HandlerSet, Outbound, Started, to_client
+from brokerfl.runtime.timing import timings
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.storage.model_refs import task_model_fields
+from brokerfl.storage.store import ModelStore
+from brokerfl.transports.topology import check_name
+from brokerfl.wire.message import Heartbeat, Heartbeats, Join, Leave, ParameterUpdate, Tensors, TrainFailed, TrainTask
 
 
 @dataclass
 class AsyncServerState(ServerState):
-    cache: OrderedDict[int, Tensors] = field(default_factory=OrderedDict)  # version -> parameters, the newest max_staleness + 1
-    stored_ids: set[str] = field(default_factory=set)  # ids in stored versions: of this process, and the newest few at start
+    cache: OrderedDict[int, Tensors] = field(
+        default_factory=OrderedDict
+    )  # version -> parameters, the newest max_staleness + 1
+    stored_ids: set[str] = field(
+        default_factory=set
+    )  # ids in stored versions: of this process, and the newest few at start
     buffer_ids: list[str] = field(default_factory=list)  # folded and held, in no stored version yet (fold order)
     tasked: dict[str, int] = field(default_factory=dict)  # client -> version of the last task this process sent it
     stored_here: int = 0  # versions this process stored
@@ -73,11 +84,17 @@ class AsyncServerState(ServerState):
 def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> AsyncServerState:
     base = server_state.make_state(config, store, metrics)
     if not isinstance(base.strategy, AsyncStrategy):
-        raise ConfigError(f"strategy.name: {config.strategy.name!r} is not an asynchronous strategy; it runs on {base.strategy.server_handlers}")
+        raise ConfigError(
+            f"strategy.name: {config.strategy.name!r} is not an asynchronous strategy; it runs on "
+            f"{base.strategy.server_handlers}"
+        )
     buffer_size = getattr(base.strategy, "buffer_size", 1)
     prefetch = max(2 * config.clients, 16)  # brokerfl.assembly.roles.server_worker's: the held buffer must fit under it
     if buffer_size > prefetch:
-        raise ConfigError(f"strategy.options.buffer_size: {buffer_size} updates held unacked exceed the server's prefetch ({prefetch} for {config.clients} clients)")
+        raise ConfigError(
+            f"strategy.options.buffer_size: {buffer_size} updates held unacked exceed the server's prefetch "
+            f"({prefetch} for {config.clients} clients)"
+        )
     state = AsyncServerState(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ServerState)})
     state.begin = begin
     return state
@@ -170,7 +187,9 @@ def mark_many_alive(message: Heartbeats, ctx: Context):
 
 @ASYNC_UPDATES.overriding(Leave)
 def forget_client(message: Leave, ctx: Context):
-    out = lifecycle.forget_client(message, ctx)  # a client whose app failed at start: maybe the run's end, or its beginning
+    out = lifecycle.forget_client(
+        message, ctx
+    )  # a client whose app failed at start: maybe the run's end, or its beginning
     ctx.state.tasked.pop(message.client_id, None)  # if it comes back, it gets a task
     return out
 
@@ -220,28 +239,39 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
     if staleness < 0:
         reason = f"trained on model version {update.model_version}, newer than the server's {current}"
     elif staleness > strategy.max_staleness:
-        reason = f"stale: trained on model version {update.model_version}, current is {current} (staleness {staleness} > max_staleness {strategy.max_staleness})"
+        reason = (
+            f"stale: trained on model version {update.model_version}, current is {current} (staleness {staleness} > "
+            f"max_staleness {strategy.max_staleness})"
+        )
     else:
         try:
-            server_state.check_parameters(update.parameters, state)  # against the current model, which the update is mixed into
+            server_state.check_parameters(
+                update.parameters, state
+            )  # against the current model, which the update is mixed into
             server_state.check_claimed_samples(update, state)
         except BadUpdate as exc:
             reason = f"malformed: {exc}"
         if reason is None and strategy.needs_base:
             base = base_parameters(state, update.model_version)
             if base is None:
-                reason = f"the parameters of model version {update.model_version}, which it trained on, are no longer kept"
+                reason = (
+                    f"the parameters of model version {update.model_version}, which it trained on, are no longer kept"
+                )
     if reason is not None:
         return drop(ctx, update, reason) + next_task(ctx, update.client_id)
 
     with timings.phase("fold"):
-        weight = strategy.fold_async(update.parameters, global_parameters=state.model.parameters, base_parameters=base, staleness=staleness)
+        weight = strategy.fold_async(
+            update.parameters, global_parameters=state.model.parameters, base_parameters=base, staleness=staleness
+        )
     ctx.hold()
     state.buffer_ids.append(update.message_id)
     state.client_seconds.append(update.metrics.get("train_s", 0.0))
     state.update_metrics.append((server_state.app_train_metrics(update), update.num_samples))
     state.staleness.append(staleness)
-    ctx.log.debug("update folded", client=update.client_id, staleness=staleness, weight=round(weight, 4), folded=strategy.folded())
+    ctx.log.debug(
+        "update folded", client=update.client_id, staleness=staleness, weight=round(weight, 4), folded=strategy.folded()
+    )
     if not strategy.ready():
         return next_task(ctx, update.client_id)
 
@@ -249,8 +279,15 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
         parameters = strategy.finish_version(state.model.parameters)
     version = current + 1
     ctx.log.debug("new model version", model_version=version, staleness=state.staleness)
-    store_version(ctx, parameters, state.buffer_ids, round_=version, started=state.round_started, client_seconds=state.client_seconds,
-                  client_metrics=state.update_metrics)
+    store_version(
+        ctx,
+        parameters,
+        state.buffer_ids,
+        round_=version,
+        started=state.round_started,
+        client_seconds=state.client_seconds,
+        client_metrics=state.update_metrics,
+    )
     state.round = version
     state.stored_here += 1
     state.round_started = time.monotonic()

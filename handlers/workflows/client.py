@@ -25,19 +25,33 @@ from typing import Any
 import numpy as np
 
 from brokerfl.app import App, AppContext, AppError, Partition, TrainingCancelled, cancellable, count_samples, load_app
-from brokerfl.wire.compression import compress
 from brokerfl.config import RunConfig, TrainConfig
-from brokerfl.wire.app_metrics import TRAIN_PREFIX
-from brokerfl.runtime.handler_table import Cancelled, Context, HandlerSet, LegacyTable, Outbound, Started, to_server
-from brokerfl.wire.message import EvaluateResult, EvaluateTask, Exit, Heartbeat, Heartbeats, Join, Leave, Message, ParameterUpdate, TrainFailed, TrainTask
-from brokerfl.wire.message import process_instance  # names this process in Join and Heartbeat(s)
-from brokerfl.transports.base import bounded
 from brokerfl.handlers.strategies.base import prepare_update
+from brokerfl.runtime.handler_table import Cancelled, Context, HandlerSet, LegacyTable, Outbound, Started, to_server
+from brokerfl.transports.base import bounded
+from brokerfl.wire.app_metrics import TRAIN_PREFIX
+from brokerfl.wire.compression import compress
+from brokerfl.wire.message import (
+    EvaluateResult,
+    EvaluateTask,
+    Exit,
+    Heartbeat,
+    Heartbeats,
+    Join,
+    Leave,
+    Message,
+    ParameterUpdate,
+    TrainFailed,
+    TrainTask,
+    process_instance,  # names this process in Join and Heartbeat(s)
+)
 
 table = LegacyTable("client")  # deprecated: what old-style extra_handlers modules register on (brokerfl.assembly.roles)
 
 ERROR_CHARS = 300  # of a failed training's error, as TrainFailed reports it
-UNABLE_ERROR_CHARS = 800  # of the error of an app that failed at a client's start (its Leave): the AppError names the app, function and client first
+# of the error of an app that failed at a client's start (its Leave): the AppError names the app,
+# function and client first
+UNABLE_ERROR_CHARS = 800
 TRAIN = "train"  # the key of the training aside (and of its deadline's timer)
 
 
@@ -79,7 +93,9 @@ class ClientState:
     beats_alone: bool = True  # False: its process sends one Heartbeats for all its clients (PROCESS_HANDLERS)
     training: Training | None = None  # the task training aside
     waiting: TrainTask | None = None  # a newer task, for when that training is over
-    unable: AppError | None = None  # the app failed at this client's start (load_partition, model): it reports and leaves
+    unable: AppError | None = (
+        None  # the app failed at this client's start (load_partition, model): it reports and leaves
+    )
     app_state: dict[str, Any] = field(default_factory=dict)  # the app's context.state: kept across rounds
 
     def training_s(self) -> float | None:
@@ -97,7 +113,9 @@ def make_state(config: RunConfig, client_id: str) -> ClientState:
     logical clients (and a simulation) go on without it."""
     app = load_app(config)
     try:
-        data = app.load_partition(_partition_index(client_id, config.clients), config.clients, config.seed, client_id=client_id)
+        data = app.load_partition(
+            _partition_index(client_id, config.clients), config.clients, config.seed, client_id=client_id
+        )
         app.check_model()
         state = ClientState(client_id, config, app, data, app_state=load_app_state(config, client_id))
         # torch's first call costs ~1 s, which would otherwise land in the first task (and be
@@ -125,7 +143,9 @@ def load_app_state(config: RunConfig, client_id: str) -> dict[str, Any]:
     try:
         loaded = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise AppError(f"app {config.app!r}: client {client_id}'s saved context.state in {path} cannot be read: {exc}") from None
+        raise AppError(
+            f"app {config.app!r}: client {client_id}'s saved context.state in {path} cannot be read: {exc}"
+        ) from None
     if not isinstance(loaded, dict):
         raise AppError(f"app {config.app!r}: client {client_id}'s saved context.state in {path} is not a JSON object")
     return loaded
@@ -139,7 +159,9 @@ def save_app_state(config: RunConfig, client_id: str, app_state: dict[str, Any])
     try:
         text = json.dumps(app_state, allow_nan=True)
     except (TypeError, ValueError) as exc:
-        raise AppError(f"app {config.app!r}: context.state must hold JSON values to be kept in client_state_dir: {exc}") from None
+        raise AppError(
+            f"app {config.app!r}: context.state must hold JSON values to be kept in client_state_dir: {exc}"
+        ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     temporary.write_text(text)
@@ -214,9 +236,15 @@ def report_unable(ctx: Context) -> list[Outbound]:
     """The app cannot run for this client: say so to the server (a Leave with the error:
     it stops waiting for this client and names it) and stop this client only."""
     state: ClientState = ctx.state
-    error = bounded(str(state.unable), UNABLE_ERROR_CHARS)  # the AppError's own text: it names the app, the function and the client
+    error = bounded(
+        str(state.unable), UNABLE_ERROR_CHARS
+    )  # the AppError's own text: it names the app, the function and the client
     # with its traceback: this log is the app developer's (the server gets the one line)
-    ctx.log.error("the app failed at this client's start: reporting it to the server and leaving", error=bounded(str(state.unable), 500), exc_info=state.unable)
+    ctx.log.error(
+        "the app failed at this client's start: reporting it to the server and leaving",
+        error=bounded(str(state.unable), 500),
+        exc_info=state.unable,
+    )
     ctx.stop()
     return [to_server(Leave(client_id=state.client_id, reason="its app failed at start", error=error))]
 
@@ -225,7 +253,16 @@ def report_unable(ctx: Context) -> list[Outbound]:
 def beat(message: HeartbeatDue, ctx: Context):
     state: ClientState = ctx.state
     ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
-    return [to_server(Heartbeat(client_id=state.client_id, num_samples=num_samples(state), instance=process_instance(), training_s=state.training_s()))]
+    return [
+        to_server(
+            Heartbeat(
+                client_id=state.client_id,
+                num_samples=num_samples(state),
+                instance=process_instance(),
+                training_s=state.training_s(),
+            )
+        )
+    ]
 
 
 @CLIENT.on(TrainTask)
@@ -241,7 +278,12 @@ def train(task: TrainTask, ctx: Context):
         ctx.log.info("task already answered; skipped", task=task.message_id)
         return None
     if superseded:
-        ctx.log.info("task for a superseded model version; skipped", task=task.message_id, model_version=task.model_version, newest=state.newest_version)
+        ctx.log.info(
+            "task for a superseded model version; skipped",
+            task=task.message_id,
+            model_version=task.model_version,
+            newest=state.newest_version,
+        )
         return None
     busy = state.training
     if busy is not None and busy.task.message_id == task.message_id:
@@ -250,7 +292,12 @@ def train(task: TrainTask, ctx: Context):
         ctx.hold(busy.key)
         return None
     if task.deadline and ctx.wall() > task.deadline:
-        ctx.log.info("task past its deadline; skipped", task=task.message_id, round=task.round, late_s=round(ctx.wall() - task.deadline, 1))
+        ctx.log.info(
+            "task past its deadline; skipped",
+            task=task.message_id,
+            round=task.round,
+            late_s=round(ctx.wall() - task.deadline, 1),
+        )
         return None
     if busy is not None:  # the newer task waits for the lane; the training is not wanted any more
         cancel_training(ctx, state, f"a newer task came (round {task.round}, model version {task.model_version})")
@@ -270,8 +317,13 @@ def start_training(ctx: Context, task: TrainTask) -> None:
     seed = training_seed(state.config.seed, state.client_id, task.round)
     slowdown = state.config.client_slowdown.get(state.client_id, 1.0)
     app, data = state.app, state.data.train
-    context = AppContext(round=task.round, client_id=state.client_id, model_version=task.model_version,
-                         config=dict(task.round_config), state=state.app_state)
+    context = AppContext(
+        round=task.round,
+        client_id=state.client_id,
+        model_version=task.model_version,
+        config=dict(task.round_config),
+        state=state.app_state,
+    )
 
     def work(cancelled: threading.Event) -> tuple[dict[str, np.ndarray], dict[str, float], float]:
         started = time.perf_counter()
@@ -285,8 +337,14 @@ def start_training(ctx: Context, task: TrainTask) -> None:
     ctx.hold(task_key(task))
     state.training = Training(task, time.monotonic(), ctx.wall())
     if task.deadline:
-        ctx.set_timer(TRAIN, max(0.0, task.deadline - ctx.wall()), TrainingOverdue(task_id=task.message_id, round=task.round))
-    ctx.run_aside(TRAIN, work, lambda result, error: Trained(task_id=task.message_id, round=task.round, result=result, error=error))
+        ctx.set_timer(
+            TRAIN, max(0.0, task.deadline - ctx.wall()), TrainingOverdue(task_id=task.message_id, round=task.round)
+        )
+    ctx.run_aside(
+        TRAIN,
+        work,
+        lambda result, error: Trained(task_id=task.message_id, round=task.round, result=result, error=error),
+    )
     return None
 
 
@@ -296,7 +354,9 @@ def cancel_training(ctx: Context, state: ClientState, why: str) -> None:
         return
     training.cancelled = why
     ctx.cancel_aside(TRAIN)
-    ctx.log.info("training no longer wanted: cancelling it", task=training.task.message_id, round=training.task.round, reason=why)
+    ctx.log.info(
+        "training no longer wanted: cancelling it", task=training.task.message_id, round=training.task.round, reason=why
+    )
 
 
 @CLIENT.on(TrainingOverdue)
@@ -326,12 +386,23 @@ def answer_task(message: Trained, ctx: Context):
         # (brokerfl.transports.local.InlineWorkClock), so it is judged by its own duration.
         training.cancelled = f"its deadline passed (late by {late_s:.1f} s)"
     if training.cancelled is not None:
-        ctx.log.info("training result discarded", task=task.message_id, round=task.round, reason=training.cancelled,
-                     stopped_early=isinstance(message.error, (TrainingCancelled, Cancelled)))
+        ctx.log.info(
+            "training result discarded",
+            task=task.message_id,
+            round=task.round,
+            reason=training.cancelled,
+            stopped_early=isinstance(message.error, (TrainingCancelled, Cancelled)),
+        )
     elif message.error is not None:
         error = failure_text(message.error)
         # with its traceback: this log is the app developer's (the server gets the one line)
-        ctx.log.error("training failed: reporting it to the server", task=task.message_id, round=task.round, error=error, exc_info=message.error)
+        ctx.log.error(
+            "training failed: reporting it to the server",
+            task=task.message_id,
+            round=task.round,
+            error=error,
+            exc_info=message.error,
+        )
         ctx.once_sent(lambda: state.answered.add(task.message_id))
         out = [to_server(task.reply(TrainFailed, client_id=state.client_id, task_id=task.message_id, error=error))]
     else:
@@ -342,7 +413,12 @@ def answer_task(message: Trained, ctx: Context):
     waiting, state.waiting = state.waiting, None
     if waiting is not None:
         if waiting.deadline and ctx.wall() > waiting.deadline:
-            ctx.log.info("task past its deadline; skipped", task=waiting.message_id, round=waiting.round, late_s=round(ctx.wall() - waiting.deadline, 1))
+            ctx.log.info(
+                "task past its deadline; skipped",
+                task=waiting.message_id,
+                round=waiting.round,
+                late_s=round(ctx.wall() - waiting.deadline, 1),
+            )
             ctx.commit(task_key(waiting))
         else:
             start_training(ctx, waiting)
@@ -364,8 +440,12 @@ def failure_text(error: BaseException) -> str:
     return bounded(f"{type(error).__name__}: {error}", ERROR_CHARS)
 
 
-def _update(state: ClientState, task: TrainTask, parameters: dict[str, np.ndarray], metrics: dict[str, float], seconds: float) -> ParameterUpdate:
-    parameters = prepare_update(state.config, state.client_id, task.round, task.parameters, parameters)  # e.g. local DP's clip and noise
+def _update(
+    state: ClientState, task: TrainTask, parameters: dict[str, np.ndarray], metrics: dict[str, float], seconds: float
+) -> ParameterUpdate:
+    parameters = prepare_update(
+        state.config, state.client_id, task.round, task.parameters, parameters
+    )  # e.g. local DP's clip and noise
     method = state.config.compression.method
     if method != "none":
         parameters = _compressed(state, task, parameters)
@@ -385,7 +465,11 @@ def _update(state: ClientState, task: TrainTask, parameters: dict[str, np.ndarra
 def update_metrics(metrics: dict[str, float], seconds: float) -> dict[str, float]:
     """An update's metrics: every one ``train`` returned (numbers, checked by the app layer)
     with the ``train_`` prefix, and ``train_s``, the training's seconds."""
-    out = {f"{TRAIN_PREFIX}{name}": float(value) for name, value in metrics.items() if name != "num_samples" and name != "s"}
+    out = {
+        f"{TRAIN_PREFIX}{name}": float(value)
+        for name, value in metrics.items()
+        if name != "num_samples" and name != "s"
+    }
     out.setdefault("train_loss", float("nan"))
     out["train_s"] = seconds
     return out
@@ -398,9 +482,16 @@ def _compressed(state: ClientState, task: TrainTask, parameters: dict[str, np.nd
     starts afresh rather than add what may already have been folded."""
     settings = state.config.compression
     residual = state.residual if task.model_version > state.residual_version else {}
-    wire, residual = compress(parameters, task.parameters, settings.method, residual=residual, fraction=settings.fraction,
-                              trainable=state.app.trainable(), min_size=settings.min_size,
-                              rng=np.random.default_rng([state.config.seed, zlib.crc32(state.client_id.encode()), task.round, 1]))
+    wire, residual = compress(
+        parameters,
+        task.parameters,
+        settings.method,
+        residual=residual,
+        fraction=settings.fraction,
+        trainable=state.app.trainable(),
+        min_size=settings.min_size,
+        rng=np.random.default_rng([state.config.seed, zlib.crc32(state.client_id.encode()), task.round, 1]),
+    )
     state.residual = residual if settings.error_feedback else {}
     state.residual_version = task.model_version
     return wire
@@ -415,8 +506,14 @@ def evaluate_locally(task: EvaluateTask, ctx: Context):
     app, data = state.app, state.data.test if state.data.test is not None else state.data.train
     key = f"evaluate:{task.message_id}"
     ctx.hold(key)
-    context = AppContext(round=task.round, client_id=state.client_id, model_version=task.model_version, state=state.app_state)
-    ctx.run_aside(key, lambda cancelled: app.evaluate(task.parameters, data, context), lambda scores, error: Evaluated(task=task, scores=scores, error=error))
+    context = AppContext(
+        round=task.round, client_id=state.client_id, model_version=task.model_version, state=state.app_state
+    )
+    ctx.run_aside(
+        key,
+        lambda cancelled: app.evaluate(task.parameters, data, context),
+        lambda scores, error: Evaluated(task=task, scores=scores, error=error),
+    )
 
 
 @CLIENT.on(Evaluated)
@@ -425,15 +522,34 @@ def answer_evaluation(message: Evaluated, ctx: Context):
     task = message.task
     ctx.commit(f"evaluate:{task.message_id}")
     if message.error is not None:
-        ctx.log.error("evaluation failed: reporting it to the server", task=task.message_id, error=bounded(str(message.error), 500), exc_info=message.error)
+        ctx.log.error(
+            "evaluation failed: reporting it to the server",
+            task=task.message_id,
+            error=bounded(str(message.error), 500),
+            exc_info=message.error,
+        )
         # the server stops waiting for this client's scores, and names it
-        failed = task.reply(EvaluateResult, client_id=state.client_id, task_id=task.message_id, loss=float("nan"), accuracy=float("nan"), num_samples=0,
-                            error=bounded(str(message.error), ERROR_CHARS))
+        failed = task.reply(
+            EvaluateResult,
+            client_id=state.client_id,
+            task_id=task.message_id,
+            loss=float("nan"),
+            accuracy=float("nan"),
+            num_samples=0,
+            error=bounded(str(message.error), ERROR_CHARS),
+        )
         return [to_server(failed)]
     scores = message.scores
     metrics = {name: float(value) for name, value in scores.items() if name != "num_samples"}
-    result = task.reply(EvaluateResult, client_id=state.client_id, task_id=task.message_id, loss=metrics.get("loss", float("nan")),
-                        accuracy=metrics.get("accuracy", float("nan")), num_samples=int(scores["num_samples"]), metrics=metrics)
+    result = task.reply(
+        EvaluateResult,
+        client_id=state.client_id,
+        task_id=task.message_id,
+        loss=metrics.get("loss", float("nan")),
+        accuracy=metrics.get("accuracy", float("nan")),
+        num_samples=int(scores["num_samples"]),
+        metrics=metrics,
+    )
     return [to_server(result)]
 
 
@@ -480,7 +596,13 @@ def beat_for_all(message: HeartbeatDue, ctx: Context):
         return None
     ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
     training = {c.client_id: seconds for c in running if (seconds := c.training_s()) is not None}
-    return [to_server(Heartbeats(clients={c.client_id: num_samples(c) for c in running}, training=training, instance=process_instance()))]
+    return [
+        to_server(
+            Heartbeats(
+                clients={c.client_id: num_samples(c) for c in running}, training=training, instance=process_instance()
+            )
+        )
+    ]
 
 
 # what a run's clients compose (brokerfl.assembly.roles adds cross-site evaluation's set and the

@@ -25,12 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from brokerfl.storage.cross_site_results import build_matrix, write_results
-from brokerfl.runtime.handler_table import Context, HandlerSet, Outbound, to_clients, to_server
-from brokerfl.wire.message import Message, ParameterUpdate, Tensors
 from brokerfl.handlers.workflows import client
 from brokerfl.handlers.workflows.client import ClientState
 from brokerfl.handlers.workflows.server_state import ServerState, finish_run, live_clients
+from brokerfl.runtime.handler_table import Context, HandlerSet, Outbound, to_clients, to_server
+from brokerfl.storage.cross_site_results import build_matrix, write_results
+from brokerfl.wire.message import Message, ParameterUpdate, Tensors
 
 
 @dataclass(kw_only=True)
@@ -127,8 +127,12 @@ def _evaluate_everywhere(ctx: Context) -> list[Outbound]:
     phase.phase, phase.results = "evaluate", {}
     ctx.log.info("cross-site evaluation: evaluating", models=1 + len(phase.local_models), sites=len(phase.sites))
     ctx.set_timer("cross_site", state.config.strategy.round_deadline_s, CrossSiteDeadline(phase="evaluate"))
-    task = CrossSiteEvalTask(round=state.round, model_version=state.model.version,
-                             models={"global": state.model.parameters, **phase.local_models}, participants=phase.sites)
+    task = CrossSiteEvalTask(
+        round=state.round,
+        model_version=state.model.version,
+        models={"global": state.model.parameters, **phase.local_models},
+        participants=phase.sites,
+    )
     return [to_clients(task)]
 
 
@@ -187,7 +191,11 @@ def send_local_model(request: LocalModelRequest, ctx: Context[ClientState]):
     if request.participants and state.client_id not in request.participants:
         return None
     parameters = state.local_model or {}
-    return [to_server(request.reply(LocalModel, client_id=state.client_id, task_id=request.message_id, parameters=parameters))]
+    return [
+        to_server(
+            request.reply(LocalModel, client_id=state.client_id, task_id=request.message_id, parameters=parameters)
+        )
+    ]
 
 
 @CLIENT.on(CrossSiteEvalTask)
@@ -199,5 +207,11 @@ def evaluate_every_model(task: CrossSiteEvalTask, ctx: Context[ClientState]):
     scores = {}
     for name, parameters in task.models.items():
         result = state.app.evaluate(parameters, data)
-        scores[name] = {"loss": float(result["loss"]), "accuracy": float(result["accuracy"]), "num_samples": float(result["num_samples"])}
-    return [to_server(task.reply(CrossSiteEvalResult, client_id=state.client_id, task_id=task.message_id, scores=scores))]
+        scores[name] = {
+            "loss": float(result["loss"]),
+            "accuracy": float(result["accuracy"]),
+            "num_samples": float(result["num_samples"]),
+        }
+    return [
+        to_server(task.reply(CrossSiteEvalResult, client_id=state.client_id, task_id=task.message_id, scores=scores))
+    ]

@@ -8,7 +8,8 @@ update is acked, and the next client gets it. A holder that dies while training:
 waits in its durable queue and is answered when it returns, unless ``cyclic.hop_timeout_s``
 passes first; then the task (it carries that deadline, so the returning client skips it)
 passes to the next client with the same model, and a late answer is dropped with a
-recorded reason. A holder whose training fails (TrainFailed) passes it on at once. The model is never lost: it is the newest stored version.
+recorded reason. A holder whose training fails (TrainFailed) passes it on at once. The model is never lost: it is the
+newest stored version.
 
 This reuses the server's lifecycle (``handlers/workflows/lifecycle.py``: joins, heartbeats,
 resume) and its operations (``handlers/workflows/server_state.py``: storing, journal,
@@ -25,14 +26,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from brokerfl.config import RunConfig
-from brokerfl.runtime.handler_table import Context, HandlerSet, to_client
-from brokerfl.storage.model_refs import task_model_fields
-from brokerfl.wire.message import Message, ParameterUpdate, TrainFailed, TrainTask
-from brokerfl.storage.metrics_log import MetricsLog
-from brokerfl.storage.store import ModelStore
 from brokerfl.handlers.strategies.aggregate import BadUpdate
 from brokerfl.handlers.workflows import lifecycle, server_state
-from brokerfl.handlers.workflows.server_state import ServerState, already_folded, drop, live_clients, refresh_client, rounds_done, store_version
+from brokerfl.handlers.workflows.server_state import (
+    ServerState,
+    already_folded,
+    drop,
+    live_clients,
+    refresh_client,
+    rounds_done,
+    store_version,
+)
+from brokerfl.runtime.handler_table import Context, HandlerSet, to_client
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.storage.model_refs import task_model_fields
+from brokerfl.storage.store import ModelStore
+from brokerfl.wire.message import Message, ParameterUpdate, TrainFailed, TrainTask
 
 
 @dataclass(kw_only=True)
@@ -96,7 +105,9 @@ def start_hop(ctx: Context):
     state.holder = state.order[state.position]
     state.hop_started = time.monotonic()
     timeout = config.cyclic.hop_timeout_s
-    ctx.set_timer("hop", timeout, HopDeadline(round=state.round, model_version=state.model.version, holder=state.holder))
+    ctx.set_timer(
+        "hop", timeout, HopDeadline(round=state.round, model_version=state.model.version, holder=state.holder)
+    )
     ctx.log.debug("cyclic: model handed on", client=state.holder, round=state.round, model_version=state.model.version)
     task = TrainTask(
         round=state.round,
@@ -120,7 +131,11 @@ def next_round(ctx: Context):
     if not live_clients(state):  # nobody to hand the model to: wait, then look again
         ctx.log.warning("cyclic: no live clients; waiting", round=state.round)
         state.holder = None
-        ctx.set_timer("hop", state.config.cyclic.hop_timeout_s, HopDeadline(round=state.round, model_version=state.model.version, holder=""))
+        ctx.set_timer(
+            "hop",
+            state.config.cyclic.hop_timeout_s,
+            HopDeadline(round=state.round, model_version=state.model.version, holder=""),
+        )
         state.round -= 1  # the round begins when someone is there
         state.position = len(state.order)
         return None
@@ -136,8 +151,12 @@ def take_handover(update: ParameterUpdate, ctx: Context):
     if state.done:
         return drop(ctx, update, "late: the run is finished")
     if update.model_version != state.model.version or update.client_id != state.holder or update.round != state.round:
-        return drop(ctx, update, f"stale: client {update.client_id} answered model version {update.model_version}; "
-                    f"version {state.model.version} is now with client {state.holder}")
+        return drop(
+            ctx,
+            update,
+            f"stale: client {update.client_id} answered model version {update.model_version}; "
+            f"version {state.model.version} is now with client {state.holder}",
+        )
     try:
         server_state.check_parameters(update.parameters, state)
         server_state.check_claimed_samples(update, state)
@@ -147,9 +166,15 @@ def take_handover(update: ParameterUpdate, ctx: Context):
     state.strategy.fold(update.parameters, update.num_samples)
     ctx.hold()  # acked by store_version's commit, once the version is stored
     ctx.cancel_timer("hop")
-    store_version(ctx, state.strategy.finish_round(state.model.parameters), [update.message_id], round_=state.round,
-                  started=state.hop_started, client_seconds=[update.metrics.get("train_s", 0.0)],
-                  client_metrics=[(server_state.app_train_metrics(update), update.num_samples)])
+    store_version(
+        ctx,
+        state.strategy.finish_round(state.model.parameters),
+        [update.message_id],
+        round_=state.round,
+        started=state.hop_started,
+        client_seconds=[update.metrics.get("train_s", 0.0)],
+        client_metrics=[(server_state.app_train_metrics(update), update.num_samples)],
+    )
     state.position += 1
     return start_hop(ctx)
 
@@ -160,8 +185,13 @@ def pass_on(message: HopDeadline, ctx: Context):
     if state.done or message.model_version != state.model.version or message.holder != (state.holder or ""):
         return None
     if state.holder:
-        ctx.log.warning("cyclic: holder did not answer in time; passing the model on", client=state.holder,
-                        round=state.round, model_version=state.model.version, timeout_s=state.config.cyclic.hop_timeout_s)
+        ctx.log.warning(
+            "cyclic: holder did not answer in time; passing the model on",
+            client=state.holder,
+            round=state.round,
+            model_version=state.model.version,
+            timeout_s=state.config.cyclic.hop_timeout_s,
+        )
         state.position += 1
     return start_hop(ctx)
 
@@ -172,7 +202,12 @@ def pass_on_failure(message: TrainFailed, ctx: Context):
     hop's deadline (the failure is logged and kept)."""
     state: CyclicState = ctx.state
     server_state.note_failure(message, ctx)
-    if state.done or message.client_id != state.holder or message.model_version != state.model.version or message.round != state.round:
+    if (
+        state.done
+        or message.client_id != state.holder
+        or message.model_version != state.model.version
+        or message.round != state.round
+    ):
         return None
     ctx.cancel_timer("hop")
     state.position += 1

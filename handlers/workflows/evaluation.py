@@ -21,12 +21,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from brokerfl.wire.app_metrics import Reducer, combine
+from brokerfl.handlers.workflows.scoring import score_stored
 from brokerfl.runtime.handler_table import Context, Outbound, to_clients
-from brokerfl.wire.message import EvaluateResult, EvaluateTask, Message
 from brokerfl.storage.model_refs import task_model_fields
 from brokerfl.transports.base import bounded
-from brokerfl.handlers.workflows.scoring import score_stored
+from brokerfl.wire.app_metrics import Reducer, combine
+from brokerfl.wire.message import EvaluateResult, EvaluateTask, Message
 
 
 @dataclass(kw_only=True)
@@ -57,15 +57,24 @@ def due(state: Any, round_: int) -> bool:
     return wanted(state) and (round_ % state.config.evaluate_every == 0 or round_ >= state.config.rounds)
 
 
-def request(ctx: Context, model: Any, participants: list[str], *, then: Callable[[Context], list[Outbound] | None] | None = None) -> list[Outbound]:
+def request(
+    ctx: Context, model: Any, participants: list[str], *, then: Callable[[Context], list[Outbound] | None] | None = None
+) -> list[Outbound]:
     """The EvaluateTask for ``model`` (a stored ModelVersion) if one is due, else [] (and
     ``then`` is left to the caller)."""
     state = ctx.state
     if not participants or not due(state, model.round):
         return []
     out = close(ctx) if state.evaluation is not None else []
-    task = EvaluateTask(round=model.round, model_version=model.version, participants=sorted(participants), **task_model_fields(state.config, state.store, model))
-    state.evaluation = OpenEvaluation(task.message_id, model.round, model.version, set(participants), time.monotonic(), then=then)
+    task = EvaluateTask(
+        round=model.round,
+        model_version=model.version,
+        participants=sorted(participants),
+        **task_model_fields(state.config, state.store, model),
+    )
+    state.evaluation = OpenEvaluation(
+        task.message_id, model.round, model.version, set(participants), time.monotonic(), then=then
+    )
     ctx.set_timer("evaluation", state.config.strategy.round_deadline_s, EvaluationDeadline(task_id=task.message_id))
     return [*out, to_clients(task)]
 
@@ -77,12 +86,25 @@ def collect(result: EvaluateResult, ctx: Context) -> list[Outbound] | None:
         ctx.log.info("evaluation result for no open evaluation; ignored", client=result.client_id, task=result.task_id)
         return None
     if result.error:  # the client's app could not evaluate: no scores to wait for
-        ctx.log.error("client evaluation failed", client=result.client_id, app=ctx.state.config.app, function="evaluate()", error=bounded(result.error, 300),
-                      model_version=open_.model_version)
+        ctx.log.error(
+            "client evaluation failed",
+            client=result.client_id,
+            app=ctx.state.config.app,
+            function="evaluate()",
+            error=bounded(result.error, 300),
+            model_version=open_.model_version,
+        )
         open_.participants.discard(result.client_id)
         return close(ctx) if set(open_.results) >= open_.participants else None
-    if result.num_samples < 1 or not (0.0 <= result.accuracy <= 1.0 or math.isnan(result.accuracy)):  # NaN: the app returns no accuracy
-        ctx.log.warning("evaluation result out of range; ignored", client=result.client_id, num_samples=result.num_samples, accuracy=result.accuracy)
+    if result.num_samples < 1 or not (
+        0.0 <= result.accuracy <= 1.0 or math.isnan(result.accuracy)
+    ):  # NaN: the app returns no accuracy
+        ctx.log.warning(
+            "evaluation result out of range; ignored",
+            client=result.client_id,
+            num_samples=result.num_samples,
+            accuracy=result.accuracy,
+        )
         return None
     open_.results[result.client_id] = result
     if set(open_.results) >= open_.participants:
@@ -94,7 +116,9 @@ def deadline(message: EvaluationDeadline, ctx: Context) -> list[Outbound] | None
     open_ = ctx.state.evaluation
     if open_ is None or message.task_id != open_.task_id:
         return None
-    ctx.log.warning("evaluation deadline: closing without every answer", answered=len(open_.results), of=len(open_.participants))
+    ctx.log.warning(
+        "evaluation deadline: closing without every answer", answered=len(open_.results), of=len(open_.participants)
+    )
     return close(ctx)
 
 
@@ -122,16 +146,27 @@ def close(ctx: Context) -> list[Outbound]:
         scores = weighted_metrics(results, getattr(getattr(state, "app", None), "reducers", None))
         metrics = {name: value for name, value in scores.items() if name != "num_samples"}
         record = {
-            "round": open_.round, "model_version": open_.model_version, "evaluation": "federated",
-            "accuracy": _number(metrics.get("accuracy")), "loss": _number(metrics.get("loss")), "num_samples": scores["num_samples"],
-            "num_clients": len(results), "num_updates": None, "duration_s": round(time.monotonic() - open_.started, 4),
+            "round": open_.round,
+            "model_version": open_.model_version,
+            "evaluation": "federated",
+            "accuracy": _number(metrics.get("accuracy")),
+            "loss": _number(metrics.get("loss")),
+            "num_samples": scores["num_samples"],
+            "num_clients": len(results),
+            "num_updates": None,
+            "duration_s": round(time.monotonic() - open_.started, 4),
             "metrics": metrics,
         }
         state.metrics.append(record)
         for callback in state.on_round:
             callback(record)
-        ctx.log.info("federated evaluation", round=open_.round, model_version=open_.model_version, clients=len(results),
-                     metrics={name: round(value, 4) for name, value in list(metrics.items())[:8]})
+        ctx.log.info(
+            "federated evaluation",
+            round=open_.round,
+            model_version=open_.model_version,
+            clients=len(results),
+            metrics={name: round(value, 4) for name, value in list(metrics.items())[:8]},
+        )
     else:
         ctx.log.warning("federated evaluation got no answers", round=open_.round, model_version=open_.model_version)
     return (open_.then(ctx) or []) if open_.then is not None else []

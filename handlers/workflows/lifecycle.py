@@ -12,19 +12,6 @@ import time
 import numpy as np
 
 from brokerfl.config import RunConfig
-from brokerfl.runtime.handler_table import Context, HandlerFailed, HandlerSet, Started
-from brokerfl.storage.journal import retention_warning
-from brokerfl.wire.message import (
-    EvaluateResult,
-    Heartbeat,
-    Heartbeats,
-    Join,
-    Leave,
-    ServerStandby,
-)
-from brokerfl.storage.metrics_log import last_model_version
-from brokerfl.storage.store import ModelVersion
-from brokerfl.transports.base import bounded
 from brokerfl.handlers.workflows import evaluation
 from brokerfl.handlers.workflows.scoring import ScoreStored, journal_version, score_when_due
 from brokerfl.handlers.workflows.server_state import (
@@ -42,6 +29,19 @@ from brokerfl.handlers.workflows.server_state import (
     refuse_outsider,
     see_client,
     shown_ids,
+)
+from brokerfl.runtime.handler_table import Context, HandlerFailed, HandlerSet, Started
+from brokerfl.storage.journal import retention_warning
+from brokerfl.storage.metrics_log import last_model_version
+from brokerfl.storage.store import ModelVersion
+from brokerfl.transports.base import bounded
+from brokerfl.wire.message import (
+    EvaluateResult,
+    Heartbeat,
+    Heartbeats,
+    Join,
+    Leave,
+    ServerStandby,
 )
 
 MAX_STANDBYS = 16  # standby servers a status lists (announcements are not authenticated without identity)
@@ -68,12 +68,19 @@ def resume_or_initialise(message: Started, ctx: Context[ServerState]):
     # so that updates redelivered after a restart are recognised as already folded
     state.recent_update_ids = [set(state.store.metadata(v)["update_ids"]) for v in state.store.versions()[-5:]]
     awaited = awaited_clients(state)
-    ctx.log.info("server ready", model_version=state.model.version, round=state.round, waiting_for=shown_ids(awaited) or "-",
-                 **({"removed": shown_ids(sorted(state.admin.removed))} if state.admin.removed else {}))
+    ctx.log.info(
+        "server ready",
+        model_version=state.model.version,
+        round=state.round,
+        waiting_for=shown_ids(awaited) or "-",
+        **({"removed": shown_ids(sorted(state.admin.removed))} if state.admin.removed else {}),
+    )
     if state.round >= state.config.rounds:
         return finish_run(ctx, "all rounds were already done")
     if state.admin.paused:  # restored from the admin queue (brokerfl.runtime.operator_commands)
-        ctx.log.warning("paused: no round starts until an operator resumes the run: waiting for `admin resume`", round=state.round)
+        ctx.log.warning(
+            "paused: no round starts until an operator resumes the run: waiting for `admin resume`", round=state.round
+        )
     ctx.set_timer("join", state.config.strategy.join_timeout_s, JoinDeadline())
     return None
 
@@ -85,7 +92,9 @@ def _warn_if_retention_cuts(ctx: Context[ServerState]) -> None:
     strategy = config.strategy
     participants = min(config.clients, strategy.clients_per_round or max(1, round(strategy.fraction * config.clients)))
     model_bytes = sum(np.asarray(a).nbytes for a in ctx.state.model.parameters.values())
-    warning = retention_warning(model_bytes, rounds=config.rounds, participants=participants, max_bytes=config.journal_max_bytes)
+    warning = retention_warning(
+        model_bytes, rounds=config.rounds, participants=participants, max_bytes=config.journal_max_bytes
+    )
     if warning is not None:
         ctx.log.warning(f"journal retention: {warning}")
 
@@ -99,11 +108,18 @@ def _backfill_metrics(state: ServerState) -> None:
     for version in state.store.versions():
         if version > written and version > 0:
             meta = state.store.metadata(version)
-            state.metrics.append({
-                "round": meta["round"], "model_version": version, "accuracy": meta["metrics"].get("accuracy"),
-                "loss": meta["metrics"].get("loss"), "num_updates": len(meta["update_ids"]), "duration_s": None,
-                "sha256": meta["sha256"], "restored": True,
-            })
+            state.metrics.append(
+                {
+                    "round": meta["round"],
+                    "model_version": version,
+                    "accuracy": meta["metrics"].get("accuracy"),
+                    "loss": meta["metrics"].get("loss"),
+                    "num_updates": len(meta["update_ids"]),
+                    "duration_s": None,
+                    "sha256": meta["sha256"],
+                    "restored": True,
+                }
+            )
 
 
 def register_client(message: Join, ctx: Context[ServerState]):
@@ -148,7 +164,9 @@ def take_unable(message: Leave, ctx: Context[ServerState]):
     refuse_outsider(state, message.client_id, "Leave")
     cid, error = message.client_id, bounded(message.error, 800)  # the client's UNABLE_ERROR_CHARS
     state.unable[cid] = error
-    ctx.log.error(f"client {cid} cannot run app {state.config.app!r}: the run goes on without it", client=cid, error=error)
+    ctx.log.error(
+        f"client {cid} cannot run app {state.config.app!r}: the run goes on without it", client=cid, error=error
+    )
     if state.done:
         return None
     if state.round_open and cid in state.participants and cid not in state.answered:
@@ -169,8 +187,12 @@ def give_up_without_able_clients(message: TooFewAble, ctx: Context[ServerState])
     if state.done or able >= needed:
         return None
     failed = "; ".join(f"client {c}: {e}" for c, e in sorted(state.unable.items())[:5])
-    return finish_run(ctx, f"too few clients can run app {state.config.app!r}: {able} of {state.config.clients} (min_clients {needed}); "
-                           f"the app failed at the start of {shown_ids(sorted(state.unable))} ({failed})", failed=True)
+    return finish_run(
+        ctx,
+        f"too few clients can run app {state.config.app!r}: {able} of {state.config.clients} (min_clients {needed}); "
+        f"the app failed at the start of {shown_ids(sorted(state.unable))} ({failed})",
+        failed=True,
+    )
 
 
 def note_standby(message: ServerStandby, ctx: Context[ServerState]):
@@ -193,17 +215,31 @@ def start_without_everyone(message: JoinDeadline, ctx: Context[ServerState]):
     live = live_clients(state)
     missing = shown_ids(awaited_clients(state))
     if len(live) >= state.config.strategy.min_clients:
-        ctx.log.warning("beginning without every client", live=len(live), expected=state.config.clients - len(state.admin.removed), missing=missing)
+        ctx.log.warning(
+            "beginning without every client",
+            live=len(live),
+            expected=state.config.clients - len(state.admin.removed),
+            missing=missing,
+        )
         state.begun = True
         return state.begin(ctx)
     needed = state.config.strategy.min_clients
     awaited = awaited_clients(state)
     ctx.log.warning(
-        "no live clients: waiting" if not live else (  # waiting_for names them
+        "no live clients: waiting"
+        if not live
+        # waiting_for names them
+        else (
             f"too few live clients to begin: waiting for {needed - len(live)} (of {needed})"
-            + (f": client{'s' if len(awaited) > 1 else ''} {', '.join(awaited[:20])}{' ...' if len(awaited) > 20 else ''} "
-               f"{'have' if len(awaited) > 1 else 'has'} not joined" if awaited else "")
-            + (f"; the app failed at the start of client(s) {shown_ids(sorted(state.unable))}" if state.unable else "")),
+            + (
+                f": client{'s' if len(awaited) > 1 else ''} "
+                f"{', '.join(awaited[:20])}{' ...' if len(awaited) > 20 else ''} "
+                f"{'have' if len(awaited) > 1 else 'has'} not joined"
+                if awaited
+                else ""
+            )
+            + (f"; the app failed at the start of client(s) {shown_ids(sorted(state.unable))}" if state.unable else "")
+        ),
         live=len(live),
         needed=needed,
         waiting_for=missing,

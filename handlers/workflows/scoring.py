@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from brokerfl.runtime.handler_table import Context, Outbound
-from brokerfl.wire.message import Message, ModelVersionStored
-from brokerfl.storage.store import ModelVersion
 from brokerfl.runtime.threads import process_thread
 from brokerfl.runtime.timing import timings
-from brokerfl.transports.topology import AUDIT
+from brokerfl.storage.store import ModelVersion
 from brokerfl.transports.base import bounded
+from brokerfl.transports.topology import AUDIT
+from brokerfl.wire.message import Message, ModelVersionStored
 
 
 @dataclass(kw_only=True)
@@ -99,16 +99,29 @@ def score_stored(ctx: Context, *, wait: bool = True) -> None:
         for callback in state.on_round:
             callback(record)
         target = getattr(state.app, "target", None)
-        shown = {} if target is None or target.name in ("accuracy", "loss") else {"target": f"{target.name} {_rounded(record.get('metrics', {}).get(target.name))}"}
-        ctx.log.info("model version stored", round=model.round, model_version=model.version, accuracy=_rounded(record["accuracy"]), loss=_rounded(record["loss"]),
-                     **shown, updates=len(model.update_ids))
+        shown = (
+            {}
+            if target is None or target.name in ("accuracy", "loss")
+            else {"target": f"{target.name} {_rounded(record.get('metrics', {}).get(target.name))}"}
+        )
+        ctx.log.info(
+            "model version stored",
+            round=model.round,
+            model_version=model.version,
+            accuracy=_rounded(record["accuracy"]),
+            loss=_rounded(record["loss"]),
+            **shown,
+            updates=len(model.update_ids),
+        )
     ctx.cancel_timer("score")
 
 
 EVALUATION_ERROR_CHARS = 500  # of a failed server evaluation's error, in its metrics line
 
 
-def evaluate_safely(ctx: Context, evaluate: Callable[[Any], dict[str, float]], parameters: dict[str, np.ndarray], *, version: int) -> tuple[dict[str, float] | None, str | None]:
+def evaluate_safely(
+    ctx: Context, evaluate: Callable[[Any], dict[str, float]], parameters: dict[str, np.ndarray], *, version: int
+) -> tuple[dict[str, float] | None, str | None]:
     """``(scores, None)``, or ``(None, error)`` when the app's evaluation raised: a scoring
     failure is logged and recorded (the metrics line's ``evaluation_error``), not fatal."""
     try:
@@ -119,11 +132,18 @@ def evaluate_safely(ctx: Context, evaluate: Callable[[Any], dict[str, float]], p
 
 def _evaluation_failed(ctx: Context, error: BaseException, version: int) -> str:
     text = bounded(f"{type(error).__name__}: {error}", EVALUATION_ERROR_CHARS)
-    ctx.log.error("server evaluation failed: the version is recorded without its scores, training goes on", model_version=version, error=text, exc_info=error)
+    ctx.log.error(
+        "server evaluation failed: the version is recorded without its scores, training goes on",
+        model_version=version,
+        error=text,
+        exc_info=error,
+    )
     return text
 
 
-def _timed(evaluate: Callable[[Any], dict[str, float]], parameters: dict[str, np.ndarray]) -> tuple[dict[str, float], float]:
+def _timed(
+    evaluate: Callable[[Any], dict[str, float]], parameters: dict[str, np.ndarray]
+) -> tuple[dict[str, float], float]:
     start = time.perf_counter()
     scores = evaluate(parameters)
     return scores, time.perf_counter() - start  # added to timings on the server's own thread

@@ -19,7 +19,8 @@ Evaluation is off the critical path: the next round's TrainTask goes out with th
 and the server scores the version it just stored (on its test data) afterwards, on a
 thread aside while the clients train and their updates come in
 (``handlers/workflows/scoring.py``). Only then are the version's journal record and
-metrics line written, with its accuracy and loss. Versions are scored in order: storing the next one (or finishing the run) first scores any still waiting. A
+metrics line written, with its accuracy and loss. Versions are scored in order: storing the next one (or finishing the
+run) first scores any still waiting. A
 crash before the score loses the score only (the resumed server journals the version again,
 without it). The stored version's own metadata holds accuracy and loss only with
 ``scores_in_store`` (the swarm sets it: its peers pick the best model from stored versions).
@@ -27,9 +28,6 @@ without it). The stored version's own metadata holds accuracy and loss only with
 
 from __future__ import annotations
 
-from brokerfl.runtime.handler_table import Context, HandlerSet, LegacyTable
-from brokerfl.wire.message import ParameterUpdate, TrainFailed
-from brokerfl.runtime.timing import timings
 from brokerfl.handlers.strategies.aggregate import BadUpdate
 from brokerfl.handlers.workflows import lifecycle
 from brokerfl.handlers.workflows.server_state import (
@@ -50,6 +48,9 @@ from brokerfl.handlers.workflows.server_state import (
     refresh_client,
     too_few_answers,
 )
+from brokerfl.runtime.handler_table import Context, HandlerSet, LegacyTable
+from brokerfl.runtime.timing import timings
+from brokerfl.wire.message import ParameterUpdate, TrainFailed
 
 __all__ = ["HANDLERS", "ROUNDS", "make_state", "table"]
 
@@ -79,7 +80,9 @@ def fold_update(update: ParameterUpdate, ctx: Context[ServerState]):
         # refused one may have been another's, sent in its name.
         state.refused.add(update.client_id)
         close_when_every_participant_answered(ctx)
-        raise BadUpdate(f"update from client {update.client_id} (app {state.config.app!r}, its train()): {exc}") from None  # dead-lettered with this reason
+        raise BadUpdate(
+            f"update from client {update.client_id} (app {state.config.app!r}, its train()): {exc}"
+        ) from None  # dead-lettered with this reason
     with timings.phase("fold"):
         state.strategy.fold(update.parameters, update.num_samples)
     state.client_seconds.append(update.metrics.get("train_s", 0.0))
@@ -100,7 +103,9 @@ def _why_not_fold(update: ParameterUpdate, state: ServerState) -> str | None:
     if state.done:
         return "late: the run is finished"
     if not state.round_open or update.round != state.round:
-        return f"late: trained for round {update.round}, the server is at round {state.round}" + ("" if state.round_open else " (closed)")
+        return f"late: trained for round {update.round}, the server is at round {state.round}" + (
+            "" if state.round_open else " (closed)"
+        )
     if update.model_version != state.model.version:
         return f"stale: trained on model version {update.model_version}, current is {state.model.version}"
     if update.client_id not in state.participants:
@@ -118,11 +123,18 @@ def round_complete(message: RoundComplete, ctx: Context[ServerState]):
         return None
     if (state.failed or state.refused) and state.strategy.folded() < state.config.strategy.min_clients:
         # every participant answered, too many without an update: no use waiting for the deadline
-        why = [f"client {f.client_id}: {f.error}" for f in state.train_failures if f.round == state.round and f.client_id in state.failed][-3:]
+        why = [
+            f"client {f.client_id}: {f.error}"
+            for f in state.train_failures
+            if f.round == state.round and f.client_id in state.failed
+        ][-3:]
         why += [f"client {c}: {state.unable[c]}" for c in sorted(state.failed & set(state.unable))][: 3 - len(why)]
-        return too_few_answers(ctx, f"round {state.round}: every participant answered, {len(state.failed)} with a failed training"
-                                    + (f", {len(state.refused)} with a refused update" if state.refused else "")
-                                    + (f" ({'; '.join(why)})" if why else ""))
+        return too_few_answers(
+            ctx,
+            f"round {state.round}: every participant answered, {len(state.failed)} with a failed training"
+            + (f", {len(state.refused)} with a refused update" if state.refused else "")
+            + (f" ({'; '.join(why)})" if why else ""),
+        )
     return close_round(ctx)
 
 
@@ -148,14 +160,25 @@ def round_deadline(message: RoundDeadline, ctx: Context[ServerState]):
     folded = state.strategy.folded()
     missing = sorted(set(state.participants) - state.answered - state.failed - state.refused)
     if folded >= state.config.strategy.min_clients:
-        ctx.log.warning("round deadline: closing without every answer", folded=folded, missing=missing, failed=sorted(state.failed), refused=sorted(state.refused))
+        ctx.log.warning(
+            "round deadline: closing without every answer",
+            folded=folded,
+            missing=missing,
+            failed=sorted(state.failed),
+            refused=sorted(state.refused),
+        )
         return close_round(ctx)
     return too_few_answers(ctx, "round deadline", missing=missing)
 
 
 ROUNDS = HandlerSet(
     "synchronous rounds",
-    {ParameterUpdate: fold_update, RoundComplete: round_complete, TrainFailed: take_failure, RoundDeadline: round_deadline},
+    {
+        ParameterUpdate: fold_update,
+        RoundComplete: round_complete,
+        TrainFailed: take_failure,
+        RoundDeadline: round_deadline,
+    },
     needs=(ServerState,),
 )
 

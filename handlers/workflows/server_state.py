@@ -17,29 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from brokerfl.runtime.operator_commands import AdminState
 from brokerfl.app import App, load_app
-from brokerfl.wire.app_metrics import combine
-from brokerfl.wire.compression import CompressionError, decompress
-from brokerfl.config import RunConfig
-from brokerfl.runtime.handler_table import Context, Outbound, Rejected, to_clients
-from brokerfl.wire.message import (
-    Exit,
-    Message,
-    ParameterUpdate,
-    RunFinished,
-    TrainFailed,
-    TrainTask,
-    UpdateDropped,
-)
-from brokerfl.storage.metrics_log import MetricsLog
-from brokerfl.storage.model_refs import task_model_fields
 from brokerfl.app.round_config import round_settings
-from brokerfl.storage.store import ModelStore, ModelVersion, parameters_hash
-from brokerfl.runtime.threads import process_thread
-from brokerfl.runtime.timing import timings
-from brokerfl.transports.topology import AUDIT
-from brokerfl.transports.base import bounded
+from brokerfl.config import RunConfig
 from brokerfl.handlers.strategies.aggregate import BadUpdate, Tensors, check_update
 from brokerfl.handlers.strategies.base import Strategy, strategy_for_run
 from brokerfl.handlers.workflows import evaluation
@@ -48,6 +28,26 @@ from brokerfl.handlers.workflows.scoring import (
     Unscored,
     evaluate_safely,
     score_stored,
+)
+from brokerfl.runtime.handler_table import Context, Outbound, Rejected, to_clients
+from brokerfl.runtime.operator_commands import AdminState
+from brokerfl.runtime.threads import process_thread
+from brokerfl.runtime.timing import timings
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.storage.model_refs import task_model_fields
+from brokerfl.storage.store import ModelStore, ModelVersion, parameters_hash
+from brokerfl.transports.base import bounded
+from brokerfl.transports.topology import AUDIT
+from brokerfl.wire.app_metrics import combine
+from brokerfl.wire.compression import CompressionError, decompress
+from brokerfl.wire.message import (
+    Exit,
+    Message,
+    ParameterUpdate,
+    RunFinished,
+    TrainFailed,
+    TrainTask,
+    UpdateDropped,
 )
 
 # After the run ends the server stays DRAIN_S past the last update it records as dropped
@@ -134,8 +134,12 @@ class ServerState:
     app: App | None = None
     begin: Callable[[Context], list[Outbound] | None] = None  # type: ignore[assignment]
     on_round: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)  # e.g. a progress bar
-    after_rounds: Callable[[Context, str], list[Outbound]] | None = None  # what follows the last round (default: finish_run)
-    on_rounds_done: list[Callable[[Context], None]] = field(default_factory=list)  # run once the last round is stored, before after_rounds (e.g. the swarm's best model)
+    after_rounds: Callable[[Context, str], list[Outbound]] | None = (
+        None  # what follows the last round (default: finish_run)
+    )
+    on_rounds_done: list[Callable[[Context], None]] = field(
+        default_factory=list
+    )  # run once the last round is stored, before after_rounds (e.g. the swarm's best model)
     clients: dict[str, ClientRecord] = field(default_factory=dict)
     model: ModelVersion | None = None
     begun: bool = False
@@ -148,24 +152,39 @@ class ServerState:
     round_open: bool = False
     round_started: float = 0.0
     participants: list[str] = field(default_factory=list)
-    folded: dict[str, str] = field(default_factory=dict)  # this round's folded update ids, in folding order -> their clients (for drop records)
+    folded: dict[str, str] = field(
+        default_factory=dict
+    )  # this round's folded update ids, in folding order -> their clients (for drop records)
     answered: set[str] = field(default_factory=set)
     client_seconds: list[float] = field(default_factory=list)  # training time each folded update reported
     timings_at_start: dict[str, float] = field(default_factory=dict)
     retries: int = 0
     evaluation: evaluation.OpenEvaluation | None = None  # federated evaluation under way
     unscored: list[Unscored] = field(default_factory=list)  # stored versions not yet evaluated (oldest first)
-    scores_in_store: bool = False  # evaluate before storing, so the stored version holds its scores (swarm picks its best model from them)
+    scores_in_store: bool = (
+        False  # evaluate before storing, so the stored version holds its scores (swarm picks its best model from them)
+    )
     admin: AdminState = field(default_factory=AdminState)  # what the operator changed (handlers/workflows/admin.py)
     instance: str = ""  # this server process (host:pid), for status
-    standbys: dict[str, float] = field(default_factory=dict)  # standby servers' names -> when last announced (time.monotonic())
+    standbys: dict[str, float] = field(
+        default_factory=dict
+    )  # standby servers' names -> when last announced (time.monotonic())
     drain_ends_by: float = 0.0  # time.monotonic() past which the drain after the run stops
     failed: set[str] = field(default_factory=set)  # clients whose training failed this round (answered, with no update)
-    update_metrics: list[tuple[dict[str, float], int]] = field(default_factory=list)  # this round's folded updates' metrics and weights
-    unable: dict[str, str] = field(default_factory=dict)  # clients whose app failed at their start (a Leave with an error) -> the error
-    refused: set[str] = field(default_factory=set)  # participants whose update this round was refused (dead-lettered): answered, with nothing to fold
-    train_failures: list[TrainFailure] = field(default_factory=list)  # the run's, newest last (the last MAX_FAILURES_KEPT)
-    cross_site: Any = None  # the cross-site evaluation under way (handlers/workflows/cross_site.py's CrossSitePhase), if the run has one
+    update_metrics: list[tuple[dict[str, float], int]] = field(
+        default_factory=list
+    )  # this round's folded updates' metrics and weights
+    unable: dict[str, str] = field(
+        default_factory=dict
+    )  # clients whose app failed at their start (a Leave with an error) -> the error
+    refused: set[str] = field(
+        default_factory=set
+    )  # participants whose update this round was refused (dead-lettered): answered, with nothing to fold
+    train_failures: list[TrainFailure] = field(
+        default_factory=list
+    )  # the run's, newest last (the last MAX_FAILURES_KEPT)
+    # the cross-site evaluation under way (handlers/workflows/cross_site.py's CrossSitePhase), if the run has one
+    cross_site: Any = None
 
     def held_updates(self) -> int:
         """Updates folded and held unacked, in no stored version yet."""
@@ -181,7 +200,14 @@ def make_state(config: RunConfig, store: ModelStore, metrics: MetricsLog) -> Ser
     return ServerState(config, strategy, store, evaluate_on_test, metrics, app, begin=start_round)
 
 
-def see_client(state: ServerState, client_id: str, num_samples: int | None, instance: str = "", log: Any = None, training_s: float | None = None) -> bool:
+def see_client(
+    state: ServerState,
+    client_id: str,
+    num_samples: int | None,
+    instance: str = "",
+    log: Any = None,
+    training_s: float | None = None,
+) -> bool:
     """Record that a client is alive (and whether it is training: ``training_s``, as its
     heartbeat says); True the first time it is seen. ``num_samples``: the partition size
     it declares (0 or None says nothing: a known declaration stays). ``instance``: the
@@ -201,7 +227,12 @@ def see_client(state: ServerState, client_id: str, num_samples: int | None, inst
         # A rise is logged, and `status` shows each client's declaration, so a client that
         # inflates its weight is seen; strategies that must not trust the count ignore it.
         if record.num_samples and num_samples > record.num_samples and log is not None:
-            log.warning("a client declares more samples than before", client=client_id, before=record.num_samples, now=num_samples)
+            log.warning(
+                "a client declares more samples than before",
+                client=client_id,
+                before=record.num_samples,
+                now=num_samples,
+            )
         record.num_samples = num_samples
     if instance and instance != record.instance:
         if instance == record.previous and now - record.last_seen <= state.config.liveness.timeout_s:
@@ -209,7 +240,9 @@ def see_client(state: ServerState, client_id: str, num_samples: int | None, inst
             if record.duplicate is None or set(record.duplicate) != set(pair):
                 record.duplicate = pair
                 if log is not None:
-                    log.warning("two processes claim one client id", client=client_id, instances=[bounded(i, 200) for i in pair])
+                    log.warning(
+                        "two processes claim one client id", client=client_id, instances=[bounded(i, 200) for i in pair]
+                    )
             record.duplicate_seen = now
         if record.instance:
             record.previous = record.instance
@@ -222,7 +255,11 @@ def duplicate_instances(state: ServerState, client_id: str) -> list[str] | None:
     """The two processes claiming ``client_id`` if they still take turns (within the
     liveness timeout), else None."""
     record = state.clients.get(client_id)
-    if record is None or record.duplicate is None or time.monotonic() - record.duplicate_seen > state.config.liveness.timeout_s:
+    if (
+        record is None
+        or record.duplicate is None
+        or time.monotonic() - record.duplicate_seen > state.config.liveness.timeout_s
+    ):
         return None
     return list(record.duplicate)
 
@@ -254,13 +291,19 @@ def refresh_client(state: ServerState, client_id: str) -> None:
 
 def live_clients(state: ServerState) -> list[str]:
     horizon = time.monotonic() - state.config.liveness.timeout_s
-    return sorted(cid for cid, record in state.clients.items() if record.last_seen >= horizon and cid not in state.admin.removed)
+    return sorted(
+        cid for cid, record in state.clients.items() if record.last_seen >= horizon and cid not in state.admin.removed
+    )
 
 
 def awaited_clients(state: ServerState) -> list[str]:
     """The federation's clients not live yet (the operator's removed ones are not awaited)."""
     live = set(live_clients(state))
-    return [cid for cid in state.config.client_ids() if cid not in live and cid not in state.admin.removed and cid not in state.unable]
+    return [
+        cid
+        for cid in state.config.client_ids()
+        if cid not in live and cid not in state.admin.removed and cid not in state.unable
+    ]
 
 
 def able_clients(state: ServerState) -> int:
@@ -311,7 +354,11 @@ def check_claimed_samples(update: ParameterUpdate, state: ServerState) -> None:
     record = state.clients.get(update.client_id)
     declared = None if record is None else record.num_samples
     if declared is not None and claimed > declared:
-        said = f"the {declared} it declared for its partition (Join/Heartbeat)" if declared else "the 0 it declared (its Join and Heartbeats gave no partition size)"
+        said = (
+            f"the {declared} it declared for its partition (Join/Heartbeat)"
+            if declared
+            else "the 0 it declared (its Join and Heartbeats gave no partition size)"
+        )
         raise BadUpdate(f"the update claims {claimed} samples, more than {said}")
 
 
@@ -320,32 +367,56 @@ def check_parameters(parameters: Tensors, state: ServerState) -> None:
     (``strategy.max_update_ratio``, ``strategy.max_num_samples``): every path that folds an
     update (synchronous, asynchronous, cyclic, swarm) checks it with this."""
     strategy = state.config.strategy
-    check_update(parameters, state.model.parameters, max_distance_ratio=strategy.max_update_ratio, max_weight=strategy.max_num_samples)
+    check_update(
+        parameters,
+        state.model.parameters,
+        max_distance_ratio=strategy.max_update_ratio,
+        max_weight=strategy.max_num_samples,
+    )
 
 
 def drop(ctx: Context[ServerState], update: ParameterUpdate, reason: str) -> list[Outbound]:
     """Ack an update without folding it: its record goes out (confirmed) before the ack."""
     if ctx.state.done:
         extend_drain(ctx)
-    return record_drop(ctx, update.message_id, update.client_id, reason, round_=update.round, model_version=update.model_version)
+    return record_drop(
+        ctx, update.message_id, update.client_id, reason, round_=update.round, model_version=update.model_version
+    )
 
 
-def record_drop(ctx: Context[ServerState], update_id: str, client_id: str, reason: str, *, round_: int, model_version: int) -> list[Outbound]:
+def record_drop(
+    ctx: Context[ServerState], update_id: str, client_id: str, reason: str, *, round_: int, model_version: int
+) -> list[Outbound]:
     """The UpdateDropped record of an update acked without being in a model version."""
     state: ServerState = ctx.state
     state.dropped.append((update_id, reason))
     ctx.log.info("update dropped", client=client_id, update=update_id, reason=reason)
     if not state.config.journal:
         return []  # nothing would keep the record
-    return [Outbound(AUDIT, UpdateDropped(update_id=update_id, client_id=client_id, reason=reason, round=round_, model_version=model_version))]
+    return [
+        Outbound(
+            AUDIT,
+            UpdateDropped(
+                update_id=update_id, client_id=client_id, reason=reason, round=round_, model_version=model_version
+            ),
+        )
+    ]
 
 
 def already_folded(state: ServerState, update_id: str) -> bool:
     return any(update_id in ids for ids in state.recent_update_ids)
 
 
-def store_version(ctx: Context[ServerState], parameters: dict[str, np.ndarray], update_ids: list[str], *, round_: int, started: float, client_seconds: list[float],
-                  client_metrics: list[tuple[dict[str, float], int]] = ()) -> ModelVersion:
+def store_version(
+    ctx: Context[ServerState],
+    parameters: dict[str, np.ndarray],
+    update_ids: list[str],
+    *,
+    round_: int,
+    started: float,
+    client_seconds: list[float],
+    client_metrics: list[tuple[dict[str, float], int]] = (),
+) -> ModelVersion:
     """Store a new global model version, then ack the updates it holds (commit). Its
     evaluation, journal record and metrics line follow once the messages this handler
     returns (the next round's task) are out: see :func:`score_stored`. ``client_metrics``:
@@ -354,14 +425,28 @@ def store_version(ctx: Context[ServerState], parameters: dict[str, np.ndarray], 
     state: ServerState = ctx.state
     score_stored(ctx)  # an earlier version still waiting is scored (and recorded) first
     parent = state.model
-    model = ModelVersion(parent.version + 1, round_, parent.version, state.strategy.name, list(update_ids), parameters, sha256=_hash_beside_prepare(state.store, parameters), created=time.time())
+    model = ModelVersion(
+        parent.version + 1,
+        round_,
+        parent.version,
+        state.strategy.name,
+        list(update_ids),
+        parameters,
+        sha256=_hash_beside_prepare(state.store, parameters),
+        created=time.time(),
+    )
     strategy_metrics = state.strategy.round_metrics()  # e.g. the privacy spent so far
     scores = None
     evaluation_error = None
     if state.scores_in_store and state.evaluate is not None:  # on the critical path, by request
         with timings.phase("evaluate"):
             scores, evaluation_error = evaluate_safely(ctx, state.evaluate, parameters, version=parent.version + 1)
-    model.metrics = {"accuracy": None, "loss": None, **(scores or {}), **strategy_metrics}  # else scores follow (score_stored)
+    model.metrics = {
+        "accuracy": None,
+        "loss": None,
+        **(scores or {}),
+        **strategy_metrics,
+    }  # else scores follow (score_stored)
     model.strategy_state = state.strategy.state_arrays()  # stored with the version, atomically
     with timings.phase("store"):
         state.store.put(model)
@@ -377,10 +462,14 @@ def store_version(ctx: Context[ServerState], parameters: dict[str, np.ndarray], 
         "duration_s": round(time.monotonic() - started, 4),
         "sha256": model.sha256,
         # where the time went, in the server process; clients' training time beside it
-        "server_s": {k: v for k, v in timings.since(state.timings_at_start).items() if v > 0 and not k.startswith("handle.")},
+        "server_s": {
+            k: v for k, v in timings.since(state.timings_at_start).items() if v > 0 and not k.startswith("handle.")
+        },
         "client_train_s": round(float(np.mean(client_seconds)), 4) if client_seconds else 0.0,
         **strategy_metrics,
-        "metrics": combine(list(client_metrics), getattr(state.app, "reducers", None)),  # the app's: train_*, then its evaluation's
+        "metrics": combine(
+            list(client_metrics), getattr(state.app, "reducers", None)
+        ),  # the app's: train_*, then its evaluation's
     }
     if evaluation_error is not None:
         record["evaluation_error"] = evaluation_error
@@ -422,7 +511,11 @@ def finish_run(ctx: Context[ServerState], reason: str, *, failed: bool = False) 
     ctx.set_timer("drain", DRAIN_S, DrainDone())
     out = [to_clients(Exit(reason=reason, round=state.round, model_version=state.model.version))]
     if state.config.journal:  # where the run ended, for accounting (an update after it has no taker)
-        out.append(Outbound(AUDIT, RunFinished(reason=reason, failed=failed, round=state.round, model_version=state.model.version)))
+        out.append(
+            Outbound(
+                AUDIT, RunFinished(reason=reason, failed=failed, round=state.round, model_version=state.model.version)
+            )
+        )
     return out
 
 
@@ -456,7 +549,9 @@ def start_round(ctx: Context[ServerState], *, retry: bool = False):
     if not state.participants:
         ctx.log.warning("no live clients to sample: the round waits for its deadline", round=state.round)
         return None
-    ctx.log.debug("round started", round=state.round, model_version=state.model.version, participants=len(state.participants))
+    ctx.log.debug(
+        "round started", round=state.round, model_version=state.model.version, participants=len(state.participants)
+    )
     task = TrainTask(
         round=state.round,
         model_version=state.model.version,
@@ -495,9 +590,23 @@ def note_failure(message: TrainFailed, ctx: Context[ServerState]) -> TrainFailur
     """Log and keep a client's report that its training failed (every server handler set)."""
     state: ServerState = ctx.state
     refresh_client(state, message.client_id)
-    failure = TrainFailure(message.client_id, message.round, message.model_version, bounded(message.task_id, 64), bounded(message.error, 300))
+    failure = TrainFailure(
+        message.client_id,
+        message.round,
+        message.model_version,
+        bounded(message.task_id, 64),
+        bounded(message.error, 300),
+    )
     state.train_failures = [*state.train_failures[-(MAX_FAILURES_KEPT - 1) :], failure]
-    ctx.log.error("client training failed", app=state.config.app, function="train()", client=failure.client_id, round=failure.round, model_version=failure.model_version, error=failure.error)
+    ctx.log.error(
+        "client training failed",
+        app=state.config.app,
+        function="train()",
+        client=failure.client_id,
+        round=failure.round,
+        model_version=failure.model_version,
+        error=failure.error,
+    )
     return failure
 
 
@@ -517,16 +626,31 @@ def too_few_answers(ctx: Context[ServerState], why: str, *, missing: list[str] =
     finish the run as failed."""
     state: ServerState = ctx.state
     folded = state.strategy.folded()
-    ctx.log.warning(f"{why}: too few answers", folded=folded, needed=state.config.strategy.min_clients, missing=list(missing), failed=sorted(state.failed), live=len(live_clients(state)))
+    ctx.log.warning(
+        f"{why}: too few answers",
+        folded=folded,
+        needed=state.config.strategy.min_clients,
+        missing=list(missing),
+        failed=sorted(state.failed),
+        live=len(live_clients(state)),
+    )
     # The folded updates are dropped: their records go out before the commit acks them.
     reason = f"round {state.round} had too few answers and was abandoned"
-    records = [out for uid, client in state.folded.items() for out in record_drop(ctx, uid, client, reason, round_=state.round, model_version=state.model.version)]
+    records = [
+        out
+        for uid, client in state.folded.items()
+        for out in record_drop(ctx, uid, client, reason, round_=state.round, model_version=state.model.version)
+    ]
     ctx.commit()
     state.round_open = False
     if state.config.strategy.on_too_few == "retry" and state.retries < state.config.strategy.max_retries:
         state.retries += 1
         return records + (start_round(ctx, retry=True) or [])
-    return records + finish_run(ctx, f"round {state.round} got {folded} of the {state.config.strategy.min_clients} updates it needs ({why})", failed=True)
+    return records + finish_run(
+        ctx,
+        f"round {state.round} got {folded} of the {state.config.strategy.min_clients} updates it needs ({why})",
+        failed=True,
+    )
 
 
 def close_round(ctx: Context[ServerState]):
@@ -534,11 +658,19 @@ def close_round(ctx: Context[ServerState]):
     state: ServerState = ctx.state
     with timings.phase("fold"):
         parameters = state.strategy.finish_round(state.model.parameters)
-    model = store_version(ctx, parameters, list(state.folded), round_=state.round, started=state.round_started, client_seconds=state.client_seconds,
-                          client_metrics=state.update_metrics)
+    model = store_version(
+        ctx,
+        parameters,
+        list(state.folded),
+        round_=state.round,
+        started=state.round_started,
+        client_seconds=state.client_seconds,
+        client_metrics=state.update_metrics,
+    )
     state.round_open = False
     ctx.cancel_timer("round")
     if state.round >= state.config.rounds:
+
         def done(ctx: Context[ServerState]) -> list[Outbound]:
             return rounds_done(ctx, f"{state.config.rounds} rounds done")
 

@@ -35,12 +35,12 @@ import json
 from dataclasses import dataclass
 
 from brokerfl.config import RunConfig
-from brokerfl.runtime.handler_table import Context, Handler, HandlerSet, Started
-from brokerfl.wire.message import Message, ParameterUpdate
-from brokerfl.storage.metrics_log import MetricsLog
-from brokerfl.storage.store import ModelStore
 from brokerfl.handlers.workflows import lifecycle, server, server_state
 from brokerfl.handlers.workflows.server_state import ServerState, close_round, see_client, start_round
+from brokerfl.runtime.handler_table import Context, Handler, HandlerSet, Started
+from brokerfl.storage.metrics_log import MetricsLog
+from brokerfl.storage.store import ModelStore
+from brokerfl.wire.message import Message, ParameterUpdate
 
 
 @dataclass(kw_only=True)
@@ -137,7 +137,12 @@ def fold_and_maybe_wait(update: ParameterUpdate, ctx: Context):
     state: SwarmState = ctx.state
     outbound = server.fold_update(update, ctx)
     minimum = state.config.swarm.min_responses_required
-    if state.round_open and minimum is not None and len(state.folded) >= min(minimum, len(state.participants)) and state.waiting_round != state.round:
+    if (
+        state.round_open
+        and minimum is not None
+        and len(state.folded) >= min(minimum, len(state.participants))
+        and state.waiting_round != state.round
+    ):
         state.waiting_round = state.round
         ctx.set_timer("after_min", state.config.swarm.wait_after_min_s, WaitAfterMinimum(round=state.round))
     return outbound
@@ -147,7 +152,9 @@ def fold_and_maybe_wait(update: ParameterUpdate, ctx: Context):
 def close_after_wait(message: WaitAfterMinimum, ctx: Context):
     state: SwarmState = ctx.state
     if state.round_open and message.round == state.round:
-        ctx.log.info("closing the round after the wait past its minimum", folded=len(state.folded), of=len(state.participants))
+        ctx.log.info(
+            "closing the round after the wait past its minimum", folded=len(state.folded), of=len(state.participants)
+        )
         return close_round(ctx)
     return None
 
@@ -160,9 +167,17 @@ def note_best(ctx: Context[SwarmState]) -> None:
         version, value = best
         ctx.log.info("best global model", model_version=version, metric=state.comparator.metric, value=round(value, 4))
         if state.metrics.path is not None:
-            (state.metrics.path.parent / "best_model.json").write_text(json.dumps(
-                {"model_version": version, "metric": state.comparator.metric, "mode": state.comparator.mode, "value": value,
-                 "sha256": state.store.metadata(version)["sha256"]}))
+            (state.metrics.path.parent / "best_model.json").write_text(
+                json.dumps(
+                    {
+                        "model_version": version,
+                        "metric": state.comparator.metric,
+                        "mode": state.comparator.mode,
+                        "value": value,
+                        "sha256": state.store.metadata(version)["sha256"],
+                    }
+                )
+            )
 
 
 # what the aggregator's run composes: the server's lifecycle and rounds, each taking the

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from brokerfl.storage.journal import read_journal
-from brokerfl.wire.message import ModelVersionStored, ParameterUpdate, UpdateDropped, from_wire
-from brokerfl.transports.topology import RunTopology
 from brokerfl.transports.base import Transport
+from brokerfl.transports.topology import RunTopology
+from brokerfl.wire.message import ModelVersionStored, ParameterUpdate, UpdateDropped, from_wire
 
 
 class HeldUpdate(NamedTuple):

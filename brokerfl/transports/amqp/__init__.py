@@ -71,7 +71,22 @@ import pika.exceptions as px
 import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 
-from brokerfl.wire.message import Envelope
+from brokerfl.transports.amqp import chunks
+from brokerfl.transports.amqp.connect import TlsOptions, broker_urls, cluster_parameters
+from brokerfl.transports.amqp.connection import (
+    RECV_BYTES,
+    AmqpConnection,
+    ChannelLimitError,
+    _channel_error,
+    _quietly,
+    _recovering,
+    _tune_reads,
+    mask_url,
+)
+from brokerfl.transports.amqp.consuming import STREAM_CREDIT, Consumers
+from brokerfl.transports.amqp.pika_body import GatheredBody
+from brokerfl.transports.amqp.properties import to_envelope, to_properties
+from brokerfl.transports.amqp.settling import Settler
 from brokerfl.transports.base import (
     REPLY_TO,
     Body,
@@ -86,22 +101,7 @@ from brokerfl.transports.base import (
     UnroutableError,
     body_size,
 )
-from brokerfl.transports.amqp import chunks
-from brokerfl.transports.amqp.connection import (
-    RECV_BYTES,
-    AmqpConnection,
-    ChannelLimitError,
-    _channel_error,
-    _quietly,
-    _recovering,
-    _tune_reads,
-    mask_url,
-)
-from brokerfl.transports.amqp.consuming import STREAM_CREDIT, Consumers
-from brokerfl.transports.amqp.settling import Settler
-from brokerfl.transports.amqp.connect import TlsOptions, broker_urls, cluster_parameters
-from brokerfl.transports.amqp.properties import to_envelope, to_properties
-from brokerfl.transports.amqp.pika_body import GatheredBody
+from brokerfl.wire.message import Envelope
 
 log = structlog.get_logger("brokerfl.amqp")
 
@@ -113,7 +113,12 @@ DEFAULT_HEARTBEAT_S = 30
 
 
 def queue_arguments(
-    kind: QueueKind, *, dead_letter_queue: str | None = None, max_length_bytes: int | None = None, max_age: str | None = None, single_active_consumer: bool = False
+    kind: QueueKind,
+    *,
+    dead_letter_queue: str | None = None,
+    max_length_bytes: int | None = None,
+    max_age: str | None = None,
+    single_active_consumer: bool = False,
 ) -> dict[str, Any]:
     """A queue's AMQP arguments, as this transport declares it and as ``brokerfl provision``
     writes it into the definitions (RabbitMQ refuses a redeclare whose arguments differ)."""
@@ -132,7 +137,6 @@ def queue_arguments(
         arguments["x-dead-letter-exchange"] = ""
         arguments["x-dead-letter-routing-key"] = dead_letter_queue
     return arguments
-
 
 
 class AmqpTransport(Transport):
@@ -198,10 +202,29 @@ class AmqpTransport(Transport):
         self._queues: dict[str, tuple[QueueKind, dict[str, Any]]] = {}
         self._bindings: dict[tuple[str, str, str], None] = {}
         self._leases: dict[str, None] = {}  # exclusive queues this connection holds (hold_lease)
-        self._connection = AmqpConnection(nodes, self.safe_url, max_reconnect_s=max_reconnect_s, confirm_timeout=confirm_timeout, restore=self._restore)
+        self._connection = AmqpConnection(
+            nodes,
+            self.safe_url,
+            max_reconnect_s=max_reconnect_s,
+            confirm_timeout=confirm_timeout,
+            restore=self._restore,
+        )
         self._settler = Settler(self._connection, user=self.user, dead_letter_targets=self._dead_letter_targets)
-        bounds = {"max_partials": max_partial_messages, "max_bytes": max_partial_bytes, "max_bytes_per_sender": max_partial_bytes_per_sender, "spill_min_bytes": spill_min_bytes, "spill_dir": spill_dir}
-        self._consumers = Consumers(self._connection, self._settler, declared_kind=self._declared_kind, queue_info=self.queue_info, chunk_timeout=chunk_timeout, assembler_bounds=bounds)
+        bounds = {
+            "max_partials": max_partial_messages,
+            "max_bytes": max_partial_bytes,
+            "max_bytes_per_sender": max_partial_bytes_per_sender,
+            "spill_min_bytes": spill_min_bytes,
+            "spill_dir": spill_dir,
+        }
+        self._consumers = Consumers(
+            self._connection,
+            self._settler,
+            declared_kind=self._declared_kind,
+            queue_info=self.queue_info,
+            chunk_timeout=chunk_timeout,
+            assembler_bounds=bounds,
+        )
         if retry_start:
             self._connection.connect_first()
         else:
@@ -240,11 +263,15 @@ class AmqpTransport(Transport):
         self._retake_leases()
         steps: list[tuple[str, Callable[[BlockingChannel], Any]]] = []  # each called with the admin channel
         for name in self._exchanges:
-            steps.append((f"exchange {name}", methodcaller("exchange_declare", name, exchange_type="topic", durable=True)))
+            steps.append(
+                (f"exchange {name}", methodcaller("exchange_declare", name, exchange_type="topic", durable=True))
+            )
         for name, (_, arguments) in self._queues.items():
             steps.append((f"queue {name}", methodcaller("queue_declare", name, durable=True, arguments=arguments)))
         for queue, exchange, pattern in self._bindings:
-            steps.append((f"binding {queue} {exchange} {pattern}", methodcaller("queue_bind", queue, exchange, pattern)))
+            steps.append(
+                (f"binding {queue} {exchange} {pattern}", methodcaller("queue_bind", queue, exchange, pattern))
+            )
         for what, step in steps:
             try:
                 step(self._connection.admin_channel())
@@ -275,13 +302,33 @@ class AmqpTransport(Transport):
 
     def declare_exchange(self, name: str) -> None:
         if name:
-            self._connection.admin_op(f"declare exchange {name!r}", lambda ch: ch.exchange_declare(name, exchange_type="topic", durable=True))
+            self._connection.admin_op(
+                f"declare exchange {name!r}", lambda ch: ch.exchange_declare(name, exchange_type="topic", durable=True)
+            )
             self._exchanges[name] = None
 
-    def _declare_queue(self, name: str, *, kind: QueueKind, dead_letter_queue: str | None, max_length_bytes: int | None, max_age: str | None, single_active_consumer: bool = False) -> None:
-        arguments = queue_arguments(kind, dead_letter_queue=dead_letter_queue, max_length_bytes=max_length_bytes, max_age=max_age, single_active_consumer=single_active_consumer)
+    def _declare_queue(
+        self,
+        name: str,
+        *,
+        kind: QueueKind,
+        dead_letter_queue: str | None,
+        max_length_bytes: int | None,
+        max_age: str | None,
+        single_active_consumer: bool = False,
+    ) -> None:
+        arguments = queue_arguments(
+            kind,
+            dead_letter_queue=dead_letter_queue,
+            max_length_bytes=max_length_bytes,
+            max_age=max_age,
+            single_active_consumer=single_active_consumer,
+        )
         try:
-            self._connection.admin_op(f"declare {kind} queue {name!r} with {arguments}", lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
+            self._connection.admin_op(
+                f"declare {kind} queue {name!r} with {arguments}",
+                lambda ch: ch.queue_declare(name, durable=True, arguments=arguments),
+            )
         except TransportError as exc:
             # Naming a dead-letter exchange needs write access to it (here the default
             # exchange), which a least-privilege user lacks: then the operator's policy
@@ -289,11 +336,16 @@ class AmqpTransport(Transport):
             if not (dead_letter_queue is not None and "ACCESS_REFUSED" in str(exc) and "amq.default" in str(exc)):
                 raise
             arguments = {k: v for k, v in arguments.items() if not k.startswith("x-dead-letter-")}
-            self._connection.admin_op(f"declare {kind} queue {name!r} with {arguments}", lambda ch: ch.queue_declare(name, durable=True, arguments=arguments))
+            self._connection.admin_op(
+                f"declare {kind} queue {name!r} with {arguments}",
+                lambda ch: ch.queue_declare(name, durable=True, arguments=arguments),
+            )
         self._queues[name] = (kind, arguments)
 
     def bind(self, queue: str, exchange: str, pattern: str) -> None:
-        self._connection.admin_op(f"bind {queue!r} to {exchange!r} with {pattern!r}", lambda ch: ch.queue_bind(queue, exchange, pattern))
+        self._connection.admin_op(
+            f"bind {queue!r} to {exchange!r} with {pattern!r}", lambda ch: ch.queue_bind(queue, exchange, pattern)
+        )
         self._bindings[(queue, exchange, pattern)] = None
 
     def delete_queue(self, name: str) -> None:
@@ -317,7 +369,9 @@ class AmqpTransport(Transport):
         if name in self._leases:
             return True
         try:
-            self._connection.admin_op(f"take the lease {name!r}", lambda ch: ch.queue_declare(name, exclusive=True, auto_delete=True))
+            self._connection.admin_op(
+                f"take the lease {name!r}", lambda ch: ch.queue_declare(name, exclusive=True, auto_delete=True)
+            )
         except TransportError as exc:
             if "RESOURCE_LOCKED" in str(exc):
                 return False
@@ -355,11 +409,15 @@ class AmqpTransport(Transport):
             return
         for views, headers in chunks.split_views(body, self.chunk_size, envelope.message_id):
             # pika frames the chunk straight from the views (no chunk-sized copy first)
-            self._connection.publish(exchange, routing_key, to_properties(envelope, headers, user=self.user), GatheredBody(views))
+            self._connection.publish(
+                exchange, routing_key, to_properties(envelope, headers, user=self.user), GatheredBody(views)
+            )
 
     # ------------------------------------------------------------ consuming and settling
 
-    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None) -> str:
+    def consume(
+        self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None
+    ) -> str:
         return self._consumers.consume(queue, on_delivery, prefetch=prefetch, offset=offset)
 
     def cancel(self, consumer_tag: str) -> None:
@@ -382,13 +440,17 @@ class AmqpTransport(Transport):
 
     # ------------------------------------------------------------ request/reply
 
-    def request(self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, *, timeout: float) -> tuple[Envelope, bytes] | None:
+    def request(
+        self, exchange: str, routing_key: str, envelope: Envelope, body: bytes, *, timeout: float
+    ) -> tuple[Envelope, bytes] | None:
         """Direct reply-to: on a channel of its own, consume ``amq.rabbitmq.reply-to``
         (no-ack, as RabbitMQ requires), publish with ``reply_to`` and ``expiration`` set,
         wait, close it."""
         self._connection.check_open()
         if len(body) > self.chunk_size:
-            raise TransportError(f"a request of {len(body)} bytes is larger than a chunk ({self.chunk_size}); requests are not chunked")
+            raise TransportError(
+                f"a request of {len(body)} bytes is larger than a chunk ({self.chunk_size}); requests are not chunked"
+            )
 
         def run() -> tuple[Envelope, bytes] | None:
             conn = self._connection.conn
@@ -397,16 +459,27 @@ class AmqpTransport(Transport):
             channel = conn.channel()
             try:
                 channel.confirm_delivery()
-                channel.basic_consume(REPLY_TO, lambda _ch, _m, properties, reply: replies.append((to_envelope(properties)[0], reply)), auto_ack=True)
+                channel.basic_consume(
+                    REPLY_TO,
+                    lambda _ch, _m, properties, reply: replies.append((to_envelope(properties)[0], reply)),
+                    auto_ack=True,
+                )
                 properties = to_properties(envelope, user=self.user)
                 properties.reply_to = REPLY_TO
                 properties.expiration = str(max(1, int(timeout * 1000)))  # nobody waits for it after that
                 try:
-                    self._connection.bounded(conn, self.confirm_timeout, f"confirm of a request to {routing_key!r}", lambda: channel.basic_publish(exchange, routing_key, body, properties, mandatory=True))
+                    self._connection.bounded(
+                        conn,
+                        self.confirm_timeout,
+                        f"confirm of a request to {routing_key!r}",
+                        lambda: channel.basic_publish(exchange, routing_key, body, properties, mandatory=True),
+                    )
                 except px.UnroutableError:
                     raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
                 except px.ChannelClosedByBroker as exc:
-                    raise _channel_error(f"publish a request to {routing_key!r} on exchange {exchange!r}", exc) from None
+                    raise _channel_error(
+                        f"publish a request to {routing_key!r} on exchange {exchange!r}", exc
+                    ) from None
                 deadline = time.monotonic() + timeout
                 while not replies and time.monotonic() < deadline:
                     conn.process_data_events(time_limit=min(0.2, max(0.0, deadline - time.monotonic())))

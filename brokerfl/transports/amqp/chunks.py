@@ -43,9 +43,9 @@ from typing import Any
 
 import xxhash
 
-from brokerfl.wire.names import MAX_ID_CHARS, bounded
 from brokerfl.transports.amqp.partial import ChunkInfo, Partial, Piece, buffers
 from brokerfl.transports.amqp.pika_body import Fragments
+from brokerfl.wire.names import MAX_ID_CHARS, bounded
 
 CHUNK_HEADER = "x-brokerfl-chunk"
 CHUNK_OF_HEADER = "x-brokerfl-chunk-of"
@@ -63,6 +63,7 @@ MAX_PARTIAL_BYTES_PER_SENDER = 256 * 1024**2  # of those, by one sender (app_id)
 # brokerfl.transports.amqp.partial); below it a file costs more than the RAM it saves.
 SPILL_MIN_BYTES = 1024**2
 
+
 def split(body: bytes | list[Any], chunk_size: int, message_id: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
     """Yield ``(part, headers)`` for each chunk of ``body``, each part as one bytes object:
     :func:`split_views` with each chunk's views joined."""
@@ -70,7 +71,9 @@ def split(body: bytes | list[Any], chunk_size: int, message_id: str) -> Iterator
         yield (bytes(views[0]) if len(views) == 1 else b"".join(views)), headers  # b"" for an empty body
 
 
-def split_views(body: bytes | list[Any], chunk_size: int, message_id: str) -> Iterator[tuple[list[memoryview], dict[str, Any]]]:
+def split_views(
+    body: bytes | list[Any], chunk_size: int, message_id: str
+) -> Iterator[tuple[list[memoryview], dict[str, Any]]]:
     """Yield ``(views, headers)`` for each chunk of ``body``: the chunk as views of the
     caller's buffers (no copy), in order, and its headers.
 
@@ -121,7 +124,11 @@ def parse(headers: dict[str, Any]) -> ChunkInfo | None:
             position = [int(v) for v in (position.decode() if isinstance(position, bytes) else position).split("/")]
         except ValueError:
             raise BadChunk(f"bad {CHUNK_HEADER} header {_shown(position)}") from None
-    if not (isinstance(position, list) and len(position) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in position)):
+    if not (
+        isinstance(position, list)
+        and len(position) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in position)
+    ):
         raise BadChunk(f"bad {CHUNK_HEADER} header {_shown(position)}")
     index, count = position
     if not 0 <= index < count <= MAX_CHUNKS:
@@ -245,7 +252,13 @@ class Assembler:
 
     def _evict(self, partial: Partial, why: str) -> None:
         self._forget(partial)
-        self.evicted.append((partial, f"chunked message {partial.message_id}: given up after {len(partial.pieces)} of {partial.count} chunks: {why}"))
+        self.evicted.append(
+            (
+                partial,
+                f"chunked message {partial.message_id}: given up after {len(partial.pieces)} of {partial.count} "
+                f"chunks: {why}",
+            )
+        )
 
     def _oldest(self, sender: str | None = None) -> Partial:
         """The least recently fed incomplete message (of ``sender``): there is one, for
@@ -266,18 +279,33 @@ class Assembler:
         partial = self.partials.get(mid)
         if partial is None:
             if info.length > min(self.max_bytes, self.max_bytes_per_sender):
-                return Corrupt(mid, [handle], [bytes(body)], f"chunked message {mid}: {info.length} bytes is more than reassembly holds (max_partial_bytes {self.max_bytes}, per sender {self.max_bytes_per_sender})")
+                return Corrupt(
+                    mid,
+                    [handle],
+                    [bytes(body)],
+                    f"chunked message {mid}: {info.length} bytes is more than reassembly holds (max_partial_bytes "
+                    f"{self.max_bytes}, per sender {self.max_bytes_per_sender})",
+                )
             while len(self.partials) >= self.max_partials:
                 self._evict(self._oldest(), f"more than {self.max_partials} incomplete chunked messages at once")
             large = self.spill_min_bytes is not None and info.length >= self.spill_min_bytes and info.count > 1
             # Spilled ones count too: a message placed in RAM while a spilled one is still
             # coming would be held (up to 1x) while that one is read back whole (1x).
             in_progress = sum(p.large for p in self.partials.values())
-            partial = self.partials[mid] = Partial(mid, info.count, sender, first_seen=now, large=large, spilling=large and in_progress >= self.ram_partials)
+            partial = self.partials[mid] = Partial(
+                mid,
+                info.count,
+                sender,
+                first_seen=now,
+                large=large,
+                spilling=large and in_progress >= self.ram_partials,
+            )
         partial.last_seen = now
         if info.index in partial.pieces:
             if len(partial.extras) >= partial.count:  # more copies than a retry makes
-                return self._corrupt(partial, f"chunk {info.index} arrived again, after {len(partial.extras)} duplicates")
+                return self._corrupt(
+                    partial, f"chunk {info.index} arrived again, after {len(partial.extras)} duplicates"
+                )
             extra = Piece(info, body, handle, len(body))  # a publisher's retry: same bytes again
             partial.extras.append(extra)
             self._grow(partial, len(body))
@@ -287,7 +315,9 @@ class Assembler:
             return given_up or Held()
         piece = partial.pieces[info.index] = Piece(info, body, handle, len(body))
         if info.count != partial.count:
-            return self._corrupt(partial, f"chunk {info.index} says {info.count} chunks, an earlier one said {partial.count}")
+            return self._corrupt(
+                partial, f"chunk {info.index} says {info.count} chunks, an earlier one said {partial.count}"
+            )
         self._grow(partial, len(body))
         if sum(p.size for p in partial.pieces.values()) > info.length:
             return self._corrupt(partial, f"chunks hold more than the {info.length} bytes the message has")
@@ -319,12 +349,22 @@ class Assembler:
         while self._sender_bytes.get(partial.sender, 0) > self.max_bytes_per_sender:
             oldest = self._oldest(partial.sender)
             if oldest is partial:
-                return self._corrupt(partial, f"its sender {_shown(partial.sender)} holds more than max_partial_bytes_per_sender ({self.max_bytes_per_sender}) in incomplete messages")
-            self._evict(oldest, f"its sender holds more than max_partial_bytes_per_sender ({self.max_bytes_per_sender}) in incomplete messages")
+                return self._corrupt(
+                    partial,
+                    f"its sender {_shown(partial.sender)} holds more than max_partial_bytes_per_sender "
+                    f"({self.max_bytes_per_sender}) in incomplete messages",
+                )
+            self._evict(
+                oldest,
+                f"its sender holds more than max_partial_bytes_per_sender ({self.max_bytes_per_sender}) in incomplete "
+                "messages",
+            )
         while self.held_bytes > self.max_bytes:
             oldest = self._oldest()
             if oldest is partial:
-                return self._corrupt(partial, f"incomplete messages hold more than max_partial_bytes ({self.max_bytes})")
+                return self._corrupt(
+                    partial, f"incomplete messages hold more than max_partial_bytes ({self.max_bytes})"
+                )
             self._evict(oldest, f"incomplete messages hold more than max_partial_bytes ({self.max_bytes})")
         return None
 
@@ -373,7 +413,12 @@ class Assembler:
             taken = [(p.handle, bytes(p.body) if p.body is not None else b"") for p in partial.ordered()]
             reason = f"{reason} (and its spill file could not be read: {exc})"
             partial.close()
-        return Corrupt(partial.message_id, [h for h, _ in taken], [b for _, b in taken], f"chunked message {partial.message_id}: {reason}")
+        return Corrupt(
+            partial.message_id,
+            [h for h, _ in taken],
+            [b for _, b in taken],
+            f"chunked message {partial.message_id}: {reason}",
+        )
 
     def settled(self, message_id: str, *, requeued: bool) -> None:
         """The consumer settled a completed message: acked or rejected ones are done (later

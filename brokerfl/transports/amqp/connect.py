@@ -83,7 +83,9 @@ def broker_urls(urls: str | Sequence[str]) -> list[str]:
     return found
 
 
-def cluster_parameters(urls: str | Sequence[str], tls: TlsOptions | None = None) -> tuple[list[pika.URLParameters], str]:
+def cluster_parameters(
+    urls: str | Sequence[str], tls: TlsOptions | None = None
+) -> tuple[list[pika.URLParameters], str]:
     """pika's parameters for every node URL (in order) and the one user they log in as."""
     pairs = [connection_parameters(url, tls) for url in broker_urls(urls)]
     users = sorted({user for _, user in pairs})

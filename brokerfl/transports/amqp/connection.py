@@ -29,8 +29,8 @@ import pika.exceptions as px
 import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 
-from brokerfl.transports.base import LeaseLost, TransportError, UnroutableError
 from brokerfl.transports.amqp.properties import make_header_decoding_total
+from brokerfl.transports.base import LeaseLost, TransportError, UnroutableError
 
 log = structlog.get_logger("brokerfl.amqp")
 
@@ -47,6 +47,7 @@ def _next_backoff(delay: float) -> float:
 def _jittered(delay: float) -> float:
     return delay * random.uniform(0.8, 1.2)  # many clients (re)connect at once
 
+
 # What a lost connection looks like, depending on where pika notices it.
 _LOST = (px.AMQPConnectionError, px.ConnectionWrongStateError, px.StreamLostError, ConnectionError)
 # Reconnecting does not help with these, when the broker said so (see _refused).
@@ -61,6 +62,7 @@ def _refused(exc: BaseException) -> bool:
     if isinstance(exc, (px.ProbableAuthenticationError, px.ProbableAccessDeniedError)):
         return "ConnectionClosedByBroker" in str(exc)  # pika keeps only the cause's repr
     return isinstance(exc, _FATAL)
+
 
 T = TypeVar("T")
 
@@ -96,7 +98,13 @@ class _QuietConnect(logging.Filter):
 
 
 _QUIET = _QuietConnect()
-for _name in ("pika.adapters.utils.connection_workflow", "pika.adapters.blocking_connection", "pika.adapters.utils.io_services_utils", "pika.adapters.base_connection", "pika.connection"):
+for _name in (
+    "pika.adapters.utils.connection_workflow",
+    "pika.adapters.blocking_connection",
+    "pika.adapters.utils.io_services_utils",
+    "pika.adapters.base_connection",
+    "pika.connection",
+):
     logging.getLogger(_name).addFilter(_QUIET)
 
 
@@ -123,7 +131,15 @@ class AmqpConnection:
     re-created; a :class:`LeaseLost` from it passes through (the connection is fine; the
     role is gone)."""
 
-    def __init__(self, nodes: list[pika.URLParameters], safe_url: str, *, max_reconnect_s: float, confirm_timeout: float, restore: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        nodes: list[pika.URLParameters],
+        safe_url: str,
+        *,
+        max_reconnect_s: float,
+        confirm_timeout: float,
+        restore: Callable[[], int],
+    ) -> None:
         self.nodes = nodes  # one, or a cluster's nodes
         self.safe_url = safe_url
         self.max_reconnect_s = max_reconnect_s
@@ -143,7 +159,9 @@ class AmqpConnection:
         # a cluster's nodes in order, the one just lost last: failing over tries the others first
         nodes = [p for p in self.nodes if p is not self.node] + [p for p in self.nodes if p is self.node]
         conn = self._open(nodes)
-        self.node = next((p for p in nodes if (p.host, p.port) == (conn._impl.params.host, conn._impl.params.port)), None)
+        self.node = next(
+            (p for p in nodes if (p.host, p.port) == (conn._impl.params.host, conn._impl.params.port)), None
+        )
         try:
             # Publishing has a connection of its own: while pika waits for a publish's
             # confirm it reads whatever arrives on its connection, and on a shared one that
@@ -180,10 +198,20 @@ class AmqpConnection:
                     raise
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TransportError(f"cannot connect to RabbitMQ at {self.safe_url}: gave up after {attempt} attempts in {self.max_reconnect_s:g} s "
-                                         f"(--max-reconnect-s): {_describe(exc)}") from None
+                    raise TransportError(
+                        f"cannot connect to RabbitMQ at {self.safe_url}: gave up after {attempt} attempts in "
+                        f"{self.max_reconnect_s:g} s "
+                        f"(--max-reconnect-s): {_describe(exc)}"
+                    ) from None
                 wait = min(remaining, _jittered(delay))
-                log.warning("amqp.connect_failed", url=self.safe_url, attempt=attempt, error=_describe(exc), retry_in_s=round(wait, 2), gives_up_in_s=round(remaining, 1))
+                log.warning(
+                    "amqp.connect_failed",
+                    url=self.safe_url,
+                    attempt=attempt,
+                    error=_describe(exc),
+                    retry_in_s=round(wait, 2),
+                    gives_up_in_s=round(remaining, 1),
+                )
                 time.sleep(wait)
                 delay = _next_backoff(delay)
 
@@ -241,7 +269,12 @@ class AmqpConnection:
             try:
                 self.connect()
                 consumers = self._restore()
-                log.info("amqp.reconnected", url=self.safe_url, node=f"{self.node.host}:{self.node.port}" if self.node else None, consumers=consumers)
+                log.info(
+                    "amqp.reconnected",
+                    url=self.safe_url,
+                    node=f"{self.node.host}:{self.node.port}" if self.node else None,
+                    consumers=consumers,
+                )
                 return
             except LeaseLost:
                 raise  # the connection is fine; the role is gone
@@ -249,9 +282,15 @@ class AmqpConnection:
                 self.drop()
                 remaining = deadline - time.monotonic()
                 if isinstance(exc, _Refused):
-                    raise TransportError(f"lost the connection to RabbitMQ at {self.safe_url}, and the broker refused the new one: {_describe(exc)}") from None
+                    raise TransportError(
+                        f"lost the connection to RabbitMQ at {self.safe_url}, and the broker refused the new one: "
+                        f"{_describe(exc)}"
+                    ) from None
                 if remaining <= 0:
-                    raise TransportError(f"lost the connection to RabbitMQ at {self.safe_url} and could not reconnect within {self.max_reconnect_s:g} s: {_describe(exc)}") from None
+                    raise TransportError(
+                        f"lost the connection to RabbitMQ at {self.safe_url} and could not reconnect within "
+                        f"{self.max_reconnect_s:g} s: {_describe(exc)}"
+                    ) from None
                 log.info("amqp.reconnect_failed", error=_describe(exc), retry_in=round(delay, 2))
                 time.sleep(min(remaining, _jittered(delay)))
                 delay = _next_backoff(delay)
@@ -327,11 +366,19 @@ class AmqpConnection:
 
     def channel_limit(self) -> int:
         """Channels the broker allows on this connection (channel_max, as negotiated)."""
-        return int(self.conn._impl.params.channel_max or pika.channel.MAX_CHANNELS) if self.conn is not None else pika.channel.MAX_CHANNELS
+        return (
+            int(self.conn._impl.params.channel_max or pika.channel.MAX_CHANNELS)
+            if self.conn is not None
+            else pika.channel.MAX_CHANNELS
+        )
 
     def channel_limit_text(self) -> str:
-        return (f"no free channel on the connection to {self.safe_url}: the broker allows {self.channel_limit()} (channel_max) "
-                f"and each consumer takes one; at most {self.consumer_capacity()} consumers (logical clients) fit on one connection")
+        return (
+            f"no free channel on the connection to {self.safe_url}: the broker allows {self.channel_limit()} "
+            "(channel_max) "
+            f"and each consumer takes one; at most {self.consumer_capacity()} consumers (logical clients) fit on one "
+            "connection"
+        )
 
     def consumer_capacity(self) -> int:
         """How many consumers (one channel each) fit beside this transport's own channels
@@ -357,7 +404,9 @@ class AmqpConnection:
 
     # ------------------------------------------------------------ publishing
 
-    def publish(self, exchange: str, routing_key: str, properties: pika.BasicProperties, body: bytes, *, mandatory: bool = True) -> None:
+    def publish(
+        self, exchange: str, routing_key: str, properties: pika.BasicProperties, body: bytes, *, mandatory: bool = True
+    ) -> None:
         """One AMQP message, confirmed; retried on a new connection if the old one died
         before the confirm."""
 
@@ -365,7 +414,12 @@ class AmqpConnection:
             assert self.publisher is not None and self.pub is not None  # with_retry connected
             pub = self.pub
             try:
-                self.bounded(self.publisher, self.confirm_timeout, f"confirm of a publish to {routing_key!r}", lambda: pub.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory))
+                self.bounded(
+                    self.publisher,
+                    self.confirm_timeout,
+                    f"confirm of a publish to {routing_key!r}",
+                    lambda: pub.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory),
+                )
             except px.UnroutableError:
                 raise UnroutableError(f"no queue is bound to {routing_key!r} on exchange {exchange!r}") from None
             except px.NackError:
@@ -376,10 +430,14 @@ class AmqpConnection:
                 # confirmed at once (seen in tests/test_cluster.py, and with raw pika against a
                 # 3-node cluster: a channel opened on a survivor right after the kill).
                 self.renew_publish_channel()
-                raise _Nacked(f"the broker refused (nacked) a message to {routing_key!r} on exchange {exchange!r}") from None
+                raise _Nacked(
+                    f"the broker refused (nacked) a message to {routing_key!r} on exchange {exchange!r}"
+                ) from None
             except px.ChannelClosedByBroker as exc:  # 404 no exchange, 406 message too large, ...
                 self.renew_publish_channel()
-                raise _channel_error(f"publish {len(body)} bytes to {routing_key!r} on exchange {exchange!r}", exc) from None
+                raise _channel_error(
+                    f"publish {len(body)} bytes to {routing_key!r} on exchange {exchange!r}", exc
+                ) from None
 
         # A nack is the broker saying "not now": e.g. a quorum queue or stream electing a new
         # leader after a cluster node died. Publish again with backoff (at-least-once:
@@ -412,7 +470,11 @@ def _tune_reads(conn: pika.BlockingConnection) -> None:
     so 4 KiB reads of 128 KiB frames cost ~40% of consuming throughput. These are pika
     internals (1.4): if they are not there, leave pika's defaults."""
     transport = getattr(getattr(conn, "_impl", None), "_transport", None)
-    if transport is not None and isinstance(getattr(transport, "_MAX_RECV_BYTES", None), int) and isinstance(getattr(transport, "_MAX_CONSUME_BYTES", None), int):
+    if (
+        transport is not None
+        and isinstance(getattr(transport, "_MAX_RECV_BYTES", None), int)
+        and isinstance(getattr(transport, "_MAX_CONSUME_BYTES", None), int)
+    ):
         transport._MAX_RECV_BYTES = RECV_BYTES
         transport._MAX_CONSUME_BYTES = max(transport._MAX_CONSUME_BYTES, 4 * RECV_BYTES)
 
@@ -460,4 +522,3 @@ def _quietly(fn: Callable[[], Any]) -> None:
         fn()
     except Exception:
         pass
-

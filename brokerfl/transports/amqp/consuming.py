@@ -23,14 +23,6 @@ import pika.exceptions as px
 import structlog
 from pika.adapters.blocking_connection import BlockingChannel
 
-from brokerfl.transports.base import (
-    Delivery,
-    OnDelivery,
-    QueueInfo,
-    StreamOffset,
-    TransportError,
-    hand_out,
-)
 from brokerfl.transports.amqp import chunks
 from brokerfl.transports.amqp.connection import (
     _LOST,
@@ -41,9 +33,17 @@ from brokerfl.transports.amqp.connection import (
     _recovering,
 )
 from brokerfl.transports.amqp.deliveries import Consumer, Handle, Tag
-from brokerfl.transports.amqp.settling import How, Settler
-from brokerfl.transports.amqp.properties import to_envelope
 from brokerfl.transports.amqp.pika_body import Fragments, keep_fragments
+from brokerfl.transports.amqp.properties import to_envelope
+from brokerfl.transports.amqp.settling import How, Settler
+from brokerfl.transports.base import (
+    Delivery,
+    OnDelivery,
+    QueueInfo,
+    StreamOffset,
+    TransportError,
+    hand_out,
+)
 
 log = structlog.get_logger("brokerfl.amqp")
 
@@ -82,7 +82,9 @@ class Consumers:
         self._in_hand: dict[tuple[str, str], Tag] = {}
         self._woken = False  # set on the I/O thread by the callback wake() asks for
 
-    def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None) -> str:
+    def consume(
+        self, queue: str, on_delivery: OnDelivery, *, prefetch: int = 0, offset: StreamOffset | None = None
+    ) -> str:
         self._connection.check_open()
         kind = self._declared_kind(queue)
         if offset is not None and kind not in (None, "stream"):
@@ -99,7 +101,12 @@ class Consumers:
         """(Re)subscribe ``c`` on a channel of its own."""
         if c.stream and c.next_offset is not None:
             # resume after what was seen, or at the start of a message still being assembled
-            starts = [p.handle.offset for part in c.assembler.partials.values() for p in part.ordered() if p.handle.offset is not None]
+            starts = [
+                p.handle.offset
+                for part in c.assembler.partials.values()
+                for p in part.ordered()
+                if p.handle.offset is not None
+            ]
             c.offset = min([c.next_offset, *starts])
         if c.channel is not None and c.channel.is_open:
             _quietly(c.channel.close)
@@ -124,18 +131,41 @@ class Consumers:
     def _subscribe(self, c: Consumer, channel: BlockingChannel) -> None:
         channel.basic_qos(prefetch_count=c.amqp_prefetch)
         arguments = {"x-stream-offset": c.offset} if c.stream and c.offset is not None else None
-        c.amqp_tag = amqp_tag = channel.basic_consume(c.queue, lambda ch, method, props, body, c=c: self._record(c, ch, method, props, body), arguments=arguments)
+        c.amqp_tag = amqp_tag = channel.basic_consume(
+            c.queue, lambda ch, method, props, body, c=c: self._record(c, ch, method, props, body), arguments=arguments
+        )
         c.subscriptions += 1
         c.held = 0
         if c.stream:
             _never_reject(channel, amqp_tag)
 
-    def _record(self, c: Consumer, channel: BlockingChannel, method: Any, properties: pika.BasicProperties, body: bytes | Fragments) -> None:
+    def _record(
+        self,
+        c: Consumer,
+        channel: BlockingChannel,
+        method: Any,
+        properties: pika.BasicProperties,
+        body: bytes | Fragments,
+    ) -> None:
         """pika's callback: note the delivery, nothing else (we are inside pika's dispatch)."""
         offset = (properties.headers or {}).get("x-stream-offset") if isinstance(properties.headers, dict) else None
-        if not (isinstance(offset, int) and not isinstance(offset, bool) and (c.stream or self._declared_kind(c.queue) is None)):
+        if not (
+            isinstance(offset, int)
+            and not isinstance(offset, bool)
+            and (c.stream or self._declared_kind(c.queue) is None)
+        ):
             offset = None  # a publisher's header on a queue's message, not the broker's stream offset
-        handle = Handle(channel, method.delivery_tag, method.consumer_tag, self._connection.generation, _text(method.exchange), _text(method.routing_key), properties, method.redelivered, offset)
+        handle = Handle(
+            channel,
+            method.delivery_tag,
+            method.consumer_tag,
+            self._connection.generation,
+            _text(method.exchange),
+            _text(method.routing_key),
+            properties,
+            method.redelivered,
+            offset,
+        )
         if method.consumer_tag == c.amqp_tag:
             c.held += 1
         self.received.append((c, handle, body))
@@ -328,7 +358,9 @@ class Consumers:
             return
         self._settler.dead_letter(queue, joined, reason, c)
 
-    def _hand_out(self, c: Consumer, handles: list[Handle], body: bytes, message_id: str | None, *, problem: str = "") -> None:
+    def _hand_out(
+        self, c: Consumer, handles: list[Handle], body: bytes, message_id: str | None, *, problem: str = ""
+    ) -> None:
         last = handles[-1] if message_id is None else max(handles, key=lambda h: h.delivery_tag)
         tag = Tag(handles, c, c.assembler if message_id else None, message_id, c.epoch)
         if c.stream:
@@ -373,14 +405,24 @@ class Consumers:
                 continue
             if c.assembler.partials and self.chunk_timeout > 0:
                 for partial in c.assembler.expire(now - self.chunk_timeout):
-                    reason = f"chunked message {partial.message_id}: only {len(partial.pieces)} of {partial.count} chunks arrived within {self.chunk_timeout:g} s"
+                    reason = (
+                        f"chunked message {partial.message_id}: only {len(partial.pieces)} of {partial.count} chunks "
+                        f"arrived within {self.chunk_timeout:g} s"
+                    )
                     self._dead_letter(c.queue, partial.take(), reason, c)
             self._maybe_resubscribe(c)
 
     def _maybe_resubscribe(self, c: Consumer | None) -> None:
         """Give a queue consumer room again when chunks, not whole messages, used up its
         AMQP prefetch (see the module docstring)."""
-        if c is None or c.cancelled or c.stream or c.prefetch == 0 or c.generation != self._connection.generation or c.channel is None:
+        if (
+            c is None
+            or c.cancelled
+            or c.stream
+            or c.prefetch == 0
+            or c.generation != self._connection.generation
+            or c.channel is None
+        ):
             return
         if c.held < c.amqp_prefetch or c.logical >= c.prefetch:
             return
@@ -399,7 +441,9 @@ class Consumers:
         if not isinstance(tag, Tag):
             raise TransportError(f"not a delivery of this transport: {tag!r}")
         if tag.settled:
-            raise TransportError(f"delivery {delivery.envelope.message_id!r} on queue {delivery.queue!r} was already settled")
+            raise TransportError(
+                f"delivery {delivery.envelope.message_id!r} on queue {delivery.queue!r} was already settled"
+            )
         tag.settled = True
         c = tag.consumer
         if c is not None and c.epoch == tag.epoch and not c.cancelled:
@@ -437,7 +481,16 @@ class Consumers:
                 for partial in assembler.release():
                     self._settler.settle([p.handle for p in partial.ordered()], "requeue", None)
                 return None
-            handle = Handle(channel, method.delivery_tag, None, self._connection.generation, _text(method.exchange), _text(method.routing_key), properties, method.redelivered)
+            handle = Handle(
+                channel,
+                method.delivery_tag,
+                None,
+                self._connection.generation,
+                _text(method.exchange),
+                _text(method.routing_key),
+                properties,
+                method.redelivered,
+            )
             try:
                 info = chunks.parse(properties.headers if isinstance(properties.headers, dict) else {})
             except chunks.BadChunk as exc:
@@ -467,11 +520,23 @@ class Consumers:
             self._getch = None
             raise _channel_error(f"get from {queue!r}", exc) from None
 
-    def _get_delivery(self, queue: str, handles: list[Handle], body: bytes, message_id: str | None, assembler: chunks.Assembler | None) -> Delivery:
+    def _get_delivery(
+        self, queue: str, handles: list[Handle], body: bytes, message_id: str | None, assembler: chunks.Assembler | None
+    ) -> Delivery:
         last = handles[-1]
         tag = Tag(handles, None, assembler, message_id)
         envelope, problem = to_envelope(last.properties)
-        return Delivery(queue, last.exchange, last.routing_key, envelope, body, any(h.redelivered for h in handles), tag, problem=problem, reply_to=last.properties.reply_to)
+        return Delivery(
+            queue,
+            last.exchange,
+            last.routing_key,
+            envelope,
+            body,
+            any(h.redelivered for h in handles),
+            tag,
+            problem=problem,
+            reply_to=last.properties.reply_to,
+        )
 
 
 def _never_reject(channel: BlockingChannel, amqp_tag: str) -> None:

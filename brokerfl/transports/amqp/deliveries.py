@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from brokerfl.transports.base import OnDelivery, StreamOffset
 from brokerfl.transports.amqp import chunks
+from brokerfl.transports.base import OnDelivery, StreamOffset
 
 
 @dataclass(eq=False)

@@ -42,8 +42,8 @@ from typing import Any, cast
 
 import xxhash
 
-from brokerfl.transports.memory import advise_huge_pages, libc
 from brokerfl.transports.amqp.pika_body import Fragments
+from brokerfl.transports.memory import advise_huge_pages, libc
 
 
 @dataclass(frozen=True)
@@ -153,8 +153,12 @@ class Partial:
         """The whole body: the placed buffer when every chunk is in it; one read when the
         chunks lie in order in the file (the usual case for a spilled message); else a join."""
         if self.buffer is not None and all(p.placed for p in pieces):
-            return self.buffer  # still the partial's until it is closed (a checksum mismatch takes the chunks back from it)
-        if all(p.body is None and not p.placed for p in pieces) and all(a.offset + a.size == b.offset for a, b in pairwise(pieces)):
+            return (
+                self.buffer
+            )  # still the partial's until it is closed (a checksum mismatch takes the chunks back from it)
+        if all(p.body is None and not p.placed for p in pieces) and all(
+            a.offset + a.size == b.offset for a, b in pairwise(pieces)
+        ):
             return _read(self.spill.fileno(), length, pieces[0].offset)
         return b"".join(part for p in pieces for part in buffers(self.body_of(p)))
 

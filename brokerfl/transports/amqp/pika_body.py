@@ -126,7 +126,12 @@ class FragmentKeepingAssembler(pika.channel.ContentFrameAssembler):
     def _finish(self) -> Any:  # pika's own signature
         header = self._header_frame
         headers = getattr(header.properties, "headers", None) if header is not None else None
-        if len(self._body_fragments) > 1 and header.body_size >= FRAGMENTS_MIN_BYTES and isinstance(headers, dict) and self.chunk_header in headers:
+        if (
+            len(self._body_fragments) > 1
+            and header.body_size >= FRAGMENTS_MIN_BYTES
+            and isinstance(headers, dict)
+            and self.chunk_header in headers
+        ):
             content = (self._method_frame, header, Fragments(self._body_fragments))
             self._reset()  # a new list: the Fragments keep the old one
             return content

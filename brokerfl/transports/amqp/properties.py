@@ -20,10 +20,17 @@ import pika
 import pika.frame
 import pika.spec
 
+from brokerfl.transports.amqp import chunks
+from brokerfl.transports.base import (
+    MAX_TIMESTAMP,
+    ORIGIN_USER_HEADER,
+    TransportError,
+    dead_letter_headers,
+    envelope_problem,
+    safe_envelope,
+)
 from brokerfl.wire.message import Envelope
 from brokerfl.wire.names import bounded
-from brokerfl.transports.base import MAX_TIMESTAMP, ORIGIN_USER_HEADER, TransportError, dead_letter_headers, envelope_problem, safe_envelope
-from brokerfl.transports.amqp import chunks
 
 CONTENT_TYPE = "application/msgpack"
 TIMESTAMP_HEADER = "x-brokerfl-timestamp"
@@ -31,7 +38,6 @@ FLOATS_HEADER = "x-brokerfl-floats"
 DEAD_CHUNK_HEADER = "x-brokerfl-dead-chunk"  # a dead-lettered chunk: "index/count of <message id>"
 UNDECODABLE_HEADER = "x-brokerfl-undecodable"  # set by our frame reader: pika could not decode the properties
 OWN_HEADERS = chunks.HEADERS | {TIMESTAMP_HEADER, FLOATS_HEADER, UNDECODABLE_HEADER}
-
 
 
 def _check_header(value: Any, where: str) -> None:
@@ -48,13 +54,20 @@ def _check_header(value: Any, where: str) -> None:
     if isinstance(value, decimal.Decimal):
         # RabbitMQ 3.10 closes the connection (541 INTERNAL_ERROR) of a publisher whose
         # message with a decimal header is routed to a stream: say so before it does.
-        raise TransportError(f"header {where!r}: decimal values cannot travel in AMQP headers (RabbitMQ closes the connection routing them to a stream)")
+        raise TransportError(
+            f"header {where!r}: decimal values cannot travel in AMQP headers (RabbitMQ closes the connection routing "
+            "them to a stream)"
+        )
     if isinstance(value, datetime.datetime):
         return
-    raise TransportError(f"header {where!r}: {type(value).__name__} cannot travel in AMQP headers (floats only at the top level)")
+    raise TransportError(
+        f"header {where!r}: {type(value).__name__} cannot travel in AMQP headers (floats only at the top level)"
+    )
 
 
-def to_properties(envelope: Envelope, extra: dict[str, Any] | None = None, *, user: str | None = None) -> pika.BasicProperties:
+def to_properties(
+    envelope: Envelope, extra: dict[str, Any] | None = None, *, user: str | None = None
+) -> pika.BasicProperties:
     """``user``: the connection's login, set as ``user_id`` unless the envelope names one
     (RabbitMQ refuses a ``user_id`` that is not the connection's user)."""
     headers: dict[str, Any] = {}
@@ -89,8 +102,6 @@ def _whole_seconds(timestamp: Any) -> int:
         return int(timestamp) if 0 <= timestamp <= MAX_TIMESTAMP else 0
     except (TypeError, ValueError, OverflowError):
         return 0
-
-
 
 
 def to_envelope(properties: pika.BasicProperties) -> tuple[Envelope, str]:
@@ -131,7 +142,9 @@ def to_envelope(properties: pika.BasicProperties) -> tuple[Envelope, str]:
     return safe_envelope(raw), problem
 
 
-def dead_letter_properties(properties: pika.BasicProperties, reason: str, queue: str, routing_key: Any, length: int, *, user: str | None = None) -> pika.BasicProperties:
+def dead_letter_properties(
+    properties: pika.BasicProperties, reason: str, queue: str, routing_key: Any, length: int, *, user: str | None = None
+) -> pika.BasicProperties:
     """Fresh properties for a raw delivery's dead-letter copy (chunks that make no message):
     the original's id, type and sender only if they are sane, safe headers only (see
     :func:`brokerfl.transports.base.safe_headers`), the reason and the body's ``length`` (the copy

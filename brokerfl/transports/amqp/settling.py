@@ -17,11 +17,11 @@ from typing import Literal
 import pika.exceptions as px
 import structlog
 
-from brokerfl.wire.names import bounded
-from brokerfl.transports.base import TransportError, dead_letter_excerpt
 from brokerfl.transports.amqp.connection import _LOST, AmqpConnection, _describe
 from brokerfl.transports.amqp.deliveries import Consumer, Handle
 from brokerfl.transports.amqp.properties import dead_letter_properties
+from brokerfl.transports.base import TransportError, dead_letter_excerpt
+from brokerfl.wire.names import bounded
 
 log = structlog.get_logger("brokerfl.amqp")
 
@@ -49,7 +49,11 @@ class Settler:
             h.settled = True
             if not self.live(h):
                 if not (c is not None and c.stream):
-                    log.warning("amqp.settle_dropped", reason="its connection or channel is gone; the broker redelivers it", delivery_tag=h.delivery_tag)
+                    log.warning(
+                        "amqp.settle_dropped",
+                        reason="its connection or channel is gone; the broker redelivers it",
+                        delivery_tag=h.delivery_tag,
+                    )
                 continue
             live.append(h)
         try:
@@ -81,7 +85,9 @@ class Settler:
                 self.settle([handle], "ack" if c is not None and c.stream else "reject", c)
                 continue
             try:
-                properties = dead_letter_properties(handle.properties, reason, queue, handle.routing_key, len(body), user=self._user)
+                properties = dead_letter_properties(
+                    handle.properties, reason, queue, handle.routing_key, len(body), user=self._user
+                )
                 self._connection.publish("", target, properties, dead_letter_excerpt(body))
             except TransportError as exc:  # refused (the connection is fine): the queue's own dead-lettering
                 log.error("amqp.dead_letter_failed", queue=queue, error=bounded(str(exc)))

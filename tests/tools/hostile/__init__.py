@@ -25,6 +25,17 @@ from tests.tools.hostile.messages import (
 from tests.tools.hostile.publisher import HostilePublisher
 
 __all__ = [
-    "CHUNK", "CHUNK_BYTES", "DEAD", "DEAD_ANONYMOUS", "IDENTITY", "INVALID_CLIENT_IDS", "REFUSED",
-    "FireResult", "HostileMessage", "HostilePublisher", "RawTimestamp", "hostile_messages", "run_under_fire",
+    "CHUNK",
+    "CHUNK_BYTES",
+    "DEAD",
+    "DEAD_ANONYMOUS",
+    "IDENTITY",
+    "INVALID_CLIENT_IDS",
+    "REFUSED",
+    "FireResult",
+    "HostileMessage",
+    "HostilePublisher",
+    "RawTimestamp",
+    "hostile_messages",
+    "run_under_fire",
 ]

@@ -8,10 +8,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from brokerfl.transports.amqp import chunks
+from brokerfl.transports.topology import RunTopology
 from tests.tools.hostile.messages import CHUNK, DEAD, DEAD_ANONYMOUS, REFUSED, HostileMessage, hostile_messages
 from tests.tools.hostile.publisher import HostilePublisher
-from brokerfl.transports.topology import RunTopology
-from brokerfl.transports.amqp import chunks
 
 
 @dataclass
@@ -75,7 +75,19 @@ def _end_after(url: str, topology: RunTopology, rounds: int, server: Any) -> Non
     raise RuntimeError("the server did not take set-rounds")
 
 
-def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: int, hostile: int, spread_s: float = 10.0, seed: int = 0, epochs: int = 3, timeout_s: float = 900.0) -> FireResult:
+def run_under_fire(
+    url: str,
+    workdir: Any,
+    *,
+    run: str,
+    rounds: int,
+    clients: int,
+    hostile: int,
+    spread_s: float = 10.0,
+    seed: int = 0,
+    epochs: int = 3,
+    timeout_s: float = 900.0,
+) -> FireResult:
     """A digits FedAvg run (server and one process of ``clients`` logical clients, over
     RabbitMQ at ``url``) while ``hostile`` messages are published to its server queue over
     ``spread_s`` seconds; then ``brokerfl accounting`` and ``brokerfl replay --check``.
@@ -95,18 +107,22 @@ def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: in
 
     import pika
 
-    from brokerfl.storage.journal import read_journal
-    from brokerfl.wire.message import UpdateDropped, from_wire
-    from brokerfl.storage.store import DirectoryModelStore
-    from brokerfl.transports.base import REASON_HEADER
-    from brokerfl.transports.amqp import AmqpTransport
     from brokerfl.handlers.trainer import init_parameters
+    from brokerfl.storage.journal import read_journal
+    from brokerfl.storage.store import DirectoryModelStore
+    from brokerfl.transports.amqp import AmqpTransport
+    from brokerfl.transports.base import REASON_HEADER
+    from brokerfl.wire.message import UpdateDropped, from_wire
 
     root = Path(__file__).resolve().parents[2]  # the repository (tests/tools/hostile/fire.py)
     workdir = Path(workdir)
     config = {
-        "run": run, "seed": seed, "rounds": rounds if not hostile else UNTIL_TOLD, "clients": clients,
-        "data": {"dataset": "digits", "partition": "iid"}, "model": {"hidden": [128, 64]},
+        "run": run,
+        "seed": seed,
+        "rounds": rounds if not hostile else UNTIL_TOLD,
+        "clients": clients,
+        "data": {"dataset": "digits", "partition": "iid"},
+        "model": {"hidden": [128, 64]},
         "train": {"epochs": epochs, "batch_size": 16, "lr": 0.05, "momentum": 0.9},
         "strategy": {"name": "fedavg", "min_clients": clients, "round_deadline_s": 120},
     }
@@ -119,7 +135,13 @@ def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: in
     topology = RunTopology(run)
     started = time.monotonic()
     with open(log_path, "w") as log, open(workdir / f"{run}.clients.log", "w") as client_log:
-        server = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(out)], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", "server", *common, "--out", str(out)],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         peak = [0.0]
         stop = threading.Event()
 
@@ -130,7 +152,13 @@ def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: in
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        client = subprocess.Popen([sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", f"0-{clients - 1}"], cwd=root, env=env, stdout=client_log, stderr=subprocess.STDOUT)
+        client = subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", "client", *common, "--client-id", f"0-{clients - 1}"],
+            cwd=root,
+            env=env,
+            stdout=client_log,
+            stderr=subprocess.STDOUT,
+        )
         sent: list[HostileMessage] = []
         publisher = None
         try:
@@ -140,7 +168,9 @@ def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: in
                     consuming = False
                     try:
                         probe = pika.BlockingConnection(pika.URLParameters(url))
-                        consuming = probe.channel().queue_declare(topology.server_queue, passive=True).method.consumer_count > 0
+                        consuming = (
+                            probe.channel().queue_declare(topology.server_queue, passive=True).method.consumer_count > 0
+                        )
                         probe.close()
                     except pika.exceptions.AMQPError:
                         pass
@@ -152,7 +182,16 @@ def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: in
                 shapes = {k: v.shape for k, v in init_parameters(64, [128, 64], 10, seed=0).items()}
                 publisher = HostilePublisher(url, topology)
                 begin = time.monotonic()
-                for i, message in enumerate(hostile_messages(hostile, run=run, client_ids=[str(c) for c in range(clients)], shapes=shapes, seed=seed, rounds=rounds)):
+                for i, message in enumerate(
+                    hostile_messages(
+                        hostile,
+                        run=run,
+                        client_ids=[str(c) for c in range(clients)],
+                        shapes=shapes,
+                        seed=seed,
+                        rounds=rounds,
+                    )
+                ):
                     if publisher.publish(message):
                         sent.append(message)
                     if i % 100 == 99:
@@ -176,7 +215,15 @@ def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: in
     peak[0] = max(peak[0], 0.0)
 
     def cli(*args: str) -> tuple[int, str]:
-        done = subprocess.run([sys.executable, "-m", "brokerfl.cli", *args, str(path)] + ([] if args[0] == "replay" else ["--out", str(out)]), cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "brokerfl.cli", *args, str(path)]
+            + ([] if args[0] == "replay" else ["--out", str(out)]),
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         return done.returncode, done.stdout + done.stderr
 
     accounting_exit, accounting = cli("accounting")
@@ -229,8 +276,21 @@ def run_under_fire(url: str, workdir: Any, *, run: str, rounds: int, clients: in
 
     metrics = out / "metrics.jsonl"
     return FireResult(
-        server.returncode, client.returncode, seconds, read_metrics(metrics) if metrics.exists() else [], peak[0], sent,
-        publisher.refused if publisher else 0, accounting_exit, accounting, replay_exit, replay,
-        sorted(folded & hostile_ids), unanswered, sum(dead.values()), len(dropped & hostile_ids),
-        len(text.encode()), max((len(line) for line in text.splitlines()), default=0),
+        server.returncode,
+        client.returncode,
+        seconds,
+        read_metrics(metrics) if metrics.exists() else [],
+        peak[0],
+        sent,
+        publisher.refused if publisher else 0,
+        accounting_exit,
+        accounting,
+        replay_exit,
+        replay,
+        sorted(folded & hostile_ids),
+        unanswered,
+        sum(dead.values()),
+        len(dropped & hostile_ids),
+        len(text.encode()),
+        max((len(line) for line in text.splitlines()), default=0),
     )

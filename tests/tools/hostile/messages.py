@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from brokerfl.transports.amqp import chunks
 from brokerfl.wire.codec import encode
 from brokerfl.wire.message import Heartbeat, Join, Leave, ParameterUpdate, to_wire
-from brokerfl.transports.amqp import chunks
 
 DEAD = "dead"  # dead-lettered with a reason (message id kept)
 DEAD_ANONYMOUS = "dead-anonymous"  # dead-lettered, but its properties could not be read (id lost)
@@ -52,13 +52,31 @@ class HostileMessage:
     tags: list[str] = field(default_factory=list)
 
 
-def hostile_messages(count: int, *, run: str, client_ids: list[str], shapes: dict[str, tuple[int, ...]], seed: int = 0, rounds: int = 20) -> Iterator[HostileMessage]:
+def hostile_messages(
+    count: int, *, run: str, client_ids: list[str], shapes: dict[str, tuple[int, ...]], seed: int = 0, rounds: int = 20
+) -> Iterator[HostileMessage]:
     """``count`` hostile messages (chunk sets count one per chunk), in a seeded order."""
     rng = random.Random(seed)
     made = 0
     n = 0
-    makers = [_random_body, _empty_body, _truncated, _bit_flipped, _wrong_types, _lying_tensors, _bad_update, _absurd_counters,
-              _invalid_ids, _forged_leave, _local_type, _unknown_type, _garbage_properties, _garbage_properties, _absurd_chunks, _unfinished_chunks]
+    makers = [
+        _random_body,
+        _empty_body,
+        _truncated,
+        _bit_flipped,
+        _wrong_types,
+        _lying_tensors,
+        _bad_update,
+        _absurd_counters,
+        _invalid_ids,
+        _forged_leave,
+        _local_type,
+        _unknown_type,
+        _garbage_properties,
+        _garbage_properties,
+        _absurd_chunks,
+        _unfinished_chunks,
+    ]
     while made < count:
         n += 1
         maker = rng.choice(makers)
@@ -74,23 +92,47 @@ def hostile_messages(count: int, *, run: str, client_ids: list[str], shapes: dic
 
 def _props(kind: str, mid: str, run: str, *, round_: int = 1, version: int = 0, **extra_headers: Any) -> dict[str, Any]:
     headers = {"run": run, "round": round_, "model_version": version, "schema_version": 1, **extra_headers}
-    return {"type": kind, "message_id": mid, "app_id": "attacker", "timestamp": 1_700_000_000, "headers": headers, "delivery_mode": 2}
+    return {
+        "type": kind,
+        "message_id": mid,
+        "app_id": "attacker",
+        "timestamp": 1_700_000_000,
+        "headers": headers,
+        "delivery_mode": 2,
+    }
 
 
-def _valid_update(rng: random.Random, mid: str, run: str, client_ids: list[str], shapes, rounds: int) -> tuple[dict[str, Any], bytes]:
+def _valid_update(
+    rng: random.Random, mid: str, run: str, client_ids: list[str], shapes, rounds: int
+) -> tuple[dict[str, Any], bytes]:
     """A well-formed update from a client that is not in the run (a valid name): what the
     other categories garble. Claiming a real client would make it foldable, and only
     identity (#9) can tell that forgery from the client's own update."""
     params = {k: np.full(s, rng.uniform(-1, 1), np.float32) for k, s in shapes.items()}
-    update = ParameterUpdate(message_id=mid, client_id=f"ghost-{rng.randrange(1000)}", task_id="t" + mid, parameters=params, num_samples=10, run=run, round=rng.randint(1, rounds), model_version=rng.randint(0, rounds))
+    update = ParameterUpdate(
+        message_id=mid,
+        client_id=f"ghost-{rng.randrange(1000)}",
+        task_id="t" + mid,
+        parameters=params,
+        num_samples=10,
+        run=run,
+        round=rng.randint(1, rounds),
+        model_version=rng.randint(0, rounds),
+    )
     envelope, body = to_wire(update)
     return _props(envelope.type, mid, run, round_=update.round, version=update.model_version), body
 
 
-def _one(category: str, expect: str, props: dict[str, Any], body: bytes, key: str | None = None) -> list[HostileMessage]:
+def _one(
+    category: str, expect: str, props: dict[str, Any], body: bytes, key: str | None = None
+) -> list[HostileMessage]:
     kind = props.get("type")
     word = kind if isinstance(kind, str) and kind.isidentifier() and len(kind) < 64 else "parameter_update"
-    return [HostileMessage(category, expect, f"server.{word}" if key is None else key, props, body, str(props.get("message_id", "")))]
+    return [
+        HostileMessage(
+            category, expect, f"server.{word}" if key is None else key, props, body, str(props.get("message_id", ""))
+        )
+    ]
 
 
 # ---------------------------------------------------------------- categories
@@ -126,13 +168,18 @@ def _wrong_types(rng, n, run, ids, shapes, rounds):
         ("join", {"client_id": 7, "num_samples": 10}),
         ("heartbeat", {"client_id": rng.choice(ids), "num_samples": "many"}),
         ("parameter_update", {"client_id": rng.choice(ids), "task_id": 1, "parameters": [1, 2], "num_samples": 1}),
-        ("parameter_update", {"client_id": rng.choice(ids), "task_id": "t", "parameters": {"w": "x"}, "num_samples": 1.5}),
+        (
+            "parameter_update",
+            {"client_id": rng.choice(ids), "task_id": "t", "parameters": {"w": "x"}, "num_samples": 1.5},
+        ),
         ("join", {"client_id": "a", "num_samples": 1, "extra": True}),
     ]
     kind, payload = rng.choice(payloads)
     props = _props(kind, f"hostile-{n}", run)
     if rng.random() < 0.3:  # wrong types in the headers instead
-        props["headers"].update(rng.choice([{"round": "three"}, {"model_version": True}, {"schema_version": 2}, {"run": 5}]))
+        props["headers"].update(
+            rng.choice([{"round": "three"}, {"model_version": True}, {"schema_version": 2}, {"run": 5}])
+        )
     return _one("wrong field types", DEAD, props, encode(payload))
 
 
@@ -164,9 +211,23 @@ def _bad_update(rng, n, run, ids, shapes, rounds):
         params["evil"] = np.zeros(3, np.float32)
     else:
         params[name] = np.zeros(shapes[name], np.int64)
-    update = ParameterUpdate(message_id=mid, client_id=rng.choice(ids), task_id="t", parameters=params, num_samples=10, run=run, round=rng.randint(1, rounds), model_version=rng.randint(0, rounds))
+    update = ParameterUpdate(
+        message_id=mid,
+        client_id=rng.choice(ids),
+        task_id="t",
+        parameters=params,
+        num_samples=10,
+        run=run,
+        round=rng.randint(1, rounds),
+        model_version=rng.randint(0, rounds),
+    )
     envelope, body = to_wire(update)
-    return _one(f"{how} update", REFUSED, _props(envelope.type, mid, run, round_=update.round, version=update.model_version), body)
+    return _one(
+        f"{how} update",
+        REFUSED,
+        _props(envelope.type, mid, run, round_=update.round, version=update.model_version),
+        body,
+    )
 
 
 def _absurd_counters(rng, n, run, ids, shapes, rounds):
@@ -174,7 +235,16 @@ def _absurd_counters(rng, n, run, ids, shapes, rounds):
     props, body = _valid_update(rng, mid, run, ids, shapes, rounds)
     which = rng.choice(["num_samples", "round", "version", "negative", "join"])
     if which == "num_samples":
-        update = ParameterUpdate(message_id=mid, client_id=rng.choice(ids), task_id="t", parameters={k: np.zeros(s, np.float32) for k, s in shapes.items()}, num_samples=rng.choice([10**12, 2**62]), run=run, round=rng.randint(1, rounds), model_version=rng.randint(0, rounds))
+        update = ParameterUpdate(
+            message_id=mid,
+            client_id=rng.choice(ids),
+            task_id="t",
+            parameters={k: np.zeros(s, np.float32) for k, s in shapes.items()},
+            num_samples=rng.choice([10**12, 2**62]),
+            run=run,
+            round=rng.randint(1, rounds),
+            model_version=rng.randint(0, rounds),
+        )
         envelope, body = to_wire(update)
         props = _props(envelope.type, mid, run, round_=update.round, version=update.model_version)
     elif which == "round":
@@ -194,7 +264,16 @@ def _invalid_ids(rng, n, run, ids, shapes, rounds):
     bad = rng.choice(INVALID_CLIENT_IDS)
     kind = rng.choice(["join", "heartbeat", "leave", "parameter_update"])
     if kind == "parameter_update":
-        update = ParameterUpdate(message_id=mid, client_id=bad, task_id="t", parameters={k: np.zeros(s, np.float32) for k, s in shapes.items()}, num_samples=10, run=run, round=1, model_version=0)
+        update = ParameterUpdate(
+            message_id=mid,
+            client_id=bad,
+            task_id="t",
+            parameters={k: np.zeros(s, np.float32) for k, s in shapes.items()},
+            num_samples=10,
+            run=run,
+            round=1,
+            model_version=0,
+        )
         body = to_wire(update)[1]
     elif kind == "leave":
         body = to_wire(Leave(client_id=bad, reason="r" * rng.choice([1, 100_000])))[1]
@@ -219,7 +298,19 @@ def _local_type(rng, n, run, ids, shapes, rounds):
 
 
 def _unknown_type(rng, n, run, ids, shapes, rounds):
-    kind = rng.choice(["evil", "parameter_updatex", "x" * 200, "", "train_task", "exit", "update_dropped", "model_version_stored", "journal_mark"])
+    kind = rng.choice(
+        [
+            "evil",
+            "parameter_updatex",
+            "x" * 200,
+            "",
+            "train_task",
+            "exit",
+            "update_dropped",
+            "model_version_stored",
+            "journal_mark",
+        ]
+    )
     # the run's own types the server has no handler for, or that only it may write, too
     body = os.urandom(16) if rng.random() < 0.5 else encode({"reason": "forged"})
     return _one("unknown type", DEAD, _props(kind, f"hostile-{n}", run), body, key="server.unknown")
@@ -229,7 +320,23 @@ def _garbage_properties(rng, n, run, ids, shapes, rounds):
     mid = f"hostile-{n}"
     props, body = _valid_update(rng, mid, run, ids, shapes, rounds)
     props["app_id"] = rng.choice(["attacker", "x" * 200])
-    which = rng.choice(["type-bytes", "ts-inf", "ts-nan", "ts-neg", "ts-huge", "ts-prop", "decimal", "timestamp-2^63", "long-header", "header-key-bytes", "stream-offset", "floats-header", "nested"])
+    which = rng.choice(
+        [
+            "type-bytes",
+            "ts-inf",
+            "ts-nan",
+            "ts-neg",
+            "ts-huge",
+            "ts-prop",
+            "decimal",
+            "timestamp-2^63",
+            "long-header",
+            "header-key-bytes",
+            "stream-offset",
+            "floats-header",
+            "nested",
+        ]
+    )
     key = None
     expect = DEAD
     h = props["headers"]
@@ -268,16 +375,27 @@ def _garbage_properties(rng, n, run, ids, shapes, rounds):
 def _absurd_chunks(rng, n, run, ids, shapes, rounds):
     mid = f"hostile-{n}"
     props = _props("parameter_update", mid, run)
-    bad = rng.choice([
-        {chunks.CHUNK_HEADER: "0/1000000000", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 10},
-        {chunks.CHUNK_HEADER: "5/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 10},
-        {chunks.CHUNK_HEADER: "0/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: -1},
-        {chunks.CHUNK_HEADER: "0/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 2**62},
-        {chunks.CHUNK_HEADER: "x/y", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 10},
-        {chunks.CHUNK_HEADER: "0/2", chunks.CHUNK_OF_HEADER: "", chunks.LENGTH_HEADER: 10},
-        {chunks.CHUNK_HEADER: "1/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 10, chunks.SHA256_HEADER: "nope"},
-        {chunks.CHUNK_HEADER: "0/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 3},  # chunk bigger than the message
-    ])
+    bad = rng.choice(
+        [
+            {chunks.CHUNK_HEADER: "0/1000000000", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 10},
+            {chunks.CHUNK_HEADER: "5/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 10},
+            {chunks.CHUNK_HEADER: "0/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: -1},
+            {chunks.CHUNK_HEADER: "0/2", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 2**62},
+            {chunks.CHUNK_HEADER: "x/y", chunks.CHUNK_OF_HEADER: mid, chunks.LENGTH_HEADER: 10},
+            {chunks.CHUNK_HEADER: "0/2", chunks.CHUNK_OF_HEADER: "", chunks.LENGTH_HEADER: 10},
+            {
+                chunks.CHUNK_HEADER: "1/2",
+                chunks.CHUNK_OF_HEADER: mid,
+                chunks.LENGTH_HEADER: 10,
+                chunks.SHA256_HEADER: "nope",
+            },
+            {
+                chunks.CHUNK_HEADER: "0/2",
+                chunks.CHUNK_OF_HEADER: mid,
+                chunks.LENGTH_HEADER: 3,
+            },  # chunk bigger than the message
+        ]
+    )
     props["headers"].update(bad)
     return _one("absurd chunk headers", DEAD, props, os.urandom(rng.choice([10, 1000])))
 
@@ -298,5 +416,15 @@ def _unfinished_chunks(rng, n, run, ids, shapes, rounds):
     for part, headers in sent:
         props = _props("parameter_update", mid, run)
         props["headers"].update(headers)
-        out.append(HostileMessage("unfinished chunk set" if not corrupt else "chunk set with a lying hash", CHUNK, "server.parameter_update", props, part, mid, len(sent)))
+        out.append(
+            HostileMessage(
+                "unfinished chunk set" if not corrupt else "chunk set with a lying hash",
+                CHUNK,
+                "server.parameter_update",
+                props,
+                part,
+                mid,
+                len(sent),
+            )
+        )
     return out

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from brokerfl.runtime.handler_table import HandlerSet
-from brokerfl.wire.message import ParameterUpdate
 from brokerfl.handlers.workflows import client
 from brokerfl.handlers.workflows.client import make_state  # noqa: F401 - a client_handlers module has HANDLERS and make_state
+from brokerfl.runtime.handler_table import HandlerSet
+from brokerfl.wire.message import ParameterUpdate
 
 Tensors = dict[str, np.ndarray]
 CLAIM = 1_000_000  # the sample count the claiming attacks report: the default strategy.max_num_samples
@@ -30,7 +30,10 @@ CLAIM = 1_000_000  # the sample count the claiming attacks report: the default s
 def _floating(global_parameters: Tensors, make: Callable[[str, np.ndarray], np.ndarray]) -> Tensors:
     """``make(name, tensor)`` for every floating tensor of the global model, in its dtype;
     integer tensors (BatchNorm's counters) as they are."""
-    return {name: (make(name, g) if np.issubdtype(g.dtype, np.floating) else g.copy()).astype(g.dtype) for name, g in global_parameters.items()}
+    return {
+        name: (make(name, g) if np.issubdtype(g.dtype, np.floating) else g.copy()).astype(g.dtype)
+        for name, g in global_parameters.items()
+    }
 
 
 def sign_flipped(parameters: Tensors, global_parameters: Tensors, scale: float) -> Tensors:
@@ -38,12 +41,16 @@ def sign_flipped(parameters: Tensors, global_parameters: Tensors, scale: float) 
     return _floating(global_parameters, lambda name, g: g - scale * (np.asarray(parameters[name], np.float64) - g))
 
 
-# attack -> (parameters, global parameters, scale, rng) -> (parameters sent, num_samples claimed or None: the honest count)
+# attack -> (parameters, global parameters, scale, rng) -> (parameters sent, num_samples claimed or None: the honest
+# count)
 ATTACKS: dict[str, Callable[[Tensors, Tensors, float, np.random.Generator], tuple[Tensors, int | None]]] = {
     "sign_flip": lambda p, g, scale, rng: (sign_flipped(p, g, scale), None),
     "nan": lambda p, g, scale, rng: (_floating(g, lambda name, t: np.full(t.shape, np.nan)), None),
     "huge": lambda p, g, scale, rng: (_floating(g, lambda name, t: np.full(t.shape, 1e30)), None),  # finite in float32
-    "noise_claim": lambda p, g, scale, rng: (_floating(g, lambda name, t: rng.normal(size=t.shape)), CLAIM),  # noise, weighted by a million samples
+    "noise_claim": lambda p, g, scale, rng: (
+        _floating(g, lambda name, t: rng.normal(size=t.shape)),
+        CLAIM,
+    ),  # noise, weighted by a million samples
     "claim": lambda p, g, scale, rng: (p, CLAIM),  # the honest update, claiming a million samples
 }
 
@@ -63,7 +70,9 @@ def answer_poisoned(message: client.Trained, ctx):
     for outbound in sent:
         update = outbound.message
         if isinstance(update, ParameterUpdate):
-            rng = np.random.default_rng([update.round, int(ctx.state.client_id) if ctx.state.client_id.isdigit() else 0])
+            rng = np.random.default_rng(
+                [update.round, int(ctx.state.client_id) if ctx.state.client_id.isdigit() else 0]
+            )
             update.parameters, claimed = attack(dict(update.parameters), global_parameters, scale, rng)
             if claimed is not None:
                 update.num_samples = claimed
@@ -89,17 +98,21 @@ class PoisonedRun:
         return self.records[-1]["accuracy"] if self.records else float("nan")
 
 
-def simulated_run(config: dict, attack: str | None, out: Path, *, attackers: str = "0", scale: float = 10.0) -> PoisonedRun:
+def simulated_run(
+    config: dict, attack: str | None, out: Path, *, attackers: str = "0", scale: float = 10.0
+) -> PoisonedRun:
     """``config`` (a run config's mapping) simulated in this process with ``attackers``
     sending ``attack`` (None: every client honest), then its journal accounted."""
-    from brokerfl.storage.accounting import account_run
-    from brokerfl.config import parse_config
-    from brokerfl.storage.metrics_log import read_metrics
     from brokerfl.assembly.roles import topology_for
     from brokerfl.assembly.simulate import SimulationError, simulate
+    from brokerfl.config import parse_config
+    from brokerfl.storage.accounting import account_run
+    from brokerfl.storage.metrics_log import read_metrics
     from brokerfl.transports.local import LocalBroker, LocalTransport
 
-    run_config = parse_config({**config, "client_handlers": "client" if attack is None else "tests.tools.hostile.poisoning"})
+    run_config = parse_config(
+        {**config, "client_handlers": "client" if attack is None else "tests.tools.hostile.poisoning"}
+    )
     settings = {"BROKERFL_ATTACK": attack or "", "BROKERFL_ATTACKERS": attackers, "BROKERFL_ATTACK_SCALE": str(scale)}
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
@@ -122,4 +135,11 @@ def simulated_run(config: dict, attack: str | None, out: Path, *, attackers: str
         return PoisonedRun(records, stopped, {}, {}, [], set())
     report = account_run(LocalTransport(broker), topology_for(run_config), store)
     ids = set(attackers.split(","))
-    return PoisonedRun(records, stopped, dict(report.dead), dict(report.dropped), [uid for uid, client in report.sent.items() if client.removeprefix("client.") in ids], set(report.folded_into))
+    return PoisonedRun(
+        records,
+        stopped,
+        dict(report.dead),
+        dict(report.dropped),
+        [uid for uid, client in report.sent.items() if client.removeprefix("client.") in ids],
+        set(report.folded_into),
+    )

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import struct
 
-from tests.tools.hostile.messages import HostileMessage, RawTimestamp
 from brokerfl.transports.topology import RunTopology
+from tests.tools.hostile.messages import HostileMessage, RawTimestamp
 
 
 class HostilePublisher:
@@ -38,7 +38,9 @@ class HostilePublisher:
     def publish(self, message: HostileMessage) -> bool:
         """True if the broker took it."""
         pika = self._pika
-        exchange, key = (self.topology.exchange, message.routing_key) if message.routing_key else ("", self.topology.server_queue)
+        exchange, key = (
+            (self.topology.exchange, message.routing_key) if message.routing_key else ("", self.topology.server_queue)
+        )
         try:
             self.channel.basic_publish(exchange, key, message.body, pika.BasicProperties(**message.properties))
             return True

@@ -1,0 +1,74 @@
+"""The package as a user installs it: a wheel built from this checkout, in fresh venvs.
+
+- it claims no generic top-level names (``handlers``, ``examples``);
+- a numpy-only app installs and runs without torch;
+- installed beside an existing torch 2.13.0 (the ``torch`` extra), it changes no torch, and the
+  built-in default run works.
+
+Slow (two venvs, a few minutes): it installs from the machine's package index and caches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH = "torch==2.13.0"  # the version the constraints file pins
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+def run(*args: str | Path, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(map(str, args))} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", out, ROOT, cwd=out)
+    (built,) = out.glob("brokerfl-*.whl")
+    return built
+
+
+def fresh_venv(path: Path) -> Path:
+    venv.EnvBuilder(with_pip=True).create(path)
+    return path / "bin" / "python"
+
+
+def test_wheel_claims_no_generic_names_and_runs_a_numpy_app_without_torch(wheel: Path, tmp_path: Path) -> None:
+    python = fresh_venv(tmp_path / "venv")
+    run(python, "-m", "pip", "install", "--quiet", "-c", ROOT / "constraints.txt", wheel, cwd=tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("handlers", "examples", "torch"):
+        probe = subprocess.run([str(python), "-c", f"import {name}"], cwd=work, capture_output=True, text=True, timeout=120)
+        assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, f"import {name} worked in the installed wheel"
+    run(python, "-c", "import brokerfl.handlers.workflows.server, brokerfl.app", cwd=work)
+    # a user's numpy-only app, next to its config, as `brokerfl new` lays one out
+    shutil.copytree(ROOT / "examples" / "logreg_numpy", work / "examples" / "logreg_numpy", ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "examples" / "__init__.py").write_text("")
+    done = run(tmp_path / "venv" / "bin" / "brokerfl", "simulate", "examples/logreg_numpy/config.yaml", "--rounds", "2", cwd=work)
+    assert (work / "runs" / "logreg-hospitals" / "metrics.jsonl").read_text().count("\n") >= 2, done.stdout
+
+
+def test_wheel_beside_an_installed_torch_keeps_it_and_runs_the_default(wheel: Path, tmp_path: Path) -> None:
+    python = fresh_venv(tmp_path / "venv")
+    run(python, "-m", "pip", "install", "--quiet", TORCH, cwd=tmp_path)
+    before = run(python, "-m", "pip", "show", "torch", cwd=tmp_path).stdout
+    run(python, "-m", "pip", "install", "--quiet", f"{wheel}[torch]", cwd=tmp_path)
+    after = run(python, "-m", "pip", "show", "torch", cwd=tmp_path).stdout
+    assert before == after, f"installing brokerfl changed torch:\n{before}\n->\n{after}"
+    work = tmp_path / "work"
+    work.mkdir()
+    run(tmp_path / "venv" / "bin" / "brokerfl", "simulate", "--rounds", "2", cwd=work)
+    assert list((work / "runs").glob("*/final_model.npz")), "the default run wrote no final_model.npz"
