@@ -28,7 +28,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 def run(*args: str | Path, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(map(str, args))} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (
+        f"{' '.join(map(str, args))} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     return done
 
 
@@ -51,13 +53,28 @@ def test_wheel_claims_no_generic_names_and_runs_a_numpy_app_without_torch(wheel:
     work = tmp_path / "work"
     work.mkdir()
     for name in ("handlers", "examples", "torch"):
-        probe = subprocess.run([str(python), "-c", f"import {name}"], cwd=work, capture_output=True, text=True, timeout=120)
-        assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, f"import {name} worked in the installed wheel"
+        probe = subprocess.run(
+            [str(python), "-c", f"import {name}"], cwd=work, capture_output=True, text=True, timeout=120
+        )
+        assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, (
+            f"import {name} worked in the installed wheel"
+        )
     run(python, "-c", "import brokerfl.handlers.workflows.server, brokerfl.app", cwd=work)
     # a user's numpy-only app, next to its config, as `brokerfl new` lays one out
-    shutil.copytree(ROOT / "examples" / "logreg_numpy", work / "examples" / "logreg_numpy", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "examples" / "logreg_numpy",
+        work / "examples" / "logreg_numpy",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     (work / "examples" / "__init__.py").write_text("")
-    done = run(tmp_path / "venv" / "bin" / "brokerfl", "simulate", "examples/logreg_numpy/config.yaml", "--rounds", "2", cwd=work)
+    done = run(
+        tmp_path / "venv" / "bin" / "brokerfl",
+        "simulate",
+        "examples/logreg_numpy/config.yaml",
+        "--rounds",
+        "2",
+        cwd=work,
+    )
     assert (work / "runs" / "logreg-hospitals" / "metrics.jsonl").read_text().count("\n") >= 2, done.stdout
 
 

@@ -197,13 +197,8 @@ class Context(Generic[StateT]):
         self.aside_requests.append(key)
 
 
-class HandlerTable:
-    """Message type name -> handler, for one role of one run (:func:`compose` builds it)."""
-
-    def __init__(self, role: str) -> None:
-        self.role = role
-        self._handlers: dict[str, Handler] = {}
-        self.sets: tuple[HandlerSet, ...] = ()  # what it was composed of
+class _Registering:
+    """``on``, the decorator form of a ``register(message_type, handler)``."""
 
     def on(self, *message_types: type[Message]) -> Callable[[Handler], Handler]:
         """Decorator: register the function as the handler of these message types."""
@@ -216,9 +211,25 @@ class HandlerTable:
         return register
 
     def register(self, message_type: type[Message], handler: Handler) -> None:
-        if not (isinstance(message_type, type) and issubclass(message_type, Message)):
-            raise TypeError(f"{message_type!r} is not a Message type")
-        self._handlers[message_type.TYPE] = handler
+        raise NotImplementedError
+
+
+def _message_type(message_type: type[Message]) -> type[Message]:
+    if not (isinstance(message_type, type) and issubclass(message_type, Message)):
+        raise TypeError(f"{message_type!r} is not a Message type")
+    return message_type
+
+
+class HandlerTable(_Registering):
+    """Message type name -> handler, for one role of one run (:func:`compose` builds it)."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self._handlers: dict[str, Handler] = {}
+        self.sets: tuple[HandlerSet, ...] = ()  # what it was composed of
+
+    def register(self, message_type: type[Message], handler: Handler) -> None:
+        self._handlers[_message_type(message_type).TYPE] = handler
 
     def handler_for(self, type_name: str) -> Handler | None:
         return self._handlers.get(type_name)
@@ -361,7 +372,7 @@ def compose(role: str, *sets: HandlerSet) -> HandlerTable:
     return table
 
 
-class LegacyTable:
+class LegacyTable(_Registering):
     """Deprecated: the module-level ``table`` that handler modules used to register on at
     import (``@client.table.on(Gradients)``). Registering here changes no run: it records
     which module registered what, and :mod:`brokerfl.assembly.roles` makes a handler set of a
@@ -372,18 +383,8 @@ class LegacyTable:
         self.role = role
         self.registered: list[tuple[type[Message], Handler]] = []
 
-    def on(self, *message_types: type[Message]) -> Callable[[Handler], Handler]:
-        def register(handler: Handler) -> Handler:
-            for message_type in message_types:
-                self.register(message_type, handler)
-            return handler
-
-        return register
-
     def register(self, message_type: type[Message], handler: Handler) -> None:
-        if not (isinstance(message_type, type) and issubclass(message_type, Message)):
-            raise TypeError(f"{message_type!r} is not a Message type")
-        self.registered.append((message_type, handler))
+        self.registered.append((_message_type(message_type), handler))
 
     def set_of(self, module: str, handled: Iterable[str]) -> HandlerSet | None:
         """The handlers ``module`` registered here, as a set (None: it registered none).
