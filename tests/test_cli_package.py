@@ -37,5 +37,5 @@ def test_status_and_admin_use_the_shared_helpers():
     import brokerfl.cli.common as common
     import brokerfl.cli.operate as operate
 
-    assert operate.connect is common.connect
-    assert operate.parse_client_ids("0-2,7") == ["0", "1", "2", "7"]
+    assert operate.common is common
+    assert common.parse_client_ids("0-2,7") == ["0", "1", "2", "7"]

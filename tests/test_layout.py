@@ -79,3 +79,21 @@ def test_the_layer_map_names_the_contracts_layers() -> None:
         if layer == "brokerfl.handlers":
             shown = "`brokerfl.handlers`"
         assert shown in page, f"docs/architecture.md does not show the layer {layer} as {shown}"
+
+
+def test_an_old_module_path_is_the_new_module_with_a_deprecation_warning() -> None:
+    import importlib
+    import sys
+    import warnings
+
+    import brokerfl.wire.message as message
+
+    sys.modules.pop("brokerfl.message", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.import_module("brokerfl.message")
+    assert old is message
+    assert message.__spec__ is not None and message.__spec__.name == "brokerfl.wire.message"
+    assert [str(w.message) for w in caught if w.category is DeprecationWarning] == [
+        "brokerfl.message moved to brokerfl.wire.message; import it from there (the old path goes in a later release)"
+    ]

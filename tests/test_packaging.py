@@ -81,9 +81,10 @@ def test_wheel_claims_no_generic_names_and_runs_a_numpy_app_without_torch(wheel:
 def test_wheel_beside_an_installed_torch_keeps_it_and_runs_the_default(wheel: Path, tmp_path: Path) -> None:
     python = fresh_venv(tmp_path / "venv")
     run(python, "-m", "pip", "install", "--quiet", TORCH, cwd=tmp_path)
-    before = run(python, "-m", "pip", "show", "torch", cwd=tmp_path).stdout
+    torch_version = [python, "-c", "import torch; print(torch.__version__, torch.__file__)"]
+    before = run(*torch_version, cwd=tmp_path).stdout
     run(python, "-m", "pip", "install", "--quiet", f"{wheel}[torch]", cwd=tmp_path)
-    after = run(python, "-m", "pip", "show", "torch", cwd=tmp_path).stdout
+    after = run(*torch_version, cwd=tmp_path).stdout
     assert before == after, f"installing brokerfl changed torch:\n{before}\n->\n{after}"
     work = tmp_path / "work"
     work.mkdir()

@@ -9,15 +9,7 @@ import sys
 import time
 from typing import Any
 
-from brokerfl.cli.common import (
-    add_broker_arguments,
-    add_config_arguments,
-    broker_url,
-    connect,
-    env,
-    load_run_config,
-    parse_client_ids,
-)
+from brokerfl.cli import common
 from brokerfl.transports.base import Transport, TransportError
 from brokerfl.transports.topology import RunTopology
 
@@ -217,10 +209,10 @@ def _this_round(client: dict[str, Any], status: dict[str, Any]) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from brokerfl.assembly.roles import topology_for
 
-    config = load_run_config(args)
+    config = common.load_run_config(args)
     topology = topology_for(config)
-    url = broker_url(args)
-    with connect(args) as transport:
+    url = common.broker_url(args)
+    with common.connect(args) as transport:
         if not args.watch:
             view = gather(transport, topology, config.client_ids(), timeout=args.timeout, amqp_url=url)
             if args.json:
@@ -291,14 +283,14 @@ def admin_message(command: str, values: list[str], args: argparse.Namespace):
     if command == "resume":
         return admin.ResumeRounds()
     if command == "remove-client":
-        (client_id,) = parse_client_ids(one("client id"))
+        (client_id,) = common.parse_client_ids(one("client id"))
         return admin.RemoveClient(client_id=client_id)
     if command == "set-min-clients":
         return admin.SetMinClients(min_clients=number("N"))
     if command == "set-rounds":
         return admin.SetRounds(rounds=number("N"))
     if command == "shutdown-clients":
-        return admin.ShutdownClients(client_ids=[c for value in values for c in parse_client_ids(value)])
+        return admin.ShutdownClients(client_ids=[c for value in values for c in common.parse_client_ids(value)])
     raise ValueError(f"unknown admin command {command!r}")  # pragma: no cover - argparse checks choices
 
 
@@ -330,7 +322,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     from brokerfl.assembly.roles import topology_for
     from brokerfl.runtime.operator_commands import ask
 
-    config = load_run_config(args)
+    config = common.load_run_config(args)
     topology = topology_for(config)
     try:
         message = admin_message(args.admin_command, args.values, args)
@@ -343,7 +335,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(f"REFUSED (not sent): {refusal}")
         return 1
-    with connect(args) as transport:
+    with common.connect(args) as transport:
         reply = ask(transport, topology, message, timeout=args.timeout)
         if reply is None:
             print(
@@ -362,8 +354,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
 def add_commands(commands: Any) -> None:
     status = commands.add_parser("status", help="a running federation as its server sees it (rounds, clients, queues)")
-    add_config_arguments(status)
-    add_broker_arguments(status)
+    common.add_config_arguments(status)
+    common.add_broker_arguments(status)
     status.add_argument("--watch", action="store_true", help="refresh as a live view until Ctrl-C")
     status.add_argument("--json", action="store_true", help="JSON (one object per refresh with --watch)")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
@@ -380,13 +372,13 @@ def add_commands(commands: Any) -> None:
     admin.add_argument("values", nargs="*", help="the command's values (a client id, N, client ids)")
     admin.add_argument(
         "--config",
-        default=env("CONFIG"),
+        default=common.env("CONFIG"),
         help="YAML run config (default: $BROKERFL_CONFIG; only the run name and journal are used)",
     )
-    admin.add_argument("--run", default=env("RUN"), help="run name")
+    admin.add_argument("--run", default=common.env("RUN"), help="run name")
     admin.add_argument("--reason", help="abort: why (journaled)")
     admin.add_argument("--delete-queue", action="store_true", help="remove-client: also delete the client's queue")
     admin.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server's reply")
     admin.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    add_broker_arguments(admin)
+    common.add_broker_arguments(admin)
     admin.set_defaults(func=cmd_admin, clients=None, rounds=None, seed=None)
