@@ -13,7 +13,7 @@ import pytest
 
 PROBE = "from brokerfl.transports.memory import tune_allocator as t; print(t({default}), t())"
 CLI_PROBE = """
-import sys, brokerfl.cli as c, brokerfl.transports.memory as m
+import sys, brokerfl.cli.commands as c, brokerfl.transports.memory as m
 setattr(c, "cmd_" + sys.argv[1], lambda args: 0)
 assert c.main(sys.argv[1:]) == 0
 print(m.allocator_mode())
