@@ -2,10 +2,10 @@
 
 - it claims no generic top-level names (``handlers``, ``examples``);
 - a numpy-only app installs and runs without torch;
-- installed beside an existing torch 2.13.0 (the ``torch`` extra), it changes no torch, and the
-  built-in default run works.
+- the ``torch`` extra installed where torch 2.13.0 already is changes no torch, and the built-in
+  default run works.
 
-Slow (two venvs, a few minutes): it installs from the machine's package index and caches.
+Slow (a venv, a few minutes): it installs from the machine's package index and caches.
 """
 
 from __future__ import annotations
@@ -42,14 +42,28 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-def fresh_venv(path: Path) -> Path:
-    venv.EnvBuilder(with_pip=True).create(path)
-    return path / "bin" / "python"
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with the wheel and its dependencies, no torch (one venv for both tests:
+    installing the dependencies is most of their time)."""
+    root = tmp_path_factory.mktemp("venv")
+    venv.EnvBuilder(with_pip=True).create(root / "venv")
+    run(
+        root / "venv" / "bin" / "python",
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "-c",
+        ROOT / "constraints.txt",
+        wheel,
+        cwd=root,
+    )
+    return root / "venv"
 
 
-def test_wheel_claims_no_generic_names_and_runs_a_numpy_app_without_torch(wheel: Path, tmp_path: Path) -> None:
-    python = fresh_venv(tmp_path / "venv")
-    run(python, "-m", "pip", "install", "--quiet", "-c", ROOT / "constraints.txt", wheel, cwd=tmp_path)
+def test_wheel_claims_no_generic_names_and_runs_a_numpy_app_without_torch(installed: Path, tmp_path: Path) -> None:
+    python = installed / "bin" / "python"
     work = tmp_path / "work"
     work.mkdir()
     for name in ("handlers", "examples", "torch"):
@@ -68,7 +82,7 @@ def test_wheel_claims_no_generic_names_and_runs_a_numpy_app_without_torch(wheel:
     )
     (work / "examples" / "__init__.py").write_text("")
     done = run(
-        tmp_path / "venv" / "bin" / "brokerfl",
+        installed / "bin" / "brokerfl",
         "simulate",
         "examples/logreg_numpy/config.yaml",
         "--rounds",
@@ -78,8 +92,10 @@ def test_wheel_claims_no_generic_names_and_runs_a_numpy_app_without_torch(wheel:
     assert (work / "runs" / "logreg-hospitals" / "metrics.jsonl").read_text().count("\n") >= 2, done.stdout
 
 
-def test_wheel_beside_an_installed_torch_keeps_it_and_runs_the_default(wheel: Path, tmp_path: Path) -> None:
-    python = fresh_venv(tmp_path / "venv")
+def test_wheel_beside_an_installed_torch_keeps_it_and_runs_the_default(
+    wheel: Path, installed: Path, tmp_path: Path
+) -> None:
+    python = installed / "bin" / "python"
     run(python, "-m", "pip", "install", "--quiet", TORCH, cwd=tmp_path)
     torch_version = [python, "-c", "import torch; print(torch.__version__, torch.__file__)"]
     before = run(*torch_version, cwd=tmp_path).stdout
@@ -88,5 +104,5 @@ def test_wheel_beside_an_installed_torch_keeps_it_and_runs_the_default(wheel: Pa
     assert before == after, f"installing brokerfl changed torch:\n{before}\n->\n{after}"
     work = tmp_path / "work"
     work.mkdir()
-    run(tmp_path / "venv" / "bin" / "brokerfl", "simulate", "--rounds", "2", cwd=work)
+    run(installed / "bin" / "brokerfl", "simulate", "--rounds", "2", cwd=work)
     assert list((work / "runs").glob("*/final_model.npz")), "the default run wrote no final_model.npz"
