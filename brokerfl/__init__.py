@@ -3,7 +3,7 @@
 The package's folders are its layers, bottom to top: ``wire`` (what travels), ``transports``
 (the broker), ``config`` (the run's config), ``runtime`` (one process), ``storage`` (models and
 audit), ``app`` (the app API), ``handlers`` (workflows and strategies), ``assembly`` (a process
-built from a config), ``ops`` (operator tools), ``cli`` (the command). docs/architecture.md
+built from a config), ``ops`` (operator tools), ``cli`` (the command). docs/concepts/layers.md
 has the map; the import contract in pyproject.toml enforces it.
 """
 

@@ -177,7 +177,7 @@ def test_a_full_client_queue_drops_its_oldest_and_never_nacks_the_server(provisi
 def test_what_a_client_still_sees_of_other_queues(provision_on_broker):
     """RabbitMQ 3.10 checks no permission on a passive queue.declare: a client learns
     whether any queue of its run's vhost exists, its ready count and its consumer count
-    (docs/broker-rights.md). It reads, takes, binds or deletes none of them. If a later
+    (docs/concepts/broker-rights.md). It reads, takes, binds or deletes none of them. If a later
     RabbitMQ refuses the look, this test says so and the docs should follow."""
     config = secure_config("r" + uuid.uuid4().hex[:10], clients=2, rounds=1)
     done = provision_on_broker(config)

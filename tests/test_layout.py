@@ -72,13 +72,13 @@ def test_the_wheel_lists_every_package() -> None:
 
 def test_the_layer_map_names_the_contracts_layers() -> None:
     (layers,) = [c for c in PYPROJECT["tool"]["importlinter"]["contracts"] if c["name"].startswith("Layers:")]
-    page = (ROOT / "docs" / "architecture.md").read_text()
+    page = (ROOT / "docs" / "concepts" / "layers.md").read_text()
     for layer in layers["layers"]:
         folder = layer.replace(".", "/")
         shown = f"`{folder}/`" if (ROOT / folder).is_dir() else f"`{folder}.py`"
         if layer == "brokerfl.handlers":
             shown = "`brokerfl.handlers`"
-        assert shown in page, f"docs/architecture.md does not show the layer {layer} as {shown}"
+        assert shown in page, f"docs/concepts/layers.md does not show the layer {layer} as {shown}"
 
 
 def test_an_old_module_path_is_the_new_module_with_a_deprecation_warning() -> None:

@@ -515,7 +515,7 @@ def test_the_run_admin_cannot_reach_users_or_other_vhosts_through_the_management
     ``management``) sees and manages its own vhost's queues there, and is refused listing
     users, creating one, granting itself rights on run B's vhost, touching B's queues or
     exchange, changing its own run's policies, or reading the definitions. The broker
-    administrator (docs/provisioning.md), a user apart, can do all of that."""
+    administrator (docs/how-to/provisioning.md), a user apart, can do all of that."""
     if shutil.which("rabbitmq-server") is None or os.geteuid() != 0:
         _skip_or_fail(
             "starting a RabbitMQ node needs rabbitmq-server and root (to hand the node directory to the rabbitmq user)"

@@ -130,7 +130,7 @@ A classification app with a torch model therefore needs only ``model`` and
 ``handlers/apps/mlp.py`` (the built-in app), ``examples/cnn_mnist`` (a CNN with BatchNorm),
 ``examples/logreg_numpy`` (logistic regression in plain numpy: no torch is imported),
 ``examples/regression`` (MSE and R^2: its own loops, ``TARGET_METRIC``) and ``examples/wine``
-(metrics beyond accuracy, ``METRIC_REDUCERS``). Metrics in depth: ``docs/app-metrics.md``.
+(metrics beyond accuracy, ``METRIC_REDUCERS``). Metrics in depth: ``docs/how-to/app-metrics.md``.
 
 The module is imported by name: from an installed package, or from the working directory
 (the ``brokerfl`` command looks there too). Every error names the app and the function (:class:`AppError`). This module

@@ -4,7 +4,7 @@ It writes RabbitMQ *definitions* (applied with ``rabbitmqctl import_definitions 
 or the broker's ``load_definitions`` setting), not code of ours that grants rights. Applying
 them is the broker administrator's job, a role apart from the run's: ``rabbitmqctl`` on the
 broker's host, or a user tagged ``administrator`` (creating vhosts and users is broker-wide;
-docs/provisioning.md says who holds it). The users written here have rights in the run's
+docs/how-to/provisioning.md says who holds it). The users written here have rights in the run's
 vhost only, and no tag but the run admin's ``management`` (its vhost's queues in the
 management API, for ``brokerfl status``; it cannot list users, set permissions or policies,
 or see other vhosts there):
@@ -36,7 +36,7 @@ a size with ``overflow: drop-head``, so a queue nobody consumes loses its oldest
 instead of making the server's publishes nack (``reject-publish`` would stall every round);
 the dead-letter queue capped the same way; and in the ``rabbitmq.conf`` fragment a maximum
 message size of one chunk (:mod:`brokerfl.transports.amqp.chunks`; a node-wide setting). The
-choices and what remains open are in ``docs/broker-rights.md``.
+choices and what remains open are in ``docs/concepts/broker-rights.md``.
 
 Beside the definitions: one env file per participant (``<user>.env``: ``BROKERFL_AMQP_URL``
 with its password, ``BROKERFL_RUN``, ``BROKERFL_CLIENT_ID``, TLS paths), and with ``tls``
@@ -69,7 +69,7 @@ from brokerfl.wire.names import bounded
 
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
 SigningRequest = str | Path | tuple[str, str | Path]  # a <user>.csr file, or (user, its request file)
-ADMIN_TAG = "management"  # the run admin's only tag (docs/provisioning.md: why not another)
+ADMIN_TAG = "management"  # the run admin's only tag (docs/how-to/provisioning.md: why not another)
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:

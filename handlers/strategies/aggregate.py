@@ -153,7 +153,7 @@ def check_update(
       model near zero (a zero-initialised model's first updates). An honest update stays far
       below it: the repository's apps at their configs' settings move by at most 0.3 of
       ``||w|| + sqrt(N)`` in a round, the first included, and the digits MLP at 10 times its
-      learning rate by 0.34 (``docs/robustness.md``); a finite update of 1e30 by ~1e29.
+      learning rate by 0.34 (``docs/how-to/robust-aggregation.md``); a finite update of 1e30 by ~1e29.
 
     One pass, block by block through float64 scratch (``SCRATCH_ELEMENTS``): memory O(1)
     beyond the update, whatever the model's size."""

@@ -4,7 +4,7 @@
 Unlike FedAvg these cannot fold a running sum: they keep the round's updates, so server
 memory is O(clients x model). Both ignore ``num_samples`` (a poisoning client could lie
 about it): every update counts once. Useful against a few poisoned clients
-(``docs/robustness.md``), and as what-ifs in ``brokerfl replay --strategy median``.
+(``docs/how-to/robust-aggregation.md``), and as what-ifs in ``brokerfl replay --strategy median``.
 
 The trimmed mean drops, per coordinate, the k largest and the k smallest of the n values
 and averages the rest, with
