@@ -220,19 +220,3 @@ def test_a_built_in_moved_under_brokerfl_keeps_its_old_spelling(monkeypatch):
     with pytest.warns(DeprecationWarning, match="write app: mlp"):
         assert builtins.short_name("app", "brokerfl.handlers.apps.mlp") == "mlp"
     assert builtins.resolve("app", "mlp") == "brokerfl.handlers.apps.mlp"
-
-
-def test_the_readme_names_every_option_of_every_built_in_strategy():
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## Strategies") :]
-    table = table[: table.index("\n\n", table.index("| name | kind |"))]
-    for name in BUILT_IN:
-        if name == "cyclic":  # chosen by workflow: cyclic, not by name
-            continue
-        row = next((line for line in table.splitlines() if f"`{name}`" in line), "")
-        for option in strategy_class(name).Options.model_fields:
-            assert (
-                f"`{option}`" in row
-                or f"`options.{option}`" in row
-                or (option in ("staleness", "a", "b", "max_staleness") and "staleness" in row)
-            ), f"{name}: {option}"

@@ -488,16 +488,18 @@ def test_the_provisioned_admin_has_no_broker_wide_tag_and_the_import_path_is_abs
     assert f"rabbitmqctl import_definitions {tmp_path / 'fed' / 'definitions.json'}" in out
 
 
-def test_the_readme_imports_definitions_by_an_absolute_path():
-    lines = [
-        line
-        for line in (ROOT / "README.md").read_text().splitlines()
-        if "import_definitions" in line and "rabbitmqctl" in line
+def test_the_docs_import_definitions_by_an_absolute_path():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    # rabbitmqctl resolves a relative path against the broker node's directory, not the shell's
+    paths = [
+        (page.name, path)
+        for page in pages
+        for path in re.findall(r"rabbitmqctl import_definitions (\S+)", page.read_text())
+        if "definitions.json" in path
     ]
-    assert lines
-    for line in lines:
-        path = line.split("import_definitions", 1)[1].strip().strip("`").split()[0]
-        assert path.startswith(('"$PWD/', "$PWD/", "$(realpath", "/")), line
+    assert paths
+    for page, path in paths:
+        assert path.startswith(('"$PWD/', "$PWD/", "$(realpath", "/")), f"{page}: {path}"
 
 
 @pytest.mark.timeout(240)
