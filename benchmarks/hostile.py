@@ -1,5 +1,5 @@
 """A 20-round digits run (server + 4 logical clients over RabbitMQ) under 10,000 hostile
-messages, beside the same run without them (issue 16).
+messages, beside the same run without them.
 
     python benchmarks/hostile.py [--rounds 20] [--clients 4] [--hostile 10000] [--broker URL]
 

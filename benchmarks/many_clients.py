@@ -10,7 +10,7 @@ samples are shared). Prints the median seconds per round (rounds 2 on: the first
 the joins), the whole run's wall time, and the load (``uptime``). ``--root`` runs another
 checkout's code (e.g. the base commit, for a before/after).
 
-Goal (issue 10): the 1,000-client round at most 10x the 100-client round; 10,000 complete.
+Goal: the 1,000-client round at most 10x the 100-client round; 10,000 complete.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ the same server process with a model of about 1,700 parameters ("without a model
 ``--root`` runs another checkout's code (e.g. the base commit, for a before/after) with
 this script. Prints the load (``uptime``) and plots RSS against N to ``--png``.
 
-Goal (issue 10): flat within 10% across N and at most 5x the model size above baseline.
+Goal: flat within 10% across N and at most 5x the model size above baseline.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 While pika waits for a publish's confirm it reads whatever arrives on that connection. When
 publishing shared the consumers' connection, a server waiting for the confirm of its model's
 publish read the chunks of incoming updates meanwhile, up to the prefetch (16 MiB each),
-before anything could spill them: its memory peaked above 5x the model in some runs.
+before anything could spill them: its memory peaked above 5x the model in some runs
+(docs/benchmarks/server-memory.md).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ Node names and ports: ``BROKERFL_CLUSTER_NODE`` (a base name; nodes ``<base>c1..
 ``BROKERFL_CLUSTER_PORT`` (the first node's AMQP port; the others follow), else derived
 from the test broker's (``h13@localhost`` on 5687 -> ``h13c1..3@localhost`` on 5887-5889).
 Each node's Erlang distribution port is its AMQP port + 20000. Needs ``rabbitmq-server``
-and root (to hand the node directories to the rabbitmq user); 70-200 s at load 10-22 on
-2 shared cores (starting and joining the nodes is about a third of it).
+and root (to hand the node directories to the rabbitmq user); minutes on a loaded machine
+(starting and joining the nodes is about a third of it).
 """
 
 from __future__ import annotations
@@ -235,8 +235,8 @@ def test_killing_the_node_that_leads_the_server_queue_costs_nothing(cluster, run
     data["strategy"]["round_deadline_s"] = 30
     data["strategy"]["join_timeout_s"] = 300  # the client starts once the server's queues are looked up
     # One process trains the three clients one after another and sends no heartbeat meanwhile:
-    # at load 20 that is over 10 s (the default timeout), and the first client would not be
-    # sampled for the next round (rounds of 2 updates). Liveness is not what this tests.
+    # on a loaded machine that is over 10 s (the default timeout), and the first client would
+    # not be sampled for the next round (rounds of 2 updates). Liveness is not what this tests.
     data["liveness"] = {"timeout_s": 300}
     config_path.write_text(yaml.safe_dump(data))
     common = [

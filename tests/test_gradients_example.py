@@ -1,4 +1,5 @@
-"""The README's worked example: clients handle a new message type (Gradients)."""
+"""The worked example of docs/how-to/new-message-type.md: clients handle a new message type
+(Gradients, ``handlers/gradients.py``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile input over the transport: single messages that used to stop a consumer (issue 16).
+"""Hostile input over the transport: single messages that used to stop a consumer.
 
 Each case is one message an attacker with ordinary broker credentials can publish to the
 run's exchange. The worker must dead-letter it with a reason (through the run's exchange,
@@ -215,7 +215,8 @@ def test_absurd_chunk_headers_are_refused_with_bounded_reasons(headers):
 
 # ---------------------------------------------------------------- a federation under fire
 
-SERVER_RSS_BOUND_MIB = 520  # the server of this run peaks at ~390 MiB without hostile input (benchmarks/hostile.py)
+# the server of this run peaks at ~390 MiB without hostile input (docs/benchmarks/hostile.md)
+SERVER_RSS_BOUND_MIB = 520
 
 
 @pytest.mark.slow
@@ -223,7 +224,7 @@ SERVER_RSS_BOUND_MIB = 520  # the server of this run peaks at ~390 MiB without h
 def test_a_run_under_fire_completes_folds_nothing_hostile_and_stays_auditable(amqp_url, tmp_path):
     """1,000 hostile messages of every category while a 2-round digits run trains (server and
     4 logical clients, separate processes). Forged Leaves for real clients are accepted:
-    telling them from the clients' own needs validated identities (issue #9), not this test."""
+    telling them from the clients' own needs validated identities (``identity.enforce``), not this test."""
     import uuid
 
     from tests.tools.hostile import run_under_fire
@@ -232,7 +233,7 @@ def test_a_run_under_fire_completes_folds_nothing_hostile_and_stays_auditable(am
         amqp_url, tmp_path, run="fire" + uuid.uuid4().hex[:8], rounds=2, clients=4, hostile=1000, spread_s=6, epochs=1
     )
     assert (result.server_exit, result.client_exit) == (0, 0)
-    # a forged Leave just before a round starts leaves its client out of that round (#9)
+    # a forged Leave just before a round starts leaves its client out of that round (no identity here)
     # at least 2 rounds: the run ends at the round under way once the fire is over
     assert [r["round"] for r in result.rounds] == list(range(1, len(result.rounds) + 1)) and len(result.rounds) >= 2
     assert all(r["num_updates"] >= 3 for r in result.rounds)

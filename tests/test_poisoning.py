@@ -1,4 +1,4 @@
-"""A client's own updates cannot break the model (issue 27): a client that joined with its
+"""A client's own updates cannot break the model: a client that joined with its
 real partition and then sends NaN, a finite 1e30, or a million-sample claim is refused with
 a reason on every path that folds updates, and the run keeps the accuracy of a clean one;
 robust strategies at their defaults hold against a sign-flipping client among six.

@@ -226,8 +226,8 @@ def test_a_forged_local_message_is_dead_lettered(transport_factory, topology):
 def test_effects_marked_once_sent_wait_for_a_successful_publish(transport_factory, topology, monkeypatch):
     """A handler's "done" (e.g. a client's task answered) must not run ahead of what was
     sent: when publishing its output fails, the message is requeued and handled again, and
-    only then, once the output is confirmed, does the effect apply (issue 10's cluster work
-    found a client that marked a task answered, failed to publish, then skipped the task)."""
+    only then, once the output is confirmed, does the effect apply (else a client whose
+    answer failed to publish during a failover marks the task answered and skips it)."""
     from brokerfl.transports.base import TransportError
 
     topo, admin = topology

@@ -159,9 +159,9 @@ def test_cyclic_with_cross_site_over_rabbitmq_survives_a_killed_holder(amqp_url,
 
     data = yaml.safe_load(open("configs/digits_cyclic.yaml"))
     # Client 1's hops take seconds (300x its ~10 ms of training), so the kill below lands in
-    # its first one. At 30x its hops were ~0.3 s, and with the metrics line written after the
-    # evaluation beside the round, the kill sometimes came after its last hop: the restarted
-    # process then had no local model for the cross-site matrix.
+    # its first one. With shorter hops the kill could come after its last hop (the metrics
+    # line is written after the evaluation beside the round): the restarted process then had
+    # no local model for the cross-site matrix.
     # The hop timeout is far above a hop's few seconds: on a loaded machine the restarted
     # client 1 takes tens of seconds to start and answer, and passing it over loses a version.
     data.update(cross_site_eval=True, cyclic={"order": "fixed", "hop_timeout_s": 240}, client_slowdown={"1": 300.0})
@@ -171,7 +171,7 @@ def test_cyclic_with_cross_site_over_rabbitmq_survives_a_killed_holder(amqp_url,
     server = brokerfl("server", *common, "--out", str(out))
     procs = {cid: brokerfl("client", *common, "--client-id", cid) for cid in ("0", "1", "2")}
     try:
-        # client 0 hands on to client 1 (fixed order), which trains 30x slower: kill it then
+        # client 0 hands on to client 1 (fixed order), which trains 300x slower: kill it then
         wait_until(
             lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) >= 1,
             120,

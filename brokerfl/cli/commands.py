@@ -146,9 +146,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     from brokerfl.transports.base import LeaseLost
 
     config = load_run_config(args)
-    # The server's evaluation too: with torch's default of one thread per core, a 100k
-    # model's evaluation took 3 ms on idle cores and 60-80 ms (up to 1 s) under load, its
-    # second thread waiting to be scheduled (brokerfl README, "Evaluation off the critical path").
+    # The server's evaluation too: with torch's default of one thread per core, a small
+    # model's evaluation waits for its second thread to be scheduled on a loaded machine (a
+    # few milliseconds idle, up to a second under load: docs/benchmarks/round-floor.md).
     _set_torch_threads()
     out = Path(args.out or env("OUT") or f"runs/{config.run}")
     # The versions live on the broker (the run's models stream), so a server on a fresh
@@ -695,8 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The allocator each command runs with (brokerfl.transports.memory; BROKERFL_MALLOC overrides it): the
 # server's memory is what grows with a federation, so its peak RSS should be what it holds
-# (lean: 4.0-4.4x the model above baseline at 4-96 clients, tuned 5.5-6.9x, for ~8% of a
-# 10M round); clients train on every round's critical path (lean clients: ~9% slower rounds).
+# (lean: flat at about 4x the model above baseline, docs/benchmarks/server-memory.md); clients
+# train on every round's critical path, so they stay tuned (speed).
 ALLOCATOR = {"server": "lean"}
 
 
@@ -704,8 +704,8 @@ def allocator_for(args: argparse.Namespace) -> str:
     """The allocator setting a command line asks for (before BROKERFL_MALLOC). A client
     process hosting several logical clients runs lean: it is there to pack clients into a
     machine's memory, and with tuned its heap fragments as each logical client's gradients
-    and update are freed (16 logical clients of a 10M model: 4.3-5.3x the model above
-    baseline tuned, 2.5x lean). One logical client per process stays tuned (speed)."""
+    and update are freed (lean: 2.5x the model above baseline with 16 logical clients,
+    docs/benchmarks/client-memory.md). One logical client per process stays tuned (speed)."""
     if args.command == "client" and len(getattr(args, "client_id", None) or ()) > 1:
         return "lean"
     return ALLOCATOR.get(args.command, "tuned")

@@ -188,7 +188,7 @@ def client_id_order(client_id: str) -> tuple[int, int | str]:
 
 
 def operator_name() -> str:
-    """Who sends admin commands. With identity (issue #9) RabbitMQ's validated user_id says it."""
+    """Who sends admin commands. With identity (``identity.enforce``) RabbitMQ's validated user_id says it."""
     try:
         user = getpass.getuser()
     except Exception:  # noqa: BLE001 - no user name in some containers

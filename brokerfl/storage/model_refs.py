@@ -108,7 +108,7 @@ class ModelCache:
         return {"fetches": self.fetches, "bytes_fetched": self.bytes_fetched, "cached_versions": sorted(self._versions)}
 
 
-REFERENCE_MIN_BYTES = 1024**2  # model_transfer auto: from here on by reference (see README: models sent once)
+REFERENCE_MIN_BYTES = 1024**2  # model_transfer auto: from here on by reference (docs/concepts/models-by-reference.md)
 
 
 def task_model_fields(config: Any, store: Any, model: Any) -> dict[str, Any]:

@@ -6,23 +6,22 @@ as big blocks are freed) with a fresh ``mmap`` and gives it back with ``munmap``
 A federation allocates the same large buffers every round (an encoded body, a reassembled
 message, a fold): each one then costs a page fault per 4 KiB page, and copying into fresh
 memory runs at a quarter of the speed of copying into memory already mapped (see
-``benchmarks/codec.py``). Three settings (``BROKERFL_MALLOC``):
+``docs/benchmarks/codec.md``). Three settings (``BROKERFL_MALLOC``):
 
 - ``tuned``: large blocks come from the heap and freed memory stays mapped, so a round
   reuses the pages of the round before. The process keeps its peak heap, and freed blocks
   of mixed sizes leave holes, so its peak RSS is the heap's high-water mark rather than
   what is live. The CLI's choice for clients (and ``simulate``), which train on the
-  critical path of every round: a 10M round with lean clients is ~9% slower, with glibc's
-  defaults ~15%.
+  critical path of every round: their rounds are slower with either other setting
+  (``docs/benchmarks/round-time.md``).
 - ``lean``: every block of 1 MiB or more is mmap'd and unmapped when freed (a fixed
   threshold: glibc's sliding one keeps blocks up to 32 MiB, and 64 MiB of free heap top,
   mapped after a large free). Peak RSS is what is live; each large buffer faults (a body
   read back from a spill file asks for huge pages: :func:`advise_huge_pages`). The CLI's
-  choice for the ``server``, whose memory is what grows with a federation: 4.0-4.4x the
-  model above its baseline at 4 to 96 clients where ``tuned`` held 5.5-6.9x in one sitting
-  (later ones saw runs over 5x at 4 clients, until publishing got a connection of its
-  own: at most 4.7x in 29 runs), for ~8% of a 10M round (README,
-  "Strategies", memory).
+  choice for the ``server``, whose memory is what grows with a federation: its peak stays
+  flat at about 4x the model above its baseline from 4 to 96 clients
+  (``docs/benchmarks/server-memory.md``), for ~8% of a 10M round
+  (``docs/benchmarks/round-time.md``).
 - ``default``: glibc's own settings.
 
 ``BROKERFL_MALLOC`` overrides the CLI's choice for every command. Not glibc (musl, macOS):
@@ -114,8 +113,8 @@ def advise_huge_pages(address: int, size: int) -> bool:
     with transparent huge pages (``madvise(MADV_HUGEPAGE)``; honoured where THP is in
     ``madvise`` or ``always`` mode, as on most distributions). A reassembled body is such a
     buffer, and under ``lean`` it is a fresh mapping every time: writing a 40 MB body into
-    it then takes ~20 faults instead of ~10,000 (12.5 ms -> 3.6 ms here), and RSS is the
-    same (every page of it is written anyway). Best effort: False where it is not
+    it then takes ~20 faults instead of ~10,000 (``docs/benchmarks/reassembly.md``), and
+    RSS is the same (every page of it is written anyway). Best effort: False where it is not
     supported, and nothing changes."""
     madvise = _madvise()
     if madvise is None or size < HUGE_PAGES_MIN_BYTES:

@@ -25,7 +25,7 @@ Only what that arithmetic suits is compressed: floating **trainable** weights of
 integers (a BatchNorm's ``num_batches_tracked``), buffers (BatchNorm's running mean and
 variance: a statistic, not a step; a sparse delta of one plus error feedback re-adds the
 unsent ``statistic - base`` every round, overshoots, and leaves variances negative: the
-CNN app collapsed to chance, issue 11) and small tensors (biases: whole they cost next to
+CNN app collapsed to chance) and small tensors (biases: whole they cost next to
 nothing, and top-k of a handful of entries sends one).
 
 On the wire a compressed tensor ``name`` is ``name`` plus, for some methods, ``name#scale``

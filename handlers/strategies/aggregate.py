@@ -21,7 +21,7 @@ so the sum differs between orders only by about n * 2^-106 of its magnitude, and
 that of a float64 rounding boundary: some 2^-45 per element and round in practice, never
 seen. The mean is then ``hi / W`` as for the other dtypes. The cost: two float64 arrays per
 float64 tensor instead of one, and a fold about 6 times a plain float64 sum's time (see
-``benchmarks/fold_double_double.py``); float32 models fold as before, hash for hash.
+``docs/benchmarks/fold-double-double.md``); float32 models fold as before, hash for hash.
 
 What is and is not order-independent: FedAvg, FedProx, the server optimisers (FedAvgM,
 FedAdagrad, FedAdam, FedYogi: their pseudo-gradient is the mean above, then the same

@@ -81,8 +81,8 @@ class ClientState:
     data: Partition  # this client's partition: train data and maybe a local test split
     answered: set[str] = field(default_factory=set)  # task ids this process already answered
     newest_version: int = -1  # the newest model version a task has shown this process
-    # the newest global model trained on, kept only where a handler reads it (Gradients, the
-    # README's example, whose set's prepare sets keep_last_global): else it would hold a
+    # the newest global model trained on, kept only where a handler reads it (Gradients, in
+    # handlers/gradients.py, whose set's prepare sets keep_last_global): else it would hold a
     # superseded version alive per logical client
     last_global: dict[str, np.ndarray] | None = None
     keep_last_global: bool = False

@@ -23,10 +23,10 @@ settled together with their message, never delivered twice.
 The checksum guards reassembly against corruption and mix-ups (chunks of another message,
 a chunk resent with other bytes); it is not authentication (the publisher computes it;
 who sent a message is RabbitMQ's validated ``user_id``), so it need not be cryptographic.
-SHA-256 cost as much client CPU as the broker's own work on a large body (~0.4-0.9 GB/s
-here, on both the publisher and the consumer, on 2 shared cores); XXH3-128 runs at ~25 GB/s,
-so it is computed inline: the publisher once over the whole body, the receiver chunk by
-chunk as they arrive in order.
+SHA-256 cost as much client CPU as the broker's own work on a large body, on both the
+publisher and the consumer; XXH3-128 runs at memory speed (about 30x faster), so it is
+computed inline: the publisher once over the whole body, the receiver chunk by chunk as
+they arrive in order (``docs/benchmarks/transport.md``).
 
 Where the chunks of an incomplete message wait (placed in its body as they come, or spilled
 to a temporary file when several large messages interleave): :mod:`brokerfl.transports.amqp.partial`.

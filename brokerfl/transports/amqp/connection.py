@@ -467,7 +467,8 @@ class AmqpConnection:
 def _tune_reads(conn: pika.BlockingConnection) -> None:
     """Read the socket ``RECV_BYTES`` at a time instead of pika's 4 KiB: pika appends each read
     to its frame buffer (a copy of what is buffered) and tries to parse a frame after each,
-    so 4 KiB reads of 128 KiB frames cost ~40% of consuming throughput. These are pika
+    so 4 KiB reads of 128 KiB frames cost ~40% of consuming throughput
+    (``docs/benchmarks/transport.md``, ``raw-4k``). These are pika
     internals (1.4): if they are not there, leave pika's defaults."""
     transport = getattr(getattr(conn, "_impl", None), "_transport", None)
     if (

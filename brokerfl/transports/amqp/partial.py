@@ -13,14 +13,15 @@ joined at the end, as before.
 Spilling. Several publishers sending large bodies at once (every client's update to the
 server) interleave their chunks in the queue, so reassembly holds several incomplete
 messages at a time: with 4 clients, ~3.3x a 38 MiB model in the server's RAM on top of the
-model and the fold. An :class:`~brokerfl.transports.amqp.chunks.Assembler` given
-``spill_min_bytes`` therefore reassembles a chunked message at least that long in RAM only
-when no other one is incomplete (``ram_partials``): the chunks of any one begun while
-another is still coming, in RAM or spilled, go to an anonymous temporary file (one per
-incomplete message, in ``spill_dir``) as they arrive, and on completion the whole body is
-read back with one read into a fresh ``bytes`` of exactly its length, backed by huge pages
-where the kernel allows (a fresh mapping faults page by page otherwise; a spilled message
-costs one more kernel copy, the write; ~30 ms for 40 MB here).
+model and the fold (``docs/benchmarks/server-memory.md``). An
+:class:`~brokerfl.transports.amqp.chunks.Assembler` given ``spill_min_bytes`` therefore
+reassembles a chunked message at least that long in RAM only when no other one is incomplete
+(``ram_partials``): the chunks of any one begun while another is still coming, in RAM or
+spilled, go to an anonymous temporary file (one per incomplete message, in ``spill_dir``) as
+they arrive, and on completion the whole body is read back with one read into a fresh
+``bytes`` of exactly its length, backed by huge pages where the kernel allows (a fresh
+mapping faults page by page otherwise; a spilled message costs one more kernel copy, the
+write).
 RAM then holds one message's body plus one chunk, whatever the interleaving: counting the
 spilled ones keeps a body being placed in RAM from overlapping one being read back. The
 page cache holds the rest (it is not the process's memory, and the kernel writes it out or

@@ -116,8 +116,8 @@ class FragmentKeepingAssembler(pika.channel.ContentFrameAssembler):
     (a message with ``chunk_header`` among its headers) of at least
     :data:`FRAGMENTS_MIN_BYTES` is handed on as :class:`Fragments` instead of joined. pika
     joins every body into one ``bytes`` (``ContentFrameAssembler._finish``); with a lean
-    allocator a 16 MiB join is a fresh mapping that faults page by page (16 ms here, 2 ms
-    into reused memory), on every chunk the server receives."""
+    allocator a 16 MiB join is a fresh mapping that faults page by page (several times the
+    cost of a join into reused memory), on every chunk the server receives."""
 
     def __init__(self, chunk_header: str) -> None:
         super().__init__()

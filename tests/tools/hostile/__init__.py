@@ -1,4 +1,4 @@
-"""Hostile input for a run's server queue (issue 16), in three modules:
+"""Hostile input for a run's server queue, in three modules:
 
 - :mod:`tests.tools.hostile.messages`: the seeded mix of hostile messages, each with what the
   server should do with it;

@@ -1,7 +1,7 @@
 """Hostile messages for a run's server queue: what an attacker with ordinary broker
 credentials can publish, each with what the server should do with it.
 
-:func:`hostile_messages` yields a seeded mix of the categories of issue 16 (random and empty
+:func:`hostile_messages` yields a seeded mix of these categories (random and empty
 bodies, truncated and bit-flipped valid encodings, wrong field types, lying tensor headers,
 NaN/inf and wrong-shape updates, absurd num_samples/rounds/versions, invalid client ids,
 forged Leave for real clients, LOCAL timer types, unknown types, garbage AMQP properties and
@@ -29,7 +29,7 @@ DEAD = "dead"  # dead-lettered with a reason (message id kept)
 DEAD_ANONYMOUS = "dead-anonymous"  # dead-lettered, but its properties could not be read (id lost)
 REFUSED = "refused"  # dead-lettered, or dropped with an UpdateDropped record
 CHUNK = "chunk"  # one chunk of a set that never completes: dead-lettered, or still held when the run ends
-IDENTITY = "identity"  # handled: a forged message for a real client, left to the identity issue (#9)
+IDENTITY = "identity"  # handled: a forged message for a real client, left to identity (identity.enforce)
 
 CHUNK_BYTES = 64 * 1024
 INVALID_CLIENT_IDS = ["", "#", "*", "a.b", "c 1", "x" * 10_000, "ü", "../etc"]
@@ -107,7 +107,7 @@ def _valid_update(
 ) -> tuple[dict[str, Any], bytes]:
     """A well-formed update from a client that is not in the run (a valid name): what the
     other categories garble. Claiming a real client would make it foldable, and only
-    identity (#9) can tell that forgery from the client's own update."""
+    identity (``identity.enforce``) can tell that forgery from the client's own update."""
     params = {k: np.full(s, rng.uniform(-1, 1), np.float32) for k, s in shapes.items()}
     update = ParameterUpdate(
         message_id=mid,
@@ -283,8 +283,8 @@ def _invalid_ids(rng, n, run, ids, shapes, rounds):
 
 
 def _forged_leave(rng, n, run, ids, shapes, rounds):
-    # A Leave for a real client is accepted: nothing tells a forged one from the client's own
-    # until messages carry a validated user_id (the identity issue, #9). Rare in the mix.
+    # A Leave for a real client is accepted: without identity.enforce nothing tells a forged
+    # one from the client's own (only a validated user_id can). Rare in the mix.
     if rng.random() > 0.05:
         return _unknown_type(rng, n, run, ids, shapes, rounds)
     body = to_wire(Leave(client_id=rng.choice(ids), reason="forged"))[1]
