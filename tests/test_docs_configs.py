@@ -84,7 +84,11 @@ def with_snippets(text: str) -> str:
             continue
         path, *span = match["path"].split(":")
         included = (ROOT / path).read_text().splitlines()
-        if span:
+        if span and not span[0].isdigit():  # a named section: --8<-- [start:name] ... [end:name]
+            begin = next(i for i, line in enumerate(included) if f"--8<-- [start:{span[0]}]" in line)
+            end = next(i for i, line in enumerate(included) if f"--8<-- [end:{span[0]}]" in line)
+            included = included[begin + 1 : end]
+        elif span:  # lines start:end, 1-based, either may be empty
             start, stop = (int(n) if n else None for n in (span + [""])[:2])
             included = included[(start or 1) - 1 : stop]
         out.extend(included)
@@ -155,3 +159,5 @@ def test_a_snippet_is_checked_with_the_file_it_includes():
     (block,) = yaml_blocks("page.md", '```yaml\n--8<-- "configs/digits_fedbuff.yaml"\n```\n')
     assert "fedbuff" in with_snippets(block.text)
     check_config(block)
+    lines = (ROOT / "configs/digits_fedbuff.yaml").read_text().splitlines()
+    assert with_snippets('--8<-- "configs/digits_fedbuff.yaml:2:3"') == "\n".join(lines[1:3])
