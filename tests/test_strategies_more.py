@@ -358,3 +358,21 @@ def test_every_new_strategy_works_as_a_replay_what_if(small_runs, what_if, optio
     config, _, journal, _ = small_runs["fedadam"]
     replayed = replay(journal, config, what_if=what_if, what_if_options=options)
     assert replayed.ok and all(0.0 <= row.what_if["accuracy"] <= 1.0 for row in replayed.rows[1:])
+
+
+def test_options_that_fail_only_with_the_run_are_refused_when_the_config_is_loaded():
+    from brokerfl.config import RunConfig
+
+    # the default count noise (10 clients per round / 20 = 0.5) leaves no noise for the updates at z = 1
+    with pytest.raises(ValueError, match="raise clipped_count_stddev or lower noise_multiplier"):
+        RunConfig.model_validate(
+            {"clients": 10, "strategy": {"name": "dp_fedavg", "options": {"adaptive_clipping": True}}}
+        )
+    RunConfig.model_validate(
+        {
+            "clients": 10,
+            "strategy": {"name": "dp_fedavg", "options": {"adaptive_clipping": True, "noise_multiplier": 0.5}},
+        }
+    )
+    with pytest.raises(ValueError, match="bias_correction applies to fedadam and fedyogi"):
+        RunConfig.model_validate({"strategy": {"name": "fedadagrad", "options": {"bias_correction": True}}})

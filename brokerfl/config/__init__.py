@@ -310,9 +310,9 @@ class RunConfig(_Section):
     def _check_strategy(self) -> None:
         """The strategy loads, is complete (no abstract method left) and takes its options:
         a mistake stops the run when its config is read, not at the first deadline."""
-        from brokerfl.handlers.strategies.base import check_strategy
+        from brokerfl.handlers.strategies.base import check_strategy_for_run
 
-        check_strategy(self.strategy.name, self.strategy.options)
+        check_strategy_for_run(self)
 
     def client_ids(self) -> list[str]:
         return [str(i) for i in range(self.clients)]

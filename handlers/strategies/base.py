@@ -2,7 +2,8 @@
 
 A strategy turns the updates of a round into the next global model. The server's handler
 set (``handlers/workflows/server.py``) does the messaging; a strategy does only the arithmetic, so a
-new one is a small class: ``sample``, ``start_round``, ``fold``, ``finish_round``.
+new one is a small class: ``start_round``, ``fold``, ``folded`` and ``finish_round`` (who is
+sampled, ``sample``, has a default).
 
 A stateful strategy (a server optimizer's moments, an adaptive clipping norm, privacy spent)
 also says what state goes with each model version (``state_arrays``, stored atomically with
@@ -89,6 +90,11 @@ class Strategy(ABC):
         drawn from it) and the federation's size (a sampling rate for privacy accounting)."""
         self.run_seed = seed
         self.federation_size = clients
+
+    def check_run(self) -> None:
+        """Checks of the options that need the run (its size, its sampling), made when the
+        config is loaded: a ValueError saying what to change. Most strategies need none."""
+        return None
 
     def sample(self, round_: int, available: Sequence[str], rng: np.random.Generator) -> list[str]:
         """Who trains this round: ``clients_per_round`` of them, else ``fraction`` (at least one)."""
@@ -205,6 +211,17 @@ def check_strategy(name: str, options: Mapping[str, Any]) -> type[Strategy]:
             raise ValueError(f"strategy {name!r} needs {module}, which is not installed: {TORCH_EXTRA}")
     cls.parse_options(options)
     return cls
+
+
+def check_strategy_for_run(config: RunConfig) -> None:
+    """:func:`check_strategy`, then the checks that need the run (:meth:`Strategy.check_run`)."""
+    check_strategy(config.strategy.name, config.strategy.options)
+    try:
+        strategy_for_run(config).check_run()
+    except OptionError:
+        raise
+    except ValueError as exc:
+        raise ValueError(f"strategy {config.strategy.name!r}: {exc}") from None
 
 
 def _installed(module: str) -> bool:

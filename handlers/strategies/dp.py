@@ -164,6 +164,14 @@ class DPFedAvg(Strategy):
         self._unclipped = 0
         self._warned = False
 
+    def check_run(self) -> None:
+        if self.adaptive_clipping and self.mode == "central" and self.noise_multiplier > 0:
+            try:
+                adaptive_noise_multiplier(self.noise_multiplier, self.count_stddev())
+            except ValueError as exc:
+                default = " (its default: the clients per round / 20)" if self.clipped_count_stddev is None else ""
+                raise ValueError(f"{exc}{default}: raise clipped_count_stddev or lower noise_multiplier") from None
+
     # who is sampled, and how much privacy that spends
 
     def expected_clients(self) -> int:

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from brokerfl.handlers.strategies.aggregate import Tensors, weighted_average
 from brokerfl.handlers.strategies.base import StrategyOptions
@@ -86,6 +86,14 @@ class AdaptiveOptions(StrategyOptions):
     bias_correction: bool = Field(
         False, description="false: the paper's plain step; true: Flower's FedAdam's bias-corrected step"
     )
+
+
+class AdagradOptions(AdaptiveOptions):
+    @model_validator(mode="after")
+    def _no_bias_correction(self) -> AdagradOptions:
+        if self.bias_correction:
+            raise ValueError("bias_correction applies to fedadam and fedyogi (Adagrad has no beta_2 decay to correct)")
+        return self
 
 
 class FedAvgMOptions(StrategyOptions):
@@ -149,11 +157,6 @@ class _Adaptive(_ServerOptimizer):
     def __init__(self, **settings: Any) -> None:
         super().__init__(**settings)
         self.initial_v: float = self.tau**2 if self.options.initial_v is None else self.options.initial_v
-        if self.bias_correction and self.kind == "adagrad":
-            raise ValueError(
-                f"strategy {self.name!r}: bias_correction applies to fedadam and fedyogi (Adagrad has no beta_2 decay "
-                "to correct)"
-            )
 
     def step(self, name: str, x: np.ndarray, delta: np.ndarray) -> np.ndarray:
         m = self._state["m"][name] = first_moment(self._moment("m", name, delta), delta, self.beta_1)
@@ -177,6 +180,7 @@ class FedYogi(_Adaptive):
 class FedAdagrad(_Adaptive):
     name = "fedadagrad"
     kind = "adagrad"
+    Options = AdagradOptions
 
 
 class FedAvgM(_ServerOptimizer):
