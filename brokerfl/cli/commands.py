@@ -97,8 +97,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     ]  # federated evaluation lines too
     last = scored[-1] if scored else {}
     loss = last.get("loss")
+    versions = [r for r in result.records if "evaluation" not in r]
+    rounds = len({r.get("round") for r in versions})
+    # a cyclic round is one version per hop, and an asynchronous strategy's versions are its rounds
+    done = f"{rounds} rounds" if rounds == len(versions) else f"{rounds} rounds ({len(versions)} model versions)"
     print(
-        f"{config.run}: {sum('evaluation' not in r for r in result.records)} rounds in {result.duration_s:.1f} s; "
+        f"{config.run}: {done} in {result.duration_s:.1f} s; "
         f"final {target} {last.get(target, float('nan')):.4f}, loss {float('nan') if loss is None else loss:.4f}; "
         f"wrote {out / 'metrics.jsonl'}, {out / 'curve.png'}"
         + (f" and {out / FINAL_MODEL}" if (out / FINAL_MODEL).exists() else "")
