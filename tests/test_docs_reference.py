@@ -242,3 +242,14 @@ def test_argparse_flags_are_described_as_flags(commands):
     }
     assert kinds["--no-progress"] == "flag"
     assert kinds["--password-login, --no-password-login"].startswith("flag (")
+
+
+def test_config_page_example_is_a_valid_config():
+    import yaml
+
+    from brokerfl.config import parse_config
+
+    page = (ROOT / "docs" / "reference" / "config.md").read_text()
+    example = page.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = parse_config(yaml.safe_load(example))
+    assert config.strategy.name == "fedadam" and config.strategy.options == {"eta": 0.01}

@@ -247,8 +247,12 @@ def _kind(action: argparse.Action) -> str:
     if action.choices is not None:
         return "one of " + ", ".join(code(c) for c in action.choices)
     kind = {int: "integer", float: "number", None: "text"}.get(action.type)
-    if kind is None:  # a parsing function: its format is the metavar's and the help's
-        kind = code(action.metavar) if action.metavar else "text"
+    if kind is None:  # a parsing function: its format is the metavar's, else its docstring's
+        if action.metavar:
+            kind = code(action.metavar)
+        else:
+            doc = first_paragraph(getattr(action.type, "__doc__", None))
+            kind = f"text such as {from_docstring(doc).rstrip('.')}" if doc else "text"
     if isinstance(action, argparse._AppendAction):
         kind += ", repeatable"
     if action.nargs == "*":
@@ -286,7 +290,8 @@ def command_markdown(command: Command) -> str:
         text = escape(sentence(option.help)) if option.help else ""
         if text and not text.endswith("."):
             text += "."
-        facts = [_kind(action).capitalize() + "."]
+        kind = _kind(action)
+        facts = [kind[0].upper() + kind[1:] + "."]
         if action.required:
             facts.append("Required.")
         elif not action.option_strings and action.nargs == "?":
