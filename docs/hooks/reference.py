@@ -610,11 +610,11 @@ ROUTES: dict[str, tuple[str, ...]] = {
 }
 
 # the modules whose import registers the built-in message types, in the order they are shown
-MESSAGE_MODULES = {
-    "brokerfl.wire.message": "Federated learning",
-    "brokerfl.runtime.operator_commands": "Operating a run",
-    "brokerfl.storage.journal": "The journal",
-    "brokerfl.handlers.workflows.cross_site": "Cross-site evaluation",
+MESSAGE_MODULES = {  # module: (title, anchor)
+    "brokerfl.wire.message": ("Federated learning", "federated-learning"),
+    "brokerfl.runtime.operator_commands": ("Operating a run", "operating"),
+    "brokerfl.storage.journal": ("The journal", "the-journal"),
+    "brokerfl.handlers.workflows.cross_site": ("Cross-site evaluation", "cross-site-evaluation"),
 }
 # modules with only LOCAL types (a worker's own events)
 LOCAL_MODULES = (
@@ -635,6 +635,30 @@ def message_types() -> dict[str, type]:
     from brokerfl.wire.message import MESSAGE_TYPES
 
     return dict(MESSAGE_TYPES)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comments written beside a dataclass's fields in its source (``x: int = 0  # what x is``)."""
+    import ast
+    import io
+    import tokenize
+
+    try:
+        source, start = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return {}
+    text = inspect.cleandoc("".join(source)) if source[0].startswith(" ") else "".join(source)
+    lines_of: dict[str, range] = {}
+    for node in ast.parse(text).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines_of[node.target.id] = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+    comments: dict[str, list[str]] = {}
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type == tokenize.COMMENT:
+            for name, lines in lines_of.items():
+                if token.start[0] in lines:
+                    comments.setdefault(name, []).append(token.string.lstrip("#").strip())
+    return {name: " ".join(parts) for name, parts in comments.items()}
 
 
 def payload_fields(cls: type) -> list[tuple[str, Any, str]]:
@@ -686,8 +710,13 @@ def message_markdown(name: str, cls: type) -> list[str]:
         lines += [from_docstring(own_doc(cls)), ""]
     fields = payload_fields(cls)
     if fields:
-        lines += ["| Field | Type | Default |", "|---|---|---|"]
-        lines += [f"| {code(f)} | {cell(type_text(t))} | {d} |" for f, t, d in fields]
+        notes = {}
+        for klass in reversed(cls.__mro__):  # a field's comment where it is declared
+            notes.update(field_comments(klass) if dataclasses.is_dataclass(klass) else {})
+        lines += ["| Field | Type | Default | Note |", "|---|---|---|---|"]
+        for name, hint, default in fields:
+            note = cell(from_docstring(notes.get(name, "")))
+            lines.append(f"| {code(name)} | {cell(type_text(hint))} | {default} | {note} |")
     else:
         lines.append("No fields beyond the envelope.")
     lines.append("")
@@ -711,8 +740,8 @@ def messages_reference() -> str:
         *[f"| {code(f)} | {type_text(hints[f])} |" for f in ENVELOPE_FIELDS],
         "",
     ]
-    for module, title in MESSAGE_MODULES.items():
-        parts += [f"## {title} {{#{module.rsplit('.', 1)[-1].replace('_', '-')}}}", ""]
+    for module, (title, section) in MESSAGE_MODULES.items():
+        parts += [f"## {title} {{#{section}}}", ""]
         parts.append(f"Defined in {code(module)}.")
         parts.append("")
         for name, cls in registry.items():
