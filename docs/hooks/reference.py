@@ -206,7 +206,7 @@ def commands() -> list[Command]:
                     config_key=overrides.get(action.dest) if name else None,
                 )
             )
-        with mock.patch.dict(os.environ, {"COLUMNS": "88"}):
+        with mock.patch.dict(os.environ, {"COLUMNS": "80"}):
             usage = parser.format_usage().strip()
         found.append(
             Command(
