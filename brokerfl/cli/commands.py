@@ -527,12 +527,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(server)
     add_broker_arguments(server)
     server.add_argument(
-        "--out", help="directory for metrics.jsonl, curve.png and stored model versions (default: runs/<run>)"
+        "--out",
+        help=(
+            "directory for metrics.jsonl, curve.png and stored model versions (default: $BROKERFL_OUT, else runs/<run>)"
+        ),
     )
     _metrics_argument(server)
     server.set_defaults(func=cmd_server)
 
-    client = commands.add_parser("client", help="run one or many logical clients over RabbitMQ")
+    client = commands.add_parser(
+        "client",
+        help="run one or many logical clients over RabbitMQ",
+        description=(
+            "Run one or many logical clients over RabbitMQ. With workflow swarm the process is also an aggregator "
+            "candidate, and writes the run's outputs to $BROKERFL_OUT (default: runs/<run>)."
+        ),
+    )
     add_config_arguments(client)
     add_broker_arguments(client)
     client.add_argument(
@@ -568,8 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     accounting.add_argument(
         "--out",
         help=(
-            "read the model versions a server exported to this directory (default: from the run's models stream on the "
-            "broker)"
+            "read the model versions a server exported to this directory (default: $BROKERFL_OUT; without either, "
+            "from the run's models stream on the broker)"
         ),
     )
     accounting.add_argument(
@@ -601,15 +611,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="an option of the what-if strategy, e.g. f=2 (repeatable; the value is read as YAML)",
     )
-    rep.add_argument("--from-version", type=int, default=0)
-    rep.add_argument("--to-version", type=int)
+    rep.add_argument(
+        "--from-version",
+        type=int,
+        default=0,
+        help="show the versions from this one on (the earlier ones are still recomputed: later ones build on them)",
+    )
+    rep.add_argument("--to-version", type=int, help="stop after this version (default: the newest)")
     rep.set_defaults(func=cmd_replay)
 
     journal = commands.add_parser("journal", help="the run's journal")
     journal_commands = journal.add_subparsers(dest="journal_command", required=True)
     export = journal_commands.add_parser("export", help="write the run's journal to a file")
     add_config_arguments(export)
-    export.add_argument("file")
+    export.add_argument("file", help="the journal file to write (read by replay, accounting and inspect --journal)")
     add_broker_arguments(export)
     export.set_defaults(func=cmd_journal_export)
 

@@ -38,7 +38,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=env("SEED"), help="seed for data split, sampling, initialisation and training"
     )
     parser.add_argument("--run", default=env("RUN"), help="run name (the broker namespace)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe log lines written to stderr (JSON lines, or text on a terminal)",
+    )
     parser.add_argument(
         "--enforce-identity",
         action="store_const",

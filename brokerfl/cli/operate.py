@@ -368,7 +368,7 @@ def add_commands(commands: Any) -> None:
         description="\n".join(f"{name}: {what}" for name, what in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    admin.add_argument("admin_command", choices=list(COMMANDS), metavar="COMMAND", help=", ".join(COMMANDS))
+    admin.add_argument("admin_command", choices=list(COMMANDS), metavar="COMMAND", help="the operator command (above)")
     admin.add_argument("values", nargs="*", help="the command's values (a client id, N, client ids)")
     admin.add_argument(
         "--config",
@@ -379,6 +379,11 @@ def add_commands(commands: Any) -> None:
     admin.add_argument("--reason", help="abort: why (journaled)")
     admin.add_argument("--delete-queue", action="store_true", help="remove-client: also delete the client's queue")
     admin.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server's reply")
-    admin.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    admin.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe log lines written to stderr",
+    )
     common.add_broker_arguments(admin)
     admin.set_defaults(func=cmd_admin, clients=None, rounds=None, seed=None)

