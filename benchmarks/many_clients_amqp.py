@@ -1,5 +1,5 @@
 """Many logical clients over RabbitMQ: N logical clients in P client processes (one
-consumer, so one channel, per logical client; a connection holds channel_max - 4 of them),
+consumer, so one channel, per logical client; a connection holds channel_max - 3 of them),
 a FedAvg run of R rounds on mnist5k (4,000 training images: 2 per client at N = 2,000).
 
     python benchmarks/many_clients_amqp.py [--clients 2000] [--processes 4] [--rounds 5]
