@@ -28,9 +28,13 @@ def main() -> None:
     body = os.urandom(args.mb * 10**6)
     queue = f"brokerfl.bench-{uuid.uuid4().hex[:8]}.server"
     chunk_size = args.chunk_mib * 1024**2
+    room = max(512 * 1024**2, 2 * len(body))
     with (
         AmqpTransport(args.url, chunk_size=chunk_size) as producer,
-        AmqpTransport(args.url, chunk_size=chunk_size) as consumer,
+        # room for the whole body, as a run's max_message_mib gives its processes
+        AmqpTransport(
+            args.url, chunk_size=chunk_size, max_partial_bytes_per_sender=room, max_partial_bytes=room
+        ) as consumer,
     ):
         producer.declare_queue(queue, kind=args.queue_kind)
         try:

@@ -157,7 +157,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     out = Path(args.out or env("OUT") or f"runs/{config.run}")
     # The versions live on the broker (the run's models stream), so a server on a fresh
     # host with an empty --out resumes the run; DIR/models is an export of them.
-    with connect(args, retry_start=True) as transport, connect(args, side=True, retry_start=True) as store_transport:
+    with (
+        connect(args, retry_start=True, config=config) as transport,
+        connect(args, side=True, retry_start=True, config=config) as store_transport,
+    ):
         topology_for(config).declare(transport)
         load_app(
             config
@@ -254,10 +257,13 @@ def cmd_client(args: argparse.Namespace) -> int:
         from brokerfl.assembly.swarm_peers import run_peer
 
         out = Path(env("OUT") or f"runs/{config.run}")
-        code = run_peer(lambda: connect(args, retry_start=True), config, args.client_id, out)
+        code = run_peer(lambda: connect(args, retry_start=True, config=config), config, args.client_id, out)
         _print_cross_site(config, out)  # written by the peer that held the role at the end
         return code
-    with connect(args, retry_start=True) as transport, connect(args, side=True, retry_start=True) as models_transport:
+    with (
+        connect(args, retry_start=True, config=config) as transport,
+        connect(args, side=True, retry_start=True, config=config) as models_transport,
+    ):
         # one connection, one consumer per logical client; a second one fetches the models
         # tasks name by reference, once per process for all its logical clients
         capacity = transport.consumer_capacity()  # one channel per logical client's consumer
@@ -305,7 +311,7 @@ def cmd_accounting(args: argparse.Namespace) -> int:
         return 0 if report.ok and report.cut_at is None else 1
     config = load_run_config(args)
     out = Path(args.out or env("OUT")) if (args.out or env("OUT")) else None
-    with connect(args) as transport, connect(args) as store_transport:
+    with connect(args, config=config) as transport, connect(args, config=config) as store_transport:
         if out is not None:  # the versions as a server exported them
             if not (out / "models").is_dir():
                 raise SystemExit(f"brokerfl accounting: no stored model versions in {out / 'models'}")
@@ -326,7 +332,7 @@ def _journal_source(args: argparse.Namespace, config: RunConfig):
 
     if args.journal:
         return read_journal_file(args.journal), None
-    transport = connect(args)
+    transport = connect(args, config=config)
     return read_journal(transport, topology_for(config.model_copy(update={"journal": True}))), transport
 
 
@@ -387,7 +393,7 @@ def cmd_journal_export(args: argparse.Namespace) -> int:
 
     config = load_run_config(args)
     skipped = Skipped()
-    with connect(args) as transport:
+    with connect(args, config=config) as transport:
         count = write_journal_file(
             args.file,
             config.run,

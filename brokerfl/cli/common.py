@@ -112,13 +112,14 @@ def broker_url(args: argparse.Namespace) -> str:
     return url
 
 
-def connect(args: argparse.Namespace, *, side: bool = False, retry_start: bool = False):
+def connect(args: argparse.Namespace, *, side: bool = False, retry_start: bool = False, config: Any = None):
     """``side``: a connection used now and then between long idle spells (the models
     stream's): without heartbeats, which only a connection that is polled sends, so the
     broker does not close it while idle (a dead one is reopened on its next use).
     ``retry_start``: a long-running process (server, client) keeps trying to reach a broker
     that is not up yet, as after a lost connection (``--max-reconnect-s``); the one-shot
-    commands fail at once."""
+    commands fail at once. ``config``: the run's, whose models set how large a chunked
+    message may be reassembled (``max_message_mib``)."""
     from brokerfl.transports.amqp import AmqpTransport
     from brokerfl.transports.amqp.connect import TlsOptions
 
@@ -128,7 +129,15 @@ def connect(args: argparse.Namespace, *, side: bool = False, retry_start: bool =
         max_reconnect_s=float(getattr(args, "max_reconnect_s", 60.0)),
         retry_start=retry_start,
         **({"heartbeat": 0} if side else {}),
+        **_reassembly(config),
     )
+
+
+def _reassembly(config: Any) -> dict[str, int]:
+    if config is None:
+        return {}
+    per_sender, total = config.reassembly_bounds()
+    return {"max_partial_bytes_per_sender": per_sender, "max_partial_bytes": total}
 
 
 def parse_client_ids(text: str) -> list[str]:

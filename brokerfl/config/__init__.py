@@ -272,6 +272,19 @@ class RunConfig(_Section):
             "inline in every task, or auto: by reference from 1 MiB of parameters (brokerfl.storage.model_refs)"
         ),
     )
+    max_message_mib: int = Field(
+        256,
+        ge=1,
+        description="the largest chunked message (a model update, a model version) a process over RabbitMQ "
+        "reassembles from one sender, in MiB: raise it for models over about 250 MiB",
+    )
+    max_reassembly_mib: int | None = Field(
+        None,
+        ge=1,
+        description="MiB of incomplete chunked messages a process holds at once, in memory or spilled to disk "
+        "(past it the least recently fed one is dead-lettered); none: max_message_mib for every client a round "
+        "samples and one more, at least 512",
+    )
     journal: bool = Field(True, description="copy every message to the run's journal stream")
     journal_max_bytes: int | None = Field(
         4 * 1024**3, ge=1, description="journal retention by size (oldest segments go first)"
@@ -372,6 +385,16 @@ class RunConfig(_Section):
         from brokerfl.handlers.strategies.base import check_strategy_for_run
 
         check_strategy_for_run(self)
+
+    def reassembly_bounds(self) -> tuple[int, int]:
+        """Bytes of incomplete chunked messages a process holds from one sender, and in all.
+        By default every client a round samples may be sending a whole update at once (the
+        ones past the first are spilled to disk, so the total is mostly disk)."""
+        per_sender = self.max_message_mib * 1024**2
+        if self.max_reassembly_mib is not None:
+            return per_sender, self.max_reassembly_mib * 1024**2
+        senders = self.strategy.clients_per_round or max(1, round(self.strategy.fraction * self.clients))
+        return per_sender, max(512 * 1024**2, per_sender * (senders + 1))
 
     def client_ids(self) -> list[str]:
         return [str(i) for i in range(self.clients)]

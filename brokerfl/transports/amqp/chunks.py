@@ -284,7 +284,8 @@ class Assembler:
                     [handle],
                     [bytes(body)],
                     f"chunked message {mid}: {info.length} bytes is more than reassembly holds (max_partial_bytes "
-                    f"{self.max_bytes}, per sender {self.max_bytes_per_sender})",
+                    f"{self.max_bytes}, per sender {self.max_bytes_per_sender}; a run raises them "
+                    "with max_message_mib)",
                 )
             while len(self.partials) >= self.max_partials:
                 self._evict(self._oldest(), f"more than {self.max_partials} incomplete chunked messages at once")
