@@ -106,6 +106,9 @@ def test_over_rabbitmq(tmp_path, amqp_url, delete_run):
     records = read_metrics(work / "runs" / run / "metrics.jsonl")
     assert [r["round"] for r in records] == list(range(1, 21))
     assert all(r["num_updates"] == 10 for r in records)
+    # the same model as in one process, bit for bit
+    hashes = re.findall(r'^"sha256": "([0-9a-f]{64})"$', out, re.M)
+    assert hashes == [records[-1]["sha256"]] * 2, out[-500:]
 
 
 def _rabbitmqctl_on_path(bin_dir: Path) -> None:

@@ -38,3 +38,9 @@ tail -n 1 server.log
 # --8<-- [start:accounting]
 brokerfl accounting
 # --8<-- [end:accounting]
+
+# --8<-- [start:same]
+brokerfl simulate configs/digits_fedavg.yaml --out runs/simulated > /dev/null 2>&1
+tail -n 1 "runs/$BROKERFL_RUN/metrics.jsonl" | grep -o '"sha256": "[0-9a-f]*"'
+tail -n 1 runs/simulated/metrics.jsonl | grep -o '"sha256": "[0-9a-f]*"'
+# --8<-- [end:same]
