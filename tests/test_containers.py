@@ -3,6 +3,10 @@ makes), the federation runs as containers with its own RabbitMQ container, and i
 exactly like `brokerfl simulate`; a client and the server killed mid-run are brought back by
 the restart policy and the accounting holds.
 
+The commands that build, start, read and stop it are the containers tutorial's
+(docs/tutorials/code/containers.sh, shown by docs/tutorials/containers.md), run section by
+section with this test's image tag, compose project, ports and results directory.
+
 Needs root or a running Docker engine (see container_engine.py); skipped with the reason
 otherwise. Takes minutes (the image build downloads the dependencies): `-m "not container"`
 leaves it out. Set BROKERFL_KEEP_IMAGE=1 to keep the built image between runs.
@@ -24,6 +28,7 @@ import pytest
 import torch
 import yaml
 from container_engine import DockerEngine, EngineUnavailable, run
+from tutorial_scripts import CODE, run_bash, section
 
 from brokerfl.assembly.simulate import simulate
 from brokerfl.config import load_config
@@ -38,6 +43,12 @@ BROKER_IMAGE = "brokerfl-rabbitmq:bookworm"
 BROKER_PORT = "5799"  # far from the machine's RabbitMQ nodes (5672, 5681-5686, TLS)
 MANAGEMENT_PORT = "15799"
 CLIENTS = 4
+TUTORIAL = CODE / "containers.sh"
+
+
+def tutorial(name: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Section ``name`` of the containers tutorial's commands, run from the repository root."""
+    return run_bash(section(TUTORIAL, name), cwd=ROOT, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +77,7 @@ def _torch_wheels() -> list[str]:
 @pytest.fixture(scope="module")
 def image(engine):
     """The worker image built from docker/Dockerfile on the offline base; removed after."""
-    built = run(str(ROOT / "docker" / "build-base.sh"), timeout=900, check=False)
+    built = tutorial("base", {**os.environ, "BROKERFL_BROKER_IMAGE": BROKER_IMAGE}, timeout=900)
     assert built.returncode == 0, built.stdout + built.stderr
     wheels = ROOT / "docker" / "wheels"
     copied = []
@@ -78,22 +89,8 @@ def image(engine):
     keep = os.environ.get("BROKERFL_KEEP_IMAGE") == "1"
     tag = "brokerfl-test:latest" if keep else f"brokerfl-test:{uuid.uuid4().hex[:8]}"
     try:
-        built = run(
-            "docker",
-            "build",
-            "-q",
-            "--build-arg",
-            f"BASE={BASE_IMAGE}",
-            "-f",
-            "docker/Dockerfile",
-            "-t",
-            tag,
-            ".",
-            cwd=ROOT,
-            timeout=1500,
-            check=False,
-            env={**os.environ, "DOCKER_BUILDKIT": "0"},
-        )
+        assert f"--build-arg BASE={BASE_IMAGE}" in section(TUTORIAL, "build")
+        built = tutorial("build", {**os.environ, "BROKERFL_IMAGE": tag, "DOCKER_BUILDKIT": "0"}, timeout=1500)
         assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     finally:
         for path in copied:
@@ -111,8 +108,17 @@ class ComposeRun:
         self.runs = runs
         runs.mkdir(parents=True, exist_ok=True)
         runs.chmod(0o777)  # the workers run as an unprivileged user
+        path = os.environ.get("PATH", "")
+        if engine.compose_command() == ["docker", "compose"]:  # the tutorial says docker-compose
+            shim = runs.parent / f"{runs.name}-bin"
+            shim.mkdir(exist_ok=True)
+            (shim / "docker-compose").write_text('#!/bin/sh\nexec docker compose "$@"\n')
+            (shim / "docker-compose").chmod(0o755)
+            path = f"{shim}{os.pathsep}{path}"
         self.env = {
             **os.environ,
+            "PATH": path,
+            "COMPOSE_PROJECT_NAME": self.project,  # the tutorial's commands name no project
             "BROKERFL_IMAGE": image,
             "BROKERFL_BROKER_IMAGE": BROKER_IMAGE,
             "BROKERFL_BROKER_PORT": BROKER_PORT,
@@ -129,11 +135,17 @@ class ComposeRun:
         assert not check or done.returncode == 0, f"{' '.join(args)}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
         return done
 
+    def tutorial(self, name: str, timeout: float = 300) -> str:
+        """The tutorial's section ``name`` for this project; its output (it must succeed)."""
+        done = tutorial(name, self.env, timeout=timeout)
+        assert done.returncode == 0, f"{name}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+        return done.stdout + done.stderr
+
     def up(self) -> None:
-        self.compose("up", "-d", "--no-build")
+        self.tutorial("up")
 
     def down(self) -> None:
-        self.compose("down", "-v", "--remove-orphans", "-t", "10", check=False)
+        tutorial("down", self.env)
 
     def container(self, service: str) -> str:
         return self.compose("ps", "-q", service).stdout.strip()
@@ -198,8 +210,13 @@ def test_the_compose_federation_trains_like_simulate(compose_run, image):
     rounds = 3
     fed = compose_run(BROKERFL_RUN="compose-digits", BROKERFL_ROUNDS=str(rounds))
     fed.up()
+    listed = fed.tutorial("ps")
+    assert all(service in listed for service in fed.services), listed
     codes = fed.wait(fed.finished, "every worker to exit")
     assert codes == dict.fromkeys(fed.services, 0), fed.logs()
+    shown = fed.tutorial("logs")
+    assert f"compose-digits: done at model version {rounds};" in shown, shown
+    assert "curve.png\nfinal_model.npz\nmetrics.jsonl\nmodels\n" in shown, shown
     records = fed.metrics()
     assert [r["round"] for r in records] == list(range(1, rounds + 1))
     assert all(r["num_updates"] == CLIENTS for r in records)
@@ -235,19 +252,8 @@ def test_a_client_and_the_server_crash_mid_run_and_come_back(compose_run, tmp_pa
     records = fed.metrics()
     assert [r["model_version"] for r in records] == list(range(1, rounds + 1))
 
-    accounting = fed.compose(
-        "run",
-        "--rm",
-        "--no-deps",
-        "server",
-        "brokerfl",
-        "accounting",
-        "--log-level",
-        "warning",
-        check=False,
-        timeout=180,
-    )
-    print(accounting.stdout)
-    assert accounting.returncode == 0, accounting.stdout + accounting.stderr
+    accounting = fed.tutorial("accounting", timeout=180)
+    print(accounting)
+    assert "OK: every update is accounted for exactly once" in accounting
     expected = local_records("compose-crash", rounds)[-1]["accuracy"]
     assert abs(records[-1]["accuracy"] - expected) <= 0.02, (records[-1]["accuracy"], expected)
