@@ -60,7 +60,8 @@ def test_first_federation(tmp_path):
 
 
 def test_own_app(tmp_path):
-    work = _workdir(tmp_path, "tiny_app.py", "tiny_app.yaml")
+    work = _workdir(tmp_path, "tiny_app.yaml")
+    shutil.copy(ROOT / "examples" / "quickstart" / "app.py", work / "tiny_app.py")  # the README's app too
     out = _done(run_bash((CODE / "own_app.sh").read_text(), cwd=work, env=brokerfl_env(tmp_path / "bin")))
 
     assert "my_app/brokerfl.yaml\nmy_app/my_app/__init__.py\nmy_app/my_app/app.py\n" in out
