@@ -9,7 +9,9 @@ section with this test's image tag, compose project, ports and results directory
 
 Needs root or a running Docker engine (see container_engine.py); skipped with the reason
 otherwise. Takes minutes (the image build downloads the dependencies): `-m "not container"`
-leaves it out. Set BROKERFL_KEEP_IMAGE=1 to keep the built image between runs.
+leaves it out. Set BROKERFL_KEEP_IMAGE=1 to keep the built image between runs. The last
+image built stays as a build cache (``brokerfl-test:cache``, beside the base images): the
+next build reinstalls torch and the dependencies only when their layers' inputs changed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
 CONFIG = "configs/digits_fedavg.yaml"
 BASE_IMAGE = "brokerfl-base:bookworm"  # kept as a cache, like the broker image below
 BROKER_IMAGE = "brokerfl-rabbitmq:bookworm"
+CACHE_IMAGE = "brokerfl-test:cache"  # the last build's layers, for the next build to reuse
 BROKER_PORT = "5799"  # far from the machine's RabbitMQ nodes (5672, 5681-5686, TLS)
 MANAGEMENT_PORT = "15799"
 CLIENTS = 4
@@ -95,9 +98,24 @@ def image(engine):
     finally:
         for path in copied:
             path.unlink()
+    _keep_as_cache(tag)
     yield tag
     if not keep:
-        run("docker", "rmi", "-f", tag, check=False)
+        run("docker", "rmi", tag, check=False)  # only untags it: CACHE_IMAGE holds the layers
+
+
+def _image_id(name: str) -> str | None:
+    found = run("docker", "image", "inspect", "--format", "{{.Id}}", name, check=False)
+    return found.stdout.strip() if found.returncode == 0 else None
+
+
+def _keep_as_cache(tag: str) -> None:
+    """``tag``'s layers become the cache; the previous cache image goes (its layers the new
+    one shares stay), so one image at most is kept, whatever the number of runs."""
+    previous = _image_id(CACHE_IMAGE)
+    run("docker", "tag", tag, CACHE_IMAGE)
+    if previous is not None and previous != _image_id(CACHE_IMAGE):
+        run("docker", "rmi", previous, check=False)
 
 
 class ComposeRun:

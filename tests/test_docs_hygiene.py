@@ -45,7 +45,11 @@ LOAD = re.compile(
 def problems(text: str) -> list[str]:
     """What in one line of prose an issue reference, a commit hash or a load average is."""
     found = [f"issue reference {m.group(0)!r}" for m in ISSUE.finditer(text)]
-    found += [f"commit hash {m.group(0)!r}" for m in HASH.finditer(text) if m.group(0) not in NOT_HASHES]
+    found += [
+        f"commit hash {m.group(0)!r}"
+        for m in HASH.finditer(text)
+        if m.group(0) not in NOT_HASHES and "sha256" not in text[max(0, m.start() - 16) : m.start()]
+    ]  # a model version's sha256, shortened as commands print it, is no commit
     found += [f"load average {m.group(0)!r}" for m in LOAD.finditer(text)]
     return found
 

@@ -25,9 +25,14 @@ TORCH = "torch==2.13.0"  # the version the constraints file pins
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
+# the installed wheel alone: no checkout on the path, as a developer's shell may have put it
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+
+
 def run(*args: str | Path, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=CLEAN_ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, (
         f"{' '.join(map(str, args))} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     )
@@ -68,7 +73,7 @@ def test_wheel_claims_no_generic_names_and_runs_a_numpy_app_without_torch(instal
     work.mkdir()
     for name in ("handlers", "examples", "torch"):
         probe = subprocess.run(
-            [str(python), "-c", f"import {name}"], cwd=work, capture_output=True, text=True, timeout=120
+            [str(python), "-c", f"import {name}"], cwd=work, env=CLEAN_ENV, capture_output=True, text=True, timeout=120
         )
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, (
             f"import {name} worked in the installed wheel"

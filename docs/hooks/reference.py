@@ -629,12 +629,13 @@ LOCAL_MODULES = (
 
 
 def message_types() -> dict[str, type]:
-    """The registry after importing every module that defines a built-in type."""
+    """The built-in types of the registry, after importing every module that defines one
+    (a process that registered types of its own, an app or a test, does not add them)."""
     for module in (*MESSAGE_MODULES, *LOCAL_MODULES):
         importlib.import_module(module)
     from brokerfl.wire.message import MESSAGE_TYPES
 
-    return dict(MESSAGE_TYPES)
+    return {name: cls for name, cls in MESSAGE_TYPES.items() if cls.__module__.startswith("brokerfl.")}
 
 
 def field_comments(cls: type) -> dict[str, str]:
