@@ -177,7 +177,7 @@ def test_kill_9_of_a_random_client_in_every_round(federation, run_name, tmp_path
     slow.write_text(
         (ROOT / CONFIG).read_text() + "client_slowdown: {" + ", ".join(f'"{i}": 15' for i in range(8)) + "}\n"
     )
-    fed = federation(clients=8, rounds=20, config=str(slow))
+    fed = federation(clients=8, rounds=12, config=str(slow))
     rng = random.Random(7)
     fed.start()
     for version in range(1, fed.rounds):
@@ -187,7 +187,7 @@ def test_kill_9_of_a_random_client_in_every_round(federation, run_name, tmp_path
         time.sleep(rng.uniform(0.0, 0.3))  # the fault lands at a random point of the round
         fed.start_client(victim)  # restarted (its start-up takes a couple of seconds more)
     fed.finish()
-    check(fed, expect_accuracy=fault_free_accuracy(run_name, 8, 20))  # slowdown changes no number
+    check(fed, expect_accuracy=fault_free_accuracy(run_name, 8, 12))  # slowdown changes no number
 
 
 def test_kill_9_of_the_server_at_three_random_moments(federation, run_name):
