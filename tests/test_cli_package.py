@@ -39,3 +39,11 @@ def test_status_and_admin_use_the_shared_helpers():
 
     assert operate.common is common
     assert common.parse_client_ids("0-2,7") == ["0", "1", "2", "7"]
+
+
+def test_a_wrong_log_format_in_the_environment_is_exit_2_with_the_reason(monkeypatch, capsys):
+    from brokerfl.cli import main
+
+    monkeypatch.setenv("BROKERFL_LOG_FORMAT", "xml")
+    assert main(["simulate", "--rounds", "1"]) == 2
+    assert "unknown log format 'xml' (BROKERFL_LOG_FORMAT): use json or console" in capsys.readouterr().err

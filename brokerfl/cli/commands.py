@@ -741,10 +741,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:  # before any large buffer: bodies reuse freed pages instead of faulting (brokerfl.transports.memory)
         tune_allocator(allocator_for(args))
-    except ValueError as exc:
+        configure_logging(getattr(args, "log_level", "info"))  # ping has no --log-level
+    except ValueError as exc:  # BROKERFL_MALLOC or BROKERFL_LOG_FORMAT names no setting
         print(f"brokerfl: {exc}", file=sys.stderr)
         return 2
-    configure_logging(getattr(args, "log_level", "info"))  # ping has no --log-level
     try:
         return args.func(args)
     except ConfigError as exc:

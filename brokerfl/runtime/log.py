@@ -29,7 +29,7 @@ def configure_logging(level: str = "info", log_format: str | None = None) -> Non
         raise ValueError(f"unknown log level {level!r}")
     log_format = log_format or os.environ.get("BROKERFL_LOG_FORMAT") or ("console" if sys.stderr.isatty() else "json")
     if log_format not in ("json", "console"):
-        raise ValueError(f"unknown log format {log_format!r}: use json or console")
+        raise ValueError(f"unknown log format {log_format!r} (BROKERFL_LOG_FORMAT): use json or console")
     if log_format == "json":
         stamp, render = structlog.processors.TimeStamper(fmt="iso", utc=True), structlog.processors.JSONRenderer()
     else:
