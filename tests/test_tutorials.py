@@ -19,6 +19,8 @@ import pytest
 from tutorial_scripts import CODE, ROOT, brokerfl_env, run_bash, section, without
 
 from brokerfl.storage.metrics_log import read_metrics
+from brokerfl.transports.amqp import AmqpTransport
+from brokerfl.transports.base import TransportError
 from brokerfl.transports.topology import RunTopology
 
 SUMMARY = re.compile(r"^(?P<run>[\w-]+): (?P<rounds>\d+) rounds in [\d.]+ s; final accuracy (?P<accuracy>[\d.]+)", re.M)
@@ -79,8 +81,6 @@ def delete_run(amqp_url):
     """delete_run(run, client_ids): what the run left on the broker is deleted after the test."""
     runs: list[tuple[str, list[str]]] = []
     yield lambda run, client_ids: runs.append((run, client_ids))
-    from brokerfl.transports.amqp import AmqpTransport
-
     with AmqpTransport(amqp_url) as admin:
         for run, client_ids in runs:
             RunTopology(run).delete(admin, client_ids)
@@ -110,6 +110,10 @@ def test_over_rabbitmq(tmp_path, amqp_url, delete_run):
     # the same model as in one process, bit for bit
     hashes = re.findall(r'^"sha256": "([0-9a-f]{64})"$', out, re.M)
     assert hashes == [records[-1]["sha256"]] * 2, out[-500:]
+    assert f"deleted run {run}: its exchange, queues, model versions and journal" in out
+    with AmqpTransport(amqp_url) as admin:
+        with pytest.raises(TransportError):
+            admin.queue_info(RunTopology(run).server_queue)
 
 
 def _rabbitmqctl_on_path(bin_dir: Path) -> None:

@@ -352,6 +352,37 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return 0 if reply.ok else 1
 
 
+def cmd_delete_run(args: argparse.Namespace) -> int:
+    """Everything a run keeps on the broker: its exchange, queues and streams (the model
+    versions and the journal with them). Refused while a process still consumes one of its
+    queues, unless ``--force``: a running server or client would only declare them again."""
+    from brokerfl.assembly.roles import topology_for
+
+    config = common.load_run_config(args)
+    topology = topology_for(config, journal=True)
+    watched = [topology.server_queue, *(topology.client_queue(c) for c in config.client_ids())]
+    with common.connect(args) as transport:
+        busy = [queue for queue in watched if _consumers(transport, queue)]
+        if busy and not args.force:
+            shown = ", ".join(busy[:3]) + (f" and {len(busy) - 3} more" if len(busy) > 3 else "")
+            print(
+                f"brokerfl delete-run: run {config.run} is still consumed ({shown}): stop its processes first, "
+                "or pass --force",
+                file=sys.stderr,
+            )
+            return 1
+        topology.delete(transport, config.client_ids())
+    print(f"deleted run {config.run}: its exchange, queues, model versions and journal")
+    return 0
+
+
+def _consumers(transport: Transport, queue: str) -> int:
+    try:
+        return transport.queue_info(queue).consumers
+    except TransportError:  # not there (never declared, or deleted already)
+        return 0
+
+
 def add_commands(commands: Any) -> None:
     status = commands.add_parser("status", help="a running federation as its server sees it (rounds, clients, queues)")
     common.add_config_arguments(status)
@@ -387,3 +418,17 @@ def add_commands(commands: Any) -> None:
     )
     common.add_broker_arguments(admin)
     admin.set_defaults(func=cmd_admin, clients=None, rounds=None, seed=None)
+
+    delete_run = commands.add_parser(
+        "delete-run",
+        help="delete what a run keeps on the broker: exchange, queues, model versions, journal",
+        description="Delete a finished or abandoned run from the broker: its exchange, the server, client, dead-letter "
+        "and admin queues, the models stream (every stored model version) and the journal. Export what you want to "
+        "keep first (brokerfl export, brokerfl journal export).",
+    )
+    common.add_config_arguments(delete_run)
+    common.add_broker_arguments(delete_run)
+    delete_run.add_argument(
+        "--force", action="store_true", help="delete even while processes still consume the run's queues"
+    )
+    delete_run.set_defaults(func=cmd_delete_run)

@@ -44,3 +44,7 @@ brokerfl simulate configs/digits_fedavg.yaml --out runs/simulated > /dev/null 2>
 tail -n 1 "runs/$BROKERFL_RUN/metrics.jsonl" | grep -o '"sha256": "[0-9a-f]*"'
 tail -n 1 runs/simulated/metrics.jsonl | grep -o '"sha256": "[0-9a-f]*"'
 # --8<-- [end:same]
+
+# --8<-- [start:clean]
+brokerfl delete-run
+# --8<-- [end:clean]
