@@ -376,3 +376,8 @@ def test_options_that_fail_only_with_the_run_are_refused_when_the_config_is_load
     )
     with pytest.raises(ValueError, match="bias_correction applies to fedadam and fedyogi"):
         RunConfig.model_validate({"strategy": {"name": "fedadagrad", "options": {"bias_correction": True}}})
+    # a check bind_run makes (trimmed_mean's) is made then too, naming the strategy once
+    with pytest.raises(ValueError, match=r"Value error, strategy 'trimmed_mean': beta 0.1 with min_trim 0 trims"):
+        RunConfig.model_validate(
+            {"clients": 4, "strategy": {"name": "trimmed_mean", "options": {"beta": 0.1, "min_trim": 0}}}
+        )

@@ -112,7 +112,9 @@ def broker_url(args: argparse.Namespace) -> str:
     return url
 
 
-def connect(args: argparse.Namespace, *, side: bool = False, retry_start: bool = False, config: Any = None):
+def connect(
+    args: argparse.Namespace, *, side: bool = False, retry_start: bool = False, config: RunConfig | None = None
+):
     """``side``: a connection used now and then between long idle spells (the models
     stream's): without heartbeats, which only a connection that is polled sends, so the
     broker does not close it while idle (a dead one is reopened on its next use).
@@ -133,7 +135,7 @@ def connect(args: argparse.Namespace, *, side: bool = False, retry_start: bool =
     )
 
 
-def _reassembly(config: Any) -> dict[str, int]:
+def _reassembly(config: RunConfig | None) -> dict[str, int]:
     if config is None:
         return {}
     per_sender, total = config.reassembly_bounds()

@@ -393,8 +393,13 @@ class RunConfig(_Section):
         per_sender = self.max_message_mib * 1024**2
         if self.max_reassembly_mib is not None:
             return per_sender, self.max_reassembly_mib * 1024**2
-        senders = self.strategy.clients_per_round or max(1, round(self.strategy.fraction * self.clients))
-        return per_sender, max(512 * 1024**2, per_sender * (senders + 1))
+        return per_sender, max(512 * 1024**2, per_sender * (self.clients_per_round() + 1))
+
+    def clients_per_round(self) -> int:
+        """How many clients a synchronous round samples: ``clients_per_round``, else
+        ``fraction`` of the federation (at least one)."""
+        sampled = self.strategy.clients_per_round or max(1, round(self.strategy.fraction * self.clients))
+        return min(self.clients, sampled)
 
     def client_ids(self) -> list[str]:
         return [str(i) for i in range(self.clients)]

@@ -207,38 +207,25 @@ def read_journal_file(path: str | os.PathLike) -> Iterator[Delivery]:
             except StopIteration:
                 return
             except (ValueError, msgpack.UnpackException) as exc:  # the rest of the file cannot be read
-                yield Delivery(
-                    "journal",
-                    "",
-                    "",
-                    Envelope("", "", "", 0.0, {}),
-                    b"",
-                    False,
-                    offset,
-                    problem=f"unreadable from record {offset} on ({type(exc).__name__})",
-                )
+                yield _unreadable(offset, f"unreadable from record {offset} on ({type(exc).__name__})")
                 return
             try:
                 exchange, key, type_, message_id, sender, timestamp, headers, body = record
                 if not (isinstance(exchange, str) and isinstance(key, str) and isinstance(body, bytes)):
                     raise TypeError
             except (TypeError, ValueError):
-                yield Delivery(
-                    "journal",
-                    "",
-                    "",
-                    Envelope("", "", "", 0.0, {}),
-                    b"",
-                    False,
-                    offset,
-                    problem=f"record {offset} is malformed",
-                )
+                yield _unreadable(offset, f"record {offset} is malformed")
             else:
                 envelope = Envelope(type_, message_id, sender, timestamp, headers)
                 yield Delivery(
                     "journal", exchange, key, envelope, body, False, offset, problem=envelope_problem(envelope)
                 )
             offset += 1
+
+
+def _unreadable(offset: int, problem: str) -> Delivery:
+    """A journal file's record that could not be read, in its place, saying why."""
+    return Delivery("journal", "", "", Envelope("", "", "", 0.0, {}), b"", False, offset, problem=problem)
 
 
 def journal_file_run(path: str | os.PathLike) -> str:

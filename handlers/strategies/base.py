@@ -93,7 +93,8 @@ class Strategy(ABC):
 
     def check_run(self) -> None:
         """Checks of the options that need the run (its size, its sampling), made when the
-        config is loaded: a ValueError saying what to change. Most strategies need none."""
+        config is loaded: a ValueError naming the strategy and saying what to change. Most
+        strategies need none."""
         return None
 
     def sample(self, round_: int, available: Sequence[str], rng: np.random.Generator) -> list[str]:
@@ -216,12 +217,7 @@ def check_strategy(name: str, options: Mapping[str, Any]) -> type[Strategy]:
 def check_strategy_for_run(config: RunConfig) -> None:
     """:func:`check_strategy`, then the checks that need the run (:meth:`Strategy.check_run`)."""
     check_strategy(config.strategy.name, config.strategy.options)
-    try:
-        strategy_for_run(config).check_run()
-    except OptionError:
-        raise
-    except ValueError as exc:
-        raise ValueError(f"strategy {config.strategy.name!r}: {exc}") from None
+    strategy_for_run(config).check_run()  # binding it to the run checks what bind_run checks too
 
 
 def _installed(module: str) -> bool:

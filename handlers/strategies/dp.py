@@ -170,7 +170,9 @@ class DPFedAvg(Strategy):
                 adaptive_noise_multiplier(self.noise_multiplier, self.count_stddev())
             except ValueError as exc:
                 default = " (its default: the clients per round / 20)" if self.clipped_count_stddev is None else ""
-                raise ValueError(f"{exc}{default}: raise clipped_count_stddev or lower noise_multiplier") from None
+                raise ValueError(
+                    f"strategy {self.name!r}: {exc}{default}: raise clipped_count_stddev or lower noise_multiplier"
+                ) from None
 
     # who is sampled, and how much privacy that spends
 

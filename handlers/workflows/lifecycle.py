@@ -89,8 +89,7 @@ def _warn_if_retention_cuts(ctx: Context[ServerState]) -> None:
     config: RunConfig = ctx.state.config
     if not config.journal:
         return
-    strategy = config.strategy
-    participants = min(config.clients, strategy.clients_per_round or max(1, round(strategy.fraction * config.clients)))
+    participants = config.clients_per_round()
     model_bytes = sum(np.asarray(a).nbytes for a in ctx.state.model.parameters.values())
     warning = retention_warning(
         model_bytes, rounds=config.rounds, participants=participants, max_bytes=config.journal_max_bytes
