@@ -737,7 +737,9 @@ def load_app(config: RunConfig) -> App:
 
 def curve_settings(config: RunConfig) -> dict[str, Any]:
     """:func:`brokerfl.storage.metrics_log.plot_curve`'s keywords for a run: the config's ``metrics``
-    and the app's target metric."""
+    and the app's target metric (a Flower app's is its nodes' ``accuracy``, if they report one)."""
+    if config.flower_app is not None:
+        return {"metrics": list(config.metrics) or None, "target": "accuracy", "higher_is_better": True}
     target = load_app(config).target
     return {"metrics": list(config.metrics) or None, "target": target.name, "higher_is_better": target.higher_is_better}
 

@@ -35,7 +35,7 @@ import os
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -53,6 +53,7 @@ from brokerfl.transports.topology import SERVER, RunTopology, routing_key
 from brokerfl.wire.message import MESSAGE_TYPES, Message, ServerStandby, to_wire
 
 SWARM_HANDLERS = "brokerfl.handlers.workflows.swarm"
+FLOWER_HANDLERS = {"server_handlers": "flower_server", "client_handlers": "flower_client"}
 LEASE_POLL_S = 0.5  # how often a standby server asks for the role (one queue.declare each)
 # A client holds the task it trains on (aside) unacked, and more messages must still reach
 # it meanwhile: Exit, a newer task (it waits, held too), an evaluation. A bound all the same:
@@ -64,6 +65,8 @@ def workflow_module(config: RunConfig, key: str) -> ModuleType:
     """The module ``server_handlers`` or ``client_handlers`` names (the swarm's aggregator:
     ``brokerfl.handlers.workflows.swarm``), checked for what it must export."""
     name = SWARM_HANDLERS if key == "server_handlers" and config.workflow == "swarm" else getattr(config, key)
+    if config.flower_app is not None and key not in config.model_fields_set:  # a Flower app's own sets
+        name = FLOWER_HANDLERS[key]
     if name is None:  # the strategy says which server handler set runs it (sync rounds or async)
         from brokerfl.handlers.strategies.base import strategy_class
 
@@ -150,7 +153,8 @@ def coordinator_table(config: RunConfig, module: ModuleType | None = None) -> Ha
     from brokerfl.handlers.workflows import admin
 
     module = module or workflow_module(config, "server_handlers")
-    operator = admin.OPERATOR
+    # a workflow whose state is not the rounds' (a Flower ServerApp's) brings its own operator set
+    operator = getattr(module, "OPERATOR", admin.OPERATOR)
     if config.workflow == "swarm":  # like every server handler of the aggregator: it takes the role first
         from brokerfl.handlers.workflows.swarm import take_role_first
 
@@ -225,12 +229,32 @@ def server_worker(
 
     state.admin = restore_admin_state(transport, topology)
     state.config = state.admin.applied_to(state.config)
+    if hasattr(module, "resume") and topology.journal:  # a workflow that resumes from the run's journal
+        from brokerfl.storage.journal import read_journal
+        from brokerfl.wire.message import MESSAGE_TYPES
+
+        module.resume(state, _journaled_messages(read_journal(transport, topology), MESSAGE_TYPES))
     # every update of a round stays unacked until its model version is stored
     prefetch = max(2 * config.clients, 16)
     admit = identity.server_inbox_check(config.run, config.client_ids()) if config.identity.enforce else None
     return Worker(
         transport, topology, topology.server_queue, table, state, name="server", prefetch=prefetch, admit=admit
     )
+
+
+def _journaled_messages(deliveries, types) -> Iterator[Message]:
+    """The decodable messages of a journal read, one at a time (what cannot be read was
+    dead-lettered and recorded when it came; a resuming workflow skips it)."""
+    from brokerfl.wire.codec import DecodeError
+    from brokerfl.wire.message import from_wire
+
+    for delivery in deliveries:
+        if delivery.problem or delivery.envelope.type not in types:
+            continue
+        try:
+            yield from_wire(delivery.envelope, delivery.body)
+        except DecodeError:
+            continue
 
 
 def server_instance() -> str:

@@ -88,7 +88,7 @@ def simulate(
         client_worker(LocalTransport(broker, user=_user(config, cid)), config, cid, journal=journal, models=models)
         for cid in config.client_ids()
     ]
-    bar = _ProgressBar(config.rounds, curve_settings(config)["target"]) if progress else None
+    bar = _ProgressBar(_planned_rounds(config), curve_settings(config)["target"]) if progress else None
     if bar:
         server.state.on_round.append(bar.update)
     try:
@@ -116,6 +116,17 @@ def simulate(
             **curve_settings(config),
         )
     return SimulationResult(metrics.records, state, time.perf_counter() - started, out, broker, store)
+
+
+def _planned_rounds(config: RunConfig) -> int:
+    """The rounds the progress bar counts to: a Flower app's ``num-server-rounds`` (its
+    ServerApp decides; that key is the convention of Flower's templates), else the config's."""
+    if config.flower_app is not None:
+        from brokerfl.flower.app_dir import flower_app_of
+
+        rounds = flower_app_of(config).run_config.get("num-server-rounds")
+        return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else 0
+    return config.rounds
 
 
 def _user(config: RunConfig, client_id: str | None) -> str:

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from brokerfl.app import AppError
 from brokerfl.cli.common import (
@@ -88,6 +89,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             args.journal, config.run, read_journal(LocalTransport(result.broker), topology_for(config))
         )
         print(f"wrote the journal ({count} messages) to {args.journal}")
+    if config.flower_app is not None:
+        _print_flower_summary(config, result, out)
+        return 0
     from brokerfl.app import load_app
     from brokerfl.storage.metrics_log import record_metrics
 
@@ -109,6 +113,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     _print_cross_site(config, out)
     return 0
+
+
+def _print_flower_summary(config: RunConfig, result: Any, out: Path) -> None:
+    """A Flower run's end: its rounds, and the last metrics its nodes' replies carried."""
+    rounds = len({r["round"] for r in result.records})
+    last: dict[str, dict[str, Any]] = {}
+    for record in result.records:
+        last[record.get("flower", "?")] = record.get("metrics") or {}
+    shown = "; ".join(
+        f"{kind}: " + ", ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items()))
+        for kind, metrics in last.items()
+        if metrics
+    )
+    print(
+        f"{config.run}: Flower app {Path(config.flower_app or '').name}, {rounds} rounds in {result.duration_s:.1f} s"
+        + (f"; last replies' metrics (weighted means) {shown}" if shown else "")
+        + f"; wrote {out / 'metrics.jsonl'}"
+        + (f", {out / 'curve.png'}" if (out / "curve.png").exists() else "")
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:

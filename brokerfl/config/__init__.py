@@ -309,6 +309,21 @@ class RunConfig(_Section):
             "memory only"
         ),
     )
+    flower_app: str | None = Field(
+        None,
+        description="a Flower app to run instead of a brokerfl app: the directory of its pyproject.toml (with "
+        "[tool.flwr.app.components] and [tool.flwr.app.config]); clients is its number of nodes",
+    )
+    flower_config: dict[str, bool | int | float | str] = Field(
+        default_factory=dict,
+        description="overrides of the Flower app's run config ([tool.flwr.app.config] keys, dotted for nested "
+        "tables), as flwr run --run-config takes them",
+    )
+    flower_node_config: dict[str, dict[str, bool | int | float | str]] = Field(
+        default_factory=dict,
+        description="client id (or * for every client) -> entries added to that node's context.node_config "
+        "(beside partition-id and num-partitions), e.g. a site's data path",
+    )
     client_slowdown: dict[str, float] = Field(
         default_factory=dict,
         description="client id -> factor: that client takes this many times longer to train (benchmarks of stragglers)",
@@ -370,6 +385,8 @@ class RunConfig(_Section):
                 except ValidationError as exc:
                     raise ValueError(f"train_schedule.{key}.{round_}: {exc.errors()[0]['msg']}") from None
         self._check_strategy()
+        if self.flower_app is not None:
+            self._check_flower_app()
         if self.compression.method != "none" and (
             self.workflow != "server" or self.strategy.name in ("fedasync", "fedbuff")
         ):
@@ -378,6 +395,23 @@ class RunConfig(_Section):
                 f"strategy {self.strategy.name!r}"
             )
         return self
+
+    def _check_flower_app(self) -> None:
+        """The directory is a Flower app, flwr a supported version, the overrides the app's
+        keys: said when the config is read. Its components are imported by the processes
+        that run them."""
+        if self.workflow != "server":
+            raise ValueError(
+                f"flower_app: a Flower ServerApp coordinates the run; workflow must be server, not {self.workflow!r}"
+            )
+        from brokerfl.flower.app_dir import load_flower_app
+
+        load_flower_app(self.flower_app or "", self.flower_config)  # FlowerAppError / FlowerUnavailable
+        for client_id in self.flower_node_config:
+            if client_id != "*" and not self.has_client(client_id):
+                raise ValueError(
+                    f"flower_node_config: {client_id!r} is not a client id of the run ({self.client_ids_text()})"
+                )
 
     def _check_strategy(self) -> None:
         """The strategy loads, is complete (no abstract method left) and takes its options:

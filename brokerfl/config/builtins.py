@@ -42,9 +42,11 @@ BUILTINS: dict[str, dict[str, str]] = {
         "server": "brokerfl.handlers.workflows.server",
         "async_server": "brokerfl.handlers.workflows.async_server",
         "cyclic": "brokerfl.handlers.workflows.cyclic",
+        "flower_server": "brokerfl.handlers.workflows.flower_server",
     },
     "client_handlers": {
         "client": "brokerfl.handlers.workflows.client",
+        "flower_client": "brokerfl.handlers.workflows.flower_client",
     },
     "extra_handlers": {
         "gradients": "brokerfl.handlers.gradients",

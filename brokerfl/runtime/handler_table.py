@@ -113,6 +113,16 @@ class Aside:
     key: str
     work: Work
     outcome: Outcome
+    own_thread: bool = False  # a driver (Context.drive): never inline, never on the shared lane
+
+
+Post = Callable[["Message"], None]
+"""Given to a driver (:meth:`Context.drive`): dispatches a LOCAL message to the worker's
+table on the worker's thread; callable from any thread."""
+
+Driver = Callable[[Post, threading.Event], Any]
+"""Long-lived work beside a worker's loop (:meth:`Context.drive`), given ``post`` and the
+event that says it is no longer wanted; returns its result."""
 
 
 @dataclass
@@ -142,6 +152,8 @@ class Context(Generic[StateT]):
     # time.time() as the worker's transport keeps it: what a message's deadline is compared with
     wall: Callable[[], float] = time.time
     when_sent: list[Callable[[], None]] = field(default_factory=list)
+    when_not_sent: list[Callable[[BaseException], None]] = field(default_factory=list)
+    post: Post = field(default=None)  # type: ignore[assignment]  # the worker's (Worker.post): for drivers
 
     def hold(self, key: str = "") -> None:
         """Keep this message unacked until a later handler calls :meth:`commit` (e.g. an
@@ -168,6 +180,12 @@ class Context(Generic[StateT]):
         was actually sent."""
         self.when_sent.append(effect)
 
+    def unless_sent(self, effect: Callable[[BaseException], None]) -> None:
+        """Apply ``effect(error)`` if this handler's messages could not be published (or
+        encoded). A delivered message goes back to its queue and comes again; a local one
+        posted by a driver has no queue, so the driver waiting for its sending must hear."""
+        self.when_not_sent.append(effect)
+
     def stop(self) -> None:
         """Stop the worker after this message."""
         self.stopping = True
@@ -189,6 +207,16 @@ class Context(Generic[StateT]):
         runs one piece at a time, in order (an app's code need not be thread-safe); a
         worker on the in-process transport runs it at once, inline (deterministic)."""
         self.aside_requests.append(Aside(key, work, outcome))
+
+    def drive(self, key: str, driver: Driver, outcome: Outcome) -> None:
+        """Run ``driver(post, cancelled)`` on a thread of its own for as long as it runs,
+        then dispatch ``outcome(result, error)`` like work aside's. A driver is imperative
+        code that talks with the federation as it goes (a Flower ServerApp's main, which
+        loops over exchanges with its nodes): it asks the table for what it needs sent by
+        ``post``-ing LOCAL messages, which handlers turn into messages the worker
+        publishes, and waits for what handlers hand it. Never run inline (it waits for what
+        the loop delivers); :meth:`cancel_aside` and the worker's stop set ``cancelled``."""
+        self.aside_requests.append(Aside(key, lambda cancelled: driver(self.post, cancelled), outcome, True))
 
     def cancel_aside(self, key: str) -> None:
         """Say that the work under ``key`` is no longer wanted: its event is set (work that

@@ -124,6 +124,7 @@ class Worker:
         self.work_inline: bool = bool(getattr(transport, "work_inline", False))
         self._aside: list[_AsideJob] = []  # on the lane, outcome not dispatched yet
         self._aside_done: SimpleQueue[_AsideJob] = SimpleQueue()  # put by the lane's thread
+        self._posted: SimpleQueue[Message] = SimpleQueue()  # LOCAL messages put by drivers (Context.drive)
         self.timers: dict[str, Timer] = {}
         self.stopped = False
         self.handled = 0
@@ -179,6 +180,8 @@ class Worker:
     def next_timer_in(self) -> float | None:
         """Seconds to the next timer (None: none), 0 when work aside is done and its outcome
         waits, at most :data:`ASIDE_POLL_S` while work runs aside."""
+        if not self._posted.empty():
+            return 0.0
         if self._aside:
             if not self._aside_done.empty():
                 return 0.0
@@ -190,7 +193,7 @@ class Worker:
 
     def fire_due_timers(self) -> int:
         """Dispatch the outcomes of work aside that is done, then the timers that are due."""
-        fired = self._dispatch_aside_outcomes()
+        fired = self._dispatch_posted() + self._dispatch_aside_outcomes()
         now = self.clock()
         for key, timer in sorted(self.timers.items(), key=lambda kv: kv[1].due):
             if self.stopped:
@@ -208,6 +211,25 @@ class Worker:
         handler = self.table.handler_for(message.TYPE)
         if handler is not None:
             self._handle(handler, message, None)
+
+    def post(self, message: Message) -> None:
+        """Dispatch a LOCAL ``message`` to the table on the worker's thread, soon; callable
+        from any thread (a driver's, see :meth:`Context.drive`)."""
+        if not message.LOCAL:
+            raise TypeError(f"only LOCAL messages are posted to a worker, not {message.TYPE!r}")
+        self._posted.put(message)
+        self.transport.wake()
+
+    def _dispatch_posted(self) -> int:
+        dispatched = 0
+        while not self.stopped:
+            try:
+                message = self._posted.get_nowait()
+            except Empty:
+                break
+            self.dispatch_local(message)
+            dispatched += 1
+        return dispatched
 
     def _on_delivery(self, delivery: Delivery) -> None:
         log = self.log.bind(
@@ -276,6 +298,7 @@ class Worker:
             redelivered=bool(delivery and delivery.redelivered),
             clock=self.clock,
             wall=self.wall,
+            post=self.post,
         )
         name = getattr(handler, "__qualname__", repr(handler))
         try:
@@ -286,6 +309,7 @@ class Worker:
             outbound.clear()  # `wire` holds what is sent (the bodies' buffers): drop the rest of the messages
             ctx.also_send.clear()
         except Exception as exc:
+            _not_sent(ctx, exc)
             if isinstance(exc, Rejected):
                 reason, kind = f"rejected by {name}: {exc}", REJECTED
                 # A refusal is the handler's own verdict, not a crash: what it decided before
@@ -312,6 +336,7 @@ class Worker:
         except LeaseLost:
             raise  # the role this worker acted in is another process's now: stop acting
         except UnroutableError as exc:  # what it sent goes nowhere: as good as a handler error
+            _not_sent(ctx, exc)
             if delivery is not None:
                 self._dead_letter(delivery, f"handler {name}: {exc}", log, kind=FAILED)
             return
@@ -323,6 +348,7 @@ class Worker:
             # acked or held, and held messages are not committed: the broker redelivers it and
             # the handler recognises a copy it already took in (folded ids, stored versions).
             log.error("publishing failed: the message is requeued", handler=name, error=bounded(str(exc), 500))
+            _not_sent(ctx, exc)
             self._apply_timers(ctx)
             if delivery is not None:
                 self.transport.nack(delivery, requeue=True)
@@ -372,7 +398,10 @@ class Worker:
                         job.cancelled.set()
                 continue
             job = _AsideJob(request)
-            if self.work_inline:
+            if request.own_thread:  # a driver: waits for the loop, so never inline nor on the shared lane
+                self._aside.append(job)
+                threading.Thread(target=self._run_aside, args=(job,), name=f"driver-{request.key}", daemon=True).start()
+            elif self.work_inline:
                 with self.transport.inline_work():
                     job.run()
                 self._dispatch_outcome(job)
@@ -474,6 +503,11 @@ class Worker:
         except TransportError as exc:
             log.error("dead letter refused: rejecting the message instead", error=bounded(str(exc), 500))
             self.transport.nack(delivery, requeue=False)
+
+
+def _not_sent(ctx: Context, error: BaseException) -> None:
+    for effect in ctx.when_not_sent:
+        effect(error)
 
 
 def run_workers(

@@ -281,6 +281,57 @@ class ServerStandby(Message):
     waiting_since: float = 0.0  # unix time
 
 
+@dataclass(kw_only=True)
+class FlowerRequest(Message):
+    """A Flower ServerApp's message to one node (``brokerfl.flower``): Flower's metadata,
+    and its content as records (``brokerfl.flower.records``: arrays as tensors, configs and
+    metrics as typed values). ``seq`` is its place among the ServerApp's requests and
+    ``digest`` the hash of what it asks (content, type, group, destination), by which a
+    restarted ServerApp's re-issued request is matched with the journaled one."""
+
+    client_id: str  # the brokerfl client that hosts the node
+    node_id: int
+    request_id: str  # Flower's message_id
+    message_type: str
+    group_id: str = ""
+    ttl: float = 0.0
+    created_at: float = 0.0
+    seq: int = 0
+    digest: str = ""
+    content: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class FlowerReply(Message):
+    """A node's reply to a :class:`FlowerRequest`: content, or Flower's ``Error`` (its code
+    and reason) when the ClientApp raised or could not run the request."""
+
+    client_id: str
+    node_id: int
+    request_id: str  # the request's: Flower's reply_to_message_id
+    reply_id: str  # Flower's message_id of the reply
+    message_type: str = ""
+    group_id: str = ""
+    ttl: float = 0.0
+    created_at: float = 0.0
+    content: dict[str, Any] = field(default_factory=dict)
+    error_code: int | None = None  # None: a reply with content
+    error_reason: str = ""
+
+
+@dataclass(kw_only=True)
+class FlowerExchange(Message):
+    """The server's journal record of what one ``pull_messages`` or ``send_and_receive`` of
+    a Flower ServerApp returned (its ``call``-th, counted from the run's start): the
+    replies, by request id, in the order the app got them. A restarted ServerApp gets the
+    same answers from the journal, however long the replies took the first time."""
+
+    call: int
+    request_ids: list[str] = field(default_factory=list)  # that the app asked about
+    replied: list[str] = field(default_factory=list)  # request ids whose replies it got, in order
+    expired: list[str] = field(default_factory=list)  # request ids answered by an Error (TTL passed, no reply)
+
+
 # ---------------------------------------------------------------- wire form
 
 
@@ -348,9 +399,9 @@ def from_wire(envelope: Envelope, body: bytes, limits: Limits = DEFAULT_LIMITS) 
 MAX_COUNTER = 2**63  # rounds, model versions, sample counts: non-negative, and what an AMQP header holds
 MAX_ERROR_CHARS = 1000  # an error a client reports (it sends at most ERROR_CHARS, see handlers/workflows/client.py)
 MAX_SECONDS = 1e9  # a duration a message reports (about 30 years)
-_MESSAGE_ID_FIELDS = ("task_id", "update_id")
+_MESSAGE_ID_FIELDS = ("task_id", "update_id", "request_id", "reply_id")
 MAX_INSTANCE_CHARS = 200  # Join/Heartbeat(s).instance: host:pid:random
-_COUNT_FIELDS = ("round", "model_version", "num_samples", "version", "parent", "model_offset")
+_COUNT_FIELDS = ("round", "model_version", "num_samples", "version", "parent", "model_offset", "node_id", "seq", "call")
 
 
 def _check_ranges(kind: str, envelope_values: dict[str, Any], values: dict[str, Any]) -> None:
