@@ -185,15 +185,18 @@ def cmd_server(args: argparse.Namespace) -> int:
         connect(args, side=True, retry_start=True, config=config) as store_transport,
     ):
         topology_for(config).declare(transport)
-        load_app(
-            config
-        ).check_model()  # a hot standby: the app's code (and torch, if it uses it) loaded before it waits
+        # a hot standby: the app's code (and torch, if it uses it) loaded before it waits
+        if config.flower_app is not None:
+            _check_flower_server(config)
+        else:
+            load_app(config).check_model()
         take_server_role(transport, config)  # a standby until no other server holds the role
         # keep=1: the newest version's parameters are the model the server holds anyway
         store = BrokerModelStore(
             store_transport, topology_for(config), keep=1, export=DirectoryModelStore(out / "models")
         ).refresh()
-        if not store.versions():  # a fresh run: no stale lines from an earlier one
+        if not store.versions() and config.flower_app is None:  # a fresh run: no stale lines from an earlier one
+            # (a Flower run has no versions: its journal says whether it is fresh)
             (out / "metrics.jsonl").unlink(missing_ok=True)
         metrics = MetricsLog(out / "metrics.jsonl")
         worker = server_worker(transport, config, store, metrics)
@@ -219,6 +222,12 @@ def cmd_server(args: argparse.Namespace) -> int:
             return 4
         store.wait_for_export()
     state = worker.state
+    if config.flower_app is not None:
+        if state.failure:
+            print(f"brokerfl server: {state.failure}", file=sys.stderr)
+            return 1
+        print(f"{config.run}: the Flower app's ServerApp finished; wrote {out / 'metrics.jsonl'}")
+        return 0
     if state.model is not None and state.model.parameters:  # the model the run ended with
         from brokerfl.storage.model_file import FINAL_MODEL, write_model_file
 
@@ -240,6 +249,21 @@ def cmd_server(args: argparse.Namespace) -> int:
     )
     _print_cross_site(config, out)
     return 0
+
+
+def _check_flower_server(config: RunConfig) -> None:
+    """A Flower run's server: its ServerApp imports, and the run has a journal (a restarted
+    ServerApp resumes from it)."""
+    from brokerfl.flower.app_dir import FlowerAppError, flower_app_of
+
+    if not config.journal:
+        raise ConfigError(
+            "flower_app: a Flower run's server resumes from the run's journal (durable execution): journal must be on"
+        )
+    try:
+        flower_app_of(config).load_server_app()
+    except FlowerAppError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
@@ -275,6 +299,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         raise SystemExit(
             "brokerfl client: with identity enforced each client has its own broker user: one --client-id per process"
         )
+    if config.flower_app is not None:
+        config = _flower_client_config(config, args)
     _set_torch_threads()
     if config.workflow == "swarm":  # a peer: these clients plus an aggregator candidate
         from brokerfl.assembly.swarm_peers import run_peer
@@ -310,6 +336,34 @@ def cmd_client(args: argparse.Namespace) -> int:
             beat.start()
         run_workers(transport, workers, background=[beat] if beat is not None else [])
     return 0
+
+
+def _flower_client_config(config: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """A Flower node's site settings: ``--node-config`` entries for its nodes, and where
+    their Contexts are kept (``client_state_dir``, by default ``runs/<run>/nodes``: a
+    node's state survives its process)."""
+    import tomllib
+
+    entries: dict[str, Any] = {}
+    for item in args.node_config:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"brokerfl client: --node-config {item!r}: give KEY=VALUE")
+        try:
+            entries[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            entries[key.strip()] = value
+        if not isinstance(entries[key.strip()], bool | int | float | str):
+            raise SystemExit(f"brokerfl client: --node-config {item!r}: a value is a bool, number or string")
+    node_config = dict(config.flower_node_config)
+    for client_id in args.client_id:
+        node_config[client_id] = {**node_config.get(client_id, {}), **entries}
+    return config.model_copy(
+        update={
+            "flower_node_config": node_config,
+            "client_state_dir": config.client_state_dir or str(Path("runs") / config.run / "nodes"),
+        }
+    )
 
 
 def cmd_accounting(args: argparse.Namespace) -> int:
@@ -579,6 +633,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("CLIENT_ID"),
         type=parse_client_ids,
         help="an id, a range such as 0-9, or a list such as 0-3,7 (default: $BROKERFL_CLIENT_ID)",
+    )
+    client.add_argument(
+        "--node-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Flower app: an entry of this process's nodes' context.node_config (repeatable; VALUE as TOML reads "
+        "it, else a string), e.g. data-path=/srv/site-a",
     )
     _metrics_argument(client)
     client.set_defaults(func=cmd_client)
