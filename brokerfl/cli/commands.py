@@ -437,6 +437,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from brokerfl.ops.replay import ReplayError, replay
 
     config = _load_for_journal(args)
+    if config.flower_app is not None:
+        return _replay_flower(args, config)
     deliveries, transport = _journal_source(args, config)
     try:
         result = replay(
@@ -460,6 +462,34 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"DIFF: first at version {first.version}" + (f" ({first.problem})" if first.problem else ""),
             file=sys.stderr,
         )
+        return 1
+    return 0
+
+
+def _replay_flower(args: argparse.Namespace, config: RunConfig) -> int:
+    """A Flower run's replay: its train aggregates recomputed as weighted means."""
+    from brokerfl.flower.audit import check_weighted_means, table
+
+    if args.strategy or args.option or args.from_version or args.to_version is not None:
+        print(
+            "brokerfl replay: a Flower run aggregates in its ServerApp's own code: what-if strategies and version "
+            "ranges apply to brokerfl strategies only; replay --check recomputes its weighted means",
+            file=sys.stderr,
+        )
+        return 2
+    deliveries, transport = _journal_source(args, config)
+    try:
+        rows = check_weighted_means(deliveries)
+    finally:
+        if transport is not None:
+            transport.close()
+    print(table(rows))
+    if not rows:
+        print("brokerfl replay: the journal holds no train exchange of a Flower app", file=sys.stderr)
+        return 1 if args.check else 0
+    if args.check and not all(row.ok for row in rows):
+        first = next(row for row in rows if not row.ok)
+        print(f"DIFF: first at exchange {first.call} (round {first.round}) {first.problem}".rstrip(), file=sys.stderr)
         return 1
     return 0
 

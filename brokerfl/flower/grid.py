@@ -125,6 +125,7 @@ class BrokerGrid:
         self.sent: dict[str, _Sent] = {}  # request id -> what was asked
         self.replies: dict[str, FlowerReply] = {}  # request id -> its reply, until the app takes it
         self.taken: set[str] = set()  # request ids whose reply (or expiry) the app got
+        self.expired: set[str] = set()  # of those, the ones it got an expiry error for
         self.seq = 0  # requests pushed so far
         self.calls = 0  # exchanges that returned something so far
         self.paused = False
@@ -223,15 +224,21 @@ class BrokerGrid:
                 return f"a reply to request {bounded(reply.request_id, 64)!r}, which this run never sent"
             if reply.client_id != owner:
                 return f"a reply from client {reply.client_id} to a request sent to client {owner}"
+            if reply.request_id in self.expired:
+                return "late: its request's TTL had passed, and the ServerApp got an error for it"
             if reply.request_id in self.replies or reply.request_id in self.taken:
                 return "duplicate: its request was already answered (the first reply is the one used)"
             self.replies[reply.request_id] = reply
             self.changed.notify_all()
         return None
 
-    def close(self) -> None:
+    def close(self) -> list[FlowerReply]:
+        """The run ends: the replies the ServerApp never asked for (they get a drop record)."""
         with self.changed:
             self.changed.notify_all()
+            unclaimed = list(self.replies.values())
+            self.replies.clear()
+        return unclaimed
 
     def set_paused(self, paused: bool) -> None:
         with self.changed:
@@ -321,6 +328,7 @@ class BrokerGrid:
             self._send(grid_record, grid_record.sent)
         self.taken.update(exchange.replied)
         self.taken.update(exchange.expired)
+        self.expired.update(exchange.expired)
         self.calls += 1
         return messages
 

@@ -23,6 +23,8 @@ from brokerfl.storage.journal import Skipped
 from brokerfl.transports.base import REASON_HEADER, Delivery
 from brokerfl.wire.message import (
     MESSAGE_TYPES,
+    FlowerExchange,
+    FlowerReply,
     ModelVersionStored,
     ParameterUpdate,
     RunFinished,
@@ -51,6 +53,10 @@ class Accounting:
     train_failures: dict[str, TrainFailed] = field(
         default_factory=dict
     )  # clients' TrainFailed reports, by message id (a retried publish once)
+    # A Flower app's replies count as updates, and the ServerApp's exchanges as versions: a
+    # reply is "folded" into the exchange that handed it to the app (FlowerExchange records)
+    flower_replies: dict[str, str] = field(default_factory=dict)  # request id -> its first reply's message id
+    flower_used: list[tuple[int, str]] = field(default_factory=list)  # (exchange, request id), in journal order
 
     @property
     def cut_at(self) -> int | None:
@@ -102,7 +108,13 @@ class Accounting:
         """Nothing counted twice or lost in what the journal holds (see also :attr:`cut_at`)."""
         return not self.counted_twice and not self.unaccounted and not self.unknown_folded
 
+    @property
+    def flower(self) -> bool:
+        return bool(self.flower_replies or self.flower_used)
+
     def summary(self) -> str:
+        if self.flower:
+            return self._flower_summary()
         folded_once = sum(1 for uid in self.sent if len(self.folded_into.get(uid, ())) == 1)
         only_dropped = sum(1 for uid in self.sent if uid not in self.folded_into and uid in self.dropped)
         only_dead = sum(
@@ -155,6 +167,33 @@ class Accounting:
             )
         else:
             lines.append("OK: every update is accounted for exactly once" if self.ok else "FAILED")
+        return "\n".join(lines)
+
+    def _flower_summary(self) -> str:
+        used_once = sum(1 for uid in self.sent if len(self.folded_into.get(uid, ())) == 1)
+        only_dropped = sum(1 for uid in self.sent if uid not in self.folded_into and uid in self.dropped)
+        only_dead = sum(
+            1 for uid in self.sent if uid not in self.folded_into and uid not in self.dropped and uid in self.dead
+        )
+        lines = [
+            f"Flower replies sent: {len(self.sent)} over {self.versions} exchanges with the ServerApp",
+            f"  used by the ServerApp exactly once: {used_once}",
+            f"  not used, with a recorded reason: {only_dropped}",
+            f"  dead-lettered with a reason: {only_dead}",
+            f"  published after the run ended: {len(self.only_after_end)}",
+            f"  used twice: {len(self.counted_twice)}",
+            f"  unaccounted for: {len(self.unaccounted)}",
+        ]
+        reasons: defaultdict[str, int] = defaultdict(int)
+        for uid, why in self.dropped.items():
+            if uid not in self.folded_into:
+                reasons[why[0].split(":")[0]] += 1
+        for reason, count in sorted(reasons.items()):
+            lines.append(f"    not used: {reason}: {count}")
+        for uid in self.unaccounted[:10]:
+            lines.append(f"  UNACCOUNTED {uid} from {who(self.users.get(uid, ''), self.sent[uid])}")
+        lines.append(self.skipped.summary())
+        lines.append("OK: every reply is accounted for exactly once" if self.ok else "FAILED")
         return "\n".join(lines)
 
     def _failure_lines(self) -> list[str]:
@@ -211,6 +250,19 @@ def account(
                 result.users.setdefault(update.message_id, delivery.envelope.user_id)
                 if result.ended is not None:
                     result.after_end.setdefault(update.message_id, who(delivery.envelope.user_id, update.sender))
+        elif kind == FlowerReply.TYPE and key.startswith("server."):  # as nodes send them
+            reply = skipped.message(delivery, FlowerReply)
+            if reply is not None:
+                result.sent.setdefault(reply.message_id, reply.client_id)
+                result.users.setdefault(reply.message_id, delivery.envelope.user_id)
+                result.flower_replies.setdefault(reply.request_id, reply.message_id)
+                if result.ended is not None:
+                    result.after_end.setdefault(reply.message_id, who(delivery.envelope.user_id, reply.client_id))
+        elif kind == FlowerExchange.TYPE and key.startswith("audit."):
+            exchange = skipped.record(delivery, FlowerExchange)
+            if exchange is not None:
+                result.versions += 1
+                result.flower_used += [(exchange.call, rid) for rid in exchange.replied]
         elif kind == RunFinished.TYPE and result.ended is None and not delivery.problem:
             record = skipped.record(delivery, RunFinished)
             if record is not None:
@@ -239,6 +291,12 @@ def account(
                 result.first_version_record = record.version
         elif delivery.problem:
             skipped.add("unreadable envelope")
+    for call, request_id in result.flower_used:
+        reply_id = result.flower_replies.get(request_id)
+        if reply_id is not None:  # else: its reply is not in the journal (cut), as an unknown fold
+            result.folded_into[reply_id].append(call)
+        else:
+            result.folded_into[f"reply to {request_id}"].append(call)
     for meta in versions:
         result.versions += 1
         for uid in meta["update_ids"]:

@@ -228,10 +228,22 @@ def finish_run(ctx: Context[FlowerServerState], reason: str, *, failed: bool = F
     state.failure = reason if failed else None
     (ctx.log.error if failed else ctx.log.info)("run finished", reason=reason)
     ctx.cancel_aside("serverapp")
-    state.grid.close()
+    unclaimed = state.grid.close()
     ctx.stop()
     out = [to_clients(Exit(reason=reason))]
     if state.config.journal:
+        out += [
+            Outbound(
+                AUDIT,
+                reply.reply(
+                    UpdateDropped,
+                    update_id=reply.message_id,
+                    client_id=reply.client_id,
+                    reason="unclaimed: the ServerApp finished without asking for it",
+                ),
+            )
+            for reply in unclaimed
+        ]
         out.append(Outbound(AUDIT, RunFinished(reason=reason, failed=failed)))
     return out
 
