@@ -222,6 +222,11 @@ def server_worker(
     topology = topology_for(config)
     topology.declare(transport)
     module = workflow_module(config, "server_handlers")
+    if getattr(module, "SENDS_BEFORE_CLIENTS_JOIN", False) and not config.identity.enforce:
+        # its first messages may go to clients not started yet: their queues must hold them
+        # (a provisioned run's definitions declared them already)
+        for client_id in config.client_ids():
+            topology.declare_client(transport, client_id)
     table = coordinator_table(config, module)
     state = prepared(table, module.make_state(config, store, metrics))
     # the operator's changes survive a restart (brokerfl.runtime.operator_commands)

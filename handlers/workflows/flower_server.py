@@ -73,6 +73,9 @@ from brokerfl.wire.message import Exit, FlowerReply, Message, RunFinished, Serve
 from brokerfl.wire.names import bounded
 
 HANDLERS = HandlerSet("flower server")
+# A ServerApp asks nodes that have not started yet (get_node_ids is the federation's every
+# node): their queues are declared with the run's, so a request waits there for its node.
+SENDS_BEFORE_CLIENTS_JOIN = True
 OPERATOR = HandlerSet("flower operator")
 ERROR_CHARS = 1000
 
