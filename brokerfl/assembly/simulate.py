@@ -122,7 +122,7 @@ def _planned_rounds(config: RunConfig) -> int:
     """The rounds the progress bar counts to: a Flower app's ``num-server-rounds`` (its
     ServerApp decides; that key is the convention of Flower's templates), else the config's."""
     if config.flower_app is not None:
-        from brokerfl.flower.app_dir import flower_app_of
+        from brokerfl.handlers.workflows.flower_server import flower_app_of
 
         rounds = flower_app_of(config).run_config.get("num-server-rounds")
         return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else 0

@@ -254,7 +254,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 def _check_flower_server(config: RunConfig) -> None:
     """A Flower run's server: its ServerApp imports, and the run has a journal (a restarted
     ServerApp resumes from it)."""
-    from brokerfl.flower.app_dir import FlowerAppError, flower_app_of
+    from brokerfl.flower.app_dir import FlowerAppError
+    from brokerfl.handlers.workflows.flower_server import flower_app_of
 
     if not config.journal:
         raise ConfigError(

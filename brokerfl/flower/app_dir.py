@@ -119,6 +119,15 @@ def load_flower_app(directory: str | Path, overrides: dict[str, Any] | None = No
     return FlowerApp(path, refs["serverapp"], refs["clientapp"], run_config, str(name))
 
 
+def _same_kind(value: Any, default: Any) -> bool:
+    """An override of a run-config value: of its default's type (an int where a float is)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    return type(value) is type(default)
+
+
 def _flattened(table: dict[str, Any], prefix: str = "") -> dict[str, UserConfigValue]:
     out: dict[str, UserConfigValue] = {}
     for key, value in table.items():
@@ -139,14 +148,3 @@ def node_config(partition_id: int, num_partitions: int, extra: dict[str, Any] | 
     """A node's ``context.node_config``: its partition, as Flower's simulation sets it,
     plus what its site adds (``--node-config``, ``flower_node_config``)."""
     return {"partition-id": partition_id, "num-partitions": num_partitions, **(extra or {})}
-
-
-def flower_app_of(config: Any) -> FlowerApp:
-    """The Flower app a run config names (``flower_app``, ``flower_config``), as a
-    :class:`~brokerfl.config.ConfigError` if it cannot be read."""
-    from brokerfl.config import ConfigError
-
-    try:
-        return load_flower_app(config.flower_app or "", config.flower_config)
-    except ValueError as exc:  # FlowerAppError, FlowerUnavailable
-        raise ConfigError(str(exc)) from None

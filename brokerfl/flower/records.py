@@ -89,6 +89,22 @@ def _npy_parts(data: bytes) -> tuple[bytes, np.ndarray | None]:
     return data[:offset], np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
+def _header_array(header: bytes) -> tuple[str, tuple[int, ...]] | None:
+    """(dtype name, shape) a plain ``.npy`` header says, or None."""
+    stream = io.BytesIO(header)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            return None
+        shape, fortran, dtype = read(stream)
+    except (ValueError, SyntaxError, TypeError):
+        return None
+    if fortran or stream.tell() != len(header) or dtype.byteorder == ">":
+        return None
+    return dtype.name, tuple(shape)
+
+
 def unpack(payload: Any) -> RecordDict:
     """The ``RecordDict`` a payload of :func:`pack` holds; :class:`RecordsError` if it is not one."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -104,6 +120,8 @@ def unpack(payload: Any) -> RecordDict:
             raise RecordsError(f"records[{i}] must be [name, kind, items]")
         name, kind, items = entry
         _check_key(name, f"records[{i}]")
+        if name in content:
+            raise RecordsError(f"record {name!r} appears twice")
         pairs = _pairs(items, f"record {name!r}")
         try:
             if kind == ARRAYS:
@@ -150,10 +168,14 @@ def _array_fields(value: Any, where: str) -> dict[str, Any]:
         raise RecordsError(f"array {where}: shape must be a list of non-negative ints")
     if not (isinstance(header, bytes) and isinstance(values, np.ndarray)):
         raise RecordsError(f"array {where}: header must be bytes and values a tensor")
-    if header:  # a .npy: its values must be the array the header and the Array's fields say
-        if values.shape != tuple(shape) or values.dtype.name != dtype or stype != NPY:
-            raise RecordsError(f"array {where}: values {values.dtype.name}{list(values.shape)} are not {dtype}{shape}")
-        data = b"".join((header, values.data))  # the one copy: Flower's Array holds bytes
+    if header:  # a .npy: its header must describe its values (the Array's own fields are carried as they are:
+        # Flower's legacy parameters, for one, have no shape)
+        described = _header_array(header)
+        if stype != NPY or described is None or described != (values.dtype.name, values.shape):
+            raise RecordsError(
+                f"array {where}: its .npy header does not describe its values {values.dtype.name}{list(values.shape)}"
+            )
+        data = b"".join((header, memoryview(values.reshape(-1).view(np.uint8))))  # the one copy: Flower holds bytes
     else:
         if values.dtype != np.uint8 or values.ndim != 1:
             raise RecordsError(f"array {where}: raw bytes must travel as a uint8 vector")
@@ -185,7 +207,7 @@ def digest(*, message_type: str, group_id: str, node_id: int, content: dict[str,
         if kind == ARRAYS:
             for key, array in items:
                 h.update(msgpack.packb([key, array["dtype"], array["shape"], array["stype"], array["header"]]))
-                h.update(memoryview(np.ascontiguousarray(array["values"])).cast("B"))
+                h.update(memoryview(np.ascontiguousarray(array["values"]).reshape(-1).view(np.uint8)))
         else:
             h.update(msgpack.packb(items, use_bin_type=True))
     return h.hexdigest()

@@ -18,9 +18,10 @@ from typing import Any
 
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.flower import node_id_of
-from brokerfl.flower.app_dir import FlowerAppError, flower_app_of, node_config
+from brokerfl.flower.app_dir import FlowerAppError, node_config
 from brokerfl.flower.node import MESSAGE_UNAVAILABLE, UNKNOWN, Node, to_flower_request
 from brokerfl.flower.records import RecordsError
+from brokerfl.handlers.workflows.flower_server import flower_app_of
 from brokerfl.runtime.handler_table import Context, HandlerSet, Rejected, to_server
 from brokerfl.wire.message import Exit, FlowerReply, FlowerRequest, Message
 from brokerfl.wire.names import bounded

@@ -29,7 +29,7 @@ from typing import Any
 
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.flower import node_id_of, run_id_of
-from brokerfl.flower.app_dir import FlowerApp, FlowerAppError, flower_app_of
+from brokerfl.flower.app_dir import FlowerApp, FlowerAppError, load_flower_app
 from brokerfl.flower.grid import (
     SUPERLINK_NODE_ID,
     BrokerGrid,
@@ -119,6 +119,14 @@ def make_state(config: RunConfig, store: Any, metrics: MetricsLog) -> FlowerServ
         raise ConfigError(str(exc)) from None
     nodes = {node_id_of(config.run, cid): cid for cid in config.client_ids()}
     return FlowerServerState(config, app, metrics, flower_grid(config.run, nodes), store)
+
+
+def flower_app_of(config: RunConfig) -> FlowerApp:
+    """The Flower app a run config names, as a :class:`ConfigError` if it cannot be read."""
+    try:
+        return load_flower_app(config.flower_app or "", config.flower_config)
+    except ValueError as exc:  # FlowerAppError, FlowerUnavailable
+        raise ConfigError(str(exc)) from None
 
 
 def resume(state: FlowerServerState, messages: Iterable[Message]) -> None:
