@@ -83,7 +83,7 @@ def test_an_unknown_short_name_lists_the_built_ins():
         ConfigError,
         match=(
             r"server_handlers: unknown server_handlers 'async-server': use one of \['async_server', 'cyclic', "
-            r"'server'\]"
+            r"'flower_server', 'server'\]"
         ),
     ):
         parse_config({"server_handlers": "async-server"})

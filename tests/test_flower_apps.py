@@ -339,12 +339,6 @@ def test_a_bool_for_a_number_in_flower_config_is_a_config_error():
         parse_config(config_with(flower_app=str(TINY), flower_config={"num-server-rounds": True}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_flower_app checks an override's type only for bool against non-bool: a str for the app's int "
-    "num-server-rounds is accepted (its own message says it 'must be a int like the app's default'), and the "
-    "ServerApp fails in the run",
-)
 def test_a_str_for_a_number_in_flower_config_is_a_config_error():
     with pytest.raises(ConfigError, match=r"flower_config: 'num-server-rounds' must be a int like the app's default"):
         parse_config(config_with(flower_app=str(TINY), flower_config={"num-server-rounds": "3"}))

@@ -108,9 +108,7 @@ def load_flower_app(directory: str | Path, overrides: dict[str, Any] | None = No
             raise FlowerAppError(
                 f"flower_config: {key!r} is not in the app's [tool.flwr.app.config] (its keys: {known})"
             )
-        if not isinstance(value, bool | int | float | str) or (
-            isinstance(value, bool) != isinstance(defaults[key], bool)
-        ):
+        if not _same_kind(value, defaults[key]):
             raise FlowerAppError(
                 f"flower_config: {key!r} must be a {type(defaults[key]).__name__} like the app's default, not {value!r}"
             )

@@ -168,10 +168,16 @@ def _array_fields(value: Any, where: str) -> dict[str, Any]:
         raise RecordsError(f"array {where}: shape must be a list of non-negative ints")
     if not (isinstance(header, bytes) and isinstance(values, np.ndarray)):
         raise RecordsError(f"array {where}: header must be bytes and values a tensor")
-    if header:  # a .npy: its header must describe its values (the Array's own fields are carried as they are:
-        # Flower's legacy parameters, for one, have no shape)
+    if header:  # a .npy: its header must describe its values, and so must the Array's fields where they say
+        # anything (Flower's legacy parameters leave dtype and shape empty)
         described = _header_array(header)
-        if stype != NPY or described is None or described != (values.dtype.name, values.shape):
+        if (
+            stype != NPY
+            or described is None
+            or described != (values.dtype.name, values.shape)
+            or dtype not in ("", values.dtype.name)
+            or (shape and tuple(shape) != values.shape)
+        ):
             raise RecordsError(
                 f"array {where}: its .npy header does not describe its values {values.dtype.name}{list(values.shape)}"
             )
