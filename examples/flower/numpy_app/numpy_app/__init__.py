@@ -1,0 +1,1 @@
+"""numpy_app: a Flower app whose model is two NumPy arrays."""
