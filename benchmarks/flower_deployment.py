@@ -287,9 +287,6 @@ def summarise(lines: list[tuple[float, str]], *, launched: float, ready: float, 
 
 
 # --- brokerfl side -------------------------------------------------------------------------
-# STUB until the Flower integration lands (the run config keys flower_app and flower_config):
-# until then run_brokerfl raises NotImplementedError. The launch below is a draft for it; the
-# figures it returns (from metrics.jsonl) are to be checked against what the integration logs.
 
 
 def run_brokerfl(app: Path, *, nodes: int, rounds: int, timeout: float, mode: str, broker: str) -> dict:
@@ -298,8 +295,7 @@ def run_brokerfl(app: Path, *, nodes: int, rounds: int, timeout: float, mode: st
     sys.path.insert(0, str(ROOT))
     from brokerfl.config import RunConfig
 
-    if not {"flower_app", "flower_config"} <= set(RunConfig.model_fields):
-        raise NotImplementedError("brokerfl side: lands with the integration")
+    assert {"flower_app", "flower_config"} <= set(RunConfig.model_fields)
     from brokerfl.storage.metrics_log import read_metrics
     from brokerfl.transports.amqp import AmqpTransport
     from brokerfl.transports.topology import RunTopology
@@ -312,8 +308,10 @@ def run_brokerfl(app: Path, *, nodes: int, rounds: int, timeout: float, mode: st
         "flower_app": str(app),
         "flower_config": {"num-server-rounds": rounds, "min-nodes": nodes},
     }
+    launched = time.time()
     with tempfile.TemporaryDirectory(prefix="flower-deployment-") as tmp:
         path, out = Path(tmp) / "config.yaml", Path(tmp) / "out"
+        config["client_state_dir"] = str(Path(tmp) / "nodes")
         path.write_text(json.dumps(config))  # JSON is YAML
         cli = [sys.executable, "-m", "brokerfl.cli"]
         env = {**os.environ, "BROKERFL_AMQP_URL": broker, "PYTHONPATH": str(ROOT)}
@@ -338,10 +336,16 @@ def run_brokerfl(app: Path, *, nodes: int, rounds: int, timeout: float, mode: st
                     RunTopology(run).delete(admin, [str(i) for i in range(nodes)])
         wall = time.monotonic() - started
         records = read_metrics(out / "metrics.jsonl")
-    round_s = [r["duration_s"] for r in records]
+    # a round ends with the ServerApp's last exchange of it; its time is from the previous round's end
+    ends = {}
+    for record in records:
+        ends[record["round"]] = record["time"]
+    times = [ends[r] for r in sorted(ends)]
+    round_s = [b - a for a, b in zip(times, times[1:])]
     return {
-        "round_s": [round(s, 2) for s in round_s],
-        "median_round_s_from_round_2": round(statistics.median(round_s[1:] or round_s), 2),
+        "startup_to_round_1_end_s": round(times[0] - launched, 2) if times else None,
+        "round_s": [round(s, 3) for s in round_s],
+        "median_round_s_from_round_2": round(statistics.median(round_s), 3) if round_s else None,
         "wall_total_s": round(wall, 2),
         "final_record": records[-1] if records else None,
     }

@@ -291,6 +291,7 @@ def record(message: GridRecord, ctx: Context[FlowerServerState]):
             "num_updates": summary["replies"] - summary["errors"],
             "errors": summary["errors"],
             "duration_s": round(max(ctx.wall() - summary["started"], 0.0), 3) if summary["started"] else 0.0,
+            "time": round(ctx.wall(), 3),  # when the ServerApp got the replies (unix time)
             "metrics": metrics,
         }
         state.metrics.append(entry)
