@@ -308,6 +308,10 @@ def run_brokerfl(app: Path, *, nodes: int, rounds: int, timeout: float, mode: st
         "flower_app": str(app),
         "flower_config": {"num-server-rounds": rounds, "min-nodes": nodes},
     }
+    from brokerfl.flower.app_dir import load_flower_app
+
+    known = load_flower_app(app).run_config  # an app without min-nodes (Flower's quickstarts) keeps its own
+    config["flower_config"] = {k: v for k, v in config["flower_config"].items() if k in known}
     launched = time.time()
     with tempfile.TemporaryDirectory(prefix="flower-deployment-") as tmp:
         path, out = Path(tmp) / "config.yaml", Path(tmp) / "out"

@@ -220,10 +220,13 @@ def test_the_task_identity_has_run_node_and_task_setters():
 
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
     try:
-        from brokerfl.handlers.workflows.flower_server import set_task_identity
+        import threading
 
-        set_task_identity(123)
-        assert (TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id) == (123, 1, 0)
+        from brokerfl.flower.grid import flower_grid
+
+        grid = flower_grid("contract", {})
+        grid.attach(lambda message: None, threading.Event())
+        assert (TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id) == (grid.run_id, 1, 0)
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 

@@ -234,11 +234,11 @@ def server_worker(
 
     state.admin = restore_admin_state(transport, topology)
     state.config = state.admin.applied_to(state.config)
-    if hasattr(module, "resume") and topology.journal:  # a workflow that resumes from the run's journal
+    if hasattr(module, "resume_from_journal") and topology.journal:  # a workflow that resumes from the journal
         from brokerfl.storage.journal import read_journal
         from brokerfl.wire.message import MESSAGE_TYPES
 
-        module.resume(state, _journaled_messages(read_journal(transport, topology), MESSAGE_TYPES))
+        module.resume_from_journal(state, _journaled_messages(read_journal(transport, topology), MESSAGE_TYPES))
     # every update of a round stays unacked until its model version is stored
     prefetch = max(2 * config.clients, 16)
     admit = identity.server_inbox_check(config.run, config.client_ids()) if config.identity.enforce else None

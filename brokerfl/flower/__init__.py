@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from importlib import metadata
+from typing import Any
 
 # Decision: the Flower releases whose interfaces this integration was built and
 # contract-tested against (tests/test_flower_contract.py); others are refused, with this
@@ -47,6 +48,15 @@ def check_flwr() -> str:
     if not low <= major_minor < high:
         raise FlowerUnavailable(f"flwr {version} is installed; brokerfl runs Flower apps with flwr{supported_range()}")
     return version
+
+
+def flower_message(metadata: Any, *, content: Any = None, error: Any = None) -> Any:
+    """A Flower ``Message`` made from its metadata, as Flower's own grids and SuperNode make
+    the messages they deliver (``Message(metadata=...)``, outside its typed overloads; pinned
+    by the contract tests)."""
+    from flwr.app import Message
+
+    return Message(metadata=metadata, content=content, error=error)  # type: ignore[call-overload]
 
 
 def _number(*words: str) -> int:

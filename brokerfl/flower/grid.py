@@ -35,15 +35,16 @@ import concurrent.futures
 import hashlib
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from brokerfl.flower import records, run_id_of
+from brokerfl.flower import flower_message, records, run_id_of
 from brokerfl.runtime.handler_table import Post
 from brokerfl.wire.message import FlowerExchange, FlowerReply, FlowerRequest, Message
 from brokerfl.wire.names import bounded
 
+AGAIN = "again"  # take_reply: a reply it already has, delivered again (not a second reply)
 WAIT_SLICE_S = 0.5  # a waiting ServerApp looks at its cancel event at least this often
 MESSAGE_UNAVAILABLE = 3  # flwr.common.constant.ErrorCode: the request expired before a reply came
 SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: the ServerApp's own node id
@@ -115,7 +116,14 @@ class BrokerGrid:
     """Flower's ``Grid`` (an instance of it: :func:`flower_grid` makes the subclass), for
     the nodes ``nodes`` (node id -> client id) of run ``run``."""
 
-    def __init__(self, run: str, nodes: dict[int, str], *, journaled: Journaled | None = None, wall=time.time) -> None:
+    def __init__(
+        self,
+        run: str,
+        nodes: dict[int, str],
+        *,
+        journaled: Journaled | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.run_name = run
         self.run_id = run_id_of(run)
         self.nodes = dict(nodes)
@@ -134,12 +142,23 @@ class BrokerGrid:
         self._cancelled: threading.Event | None = None
         self._run: Any = None
         self.owners = {r.request_id: r.client_id for r in self.journaled.requests.values()}  # request id -> client
+        self.reply_ids: dict[str, str] = {}  # request id -> the message id of the reply used for it
         for reply in self.journaled.replies.values():
             self.replies[reply.request_id] = reply
+            self.reply_ids[reply.request_id] = reply.message_id
 
     # ------------------------------------------------------------ the driver's side
 
     def attach(self, post: Post, cancelled: threading.Event) -> None:
+        """Connect the grid to its worker (``post``) for a ServerApp about to run on this
+        thread; ``cancelled`` ends its waits. Sets Flower's per-process task identity, which
+        a ``Message`` the app creates takes its run and source node from (in Flower's
+        deployment the ServerApp has a process of its own)."""
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.run_id = self.run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        TaskIdentity.task_id = 0
         self._post, self._cancelled = post, cancelled
 
     def set_run(self, run: Any) -> None:
@@ -217,8 +236,10 @@ class BrokerGrid:
 
     def take_reply(self, reply: FlowerReply) -> str | None:
         """Hand a node's reply to the app (on the worker's thread); the reason it is not
-        used, if it is not."""
+        used, if it is not (:data:`AGAIN`: the very message it has, delivered again)."""
         with self.changed:
+            if self.reply_ids.get(reply.request_id) == reply.message_id:
+                return AGAIN
             owner = self.owners.get(reply.request_id)
             if owner is None:
                 return f"a reply to request {bounded(reply.request_id, 64)!r}, which this run never sent"
@@ -229,6 +250,7 @@ class BrokerGrid:
             if reply.request_id in self.replies or reply.request_id in self.taken:
                 return "duplicate: its request was already answered (the first reply is the one used)"
             self.replies[reply.request_id] = reply
+            self.reply_ids[reply.request_id] = reply.message_id
             self.changed.notify_all()
         return None
 
@@ -337,7 +359,7 @@ class BrokerGrid:
         return sent is not None and sent.created_at + sent.ttl < self.wall()
 
     def _expiry(self, request_id: str) -> Any:
-        from flwr.app import Error, Message, Metadata
+        from flwr.app import Error, Metadata
 
         sent = self.sent[request_id]
         metadata = Metadata(
@@ -352,7 +374,7 @@ class BrokerGrid:
             message_type=sent.message_type,
         )
         reason = f"no reply from node {sent.node_id} (client {sent.client_id}) within the message's TTL ({sent.ttl} s)"
-        return Message(metadata=metadata, error=Error(MESSAGE_UNAVAILABLE, reason))
+        return flower_message(metadata, error=Error(MESSAGE_UNAVAILABLE, reason))
 
     def _send(self, message: Message, sent: concurrent.futures.Future) -> None:
         """Post ``message`` to the worker and wait until what it asks is published."""
@@ -397,7 +419,7 @@ def _grid_class() -> type:
 
 def to_flower_reply(run_id: int, reply: FlowerReply) -> Any:
     """The Flower ``Message`` a reply is, as the ServerApp gets it."""
-    from flwr.app import Error, Message, Metadata
+    from flwr.app import Error, Metadata
 
     metadata = Metadata(
         run_id=run_id,
@@ -411,8 +433,8 @@ def to_flower_reply(run_id: int, reply: FlowerReply) -> Any:
         message_type=reply.message_type,
     )
     if reply.error_code is not None:
-        return Message(metadata=metadata, error=Error(reply.error_code, reply.error_reason or None))
-    return Message(metadata=metadata, content=records.unpack(reply.content))
+        return flower_message(metadata, error=Error(reply.error_code, reply.error_reason or None))
+    return flower_message(metadata, content=records.unpack(reply.content))
 
 
 def check_reply(reply: FlowerReply) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from brokerfl.flower import records, run_id_of
+from brokerfl.flower import flower_message, records, run_id_of
 from brokerfl.flower.grid import SUPERLINK_NODE_ID
 from brokerfl.wire.codec import DecodeError, decode, encode
 from brokerfl.wire.message import FlowerReply, FlowerRequest, from_wire, to_wire
@@ -89,26 +89,22 @@ class Node:
         return reply
 
     def reply_to(self, request: FlowerRequest, out: Any) -> FlowerReply:
-        meta = out.metadata
-        fields = dict(
-            run=request.run,
-            round=request.round,
-            client_id=self.client_id,
-            node_id=self.node_id,
-            request_id=request.request_id,
-            reply_id=_reply_id(request),
-            message_type=request.message_type,
-            group_id=request.group_id,
-            ttl=float(meta.ttl),
-            created_at=float(meta.created_at),
-        )
+        """The ClientApp's reply ``out`` as a brokerfl message (its content, or its Error)."""
+        reply = self._reply(request, ttl=float(out.metadata.ttl), created_at=float(out.metadata.created_at))
         if out.has_error():
-            return FlowerReply(
-                **fields, error_code=int(out.error.code), error_reason=bounded(out.error.reason or "", ERROR_CHARS)
-            )
-        return FlowerReply(**fields, content=records.pack(out.content))
+            reply.error_code = int(out.error.code)
+            reply.error_reason = bounded(out.error.reason or "", ERROR_CHARS)
+        else:
+            reply.content = records.pack(out.content)
+        return reply
 
     def error_reply(self, request: FlowerRequest, code: int, reason: str) -> FlowerReply:
+        """Flower's ``Error`` for ``request``, made by the node itself (the app did not reply)."""
+        reply = self._reply(request, ttl=request.ttl, created_at=request.created_at)
+        reply.error_code, reply.error_reason = code, reason
+        return reply
+
+    def _reply(self, request: FlowerRequest, *, ttl: float, created_at: float) -> FlowerReply:
         return FlowerReply(
             run=request.run,
             round=request.round,
@@ -118,10 +114,8 @@ class Node:
             reply_id=_reply_id(request),
             message_type=request.message_type,
             group_id=request.group_id,
-            ttl=request.ttl,
-            created_at=request.created_at,
-            error_code=code,
-            error_reason=reason,
+            ttl=ttl,
+            created_at=created_at,
         )
 
     def save(self, reply: FlowerReply) -> None:
@@ -142,7 +136,7 @@ class Node:
 def to_flower_request(request: FlowerRequest) -> Any:
     """The Flower ``Message`` a request is, as the ClientApp gets it (:class:`records.RecordsError`
     if its content is malformed)."""
-    from flwr.app import Message, Metadata
+    from flwr.app import Metadata
 
     metadata = Metadata(
         run_id=run_id_of(request.run),
@@ -155,7 +149,7 @@ def to_flower_request(request: FlowerRequest) -> Any:
         ttl=request.ttl,
         message_type=request.message_type,
     )
-    return Message(metadata=metadata, content=records.unpack(request.content))
+    return flower_message(metadata, content=records.unpack(request.content))
 
 
 def _reply_id(request: FlowerRequest) -> str:

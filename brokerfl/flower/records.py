@@ -181,7 +181,7 @@ def _array_fields(value: Any, where: str) -> dict[str, Any]:
             raise RecordsError(
                 f"array {where}: its .npy header does not describe its values {values.dtype.name}{list(values.shape)}"
             )
-        data = b"".join((header, memoryview(values.reshape(-1).view(np.uint8))))  # the one copy: Flower holds bytes
+        data = b"".join((header, _bytes_view(values)))  # the one copy: Flower's Array holds bytes
     else:
         if values.dtype != np.uint8 or values.ndim != 1:
             raise RecordsError(f"array {where}: raw bytes must travel as a uint8 vector")
@@ -202,6 +202,12 @@ def _values(pairs: list[tuple[str, Any]], name: str, *, numbers_only: bool) -> l
     return pairs
 
 
+def _bytes_view(values: np.ndarray) -> memoryview:
+    """The bytes of an array without a copy (of an empty one too, whatever its shape)."""
+    flat = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    return memoryview(flat.data)
+
+
 def digest(*, message_type: str, group_id: str, node_id: int, content: dict[str, Any]) -> str:
     """What a request asks, as a hash: its type, group, destination and content (arrays by
     their bytes). ``created_at`` and ``ttl`` are left out: a re-run creates its messages
@@ -213,7 +219,7 @@ def digest(*, message_type: str, group_id: str, node_id: int, content: dict[str,
         if kind == ARRAYS:
             for key, array in items:
                 h.update(msgpack.packb([key, array["dtype"], array["shape"], array["stype"], array["header"]]))
-                h.update(memoryview(np.ascontiguousarray(array["values"]).reshape(-1).view(np.uint8)))
+                h.update(_bytes_view(array["values"]))
         else:
             h.update(msgpack.packb(items, use_bin_type=True))
     return h.hexdigest()

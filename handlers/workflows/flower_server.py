@@ -31,6 +31,7 @@ from brokerfl.config import ConfigError, RunConfig
 from brokerfl.flower import node_id_of, run_id_of
 from brokerfl.flower.app_dir import FlowerApp, FlowerAppError, load_flower_app
 from brokerfl.flower.grid import (
+    AGAIN,
     SUPERLINK_NODE_ID,
     BrokerGrid,
     Diverged,
@@ -129,7 +130,7 @@ def flower_app_of(config: RunConfig) -> FlowerApp:
         raise ConfigError(str(exc)) from None
 
 
-def resume(state: FlowerServerState, messages: Iterable[Message]) -> None:
+def resume_from_journal(state: FlowerServerState, messages: Iterable[Message]) -> None:
     """What the run's journal holds, for the re-run ServerApp (a restarted server)."""
     journaled = Journaled()
     for message in messages:
@@ -174,7 +175,6 @@ def _server_app_driver(state: FlowerServerState):
         from flwr.app import RecordDict
 
         grid.attach(post, cancelled)
-        set_task_identity(run_id_of(config.run))
         server_app = app.load_server_app()
         seed_everything(config.seed)  # the same seeds on every start: durable execution re-runs the app
         context = FlowerContext(
@@ -187,17 +187,6 @@ def _server_app_driver(state: FlowerServerState):
         server_app(grid, context)
 
     return drive
-
-
-def set_task_identity(run_id: int) -> None:
-    """Flower's per-process identity of the task that runs (a ServerApp's own process, in
-    Flower's deployment): what a ``Message`` the app creates takes its run and source node
-    from."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    TaskIdentity.task_id = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -309,6 +298,8 @@ def take_reply(reply: FlowerReply, ctx: Context[FlowerServerState]):
         raise Rejected(f"reply {reply.reply_id}: {exc}") from None
     why_not = state.grid.take_reply(reply)
     state.last_reply[reply.client_id] = time.monotonic()
+    if why_not == AGAIN:  # the same message again (unacked when a server stopped, or resent by its node)
+        return []
     if why_not is None:
         if reply.error_code is not None:
             state.errors += 1
