@@ -172,6 +172,9 @@ FIELD_STRATEGIES = {
     "version": st.integers(0, 2**63 - 1),
     "parent": st.none() | st.integers(0, 2**63 - 1),
     "model_offset": st.integers(0, 2**63 - 1),
+    "node_id": st.integers(0, 2**63 - 1),  # Flower's node ids (FlowerRequest, FlowerReply)
+    "seq": st.integers(0, 2**63 - 1),  # a Flower request's number
+    "call": st.integers(0, 2**63 - 1),  # a Flower exchange's number
     "training": st.dictionaries(names, st.floats(0, 1e8), max_size=4),  # Heartbeats: seconds training
     "training_s": st.none() | st.floats(0, 1e8),  # Heartbeat
     "error": st.text(max_size=300),  # TrainFailed, Leave

@@ -607,6 +607,9 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "local_model": ("server.local_model",),
     "cross_site_eval_task": ("clients.cross_site_eval_task",),
     "cross_site_eval_result": ("server.cross_site_eval_result",),
+    "flower_request": ("client.<id>.flower_request",),
+    "flower_reply": ("server.flower_reply",),
+    "flower_exchange": ("audit.flower_exchange",),
 }
 
 # the modules whose import registers the built-in message types, in the order they are shown
@@ -625,6 +628,9 @@ LOCAL_MODULES = (
     "brokerfl.handlers.workflows.scoring",
     "brokerfl.handlers.workflows.cyclic",
     "brokerfl.handlers.workflows.swarm",
+    "brokerfl.flower.grid",
+    "brokerfl.handlers.workflows.flower_server",
+    "brokerfl.handlers.workflows.flower_client",
 )
 
 
