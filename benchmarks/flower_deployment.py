@@ -250,18 +250,13 @@ def run_config_overrides(app: Path, *, rounds: int, nodes: int) -> list[str]:
     return ["--run-config", pairs] if pairs else []
 
 
-def summarise(lines: list[tuple[float, str]], *, launched: float, ready: float, submitted: float) -> dict:
-    """Round starts, the finish and the last metrics, read from the ServerApp's log."""
-    starts: dict[int, float] = {}
-    finished_at, strategy_s = None, None
+def final_metrics(lines) -> tuple[dict | None, dict | None]:
+    """The last central (ServerApp-side) and aggregated ClientApp evaluation a ServerApp's
+    log shows (Flower's strategies log both)."""
     server_metrics, client_metrics = None, None
     global_evaluation = False
-    for stamp, line in lines:
-        if m := ROUND.search(line):
-            starts.setdefault(int(m.group(1)), stamp)
-        elif m := FINISHED.search(line):
-            finished_at, strategy_s = stamp, float(m.group(1))
-        elif "Global evaluation" in line:
+    for line in lines:
+        if "Global evaluation" in line:
             global_evaluation = True
         elif m := METRICS.search(line):
             record = ast.literal_eval(m.group(1))
@@ -269,6 +264,19 @@ def summarise(lines: list[tuple[float, str]], *, launched: float, ready: float, 
                 server_metrics, global_evaluation = record, False
             elif "Aggregated MetricRecord" in line:
                 client_metrics = record
+    return server_metrics, client_metrics
+
+
+def summarise(lines: list[tuple[float, str]], *, launched: float, ready: float, submitted: float) -> dict:
+    """Round starts, the finish and the last metrics, read from the ServerApp's log."""
+    starts: dict[int, float] = {}
+    finished_at, strategy_s = None, None
+    for stamp, line in lines:
+        if m := ROUND.search(line):
+            starts.setdefault(int(m.group(1)), stamp)
+        elif m := FINISHED.search(line):
+            finished_at, strategy_s = stamp, float(m.group(1))
+    server_metrics, client_metrics = final_metrics(line for _, line in lines)
     if not starts or finished_at is None:
         raise RuntimeError("the ServerApp's log has no [ROUND k/N] lines or no finish line")
     ends = [starts.get(k + 1, finished_at) for k in sorted(starts)]
@@ -325,7 +333,19 @@ def run_brokerfl(app: Path, *, nodes: int, rounds: int, timeout: float, mode: st
         else:
             argvs = [[*cli, "server", str(path), "--out", str(out)]]
             argvs += [[*cli, "client", str(path), "--client-id", str(i)] for i in range(nodes)]
-        popens = [subprocess.Popen(argv, cwd=ROOT, env=env, start_new_session=True) for argv in argvs]
+        server_log = Path(tmp) / "server.log"  # the ServerApp's log (simulate's or the server process's)
+        with server_log.open("w") as log:
+            popens = [
+                subprocess.Popen(
+                    argv,
+                    cwd=ROOT,
+                    env=env,
+                    start_new_session=True,
+                    stdout=log if i == 0 else subprocess.DEVNULL,
+                    stderr=subprocess.STDOUT,
+                )
+                for i, argv in enumerate(argvs)
+            ]
         try:
             for popen in popens:
                 if popen.wait(timeout=timeout) != 0:
@@ -340,6 +360,7 @@ def run_brokerfl(app: Path, *, nodes: int, rounds: int, timeout: float, mode: st
                     RunTopology(run).delete(admin, [str(i) for i in range(nodes)])
         wall = time.monotonic() - started
         records = read_metrics(out / "metrics.jsonl")
+        server_metrics, client_metrics = final_metrics(ANSI.sub("", server_log.read_text()).splitlines())
     # a round ends with the ServerApp's last exchange of it; its time is from the previous round's end
     ends = {}
     for record in records:
@@ -351,6 +372,8 @@ def run_brokerfl(app: Path, *, nodes: int, rounds: int, timeout: float, mode: st
         "round_s": [round(s, 3) for s in round_s],
         "median_round_s_from_round_2": round(statistics.median(round_s), 3) if round_s else None,
         "wall_total_s": round(wall, 2),
+        "final_server_metrics": server_metrics,
+        "final_client_metrics": client_metrics,
         "final_record": records[-1] if records else None,
     }
 

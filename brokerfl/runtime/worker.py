@@ -192,7 +192,8 @@ class Worker:
         return min(t.due for t in self.timers.values()) - self.clock()
 
     def fire_due_timers(self) -> int:
-        """Dispatch the outcomes of work aside that is done, then the timers that are due."""
+        """Dispatch what drivers posted and the outcomes of work aside that is done, then the
+        timers that are due."""
         fired = self._dispatch_posted() + self._dispatch_aside_outcomes()
         now = self.clock()
         for key, timer in sorted(self.timers.items(), key=lambda kv: kv[1].due):

@@ -27,6 +27,7 @@ def client_fn(context: Context):
 
 dp = ClientApp(mods=[fixedclipping_mod])
 secagg = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+plain = ClientApp(client_fn=client_fn)
 
 
 @dp.train()
@@ -41,7 +42,7 @@ class ByMode(ClientApp):
     """The run config's mode says which ClientApp handles the message."""
 
     def __call__(self, message: Message, context: Context) -> Message:
-        return (dp if context.run_config["mode"] == "dp" else secagg)(message, context)
+        return {"dp": dp, "secagg": secagg, "plain": plain}[context.run_config["mode"]](message, context)
 
 
 app = ByMode()

@@ -1,5 +1,6 @@
 """dp: FedAvg wrapped in Flower's DifferentialPrivacyClientSideFixedClipping. secagg:
-Flower's legacy FedAvg driven by DefaultWorkflow with a SecAggPlusWorkflow fit stage."""
+Flower's legacy FedAvg driven by DefaultWorkflow with a SecAggPlusWorkflow fit stage;
+plain: the same without it (what secagg's sum is compared with)."""
 
 import numpy as np
 from flwr.app import ArrayRecord, Context
@@ -27,6 +28,7 @@ def main(grid: Grid, context: Context) -> None:
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
     nodes = len(list(grid.get_node_ids()))
+    final = context.run_config["final-model"]
     strategy = LegacyFedAvg(
         fraction_fit=1.0,
         fraction_evaluate=0.0,
@@ -35,5 +37,10 @@ def main(grid: Grid, context: Context) -> None:
         initial_parameters=ndarrays_to_parameters(initial),
     )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
-    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=nodes, reconstruction_threshold=2))
-    workflow(grid, legacy)
+    secure = context.run_config["mode"] == "secagg"
+    fit = SecAggPlusWorkflow(num_shares=nodes, reconstruction_threshold=2) if secure else None
+    DefaultWorkflow(fit_workflow=fit)(grid, legacy)
+    if final:
+        from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+
+        np.savez(final, *legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays())
