@@ -13,14 +13,13 @@ the app twice on it; one killed before the file was written runs the app again o
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from brokerfl.flower import flower_message, records, run_id_of
 from brokerfl.flower.grid import SUPERLINK_NODE_ID
+from brokerfl.storage.private_files import write_private
 from brokerfl.wire.codec import DecodeError, decode, encode
 from brokerfl.wire.message import FlowerReply, FlowerRequest, from_wire, to_wire
 from brokerfl.wire.names import bounded
@@ -178,18 +177,10 @@ def _reply_from(fields: dict[str, Any], body: bytes) -> FlowerReply:
 
 
 def _write(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically: a reader finds the old file or the new one, never half of one."""
+    """Atomically, readable by the node's own user only: a reader finds the old file or the
+    new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(encode(payload))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_private(path, encode(payload))
 
 
 def _read(path: Path) -> dict[str, Any]:

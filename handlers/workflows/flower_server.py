@@ -150,11 +150,11 @@ def resume_from_journal(state: FlowerServerState, messages: Iterable[Message]) -
 def start_server_app(message: Started, ctx: Context[FlowerServerState]):
     state = ctx.state
     finished = state.grid.journaled.finished
-    if finished is not None:
+    if finished is not None:  # started again after the end: nodes started for it are told so
         state.done = True
         ctx.log.info("the run is already finished: nothing to do", reason=finished)
         ctx.stop()
-        return []
+        return [to_clients(Exit(reason=f"the run is already finished ({finished})"))]
     state.begun = True
     resumed = len(state.grid.journaled.requests)
     ctx.log.info(
