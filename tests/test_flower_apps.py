@@ -370,3 +370,20 @@ def test_a_missing_flwr_is_a_config_error(monkeypatch):
     monkeypatch.setattr(brokerfl.flower.metadata, "version", not_installed)
     with pytest.raises(ConfigError, match=r"a Flower app needs flwr>=1\.40,<1\.43: pip install 'brokerfl\[flower\]'"):
         parse_config(config_with(flower_app=str(TINY)))
+
+
+def test_a_sites_node_config_entries_are_typed_and_its_contexts_kept_on_disk():
+    import argparse
+
+    from brokerfl.cli.commands import _flower_client_config
+
+    config = parse_config(config_with(flower_app=str(TINY), flower_node_config={"*": {"shared": "x"}}))
+    args = argparse.Namespace(node_config=["data-path=/srv/site a", "batch=32", "on=true", "lr=0.5"], client_id=["1"])
+    site = _flower_client_config(config, args)
+    assert site.flower_node_config["1"] == {"data-path": "/srv/site a", "batch": 32, "on": True, "lr": 0.5}
+    assert site.flower_node_config["*"] == {"shared": "x"}
+    assert site.client_state_dir == "runs/tiny/nodes"
+    with pytest.raises(SystemExit, match="give KEY=VALUE"):
+        _flower_client_config(config, argparse.Namespace(node_config=["no-value"], client_id=["1"]))
+    with pytest.raises(SystemExit, match="a bool, number or string"):
+        _flower_client_config(config, argparse.Namespace(node_config=["list=[1, 2]"], client_id=["1"]))

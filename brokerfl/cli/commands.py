@@ -302,6 +302,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         )
     if config.flower_app is not None:
         config = _flower_client_config(config, args)
+    elif args.node_config:
+        raise SystemExit("brokerfl client: --node-config is a Flower node's setting; this run names no flower_app")
     _set_torch_threads()
     if config.workflow == "swarm":  # a peer: these clients plus an aggregator candidate
         from brokerfl.assembly.swarm_peers import run_peer

@@ -83,10 +83,12 @@ def handle_request(request: FlowerRequest, ctx: Context[FlowerNodeState]):
     if again is not None:  # delivered again after its reply went out: the same reply, the app not run twice
         ctx.log.info("request delivered again: its reply is sent again", request=request.request_id)
         return [to_server(again)]
-    if request.ttl > 0 and request.created_at + request.ttl < ctx.wall():
-        reply = node.error_reply(request, MESSAGE_UNAVAILABLE, "the message's TTL passed before the node took it")
-        node.save(reply)
-        return [to_server(reply)]
+    if request.ttl > 0 and request.created_at + request.ttl < ctx.wall():  # the same answer whenever it comes
+        return [
+            to_server(
+                node.error_reply(request, MESSAGE_UNAVAILABLE, "the message's TTL passed before the node took it")
+            )
+        ]
     try:
         message = to_flower_request(request)
     except RecordsError as exc:
