@@ -105,14 +105,38 @@ def _header_array(header: bytes) -> tuple[str, tuple[int, ...]] | None:
     return dtype.name, tuple(shape)
 
 
+def check(payload: Any) -> None:
+    """What :func:`unpack` checks, without building Flower's records (no array is copied):
+    :class:`RecordsError` if ``payload`` is not a RecordDict as :func:`pack` writes it."""
+    _checked(payload)
+
+
 def unpack(payload: Any) -> RecordDict:
     """The ``RecordDict`` a payload of :func:`pack` holds; :class:`RecordsError` if it is not one."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+    content = RecordDict()
+    for name, kind, pairs in _checked(payload):
+        try:
+            if kind == ARRAYS:
+                content[name] = ArrayRecord({key: Array(**_array_of(fields)) for key, fields in pairs})
+            elif kind == CONFIG:
+                content[name] = ConfigRecord(dict(pairs))
+            else:
+                content[name] = MetricRecord(dict(pairs))
+        except (TypeError, ValueError) as exc:  # Flower's own checks of keys and values
+            raise RecordsError(f"record {name!r}: {str(exc)[:300]}") from None
+    return content
+
+
+def _checked(payload: Any) -> list[tuple[str, str, list[tuple[str, Any]]]]:
+    """(name, kind, [(key, value)]) of each record, every part checked (an array's value:
+    its checked fields)."""
     records = payload.get("records") if isinstance(payload, dict) else None
     if not isinstance(records, list) or set(payload) != {"records"}:
         raise RecordsError("content must be {'records': [...]}")
-    content = RecordDict()
+    checked: list[tuple[str, str, list[tuple[str, Any]]]] = []
+    names: set[str] = set()
     for i, entry in enumerate(records):
         if not (
             isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[2], list)
@@ -120,25 +144,18 @@ def unpack(payload: Any) -> RecordDict:
             raise RecordsError(f"records[{i}] must be [name, kind, items]")
         name, kind, items = entry
         _check_key(name, f"records[{i}]")
-        if name in content:
+        if name in names:
             raise RecordsError(f"record {name!r} appears twice")
+        names.add(name)
         pairs = _pairs(items, f"record {name!r}")
-        try:
-            if kind == ARRAYS:
-                content[name] = ArrayRecord(
-                    {key: Array(**_array_fields(value, f"{name}[{key!r}]")) for key, value in pairs}
-                )
-            elif kind == CONFIG:
-                content[name] = ConfigRecord(dict(_values(pairs, name, numbers_only=False)))
-            elif kind == METRICS:
-                content[name] = MetricRecord(dict(_values(pairs, name, numbers_only=True)))
-            else:
-                raise RecordsError(f"record {name!r}: unknown kind {str(kind)[:40]!r}")
-        except (TypeError, ValueError) as exc:  # Flower's own checks of keys and values
-            if isinstance(exc, RecordsError):
-                raise
-            raise RecordsError(f"record {name!r}: {str(exc)[:300]}") from None
-    return content
+        if kind == ARRAYS:
+            pairs = [(key, _array_fields(value, f"{name}[{key!r}]")) for key, value in pairs]
+        elif kind in (CONFIG, METRICS):
+            pairs = _values(pairs, name, numbers_only=kind == METRICS)
+        else:
+            raise RecordsError(f"record {name!r}: unknown kind {str(kind)[:40]!r}")
+        checked.append((name, kind, pairs))
+    return checked
 
 
 def _pairs(items: list[Any], where: str) -> list[tuple[str, Any]]:
@@ -159,6 +176,7 @@ def _check_key(key: str, where: str) -> None:
 
 
 def _array_fields(value: Any, where: str) -> dict[str, Any]:
+    """An array's fields on the wire, checked (its bytes not copied)."""
     if not (isinstance(value, dict) and set(value) == {"dtype", "shape", "stype", "header", "values"}):
         raise RecordsError(f"array {where}: must have dtype, shape, stype, header and values")
     dtype, shape, stype, header, values = (value[k] for k in ("dtype", "shape", "stype", "header", "values"))
@@ -181,12 +199,20 @@ def _array_fields(value: Any, where: str) -> dict[str, Any]:
             raise RecordsError(
                 f"array {where}: its .npy header does not describe its values {values.dtype.name}{list(values.shape)}"
             )
-        data = b"".join((header, _bytes_view(values)))  # the one copy: Flower's Array holds bytes
-    else:
-        if values.dtype != np.uint8 or values.ndim != 1:
-            raise RecordsError(f"array {where}: raw bytes must travel as a uint8 vector")
-        data = values.tobytes()
-    return {"dtype": dtype, "shape": tuple(shape), "stype": stype, "data": data}
+    elif values.dtype != np.uint8 or values.ndim != 1:
+        raise RecordsError(f"array {where}: raw bytes must travel as a uint8 vector")
+    return value
+
+
+def _array_of(fields: dict[str, Any]) -> dict[str, Any]:
+    """Flower's ``Array`` arguments from checked fields: its bytes are the header and the
+    values, joined (the one copy: Flower's Array holds bytes)."""
+    return {
+        "dtype": fields["dtype"],
+        "shape": tuple(fields["shape"]),
+        "stype": fields["stype"],
+        "data": b"".join((fields["header"], _bytes_view(fields["values"]))),
+    }
 
 
 def _values(pairs: list[tuple[str, Any]], name: str, *, numbers_only: bool) -> list[tuple[str, Any]]:
