@@ -43,6 +43,7 @@ from brokerfl.flower.grid import (
     flower_grid,
 )
 from brokerfl.flower.records import RecordsError
+from brokerfl.handlers.workflows.admin import answer
 from brokerfl.runtime.handler_table import (
     Context,
     HandlerFailed,
@@ -57,7 +58,6 @@ from brokerfl.runtime.handler_table import (
 from brokerfl.runtime.operator_commands import (
     AbortRun,
     AdminCommand,
-    AdminReply,
     PauseRounds,
     RemoveClient,
     ResumeRounds,
@@ -110,6 +110,12 @@ class FlowerServerState:
     errors: int = 0
     admin: Any = None
     on_round: list[Any] = field(default_factory=list)
+
+    @property
+    def round(self) -> int:
+        """The round of the ServerApp's last exchange (its requests' group or ``server-round``)."""
+        records = self.metrics.records
+        return int(records[-1].get("round", 0)) if records else 0
 
 
 def make_state(config: RunConfig, store: Any, metrics: MetricsLog) -> FlowerServerState:
@@ -343,10 +349,8 @@ def status_of(state: FlowerServerState) -> dict:
     outstanding = grid.outstanding()
     rounds = state.app.run_config.get("num-server-rounds")
     recent = 3 * state.config.liveness.heartbeat_s
-    latest: dict[str, Any] = {}
-    for record in reversed(state.metrics.records[-16:]):
-        if not latest:
-            latest = {k: v for k, v in record.items() if k not in ("round", "flower", "replies", "errors", "time")}
+    latest = state.metrics.records[-1]["metrics"] if state.metrics.records else {}  # the last exchange's replies'
+    waiting = sorted(set(outstanding), key=client_id_order)
     clients = [
         {
             "id": cid,
@@ -363,7 +367,7 @@ def status_of(state: FlowerServerState) -> dict:
         "server": state.instance or None,
         "standbys": sorted(name for name, seen in state.standbys.items() if now - seen <= recent),
         "strategy": f"flower app {state.app.name}",
-        "round": _current_round(state),
+        "round": state.round,
         "round_open": bool(outstanding),
         "round_age_s": None,
         "model_version": 0,
@@ -380,8 +384,8 @@ def status_of(state: FlowerServerState) -> dict:
         "clients_expected": state.config.clients,
         "clients": clients,
         "removed": [],
-        "participants": sorted(set(outstanding), key=client_id_order),
-        "still_training": sorted(set(outstanding), key=client_id_order),
+        "participants": waiting,
+        "still_training": waiting,
         "failed": [],
         "refused": [],
         "train_failures": [],
@@ -396,28 +400,6 @@ def status_of(state: FlowerServerState) -> dict:
             "error_replies": state.errors,
         },
     }
-
-
-def _current_round(state: FlowerServerState) -> int:
-    records = state.metrics.records
-    return int(records[-1].get("round", 0)) if records else 0
-
-
-def answer(ctx: Context[FlowerServerState], command: AdminCommand, ok: bool, text: str) -> list[Outbound]:
-    (ctx.log.info if ok else ctx.log.warning)("admin command", command=command.TYPE, ok=ok, reply=text)
-    reply = command.reply(
-        AdminReply,
-        command=command.TYPE,
-        command_id=command.message_id,
-        by=command.sender,
-        user=command.user_id,
-        ok=ok,
-        text=text,
-    )
-    out = [to_requester(reply)]
-    if ctx.state.config.journal:
-        out.append(Outbound(AUDIT, reply))
-    return out
 
 
 @OPERATOR.on(AbortRun)
