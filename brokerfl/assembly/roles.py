@@ -5,10 +5,12 @@ A run's tables are composed here, from its config alone (:func:`brokerfl.runtime
 so a module imported for one run adds nothing to another run in the same process:
 
 - the coordinator's (server, asynchronous server, cyclic; the swarm's aggregator): the
-  workflow module's ``HANDLERS`` (``server_handlers``, by default the strategy's), the
-  operator's set (``handlers/workflows/admin.py``), cross-site evaluation's coordinator
+  workflow module's ``HANDLERS`` (``server_handlers``, by default the strategy's), secure
+  aggregation's set when ``secure_aggregation`` (it overrides the rounds' handling of
+  updates), the operator's set (``handlers/workflows/admin.py``), cross-site evaluation's coordinator
   set when ``cross_site_eval``, then every ``extra_handlers`` module's ``SERVER_HANDLERS``;
-- each client's: the ``client_handlers`` module's ``HANDLERS``, cross-site evaluation's
+- each client's: the ``client_handlers`` module's ``HANDLERS``, secure aggregation's client
+  set when ``secure_aggregation``, cross-site evaluation's
   client set when ``cross_site_eval``, then every ``extra_handlers`` module's
   ``CLIENT_HANDLERS``.
 
@@ -160,6 +162,10 @@ def coordinator_table(config: RunConfig, module: ModuleType | None = None) -> Ha
 
         operator = operator.wrapped(take_role_first)
     sets = [*workflow_sets(module, "server_handlers"), operator]
+    if config.secure_aggregation is not None:  # after the rounds' set, whose handlers it overrides
+        from brokerfl.handlers.workflows import secure_server
+
+        sets.insert(len(sets) - 1, secure_server.SERVER)
     if config.cross_site_eval:
         from brokerfl.handlers.workflows import cross_site
 
@@ -173,6 +179,10 @@ def client_table(config: RunConfig, module: ModuleType | None = None) -> Handler
     """A client's table of this run."""
     module = module or workflow_module(config, "client_handlers")
     sets = workflow_sets(module, "client_handlers")
+    if config.secure_aggregation is not None:
+        from brokerfl.handlers.workflows import secure_client
+
+        sets.append(secure_client.CLIENT)
     if config.cross_site_eval:
         from brokerfl.handlers.workflows import cross_site
 

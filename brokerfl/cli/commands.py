@@ -442,6 +442,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     config = _load_for_journal(args)
     if config.flower_app is not None:
         return _replay_flower(args, config)
+    if config.secure_aggregation is not None and (args.strategy or args.option):
+        print(
+            "brokerfl replay: a what-if needs each update, and under secure_aggregation the journal holds only masked "
+            "ones, whose sum alone can be unmasked (that is the point); replay --check recomputes each version from "
+            "that sum",
+            file=sys.stderr,
+        )
+        return 2
     deliveries, transport = _journal_source(args, config)
     try:
         result = replay(

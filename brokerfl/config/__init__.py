@@ -7,6 +7,7 @@ The defaults are the embedded default run (digits, 10 IID clients, FedAvg, 20 ro
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,6 +194,46 @@ class CompressionConfig(_Section):
     error_feedback: bool = Field(True, description="carry what compression dropped into the client's next update")
 
 
+class SecureAggregationConfig(_Section):
+    """Secure aggregation (SecAgg+, brokerfl.handlers.secure): the server learns only the
+    sum of a round's updates. ``secure_aggregation: {}`` turns it on with defaults for the
+    round's size."""
+
+    neighbours: int | None = Field(
+        None,
+        ge=2,
+        description="k: each client shares its secrets with this many others and masks its update with theirs "
+        "(default: 2 x ceil(log2 n) for n clients per round, everyone below that)",
+    )
+    threshold: int | None = Field(
+        None,
+        ge=2,
+        description="t: shares that rebuild a client's secret, out of its k neighbours and itself; more than half of "
+        "them (default: just over half). A round completes while every client keeps t of them",
+    )
+    clip_range: float = Field(
+        4.0, gt=0, description="r: each coordinate of a client's delta from the global model is clipped to [-r, r]"
+    )
+    bits: int = Field(
+        24, ge=2, le=40, description="quantisation: the clipped range in 2^bits levels (error <= r / (2^bits - 1))"
+    )
+    modulus_bits: int = Field(64, ge=16, le=64, description="the masked sums are taken mod 2^modulus_bits")
+    stage_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="seconds each stage after the training waits for its answers (the training: the round's)",
+    )
+
+    def resolved(self, participants: int) -> tuple[int, int]:
+        """(k, t) for rounds of ``participants`` clients: the configured ones, else the defaults."""
+        k = self.neighbours
+        if k is None:
+            k = 2 * math.ceil(math.log2(max(participants, 2)))
+        k = min(k + k % 2, participants - 1)  # a ring: as many on each side (or everyone)
+        t = self.threshold if self.threshold is not None else (k + 1) // 2 + 1
+        return k, t
+
+
 class RunConfig(_Section):
     run: str = Field(
         "default",
@@ -331,6 +372,11 @@ class RunConfig(_Section):
     compression: CompressionConfig = Field(
         default_factory=CompressionConfig, description="compressed updates, opt-in (synchronous server workflow)"
     )
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        None,
+        description="the server learns only the sum of each round's updates (SecAgg+); {} turns it on with defaults "
+        "(synchronous rounds, a strategy that needs only the weighted sum: fedavg, the server optimisers, dp_fedavg)",
+    )
 
     @field_validator("run")
     @classmethod
@@ -387,6 +433,8 @@ class RunConfig(_Section):
         self._check_strategy()
         if self.flower_app is not None:
             self._check_flower_app()
+        if self.secure_aggregation is not None:
+            self._check_secure_aggregation()
         if self.compression.method != "none" and (
             self.workflow != "server" or self.strategy.name in ("fedasync", "fedbuff")
         ):
@@ -412,6 +460,42 @@ class RunConfig(_Section):
                 raise ValueError(
                     f"flower_node_config: {client_id!r} is not a client id of the run ({self.client_ids_text()})"
                 )
+
+    def _check_secure_aggregation(self) -> None:
+        """What secure aggregation needs of the run, said when the config is read."""
+        secure = self.secure_aggregation
+        assert secure is not None
+        if self.workflow != "server" or self.flower_app is not None:
+            raise ValueError(
+                "secure_aggregation works with brokerfl's synchronous rounds (workflow server), not with "
+                + (
+                    f"workflow {self.workflow!r}"
+                    if self.flower_app is None
+                    else "a Flower app (use Flower's "
+                    "secaggplus_mod and SecAggPlusWorkflow in the app: docs/how-to/flower-apps.md)"
+                )
+            )
+        if self.compression.method != "none":
+            raise ValueError(
+                f"secure_aggregation with compression {self.compression.method!r}: a masked vector is uniformly "
+                "random and does not compress; set compression.method: none"
+            )
+        participants = self.clients_per_round()
+        if participants < 3:
+            raise ValueError(
+                f"secure_aggregation needs at least 3 clients per round (this run samples {participants}): with 2, "
+                "the sum and one update give away the other"
+            )
+        k, t = secure.resolved(participants)
+        holders = k + 1
+        if not holders // 2 < t <= holders:
+            raise ValueError(
+                f"secure_aggregation.threshold {t}: must be more than half of each client's {holders} share holders "
+                f"(its {k} neighbours and itself) and at most all of them, i.e. {holders // 2 + 1}..{holders}"
+            )
+        from brokerfl.handlers.strategies.base import check_secure_strategy
+
+        check_secure_strategy(self)
 
     def _check_strategy(self) -> None:
         """The strategy loads, is complete (no abstract method left) and takes its options:

@@ -9,6 +9,12 @@ so memory stays about one round of updates however long the run.
 ``check`` compares each recomputed version's hash with the recorded one. A what-if
 strategy aggregates the same updates of each version its own way (chained on its own
 previous model), and both models are evaluated on the run's test split.
+
+A secure round's version (``secure_aggregation``) names masked vectors, not updates: replay
+unmasks their sum as the server did, from what the journal holds of the round (the public
+keys, the masked vectors, the revealed shares, and the SecureRound record of who took part
+in each stage), and the strategy folds that sum. No update can be replayed alone, so a
+what-if is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +31,15 @@ from brokerfl.config import RunConfig
 from brokerfl.storage.journal import Skipped
 from brokerfl.storage.store import parameters_hash
 from brokerfl.transports.base import Delivery
-from brokerfl.wire.message import ModelVersionStored, ParameterUpdate, UpdateDropped
+from brokerfl.wire.message import (
+    ModelVersionStored,
+    ParameterUpdate,
+    SecureKeys,
+    SecureMasked,
+    SecureReveal,
+    SecureRound,
+    UpdateDropped,
+)
 
 HISTORY = 16  # recent versions' parameters kept for strategies that need a base version
 
@@ -115,6 +129,11 @@ def replay(
     from brokerfl.handlers.strategies.base import strategy_for_run
 
     started = time.perf_counter()
+    if what_if and config.secure_aggregation is not None:
+        raise ReplayError(
+            "a what-if needs each update, and under secure_aggregation the journal holds only masked ones, whose sum "
+            "alone can be unmasked"
+        )
     original = strategy_for_run(config)  # stateful strategies carry their state from version to version
     alternative = strategy_for_run(config, what_if, what_if_options or {}) if what_if else None
     scorer = _test_scorer(config) if alternative is not None else None
@@ -141,6 +160,7 @@ def replay(
     # forgotten, and a version record takes back the ones it names.
     set_aside: dict[str, ParameterUpdate] = {}
     set_aside_max = 16
+    secure = SecureRounds()
 
     def replay_record(record: ModelVersionStored) -> None:
         nonlocal alt_model
@@ -150,7 +170,7 @@ def replay(
                 "retention removed the start of the run; raise journal_max_bytes / journal_max_age to replay runs this "
                 "size"
             )
-        row, model = _replay_version(record, original, pending, history, config)
+        row, model = _replay_version(record, original, pending, history, config, secure)
         row.users = [pending[uid].user_id for uid in record.update_ids if uid in pending]
         history[record.version] = model
         for old in [v for v in history if v < record.version - HISTORY]:
@@ -163,7 +183,8 @@ def replay(
         elif record.version == 0:
             alt_model = model  # the what-if chain starts from the same initial model
         for uid in record.update_ids:
-            pending.pop(uid, None)
+            if isinstance(done := pending.pop(uid, None), SecureMasked):
+                secure.forget(done.session)
         if record.version >= from_version:
             rows.append(row)
 
@@ -178,12 +199,18 @@ def replay(
         kind = delivery.envelope.type
         if delivery.routing_key.startswith("dead."):
             continue  # a dead letter was never folded
-        if kind == ParameterUpdate.TYPE:
-            update = skipped.message(delivery, ParameterUpdate)
+        if kind in (ParameterUpdate.TYPE, SecureMasked.TYPE):
+            update = skipped.message(delivery, MESSAGE_OF[kind])
             if update is None or update.message_id in pending:
                 continue  # the first copy of an id is the one a version names (the server dedupes the same way)
             pending[update.message_id] = update
             updates_read += 1
+        elif kind in (SecureKeys.TYPE, SecureReveal.TYPE) and delivery.routing_key.startswith("server."):
+            if (message := skipped.message(delivery, MESSAGE_OF[kind])) is not None:
+                secure.take(message)
+        elif kind == SecureRound.TYPE:
+            if (round_record := skipped.record(delivery, SecureRound)) is not None:
+                secure.take(round_record)
         elif kind == UpdateDropped.TYPE:
             dropped = skipped.record(delivery, UpdateDropped)
             if (
@@ -227,6 +254,60 @@ def replay(
     )
 
 
+MESSAGE_OF = {m.TYPE: m for m in (ParameterUpdate, SecureMasked, SecureKeys, SecureReveal)}
+
+
+@dataclass
+class SecureRounds:
+    """What the journal holds of secure rounds not yet replayed, by session: the clients'
+    keys and reveals (first copies) and the server's SecureRound record."""
+
+    keys: dict[str, dict[str, SecureKeys]] = field(default_factory=dict)
+    reveals: dict[str, dict[str, SecureReveal]] = field(default_factory=dict)
+    rounds: dict[str, SecureRound] = field(default_factory=dict)
+
+    def take(self, message: SecureKeys | SecureReveal | SecureRound) -> None:
+        if isinstance(message, SecureRound):
+            if message.version is not None:
+                self.rounds.setdefault(message.session, message)
+            return
+        into = self.keys if isinstance(message, SecureKeys) else self.reveals
+        into.setdefault(message.session, {}).setdefault(message.client_id, message)
+
+    def forget(self, session: str) -> None:
+        for held in (self.keys, self.reveals, self.rounds):
+            held.pop(session, None)
+
+    def sum_of(self, masked: list[SecureMasked], parent: dict[str, np.ndarray], config: RunConfig):
+        """The round's unmasked sum, as the server computed it (its own functions)."""
+        from brokerfl.handlers.secure import protocol, quantise
+        from brokerfl.handlers.secure.run_settings import settings_for
+        from brokerfl.handlers.strategies.base import SecureSum
+
+        session = masked[0].session
+        record = self.rounds.get(session)
+        if record is None:
+            raise ReplayError(f"no SecureRound record of session {session[:12]} in the journal")
+        keys, reveals = self.keys.get(session, {}), self.reveals.get(session, {})
+        missing = [c for c in record.keys if c not in keys] + [c for c in record.revealed if c not in reveals]
+        if missing:
+            raise ReplayError(f"secure round {session[:12]}: the journal lacks messages of clients {missing[:5]}")
+        settings = settings_for(config)
+        try:
+            total = protocol.unmask(
+                session=session,
+                settings=settings,
+                keys={c: (keys[c].c_pk, keys[c].s_pk, keys[c].seed_commitment) for c in record.keys},
+                shared=set(record.shared),
+                masked={m.client_id: m.vector for m in masked},
+                revealed={c: (reveals[c].seed_shares, reveals[c].key_shares) for c in record.revealed},
+            )
+            delta_sum, weight, _ = quantise.decode_sum(total, parent, settings.quantisation)
+        except (protocol.ProtocolError, quantise.QuantiseError) as exc:
+            raise ReplayError(f"secure round {session[:12]}: {exc}") from None
+        return [SecureSum(delta_sum, float(weight), len(masked))]
+
+
 def _next_in_order(record: ModelVersionStored, history: dict[int, Any]) -> bool:
     """Whether ``record`` is the version after the last one replayed (version 0 first)."""
     return record.version == (max(history) + 1 if history else 0)
@@ -241,7 +322,7 @@ def row_updates(
     """The updates a version holds, as the server folded them: a compressed one decompressed
     against the version it was trained on (the server's own function, so bit for bit)."""
     updates = [pending[uid] for uid in record.update_ids]
-    if not any(u.compression for u in updates):
+    if not any(getattr(u, "compression", "") for u in updates):  # a secure round's masked vectors: none
         return updates
     from brokerfl.handlers.workflows.server_state import decompressed
 
@@ -265,6 +346,7 @@ def _replay_version(
     pending: dict[str, ParameterUpdate],
     history: dict[int, Any],
     config: RunConfig | None = None,
+    secure: SecureRounds | None = None,
 ):
     row = ReplayRow(record.version, record.round, len(record.update_ids), record.sha256, "", dict(record.metrics))
     if record.version == 0:
@@ -282,7 +364,14 @@ def _replay_version(
             else f"{len(missing)} update(s) not in the journal, e.g. {missing[0]}"
         )
         return row, parent if parent is not None else {}
-    model = strategy.replay_version(record.version - 1, parent, row_updates(record, pending, history, config), history)
+    updates = row_updates(record, pending, history, config)
+    if updates and isinstance(updates[0], SecureMasked):
+        try:
+            updates = (secure or SecureRounds()).sum_of(updates, parent, config)
+        except ReplayError as exc:
+            row.problem = str(exc)
+            return row, parent
+    model = strategy.replay_version(record.version - 1, parent, updates, history)
     row.replayed_hash = parameters_hash(model)
     return row, model
 

@@ -3,7 +3,10 @@ with a recorded reason.
 
 Inputs are what the run left behind: the journal (every ParameterUpdate sent, every
 UpdateDropped record, every dead letter with its reason, the RunFinished record of where
-the run ended) and the stored model versions (each lists the updates folded into it). An
+the run ended) and the stored model versions (each lists the updates folded into it).
+A secure round's updates are its masked vectors (SecureMasked), which its version lists;
+its SecureRound record says which clients dropped out of it before sending one, and at
+which stage. An
 update published after the run ended (a client still training when an operator aborted,
 a late or forged one) has no server to take it: it counts in a category of its own, with
 its sender, instead of as lost. Tests and users run the same check
@@ -28,6 +31,8 @@ from brokerfl.wire.message import (
     ModelVersionStored,
     ParameterUpdate,
     RunFinished,
+    SecureMasked,
+    SecureRound,
     TrainFailed,
     UpdateDropped,
 )
@@ -57,6 +62,7 @@ class Accounting:
     # reply is "folded" into the exchange that handed it to the app (FlowerExchange records)
     flower_replies: dict[str, str] = field(default_factory=dict)  # request id -> its first reply's message id
     flower_used: list[tuple[int, str]] = field(default_factory=list)  # (exchange, request id), in journal order
+    secure_rounds: list[SecureRound] = field(default_factory=list)  # the servers' records of secure rounds
 
     @property
     def cut_at(self) -> int | None:
@@ -139,6 +145,7 @@ class Accounting:
         for reason, count in sorted(reasons.items()):
             lines.append(f"    dropped as {reason}: {count}")
         lines.extend(self._failure_lines())
+        lines.extend(self._secure_lines())
         if self.admin:
             lines.append(f"admin commands: {len(self.admin)}")
             lines.extend(f"  {line}" for line in self.admin[-20:])
@@ -196,6 +203,24 @@ class Accounting:
         lines.append("OK: every reply is accounted for exactly once" if self.ok else "FAILED")
         return "\n".join(lines)
 
+    def _secure_lines(self) -> list[str]:
+        """Secure rounds: how each ended, and the clients that dropped out before sending a
+        masked vector (no update came of them), by stage."""
+        if not self.secure_rounds:
+            return []
+        dropped = [r for r in self.secure_rounds if r.version is None]
+        lines = [f"secure rounds: {len(self.secure_rounds)}, {len(dropped)} dropped"]
+        for record in dropped[-5:]:
+            lines.append(f"  round {record.round} dropped: {bounded(record.dropped, 200)}")
+        stages: defaultdict[str, int] = defaultdict(int)
+        for record in self.secure_rounds:
+            for client, why in record.dropouts.items():
+                if client not in record.masked:
+                    stages[why.split(":")[0]] += 1
+        for stage, count in sorted(stages.items()):
+            lines.append(f"  clients out before sending a masked vector, at {bounded(stage, 60)}: {count}")
+        return lines
+
     def _failure_lines(self) -> list[str]:
         """Trainings the clients reported failed: no update came of them (not counted above)."""
         by_client: defaultdict[str, list[TrainFailed]] = defaultdict(list)
@@ -238,13 +263,13 @@ def account(
     for delivery in journal:
         kind, key = delivery.envelope.type, delivery.routing_key
         if key.startswith("dead."):
-            if kind == ParameterUpdate.TYPE and clients is not None and delivery.envelope.user_id.startswith(clients):
+            if kind in UPDATES and clients is not None and delivery.envelope.user_id.startswith(clients):
                 skipped.add("dead letter of an update published by a client (only the server dead-letters updates)")
-            elif kind == ParameterUpdate.TYPE and not delivery.problem:
+            elif kind in UPDATES and not delivery.problem:
                 result.dead[delivery.envelope.message_id].append(str(delivery.envelope.headers.get(REASON_HEADER, "")))
-        elif kind == ParameterUpdate.TYPE:
+        elif kind in UPDATES:
             # Only updates that decode are updates of the run; the server dead-letters the rest.
-            update = skipped.message(delivery, ParameterUpdate)
+            update = skipped.message(delivery, UPDATES[kind])
             if update is not None:
                 result.sent.setdefault(update.message_id, update.sender)
                 result.users.setdefault(update.message_id, delivery.envelope.user_id)
@@ -263,6 +288,10 @@ def account(
             if exchange is not None:
                 result.versions += 1
                 result.flower_used += [(exchange.call, rid) for rid in exchange.replied]
+        elif kind == SecureRound.TYPE and key.startswith("audit.") and not delivery.problem:
+            secure_round = skipped.record(delivery, SecureRound)
+            if secure_round is not None:
+                result.secure_rounds.append(secure_round)
         elif kind == RunFinished.TYPE and result.ended is None and not delivery.problem:
             record = skipped.record(delivery, RunFinished)
             if record is not None:
@@ -302,6 +331,9 @@ def account(
         for uid in meta["update_ids"]:
             result.folded_into[uid].append(meta["version"])
     return result
+
+
+UPDATES = {ParameterUpdate.TYPE: ParameterUpdate, SecureMasked.TYPE: SecureMasked}  # what a version folds
 
 
 def who(user: str, claim: str) -> str:

@@ -332,6 +332,106 @@ class FlowerExchange(Message):
     expired: list[str] = field(default_factory=list)  # request ids answered by an Error (TTL passed, no reply)
 
 
+# ---------------------------------------------------------------- secure aggregation
+# The four stages of a secure round (brokerfl.handlers.secure), each a request and a reply.
+# ``session`` is the round's TrainTask id: a stage message of another task (a round retried,
+# a server restarted) is not this round's. Nothing here is secret: keys are public, shares
+# travel encrypted for their receiver, the vectors are masked.
+
+
+@dataclass(kw_only=True)
+class SecureKeys(Message):
+    """Stage 1's reply (its request is the TrainTask): the client trained and holds its
+    update; its public keys (``c_pk`` encrypts the shares sent to it, ``s_pk`` agrees the
+    pairwise masks) and a commitment to its self-mask seed."""
+
+    client_id: str
+    session: str
+    c_pk: bytes
+    s_pk: bytes
+    seed_commitment: bytes
+
+
+@dataclass(kw_only=True)
+class SecureKeyList(Message):
+    """Stage 2's request, to every client: the keys of each client that answered stage 1,
+    by client id ([c_pk, s_pk, seed commitment]). Each client computes the neighbour graph
+    from them and the session (no one chooses it)."""
+
+    session: str
+    keys: dict[str, list[bytes]]
+
+
+@dataclass(kw_only=True)
+class SecureShares(Message):
+    """Stage 2's reply: the client's shares of its secrets, one ciphertext per neighbour
+    (only that neighbour can open it)."""
+
+    client_id: str
+    session: str
+    ciphertexts: dict[str, bytes]
+
+
+@dataclass(kw_only=True)
+class SecureSharesFor(Message):
+    """Stage 3's request, to one client: the ciphertexts addressed to it, by sender (the
+    neighbours that answered stage 2)."""
+
+    client_id: str  # the receiver
+    session: str
+    ciphertexts: dict[str, bytes]
+
+
+@dataclass(kw_only=True)
+class SecureMasked(Message):
+    """Stage 3's reply: the client's update, quantised, weighted and masked (uint64 words:
+    the model's values in name order, then the weight, then the clipped count). This is
+    the round's update: the model version lists its id, or an UpdateDropped record does."""
+
+    client_id: str
+    session: str
+    vector: np.ndarray
+
+
+@dataclass(kw_only=True)
+class SecureUnmask(Message):
+    """Stage 4's request, to every client that sent a masked vector: who did (``masked``)
+    and who sent shares but no vector (``dropped``)."""
+
+    session: str
+    masked: list[str]
+    dropped: list[str]
+
+
+@dataclass(kw_only=True)
+class SecureReveal(Message):
+    """Stage 4's reply: shares that remove the masks of the sum, by peer: the self-mask
+    seed's of each peer in ``masked``, the mask key's of each peer in ``dropped``; never
+    both of one peer."""
+
+    client_id: str
+    session: str
+    seed_shares: dict[str, bytes]
+    key_shares: dict[str, bytes]
+
+
+@dataclass(kw_only=True)
+class SecureRound(Message):
+    """The server's journal record of a secure round's end: who took part in each stage,
+    why each one that dropped out did (stage and reason), and the outcome: ``version``
+    (the model version the sum went into) or ``dropped`` (why the round was dropped)."""
+
+    session: str
+    keys: list[str] = field(default_factory=list)  # U1: answered stage 1
+    shared: list[str] = field(default_factory=list)  # U2
+    masked: dict[str, str] = field(default_factory=dict)  # U3: client -> its SecureMasked's id
+    revealed: list[str] = field(default_factory=list)  # U4
+    dropouts: dict[str, str] = field(default_factory=dict)  # client -> "stage N: reason"
+    version: int | None = None
+    dropped: str = ""
+    clipped: int = 0  # coordinates the clients clipped to the quantisation range, in all
+
+
 # ---------------------------------------------------------------- wire form
 
 

@@ -277,6 +277,20 @@ def fold_update(acc: RunningSum, parameters: Tensors, weight: float, base: Tenso
     acc.count += 1
 
 
+def fold_sum(
+    acc: RunningSum, delta_sum: Tensors, total_weight: float, count: int, *, base: Tensors | None = None
+) -> None:
+    """acc += delta_sum (+ total_weight * base), as ``count`` folds of total weight
+    ``total_weight``: a secure round's sum of weighted deltas (brokerfl.handlers.secure)
+    in place of its folds. Without ``base`` the sums hold deltas (DP-FedAvg's)."""
+    if not total_weight > 0 or count < 1:
+        raise BadUpdate(f"a secure sum needs a positive weight and count, got {total_weight} and {count}")
+    if base is not None:
+        fold_update(acc, base, total_weight)
+    fold_update(acc, delta_sum, 1.0)
+    acc.total_weight, acc.count = float(total_weight), count
+
+
 _SPLITTER = 134217729.0  # 2**27 + 1: Dekker's split of a float64 into two 26-bit halves
 
 

@@ -12,6 +12,13 @@ by replaying every version in order on one strategy object. ``round_metrics`` ad
 each version's metrics line, ``stop_reason`` ends a run early (a privacy budget), and
 ``client_update`` is applied by each client to its update before sending it (local DP).
 
+A strategy whose round needs only the weighted sum of the clients' deltas says so with
+``secure_sum = True`` and takes that sum in ``fold_sum``: secure aggregation
+(:mod:`brokerfl.handlers.secure`) then shows the server that sum and no update.
+``secure_contribution`` is what each client adds to it (by default its delta, weighted by
+its sample count). Strategies that need each update (median, Krum, ...) are refused with
+secure aggregation when the config is read.
+
 Every strategy must implement the abstract methods below; a class missing one is refused
 when the config naming it is loaded, not at its first deadline. Its options are a typed
 pydantic model, ``Options`` (name, type, default and a one-line description per field):
@@ -27,6 +34,7 @@ import importlib.util
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -52,6 +60,17 @@ class StrategyOptions(BaseModel):
 
 class OptionError(ValueError):
     """Options a strategy does not take, or of the wrong type or range."""
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """A secure round's unmasked sum (sum_i w_i delta_i over ``count`` clients of total
+    weight ``total_weight``): what :meth:`Strategy.fold_sum` takes, and what replay folds
+    in place of the round's updates."""
+
+    delta_sum: Mapping[str, np.ndarray]
+    total_weight: float
+    count: int
 
 
 class Strategy(ABC):
@@ -162,15 +181,49 @@ class Strategy(ABC):
         """Applied by a client to its trained parameters before sending them (local DP)."""
         return parameters
 
+    # secure aggregation: the round's sum only
+
+    secure_sum: ClassVar[bool] = False  # a round needs only sum_i w_i delta_i (fold_sum implemented)
+    secure_refusal: ClassVar[str] = "it needs each client's update"  # why not, when secure_sum is False
+
+    @classmethod
+    def secure_contribution(
+        cls,
+        options: Mapping[str, Any],
+        *,
+        global_parameters: Tensors,
+        parameters: Tensors,
+        num_samples: int,
+        **ids: Any,
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """What a client adds to a secure round's sum: its delta from the global model
+        (float64) and its integer weight (by default its sample count)."""
+        return {
+            name: np.asarray(parameters[name], np.float64) - np.asarray(g, np.float64)
+            for name, g in global_parameters.items()
+        }, int(num_samples)
+
+    def secure_check(self) -> str | None:
+        """Why these options cannot run with secure aggregation (None: they can)."""
+        return None
+
+    def fold_sum(self, delta_sum: Mapping[str, np.ndarray], total_weight: float, count: int) -> None:
+        """Take a secure round's sum, sum_i w_i delta_i over ``count`` clients of total weight
+        ``total_weight``, in place of ``count`` folds (after ``start_round``)."""
+        raise NotImplementedError(f"strategy {self.name!r} does not take a secure sum")
+
     def replay_version(
         self, parent_version: int, parent: Tensors, updates: Sequence[Any], history: Mapping[int, Tensors]
     ) -> dict[str, np.ndarray]:
         """Recompute a stored version from its parent and its updates (ParameterUpdates, in
-        fold order), for ``brokerfl replay``; ``history`` holds recent versions' parameters.
-        Synchronous strategies fold a round; asynchronous ones override this."""
+        fold order, or a secure round's :class:`SecureSum`), for ``brokerfl replay``;
+        ``history`` holds recent versions' parameters. Synchronous strategies fold a round; asynchronous ones override this."""
         self.start_round(parent)
         for update in updates:
-            self.fold(update.parameters, update.num_samples)
+            if isinstance(update, SecureSum):
+                self.fold_sum(update.delta_sum, update.total_weight, update.count)
+            else:
+                self.fold(update.parameters, update.num_samples)
         return self.finish_round(parent)
 
 
@@ -218,6 +271,28 @@ def check_strategy_for_run(config: RunConfig) -> None:
     """:func:`check_strategy`, then the checks that need the run (:meth:`Strategy.check_run`)."""
     check_strategy(config.strategy.name, config.strategy.options)
     strategy_for_run(config).check_run()  # binding it to the run checks what bind_run checks too
+
+
+def check_secure_strategy(config: RunConfig) -> None:
+    """Secure aggregation shows the server only the weighted sum of a round's deltas: the
+    run's strategy must need nothing else (a ValueError saying why not, and which do)."""
+    cls = strategy_class(config.strategy.name)
+    if not cls.secure_sum:
+        able = sorted(name for name in BUILT_IN if _secure_builtin(name))
+        raise ValueError(
+            f"secure_aggregation shows the server only the sum of the updates, and strategy {config.strategy.name!r} "
+            f"cannot work from that: {cls.secure_refusal}; strategies that can: {', '.join(able)}"
+        )
+    why_not = strategy_for_run(config).secure_check()
+    if why_not is not None:
+        raise ValueError(f"secure_aggregation with strategy {config.strategy.name!r}: {why_not}")
+
+
+def _secure_builtin(name: str) -> bool:
+    try:
+        return strategy_class(name).secure_sum
+    except ValueError:
+        return False
 
 
 def _installed(module: str) -> bool:

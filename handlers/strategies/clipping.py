@@ -67,6 +67,10 @@ class NormBounding(Strategy):
     update counts once; true: weighted by its sample count). Memory O(model)."""
 
     name = "norm_bounding"
+    secure_refusal = (
+        "it bounds each update's norm on the server, against clients that would not (under secure aggregation only "
+        "the clients could)"
+    )
 
     Options = NormBoundingOptions
 

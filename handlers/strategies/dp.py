@@ -48,7 +48,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from brokerfl.handlers.strategies.aggregate import RunningSum, Tensors, fold_update, new_running_sum
+from brokerfl.handlers.strategies.aggregate import RunningSum, Tensors, fold_sum, fold_update, new_running_sum
 from brokerfl.handlers.strategies.base import TORCH_EXTRA, Strategy, StrategyOptions
 from brokerfl.handlers.strategies.clipping import apply_mean_clipped, clip_factor, delta_norm
 
@@ -149,6 +149,7 @@ class DPFedAvg(Strategy):
     as they arrive. Its privacy accountant is opacus's (the torch extra)."""
 
     name = "dp_fedavg"
+    secure_sum = True  # each client clips its own delta; the server noises the sum
     Options = DPOptions
     options: DPOptions
     requires = ("opacus",)
@@ -287,6 +288,40 @@ class DPFedAvg(Strategy):
                 f"{self.epsilon_budget:g} (delta {self.delta:g}); spent so far {self.epsilon():.4g}"
             )
         return None
+
+    # secure aggregation: the clients clip, the server noises the unmasked sum
+
+    def secure_check(self) -> str | None:
+        if self.adaptive_clipping:
+            return (
+                "adaptive_clipping moves C from the count of unclipped updates, which the server cannot see under "
+                "secure aggregation; use a fixed clip_norm"
+            )
+        return None
+
+    @classmethod
+    def secure_contribution(
+        cls,
+        options: Mapping[str, Any],
+        *,
+        global_parameters: Tensors,
+        parameters: Tensors,
+        num_samples: int,
+        **ids: Any,
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """Uniform weights, as without secure aggregation. Central: the client clips its own
+        delta to C (the server cannot); local: it did already, and added its noise."""
+        settings = cls(**options)
+        delta, _ = super().secure_contribution(
+            options, global_parameters=global_parameters, parameters=parameters, num_samples=num_samples
+        )
+        if settings.mode == "central":
+            scale = clip_factor(delta_norm(parameters, global_parameters), settings.clip_norm)
+            delta = {name: d * scale for name, d in delta.items()}
+        return delta, 1
+
+    def fold_sum(self, delta_sum: Mapping[str, np.ndarray], total_weight: float, count: int) -> None:
+        fold_sum(self._sum, delta_sum, float(count), count)  # the sums hold clipped deltas, as fold's
 
     # the client's side of local DP
 

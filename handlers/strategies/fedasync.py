@@ -52,6 +52,8 @@ class AsyncStrategy(Strategy):
     but unused: every live client always has a task.
     """
 
+    secure_refusal = "it folds each update as it comes, with no round to sum"
+
     server_handlers = "async_server"
     needs_base = False  # whether fold_async needs the parameters the client trained on
     Options = AsyncOptions

@@ -15,6 +15,7 @@ from brokerfl.handlers.strategies.base import Strategy
 class Handover(Strategy):
     name = "cyclic"
     server_handlers = "cyclic"
+    secure_refusal = "it hands one client's parameters on"
 
     def start_round(self, global_parameters: Tensors) -> None:
         self._held: Tensors | None = None

@@ -49,6 +49,8 @@ def trimmed_mean(updates: list[Tensors], like: Tensors, beta: float, min_trim: i
 
 
 class _KeepsUpdates(Strategy):
+    secure_refusal = "it compares the round's updates one by one"
+
     def start_round(self, global_parameters: Tensors) -> None:
         self._updates: list[Tensors] = []
 

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,12 @@ class ClientState:
         None  # the app failed at this client's start (load_partition, model): it reports and leaves
     )
     app_state: dict[str, Any] = field(default_factory=dict)  # the app's context.state: kept across rounds
+    # what answers a finished training (None: a ParameterUpdate, _update); secure aggregation's
+    # set answers with its first stage instead (handlers/workflows/secure_client.py)
+    make_answer: Callable[[ClientState, TrainTask, dict[str, np.ndarray], dict[str, float], float], Message] | None = (
+        None
+    )
+    secure: dict[str, Any] = field(default_factory=dict)  # secure aggregation's sessions, by task id (its secrets)
 
     def training_s(self) -> float | None:
         """Seconds since this client took the task it trains on; None: not training."""
@@ -406,7 +413,7 @@ def answer_task(message: Trained, ctx: Context):
         ctx.once_sent(lambda: state.answered.add(task.message_id))
         out = [to_server(task.reply(TrainFailed, client_id=state.client_id, task_id=task.message_id, error=error))]
     else:
-        out = [to_server(_update(state, task, *message.result))]
+        out = [to_server((state.make_answer or _update)(state, task, *message.result))]
         # Answered once the update is confirmed: if publishing it fails, the task is requeued
         # and must be trained again, not skipped as answered.
         ctx.once_sent(lambda: state.answered.add(task.message_id))

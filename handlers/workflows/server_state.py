@@ -185,6 +185,8 @@ class ServerState:
     )  # the run's, newest last (the last MAX_FAILURES_KEPT)
     # the cross-site evaluation under way (handlers/workflows/cross_site.py's CrossSitePhase), if the run has one
     cross_site: Any = None
+    session: str = ""  # the open round's TrainTask id: a multi-stage round's messages name it
+    secure: Any = None  # the open secure round's stages (handlers/workflows/secure_server.py)
 
     def held_updates(self) -> int:
         """Updates folded and held unacked, in no stored version yet."""
@@ -560,6 +562,7 @@ def start_round(ctx: Context[ServerState], *, retry: bool = False):
         **round_fields(state, state.round),
         deadline=ctx.wall() + config.strategy.round_deadline_s,
     )
+    state.session = task.message_id
     return [to_clients(task)]
 
 
