@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from brokerfl.config import RunConfig
+from typing import TYPE_CHECKING
+
 from brokerfl.handlers.secure.protocol import Settings
 from brokerfl.handlers.secure.quantise import Quantisation
+
+if TYPE_CHECKING:  # read, never built here: this package stays below the strategies the config checks
+    from brokerfl.config import RunConfig
 
 
 def settings_for(config: RunConfig) -> Settings:

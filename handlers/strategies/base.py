@@ -217,7 +217,8 @@ class Strategy(ABC):
     ) -> dict[str, np.ndarray]:
         """Recompute a stored version from its parent and its updates (ParameterUpdates, in
         fold order, or a secure round's :class:`SecureSum`), for ``brokerfl replay``;
-        ``history`` holds recent versions' parameters. Synchronous strategies fold a round; asynchronous ones override this."""
+        ``history`` holds recent versions' parameters. Synchronous strategies fold a round;
+        asynchronous ones override this."""
         self.start_round(parent)
         for update in updates:
             if isinstance(update, SecureSum):
