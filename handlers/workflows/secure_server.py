@@ -321,6 +321,15 @@ def _unmask(ctx: Context[ServerState], secure: SecureRoundState):
         delta_sum, weight, clipped = quantise.decode_sum(total, state.model.parameters, secure.settings.quantisation)
     except (protocol.ProtocolError, quantise.QuantiseError) as exc:
         return _drop_round(ctx, secure, f"{STAGE_NAMES[4]}: {exc}")
+    if (claimed := _declared_samples(state, secure)) is not None and weight > claimed:
+        # no update's weight can be checked, but their total can: a client inflating its own
+        # weight (its sample count) to outweigh the others shows here
+        return _drop_round(
+            ctx,
+            secure,
+            f"{STAGE_NAMES[4]}: the weights sum to {weight}, more than the {claimed} samples the round's clients "
+            "declared",
+        )
     if clipped:
         ctx.log.warning(
             "secure aggregation: clients clipped coordinates of their deltas to the quantisation range; raise "
@@ -330,10 +339,19 @@ def _unmask(ctx: Context[ServerState], secure: SecureRoundState):
         )
     state.strategy.fold_sum(delta_sum, float(weight), len(secure.masked))
     state.folded = {secure.masked_ids[cid]: cid for cid in sorted(secure.masked)}
-    record = _record(state, secure, version=state.model.version + 1, clipped=clipped)
+    # journaled before the version's record (which closing may send at once, the last
+    # round's): replay finds the round's participants before the version that needs them
+    ctx.send(_record(state, secure, version=state.model.version + 1, clipped=clipped))
     ctx.cancel_timer(STAGE)
     state.secure = None
-    return [record, *(close_round(ctx) or [])]
+    return close_round(ctx)
+
+
+def _declared_samples(state: ServerState, secure: SecureRoundState) -> int | None:
+    """What the masked vectors' clients declared they hold (Join, heartbeats), in all; None if
+    one did not say."""
+    declared = [state.clients[c].num_samples if c in state.clients else None for c in secure.masked]
+    return None if None in declared else sum(max(1, n) for n in declared)  # a weight is at least 1
 
 
 def _too_few(state: ServerState, secure: SecureRoundState, answered: int) -> str | None:

@@ -1,0 +1,225 @@
+"""Secure aggregation end to end in ``simulate`` (the arithmetic alone:
+test_secure_protocol.py; over RabbitMQ with processes killed at stages:
+test_secure_aggregation_amqp.py).
+
+Each plain update the clients made is captured where it is made (before it is quantised
+and masked), so a test can check what the server stored against FedAvg of exactly those
+updates, and that nothing the server or the journal holds is one of them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from brokerfl.assembly.roles import topology_for
+from brokerfl.assembly.simulate import SimulationError, simulate
+from brokerfl.cli import main
+from brokerfl.config import ConfigError, load_config
+from brokerfl.handlers.secure.quantise import Quantisation
+from brokerfl.handlers.workflows import secure_client
+from brokerfl.ops.replay import ReplayError, replay
+from brokerfl.storage.accounting import account_run
+from brokerfl.storage.journal import read_journal
+from brokerfl.transports.local import LocalBroker, LocalTransport
+from brokerfl.wire.message import ParameterUpdate, SecureMasked, SecureRound, UpdateDropped, from_wire
+from tests.secure_dropouts import AFTER_MASKED, BEFORE_MASKED
+
+SECURE = "configs/digits_secure.yaml"
+DEFAULT_QUANTISATION = Quantisation(4.0, 24, 64)  # the config section's defaults
+
+
+@pytest.fixture
+def plain_updates(monkeypatch):
+    """(client id, round) -> (parameters, num_samples): every update the clients trained,
+    as it was before secure aggregation touched it."""
+    made: dict[tuple[str, int], tuple[dict[str, np.ndarray], int]] = {}
+    answer = secure_client.keys_answer
+
+    def capturing(state, task, parameters, metrics, seconds):
+        made[(state.client_id, task.round)] = (
+            {k: np.array(v) for k, v in parameters.items()},
+            int(metrics["num_samples"]),
+        )
+        return answer(state, task, parameters, metrics, seconds)
+
+    monkeypatch.setattr(secure_client, "keys_answer", capturing)
+    return made
+
+
+def journal_of(result, config) -> list:
+    return [
+        from_wire(d.envelope, d.body)
+        for d in read_journal(LocalTransport(result.broker), topology_for(config))
+        if not d.routing_key.startswith("dead.")
+    ]
+
+
+def fedavg(updates: list[tuple[dict[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
+    total = sum(n for _, n in updates)
+    return {name: sum(p[name].astype(np.float64) * n for p, n in updates) / total for name in updates[0][0]}
+
+
+def largest_difference(stored: dict[str, np.ndarray], exact: dict[str, np.ndarray]) -> tuple[float, float]:
+    """(the largest per-coordinate difference, the bound it must keep): the quantisation's
+    error bound plus the float32 rounding of the stored result (half a unit in its last place)."""
+    diff = max(float(np.max(np.abs(stored[k].astype(np.float64) - exact[k]))) for k in exact)
+    rounding = max(float(np.max(np.abs(exact[k]))) for k in exact) * 2.0**-24
+    return diff, DEFAULT_QUANTISATION.error_bound + rounding
+
+
+def test_a_secure_round_is_fedavg_of_its_updates_within_the_quantisation_bound(plain_updates):
+    config = load_config(SECURE, {"rounds": 1, "clients": 5})
+    result = simulate(config, journal=True)
+    round_one = [plain_updates[(str(c), 1)] for c in range(5)]
+    diff, bound = largest_difference(result.store.get(1).parameters, fedavg(round_one))
+    print(f"largest difference from FedAvg: {diff:.3g} (bound {bound:.3g})")
+    assert diff <= bound
+    # the same run in the clear: the same version, within the same bound
+    plain = simulate(load_config("configs/digits_fedavg.yaml", {"rounds": 1, "clients": 5, "run": config.run}))
+    assert largest_difference(result.store.get(1).parameters, plain.store.get(1).parameters)[0] <= bound
+
+
+def test_the_server_and_its_journal_hold_no_update_only_their_sum(plain_updates):
+    """The curious server: every vector it holds looks uniform and correlates with no
+    client's update, and no plain update is anywhere in the journal; yet the sum is exact
+    (previous test)."""
+    config = load_config(SECURE, {"rounds": 2, "clients": 5})
+    result = simulate(config, journal=True)
+    journal = journal_of(result, config)
+    assert not [m for m in journal if isinstance(m, ParameterUpdate)]
+    masked = [m for m in journal if isinstance(m, SecureMasked)]
+    assert len(masked) == 10
+    for message in masked:
+        words = message.vector
+        # the high bit of each word is a fair coin (binomial: 5 sigma either side)
+        ones = int(np.count_nonzero(words >> np.uint64(63)))
+        assert abs(ones - words.size / 2) < 5 * np.sqrt(words.size / 4), (ones, words.size)
+        as_float = (words >> np.uint64(11)).astype(np.float64)  # the top 53 bits, exactly
+        for (client, round_), (parameters, _) in plain_updates.items():
+            flat = np.concatenate([parameters[k].ravel() for k in sorted(parameters)]).astype(np.float64)
+            r = np.corrcoef(as_float[: flat.size], flat)[0, 1]
+            assert abs(r) < 0.05, (message.client_id, client, round_, r)
+    # nothing else a client sends carries its parameters' bytes
+    for (client, round_), (parameters, _) in plain_updates.items():
+        some = next(iter(parameters.values())).tobytes()[:64]
+        for message in journal:
+            for value in vars(message).values():
+                if isinstance(value, (bytes, np.ndarray)):
+                    assert some not in (value if isinstance(value, bytes) else value.tobytes())
+
+
+def test_a_secure_run_is_accounted_for_and_replays_hash_for_hash(capsys):
+    config = load_config(SECURE, {"rounds": 3, "clients": 5})
+    result = simulate(config, journal=True)
+    report = account_run(LocalTransport(result.broker), topology_for(config), result.store)
+    assert report.ok, report.summary()
+    assert len(report.sent) == 15 and len(report.folded_into) == 15
+    assert "secure rounds: 3, 0 dropped" in report.summary()
+    journal = list(read_journal(LocalTransport(result.broker), topology_for(config)))
+    replayed = replay(journal, config)
+    assert replayed.ok and len(replayed.rows) == 4, replayed.table()
+    assert [row.replayed_hash for row in replayed.rows[1:]] == [r["sha256"] for r in result.records]
+    with pytest.raises(ReplayError, match="secure_aggregation"):
+        replay(journal, config, what_if="median")
+
+
+def test_dropouts_before_and_after_masking_leave_the_sum_of_the_vectors_sent(plain_updates, monkeypatch):
+    """Clients 3 and 7 leave once they sent their masked vectors, client 5 before: the sum
+    holds the 9 vectors sent, exactly (the 2 that left after sending are unmasked with
+    their neighbours' shares)."""
+    monkeypatch.setenv(AFTER_MASKED, "3,7")
+    monkeypatch.setenv(BEFORE_MASKED, "5")
+    config = load_config(
+        SECURE,
+        {
+            "rounds": 1,
+            "clients": 10,
+            "extra_handlers": ["tests.secure_dropouts"],
+            "secure_aggregation": {"stage_timeout_s": 1.0},
+        },
+    )
+    result = simulate(config, journal=True)
+    sent = [c for c in map(str, range(10)) if c != "5"]
+    diff, bound = largest_difference(result.store.get(1).parameters, fedavg([plain_updates[(c, 1)] for c in sent]))
+    assert diff <= bound
+    (record,) = [m for m in journal_of(result, config) if isinstance(m, SecureRound)]
+    assert record.version == 1 and sorted(record.masked) == sorted(sent)
+    assert record.dropouts == {
+        "3": "stage 4 (unmasking): no answer within stage_timeout_s",
+        "5": "stage 3 (masked vector): no answer within stage_timeout_s",
+        "7": "stage 4 (unmasking): no answer within stage_timeout_s",
+    }
+    assert result.store.get(1).update_ids == [record.masked[c] for c in sorted(sent)]
+    report = account_run(LocalTransport(result.broker), topology_for(config), result.store)
+    assert report.ok, report.summary()
+    assert "at stage 3 (masked vector): 1" in report.summary()
+
+
+def test_too_many_dropouts_drop_the_round_with_its_reason(monkeypatch):
+    monkeypatch.setenv(AFTER_MASKED, "0,1,2,3,4,5")  # 4 revealers: below every client's threshold of 5
+    config = load_config(
+        SECURE,
+        {
+            "rounds": 1,
+            "clients": 10,
+            "extra_handlers": ["tests.secure_dropouts"],
+            "secure_aggregation": {"stage_timeout_s": 1.0},
+            "strategy": {"name": "fedavg", "min_clients": 2, "on_too_few": "stop"},
+        },
+    )
+    broker = LocalBroker()  # the failed run's journal is read from it
+    with pytest.raises(SimulationError, match=r"stage 4 \(unmasking\): client \d's self-mask seed: \d shares, threshold 5"):
+        simulate(config, journal=True, broker=broker)
+    messages = [
+        from_wire(d.envelope, d.body)
+        for d in read_journal(LocalTransport(broker), topology_for(config))
+        if not d.routing_key.startswith("dead.")
+    ]
+    masked = {m.message_id for m in messages if isinstance(m, SecureMasked)}
+    dropped = {m.update_id: m.reason for m in messages if isinstance(m, UpdateDropped)}
+    assert len(masked) == 10 and masked <= set(dropped)
+    assert all("secure round dropped: stage 4" in dropped[uid] for uid in masked)
+    (record,) = [m for m in messages if isinstance(m, SecureRound)]
+    assert record.version is None and "threshold 5" in record.dropped
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ({"strategy": {"name": "median"}}, "compares the round's updates one by one"),
+        ({"strategy": {"name": "krum"}}, "strategies that can: dp_fedavg, fedadagrad, fedadam, fedavg"),
+        ({"strategy": {"name": "fedbuff"}}, "no round to sum"),
+        ({"strategy": {"name": "norm_bounding"}}, "bounds each update's norm on the server"),
+        (
+            {"strategy": {"name": "dp_fedavg", "options": {"adaptive_clipping": True, "noise_multiplier": 0.1}}},
+            "adaptive_clipping",
+        ),
+        ({"compression": {"method": "topk"}}, "does not compress"),
+        ({"clients": 2, "strategy": {"min_clients": 2}}, "at least 3 clients per round"),
+        ({"secure_aggregation": {"threshold": 4}}, "more than half"),
+        ({"secure_aggregation": {"threshold": 10}}, "5..9"),
+        ({"secure_aggregation": {"bits": 1}}, "bits"),
+        ({"secure_aggregation": {"sharing": 3}}, "sharing"),
+        ({"workflow": "swarm"}, "workflow 'swarm'"),
+    ],
+)
+def test_what_cannot_run_securely_is_refused_when_the_config_is_read(override, says):
+    with pytest.raises(ConfigError, match=says):
+        load_config(SECURE, override)
+
+
+def test_the_server_optimisers_and_dp_fedavg_run_on_the_secure_sum():
+    for strategy in (
+        {"name": "fedadam", "options": {"eta": 0.01}},
+        {"name": "dp_fedavg", "options": {"noise_multiplier": 0.01, "clip_norm": 5.0}},
+    ):
+        config = load_config(SECURE, {"rounds": 3, "clients": 5, "strategy": strategy})
+        result = simulate(config, journal=True)
+        assert result.records[-1]["accuracy"] > 0.5, (strategy, result.records)
+        replayed = replay(read_journal(LocalTransport(result.broker), topology_for(config)), config)
+        assert replayed.ok, replayed.table()
+
+
+def test_replay_refuses_a_what_if_on_a_secure_run(tmp_path, capsys):
+    assert main(["replay", SECURE, "--strategy", "median", "--run", "r", "--journal", str(tmp_path / "j")]) == 2
+    assert "holds only masked ones" in capsys.readouterr().err
