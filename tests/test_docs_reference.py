@@ -175,11 +175,19 @@ def test_routes_are_what_simulated_runs_publish(tmp_path, monkeypatch):
 
     monkeypatch.setattr(LocalTransport, "_publish", recording)
     small = {"clients": 2, "rounds": 1, "train": {"epochs": 1, "max_batches": 1}}
-    # the synchronous server with federated and cross-site evaluation; the asynchronous server
-    for i, extra in enumerate([{"federated_evaluation": "always", "cross_site_eval": True}, {"strategy": "fedbuff"}]):
+    # the synchronous server with federated and cross-site evaluation; the asynchronous server;
+    # secure aggregation's stages
+    for i, extra in enumerate(
+        [
+            {"federated_evaluation": "always", "cross_site_eval": True},
+            {"strategy": "fedbuff"},
+            {"clients": 3, "secure_aggregation": {}},
+        ]
+    ):
         simulate(parse_config({**small, **extra}), tmp_path / str(i), journal=True)
     assert {t for t, _ in seen} >= {"join", "train_task", "parameter_update", "evaluate_task", "local_model", "exit"}
     assert ("train_task", "client.0.train_task") in seen  # the asynchronous server's own task
+    assert ("secure_shares_for", "client.2.secure_shares_for") in seen
     for kind, key in sorted(seen):
         patterns = [re.escape(r).replace(re.escape("<id>"), "[^.]+") for r in reference.ROUTES.get(kind, ())]
         assert any(re.fullmatch(p, key) for p in patterns), f"{kind} published as {key}: not in ROUTES[{kind!r}]"

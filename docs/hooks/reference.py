@@ -610,6 +610,14 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "flower_request": ("client.<id>.flower_request",),
     "flower_reply": ("server.flower_reply",),
     "flower_exchange": ("audit.flower_exchange",),
+    "secure_keys": ("server.secure_keys",),
+    "secure_key_list": ("clients.secure_key_list",),
+    "secure_shares": ("server.secure_shares",),
+    "secure_shares_for": ("client.<id>.secure_shares_for",),
+    "secure_masked": ("server.secure_masked",),
+    "secure_unmask": ("clients.secure_unmask",),
+    "secure_reveal": ("server.secure_reveal",),
+    "secure_round": ("audit.secure_round",),
 }
 
 # the modules whose import registers the built-in message types, in the order they are shown
@@ -631,6 +639,7 @@ LOCAL_MODULES = (
     "brokerfl.flower.grid",
     "brokerfl.handlers.workflows.flower_server",
     "brokerfl.handlers.workflows.flower_client",
+    "brokerfl.handlers.workflows.secure_server",
 )
 
 
