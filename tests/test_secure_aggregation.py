@@ -18,7 +18,7 @@ from brokerfl.config import ConfigError, load_config
 from brokerfl.handlers.secure.quantise import Quantisation
 from brokerfl.handlers.workflows import secure_client
 from brokerfl.ops.replay import ReplayError, replay
-from brokerfl.storage.accounting import account_run
+from brokerfl.storage.accounting import account_journal, account_run
 from brokerfl.storage.journal import read_journal
 from brokerfl.transports.local import LocalBroker, LocalTransport
 from brokerfl.wire.message import ParameterUpdate, SecureMasked, SecureRound, UpdateDropped, from_wire
@@ -100,7 +100,7 @@ def test_the_server_and_its_journal_hold_no_update_only_their_sum(plain_updates)
             r = np.corrcoef(as_float[: flat.size], flat)[0, 1]
             assert abs(r) < 0.05, (message.client_id, client, round_, r)
     # nothing else a client sends carries its parameters' bytes
-    for (client, round_), (parameters, _) in plain_updates.items():
+    for parameters, _ in plain_updates.values():
         some = next(iter(parameters.values())).tobytes()[:64]
         for message in journal:
             for value in vars(message).values():
@@ -168,7 +168,8 @@ def test_too_many_dropouts_drop_the_round_with_its_reason(monkeypatch):
         },
     )
     broker = LocalBroker()  # the failed run's journal is read from it
-    with pytest.raises(SimulationError, match=r"stage 4 \(unmasking\): client \d's self-mask seed: \d shares, threshold 5"):
+    too_few = r"stage 4 \(unmasking\): client \d's self-mask seed: \d shares, threshold 5"
+    with pytest.raises(SimulationError, match=too_few):
         simulate(config, journal=True, broker=broker)
     messages = [
         from_wire(d.envelope, d.body)
@@ -181,6 +182,8 @@ def test_too_many_dropouts_drop_the_round_with_its_reason(monkeypatch):
     assert all("secure round dropped: stage 4" in dropped[uid] for uid in masked)
     (record,) = [m for m in messages if isinstance(m, SecureRound)]
     assert record.version is None and "threshold 5" in record.dropped
+    report = account_journal(read_journal(LocalTransport(broker), topology_for(config)))
+    assert report.ok and "secure rounds: 1, 1 dropped" in report.summary(), report.summary()
 
 
 @pytest.mark.parametrize(
