@@ -226,3 +226,154 @@ def test_the_server_optimisers_and_dp_fedavg_run_on_the_secure_sum():
 def test_replay_refuses_a_what_if_on_a_secure_run(tmp_path, capsys):
     assert main(["replay", SECURE, "--strategy", "median", "--run", "r", "--journal", str(tmp_path / "j")]) == 2
     assert "holds only masked ones" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the server's stages, handler by handler
+
+
+class SecureServer:
+    """The server's composed table for a secure run, called directly: each call's
+    outbound messages are returned, and its timers due at once are fired in turn."""
+
+    def __init__(self, clients: int) -> None:
+        import structlog
+
+        from brokerfl.assembly.roles import coordinator_table
+        from brokerfl.handlers.workflows import server
+        from brokerfl.storage.metrics_log import MetricsLog
+        from brokerfl.storage.store import MemoryModelStore
+
+        self.config = load_config(SECURE, {"run": "secure-stages", "clients": clients})
+        self.state = server.make_state(self.config, MemoryModelStore(), MetricsLog(None))
+        self.table = coordinator_table(self.config, server)
+        self.log = structlog.get_logger()
+
+    def call(self, message) -> list:
+        from brokerfl.runtime.handler_table import Context, Timer
+
+        ctx = Context(role="server", run=self.config.run, state=self.state, log=self.log, clock=lambda: 0.0)
+        returned = self.table.handler_for(message.TYPE)(message, ctx) or []
+        out = [o.message for o in [*ctx.also_send, *returned]]
+        for timer in ctx.timer_requests:
+            if isinstance(timer, Timer) and timer.due <= 0.0:
+                out += self.call(timer.message)
+        return out
+
+
+def staged_round(clients: int, *, leave_before_unmask: bool = True):
+    """Run a secure round's stages 1-3 on the server's table with real client sessions;
+    returns (server, sessions, the plain vectors, the stage 4 request)."""
+    from brokerfl.handlers.secure import protocol, quantise
+    from brokerfl.handlers.secure.run_settings import settings_for
+    from brokerfl.runtime.handler_table import Started
+    from brokerfl.wire.message import (
+        Join,
+        SecureKeyList,
+        SecureKeys,
+        SecureShares,
+        SecureSharesFor,
+        SecureUnmask,
+        TrainTask,
+    )
+
+    server = SecureServer(clients)
+    server.call(Started(run=server.config.run))
+    out = []
+    for c in map(str, range(clients)):
+        out += server.call(Join(client_id=c, num_samples=100))
+    (task,) = [m for m in out if isinstance(m, TrainTask)]
+    settings = settings_for(server.config)
+    rng = np.random.default_rng(0)
+    sessions, vectors = {}, {}
+    for c in task.participants:
+        delta = {k: rng.normal(0, 0.01, v.shape) for k, v in task.parameters.items()}
+        vectors[c], _ = quantise.encode(delta, 50 + int(c), settings.quantisation)
+        sessions[c] = protocol.ClientSession(c, task.message_id, settings, vectors[c])
+    out = []
+    for c, s in sessions.items():
+        c_pk, s_pk, commitment = s.advertise()
+        out += server.call(
+            task.reply(
+                SecureKeys, client_id=c, session=task.message_id, c_pk=c_pk, s_pk=s_pk, seed_commitment=commitment
+            )
+        )
+    (key_list,) = [m for m in out if isinstance(m, SecureKeyList)]
+    out = []
+    for c, s in sessions.items():
+        keys = {cid: tuple(v) for cid, v in key_list.keys.items()}
+        out += server.call(
+            key_list.reply(SecureShares, client_id=c, session=task.message_id, ciphertexts=s.share_keys(keys))
+        )
+    forwarded = {m.client_id: m for m in out if isinstance(m, SecureSharesFor)}
+    assert sorted(forwarded) == sorted(sessions)
+    out = []
+    masked_ids = {}
+    for c, s in sessions.items():
+        message = forwarded[c].reply(
+            SecureMasked, client_id=c, session=task.message_id, vector=s.mask(forwarded[c].ciphertexts)
+        )
+        masked_ids[c] = message.message_id
+        out += server.call(message)
+    (unmask,) = [m for m in out if isinstance(m, SecureUnmask)]
+    return server, sessions, vectors, unmask, masked_ids
+
+
+def test_the_stages_on_the_servers_table_give_the_exact_sum():
+    from brokerfl.handlers.secure import quantise
+    from brokerfl.wire.message import SecureReveal
+
+    server, sessions, vectors, unmask, masked_ids = staged_round(4)
+    out = []
+    for c, s in sessions.items():
+        seeds, keys = s.reveal(unmask.masked, unmask.dropped)
+        out += server.call(
+            unmask.reply(SecureReveal, client_id=c, session=unmask.session, seed_shares=seeds, key_shares=keys)
+        )
+    (record,) = [m for m in out if isinstance(m, SecureRound)]
+    assert record.version == 1 and record.masked == masked_ids and not record.dropouts
+    version = server.state.store.get(1)
+    assert sorted(version.update_ids) == sorted(masked_ids.values())
+    # the stored model is the global one plus the weighted mean of the deltas, within the bound
+    like = server.state.store.get(0).parameters
+    total = sum(v.astype(object) for v in vectors.values())  # exact integers
+    exact, weight, _ = quantise.decode_sum(
+        np.array([int(x) % 2**64 for x in total], np.uint64), like, DEFAULT_QUANTISATION
+    )
+    for name, g in like.items():
+        expected = g.astype(np.float64) + exact[name] / weight
+        assert np.max(np.abs(version.parameters[name] - expected)) <= 1e-6
+    assert server.state.model.version == 1 and not server.state.round_open or server.state.round == 2
+
+
+def test_an_abort_in_stage_4_records_the_drop_of_every_masked_vector():
+    from brokerfl.runtime.operator_commands import AbortRun
+
+    server, _, _, _, masked_ids = staged_round(4)
+    out = server.call(AbortRun(sender="admin:test"))
+    drops = {m.update_id: m for m in out if isinstance(m, UpdateDropped)}
+    assert set(drops) == set(masked_ids.values())
+    assert all("aborted by admin:test" in d.reason for d in drops.values())
+
+
+def test_stage_messages_out_of_turn_are_not_taken():
+    from brokerfl.wire.message import SecureKeys, SecureReveal
+
+    server, sessions, _, unmask, _ = staged_round(4)
+    # a second masked vector from a client that sent one: an update, dropped on record
+    again = unmask.reply(SecureMasked, client_id="1", session=unmask.session, vector=np.zeros(3, np.uint64))
+    (drop,) = server.call(again)
+    assert isinstance(drop, UpdateDropped) and "stage 3 (masked vector) of round 1 is over" in drop.reason
+    # keys now, or a reveal of another session: acked, nothing changes
+    late = SecureKeys(
+        client_id="2", session=unmask.session, c_pk=b"x" * 32, s_pk=b"x" * 32, seed_commitment=b"x" * 32, round=1
+    )
+    assert server.call(late) == []
+    other = SecureReveal(client_id="2", session="not-this-one", seed_shares={}, key_shares={}, round=1)
+    assert server.call(other) == [] and server.state.secure.stage == 4 and not server.state.secure.revealed
+    # a reveal with shares it was not asked for is refused (dead-lettered with the reason)
+    from brokerfl.runtime.handler_table import Rejected
+
+    with pytest.raises(Rejected, match="not asked for"):
+        server.call(
+            SecureReveal(client_id="0", session=unmask.session, seed_shares={}, key_shares={"3": b"s"}, round=1)
+        )

@@ -251,6 +251,8 @@ def take_masked(message: SecureMasked, ctx: Context[ServerState]):
         )
     secure.masked[message.client_id] = vector
     secure.masked_ids[message.client_id] = message.message_id
+    # held as a folded update is: an abort records its drop, status counts it
+    state.folded[message.message_id] = message.client_id
     ctx.hold()
     _end_stage_when_all_answered(ctx, secure, secure.masked)
     return None
