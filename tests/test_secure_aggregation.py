@@ -342,7 +342,7 @@ def test_the_stages_on_the_servers_table_give_the_exact_sum():
     for name, g in like.items():
         expected = g.astype(np.float64) + exact[name] / weight
         assert np.max(np.abs(version.parameters[name] - expected)) <= 1e-6
-    assert server.state.model.version == 1 and not server.state.round_open or server.state.round == 2
+    assert server.state.model.version == 1 and server.state.round == 2  # the next round began
 
 
 def test_an_abort_in_stage_4_records_the_drop_of_every_masked_vector():
