@@ -338,6 +338,7 @@ class _Plan:
     b_shares: dict[str, dict[int, bytes]]  # u in U3 -> point -> b_u share
     s_shares: dict[str, dict[int, bytes]]  # v in U2 \ U3 -> point -> s_sk_v share
     count: int
+    masked: frozenset[str]
 
 
 def _plan(
@@ -345,8 +346,9 @@ def _plan(
     settings: Settings,
     keys: Mapping[str, tuple[bytes, bytes, bytes]],
     shared: Collection[str],
-    masked: Mapping[str, np.ndarray],
+    masked: Collection[str],
     revealed: Mapping[str, tuple[Mapping[str, bytes], Mapping[str, bytes]]],
+    count: int,
 ) -> _Plan:
     ids = sorted(keys)
     u1, u2, u3 = set(ids), set(shared), set(masked)
@@ -356,9 +358,6 @@ def _plan(
         raise ProtocolError(f"client {min(u3 - u2)} sent a masked vector without sending shares")
     if not u3:
         raise ProtocolError("no masked vectors")
-    lengths = {np.shape(vector) for vector in masked.values()}
-    if len(lengths) != 1 or len(next(iter(lengths))) != 1:
-        raise ProtocolError(f"the masked vectors have shapes {sorted(lengths)}, not one 1-D shape")
     near = graph(ids, session, settings.neighbours)
     unknown = set(revealed) - u1
     if unknown:
@@ -372,7 +371,26 @@ def _plan(
     for v in sorted(u2 - u3):
         holders = set(near[v])
         s_shares[v] = {points[r]: bytes(s[v]) for r, (_, s) in revealed.items() if r in holders and v in s}
-    return _Plan(ids, near, b_shares, s_shares, next(iter(lengths))[0])
+    return _Plan(ids, near, b_shares, s_shares, count, frozenset(u3))
+
+
+def _vector_length(masked: Mapping[str, np.ndarray]) -> int:
+    lengths = {np.shape(vector) for vector in masked.values()}
+    if len(lengths) != 1 or len(next(iter(lengths))) != 1:
+        raise ProtocolError(f"the masked vectors have shapes {sorted(lengths)}, not one 1-D shape")
+    return next(iter(lengths))[0]
+
+
+def add_masked(total: np.ndarray | None, vector: np.ndarray) -> np.ndarray:
+    """``total`` + ``vector`` in uint64 (mod 2^64; :func:`unmask_sum` reduces mod 2^m): the
+    server keeps this running sum, not the vectors (O(model) memory whatever the round's size)."""
+    vector = np.asarray(vector).astype(np.uint64, copy=False)
+    if total is None:
+        return vector.copy()
+    if total.shape != vector.shape:
+        raise ProtocolError(f"a masked vector of shape {vector.shape}, the others' is {total.shape}")
+    total += vector
+    return total
 
 
 def _shortage(plan: _Plan, threshold: int) -> str | None:
@@ -397,7 +415,7 @@ def can_unmask(
     """None if every secret :func:`unmask` needs has ``threshold`` shares, else the reason it
     would give (counts only: a corrupt share shows only in :func:`unmask`)."""
     try:
-        plan = _plan(session, settings, keys, shared, masked, revealed)
+        plan = _plan(session, settings, keys, shared, masked, revealed, _vector_length(masked) if masked else 0)
     except ProtocolError as error:
         return str(error)
     return _shortage(plan, settings.threshold)
@@ -412,21 +430,43 @@ def unmask(
     masked: Mapping[str, np.ndarray],
     revealed: Mapping[str, tuple[Mapping[str, bytes], Mapping[str, bytes]]],
 ) -> np.ndarray:
-    """sum_{u in U3} x_u mod 2^m from the masked vectors and the revealed shares.
+    """sum_{u in U3} x_u mod 2^m from the masked vectors and the revealed shares
+    (:func:`unmask_sum` of their sum)."""
+    total = None
+    for u in sorted(masked):
+        total = add_masked(total, masked[u])
+    if total is None:
+        raise ProtocolError("no masked vectors")
+    _vector_length(masked)
+    return unmask_sum(
+        session=session, settings=settings, keys=keys, shared=shared, masked=set(masked), total=total, revealed=revealed
+    )
+
+
+def unmask_sum(
+    *,
+    session: str,
+    settings: Settings,
+    keys: Mapping[str, tuple[bytes, bytes, bytes]],
+    shared: Collection[str],
+    masked: Collection[str],
+    total: np.ndarray,
+    revealed: Mapping[str, tuple[Mapping[str, bytes], Mapping[str, bytes]]],
+) -> np.ndarray:
+    """sum_{u in U3} x_u mod 2^m from ``total``, the sum of U3's (``masked``) vectors
+    (:func:`add_masked`), and the revealed shares.
 
     y sums to x + sum_{u in U3} PRG(b_u) + sum_{v in U2\\U3} sum_{u in N(v) ∩ U3} sign(u, v) PRG(s_uv)
-    (the pairs within U3 cancel); both terms are rebuilt and subtracted.
+    (the pairs within U3 cancel); both terms are rebuilt and subtracted. ``total`` is
+    changed in place.
     """
     keys = _normal_keys(keys)
-    plan = _plan(session, settings, keys, shared, masked, revealed)
+    plan = _plan(session, settings, keys, shared, masked, revealed, int(np.shape(total)[0]))
     t = settings.threshold
     reason = _shortage(plan, t)
     if reason:
         raise ProtocolError(reason)
     count = plan.count
-    total = np.zeros(count, np.uint64)
-    for u in sorted(masked):
-        total += np.asarray(masked[u]).astype(np.uint64, copy=False)
     for u, shares in plan.b_shares.items():
         try:
             b = shamir.combine(shares, t, crypto.KEY_BYTES)
@@ -444,7 +484,7 @@ def unmask(
         if not matches:
             raise ProtocolError(f"client {v}'s mask key: the rebuilt key does not match its public key")
         for u in plan.near[v]:
-            if u in masked:  # u added sign(u, v) PRG(s_uv): take it away
+            if u in plan.masked:  # u added sign(u, v) PRG(s_uv): take it away
                 try:
                     pairwise = _pairwise_mask(s_sk, keys[u][1], session, count)
                 except crypto.CryptoError as error:

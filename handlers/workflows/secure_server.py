@@ -90,14 +90,14 @@ class SecureRoundState:
     keys: dict[str, tuple[bytes, bytes, bytes]] = field(default_factory=dict)  # U1
     graph: dict[str, tuple[str, ...]] = field(default_factory=dict)
     shares: dict[str, dict[str, bytes]] = field(default_factory=dict)  # U2: sender -> receiver -> ciphertext
-    masked: dict[str, np.ndarray] = field(default_factory=dict)  # U3
-    masked_ids: dict[str, str] = field(default_factory=dict)  # client -> its SecureMasked's id
+    masked_ids: dict[str, str] = field(default_factory=dict)  # U3: client -> its SecureMasked's id
+    total: np.ndarray | None = None  # the sum of U3's masked vectors (uint64), not each one
     revealed: dict[str, tuple[dict[str, bytes], dict[str, bytes]]] = field(default_factory=dict)  # U4
     dropouts: dict[str, str] = field(default_factory=dict)  # client -> "stage N: why"
 
     def in_stage(self) -> list[str]:
         """Who this stage waits for: the clients that answered the one before."""
-        return sorted({2: self.keys, 3: self.shares, 4: self.masked}.get(self.stage, ()))
+        return sorted({2: self.keys, 3: self.shares, 4: self.masked_ids}.get(self.stage, ()))
 
 
 def _round_of(ctx: Context[ServerState]) -> SecureRoundState | None:
@@ -132,7 +132,7 @@ def _why_not_take(message: Message, ctx: Context[ServerState], stage: int) -> st
         return None
     if client_id not in secure.in_stage():
         return f"client {client_id} is not in {STAGE_NAMES[stage]} of round {state.round}"
-    if client_id in {2: secure.shares, 3: secure.masked, 4: secure.revealed}[stage]:
+    if client_id in {2: secure.shares, 3: secure.masked_ids, 4: secure.revealed}[stage]:
         return f"client {client_id} already answered {STAGE_NAMES[stage]}"
     return None
 
@@ -249,12 +249,12 @@ def take_masked(message: SecureMasked, ctx: Context[ServerState]):
             f"masked vector of client {message.client_id}: {vector.dtype}{list(vector.shape)}, "
             f"expected uint64[{expected}]"
         )
-    secure.masked[message.client_id] = vector
+    secure.total = protocol.add_masked(secure.total, vector)
     secure.masked_ids[message.client_id] = message.message_id
     # held as a folded update is: an abort records its drop, status counts it
     state.folded[message.message_id] = message.client_id
     ctx.hold()
-    _end_stage_when_all_answered(ctx, secure, secure.masked)
+    _end_stage_when_all_answered(ctx, secure, secure.masked_ids)
     return None
 
 
@@ -264,8 +264,8 @@ def take_reveal(message: SecureReveal, ctx: Context[ServerState]):
         return _not_taken(ctx, message, why)
     secure = ctx.state.secure
     holds = set(secure.graph[message.client_id]) | {message.client_id}
-    wrong = (set(message.seed_shares) - (holds & set(secure.masked))) | (
-        set(message.key_shares) - (holds & (set(secure.shares) - set(secure.masked)))
+    wrong = (set(message.seed_shares) - (holds & set(secure.masked_ids))) | (
+        set(message.key_shares) - (holds & (set(secure.shares) - set(secure.masked_ids)))
     )
     if wrong:
         raise Rejected(
@@ -281,7 +281,7 @@ def end_stage(message: SecureStageEnd, ctx: Context[ServerState]):
     secure = state.secure
     if not state.round_open or secure is None or message.session != secure.session or message.stage != secure.stage:
         return None
-    answered = {2: secure.shares, 3: secure.masked, 4: secure.revealed}[secure.stage]
+    answered = {2: secure.shares, 3: secure.masked_ids, 4: secure.revealed}[secure.stage]
     for client_id in secure.in_stage():
         if client_id not in answered and client_id not in secure.dropouts:
             secure.dropouts[client_id] = f"{STAGE_NAMES[secure.stage]}: no answer within stage_timeout_s"
@@ -301,10 +301,10 @@ def end_stage(message: SecureStageEnd, ctx: Context[ServerState]):
             )
         return _next_stage(ctx, secure, out)
     if secure.stage == 3:
-        if (short := _too_few(state, secure, len(secure.masked))) is not None:
+        if (short := _too_few(state, secure, len(secure.masked_ids))) is not None:
             return _drop_round(ctx, secure, f"{STAGE_NAMES[3]}: {short}")
-        dropped = sorted(set(secure.shares) - set(secure.masked))
-        request = _reply(state, SecureUnmask, session=secure.session, masked=sorted(secure.masked), dropped=dropped)
+        dropped = sorted(set(secure.shares) - set(secure.masked_ids))
+        request = _reply(state, SecureUnmask, session=secure.session, masked=sorted(secure.masked_ids), dropped=dropped)
         return _next_stage(ctx, secure, [to_clients(request)])
     return _unmask(ctx, secure)
 
@@ -312,12 +312,14 @@ def end_stage(message: SecureStageEnd, ctx: Context[ServerState]):
 def _unmask(ctx: Context[ServerState], secure: SecureRoundState):
     state = ctx.state
     try:
-        total = protocol.unmask(
+        assert secure.total is not None  # stage 4 begins with at least one vector
+        total = protocol.unmask_sum(
             session=secure.session,
             settings=secure.settings,
             keys=secure.keys,
             shared=set(secure.shares),
-            masked=secure.masked,
+            masked=set(secure.masked_ids),
+            total=secure.total,
             revealed=secure.revealed,
         )
         delta_sum, weight, clipped = quantise.decode_sum(total, state.model.parameters, secure.settings.quantisation)
@@ -339,8 +341,8 @@ def _unmask(ctx: Context[ServerState], secure: SecureRoundState):
             clipped=clipped,
             clip_range=secure.settings.quantisation.clip_range,
         )
-    state.strategy.fold_sum(delta_sum, float(weight), len(secure.masked))
-    state.folded = {secure.masked_ids[cid]: cid for cid in sorted(secure.masked)}
+    state.strategy.fold_sum(delta_sum, float(weight), len(secure.masked_ids))
+    state.folded = {secure.masked_ids[cid]: cid for cid in sorted(secure.masked_ids)}
     # journaled before the version's record (which closing may send at once, the last
     # round's): replay finds the round's participants before the version that needs them
     ctx.send(_record(state, secure, version=state.model.version + 1, clipped=clipped))
@@ -352,7 +354,7 @@ def _unmask(ctx: Context[ServerState], secure: SecureRoundState):
 def _declared_samples(state: ServerState, secure: SecureRoundState) -> int | None:
     """What the masked vectors' clients declared they hold (Join, heartbeats), in all; None if
     one did not say."""
-    declared = [state.clients[c].num_samples if c in state.clients else None for c in secure.masked]
+    declared = [state.clients[c].num_samples if c in state.clients else None for c in secure.masked_ids]
     return None if None in declared else sum(max(1, n) for n in declared)  # a weight is at least 1
 
 
