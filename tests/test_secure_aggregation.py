@@ -377,3 +377,21 @@ def test_stage_messages_out_of_turn_are_not_taken():
         server.call(
             SecureReveal(client_id="0", session=unmask.session, seed_shares={}, key_shares={"3": b"s"}, round=1)
         )
+
+
+def test_status_says_the_secure_stage_and_who_it_waits_for():
+    from rich.console import Console
+
+    from brokerfl.cli.operate import render
+    from brokerfl.handlers.workflows.admin import status_of
+    from brokerfl.wire.message import SecureReveal
+
+    server, sessions, _, unmask, _ = staged_round(4)
+    seeds, keys = sessions["2"].reveal(unmask.masked, unmask.dropped)
+    server.call(unmask.reply(SecureReveal, client_id="2", session=unmask.session, seed_shares=seeds, key_shares=keys))
+    status = status_of(server.state)
+    assert status["secure_round"] == {"stage": "stage 4 (unmasking)", "waiting": ["0", "1", "3"], "dropouts": []}
+    assert status["held_updates"] == 4  # the masked vectors
+    console = Console(record=True, width=200)
+    console.print(render({"server": status, "queues": {}, "journal_max_bytes": None, "journal_max_age": None}))
+    assert "secure aggregation: stage 4 (unmasking), waiting for 0, 1, 3" in console.export_text()

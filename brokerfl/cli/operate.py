@@ -144,6 +144,13 @@ def render(view: dict[str, Any]):
                 + (f"; FAILED: {status['failure']}" if status["failure"] else "")
             )
         )
+        if secure := status.get("secure_round"):  # a secure round's stage, and who it waits for
+            parts.append(
+                Text(
+                    f"secure aggregation: {secure['stage']}, waiting for {', '.join(secure['waiting']) or '-'}"
+                    + (f"; dropped out: {', '.join(secure['dropouts'])}" if secure["dropouts"] else "")
+                )
+            )
         for c in status["clients"]:
             if c.get("duplicate"):
                 parts.append(

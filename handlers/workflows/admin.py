@@ -132,6 +132,8 @@ def status_of(state: ServerState) -> dict:
         "train_failures": [vars(f) for f in state.train_failures[-STATUS_FAILURES:]],
         "unable": dict(sorted(state.unable.items())[:STATUS_FAILURES]),  # clients whose app failed at their start
         "held_updates": held_updates(state),
+        # a secure round's stage and who it waits for (handlers/workflows/secure_server.py)
+        "secure_round": state.secure.status() if state.secure is not None and state.round_open else None,
         "dropped_updates": len(state.dropped),
     }
 

@@ -95,6 +95,15 @@ class SecureRoundState:
     revealed: dict[str, tuple[dict[str, bytes], dict[str, bytes]]] = field(default_factory=dict)  # U4
     dropouts: dict[str, str] = field(default_factory=dict)  # client -> "stage N: why"
 
+    def status(self) -> dict:
+        """For ``brokerfl status``: the stage, who it still waits for, who dropped out."""
+        answered = {1: self.keys, 2: self.shares, 3: self.masked_ids, 4: self.revealed}[self.stage]
+        return {
+            "stage": STAGE_NAMES[self.stage],
+            "waiting": [c for c in self.in_stage() if c not in answered] if self.stage > 1 else [],
+            "dropouts": sorted(self.dropouts),
+        }
+
     def in_stage(self) -> list[str]:
         """Who this stage waits for: the clients that answered the one before."""
         return sorted({2: self.keys, 3: self.shares, 4: self.masked_ids}.get(self.stage, ()))
