@@ -395,3 +395,44 @@ def test_status_says_the_secure_stage_and_who_it_waits_for():
     console = Console(record=True, width=200)
     console.print(render({"server": status, "queues": {}, "journal_max_bytes": None, "journal_max_age": None}))
     assert "secure aggregation: stage 4 (unmasking), waiting for 0, 1, 3" in console.export_text()
+
+
+def test_with_identity_enforced_each_stage_message_comes_from_its_own_clients_user():
+    """Every stage message reaches the server from its client's own broker user, and one
+    sent in another client's name (client 0's user claiming client 1) is dead-lettered
+    with the reason; provisioning lets a client publish the stage replies and nothing else."""
+    import re
+
+    from brokerfl.ops.provision import definitions, participants
+    from brokerfl.runtime.identity import client_user
+    from brokerfl.transports.base import ORIGIN_USER_HEADER, REASON_HEADER
+    from brokerfl.wire.message import SecureKeys, SecureReveal, SecureShares, to_wire
+
+    config = load_config(SECURE, {"run": "idt-secure", "rounds": 2, "clients": 4, "identity": {"enforce": True}})
+    broker = LocalBroker()
+    topology = topology_for(config, journal=True)
+    topology.declare_provisioned(LocalTransport(broker), config.client_ids())
+    attacker = LocalTransport(broker, user=client_user(config.run, "0"))
+    forged = SecureMasked(client_id="1", session="s", vector=np.zeros(3, np.uint64), run=config.run, round=1)
+    attacker.publish(topology.exchange, "server.secure_masked", *to_wire(forged))
+    result = simulate(config, journal=True, broker=broker)
+    assert [r["num_updates"] for r in result.records] == [4, 4]
+    stage_types = (SecureKeys, SecureShares, SecureMasked, SecureReveal)
+    seen = [
+        (from_wire(d.envelope, d.body), d.envelope.user_id)
+        for d in read_journal(LocalTransport(broker), topology)
+        if d.envelope.type in {t.TYPE for t in stage_types} and d.routing_key.startswith("server.")
+    ]
+    assert len(seen) == 1 + 2 * 4 * 4  # the forgery, then 2 rounds x 4 stages x 4 clients
+    assert all(user == client_user(config.run, m.client_id) for m, user in seen if m.message_id != forged.message_id)
+    dead = []
+    admin = LocalTransport(broker)
+    while (d := admin.get(topology.dead_queue)) is not None:
+        dead.append((d.envelope.message_id, d.envelope.headers[REASON_HEADER], d.envelope.headers[ORIGIN_USER_HEADER]))
+    assert [(i, u) for i, _, u in dead] == [(forged.message_id, client_user(config.run, "0"))]
+    assert "claims client '1'" in dead[0][1]
+    topics = {t["user"]: t["write"] for t in definitions(config, participants(config), vhost="v")["topic_permissions"]}
+    client_may = topics[client_user(config.run, "0")]
+    for t in stage_types:
+        assert re.search(client_may, f"server.{t.TYPE}"), t.TYPE
+    assert not re.search(client_may, "server.secure_round") and not re.search(client_may, "audit.secure_round")

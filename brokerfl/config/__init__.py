@@ -145,7 +145,8 @@ class IdentityConfig(_Section):
     )
     client_messages: list[str] = Field(
         default_factory=lambda: ["join", "leave", "heartbeat", "parameter_update", "evaluate_result", "train_failed"],
-        description="message types clients may publish to the server (provisioning's topic permissions)",
+        description="message types clients may publish to the server (provisioning's topic permissions); a run with "
+        "secure_aggregation or a flower_app adds its protocol's replies",
     )
 
 

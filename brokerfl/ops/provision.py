@@ -64,7 +64,7 @@ from brokerfl.config import RunConfig
 from brokerfl.runtime.identity import admin_user, client_user, server_user
 from brokerfl.storage.private_files import private_directory, write_private, write_public
 from brokerfl.transports.topology import ADMIN, AUDIT, CLIENTS, DEAD, SERVER
-from brokerfl.wire.message import ServerStandby
+from brokerfl.wire.message import FlowerReply, SecureKeys, SecureMasked, SecureReveal, SecureShares, ServerStandby
 from brokerfl.wire.names import bounded
 
 HASHING_ALGORITHM = "rabbit_password_hashing_sha256"
@@ -76,6 +76,17 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
     """RabbitMQ's sha256 password hash, as its definitions carry it."""
     salt = secrets.token_bytes(4) if salt is None else salt
     return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def client_message_types(config: RunConfig) -> list[str]:
+    """What a client of this run may publish to the server: ``identity.client_messages``,
+    and the replies of the protocols the run's config turns on."""
+    types = list(config.identity.client_messages)
+    if config.secure_aggregation is not None:
+        types += [m.TYPE for m in (SecureKeys, SecureShares, SecureMasked, SecureReveal)]
+    if config.flower_app is not None:
+        types.append(FlowerReply.TYPE)
+    return list(dict.fromkeys(types))
 
 
 def _any_of(*names: str) -> str:
@@ -150,7 +161,7 @@ def definitions(
 
     topo = topology_for(config)
     x = topo.exchange
-    client_types = config.identity.client_messages
+    client_types = client_message_types(config)
     users, permissions, topics = [], [], []
     for p in people:
         # management: the run admin sees its vhost's queue counts in the management API
