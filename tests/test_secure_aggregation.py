@@ -211,6 +211,11 @@ def test_what_cannot_run_securely_is_refused_when_the_config_is_read(override, s
         load_config(SECURE, override)
 
 
+def test_a_secure_run_without_a_journal_as_brokerfl_simulate_runs_it(tmp_path):
+    assert main(["simulate", SECURE, "--rounds", "2", "--clients", "4", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / "final_model.npz").exists()
+
+
 def test_the_server_optimisers_and_dp_fedavg_run_on_the_secure_sum():
     for strategy in (
         {"name": "fedadam", "options": {"eta": 0.01}},

@@ -340,6 +340,8 @@ class Worker:
             _not_sent(ctx, exc)
             if delivery is not None:
                 self._dead_letter(delivery, f"handler {name}: {exc}", log, kind=FAILED)
+            else:  # a local message has no queue to go back to: its handler's messages are lost, say so
+                log.error("what the handler sent goes nowhere: not sent", handler=name, error=bounded(str(exc), 500))
             return
         except TransportError as exc:
             # Decision: a failure to publish (a connection lost beyond the transport's own

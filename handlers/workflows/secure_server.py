@@ -354,7 +354,7 @@ def _unmask(ctx: Context[ServerState], secure: SecureRoundState):
     state.folded = {secure.masked_ids[cid]: cid for cid in sorted(secure.masked_ids)}
     # journaled before the version's record (which closing may send at once, the last
     # round's): replay finds the round's participants before the version that needs them
-    ctx.send(_record(state, secure, version=state.model.version + 1, clipped=clipped))
+    ctx.send(*_record(state, secure, version=state.model.version + 1, clipped=clipped))
     ctx.cancel_timer(STAGE)
     state.secure = None
     return close_round(ctx)
@@ -396,28 +396,33 @@ def _drop_round(ctx: Context[ServerState], secure: SecureRoundState, reason: str
             ctx, uid, cid, f"secure round dropped: {reason}", round_=state.round, model_version=state.model.version
         )
     ]
-    out.append(_record(state, secure, dropped=reason))
+    out += _record(state, secure, dropped=reason)
     ctx.cancel_timer(STAGE)
     state.folded = {}
     state.secure = None
     return out + (too_few_answers(ctx, f"secure aggregation, {reason}") or [])
 
 
-def _record(state: ServerState, secure: SecureRoundState, **outcome) -> Outbound:
-    return Outbound(
-        AUDIT,
-        _reply(
-            state,
-            SecureRound,
-            session=secure.session,
-            keys=sorted(secure.keys),
-            shared=sorted(secure.shares),
-            masked=dict(sorted(secure.masked_ids.items())),
-            revealed=sorted(secure.revealed),
-            dropouts=dict(sorted(secure.dropouts.items())),
-            **outcome,
-        ),
-    )
+def _record(state: ServerState, secure: SecureRoundState, **outcome) -> list[Outbound]:
+    """The round's SecureRound record, for the journal (none without one: nothing takes it)."""
+    if not state.config.journal:
+        return []
+    return [
+        Outbound(
+            AUDIT,
+            _reply(
+                state,
+                SecureRound,
+                session=secure.session,
+                keys=sorted(secure.keys),
+                shared=sorted(secure.shares),
+                masked=dict(sorted(secure.masked_ids.items())),
+                revealed=sorted(secure.revealed),
+                dropouts=dict(sorted(secure.dropouts.items())),
+                **outcome,
+            ),
+        )
+    ]
 
 
 def _reply(state: ServerState, cls, **fields):
