@@ -170,10 +170,10 @@ def random_delta(rng, scale=0.5):
 
 
 def test_quantisation_properties():
-    assert Q.step == pytest.approx(1.0 / 65535)
+    assert Q.step == pytest.approx(1.0 / 65534)
     assert Q.error_bound == Q.step / 2
     assert quantise.vector_length(LIKE) == 12 + 5 + 2
-    most = (2**40 - 1) // (2**16 - 1)  # the largest total weight whose sum cannot wrap
+    most = (2**40 - 1) // (2**16 - 2)  # the largest total weight whose sum cannot wrap
     assert Q.fits(most) and not Q.fits(most + 1) and not Q.fits(2**40)
     for bad in [dict(clip_range=0.0, bits=8, modulus_bits=32), dict(clip_range=1.0, bits=32, modulus_bits=32)]:
         with pytest.raises(QuantiseError):
@@ -199,6 +199,12 @@ def test_quantised_weighted_sum_within_the_bound():
         assert np.max(np.abs(sums[name] / W - exact / W)) <= Q.error_bound + 1e-12
 
 
+def test_a_zero_delta_is_a_level_and_decodes_as_zero():
+    zero = {name: np.zeros(like.shape) for name, like in LIKE.items()}
+    sums, W, _ = quantise.decode_sum(quantise.encode(zero, 7, Q)[0], LIKE, Q)
+    assert W == 7 and all(not np.any(s) for s in sums.values())
+
+
 def test_clipping_counted():
     delta = {"a": np.full((3, 4), 0.1), "b": np.array([2.0, -3.0, 0.5, -0.5, 0.0])}
     vector, clipped = quantise.encode(delta, 3, Q)
@@ -211,7 +217,7 @@ def test_clipping_counted():
 def test_quantise_refusals():
     delta = random_delta(np.random.default_rng(2))
     with pytest.raises(QuantiseError, match="does not fit"):
-        quantise.encode(delta, (2**40 - 1) // (2**16 - 1) + 1, Q)  # the weighted levels would overflow 2^40
+        quantise.encode(delta, (2**40 - 1) // (2**16 - 2) + 1, Q)  # the weighted levels would overflow 2^40
     with pytest.raises(QuantiseError, match="< 1"):
         quantise.encode(delta, 0, Q)
     with pytest.raises(QuantiseError, match="NaN"):
@@ -222,7 +228,7 @@ def test_quantise_refusals():
     with pytest.raises(QuantiseError, match="shape"):
         quantise.decode_sum(vector[:-1], LIKE, Q)
     wrapped = vector.copy()
-    wrapped[-2] = (2**40 - 1) // (2**16 - 1) + 1  # a total weight whose sum may have wrapped
+    wrapped[-2] = (2**40 - 1) // (2**16 - 2) + 1  # a total weight whose sum may have wrapped
     with pytest.raises(QuantiseError, match="wrapped"):
         quantise.decode_sum(wrapped, LIKE, Q)
     wrapped[-2] = 0

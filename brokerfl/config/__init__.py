@@ -216,7 +216,7 @@ class SecureAggregationConfig(_Section):
         4.0, gt=0, description="r: each coordinate of a client's delta from the global model is clipped to [-r, r]"
     )
     bits: int = Field(
-        24, ge=2, le=40, description="quantisation: the clipped range in 2^bits levels (error <= r / (2^bits - 1))"
+        24, ge=2, le=40, description="quantisation: the clipped range in 2^bits - 1 levels (error <= r / (2^bits - 2))"
     )
     modulus_bits: int = Field(64, ge=16, le=64, description="the masked sums are taken mod 2^modulus_bits")
     stage_timeout_s: float = Field(

@@ -350,6 +350,7 @@ class SecureKeys(Message):
     c_pk: bytes
     s_pk: bytes
     seed_commitment: bytes
+    train_s: float = 0.0  # the training's seconds (its app's metrics, which say more, stay on the client)
 
 
 @dataclass(kw_only=True)

@@ -136,7 +136,9 @@ def _sign(u: str, v: str) -> int:
     return 1 if u < v else -1
 
 
-def _pairwise_mask(s_private: bytes, s_public_peer: bytes, session: str, count: int) -> np.ndarray:
+def _pairwise_mask(
+    s_private: bytes | crypto.X25519PrivateKey, s_public_peer: bytes, session: str, count: int
+) -> np.ndarray:
     return crypto.prg_words(crypto.agree(s_private, s_public_peer, _pair_key_info(session)), count, _PAIR_MASK)
 
 
@@ -170,6 +172,7 @@ class ClientSession:
         self._vector = vector.astype(np.uint64) & self._mask_bits  # a copy: the caller's may change
         self._c_sk = crypto.new_private_key()
         self._s_sk = crypto.new_private_key()
+        self._c_key, self._s_key = crypto.private_key_object(self._c_sk), crypto.private_key_object(self._s_sk)
         self._b = secrets.token_bytes(crypto.KEY_BYTES)  # the OS's CSPRNG
         self._advertised: Keys = (
             crypto.public_key(self._c_sk),
@@ -181,6 +184,7 @@ class ClientSession:
         self._neighbours: tuple[str, ...] = ()
         self._own_shares: tuple[bytes, bytes] = (b"", b"")
         self._received: dict[str, tuple[bytes, bytes]] = {}  # sender -> (b share, s_sk share)
+        self._share_keys: dict[str, bytes] = {}  # neighbour -> the key of the shares between us
         self._revealed_b: set[str] = set()
         self._revealed_s: set[str] = set()
 
@@ -245,11 +249,12 @@ class ClientSession:
         out = {}
         for v in near:
             try:
-                key = crypto.agree(self._c_sk, request[v][0], info)
+                key = crypto.agree(self._c_key, request[v][0], info)
             except crypto.CryptoError as error:
                 raise ProtocolError(f"client {v}'s encryption key: {error}") from None
             x = points[v]
             out[v] = crypto.seal(key, b_shares[x] + s_shares[x], _shares_aad(self.session, me, v))
+            self._share_keys[v] = key  # opens v's shares in stage 3: one agreement per pair, not two
         self._keys = request
         self._neighbours = near
         self._own_shares = (b_shares[points[me]], s_shares[points[me]])
@@ -273,7 +278,7 @@ class ClientSession:
         received = {}
         for sender in sorted(request):
             try:
-                key = crypto.agree(self._c_sk, self._keys[sender][0], info)
+                key = self._share_keys.get(sender) or crypto.agree(self._c_key, self._keys[sender][0], info)
                 plaintext = crypto.open_sealed(key, request[sender], _shares_aad(self.session, sender, me))
             except crypto.CryptoError as error:
                 raise ProtocolError(f"the shares from client {sender} do not open: {error}") from None
@@ -283,7 +288,7 @@ class ClientSession:
         count = self._vector.shape[0]
         y = self._vector + crypto.prg_words(self._b, count, _SELF_MASK)
         for v in sorted(received):
-            pairwise = _pairwise_mask(self._s_sk, self._keys[v][1], self.session, count)
+            pairwise = _pairwise_mask(self._s_key, self._keys[v][1], self.session, count)
             y = y + pairwise if _sign(me, v) > 0 else y - pairwise  # uint64: wraps mod 2^64
         y &= self._mask_bits
         self._received = received
@@ -483,10 +488,11 @@ def unmask_sum(
             raise ProtocolError(f"client {v}'s mask key: {error}") from None
         if not matches:
             raise ProtocolError(f"client {v}'s mask key: the rebuilt key does not match its public key")
+        s_key = crypto.private_key_object(s_sk)
         for u in plan.near[v]:
             if u in plan.masked:  # u added sign(u, v) PRG(s_uv): take it away
                 try:
-                    pairwise = _pairwise_mask(s_sk, keys[u][1], session, count)
+                    pairwise = _pairwise_mask(s_key, keys[u][1], session, count)
                 except crypto.CryptoError as error:
                     raise ProtocolError(f"client {u}'s mask key with client {v}: {error}") from None
                 if _sign(u, v) > 0:

@@ -1,9 +1,9 @@
 """A client's float update as integers mod 2^m, and the masked sum back to floats.
 
 Decision: a client quantises its *delta* from the round's global model, d = x_i - x (a much
-smaller range than the parameters themselves), clipped to [-r, r], to the 2^b levels
+smaller range than the parameters themselves), clipped to [-r, r], to the 2^b - 1 levels
 
-    q = round((clip(d, -r, r) + r) / step),   step = 2 r / (2^b - 1),   q in 0 .. 2^b - 1,
+    q = round((clip(d, -r, r) + r) / step),   step = 2 r / (2^b - 2),   q in 0 .. 2^b - 2,
 
 by round to nearest, so |q step - r - clip(d)| <= step / 2. The client sends w_i q_i (its
 integer weight times its levels) and the server's sum is taken mod 2^m (uint64 words wrap
@@ -13,7 +13,7 @@ at 2^64; for m < 64 they are masked with 2^m - 1). With S = sum_i w_i q_i and W 
 
 the weighted sum of the dequantised deltas; divided by W it is the weighted mean, within
 step / 2 of the exact one per coordinate when nothing was clipped. The sum is exact only if
-it did not wrap: W (2^b - 1) < 2^m (:meth:`Quantisation.fits`).
+it did not wrap: W (2^b - 2) < 2^m (:meth:`Quantisation.fits`).
 
 The vector a client masks is its levels for each tensor in sorted name order, ravelled, then
 w_i, then its count of clipped coordinates (so the server learns W and the total clipped, and
@@ -43,13 +43,14 @@ class Quantisation:
             raise QuantiseError(f"clip_range {self.clip_range} must be a positive number")
         if not 1 <= self.modulus_bits <= 64:
             raise QuantiseError(f"modulus_bits {self.modulus_bits} must be 1..64 (uint64 words)")
-        if not 1 <= self.bits < self.modulus_bits:
-            raise QuantiseError(f"bits {self.bits} must be 1..modulus_bits - 1 (room for a weight)")
+        if not 2 <= self.bits < self.modulus_bits:
+            raise QuantiseError(f"bits {self.bits} must be 2..modulus_bits - 1 (room for a weight)")
 
     @property
     def levels(self) -> int:
-        """The largest level, 2^b - 1."""
-        return 2**self.bits - 1
+        """The largest level, 2^b - 2: an even number of steps puts 0 on a level (with 2^b - 1
+        steps a zero delta, every coordinate nobody trains, would decode as step / 2)."""
+        return 2**self.bits - 2
 
     @property
     def step(self) -> float:
@@ -89,7 +90,7 @@ def encode(delta: Mapping[str, np.ndarray], weight: int, q: Quantisation) -> tup
             raise QuantiseError(f"tensor {name!r} has NaN or infinite values")
         clipped += int(np.count_nonzero(np.abs(d) > r))
         levels = np.rint((np.clip(d, -r, r) + r) / step)
-        # float rounding can put r / step a hair above 2^b - 1
+        # float rounding can put 2 r / step a hair above the largest level
         levels = np.minimum(levels, q.levels).astype(np.uint64)
         parts.append(levels * np.uint64(weight))  # < 2^m: fits(weight)
     parts.append(np.array([weight, clipped], dtype=np.uint64) & q.modulus_mask)

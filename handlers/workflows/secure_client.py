@@ -57,7 +57,13 @@ def keys_answer(
     state.secure[task.message_id] = session
     c_pk, s_pk, commitment = session.advertise()
     return task.reply(
-        SecureKeys, client_id=state.client_id, session=task.message_id, c_pk=c_pk, s_pk=s_pk, seed_commitment=commitment
+        SecureKeys,
+        client_id=state.client_id,
+        session=task.message_id,
+        c_pk=c_pk,
+        s_pk=s_pk,
+        seed_commitment=commitment,
+        train_s=seconds,
     )
 
 

@@ -51,6 +51,7 @@ from brokerfl.handlers.workflows.server_state import (
     too_few_answers,
 )
 from brokerfl.runtime.handler_table import Context, HandlerSet, Outbound, Rejected, to_client, to_clients
+from brokerfl.runtime.timing import timings
 from brokerfl.transports.topology import AUDIT
 from brokerfl.wire.message import (
     Message,
@@ -189,6 +190,7 @@ def take_keys(message: SecureKeys, ctx: Context[ServerState]):
     secure = state.secure
     secure.keys[message.client_id] = (message.c_pk, message.s_pk, message.seed_commitment)
     state.answered.add(message.client_id)
+    state.client_seconds.append(message.train_s)  # no secret: the server sees when the keys come
     close_when_every_participant_answered(ctx)  # then RoundComplete ends stage 1
     return None
 
@@ -322,15 +324,16 @@ def _unmask(ctx: Context[ServerState], secure: SecureRoundState):
     state = ctx.state
     try:
         assert secure.total is not None  # stage 4 begins with at least one vector
-        total = protocol.unmask_sum(
-            session=secure.session,
-            settings=secure.settings,
-            keys=secure.keys,
-            shared=set(secure.shares),
-            masked=set(secure.masked_ids),
-            total=secure.total,
-            revealed=secure.revealed,
-        )
+        with timings.phase("unmask"):
+            total = protocol.unmask_sum(
+                session=secure.session,
+                settings=secure.settings,
+                keys=secure.keys,
+                shared=set(secure.shares),
+                masked=set(secure.masked_ids),
+                total=secure.total,
+                revealed=secure.revealed,
+            )
         delta_sum, weight, clipped = quantise.decode_sum(total, state.model.parameters, secure.settings.quantisation)
     except (protocol.ProtocolError, quantise.QuantiseError) as exc:
         return _drop_round(ctx, secure, f"{STAGE_NAMES[4]}: {exc}")
