@@ -123,21 +123,25 @@ def test_a_secure_run_is_accounted_for_and_replays_hash_for_hash(capsys):
         replay(journal, config, what_if="median")
 
 
+def one_round_with_leavers(**overrides):
+    """One round of 10 clients, those the environment names leaving at their stage
+    (tests/secure_dropouts.py), each later stage waiting a second for them."""
+    settings = {
+        "rounds": 1,
+        "clients": 10,
+        "extra_handlers": ["tests.secure_dropouts"],
+        "secure_aggregation": {"stage_timeout_s": 1.0},
+    }
+    return load_config(SECURE, {**settings, **overrides})
+
+
 def test_dropouts_before_and_after_masking_leave_the_sum_of_the_vectors_sent(plain_updates, monkeypatch):
     """Clients 3 and 7 leave once they sent their masked vectors, client 5 before: the sum
     holds the 9 vectors sent, exactly (the 2 that left after sending are unmasked with
     their neighbours' shares)."""
     monkeypatch.setenv(AFTER_MASKED, "3,7")
     monkeypatch.setenv(BEFORE_MASKED, "5")
-    config = load_config(
-        SECURE,
-        {
-            "rounds": 1,
-            "clients": 10,
-            "extra_handlers": ["tests.secure_dropouts"],
-            "secure_aggregation": {"stage_timeout_s": 1.0},
-        },
-    )
+    config = one_round_with_leavers()
     result = simulate(config, journal=True)
     sent = [c for c in map(str, range(10)) if c != "5"]
     diff, bound = largest_difference(result.store.get(1).parameters, fedavg([plain_updates[(c, 1)] for c in sent]))
@@ -157,16 +161,7 @@ def test_dropouts_before_and_after_masking_leave_the_sum_of_the_vectors_sent(pla
 
 def test_too_many_dropouts_drop_the_round_with_its_reason(monkeypatch):
     monkeypatch.setenv(AFTER_MASKED, "0,1,2,3,4,5")  # 4 revealers: below every client's threshold of 5
-    config = load_config(
-        SECURE,
-        {
-            "rounds": 1,
-            "clients": 10,
-            "extra_handlers": ["tests.secure_dropouts"],
-            "secure_aggregation": {"stage_timeout_s": 1.0},
-            "strategy": {"name": "fedavg", "min_clients": 2, "on_too_few": "stop"},
-        },
-    )
+    config = one_round_with_leavers(strategy={"name": "fedavg", "min_clients": 2, "on_too_few": "stop"})
     broker = LocalBroker()  # the failed run's journal is read from it
     too_few = r"stage 4 \(unmasking\): client \d's self-mask seed: \d shares, threshold 5"
     with pytest.raises(SimulationError, match=too_few):
