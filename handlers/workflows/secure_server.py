@@ -78,7 +78,6 @@ class SecureStageEnd(Message):
 
     session: str
     stage: int
-    deadline: bool = False
 
 
 @dataclass
@@ -213,20 +212,8 @@ def end_training(message: RoundComplete | RoundDeadline, ctx: Context[ServerStat
     if (short := _too_few(state, secure, len(ids))) is not None:
         return _drop_round(ctx, secure, f"{STAGE_NAMES[1]}: {short}")
     secure.graph = protocol.graph(ids, secure.session, secure.settings.neighbours)
-    return _next_stage(
-        ctx,
-        secure,
-        [
-            to_clients(
-                _reply(
-                    state,
-                    SecureKeyList,
-                    session=secure.session,
-                    keys={cid: list(keys) for cid, keys in secure.keys.items()},
-                )
-            )
-        ],
-    )
+    keys = {cid: list(three) for cid, three in secure.keys.items()}
+    return _next_stage(ctx, secure, [to_clients(_reply(state, SecureKeyList, session=secure.session, keys=keys))])
 
 
 def take_shares(message: SecureShares, ctx: Context[ServerState]):
@@ -293,9 +280,13 @@ def end_stage(message: SecureStageEnd, ctx: Context[ServerState]):
     if not state.round_open or secure is None or message.session != secure.session or message.stage != secure.stage:
         return None
     answered = {2: secure.shares, 3: secure.masked_ids, 4: secure.revealed}[secure.stage]
-    for client_id in secure.in_stage():
-        if client_id not in answered and client_id not in secure.dropouts:
-            secure.dropouts[client_id] = f"{STAGE_NAMES[secure.stage]}: no answer within stage_timeout_s"
+    missing = [c for c in secure.in_stage() if c not in answered]
+    for client_id in missing:
+        secure.dropouts.setdefault(client_id, f"{STAGE_NAMES[secure.stage]}: no answer within stage_timeout_s")
+    if missing:
+        ctx.log.warning(
+            "secure round: a stage ended without every answer", stage=STAGE_NAMES[secure.stage], missing=missing
+        )
     if secure.stage == 2:
         if (short := _too_few(state, secure, len(secure.shares))) is not None:
             return _drop_round(ctx, secure, f"{STAGE_NAMES[2]}: {short}")
@@ -383,7 +374,7 @@ def _too_few(state: ServerState, secure: SecureRoundState, answered: int) -> str
 def _next_stage(ctx: Context[ServerState], secure: SecureRoundState, out: list[Outbound]) -> list[Outbound]:
     secure.stage += 1
     timeout = ctx.state.config.secure_aggregation.stage_timeout_s
-    ctx.set_timer(STAGE, timeout, SecureStageEnd(session=secure.session, stage=secure.stage, deadline=True))
+    ctx.set_timer(STAGE, timeout, SecureStageEnd(session=secure.session, stage=secure.stage))
     ctx.log.debug("secure round: next stage", stage=STAGE_NAMES[secure.stage], clients=len(secure.in_stage()))
     return out
 
