@@ -32,6 +32,7 @@ of the old one are dropped as another session's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -189,7 +190,8 @@ def take_keys(message: SecureKeys, ctx: Context[ServerState]):
     secure = state.secure
     secure.keys[message.client_id] = (message.c_pk, message.s_pk, message.seed_commitment)
     state.answered.add(message.client_id)
-    state.client_seconds.append(message.train_s)  # no secret: the server sees when the keys come
+    if math.isfinite(message.train_s) and message.train_s >= 0:  # no secret: the server sees when the keys come
+        state.client_seconds.append(message.train_s)
     close_when_every_participant_answered(ctx)  # then RoundComplete ends stage 1
     return None
 
@@ -384,9 +386,9 @@ def _drop_round(ctx: Context[ServerState], secure: SecureRoundState, reason: str
     one with too few answers (retried, or the run stops)."""
     state = ctx.state
     out = [
-        out
+        record
         for cid, uid in sorted(secure.masked_ids.items())
-        for out in record_drop(
+        for record in record_drop(
             ctx, uid, cid, f"secure round dropped: {reason}", round_=state.round, model_version=state.model.version
         )
     ]
