@@ -4,9 +4,10 @@ revealers, identity enforced on every stage message, and a masked vector larger 
 chunk. Each checks that no update was lost or counted twice.
 
 Decisions: the clients killed in round 1 of the dropout test are started again (without the
-kill) as soon as they are dead, so round 2 samples all ten again and its version must list
-ten masked vectors; a restarted client holds no secrets of round 1, so the stage request
-that killed it, redelivered, is left unanswered, as the design says. The identity test runs
+kill) as soon as they are dead, and a long ``liveness.timeout_s`` keeps them sampled while
+they start, so round 2 has all ten again and its version must list ten masked vectors; a
+restarted client holds no secrets of round 1, so the stage request that killed it,
+redelivered, is left unanswered, as the design says. The identity test runs
 its federation in threads (as ``test_security`` does), each worker on its own provisioned
 user's connection: a forgery made inside client 2's stage handler then reaches the server
 while client 2's own message is held back, i.e. when the server would take it.
