@@ -1,0 +1,357 @@
+"""Secure aggregation over the real broker: a federation of processes whose clients kill -9
+themselves at a stage of a secure round (``tests/secure_dropouts.py``), a round with too few
+revealers, identity enforced on every stage message, and a masked vector larger than a
+chunk. Each checks that no update was lost or counted twice.
+
+Decisions: the clients killed in round 1 of the dropout test are started again (without the
+kill) as soon as they are dead, and a long ``liveness.timeout_s`` keeps them sampled while
+they start, so round 2 has all ten again and its version must list ten masked vectors; a
+restarted client holds no secrets of round 1, so the stage request that killed it,
+redelivered, is left unanswered, as the design says. The identity test runs
+its federation in threads (as ``test_security`` does), each worker on its own provisioned
+user's connection: a forgery made inside client 2's stage handler then reaches the server
+while client 2's own message is held back, i.e. when the server would take it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from test_faults import ROOT, Federation
+from test_security import connect, run_federation
+
+from brokerfl.assembly.roles import topology_for
+from brokerfl.config import load_config
+from brokerfl.runtime.handler_table import HandlerSet
+from brokerfl.runtime.identity import client_user
+from brokerfl.storage.accounting import account_run
+from brokerfl.storage.journal import read_journal
+from brokerfl.storage.metrics_log import read_metrics
+from brokerfl.storage.store import DirectoryModelStore
+from brokerfl.transports.amqp import AmqpTransport
+from brokerfl.transports.base import ORIGIN_USER_HEADER, REASON_HEADER
+from brokerfl.wire.message import SecureMasked, SecureReveal, SecureSharesFor, SecureUnmask, from_wire, to_wire
+from tests import secure_dropouts
+from tests.handler_modules import extra_handlers
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+SECURE = ROOT / "configs/digits_secure.yaml"
+# Stages 2-4 take milliseconds per client; a stage that waits for a killed client ends at
+# this deadline, so it bounds each dropout's cost to a round.
+STAGE_TIMEOUT_S = 10.0
+
+
+def merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def secure_yaml(path: Path, **changes) -> Path:
+    """``configs/digits_secure.yaml`` with ``changes`` merged in, written to ``path`` (the
+    processes take a config file; the CLI overrides only clients, rounds, seed and run)."""
+    path.write_text(yaml.safe_dump(merged(yaml.safe_load(SECURE.read_text()), changes)))
+    return path
+
+
+class SecureFederation(Federation):
+    """:class:`test_faults.Federation` on a config of its own (accounting and replay read
+    that one), with an environment per client process."""
+
+    def __init__(self, url: str, run: str, out: Path, *, clients: int, rounds: int, config: Path) -> None:
+        super().__init__(url, run, out, clients=clients, rounds=rounds, config=str(config))
+        self.config_path = config
+        self.next_env: dict[str, str] = {}
+
+    def _spawn(self, *args: str) -> subprocess.Popen:
+        self.starts += 1
+        log = open(self.logs / f"{self.starts:03d}-{args[0]}.log", "w")  # noqa: SIM115 - closed with the process
+        env, self.next_env = {**os.environ, **self.next_env}, {}
+        return subprocess.Popen(
+            [sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+    def start_client(self, client_id: str, env: dict[str, str] | None = None) -> None:
+        self.next_env = env or {}
+        super().start_client(client_id)
+
+    def config(self):
+        return load_config(self.config_path, {"run": self.run, "clients": self.clients, "rounds": self.rounds})
+
+    def accounting(self):
+        with AmqpTransport(self.url) as transport:
+            return account_run(transport, topology_for(self.config()), DirectoryModelStore(self.out / "models"))
+
+    def replay(self):
+        from brokerfl.ops.replay import replay
+
+        config = self.config()
+        with AmqpTransport(self.url) as transport:
+            return replay(read_journal(transport, topology_for(config)), config)
+
+    def journal(self, cls):
+        """The journal's messages of one type, decoded, in journal order (``audit.`` records and
+        what clients sent to the server; not dead letters)."""
+        with AmqpTransport(self.url) as transport:
+            return [
+                from_wire(d.envelope, d.body)
+                for d in read_journal(transport, topology_for(self.config()))
+                if d.envelope.type == cls.TYPE and not d.routing_key.startswith("dead.")
+            ]
+
+    def wait_for_exits(self, procs: list[subprocess.Popen], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"processes still running after {timeout} s: {self.log_tail()}")
+            time.sleep(0.1)  # polling the processes under a deadline
+
+
+@pytest.fixture
+def secure_federation(amqp_url, run_name, tmp_path):
+    made: list[SecureFederation] = []
+
+    def make(**kw) -> SecureFederation:
+        made.append(SecureFederation(amqp_url, run_name, tmp_path, **kw))
+        return made[-1]
+
+    yield make
+    for fed in made:
+        fed.cleanup()
+
+
+def versions_of(fed: SecureFederation) -> list[dict]:
+    store = DirectoryModelStore(fed.out / "models")
+    return [store.metadata(v) for v in store.versions()]
+
+
+def replays_hash_for_hash(fed: SecureFederation) -> None:
+    """The journal alone recomputes every stored version (the secure sums too), hash for hash."""
+    records = read_metrics(fed.out / "metrics.jsonl")
+    assert [r["model_version"] for r in records] == list(range(1, fed.rounds + 1))
+    replayed = fed.replay()
+    print(replayed.table())
+    assert replayed.ok and len(replayed.rows) == fed.rounds + 1
+    assert [row.replayed_hash for row in replayed.rows[1:]] == [r["sha256"] for r in records]
+
+
+@pytest.mark.timeout(300)
+def test_two_clients_killed_after_masking_and_one_before_the_round_completes_without_them(secure_federation, tmp_path):
+    gone_after, gone_before = ["3", "7"], ["5"]
+    config = secure_yaml(
+        tmp_path / "secure.yaml",
+        extra_handlers=["tests.secure_dropouts"],
+        secure_aggregation={"stage_timeout_s": STAGE_TIMEOUT_S},
+        # the killed clients stay sampled while they start again (a start takes longer than the
+        # default 10 s of silence on a loaded machine): round 2's task waits in their queues
+        liveness={"timeout_s": 600.0},
+    )
+    fed = secure_federation(clients=10, rounds=2, config=config)
+    killing = {
+        secure_dropouts.AFTER_MASKED: ",".join(gone_after),
+        secure_dropouts.BEFORE_MASKED: ",".join(gone_before),
+        secure_dropouts.BY_KILL: "1",
+    }
+    fed.start_server()
+    for i in range(fed.clients):
+        fed.start_client(str(i), env=killing if str(i) in gone_after + gone_before else None)
+    doomed = {cid: fed.client_procs[cid] for cid in gone_after + gone_before}
+    fed.wait_for_exits(list(doomed.values()), timeout=180)
+    assert {cid: p.returncode for cid, p in doomed.items()} == {cid: -9 for cid in doomed}, fed.log_tail()
+    for cid in doomed:  # without the kill: round 2 has everyone again
+        fed.start_client(cid)
+    fed.finish(timeout=180)  # the server and every (restarted) client exit 0
+
+    report = fed.accounting()
+    print(report.summary())
+    assert report.ok, report.summary()
+    first, second = report.secure_rounds
+    assert first.version == 1 and not first.dropped
+    assert sorted(first.masked) == sorted({str(i) for i in range(10)} - set(gone_before))
+    assert sorted(first.revealed) == sorted({str(i) for i in range(10)} - set(gone_before) - set(gone_after))
+    assert set(first.dropouts) == set(gone_before + gone_after), first.dropouts
+    assert all(first.dropouts[cid].startswith("stage 3 (masked vector): ") for cid in gone_before), first.dropouts
+    assert all(first.dropouts[cid].startswith("stage 4 (unmasking): ") for cid in gone_after), first.dropouts
+    assert second.version == 2 and len(second.masked) == 10 and not second.dropouts
+
+    v1, v2 = versions_of(fed)[1:]
+    assert sorted(v1["update_ids"]) == sorted(first.masked.values())  # 7 survivors + the 2 killed after masking
+    assert len(set(v1["update_ids"])) == 9
+    assert sorted(v2["update_ids"]) == sorted(second.masked.values())
+    # every masked vector sent is folded once: round 1's killed-before client sent none
+    sent = {m.message_id: m.client_id for m in fed.journal(SecureMasked)}
+    assert sorted(sent) == sorted([*v1["update_ids"], *v2["update_ids"]])
+    assert gone_before[0] not in {sent[uid] for uid in v1["update_ids"]}
+    replays_hash_for_hash(fed)
+
+
+@pytest.mark.timeout(240)
+def test_too_many_dropped_after_masking_the_round_is_dropped_with_its_reason_and_the_run_stops(
+    secure_federation, tmp_path
+):
+    gone = ["0", "2", "4", "6", "8", "9"]  # 4 of 10 left to reveal; a secret needs 5 shares
+    config = secure_yaml(
+        tmp_path / "secure.yaml",
+        extra_handlers=["tests.secure_dropouts"],
+        strategy={"on_too_few": "stop"},
+        secure_aggregation={"stage_timeout_s": STAGE_TIMEOUT_S},
+    )
+    fed = secure_federation(clients=10, rounds=2, config=config)
+    assert fed.config().secure_aggregation.resolved(10) == (8, 5)  # k neighbours, threshold t
+    killing = {secure_dropouts.AFTER_MASKED: ",".join(gone), secure_dropouts.BY_KILL: "1"}
+    fed.start_server()
+    for i in range(fed.clients):
+        fed.start_client(str(i), env=killing if str(i) in gone else None)
+    fed.wait_for_exits([fed.server, *fed.client_procs.values()], timeout=200)
+    codes = {cid: p.returncode for cid, p in fed.client_procs.items()}
+    assert fed.server.returncode == 1, fed.log_tail()  # a failed run's exit code
+    assert codes == {str(i): -9 if str(i) in gone else 0 for i in range(10)}, (codes, fed.log_tail())
+    server_log = next(fed.logs.glob("*-server.log")).read_text()
+    assert "brokerfl server: round 1 got 0 of the 2 updates it needs" in server_log, server_log[-2000:]
+
+    report = fed.accounting()
+    print(report.summary())
+    assert report.ok, report.summary()
+    (record,) = report.secure_rounds
+    assert record.version is None and record.dropped.startswith("stage 4 (unmasking): "), record.dropped
+    assert "threshold 5" in record.dropped and "shares" in record.dropped, record.dropped
+    assert sorted(record.revealed) == sorted({str(i) for i in range(10)} - set(gone))
+    assert all(record.dropouts[cid].startswith("stage 4 (unmasking): ") for cid in gone), record.dropouts
+    assert len(record.masked) == 10
+    for uid in record.masked.values():  # every masked vector: dropped, with the round's reason
+        assert report.dropped[uid] == [f"secure round dropped: {record.dropped}"], report.dropped.get(uid)
+    assert versions_of(fed) and all(not meta.get("update_ids") for meta in versions_of(fed))  # version 0 only
+    assert len(versions_of(fed)) == 1
+
+
+def _forged_then(handler, forge, *, client_id: str, done, config, forged: list):
+    """Client ``client_id``'s stage handler that first has client 1's user publish
+    ``forge(request)`` (a message claiming ``client_id``) and waits until the server has
+    dead-lettered it; then it answers as usual. Its own answer is still missing meanwhile,
+    so the forgery reaches a server that awaits exactly that message."""
+    topology = topology_for(config)
+
+    def stage(message, ctx):
+        if ctx.state.client_id == client_id:
+            fake = forge(message)
+            with connect(done, client_user(config.run, "1")) as mallory:
+                mallory.publish(topology.exchange, f"server.{fake.TYPE}", *to_wire(fake))
+            with connect(done, f"{config.run}-admin") as admin:
+                deadline = time.monotonic() + 60
+                while True:
+                    letter = admin.get(topology.dead_queue)
+                    if letter is not None:
+                        admin.ack(letter)
+                        forged.append(letter)
+                        if letter.envelope.message_id == fake.message_id:
+                            break
+                    assert time.monotonic() < deadline, f"the forged {fake.TYPE} was not dead-lettered"
+                    if letter is None:
+                        time.sleep(0.05)  # polling the dead-letter queue under a deadline
+        return handler(message, ctx)
+
+    return stage
+
+
+@pytest.mark.timeout(300)
+def test_identity_enforced_stage_messages_claiming_another_client_are_dead_lettered(provision_on_broker, monkeypatch):
+    from brokerfl.app import load_app
+    from brokerfl.handlers.secure import quantise
+    from brokerfl.handlers.workflows import secure_client
+
+    run = "sa" + uuid.uuid4().hex[:10]  # in a vhost of its own, deleted by the fixture
+    base = {
+        "run": run,
+        "clients": 4,
+        "rounds": 2,
+        "identity.enforce": True,
+        "liveness.timeout_s": 600.0,
+        "train.epochs": 1,
+    }
+    config = load_config(SECURE, base)
+    done = provision_on_broker(config)
+    length = quantise.vector_length(load_app(config).initial_parameters(config.seed))
+    letters: list = []
+    around = {"client_id": "2", "done": done, "config": config, "forged": letters}
+    module = extra_handlers(
+        monkeypatch,
+        client=HandlerSet(
+            "client 1's user forging client 2's stage messages",
+            overrides={
+                SecureSharesFor: _forged_then(
+                    secure_client.mask,
+                    lambda m: m.reply(
+                        SecureMasked, client_id="2", sender="2", session=m.session, vector=np.zeros(length, np.uint64)
+                    ),
+                    **around,
+                ),
+                SecureUnmask: _forged_then(
+                    secure_client.reveal,
+                    lambda m: m.reply(
+                        SecureReveal, client_id="2", sender="2", session=m.session, seed_shares={}, key_shares={}
+                    ),
+                    **around,
+                ),
+            },
+        ),
+    )
+    config = load_config(SECURE, {**base, "extra_handlers": [module]})
+
+    def connect_as(client_id):
+        return connect(done, f"{run}-server" if client_id is None else client_user(run, client_id))
+
+    records, store, server_transport = run_federation(config, connect_as)
+    try:
+        assert [r["model_version"] for r in records] == [1, 2]
+        report = account_run(server_transport, topology_for(config), store)
+    finally:
+        server_transport.close()
+    print(report.summary())
+    assert report.ok, report.summary()
+    # two forgeries a round, each dead-lettered by the server's identity check, not taken
+    assert [letter.envelope.type for letter in letters] == [SecureMasked.TYPE, SecureReveal.TYPE] * 2
+    for letter in letters:
+        reason = letter.envelope.headers[REASON_HEADER]
+        assert reason.startswith("refused: ") and "claims client '2'" in reason, reason
+        assert letter.envelope.headers[ORIGIN_USER_HEADER] == client_user(run, "1")
+    masked_forgeries = {letter.envelope.message_id for letter in letters[::2]}
+    assert set(report.dead) == masked_forgeries  # the masked ones count as updates: dead, with the reason
+    for record in report.secure_rounds:  # each round took every client's own messages, and only those
+        assert record.version is not None and not record.dropouts
+        assert sorted(record.masked) == sorted(record.revealed) == ["0", "1", "2", "3"]
+        assert not set(record.masked.values()) & masked_forgeries
+    assert [sorted(store.metadata(v)["update_ids"]) for v in (1, 2)] == [
+        sorted(record.masked.values()) for record in report.secure_rounds
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_a_masked_vector_larger_than_a_chunk_travels_in_chunks(secure_federation, tmp_path):
+    chunk = AmqpTransport.__init__.__kwdefaults__["chunk_size"]  # the processes' transports: the default
+    hidden = [2048, 1024]  # 64*2048 + 2048*1024 + 1024*10 weights: 2.24 M words of 8 bytes, > 16 MiB
+    config = secure_yaml(
+        tmp_path / "large.yaml",
+        model={"hidden": hidden},
+        train={"epochs": 1, "max_batches": 2},
+        secure_aggregation={"stage_timeout_s": 30.0},
+    )
+    fed = secure_federation(clients=3, rounds=1, config=config)
+    fed.start()
+    fed.finish(timeout=100)
+    report = fed.accounting()
+    assert report.ok, report.summary()
+    masked = fed.journal(SecureMasked)
+    assert len(masked) == 3 and all(m.vector.nbytes > chunk for m in masked), [m.vector.nbytes for m in masked]
+    (record,) = report.secure_rounds
+    assert record.version == 1 and len(record.masked) == 3 and not record.dropouts
+    assert sorted(versions_of(fed)[1]["update_ids"]) == sorted(m.message_id for m in masked)
+    replays_hash_for_hash(fed)
