@@ -5,6 +5,7 @@ reason), and the final accuracy."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -31,11 +32,14 @@ class Federation:
     """A server process and one process per client, each of which can be killed (-9) and
     started again."""
 
-    def __init__(self, url: str, run: str, out: Path, *, clients: int, rounds: int, config: str = CONFIG) -> None:
+    def __init__(
+        self, url: str, run: str, out: Path, *, clients: int, rounds: int, config: str | Path = CONFIG
+    ) -> None:
         self.url, self.run, self.out = url, run, out
+        self.config_path = config
         self.clients, self.rounds = clients, rounds
         self.args = [
-            config,
+            str(config),
             "--broker",
             url,
             "--run",
@@ -53,18 +57,27 @@ class Federation:
         self.client_procs: dict[str, subprocess.Popen] = {}
         self.starts = 0
 
-    def _spawn(self, *args: str) -> subprocess.Popen:
+    def _spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         self.starts += 1
         log = open(self.logs / f"{self.starts:03d}-{args[0]}.log", "w")  # noqa: SIM115 - closed with the process
         return subprocess.Popen(
-            [sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "brokerfl.cli", *args],
+            cwd=ROOT,
+            env=None if env is None else {**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def start_server(self) -> None:
         self.server = self._spawn("server", *self.args, "--out", str(self.out))
 
-    def start_client(self, client_id: str) -> None:
-        self.client_procs[client_id] = self._spawn("client", *self.args, "--client-id", client_id)
+    def start_client(self, client_id: str, env: dict[str, str] | None = None) -> None:
+        """``env``: variables added to this client process's environment."""
+        self.client_procs[client_id] = self._spawn("client", *self.args, "--client-id", client_id, env=env)
+
+    def config(self):
+        """The run's config, as its processes read it."""
+        return load_config(self.config_path, {"run": self.run, "clients": self.clients, "rounds": self.rounds})
 
     def start(self) -> None:
         self.start_server()
@@ -115,16 +128,15 @@ class Federation:
     def accounting(self):
         from brokerfl.transports.amqp import AmqpTransport
 
-        config = load_config(CONFIG, {"run": self.run, "clients": self.clients})
         with AmqpTransport(self.url) as transport:
-            return account_run(transport, topology_for(config), DirectoryModelStore(self.out / "models"))
+            return account_run(transport, topology_for(self.config()), DirectoryModelStore(self.out / "models"))
 
     def replay(self):
         from brokerfl.ops.replay import replay
         from brokerfl.storage.journal import read_journal
         from brokerfl.transports.amqp import AmqpTransport
 
-        config = load_config(CONFIG, {"run": self.run, "clients": self.clients})
+        config = self.config()
         with AmqpTransport(self.url) as transport:
             return replay(read_journal(transport, topology_for(config)), config)
 
@@ -136,7 +148,7 @@ class Federation:
                 proc.kill()
                 proc.wait()
         with AmqpTransport(self.url) as admin:
-            topology_for(load_config(CONFIG, {"run": self.run})).delete(admin, [str(i) for i in range(self.clients)])
+            topology_for(self.config()).delete(admin, [str(i) for i in range(self.clients)])
 
 
 @pytest.fixture

@@ -15,9 +15,7 @@ while client 2's own message is held back, i.e. when the server would take it.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -64,39 +62,7 @@ def secure_yaml(path: Path, **changes) -> Path:
 
 
 class SecureFederation(Federation):
-    """:class:`test_faults.Federation` on a config of its own (accounting and replay read
-    that one), with an environment per client process."""
-
-    def __init__(self, url: str, run: str, out: Path, *, clients: int, rounds: int, config: Path) -> None:
-        super().__init__(url, run, out, clients=clients, rounds=rounds, config=str(config))
-        self.config_path = config
-        self.next_env: dict[str, str] = {}
-
-    def _spawn(self, *args: str) -> subprocess.Popen:
-        self.starts += 1
-        log = open(self.logs / f"{self.starts:03d}-{args[0]}.log", "w")  # noqa: SIM115 - closed with the process
-        env, self.next_env = {**os.environ, **self.next_env}, {}
-        return subprocess.Popen(
-            [sys.executable, "-m", "brokerfl.cli", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-
-    def start_client(self, client_id: str, env: dict[str, str] | None = None) -> None:
-        self.next_env = env or {}
-        super().start_client(client_id)
-
-    def config(self):
-        return load_config(self.config_path, {"run": self.run, "clients": self.clients, "rounds": self.rounds})
-
-    def accounting(self):
-        with AmqpTransport(self.url) as transport:
-            return account_run(transport, topology_for(self.config()), DirectoryModelStore(self.out / "models"))
-
-    def replay(self):
-        from brokerfl.ops.replay import replay
-
-        config = self.config()
-        with AmqpTransport(self.url) as transport:
-            return replay(read_journal(transport, topology_for(config)), config)
+    """:class:`test_faults.Federation` on a secure config, with what these tests read."""
 
     def journal(self, cls):
         """The journal's messages of one type, decoded, in journal order (``audit.`` records and

@@ -160,7 +160,7 @@ def _not_taken(ctx: Context[ServerState], message: Message, why: str) -> list[Ou
 
 def _end_stage_when_all_answered(ctx: Context[ServerState], secure: SecureRoundState, answered: dict) -> None:
     if set(answered) >= set(secure.in_stage()):
-        ctx.set_timer(STAGE, 0.0, SecureStageEnd(session=secure.session, stage=secure.stage))
+        ctx.set_timer(STAGE, 0.0, SecureStageEnd(session=secure.session, stage=secure.stage, round=ctx.state.round))
 
 
 def refuse_plain_update(update: ParameterUpdate, ctx: Context[ServerState]):
@@ -376,7 +376,7 @@ def _too_few(state: ServerState, secure: SecureRoundState, answered: int) -> str
 def _next_stage(ctx: Context[ServerState], secure: SecureRoundState, out: list[Outbound]) -> list[Outbound]:
     secure.stage += 1
     timeout = ctx.state.config.secure_aggregation.stage_timeout_s
-    ctx.set_timer(STAGE, timeout, SecureStageEnd(session=secure.session, stage=secure.stage))
+    ctx.set_timer(STAGE, timeout, SecureStageEnd(session=secure.session, stage=secure.stage, round=ctx.state.round))
     ctx.log.debug("secure round: next stage", stage=STAGE_NAMES[secure.stage], clients=len(secure.in_stage()))
     return out
 
