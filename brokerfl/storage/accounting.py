@@ -3,15 +3,16 @@ with a recorded reason.
 
 Inputs are what the run left behind: the journal (every ParameterUpdate sent, every
 UpdateDropped record, every dead letter with its reason, the RunFinished record of where
-the run ended) and the stored model versions (each lists the updates folded into it).
-A secure round's updates are its masked vectors (SecureMasked), which its version lists;
-its SecureRound record says which clients dropped out of it before sending one, and at
-which stage. An
+the run ended) and the stored model versions (each lists the updates folded into it). An
 update published after the run ended (a client still training when an operator aborted,
 a late or forged one) has no server to take it: it counts in a category of its own, with
 its sender, instead of as lost. Tests and users run the same check
 (``brokerfl accounting``). The operator's admin commands are reported (with the server's
 replies), not counted: an abort's unfinished round is in the UpdateDropped records.
+
+A secure round's updates are its masked vectors (SecureMasked), which its version lists;
+its SecureRound record says which clients dropped out before sending one, and at which
+stage (no update came of them, so none is counted).
 """
 
 from __future__ import annotations
