@@ -25,9 +25,9 @@ run and then the secure one, back to back, so both see the same load.
   message is made), per round, the median over rounds 2..: training (the task to the last
   SecureKeys), each later stage (the last answer of the stage before to the last answer of
   this one: the server's forwarding and the clients' work), and the unmasking (the last
-  SecureReveal to the server's SecureRound record). ``server_s`` in metrics.jsonl leaves out
-  the time spent in handlers, where the unmasking runs, so it cannot show it; in simulate the
-  unmasking is also timed directly (``protocol.unmask`` and ``quantise.decode_sum`` wrapped).
+  SecureReveal to the server's SecureRound record); also metrics.jsonl's ``server_s["unmask"]``
+  where the code times it (``protocol.unmask_sum`` alone), and in simulate timed directly
+  (``protocol.unmask_sum``, or ``protocol.unmask`` in older code, plus ``quantise.decode_sum``).
 - ``--accuracy``: digits, 10 clients, ``--accuracy-rounds`` rounds, secure and plain: final
   accuracy of each (the goal: within 0.5 points), and version 1 of each (same initial model,
   same client updates: training is deterministic per client and round) compared coordinate
@@ -155,6 +155,7 @@ class Row:
     round_s: float  # median over rounds 2..
     phases_s: dict[str, float]  # median over rounds 2..
     unmask_s: float | None = None  # timed in the process (simulate only)
+    server_unmask_s: float | None = None  # metrics.jsonl's server_s["unmask"] (code that times it)
     whole_s: float = 0.0
     rounds: int = 0
 
@@ -194,21 +195,34 @@ def summarise(
         round_s=statistics.median(r["duration_s"] for r in records[1:]),
         phases_s=phases,
         unmask_s=unmask_s,
+        server_unmask_s=server_phase(records[1:], "unmask"),
         whole_s=whole_s,
         rounds=len(records),
     )
+
+
+def server_phase(records: list[dict[str, Any]], phase: str) -> float | None:
+    """The median over ``records`` of ``server_s[phase]`` (None: no record has it; a round
+    without it counts 0, as metrics.jsonl leaves out phases of no time)."""
+    seconds = [r.get("server_s", {}).get(phase) for r in records]
+    if all(value is None for value in seconds):
+        return None
+    return statistics.median(float(value or 0.0) for value in seconds)
 
 
 # ---------------------------------------------------------------- simulate
 
 
 class UnmaskTimer:
-    """Times the server's unmasking (``protocol.unmask`` and ``quantise.decode_sum``, looked
-    up on their modules at each call) per round while installed."""
+    """Times the server's unmasking (``protocol.unmask_sum``, or ``protocol.unmask`` in code
+    without it, and ``quantise.decode_sum``, looked up on their modules at each call) per round
+    while installed. Only one of the two protocol functions is wrapped: ``unmask`` calls
+    ``unmask_sum``, so wrapping both would count its time twice."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
-        self._originals = (protocol.unmask, quantise.decode_sum)
+        self._name = "unmask_sum" if hasattr(protocol, "unmask_sum") else "unmask"
+        self._originals = (getattr(protocol, self._name), quantise.decode_sum)
 
     def __enter__(self) -> UnmaskTimer:
         unmask, decode_sum = self._originals
@@ -225,13 +239,16 @@ class UnmaskTimer:
             try:
                 return decode_sum(*args, **kwargs)
             finally:
-                self.seconds[-1] += time.perf_counter() - started
+                if self.seconds:  # the server's decode follows its unmasking
+                    self.seconds[-1] += time.perf_counter() - started
 
-        protocol.unmask, quantise.decode_sum = timed_unmask, timed_decode_sum
+        setattr(protocol, self._name, timed_unmask)
+        quantise.decode_sum = timed_decode_sum
         return self
 
     def __exit__(self, *exc) -> None:
-        protocol.unmask, quantise.decode_sum = self._originals
+        setattr(protocol, self._name, self._originals[0])
+        quantise.decode_sum = self._originals[1]
 
 
 def simulated(config: RunConfig):
@@ -335,6 +352,8 @@ def print_cost(pairs: list[tuple[Row, Row]], rounds: int) -> None:
         settings = settings_for(config)
         unmask = secure.phases_s["unmasking (server)"]
         unmask_text = f"{unmask:.3f}" + ("" if secure.unmask_s is None else f" (timed: {secure.unmask_s:.3f})")
+        if secure.server_unmask_s is not None:
+            unmask_text += f" (server_s: {secure.server_unmask_s:.3f})"
         print(
             f"| {secure.where} | {secure.clients} | {settings.neighbours}, {settings.threshold} "
             f"| {plain.bytes_per_client / 1e3:.1f} | {secure.bytes_per_client / 1e3:.1f} "
@@ -416,9 +435,9 @@ def accuracy(rounds: int) -> None:
     if weight != total_weight:
         raise SystemExit(f"decoded weight {weight}, expected {total_weight}")
     errors = {n: dequantised[n] / weight - exact[n] for n in x0}
-    quantisation_error = max(float(np.max(np.abs(e))) for e in errors.values())
-    # a delta of 0 lies halfway between two levels (2^b of them, symmetric about 0): where
-    # no client moved a coordinate, the mean is off by a whole step / 2, every round
+    quantisation_error, error_at = largest_at({n: np.abs(e) for n, e in errors.items()})
+    # where no client moved a coordinate the mean must come back as exactly 0: with an even
+    # number of steps 0 is a level (with an odd number it lay halfway and decoded as step / 2)
     unmoved = {n: np.all([d[n] == 0 for d, _ in deltas], axis=0) for n in x0}
     unmoved_count = sum(int(np.count_nonzero(m)) for m in unmoved.values())
     unmoved_errors = np.concatenate([errors[n][unmoved[n]] for n in x0])
@@ -432,19 +451,21 @@ def accuracy(rounds: int) -> None:
     recomputed_equal = recomputed_ulp = 0
     diff = bound = 0.0
     worst_ratio, over = 0.0, 0
+    differences: dict[str, np.ndarray] = {}
     for name in x0:
         recomputed = (np.asarray(x0[name], np.float64) + dequantised[name] / weight).astype(secure_v1[name].dtype)
         recomputed_equal += int(np.count_nonzero(recomputed == secure_v1[name]))
         recomputed_ulp += int(np.count_nonzero(np.abs(recomputed - secure_v1[name]) <= np.spacing(np.abs(recomputed))))
         s = np.asarray(secure_v1[name], np.float64)
         p = np.asarray(plain_v1[name], np.float64)
-        d = np.abs(s - p)
+        d = differences[name] = np.abs(s - p)
         ulps = np.spacing(np.abs(secure_v1[name])).astype(np.float64) + np.spacing(np.abs(plain_v1[name]))
         b = q.error_bound + 0.5 * ulps
         diff = max(diff, float(d.max()))
         bound = max(bound, float(b.max()))
         worst_ratio = max(worst_ratio, float(np.max(d / b)))
         over += int(np.count_nonzero(d > b))
+    _, diff_at = largest_at(differences)
     record = next(
         message
         for d in secure_deliveries
@@ -467,6 +488,7 @@ def accuracy(rounds: int) -> None:
         f"| dequantised weighted mean of the deltas - exact (float64, recomputed) | {quantisation_error:.3e} "
         f"| {q.error_bound:.3e} (error_bound = step / 2) |"
     )
+    print(f"|   where: {where(error_at)}, {quantisation_error / q.error_bound:.4f} of the bound | | |")
     print(
         f"| the same, coordinates some client moved | {moved_error:.3e} | {q.error_bound:.3e} |\n"
         f"| the same, the {unmoved_count} coordinates no client moved (every delta 0) | {unmoved_text} "
@@ -476,11 +498,29 @@ def accuracy(rounds: int) -> None:
         f"| version 1 secure - plain (float32, as stored) | {diff:.3e} | {bound:.3e} (largest of error_bound + half "
         f"a float32 ulp of each, per coordinate) |"
     )
+    name, index = diff_at
+    print(
+        f"|   where: {where(diff_at)}: secure {float(secure_v1[name][index]):.9g}, "
+        f"plain {float(plain_v1[name][index]):.9g}, "
+        f"quantisation error there {float(errors[name][index]):+.3e} | | |"
+    )
     print(
         f"\n  float64 quantisation error - error_bound: {quantisation_error - q.error_bound:+.3e} (the float64 "
         f"arithmetic of decode_sum); per coordinate, |secure - plain| / its bound: largest {worst_ratio:.4f}; "
         f"coordinates over their bound: {over}"
     )
+
+
+def largest_at(arrays: dict[str, np.ndarray]) -> tuple[float, tuple[str, tuple[int, ...]]]:
+    """The largest value over the named arrays, and where: (name, index)."""
+    name = max(arrays, key=lambda n: float(np.max(arrays[n])) if np.size(arrays[n]) else -np.inf)
+    index = tuple(int(i) for i in np.unravel_index(int(np.argmax(arrays[name])), np.shape(arrays[name])))
+    return float(arrays[name][index]), (name, index)
+
+
+def where(at: tuple[str, tuple[int, ...]]) -> str:
+    name, index = at
+    return f"{name}[{', '.join(map(str, index))}]"
 
 
 def main() -> None:
