@@ -75,7 +75,7 @@ class Federation:
         """``env``: variables added to this client process's environment."""
         self.client_procs[client_id] = self._spawn("client", *self.args, "--client-id", client_id, env=env)
 
-    def config(self):
+    def run_config(self):
         """The run's config, as its processes read it."""
         return load_config(self.config_path, {"run": self.run, "clients": self.clients, "rounds": self.rounds})
 
@@ -129,14 +129,14 @@ class Federation:
         from brokerfl.transports.amqp import AmqpTransport
 
         with AmqpTransport(self.url) as transport:
-            return account_run(transport, topology_for(self.config()), DirectoryModelStore(self.out / "models"))
+            return account_run(transport, topology_for(self.run_config()), DirectoryModelStore(self.out / "models"))
 
     def replay(self):
         from brokerfl.ops.replay import replay
         from brokerfl.storage.journal import read_journal
         from brokerfl.transports.amqp import AmqpTransport
 
-        config = self.config()
+        config = self.run_config()
         with AmqpTransport(self.url) as transport:
             return replay(read_journal(transport, topology_for(config)), config)
 
@@ -148,7 +148,7 @@ class Federation:
                 proc.kill()
                 proc.wait()
         with AmqpTransport(self.url) as admin:
-            topology_for(self.config()).delete(admin, [str(i) for i in range(self.clients)])
+            topology_for(self.run_config()).delete(admin, [str(i) for i in range(self.clients)])
 
 
 @pytest.fixture

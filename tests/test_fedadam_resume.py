@@ -8,26 +8,10 @@ import time
 import pytest
 from test_faults import ROOT, Federation
 
-from brokerfl.config import load_config
 from brokerfl.storage.metrics_log import read_metrics
 from brokerfl.storage.store import DirectoryModelStore
 
 pytestmark = pytest.mark.broker
-
-
-class FedAdamFederation(Federation):
-    def __init__(self, url, run, out, *, config, **kw) -> None:
-        super().__init__(url, run, out, config=str(config), **kw)
-        self.config = load_config(config, {"run": run, "clients": self.clients, "rounds": self.rounds})
-
-    def replay(self):
-        from brokerfl.assembly.roles import topology_for
-        from brokerfl.ops.replay import replay
-        from brokerfl.storage.journal import read_journal
-        from brokerfl.transports.amqp import AmqpTransport
-
-        with AmqpTransport(self.url) as transport:
-            return replay(read_journal(transport, topology_for(self.config)), self.config)
 
 
 def test_kill_9_of_a_fedadam_server_resumes_its_optimizer_state(amqp_url, run_name, tmp_path):
@@ -37,7 +21,7 @@ def test_kill_9_of_a_fedadam_server_resumes_its_optimizer_state(amqp_url, run_na
         .read_text()
         .replace("name: fedavg", "name: fedadam\n  options: {eta: 0.01}")
     )
-    fed = FedAdamFederation(amqp_url, run_name, tmp_path / "out", config=config, clients=3, rounds=6)
+    fed = Federation(amqp_url, run_name, tmp_path / "out", config=config, clients=3, rounds=6)
     try:
         fed.start()
         fed.wait_for_versions(3, timeout=180)
