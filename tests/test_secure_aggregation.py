@@ -436,3 +436,25 @@ def test_with_identity_enforced_each_stage_message_comes_from_its_own_clients_us
     for t in stage_types:
         assert re.search(client_may, f"server.{t.TYPE}"), t.TYPE
     assert not re.search(client_may, "server.secure_round") and not re.search(client_may, "audit.secure_round")
+
+
+def test_an_update_that_cannot_be_quantised_is_a_failed_training_not_a_silence(monkeypatch):
+    """A client whose app returns NaN answers with TrainFailed at once, naming the reason; the
+    round goes on with the others."""
+    from brokerfl.wire.message import TrainFailed
+
+    answer = secure_client.keys_answer
+
+    def nan_for_client_1(state, task, parameters, metrics, seconds):
+        if state.client_id == "1":
+            parameters = {k: np.full_like(v, np.nan) for k, v in parameters.items()}
+        return answer(state, task, parameters, metrics, seconds)
+
+    monkeypatch.setattr(secure_client, "keys_answer", nan_for_client_1)
+    config = load_config(SECURE, {"rounds": 1, "clients": 4})
+    result = simulate(config, journal=True)
+    assert [r["num_updates"] for r in result.records] == [3]
+    (failed,) = [m for m in journal_of(result, config) if isinstance(m, TrainFailed)]
+    assert failed.client_id == "1" and "cannot be quantised" in failed.error and "NaN" in failed.error
+    (record,) = [m for m in journal_of(result, config) if isinstance(m, SecureRound)]
+    assert record.dropouts == {"1": "stage 1 (keys): its training failed"}

@@ -19,7 +19,7 @@ import numpy as np
 from brokerfl.handlers.secure import protocol, quantise
 from brokerfl.handlers.secure.run_settings import settings_for
 from brokerfl.handlers.strategies.base import prepare_update, strategy_class
-from brokerfl.handlers.workflows.client import ClientState
+from brokerfl.handlers.workflows.client import ClientState, failure_text
 from brokerfl.runtime.handler_table import Context, HandlerSet, to_server
 from brokerfl.wire.message import (
     Message,
@@ -30,6 +30,7 @@ from brokerfl.wire.message import (
     SecureShares,
     SecureSharesFor,
     SecureUnmask,
+    TrainFailed,
     TrainTask,
 )
 
@@ -40,7 +41,9 @@ def keys_answer(
     state: ClientState, task: TrainTask, parameters: dict[str, np.ndarray], metrics: dict[str, float], seconds: float
 ) -> Message:
     """A finished training's answer: stage 1, the session's public keys. The update is
-    kept, quantised and weighted, in the session."""
+    kept, quantised and weighted, in the session. An update that cannot be quantised (NaN
+    or infinite values, a weight too large for the modulus) is a failed training: the server
+    hears it at once instead of waiting for keys until the round's deadline."""
     config = state.config
     parameters = prepare_update(config, state.client_id, task.round, task.parameters, parameters)  # local DP
     delta, weight = strategy_class(config.strategy.name).secure_contribution(
@@ -50,7 +53,11 @@ def keys_answer(
         num_samples=int(metrics["num_samples"]),
     )
     settings = settings_for(config)
-    vector, _ = quantise.encode(delta, weight, settings.quantisation)
+    try:
+        vector, _ = quantise.encode(delta, weight, settings.quantisation)
+    except quantise.QuantiseError as exc:
+        error = failure_text(ValueError(f"its update cannot be quantised for secure aggregation: {exc}"))
+        return task.reply(TrainFailed, client_id=state.client_id, task_id=task.message_id, error=error)
     session = protocol.ClientSession(state.client_id, task.message_id, settings, vector)
     for old in list(state.secure)[: max(0, len(state.secure) - SESSIONS_KEPT + 1)]:
         del state.secure[old]
