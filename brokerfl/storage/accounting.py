@@ -122,11 +122,7 @@ class Accounting:
     def summary(self) -> str:
         if self.flower:
             return self._flower_summary()
-        folded_once = sum(1 for uid in self.sent if len(self.folded_into.get(uid, ())) == 1)
-        only_dropped = sum(1 for uid in self.sent if uid not in self.folded_into and uid in self.dropped)
-        only_dead = sum(
-            1 for uid in self.sent if uid not in self.folded_into and uid not in self.dropped and uid in self.dead
-        )
+        folded_once, only_dropped, only_dead = self._fates()
         lines = [
             f"updates sent: {len(self.sent)} over {self.versions} model versions",
             f"  folded into exactly one version: {folded_once}",
@@ -139,11 +135,7 @@ class Accounting:
         ]
         if self.unknown_folded:
             lines.append(f"  folded but not in the journal: {len(self.unknown_folded)}")
-        reasons: defaultdict[str, int] = defaultdict(int)
-        for uid, why in self.dropped.items():
-            if uid not in self.folded_into:
-                reasons[why[0].split(":")[0]] += 1
-        for reason, count in sorted(reasons.items()):
+        for reason, count in self._drop_reasons():
             lines.append(f"    dropped as {reason}: {count}")
         lines.extend(self._failure_lines())
         lines.extend(self._secure_lines())
@@ -178,11 +170,7 @@ class Accounting:
         return "\n".join(lines)
 
     def _flower_summary(self) -> str:
-        used_once = sum(1 for uid in self.sent if len(self.folded_into.get(uid, ())) == 1)
-        only_dropped = sum(1 for uid in self.sent if uid not in self.folded_into and uid in self.dropped)
-        only_dead = sum(
-            1 for uid in self.sent if uid not in self.folded_into and uid not in self.dropped and uid in self.dead
-        )
+        used_once, only_dropped, only_dead = self._fates()
         lines = [
             f"Flower replies sent: {len(self.sent)} over {self.versions} exchanges with the ServerApp",
             f"  used by the ServerApp exactly once: {used_once}",
@@ -192,17 +180,32 @@ class Accounting:
             f"  used twice: {len(self.counted_twice)}",
             f"  unaccounted for: {len(self.unaccounted)}",
         ]
-        reasons: defaultdict[str, int] = defaultdict(int)
-        for uid, why in self.dropped.items():
-            if uid not in self.folded_into:
-                reasons[why[0].split(":")[0]] += 1
-        for reason, count in sorted(reasons.items()):
+        for reason, count in self._drop_reasons():
             lines.append(f"    not used: {reason}: {count}")
         for uid in self.unaccounted[:10]:
             lines.append(f"  UNACCOUNTED {uid} from {who(self.users.get(uid, ''), self.sent[uid])}")
         lines.append(self.skipped.summary())
         lines.append("OK: every reply is accounted for exactly once" if self.ok else "FAILED")
         return "\n".join(lines)
+
+    def _fates(self) -> tuple[int, int, int]:
+        """Of the updates sent: (folded into exactly one version, only dropped on record, only
+        dead-lettered)."""
+        once = sum(1 for uid in self.sent if len(self.folded_into.get(uid, ())) == 1)
+        dropped = sum(1 for uid in self.sent if uid not in self.folded_into and uid in self.dropped)
+        dead = sum(
+            1 for uid in self.sent if uid not in self.folded_into and uid not in self.dropped and uid in self.dead
+        )
+        return once, dropped, dead
+
+    def _drop_reasons(self) -> list[tuple[str, int]]:
+        """How many updates dropped and never folded, by their first reason's kind (its text
+        before a colon), sorted."""
+        reasons: defaultdict[str, int] = defaultdict(int)
+        for uid, why in self.dropped.items():
+            if uid not in self.folded_into:
+                reasons[why[0].split(":")[0]] += 1
+        return sorted(reasons.items())
 
     def _secure_lines(self) -> list[str]:
         """Secure rounds: how each ended, and the clients that dropped out before sending a
