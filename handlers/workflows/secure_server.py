@@ -98,16 +98,25 @@ class SecureRoundState:
 
     def status(self) -> dict:
         """For ``brokerfl status``: the stage, who it still waits for, who dropped out."""
-        answered = {1: self.keys, 2: self.shares, 3: self.masked_ids, 4: self.revealed}[self.stage]
         return {
             "stage": STAGE_NAMES[self.stage],
-            "waiting": [c for c in self.in_stage() if c not in answered] if self.stage > 1 else [],
+            "waiting": self.missing() if self.stage > 1 else [],
             "dropouts": sorted(self.dropouts),
         }
 
+    def answers(self, stage: int) -> dict:
+        """The answers to ``stage`` taken so far, by client."""
+        return {1: self.keys, 2: self.shares, 3: self.masked_ids, 4: self.revealed}[stage]
+
     def in_stage(self) -> list[str]:
-        """Who this stage waits for: the clients that answered the one before."""
-        return sorted({2: self.keys, 3: self.shares, 4: self.masked_ids}.get(self.stage, ()))
+        """Who this stage waits for: the clients that answered the one before (stage 1's
+        are the round's participants, which the rounds' state holds)."""
+        return sorted(self.answers(self.stage - 1)) if self.stage > 1 else []
+
+    def missing(self) -> list[str]:
+        """Who this stage still waits for."""
+        answered = self.answers(self.stage)
+        return [c for c in self.in_stage() if c not in answered]
 
 
 def _round_of(ctx: Context[ServerState]) -> SecureRoundState | None:
@@ -142,7 +151,7 @@ def _why_not_take(message: Message, ctx: Context[ServerState], stage: int) -> st
         return None
     if client_id not in secure.in_stage():
         return f"client {client_id} is not in {STAGE_NAMES[stage]} of round {state.round}"
-    if client_id in {2: secure.shares, 3: secure.masked_ids, 4: secure.revealed}[stage]:
+    if client_id in secure.answers(stage):
         return f"client {client_id} already answered {STAGE_NAMES[stage]}"
     return None
 
@@ -158,8 +167,8 @@ def _not_taken(ctx: Context[ServerState], message: Message, why: str) -> list[Ou
     return []
 
 
-def _end_stage_when_all_answered(ctx: Context[ServerState], secure: SecureRoundState, answered: dict) -> None:
-    if set(answered) >= set(secure.in_stage()):
+def _end_stage_when_all_answered(ctx: Context[ServerState], secure: SecureRoundState) -> None:
+    if not secure.missing():
         ctx.set_timer(STAGE, 0.0, SecureStageEnd(session=secure.session, stage=secure.stage, round=ctx.state.round))
 
 
@@ -230,7 +239,7 @@ def take_shares(message: SecureShares, ctx: Context[ServerState]):
             f"its {len(neighbours)} neighbours"
         )
     secure.shares[message.client_id] = dict(message.ciphertexts)
-    _end_stage_when_all_answered(ctx, secure, secure.shares)
+    _end_stage_when_all_answered(ctx, secure)
     return None
 
 
@@ -254,7 +263,7 @@ def take_masked(message: SecureMasked, ctx: Context[ServerState]):
     # held as a folded update is: an abort records its drop, status counts it
     state.folded[message.message_id] = message.client_id
     ctx.hold()
-    _end_stage_when_all_answered(ctx, secure, secure.masked_ids)
+    _end_stage_when_all_answered(ctx, secure)
     return None
 
 
@@ -272,7 +281,7 @@ def take_reveal(message: SecureReveal, ctx: Context[ServerState]):
             f"secure reveal of client {message.client_id}: shares it was not asked for: {sorted(wrong)[:10]}"
         )
     secure.revealed[message.client_id] = (dict(message.seed_shares), dict(message.key_shares))
-    _end_stage_when_all_answered(ctx, secure, secure.revealed)
+    _end_stage_when_all_answered(ctx, secure)
     return None
 
 
@@ -281,8 +290,7 @@ def end_stage(message: SecureStageEnd, ctx: Context[ServerState]):
     secure = state.secure
     if not state.round_open or secure is None or message.session != secure.session or message.stage != secure.stage:
         return None
-    answered = {2: secure.shares, 3: secure.masked_ids, 4: secure.revealed}[secure.stage]
-    missing = [c for c in secure.in_stage() if c not in answered]
+    missing = secure.missing()
     for client_id in missing:
         secure.dropouts.setdefault(client_id, f"{STAGE_NAMES[secure.stage]}: no answer within stage_timeout_s")
     if missing:
