@@ -194,7 +194,6 @@ class Strategy(ABC):
         global_parameters: Tensors,
         parameters: Tensors,
         num_samples: int,
-        **ids: Any,
     ) -> tuple[dict[str, np.ndarray], int]:
         """What a client adds to a secure round's sum: its delta from the global model
         (float64) and its integer weight (by default its sample count)."""
@@ -336,6 +335,16 @@ def strategy_for_run(config: RunConfig, name: str | None = None, options: Mappin
 @lru_cache(maxsize=16)
 def _cached_class(name: str) -> type[Strategy]:
     return strategy_class(name)
+
+
+def secure_contribution(
+    config: RunConfig, global_parameters: Tensors, parameters: Tensors, num_samples: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """What a client adds to a secure round's sum, as the run's strategy wants it
+    (:meth:`Strategy.secure_contribution`): its delta and its integer weight."""
+    return _cached_class(config.strategy.name).secure_contribution(
+        config.strategy.options, global_parameters=global_parameters, parameters=parameters, num_samples=num_samples
+    )
 
 
 def prepare_update(

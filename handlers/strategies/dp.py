@@ -307,7 +307,6 @@ class DPFedAvg(Strategy):
         global_parameters: Tensors,
         parameters: Tensors,
         num_samples: int,
-        **ids: Any,
     ) -> tuple[dict[str, np.ndarray], int]:
         """Uniform weights, as without secure aggregation. Central: the client clips its own
         delta to C (the server cannot); local: it did already, and added its noise."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from brokerfl.handlers.secure import protocol, quantise
 from brokerfl.handlers.secure.run_settings import settings_for
-from brokerfl.handlers.strategies.base import prepare_update, strategy_class
+from brokerfl.handlers.strategies.base import prepare_update, secure_contribution
 from brokerfl.handlers.workflows.client import ClientState, failure_text
 from brokerfl.runtime.handler_table import Context, HandlerSet, to_server
 from brokerfl.wire.message import (
@@ -46,12 +46,7 @@ def keys_answer(
     hears it at once instead of waiting for keys until the round's deadline."""
     config = state.config
     parameters = prepare_update(config, state.client_id, task.round, task.parameters, parameters)  # local DP
-    delta, weight = strategy_class(config.strategy.name).secure_contribution(
-        config.strategy.options,
-        global_parameters=task.parameters,
-        parameters=parameters,
-        num_samples=int(metrics["num_samples"]),
-    )
+    delta, weight = secure_contribution(config, task.parameters, parameters, int(metrics["num_samples"]))
     settings = settings_for(config)
     try:
         vector, _ = quantise.encode(delta, weight, settings.quantisation)
