@@ -323,6 +323,11 @@ def test_the_stages_on_the_servers_table_give_the_exact_sum():
     from brokerfl.wire.message import SecureReveal
 
     server, sessions, vectors, unmask, masked_ids = staged_round(4)
+    # the server holds the running sum of the masked vectors, not each one: O(model) memory
+    secure = server.state.secure
+    arrays = [v for v in vars(secure).values() if isinstance(v, np.ndarray)]
+    assert arrays == [secure.total] and secure.total.shape == next(iter(vectors.values())).shape
+    assert all(isinstance(uid, str) for uid in secure.masked_ids.values())
     out = []
     for c, s in sessions.items():
         seeds, keys = s.reveal(unmask.masked, unmask.dropped)
