@@ -2,7 +2,8 @@
 
 Imported only when an app's ``model()`` returns a ``torch.nn.Module``: it registers the torch
 :class:`~brokerfl.app.ModelKind` (brokerfl.app never imports it). Parameters are the
-module's whole ``state_dict`` (buffers too) as numpy arrays in the tensors' dtypes, except
+module's whole ``state_dict`` (buffers too), or the entries the app's ``exchanged`` names
+(:class:`Exchange`), as numpy arrays in the tensors' dtypes, except
 bfloat16 (numpy has none): it travels as float32, which holds every bfloat16 exactly, and
 is cast back when loaded into the module. Every call runs with torch's
 global RNG forked and seeded from its ``seed``, so dropout and friends are reproducible and
@@ -12,12 +13,13 @@ no caller's RNG is disturbed.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xxhash
 from torch import nn
 
 from brokerfl.app import (
@@ -37,11 +39,13 @@ if TYPE_CHECKING:
     from brokerfl.app import App
 
 
-def to_named_arrays(module: nn.Module) -> Parameters:
-    """The whole state_dict as fresh numpy arrays (bfloat16 as float32)."""
+def to_named_arrays(module: nn.Module, names: Iterable[str] | None = None) -> Parameters:
+    """The whole state_dict (or its entries ``names``) as fresh numpy arrays (bfloat16 as
+    float32)."""
     out: Parameters = {}
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu()
+    state = module.state_dict()
+    for name in state if names is None else names:
+        tensor = state[name].detach().cpu()
         out[name] = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy().copy()
     return out
 
@@ -106,6 +110,97 @@ def load_named_arrays(
                     f"{tuple(target.shape)}"
                 )
             target.copy_(source)
+
+
+def load_named_subset(module: nn.Module, parameters: Mapping[str, Any], names: tuple[str, ...], app_name: str) -> None:
+    """Copy ``parameters`` (exactly the entries ``names`` of the state_dict: what travels)
+    into ``module``; the rest of it is left as it is."""
+    if parameters.keys() != set(names):
+        missing, extra = sorted(set(names) - parameters.keys()), sorted(parameters.keys() - set(names))
+        raise AppError(
+            f"app {app_name!r}: parameters do not fit what exchanged() names: missing {bounded(str(missing), 300)}, "
+            f"unexpected {bounded(str(extra), 300)}"
+        )
+    state = module.state_dict()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable": copy_ only reads a received array
+        for name in names:
+            source, target = torch.from_numpy(np.asarray(parameters[name])), state[name]
+            if tuple(source.shape) != tuple(target.shape):
+                raise AppError(
+                    f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has "
+                    f"{tuple(target.shape)}"
+                )
+            target.copy_(source)
+
+
+class Exchange:
+    """What of a model travels, when an app's ``exchanged(model, options)`` names some of its
+    state_dict's entries (a LoRA adapter's, the trainable ones): ``names`` (in the
+    state_dict's order), and a digest of each entry that does not (the frozen base), as
+    ``model()`` built it with the run's seed. Only the named entries are sent, folded,
+    hashed, stored and replayed; the base never leaves a process, so every side must build
+    the same one: ``fingerprint`` is what they compare. ``names`` None: everything travels."""
+
+    def __init__(self, app: App, module: nn.Module) -> None:
+        self.app_name = app.name
+        self.names = exchanged_names(app, module)
+        self.base = base_digests(module, self.names) if self.names is not None else {}
+        digest = xxhash.xxh3_128()
+        for name, value in sorted(self.base.items()):
+            digest.update(f"{name}={value};".encode())
+        self.fingerprint = digest.hexdigest() if self.names is not None else ""
+
+    def changed(self, module: nn.Module) -> list[str]:
+        """The entries that do not travel whose values are no longer those of the base."""
+        return [name for name, value in base_digests(module, self.names).items() if self.base.get(name) != value]
+
+
+def exchanged_names(app: App, module: nn.Module) -> tuple[str, ...] | None:
+    """The state_dict entries the app's ``exchanged(model, options)`` names, checked, in the
+    state_dict's order; None without the function or when it names them all."""
+    hook = getattr(app.module, "exchanged", None)
+    if hook is None:
+        return None
+    if not callable(hook):
+        raise AppError(f"app {app.name!r}: exchanged must be a function exchanged(model, options) -> names")
+    try:
+        named = call(hook, module, options=app.options)
+    except Exception as exc:
+        raise AppError(f"app {app.name!r}: exchanged() failed: {type(exc).__name__}: {exc}") from exc
+    if isinstance(named, (str, bytes)) or not isinstance(named, Iterable):
+        raise AppError(
+            f"app {app.name!r}: exchanged() must return the names of model().state_dict() entries, got "
+            f"{type(named).__name__}"
+        )
+    wanted = list(named)
+    state = list(module.state_dict())
+    known = set(state)
+    unknown = [bounded(repr(n), 120) for n in wanted if not (isinstance(n, str) and n in known)]
+    if unknown:
+        raise AppError(
+            f"app {app.name!r}: exchanged() named {len(unknown)} entr{'y' if len(unknown) == 1 else 'ies'} not in "
+            f"model().state_dict(): {', '.join(unknown[:5])}; its entries are named like {', '.join(state[:3])}"
+        )
+    if not wanted:
+        raise AppError(f"app {app.name!r}: exchanged() named no entry: nothing would travel")
+    chosen = set(wanted)
+    return None if chosen == known else tuple(name for name in state if name in chosen)
+
+
+def base_digests(module: nn.Module, travelling: tuple[str, ...] | None) -> dict[str, str]:
+    """A digest (XXH3-128: the base may be gigabytes, hashed at several GB/s) of every
+    state_dict entry not in ``travelling``: its dtype, shape and bytes."""
+    skip = set(travelling or ())
+    out = {}
+    for name, tensor in module.state_dict().items():
+        if name in skip:
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest = xxhash.xxh3_128(f"{flat.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+        out[name] = digest.hexdigest()
+    return out
 
 
 def borrow_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?") -> None:
@@ -323,18 +418,38 @@ class TorchModel:
         self._borrowed = False  # the module's weights are views of an evaluated model's arrays
         self._train = getattr(app.module, "train", None) or train_classifier
         self._evaluate = getattr(app.module, "evaluate", None) or evaluate_classifier
+        self.exchange = Exchange(app, module)
 
     def initial_parameters(self, seed: int) -> Parameters:
         made = self.app.call_model(seed)
         if not isinstance(made, nn.Module):
             raise AppError(f"app {self.app.name!r}: model() returned {type(made).__name__}, expected a torch.nn.Module")
-        return to_named_arrays(made)
+        names = self.exchange.names
+        if names is not None and seed == self.app.seed:
+            self._same_base(made)
+        return to_named_arrays(made, names)
+
+    def _same_base(self, made: nn.Module) -> None:
+        """``made`` (another ``model()`` with the run's seed) holds this process's base: a
+        model() that does not build the same one twice cannot agree with the other sides."""
+        differs = self.exchange.changed(made)
+        if differs:
+            raise AppError(
+                f"app {self.app.name!r}: model() built a different base twice with the same seed (entries "
+                f"{bounded(', '.join(differs[:3]), 300)}): with exchanged(), what does not travel must be built "
+                "identically on every side: initialise it from torch's RNG (seeded with the run's seed) or load "
+                "it from a file every side has"
+            )
 
     def train(
         self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext | None = None
     ) -> tuple[Parameters, dict[str, float]]:
         self._restore()
-        load_named_arrays(self.module, parameters, self.app.name, fresh=self._borrowed)
+        names = self.exchange.names
+        if names is None:
+            load_named_arrays(self.module, parameters, self.app.name, fresh=self._borrowed)
+        else:
+            load_named_subset(self.module, parameters, names, self.app.name)
         self._borrowed = False
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -349,16 +464,42 @@ class TorchModel:
             )
         for parameter in self.module.parameters():  # the last step's gradients: a model's worth of memory
             parameter.grad = None
-        return hand_over_named_arrays(self.module), dict(metrics or {})
+        if names is None:
+            return hand_over_named_arrays(self.module), dict(metrics or {})
+        trained = to_named_arrays(self.module, names)  # copies: what travels is the small part
+        self._keep_base("train()")
+        return trained, dict(metrics or {})
 
     def evaluate(self, parameters: Parameters, data: Any, context: AppContext | None = None) -> dict[str, float]:
         self._restore()
-        # in place: evaluation only reads the weights (see borrow_named_arrays)
-        borrow_named_arrays(self.module, parameters, self.app.name)
-        self._borrowed = True
+        names = self.exchange.names
+        if names is None:
+            # in place: evaluation only reads the weights (see borrow_named_arrays)
+            borrow_named_arrays(self.module, parameters, self.app.name)
+            self._borrowed = True
+        else:
+            load_named_subset(self.module, parameters, names, self.app.name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return call(self._evaluate, self.module, data, options=self.app.options, context=context or AppContext())
+            scores = call(self._evaluate, self.module, data, options=self.app.options, context=context or AppContext())
+        if names is not None:
+            self._keep_base("evaluate()")
+        return scores
+
+    def _keep_base(self, function: str) -> None:
+        """After a task, under a partial exchange: the base as ``model()`` built it. A task
+        that changed it (trained a frozen weight, a BatchNorm's statistics) would carry that
+        into the next client's task and away from the other sides' base: warned of, and the
+        module is built anew."""
+        changed = self.exchange.changed(self.module)
+        if changed:
+            warnings.warn(
+                f"app {self.app.name!r}: {function} changed entries that do not travel "
+                f"({bounded(', '.join(changed[:3]), 300)}{', ...' if len(changed) > 3 else ''}); each task starts "
+                "from model()'s: name them in exchanged() to share them",
+                stacklevel=3,
+            )
+            self._rebuild()
 
     def _restore(self) -> None:
         """The module as ``model()`` made it, before each task: the logical clients of a
@@ -376,13 +517,25 @@ class TorchModel:
                 "the next task gets a fresh model()",
                 stacklevel=2,
             )
-            self.module = self.app.call_model(seed=0)
-            self._borrowed = False
-            self._structure = structure(self.module)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """A fresh ``model()`` (with the run's seed: the same base) for the next task."""
+        self.module = self.app.call_model(seed=self.app.seed)
+        self._borrowed = False
+        self._structure = structure(self.module)
+        if self.exchange.names is not None:
+            self._same_base(self.module)
 
     def trainable(self) -> frozenset[str]:
-        """The state_dict names of the weights (not buffers such as BatchNorm's statistics)."""
-        return frozenset(name for name, _ in self.module.named_parameters())
+        """The state_dict names of the weights that travel (not buffers such as BatchNorm's
+        statistics)."""
+        weights = frozenset(name for name, _ in self.module.named_parameters())
+        names = self.exchange.names
+        return weights if names is None else weights & frozenset(names)
+
+    def base_fingerprint(self) -> str:
+        return self.exchange.fingerprint
 
     def warm_up(self, data: Any) -> None:
         """One throwaway batch: torch's first call costs ~1 s, which would otherwise land in
@@ -399,9 +552,14 @@ class TorchModel:
         load_named_arrays(self.module, saved, self.app.name)
 
 
-def _loaded(made: nn.Module, parameters: Parameters, app_name: str) -> nn.Module:
-    """:func:`brokerfl.app.load_model` of a torch app: ``made`` holding ``parameters``, in eval mode."""
-    load_named_arrays(made, parameters, app_name)
+def _loaded(app: App, made: nn.Module, parameters: Parameters) -> nn.Module:
+    """:func:`brokerfl.app.load_model` of a torch app: ``made`` holding ``parameters`` (what
+    travels: the whole state_dict, or the entries ``exchanged`` names), in eval mode."""
+    names = exchanged_names(app, made)
+    if names is None:
+        load_named_arrays(made, parameters, app.name)
+    else:
+        load_named_subset(made, parameters, names, app.name)
     return made.eval()
 
 

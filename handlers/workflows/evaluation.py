@@ -71,6 +71,7 @@ def request(
         model_version=model.version,
         participants=sorted(participants),
         **task_model_fields(state.config, state.store, model),
+        base_fingerprint=state.app.base_fingerprint() if getattr(state, "app", None) is not None else "",
     )
     state.evaluation = OpenEvaluation(
         task.message_id, model.round, model.version, set(participants), time.monotonic(), then=then

@@ -567,9 +567,11 @@ def start_round(ctx: Context[ServerState], *, retry: bool = False):
 
 
 def round_fields(state: ServerState, round_: int) -> dict[str, Any]:
-    """A TrainTask's ``config`` and ``round_config`` for ``round_`` (brokerfl.app.round_config)."""
+    """A TrainTask's ``config`` and ``round_config`` for ``round_`` (brokerfl.app.round_config),
+    and the fingerprint of the app's base (what does not travel)."""
     settings, round_config = round_settings(state.config, round_, strategy=state.strategy, app=state.app)
-    return {"config": settings, "round_config": round_config}
+    base = state.app.base_fingerprint() if state.app is not None else ""
+    return {"config": settings, "round_config": round_config, "base_fingerprint": base}
 
 
 def app_train_metrics(update: ParameterUpdate) -> dict[str, float]:
