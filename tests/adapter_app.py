@@ -40,7 +40,7 @@ def exchanged(model: nn.Module, options: dict[str, Any]) -> list[str]:
 
 def points(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     x = np.random.default_rng(seed).normal(size=(n, 2)).astype(np.float32)
-    return x, ((x[:, 0] * x[:, 1]) > 0).astype(np.int64)
+    return x, ((x[:, 0] + 0.5 * x[:, 1]) > 0).astype(np.int64)
 
 
 def load_partition(index: int, num_partitions: int, options: dict[str, Any], seed: int):
