@@ -16,7 +16,7 @@ mapping):
     seeded from the run's ``seed``, so the initial model is reproducible; clients call it
     for the skeleton they load received parameters into. The parameters on the wire are the
     module's whole ``state_dict``: weights and buffers (BatchNorm running statistics and
-    ``num_batches_tracked`` too).
+    ``num_batches_tracked`` too), or the entries ``exchanged`` names.
 
 ``load_partition(index, num_partitions, options, seed)`` (required)
     Client data: partition ``index`` of ``num_partitions``. Return the training data, or a
@@ -58,6 +58,23 @@ mapping):
     and the accuracy of the argmax. A numpy app receives the parameters dict. On the
     server, an ``evaluate`` that raises is logged and recorded (the metrics line's
     ``evaluation_error``); training goes on.
+
+``exchanged(model, options)`` (optional, torch apps)
+    The names of the ``model.state_dict()`` entries that travel; the rest (a frozen base) is
+    never sent. A LoRA adapter's, for instance::
+
+        def exchanged(model, options):
+            return [name for name, p in model.named_parameters() if p.requires_grad]
+
+    Then ``model(options)`` is called with torch's RNG seeded from the run's ``seed`` on
+    every side (server and clients), so it must build the same base everywhere: from
+    torch's RNG, or from a file every side has (a checkpoint). Each task carries a
+    fingerprint of the server's base; a client whose base differs says so and leaves.
+    Aggregation, hashes, the stored versions, replay, accounting, compression, DP and
+    secure aggregation act on the named entries only; ``final_model.npz`` holds them, and
+    :func:`load_model` loads them into a fresh ``model()``. A ``train`` or ``evaluate`` that
+    changes an entry that does not travel gets a warning, and the next task a fresh
+    ``model()``. Without ``exchanged`` (or naming every entry) the whole state_dict travels.
 
 ``check_options(options)`` (optional)
     Raise ``ValueError`` naming the key for options the app cannot use; the runtime reports
