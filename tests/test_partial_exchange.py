@@ -73,7 +73,7 @@ def test_only_the_adapter_travels_is_stored_replayed_and_loaded(tmp_path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the base, as every side built it
         fresh = adapter_app.model(dict(adapter_app.OPTIONS))
-    assert base_digests(loaded, tuple(ADAPTER)) == base_digests(fresh, tuple(ADAPTER))
+    assert base_digests(loaded, ADAPTER) == base_digests(fresh, ADAPTER)
     x, y = adapter_app.load_server_test({}, 0)
     with torch.no_grad():
         accuracy = float((loaded(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
@@ -141,7 +141,7 @@ def test_a_train_that_changes_the_base_is_warned_of_and_the_next_task_gets_model
     warned = [str(w.message) for w in recwarn.list if "changed entries that do not travel" in str(w.message)]
     assert warned and "base.0.bias" in warned[0]
     module = app.adapter.module  # type: ignore[attr-defined]
-    assert base_digests(module, tuple(ADAPTER)) == app.adapter.exchange.base  # type: ignore[attr-defined]
+    assert base_digests(module, ADAPTER) == app.adapter.exchange.base  # type: ignore[attr-defined]
     assert app.base_fingerprint() == before
 
 
@@ -217,3 +217,36 @@ def test_federated_evaluation_keeps_each_clients_scores_and_the_curve_draws_them
     assert federated[-1]["accuracy"] == pytest.approx(weighted)
     png = plot_curve(records, tmp_path / "curve.png", metrics=["accuracy", "model_bytes", "update_bytes"])
     assert curve_description(png) == "panels: accuracy, model_bytes, update_bytes"
+
+
+class TiedLanguageModel(nn.Module):
+    """An embedding and an output layer that share one weight (as GPT-2's do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(8, 4)
+        self.out = nn.Linear(4, 8, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embed(x))
+
+
+def test_tied_weights_travel_once_and_stay_tied(monkeypatch):
+    def load_partition(index, n, options, seed):
+        tokens = np.random.default_rng(index).integers(0, 8, size=40)
+        return tokens, (tokens + 1) % 8  # predict the next token id
+
+    name = fake_app(monkeypatch, "tied_model", model=lambda options: TiedLanguageModel(), load_partition=load_partition)
+    config = parse_config(
+        {"app": name, "clients": 2, "rounds": 2, "train": TRAIN, "strategy": {"min_clients": 2}, "evaluate_every": 1}
+    )
+    app = load_app(config)
+    assert list(app.initial_parameters(config.seed)) == ["embed.weight"]  # out.weight is the same tensor
+    assert app.base_fingerprint() == ""  # nothing stays behind
+    result = simulate(config)
+    assert [r["model_version"] for r in result.records if "evaluation" not in r] == [1, 2]
+    assert all(r["model_bytes"] == 8 * 4 * 4 for r in result.records if "evaluation" not in r)
+    module = app.adapter.module  # type: ignore[attr-defined]
+    assert module.out.weight is module.embed.weight  # loading never untied them
+    np.testing.assert_array_equal(module.embed.weight.detach().numpy(), result.store.get(2).parameters["embed.weight"])

@@ -13,7 +13,7 @@ no caller's RNG is disturbed.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -135,25 +135,61 @@ def load_named_subset(module: nn.Module, parameters: Mapping[str, Any], names: t
 
 
 class Exchange:
-    """What of a model travels, when an app's ``exchanged(model, options)`` names some of its
-    state_dict's entries (a LoRA adapter's, the trainable ones): ``names`` (in the
-    state_dict's order), and a digest of each entry that does not (the frozen base), as
-    ``model()`` built it with the run's seed. Only the named entries are sent, folded,
-    hashed, stored and replayed; the base never leaves a process, so every side must build
-    the same one: ``fingerprint`` is what they compare. ``names`` None: everything travels."""
+    """What of a model travels: ``names``, the state_dict entries an app's ``exchanged(model,
+    options)`` names (a LoRA adapter's, the trainable ones), in the state_dict's order, less
+    tied entries (``tied``: another entry's very tensor, such as a language model's output
+    layer and its embedding, which travels once, under the first name); None: the whole
+    state_dict travels. ``base`` holds a digest of each entry that does not travel (the
+    frozen base) as ``model()`` built it with the run's seed. Only the named entries are
+    sent, folded, hashed, stored and replayed; the base never leaves a process, so every
+    side must build the same one: ``fingerprint`` is what they compare ("" : no base)."""
 
     def __init__(self, app: App, module: nn.Module) -> None:
         self.app_name = app.name
-        self.names = exchanged_names(app, module)
-        self.base = base_digests(module, self.names) if self.names is not None else {}
+        chosen = exchanged_names(app, module)
+        self.tied = tied_entries(module)
+        state = list(module.state_dict())
+        self.names: tuple[str, ...] | None = None
+        if chosen is not None or self.tied:
+            wanted = {self.tied.get(name, name) for name in (state if chosen is None else chosen)}
+            self.names = tuple(name for name in state if name in wanted)
+        self.base = base_digests(module, self.unbased()) if self.names is not None else {}
         digest = xxhash.xxh3_128()
         for name, value in sorted(self.base.items()):
             digest.update(f"{name}={value};".encode())
-        self.fingerprint = digest.hexdigest() if self.names is not None else ""
+        self.fingerprint = digest.hexdigest() if self.base else ""
+
+    def unbased(self) -> set[str]:
+        """Entries that are not the base's: what travels, and tied entries (they are what
+        travels, or the base, under another name)."""
+        return {*(self.names or ()), *self.tied}
 
     def changed(self, module: nn.Module) -> list[str]:
         """The entries that do not travel whose values are no longer those of the base."""
-        return [name for name, value in base_digests(module, self.names).items() if self.base.get(name) != value]
+        return [name for name, value in base_digests(module, self.unbased()).items() if self.base.get(name) != value]
+
+
+def tied_entries(module: nn.Module) -> dict[str, str]:
+    """State_dict entries that are an earlier entry's very tensor (tied weights), each to
+    that entry's name."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name, tensor in module.state_dict().items():
+        if tensor.numel() == 0:  # empty tensors may share a null pointer without being one
+            continue
+        key = (
+            tensor.device,
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
+        if key in first:
+            tied[name] = first[key]
+        else:
+            first[key] = name
+    return tied
 
 
 def exchanged_names(app: App, module: nn.Module) -> tuple[str, ...] | None:
@@ -188,10 +224,9 @@ def exchanged_names(app: App, module: nn.Module) -> tuple[str, ...] | None:
     return None if chosen == known else tuple(name for name in state if name in chosen)
 
 
-def base_digests(module: nn.Module, travelling: tuple[str, ...] | None) -> dict[str, str]:
+def base_digests(module: nn.Module, skip: Collection[str]) -> dict[str, str]:
     """A digest (XXH3-128: the base may be gigabytes, hashed at several GB/s) of every
-    state_dict entry not in ``travelling``: its dtype, shape and bytes."""
-    skip = set(travelling or ())
+    state_dict entry not in ``skip``: its dtype, shape and bytes."""
     out = {}
     for name, tensor in module.state_dict().items():
         if name in skip:
@@ -555,7 +590,7 @@ class TorchModel:
 def _loaded(app: App, made: nn.Module, parameters: Parameters) -> nn.Module:
     """:func:`brokerfl.app.load_model` of a torch app: ``made`` holding ``parameters`` (what
     travels: the whole state_dict, or the entries ``exchanged`` names), in eval mode."""
-    names = exchanged_names(app, made)
+    names = Exchange(app, made).names
     if names is None:
         load_named_arrays(made, parameters, app.name)
     else:
