@@ -39,11 +39,44 @@ if TYPE_CHECKING:
     from brokerfl.app import App
 
 
-def to_named_arrays(module: nn.Module, names: Iterable[str] | None = None) -> Parameters:
-    """The whole state_dict (or its entries ``names``) as fresh numpy arrays (bfloat16 as
-    float32)."""
-    out: Parameters = {}
+def tied_parameters(module: nn.Module) -> dict[str, str]:
+    """Tied weights: each state_dict name that is an earlier name's very Parameter (a
+    language model's output layer and its input embedding), to that name."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            tied[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return tied
+
+
+def untied_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict less tied names (each tied weight once, under its first name): what
+    travels of a whole model."""
     state = module.state_dict()
+    for alias in tied_parameters(module):
+        state.pop(alias, None)
+    return state
+
+
+def _assign(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """``load_state_dict(tensors, assign=True)`` of the untied state, then every tied name
+    made its weight's again: assigning makes a Parameter per name, which would untie them
+    (two weights where model() made one, trained apart)."""
+    tied = tied_parameters(module)
+    module.load_state_dict(tensors, assign=True, strict=False)
+    for alias, name in tied.items():
+        owner, _, attribute = alias.rpartition(".")
+        setattr(module.get_submodule(owner), attribute, module.get_parameter(name))
+
+
+def to_named_arrays(module: nn.Module, names: Iterable[str] | None = None) -> Parameters:
+    """The whole untied state_dict (or its entries ``names``) as fresh numpy arrays
+    (bfloat16 as float32)."""
+    out: Parameters = {}
+    state = untied_state(module) if names is None else module.state_dict()
     for name in state if names is None else names:
         tensor = state[name].detach().cpu()
         out[name] = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy().copy()
@@ -51,11 +84,11 @@ def to_named_arrays(module: nn.Module, names: Iterable[str] | None = None) -> Pa
 
 
 def hand_over_named_arrays(module: nn.Module) -> Parameters:
-    """The whole state_dict as numpy arrays that take the module's storage with them (no
-    copy): the module gets new storage, untouched (so not resident) until the next load
+    """The whole untied state_dict as numpy arrays that take the module's storage with them
+    (no copy): the module gets new storage, untouched (so not resident) until the next load
     writes it. A trained model's arrays then cost no second model's worth of memory."""
     out: Parameters = {}
-    state = module.state_dict()
+    state = untied_state(module)
     for name, tensor in state.items():
         tensor = tensor.detach()
         out[name] = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.cpu().numpy()
@@ -76,10 +109,10 @@ def _check_names(state: Mapping[str, Any], parameters: Mapping[str, Any], app_na
 def load_named_arrays(
     module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?", *, fresh: bool = False
 ) -> None:
-    """Copy ``parameters`` into ``module`` (names and shapes must match its state_dict).
-    ``fresh``: into new tensors, not the module's current ones (which may be borrowed
-    arrays, see :func:`borrow_named_arrays`, that must not be written)."""
-    state = module.state_dict()
+    """Copy ``parameters`` into ``module`` (names and shapes must match its untied
+    state_dict). ``fresh``: into new tensors, not the module's current ones (which may be
+    borrowed arrays, see :func:`borrow_named_arrays`, that must not be written)."""
+    state = untied_state(module)
     _check_names(state, parameters, app_name)
     if fresh:
         copies = {}
@@ -91,7 +124,7 @@ def load_named_arrays(
                     f"{tuple(target.shape)}"
                 )
             copies[name] = source.to(target.dtype)
-        module.load_state_dict(copies, assign=True)
+        _assign(module, copies)
         return
     with torch.no_grad():
         for name, target in state.items():
@@ -136,23 +169,23 @@ def load_named_subset(module: nn.Module, parameters: Mapping[str, Any], names: t
 
 class Exchange:
     """What of a model travels: ``names``, the state_dict entries an app's ``exchanged(model,
-    options)`` names (a LoRA adapter's, the trainable ones), in the state_dict's order, less
-    tied entries (``tied``: another entry's very tensor, such as a language model's output
-    layer and its embedding, which travels once, under the first name); None: the whole
-    state_dict travels. ``base`` holds a digest of each entry that does not travel (the
-    frozen base) as ``model()`` built it with the run's seed. Only the named entries are
-    sent, folded, hashed, stored and replayed; the base never leaves a process, so every
-    side must build the same one: ``fingerprint`` is what they compare ("" : no base)."""
+    options)`` names (a LoRA adapter's, the trainable ones), in the state_dict's order; None:
+    the whole state_dict travels. Either way a tied weight (``tied``: a name that is
+    another's very Parameter, such as a language model's output layer and its embedding)
+    travels once, under its first name. ``base`` holds a digest of each entry that does not
+    travel (the frozen base) as ``model()`` built it with the run's seed. Only the named
+    entries are sent, folded, hashed, stored and replayed; the base never leaves a process,
+    so every side must build the same one: ``fingerprint`` is what they compare ("" : no
+    base)."""
 
     def __init__(self, app: App, module: nn.Module) -> None:
         self.app_name = app.name
         chosen = exchanged_names(app, module)
-        self.tied = tied_entries(module)
-        state = list(module.state_dict())
+        self.tied = tied_parameters(module)
         self.names: tuple[str, ...] | None = None
-        if chosen is not None or self.tied:
-            wanted = {self.tied.get(name, name) for name in (state if chosen is None else chosen)}
-            self.names = tuple(name for name in state if name in wanted)
+        if chosen is not None:
+            wanted = {self.tied.get(name, name) for name in chosen}
+            self.names = tuple(name for name in module.state_dict() if name in wanted)
         self.base = base_digests(module, self.unbased()) if self.names is not None else {}
         digest = xxhash.xxh3_128()
         for name, value in sorted(self.base.items()):
@@ -160,36 +193,13 @@ class Exchange:
         self.fingerprint = digest.hexdigest() if self.base else ""
 
     def unbased(self) -> set[str]:
-        """Entries that are not the base's: what travels, and tied entries (they are what
-        travels, or the base, under another name)."""
+        """Entries that are not the base's: what travels, and tied names (what travels, or
+        the base, under another name)."""
         return {*(self.names or ()), *self.tied}
 
     def changed(self, module: nn.Module) -> list[str]:
         """The entries that do not travel whose values are no longer those of the base."""
         return [name for name, value in base_digests(module, self.unbased()).items() if self.base.get(name) != value]
-
-
-def tied_entries(module: nn.Module) -> dict[str, str]:
-    """State_dict entries that are an earlier entry's very tensor (tied weights), each to
-    that entry's name."""
-    first: dict[tuple, str] = {}
-    tied = {}
-    for name, tensor in module.state_dict().items():
-        if tensor.numel() == 0:  # empty tensors may share a null pointer without being one
-            continue
-        key = (
-            tensor.device,
-            tensor.untyped_storage().data_ptr(),
-            tensor.storage_offset(),
-            tuple(tensor.shape),
-            tuple(tensor.stride()),
-            tensor.dtype,
-        )
-        if key in first:
-            tied[name] = first[key]
-        else:
-            first[key] = name
-    return tied
 
 
 def exchanged_names(app: App, module: nn.Module) -> tuple[str, ...] | None:
@@ -220,8 +230,9 @@ def exchanged_names(app: App, module: nn.Module) -> tuple[str, ...] | None:
         )
     if not wanted:
         raise AppError(f"app {app.name!r}: exchanged() named no entry: nothing would travel")
-    chosen = set(wanted)
-    return None if chosen == known else tuple(name for name in state if name in chosen)
+    tied = tied_parameters(module)
+    chosen = {tied.get(name, name) for name in wanted}
+    return None if chosen >= set(untied_state(module)) else tuple(name for name in state if name in chosen)
 
 
 def base_digests(module: nn.Module, skip: Collection[str]) -> dict[str, str]:
@@ -245,7 +256,7 @@ def borrow_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_na
     global model's memory. Buffers (e.g. BatchNorm's running statistics, which a module in
     train mode updates) are copied. The borrowed arrays must not be written: whoever next
     loads parameters for training passes ``fresh=True`` to :func:`load_named_arrays`."""
-    state = module.state_dict()
+    state = untied_state(module)
     _check_names(state, parameters, app_name)
     weights = {name for name, _ in module.named_parameters()}
     assigned = {}
@@ -261,7 +272,7 @@ def borrow_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_na
                 assigned[name] = torch.from_numpy(value)
         else:
             assigned[name] = torch.from_numpy(np.array(value, copy=True)).to(target.dtype)
-    module.load_state_dict(assigned, assign=True)
+    _assign(module, assigned)
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype | None:
