@@ -236,6 +236,7 @@ def test_tied_weights_travel_once_and_stay_tied(monkeypatch, recwarn):
     """Evaluation borrows the global model's arrays and training then loads fresh ones, both
     by assignment, which makes a Parameter per name: the tie is made again each time, so the
     model stays as model() made it (no warning, no rebuild) and trains one weight."""
+
     def load_partition(index, n, options, seed):
         tokens = np.random.default_rng(index).integers(0, 8, size=40)
         return tokens, (tokens + 1) % 8  # predict the next token id
