@@ -4,6 +4,7 @@ with exit 2 before starting."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -332,11 +333,15 @@ def test_train_returning_a_non_number_names_train_and_the_key(monkeypatch):
 
 
 def test_a_model_built_differently_on_clients_is_named_on_the_server(monkeypatch):
-    """model() whose width depends on its seed: the server's initial model (the run's seed,
-    1) is narrower than the clients' skeleton (built once, seed 0): every client reports
-    the mismatch, and the server's failure names the client and the shapes."""
+    """model() whose width changes after its first call (as a model built from a different
+    version of the code or options on the server would): the server's initial model is
+    narrower than the clients' skeleton (the first one built): every client reports the
+    mismatch, and the server's failure names the client and the shapes."""
+    calls = itertools.count()
     name = fake_app(
-        monkeypatch, "mistake_architecture", **torch_app(model=lambda options, seed: nn.Linear(2, 2 if seed else 3))
+        monkeypatch,
+        "mistake_architecture",
+        **torch_app(model=lambda options: nn.Linear(2, 3 if next(calls) == 0 else 2)),
     )
     with structlog.testing.capture_logs() as logs, pytest.raises(SimulationError) as failed:
         simulate(config_of(name, seed=1, rounds=1, strategy={"min_clients": 3}))

@@ -15,7 +15,7 @@ from brokerfl.cli.commands import build_parser
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 SET_UP = [
-    "python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt -e '.[torch,test,flower]'"
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -c constraints.txt -e '.[torch,test,flower,llm]'"
     " && brokerfl simulate",
     ". .venv/bin/activate && BROKERFL_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/ python -m pytest -q",
 ]

@@ -16,7 +16,7 @@ mapping):
     seeded from the run's ``seed``, so the initial model is reproducible; clients call it
     for the skeleton they load received parameters into. The parameters on the wire are the
     module's whole ``state_dict``: weights and buffers (BatchNorm running statistics and
-    ``num_batches_tracked`` too).
+    ``num_batches_tracked`` too), or the entries ``exchanged`` names.
 
 ``load_partition(index, num_partitions, options, seed)`` (required)
     Client data: partition ``index`` of ``num_partitions``. Return the training data, or a
@@ -58,6 +58,23 @@ mapping):
     and the accuracy of the argmax. A numpy app receives the parameters dict. On the
     server, an ``evaluate`` that raises is logged and recorded (the metrics line's
     ``evaluation_error``); training goes on.
+
+``exchanged(model, options)`` (optional, torch apps)
+    The names of the ``model.state_dict()`` entries that travel; the rest (a frozen base) is
+    never sent. A LoRA adapter's, for instance::
+
+        def exchanged(model, options):
+            return [name for name, p in model.named_parameters() if p.requires_grad]
+
+    Then ``model(options)`` is called with torch's RNG seeded from the run's ``seed`` on
+    every side (server and clients), so it must build the same base everywhere: from
+    torch's RNG, or from a file every side has (a checkpoint). Each task carries a
+    fingerprint of the server's base; a client whose base differs says so and leaves.
+    Aggregation, hashes, the stored versions, replay, accounting, compression, DP and
+    secure aggregation act on the named entries only; ``final_model.npz`` holds them, and
+    :func:`load_model` loads them into a fresh ``model()``. A ``train`` or ``evaluate`` that
+    changes an entry that does not travel gets a warning, and the next task a fresh
+    ``model()``. Without ``exchanged`` (or naming every entry) the whole state_dict travels.
 
 ``check_options(options)`` (optional)
     Raise ``ValueError`` naming the key for options the app cannot use; the runtime reports
@@ -246,6 +263,8 @@ class ModelAdapter(Protocol):
 
     def trainable(self) -> frozenset[str] | None: ...
 
+    def base_fingerprint(self) -> str: ...
+
 
 class NumpyModel:
     """An app whose ``model`` returns named numpy arrays: its own ``train``/``evaluate``
@@ -283,6 +302,9 @@ class NumpyModel:
     def trainable(self) -> frozenset[str] | None:
         return None  # named arrays: no buffers, every floating array is a weight
 
+    def base_fingerprint(self) -> str:
+        return ""  # model() returns just what travels: there is no rest
+
     def warm_up(self, data: Any) -> None:
         hook = getattr(self.app.module, "warm_up", None)
         if callable(hook):
@@ -297,9 +319,7 @@ class ModelKind:
 
     name: str
     adapter: Callable[[App, Any], ModelAdapter]  # for an app whose model() returned one
-    loaded: Callable[
-        [Any, Parameters, str], Any
-    ]  # load_model: a fresh model() with a file's parameters (the app's name for errors)
+    loaded: Callable[[App, Any, Parameters], Any]  # load_model: a fresh model() given a file's parameters
 
 
 _MODEL_KINDS: dict[str, ModelKind] = {}
@@ -321,8 +341,9 @@ def model_kind(name: str) -> ModelKind:
 class App:
     """An app module, checked and bound to its options; the runtime's one way to use it."""
 
-    def __init__(self, name: str, module: ModuleType, options: Mapping[str, Any]) -> None:
+    def __init__(self, name: str, module: ModuleType, options: Mapping[str, Any], seed: int = 0) -> None:
         self.name, self.module = name, module
+        self.seed = seed  # the run's: model() is built with it on every side (what does not travel must agree)
         for required in ("model", "load_partition"):
             if not callable(getattr(module, required, None)):
                 raise AppError(f"app {name!r}: the module defines no {required}() function (see brokerfl.app)")
@@ -360,7 +381,7 @@ class App:
     @property
     def adapter(self) -> ModelAdapter:
         if self._adapter is None:
-            made = self.call_model(seed=0)
+            made = self.call_model(seed=self.seed)
             torch = sys.modules.get("torch")
             if torch is not None and isinstance(made, torch.nn.Module):
                 self._adapter = model_kind("torch").adapter(self, made)
@@ -506,6 +527,13 @@ class App:
         """The names of the model's trained weights (a torch model's buffers are not among
         them), or None: every floating tensor is one."""
         return self.adapter.trainable()
+
+    def base_fingerprint(self) -> str:
+        """A digest of what does not travel (the frozen base of a model that exchanges only
+        some entries, see ``exchanged``), as ``model()`` built it with the run's seed; "" when
+        everything travels. Every side must hold the same: a client whose digest differs from
+        the server's cannot take part."""
+        return self.adapter.base_fingerprint()
 
     def warm_up(self, data: Any) -> None:
         try:
@@ -714,7 +742,7 @@ def load_app(config: RunConfig) -> App:
     """The config's app (``app`` key), imported and checked; one instance per app and
     options in a process."""
     options = app_options(config)
-    key = (config.app, repr(sorted(options.items(), key=lambda kv: kv[0])))
+    key = (config.app, repr(sorted(options.items(), key=lambda kv: kv[0])), config.seed)
     app = _cache.get(key)
     if app is None:
         _importable_from_cwd()
@@ -731,7 +759,7 @@ def load_app(config: RunConfig) -> App:
             ) from None
         except Exception as exc:  # the module itself raised while importing
             raise ConfigError(f"app: importing app module {config.app!r} failed: {type(exc).__name__}: {exc}") from exc
-        app = _cache[key] = App(config.app, module, options)
+        app = _cache[key] = App(config.app, module, options, seed=config.seed)
     return app
 
 
@@ -760,10 +788,10 @@ def load_model(app_or_config: App | RunConfig | str | os.PathLike, path: str | o
         config = app_or_config if isinstance(app_or_config, RunConfig) else load_config(str(app_or_config))
         app = load_app(config)
     parameters, _ = read_model_file(path)
-    made = app.call_model(seed=0)
+    made = app.call_model(seed=app.seed)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(made, torch.nn.Module):
-        return model_kind("torch").loaded(made, parameters, app.name)
+        return model_kind("torch").loaded(app, made, parameters)
     expected = {name: np.shape(value) for name, value in dict(made).items()}
     got = {name: value.shape for name, value in parameters.items()}
     if expected != got:

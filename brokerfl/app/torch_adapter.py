@@ -2,7 +2,8 @@
 
 Imported only when an app's ``model()`` returns a ``torch.nn.Module``: it registers the torch
 :class:`~brokerfl.app.ModelKind` (brokerfl.app never imports it). Parameters are the
-module's whole ``state_dict`` (buffers too) as numpy arrays in the tensors' dtypes, except
+module's whole ``state_dict`` (buffers too), or the entries the app's ``exchanged`` names
+(:class:`Exchange`), as numpy arrays in the tensors' dtypes, except
 bfloat16 (numpy has none): it travels as float32, which holds every bfloat16 exactly, and
 is cast back when loaded into the module. Every call runs with torch's
 global RNG forked and seeded from its ``seed``, so dropout and friends are reproducible and
@@ -12,12 +13,13 @@ no caller's RNG is disturbed.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xxhash
 from torch import nn
 
 from brokerfl.app import (
@@ -37,21 +39,56 @@ if TYPE_CHECKING:
     from brokerfl.app import App
 
 
-def to_named_arrays(module: nn.Module) -> Parameters:
-    """The whole state_dict as fresh numpy arrays (bfloat16 as float32)."""
+def tied_parameters(module: nn.Module) -> dict[str, str]:
+    """Tied weights: each state_dict name that is an earlier name's very Parameter (a
+    language model's output layer and its input embedding), to that name."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            tied[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return tied
+
+
+def untied_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict less tied names (each tied weight once, under its first name): what
+    travels of a whole model."""
+    state = module.state_dict()
+    for alias in tied_parameters(module):
+        state.pop(alias, None)
+    return state
+
+
+def _assign(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """``load_state_dict(tensors, assign=True)`` of the untied state, then every tied name
+    made its weight's again: assigning makes a Parameter per name, which would untie them
+    (two weights where model() made one, trained apart)."""
+    tied = tied_parameters(module)
+    module.load_state_dict(tensors, assign=True, strict=False)
+    for alias, name in tied.items():
+        owner, _, attribute = alias.rpartition(".")
+        setattr(module.get_submodule(owner), attribute, module.get_parameter(name))
+
+
+def to_named_arrays(module: nn.Module, names: Iterable[str] | None = None) -> Parameters:
+    """The whole untied state_dict (or its entries ``names``) as fresh numpy arrays
+    (bfloat16 as float32)."""
     out: Parameters = {}
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu()
+    state = untied_state(module) if names is None else module.state_dict()
+    for name in state if names is None else names:
+        tensor = state[name].detach().cpu()
         out[name] = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy().copy()
     return out
 
 
 def hand_over_named_arrays(module: nn.Module) -> Parameters:
-    """The whole state_dict as numpy arrays that take the module's storage with them (no
-    copy): the module gets new storage, untouched (so not resident) until the next load
+    """The whole untied state_dict as numpy arrays that take the module's storage with them
+    (no copy): the module gets new storage, untouched (so not resident) until the next load
     writes it. A trained model's arrays then cost no second model's worth of memory."""
     out: Parameters = {}
-    state = module.state_dict()
+    state = untied_state(module)
     for name, tensor in state.items():
         tensor = tensor.detach()
         out[name] = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.cpu().numpy()
@@ -72,10 +109,10 @@ def _check_names(state: Mapping[str, Any], parameters: Mapping[str, Any], app_na
 def load_named_arrays(
     module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?", *, fresh: bool = False
 ) -> None:
-    """Copy ``parameters`` into ``module`` (names and shapes must match its state_dict).
-    ``fresh``: into new tensors, not the module's current ones (which may be borrowed
-    arrays, see :func:`borrow_named_arrays`, that must not be written)."""
-    state = module.state_dict()
+    """Copy ``parameters`` into ``module`` (names and shapes must match its untied
+    state_dict). ``fresh``: into new tensors, not the module's current ones (which may be
+    borrowed arrays, see :func:`borrow_named_arrays`, that must not be written)."""
+    state = untied_state(module)
     _check_names(state, parameters, app_name)
     if fresh:
         copies = {}
@@ -87,7 +124,7 @@ def load_named_arrays(
                     f"{tuple(target.shape)}"
                 )
             copies[name] = source.to(target.dtype)
-        module.load_state_dict(copies, assign=True)
+        _assign(module, copies)
         return
     with torch.no_grad():
         for name, target in state.items():
@@ -108,6 +145,110 @@ def load_named_arrays(
             target.copy_(source)
 
 
+def load_named_subset(module: nn.Module, parameters: Mapping[str, Any], names: tuple[str, ...], app_name: str) -> None:
+    """Copy ``parameters`` (exactly the entries ``names`` of the state_dict: what travels)
+    into ``module``; the rest of it is left as it is."""
+    if parameters.keys() != set(names):
+        missing, extra = sorted(set(names) - parameters.keys()), sorted(parameters.keys() - set(names))
+        raise AppError(
+            f"app {app_name!r}: parameters do not fit what exchanged() names: missing {bounded(str(missing), 300)}, "
+            f"unexpected {bounded(str(extra), 300)}"
+        )
+    state = module.state_dict()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable": copy_ only reads a received array
+        for name in names:
+            source, target = torch.from_numpy(np.asarray(parameters[name])), state[name]
+            if tuple(source.shape) != tuple(target.shape):
+                raise AppError(
+                    f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has "
+                    f"{tuple(target.shape)}"
+                )
+            target.copy_(source)
+
+
+class Exchange:
+    """What of a model travels: ``names``, the state_dict entries an app's ``exchanged(model,
+    options)`` names (a LoRA adapter's, the trainable ones), in the state_dict's order; None:
+    the whole state_dict travels. Either way a tied weight (``tied``: a name that is
+    another's very Parameter, such as a language model's output layer and its embedding)
+    travels once, under its first name. ``base`` holds a digest of each entry that does not
+    travel (the frozen base) as ``model()`` built it with the run's seed. Only the named
+    entries are sent, folded, hashed, stored and replayed; the base never leaves a process,
+    so every side must build the same one: ``fingerprint`` is what they compare ("" : no
+    base)."""
+
+    def __init__(self, app: App, module: nn.Module) -> None:
+        self.app_name = app.name
+        chosen = exchanged_names(app, module)
+        self.tied = tied_parameters(module)
+        self.names: tuple[str, ...] | None = None
+        if chosen is not None:
+            wanted = {self.tied.get(name, name) for name in chosen}
+            self.names = tuple(name for name in module.state_dict() if name in wanted)
+        self.base = base_digests(module, self.unbased()) if self.names is not None else {}
+        digest = xxhash.xxh3_128()
+        for name, value in sorted(self.base.items()):
+            digest.update(f"{name}={value};".encode())
+        self.fingerprint = digest.hexdigest() if self.base else ""
+
+    def unbased(self) -> set[str]:
+        """Entries that are not the base's: what travels, and tied names (what travels, or
+        the base, under another name)."""
+        return {*(self.names or ()), *self.tied}
+
+    def changed(self, module: nn.Module) -> list[str]:
+        """The entries that do not travel whose values are no longer those of the base."""
+        return [name for name, value in base_digests(module, self.unbased()).items() if self.base.get(name) != value]
+
+
+def exchanged_names(app: App, module: nn.Module) -> tuple[str, ...] | None:
+    """The state_dict entries the app's ``exchanged(model, options)`` names, checked, in the
+    state_dict's order; None without the function or when it names them all."""
+    hook = getattr(app.module, "exchanged", None)
+    if hook is None:
+        return None
+    if not callable(hook):
+        raise AppError(f"app {app.name!r}: exchanged must be a function exchanged(model, options) -> names")
+    try:
+        named = call(hook, module, options=app.options)
+    except Exception as exc:
+        raise AppError(f"app {app.name!r}: exchanged() failed: {type(exc).__name__}: {exc}") from exc
+    if isinstance(named, (str, bytes)) or not isinstance(named, Iterable):
+        raise AppError(
+            f"app {app.name!r}: exchanged() must return the names of model().state_dict() entries, got "
+            f"{type(named).__name__}"
+        )
+    wanted = list(named)
+    state = list(module.state_dict())
+    known = set(state)
+    unknown = [bounded(repr(n), 120) for n in wanted if not (isinstance(n, str) and n in known)]
+    if unknown:
+        raise AppError(
+            f"app {app.name!r}: exchanged() named {len(unknown)} entr{'y' if len(unknown) == 1 else 'ies'} not in "
+            f"model().state_dict(): {', '.join(unknown[:5])}; its entries are named like {', '.join(state[:3])}"
+        )
+    if not wanted:
+        raise AppError(f"app {app.name!r}: exchanged() named no entry: nothing would travel")
+    tied = tied_parameters(module)
+    chosen = {tied.get(name, name) for name in wanted}
+    return None if chosen >= set(untied_state(module)) else tuple(name for name in state if name in chosen)
+
+
+def base_digests(module: nn.Module, skip: Collection[str]) -> dict[str, str]:
+    """A digest (XXH3-128: the base may be gigabytes, hashed at several GB/s) of every
+    state_dict entry not in ``skip``: its dtype, shape and bytes."""
+    out = {}
+    for name, tensor in module.state_dict().items():
+        if name in skip:
+            continue
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest = xxhash.xxh3_128(f"{flat.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+        out[name] = digest.hexdigest()
+    return out
+
+
 def borrow_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_name: str = "?") -> None:
     """Make ``module``'s parameters (weights, not buffers) views of ``parameters``' arrays,
     without a copy: for evaluation only. A server evaluating each new global model then
@@ -115,7 +256,7 @@ def borrow_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_na
     global model's memory. Buffers (e.g. BatchNorm's running statistics, which a module in
     train mode updates) are copied. The borrowed arrays must not be written: whoever next
     loads parameters for training passes ``fresh=True`` to :func:`load_named_arrays`."""
-    state = module.state_dict()
+    state = untied_state(module)
     _check_names(state, parameters, app_name)
     weights = {name for name, _ in module.named_parameters()}
     assigned = {}
@@ -131,7 +272,7 @@ def borrow_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_na
                 assigned[name] = torch.from_numpy(value)
         else:
             assigned[name] = torch.from_numpy(np.array(value, copy=True)).to(target.dtype)
-    module.load_state_dict(assigned, assign=True)
+    _assign(module, assigned)
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype | None:
@@ -323,18 +464,38 @@ class TorchModel:
         self._borrowed = False  # the module's weights are views of an evaluated model's arrays
         self._train = getattr(app.module, "train", None) or train_classifier
         self._evaluate = getattr(app.module, "evaluate", None) or evaluate_classifier
+        self.exchange = Exchange(app, module)
 
     def initial_parameters(self, seed: int) -> Parameters:
         made = self.app.call_model(seed)
         if not isinstance(made, nn.Module):
             raise AppError(f"app {self.app.name!r}: model() returned {type(made).__name__}, expected a torch.nn.Module")
-        return to_named_arrays(made)
+        names = self.exchange.names
+        if names is not None and seed == self.app.seed:
+            self._same_base(made)
+        return to_named_arrays(made, names)
+
+    def _same_base(self, made: nn.Module) -> None:
+        """``made`` (another ``model()`` with the run's seed) holds this process's base: a
+        model() that does not build the same one twice cannot agree with the other sides."""
+        differs = self.exchange.changed(made)
+        if differs:
+            raise AppError(
+                f"app {self.app.name!r}: model() built a different base twice with the same seed (entries "
+                f"{bounded(', '.join(differs[:3]), 300)}): with exchanged(), what does not travel must be built "
+                "identically on every side: initialise it from torch's RNG (seeded with the run's seed) or load "
+                "it from a file every side has"
+            )
 
     def train(
         self, parameters: Parameters, data: Any, settings: TrainConfig, seed: int, context: AppContext | None = None
     ) -> tuple[Parameters, dict[str, float]]:
         self._restore()
-        load_named_arrays(self.module, parameters, self.app.name, fresh=self._borrowed)
+        names = self.exchange.names
+        if names is None:
+            load_named_arrays(self.module, parameters, self.app.name, fresh=self._borrowed)
+        else:
+            load_named_subset(self.module, parameters, names, self.app.name)
         self._borrowed = False
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -349,16 +510,42 @@ class TorchModel:
             )
         for parameter in self.module.parameters():  # the last step's gradients: a model's worth of memory
             parameter.grad = None
-        return hand_over_named_arrays(self.module), dict(metrics or {})
+        if names is None:
+            return hand_over_named_arrays(self.module), dict(metrics or {})
+        trained = to_named_arrays(self.module, names)  # copies: what travels is the small part
+        self._keep_base("train()")
+        return trained, dict(metrics or {})
 
     def evaluate(self, parameters: Parameters, data: Any, context: AppContext | None = None) -> dict[str, float]:
         self._restore()
-        # in place: evaluation only reads the weights (see borrow_named_arrays)
-        borrow_named_arrays(self.module, parameters, self.app.name)
-        self._borrowed = True
+        names = self.exchange.names
+        if names is None:
+            # in place: evaluation only reads the weights (see borrow_named_arrays)
+            borrow_named_arrays(self.module, parameters, self.app.name)
+            self._borrowed = True
+        else:
+            load_named_subset(self.module, parameters, names, self.app.name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return call(self._evaluate, self.module, data, options=self.app.options, context=context or AppContext())
+            scores = call(self._evaluate, self.module, data, options=self.app.options, context=context or AppContext())
+        if names is not None:
+            self._keep_base("evaluate()")
+        return scores
+
+    def _keep_base(self, function: str) -> None:
+        """After a task, under a partial exchange: the base as ``model()`` built it. A task
+        that changed it (trained a frozen weight, a BatchNorm's statistics) would carry that
+        into the next client's task and away from the other sides' base: warned of, and the
+        module is built anew."""
+        changed = self.exchange.changed(self.module)
+        if changed:
+            warnings.warn(
+                f"app {self.app.name!r}: {function} changed entries that do not travel "
+                f"({bounded(', '.join(changed[:3]), 300)}{', ...' if len(changed) > 3 else ''}); each task starts "
+                "from model()'s: name them in exchanged() to share them",
+                stacklevel=3,
+            )
+            self._rebuild()
 
     def _restore(self) -> None:
         """The module as ``model()`` made it, before each task: the logical clients of a
@@ -376,13 +563,25 @@ class TorchModel:
                 "the next task gets a fresh model()",
                 stacklevel=2,
             )
-            self.module = self.app.call_model(seed=0)
-            self._borrowed = False
-            self._structure = structure(self.module)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """A fresh ``model()`` (with the run's seed: the same base) for the next task."""
+        self.module = self.app.call_model(seed=self.app.seed)
+        self._borrowed = False
+        self._structure = structure(self.module)
+        if self.exchange.names is not None:
+            self._same_base(self.module)
 
     def trainable(self) -> frozenset[str]:
-        """The state_dict names of the weights (not buffers such as BatchNorm's statistics)."""
-        return frozenset(name for name, _ in self.module.named_parameters())
+        """The state_dict names of the weights that travel (not buffers such as BatchNorm's
+        statistics)."""
+        weights = frozenset(name for name, _ in self.module.named_parameters())
+        names = self.exchange.names
+        return weights if names is None else weights & frozenset(names)
+
+    def base_fingerprint(self) -> str:
+        return self.exchange.fingerprint
 
     def warm_up(self, data: Any) -> None:
         """One throwaway batch: torch's first call costs ~1 s, which would otherwise land in
@@ -399,9 +598,14 @@ class TorchModel:
         load_named_arrays(self.module, saved, self.app.name)
 
 
-def _loaded(made: nn.Module, parameters: Parameters, app_name: str) -> nn.Module:
-    """:func:`brokerfl.app.load_model` of a torch app: ``made`` holding ``parameters``, in eval mode."""
-    load_named_arrays(made, parameters, app_name)
+def _loaded(app: App, made: nn.Module, parameters: Parameters) -> nn.Module:
+    """:func:`brokerfl.app.load_model` of a torch app: ``made`` holding ``parameters`` (what
+    travels: the whole state_dict, or the entries ``exchanged`` names), in eval mode."""
+    names = Exchange(app, made).names
+    if names is None:
+        load_named_arrays(made, parameters, app.name)
+    else:
+        load_named_subset(made, parameters, names, app.name)
     return made.eval()
 
 

@@ -57,14 +57,26 @@ def record_metrics(record: dict[str, Any]) -> dict[str, float]:
     return {k: record[k] for k in ("accuracy", "loss") if record.get(k) is not None}
 
 
+# What a round moved, in a line of its own (not an app metric): a panel when the config's
+# ``metrics`` names it.
+TRAFFIC = ("model_bytes", "update_bytes")
+
+
+def curve_value(record: dict[str, Any], name: str) -> float | None:
+    """The value a curve plots for ``name`` in a line: an app metric, or its traffic."""
+    return record.get(name) if name in TRAFFIC else record_metrics(record).get(name)
+
+
 def curve_panels(records: list[dict[str, Any]], wanted: list[str] | None = None, target: str = "accuracy") -> list[str]:
-    """The curve's panels, one per metric: ``wanted`` (those present, in its order), or
-    every metric of the run: the target first, then loss, the evaluation's others, and the
-    clients' training metrics (``train_*``) last."""
+    """The curve's panels, one per metric: ``wanted`` (those present, in its order: the
+    round's traffic, ``model_bytes`` and ``update_bytes``, too), or every metric of the run:
+    the target first, then loss, the evaluation's others, and the clients' training metrics
+    (``train_*``) last."""
     seen: list[str] = []
     for record in records:
         seen.extend(name for name, value in record_metrics(record).items() if value is not None and name not in seen)
     if wanted:
+        seen.extend(name for name in TRAFFIC if any(r.get(name) is not None for r in records))
         return [name for name in wanted if name in seen]
 
     def order(name: str) -> tuple[int, int]:
@@ -84,8 +96,9 @@ def plot_curve(
     higher_is_better: bool = True,
 ) -> Path:
     """One panel per metric (:func:`curve_panels`) against the round: the server's own test
-    data (solid) and federated evaluation (dashed). The PNG's ``Description`` names the
-    panels, for tools and tests that read it back."""
+    data (solid) and federated evaluation (dashed), with each client's own evaluation
+    (thin, when the lines hold it). The PNG's ``Description`` names the panels, for tools
+    and tests that read it back."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,10 +115,11 @@ def plot_curve(
     for ax, name in zip(axes.flat, panels):
         plotted = 0
         for series, label, style in ((server, "server", "-"), (federated, "federated evaluation", "--")):
-            points = [(r["round"], value) for r in series if (value := record_metrics(r).get(name)) is not None]
+            points = [(r["round"], value) for r in series if (value := curve_value(r, name)) is not None]
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3, label=label)
                 plotted += 1
+        plotted += _plot_each_client(ax, federated, name)
         better = (" (higher is better)" if higher_is_better else " (lower is better)") if name == target else ""
         ax.set(xlabel="round", ylabel=name, title=name + better)
         ax.grid(alpha=0.3)
@@ -122,6 +136,21 @@ def plot_curve(
     fig.savefig(png, dpi=100, metadata={"Description": "panels: " + ", ".join(panels)})
     plt.close(fig)
     return png
+
+
+def _plot_each_client(ax: Any, federated: list[dict[str, Any]], name: str) -> int:
+    """Each client's own evaluation of ``name`` (a federated evaluation line's
+    ``client_metrics``), a thin line per client, labelled by id up to 8 clients; 1 if any."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in federated:
+        for client, scores in (record.get("client_metrics") or {}).items():
+            value = scores.get(name) if isinstance(scores, dict) else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                series.setdefault(str(client), []).append((record["round"], value))
+    for index, (client, points) in enumerate(sorted(series.items())):
+        label = f"client {client[:24]}" if len(series) <= 8 else ("each client" if index == 0 else None)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-", linewidth=0.8, alpha=0.6, label=label)
+    return 1 if series else 0
 
 
 def curve_description(png: str | os.PathLike) -> str:

@@ -169,6 +169,9 @@ class TrainTask(Message):
     model_stream: str = ""  # by reference: where version ``model_version`` is ("" : inline)
     model_offset: int = 0
     model_sha256: str = ""
+    # a model that exchanges only some entries (brokerfl.app's exchanged): the digest of the
+    # server's base, which never travels; a client whose base differs cannot take part ("": none)
+    base_fingerprint: str = ""
 
 
 @dataclass(kw_only=True)
@@ -212,6 +215,7 @@ class EvaluateTask(Message):
     model_stream: str = ""
     model_offset: int = 0
     model_sha256: str = ""
+    base_fingerprint: str = ""  # as a TrainTask's
 
 
 @dataclass(kw_only=True)

@@ -268,6 +268,7 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
     state.buffer_ids.append(update.message_id)
     state.client_seconds.append(update.metrics.get("train_s", 0.0))
     state.update_metrics.append((server_state.app_train_metrics(update), update.num_samples))
+    state.update_bytes += server_state.parameters_bytes(update.parameters)
     state.staleness.append(staleness)
     ctx.log.debug(
         "update folded", client=update.client_id, staleness=staleness, weight=round(weight, 4), folded=strategy.folded()
@@ -287,12 +288,14 @@ def fold_async_update(update: ParameterUpdate, ctx: Context):
         started=state.round_started,
         client_seconds=state.client_seconds,
         client_metrics=state.update_metrics,
+        update_bytes=state.update_bytes,
     )
     state.round = version
     state.stored_here += 1
     state.round_started = time.monotonic()
     state.stored_ids.update(state.buffer_ids)
     state.buffer_ids, state.client_seconds, state.staleness, state.update_metrics = [], [], [], []
+    state.update_bytes = 0
     if strategy.needs_base:
         state.cache[version] = state.model.parameters
         while state.cache and next(iter(state.cache)) < version - strategy.max_staleness:

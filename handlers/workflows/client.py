@@ -239,7 +239,7 @@ def join(message: Started, ctx: Context):
     return [to_server(Join(client_id=state.client_id, num_samples=num_samples(state), instance=process_instance()))]
 
 
-def report_unable(ctx: Context) -> list[Outbound]:
+def report_unable(ctx: Context, reason: str = "its app failed at start") -> list[Outbound]:
     """The app cannot run for this client: say so to the server (a Leave with the error:
     it stops waiting for this client and names it) and stop this client only."""
     state: ClientState = ctx.state
@@ -248,12 +248,29 @@ def report_unable(ctx: Context) -> list[Outbound]:
     )  # the AppError's own text: it names the app, the function and the client
     # with its traceback: this log is the app developer's (the server gets the one line)
     ctx.log.error(
-        "the app failed at this client's start: reporting it to the server and leaving",
+        f"{reason}: reporting it to the server and leaving",
         error=bounded(str(state.unable), 500),
         exc_info=state.unable,
     )
     ctx.stop()
-    return [to_server(Leave(client_id=state.client_id, reason="its app failed at start", error=error))]
+    return [to_server(Leave(client_id=state.client_id, reason=reason, error=error))]
+
+
+def other_base(ctx: Context, task: TrainTask | EvaluateTask) -> list[Outbound] | None:
+    """A task from a server whose base (what does not travel, brokerfl.app's ``exchanged``)
+    is not this client's: the received entries would be trained on another model. The
+    client cannot take part: it says so and leaves (None: the bases agree)."""
+    state: ClientState = ctx.state
+    mine = state.app.base_fingerprint()
+    if task.base_fingerprint == mine:
+        return None
+    theirs = bounded(task.base_fingerprint, 32) or "none: the whole model travels"
+    state.unable = AppError(
+        f"app {state.config.app!r}: client {state.client_id}'s base (what does not travel) differs from the "
+        f"server's (fingerprint {mine or 'none: the whole model travels'} here, {theirs} at the server): model(), "
+        "its app_options, exchanged() and any file model() loads must be the same on every side"
+    )
+    return report_unable(ctx, "its base model differs from the server's")
 
 
 @CLIENT.on(HeartbeatDue)
@@ -279,6 +296,8 @@ def train(task: TrainTask, ctx: Context):
     state.newest_version = max(state.newest_version, task.model_version)
     if state.client_id not in task.participants:
         return None
+    if (unable := other_base(ctx, task)) is not None:
+        return unable
     # Tasks wait in the durable queue while a client is away; on its return, answering old
     # ones would only make updates the server drops.
     if task.message_id in state.answered:
@@ -509,6 +528,8 @@ def evaluate_locally(task: EvaluateTask, ctx: Context):
     state: ClientState = ctx.state
     if task.participants and state.client_id not in task.participants:
         return None
+    if (unable := other_base(ctx, task)) is not None:
+        return unable
     # on the local test split when the app gives one, else on the training partition
     app, data = state.app, state.data.test if state.data.test is not None else state.data.train
     key = f"evaluate:{task.message_id}"

@@ -174,6 +174,7 @@ def take_handover(update: ParameterUpdate, ctx: Context):
         started=state.hop_started,
         client_seconds=[update.metrics.get("train_s", 0.0)],
         client_metrics=[(server_state.app_train_metrics(update), update.num_samples)],
+        update_bytes=server_state.parameters_bytes(update.parameters),
     )
     state.position += 1
     return start_hop(ctx)

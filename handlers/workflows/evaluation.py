@@ -71,6 +71,7 @@ def request(
         model_version=model.version,
         participants=sorted(participants),
         **task_model_fields(state.config, state.store, model),
+        base_fingerprint=state.app.base_fingerprint() if getattr(state, "app", None) is not None else "",
     )
     state.evaluation = OpenEvaluation(
         task.message_id, model.round, model.version, set(participants), time.monotonic(), then=then
@@ -130,6 +131,22 @@ def weighted_metrics(results: list[EvaluateResult], reducers: Mapping[str, Reduc
     return {**combine(entries, reducers), "num_samples": sum(r.num_samples for r in results)}
 
 
+# Each client's own scores ride in the line up to this many clients (a non-IID federation is
+# judged client by client; past this a line would weigh megabytes and every round's kept).
+CLIENT_METRICS_MAX = 1000
+
+
+def client_metrics(results: list[EvaluateResult]) -> dict[str, dict[str, float]]:
+    """Each client's scores (its app's metrics and sample count), by client id; {} for more
+    than :data:`CLIENT_METRICS_MAX` clients."""
+    if len(results) > CLIENT_METRICS_MAX:
+        return {}
+    return {
+        r.client_id: {**(r.metrics or {"loss": r.loss, "accuracy": r.accuracy}), "num_samples": r.num_samples}
+        for r in results
+    }
+
+
 def _number(value: float | None) -> float | None:
     """A metric for the line's top-level accuracy/loss: None when the app has none."""
     return None if value is None or math.isnan(value) else value
@@ -156,6 +173,7 @@ def close(ctx: Context) -> list[Outbound]:
             "num_updates": None,
             "duration_s": round(time.monotonic() - open_.started, 4),
             "metrics": metrics,
+            "client_metrics": client_metrics(results),
         }
         state.metrics.append(record)
         for callback in state.on_round:

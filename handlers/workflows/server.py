@@ -45,6 +45,7 @@ from brokerfl.handlers.workflows.server_state import (
     make_state,
     note_failure,
     outside_federation,
+    parameters_bytes,
     refresh_client,
     too_few_answers,
 )
@@ -68,6 +69,7 @@ def fold_update(update: ParameterUpdate, ctx: Context[ServerState]):
     reason = _why_not_fold(update, state)
     if reason is not None:
         return drop(ctx, update, reason)
+    travelled = parameters_bytes(update.parameters)  # compressed, as it came
     try:
         if update.compression:  # trained on state.model (else it was dropped as stale above)
             update.parameters = decompressed(update, state.model.parameters, state.config)
@@ -87,6 +89,7 @@ def fold_update(update: ParameterUpdate, ctx: Context[ServerState]):
         state.strategy.fold(update.parameters, update.num_samples)
     state.client_seconds.append(update.metrics.get("train_s", 0.0))
     state.update_metrics.append((app_train_metrics(update), update.num_samples))
+    state.update_bytes += travelled
     state.folded[update.message_id] = update.client_id
     state.answered.add(update.client_id)
     ctx.hold()

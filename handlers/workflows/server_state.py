@@ -11,7 +11,7 @@ another set's table.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +171,7 @@ class ServerState:
     )  # standby servers' names -> when last announced (time.monotonic())
     drain_ends_by: float = 0.0  # time.monotonic() past which the drain after the run stops
     failed: set[str] = field(default_factory=set)  # clients whose training failed this round (answered, with no update)
+    update_bytes: int = 0  # the folded updates' parameters' bytes, this round (the metrics line's)
     update_metrics: list[tuple[dict[str, float], int]] = field(
         default_factory=list
     )  # this round's folded updates' metrics and weights
@@ -418,12 +419,16 @@ def store_version(
     started: float,
     client_seconds: list[float],
     client_metrics: list[tuple[dict[str, float], int]] = (),
+    update_bytes: int = 0,
 ) -> ModelVersion:
     """Store a new global model version, then ack the updates it holds (commit). Its
     evaluation, journal record and metrics line follow once the messages this handler
     returns (the next round's task) are out: see :func:`score_stored`. ``client_metrics``:
     the folded updates' ``train_`` metrics and sample counts, combined into the line's
-    ``metrics`` (brokerfl.wire.app_metrics)."""
+    ``metrics`` (brokerfl.wire.app_metrics). The line's ``model_bytes`` is what a task's
+    model weighs (what travels: a model that exchanges an adapter only, the adapter's
+    bytes); ``update_bytes`` the folded updates' parameters, as they travelled (compressed
+    or not)."""
     state: ServerState = ctx.state
     score_stored(ctx)  # an earlier version still waiting is scored (and recorded) first
     parent = state.model
@@ -468,6 +473,8 @@ def store_version(
             k: v for k, v in timings.since(state.timings_at_start).items() if v > 0 and not k.startswith("handle.")
         },
         "client_train_s": round(float(np.mean(client_seconds)), 4) if client_seconds else 0.0,
+        "model_bytes": parameters_bytes(parameters),
+        "update_bytes": update_bytes,
         **strategy_metrics,
         "metrics": combine(
             list(client_metrics), getattr(state.app, "reducers", None)
@@ -482,6 +489,11 @@ def store_version(
     else:
         ctx.set_timer("score", 0.0, ScoreStored())
     return model
+
+
+def parameters_bytes(parameters: Mapping[str, np.ndarray]) -> int:
+    """The bytes of the arrays (what they weigh on the wire, give or take the names)."""
+    return sum(np.asarray(value).nbytes for value in parameters.values())
 
 
 def _hash_beside_prepare(store: ModelStore, parameters: dict[str, np.ndarray]) -> str:
@@ -545,7 +557,7 @@ def start_round(ctx: Context[ServerState], *, retry: bool = False):
     state.participants = state.strategy.sample(state.round, live_clients(state), rng)
     state.strategy.start_round(state.model.parameters)
     state.folded, state.answered, state.client_seconds = {}, set(), []
-    state.failed, state.refused, state.update_metrics = set(), set(), []
+    state.failed, state.refused, state.update_metrics, state.update_bytes = set(), set(), [], 0
     state.round_open, state.round_started = True, time.monotonic()
     ctx.set_timer("round", config.strategy.round_deadline_s, RoundDeadline(round=state.round))
     if not state.participants:
@@ -567,9 +579,11 @@ def start_round(ctx: Context[ServerState], *, retry: bool = False):
 
 
 def round_fields(state: ServerState, round_: int) -> dict[str, Any]:
-    """A TrainTask's ``config`` and ``round_config`` for ``round_`` (brokerfl.app.round_config)."""
+    """A TrainTask's ``config`` and ``round_config`` for ``round_`` (brokerfl.app.round_config),
+    and the fingerprint of the app's base (what does not travel)."""
     settings, round_config = round_settings(state.config, round_, strategy=state.strategy, app=state.app)
-    return {"config": settings, "round_config": round_config}
+    base = state.app.base_fingerprint() if state.app is not None else ""
+    return {"config": settings, "round_config": round_config, "base_fingerprint": base}
 
 
 def app_train_metrics(update: ParameterUpdate) -> dict[str, float]:
@@ -669,6 +683,7 @@ def close_round(ctx: Context[ServerState]):
         started=state.round_started,
         client_seconds=state.client_seconds,
         client_metrics=state.update_metrics,
+        update_bytes=state.update_bytes,
     )
     state.round_open = False
     ctx.cancel_timer("round")
