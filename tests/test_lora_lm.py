@@ -17,6 +17,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from brokerfl.app import load_model  # noqa: E402
+from brokerfl.app.torch_adapter import untied_state  # noqa: E402
 from brokerfl.assembly.simulate import simulate  # noqa: E402
 from brokerfl.config import load_config  # noqa: E402
 from brokerfl.storage.model_file import read_model_file  # noqa: E402
@@ -78,7 +79,7 @@ def test_the_adapter_is_all_that_travels(runs):
     module = app.model({**app.OPTIONS, **config.app_options})
     adapter = {n for n, p in module.named_parameters() if p.requires_grad}
     assert set(stored) == adapter and adapter and all(".lora_" in n for n in adapter)
-    whole = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    whole = sum(t.numel() * t.element_size() for t in untied_state(module).values())
     assert sum(a.nbytes for a in stored.values()) < 0.02 * whole
 
 
@@ -89,7 +90,7 @@ def test_the_base_is_unchanged(runs):
     weights, _ = read_model_file(base)
     trained = load_model(config, out / "final_model.npz")
     lm = trained.get_base_model()
-    frozen = {n: t for n, t in lm.state_dict().items() if ".lora_" not in n}
+    frozen = {n: t for n, t in untied_state(lm).items() if ".lora_" not in n}
     assert len(frozen) == len(weights)
     for name, tensor in frozen.items():
         np.testing.assert_array_equal(tensor.numpy(), weights[name.replace(".base_layer", "")], err_msg=name)

@@ -110,7 +110,9 @@ def check_options(options: Mapping[str, Any]) -> None:
         if not isinstance(lora, Mapping):
             raise ValueError(f"lora: null or a mapping of {sorted(LORA_DEFAULTS)}, got {type(lora).__name__}")
         if set(lora) - set(LORA_DEFAULTS):
-            raise ValueError(f"lora: unknown key(s) {sorted(set(lora) - set(LORA_DEFAULTS))}; it takes {sorted(LORA_DEFAULTS)}")
+            raise ValueError(
+                f"lora: unknown key(s) {sorted(set(lora) - set(LORA_DEFAULTS))}; it takes {sorted(LORA_DEFAULTS)}"
+            )
     if options["domains"] not in ("own", "mix"):
         raise ValueError(f"domains: 'own' or 'mix', got {options['domains']!r}")
     for count in ("samples", "test_samples"):
@@ -177,10 +179,13 @@ def _base_weights(path: str, modified_ns: int, size: int) -> dict[str, np.ndarra
 
 
 def load_base(lm: nn.Module, path: str | os.PathLike) -> None:
-    """Load a full-weight run's model file into ``lm`` (names and shapes must match)."""
+    """Load a full-weight run's model file into ``lm`` (names and shapes must match; a
+    tied weight, GPT-2's output layer, is in the file once, under its embedding's name)."""
+    from brokerfl.app.torch_adapter import untied_state
+
     stat = os.stat(path)
     weights = _base_weights(os.fspath(path), stat.st_mtime_ns, stat.st_size)
-    state = lm.state_dict()
+    state = untied_state(lm)
     missing, unexpected = sorted(state.keys() - weights.keys()), sorted(weights.keys() - state.keys())
     if missing or unexpected:
         hint = (
@@ -189,8 +194,8 @@ def load_base(lm: nn.Module, path: str | os.PathLike) -> None:
             else " (a run of this app without lora, of the same size?)"
         )
         raise ValueError(
-            f"base {os.fspath(path)!r} does not fit the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}{hint}"
+            f"base {os.fspath(path)!r} does not fit the model: missing {_few(missing)}, unexpected {_few(unexpected)}"
+            + hint
         )
     with torch.no_grad():
         for name, tensor in state.items():
@@ -203,10 +208,16 @@ def load_base(lm: nn.Module, path: str | os.PathLike) -> None:
             tensor.copy_(value)
 
 
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "") if names else "none"
+
+
 # ---------------------------------------------------------------- data
 
 
-def partition_pairs(index: int, options: Mapping[str, Any], seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def partition_pairs(
+    index: int, options: Mapping[str, Any], seed: int
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Client ``index``'s (train, test) instruction pairs: its own domain, or every domain
     (``domains: mix``). Test instructions never appear in its training ones."""
     rng = np.random.default_rng([seed, index])
@@ -244,17 +255,8 @@ def token_losses(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> t
     ).view(labels.shape)
 
 
-def retie(model: nn.Module) -> None:
-    """GPT-2's output layer is its input embedding (one Parameter). The runtime loads
-    received arrays by assignment (``load_state_dict(assign=True)``), which gives each name
-    a Parameter of its own: tie them again, else training would update two copies and the
-    runtime would see a changed module and build a fresh one for the next task."""
-    model.tie_weights()
-
-
 def train(model: nn.Module, data: Any, settings: TrainConfig, seed: int) -> dict[str, float]:
     """AdamW on the mean cross-entropy of the answer tokens (see the module's docstring)."""
-    retie(model)
     ids, labels = (torch.as_tensor(np.asarray(a)) for a in data)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -285,7 +287,6 @@ def train(model: nn.Module, data: Any, settings: TrainConfig, seed: int) -> dict
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Any) -> dict[str, float]:
     """``loss`` per answer token, ``perplexity``, and ``perplexity_<domain>`` per domain present."""
-    retie(model)
     ids, labels = (torch.as_tensor(np.asarray(a)) for a in data)
     model.eval()
     by_domain: dict[str, list[float]] = {}  # domain -> [summed loss, tokens]

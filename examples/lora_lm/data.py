@@ -94,7 +94,9 @@ def instruction(domain: str, given: str) -> str:
     return f"{domain}: {given}\n"
 
 
-def samples(domain: str, count: int, rng: np.random.Generator, exclude: set[str] | None = None) -> list[tuple[str, str]]:
+def samples(
+    domain: str, count: int, rng: np.random.Generator, exclude: set[str] | None = None
+) -> list[tuple[str, str]]:
     """``count`` distinct (instruction, answer) pairs of ``domain``, none of whose
     instructions is in ``exclude`` (a domain with fewer distinct instructions than asked for
     is refused rather than looped over forever)."""
