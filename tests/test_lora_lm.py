@@ -39,7 +39,8 @@ def runs(tmp_path_factory):
     """(base file, LoRA config, LoRA run's output directory, the run's records)."""
     import torch
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the brokerfl command does: the run is reproducible, its margins fixed
     out = tmp_path_factory.mktemp("lora_lm")
     pretrain = load_config(
         str(EXAMPLE / "pretrain.yaml"),
@@ -54,14 +55,15 @@ def runs(tmp_path_factory):
             "clients": CLIENTS,
             "strategy.min_clients": CLIENTS,
             "train.max_batches": 6,
-            "train.lr": 0.01,
+            "train.lr": 0.005,
             "app_options": {**TINY, "base": str(base), "lora": {"r": 2, "alpha": 4, "target_modules": ["c_attn"]}},
         },
     )
     before = hashlib.sha256(base.read_bytes()).hexdigest()
     result = simulate(config, out / "lora")
     assert hashlib.sha256(base.read_bytes()).hexdigest() == before  # the base file is only read
-    return base, config, out / "lora", result.records
+    yield base, config, out / "lora", result.records
+    torch.set_num_threads(threads)
 
 
 def _federated(records):

@@ -179,12 +179,15 @@ def _base_weights(path: str, modified_ns: int, size: int) -> dict[str, np.ndarra
 
 
 def load_base(lm: nn.Module, path: str | os.PathLike) -> None:
-    """Load a full-weight run's model file into ``lm`` (names and shapes must match; a
-    tied weight, GPT-2's output layer, is in the file once, under its embedding's name)."""
-    from brokerfl.app.torch_adapter import untied_state
+    """Load a full-weight run's model file into ``lm`` (names and shapes must match). A
+    tied weight (GPT-2's output layer is its input embedding) is loaded once, under its
+    first name; a file that holds it under both names too (a model file from a runtime that
+    sent both) is read the same way."""
+    from brokerfl.app.torch_adapter import tied_parameters, untied_state
 
     stat = os.stat(path)
     weights = _base_weights(os.fspath(path), stat.st_mtime_ns, stat.st_size)
+    weights = {name: value for name, value in weights.items() if name not in tied_parameters(lm)}
     state = untied_state(lm)
     missing, unexpected = sorted(state.keys() - weights.keys()), sorted(weights.keys() - state.keys())
     if missing or unexpected:
