@@ -10,18 +10,18 @@ Stages, each ``brokerfl simulate`` in this process:
    initialisation on a mix of all domains), or ``--base FILE`` (a previous run's
    ``final_model.npz``) to skip it.
 2. **federated LoRA**: ``examples/lora_lm/lora.yaml`` from that base: 6 clients, one
-   domain each, ``--rounds`` rounds of ``--local-steps`` AdamW steps (batch 16) per client.
-   Then the same run with ``compression: bfloat16`` and with ``compression: topk``
-   (``--topk-fraction``, error feedback on, ``min_size`` 256 so every adapter matrix is
-   compressed). Each run's journal is replayed (``replay --check``: every version's hash).
+   domain each, ``--rounds`` rounds of ``--local-steps`` AdamW steps per client (batches of
+   lora.yaml's 32). Then the same run with ``compression: bfloat16`` and with ``compression:
+   topk`` (``--topk-fraction``, error feedback on, ``min_size`` 256 so every adapter matrix
+   is compressed). Each run's journal is replayed (``replay --check``: every version's hash).
 3. **central LoRA**: one adapter, same base, same LoRA and optimiser settings, trained on the
-   union of the 6 clients' training data. Two step budgets, both seeing as many samples
-   as the federation's clients together: *summed* = as many AdamW steps of batch 16 as the
-   clients made together (rounds x local steps x clients), the figure the goal is judged
-   on; *rounds* = rounds x local steps steps of batch 16 x clients (as many sequential steps
-   as the federation's rounds allow, each as large as a round's batches together). And the
-   summed budget again at each ``--central-lr`` (default 0.003): the goal compares with the
-   run's lr, which need not be central's best.
+   union of the 6 clients' training data. Two step budgets, both seeing as many samples as
+   the federation's clients together: *summed* = as many AdamW steps of the run's batch size
+   as the clients made together (rounds x local steps x clients), the figure the goal is
+   judged on; *rounds* = rounds x local steps steps of batches as large as a round's
+   together (batch size x clients): as many sequential steps as the federation's rounds
+   allow. And the summed budget again at each ``--central-lr`` (default 0.003): the goal
+   compares with the run's lr, which need not be central's best.
 
 Printed: the full model's and the adapter's bytes per round (the run's metrics lines:
 ``model_bytes``, the version a task ships, plus ``update_bytes``, the round's folded updates

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,13 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="unknown key"):
         app.check_options(_options(hidden=3))
     assert app.gpt2_shape({**app.OPTIONS, "size": "gpt2-small"})["vocab_size"] == 50257
+
+
+def test_without_peft_the_error_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
+    spec = importlib.util.spec_from_file_location("examples.lora_lm.app_without_peft", EXAMPLE / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    with pytest.raises(ImportError, match=r"pip install 'brokerfl\[llm\]'"):
+        spec.loader.exec_module(module)

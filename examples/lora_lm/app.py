@@ -6,7 +6,7 @@ Two stages, each a brokerfl run of this app (``docs/how-to/llm-fine-tuning.md``)
    initialisation, every client holding a mix of all domains: the base learns the byte
    statistics, the instruction format and some of each task.
 2. ``lora.yaml``: ``base:`` names the first run's ``final_model.npz``; the model is that
-   base, frozen, with LoRA adapters (peft) on its attention and MLP projections. Only the
+   base, frozen, with LoRA adapters (peft) on its attention projections. Only the
    adapters train and only they travel (:func:`exchanged`); every client holds one domain
    (non-IID) and scores the global adapter on its own held-out split.
 
@@ -168,10 +168,11 @@ def exchanged(model: nn.Module, options: Mapping[str, Any]) -> Iterable[str]:
     return [name for name, parameter in model.named_parameters() if parameter.requires_grad]
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=1)
 def _base_weights(path: str, modified_ns: int, size: int) -> dict[str, np.ndarray]:
-    """A base model file's arrays (read once per file version: ``model()`` is called on
-    every side and whenever a task needs a fresh module)."""
+    """A base model file's arrays, read and hash-checked once per file version: ``model()``
+    is called several times in a process (the runtime's checks, a fresh module for a task
+    that changed its own). The price: the process keeps one copy of the base's arrays."""
     from brokerfl.storage.model_file import read_model_file
 
     parameters, _ = read_model_file(path)
