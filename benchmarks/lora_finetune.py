@@ -2,7 +2,8 @@
 how the federated adapter compares with one trained centrally.
 
     python benchmarks/lora_finetune.py [--base FILE] [--rounds 10] [--local-steps 10]
-                                       [--topk-fraction 0.1] [--out DIR]
+                                       [--topk-fraction 0.1] [--central-lr 0.003 ...]
+                                       [--set KEY=VALUE ...] [--out DIR]
 
 Stages, each ``brokerfl simulate`` in this process:
 
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,8 +76,20 @@ def pretrain(out: Path) -> Path:
     return out / "final_model.npz"
 
 
-def lora_config(base: Path, rounds: int, local_steps: int, compression: dict[str, Any] | None = None) -> RunConfig:
-    overrides: dict[str, Any] = {"rounds": rounds, "app_options.base": str(base), "train.max_batches": local_steps}
+def lora_config(
+    base: Path,
+    rounds: int,
+    local_steps: int,
+    compression: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+) -> RunConfig:
+    """lora.yaml from ``base``, with ``settings`` (``--set``: dotted keys) and ``compression``."""
+    overrides: dict[str, Any] = {
+        "rounds": rounds,
+        "app_options.base": str(base),
+        "train.max_batches": local_steps,
+        **(settings or {}),
+    }
     for key, value in (compression or {}).items():
         overrides[f"compression.{key}"] = value
     return load_config(str(LORA), overrides)
@@ -198,6 +212,13 @@ def main() -> None:
         help="also train the summed-steps central adapter at these learning rates (is the run's lr central's best?)",
     )
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of lora.yaml (dotted; the value is YAML), e.g. train.lr=0.003, strategy.options.eta=3",
+    )
     args = parser.parse_args()
     import torch
 
@@ -212,7 +233,8 @@ def main() -> None:
         defaults = load_config(str(LORA))
         rounds = args.rounds or defaults.rounds
         local_steps = args.local_steps or defaults.train.max_batches
-        config = lora_config(base, rounds, local_steps)
+        settings = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
+        config = lora_config(base, rounds, local_steps, settings=settings)
         domains = domains_of(config)
 
         fed = federated(config, out / "lora")
@@ -277,7 +299,7 @@ def main() -> None:
             f"{fed['update_bytes'] / 1e3:.1f} kB), mean perplexity {fed_mean:.3f}"
         )
         for name, compression in methods.items():
-            run = federated(lora_config(base, rounds, local_steps, compression), out / f"lora-{name}")
+            run = federated(lora_config(base, rounds, local_steps, compression, settings), out / f"lora-{name}")
             mean = float(np.mean([run["metrics"][f"perplexity_{d}"] for d in domains]))
             gap = mean / fed_mean - 1
             label = f"topk {args.topk_fraction:g}" if name == "topk" else name
