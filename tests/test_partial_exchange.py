@@ -94,10 +94,11 @@ def test_the_seed_builds_the_base_so_another_seed_is_another_base():
         {"compression": {"method": "topk", "fraction": 0.25, "min_size": 1}},
         {"strategy": {"name": "dp_fedavg", "options": {"noise_multiplier": 0.01, "clip_norm": 5.0}}},
         {"secure_aggregation": {}},
+        {"model_transfer": "reference"},
     ],
-    ids=["bfloat16", "topk", "dp_fedavg", "secure"],
+    ids=["bfloat16", "topk", "dp_fedavg", "secure", "models stream"],
 )
-def test_compression_dp_and_secure_aggregation_act_on_what_travels(settings):
+def test_compression_dp_secure_aggregation_and_the_models_stream_act_on_what_travels(settings):
     config = config_of(clients=4, rounds=3, **settings)
     result = simulate(config, journal=True)
     assert [r["model_version"] for r in result.records] == [1, 2, 3]

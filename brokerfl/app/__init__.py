@@ -772,6 +772,12 @@ def curve_settings(config: RunConfig) -> dict[str, Any]:
     return {"metrics": list(config.metrics) or None, "target": target.name, "higher_is_better": target.higher_is_better}
 
 
+def base_of(config: RunConfig) -> str:
+    """The fingerprint of the config's app's base (:meth:`App.base_fingerprint`): "" when
+    the whole model travels."""
+    return load_app(config).base_fingerprint() if config.flower_app is None else ""
+
+
 def load_model(app_or_config: App | RunConfig | str | os.PathLike, path: str | os.PathLike) -> Any:
     """A trained model, loaded from a model file (``final_model.npz``, ``brokerfl export``;
     format in :mod:`brokerfl.storage.model_file`) into the app's own model: a fresh ``model()``
@@ -787,7 +793,14 @@ def load_model(app_or_config: App | RunConfig | str | os.PathLike, path: str | o
 
         config = app_or_config if isinstance(app_or_config, RunConfig) else load_config(str(app_or_config))
         app = load_app(config)
-    parameters, _ = read_model_file(path)
+    parameters, meta = read_model_file(path)
+    trained_on = meta.get("base_fingerprint", "")
+    if trained_on and trained_on != app.base_fingerprint():
+        raise AppError(
+            f"app {app.name!r}: {path} holds what travels of a model whose base (what does not travel) is not the one "
+            f"model() builds here (fingerprint {bounded(str(trained_on), 40)} in the file, "
+            f"{app.base_fingerprint() or 'none'} here): load it with the run's config (its seed and app_options)"
+        )
     made = app.call_model(seed=app.seed)
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(made, torch.nn.Module):

@@ -179,7 +179,6 @@ class Exchange:
     base)."""
 
     def __init__(self, app: App, module: nn.Module) -> None:
-        self.app_name = app.name
         chosen = exchanged_names(app, module)
         self.tied = tied_parameters(module)
         self.names: tuple[str, ...] | None = None

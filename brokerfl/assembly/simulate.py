@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from brokerfl.app import curve_settings
+from brokerfl.app import base_of, curve_settings
 from brokerfl.assembly.roles import client_worker, server_worker, topology_for
 from brokerfl.config import RunConfig
 from brokerfl.runtime import identity
@@ -70,7 +70,9 @@ def simulate(
         if state.failure:
             raise SimulationError(state.failure)
         if out is not None and state.model is not None:  # the last aggregator's last version
-            write_model_file(out / FINAL_MODEL, state.model, run=config.run, app=config.app)
+            write_model_file(
+                out / FINAL_MODEL, state.model, run=config.run, app=config.app, base_fingerprint=base_of(config)
+            )
         return SimulationResult(records, state, time.perf_counter() - started, out, broker, store)
     metrics = MetricsLog(out / "metrics.jsonl" if out else None)
     if config.identity.enforce:  # as the operator's definitions would: clients may declare nothing
@@ -107,7 +109,9 @@ def simulate(
     if state.failure:
         raise SimulationError(state.failure)
     if out is not None and state.model is not None:
-        write_model_file(out / FINAL_MODEL, state.model, run=config.run, app=config.app)
+        write_model_file(
+            out / FINAL_MODEL, state.model, run=config.run, app=config.app, base_fingerprint=base_of(config)
+        )
     if out is not None and metrics.records:
         plot_curve(
             metrics.records,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from brokerfl.app import AppError
+from brokerfl.app import AppError, base_of
 from brokerfl.cli.common import (
     add_broker_arguments,
     add_config_arguments,
@@ -231,7 +231,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     if state.model is not None and state.model.parameters:  # the model the run ended with
         from brokerfl.storage.model_file import FINAL_MODEL, write_model_file
 
-        write_model_file(out / FINAL_MODEL, state.model, run=config.run, app=config.app)
+        write_model_file(
+            out / FINAL_MODEL, state.model, run=config.run, app=config.app, base_fingerprint=base_of(config)
+        )
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     if records:
         plot_curve(

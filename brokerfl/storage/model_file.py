@@ -43,8 +43,12 @@ class ModelFileError(ValueError):
     """A file that is not a brokerfl model file, or one whose arrays do not match its hash."""
 
 
-def write_model_file(path: str | os.PathLike, model: ModelVersion, *, run: str = "", app: str = "") -> Path:
-    """Write ``model``'s parameters and metadata to ``path`` (atomically: temp file, rename)."""
+def write_model_file(
+    path: str | os.PathLike, model: ModelVersion, *, run: str = "", app: str = "", base_fingerprint: str = ""
+) -> Path:
+    """Write ``model``'s parameters and metadata to ``path`` (atomically: temp file, rename).
+    ``base_fingerprint``: the app's base, for a model that holds only what travels
+    (brokerfl.app's ``exchanged``), so that loading it onto another base is refused."""
     path = Path(path)
     if METADATA in model.parameters:
         raise ModelFileError(f"a parameter is named {METADATA!r}, which the file format reserves")
@@ -58,6 +62,7 @@ def write_model_file(path: str | os.PathLike, model: ModelVersion, *, run: str =
         "strategy": model.strategy,
         "sha256": model.sha256 or parameters_hash(model.parameters),
         "created": model.created,
+        **({"base_fingerprint": base_fingerprint} if base_fingerprint else {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(path, 0o644) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
@@ -135,16 +140,19 @@ def export_version(
                 ),
                 run=meta["run"],
                 app=meta["app"],
+                base_fingerprint=meta.get("base_fingerprint", ""),
             )
             return meta
         raise
-    if final.is_file() and not (run and app):  # the run's names, from its final model file
+    base_fingerprint = ""
+    if final.is_file():  # the run's names and base, from its final model file
         _, final_meta = read_model_file(final)
         run, app = run or final_meta.get("run", ""), app or final_meta.get("app", "")
+        base_fingerprint = final_meta.get("base_fingerprint", "")
     versions = store.versions()
     chosen = versions[-1] if version is None else version
     if chosen not in versions:
         raise ModelFileError(f"no model version {chosen} in {store.path} (versions {versions[0]}-{versions[-1]})")
     model = store.get(chosen)
-    write_model_file(out, model, run=run, app=app)
+    write_model_file(out, model, run=run, app=app, base_fingerprint=base_fingerprint)
     return read_model_file(out)[1]

@@ -239,7 +239,9 @@ def join(message: Started, ctx: Context):
     return [to_server(Join(client_id=state.client_id, num_samples=num_samples(state), instance=process_instance()))]
 
 
-def report_unable(ctx: Context, reason: str = "its app failed at start") -> list[Outbound]:
+def report_unable(
+    ctx: Context, reason: str = "its app failed at start", event: str = "the app failed at this client's start"
+) -> list[Outbound]:
     """The app cannot run for this client: say so to the server (a Leave with the error:
     it stops waiting for this client and names it) and stop this client only."""
     state: ClientState = ctx.state
@@ -248,7 +250,7 @@ def report_unable(ctx: Context, reason: str = "its app failed at start") -> list
     )  # the AppError's own text: it names the app, the function and the client
     # with its traceback: this log is the app developer's (the server gets the one line)
     ctx.log.error(
-        f"{reason}: reporting it to the server and leaving",
+        f"{event}: reporting it to the server and leaving",
         error=bounded(str(state.unable), 500),
         exc_info=state.unable,
     )
@@ -270,7 +272,9 @@ def other_base(ctx: Context, task: TrainTask | EvaluateTask) -> list[Outbound] |
         f"server's (fingerprint {mine or 'none: the whole model travels'} here, {theirs} at the server): model(), "
         "its app_options, exchanged() and any file model() loads must be the same on every side"
     )
-    return report_unable(ctx, "its base model differs from the server's")
+    return report_unable(
+        ctx, "its base model differs from the server's", "this client's base differs from the server's"
+    )
 
 
 @CLIENT.on(HeartbeatDue)
