@@ -63,6 +63,30 @@ def hand_over_named_arrays(module: nn.Module) -> Parameters:
     return out
 
 
+def _tied(module: nn.Module) -> dict[str, str]:
+    """Tied weights: each state_dict name that is another's very Parameter (a language
+    model's output layer and its input embedding) -> the name that comes first."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return aliases
+
+
+def _assign(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """``load_state_dict(tensors, assign=True)``, keeping tied weights tied: assign makes a
+    Parameter per name, which would untie them (the model then changes: two weights where
+    model() made one, trained apart)."""
+    aliases = _tied(module)
+    module.load_state_dict(tensors, assign=True)
+    for alias, name in aliases.items():
+        owner, _, attribute = alias.rpartition(".")
+        setattr(module.get_submodule(owner), attribute, module.get_parameter(name))
+
+
 def _check_names(state: Mapping[str, Any], parameters: Mapping[str, Any], app_name: str) -> None:
     if state.keys() != parameters.keys():
         missing, extra = sorted(state.keys() - parameters.keys()), sorted(parameters.keys() - state.keys())
@@ -87,7 +111,7 @@ def load_named_arrays(
                     f"{tuple(target.shape)}"
                 )
             copies[name] = source.to(target.dtype)
-        module.load_state_dict(copies, assign=True)
+        _assign(module, copies)
         return
     with torch.no_grad():
         for name, target in state.items():
@@ -131,7 +155,7 @@ def borrow_named_arrays(module: nn.Module, parameters: Mapping[str, Any], app_na
                 assigned[name] = torch.from_numpy(value)
         else:
             assigned[name] = torch.from_numpy(np.array(value, copy=True)).to(target.dtype)
-    module.load_state_dict(assigned, assign=True)
+    _assign(module, assigned)
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype | None:
