@@ -1,8 +1,11 @@
-"""Tied weights (a language model's output layer is its input embedding) stay tied when the
-torch adapter loads parameters by assignment: evaluation's borrowed weights and training's
-fresh load after it (brokerfl/app/torch_adapter.py)."""
+"""Tied weights (a language model's output layer is its input embedding) in the torch adapter
+(brokerfl/app/torch_adapter.py): they stay tied when parameters are loaded by assignment
+(evaluation's borrowed weights, training's fresh load after it), and are a weight under
+each name, so compression compresses both."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,11 +14,13 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from brokerfl.app.torch_adapter import (  # noqa: E402
+    TorchModel,
     borrow_named_arrays,
     load_named_arrays,
     structure,
     to_named_arrays,
 )
+from brokerfl.wire.compression import compressible  # noqa: E402
 
 
 class TiedLM(nn.Module):
@@ -48,3 +53,12 @@ def test_a_load_by_assignment_keeps_tied_weights_tied(load) -> None:
     assert module.head.weight is module.embedding.weight
     assert structure(module) == before  # else every task after it would get a fresh model()
     np.testing.assert_array_equal(module.head.weight.detach().numpy(), parameters["embedding.weight"])
+
+
+def test_a_tied_weight_is_trainable_under_each_name_so_both_are_compressed() -> None:
+    module = TiedLM()
+    app = SimpleNamespace(name="tied", module=SimpleNamespace(), options={})
+    trainable = TorchModel(app, module).trainable()
+    assert trainable == {"embedding.weight", "head.weight"}
+    # else head.weight would travel whole in float32, as a buffer does
+    assert compressible(to_named_arrays(module), trainable) == {"embedding.weight", "head.weight"}

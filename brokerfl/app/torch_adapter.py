@@ -405,8 +405,10 @@ class TorchModel:
             self._structure = structure(self.module)
 
     def trainable(self) -> frozenset[str]:
-        """The state_dict names of the weights (not buffers such as BatchNorm's statistics)."""
-        return frozenset(name for name, _ in self.module.named_parameters())
+        """The state_dict names of the weights (not buffers such as BatchNorm's statistics),
+        a tied weight under each of its names (else its second name would travel whole, as
+        a buffer does, in a compressed update)."""
+        return frozenset(name for name, _ in self.module.named_parameters(remove_duplicate=False))
 
     def warm_up(self, data: Any) -> None:
         """One throwaway batch: torch's first call costs ~1 s, which would otherwise land in
