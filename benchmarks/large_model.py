@@ -9,18 +9,23 @@ The app is ``benchmarks/large_model_app.py`` (``transformers.GPT2LMHeadModel(GPT
 random init, synthetic token sequences). For each method it prints:
 
 - **seconds per round**, each round: the server's ``duration_s`` of that version in
-  ``metrics.jsonl`` (round 1 includes the clients' start-up: importing torch and
-  transformers, building the model, fetching version 0);
-- **bytes per round, as sent**: the bytes the broker received on the run's own AMQP
-  connections (``rabbitmqctl list_connections peer_port recv_oct``, the ports mapped to
-  this run's processes with psutil) between one version's metrics line and the next: the
-  model version the server publishes to the models stream, the tasks, the 4 updates as the
-  clients send them (chunked), heartbeats; the journal's copy is the broker's and not in it;
+  ``metrics.jsonl``, the clients' training time, and the server's phases (round 1 starts
+  once every client has joined, and includes the clients' first fetch of the model and
+  their first, slower, training step);
+- **bytes as sent**: what the broker acknowledged on each process's AMQP connections
+  (``ss``'s tcp_info ``bytes_acked``, sampled every 0.5 s, per socket): the server's (the
+  model versions it publishes to the models stream, the tasks) and the clients' (their
+  updates, chunked, as compressed), so per round one model version plus 4 updates; the
+  journal's copies are the broker's own and not in it. (Not per metrics line: the server
+  writes a version's line only once its evaluation, run aside, is done, which may be after
+  the next round's updates are in.)
 - **peak RSS** of the server and of the largest client process (``ru_maxrss`` from
-  ``os.wait4`` on each process), in MiB and in multiples of the model's float32 bytes (its
+  ``os.wait4`` on each process), in multiples of the model's float32 bytes (its
   124,439,808 distinct parameters x 4 bytes; the state_dict that travels holds the tied
-  output layer a second time, 163,037,184 values);
-- the load (``uptime``) before and after, and the final perplexity on the server's test set;
+  output layer a second time, 163,037,184 values), and above the same processes' peak with
+  a tiny model of the same code (the baseline run: torch, transformers, the runtime);
+- the final perplexity on the server's test set, what the processes printed at log level
+  warning, the load (``uptime``);
 
 then checks that no queue or exchange of the run is left on the broker.
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,8 +43,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,30 +55,34 @@ PARAMETERS = 124_439_808  # GPT2LMHeadModel(GPT2Config()): distinct parameters (
 STATE_DICT_VALUES = 163_037_184  # its state_dict: lm_head.weight a second time
 MODEL_BYTES = 4 * PARAMETERS
 AMQP_PORT = 5672
+OWNER = re.compile(rf":(\d+)\s+\S+:{AMQP_PORT}\s+users:\(\(\"[^\"]*\",pid=(\d+),")  # ss: local port, pid
 
 
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def broker_received(pids: list[int], node: str | None, known: dict[int, int]) -> int:
-    """Bytes the broker has received on the AMQP connections of these processes. ``known``
-    (peer port -> bytes) is updated and keeps the last count of a connection since closed
-    (a process that exited), so a total never goes down."""
-    ports = set()
-    for pid in pids:
-        try:
-            connections = psutil.Process(pid).net_connections(kind="tcp")
-        except psutil.Error:
-            continue  # exited: its connections are gone from the broker's list too
-        ports.update(c.laddr.port for c in connections if c.raddr and c.raddr.port == AMQP_PORT)
-    command = ["rabbitmqctl", *(["-n", node] if node else []), "-q", "list_connections", "peer_port", "recv_oct"]
-    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120).stdout
+def bytes_sent(pids: dict[int, str], known: dict[tuple[int, int], int]) -> None:
+    """Add to ``known`` ((pid, local port) -> bytes) what each process's AMQP connections
+    have had acknowledged by the broker (``ss``'s tcp_info ``bytes_acked``: live, cheap).
+    A connection since closed keeps its last count."""
+    out = subprocess.run(
+        ["ss", "-tinpH", "state", "established", f"( dport = :{AMQP_PORT} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    key = None
     for line in out.splitlines():
-        port, _, received = line.partition("\t")
-        if port.strip().isdigit() and int(port) in ports and received.strip().isdigit():
-            known[int(port)] = int(received)
-    return sum(known.values())
+        owner = OWNER.search(line)
+        if owner:
+            key = (int(owner[2]), int(owner[1])) if int(owner[2]) in pids else None
+            continue
+        acked = re.search(r"\bbytes_acked:(\d+)", line)
+        if key is not None and acked:
+            known[key] = int(acked[1])
+            key = None
 
 
 def leftovers(run: str, node: str | None) -> list[str]:
@@ -87,16 +95,17 @@ def leftovers(run: str, node: str | None) -> list[str]:
     return found
 
 
-def run_federation(method: str, args: argparse.Namespace, workdir: Path) -> dict:
-    """One federation to its end: per-round seconds and bytes, peak RSS, final metrics."""
-    run = f"big-{method}-{uuid.uuid4().hex[:6]}"
+def run_federation(method: str, size: str, rounds: int, args: argparse.Namespace, workdir: Path) -> dict:
+    """One federation to its end: per-round seconds, bytes sent by each process, peak RSS,
+    the metrics lines."""
+    run = f"big-{size}-{method}-{uuid.uuid4().hex[:6]}"
     config = {
         "run": run,
         "seed": 0,
-        "rounds": args.rounds,
+        "rounds": rounds,
         "clients": args.clients,
         "app": "large_model_app",
-        "app_options": {"size": args.size, "seq_len": args.seq_len, "samples": 16, "test_samples": 2},
+        "app_options": {"size": size, "seq_len": args.seq_len, "samples": 16, "test_samples": 2},
         "train": {"epochs": 1, "batch_size": args.batch_size, "lr": 0.05, "momentum": 0.0, "max_batches": args.steps},
         "strategy": {"name": "fedavg", "min_clients": args.clients, "round_deadline_s": 1800, "join_timeout_s": 600},
         "journal": not args.no_journal,
@@ -108,30 +117,28 @@ def run_federation(method: str, args: argparse.Namespace, workdir: Path) -> dict
     path.write_text(json.dumps(config))  # JSON is YAML
     out = workdir / run
     out.mkdir()
-    env = {
-        **os.environ,
-        "BROKERFL_AMQP_URL": args.broker,
-        "PYTHONPATH": os.pathsep.join(
-            [str(ROOT), str(ROOT / "benchmarks")]
-        ),  # the app is benchmarks/large_model_app.py
-    }
+    # the app is benchmarks/large_model_app.py (a package named benchmarks may be installed: not a dotted name)
+    env = {**os.environ, "BROKERFL_AMQP_URL": args.broker, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}"}
     common = [str(path), "--log-level", "warning"]
     commands = {"server": ["server", *common, "--out", str(out)]}
     commands |= {f"client-{i}": ["client", *common, "--client-id", str(i)] for i in range(args.clients)}
     procs = {}
     for name, command in commands.items():
-        log = open(workdir / f"{run}-{name}.log", "w")  # noqa: SIM115 - closed when the process is collected
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "brokerfl.cli", *command], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
+        with open(out / f"{name}.log", "w") as log:
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "brokerfl.cli", *command],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+    names = {proc.pid: name for name, proc in procs.items()}
     peak_mib: dict[str, float] = {}
-    received = [0]  # the broker's count at each version's metrics line; nothing before the processes start
-    by_port: dict[int, int] = {}
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + args.timeout
+    sent: dict[tuple[int, int], int] = {}
+    started = time.monotonic()
     try:
         while len(peak_mib) < len(procs):
+            bytes_sent({pid: name for pid, name in names.items() if name not in peak_mib}, sent)
             for name, proc in procs.items():
                 if name in peak_mib:
                     continue
@@ -140,16 +147,11 @@ def run_federation(method: str, args: argparse.Namespace, workdir: Path) -> dict
                     proc.returncode = os.waitstatus_to_exitcode(status)  # collected here: Popen must not wait again
                     peak_mib[name] = usage.ru_maxrss / 1024
                     if proc.returncode != 0:
-                        tail = (workdir / f"{run}-{name}.log").read_text()[-3000:]
+                        tail = (out / f"{name}.log").read_text()[-3000:]
                         raise SystemExit(f"{name} of run {run} exited with {proc.returncode}:\n{tail}")
-            versions = len(read_metrics(metrics)) if metrics.exists() else 0
-            if versions >= len(received) and "server" not in peak_mib:
-                received.append(
-                    broker_received([p.pid for n, p in procs.items() if n not in peak_mib], args.node, by_port)
-                )
-            if time.monotonic() > deadline:
+            if time.monotonic() - started > args.timeout:
                 raise SystemExit(f"run {run} did not finish within {args.timeout:.0f} s")
-            time.sleep(0.2)  # polling the processes and the file the server appends to
+            time.sleep(0.5)  # polling the processes and their sockets
     finally:
         for name, proc in procs.items():
             if name not in peak_mib and proc.returncode is None:
@@ -157,17 +159,53 @@ def run_federation(method: str, args: argparse.Namespace, workdir: Path) -> dict
                 proc.wait()
         with AmqpTransport(args.broker) as admin:
             RunTopology(run, journal=not args.no_journal).delete(admin, [str(i) for i in range(args.clients)])
-    records = read_metrics(metrics)
+    by_process = {name: 0 for name in procs}
+    for (pid, _), count in sent.items():
+        by_process[names[pid]] += count
     return {
         "run": run,
-        "seconds": [r["duration_s"] for r in records],
-        "train_seconds": [r["client_train_s"] for r in records],
-        "bytes": [b - a for a, b in zip(received, received[1:])],
-        "server_mib": peak_mib["server"],
-        "client_mib": max(v for k, v in peak_mib.items() if k != "server"),
-        "perplexity": [r["metrics"]["perplexity"] for r in records],
+        "records": read_metrics(out / "metrics.jsonl"),
+        "sent": by_process,
+        "peak_mib": peak_mib,
+        "warnings": {name: warning_lines(out / f"{name}.log") for name in procs},
+        "seconds": time.monotonic() - started,
         "left": leftovers(run, args.node),
     }
+
+
+def warning_lines(log: Path, limit: int = 5) -> list[str]:
+    """The first lines of a process's output (at log level warning: warnings and errors)."""
+    return [line[:300] for line in log.read_text().splitlines()[:limit]]
+
+
+def report(method: str, result: dict, baseline: dict | None, rounds: int) -> None:
+    records, sent, peak = result["records"], result["sent"], result["peak_mib"]
+    print(f"{method}: run {result['run']}, {len(records)} versions in {result['seconds']:.0f} s", flush=True)
+    for r in records:
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["server_s"].items()) if v >= 0.05)
+        print(
+            f"  round {r['round']}: {r['duration_s']:6.1f} s (clients' training {r['client_train_s']:.1f} s; server s: "
+            f"{phases}); perplexity {r['metrics']['perplexity']:.0f}",
+            flush=True,
+        )
+    server, clients = sent["server"], sum(v for k, v in sent.items() if k != "server")
+    print(
+        f"  bytes sent: server {server / 1e6:.1f} MB ({rounds + 1} model versions, {rounds} tasks), clients "
+        f"{clients / 1e6:.1f} MB ({rounds} updates each); per round: model version {server / (rounds + 1) / 1e6:.1f} "
+        f"MB + {len(sent) - 1} updates of {clients / rounds / (len(sent) - 1) / 1e6:.1f} MB = "
+        f"{(server / (rounds + 1) + clients / rounds) / 1e6:.1f} MB",
+        flush=True,
+    )
+    model_mib = MODEL_BYTES / 1024**2
+    for role, mib in (("server", peak["server"]), ("largest client", max(v for k, v in peak.items() if k != "server"))):
+        base = ""
+        if baseline is not None:
+            floor = baseline["peak_mib"]["server" if role == "server" else "client-0"]
+            base = f", {(mib - floor) / model_mib:.1f}x above the same process with the tiny model ({floor:.0f} MiB)"
+        print(f"  peak RSS {role}: {mib:.0f} MiB = {mib / model_mib:.1f}x the model{base}", flush=True)
+    noted = {name: lines for name, lines in result["warnings"].items() if lines}
+    print(f"  process output (warnings, errors): {noted or 'none'}", flush=True)
+    print(f"  left on the broker: {result['left'] or 'nothing'}; load: {uptime()}", flush=True)
 
 
 def main() -> None:
@@ -181,12 +219,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--size", default="124M", choices=["124M", "tiny"], help="tiny: a check of the script only")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the tiny model's run (the RSS floor)")
     parser.add_argument("--no-journal", action="store_true")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one federation may take")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep each run's config, metrics and logs here (default: temporary)"
+    )
     parser.add_argument("--broker", default=os.environ.get("BROKERFL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     parser.add_argument("--node", default=os.environ.get("BROKERFL_RABBITMQ_NODE"), help="rabbitmqctl -n")
     args = parser.parse_args()
-    model_mib = MODEL_BYTES / 1024**2
     print(
         f"large model: GPT-2 small, {PARAMETERS:,} parameters ({MODEL_BYTES / 1e6:.1f} MB float32), state_dict "
         f"{STATE_DICT_VALUES:,} values ({4 * STATE_DICT_VALUES / 1e6:.1f} MB); {args.clients} client processes, "
@@ -196,23 +237,18 @@ def main() -> None:
     )
     print(f"load before: {uptime()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="big-") as tmp:
-        for method in args.methods:
-            started = time.perf_counter()
-            result = run_federation(method, args, Path(tmp))
-            print(f"{method}: run {result['run']} done in {time.perf_counter() - started:.0f} s", flush=True)
-            for i, (seconds, size) in enumerate(zip(result["seconds"], result["bytes"]), start=1):
-                print(
-                    f"  round {i}: {seconds:7.1f} s (clients' training {result['train_seconds'][i - 1]:.1f} s), "
-                    f"{size / 1e6:8.1f} MB received by the broker, perplexity {result['perplexity'][i - 1]:.1f}",
-                    flush=True,
-                )
-            server, client = result["server_mib"], result["client_mib"]
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        baseline = None
+        if not args.no_baseline:
+            baseline = run_federation("none", "tiny", 1, args, workdir)
             print(
-                f"  peak RSS: server {server:.0f} MiB = {server / model_mib:.1f}x the model, largest client "
-                f"{client:.0f} MiB = {client / model_mib:.1f}x the model ({model_mib:.0f} MiB)",
+                f"baseline, the tiny model (same processes, 1 round): peak RSS server "
+                f"{baseline['peak_mib']['server']:.0f} MiB, client {baseline['peak_mib']['client-0']:.0f} MiB",
                 flush=True,
             )
-            print(f"  left on the broker: {result['left'] or 'nothing'}; load: {uptime()}", flush=True)
+        for method in args.methods:
+            report(method, run_federation(method, args.size, args.rounds, args, workdir), baseline, args.rounds)
 
 
 if __name__ == "__main__":
