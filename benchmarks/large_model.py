@@ -112,6 +112,9 @@ def run_federation(method: str, size: str, rounds: int, args: argparse.Namespace
         "journal_max_bytes": 64 * 1024**3,  # keep the whole run: retention is not what is measured
         "max_message_mib": 1024,  # the state_dict is 622 MiB; the default bound is 256 MiB
         "compression": {"method": method},
+        # the default 10 s: the server counts a client silent while its own loop is busy storing a
+        # 622 MiB version (8 s and more here), and samples fewer clients (docs/benchmarks/large-model.md)
+        "liveness": {"timeout_s": args.liveness_timeout},
     }
     path = workdir / f"{run}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
@@ -119,7 +122,8 @@ def run_federation(method: str, size: str, rounds: int, args: argparse.Namespace
     out.mkdir()
     # the app is benchmarks/large_model_app.py (a package named benchmarks may be installed: not a dotted name)
     env = {**os.environ, "BROKERFL_AMQP_URL": args.broker, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}"}
-    common = [str(path), "--log-level", "warning"]
+    client_env = {**env, **({"BROKERFL_MALLOC": args.client_malloc} if args.client_malloc != "cli" else {})}
+    common = [str(path), "--log-level", args.log_level]
     commands = {"server": ["server", *common, "--out", str(out)]}
     commands |= {f"client-{i}": ["client", *common, "--client-id", str(i)] for i in range(args.clients)}
     procs = {}
@@ -128,7 +132,7 @@ def run_federation(method: str, size: str, rounds: int, args: argparse.Namespace
             procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "brokerfl.cli", *command],
                 cwd=ROOT,
-                env=env,
+                env=env if name == "server" else client_env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -149,6 +153,8 @@ def run_federation(method: str, size: str, rounds: int, args: argparse.Namespace
                     if proc.returncode != 0:
                         tail = (out / f"{name}.log").read_text()[-3000:]
                         raise SystemExit(f"{name} of run {run} exited with {proc.returncode}:\n{tail}")
+            if (available := available_mib()) < args.min_available_mib:  # stop before the OOM killer picks
+                raise SystemExit(f"run {run} stopped: {available:.0f} MiB of memory left on the machine")
             if time.monotonic() - started > args.timeout:
                 raise SystemExit(f"run {run} did not finish within {args.timeout:.0f} s")
             time.sleep(0.5)  # polling the processes and their sockets
@@ -173,9 +179,16 @@ def run_federation(method: str, size: str, rounds: int, args: argparse.Namespace
     }
 
 
+def available_mib() -> float:
+    """The machine's MemAvailable."""
+    with open("/proc/meminfo") as meminfo:
+        return next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:")) / 1024
+
+
 def warning_lines(log: Path, limit: int = 5) -> list[str]:
-    """The first lines of a process's output (at log level warning: warnings and errors)."""
-    return [line[:300] for line in log.read_text().splitlines()[:limit]]
+    """The first lines of a process's output that are not info or debug records."""
+    quiet = ('"level": "info"', '"level": "debug"')
+    return [line[:300] for line in log.read_text().splitlines() if not any(q in line for q in quiet)][:limit]
 
 
 def report(method: str, result: dict, baseline: dict | None, rounds: int) -> None:
@@ -221,6 +234,19 @@ def main() -> None:
     parser.add_argument("--size", default="124M", choices=["124M", "tiny"], help="tiny: a check of the script only")
     parser.add_argument("--no-baseline", action="store_true", help="skip the tiny model's run (the RSS floor)")
     parser.add_argument("--no-journal", action="store_true")
+    parser.add_argument(
+        "--liveness-timeout", type=float, default=120, help="liveness.timeout_s (the runtime's default: 10)"
+    )
+    parser.add_argument(
+        "--client-malloc",
+        default="lean",
+        choices=["lean", "tuned", "default", "cli"],
+        help="BROKERFL_MALLOC of the client processes (cli: unset, the command chooses: tuned for one client id)",
+    )
+    parser.add_argument("--log-level", default="warning", help="of the server and clients (their logs: --workdir)")
+    parser.add_argument(
+        "--min-available-mib", type=float, default=1024, help="stop a run when the machine has less memory left"
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one federation may take")
     parser.add_argument(
         "--workdir", type=Path, help="keep each run's config, metrics and logs here (default: temporary)"
@@ -235,7 +261,7 @@ def main() -> None:
         f"{'off' if args.no_journal else 'on'}",
         flush=True,
     )
-    print(f"load before: {uptime()}", flush=True)
+    print(f"load before: {uptime()}; memory available {available_mib():.0f} MiB", flush=True)
     with tempfile.TemporaryDirectory(prefix="big-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
