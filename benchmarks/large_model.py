@@ -13,12 +13,12 @@ random init, synthetic token sequences). For each method it prints:
   once every client has joined, and includes the clients' first fetch of the model and
   their first, slower, training step);
 - **bytes as sent**: what the broker acknowledged on each process's AMQP connections
-  (``ss``'s tcp_info ``bytes_acked``, sampled every 0.5 s, per socket): the server's (the
-  model versions it publishes to the models stream, the tasks) and the clients' (their
-  updates, chunked, as compressed), so per round one model version plus 4 updates; the
-  journal's copies are the broker's own and not in it. (Not per metrics line: the server
-  writes a version's line only once its evaluation, run aside, is done, which may be after
-  the next round's updates are in.)
+  (``ss``'s tcp_info ``bytes_acked``, sampled every 0.5 s, per socket): the server's (model
+  versions 0 to R to the models stream, version 0 once more in its journal record, the
+  tasks) and the clients' (their updates, chunked, as compressed); per round: all of it
+  over the rounds. The journal's copies of the rest are the broker's own, not sent. (Not
+  cut per metrics line: the server writes a version's line only once its evaluation, run
+  aside, is done, which may be after the next round's updates are in.)
 - **peak RSS** of the server and of the largest client process (``ru_maxrss`` from
   ``os.wait4`` on each process), in multiples of the model's float32 bytes (its
   124,439,808 distinct parameters x 4 bytes; the state_dict that travels holds the tied
@@ -110,7 +110,7 @@ def run_federation(method: str, size: str, rounds: int, args: argparse.Namespace
         "strategy": {"name": "fedavg", "min_clients": args.clients, "round_deadline_s": 1800, "join_timeout_s": 600},
         "journal": not args.no_journal,
         "journal_max_bytes": 64 * 1024**3,  # keep the whole run: retention is not what is measured
-        "max_message_mib": 1024,  # the state_dict is 622 MiB; the default bound is 256 MiB
+        "max_message_mib": args.max_message_mib,  # the state_dict is 622 MiB; the runtime's default bound is 256
         "compression": {"method": method},
         # the default 10 s: the server counts a client silent while its own loop is busy storing a
         # 622 MiB version (8 s and more here), and samples fewer clients (docs/benchmarks/large-model.md)
@@ -202,11 +202,11 @@ def report(method: str, result: dict, baseline: dict | None, rounds: int) -> Non
             flush=True,
         )
     server, clients = sent["server"], sum(v for k, v in sent.items() if k != "server")
+    updates = rounds * (len(sent) - 1)
     print(
-        f"  bytes sent: server {server / 1e6:.1f} MB ({rounds + 1} model versions, {rounds} tasks), clients "
-        f"{clients / 1e6:.1f} MB ({rounds} updates each); per round: model version {server / (rounds + 1) / 1e6:.1f} "
-        f"MB + {len(sent) - 1} updates of {clients / rounds / (len(sent) - 1) / 1e6:.1f} MB = "
-        f"{(server / (rounds + 1) + clients / rounds) / 1e6:.1f} MB",
+        f"  bytes sent: server {server / 1e6:.1f} MB (model versions 0-{rounds} to the models stream, version 0's "
+        f"journal record, tasks), clients {clients / 1e6:.1f} MB ({updates} updates of {clients / updates / 1e6:.1f} "
+        f"MB); per round {(server + clients) / rounds / 1e6:.1f} MB (all of it / {rounds})",
         flush=True,
     )
     model_mib = MODEL_BYTES / 1024**2
@@ -234,6 +234,9 @@ def main() -> None:
     parser.add_argument("--size", default="124M", choices=["124M", "tiny"], help="tiny: a check of the script only")
     parser.add_argument("--no-baseline", action="store_true", help="skip the tiny model's run (the RSS floor)")
     parser.add_argument("--no-journal", action="store_true")
+    parser.add_argument(
+        "--max-message-mib", type=int, default=1024, help="max_message_mib (the runtime's default: 256)"
+    )
     parser.add_argument(
         "--liveness-timeout", type=float, default=120, help="liveness.timeout_s (the runtime's default: 10)"
     )
