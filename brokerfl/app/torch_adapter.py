@@ -67,7 +67,7 @@ def _tied(module: nn.Module) -> dict[str, str]:
     """Tied weights: each state_dict name that is another's very Parameter (a language
     model's output layer and its input embedding) -> the name that comes first."""
     first: dict[int, str] = {}
-    aliases = {}
+    aliases: dict[str, str] = {}
     for name, parameter in module.named_parameters(remove_duplicate=False):
         if id(parameter) in first:
             aliases[name] = first[id(parameter)]
