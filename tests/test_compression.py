@@ -70,6 +70,7 @@ def test_roundtrip_and_error_feedback(method):
     assert np.max(np.abs(got["w"] - trained["w"])) < tolerance
     # error feedback: the same delta again, plus the residual, is sent next round
     again, residual2 = compress(trained, base, method, residual=residual, fraction=0.1, rng=np.random.default_rng(1))
+    assert residual == {}  # consumed: the old residual is let go of as the new one is made
     sent_twice = decompress(again, base, method, max_fraction=0.1)["w"] - base["w"] + got["w"] - base["w"]
     np.testing.assert_allclose(sent_twice + residual2["w"], 2 * (trained["w"] - base["w"]), rtol=0, atol=1e-4)
 

@@ -253,3 +253,27 @@ def test_a_floor_learnt_ahead_still_finds_the_version():
     cache = ModelCache(LocalTransport(broker), topology)
     assert cache.parameters(stream, 1, offset, sha256)["w"][0] == 1
     assert store.reference(0)[1] < offset
+
+
+def test_a_version_the_transport_could_not_reassemble_is_refused_with_the_transports_reason(monkeypatch):
+    """Over max_message_mib, a stream consumer hands out each chunk with the reason (a stream
+    dead-letters nothing): the fetch names that reason, not a failure to decode one chunk."""
+    import brokerfl.storage.model_refs as model_refs
+    from brokerfl.transports.base import Delivery
+
+    topology = topology_for(_config("reference"))
+    reason = "chunked message m: 652148758 bytes is more than reassembly holds (... with max_message_mib)"
+    first_chunk = Delivery(
+        topology.models_stream,
+        "",
+        "",
+        Envelope("model_version", "server", "refs", 0.0, {}),
+        b"x" * 64,
+        False,
+        None,
+        problem=reason,
+    )
+    monkeypatch.setattr(model_refs, "read_version", lambda *args, **kwargs: first_chunk)
+    cache = ModelCache(LocalTransport(LocalBroker()), topology)
+    with pytest.raises(model_refs.ModelRefError, match="cannot be read: .*max_message_mib"):
+        cache.parameters(topology.models_stream, 0, 0, "0" * 64)

@@ -87,6 +87,10 @@ class ModelCache:
             timeout_s=self.timeout_s,
             what="fetching a task's model",
         )
+        if delivery.problem:  # e.g. more than max_message_mib: its pieces come one by one, each with why
+            raise ModelRefError(
+                f"model version {version} in {self.topology.models_stream} cannot be read: {delivery.problem}"
+            )
         try:
             payload = decode(delivery.body)
         except DecodeError as exc:

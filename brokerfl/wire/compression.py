@@ -133,7 +133,9 @@ def compress(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(what to send, the new residual) for trained ``parameters`` against the task's model
     ``base``. ``residual``: what earlier compressions dropped (error feedback), added to
-    this delta; pass the returned one next round (it names only compressed tensors).
+    this delta; pass the returned one next round (it names only compressed tensors). It is
+    consumed: each entry is taken out once added, so a caller holding no other reference to
+    it keeps one residual in memory, not the old and the new (a model's worth each).
     ``trainable``, ``min_size``: which tensors are compressed (:func:`compressible`); the
     others are sent whole. ``fraction`` (topk) is per tensor, at least one entry."""
     if method not in METHODS or method == "none":
@@ -141,7 +143,7 @@ def compress(
     if set(parameters) != set(base):
         raise ValueError("the trained parameters and the task's model name different tensors")
     rng = rng if rng is not None else np.random.default_rng()
-    residual = residual or {}
+    residual = residual if residual is not None else {}
     wire: dict[str, np.ndarray] = {}
     carried: dict[str, np.ndarray] = {}
     lossy = compressible(base, trainable, min_size)
@@ -151,7 +153,7 @@ def compress(
             wire[name + WHOLE] = value.astype(reference.dtype, copy=False)  # exactly what was trained
             continue
         delta = value.astype(np.float32) - reference.astype(np.float32)
-        previous = residual.get(name)
+        previous = residual.pop(name, None)
         if previous is not None and previous.shape == delta.shape:
             delta = delta + previous
         if method == "float16":

@@ -512,6 +512,7 @@ def _compressed(state: ClientState, task: TrainTask, parameters: dict[str, np.nd
     starts afresh rather than add what may already have been folded."""
     settings = state.config.compression
     residual = state.residual if task.model_version > state.residual_version else {}
+    state.residual = {}  # compress lets go of each earlier residual as it adds it: not two residuals at once
     wire, residual = compress(
         parameters,
         task.parameters,
