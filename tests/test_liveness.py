@@ -182,3 +182,41 @@ def test_a_process_beats_once_for_all_its_clients_and_not_at_all_without_livenes
     for worker in quiet:
         worker.start()
     assert all(w.next_timer_in() is None for w in quiet)
+
+
+def test_a_slow_store_of_the_version_does_not_make_live_clients_look_silent(monkeypatch):
+    """Heartbeats wait in the server's queue while it stores a version (seconds for a model
+    of hundreds of MB): the next round samples the clients live when the round closed (each
+    just sent its update), not those whose heartbeats the server read during the store."""
+    from brokerfl.handlers.workflows import server_state
+    from brokerfl.wire.message import ParameterUpdate
+
+    config, admin, topology, client_queues, server = make_server(**{"liveness.timeout_s": 10.0})
+    server.start()
+    server.publish([to_server(Join(client_id=c, num_samples=10)) for c in ("0", "1", "2")])
+    server.step(0.0)
+    (task,) = taken(admin, client_queues[0], "train_task")
+    assert task.participants == ["0", "1", "2"]
+
+    stalled = {"s": 0.0}  # the server's clock runs on by the store's seconds
+    monkeypatch.setattr(server_state.time, "monotonic", lambda real=time.monotonic: real() + stalled["s"])
+    store_put = server.state.store.put
+
+    def slow_put(model):
+        stalled["s"] += 12.0  # a large version, stored while the heartbeats queue up: longer than the timeout
+        return store_put(model)
+
+    monkeypatch.setattr(server.state.store, "put", slow_put)
+    server.publish(
+        [
+            to_server(
+                task.reply(
+                    ParameterUpdate, client_id=c, task_id=task.message_id, parameters=task.parameters, num_samples=10
+                )
+            )
+            for c in ("0", "1", "2")
+        ]
+    )
+    step_until(server, lambda: server.state.round == 2)
+    (next_task,) = taken(admin, client_queues[0], "train_task")
+    assert next_task.participants == ["0", "1", "2"]

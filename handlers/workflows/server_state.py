@@ -292,8 +292,9 @@ def refresh_client(state: ServerState, client_id: str) -> None:
         record.training_s = None
 
 
-def live_clients(state: ServerState) -> list[str]:
-    horizon = time.monotonic() - state.config.liveness.timeout_s
+def live_clients(state: ServerState, at: float | None = None) -> list[str]:
+    """The clients heard from within the liveness timeout before ``at`` (default: now)."""
+    horizon = (time.monotonic() if at is None else at) - state.config.liveness.timeout_s
     return sorted(
         cid for cid, record in state.clients.items() if record.last_seen >= horizon and cid not in state.admin.removed
     )
@@ -540,7 +541,9 @@ def extend_drain(ctx: Context[ServerState]) -> None:
         ctx.set_timer("drain", min(DRAIN_S, remaining), DrainDone())
 
 
-def start_round(ctx: Context[ServerState], *, retry: bool = False):
+def start_round(ctx: Context[ServerState], *, retry: bool = False, live_at: float | None = None):
+    """The next round (or the same one again): sample the clients live at ``live_at``
+    (default: now) and send the task."""
     state: ServerState = ctx.state
     config = state.config
     if state.admin.paused:  # the operator's resume starts it (handlers/workflows/admin.py)
@@ -554,7 +557,7 @@ def start_round(ctx: Context[ServerState], *, retry: bool = False):
         state.round += 1
         state.retries = 0
     rng = np.random.default_rng([config.seed, state.round, state.retries])
-    state.participants = state.strategy.sample(state.round, live_clients(state), rng)
+    state.participants = state.strategy.sample(state.round, live_clients(state, live_at), rng)
     state.strategy.start_round(state.model.parameters)
     state.folded, state.answered, state.client_seconds = {}, set(), []
     state.failed, state.refused, state.update_metrics, state.update_bytes = set(), set(), [], 0
@@ -673,6 +676,10 @@ def too_few_answers(ctx: Context[ServerState], why: str, *, missing: list[str] =
 def close_round(ctx: Context[ServerState]):
     """Store the new model version, then ack the round's updates; then the next round."""
     state: ServerState = ctx.state
+    # Who is live is judged as of now, before the store: heartbeats wait in the queue while
+    # this loop stores the version (seconds for a model of hundreds of MB), and a client whose
+    # heartbeat the server has not read yet is not a silent one.
+    live_at = time.monotonic()
     with timings.phase("fold"):
         parameters = state.strategy.finish_round(state.model.parameters)
     model = store_version(
@@ -692,8 +699,8 @@ def close_round(ctx: Context[ServerState]):
         def done(ctx: Context[ServerState]) -> list[Outbound]:
             return rounds_done(ctx, f"{state.config.rounds} rounds done")
 
-        return evaluation.request(ctx, model, live_clients(state), then=done) or done(ctx)
-    return evaluation.request(ctx, model, live_clients(state)) + (start_round(ctx) or [])
+        return evaluation.request(ctx, model, live_clients(state, live_at), then=done) or done(ctx)
+    return evaluation.request(ctx, model, live_clients(state, live_at)) + (start_round(ctx, live_at=live_at) or [])
 
 
 def rounds_done(ctx: Context[ServerState], reason: str) -> list[Outbound]:
