@@ -256,3 +256,18 @@ def test_tied_weights_travel_once_and_stay_tied(monkeypatch, recwarn):
     assert module.out.weight is module.embed.weight  # loading never untied them
     assert not [w for w in recwarn.list if "changed the model" in str(w.message)]
     np.testing.assert_array_equal(module.embed.weight.detach().numpy(), result.store.get(2).parameters["embed.weight"])
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(120)
+def test_a_server_whose_model_exceeds_max_message_mib_stops_at_start_saying_so(
+    monkeypatch, amqp_url, run_name, tmp_path, capsys
+):
+    """Every client would refuse each version as too large to reassemble: said at once."""
+    from brokerfl.cli import main
+
+    name = fake_app(monkeypatch, "too_large_model", model=lambda options: nn.Linear(1024, 300))  # 1.2 MiB
+    path = tmp_path / "large.yaml"
+    path.write_text(f"run: {run_name}\napp: {name}\nmax_message_mib: 1\n")
+    assert main(["server", str(path), "--broker", amqp_url, "--out", str(tmp_path / "out")]) == 2
+    assert "the model travels as 1.2 MiB, more than max_message_mib (1)" in capsys.readouterr().err

@@ -265,6 +265,8 @@ class ModelAdapter(Protocol):
 
     def base_fingerprint(self) -> str: ...
 
+    def travelling_bytes(self) -> int | None: ...
+
 
 class NumpyModel:
     """An app whose ``model`` returns named numpy arrays: its own ``train``/``evaluate``
@@ -304,6 +306,9 @@ class NumpyModel:
 
     def base_fingerprint(self) -> str:
         return ""  # model() returns just what travels: there is no rest
+
+    def travelling_bytes(self) -> int | None:
+        return None  # known only once model() is called with the run's seed
 
     def warm_up(self, data: Any) -> None:
         hook = getattr(self.app.module, "warm_up", None)
@@ -534,6 +539,11 @@ class App:
         everything travels. Every side must hold the same: a client whose digest differs from
         the server's cannot take part."""
         return self.adapter.base_fingerprint()
+
+    def travelling_bytes(self) -> int | None:
+        """The bytes of the model as it travels (what a task carries), if known without
+        building it again (a torch model's); None otherwise."""
+        return self.adapter.travelling_bytes()
 
     def warm_up(self, data: Any) -> None:
         try:

@@ -582,6 +582,12 @@ class TorchModel:
     def base_fingerprint(self) -> str:
         return self.exchange.fingerprint
 
+    def travelling_bytes(self) -> int:
+        """What travels, in bytes (bfloat16 travels as float32)."""
+        names = self.exchange.names
+        state = untied_state(self.module) if names is None else {n: self.module.state_dict()[n] for n in names}
+        return sum(t.numel() * (4 if t.dtype == torch.bfloat16 else t.element_size()) for t in state.values())
+
     def warm_up(self, data: Any) -> None:
         """One throwaway batch: torch's first call costs ~1 s, which would otherwise land in
         the first task. Only with the default loop (a custom one may ignore max_batches)."""

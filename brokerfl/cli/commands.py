@@ -189,7 +189,16 @@ def cmd_server(args: argparse.Namespace) -> int:
         if config.flower_app is not None:
             _check_flower_server(config)
         else:
-            load_app(config).check_model()
+            app = load_app(config)
+            app.check_model()
+            if (size := app.travelling_bytes()) is not None and size > config.max_message_mib * 2**20:
+                print(
+                    f"{config.run}: the model travels as {size / 2**20:,.1f} MiB, more than max_message_mib "
+                    f"({config.max_message_mib}), the largest message a process reassembles: raise max_message_mib "
+                    "in the config (every process's)",
+                    file=sys.stderr,
+                )
+                return 2
         take_server_role(transport, config)  # a standby until no other server holds the role
         # keep=1: the newest version's parameters are the model the server holds anyway
         store = BrokerModelStore(
