@@ -21,8 +21,8 @@ random init, synthetic token sequences). For each method it prints:
   aside, is done, which may be after the next round's updates are in.)
 - **peak RSS** of the server and of the largest client process (``ru_maxrss`` from
   ``os.wait4`` on each process), in multiples of the model's float32 bytes (its
-  124,439,808 distinct parameters x 4 bytes; the state_dict that travels holds the tied
-  output layer a second time, 163,037,184 values), and above the same processes' peak with
+  124,439,808 parameters x 4 bytes, which is what travels: the tied output layer once), and
+  above the same processes' peak with
   a tiny model of the same code (the baseline run: torch, transformers, the runtime);
 - the final perplexity on the server's test set, what the processes printed at log level
   warning, the load (``uptime``);
@@ -52,7 +52,6 @@ from brokerfl.transports.amqp import AmqpTransport  # noqa: E402
 from brokerfl.transports.topology import RunTopology  # noqa: E402
 
 PARAMETERS = 124_439_808  # GPT2LMHeadModel(GPT2Config()): distinct parameters (lm_head is wte)
-STATE_DICT_VALUES = 163_037_184  # its state_dict: lm_head.weight a second time
 MODEL_BYTES = 4 * PARAMETERS
 AMQP_PORT = 5672
 OWNER = re.compile(rf":(\d+)\s+\S+:{AMQP_PORT}\s+users:\(\(\"[^\"]*\",pid=(\d+),")  # ss: local port, pid
@@ -110,11 +109,9 @@ def run_federation(method: str, size: str, rounds: int, args: argparse.Namespace
         "strategy": {"name": "fedavg", "min_clients": args.clients, "round_deadline_s": 1800, "join_timeout_s": 600},
         "journal": not args.no_journal,
         "journal_max_bytes": 64 * 1024**3,  # keep the whole run: retention is not what is measured
-        "max_message_mib": args.max_message_mib,  # the state_dict is 622 MiB; the runtime's default bound is 256
+        "max_message_mib": args.max_message_mib,  # the model is 475 MiB; the runtime's default bound is 256
         "compression": {"method": method},
-        # the default 10 s: the server counts a client silent while its own loop is busy storing a
-        # 622 MiB version (8 s and more here), and samples fewer clients (docs/benchmarks/large-model.md)
-        "liveness": {"timeout_s": args.liveness_timeout},
+        **({"liveness": {"timeout_s": args.liveness_timeout}} if args.liveness_timeout else {}),
     }
     path = workdir / f"{run}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
@@ -238,7 +235,7 @@ def main() -> None:
         "--max-message-mib", type=int, default=1024, help="max_message_mib (the runtime's default: 256)"
     )
     parser.add_argument(
-        "--liveness-timeout", type=float, default=120, help="liveness.timeout_s (the runtime's default: 10)"
+        "--liveness-timeout", type=float, default=None, help="liveness.timeout_s (default: the runtime's, 10)"
     )
     parser.add_argument(
         "--client-malloc",
@@ -258,8 +255,8 @@ def main() -> None:
     parser.add_argument("--node", default=os.environ.get("BROKERFL_RABBITMQ_NODE"), help="rabbitmqctl -n")
     args = parser.parse_args()
     print(
-        f"large model: GPT-2 small, {PARAMETERS:,} parameters ({MODEL_BYTES / 1e6:.1f} MB float32), state_dict "
-        f"{STATE_DICT_VALUES:,} values ({4 * STATE_DICT_VALUES / 1e6:.1f} MB); {args.clients} client processes, "
+        f"large model: GPT-2 small, {PARAMETERS:,} parameters ({MODEL_BYTES / 1e6:.1f} MB float32, as it travels); "
+        f"{args.clients} client processes, "
         f"{args.steps} SGD steps of {args.batch_size}x{args.seq_len} tokens per round, {args.rounds} rounds, journal "
         f"{'off' if args.no_journal else 'on'}",
         flush=True,
