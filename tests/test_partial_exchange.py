@@ -104,6 +104,7 @@ def test_compression_dp_secure_aggregation_and_the_models_stream_act_on_what_tra
     assert [r["model_version"] for r in result.records] == [1, 2, 3]
     assert result.records[-1]["accuracy"] > 0.55, result.records
     assert list(result.store.get(3).parameters) == ADAPTER
+    assert all(0 < r["update_bytes"] for r in result.records), result.records  # what the updates weighed
     replayed = replay(read_journal(LocalTransport(result.broker), topology_for(config)), config)
     assert replayed.ok, replayed.table()
 

@@ -260,6 +260,7 @@ def take_masked(message: SecureMasked, ctx: Context[ServerState]):
         )
     secure.total = protocol.add_masked(secure.total, vector)
     secure.masked_ids[message.client_id] = message.message_id
+    state.update_bytes += vector.nbytes  # the round's update, as it travelled: masked
     # held as a folded update is: an abort records its drop, status counts it
     state.folded[message.message_id] = message.client_id
     ctx.hold()
