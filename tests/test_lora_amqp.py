@@ -14,6 +14,7 @@ from cli_processes import outputs_at_the_end, start_brokerfl
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
+from brokerfl.app import load_app  # noqa: E402
 from brokerfl.cli import main  # noqa: E402
 from brokerfl.config import load_config  # noqa: E402
 from brokerfl.storage.metrics_log import read_metrics  # noqa: E402
@@ -61,8 +62,6 @@ def test_a_lora_run_over_rabbitmq_replays_and_accounts_and_refuses_another_base(
         records = [r for r in read_metrics(out / "metrics.jsonl") if "evaluation" not in r]
         assert [r["num_updates"] for r in records] == [2, 2]  # client 2 trained nothing
         config = load_config(str(config_path))
-        from brokerfl.app import load_app
-
         adapter = load_app(config).initial_parameters(config.seed)
         assert all(name.count("lora_") == 1 for name in adapter)  # only the adapter travels
         full = sum(p.numel() for p in load_app(config).adapter.module.state_dict().values())  # type: ignore[attr-defined]

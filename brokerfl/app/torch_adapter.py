@@ -126,23 +126,7 @@ def load_named_arrays(
             copies[name] = source.to(target.dtype)
         _assign(module, copies)
         return
-    with torch.no_grad():
-        for name, target in state.items():
-            value = np.asarray(parameters[name])
-            # no copy of a read-only array (a model shared by a process's logical clients,
-            # decoded over the received body): copy_ below only reads it
-            if not value.flags.writeable:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # "non-writable": torch only reads it here
-                    source = torch.from_numpy(value)
-            else:
-                source = torch.from_numpy(value)
-            if tuple(source.shape) != tuple(target.shape):
-                raise AppError(
-                    f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has "
-                    f"{tuple(target.shape)}"
-                )
-            target.copy_(source)
+    _copy_into(state, parameters, app_name)
 
 
 def load_named_subset(module: nn.Module, parameters: Mapping[str, Any], names: tuple[str, ...], app_name: str) -> None:
@@ -155,10 +139,18 @@ def load_named_subset(module: nn.Module, parameters: Mapping[str, Any], names: t
             f"unexpected {bounded(str(extra), 300)}"
         )
     state = module.state_dict()
+    _copy_into({name: state[name] for name in names}, parameters, app_name)
+
+
+def _copy_into(targets: Mapping[str, torch.Tensor], parameters: Mapping[str, Any], app_name: str) -> None:
+    """Copy each of ``parameters`` into its tensor of ``targets`` (a module's state_dict
+    entries: its own storage), shapes checked."""
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "non-writable": copy_ only reads a received array
-        for name in names:
-            source, target = torch.from_numpy(np.asarray(parameters[name])), state[name]
+        # no copy of a read-only array (a model shared by a process's logical clients, decoded
+        # over the received body): "non-writable", but copy_ only reads it
+        warnings.simplefilter("ignore", UserWarning)
+        for name, target in targets.items():
+            source = torch.from_numpy(np.asarray(parameters[name]))
             if tuple(source.shape) != tuple(target.shape):
                 raise AppError(
                     f"app {app_name!r}: parameter {name} has shape {tuple(source.shape)}, model() has "
@@ -179,12 +171,8 @@ class Exchange:
     base)."""
 
     def __init__(self, app: App, module: nn.Module) -> None:
-        chosen = exchanged_names(app, module)
         self.tied = tied_parameters(module)
-        self.names: tuple[str, ...] | None = None
-        if chosen is not None:
-            wanted = {self.tied.get(name, name) for name in chosen}
-            self.names = tuple(name for name in module.state_dict() if name in wanted)
+        self.names = travelling_names(app, module, self.tied)
         self.base = base_digests(module, self.unbased()) if self.names is not None else {}
         digest = xxhash.xxh3_128()
         for name, value in sorted(self.base.items()):
@@ -199,6 +187,17 @@ class Exchange:
     def changed(self, module: nn.Module) -> list[str]:
         """The entries that do not travel whose values are no longer those of the base."""
         return [name for name, value in base_digests(module, self.unbased()).items() if self.base.get(name) != value]
+
+
+def travelling_names(app: App, module: nn.Module, tied: Mapping[str, str]) -> tuple[str, ...] | None:
+    """What travels of ``module`` (see :class:`Exchange`): the entries ``exchanged`` names,
+    each tied name as its weight's first name, in the state_dict's order; None: the whole
+    (untied) state_dict."""
+    chosen = exchanged_names(app, module)
+    if chosen is None:
+        return None
+    wanted = {tied.get(name, name) for name in chosen}
+    return tuple(name for name in module.state_dict() if name in wanted)
 
 
 def exchanged_names(app: App, module: nn.Module) -> tuple[str, ...] | None:
@@ -585,7 +584,9 @@ class TorchModel:
     def travelling_bytes(self) -> int:
         """What travels, in bytes (bfloat16 travels as float32)."""
         names = self.exchange.names
-        state = untied_state(self.module) if names is None else {n: self.module.state_dict()[n] for n in names}
+        state = untied_state(self.module)
+        if names is not None:
+            state = {name: state[name] for name in names}
         return sum(t.numel() * (4 if t.dtype == torch.bfloat16 else t.element_size()) for t in state.values())
 
     def warm_up(self, data: Any) -> None:
@@ -606,7 +607,7 @@ class TorchModel:
 def _loaded(app: App, made: nn.Module, parameters: Parameters) -> nn.Module:
     """:func:`brokerfl.app.load_model` of a torch app: ``made`` holding ``parameters`` (what
     travels: the whole state_dict, or the entries ``exchanged`` names), in eval mode."""
-    names = Exchange(app, made).names
+    names = travelling_names(app, made, tied_parameters(made))  # the names only: no digest of the base
     if names is None:
         load_named_arrays(made, parameters, app.name)
     else:
