@@ -35,7 +35,13 @@ def write_config(path: Path, run: str, **changes) -> Path:
         "app": "examples.lora_lm.app",
         "app_options": {**TINY, "lora": {"r": 2, "alpha": 4}, "domains": "own"},
         "train": {"epochs": 1, "batch_size": 8, "lr": 0.003, "max_batches": 2},
-        "strategy": {"name": "dp_fedavg", "min_clients": 2, "options": {"noise_multiplier": 0.01, "clip_norm": 1.0}},
+        # the server waits for all three (the other-base client too) however slowly a loaded machine starts them
+        "strategy": {
+            "name": "dp_fedavg",
+            "min_clients": 2,
+            "join_timeout_s": 300,
+            "options": {"noise_multiplier": 0.01, "clip_norm": 1.0},
+        },
         "compression": {"method": "bfloat16", "min_size": 1},
         "evaluate_every": 1,
         **changes,
