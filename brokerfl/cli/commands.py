@@ -31,6 +31,21 @@ def _metrics_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port", type=int, default=env("METRICS_PORT"), help="serve Prometheus metrics on this port (/metrics)"
     )
+    parser.add_argument(
+        "--metrics-addr",
+        default=env("METRICS_ADDR") or "127.0.0.1",
+        help="the address --metrics-port listens on (default 127.0.0.1: this host only; 0.0.0.0 in a container)",
+    )
+
+
+def _start_metrics(args: argparse.Namespace, role: str, run: str) -> Any:
+    """The process's metrics endpoint, listening before the process connects (a port in use
+    is said at once: MetricsServeError, exit code 2), or None without --metrics-port."""
+    if not args.metrics_port:
+        return None
+    from brokerfl.ops.monitoring import ProcessMetrics
+
+    return ProcessMetrics(role, run, args.metrics_port, args.metrics_addr)
 
 
 def _set_torch_threads() -> None:
@@ -178,6 +193,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     # few milliseconds idle, up to a second under load: docs/benchmarks/round-floor.md).
     _set_torch_threads()
     out = Path(args.out or env("OUT") or f"runs/{config.run}")
+    process_metrics = _start_metrics(args, "server", config.run)  # a standby's too: brokerfl_server_active 0
     # The versions live on the broker (the run's models stream), so a server on a fresh
     # host with an empty --out resumes the run; DIR/models is an export of them.
     with (
@@ -200,6 +216,8 @@ def cmd_server(args: argparse.Namespace) -> int:
                 )
                 return 2
         take_server_role(transport, config)  # a standby until no other server holds the role
+        if process_metrics is not None:
+            process_metrics.server_role_taken()
         # keep=1: the newest version's parameters are the model the server holds anyway
         store = BrokerModelStore(
             store_transport, topology_for(config), keep=1, export=DirectoryModelStore(out / "models")
@@ -210,12 +228,11 @@ def cmd_server(args: argparse.Namespace) -> int:
         metrics = MetricsLog(out / "metrics.jsonl")
         worker = server_worker(transport, config, store, metrics)
         worker.state.instance = server_instance()
-        if args.metrics_port:
+        if process_metrics is not None:
             from brokerfl.handlers.workflows.admin import held_updates
             from brokerfl.handlers.workflows.server_state import live_clients
-            from brokerfl.ops.monitoring import serve_server_metrics
 
-            serve_server_metrics(args.metrics_port, worker, live_clients, held_updates)
+            process_metrics.attach_server(worker, live_clients, held_updates)
         try:
             worker.start()
             worker.run()
@@ -316,6 +333,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     elif args.node_config:
         raise SystemExit("brokerfl client: --node-config is a Flower node's setting; this run names no flower_app")
     _set_torch_threads()
+    process_metrics = _start_metrics(args, "client", config.run) if config.workflow != "swarm" else None
     if config.workflow == "swarm":  # a peer: these clients plus an aggregator candidate
         from brokerfl.assembly.swarm_peers import run_peer
 
@@ -340,10 +358,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         models = ModelCache(models_transport, topology_for(config))
         workers = [client_worker(transport, config, client_id, models=models) for client_id in args.client_id]
         beat = client_process_worker(transport, config, workers)  # one heartbeat for all of them
-        if args.metrics_port:
-            from brokerfl.ops.monitoring import serve_client_metrics
-
-            serve_client_metrics(args.metrics_port, workers)
+        if process_metrics is not None:
+            process_metrics.attach_clients(workers)
         for worker in workers:
             worker.start()
         if beat is not None:
