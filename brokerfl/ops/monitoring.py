@@ -116,14 +116,16 @@ class ServerCollector:
     held and dropped updates, the model version, paused or finished."""
 
     def __init__(
-        self, state: Any, live_clients: Callable[[Any], list[str]], held_updates: Callable[[Any], int]
+        self,
+        state: Any,
+        live_clients: Callable[[Any], list[str]],
+        held_updates: Callable[[Any], int],
+        workers: Iterable[Any] = (),
     ) -> None:
         self.state = state
         self.live_clients = live_clients
         self.held_updates = held_updates
-
-    def _count_live(self) -> int:
-        return len(_retrying(lambda: self.live_clients(self.state)))
+        self.workers = list(workers)  # the server's: what passed the run's exchange (the journal's estimate)
 
     def collect(self) -> Iterator[Metric]:
         state = self.state
@@ -159,6 +161,23 @@ class ServerCollector:
         training.add_metric([], sum(1 for _, record in records if getattr(record, "training_s", None) is not None))
         yield training
         yield from self._clients(state, records, live_ids)
+        yield from self._journal(config)
+
+    def _journal(self, config: Any) -> Iterator[Metric]:
+        # RabbitMQ reports no byte size of a stream (its Prometheus plugin neither): what the
+        # journal holds is estimated from what this server saw pass the run's exchange, which
+        # the journal is bound to whole (its updates in, its tasks and records out).
+        if not getattr(config, "journal", False) or not config.journal_max_bytes:
+            return
+        limit = GaugeMetricFamily(f"{PREFIX}_journal_max_bytes", "The journal's retention by size (journal_max_bytes)")
+        limit.add_metric([], config.journal_max_bytes)
+        estimate = GaugeMetricFamily(
+            f"{PREFIX}_journal_bytes_estimate",
+            "Message bytes this server process received and published on the run's exchange (all journalled); "
+            "from zero when the process starts",
+        )
+        estimate.add_metric([], sum(w.bytes_in + w.bytes_out for w in self.workers))
+        yield from (limit, estimate)
 
     @staticmethod
     def _deadline(state: Any, config: Any) -> Iterator[Metric]:
@@ -346,7 +365,7 @@ class ProcessMetrics:
         self, worker: Any, live_clients: Callable[[Any], list[str]], held_updates: Callable[[Any], int]
     ) -> None:
         self.brokerfl.register(WorkerCollector([worker], "server"))
-        self.brokerfl.register(ServerCollector(worker.state, live_clients, held_updates))
+        self.brokerfl.register(ServerCollector(worker.state, live_clients, held_updates, [worker]))
         worker.state.on_round.append(RoundMetrics(self.brokerfl))
 
     def attach_clients(self, workers: list[Any]) -> None:
