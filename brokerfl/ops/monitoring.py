@@ -353,10 +353,21 @@ class ProcessMetrics:
         if role == "server":
             self.brokerfl.register(_ServerRole(self))
         try:
-            start_http_server(port, addr=addr, registry=self.registry)
+            self._httpd, _ = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as exc:  # EADDRINUSE, EACCES, an address not of this host, a name that resolves to none
             why = exc.strerror or str(exc)
             raise MetricsServeError(f"cannot serve metrics on {addr}:{port}: {why}") from None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The address and port the endpoint listens on."""
+        host, port = self._httpd.server_address[:2]
+        return str(host), int(port)
+
+    def close(self) -> None:
+        """Stop listening (the process's end does it too)."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
 
     def server_role_taken(self) -> None:
         self._active = 1
