@@ -117,7 +117,9 @@ def test_the_dashboard_is_a_well_formed_grafana_dashboard():
     cells = set()
     for panel in panels:
         grid = panel["gridPos"]
-        mine = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        mine = {
+            (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert not cells & mine, panel["title"]
         cells |= mine
     # what the brief of the dashboard promises, by the series it draws
@@ -350,13 +352,17 @@ def federation(broker, tmp_path_factory) -> Iterator[dict[str, str]]:
         fed.spawn("client", "client", "--client-id", "0-1")
         server = fed.scrape_until(
             "server",
-            lambda t: value(t, "brokerfl_model_metric", source="federated", metric="accuracy") is not None
-            and value(t, "brokerfl_round_open") == 1
-            and (value(t, "brokerfl_round") or 0) >= 2,
+            lambda t: (
+                value(t, "brokerfl_model_metric", source="federated", metric="accuracy") is not None
+                and value(t, "brokerfl_round_open") == 1
+                and (value(t, "brokerfl_round") or 0) >= 2
+            ),
             "a round open after a federated evaluation",
         )
         standby = fed.scrape_until("standby", lambda t: value(t, "brokerfl_server_active") == 0, "the standby")
-        client = fed.scrape_until("client", lambda t: (value(t, "brokerfl_messages_handled_total") or 0) > 0, "a client")
+        client = fed.scrape_until(
+            "client", lambda t: (value(t, "brokerfl_messages_handled_total") or 0) > 0, "a client"
+        )
         yield {"run": fed.run, "server": server, "standby": standby, "client": client}
     finally:
         fed.stop()
@@ -382,7 +388,9 @@ def test_the_server_exports_the_run_round_metrics_and_clients(federation):
         assert value(text, "brokerfl_model_metric_version", source=source) >= 1
     for client in ("0", "1"):
         states = {
-            s.labels["state"]: s.value for s in samples(text) if s.name == "brokerfl_client_state" and s.labels["client"] == client
+            s.labels["state"]: s.value
+            for s in samples(text)
+            if s.name == "brokerfl_client_state" and s.labels["client"] == client
         }
         assert sum(states.values()) == 1 and (states["live"] or states["training"]), states
         seen = value(text, "brokerfl_client_last_seen_timestamp_seconds", client=client)

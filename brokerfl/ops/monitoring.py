@@ -204,8 +204,7 @@ class ServerCollector:
         for client_id, record in records:
             kinds[client_id] = client_state(state, client_id, record, live_ids)
             counts[kinds[client_id]] += 1
-        for client_id in set(state.unable) - set(kinds):  # failed at its start before it was ever seen
-            counts["unable"] += 1
+        counts["unable"] += len(set(state.unable) - set(kinds))  # failed at their start before ever seen
         by_state = GaugeMetricFamily(f"{PREFIX}_clients", "Clients the server knows, by state", labels=["state"])
         for kind in CLIENT_STATES:
             by_state.add_metric([kind], counts.get(kind, 0))
