@@ -133,7 +133,11 @@ class ServerCollector:
         live_ids = set(_retrying(lambda: self.live_clients(state)))
         gauges = (
             ("live_clients", "Clients the server counts as live (not removed)", len(live_ids)),
-            ("min_clients", "Clients a round needs (the config's, or the operator's set-min-clients)", 0),
+            (
+                "min_clients",
+                "Clients a round needs (the config's, or the operator's set-min-clients)",
+                config.strategy.min_clients,
+            ),
             ("held_updates", "Updates folded and held unacked, in no stored version yet", self.held_updates(state)),
             ("model_version", "The newest stored model version", state.model.version if state.model else 0),
             ("paused", "1 while an operator has paused the rounds", 1 if state.admin.paused else 0),
@@ -144,7 +148,7 @@ class ServerCollector:
         )
         for name, help_text, value in gauges:
             gauge = GaugeMetricFamily(f"{PREFIX}_{name}", help_text)
-            gauge.add_metric([], config.strategy.min_clients if name == "min_clients" else value)
+            gauge.add_metric([], value)
             yield gauge
         yield from self._deadline(state, config)
         dropped = CounterMetricFamily(
@@ -375,7 +379,8 @@ class ProcessMetrics:
         self, worker: Any, live_clients: Callable[[Any], list[str]], held_updates: Callable[[Any], int]
     ) -> None:
         self.brokerfl.register(WorkerCollector([worker], "server"))
-        self.brokerfl.register(ServerCollector(worker.state, live_clients, held_updates, [worker]))
+        if hasattr(worker.state, "clients"):  # a brokerfl server's state (a Flower ServerApp's keeps no rounds here)
+            self.brokerfl.register(ServerCollector(worker.state, live_clients, held_updates, [worker]))
         worker.state.on_round.append(RoundMetrics(self.brokerfl))
 
     def attach_clients(self, workers: list[Any]) -> None:
