@@ -32,6 +32,7 @@ from brokerfl.wire.message import Message
 
 SHIP_S = 1.0  # how often a process publishes what it logged
 BATCH_RECORDS = 200  # at most this many records in one message (each at most a few KB)
+MAX_BACKOFF_S = 60.0
 
 
 @dataclass(kw_only=True)
@@ -58,6 +59,12 @@ class ShipperState:
     batch: int = BATCH_RECORDS
     every_s: float = SHIP_S
     shipped: int = 0
+    failures: int = 0  # publishing failed this many times in a row (e.g. no logs exchange on the broker)
+
+    def next_in(self) -> float:
+        """Seconds to the next batch: backs off while publishing fails, so a broker without
+        the run's logs exchange (definitions from an older provision) costs a try a minute."""
+        return min(MAX_BACKOFF_S, self.every_s * 2**self.failures) if self.failures else self.every_s
 
 
 SHIPPING = HandlerSet("log shipping", needs=(ShipperState,))
@@ -71,8 +78,21 @@ def start_shipping(message: Started, ctx: Context[ShipperState]) -> None:
 @SHIPPING.on(ShipLogs)
 def ship(message: ShipLogs, ctx: Context[ShipperState]) -> list[Outbound]:
     state = ctx.state
-    ctx.set_timer("ship", state.every_s, ShipLogs())
-    return batches(state)
+    out = batches(state)
+    ctx.set_timer("ship", state.next_in(), ShipLogs())
+    if out:
+        lost = sum(len(o.message.records) for o in out if isinstance(o.message, LogRecords))
+
+        def sent() -> None:
+            state.failures = 0
+
+        def not_sent(error: BaseException) -> None:  # counted with the next batch; stderr has them
+            state.failures += 1
+            state.buffer.dropped += lost
+
+        ctx.once_sent(sent)
+        ctx.unless_sent(not_sent)
+    return out
 
 
 def batches(state: ShipperState) -> list[Outbound]:
