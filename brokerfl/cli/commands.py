@@ -306,10 +306,10 @@ def cmd_client(args: argparse.Namespace) -> int:
     if not args.client_id:
         raise SystemExit("brokerfl client: pass --client-id (an id, a range such as 0-9) or set BROKERFL_CLIENT_ID")
     config = load_run_config(args)
-    log = get_logger(run=config.run, role="client", clients=",".join(args.client_id[:10]))
+    log = get_logger(run=config.run, role="client", clients=_shown(args.client_id))
     install_buffer(buffer := LogBuffer())  # from its first line on, its log goes to the run too
     # before the app's imports (torch: seconds, tens of seconds with several processes starting at once)
-    log.info("starting", broker=broker_hosts(broker_url(args)), client_ids=_shown(args.client_id))
+    log.info("starting", broker=broker_hosts(broker_url(args)))
     from brokerfl.assembly.roles import client_process_worker, client_worker, topology_for
     from brokerfl.runtime.remote_log import flush, log_shipper, site_of
     from brokerfl.runtime.worker import run_workers

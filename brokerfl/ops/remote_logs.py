@@ -190,7 +190,11 @@ def render(record: dict[str, Any]) -> str:
     when = datetime.fromtimestamp(stamp).strftime("%H:%M:%S") if isinstance(stamp, int | float) else "??:??:??"
     level = printable(record.get("level", "?"), 10)
     line = f"{when} [{level:<7}] {printable(record.get('site', '?'), 80):<10} {printable(record.get('event', ''))}"
-    rest = " ".join(f"{printable(k, 64)}={printable(v)}" for k, v in record.items() if k not in _FIRST_KEYS)
+    site = str(record.get("site", ""))
+    hidden = (
+        _FIRST_KEYS if site.startswith("client.") or site == SERVER else tuple(k for k in _FIRST_KEYS if k != "client")
+    )
+    rest = " ".join(f"{printable(k, 64)}={printable(v)}" for k, v in record.items() if k not in hidden)
     line = f"{line}  {rest}" if rest else line
     if record.get("exception"):
         line += "\n" + "\n".join(printable(part, 3000) for part in str(record["exception"]).splitlines())
