@@ -414,3 +414,17 @@ def test_each_participant_publishes_its_own_logs_only_and_only_the_admin_reads_t
     assert _refusal(server_url, publish("client.0.log_records")) == 403
     assert _refusal(server_url, consume) == 403
     assert _refusal(admin_url, consume) == 0
+    # the shipper and the reader as the processes run them: the client's batch is read back
+    # as client 0's; the raw publishes above carry no user_id and are skipped
+    from brokerfl.ops.remote_logs import Skipped, read_log_batches, records
+    from brokerfl.runtime.log import LogBuffer
+    from brokerfl.runtime.remote_log import flush, log_shipper
+
+    with connect(done, client_user(run, "0")) as client, connect(done, f"{run}-admin") as admin:
+        shipper = log_shipper(client, topology, "client.0", buffer=LogBuffer())
+        shipper.state.buffer.add({"time": 1.0, "level": "info", "event": "hello from 0", "client": "1"})
+        flush(shipper)
+        skipped = Skipped()
+        shown = list(records(read_log_batches(admin, topology), run, enforce_identity=True, skipped=skipped))
+    assert [(r["site"], r["client"], r["event"]) for r in shown] == [("client.0", "0", "hello from 0")]
+    assert sum(skipped.counts.values()) == 2  # client 0's and the server's raw publishes
