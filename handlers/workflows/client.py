@@ -445,8 +445,11 @@ def answer_task(message: Trained, ctx: Context):
         # Answered once the update is confirmed: if publishing it fails, the task is requeued
         # and must be trained again, not skipped as answered.
         ctx.once_sent(lambda: state.answered.add(task.message_id))
-        sent = _sent_line(answer, message.result[1], message.result[2])
-        ctx.once_sent(lambda: ctx.log.info(f"round {task.round}: update sent", kind=answer.TYPE, **sent))
+        # its line, once it is out; the effect holds neither the update nor the context (a
+        # cycle through ctx would keep the update's arrays alive until the next collection)
+        log, event = ctx.log, f"round {task.round}: update sent"
+        sent = {"kind": answer.TYPE, **_sent_line(answer, message.result[1], message.result[2])}
+        ctx.once_sent(lambda: log.info(event, **sent))
     waiting, state.waiting = state.waiting, None
     if waiting is not None:
         if waiting.deadline and ctx.wall() > waiting.deadline:
