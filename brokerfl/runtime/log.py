@@ -83,6 +83,11 @@ class LogBuffer:
                 self.dropped += 1
             self._records.append(text)
 
+    def lose(self, count: int = 1) -> None:
+        """Count records that will not reach the broker (copied badly, or a batch not sent)."""
+        with self._lock:
+            self.dropped += count
+
     def take(self, limit: int) -> tuple[list[str], int]:
         """Up to ``limit`` records (JSON texts), oldest first, and how many were dropped
         since the last take."""
@@ -110,7 +115,7 @@ def _copy_to_buffer(logger: Any, method: str, event_dict: dict[str, Any]) -> dic
         try:
             buffer.add(bounded_record(event_dict, event_dict.get("level", method)))
         except Exception:  # never let the copy break the log line itself  # noqa: BLE001
-            buffer.dropped += 1
+            buffer.lose()
     return event_dict
 
 

@@ -88,7 +88,7 @@ def ship(message: ShipLogs, ctx: Context[ShipperState]) -> list[Outbound]:
 
         def not_sent(error: BaseException) -> None:  # counted with the next batch; stderr has them
             state.failures += 1
-            state.buffer.dropped += lost
+            state.buffer.lose(lost)
 
         ctx.once_sent(sent)
         ctx.unless_sent(not_sent)
