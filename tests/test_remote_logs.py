@@ -82,6 +82,13 @@ def test_the_shipper_sends_what_was_logged_in_batches_under_its_site():
     assert [len(o.message.records) for o in out] == [200, 200, 50]
     assert ctx.timer_requests[0].key == "ship"  # and again in a second
     assert site_of("server", []) == "server" and site_of("client", ["1", "2"]) == "clients"
+    # a batch that cannot be published is counted as lost, and shipping backs off
+    buffer.add({"event": "late"})
+    ctx = Context(role="client.7-log", run="r", state=state, log=structlog.get_logger(), clock=time.monotonic)
+    assert len(list(table.handler_for(ShipLogs.TYPE)(ShipLogs(), ctx) or ())) == 1
+    for effect in ctx.when_not_sent:
+        effect(RuntimeError("no exchange"))
+    assert state.failures == 1 and state.next_in() == 2.0 and buffer.take(10) == ([], 1)
 
 
 def _delivery(routing_key: str, message, user: str = "") -> Delivery:
