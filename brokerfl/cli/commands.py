@@ -19,6 +19,7 @@ from brokerfl.cli.common import (
     load_run_config,
     parse_client_ids,
 )
+from brokerfl.cli.dashboard import add_commands as add_dashboard_commands
 from brokerfl.cli.operate import add_commands as add_operate_commands
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.runtime.log import configure_logging
@@ -848,6 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.set_defaults(func=cmd_keygen)
 
     add_operate_commands(commands)
+    add_dashboard_commands(commands)
 
     ping = commands.add_parser("ping", help="check that the broker answers (container health checks)")
     add_broker_arguments(ping)
