@@ -31,10 +31,9 @@ from pathlib import Path
 import pytest
 
 from brokerfl.assembly.roles import topology_for
-from brokerfl.cli import main
-from brokerfl.cli import operate
+from brokerfl.cli import main, operate
 from brokerfl.config import load_config
-from brokerfl.ops.dashboard import Dashboard, DashboardServer, serve
+from brokerfl.ops.dashboard import Dashboard, DashboardServer, accounting_on_broker, serve
 from brokerfl.ops.runs import RunSummary
 from brokerfl.runtime.operator_commands import StatusRequest, ask
 from brokerfl.transports.amqp import AmqpTransport
@@ -181,6 +180,7 @@ class Federation:
             admin_message=operate.admin_message if admin else None,
             amqp_url=self.url,
             runs=runs,
+            accounting=accounting_on_broker(lambda _config: AmqpTransport(self.url)),
         ).start()
         server = serve(dashboard, "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -200,7 +200,9 @@ class Federation:
     def publish_hostile(self) -> None:
         """A message whose type and sender are markup, and whose body does not decode: the
         server dead-letters it with a reason that quotes its type."""
-        envelope = Envelope(type=HOSTILE_TYPE, message_id=uuid.uuid4().hex, sender=HOSTILE_SENDER, timestamp=time.time())
+        envelope = Envelope(
+            type=HOSTILE_TYPE, message_id=uuid.uuid4().hex, sender=HOSTILE_SENDER, timestamp=time.time()
+        )
         self.transport.publish(self.topology.exchange, routing_key("server", "hostile"), envelope, b"\xc1not msgpack")
 
     def logs(self) -> str:
@@ -270,7 +272,9 @@ def shown_version(page) -> int | None:
 
 
 def curve_points(page) -> int:
-    return page.locator("#curves figure").first.locator("circle").count() if page.locator("#curves figure").count() else 0
+    return (
+        page.locator("#curves figure").first.locator("circle").count() if page.locator("#curves figure").count() else 0
+    )
 
 
 def poll_until(what: str, done, timeout: float = 120.0, logs=lambda: ""):
@@ -290,7 +294,9 @@ def test_the_page_follows_a_training_run(federation: Federation, browser):
     page, errors = open_page(browser, server)
     first = poll_until(
         "a model version and a curve of two points",
-        lambda: (v := shown_version(page)) is not None and v >= 1 and curve_points(page) >= 2 and (v, curve_points(page)),
+        lambda: (
+            (v := shown_version(page)) is not None and v >= 1 and curve_points(page) >= 2 and (v, curve_points(page))
+        ),
         timeout=240,
         logs=federation.logs,
     )
@@ -302,6 +308,8 @@ def test_the_page_follows_a_training_run(federation: Federation, browser):
     )
     assert later > first[0]
     assert "accuracy" in (page.text_content("#curves") or "")
+    page.click("#accounting-button")
+    poll_until("the accounting", lambda: "updates sent:" in (page.text_content("#accounting") or ""), timeout=60)
     clients = page.text_content("#clients") or ""
     assert "live" in clients and "0" in clients and "1" in clients
     # read-only: no admin buttons, the page says why

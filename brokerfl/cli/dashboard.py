@@ -15,7 +15,7 @@ DEFAULT_PORT = 8765
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from brokerfl.ops.dashboard import Dashboard, serve
+    from brokerfl.ops.dashboard import Dashboard, accounting_on_broker, serve
 
     configs = [_load(path, args) for path in args.configs]
     if not configs and args.run:
@@ -29,15 +29,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     def connect() -> Transport:
         return common.connect(args)
 
-    def accounting(config: RunConfig) -> str:
-        from brokerfl.assembly.roles import topology_for
-        from brokerfl.storage.accounting import account_run
-        from brokerfl.storage.broker_store import BrokerModelStore
-
-        with common.connect(args, config=config) as transport, common.connect(args, config=config) as side:
-            store = BrokerModelStore(side, topology_for(config), keep=1).refresh()
-            return account_run(transport, topology_for(config), store).summary()
-
     dashboard = Dashboard(
         connect,
         configs,
@@ -46,7 +37,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         amqp_url=url,
         interval=args.interval,
         status_timeout=args.timeout,
-        accounting=accounting,
+        accounting=accounting_on_broker(lambda config: common.connect(args, config=config)),
     )
     try:
         server = serve(dashboard, args.addr, args.port)
@@ -91,9 +82,7 @@ def add_commands(commands: Any) -> None:
         help="YAML run configs of the runs to show (default: pick from the runs on the broker)",
     )
     dashboard.add_argument("--run", default=common.env("RUN"), help="run name (with one config, or none)")
-    dashboard.add_argument(
-        "--addr", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
-    )
+    dashboard.add_argument("--addr", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     dashboard.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to serve (default {DEFAULT_PORT})")
     dashboard.add_argument(
         "--admin",

@@ -376,16 +376,15 @@ class Dashboard:
                     }
                 )
         elif kind == AdminStateRecord.TYPE:
-            record = watch.skipped.record(d, AdminStateRecord) if d.routing_key.startswith("audit.") else None
-            if record is None:
-                record = watch.skipped.message(d, AdminStateRecord)
-            if record is not None and (watch.admin_state is None or record.seq >= watch.admin_state["seq"]):
+            # the server's copy of its admin queue's record (the admin queue itself is the server's to read)
+            state = watch.skipped.message(d, AdminStateRecord)
+            if state is not None and (watch.admin_state is None or state.seq >= watch.admin_state["seq"]):
                 watch.admin_state = {
-                    "seq": record.seq,
-                    "paused": record.paused,
-                    "removed": [bounded(c, 64) for c in record.removed],
-                    "min_clients": record.min_clients,
-                    "rounds": record.rounds,
+                    "seq": state.seq,
+                    "paused": state.paused,
+                    "removed": [bounded(c, 64) for c in state.removed],
+                    "min_clients": state.min_clients,
+                    "rounds": state.rounds,
                 }
         elif kind == RunFinished.TYPE:
             finished = watch.skipped.record(d, RunFinished)
@@ -521,7 +520,7 @@ class Dashboard:
 
         def job(transport: Transport) -> dict[str, Any]:
             reply = ask(transport, self._watch(run).topology, message, timeout=self.admin_timeout)
-            if reply is None:
+            if not isinstance(reply, AdminReply):
                 return {
                     "ok": False,
                     "text": f"no reply from the server of run {run} within {self.admin_timeout:g} s: the command "
@@ -542,6 +541,22 @@ class Dashboard:
         text = self.accounting(watch.config)
         watch.accounting = {"at": started, "took_s": round(time.time() - started, 1), "text": text}
         return watch.accounting
+
+
+def accounting_on_broker(connect: Callable[[RunConfig], Transport]) -> Callable[[RunConfig], str]:
+    """``brokerfl accounting``'s summary of a run on the broker, on two connections of its
+    own (the journal's and the models stream's) made by ``connect(config)`` per call."""
+
+    def account(config: RunConfig) -> str:
+        from brokerfl.assembly.roles import topology_for
+        from brokerfl.storage.accounting import account_run
+        from brokerfl.storage.broker_store import BrokerModelStore
+
+        with connect(config) as transport, connect(config) as side:
+            store = BrokerModelStore(side, topology_for(config), keep=1).refresh()
+            return account_run(transport, topology_for(config), store).summary()
+
+    return account
 
 
 def _shown(summary: dict[str, Any]) -> dict[str, Any]:
