@@ -134,6 +134,38 @@ def test_headers_token_and_host_without_a_broker():
         dashboard.stop()
 
 
+@pytest.mark.timeout(60)
+def test_the_dead_letter_queue_is_peeked_at_not_consumed():
+    """A run without a journal: its dead letters come from the queue, taken and put back in
+    order; one the broker dead-lettered itself says so."""
+    from brokerfl.runtime.operator_commands import PauseRounds
+    from brokerfl.transports.local import LocalBroker, LocalTransport
+    from brokerfl.wire.message import to_wire
+
+    config = load_config(None, {"run": "peek", "journal": False})
+    dashboard = Dashboard(lambda: LocalTransport(), [config], gather=operate.gather)
+    watch = dashboard._watch("peek")
+    transport = LocalTransport(LocalBroker())
+    watch.topology.declare(transport)
+    envelope = Envelope(type=HOSTILE_TYPE, message_id="m1", sender=HOSTILE_SENDER, timestamp=time.time())
+    transport.publish(watch.topology.exchange, routing_key("server", "hostile"), envelope, b"\xc1")
+    transport.publish(watch.topology.exchange, routing_key("server", "pause_rounds"), *to_wire(PauseRounds()))
+    first = transport.get(watch.topology.server_queue)
+    transport.dead_letter(first, HOSTILE_REASON)  # as a worker does: the reason in a header
+    transport.nack(transport.get(watch.topology.server_queue), requeue=False)  # as the broker does
+    assert transport.queue_info(watch.topology.dead_queue).messages_ready == 2
+
+    dashboard._peek_dead_letters(transport, watch, 2)
+    rows = dashboard._run_snapshot(watch)["dead_letters"]
+    assert [r["reason"] for r in rows] == [
+        f"dead-lettered by the broker: rejected in queue {watch.topology.server_queue}",
+        HOSTILE_REASON,
+    ]
+    assert rows[1]["kind"] == HOSTILE_TYPE and HOSTILE_SENDER in rows[1]["from"]
+    assert transport.queue_info(watch.topology.dead_queue).messages_ready == 2  # still there, in order
+    assert transport.get(watch.topology.dead_queue).envelope.message_id == "m1"
+
+
 # ---------------------------------------------------------------- a real run, a real browser
 
 
@@ -339,6 +371,11 @@ def test_hostile_text_is_shown_as_text(federation: Federation, browser):
     assert page.evaluate("window.__pwned") is None
     assert page.locator("img").count() == 0
     assert page.locator("script").count() == 1  # the page's own
+    # another run picked from the list: the page says why it has nothing to show; then back
+    page.click("#runs button:has-text('other-run')")
+    poll_until("the other run", lambda: "no server queue" in (page.text_content("#round-headline") or ""), timeout=60)
+    page.select_option("#run-select", federation.run)
+    poll_until("the run again", lambda: shown_version(page) is not None, timeout=60)
     assert not errors, errors
 
 

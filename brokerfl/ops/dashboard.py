@@ -300,8 +300,8 @@ class Dashboard:
         try:
             while ready and len(held) < KEPT_DEAD_LETTERS and (d := transport.get(watch.topology.dead_queue)):
                 held.append(d)
-        finally:
-            for d in held:
+        finally:  # newest first: a broker that requeues at the head gets the order back too
+            for d in reversed(held):
                 transport.nack(d, requeue=True)
         rows = []
         for d in held:
