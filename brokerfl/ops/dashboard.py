@@ -411,8 +411,9 @@ class Dashboard:
             "selected": self.selected,
             "run": self._run_snapshot(self.watches.get(self.selected)) if self.selected else None,
         }
+        plain = _plain(snapshot)  # a copy: the owner thread goes on changing what it holds
         with self._lock:
-            self._snapshot = snapshot
+            self._snapshot = plain
 
     def _run_snapshot(self, watch: RunWatch | None) -> dict[str, Any] | None:
         if watch is None:
@@ -559,6 +560,20 @@ def accounting_on_broker(connect: Callable[[RunConfig], Transport]) -> Callable[
     return account
 
 
+def _plain(value: Any) -> Any:
+    """``value`` copied as plain JSON values: NaN and infinities (which JSON cannot carry)
+    become None, anything else unknown its text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | deque):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str | int | bool):
+        return value
+    return str(value)
+
+
 def _shown(summary: dict[str, Any]) -> dict[str, Any]:
     """A run summary fit for JSON: text bounded, numbers finite (JSON has no NaN)."""
     return {
@@ -611,7 +626,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, status: int, value: Any) -> None:
-        self._send(status, json.dumps(value, allow_nan=False, default=str).encode(), "application/json")
+        self._send(status, json.dumps(_plain(value), allow_nan=False).encode(), "application/json")
 
     def _error(self, status: int, text: str) -> None:
         self._json(status, {"error": text})

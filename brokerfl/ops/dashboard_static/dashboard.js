@@ -94,7 +94,7 @@ function drawRuns(state) {
   select.value = state.selected || "";
   const note = document.getElementById("runs-note");
   note.hidden = !state.runs_note;
-  note.textContent = state.runs_note || "";
+  note.textContent = (state.runs_note || "") + (state.runs_note && !state.selected ? ": start the dashboard with a run's CONFIG or --run NAME" : "");
   fillTable(
     "runs",
     state.runs.map((r) => {
