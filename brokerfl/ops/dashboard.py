@@ -189,8 +189,7 @@ class Dashboard:
     def _drop_transport(self) -> None:
         if self._transport is not None:
             for watch in self.watches.values():
-                watch.journal_tag = None  # gone with the connection; read again from the start
-                watch.pending.clear()
+                _reset_journal(watch)  # its consumer is gone with the connection: read again from the start
             try:
                 self._transport.close()
             except Exception:  # noqa: BLE001 - closing a broken connection: nothing to do about it
@@ -503,13 +502,7 @@ class Dashboard:
                 transport.cancel(watch.journal_tag)
             except TransportError:
                 pass
-        watch.journal_tag = None
-        watch.pending.clear()
-        watch.dead_letters.clear()
-        watch.dead_by_kind.clear()
-        watch.admin_log.clear()
-        watch.journal_records = 0
-        watch.skipped = Skipped()
+        _reset_journal(watch)
 
     def run_admin(self, command: str, values: list[str], reason: str) -> dict[str, Any]:
         if self.admin_message is None:
@@ -558,6 +551,17 @@ def accounting_on_broker(connect: Callable[[RunConfig], Transport]) -> Callable[
             return account_run(transport, topology_for(config), store).summary()
 
     return account
+
+
+def _reset_journal(watch: RunWatch) -> None:
+    """Forget what the journal said (the curve stays: its points are the same when read again)."""
+    watch.journal_tag = None
+    watch.pending.clear()
+    watch.dead_letters.clear()
+    watch.dead_by_kind.clear()
+    watch.admin_log.clear()
+    watch.journal_records = 0
+    watch.skipped = Skipped()
 
 
 def _plain(value: Any) -> Any:
