@@ -128,6 +128,7 @@ def test_headers_token_and_host_without_a_broker():
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 403
+        poll_until("the broker's absence said", lambda: dashboard.snapshot().get("broker") == "broker: no broker here")
     finally:
         server.shutdown()
         server.server_close()

@@ -45,6 +45,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         why = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror or exc})"
         print(f"brokerfl dashboard: port {args.port} on {args.addr} {why}: pass another --port", file=sys.stderr)
         return 2
+    if args.admin:
+        _warn_if_not_admin(configs, url)
     dashboard.start()
     host = f"[{args.addr}]" if ":" in args.addr else args.addr
     print(
@@ -59,6 +61,23 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         server.server_close()
         dashboard.stop()
     return 0
+
+
+def _warn_if_not_admin(configs: list[RunConfig], url: str) -> None:
+    """Where a run enforces identity, only its admin user may send commands: say so at
+    start rather than on each refused button."""
+    from urllib.parse import urlsplit
+
+    from brokerfl.runtime.identity import admin_user
+
+    user = urlsplit(url.split(",")[0]).username or "guest"
+    for config in configs:
+        if config.identity.enforce and user != admin_user(config.run):
+            print(
+                f"brokerfl dashboard: run {config.run} enforces identity: its server refuses admin commands from "
+                f"{user}; connect as {admin_user(config.run)} to send them",
+                file=sys.stderr,
+            )
 
 
 def _load(path: str, args: argparse.Namespace) -> RunConfig:
