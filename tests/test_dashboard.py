@@ -204,7 +204,7 @@ class Federation:
         hostile_other = RunSummary(run="other-run", state="crashed", reason=HOSTILE_REASON, round=3, rounds=5)
 
         def runs(_transport):  # the lead wires brokerfl.ops.runs.list_runs; its interface, faked
-            return [RunSummary(run=self.run, state="training", round=1, rounds=8), hostile_other]
+            return [RunSummary(run=self.run, state="training", round=1, rounds=40), hostile_other]
 
         dashboard = Dashboard(
             lambda: AmqpTransport(self.url),
@@ -333,13 +333,13 @@ def test_the_page_follows_a_training_run(federation: Federation, browser):
         timeout=240,
         logs=federation.logs,
     )
-    shot(page, "dashboard-mid-run.png")
     later = poll_until(
         "a later version with more points",
         lambda: (v := shown_version(page)) is not None and v > first[0] and curve_points(page) > first[1] and v,
         logs=federation.logs,
     )
     assert later > first[0]
+    shot(page, "dashboard-mid-run.png")
     assert "accuracy" in (page.text_content("#curves") or "")
     page.click("#accounting-button")
     poll_until("the accounting", lambda: "updates sent:" in (page.text_content("#accounting") or ""), timeout=60)
