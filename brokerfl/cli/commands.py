@@ -20,6 +20,7 @@ from brokerfl.cli.common import (
     parse_client_ids,
 )
 from brokerfl.cli.logs import add_command as add_logs_command
+from brokerfl.cli.dashboard import add_commands as add_dashboard_commands
 from brokerfl.cli.operate import add_commands as add_operate_commands
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.runtime.log import LogBuffer, configure_logging, get_logger, install_buffer
@@ -906,6 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_operate_commands(commands)
     add_logs_command(commands)
+    add_dashboard_commands(commands)
 
     ping = commands.add_parser("ping", help="check that the broker answers (container health checks)")
     add_broker_arguments(ping)
