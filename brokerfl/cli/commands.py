@@ -19,8 +19,8 @@ from brokerfl.cli.common import (
     load_run_config,
     parse_client_ids,
 )
-from brokerfl.cli.logs import add_command as add_logs_command
 from brokerfl.cli.dashboard import add_commands as add_dashboard_commands
+from brokerfl.cli.logs import add_command as add_logs_command
 from brokerfl.cli.operate import add_commands as add_operate_commands
 from brokerfl.config import ConfigError, RunConfig
 from brokerfl.runtime.log import LogBuffer, configure_logging, get_logger, install_buffer
