@@ -81,6 +81,7 @@ def resume_or_initialise(message: Started, ctx: Context[ServerState]):
     if state.round >= state.config.rounds:
         return finish_run(ctx, "all rounds were already done")
     if state.admin.paused:  # restored from the admin queue (brokerfl.runtime.operator_commands)
+        ctx.send(run_record(state, "paused"))
         ctx.log.warning(
             "paused: no round starts until an operator resumes the run: waiting for `admin resume`", round=state.round
         )

@@ -31,6 +31,8 @@ def dropped_updates(state: Any) -> int:
 def run_record(state: Any, event: str, *, reason: str = "", model: Any = None) -> Outbound:
     """A registry record of ``state``'s run (``model``: the version it is about; default the
     newest)."""
+    if event == "training" and getattr(getattr(state, "admin", None), "paused", False):
+        event = "paused"  # begun while paused (a restarted server): no round starts until resume
     model = model if model is not None else state.model
     app = getattr(state, "app", None)
     name = app.target.name if app is not None and getattr(app, "target", None) is not None else ""
