@@ -51,6 +51,7 @@ def test_fold_follows_a_run_and_trusts_only_its_own_users():
         record("b", "started", "guest", 1.5, rounds=3),  # unprovisioned: the first publisher's word
         record("b", "aborted", "guest", 5.0, reason=HOSTILE, round=1, model_version=0),
         record("b", "finished", "mallory", 6.0),
+        record("d", "started", "a-server", 0.2),  # a provisioned server inventing a run
         record("c", "started", "guest", 0.5),
         record("c", "deleted", "guest", 7.0),  # delete-run: no longer listed
     ]

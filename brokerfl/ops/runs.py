@@ -24,7 +24,9 @@ rights a provisioned run already has decide who may: the server's topic permissi
 Trust: with identity enforced RabbitMQ checks every message's ``user_id`` against its
 connection's user, so a record is counted for run R only if its publisher is R's server or
 admin user (``<R>-server``, ``<R>-admin``) when any record of R came from one of them, else
-only from the user that published R's first record (unprovisioned runs: all one user).
+only from the user that published R's first record (unprovisioned runs: all one user),
+unless its name makes it another run's participant. Without identity the registry is as
+trustworthy as the one user every process shares.
 
 "Crashed" is decided live, not recorded (a killed server records nothing): a run whose
 newest record is not its end and whose server queue has no consumer.
@@ -181,7 +183,8 @@ def _record(delivery: Delivery) -> RunRecord | None:
 
 def trusted_users(run: str, users: Iterable[str]) -> set[str]:
     """Whose records count for ``run``, of the ``users`` that published them (in order):
-    its server and admin users if any of them did, else the first publisher."""
+    its server and admin users if any of them did, else the first publisher, unless that is
+    another run's participant by its name (a provisioned server inventing a run)."""
     users = list(users)
     try:
         named = {server_user(run), admin_user(run)}
@@ -189,7 +192,10 @@ def trusted_users(run: str, users: Iterable[str]) -> set[str]:
         return set()
     if named & set(users):
         return named
-    return set(users[:1])
+    first = users[:1]
+    if first and (first[0].endswith(("-server", "-admin")) or "-client-" in first[0]):
+        return set()
+    return set(first)
 
 
 def fold(records: Iterable[RunRecord]) -> list[RunSummary]:
