@@ -98,6 +98,7 @@ def broker() -> Iterator[_Broker]:
     url = os.environ.get("BROKERFL_AMQP_URL")
     if url:
         yield _Broker(url)
+        _delete_run_registry(url)
         return
     try:
         with warnings.catch_warnings():  # testcontainers' own deprecations
@@ -121,6 +122,19 @@ def broker() -> Iterator[_Broker]:
         yield _Broker(f"amqp://{container.username}:{container.password}@{params.host}:{params.port}/", container)
     finally:
         container.stop()
+
+
+def _delete_run_registry(url: str) -> None:
+    """The run registry every server of the session appended to (brokerfl.ops.runs): a
+    stream of the vhost, no run's, so no run's cleanup deletes it."""
+    from brokerfl.transports.amqp import AmqpTransport
+    from brokerfl.transports.topology import REGISTRY_STREAM
+
+    try:
+        with AmqpTransport(url) as cleaner:
+            cleaner.delete_queue(REGISTRY_STREAM)
+    except Exception:  # noqa: BLE001 - a broker gone by now has nothing left to clean
+        pass
 
 
 @pytest.fixture(scope="session")

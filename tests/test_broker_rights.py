@@ -381,6 +381,42 @@ def test_connections_channels_and_sizes_past_the_limits_are_refused_while_the_ru
         server_transport.close()
 
 
+def test_the_run_registry_takes_the_servers_records_only_and_only_the_admin_reads_it(provision_on_broker):
+    """The run registry (brokerfl.ops.runs) of a provisioned run: the server appends through
+    the run's exchange (topic ``runs.*``); a client may neither route a record to it nor read
+    it; the server may not read it (other runs' records may share the vhost); the admin lists
+    the run from it."""
+    from brokerfl.ops.runs import list_runs
+    from brokerfl.runtime.identity import admin_user
+    from brokerfl.runtime.operator_commands import RunRecord
+    from brokerfl.transports.topology import REGISTRY_STREAM
+
+    config = secure_config("r" + uuid.uuid4().hex[:10], clients=2, rounds=1)
+    done = provision_on_broker(config)
+    run = config.run
+    topology = topology_for(config)
+    with connect(done, server_user(run)) as server:
+        server.publish(topology.exchange, "runs.run_record", *to_wire(RunRecord(event="started", run=run, rounds=1)))
+    forged = to_wire(RunRecord(event="finished", run=run, reason="forged"))[1]
+
+    def publish_record(ch):
+        ch.confirm_delivery()
+        ch.basic_publish(topology.exchange, "runs.run_record", forged, pika.BasicProperties(type="run_record"))
+
+    def read_registry(ch):
+        ch.basic_qos(prefetch_count=1)
+        ch.basic_consume(REGISTRY_STREAM, lambda *_: None, arguments={"x-stream-offset": "first"})
+
+    client_url = done.env(client_user(run, "0"))["BROKERFL_AMQP_URL"]
+    assert _refusal(client_url, publish_record) == 403
+    assert _refusal(client_url, read_registry) == 403
+    assert _refusal(done.env(server_user(run))["BROKERFL_AMQP_URL"], read_registry) == 403
+    with connect(done, admin_user(run)) as admin:
+        (summary,) = [s for s in list_runs(admin, timeout=10) if s.run == run]
+    assert summary.state == "crashed" and summary.rounds == 1  # recorded, and no server consumes its queue
+
+
+
 def test_each_participant_publishes_its_own_logs_only_and_only_the_admin_reads_them(provision_on_broker):
     """The logs exchange takes a client's records under its own routing key only, the
     server's under ``server.log_records`` only; the logs stream is the admin's to read."""

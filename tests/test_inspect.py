@@ -12,6 +12,7 @@ from brokerfl.assembly.simulate import simulate
 from brokerfl.cli import main
 from brokerfl.config import load_config
 from brokerfl.ops import inspection as inspect
+from brokerfl.ops.runs import list_runs, read_registry
 from brokerfl.storage.journal import read_journal, write_journal_file
 from brokerfl.transports.local import LocalBroker, LocalTransport
 from brokerfl.transports.topology import RunTopology
@@ -23,6 +24,12 @@ def test_inspect_a_simulated_run_with_a_dead_letter(tmp_path, capsys):
     result = simulate(config, journal=True)
     transport = LocalTransport(result.broker)
     topology = topology_for(config)
+    # the run recorded itself in the broker's run registry (brokerfl.ops.runs), start to end
+    events = [r.event for r in read_registry(transport, timeout=2) if r.run == config.run]
+    assert events[0] == "started" and events[-1] == "finished" and events.count("progress") <= 2
+    (run,) = list_runs(transport, timeout=2)
+    assert (run.state, run.round, run.rounds, run.model_version, run.reason) == ("finished", 2, 2, 2, "2 rounds done")
+    assert run.metric_name == "accuracy" and run.metric_value is not None and run.dropped_updates == 0
     # a poison message to the server of the finished run: nobody consumes it now, so put
     # a dead letter into the journal the way a worker does
     envelope, body = to_wire(

@@ -217,6 +217,7 @@ def topology_for(config: RunConfig, *, journal: bool | None = None) -> RunTopolo
         journal_max_age=config.journal_max_age,
         swarm=config.workflow == "swarm",
         replicated=config.replicated_queues,
+        declares_registry=not config.identity.enforce,
     )
 
 

@@ -612,14 +612,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if transport is not None:
                 transport.close()
         return 0
+    dead_queue = None
     if not args.journal:
         from brokerfl.assembly.roles import topology_for
 
         with connect(args) as transport:
-            print(inspect.queue_table(transport, topology_for(config), config.client_ids(), broker_url(args)))
+            topology = topology_for(config)
+            print(inspect.queue_table(transport, topology, config.client_ids(), broker_url(args)))
+            dead_queue = inspect.dead_queue_depth(transport, topology)
     deliveries, transport = _journal_source(args, config)
     try:
-        print(inspect.journal_report(deliveries, run=config.run))
+        print(inspect.journal_report(deliveries, run=config.run, dead_queue=dead_queue))
     finally:
         if transport is not None:
             transport.close()

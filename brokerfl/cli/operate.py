@@ -1,5 +1,6 @@
-"""``brokerfl status`` and ``brokerfl admin``: a running federation, as its server sees it,
-and the operator's commands to it (see :mod:`brokerfl.runtime.operator_commands`)."""
+"""``brokerfl status``, ``brokerfl runs`` and ``brokerfl admin``: a running federation, as
+its server sees it, the runs on a broker (:mod:`brokerfl.ops.runs`), and the operator's
+commands to a server (see :mod:`brokerfl.runtime.operator_commands`)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,25 @@ NO_REPLY = 4  # exit code: the server did not answer in time
 def gather(
     transport: Transport, topology: RunTopology, client_ids: list[str], *, timeout: float, amqp_url: str | None
 ) -> dict[str, Any]:
-    """The server's status (None if it did not answer) and the broker's queue depths."""
+    """The server's status (None if it did not answer), why not (``absent``: no server of
+    the run has started; ``stopped``: none consumes its queue; ``busy``: it did not answer in
+    time), the run's registry summary if it did not answer (None where the registry is
+    unreadable or does not know the run), and the broker's queue depths."""
     from brokerfl.ops.inspection import management_counts
-    from brokerfl.runtime.operator_commands import StatusRequest, ask, client_id_order
+    from brokerfl.runtime.operator_commands import StatusRequest, ask, client_id_order, server_consumers
 
-    reply = ask(transport, topology, StatusRequest(), timeout=timeout)
+    silence = None
+    try:
+        reply = ask(transport, topology, StatusRequest(), timeout=timeout)
+    except TransportError:
+        reply, silence = None, "absent"
     status = reply.status if reply is not None else None
+    if status is None and silence is None:
+        try:
+            silence = "busy" if server_consumers(transport, topology) else "stopped"
+        except TransportError:
+            silence = "absent"
+    summary = registry_summary(transport, topology.run) if status is None else None
     ids = sorted({*client_ids, *(c["id"] for c in (status or {}).get("clients", []))}, key=client_id_order)
     counts = management_counts(amqp_url) if amqp_url else None
     queues = {}
@@ -62,11 +76,56 @@ def gather(
                 entry["ready"] = managed["messages"]
         queues[label] = entry
     return {
+        "run_name": topology.run,
         "server": status,
+        "silence": silence,
+        "run": summary,
         "queues": queues,
         "journal_max_bytes": topology.journal_max_bytes if topology.journal else None,
         "journal_max_age": topology.journal_max_age,
     }
+
+
+def registry_summary(transport: Transport, run: str) -> dict[str, Any] | None:
+    """The run's summary from the broker's run registry, or None (no registry, no record of
+    the run, or no right to read it: only a run's admin may)."""
+    from brokerfl.ops.runs import run_summary
+
+    try:
+        summary = run_summary(transport, run)
+    except TransportError:
+        return None
+    return None if summary is None else summary.as_dict()
+
+
+def silence_text(view: dict[str, Any], run: str) -> str:
+    """Why a status has no server's view: the run's end as it recorded it, no server yet,
+    no server now, or a busy one."""
+    summary, silence = view.get("run"), view.get("silence")
+    if summary and summary["state"] in ("finished", "aborted"):
+        when = ""
+        if summary.get("finished_at"):
+            when = " at " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["finished_at"]))
+        reason = f" ({summary['reason']})" if summary.get("reason") else ""
+        return (
+            f"run {run} {summary['state']} at model version {summary['model_version']}, round {summary['round']} of "
+            f"{summary['rounds']}{when}{reason}: queue depths only"
+        )
+    if silence == "absent":
+        return f"no server of run {run} has started on this broker yet: queue depths only"
+    if silence == "stopped":
+        last = f" (its last record: {summary['state']}, round {summary['round']})" if summary else ""
+        return f"no server of run {run} consumes its queue: stopped, crashed or still starting{last}; queue depths only"
+    return "the server did not answer in time (busy): queue depths only"
+
+
+def deadline_text(status: dict[str, Any]) -> str:
+    """The open round's deadline and the time left, if the server says them."""
+    left, deadline = status.get("round_time_left_s"), status.get("round_deadline")
+    if left is None or deadline is None:
+        return ""
+    clock = time.strftime("%H:%M:%S", time.localtime(deadline))
+    return f", deadline {clock} ({left:.1f} s left)" if left >= 0 else f", deadline {clock} ({-left:.1f} s past)"
 
 
 def metrics_lines(status: dict[str, Any]) -> list[str]:
@@ -100,7 +159,8 @@ def render(view: dict[str, Any]):
     status = view["server"]
     parts: list[Any] = []
     if status is None:
-        parts.append(Text("the server did not answer (not running, or busy): queue depths only", style="bold red"))
+        style = "bold" if (view.get("run") or {}).get("state") == "finished" else "bold red"
+        parts.append(Text(silence_text(view, view.get("run_name") or "?"), style=style))  # Text: a reason is the wire's
     else:
         state = (
             "finished"
@@ -119,7 +179,8 @@ def render(view: dict[str, Any]):
         parts.append(
             Text(
                 f"run {status['run']} ({status['strategy']}): {state}; round {status['round']} of "
-                f"{status['rounds']}{age}; model version {status['model_version']}; accuracy {acc}, loss {loss}",
+                f"{status['rounds']}{age}{deadline_text(status)}; model version {status['model_version']}; "
+                f"accuracy {acc}, loss {loss}",
                 style="bold",
             )
         )
@@ -253,6 +314,53 @@ def _watch(
         return 0
 
 
+# ---------------------------------------------------------------- runs
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from brokerfl.ops.runs import list_runs
+
+    with common.connect(args) as transport:
+        try:
+            runs = list_runs(transport, timeout=args.timeout)
+        except TransportError as exc:
+            print(f"brokerfl runs: cannot read the broker's run registry: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps([r.as_dict() for r in runs], indent=2))
+        return 0
+    from rich.console import Console
+
+    Console().print(runs_table(runs))
+    return 0
+
+
+def runs_table(runs: list[Any]):
+    """A rich table of :class:`brokerfl.ops.runs.RunSummary` (every wire string as Text: no markup)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    def when(seconds: float | None) -> str:
+        return "-" if seconds is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+    table = Table(title=f"runs on this broker ({len(runs)})", title_justify="left")
+    for column in ("run", "state", "round", "version", "metric", "started", "finished", "reason"):
+        table.add_column(column)
+    for r in runs:
+        metric = "-" if r.metric_value is None else f"{r.metric_name} {r.metric_value:.4g}"
+        table.add_row(
+            Text(r.run),
+            Text(r.state, style={"crashed": "bold red", "aborted": "red", "finished": "green"}.get(r.state, "")),
+            f"{'-' if r.round is None else r.round} of {'-' if r.rounds is None else r.rounds}",
+            "-" if r.model_version is None else str(r.model_version),
+            Text(metric),
+            when(r.started_at),
+            when(r.finished_at),
+            Text(r.reason or ""),
+        )
+    return table
+
+
 # ---------------------------------------------------------------- admin
 
 COMMANDS = {
@@ -379,6 +487,10 @@ def cmd_delete_run(args: argparse.Namespace) -> int:
             )
             return 1
         topology.delete(transport, config.client_ids())
+        from brokerfl.ops.runs import record_deleted
+        from brokerfl.runtime.operator_commands import operator_name
+
+        record_deleted(transport, config.run, sender=operator_name())  # brokerfl runs lists it no more
     print(f"deleted run {config.run}: its exchange, queues, model versions and journal")
     return 0
 
@@ -394,11 +506,28 @@ def add_commands(commands: Any) -> None:
     status = commands.add_parser("status", help="a running federation as its server sees it (rounds, clients, queues)")
     common.add_config_arguments(status)
     common.add_broker_arguments(status)
-    status.add_argument("--watch", action="store_true", help="refresh as a live view until Ctrl-C")
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh as a live view until Ctrl-C (waiting for a server that has not started yet)",
+    )
     status.add_argument("--json", action="store_true", help="JSON (one object per refresh with --watch)")
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes with --watch")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server's answer")
     status.set_defaults(func=cmd_status)
+
+    runs = commands.add_parser(
+        "runs",
+        help="the runs on a broker: state (waiting, training, paused, finished, aborted, crashed), round, version, "
+        "newest target metric, started and finished times",
+        description="List the runs on a broker from its run registry (the stream brokerfl.runs, which every server "
+        "appends to). A run is crashed when it has not recorded its end and no server consumes its server queue. "
+        "Where identity is enforced, only a run's admin user may read the registry.",
+    )
+    common.add_broker_arguments(runs)
+    runs.add_argument("--json", action="store_true", help="JSON: one object per run, newest first")
+    runs.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the registry's newest records")
+    runs.set_defaults(func=cmd_runs)
 
     admin = commands.add_parser(
         "admin",

@@ -54,15 +54,25 @@ def management_counts(amqp_url: str, timeout: float = 2.0) -> dict[str, dict[str
             "consumers": q.get("consumers", 0),
             "messages": q.get("messages"),
             "bytes": q.get("message_bytes"),
+            "kind": q.get("type"),
         }
         for q in queues
     }
+
+
+def queue_kinds(topology: RunTopology, client_ids: Iterable[str]) -> dict[str, str]:
+    """Each queue of the run and the kind it is declared with (AMQP does not say a queue's
+    kind: the run's topology does, as its server and the definitions declare them)."""
+    specs = [*topology.queues(), *(topology.client_queue_spec(c) for c in client_ids)]
+    return {spec.name: spec.kind for spec in specs}
 
 
 def queue_table(
     transport: Transport, topology: RunTopology, client_ids: Iterable[str], amqp_url: str | None = None
 ) -> str:
     counts = management_counts(amqp_url) if amqp_url else None
+    client_ids = list(client_ids)
+    kinds = queue_kinds(topology, client_ids)
     names = [topology.server_queue, topology.dead_queue, *(topology.client_queue(c) for c in client_ids)]
     if topology.journal:
         names.append(topology.journal_stream)
@@ -75,9 +85,11 @@ def queue_table(
             continue
         unacked: Any = info.messages_unacked
         ready, consumers = info.messages_ready, info.consumers
+        kind = kinds.get(name, info.kind)
         if counts and name in counts:
             ready, unacked, consumers = counts[name]["ready"], counts[name]["unacked"], counts[name]["consumers"]
-        lines.append(f"{name:<48} {info.kind:<8} {ready:>7} {('?' if unacked is None else unacked):>8} {consumers:>9}")
+            kind = counts[name].get("kind") or kind  # the broker's word, where it gives it
+        lines.append(f"{name:<48} {kind:<8} {ready:>7} {('?' if unacked is None else unacked):>8} {consumers:>9}")
     if amqp_url and counts is None:
         lines.append("(unacked counts need the management plugin: rabbitmq-plugins enable rabbitmq_management)")
     return "\n".join(lines)
@@ -98,9 +110,40 @@ def dead_letter_origin(delivery: Delivery, run: str | None) -> str:
     return f"{who('', e.sender)}, dead-lettered by {who(e.user_id, '')} (the original's publisher is not verified)"
 
 
-def journal_report(deliveries: Iterable[Delivery], newest: int = 5, *, run: str | None = None) -> str:
+def dead_queue_depth(transport: Transport, topology: RunTopology) -> int | None:
+    """Messages in the run's dead-letter queue (None if it is not there)."""
+    try:
+        return transport.queue_info(topology.dead_queue).messages_ready
+    except TransportError:
+        return None
+
+
+def dead_letter_counts(journaled: int, queued: int | None) -> list[str]:
+    """The dead-letter lines: the journal's count, and the dead-letter queue's if known,
+    with why they differ. brokerfl's workers dead-letter through the run's exchange (the
+    journal keeps a copy); the broker dead-letters on its own what expires or is rejected
+    in the server queue (e.g. a request nobody took in time), straight into the queue."""
+    lines = [f"dead letters: {journaled} in the journal" + ("" if queued is None else f", {queued} in the queue")]
+    if queued is not None and queued > journaled:
+        lines.append(
+            f"  {queued - journaled} more in the queue than the journal has: dead-lettered by the broker itself "
+            "(expired or rejected in the server queue), which bypasses the journal; see them with a consumer of the "
+            "dead-letter queue"
+        )
+    elif queued is not None and queued < journaled:
+        lines.append(
+            f"  {journaled - queued} of the journal's are no longer in the queue (taken from it, or dropped by its "
+            "length limit); the journal keeps them"
+        )
+    return lines
+
+
+def journal_report(
+    deliveries: Iterable[Delivery], newest: int = 5, *, run: str | None = None, dead_queue: int | None = None
+) -> str:
     """``run``: whose server's dead letters name the original's publisher (see
-    :func:`dead_letter_origin`)."""
+    :func:`dead_letter_origin`); ``dead_queue``: the dead-letter queue's depth, if known
+    (said beside the journal's count: see :func:`dead_letter_counts`)."""
     dead: list[Delivery] = []
     dead_count = 0
     versions: list[ModelVersionStored] = []
@@ -121,7 +164,7 @@ def journal_report(deliveries: Iterable[Delivery], newest: int = 5, *, run: str 
                 versions.append(record)  # a resumed process journals its newest version again
     lines = ["journal: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))]
     lines.append(skipped.summary())
-    lines.append(f"dead letters: {dead_count}")
+    lines += dead_letter_counts(dead_count, dead_queue)
     for d in dead:
         headers = {
             k: bounded(v, 80) for k, v in d.envelope.headers.items() if k not in (REASON_HEADER, ORIGIN_USER_HEADER)

@@ -19,7 +19,7 @@ or see other vhosts there):
 | user   | configure                          | write                                          | read                          | publishes (topic write)                         | binds (topic read)      |
 |--------|------------------------------------|------------------------------------------------|-------------------------------|-------------------------------------------------|-------------------------|
 | client | nothing                            | the exchange                                   | its own queue, the models stream | ``server.<client message types>``, ``dead.*`` | nothing                 |
-| server | exchange, server/dead/admin/journal queues, the server lease | the same, and ``amq.default`` (direct replies) | the same as configure | ``client.*``, ``clients.*``, ``dead.*``, ``audit.*``, ``admin.*``, ``server.server_standby`` | ``server.#``, ``dead.#``, ``admin.#``, ``#`` |
+| server | exchange, server/dead/admin/journal queues, the server lease | the same, and ``amq.default`` (direct replies) | the same as configure | ``client.*``, ``clients.*``, ``dead.*``, ``audit.*``, ``admin.*``, ``runs.*``, ``server.server_standby`` | ``server.#``, ``dead.#``, ``admin.#``, ``#`` |
 | admin  | everything in the run's vhost (tag ``management``) | everything in the run's vhost | everything              | everything                                      | everything              |
 
 The run's logs (:mod:`brokerfl.runtime.remote_log`) have an exchange of their own,
@@ -70,7 +70,7 @@ from brokerfl.config import RunConfig
 from brokerfl.runtime.identity import admin_user, client_user, server_user
 from brokerfl.runtime.remote_log import LogRecords
 from brokerfl.storage.private_files import private_directory, write_private, write_public
-from brokerfl.transports.topology import ADMIN, AUDIT, CLIENTS, DEAD, LOGS_ROUTE, SERVER, client_dest
+from brokerfl.transports.topology import ADMIN, AUDIT, CLIENTS, DEAD, LOGS_ROUTE, RUNS, SERVER, client_dest
 from brokerfl.wire.message import FlowerReply, SecureKeys, SecureMasked, SecureReveal, SecureShares, ServerStandby
 from brokerfl.wire.names import bounded
 
@@ -240,7 +240,8 @@ def definitions(
                     "user": p.user,
                     "vhost": vhost,
                     "exchange": x,
-                    "write": rf"^(({CLIENTS}|client|{DEAD}|{AUDIT}|{ADMIN})\..+|{SERVER}\.{ServerStandby.TYPE})$",
+                    "write": rf"^(({CLIENTS}|client|{DEAD}|{AUDIT}|{ADMIN}|{RUNS})\..+"
+                    rf"|{SERVER}\.{ServerStandby.TYPE})$",
                     "read": _any_of(f"{SERVER}.#", f"{DEAD}.#", f"{ADMIN}.#", "#"),
                 }
             )
@@ -279,7 +280,9 @@ def definitions(
                     "read": "^$",
                 }
             )
-    specs = [*topo.queues(), *(topo.client_queue_spec(cid) for cid in config.client_ids())]
+    # the run registry (brokerfl.ops.runs): the server appends through the exchange (``runs.*``),
+    # only the admin reads it (no one else has read on it), no client may route to it
+    specs = [*topo.queues(), topo.registry_spec(), *(topo.client_queue_spec(cid) for cid in config.client_ids())]
     logs = topo.logs_spec()  # bound to the logs exchange, not the run's
     queues = [
         {

@@ -114,6 +114,25 @@ class AdminStateRecord(Message):
     rounds: int | None
 
 
+@dataclass(kw_only=True)
+class RunRecord(Message):
+    """One line of a run's history in the broker's run registry (:mod:`brokerfl.ops.runs`):
+    the server's ``started``, ``training``, ``waiting``, ``paused``, ``progress`` (at most
+    once per round: the stored version and its target metric), ``finished`` or ``aborted``
+    (with ``reason``); ``deleted`` by ``brokerfl delete-run``. ``round`` and
+    ``model_version`` are the run's as of the record."""
+
+    event: str
+    rounds: int | None = None
+    reason: str = ""
+    metric_name: str = ""
+    metric_value: float | None = None
+    dropped_updates: int | None = None  # the run's, across server restarts
+
+
+RUN_EVENTS = ("started", "waiting", "training", "paused", "progress", "finished", "aborted", "deleted")
+
+
 # ---------------------------------------------------------------- the state
 
 
@@ -198,10 +217,17 @@ def operator_name() -> str:
 
 def ask(transport: Transport, topology: RunTopology, message: Message, *, timeout: float) -> Message | None:
     """Send a status request or an admin command to the run's server; its reply, or None.
-    TransportError if the run has no server queue (no server of it ever started)."""
+    TransportError if the run has no server queue (no server of it ever started).
+
+    A status request is not sent while no server consumes the server queue (None at once):
+    it would only expire there, and the queue dead-letters what expires, so a ``status
+    --watch`` polling a stopped server would fill the dead-letter queue. An admin command is
+    sent anyway: a server starting within the wait takes it."""
     message.run = message.run or topology.run
     message.sender = message.sender or operator_name()
     envelope, body = to_wire(message)
+    if isinstance(message, StatusRequest) and server_consumers(transport, topology) == 0:
+        return None
     try:
         if isinstance(message, StatusRequest):
             reply = transport.request("", topology.server_queue, envelope, body, timeout=timeout)
@@ -214,3 +240,16 @@ def ask(transport: Transport, topology: RunTopology, message: Message, *, timeou
             f"run {topology.run!r} has no server queue on this broker: no server of it has started"
         ) from None
     return None if reply is None else from_wire(*reply)
+
+
+def server_consumers(transport: Transport, topology: RunTopology) -> int:
+    """Consumers of the run's server queue; TransportError if there is none (no server of
+    the run has started on this broker)."""
+    try:
+        return transport.queue_info(topology.server_queue).consumers
+    except TransportError as exc:
+        if "no queue" in str(exc):
+            raise TransportError(
+                f"run {topology.run!r} has no server queue on this broker: no server of it has started"
+            ) from None
+        raise

@@ -45,7 +45,7 @@ from brokerfl.transports.base import (
     bounded,
     joined,
 )
-from brokerfl.transports.topology import DEAD, REQUESTER, RunTopology, routing_key
+from brokerfl.transports.topology import DEAD, REQUESTER, RUNS, RunTopology, routing_key
 from brokerfl.wire.codec import DEFAULT_LIMITS, DecodeError, EncodeError, Limits
 from brokerfl.wire.message import Message, from_wire, to_wire_parts
 
@@ -490,7 +490,14 @@ class Worker:
                     self.log.info("reply dropped: the message is not a request")
                 continue
             with timings.phase("publish"):
-                self.transport.publish(self.exchange, key, envelope, body)
+                try:
+                    self.transport.publish(self.exchange, key, envelope, body)
+                except UnroutableError:
+                    if dest != RUNS:
+                        raise
+                    # the run registry is a view for operators, not part of the run: a broker
+                    # without it (deleted, or definitions from before it) loses the record only
+                    self.log.warning("run record dropped: no run registry is bound to the run's exchange")
 
     def _dead_letter(self, delivery: Delivery, reason: str, log: Any, *, kind: str) -> None:
         """Through the run's exchange: the dead queue and the journal both take the copy;

@@ -47,6 +47,7 @@ class ModelVersion:
     created: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
     strategy_state: Tensors = field(default_factory=dict)  # named arrays the strategy resumes from
+    dropped_updates: int = 0  # the run's updates dropped so far (a restarted server's count goes on from here)
 
     def __post_init__(self) -> None:
         if not self.sha256:

@@ -12,6 +12,7 @@
 | ``brokerfl.<run>.server.lease``| exclusive      | nothing: held by the active server's connection (one server acts at a time) |
 | exchange ``brokerfl.<run>.logs.in`` | topic     | every process's log records (``brokerfl.runtime.remote_log``) |
 | ``brokerfl.<run>.logs``        | stream         | ``#`` of ``brokerfl.<run>.logs.in``: the run's logs, bounded by size and age |
+| ``brokerfl.runs``              | stream         | ``runs.#`` of every run's exchange: the broker's run registry (``brokerfl.ops.runs``) |
 
 The logs have an exchange of their own so that the journal (``#`` on the run's exchange)
 does not fill with log lines, and so that a site's right to publish logs is granted apart
@@ -54,6 +55,10 @@ CLIENTS = "clients"
 DEAD = "dead"  # dead letters go through the exchange (so the journal records them, reason and all)
 AUDIT = "audit"  # records for the journal only, e.g. which updates were dropped and why
 ADMIN = "admin"  # the admin state's records (see brokerfl.runtime.operator_commands)
+RUNS = "runs"  # a run's records in the broker's run registry (brokerfl.ops.runs)
+REGISTRY_STREAM = "brokerfl.runs"  # one per vhost, shared by its runs
+REGISTRY_MAX_BYTES = 64 * 1024**2  # small records: a few per round of each run
+REGISTRY_MAX_AGE = "90D"
 REQUESTER = "requester"  # not a routing key: the reply address of the request being handled
 # The logs stream's retention: a run's logs are for following and for the post-mortem of
 # its last days, not an archive (a site keeps its own stderr for that).
@@ -108,6 +113,9 @@ class RunTopology:
     journal_max_age: str | None = None
     swarm: bool = False  # the server queue is the aggregator role (single active consumer); versions live in a stream
     replicated: bool = False  # every queue quorum (replicated on a cluster), not only the server's
+    # declare() declares the run registry too; a provisioned run's definitions do instead
+    # (its server may not configure a stream every run of the vhost shares)
+    declares_registry: bool = True
 
     @property
     def queue_kind(self) -> QueueKind:
@@ -192,18 +200,36 @@ class RunTopology:
             )
         return specs
 
+    def registry_spec(self) -> QueueSpec:
+        """The vhost's run registry, bound to this run's exchange for its ``runs.*`` records.
+        Not in :meth:`queues`: it is every run's, and a provisioned server may not declare it."""
+        return QueueSpec(
+            REGISTRY_STREAM,
+            "stream",
+            (f"{RUNS}.#",),
+            max_length_bytes=REGISTRY_MAX_BYTES,
+            max_age=REGISTRY_MAX_AGE,
+        )
+
+    def declare_registry(self, transport: Transport) -> None:
+        """The run registry and its binding to this run's exchange (unprovisioned runs)."""
+        self.registry_spec().declare(transport, self.exchange)
+
     def client_queue_spec(self, client_id: str) -> QueueSpec:
         """A client's durable queue, bound to its own and the broadcast keys (no dead-letter
         queue: see the module docstring)."""
         return QueueSpec(self.client_queue(client_id), self.queue_kind, (f"{client_dest(client_id)}.#", f"{CLIENTS}.#"))
 
     def declare(self, transport: Transport) -> None:
-        """The run's exchange, dead-letter queue, server queue and journal (idempotent)."""
+        """The run's exchange, dead-letter queue, server queue and journal, and the run
+        registry's binding (idempotent)."""
         transport.declare_exchange(self.exchange)
         for spec in self.queues():
             spec.declare(transport, self.exchange)
         transport.declare_exchange(self.logs_exchange)
         self.logs_spec().declare(transport, self.logs_exchange)
+        if self.declares_registry:
+            self.declare_registry(transport)
 
     def declare_client(self, transport: Transport, client_id: str) -> str:
         """Declare a client's queue and its bindings (unprovisioned runs); returns its name."""
@@ -216,6 +242,8 @@ class RunTopology:
         every client's queue (for an in-process run with identity, where nobody imports
         definitions)."""
         self.declare(transport)
+        if not self.declares_registry:
+            self.declare_registry(transport)
         for client_id in client_ids:
             self.declare_client(transport, client_id)
 

@@ -602,6 +602,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "shutdown_clients": ("server.shutdown_clients",),
     "admin_reply": (REPLY, "audit.admin_reply"),
     "admin_state_record": ("admin.admin_state_record",),
+    "run_record": ("runs.run_record",),
     "journal_mark": ("audit.journal_mark",),
     "local_model_request": ("clients.local_model_request",),
     "local_model": ("server.local_model",),

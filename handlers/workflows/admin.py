@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import time
 
+from brokerfl.handlers.workflows.run_records import dropped_updates, run_record
 from brokerfl.handlers.workflows.server_state import (
     ServerState,
     close_when_every_participant_answered,
@@ -95,6 +96,7 @@ def status_of(state: ServerState) -> dict:
         "round": state.round,
         "round_open": state.round_open,
         "round_age_s": round(now - state.round_started, 1) if state.round_open else None,
+        **round_deadline(state, now),
         "model_version": model.version if model else None,
         "accuracy": model.metrics.get("accuracy") if model else None,
         "loss": model.metrics.get("loss") if model else None,
@@ -134,11 +136,20 @@ def status_of(state: ServerState) -> dict:
         "held_updates": held_updates(state),
         # a secure round's stage and who it waits for (handlers/workflows/secure_server.py)
         "secure_round": state.secure.status() if state.secure is not None and state.round_open else None,
-        "dropped_updates": len(state.dropped),
+        "dropped_updates": dropped_updates(state),  # the run's, across server restarts
     }
 
 
 STATUS_FAILURES = 10  # the newest training failures a status shows
+
+
+def round_deadline(state: ServerState, now: float) -> dict:
+    """The open round's deadline (unix seconds) and the seconds left until it (negative:
+    past it, e.g. while the server stores); both None without an open round."""
+    if not state.round_open:
+        return {"round_deadline": None, "round_time_left_s": None}
+    left = state.round_started + state.config.strategy.round_deadline_s - now
+    return {"round_deadline": round(time.time() + left, 1), "round_time_left_s": round(left, 1)}
 
 
 def latest_metrics(state: ServerState) -> dict:
@@ -236,7 +247,7 @@ def abort_run(command: AbortRun, ctx: Context[ServerState]):
         ]
         ctx.commit()
     state.admin.rounds = last  # a server started again finishes at once
-    out += finish_run(ctx, why)
+    out += finish_run(ctx, why, aborted=True)
     return (
         answer(
             ctx,
@@ -258,7 +269,7 @@ def pause_rounds(command: PauseRounds, ctx: Context[ServerState]):
         return answer(ctx, command, False, "the run is already finished")
     state.admin.paused = True
     now = f"round {state.round} finishes, then no new round starts" if state.round_open else "no new round starts"
-    return answer(ctx, command, True, f"paused: {now} until resume", changed=True)
+    return [*answer(ctx, command, True, f"paused: {now} until resume", changed=True), run_record(state, "paused")]
 
 
 @OPERATOR.on(ResumeRounds)
@@ -271,6 +282,7 @@ def resume_rounds(command: ResumeRounds, ctx: Context[ServerState]):
     out = answer(
         ctx, command, True, "resumed" + (": starting the next round" if held and not state.done else ""), changed=True
     )
+    out.append(run_record(state, "training" if state.begun else "waiting"))
     if held and state.begun and not state.done and not state.round_open:
         out += start_round(ctx, retry=held == "retry") or []
     return out

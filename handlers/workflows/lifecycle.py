@@ -13,6 +13,7 @@ import numpy as np
 
 from brokerfl.config import RunConfig
 from brokerfl.handlers.workflows import evaluation
+from brokerfl.handlers.workflows.run_records import run_record
 from brokerfl.handlers.workflows.scoring import ScoreStored, journal_version, score_when_due
 from brokerfl.handlers.workflows.server_state import (
     DrainDone,
@@ -63,6 +64,8 @@ def resume_or_initialise(message: Started, ctx: Context[ServerState]):
         journal_version(ctx, state.model, with_parameters=state.model.version == 0)
     _warn_if_retention_cuts(ctx)
     state.round = state.model.round
+    state.dropped_before = state.model.dropped_updates
+    ctx.send(run_record(state, "started"))
     state.strategy.resume(state.model.version, state.model.strategy_state)  # e.g. a server optimizer's moments
     _backfill_metrics(state)
     # so that updates redelivered after a restart are recognised as already folded
@@ -78,6 +81,7 @@ def resume_or_initialise(message: Started, ctx: Context[ServerState]):
     if state.round >= state.config.rounds:
         return finish_run(ctx, "all rounds were already done")
     if state.admin.paused:  # restored from the admin queue (brokerfl.runtime.operator_commands)
+        ctx.send(run_record(state, "paused"))
         ctx.log.warning(
             "paused: no round starts until an operator resumes the run: waiting for `admin resume`", round=state.round
         )
@@ -221,6 +225,7 @@ def start_without_everyone(message: JoinDeadline, ctx: Context[ServerState]):
             missing=missing,
         )
         state.begun = True
+        ctx.send(run_record(state, "training"))
         return state.begin(ctx)
     needed = state.config.strategy.min_clients
     awaited = awaited_clients(state)

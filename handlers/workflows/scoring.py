@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from brokerfl.handlers.workflows.run_records import run_record
 from brokerfl.runtime.handler_table import Context, Outbound
 from brokerfl.runtime.threads import process_thread
 from brokerfl.runtime.timing import timings
@@ -96,6 +97,7 @@ def score_stored(ctx: Context, *, wait: bool = True) -> None:
             if waiting.scores is None:  # evaluated after the version was stored: the store learns them now
                 state.store.put_scores(model.version, kept)
         journal_version(ctx, model)
+        ctx.send(run_record(state, "progress", model=model))  # once per stored version
         state.metrics.append(record)
         for callback in state.on_round:
             callback(record)

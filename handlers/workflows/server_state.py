@@ -24,6 +24,7 @@ from brokerfl.config import RunConfig
 from brokerfl.handlers.strategies.aggregate import BadUpdate, Tensors, check_update
 from brokerfl.handlers.strategies.base import Strategy, strategy_for_run
 from brokerfl.handlers.workflows import evaluation
+from brokerfl.handlers.workflows.run_records import dropped_updates, run_record
 from brokerfl.handlers.workflows.scoring import (
     ScoreStored,
     Unscored,
@@ -146,7 +147,8 @@ class ServerState:
     begun: bool = False
     done: bool = False
     failure: str | None = None
-    dropped: list[tuple[str, str]] = field(default_factory=list)  # (update id, reason)
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (update id, reason), by this process
+    dropped_before: int = 0  # the run's drops before this process (counted in the version it resumed from)
     dropped_logged: int = 0  # how many of ``dropped`` a round's summary line counted already
     recent_update_ids: list[set[str]] = field(default_factory=list)  # of the last few stored versions
     # synchronous rounds
@@ -329,6 +331,7 @@ def maybe_begin(ctx: Context[ServerState]):
         return None
     ctx.cancel_timer("join")
     state.begun = True
+    ctx.send(run_record(state, "training"))
     return state.begin(ctx)
 
 
@@ -444,6 +447,7 @@ def store_version(
         parameters,
         sha256=_hash_beside_prepare(state.store, parameters),
         created=time.time(),
+        dropped_updates=dropped_updates(state),
     )
     strategy_metrics = state.strategy.round_metrics()  # e.g. the privacy spent so far
     scores = None
@@ -516,8 +520,12 @@ def _hash_beside_prepare(store: ModelStore, parameters: dict[str, np.ndarray]) -
     return sha256
 
 
-def finish_run(ctx: Context[ServerState], reason: str, *, failed: bool = False) -> list[Outbound]:
-    """Tell the clients to exit; record updates still arriving as dropped for a moment, then stop."""
+def finish_run(
+    ctx: Context[ServerState], reason: str, *, failed: bool = False, aborted: bool = False
+) -> list[Outbound]:
+    """Tell the clients to exit; record updates still arriving as dropped for a moment, then
+    stop. The run registry records it ``aborted`` if it ``failed`` or an operator ``aborted``
+    it, else ``finished``."""
     state: ServerState = ctx.state
     score_stored(ctx)  # the last version's score is part of the run
     state.done = True
@@ -528,7 +536,10 @@ def finish_run(ctx: Context[ServerState], reason: str, *, failed: bool = False) 
     (ctx.log.error if failed else ctx.log.info)("run finished", reason=reason)
     state.drain_ends_by = time.monotonic() + MAX_DRAIN_S
     ctx.set_timer("drain", DRAIN_S, DrainDone())
-    out = [to_clients(Exit(reason=reason, round=state.round, model_version=state.model.version))]
+    out = [
+        to_clients(Exit(reason=reason, round=state.round, model_version=state.model.version)),
+        run_record(state, "aborted" if failed or aborted else "finished", reason=reason),
+    ]
     if state.config.journal:  # where the run ended, for accounting (an update after it has no taker)
         out.append(
             Outbound(
