@@ -60,9 +60,7 @@ def check_tracking(config: RunConfig) -> None:
         try:
             __import__(module)
         except ImportError:
-            raise TrackingUnavailable(
-                f"tracking.{name}: the {module} package is not installed: {INSTALL}"
-            ) from None
+            raise TrackingUnavailable(f"tracking.{name}: the {module} package is not installed: {INSTALL}") from None
 
 
 def series_of(record: dict[str, Any]) -> str:
@@ -225,7 +223,8 @@ class TensorBoardSink(Sink):
     def __init__(self, config: RunConfig, out: Path | None, *, resume: bool) -> None:
         settings = config.tracking.tensorboard
         assert settings is not None
-        self.log_dir = Path(settings.log_dir) if settings.log_dir else (out or Path("runs") / config.run) / "tensorboard"
+        default = (out or Path("runs") / config.run) / "tensorboard"
+        self.log_dir = Path(settings.log_dir) if settings.log_dir else default
         self.where = str(self.log_dir)
         self.resume = resume
         self.writer: Any = None
@@ -398,7 +397,9 @@ class Tracker:
         for thread in self.threads:
             thread.put(lines)
 
-    def finish(self, records: Iterable[dict[str, Any]], artifacts: Iterable[Path] = (), *, failed: bool = False) -> bool:
+    def finish(
+        self, records: Iterable[dict[str, Any]], artifacts: Iterable[Path] = (), *, failed: bool = False
+    ) -> bool:
         """Send what is left of ``records`` (the run's metrics lines) and the ``artifacts``
         that exist; wait at most ``finish_timeout_s``. True if every tracker finished."""
         now = time.time()
