@@ -226,6 +226,42 @@ def test_a_resumed_server_goes_on_in_its_mlflow_run_without_a_step_twice(tracked
     assert sorted(s.step for s in events.Scalars("accuracy")) == list(range(1, 16))
 
 
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_server_killed_and_started_again_goes_on_in_its_mlflow_run(mlflow_server, amqp_url, run_name, tmp_path):
+    """Over RabbitMQ: the server is killed (-9) once MLflow has two rounds; the one started
+    again resumes the run from the broker and logs to the same MLflow run, each step once."""
+    from test_faults import ROOT, Federation
+
+    mlflow_server.wait_ready()
+    config = tmp_path / "tracked.yaml"
+    config.write_text(
+        (ROOT / "configs/digits_fedavg.yaml").read_text()
+        + f"tracking:\n  mlflow: {{tracking_uri: '{mlflow_server.url}'}}\n  tensorboard: {{}}\n"
+    )
+    fed = Federation(amqp_url, run_name, tmp_path / "out", config=config, clients=2, rounds=5)
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    try:
+        fed.start()
+        (run,) = _wait_for_steps(client, run_name, 2, timeout=300)
+        fed.kill(fed.server)
+        fed.start_server()
+        fed.finish()
+        (again,) = _runs(client, run_name)
+        assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+        assert [r["model_version"] for r in read_metrics(fed.out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+        for name in ("model_version", "accuracy", "loss"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+            assert sorted(steps) == [1, 2, 3, 4, 5], (name, steps)
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"final_model.npz", "metrics.jsonl"}
+        events = EventAccumulator(str(fed.out / "tensorboard"))
+        events.Reload()
+        assert sorted(s.step for s in events.Scalars("accuracy")) == [1, 2, 3, 4, 5]
+    finally:
+        fed.cleanup()
+
+
 def _runs(client: MlflowClient, name: str) -> list[Any]:
     experiment = client.get_experiment_by_name("brokerfl")
     return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{name}'")
