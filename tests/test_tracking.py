@@ -6,6 +6,7 @@ its MLflow run without a step twice; a tracking server that does not answer only
 from __future__ import annotations
 
 import os
+import posixpath
 import signal
 import socket
 import subprocess
@@ -194,6 +195,8 @@ def test_a_resumed_server_goes_on_in_its_mlflow_run_without_a_step_twice(tracked
     """A server logs 8 rounds and is killed (its tracker never finishes) after writing two more
     lines; the restarted one hands its tracker metrics.jsonl again, then rounds go on to 15."""
     records = read_metrics(tracked_run["out"] / "metrics.jsonl")[:15]
+    # an app's metric names come from the clients: none of them stops a line from being logged
+    records[3]["metrics"].update({"../../etc/passwd": 1.0, "<b>x</b>": 2.0, "a//b/": 3.0, "/": 4.0})
     config = parse_config(
         {
             **SMALL_RUN,
@@ -221,6 +224,7 @@ def test_a_resumed_server_goes_on_in_its_mlflow_run_without_a_step_twice(tracked
     for name in ("model_version", "accuracy", "loss"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
         assert sorted(steps) == list(range(1, 16)), name
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "_/_/etc/passwd")] == [4]
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert sorted(s.step for s in events.Scalars("accuracy")) == list(range(1, 16))
@@ -325,9 +329,35 @@ def test_metric_and_param_names_from_the_wire_are_cut_to_what_trackers_take():
     values = line_metrics(line)
     assert values["accuracy"] == 0.5 and values["server_s/fold"] == 0.1 and values["f1"] == 0.25
     assert "_script_alert_1__/script_" in values and "loss" not in values and "ok" not in values
+    for hostile, kept in (("../x", "_/x"), ("/a//b/", "a/b"), ("/", "_"), (".", "_"), ("y" * 249 + "/z", "y" * 249)):
+        assert line_metrics({"model_version": 1, "metrics": {hostile: 1.0}}).keys() >= {kept}, hostile
+        assert posixpath.normpath(kept) == kept
     assert all(len(name) <= 250 for name in values) and "sha256" not in values and "restored" not in values
     federated = line_metrics({**line, "evaluation": "federated"})
     assert "federated/accuracy" in federated and "accuracy" not in federated
     params = config_params(parse_config({"tracking": {"tensorboard": {}}, "train_schedule": {"lr": {1: 0.1}}}))
     assert params["strategy.name"] == "fedavg" and params["train_schedule.lr.1"] == "0.1"
     assert not any(key.startswith("tracking") for key in params)
+
+
+@pytest.mark.timeout(60)
+def test_a_metric_mlflow_refuses_loses_only_itself():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from brokerfl.storage.tracking import MlflowSink
+
+    class Refusing:
+        logged: list[str] = []
+
+        def log_batch(self, run_id, metrics=(), params=()):
+            if any(m.key == "refused" for m in metrics):
+                raise MlflowException("no such name", error_code=INVALID_PARAMETER_VALUE)
+            self.logged += [m.key for m in metrics]
+
+    sink = MlflowSink(parse_config({"tracking": {"mlflow": {}}}), resume=False, timeout_s=1)
+    sink.client, sink.run_id = Refusing(), "run"
+    with structlog.testing.capture_logs() as logs:
+        sink.log([({"model_version": 1, "accuracy": 0.5, "metrics": {"refused": 1.0, "loss": 0.1}}, 0.0)])
+    assert sorted(sink.client.logged) == ["accuracy", "loss", "model_version"]
+    assert [entry["metrics"] for entry in logs if entry["log_level"] == "warning"] == [["refused"]]

@@ -120,7 +120,10 @@ def config_params(config: RunConfig) -> dict[str, str]:
 
 
 def _name(name: str) -> str:
-    return _UNSAFE.sub("_", name)[:250] or "_"
+    """A name MLflow takes: its characters, at most 250 of them, and a path that is its own
+    normal form (no empty, ``.`` or ``..`` part, no leading or trailing ``/``)."""
+    parts = _UNSAFE.sub("_", name)[:250].split("/")
+    return "/".join("_" if part in (".", "..") else part for part in parts if part) or "_"
 
 
 class Sink:
@@ -202,6 +205,7 @@ class MlflowSink(Sink):
 
     def log(self, lines: list[tuple[dict[str, Any], float]]) -> None:
         from mlflow.entities import Metric
+        from mlflow.exceptions import MlflowException
 
         metrics = [
             Metric(name, value, int(stamp * 1000), step_of(record))
@@ -209,7 +213,29 @@ class MlflowSink(Sink):
             for name, value in line_metrics(record).items()
         ]
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+            chunk = metrics[start : start + 1000]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except MlflowException as exc:
+                if exc.error_code != "INVALID_PARAMETER_VALUE":
+                    raise  # down, or busy: the whole batch again later
+                self._log_each(chunk)  # refused: each metric alone, so one bad name loses only itself
+
+    def _log_each(self, metrics: list[Any]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        refused = []
+        for metric in metrics:
+            try:
+                self.client.log_batch(self.run_id, metrics=[metric])
+            except MlflowException as exc:
+                if exc.error_code != "INVALID_PARAMETER_VALUE":
+                    raise
+                refused.append(metric.key)
+        if refused:
+            get_logger().warning(
+                "tracking: MLflow refused metrics; left out", metrics=[key[:60] for key in refused[:10]]
+            )
 
     def finish(self, artifacts: list[Path], failed: bool) -> None:
         for path in artifacts:
