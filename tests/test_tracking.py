@@ -25,6 +25,7 @@ from brokerfl.config import parse_config
 from brokerfl.storage.metrics_log import read_metrics
 from brokerfl.storage.tracking import (
     RUN_TAG,
+    MlflowSink,
     TensorBoardSink,
     TrackingUnavailable,
     check_tracking,
@@ -335,6 +336,12 @@ def test_metric_and_param_names_from_the_wire_are_cut_to_what_trackers_take():
     assert all(len(name) <= 250 for name in values) and "sha256" not in values and "restored" not in values
     federated = line_metrics({**line, "evaluation": "federated"})
     assert "federated/accuracy" in federated and "accuracy" not in federated
+    shown = MlflowSink(
+        parse_config({"tracking": {"mlflow": {"tracking_uri": "https://u:secret@mlflow.example/x"}}}),
+        resume=False,
+        timeout_s=1,
+    ).where
+    assert shown == "https://mlflow.example/x"
     params = config_params(parse_config({"tracking": {"tensorboard": {}}, "train_schedule": {"lr": {1: 0.1}}}))
     assert params["strategy.name"] == "fedavg" and params["train_schedule.lr.1"] == "0.1"
     assert not any(key.startswith("tracking") for key in params)
@@ -344,8 +351,6 @@ def test_metric_and_param_names_from_the_wire_are_cut_to_what_trackers_take():
 def test_a_metric_mlflow_refuses_loses_only_itself():
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-    from brokerfl.storage.tracking import MlflowSink
 
     class Refusing:
         logged: list[str] = []
@@ -361,3 +366,27 @@ def test_a_metric_mlflow_refuses_loses_only_itself():
         sink.log([({"model_version": 1, "accuracy": 0.5, "metrics": {"refused": 1.0, "loss": 0.1}}, 0.0)])
     assert sorted(sink.client.logged) == ["accuracy", "loss", "model_version"]
     assert [entry["metrics"] for entry in logs if entry["log_level"] == "warning"] == [["refused"]]
+
+
+@pytest.mark.timeout(60)
+def test_a_shared_tensorboard_log_dir_has_a_folder_per_run_and_a_fresh_run_clears_only_its_own(tmp_path):
+    def opened(run: str, *, resume: bool) -> TensorBoardSink:
+        config = parse_config({"run": run, "tracking": {"tensorboard": {"log_dir": str(tmp_path)}}})
+        sink = TensorBoardSink(config, None, resume=resume)
+        sink.open()
+        return sink
+
+    for run in ("a", "b"):
+        sink = opened(run, resume=False)
+        sink.log([({"model_version": 1, "accuracy": 0.5}, 0.0), ({"model_version": 2, "accuracy": 0.6}, 0.0)])
+        sink.finish([], False)
+        assert sink.log_dir == tmp_path / run
+    resumed = opened("a", resume=True)
+    assert resumed.logged_step("") == 2 and resumed.logged_step("federated/") == -1
+    resumed.finish([], False)
+    fresh = opened("a", resume=False)
+    assert fresh.logged_step("") == -1
+    fresh.finish([], False)
+    events = EventAccumulator(str(tmp_path / "b"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("accuracy")] == [1, 2]

@@ -240,8 +240,9 @@ class MlflowConfig(_Section):
 
     tracking_uri: str | None = Field(
         None,
-        description="the MLflow tracking server, e.g. http://127.0.0.1:5000 (none: $MLFLOW_TRACKING_URI, else "
-        "MLflow's own default, ./mlruns)",
+        description="the MLflow tracking server, e.g. http://127.0.0.1:5000, or a local store such as "
+        "sqlite:///mlflow.db (none: $MLFLOW_TRACKING_URI, else MLflow's own default, a store in the working "
+        "directory)",
     )
     experiment: str | None = Field(None, description="the MLflow experiment the run goes to (none: brokerfl)")
     run_name: str | None = Field(None, description="the MLflow run's name (none: the brokerfl run's name)")
@@ -255,8 +256,9 @@ class TensorBoardConfig(_Section):
 
     log_dir: str | None = Field(
         None,
-        description="the directory of the event files (none: OUT/tensorboard, beside metrics.jsonl); a fresh run "
-        "removes the event files an earlier run left there",
+        description="a directory for the event files of many runs, each in its own folder LOG_DIR/<run> (none: "
+        "OUT/tensorboard, beside metrics.jsonl); a fresh run removes the event files an earlier run of its name left "
+        "in its folder",
     )
 
 

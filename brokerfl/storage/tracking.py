@@ -119,6 +119,11 @@ def config_params(config: RunConfig) -> dict[str, str]:
     return params
 
 
+def _without_password(uri: str) -> str:
+    """A URI as a log shows it: no ``user:password@``."""
+    return re.sub(r"//[^/@]*@", "//", uri)
+
+
 def _name(name: str) -> str:
     """A name MLflow takes: its characters, at most 250 of them, and a path that is its own
     normal form (no empty, ``.`` or ``..`` part, no leading or trailing ``/``)."""
@@ -157,7 +162,7 @@ class MlflowSink(Sink):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, math.ceil(timeout_s))))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         self.uri = settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
-        self.where = self.uri or "MLflow's default tracking URI"
+        self.where = _without_password(self.uri) if self.uri else "MLflow's default tracking URI"
         self.experiment = settings.experiment or DEFAULT_EXPERIMENT
         self.run_name = settings.run_name or config.run
         self.tags = {**settings.tags, RUN_TAG: config.run}
@@ -249,8 +254,10 @@ class TensorBoardSink(Sink):
     def __init__(self, config: RunConfig, out: Path | None, *, resume: bool) -> None:
         settings = config.tracking.tensorboard
         assert settings is not None
+        # a shared log_dir holds a folder per run (tensorboard --logdir shows them side by
+        # side), so a fresh run clears only its own folder
         default = (out or Path("runs") / config.run) / "tensorboard"
-        self.log_dir = Path(settings.log_dir) if settings.log_dir else default
+        self.log_dir = Path(settings.log_dir) / config.run if settings.log_dir else default
         self.where = str(self.log_dir)
         self.resume = resume
         self.writer: Any = None
