@@ -65,7 +65,7 @@ def simulate(
     tracker = open_tracking(config, out, resume=False)
     try:
         result = _simulate(config, out, store, progress, broker, journal, keep_versions, tracker)
-    except BaseException:
+    except Exception:  # (an interrupt does not wait for the trackers)
         if tracker is not None:
             # the lines the hook had: those of the rounds that ended
             lines = read_metrics(out / "metrics.jsonl") if out and (out / "metrics.jsonl").exists() else []

@@ -269,7 +269,14 @@ class TensorBoardSink(Sink):
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for path in self.log_dir.glob("events.out.tfevents.*"):
             if self.resume:
-                self._read_steps(path)
+                try:
+                    self._read_steps(path)
+                except Exception as exc:  # noqa: BLE001 - a file a killed process tore: its steps are not known
+                    get_logger().warning(
+                        "tracking: an event file could not be read; its steps may be written again",
+                        file=str(path),
+                        error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                    )
             else:  # a fresh run: no curve of an earlier one under the same name (as metrics.jsonl)
                 path.unlink()
         self.writer = EventFileWriter(str(self.log_dir))
