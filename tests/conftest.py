@@ -226,7 +226,10 @@ def _structlog_defaults() -> Iterator[None]:
     yield
     import structlog
 
+    from brokerfl.runtime.log import install_buffer
+
     structlog.reset_defaults()
+    install_buffer(None)  # a command run in-process may have left its log's copy for the broker
 
 
 @pytest.fixture

@@ -379,3 +379,52 @@ def test_connections_channels_and_sizes_past_the_limits_are_refused_while_the_ru
         )
     finally:
         server_transport.close()
+
+
+def test_each_participant_publishes_its_own_logs_only_and_only_the_admin_reads_them(provision_on_broker):
+    """The logs exchange takes a client's records under its own routing key only, the
+    server's under ``server.log_records`` only; the logs stream is the admin's to read."""
+    from brokerfl.runtime.remote_log import LogRecords
+
+    config = secure_config("r" + uuid.uuid4().hex[:10], clients=2, rounds=1)
+    done = provision_on_broker(config)
+    run = config.run
+    topology = topology_for(config)
+    client_url = done.env(client_user(run, "0"))["BROKERFL_AMQP_URL"]
+    server_url = done.env(server_user(run))["BROKERFL_AMQP_URL"]
+    admin_url = done.env(f"{run}-admin")["BROKERFL_AMQP_URL"]
+    envelope, body = to_wire(LogRecords(run=run, records=['{"event": "x"}']))
+
+    def publish(key: str):
+        def operation(ch):
+            ch.confirm_delivery()
+            ch.basic_publish(topology.logs_exchange, key, body)
+
+        return operation
+
+    def consume(ch):  # from the next record on: none is delivered (a stream takes no nack at the close)
+        ch.basic_qos(prefetch_count=1)
+        ch.basic_consume(topology.logs_stream, lambda *a: None, arguments={"x-stream-offset": "next"})
+
+    assert _refusal(client_url, publish("client.0.log_records")) == 0
+    assert _refusal(client_url, publish("client.1.log_records")) == 403  # another client's
+    assert _refusal(client_url, publish("server.log_records")) == 403  # the server's
+    assert _refusal(client_url, consume) == 403
+    assert _refusal(server_url, publish("server.log_records")) == 0
+    assert _refusal(server_url, publish("client.0.log_records")) == 403
+    assert _refusal(server_url, consume) == 403
+    assert _refusal(admin_url, consume) == 0
+    # the shipper and the reader as the processes run them: the client's batch is read back
+    # as client 0's; the raw publishes above carry no user_id and are skipped
+    from brokerfl.ops.remote_logs import Skipped, read_log_batches, records
+    from brokerfl.runtime.log import LogBuffer
+    from brokerfl.runtime.remote_log import flush, log_shipper
+
+    with connect(done, client_user(run, "0")) as client, connect(done, f"{run}-admin") as admin:
+        shipper = log_shipper(client, topology, "client.0", buffer=LogBuffer())
+        shipper.state.buffer.add({"time": 1.0, "level": "info", "event": "hello from 0", "client": "1"})
+        flush(shipper)
+        skipped = Skipped()
+        shown = list(records(read_log_batches(admin, topology), run, enforce_identity=True, skipped=skipped))
+    assert [(r["site"], r["client"], r["event"]) for r in shown] == [("client.0", "0", "hello from 0")]
+    assert sum(skipped.counts.values()) == 2  # client 0's and the server's raw publishes

@@ -146,7 +146,11 @@ class ComposeRun:
             **settings,
         }
         self.command = [*engine.compose_command(), "-p", self.project, "-f", str(COMPOSE_FILE)]
-        self.services = [name for name in yaml.safe_load(COMPOSE_FILE.read_text())["services"] if name != "rabbitmq"]
+        self.services = [  # the workers: not the broker, nor the monitoring profile's services
+            name
+            for name, spec in yaml.safe_load(COMPOSE_FILE.read_text())["services"].items()
+            if name != "rabbitmq" and "profiles" not in spec
+        ]
 
     def compose(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         done = run(*self.command, *args, env=self.env, timeout=timeout, check=False)

@@ -122,7 +122,11 @@ def test_compose_services_run_as_local_processes(run_name, tmp_path, provision_o
         "definitions.json:/etc/rabbitmq/brokerfl/definitions.json" in mounts
         and "rabbitmq.conf:/etc/rabbitmq/conf.d/" in mounts
     )
-    workers = {name: {**spec, **identity["services"][name]} for name, spec in services.items() if name != "rabbitmq"}
+    workers = {  # the monitoring profile's services (prometheus, grafana) are no workers
+        name: {**spec, **identity["services"][name]}
+        for name, spec in services.items()
+        if name != "rabbitmq" and "profiles" not in spec
+    }
     assert "server" in workers and sum(name.startswith("client") for name in workers) >= 2
 
     base_env = dict(workers["server"]["environment"])
@@ -143,7 +147,7 @@ def test_compose_services_run_as_local_processes(run_name, tmp_path, provision_o
         env.update(done.env(user), BROKERFL_ROUNDS="3")
         assert env["BROKERFL_ENFORCE_IDENTITY"] == "1" and f"{user}:" in env["BROKERFL_AMQP_URL"]
         if "BROKERFL_METRICS_PORT" in env:  # a free port here: other tests may run beside this one
-            env["BROKERFL_METRICS_PORT"] = str(_free_port())
+            env.update(BROKERFL_METRICS_PORT=str(_free_port()), BROKERFL_METRICS_ADDR="127.0.0.1")
         if name == "server":
             env["BROKERFL_OUT"] = str(tmp_path)
         assert spec["command"][0] == "brokerfl"

@@ -47,12 +47,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def scrape(port: int) -> dict[str, float]:
-    """The endpoint's samples, by name (with labels, if any)."""
+def scrape(port: int, run: str) -> dict[str, float]:
+    """The endpoint's samples, by name (with labels, if any, but the run's: every brokerfl
+    series carries it, and it must be ``run``)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    lines = [line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")]
+    assert all(f'run="{run}"' in name for name, _ in lines if name.startswith("brokerfl_"))
     return {
-        name: float(value)
-        for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+        re.sub(r'(?<=[{,])run="[^"]*",?', "", name).replace(",}", "}").replace("{}", ""): float(value)
+        for name, value in lines
     }
 
 
@@ -192,7 +195,7 @@ def test_status_admin_commands_and_metrics_on_a_running_federation(amqp_url, run
 
         # Prometheus, mid-run (paused, so nothing moves): counters equal metrics.jsonl
         records = read_metrics(tmp_path / "metrics.jsonl")
-        scraped = scrape(metrics_port)
+        scraped = scrape(metrics_port, run.run)
         assert scraped["brokerfl_rounds_total"] == len(records) == paused["model_version"]
         assert scraped["brokerfl_updates_folded_total"] == sum(r["num_updates"] for r in records)
         assert scraped["brokerfl_paused"] == 1 and scraped["brokerfl_live_clients"] == 3  # 3 was removed

@@ -19,9 +19,11 @@ from brokerfl.cli.common import (
     load_run_config,
     parse_client_ids,
 )
+from brokerfl.cli.dashboard import add_commands as add_dashboard_commands
+from brokerfl.cli.logs import add_command as add_logs_command
 from brokerfl.cli.operate import add_commands as add_operate_commands
 from brokerfl.config import ConfigError, RunConfig
-from brokerfl.runtime.log import configure_logging
+from brokerfl.runtime.log import LogBuffer, configure_logging, get_logger, install_buffer
 from brokerfl.storage.metrics_log import read_metrics
 from brokerfl.transports.base import TransportError
 from brokerfl.transports.memory import tune_allocator
@@ -31,6 +33,21 @@ def _metrics_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port", type=int, default=env("METRICS_PORT"), help="serve Prometheus metrics on this port (/metrics)"
     )
+    parser.add_argument(
+        "--metrics-addr",
+        default=env("METRICS_ADDR") or "127.0.0.1",
+        help="the address --metrics-port listens on (default 127.0.0.1: this host only; 0.0.0.0 in a container)",
+    )
+
+
+def _start_metrics(args: argparse.Namespace, role: str, run: str) -> Any:
+    """The process's metrics endpoint, listening before the process connects (a port in use
+    is said at once: MetricsServeError, exit code 2), or None without --metrics-port."""
+    if not args.metrics_port:
+        return None
+    from brokerfl.ops.monitoring import ProcessMetrics
+
+    return ProcessMetrics(role, run, args.metrics_port, args.metrics_addr)
 
 
 def _set_torch_threads() -> None:
@@ -167,6 +184,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         take_server_role,
         topology_for,
     )
+    from brokerfl.runtime.remote_log import flush, log_shipper, site_of
+    from brokerfl.runtime.worker import run_workers
     from brokerfl.storage.broker_store import BrokerModelStore
     from brokerfl.storage.metrics_log import MetricsLog, plot_curve
     from brokerfl.storage.store import DirectoryModelStore
@@ -175,11 +194,15 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     config = load_run_config(args)
     check_tracking(config)  # a tracker's missing package is said before the broker is
+    log = get_logger(run=config.run, role="server")
+    install_buffer(buffer := LogBuffer())  # from its first line on, its log goes to the run too
+    log.info("starting", broker=broker_hosts(broker_url(args)), rounds=config.rounds, clients=config.clients)
     # The server's evaluation too: with torch's default of one thread per core, a small
     # model's evaluation waits for its second thread to be scheduled on a loaded machine (a
     # few milliseconds idle, up to a second under load: docs/benchmarks/round-floor.md).
     _set_torch_threads()
     out = Path(args.out or env("OUT") or f"runs/{config.run}")
+    process_metrics = _start_metrics(args, "server", config.run)  # a standby's too: brokerfl_server_active 0
     # The versions live on the broker (the run's models stream), so a server on a fresh
     # host with an empty --out resumes the run; DIR/models is an export of them.
     with (
@@ -187,6 +210,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         connect(args, side=True, retry_start=True, config=config) as store_transport,
     ):
         topology_for(config).declare(transport)
+        log.info("connected", broker=broker_hosts(broker_url(args)))
         # a hot standby: the app's code (and torch, if it uses it) loaded before it waits
         if config.flower_app is not None:
             _check_flower_server(config)
@@ -202,6 +226,8 @@ def cmd_server(args: argparse.Namespace) -> int:
                 )
                 return 2
         take_server_role(transport, config)  # a standby until no other server holds the role
+        if process_metrics is not None:
+            process_metrics.server_role_taken()
         # keep=1: the newest version's parameters are the model the server holds anyway
         store = BrokerModelStore(
             store_transport, topology_for(config), keep=1, export=DirectoryModelStore(out / "models")
@@ -219,15 +245,18 @@ def cmd_server(args: argparse.Namespace) -> int:
             if resumed:
                 tracker.catch_up(read_metrics(out / "metrics.jsonl"))
             worker.state.on_round.append(tracker)
-        if args.metrics_port:
+        if process_metrics is not None:
             from brokerfl.handlers.workflows.admin import held_updates
             from brokerfl.handlers.workflows.server_state import live_clients
-            from brokerfl.ops.monitoring import serve_server_metrics
 
-            serve_server_metrics(args.metrics_port, worker, live_clients, held_updates)
+            process_metrics.attach_server(worker, live_clients, held_updates)
+        shipper = log_shipper(transport, topology_for(config), site_of("server", []), buffer=buffer)
         try:
+            shipper.start()
             worker.start()
-            worker.run()
+            run_workers(transport, [worker], background=[shipper])
+            log.info("stopping", reason=worker.state.failure or "the run is finished")
+            flush(shipper)
         except LeaseLost:
             # Its connection was lost and another server holds the role now: this one's
             # rounds, timers and held updates are that one's to redo. Started again, it waits
@@ -310,11 +339,16 @@ def _mask(url: str) -> str:
 def cmd_client(args: argparse.Namespace) -> int:
     if not args.client_id:
         raise SystemExit("brokerfl client: pass --client-id (an id, a range such as 0-9) or set BROKERFL_CLIENT_ID")
+    config = load_run_config(args)
+    log = get_logger(run=config.run, role="client", clients=_shown(args.client_id))
+    install_buffer(buffer := LogBuffer())  # from its first line on, its log goes to the run too
+    # before the app's imports (torch: seconds, tens of seconds with several processes starting at once)
+    log.info("starting", broker=broker_hosts(broker_url(args)))
     from brokerfl.assembly.roles import client_process_worker, client_worker, topology_for
+    from brokerfl.runtime.remote_log import flush, log_shipper, site_of
     from brokerfl.runtime.worker import run_workers
     from brokerfl.storage.model_refs import ModelCache
 
-    config = load_run_config(args)
     outside = [cid for cid in args.client_id if not config.has_client(cid)]
     if outside:
         shown = ", ".join(outside[:10]) + (f" and {len(outside) - 10} more" if len(outside) > 10 else "")
@@ -332,6 +366,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     elif args.node_config:
         raise SystemExit("brokerfl client: --node-config is a Flower node's setting; this run names no flower_app")
     _set_torch_threads()
+    process_metrics = _start_metrics(args, "client", config.run) if config.workflow != "swarm" else None
     if config.workflow == "swarm":  # a peer: these clients plus an aggregator candidate
         from brokerfl.assembly.swarm_peers import run_peer
 
@@ -353,19 +388,42 @@ def cmd_client(args: argparse.Namespace) -> int:
                 f"on one connection (channel_max {transport.channel_limit()}): run them in "
                 f"{-(-len(args.client_id) // capacity)} or more processes"
             )
+        log.info("connected", broker=broker_hosts(broker_url(args)))
         models = ModelCache(models_transport, topology_for(config))
         workers = [client_worker(transport, config, client_id, models=models) for client_id in args.client_id]
         beat = client_process_worker(transport, config, workers)  # one heartbeat for all of them
-        if args.metrics_port:
-            from brokerfl.ops.monitoring import serve_client_metrics
-
-            serve_client_metrics(args.metrics_port, workers)
+        log.info("ready: the app is loaded", app=config.app)
+        shipper = log_shipper(transport, topology_for(config), site_of("client", args.client_id), buffer=buffer)
+        shipper.start()
+        if process_metrics is not None:
+            process_metrics.attach_clients(workers)
         for worker in workers:
             worker.start()
         if beat is not None:
             beat.start()
-        run_workers(transport, workers, background=[beat] if beat is not None else [])
+        run_workers(transport, workers, background=[shipper, *([beat] if beat is not None else [])])
+        reasons = sorted({getattr(w.state, "exit_reason", None) or "stopped" for w in workers})
+        log.info("stopping", reason="; ".join(reasons)[:300])
+        flush(shipper)
     return 0
+
+
+def _shown(ids: list[str]) -> str:
+    return ",".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+
+
+def broker_hosts(url: str) -> str:
+    """The broker's host:port (each node's), without user or password, for a log line."""
+    from urllib.parse import urlsplit
+
+    hosts = []
+    for part in url.split(","):
+        try:
+            parts = urlsplit(part.strip())
+            hosts.append(f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}")
+        except ValueError:
+            hosts.append("?")
+    return ",".join(hosts)
 
 
 def _flower_client_config(config: RunConfig, args: argparse.Namespace) -> RunConfig:
@@ -864,6 +922,8 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.set_defaults(func=cmd_keygen)
 
     add_operate_commands(commands)
+    add_logs_command(commands)
+    add_dashboard_commands(commands)
 
     ping = commands.add_parser("ping", help="check that the broker answers (container health checks)")
     add_broker_arguments(ping)

@@ -22,6 +22,12 @@ or see other vhosts there):
 | server | exchange, server/dead/admin/journal queues, the server lease | the same, and ``amq.default`` (direct replies) | the same as configure | ``client.*``, ``clients.*``, ``dead.*``, ``audit.*``, ``admin.*``, ``server.server_standby`` | ``server.#``, ``dead.#``, ``admin.#``, ``#`` |
 | admin  | everything in the run's vhost (tag ``management``) | everything in the run's vhost | everything              | everything                                      | everything              |
 
+The run's logs (:mod:`brokerfl.runtime.remote_log`) have an exchange of their own,
+``brokerfl.<run>.logs.in``, routed into the stream ``brokerfl.<run>.logs``: each client may
+write to that exchange under ``client.<its id>.log_records`` only, the server under
+``server.log_records`` only (it also declares and binds them); nobody but the admin may
+read the stream (``brokerfl logs``).
+
 The definitions declare every queue of the run and its bindings, with the arguments
 :class:`brokerfl.transports.topology.RunTopology` gives them (the server may declare its own again:
 the same arguments, so the broker takes it as a no-op). A client configures nothing: it
@@ -62,8 +68,9 @@ from typing import Any
 
 from brokerfl.config import RunConfig
 from brokerfl.runtime.identity import admin_user, client_user, server_user
+from brokerfl.runtime.remote_log import LogRecords
 from brokerfl.storage.private_files import private_directory, write_private, write_public
-from brokerfl.transports.topology import ADMIN, AUDIT, CLIENTS, DEAD, SERVER
+from brokerfl.transports.topology import ADMIN, AUDIT, CLIENTS, DEAD, LOGS_ROUTE, SERVER, client_dest
 from brokerfl.wire.message import FlowerReply, SecureKeys, SecureMasked, SecureReveal, SecureShares, ServerStandby
 from brokerfl.wire.names import bounded
 
@@ -180,15 +187,6 @@ def definitions(
             permissions.append({"user": p.user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"})
             continue  # no topic permissions: every routing key
         if p.role == "server":
-            own = _any_of(
-                x,
-                topo.server_queue,
-                topo.dead_queue,
-                topo.admin_queue,
-                topo.journal_stream,
-                topo.models_stream,
-                topo.server_lease,
-            )
             # amq.default: the server answers status requests and admin commands on the
             # requester's direct reply-to address, which RabbitMQ routes through the default
             # exchange (the server already sends every client its tasks)
@@ -200,8 +198,42 @@ def definitions(
                 topo.journal_stream,
                 topo.models_stream,
                 "amq.default",
+                topo.logs_exchange,
+                topo.logs_stream,
             )
-            permissions.append({"user": p.user, "vhost": vhost, "configure": own, "write": write, "read": own})
+            # the logs: it declares them (configure) and binds the stream (write on it, read on
+            # their exchange), and publishes its own; reading them is the admin's alone
+            configure = _any_of(
+                x,
+                topo.server_queue,
+                topo.dead_queue,
+                topo.admin_queue,
+                topo.journal_stream,
+                topo.models_stream,
+                topo.server_lease,
+                topo.logs_exchange,
+                topo.logs_stream,
+            )
+            read = _any_of(
+                x,
+                topo.server_queue,
+                topo.dead_queue,
+                topo.admin_queue,
+                topo.journal_stream,
+                topo.models_stream,
+                topo.server_lease,
+                topo.logs_exchange,
+            )
+            permissions.append({"user": p.user, "vhost": vhost, "configure": configure, "write": write, "read": read})
+            topics.append(
+                {
+                    "user": p.user,
+                    "vhost": vhost,
+                    "exchange": topo.logs_exchange,
+                    "write": rf"^{SERVER}\.{LogRecords.TYPE}$",
+                    "read": _any_of(LOGS_ROUTE),
+                }
+            )
             # server.server_standby: a standby server announces itself to the active one
             topics.append(
                 {
@@ -223,8 +255,18 @@ def definitions(
                     "user": p.user,
                     "vhost": vhost,
                     "configure": "^$",
-                    "write": _any_of(x),
+                    "write": _any_of(x, topo.logs_exchange),
                     "read": _any_of(queue, topo.models_stream),
+                }
+            )
+            # its log records, under its own routing key only (brokerfl.runtime.remote_log)
+            topics.append(
+                {
+                    "user": p.user,
+                    "vhost": vhost,
+                    "exchange": topo.logs_exchange,
+                    "write": "^" + re.escape(f"{client_dest(p.client_id)}.{LogRecords.TYPE}") + "$",
+                    "read": "^$",
                 }
             )
             sends = "|".join(re.escape(t) for t in client_types)
@@ -238,6 +280,7 @@ def definitions(
                 }
             )
     specs = [*topo.queues(), *(topo.client_queue_spec(cid) for cid in config.client_ids())]
+    logs = topo.logs_spec()  # bound to the logs exchange, not the run's
     queues = [
         {
             "name": spec.name,
@@ -252,7 +295,7 @@ def definitions(
                 single_active_consumer=spec.single_active_consumer,
             ),
         }
-        for spec in specs
+        for spec in [*specs, logs]
     ]
     bindings = [
         {
@@ -265,6 +308,16 @@ def definitions(
         }
         for spec in specs
         for pattern in spec.bindings
+    ] + [
+        {
+            "source": topo.logs_exchange,
+            "vhost": vhost,
+            "destination": logs.name,
+            "destination_type": "queue",
+            "routing_key": pattern,
+            "arguments": {},
+        }
+        for pattern in logs.bindings
     ]
 
     def capped(name: str, pattern: str, messages: int, size: int) -> dict[str, Any]:
@@ -289,7 +342,7 @@ def definitions(
         "topic_permissions": topics,
         "exchanges": [
             {
-                "name": x,
+                "name": name,
                 "vhost": vhost,
                 "type": "topic",
                 "durable": True,
@@ -297,6 +350,7 @@ def definitions(
                 "internal": False,
                 "arguments": {},
             }
+            for name in (x, topo.logs_exchange)
         ],
         "policies": [
             capped(

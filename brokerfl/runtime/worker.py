@@ -98,14 +98,18 @@ class Worker:
         clock: Callable[[], float] | None = None,
         admit: Callable[[Message, str], str | None] | None = None,
         resolve: Callable[[Message], None] | None = None,
+        exchange: str | None = None,
     ) -> None:
         """``admit(message, user_id)``: None if the message's publisher may send it, else the
         reason it is dead-lettered before any handler sees it (:mod:`brokerfl.runtime.identity`).
         ``resolve(message)`` completes an admitted message before its handler runs (a task's
         model fetched by reference, :mod:`brokerfl.storage.model_refs`): a ValueError dead-letters
-        the message with its reason, a TransportError gives it back to its queue."""
+        the message with its reason, a TransportError gives it back to its queue.
+        ``exchange``: where what its handlers send is published (default: the run's; a
+        process's log goes to the run's logs exchange, :mod:`brokerfl.runtime.remote_log`)."""
         self.transport = transport
         self.topology = topology
+        self.exchange = exchange or topology.exchange
         self.queue = queue
         self.table = table
         self.state = state
@@ -486,7 +490,7 @@ class Worker:
                     self.log.info("reply dropped: the message is not a request")
                 continue
             with timings.phase("publish"):
-                self.transport.publish(self.topology.exchange, key, envelope, body)
+                self.transport.publish(self.exchange, key, envelope, body)
 
     def _dead_letter(self, delivery: Delivery, reason: str, log: Any, *, kind: str) -> None:
         """Through the run's exchange: the dead queue and the journal both take the copy;

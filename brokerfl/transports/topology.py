@@ -10,6 +10,12 @@
 | ``brokerfl.<run>.admin``       | classic        | ``admin.#``: the operator's admin state  |
 | ``brokerfl.<run>.models``      | stream         | nothing routed: every stored model version (``brokerfl.storage.broker_store``) |
 | ``brokerfl.<run>.server.lease``| exclusive      | nothing: held by the active server's connection (one server acts at a time) |
+| exchange ``brokerfl.<run>.logs.in`` | topic     | every process's log records (``brokerfl.runtime.remote_log``) |
+| ``brokerfl.<run>.logs``        | stream         | ``#`` of ``brokerfl.<run>.logs.in``: the run's logs, bounded by size and age |
+
+The logs have an exchange of their own so that the journal (``#`` on the run's exchange)
+does not fill with log lines, and so that a site's right to publish logs is granted apart
+from its right to talk to the run (a topic permission per exchange).
 
 With ``replicated`` (config ``replicated_queues: true``, for a RabbitMQ cluster) every queue
 is a quorum queue: a classic queue lives on one node, and a client whose queue's node dies
@@ -49,6 +55,11 @@ DEAD = "dead"  # dead letters go through the exchange (so the journal records th
 AUDIT = "audit"  # records for the journal only, e.g. which updates were dropped and why
 ADMIN = "admin"  # the admin state's records (see brokerfl.runtime.operator_commands)
 REQUESTER = "requester"  # not a routing key: the reply address of the request being handled
+# The logs stream's retention: a run's logs are for following and for the post-mortem of
+# its last days, not an archive (a site keeps its own stderr for that).
+LOGS_MAX_BYTES = 256 * 1024**2
+LOGS_MAX_AGE = "7D"
+LOGS_ROUTE = "#"  # what binds the logs stream to its exchange
 
 
 class QueueMissing(TransportError):
@@ -136,6 +147,21 @@ class RunTopology:
     def journal_stream(self) -> str:
         return f"brokerfl.{self.run}.journal"
 
+    @property
+    def logs_exchange(self) -> str:
+        """Where each process publishes its log records (:mod:`brokerfl.runtime.remote_log`)."""
+        return f"brokerfl.{self.run}.logs.in"
+
+    @property
+    def logs_stream(self) -> str:
+        return f"brokerfl.{self.run}.logs"
+
+    def logs_spec(self) -> QueueSpec:
+        """The logs stream, bound to the logs exchange (not the run's)."""
+        return QueueSpec(
+            self.logs_stream, "stream", (LOGS_ROUTE,), max_length_bytes=LOGS_MAX_BYTES, max_age=LOGS_MAX_AGE
+        )
+
     def client_queue(self, client_id: str) -> str:
         return f"brokerfl.{self.run}.client.{check_name('client id', client_id)}"
 
@@ -176,6 +202,8 @@ class RunTopology:
         transport.declare_exchange(self.exchange)
         for spec in self.queues():
             spec.declare(transport, self.exchange)
+        transport.declare_exchange(self.logs_exchange)
+        self.logs_spec().declare(transport, self.logs_exchange)
 
     def declare_client(self, transport: Transport, client_id: str) -> str:
         """Declare a client's queue and its bindings (unprovisioned runs); returns its name."""
@@ -220,6 +248,14 @@ class RunTopology:
         """Remove everything of the run (tests, and ``brokerfl`` operators cleaning up)."""
         for client_id in client_ids:
             transport.delete_queue(self.client_queue(client_id))
-        for queue in (self.server_queue, self.dead_queue, self.admin_queue, self.journal_stream, self.models_stream):
+        for queue in (
+            self.server_queue,
+            self.dead_queue,
+            self.admin_queue,
+            self.journal_stream,
+            self.models_stream,
+            self.logs_stream,
+        ):
             transport.delete_queue(queue)
         transport.delete_exchange(self.exchange)
+        transport.delete_exchange(self.logs_exchange)

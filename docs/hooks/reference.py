@@ -630,6 +630,9 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "secure_unmask": ("clients.secure_unmask",),
     "secure_reveal": ("server.secure_reveal",),
     "secure_round": ("audit.secure_round",),
+    # on the run's logs exchange (brokerfl.<run>.logs.in), not the run's
+    "log_records": ("server.log_records", "client.<id>.log_records", "clients.log_records"),
+    "log_mark": ("mark.log_mark",),
 }
 
 # the modules whose import registers the built-in message types, in the order they are shown
@@ -638,6 +641,7 @@ MESSAGE_MODULES = {  # module: (title, anchor)
     "brokerfl.runtime.operator_commands": ("Operating a run", "operating"),
     "brokerfl.storage.journal": ("The journal", "the-journal"),
     "brokerfl.handlers.workflows.cross_site": ("Cross-site evaluation", "cross-site-evaluation"),
+    "brokerfl.runtime.remote_log": ("A process's log", "logs"),
 }
 # modules with only LOCAL types (a worker's own events)
 LOCAL_MODULES = (

@@ -236,6 +236,7 @@ def join(message: Started, ctx: Context):
         return report_unable(ctx)
     if state.beats_alone and liveness_on(state.config):
         ctx.set_timer("heartbeat", state.config.liveness.heartbeat_s, HeartbeatDue())
+    ctx.log.info("joined: Join sent to the server", num_samples=num_samples(state))
     return [to_server(Join(client_id=state.client_id, num_samples=num_samples(state), instance=process_instance()))]
 
 
@@ -299,7 +300,9 @@ def train(task: TrainTask, ctx: Context):
     superseded = task.model_version < state.newest_version
     state.newest_version = max(state.newest_version, task.model_version)
     if state.client_id not in task.participants:
+        ctx.log.info(f"round {task.round}: not sampled", model_version=task.model_version)
         return None
+    ctx.log.info(f"round {task.round}: task received", model_version=task.model_version, task=task.message_id)
     if (unable := other_base(ctx, task)) is not None:
         return unable
     # Tasks wait in the durable queue while a client is away; on its return, answering old
@@ -370,6 +373,7 @@ def start_training(ctx: Context, task: TrainTask) -> None:
         ctx.set_timer(
             TRAIN, max(0.0, task.deadline - ctx.wall()), TrainingOverdue(task_id=task.message_id, round=task.round)
         )
+    ctx.log.info(f"round {task.round}: training", model_version=task.model_version, slowdown=slowdown)
     ctx.run_aside(
         TRAIN,
         work,
@@ -436,10 +440,16 @@ def answer_task(message: Trained, ctx: Context):
         ctx.once_sent(lambda: state.answered.add(task.message_id))
         out = [to_server(task.reply(TrainFailed, client_id=state.client_id, task_id=task.message_id, error=error))]
     else:
-        out = [to_server((state.make_answer or _update)(state, task, *message.result))]
+        answer = (state.make_answer or _update)(state, task, *message.result)
+        out = [to_server(answer)]
         # Answered once the update is confirmed: if publishing it fails, the task is requeued
         # and must be trained again, not skipped as answered.
         ctx.once_sent(lambda: state.answered.add(task.message_id))
+        # its line, once it is out; the effect holds neither the update nor the context (a
+        # cycle through ctx would keep the update's arrays alive until the next collection)
+        log, event = ctx.log, f"round {task.round}: update sent"
+        sent = {"kind": answer.TYPE, **_sent_line(answer, message.result[1], message.result[2])}
+        ctx.once_sent(lambda: log.info(event, **sent))
     waiting, state.waiting = state.waiting, None
     if waiting is not None:
         if waiting.deadline and ctx.wall() > waiting.deadline:
@@ -453,6 +463,24 @@ def answer_task(message: Trained, ctx: Context):
         else:
             start_training(ctx, waiting)
     return out
+
+
+SHOWN_TRAIN_METRICS = 4  # of an update's train metrics, in its log line
+
+
+def _sent_line(answer: Message, metrics: dict[str, float], seconds: float) -> dict[str, Any]:
+    """What the "update sent" line says: its bytes, the training's seconds, a few metrics."""
+    parameters = getattr(answer, "parameters", None) or {}
+    shown = {
+        f"train_{name}": round(float(value), 4)
+        for name, value in list(metrics.items())[: SHOWN_TRAIN_METRICS + 1]
+        if name != "num_samples" and isinstance(value, int | float)
+    }
+    return {
+        "bytes": sum(int(getattr(value, "nbytes", 0)) for value in parameters.values()),
+        "train_s": round(seconds, 2),
+        **dict(list(shown.items())[:SHOWN_TRAIN_METRICS]),
+    }
 
 
 def _late_by(training: Training, seconds: float) -> float:
@@ -545,7 +573,7 @@ def evaluate_locally(task: EvaluateTask, ctx: Context):
     ctx.run_aside(
         key,
         lambda cancelled: app.evaluate(task.parameters, data, context),
-        lambda scores, error: Evaluated(task=task, scores=scores, error=error),
+        lambda scores, error: Evaluated(task=task, scores=scores, error=error, round=task.round),
     )
 
 
@@ -574,6 +602,11 @@ def answer_evaluation(message: Evaluated, ctx: Context):
         return [to_server(failed)]
     scores = message.scores
     metrics = {name: float(value) for name, value in scores.items() if name != "num_samples"}
+    ctx.log.info(
+        f"round {task.round}: evaluation done",
+        model_version=task.model_version,
+        **{name: round(value, 4) for name, value in list(metrics.items())[:SHOWN_TRAIN_METRICS]},
+    )
     result = task.reply(
         EvaluateResult,
         client_id=state.client_id,
@@ -590,6 +623,7 @@ def answer_evaluation(message: Evaluated, ctx: Context):
 def leave(message: Exit, ctx: Context):
     state: ClientState = ctx.state
     state.exit_reason = message.reason or "exit"
+    ctx.log.info("Exit received: stopping", reason=bounded(state.exit_reason, 300))
     cancel_training(ctx, state, "the client exits")  # its thread is a daemon: the process does not wait for it
     ctx.commit()  # tasks held (in training, waiting): their answers are not wanted any more
     ctx.stop()

@@ -125,7 +125,7 @@ def register_client(message: Join, ctx: Context[ServerState]):
     refuse_outsider(ctx.state, message.client_id, "Join")
     check_num_samples(message.num_samples, ctx.state, f"Join of client {message.client_id}")
     if see_client(ctx.state, message.client_id, message.num_samples, message.instance, ctx.log):
-        ctx.log.debug("client joined", client=message.client_id, clients=len(ctx.state.clients))
+        ctx.log.info("client joined", client=message.client_id, clients=len(ctx.state.clients))
     return maybe_begin(ctx)
 
 

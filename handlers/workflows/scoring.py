@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ class Unscored:
     record: dict[str, Any]  # its metrics line, accuracy and loss to fill in
     scores: dict[str, float] | None = None  # already evaluated (``scores_in_store``)
     running: Future[tuple[dict[str, float], float]] | None = None  # its evaluation, on the scoring thread
+    summary: dict[str, Any] = field(default_factory=dict)  # for its round's log line: sampled, dropped
 
 
 SCORE_POLL_S = 0.02  # how often the server looks whether an evaluation running aside has finished
@@ -104,14 +105,18 @@ def score_stored(ctx: Context, *, wait: bool = True) -> None:
             if target is None or target.name in ("accuracy", "loss")
             else {"target": f"{target.name} {_rounded(record.get('metrics', {}).get(target.name))}"}
         )
+        # the round's one summary line: what an operator follows
+        sampled = waiting.summary.get("sampled")
         ctx.log.info(
-            "model version stored",
+            f"round {model.round} closed: model version {model.version} stored",
             round=model.round,
             model_version=model.version,
+            updates=f"{len(model.update_ids)}/{sampled}" if sampled else len(model.update_ids),
+            dropped=waiting.summary.get("dropped", 0),
+            duration_s=record.get("duration_s"),
             accuracy=_rounded(record["accuracy"]),
             loss=_rounded(record["loss"]),
             **shown,
-            updates=len(model.update_ids),
         )
     ctx.cancel_timer("score")
 

@@ -33,6 +33,7 @@ from brokerfl.handlers.workflows import lifecycle
 from brokerfl.handlers.workflows.server_state import (
     RoundComplete,
     RoundDeadline,
+    RoundWaiting,
     ServerState,
     already_folded,
     app_train_metrics,
@@ -42,6 +43,7 @@ from brokerfl.handlers.workflows.server_state import (
     close_when_every_participant_answered,
     decompressed,
     drop,
+    log_waiting,
     make_state,
     note_failure,
     outside_federation,
@@ -181,6 +183,7 @@ ROUNDS = HandlerSet(
         RoundComplete: round_complete,
         TrainFailed: take_failure,
         RoundDeadline: round_deadline,
+        RoundWaiting: log_waiting,
     },
     needs=(ServerState,),
 )

@@ -10,6 +10,7 @@ another set's table.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -146,6 +147,7 @@ class ServerState:
     done: bool = False
     failure: str | None = None
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (update id, reason)
+    dropped_logged: int = 0  # how many of ``dropped`` a round's summary line counted already
     recent_update_ids: list[set[str]] = field(default_factory=list)  # of the last few stored versions
     # synchronous rounds
     round: int = 0
@@ -318,7 +320,7 @@ def able_clients(state: ServerState) -> int:
 
 def shown_ids(ids: list[str], limit: int = 20) -> str:
     """Client ids for a log line: the first ``limit`` and how many more."""
-    return ",".join(ids[:limit]) + (f",... ({len(ids)} in all)" if len(ids) > limit else "")
+    return ",".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 def maybe_begin(ctx: Context[ServerState]):
@@ -484,7 +486,9 @@ def store_version(
     if evaluation_error is not None:
         record["evaluation_error"] = evaluation_error
     state.timings_at_start = timings.snapshot()
-    state.unscored.append(Unscored(model, parameters, record, scores))
+    summary = {"sampled": len(state.participants), "dropped": max(0, len(state.dropped) - state.dropped_logged)}
+    state.dropped_logged = len(state.dropped)
+    state.unscored.append(Unscored(model, parameters, record, scores, summary=summary))
     if state.evaluate is None or scores is not None:
         score_stored(ctx)  # nothing to evaluate: record it now
     else:
@@ -566,9 +570,16 @@ def start_round(ctx: Context[ServerState], *, retry: bool = False, live_at: floa
     if not state.participants:
         ctx.log.warning("no live clients to sample: the round waits for its deadline", round=state.round)
         return None
-    ctx.log.debug(
-        "round started", round=state.round, model_version=state.model.version, participants=len(state.participants)
+    ctx.log.info(
+        f"round {state.round} started",
+        round=state.round,
+        model_version=state.model.version,
+        sampled=shown_ids(state.participants, WAITING_IDS_SHOWN),
+        participants=len(state.participants),
+        deadline_s=config.strategy.round_deadline_s,
+        **({"retry": state.retries} if retry else {}),
     )
+    ctx.set_timer("waiting", waiting_log_s(config.strategy.round_deadline_s), RoundWaiting(round=state.round))
     task = TrainTask(
         round=state.round,
         model_version=state.model.version,
@@ -593,6 +604,43 @@ def app_train_metrics(update: ParameterUpdate) -> dict[str, float]:
     """The app's training metrics an update carries (``train_*``), without the runtime's
     own measure of the training's seconds."""
     return {k: v for k, v in update.metrics.items() if k != "train_s"}
+
+
+WAITING_LOG_S = 10.0  # at most this long between two lines of an open round naming whom it waits for
+WAITING_IDS_SHOWN = 10  # client ids a log line names (then "and K more")
+
+
+@dataclass(kw_only=True)
+class RoundWaiting(Message):
+    """Local timer message: say whom the open round still waits for."""
+
+    LOCAL = True
+
+
+def waiting_log_s(deadline_s: float) -> float:
+    """How often an open round's "waiting for" line comes: every WAITING_LOG_S, or at the
+    half-deadline if that is sooner."""
+    return max(0.5, min(WAITING_LOG_S, deadline_s / 2)) if math.isfinite(deadline_s) else WAITING_LOG_S
+
+
+def log_waiting(message: RoundWaiting, ctx: Context[ServerState]) -> None:
+    """While a round is open: whom it waits for (sampled, no answer yet) and the time left."""
+    state: ServerState = ctx.state
+    if not state.round_open or message.round != state.round or state.done:
+        return
+    missing = sorted(set(state.participants) - state.answered - state.failed - state.refused)
+    if not missing:
+        return
+    deadline_s = state.config.strategy.round_deadline_s
+    left = deadline_s - (time.monotonic() - state.round_started)
+    ctx.log.info(
+        f"round {state.round}: waiting for {len(missing)} of {len(state.participants)}",
+        round=state.round,
+        waiting_for=shown_ids(missing, WAITING_IDS_SHOWN),
+        answered=len(state.answered),
+        deadline_in_s=round(left, 1) if math.isfinite(left) else None,
+    )
+    ctx.set_timer("waiting", waiting_log_s(deadline_s), RoundWaiting(round=state.round))
 
 
 def close_when_every_participant_answered(ctx: Context[ServerState]) -> None:
