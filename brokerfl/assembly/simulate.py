@@ -18,10 +18,11 @@ from brokerfl.assembly.roles import client_worker, server_worker, topology_for
 from brokerfl.config import RunConfig
 from brokerfl.runtime import identity
 from brokerfl.storage.broker_store import BrokerModelStore
-from brokerfl.storage.metrics_log import MetricsLog, plot_curve
+from brokerfl.storage.metrics_log import MetricsLog, plot_curve, read_metrics
 from brokerfl.storage.model_file import FINAL_MODEL, write_model_file
 from brokerfl.storage.model_refs import ModelCache
 from brokerfl.storage.store import DirectoryModelStore, ModelStore
+from brokerfl.storage.tracking import Tracker, open_tracking
 from brokerfl.transports.local import LocalBroker, LocalTransport
 
 
@@ -53,12 +54,40 @@ def simulate(
     (in memory: every message of the run) for accounting and replay. Each participant
     connects as its own user (:mod:`brokerfl.runtime.identity`) when ``identity.enforce`` is on.
     With ``out_dir``, the final model goes to ``OUT/final_model.npz`` (:mod:`brokerfl.storage.model_file`)
-    and, with ``keep_versions``, every version to ``OUT/models`` as a server exports them."""
-    started = time.perf_counter()
+    and, with ``keep_versions``, every version to ``OUT/models`` as a server exports them.
+    The config's ``tracking`` gets every metrics line, and at the end those files
+    (:mod:`brokerfl.storage.tracking`)."""
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
+    # MLflow and TensorBoard, if the config asks: a missing package is said before the run
+    tracker = open_tracking(config, out, resume=False)
+    try:
+        result = _simulate(config, out, store, progress, broker, journal, keep_versions, tracker)
+    except Exception:  # (an interrupt does not wait for the trackers)
+        if tracker is not None:
+            # the lines the hook had: those of the rounds that ended
+            lines = read_metrics(out / "metrics.jsonl") if out and (out / "metrics.jsonl").exists() else []
+            tracker.finish(lines, failed=True)
+        raise
+    if tracker is not None:
+        artifacts = [out / FINAL_MODEL, out / "metrics.jsonl", out / "curve.png"] if out is not None else []
+        tracker.finish(result.records, artifacts, failed=bool(getattr(result.server_state, "failure", None)))
+    return result
+
+
+def _simulate(
+    config: RunConfig,
+    out: Path | None,
+    store: ModelStore | None,
+    progress: bool,
+    broker: LocalBroker | None,
+    journal: bool,
+    keep_versions: bool,
+    tracker: Tracker | None,
+) -> SimulationResult:
+    started = time.perf_counter()
     broker = broker or LocalBroker()
     # Clients in this process are alive by construction; liveness by heartbeat timing would
     # only make sampling depend on how fast this machine trains (and so not reproducible).
@@ -93,6 +122,8 @@ def simulate(
     bar = _ProgressBar(_planned_rounds(config), curve_settings(config)["target"]) if progress else None
     if bar:
         server.state.on_round.append(bar.update)
+    if tracker is not None:  # each line as the round ends (a swarm's: at the run's end)
+        server.state.on_round.append(tracker)
     try:
         for client in clients:
             client.start()

@@ -189,9 +189,11 @@ def cmd_server(args: argparse.Namespace) -> int:
     from brokerfl.storage.broker_store import BrokerModelStore
     from brokerfl.storage.metrics_log import MetricsLog, plot_curve
     from brokerfl.storage.store import DirectoryModelStore
+    from brokerfl.storage.tracking import check_tracking, open_tracking
     from brokerfl.transports.base import LeaseLost
 
     config = load_run_config(args)
+    check_tracking(config)  # a tracker's missing package is said before the broker is
     log = get_logger(run=config.run, role="server")
     install_buffer(buffer := LogBuffer())  # from its first line on, its log goes to the run too
     log.info("starting", broker=broker_hosts(broker_url(args)), rounds=config.rounds, clients=config.clients)
@@ -236,6 +238,13 @@ def cmd_server(args: argparse.Namespace) -> int:
         metrics = MetricsLog(out / "metrics.jsonl")
         worker = server_worker(transport, config, store, metrics)
         worker.state.instance = server_instance()
+        # MLflow and TensorBoard: a resumed run goes on in its MLflow run, from the lines it has
+        resumed = bool(store.versions()) or (out / "metrics.jsonl").exists()
+        tracker = open_tracking(config, out, resume=resumed)
+        if tracker is not None:
+            if resumed:
+                tracker.catch_up(read_metrics(out / "metrics.jsonl"))
+            worker.state.on_round.append(tracker)
         if process_metrics is not None:
             from brokerfl.handlers.workflows.admin import held_updates
             from brokerfl.handlers.workflows.server_state import live_clients
@@ -261,14 +270,17 @@ def cmd_server(args: argparse.Namespace) -> int:
         store.wait_for_export()
     state = worker.state
     if config.flower_app is not None:
+        if tracker is not None:
+            lines = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+            tracker.finish(lines, [out / "metrics.jsonl"], failed=bool(state.failure))
         if state.failure:
             print(f"brokerfl server: {state.failure}", file=sys.stderr)
             return 1
         print(f"{config.run}: the Flower app's ServerApp finished; wrote {out / 'metrics.jsonl'}")
         return 0
-    if state.model is not None and state.model.parameters:  # the model the run ended with
-        from brokerfl.storage.model_file import FINAL_MODEL, write_model_file
+    from brokerfl.storage.model_file import FINAL_MODEL, write_model_file
 
+    if state.model is not None and state.model.parameters:  # the model the run ended with
         write_model_file(
             out / FINAL_MODEL, state.model, run=config.run, app=config.app, base_fingerprint=base_of(config)
         )
@@ -279,6 +291,10 @@ def cmd_server(args: argparse.Namespace) -> int:
             out / "curve.png",
             title=f"{config.run}: {config.strategy.name}, {config.clients} clients",
             **curve_settings(config),
+        )
+    if tracker is not None:
+        tracker.finish(
+            records, [out / FINAL_MODEL, out / "metrics.jsonl", out / "curve.png"], failed=bool(state.failure)
         )
     if state.failure:
         print(f"brokerfl server: {state.failure}", file=sys.stderr)

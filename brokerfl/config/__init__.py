@@ -235,6 +235,61 @@ class SecureAggregationConfig(_Section):
         return k, t
 
 
+class MlflowConfig(_Section):
+    """Where a server (or ``brokerfl simulate``) logs the run to MLflow (brokerfl.storage.tracking)."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="the MLflow tracking server, e.g. http://127.0.0.1:5000, or a local store such as "
+        "sqlite:///mlflow.db (none: $MLFLOW_TRACKING_URI, else MLflow's own default, a store in the working "
+        "directory)",
+    )
+    experiment: str | None = Field(None, description="the MLflow experiment the run goes to (none: brokerfl)")
+    run_name: str | None = Field(None, description="the MLflow run's name (none: the brokerfl run's name)")
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="tags added to the MLflow run (beside brokerfl.run, which names the run)"
+    )
+
+
+class TensorBoardConfig(_Section):
+    """Where a server (or ``brokerfl simulate``) writes TensorBoard scalars (brokerfl.storage.tracking)."""
+
+    log_dir: str | None = Field(
+        None,
+        description="a directory for the event files of many runs, each in its own folder LOG_DIR/<run> (none: "
+        "OUT/tensorboard, beside metrics.jsonl); a fresh run removes the event files an earlier run of its name left "
+        "in its folder",
+    )
+
+
+class TrackingConfig(_Section):
+    """Experiment tracking: every metrics line also goes to MLflow and/or TensorBoard, from a
+    background thread; a tracking server that is down or slow never holds up the federation
+    (``metrics.jsonl`` stays the run's record). Needs ``pip install 'brokerfl[tracking]'``."""
+
+    mlflow: MlflowConfig | None = Field(
+        None, description="log params, per-round metrics and the final model to MLflow ({} : with defaults)"
+    )
+    tensorboard: TensorBoardConfig | None = Field(
+        None, description="write per-round scalars for TensorBoard ({} : with defaults)"
+    )
+    buffer: int = Field(
+        10_000,
+        ge=1,
+        description="metrics lines held for a tracker that is unreachable; past it the oldest wait for the run's end, "
+        "when every line of metrics.jsonl not yet sent is sent",
+    )
+    timeout_s: float = Field(
+        10.0, gt=0, description="seconds one request to the tracking server may take before it counts as failed"
+    )
+    finish_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="at the run's end, how long the process waits for the trackers to take the last lines and the "
+        "artifacts; then it exits with a warning",
+    )
+
+
 class RunConfig(_Section):
     run: str = Field(
         "default",
@@ -377,6 +432,11 @@ class RunConfig(_Section):
         None,
         description="the server learns only the sum of each round's updates (SecAgg+); {} turns it on with defaults "
         "(synchronous rounds, a strategy that needs only the weighted sum: fedavg, the server optimisers, dp_fedavg)",
+    )
+
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="experiment tracking by the server: MLflow and TensorBoard (docs/how-to/experiment-tracking.md)",
     )
 
     @field_validator("run")

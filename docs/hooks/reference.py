@@ -337,6 +337,17 @@ def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
+def _section_of(annotation: Any) -> type | None:
+    """The model of a section key: ``Section``, or ``Section | None`` (off unless given)."""
+    if _is_model(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if _is_model(a)]
+        if len(models) == 1 and type(None) in typing.get_args(annotation):
+            return models[0]
+    return None
+
+
 def config_keys(model: type | None = None, prefix: str = "") -> list[Key]:
     """Every key of the run config (a section, then its keys), by dotted path."""
     if model is None:
@@ -346,7 +357,7 @@ def config_keys(model: type | None = None, prefix: str = "") -> list[Key]:
     keys: list[Key] = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
-        section = field.annotation if _is_model(field.annotation) else None
+        section = _section_of(field.annotation)
         keys.append(Key(path, field, model, section))
         if section is not None:
             keys += config_keys(section, f"{path}.")
@@ -507,11 +518,12 @@ def config_reference() -> str:
     keys = config_keys()
     top = [k for k in keys if "." not in k.path]
     parts = ["## Top-level keys {#top-level-keys}", "", *_keys_table(top), ""]
-    for key in top:
+    for key in keys:  # each section after its parent's table (tracking, then tracking.mlflow)
         if key.section is None:
             continue
-        inner = [k for k in keys if k.path.startswith(key.path + ".") and k.path.count(".") == 1]
-        parts += [f"## {code(key.path)} {{#{key.path}}}", ""]
+        depth = key.path.count(".")
+        inner = [k for k in keys if k.path.startswith(key.path + ".") and k.path.count(".") == depth + 1]
+        parts += [f"{'#' * (2 + depth)} {code(key.path)} {{#{key.path}}}", ""]
         if key.field.description:
             parts += [escape(key.field.description[0].upper() + key.field.description[1:]) + ".", ""]
         if key.section.__doc__ and key.section.__doc__ != key.section.__base__.__doc__:
