@@ -416,7 +416,6 @@ def test_the_run_registry_takes_the_servers_records_only_and_only_the_admin_read
     assert summary.state == "crashed" and summary.rounds == 1  # recorded, and no server consumes its queue
 
 
-
 def test_each_participant_publishes_its_own_logs_only_and_only_the_admin_reads_them(provision_on_broker):
     """The logs exchange takes a client's records under its own routing key only, the
     server's under ``server.log_records`` only; the logs stream is the admin's to read."""
