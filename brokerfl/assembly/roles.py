@@ -46,6 +46,7 @@ import structlog
 from brokerfl.config import ConfigError, RunConfig, builtins
 from brokerfl.runtime import identity
 from brokerfl.runtime.handler_table import HandlerSet, HandlerTable, LegacyTable, compose
+from brokerfl.runtime.log import warnings_only_logger
 from brokerfl.runtime.worker import Worker
 from brokerfl.storage.metrics_log import MetricsLog
 from brokerfl.storage.model_refs import ModelCache, by_reference
@@ -322,6 +323,12 @@ def take_server_role(
     return waited
 
 
+# A client process that hosts more logical clients than this logs each one's lifecycle lines
+# (task received, training, update sent, ...) only at --log-level debug: at info they would be
+# four lines a round per client, thousands a round for a process of thousands.
+PER_CLIENT_LINES_MAX = 10
+
+
 def client_worker(
     transport: Transport,
     config: RunConfig,
@@ -329,9 +336,12 @@ def client_worker(
     *,
     journal: bool | None = None,
     models: ModelCache | None = None,
+    warnings_only: bool = False,
 ) -> Worker:
     """``models``: the process's cache of versions fetched by reference, shared by all its
-    logical clients (without one, a task that carries its model by reference is requeued)."""
+    logical clients (without one, a task that carries its model by reference is requeued).
+    ``warnings_only``: this client's log has its warnings and errors only (a process that
+    hosts many logical clients: :data:`PER_CLIENT_LINES_MAX`)."""
     topology = topology_for(config, journal=journal)
     if config.identity.enforce:
         # provisioned: the definitions declared the run's exchange and every queue; a client
@@ -343,7 +353,8 @@ def client_worker(
     module = workflow_module(config, "client_handlers")
     table = client_table(config, module)
     state = prepared(table, module.make_state(config, client_id))
-    log = structlog.get_logger("brokerfl").bind(run=config.run, role=f"client.{client_id}", client=client_id)
+    bound = {"run": config.run, "role": f"client.{client_id}", "client": client_id}
+    log = warnings_only_logger(**bound) if warnings_only else structlog.get_logger("brokerfl").bind(**bound)
     admit = identity.client_inbox_check(config.run) if config.identity.enforce else None
     if models is None and hasattr(transport, "broker"):  # in-process: a connection of its own is free
         from brokerfl.transports.local import LocalTransport

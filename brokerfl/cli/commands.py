@@ -344,7 +344,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     install_buffer(buffer := LogBuffer())  # from its first line on, its log goes to the run too
     # before the app's imports (torch: seconds, tens of seconds with several processes starting at once)
     log.info("starting", broker=broker_hosts(broker_url(args)))
-    from brokerfl.assembly.roles import client_process_worker, client_worker, topology_for
+    from brokerfl.assembly.roles import PER_CLIENT_LINES_MAX, client_process_worker, client_worker, topology_for
     from brokerfl.runtime.remote_log import flush, log_shipper, site_of
     from brokerfl.runtime.worker import run_workers
     from brokerfl.storage.model_refs import ModelCache
@@ -390,9 +390,18 @@ def cmd_client(args: argparse.Namespace) -> int:
             )
         log.info("connected", broker=broker_hosts(broker_url(args)))
         models = ModelCache(models_transport, topology_for(config))
-        workers = [client_worker(transport, config, client_id, models=models) for client_id in args.client_id]
+        # many logical clients: each one's lifecycle lines at --log-level debug only (PER_CLIENT_LINES_MAX)
+        quiet = len(args.client_id) > PER_CLIENT_LINES_MAX and args.log_level != "debug"
+        workers = [
+            client_worker(transport, config, client_id, models=models, warnings_only=quiet)
+            for client_id in args.client_id
+        ]
         beat = client_process_worker(transport, config, workers)  # one heartbeat for all of them
-        log.info("ready: the app is loaded", app=config.app)
+        log.info(
+            "ready: the app is loaded",
+            app=config.app,
+            **({"each_client_logs": "warnings only (--log-level debug: every line)"} if quiet else {}),
+        )
         shipper = log_shipper(transport, topology_for(config), site_of("client", args.client_id), buffer=buffer)
         shipper.start()
         if process_metrics is not None:
@@ -717,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = commands.add_parser("simulate", help="run a whole federation in this process (local transport, no broker)")
     add_config_arguments(sim)
+    # one process, many logical clients: its view is the progress bar and the summary; every
+    # client's lifecycle lines (four a round each) at --log-level info
+    sim.set_defaults(log_level="warning")
     sim.add_argument("--out", help="directory for metrics.jsonl, curve.png and final_model.npz (default: runs/<run>)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar")
     sim.add_argument("--journal", help="also write the run's journal to this file (for brokerfl replay --journal)")

@@ -152,3 +152,12 @@ def configure_logging(level: str = "info", log_format: str | None = None) -> Non
 
 def get_logger(**bound: Any) -> Any:
     return structlog.get_logger("brokerfl").bind(**bound)
+
+
+def warnings_only_logger(**bound: Any) -> Any:
+    """A logger that writes warnings and worse only, whatever the process's level: for the
+    lines of each logical client of a process that hosts many of them (four lines a round
+    each would be thousands a round, and would crowd out everything else in the run's logs
+    stream)."""
+    quiet = structlog.make_filtering_bound_logger(logging.WARNING)
+    return structlog.wrap_logger(None, wrapper_class=quiet, logger_factory_args=("brokerfl",)).bind(**bound)
