@@ -1,8 +1,8 @@
 """The runs on a broker, as things: each run's state (waiting, training, paused, finished,
 aborted, crashed), round, version and newest score, read from the broker alone.
 
-Interface fixed for the dashboard (``brokerfl.ops.dashboard``) and ``brokerfl runs``:
-:class:`RunSummary` and :func:`list_runs`.
+Read by ``brokerfl runs`` and the dashboard (``brokerfl.ops.dashboard``) through
+:func:`list_runs`, one :class:`RunSummary` per run.
 
 Design: AMQP cannot list queues, and the management plugin is not enabled on brokers in
 general, so the broker keeps a *registry*: the stream ``brokerfl.runs`` (one per vhost,
