@@ -329,6 +329,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.as_dict() for r in runs], indent=2))
         return 0
+    if not runs:
+        print("no runs on this broker (its run registry is empty, or every run in it was deleted)")
+        return 0
     from rich.console import Console
 
     Console().print(runs_table(runs))
