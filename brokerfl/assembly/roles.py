@@ -337,18 +337,22 @@ def client_worker(
     journal: bool | None = None,
     models: ModelCache | None = None,
     warnings_only: bool = False,
+    declare_run: bool = True,
 ) -> Worker:
     """``models``: the process's cache of versions fetched by reference, shared by all its
     logical clients (without one, a task that carries its model by reference is requeued).
     ``warnings_only``: this client's log has its warnings and errors only (a process that
-    hosts many logical clients: :data:`PER_CLIENT_LINES_MAX`)."""
+    hosts many logical clients: :data:`PER_CLIENT_LINES_MAX`). ``declare_run``: declare the
+    run's exchanges and queues too (unprovisioned runs; a process of many logical clients
+    declares them once, not once per client)."""
     topology = topology_for(config, journal=journal)
     if config.identity.enforce:
         # provisioned: the definitions declared the run's exchange and every queue; a client
         # may configure nothing (not even its own queue's arguments), so it checks
         queue = topology.check_client(transport, client_id)
     else:
-        topology.declare(transport)
+        if declare_run:
+            topology.declare(transport)
         queue = topology.declare_client(transport, client_id)
     module = workflow_module(config, "client_handlers")
     table = client_table(config, module)

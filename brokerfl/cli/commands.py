@@ -392,8 +392,10 @@ def cmd_client(args: argparse.Namespace) -> int:
         models = ModelCache(models_transport, topology_for(config))
         # many logical clients: each one's lifecycle lines at --log-level debug only (PER_CLIENT_LINES_MAX)
         quiet = len(args.client_id) > PER_CLIENT_LINES_MAX and args.log_level != "debug"
+        if not config.identity.enforce:  # once for all its logical clients (each declares only its queue)
+            topology_for(config).declare(transport)
         workers = [
-            client_worker(transport, config, client_id, models=models, warnings_only=quiet)
+            client_worker(transport, config, client_id, models=models, warnings_only=quiet, declare_run=False)
             for client_id in args.client_id
         ]
         beat = client_process_worker(transport, config, workers)  # one heartbeat for all of them
