@@ -374,7 +374,11 @@ def test_hostile_text_is_shown_as_text(federation: Federation, browser):
     assert page.locator("script").count() == 1  # the page's own
     # another run picked from the list: the page says why it has nothing to show; then back
     page.click("#runs button:has-text('other-run')")
-    poll_until("the other run", lambda: "no server queue" in (page.text_content("#round-headline") or ""), timeout=60)
+    poll_until(
+        "the other run",
+        lambda: "no server of run other-run has started" in (page.text_content("#round-headline") or ""),
+        timeout=60,
+    )
     page.select_option("#run-select", federation.run)
     poll_until("the run again", lambda: shown_version(page) is not None, timeout=60)
     assert not errors, errors

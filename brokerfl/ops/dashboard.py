@@ -38,7 +38,7 @@ from typing import Any
 
 from brokerfl.config import RunConfig, load_config
 from brokerfl.ops.inspection import dead_letter_origin
-from brokerfl.ops.runs import RunSummary, list_runs
+from brokerfl.ops.runs import RunSummary, list_runs, silence_text
 from brokerfl.runtime.operator_commands import (
     AdminReply,
     AdminStateRecord,
@@ -456,8 +456,8 @@ class Dashboard:
             or (
                 None
                 if view.get("server") or not watch.status_view
-                else "the server did not answer (not running, or busy)"
-                + ("" if stale_s is None else f": its last answer, {stale_s:.0f} s old, is shown")
+                else silence_text(watch.status_view, watch.topology.run).removesuffix(": queue depths only")
+                + ("" if stale_s is None else f"; its last answer, {stale_s:.0f} s old, is shown")
             ),
             "round": round_info,
             "queues": view.get("queues") or {},

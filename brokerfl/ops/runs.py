@@ -282,3 +282,24 @@ def record_deleted(transport: Transport, run: str, *, sender: str) -> None:
         transport.publish("", REGISTRY_STREAM, envelope, body)
     except UnroutableError:
         pass  # no registry: nothing lists the run anyway
+
+
+def silence_text(view: dict[str, Any], run: str) -> str:
+    """Why a status has no server's view: the run's end as it recorded it, no server yet,
+    no server now, or a busy one."""
+    summary, silence = view.get("run"), view.get("silence")
+    if summary and summary["state"] in ("finished", "aborted"):
+        when = ""
+        if summary.get("finished_at"):
+            when = " at " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(summary["finished_at"]))
+        reason = f" ({summary['reason']})" if summary.get("reason") else ""
+        return (
+            f"run {run} {summary['state']} at model version {summary['model_version']}, round {summary['round']} of "
+            f"{summary['rounds']}{when}{reason}: queue depths only"
+        )
+    if silence == "absent":
+        return f"no server of run {run} has started on this broker yet: queue depths only"
+    if silence == "stopped":
+        last = f" (its last record: {summary['state']}, round {summary['round']})" if summary else ""
+        return f"no server of run {run} consumes its queue: stopped, crashed or still starting{last}; queue depths only"
+    return "the server did not answer in time (busy): queue depths only"
