@@ -1,7 +1,7 @@
 """``brokerfl dashboard`` in a real browser (Debian's headless Chromium, driven by Playwright)
 over a real run on RabbitMQ: a server and a client process training slow-ish rounds, and
-dashboards on it (read-only and admin) in this process. The run is long (40 rounds); the
-last test aborts it from the page.
+dashboards on it (read-only and admin) in this process. The run is long (400 rounds, so
+it outlasts the tests at any load); the last test aborts it from the page.
 
 - the page updates while the run trains (the version shown grows, the curve gains points);
 - a hostile dead-letter reason and sender, and a hostile run-list reason, are shown as text:
@@ -178,7 +178,7 @@ class Federation:
         self.run = "dash" + uuid.uuid4().hex[:8]
         self.config_path = out / "run.yaml"
         self.config_path.write_text(
-            f"run: {self.run}\nclients: 2\nrounds: 40\napp: tests.dashboard_app\napp_options: {{train_s: 0.5}}\n"
+            f"run: {self.run}\nclients: 2\nrounds: 400\napp: tests.dashboard_app\napp_options: {{train_s: 0.5}}\n"
             "strategy: {min_clients: 2, join_timeout_s: 1, round_deadline_s: 60}\n"
         )
         self.config = load_config(self.config_path)
@@ -388,11 +388,11 @@ def test_hostile_text_is_shown_as_text(federation: Federation, browser):
 @pytest.mark.timeout(300)
 def test_an_admin_dashboard_sends_commands_with_its_token(federation: Federation, browser):
     server = federation.dashboard(admin=True)
-    assert post(server.port, "/api/admin", {"command": "set-rounds", "values": ["40"]}, None)[0] == 403
+    assert post(server.port, "/api/admin", {"command": "set-rounds", "values": ["500"]}, None)[0] == 403
     page, errors = open_page(browser, server)
     page.wait_for_selector("#admin-actions button[data-command=pause]", state="visible", timeout=60_000)
     assert page.is_hidden("#admin-readonly")
-    page.fill("#admin-value", "40")
+    page.fill("#admin-value", "500")
     page.click("button[data-command=set-rounds]")
     result = poll_until(
         "the server's reply on the page",
